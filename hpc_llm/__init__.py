@@ -1,0 +1,7 @@
+"""hpc_llm: a GPT-2 trainer with explicit forward/backward and explicit MPI collectives."""
+
+__version__ = "0.1.0"
+
+from hpc_llm.api import load_model, load_tokenizer  # noqa: E402  (the notebook API)
+
+__all__ = ["load_model", "load_tokenizer", "__version__"]

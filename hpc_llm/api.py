@@ -1,0 +1,32 @@
+"""The Python API for scripts and notebooks: a checkpoint in, a model (and its tokenizer) out.
+
+    import hpc_llm
+    model = hpc_llm.load_model("runs/default/ckpt_00002000.h5")
+    tok = hpc_llm.load_tokenizer("runs/default/ckpt_00002000.h5")
+    logits = model.logits(tok.encode("To be")[None])          # (1, T, vocab)
+    grads = model.gradients(x, y)                            # {"h.0.attn.c_attn.weight": array, ...}
+"""
+
+from __future__ import annotations
+
+from hpc_llm import checkpoint as ckpt
+from hpc_llm.backend import get_backend
+from hpc_llm.config import config_from_dict
+from hpc_llm.data import tokenizer_from_meta
+from hpc_llm.model.gpt import GPT
+
+
+def load_model(path, backend: str = "numpy", dtype: str | None = None) -> GPT:
+    """The model stored in a checkpoint (verified first); dtype="float64" gives a float64 copy for analysis."""
+    saved = ckpt.load_checkpoint(path)
+    cfg = config_from_dict(saved.config).model
+    if dtype is not None:
+        cfg.dtype = dtype
+    model = GPT(cfg, get_backend(backend), seed=None)
+    model.load_state(saved.params)
+    return model
+
+
+def load_tokenizer(path):
+    """The tokenizer the checkpoint's model was trained with."""
+    return tokenizer_from_meta(ckpt.load_checkpoint(path).state["tokenizer"])

@@ -1,0 +1,619 @@
+"""Checkpoints: one HDF5 file per save, logical (unsharded) tensors, a CRC32 per dataset, atomic write.
+
+Layout (docs/checkpoint-format.md has the full description)::
+
+    /                      attrs: format, format_version, software_version, created, step, config_json,
+                                  manifest_json, complete (written last)
+    /params/<name>         one dataset per parameter, full logical shape, dtype as given
+    /optimizer/<slot>/<name>   e.g. slot "m", "v": same names and shapes as /params
+    /state                 attrs: state_json (the whole state dict) + each top-level scalar as its own attr
+    /config                attrs: config_json (same JSON as the root attribute)
+    /metrics/<table>/<column>  1-D float64, chunked, maxshape=(None,) so a later writer can extend it
+
+Every dataset carries ``crc32`` = ``zlib.crc32`` of its C-contiguous bytes. ``save_checkpoint`` writes to
+``.<name>.tmp-<pid>`` in the destination directory, closes and fsyncs it, verifies it read-only, then
+``os.replace``-s it onto the final name and fsyncs the directory: an existing checkpoint at the destination is
+never touched before the new one is known good.
+
+This is the single-process writer; every function takes and returns plain dicts of NumPy arrays so that a
+parallel writer (gather-to-writer or mpio) and resharding can be layered on top without changing the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hpc_llm import __version__
+from hpc_llm.errors import UserError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "load_checkpoint",
+    "checkpoint_path",
+    "write_latest",
+    "read_latest",
+    "find_latest",
+    "list_checkpoints",
+    "prune_checkpoints",
+]
+
+FORMAT = "hpc_llm-checkpoint"
+FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+# HDF5 1.8 object headers are the oldest that allow attributes over 64 KiB (dense attribute storage); capping the
+# newest format at 1.10 keeps files readable by the HDF5 1.10 that Debian's MPI-enabled h5py links against.
+_LIBVER = ("v108", "v110")
+_METRIC_CHUNK = 1024  # elements per chunk of a /metrics column
+_VERIFY_BLOCK_BYTES = 64 << 20  # verification reads datasets in slabs of about this size
+_CKPT_RE = re.compile(r"^ckpt_(\d+)\.h5$")
+_LATEST = "latest"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: plain dicts of NumPy arrays and plain Python values."""
+
+    params: dict[str, np.ndarray]
+    optimizer: dict[str, dict[str, np.ndarray]]
+    state: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, dict[str, np.ndarray]]
+    path: Path
+    format_version: int
+    software_version: str = ""
+    created: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON for state (exact round trip of RNG states: big ints, tuples, small ndarrays, numpy scalars)
+# ---------------------------------------------------------------------------------------------------------------
+
+_TUPLE_TAG = "__tuple__"
+_ARRAY_TAG = "__ndarray__"
+
+
+def _to_json_tree(obj: Any, where: str) -> Any:
+    """Turn ``obj`` into something ``json.dumps`` writes and ``_from_json_tree`` turns back into ``obj``."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"checkpoint state: key {key!r} in {where} is not a string")
+            out[key] = _to_json_tree(value, f"{where}.{key}")
+        return out
+    if isinstance(obj, list):
+        return [_to_json_tree(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {_TUPLE_TAG: [_to_json_tree(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf":
+            raise TypeError(f"checkpoint state: array {where} has unsupported dtype {obj.dtype}")
+        return {_ARRAY_TAG: obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}
+    raise TypeError(f"checkpoint state: {where} has type {type(obj).__name__}, which cannot be stored as JSON")
+
+
+def _from_json_tree(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_from_json_tree(v) for v in obj]
+    if isinstance(obj, dict):
+        if set(obj) == {_TUPLE_TAG}:
+            return tuple(_from_json_tree(v) for v in obj[_TUPLE_TAG])
+        if set(obj) == {_ARRAY_TAG, "shape", "data"}:
+            return np.array(obj["data"], dtype=np.dtype(obj[_ARRAY_TAG])).reshape(obj["shape"])
+        return {k: _from_json_tree(v) for k, v in obj.items()}
+    return obj
+
+
+def _dump_state(state: dict) -> str:
+    return json.dumps(_to_json_tree(state, "state"))
+
+
+def _load_state(text: str) -> dict:
+    return _from_json_tree(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_name(name: str, what: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"checkpoint: {what} name {name!r} must be a non-empty string without '/'")
+
+
+def _as_array(value: Any, where: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, expected a numpy.ndarray (host memory)")
+    if value.dtype.kind not in "biufc":
+        raise TypeError(f"checkpoint: {where} has unsupported dtype {value.dtype}")
+    return _contiguous(value)
+
+
+def _contiguous(value: Any) -> np.ndarray:
+    """C-contiguous array; unlike np.ascontiguousarray it keeps 0-d arrays 0-d."""
+    arr = np.asarray(value)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _crc(arr: np.ndarray, value: int = 0) -> int:
+    arr = _contiguous(arr)
+    if arr.size == 0:
+        return value
+    return zlib.crc32(arr.reshape(-1).view(np.uint8), value)
+
+
+def _dataset_crc(dset: h5py.Dataset) -> int:
+    """CRC32 of a dataset's C-order bytes, read in slabs along axis 0 so memory stays bounded."""
+    if dset.ndim == 0 or dset.size == 0:
+        return _crc(np.asarray(dset[()]))
+    row_bytes = max(1, dset.dtype.itemsize * (dset.size // dset.shape[0]))
+    rows = max(1, _VERIFY_BLOCK_BYTES // row_bytes)
+    value = 0
+    for start in range(0, dset.shape[0], rows):
+        value = _crc(dset[start : start + rows], value)
+    return value
+
+
+def _attr_str(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "SUO":
+        return _attr_str(value.item())
+    return value if isinstance(value, str) else None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        _fsync_path(directory)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
+        pass
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # pragma: no cover - best effort clean-up
+        log.warning("could not remove temporary file %s: %s", path, exc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _write_array(group: h5py.Group, name: str, arr: np.ndarray, *, extensible: bool = False) -> h5py.Dataset:
+    if extensible:
+        dset = group.create_dataset(
+            name, data=arr, maxshape=(None,), chunks=(_METRIC_CHUNK,), dtype=np.float64
+        )
+    else:
+        dset = group.create_dataset(name, data=arr)
+    dset.attrs["crc32"] = np.int64(_crc(arr))
+    return dset
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    params: dict[str, np.ndarray],
+    optimizer: dict[str, dict[str, np.ndarray]],
+    state: dict,
+    config: dict,
+    metrics: dict[str, dict[str, Any]],
+) -> None:
+    """Write a checkpoint atomically: temp file, fsync, verify, ``os.replace``, fsync of the directory.
+
+    ``params``: name -> array (full logical shape). ``optimizer``: slot -> name -> array, names and shapes a subset
+    of ``params``. ``state``: JSON-able dict (ints of any size, floats, str, lists, tuples, small arrays).
+    ``config``: plain JSON dict. ``metrics``: table -> column -> 1-D sequence, stored as float64.
+    Dtypes of params/optimizer arrays are kept exactly, so a load is bitwise.
+    """
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise UserError(f"{path}: cannot write checkpoint, directory {directory} does not exist")
+
+    # Validate and serialise everything before a byte touches the disk.
+    params_c: dict[str, np.ndarray] = {}
+    for name, value in params.items():
+        _check_name(name, "parameter")
+        params_c[name] = _as_array(value, f"params[{name!r}]")
+    optim_c: dict[str, dict[str, np.ndarray]] = {}
+    for slot, tensors in optimizer.items():
+        _check_name(slot, "optimizer slot")
+        optim_c[slot] = {}
+        for name, value in tensors.items():
+            if name not in params_c:
+                raise ValueError(f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter")
+            arr = _as_array(value, f"optimizer[{slot!r}][{name!r}]")
+            if arr.shape != params_c[name].shape:
+                raise ValueError(
+                    f"checkpoint: optimizer[{slot!r}][{name!r}] has shape {arr.shape}, "
+                    f"expected the parameter's {params_c[name].shape}"
+                )
+            optim_c[slot][name] = arr
+    metrics_c: dict[str, dict[str, np.ndarray]] = {}
+    for table, columns in metrics.items():
+        _check_name(table, "metrics table")
+        metrics_c[table] = {}
+        for column, values in columns.items():
+            _check_name(column, "metrics column")
+            arr = _contiguous(np.asarray(values, dtype=np.float64))
+            if arr.ndim != 1:
+                raise ValueError(f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}")
+            metrics_c[table][column] = arr
+    state_json = _dump_state(state)
+    config_json = json.dumps(config)
+
+    manifest = (
+        [f"/params/{n}" for n in params_c]
+        + [f"/optimizer/{s}/{n}" for s, t in optim_c.items() for n in t]
+        + [f"/metrics/{t}/{c}" for t, cols in metrics_c.items() for c in cols]
+    )
+
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w", libver=_LIBVER) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+            f.attrs["software_version"] = __version__
+            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            step = state.get("step")
+            if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+                f.attrs["step"] = np.int64(step)
+            f.attrs["config_json"] = config_json
+
+            g = f.create_group("params", track_order=True)
+            for name, arr in params_c.items():
+                _write_array(g, name, arr)
+            g = f.create_group("optimizer", track_order=True)
+            for slot, tensors in optim_c.items():
+                gs = g.create_group(slot, track_order=True)
+                for name, arr in tensors.items():
+                    _write_array(gs, name, arr)
+
+            g = f.create_group("state")
+            g.attrs["state_json"] = state_json
+            for key, value in state.items():
+                if key == "state_json":
+                    continue
+                if isinstance(value, (bool, np.bool_, str)):
+                    g.attrs[key] = value
+                elif isinstance(value, (int, np.integer)) and -(2**63) <= int(value) < 2**63:
+                    g.attrs[key] = np.int64(value)
+                elif isinstance(value, (float, np.floating)):
+                    g.attrs[key] = np.float64(value)
+
+            g = f.create_group("config")
+            g.attrs["config_json"] = config_json
+
+            g = f.create_group("metrics", track_order=True)
+            for table, columns in metrics_c.items():
+                gt = g.create_group(table, track_order=True)
+                for column, arr in columns.items():
+                    _write_array(gt, column, arr, extensible=True)
+
+            f.attrs["manifest_json"] = json.dumps(manifest)
+            f.attrs["complete"] = True  # last: a file without it was not finished
+        _fsync_path(tmp)
+        verify_checkpoint(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verify / load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint file does not exist")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a regular file (expected an hpc_llm checkpoint .h5 file)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated file" in reason:
+            raise UserError(f"{path}: checkpoint file is truncated ({reason})") from None
+        raise UserError(f"{path}: not a readable HDF5 file (expected an hpc_llm checkpoint): {reason}") from None
+
+
+def _check_header(f: h5py.File, path: Path) -> int:
+    fmt = _attr_str(f.attrs.get("format"))
+    if fmt != FORMAT:
+        raise UserError(f"{path}: not an hpc_llm checkpoint (root attribute format is {fmt!r}, expected {FORMAT!r})")
+    version = f.attrs.get("format_version")
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: attribute format_version is {version!r}, expected an integer") from None
+    if version > FORMAT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint format_version {version} was written by a newer hpc_llm "
+            f"(this is {__version__}, which reads format_version <= {FORMAT_VERSION})"
+        )
+    if version < 1:
+        raise UserError(f"{path}: checkpoint format_version {version} is invalid, expected 1..{FORMAT_VERSION}")
+    if not bool(f.attrs.get("complete", False)):
+        raise UserError(f"{path}: checkpoint is incomplete (attribute complete is not set; the save was interrupted)")
+    for group in ("params", "optimizer", "state", "config", "metrics"):
+        if not isinstance(f.get(group), h5py.Group):
+            raise UserError(f"{path}: checkpoint has no /{group} group")
+    for obj, attr in ((f, "config_json"), (f["state"], "state_json"), (f, "manifest_json")):
+        text = _attr_str(obj.attrs.get(attr))
+        if text is None:
+            raise UserError(f"{path}: checkpoint is missing attribute {attr} on {obj.name}")
+        try:
+            json.loads(text)
+        except ValueError:
+            raise UserError(f"{path}: attribute {attr} on {obj.name} is not valid JSON") from None
+    manifest = json.loads(_attr_str(f.attrs["manifest_json"]))
+    for name in manifest:
+        if not isinstance(f.get(name), h5py.Dataset):
+            raise UserError(f"{path}: checkpoint is missing dataset {name}")
+    params = f["params"]
+    for name, obj in params.items():
+        if not isinstance(obj, h5py.Dataset):
+            raise UserError(f"{path}: /params/{name} is not a dataset")
+    for table, group in f["metrics"].items():
+        if not isinstance(group, h5py.Group) or not all(isinstance(d, h5py.Dataset) for d in group.values()):
+            raise UserError(f"{path}: /metrics/{table} is not a group of 1-D datasets")
+    for slot, group in f["optimizer"].items():
+        if not isinstance(group, h5py.Group):
+            raise UserError(f"{path}: /optimizer/{slot} is not a group of per-parameter datasets")
+        for name, dset in group.items():
+            if not isinstance(dset, h5py.Dataset) or name not in params or params[name].shape != dset.shape:
+                raise UserError(f"{path}: {dset.name} has no parameter /params/{name} of the same shape")
+    return version
+
+
+def _datasets(f: h5py.File) -> list[h5py.Dataset]:
+    found: list[h5py.Dataset] = []
+    f.visititems(lambda _name, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _check_crc(dset: h5py.Dataset, actual: int, path: Path) -> None:
+    expected = dset.attrs.get("crc32")
+    if expected is None:
+        raise UserError(f"{path}: dataset {dset.name} has no crc32 attribute")
+    if int(expected) != actual:
+        raise UserError(
+            f"{path}: checksum mismatch in dataset {dset.name} (stored crc32 {int(expected):#010x}, "
+            f"data gives {actual:#010x}); the file is corrupt"
+        )
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"{path}: checkpoint is unreadable (truncated or corrupt?): {reason}")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise UserError unless ``path`` is a complete hpc_llm checkpoint whose every dataset matches its crc32."""
+    path = Path(path)
+    f = _open(path)
+    try:
+        with f:
+            _check_header(f, path)
+            for dset in _datasets(f):
+                _check_crc(dset, _dataset_crc(dset), path)
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Read a whole checkpoint into memory. With ``verify`` every dataset's crc32 is checked as it is read;
+    without it the header checks (format, version, complete) still apply."""
+    path = Path(path)
+    f = _open(path)
+    try:
+        with f:
+            version = _check_header(f, path)
+
+            def read(dset: h5py.Dataset) -> np.ndarray:
+                arr = _contiguous(dset[()])
+                if verify:
+                    _check_crc(dset, _crc(arr), path)
+                return arr
+
+            if verify:  # stray datasets outside the groups read below must still carry a correct checksum
+                known = {"params", "optimizer", "metrics"}
+                for dset in _datasets(f):
+                    if dset.name.split("/")[1] not in known:
+                        _check_crc(dset, _dataset_crc(dset), path)
+
+            params = {name: read(d) for name, d in f["params"].items()}
+            optimizer = {slot: {name: read(d) for name, d in g.items()} for slot, g in f["optimizer"].items()}
+            metrics = {
+                table: {col: read(d).astype(np.float64, copy=False) for col, d in g.items()}
+                for table, g in f["metrics"].items()
+            }
+            state = _load_state(_attr_str(f["state"].attrs["state_json"]))
+            config = json.loads(_attr_str(f.attrs["config_json"]))
+            return Checkpoint(
+                params=params,
+                optimizer=optimizer,
+                state=state,
+                config=config,
+                metrics=metrics,
+                path=path,
+                format_version=version,
+                software_version=_attr_str(f.attrs.get("software_version")) or "",
+                created=_attr_str(f.attrs.get("created")) or "",
+            )
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run directory: ckpt_XXXXXXXX.h5, the `latest` pointer, --resume auto, retention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """``out_dir/ckpt_{step:08d}.h5``."""
+    if int(step) < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return Path(out_dir) / f"ckpt_{int(step):08d}.h5"
+
+
+def write_latest(out_dir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Point ``out_dir/latest`` at ``path`` (its file name when it lies in ``out_dir``), atomically."""
+    out_dir = Path(out_dir)
+    path = Path(path)
+    if path.parent.resolve() == out_dir.resolve():
+        target = path.name
+    else:
+        target = str(path.resolve())
+    tmp = out_dir / f".{_LATEST}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(target + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_dir / _LATEST)
+        _fsync_dir(out_dir)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def read_latest(out_dir: str | os.PathLike) -> Path | None:
+    """The path ``out_dir/latest`` names (not checked), or None when there is no usable pointer."""
+    pointer = Path(out_dir) / _LATEST
+    try:
+        text = pointer.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("ignoring unreadable %s: %s", pointer, exc)
+        return None
+    if not text or "\n" in text:
+        log.warning("ignoring %s: expected one checkpoint file name, found %r", pointer, text[:80])
+        return None
+    return Path(out_dir) / text  # an absolute path in the file stays absolute
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` for every ``ckpt_<step>.h5`` in ``out_dir``, newest (highest step) first; not verified.
+    Leftover temporary files from interrupted saves are logged and skipped."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for entry in out_dir.iterdir():
+        match = _CKPT_RE.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+        elif ".tmp-" in entry.name and entry.name.startswith(".ckpt_"):
+            log.warning("skipping %s: temporary file left by an interrupted save", entry)
+    found.sort(key=lambda item: (item[0], item[1].name), reverse=True)
+    return found
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except UserError as exc:
+        log.warning("skipping checkpoint: %s", exc)
+        return False
+
+
+def find_latest(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from (``--resume auto``): the file ``latest`` names if it verifies, else the
+    newest ``ckpt_*.h5`` that verifies, else None. Each skipped file is logged as a warning."""
+    pointed = read_latest(out_dir)
+    if pointed is not None and _verifies(pointed):
+        return pointed
+    for _step, path in list_checkpoints(out_dir):
+        if pointed is not None and path.resolve() == pointed.resolve():
+            continue  # already tried and rejected
+        if _verifies(path):
+            return path
+    return None
+
+
+def _header_ok(path: Path) -> bool:
+    """Cheap check (no checksums): ours, complete, a format this version understands."""
+    try:
+        f = _open(path)
+        with f:
+            _check_header(f, path)
+        return True
+    except (UserError, OSError, KeyError, ValueError, RuntimeError):
+        return False
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Remove all but the newest ``keep_last`` verified ``ckpt_*.h5`` in ``out_dir``; return the removed paths.
+
+    Never removes the file ``latest`` names. Files are verified newest first until ``keep_last`` good ones are
+    found; a file inside that window that fails verification is left in place (logged), so a bad newer file never
+    costs a good older one. Older files are removed when their header is ours and complete (their checksums are
+    not read); files that are not hpc_llm checkpoints, or come from a newer hpc_llm, are never removed.
+    """
+    if int(keep_last) < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    pointed = read_latest(out_dir)
+    protected = pointed.resolve() if pointed is not None else None
+    kept = 0
+    removed: list[Path] = []
+    for _step, path in list_checkpoints(out_dir):
+        if kept < keep_last:
+            if _verifies(path):
+                kept += 1
+            continue
+        if protected is not None and path.resolve() == protected:
+            continue
+        if not _header_ok(path):
+            log.warning("not pruning %s: not a complete hpc_llm checkpoint this version understands", path)
+            continue
+        path.unlink()
+        removed.append(path)
+        log.info("pruned old checkpoint %s", path)
+    if removed:
+        _fsync_dir(Path(out_dir))
+    return removed

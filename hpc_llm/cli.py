@@ -1,0 +1,118 @@
+"""`hpc-llm prepare | train | generate | import-gpt2` (also `python -m hpc_llm`).
+
+User errors (UserError) print one line, `hpc-llm: error: ...`, and exit 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hpc_llm.errors import UserError
+
+
+def _prepare(args) -> None:
+    from hpc_llm import data
+
+    if args.stdlib:
+        if args.inputs:
+            raise UserError("prepare: give input paths or --stdlib, not both")
+        meta = data.prepare_stdlib(args.out, max_bytes=args.max_bytes, tokenizer=args.tokenizer,
+                                   val_fraction=args.val_fraction)
+    else:
+        if not args.inputs:
+            raise UserError("prepare: expected input files or folders (or --stdlib for the embedded corpus)")
+        meta = data.prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                            pattern=args.pattern)
+    print(f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens, "
+          f"{meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['n_files']} files")
+
+
+def _train(args) -> None:
+    from hpc_llm.config import load_config
+    from hpc_llm.train import train
+
+    cfg = load_config(args.config, args.set)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary))
+
+
+def _generate(args) -> None:
+    import numpy as np
+
+    from hpc_llm.api import load_model, load_tokenizer
+    from hpc_llm.generate import generate
+
+    model = load_model(args.checkpoint, backend=args.backend)
+    tok = load_tokenizer(args.checkpoint)
+    prompt = tok.encode(args.prompt or "\n")
+    out = generate(model, np.asarray(prompt)[None].repeat(args.num_samples, 0), args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    for i, row in enumerate(out):
+        if args.num_samples > 1:
+            print(f"--- sample {i}")
+        print(tok.decode(row))
+
+
+def _import_gpt2(args) -> None:
+    from hpc_llm.gpt2_import import import_gpt2
+
+    path = import_gpt2(args.model_dir, args.out)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpc-llm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="text files/folders -> token files (train.bin, val.bin, meta.json)")
+    s.add_argument("inputs", nargs="*", help="text files or folders (recursed)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--stdlib", action="store_true", help="use the Python standard library's sources as the corpus")
+    s.add_argument("--max-bytes", type=int, default=8_000_000, help="size cap of the --stdlib corpus")
+    s.add_argument("--tokenizer", choices=("byte", "char"), default="byte")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--pattern", default="*", help="glob for files inside folders, e.g. '*.txt'")
+    s.set_defaults(func=_prepare)
+
+    s = sub.add_parser("train", help="train a model from a TOML config")
+    s.add_argument("config", help="TOML config file (see inputs/)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    s.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint, or the newest verified one")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("generate", help="sample text from a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    s.set_defaults(func=_generate)
+
+    s = sub.add_parser("import-gpt2", help="convert a Hugging Face GPT-2 directory (safetensors) to a checkpoint")
+    s.add_argument("model_dir", help="directory with config.json and model.safetensors")
+    s.add_argument("--out", required=True, help="checkpoint file to write (.h5)")
+    s.set_defaults(func=_import_gpt2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"hpc-llm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

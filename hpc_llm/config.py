@@ -1,0 +1,193 @@
+"""Run configuration: dataclasses per TOML section, loaded with tomllib, overridden with `--set section.key=value`.
+
+Validation happens here, before any compute, and raises UserError naming the field and what was expected. Every rank
+reads the same file and overrides, so every rank reaches the same verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from hpc_llm.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    vocab_size: int = 0  # 0: take it from the prepared data's meta.json
+    dropout: float = 0.0
+    dtype: str = "float32"  # "float32" or "float64"
+
+    @property
+    def padded_vocab(self) -> int:
+        """Vocabulary rounded up to a multiple of 64 (speed, and room for a TP split); pad logits are masked."""
+        return -(-self.vocab_size // 64) * 64
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib"  # a directory written by `hpc-llm prepare`
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12  # sequences per micro-batch (the whole micro-batch, over all data-parallel ranks)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    out_dir: str = "runs/default"
+    backend: str = "numpy"
+    peak_tflops: float = 0.0  # MFU denominator; 0: measure a float32 matmul at start
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _coerce(section: str, name: str, value, typ: type):
+    where = f"{section}.{name}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config field {where}: expected {typ.__name__}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, values: dict, source: str) -> None:
+    if section not in {f.name for f in fields(cfg)}:
+        raise UserError(f"{source}: unknown section [{section}] (expected one of: "
+                        f"{', '.join(f.name for f in fields(cfg))})")
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: [{section}] must be a table")
+    sub = getattr(cfg, section)
+    types = {f.name: f.type for f in fields(sub)}
+    for key, value in values.items():
+        if key not in types:
+            raise UserError(f"{source}: unknown key {section}.{key} (expected one of: {', '.join(types)})")
+        typ = {"int": int, "float": float, "str": str, "bool": bool}[types[key]]
+        setattr(sub, key, _coerce(section, key, value, typ))
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """`section.key=value` -> (section, key, value-as-text)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.lr=3e-4")
+    lhs, value = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    return section, key, value.strip()
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or defaults when path is None), apply overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path}: not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path}: invalid TOML ({e})") from None
+        for section, values in data.items():
+            _apply(cfg, section, values, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, section, {key: value}, "--set")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        _apply(cfg, section, values, "checkpoint config")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, t, c = cfg.model, cfg.train, cfg.checkpoint
+
+    def need(ok: bool, where: str, expected: str, value) -> None:
+        if not ok:
+            raise UserError(f"config field {where}: expected {expected}, got {value!r}")
+
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        need(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
+    need(m.vocab_size >= 0, "model.vocab_size", "0 (from data) or a positive integer", m.vocab_size)
+    need(m.n_embd % m.n_head == 0, "model.n_embd", f"a multiple of model.n_head={m.n_head}", m.n_embd)
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "a value in [0, 1)", m.dropout)
+    need(m.dtype in ("float32", "float64"), "model.dtype", '"float32" or "float64"', m.dtype)
+    for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
+        need(getattr(t, name) > 0, f"train.{name}", "a positive integer", getattr(t, name))
+    for name in ("max_iters", "warmup_iters", "eval_iters"):
+        need(getattr(t, name) >= 0, f"train.{name}", "a non-negative integer", getattr(t, name))
+    need(t.lr > 0, "train.lr", "a positive number", t.lr)
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", f"a number in [0, train.lr={t.lr}]", t.min_lr)
+    need(t.lr_decay_iters >= t.warmup_iters, "train.lr_decay_iters", f">= train.warmup_iters={t.warmup_iters}",
+         t.lr_decay_iters)
+    need(t.weight_decay >= 0, "train.weight_decay", "a non-negative number", t.weight_decay)
+    need(0 <= t.beta1 < 1, "train.beta1", "a value in [0, 1)", t.beta1)
+    need(0 <= t.beta2 < 1, "train.beta2", "a value in [0, 1)", t.beta2)
+    need(t.eps > 0, "train.eps", "a positive number", t.eps)
+    need(t.grad_clip >= 0, "train.grad_clip", "a non-negative number (0 disables)", t.grad_clip)
+    need(t.backend in ("numpy", "cupy"), "train.backend", '"numpy" or "cupy"', t.backend)
+    need(t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops)
+    need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+    need(c.interval >= 0, "checkpoint.interval", "a non-negative integer (0: only at the end)", c.interval)
+    need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)

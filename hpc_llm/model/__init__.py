@@ -1,0 +1,1 @@
+"""The GPT-2 model: layers (forward/backward pairs) and the model that strings them together."""

@@ -1,0 +1,292 @@
+"""GPT-2: the parameter registry (flat buffers), forward, backward, and incremental decoding with a KV cache.
+
+All parameters live in one contiguous buffer `model.flat` and their gradients in `model.grad_flat` with the same layout;
+`model.params[name]` and `model.grads[name]` are views. Parameter names are GPT-2's Hugging Face names without the
+`transformer.` prefix, and weights are stored (in, out) like its Conv1D, so imported weights need no transpose.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpc_llm.backend import to_device
+from hpc_llm.config import ModelConfig
+from hpc_llm.errors import UserError
+from hpc_llm.model import layers as L
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One tensor in the flat buffer, with what initialisation, optimizer and (later) tensor parallelism need.
+
+    tp_axis: the axis split over the tensor-parallel group (None: replicated). tp_blocks: that axis is made of this many
+    equal blocks each split separately (3 for the fused q|k|v columns, so each rank gets its heads' q, k and v).
+    """
+
+    name: str
+    shape: tuple
+    offset: int
+    init_std: float  # > 0: normal(0, std); 0: zeros; -1: ones
+    decay: bool  # AdamW weight decay applies (2-D weights only, as nanoGPT)
+    tp_axis: int | None = None
+    tp_blocks: int = 1
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """The flat-buffer layout. Within a block the decayed weights come first and the LayerNorm/bias parameters after,
+    so weight decay touches a few contiguous ranges; blocks are in forward order, so a gradient bucket taken from the
+    end of the buffer is complete early in backward."""
+    C, V = cfg.n_embd, cfg.padded_vocab
+    std, proj_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
+    rows = [("wte.weight", (V, C), std, True, 0, 1), ("wpe.weight", (cfg.block_size, C), std, True, None, 1)]
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        rows += [
+            (p + "attn.c_attn.weight", (C, 3 * C), std, True, 1, 3),
+            (p + "attn.c_proj.weight", (C, C), proj_std, True, 0, 1),
+            (p + "mlp.c_fc.weight", (C, 4 * C), std, True, 1, 1),
+            (p + "mlp.c_proj.weight", (4 * C, C), proj_std, True, 0, 1),
+            (p + "ln_1.weight", (C,), -1, False, None, 1),
+            (p + "ln_1.bias", (C,), 0, False, None, 1),
+            (p + "attn.c_attn.bias", (3 * C,), 0, False, 0, 3),
+            (p + "attn.c_proj.bias", (C,), 0, False, None, 1),
+            (p + "ln_2.weight", (C,), -1, False, None, 1),
+            (p + "ln_2.bias", (C,), 0, False, None, 1),
+            (p + "mlp.c_fc.bias", (4 * C,), 0, False, 0, 1),
+            (p + "mlp.c_proj.bias", (C,), 0, False, None, 1),
+        ]
+    rows += [("ln_f.weight", (C,), -1, False, None, 1), ("ln_f.bias", (C,), 0, False, None, 1)]
+    specs, offset = [], 0
+    for name, shape, init_std, decay, tp_axis, tp_blocks in rows:
+        specs.append(ParamSpec(name, shape, offset, init_std, decay, tp_axis, tp_blocks))
+        offset += math.prod(shape)
+    return specs
+
+
+def init_tensor(spec: ParamSpec, seed: int, vocab_size: int) -> np.ndarray:
+    """The full tensor for `spec`, from a stream keyed by (seed, name): the same whatever the layout or backend."""
+    if spec.init_std == 0:
+        return np.zeros(spec.shape)
+    if spec.init_std == -1:
+        return np.ones(spec.shape)
+    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+    t = rng.standard_normal(spec.shape) * spec.init_std
+    if spec.name == "wte.weight":
+        t[vocab_size:] = 0  # pad rows: never a target, masked out of the softmax
+    return t
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, per layer: (B, H, block_size, hd) each."""
+
+    def __init__(self, model: "GPT", batch: int):
+        cfg = model.cfg
+        hd = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, 2, batch, cfg.n_head, cfg.block_size, hd)
+        self.kv = model.xp.zeros(shape, dtype=model.dtype)
+        self.length = 0
+
+
+class GPT:
+    def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0):
+        if cfg.vocab_size <= 0:
+            raise UserError("model.vocab_size: expected a positive integer (set it, or prepare data first)")
+        self.cfg = cfg
+        self.xp = xp
+        self.dtype = np.dtype(cfg.dtype)
+        self.specs = param_specs(cfg)
+        self.spec = {s.name: s for s in self.specs}
+        self.num_params = sum(s.size for s in self.specs)
+        self.flat = xp.zeros(self.num_params, dtype=self.dtype)
+        self.grad_flat = xp.zeros(self.num_params, dtype=self.dtype)
+        self.params = {s.name: self.flat[s.offset:s.offset + s.size].reshape(s.shape) for s in self.specs}
+        self.grads = {s.name: self.grad_flat[s.offset:s.offset + s.size].reshape(s.shape) for s in self.specs}
+        self._cache = None
+        if seed is not None:
+            self.init_weights(seed)
+
+    # -- parameters ----------------------------------------------------------------------------------------------------
+
+    def init_weights(self, seed: int) -> None:
+        for s in self.specs:
+            self.params[s.name][...] = to_device(init_tensor(s, seed, self.cfg.vocab_size).astype(self.dtype), self.xp)
+
+    def load_state(self, tensors: dict) -> None:
+        """Copy named full tensors in; names and shapes must match the registry exactly."""
+        missing = [n for n in self.spec if n not in tensors]
+        extra = [n for n in tensors if n not in self.spec]
+        if missing or extra:
+            raise UserError(f"parameters do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != self.spec[name].shape:
+                raise UserError(f"parameter {name}: shape {tuple(t.shape)} disagrees with the config's "
+                                f"{self.spec[name].shape}")
+            self.params[name][...] = to_device(np.asarray(t, dtype=self.dtype), self.xp)
+
+    def decay_ranges(self) -> list[tuple[int, int]]:
+        """Contiguous [start, stop) ranges of the flat buffer that get weight decay."""
+        ranges: list[list[int]] = []
+        for s in self.specs:
+            if s.decay:
+                if ranges and ranges[-1][1] == s.offset:
+                    ranges[-1][1] += s.size
+                else:
+                    ranges.append([s.offset, s.offset + s.size])
+        return [tuple(r) for r in ranges]
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """6N + 12 L T C (nanoGPT/PaLM), N without the position embedding."""
+        c = self.cfg
+        T = c.block_size if T is None else T
+        n = self.num_params - self.spec["wpe.weight"].size
+        return 6 * n + 12 * c.n_layer * T * c.n_embd
+
+    def _block(self, i: int) -> dict:
+        p = f"h.{i}."
+        return {k[len(p):]: (self.params[k], self.grads[k]) for k in self.params if k.startswith(p)}
+
+    # -- training forward / backward -----------------------------------------------------------------------------------
+
+    def check_tokens(self, idx, pos0: int = 0) -> None:
+        T = idx.shape[1]
+        if pos0 + T > self.cfg.block_size:
+            raise UserError(f"sequence length {pos0 + T} exceeds model.block_size={self.cfg.block_size}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = hi if hi >= self.cfg.vocab_size else lo
+            raise UserError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, idx, targets=None, rng=None, keep_cache: bool = False):
+        """idx (B, T) int -> logits (B, T, vocab) if targets is None, else the mean cross-entropy loss (a float).
+        keep_cache=True keeps what backward needs (training); dropout applies only then and needs rng."""
+        cfg, P = self.cfg, self.params
+        B, T = idx.shape
+        drop = cfg.dropout if keep_cache else 0.0
+        x = L.embedding_forward(P["wte.weight"], P["wpe.weight"], idx)
+        emb_mask = None
+        if drop > 0:
+            x, emb_mask = L.dropout_forward(x, drop, rng)
+        blocks = []
+        for i in range(cfg.n_layer):
+            p = self._block(i)
+            h1, ln1 = L.layernorm_forward(x, p["ln_1.weight"][0], p["ln_1.bias"][0])
+            qkv = L.linear_forward(h1, p["attn.c_attn.weight"][0], p["attn.c_attn.bias"][0])
+            y, att = L.attention_forward(qkv, cfg.n_head, drop, rng)
+            del qkv
+            a = L.linear_forward(y, p["attn.c_proj.weight"][0], p["attn.c_proj.bias"][0])
+            a_mask = None
+            if drop > 0:
+                a, a_mask = L.dropout_forward(a, drop, rng)
+            x += a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
+            h2, ln2 = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])
+            f = L.linear_forward(h2, p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0])
+            g = L.gelu_forward(f)
+            m = L.linear_forward(g, p["mlp.c_proj.weight"][0], p["mlp.c_proj.bias"][0])
+            m_mask = None
+            if drop > 0:
+                m, m_mask = L.dropout_forward(m, drop, rng)
+            x += m
+            if keep_cache:
+                blocks.append((ln1, h1, att, y, a_mask, ln2, h2, f, g, m_mask))
+        xf, lnf = L.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
+        xf2 = xf.reshape(B * T, cfg.n_embd)
+        logits = xf2 @ P["wte.weight"].T
+        if targets is None:
+            return logits.reshape(B, T, -1)[:, :, :cfg.vocab_size]
+        loss, ce = L.cross_entropy_forward(logits, targets.reshape(-1), cfg.vocab_size)
+        if keep_cache:
+            self._cache = (idx, emb_mask, blocks, lnf, xf2, ce)
+        return loss
+
+    def backward(self, loss_scale: float = 1.0, accumulate: bool = False) -> None:
+        """Gradients of loss_scale * (the last forward's loss) into `self.grads`; accumulate=False overwrites them."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward(..., keep_cache=True) first")
+        cfg, P, G = self.cfg, self.params, self.grads
+        idx, emb_mask, blocks, lnf, xf2, ce = self._cache
+        self._cache = None
+        B, T = idx.shape
+        acc = accumulate
+        dlogits = L.cross_entropy_backward(ce, loss_scale)
+        L._matmul_into(dlogits.T, xf2, G["wte.weight"], acc)  # tied head: wte gets the head's gradient first
+        dx = (dlogits @ P["wte.weight"]).reshape(B, T, cfg.n_embd)
+        del dlogits, ce
+        dx = L.layernorm_backward(dx, lnf, P["ln_f.weight"], G["ln_f.weight"], G["ln_f.bias"], acc)
+        for i in reversed(range(cfg.n_layer)):
+            p = self._block(i)
+            ln1, h1, att, y, a_mask, ln2, h2, f, g, m_mask = blocks.pop()
+            dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
+            dg = L.linear_backward(dm, g, *p["mlp.c_proj.weight"], p["mlp.c_proj.bias"][1], acc)
+            df = L.gelu_backward(dg, f)
+            dh2 = L.linear_backward(df, h2, *p["mlp.c_fc.weight"], p["mlp.c_fc.bias"][1], acc)
+            dx += L.layernorm_backward(dh2, ln2, *p["ln_2.weight"], p["ln_2.bias"][1], acc)
+            da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
+            dy = L.linear_backward(da, y, *p["attn.c_proj.weight"], p["attn.c_proj.bias"][1], acc)
+            dqkv = L.attention_backward(dy, att, cfg.n_head)
+            dh1 = L.linear_backward(dqkv, h1, *p["attn.c_attn.weight"], p["attn.c_attn.bias"][1], acc)
+            dx += L.layernorm_backward(dh1, ln1, *p["ln_1.weight"], p["ln_1.bias"][1], acc)
+        if emb_mask is not None:
+            L.dropout_backward(dx, emb_mask)
+        L.embedding_backward(dx, idx, G["wte.weight"], G["wpe.weight"], acc)
+
+    # -- a small API for scripts and notebooks -------------------------------------------------------------------------
+
+    def logits(self, idx):
+        return self.forward(self.xp.asarray(idx))
+
+    def loss(self, idx, targets) -> float:
+        return self.forward(self.xp.asarray(idx), self.xp.asarray(targets))
+
+    def gradients(self, idx, targets) -> dict:
+        """{name: gradient} of the mean loss on (idx, targets), without dropout; copies, safe to keep."""
+        idx, targets = self.xp.asarray(idx), self.xp.asarray(targets)
+        self.check_tokens(idx)
+        self.check_tokens(targets)
+        dropout, self.cfg.dropout = self.cfg.dropout, 0.0
+        try:
+            self.forward(idx, targets, keep_cache=True)
+            self.backward()
+        finally:
+            self.cfg.dropout = dropout
+        return {name: g.copy() for name, g in self.grads.items()}
+
+    # -- incremental decoding ------------------------------------------------------------------------------------------
+
+    def forward_cached(self, idx, cache: KVCache):
+        """Logits (B, Tn, vocab) for the new tokens idx (B, Tn) at positions cache.length.., updating the cache.
+        Equal to the matching rows of a full forward over all tokens so far."""
+        xp, cfg, P = self.xp, self.cfg, self.params
+        B, Tn = idx.shape
+        pos0 = cache.length
+        if pos0 + Tn > cfg.block_size:
+            raise UserError(f"sequence length {pos0 + Tn} exceeds model.block_size={cfg.block_size}")
+        end = pos0 + Tn
+        x = L.embedding_forward(P["wte.weight"], P["wpe.weight"], idx, pos0)
+        for i in range(cfg.n_layer):
+            p = self._block(i)
+            h1, _ = L.layernorm_forward(x, p["ln_1.weight"][0], p["ln_1.bias"][0])
+            qkvh = L.split_heads(L.linear_forward(h1, p["attn.c_attn.weight"][0], p["attn.c_attn.bias"][0]),
+                                 cfg.n_head)
+            kv = cache.kv[i]
+            kv[0, :, :, pos0:end] = qkvh[1]
+            kv[1, :, :, pos0:end] = qkvh[2]
+            q = qkvh[0] * (1.0 / math.sqrt(q_dim := qkvh.shape[-1]))
+            del q_dim
+            att = L.causal_softmax_(q @ kv[0, :, :, :end].transpose(0, 1, 3, 2))
+            y = xp.ascontiguousarray(L.merge_heads(att @ kv[1, :, :, :end]))
+            x += L.linear_forward(y, p["attn.c_proj.weight"][0], p["attn.c_proj.bias"][0])
+            h2, _ = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])
+            g = L.gelu_forward(L.linear_forward(h2, p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0]))
+            x += L.linear_forward(g, p["mlp.c_proj.weight"][0], p["mlp.c_proj.bias"][0])
+        cache.length = end
+        xf, _ = L.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
+        logits = xf.reshape(B * Tn, cfg.n_embd) @ P["wte.weight"].T
+        return logits.reshape(B, Tn, -1)[:, :, :cfg.vocab_size]

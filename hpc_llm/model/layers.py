@@ -1,0 +1,292 @@
+"""GPT-2's layers as forward/backward pairs (llm.c style).
+
+Each `*_forward` returns its output and the cache its backward needs; each `*_backward` takes the upstream gradient and
+that cache and returns the input gradient, writing parameter gradients into the views it is given. With
+`accumulate=False` a parameter gradient is overwritten (the first micro-batch of a step, no zeroing pass needed);
+with `accumulate=True` it is added to.
+
+Array-module agnostic: `xp = array_module(x)` is NumPy or CuPy. Linear weights are stored (in, out), as Hugging Face's
+GPT-2 Conv1D stores them, so `y = x @ w + b` with no transpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hpc_llm.backend import array_module
+
+LN_EPS = 1e-5
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _matmul_into(a, b, out, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b; the overwrite case lets BLAS write straight into the gradient buffer."""
+    xp = array_module(out)
+    if accumulate:
+        out += a @ b
+    else:
+        xp.matmul(a, b, out=out)
+
+
+def _sum_rows_into(x2d, out, accumulate: bool) -> None:
+    if accumulate:
+        out += x2d.sum(axis=0)
+    else:
+        x2d.sum(axis=0, out=out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedding: token + learned position
+
+
+def embedding_forward(wte, wpe, idx, pos0: int = 0):
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]."""
+    T = idx.shape[1]
+    x = wte[idx]
+    x += wpe[pos0:pos0 + T]
+    return x
+
+
+def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bool = True) -> None:
+    """Scatter-add into the token rows used; sum over the batch into the position rows (pos0 = 0)."""
+    xp = array_module(dx)
+    T, C = dx.shape[1], dx.shape[2]
+    if not accumulate:
+        dwpe[T:] = 0
+    _sum_rows_into(dx.reshape(dx.shape[0], T * C), dwpe[:T].reshape(T * C), accumulate)
+    if not accumulate_wte:
+        dwte[...] = 0
+    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LayerNorm over the last axis
+
+
+def layernorm_forward(x, w, b):
+    """Returns out and the cache (xhat, rstd); xhat replaces x in memory, so the cache costs one activation."""
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xhat = x - mean
+    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None]
+    var *= 1.0 / x.shape[-1]
+    var += LN_EPS
+    rstd = xp.sqrt(var, out=var)
+    xp.reciprocal(rstd, out=rstd)
+    xhat *= rstd
+    out = xhat * w
+    out += b
+    return out, (xhat, rstd)
+
+
+def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
+    xp = array_module(dout)
+    xhat, rstd = cache
+    C = dout.shape[-1]
+    d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
+    if accumulate:
+        dw += xp.einsum("ni,ni->i", d2, x2)
+    else:
+        dw[...] = xp.einsum("ni,ni->i", d2, x2)
+    _sum_rows_into(d2, db, accumulate)
+    dxhat = dout * w
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    mean_d = dxhat.mean(axis=-1, keepdims=True)
+    mean_dx = xp.einsum("...i,...i->...", dxhat, xhat)[..., None]
+    mean_dx *= 1.0 / C
+    dxhat -= mean_d
+    dxhat -= xhat * mean_dx
+    dxhat *= rstd
+    return dxhat
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Linear (weights stored (in, out))
+
+
+def linear_forward(x, w, b):
+    """y = x @ w + b over the last axis, as one 2-D matmul."""
+    out = x.reshape(-1, x.shape[-1]) @ w
+    out += b
+    return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def linear_backward(dout, x, w, dw, db, accumulate: bool):
+    """The cache of a linear layer is its input x."""
+    d2 = dout.reshape(-1, dout.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    _matmul_into(x2.T, d2, dw, accumulate)
+    if db is not None:
+        _sum_rows_into(d2, db, accumulate)
+    return (d2 @ w.T).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GELU, tanh approximation (GPT-2's)
+
+
+def _gelu_tanh(x):
+    """tanh(c * (x + 0.044715 x^3)), computed as x * (c + c*0.044715 x^2) in place on one temporary."""
+    xp = array_module(x)
+    t = x * x
+    t *= GELU_C * 0.044715
+    t += GELU_C
+    t *= x
+    return xp.tanh(t, out=t)
+
+
+def gelu_forward(x):
+    """0.5 x (1 + tanh(...)). The cache is x itself: backward recomputes tanh instead of storing it."""
+    out = _gelu_tanh(x)
+    out += 1.0
+    out *= x
+    out *= 0.5
+    return out
+
+
+def gelu_backward(dout, x):
+    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2); written over dout."""
+    t = _gelu_tanh(x)
+    inner = x * x
+    inner *= 3 * 0.044715 * GELU_C
+    inner += GELU_C
+    inner *= x  # x * c * (1 + 3a x^2)
+    sech2 = t * t
+    sech2 -= 1.0
+    sech2 *= inner  # -(1 - t^2) * x * c (1 + 3a x^2)
+    t += 1.0
+    t -= sech2
+    t *= 0.5
+    dout *= t
+    return dout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dropout
+
+
+def dropout_forward(x, p: float, rng):
+    """Inverted dropout; rng is a NumPy/CuPy Generator. Returns out and the scaled mask (the cache)."""
+    mask = rng.random(x.shape, dtype=x.dtype)
+    keep = mask >= p
+    mask[...] = keep
+    mask *= 1.0 / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    dout *= mask
+    return dout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Causal self-attention on a fused qkv projection
+
+_MASKS: dict = {}
+
+
+def causal_mask(xp, Tq: int, Tk: int, dtype):
+    """Additive mask (Tq, Tk): query i (at absolute position Tk - Tq + i) sees keys j <= its position."""
+    key = (xp.__name__, Tq, Tk, str(dtype))
+    if key not in _MASKS:
+        i = xp.arange(Tq)[:, None] + (Tk - Tq)
+        j = xp.arange(Tk)[None, :]
+        _MASKS[key] = xp.where(j > i, -xp.inf, 0.0).astype(dtype)
+    return _MASKS[key]
+
+
+def split_heads(qkv, n_head: int):
+    """(B, T, 3C) -> one contiguous (3, B, H, T, hd) copy: q, k, v per head, ready for batched matmul."""
+    xp = array_module(qkv)
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    return xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4))
+
+
+def merge_heads(y):
+    """(B, H, T, hd) -> (B, T, H*hd)."""
+    B, H, T, hd = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+
+
+def causal_softmax_(att):
+    """Row softmax of scores (B, H, Tq, Tk) with the causal mask, in place."""
+    xp = array_module(att)
+    att += causal_mask(xp, att.shape[-2], att.shape[-1], att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    s = att.sum(axis=-1, keepdims=True)
+    xp.reciprocal(s, out=s)
+    att *= s
+    return att
+
+
+def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None):
+    """softmax(q k^T / sqrt(hd) + mask) v per head. Cache: the head-split qkv (q pre-scaled), the probabilities,
+    and the dropout mask. The scale is applied to q (T*hd elements) rather than to the scores (T*T)."""
+    xp = array_module(qkv)
+    qkvh = split_heads(qkv, n_head)
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]
+    q *= 1.0 / math.sqrt(q.shape[-1])
+    att = causal_softmax_(q @ k.transpose(0, 1, 3, 2))
+    mask = None
+    att_used = att
+    if dropout > 0.0:
+        att_used, mask = dropout_forward(att, dropout, rng)
+    y = att_used @ v
+    return xp.ascontiguousarray(merge_heads(y)), (qkvh, att, mask)
+
+
+def attention_backward(dy, cache, n_head: int):
+    xp = array_module(dy)
+    qkvh, att, mask = cache
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]
+    B, T, C = dy.shape
+    hd = C // n_head
+    dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
+    dqkvh = xp.empty_like(qkvh)
+    att_used = att if mask is None else att * mask
+    xp.matmul(att_used.transpose(0, 1, 3, 2), dyh, out=dqkvh[2])  # dv
+    datt = dyh @ v.transpose(0, 1, 3, 2)
+    if mask is not None:
+        datt *= mask
+    # softmax backward: datt = p * (datt - sum(datt * p)); masked entries have p = 0 and stay 0
+    rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
+    datt -= rowdot
+    datt *= att
+    xp.matmul(datt, k, out=dqkvh[0])
+    dqkvh[0] *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward
+    xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dqkvh[1])  # q here is the scaled q
+    return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Softmax cross-entropy over a (possibly padded) vocabulary
+
+
+def cross_entropy_forward(logits, targets, vocab_size: int):
+    """Mean -log p(target) over rows of logits (N, Vp). Pad columns (>= vocab_size) are masked out.
+    Works in place: logits become the probabilities, which are the cache."""
+    xp = array_module(logits)
+    N = logits.shape[0]
+    if logits.shape[1] > vocab_size:
+        logits[:, vocab_size:] = -xp.inf
+    logits -= logits.max(axis=1, keepdims=True)
+    rows = xp.arange(N)
+    target_logit = logits[rows, targets]
+    xp.exp(logits, out=logits)
+    s = logits.sum(axis=1, keepdims=True)
+    loss = float((xp.log(s[:, 0]) - target_logit).astype(xp.float64).mean())
+    xp.reciprocal(s, out=s)
+    logits *= s
+    return loss, (logits, targets)
+
+
+def cross_entropy_backward(cache, scale: float = 1.0):
+    """d(scale * mean loss)/d logits = scale * (p - onehot) / N, written over the probabilities."""
+    xp = array_module(cache[0])
+    probs, targets = cache
+    N = probs.shape[0]
+    probs[xp.arange(N), targets] -= 1.0
+    probs *= scale / N
+    return probs
