@@ -9,16 +9,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend
 from hpc_llm.config import config_from_dict
 from hpc_llm.data import tokenizer_from_meta
+from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 
 
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a run directory meaning its newest verified checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.find_latest(path)
+        if found is None:
+            raise UserError(f"{path}: no verified checkpoint in this directory")
+        return found
+    return path
+
+
 def load_model(path, backend: str = "numpy", dtype: str | None = None) -> GPT:
-    """The model stored in a checkpoint (verified first); dtype="float64" gives a float64 copy for analysis."""
-    saved = ckpt.load_checkpoint(path)
+    """The model stored in a checkpoint (verified first) or a run directory's newest one; dtype="float64" gives a
+    float64 copy for analysis."""
+    saved = ckpt.load_checkpoint(resolve_checkpoint(path))
     cfg = config_from_dict(saved.config).model
     if dtype is not None:
         cfg.dtype = dtype
@@ -29,4 +44,4 @@ def load_model(path, backend: str = "numpy", dtype: str | None = None) -> GPT:
 
 def load_tokenizer(path):
     """The tokenizer the checkpoint's model was trained with."""
-    return tokenizer_from_meta(ckpt.load_checkpoint(path).state["tokenizer"])
+    return tokenizer_from_meta(ckpt.load_checkpoint(resolve_checkpoint(path)).state["tokenizer"])

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint")
-    s.add_argument("checkpoint")
+    s.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest verified checkpoint)")
     s.add_argument("--prompt", default="")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)

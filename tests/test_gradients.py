@@ -200,3 +200,24 @@ def test_backward_overwrite_and_accumulate():
     model.forward(*batches[1], keep_cache=True)
     model.backward(accumulate=True)
     np.testing.assert_allclose(model.grad_flat, fresh[0] + fresh[1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_attention_query_blocks(monkeypatch, block, dropout):
+    """Blocked attention (several query blocks, each with its own key range) equals the one-block computation and
+    its backward matches finite differences."""
+    rng = np.random.default_rng(block)
+    B, T, H, hd = 2, 7, 2, 3
+    qkv = rng.standard_normal((B, T, 3 * H * hd))
+    R = rng.standard_normal((B, T, H * hd))
+    y_one, cache_one = L.attention_forward(qkv, H)
+    d_one = L.attention_backward(R.copy(), cache_one, H)
+    monkeypatch.setattr(L, "ATTN_BLOCK", block)
+    assert len(L.query_blocks(T)) > 1
+    y, cache = L.attention_forward(qkv, H)
+    np.testing.assert_allclose(y, y_one, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(L.attention_backward(R.copy(), cache, H), d_one, rtol=1e-12, atol=1e-14)
+    f = lambda: float((L.attention_forward(qkv, H, dropout, np.random.default_rng(4))[0] * R).sum())
+    _, cache = L.attention_forward(qkv, H, dropout, np.random.default_rng(4))
+    check(L.attention_backward(R.copy(), cache, H), f, qkv)

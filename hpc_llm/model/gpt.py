@@ -240,10 +240,15 @@ class GPT:
     # -- a small API for scripts and notebooks -------------------------------------------------------------------------
 
     def logits(self, idx):
-        return self.forward(self.xp.asarray(idx))
+        idx = self.xp.asarray(idx)
+        self.check_tokens(idx)
+        return self.forward(idx)
 
     def loss(self, idx, targets) -> float:
-        return self.forward(self.xp.asarray(idx), self.xp.asarray(targets))
+        idx, targets = self.xp.asarray(idx), self.xp.asarray(targets)
+        self.check_tokens(idx)
+        self.check_tokens(targets)
+        return self.forward(idx, targets)
 
     def gradients(self, idx, targets) -> dict:
         """{name: gradient} of the mean loss on (idx, targets), without dropout; copies, safe to keep."""

@@ -221,42 +221,59 @@ def causal_softmax_(att):
     return att
 
 
+ATTN_BLOCK = 128  # query rows per block: blocks skip the keys their queries cannot see
+
+
+def query_blocks(T: int) -> list[tuple[int, int]]:
+    """Query ranges [q0, q1) of about ATTN_BLOCK rows, the last (which sees all keys) first. Block [q0, q1) needs keys
+    [0, q1) only, so with n blocks the score matrices hold (n+1)/2n of the T*T entries a dense causal mask would."""
+    n = max(1, -(-T // ATTN_BLOCK))
+    edges = [round(i * T / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in reversed(range(n))]
+
+
 def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None):
-    """softmax(q k^T / sqrt(hd) + mask) v per head. Cache: the head-split qkv (q pre-scaled), the probabilities,
-    and the dropout mask. The scale is applied to q (T*hd elements) rather than to the scores (T*T)."""
+    """softmax(q k^T / sqrt(hd) + mask) v per head, by query blocks. Cache: the head-split qkv (q pre-scaled), the
+    probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores."""
     xp = array_module(qkv)
     qkvh = split_heads(qkv, n_head)
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     q *= 1.0 / math.sqrt(q.shape[-1])
-    att = causal_softmax_(q @ k.transpose(0, 1, 3, 2))
-    mask = None
-    att_used = att
-    if dropout > 0.0:
-        att_used, mask = dropout_forward(att, dropout, rng)
-    y = att_used @ v
-    return xp.ascontiguousarray(merge_heads(y)), (qkvh, att, mask)
+    yh = xp.empty_like(q)
+    atts, masks = [], []
+    for q0, q1 in query_blocks(q.shape[2]):
+        att = causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2))
+        used, mask = (att, None) if dropout == 0.0 else dropout_forward(att, dropout, rng)
+        xp.matmul(used, v[:, :, :q1], out=yh[:, :, q0:q1])
+        atts.append(att)
+        masks.append(mask)
+    return xp.ascontiguousarray(merge_heads(yh)), (qkvh, atts, masks)
 
 
 def attention_backward(dy, cache, n_head: int):
     xp = array_module(dy)
-    qkvh, att, mask = cache
+    qkvh, atts, masks = cache
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
     dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
     dqkvh = xp.empty_like(qkvh)
-    att_used = att if mask is None else att * mask
-    xp.matmul(att_used.transpose(0, 1, 3, 2), dyh, out=dqkvh[2])  # dv
-    datt = dyh @ v.transpose(0, 1, 3, 2)
-    if mask is not None:
-        datt *= mask
-    # softmax backward: datt = p * (datt - sum(datt * p)); masked entries have p = 0 and stay 0
-    rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
-    datt -= rowdot
-    datt *= att
-    xp.matmul(datt, k, out=dqkvh[0])
-    dqkvh[0] *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward
-    xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dqkvh[1])  # q here is the scaled q
+    dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
+    for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
+        first = first == 0  # the first block sees every key: it writes dk and dv whole, later blocks add
+        used = att if mask is None else att * mask
+        dyb = dyh[:, :, q0:q1]
+        _matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
+        datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
+        if mask is not None:
+            datt *= mask
+        # softmax backward: datt = p * (datt - sum(datt * p)); masked entries have p = 0 and stay 0
+        rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
+        datt -= rowdot
+        datt *= att
+        xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
+        _matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
+    dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
 
 

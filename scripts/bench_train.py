@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Training-step benchmark: tokens/s, MFU, the step against its matmuls alone, and peak memory against a budget.
+
+    python scripts/bench_train.py --preset shakespeare-char
+    python scripts/bench_train.py --preset gpt2-small --steps 5
+
+Side by side in one process: (1) the float32 matmul peak (2048^3), (2) the full training step (forward, backward,
+AdamW) on random tokens, (3) the same step's matmuls alone, replayed with the same shapes and layouts. Reported as
+medians of --steps runs. Peak RSS is measured in a fresh child process per preset (nothing else allocated) and put
+beside the budget: 16 bytes per parameter (float32 weights, gradients, Adam m and v) plus the activations backward
+keeps. Speed is never asserted in tests: run this and record the figures in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from hpc_llm.bench import matmul_peak_flops
+from hpc_llm.config import ModelConfig, TrainConfig
+from hpc_llm.model import layers as L
+from hpc_llm.model.gpt import GPT
+from hpc_llm.optim import AdamW
+
+PRESETS = {
+    # nanoGPT's shakespeare-char CPU setting (vocab 65)
+    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, batch=12),
+    # the middle row of ../shared/TARGETS.md
+    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch=8),
+    # GPT-2 small's shape, vocab 50304 as in TARGETS.md
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch=1),
+}
+
+
+def median_time(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def matmul_plan(cfg: ModelConfig, B: int):
+    """(a, b) operand pairs of every matmul in one training step, in the model's layouts (transposed views where the
+    model uses them), with the attention's query blocks."""
+    T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
+    hd, N = C // H, B * T
+    rng = np.random.default_rng(0)
+    arr = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    plan = []
+    for _ in range(cfg.n_layer):
+        for i, o in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)):
+            x, w, d = arr(N, i), arr(i, o), arr(N, o)
+            plan += [(x, w), (x.T, d), (d, w.T)]  # forward, weight gradient, input gradient
+        q, k, v, dy = arr(B, H, T, hd), arr(B, H, T, hd), arr(B, H, T, hd), arr(B, H, T, hd)
+        for q0, q1 in L.query_blocks(T):
+            att = arr(B, H, q1 - q0, q1)
+            kt = k[:, :, :q1].transpose(0, 1, 3, 2)
+            plan += [(q[:, :, q0:q1], kt), (att, v[:, :, :q1]),  # forward
+                     (att.transpose(0, 1, 3, 2), dy[:, :, q0:q1]), (dy[:, :, q0:q1], v[:, :, :q1].transpose(0, 1, 3, 2)),
+                     (att, k[:, :, :q1]), (att.transpose(0, 1, 3, 2), q[:, :, q0:q1])]  # backward
+    xf, wte, dl = arr(N, C), arr(V, C), arr(N, V)
+    plan += [(xf, wte.T), (dl.T, xf), (dl, wte)]  # tied head: logits, wte gradient, input gradient
+    return plan
+
+
+def plan_flops(plan) -> float:
+    return sum(2.0 * np.prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1] for a, b in plan)
+
+
+def activation_bytes(cfg: ModelConfig, B: int) -> int:
+    """What the forward keeps for backward (see GPT.forward's cache), in float32."""
+    T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
+    N = B * T
+    att = B * H * sum((q1 - q0) * q1 for q0, q1 in L.query_blocks(T))
+    per_layer = (
+        N * C  # ln_1 normalised input
+        + N * C  # ln_1 output (c_attn input)
+        + 3 * N * C  # head-split q, k, v
+        + att  # attention probabilities, query blocks
+        + N * C  # attention output (c_proj input)
+        + N * C + N * C  # ln_2 normalised input and output (c_fc input)
+        + 4 * N * C + 4 * N * C  # c_fc output (GELU input), GELU output (c_proj input)
+    )
+    final = N * C + N * C + N * cfg.padded_vocab  # ln_f normalised input and output, probabilities
+    return 4 * (cfg.n_layer * per_layer + final)
+
+
+def build(p: dict):
+    cfg = ModelConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
+                      vocab_size=p["vocab_size"])
+    model = GPT(cfg, seed=0)
+    opt = AdamW(model.flat, model.grad_flat, model.decay_ranges(), TrainConfig())
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, cfg.vocab_size, (p["batch"], cfg.block_size))
+    y = rng.integers(0, cfg.vocab_size, (p["batch"], cfg.block_size))
+
+    def step():
+        model.forward(x, y, keep_cache=True)
+        model.backward()
+        opt.step(1e-4)
+
+    return cfg, model, opt, step
+
+
+def measure_rss(name: str) -> dict:
+    """Peak RSS of two training steps of a preset, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--rss-child", name], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_child(name: str) -> None:
+    p = PRESETS[name]
+    cfg, model, opt, step = build(p)
+    for _ in range(2):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_rss": peak, "params": model.num_params, "activations": activation_bytes(cfg, p["batch"])}))
+
+
+def bench(name: str, steps: int, peak: float) -> dict:
+    p = PRESETS[name]
+    cfg, model, opt, step = build(p)
+    tokens = p["batch"] * cfg.block_size
+    t_step = median_time(step, steps)
+    plan = matmul_plan(cfg, p["batch"])
+    t_mm = median_time(lambda: [a @ b for a, b in plan], steps)
+    t_fwd = median_time(lambda: model.forward(*_xy(cfg, p["batch"])), steps)
+    t_opt = median_time(lambda: opt.step(1e-4), steps)
+    flops = model.flops_per_token() * tokens
+    return {"preset": name, "tokens_per_s": tokens / t_step, "step_ms": 1e3 * t_step, "matmul_ms": 1e3 * t_mm,
+            "step_over_matmul": t_step / t_mm, "mfu": flops / t_step / peak, "forward_ms": 1e3 * t_fwd,
+            "adamw_ms": 1e3 * t_opt, "flops_per_step": flops, "plan_flops": plan_flops(plan)}
+
+
+def _xy(cfg, B):
+    rng = np.random.default_rng(1)
+    return rng.integers(0, cfg.vocab_size, (B, cfg.block_size)), rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: all")
+    ap.add_argument("--steps", type=int, default=10, help="timed repetitions (median)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(args.rss_child)
+    peak = matmul_peak_flops(np, np.float32)
+    print(f"float32 matmul peak (2048^3, best of 3): {peak / 1e9:.1f} GFLOP/s")
+    for name in args.preset or list(PRESETS):
+        r = bench(name, args.steps, peak)
+        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, "
+              f"AdamW {r['adamw_ms']:.1f}), matmuls alone {r['matmul_ms']:.1f} ms -> step/matmul "
+              f"{r['step_over_matmul']:.2f}x, MFU {100 * r['mfu']:.1f}% of the measured peak")
+        if not args.no_rss:
+            m = measure_rss(name)
+            budget = 16 * m["params"] + m["activations"]
+            print(f"{name}: peak RSS {m['peak_rss'] / 2**20:.0f} MiB vs budget {budget / 2**20:.0f} MiB "
+                  f"(16 B x {m['params'] / 1e6:.1f}M params = {16 * m['params'] / 2**20:.0f} MiB + activations "
+                  f"{m['activations'] / 2**20:.0f} MiB) -> {m['peak_rss'] / budget:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
