@@ -43,3 +43,23 @@ def to_host(x) -> np.ndarray:
 
 def to_device(x: np.ndarray, xp):
     return x if xp is np else xp.asarray(x)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    A training step allocates and frees the same large activations every step. By default glibc serves big
+    allocations with mmap and gives them back on free, so the next step page-faults (and the kernel zeroes) every page
+    again: measured here as 25% of a small model's step and 7% of GPT-2 small's (docs/performance.md). Serving them from
+    the heap and never trimming it makes the step reuse warm pages; peak memory is unchanged. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm import checkpoint as ckpt
-from hpc_llm.backend import get_backend, to_device, to_host
+from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
 from hpc_llm.bench import matmul_peak_flops
 from hpc_llm.config import Config, config_from_dict
 from hpc_llm.data import TokenData, check_split_size, get_batch
@@ -61,6 +61,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.xp = get_backend(t.backend)
+        keep_freed_memory()
         self.data = TokenData(cfg.data.path)
         self.train_tokens = self.data.split("train")
         self.val_tokens = self.data.split("val")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
 
+from hpc_llm.backend import keep_freed_memory
 from hpc_llm.bench import matmul_peak_flops
 from hpc_llm.config import ModelConfig, TrainConfig
 from hpc_llm.model import layers as L
@@ -89,7 +89,7 @@ def activation_bytes(cfg: ModelConfig, B: int) -> int:
         + att  # attention probabilities, query blocks
         + N * C  # attention output (c_proj input)
         + N * C + N * C  # ln_2 normalised input and output (c_fc input)
-        + 4 * N * C + 4 * N * C  # c_fc output (GELU input), GELU output (c_proj input)
+        + 3 * 4 * N * C  # c_fc output (GELU input), GELU's tanh, GELU output (c_proj input)
     )
     final = N * C + N * C + N * cfg.padded_vocab  # ln_f normalised input and output, probabilities
     return 4 * (cfg.n_layer * per_layer + final)
@@ -114,7 +114,8 @@ def build(p: dict):
 
 def measure_rss(name: str) -> dict:
     """Peak RSS of two training steps of a preset, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--rss-child", name], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--rss-child", name] + sys.argv[1:], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -123,7 +124,8 @@ def rss_child(name: str) -> None:
     cfg, model, opt, step = build(p)
     for _ in range(2):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent that spawned us
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(json.dumps({"peak_rss": peak, "params": model.num_params, "activations": activation_bytes(cfg, p["batch"])}))
 
 
@@ -153,7 +155,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed repetitions (median)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (for comparison)")
     args = ap.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory()
     if args.rss_child:
         return rss_child(args.rss_child)
     peak = matmul_peak_flops(np, np.float32)

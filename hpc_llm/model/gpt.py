@@ -188,14 +188,14 @@ class GPT:
             x += a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
             h2, ln2 = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])
             f = L.linear_forward(h2, p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0])
-            g = L.gelu_forward(f)
+            g, gt = L.gelu_forward(f)
             m = L.linear_forward(g, p["mlp.c_proj.weight"][0], p["mlp.c_proj.bias"][0])
             m_mask = None
             if drop > 0:
                 m, m_mask = L.dropout_forward(m, drop, rng)
             x += m
             if keep_cache:
-                blocks.append((ln1, h1, att, y, a_mask, ln2, h2, f, g, m_mask))
+                blocks.append((ln1, h1, att, y, a_mask, ln2, h2, f, gt, g, m_mask))
         xf, lnf = L.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
         xf2 = xf.reshape(B * T, cfg.n_embd)
         logits = xf2 @ P["wte.weight"].T
@@ -222,10 +222,10 @@ class GPT:
         dx = L.layernorm_backward(dx, lnf, P["ln_f.weight"], G["ln_f.weight"], G["ln_f.bias"], acc)
         for i in reversed(range(cfg.n_layer)):
             p = self._block(i)
-            ln1, h1, att, y, a_mask, ln2, h2, f, g, m_mask = blocks.pop()
+            ln1, h1, att, y, a_mask, ln2, h2, f, gt, g, m_mask = blocks.pop()
             dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
             dg = L.linear_backward(dm, g, *p["mlp.c_proj.weight"], p["mlp.c_proj.bias"][1], acc)
-            df = L.gelu_backward(dg, f)
+            df = L.gelu_backward(dg, f, gt)
             dh2 = L.linear_backward(df, h2, *p["mlp.c_fc.weight"], p["mlp.c_fc.bias"][1], acc)
             dx += L.layernorm_backward(dh2, ln2, *p["ln_2.weight"], p["ln_2.bias"][1], acc)
             da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
@@ -289,7 +289,7 @@ class GPT:
             y = xp.ascontiguousarray(L.merge_heads(att @ kv[1, :, :, :end]))
             x += L.linear_forward(y, p["attn.c_proj.weight"][0], p["attn.c_proj.bias"][0])
             h2, _ = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])
-            g = L.gelu_forward(L.linear_forward(h2, p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0]))
+            g, _ = L.gelu_forward(L.linear_forward(h2, p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0]))
             x += L.linear_forward(g, p["mlp.c_proj.weight"][0], p["mlp.c_proj.bias"][0])
         cache.length = end
         xf, _ = L.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])

@@ -125,39 +125,55 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
 # GELU, tanh approximation (GPT-2's)
 
 
-def _gelu_tanh(x):
-    """tanh(c * (x + 0.044715 x^3)), computed as x * (c + c*0.044715 x^2) in place on one temporary."""
-    xp = array_module(x)
-    t = x * x
-    t *= GELU_C * 0.044715
-    t += GELU_C
-    t *= x
-    return xp.tanh(t, out=t)
+ELEMENTWISE_CHUNK = 1 << 16  # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
+
+
+def _chunks(x):
+    """Flat [a, b) ranges for running a chain of elementwise passes chunk by chunk (NumPy: each pass then reads L2,
+    not memory); one range for a GPU array, where a fused kernel is the way to save passes."""
+    n = x.size
+    step = ELEMENTWISE_CHUNK if array_module(x).__name__ == "numpy" else max(n, 1)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 def gelu_forward(x):
-    """0.5 x (1 + tanh(...)). The cache is x itself: backward recomputes tanh instead of storing it."""
-    out = _gelu_tanh(x)
-    out += 1.0
-    out *= x
-    out *= 0.5
-    return out
+    """0.5 x (1 + tanh(c (x + 0.044715 x^3))). Returns out and the cache t = tanh(...): keeping it (one activation)
+    spares backward the five passes that recompute it."""
+    xp = array_module(x)
+    out, t = xp.empty_like(x), xp.empty_like(x)
+    xf, of, tf = x.reshape(-1), out.reshape(-1), t.reshape(-1)
+    for a, b in _chunks(x):
+        xs, ts, os = xf[a:b], tf[a:b], of[a:b]
+        xp.multiply(xs, xs, out=ts)  # c (x + 0.044715 x^3) = x (c + c 0.044715 x^2)
+        ts *= GELU_C * 0.044715
+        ts += GELU_C
+        ts *= xs
+        xp.tanh(ts, out=ts)
+        xp.add(ts, 1.0, out=os)
+        os *= xs
+        os *= 0.5
+    return out, t
 
 
-def gelu_backward(dout, x):
-    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2); written over dout."""
-    t = _gelu_tanh(x)
-    inner = x * x
-    inner *= 3 * 0.044715 * GELU_C
-    inner += GELU_C
-    inner *= x  # x * c * (1 + 3a x^2)
-    sech2 = t * t
-    sech2 -= 1.0
-    sech2 *= inner  # -(1 - t^2) * x * c (1 + 3a x^2)
-    t += 1.0
-    t -= sech2
-    t *= 0.5
-    dout *= t
+def gelu_backward(dout, x, t):
+    """d/dx = 0.5 (1 + t) + 0.5 (1 - t^2) x c (1 + 3 * 0.044715 x^2); written over dout, and t is consumed."""
+    xp = array_module(dout)
+    df, xf, tf = dout.reshape(-1), x.reshape(-1), t.reshape(-1)
+    n = min(ELEMENTWISE_CHUNK, x.size) if xp.__name__ == "numpy" else x.size
+    inner, sech2 = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)
+    for a, b in _chunks(x):
+        xs, ts, ds, ins, s2 = xf[a:b], tf[a:b], df[a:b], inner[:b - a], sech2[:b - a]
+        xp.multiply(xs, xs, out=ins)
+        ins *= 0.5 * 3 * 0.044715 * GELU_C
+        ins += 0.5 * GELU_C
+        ins *= xs  # 0.5 x c (1 + 3a x^2)
+        xp.multiply(ts, ts, out=s2)
+        xp.subtract(1.0, s2, out=s2)  # 1 - t^2
+        ins *= s2
+        ts *= 0.5
+        ts += 0.5
+        ts += ins
+        ds *= ts
     return dout
 
 
