@@ -36,6 +36,7 @@ import numpy as np
 
 from hpc_llm import __version__
 from hpc_llm.errors import UserError
+from hpc_llm.fsio import atomic_write_bytes, fsync_dir
 
 __all__ = [
     "FORMAT",
@@ -192,13 +193,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        _fsync_path(directory)
-    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
-        pass
-
-
 def _remove_quietly(path: Path) -> None:
     try:
         path.unlink()
@@ -330,7 +324,7 @@ def save_checkpoint(
         _fsync_path(tmp)
         verify_checkpoint(tmp)
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -507,17 +501,7 @@ def write_latest(out_dir: str | os.PathLike, path: str | os.PathLike) -> None:
         target = path.name
     else:
         target = str(path.resolve())
-    tmp = out_dir / f".{_LATEST}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(target + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_dir / _LATEST)
-        _fsync_dir(out_dir)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    atomic_write_bytes(out_dir / _LATEST, (target + "\n").encode("utf-8"))
 
 
 def read_latest(out_dir: str | os.PathLike) -> Path | None:
@@ -615,5 +599,5 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
         removed.append(path)
         log.info("pruned old checkpoint %s", path)
     if removed:
-        _fsync_dir(Path(out_dir))
+        fsync_dir(Path(out_dir))
     return removed

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from hpc_llm.errors import UserError
+from hpc_llm.fsio import atomic_write_bytes
 
 FORMAT = "hpc_llm-tokens"
 FORMAT_VERSION = 1
@@ -134,37 +134,6 @@ def _make_tokenizer(name: str, text: str):
 # Preparing token files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames themselves durable; not every filesystem allows opening a directory, which is harmless.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _expand_inputs(inputs, pattern: str) -> list[Path]:
     """Files named directly are always taken; folders contribute their files matching `pattern`, sorted."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -222,14 +191,13 @@ def prepare(inputs: list, out_dir, tokenizer: str = "byte", val_fraction: float 
     meta_path = out / "meta.json"
     # Remove the old meta first: until the new one is written, the directory is visibly unprepared, never a mix.
     meta_path.unlink(missing_ok=True)
-    _atomic_write(out / "train.bin", ids[:n_train].tobytes())
-    _atomic_write(out / "val.bin", ids[n_train:].tobytes())
+    atomic_write_bytes(out / "train.bin", ids[:n_train].tobytes())
+    atomic_write_bytes(out / "val.bin", ids[n_train:].tobytes())
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **tok.meta(),
             "n_train": n_train, "n_val": n_val, "n_files": len(texts), "n_skipped": n_skipped,
             "sources": [str(p) for p in input_list[:5]]}
-    _atomic_write(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-    _fsync_dir(out)
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     return meta
 
 

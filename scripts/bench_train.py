@@ -156,7 +156,11 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (for comparison)")
+    ap.add_argument("--attn-block", type=int, help="attention query-block rows (default: the model's; a value >= T "
+                    "gives the dense causal attention, for comparison)")
     args = ap.parse_args()
+    if args.attn_block:
+        L.ATTN_BLOCK = args.attn_block
     if not args.default_malloc:
         keep_freed_memory()
     if args.rss_child:
