@@ -45,21 +45,23 @@ def to_device(x: np.ndarray, xp):
     return x if xp is np else xp.asarray(x)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+def keep_freed_memory(keep: bool = True) -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (keep=False: glibc's defaults).
 
     A training step allocates and frees the same large activations every step. By default glibc serves big
     allocations with mmap and gives them back on free, so the next step page-faults (and the kernel zeroes) every page
-    again: measured here as 25% of a small model's step and 7% of GPT-2 small's (docs/performance.md). Serving them from
-    the heap and never trimming it makes the step reuse warm pages; peak memory is unchanged. No-op off glibc.
+    again: a quarter of a small model's step here (docs/performance.md). Serving them from the heap and never
+    trimming it makes each step reuse warm pages; peak memory is unchanged. Returns False (and does nothing) off glibc.
     """
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    if keep:
+        return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return (bool(mallopt(M_MMAP_MAX, 65536)) and bool(mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+            and bool(mallopt(M_MMAP_THRESHOLD, 128 * 1024)))

@@ -206,7 +206,8 @@ class Trainer:
                     metrics_file.write(json.dumps({"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu}) + "\n")
                     metrics_file.flush()
                     window_t, window_steps = 0.0, 0
-                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+                interval = self.cfg.checkpoint.interval
+                if interval and self.step % interval == 0 and self.step < t.max_iters:  # the last one comes below
                     self.save()
             if t.eval_iters > 0:
                 last = self._eval_and_log(metrics_file)

@@ -73,6 +73,12 @@ def matmul_plan(cfg: ModelConfig, B: int):
     return plan
 
 
+def run_plan(plan) -> None:
+    """Each product is dropped at once, so its memory is reused warm: the matmuls' own time, nothing else."""
+    for a, b in plan:
+        a @ b
+
+
 def plan_flops(plan) -> float:
     return sum(2.0 * np.prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1] for a, b in plan)
 
@@ -135,13 +141,37 @@ def bench(name: str, steps: int, peak: float) -> dict:
     tokens = p["batch"] * cfg.block_size
     t_step = median_time(step, steps)
     plan = matmul_plan(cfg, p["batch"])
-    t_mm = median_time(lambda: [a @ b for a, b in plan], steps)
+    t_mm = median_time(lambda: run_plan(plan), steps)
     t_fwd = median_time(lambda: model.forward(*_xy(cfg, p["batch"])), steps)
     t_opt = median_time(lambda: opt.step(1e-4), steps)
     flops = model.flops_per_token() * tokens
     return {"preset": name, "tokens_per_s": tokens / t_step, "step_ms": 1e3 * t_step, "matmul_ms": 1e3 * t_mm,
             "step_over_matmul": t_step / t_mm, "mfu": flops / t_step / peak, "forward_ms": 1e3 * t_fwd,
             "adamw_ms": 1e3 * t_opt, "flops_per_step": flops, "plan_flops": plan_flops(plan)}
+
+
+def ab_compare(name: str, what: str, steps: int) -> dict:
+    """The training step with a change on (A) and off (B), alternated step by step in this one process so both see
+    the same machine; medians of each and their ratio."""
+    p = PRESETS[name]
+    cfg, model, opt, step = build(p)
+    if what == "malloc":
+        on, off = (lambda: keep_freed_memory(True)), (lambda: keep_freed_memory(False))
+    else:  # attention query blocks vs one dense causal block
+        on, off = (lambda: setattr(L, "ATTN_BLOCK", 128)), (lambda: setattr(L, "ATTN_BLOCK", 1 << 30))
+    times = {"on": [], "off": []}
+    for i in range(steps + 1):
+        for key, setup in (("on", on), ("off", off)):
+            setup()
+            step()  # one untimed step after each switch: the change takes effect on fresh allocations
+            t0 = time.perf_counter()
+            step()
+            if i > 0:
+                times[key].append(time.perf_counter() - t0)
+    on_s, off_s = float(np.median(times["on"])), float(np.median(times["off"]))
+    keep_freed_memory(True)
+    L.ATTN_BLOCK = 128
+    return {"preset": name, "change": what, "on_ms": 1e3 * on_s, "off_ms": 1e3 * off_s, "speedup": off_s / on_s}
 
 
 def _xy(cfg, B):
@@ -158,6 +188,7 @@ def main() -> None:
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (for comparison)")
     ap.add_argument("--attn-block", type=int, help="attention query-block rows (default: the model's; a value >= T "
                     "gives the dense causal attention, for comparison)")
+    ap.add_argument("--ab", choices=("malloc", "attn-blocks"), help="A/B one optimisation, alternating step by step")
     args = ap.parse_args()
     if args.attn_block:
         L.ATTN_BLOCK = args.attn_block
@@ -165,6 +196,12 @@ def main() -> None:
         keep_freed_memory()
     if args.rss_child:
         return rss_child(args.rss_child)
+    if args.ab:
+        for name in args.preset or list(PRESETS):
+            r = ab_compare(name, args.ab, args.steps)
+            print(f"{name}: {args.ab} on {r['on_ms']:.1f} ms/step, off {r['off_ms']:.1f} ms/step -> "
+                  f"{r['speedup']:.2f}x (medians of {args.steps}, alternated in one process)")
+        return
     peak = matmul_peak_flops(np, np.float32)
     print(f"float32 matmul peak (2048^3, best of 3): {peak / 1e9:.1f} GFLOP/s")
     for name in args.preset or list(PRESETS):

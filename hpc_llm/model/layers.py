@@ -47,16 +47,22 @@ def embedding_forward(wte, wpe, idx, pos0: int = 0):
     return x
 
 
-def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bool = True) -> None:
-    """Scatter-add into the token rows used; sum over the batch into the position rows (pos0 = 0)."""
-    xp = array_module(dx)
+def position_embedding_backward(dx, dwpe, accumulate: bool) -> None:
+    """Sum over the batch into the position rows used (pos0 = 0); the rows beyond T get zero."""
     T, C = dx.shape[1], dx.shape[2]
     if not accumulate:
         dwpe[T:] = 0
     _sum_rows_into(dx.reshape(dx.shape[0], T * C), dwpe[:T].reshape(T * C), accumulate)
+
+
+def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bool = True) -> None:
+    """Scatter-add into the token rows used; the position rows as above. With the tied head, wte already holds the
+    head's gradient, so its rows are added to by default."""
+    xp = array_module(dx)
+    position_embedding_backward(dx, dwpe, accumulate)
     if not accumulate_wte:
         dwte[...] = 0
-    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))
+    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,9 +111,10 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
 
 
 def linear_forward(x, w, b):
-    """y = x @ w + b over the last axis, as one 2-D matmul."""
+    """y = x @ w + b over the last axis, as one 2-D matmul (b None: no bias, e.g. before a TP reduction)."""
     out = x.reshape(-1, x.shape[-1]) @ w
-    out += b
+    if b is not None:
+        out += b
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 
@@ -291,35 +298,3 @@ def attention_backward(dy, cache, n_head: int):
         _matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Softmax cross-entropy over a (possibly padded) vocabulary
-
-
-def cross_entropy_forward(logits, targets, vocab_size: int):
-    """Mean -log p(target) over rows of logits (N, Vp). Pad columns (>= vocab_size) are masked out.
-    Works in place: logits become the probabilities, which are the cache."""
-    xp = array_module(logits)
-    N = logits.shape[0]
-    if logits.shape[1] > vocab_size:
-        logits[:, vocab_size:] = -xp.inf
-    logits -= logits.max(axis=1, keepdims=True)
-    rows = xp.arange(N)
-    target_logit = logits[rows, targets]
-    xp.exp(logits, out=logits)
-    s = logits.sum(axis=1, keepdims=True)
-    loss = float((xp.log(s[:, 0]) - target_logit).astype(xp.float64).mean())
-    xp.reciprocal(s, out=s)
-    logits *= s
-    return loss, (logits, targets)
-
-
-def cross_entropy_backward(cache, scale: float = 1.0):
-    """d(scale * mean loss)/d logits = scale * (p - onehot) / N, written over the probabilities."""
-    xp = array_module(cache[0])
-    probs, targets = cache
-    N = probs.shape[0]
-    probs[xp.arange(N), targets] -= 1.0
-    probs *= scale / N
-    return probs

@@ -1,0 +1,150 @@
+"""Tensor parallelism, Megatron-LM's scheme: the f/g mappings, sharding of full tensors, and the vocabulary-parallel
+embedding and cross-entropy.
+
+Communication is named by what it does at the f/g points, so a reader sees every collective:
+
+    copy_to_tp_region      forward: identity    backward: allreduce   (f: before a column-parallel layer)
+    reduce_from_tp_region  forward: allreduce   backward: identity    (g: after a row-parallel layer)
+    gather_from_tp_region  forward: allgather of the last axis        (full logits for inference)
+
+With a TP group of one rank every collective is a no-op and these layers are the plain ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpc_llm.backend import array_module
+from hpc_llm.model import layers as L
+from hpc_llm.parallel.comm import Comm
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The f and g mappings
+
+
+def copy_to_tp_region(x, comm: Comm):
+    """f, forward: every TP rank already holds the full input."""
+    return x
+
+
+def copy_to_tp_region_backward(dx, comm: Comm):
+    """f, backward: each rank has the gradient of its shard's use of x; the input gradient is their sum."""
+    return comm.allreduce_(dx)
+
+
+def reduce_from_tp_region(x, comm: Comm):
+    """g, forward: sum the partial outputs of a row-parallel layer."""
+    return comm.allreduce_(x)
+
+
+def reduce_from_tp_region_backward(dx, comm: Comm):
+    """g, backward: the gradient of a sum reaches every partial unchanged."""
+    return dx
+
+
+def gather_from_tp_region(x, comm: Comm):
+    """The full last axis from each rank's slice of it (rank order)."""
+    if comm.size == 1:
+        return x
+    xp = array_module(x)
+    n = x.shape[-1]
+    flat = xp.empty((comm.size, *x.shape), dtype=x.dtype)
+    flat[comm.rank] = x
+    comm.allgather_(flat.reshape(-1), [x.size] * comm.size)
+    return xp.moveaxis(flat, 0, -2).reshape(*x.shape[:-1], comm.size * n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharding a full (logical) tensor by its spec (DESIGN principle 4)
+
+
+def shard_index(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int):
+    """The index into the full tensor that is rank's shard: along tp_axis, each of tp_blocks equal blocks is cut into
+    tp pieces and the rank takes piece `rank` of every block (so a rank gets its heads' q, k and v)."""
+    if tp_axis is None or tp == 1:
+        return (slice(None),) * len(shape)
+    n = shape[tp_axis] // tp_blocks
+    piece = n // tp
+    idx = np.concatenate([np.arange(b * n + rank * piece, b * n + (rank + 1) * piece) for b in range(tp_blocks)])
+    return (slice(None),) * tp_axis + (idx,)
+
+
+def shard(full, spec, tp: int, rank: int):
+    return full[shard_index(spec.shape, spec.tp_axis, spec.tp_blocks, tp, rank)]
+
+
+def local_shape(spec, tp: int) -> tuple:
+    if spec.tp_axis is None:
+        return spec.shape
+    s = list(spec.shape)
+    s[spec.tp_axis] //= tp
+    return tuple(s)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel embedding: rank r holds rows [v0, v0 + Vl) of wte
+
+
+def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, pos0: int = 0):
+    """Token rows looked up where this rank holds them (zero elsewhere), summed over the TP group (g), plus wpe."""
+    if comm.size == 1:
+        return L.embedding_forward(wte_local, wpe, idx, pos0)
+    xp = array_module(wte_local)
+    local = idx - v0
+    mine = (local >= 0) & (local < wte_local.shape[0])
+    x = wte_local[xp.where(mine, local, 0)]
+    x *= mine[..., None]
+    x = reduce_from_tp_region(x, comm)
+    x += wpe[pos0:pos0 + idx.shape[1]]
+    return x
+
+
+def vocab_parallel_embedding_backward(dx, idx, v0: int, dwte_local, dwpe, accumulate: bool, comm: Comm) -> None:
+    """dx is replicated over the TP group (g's backward is the identity): each rank scatters the rows it holds."""
+    if comm.size == 1:
+        return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate)
+    xp = array_module(dx)
+    local = (idx - v0).reshape(-1)
+    mine = (local >= 0) & (local < dwte_local.shape[0])
+    L.position_embedding_backward(dx, dwpe, accumulate)
+    xp.add.at(dwte_local, local[mine], dx.reshape(-1, dx.shape[-1])[mine])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel softmax cross-entropy: three small allreduces (max, target logit, sum of exp)
+
+
+def vocab_parallel_cross_entropy_forward(logits, targets, vocab_size: int, v0: int, comm: Comm):
+    """Mean -log p(target) over rows of this rank's logits slice (N, Vl) = columns [v0, v0 + Vl) of the padded
+    vocabulary; columns >= vocab_size are padding and masked out. In place: logits become this rank's slice of the
+    probabilities, which is the cache."""
+    xp = array_module(logits)
+    N, Vl = logits.shape
+    if v0 + Vl > vocab_size:
+        logits[:, max(0, vocab_size - v0):] = -xp.inf
+    row_max = logits.max(axis=1)
+    comm.allreduce_(row_max, op="max")
+    logits -= row_max[:, None]
+    local = targets - v0
+    mine = (local >= 0) & (local < Vl)
+    rows = xp.arange(N)
+    target_logit = logits[rows, xp.where(mine, local, 0)] * mine
+    comm.allreduce_(target_logit)
+    xp.exp(logits, out=logits)
+    s = logits.sum(axis=1)
+    comm.allreduce_(s)
+    loss = float((xp.log(s) - target_logit).astype(xp.float64).mean())
+    xp.reciprocal(s, out=s)
+    logits *= s[:, None]
+    return loss, (logits, local, mine)
+
+
+def vocab_parallel_cross_entropy_backward(cache, scale: float = 1.0):
+    """d(scale * mean loss)/d logits = scale * (p - onehot) / N on this rank's columns, written over the cache."""
+    xp = array_module(cache[0])
+    probs, local, mine = cache
+    N = probs.shape[0]
+    rows = xp.arange(N)[mine]
+    probs[rows, local[mine]] -= 1.0
+    probs *= scale / N
+    return probs

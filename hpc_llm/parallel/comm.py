@@ -1,0 +1,152 @@
+"""The only place MPI is called. Every collective is a named method that records its bytes and seconds in a ledger.
+
+`Comm` wraps one mpi4py communicator (the world, or a tensor- or data-parallel group made by `grid.py`). Buffers are
+NumPy arrays passed straight to mpi4py (no pickling); a CuPy array is staged through host memory until the GPU issue
+adds CUDA-aware passthrough. A size-1 communicator skips MPI entirely, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from hpc_llm.backend import array_module
+
+
+class Ledger:
+    """Bytes and seconds per collective kind since the last `reset()` (one training step, in the trainer)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes = defaultdict(int)
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+
+    def add(self, kind: str, nbytes: int, seconds: float) -> None:
+        self.bytes[kind] += nbytes
+        self.seconds[kind] += seconds
+        self.calls[kind] += 1
+
+    def summary(self) -> dict:
+        return {k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]} for k in self.bytes}
+
+
+class Handle:
+    """A nonblocking collective in flight; `wait()` completes it (and records the time spent waiting)."""
+
+    def __init__(self, comm: "Comm", kind: str, request, nbytes: int, finish=None):
+        self.comm, self.kind, self.request, self.nbytes, self.finish = comm, kind, request, nbytes, finish
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        if self.request is not None:
+            self.request.Wait()
+        if self.finish is not None:
+            self.finish()
+        self.comm.ledger.add(self.kind, self.nbytes, time.perf_counter() - t0)
+
+
+def _host(x):
+    """The NumPy view (or host copy) of a buffer for MPI."""
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+class Comm:
+    def __init__(self, mpi_comm=None, ledger: Ledger | None = None, name: str = "world"):
+        self.mpi = mpi_comm
+        self.rank = 0 if mpi_comm is None else mpi_comm.Get_rank()
+        self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.name = name
+
+    def _op(self, op: str):
+        from mpi4py import MPI
+
+        return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+
+    def _timed(self, kind: str, nbytes: int, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.ledger.add(f"{self.name}.{kind}", nbytes, time.perf_counter() - t0)
+
+    # -- collectives on arrays, in place ------------------------------------------------------------------------------
+
+    def allreduce_(self, buf, op: str = "sum"):
+        """buf <- reduction of buf over the group, in place."""
+        if self.size == 1:
+            return buf
+        from mpi4py import MPI
+
+        host = _host(buf)
+        self._timed("allreduce", host.nbytes, lambda: self.mpi.Allreduce(MPI.IN_PLACE, host, op=self._op(op)))
+        if host is not buf:
+            buf[...] = array_module(buf).asarray(host)
+        return buf
+
+    def iallreduce_(self, buf) -> Handle:
+        """Start a sum-allreduce of buf in place; the returned handle's wait() completes it."""
+        if self.size == 1:
+            return Handle(self, f"{self.name}.allreduce", None, 0)
+        from mpi4py import MPI
+
+        host = _host(buf)
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+        finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        return Handle(self, f"{self.name}.allreduce", req, host.nbytes, finish)
+
+    def ireduce_scatter_(self, buf, counts: list[int]) -> Handle:
+        """Start a sum-reduce-scatter of buf in place: rank r's reduced piece lands in buf at its own offset
+        (sum(counts[:r]), length counts[r]); the rest of buf is left as it was."""
+        if self.size == 1:
+            return Handle(self, f"{self.name}.reduce_scatter", None, 0)
+        from mpi4py import MPI
+
+        host = _host(buf)
+        offset = sum(counts[:self.rank])
+        recv = np.empty(counts[self.rank], dtype=host.dtype)
+        req = self.mpi.Ireduce_scatter(host, recv, counts, op=MPI.SUM)
+
+        def finish():
+            piece = buf[offset:offset + counts[self.rank]]
+            piece[...] = recv if host is buf else array_module(buf).asarray(recv)
+
+        return Handle(self, f"{self.name}.reduce_scatter", req, host.nbytes, finish)
+
+    def allgather_(self, buf, counts: list[int]) -> None:
+        """buf holds each rank's piece at its offset (sum(counts[:r]), counts[r]); afterwards every rank has all."""
+        if self.size == 1:
+            return
+        from mpi4py import MPI
+
+        host = _host(buf)
+        displs = [sum(counts[:r]) for r in range(self.size)]
+        self._timed("allgather", host.nbytes, lambda: self.mpi.Allgatherv(MPI.IN_PLACE, [host, (counts, displs)]))
+        if host is not buf:
+            buf[...] = array_module(buf).asarray(host)
+
+    def bcast_(self, buf, root: int = 0):
+        if self.size == 1:
+            return buf
+        host = _host(buf)
+        self._timed("bcast", host.nbytes, lambda: self.mpi.Bcast(host, root=root))
+        if host is not buf:
+            buf[...] = array_module(buf).asarray(host)
+        return buf
+
+    # -- small agreements (principle 8: all ranks agree before they act) ----------------------------------------------
+
+    def allreduce_scalar(self, value: float, op: str = "sum") -> float:
+        if self.size == 1:
+            return value
+        return self.mpi.allreduce(value, op=self._op(op))
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.allreduce_scalar(int(bool(flag)), "max"))
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.mpi.Barrier()
