@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def _import_gpt2(args) -> None:
     print(f"wrote {path}")
 
 
+def _world_rank() -> int:
+    """This process's rank under mpiexec/srun (from the launcher's environment, before MPI is initialised)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpc-llm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO if _world_rank() == 0 else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout)
     try:
         args.func(args)
     except UserError as e:

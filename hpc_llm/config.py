@@ -60,6 +60,13 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size; data-parallel size = number of ranks / tp
+    zero: int = 0  # 1: ZeRO-1, Adam moments sharded over the data-parallel group
+    bucket_mb: float = 25.0  # data-parallel gradient bucket size (MiB)
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 3
@@ -70,6 +77,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
@@ -161,7 +169,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    m, t, c = cfg.model, cfg.train, cfg.checkpoint
+    m, t, c, par = cfg.model, cfg.train, cfg.checkpoint, cfg.parallel
 
     def need(ok: bool, where: str, expected: str, value) -> None:
         if not ok:
@@ -189,5 +197,8 @@ def validate(cfg: Config) -> None:
     need(t.backend in ("numpy", "cupy"), "train.backend", '"numpy" or "cupy"', t.backend)
     need(t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops)
     need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+    need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)
+    need(par.zero in (0, 1), "parallel.zero", "0 or 1", par.zero)
+    need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
     need(c.interval >= 0, "checkpoint.interval", "a non-negative integer (0: only at the end)", c.interval)
     need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)

@@ -25,9 +25,12 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)
 
 
-def sum_of_squares(g) -> float:
-    """Sum of squares of a flat gradient (one BLAS dot). The global norm is the root of its sum over the grid."""
-    return float(g @ g)
+def global_grad_norm(grads, ranges, comm) -> float:
+    """sqrt of the sum of g^2 over `ranges` of the flat gradient, summed over `comm`. The caller picks ranges so
+    that every gradient element of the whole model is counted exactly once over the group (a ZeRO shard, or one
+    TP rank's copy of a replicated tensor); the result is identical on every rank."""
+    local = sum(float(grads[a:b] @ grads[a:b]) for a, b in ranges)
+    return math.sqrt(comm.allreduce_scalar(local))
 
 
 def _segments(start: int, stop: int, decay_ranges, chunk: int):
@@ -47,21 +50,44 @@ def _segments(start: int, stop: int, decay_ranges, chunk: int):
 class AdamW:
     """Decoupled weight decay (PyTorch's AdamW): p *= 1 - lr*wd on 2-D weights, then the Adam step.
 
-    `params` and `grads` are flat buffers (or the slice of them this rank owns, later with ZeRO-1); `decay_ranges`
-    are [start, stop) offsets into that same slice.
+    `params` and `grads` are the flat buffers; `owned` the [start, stop) ranges of them this rank updates (all of it,
+    or its ZeRO-1 shard); the moments m and v hold just those ranges, back to back. `decay_ranges` are offsets into
+    the flat buffers.
     """
 
-    def __init__(self, params, grads, decay_ranges, t: TrainConfig, chunk: int = CHUNK):
+    def __init__(self, params, grads, decay_ranges, t: TrainConfig, owned=None, chunk: int = CHUNK):
         xp = array_module(params)
         self.p, self.g = params, grads
-        self.m = xp.zeros_like(params)
-        self.v = xp.zeros_like(params)
+        self.owned = list(owned) if owned is not None else [(0, params.size)]
+        self.size = sum(b - a for a, b in self.owned)
+        self.m = xp.zeros(self.size, dtype=params.dtype)
+        self.v = xp.zeros(self.size, dtype=params.dtype)
         self.t = 0  # steps taken (Adam's bias-correction counter)
         self.cfg = t
-        self.segments = _segments(0, params.size, decay_ranges, chunk)
-        n = min(chunk, params.size)
+        self.segments = []  # (flat start, flat stop, moment offset, decayed)
+        base = 0
+        for a, b in self.owned:
+            self.segments += [(sa, sb, base + sa - a, dec) for sa, sb, dec in _segments(a, b, decay_ranges, chunk)]
+            base += b - a
+        n = max(1, min(chunk, params.size))
         self._tmp = xp.empty(n, dtype=params.dtype)
         self._tmp2 = xp.empty(n, dtype=params.dtype)
+
+    def moments_flat(self, slot: str):
+        """m or v laid out like the flat parameter buffer (zeros outside the owned ranges)."""
+        xp = array_module(self.p)
+        out = xp.zeros_like(self.p)
+        base = 0
+        for a, b in self.owned:
+            out[a:b] = getattr(self, slot)[base:base + b - a]
+            base += b - a
+        return out
+
+    def load_moments_flat(self, slot: str, flat) -> None:
+        base = 0
+        for a, b in self.owned:
+            getattr(self, slot)[base:base + b - a] = flat[a:b]
+            base += b - a
 
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         """One update with gradients multiplied by grad_scale (the clipping factor, folded in to save a pass)."""
@@ -75,10 +101,10 @@ class AdamW:
         inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
         keep = 1.0 - lr * c.weight_decay
         p, g, m, v = self.p, self.g, self.m, self.v
-        for a, b, decayed in self.segments:
+        for a, b, o, decayed in self.segments:
             n = b - a
             gs, tmp = self._tmp[:n], self._tmp2[:n]
-            pc, mc, vc = p[a:b], m[a:b], v[a:b]
+            pc, mc, vc = p[a:b], m[o:o + n], v[o:o + n]
             xp.multiply(g[a:b], grad_scale, out=gs)
             if decayed:
                 pc *= keep

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,9 @@ from hpc_llm.config import Config, config_from_dict
 from hpc_llm.data import TokenData, check_split_size, get_batch
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
-from hpc_llm.optim import AdamW, lr_at, sum_of_squares
+from hpc_llm.optim import AdamW, global_grad_norm, lr_at
+from hpc_llm.parallel.data_parallel import GradientSync
+from hpc_llm.parallel.grid import Grid, check_layout, make_grid, single_process_grid
 
 log = logging.getLogger("hpc_llm")
 
@@ -34,8 +37,8 @@ TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2  # sampler streams: traini
 class Metrics:
     """The run's history, kept in memory, appended to metrics.jsonl and stored in every checkpoint."""
 
-    train: dict = field(default_factory=lambda: {k: [] for k in
-                                                  ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")})
+    train: dict = field(default_factory=lambda: {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s",
+                                                                   "mfu", "comm_seconds", "comm_bytes")})
     eval: dict = field(default_factory=lambda: {k: [] for k in ("step", "train_loss", "val_loss")})
 
     def add(self, table: str, row: dict) -> None:
@@ -56,12 +59,45 @@ def resolve_vocab(cfg: Config, data: TokenData) -> None:
                         f"({data.vocab_size}, from {data.path}/meta.json)")
 
 
+def world_grid(tp: int) -> Grid:
+    """The grid over MPI.COMM_WORLD (a single process without mpiexec never calls MPI)."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() == 1 and tp == 1:
+        return single_process_grid()
+    return make_grid(MPI.COMM_WORLD, tp)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, grid: Grid | None = None):
         self.cfg = cfg
-        t = cfg.train
+        t, par = cfg.train, cfg.parallel
+        self.grid = grid if grid is not None else world_grid(par.tp)
+        world = self.grid.world
+        self.is_root = world.rank == 0
         self.xp = get_backend(t.backend)
         keep_freed_memory()
+        saved = world.agree(lambda: self._load_inputs(resume))
+        dp = self.grid.dp
+        self.rows = slice(self.grid.dp_rank * (t.batch_size // dp), (self.grid.dp_rank + 1) * (t.batch_size // dp))
+        self.out_dir = Path(t.out_dir)
+
+        self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm)
+        bucket_elems = int(par.bucket_mb * 2**20) // self.model.dtype.itemsize
+        self.sync = GradientSync(self.model.grad_flat, self.grid.dp_comm, bucket_elems, zero=par.zero == 1)
+        self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t, owned=self.sync.owned)
+        self.norm_ranges, self.norm_comm = self._norm_ranges()
+        self.rng = self._dropout_rng(0)
+        self.step = 0
+        self.metrics = Metrics()
+        if saved is not None:
+            self._restore(saved)
+        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+        self.peak_flops = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
+
+    def _load_inputs(self, resume: str | None):
+        """Everything that can fail on bad input, checked before any compute (on every rank, agreed)."""
+        cfg, t, par = self.cfg, self.cfg.train, self.cfg.parallel
         self.data = TokenData(cfg.data.path)
         self.train_tokens = self.data.split("train")
         self.val_tokens = self.data.split("val")
@@ -70,21 +106,40 @@ class Trainer:
         if saved is not None:
             self._check_compatible(saved)
         resolve_vocab(cfg, self.data)
+        check_layout(self.grid.world.size, par.tp, cfg.model.n_head, cfg.model.padded_vocab)
+        if t.batch_size % self.grid.dp:
+            raise UserError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                            f"{self.grid.dp} (= {self.grid.world.size} ranks / parallel.tp={par.tp})")
         check_split_size(self.train_tokens, cfg.model.block_size, "train")
         if t.eval_iters > 0:
             check_split_size(self.val_tokens, cfg.model.block_size, "val")
-        self.out_dir = Path(t.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_root:
+            Path(t.out_dir).mkdir(parents=True, exist_ok=True)
+        return saved
 
-        self.model = GPT(cfg.model, self.xp, seed=t.seed)
-        self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t)
-        self.rng = np.random.Generator(np.random.PCG64([t.seed, 0xD80])) # dropout masks
-        self.step = 0
-        self.metrics = Metrics()
-        if saved is not None:
-            self._restore(saved)
-        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-        self.peak_flops = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
+    def _norm_ranges(self):
+        """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
+        element of the whole model counted once (a replicated tensor on TP rank 0 only; ZeRO: this rank's shard)."""
+        replicated = self.model.replicated_ranges()
+        keep = []
+        for a, b in self.sync.owned:
+            cuts = [(max(a, ra), min(b, rb)) for ra, rb in replicated if max(a, ra) < min(b, rb)]
+            if self.grid.tp_rank == 0:
+                keep.append((a, b))
+                continue
+            pos = a
+            for ca, cb in cuts:  # the owned range minus the replicated tensors
+                if pos < ca:
+                    keep.append((pos, ca))
+                pos = cb
+            if pos < b:
+                keep.append((pos, b))
+        comm = self.grid.world if self.sync.zero else self.grid.tp_comm
+        return keep, comm
+
+    def _dropout_rng(self, step: int):
+        """Each DP rank draws masks for its own rows; the ranks of a TP group draw the same masks."""
+        return np.random.Generator(np.random.PCG64([self.cfg.train.seed, 0xD80, self.grid.dp_rank, step]))
 
     # -- resume ---------------------------------------------------------------------------------------------------------
 
@@ -111,13 +166,18 @@ class Trainer:
 
     def _restore(self, saved: ckpt.Checkpoint) -> None:
         self.model.load_state(saved.params)
-        for slot, flat in (("m", self.opt.m), ("v", self.opt.v)):
-            for s in self.model.specs:
-                flat[s.offset:s.offset + s.size] = to_device(saved.optimizer[slot][s.name].reshape(-1), self.xp)
+        for slot in ("m", "v"):
+            flat = self.xp.zeros_like(self.model.flat)
+            self.model.load_flat(flat, saved.optimizer[slot], f"optimizer {slot}")
+            self.opt.load_moments_flat(slot, flat)
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]
-        self.rng.bit_generator.state = st["rng"]
+        rngs = st["rng"] if isinstance(st["rng"], list) else [st["rng"]]
+        if len(rngs) == self.grid.dp:
+            self.rng.bit_generator.state = rngs[self.grid.dp_rank]
+        else:  # another data-parallel layout: fresh, deterministic streams from here on
+            self.rng = self._dropout_rng(self.step)
         for table in ("train", "eval"):
             for k, v in saved.metrics.get(table, {}).items():
                 getattr(self.metrics, table)[k] = list(np.asarray(v).tolist())
@@ -126,24 +186,35 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------------
 
     def batch(self, tokens, step: int, micro: int, stream: int):
+        """This data-parallel rank's rows of the global micro-batch (step, micro)."""
         c = self.cfg
-        x, y = get_batch(tokens, c.model.block_size, c.train.batch_size, c.train.seed, step, micro, stream)
+        x, y = get_batch(tokens, c.model.block_size, c.train.batch_size, c.train.seed, step, micro, stream,
+                         rows=self.rows)
         return to_device(x, self.xp), to_device(y, self.xp)
 
     def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm before clipping, lr)."""
-        t = self.cfg.train
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm before clipping, lr),
+        both global (the same on every rank)."""
+        t, dp = self.cfg.train, self.grid.dp
         lr = lr_at(self.step, t)
         loss = 0.0
         for micro in range(t.grad_accum):
+            last = micro == t.grad_accum - 1
             x, y = self.batch(self.train_tokens, self.step, micro, TRAIN_STREAM)
             loss += self.model.forward(x, y, rng=self.rng, keep_cache=True) / t.grad_accum
-            self.model.backward(loss_scale=1.0 / t.grad_accum, accumulate=micro > 0)
-        norm = math.sqrt(sum_of_squares(self.model.grad_flat))
+            if last:
+                self.sync.start()
+            # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
+            self.model.backward(loss_scale=1.0 / (t.grad_accum * dp), accumulate=micro > 0,
+                                grad_ready=self.sync.grad_ready if last else None)
+        self.sync.finish()
+        loss = self.grid.dp_comm.allreduce_scalar(loss) / dp
+        norm = global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm)
         if not math.isfinite(loss) or not math.isfinite(norm):
             raise FloatingPointError(f"step {self.step}: loss {loss}, grad norm {norm} (lower train.lr?)")
         scale = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
         self.opt.step(lr, grad_scale=scale)
+        self.sync.gather(self.model.flat)
         self.step += 1
         return loss, norm, lr
 
@@ -154,23 +225,34 @@ class Trainer:
         for name, tokens, stream in (("val_loss", self.val_tokens, VAL_STREAM),
                                      ("train_loss", self.train_tokens, TRAIN_EVAL_STREAM)):
             losses = [self.model.forward(*self.batch(tokens, i, 0, stream)) for i in range(t.eval_iters)]
-            out[name] = float(np.mean(losses))
+            out[name] = self.grid.dp_comm.allreduce_scalar(float(np.mean(losses))) / self.grid.dp
         return out
 
     def save(self) -> Path:
+        """Gather the full (logical) tensors and write one checkpoint file from rank 0; all ranks agree it worked."""
         m = self.model
+        params = m.full_tensors(m.flat)
+        optimizer = {}
+        for slot in ("m", "v"):
+            flat = self.opt.moments_flat(slot)
+            self.sync.gather(flat)
+            optimizer[slot] = m.full_tensors(flat)
+        rngs = self.grid.dp_comm.gather_objects(self.rng.bit_generator.state)
         path = ckpt.checkpoint_path(self.out_dir, self.step)
-        params = {s.name: to_host(m.params[s.name]) for s in m.specs}
-        optimizer = {slot: {s.name: to_host(flat[s.offset:s.offset + s.size].reshape(s.shape)) for s in m.specs}
-                     for slot, flat in (("m", self.opt.m), ("v", self.opt.v))}
         state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
-                 "rng": self.rng.bit_generator.state, "tokenizer": self.data.tokenizer.meta(),
-                 "data_path": str(self.data.path)}
+                 "rng": rngs, "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
+                 "layout": {"world": self.grid.world.size, "dp": self.grid.dp, "tp": self.grid.tp,
+                            "zero": self.cfg.parallel.zero}}
         t0 = time.perf_counter()
-        ckpt.save_checkpoint(path, params=params, optimizer=optimizer, state=state, config=self.cfg.to_dict(),
-                             metrics=self.metrics.as_dict())
-        ckpt.write_latest(self.out_dir, path)
-        ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
+
+        def write():
+            if self.is_root:
+                ckpt.save_checkpoint(path, params=params, optimizer=optimizer, state=state,
+                                     config=self.cfg.to_dict(), metrics=self.metrics.as_dict())
+                ckpt.write_latest(self.out_dir, path)
+                ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
+
+        self.grid.world.agree(write)
         log.info("checkpoint %s (%.2f s)", path, time.perf_counter() - t0)
         return path
 
@@ -182,7 +264,10 @@ class Trainer:
                  cfg.model.padded_vocab, m.num_params / 1e6, cfg.model.dtype, t.backend)
         log.info("batch: %d sequences x %d micro-batches x %d tokens = %d tokens/step; MFU peak %.1f GFLOP/s",
                  t.batch_size, t.grad_accum, cfg.model.block_size, self.tokens_per_step, self.peak_flops / 1e9)
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d)", self.grid.describe(),
+                 "on" if self.sync.zero else "off", cfg.parallel.bucket_mb, len(self.sync.buckets))
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
+        ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step
         last = {}
         try:
@@ -190,20 +275,26 @@ class Trainer:
             while self.step < t.max_iters:
                 if t.eval_iters > 0 and self.step % t.eval_interval == 0:
                     last = self._eval_and_log(metrics_file)
+                ledger.reset()
                 t0 = time.perf_counter()
                 loss, norm, lr = self.train_step()
                 dt = time.perf_counter() - t0
+                comm = ledger.summary()
                 window_t += dt
                 window_steps += 1
                 row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                       "tokens_per_s": self.tokens_per_step / dt, "mfu": flops_per_step / dt / self.peak_flops}
+                       "tokens_per_s": self.tokens_per_step / dt, "mfu": flops_per_step / dt / self.peak_flops,
+                       "comm_seconds": sum(c["seconds"] for c in comm.values()),
+                       "comm_bytes": sum(c["bytes"] for c in comm.values())}
                 self.metrics.add("train", row)
                 if self.step % t.log_interval == 0 or self.step == t.max_iters:
                     tps = self.tokens_per_step * window_steps / window_t
                     mfu = flops_per_step * window_steps / window_t / self.peak_flops
                     log.info("step %6d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %.1f%% | "
-                             "%.0f ms/step", self.step, loss, lr, norm, tps, 100 * mfu, 1000 * window_t / window_steps)
-                    metrics_file.write(json.dumps({"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu}) + "\n")
+                             "%.0f ms/step%s", self.step, loss, lr, norm, tps, 100 * mfu, 1000 * window_t / window_steps,
+                             "" if self.grid.world.size == 1 else f" | comm {1000 * row['comm_seconds']:.0f} ms")
+                    metrics_file.write(json.dumps({"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu,
+                                                   "comm": comm}) + "\n")
                     metrics_file.flush()
                     window_t, window_steps = 0.0, 0
                 interval = self.cfg.checkpoint.interval

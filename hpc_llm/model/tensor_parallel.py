@@ -128,7 +128,7 @@ def vocab_parallel_cross_entropy_forward(logits, targets, vocab_size: int, v0: i
     local = targets - v0
     mine = (local >= 0) & (local < Vl)
     rows = xp.arange(N)
-    target_logit = logits[rows, xp.where(mine, local, 0)] * mine
+    target_logit = xp.where(mine, logits[rows, xp.where(mine, local, 0)], 0.0)  # not `* mine`: -inf * 0 is nan
     comm.allreduce_(target_logit)
     xp.exp(logits, out=logits)
     s = logits.sum(axis=1)

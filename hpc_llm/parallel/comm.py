@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.errors import UserError
 
 
 class Ledger:
@@ -146,6 +147,26 @@ class Comm:
 
     def any(self, flag: bool) -> bool:
         return bool(self.allreduce_scalar(int(bool(flag)), "max"))
+
+    def agree(self, fn):
+        """Run fn() on every rank; if it raises UserError on any rank, raise it on all of them (the lowest failing
+        rank's message), so no rank goes on into a collective the others never reach. fn must not communicate."""
+        error, result = None, None
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+        if self.size > 1:
+            error = next((e for e in self.mpi.allgather(error) if e), None)
+        if error:
+            raise UserError(error)
+        return result
+
+    def gather_objects(self, obj, root: int = 0) -> list | None:
+        """Small Python objects (e.g. RNG states) from every rank, as a list on root."""
+        if self.size == 1:
+            return [obj]
+        return self.mpi.gather(obj, root=root)
 
     def barrier(self) -> None:
         if self.size > 1:
