@@ -42,6 +42,10 @@ class Handle:
     def __init__(self, comm: "Comm", kind: str, request, nbytes: int, finish=None):
         self.comm, self.kind, self.request, self.nbytes, self.finish = comm, kind, request, nbytes, finish
 
+    def test(self) -> bool:
+        """Let MPI progress the collective (most MPI libraries move data only inside MPI calls); True when done."""
+        return self.request is None or self.request.Test()
+
     def wait(self) -> None:
         t0 = time.perf_counter()
         if self.request is not None:

@@ -53,6 +53,8 @@ class GradientSync:
             else:
                 self._handles.append(self.comm.iallreduce_(self.g[a:b]))
             self._launched += 1
+        for h in self._handles:  # progress the ones in flight while backward goes on
+            h.test()
 
     def finish(self) -> None:
         """Start what is left and wait for everything: the owned gradients are then reduced."""
