@@ -1,8 +1,9 @@
 """The training loop: micro-batches, gradient accumulation, clipping, AdamW, eval, logging, checkpoints, resume.
 
-Data flows one way: tokens -> model.forward -> loss -> model.backward -> (collectives, later) -> optimizer ->
-checkpoint. Everything a resumed run needs to continue bit for bit is in the checkpoint: parameters, Adam moments and
-step counter, the step (batches are a pure function of it), and the dropout RNG state.
+Data flows one way: tokens -> model.forward -> loss -> model.backward (tensor-parallel collectives inside, gradient
+buckets reduced over the data-parallel group as they complete) -> optimizer (ZeRO-1: on this rank's shard, then an
+allgather) -> checkpoint. Everything a resumed run needs to continue bit for bit is in the checkpoint: parameters, Adam
+moments and step counter, the step (batches are a pure function of it), and each data-parallel rank's dropout RNG.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm import checkpoint as ckpt
-from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
+from hpc_llm.backend import get_backend, keep_freed_memory, to_device
 from hpc_llm.bench import matmul_peak_flops
 from hpc_llm.config import Config, config_from_dict
 from hpc_llm.data import TokenData, check_split_size, get_batch
