@@ -1,4 +1,4 @@
-"""`hpc-llm prepare | train | generate | import-gpt2` (also `python -m hpc_llm`).
+"""`hpc-llm prepare | train | generate | import-gpt2 | bench comm` (also `python -m hpc_llm`).
 
 User errors (UserError) print one line, `hpc-llm: error: ...`, and exit 2; anything else is a bug and keeps its
 traceback.
@@ -66,6 +66,12 @@ def _import_gpt2(args) -> None:
     print(f"wrote {path}")
 
 
+def _bench_comm(args) -> None:
+    from hpc_llm.bench_comm import run_from_args
+
+    run_from_args(args)
+
+
 def _world_rank() -> int:
     """This process's rank under mpiexec/srun (from the launcher's environment, before MPI is initialised)."""
     for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
@@ -109,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir", help="directory with config.json and model.safetensors")
     s.add_argument("--out", required=True, help="checkpoint file to write (.h5)")
     s.set_defaults(func=_import_gpt2)
+
+    s = sub.add_parser("bench", help="benchmarks (run under mpiexec): comm")
+    bench = s.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("comm", help="collectives through our Comm wrappers: time, algbw, busbw, vs plain mpi4py")
+    from hpc_llm.bench_comm import add_arguments as add_bench_comm_arguments
+
+    add_bench_comm_arguments(b)
+    b.set_defaults(func=_bench_comm)
     return p
 
 

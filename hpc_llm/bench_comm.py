@@ -1,0 +1,321 @@
+"""Collective benchmark: our `Comm` wrappers swept over message sizes, reported as nccl-tests reports them.
+
+    mpiexec -n 2 hpc-llm bench comm                                  # world, 1 KiB .. 256 MiB in steps of 4x
+    mpiexec -n 4 hpc-llm bench comm --tp 2 --comms world,tp,dp --sizes 1K..16M --json bench.json
+
+What is measured: for each communicator (the world, or the tp / dp groups of a grid made by `make_grid`), each
+collective and each size S (bytes of float32), K timed iterations after a warm-up:
+
+    allreduce       Comm.allreduce_(buf)                   plain: comm.Allreduce(MPI.IN_PLACE, buf)
+    iallreduce      Comm.iallreduce_(buf).wait()           plain: comm.Iallreduce(MPI.IN_PLACE, buf).Wait()
+    allgather       Comm.allgather_(buf, counts)           plain: comm.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)])
+    reduce_scatter  Comm.ireduce_scatter_(buf, counts)     plain: comm.Ireduce_scatter(buf, recv, counts).Wait()
+                    .wait()
+
+`buf` is the full S-byte buffer in every case; for allgather and reduce-scatter each rank's piece is S/n, so S is the
+total size as nccl-tests counts it (`count per rank * sizeof(float) * n`). Comm has no blocking reduce-scatter, so
+reduce-scatter is its nonblocking form, started and waited at once.
+
+Timing: a barrier over the world before each timed iteration, each rank times its own call, the iteration's time is
+the max over all world ranks (all groups of a kind run at once, as in training), and the reported time is the median
+over the K iterations. Our call and the plain mpi4py call alternate iteration by iteration on the same buffer, so drift
+in the machine's load hits both alike. Bandwidths follow nccl-tests (doc/PERFORMANCE.md), in GB/s = 1e9 B/s:
+
+    algbw = S / t
+    busbw = algbw * 2(n-1)/n   (allreduce)         busbw = algbw * (n-1)/n   (allgather, reduce-scatter)
+
+This module calls mpi4py directly only for the plain baseline (and to reach COMM_WORLD); everything else, barriers and
+the max over ranks included, goes through `Comm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpc_llm.errors import UserError
+
+COLLECTIVES = ("allreduce", "iallreduce", "allgather", "reduce_scatter")
+COMMS = ("world", "tp", "dp")
+FLOOR_BYTES = 64 << 20  # the size at which the wrapper is held to the plain call (within FLOOR_TOLERANCE)
+FLOOR_TOLERANCE = 1.05
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+# -- arithmetic (nccl-tests' definitions) ------------------------------------------------------------------------------
+
+def bus_factor(collective: str, n: int) -> float:
+    """busbw / algbw for a collective over n ranks (nccl-tests' PERFORMANCE.md)."""
+    if collective in ("allreduce", "iallreduce"):
+        return 2.0 * (n - 1) / n
+    if collective in ("allgather", "reduce_scatter"):
+        return (n - 1) / n
+    raise ValueError(f"unknown collective {collective!r}")
+
+
+def bandwidths(nbytes: int, seconds: float, collective: str, n: int) -> tuple[float, float]:
+    """(algbw, busbw) in GB/s (1e9 bytes/s) for `nbytes` (the full buffer; per-rank size * n for allgather and
+    reduce-scatter) moved in `seconds`."""
+    algbw = nbytes / seconds / 1e9
+    return algbw, algbw * bus_factor(collective, n)
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '64M' -> 67108864, '4096' -> 4096 (binary units: K = KiB)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", text.upper())
+    if not m:
+        raise UserError(f"--sizes: cannot read {text!r} as a size (e.g. 4096, 1K, 64M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_sizes(spec: str, factor: int = 4) -> list[int]:
+    """'1K..256M' -> 1K, 1K*factor, ... up to 256M; '1K,64M' -> exactly those. Sizes are bytes of float32."""
+    if factor < 2:
+        raise UserError(f"--factor: expected an integer >= 2, got {factor}")
+    if ".." in spec:
+        lo, hi = (parse_size(s) for s in spec.split("..", 1))
+        if lo > hi:
+            raise UserError(f"--sizes: {spec!r} runs backwards")
+        sizes, s = [], lo
+        while s <= hi:
+            sizes.append(s)
+            s *= factor
+    else:
+        sizes = [parse_size(s) for s in spec.split(",") if s.strip()]
+    if not sizes:
+        raise UserError(f"--sizes: {spec!r} names no size")
+    for s in sizes:
+        if s < 4 or s % 4:
+            raise UserError(f"--sizes: {s} bytes is not a whole number of float32 values")
+    return sizes
+
+
+def human(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+# -- measurement -------------------------------------------------------------------------------------------------------
+
+def _calls(comm, collective: str, buf: np.ndarray, counts: list[int]):
+    """(ours, plain): two zero-argument callables doing the collective through Comm and through bare mpi4py."""
+    from mpi4py import MPI
+
+    raw = comm.mpi
+    if collective == "allreduce":
+        return (lambda: comm.allreduce_(buf),
+                lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+    if collective == "iallreduce":
+        return (lambda: comm.iallreduce_(buf).wait(),
+                lambda: raw.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM).Wait())
+    displs = [int(d) for d in np.concatenate([[0], np.cumsum(counts)[:-1]])]
+    if collective == "allgather":
+        return (lambda: comm.allgather_(buf, counts),
+                lambda: raw.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)]))
+    if collective == "reduce_scatter":
+        recv = np.empty(counts[comm.rank], dtype=buf.dtype)
+        return (lambda: comm.ireduce_scatter_(buf, counts).wait(),
+                lambda: raw.Ireduce_scatter(buf, recv, counts, op=MPI.SUM).Wait())
+    raise ValueError(f"unknown collective {collective!r}")
+
+
+def time_pair(world, ours, plain, iters: int, warmup: int) -> np.ndarray:
+    """(2, iters) seconds: row 0 ours, row 1 plain; each iteration's time is the max over the world's ranks.
+
+    Every timed call follows a world barrier; ours and plain alternate, iteration by iteration."""
+    for _ in range(warmup):
+        ours()
+        plain()
+    t = np.zeros((2, iters))
+    for i in range(iters):
+        for j, fn in enumerate((ours, plain)):
+            world.barrier()
+            t0 = time.perf_counter()
+            fn()
+            t[j, i] = time.perf_counter() - t0
+    world.allreduce_(t, op="max")  # through our wrapper; outside the timed region
+    return t
+
+
+def measure(world, comm, collective: str, nbytes: int, iters: int, warmup: int) -> dict | None:
+    """One row: `collective` on `comm` with an nbytes float32 buffer (None where a rank's piece would be empty)."""
+    n = comm.size
+    count = nbytes // 4
+    if collective in ("allgather", "reduce_scatter"):
+        per_rank = count // n
+        if per_rank == 0:
+            return None
+        counts = [per_rank] * n
+        count = per_rank * n  # what nccl-tests does too: the total is per-rank count * n
+    else:
+        counts = []
+    buf = np.empty(count, dtype=np.float32)
+    buf.fill(0.0)  # touch every page before timing; zeros stay finite under repeated sums
+    ours, plain = _calls(comm, collective, buf, counts)
+    t = time_pair(world, ours, plain, iters, warmup)
+    med, med_plain = float(np.median(t[0])), float(np.median(t[1]))
+    size = count * 4
+    algbw, busbw = bandwidths(size, med, collective, n)
+    palgbw, pbusbw = bandwidths(size, med_plain, collective, n)
+    return {"comm": comm.name, "n": n, "groups": world.size // n, "collective": collective, "bytes": size,
+            "count": count, "time_us": med * 1e6, "algbw": algbw, "busbw": busbw,
+            "plain_time_us": med_plain * 1e6, "plain_algbw": palgbw, "plain_busbw": pbusbw,
+            "ratio": med / med_plain, "iters": iters, "time_us_all": [x * 1e6 for x in t[0]],
+            "plain_time_us_all": [x * 1e6 for x in t[1]]}
+
+
+# -- the run -----------------------------------------------------------------------------------------------------------
+
+_PLAIN = {"allreduce": "Allreduce(IN_PLACE)", "iallreduce": "Iallreduce(IN_PLACE).Wait()",
+          "allgather": "Allgatherv(IN_PLACE)", "reduce_scatter": "Ireduce_scatter().Wait()"}
+_OURS = {"allreduce": "Comm.allreduce_", "iallreduce": "Comm.iallreduce_ + wait",
+         "allgather": "Comm.allgather_", "reduce_scatter": "Comm.ireduce_scatter_ + wait"}
+_HEAD = (f"{'size':>10} {'bytes':>11} {'count':>10} {'time(us)':>11} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11}"
+         f" {'plain(us)':>11} {'plain busbw':>11} {'ours/plain':>10}")
+
+
+def _row_line(r: dict) -> str:
+    return (f"{human(r['bytes']):>10} {r['bytes']:>11} {r['count']:>10} {r['time_us']:>11.1f} {r['algbw']:>11.3f}"
+            f" {r['busbw']:>11.3f} {r['plain_time_us']:>11.1f} {r['plain_busbw']:>11.3f} {r['ratio']:>10.3f}")
+
+
+def environment(world_size: int) -> dict:
+    from mpi4py import MPI
+    import mpi4py
+
+    cores = os.cpu_count() or 1
+    return {"host": platform.node(), "cores": cores, "world_size": world_size,
+            "oversubscribed": world_size > cores, "mpi": MPI.Get_library_version().strip().splitlines()[0],
+            "mpi4py": mpi4py.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, comms=("world",), tp: int = 1,
+        collectives=COLLECTIVES, json_path: str | None = None, out=None) -> dict:
+    """Run the sweep on every rank of `mpi_comm` (default COMM_WORLD); rank 0 prints and writes --json.
+
+    Returns {"env": ..., "rows": [...], "skipped": [...], "floor": ...} on every rank (the same rows everywhere:
+    the per-iteration times are max-reduced over the world)."""
+    from hpc_llm.parallel.grid import make_grid
+
+    if mpi_comm is None:
+        from mpi4py import MPI
+
+        mpi_comm = MPI.COMM_WORLD
+    if iters < 1 or warmup < 0:
+        raise UserError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
+    bad = [c for c in comms if c not in COMMS]
+    if bad:
+        raise UserError(f"--comms: unknown communicator(s) {', '.join(bad)}; choose from {', '.join(COMMS)}")
+    bad = [c for c in collectives if c not in COLLECTIVES]
+    if bad:
+        raise UserError(f"--collectives: unknown {', '.join(bad)}; choose from {', '.join(COLLECTIVES)}")
+    size = mpi_comm.Get_size()
+    rank0 = mpi_comm.Get_rank() == 0
+
+    def say(text: str = "") -> None:
+        if rank0:
+            print(text, file=out or sys.stdout, flush=True)
+
+    env = environment(size)
+    result = {"env": env, "iters": iters, "warmup": warmup, "tp": tp, "rows": [], "skipped": [], "floor": None}
+    if size == 1:
+        say("bench comm: only 1 MPI rank, so there is no collective to measure (a size-1 Comm skips MPI). "
+            "Run it under mpiexec, e.g. `mpiexec -n 2 hpc-llm bench comm`.")
+        return result
+
+    grid = make_grid(mpi_comm, tp)
+    by_name = {"world": grid.world, "tp": grid.tp_comm, "dp": grid.dp_comm}
+    say(f"# hpc-llm bench comm: {grid.describe()}; {env['mpi'].split(',')[0]}; mpi4py {env['mpi4py']}, numpy {env['numpy']}; "
+        f"{env['cores']} cores{' (OVERSUBSCRIBED)' if env['oversubscribed'] else ''}")
+    say(f"# float32; {iters} timed iterations after {warmup} warm-up, world barrier before each; time = median over "
+        f"iterations of the max over ranks; algbw = bytes/time, busbw = algbw*2(n-1)/n (allreduce), "
+        f"*(n-1)/n (allgather, reduce-scatter); GB/s = 1e9 B/s; ours/plain = time ratio to bare mpi4py")
+    for name in comms:
+        comm = by_name[name]
+        if comm.size == 1:
+            note = f"{name}: a size-1 communicator with --tp {tp} on {size} ranks; skipped (no MPI call to time)"
+            result["skipped"].append(note)
+            say(f"\n# {note}")
+            continue
+        for collective in collectives:
+            say(f"\n# {name} (n={comm.size}, {size // comm.size} group(s) at once) {collective}: "
+                f"{_OURS[collective]} vs plain {_PLAIN[collective]}")
+            say(_HEAD)
+            for nbytes in sizes:
+                row = measure(grid.world, comm, collective, nbytes, iters, warmup)
+                if row is None:
+                    say(f"{human(nbytes):>10}  (less than one float32 per rank; skipped)")
+                    continue
+                result["rows"].append(row)
+                say(_row_line(row))
+
+    floor = [r for r in result["rows"] if r["collective"] == "allreduce"]
+    if floor:
+        at = min(floor, key=lambda r: (abs(np.log2(r["bytes"] / FLOOR_BYTES)), -r["bytes"]))["bytes"]
+        say(f"\n# floor: Comm.allreduce_ vs plain comm.Allreduce(MPI.IN_PLACE, buf) at {human(at)}")
+        result["floor"] = []
+        for r in floor:
+            if r["bytes"] != at:
+                continue
+            ok = r["ratio"] <= FLOOR_TOLERANCE
+            result["floor"].append({"comm": r["comm"], "bytes": at, "ours_us": r["time_us"],
+                                    "plain_us": r["plain_time_us"], "ours_busbw": r["busbw"],
+                                    "plain_busbw": r["plain_busbw"], "ratio": r["ratio"], "ok": ok})
+            verdict = ("within 5%" if ok else
+                       f"WRAPPER SLOWER THAN PLAIN BY MORE THAN {100 * (FLOOR_TOLERANCE - 1):.0f}%")
+            say(f"#   {r['comm']:>5} n={r['n']}: ours {r['time_us']:.1f} us ({r['busbw']:.3f} GB/s busbw), plain "
+                f"{r['plain_time_us']:.1f} us ({r['plain_busbw']:.3f} GB/s), ours/plain {r['ratio']:.3f}: {verdict}")
+    for note in result["skipped"]:
+        say(f"# note: {note}")
+
+    if json_path and rank0:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        say(f"# wrote {path}")
+    return result
+
+
+# -- command line (shared by `hpc-llm bench comm` and scripts/bench_comm.py) -------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="1K..256M",
+                   help="LO..HI (stepping by --factor) or a comma list; bytes with K/M/G = KiB/MiB/GiB "
+                        "(default 1K..256M)")
+    p.add_argument("--factor", type=int, default=4, help="step between sizes in a LO..HI range (default 4)")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per size (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per size first (default 3)")
+    p.add_argument("--comms", default="world", help="comma list of world,tp,dp (default world)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the grid that gives tp and dp comms")
+    p.add_argument("--collectives", default=",".join(COLLECTIVES),
+                   help=f"comma list of {','.join(COLLECTIVES)} (default all)")
+    p.add_argument("--json", metavar="PATH", help="write the rows (and environment) as JSON (rank 0)")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    return run(sizes=parse_sizes(args.sizes, args.factor), iters=args.iters, warmup=args.warmup,
+               comms=split(args.comms), tp=args.tp, collectives=split(args.collectives), json_path=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_comm", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        run_from_args(args)
+    except UserError as e:
+        print(f"bench_comm: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,315 @@
+"""Data and tensor parallelism end to end, under mpiexec with 2 and 4 ranks (mpi-pytest): training on a DP/TP grid,
+with and without ZeRO-1, follows the single-process run on the same data; replicas stay bitwise identical; a parallel
+checkpoint loads in one process; resume is exact; a wrong layout fails cleanly on every rank.
+
+Each parallel test also trains the single-process reference on every rank (`grid=single_process_grid()`, its own
+out_dir), so each rank compares itself with it. Tolerances:
+
+- float64, normwise per tensor 1e-10 (loss and grad norm: relative 1e-10): the parallel run does the same arithmetic as
+  the reference except for the order of sums (matmuls over shards plus allreduces, gradient buckets reduced across DP
+  ranks), i.e. ~1e-16 relative per step. The largest difference seen is ~5e-13, in the key bias, whose true gradient
+  is zero (softmax ignores a per-query constant), so Adam turns rounding noise into a step of lr * noise / eps.
+- float32: loss, grad norm and eval losses relative 1e-5 (seen: ~1e-8 and ~2e-7). Parameters: absolute 1e-3 * sum of
+  the learning rates used. Adam's step is normalised, so every parameter moves by at most about lr per step whatever
+  its gradient; sum(lr) is the scale of all training-induced change. Rounding changes a step by a relative ~1e-7 where
+  the gradient is well determined, but where the gradient is itself rounding noise (the key bias again, float32 noise
+  ~1e-10) the step is lr * noise / (|noise| + eps), a few 1e-3 of lr; seen: 7e-6 = 1.6e-4 * sum(lr).
+
+Every assertion on the ranks goes through `check` (mpi-pytest's parallel_assert), so all ranks agree on the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from pytest_mpi.parallel_assert import parallel_assert
+
+import hpc_llm
+from conftest import tiny_config
+from hpc_llm.checkpoint import load_checkpoint
+from hpc_llm.parallel.grid import make_grid, single_process_grid
+from hpc_llm.train import VAL_STREAM, Trainer
+
+# name: (ranks, parallel.tp, train.grad_accum)
+LAYOUTS = {
+    "DP2": (2, 1, 2),
+    "TP2": (2, 2, 1),
+    "TP4": (4, 4, 1),
+    "DP2xTP2": (4, 2, 2),
+    "DP4": (4, 1, 1),
+}
+STEPS = 5
+F64_RTOL = 1e-10
+F32_RTOL = 1e-5
+F32_LR_FRACTION = 1e-3
+
+
+def check(ok: bool, msg: str = "") -> None:
+    """parallel_assert with every failing rank's message in the error (the parent shows rank 0's report)."""
+    comm = MPI.COMM_WORLD
+    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
+    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
+
+
+def run_config(data_dir, out_dir, **overrides):
+    """The tiny run of these tests: 2 layers, 4 heads, 32 dim, block 16, batch 4 (divisible by every DP size here),
+    gradient buckets of 0.01 MiB (a dozen or more: the nonblocking path overlaps backward)."""
+    base = {"model.n_head": 4, "train.max_iters": STEPS, "train.eval_iters": 1, "train.eval_interval": STEPS,
+            "parallel.bucket_mb": 0.01}
+    return tiny_config(data_dir, out_dir, **{**base, **overrides})
+
+
+def train(cfg, grid, resume=None) -> Trainer:
+    tr = Trainer(cfg, resume=resume, grid=grid)
+    tr.summary = tr.run()
+    return tr
+
+
+def rel_diff(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
+    """Loss, grad norm and eval histories and every parameter of the parallel run against the reference."""
+    bad = []
+    rtol = F64_RTOL if dtype == "float64" else F32_RTOL
+    pt, rt = par.metrics.train, ref.metrics.train
+    if pt["step"] != rt["step"] or len(pt["step"]) != STEPS:
+        return [f"{dtype}: steps {pt['step']} vs reference {rt['step']}"]
+    for key in ("loss", "grad_norm"):
+        if not rel_diff(pt[key], rt[key]) <= rtol:
+            bad.append(f"{dtype} {key}: {pt[key]} vs reference {rt[key]} (relative {rel_diff(pt[key], rt[key]):.2e})")
+    if pt["lr"] != rt["lr"]:
+        bad.append(f"{dtype} lr: {pt['lr']} vs reference {rt['lr']}")
+    pe, re_ = par.metrics.eval, ref.metrics.eval
+    if pe["step"] != re_["step"] or not rel_diff(pe["val_loss"] + pe["train_loss"],
+                                                 re_["val_loss"] + re_["train_loss"]) <= rtol:
+        bad.append(f"{dtype} eval: {pe} vs reference {re_}")
+
+    got, want = par.model.full_tensors(par.model.flat), ref.model.full_tensors(ref.model.flat)
+    lr_sum = sum(rt["lr"])
+    for name, w in want.items():
+        g = got[name]
+        if g.dtype != np.dtype(dtype) or g.shape != w.shape:
+            bad.append(f"{dtype} {name}: {g.dtype} {g.shape} vs reference {w.dtype} {w.shape}")
+            continue
+        err = float(np.max(np.abs(g.astype(np.float64) - w)))
+        bound = F64_RTOL * float(np.max(np.abs(w))) if dtype == "float64" else F32_LR_FRACTION * lr_sum
+        if not err <= bound:
+            bad.append(f"{dtype} parameter {name}: max abs difference {err:.3e} > {bound:.3e}")
+    return bad
+
+
+def crc(buf) -> int:
+    return zlib.crc32(np.ascontiguousarray(buf).tobytes())
+
+
+def replica_checks(tr: Trainer) -> list[str]:
+    """Parameters bitwise identical over the DP group (every rank holds the same flat buffer), and the replicated
+    tensors (LayerNorms, biases after g, wpe) bitwise identical over the TP group."""
+    bad = []
+    dp_crcs = tr.grid.dp_comm.mpi.allgather(crc(tr.model.flat))
+    if len(set(dp_crcs)) != 1:
+        bad.append(f"parameters differ across the DP group: crc32 {dp_crcs}")
+    replicated = np.concatenate([tr.model.flat[a:b] for a, b in tr.model.replicated_ranges()])
+    tp_crcs = tr.grid.tp_comm.mpi.allgather(crc(replicated))
+    if len(set(tp_crcs)) != 1:
+        bad.append(f"replicated parameters differ across the TP group: crc32 {tp_crcs}")
+    return bad
+
+
+def optimizer_state_checks(tr: Trainer, zero: int) -> list[str]:
+    """ZeRO-1 keeps 1/dp of the Adam moments per rank (the ranks' pieces partition the buffer); without it, all."""
+    bad = []
+    n, dp = tr.model.local_size, tr.grid.dp
+    state = tr.opt.m.size + tr.opt.v.size
+    if zero and dp > 1:
+        total = tr.grid.dp_comm.mpi.allreduce(tr.opt.m.size)
+        n_buckets = len(tr.sync.buckets)
+        if not tr.sync.zero or total != n or abs(tr.opt.m.size - n / dp) > n_buckets or state != 2 * tr.opt.m.size:
+            bad.append(f"ZeRO-1 state: {state} elements here ({tr.opt.m.size} per moment, {total} over the DP group) "
+                       f"for a flat buffer of {n} over dp {dp} ({n_buckets} buckets)")
+    elif state != 2 * n:
+        bad.append(f"optimizer state {state} elements, expected 2 x {n}")
+    return bad
+
+
+LAYOUT_PARAMS = [pytest.param(name, zero, marks=pytest.mark.parallel(nprocs=LAYOUTS[name][0]), id=f"{name}-zero{zero}")
+                 for name in LAYOUTS for zero in (0, 1)]
+
+
+@pytest.mark.parametrize("layout, zero", LAYOUT_PARAMS)
+def test_training_matches_single_process(layout, zero, data_dir, tmp_path, shared_tmp_path):
+    """STEPS steps on the grid vs the single-process run, float64 (tight) and float32: losses, grad norms, evals and
+    parameters; DP replicas bitwise identical; ZeRO-1's optimizer state 1/dp per rank."""
+    ranks, tp, accum = LAYOUTS[layout]
+    assert MPI.COMM_WORLD.Get_size() == ranks
+    grid = make_grid(MPI.COMM_WORLD, tp)
+    bad = []
+    for dtype in ("float64", "float32"):
+        common = {"model.dtype": dtype, "train.grad_accum": accum}
+        par = train(run_config(data_dir, shared_tmp_path / f"par-{dtype}", **common,
+                               **{"parallel.tp": tp, "parallel.zero": zero}), grid)
+        ref = train(run_config(data_dir, tmp_path / f"ref-{dtype}", **common), single_process_grid())
+        if par.grid.dp != ranks // tp or par.grid.tp != tp or len(par.sync.buckets) < 4:
+            bad.append(f"layout: dp {par.grid.dp}, tp {par.grid.tp}, {len(par.sync.buckets)} buckets")
+        bad += compare_runs(par, ref, dtype)
+        bad += replica_checks(par)
+        bad += optimizer_state_checks(par, zero)
+    check(not bad, f"{layout} zero {zero}:\n" + "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=4)
+def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
+    """A DP2 x TP2 ZeRO-1 run's checkpoint holds the full tensors: hpc_llm.load_model gives a single-process model
+    with the same parameters (bitwise) and the same loss (float32, relative 1e-5: only the TP sums' order differs);
+    the stored Adam moments are each rank's ZeRO-1 shard, bitwise."""
+    grid = make_grid(MPI.COMM_WORLD, 2)
+    tr = train(run_config(data_dir, shared_tmp_path / "run", **{"train.max_iters": 4, "train.eval_iters": 0,
+                                                                "parallel.tp": 2, "parallel.zero": 1}), grid)
+    path = tr.summary["checkpoint"]
+    bad = []
+    if MPI.COMM_WORLD.allgather(path) != [path] * 4:
+        bad.append(f"ranks disagree on the checkpoint path: {path}")
+    model = hpc_llm.load_model(path)
+    full = tr.model.full_tensors(tr.model.flat)
+    if model.tp.size != 1 or model.flat.dtype != np.float32:
+        bad.append(f"loaded model: tp {model.tp.size}, {model.flat.dtype}")
+    for name, p in full.items():
+        if not np.array_equal(model.params[name], p):
+            bad.append(f"loaded {name} differs from the parallel model's")
+    for i in range(2):
+        x, y = tr.batch(tr.val_tokens, i, 0, VAL_STREAM)  # this DP rank's rows; its TP group shares them
+        want, got = tr.model.loss(x, y), model.loss(x, y)
+        if not (math.isfinite(got) and abs(got - want) <= F32_RTOL * abs(want)):
+            bad.append(f"batch {i}: loaded model's loss {got!r}, parallel model's {want!r}")
+    saved = load_checkpoint(path)
+    layout = saved.state["layout"]
+    if layout != {"world": 4, "dp": 2, "tp": 2, "zero": 1} or saved.state["step"] != 4:
+        bad.append(f"checkpoint state: layout {layout}, step {saved.state['step']}")
+    for slot in ("m", "v"):
+        flat = np.zeros_like(tr.model.flat)
+        tr.model.load_flat(flat, saved.optimizer[slot], f"optimizer {slot}")
+        mine = np.concatenate([flat[a:b] for a, b in tr.sync.owned])
+        if not np.array_equal(mine, getattr(tr.opt, slot)):
+            bad.append(f"checkpoint optimizer {slot}: this rank's ZeRO-1 shard differs from its Adam state")
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=2)
+def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
+    """DP2 with ZeRO-1, dropout and gradient accumulation: k steps, save, a new Trainer resumes and finishes; losses,
+    grad norms, parameters, this rank's Adam moments and dropout RNG equal the uninterrupted run's bitwise."""
+    grid = make_grid(MPI.COMM_WORLD, 1)
+    N, k = 6, 3
+    common = {"model.dropout": 0.1, "train.grad_accum": 2, "train.eval_iters": 0, "parallel.zero": 1}
+    full = train(run_config(data_dir, shared_tmp_path / "full", **common, **{"train.max_iters": N}), grid)
+    first = train(run_config(data_dir, shared_tmp_path / "split", **common, **{"train.max_iters": k}), grid)
+    second = train(run_config(data_dir, shared_tmp_path / "split", **common, **{"train.max_iters": N}), grid,
+                   resume=first.summary["checkpoint"])
+    bad = []
+    if not (second.sync.zero and first.step == k and second.step == N):
+        bad.append(f"zero {second.sync.zero}, steps {first.step} and {second.step}")
+    if first.metrics.train["loss"] != full.metrics.train["loss"][:k]:
+        bad.append(f"first part: {first.metrics.train['loss']} vs {full.metrics.train['loss'][:k]}")
+    for key in ("step", "loss", "grad_norm", "lr"):
+        if second.metrics.train[key] != full.metrics.train[key]:
+            bad.append(f"resumed {key}: {second.metrics.train[key]} vs uninterrupted {full.metrics.train[key]}")
+    for what, a, b in (("parameters", second.model.flat, full.model.flat), ("Adam m", second.opt.m, full.opt.m),
+                       ("Adam v", second.opt.v, full.opt.v)):
+        if not np.array_equal(a, b):
+            bad.append(f"resumed {what} differ from the uninterrupted run's")
+    if second.opt.t != full.opt.t or second.rng.bit_generator.state != full.rng.bit_generator.state:
+        bad.append("resumed Adam step counter or dropout RNG state differs")
+    bad += replica_checks(second)
+    check(not bad, "\n".join(bad))
+
+
+# -- a wrong layout fails cleanly on every rank (serial tests that launch the CLI under mpiexec) ----------------------
+
+CLI_TIMEOUT = 120
+
+
+def mpiexec() -> str:
+    found = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+    assert Path(found).exists(), "mpiexec not found (scripts/test.sh puts the venv's bin on PATH)"
+    return found
+
+
+def run_mpi(nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT):
+    """Run `python -m hpc_llm ARGS` under mpiexec in its own process group; on a timeout the whole group is killed
+    (no stray ranks) and the test fails."""
+    cmd = [mpiexec(), "--oversubscribe", "-n", str(nprocs), sys.executable, "-m", "hpc_llm", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err, time.monotonic() - t0
+
+
+def write_run_config(path: Path, data_dir, out_dir) -> Path:
+    path.write_text(f"""
+[model]
+n_layer = 2
+n_head = 4
+n_embd = 32
+block_size = 16
+
+[data]
+path = "{data_dir}"
+
+[train]
+batch_size = 4
+max_iters = 2
+eval_iters = 0
+peak_tflops = 1.0
+out_dir = "{out_dir}"
+""")
+    return path
+
+
+BAD_LAYOUTS = [
+    # id, ranks, overrides, what the one error line must say
+    ("tp-not-dividing-n_head", 2, ["parallel.tp=2", "model.n_head=3", "model.n_embd=48"],
+     ["parallel.tp=2", "model.n_head=3"]),
+    ("tp-not-dividing-ranks", 4, ["parallel.tp=3"], ["parallel.tp=3", "number of ranks (4)"]),
+    ("batch-not-divisible-by-dp", 2, ["train.batch_size=3"], ["train.batch_size=3", "data-parallel size 2"]),
+    ("missing-data-path", 2, ["data.path={tmp}/no_such_data"], ["{tmp}/no_such_data", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("ranks, overrides, expected", [pytest.param(*case[1:], id=case[0]) for case in BAD_LAYOUTS])
+def test_wrong_layout_fails_cleanly_on_every_rank(ranks, overrides, expected, data_dir, tmp_path):
+    cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
+    args = ["train", str(cfg)]
+    for o in overrides:
+        args += ["--set", o.format(tmp=tmp_path)]
+    rc, out, err, seconds = run_mpi(ranks, args)
+    report = f"rc {rc} in {seconds:.1f} s\nstdout:\n{out}\nstderr:\n{err}"
+    assert rc == 2, report
+    errors = [line for line in err.splitlines() if line.startswith("hpc-llm: error: ")]
+    assert len(errors) == ranks, report  # one line per rank
+    assert len(set(errors)) == 1, report  # the same verdict everywhere
+    for text in expected:
+        assert text.format(tmp=tmp_path) in errors[0], report
+    assert "Traceback" not in out + err, report
+    assert seconds < CLI_TIMEOUT / 4, report
+    assert not (tmp_path / "out").exists()  # nothing written before the layout was checked
