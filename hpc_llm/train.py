@@ -99,7 +99,10 @@ class Trainer:
     def _load_inputs(self, resume: str | None):
         """Everything that can fail on bad input, checked before any compute (on every rank, agreed)."""
         cfg, t, par = self.cfg, self.cfg.train, self.cfg.parallel
-        self.data = TokenData(cfg.data.path)
+        try:
+            self.data = TokenData(cfg.data.path)
+        except UserError as e:
+            raise UserError(f"data.path: {e}") from None
         self.train_tokens = self.data.split("train")
         self.val_tokens = self.data.split("val")
         resume_path = self._resume_path(resume)
