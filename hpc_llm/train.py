@@ -13,13 +13,14 @@ import logging
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hpc_llm import checkpoint as ckpt
-from hpc_llm.backend import get_backend, keep_freed_memory, to_device
+from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
 from hpc_llm.bench import matmul_peak_flops
 from hpc_llm.config import Config, config_from_dict
 from hpc_llm.data import TokenData, check_split_size, get_batch
@@ -27,7 +28,7 @@ from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.optim import AdamW, global_grad_norm, lr_at
 from hpc_llm.parallel.data_parallel import GradientSync
-from hpc_llm.parallel.grid import Grid, check_layout, make_grid, single_process_grid
+from hpc_llm.parallel.grid import Grid, check_layout, world_grid
 
 log = logging.getLogger("hpc_llm")
 
@@ -60,15 +61,6 @@ def resolve_vocab(cfg: Config, data: TokenData) -> None:
                         f"({data.vocab_size}, from {data.path}/meta.json)")
 
 
-def world_grid(tp: int) -> Grid:
-    """The grid over MPI.COMM_WORLD (a single process without mpiexec never calls MPI)."""
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.Get_size() == 1 and tp == 1:
-        return single_process_grid()
-    return make_grid(MPI.COMM_WORLD, tp)
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, grid: Grid | None = None):
         self.cfg = cfg
@@ -88,11 +80,13 @@ class Trainer:
         self.sync = GradientSync(self.model.grad_flat, self.grid.dp_comm, bucket_elems, zero=par.zero == 1)
         self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t, owned=self.sync.owned)
         self.norm_ranges, self.norm_comm = self._norm_ranges()
+        self._check_replicas_identical("initial parameters")
         self.rng = self._dropout_rng(0)
         self.step = 0
         self.metrics = Metrics()
         if saved is not None:
             self._restore(saved)
+            self._check_replicas_identical("resumed parameters")
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
         self.peak_flops = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
 
@@ -120,6 +114,17 @@ class Trainer:
         if self.is_root:
             Path(t.out_dir).mkdir(parents=True, exist_ok=True)
         return saved
+
+    def _check_replicas_identical(self, what: str) -> None:
+        """Data-parallel replicas must hold bitwise the same parameters (identical by construction: initialisation
+        depends only on the seed, a resume reads the same file); one small allgather of a checksum proves it."""
+        dp = self.grid.dp_comm
+        if dp.size == 1:
+            return
+        crc = zlib.crc32(np.ascontiguousarray(to_host(self.model.flat)).view(np.uint8))
+        crcs = dp.allgather_objects(crc)
+        if len(set(crcs)) != 1:
+            raise RuntimeError(f"{what} differ across data-parallel ranks (crc32 {crcs}): a bug, please report it")
 
     def _norm_ranges(self):
         """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
@@ -268,8 +273,9 @@ class Trainer:
                  cfg.model.padded_vocab, m.num_params / 1e6, cfg.model.dtype, t.backend)
         log.info("batch: %d sequences x %d micro-batches x %d tokens = %d tokens/step; MFU peak %.1f GFLOP/s",
                  t.batch_size, t.grad_accum, cfg.model.block_size, self.tokens_per_step, self.peak_flops / 1e9)
-        log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d)", self.grid.describe(),
-                 "on" if self.sync.zero else "off", cfg.parallel.bucket_mb, len(self.sync.buckets))
+        log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
+                 self.grid.describe(), "on" if self.sync.zero else "off", cfg.parallel.bucket_mb,
+                 len(self.sync.buckets), (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20)
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
         ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step
@@ -296,7 +302,8 @@ class Trainer:
                     mfu = flops_per_step * window_steps / window_t / self.peak_flops
                     log.info("step %6d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %.1f%% | "
                              "%.0f ms/step%s", self.step, loss, lr, norm, tps, 100 * mfu, 1000 * window_t / window_steps,
-                             "" if self.grid.world.size == 1 else f" | comm {1000 * row['comm_seconds']:.0f} ms")
+                             "" if self.grid.world.size == 1 else
+                             f" | comm {1000 * row['comm_seconds']:.0f} ms, {row['comm_bytes'] / 1e6:.1f} MB")
                     metrics_file.write(json.dumps({"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu,
                                                    "comm": comm}) + "\n")
                     metrics_file.flush()

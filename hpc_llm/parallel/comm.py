@@ -166,6 +166,12 @@ class Comm:
             raise UserError(error)
         return result
 
+    def allgather_objects(self, obj) -> list:
+        """Small Python objects (checksums, flags) from every rank, on every rank."""
+        if self.size == 1:
+            return [obj]
+        return self.mpi.allgather(obj)
+
     def gather_objects(self, obj, root: int = 0) -> list | None:
         """Small Python objects (e.g. RNG states) from every rank, as a list on root."""
         if self.size == 1:

@@ -68,3 +68,12 @@ def make_grid(mpi_comm, tp: int) -> Grid:
     tp_mpi = mpi_comm.Split(color=dp_rank, key=tp_rank)  # the same dp index: one TP group
     dp_mpi = mpi_comm.Split(color=tp_rank, key=dp_rank)  # the same tp index: one DP group
     return Grid(Comm(mpi_comm, ledger, "world"), Comm(tp_mpi, ledger, "tp"), Comm(dp_mpi, ledger, "dp"), tp=tp, dp=dp)
+
+
+def world_grid(tp: int) -> Grid:
+    """The grid over MPI.COMM_WORLD; a single process run without mpiexec never calls MPI."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() == 1 and tp == 1:
+        return single_process_grid()
+    return make_grid(MPI.COMM_WORLD, tp)
