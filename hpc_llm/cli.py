@@ -39,7 +39,8 @@ def _train(args) -> None:
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary))
+    if _world_rank() == 0:
+        print(json.dumps(summary))
 
 
 def _generate(args) -> None:

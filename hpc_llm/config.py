@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     backend: str = "numpy"
-    peak_tflops: float = 0.0  # MFU denominator; 0: measure a float32 matmul at start
+    peak_tflops: float = 0.0  # MFU denominator per rank (summed over ranks); 0: measure a float32 matmul at start
 
 
 @dataclass

@@ -88,7 +88,9 @@ class Trainer:
             self._restore(saved)
             self._check_replicas_identical("resumed parameters")
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-        self.peak_flops = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
+        # MFU is against the peak of the whole job: each rank's (measured, concurrently, or given) summed
+        rank_peak = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
+        self.peak_flops = world.allreduce_scalar(rank_peak)
 
     def _load_inputs(self, resume: str | None):
         """Everything that can fail on bad input, checked before any compute (on every rank, agreed)."""
@@ -271,7 +273,7 @@ class Trainer:
         log.info("model: %d layers, %d heads, %d dim, block %d, vocab %d (padded %d), %.2fM parameters, %s, %s",
                  cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size, cfg.model.vocab_size,
                  cfg.model.padded_vocab, m.num_params / 1e6, cfg.model.dtype, t.backend)
-        log.info("batch: %d sequences x %d micro-batches x %d tokens = %d tokens/step; MFU peak %.1f GFLOP/s",
+        log.info("batch: %d sequences x %d micro-batches x %d tokens = %d tokens/step; MFU peak %.1f GFLOP/s (all ranks)",
                  t.batch_size, t.grad_accum, cfg.model.block_size, self.tokens_per_step, self.peak_flops / 1e9)
         log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
                  self.grid.describe(), "on" if self.sync.zero else "off", cfg.parallel.bucket_mb,
