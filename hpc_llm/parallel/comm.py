@@ -133,24 +133,12 @@ class Comm:
         if host is not buf:
             buf[...] = array_module(buf).asarray(host)
 
-    def bcast_(self, buf, root: int = 0):
-        if self.size == 1:
-            return buf
-        host = _host(buf)
-        self._timed("bcast", host.nbytes, lambda: self.mpi.Bcast(host, root=root))
-        if host is not buf:
-            buf[...] = array_module(buf).asarray(host)
-        return buf
-
     # -- small agreements (principle 8: all ranks agree before they act) ----------------------------------------------
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         if self.size == 1:
             return value
         return self.mpi.allreduce(value, op=self._op(op))
-
-    def any(self, flag: bool) -> bool:
-        return bool(self.allreduce_scalar(int(bool(flag)), "max"))
 
     def agree(self, fn):
         """Run fn() on every rank; if it raises UserError on any rank, raise it on all of them (the lowest failing
