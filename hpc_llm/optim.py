@@ -8,11 +8,23 @@ chunk never straddles a weight-decay boundary, so decay is one multiply per deca
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from hpc_llm.backend import array_module
 from hpc_llm.config import TrainConfig
 
 CHUNK = 1 << 16  # elements: p, g, m, v and two temporaries of this size stay in a core's L2 cache
+
+
+def optimizer_threads() -> int:
+    """Threads for the AdamW update: the cores this process may run on (1 for a rank bound to one core by mpiexec),
+    capped by OMP_NUM_THREADS when set (the same budget as the BLAS threads) and at 8."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        n = min(n, int(env))
+    return max(1, min(n, 8))
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -70,8 +82,11 @@ class AdamW:
             self.segments += [(sa, sb, base + sa - a, dec) for sa, sb, dec in _segments(a, b, decay_ranges, chunk)]
             base += b - a
         n = max(1, min(chunk, params.size))
-        self._tmp = xp.empty(n, dtype=params.dtype)
-        self._tmp2 = xp.empty(n, dtype=params.dtype)
+        self.threads = optimizer_threads() if xp.__name__ == "numpy" else 1
+        self._temps = [(xp.empty(n, dtype=params.dtype), xp.empty(n, dtype=params.dtype))
+                       for _ in range(self.threads)]
+        self._tmp, self._tmp2 = self._temps[0]
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def moments_flat(self, slot: str):
         """m or v laid out like the flat parameter buffer (zeros outside the owned ranges)."""
@@ -90,35 +105,46 @@ class AdamW:
             base += b - a
 
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
-        """One update with gradients multiplied by grad_scale (the clipping factor, folded in to save a pass)."""
-        xp = array_module(self.p)
+        """One update with gradients multiplied by grad_scale (the clipping factor, folded into the coefficients).
+        The chunks are independent: on NumPy they are shared among `self.threads` threads (its ufuncs release the
+        GIL), each with its own temporaries, so the result does not depend on the thread count."""
         c = self.cfg
         self.t += 1
         b1, b2 = c.beta1, c.beta2
-        bc1 = 1.0 - b1 ** self.t
-        bc2 = 1.0 - b2 ** self.t
-        step_size = lr / bc1
-        inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
-        keep = 1.0 - lr * c.weight_decay
+        sqrt_bc2 = math.sqrt(1.0 - b2 ** self.t)
+        coef = {
+            "keep": 1.0 - lr * c.weight_decay,
+            "g1": (1.0 - b1) * grad_scale,  # m = b1 m + (1 - b1) s g
+            "g2": (1.0 - b2) * grad_scale * grad_scale,  # v = b2 v + (1 - b2) s^2 g^2
+            # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2))
+            "eps": c.eps * sqrt_bc2,
+            "step": lr * sqrt_bc2 / (1.0 - b1 ** self.t),
+        }
+        if self.threads == 1:
+            self._update(self.segments, coef, self._tmp, self._tmp2)
+            return
+        parts = [self.segments[i::self.threads] for i in range(self.threads)]
+        list(self._pool.map(lambda i: self._update(parts[i], coef, *self._temps[i]), range(self.threads)))
+
+    def _update(self, segments, coef, tmp_buf, tmp2_buf) -> None:
+        xp = array_module(self.p)
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
         p, g, m, v = self.p, self.g, self.m, self.v
-        for a, b, o, decayed in self.segments:
+        for a, b, o, decayed in segments:
             n = b - a
-            gs, tmp = self._tmp[:n], self._tmp2[:n]
-            pc, mc, vc = p[a:b], m[o:o + n], v[o:o + n]
-            xp.multiply(g[a:b], grad_scale, out=gs)
+            tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
+            pc, gc, mc, vc = p[a:b], g[a:b], m[o:o + n], v[o:o + n]
             if decayed:
-                pc *= keep
+                pc *= coef["keep"]
             mc *= b1
-            xp.multiply(gs, 1.0 - b1, out=tmp)
+            xp.multiply(gc, coef["g1"], out=tmp)
             mc += tmp
             vc *= b2
-            xp.multiply(gs, gs, out=tmp)
-            tmp *= 1.0 - b2
+            xp.multiply(gc, gc, out=tmp)
+            tmp *= coef["g2"]
             vc += tmp
-            # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
             xp.sqrt(vc, out=tmp)
-            tmp *= inv_sqrt_bc2
-            tmp += c.eps
-            xp.divide(mc, tmp, out=tmp)
-            tmp *= step_size
+            tmp += coef["eps"]
+            xp.multiply(mc, coef["step"], out=tmp2)
+            xp.divide(tmp2, tmp, out=tmp)
             pc -= tmp
