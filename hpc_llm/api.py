@@ -31,9 +31,12 @@ def resolve_checkpoint(path) -> Path:
 
 
 def load_model(path, backend: str = "numpy", dtype: str | None = None) -> GPT:
-    """The model stored in a checkpoint (verified first) or a run directory's newest one; dtype="float64" gives a
-    float64 copy for analysis."""
-    saved = ckpt.load_checkpoint(resolve_checkpoint(path))
+    """The model stored in a checkpoint (its parameters checksum-verified) or a run directory's newest one;
+    dtype="float64" gives a float64 copy for analysis."""
+    return model_from_checkpoint(ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False), backend, dtype)
+
+
+def model_from_checkpoint(saved: ckpt.Checkpoint, backend: str = "numpy", dtype: str | None = None) -> GPT:
     cfg = config_from_dict(saved.config).model
     if dtype is not None:
         cfg.dtype = dtype
@@ -44,4 +47,11 @@ def load_model(path, backend: str = "numpy", dtype: str | None = None) -> GPT:
 
 def load_tokenizer(path):
     """The tokenizer the checkpoint's model was trained with."""
-    return tokenizer_from_meta(ckpt.load_checkpoint(resolve_checkpoint(path)).state["tokenizer"])
+    saved = ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False)
+    return tokenizer_from_meta(saved.state["tokenizer"])
+
+
+def load_model_and_tokenizer(path, backend: str = "numpy"):
+    """Both from one read of the checkpoint (what `hpc-llm generate` needs)."""
+    saved = ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False)
+    return model_from_checkpoint(saved, backend), tokenizer_from_meta(saved.state["tokenizer"])

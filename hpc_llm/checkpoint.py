@@ -435,9 +435,10 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise _unreadable(path, exc) from None
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, verify: bool = True, optimizer: bool = True) -> Checkpoint:
     """Read a whole checkpoint into memory. With ``verify`` every dataset's crc32 is checked as it is read;
-    without it the header checks (format, version, complete) still apply."""
+    without it the header checks (format, version, complete) still apply. ``optimizer=False`` skips the Adam moments
+    (two thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
     path = Path(path)
     f = _open(path)
     try:
@@ -457,7 +458,8 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
                         _check_crc(dset, _dataset_crc(dset), path)
 
             params = {name: read(d) for name, d in f["params"].items()}
-            optimizer = {slot: {name: read(d) for name, d in g.items()} for slot, g in f["optimizer"].items()}
+            moments = ({slot: {name: read(d) for name, d in g.items()} for slot, g in f["optimizer"].items()}
+                       if optimizer else {})
             metrics = {
                 table: {col: read(d).astype(np.float64, copy=False) for col, d in g.items()}
                 for table, g in f["metrics"].items()
@@ -466,7 +468,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
             config = json.loads(_attr_str(f.attrs["config_json"]))
             return Checkpoint(
                 params=params,
-                optimizer=optimizer,
+                optimizer=moments,
                 state=state,
                 config=config,
                 metrics=metrics,

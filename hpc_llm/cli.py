@@ -46,11 +46,10 @@ def _train(args) -> None:
 def _generate(args) -> None:
     import numpy as np
 
-    from hpc_llm.api import load_model, load_tokenizer
+    from hpc_llm.api import load_model_and_tokenizer
     from hpc_llm.generate import generate
 
-    model = load_model(args.checkpoint, backend=args.backend)
-    tok = load_tokenizer(args.checkpoint)
+    model, tok = load_model_and_tokenizer(args.checkpoint, backend=args.backend)
     prompt = tok.encode(args.prompt or "\n")
     out = generate(model, np.asarray(prompt)[None].repeat(args.num_samples, 0), args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)

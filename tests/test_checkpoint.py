@@ -447,3 +447,15 @@ def test_prune_never_removes_latest_nor_counts_corrupt(tmp_path):
     # 400 is corrupt (left in place, not counted), 300 is the newest good one, 100 is what `latest` names
     assert left == ["ckpt_00000100.h5", "ckpt_00000300.h5", "ckpt_00000400.h5"]
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
+
+
+def test_load_without_optimizer_skips_moments(tmp_path):
+    """optimizer=False (inference) returns the same parameters and no moments."""
+    path = tmp_path / "c.h5"
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_checkpoint(path, params=params, optimizer={"m": {"w": np.ones((2, 3), np.float32)}}, state={"step": 1},
+                    config={}, metrics={})
+    ck = load_checkpoint(path, optimizer=False)
+    assert ck.optimizer == {}
+    np.testing.assert_array_equal(ck.params["w"], params["w"])
+    assert load_checkpoint(path).optimizer["m"]["w"].sum() == 6
