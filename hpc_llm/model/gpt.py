@@ -282,7 +282,8 @@ class GPT:
     def backward(self, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None) -> None:
         """Gradients of loss_scale * (the last forward's loss) into `self.grads`; accumulate=False overwrites them.
         grad_ready(offset), if given, is called as soon as every gradient from `offset` to the end of the flat
-        buffer is final (after each block, from the last), so data-parallel buckets can start reducing early."""
+        buffer is final (after ln_f and after each block, from the last), so data-parallel buckets can start
+        reducing early; when backward returns, all are final."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(..., keep_cache=True) first")
         cfg, P, G, tp = self.cfg, self.params, self.grads, self.tp
@@ -318,7 +319,8 @@ class GPT:
         if emb_mask is not None:
             L.dropout_backward(dx, emb_mask)
         TP.vocab_parallel_embedding_backward(dx, idx, self.v0, G["wte.weight"], G["wpe.weight"], acc, tp)
-        ready(0)
+        # the embeddings' gradients (offset 0) are final only now, when nothing is left to overlap with: the caller
+        # reduces what remains after backward returns
 
     # -- a small API for scripts and notebooks -------------------------------------------------------------------------
 
