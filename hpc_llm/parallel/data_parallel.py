@@ -2,7 +2,9 @@
 
 A bucket is a slice of the flat gradient buffer, taken from its end, since backward finishes the last layers' gradients
 first. As soon as backward reports that a bucket's gradients are final (`grad_ready`), its collective starts,
-nonblocking, and overlaps the rest of backward; `finish()` waits for all of them before the optimizer.
+nonblocking, and overlaps the rest of backward; `finish()` waits for all of them before the optimizer, and reduces the
+buckets that were final only at the end of backward (the embeddings') with the blocking collective, which has nothing
+to overlap with and which MPI runs faster.
 
 - plain data parallelism: each bucket is sum-allreduced; every rank then holds the averaged gradient (the loss was
   scaled by 1/dp) and updates the whole buffer.
