@@ -17,6 +17,16 @@ from hpc_llm.config import TrainConfig
 CHUNK = 1 << 16  # elements: p, g, m, v and two temporaries of this size stay in a core's L2 cache
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _thread_pool(n: int) -> ThreadPoolExecutor:
+    """One pool per size for the whole process, however many optimizers are made (tests make hundreds)."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="adamw")
+    return _POOLS[n]
+
+
 def optimizer_threads() -> int:
     """Threads for the AdamW update: the cores this process may run on (1 for a rank bound to one core by mpiexec),
     capped by OMP_NUM_THREADS when set (the same budget as the BLAS threads) and at 8."""
@@ -86,7 +96,7 @@ class AdamW:
         self._temps = [(xp.empty(n, dtype=params.dtype), xp.empty(n, dtype=params.dtype))
                        for _ in range(self.threads)]
         self._tmp, self._tmp2 = self._temps[0]
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._pool = _thread_pool(self.threads) if self.threads > 1 else None
 
     def moments_flat(self, slot: str):
         """m or v laid out like the flat parameter buffer (zeros outside the owned ranges)."""
