@@ -1,4 +1,4 @@
-"""`hpc-llm prepare | train | generate | import-gpt2 | bench comm` (also `python -m hpc_llm`).
+"""`hpc-llm prepare | train | generate | inspect | import-gpt2 | bench comm` (also `python -m hpc_llm`).
 
 User errors (UserError) print one line, `hpc-llm: error: ...`, and exit 2; anything else is a bug and keeps its
 traceback.
@@ -59,6 +59,12 @@ def _generate(args) -> None:
         print(tok.decode(row))
 
 
+def _inspect(args) -> None:
+    from hpc_llm.inspect_ckpt import run
+
+    run(args.checkpoints)
+
+
 def _import_gpt2(args) -> None:
     from hpc_llm.gpt2_import import import_gpt2
 
@@ -110,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     s.set_defaults(func=_generate)
+
+    s = sub.add_parser("inspect", help="print a checkpoint's contents and tensor statistics, or compare two")
+    s.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="one checkpoint (file or run directory) to describe, or two to compare")
+    s.set_defaults(func=_inspect)
 
     s = sub.add_parser("import-gpt2", help="convert a Hugging Face GPT-2 directory (safetensors) to a checkpoint")
     s.add_argument("model_dir", help="directory with config.json and model.safetensors")
