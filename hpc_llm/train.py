@@ -131,20 +131,10 @@ class Trainer:
     def _norm_ranges(self):
         """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
         element of the whole model counted once (a replicated tensor on TP rank 0 only; ZeRO: this rank's shard)."""
-        replicated = self.model.replicated_ranges()
-        keep = []
-        for a, b in self.sync.owned:
-            cuts = [(max(a, ra), min(b, rb)) for ra, rb in replicated if max(a, ra) < min(b, rb)]
-            if self.grid.tp_rank == 0:
-                keep.append((a, b))
-                continue
-            pos = a
-            for ca, cb in cuts:  # the owned range minus the replicated tensors
-                if pos < ca:
-                    keep.append((pos, ca))
-                pos = cb
-            if pos < b:
-                keep.append((pos, b))
+        m = self.model
+        counted = ([(0, m.local_size)] if self.grid.tp_rank == 0
+                   else [(s.offset, s.offset + s.size) for s in m.specs if s.tp_axis is not None])
+        keep = [(max(a, c), min(b, d)) for a, b in self.sync.owned for c, d in counted if max(a, c) < min(b, d)]
         comm = self.grid.world if self.sync.zero else self.grid.tp_comm
         return keep, comm
 
