@@ -301,7 +301,7 @@ def import_gpt2(model_dir, out) -> Path:
         "step": 0,
         "tokens_seen": 0,
         "adam_t": 0,
-        "rng": np.random.Generator(np.random.PCG64([cfg.train.seed, 0xD80])).bit_generator.state,
+        "rng": [],  # no dropout streams yet: the trainer derives each rank's from the seed, as for a fresh run
         "tokenizer": {"tokenizer": TOKENIZER_META_NAME, "vocab_size": V},
         "data_path": "",
     }

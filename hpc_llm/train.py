@@ -174,10 +174,10 @@ class Trainer:
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]
-        rngs = st["rng"] if isinstance(st["rng"], list) else [st["rng"]]
+        rngs = st["rng"]  # one dropout stream per data-parallel rank
         if len(rngs) == self.grid.dp:
             self.rng.bit_generator.state = rngs[self.grid.dp_rank]
-        else:  # another data-parallel layout: fresh, deterministic streams from here on
+        else:  # another data-parallel layout (or none saved): fresh, deterministic streams from here on
             self.rng = self._dropout_rng(self.step)
         for table in ("train", "eval"):
             for k, v in saved.metrics.get(table, {}).items():
