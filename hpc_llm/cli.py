@@ -1,7 +1,7 @@
 """`hpc-llm prepare | train | generate | inspect | import-gpt2 | bench comm` (also `python -m hpc_llm`).
 
-User errors (UserError) print one line, `hpc-llm: error: ...`, and exit 2; anything else is a bug and keeps its
-traceback.
+Exit status: 0 done; 2 a user error (UserError: one line, `hpc-llm: error: ...`); 75 `train` stopped by SIGUSR1 or
+SIGTERM after writing a checkpoint (resume with `--resume auto`); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ def _prepare(args) -> None:
 
 def _train(args) -> None:
     from hpc_llm.config import load_config
-    from hpc_llm.train import train
+    from hpc_llm.train import EXIT_PREEMPTED, train
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume)
     if _world_rank() == 0:
         print(json.dumps(summary))
+    return EXIT_PREEMPTED if summary["stopped_by"] else 0
 
 
 def _generate(args) -> None:
@@ -141,11 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if _world_rank() == 0 else logging.WARNING, format="%(message)s",
                         stream=sys.stdout)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as e:
         print(f"hpc-llm: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from hpc_llm.bench import matmul_peak_flops
 from hpc_llm.config import Config, config_from_dict
 from hpc_llm.data import TokenData, check_split_size, get_batch
 from hpc_llm.errors import UserError
+from hpc_llm.fsio import atomic_write_bytes
 from hpc_llm.model.gpt import GPT
 from hpc_llm.optim import AdamW, global_grad_norm, lr_at
 from hpc_llm.parallel.data_parallel import GradientSync
@@ -33,6 +36,31 @@ from hpc_llm.parallel.grid import Grid, check_layout, world_grid
 log = logging.getLogger("hpc_llm")
 
 TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2  # sampler streams: training batches, val eval, train eval
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after writing a verified checkpoint; resume to go on
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm: --signal=B:USR1@T forwarded by the batch script; time limit
+
+
+class StopRequest:
+    """Remembers a stop signal (SIGUSR1/SIGTERM) while the loop runs. The handler only sets a flag; the ranks act on it
+    together at a step boundary (``Trainer.should_stop``), since a signal may reach them at different moments."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -62,8 +90,10 @@ def resolve_vocab(cfg: Config, data: TokenData) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, grid: Grid | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, grid: Grid | None = None,
+                 stop: StopRequest | None = None):
         self.cfg = cfg
+        self.stop = stop if stop is not None else StopRequest()  # train() installs its handlers before any work
         t, par = cfg.train, cfg.parallel
         self.grid = grid if grid is not None else world_grid(par.tp)
         world = self.grid.world
@@ -113,8 +143,12 @@ class Trainer:
         check_split_size(self.train_tokens, cfg.model.block_size, "train")
         if t.eval_iters > 0:
             check_split_size(self.val_tokens, cfg.model.block_size, "val")
+        if resume_path is None and ckpt.list_checkpoints(t.out_dir):
+            raise UserError(f"train.out_dir={t.out_dir} already holds checkpoints of another run: resume it with "
+                            f"--resume auto, or choose another train.out_dir")
         if self.is_root:
             Path(t.out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(t.out_dir) / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         return saved
 
     def _check_replicas_identical(self, what: str) -> None:
@@ -272,9 +306,15 @@ class Trainer:
         ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step
         last = {}
+        stopped = 0
         try:
             window_t, window_steps = 0.0, 0
             while self.step < t.max_iters:
+                stopped = self.should_stop()
+                if stopped:
+                    log.info("step %d: stop signal %s received, writing a checkpoint and exiting (status %d)",
+                             self.step, signal.Signals(stopped).name, EXIT_PREEMPTED)
+                    break
                 if t.eval_iters > 0 and self.step % t.eval_interval == 0:
                     last = self._eval_and_log(metrics_file)
                 ledger.reset()
@@ -303,13 +343,17 @@ class Trainer:
                 interval = self.cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < t.max_iters:  # the last one comes below
                     self.save()
-            if t.eval_iters > 0:
+            if t.eval_iters > 0 and not stopped:
                 last = self._eval_and_log(metrics_file)
             path = self.save()
         finally:
             metrics_file.close()
-        return {"step": self.step, "checkpoint": str(path), **last,
+        return {"step": self.step, "checkpoint": str(path), **last, "stopped_by": stopped,
                 "loss": self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None}
+
+    def should_stop(self) -> int:
+        """The stop signal's number if any rank has received one (all ranks get the same answer), else 0."""
+        return int(self.grid.world.allreduce_scalar(self.stop.signum, op="max"))
 
     def _eval_and_log(self, metrics_file) -> dict:
         if self.metrics.eval["step"] and self.metrics.eval["step"][-1] == self.step:
@@ -326,4 +370,6 @@ class Trainer:
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
-    return Trainer(cfg, resume).run()
+    """Train; on SIGUSR1/SIGTERM stop at the next step with a checkpoint (the summary's ``stopped_by`` is the signal)."""
+    with StopRequest() as stop:
+        return Trainer(cfg, resume, stop=stop).run()

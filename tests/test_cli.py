@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -212,3 +214,60 @@ def test_api_checks_that_exist():
         model.gradients(x, x + 50)
     with pytest.raises(UserError, match="block_size"):
         model.gradients(np.zeros((1, 9), dtype=np.int64), np.zeros((1, 9), dtype=np.int64))
+
+
+# -- stop signals (Slurm's --signal=B:USR1@T, forwarded by the batch script; SIGTERM at the time limit) ---------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_signal_checkpoints_exits_75_and_resume_continues_exactly(tmp_path, data_dir, signum):
+    """A real signal to a running `hpc-llm train`: it finishes the step, writes a verified checkpoint, exits 75; a
+    `--resume auto` run finishes, and its loss history is bitwise the uninterrupted run's."""
+    from hpc_llm.checkpoint import find_latest, load_checkpoint
+    from hpc_llm.train import EXIT_PREEMPTED
+
+    steps = 400
+    sets = ["--set", f"train.max_iters={steps}", "--set", f"train.lr_decay_iters={steps}", "--set",
+            "train.log_interval=1", "--set", "train.eval_interval=100", "--set", "model.dtype=float64"]
+    cfg = write_config(tmp_path, data_dir)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_llm", "train", cfg, *sets], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, (out, err)
+    assert f"stop signal {signal.Signals(signum).name}" in out
+    stopped = find_latest(run_dir)
+    k = load_checkpoint(stopped).state["step"]
+    assert 3 <= k < steps, k
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == signum
+
+    resumed = cli("train", cfg, *sets, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {stopped}" in resumed.stdout
+    whole = cli("train", cfg, *sets, "--set", f"train.out_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    a = load_checkpoint(find_latest(run_dir))
+    b = load_checkpoint(find_latest(tmp_path / "whole"))
+    assert a.state["step"] == b.state["step"] == steps
+    np.testing.assert_array_equal(a.metrics["train"]["step"], np.arange(1, steps + 1))
+    np.testing.assert_array_equal(a.metrics["train"]["loss"], b.metrics["train"]["loss"])
+    for name in b.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(trained):
+    """A second fresh run in the same out_dir would mix two runs' checkpoints: refused, nothing touched; the first
+    run left its resolved config beside them."""
+    tmp, _ = trained
+    cfg, run_dir = tmp / "tiny.toml", tmp / "run"
+    assert json.loads((run_dir / "config.json").read_text())["train"]["max_iters"] == 8
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
+    assert_user_error(cli("train", cfg), "train.out_dir=", "already holds checkpoints", "--resume auto")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before

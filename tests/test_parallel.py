@@ -39,7 +39,7 @@ import hpc_llm
 from conftest import tiny_config
 from hpc_llm.checkpoint import load_checkpoint
 from hpc_llm.parallel.grid import make_grid, single_process_grid
-from hpc_llm.train import VAL_STREAM, Trainer
+from hpc_llm.train import VAL_STREAM, StopRequest, Trainer
 
 # name: (ranks, parallel.tp, train.grad_accum)
 LAYOUTS = {
@@ -234,6 +234,29 @@ def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
     if second.opt.t != full.opt.t or second.rng.bit_generator.state != full.rng.bit_generator.state:
         bad.append("resumed Adam step counter or dropout RNG state differs")
     bad += replica_checks(second)
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=2)
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(data_dir, shared_tmp_path):
+    """SIGUSR1 reaches rank 1 only (a real signal, during step 3): both ranks stop at the same step boundary, write one
+    verified checkpoint there and report the signal; no rank waits in a collective the other never enters."""
+    class SignalledAtStep3(Trainer):
+        def train_step(self):
+            if self.step == 2 and self.grid.world.rank == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().train_step()
+
+    cfg = run_config(data_dir, shared_tmp_path / "stop", **{"train.max_iters": 20, "train.eval_iters": 0})
+    with StopRequest() as stop:
+        tr = SignalledAtStep3(cfg, grid=make_grid(MPI.COMM_WORLD, 1), stop=stop)
+        summary = tr.run()
+    bad = []
+    if summary["stopped_by"] != signal.SIGUSR1 or summary["step"] != 3:
+        bad.append(f"summary {summary}")
+    saved = load_checkpoint(summary["checkpoint"])
+    if saved.state["step"] != 3 or len(saved.metrics["train"]["loss"]) != 3:
+        bad.append(f"checkpoint at step {saved.state['step']} with {len(saved.metrics['train']['loss'])} losses")
     check(not bad, "\n".join(bad))
 
 
