@@ -301,7 +301,6 @@ def import_gpt2(model_dir, out) -> Path:
         "step": 0,
         "tokens_seen": 0,
         "adam_t": 0,
-        "rng": [],  # no dropout streams yet: the trainer derives each rank's from the seed, as for a fresh run
         "tokenizer": {"tokenizer": TOKENIZER_META_NAME, "vocab_size": V},
         "data_path": "",
     }

@@ -3,7 +3,8 @@
 Data flows one way: tokens -> model.forward -> loss -> model.backward (tensor-parallel collectives inside, gradient
 buckets reduced over the data-parallel group as they complete) -> optimizer (ZeRO-1: on this rank's shard, then an
 allgather) -> checkpoint. Everything a resumed run needs to continue bit for bit is in the checkpoint: parameters, Adam
-moments and step counter, the step (batches are a pure function of it), and each data-parallel rank's dropout RNG.
+moments and step counter, and the step: batches and dropout masks are pure functions of (seed, step, micro-batch, row
+of the global batch), the same whatever the data/tensor-parallel layout.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hpc_llm.data import TokenData, check_split_size, get_batch
 from hpc_llm.errors import UserError
 from hpc_llm.fsio import atomic_write_bytes
 from hpc_llm.model.gpt import GPT
+from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.optim import AdamW, global_grad_norm, lr_at
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
@@ -111,7 +113,6 @@ class Trainer:
         self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t, owned=self.sync.owned)
         self.norm_ranges, self.norm_comm = self._norm_ranges()
         self._check_replicas_identical("initial parameters")
-        self.rng = self._dropout_rng(0)
         self.step = 0
         self.metrics = Metrics()
         if saved is not None:
@@ -172,10 +173,6 @@ class Trainer:
         comm = self.grid.world if self.sync.zero else self.grid.tp_comm
         return keep, comm
 
-    def _dropout_rng(self, step: int):
-        """Each DP rank draws masks for its own rows; the ranks of a TP group draw the same masks."""
-        return np.random.Generator(np.random.PCG64([self.cfg.train.seed, 0xD80, self.grid.dp_rank, step]))
-
     # -- resume ---------------------------------------------------------------------------------------------------------
 
     def _resume_path(self, resume: str | None) -> Path | None:
@@ -208,11 +205,6 @@ class Trainer:
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]
-        rngs = st["rng"]  # one dropout stream per data-parallel rank
-        if len(rngs) == self.grid.dp:
-            self.rng.bit_generator.state = rngs[self.grid.dp_rank]
-        else:  # another data-parallel layout (or none saved): fresh, deterministic streams from here on
-            self.rng = self._dropout_rng(self.step)
         for table in ("train", "eval"):
             for k, v in saved.metrics.get(table, {}).items():
                 getattr(self.metrics, table)[k] = list(np.asarray(v).tolist())
@@ -236,7 +228,9 @@ class Trainer:
         for micro in range(t.grad_accum):
             last = micro == t.grad_accum - 1
             x, y = self.batch(self.train_tokens, self.step, micro, TRAIN_STREAM)
-            loss += self.model.forward(x, y, rng=self.rng, keep_cache=True) / t.grad_accum
+            rng = (DropoutRNG(t.seed, self.step, micro, range(self.rows.start, self.rows.stop), self.xp)
+                   if self.cfg.model.dropout > 0 else None)
+            loss += self.model.forward(x, y, rng=rng, keep_cache=True) / t.grad_accum
             if last:
                 self.sync.start()
             # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
@@ -272,10 +266,9 @@ class Trainer:
             flat = self.opt.moments_flat(slot)
             self.sync.gather(flat)
             optimizer[slot] = m.full_tensors(flat)
-        rngs = self.grid.dp_comm.gather_objects(self.rng.bit_generator.state)
         path = ckpt.checkpoint_path(self.out_dir, self.step)
         state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
-                 "rng": rngs, "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
+                 "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
                  "layout": {"world": self.grid.world.size, "dp": self.grid.dp, "tp": self.grid.tp,
                             "zero": self.cfg.parallel.zero}}
         t0 = time.perf_counter()

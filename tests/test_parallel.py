@@ -152,14 +152,15 @@ LAYOUT_PARAMS = [pytest.param(name, zero, marks=pytest.mark.parallel(nprocs=LAYO
 
 @pytest.mark.parametrize("layout, zero", LAYOUT_PARAMS)
 def test_training_matches_single_process(layout, zero, data_dir, tmp_path, shared_tmp_path):
-    """STEPS steps on the grid vs the single-process run, float64 (tight) and float32: losses, grad norms, evals and
-    parameters; DP replicas bitwise identical; ZeRO-1's optimizer state 1/dp per rank."""
+    """STEPS steps on the grid vs the single-process run, with dropout, float64 (tight) and float32: losses, grad
+    norms, evals and parameters; DP replicas bitwise identical; ZeRO-1's optimizer state 1/dp per rank."""
     ranks, tp, accum = LAYOUTS[layout]
     assert MPI.COMM_WORLD.Get_size() == ranks
     grid = make_grid(MPI.COMM_WORLD, tp)
     bad = []
     for dtype in ("float64", "float32"):
-        common = {"model.dtype": dtype, "train.grad_accum": accum}
+        # dropout masks are a function of the global row, so the grid draws the single process's masks
+        common = {"model.dtype": dtype, "train.grad_accum": accum, "model.dropout": 0.1}
         par = train(run_config(data_dir, shared_tmp_path / f"par-{dtype}", **common,
                                **{"parallel.tp": tp, "parallel.zero": zero}), grid)
         ref = train(run_config(data_dir, tmp_path / f"ref-{dtype}", **common), single_process_grid())
@@ -211,7 +212,7 @@ def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
 @pytest.mark.parallel(nprocs=2)
 def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
     """DP2 with ZeRO-1, dropout and gradient accumulation: k steps, save, a new Trainer resumes and finishes; losses,
-    grad norms, parameters, this rank's Adam moments and dropout RNG equal the uninterrupted run's bitwise."""
+    grad norms, parameters and this rank's Adam moments equal the uninterrupted run's bitwise."""
     grid = make_grid(MPI.COMM_WORLD, 1)
     N, k = 6, 3
     common = {"model.dropout": 0.1, "train.grad_accum": 2, "train.eval_iters": 0, "parallel.zero": 1}
@@ -231,8 +232,8 @@ def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
                        ("Adam v", second.opt.v, full.opt.v)):
         if not np.array_equal(a, b):
             bad.append(f"resumed {what} differ from the uninterrupted run's")
-    if second.opt.t != full.opt.t or second.rng.bit_generator.state != full.rng.bit_generator.state:
-        bad.append("resumed Adam step counter or dropout RNG state differs")
+    if second.opt.t != full.opt.t:
+        bad.append("resumed Adam step counter differs")
     bad += replica_checks(second)
     check(not bad, "\n".join(bad))
 

@@ -90,7 +90,6 @@ def _assert_same_state(x: Trainer, y: Trainer) -> None:
     assert np.array_equal(x.opt.m, y.opt.m)
     assert np.array_equal(x.opt.v, y.opt.v)
     assert x.opt.t == y.opt.t
-    assert x.rng.bit_generator.state == y.rng.bit_generator.state
 
 
 @pytest.mark.parametrize("k, extra", [

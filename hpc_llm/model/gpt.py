@@ -228,9 +228,15 @@ class GPT:
             bad = hi if hi >= self.cfg.vocab_size else lo
             raise UserError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")
 
+    def _head_rng(self, rng):
+        """Attention's dropout draws for this rank's heads: a DropoutRNG's view (layout-independent masks)."""
+        h0 = self.tp.rank * self.heads
+        return rng.for_heads(h0, h0 + self.heads, self.cfg.n_head) if isinstance(rng, L.DropoutRNG) else rng
+
     def forward(self, idx, targets=None, rng=None, keep_cache: bool = False):
         """idx (B, T) int -> logits (B, T, vocab) if targets is None, else the mean cross-entropy loss (a float).
-        keep_cache=True keeps what backward needs (training); dropout applies only then and needs rng.
+        keep_cache=True keeps what backward needs (training); dropout applies only then and needs rng (a
+        layers.DropoutRNG for this rank's rows, or any Generator).
         Tensor parallel: f (copy_to_tp_region) before each column-parallel layer, g (reduce_from_tp_region) after
         each row-parallel one, a vocabulary-parallel embedding and loss."""
         cfg, P, tp = self.cfg, self.params, self.tp
@@ -246,7 +252,7 @@ class GPT:
             h1, ln1 = L.layernorm_forward(x, p["ln_1.weight"][0], p["ln_1.bias"][0])
             h1 = TP.copy_to_tp_region(h1, tp)
             qkv = L.linear_forward(h1, p["attn.c_attn.weight"][0], p["attn.c_attn.bias"][0])  # column-parallel
-            y, att = L.attention_forward(qkv, self.heads, drop, rng)
+            y, att = L.attention_forward(qkv, self.heads, drop, self._head_rng(rng) if drop > 0 else None)
             del qkv
             a = L.linear_forward(y, p["attn.c_proj.weight"][0], None)  # row-parallel: partial sums, bias after g
             a = TP.reduce_from_tp_region(a, tp)

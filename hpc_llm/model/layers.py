@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from hpc_llm.backend import array_module
 
 LN_EPS = 1e-5
@@ -188,8 +190,37 @@ def gelu_backward(dout, x, t):
 # Dropout
 
 
+class DropoutRNG:
+    """Dropout randomness as a pure function of (seed, step, micro-batch, row of the global batch): one generator per
+    row, advanced through the forward's dropout sites in order. A data-parallel rank makes the generators of its own
+    rows, so every layout draws the same logical masks and a resumed run the same as an uninterrupted one, with no
+    RNG state to checkpoint. ``for_heads`` is the view attention uses under tensor parallelism: each row draws the
+    masks of all heads and keeps this rank's. Masks are drawn on the host (NumPy) and moved to ``xp``."""
+
+    def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np, heads: tuple[int, int, int] | None = None):
+        self.gens = [np.random.Generator(np.random.PCG64([seed, 0xD80, step, micro, r])) for r in rows]
+        self.xp, self.heads = xp, heads
+
+    def for_heads(self, h0: int, h1: int, n_head: int) -> "DropoutRNG":
+        view = DropoutRNG.__new__(DropoutRNG)
+        view.gens, view.xp, view.heads = self.gens, self.xp, (h0, h1, n_head)
+        return view
+
+    def random(self, shape, dtype) -> object:
+        """Uniform [0, 1) of ``shape`` = (this rank's rows, ...); with heads, (rows, this rank's heads, ...)."""
+        assert shape[0] == len(self.gens), (shape, len(self.gens))
+        out = np.empty(shape, dtype)
+        for gen, row in zip(self.gens, out):
+            if self.heads is None or self.heads[1] - self.heads[0] == self.heads[2]:
+                gen.random(row.shape, dtype=dtype, out=row)
+            else:
+                h0, h1, n = self.heads
+                row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[h0:h1]
+        return out if self.xp is np else self.xp.asarray(out)
+
+
 def dropout_forward(x, p: float, rng):
-    """Inverted dropout; rng is a NumPy/CuPy Generator. Returns out and the scaled mask (the cache)."""
+    """Inverted dropout; rng: a NumPy/CuPy Generator or a DropoutRNG. Returns out and the scaled mask (the cache)."""
     mask = rng.random(x.shape, dtype=x.dtype)
     keep = mask >= p
     mask[...] = keep
