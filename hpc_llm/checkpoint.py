@@ -45,6 +45,7 @@ __all__ = [
     "save_checkpoint",
     "verify_checkpoint",
     "load_checkpoint",
+    "CheckpointFile",
     "checkpoint_path",
     "write_latest",
     "read_latest",
@@ -435,52 +436,99 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise _unreadable(path, exc) from None
 
 
+class CheckpointFile:
+    """A checkpoint open for reading in pieces: what every rank of a resumed run uses, each reading only its
+    hyperslabs. Opening checks the header and reads the small parts (state, config, metrics, each checksummed);
+    ``shapes`` lists the tensors. ``read`` returns a slab of a tensor without a checksum (a slab cannot be checked
+    against the whole dataset's crc32), so a reader first calls ``verify_share(part, parts)``: each of ``parts``
+    ranks checksums its share of the datasets, and the ranks agree on the verdict."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._f = _open(self.path)
+        try:
+            f = self._f
+            self.format_version = _check_header(f, self.path)
+            self.state = _load_state(_attr_str(f["state"].attrs["state_json"]))
+            self.config = json.loads(_attr_str(f.attrs["config_json"]))
+            self.metrics = {table: {col: self._read_checked(d).astype(np.float64, copy=False) for col, d in g.items()}
+                            for table, g in f["metrics"].items()}
+            self.shapes = {"params": {name: d.shape for name, d in f["params"].items()},
+                           **{f"optimizer/{slot}": {name: d.shape for name, d in g.items()}
+                              for slot, g in f["optimizer"].items()}}
+            self.software_version = _attr_str(f.attrs.get("software_version")) or ""
+            self.created = _attr_str(f.attrs.get("created")) or ""
+        except BaseException as exc:
+            self._f.close()
+            if isinstance(exc, (OSError, KeyError, ValueError, RuntimeError, TypeError)):
+                raise _unreadable(self.path, exc) from None
+            raise
+
+    def __enter__(self) -> "CheckpointFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _read_checked(self, dset: h5py.Dataset) -> np.ndarray:
+        arr = _contiguous(dset[()])
+        _check_crc(dset, _crc(arr), self.path)
+        return arr
+
+    def read(self, group: str, name: str, index: tuple = ()) -> np.ndarray:
+        """``/<group>/<name>[index]`` (group "params" or "optimizer/m", ...): only that hyperslab is read."""
+        try:
+            return np.asarray(self._f[group][name][index])
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise _unreadable(self.path, exc) from None
+
+    def read_whole(self, group: str, name: str, verify: bool = True) -> np.ndarray:
+        try:
+            dset = self._f[group][name]
+            return self._read_checked(dset) if verify else _contiguous(dset[()])
+        except UserError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise _unreadable(self.path, exc) from None
+
+    def verify_share(self, part: int, parts: int) -> None:
+        """Checksum this part's share of all datasets: largest first, each to the part with the fewest bytes so
+        far (the same deal on every rank), so ``parts`` ranks together check every dataset once, in 1/parts time."""
+        try:
+            datasets = sorted(_datasets(self._f), key=lambda d: (-d.size * d.dtype.itemsize, d.name))
+            load = [0] * parts
+            for dset in datasets:
+                who = min(range(parts), key=lambda r: (load[r], r))
+                load[who] += dset.size * dset.dtype.itemsize
+                if who == part:
+                    _check_crc(dset, _dataset_crc(dset), self.path)
+        except UserError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise _unreadable(self.path, exc) from None
+
+
 def load_checkpoint(path: str | os.PathLike, verify: bool = True, optimizer: bool = True) -> Checkpoint:
     """Read a whole checkpoint into memory. With ``verify`` every dataset's crc32 is checked as it is read;
     without it the header checks (format, version, complete) still apply. ``optimizer=False`` skips the Adam moments
     (two thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
-    path = Path(path)
-    f = _open(path)
-    try:
-        with f:
-            version = _check_header(f, path)
-
-            def read(dset: h5py.Dataset) -> np.ndarray:
-                arr = _contiguous(dset[()])
-                if verify:
-                    _check_crc(dset, _crc(arr), path)
-                return arr
-
-            if verify:  # stray datasets outside the groups read below must still carry a correct checksum
-                known = {"params", "optimizer", "metrics"}
-                for dset in _datasets(f):
-                    if dset.name.split("/")[1] not in known:
-                        _check_crc(dset, _dataset_crc(dset), path)
-
-            params = {name: read(d) for name, d in f["params"].items()}
-            moments = ({slot: {name: read(d) for name, d in g.items()} for slot, g in f["optimizer"].items()}
-                       if optimizer else {})
-            metrics = {
-                table: {col: read(d).astype(np.float64, copy=False) for col, d in g.items()}
-                for table, g in f["metrics"].items()
-            }
-            state = _load_state(_attr_str(f["state"].attrs["state_json"]))
-            config = json.loads(_attr_str(f.attrs["config_json"]))
-            return Checkpoint(
-                params=params,
-                optimizer=moments,
-                state=state,
-                config=config,
-                metrics=metrics,
-                path=path,
-                format_version=version,
-                software_version=_attr_str(f.attrs.get("software_version")) or "",
-                created=_attr_str(f.attrs.get("created")) or "",
-            )
-    except UserError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise _unreadable(path, exc) from None
+    with CheckpointFile(path) as f:
+        if verify:  # stray datasets outside the groups read below must still carry a correct checksum
+            for dset in _datasets(f._f):
+                if dset.name.split("/")[1] not in {"params", "optimizer", "metrics"}:
+                    _check_crc(dset, _dataset_crc(dset), f.path)
+        params = {name: f.read_whole("params", name, verify) for name in f.shapes["params"]}
+        moments = {}
+        if optimizer:
+            for group, names in f.shapes.items():
+                if group.startswith("optimizer/"):
+                    moments[group.split("/", 1)[1]] = {name: f.read_whole(group, name, verify) for name in names}
+        return Checkpoint(params=params, optimizer=moments, state=f.state, config=f.config, metrics=f.metrics,
+                          path=f.path, format_version=f.format_version, software_version=f.software_version,
+                          created=f.created)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class Trainer:
         self.step = 0
         self.metrics = Metrics()
         if saved is not None:
-            self._restore(saved)
+            world.agree(lambda: self._restore(saved))  # reads only: no collective inside
             self._check_replicas_identical("resumed parameters")
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
         # MFU is against the peak of the whole job: each rank's (measured, concurrently, or given) summed
@@ -133,9 +133,14 @@ class Trainer:
         self.train_tokens = self.data.split("train")
         self.val_tokens = self.data.split("val")
         resume_path = self._resume_path(resume)
-        saved = ckpt.load_checkpoint(resume_path) if resume_path else None
+        saved = ckpt.CheckpointFile(resume_path) if resume_path else None
         if saved is not None:
-            self._check_compatible(saved)
+            try:  # the ranks share the checksum reading; agree() makes one bad dataset an error on every rank
+                self._check_compatible(saved)
+                saved.verify_share(self.grid.world.rank, self.grid.world.size)
+            except BaseException:
+                saved.close()
+                raise
         resolve_vocab(cfg, self.data)
         check_layout(self.grid.world.size, par.tp, cfg.model.n_head, cfg.model.padded_vocab)
         if t.batch_size % self.grid.dp:
@@ -185,7 +190,7 @@ class Trainer:
             return found
         return Path(resume)
 
-    def _check_compatible(self, saved: ckpt.Checkpoint) -> None:
+    def _check_compatible(self, saved: ckpt.CheckpointFile) -> None:
         """The model section must match the checkpoint's; training settings may change (e.g. a longer run)."""
         theirs = config_from_dict(saved.config).model
         mine = self.cfg.model
@@ -196,12 +201,19 @@ class Trainer:
                 raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
                                 f"{getattr(mine, k)}")
 
-    def _restore(self, saved: ckpt.Checkpoint) -> None:
-        self.model.load_state(saved.params)
-        for slot in ("m", "v"):
-            flat = self.xp.zeros_like(self.model.flat)
-            self.model.load_flat(flat, saved.optimizer[slot], f"optimizer {slot}")
-            self.opt.load_moments_flat(slot, flat)
+    def _restore(self, saved: ckpt.CheckpointFile) -> None:
+        """Each rank reads its own hyperslabs: its TP shard of every parameter and, of the Adam moments, the rows of
+        that shard covering the ranges it owns (ZeRO-1: about 1/dp of them)."""
+        m = self.model
+        with saved:
+            m.read_flat(m.flat, lambda name, index: saved.read("params", name, index), saved.shapes["params"],
+                        f"{saved.path} parameters")
+            for slot in ("m", "v"):
+                group = f"optimizer/{slot}"
+                flat = self.xp.zeros_like(m.flat)
+                m.read_flat(flat, lambda name, index: saved.read(group, name, index), saved.shapes.get(group, {}),
+                            f"{saved.path} optimizer {slot}", ranges=self.sync.owned)
+                self.opt.load_moments_flat(slot, flat)
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]

@@ -1,5 +1,6 @@
 """A checkpoint written by one layout resumes under another: a DP2 x TP2 ZeRO-1 run saves after K steps, then TP4,
-DP4 (ZeRO-1) and a single process each resume it to N steps and follow the uninterrupted single-process run.
+DP4 (ZeRO-1) and a single process each resume it to N steps and follow the uninterrupted single-process run, each rank
+reading only its hyperslabs of the file.
 
 float64, with dropout: the masks are a function of (seed, step, micro-batch, global row), so a change of layout cannot
 change them, and every run does the same arithmetic as the reference except for the order of sums (matmuls over TP shards plus
@@ -10,11 +11,15 @@ room (test_parallel.py saw at most ~5e-13). Parameters are compared normwise per
 
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 from test_parallel import F64_RTOL, check, rel_diff, replica_checks, run_config, train
+from hpc_llm import checkpoint as ckpt
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 
 K, N = 3, 6
@@ -45,6 +50,42 @@ def compare(tr, ref, name: str) -> list[str]:
     return bad
 
 
+@contextlib.contextmanager
+def count_reads():
+    """Elements each group ("params", "optimizer/m", ...) of CheckpointFile.read handed this rank."""
+    counts = collections.Counter()
+    original = ckpt.CheckpointFile.read
+
+    def counting(self, group, name, index=()):
+        out = original(self, group, name, index)
+        counts[group] += out.size
+        return out
+
+    ckpt.CheckpointFile.read = counting
+    try:
+        yield counts
+    finally:
+        ckpt.CheckpointFile.read = original
+
+
+def hyperslab_checks(tr, read) -> list[str]:
+    """A resumed rank read its TP shard of every parameter (model.local_size elements) and, of each Adam moment, the
+    rows covering the ranges it owns: its whole shard without ZeRO-1, about 1/dp of it with it."""
+    m, bad = tr.model, []
+    if read["params"] != m.local_size:
+        bad.append(f"read {read['params']} parameter elements, this rank holds {m.local_size}")
+    owned = sum(b - a for a, b in tr.sync.owned)
+    # each owned range, cut at tensor boundaries, is read as whole rows: at most two partial rows per piece
+    pieces = sum(1 for a, b in tr.sync.owned for s in m.specs if max(a, s.offset) < min(b, s.offset + s.size))
+    slack = 2 * pieces * max(s.size // s.local_shape[0] for s in m.specs)
+    for slot in ("optimizer/m", "optimizer/v"):
+        if tr.sync.zero and not owned <= read[slot] <= owned + slack:
+            bad.append(f"{slot}: read {read[slot]} elements, owns {owned} (+ at most {slack} of partial rows)")
+        if not tr.sync.zero and read[slot] != m.local_size:
+            bad.append(f"{slot}: read {read[slot]} elements, this rank holds {m.local_size}")
+    return bad
+
+
 @pytest.mark.parallel(nprocs=4)
 def test_dp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, shared_tmp_path):
     assert MPI.COMM_WORLD.Get_size() == 4
@@ -65,8 +106,10 @@ def test_dp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, shar
         "TP1-single-process": (1, 0, single_process_grid, tmp_path / "tp1"),  # each rank its own run and out_dir
     }
     for name, (tp, zero, grid, out) in targets.items():
-        tr = train(run_config(data_dir, out, **COMMON, **{"train.max_iters": N, "parallel.tp": tp,
-                                                          "parallel.zero": zero}), grid(), resume=path)
+        with count_reads() as read:
+            tr = train(run_config(data_dir, out, **COMMON, **{"train.max_iters": N, "parallel.tp": tp,
+                                                              "parallel.zero": zero}), grid(), resume=path)
+        bad += [f"{name}: {b}" for b in hyperslab_checks(tr, read)]
         ranks = tr.grid.world.size
         if (ranks, tr.grid.tp, tr.sync.zero) != ((1 if name.startswith("TP1") else 4), tp, bool(zero)):
             bad.append(f"{name}: {ranks} ranks, tp {tr.grid.tp}, zero {tr.sync.zero}")

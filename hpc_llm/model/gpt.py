@@ -158,21 +158,49 @@ class GPT:
             full = init_tensor(s, seed, self.cfg.vocab_size).astype(self.dtype)
             self.params[s.name][...] = to_device(self.shard(full, s), self.xp)
 
-    def check_state(self, tensors: dict, what: str = "parameters") -> None:
-        missing = [n for n in self.spec if n not in tensors]
-        extra = [n for n in tensors if n not in self.spec]
+    def check_shapes(self, shapes: dict, what: str = "parameters") -> None:
+        """shapes: {name: full shape} of a source of tensors; it must hold exactly this model's, in its shapes."""
+        missing = [n for n in self.spec if n not in shapes]
+        extra = [n for n in shapes if n not in self.spec]
         if missing or extra:
             raise UserError(f"{what} do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-        for name, t in tensors.items():
-            if tuple(t.shape) != self.spec[name].shape:
-                raise UserError(f"{what}: {name} has shape {tuple(t.shape)}, the config gives {self.spec[name].shape}")
+        for name, shape in shapes.items():
+            if tuple(shape) != self.spec[name].shape:
+                raise UserError(f"{what}: {name} has shape {tuple(shape)}, the config gives {self.spec[name].shape}")
 
     def load_flat(self, flat, tensors: dict, what: str = "parameters") -> None:
         """Copy named full tensors into a flat buffer laid out like self.flat, each rank taking its shard."""
-        self.check_state(tensors, what)
+        self.check_shapes({n: t.shape for n, t in tensors.items()}, what)
         for name, t in tensors.items():
             s = self.spec[name]
             self.local_view(flat, s)[...] = to_device(self.shard(np.asarray(t, dtype=self.dtype), s), self.xp)
+
+    def read_flat(self, flat, read, shapes: dict, what: str, ranges=None) -> None:
+        """Like load_flat, from a reader instead of full tensors: read(name, index) returns full[index] for a
+        hyperslab index (an HDF5 dataset's slicing), and only the rows of this rank's shards that cover `ranges` of
+        the flat buffer are read (default: all of it; ZeRO-1: the ranges this rank owns). shapes: {name: full
+        shape} of what the source holds, checked first."""
+        self.check_shapes(shapes, what)
+        for s in self.specs:
+            row = s.size // s.local_shape[0]  # elements per row (along axis 0) of the local shard
+            dest = self.local_view(flat, s).reshape(-1)
+            for a, b in ranges if ranges is not None else [(0, self.local_size)]:
+                lo, hi = max(a, s.offset) - s.offset, min(b, s.offset + s.size) - s.offset
+                if lo >= hi:
+                    continue
+                r0, r1 = lo // row, -(-hi // row)
+                rows = self._read_local_rows(read, s, r0, r1).reshape(-1)
+                dest[lo:hi] = to_device(np.asarray(rows[lo - r0 * row:hi - r0 * row], dtype=self.dtype), self.xp)
+
+    def _read_local_rows(self, read, s: ParamSpec, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of this rank's shard of s, read as hyperslabs of the full tensor."""
+        slabs = TP.shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
+        if s.tp_axis != 0 or self.tp.size == 1:  # axis 0 whole: the rows, times this rank's slab(s) of the split axis
+            pieces = [read(s.name, (slice(r0, r1),) + slab[1:]) for slab in slabs]
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=s.tp_axis)
+        rows = np.concatenate([np.arange(slab[0].start, slab[0].stop) for slab in slabs])[r0:r1]
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)  # contiguous runs of full-tensor rows
+        return np.concatenate([read(s.name, (slice(int(run[0]), int(run[-1]) + 1),)) for run in runs])
 
     def load_state(self, tensors: dict) -> None:
         self.load_flat(self.flat, tensors)

@@ -58,14 +58,24 @@ def gather_from_tp_region(x, comm: Comm):
 # Sharding a full (logical) tensor by its spec (DESIGN principle 4)
 
 
-def shard_index(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int):
-    """The index into the full tensor that is rank's shard: along tp_axis, each of tp_blocks equal blocks is cut into
-    tp pieces and the rank takes piece `rank` of every block (so a rank gets its heads' q, k and v)."""
+def shard_slices(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int) -> list[tuple]:
+    """Rank's shard as hyperslabs of the full tensor, which concatenated along tp_axis give it: along tp_axis, each of
+    tp_blocks equal blocks is cut into tp pieces and the rank takes piece `rank` of every block (so a rank gets its
+    heads' q, k and v). A reader of a file reads only these."""
     if tp_axis is None or tp == 1:
-        return (slice(None),) * len(shape)
+        return [(slice(None),) * len(shape)]
     n = shape[tp_axis] // tp_blocks
     piece = n // tp
-    idx = np.concatenate([np.arange(b * n + rank * piece, b * n + (rank + 1) * piece) for b in range(tp_blocks)])
+    return [(slice(None),) * tp_axis + (slice(b * n + rank * piece, b * n + (rank + 1) * piece),)
+            for b in range(tp_blocks)]
+
+
+def shard_index(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int):
+    """shard_slices as one index into the full tensor: an index array along tp_axis (or all of it when unsplit)."""
+    slabs = shard_slices(shape, tp_axis, tp_blocks, tp, rank)
+    if tp_axis is None or tp == 1:
+        return slabs[0]
+    idx = np.concatenate([np.arange(s[tp_axis].start, s[tp_axis].stop) for s in slabs])
     return (slice(None),) * tp_axis + (idx,)
 
 
