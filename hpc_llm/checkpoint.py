@@ -52,6 +52,7 @@ __all__ = [
     "find_latest",
     "list_checkpoints",
     "prune_checkpoints",
+    "remove_interrupted_saves",
 ]
 
 FORMAT = "hpc_llm-checkpoint"
@@ -587,6 +588,19 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return found
 
 
+def remove_interrupted_saves(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of saves that were killed (``.ckpt_*.h5.tmp-<pid>``). Only for the one process
+    that writes ``out_dir``'s checkpoints, before it saves: another live writer's temporary file would go too."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    stale = [e for e in out_dir.iterdir() if e.name.startswith(".ckpt_") and ".tmp-" in e.name and e.is_file()]
+    for path in stale:
+        path.unlink()
+        log.info("removed %s, left by an interrupted save", path)
+    return stale
+
+
 def _verifies(path: Path) -> bool:
     try:
         verify_checkpoint(path)
@@ -597,16 +611,17 @@ def _verifies(path: Path) -> bool:
 
 
 def find_latest(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from (``--resume auto``): the file ``latest`` names if it verifies, else the
-    newest ``ckpt_*.h5`` that verifies, else None. Each skipped file is logged as a warning."""
-    pointed = read_latest(out_dir)
-    if pointed is not None and _verifies(pointed):
-        return pointed
-    for _step, path in list_checkpoints(out_dir):
-        if pointed is not None and path.resolve() == pointed.resolve():
-            continue  # already tried and rejected
+    """The checkpoint to resume from (``--resume auto``): the newest (highest step) ``ckpt_*.h5`` that verifies, else
+    the file ``latest`` names if it lies elsewhere and verifies, else None. The newest file, not the pointer, comes
+    first: a save killed between its rename and the pointer's update leaves a complete, verified newer file.
+    Each skipped file is logged as a warning."""
+    listed = list_checkpoints(out_dir)
+    for _step, path in listed:
         if _verifies(path):
             return path
+    pointed = read_latest(out_dir)
+    if pointed is not None and all(pointed.resolve() != p.resolve() for _s, p in listed) and _verifies(pointed):
+        return pointed
     return None
 
 

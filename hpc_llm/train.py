@@ -152,8 +152,9 @@ class Trainer:
         if resume_path is None and ckpt.list_checkpoints(t.out_dir):
             raise UserError(f"train.out_dir={t.out_dir} already holds checkpoints of another run: resume it with "
                             f"--resume auto, or choose another train.out_dir")
-        if self.is_root:
+        if self.is_root:  # this run is out_dir's one writer
             Path(t.out_dir).mkdir(parents=True, exist_ok=True)
+            ckpt.remove_interrupted_saves(t.out_dir)
             atomic_write_bytes(Path(t.out_dir) / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         return saved
 

@@ -410,19 +410,30 @@ def test_find_latest_skips_corrupt_and_temp(tmp_path, caplog):
     assert ".ckpt_00000400.h5.tmp-999" in text
 
 
-def test_find_latest_prefers_valid_pointer_and_falls_back(tmp_path, caplog):
+def test_find_latest_prefers_newest_over_pointer(tmp_path, caplog):
+    """A save killed between its rename and the pointer's update leaves a complete newer file: it wins."""
     for step in (100, 200):
         save_checkpoint(checkpoint_path(tmp_path, step), **small_payload(step))
     write_latest(tmp_path, checkpoint_path(tmp_path, 100))
-    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
-    # pointer names a file that no longer verifies -> newest good one
-    flip_byte_in(checkpoint_path(tmp_path, 100), "params/w")
+    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 200)
+    # the newest no longer verifies -> the next one
+    flip_byte_in(checkpoint_path(tmp_path, 200), "params/w")
     with caplog.at_level(logging.WARNING, logger="hpc_llm.checkpoint"):
-        assert find_latest(tmp_path) == checkpoint_path(tmp_path, 200)
-    assert "ckpt_00000100.h5" in caplog.text
+        assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
+    assert "ckpt_00000200.h5" in caplog.text
     # pointer names a missing file
     write_latest(tmp_path, tmp_path / "ckpt_00000999.h5")
-    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 200)
+    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
+
+
+def test_find_latest_follows_pointer_outside_the_directory(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_checkpoint(checkpoint_path(elsewhere, 7), **small_payload(7))
+    run = tmp_path / "run"
+    run.mkdir()
+    write_latest(run, checkpoint_path(elsewhere, 7))
+    assert find_latest(run) == checkpoint_path(elsewhere, 7)
 
 
 def test_prune_keeps_newest(tmp_path):
@@ -446,7 +457,7 @@ def test_prune_never_removes_latest_nor_counts_corrupt(tmp_path):
     left = sorted(p.name for p in tmp_path.glob("ckpt_*.h5"))
     # 400 is corrupt (left in place, not counted), 300 is the newest good one, 100 is what `latest` names
     assert left == ["ckpt_00000100.h5", "ckpt_00000300.h5", "ckpt_00000400.h5"]
-    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 100)
+    assert find_latest(tmp_path) == checkpoint_path(tmp_path, 300)
 
 
 def test_load_without_optimizer_skips_moments(tmp_path):

@@ -1,0 +1,156 @@
+"""A process killed (SIGKILL) at any point of a save leaves the previous checkpoint loadable, never a file under a
+checkpoint's name that is not complete, and `--resume auto` continues from the newest complete checkpoint exactly.
+
+The child is `hpc-llm train` (checkpoints at steps 2, 4, 6) with one function of hpc_llm.checkpoint wrapped so that
+during the save of step 4 it stops at a chosen point, says so, and waits to be killed: while the temporary file is
+being filled (first and a middle dataset), before its fsync, before verification, before the rename, after the rename
+but before the `latest` pointer moves, and before old checkpoints are pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from hpc_llm.checkpoint import checkpoint_path, find_latest, list_checkpoints, load_checkpoint, verify_checkpoint
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    from hpc_llm import checkpoint as ckpt, cli
+
+    where, nth = os.environ["KILL_POINT"].split(":")
+    saves, calls = 0, 0
+
+    def pausing(fn, name):
+        def wrapped(*args, **kwargs):
+            global calls
+            if name == where and saves == 2:
+                calls += 1
+                if calls == int(nth):
+                    tmp = [p for p in os.listdir(os.environ["RUN_DIR"]) if ".tmp-" in p]
+                    print("PAUSED", name, nth, tmp, flush=True)
+                    time.sleep(600)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    save = ckpt.save_checkpoint
+    def counting_save(*args, **kwargs):
+        global saves
+        saves += 1
+        return save(*args, **kwargs)
+
+    ckpt.save_checkpoint = counting_save
+    for name in ("_write_array", "_fsync_path", "verify_checkpoint", "write_latest", "prune_checkpoints"):
+        setattr(ckpt, name, pausing(getattr(ckpt, name), name))
+    ckpt.os.replace = pausing(os.replace, "replace")
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+CONFIG = """\
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 16
+dtype = "float64"
+dropout = 0.1
+
+[data]
+path = "{data}"
+
+[train]
+batch_size = 4
+max_iters = 6
+lr = 1e-2
+warmup_iters = 2
+lr_decay_iters = 6
+eval_iters = 0
+log_interval = 1
+peak_tflops = 1.0
+out_dir = "{out}"
+
+[checkpoint]
+interval = 2
+keep_last = 1
+"""
+
+# point: (is the step-4 file complete when the process dies?, is its temporary file still there?)
+POINTS = {
+    "_write_array:1": (False, True),  # the temporary file has its header, no dataset yet
+    "_write_array:9": (False, True),  # in the middle of the parameters
+    "_fsync_path:1": (False, True),  # written and closed, not yet on disk for sure
+    "verify_checkpoint:1": (False, True),
+    "replace:1": (False, True),  # verified, not renamed
+    "write_latest:1": (True, False),  # renamed; `latest` still names step 2
+    "prune_checkpoints:1": (True, False),  # step 2 not yet pruned
+}
+
+
+def config(tmp_path, data_dir, name):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(CONFIG.format(data=data_dir.as_posix(), out=(tmp_path / name).as_posix()))
+    return path
+
+
+def train(cfg, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "hpc_llm", "train", str(cfg), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("whole")
+    proc = train(config(tmp, data_dir, "run"))
+    assert proc.returncode == 0, proc.stderr
+    return load_checkpoint(find_latest(tmp / "run"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("point", list(POINTS))
+def test_kill_during_save(point, tmp_path, data_dir, uninterrupted):
+    new_complete, tmp_left = POINTS[point]
+    run_dir = tmp_path / "run"
+    cfg = config(tmp_path, data_dir, "run")
+    env = {**os.environ, "KILL_POINT": point, "RUN_DIR": str(run_dir)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, "train", str(cfg)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in child.stdout:
+            if line.startswith("PAUSED"):
+                break
+        else:
+            pytest.fail(f"the child never reached {point}: {child.wait()} {child.stderr.read()}")
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.stdout.close()
+        child.stderr.close()
+
+    # every file under a checkpoint's name is complete and verifies; the partial one is only a temporary file
+    named = list_checkpoints(run_dir)
+    for _step, path in named:
+        verify_checkpoint(path)
+    assert [s for s, _ in named] == ([4, 2] if new_complete else [2])
+    assert any(".tmp-" in p.name for p in run_dir.iterdir()) == tmp_left
+    newest = find_latest(run_dir)
+    assert newest == checkpoint_path(run_dir, 4 if new_complete else 2)
+    assert load_checkpoint(newest).state["step"] == (4 if new_complete else 2)
+
+    # --resume auto picks it, cleans the interrupted save's temporary file and ends where the uninterrupted run does
+    resumed = train(cfg, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {newest}" in resumed.stdout
+    assert not any(".tmp-" in p.name for p in run_dir.iterdir())
+    final = load_checkpoint(find_latest(run_dir))
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == final.state["step"] == 6
+    np.testing.assert_array_equal(final.metrics["train"]["loss"], uninterrupted.metrics["train"]["loss"])
+    for name, want in uninterrupted.params.items():
+        np.testing.assert_array_equal(final.params[name], want, err_msg=name)
