@@ -46,6 +46,8 @@ __all__ = [
     "verify_checkpoint",
     "load_checkpoint",
     "CheckpointFile",
+    "mpio_available",
+    "save_checkpoint_mpio",
     "checkpoint_path",
     "write_latest",
     "read_latest",
@@ -209,15 +211,103 @@ def _remove_quietly(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _write_array(group: h5py.Group, name: str, arr: np.ndarray, *, extensible: bool = False) -> h5py.Dataset:
-    if extensible:
-        dset = group.create_dataset(
-            name, data=arr, maxshape=(None,), chunks=(_METRIC_CHUNK,), dtype=np.float64
-        )
-    else:
-        dset = group.create_dataset(name, data=arr)
-    dset.attrs["crc32"] = np.int64(_crc(arr))
-    return dset
+@dataclass
+class _Payload:
+    """What a save writes, validated and serialised before a byte touches the disk. ``tensors``: dataset path ->
+    array, in file order (parameters, optimizer slots, metrics columns)."""
+
+    tensors: dict[str, np.ndarray]
+    state: dict
+    state_json: str
+    config_json: str
+    created: str
+
+
+def _prepare(params, optimizer, state, config, metrics) -> _Payload:
+    tensors: dict[str, np.ndarray] = {}
+    for name, value in params.items():
+        _check_name(name, "parameter")
+        tensors[f"params/{name}"] = _as_array(value, f"params[{name!r}]")
+    for slot, named in optimizer.items():
+        _check_name(slot, "optimizer slot")
+        for name, value in named.items():
+            if f"params/{name}" not in tensors:
+                raise ValueError(f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter")
+            arr = _as_array(value, f"optimizer[{slot!r}][{name!r}]")
+            if arr.shape != tensors[f"params/{name}"].shape:
+                raise ValueError(
+                    f"checkpoint: optimizer[{slot!r}][{name!r}] has shape {arr.shape}, "
+                    f"expected the parameter's {tensors[f'params/{name}'].shape}"
+                )
+            tensors[f"optimizer/{slot}/{name}"] = arr
+    for table, columns in metrics.items():
+        _check_name(table, "metrics table")
+        for column, values in columns.items():
+            _check_name(column, "metrics column")
+            arr = _contiguous(np.asarray(values, dtype=np.float64))
+            if arr.ndim != 1:
+                raise ValueError(f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}")
+            tensors[f"metrics/{table}/{column}"] = arr
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return _Payload(tensors, state, _dump_state(state), json.dumps(config), created)
+
+
+def _deal(sizes: list[int], parts: int) -> list[int]:
+    """Which of ``parts`` ranks takes each item: largest first, each to the rank with the fewest bytes so far.
+    The same on every rank, so ranks can share the datasets of a file without talking."""
+    load, owner = [0] * parts, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(parts), key=lambda r: (load[r], r))
+        load[owner[i]] += sizes[i]
+    return owner
+
+
+def _write_file(f: h5py.File, payload: _Payload, crcs: dict[str, int], mine) -> None:
+    """Create every attribute, group and dataset in one fixed order (under mpio these calls are collective: every
+    rank makes them alike), then write the data of the datasets ``mine(path)`` says are this rank's."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+    f.attrs["software_version"] = __version__
+    f.attrs["created"] = payload.created
+    step = payload.state.get("step")
+    if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+        f.attrs["step"] = np.int64(step)
+    f.attrs["config_json"] = payload.config_json
+    for group in ("params", "optimizer", "metrics"):
+        f.create_group(group, track_order=True)
+    dsets = {}
+    for path, arr in payload.tensors.items():
+        parent = path.rsplit("/", 1)[0]
+        if parent not in f:
+            f.create_group(parent, track_order=True)
+        if path.startswith("metrics/"):  # extendable by a later writer
+            dset = f.create_dataset(path, shape=arr.shape, maxshape=(None,), chunks=(_METRIC_CHUNK,), dtype=arr.dtype)
+        else:
+            dset = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype)
+        dset.attrs["crc32"] = np.int64(crcs[path])
+        dsets[path] = dset
+    g = f.create_group("state")
+    g.attrs["state_json"] = payload.state_json
+    for key, value in payload.state.items():
+        if key == "state_json":
+            continue
+        if isinstance(value, (bool, np.bool_, str)):
+            g.attrs[key] = value
+        elif isinstance(value, (int, np.integer)) and -(2**63) <= int(value) < 2**63:
+            g.attrs[key] = np.int64(value)
+        elif isinstance(value, (float, np.floating)):
+            g.attrs[key] = np.float64(value)
+    f.create_group("config").attrs["config_json"] = payload.config_json
+    for path, arr in payload.tensors.items():
+        if mine(path) and arr.size:
+            dsets[path][...] = arr
+    f.attrs["manifest_json"] = json.dumps(["/" + p for p in payload.tensors])
+    f.attrs["complete"] = True  # last: a file without it was not finished
+
+
+def _check_directory(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: cannot write checkpoint, directory {path.parent} does not exist")
 
 
 def save_checkpoint(
@@ -237,98 +327,72 @@ def save_checkpoint(
     Dtypes of params/optimizer arrays are kept exactly, so a load is bitwise.
     """
     path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise UserError(f"{path}: cannot write checkpoint, directory {directory} does not exist")
-
-    # Validate and serialise everything before a byte touches the disk.
-    params_c: dict[str, np.ndarray] = {}
-    for name, value in params.items():
-        _check_name(name, "parameter")
-        params_c[name] = _as_array(value, f"params[{name!r}]")
-    optim_c: dict[str, dict[str, np.ndarray]] = {}
-    for slot, tensors in optimizer.items():
-        _check_name(slot, "optimizer slot")
-        optim_c[slot] = {}
-        for name, value in tensors.items():
-            if name not in params_c:
-                raise ValueError(f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter")
-            arr = _as_array(value, f"optimizer[{slot!r}][{name!r}]")
-            if arr.shape != params_c[name].shape:
-                raise ValueError(
-                    f"checkpoint: optimizer[{slot!r}][{name!r}] has shape {arr.shape}, "
-                    f"expected the parameter's {params_c[name].shape}"
-                )
-            optim_c[slot][name] = arr
-    metrics_c: dict[str, dict[str, np.ndarray]] = {}
-    for table, columns in metrics.items():
-        _check_name(table, "metrics table")
-        metrics_c[table] = {}
-        for column, values in columns.items():
-            _check_name(column, "metrics column")
-            arr = _contiguous(np.asarray(values, dtype=np.float64))
-            if arr.ndim != 1:
-                raise ValueError(f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}")
-            metrics_c[table][column] = arr
-    state_json = _dump_state(state)
-    config_json = json.dumps(config)
-
-    manifest = (
-        [f"/params/{n}" for n in params_c]
-        + [f"/optimizer/{s}/{n}" for s, t in optim_c.items() for n in t]
-        + [f"/metrics/{t}/{c}" for t, cols in metrics_c.items() for c in cols]
-    )
-
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    _check_directory(path)
+    payload = _prepare(params, optimizer, state, config, metrics)
+    crcs = {p: _crc(a) for p, a in payload.tensors.items()}
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with h5py.File(tmp, "w", libver=_LIBVER) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
-            f.attrs["software_version"] = __version__
-            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            step = state.get("step")
-            if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
-                f.attrs["step"] = np.int64(step)
-            f.attrs["config_json"] = config_json
-
-            g = f.create_group("params", track_order=True)
-            for name, arr in params_c.items():
-                _write_array(g, name, arr)
-            g = f.create_group("optimizer", track_order=True)
-            for slot, tensors in optim_c.items():
-                gs = g.create_group(slot, track_order=True)
-                for name, arr in tensors.items():
-                    _write_array(gs, name, arr)
-
-            g = f.create_group("state")
-            g.attrs["state_json"] = state_json
-            for key, value in state.items():
-                if key == "state_json":
-                    continue
-                if isinstance(value, (bool, np.bool_, str)):
-                    g.attrs[key] = value
-                elif isinstance(value, (int, np.integer)) and -(2**63) <= int(value) < 2**63:
-                    g.attrs[key] = np.int64(value)
-                elif isinstance(value, (float, np.floating)):
-                    g.attrs[key] = np.float64(value)
-
-            g = f.create_group("config")
-            g.attrs["config_json"] = config_json
-
-            g = f.create_group("metrics", track_order=True)
-            for table, columns in metrics_c.items():
-                gt = g.create_group(table, track_order=True)
-                for column, arr in columns.items():
-                    _write_array(gt, column, arr, extensible=True)
-
-            f.attrs["manifest_json"] = json.dumps(manifest)
-            f.attrs["complete"] = True  # last: a file without it was not finished
+            _write_file(f, payload, crcs, mine=lambda _path: True)
         _fsync_path(tmp)
         verify_checkpoint(tmp)
         os.replace(tmp, path)
-        fsync_dir(directory)
+        fsync_dir(path.parent)
     except BaseException:
         _remove_quietly(tmp)
+        raise
+
+
+def mpio_available() -> bool:
+    """Whether this h5py was built with MPI (parallel HDF5), so ranks can write one file together."""
+    return bool(h5py.get_config().mpi)
+
+
+def save_checkpoint_mpio(path: str | os.PathLike, comm, **payload_args) -> None:
+    """``save_checkpoint`` written by all ranks of the mpi4py communicator ``comm`` together (parallel HDF5, driver
+    "mpio"); every rank passes the same payload. The datasets are dealt out by size; each rank checksums and writes
+    its own share (independent I/O) and fsyncs, the ranks verify their shares of the closed file, and rank 0 renames
+    it. The file is the same as the serial writer's. Errors: a UserError on any rank is raised on every rank."""
+    path = Path(path)
+    rank, size = comm.Get_rank(), comm.Get_size()
+
+    def agreed(fn):
+        error, out = None, None
+        try:
+            out = fn()
+        except UserError as exc:
+            error = str(exc)
+        error = next((e for e in comm.allgather(error) if e), None)
+        if error:
+            raise UserError(error)
+        return out
+
+    payload = agreed(lambda: (_check_directory(path), _prepare(**payload_args))[1])
+    names = list(payload.tensors)
+    owner = dict(zip(names, _deal([payload.tensors[p].nbytes for p in names], size)))
+    crcs = {}
+    for part in comm.allgather({p: _crc(a) for p, a in payload.tensors.items() if owner[p] == rank}):
+        crcs.update(part)
+    payload.created = comm.bcast(payload.created)  # attributes must be equal on every rank
+    tmp = path.parent / f".{path.name}.tmp-{comm.bcast(os.getpid())}"
+    try:
+        with h5py.File(tmp, "w", driver="mpio", comm=comm, libver=_LIBVER) as f:
+            _write_file(f, payload, crcs, mine=lambda p: owner[p] == rank)
+        _fsync_path(tmp)  # each rank: its own writes, from its own node's cache
+        comm.Barrier()
+
+        def verify_mine():
+            with CheckpointFile(tmp) as f:
+                f.verify_share(rank, size)
+
+        agreed(verify_mine)
+        if rank == 0:
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        comm.Barrier()
+    except BaseException:
+        if rank == 0:
+            _remove_quietly(tmp)
         raise
 
 
@@ -499,11 +563,8 @@ class CheckpointFile:
         """Checksum this part's share of all datasets: largest first, each to the part with the fewest bytes so
         far (the same deal on every rank), so ``parts`` ranks together check every dataset once, in 1/parts time."""
         try:
-            datasets = sorted(_datasets(self._f), key=lambda d: (-d.size * d.dtype.itemsize, d.name))
-            load = [0] * parts
-            for dset in datasets:
-                who = min(range(parts), key=lambda r: (load[r], r))
-                load[who] += dset.size * dset.dtype.itemsize
+            datasets = sorted(_datasets(self._f), key=lambda d: d.name)
+            for dset, who in zip(datasets, _deal([d.size * d.dtype.itemsize for d in datasets], parts)):
                 if who == part:
                     _check_crc(dset, _dataset_crc(dset), self.path)
         except UserError:

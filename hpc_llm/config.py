@@ -70,6 +70,9 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 3
+    # "gather": rank 0 writes the file with serial h5py; "mpio": all ranks write their share of it (h5py built with
+    # MPI); "auto": mpio when h5py has MPI and there are several ranks, else gather. The file is the same.
+    writer: str = "auto"
 
 
 @dataclass
@@ -202,3 +205,4 @@ def validate(cfg: Config) -> None:
     need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
     need(c.interval >= 0, "checkpoint.interval", "a non-negative integer (0: only at the end)", c.interval)
     need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)
+    need(c.writer in ("auto", "gather", "mpio"), "checkpoint.writer", '"auto", "gather" or "mpio"', c.writer)

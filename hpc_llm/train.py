@@ -143,6 +143,12 @@ class Trainer:
                 raise
         resolve_vocab(cfg, self.data)
         check_layout(self.grid.world.size, par.tp, cfg.model.n_head, cfg.model.padded_vocab)
+        self.writer = cfg.checkpoint.writer
+        if self.writer == "auto":
+            self.writer = "mpio" if ckpt.mpio_available() and self.grid.world.size > 1 else "gather"
+        elif self.writer == "mpio" and not ckpt.mpio_available():
+            raise UserError("checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "
+                            "false): use \"gather\", or h5py built with MPI (README: parallel HDF5)")
         if t.batch_size % self.grid.dp:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
                             f"{self.grid.dp} (= {self.grid.world.size} ranks / parallel.tp={par.tp})")
@@ -271,7 +277,8 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        """Gather the full (logical) tensors and write one checkpoint file from rank 0; all ranks agree it worked."""
+        """Gather the full (logical) tensors and write one checkpoint file: from rank 0 (gather), or from all ranks
+        together (mpio); all ranks agree it worked before any moves on."""
         m = self.model
         params = m.full_tensors(m.flat)
         optimizer = {}
@@ -285,16 +292,20 @@ class Trainer:
                  "layout": {"world": self.grid.world.size, "dp": self.grid.dp, "tp": self.grid.tp,
                             "zero": self.cfg.parallel.zero}}
         t0 = time.perf_counter()
+        payload = dict(params=params, optimizer=optimizer, state=state, config=self.cfg.to_dict(),
+                       metrics=self.metrics.as_dict())
+        if self.writer == "mpio":  # collective: every rank writes its share of the datasets
+            ckpt.save_checkpoint_mpio(path, self.grid.world.mpi, **payload)
 
         def write():
             if self.is_root:
-                ckpt.save_checkpoint(path, params=params, optimizer=optimizer, state=state,
-                                     config=self.cfg.to_dict(), metrics=self.metrics.as_dict())
+                if self.writer == "gather":
+                    ckpt.save_checkpoint(path, **payload)
                 ckpt.write_latest(self.out_dir, path)
                 ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
 
         self.grid.world.agree(write)
-        log.info("checkpoint %s (%.2f s)", path, time.perf_counter() - t0)
+        log.info("checkpoint %s (%s writer, %.2f s)", path, self.writer, time.perf_counter() - t0)
         return path
 
     def run(self) -> dict:

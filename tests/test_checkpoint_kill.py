@@ -23,6 +23,7 @@ from hpc_llm.checkpoint import checkpoint_path, find_latest, list_checkpoints, l
 
 CHILD = textwrap.dedent("""
     import os, sys, time
+    import h5py
     from hpc_llm import checkpoint as ckpt, cli
 
     where, nth = os.environ["KILL_POINT"].split(":")
@@ -47,9 +48,10 @@ CHILD = textwrap.dedent("""
         return save(*args, **kwargs)
 
     ckpt.save_checkpoint = counting_save
-    for name in ("_write_array", "_fsync_path", "verify_checkpoint", "write_latest", "prune_checkpoints"):
+    for name in ("_fsync_path", "verify_checkpoint", "write_latest", "prune_checkpoints"):
         setattr(ckpt, name, pausing(getattr(ckpt, name), name))
     ckpt.os.replace = pausing(os.replace, "replace")
+    h5py.Dataset.__setitem__ = pausing(h5py.Dataset.__setitem__, "write_data")
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
@@ -83,8 +85,8 @@ keep_last = 1
 
 # point: (is the step-4 file complete when the process dies?, is its temporary file still there?)
 POINTS = {
-    "_write_array:1": (False, True),  # the temporary file has its header, no dataset yet
-    "_write_array:9": (False, True),  # in the middle of the parameters
+    "write_data:1": (False, True),  # the temporary file has its header and empty datasets, no data yet
+    "write_data:9": (False, True),  # in the middle of the parameters
     "_fsync_path:1": (False, True),  # written and closed, not yet on disk for sure
     "verify_checkpoint:1": (False, True),
     "replace:1": (False, True),  # verified, not renamed

@@ -150,6 +150,7 @@ def test_unknown_key_in_file(tmp_path, data_dir):
     ("trainlr=1", ["trainlr=1"]),  # no dot
     ("train.lr", ["train.lr"]),  # no '='
     ("model.n_embd=33", ["model.n_embd", "33", "n_head"]),  # not divisible by n_head = 2
+    ("checkpoint.writer=fast", ["checkpoint.writer", "fast", '"gather"']),
 ])
 def test_bad_override(tmp_path, data_dir, override, needles):
     config = write_config(tmp_path, data_dir)
@@ -271,3 +272,13 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(trained):
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
     assert_user_error(cli("train", cfg), "train.out_dir=", "already holds checkpoints", "--resume auto")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before
+
+
+def test_mpio_writer_without_parallel_h5py(tmp_path, data_dir):
+    from hpc_llm.checkpoint import mpio_available
+
+    if mpio_available():
+        pytest.skip("this h5py has MPI: the mpio writer is tested in tests/test_checkpoint_mpio.py")
+    assert_user_error(cli("train", write_config(tmp_path, data_dir), "--set", "checkpoint.writer=mpio"),
+                      "checkpoint.writer=mpio", "no MPI support")
+    assert not (tmp_path / "run").exists()
