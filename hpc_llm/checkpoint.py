@@ -415,7 +415,8 @@ def _open(path: Path) -> h5py.File:
         raise UserError(f"{path}: not a readable HDF5 file (expected an hpc_llm checkpoint): {reason}") from None
 
 
-def _check_header(f: h5py.File, path: Path) -> int:
+def _check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
+    """Format, version, completeness and structure; returns the format version and every dataset of the file."""
     fmt = _attr_str(f.attrs.get("format"))
     if fmt != FORMAT:
         raise UserError(f"{path}: not an hpc_llm checkpoint (root attribute format is {fmt!r}, expected {FORMAT!r})")
@@ -445,23 +446,25 @@ def _check_header(f: h5py.File, path: Path) -> int:
         except ValueError:
             raise UserError(f"{path}: attribute {attr} on {obj.name} is not valid JSON") from None
     manifest = json.loads(_attr_str(f.attrs["manifest_json"]))
+    datasets = _datasets(f)  # one walk of the file; the checks below are lookups in it
+    shapes = {d.name: d.shape for d in datasets}
     for name in manifest:
-        if not isinstance(f.get(name), h5py.Dataset):
+        if name not in shapes:
             raise UserError(f"{path}: checkpoint is missing dataset {name}")
-    params = f["params"]
-    for name, obj in params.items():
-        if not isinstance(obj, h5py.Dataset):
-            raise UserError(f"{path}: /params/{name} is not a dataset")
-    for table, group in f["metrics"].items():
-        if not isinstance(group, h5py.Group) or not all(isinstance(d, h5py.Dataset) for d in group.values()):
-            raise UserError(f"{path}: /metrics/{table} is not a group of 1-D datasets")
+    for group in ("params", "metrics"):
+        for name, obj in f[group].items():
+            if group == "params" and not isinstance(obj, h5py.Dataset):
+                raise UserError(f"{path}: /params/{name} is not a dataset")
+            if group == "metrics" and not (isinstance(obj, h5py.Group)
+                                           and all(f"{obj.name}/{c}" in shapes for c in obj)):
+                raise UserError(f"{path}: /metrics/{name} is not a group of 1-D datasets")
     for slot, group in f["optimizer"].items():
         if not isinstance(group, h5py.Group):
             raise UserError(f"{path}: /optimizer/{slot} is not a group of per-parameter datasets")
-        for name, dset in group.items():
-            if not isinstance(dset, h5py.Dataset) or name not in params or params[name].shape != dset.shape:
-                raise UserError(f"{path}: {dset.name} has no parameter /params/{name} of the same shape")
-    return version
+        for name in group:
+            if shapes.get(f"/optimizer/{slot}/{name}", 0) != shapes.get(f"/params/{name}", 1):
+                raise UserError(f"{path}: /optimizer/{slot}/{name} has no parameter /params/{name} of the same shape")
+    return version, datasets
 
 
 def _datasets(f: h5py.File) -> list[h5py.Dataset]:
@@ -492,8 +495,8 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     f = _open(path)
     try:
         with f:
-            _check_header(f, path)
-            for dset in _datasets(f):
+            _version, datasets = _check_header(f, path)
+            for dset in datasets:
                 _check_crc(dset, _dataset_crc(dset), path)
     except UserError:
         raise
@@ -513,7 +516,7 @@ class CheckpointFile:
         self._f = _open(self.path)
         try:
             f = self._f
-            self.format_version = _check_header(f, self.path)
+            self.format_version, self._datasets = _check_header(f, self.path)
             self.state = _load_state(_attr_str(f["state"].attrs["state_json"]))
             self.config = json.loads(_attr_str(f.attrs["config_json"]))
             self.metrics = {table: {col: self._read_checked(d).astype(np.float64, copy=False) for col, d in g.items()}
@@ -563,7 +566,7 @@ class CheckpointFile:
         """Checksum this part's share of all datasets: largest first, each to the part with the fewest bytes so
         far (the same deal on every rank), so ``parts`` ranks together check every dataset once, in 1/parts time."""
         try:
-            datasets = sorted(_datasets(self._f), key=lambda d: d.name)
+            datasets = sorted(self._datasets, key=lambda d: d.name)
             for dset, who in zip(datasets, _deal([d.size * d.dtype.itemsize for d in datasets], parts)):
                 if who == part:
                     _check_crc(dset, _dataset_crc(dset), self.path)
@@ -579,7 +582,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True, optimizer: boo
     (two thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
     with CheckpointFile(path) as f:
         if verify:  # stray datasets outside the groups read below must still carry a correct checksum
-            for dset in _datasets(f._f):
+            for dset in f._datasets:
                 if dset.name.split("/")[1] not in {"params", "optimizer", "metrics"}:
                     _check_crc(dset, _dataset_crc(dset), f.path)
         params = {name: f.read_whole("params", name, verify) for name in f.shapes["params"]}
@@ -697,23 +700,25 @@ def _header_ok(path: Path) -> bool:
         return False
 
 
-def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, verified=()) -> list[Path]:
     """Remove all but the newest ``keep_last`` verified ``ckpt_*.h5`` in ``out_dir``; return the removed paths.
 
     Never removes the file ``latest`` names. Files are verified newest first until ``keep_last`` good ones are
     found; a file inside that window that fails verification is left in place (logged), so a bad newer file never
     costs a good older one. Older files are removed when their header is ours and complete (their checksums are
     not read); files that are not hpc_llm checkpoints, or come from a newer hpc_llm, are never removed.
+    ``verified``: paths known good (the caller wrote and verified them), counted without reading them again.
     """
     if int(keep_last) < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     pointed = read_latest(out_dir)
     protected = pointed.resolve() if pointed is not None else None
+    known = {Path(p).resolve() for p in verified}
     kept = 0
     removed: list[Path] = []
     for _step, path in list_checkpoints(out_dir):
         if kept < keep_last:
-            if _verifies(path):
+            if path.resolve() in known or _verifies(path):
                 kept += 1
             continue
         if protected is not None and path.resolve() == protected:

@@ -115,6 +115,7 @@ class Trainer:
         self._check_replicas_identical("initial parameters")
         self.step = 0
         self.metrics = Metrics()
+        self.written: set[Path] = set()  # checkpoints this run wrote and verified: pruning need not read them again
         if saved is not None:
             world.agree(lambda: self._restore(saved))  # reads only: no collective inside
             self._check_replicas_identical("resumed parameters")
@@ -133,14 +134,7 @@ class Trainer:
         self.train_tokens = self.data.split("train")
         self.val_tokens = self.data.split("val")
         resume_path = self._resume_path(resume)
-        saved = ckpt.CheckpointFile(resume_path) if resume_path else None
-        if saved is not None:
-            try:  # the ranks share the checksum reading; agree() makes one bad dataset an error on every rank
-                self._check_compatible(saved)
-                saved.verify_share(self.grid.world.rank, self.grid.world.size)
-            except BaseException:
-                saved.close()
-                raise
+        saved = self._open_checkpoint(resume_path) if resume_path else None
         resolve_vocab(cfg, self.data)
         check_layout(self.grid.world.size, par.tp, cfg.model.n_head, cfg.model.padded_vocab)
         self.writer = cfg.checkpoint.writer
@@ -196,6 +190,24 @@ class Trainer:
                 log.info("resume auto: no verified checkpoint in %s, starting fresh", self.cfg.train.out_dir)
             return found
         return Path(resume)
+
+    def _open_checkpoint(self, path: Path) -> ckpt.CheckpointFile:
+        """Open and check a checkpoint; the ranks share the checksum reading (agree() around this makes one bad
+        dataset an error on every rank)."""
+        saved = ckpt.CheckpointFile(path)
+        try:
+            self._check_compatible(saved)
+            saved.verify_share(self.grid.world.rank, self.grid.world.size)
+        except BaseException:
+            saved.close()
+            raise
+        return saved
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint into this trainer (what --resume does at start): verify, then each rank reads its part."""
+        saved = self.grid.world.agree(lambda: self._open_checkpoint(Path(path)))
+        self.grid.world.agree(lambda: self._restore(saved))
+        self._check_replicas_identical("restored parameters")
 
     def _check_compatible(self, saved: ckpt.CheckpointFile) -> None:
         """The model section must match the checkpoint's; training settings may change (e.g. a longer run)."""
@@ -302,7 +314,8 @@ class Trainer:
                 if self.writer == "gather":
                     ckpt.save_checkpoint(path, **payload)
                 ckpt.write_latest(self.out_dir, path)
-                ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
+                self.written.add(path)
+                ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last, verified=self.written)
 
         self.grid.world.agree(write)
         log.info("checkpoint %s (%s writer, %.2f s)", path, self.writer, time.perf_counter() - t0)

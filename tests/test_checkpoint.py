@@ -470,3 +470,18 @@ def test_load_without_optimizer_skips_moments(tmp_path):
     assert ck.optimizer == {}
     np.testing.assert_array_equal(ck.params["w"], params["w"])
     assert load_checkpoint(path).optimizer["m"]["w"].sum() == 6
+
+
+def test_prune_counts_files_known_good_without_reading_them(tmp_path, monkeypatch):
+    """The trainer passes what it wrote and verified itself: those are not read again (saves stay cheap); any
+    other file in the window is still verified."""
+    from hpc_llm import checkpoint as ckpt
+
+    for step in (100, 200, 300):
+        save_checkpoint(checkpoint_path(tmp_path, step), **small_payload(step))
+    read = []
+    real = ckpt._verifies
+    monkeypatch.setattr(ckpt, "_verifies", lambda path: read.append(path.name) or real(path))
+    prune_checkpoints(tmp_path, keep_last=2, verified=[checkpoint_path(tmp_path, 300)])
+    assert read == ["ckpt_00000200.h5"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.h5")) == ["ckpt_00000200.h5", "ckpt_00000300.h5"]

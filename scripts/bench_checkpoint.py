@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Checkpoint write and read throughput beside the disk's raw speed, measured in the same run.
+
+    export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+    mpiexec -n 1 python scripts/bench_checkpoint.py --preset gpt2-small
+    mpiexec -n 2 python scripts/bench_checkpoint.py --preset gpt2-small            # DP2, ZeRO-1
+    mpiexec -n 4 --oversubscribe python scripts/bench_checkpoint.py --preset gpt2-small --tp 2
+
+The real Trainer (same code path as `hpc-llm train`), parameters and Adam moments of the preset's shape. Each repeat,
+in this order: `Trainer.save()` (gather, checksums, write, fsync, verify, rename: what a run pays), `dd if=/dev/zero
+bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache dropped if this
+process may (root: /proc/sys/vm/drop_caches; else reads are from memory and the output says so), `dd of=/dev/null`
+of the checkpoint (raw read), the cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then
+each rank reads its hyperslabs). Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_parallel import random_tokens  # noqa: E402
+from bench_train import PRESETS  # noqa: E402
+
+from hpc_llm.config import Config  # noqa: E402
+from hpc_llm.train import Trainer  # noqa: E402
+
+BLOCK = 16 << 20
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dd(*args: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["dd", *args, f"bs={BLOCK}", "status=none"], check=True)
+    return time.perf_counter() - t0
+
+
+def timed(world, fn) -> float:
+    """Wall time of fn() on every rank, from a common start to the slowest rank's end."""
+    world.Barrier()
+    t0 = time.perf_counter()
+    fn()
+    return world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-small")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--writer", choices=("auto", "gather", "mpio"), default="auto")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under /tmp)")
+    args = ap.parse_args()
+    world = MPI.COMM_WORLD
+    p = PRESETS[args.preset]
+    tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_ckpt_", dir=args.dir) if world.rank == 0 else None
+    tmp = Path(world.bcast(tmp))
+    if world.rank == 0:
+        random_tokens(tmp, p["vocab_size"], 200_000)
+    world.Barrier()
+
+    cfg = Config()
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        setattr(cfg.model, k, p[k])
+    cfg.data.path = str(tmp)
+    cfg.train.batch_size = world.size // args.tp
+    cfg.train.out_dir = str(tmp / "run")
+    cfg.train.peak_tflops = 1.0
+    cfg.train.eval_iters = 0
+    cfg.parallel.tp, cfg.parallel.zero = args.tp, args.zero
+    cfg.checkpoint.keep_last = 1
+    cfg.checkpoint.writer = args.writer
+    tr = Trainer(cfg)
+    tr.opt.m[...] = 0.5  # moments as a run has them (nonzero); values do not matter for speed
+    tr.opt.v[...] = 0.25
+
+    rows = {k: [] for k in ("save", "dd_write", "dd_read", "restore")}
+    cold = True
+    for rep in range(args.repeats):
+        tr.step = rep + 1
+        path = None
+
+        def save():
+            nonlocal path
+            path = tr.save()
+
+        rows["save"].append(timed(world, save))
+        size = world.bcast(path.stat().st_size if world.rank == 0 else None)
+        if world.rank == 0:
+            raw = tmp / "dd.bin"
+            rows["dd_write"].append(dd("if=/dev/zero", f"of={raw}", f"count={-(-size // BLOCK)}", "conv=fsync"))
+            raw.unlink()
+            cold &= drop_caches()
+            rows["dd_read"].append(dd(f"if={path}", "of=/dev/null"))
+            cold &= drop_caches()
+        world.Barrier()
+        rows["restore"].append(timed(world, lambda: tr.restore(path)))
+    if world.rank == 0:
+        med = {k: float(np.median(v)) for k, v in rows.items()}
+        mbs = {k: size / v / 1e6 for k, v in med.items()}
+        out = {"preset": args.preset, "ranks": world.size, "dp": tr.grid.dp, "tp": tr.grid.tp, "zero": args.zero,
+               "writer": tr.writer, "bytes": size, "cold_reads": cold, "seconds": rows,
+               "median_mb_per_s": mbs, "write_vs_dd": mbs["save"] / mbs["dd_write"],
+               "read_vs_dd": mbs["restore"] / mbs["dd_read"]}
+        print(f"{args.preset} checkpoint {size / 1e6:.0f} MB on {world.size} ranks (dp {tr.grid.dp} x tp "
+              f"{tr.grid.tp}, zero {args.zero}, {tr.writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:")
+        print(f"  write: save {mbs['save']:.0f} MB/s vs dd+fsync {mbs['dd_write']:.0f} MB/s = "
+              f"{100 * out['write_vs_dd']:.0f}%")
+        print(f"  read:  restore {mbs['restore']:.0f} MB/s vs dd {mbs['dd_read']:.0f} MB/s = "
+              f"{100 * out['read_vs_dd']:.0f}%")
+        print("JSON " + json.dumps(out))
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+if __name__ == "__main__":
+    main()
