@@ -3,6 +3,7 @@ of the MPI tests and a directory shared by their ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -67,6 +68,18 @@ def tiny_config(data_path, out_dir, **overrides) -> Config:
         setattr(sub, name, value)
     validate(cfg)
     return cfg
+
+
+def write_toml(cfg: Config, path) -> Path:
+    """cfg as a TOML config file, for tests that go through `hpc-llm train` (TOML's strings, numbers and booleans
+    are written as JSON writes them)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import tiny_config, write_toml
 from hpc_llm.checkpoint import checkpoint_path, find_latest, list_checkpoints, load_checkpoint, verify_checkpoint
 
 CHILD = textwrap.dedent("""
@@ -55,34 +56,6 @@ CHILD = textwrap.dedent("""
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
-CONFIG = """\
-[model]
-n_layer = 2
-n_head = 2
-n_embd = 32
-block_size = 16
-dtype = "float64"
-dropout = 0.1
-
-[data]
-path = "{data}"
-
-[train]
-batch_size = 4
-max_iters = 6
-lr = 1e-2
-warmup_iters = 2
-lr_decay_iters = 6
-eval_iters = 0
-log_interval = 1
-peak_tflops = 1.0
-out_dir = "{out}"
-
-[checkpoint]
-interval = 2
-keep_last = 1
-"""
-
 # point: (is the step-4 file complete when the process dies?, is its temporary file still there?)
 POINTS = {
     "write_data:1": (False, True),  # the temporary file has its header and empty datasets, no data yet
@@ -96,9 +69,11 @@ POINTS = {
 
 
 def config(tmp_path, data_dir, name):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(data=data_dir.as_posix(), out=(tmp_path / name).as_posix()))
-    return path
+    """Six float64 steps with dropout, checkpoints at steps 2, 4 and 6, the newest kept."""
+    cfg = tiny_config(data_dir, tmp_path / name, **{
+        "model.dtype": "float64", "model.dropout": 0.1, "train.max_iters": 6, "train.lr_decay_iters": 6,
+        "train.eval_iters": 0, "train.log_interval": 1, "checkpoint.interval": 2, "checkpoint.keep_last": 1})
+    return write_toml(cfg, tmp_path / f"{name}.toml")
 
 
 def train(cfg, *args, env=None):
