@@ -378,7 +378,7 @@ class Trainer:
             path = self.save()
         finally:
             metrics_file.close()
-        return {"step": self.step, "checkpoint": str(path), **last, "stopped_by": stopped,
+        return {**last, "step": self.step, "checkpoint": str(path), "stopped_by": stopped,
                 "loss": self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None}
 
     def should_stop(self) -> int:
