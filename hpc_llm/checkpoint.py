@@ -11,12 +11,10 @@ Layout (docs/checkpoint-format.md has the full description)::
     /metrics/<table>/<column>  1-D float64, chunked, maxshape=(None,) so a later writer can extend it
 
 Every dataset carries ``crc32`` = ``zlib.crc32`` of its C-contiguous bytes. ``save_checkpoint`` writes to
-``.<name>.tmp-<pid>`` in the destination directory, closes and fsyncs it, verifies it read-only, then
+``.<name>.tmp-<pid>`` in the destination directory, closes it, fsyncs it while verifying it read-only, then
 ``os.replace``-s it onto the final name and fsyncs the directory: an existing checkpoint at the destination is
-never touched before the new one is known good.
-
-This is the single-process writer; every function takes and returns plain dicts of NumPy arrays so that a
-parallel writer (gather-to-writer or mpio) and resharding can be layered on top without changing the file.
+never touched before the new one is known good. ``save_checkpoint_mpio`` writes the same file from all ranks
+(parallel HDF5). ``CheckpointFile`` reads one in pieces: each rank of a resumed run its own hyperslabs.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import logging
 import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,6 +196,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_during(path: Path, work) -> None:
+    """fsync ``path`` in a thread while ``work()`` runs, and wait for both: the fsync waits on the disk, while
+    verification (the usual work) reads the same bytes back from the page cache and checksums them on the CPU."""
+    with ThreadPoolExecutor(1) as pool:
+        synced = pool.submit(_fsync_path, path)
+        try:
+            work()
+        finally:
+            synced.result()
+
+
 def _remove_quietly(path: Path) -> None:
     try:
         path.unlink()
@@ -334,8 +344,7 @@ def save_checkpoint(
     try:
         with h5py.File(tmp, "w", libver=_LIBVER) as f:
             _write_file(f, payload, crcs, mine=lambda _path: True)
-        _fsync_path(tmp)
-        verify_checkpoint(tmp)
+        _fsync_during(tmp, lambda: verify_checkpoint(tmp))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -378,14 +387,13 @@ def save_checkpoint_mpio(path: str | os.PathLike, comm, **payload_args) -> None:
     try:
         with h5py.File(tmp, "w", driver="mpio", comm=comm, libver=_LIBVER) as f:
             _write_file(f, payload, crcs, mine=lambda p: owner[p] == rank)
-        _fsync_path(tmp)  # each rank: its own writes, from its own node's cache
-        comm.Barrier()
 
         def verify_mine():
             with CheckpointFile(tmp) as f:
                 f.verify_share(rank, size)
 
-        agreed(verify_mine)
+        # each rank: fsync its own writes (from its own node's cache) while it verifies its share of the file
+        agreed(lambda: _fsync_during(tmp, verify_mine))
         if rank == 0:
             os.replace(tmp, path)
             fsync_dir(path.parent)

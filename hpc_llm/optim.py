@@ -99,7 +99,10 @@ class AdamW:
         self._pool = _thread_pool(self.threads) if self.threads > 1 else None
 
     def moments_flat(self, slot: str):
-        """m or v laid out like the flat parameter buffer (zeros outside the owned ranges)."""
+        """m or v laid out like the flat parameter buffer (zeros outside the owned ranges); when this rank owns it
+        all, the moment array itself (read it, don't keep it)."""
+        if self.owned == [(0, self.p.size)]:
+            return getattr(self, slot)
         xp = array_module(self.p)
         out = xp.zeros_like(self.p)
         base = 0

@@ -292,12 +292,12 @@ class Trainer:
         """Gather the full (logical) tensors and write one checkpoint file: from rank 0 (gather), or from all ranks
         together (mpio); all ranks agree it worked before any moves on."""
         m = self.model
-        params = m.full_tensors(m.flat)
+        params = m.full_tensors(m.flat, copy=False)  # views where possible: nothing changes them until we return
         optimizer = {}
         for slot in ("m", "v"):
             flat = self.opt.moments_flat(slot)
             self.sync.gather(flat)
-            optimizer[slot] = m.full_tensors(flat)
+            optimizer[slot] = m.full_tensors(flat, copy=False)
         path = ckpt.checkpoint_path(self.out_dir, self.step)
         state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
                  "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),

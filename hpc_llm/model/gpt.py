@@ -205,9 +205,10 @@ class GPT:
     def load_state(self, tensors: dict) -> None:
         self.load_flat(self.flat, tensors)
 
-    def full_tensors(self, flat) -> dict:
+    def full_tensors(self, flat, copy: bool = True) -> dict:
         """{name: full tensor} (host arrays) from a flat buffer laid out like self.flat: the shards of the TP group
-        are gathered (one allgather of the flat buffer) and put back together. Every TP rank gets the result."""
+        are gathered (one allgather of the flat buffer) and put back together. Every TP rank gets the result.
+        copy=False: tensors that need no reassembly are views of the (host) buffer, valid while it is unchanged."""
         P = self.tp.size
         host = to_host(flat)
         if P > 1:
@@ -217,7 +218,8 @@ class GPT:
         out = {}
         for s in self.specs:
             if P == 1 or s.tp_axis is None:
-                out[s.name] = host[s.offset:s.offset + s.size].reshape(s.shape).copy()
+                view = host[s.offset:s.offset + s.size].reshape(s.shape)
+                out[s.name] = view.copy() if copy else view
                 continue
             full = np.empty(s.shape, dtype=host.dtype)
             for r in range(P):

@@ -149,10 +149,20 @@ class Comm:
         except UserError as e:
             error = str(e)
         if self.size > 1:
+            self.wait_idle()
             error = next((e for e in self.mpi.allgather(error) if e), None)
         if error:
             raise UserError(error)
         return result
+
+    def wait_idle(self, poll_s: float = 5e-4) -> None:
+        """A barrier that sleeps while it waits. MPI's own busy-polls: ranks that wait for one rank's long local work
+        (rank 0 writing a checkpoint) would take the cores it and its I/O threads need (oversubscribed nodes)."""
+        if self.size == 1:
+            return
+        req = self.mpi.Ibarrier()
+        while not req.Test():
+            time.sleep(poll_s)
 
     def allgather_objects(self, obj) -> list:
         """Small Python objects (checksums, flags) from every rank, on every rank."""
