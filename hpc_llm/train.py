@@ -115,6 +115,7 @@ class Trainer:
         self._check_replicas_identical("initial parameters")
         self.step = 0
         self.metrics = Metrics()
+        self._scratch_buffers: dict = {}
         self.written: set[Path] = set()  # checkpoints this run wrote and verified: pruning need not read them again
         if saved is not None:
             world.agree(lambda: self._restore(saved))  # reads only: no collective inside
@@ -209,6 +210,13 @@ class Trainer:
         self.grid.world.agree(lambda: self._restore(saved))
         self._check_replicas_identical("restored parameters")
 
+    def _scratch(self, name: str):
+        """A flat-buffer-sized array kept for checkpoint I/O (ZeRO-1 moments assembled or read): allocated once, since
+        fresh pages cost a page fault each (on a VM, several times a memcpy's time)."""
+        if name not in self._scratch_buffers:
+            self._scratch_buffers[name] = self.xp.empty_like(self.model.flat)
+        return self._scratch_buffers[name]
+
     def _check_compatible(self, saved: ckpt.CheckpointFile) -> None:
         """The model section must match the checkpoint's; training settings may change (e.g. a longer run)."""
         theirs = config_from_dict(saved.config).model
@@ -229,10 +237,13 @@ class Trainer:
                         f"{saved.path} parameters")
             for slot in ("m", "v"):
                 group = f"optimizer/{slot}"
-                flat = self.xp.zeros_like(m.flat)
+                # without ZeRO-1 the moments are laid out like the flat buffer: read straight into them; with it,
+                # into one buffer for both (read m, keep its owned part, then v)
+                flat = self._scratch("m") if self.sync.zero else getattr(self.opt, slot)
                 m.read_flat(flat, lambda name, index: saved.read(group, name, index), saved.shapes.get(group, {}),
                             f"{saved.path} optimizer {slot}", ranges=self.sync.owned)
-                self.opt.load_moments_flat(slot, flat)
+                if self.sync.zero:
+                    self.opt.load_moments_flat(slot, flat)
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]
@@ -291,13 +302,23 @@ class Trainer:
     def save(self) -> Path:
         """Gather the full (logical) tensors and write one checkpoint file: from rank 0 (gather), or from all ranks
         together (mpio); all ranks agree it worked before any moves on."""
-        m = self.model
-        params = m.full_tensors(m.flat, copy=False)  # views where possible: nothing changes them until we return
+        m, mpio = self.model, self.writer == "mpio"
+        # who needs the whole tensors: with mpio every rank (each writes a share of them); else the TP group of
+        # rank 0 (data-parallel rank 0), whose TP collectives assemble them for rank 0 to write
+        builds = mpio or self.grid.dp_rank == 0
+        params = m.full_tensors(m.flat, copy=False) if builds else None  # views where possible: unchanged till we return
         optimizer = {}
         for slot in ("m", "v"):
-            flat = self.opt.moments_flat(slot)
-            self.sync.gather(flat)
-            optimizer[slot] = m.full_tensors(flat, copy=False)
+            if not self.sync.zero:
+                flat = getattr(self.opt, slot)  # the moments of the whole (TP-local) buffer already
+            elif mpio:
+                flat = self.opt.moments_flat(slot, out=self._scratch(slot))
+                self.sync.gather(flat)
+            else:  # each rank's pieces to data-parallel rank 0 only
+                flat = self._scratch(slot) if builds else None
+                self.sync.gather_to(getattr(self.opt, slot), flat, root=0)
+            if builds:
+                optimizer[slot] = m.full_tensors(flat, copy=False)
         path = ckpt.checkpoint_path(self.out_dir, self.step)
         state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
                  "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),

@@ -133,6 +133,22 @@ class Comm:
         if host is not buf:
             buf[...] = array_module(buf).asarray(host)
 
+    def gather_(self, piece, out, counts: list[int], root: int = 0) -> None:
+        """Each rank's `piece` (counts[r] elements) into `out` on root, at offsets sum(counts[:r]); out is only
+        needed on root (the others may pass None): a single writer collects what no other rank needs whole."""
+        if self.size == 1:
+            out[...] = piece
+            return
+        send = _host(piece)
+        recv = None
+        if self.rank == root:
+            recv = _host(out)
+            recv_spec = [recv, (counts, [sum(counts[:r]) for r in range(self.size)])]
+        self._timed("gather", send.nbytes, lambda: self.mpi.Gatherv(send, recv_spec if recv is not None else None,
+                                                                      root=root))
+        if recv is not None and recv is not out:
+            out[...] = array_module(out).asarray(recv)
+
     # -- small agreements (principle 8: all ranks agree before they act) ----------------------------------------------
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
