@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -272,9 +272,10 @@ def _deal(sizes: list[int], parts: int) -> list[int]:
     return owner
 
 
-def _write_file(f: h5py.File, payload: _Payload, crcs: dict[str, int], mine) -> None:
+def _write_file(f: h5py.File, payload: _Payload, crcs: dict, mine) -> None:
     """Create every attribute, group and dataset in one fixed order (under mpio these calls are collective: every
-    rank makes them alike), then write the data of the datasets ``mine(path)`` says are this rank's."""
+    rank makes them alike), write the data of the datasets ``mine(path)`` says are this rank's, then each dataset's
+    checksum (``crcs``: path -> int, or a Future of one)."""
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = np.int64(FORMAT_VERSION)
     f.attrs["software_version"] = __version__
@@ -294,7 +295,6 @@ def _write_file(f: h5py.File, payload: _Payload, crcs: dict[str, int], mine) -> 
             dset = f.create_dataset(path, shape=arr.shape, maxshape=(None,), chunks=(_METRIC_CHUNK,), dtype=arr.dtype)
         else:
             dset = f.create_dataset(path, shape=arr.shape, dtype=arr.dtype)
-        dset.attrs["crc32"] = np.int64(crcs[path])
         dsets[path] = dset
     g = f.create_group("state")
     g.attrs["state_json"] = payload.state_json
@@ -311,6 +311,9 @@ def _write_file(f: h5py.File, payload: _Payload, crcs: dict[str, int], mine) -> 
     for path, arr in payload.tensors.items():
         if mine(path) and arr.size:
             dsets[path][...] = arr
+    for path, dset in dsets.items():  # after the data: the serial writer's checksums are computed meanwhile
+        crc = crcs[path]
+        dset.attrs["crc32"] = np.int64(crc.result() if isinstance(crc, Future) else crc)
     f.attrs["manifest_json"] = json.dumps(["/" + p for p in payload.tensors])
     f.attrs["complete"] = True  # last: a file without it was not finished
 
@@ -339,10 +342,11 @@ def save_checkpoint(
     path = Path(path)
     _check_directory(path)
     payload = _prepare(params, optimizer, state, config, metrics)
-    crcs = {p: _crc(a) for p, a in payload.tensors.items()}
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w", libver=_LIBVER) as f:
+        # checksums in a thread while h5py writes (zlib and HDF5 both release the GIL)
+        with ThreadPoolExecutor(1) as pool, h5py.File(tmp, "w", libver=_LIBVER) as f:
+            crcs = {p: pool.submit(_crc, a) for p, a in payload.tensors.items()}
             _write_file(f, payload, crcs, mine=lambda _path: True)
         _fsync_during(tmp, lambda: verify_checkpoint(tmp))
         os.replace(tmp, path)
@@ -492,6 +496,14 @@ def _check_crc(dset: h5py.Dataset, actual: int, path: Path) -> None:
         )
 
 
+def _check_crcs(datasets: list[h5py.Dataset], path: Path) -> None:
+    """_check_crc of every dataset, two at a time: h5py reading one and zlib checksumming another both release the
+    GIL, so the disk (or page cache) and the CPU work at once."""
+    with ThreadPoolExecutor(2) as pool:
+        for dset, crc in zip(datasets, pool.map(_dataset_crc, datasets)):
+            _check_crc(dset, crc, path)
+
+
 def _unreadable(path: Path, exc: Exception) -> UserError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return UserError(f"{path}: checkpoint is unreadable (truncated or corrupt?): {reason}")
@@ -504,8 +516,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     try:
         with f:
             _version, datasets = _check_header(f, path)
-            for dset in datasets:
-                _check_crc(dset, _dataset_crc(dset), path)
+            _check_crcs(datasets, path)
     except UserError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -575,9 +586,8 @@ class CheckpointFile:
         far (the same deal on every rank), so ``parts`` ranks together check every dataset once, in 1/parts time."""
         try:
             datasets = sorted(self._datasets, key=lambda d: d.name)
-            for dset, who in zip(datasets, _deal([d.size * d.dtype.itemsize for d in datasets], parts)):
-                if who == part:
-                    _check_crc(dset, _dataset_crc(dset), self.path)
+            owners = _deal([d.size * d.dtype.itemsize for d in datasets], parts)
+            _check_crcs([d for d, who in zip(datasets, owners) if who == part], self.path)
         except UserError:
             raise
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
