@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except UserError as e:
-        print(f"hpc-llm: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"hpc-llm: error: {e}\n")  # one write: MPI launchers interleave ranks' partial lines
+        sys.stderr.flush()
         return 2
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: set up (venv + package with its test extras), then pytest. Extra arguments go to pytest.
+# The test suite: set up (venv + package with its test extras), then pytest, then scripts/test_mpio.sh (parallel
+# HDF5). With arguments, only pytest runs, with them (e.g. scripts/test.sh tests/test_checkpoint.py -x).
 # MPI tests (tests/test_parallel.py, tests/test_tensor_parallel.py) launch `mpiexec --oversubscribe` themselves
 # (mpi-pytest), with 2 and 4 ranks; what they need is exported here.
 set -euo pipefail
@@ -13,4 +14,10 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # one BLAS thread per rank (4 r
 # initialises MPI without mpiexec (the pytest process itself, as a singleton) looks for help files and MCA defaults
 # there unless told.
 export OPAL_PREFIX="$VENV" PMIX_PREFIX="$VENV"
-exec "$VENV/bin/python" -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+    exec "$VENV/bin/python" -m pytest -q "$@"
+fi
+"$VENV/bin/python" -m pytest -q
+# The whole suite also runs the parallel-HDF5 tests (checkpoint.writer=mpio) in their own environment: Debian's
+# MPI-enabled h5py and Open MPI, never mixed with the wheels above (SKIPPED with the reason where apt is unavailable).
+exec scripts/test_mpio.sh --full

@@ -1,0 +1,174 @@
+"""Parallel HDF5 (h5py's "mpio" driver): the environment the checkpoint writer's mpio path needs, and that path.
+
+These tests run only where h5py is built with MPI: scripts/test_mpio.sh runs this file in `.venv-mpio` (Debian's
+python3-h5py-mpi, python3-mpi4py and Open MPI, never the PyPI wheels) as
+`/usr/bin/mpiexec -n N python -m pytest tests/test_checkpoint_mpio.py -m "parallel[N]"` for N = 1, 2, 4 (mpi-pytest's
+"outer mpiexec" mode: its forking mode does not work with Open MPI 4.1, whose singleton start leaves OMPI_MCA_ess and
+PMIX_* in the parent's environment and the nested mpiexec then fails). Elsewhere (the PyPI h5py in `.venv`,
+scripts/test.sh) the whole module is skipped with its reason. Debian's h5py loads its MPI build only when
+OMPI_COMM_WORLD_SIZE (set by mpiexec) or H5PY_ALWAYS_USE_MPI is set, so outside mpiexec it is skipped there too.
+With HPC_LLM_REQUIRE_MPIO=1 (scripts/test_mpio.sh sets it) a missing MPI build is an error, not a skip.
+
+Every assertion on the ranks goes through `check` (mpi-pytest's parallel_assert), so all ranks agree on the verdict.
+Under mpio, File(), create_dataset and attribute writes are collective: every rank makes them in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+if not h5py.get_config().mpi:
+    _why = (f"h5py {h5py.__version__} has no MPI (h5py.get_config().mpi is false): the parallel-HDF5 tests run in "
+            "scripts/test_mpio.sh (Debian's MPI-enabled h5py, under /usr/bin/mpiexec)")
+    if os.environ.get("HPC_LLM_REQUIRE_MPIO"):
+        raise RuntimeError(f"HPC_LLM_REQUIRE_MPIO is set, but {_why}; Debian's h5py imports its MPI build only under "
+                           "mpiexec (OMPI_COMM_WORLD_SIZE) or with H5PY_ALWAYS_USE_MPI=1")
+    pytest.skip(_why, allow_module_level=True)
+
+from mpi4py import MPI  # noqa: E402  (after the skip: an MPI-less h5py need not start MPI)
+from pytest_mpi.parallel_assert import parallel_assert  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+SIZES = [1, 2, 4]
+
+
+def check(ok: bool, msg: str = "") -> None:
+    """parallel_assert with every failing rank's message in the error."""
+    comm = MPI.COMM_WORLD
+    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
+    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
+
+
+def mapped_libraries(fragment: str) -> set[str]:
+    """Paths of the shared libraries mapped into this process whose file name contains `fragment`."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    return {p for p in paths if fragment in os.path.basename(p)}
+
+
+@pytest.mark.parallel(nprocs=SIZES)
+def test_h5py_has_mpi_and_one_mpi_library():
+    """Under mpiexec -n N: h5py's MPI build is the one imported, on every rank; the world has N ranks; one libmpi is
+    mapped (the Debian and PyPI Open MPI builds both ship libmpi.so.40, so the name alone proves nothing) and every
+    rank reports the same MPI library version."""
+    comm = MPI.COMM_WORLD
+    bad = []
+    if not h5py.get_config().mpi:
+        bad.append(f"h5py {h5py.__version__}: get_config().mpi is false")
+    libmpi = mapped_libraries("libmpi.so")
+    if len(libmpi) != 1:
+        bad.append(f"mapped MPI libraries: {sorted(libmpi)} (expected exactly one)")
+    versions = comm.allgather(MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0])
+    if len(set(versions)) != 1:
+        bad.append(f"ranks report different MPI libraries: {versions}")
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=SIZES)
+def test_collective_write_of_one_dataset_reads_back_in_serial(shared_tmp_path):
+    """Every rank writes its own slab of rows (rank r: r + 1 rows, so the offsets are uneven) of one float64 dataset
+    with one collective write; after close, each rank opens the file with the default (serial) driver and reads the
+    whole array back: it equals the array every rank can compute.
+
+    Each rank's slab is non-empty on purpose: h5py 3.7's Dataset.__setitem__ returns early on an empty selection, so
+    a rank with nothing to write never enters a collective write and the others wait in it for ever."""
+    comm = MPI.COMM_WORLD
+    rank, size = comm.rank, comm.size
+    rows = [r + 1 for r in range(size)]
+    lo = sum(rows[:rank])
+    hi = lo + rows[rank]
+    cols = 5
+    want = np.arange(sum(rows) * cols, dtype=np.float64).reshape(-1, cols) * 0.5
+    path = shared_tmp_path / "slabs.h5"
+    with h5py.File(path, "w", driver="mpio", comm=comm) as f:
+        dset = f.create_dataset("x", shape=want.shape, dtype=want.dtype)  # collective
+        dset.attrs["ranks"] = np.int64(size)  # collective: the same value on every rank
+        with dset.collective:
+            dset[lo:hi] = want[lo:hi]
+    comm.Barrier()  # every rank's file handle is closed before anyone reads
+    with h5py.File(path, "r") as f:
+        driver, got, ranks_attr = f.driver, f["x"][...], int(f["x"].attrs["ranks"])
+    bad = []
+    if driver == "mpio":
+        bad.append("the read-back was meant to use the serial driver")
+    if got.shape != want.shape:
+        bad.append(f"read back shape {got.shape}, wrote {want.shape}")
+    elif not np.array_equal(got, want):
+        bad.append(f"read back differs from the written array in rows {np.unique(np.nonzero(got != want)[0])[:10]}")
+    if ranks_attr != size:
+        bad.append(f"attribute ranks = {ranks_attr}, expected {size}")
+    check(not bad, "\n".join(bad))
+
+
+def file_contents(path) -> dict:
+    """Every attribute and dataset of an HDF5 file, as {"/name@attr" or "/name": value}."""
+    out = {}
+
+    def visit(name, obj):
+        for key, value in obj.attrs.items():
+            out[f"/{name}@{key}"] = value
+        if isinstance(obj, h5py.Dataset):
+            out[f"/{name}"] = obj[()]
+
+    with h5py.File(path, "r") as f:
+        for key, value in f.attrs.items():
+            out[f"/@{key}"] = value
+        f.visititems(visit)
+    return out
+
+
+TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds")}  # measured: differ run to run
+
+
+@pytest.mark.parallel(nprocs=SIZES)
+def test_mpio_writer_writes_the_gather_writers_file(data_dir, shared_tmp_path):
+    """The same run (dp x tp = 1, 2x1 ZeRO-1, 2x2 ZeRO-1 on 1, 2, 4 ranks) saved by the mpio writer (every rank writes
+    its share of the datasets) and by the gather writer (rank 0 writes): the files hold the same datasets bitwise, the
+    same checksums and attributes, except the creation time, the config's out_dir and writer, and the metrics that
+    are timings; the mpio file
+    verifies, and loads in one process bitwise equal to the trained parameters."""
+    import hpc_llm
+    from hpc_llm.checkpoint import verify_checkpoint
+    from hpc_llm.parallel.grid import make_grid
+    from hpc_llm.train import Trainer
+
+    comm = MPI.COMM_WORLD
+    tp = 2 if comm.size == 4 else 1
+    runs = {}
+    for writer in ("mpio", "gather"):
+        cfg = tiny_config(data_dir, shared_tmp_path / writer, **{
+            "model.n_head": 4, "model.dropout": 0.1, "train.max_iters": 3, "train.eval_iters": 0,
+            "parallel.tp": tp, "parallel.zero": int(comm.size // tp > 1), "checkpoint.writer": writer})
+        tr = Trainer(cfg, grid=make_grid(comm, tp))
+        runs[writer] = (tr, tr.run())
+    bad = []
+    for writer, (tr, summary) in runs.items():
+        if tr.writer != writer or summary["step"] != 3:
+            bad.append(f"{writer}: writer {tr.writer}, step {summary['step']}")
+    tr, summary = runs["mpio"]
+    full = tr.model.full_tensors(tr.model.flat)  # a TP collective: on every rank
+    if comm.rank == 0:
+        verify_checkpoint(summary["checkpoint"])
+        a, b = file_contents(summary["checkpoint"]), file_contents(runs["gather"][1]["checkpoint"])
+        if sorted(a) != sorted(b):
+            bad.append(f"different objects: {sorted(set(a) ^ set(b))[:6]}")
+        for key in sorted(set(a) & set(b)):
+            if key in ("/@created", "/@config_json", "/config@config_json") or key.split("@")[0] in TIMINGS:
+                continue
+            if not np.array_equal(np.asarray(a[key]), np.asarray(b[key])):
+                bad.append(f"{key} differs")
+        import json
+        ca, cb = json.loads(a["/@config_json"]), json.loads(b["/@config_json"])
+        for c in (ca, cb):
+            del c["train"]["out_dir"], c["checkpoint"]["writer"]
+        if ca != cb:
+            bad.append("the configs differ beyond out_dir and writer")
+        model = hpc_llm.load_model(summary["checkpoint"])
+        bad += [f"loaded {n} differs from the trained parameters" for n, p in full.items()
+                if not np.array_equal(model.params[n], p)]
+    check(not bad, "\n".join(bad))
