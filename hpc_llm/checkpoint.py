@@ -526,9 +526,11 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 class CheckpointFile:
     """A checkpoint open for reading in pieces: what every rank of a resumed run uses, each reading only its
     hyperslabs. Opening checks the header and reads the small parts (state, config, metrics, each checksummed);
-    ``shapes`` lists the tensors. ``read`` returns a slab of a tensor without a checksum (a slab cannot be checked
-    against the whole dataset's crc32), so a reader first calls ``verify_share(part, parts)``: each of ``parts``
-    ranks checksums its share of the datasets, and the ranks agree on the verdict."""
+    ``shapes`` lists the tensors. Verification is shared: with ``share(part, parts)`` each of ``parts`` ranks takes
+    a share of the datasets (dealt out by size, the same on every rank); ``read`` returns any hyperslab, and when it
+    reads a whole dataset of this rank's share it checksums it on the side (the file is read once); then
+    ``verify_share()`` checks the rest of the share and raises UserError on a mismatch. The ranks must agree on the
+    verdict before they use what they read."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -545,6 +547,9 @@ class CheckpointFile:
                               for slot, g in f["optimizer"].items()}}
             self.software_version = _attr_str(f.attrs.get("software_version")) or ""
             self.created = _attr_str(f.attrs.get("created")) or ""
+            self._mine: dict[str, h5py.Dataset] = {}  # this rank's share to verify, by dataset path
+            self._pending: dict[str, Future] = {}  # checksums of whole datasets read, being computed
+            self._pool = ThreadPoolExecutor(1)
         except BaseException as exc:
             self._f.close()
             if isinstance(exc, (OSError, KeyError, ValueError, RuntimeError, TypeError)):
@@ -558,6 +563,7 @@ class CheckpointFile:
         self.close()
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._f.close()
 
     def _read_checked(self, dset: h5py.Dataset) -> np.ndarray:
@@ -568,9 +574,23 @@ class CheckpointFile:
     def read(self, group: str, name: str, index: tuple = ()) -> np.ndarray:
         """``/<group>/<name>[index]`` (group "params" or "optimizer/m", ...): only that hyperslab is read."""
         try:
-            return np.asarray(self._f[group][name][index])
+            dset = self._f[group][name]
+            out = np.asarray(dset[index])
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise _unreadable(self.path, exc) from None
+        key = f"/{group}/{name}"
+        if key in self._mine and key not in self._pending and out.shape == dset.shape:  # read whole: check it now
+            self._pending[key] = self._pool.submit(_crc, out)
+            busy = [f for f in self._pending.values() if not f.done()]
+            if len(busy) > 4:  # the checksums fell behind the reads: don't keep more arrays alive for them
+                busy[0].result()
+        return out
+
+    def share(self, part: int, parts: int) -> None:
+        """Make this rank part ``part`` of ``parts`` for ``verify_share``: the datasets are dealt out by size."""
+        datasets = sorted(self._datasets, key=lambda d: d.name)
+        owners = _deal([d.size * d.dtype.itemsize for d in datasets], parts)
+        self._mine = {d.name: d for d, who in zip(datasets, owners) if who == part}
 
     def read_whole(self, group: str, name: str, verify: bool = True) -> np.ndarray:
         try:
@@ -581,13 +601,15 @@ class CheckpointFile:
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise _unreadable(self.path, exc) from None
 
-    def verify_share(self, part: int, parts: int) -> None:
-        """Checksum this part's share of all datasets: largest first, each to the part with the fewest bytes so
-        far (the same deal on every rank), so ``parts`` ranks together check every dataset once, in 1/parts time."""
+    def verify_share(self, part: int | None = None, parts: int | None = None) -> None:
+        """Checksum this rank's share of the datasets (``share(part, parts)`` first, or pass them here): those read
+        whole by ``read`` from their bytes then, the others now. ``parts`` ranks together check every dataset once."""
+        if part is not None:
+            self.share(part, parts)
         try:
-            datasets = sorted(self._datasets, key=lambda d: d.name)
-            owners = _deal([d.size * d.dtype.itemsize for d in datasets], parts)
-            _check_crcs([d for d, who in zip(datasets, owners) if who == part], self.path)
+            for key, crc in self._pending.items():
+                _check_crc(self._mine[key], crc.result(), self.path)
+            _check_crcs([d for key, d in self._mine.items() if key not in self._pending], self.path)
         except UserError:
             raise
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:

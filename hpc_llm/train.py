@@ -193,19 +193,18 @@ class Trainer:
         return Path(resume)
 
     def _open_checkpoint(self, path: Path) -> ckpt.CheckpointFile:
-        """Open and check a checkpoint; the ranks share the checksum reading (agree() around this makes one bad
-        dataset an error on every rank)."""
+        """Open a checkpoint and check its header and model shape (the tensors' checksums come with _restore)."""
         saved = ckpt.CheckpointFile(path)
         try:
             self._check_compatible(saved)
-            saved.verify_share(self.grid.world.rank, self.grid.world.size)
         except BaseException:
             saved.close()
             raise
         return saved
 
     def restore(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint into this trainer (what --resume does at start): verify, then each rank reads its part."""
+        """Load a checkpoint into this trainer (what --resume does at start). A corrupt file raises UserError on
+        every rank, after this trainer's state was partly overwritten: build a new Trainer then."""
         saved = self.grid.world.agree(lambda: self._open_checkpoint(Path(path)))
         self.grid.world.agree(lambda: self._restore(saved))
         self._check_replicas_identical("restored parameters")
@@ -230,9 +229,12 @@ class Trainer:
 
     def _restore(self, saved: ckpt.CheckpointFile) -> None:
         """Each rank reads its own hyperslabs: its TP shard of every parameter and, of the Adam moments, the rows of
-        that shard covering the ranges it owns (ZeRO-1: about 1/dp of them)."""
+        that shard covering the ranges it owns (ZeRO-1: about 1/dp of them); and checksums its share of the file's
+        datasets (those it read whole from the bytes it read). Run under agree(): a bad checksum on any rank fails
+        the restore on all of them."""
         m = self.model
         with saved:
+            saved.share(self.grid.world.rank, self.grid.world.size)
             m.read_flat(m.flat, lambda name, index: saved.read("params", name, index), saved.shapes["params"],
                         f"{saved.path} parameters")
             for slot in ("m", "v"):
@@ -244,6 +246,7 @@ class Trainer:
                             f"{saved.path} optimizer {slot}", ranges=self.sync.owned)
                 if self.sync.zero:
                     self.opt.load_moments_flat(slot, flat)
+            saved.verify_share()
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]
@@ -302,6 +305,7 @@ class Trainer:
     def save(self) -> Path:
         """Gather the full (logical) tensors and write one checkpoint file: from rank 0 (gather), or from all ranks
         together (mpio); all ranks agree it worked before any moves on."""
+        t0 = time.perf_counter()
         m, mpio = self.model, self.writer == "mpio"
         # who needs the whole tensors: with mpio every rank (each writes a share of them); else the TP group of
         # rank 0 (data-parallel rank 0), whose TP collectives assemble them for rank 0 to write
@@ -324,15 +328,14 @@ class Trainer:
                  "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
                  "layout": {"world": self.grid.world.size, "dp": self.grid.dp, "tp": self.grid.tp,
                             "zero": self.cfg.parallel.zero}}
-        t0 = time.perf_counter()
         payload = dict(params=params, optimizer=optimizer, state=state, config=self.cfg.to_dict(),
                        metrics=self.metrics.as_dict())
-        if self.writer == "mpio":  # collective: every rank writes its share of the datasets
+        if mpio:  # collective: every rank writes its share of the datasets
             ckpt.save_checkpoint_mpio(path, self.grid.world.mpi, **payload)
 
         def write():
             if self.is_root:
-                if self.writer == "gather":
+                if not mpio:
                     ckpt.save_checkpoint(path, **payload)
                 ckpt.write_latest(self.out_dir, path)
                 self.written.add(path)

@@ -261,6 +261,32 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(data_dir, sha
     check(not bad, "\n".join(bad))
 
 
+@pytest.mark.parallel(nprocs=2)
+@pytest.mark.parametrize("dataset", ["params/h.0.attn.c_attn.weight", "optimizer/v/wte.weight", "params/ln_f.bias"])
+def test_corrupt_checkpoint_fails_resume_on_every_rank(dataset, data_dir, shared_tmp_path):
+    """A flipped byte in one dataset: the rank whose share of the verification holds it finds it (whether it read
+    that dataset whole or checksums it separately), and every rank raises the same one-line UserError."""
+    from hpc_llm.errors import UserError
+    from test_checkpoint import flip_byte_in
+
+    grid = make_grid(MPI.COMM_WORLD, 1)
+    cfg = run_config(data_dir, shared_tmp_path / "run", **{"train.max_iters": 2, "train.eval_iters": 0,
+                                                            "parallel.zero": 1})
+    path = train(cfg, grid).summary["checkpoint"]
+    if MPI.COMM_WORLD.rank == 0:
+        flip_byte_in(path, dataset, index=5)
+    MPI.COMM_WORLD.Barrier()
+    try:
+        Trainer(run_config(data_dir, shared_tmp_path / "run", **{"train.max_iters": 4, "parallel.zero": 1}),
+                resume=str(path), grid=grid)
+        error = None
+    except UserError as e:
+        error = str(e)
+    errors = MPI.COMM_WORLD.allgather(error)
+    check(error is not None and "checksum mismatch" in error and f"/{dataset}" in error and len(set(errors)) == 1,
+          f"errors: {errors}")
+
+
 # -- a wrong layout fails cleanly on every rank (serial tests that launch the CLI under mpiexec) ----------------------
 
 CLI_TIMEOUT = 120
