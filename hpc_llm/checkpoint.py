@@ -19,6 +19,7 @@ never touched before the new one is known good. ``save_checkpoint_mpio`` writes 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -550,6 +551,7 @@ class CheckpointFile:
             self._mine: dict[str, h5py.Dataset] = {}  # this rank's share to verify, by dataset path
             self._pending: dict[str, Future] = {}  # checksums of whole datasets read, being computed
             self._pool = ThreadPoolExecutor(1)
+            self._inflight: collections.deque[Future] = collections.deque()
         except BaseException as exc:
             self._f.close()
             if isinstance(exc, (OSError, KeyError, ValueError, RuntimeError, TypeError)):
@@ -571,20 +573,30 @@ class CheckpointFile:
         _check_crc(dset, _crc(arr), self.path)
         return arr
 
-    def read(self, group: str, name: str, index: tuple = ()) -> np.ndarray:
-        """``/<group>/<name>[index]`` (group "params" or "optimizer/m", ...): only that hyperslab is read."""
+    def read(self, group: str, name: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
+        """``/<group>/<name>[index]`` (group "params" or "optimizer/m", ...): only that hyperslab is read; into
+        ``out`` (C-contiguous, the slab's shape, any float dtype: HDF5 converts) when given, else a new array.
+        ``out`` must then stay unchanged until ``verify_share`` (its checksum may be computed from it)."""
         try:
             dset = self._f[group][name]
-            out = np.asarray(dset[index])
+            if out is None:
+                out = np.asarray(dset[index])
+            else:
+                dset.read_direct(out, source_sel=index or None)
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise _unreadable(self.path, exc) from None
         key = f"/{group}/{name}"
-        if key in self._mine and key not in self._pending and out.shape == dset.shape:  # read whole: check it now
-            self._pending[key] = self._pool.submit(_crc, out)
-            busy = [f for f in self._pending.values() if not f.done()]
-            if len(busy) > 4:  # the checksums fell behind the reads: don't keep more arrays alive for them
-                busy[0].result()
+        if key in self._mine and key not in self._pending and out.shape == dset.shape and out.dtype == dset.dtype:
+            self._pending[key] = self._pool.submit(_crc, out)  # read whole: checksum those bytes, on the side
+            self._inflight.append(self._pending[key])
+            while len(self._inflight) > 4:  # the checksums fell behind: don't keep more arrays alive for them
+                self._inflight.popleft().result()
         return out
+
+    def settle(self) -> None:
+        """Wait for the checksums being computed from arrays ``read`` returned, so the caller may reuse them."""
+        while self._inflight:
+            self._inflight.popleft().result()
 
     def share(self, part: int, parts: int) -> None:
         """Make this rank part ``part`` of ``parts`` for ``verify_share``: the datasets are dealt out by size."""

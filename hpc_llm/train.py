@@ -235,17 +235,21 @@ class Trainer:
         m = self.model
         with saved:
             saved.share(self.grid.world.rank, self.grid.world.size)
-            m.read_flat(m.flat, lambda name, index: saved.read("params", name, index), saved.shapes["params"],
-                        f"{saved.path} parameters")
+
+            def reader(group):
+                return lambda name, index, out=None: saved.read(group, name, index, out)
+
+            m.read_flat(m.flat, reader("params"), saved.shapes["params"], f"{saved.path} parameters")
             for slot in ("m", "v"):
                 group = f"optimizer/{slot}"
                 # without ZeRO-1 the moments are laid out like the flat buffer: read straight into them; with it,
                 # into one buffer for both (read m, keep its owned part, then v)
                 flat = self._scratch("m") if self.sync.zero else getattr(self.opt, slot)
-                m.read_flat(flat, lambda name, index: saved.read(group, name, index), saved.shapes.get(group, {}),
-                            f"{saved.path} optimizer {slot}", ranges=self.sync.owned)
+                m.read_flat(flat, reader(group), saved.shapes.get(group, {}), f"{saved.path} optimizer {slot}",
+                            ranges=self.sync.owned)
                 if self.sync.zero:
                     self.opt.load_moments_flat(slot, flat)
+                    saved.settle()  # checksums still reading the buffer finish before v overwrites it
             saved.verify_share()
         st = saved.state
         self.step = st["step"]

@@ -56,8 +56,8 @@ def count_reads():
     counts = collections.Counter()
     original = ckpt.CheckpointFile.read
 
-    def counting(self, group, name, index=()):
-        out = original(self, group, name, index)
+    def counting(self, group, name, index=(), out=None):
+        out = original(self, group, name, index, out)
         counts[group] += out.size
         return out
 

@@ -176,8 +176,9 @@ class GPT:
             self.local_view(flat, s)[...] = to_device(self.shard(np.asarray(t, dtype=self.dtype), s), self.xp)
 
     def read_flat(self, flat, read, shapes: dict, what: str, ranges=None) -> None:
-        """Like load_flat, from a reader instead of full tensors: read(name, index) returns full[index] for a
-        hyperslab index (an HDF5 dataset's slicing), and only the rows of this rank's shards that cover `ranges` of
+        """Like load_flat, from a reader instead of full tensors: read(name, index, out=None) returns full[index]
+        for a hyperslab index (an HDF5 dataset's slicing), into `out` when given (whole rows of a single slab are
+        read straight into the buffer), and only the rows of this rank's shards that cover `ranges` of
         the flat buffer are read (default: all of it; ZeRO-1: the ranges this rank owns). shapes: {name: full
         shape} of what the source holds, checked first."""
         self.check_shapes(shapes, what)
@@ -189,6 +190,11 @@ class GPT:
                 if lo >= hi:
                     continue
                 r0, r1 = lo // row, -(-hi // row)
+                slabs = TP.shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
+                if (self.xp is np and lo == r0 * row and hi == r1 * row and len(slabs) == 1
+                        and (s.tp_axis != 0 or self.tp.size == 1)):  # whole rows of one slab: read in place
+                    read(s.name, (slice(r0, r1),) + slabs[0][1:], dest[lo:hi].reshape((r1 - r0,) + s.local_shape[1:]))
+                    continue
                 rows = self._read_local_rows(read, s, r0, r1).reshape(-1)
                 dest[lo:hi] = to_device(np.asarray(rows[lo - r0 * row:hi - r0 * row], dtype=self.dtype), self.xp)
 
