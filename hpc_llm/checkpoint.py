@@ -363,34 +363,24 @@ def mpio_available() -> bool:
 
 
 def save_checkpoint_mpio(path: str | os.PathLike, comm, **payload_args) -> None:
-    """``save_checkpoint`` written by all ranks of the mpi4py communicator ``comm`` together (parallel HDF5, driver
-    "mpio"); every rank passes the same payload. The datasets are dealt out by size; each rank checksums and writes
-    its own share (independent I/O) and fsyncs, the ranks verify their shares of the closed file, and rank 0 renames
-    it. The file is the same as the serial writer's. Errors: a UserError on any rank is raised on every rank."""
+    """``save_checkpoint`` written by all ranks of ``comm`` (a hpc_llm.parallel.comm.Comm) together: parallel HDF5,
+    driver "mpio", on its mpi4py communicator. Every rank passes the same payload. The datasets are dealt out by
+    size; each rank checksums and writes its own share (independent I/O), fsyncs while it verifies its share of the
+    closed file, and rank 0 renames it. The file is the same as the serial writer's. A UserError on any rank is
+    raised on every rank."""
     path = Path(path)
-    rank, size = comm.Get_rank(), comm.Get_size()
-
-    def agreed(fn):
-        error, out = None, None
-        try:
-            out = fn()
-        except UserError as exc:
-            error = str(exc)
-        error = next((e for e in comm.allgather(error) if e), None)
-        if error:
-            raise UserError(error)
-        return out
-
-    payload = agreed(lambda: (_check_directory(path), _prepare(**payload_args))[1])
+    rank, size = comm.rank, comm.size
+    payload = comm.agree(lambda: (_check_directory(path), _prepare(**payload_args))[1])
     names = list(payload.tensors)
     owner = dict(zip(names, _deal([payload.tensors[p].nbytes for p in names], size)))
     crcs = {}
-    for part in comm.allgather({p: _crc(a) for p, a in payload.tensors.items() if owner[p] == rank}):
+    for part in comm.allgather_objects({p: _crc(a) for p, a in payload.tensors.items() if owner[p] == rank}):
         crcs.update(part)
-    payload.created = comm.bcast(payload.created)  # attributes must be equal on every rank
-    tmp = path.parent / f".{path.name}.tmp-{comm.bcast(os.getpid())}"
+    # attributes and the file name must be the same on every rank: rank 0's
+    payload.created, pid = comm.allgather_objects((payload.created, os.getpid()))[0]
+    tmp = path.parent / f".{path.name}.tmp-{pid}"
     try:
-        with h5py.File(tmp, "w", driver="mpio", comm=comm, libver=_LIBVER) as f:
+        with h5py.File(tmp, "w", driver="mpio", comm=comm.mpi, libver=_LIBVER) as f:
             _write_file(f, payload, crcs, mine=lambda p: owner[p] == rank)
 
         def verify_mine():
@@ -398,11 +388,11 @@ def save_checkpoint_mpio(path: str | os.PathLike, comm, **payload_args) -> None:
                 f.verify_share(rank, size)
 
         # each rank: fsync its own writes (from its own node's cache) while it verifies its share of the file
-        agreed(lambda: _fsync_during(tmp, verify_mine))
+        comm.agree(lambda: _fsync_during(tmp, verify_mine))
         if rank == 0:
             os.replace(tmp, path)
             fsync_dir(path.parent)
-        comm.Barrier()
+        comm.barrier()
     except BaseException:
         if rank == 0:
             _remove_quietly(tmp)

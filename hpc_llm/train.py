@@ -144,6 +144,8 @@ class Trainer:
         elif self.writer == "mpio" and not ckpt.mpio_available():
             raise UserError("checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "
                             "false): use \"gather\", or h5py built with MPI (README: parallel HDF5)")
+        elif self.writer == "mpio" and self.grid.world.mpi is None:
+            self.writer = "gather"  # a grid that never calls MPI (one process): the same file, written alone
         if t.batch_size % self.grid.dp:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
                             f"{self.grid.dp} (= {self.grid.world.size} ranks / parallel.tp={par.tp})")
@@ -335,7 +337,7 @@ class Trainer:
         payload = dict(params=params, optimizer=optimizer, state=state, config=self.cfg.to_dict(),
                        metrics=self.metrics.as_dict())
         if mpio:  # collective: every rank writes its share of the datasets
-            ckpt.save_checkpoint_mpio(path, self.grid.world.mpi, **payload)
+            ckpt.save_checkpoint_mpio(path, self.grid.world, **payload)
 
         def write():
             if self.is_root:
