@@ -195,7 +195,8 @@ def environment(world_size: int) -> dict:
 
     cores = os.cpu_count() or 1
     return {"host": platform.node(), "cores": cores, "world_size": world_size,
-            "oversubscribed": world_size > cores, "mpi": MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0],
+            "oversubscribed": world_size > cores,
+            "mpi": MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0],
             "mpi4py": mpi4py.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 

@@ -316,7 +316,7 @@ class Trainer:
         # who needs the whole tensors: with mpio every rank (each writes a share of them); else the TP group of
         # rank 0 (data-parallel rank 0), whose TP collectives assemble them for rank 0 to write
         builds = mpio or self.grid.dp_rank == 0
-        params = m.full_tensors(m.flat, copy=False) if builds else None  # views where possible: unchanged till we return
+        params = m.full_tensors(m.flat, copy=False) if builds else None  # views where possible: unchanged meanwhile
         optimizer = {}
         for slot in ("m", "v"):
             if not self.sync.zero:
