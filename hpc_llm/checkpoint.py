@@ -87,7 +87,7 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# JSON for state (exact round trip of RNG states: big ints, tuples, small ndarrays, numpy scalars)
+# JSON for state (exact round trip of big ints, tuples, small ndarrays, numpy scalars)
 # ---------------------------------------------------------------------------------------------------------------
 
 _TUPLE_TAG = "__tuple__"

@@ -15,8 +15,7 @@ Only what our model computes is accepted: tanh-GELU (`gelu_new` / `gelu_pytorch_
 attention scaled by 1/sqrt(head_dim) and nothing else, no cross-attention, a tied head. Anything else is a UserError
 naming the field, never a silently different model. Float16/bfloat16/float64 tensors are converted to float32.
 
-The checkpoint is the one `Trainer.save` writes at step 0 (zero Adam moments, empty metrics, the dropout RNG as the
-default `train.seed` starts it), so `hpc_llm.load_model(path)` loads it and `hpc-llm train CONFIG --resume path`
+The checkpoint is the one `Trainer.save` writes at step 0 (zero Adam moments, empty metrics), so `hpc_llm.load_model(path)` loads it and `hpc-llm train CONFIG --resume path`
 fine-tunes it when CONFIG's [model] section matches (n_layer, n_head, n_embd, block_size = n_positions, vocab_size).
 
 No GPT-2 BPE tokenizer is included: our tokenizers are byte and char level. The checkpoint records

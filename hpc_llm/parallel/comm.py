@@ -186,12 +186,6 @@ class Comm:
             return [obj]
         return self.mpi.allgather(obj)
 
-    def gather_objects(self, obj, root: int = 0) -> list | None:
-        """Small Python objects (e.g. RNG states) from every rank, as a list on root."""
-        if self.size == 1:
-            return [obj]
-        return self.mpi.gather(obj, root=root)
-
     def barrier(self) -> None:
         if self.size > 1:
             self.mpi.Barrier()
