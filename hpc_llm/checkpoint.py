@@ -454,13 +454,12 @@ def _check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
     for name in manifest:
         if name not in shapes:
             raise UserError(f"{path}: checkpoint is missing dataset {name}")
-    for group in ("params", "metrics"):
-        for name, obj in f[group].items():
-            if group == "params" and not isinstance(obj, h5py.Dataset):
-                raise UserError(f"{path}: /params/{name} is not a dataset")
-            if group == "metrics" and not (isinstance(obj, h5py.Group)
-                                           and all(f"{obj.name}/{c}" in shapes for c in obj)):
-                raise UserError(f"{path}: /metrics/{name} is not a group of 1-D datasets")
+    for name in f["params"]:
+        if f"/params/{name}" not in shapes:
+            raise UserError(f"{path}: /params/{name} is not a dataset")
+    for table, group in f["metrics"].items():
+        if not isinstance(group, h5py.Group) or not all(f"/metrics/{table}/{c}" in shapes for c in group):
+            raise UserError(f"{path}: /metrics/{table} is not a group of 1-D datasets")
     for slot, group in f["optimizer"].items():
         if not isinstance(group, h5py.Group):
             raise UserError(f"{path}: /optimizer/{slot} is not a group of per-parameter datasets")
@@ -502,16 +501,8 @@ def _unreadable(path: Path, exc: Exception) -> UserError:
 
 def verify_checkpoint(path: str | os.PathLike) -> None:
     """Raise UserError unless ``path`` is a complete hpc_llm checkpoint whose every dataset matches its crc32."""
-    path = Path(path)
-    f = _open(path)
-    try:
-        with f:
-            _version, datasets = _check_header(f, path)
-            _check_crcs(datasets, path)
-    except UserError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise _unreadable(path, exc) from None
+    with CheckpointFile(path) as f:  # one rank checking the whole file is a share of one
+        f.verify_share(0, 1)
 
 
 class CheckpointFile:

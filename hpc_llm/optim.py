@@ -105,13 +105,9 @@ class AdamW:
         self._tmp, self._tmp2 = self._temps[0]
         self._pool = _thread_pool(self.threads) if self.threads > 1 else None
 
-    def moments_flat(self, slot: str, out=None):
-        """m or v laid out like the flat parameter buffer (zeros outside the owned ranges), in `out` if given."""
-        xp = array_module(self.p)
-        if out is None:
-            out = xp.zeros_like(self.p)
-        else:
-            out[...] = 0
+    def moments_flat(self, slot: str, out):
+        """m or v laid out like the flat parameter buffer, in `out` (zeros outside the owned ranges)."""
+        out[...] = 0
         base = 0
         for a, b in self.owned:
             out[a:b] = getattr(self, slot)[base:base + b - a]

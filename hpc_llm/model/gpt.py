@@ -170,37 +170,42 @@ class GPT:
 
     def load_flat(self, flat, tensors: dict, what: str = "parameters") -> None:
         """Copy named full tensors into a flat buffer laid out like self.flat, each rank taking its shard."""
-        self.check_shapes({n: t.shape for n, t in tensors.items()}, what)
-        for name, t in tensors.items():
-            s = self.spec[name]
-            self.local_view(flat, s)[...] = to_device(self.shard(np.asarray(t, dtype=self.dtype), s), self.xp)
+
+        def read(name, index, out=None):
+            part = np.asarray(tensors[name])[index]
+            if out is None:
+                return part
+            out[...] = part
+            return out
+
+        self.read_flat(flat, read, {n: np.shape(t) for n, t in tensors.items()}, what)
 
     def read_flat(self, flat, read, shapes: dict, what: str, ranges=None) -> None:
-        """Like load_flat, from a reader instead of full tensors: read(name, index, out=None) returns full[index]
-        for a hyperslab index (an HDF5 dataset's slicing), into `out` when given (whole rows of a single slab are
-        read straight into the buffer), and only the rows of this rank's shards that cover `ranges` of
-        the flat buffer are read (default: all of it; ZeRO-1: the ranges this rank owns). shapes: {name: full
-        shape} of what the source holds, checked first."""
+        """Fill this rank's shards in a flat buffer laid out like self.flat from a reader of full tensors:
+        read(name, index, out=None) returns full[index] for a hyperslab index (an HDF5 dataset's slicing), into
+        `out` when given (whole rows of a single slab are read straight into the buffer), and only the rows of this
+        rank's shards that cover `ranges` of the flat buffer are read (default: all of it; ZeRO-1: the ranges this
+        rank owns). shapes: {name: full shape} of what the source holds, checked first."""
         self.check_shapes(shapes, what)
         for s in self.specs:
             row = s.size // s.local_shape[0]  # elements per row (along axis 0) of the local shard
             dest = self.local_view(flat, s).reshape(-1)
+            slabs = TP.shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
             for a, b in ranges if ranges is not None else [(0, self.local_size)]:
                 lo, hi = max(a, s.offset) - s.offset, min(b, s.offset + s.size) - s.offset
                 if lo >= hi:
                     continue
                 r0, r1 = lo // row, -(-hi // row)
-                slabs = TP.shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
                 if (self.xp is np and lo == r0 * row and hi == r1 * row and len(slabs) == 1
                         and (s.tp_axis != 0 or self.tp.size == 1)):  # whole rows of one slab: read in place
                     read(s.name, (slice(r0, r1),) + slabs[0][1:], dest[lo:hi].reshape((r1 - r0,) + s.local_shape[1:]))
                     continue
-                rows = self._read_local_rows(read, s, r0, r1).reshape(-1)
+                rows = self._read_local_rows(read, s, slabs, r0, r1).reshape(-1)
                 dest[lo:hi] = to_device(np.asarray(rows[lo - r0 * row:hi - r0 * row], dtype=self.dtype), self.xp)
 
-    def _read_local_rows(self, read, s: ParamSpec, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of this rank's shard of s, read as hyperslabs of the full tensor."""
-        slabs = TP.shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
+    def _read_local_rows(self, read, s: ParamSpec, slabs: list, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of this rank's shard of s (its `slabs`, TP.shard_slices), read as hyperslabs of the full
+        tensor."""
         if s.tp_axis != 0 or self.tp.size == 1:  # axis 0 whole: the rows, times this rank's slab(s) of the split axis
             pieces = [read(s.name, (slice(r0, r1),) + slab[1:]) for slab in slabs]
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=s.tp_axis)
