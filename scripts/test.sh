@@ -17,7 +17,9 @@ export OPAL_PREFIX="$VENV" PMIX_PREFIX="$VENV"
 if [ $# -gt 0 ]; then
     exec "$VENV/bin/python" -m pytest -q "$@"
 fi
-"$VENV/bin/python" -m pytest -q
+# tests/test_checkpoint_mpio.py needs h5py built with MPI: scripts/test_mpio.sh runs it below, in its own environment
+# (here it would only skip, and under CI=true a skip is a failure).
+"$VENV/bin/python" -m pytest -q --ignore=tests/test_checkpoint_mpio.py
 # The whole suite also runs the parallel-HDF5 tests (checkpoint.writer=mpio) in their own environment: Debian's
 # MPI-enabled h5py and Open MPI, never mixed with the wheels above (SKIPPED with the reason where apt is unavailable).
 exec scripts/test_mpio.sh --full

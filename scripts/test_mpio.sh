@@ -5,14 +5,15 @@
 # MPIs are never mixed in one run: PATH, PYTHONPATH and the OMPI_/PMIX_/OPAL_ variables are reset first, and the
 # checks below fail if numpy, h5py or mpi4py do not come from Debian or if the loaded libmpi is not Debian's.
 #
-# Steps: (1) apt-get install the packages (skipped when dpkg already has them); if that is impossible (not Debian,
-# not root, no network) print "SKIPPED: <why>" and exit 0; (2) the venv + `pip install --no-deps -e .` + pytest,
-# pytest-timeout, mpi-pytest (redone only when setup.cfg, pyproject.toml or this script changed); (3) check h5py's
-# MPI build (H5PY_ALWAYS_USE_MPI=1, and under mpiexec via OMPI_COMM_WORLD_SIZE) and the MPI library; (4) run
-# tests/test_checkpoint_mpio.py under `/usr/bin/mpiexec -n N` for N = 1, 2, 4 (pytest inside mpiexec, mpi-pytest's
-# `-m "parallel[N]"` selection: its forking mode does not work with Open MPI 4.1). A run passes only if mpiexec exits
-# 0 (or 5: no test for that size) and every rank wrote a JUnit report with no failure or error (a rank that died or
-# was killed by pytest-timeout has none). Timings are printed per step; about 7 s in all on a warm machine.
+# Steps: (1) apt-get install the packages (skipped when dpkg already has them); if that is impossible (not Debian, not
+# root, no network) print "SKIPPED: <why>" and exit 0 (under CI=true "FAILED: <why>" and exit 1); (2) the venv + `pip
+# install --no-deps -e .` + pytest, pytest-timeout, mpi-pytest (redone only when setup.cfg, pyproject.toml or this
+# script changed); (3) check h5py's MPI build (H5PY_ALWAYS_USE_MPI=1, and under mpiexec via OMPI_COMM_WORLD_SIZE) and
+# the MPI library; (4) run tests/test_checkpoint_mpio.py under `/usr/bin/mpiexec -n N` for N = 1, 2, 4 (pytest inside
+# mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its forking mode does not work with Open MPI 4.1). A run passes
+# only if mpiexec exits 0 (or 5: no test for that size) and every rank wrote a JUnit report with no failure or error
+# (a rank that died or was killed by pytest-timeout has none). Timings are printed per step; about 7 s in all on a
+# warm machine.
 #
 # Usage: scripts/test_mpio.sh [--full] [PYTEST_ARGS...]
 #   --full       also run tests/test_parallel.py, test_tensor_parallel.py and test_resume_layouts.py at 2 and 4
@@ -39,7 +40,12 @@ t_start=$EPOCHREALTIME
 t_phase=$t_start
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 phase() { echo "test_mpio: $1 ($(since "$t_phase") s)"; t_phase=$EPOCHREALTIME; }
-skip() { echo "test_mpio: SKIPPED: $1 (the parallel-HDF5 tests did not run)"; exit 0; }
+skip() {  # under CI=true nothing may skip (tests/conftest.py does the same for pytest): a failure, with the reason
+    case "${CI:-}" in
+        true | 1) echo "test_mpio: FAILED: $1 (CI=true: the parallel-HDF5 tests must run)" >&2; exit 1 ;;
+    esac
+    echo "test_mpio: SKIPPED: $1 (the parallel-HDF5 tests did not run)"; exit 0
+}
 die() { echo "test_mpio: FAILED: $1" >&2; exit 1; }
 
 # -- (1) system packages -------------------------------------------------------------------------------------------

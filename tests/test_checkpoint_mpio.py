@@ -4,9 +4,10 @@ These tests run only where h5py is built with MPI: scripts/test_mpio.sh runs thi
 python3-h5py-mpi, python3-mpi4py and Open MPI, never the PyPI wheels) as
 `/usr/bin/mpiexec -n N python -m pytest tests/test_checkpoint_mpio.py -m "parallel[N]"` for N = 1, 2, 4 (mpi-pytest's
 "outer mpiexec" mode: its forking mode does not work with Open MPI 4.1, whose singleton start leaves OMPI_MCA_ess and
-PMIX_* in the parent's environment and the nested mpiexec then fails). Elsewhere (the PyPI h5py in `.venv`,
-scripts/test.sh) the whole module is skipped with its reason. Debian's h5py loads its MPI build only when
-OMPI_COMM_WORLD_SIZE (set by mpiexec) or H5PY_ALWAYS_USE_MPI is set, so outside mpiexec it is skipped there too.
+PMIX_* in the parent's environment and the nested mpiexec then fails). scripts/test.sh's pytest run in `.venv`
+(PyPI's h5py, no MPI) leaves this file out (--ignore); run there by hand, the module is skipped with its reason.
+Debian's h5py loads its MPI build only when OMPI_COMM_WORLD_SIZE (set by mpiexec) or H5PY_ALWAYS_USE_MPI is set, so
+outside mpiexec it is skipped there too.
 With HPC_LLM_REQUIRE_MPIO=1 (scripts/test_mpio.sh sets it) a missing MPI build is an error, not a skip.
 
 Every assertion on the ranks goes through `check` (mpi-pytest's parallel_assert), so all ranks agree on the verdict.

@@ -1,8 +1,11 @@
 """The CuPy backend against the NumPy one (float64): same loss, same gradients, same KV-cache logits.
 
-Skipped, with the reason, where CuPy or a GPU is missing: the CPU suite's finite-difference checks cover the NumPy path
-these tests compare against.
+Marked `gpu`: skipped, with the reason, where CuPy or a GPU is missing (the only tests CI may skip: tests/conftest.py);
+with HPC_LLM_REQUIRE_GPU=1 (set it on a GPU machine) a missing CuPy or GPU is an error instead. The CPU suite's
+finite-difference checks cover the NumPy path these tests compare against.
 """
+
+import os
 
 import numpy as np
 import pytest
@@ -10,11 +13,18 @@ import pytest
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.gpt import GPT, KVCache
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install hpc_llm[gpu])")
 try:
+    import cupy
+
     cupy.cuda.runtime.getDeviceCount()
+    NO_GPU = None
+except ImportError:
+    cupy, NO_GPU = None, "CuPy is not installed (pip install hpc_llm[gpu])"
 except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    pytest.skip(f"no usable GPU: {e}", allow_module_level=True)
+    NO_GPU = f"no usable GPU: {e}"
+if NO_GPU and os.environ.get("HPC_LLM_REQUIRE_GPU") == "1":
+    raise RuntimeError(f"HPC_LLM_REQUIRE_GPU=1, but {NO_GPU}")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))]
 
 
 def models(seed):

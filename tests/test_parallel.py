@@ -361,5 +361,4 @@ def test_wrong_layout_fails_cleanly_on_every_rank(ranks, overrides, expected, da
     for text in expected:
         assert text.format(tmp=tmp_path) in errors[0], report
     assert "Traceback" not in out + err, report
-    assert seconds < CLI_TIMEOUT / 4, report
     assert not (tmp_path / "out").exists()  # nothing written before the layout was checked
