@@ -36,7 +36,11 @@ def _train(args) -> None:
     from hpc_llm.config import load_config
     from hpc_llm.train import EXIT_PREEMPTED, train
 
-    cfg = load_config(args.config, args.set)
+    from hpc_llm.parallel.comm import world_comm
+
+    # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
+    # print, so every rank reads and validates the config, then all raise the same error together
+    cfg = world_comm().agree(lambda: load_config(args.config, args.set))
     summary = train(cfg, resume=args.resume)
     if _world_rank() == 0:
         print(json.dumps(summary))

@@ -61,7 +61,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel size; data-parallel size = number of ranks / tp
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size (stages); data-parallel size = number of ranks / (pp * tp)
+    # layers of each pipeline stage in model order (pp * virtual_stages entries, summing to model.n_layer); empty: even
+    pp_layers: list[int] = field(default_factory=list)
+    schedule: str = "1f1b"  # "1f1b", "interleaved" (needs virtual_stages >= 2) or "gpipe"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     zero: int = 0  # 1: ZeRO-1, Adam moments sharded over the data-parallel group
     bucket_mb: float = 25.0  # data-parallel gradient bucket size (MiB)
 
@@ -116,6 +121,16 @@ def _coerce(section: str, name: str, value, typ: type):
     elif typ is str:
         if isinstance(value, str):
             return value
+    elif typ is list:  # list[int]: a TOML array, or `--set a.b=[3, 1]` / `--set a.b=3,1`
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            try:
+                value = [int(v) for v in text.split(",")] if text.strip() else []
+            except ValueError:
+                pass
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise UserError(f"config field {where}: expected a list of integers, got {value!r}")
     raise UserError(f"config field {where}: expected {typ.__name__}, got {value!r}")
 
 
@@ -130,7 +145,7 @@ def _apply(cfg: Config, section: str, values: dict, source: str) -> None:
     for key, value in values.items():
         if key not in types:
             raise UserError(f"{source}: unknown key {section}.{key} (expected one of: {', '.join(types)})")
-        typ = {"int": int, "float": float, "str": str, "bool": bool}[types[key]]
+        typ = {"int": int, "float": float, "str": str, "bool": bool, "list[int]": list}[types[key]]
         setattr(sub, key, _coerce(section, key, value, typ))
 
 
@@ -201,8 +216,47 @@ def validate(cfg: Config) -> None:
     need(t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops)
     need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
     need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)
+    need(par.pp >= 1, "parallel.pp", "a positive integer", par.pp)
+    need(par.virtual_stages >= 1, "parallel.virtual_stages", "a positive integer", par.virtual_stages)
+    need(par.schedule in ("1f1b", "interleaved", "gpipe"), "parallel.schedule", '"1f1b", "interleaved" or "gpipe"',
+         par.schedule)
+    check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
     need(par.zero in (0, 1), "parallel.zero", "0 or 1", par.zero)
     need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
     need(c.interval >= 0, "checkpoint.interval", "a non-negative integer (0: only at the end)", c.interval)
     need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)
     need(c.writer in ("auto", "gather", "mpio"), "checkpoint.writer", '"auto", "gather" or "mpio"', c.writer)
+
+
+def check_pipeline(pp: int, v: int, schedule: str, pp_layers: list[int], n_layer: int, micro_batches: int) -> None:
+    """The pipeline split must give every (virtual) stage at least one layer; interleaving needs its micro-batches."""
+    stages = pp * v
+    if schedule == "interleaved":
+        if v < 2:
+            raise UserError(f"parallel.schedule=interleaved needs parallel.virtual_stages >= 2, got {v}")
+        if pp < 2:
+            raise UserError(f"parallel.schedule=interleaved needs parallel.pp >= 2, got {pp}")
+        if micro_batches % pp:
+            raise UserError(f"parallel.schedule=interleaved: train.grad_accum={micro_batches} (the micro-batches) "
+                            f"must be a multiple of parallel.pp={pp}")
+    elif v != 1:
+        raise UserError(f"parallel.virtual_stages={v} needs parallel.schedule=interleaved (got {schedule!r})")
+    if pp_layers:
+        if len(pp_layers) != stages:
+            raise UserError(f"parallel.pp_layers={pp_layers}: expected {stages} entries (parallel.pp={pp} x "
+                            f"parallel.virtual_stages={v}), got {len(pp_layers)}")
+        if min(pp_layers) < 1:
+            raise UserError(f"parallel.pp_layers={pp_layers}: every stage needs at least one layer")
+        if sum(pp_layers) != n_layer:
+            raise UserError(f"parallel.pp_layers={pp_layers} sums to {sum(pp_layers)}, not model.n_layer={n_layer}")
+    elif n_layer % stages:
+        what = f"parallel.pp={pp}" + (f" x parallel.virtual_stages={v}" if v > 1 else "")
+        raise UserError(f"{what} = {stages} stages do not divide model.n_layer={n_layer} evenly (set "
+                        f"parallel.pp_layers for an uneven split)")
+
+
+def stage_layers(n_layer: int, stages: int, pp_layers: list[int] = ()) -> list[range]:
+    """The layers of each (virtual) pipeline stage, in model order: as pp_layers gives, else evenly."""
+    counts = list(pp_layers) or [n_layer // stages] * stages
+    edges = [sum(counts[:i]) for i in range(stages + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(stages)]

@@ -25,15 +25,18 @@ import numpy as np
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
 from hpc_llm.bench import matmul_peak_flops
-from hpc_llm.config import Config, config_from_dict
+from hpc_llm.config import Config, config_from_dict, stage_layers
 from hpc_llm.data import TokenData, check_split_size, get_batch
 from hpc_llm.errors import UserError
 from hpc_llm.fsio import atomic_write_bytes
-from hpc_llm.model.gpt import GPT
+from hpc_llm.model.gpt import GPT, StagePlan, merge_ranges, param_specs
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.optim import AdamW, global_grad_norm, lr_at
+from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
+from hpc_llm.parallel.pipeline import forward_only, run_schedule
+from hpc_llm.parallel.schedule import schedule
 
 log = logging.getLogger("hpc_llm")
 
@@ -97,7 +100,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop if stop is not None else StopRequest()  # train() installs its handlers before any work
         t, par = cfg.train, cfg.parallel
-        self.grid = grid if grid is not None else world_grid(par.tp)
+        self.grid = grid if grid is not None else world_grid(par.tp, par.pp)
         world = self.grid.world
         self.is_root = world.rank == 0
         self.xp = get_backend(t.backend)
@@ -107,7 +110,13 @@ class Trainer:
         self.rows = slice(self.grid.dp_rank * (t.batch_size // dp), (self.grid.dp_rank + 1) * (t.batch_size // dp))
         self.out_dir = Path(t.out_dir)
 
-        self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm)
+        self.plan = StagePlan(tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
+                              par.pp, self.grid.pp_rank, par.virtual_stages)
+        self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm, plan=self.plan)
+        self.ops = schedule(par.schedule, par.pp, self.grid.pp_rank, t.grad_accum, par.virtual_stages)
+        self.pipe = PipelineComm(self.grid.pp_comm, self.plan.n_virtual) if par.pp > 1 else None
+        # the logged loss comes from the last stage, once per TP group
+        self.reports_loss = self.model.has_head and self.grid.tp_rank == 0
         bucket_elems = int(par.bucket_mb * 2**20) // self.model.dtype.itemsize
         self.sync = GradientSync(self.model.grad_flat, self.grid.dp_comm, bucket_elems, zero=par.zero == 1)
         self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t, owned=self.sync.owned)
@@ -137,18 +146,23 @@ class Trainer:
         resume_path = self._resume_path(resume)
         saved = self._open_checkpoint(resume_path) if resume_path else None
         resolve_vocab(cfg, self.data)
-        check_layout(self.grid.world.size, par.tp, cfg.model.n_head, cfg.model.padded_vocab)
+        check_layout(self.grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
         self.writer = cfg.checkpoint.writer
         if self.writer == "auto":
-            self.writer = "mpio" if ckpt.mpio_available() and self.grid.world.size > 1 else "gather"
+            self.writer = ("mpio" if ckpt.mpio_available() and self.grid.world.size > 1 and par.pp == 1
+                           else "gather")
         elif self.writer == "mpio" and not ckpt.mpio_available():
             raise UserError("checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "
                             "false): use \"gather\", or h5py built with MPI (README: parallel HDF5)")
+        elif self.writer == "mpio" and par.pp > 1:
+            raise UserError(f"checkpoint.writer=mpio is not supported with parallel.pp={par.pp} yet: use "
+                            "\"gather\" (or \"auto\")")
         elif self.writer == "mpio" and self.grid.world.mpi is None:
             self.writer = "gather"  # a grid that never calls MPI (one process): the same file, written alone
         if t.batch_size % self.grid.dp:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
-                            f"{self.grid.dp} (= {self.grid.world.size} ranks / parallel.tp={par.tp})")
+                            f"{self.grid.dp} (= {self.grid.world.size} ranks / (parallel.pp={par.pp} x "
+                            f"parallel.tp={par.tp}))")
         check_split_size(self.train_tokens, cfg.model.block_size, "train")
         if t.eval_iters > 0:
             check_split_size(self.val_tokens, cfg.model.block_size, "val")
@@ -164,22 +178,29 @@ class Trainer:
     def _check_replicas_identical(self, what: str) -> None:
         """Data-parallel replicas must hold bitwise the same parameters (identical by construction: initialisation
         depends only on the seed, a resume reads the same file); one small allgather of a checksum proves it."""
-        dp = self.grid.dp_comm
-        if dp.size == 1:
-            return
-        crc = zlib.crc32(np.ascontiguousarray(to_host(self.model.flat)).view(np.uint8))
-        crcs = dp.allgather_objects(crc)
-        if len(set(crcs)) != 1:
-            raise RuntimeError(f"{what} differ across data-parallel ranks (crc32 {crcs}): a bug, please report it")
+        def crc(x) -> int:
+            return zlib.crc32(np.ascontiguousarray(to_host(x)).view(np.uint8))
+
+        if self.grid.dp > 1:
+            crcs = self.grid.dp_comm.allgather_objects(crc(self.model.flat))
+            if len(set(crcs)) != 1:
+                raise RuntimeError(f"{what} differ across data-parallel ranks (crc32 {crcs}): a bug, please report it")
+        if self.grid.emb_comm is not None:  # the tied embedding's copies on the first and the last stage
+            crcs = self.grid.emb_comm.allgather_objects(crc(self.model.params["wte.weight"]))
+            if len(set(crcs)) != 1:
+                raise RuntimeError(f"{what}: the tied embedding's copies on the first and last pipeline stage differ "
+                                   f"(crc32 {crcs}): a bug, please report it")
 
     def _norm_ranges(self):
         """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
         element of the whole model counted once (a replicated tensor on TP rank 0 only; ZeRO: this rank's shard)."""
         m = self.model
-        counted = ([(0, m.local_size)] if self.grid.tp_rank == 0
-                   else [(s.offset, s.offset + s.size) for s in m.specs if s.tp_axis is not None])
+        tied = m.tied_copy_range()  # the last stage's copy of the embedding: the first stage counts it
+        counted = merge_ranges((s.offset, s.offset + s.size) for s in m.specs
+                               if (self.grid.tp_rank == 0 or s.tp_axis is not None)
+                               and (tied is None or s.offset != tied[0]))
         keep = [(max(a, c), min(b, d)) for a, b in self.sync.owned for c, d in counted if max(a, c) < min(b, d)]
-        comm = self.grid.world if self.sync.zero else self.grid.tp_comm
+        comm = self.grid.world if self.sync.zero else self.grid.mp_comm
         return keep, comm
 
     # -- resume ---------------------------------------------------------------------------------------------------------
@@ -270,25 +291,29 @@ class Trainer:
                          rows=self.rows)
         return to_device(x, self.xp), to_device(y, self.xp)
 
+    def micro_batch(self, micro: int):
+        """(tokens, targets, dropout rng) of this rank's rows of micro-batch (step, micro)."""
+        t = self.cfg.train
+        x, y = self.batch(self.train_tokens, self.step, micro, TRAIN_STREAM)
+        rng = (DropoutRNG(t.seed, self.step, micro, range(self.rows.start, self.rows.stop), self.xp)
+               if self.cfg.model.dropout > 0 else None)
+        return x, y, rng
+
     def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm before clipping, lr),
-        both global (the same on every rank)."""
+        """One optimizer step over grad_accum micro-batches, through this rank's schedule (parallel/pipeline.py).
+        Returns (mean loss, grad norm before clipping, lr), all global (the same on every rank)."""
         t, dp = self.cfg.train, self.grid.dp
         lr = lr_at(self.step, t)
-        loss = 0.0
-        for micro in range(t.grad_accum):
-            last = micro == t.grad_accum - 1
-            x, y = self.batch(self.train_tokens, self.step, micro, TRAIN_STREAM)
-            rng = (DropoutRNG(t.seed, self.step, micro, range(self.rows.start, self.rows.stop), self.xp)
-                   if self.cfg.model.dropout > 0 else None)
-            loss += self.model.forward(x, y, rng=rng, keep_cache=True) / t.grad_accum
-            if last:
-                self.sync.start()
-            # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
-            self.model.backward(loss_scale=1.0 / (t.grad_accum * dp), accumulate=micro > 0,
-                                grad_ready=self.sync.grad_ready if last else None)
+        self.sync.start()
+        # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
+        losses = run_schedule(self.model, self.ops, self.pipe, self.micro_batch, 1.0 / (t.grad_accum * dp),
+                              (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd),
+                              grad_ready=self.sync.grad_ready)
+        if self.grid.emb_comm is not None:  # the tied embedding's two copies: each gets the sum of both gradients
+            self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
         self.sync.finish()
-        loss = self.grid.dp_comm.allreduce_scalar(loss) / dp
+        loss = sum(losses[micro] / t.grad_accum for micro in sorted(losses))
+        loss = self.grid.world.allreduce_scalar(loss if self.reports_loss else 0.0) / dp
         norm = global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm)
         if not math.isfinite(loss) or not math.isfinite(norm):
             raise FloatingPointError(f"step {self.step}: loss {loss}, grad norm {norm} (lower train.lr?)")
@@ -304,8 +329,10 @@ class Trainer:
         out = {}
         for name, tokens, stream in (("val_loss", self.val_tokens, VAL_STREAM),
                                      ("train_loss", self.train_tokens, TRAIN_EVAL_STREAM)):
-            losses = [self.model.forward(*self.batch(tokens, i, 0, stream)) for i in range(t.eval_iters)]
-            out[name] = self.grid.dp_comm.allreduce_scalar(float(np.mean(losses))) / self.grid.dp
+            losses = [forward_only(self.model, self.pipe, *self.batch(tokens, i, 0, stream))
+                      for i in range(t.eval_iters)]
+            mean = float(np.mean(losses)) if self.reports_loss else 0.0
+            out[name] = self.grid.world.allreduce_scalar(mean) / self.grid.dp
         return out
 
     def save(self) -> Path:
@@ -328,12 +355,13 @@ class Trainer:
                 flat = self._scratch(slot) if builds else None
                 self.sync.gather_to(getattr(self.opt, slot), flat, root=0)
             if builds:
-                optimizer[slot] = m.full_tensors(flat, copy=False)
+                optimizer[slot] = self._gather_stages(m.full_tensors(flat, copy=False))
+        params = self._gather_stages(params) if builds else None
         path = ckpt.checkpoint_path(self.out_dir, self.step)
         state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
                  "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
-                 "layout": {"world": self.grid.world.size, "dp": self.grid.dp, "tp": self.grid.tp,
-                            "zero": self.cfg.parallel.zero}}
+                 "layout": {"world": self.grid.world.size, "pp": self.grid.pp, "dp": self.grid.dp,
+                            "tp": self.grid.tp, "zero": self.cfg.parallel.zero}}
         payload = dict(params=params, optimizer=optimizer, state=state, config=self.cfg.to_dict(),
                        metrics=self.metrics.as_dict())
         if mpio:  # collective: every rank writes its share of the datasets
@@ -351,6 +379,31 @@ class Trainer:
         log.info("checkpoint %s (%s writer, %.2f s)", path, self.writer, time.perf_counter() - t0)
         return path
 
+    def _stage_tensors(self, stage: int) -> list[str]:
+        """The names of the tensors pipeline stage `stage` contributes to a checkpoint, in its buffer's order (the
+        last stage's copy of the tied embedding is the first stage's)."""
+        plan = StagePlan(self.plan.layers, self.plan.pp, stage, self.plan.virtual)
+        return [s.name for s in param_specs(self.cfg.model, 1, plan) if stage == 0 or s.name != "wte.weight"]
+
+    def _gather_stages(self, tensors: dict | None) -> dict | None:
+        """pp > 1: every stage's full tensors to world rank 0, the writer: from each stage's leader (its data- and
+        tensor-parallel rank 0, which holds them after full_tensors), one message per tensor; root gets the whole
+        model, the other leaders None. Other ranks, and pp = 1, keep what they have."""
+        g = self.grid
+        if g.pp == 1 or g.dp_rank != 0 or g.tp_rank != 0:
+            return tensors
+        comm = g.pp_comm
+        if comm.rank != 0:
+            for tag, name in enumerate(self._stage_tensors(comm.rank)):
+                comm.isend(np.ascontiguousarray(tensors[name]), 0, tag, "gather_stage").wait()
+            return None
+        out = dict(tensors)
+        for stage in range(1, g.pp):
+            for tag, name in enumerate(self._stage_tensors(stage)):
+                out[name] = np.empty(self.model.logical[name], dtype=self.model.dtype)
+                comm.irecv(out[name], stage, tag, "gather_stage").wait()
+        return out
+
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         m = self.model
@@ -362,6 +415,11 @@ class Trainer:
         log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
                  self.grid.describe(), "on" if self.sync.zero else "off", cfg.parallel.bucket_mb,
                  len(self.sync.buckets), (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20)
+        if self.plan.pp > 1:
+            stages = ", ".join(f"{v}: {r.start}-{r.stop - 1}" for v, r in enumerate(self.plan.layers))
+            log.info("pipeline: %d stages x %d virtual, schedule %s, %d micro-batches; layers per (virtual) stage "
+                     "%s (stage s holds virtual stages s, s + %d, ...)", self.plan.pp, self.plan.virtual,
+                     cfg.parallel.schedule, t.grad_accum, stages, self.plan.pp)
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
         ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step

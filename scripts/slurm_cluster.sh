@@ -15,7 +15,7 @@
 # libpmix-dev was installed before slurmd starts. Exit status of start: 0 = node idle; 3 = Slurm or munge is not
 # installed; 1 = a daemon did not come up (the reason and the log's tail on stderr).
 #
-# The configuration follows ../shared/DESIGN.md ("Recipes seen working"): proctrack/linuxproc and task/none (no
+# The configuration follows what was seen working on this machine kind: proctrack/linuxproc and task/none (no
 # cgroups in a container), select/cons_tres with CR_CPU, no accounting, MinJobAge=5 (sbatch --wait returns soon),
 # cred_expire=10 and sched_interval=5 (a requeued job starts again within seconds, not 35-50 s).
 set -euo pipefail

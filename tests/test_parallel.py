@@ -198,7 +198,7 @@ def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
             bad.append(f"batch {i}: loaded model's loss {got!r}, parallel model's {want!r}")
     saved = load_checkpoint(path)
     layout = saved.state["layout"]
-    if layout != {"world": 4, "dp": 2, "tp": 2, "zero": 1} or saved.state["step"] != 4:
+    if layout != {"world": 4, "pp": 1, "dp": 2, "tp": 2, "zero": 1} or saved.state["step"] != 4:
         bad.append(f"checkpoint state: layout {layout}, step {saved.state['step']}")
     for slot in ("m", "v"):
         flat = np.zeros_like(tr.model.flat)
@@ -343,6 +343,24 @@ BAD_LAYOUTS = [
     ("tp-not-dividing-ranks", 4, ["parallel.tp=3"], ["parallel.tp=3", "number of ranks (4)"]),
     ("batch-not-divisible-by-dp", 2, ["train.batch_size=3"], ["train.batch_size=3", "data-parallel size 2"]),
     ("missing-data-path", 2, ["data.path={tmp}/no_such_data"], ["{tmp}/no_such_data", "does not exist"]),
+    ("pp-not-dividing-ranks", 4, ["parallel.pp=3", "model.n_layer=3"], ["parallel.pp=3", "number of ranks (4)"]),
+    ("pp-x-tp-not-dividing-ranks", 4, ["parallel.pp=2", "parallel.tp=4"], ["parallel.pp=2", "parallel.tp=4"]),
+    ("pp-not-dividing-layers", 2, ["parallel.pp=2", "model.n_layer=3"], ["parallel.pp=2", "model.n_layer=3",
+                                                                            "parallel.pp_layers"]),
+    ("virtual-stages-not-dividing-layers", 2, ["parallel.pp=2", "parallel.schedule=interleaved",
+                                               "parallel.virtual_stages=3", "train.grad_accum=2"],
+     ["parallel.virtual_stages=3", "model.n_layer=2"]),
+    ("interleaved-fewer-micro-batches-than-stages", 2, ["parallel.pp=2", "parallel.schedule=interleaved",
+                                                        "parallel.virtual_stages=2", "model.n_layer=4"],
+     ["train.grad_accum=1", "parallel.pp=2"]),
+    ("virtual-stages-without-interleaving", 2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.n_layer=4"],
+     ["parallel.virtual_stages=2", "interleaved"]),
+    ("pp_layers-not-summing", 2, ["parallel.pp=2", "parallel.pp_layers=[2,1]"], ["parallel.pp_layers=[2, 1]",
+                                                                                "model.n_layer=2"]),
+    ("stage-without-layers", 2, ["parallel.pp=2", "parallel.pp_layers=[2,0]"], ["parallel.pp_layers=[2, 0]",
+                                                                               "at least one layer"]),
+    ("pp_layers-wrong-length", 2, ["parallel.pp=2", "parallel.pp_layers=[2]"], ["parallel.pp_layers=[2]",
+                                                                               "expected 2 entries"]),
 ]
 
 
@@ -362,3 +380,17 @@ def test_wrong_layout_fails_cleanly_on_every_rank(ranks, overrides, expected, da
         assert text.format(tmp=tmp_path) in errors[0], report
     assert "Traceback" not in out + err, report
     assert not (tmp_path / "out").exists()  # nothing written before the layout was checked
+
+
+def test_pipeline_from_the_cli_then_generate(data_dir, tmp_path):
+    """`mpiexec -n 2 hpc-llm train --set parallel.pp=2`: the log gives the layout and each stage's layers; the
+    checkpoint holds the whole model, which `hpc-llm generate` samples from in one process."""
+    cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
+    rc, out, err, _ = run_mpi(2, ["train", str(cfg), "--set", "parallel.pp=2", "--set", "train.grad_accum=2"])
+    assert rc == 0, out + err
+    assert "2 ranks = pp 2 x dp 1 x tp 1" in out, out
+    assert "pipeline: 2 stages x 1 virtual, schedule 1f1b, 2 micro-batches; layers per (virtual) stage 0: 0-0, 1: 1-1" \
+        in out, out
+    r = subprocess.run([sys.executable, "-m", "hpc_llm", "generate", str(tmp_path / "out"), "--prompt", "the cat",
+                        "--max-new-tokens", "12", "--seed", "3"], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0 and r.stdout.startswith("the cat") and len(r.stdout) > len("the cat") + 6, r

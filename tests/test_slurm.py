@@ -181,7 +181,7 @@ def test_cpu_job_finishes_with_checkpoint_metrics_and_log(cpu_job, reference):
     assert status == 0, log
     assert f"job {job_id} start 1 " in log and "start 2" not in log
     assert "srun --mpi=pmix --ntasks=2 --cpus-per-task=1 hpc-llm train" in log
-    assert "2 ranks = dp 2 x tp 1" in log
+    assert "2 ranks = pp 1 x dp 2 x tp 1" in log
     assert "run finished (status 0)" in log
     assert (run_dir / "input.toml").read_text() == (run_dir.parent.parent / "tiny.toml").read_text()
     assert json.loads((run_dir / "config.json").read_text())["train"]["out_dir"] == str(run_dir)
@@ -192,6 +192,26 @@ def test_cpu_job_finishes_with_checkpoint_metrics_and_log(cpu_job, reference):
     assert [s for s, _ in train_rows] == list(range(10, MAX_ITERS + 1, 10))
     assert [s for s, _ in eval_rows] == [0, MAX_ITERS]
     assert_same_run(run_dir, reference)  # srun's ranks train exactly what mpiexec's do
+
+
+@pytest.mark.timeout(300)
+def test_cpu_job_passes_pipeline_parallel_through(cluster, work, reference):
+    """`--set parallel.pp=2` reaches the trainer through the script: 2 stages of one layer each, the pipeline's log
+    line, a checkpoint of the whole model that says pp 2, and the dp2 reference's first 20 losses to float64
+    rounding (the same global batch: the layout does not change the run; later steps drift apart as training
+    amplifies the different rounding of the two layouts at this high learning rate: ~1e-4 by step 90; the exact
+    equality of layouts is tests/test_pipeline.py's, over a few steps)."""
+    status, job_id = submit(cluster, work, [], "train_cpu.sbatch", [work / "tiny.toml", "--set", "parallel.pp=2"],
+                            wait=True)
+    run_dir = work / "runs" / job_id
+    log = read_log(run_dir)
+    assert status == 0, log
+    assert "2 ranks = pp 2 x dp 1 x tp 1" in log and "pipeline: 2 stages x 1 virtual, schedule 1f1b" in log, log
+    got, ref = (load_checkpoint(d / f"ckpt_{MAX_ITERS:08d}.h5") for d in (run_dir, reference))
+    assert got.state["layout"]["pp"] == 2 and got.params.keys() == ref.params.keys()
+    np.testing.assert_allclose(got.metrics["train"]["loss"][:20], ref.metrics["train"]["loss"][:20], rtol=1e-10,
+                               atol=0)
+    assert len(got.metrics["train"]["loss"]) == MAX_ITERS
 
 
 def interrupt_and_requeue(cluster, work, env=None, signal_after_step=30):

@@ -1,9 +1,12 @@
-"""GPT-2: the parameter registry (flat buffers), forward, backward, and incremental decoding with a KV cache.
+"""GPT-2: the parameter layout (flat buffers), the model as chunks of layer objects, forward, backward, and
+incremental decoding with a KV cache.
 
-All parameters live in one contiguous buffer `model.flat` and their gradients in `model.grad_flat` with the same layout;
-`model.params[name]` and `model.grads[name]` are views. Under tensor parallelism a rank's buffers hold its shards
-(`ParamSpec.local_shape`); `full_tensors` puts the logical tensors back together. Parameter names are GPT-2's Hugging Face names without the
-`transformer.` prefix, and weights are stored (in, out) like its Conv1D, so imported weights need no transpose.
+All parameters a rank holds live in one contiguous buffer `model.flat` and their gradients in `model.grad_flat` with
+the same layout; `model.params[name]` and `model.grads[name]` are views. Under tensor parallelism a rank's buffers
+hold its shards (`ParamSpec.local_shape`); under pipeline parallelism only the layers of its stages (`StagePlan`):
+the embedding on the first stage, the head (with its copy of the tied embedding) on the last. `full_tensors` puts the
+logical tensors of a stage back together. Parameter names are GPT-2's Hugging Face names without the `transformer.`
+prefix, and weights are stored (in, out) like its Conv1D, so imported weights need no transpose.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
+from hpc_llm.model.layers import Param
+from hpc_llm.model.modules import Block, Chunk, Embedding, Head
 from hpc_llm.parallel.comm import Comm
 
 
@@ -45,14 +50,46 @@ class ParamSpec:
         return math.prod(self.local_shape)
 
 
-def param_specs(cfg: ModelConfig, tp: int = 1) -> list[ParamSpec]:
-    """The flat-buffer layout of one tensor-parallel rank (every rank of a TP group has the same layout). Within a block the decayed weights come first and the LayerNorm/bias parameters after,
-    so weight decay touches a few contiguous ranges; blocks are in forward order, so a gradient bucket taken from the
-    end of the buffer is complete early in backward."""
+@dataclass(frozen=True)
+class StagePlan:
+    """The pipeline split: the layers of each of pp * virtual (virtual) stages, in model order, and which of them
+    this rank holds: virtual stage c * pp + rank for each of its chunks c (Megatron's interleaving; one chunk
+    without it). The default is the whole model on one stage."""
+
+    layers: tuple  # (range, ...) per virtual stage
+    pp: int = 1
+    rank: int = 0
+    virtual: int = 1
+
+    @property
+    def n_virtual(self) -> int:
+        return self.pp * self.virtual
+
+    @property
+    def chunks(self) -> list[int]:
+        """The virtual stages this rank holds, in its buffer's order."""
+        return [c * self.pp + self.rank for c in range(self.virtual)]
+
+
+def whole_model(cfg: ModelConfig) -> StagePlan:
+    return StagePlan((range(cfg.n_layer),))
+
+
+def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) -> list[ParamSpec]:
+    """The flat-buffer layout of one rank (every rank of a TP group has the same layout): the token embedding first
+    where the rank holds the embedding or the head (the tied copy: offset 0, so the data-parallel bucket holding it
+    is reduced only after the copies' gradients are summed), the position embedding with the embedding, then the
+    blocks of its chunks in forward order, the final LayerNorm with the head. Within a block the decayed weights
+    come first and the LayerNorm/bias parameters after, so weight decay touches a few contiguous ranges; blocks are
+    in forward order, so a gradient bucket taken from the end of the buffer is complete early in backward."""
+    plan = plan if plan is not None else whole_model(cfg)
+    first, last = 0 in plan.chunks, plan.n_virtual - 1 in plan.chunks
     C, V = cfg.n_embd, cfg.padded_vocab
     std, proj_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
-    rows = [("wte.weight", (V, C), std, True, 0, 1), ("wpe.weight", (cfg.block_size, C), std, True, None, 1)]
-    for i in range(cfg.n_layer):
+    rows = [("wte.weight", (V, C), std, True, 0, 1)] if first or last else []
+    if first:
+        rows.append(("wpe.weight", (cfg.block_size, C), std, True, None, 1))
+    for i in (i for v in plan.chunks for i in plan.layers[v]):
         p = f"h.{i}."
         rows += [
             (p + "attn.c_attn.weight", (C, 3 * C), std, True, 1, 3),
@@ -68,7 +105,8 @@ def param_specs(cfg: ModelConfig, tp: int = 1) -> list[ParamSpec]:
             (p + "mlp.c_fc.bias", (4 * C,), 0, False, 0, 1),
             (p + "mlp.c_proj.bias", (C,), 0, False, None, 1),
         ]
-    rows += [("ln_f.weight", (C,), -1, False, None, 1), ("ln_f.bias", (C,), 0, False, None, 1)]
+    if last:
+        rows += [("ln_f.weight", (C,), -1, False, None, 1), ("ln_f.bias", (C,), 0, False, None, 1)]
     specs, offset = [], 0
     for name, shape, init_std, decay, tp_axis, tp_blocks in rows:
         local = list(shape)
@@ -116,32 +154,64 @@ class KVCache:
 
 
 class GPT:
-    """GPT-2 on one rank of a tensor-parallel group (`tp_comm`; none: the whole model on this process).
+    """GPT-2 on one rank of a tensor-parallel group (`tp_comm`; none: the whole model on this process), holding the
+    chunks of the pipeline `plan` that are this rank's (default: the whole model).
 
     A rank holds its shard of every split tensor (heads of qkv and the MLP, rows of the projections, a slice of the
-    vocabulary) and a full copy of the rest; the f/g mappings of tensor_parallel.py join them.
+    vocabulary) and a full copy of the rest; the f/g mappings of tensor_parallel.py join them. `chunks` are its
+    pipeline stages (modules.Chunk); forward/backward below run the whole model when it is one chunk, the pipeline
+    runs chunks one by one (parallel/pipeline.py).
     """
 
-    def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0, tp_comm: Comm | None = None):
+    def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0, tp_comm: Comm | None = None,
+                 plan: StagePlan | None = None):
         if cfg.vocab_size <= 0:
             raise UserError("model.vocab_size: expected a positive integer (set it, or prepare data first)")
         self.cfg = cfg
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
+        self.plan = plan if plan is not None else whole_model(cfg)
         self.dtype = np.dtype(cfg.dtype)
-        self.specs = param_specs(cfg, self.tp.size)
+        self.logical = {s.name: s.shape for s in param_specs(cfg)}  # the whole model's tensors, whatever we hold
+        self.specs = param_specs(cfg, self.tp.size, self.plan)
         self.spec = {s.name: s for s in self.specs}
-        self.num_params = sum(math.prod(s.shape) for s in self.specs)  # the whole model's
+        self.num_params = sum(math.prod(shape) for shape in self.logical.values())  # the whole model's
         self.local_size = sum(s.size for s in self.specs)  # this rank's flat buffer
         self.heads = cfg.n_head // self.tp.size  # this rank's attention heads
-        self.v0 = self.tp.rank * self.spec["wte.weight"].local_shape[0]  # first vocabulary row held here
+        self.v0 = self.tp.rank * (cfg.padded_vocab // self.tp.size)  # first vocabulary row held here
         self.flat = xp.zeros(self.local_size, dtype=self.dtype)
         self.grad_flat = xp.zeros(self.local_size, dtype=self.dtype)
         self.params = {s.name: self.flat[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
         self.grads = {s.name: self.grad_flat[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
+        self.chunks = [self._chunk(v) for v in self.plan.chunks]
+        self.has_embedding = self.chunks[0].embedding is not None
+        self.has_head = self.chunks[-1].head is not None
         self._cache = None
         if seed is not None:
             self.init_weights(seed)
+
+    def _param(self, name: str) -> Param:
+        return Param(self.params[name], self.grads[name])
+
+    def _chunk(self, vstage: int) -> Chunk:
+        cfg, tp = self.cfg, self.tp
+        first, last = vstage == 0, vstage == self.plan.n_virtual - 1
+        embedding = head = None
+        if first:
+            embedding = Embedding(self._param("wte.weight"), self._param("wpe.weight"), self.v0, tp, cfg.dropout,
+                                  head_writes_wte=last)
+        blocks = []
+        offsets = {}
+        for i in self.plan.layers[vstage]:
+            p = f"h.{i}."
+            blocks.append(Block({k[len(p):]: self._param(k) for k in self.params if k.startswith(p)}, i, cfg.n_head,
+                                tp, cfg.dropout))
+            offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
+        if last:
+            head = Head(self._param("ln_f.weight"), self._param("ln_f.bias"), self._param("wte.weight"), self.v0,
+                        cfg.vocab_size, tp)
+            offsets["head"] = self.spec["ln_f.weight"].offset
+        return Chunk(vstage, embedding, blocks, head, offsets)
 
     # -- parameters ----------------------------------------------------------------------------------------------------
 
@@ -159,14 +229,15 @@ class GPT:
             self.params[s.name][...] = to_device(self.shard(full, s), self.xp)
 
     def check_shapes(self, shapes: dict, what: str = "parameters") -> None:
-        """shapes: {name: full shape} of a source of tensors; it must hold exactly this model's, in its shapes."""
-        missing = [n for n in self.spec if n not in shapes]
-        extra = [n for n in shapes if n not in self.spec]
+        """shapes: {name: full shape} of a source of tensors; it must hold exactly the whole model's, in its shapes
+        (whatever part of it this rank holds)."""
+        missing = [n for n in self.logical if n not in shapes]
+        extra = [n for n in shapes if n not in self.logical]
         if missing or extra:
             raise UserError(f"{what} do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
         for name, shape in shapes.items():
-            if tuple(shape) != self.spec[name].shape:
-                raise UserError(f"{what}: {name} has shape {tuple(shape)}, the config gives {self.spec[name].shape}")
+            if tuple(shape) != self.logical[name]:
+                raise UserError(f"{what}: {name} has shape {tuple(shape)}, the config gives {self.logical[name]}")
 
     def load_flat(self, flat, tensors: dict, what: str = "parameters") -> None:
         """Copy named full tensors into a flat buffer laid out like self.flat, each rank taking its shard."""
@@ -247,18 +318,19 @@ class GPT:
         """Ranges of the flat buffer holding tensors every TP rank has in full (counted once in a global norm)."""
         return merge_ranges((s.offset, s.offset + s.size) for s in self.specs if s.tp_axis is None)
 
+    def tied_copy_range(self) -> tuple[int, int] | None:
+        """The last stage's copy of the tied embedding (pp > 1), counted once (on the first stage) in a global norm."""
+        if self.has_embedding or not self.has_head:
+            return None
+        s = self.spec["wte.weight"]
+        return s.offset, s.offset + s.size
+
     def flops_per_token(self, T: int | None = None) -> float:
-        """6N + 12 L T C (nanoGPT/PaLM), N without the position embedding."""
+        """6N + 12 L T C (nanoGPT/PaLM) of the whole model, N without the position embedding."""
         c = self.cfg
         T = c.block_size if T is None else T
-        n = self.num_params - math.prod(self.spec["wpe.weight"].shape)
+        n = self.num_params - math.prod(self.logical["wpe.weight"])
         return 6 * n + 12 * c.n_layer * T * c.n_embd
-
-    def _block(self, i: int) -> dict:
-        p = f"h.{i}."
-        return {k[len(p):]: (self.params[k], self.grads[k]) for k in self.params if k.startswith(p)}
-
-    # -- training forward / backward -----------------------------------------------------------------------------------
 
     def check_tokens(self, idx, pos0: int = 0) -> None:
         T = idx.shape[1]
@@ -269,105 +341,32 @@ class GPT:
             bad = hi if hi >= self.cfg.vocab_size else lo
             raise UserError(f"token id {bad} outside the vocabulary [0, {self.cfg.vocab_size})")
 
-    def _head_rng(self, rng):
-        """Attention's dropout draws for this rank's heads: a DropoutRNG's view (layout-independent masks)."""
-        h0 = self.tp.rank * self.heads
-        return rng.for_heads(h0, h0 + self.heads, self.cfg.n_head) if isinstance(rng, L.DropoutRNG) else rng
+    # -- the whole model on one rank's chunk: forward / backward ------------------------------------------------------
+
+    def _whole(self) -> Chunk:
+        if len(self.chunks) != 1 or not (self.has_embedding and self.has_head):
+            raise RuntimeError("this rank holds a pipeline stage, not the whole model: run it through "
+                               "parallel.pipeline")
+        return self.chunks[0]
 
     def forward(self, idx, targets=None, rng=None, keep_cache: bool = False):
         """idx (B, T) int -> logits (B, T, vocab) if targets is None, else the mean cross-entropy loss (a float).
-        keep_cache=True keeps what backward needs (training); dropout applies only then and needs rng (a
-        layers.DropoutRNG for this rank's rows, or any Generator).
-        Tensor parallel: f (copy_to_tp_region) before each column-parallel layer, g (reduce_from_tp_region) after
-        each row-parallel one, a vocabulary-parallel embedding and loss."""
-        cfg, P, tp = self.cfg, self.params, self.tp
-        B, T = idx.shape
-        drop = cfg.dropout if keep_cache else 0.0
-        x = TP.vocab_parallel_embedding_forward(P["wte.weight"], P["wpe.weight"], idx, self.v0, tp)
-        emb_mask = None
-        if drop > 0:
-            x, emb_mask = L.dropout_forward(x, drop, rng)
-        blocks = []
-        for i in range(cfg.n_layer):
-            p = self._block(i)
-            h1, ln1 = L.layernorm_forward(x, p["ln_1.weight"][0], p["ln_1.bias"][0])
-            h1 = TP.copy_to_tp_region(h1, tp)
-            qkv = L.linear_forward(h1, p["attn.c_attn.weight"][0], p["attn.c_attn.bias"][0])  # column-parallel
-            y, att = L.attention_forward(qkv, self.heads, drop, self._head_rng(rng) if drop > 0 else None)
-            del qkv
-            a = L.linear_forward(y, p["attn.c_proj.weight"][0], None)  # row-parallel: partial sums, bias after g
-            a = TP.reduce_from_tp_region(a, tp)
-            a += p["attn.c_proj.bias"][0]
-            a_mask = None
-            if drop > 0:
-                a, a_mask = L.dropout_forward(a, drop, rng)
-            x += a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
-            h2, ln2 = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])
-            h2 = TP.copy_to_tp_region(h2, tp)
-            f = L.linear_forward(h2, p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0])  # column-parallel
-            g, gt = L.gelu_forward(f)
-            m = L.linear_forward(g, p["mlp.c_proj.weight"][0], None)  # row-parallel
-            m = TP.reduce_from_tp_region(m, tp)
-            m += p["mlp.c_proj.bias"][0]
-            m_mask = None
-            if drop > 0:
-                m, m_mask = L.dropout_forward(m, drop, rng)
-            x += m
-            if keep_cache:
-                blocks.append((ln1, h1, att, y, a_mask, ln2, h2, f, gt, g, m_mask))
-        xf, lnf = L.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
-        xf2 = TP.copy_to_tp_region(xf.reshape(B * T, cfg.n_embd), tp)
-        logits = xf2 @ P["wte.weight"].T  # tied head, vocabulary-parallel: this rank's columns
-        if targets is None:
-            logits = TP.gather_from_tp_region(logits, tp)
-            return logits.reshape(B, T, -1)[:, :, :cfg.vocab_size]
-        loss, ce = TP.vocab_parallel_cross_entropy_forward(logits, targets.reshape(-1), cfg.vocab_size, self.v0, tp)
-        if keep_cache:
-            self._cache = (idx, emb_mask, blocks, lnf, xf2, ce)
-        return loss
+        keep_cache=True keeps what backward needs (training). Dropout applies when rng is given (a
+        layers.DropoutRNG for this rank's rows, or any Generator) and model.dropout > 0."""
+        out, cache = self._whole().forward(idx, targets, rng, keep_cache)
+        if keep_cache and targets is not None:
+            self._cache = cache
+        return out
 
     def backward(self, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None) -> None:
         """Gradients of loss_scale * (the last forward's loss) into `self.grads`; accumulate=False overwrites them.
         grad_ready(offset), if given, is called as soon as every gradient from `offset` to the end of the flat
         buffer is final (after ln_f and after each block, from the last), so data-parallel buckets can start
-        reducing early; when backward returns, all are final."""
+        reducing early; when backward returns, all are final (the embeddings' only then)."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(..., keep_cache=True) first")
-        cfg, P, G, tp = self.cfg, self.params, self.grads, self.tp
-        idx, emb_mask, blocks, lnf, xf2, ce = self._cache
-        self._cache = None
-        B, T = idx.shape
-        acc = accumulate
-        ready = grad_ready or (lambda offset: None)
-        dlogits = TP.vocab_parallel_cross_entropy_backward(ce, loss_scale)
-        L._matmul_into(dlogits.T, xf2, G["wte.weight"], acc)  # tied head: wte gets the head's gradient first
-        dx = TP.copy_to_tp_region_backward(dlogits @ P["wte.weight"], tp).reshape(B, T, cfg.n_embd)
-        del dlogits, ce
-        dx = L.layernorm_backward(dx, lnf, P["ln_f.weight"], G["ln_f.weight"], G["ln_f.bias"], acc)
-        ready(self.spec["ln_f.weight"].offset)
-        for i in reversed(range(cfg.n_layer)):
-            p = self._block(i)
-            ln1, h1, att, y, a_mask, ln2, h2, f, gt, g, m_mask = blocks.pop()
-            dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
-            dm = TP.reduce_from_tp_region_backward(dm, tp)
-            dg = L.linear_backward(dm, g, *p["mlp.c_proj.weight"], p["mlp.c_proj.bias"][1], acc)
-            df = L.gelu_backward(dg, f, gt)
-            dh2 = L.linear_backward(df, h2, *p["mlp.c_fc.weight"], p["mlp.c_fc.bias"][1], acc)
-            dh2 = TP.copy_to_tp_region_backward(dh2, tp)
-            dx += L.layernorm_backward(dh2, ln2, *p["ln_2.weight"], p["ln_2.bias"][1], acc)
-            da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
-            da = TP.reduce_from_tp_region_backward(da, tp)
-            dy = L.linear_backward(da, y, *p["attn.c_proj.weight"], p["attn.c_proj.bias"][1], acc)
-            dqkv = L.attention_backward(dy, att, self.heads)
-            dh1 = L.linear_backward(dqkv, h1, *p["attn.c_attn.weight"], p["attn.c_attn.bias"][1], acc)
-            dh1 = TP.copy_to_tp_region_backward(dh1, tp)
-            dx += L.layernorm_backward(dh1, ln1, *p["ln_1.weight"], p["ln_1.bias"][1], acc)
-            ready(self.spec[f"h.{i}.attn.c_attn.weight"].offset)  # the block's first tensor
-        if emb_mask is not None:
-            L.dropout_backward(dx, emb_mask)
-        TP.vocab_parallel_embedding_backward(dx, idx, self.v0, G["wte.weight"], G["wpe.weight"], acc, tp)
-        # the embeddings' gradients (offset 0) are final only now, when nothing is left to overlap with: the caller
-        # reduces what remains after backward returns
+        cache, self._cache = self._cache, None
+        self._whole().backward(None, cache, loss_scale, accumulate, grad_ready)
 
     # -- a small API for scripts and notebooks -------------------------------------------------------------------------
 
@@ -387,46 +386,22 @@ class GPT:
         idx, targets = self.xp.asarray(idx), self.xp.asarray(targets)
         self.check_tokens(idx)
         self.check_tokens(targets)
-        dropout, self.cfg.dropout = self.cfg.dropout, 0.0
-        try:
-            self.forward(idx, targets, keep_cache=True)
-            self.backward()
-        finally:
-            self.cfg.dropout = dropout
+        self.forward(idx, targets, keep_cache=True)
+        self.backward()
         return {name: g.copy() for name, g in self.grads.items()}
 
     # -- incremental decoding ------------------------------------------------------------------------------------------
 
     def forward_cached(self, idx, cache: KVCache):
         """Logits (B, Tn, vocab) for the new tokens idx (B, Tn) at positions cache.length.., updating the cache.
-        Equal to the matching rows of a full forward over all tokens so far."""
-        xp, cfg, P, tp = self.xp, self.cfg, self.params, self.tp
-        B, Tn = idx.shape
-        pos0 = cache.length
-        if pos0 + Tn > cfg.block_size:
-            raise UserError(f"sequence length {pos0 + Tn} exceeds model.block_size={cfg.block_size}")
-        end = pos0 + Tn
-        x = TP.vocab_parallel_embedding_forward(P["wte.weight"], P["wpe.weight"], idx, self.v0, tp, pos0)
-        for i in range(cfg.n_layer):
-            p = self._block(i)
-            h1, _ = L.layernorm_forward(x, p["ln_1.weight"][0], p["ln_1.bias"][0])
-            qkv = L.linear_forward(TP.copy_to_tp_region(h1, tp), p["attn.c_attn.weight"][0], p["attn.c_attn.bias"][0])
-            qkvh = L.split_heads(qkv, self.heads)
-            kv = cache.kv[i]
-            kv[0, :, :, pos0:end] = qkvh[1]
-            kv[1, :, :, pos0:end] = qkvh[2]
-            q = qkvh[0] * (1.0 / math.sqrt(qkvh.shape[-1]))
-            att = L.causal_softmax_(q @ kv[0, :, :, :end].transpose(0, 1, 3, 2))
-            y = xp.ascontiguousarray(L.merge_heads(att @ kv[1, :, :, :end]))
-            x += TP.reduce_from_tp_region(L.linear_forward(y, p["attn.c_proj.weight"][0], None), tp)
-            x += p["attn.c_proj.bias"][0]
-            h2, _ = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])
-            f = L.linear_forward(TP.copy_to_tp_region(h2, tp), p["mlp.c_fc.weight"][0], p["mlp.c_fc.bias"][0])
-            g, _ = L.gelu_forward(f)
-            x += TP.reduce_from_tp_region(L.linear_forward(g, p["mlp.c_proj.weight"][0], None), tp)
-            x += p["mlp.c_proj.bias"][0]
-        cache.length = end
-        xf, _ = L.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
-        logits = TP.copy_to_tp_region(xf.reshape(B * Tn, cfg.n_embd), tp) @ P["wte.weight"].T
-        logits = TP.gather_from_tp_region(logits, tp)
-        return logits.reshape(B, Tn, -1)[:, :, :cfg.vocab_size]
+        Equal to the matching rows of a full forward over all tokens so far: the same blocks, their attention
+        reading the cached keys and values."""
+        chunk = self._whole()
+        pos0, Tn = cache.length, idx.shape[1]
+        if pos0 + Tn > self.cfg.block_size:
+            raise UserError(f"sequence length {pos0 + Tn} exceeds model.block_size={self.cfg.block_size}")
+        x, _ = chunk.embedding.forward(idx, pos0=pos0)
+        for block in chunk.blocks:
+            x, _ = block.forward(x, kv=cache.kv[block.layer], pos0=pos0)
+        cache.length = pos0 + Tn
+        return chunk.head.forward(x)[0]

@@ -12,6 +12,7 @@ GPT-2 Conv1D stores them, so `y = x @ w + b` with no transpose.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,6 +20,13 @@ from hpc_llm.backend import array_module
 
 LN_EPS = 1e-5
 GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class Param(NamedTuple):
+    """A parameter's value and its gradient: views of the same shape into the flat parameter and gradient buffers."""
+
+    value: object
+    grad: object
 
 
 def _matmul_into(a, b, out, accumulate: bool) -> None:
@@ -191,23 +199,33 @@ def gelu_backward(dout, x, t):
 
 
 class DropoutRNG:
-    """Dropout randomness as a pure function of (seed, step, micro-batch, row of the global batch): one generator per
-    row, advanced through the forward's dropout sites in order. A data-parallel rank makes the generators of its own
-    rows, so every layout draws the same logical masks and a resumed run the same as an uninterrupted one, with no
-    RNG state to checkpoint. ``for_heads`` is the view attention uses under tensor parallelism: each row draws the
-    masks of all heads and keeps this rank's. Masks are drawn on the host (NumPy) and moved to ``xp``."""
+    """Dropout randomness as a pure function of (seed, step, micro-batch, row of the global batch, site): one
+    generator per row and site, advanced through that site's dropout draws in order. A site is a place in the model:
+    0 the embedding, i + 1 block i; so a pipeline stage that holds blocks 4..7 draws exactly the masks the single
+    process draws there, a data-parallel rank makes the generators of its own rows, and a resumed run draws what an
+    uninterrupted one does, with no RNG state to checkpoint. ``for_heads`` is the view attention uses under tensor
+    parallelism: each row draws the masks of all heads and keeps this rank's. Masks are drawn on the host (NumPy)
+    and moved to ``xp``."""
 
-    def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np, heads: tuple[int, int, int] | None = None):
-        self.gens = [np.random.Generator(np.random.PCG64([seed, 0xD80, step, micro, r])) for r in rows]
-        self.xp, self.heads = xp, heads
+    def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np):
+        self.key, self.rows, self.xp = (seed, 0xD80, step, micro), rows, xp
+        self.gens, self.heads = None, None
+
+    def site(self, k: int) -> "DropoutRNG":
+        """The generators of site k, fresh (each site is drawn from once per forward)."""
+        view = DropoutRNG.__new__(DropoutRNG)
+        view.key, view.rows, view.xp, view.heads = self.key, self.rows, self.xp, None
+        view.gens = [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
+        return view
 
     def for_heads(self, h0: int, h1: int, n_head: int) -> "DropoutRNG":
         view = DropoutRNG.__new__(DropoutRNG)
-        view.gens, view.xp, view.heads = self.gens, self.xp, (h0, h1, n_head)
+        view.key, view.rows, view.xp, view.gens, view.heads = self.key, self.rows, self.xp, self.gens, (h0, h1, n_head)
         return view
 
     def random(self, shape, dtype) -> object:
         """Uniform [0, 1) of ``shape`` = (this rank's rows, ...); with heads, (rows, this rank's heads, ...)."""
+        assert self.gens is not None, "draw from a site: DropoutRNG.site(k)"
         assert shape[0] == len(self.gens), (shape, len(self.gens))
         out = np.empty(shape, dtype)
         for gen, row in zip(self.gens, out):
@@ -217,6 +235,11 @@ class DropoutRNG:
                 h0, h1, n = self.heads
                 row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[h0:h1]
         return out if self.xp is np else self.xp.asarray(out)
+
+
+def dropout_site(rng, k: int):
+    """rng's generator for site k: a DropoutRNG's own (layout-independent), or any other Generator as it is."""
+    return rng.site(k) if isinstance(rng, DropoutRNG) else rng
 
 
 def dropout_forward(x, p: float, rng):
@@ -302,6 +325,19 @@ def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None):
         atts.append(att)
         masks.append(mask)
     return xp.ascontiguousarray(merge_heads(yh)), (qkvh, atts, masks)
+
+
+def cached_attention_forward(qkv, n_head: int, kv, pos0: int):
+    """Attention of new tokens (qkv of positions pos0..) over every position so far, for decoding: their keys and
+    values are written into the cache kv (2, B, H, block_size, hd) first. Forward only."""
+    xp = array_module(qkv)
+    qkvh = split_heads(qkv, n_head)
+    end = pos0 + qkv.shape[1]
+    kv[0, :, :, pos0:end] = qkvh[1]
+    kv[1, :, :, pos0:end] = qkvh[2]
+    q = qkvh[0] * (1.0 / math.sqrt(qkvh.shape[-1]))
+    att = causal_softmax_(q @ kv[0, :, :, :end].transpose(0, 1, 3, 2))
+    return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
 
 
 def attention_backward(dy, cache, n_head: int):

@@ -55,6 +55,47 @@ def gather_from_tp_region(x, comm: Comm):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Column- and row-parallel linear layers: each owns its mapping, so every collective sits beside its twin
+
+
+class ColumnParallelLinear:
+    """y = f(x) @ w + b with this rank's columns of w and b (Megatron's ColumnParallelLinear). f =
+    copy_to_tp_region: every rank uses the whole input, so its gradient is summed over the group in backward. The
+    output stays split over the group (this rank's heads, or its slice of the MLP's hidden units)."""
+
+    def __init__(self, w: L.Param, b: L.Param, comm: Comm):
+        self.w, self.b, self.comm = w, b, comm
+
+    def forward(self, x):
+        """-> (y, cache): the cache is the input."""
+        x = copy_to_tp_region(x, self.comm)
+        return L.linear_forward(x, self.w.value, self.b.value), x
+
+    def backward(self, dy, x, accumulate: bool):
+        dx = L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+        return copy_to_tp_region_backward(dx, self.comm)
+
+
+class RowParallelLinear:
+    """y = g(x @ w) + b with this rank's rows of w and an input split the same way (Megatron's RowParallelLinear).
+    g = reduce_from_tp_region sums the partial products (its backward is the identity); the bias, replicated, is
+    added once, after the sum."""
+
+    def __init__(self, w: L.Param, b: L.Param, comm: Comm):
+        self.w, self.b, self.comm = w, b, comm
+
+    def forward(self, x):
+        """-> (y, cache): the cache is the input."""
+        y = reduce_from_tp_region(L.linear_forward(x, self.w.value, None), self.comm)
+        y += self.b.value
+        return y, x
+
+    def backward(self, dy, x, accumulate: bool):
+        dy = reduce_from_tp_region_backward(dy, self.comm)
+        return L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Sharding a full (logical) tensor by its spec (DESIGN principle 4)
 
 
@@ -109,14 +150,18 @@ def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, p
     return x
 
 
-def vocab_parallel_embedding_backward(dx, idx, v0: int, dwte_local, dwpe, accumulate: bool, comm: Comm) -> None:
-    """dx is replicated over the TP group (g's backward is the identity): each rank scatters the rows it holds."""
+def vocab_parallel_embedding_backward(dx, idx, v0: int, dwte_local, dwpe, accumulate: bool, comm: Comm,
+                                      accumulate_wte: bool = True) -> None:
+    """dx is replicated over the TP group (g's backward is the identity): each rank scatters the rows it holds.
+    accumulate_wte: add to wte's gradient (the tied head wrote it first) rather than overwrite it."""
     if comm.size == 1:
-        return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate)
+        return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)
     xp = array_module(dx)
     local = (idx - v0).reshape(-1)
     mine = (local >= 0) & (local < dwte_local.shape[0])
     L.position_embedding_backward(dx, dwpe, accumulate)
+    if not accumulate_wte:
+        dwte_local[...] = 0
     xp.add.at(dwte_local, local[mine], dx.reshape(-1, dx.shape[-1])[mine])
 
 

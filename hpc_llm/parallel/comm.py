@@ -149,6 +149,19 @@ class Comm:
         if recv is not None and recv is not out:
             out[...] = array_module(out).asarray(recv)
 
+    # -- point to point ------------------------------------------------------------------------------------------------
+
+    def isend(self, buf, dest: int, tag: int, kind: str) -> Handle:
+        """Start sending buf to rank `dest` of this group; buf must stay unchanged until the handle's wait()."""
+        host = _host(buf)
+        return Handle(self, f"{self.name}.{kind}", self.mpi.Isend(host, dest=dest, tag=tag), host.nbytes)
+
+    def irecv(self, buf, source: int, tag: int, kind: str) -> Handle:
+        """Start receiving into buf from rank `source`; buf holds the message after the handle's wait()."""
+        host = _host(buf)
+        finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        return Handle(self, f"{self.name}.{kind}", self.mpi.Irecv(host, source=source, tag=tag), host.nbytes, finish)
+
     # -- small agreements (principle 8: all ranks agree before they act) ----------------------------------------------
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
@@ -189,3 +202,66 @@ class Comm:
     def barrier(self) -> None:
         if self.size > 1:
             self.mpi.Barrier()
+
+
+def world_comm() -> Comm:
+    """MPI.COMM_WORLD as a Comm; in a process started without mpiexec, one that never calls MPI."""
+    from mpi4py import MPI
+
+    return Comm(MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None)
+
+
+class PipelineComm:
+    """Activations forward and their gradients backward between pipeline neighbours (the pp group), Megatron's
+    send_forward / recv_forward / send_backward / recv_backward and the combined steps.
+
+    Everything is nonblocking: a send is posted and completed only at `wait_sends()` (end of the step), so no rank
+    ever blocks in a send; a receive is posted as soon as the schedule knows it comes next (before the op that
+    precedes it runs, so the transfer overlaps that op) and waited for when its op starts. A rank then waits only
+    for data its schedule needs next, which a deadlock-free op order (schedule.simulate checks them) guarantees is
+    on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to
+    rank - 1 (cyclically, for interleaved chunks); the tag names (micro-batch, receiving virtual stage, direction),
+    so a message can only match the receive it is meant for.
+    """
+
+    FORWARD, BACKWARD = 0, 1
+
+    def __init__(self, comm: Comm, n_virtual: int):
+        self.comm, self.n_virtual = comm, n_virtual
+        self.next, self.prev = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+        self._sends: list[Handle] = []
+
+    def _tag(self, direction: int, micro: int, vstage: int) -> int:
+        return (micro * self.n_virtual + vstage) * 2 + direction
+
+    def send_forward(self, x, micro: int, vstage: int) -> None:
+        """The output of virtual stage `vstage` to the next one."""
+        self._sends.append(self.comm.isend(x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"))
+
+    def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
+        """Start receiving the input of virtual stage `vstage` from the previous one into buf."""
+        return self.comm.irecv(buf, self.prev, self._tag(self.FORWARD, micro, vstage), "recv_forward")
+
+    def send_backward(self, dx, micro: int, vstage: int) -> None:
+        """The input gradient of virtual stage `vstage` to the previous one."""
+        self._sends.append(self.comm.isend(dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1),
+                                           "send_backward"))
+
+    def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
+        """Start receiving the output gradient of virtual stage `vstage` from the next one into buf."""
+        return self.comm.irecv(buf, self.next, self._tag(self.BACKWARD, micro, vstage), "recv_backward")
+
+    def send_forward_recv_backward(self, x, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int):
+        """1F1B's steady state: this forward's output goes on while the next backward's gradient comes in."""
+        self.send_forward(x, micro, vstage)
+        return self.recv_backward(buf, recv_micro, recv_vstage)
+
+    def send_backward_recv_forward(self, dx, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int):
+        """1F1B's steady state: this backward's input gradient goes back while the next forward's input comes in."""
+        self.send_backward(dx, micro, vstage)
+        return self.recv_forward(buf, recv_micro, recv_vstage)
+
+    def wait_sends(self) -> None:
+        for h in self._sends:
+            h.wait()
+        self._sends = []

@@ -1,0 +1,179 @@
+"""GPT-2's building blocks as small objects: Embedding, Block, Head, and Chunk (a pipeline stage made of them).
+
+Each holds `Param` views (value, gradient) into the flat buffers and has `forward(...) -> (out, cache)` and
+`backward(dout, cache, ...)`. The cache is returned, never kept on the object, so several micro-batches can be in
+flight at once (pipeline schedules). Dropout applies when an rng is given (training) and the model's dropout > 0; its
+masks come from the rng's site for the layer (layers.DropoutRNG), so they do not depend on how the model is split.
+Tensor parallelism lives inside: the column/row-parallel linears own their f/g mappings, the embedding and the head
+are vocabulary-parallel.
+"""
+
+from __future__ import annotations
+
+from hpc_llm.model import layers as L
+from hpc_llm.model import tensor_parallel as TP
+from hpc_llm.model.layers import Param
+from hpc_llm.parallel.comm import Comm
+
+
+class LayerNorm:
+    def __init__(self, w: Param, b: Param):
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        return L.layernorm_forward(x, self.w.value, self.b.value)
+
+    def backward(self, dout, cache, accumulate: bool):
+        return L.layernorm_backward(dout, cache, self.w.value, self.w.grad, self.b.grad, accumulate)
+
+
+class Embedding:
+    """Token + learned position embedding (token rows vocabulary-parallel over the TP group), then dropout (site 0).
+    head_writes_wte: the tied head on this rank writes wte's gradient first in backward, so this one adds to it."""
+
+    def __init__(self, wte: Param, wpe: Param, v0: int, tp: Comm, dropout: float, head_writes_wte: bool):
+        self.wte, self.wpe, self.v0, self.tp = wte, wpe, v0, tp
+        self.dropout, self.head_writes_wte = dropout, head_writes_wte
+
+    def forward(self, idx, rng=None, pos0: int = 0):
+        x = TP.vocab_parallel_embedding_forward(self.wte.value, self.wpe.value, idx, self.v0, self.tp, pos0)
+        mask = None
+        if rng is not None and self.dropout > 0:
+            x, mask = L.dropout_forward(x, self.dropout, L.dropout_site(rng, 0))
+        return x, (idx, mask)
+
+    def backward(self, dx, cache, accumulate: bool) -> None:
+        idx, mask = cache
+        if mask is not None:
+            L.dropout_backward(dx, mask)
+        TP.vocab_parallel_embedding_backward(dx, idx, self.v0, self.wte.grad, self.wpe.grad, accumulate, self.tp,
+                                             accumulate_wte=accumulate or self.head_writes_wte)
+
+
+class Block:
+    """x + attn(ln_1(x)), then + mlp(ln_2(x)). Attention: column-parallel qkv (this rank's heads), causal attention,
+    row-parallel projection; MLP: column-parallel fc, GELU, row-parallel projection. Dropout (site layer + 1) on the
+    attention probabilities and on each branch before its residual add. The residual stream x is updated in place."""
+
+    def __init__(self, p: dict[str, Param], layer: int, n_head: int, tp: Comm, dropout: float):
+        self.layer, self.dropout = layer, dropout
+        self.heads = n_head // tp.size  # this rank's
+        self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
+        self.ln_1 = LayerNorm(p["ln_1.weight"], p["ln_1.bias"])
+        self.qkv = TP.ColumnParallelLinear(p["attn.c_attn.weight"], p["attn.c_attn.bias"], tp)
+        self.attn_proj = TP.RowParallelLinear(p["attn.c_proj.weight"], p["attn.c_proj.bias"], tp)
+        self.ln_2 = LayerNorm(p["ln_2.weight"], p["ln_2.bias"])
+        self.fc = TP.ColumnParallelLinear(p["mlp.c_fc.weight"], p["mlp.c_fc.bias"], tp)
+        self.mlp_proj = TP.RowParallelLinear(p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], tp)
+
+    def forward(self, x, rng=None, kv=None, pos0: int = 0):
+        """x (B, T, C) -> (x, cache). kv: decoding, this layer's KV cache (2, B, H, block_size, hd), extended at
+        pos0 (the cache returned is then of no use: there is no backward)."""
+        drop = self.dropout if rng is not None else 0.0
+        rng = L.dropout_site(rng, self.layer + 1) if drop > 0 else None
+        h1, ln1 = self.ln_1.forward(x)
+        qkv, c_qkv = self.qkv.forward(h1)
+        if kv is None:
+            heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, L.DropoutRNG) else rng
+            y, att = L.attention_forward(qkv, self.heads, drop, heads_rng)
+        else:
+            y, att = L.cached_attention_forward(qkv, self.heads, kv, pos0), None
+        del qkv
+        a, c_aproj = self.attn_proj.forward(y)
+        a_mask = None
+        if drop > 0:
+            a, a_mask = L.dropout_forward(a, drop, rng)
+        x += a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
+        h2, ln2 = self.ln_2.forward(x)
+        f, c_fc = self.fc.forward(h2)
+        g, gt = L.gelu_forward(f)
+        m, c_mproj = self.mlp_proj.forward(g)
+        m_mask = None
+        if drop > 0:
+            m, m_mask = L.dropout_forward(m, drop, rng)
+        x += m
+        return x, (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask)
+
+    def backward(self, dx, cache, accumulate: bool):
+        """dx: the gradient of the block's output (updated in place into that of its input, and returned)."""
+        ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask = cache
+        dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
+        dg = self.mlp_proj.backward(dm, c_mproj, accumulate)
+        df = L.gelu_backward(dg, f, gt)
+        dh2 = self.fc.backward(df, c_fc, accumulate)
+        dx += self.ln_2.backward(dh2, ln2, accumulate)
+        da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
+        dy = self.attn_proj.backward(da, c_aproj, accumulate)
+        dqkv = L.attention_backward(dy, att, self.heads)
+        dh1 = self.qkv.backward(dqkv, c_qkv, accumulate)
+        dx += self.ln_1.backward(dh1, ln1, accumulate)
+        return dx
+
+
+class Head:
+    """Final LayerNorm, the tied LM head (logits = x wte^T on this rank's vocabulary slice: a column-parallel layer
+    whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy."""
+
+    def __init__(self, ln_w: Param, ln_b: Param, wte: Param, v0: int, vocab_size: int, tp: Comm):
+        self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = LayerNorm(ln_w, ln_b), wte, v0, vocab_size, tp
+
+    def forward(self, x, targets=None):
+        """-> (mean loss, cache), or without targets (logits (B, T, vocab), None)."""
+        B, T, C = x.shape
+        xf, lnf = self.ln_f.forward(x)
+        xf2 = TP.copy_to_tp_region(xf.reshape(B * T, C), self.tp)
+        logits = xf2 @ self.wte.value.T
+        if targets is None:
+            logits = TP.gather_from_tp_region(logits, self.tp)
+            return logits.reshape(B, T, -1)[:, :, :self.vocab_size], None
+        loss, ce = TP.vocab_parallel_cross_entropy_forward(logits, targets.reshape(-1), self.vocab_size, self.v0,
+                                                            self.tp)
+        return loss, (lnf, xf2, ce, x.shape)
+
+    def backward(self, cache, loss_scale: float, accumulate: bool):
+        lnf, xf2, ce, shape = cache
+        dlogits = TP.vocab_parallel_cross_entropy_backward(ce, loss_scale)
+        L._matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)  # tied: wte's gradient gets the head's share
+        dx = TP.copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
+        del dlogits, ce
+        return self.ln_f.backward(dx, lnf, accumulate)
+
+
+class Chunk:
+    """One (virtual) pipeline stage: [embedding] + blocks + [head]. Its forward takes token ids on the first stage,
+    else the previous stage's activations, and gives the loss on the last stage (logits without targets), else its
+    activations; its backward takes the gradient of those activations (None on the last stage) and gives that of
+    its input (None on the first). grad_offsets: for the head and each block, where its parameters start in the flat
+    buffer; backward calls grad_ready(offset) once each one's gradients are final (data-parallel buckets start)."""
+
+    def __init__(self, vstage: int, embedding: Embedding | None, blocks: list[Block], head: Head | None,
+                 grad_offsets: dict):
+        self.vstage, self.embedding, self.blocks, self.head = vstage, embedding, blocks, head
+        self.grad_offsets = grad_offsets  # {"head": offset, layer index: offset}
+
+    def forward(self, inp, targets=None, rng=None, keep_cache: bool = True):
+        x, emb_cache = self.embedding.forward(inp, rng) if self.embedding else (inp, None)
+        caches = []
+        for block in self.blocks:
+            x, cache = block.forward(x, rng)
+            if keep_cache:
+                caches.append(cache)
+        if self.head is None:
+            return x, (emb_cache, caches, None)
+        out, head_cache = self.head.forward(x, targets)
+        return out, (emb_cache, caches, head_cache)
+
+    def backward(self, dout, cache, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None):
+        emb_cache, caches, head_cache = cache
+        ready = grad_ready or (lambda offset: None)
+        dx = dout
+        if self.head is not None:
+            dx = self.head.backward(head_cache, loss_scale, accumulate)
+            ready(self.grad_offsets["head"])
+        for block in reversed(self.blocks):
+            dx = block.backward(dx, caches.pop(), accumulate)
+            ready(self.grad_offsets[block.layer])
+        if self.embedding is None:
+            return dx
+        self.embedding.backward(dx, emb_cache, accumulate)
+        return None

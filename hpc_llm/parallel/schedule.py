@@ -1,0 +1,191 @@
+"""Pipeline schedules as plain data: for each pipeline rank, the list of operations it runs in one training step.
+
+A schedule is computed, not executed, here: `schedule(name, p, stage, m, v)` returns a list of `Op`s (forward or
+backward, micro-batch, model chunk) that the trainer's single loop walks in order, receiving and sending activations
+and gradients as each op needs. Keeping the order as data lets tests read it and `simulate` time it without MPI.
+
+- "gpipe": all m forwards, then all m backwards; m micro-batches' activations are alive at once.
+- "1f1b" (Megatron-LM's non-interleaved schedule): stage s runs min(p - s - 1, m) warm-up forwards, then alternates
+  one forward and one backward, then drains the remaining backwards; at most min(p - s, m) micro-batches are alive,
+  for the same bubble as GPipe.
+- "interleaved" (Megatron-LM's interleaved 1F1B): each rank holds v model chunks; chunk c of rank s is global
+  virtual stage c * p + s, so a micro-batch visits every rank v times. Micro-batches go through a chunk in groups of p
+  (hence m % p == 0), and the pipeline fills v times faster: the bubble shrinks by v, for v times the messages.
+
+Backwards run in increasing micro-batch order in every schedule (per chunk, for "interleaved"), so each parameter's
+gradient sums its micro-batches in the same order whatever the schedule, and the sum is the same to the bit.
+
+Timed by `simulate` with no communication time, each rank computes m (t_f + t_b) and idles only while the pipeline
+fills (p - 1 stage forwards) and drains (p - 1 stage backwards); tests/test_schedule.py checks these exactly for
+t_b = 2 t_f (t_f + t_b = 3 t_f) and for other ratios, since they hold for any t_f, t_b:
+  gpipe, 1f1b:  makespan (m + p - 1) (t_f + t_b),       bubble fraction (p - 1) / (m + p - 1)
+  interleaved:  makespan (m + (p - 1) / v) (t_f + t_b), bubble fraction (p - 1) / (v m + p - 1)
+since an interleaved stage is one chunk, costing t_f / v forward and t_b / v backward (a rank's layers split evenly
+over its v chunks). A transfer time t_comm adds 2 (p - 1) t_comm to GPipe, more to the 1F1B schedules, whose steady
+state waits for a round trip to the downstream stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+NAMES = ("gpipe", "1f1b", "interleaved")
+
+
+class Op(NamedTuple):
+    kind: str  # "F" (forward) or "B" (backward)
+    micro: int  # micro-batch, 0-based
+    chunk: int = 0  # model chunk on this rank (global virtual stage chunk * p + stage); 0 without interleaving
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def _check(p: int, stage: int, m: int, v: int = 1) -> None:
+    _check_int("p (pipeline ranks)", p, 1)
+    _check_int("m (micro-batches)", m, 1)
+    _check_int("v (model chunks per rank)", v, 1)
+    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < p:
+        raise ValueError(f"stage: expected an integer in [0, p={p}), got {stage!r}")
+
+
+def _warmup_then_1f1b(fwd: list[Op], bwd: list[Op], warmup: int) -> list[Op]:
+    """`warmup` forwards, then (forward, backward) pairs while forwards remain, then the remaining backwards."""
+    ops = fwd[:warmup]
+    for f, b in zip(fwd[warmup:], bwd):
+        ops += [f, b]
+    return ops + bwd[len(fwd) - warmup:]
+
+
+def gpipe(p: int, stage: int, m: int) -> list[Op]:
+    """All forwards, then all backwards in micro-batch order (same makespan as reverse order; see the module doc)."""
+    _check(p, stage, m)
+    return [Op("F", i) for i in range(m)] + [Op("B", i) for i in range(m)]
+
+
+def one_f_one_b(p: int, stage: int, m: int) -> list[Op]:
+    """Megatron's 1F1B. Stage s + 1 takes p - s - 1 forwards from stage s before its first backward; stage s sends
+    warm-up + 1 before it waits for one. p - s - 1 keeps a spare micro-batch in flight that hides the gradient's round
+    trip; one fewer still runs, with bubbles; two fewer deadlock (tests/test_schedule.py)."""
+    _check(p, stage, m)
+    fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
+    return _warmup_then_1f1b(fwd, bwd, min(p - stage - 1, m))
+
+
+def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
+    """Megatron's interleaved 1F1B. The k-th forward of a rank is micro-batch (k // pv) p + k % p of chunk
+    (k % pv) // p: p micro-batches through chunk 0, the same p through chunk 1, ..., then the next p; the k-th
+    backward takes the same micro-batch through chunk v - 1 - (k % pv) // p. The warm-up, 2 (p - s - 1) + (v - 1) p
+    forwards, lets the first backward of the last chunk reach stage s while it keeps computing."""
+    _check(p, stage, m, v)
+    if m % p:
+        raise ValueError(f"m (micro-batches): the interleaved schedule needs a multiple of p={p}, got {m} "
+                         "(micro-batches go through each model chunk in groups of p)")
+
+    def op(kind: str, k: int) -> Op:
+        group, k = divmod(k, p * v)
+        chunk = k // p
+        return Op(kind, group * p + k % p, chunk if kind == "F" else v - 1 - chunk)
+
+    total = m * v
+    warmup = min((p - stage - 1) * 2 + (v - 1) * p, total)
+    return _warmup_then_1f1b([op("F", k) for k in range(total)], [op("B", k) for k in range(total)], warmup)
+
+
+def schedule(name: str, p: int, stage: int, m: int, v: int = 1) -> list[Op]:
+    """The op list of pipeline rank `stage` for schedule `name` ("gpipe" | "1f1b" | "interleaved")."""
+    if name not in NAMES:
+        raise ValueError(f"name: expected one of {', '.join(NAMES)}, got {name!r}")
+    if name == "interleaved":
+        return interleaved(p, stage, m, v)
+    if v != 1:
+        raise ValueError(f"v (model chunks per rank): {name!r} has one chunk per rank, got {v!r} "
+                         "(use 'interleaved')")
+    return gpipe(p, stage, m) if name == "gpipe" else one_f_one_b(p, stage, m)
+
+
+def in_flight(ops: list[Op]) -> int:
+    """The most (micro-batch, chunk)s forwarded but not yet backwarded at once: how many activations are stored."""
+    alive: set[tuple[int, int]] = set()
+    most = 0
+    for op in ops:
+        if op.kind == "F":
+            alive.add((op.micro, op.chunk))
+            most = max(most, len(alive))
+        else:
+            alive.discard((op.micro, op.chunk))
+    return most
+
+
+def describe(name: str, p: int, m: int, v: int = 1) -> str:
+    """One line per rank, e.g. 'stage 0: F0 F1 B0 F2 B1 ...'; with chunks, F<micro>.<chunk>."""
+    def text(op: Op) -> str:
+        return f"{op.kind}{op.micro}" + (f".{op.chunk}" if v > 1 else "")
+
+    return "\n".join(f"stage {s}: " + " ".join(map(text, schedule(name, p, s, m, v))) for s in range(p))
+
+
+@dataclass
+class Timing:
+    busy: list[float]  # per rank: time spent computing
+    idle: list[float]  # per rank: makespan - busy
+    makespan: float  # when the last op of the step ends
+
+    @property
+    def bubble(self) -> float:
+        """The fraction of all ranks' time spent idle."""
+        return sum(self.idle) / (len(self.idle) * self.makespan) if self.makespan else 0.0
+
+
+def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: float = 2.0,
+                   t_comm: float = 0.0) -> Timing:
+    """Run rank r's list `lists[r]` strictly in order, one op at a time, each as early as its inputs allow.
+
+    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v or t_b / v. F(i, s)
+    needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1 (where the loss is), B(i, s + 1); an input from
+    another rank arrives t_comm after it is produced. Sends never block (buffered), so the only way to stall for
+    ever is a cycle of waits: then no rank can move, and this raises RuntimeError naming each rank's stuck op.
+    Start times depend only on finished ops, so sweeping the ranks until none can move gives the exact times.
+    """
+    p = len(lists)
+    last = v * p - 1
+    done: dict[tuple[str, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
+    pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    moved = True
+    while moved:
+        moved = False
+        for r, ops in enumerate(lists):
+            while pos[r] < len(ops):
+                kind, i, c = ops[pos[r]]
+                s = c * p + r
+                if kind == "F":
+                    needs = [("F", i, s - 1)] if s > 0 else []
+                else:
+                    needs = [("F", i, s)] + ([("B", i, s + 1)] if s < last else [])
+                if any(key not in done for key in needs):
+                    break
+                start = max([clock[r]] + [done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs])
+                cost = (t_f if kind == "F" else t_b) / v
+                clock[r] = done[(kind, i, s)] = start + cost
+                busy[r] += cost
+                pos[r] += 1
+                moved = True
+    stuck = [f"stage {r} at {ops[pos[r]]}" for r, ops in enumerate(lists) if pos[r] < len(ops)]
+    if stuck:
+        raise RuntimeError("pipeline schedule deadlocks: no rank can make progress (" + "; ".join(stuck) + ")")
+    makespan = max(clock, default=0.0)
+    return Timing(busy, [makespan - b for b in busy], makespan)
+
+
+def simulate(name: str, p: int, m: int, v: int = 1, t_f: float = 1.0, t_b: float = 2.0,
+             t_comm: float = 0.0) -> Timing:
+    """Time one step of schedule `name` on p ranks (see `simulate_lists`)."""
+    _check(p, 0, m, v)
+    for arg, value in (("t_f", t_f), ("t_b", t_b), ("t_comm", t_comm)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{arg}: expected a number >= 0, got {value!r}")
+    lists = [schedule(name, p, s, m, v) for s in range(p)]
+    return simulate_lists(lists, v, t_f, t_b, t_comm)

@@ -1,0 +1,201 @@
+"""Pipeline schedules: every op list's shape derived from its rule, and its timing by the discrete-event simulator
+(bubble formulas, no deadlock; a broken list deadlocks and raises)."""
+
+import pytest
+
+from hpc_llm.parallel.schedule import (Op, describe, gpipe, in_flight, interleaved, one_f_one_b, schedule,
+                                       simulate, simulate_lists)
+
+PS, MS, VS = range(1, 7), range(1, 13), (2, 3)
+
+
+def cases():
+    """Every (name, p, m, v) the tests sweep: interleaved only where m is a multiple of p."""
+    for p in PS:
+        for m in MS:
+            yield "gpipe", p, m, 1
+            yield "1f1b", p, m, 1
+            if m % p == 0:
+                for v in VS:
+                    yield "interleaved", p, m, v
+
+
+CASES = list(cases())
+
+
+def interleaved_warmup(p, s, m, v):
+    return min((p - s - 1) * 2 + (v - 1) * p, m * v)
+
+
+def check_warmup_1f1b_shape(ops, warmup):
+    """`warmup` F's, then strictly alternating F, B, then only B's (as many as the warm-up)."""
+    kinds = "".join(op.kind for op in ops)
+    n = len(ops) // 2
+    assert kinds == "F" * warmup + "FB" * (n - warmup) + "B" * warmup
+
+
+# ---------------------------------------------------------------------------------------------------- op lists
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
+def test_every_op_once_forward_before_backward(name):
+    for _, p, m, v in (c for c in CASES if c[0] == name):
+        for s in range(p):
+            ops = schedule(name, p, s, m, v)
+            want = {(i, c) for i in range(m) for c in range(v)}
+            where = {op: k for k, op in enumerate(ops)}
+            assert len(ops) == 2 * m * v and len(where) == len(ops)  # no duplicates
+            assert {(op.micro, op.chunk) for op in ops if op.kind == "F"} == want
+            assert {(op.micro, op.chunk) for op in ops if op.kind == "B"} == want
+            assert all(where[Op("F", i, c)] < where[Op("B", i, c)] for i, c in want), (name, p, s, m, v)
+
+
+def test_one_f_one_b_shape_and_in_flight():
+    for p in PS:
+        for m in MS:
+            for s in range(p):
+                ops = one_f_one_b(p, s, m)
+                check_warmup_1f1b_shape(ops, min(p - s - 1, m))
+                assert [op.micro for op in ops if op.kind == "F"] == list(range(m))
+                assert in_flight(ops) == min(p - s, m)
+
+
+def test_gpipe_shape_and_in_flight():
+    for p in PS:
+        for m in MS:
+            for s in range(p):
+                ops = gpipe(p, s, m)
+                assert ops == [Op("F", i) for i in range(m)] + [Op("B", i) for i in range(m)]
+                assert in_flight(ops) == m
+
+
+def test_interleaved_order_and_in_flight():
+    for _, p, m, v in (c for c in CASES if c[0] == "interleaved"):
+        # groups of p micro-batches through chunk 0, 1, ..., v - 1 (forward) or v - 1, ..., 0 (backward)
+        def order(chunks):
+            return [(g + j, c) for g in range(0, m, p) for c in chunks for j in range(p)]
+
+        for s in range(p):
+            ops = interleaved(p, s, m, v)
+            warmup = interleaved_warmup(p, s, m, v)
+            check_warmup_1f1b_shape(ops, warmup)
+            assert [(op.micro, op.chunk) for op in ops if op.kind == "F"] == order(range(v))
+            assert [(op.micro, op.chunk) for op in ops if op.kind == "B"] == order(range(v - 1, -1, -1))
+            # steady state: each F adds one to the warm-up's stored activations before its B frees one
+            assert in_flight(ops) == min(warmup + 1, m * v)
+
+
+def test_backwards_in_micro_batch_order_per_chunk():
+    """Each chunk's gradients accumulate micro-batches 0, 1, ... in every schedule: bitwise-equal results."""
+    for name, p, m, v in CASES:
+        for s in range(p):
+            ops = schedule(name, p, s, m, v)
+            for c in range(v):
+                assert [op.micro for op in ops if op.kind == "B" and op.chunk == c] == list(range(m))
+
+
+def test_describe_lists_each_rank():
+    text = describe("1f1b", 3, 4)
+    lines = text.splitlines()
+    assert len(lines) == 3
+    for s, line in enumerate(lines):
+        head, ops = line.split(": ")
+        assert head == f"stage {s}"
+        assert ops.split() == [f"{op.kind}{op.micro}" for op in one_f_one_b(3, s, 4)]
+    first = describe("interleaved", 2, 2, 2).splitlines()[0].split(": ")[1].split()
+    assert first[:4] == ["F0.0", "F1.0", "F0.1", "F1.1"]
+
+
+# ---------------------------------------------------------------------------------------------------- simulation
+
+
+def test_simulate_never_deadlocks_and_every_rank_does_all_its_work():
+    for name, p, m, v in CASES:
+        t = simulate(name, p, m, v, t_f=1.0, t_b=2.0)
+        assert t.busy == pytest.approx([m * 3.0] * p)
+        assert t.idle == pytest.approx([t.makespan - b for b in t.busy])
+        assert min(t.idle) >= -1e-9
+
+
+@pytest.mark.parametrize("t_b", [2.0, 1.0, 3.0])
+def test_gpipe_and_1f1b_makespan(t_b):
+    """Fill p - 1 forwards, m forwards and backwards, drain p - 1 backwards: (m + p - 1) (t_f + t_b), exactly."""
+    for p in PS:
+        for m in MS:
+            want = (m + p - 1) * (1.0 + t_b)
+            for name in ("gpipe", "1f1b"):
+                t = simulate(name, p, m, t_f=1.0, t_b=t_b)
+                assert t.makespan == want, (name, p, m)
+                assert t.bubble == pytest.approx((p - 1) / (m + p - 1))
+
+
+@pytest.mark.parametrize("t_b", [2.0, 1.0, 3.0])
+def test_interleaved_makespan(t_b):
+    """A stage is a chunk (t_f / v, t_b / v): the fill and drain shrink by v, (m + (p - 1) / v) (t_f + t_b)."""
+    for _, p, m, v in (c for c in CASES if c[0] == "interleaved"):
+        t = simulate("interleaved", p, m, v, t_f=1.0, t_b=t_b)
+        assert t.makespan == pytest.approx((m + (p - 1) / v) * (1.0 + t_b), rel=1e-12), (p, m, v)
+        assert t.bubble == pytest.approx((p - 1) / (v * m + p - 1))
+        if p >= 2:
+            assert t.makespan < simulate("1f1b", p, m, t_f=1.0, t_b=t_b).makespan
+
+
+def test_communication_time():
+    """GPipe's only exposed transfers are the 2 (p - 1) hops of the first forward and the last backward; no schedule
+    can hide those."""
+    c = 0.25
+    for name, p, m, v in CASES:
+        t, t0 = simulate(name, p, m, v, t_comm=c), simulate(name, p, m, v)
+        if name == "gpipe":
+            assert t.makespan == t0.makespan + 2 * (p - 1) * c
+        assert t.makespan >= t0.makespan + 2 * (p - 1) * c - 1e-9
+
+
+def test_1f1b_warmup_is_the_least_that_keeps_the_pipeline_full():
+    """Stage s + 1 forwards p - s - 1 micro-batches before its first backward, all from stage s, and stage s sends
+    w + 1 forwards before it waits for its first backward. Megatron's w = p - s - 1 leaves a spare one in flight,
+    so the gradient round trip is hidden; w = p - s - 2 is just enough to go on (slower); w = p - s - 3 is a cycle of
+    waits: a deadlock."""
+    for p in range(2, 6):
+        m = 2 * p
+        best = (m + p - 1) * 3.0
+        fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
+        for s in range(p - 1):
+            for w in (p - s - 2, p - s - 3):
+                if w < 0:
+                    continue
+                lists = [one_f_one_b(p, r, m) for r in range(p)]
+                lists[s] = fwd[:w] + [x for pair in zip(fwd[w:], bwd) for x in pair] + bwd[m - w:]
+                if w == p - s - 2:
+                    assert simulate_lists(lists).makespan > best
+                else:
+                    with pytest.raises(RuntimeError, match=f"deadlock.*stage {s} at Op\\(kind='B', micro=0"):
+                        simulate_lists(lists)
+
+
+def test_backward_before_own_forward_deadlocks():
+    lists = [one_f_one_b(2, 0, 2), [Op("B", 0), Op("F", 0), Op("F", 1), Op("B", 1)]]
+    with pytest.raises(RuntimeError, match=r"stage 1 at Op\(kind='B', micro=0"):
+        simulate_lists(lists)
+
+
+# ---------------------------------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("call, arg", [
+    (lambda: schedule("zb", 2, 0, 4), "name"),
+    (lambda: schedule("1f1b", 0, 0, 4), "p"),
+    (lambda: schedule("1f1b", 2, 2, 4), "stage"),
+    (lambda: schedule("gpipe", 2, -1, 4), "stage"),
+    (lambda: schedule("1f1b", 2, 0, 0), "m"),
+    (lambda: schedule("1f1b", 2, 0, 4, v=2), "v"),
+    (lambda: schedule("interleaved", 2, 0, 4, v=0), "v"),
+    (lambda: interleaved(4, 0, 6, 2), "m"),
+    (lambda: one_f_one_b(2.0, 0, 4), "p"),
+    (lambda: simulate("1f1b", 0, 4), "p"),
+    (lambda: simulate("1f1b", 2, 4, t_comm=-1.0), "t_comm"),
+    (lambda: simulate("gpipe", 2, 4, t_b="2"), "t_b"),
+])
+def test_bad_arguments_name_the_argument(call, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()
