@@ -24,6 +24,7 @@ class ModelConfig:
     vocab_size: int = 0  # 0: take it from the prepared data's meta.json
     dropout: float = 0.0
     dtype: str = "float32"  # "float32" or "float64"
+    bias: bool = True  # biases in the linear layers and LayerNorms (GPT-2: true; nanoGPT's shakespeare runs: false)
 
     @property
     def padded_vocab(self) -> int:
@@ -56,6 +57,7 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     backend: str = "numpy"
+    recompute: str = "none"  # "block": backward recomputes each block's forward from its input (keeps only that)
     peak_tflops: float = 0.0  # MFU denominator per rank (summed over ranks); 0: measure a float32 matmul at start
 
 
@@ -213,6 +215,7 @@ def validate(cfg: Config) -> None:
     need(t.eps > 0, "train.eps", "a positive number", t.eps)
     need(t.grad_clip >= 0, "train.grad_clip", "a non-negative number (0 disables)", t.grad_clip)
     need(t.backend in ("numpy", "cupy"), "train.backend", '"numpy" or "cupy"', t.backend)
+    need(t.recompute in ("none", "block"), "train.recompute", '"none" or "block"', t.recompute)
     need(t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops)
     need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
     need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)

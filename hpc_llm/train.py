@@ -112,7 +112,8 @@ class Trainer:
 
         self.plan = StagePlan(tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
                               par.pp, self.grid.pp_rank, par.virtual_stages)
-        self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm, plan=self.plan)
+        self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm, plan=self.plan,
+                         recompute=t.recompute == "block")
         self.ops = schedule(par.schedule, par.pp, self.grid.pp_rank, t.grad_accum, par.virtual_stages)
         self.pipe = PipelineComm(self.grid.pp_comm, self.plan.n_virtual) if par.pp > 1 else None
         # the logged loss comes from the last stage, once per TP group
@@ -245,7 +246,7 @@ class Trainer:
         mine = self.cfg.model
         if mine.vocab_size == 0:
             mine.vocab_size = theirs.vocab_size
-        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype"):
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype", "bias"):
             if getattr(mine, k) != getattr(theirs, k):
                 raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
                                 f"{getattr(mine, k)}")

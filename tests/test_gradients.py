@@ -251,19 +251,19 @@ def test_cross_entropy(seed):
     assert np.all(d[:, V:] == 0) and np.all(numeric[:, V:] == 0)  # padding: no gradient, and no effect on the loss
 
 
-def tiny_config(rng, dropout=0.0):
+def tiny_config(rng, dropout=0.0, bias=True):
     """1-2 layers, 1-3 heads of size 1-3, 2-6 positions, a vocabulary of 2-63 padded to 64 (so wte always has padded
     rows): at most ~2800 parameters, every entry checked in a few seconds."""
     H = int(rng.integers(1, 4))
     return ModelConfig(n_layer=int(rng.integers(1, 3)), n_head=H, n_embd=H * int(rng.integers(1, 4)),
                        block_size=int(rng.integers(2, 7)), vocab_size=int(rng.integers(2, 64)), dropout=dropout,
-                       dtype="float64")
+                       dtype="float64", bias=bias)
 
 
-def model_case(seed, dropout):
+def model_case(seed, dropout, bias=True):
     """A perturbed tiny model, a batch, the loss function of its parameters (dropout masks fixed) and its gradients."""
     rng = np.random.default_rng(seed)
-    cfg = tiny_config(rng, dropout)
+    cfg = tiny_config(rng, dropout, bias)
     model = GPT(cfg, seed=seed)
     # leave the init's zeros/ones: exercise every term (the padded rows of wte too: what they hold must not matter)
     model.flat[:] += rng.standard_normal(model.num_params) * 0.1
@@ -297,6 +297,18 @@ def test_model_gradient(seed, dropout):
         if name == "wte.weight":
             assert np.all(numeric[cfg.vocab_size:] == 0), "padded vocabulary rows change the loss"
     assert np.all(grads["wte.weight"][cfg.vocab_size:] == 0), "padded vocabulary rows: non-zero gradient"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_model_gradient_without_biases(seed):
+    """model.bias = false (nanoGPT's shakespeare setting): no bias in any linear layer or LayerNorm, and the gradient
+    of every remaining entry against finite differences, as above."""
+    cfg, model, f, loss, grads = model_case(seed, 0.2, bias=False)
+    assert not [s.name for s in model.specs if s.name.endswith(".bias")]
+    assert len(model.specs) == 2 + 6 * cfg.n_layer + 1
+    for name, p in model.params.items():
+        numeric, trunc = richardson(f, p)
+        assert_within(grads[name], numeric, trunc, loss + 1.0, name)
 
 
 def test_checker_rejects_one_entry_error():

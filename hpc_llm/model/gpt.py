@@ -107,6 +107,8 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
         ]
     if last:
         rows += [("ln_f.weight", (C,), -1, False, None, 1), ("ln_f.bias", (C,), 0, False, None, 1)]
+    if not cfg.bias:  # nanoGPT's bias=False: no biases in the linear layers and LayerNorms
+        rows = [r for r in rows if not r[0].endswith(".bias")]
     specs, offset = [], 0
     for name, shape, init_std, decay, tp_axis, tp_blocks in rows:
         local = list(shape)
@@ -164,13 +166,14 @@ class GPT:
     """
 
     def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0, tp_comm: Comm | None = None,
-                 plan: StagePlan | None = None):
+                 plan: StagePlan | None = None, recompute: bool = False):
         if cfg.vocab_size <= 0:
             raise UserError("model.vocab_size: expected a positive integer (set it, or prepare data first)")
         self.cfg = cfg
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
         self.plan = plan if plan is not None else whole_model(cfg)
+        self.recompute = recompute  # train.recompute = "block": each block's forward again in backward
         self.dtype = np.dtype(cfg.dtype)
         self.logical = {s.name: s.shape for s in param_specs(cfg)}  # the whole model's tensors, whatever we hold
         self.specs = param_specs(cfg, self.tp.size, self.plan)
@@ -208,10 +211,10 @@ class GPT:
                                 tp, cfg.dropout))
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
         if last:
-            head = Head(self._param("ln_f.weight"), self._param("ln_f.bias"), self._param("wte.weight"), self.v0,
-                        cfg.vocab_size, tp)
+            ln_f_bias = self._param("ln_f.bias") if cfg.bias else L.NO_PARAM
+            head = Head(self._param("ln_f.weight"), ln_f_bias, self._param("wte.weight"), self.v0, cfg.vocab_size, tp)
             offsets["head"] = self.spec["ln_f.weight"].offset
-        return Chunk(vstage, embedding, blocks, head, offsets)
+        return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)
 
     # -- parameters ----------------------------------------------------------------------------------------------------
 

@@ -29,6 +29,9 @@ class Param(NamedTuple):
     grad: object
 
 
+NO_PARAM = Param(None, None)  # a bias the model does not have (model.bias = false)
+
+
 def _matmul_into(a, b, out, accumulate: bool) -> None:
     """out = a @ b, or out += a @ b; the overwrite case lets BLAS write straight into the gradient buffer."""
     xp = array_module(out)
@@ -91,7 +94,8 @@ def layernorm_forward(x, w, b):
     xp.reciprocal(rstd, out=rstd)
     xhat *= rstd
     out = xhat * w
-    out += b
+    if b is not None:
+        out += b
     return out, (xhat, rstd)
 
 
@@ -104,7 +108,8 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
         dw += xp.einsum("ni,ni->i", d2, x2)
     else:
         dw[...] = xp.einsum("ni,ni->i", d2, x2)
-    _sum_rows_into(d2, db, accumulate)
+    if db is not None:
+        _sum_rows_into(d2, db, accumulate)
     dxhat = dout * w
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     mean_d = dxhat.mean(axis=-1, keepdims=True)

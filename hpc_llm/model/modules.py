@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
-from hpc_llm.model.layers import Param
+from hpc_llm.model.layers import NO_PARAM, Param
 from hpc_llm.parallel.comm import Comm
 
 
@@ -59,12 +59,14 @@ class Block:
         self.layer, self.dropout = layer, dropout
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
-        self.ln_1 = LayerNorm(p["ln_1.weight"], p["ln_1.bias"])
-        self.qkv = TP.ColumnParallelLinear(p["attn.c_attn.weight"], p["attn.c_attn.bias"], tp)
-        self.attn_proj = TP.RowParallelLinear(p["attn.c_proj.weight"], p["attn.c_proj.bias"], tp)
-        self.ln_2 = LayerNorm(p["ln_2.weight"], p["ln_2.bias"])
-        self.fc = TP.ColumnParallelLinear(p["mlp.c_fc.weight"], p["mlp.c_fc.bias"], tp)
-        self.mlp_proj = TP.RowParallelLinear(p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], tp)
+        b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias",
+                                              "mlp.c_fc.bias", "mlp.c_proj.bias")}  # none with model.bias = false
+        self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"])
+        self.qkv = TP.ColumnParallelLinear(p["attn.c_attn.weight"], b["attn.c_attn.bias"], tp)
+        self.attn_proj = TP.RowParallelLinear(p["attn.c_proj.weight"], b["attn.c_proj.bias"], tp)
+        self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"])
+        self.fc = TP.ColumnParallelLinear(p["mlp.c_fc.weight"], b["mlp.c_fc.bias"], tp)
+        self.mlp_proj = TP.RowParallelLinear(p["mlp.c_proj.weight"], b["mlp.c_proj.bias"], tp)
 
     def forward(self, x, rng=None, kv=None, pos0: int = 0):
         """x (B, T, C) -> (x, cache). kv: decoding, this layer's KV cache (2, B, H, block_size, hd), extended at
@@ -144,34 +146,47 @@ class Chunk:
     else the previous stage's activations, and gives the loss on the last stage (logits without targets), else its
     activations; its backward takes the gradient of those activations (None on the last stage) and gives that of
     its input (None on the first). grad_offsets: for the head and each block, where its parameters start in the flat
-    buffer; backward calls grad_ready(offset) once each one's gradients are final (data-parallel buckets start)."""
+    buffer; backward calls grad_ready(offset) once each one's gradients are final (data-parallel buckets start).
+
+    recompute (Megatron's full recompute): forward keeps only each block's input, and backward runs the block's
+    forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit for bit,
+    and a DropoutRNG's sites draw the same masks again."""
 
     def __init__(self, vstage: int, embedding: Embedding | None, blocks: list[Block], head: Head | None,
-                 grad_offsets: dict):
+                 grad_offsets: dict, recompute: bool = False):
         self.vstage, self.embedding, self.blocks, self.head = vstage, embedding, blocks, head
         self.grad_offsets = grad_offsets  # {"head": offset, layer index: offset}
+        self.recompute = recompute
 
     def forward(self, inp, targets=None, rng=None, keep_cache: bool = True):
+        recompute = keep_cache and self.recompute
+        if recompute and rng is not None and not isinstance(rng, L.DropoutRNG) and self.blocks[0].dropout > 0:
+            raise ValueError("recompute with dropout needs a layers.DropoutRNG (its masks can be drawn again)")
         x, emb_cache = self.embedding.forward(inp, rng) if self.embedding else (inp, None)
         caches = []
         for block in self.blocks:
+            if recompute:
+                caches.append(x.copy())  # the block updates its input in place
             x, cache = block.forward(x, rng)
-            if keep_cache:
+            if keep_cache and not recompute:
                 caches.append(cache)
         if self.head is None:
-            return x, (emb_cache, caches, None)
+            return x, (emb_cache, caches, None, rng)
         out, head_cache = self.head.forward(x, targets)
-        return out, (emb_cache, caches, head_cache)
+        return out, (emb_cache, caches, head_cache, rng)
 
     def backward(self, dout, cache, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None):
-        emb_cache, caches, head_cache = cache
+        emb_cache, caches, head_cache, rng = cache
         ready = grad_ready or (lambda offset: None)
         dx = dout
         if self.head is not None:
             dx = self.head.backward(head_cache, loss_scale, accumulate)
             ready(self.grad_offsets["head"])
         for block in reversed(self.blocks):
-            dx = block.backward(dx, caches.pop(), accumulate)
+            block_cache = caches.pop()
+            if self.recompute:
+                _, block_cache = block.forward(block_cache, rng)
+            dx = block.backward(dx, block_cache, accumulate)
             ready(self.grad_offsets[block.layer])
         if self.embedding is None:
             return dx

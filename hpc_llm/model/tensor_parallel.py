@@ -87,7 +87,8 @@ class RowParallelLinear:
     def forward(self, x):
         """-> (y, cache): the cache is the input."""
         y = reduce_from_tp_region(L.linear_forward(x, self.w.value, None), self.comm)
-        y += self.b.value
+        if self.b.value is not None:
+            y += self.b.value
         return y, x
 
     def backward(self, dy, x, accumulate: bool):
