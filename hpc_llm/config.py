@@ -58,6 +58,11 @@ class TrainConfig:
     out_dir: str = "runs/default"
     backend: str = "numpy"
     recompute: str = "none"  # "block": backward recomputes each block's forward from its input (keeps only that)
+    # "fp32" (model.dtype's: also float64), "bf16" or "fp16": matmul operands and kept activations in that format,
+    # fp32 master weights and moments (hpc_llm/model/precision.py)
+    precision: str = "fp32"
+    loss_scale_init: float = 65536.0  # fp16's dynamic loss scale: its start (2^16, as PyTorch's GradScaler)
+    loss_scale_window: int = 1000  # fp16: clean steps in a row before the scale doubles (Megatron's window)
     peak_tflops: float = 0.0  # MFU denominator per rank (summed over ranks); 0: measure a float32 matmul at start
 
 
@@ -216,6 +221,16 @@ def validate(cfg: Config) -> None:
     need(t.grad_clip >= 0, "train.grad_clip", "a non-negative number (0 disables)", t.grad_clip)
     need(t.backend in ("numpy", "cupy"), "train.backend", '"numpy" or "cupy"', t.backend)
     need(t.recompute in ("none", "block"), "train.recompute", '"none" or "block"', t.recompute)
+    need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", '"fp32", "bf16" or "fp16"', t.precision)
+    need(t.precision == "fp32" or m.dtype == "float32", "train.precision",
+         f'"fp32" with model.dtype={m.dtype} (bf16/fp16 keep float32 master weights)', t.precision)
+    need(t.loss_scale_init > 0, "train.loss_scale_init", "a positive number (fp16's initial loss scale)",
+         t.loss_scale_init)
+    need(t.loss_scale_window >= 1, "train.loss_scale_window", "a positive integer", t.loss_scale_window)
+    if t.precision == "bf16":
+        from hpc_llm.model.precision import low_dtype
+
+        low_dtype("bf16")  # ml_dtypes must be importable: one line otherwise
     need(t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops)
     need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
     need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)

@@ -76,6 +76,40 @@ def _segments(start: int, stop: int, decay_ranges, chunk: int):
     return segs
 
 
+class LossScaler:
+    """fp16's dynamic loss scaling, as Megatron-LM's DynamicGradScaler: backward runs on loss x scale, so small
+    gradients stay above fp16's underflow; a step whose gradients overflowed (an inf or nan anywhere in the grid) is
+    skipped on every rank; `hysteresis` overflows in a row halve the scale (never below min_scale), `window` clean
+    steps in a row double it and restore the hysteresis. Defaults: PyTorch's and Megatron's (2^16, x2 after 1000
+    clean steps, x0.5, hysteresis 2, floor 1)."""
+
+    def __init__(self, init: float = 2.0 ** 16, window: int = 1000, hysteresis: int = 2, growth: float = 2.0,
+                 backoff: float = 0.5, min_scale: float = 1.0):
+        self.scale, self.window, self.hysteresis = float(init), window, hysteresis
+        self.growth, self.backoff, self.min_scale = growth, backoff, min_scale
+        self.growth_tracker, self.hysteresis_tracker = 0, hysteresis
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff, self.min_scale)
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.window:
+            self.growth_tracker, self.hysteresis_tracker = 0, self.hysteresis
+            self.scale *= self.growth
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker,
+                "hysteresis_tracker": self.hysteresis_tracker}
+
+    def load(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.growth_tracker, self.hysteresis_tracker = int(state["growth_tracker"]), int(state["hysteresis_tracker"])
+
+
 class AdamW:
     """Decoupled weight decay (PyTorch's AdamW): p *= 1 - lr*wd on 2-D weights, then the Adam step.
 

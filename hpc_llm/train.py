@@ -9,6 +9,7 @@ of the global batch), the same whatever the data/tensor-parallel layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from hpc_llm.errors import UserError
 from hpc_llm.fsio import atomic_write_bytes
 from hpc_llm.model.gpt import GPT, StagePlan, merge_ranges, param_specs
 from hpc_llm.model.layers import DropoutRNG
-from hpc_llm.optim import AdamW, global_grad_norm, lr_at
+from hpc_llm.optim import AdamW, LossScaler, global_grad_norm, lr_at
 from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
@@ -73,7 +74,8 @@ class Metrics:
     """The run's history, kept in memory, appended to metrics.jsonl and stored in every checkpoint."""
 
     train: dict = field(default_factory=lambda: {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s",
-                                                                   "mfu", "comm_seconds", "comm_bytes")})
+                                                                   "mfu", "comm_seconds", "comm_bytes",
+                                                                   "loss_scale", "skipped_steps")})
     eval: dict = field(default_factory=lambda: {k: [] for k in ("step", "train_loss", "val_loss")})
 
     def add(self, table: str, row: dict) -> None:
@@ -113,7 +115,10 @@ class Trainer:
         self.plan = StagePlan(tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
                               par.pp, self.grid.pp_rank, par.virtual_stages)
         self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm, plan=self.plan,
-                         recompute=t.recompute == "block")
+                         recompute=t.recompute == "block", precision=t.precision)
+        # fp16: dynamic loss scaling; a skipped step (an overflow anywhere) counts in skipped_steps
+        self.scaler = LossScaler(t.loss_scale_init, t.loss_scale_window) if t.precision == "fp16" else None
+        self.skipped_steps = 0
         self.ops = schedule(par.schedule, par.pp, self.grid.pp_rank, t.grad_accum, par.virtual_stages)
         self.pipe = PipelineComm(self.grid.pp_comm, self.plan.n_virtual) if par.pp > 1 else None
         # the logged loss comes from the last stage, once per TP group
@@ -275,12 +280,19 @@ class Trainer:
                     self.opt.load_moments_flat(slot, flat)
                     saved.settle()  # checksums still reading the buffer finish before v overwrites it
             saved.verify_share()
+        m.refresh_compute()
         st = saved.state
         self.step = st["step"]
         self.opt.t = st["adam_t"]
+        self.skipped_steps = st.get("skipped_steps", 0)
+        if self.scaler is not None and st.get("loss_scaler"):  # saved by an fp16 run; any other starts afresh
+            self.scaler.load(st["loss_scaler"])
         for table in ("train", "eval"):
-            for k, v in saved.metrics.get(table, {}).items():
-                getattr(self.metrics, table)[k] = list(np.asarray(v).tolist())
+            got = saved.metrics.get(table, {})
+            for k, column in getattr(self.metrics, table).items():
+                # a column a file from an older version lacks: its neutral value for the steps it holds
+                column[:] = (list(np.asarray(got[k]).tolist()) if k in got else
+                             [{"loss_scale": 1.0, "skipped_steps": 0}.get(k, float("nan"))] * len(got.get("step", [])))
         log.info("resumed from %s at step %d", saved.path, self.step)
 
     # -- the loop -------------------------------------------------------------------------------------------------------
@@ -306,21 +318,37 @@ class Trainer:
         t, dp = self.cfg.train, self.grid.dp
         lr = lr_at(self.step, t)
         self.sync.start()
-        # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
-        losses = run_schedule(self.model, self.ops, self.pipe, self.micro_batch, 1.0 / (t.grad_accum * dp),
-                              (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd),
-                              grad_ready=self.sync.grad_ready)
+        loss_scale = self.last_loss_scale = self.scaler.scale if self.scaler else 1.0
+        # fp16 overflows to inf when a value is rounded to it: expected, and what the loss scaler detects
+        def quiet():
+            return np.errstate(over="ignore", invalid="ignore") if self.scaler else contextlib.nullcontext()
+
+        with quiet():  # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
+            losses = run_schedule(self.model, self.ops, self.pipe, self.micro_batch, loss_scale / (t.grad_accum * dp),
+                                  (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd),
+                                  grad_ready=self.sync.grad_ready)
         if self.grid.emb_comm is not None:  # the tied embedding's two copies: each gets the sum of both gradients
             self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
         self.sync.finish()
         loss = sum(losses[micro] / t.grad_accum for micro in sorted(losses))
         loss = self.grid.world.allreduce_scalar(loss if self.reports_loss else 0.0) / dp
-        norm = global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm)
-        if not math.isfinite(loss) or not math.isfinite(norm):
+        # the norm of the unscaled gradient; an inf/nan anywhere in the grid makes it (and so the verdict) non-finite
+        # on every rank alike
+        with quiet():
+            norm = global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm) / loss_scale
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if self.scaler is not None:
+            self.scaler.update(overflow=not finite)
+            if not finite:  # fp16 overflow: skip the update on every rank; parameters and moments untouched
+                self.skipped_steps += 1
+                self.step += 1
+                return loss, norm, lr
+        elif not finite:
             raise FloatingPointError(f"step {self.step}: loss {loss}, grad norm {norm} (lower train.lr?)")
-        scale = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
-        self.opt.step(lr, grad_scale=scale)
+        clip = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
+        self.opt.step(lr, grad_scale=clip / loss_scale)
         self.sync.gather(self.model.flat)
+        self.model.refresh_compute()
         self.step += 1
         return loss, norm, lr
 
@@ -360,6 +388,8 @@ class Trainer:
         params = self._gather_stages(params) if builds else None
         path = ckpt.checkpoint_path(self.out_dir, self.step)
         state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
+                 "skipped_steps": self.skipped_steps,
+                 "loss_scaler": self.scaler.state() if self.scaler is not None else None,
                  "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
                  "layout": {"world": self.grid.world.size, "pp": self.grid.pp, "dp": self.grid.dp,
                             "tp": self.grid.tp, "zero": self.cfg.parallel.zero}}
@@ -446,15 +476,18 @@ class Trainer:
                 row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                        "tokens_per_s": self.tokens_per_step / dt, "mfu": flops_per_step / dt / self.peak_flops,
                        "comm_seconds": sum(c["seconds"] for c in comm.values()),
-                       "comm_bytes": sum(c["bytes"] for c in comm.values())}
+                       "comm_bytes": sum(c["bytes"] for c in comm.values()),
+                       "loss_scale": self.last_loss_scale, "skipped_steps": self.skipped_steps}
                 self.metrics.add("train", row)
                 if self.step % t.log_interval == 0 or self.step == t.max_iters:
                     tps = self.tokens_per_step * window_steps / window_t
                     mfu = flops_per_step * window_steps / window_t / self.peak_flops
                     log.info("step %6d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %.1f%% | "
-                             "%.0f ms/step%s", self.step, loss, lr, norm, tps, 100 * mfu, 1000 * window_t / window_steps,
+                             "%.0f ms/step%s%s", self.step, loss, lr, norm, tps, 100 * mfu, 1000 * window_t / window_steps,
                              "" if self.grid.world.size == 1 else
-                             f" | comm {1000 * row['comm_seconds']:.0f} ms, {row['comm_bytes'] / 1e6:.1f} MB")
+                             f" | comm {1000 * row['comm_seconds']:.0f} ms, {row['comm_bytes'] / 1e6:.1f} MB",
+                             "" if self.scaler is None else
+                             f" | loss scale {self.last_loss_scale:g}, {self.skipped_steps} steps skipped")
                     metrics_file.write(json.dumps({"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu,
                                                    "comm": comm}) + "\n")
                     metrics_file.flush()

@@ -361,6 +361,11 @@ BAD_LAYOUTS = [
                                                                                "at least one layer"]),
     ("pp_layers-wrong-length", 2, ["parallel.pp=2", "parallel.pp_layers=[2]"], ["parallel.pp_layers=[2]",
                                                                                "expected 2 entries"]),
+    ("unknown-precision", 2, ["train.precision=fp8"], ["train.precision", "'fp8'"]),
+    ("low-precision-with-float64", 2, ["train.precision=bf16", "model.dtype=float64"],
+     ["train.precision", "float32 master weights"]),
+    ("fp16-without-a-scale", 2, ["train.precision=fp16", "train.loss_scale_init=0"], ["train.loss_scale_init"]),
+    ("unknown-recompute", 2, ["train.recompute=full"], ["train.recompute", "'full'"]),
 ]
 
 

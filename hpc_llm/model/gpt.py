@@ -24,6 +24,7 @@ from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.layers import Param
 from hpc_llm.model.modules import Block, Chunk, Embedding, Head
+from hpc_llm.model.precision import Precision
 from hpc_llm.parallel.comm import Comm
 
 
@@ -166,7 +167,7 @@ class GPT:
     """
 
     def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0, tp_comm: Comm | None = None,
-                 plan: StagePlan | None = None, recompute: bool = False):
+                 plan: StagePlan | None = None, recompute: bool = False, precision: str = "fp32"):
         if cfg.vocab_size <= 0:
             raise UserError("model.vocab_size: expected a positive integer (set it, or prepare data first)")
         self.cfg = cfg
@@ -174,6 +175,7 @@ class GPT:
         self.tp = tp_comm if tp_comm is not None else Comm(None)
         self.plan = plan if plan is not None else whole_model(cfg)
         self.recompute = recompute  # train.recompute = "block": each block's forward again in backward
+        self.prec = Precision(precision)
         self.dtype = np.dtype(cfg.dtype)
         self.logical = {s.name: s.shape for s in param_specs(cfg)}  # the whole model's tensors, whatever we hold
         self.specs = param_specs(cfg, self.tp.size, self.plan)
@@ -182,9 +184,12 @@ class GPT:
         self.local_size = sum(s.size for s in self.specs)  # this rank's flat buffer
         self.heads = cfg.n_head // self.tp.size  # this rank's attention heads
         self.v0 = self.tp.rank * (cfg.padded_vocab // self.tp.size)  # first vocabulary row held here
-        self.flat = xp.zeros(self.local_size, dtype=self.dtype)
+        self.flat = xp.zeros(self.local_size, dtype=self.dtype)  # the master weights (the optimizer's, saved)
         self.grad_flat = xp.zeros(self.local_size, dtype=self.dtype)
-        self.params = {s.name: self.flat[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
+        # what forward and backward compute with: the master weights themselves, or (bf16/fp16) a copy of them
+        # rounded to the format, refreshed by refresh_compute() whenever the master weights change
+        self.compute = self.flat if self.prec.low is None else xp.zeros_like(self.flat)
+        self.params = {s.name: self.compute[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
         self.grads = {s.name: self.grad_flat[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
         self.chunks = [self._chunk(v) for v in self.plan.chunks]
         self.has_embedding = self.chunks[0].embedding is not None
@@ -208,11 +213,12 @@ class GPT:
         for i in self.plan.layers[vstage]:
             p = f"h.{i}."
             blocks.append(Block({k[len(p):]: self._param(k) for k in self.params if k.startswith(p)}, i, cfg.n_head,
-                                tp, cfg.dropout))
+                                tp, cfg.dropout, self.prec))
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
         if last:
             ln_f_bias = self._param("ln_f.bias") if cfg.bias else L.NO_PARAM
-            head = Head(self._param("ln_f.weight"), ln_f_bias, self._param("wte.weight"), self.v0, cfg.vocab_size, tp)
+            head = Head(self._param("ln_f.weight"), ln_f_bias, self._param("wte.weight"), self.v0, cfg.vocab_size, tp,
+                        self.prec)
             offsets["head"] = self.spec["ln_f.weight"].offset
         return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)
 
@@ -229,7 +235,14 @@ class GPT:
         """Each rank makes the full tensor and keeps its shard: the same logical model on any layout."""
         for s in self.specs:
             full = init_tensor(s, seed, self.cfg.vocab_size).astype(self.dtype)
-            self.params[s.name][...] = to_device(self.shard(full, s), self.xp)
+            self.local_view(self.flat, s)[...] = to_device(self.shard(full, s), self.xp)
+        self.refresh_compute()
+
+    def refresh_compute(self) -> None:
+        """The compute copy from the master weights (bf16/fp16: rounded to the format); nothing to do in fp32."""
+        if self.compute is not self.flat:
+            for a in range(0, self.local_size, 1 << 20):  # in pieces: no full-size temporaries
+                self.compute[a:a + (1 << 20)] = self.prec.operand(self.flat[a:a + (1 << 20)])
 
     def check_shapes(self, shapes: dict, what: str = "parameters") -> None:
         """shapes: {name: full shape} of a source of tensors; it must hold exactly the whole model's, in its shapes
@@ -289,6 +302,7 @@ class GPT:
 
     def load_state(self, tensors: dict) -> None:
         self.load_flat(self.flat, tensors)
+        self.refresh_compute()
 
     def full_tensors(self, flat, copy: bool = True) -> dict:
         """{name: full tensor} (host arrays) from a flat buffer laid out like self.flat: the shards of the TP group

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.model.precision import FP32, Precision
 
 LN_EPS = 1e-5
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -314,22 +315,25 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in reversed(range(n))]
 
 
-def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None):
+def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Precision = FP32):
     """softmax(q k^T / sqrt(hd) + mask) v per head, by query blocks. Cache: the head-split qkv (q pre-scaled), the
-    probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores."""
+    probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores.
+    prec: q, k, v and the probabilities are matmul operands in its format, the softmax is computed in qkv's dtype,
+    and the cache is kept in the format."""
     xp = array_module(qkv)
     qkvh = split_heads(qkv, n_head)
+    qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
+    qkvh = prec.operand(qkvh)
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
-    q *= 1.0 / math.sqrt(q.shape[-1])
     yh = xp.empty_like(q)
     atts, masks = [], []
     for q0, q1 in query_blocks(q.shape[2]):
         att = causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2))
         used, mask = (att, None) if dropout == 0.0 else dropout_forward(att, dropout, rng)
-        xp.matmul(used, v[:, :, :q1], out=yh[:, :, q0:q1])
-        atts.append(att)
+        xp.matmul(prec.operand(used), v[:, :, :q1], out=yh[:, :, q0:q1])
+        atts.append(prec.keep(att))
         masks.append(mask)
-    return xp.ascontiguousarray(merge_heads(yh)), (qkvh, atts, masks)
+    return xp.ascontiguousarray(merge_heads(yh)), (prec.keep(qkvh), atts, masks)
 
 
 def cached_attention_forward(qkv, n_head: int, kv, pos0: int):
@@ -345,20 +349,22 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0: int):
     return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
 
 
-def attention_backward(dy, cache, n_head: int):
+def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
     xp = array_module(dy)
     qkvh, atts, masks = cache
+    qkvh = prec.use(qkvh, dy.dtype)
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
-    dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
+    dyh = prec.operand(xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)))
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
         first = first == 0  # the first block sees every key: it writes dk and dv whole, later blocks add
+        att = prec.use(att, dy.dtype)
         used = att if mask is None else att * mask
         dyb = dyh[:, :, q0:q1]
-        _matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
+        _matmul_into(prec.operand(used).transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
         if mask is not None:
             datt *= mask
@@ -366,6 +372,7 @@ def attention_backward(dy, cache, n_head: int):
         rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
         datt -= rowdot
         datt *= att
+        datt = prec.operand(datt)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
         _matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right

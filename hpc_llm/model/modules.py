@@ -13,18 +13,24 @@ from __future__ import annotations
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.layers import NO_PARAM, Param
+from hpc_llm.model.precision import FP32, Precision
 from hpc_llm.parallel.comm import Comm
 
 
 class LayerNorm:
-    def __init__(self, w: Param, b: Param):
-        self.w, self.b = w, b
+    """Statistics in the compute dtype; the normalised input kept in the precision's format."""
+
+    def __init__(self, w: Param, b: Param, prec: Precision = FP32):
+        self.w, self.b, self.prec = w, b, prec
 
     def forward(self, x):
-        return L.layernorm_forward(x, self.w.value, self.b.value)
+        out, (xhat, rstd) = L.layernorm_forward(x, self.w.value, self.b.value)
+        return out, (self.prec.keep(xhat), rstd)
 
     def backward(self, dout, cache, accumulate: bool):
-        return L.layernorm_backward(dout, cache, self.w.value, self.w.grad, self.b.grad, accumulate)
+        xhat, rstd = cache
+        return L.layernorm_backward(dout, (self.prec.use(xhat, dout.dtype), rstd), self.w.value, self.w.grad,
+                                    self.b.grad, accumulate)
 
 
 class Embedding:
@@ -55,18 +61,19 @@ class Block:
     row-parallel projection; MLP: column-parallel fc, GELU, row-parallel projection. Dropout (site layer + 1) on the
     attention probabilities and on each branch before its residual add. The residual stream x is updated in place."""
 
-    def __init__(self, p: dict[str, Param], layer: int, n_head: int, tp: Comm, dropout: float):
-        self.layer, self.dropout = layer, dropout
+    def __init__(self, p: dict[str, Param], layer: int, n_head: int, tp: Comm, dropout: float,
+                 prec: Precision = FP32):
+        self.layer, self.dropout, self.prec = layer, dropout, prec
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
         b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias",
                                               "mlp.c_fc.bias", "mlp.c_proj.bias")}  # none with model.bias = false
-        self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"])
-        self.qkv = TP.ColumnParallelLinear(p["attn.c_attn.weight"], b["attn.c_attn.bias"], tp)
-        self.attn_proj = TP.RowParallelLinear(p["attn.c_proj.weight"], b["attn.c_proj.bias"], tp)
-        self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"])
-        self.fc = TP.ColumnParallelLinear(p["mlp.c_fc.weight"], b["mlp.c_fc.bias"], tp)
-        self.mlp_proj = TP.RowParallelLinear(p["mlp.c_proj.weight"], b["mlp.c_proj.bias"], tp)
+        self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"], prec)
+        self.qkv = TP.ColumnParallelLinear(p["attn.c_attn.weight"], b["attn.c_attn.bias"], tp, prec)
+        self.attn_proj = TP.RowParallelLinear(p["attn.c_proj.weight"], b["attn.c_proj.bias"], tp, prec)
+        self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"], prec)
+        self.fc = TP.ColumnParallelLinear(p["mlp.c_fc.weight"], b["mlp.c_fc.bias"], tp, prec)
+        self.mlp_proj = TP.RowParallelLinear(p["mlp.c_proj.weight"], b["mlp.c_proj.bias"], tp, prec)
 
     def forward(self, x, rng=None, kv=None, pos0: int = 0):
         """x (B, T, C) -> (x, cache). kv: decoding, this layer's KV cache (2, B, H, block_size, hd), extended at
@@ -77,7 +84,7 @@ class Block:
         qkv, c_qkv = self.qkv.forward(h1)
         if kv is None:
             heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, L.DropoutRNG) else rng
-            y, att = L.attention_forward(qkv, self.heads, drop, heads_rng)
+            y, att = L.attention_forward(qkv, self.heads, drop, heads_rng, self.prec)
         else:
             y, att = L.cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
@@ -90,23 +97,25 @@ class Block:
         f, c_fc = self.fc.forward(h2)
         g, gt = L.gelu_forward(f)
         m, c_mproj = self.mlp_proj.forward(g)
+        del g
         m_mask = None
         if drop > 0:
             m, m_mask = L.dropout_forward(m, drop, rng)
         x += m
-        return x, (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask)
+        keep = self.prec.keep
+        return x, (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), keep(gt), c_mproj, m_mask)
 
     def backward(self, dx, cache, accumulate: bool):
         """dx: the gradient of the block's output (updated in place into that of its input, and returned)."""
         ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask = cache
         dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
         dg = self.mlp_proj.backward(dm, c_mproj, accumulate)
-        df = L.gelu_backward(dg, f, gt)
+        df = L.gelu_backward(dg, self.prec.use(f, dg.dtype), self.prec.use(gt, dg.dtype))  # consumes gt
         dh2 = self.fc.backward(df, c_fc, accumulate)
         dx += self.ln_2.backward(dh2, ln2, accumulate)
         da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
         dy = self.attn_proj.backward(da, c_aproj, accumulate)
-        dqkv = L.attention_backward(dy, att, self.heads)
+        dqkv = L.attention_backward(dy, att, self.heads, self.prec)
         dh1 = self.qkv.backward(dqkv, c_qkv, accumulate)
         dx += self.ln_1.backward(dh1, ln1, accumulate)
         return dx
@@ -116,25 +125,29 @@ class Head:
     """Final LayerNorm, the tied LM head (logits = x wte^T on this rank's vocabulary slice: a column-parallel layer
     whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy."""
 
-    def __init__(self, ln_w: Param, ln_b: Param, wte: Param, v0: int, vocab_size: int, tp: Comm):
-        self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = LayerNorm(ln_w, ln_b), wte, v0, vocab_size, tp
+    def __init__(self, ln_w: Param, ln_b: Param, wte: Param, v0: int, vocab_size: int, tp: Comm,
+                 prec: Precision = FP32):
+        self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = LayerNorm(ln_w, ln_b, prec), wte, v0, vocab_size, tp
+        self.prec = prec
 
     def forward(self, x, targets=None):
-        """-> (mean loss, cache), or without targets (logits (B, T, vocab), None)."""
+        """-> (mean loss, cache), or without targets (logits (B, T, vocab), None). The cross-entropy in the compute
+        dtype (fp32), from logits whose matmul took operands in the precision's format."""
         B, T, C = x.shape
         xf, lnf = self.ln_f.forward(x)
-        xf2 = TP.copy_to_tp_region(xf.reshape(B * T, C), self.tp)
+        xf2 = self.prec.operand(TP.copy_to_tp_region(xf.reshape(B * T, C), self.tp))
         logits = xf2 @ self.wte.value.T
         if targets is None:
             logits = TP.gather_from_tp_region(logits, self.tp)
             return logits.reshape(B, T, -1)[:, :, :self.vocab_size], None
         loss, ce = TP.vocab_parallel_cross_entropy_forward(logits, targets.reshape(-1), self.vocab_size, self.v0,
                                                             self.tp)
-        return loss, (lnf, xf2, ce, x.shape)
+        return loss, (lnf, self.prec.keep(xf2), ce, x.shape)
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
         lnf, xf2, ce, shape = cache
-        dlogits = TP.vocab_parallel_cross_entropy_backward(ce, loss_scale)
+        dlogits = self.prec.operand(TP.vocab_parallel_cross_entropy_backward(ce, loss_scale))
+        xf2 = self.prec.use(xf2, dlogits.dtype)
         L._matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)  # tied: wte's gradient gets the head's share
         dx = TP.copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
         del dlogits, ce

@@ -16,6 +16,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.model import layers as L
+from hpc_llm.model.precision import FP32, Precision
 from hpc_llm.parallel.comm import Comm
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -61,17 +62,19 @@ def gather_from_tp_region(x, comm: Comm):
 class ColumnParallelLinear:
     """y = f(x) @ w + b with this rank's columns of w and b (Megatron's ColumnParallelLinear). f =
     copy_to_tp_region: every rank uses the whole input, so its gradient is summed over the group in backward. The
-    output stays split over the group (this rank's heads, or its slice of the MLP's hidden units)."""
+    output stays split over the group (this rank's heads, or its slice of the MLP's hidden units). prec: the
+    operands' format (the input is kept in it); products accumulate in the compute dtype."""
 
-    def __init__(self, w: L.Param, b: L.Param, comm: Comm):
-        self.w, self.b, self.comm = w, b, comm
+    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32):
+        self.w, self.b, self.comm, self.prec = w, b, comm, prec
 
     def forward(self, x):
-        """-> (y, cache): the cache is the input."""
-        x = copy_to_tp_region(x, self.comm)
-        return L.linear_forward(x, self.w.value, self.b.value), x
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format)."""
+        x = self.prec.keep(copy_to_tp_region(x, self.comm))
+        return L.linear_forward(self.prec.use(x, self.w.value.dtype), self.w.value, self.b.value), x
 
     def backward(self, dy, x, accumulate: bool):
+        dy, x = self.prec.operand(dy), self.prec.use(x, dy.dtype)
         dx = L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
         return copy_to_tp_region_backward(dx, self.comm)
 
@@ -79,21 +82,23 @@ class ColumnParallelLinear:
 class RowParallelLinear:
     """y = g(x @ w) + b with this rank's rows of w and an input split the same way (Megatron's RowParallelLinear).
     g = reduce_from_tp_region sums the partial products (its backward is the identity); the bias, replicated, is
-    added once, after the sum."""
+    added once, after the sum. prec as ColumnParallelLinear's."""
 
-    def __init__(self, w: L.Param, b: L.Param, comm: Comm):
-        self.w, self.b, self.comm = w, b, comm
+    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32):
+        self.w, self.b, self.comm, self.prec = w, b, comm, prec
 
     def forward(self, x):
-        """-> (y, cache): the cache is the input."""
-        y = reduce_from_tp_region(L.linear_forward(x, self.w.value, None), self.comm)
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format)."""
+        x = self.prec.keep(x)
+        y = reduce_from_tp_region(L.linear_forward(self.prec.use(x, self.w.value.dtype), self.w.value, None),
+                                  self.comm)
         if self.b.value is not None:
             y += self.b.value
         return y, x
 
     def backward(self, dy, x, accumulate: bool):
-        dy = reduce_from_tp_region_backward(dy, self.comm)
-        return L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+        dy = self.prec.operand(reduce_from_tp_region_backward(dy, self.comm))
+        return L.linear_backward(dy, self.prec.use(x, dy.dtype), self.w.value, self.w.grad, self.b.grad, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""Mixed precision (`train.precision`): the format of matmul operands and of the activations kept for backward.
+
+    fp32   everything in the model's dtype (float32, or float64 for checks); nothing is rounded or copied.
+    bf16   bfloat16 (8 exponent bits, 8 significant: unit roundoff u = 2^-8), through the ml_dtypes package.
+    fp16   IEEE half (5 exponent bits, 11 significant: u = 2^-11; overflow above 65504: needs loss scaling).
+
+With bf16/fp16 every matmul takes operands rounded to the format and accumulates their products in fp32: what a GPU
+tensor core does (cuBLAS with bf16/fp16 inputs and CUBLAS_COMPUTE_32F). On NumPy that arithmetic is exactly an fp32
+GEMM of the rounded operands, so it runs at fp32 speed. LayerNorm statistics, softmax, GELU, the cross-entropy, the
+residual stream and every gradient buffer stay fp32; the activations kept for backward are stored in the format (half
+the bytes). The weights' compute copy (GPT.compute) holds the master weights rounded to the format, refreshed after
+each optimizer step; the fp32 master weights and Adam moments are the optimizer's, and the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpc_llm.errors import UserError
+
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+
+
+def low_dtype(name: str):
+    """The NumPy dtype of a precision's format (None for fp32)."""
+    if name == "fp32":
+        return None
+    if name == "fp16":
+        return np.dtype(np.float16)
+    if name == "bf16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UserError('train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])') from None
+        return np.dtype(ml_dtypes.bfloat16)
+    raise UserError(f'train.precision: expected "fp32", "bf16" or "fp16", got {name!r}')
+
+
+class Precision:
+    def __init__(self, name: str = "fp32"):
+        self.name = name
+        self.low = low_dtype(name)
+        self.u = UNIT_ROUNDOFF[name]
+
+    def operand(self, x):
+        """x rounded to the format, in x's own dtype: a matmul operand."""
+        return x if self.low is None else x.astype(self.low).astype(x.dtype)
+
+    def keep(self, x):
+        """An activation kept for backward: stored in the format (its rounded value, in half the bytes)."""
+        return x if self.low is None else x.astype(self.low)
+
+    def use(self, kept, dtype):
+        """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""
+        return kept if self.low is None else kept.astype(dtype)
+
+
+FP32 = Precision("fp32")
