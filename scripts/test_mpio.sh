@@ -16,7 +16,7 @@
 # warm machine.
 #
 # Usage: scripts/test_mpio.sh [--full] [PYTEST_ARGS...]
-#   --full       also run tests/test_parallel.py, test_tensor_parallel.py and test_resume_layouts.py at 2 and 4
+#   --full       also run tests/test_parallel.py, test_tensor_parallel.py, test_resume_layouts.py, test_pipeline.py at 2, 4
 #                ranks in this environment (checkpoint.writer=auto picks mpio there; about 30 s more on 2 cores)
 #   PYTEST_ARGS  go to every pytest run, e.g. -k collective
 # Environment: MPIO_NPS (default "1 2 4"), MPIO_TIMEOUT (seconds per mpiexec run, default 300).
@@ -30,7 +30,7 @@ PACKAGES=(python3-h5py-mpi python3-mpi4py openmpi-bin python3-numpy python3-venv
           libopenblas0-pthread)  # without an optimised BLAS numpy uses the reference one: slow, and its float32
                                  # dot sums sequentially (tests/test_parallel.py's 1e-5 grad-norm tolerance fails)
 TEST_FILES=(tests/test_checkpoint_mpio.py)
-FULL_FILES=(tests/test_parallel.py tests/test_tensor_parallel.py tests/test_resume_layouts.py)
+FULL_FILES=(tests/test_parallel.py tests/test_tensor_parallel.py tests/test_resume_layouts.py tests/test_pipeline.py)
 NPS=${MPIO_NPS:-1 2 4}
 TIMEOUT=${MPIO_TIMEOUT:-300}
 full=0
