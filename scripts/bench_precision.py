@@ -76,6 +76,7 @@ def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int 
 PRESETS = {
     "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, vocab_size=50304),
+    "gpt2-small-b4": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4, vocab_size=50304),
 }
 SETTINGS = {"fp32": ("fp32", "none"), "fp32+recompute": ("fp32", "block"), "bf16": ("bf16", "none"),
             "fp16": ("fp16", "none"), "bf16+recompute": ("bf16", "block")}

@@ -107,6 +107,7 @@ def reference_greedy(model: GPT, prompt: np.ndarray, max_new_tokens: int) -> np.
     (SHAPES[1], 5, 40),  # block 16: the window restarts from 8 tokens, several times
     (SHAPES[2], 13, 12),  # prompt longer than block_size 10: only its last 10 tokens are context
     (SHAPES[3], 1, 6),  # never reaches block_size
+    ((1, 1, 8, 11, 17), 3, 30),  # an odd block_size: the restart keeps 11 // 2 = 5 tokens (not 6)
 ])
 def test_greedy_equals_full_forward_argmax(shape, prompt_len, max_new):
     model = random_model(shape, "float64", seed=3, pos_scale=6.0)

@@ -299,6 +299,22 @@ def test_model_gradient(seed, dropout):
     assert np.all(grads["wte.weight"][cfg.vocab_size:] == 0), "padded vocabulary rows: non-zero gradient"
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_is_inverted_dropout(p):
+    """The finite-difference checks hold for any fixed mask; this checks the mask's meaning: a fraction p of the
+    entries dropped, the kept ones scaled by exactly 1/(1-p), so the expectation is the input's. 512 x 512 draws: the
+    kept fraction within 5 standard errors sqrt(p(1-p)/n) of 1 - p, and the mean of the output within 5 of its
+    standard error sqrt(p/(1-p)/n) of 1."""
+    n = 512 * 512
+    out, mask = L.dropout_forward(np.ones((512, 512)), p, np.random.default_rng(0))
+    kept = mask != 0
+    assert np.all(mask[kept] == 1.0 / (1.0 - p)) and np.array_equal(out, mask)
+    assert abs(kept.mean() - (1 - p)) <= 5 * np.sqrt(p * (1 - p) / n)
+    assert abs(out.mean() - 1.0) <= 5 * np.sqrt(p / (1 - p) / n)
+    d = L.dropout_backward(np.full((512, 512), 2.0), mask)
+    assert np.array_equal(d, 2.0 * mask)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_model_gradient_without_biases(seed):
     """model.bias = false (nanoGPT's shakespeare setting): no bias in any linear layer or LayerNorm, and the gradient

@@ -371,3 +371,27 @@ def test_trainer_zero1_dp2_matches_reference(data_dir, shared_tmp_path):
           f"decayed tensors")  # on every rank before the collectives below
     bad = trainer_vs_reference(tr, gathered_gradient)
     check(not bad, "\n".join(bad))
+
+
+class _RankComm:
+    """What GradientSync asks of its group: size and rank (ownership is computed, nothing communicated)."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+@pytest.mark.parametrize("n, dp, bucket", [(2621, 2, 2621), (1000, 3, 77), (10, 4, 3), (7919, 4, 1000)])
+def test_zero1_shards_tile_the_buffer(n, dp, bucket):
+    """ZeRO-1's owned pieces: over the dp ranks they tile [0, n) exactly (no overlap, no gap), and rank r's piece of
+    every bucket is counts[r] long, also where the bucket does not divide evenly (an odd float32 bucket, dp 3)."""
+    from hpc_llm.parallel.data_parallel import GradientSync
+
+    grads = np.zeros(n)
+    syncs = [GradientSync(grads, _RankComm(r, dp), bucket, zero=True) for r in range(dp)]
+    pieces = sorted(p for s in syncs for p in s.owned)
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), pieces
+    for r, s in enumerate(syncs):
+        lengths = sorted(b - a for a, b in s.owned)
+        assert lengths == sorted(c[r] for c in s.counts if c[r] > 0)
+        assert sum(lengths) == sum(c[r] for c in s.counts)

@@ -323,14 +323,15 @@ def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Pr
     xp = array_module(qkv)
     qkvh = split_heads(qkv, n_head)
     qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
-    qkvh = prec.operand(qkvh)
+    prec.round_(qkvh)  # split_heads made it: ours
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     yh = xp.empty_like(q)
     atts, masks = [], []
     for q0, q1 in query_blocks(q.shape[2]):
         att = causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2))
+        prec.round_(att)  # an operand below, and kept so
         used, mask = (att, None) if dropout == 0.0 else dropout_forward(att, dropout, rng)
-        xp.matmul(prec.operand(used), v[:, :, :q1], out=yh[:, :, q0:q1])
+        xp.matmul(prec.round_(used), v[:, :, :q1], out=yh[:, :, q0:q1])
         atts.append(prec.keep(att))
         masks.append(mask)
     return xp.ascontiguousarray(merge_heads(yh)), (prec.keep(qkvh), atts, masks)
@@ -356,15 +357,15 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
-    dyh = prec.operand(xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)))
+    dyh = prec.round_(xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)))
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
         first = first == 0  # the first block sees every key: it writes dk and dv whole, later blocks add
         att = prec.use(att, dy.dtype)
-        used = att if mask is None else att * mask
+        used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
-        _matmul_into(prec.operand(used).transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
+        _matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
         if mask is not None:
             datt *= mask
@@ -372,7 +373,7 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
         rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
         datt -= rowdot
         datt *= att
-        datt = prec.operand(datt)
+        prec.round_(datt)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
         _matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right

@@ -146,7 +146,7 @@ class Head:
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
         lnf, xf2, ce, shape = cache
-        dlogits = self.prec.operand(TP.vocab_parallel_cross_entropy_backward(ce, loss_scale))
+        dlogits = self.prec.round_(TP.vocab_parallel_cross_entropy_backward(ce, loss_scale))
         xf2 = self.prec.use(xf2, dlogits.dtype)
         L._matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)  # tied: wte's gradient gets the head's share
         dx = TP.copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)

@@ -46,6 +46,15 @@ class Precision:
         """x rounded to the format, in x's own dtype: a matmul operand."""
         return x if self.low is None else x.astype(self.low).astype(x.dtype)
 
+    def round_(self, x):
+        """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
+        size of x (the largest operands, the probabilities and dlogits, are the largest arrays of a step)."""
+        if self.low is not None:
+            flat = x.reshape(-1)
+            for a in range(0, flat.size, 1 << 18):
+                flat[a:a + (1 << 18)] = flat[a:a + (1 << 18)].astype(self.low)
+        return x
+
     def keep(self, x):
         """An activation kept for backward: stored in the format (its rounded value, in half the bytes)."""
         return x if self.low is None else x.astype(self.low)
