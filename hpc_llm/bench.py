@@ -1,4 +1,5 @@
-"""Small measurements shared by the trainer's log (the MFU denominator) and the benchmark scripts."""
+"""Small measurements shared by the trainer's log (the MFU denominator) and the benchmark scripts, and the machine
+figures `hpc-llm bench calibrate` writes for the planner."""
 
 from __future__ import annotations
 
@@ -27,3 +28,176 @@ def matmul_peak_flops(xp=np, dtype=np.float32, n: int = 2048, repeats: int = 3) 
         synchronize(xp)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
+
+
+# -- `hpc-llm bench calibrate`: this machine's figures for the planner (hpc_llm/plan/cluster.py) -------------------
+
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls after a warm-up: on a shared machine the slower ones measure the
+    neighbours, not the machine."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(min(times))
+
+
+GEMM_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def gemm_rates(dtype, other: int = 768, repeats: int = 9) -> dict:
+    """{min dimension: FLOP/s}: for each class d, the mean rate of (other x d) @ (d x other), (d x other) @
+    (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for d in GEMM_CLASSES * 2:  # twice round, the better of the two: a burst of load hits one class, not all
+        rates = []
+        for m, k, n in ((other, d, other), (d, other, other), (other, other, d)):
+            a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+            o = np.empty((m, n), dtype)
+            rates.append(2.0 * m * n * k / _best_time(lambda: np.matmul(a, b, out=o), repeats))
+        out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
+    return out
+
+
+ROW = 256  # elements per row of the pass mix: a layer's rows are n_embd (or a score row) long
+PASS_MIX_ACCESSES = 10  # element reads + writes of _pass_mix per element of x
+
+
+def _pass_mix(x, w) -> None:
+    """The passes this code's layers are made of (LayerNorm's, softmax's): a reduction along the last axis, a
+    broadcast subtract, a multiply by a row vector, an in-place add. 10 accesses per element; they run 3-4x slower
+    per byte than a plain `a += b`, which would overstate the bandwidth the model sees."""
+    m = x.mean(axis=-1, keepdims=True)  # 1
+    y = x - m  # 2
+    y *= w  # 2... as y = y * w in place: read y, w (cached), write y
+    y += x  # 3
+    x -= y  # ...and back, so x stays bounded: 2 more (read y, read/write x counted as 2)
+
+
+def elementwise_figures() -> dict:
+    """Per-call costs, exp and scatter rates, and elementwise bandwidth (bytes read + written per second of the
+    pass mix above) by array size."""
+    small = np.ones(16, np.float32)
+    a4, b4 = np.ones((4, 4), np.float32), np.ones((4, 4), np.float32)
+    calls = 2000
+    call_s = _best_time(lambda: [small.__imul__(1.0) for _ in range(calls)], 5) / calls
+    gemm_call_s = _best_time(lambda: [a4 @ b4 for _ in range(calls)], 5) / calls
+    x, y = np.zeros(1 << 16, np.float32), np.empty(1 << 16, np.float32)
+    trans = x.size / _best_time(lambda: np.exp(x, out=y), 21)
+    rows = np.random.default_rng(0).integers(0, 1000, 4096)
+    table, d = np.zeros((1000, 128), np.float32), np.ones((4096, 128), np.float32)
+    scatter = d.size / _best_time(lambda: np.add.at(table, rows, d), 5)
+    bw = {}
+    for nbytes in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26):
+        x = np.ones((nbytes // 4 // ROW, ROW), np.float32)
+        w = np.ones(ROW, np.float32)
+        bw[str(nbytes)] = PASS_MIX_ACCESSES * nbytes / _best_time(lambda: _pass_mix(x, w), 9 if nbytes < 1 << 24 else 5)
+    return {"call_s": call_s, "gemm_call_s": gemm_call_s, "transcendental_rate": trans, "scatter_rate": scatter,
+            "elementwise_bw": bw}
+
+
+def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
+    """One file of nbytes written and fsynced, as a checkpoint write ends."""
+    import os
+    import tempfile
+
+    data = np.ones(nbytes // 8)
+    with tempfile.NamedTemporaryFile(dir=directory) as f:
+        t0 = time.perf_counter()
+        f.write(data.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        return nbytes / (time.perf_counter() - t0)
+
+
+def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
+    """Between the ranks of `comm` (all on this node): ping-pong latency (half a round trip of 8 bytes, ranks 0 and
+    1), allreduce bandwidth from the ring formula, the nonblocking allreduce's, and how much of a nonblocking
+    allreduce proceeds while the rank computes (testing it between matmuls, as the trainer does between blocks)."""
+    n = comm.size
+    small = np.zeros(1, np.float64)
+    iters = 200
+
+    def pingpong():
+        for i in range(iters):
+            if comm.rank == 0:
+                comm.isend(small, 1, i, "calib").wait()
+                comm.irecv(small, 1, i, "calib").wait()
+            elif comm.rank == 1:
+                comm.irecv(small, 0, i, "calib").wait()
+                comm.isend(small, 0, i, "calib").wait()
+
+    comm.barrier()
+    latency = _best_time(pingpong, 5) / (2 * iters)
+    buf = np.ones(nbytes // 4, np.float32)
+
+    def timed(fn):
+        comm.barrier()
+        return _best_time(fn, repeats)
+
+    t_ar = timed(lambda: comm.allreduce_(buf))
+    t_nb = timed(lambda: comm.iallreduce_(buf).wait())
+    ring = 2 * (n - 1) / n
+    bw = ring * nbytes / max(t_ar - 2 * (n - 1) * latency, 1e-9)
+    nb_bw = ring * nbytes / max(t_nb - 2 * (n - 1) * latency, 1e-9)
+    a = np.ones((256, 256), np.float32)
+    comp = timed(lambda: [a @ a for _ in range(40)])
+
+    def overlapped():
+        h = comm.iallreduce_(buf)
+        for i in range(40):
+            a @ a
+            if i % 4 == 0:
+                h.test()
+        h.wait()
+
+    both = timed(overlapped)
+    overlap = min(1.0, max(0.0, (comp + t_nb - both) / t_nb))
+    return {"latency_s": latency, "bw": bw, "nb_bw": nb_bw, "overlap": overlap}
+
+
+def calibrate(out_dir=".") -> tuple[dict, str]:
+    """This machine's cluster figures, measured on every rank at once (so each device's figures are those of a
+    busy node); the medians over ranks. Links only under mpiexec with >= 2 ranks. -> (cluster dict, notes)."""
+    import os
+    import platform
+
+    from hpc_llm.parallel.comm import world_comm
+
+    import hpc_llm.train  # noqa: F401  (the libraries a training rank has loaded: its baseline memory)
+
+    comm = world_comm()
+    rss = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    comm.barrier()
+    fig = {"gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)}, **elementwise_figures()}
+    every = comm.allgather_objects(fig)
+
+    def med(get):
+        return float(np.median([get(f) for f in every]))
+
+    compute = {k: med(lambda f, k=k: f[k]) for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate")}
+    compute["elementwise_bw"] = {s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]}
+    compute["gemm"] = {dt: {d: med(lambda f, dt=dt, d=d: f["gemm"][dt][d]) for d in fig["gemm"][dt]}
+                       for dt in fig["gemm"]}
+    devices = os.cpu_count() or 1
+    with open("/proc/meminfo") as f:
+        mem_total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    write_bw = write_bandwidth(out_dir) if comm.rank == 0 else 0.0
+    d = {"name": f"this machine ({platform.node()}, {devices} cores), measured by hpc-llm bench calibrate",
+         "node": {"devices": devices, "memory_bytes": mem_total // devices, "runtime_bytes": rss},
+         "compute": compute, "storage": {"write_bw": write_bw}}
+    notes = (f"measured on {comm.size} rank(s) at once; one device = one core running one rank "
+             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    if comm.size >= 2:
+        d["link"] = {"intra": link_figures(comm)}
+    else:
+        notes += "; no link figures: run under `mpiexec -n 2` to measure them"
+    d["sources"] = {"all": notes, "runtime_bytes": "VmRSS of the calibrating rank after importing hpc_llm"}
+    return d, notes

@@ -1,4 +1,5 @@
-"""`hpc-llm prepare | train | generate | inspect | import-gpt2 | bench comm` (also `python -m hpc_llm`).
+"""`hpc-llm prepare | train | generate | inspect | import-gpt2 | plan | bench comm | bench calibrate` (also
+`python -m hpc_llm`).
 
 Exit status: 0 done; 2 a user error (UserError: one line, `hpc-llm: error: ...`); 75 `train` stopped by SIGUSR1 or
 SIGTERM after writing a checkpoint (resume with `--resume auto`); anything else is a bug and keeps its traceback.
@@ -82,6 +83,77 @@ def _bench_comm(args) -> None:
     run_from_args(args)
 
 
+def _bench_calibrate(args) -> None:
+    from pathlib import Path
+
+    from hpc_llm.bench import calibrate
+    from hpc_llm.plan.cluster import cluster_from_dict, to_toml
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    fig, notes = calibrate(out.parent)
+    if _world_rank() == 0:
+        cluster_from_dict(fig, str(out))  # what we write must load
+        out.write_text(to_toml(fig, "written by `hpc-llm bench calibrate`: " + notes))
+        print(f"wrote {out} ({notes})")
+
+
+def _plan(args) -> None:
+    import json as _json
+
+    from hpc_llm.plan import search as S
+    from hpc_llm.plan.cluster import load_cluster
+
+    cl = load_cluster(args.cluster)
+    if args.compare:
+        from hpc_llm.plan.compare import compare, format_compare
+
+        r = compare(args.compare, cl, args.gpus, args.ranks_per_device)
+        pred = r.pop("_prediction")
+        print(_json.dumps(r, indent=2) if args.json else format_compare(r))
+    else:
+        if not args.config or args.gpus is None:
+            raise UserError("plan: give CONFIG and --gpus N (or --compare RUN_DIR)")
+        cfg = _plan_config(args)
+        batch = args.global_batch or cfg.train.batch_size * cfg.train.grad_accum
+        recomputes = ("none", "block")
+        precisions = [args.precision] if args.precision else (["fp32", "bf16"] if cfg.model.dtype == "float32"
+                                                              else None)
+        preds, bad = S.search(cfg.model, cl, args.gpus, batch, precisions, args.ranks_per_device,
+                              cfg.checkpoint.interval, cfg.train.max_iters, recomputes, cfg.parallel.bucket_mb,
+                              args.max_micro, not args.no_checkpoint_memory)
+        pred = preds[0]
+        if args.json:
+            print(_json.dumps({"feasible": [p.as_dict() for p in preds],
+                               "infeasible": [{"layout": S.asdict(lay), "reason": r} for lay, r in bad]}, indent=1))
+        else:
+            print(f"{cfg.model.n_layer} layers x {cfg.model.n_embd} dim, T {cfg.model.block_size}, global batch "
+                  f"{batch} sequences, {args.gpus} devices of {cl.name}")
+            print(S.format_table(preds, bad, args.top))
+    if args.timeline:
+        from hpc_llm.plan.timeline import draw
+
+        draw(pred, args.timeline, S.describe(pred.layout) if not args.compare else "run layout")
+        if not args.json:
+            print(f"timeline: {args.timeline}")
+
+
+def _plan_config(args):
+    from hpc_llm.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if cfg.model.vocab_size == 0:
+        from hpc_llm.data import TokenData
+
+        try:
+            cfg.model.vocab_size = TokenData(cfg.data.path).vocab_size
+        except UserError:
+            raise UserError(f"model.vocab_size is 0 (from the data) and {cfg.data.path} is not prepared: set "
+                            "model.vocab_size") from None
+    return cfg
+
+
 def _world_rank() -> int:
     """This process's rank under mpiexec/srun (from the launcher's environment, before MPI is initialised)."""
     for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
@@ -131,13 +203,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="checkpoint file to write (.h5)")
     s.set_defaults(func=_import_gpt2)
 
-    s = sub.add_parser("bench", help="benchmarks (run under mpiexec): comm")
+    s = sub.add_parser("plan", help="predict memory and speed of every layout on a cluster (docs/planning.md)")
+    s.add_argument("config", nargs="?", help="TOML config file (the model, batch and checkpoint interval)")
+    s.add_argument("--cluster", required=True, help="cluster figures (inputs/clusters/*.toml)")
+    s.add_argument("--gpus", type=int, help="devices (ranks) to plan for")
+    s.add_argument("--global-batch", type=int, help="sequences per step (default: batch_size x grad_accum)")
+    s.add_argument("--precision", choices=("fp32", "fp64", "bf16", "fp16", "bf16-tc"),
+                   help="default: train.precision (fp32 and bf16 searched); bf16-tc: bf16 with tensor-core GEMMs "
+                   "(not in the code yet)")
+    s.add_argument("--ranks-per-device", type=float, default=1.0,
+                   help="ranks sharing one device (oversubscribed: compute slows by this factor)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    s.add_argument("--max-micro", type=int, default=4096, help="the most micro-batches per step searched")
+    s.add_argument("--no-checkpoint-memory", action="store_true",
+                   help="plan training alone: leave the save's assembled full tensors out of the memory limit")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--top", type=int, default=20, help="feasible layouts shown (and infeasible reasons)")
+    s.add_argument("--timeline", metavar="PNG", help="draw the best layout's pipeline schedule")
+    s.add_argument("--compare", metavar="RUN_DIR", help="a finished run: its measured step beside the prediction")
+    s.set_defaults(func=_plan)
+
+    s = sub.add_parser("bench", help="benchmarks (run under mpiexec): comm, calibrate")
     bench = s.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("comm", help="collectives through our Comm wrappers: time, algbw, busbw, vs plain mpi4py")
     from hpc_llm.bench_comm import add_arguments as add_bench_comm_arguments
 
     add_bench_comm_arguments(b)
     b.set_defaults(func=_bench_comm)
+    b = bench.add_parser("calibrate", help="measure this machine's figures for `hpc-llm plan` (run under "
+                         "`mpiexec -n 2` to measure the links too)")
+    b.add_argument("--out", default="inputs/clusters/this_machine.toml", help="cluster file to write")
+    b.set_defaults(func=_bench_calibrate)
     return p
 
 

@@ -435,6 +435,19 @@ class Trainer:
                 comm.irecv(out[name], stage, tag, "gather_stage").wait()
         return out
 
+    def predicted_memory(self):
+        """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py): parameters,
+        gradients, optimizer state, the step's activations at their peak, ..."""
+        from hpc_llm.plan.memory import Layout, rank_memory
+        from hpc_llm.plan.search import PRECISIONS
+
+        cfg, par, t = self.cfg, self.cfg.parallel, self.cfg.train
+        lay = Layout(par.pp, self.grid.dp, par.tp, par.zero, par.schedule, par.virtual_stages, t.grad_accum,
+                     t.batch_size, par.bucket_mb, t.recompute)
+        precision = "fp64" if cfg.model.dtype == "float64" else t.precision
+        return rank_memory(cfg.model, lay, self.grid.pp_rank, PRECISIONS[precision][1], self.grid.dp_rank,
+                           par.pp_layers, self.opt.threads, writer=self.writer)
+
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         m = self.model
@@ -451,6 +464,12 @@ class Trainer:
             log.info("pipeline: %d stages x %d virtual, schedule %s, %d micro-batches; layers per (virtual) stage "
                      "%s (stage s holds virtual stages s, s + %d, ...)", self.plan.pp, self.plan.virtual,
                      cfg.parallel.schedule, t.grad_accum, stages, self.plan.pp)
+        mem, first_step = self.predicted_memory(), True
+        mib = 2 ** -20
+        log.info("memory of this rank, predicted from the shapes: parameters %.1f MiB, gradients %.1f, optimizer "
+                 "state %.1f, activations %.1f at the step's peak (%.1f MiB with compute copy and workspaces)",
+                 mib * mem.params, mib * mem.grads, mib * (mem.moments + mem.optimizer_temps),
+                 mib * mem.activations, mib * mem.step_peak)
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
         ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step
@@ -471,6 +490,10 @@ class Trainer:
                 loss, norm, lr = self.train_step()
                 dt = time.perf_counter() - t0
                 comm = ledger.summary()
+                if first_step:  # this run's first step: the measured peak beside the prediction
+                    first_step = False
+                    log.info("memory of this rank after the first step: peak RSS %.1f MiB (predicted step peak %.1f "
+                             "MiB, plus the interpreter and libraries)", peak_rss_bytes() * mib, mib * mem.step_peak)
                 window_t += dt
                 window_steps += 1
                 row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
@@ -519,6 +542,13 @@ class Trainer:
         metrics_file.write(json.dumps({"kind": "eval", **row}) + "\n")
         metrics_file.flush()
         return row
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:

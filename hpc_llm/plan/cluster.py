@@ -1,0 +1,257 @@
+"""A machine described by a few figures (a CLUSTER.toml), and the cost of each kind of work on it.
+
+The figures are what the time model needs and nothing else, each per device (a GPU, or a CPU core running one rank)
+while every device of the node is busy, since that is how training runs:
+
+    [node]     devices (per node), memory_bytes (per device), runtime_bytes (per rank: interpreter, libraries)
+    [compute]  gemm_call_s (fixed cost of one matmul call), call_s (of one elementwise NumPy/CuPy call),
+               transcendental_rate (exp/tanh elements/s), scatter_rate (np.add.at elements/s),
+               elementwise_bw = {array bytes = B/s} (bytes read + written by one pass, by the array's size: a pass
+               over an array that stays in cache runs faster than one that streams from memory)
+    [compute.gemm.<dtype>]  {min dimension = FLOP/s}: matmul throughput by shape class, the class being the smallest
+               of (m, n, k) (a thin matmul runs below the machine's peak); interpolated in log(dimension)
+    [link.intra], [link.inter]  latency_s, bw (B/s per device), optional nb_bw (a nonblocking collective's
+               bandwidth; default bw) and overlap (the fraction of a nonblocking collective that can proceed while
+               the device computes: 0 where the CPU itself moves the bytes, 1 with a DMA engine; default 1)
+               optional backend = "numpy" (default) | "cupy": NumPy runs a stacked matmul as one BLAS call per matrix
+               and GELU's passes by L2-sized chunks; CuPy makes one batched cuBLAS call and one pass per array
+    [storage]  write_bw (B/s of one checkpoint writer, fsync included)
+    [sources]  free text per figure: where each number comes from
+
+Collective algorithms (docs/planning.md), S the bytes of the whole buffer, n ranks, latency a, bandwidth b:
+    ring allreduce          2 (n-1)/n S/b + 2 (n-1) a
+    tree allreduce          2 ceil(log2 n) (a + S/b)        (binomial reduce + broadcast: small messages)
+    allreduce               the cheaper of the two (what MPI and NCCL choose by size)
+    reduce-scatter, allgather (ring)   (n-1)/n S/b + (n-1) a
+    point to point          a + S/b
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpc_llm.errors import UserError
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float
+    bw: float
+    nb_bw: float
+    overlap: float = 1.0
+
+
+@dataclass
+class Cluster:
+    name: str
+    devices: int
+    memory_bytes: float
+    runtime_bytes: float
+    gemm: dict  # dtype -> sorted [(min dimension, FLOP/s)]
+    gemm_call_s: float
+    call_s: float
+    transcendental_rate: float
+    scatter_rate: float
+    elementwise_bw: list  # sorted [(array bytes, B/s)]
+    links: dict  # "intra" | "inter" -> Link (inter may be missing: a one-node machine)
+    write_bw: float
+    backend: str = "numpy"
+    path: str = ""
+    sources: dict = field(default_factory=dict)
+
+    # -- compute -------------------------------------------------------------------------------------------------
+
+    def gemm_rate(self, dtype: str, m: int, n: int, k: int) -> float:
+        if dtype not in self.gemm:
+            raise UserError(f"cluster {self.path or self.name}: missing figure compute.gemm.{dtype} (matmul FLOP/s "
+                            f"by shape class for {dtype})")
+        return _interp_log(self.gemm[dtype], min(m, n, k))
+
+    def gemm_time(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
+        """`batch` matmuls (m x k) @ (k x n): NumPy runs a stacked matmul as one BLAS call per matrix, CuPy as one
+        batched call."""
+        if m * n * k == 0:
+            return 0.0
+        calls = 1 if self.backend == "cupy" else batch
+        return calls * self.gemm_call_s + batch * 2.0 * m * n * k / self.gemm_rate(dtype, m, n, k)
+
+    def pass_time(self, accesses: float, itemsize: int, array_elems: float, calls: float = 1.0) -> float:
+        """Elementwise work: `accesses` element reads + writes over arrays of about `array_elems` elements each."""
+        bw = _interp_log(self.elementwise_bw, max(1.0, array_elems * itemsize))
+        return accesses * itemsize / bw + calls * self.call_s
+
+    # -- communication -------------------------------------------------------------------------------------------
+
+    def link(self, level: str) -> Link:
+        if level not in self.links:
+            why = (f"this layout has groups spanning nodes of {self.devices} devices" if level == "inter" else
+                   "this layout has groups of several ranks (calibrate under `mpiexec -n 2` to measure it)")
+            raise UserError(f"cluster {self.path or self.name}: missing figures link.{level}.latency_s and "
+                            f"link.{level}.bw (needed: {why})")
+        return self.links[level]
+
+
+def _interp_log(table: list, x: float) -> float:
+    """Piecewise-linear in log(x) through sorted (x, y) points, constant beyond the ends."""
+    xs = [p[0] for p in table]
+    i = bisect.bisect_left(xs, x)
+    if i == 0:
+        return table[0][1]
+    if i == len(table):
+        return table[-1][1]
+    (x0, y0), (x1, y1) = table[i - 1], table[i]
+    w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return y0 + w * (y1 - y0)
+
+
+# -- collective costs (seconds), S = bytes of the whole buffer ------------------------------------------------------
+
+def ring_allreduce(S: float, n: int, a: float, b: float) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * S / b + 2 * (n - 1) * a
+
+
+def tree_allreduce(S: float, n: int, a: float, b: float) -> float:
+    return 0.0 if n <= 1 else 2 * math.ceil(math.log2(n)) * (a + S / b)
+
+
+def allreduce(S: float, n: int, a: float, b: float) -> float:
+    return min(ring_allreduce(S, n, a, b), tree_allreduce(S, n, a, b))
+
+
+def reduce_scatter(S: float, n: int, a: float, b: float) -> float:
+    return 0.0 if n <= 1 else (n - 1) / n * S / b + (n - 1) * a
+
+
+allgather = reduce_scatter  # the same ring, run the other way
+
+
+def p2p(S: float, a: float, b: float) -> float:
+    return a + S / b
+
+
+# -- reading and writing cluster files -----------------------------------------------------------------------------
+
+REQUIRED = {
+    "node": ("devices", "memory_bytes"),
+    "compute": ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate", "elementwise_bw"),
+    "storage": ("write_bw",),
+}
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cluster file {path}: not found")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"cluster file {path}: invalid TOML ({e})") from None
+    return cluster_from_dict(d, str(path))
+
+
+def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
+    def need(section: str, key: str):
+        sec = d.get(section, {})
+        if not isinstance(sec, dict) or key not in sec:
+            raise UserError(f"cluster file {where}: missing figure {section}.{key}")
+        return sec[key]
+
+    def number(section: str, key: str, value, positive: bool = True) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 if positive else value < 0):
+            kind = "positive" if positive else "non-negative"
+            raise UserError(f"cluster file {where}: {section}.{key} must be a {kind} number, got {value!r}")
+        return float(value)
+
+    def table(section: str, key: str, value) -> list:
+        if not isinstance(value, dict) or not value:
+            raise UserError(f"cluster file {where}: {section}.{key} must be a table {{size = value, ...}}")
+        out = []
+        for k, v in value.items():
+            try:
+                x = float(k)
+            except ValueError:
+                raise UserError(f"cluster file {where}: {section}.{key}: key {k!r} is not a number") from None
+            out.append((x, number(section, f"{key}.{k}", v)))
+        return sorted(out)
+
+    vals = {s: {k: need(s, k) for k in keys} for s, keys in REQUIRED.items()}
+    gemm_sec = d.get("compute", {}).get("gemm", {})
+    if not isinstance(gemm_sec, dict) or not gemm_sec:
+        raise UserError(f"cluster file {where}: missing figure compute.gemm.float32 (matmul FLOP/s by shape class)")
+    gemm = {dt: table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
+    links = {}
+    for level in ("intra", "inter"):
+        sec = d.get("link", {}).get(level)
+        if sec is None:  # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
+            continue
+        lat, bw = need_link(d, level, where)
+        where_l = f"link.{level}"
+        links[level] = Link(number(where_l, "latency_s", lat, positive=False), number(where_l, "bw", bw),
+                            number(f"link.{level}", "nb_bw", sec.get("nb_bw", bw)),
+                            number(f"link.{level}", "overlap", sec.get("overlap", 1.0), positive=False))
+    c, n = vals["compute"], vals["node"]
+    backend = d["compute"].get("backend", "numpy")
+    if backend not in ("numpy", "cupy"):
+        raise UserError(f'cluster file {where}: compute.backend must be "numpy" or "cupy", got {backend!r}')
+    return Cluster(
+        name=str(d.get("name", where)), devices=int(number("node", "devices", n["devices"])),
+        memory_bytes=number("node", "memory_bytes", n["memory_bytes"]),
+        runtime_bytes=number("node", "runtime_bytes", d["node"].get("runtime_bytes", 0.0), positive=False),
+        gemm=gemm, gemm_call_s=number("compute", "gemm_call_s", c["gemm_call_s"], positive=False),
+        call_s=number("compute", "call_s", c["call_s"], positive=False),
+        transcendental_rate=number("compute", "transcendental_rate", c["transcendental_rate"]),
+        scatter_rate=number("compute", "scatter_rate", c["scatter_rate"]),
+        elementwise_bw=table("compute", "elementwise_bw", c["elementwise_bw"]), links=links,
+        write_bw=number("storage", "write_bw", vals["storage"]["write_bw"]), backend=backend, path=where,
+        sources=dict(d.get("sources", {})))
+
+
+def need_link(d: dict, level: str, where: str):
+    sec = d.get("link", {}).get(level)
+    if not isinstance(sec, dict):
+        raise UserError(f"cluster file {where}: missing figure link.{level}.latency_s")
+    for key in ("latency_s", "bw"):
+        if key not in sec:
+            raise UserError(f"cluster file {where}: missing figure link.{level}.{key}")
+    return sec["latency_s"], sec["bw"]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.6g}"
+
+
+def to_toml(d: dict, header: str = "") -> str:
+    """A cluster dict (two levels of tables at most, plus inline tables of numbers) as TOML text."""
+    lines = [f"# {line}" for line in header.splitlines()]
+
+    def emit(prefix: str, table: dict) -> None:
+        def inline(k, v) -> bool:  # tables of numbers by size inside a section: {"65536" = 2e11, ...}
+            return bool(prefix) and (k == "elementwise_bw" or prefix == "compute.gemm")
+
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or inline(k, v)}
+        subs = {k: v for k, v in table.items() if k not in scalars}
+        if prefix and scalars:
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            if isinstance(v, dict):
+                body = ", ".join(f'"{kk}" = {_toml_value(vv)}' for kk, vv in v.items())
+                lines.append(f"{k} = {{ {body} }}")
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in subs.items():
+            emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", d)
+    return "\n".join(lines) + "\n"

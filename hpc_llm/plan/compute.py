@@ -1,0 +1,218 @@
+"""Time of one chunk's forward and backward on one rank: the operations modules.py and layers.py run, priced by the
+cluster's figures.
+
+Each layer is an inventory of what its code does: the matmuls (shape and count: NumPy runs a batched matmul as one
+BLAS call per matrix), the elementwise passes (element reads + writes of each NumPy call, over arrays of a given
+size, with the call's fixed cost), the exp/tanh elements, np.add.at's scattered rows, and the tensor-parallel
+allreduces (blocking, so on the critical path). The counts follow the code line by line; where a pass runs on an
+L2-sized chunk (GELU, AdamW, the gradient norm) the array size is the chunk's. Dropout's mask generation is not
+modelled (the validation runs have dropout 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpc_llm.config import ModelConfig
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.optim import CHUNK as ADAM_CHUNK, NORM_CHUNK
+from hpc_llm.plan.cluster import Cluster, allreduce
+
+
+@dataclass
+class Cost:
+    """Seconds of one operation: compute (matmuls + elementwise) and blocking tensor-parallel communication."""
+
+    compute: float = 0.0
+    tp: float = 0.0
+    gemm: float = 0.0  # of compute: matmuls only
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.compute + o.compute, self.tp + o.tp, self.gemm + o.gemm)
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp
+
+
+class Pricer:
+    """The figures bound to one rank's setting: matmul dtype, bytes per element, TP group and its link, and how
+    many ranks share one device (oversubscription: compute slows by that factor)."""
+
+    def __init__(self, cl: Cluster, dtype: str, itemsize: int, tp: int, tp_link, share: float = 1.0,
+                 rounding: bool = False):
+        self.cl, self.dtype, self.it, self.tp, self.link, self.share = cl, dtype, itemsize, tp, tp_link, share
+        self.rounding = rounding  # bf16/fp16: each activation operand is rounded (astype to the format and back)
+
+    def gemm(self, m: int, n: int, k: int, batch: int = 1) -> Cost:
+        t = self.share * self.cl.gemm_time(self.dtype, m, n, k, batch)
+        c = Cost(t, 0.0, t)
+        if self.rounding:  # Precision.operand on the (m, k) operand: two astype passes, 4 accesses per element
+            c += self.ew(4 * m * k * batch, m * k * batch, 2)
+        return c
+
+    def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
+        return Cost(self.share * self.cl.pass_time(accesses, self.it, elems, calls))
+
+    def chunked(self, accesses_per_elem: float, elems: int, calls_per_chunk: int, chunk: int,
+                numpy_only: bool = False) -> Cost:
+        """A chain of passes run chunk by chunk in cache (GELU, AdamW, the norm); numpy_only: on CuPy one chunk
+        (layers._chunks)."""
+        if numpy_only and self.cl.backend == "cupy":
+            chunk = max(elems, 1)
+        n_chunks = max(1, -(-elems // chunk))
+        return self.ew(accesses_per_elem * elems, min(chunk, elems), calls_per_chunk * n_chunks)
+
+    def exp(self, elems: float) -> Cost:
+        return Cost(self.share * (elems / self.cl.transcendental_rate + self.cl.call_s))
+
+    def scatter(self, rows_elems: float) -> Cost:
+        return Cost(self.share * (rows_elems / self.cl.scatter_rate + self.cl.call_s))
+
+    def allreduce(self, nbytes: float) -> Cost:
+        if self.tp == 1:
+            return Cost()
+        return Cost(0.0, allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw))
+
+
+def _layernorm_fwd(p: Pricer, n: int) -> Cost:
+    # mean (1), x - mean (2), einsum xhat.xhat (1), xhat *= rstd (2), out = xhat * w (2), out += b (2)
+    return p.ew(10 * n, n, 9)
+
+
+def _layernorm_bwd(p: Pricer, n: int) -> Cost:
+    # dw einsum (2), db sum (1), dout * w (2), mean (1), einsum (2), -= mean (2), xhat * mean (2), -= (3), *= rstd (2)
+    return p.ew(17 * n, n, 14)
+
+
+def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
+    """`out += a @ b` on later micro-batches: the product's temporary is read back and added."""
+    return p.ew(3 * elems, elems) if acc else Cost()
+
+
+def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
+    tp, it = p.tp, p.it
+    N, n = b * T, b * T * C
+    nl, h, hd = n // tp, H // tp, C // H
+    c = _layernorm_fwd(p, n)
+    c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
+    c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl)  # split_heads copy, q *= scale
+    for q0, q1 in query_blocks(T):
+        s = b * h * (q1 - q0) * q1
+        c += p.gemm(q1 - q0, q1, hd, b * h) + p.gemm(q1 - q0, hd, q1, b * h)
+        # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
+        c += p.ew(9 * s, s, 6) + p.exp(s)
+    c += p.ew(2 * nl, nl)  # merge_heads copy
+    c += p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)  # proj, bias, residual
+    c += _layernorm_fwd(p, n)
+    c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
+    # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2)
+    c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.exp(4 * nl)
+    c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
+    return c
+
+
+def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost:
+    tp, it = p.tp, p.it
+    N, n = b * T, b * T * C
+    nl, h, hd = n // tp, H // tp, C // H
+    c = Cost()
+    # mlp_proj: weight gradient, bias (row sums), input gradient
+    c += p.gemm(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C) + p.ew(n, n) + p.gemm(N, 4 * C // tp, C)
+    # GELU backward by chunks: 11 passes, 26 accesses per element
+    c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
+    c += p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp) + p.ew(4 * nl, 4 * nl)
+    c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it)
+    c += _layernorm_bwd(p, n) + p.ew(3 * n, n)  # ln_2, dx +=
+    c += p.gemm(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n) + p.gemm(N, C // tp, C)
+    c += p.ew(2 * nl, nl)  # dyh copy
+    for i, (q0, q1) in enumerate(query_blocks(T)):
+        qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
+        c += p.gemm(q1, hd, qb, b * h) + p.gemm(qb, q1, hd, b * h)  # dv, datt
+        c += p.ew(7 * s, s, 4)  # rowdot einsum (2), -= (2), *= att (3)
+        c += p.gemm(qb, hd, q1, b * h) + p.gemm(q1, hd, qb, b * h)  # dq, dk
+        if i > 0:  # later blocks add into dv and dk
+            c += p.ew(6 * kv, kv, 2)
+    c += p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl)  # dq *= scale, transposed copy
+    c += p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp) + p.ew(3 * nl, 3 * nl)
+    c += p.gemm(N, C, 3 * C // tp) + p.allreduce(n * it)
+    c += _layernorm_bwd(p, n) + p.ew(3 * n, n)
+    return c
+
+
+def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
+    N, n, Vl = b * T, b * T * C, V // p.tp
+    c = _layernorm_fwd(p, n) + p.gemm(N, Vl, C)
+    # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
+    c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
+    for _ in range(3):  # max, target logit, sum of exp: N values each
+        c += p.allreduce(N * p.it)
+    return c
+
+
+def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool) -> Cost:
+    N, n, Vl = b * T, b * T * C, V // p.tp
+    c = p.ew(2 * N * Vl, N * Vl)  # probabilities *= scale / N
+    c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.allreduce(n * p.it)
+    return c + _layernorm_bwd(p, n)
+
+
+def embedding_forward(p: Pricer, b: int, T: int, C: int) -> Cost:
+    n = b * T * C
+    c = p.ew(2 * n, n) + p.ew(3 * n, n)  # wte[idx], += wpe
+    if p.tp > 1:
+        c += p.ew(2 * n, n) + p.allreduce(n * p.it)
+    return c
+
+
+def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
+    n = b * T * C
+    return p.ew(n, n) + p.scatter(n)  # position rows summed; np.add.at into wte's rows
+
+
+def chunk_costs(cfg: ModelConfig, p: Pricer, b: int, n_blocks: int, embedding: bool, head: bool,
+                recompute: str = "none") -> dict:
+    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk."""
+    T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
+    f = Cost()
+    if embedding:
+        f += embedding_forward(p, b, T, C)
+    bf = block_forward(p, b, T, C, H)
+    for _ in range(n_blocks):
+        f += bf
+    if head:
+        f += head_forward(p, b, T, C, V)
+    out = {"F": f}
+    for key, acc in (("B", False), ("B+", True)):
+        c = Cost()
+        if head:
+            c += head_backward(p, b, T, C, V, acc)
+        bb = block_backward(p, b, T, C, H, acc)
+        if recompute == "block":
+            bb = bb + bf  # the block's forward again, to rebuild its cache
+        for _ in range(n_blocks):
+            c += bb
+        if embedding:
+            c += embedding_backward(p, b, T, C)
+        out[key] = c
+    out["head_B"] = head_backward(p, b, T, C, V, True) if head else Cost()
+    out["block_B"] = block_backward(p, b, T, C, H, True) + (bf if recompute == "block" else Cost())
+    return out
+
+
+def optimizer_time(p: Pricer, owned: int) -> float:
+    """AdamW over the owned elements: p, g, m, v read and p, m, v written once from memory; 13 passes (31
+    accesses per element) on L2-sized chunks."""
+    if owned == 0:
+        return 0.0
+    return p.ew(7 * owned, owned, 0).compute + p.chunked(31, owned, 13, ADAM_CHUNK).compute
+
+
+def norm_time(p: Pricer, elems: int) -> float:
+    """global_grad_norm: each chunk read once, cast to float64 and dotted with itself (16 B per element in cache)."""
+    if elems == 0:
+        return 0.0
+    n_chunks = max(1, -(-elems // NORM_CHUNK))
+    mem = p.ew(elems, elems, 0).compute
+    cache = p.share * p.cl.pass_time(2 * elems, 8, min(NORM_CHUNK, elems), 3 * n_chunks)
+    return mem + cache

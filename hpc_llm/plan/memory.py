@@ -1,0 +1,327 @@
+"""Memory per rank, from the code's own shapes: what the trainer allocates, not a textbook formula.
+
+- parameters and gradients: `param_specs` for the rank's TP shard of its pipeline stage (the flat buffers);
+- AdamW moments: 2 x the ranges the rank owns, as `GradientSync` computes them (its own code, run on a stand-in
+  communicator: ZeRO-1 pieces of every bucket), and AdamW's per-thread temporaries;
+- activations: for each (micro-batch, chunk) in flight, the arrays its forward's cache holds, layer by layer as
+  modules.py builds them (`chunk_cache_bytes`; tests/test_plan.py walks a real cache and finds the same bytes);
+  how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
+- what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
+  it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
+  reduce-scatter receive buffers; and checkpoint scratch (ZeRO-1 moments assembled for a save).
+
+Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+
+from hpc_llm.config import ModelConfig, stage_layers
+from hpc_llm.model.gpt import StagePlan, param_specs
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.optim import CHUNK as ADAM_CHUNK
+from hpc_llm.parallel.data_parallel import GradientSync
+from hpc_llm.parallel.schedule import schedule
+
+INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes per element of each kind of array. fp32/fp64 (train.precision = "fp32"): everything in model.dtype.
+    bf16/fp16 (model/precision.py): the flat buffers, moments and the compute dtype stay float32; the activations
+    kept for backward are stored in the 2-byte format (act = 2), and GPT.compute is a second parameter-sized float32
+    buffer holding the rounded weights (master = 4)."""
+
+    param: int = 4
+    grad: int = 4
+    moment: int = 4
+    act: int = 4  # activations kept in the precision's format (Precision.keep)
+    master: int = 0  # GPT.compute, the rounded copy of the weights (0: none, the weights are used as they are)
+    compute: int = 4  # the compute dtype: LayerNorm's rstd, dropout masks, the probabilities, the streams
+
+    @staticmethod
+    def of(dtype_bytes: int) -> "Bytes":
+        return Bytes(dtype_bytes, dtype_bytes, dtype_bytes, dtype_bytes, 0, dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run: the grid, ZeRO-1, the pipeline schedule and its micro-batches, the local micro-batch rows."""
+
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+    zero: int = 0
+    schedule: str = "1f1b"
+    virtual: int = 1
+    micro_batches: int = 1  # train.grad_accum
+    batch_size: int = 1  # train.batch_size: the global micro-batch (rows), split over dp
+    bucket_mb: float = 25.0
+    recompute: str = "none"  # "block": keep each block's input only (recomputed in backward)
+
+    @property
+    def ranks(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size // self.dp
+
+
+def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> StagePlan:
+    return StagePlan(tuple(stage_layers(cfg.n_layer, lay.pp * lay.virtual, list(pp_layers))), lay.pp, stage,
+                     lay.virtual)
+
+
+@lru_cache(maxsize=4096)
+def grad_sync(n: int, dp: int, dp_rank: int, bucket_elems: int, zero: bool) -> GradientSync:
+    """The trainer's GradientSync on a stand-in communicator: its buckets, counts and owned ranges, no MPI."""
+    return GradientSync(SimpleNamespace(size=n), SimpleNamespace(size=dp, rank=dp_rank), bucket_elems, zero)
+
+
+def specs_of(cfg: ModelConfig, tp: int, plan: StagePlan) -> list:
+    """param_specs, remembered: a search asks for the same stage of the same model thousands of times."""
+    return _specs(tuple(sorted(vars(cfg).items())), tp, plan)
+
+
+@lru_cache(maxsize=4096)
+def _specs(cfg_items: tuple, tp: int, plan: StagePlan) -> list:
+    return param_specs(ModelConfig(**dict(cfg_items)), tp, plan)
+
+
+def bucket_elems(bucket_mb: float, grad_bytes: int) -> int:
+    return int(bucket_mb * 2**20) // grad_bytes  # as Trainer.__init__
+
+
+# -- activations: what each layer's cache holds ----------------------------------------------------------------
+
+def attention_scores(T: int) -> int:
+    """Entries of the probability matrices of one head: query block [q0, q1) keeps (q1 - q0) x q1."""
+    return sum((q1 - q0) * q1 for q0, q1 in query_blocks(T))
+
+
+def block_cache_elems(b: int, T: int, C: int, H: int, tp: int, dropout: bool) -> dict:
+    """Block.forward's cache (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask), in elements."""
+    n, nl, h = b * T * C, b * T * C // tp, H // tp
+    att = b * h * attention_scores(T)
+    return {
+        "ln_1 xhat + rstd": n + b * T,
+        "ln_1 output (qkv input)": n,
+        "q, k, v split by head": 3 * nl,
+        "attention probabilities": att,
+        "attention dropout masks": att if dropout else 0,
+        "attention output (proj input)": nl,
+        "attention branch dropout mask": n if dropout else 0,
+        "ln_2 xhat + rstd": n + b * T,
+        "ln_2 output (fc input)": n,
+        "fc output (GELU input)": 4 * nl,
+        "GELU tanh": 4 * nl,
+        "GELU output (proj input)": 4 * nl,
+        "MLP branch dropout mask": n if dropout else 0,
+    }
+
+
+
+
+def block_cache_bytes(b: int, T: int, C: int, H: int, tp: int, dropout: bool, act: int, compute: int) -> int:
+    """LayerNorm's rstd and the dropout masks stay in the compute dtype; the rest is kept in the format."""
+    total = 0
+    for name, elems in block_cache_elems(b, T, C, H, tp, dropout).items():
+        if name.endswith("rstd"):
+            total += (elems - b * T) * act + b * T * compute
+        else:
+            total += elems * (compute if "mask" in name else act)
+    return total
+
+
+def chunk_cache_bytes(cfg: ModelConfig, tp: int, b: int, n_blocks: int, embedding: bool, head: bool,
+                      act: int = 4, recompute: str = "none", compute: int | None = None) -> int:
+    """Bytes of one micro-batch's cache for a chunk (Chunk.forward's (emb_cache, caches, head_cache, rng)).
+    recompute "block": each block keeps only a copy of its input (b, T, C), the cache is rebuilt in backward."""
+    T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
+    compute = act if compute is None else compute
+    drop = cfg.dropout > 0
+    total = 0
+    if embedding:
+        total += b * T * INDEX_BYTES + (b * T * C * compute if drop else 0)  # (idx, mask)
+    if recompute == "block":
+        total += n_blocks * b * T * C * compute
+    else:
+        total += n_blocks * block_cache_bytes(b, T, C, H, tp, drop, act, compute)
+    if head:
+        N, Vl = b * T, cfg.padded_vocab // tp
+        # (lnf = (xhat, rstd), xf2 = ln_f's output, ce = (probabilities, local targets, mask), shape)
+        total += act * 2 * N * C + compute * (N + N * Vl) + N * INDEX_BYTES + N
+    return total
+
+
+# -- what one operation allocates on top of the caches ---------------------------------------------------------
+
+def block_backward_work(b: int, T: int, C: int, H: int, tp: int, act: int, grad: int, accumulate: bool,
+                        dropout: bool) -> int:
+    """Peak extra bytes inside Block.backward: its locals (dg, dh2, dy, dqkv, dh1) live until it returns, on top of
+    the running gradient dx; each phase adds its own temporaries (LayerNorm's dxhat and xhat * mean, the attention
+    backward's dyh, dqkvh, per-block datt and its final transposed copy, `out += a @ b` when accumulating)."""
+    n, nl, h, hd = b * T * C, b * T * C // tp, H // tp, C // H
+    blocks = query_blocks(T)
+    wtemp = lambda rows, cols: rows * cols * grad if accumulate else 0  # noqa: E731
+    masks = 2 * n if dropout else 0  # dm, da: copies of dx
+    dg = 4 * nl  # d(GELU output) = d(fc output), in place
+    gelu_tmp = 2 * min(ELEMENTWISE_CHUNK, 4 * nl)
+    ln_tmp = 2 * n  # dxhat and xhat * mean_dx
+    big_att = max((q1 - q0) * q1 for q0, q1 in blocks) * b * h
+    att_tmp = max(big_att + b * h * max(q1 for _, q1 in blocks) * hd * (1 if accumulate or len(blocks) > 1 else 0),
+                  3 * nl)  # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
+    phases = [
+        act * (n + masks + dg) + max(wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj backward, GELU backward
+        act * (n + masks + dg) + wtemp(C, 4 * C // tp),  # fc's weight gradient
+        act * (n + masks + dg + n + ln_tmp),  # ln_2 backward
+        act * (n + masks + dg + n + nl) + wtemp(C // tp, C),  # attn_proj backward
+        act * (n + masks + dg + n + nl + nl + 3 * nl + att_tmp),  # attention backward: dyh, dqkvh, then its peak
+        act * (n + masks + dg + n + nl + 3 * nl) + wtemp(C, 3 * C // tp),  # qkv's weight gradient
+        act * (n + masks + dg + n + nl + 3 * nl + n + ln_tmp),  # ln_1 backward
+    ]
+    return max(phases)
+
+
+def block_forward_work(b: int, T: int, C: int, H: int, tp: int, act: int) -> int:
+    """Peak extra bytes of Block.forward beyond what it keeps: the residual stream, the fused qkv output (deleted
+    after the head split) and the head-major attention output before its merge."""
+    n, nl = b * T * C, b * T * C // tp
+    return act * (n + 3 * nl + nl)
+
+
+def head_backward_work(b: int, T: int, C: int, V: int, tp: int, act: int, grad: int, accumulate: bool) -> int:
+    """Head.backward: wte's gradient with `out += dlogits.T @ xf2` (a temporary of wte's shard), then dx (N, C) and
+    ln_f's backward temporaries."""
+    n = b * T * C
+    return max(V // tp * C * grad if accumulate else 0, act * 3 * n)
+
+
+# -- the step: walk the schedule ---------------------------------------------------------------------------------
+
+@dataclass
+class RankMemory:
+    """Bytes on one rank: persistent buffers, the step's peak on top of them, checkpoint scratch."""
+
+    params: int
+    grads: int
+    master: int
+    moments: int
+    optimizer_temps: int
+    activations: int  # caches in flight at the step's peak
+    workspace: int  # the running operation's temporaries at the peak
+    pipeline_buffers: int  # send buffers held until the step's end, at the peak
+    zero_buffers: int  # ZeRO-1 reduce-scatter receive buffers at the peak
+    checkpoint_scratch: int  # kept after the first save (ZeRO-1: moments assembled on the writer)
+    checkpoint_assembly: int  # at a save only (activations freed then): full tensors assembled on world rank 0
+    runtime: int = 0  # interpreter and libraries (from the cluster file)
+    save_on_device: bool = True  # False: the checkpoint's host arrays are not device memory (GPUs) or not planned
+
+    @property
+    def persistent(self) -> int:
+        return self.params + self.grads + self.master + self.moments + self.optimizer_temps
+
+    @property
+    def step_peak(self) -> int:
+        return self.persistent + self.activations + self.workspace + self.pipeline_buffers + self.zero_buffers
+
+    @property
+    def peak(self) -> int:
+        if not self.save_on_device:
+            return self.step_peak + self.runtime
+        save = self.persistent + self.checkpoint_scratch + self.checkpoint_assembly
+        return max(self.step_peak + self.checkpoint_scratch, save) + self.runtime
+
+    def breakdown(self) -> dict:
+        keys = ("params", "grads", "master", "moments", "optimizer_temps", "activations", "workspace",
+                "pipeline_buffers", "zero_buffers", "checkpoint_scratch", "checkpoint_assembly", "runtime")
+        return {k: getattr(self, k) for k in keys} | {"peak": self.peak}
+
+
+def rank_memory(cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, dp_rank: int = 0, pp_layers=(),
+                optimizer_threads: int = 1, runtime: int = 0, writer: str = "gather",
+                save_on_device: bool = True) -> RankMemory:
+    """Memory of pipeline stage `stage`, data-parallel rank `dp_rank` (0 owns the largest ZeRO-1 pieces)."""
+    plan = stage_plan(cfg, lay, stage, pp_layers)
+    specs = specs_of(cfg, lay.tp, plan)
+    n = sum(s.size for s in specs)
+    sync = grad_sync(n, lay.dp, dp_rank, bucket_elems(lay.bucket_mb, by.grad), lay.zero == 1)
+    owned = sum(b - a for a, b in sync.owned)
+    b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
+    chunks = plan.chunks
+    sizes = {c: chunk_cache_bytes(cfg, lay.tp, b, len(plan.layers[v]), v == 0, v == plan.n_virtual - 1, by.act,
+                                  lay.recompute, by.compute) for c, v in enumerate(chunks)}
+    ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
+    msg = b * T * C * by.compute  # activations between stages, and the residual stream: the compute dtype
+    drop = cfg.dropout > 0
+    # where each chunk's gradients start (grad_ready offsets): buckets at or beyond the smallest reported one are
+    # launched during the last backward; their ZeRO-1 receive buffers live until finish()
+    first_block = min((s.offset for s in specs if s.name.startswith("h.")), default=n)
+    launched = [i for i, (a, _) in enumerate(sync.buckets) if a >= first_block]
+    zero_recv = sum(sync.counts[i][dp_rank] for i in launched) * by.grad if sync.zero else 0
+
+    alive: dict = {}
+    sends = 0
+    started: set = set()
+    last_b = max(k for k, op in enumerate(ops) if op.kind == "B")
+    best = (0, 0, 0, 0, 0)  # total, activations, workspace, pipeline buffers, zero buffers
+    batch = 2 * b * T * INDEX_BYTES  # the latest micro-batch's (x, y), referenced by the loop
+    for k, op in enumerate(ops):
+        v = chunks[op.chunk]
+        first, last = v == 0, v == plan.n_virtual - 1
+        blocks = len(plan.layers[v])
+        if op.kind == "F":
+            alive[(op.micro, op.chunk)] = sizes[op.chunk]
+            work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
+            if lay.recompute == "block":  # each block's whole cache is built, then dropped; Chunk.forward's loop
+                work += 2 * act_block(cfg, lay, b, by)  # variable still holds the previous block's meanwhile
+        else:
+            acc = op.chunk in started
+            work = msg + batch
+            if blocks:
+                work = max(work, block_backward_work(b, T, C, H, lay.tp, by.compute, by.grad, acc, drop)
+                           + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0))
+            if last:
+                work = max(work, head_backward_work(b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc))
+        zero = zero_recv if k == last_b else 0
+        total = sum(alive.values()) + work + sends + zero + batch
+        if total > best[0]:
+            best = (total, sum(alive.values()), work + batch, sends, zero)
+        if op.kind == "B":
+            alive.pop((op.micro, op.chunk))
+            started.add(op.chunk)
+            sends += msg if not first else 0
+        else:
+            sends += msg if not last else 0
+    params, grads = n * by.param, n * by.grad
+    master = n * by.master
+    moments = 2 * owned * by.moment
+    temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
+    scratch = 0
+    if sync.zero and (dp_rank == 0 or writer == "mpio"):
+        scratch = 2 * n * by.moment  # Trainer._scratch("m"), ("v"): kept once made
+    assembly = 0
+    if stage == 0 and dp_rank == 0 and (lay.pp > 1 or lay.tp > 1):
+        whole = sum(s.size for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0))) if lay.pp > 1 else n * lay.tp
+        assembly = 3 * whole * by.param  # params, m and v as full tensors on the writer
+    return RankMemory(params, grads, master, moments, temps, best[1], best[2], best[3], best[4], scratch, assembly,
+                      runtime, save_on_device)
+
+
+def act_block(cfg: ModelConfig, lay: Layout, b: int, by: Bytes) -> int:
+    """recompute: the block whose cache is being rebuilt holds it whole while its backward runs."""
+    return block_cache_bytes(b, cfg.block_size, cfg.n_embd, cfg.n_head, lay.tp, cfg.dropout > 0, by.act,
+                             by.compute)
+
+
+def max_rank_memory(cfg: ModelConfig, lay: Layout, by: Bytes, **kw) -> tuple[int, RankMemory]:
+    """The pipeline stage with the largest peak (data-parallel rank 0: ZeRO-1's largest pieces) and its memory:
+    the first, the second and the last stage (with an even split the middle stages differ only in how many
+    micro-batches they hold, which falls with the stage index)."""
+    stages = sorted({0, min(1, lay.pp - 1), lay.pp - 1})
+    return max(((s, rank_memory(cfg, lay, s, by, **kw)) for s in stages), key=lambda x: x[1].peak)
