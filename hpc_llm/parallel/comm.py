@@ -215,11 +215,11 @@ class PipelineComm:
     """Activations forward and their gradients backward between pipeline neighbours (the pp group), Megatron's
     send_forward / recv_forward / send_backward / recv_backward and the combined steps.
 
-    Everything is nonblocking: a send is posted and completed only at `wait_sends()` (end of the step), so no rank
-    ever blocks in a send; a receive is posted as soon as the schedule knows it comes next (before the op that
-    precedes it runs, so the transfer overlaps that op) and waited for when its op starts. A rank then waits only
-    for data its schedule needs next, which a deadlock-free op order (schedule.simulate checks them) guarantees is
-    on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to
+    Everything is nonblocking: a send is posted, and completed once delivered (checked at each new send) or at
+    `wait_sends()` (the step's end), so no rank ever blocks in a send; a receive is posted as soon as the schedule
+    knows it comes next (paired with the send of the op before it) and waited for when its op starts. A rank then
+    waits only for data its schedule needs next, which a deadlock-free op order (schedule.simulate checks them)
+    guarantees is on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to
     rank - 1 (cyclically, for interleaved chunks); the tag names (micro-batch, receiving virtual stage, direction),
     so a message can only match the receive it is meant for.
     """
@@ -231,12 +231,23 @@ class PipelineComm:
         self.next, self.prev = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
         self._sends: list[Handle] = []
 
+    def _post_send(self, handle: Handle) -> None:
+        """Keep a send until it completes; those already delivered are completed now, so their buffers go at once
+        rather than at the step's end (a stage would otherwise hold every message it sent in the step)."""
+        pending = [handle]
+        for h in self._sends:
+            if h.test():
+                h.wait()  # done: records it in the ledger, frees the buffer
+            else:
+                pending.append(h)
+        self._sends = pending
+
     def _tag(self, direction: int, micro: int, vstage: int) -> int:
         return (micro * self.n_virtual + vstage) * 2 + direction
 
     def send_forward(self, x, micro: int, vstage: int) -> None:
         """The output of virtual stage `vstage` to the next one."""
-        self._sends.append(self.comm.isend(x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"))
+        self._post_send(self.comm.isend(x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"))
 
     def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
         """Start receiving the input of virtual stage `vstage` from the previous one into buf."""
@@ -244,8 +255,7 @@ class PipelineComm:
 
     def send_backward(self, dx, micro: int, vstage: int) -> None:
         """The input gradient of virtual stage `vstage` to the previous one."""
-        self._sends.append(self.comm.isend(dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1),
-                                           "send_backward"))
+        self._post_send(self.comm.isend(dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1), "send_backward"))
 
     def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
         """Start receiving the output gradient of virtual stage `vstage` from the next one into buf."""
