@@ -180,31 +180,10 @@ def prefix_sums(summary: dict, what: str) -> dict:
 def simulate_measured(lists, v: int, t_f, t_b):
     """schedule.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] seconds; no transfer time.
     -> (makespan, busy per rank)."""
-    p = len(lists)
-    last = v * p - 1
-    done: dict = {}
-    pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
-    moved = True
-    while moved:
-        moved = False
-        for r, ops in enumerate(lists):
-            while pos[r] < len(ops):
-                kind, i, c = ops[pos[r]]
-                s = c * p + r
-                needs = ([("F", i, s - 1)] if s > 0 else []) if kind == "F" else \
-                    [("F", i, s)] + ([("B", i, s + 1)] if s < last else [])
-                if any(key not in done for key in needs):
-                    break
-                start = max([clock[r]] + [done[key] for key in needs])
-                cost = (t_f if kind == "F" else t_b)[r][c]
-                clock[r] = done[(kind, i, s)] = start + cost
-                busy[r] += cost
-                pos[r] += 1
-                moved = True
-    if any(pos[r] < len(ops) for r, ops in enumerate(lists)):
-        raise RuntimeError("simulate_measured: the schedule deadlocks")
-    makespan = max(clock)
-    return makespan, busy
+    from hpc_llm.parallel.schedule import simulate_lists
+
+    timing = simulate_lists(lists, v, cost=lambda r, op, later: (t_f if op.kind == "F" else t_b)[r][op.chunk])
+    return timing.makespan, timing.busy
 
 
 # -- data ------------------------------------------------------------------------------------------------------------

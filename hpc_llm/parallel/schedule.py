@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import NamedTuple
+from typing import NamedTuple
 
 NAMES = ("gpipe", "1f1b", "interleaved")
 
@@ -128,32 +129,50 @@ def describe(name: str, p: int, m: int, v: int = 1) -> str:
     return "\n".join(f"stage {s}: " + " ".join(map(text, schedule(name, p, s, m, v))) for s in range(p))
 
 
+class Event(NamedTuple):
+    rank: int
+    op: Op
+    start: float
+    end: float
+
+
 @dataclass
 class Timing:
     busy: list[float]  # per rank: time spent computing
     idle: list[float]  # per rank: makespan - busy
     makespan: float  # when the last op of the step ends
+    events: list[Event]  # every op, with its start and end, in each rank's order
 
     @property
     def bubble(self) -> float:
         """The fraction of all ranks' time spent idle."""
         return sum(self.idle) / (len(self.idle) * self.makespan) if self.makespan else 0.0
 
+    def rank_end(self, r: int) -> float:
+        """When rank r's last op ends."""
+        return max((e.end for e in self.events if e.rank == r), default=0.0)
+
 
 def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: float = 2.0,
-                   t_comm: float = 0.0) -> Timing:
+                   t_comm: float = 0.0, cost=None) -> Timing:
     """Run rank r's list `lists[r]` strictly in order, one op at a time, each as early as its inputs allow.
 
-    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v or t_b / v. F(i, s)
-    needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1 (where the loss is), B(i, s + 1); an input from
-    another rank arrives t_comm after it is produced. Sends never block (buffered), so the only way to stall for
-    ever is a cycle of waits: then no rank can move, and this raises RuntimeError naming each rank's stuck op.
-    Start times depend only on finished ops, so sweeping the ranks until none can move gives the exact times.
+    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v or t_b / v, or
+    cost(r, op, later) when given (later: a backward that is not its chunk's first of the step, which accumulates).
+    F(i, s) needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1 (where the loss is), B(i, s + 1); an
+    input from another rank arrives t_comm after it is produced. Sends never block (buffered), so the only way to
+    stall for ever is a cycle of waits: then no rank can move, and this raises RuntimeError naming each rank's stuck
+    op. Start times depend only on finished ops, so sweeping the ranks until none can move gives the exact times.
     """
     p = len(lists)
     last = v * p - 1
+    if cost is None:
+        def cost(r, op, later):
+            return (t_f if op.kind == "F" else t_b) / v
     done: dict[tuple[str, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
     pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    started: list[set] = [set() for _ in range(p)]  # chunks that have had a backward
+    events = []
     moved = True
     while moved:
         moved = False
@@ -168,16 +187,20 @@ def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: flo
                 if any(key not in done for key in needs):
                     break
                 start = max([clock[r]] + [done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs])
-                cost = (t_f if kind == "F" else t_b) / v
-                clock[r] = done[(kind, i, s)] = start + cost
-                busy[r] += cost
+                op = ops[pos[r]]
+                dt = cost(r, op, kind == "B" and c in started[r])
+                if kind == "B":
+                    started[r].add(c)
+                clock[r] = done[(kind, i, s)] = start + dt
+                busy[r] += dt
+                events.append(Event(r, op, start, start + dt))
                 pos[r] += 1
                 moved = True
     stuck = [f"stage {r} at {ops[pos[r]]}" for r, ops in enumerate(lists) if pos[r] < len(ops)]
     if stuck:
         raise RuntimeError("pipeline schedule deadlocks: no rank can make progress (" + "; ".join(stuck) + ")")
     makespan = max(clock, default=0.0)
-    return Timing(busy, [makespan - b for b in busy], makespan)
+    return Timing(busy, [makespan - b for b in busy], makespan, events)
 
 
 def simulate(name: str, p: int, m: int, v: int = 1, t_f: float = 1.0, t_b: float = 2.0,

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import param_specs
+from hpc_llm.parallel.schedule import Timing
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time
 from hpc_llm.plan.memory import Bytes, Layout, bucket_elems, grad_sync, max_rank_memory, specs_of, stage_plan
-from hpc_llm.plan.simulate import PipelineTiming, simulate_costs
+from hpc_llm.plan.simulate import simulate_costs
 
 # precision -> (the matmuls' dtype, bytes). bf16/fp16 as model/precision.py does them: operands rounded to the format
 # but stored and multiplied as float32 (NumPy has no bf16 GEMM), activations kept in 2 bytes, a float32 compute copy
@@ -45,7 +46,7 @@ class Prediction:
     tokens_per_s: float
     mfu: float
     bubble: float
-    timing: PipelineTiming | None = field(default=None, repr=False)
+    timing: Timing | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         return {"layout": asdict(self.layout), "precision": self.precision, "memory_bytes": self.memory,
