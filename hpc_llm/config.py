@@ -165,17 +165,22 @@ def parse_override(text: str) -> tuple[str, str, str]:
     return section, key, value.strip()
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """A TOML file's tables; a missing file or bad TOML is a one-line UserError naming `what` file it was."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{what} {path}: invalid TOML ({e})") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a TOML config (or defaults when path is None), apply overrides, validate."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path}: not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path}: invalid TOML ({e})") from None
+        data = read_toml(path, "config file")
         for section, values in data.items():
             _apply(cfg, section, values, str(path))
     for text in overrides:

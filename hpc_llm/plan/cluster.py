@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import bisect
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpc_llm.config import read_toml
 from hpc_llm.errors import UserError
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -145,14 +145,7 @@ REQUIRED = {
 
 
 def load_cluster(path: str | Path) -> Cluster:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"cluster file {path}: not found")
-    try:
-        d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"cluster file {path}: invalid TOML ({e})") from None
-    return cluster_from_dict(d, str(path))
+    return cluster_from_dict(read_toml(path, "cluster file"), str(path))
 
 
 def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
