@@ -15,20 +15,7 @@ from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.parallel.grid import make_grid
 from test_parallel import check, crc, run_config, train
-
-
-def cache_bytes(obj, seen=None) -> int:
-    """Bytes of the distinct arrays a forward's cache holds (views of one buffer counted once)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, np.ndarray):
-        base = obj if obj.base is None else obj.base
-        if id(base) in seen:
-            return 0
-        seen.add(id(base))
-        return base.nbytes
-    if isinstance(obj, (tuple, list)):
-        return sum(cache_bytes(o, seen) for o in obj)
-    return 0
+from test_plan import cache_bytes
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
