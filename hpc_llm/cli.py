@@ -247,6 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hpc-llm: error: {e}\n")  # one write: MPI launchers interleave ranks' partial lines
         sys.stderr.flush()
         return 2
+    except Exception:
+        # a bug or a fault on this rank only: its peers may be waiting for it in a collective or a receive, and
+        # MPI_Finalize at exit would wait for them in turn; abort the job instead of leaving it hung
+        if "mpi4py.MPI" in sys.modules:
+            import traceback
+
+            from hpc_llm.parallel.comm import abort_world
+
+            sys.stderr.write(f"hpc-llm: rank {_world_rank()}: {traceback.format_exc()}")
+            sys.stderr.flush()
+            abort_world(1)
+        raise
 
 
 if __name__ == "__main__":

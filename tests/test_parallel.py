@@ -298,10 +298,10 @@ def mpiexec() -> str:
     return found
 
 
-def run_mpi(nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT):
-    """Run `python -m hpc_llm ARGS` under mpiexec in its own process group; on a timeout the whole group is killed
-    (no stray ranks) and the test fails."""
-    cmd = [mpiexec(), "--oversubscribe", "-n", str(nprocs), sys.executable, "-m", "hpc_llm", *args]
+def run_mpi(nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT, entry: tuple = ("-m", "hpc_llm")):
+    """Run `python -m hpc_llm ARGS` (or `python ENTRY ARGS`) under mpiexec in its own process group; on a timeout
+    the whole group is killed (no stray ranks) and the test fails."""
+    cmd = [mpiexec(), "--oversubscribe", "-n", str(nprocs), sys.executable, *entry, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -19,7 +19,7 @@ import pytest
 from mpi4py import MPI
 
 import hpc_llm
-from test_parallel import F64_RTOL, check, crc, rel_diff, replica_checks, run_config, train
+from test_parallel import F64_RTOL, check, crc, rel_diff, replica_checks, run_config, run_mpi, train, write_run_config
 from test_resume_layouts import count_reads, hyperslab_checks
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 
@@ -162,3 +162,32 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
     if crc(again.opt.m) != crc(whole.opt.m) or crc(again.opt.v) != crc(whole.opt.v):
         bad.append("same-layout resume: Adam moments differ from the uninterrupted run's")
     check(not bad, "\n".join(bad))
+
+
+# rank 1 raises in its third forward of the step (1F1B at pp 2, m 4: F2, while rank 0 waits in a receive)
+FAILING_STAGE = """
+import sys
+from mpi4py import MPI
+from hpc_llm.cli import main
+from hpc_llm.model.modules import Chunk
+if MPI.COMM_WORLD.rank == 1:
+    forward, calls = Chunk.forward, []
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in rank 1's third pipeline forward")
+        return forward(self, *args, **kwargs)
+    Chunk.forward = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_failing_inside_the_pipeline_ends_the_job(data_dir, tmp_path):
+    """A stage that raises mid-step, while its neighbour waits for it in a point-to-point receive: the job ends
+    (mpiexec's status non-zero, the error on stderr) instead of hanging in the wait; run_mpi fails the test on a
+    hang. (A rank that stops without exiting is the watchdog's case: issue "No hangs".)"""
+    cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
+    rc, out, err, _ = run_mpi(2, ["train", str(cfg), "--set", "parallel.pp=2", "--set", "train.grad_accum=4"],
+                              entry=("-c", FAILING_STAGE))
+    assert rc != 0 and "injected failure in rank 1's third pipeline forward" in err, (rc, out, err)
+    assert not list((tmp_path / "out").glob("ckpt_*.h5"))  # nothing saved from a failed step

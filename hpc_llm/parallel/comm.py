@@ -204,6 +204,15 @@ class Comm:
             self.mpi.Barrier()
 
 
+def abort_world(code: int) -> None:
+    """End every rank of the job now (MPI_Abort on the world): what a rank that cannot go on does, so that peers
+    waiting for it in a collective or a receive are not left hanging."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() > 1:
+        MPI.COMM_WORLD.Abort(code)
+
+
 def world_comm() -> Comm:
     """MPI.COMM_WORLD as a Comm; in a process started without mpiexec, one that never calls MPI."""
     from mpi4py import MPI
