@@ -77,6 +77,36 @@ def _pass_mix(x, w) -> None:
     x -= y  # ...and back, so x stays bounded: 2 more (read y, read/write x counted as 2)
 
 
+def cast_rates(n: int = 1 << 20) -> dict:
+    """Conversions float32 <-> bfloat16 (ml_dtypes) and float16 (NumPy's astype, what model/precision.py calls), in
+    elements/s: {"to_bfloat16", "from_bfloat16", "to_float16", "from_float16"}. On NumPy they are scalar loops, not
+    bandwidth-bound passes (0.7 ns per element to bfloat16 here, ~10x an add), which bf16/fp16 training pays; best of
+    9 on 2^20 elements (the layers' operand sizes; the rate hardly changes from 2^16 to 2^22), twice round. Empty
+    without ml_dtypes (the planner then prices a cast as an elementwise pass)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return {}
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    rates = {}
+    for name, low in (("bfloat16", np.dtype(ml_dtypes.bfloat16)), ("float16", np.dtype(np.float16))):
+        y = x.astype(low)
+        to = min(_best(lambda: x.astype(low)) for _ in range(2))
+        back = min(_best(lambda: y.astype(np.float32)) for _ in range(2))
+        rates[f"to_{name}"], rates[f"from_{name}"] = n / to, n / back
+    return rates
+
+
+def _best(f, repeats: int = 9) -> float:
+    f()  # warm-up
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
 def elementwise_figures() -> dict:
     """Per-call costs, exp and scatter rates, and elementwise bandwidth (bytes read + written per second of the
     pass mix above) by array size."""
@@ -176,7 +206,8 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
     comm.barrier()
-    fig = {"gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)}, **elementwise_figures()}
+    fig = {"gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)}, **elementwise_figures(),
+           "cast": cast_rates()}
     every = comm.allgather_objects(fig)
 
     def med(get):
@@ -186,6 +217,8 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     compute["elementwise_bw"] = {s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]}
     compute["gemm"] = {dt: {d: med(lambda f, dt=dt, d=d: f["gemm"][dt][d]) for d in fig["gemm"][dt]}
                        for dt in fig["gemm"]}
+    if fig["cast"]:
+        compute["cast"] = {k: med(lambda f, k=k: f["cast"][k]) for k in fig["cast"]}
     devices = os.cpu_count() or 1
     with open("/proc/meminfo") as f:
         mem_total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024

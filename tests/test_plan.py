@@ -4,6 +4,7 @@ input with one line. No timing assertions: the time model's accuracy is measured
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ import pytest
 
 from hpc_llm import cli
 from hpc_llm.config import ModelConfig, TrainConfig
+from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.optim import AdamW
@@ -229,6 +231,103 @@ def test_search_sorts_by_speed_and_names_limits():
     _, bad = search(tiny(n_head=2, n_layer=2), CL, 4, 8)
     assert any(r.startswith("tp=4 pp=1 dp=1: tp does not divide model.n_head=2") for _, r in bad)
     assert any(r.startswith("tp=1 pp=4 dp=1: pp does not divide model.n_layer=2") for _, r in bad)
+
+
+def test_memory_first_search_gives_the_same_answer_as_predicting_every_layout():
+    """search() rejects a layout whose memory does not fit before simulating its schedule: the feasible list (its
+    order, every time and memory term) and the infeasible reasons are those of predicting every layout whole."""
+    from hpc_llm.plan.search import describe, layouts
+
+    cfg = tiny(n_layer=4, n_embd=64, block_size=64)
+    precisions, recomputes = ["fp32", "fp16"], ("none", "block")
+    every = [(lay, prec, predict(cfg, lay, CL, prec)) for lay, why in layouts(cfg, 4, 16, 25.0, recomputes)
+             if why is None for prec in precisions]
+    peaks = sorted(p.memory["peak"] for _, _, p in every)
+    cl = dataclasses.replace(CL, memory_bytes=peaks[len(peaks) // 2])  # about half the layouts fit
+    slow_ok = sorted((p for _, _, p in every if p.memory["peak"] <= cl.memory_bytes), key=lambda p: -p.tokens_per_s)
+    slow_bad = [f"{describe(lay)} {prec}: memory {p.memory['peak'] / 1e9:.2f} GB per rank" for lay, prec, p in every
+                if p.memory["peak"] > cl.memory_bytes]
+    ok, bad = search(cfg, cl, 4, 16, precisions, recomputes=recomputes)
+    assert len(ok) > 10 and len(slow_bad) > 10
+    assert [(p.layout, p.precision, p.time, p.memory) for p in ok] == \
+        [(p.layout, p.precision, p.time, p.memory) for p in slow_ok]
+    assert [r.split(" > ")[0] for _, r in bad if ": memory " in r] == slow_bad
+
+
+@pytest.mark.parametrize("tp, block_size", [(1, 64), (2, 140)])  # 1 and 2 query blocks
+def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size):
+    """bf16/fp16: the elements the time model converts to the format and back (compute.py, Pricer.keep, use,
+    operand, round_) are those a real forward and backward convert (Precision's methods, counted)."""
+    from hpc_llm.model import precision as P
+    from hpc_llm.plan import compute as C
+
+    code = {True: 0, False: 0}  # to the format, back
+    real = {k: getattr(P.Precision, k) for k in ("keep", "use", "operand", "round_")}
+
+    def counting(name, to, back):
+        def f(self, x, *a):
+            if self.low is not None:
+                code[True] += to * x.size
+                code[False] += back * x.size
+            return real[name](self, x, *a)
+        return f
+
+    for name, to, back in (("keep", 1, 0), ("use", 0, 1), ("operand", 1, 1), ("round_", 1, 1)):
+        monkeypatch.setattr(P.Precision, name, counting(name, to, back))
+
+    class Tally(C.Pricer):
+        def _cast(self, elems, to_low, calls=1.0):
+            planned[to_low] += elems
+            return C.Cost()
+
+    cfg = tiny(block_size=block_size, n_layer=2)
+    b = 3
+    model = GPT(cfg, seed=0, tp_comm=FakeComm(tp), plan=stage_plan(cfg, Layout(tp=tp, batch_size=b), 0),
+                precision="fp16")
+    chunk = model.chunks[0]
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, cfg.block_size))
+    pr = Tally(CL, "float32", 4, tp, CL.link("intra"), low="float16")
+    T, Cm, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
+    for phase in ("forward", "backward"):
+        code.update({True: 0, False: 0})
+        planned = {True: 0, False: 0}
+        if phase == "forward":
+            _, cache = chunk.forward(tokens, tokens)
+            for _ in range(cfg.n_layer):
+                C.block_forward(pr, b, T, Cm, H)
+            C.head_forward(pr, b, T, Cm, V)
+        else:
+            chunk.backward(None, cache)
+            C.head_backward(pr, b, T, Cm, V, False)
+            for _ in range(cfg.n_layer):
+                C.block_backward(pr, b, T, Cm, H, False)
+        assert planned == code and code[True] > 0 and code[False] > 0, phase
+
+
+def test_cast_figures_price_bf16_conversions():
+    """With [compute.cast] a conversion costs elements / rate + a call; without it, a pass of 6 bytes per element."""
+    d = cluster_dict()
+    d["compute"]["cast"] = {"to_bfloat16": 1e9, "from_bfloat16": 2e9}
+    cl = K.cluster_from_dict(d)
+    assert cl.cast_time("bfloat16", True, 1e6) == pytest.approx(1e-3 + 1e-6)
+    assert cl.cast_time("bfloat16", False, 1e6, calls=4) == pytest.approx(5e-4 + 4e-6)
+    assert CL.cast_time("bfloat16", True, 1e6) == pytest.approx(CL.pass_time(1.5e6, 4, 1e6))
+    cfg = tiny(n_layer=2, n_embd=64, block_size=64)
+    fp32, bf16 = (predict(cfg, Layout(batch_size=4), cl, prec) for prec in ("fp32", "bf16"))
+    slow = dataclasses.replace(cl, cast={"to_bfloat16": 1e8, "from_bfloat16": 2e8})
+    assert fp32.time["step"] < bf16.time["step"] < predict(cfg, Layout(batch_size=4), slow, "bf16").time["step"]
+    d["compute"]["cast"] = {"to_bf16": 1e9}
+    with pytest.raises(UserError, match="compute.cast.to_bf16: expected one of to_bfloat16"):
+        K.cluster_from_dict(d)
+
+
+def test_oversubscribed_ranks_share_their_link():
+    """Two ranks per device: compute and collectives both take twice as long."""
+    cfg = tiny(n_layer=2, n_embd=64, block_size=64)
+    lay = Layout(dp=2, batch_size=8)
+    one, two = predict(cfg, lay, CL), predict(cfg, lay, CL, share=2.0)
+    assert two.time["compute"] == pytest.approx(2 * one.time["compute"])
+    assert two.time["dp_exposed"] == pytest.approx(2 * one.time["dp_exposed"])
 
 
 def test_cluster_toml_round_trip(tmp_path):

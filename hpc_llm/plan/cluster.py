@@ -10,6 +10,11 @@ while every device of the node is busy, since that is how training runs:
                over an array that stays in cache runs faster than one that streams from memory)
     [compute.gemm.<dtype>]  {min dimension = FLOP/s}: matmul throughput by shape class, the class being the smallest
                of (m, n, k) (a thin matmul runs below the machine's peak); interpolated in log(dimension)
+    [compute.cast]  optional: to_bfloat16, from_bfloat16, to_float16, from_float16: elements/s of a conversion
+               between float32 and the 2-byte format (bf16/fp16 training: Precision.keep, use, operand, round_).
+               On NumPy a conversion is compute-bound (ml_dtypes' bfloat16 cast runs ~10x slower per element than
+               an add; NumPy's float16 cast slower still); missing, it is priced as a pass at elementwise_bw
+               (4 + 2 bytes per element), what a GPU's bandwidth-bound cast kernel costs
     [link.intra], [link.inter]  latency_s, bw (B/s per device), optional nb_bw (a nonblocking collective's
                bandwidth; default bw) and overlap (the fraction of a nonblocking collective that can proceed while
                the device computes: 0 where the CPU itself moves the bytes, 1 with a DMA engine; default 1)
@@ -63,6 +68,7 @@ class Cluster:
     write_bw: float
     backend: str = "numpy"
     path: str = ""
+    cast: dict = field(default_factory=dict)  # "to_bfloat16" | "from_bfloat16" | ... -> elements/s
     sources: dict = field(default_factory=dict)
 
     # -- compute -------------------------------------------------------------------------------------------------
@@ -85,6 +91,14 @@ class Cluster:
         """Elementwise work: `accesses` element reads + writes over arrays of about `array_elems` elements each."""
         bw = _interp_log(self.elementwise_bw, max(1.0, array_elems * itemsize))
         return accesses * itemsize / bw + calls * self.call_s
+
+    def cast_time(self, fmt: str, to_low: bool, elems: float, calls: float = 1.0) -> float:
+        """`calls` conversions of `elems` elements in all between float32 and the 2-byte format `fmt`
+        ("bfloat16" | "float16"): to it (to_low) or back."""
+        rate = self.cast.get(("to_" if to_low else "from_") + fmt)
+        if rate is None:  # a bandwidth-bound pass: 4 bytes read + 2 written, or 2 + 4
+            return self.pass_time(1.5 * elems, 4, elems, calls)
+        return elems / rate + calls * self.call_s
 
     # -- communication -------------------------------------------------------------------------------------------
 
@@ -144,6 +158,9 @@ REQUIRED = {
 }
 
 
+CAST_KEYS = ("to_bfloat16", "from_bfloat16", "to_float16", "from_float16")
+
+
 def load_cluster(path: str | Path) -> Cluster:
     return cluster_from_dict(read_toml(path, "cluster file"), str(path))
 
@@ -188,6 +205,13 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         links[level] = Link(number(where_l, "latency_s", lat, positive=False), number(where_l, "bw", bw),
                             number(f"link.{level}", "nb_bw", sec.get("nb_bw", bw)),
                             number(f"link.{level}", "overlap", sec.get("overlap", 1.0), positive=False))
+    cast_sec = d.get("compute", {}).get("cast", {})
+    if not isinstance(cast_sec, dict):
+        raise UserError(f"cluster file {where}: compute.cast must be a table (to_bfloat16 = elements/s, ...)")
+    for k in cast_sec:
+        if k not in CAST_KEYS:
+            raise UserError(f"cluster file {where}: compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}")
+    cast = {k: number("compute.cast", k, v) for k, v in cast_sec.items()}
     c, n = vals["compute"], vals["node"]
     backend = d["compute"].get("backend", "numpy")
     if backend not in ("numpy", "cupy"):
@@ -201,7 +225,7 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         transcendental_rate=number("compute", "transcendental_rate", c["transcendental_rate"]),
         scatter_rate=number("compute", "scatter_rate", c["scatter_rate"]),
         elementwise_bw=table("compute", "elementwise_bw", c["elementwise_bw"]), links=links,
-        write_bw=number("storage", "write_bw", vals["storage"]["write_bw"]), backend=backend, path=where,
+        write_bw=number("storage", "write_bw", vals["storage"]["write_bw"]), backend=backend, path=where, cast=cast,
         sources=dict(d.get("sources", {})))
 
 

@@ -5,8 +5,10 @@ Each layer is an inventory of what its code does: the matmuls (shape and count: 
 BLAS call per matrix), the elementwise passes (element reads + writes of each NumPy call, over arrays of a given
 size, with the call's fixed cost), the exp/tanh elements, np.add.at's scattered rows, and the tensor-parallel
 allreduces (blocking, so on the critical path). The counts follow the code line by line; where a pass runs on an
-L2-sized chunk (GELU, AdamW, the gradient norm) the array size is the chunk's. Dropout's mask generation is not
-modelled (the validation runs have dropout 0).
+L2-sized chunk (GELU, AdamW, the gradient norm) the array size is the chunk's. bf16/fp16 (model/precision.py) add
+every conversion between float32 and the format the code makes: keep (to the format), use (back), operand and
+round_ (there and back), each priced at the cluster's cast rates (a NumPy cast to bfloat16 is compute-bound, ~10x an
+add per element). Dropout's mask generation is not modelled (the validation runs have dropout 0).
 """
 
 from __future__ import annotations
@@ -35,21 +37,45 @@ class Cost:
         return self.compute + self.tp
 
 
+ROUND_PIECE = 1 << 18  # Precision.round_ converts in pieces of this many elements
+
+
 class Pricer:
-    """The figures bound to one rank's setting: matmul dtype, bytes per element, TP group and its link, and how
-    many ranks share one device (oversubscription: compute slows by that factor)."""
+    """The figures bound to one rank's setting: matmul dtype, bytes per element, TP group and its link (already
+    shared, see search._link), how many ranks share one device (oversubscription: compute slows by that factor),
+    and low: the 2-byte format of bf16/fp16 ("bfloat16" | "float16"; None in fp32/fp64: no conversions)."""
 
     def __init__(self, cl: Cluster, dtype: str, itemsize: int, tp: int, tp_link, share: float = 1.0,
-                 rounding: bool = False):
+                 low: str | None = None):
         self.cl, self.dtype, self.it, self.tp, self.link, self.share = cl, dtype, itemsize, tp, tp_link, share
-        self.rounding = rounding  # bf16/fp16: each activation operand is rounded (astype to the format and back)
+        self.low = low
 
     def gemm(self, m: int, n: int, k: int, batch: int = 1) -> Cost:
         t = self.share * self.cl.gemm_time(self.dtype, m, n, k, batch)
-        c = Cost(t, 0.0, t)
-        if self.rounding:  # Precision.operand on the (m, k) operand: two astype passes, 4 accesses per element
-            c += self.ew(4 * m * k * batch, m * k * batch, 2)
-        return c
+        return Cost(t, 0.0, t)
+
+    # Precision's conversions (model/precision.py), nothing without a 2-byte format
+    def _cast(self, elems: float, to_low: bool, calls: float = 1.0) -> Cost:
+        if self.low is None or elems == 0:
+            return Cost()
+        return Cost(self.share * self.cl.cast_time(self.low, to_low, elems, calls))
+
+    def keep(self, elems: float) -> Cost:
+        """Precision.keep: an activation stored in the format."""
+        return self._cast(elems, True)
+
+    def use(self, elems: float) -> Cost:
+        """Precision.use: a kept activation back in float32."""
+        return self._cast(elems, False)
+
+    def operand(self, elems: float) -> Cost:
+        """Precision.operand: rounded to the format and back, in a new array."""
+        return self._cast(elems, True) + self._cast(elems, False)
+
+    def round_(self, elems: float) -> Cost:
+        """Precision.round_: in place, a piece at a time (each piece there and back)."""
+        pieces = max(1, -(-int(elems) // ROUND_PIECE))
+        return self._cast(elems, True, pieces) + self._cast(elems, False, pieces)
 
     def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
         return Cost(self.share * self.cl.pass_time(accesses, self.it, elems, calls))
@@ -94,22 +120,28 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
     tp, it = p.tp, p.it
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
-    c = _layernorm_fwd(p, n)
+    c = _layernorm_fwd(p, n) + p.keep(n)  # ln_1 (its xhat kept in the format)
+    c += p.keep(n) + p.use(n)  # ColumnParallelLinear: the input kept, then used
     c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
-    c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl)  # split_heads copy, q *= scale
+    c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)  # split_heads copy, q *= scale, round_
     for q0, q1 in query_blocks(T):
         s = b * h * (q1 - q0) * q1
         c += p.gemm(q1 - q0, q1, hd, b * h) + p.gemm(q1 - q0, hd, q1, b * h)
         # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
         c += p.ew(9 * s, s, 6) + p.exp(s)
+        c += p.round_(s) + p.round_(s) + p.keep(s)  # round_(att), round_(used), keep(att)
+    c += p.keep(3 * nl)  # the head-split qkv kept
     c += p.ew(2 * nl, nl)  # merge_heads copy
+    c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
     c += p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)  # proj, bias, residual
-    c += _layernorm_fwd(p, n)
+    c += _layernorm_fwd(p, n) + p.keep(n)
+    c += p.keep(n) + p.use(n)
     c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
     # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2)
     c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.exp(4 * nl)
+    c += p.keep(4 * nl) + p.use(4 * nl)
     c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
-    return c
+    return c + p.keep(4 * nl) + p.keep(4 * nl)  # the cache keeps f and GELU's tanh in the format
 
 
 def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost:
@@ -117,32 +149,38 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
     c = Cost()
-    # mlp_proj: weight gradient, bias (row sums), input gradient
+    # mlp_proj: its gradient as an operand, its input used; weight gradient, bias (row sums), input gradient
+    c += p.operand(n) + p.use(4 * nl)
     c += p.gemm(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C) + p.ew(n, n) + p.gemm(N, 4 * C // tp, C)
-    # GELU backward by chunks: 11 passes, 26 accesses per element
-    c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
+    # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
+    c += p.use(4 * nl) + p.use(4 * nl) + p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
+    c += p.operand(4 * nl) + p.use(n)  # fc
     c += p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp) + p.ew(4 * nl, 4 * nl)
     c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it)
-    c += _layernorm_bwd(p, n) + p.ew(3 * n, n)  # ln_2, dx +=
+    c += p.use(n) + _layernorm_bwd(p, n) + p.ew(3 * n, n)  # ln_2, dx +=
+    c += p.operand(n) + p.use(nl)  # attn_proj
     c += p.gemm(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n) + p.gemm(N, C // tp, C)
-    c += p.ew(2 * nl, nl)  # dyh copy
+    c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
+        c += p.use(s)  # the probabilities
         c += p.gemm(q1, hd, qb, b * h) + p.gemm(qb, q1, hd, b * h)  # dv, datt
-        c += p.ew(7 * s, s, 4)  # rowdot einsum (2), -= (2), *= att (3)
+        c += p.ew(7 * s, s, 4) + p.round_(s)  # rowdot einsum (2), -= (2), *= att (3); round_(datt)
         c += p.gemm(qb, hd, q1, b * h) + p.gemm(q1, hd, qb, b * h)  # dq, dk
         if i > 0:  # later blocks add into dv and dk
             c += p.ew(6 * kv, kv, 2)
     c += p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl)  # dq *= scale, transposed copy
+    c += p.operand(3 * nl) + p.use(n)  # qkv
     c += p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp) + p.ew(3 * nl, 3 * nl)
     c += p.gemm(N, C, 3 * C // tp) + p.allreduce(n * it)
-    c += _layernorm_bwd(p, n) + p.ew(3 * n, n)
+    c += p.use(n) + _layernorm_bwd(p, n) + p.ew(3 * n, n)
     return c
 
 
 def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    c = _layernorm_fwd(p, n) + p.gemm(N, Vl, C)
+    c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)  # ln_f's xhat; xf2 as operand, then kept
+    c += p.gemm(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
     for _ in range(3):  # max, target logit, sum of exp: N values each
@@ -152,9 +190,9 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
 
 def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    c = p.ew(2 * N * Vl, N * Vl)  # probabilities *= scale / N
+    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)  # probabilities *= scale / N, rounded; xf2 used
     c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.allreduce(n * p.it)
-    return c + _layernorm_bwd(p, n)
+    return c + p.use(n) + _layernorm_bwd(p, n)
 
 
 def embedding_forward(p: Pricer, b: int, T: int, C: int) -> Cost:
@@ -172,7 +210,8 @@ def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
 
 def chunk_costs(cfg: ModelConfig, p: Pricer, b: int, n_blocks: int, embedding: bool, head: bool,
                 recompute: str = "none") -> dict:
-    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk."""
+    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, and
+    the parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating)."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     f = Cost()
     if embedding:
@@ -195,8 +234,9 @@ def chunk_costs(cfg: ModelConfig, p: Pricer, b: int, n_blocks: int, embedding: b
         if embedding:
             c += embedding_backward(p, b, T, C)
         out[key] = c
-    out["head_B"] = head_backward(p, b, T, C, V, True) if head else Cost()
-    out["block_B"] = block_backward(p, b, T, C, H, True) + (bf if recompute == "block" else Cost())
+    for key, acc in (("", False), ("+", True)):
+        out["head_B" + key] = head_backward(p, b, T, C, V, acc) if head else Cost()
+        out["block_B" + key] = block_backward(p, b, T, C, H, acc) + (bf if recompute == "block" else Cost())
     return out
 
 
@@ -206,6 +246,13 @@ def optimizer_time(p: Pricer, owned: int) -> float:
     if owned == 0:
         return 0.0
     return p.ew(7 * owned, owned, 0).compute + p.chunked(31, owned, 13, ADAM_CHUNK).compute
+
+
+def refresh_time(p: Pricer, elems: int) -> float:
+    """GPT.refresh_compute after the step (bf16/fp16): the rank's weights rounded into the compute copy, by
+    pieces of 2^20 elements (each Precision.operand: there and back)."""
+    pieces = max(1, -(-elems // (1 << 20)))
+    return (p._cast(elems, True, pieces) + p._cast(elems, False, pieces)).compute
 
 
 def norm_time(p: Pricer, elems: int) -> float:

@@ -19,7 +19,7 @@ from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import param_specs
 from hpc_llm.parallel.schedule import Timing
 from hpc_llm.plan import cluster as K
-from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time
+from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time, refresh_time
 from hpc_llm.plan.memory import Bytes, Layout, bucket_elems, grad_sync, max_rank_memory, specs_of, stage_plan
 from hpc_llm.plan.simulate import simulate_costs
 
@@ -30,6 +30,7 @@ PRECISIONS = {"fp32": ("float32", Bytes.of(4)), "fp64": ("float64", Bytes.of(8))
               "bf16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
               "fp16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
               "bf16-tc": ("bfloat16", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4))}
+LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}  # the 2-byte format each converts to
 
 
 def precision_of(dtype: str) -> str:
@@ -65,6 +66,30 @@ def _levels(cl: K.Cluster, lay: Layout, share: float = 1.0) -> dict:
     return {"tp": level(lay.tp), "dp": level(lay.dp * lay.tp), "pp": level(lay.ranks)}
 
 
+def _link(cl: K.Cluster, level: str, share: float) -> K.Link:
+    """The link as one rank sees it when `share` ranks share a device: they share its cores (on a CPU the MPI
+    library's copies and polling are the rank's own cycles) or its link, so a collective takes `share` times as
+    long, as compute does (validation: 4 ranks on 2 cores take twice the 2-rank step, communication included)."""
+    link = cl.link(level)
+    if share == 1:
+        return link
+    return K.Link(link.latency_s * share, link.bw / share, link.nb_bw / share, link.overlap)
+
+
+def memory_of(cfg: ModelConfig, lay: Layout, cl: K.Cluster, precision: str, pp_layers=(), writer: str = "gather",
+              checkpoint_memory: bool = True):
+    """-> (stage, RankMemory) of the stage with the largest peak: what predict reports, without the time."""
+    return max_rank_memory(cfg, lay, PRECISIONS[precision][1], pp_layers=pp_layers, runtime=int(cl.runtime_bytes),
+                           writer=writer, save_on_device=checkpoint_memory and cl.backend == "numpy")
+
+
+def resolve_precision(cfg: ModelConfig, precision: str | None) -> str:
+    precision = precision or precision_of(cfg.dtype)
+    if precision == "fp32" and cfg.dtype == "float64":  # train.precision "fp32" means the model's dtype throughout
+        precision = "fp64"
+    return precision
+
+
 def flops_per_token(cfg: ModelConfig) -> float:
     """GPT.flops_per_token: 6N + 12 L T C, N without the position embedding."""
     n = sum(math.prod(s.shape) for s in param_specs(cfg) if s.name != "wpe.weight")
@@ -73,21 +98,26 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 def predict(cfg: ModelConfig, lay: Layout, cl: K.Cluster, precision: str | None = None, share: float = 1.0,
             checkpoint_interval: int = 0, max_iters: int = 0, pp_layers=(), writer: str = "gather",
-            checkpoint_memory: bool = True) -> Prediction:
+            checkpoint_memory: bool = True, memory=None) -> Prediction:
     """checkpoint_memory: count the save's scratch and assembly against the device (they are host arrays: on a
-    CuPy cluster they never are; False also for planning training alone)."""
-    precision = precision or precision_of(cfg.dtype)
-    if precision == "fp32" and cfg.dtype == "float64":  # train.precision "fp32" means the model's dtype throughout
-        precision = "fp64"
+    CuPy cluster they never are; False also for planning training alone). memory: memory_of(...) if already
+    known (the search computes it first, to skip the layouts that do not fit)."""
+    precision = resolve_precision(cfg, precision)
     gdtype, by = PRECISIONS[precision]
     lv = _levels(cl, lay, share)
-    links = {g: (cl.link(lv[g]) if n > 1 else None) for g, n in (("tp", lay.tp), ("dp", lay.dp), ("pp", lay.pp))}
-    pr = Pricer(cl, gdtype, by.compute, lay.tp, links["tp"], share, rounding=by.act != by.compute)
+    links = {g: (_link(cl, lv[g], share) if n > 1 else None)
+             for g, n in (("tp", lay.tp), ("dp", lay.dp), ("pp", lay.pp))}
+    pr = Pricer(cl, gdtype, by.compute, lay.tp, links["tp"], share, low=LOW.get(precision))
     b, T, C = lay.rows, cfg.block_size, cfg.n_embd
     S = lay.pp * lay.virtual
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
     layers = plans[0].layers
-    costs = [chunk_costs(cfg, pr, b, len(layers[v]), v == 0, v == S - 1, lay.recompute) for v in range(S)]
+    same = {}  # the middle virtual stages are alike: price each kind of chunk once
+    for v in range(S):
+        key = (len(layers[v]), v == 0, v == S - 1)
+        if key not in same:
+            same[key] = chunk_costs(cfg, pr, b, key[0], key[1], key[2], lay.recompute)
+    costs = [same[(len(layers[v]), v == 0, v == S - 1)] for v in range(S)]
     msg = b * T * C * by.compute
     t_comm = K.p2p(msg, links["pp"].latency_s, links["pp"].bw) if lay.pp > 1 else 0.0
 
@@ -95,15 +125,18 @@ def predict(cfg: ModelConfig, lay: Layout, cl: K.Cluster, precision: str | None 
         return costs[v]["F" if kind == "F" else ("B+" if later else "B")].total
 
     timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
+    events = [[] for _ in range(lay.pp)]  # each rank's events, in its order (one pass, not one per rank)
+    for e in timing.events:
+        events[e.rank].append(e)
     n_total = sum(math.prod(s.shape) for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0)))
     per_stage = []
     for s in range(lay.pp):
-        per_stage.append(_stage_tail(cfg, lay, cl, pr, by, s, plans[s], costs, timing, links))
+        per_stage.append(_stage_tail(cfg, lay, pr, by, s, plans[s], costs, events[s], links))
     crit = max(range(lay.pp), key=lambda s: per_stage[s]["sync_at"])
     sync_at = per_stage[crit]["sync_at"]
     scalars = 0.0
     if lay.ranks > 1:  # the loss and the norm: world / model-parallel scalar allreduces
-        world_link = cl.link(_levels(cl, lay, share)["pp"])
+        world_link = _link(cl, lv["pp"], share)
         scalars = 2 * K.allreduce(8, lay.ranks, world_link.latency_s, world_link.bw)
     post = max(per_stage[s]["optimizer"] + per_stage[s]["zero_gather"] for s in range(lay.pp))
     interval = checkpoint_interval or max_iters
@@ -112,35 +145,34 @@ def predict(cfg: ModelConfig, lay: Layout, cl: K.Cluster, precision: str | None 
         file_bytes = 3 * n_total * by.param  # params + Adam m and v, full tensors
         gather = 0.0
         if lay.ranks > 1:
-            link = cl.link(_levels(cl, lay, share)["pp"])
+            link = _link(cl, lv["pp"], share)
             gather = file_bytes * (1 - 1 / lay.ranks) / link.bw
         ckpt = (file_bytes / cl.write_bw + gather) / interval
     busy = timing.busy[crit]
-    tp_time = sum(costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == "F" else "B"].tp
-                  for e in timing.events if e.rank == crit)
+    tp_time = sum(costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == "F" else "B"].tp for e in events[crit])
     step = sync_at + scalars + post + ckpt
     t = {"step": step, "compute": busy - tp_time, "tp_comm": tp_time,
-         "pipeline_wait": timing.rank_end(crit) - busy, "emb_allreduce": per_stage[crit]["emb"],
+         "pipeline_wait": per_stage[crit]["end"] - busy, "emb_allreduce": per_stage[crit]["emb"],
          "dp_exposed": per_stage[crit]["dp_exposed"], "dp_hidden": per_stage[crit]["dp_hidden"],
          "scalars": scalars, "optimizer": per_stage[crit]["optimizer"], "zero_gather": per_stage[crit]["zero_gather"],
          "checkpoint": ckpt}
     tokens = lay.batch_size * lay.micro_batches * T
     devices = lay.ranks / share
     peak = max(r for _, r in cl.gemm[gdtype])
-    mem_stage, mem = max_rank_memory(cfg, lay, by, pp_layers=pp_layers, runtime=int(cl.runtime_bytes), writer=writer,
-                                     save_on_device=checkpoint_memory and cl.backend == "numpy")
+    mem_stage, mem = memory or memory_of(cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory)
     return Prediction(lay, precision, mem.breakdown(), mem_stage, t, tokens / step,
                       flops_per_token(cfg) * tokens / step / (devices * peak), timing.bubble, timing)
 
 
-def _stage_tail(cfg, lay, cl, pr, by, s, plan, costs, timing, links) -> dict:
-    """After the stage's last op: the embedding allreduce, the data-parallel reduction (what hides behind the last
-    backwards and what is left), and the optimizer, for data-parallel rank 0 (the largest ZeRO-1 pieces)."""
+def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
+    """After the stage's last op (events: its ops, timed): the embedding allreduce, the data-parallel reduction
+    (what hides behind the last backwards and what is left), and the optimizer (and with bf16/fp16 the compute
+    copy's refresh), for data-parallel rank 0 (the largest ZeRO-1 pieces)."""
     specs = specs_of(cfg, lay.tp, plan)
     n = sum(x.size for x in specs)
     sync = grad_sync(n, lay.dp, 0, bucket_elems(lay.bucket_mb, by.grad), lay.zero == 1)
     owned = sum(b - a for a, b in sync.owned)
-    end = timing.rank_end(s)
+    end = max((e.end for e in events), default=0.0)
     emb = 0.0
     if lay.pp > 1 and (s == 0 or s == lay.pp - 1):
         wte = cfg.padded_vocab // lay.tp * cfg.n_embd * by.grad
@@ -151,17 +183,18 @@ def _stage_tail(cfg, lay, cl, pr, by, s, plan, costs, timing, links) -> dict:
         offset = {x.name: x.offset for x in specs}
         reports = []  # (time, offset): grad_ready calls during each chunk's last backward
         last_b = {}
-        for e in timing.events:
-            if e.rank == s and e.op.kind == "B":
+        for e in events:
+            if e.op.kind == "B":
                 last_b[e.op.chunk] = e
+        acc = "+" if lay.micro_batches > 1 else ""  # the last backward accumulates unless it is the only one
         for c, e in last_b.items():
             v = plan.chunks[c]
             t = e.start
             if v == plan.n_virtual - 1:
-                t += costs[v]["head_B"].total
+                t += costs[v]["head_B" + acc].total
                 reports.append((t, offset["ln_f.weight"]))
             for i in reversed(plan.layers[v]):
-                t += costs[v]["block_B"].total
+                t += costs[v]["block_B" + acc].total
                 reports.append((t, offset[f"h.{i}.attn.c_attn.weight"]))
         bg_end, exposed_nb, blocking, hidden = 0.0, 0.0, 0.0, 0.0
         for (a, b_), counts in zip(sync.buckets, sync.counts):
@@ -184,9 +217,9 @@ def _stage_tail(cfg, lay, cl, pr, by, s, plan, costs, timing, links) -> dict:
     if lay.zero and lay.dp > 1:
         link = links["dp"]
         zero_gather = sum(K.allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw) for a, b_ in sync.buckets)
-    opt = optimizer_time(pr, owned) + norm_time(pr, owned)
-    return {"sync_at": end + emb + dp_exposed, "emb": emb, "dp_exposed": dp_exposed, "dp_hidden": dp_hidden,
-            "optimizer": opt, "zero_gather": zero_gather}
+    opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, n)
+    return {"sync_at": end + emb + dp_exposed, "end": end, "emb": emb, "dp_exposed": dp_exposed,
+            "dp_hidden": dp_hidden, "optimizer": opt, "zero_gather": zero_gather}
 
 
 # -- the search ----------------------------------------------------------------------------------------------------
@@ -232,7 +265,9 @@ def layouts(cfg: ModelConfig, n_devices: int, global_batch: int, bucket_mb: floa
 def search(cfg: ModelConfig, cl: K.Cluster, n_devices: int, global_batch: int, precisions=None, share: float = 1.0,
            checkpoint_interval: int = 0, max_iters: int = 0, recomputes=("none",), bucket_mb: float = 25.0,
            max_micro: int = 4096, checkpoint_memory: bool = True):
-    """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible)."""
+    """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible). Each layout's memory comes
+    first: one that does not fit is rejected before its schedule is simulated (memory does not depend on time, so
+    the answer is the same as predicting every layout: tests/test_plan.py)."""
     if n_devices < 1:
         raise UserError(f"--gpus: expected a positive integer, got {n_devices}")
     if global_batch < 1:
@@ -246,15 +281,16 @@ def search(cfg: ModelConfig, cl: K.Cluster, n_devices: int, global_batch: int, p
         if lay.micro_batches > max_micro:
             continue
         for prec in precisions:
-            p = predict(cfg, lay, cl, prec, share, checkpoint_interval, max_iters,
-                        checkpoint_memory=checkpoint_memory)
-            limit = cl.memory_bytes
-            if p.memory["peak"] > limit:
-                big = max((k for k in p.memory if k != "peak"), key=lambda k: p.memory[k])
-                bad.append((lay, f"{describe(lay)} {prec}: memory {p.memory['peak'] / 1e9:.2f} GB per rank > "
-                                 f"{limit / 1e9:.2f} GB per device (largest: {big} {p.memory[big] / 1e9:.2f} GB)"))
+            memory = memory_of(cfg, lay, cl, resolve_precision(cfg, prec), checkpoint_memory=checkpoint_memory)
+            mem, limit = memory[1].breakdown(), cl.memory_bytes
+            if mem["peak"] > limit:
+                counted = [k for k in mem if k != "peak" and (memory[1].save_on_device or not k.startswith("checkp"))]
+                big = max(counted, key=lambda k: mem[k])  # the largest term the peak counts
+                bad.append((lay, f"{describe(lay)} {prec}: memory {mem['peak'] / 1e9:.2f} GB per rank > "
+                                 f"{limit / 1e9:.2f} GB per device (largest: {big} {mem[big] / 1e9:.2f} GB)"))
                 continue
-            ok.append(p)
+            ok.append(predict(cfg, lay, cl, prec, share, checkpoint_interval, max_iters,
+                              checkpoint_memory=checkpoint_memory, memory=memory))
     if not ok:
         if not bad:
             raise UserError(f"--gpus {n_devices}: no layout (no micro-batch count up to {max_micro} fits "
