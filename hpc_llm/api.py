@@ -47,11 +47,22 @@ def model_from_checkpoint(saved: ckpt.Checkpoint, backend: str = "numpy", dtype:
 
 def load_tokenizer(path):
     """The tokenizer the checkpoint's model was trained with."""
-    saved = ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False)
-    return tokenizer_from_meta(saved.state["tokenizer"])
+    return _tokenizer(ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False))
 
 
 def load_model_and_tokenizer(path, backend: str = "numpy"):
     """Both from one read of the checkpoint (what `hpc-llm generate` needs)."""
     saved = ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False)
-    return model_from_checkpoint(saved, backend), tokenizer_from_meta(saved.state["tokenizer"])
+    return model_from_checkpoint(saved, backend), _tokenizer(saved)
+
+
+def _tokenizer(saved: ckpt.Checkpoint):
+    meta = saved.state.get("tokenizer")
+    if isinstance(meta, dict) and meta.get("tokenizer") == "gpt2-bpe":  # hpc_llm/gpt2_import.py
+        raise UserError(f"{saved.path}: imported GPT-2 weights, whose tokenizer (gpt2-bpe) hpc_llm does not "
+                        "include: tokenize with your own tool and use the Python API on token ids")
+    try:
+        return tokenizer_from_meta(meta if isinstance(meta, dict) else {})
+    except UserError as e:  # its messages name meta.json, whose copy the checkpoint's state holds
+        raise UserError(f"{saved.path}: the tokenizer recorded in the checkpoint: "
+                        f"{str(e).removeprefix('meta.json: ')}") from None

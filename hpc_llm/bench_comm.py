@@ -11,6 +11,14 @@ collective and each size S (bytes of float32), K timed iterations after a warm-u
     allgather       Comm.allgather_(buf, counts)           plain: comm.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)])
     reduce_scatter  Comm.ireduce_scatter_(buf, counts)     plain: comm.Ireduce_scatter(buf, recv, counts).Wait()
                     .wait()
+    allreduce_bf16  compression.Reduce16(buf, bf16).wait() plain: comm.Allreduce(MPI.IN_PLACE, buf) (fp32, the
+    allreduce_fp16  (the same with fp16)                          reduction it replaces)
+
+The 16-bit reductions (parallel.grad_comm = bf16/fp16 without ZeRO-1: the buffer rounded to 16 bits, an alltoallv of
+the pieces, fp32 sums, an allgatherv of the rounded sums) reduce the same S/4 float32 values, but their S, the bytes
+actually sent, is the 16-bit buffer's: S/2 (the `bytes` column; `fp32_bytes` in --json keeps the float32 size); busbw
+is counted as an allreduce's, algbw * 2(n-1)/n, of those bytes. Their ours/plain is the time against the fp32
+Allreduce of the same values: below 1, the 16-bit reduction is faster than the uncompressed one.
 
 `buf` is the full S-byte buffer in every case; for allgather and reduce-scatter each rank's piece is S/n, so S is the
 total size as nccl-tests counts it (`count per rank * sizeof(float) * n`). Comm has no blocking reduce-scatter, so
@@ -43,7 +51,8 @@ import numpy as np
 
 from hpc_llm.errors import UserError
 
-COLLECTIVES = ("allreduce", "iallreduce", "allgather", "reduce_scatter")
+COLLECTIVES = ("allreduce", "iallreduce", "allgather", "reduce_scatter", "allreduce_bf16", "allreduce_fp16")
+REDUCE16 = ("allreduce_bf16", "allreduce_fp16")
 COMMS = ("world", "tp", "dp")
 FLOOR_BYTES = 64 << 20  # the size at which the wrapper is held to the plain call (within FLOOR_TOLERANCE)
 FLOOR_TOLERANCE = 1.05
@@ -54,7 +63,7 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 def bus_factor(collective: str, n: int) -> float:
     """busbw / algbw for a collective over n ranks (nccl-tests' PERFORMANCE.md)."""
-    if collective in ("allreduce", "iallreduce"):
+    if collective in ("allreduce", "iallreduce") + REDUCE16:
         return 2.0 * (n - 1) / n
     if collective in ("allgather", "reduce_scatter"):
         return (n - 1) / n
@@ -112,6 +121,13 @@ def _calls(comm, collective: str, buf: np.ndarray, counts: list[int]):
     from mpi4py import MPI
 
     raw = comm.mpi
+    if collective in REDUCE16:
+        from hpc_llm.parallel.compression import Reduce16, comm_dtype
+
+        low, gather = comm_dtype(collective[-4:]), comm.dup(comm.name)  # as GradientSync: the allgathers apart
+        counts = [len(buf) // comm.size + (r < len(buf) % comm.size) for r in range(comm.size)]
+        return (lambda: Reduce16(comm, buf, counts, low, False, collective, gather).wait(),
+                lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
     if collective == "allreduce":
         return (lambda: comm.allreduce_(buf),
                 lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
@@ -164,10 +180,11 @@ def measure(world, comm, collective: str, nbytes: int, iters: int, warmup: int) 
     ours, plain = _calls(comm, collective, buf, counts)
     t = time_pair(world, ours, plain, iters, warmup)
     med, med_plain = float(np.median(t[0])), float(np.median(t[1]))
-    size = count * 4
+    size = count * (2 if collective in REDUCE16 else 4)  # the bytes actually sent
     algbw, busbw = bandwidths(size, med, collective, n)
-    palgbw, pbusbw = bandwidths(size, med_plain, collective, n)
+    palgbw, pbusbw = bandwidths(count * 4, med_plain, collective, n)  # plain: always the float32 buffer
     return {"comm": comm.name, "n": n, "groups": world.size // n, "collective": collective, "bytes": size,
+            "fp32_bytes": count * 4,
             "count": count, "time_us": med * 1e6, "algbw": algbw, "busbw": busbw,
             "plain_time_us": med_plain * 1e6, "plain_algbw": palgbw, "plain_busbw": pbusbw,
             "ratio": med / med_plain, "iters": iters, "time_us_all": [x * 1e6 for x in t[0]],
@@ -177,9 +194,12 @@ def measure(world, comm, collective: str, nbytes: int, iters: int, warmup: int) 
 # -- the run -----------------------------------------------------------------------------------------------------------
 
 _PLAIN = {"allreduce": "Allreduce(IN_PLACE)", "iallreduce": "Iallreduce(IN_PLACE).Wait()",
-          "allgather": "Allgatherv(IN_PLACE)", "reduce_scatter": "Ireduce_scatter().Wait()"}
+          "allgather": "Allgatherv(IN_PLACE)", "reduce_scatter": "Ireduce_scatter().Wait()",
+          "allreduce_bf16": "fp32 Allreduce(IN_PLACE)", "allreduce_fp16": "fp32 Allreduce(IN_PLACE)"}
 _OURS = {"allreduce": "Comm.allreduce_", "iallreduce": "Comm.iallreduce_ + wait",
-         "allgather": "Comm.allgather_", "reduce_scatter": "Comm.ireduce_scatter_ + wait"}
+         "allgather": "Comm.allgather_", "reduce_scatter": "Comm.ireduce_scatter_ + wait",
+         "allreduce_bf16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in bf16",
+         "allreduce_fp16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in fp16"}
 _HEAD = (f"{'size':>10} {'bytes':>11} {'count':>10} {'time(us)':>11} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11}"
          f" {'plain(us)':>11} {'plain busbw':>11} {'ours/plain':>10}")
 

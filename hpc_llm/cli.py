@@ -1,8 +1,10 @@
 """`hpc-llm prepare | train | generate | inspect | import-gpt2 | plan | bench comm | bench calibrate` (also
 `python -m hpc_llm`).
 
-Exit status: 0 done; 2 a user error (UserError: one line, `hpc-llm: error: ...`); 75 `train` stopped by SIGUSR1 or
-SIGTERM after writing a checkpoint (resume with `--resume auto`); anything else is a bug and keeps its traceback.
+Exit status: 0 done; 2 a user error (UserError: one line, `hpc-llm: error: ...`, on every rank); 75 `train` stopped
+by SIGUSR1 or SIGTERM after writing a checkpoint (resume with `--resume auto`); 1 a fault: one line naming the rank,
+its phase and the error (`hpc-llm: rank R failed in PHASE: ...`), after the traceback of the rank it happened on; a
+fault only one rank knows of ends the whole job through MPI_Abort (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -10,15 +12,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from hpc_llm.errors import UserError
+from hpc_llm.errors import JobError, UserError
+from hpc_llm.faults import failure_line, launcher_rank
+
+
+def _need_directory_of(path: str, flag: str) -> None:
+    """A file the verb writes at its end: its directory must exist before any work starts."""
+    from pathlib import Path
+
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
 
 
 def _prepare(args) -> None:
     from hpc_llm import data
 
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction: expected a number strictly between 0 and 1, got {args.val_fraction}")
+    if args.max_bytes < 1:
+        raise UserError(f"--max-bytes: expected a positive integer, got {args.max_bytes}")
     if args.stdlib:
         if args.inputs:
             raise UserError("prepare: give input paths or --stdlib, not both")
@@ -34,16 +49,21 @@ def _prepare(args) -> None:
 
 
 def _train(args) -> None:
-    from hpc_llm.config import load_config
-    from hpc_llm.train import EXIT_PREEMPTED, train
+    from hpc_llm.stop import EXIT_PREEMPTED, StopRequest
 
-    from hpc_llm.parallel.comm import world_comm
+    with StopRequest() as stop:  # first: a stop signal during start-up is kept, and honoured at step 0
+        from hpc_llm.faults import inject
 
-    # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
-    # print, so every rank reads and validates the config, then all raise the same error together
-    cfg = world_comm().agree(lambda: load_config(args.config, args.set))
-    summary = train(cfg, resume=args.resume)
-    if _world_rank() == 0:
+        inject("startup")
+        from hpc_llm.config import load_config
+        from hpc_llm.parallel.comm import world_comm
+        from hpc_llm.train import train
+
+        # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
+        # print, so every rank reads and validates the config, then all raise the same error together
+        cfg = world_comm().agree(lambda: load_config(args.config, args.set))
+        summary = train(cfg, resume=args.resume, stop=stop)
+    if launcher_rank() == 0:
         print(json.dumps(summary))
     return EXIT_PREEMPTED if summary["stopped_by"] else 0
 
@@ -52,10 +72,16 @@ def _generate(args) -> None:
     import numpy as np
 
     from hpc_llm.api import load_model_and_tokenizer
-    from hpc_llm.generate import generate
+    from hpc_llm.generate import check_options, generate
 
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.seed)  # before the checkpoint is read
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples: expected a positive integer, got {args.num_samples}")
     model, tok = load_model_and_tokenizer(args.checkpoint, backend=args.backend)
-    prompt = tok.encode(args.prompt or "\n")
+    try:
+        prompt = tok.encode(args.prompt or "\n")
+    except UserError as e:
+        raise UserError(f"--prompt: {e}") from None
     out = generate(model, np.asarray(prompt)[None].repeat(args.num_samples, 0), args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     for i, row in enumerate(out):
@@ -80,6 +106,8 @@ def _import_gpt2(args) -> None:
 def _bench_comm(args) -> None:
     from hpc_llm.bench_comm import run_from_args
 
+    if args.json:
+        _need_directory_of(args.json, "--json")
     run_from_args(args)
 
 
@@ -93,7 +121,7 @@ def _bench_calibrate(args) -> None:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
     fig, notes = calibrate(out.parent)
-    if _world_rank() == 0:
+    if launcher_rank() == 0:
         cluster_from_dict(fig, str(out))  # what we write must load
         out.write_text(to_toml(fig, "written by `hpc-llm bench calibrate`: " + notes))
         print(f"wrote {out} ({notes})")
@@ -102,9 +130,19 @@ def _bench_calibrate(args) -> None:
 def _plan(args) -> None:
     import json as _json
 
+    import math
+
     from hpc_llm.plan import search as S
     from hpc_llm.plan.cluster import load_cluster
 
+    for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch), ("--max-micro", args.max_micro),
+                        ("--top", args.top)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: expected a positive integer, got {value}")
+    if not (math.isfinite(args.ranks_per_device) and args.ranks_per_device > 0):
+        raise UserError(f"--ranks-per-device: expected a positive number, got {args.ranks_per_device}")
+    if args.timeline:
+        _need_directory_of(args.timeline, "--timeline")
     cl = load_cluster(args.cluster)
     if args.compare:
         from hpc_llm.plan.compare import compare, format_compare
@@ -154,16 +192,16 @@ def _plan_config(args):
     return cfg
 
 
-def _world_rank() -> int:
-    """This process's rank under mpiexec/srun (from the launcher's environment, before MPI is initialised)."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an argument missing, an int that is not one, a choice not offered) printed as every user
+    error is: one line, exit 2 (argparse's usage block would make it several, on every rank)."""
+
+    def error(self, message):
+        self.exit(2, f"hpc-llm: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpc-llm", description=__doc__.splitlines()[0])
+    p = _Parser(prog="hpc-llm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", help="text files/folders -> token files (train.bin, val.bin, meta.json)")
@@ -212,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: train.precision (fp32 and bf16 searched); bf16-tc: bf16 with tensor-core GEMMs "
                    "(not in the code yet)")
     s.add_argument("--ranks-per-device", type=float, default=1.0,
-                   help="ranks sharing one device (oversubscribed: compute slows by this factor)")
+                   help="ranks sharing one device (oversubscribed: compute and collectives slow by this factor)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     s.add_argument("--max-micro", type=int, default=4096, help="the most micro-batches per step searched")
     s.add_argument("--no-checkpoint-memory", action="store_true",
@@ -239,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if _world_rank() == 0 else logging.WARNING, format="%(message)s",
+    logging.basicConfig(level=logging.INFO if launcher_rank() == 0 else logging.WARNING, format="%(message)s",
                         stream=sys.stdout)
     try:
         return args.func(args) or 0
@@ -247,18 +285,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hpc-llm: error: {e}\n")  # one write: MPI launchers interleave ranks' partial lines
         sys.stderr.flush()
         return 2
-    except Exception:
+    except JobError as e:  # every rank knows (agreed): each exits 1 by itself, rank 0 says why
+        if launcher_rank() == 0:
+            sys.stderr.write(f"hpc-llm: {e}\n")
+            sys.stderr.flush()
+        return 1
+    except Exception as e:
         # a bug or a fault on this rank only: its peers may be waiting for it in a collective or a receive, and
         # MPI_Finalize at exit would wait for them in turn; abort the job instead of leaving it hung
+        import traceback
+
+        sys.stderr.write(traceback.format_exc() + f"hpc-llm: {failure_line(e)}\n")
+        sys.stderr.flush()
         if "mpi4py.MPI" in sys.modules:
-            import traceback
+            from hpc_llm.faults import abort_job
 
-            from hpc_llm.parallel.comm import abort_world
-
-            sys.stderr.write(f"hpc-llm: rank {_world_rank()}: {traceback.format_exc()}")
-            sys.stderr.flush()
-            abort_world(1)
-        raise
+            abort_job(1)
+        return 1
 
 
 if __name__ == "__main__":

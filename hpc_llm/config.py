@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,6 +65,11 @@ class TrainConfig:
     loss_scale_init: float = 65536.0  # fp16's dynamic loss scale: its start (2^16, as PyTorch's GradScaler)
     loss_scale_window: int = 1000  # fp16: clean steps in a row before the scale doubles (Megatron's window)
     peak_tflops: float = 0.0  # MFU denominator per rank (summed over ranks); 0: measure a float32 matmul at start
+    # a step whose loss or gradient norm is not finite is skipped on every rank; this many in a row stop the run with
+    # a checkpoint of the last good state (fp16's loss-scaler overflows are counted apart: they are expected)
+    max_bad_steps: int = 10
+    # > 0: also skip a step whose loss exceeds the running mean of recent losses by this many standard deviations
+    spike_sigma: float = 0.0
 
 
 @dataclass
@@ -76,6 +82,13 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     zero: int = 0  # 1: ZeRO-1, Adam moments sharded over the data-parallel group
     bucket_mb: float = 25.0  # data-parallel gradient bucket size (MiB)
+    # a rank waiting longer than this in one collective or transfer aborts the job, naming the operation; 0: never
+    comm_timeout_s: float = 600.0
+    # the data-parallel gradient reduction: "fp32" (the gradients' dtype, uncompressed), "bf16" / "fp16" (16-bit
+    # buckets, fp32 sums) or "powersgd" (low-rank, error feedback); hpc_llm/parallel/compression.py
+    grad_comm: str = "fp32"
+    powersgd_rank: int = 4  # PowerSGD's approximation rank r
+    powersgd_start: int = 0  # steps reduced uncompressed (fp32) before PowerSGD starts
 
 
 @dataclass
@@ -85,6 +98,7 @@ class CheckpointConfig:
     # "gather": rank 0 writes the file with serial h5py; "mpio": all ranks write their share of it (h5py built with
     # MPI); "auto": mpio when h5py has MPI and there are several ranks, else gather. The file is the same.
     writer: str = "auto"
+    on_error: str = "stop"  # a save that fails (disk full, I/O error): "stop" the run, or "continue" without it
 
 
 @dataclass
@@ -168,10 +182,20 @@ def parse_override(text: str) -> tuple[str, str, str]:
 def read_toml(path: str | Path, what: str) -> dict:
     """A TOML file's tables; a missing file or bad TOML is a one-line UserError naming `what` file it was."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a directory, expected a TOML file")
     if not path.is_file():
         raise UserError(f"{what} {path}: not found")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte {e.start}), expected a TOML file") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    if not text.strip():
+        raise UserError(f"{what} {path}: empty, expected TOML tables")
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{what} {path}: invalid TOML ({e})") from None
 
@@ -205,6 +229,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(f"config field {where}: expected {expected}, got {value!r}")
 
+    for section in fields(cfg):  # inf would pass the range checks below (nan fails them, less clearly)
+        for f in fields(getattr(cfg, section.name)):
+            if f.type == "float":
+                value = getattr(getattr(cfg, section.name), f.name)
+                need(math.isfinite(value), f"{section.name}.{f.name}", "a finite number", value)
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         need(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
     need(m.vocab_size >= 0, "model.vocab_size", "0 (from data) or a positive integer", m.vocab_size)
@@ -238,6 +267,8 @@ def validate(cfg: Config) -> None:
         low_dtype("bf16")  # ml_dtypes must be importable: one line otherwise
     need(t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops)
     need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+    need(bool(cfg.data.path), "data.path", "a directory path (written by `hpc-llm prepare`)", cfg.data.path)
+    need(t.seed >= 0, "train.seed", "a non-negative integer", t.seed)
     need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)
     need(par.pp >= 1, "parallel.pp", "a positive integer", par.pp)
     need(par.virtual_stages >= 1, "parallel.virtual_stages", "a positive integer", par.virtual_stages)
@@ -246,6 +277,22 @@ def validate(cfg: Config) -> None:
     check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
     need(par.zero in (0, 1), "parallel.zero", "0 or 1", par.zero)
     need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
+    need(par.comm_timeout_s >= 0, "parallel.comm_timeout_s", "a non-negative number of seconds (0: no watchdog)",
+         par.comm_timeout_s)
+    need(par.grad_comm in ("fp32", "bf16", "fp16", "powersgd"), "parallel.grad_comm",
+         '"fp32", "bf16", "fp16" or "powersgd"', par.grad_comm)
+    need(par.grad_comm not in ("bf16", "fp16") or m.dtype == "float32", "parallel.grad_comm",
+         f'"fp32" or "powersgd" with model.dtype={m.dtype} (16-bit gradient communication needs float32 training)',
+         par.grad_comm)
+    if par.grad_comm == "bf16":
+        from hpc_llm.model.precision import low_dtype
+
+        low_dtype("bf16")  # ml_dtypes must be importable: one line otherwise
+    need(par.powersgd_rank >= 1, "parallel.powersgd_rank", "a positive integer", par.powersgd_rank)
+    need(par.powersgd_start >= 0, "parallel.powersgd_start", "a non-negative integer", par.powersgd_start)
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "a positive integer", t.max_bad_steps)
+    need(t.spike_sigma >= 0, "train.spike_sigma", "a non-negative number (0: no spike guard)", t.spike_sigma)
+    need(c.on_error in ("stop", "continue"), "checkpoint.on_error", '"stop" or "continue"', c.on_error)
     need(c.interval >= 0, "checkpoint.interval", "a non-negative integer (0: only at the end)", c.interval)
     need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)
     need(c.writer in ("auto", "gather", "mpio"), "checkpoint.writer", '"auto", "gather" or "mpio"', c.writer)

@@ -165,6 +165,9 @@ def prepare(inputs: list, out_dir, tokenizer: str = "byte", val_fraction: float 
     input_list = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not input_list:
         raise UserError("prepare: no inputs given (expected at least one file or folder)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"prepare: output directory {str(out)!r} is a file, expected a directory")
     files = _expand_inputs(input_list, pattern)
 
     texts, n_skipped = [], 0
@@ -186,8 +189,10 @@ def prepare(inputs: list, out_dir, tokenizer: str = "byte", val_fraction: float 
         raise UserError(f"prepare: the corpus has only {len(ids)} tokens, too few to split with val_fraction "
                         f"{val_fraction} (both splits must be non-empty)")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"prepare: cannot create output directory {str(out)!r} ({e.strerror or e})") from None
     meta_path = out / "meta.json"
     # Remove the old meta first: until the new one is written, the directory is visibly unprepared, never a mix.
     meta_path.unlink(missing_ok=True)
@@ -250,6 +255,9 @@ class TokenData:
     def __init__(self, data_dir):
         self.path = Path(data_dir)
         hint = "(run `hpc-llm prepare` to create it)"
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"data directory {str(self.path)!r} is not a directory (expected one written by "
+                            "`hpc-llm prepare`)")
         if not self.path.is_dir():
             raise UserError(f"data directory {str(self.path)!r} does not exist {hint}")
         meta_path = self.path / "meta.json"

@@ -38,3 +38,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+class DirectoryLock:
+    """One live run per directory: a POSIX lock (lockf) on DIR/.lock, held while the process lives. The kernel drops it
+    when the process ends however it ends, so a crashed or killed run never leaves it stuck; the file's text (host,
+    pid, start time, Slurm job) only names the holder in the refusal. Filesystems without locks get a warning.
+
+    `lock(dir, what, create=False)` only tests an existing lock file (a refused run changes nothing on disk);
+    `claim()` then records this process as the holder."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def lock(cls, directory: Path, what: str, create: bool = True) -> "DirectoryLock | None":
+        import fcntl
+
+        path = Path(directory) / ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return None  # no run has locked this directory
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            from hpc_llm.errors import UserError
+
+            raise UserError(f"{what}={directory} is in use by a live run ({holder}): wait for it to end, or choose "
+                            "another directory") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem does not lock
+            import logging
+
+            logging.getLogger("hpc_llm").warning("%s: cannot lock %s (%s): nothing stops a second run from using "
+                                                 "it at the same time", what, path, e.strerror)
+        return cls(fd, path)
+
+    def claim(self) -> None:
+        import socket
+        import time
+
+        job = os.environ.get("SLURM_JOB_ID")
+        text = (f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                + (f", Slurm job {job}" if job else ""))
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode() + b"\n", 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from hpc_llm.backend import to_host
@@ -23,14 +25,23 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+def check_options(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> None:
+    """UserError, naming the option as `hpc-llm generate` spells it, unless every sampling option is in range."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens: expected a non-negative integer, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature: expected a finite non-negative number (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k: expected a positive integer, got {top_k}")
+    if seed < 0:
+        raise UserError(f"--seed: expected a non-negative integer, got {seed}")
+
+
 def generate(model: GPT, prompt: np.ndarray, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              seed: int = 0) -> np.ndarray:
     """prompt (B, T0) ids -> (B, T0 + max_new_tokens). When the context reaches block_size, the cache is rebuilt
     from the last block_size // 2 tokens (learned positions cannot slide), so long outputs stay O(T) per token."""
-    if temperature < 0:
-        raise UserError(f"--temperature: expected a non-negative number, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k: expected a positive integer, got {top_k}")
+    check_options(max_new_tokens, temperature, top_k, seed)
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise UserError("prompt: expected at least one token")

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
 from hpc_llm.bench import matmul_peak_flops
 from hpc_llm.config import Config, config_from_dict, stage_layers
 from hpc_llm.data import TokenData, check_split_size, get_batch
-from hpc_llm.errors import UserError
-from hpc_llm.fsio import atomic_write_bytes
-from hpc_llm.model.gpt import GPT, StagePlan, merge_ranges, param_specs
+from hpc_llm.errors import JobError, UserError
+from hpc_llm.faults import PHASE, WATCHDOG, inject, phase
+from hpc_llm.fsio import DirectoryLock, atomic_write_bytes
+from hpc_llm.model.gpt import GPT, StagePlan, merge_ranges
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.optim import AdamW, LossScaler, global_grad_norm, lr_at
 from hpc_llm.parallel.comm import PipelineComm
@@ -38,35 +38,11 @@ from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
 from hpc_llm.parallel.schedule import schedule
+from hpc_llm.stop import EXIT_PREEMPTED, StopRequest  # noqa: F401 - EXIT_PREEMPTED: the CLI's exit status
 
 log = logging.getLogger("hpc_llm")
 
 TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2  # sampler streams: training batches, val eval, train eval
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after writing a verified checkpoint; resume to go on
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm: --signal=B:USR1@T forwarded by the batch script; time limit
-
-
-class StopRequest:
-    """Remembers a stop signal (SIGUSR1/SIGTERM) while the loop runs. The handler only sets a flag; the ranks act on it
-    together at a step boundary (``Trainer.should_stop``), since a signal may reach them at different moments."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-            for s in STOP_SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
 
 
 @dataclass
@@ -102,6 +78,9 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop if stop is not None else StopRequest()  # train() installs its handlers before any work
         t, par = cfg.train, cfg.parallel
+        WATCHDOG.configure(par.comm_timeout_s)  # from here on no MPI wait lasts longer unnoticed
+        PHASE.name, PHASE.step = "start-up", None
+        self.lock = None  # rank 0: this run's lock on out_dir
         self.grid = grid if grid is not None else world_grid(par.tp, par.pp)
         world = self.grid.world
         self.is_root = world.rank == 0
@@ -118,23 +97,35 @@ class Trainer:
                          recompute=t.recompute == "block", precision=t.precision)
         # fp16: dynamic loss scaling; a skipped step (an overflow anywhere) counts in skipped_steps
         self.scaler = LossScaler(t.loss_scale_init, t.loss_scale_window) if t.precision == "fp16" else None
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # steps whose update was skipped (non-finite, an outlier, an fp16 overflow)
+        self.bad_in_row = 0  # skipped steps in a row, fp16 overflows the scaler can still cure not counted
+        self.spikes = SpikeGuard(t.spike_sigma)
         self.ops = schedule(par.schedule, par.pp, self.grid.pp_rank, t.grad_accum, par.virtual_stages)
         self.pipe = PipelineComm(self.grid.pp_comm, self.plan.n_virtual) if par.pp > 1 else None
         # the logged loss comes from the last stage, once per TP group
         self.reports_loss = self.model.has_head and self.grid.tp_rank == 0
         bucket_elems = int(par.bucket_mb * 2**20) // self.model.dtype.itemsize
-        self.sync = GradientSync(self.model.grad_flat, self.grid.dp_comm, bucket_elems, zero=par.zero == 1)
+        g = self.grid
+        self.sync = GradientSync(self.model.grad_flat, self.grid.dp_comm, bucket_elems, zero=par.zero == 1,
+                                 scheme=par.grad_comm, specs=self.model.specs, powersgd_rank=par.powersgd_rank,
+                                 powersgd_start=par.powersgd_start, seed=t.seed,
+                                 layout={"pp": g.pp, "dp": g.dp, "tp": g.tp, "pp_rank": g.pp_rank,
+                                         "dp_rank": g.dp_rank, "tp_rank": g.tp_rank})
         self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t, owned=self.sync.owned)
         self.norm_ranges, self.norm_comm = self._norm_ranges()
         self._check_replicas_identical("initial parameters")
         self.step = 0
         self.metrics = Metrics()
-        self._scratch_buffers: dict = {}
         self.written: set[Path] = set()  # checkpoints this run wrote and verified: pruning need not read them again
+        self.saved_step, self.saved_path = None, None  # the step the newest checkpoint of this run holds
         if saved is not None:
-            world.agree(lambda: self._restore(saved))  # reads only: no collective inside
-            self._check_replicas_identical("resumed parameters")
+            with phase("resume"):
+                inject("resume")
+                restored = self._resume(saved)  # --resume auto: the newest that verifies; none: a fresh start
+            if restored is not None:
+                self._check_replicas_identical("resumed parameters")
+                self._resumed(restored)
+        world.agree(self._claim_out_dir)  # only now: a start refused above has changed nothing on disk
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
         # MFU is against the peak of the whole job: each rank's (measured, concurrently, or given) summed
         rank_peak = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
@@ -143,6 +134,14 @@ class Trainer:
     def _load_inputs(self, resume: str | None):
         """Everything that can fail on bad input, checked before any compute (on every rank, agreed)."""
         cfg, t, par = self.cfg, self.cfg.train, self.cfg.parallel
+        if self.is_root:  # first: a live run's directory is refused before anything else
+            out = Path(t.out_dir)
+            blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                raise UserError(f"train.out_dir={t.out_dir}: {blocker} is a file, expected a directory")
+            self.lock = DirectoryLock.lock(out, "train.out_dir", create=False)
+        PHASE.name = "data loading"
+        inject("data")
         try:
             self.data = TokenData(cfg.data.path)
         except UserError as e:
@@ -175,11 +174,19 @@ class Trainer:
         if resume_path is None and ckpt.list_checkpoints(t.out_dir):
             raise UserError(f"train.out_dir={t.out_dir} already holds checkpoints of another run: resume it with "
                             f"--resume auto, or choose another train.out_dir")
-        if self.is_root:  # this run is out_dir's one writer
-            Path(t.out_dir).mkdir(parents=True, exist_ok=True)
-            ckpt.remove_interrupted_saves(t.out_dir)
-            atomic_write_bytes(Path(t.out_dir) / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         return saved
+
+    def _claim_out_dir(self) -> None:
+        """Rank 0, the run directory's one writer: create it, lock it as this run's, remove interrupted saves' files,
+        record the resolved config."""
+        if not self.is_root:
+            return
+        out = Path(self.cfg.train.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.lock = self.lock or DirectoryLock.lock(out, "train.out_dir")
+        self.lock.claim()
+        ckpt.remove_interrupted_saves(out)
+        atomic_write_bytes(out / "config.json", (json.dumps(self.cfg.to_dict(), indent=2) + "\n").encode())
 
     def _check_replicas_identical(self, what: str) -> None:
         """Data-parallel replicas must hold bitwise the same parameters (identical by construction: initialisation
@@ -212,14 +219,20 @@ class Trainer:
     # -- resume ---------------------------------------------------------------------------------------------------------
 
     def _resume_path(self, resume: str | None) -> Path | None:
+        """The file to open first: the one --resume names; for "auto" the newest in out_dir whose header checks pass
+        (no checksums: each rank checks one file's header; world rank 0 lists them all, the candidates _resume
+        broadcasts). None: nothing to resume."""
+        self._resume_auto = resume == "auto"
         if resume is None:
             return None
-        if resume == "auto":
-            found = ckpt.find_latest(Path(self.cfg.train.out_dir))
-            if found is None:
-                log.info("resume auto: no verified checkpoint in %s, starting fresh", self.cfg.train.out_dir)
-            return found
-        return Path(resume)
+        if resume != "auto":
+            return Path(resume)
+        out_dir = Path(self.cfg.train.out_dir)
+        self._resume_candidates = ckpt.resume_candidates(out_dir, first_only=not self.is_root)
+        if not self._resume_candidates:
+            log.info("resume auto: no checkpoint in %s, starting fresh", out_dir)
+            return None
+        return self._resume_candidates[0]
 
     def _open_checkpoint(self, path: Path) -> ckpt.CheckpointFile:
         """Open a checkpoint and check its header and model shape (the tensors' checksums come with _restore)."""
@@ -231,19 +244,33 @@ class Trainer:
             raise
         return saved
 
-    def restore(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint into this trainer (what --resume does at start). A corrupt file raises UserError on
-        every rank, after this trainer's state was partly overwritten: build a new Trainer then."""
-        saved = self.grid.world.agree(lambda: self._open_checkpoint(Path(path)))
-        self.grid.world.agree(lambda: self._restore(saved))
-        self._check_replicas_identical("restored parameters")
+    def _resume(self, saved: ckpt.CheckpointFile) -> Path | None:
+        """Restore what _open_checkpoint opened, on every rank (outside agree: it agrees step by step). A file named
+        by --resume: a corrupt one is a UserError on every rank. --resume auto: world rank 0's candidates (newest
+        first) are tried in turn, each that fails verification logged and skipped; none left: a fresh start (None).
+        Returns the path restored."""
+        candidates = None
+        if getattr(self, "_resume_auto", False):
+            candidates = self.grid.world.bcast_object(self._resume_candidates if self.is_root else None)
+        return ckpt.resume_trainer(self, saved, candidates)
 
-    def _scratch(self, name: str):
-        """A flat-buffer-sized array kept for checkpoint I/O (ZeRO-1 moments assembled or read): allocated once, since
-        fresh pages cost a page fault each (on a VM, several times a memcpy's time)."""
-        if name not in self._scratch_buffers:
-            self._scratch_buffers[name] = self.xp.empty_like(self.model.flat)
-        return self._scratch_buffers[name]
+    def restore(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint into this trainer (what --resume does at start): a checkpoint file (corrupt: UserError
+        on every rank, after this trainer's parameters were partly overwritten: build a new Trainer then), or a run
+        directory, as --resume auto (its newest checkpoint that verifies; none: the trainer starts fresh)."""
+        world = self.grid.world
+        if world.bcast_object(Path(path).is_dir()):
+            restored = ckpt.resume_trainer(self, None, ckpt.choose_candidates(world, Path(path)))
+        else:
+            restored = ckpt.resume_trainer(self, world.agree(lambda: self._open_checkpoint(Path(path))), None)
+        self._check_replicas_identical("restored parameters")
+        if restored is not None:
+            self._resumed(restored)
+
+    def _resumed(self, path: Path) -> None:
+        """What follows from the restored history: the step is saved already, the spike guard's window."""
+        self.saved_step, self.saved_path = self.step, Path(path)
+        self.spikes.rebuild(self.metrics.train)
 
     def _check_compatible(self, saved: ckpt.CheckpointFile) -> None:
         """The model section must match the checkpoint's; training settings may change (e.g. a longer run)."""
@@ -255,45 +282,26 @@ class Trainer:
             if getattr(mine, k) != getattr(theirs, k):
                 raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
                                 f"{getattr(mine, k)}")
+        # the data must be tokenized as the checkpoint's was: the same ids would mean other text
+        theirs_tok, mine_tok = saved.state.get("tokenizer"), self.data.tokenizer.meta()
+        if theirs_tok is not None and theirs_tok.get("tokenizer") not in ("byte", "char"):
+            # tokenized outside hpc_llm (an imported GPT-2's BPE): nothing here can check it; the user vouches
+            (log.warning if self.is_root else log.debug)(
+                "checkpoint %s was trained on %s tokens, which hpc_llm cannot check against data.path=%s (%s "
+                "tokenizer): its ids must mean the same tokens", saved.path, theirs_tok.get("tokenizer"),
+                self.data.path, mine_tok.get("tokenizer"))
+        elif theirs_tok is not None and theirs_tok != mine_tok:
+            def brief(meta: dict) -> str:
+                return f"{meta.get('tokenizer')} tokenizer, vocab {meta.get('vocab_size')}" + (
+                    f", {len(meta['chars'])} chars {meta['chars'][:20]!r}..." if "chars" in meta else "")
+
+            raise UserError(f"checkpoint {saved.path} was trained on data with the {brief(theirs_tok)}, but "
+                            f"data.path={self.data.path} has the {brief(mine_tok)}")
 
     def _restore(self, saved: ckpt.CheckpointFile) -> None:
-        """Each rank reads its own hyperslabs: its TP shard of every parameter and, of the Adam moments, the rows of
-        that shard covering the ranges it owns (ZeRO-1: about 1/dp of them); and checksums its share of the file's
-        datasets (those it read whole from the bytes it read). Run under agree(): a bad checksum on any rank fails
-        the restore on all of them."""
-        m = self.model
-        with saved:
-            saved.share(self.grid.world.rank, self.grid.world.size)
-
-            def reader(group):
-                return lambda name, index, out=None: saved.read(group, name, index, out)
-
-            m.read_flat(m.flat, reader("params"), saved.shapes["params"], f"{saved.path} parameters")
-            for slot in ("m", "v"):
-                group = f"optimizer/{slot}"
-                # without ZeRO-1 the moments are laid out like the flat buffer: read straight into them; with it,
-                # into one buffer for both (read m, keep its owned part, then v)
-                flat = self._scratch("m") if self.sync.zero else getattr(self.opt, slot)
-                m.read_flat(flat, reader(group), saved.shapes.get(group, {}), f"{saved.path} optimizer {slot}",
-                            ranges=self.sync.owned)
-                if self.sync.zero:
-                    self.opt.load_moments_flat(slot, flat)
-                    saved.settle()  # checksums still reading the buffer finish before v overwrites it
-            saved.verify_share()
-        m.refresh_compute()
-        st = saved.state
-        self.step = st["step"]
-        self.opt.t = st["adam_t"]
-        self.skipped_steps = st.get("skipped_steps", 0)
-        if self.scaler is not None and st.get("loss_scaler"):  # saved by an fp16 run; any other starts afresh
-            self.scaler.load(st["loss_scaler"])
-        for table in ("train", "eval"):
-            got = saved.metrics.get(table, {})
-            for k, column in getattr(self.metrics, table).items():
-                # a column a file from an older version lacks: its neutral value for the steps it holds
-                column[:] = (list(np.asarray(got[k]).tolist()) if k in got else
-                             [{"loss_scale": 1.0, "skipped_steps": 0}.get(k, float("nan"))] * len(got.get("step", [])))
-        log.info("resumed from %s at step %d", saved.path, self.step)
+        """Each rank reads its own hyperslabs of ``saved`` and checksums its share of the file (run under agree(): a
+        bad checksum on any rank fails the restore on all of them); checkpoint/trainer_state.py."""
+        ckpt.restore_trainer(self, saved)
 
     # -- the loop -------------------------------------------------------------------------------------------------------
 
@@ -316,8 +324,9 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches, through this rank's schedule (parallel/pipeline.py).
         Returns (mean loss, grad norm before clipping, lr), all global (the same on every rank)."""
         t, dp = self.cfg.train, self.grid.dp
+        inject("step", self.step)
         lr = lr_at(self.step, t)
-        self.sync.start()
+        self.sync.start(self.step)
         loss_scale = self.last_loss_scale = self.scaler.scale if self.scaler else 1.0
         # fp16 overflows to inf when a value is rounded to it: expected, and what the loss scaler detects
         def quiet():
@@ -329,22 +338,35 @@ class Trainer:
                                   grad_ready=self.sync.grad_ready)
         if self.grid.emb_comm is not None:  # the tied embedding's two copies: each gets the sum of both gradients
             self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
-        self.sync.finish()
-        loss = sum(losses[micro] / t.grad_accum for micro in sorted(losses))
-        loss = self.grid.world.allreduce_scalar(loss if self.reports_loss else 0.0) / dp
-        # the norm of the unscaled gradient; an inf/nan anywhere in the grid makes it (and so the verdict) non-finite
-        # on every rank alike
+        self.sync.finish(loss_scale)
+        if inject("grad", self.step):  # a test's non-finite gradient on this rank
+            self.model.grad_flat[...] = np.nan
+        # the norm of the unscaled gradient; an inf/nan anywhere in the norm's group makes it non-finite there
         with quiet():
             norm = global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm) / loss_scale
+        # the loss's world sum carries a NaN from any rank whose norm is not finite (its group may not span the
+        # data-parallel replicas): every rank then sees a non-finite loss and skips alike, at no extra message
+        loss = sum(losses[micro] / t.grad_accum for micro in sorted(losses)) if self.reports_loss else 0.0
+        loss = self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan)) / dp
+        # the verdict comes from global values, so every rank skips (or steps) alike
         finite = math.isfinite(loss) and math.isfinite(norm)
+        spike = finite and self.spikes.is_spike(loss, norm)
         if self.scaler is not None:
+            headroom = self.scaler.scale > 1  # an overflow the scaler can still cure by halving: expected
             self.scaler.update(overflow=not finite)
-            if not finite:  # fp16 overflow: skip the update on every rank; parameters and moments untouched
-                self.skipped_steps += 1
-                self.step += 1
-                return loss, norm, lr
-        elif not finite:
-            raise FloatingPointError(f"step {self.step}: loss {loss}, grad norm {norm} (lower train.lr?)")
+        if not finite or spike:  # skip the update: parameters and moments untouched
+            self.skipped_steps += 1
+            expected = not finite and self.scaler is not None and headroom
+            if not expected:
+                self.bad_in_row += 1
+                if self.is_root:
+                    log.warning("step %d: loss %s, grad norm %s: %s, step skipped (%d in a row; train.max_bad_steps="
+                                "%d)", self.step, loss, norm, "an outlier (train.spike_sigma)" if spike else
+                                "not finite", self.bad_in_row, t.max_bad_steps)
+            self.step += 1
+            return loss, norm, lr
+        self.bad_in_row = 0
+        self.spikes.add(loss, norm)
         clip = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
         self.opt.step(lr, grad_scale=clip / loss_scale)
         self.sync.gather(self.model.flat)
@@ -355,6 +377,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean loss over eval_iters fixed batches of val and of train (the same batches at every eval)."""
         t = self.cfg.train
+        inject("eval", self.step)
         out = {}
         for name, tokens, stream in (("val_loss", self.val_tokens, VAL_STREAM),
                                      ("train_loss", self.train_tokens, TRAIN_EVAL_STREAM)):
@@ -365,75 +388,10 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        """Gather the full (logical) tensors and write one checkpoint file: from rank 0 (gather), or from all ranks
-        together (mpio); all ranks agree it worked before any moves on."""
-        t0 = time.perf_counter()
-        m, mpio = self.model, self.writer == "mpio"
-        # who needs the whole tensors: with mpio every rank (each writes a share of them); else the TP group of
-        # rank 0 (data-parallel rank 0), whose TP collectives assemble them for rank 0 to write
-        builds = mpio or self.grid.dp_rank == 0
-        params = m.full_tensors(m.flat, copy=False) if builds else None  # views where possible: unchanged meanwhile
-        optimizer = {}
-        for slot in ("m", "v"):
-            if not self.sync.zero:
-                flat = getattr(self.opt, slot)  # the moments of the whole (TP-local) buffer already
-            elif mpio:
-                flat = self.opt.moments_flat(slot, out=self._scratch(slot))
-                self.sync.gather(flat)
-            else:  # each rank's pieces to data-parallel rank 0 only
-                flat = self._scratch(slot) if builds else None
-                self.sync.gather_to(getattr(self.opt, slot), flat, root=0)
-            if builds:
-                optimizer[slot] = self._gather_stages(m.full_tensors(flat, copy=False))
-        params = self._gather_stages(params) if builds else None
-        path = ckpt.checkpoint_path(self.out_dir, self.step)
-        state = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "adam_t": self.opt.t,
-                 "skipped_steps": self.skipped_steps,
-                 "loss_scaler": self.scaler.state() if self.scaler is not None else None,
-                 "tokenizer": self.data.tokenizer.meta(), "data_path": str(self.data.path),
-                 "layout": {"world": self.grid.world.size, "pp": self.grid.pp, "dp": self.grid.dp,
-                            "tp": self.grid.tp, "zero": self.cfg.parallel.zero}}
-        payload = dict(params=params, optimizer=optimizer, state=state, config=self.cfg.to_dict(),
-                       metrics=self.metrics.as_dict())
-        if mpio:  # collective: every rank writes its share of the datasets
-            ckpt.save_checkpoint_mpio(path, self.grid.world, **payload)
-
-        def write():
-            if self.is_root:
-                if not mpio:
-                    ckpt.save_checkpoint(path, **payload)
-                ckpt.write_latest(self.out_dir, path)
-                self.written.add(path)
-                ckpt.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last, verified=self.written)
-
-        self.grid.world.agree(write)
-        log.info("checkpoint %s (%s writer, %.2f s)", path, self.writer, time.perf_counter() - t0)
-        return path
-
-    def _stage_tensors(self, stage: int) -> list[str]:
-        """The names of the tensors pipeline stage `stage` contributes to a checkpoint, in its buffer's order (the
-        last stage's copy of the tied embedding is the first stage's)."""
-        plan = StagePlan(self.plan.layers, self.plan.pp, stage, self.plan.virtual)
-        return [s.name for s in param_specs(self.cfg.model, 1, plan) if stage == 0 or s.name != "wte.weight"]
-
-    def _gather_stages(self, tensors: dict | None) -> dict | None:
-        """pp > 1: every stage's full tensors to world rank 0, the writer: from each stage's leader (its data- and
-        tensor-parallel rank 0, which holds them after full_tensors), one message per tensor; root gets the whole
-        model, the other leaders None. Other ranks, and pp = 1, keep what they have."""
-        g = self.grid
-        if g.pp == 1 or g.dp_rank != 0 or g.tp_rank != 0:
-            return tensors
-        comm = g.pp_comm
-        if comm.rank != 0:
-            for tag, name in enumerate(self._stage_tensors(comm.rank)):
-                comm.isend(np.ascontiguousarray(tensors[name]), 0, tag, "gather_stage").wait()
-            return None
-        out = dict(tensors)
-        for stage in range(1, g.pp):
-            for tag, name in enumerate(self._stage_tensors(stage)):
-                out[name] = np.empty(self.model.logical[name], dtype=self.model.dtype)
-                comm.irecv(out[name], stage, tag, "gather_stage").wait()
-        return out
+        """Write this step's checkpoint from every rank (checkpoint.writer: gather or mpio), each block of every
+        tensor sent by the rank holding it; ckpt.SaveFailed (a JobError) on every rank if the save failed on any,
+        the previous checkpoint untouched (checkpoint/trainer_state.py)."""
+        return ckpt.save_trainer(self)
 
     def predicted_memory(self):
         """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py): parameters,
@@ -459,6 +417,12 @@ class Trainer:
         log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
                  self.grid.describe(), "on" if self.sync.zero else "off", cfg.parallel.bucket_mb,
                  len(self.sync.buckets), (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20)
+        if self.grid.dp > 1:
+            before, after = self.sync.bytes_per_step()
+            log.info("gradient reduction %s: %.2f MB per step on this rank (uncompressed %.2f MB), ratio %.2fx%s",
+                     cfg.parallel.grad_comm, after / 1e6, before / 1e6, before / max(after, 1),
+                     f" (PowerSGD rank {cfg.parallel.powersgd_rank}, {len(self.sync.powersgd.matrices)} matrices "
+                     f"compressed, from step {cfg.parallel.powersgd_start})" if self.sync.powersgd else "")
         if self.plan.pp > 1:
             stages = ", ".join(f"{v}: {r.start}-{r.stop - 1}" for v, r in enumerate(self.plan.layers))
             log.info("pipeline: %d stages x %d virtual, schedule %s, %d micro-batches; layers per (virtual) stage "
@@ -473,21 +437,22 @@ class Trainer:
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
         ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step
-        last = {}
         stopped = 0
         try:
             window_t, window_steps = 0.0, 0
             while self.step < t.max_iters:
                 stopped = self.should_stop()
+                if not stopped and t.eval_iters > 0 and self.step % t.eval_interval == 0:
+                    self._eval_and_log(metrics_file)
+                    stopped = self.should_stop()  # a signal during the eval does not wait for another step
                 if stopped:
                     log.info("step %d: stop signal %s received, writing a checkpoint and exiting (status %d)",
                              self.step, signal.Signals(stopped).name, EXIT_PREEMPTED)
                     break
-                if t.eval_iters > 0 and self.step % t.eval_interval == 0:
-                    last = self._eval_and_log(metrics_file)
                 ledger.reset()
                 t0 = time.perf_counter()
-                loss, norm, lr = self.train_step()
+                with phase("step", self.step):
+                    loss, norm, lr = self.train_step()
                 dt = time.perf_counter() - t0
                 comm = ledger.summary()
                 if first_step:  # this run's first step: the measured peak beside the prediction
@@ -515,16 +480,48 @@ class Trainer:
                                                    "comm": comm}) + "\n")
                     metrics_file.flush()
                     window_t, window_steps = 0.0, 0
+                if self.bad_in_row >= t.max_bad_steps:
+                    path = self.checkpoint(final=True)
+                    raise JobError(f"step {self.step}: the last {self.bad_in_row} steps were skipped (non-finite or "
+                                   f"outlier loss or gradient norm; train.max_bad_steps={t.max_bad_steps}): run "
+                                   f"stopped; {path} holds the last good parameters (resume it with a lower "
+                                   "train.lr, or from an earlier checkpoint)")
                 interval = self.cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < t.max_iters:  # the last one comes below
-                    self.save()
+                    self.checkpoint()
             if t.eval_iters > 0 and not stopped:
-                last = self._eval_and_log(metrics_file)
-            path = self.save()
+                self._eval_and_log(metrics_file)
+            path = self.checkpoint(final=True)
         finally:
             metrics_file.close()
+        last = {k: v[-1] for k, v in self.metrics.eval.items()} if self.metrics.eval["step"] else {}
         return {**last, "step": self.step, "checkpoint": str(path), "stopped_by": stopped,
                 "loss": self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None}
+
+    def checkpoint(self, final: bool = False) -> Path | None:
+        """Save this step, unless it is saved already (resumed from it, or a stop right after a save). A save that
+        fails on any rank failed on all (JobError, after its temporary file is removed and with the previous
+        checkpoint untouched): it ends the run, or with checkpoint.on_error = "continue" is logged and training goes
+        on (not for the final save: the run must not end without its checkpoint)."""
+        if self.saved_step == self.step:
+            return self.saved_path
+        try:
+            with phase("save", self.step):
+                path = self.save()
+        except JobError as e:
+            if final or self.cfg.checkpoint.on_error != "continue":
+                raise
+            if self.is_root:
+                log.error("hpc-llm: %s; training goes on without this checkpoint (checkpoint.on_error=continue)", e)
+            return None
+        self.saved_step, self.saved_path = self.step, path
+        return path
+
+    def close(self) -> None:
+        """Release out_dir's lock (the process's end would as well)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def should_stop(self) -> int:
         """The stop signal's number if any rank has received one (all ranks get the same answer), else 0."""
@@ -534,7 +531,8 @@ class Trainer:
         if self.metrics.eval["step"] and self.metrics.eval["step"][-1] == self.step:
             return {k: v[-1] for k, v in self.metrics.eval.items()}  # resumed right after this eval
         t0 = time.perf_counter()
-        ev = self.evaluate()
+        with phase("eval", self.step):
+            ev = self.evaluate()
         row = {"step": self.step, **ev}
         self.metrics.add("eval", row)
         log.info("eval %6d | train loss %.4f | val loss %.4f | %.1f s", self.step, ev["train_loss"], ev["val_loss"],
@@ -544,6 +542,36 @@ class Trainer:
         return row
 
 
+class SpikeGuard:
+    """train.spike_sigma > 0: a step whose loss or gradient norm exceeds the mean of the last `window` good steps by
+    more than sigma standard deviations is an outlier (skipped). Needs `warmup` good steps first. The window is
+    rebuilt from the metrics on resume, so a resumed run decides as the uninterrupted one does."""
+
+    def __init__(self, sigma: float, window: int = 100, warmup: int = 20):
+        self.sigma, self.window, self.warmup = sigma, window, warmup
+        self.history: list[tuple[float, float]] = []
+
+    def add(self, loss: float, norm: float) -> None:
+        if self.sigma > 0:
+            self.history = (self.history + [(loss, norm)])[-self.window:]
+
+    def is_spike(self, loss: float, norm: float) -> bool:
+        if self.sigma <= 0 or len(self.history) < self.warmup:
+            return False
+        h = np.asarray(self.history)
+        mean, std = h.mean(axis=0), h.std(axis=0)
+        return bool(loss > mean[0] + self.sigma * std[0] or norm > mean[1] + self.sigma * std[1])
+
+    def rebuild(self, train_metrics: dict) -> None:
+        """The good steps of a resumed run's history: those that did not add to skipped_steps."""
+        self.history, before = [], 0
+        for loss, norm, skipped in zip(train_metrics["loss"], train_metrics["grad_norm"],
+                                       train_metrics["skipped_steps"]):
+            if skipped == before:
+                self.add(loss, norm)
+            before = skipped
+
+
 def peak_rss_bytes() -> int:
     """The process's resident-set high-water mark (Linux reports KiB)."""
     import resource
@@ -551,7 +579,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
-    """Train; on SIGUSR1/SIGTERM stop at the next step with a checkpoint (the summary's ``stopped_by`` is the signal)."""
-    with StopRequest() as stop:
-        return Trainer(cfg, resume, stop=stop).run()
+def train(cfg: Config, resume: str | None = None, stop: StopRequest | None = None) -> dict:
+    """Train; on SIGUSR1/SIGTERM stop at the next step with a checkpoint (the summary's ``stopped_by`` is the signal).
+    `stop`: handlers the caller installed earlier (the CLI does, before start-up); else installed here."""
+    with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
+        trainer = Trainer(cfg, resume, stop=stop)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()

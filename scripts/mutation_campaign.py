@@ -103,7 +103,8 @@ class Mutant:
 
 LAYERS, GPT, TPAR = "hpc_llm/model/layers.py", "hpc_llm/model/gpt.py", "hpc_llm/model/tensor_parallel.py"
 OPTIM, DPAR, TRAIN = "hpc_llm/optim.py", "hpc_llm/parallel/data_parallel.py", "hpc_llm/train.py"
-CKPT, GEN, DATA = "hpc_llm/checkpoint.py", "hpc_llm/generate.py", "hpc_llm/data.py"
+CKPT, GEN, DATA = "hpc_llm/checkpoint/reader.py", "hpc_llm/generate.py", "hpc_llm/data.py"
+TSTATE = "hpc_llm/checkpoint/trainer_state.py"
 MODULES = "hpc_llm/model/modules.py"  # since the pipeline-parallel refactor: Embedding, Block, Head, Chunk
 
 T_GRAD, T_GEN, T_TRAIN = "tests/test_gradients.py", "tests/test_generate.py", "tests/test_train.py"
@@ -386,27 +387,27 @@ MUTANTS: list[Mutant] = [
       "loss = self.grid.dp_comm.allreduce_scalar(loss)",
       "the reported loss is the sum over data-parallel ranks, not their mean",
       [par_layout("DP2-zero0")],
-      alternatives=(("loss = self.grid.world.allreduce_scalar(loss if self.reports_loss else 0.0) / dp",
-                    "loss = self.grid.world.allreduce_scalar(loss if self.reports_loss else 0.0)"),)),
+      alternatives=(("loss = self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan)) / dp",
+                    "loss = self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan))"),)),
     # -- checkpoints: write and restore ------------------------------------------------------------------------------
-    M("restore-moments-swapped", TRAIN,
+    M("restore-moments-swapped", TSTATE,
       'group = f"optimizer/{slot}"',
       "group = f\"optimizer/{'v' if slot == 'm' else 'm'}\"",
       "resume reads the saved v into m and m into v",
       [*T_TRAIN_RESUME]),
-    M("restore-adam-t-dropped", TRAIN,
-      'self.opt.t = st["adam_t"]',
+    M("restore-adam-t-dropped", TSTATE,
+      'tr.opt.t = st["adam_t"]',
       "pass",
       "resume does not restore Adam's step counter (bias corrections restart at t = 1)",
       [*T_TRAIN_RESUME]),
-    M("restore-step-dropped", TRAIN,
-      'self.step = st["step"]',
+    M("restore-step-dropped", TSTATE,
+      'tr.step = st["step"]',
       "pass",
       "resume does not restore the step (batches, dropout masks and the lr schedule restart from 0)",
       [*T_TRAIN_RESUME]),
-    M("save-v-written-as-m", TRAIN,
-      "flat = getattr(self.opt, slot)",
-      "flat = self.opt.m",
+    M("save-v-written-as-m", TSTATE,
+      "buf = getattr(tr.opt, slot)",
+      "buf = tr.opt.m",
       "save (without ZeRO-1) writes the first moment into both optimizer slots",
       [*T_TRAIN_RESUME]),
     M("restore-shard-last-row-floored", GPT,

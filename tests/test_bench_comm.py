@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hpc_llm.bench_comm import COLLECTIVES, bandwidths, bus_factor, parse_sizes
+from hpc_llm.bench_comm import COLLECTIVES, REDUCE16, bandwidths, bus_factor, parse_sizes
 from hpc_llm.errors import UserError
 
 
@@ -71,11 +71,15 @@ def test_tiny_sweep_under_mpi(tmp_path, capsys):
     assert len(result["skipped"]) == 1 and result["skipped"][0].startswith("dp")
     for r in rows:
         assert r["n"] == 2 and r["iters"] == 2 and len(r["time_us_all"]) == 2
-        assert r["bytes"] in (1024, 4096, 16384) and r["bytes"] == 4 * r["count"]
+        assert r["fp32_bytes"] in (1024, 4096, 16384) and r["fp32_bytes"] == 4 * r["count"]
+        # the 16-bit reductions send 2 bytes per value (bench_comm.REDUCE16)
+        assert r["bytes"] == (2 if r["collective"] in REDUCE16 else 4) * r["count"]
         assert r["time_us"] > 0 and r["plain_time_us"] > 0 and r["ratio"] > 0
         assert r["algbw"] == pytest.approx(r["bytes"] / r["time_us"] / 1e3)  # B/us -> GB/s
-        factor = 1.0 if r["collective"] in ("allreduce", "iallreduce") else 0.5
+        factor = 1.0 if r["collective"] in ("allreduce", "iallreduce") + REDUCE16 else 0.5
         assert r["busbw"] == pytest.approx(r["algbw"] * factor)
         assert r["plain_busbw"] == pytest.approx(r["plain_algbw"] * factor)
+        if r["collective"] in REDUCE16:  # the plain baseline is the fp32 allreduce of the same values
+            assert r["plain_algbw"] == pytest.approx(r["fp32_bytes"] / r["plain_time_us"] / 1e3)
     floor = result["floor"]
     assert {f["comm"] for f in floor} == {"world", "tp"} and all(f["bytes"] == 16384 for f in floor)

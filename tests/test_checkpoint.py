@@ -12,6 +12,7 @@ import pytest
 
 from hpc_llm import __version__
 from hpc_llm import checkpoint as ck
+from hpc_llm.checkpoint import rundir, writers
 from hpc_llm.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -138,6 +139,33 @@ def test_round_trip_is_bitwise_and_exact(tmp_path):
             got = ckpt.metrics[table][col]
             assert got.dtype == np.float64 and got.ndim == 1
             assert_bitwise(got, np.asarray(values, dtype=np.float64))
+
+
+@pytest.mark.parametrize("elems", [1, 7, 100])
+def test_small_blocks_write_the_same_file(tmp_path, monkeypatch, elems):
+    """Blocks of at most `elems` elements (whole rows, pieces of a row, of a 3-D tensor's plane, a 0-d tensor) make
+    the same datasets and checksums as the default blocks, and the file loads bitwise."""
+    payload = make_payload()
+    payload["params"]["cube"] = np.arange(3 * 5 * 9, dtype=np.float32).reshape(3, 5, 9)
+    payload["params"]["scalar"] = np.array(2.5)
+    for slot in ("m", "v"):
+        payload["optimizer"][slot]["cube"] = -payload["params"]["cube"]
+    save_checkpoint(tmp_path / "default.h5", **payload)
+    blocks = [b for b in writers.blocks((3, 5, 9))]
+    monkeypatch.setattr(writers, "MESSAGE_ELEMS", elems)
+    small = [b for b in writers.blocks((3, 5, 9))]
+    assert len(blocks) == 1 and max(b.hi - b.lo for b in small) <= max(elems, 1)
+    assert [(b.lo, b.hi) for b in small] == list(zip([b.lo for b in small], [b.lo for b in small[1:]] + [135]))
+    save_checkpoint(tmp_path / "small.h5", **payload)
+    with h5py.File(tmp_path / "default.h5", "r") as a, h5py.File(tmp_path / "small.h5", "r") as b:
+        names = []
+        a.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        for n in names:
+            assert int(a[n].attrs["crc32"]) == int(b[n].attrs["crc32"]), n
+            assert a[n][()].tobytes() == b[n][()].tobytes(), n
+    loaded = load_checkpoint(tmp_path / "small.h5")
+    assert_bitwise(loaded.params["cube"], payload["params"]["cube"])
+    assert_bitwise(loaded.params["scalar"], payload["params"]["scalar"])
 
 
 def test_on_disk_layout(tmp_path):
@@ -348,7 +376,7 @@ def test_failed_verification_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert p != path and p.name.startswith(".ckpt.h5.tmp-") and p.exists()
         raise UserError(f"{p}: checksum mismatch (simulated)")
 
-    monkeypatch.setattr(ck, "verify_checkpoint", bad_verify)
+    monkeypatch.setattr(writers, "verify_checkpoint", bad_verify)
     with pytest.raises(UserError, match="simulated"):
         save_checkpoint(path, **make_payload(seed=2, step=2))
     assert len(seen) == 1
@@ -362,7 +390,7 @@ def test_interrupt_during_save_removes_temp(tmp_path, monkeypatch):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "_fsync_path", interrupted)
+    monkeypatch.setattr(writers, "_fsync_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, **make_payload())
     assert os.listdir(tmp_path) == []
@@ -475,13 +503,11 @@ def test_load_without_optimizer_skips_moments(tmp_path):
 def test_prune_counts_files_known_good_without_reading_them(tmp_path, monkeypatch):
     """The trainer passes what it wrote and verified itself: those are not read again (saves stay cheap); any
     other file in the window is still verified."""
-    from hpc_llm import checkpoint as ckpt
-
     for step in (100, 200, 300):
         save_checkpoint(checkpoint_path(tmp_path, step), **small_payload(step))
     read = []
-    real = ckpt._verifies
-    monkeypatch.setattr(ckpt, "_verifies", lambda path: read.append(path.name) or real(path))
+    real = rundir._verifies
+    monkeypatch.setattr(rundir, "_verifies", lambda path: read.append(path.name) or real(path))
     prune_checkpoints(tmp_path, keep_last=2, verified=[checkpoint_path(tmp_path, 300)])
     assert read == ["ckpt_00000200.h5"]
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.h5")) == ["ckpt_00000200.h5", "ckpt_00000300.h5"]

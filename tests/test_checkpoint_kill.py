@@ -1,7 +1,7 @@
 """A process killed (SIGKILL) at any point of a save leaves the previous checkpoint loadable, never a file under a
 checkpoint's name that is not complete, and `--resume auto` continues from the newest complete checkpoint exactly.
 
-The child is `hpc-llm train` (checkpoints at steps 2, 4, 6) with one function of hpc_llm.checkpoint wrapped so that
+The child is `hpc-llm train` (checkpoints at steps 2, 4, 6) with one function of the save wrapped so that
 during the save of step 4 it stops at a chosen point, says so, and waits to be killed: while the temporary file is
 being filled (first and a middle dataset), before its fsync, before verification, before the rename, after the rename
 but before the `latest` pointer moves, and before old checkpoints are pruned.
@@ -26,6 +26,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     import h5py
     from hpc_llm import checkpoint as ckpt, cli
+    from hpc_llm.checkpoint import rundir, writers
 
     where, nth = os.environ["KILL_POINT"].split(":")
     saves, calls = 0, 0
@@ -42,16 +43,17 @@ CHILD = textwrap.dedent("""
             return fn(*args, **kwargs)
         return wrapped
 
-    save = ckpt.save_checkpoint
+    save = ckpt.save_trainer
     def counting_save(*args, **kwargs):
         global saves
         saves += 1
         return save(*args, **kwargs)
 
-    ckpt.save_checkpoint = counting_save
-    for name in ("_fsync_path", "verify_checkpoint", "write_latest", "prune_checkpoints"):
-        setattr(ckpt, name, pausing(getattr(ckpt, name), name))
-    ckpt.os.replace = pausing(os.replace, "replace")
+    ckpt.save_trainer = counting_save
+    for module, name in ((writers, "_fsync_path"), (writers, "verify_checkpoint"), (rundir, "write_latest"),
+                         (rundir, "prune_checkpoints")):
+        setattr(module, name, pausing(getattr(module, name), name))
+    os.replace = pausing(os.replace, "replace")
     h5py.Dataset.__setitem__ = pausing(h5py.Dataset.__setitem__, "write_data")
     sys.exit(cli.main(sys.argv[1:]))
 """)

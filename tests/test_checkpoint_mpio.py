@@ -127,17 +127,20 @@ TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds"
 
 
 @pytest.mark.parallel(nprocs=SIZES)
-def test_mpio_writer_writes_the_gather_writers_file(data_dir, shared_tmp_path):
+@pytest.mark.parametrize("message_elems", [None, 100], ids=["default-blocks", "100-element-blocks"])
+def test_mpio_writer_writes_the_gather_writers_file(message_elems, data_dir, shared_tmp_path, monkeypatch):
     """The same run (dp x tp = 1, 2x1 ZeRO-1, 2x2 ZeRO-1 on 1, 2, 4 ranks) saved by the mpio writer (every rank writes
     its share of the datasets) and by the gather writer (rank 0 writes): the files hold the same datasets bitwise, the
     same checksums and attributes, except the creation time, the config's out_dir and writer, and the metrics that
-    are timings; the mpio file
-    verifies, and loads in one process bitwise equal to the trained parameters."""
+    are timings; the mpio file verifies, and loads in one process bitwise equal to the trained parameters. Also with
+    every block (so every message and every write) cut to 100 elements."""
     import hpc_llm
-    from hpc_llm.checkpoint import verify_checkpoint
+    from hpc_llm.checkpoint import verify_checkpoint, writers
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train import Trainer
 
+    if message_elems:
+        monkeypatch.setattr(writers, "MESSAGE_ELEMS", message_elems)
     comm = MPI.COMM_WORLD
     tp = 2 if comm.size == 4 else 1
     runs = {}
@@ -173,3 +176,76 @@ def test_mpio_writer_writes_the_gather_writers_file(data_dir, shared_tmp_path):
         bad += [f"loaded {n} differs from the trained parameters" for n, p in full.items()
                 if not np.array_equal(model.params[n], p)]
     check(not bad, "\n".join(bad))
+
+
+# -- the mpio writer's failures and memory (tests/test_checkpoint_parallel.py has the gather writer's) -------------
+
+
+@pytest.mark.parallel(nprocs=[2])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(rank, data_dir, shared_tmp_path, monkeypatch):
+    """ENOSPC injected on rank 0 or 1 as its part of the collective step-4 save starts (the file open on every
+    rank): every rank raises the same SaveFailed naming that rank, the file and the error, after the ranks closed
+    the file together; no temporary file is left and the step-2 checkpoint still verifies and is the newest."""
+    from test_checkpoint_parallel import trainer
+
+    from hpc_llm import checkpoint as ckpt
+
+    monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
+    tr = trainer(data_dir, shared_tmp_path / "run", "DP2-zero1", **{"train.max_iters": 4, "checkpoint.interval": 2,
+                                                                    "checkpoint.writer": "mpio"})
+    try:
+        tr.run()
+        error = None
+    except ckpt.SaveFailed as e:
+        error = str(e)
+    errors = MPI.COMM_WORLD.allgather(error)
+    run_dir = shared_tmp_path / "run"
+    bad = [] if tr.writer == "mpio" else [f"writer {tr.writer}"]
+    if error is None or len(set(errors)) != 1 or "\n" in error:
+        bad.append(f"errors: {errors}")
+    elif not (f"rank {rank} failed in save at step 4" in error and "ckpt_00000004.h5" in error
+              and "No space left on device" in error):
+        bad.append(f"the message should name rank {rank}, the file and the error: {error}")
+    if MPI.COMM_WORLD.rank == 0:
+        left = [p for p in os.listdir(run_dir) if ".tmp-" in p]
+        if left or [s for s, _ in ckpt.list_checkpoints(run_dir)] != [2]:
+            bad.append(f"left in the run directory: {sorted(os.listdir(run_dir))}")
+        ckpt.verify_checkpoint(ckpt.checkpoint_path(run_dir, 2))
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(data_dir, shared_tmp_path, monkeypatch):
+    """As tests/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its share."""
+    from test_checkpoint_parallel import SAVE_SLACK, trainer
+
+    import tracemalloc
+
+    from hpc_llm.checkpoint import format as fmt
+    from hpc_llm.checkpoint import writers
+
+    monkeypatch.setattr(writers, "MESSAGE_ELEMS", 4096)
+    monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
+    peaks = {}
+    for n_embd in (64, 256):
+        tr = trainer(data_dir, shared_tmp_path / f"run{n_embd}", "DP2-zero1", **{
+            "train.max_iters": 1, "model.n_embd": n_embd, "parallel.bucket_mb": 1.0, "checkpoint.writer": "mpio"})
+        tr.run()
+        tr.out_dir = shared_tmp_path / f"measured{n_embd}"
+        if MPI.COMM_WORLD.rank == 0:
+            tr.out_dir.mkdir()
+        MPI.COMM_WORLD.Barrier()
+        tracemalloc.start()
+        try:
+            tr.save()
+            peaks[n_embd] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    shard = tr.model.flat.nbytes + tr.opt.m.nbytes + tr.opt.v.nbytes
+    buffers = (2 + writers.SEND_WINDOW) * 4096 * 8 + 2 * (64 << 10)
+    peak = peaks[256]
+    ok = tr.writer == "mpio" and peak <= buffers + SAVE_SLACK and peak < shard / 10 and peak - peaks[64] < 128 << 10
+    check(ok, f"writer {tr.writer}: peak {peak / 2**10:.0f} KiB during the save (n_embd 64: {peaks[64] / 2**10:.0f} "
+              f"KiB; buffers {buffers / 2**10:.0f} KiB + slack {SAVE_SLACK / 2**10:.0f} KiB); shard "
+              f"{shard / 2**10:.0f} KiB")

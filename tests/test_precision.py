@@ -236,10 +236,10 @@ def test_overflow_on_one_rank_skips_on_every_rank(data_dir, shared_tmp_path):
     tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1))
     finish = tr.sync.finish
 
-    def poisoned_finish():
+    def poisoned_finish(*args):
         if MPI.COMM_WORLD.rank == 1 and tr.step == 0:
             tr.model.grad_flat[7] = np.inf  # before the reduction: rank 1's own gradient overflowed
-        finish()
+        finish(*args)
 
     tr.sync.finish = poisoned_finish
     flat0 = tr.model.flat.copy()

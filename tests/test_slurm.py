@@ -12,6 +12,8 @@ daemons do not come up, every test here is skipped with the reason (under CI=tru
   uninterrupted run's, bit for bit (float64, same layout). The same through the mpiexec launcher.
 - slurm/sweep.sbatch: an array of 2 tasks, one run directory and checkpoint each, with its line's overrides.
 - A fresh job in a run directory that already holds checkpoints is refused (exit 2) and not requeued.
+- A rank SIGKILLed or hung (HPC_LLM_FAULT) ends the job within a minute, through srun and mpiexec, FAILED and not
+  requeued; a resubmission resumes from the last checkpoint.
 - slurm/train_gpu.sbatch: bash -n, `sbatch --test-only`, and a run on 2 fake GPUs (gres without hardware): each rank
   sees its own CUDA_VISIBLE_DEVICES, the trainer is started with the CuPy backend and, CuPy being absent, refuses with
   exit 2, which is not requeued. No GPU job was trained here.
@@ -264,6 +266,33 @@ def test_signal_requeue_resume_with_mpiexec_launcher(cluster, work, reference):
     job_id, run_dir, final = interrupt_and_requeue(cluster, work, env={"HPC_LLM_LAUNCHER": "mpiexec"})
     check_resumed_run(job_id, run_dir, final, reference)
     assert "mpiexec -n 2 --bind-to none" in read_log(run_dir)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+@pytest.mark.parametrize("fault", ["kill:step:1:30", "hang:step:1:30"])
+def test_a_killed_or_hung_rank_ends_the_job_fast_and_is_not_requeued(cluster, work, fault, launcher):
+    """A rank SIGKILLed (as the OOM killer does) or stuck outside MPI at step 30: the job ends within a minute (the
+    watchdog's 5 s for the hang), FAILED and not requeued; the step-20 checkpoint stays; a resubmission with
+    RESUME=auto resumes from it (the dead run left no lock)."""
+    env = {"HPC_LLM_LAUNCHER": launcher, "HPC_LLM_FAULT": fault}
+    t0 = time.monotonic()
+    status, job_id = submit(cluster, work, [], "train_cpu.sbatch",
+                            [work / "tiny.toml", "--set", "checkpoint.interval=20",
+                             "--set", "parallel.comm_timeout_s=5"], env=env, wait=True)
+    seconds = time.monotonic() - t0
+    run_dir = work / "runs" / job_id
+    log = read_log(run_dir)
+    info = cluster.wait_job(job_id)
+    assert status != 0 and info["JobState"] == "FAILED" and info["MaxRestarts"] == 0, (info, log)
+    assert seconds < 60 + 5, (seconds, log)
+    assert ("no progress for" in log) if fault.startswith("hang") else True, log
+    verify_checkpoint(run_dir / "ckpt_00000020.h5")
+    status, job_id2 = submit(cluster, work, [], "train_cpu.sbatch",
+                             [work / "tiny.toml", "--set", "train.max_iters=35"], wait=True,
+                             env={"HPC_LLM_LAUNCHER": launcher, "RUN_NAME": run_dir.name, "RESUME": "auto"})
+    assert status == 0, read_log(run_dir)
+    assert "resumed from" in read_log(run_dir) and (run_dir / "ckpt_00000035.h5").exists()
 
 
 @pytest.mark.timeout(300)

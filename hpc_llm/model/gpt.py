@@ -304,10 +304,10 @@ class GPT:
         self.load_flat(self.flat, tensors)
         self.refresh_compute()
 
-    def full_tensors(self, flat, copy: bool = True) -> dict:
-        """{name: full tensor} (host arrays) from a flat buffer laid out like self.flat: the shards of the TP group
-        are gathered (one allgather of the flat buffer) and put back together. Every TP rank gets the result.
-        copy=False: tensors that need no reassembly are views of the (host) buffer, valid while it is unchanged."""
+    def full_tensors(self, flat) -> dict:
+        """{name: full tensor} (host arrays, copies) from a flat buffer laid out like self.flat: the shards of the TP
+        group are gathered (one allgather of the flat buffer) and put back together. Every TP rank gets the result.
+        For tests and small models: checkpoints never build full tensors (checkpoint/writers.py)."""
         P = self.tp.size
         host = to_host(flat)
         if P > 1:
@@ -317,8 +317,7 @@ class GPT:
         out = {}
         for s in self.specs:
             if P == 1 or s.tp_axis is None:
-                view = host[s.offset:s.offset + s.size].reshape(s.shape)
-                out[s.name] = view.copy() if copy else view
+                out[s.name] = host[s.offset:s.offset + s.size].reshape(s.shape).copy()
                 continue
             full = np.empty(s.shape, dtype=host.dtype)
             for r in range(P):

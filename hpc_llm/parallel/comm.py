@@ -7,13 +7,15 @@ adds CUDA-aware passthrough. A size-1 communicator skips MPI entirely, so single
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.errors import UserError
+from hpc_llm.errors import JobError, UserError
+from hpc_llm.faults import WATCHDOG, failure_line
 
 
 class Ledger:
@@ -49,7 +51,11 @@ class Handle:
     def wait(self) -> None:
         t0 = time.perf_counter()
         if self.request is not None:
-            self.request.Wait()
+            WATCHDOG.enter(self.kind)
+            try:
+                self.request.Wait()
+            finally:
+                WATCHDOG.leave()
         if self.finish is not None:
             self.finish()
         self.comm.ledger.add(self.kind, self.nbytes, time.perf_counter() - t0)
@@ -75,8 +81,16 @@ class Comm:
 
     def _timed(self, kind: str, nbytes: int, fn) -> None:
         t0 = time.perf_counter()
-        fn()
+        self._watched(f"{self.name}.{kind}", fn)
         self.ledger.add(f"{self.name}.{kind}", nbytes, time.perf_counter() - t0)
+
+    def _watched(self, op: str, fn):
+        """fn() (an MPI call) under the watchdog: a wait longer than parallel.comm_timeout_s aborts the job."""
+        WATCHDOG.enter(f"{op} ({self.size} ranks)")
+        try:
+            return fn()
+        finally:
+            WATCHDOG.leave()
 
     # -- collectives on arrays, in place ------------------------------------------------------------------------------
 
@@ -92,16 +106,17 @@ class Comm:
             buf[...] = array_module(buf).asarray(host)
         return buf
 
-    def iallreduce_(self, buf) -> Handle:
-        """Start a sum-allreduce of buf in place; the returned handle's wait() completes it."""
+    def iallreduce_(self, buf, kind: str = "allreduce") -> Handle:
+        """Start a sum-allreduce of buf in place; the returned handle's wait() completes it. `kind`: its ledger name
+        (PowerSGD's factors: powersgd_p, powersgd_q)."""
         if self.size == 1:
-            return Handle(self, f"{self.name}.allreduce", None, 0)
+            return Handle(self, f"{self.name}.{kind}", None, 0)
         from mpi4py import MPI
 
         host = _host(buf)
         req = self.mpi.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM)
         finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
-        return Handle(self, f"{self.name}.allreduce", req, host.nbytes, finish)
+        return Handle(self, f"{self.name}.{kind}", req, host.nbytes, finish)
 
     def ireduce_scatter_(self, buf, counts: list[int]) -> Handle:
         """Start a sum-reduce-scatter of buf in place: rank r's reduced piece lands in buf at its own offset
@@ -133,21 +148,51 @@ class Comm:
         if host is not buf:
             buf[...] = array_module(buf).asarray(host)
 
-    def gather_(self, piece, out, counts: list[int], root: int = 0) -> None:
-        """Each rank's `piece` (counts[r] elements) into `out` on root, at offsets sum(counts[:r]); out is only
-        needed on root (the others may pass None): a single writer collects what no other rank needs whole."""
+    # -- raw-byte collectives for compressed gradients (parallel/compression.py) --------------------------------------
+    # MPI has no standard 16-bit floating reduction, so 16-bit buffers only travel here (as uint16 words: bf16 has no
+    # MPI datatype, and moving bits needs none); their sums are formed in fp32 by the caller. `kind` and `nbytes` name
+    # and size the ledger entry (the caller's convention: the bytes of the buffer, as nccl-tests counts them).
+
+    def ialltoallv_(self, send, send_counts: list[int], recv, recv_counts: list[int], kind: str = "alltoallv",
+                    nbytes: int | None = None) -> Handle:
+        """Start an alltoallv: send[sum(send_counts[:j]):][:send_counts[j]] goes to rank j, and what rank j sends
+        here lands in recv at sum(recv_counts[:j]). Both buffers must stay untouched until the handle's wait()."""
+        host_send = _host(send)
+        nbytes = host_send.nbytes if nbytes is None else nbytes
         if self.size == 1:
-            out[...] = piece
-            return
-        send = _host(piece)
-        recv = None
-        if self.rank == root:
-            recv = _host(out)
-            recv_spec = [recv, (counts, [sum(counts[:r]) for r in range(self.size)])]
-        self._timed("gather", send.nbytes, lambda: self.mpi.Gatherv(send, recv_spec if recv is not None else None,
-                                                                      root=root))
-        if recv is not None and recv is not out:
-            out[...] = array_module(out).asarray(recv)
+            recv[...] = send
+            return Handle(self, f"{self.name}.{kind}", None, 0)
+        host_recv = _host(recv)
+
+        def displs(counts):
+            return [sum(counts[:r]) for r in range(len(counts))]
+
+        req = self.mpi.Ialltoallv([host_send, (send_counts, displs(send_counts))],
+                                  [host_recv, (recv_counts, displs(recv_counts))])
+        finish = (None if host_recv is recv else
+                  (lambda: recv.__setitem__(Ellipsis, array_module(recv).asarray(host_recv))))
+        return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
+
+    def iallgatherv_(self, buf, counts: list[int], kind: str = "allgather", nbytes: int | None = None) -> Handle:
+        """Start an in-place allgatherv: buf holds each rank's piece at its offset (sum(counts[:r]), counts[r]);
+        after the handle's wait() every rank has all of them."""
+        host = _host(buf)
+        nbytes = host.nbytes if nbytes is None else nbytes
+        if self.size == 1:
+            return Handle(self, f"{self.name}.{kind}", None, 0)
+        from mpi4py import MPI
+
+        displs = [sum(counts[:r]) for r in range(self.size)]
+        req = self.mpi.Iallgatherv(MPI.IN_PLACE, [host, (counts, displs)])
+        finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
+
+    def dup(self, name: str) -> "Comm":
+        """A duplicate of this group (collective over it), sharing the ledger: collectives on it are ordered apart
+        from this one's, so two chains of nonblocking collectives may each be started in their own order."""
+        if self.size == 1:
+            return Comm(None, self.ledger, name)
+        return Comm(self._watched(f"{self.name}.dup", self.mpi.Dup), self.ledger, name)
 
     # -- point to point ------------------------------------------------------------------------------------------------
 
@@ -167,50 +212,72 @@ class Comm:
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         if self.size == 1:
             return value
-        return self.mpi.allreduce(value, op=self._op(op))
+        return self._watched(f"{self.name}.allreduce_scalar", lambda: self.mpi.allreduce(value, op=self._op(op)))
 
-    def agree(self, fn):
-        """Run fn() on every rank; if it raises UserError on any rank, raise it on all of them (the lowest failing
-        rank's message), so no rank goes on into a collective the others never reach. fn must not communicate."""
-        error, result = None, None
+    def agree(self, fn, what: str = "an agreed step"):
+        """Run fn() on every rank and make its outcome the same on all of them, so no rank goes on into a collective
+        the others never reach: a UserError on any rank is raised on all (the lowest failing rank's message); any
+        other exception on any rank becomes one JobError on all, naming the rank, its phase and the error (that
+        rank raises it from the original, whose traceback it prints). fn must not communicate.
+
+        This is the one way ranks reach a common decision on something only some of them can see."""
+        error, result, exc = None, None, None
         try:
             result = fn()
         except UserError as e:
-            error = str(e)
+            error = ("user", str(e))
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks, whatever it is
+            exc, error = e, ("job", failure_line(e, self._world_rank()))
         if self.size > 1:
-            self.wait_idle()
-            error = next((e for e in self.mpi.allgather(error) if e), None)
-        if error:
-            raise UserError(error)
-        return result
+            self.wait_idle(what)
+            errors = self._watched(f"{self.name}.agree", lambda: self.mpi.allgather(error))
+            user = next((e for e in errors if e and e[0] == "user"), None)
+            error = user or next((e for e in errors if e), None)
+        if error is None:
+            return result
+        if error[0] == "user":
+            raise UserError(error[1])
+        if exc is not None:
+            import traceback
 
-    def wait_idle(self, poll_s: float = 5e-4) -> None:
+            sys.stderr.write("".join(traceback.format_exception(exc)))
+            sys.stderr.flush()
+            raise JobError(error[1]) from exc
+        raise JobError(error[1])
+
+    def _world_rank(self) -> int:
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_rank() if self.mpi is not None else 0
+
+    def wait_idle(self, what: str = "a barrier", poll_s: float = 5e-4) -> None:
         """A barrier that sleeps while it waits. MPI's own busy-polls: ranks that wait for one rank's long local work
         (rank 0 writing a checkpoint) would take the cores it and its I/O threads need (oversubscribed nodes)."""
         if self.size == 1:
             return
         req = self.mpi.Ibarrier()
-        while not req.Test():
-            time.sleep(poll_s)
+
+        def wait():
+            while not req.Test():
+                time.sleep(poll_s)
+
+        self._watched(f"{self.name}.barrier ({what})", wait)
 
     def allgather_objects(self, obj) -> list:
         """Small Python objects (checksums, flags) from every rank, on every rank."""
         if self.size == 1:
             return [obj]
-        return self.mpi.allgather(obj)
+        return self._watched(f"{self.name}.allgather_objects", lambda: self.mpi.allgather(obj))
+
+    def bcast_object(self, obj, root: int = 0):
+        """A small Python object from root to every rank (a decision one rank made: which checkpoint to resume)."""
+        if self.size == 1:
+            return obj
+        return self._watched(f"{self.name}.bcast", lambda: self.mpi.bcast(obj, root=root))
 
     def barrier(self) -> None:
         if self.size > 1:
-            self.mpi.Barrier()
-
-
-def abort_world(code: int) -> None:
-    """End every rank of the job now (MPI_Abort on the world): what a rank that cannot go on does, so that peers
-    waiting for it in a collective or a receive are not left hanging."""
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.Get_size() > 1:
-        MPI.COMM_WORLD.Abort(code)
+            self._watched(f"{self.name}.barrier", self.mpi.Barrier)
 
 
 def world_comm() -> Comm:

@@ -10,11 +10,18 @@ to overlap with and which MPI runs faster.
   scaled by 1/dp) and updates the whole buffer.
 - ZeRO-1: each bucket is reduce-scattered instead; rank r receives the reduced gradient of piece r of every bucket,
   updates only those pieces (its Adam moments exist only for them), and `gather_params` allgathers the new parameters.
+
+`scheme` (parallel.grad_comm) compresses the reduction (parallel/compression.py): "bf16"/"fp16" send each bucket in
+16 bits with fp32 sums (with ZeRO-1 the reduce-scatter is the 16-bit one), started as buckets complete like the fp32
+ones; "powersgd" runs, from step `powersgd_start` on, one PowerSGD reduction of the whole buffer in `finish()` (after
+backward: its factors need the finished gradients), and the plain fp32 buckets before that. With ZeRO-1, PowerSGD's
+allreduce gives every rank the whole gradient, of which the optimizer uses its own pieces.
 """
 
 from __future__ import annotations
 
 from hpc_llm.parallel.comm import Comm
+from hpc_llm.parallel.compression import MIN_COMPRESSION_RATE, SCALE_WORDS, PowerSGD, Reduce16, comm_dtype
 
 
 def split_counts(n: int, parts: int) -> list[int]:
@@ -23,8 +30,17 @@ def split_counts(n: int, parts: int) -> list[int]:
 
 
 class GradientSync:
-    def __init__(self, grad_flat, dp_comm: Comm, bucket_elems: int, zero: bool):
+    def __init__(self, grad_flat, dp_comm: Comm, bucket_elems: int, zero: bool, scheme: str = "fp32",
+                 specs=(), powersgd_rank: int = 4, powersgd_start: int = 0, seed: int = 0,
+                 min_compression_rate: float = MIN_COMPRESSION_RATE, layout: dict | None = None):
         n = grad_flat.size
+        self.scheme = scheme
+        self.low = comm_dtype(scheme)  # bf16/fp16: the buckets' wire format
+        self.powersgd_start = powersgd_start
+        self.layout = layout or {}  # what a PowerSGD state saved in a checkpoint must match (compression.py)
+        self.powersgd = (PowerSGD(grad_flat, dp_comm, specs, powersgd_rank, seed, min_compression_rate)
+                         if scheme == "powersgd" and dp_comm.size > 1 else None)
+        self._compressed_step = False
         self.g = grad_flat
         self.comm = dp_comm
         self.zero = zero and dp_comm.size > 1
@@ -39,41 +55,72 @@ class GradientSync:
             self.owned = [(0, n)]
         self._handles: list = []
         self._launched = 0
+        # 16-bit without ZeRO-1: the allgathers of the sums go on a duplicate group (compression.Reduce16)
+        self._gather_comm = (dp_comm.dup(dp_comm.name)
+                             if self.low is not None and not self.zero and dp_comm.size > 1 else None)
 
-    def start(self) -> None:
-        """Before the last micro-batch's backward."""
+    def start(self, step: int = 0) -> None:
+        """Before the last micro-batch's backward of step `step` (PowerSGD: plain before parallel.powersgd_start)."""
         self._handles, self._launched = [], 0
+        self._compressed_step = self.powersgd is not None and step >= self.powersgd_start
+
+    def _bucket(self, i: int):
+        """Start bucket i's collective: the fp32 allreduce / reduce-scatter, or their 16-bit forms."""
+        a, b = self.buckets[i]
+        if self.low is not None:
+            kind = ("reduce_scatter_" if self.zero else "allreduce_") + self.scheme
+            return Reduce16(self.comm, self.g[a:b], self.counts[i], self.low, self.zero, kind, self._gather_comm)
+        if self.zero:
+            return self.comm.ireduce_scatter_(self.g[a:b], self.counts[i])
+        return self.comm.iallreduce_(self.g[a:b])
 
     def grad_ready(self, offset: int) -> None:
         """Every gradient from `offset` to the end is final: start the buckets that lie there."""
-        if self.comm.size == 1:
+        if self.comm.size == 1 or self._compressed_step:
             return
         while self._launched < len(self.buckets) and self.buckets[self._launched][0] >= offset:
-            a, b = self.buckets[self._launched]
-            if self.zero:
-                self._handles.append(self.comm.ireduce_scatter_(self.g[a:b], self.counts[self._launched]))
-            else:
-                self._handles.append(self.comm.iallreduce_(self.g[a:b]))
+            self._handles.append(self._bucket(self._launched))
             self._launched += 1
         for h in self._handles:  # progress the ones in flight while backward goes on
-            h.test()
+            if not h.test() and isinstance(h, Reduce16) and h.waiting_phase1:
+                break  # 16-bit phase 3 starts in bucket order (compression.Reduce16)
 
-    def finish(self) -> None:
+    def finish(self, loss_scale: float = 1.0) -> None:
         """Wait for the buckets in flight, then reduce what is left: the owned gradients are then reduced. Buckets
         that only became ready at the end of backward have nothing left to overlap with, so they take the blocking
-        allreduce, which MPI runs several times faster than the nonblocking one (docs/performance.md)."""
+        allreduce, which MPI runs several times faster than the nonblocking one (docs/performance.md).
+        loss_scale: fp16's current loss scale (PowerSGD keeps its error unscaled)."""
         for h in self._handles:
             h.wait()
         self._handles = []
         if self.comm.size == 1:
             return
+        if self._compressed_step:
+            self.powersgd.reduce(loss_scale)
+            self._launched = len(self.buckets)
+            return
         for i in range(self._launched, len(self.buckets)):
             a, b = self.buckets[i]
-            if self.zero:
+            if self.low is not None:
+                self._bucket(i).wait()
+            elif self.zero:
                 self.comm.ireduce_scatter_(self.g[a:b], self.counts[i]).wait()
             else:
                 self.comm.allreduce_(self.g[a:b])
         self._launched = len(self.buckets)
+
+    def bytes_per_step(self, compressed: bool = True) -> tuple[int, int]:
+        """(fp32, this scheme): bytes of one step's gradient reductions on this rank, counted as the ledger counts
+        them (each collective's buffer, nccl-tests' size S); the uncompressed figure in the gradients' own dtype.
+        compressed=False: PowerSGD's plain steps before parallel.powersgd_start."""
+        if self.comm.size == 1:
+            return 0, 0
+        full = self.g.size * self.g.dtype.itemsize
+        if self.low is not None:  # 2 bytes a value, and each piece's 4-byte scale (compression.Reduce16)
+            return full, 2 * self.g.size + 2 * SCALE_WORDS * self.comm.size * len(self.buckets)
+        if self.powersgd is not None and compressed:
+            return full, self.powersgd.nbytes()
+        return full, full
 
     def gather(self, flat) -> None:
         """ZeRO-1: each rank's pieces of `flat` (parameters, or Adam moments laid out like them) to every rank."""

@@ -8,7 +8,7 @@
   how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
-  reduce-scatter receive buffers; and checkpoint scratch (ZeRO-1 moments assembled for a save).
+  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/writers.py).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
@@ -302,13 +302,14 @@ def rank_memory(cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, dp_rank: i
     master = n * by.master
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
+    # saves keep nothing between them and never build a full tensor (checkpoint/writers.py): a writing rank (world
+    # rank 0 with the gather writer, every rank with mpio) holds two staging blocks and two verification slabs
+    from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
+    from hpc_llm.checkpoint.writers import MESSAGE_ELEMS
+
     scratch = 0
-    if sync.zero and (dp_rank == 0 or writer == "mpio"):
-        scratch = 2 * n * by.moment  # Trainer._scratch("m"), ("v"): kept once made
-    assembly = 0
-    if stage == 0 and dp_rank == 0 and (lay.pp > 1 or lay.tp > 1):
-        whole = sum(s.size for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0))) if lay.pp > 1 else n * lay.tp
-        assembly = 3 * whole * by.param  # params, m and v as full tensors on the writer
+    writes = writer == "mpio" or (stage == 0 and dp_rank == 0)
+    assembly = 2 * MESSAGE_ELEMS * by.param + 2 * VERIFY_BLOCK_BYTES if writes else 0
     return RankMemory(params, grads, master, moments, temps, best[1], best[2], best[3], best[4], scratch, assembly,
                       runtime, save_on_device)
 

@@ -1,0 +1,65 @@
+"""Checkpoints: one HDF5 file per save, logical (unsharded) tensors, a CRC32 per dataset, atomic write.
+
+Layout (docs/checkpoint-format.md has the full description)::
+
+    /                      attrs: format, format_version, software_version, created, step, config_json,
+                                  manifest_json, complete (written last)
+    /params/<name>         one dataset per parameter, full logical shape, dtype as given
+    /optimizer/<slot>/<name>   e.g. slot "m", "v": same names and shapes as /params
+    /state                 attrs: state_json (the whole state dict) + each top-level scalar as its own attr
+    /config                attrs: config_json (same JSON as the root attribute)
+    /metrics/<table>/<column>  1-D float64, chunked, maxshape=(None,) so a later writer can extend it
+
+The package, by job:
+
+- ``format``: the layout, the state's JSON, the checksums, the header checks a reader makes;
+- ``writers``: the save engine behind both writers (gather: rank 0 writes; mpio: every rank its share), blocks of at
+  most ``MESSAGE_ELEMS`` elements, every failure agreed (``SaveFailed`` on every rank); ``save_checkpoint`` (one
+  process, arrays in memory);
+- ``reader``: ``CheckpointFile`` (a rank's hyperslabs and its share of the checksums), ``load_checkpoint``,
+  ``verify_checkpoint``;
+- ``rundir``: ``ckpt_XXXXXXXX.h5`` names, the ``latest`` pointer, listing, pruning, interrupted saves, what
+  ``--resume auto`` tries;
+- ``trainer_state``: a Trainer's checkpoint: what each rank sends of it, the hyperslab restore, the resume.
+"""
+
+from hpc_llm.checkpoint.format import FORMAT, FORMAT_VERSION
+from hpc_llm.checkpoint.format import attr_str as _attr_str  # noqa: F401 - hpc_llm.inspect_ckpt
+from hpc_llm.checkpoint.format import crc as _crc  # noqa: F401 - tests
+from hpc_llm.checkpoint.reader import Checkpoint, CheckpointFile, load_checkpoint, verify_checkpoint
+from hpc_llm.checkpoint.rundir import (
+    checkpoint_path,
+    find_latest,
+    list_checkpoints,
+    prune_checkpoints,
+    read_latest,
+    remove_interrupted_saves,
+    resume_candidates,
+    write_latest,
+)
+from hpc_llm.checkpoint.trainer_state import choose_candidates, restore_trainer, resume_trainer, save_trainer
+from hpc_llm.checkpoint.writers import SaveFailed, mpio_available, save_checkpoint
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointFile",
+    "SaveFailed",
+    "checkpoint_path",
+    "choose_candidates",
+    "find_latest",
+    "list_checkpoints",
+    "load_checkpoint",
+    "mpio_available",
+    "prune_checkpoints",
+    "read_latest",
+    "remove_interrupted_saves",
+    "restore_trainer",
+    "resume_candidates",
+    "resume_trainer",
+    "save_checkpoint",
+    "save_trainer",
+    "verify_checkpoint",
+    "write_latest",
+]

@@ -1,0 +1,526 @@
+"""Writing a checkpoint: one engine behind both writers, with bounded messages and bounded memory, and a failure on
+any rank abandoning the save on every rank.
+
+A save is a list of datasets (``Out``); each is cut into blocks (``blocks``): runs of at most ``MESSAGE_ELEMS`` of its
+elements in C order, so a block is one hyperslab and the blocks in order are the dataset's bytes in order. A block is
+made of parts (``Part``: where its elements land in the block) made of pieces (``Piece``: elements that live on one
+rank, as one contiguous run of that rank's own buffer). Every rank walks the same datasets, blocks, parts and
+pieces in the same order; each dataset has one writer rank, which receives the pieces others hold (one message
+each, never over ``MESSAGE_ELEMS`` elements, sent from the owner's buffer itself), places them in a staging block,
+checksums and writes it, block after block. The ``gather`` writer is rank 0 for every dataset; ``mpio`` deals the
+datasets out to all ranks (parallel HDF5, independent writes), so each writes its share into one file. Memory on a
+rank beyond its own shard: two staging blocks (``MESSAGE_ELEMS`` elements each) and up to ``SEND_WINDOW`` sends in
+flight (copies only for GPU buffers and metrics), plus verification's slabs (format.VERIFY_BLOCK_BYTES, two at once).
+
+The steps of a save, each agreed by every rank (Comm.agree) before any goes on, so that a failure anywhere (disk
+full, quota, a read-only or vanished directory, an I/O error, an injected fault) becomes ``SaveFailed`` on every rank
+at the same step, after the temporary file is closed and removed; the previous checkpoint is never touched:
+
+1. prepare: the directory exists and is writable (rank 0; every rank under mpio);
+2. create the temporary file ``.<name>.tmp-<pid>`` and its whole structure (rank 0; collectively under mpio);
+3. data: ``faults.inject("save", step)`` on every rank, then the blocks; a rank that fails goes on sending and
+   receiving (no peer is left waiting for a message) but writes no more;
+4. close: checksums, manifest, ``complete`` last, then close (under mpio: the checksums allgathered, the
+   attributes and the close collective, and only after step 3 was agreed);
+5. verify: fsync while the file is read back and checksummed (rank 0 whole; under mpio each rank its share);
+6. publish: rank 0 renames the file onto its name and fsyncs the directory.
+
+Under mpio, HDF5's own collectives (create, structure, attributes, close) are entered only when every rank is known
+to be fine (agreed just before). If HDF5 itself fails inside one of them on some ranks only, the others may be left
+waiting inside HDF5, out of our reach: those calls run under the watchdog (parallel.comm_timeout_s), which then ends
+the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from hpc_llm.checkpoint import format as fmt
+from hpc_llm.checkpoint.reader import CheckpointFile, verify_checkpoint
+from hpc_llm.checkpoint.rundir import temporary_path
+from hpc_llm.errors import JobError, UserError
+from hpc_llm.faults import WATCHDOG, failure_line, inject
+from hpc_llm.fsio import fsync_dir
+
+log = logging.getLogger("hpc_llm.checkpoint")
+
+MESSAGE_ELEMS = 1 << 22  # elements per block, so per message and per write at most (16 MiB of float32); < 2**31
+SEND_WINDOW = 4  # sends a rank keeps in flight before it waits for the oldest
+_TAGS = 32768  # MPI guarantees tags below 32768; pieces between two ranks also match in order
+
+
+class SaveFailed(JobError):
+    """A checkpoint save that failed on some rank, raised on every rank alike (one line: the file, the rank, the
+    error), after the temporary file was removed; the previous checkpoint is untouched."""
+
+
+def mpio_available() -> bool:
+    """Whether this h5py was built with MPI (parallel HDF5), so ranks can write one file together."""
+    return bool(h5py.get_config().mpi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a save writes: datasets, their blocks, and where each block's elements live
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Piece:
+    """``n`` elements held by rank ``rank``; ``fetch()``, called there only, returns them (1-D, host memory)."""
+
+    rank: int
+    n: int
+    fetch: Callable[[], np.ndarray]
+
+
+@dataclass
+class Part:
+    """``n`` elements of a block: its pieces back to back. ``at``: where they start in the block's elements (C
+    order); None: they are received apart and ``scatter(block, part)`` (both 1-D) puts them in place."""
+
+    n: int
+    pieces: list[Piece]
+    at: int | None = 0
+    scatter: Callable[[np.ndarray, np.ndarray], None] | None = None
+
+
+@dataclass
+class Block:
+    """One hyperslab of a dataset: ``dset[index]``, of ``shape``, its elements ``lo..hi`` in C order."""
+
+    index: tuple
+    shape: tuple
+    lo: int
+    hi: int
+
+
+@dataclass
+class Out:
+    """A dataset to write: its path in the file, shape and dtype, its writer, and each block's parts."""
+
+    path: str
+    shape: tuple
+    dtype: np.dtype
+    writer: int
+    parts: Callable[[Block], list[Part]]
+
+    def __post_init__(self):
+        self.dtype = np.dtype(self.dtype)
+        self.shape = tuple(int(s) for s in self.shape)
+
+
+def blocks(shape: tuple):
+    """The blocks of a dataset of ``shape``, in C order, each at most MESSAGE_ELEMS elements (at least one): whole
+    rows where a row fits, else pieces of a row (recursively for N-D)."""
+    if math.prod(shape) == 0:
+        return
+    if not shape:
+        yield Block((), (), 0, 1)
+        return
+    limit = MESSAGE_ELEMS
+    trailing = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    k = next(i for i, t in enumerate(trailing) if t <= limit)  # split along axis k, whole below it
+    step = max(1, limit // trailing[k])
+    for prefix in itertools.product(*(range(s) for s in shape[:k])):
+        base = sum(i * trailing[a] for a, i in enumerate(prefix))
+        for j0 in range(0, shape[k], step):
+            j1 = min(j0 + step, shape[k])
+            yield Block(prefix + (slice(j0, j1),), (j1 - j0,) + tuple(shape[k + 1:]),
+                        base + j0 * trailing[k], base + j1 * trailing[k])
+
+
+def whole(rank: int, flat: Callable[[int, int], np.ndarray]) -> Callable[[Block], list[Part]]:
+    """The parts of a dataset held whole by one rank: ``flat(lo, hi)`` returns its elements lo..hi (C order)."""
+    def parts(blk: Block) -> list[Part]:
+        return [Part(blk.hi - blk.lo, [Piece(rank, blk.hi - blk.lo, lambda: flat(blk.lo, blk.hi))])]
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def _hdf5_collective(op: str):
+    """An HDF5 call that communicates inside HDF5 (mpio): under the watchdog, like our own MPI waits."""
+    WATCHDOG.enter(f"HDF5 collective {op}")
+    try:
+        yield
+    finally:
+        WATCHDOG.leave()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_during(path: Path, work) -> None:
+    """fsync ``path`` in a thread while ``work()`` runs, and wait for both: the fsync waits on the disk, while
+    verification (the usual work) reads the same bytes back from the page cache and checksums them on the CPU."""
+    with ThreadPoolExecutor(1) as pool:
+        synced = pool.submit(_fsync_path, path)
+        try:
+            work()
+        finally:
+            synced.result()
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # best effort: the save has failed already
+        log.warning("could not remove temporary file %s: %s", path, exc)
+
+
+def agreed(comm, fn, what: str, failed: str):
+    """fn() on every rank of ``comm``, its outcome agreed (Comm.agree): any exception on any rank becomes SaveFailed
+    on all, "<failed>: rank R failed in <phase>: <error>". fn must not communicate."""
+    def guarded():
+        try:
+            return fn()
+        except UserError as e:  # name the rank, as for any other failure
+            raise UserError(failure_line(e)) from None
+
+    try:
+        return comm.agree(guarded, what)
+    except (UserError, JobError) as e:
+        raise SaveFailed(f"{failed}: {e}") from e
+
+
+class _Staging:
+    """The writer's block buffers, one dtype at a time: the block being assembled, and the parts received apart."""
+
+    def __init__(self):
+        self.dtype, self.bufs = None, [None, None]
+
+    def get(self, which: int, dtype: np.dtype, n: int) -> np.ndarray:
+        if self.dtype != dtype:
+            self.dtype, self.bufs = dtype, [None, None]
+        if self.bufs[which] is None or self.bufs[which].size < n:
+            self.bufs[which] = None  # freed first: never two of them at once
+            self.bufs[which] = np.empty(n, dtype=dtype)
+        return self.bufs[which][:n]
+
+
+class _Save:
+    def __init__(self, path, outs: list[Out], header, comm, mpio: bool, step, agree: bool):
+        self.path, self.outs, self.header, self.comm = Path(path), outs, header, comm
+        self.mpio, self.step, self.agree_ = mpio, step, agree
+        self.rank = comm.rank
+        self.tmp: Path | None = None
+        self.f: h5py.File | None = None
+        self.dsets: dict[str, h5py.Dataset] = {}
+        self.crcs: dict[str, int] = {}
+        self.renamed = False
+
+    def agree(self, what: str, fn):
+        if not self.agree_:  # the serial API: one process, its own exceptions
+            return fn()
+        return agreed(self.comm, fn, what, f"checkpoint {self.path} not saved")
+
+    def run(self) -> None:
+        try:
+            self.agree("preparing a checkpoint save", self._prepare)
+            pid = os.getpid()
+            if self.mpio:  # attributes and the file name must be the same on every rank: rank 0's
+                self.header, pid = self.comm.bcast_object((self.header, pid) if self.rank == 0 else None)
+            self.tmp = temporary_path(self.path, pid)
+            self._create()
+            error = self._transfer()
+            self.agree("writing checkpoint data", lambda: _raise(error))
+            self._close()
+            self.agree("verifying the checkpoint", self._verify)
+            self.agree("renaming the checkpoint", self._publish)
+        except SaveFailed:
+            self._abandon(collective=True)  # every rank is here, at the same step
+            raise
+        except BaseException:
+            self._abandon(collective=not self.mpio)  # this rank alone: no collective that would wait for others
+            raise
+
+    # -- the steps ------------------------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        if self.rank == 0 and callable(self.header):  # serialised here: a state that cannot be fails agreed
+            self.header = self.header()
+        if self.rank == 0 or self.mpio:
+            parent = self.path.parent
+            if not parent.is_dir():
+                raise UserError(f"{self.path}: cannot write checkpoint, directory {parent} does not exist")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot create files in {parent} (read-only or no permission)")
+
+    def _structure(self) -> None:
+        fmt.write_header(self.f, self.header)
+        for out in self.outs:
+            self.dsets[out.path] = fmt.create_dataset(self.f, out.path, out.shape, out.dtype)
+
+    def _create(self) -> None:
+        if not self.mpio:
+            def create():
+                if self.rank == 0:
+                    self.f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
+                    self._structure()
+            self.agree("creating the checkpoint file", create)
+            return
+        error = None
+        try:
+            with _hdf5_collective("file create (mpio)"):
+                self.f = h5py.File(self.tmp, "w", driver="mpio", comm=self.comm.mpi, libver=fmt.LIBVER)
+            with _hdf5_collective("dataset creation (mpio)"):
+                self._structure()
+        except Exception as e:  # noqa: BLE001 - agreed just below
+            error = e
+        self.agree("creating the checkpoint file", lambda: _raise(error))
+
+    def _transfer(self) -> BaseException | None:
+        """Every rank's part of the data: its pieces sent to their writers, and the datasets it writes received,
+        checksummed and written block by block. Never raises for an Exception: the first one is returned, and this
+        rank still sends and receives everything (no peer waits for ever) but writes nothing more."""
+        error: BaseException | None = None
+        try:
+            if self.agree_:  # tests' faults (HPC_LLM_FAULT=enospc:save:RANK:STEP): a run's saves, not the serial API
+                inject("save", self.step)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        me, comm = self.rank, self.comm
+        sends: deque = deque()
+        staging = _Staging()
+        seq = 0
+        with ThreadPoolExecutor(1) as pool:  # each block's checksum while h5py writes it (both release the GIL)
+            for out in self.outs:
+                mine = out.writer == me
+                value = 0
+                for blk in blocks(out.shape):
+                    parts = out.parts(blk)
+                    tags = []
+                    for part in parts:
+                        tags.append([(seq + i) % _TAGS for i in range(len(part.pieces))])
+                        seq += len(part.pieces)
+                    if not mine:
+                        for part, ptags in zip(parts, tags):
+                            for piece, tag in zip(part.pieces, ptags):
+                                if piece.rank == me:
+                                    data, error = self._fetch(piece, out.dtype, error)
+                                    sends.append(comm.isend(data, out.writer, tag, "save"))
+                                    while len(sends) > SEND_WINDOW:
+                                        sends.popleft().wait()
+                        continue
+                    data, error = self._assemble(out, blk, parts, tags, staging, error)
+                    if error is None:
+                        try:
+                            crc = pool.submit(fmt.crc, data, value)
+                            try:
+                                self.dsets[out.path][blk.index] = data
+                            finally:
+                                value = crc.result()
+                        except Exception as e:  # noqa: BLE001
+                            error = e
+                if mine:
+                    self.crcs[out.path] = value
+        while sends:
+            sends.popleft().wait()
+        return error
+
+    def _fetch(self, piece: Piece, dtype, error):
+        try:
+            data = np.ascontiguousarray(piece.fetch()).reshape(-1)
+            if data.dtype != dtype or data.size != piece.n:
+                raise RuntimeError(f"checkpoint: a piece of {piece.n} {dtype} came as {data.size} {data.dtype}")
+            return data, error
+        except Exception as e:  # noqa: BLE001 - sent anyway (zeros), so the writer is not left waiting
+            return np.zeros(piece.n, dtype=dtype), error or e
+
+    def _assemble(self, out: Out, blk: Block, parts: list[Part], tags, staging: _Staging, error):
+        """The block's elements on its writer: the local pieces copied, the others received, each straight into
+        place where it lands contiguously."""
+        me, n = self.rank, blk.hi - blk.lo
+        if len(parts) == 1 and len(parts[0].pieces) == 1 and parts[0].at == 0 and parts[0].pieces[0].rank == me:
+            data, error = self._fetch(parts[0].pieces[0], out.dtype, error)  # held whole here: written from place
+            return data.reshape(blk.shape), error
+        block = staging.get(0, out.dtype, n)
+        apart = sum(p.n for p in parts if p.at is None)
+        spare = staging.get(1, out.dtype, apart) if apart else None
+        handles, targets, used = [], [], 0
+        try:
+            for part, ptags in zip(parts, tags):
+                if part.at is None:
+                    target, used = spare[used:used + part.n], used + part.n
+                else:
+                    target = block[part.at:part.at + part.n]
+                targets.append(target)
+                offset = 0
+                for piece, tag in zip(part.pieces, ptags):
+                    seg, offset = target[offset:offset + piece.n], offset + piece.n
+                    if piece.rank == me:
+                        seg[...], error = self._fetch(piece, out.dtype, error)
+                    else:
+                        handles.append(self.comm.irecv(seg, piece.rank, tag, "save"))
+        finally:
+            for h in handles:
+                h.wait()
+        if error is None:
+            try:
+                for part, target in zip(parts, targets):
+                    if part.scatter is not None:
+                        part.scatter(block, target)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        return block.reshape(blk.shape), error
+
+    def _close(self) -> None:
+        if not self.mpio:
+            def finish():
+                if self.f is not None:
+                    fmt.write_trailer(self.f, self.dsets, self.crcs)
+                    self.f.close()
+                    self.f = None
+            self.agree("closing the checkpoint file", finish)
+            return
+        crcs: dict[str, int] = {}
+        for part in self.comm.allgather_objects(self.crcs):  # HDF5 attributes are collective: equal everywhere
+            crcs.update(part)
+        error = None
+        try:
+            with _hdf5_collective("attributes (mpio)"):
+                fmt.write_trailer(self.f, self.dsets, crcs)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        try:
+            with _hdf5_collective("file close (mpio)"):
+                self.f.close()
+        except Exception as e:  # noqa: BLE001
+            error = error or e
+        self.f = None
+        self.agree("closing the checkpoint file", lambda: _raise(error))
+
+    def _verify(self) -> None:
+        if not self.mpio:
+            if self.rank == 0:
+                _fsync_during(self.tmp, lambda: verify_checkpoint(self.tmp))
+            return
+
+        def mine():
+            with CheckpointFile(self.tmp) as f:
+                f.verify_share(self.rank, self.comm.size)
+
+        # each rank: fsync its own writes (from its own node's cache) while it verifies its share of the file
+        _fsync_during(self.tmp, mine)
+
+    def _publish(self) -> None:
+        if self.rank == 0:
+            os.replace(self.tmp, self.path)
+            self.renamed = True
+            fsync_dir(self.path.parent)
+
+    def _abandon(self, collective: bool) -> None:
+        """After a failure: close the file (collectively under mpio, when every rank does so now) and remove it."""
+        if self.f is not None:
+            if not self.mpio or collective:
+                try:
+                    with _hdf5_collective("file close after a failed save (mpio)") if self.mpio else \
+                            contextlib.nullcontext():
+                        self.f.close()
+                except Exception as e:  # noqa: BLE001 - the save has failed already
+                    log.warning("closing %s after a failed save: %s", self.tmp, e)
+            self.f = None
+        if self.rank == 0 and self.tmp is not None and not self.renamed:
+            _remove_quietly(self.tmp)
+
+
+def write_checkpoint(path, outs: list[Out], header, comm, mpio: bool = False, step=None) -> None:
+    """Write ``outs`` as the checkpoint ``path`` from every rank of ``comm`` (a hpc_llm.parallel.comm.Comm), each
+    doing its part (every rank passes the same ``outs``); ``header``: a format.Header, or a function making one, used
+    on rank 0 only. Raises SaveFailed on every rank if any rank failed."""
+    _Save(path, outs, header, comm, mpio and comm.size > 1, step, agree=True).run()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the serial API: one process, arrays in memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_header(state: dict, config: dict) -> fmt.Header:
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return fmt.Header(state, fmt.dump_state(state), json.dumps(config), created)
+
+
+def _prepare(params, optimizer, metrics) -> dict[str, np.ndarray]:
+    """Validated arrays by dataset path, in file order (parameters, optimizer slots, metrics columns)."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, value in params.items():
+        fmt.check_name(name, "parameter")
+        tensors[f"params/{name}"] = fmt.as_array(value, f"params[{name!r}]")
+    for slot, named in optimizer.items():
+        fmt.check_name(slot, "optimizer slot")
+        for name, value in named.items():
+            if f"params/{name}" not in tensors:
+                raise ValueError(f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter")
+            arr = fmt.as_array(value, f"optimizer[{slot!r}][{name!r}]")
+            if arr.shape != tensors[f"params/{name}"].shape:
+                raise ValueError(
+                    f"checkpoint: optimizer[{slot!r}][{name!r}] has shape {arr.shape}, "
+                    f"expected the parameter's {tensors[f'params/{name}'].shape}"
+                )
+            tensors[f"optimizer/{slot}/{name}"] = arr
+    for table, columns in metrics.items():
+        fmt.check_name(table, "metrics table")
+        for column, values in columns.items():
+            fmt.check_name(column, "metrics column")
+            arr = fmt.contiguous(np.asarray(values, dtype=np.float64))
+            if arr.ndim != 1:
+                raise ValueError(f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}")
+            tensors[f"metrics/{table}/{column}"] = arr
+    return tensors
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    params: dict[str, np.ndarray],
+    optimizer: dict[str, dict[str, np.ndarray]],
+    state: dict,
+    config: dict,
+    metrics: dict[str, dict[str, Any]],
+) -> None:
+    """Write a checkpoint from this one process, atomically: temp file, fsync, verify, ``os.replace``, fsync of the
+    directory. A failure raises the original exception after the temporary file is removed.
+
+    ``params``: name -> array (full logical shape). ``optimizer``: slot -> name -> array, names and shapes a subset
+    of ``params``. ``state``: JSON-able dict (ints of any size, floats, str, lists, tuples, small arrays).
+    ``config``: plain JSON dict. ``metrics``: table -> column -> 1-D sequence, stored as float64.
+    Dtypes of params/optimizer arrays are kept exactly, so a load is bitwise.
+    """
+    from hpc_llm.parallel.comm import Comm
+
+    tensors = _prepare(params, optimizer, metrics)
+    header = make_header(state, config)
+    outs = [Out(p, a.shape, a.dtype, 0, whole(0, lambda lo, hi, a=a.reshape(-1): a[lo:hi]))
+            for p, a in tensors.items()]
+    _Save(path, outs, header, Comm(None), mpio=False, step=state.get("step"), agree=False).run()

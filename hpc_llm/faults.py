@@ -1,0 +1,179 @@
+"""How a job fails: the phase each rank is in, the watchdog that ends a job stuck in communication, and the
+fault-injection switch the tests use to make every failure deterministic (docs/reliability.md).
+
+- `phase(name, step)` records what this rank is doing; a failure message names it ("rank 1 failed in save at step 4").
+- `WATCHDOG`: every MPI wait in comm.py is bracketed by `enter(op)` / `leave()`; a background thread aborts the job
+  (MPI_Abort on the world) when one wait lasts longer than `parallel.comm_timeout_s`, after printing which operation,
+  in which group, at which step. A peer that died, hangs, or livelocks then costs minutes, not the allocation.
+- `HPC_LLM_FAULT` (tests only): comma-separated `KIND:POINT:RANK[:STEP]`, e.g. `raise:step:1:3` (rank 1 raises at the
+  start of step 3), `enospc:save:0:4`, `hang:step:1:3`, `kill:eval:0`, `nan:grad:1:2`, `usr1:startup:1`. KIND is raise,
+  enospc, eio, hang, kill, nan or usr1 (the rank sends itself SIGUSR1, a stop request); POINT is startup, data,
+  resume, step, grad, eval or save; STEP omitted: the first time. Code
+  calls `inject(POINT, step)` where such a fault can happen; nothing happens unless the variable names this rank.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import threading
+import time
+
+# -- which rank, doing what ------------------------------------------------------------------------------------------
+
+
+def launcher_rank() -> int:
+    """This process's world rank, from the launcher's environment (readable before MPI is initialised)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class _Phase:
+    name = "start-up"
+    step: int | None = None
+
+    def describe(self) -> str:
+        if self.step is None:
+            return self.name
+        return f"step {self.step}" if self.name == "step" else f"{self.name} at step {self.step}"
+
+
+PHASE = _Phase()
+
+
+class phase:
+    """`with phase("save", step):` this rank is saving; the previous phase comes back afterwards."""
+
+    def __init__(self, name: str, step: int | None = None):
+        self.name, self.step = name, step
+
+    def __enter__(self):
+        self.saved = PHASE.name, PHASE.step
+        PHASE.name, PHASE.step = self.name, self.step
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:  # an exception keeps the phase it happened in, for the failure message
+            PHASE.name, PHASE.step = self.saved
+
+
+def failure_line(exc: BaseException, rank: int | None = None) -> str:
+    """The one line that says which rank failed, where, and with what."""
+    rank = launcher_rank() if rank is None else rank
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"rank {rank} failed in {PHASE.describe()}: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+# -- the watchdog ----------------------------------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Aborts the job when this rank waits in one MPI operation for longer than `timeout_s` (0: off)."""
+
+    def __init__(self):
+        self.timeout_s = 0.0
+        self._op: str | None = None
+        self._since = 0.0
+        self._thread: threading.Thread | None = None
+
+    def configure(self, timeout_s: float) -> None:
+        self.timeout_s = float(timeout_s)
+        if self.timeout_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hpc-llm-watchdog", daemon=True)
+            self._thread.start()
+
+    def enter(self, op: str) -> None:
+        self._since = time.monotonic()  # before _op: the thread never sees an op with an old start time
+        self._op = op
+
+    def leave(self) -> None:
+        self._op = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0)
+            op, since = self._op, self._since
+            if op is None or self.timeout_s <= 0:
+                continue
+            waited = time.monotonic() - since
+            if waited > self.timeout_s and self._op is op:
+                sys.stderr.write(f"hpc-llm: rank {launcher_rank()}: no progress for {waited:.0f} s in {op} "
+                                 f"({PHASE.describe()}; parallel.comm_timeout_s={self.timeout_s:g}): a peer has "
+                                 "stopped, died or is stuck; aborting the job\n")
+                sys.stderr.flush()
+                abort_job(1)
+
+
+WATCHDOG = Watchdog()
+
+
+def abort_job(code: int) -> None:
+    """End every rank now: MPI_Abort on the world when MPI is running, else this process (os._exit: no cleanup that
+    could itself wait for a peer)."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
+# -- fault injection (tests) -----------------------------------------------------------------------------------------
+
+KINDS = ("raise", "enospc", "eio", "hang", "kill", "nan", "usr1")
+POINTS = ("startup", "data", "resume", "step", "grad", "eval", "save")
+
+
+class InjectedFault(RuntimeError):
+    """What `raise` injects: an unexpected error, as a bug would raise."""
+
+
+def _faults() -> list[tuple[str, str, int, int | None]]:
+    spec = os.environ.get("HPC_LLM_FAULT", "").strip()
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (3, 4) or parts[0] not in KINDS or parts[1] not in POINTS:
+            raise ValueError(f"HPC_LLM_FAULT item {item!r}: expected KIND:POINT:RANK[:STEP] with KIND in {KINDS} and "
+                             f"POINT in {POINTS}")
+        out.append((parts[0], parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else None))
+    return out
+
+
+_fired: set = set()
+
+
+def inject(point: str, step: int | None = None) -> bool:
+    """Trigger the fault HPC_LLM_FAULT names for this point, rank and step (each once). Returns True for `nan` (the
+    caller poisons its value); raises, hangs or kills for the others; False when nothing is injected here."""
+    if "HPC_LLM_FAULT" not in os.environ:
+        return False
+    rank = launcher_rank()
+    for fault in _faults():
+        kind, where, r, at = fault
+        if where != point or r != rank or (at is not None and at != step) or fault in _fired:
+            continue
+        _fired.add(fault)
+        sys.stderr.write(f"hpc-llm: rank {rank}: injecting {kind} at {point}" +
+                         ("" if step is None else f" (step {step})") + "\n")
+        sys.stderr.flush()
+        if kind == "raise":
+            raise InjectedFault(f"injected at {point}")
+        if kind == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if kind == "eio":
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        if kind == "hang":
+            while True:  # stuck outside MPI: its peers' watchdogs must end the job
+                time.sleep(1)
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "usr1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return False
+        return True
+    return False

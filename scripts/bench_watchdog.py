@@ -1,0 +1,85 @@
+"""The collective watchdog's cost on the training step, side by side in one run (docs/reliability.md).
+
+    mpiexec -n 2 python scripts/bench_watchdog.py --data DIR [--preset small|6x384] [--rounds 10] [--steps 10]
+
+One Trainer (dp over the ranks, gradient buckets of 0.05 MiB so a step makes many MPI calls: the worst case for a
+per-call cost); rounds alternate `--steps` steps with the watchdog on (parallel.comm_timeout_s = 600: every MPI wait
+bracketed by enter/leave, its thread waking every second) and off (comm.py's WATCHDOG replaced by a no-op). Reported:
+the median step time of each (each step's time is the max over ranks), the ratio, the MPI calls per step in the
+ledger, and the price of one enter/leave pair timed alone (calls x price / step: the overhead without the noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+PRESETS = {"small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+           "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256)}
+
+
+class NoWatchdog:
+    def enter(self, op: str) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--preset", choices=PRESETS, default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+
+    from mpi4py import MPI
+
+    import hpc_llm.parallel.comm as comm
+    from hpc_llm.config import load_config
+    from hpc_llm.faults import WATCHDOG
+    from hpc_llm.parallel.grid import make_grid
+    from hpc_llm.train import Trainer
+
+    world = MPI.COMM_WORLD
+    sets = [f"model.{k}={v}" for k, v in PRESETS[args.preset].items()] + [
+        f"data.path={args.data}", f"train.batch_size={args.batch}", "parallel.bucket_mb=0.05",
+        "train.peak_tflops=1", "train.eval_iters=0", "parallel.comm_timeout_s=600",
+        f"train.out_dir=/tmp/bench_watchdog_{world.rank}_{time.time_ns()}", f"train.max_iters={10**6}"]
+    cfg = load_config(None, sets)
+    trainer = Trainer(cfg, grid=make_grid(world, 1, 1))
+    for _ in range(3):
+        trainer.train_step()
+    times = {"on": [], "off": []}
+    calls = 0
+    for r in range(args.rounds):
+        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            comm.WATCHDOG = WATCHDOG if mode == "on" else NoWatchdog()
+            for _ in range(args.steps):
+                world.Barrier()
+                trainer.grid.world.ledger.reset()
+                t0 = time.perf_counter()
+                trainer.train_step()
+                times[mode].append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+                calls = sum(c["calls"] for c in trainer.grid.world.ledger.summary().values())
+    comm.WATCHDOG = WATCHDOG
+    if world.rank == 0:
+        # the per-call price alone (noise-free): enter + leave, a million times
+        n, t0 = 10**6, time.perf_counter()
+        for _ in range(n):
+            WATCHDOG.enter("bench")
+            WATCHDOG.leave()
+        per_call = (time.perf_counter() - t0) / n
+        on, off = statistics.median(times["on"]), statistics.median(times["off"])
+        print(json.dumps({"preset": args.preset, "ranks": world.size, "steps_each": len(times["on"]),
+                          "median_on_ms": 1e3 * on, "median_off_ms": 1e3 * off, "overhead": on / off - 1,
+                          "mpi_calls_per_step_in_ledger": calls, "enter_leave_us": 1e6 * per_call,
+                          "bound_from_calls": calls * per_call / off}))
+
+
+if __name__ == "__main__":
+    main()

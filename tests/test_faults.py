@@ -1,0 +1,342 @@
+"""Failures on one rank become one clean, fast, job-wide outcome (docs/reliability.md).
+
+Every fault is injected deterministically through HPC_LLM_FAULT (hpc_llm/faults.py) into `hpc-llm train` under
+mpiexec: an exception at each phase, a rank that hangs outside MPI (its peers' watchdog ends the job), a rank killed
+by SIGKILL, a save that fails with ENOSPC, non-finite gradients, stop signals at awkward moments, a second run in a
+live run's directory. Each case asserts the exit status, the one line that names the rank and the phase, a bound on
+the time to exit, and what survived: afterwards `--resume auto` continues from the last good checkpoint and, at the
+same layout, ends bitwise equal to an uninterrupted run.
+
+Time bounds: each bound is the fault's own delay (the watchdog's timeout) plus start-up and a generous margin for this
+shared 2-core machine (start-up of 2-4 ranks takes 2-6 s here; the bounds are 10x that): they prove "seconds, not
+the allocation", not speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config, write_toml
+from hpc_llm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, verify_checkpoint
+from test_parallel import mpiexec, run_mpi
+
+STEPS = 6
+# name: (ranks, overrides): dp2, and dp2 x tp2 with ZeRO-1
+LAYOUTS = {"dp2": (2, {}), "dp2xtp2-zero1": (4, {"parallel.tp": 2, "parallel.zero": 1})}
+BOUND_S = 60.0  # start-up to exit of a failed job, far above what it takes here (see the module docstring)
+
+
+def config(data_dir, out_dir, path, **overrides):
+    base = {"model.n_head": 4, "train.max_iters": STEPS, "train.eval_iters": 1, "train.eval_interval": 3,
+            "checkpoint.interval": 2, "checkpoint.writer": "gather", "parallel.bucket_mb": 0.01}
+    return write_toml(tiny_config(data_dir, out_dir, **{**base, **overrides}), path)
+
+
+def train(ranks: int, cfg, *args, fault: str | None = None, timeout: float = 150):
+    env_fault = {"HPC_LLM_FAULT": fault} if fault else {}
+    old = {k: os.environ.get(k) for k in env_fault}
+    os.environ.update(env_fault)
+    try:
+        return run_mpi(ranks, ["train", str(cfg), *args], timeout=timeout)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def params_of(path):
+    return load_checkpoint(path, optimizer=True)
+
+
+def assert_same_run(a, b):
+    """Bitwise the same parameters, Adam moments and step."""
+    ca, cb = params_of(a), params_of(b)
+    assert ca.state["step"] == cb.state["step"]
+    for group in ("params", "optimizer"):
+        ta, tb = getattr(ca, group), getattr(cb, group)
+        flat_a = ta if group == "params" else {f"{s}/{k}": v for s in ta for k, v in ta[s].items()}
+        flat_b = tb if group == "params" else {f"{s}/{k}": v for s in tb for k, v in tb[s].items()}
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert np.array_equal(flat_a[k], flat_b[k]), (group, k)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted run of each layout: its final checkpoint."""
+    out = {}
+    for name, (ranks, overrides) in LAYOUTS.items():
+        d = tmp_path_factory.mktemp(f"ref_{name}")
+        cfg = config(data_dir, d / "run", d / "run.toml", **overrides)
+        rc, _, err, _ = train(ranks, cfg)
+        assert rc == 0, err
+        out[name] = checkpoint_path(d / "run", STEPS)
+    return out
+
+
+def no_temporary_files(run_dir) -> bool:
+    return not [p for p in os.listdir(run_dir) if ".tmp-" in p]
+
+
+def failure_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("hpc-llm: rank") and " failed in " in line]
+    assert lines, err
+    return lines[0]
+
+
+# -- a fault on one rank ends the job; --resume auto continues bitwise ---------------------------------------------
+
+FAULTS = [
+    # id, HPC_LLM_FAULT (rank 1 in every case), extra config, what stderr must say, the last good checkpoint
+    ("raise-in-step", "raise:step:1:3", {}, "rank 1 failed in step 3: InjectedFault", 2),
+    ("killed-rank", "kill:step:1:3", {}, "signal 9 (Killed)", 2),
+    ("hang-outside-mpi", "hang:step:1:5", {"parallel.comm_timeout_s": 3.0}, "no progress for", 4),
+    ("raise-in-eval", "raise:eval:1:3", {}, "rank 1 failed in eval at step 3: InjectedFault", 2),
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_fault_on_one_rank_ends_the_job_and_resume_continues_exactly(case, layout, data_dir, tmp_path, reference):
+    name, fault, extra, says, last_good = case
+    ranks, overrides = LAYOUTS[layout]
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **overrides, **extra)
+    rc, _, err, seconds = train(ranks, cfg, fault=fault)
+    assert rc != 0 and says in err, (rc, err[-3000:])
+    if name != "killed-rank" and "hang" not in name:
+        assert "Traceback" in err  # the failing rank's traceback ...
+        assert err.count("Traceback") == 1  # ... and only its own
+    assert seconds < BOUND_S + extra.get("parallel.comm_timeout_s", 0), seconds
+    ckpts = [s for s, _ in list_checkpoints(tmp_path / "run")]
+    assert max(ckpts) == last_good, ckpts
+    verify_checkpoint(checkpoint_path(tmp_path / "run", last_good))
+    rc, _, err, _ = train(ranks, cfg, "--resume", "auto")
+    assert rc == 0, err[-3000:]
+    assert no_temporary_files(tmp_path / "run")
+    assert_same_run(checkpoint_path(tmp_path / "run", STEPS), reference[layout])
+
+
+STARTUP_FAULTS = [
+    # id, fault, what the line names
+    ("before-mpi", "raise:startup:1", "rank 1 failed in start-up: InjectedFault"),
+    ("data-loading", "raise:data:1", "failed in data loading: InjectedFault"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", STARTUP_FAULTS, ids=[f[0] for f in STARTUP_FAULTS])
+def test_a_fault_during_start_up_ends_the_job(case, data_dir, tmp_path):
+    _, fault, says = case
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml")
+    rc, _, err, seconds = train(2, cfg, fault=fault)
+    assert rc != 0 and says in err, (rc, err[-3000:])
+    assert seconds < BOUND_S
+    assert list_checkpoints(tmp_path / "run") == []
+
+
+@pytest.mark.timeout(300)
+def test_a_fault_while_resuming_ends_the_job_and_keeps_the_checkpoint(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 2})
+    assert train(2, cfg)[0] == 0
+    rc, _, err, seconds = train(2, cfg, "--resume", "auto", "--set", "train.max_iters=4", fault="raise:resume:1")
+    assert rc == 1 and "rank 1 failed in resume: InjectedFault" in err, (rc, err[-3000:])
+    assert seconds < BOUND_S
+    verify_checkpoint(checkpoint_path(tmp_path / "run", 2))
+
+
+# -- non-finite steps ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(data_dir, tmp_path):
+    """rank 1's gradient is NaN in step 3 (0-based): the whole job skips that update (parameters, moments and Adam's
+    counter after it equal those before it), counts it, and trains on."""
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"checkpoint.interval": 1,
+                                                                       "checkpoint.keep_last": 10})
+    rc, out, err, _ = train(2, cfg, fault="nan:grad:1:3")
+    assert rc == 0, err[-3000:]
+    assert "step 3: loss" in out and "not finite, step skipped (1 in a row" in out, out[-3000:]
+    before, after = params_of(checkpoint_path(tmp_path / "run", 3)), params_of(checkpoint_path(tmp_path / "run", 4))
+    for k in before.params:
+        assert np.array_equal(before.params[k], after.params[k]), k
+    assert after.state["adam_t"] == before.state["adam_t"] and after.state["skipped_steps"] == 1
+    final = params_of(checkpoint_path(tmp_path / "run", STEPS))
+    assert final.state["skipped_steps"] == 1 and final.state["adam_t"] == STEPS - 1
+    assert np.asarray(final.metrics["train"]["skipped_steps"]).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.timeout(300)
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_last_good_state(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_bad_steps": 2,
+                                                                       "checkpoint.keep_last": 10})
+    rc, _, err, _ = train(2, cfg, fault="nan:grad:0:2,nan:grad:0:3")
+    assert rc == 1, err[-3000:]
+    assert "the last 2 steps were skipped" in err and "train.max_bad_steps=2" in err, err[-3000:]
+    last = params_of(checkpoint_path(tmp_path / "run", 4))
+    good = params_of(checkpoint_path(tmp_path / "run", 2))  # the state before the two bad steps
+    for k in good.params:
+        assert np.array_equal(good.params[k], last.params[k]), k
+    assert "Traceback" not in err  # every rank knew: no abort, no traceback
+
+
+# -- stop signals --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_signal_at_start_up_is_honoured_at_step_0(data_dir, tmp_path):
+    """SIGUSR1 reaching rank 1 before it has even read its config: the job stops at step 0 with a checkpoint and
+    exit 75, and a resume ends where an uninterrupted run does."""
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml")
+    rc, out, err, _ = train(2, cfg, fault="usr1:startup:1")
+    assert rc == 75, err[-3000:]
+    assert "step 0: stop signal SIGUSR1 received" in out
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [0]
+    assert train(2, cfg, "--resume", "auto")[0] == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_during_an_eval_does_not_wait_for_another_step(data_dir, tmp_path):
+    """The stop arrives during the step-3 eval: the run stops at step 3 (no step 3 trained), and the summary
+    reports that eval."""
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml")
+    rc, out, err, _ = train(2, cfg, fault="usr1:eval:0:3")
+    assert rc == 75, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["stopped_by"] == signal.SIGUSR1
+    ck = params_of(checkpoint_path(tmp_path / "run", 3))
+    assert ck.metrics["eval"]["step"][-1] == 3 and summary["val_loss"] == ck.metrics["eval"]["val_loss"][-1]
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_right_after_a_save_does_not_save_that_step_again(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml")
+    rc, out, err, _ = train(2, cfg, fault="usr1:save:0:2")
+    assert rc == 75, err[-3000:]
+    assert out.count("ckpt_00000002.h5 (") == 1, out  # one "checkpoint ... (writer, seconds)" line
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+
+
+@pytest.mark.timeout(300)
+def test_open_mpi_mpiexec_forwards_sigusr1_to_the_ranks(data_dir, tmp_path):
+    """SIGUSR1 sent to the launcher (what the Slurm scripts send it) reaches every rank: checkpoint and exit 75."""
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 10**6,
+                                                                       "checkpoint.interval": 0})
+    proc = subprocess.Popen([mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m", "hpc_llm", "train",
+                             str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stop signal SIGUSR1 received" in out
+    verify_checkpoint(max(list_checkpoints(tmp_path / "run"))[1])
+
+
+# -- one live run per directory ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_run_leaves_no_lock(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 10**6,
+                                                                       "checkpoint.interval": 50})
+    first = subprocess.Popen([sys.executable, "-m", "hpc_llm", "train", str(cfg)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(tmp_path / "run") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list_checkpoints(tmp_path / "run"), "the first run never saved"
+        for args in ([], ["--resume", "auto"]):
+            before = sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith((".ckpt", "ckpt")))
+            rc, _, err, _ = train(2, cfg, *args)
+            assert rc == 2, err
+            assert err.count("hpc-llm: error: train.out_dir=") == 2 and "is in use by a live run" in err, err
+            assert f"pid {first.pid}" in err
+            after = sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith((".ckpt", "ckpt")))
+            assert before == after
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    rc, _, err, _ = train(2, cfg, "--resume", "auto", "--set", "train.max_iters=1")
+    assert rc == 0, err[-3000:]  # the killed run's lock went with it
+
+
+# -- resume checks what it resumes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_resume_on_data_with_another_tokenizer_is_refused_naming_both(data_dir, corpus_file, tmp_path):
+    from hpc_llm.data import prepare
+
+    prepare([corpus_file], tmp_path / "chars", tokenizer="char")
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 2})
+    assert train(2, cfg)[0] == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir())
+    rc, _, err, _ = train(2, cfg, "--resume", "auto", "--set", f"data.path={tmp_path / 'chars'}")
+    assert rc == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("hpc-llm: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "Traceback" not in err, err[-3000:]
+    assert "byte tokenizer, vocab 256" in lines[0] and "char tokenizer" in lines[0], lines[0]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()) == before
+
+
+# -- the agreement: one decision on every rank -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parallel(nprocs=2)
+def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
+    """Comm.agree: an OSError on rank 1 only becomes a JobError on both ranks naming rank 1 and the error; a
+    UserError anywhere wins over other exceptions (the user can fix it); success returns each rank's own result."""
+    from mpi4py import MPI
+    from pytest_mpi.parallel_assert import parallel_assert
+
+    from hpc_llm.errors import JobError, UserError
+    from hpc_llm.parallel.comm import Comm
+
+    comm, rank = Comm(MPI.COMM_WORLD), MPI.COMM_WORLD.rank
+
+    def fails_on(r, exc):
+        def fn():
+            if rank == r:
+                raise exc
+            return rank
+        return fn
+
+    from hpc_llm.faults import phase
+
+    outcomes = []
+    for fn in (fails_on(1, OSError(28, "No space left on device")), fails_on(-1, None)):
+        try:
+            with phase("save", 4):
+                outcomes.append(("ok", comm.agree(fn)))
+        except JobError as e:
+            outcomes.append(("job", str(e)))
+    try:
+        comm.agree(lambda: (_ for _ in ()).throw(UserError("bad field") if rank == 0 else RuntimeError("bug")))
+        outcomes.append(("ok", None))
+    except UserError as e:
+        outcomes.append(("user", str(e)))
+    except JobError as e:
+        outcomes.append(("job", str(e)))
+    want = [("job", "rank 1 failed in save at step 4: OSError: [Errno 28] No space left on device"), ("ok", rank),
+            ("user", "bad field")]
+    parallel_assert(outcomes == want, f"rank {rank}: {outcomes}")
