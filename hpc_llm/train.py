@@ -34,7 +34,7 @@ from hpc_llm.model.gpt import GPT, StagePlan, merge_ranges
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.optim import AdamW, LossScaler, global_grad_norm, lr_at
 from hpc_llm.parallel.comm import PipelineComm
-from hpc_llm.parallel.compression import load_powersgd_state
+from hpc_llm.parallel.compression import reset_line
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
@@ -272,7 +272,8 @@ class Trainer:
         """What follows from the restored history: the step is saved already, the spike guard's window."""
         self.saved_step, self.saved_path = self.step, Path(path)
         self.spikes.rebuild(self.metrics.train)
-        line = load_powersgd_state(self.sync, None)  # not in checkpoints yet: say that it restarts
+        # PowerSGD: restored with the rest, or reset (another layout): each rank knows, the first line is logged
+        line = reset_line(self.grid.world.allgather_objects(getattr(self, "powersgd_resume_line", None)))
         if line and self.is_root:
             log.info("%s", line)
 

@@ -289,6 +289,35 @@ def test_trainer_with_each_scheme_on_dp_tp_and_pp(data_dir, shared_tmp_path):
     check(not bad, "\n".join(bad))
 
 
+@pytest.mark.parallel(nprocs=2)
+def test_powersgd_run_resumes_bitwise_from_its_checkpoint(data_dir, shared_tmp_path):
+    """dp2 PowerSGD (rank 2, from step 1), 6 steps, checkpoints every 2: a new trainer resumed from step 4's file
+    ends bitwise where the uninterrupted run ends (its error feedback and Q came back from the file, each rank its
+    own); a checkpoint without the state would not (checked: resetting them changes the result)."""
+    from hpc_llm.checkpoint import checkpoint_path
+    from hpc_llm.parallel.grid import make_grid
+    from hpc_llm.train import Trainer
+
+    kw = {"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 2, "parallel.powersgd_start": 1,
+          "train.max_iters": 6, "checkpoint.interval": 2, "checkpoint.writer": "gather"}
+    grid = make_grid(MPI.COMM_WORLD, 1)
+    full = Trainer(_config(data_dir, shared_tmp_path / "full", **kw), grid=grid)
+    full.run()
+    resumed = Trainer(_config(data_dir, shared_tmp_path / "resumed", **kw), grid=grid)
+    resumed.restore(checkpoint_path(shared_tmp_path / "full", 4))
+    restored_state = {k: v.copy() for k, v in resumed.sync.powersgd.state().items()}
+    line = getattr(resumed, "powersgd_resume_line", "unset")
+    resumed.run()
+    reset = Trainer(_config(data_dir, shared_tmp_path / "reset", **kw), grid=grid)
+    reset.restore(checkpoint_path(shared_tmp_path / "full", 4))
+    reset.sync.powersgd.reset()
+    reset.run()
+    ok = (line is None and bool(restored_state) and np.array_equal(resumed.model.flat, full.model.flat)
+          and not np.array_equal(reset.model.flat, full.model.flat))
+    check(ok, f"line {line!r}; resumed equal {np.array_equal(resumed.model.flat, full.model.flat)}, reset differs "
+              f"{not np.array_equal(reset.model.flat, full.model.flat)}")
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("overrides, expected", [
     ({"parallel.grad_comm": "int8"}, "parallel.grad_comm"),

@@ -85,6 +85,11 @@ class CheckpointFile:
         fmt.check_crc(dset, fmt.crc(arr), self.path)
         return arr
 
+    def names(self, group: str) -> list[str]:
+        """The datasets directly in ``/<group>`` (none when the file has no such group)."""
+        g = self._f.get(group)
+        return [n for n, d in g.items() if isinstance(d, h5py.Dataset)] if isinstance(g, h5py.Group) else []
+
     def read(self, group: str, name: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
         """``/<group>/<name>[index]`` (group "params" or "optimizer/m", ...): only that hyperslab is read; into
         ``out`` (C-contiguous, the slab's shape, any float dtype: HDF5 converts) when given, else a new array.

@@ -181,8 +181,25 @@ class _Grid:
         return parts
 
 
-def _state(tr) -> dict:
-    return {"step": tr.step, "tokens_seen": tr.step * tr.tokens_per_step, "adam_t": tr.opt.t,
+def _powersgd_meta(tr) -> list:
+    """Every world rank's PowerSGD state, as the save needs it on every rank: [{"layout", "arrays": {name: (shape,
+    dtype)}} or None per rank] (compression.powersgd_state; all None for the other schemes)."""
+    from hpc_llm.parallel.compression import powersgd_state
+
+    mine = powersgd_state(tr.sync)
+    tr._powersgd_saving = mine
+    meta = None if mine is None else {"layout": mine["layout"], "arrays": {
+        k: (tuple(v.shape), np.dtype(v.dtype).str) for k, v in mine["arrays"].items()}}
+    return tr.grid.world.allgather_objects(meta)
+
+
+def _powersgd_slice(tr, key: str, lo: int, hi: int) -> np.ndarray:  # on the rank that holds the state
+    return to_host(tr._powersgd_saving["arrays"][key]).reshape(-1)[lo:hi]
+
+
+def _state(tr, psgd: list | None = None) -> dict:
+    return {"powersgd": [None if m is None else m["layout"] for m in psgd] if psgd and any(psgd) else None,
+            "step": tr.step, "tokens_seen": tr.step * tr.tokens_per_step, "adam_t": tr.opt.t,
             "skipped_steps": tr.skipped_steps,
             "loss_scaler": tr.scaler.state() if tr.scaler is not None else None,
             "tokenizer": tr.data.tokenizer.meta(), "data_path": str(tr.data.path),
@@ -190,7 +207,7 @@ def _state(tr) -> dict:
                        "zero": tr.cfg.parallel.zero}}
 
 
-def checkpoint_outs(tr, mpio: bool) -> list[Out]:
+def checkpoint_outs(tr, mpio: bool, psgd: list | None = None) -> list[Out]:
     """Every dataset of the trainer's checkpoint, in file order (stage 0's tensors, then stage 1's, ... (the last
     stage's copy of the tied embedding is the first's); the moments m, v alike; the metrics), with its writer (rank
     0; mpio: dealt out by size) and where each block's elements live. Every rank builds the same list."""
@@ -220,6 +237,12 @@ def checkpoint_outs(tr, mpio: bool) -> list[Out]:
 
     for j, (path, table, col, n) in enumerate(columns, start=len(tensors)):
         outs.append(Out(path, (n,), np.float64, owner[j], writers.whole(0, functools.partial(column, table, col))))
+    # PowerSGD's per-rank state (error feedback, Q): /powersgd/rank<R>/<name with / as :>, from rank R (mpio: R
+    # writes it), so a resume at the same layout continues exactly
+    for r, meta in enumerate(psgd or []):
+        for key, (shape, dt) in (meta or {"arrays": {}})["arrays"].items():
+            outs.append(Out(f"powersgd/rank{r}/{key.replace('/', ':')}", shape, dt, r if mpio else 0,
+                            writers.whole(r, functools.partial(_powersgd_slice, tr, key))))
     return outs
 
 
@@ -231,8 +254,9 @@ def save_trainer(tr) -> Path:
     world = tr.grid.world
     path = rundir.checkpoint_path(tr.out_dir, tr.step)
     mpio = tr.writer == "mpio"
-    outs = checkpoint_outs(tr, mpio)
-    writers.write_checkpoint(path, outs, lambda: writers.make_header(_state(tr), tr.cfg.to_dict()), world,
+    psgd = _powersgd_meta(tr)
+    outs = checkpoint_outs(tr, mpio, psgd)
+    writers.write_checkpoint(path, outs, lambda: writers.make_header(_state(tr, psgd), tr.cfg.to_dict()), world,
                              mpio=mpio, step=tr.step)
 
     def publish():
@@ -277,6 +301,12 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
             if tr.sync.zero:
                 tr.opt.load_moments_flat(slot, flat)
                 saved.settle()  # checksums still reading the buffer finish before v overwrites it
+        entry = None  # this rank's PowerSGD state, if the file has it (compression.load_powersgd_state decides)
+        layouts = saved.state.get("powersgd") or []
+        group = f"powersgd/rank{world.rank}"
+        if getattr(tr.sync, "powersgd", None) is not None and world.rank < len(layouts) and layouts[world.rank]:
+            entry = {"layout": layouts[world.rank],
+                     "arrays": {name.replace(":", "/"): saved.read(group, name) for name in saved.names(group)}}
         saved.verify_share()
     m.refresh_compute()
     st = saved.state
@@ -291,6 +321,12 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
             # a column a file from an older version lacks: its neutral value for the steps it holds
             column[:] = (list(np.asarray(got[k]).tolist()) if k in got else
                          [{"loss_scale": 1.0, "skipped_steps": 0}.get(k, float("nan"))] * len(got.get("step", [])))
+    from hpc_llm.parallel.compression import load_powersgd_state
+
+    try:
+        tr.powersgd_resume_line = load_powersgd_state(tr.sync, entry)
+    except ValueError as e:  # the same layout but other tensors: a file this code did not write
+        raise UserError(f"{saved.path}: {e}") from None
     log.info("resumed from %s at step %d", saved.path, tr.step)
 
 
