@@ -118,8 +118,7 @@ def _bench_calibrate(args) -> None:
     from hpc_llm.plan.cluster import cluster_from_dict, to_toml
 
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    _need_directory_of(args.out, "--out")
     fig, notes = calibrate(out.parent)
     if launcher_rank() == 0:
         cluster_from_dict(fig, str(out))  # what we write must load
@@ -128,8 +127,6 @@ def _bench_calibrate(args) -> None:
 
 
 def _plan(args) -> None:
-    import json as _json
-
     import math
 
     from hpc_llm.plan import search as S
@@ -149,7 +146,7 @@ def _plan(args) -> None:
 
         r = compare(args.compare, cl, args.gpus, args.ranks_per_device)
         pred = r.pop("_prediction")
-        print(_json.dumps(r, indent=2) if args.json else format_compare(r))
+        print(json.dumps(r, indent=2) if args.json else format_compare(r))
     else:
         if not args.config or args.gpus is None:
             raise UserError("plan: give CONFIG and --gpus N (or --compare RUN_DIR)")
@@ -163,7 +160,7 @@ def _plan(args) -> None:
                               args.max_micro, not args.no_checkpoint_memory)
         pred = preds[0]
         if args.json:
-            print(_json.dumps({"feasible": [p.as_dict() for p in preds],
+            print(json.dumps({"feasible": [p.as_dict() for p in preds],
                                "infeasible": [{"layout": S.asdict(lay), "reason": r} for lay, r in bad]}, indent=1))
         else:
             print(f"{cfg.model.n_layer} layers x {cfg.model.n_embd} dim, T {cfg.model.block_size}, global batch "

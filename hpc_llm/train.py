@@ -9,6 +9,7 @@ of the global batch), the same whatever the data/tensor-parallel layout.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -119,10 +120,11 @@ class Trainer:
         self.metrics = Metrics()
         self.written: set[Path] = set()  # checkpoints this run wrote and verified: pruning need not read them again
         self.saved_step, self.saved_path = None, None  # the step the newest checkpoint of this run holds
+        self.powersgd_resume_line = None  # set by a restore: why this rank's PowerSGD state was reset, if it was
         if saved is not None:
             with phase("resume"):
                 inject("resume")
-                restored = self._resume(saved)  # --resume auto: the newest that verifies; none: a fresh start
+                restored = self._resume(saved, resume == "auto")  # auto: the newest that verifies; none: fresh
             if restored is not None:
                 self._check_replicas_identical("resumed parameters")
                 self._resumed(restored)
@@ -223,7 +225,6 @@ class Trainer:
         """The file to open first: the one --resume names; for "auto" the newest in out_dir whose header checks pass
         (no checksums: each rank checks one file's header; world rank 0 lists them all, the candidates _resume
         broadcasts). None: nothing to resume."""
-        self._resume_auto = resume == "auto"
         if resume is None:
             return None
         if resume != "auto":
@@ -245,13 +246,13 @@ class Trainer:
             raise
         return saved
 
-    def _resume(self, saved: ckpt.CheckpointFile) -> Path | None:
+    def _resume(self, saved: ckpt.CheckpointFile, auto: bool) -> Path | None:
         """Restore what _open_checkpoint opened, on every rank (outside agree: it agrees step by step). A file named
         by --resume: a corrupt one is a UserError on every rank. --resume auto: world rank 0's candidates (newest
         first) are tried in turn, each that fails verification logged and skipped; none left: a fresh start (None).
         Returns the path restored."""
         candidates = None
-        if getattr(self, "_resume_auto", False):
+        if auto:
             candidates = self.grid.world.bcast_object(self._resume_candidates if self.is_root else None)
         return ckpt.resume_trainer(self, saved, candidates)
 
@@ -273,9 +274,10 @@ class Trainer:
         self.saved_step, self.saved_path = self.step, Path(path)
         self.spikes.rebuild(self.metrics.train)
         # PowerSGD: restored with the rest, or reset (another layout): each rank knows, the first line is logged
-        line = reset_line(self.grid.world.allgather_objects(getattr(self, "powersgd_resume_line", None)))
-        if line and self.is_root:
-            log.info("%s", line)
+        if self.sync.powersgd is not None:
+            line = reset_line(self.grid.world.allgather_objects(self.powersgd_resume_line))
+            if line and self.is_root:
+                log.info("%s", line)
 
     def _check_compatible(self, saved: ckpt.CheckpointFile) -> None:
         """The model section must match the checkpoint's; training settings may change (e.g. a longer run)."""
@@ -499,9 +501,12 @@ class Trainer:
             path = self.checkpoint(final=True)
         finally:
             metrics_file.close()
-        last = {k: v[-1] for k, v in self.metrics.eval.items()} if self.metrics.eval["step"] else {}
-        return {**last, "step": self.step, "checkpoint": str(path), "stopped_by": stopped,
+        return {**self._last_eval(), "step": self.step, "checkpoint": str(path), "stopped_by": stopped,
                 "loss": self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None}
+
+    def _last_eval(self) -> dict:
+        """The newest row of the eval history (resumed ones included), {} before any eval."""
+        return {k: v[-1] for k, v in self.metrics.eval.items()} if self.metrics.eval["step"] else {}
 
     def checkpoint(self, final: bool = False) -> Path | None:
         """Save this step, unless it is saved already (resumed from it, or a stop right after a save). A save that
@@ -534,7 +539,7 @@ class Trainer:
 
     def _eval_and_log(self, metrics_file) -> dict:
         if self.metrics.eval["step"] and self.metrics.eval["step"][-1] == self.step:
-            return {k: v[-1] for k, v in self.metrics.eval.items()}  # resumed right after this eval
+            return self._last_eval()  # resumed right after this eval
         t0 = time.perf_counter()
         with phase("eval", self.step):
             ev = self.evaluate()
@@ -553,12 +558,12 @@ class SpikeGuard:
     rebuilt from the metrics on resume, so a resumed run decides as the uninterrupted one does."""
 
     def __init__(self, sigma: float, window: int = 100, warmup: int = 20):
-        self.sigma, self.window, self.warmup = sigma, window, warmup
-        self.history: list[tuple[float, float]] = []
+        self.sigma, self.warmup = sigma, warmup
+        self.history: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
 
     def add(self, loss: float, norm: float) -> None:
         if self.sigma > 0:
-            self.history = (self.history + [(loss, norm)])[-self.window:]
+            self.history.append((loss, norm))
 
     def is_spike(self, loss: float, norm: float) -> bool:
         if self.sigma <= 0 or len(self.history) < self.warmup:
@@ -569,7 +574,8 @@ class SpikeGuard:
 
     def rebuild(self, train_metrics: dict) -> None:
         """The good steps of a resumed run's history: those that did not add to skipped_steps."""
-        self.history, before = [], 0
+        self.history.clear()
+        before = 0
         for loss, norm, skipped in zip(train_metrics["loss"], train_metrics["grad_norm"],
                                        train_metrics["skipped_steps"]):
             if skipped == before:

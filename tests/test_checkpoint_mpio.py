@@ -187,31 +187,13 @@ def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(rank, data_dir, sh
     """ENOSPC injected on rank 0 or 1 as its part of the collective step-4 save starts (the file open on every
     rank): every rank raises the same SaveFailed naming that rank, the file and the error, after the ranks closed
     the file together; no temporary file is left and the step-2 checkpoint still verifies and is the newest."""
-    from test_checkpoint_parallel import trainer
-
-    from hpc_llm import checkpoint as ckpt
+    from test_checkpoint_parallel import save_failure_problems, trainer
 
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
     tr = trainer(data_dir, shared_tmp_path / "run", "DP2-zero1", **{"train.max_iters": 4, "checkpoint.interval": 2,
                                                                     "checkpoint.writer": "mpio"})
-    try:
-        tr.run()
-        error = None
-    except ckpt.SaveFailed as e:
-        error = str(e)
-    errors = MPI.COMM_WORLD.allgather(error)
-    run_dir = shared_tmp_path / "run"
     bad = [] if tr.writer == "mpio" else [f"writer {tr.writer}"]
-    if error is None or len(set(errors)) != 1 or "\n" in error:
-        bad.append(f"errors: {errors}")
-    elif not (f"rank {rank} failed in save at step 4" in error and "ckpt_00000004.h5" in error
-              and "No space left on device" in error):
-        bad.append(f"the message should name rank {rank}, the file and the error: {error}")
-    if MPI.COMM_WORLD.rank == 0:
-        left = [p for p in os.listdir(run_dir) if ".tmp-" in p]
-        if left or [s for s, _ in ckpt.list_checkpoints(run_dir)] != [2]:
-            bad.append(f"left in the run directory: {sorted(os.listdir(run_dir))}")
-        ckpt.verify_checkpoint(ckpt.checkpoint_path(run_dir, 2))
+    bad += save_failure_problems(tr, rank)
     check(not bad, "\n".join(bad))
 
 

@@ -176,13 +176,22 @@ def test_enospc_on_one_rank_fails_the_save_on_every_rank(rank, data_dir, shared_
     is left and the step-2 checkpoint still verifies and is the newest."""
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
     tr = trainer(data_dir, shared_tmp_path / "run", "TP2", **{"train.max_iters": 4, "checkpoint.interval": 2})
+    bad = save_failure_problems(tr, rank)
+    check(not bad, "\n".join(bad))
+
+
+def save_failure_problems(tr, rank: int) -> list[str]:
+    """Run `tr` (4 steps, checkpoints at 2 and 4), whose step-4 save fails on `rank`: what is wrong on this rank
+    with the outcome (tests/test_checkpoint_mpio.py's mpio twin uses it too): not one SaveFailed line, the same on
+    every rank, naming the rank, the file and the error; a temporary file left; step 2 not the newest checkpoint,
+    not verified, or not the one `latest` names."""
     try:
         tr.run()
         error = None
     except ckpt.SaveFailed as e:
         error = str(e)
     errors = MPI.COMM_WORLD.allgather(error)
-    run_dir = shared_tmp_path / "run"
+    run_dir = tr.out_dir
     bad = []
     if error is None or len(set(errors)) != 1 or "\n" in error:
         bad.append(f"errors: {errors}")
@@ -196,7 +205,7 @@ def test_enospc_on_one_rank_fails_the_save_on_every_rank(rank, data_dir, shared_
         ckpt.verify_checkpoint(ckpt.checkpoint_path(run_dir, 2))
         if ckpt.read_latest(run_dir) != ckpt.checkpoint_path(run_dir, 2):
             bad.append(f"latest names {ckpt.read_latest(run_dir)}")
-    check(not bad, "\n".join(bad))
+    return bad
 
 
 @pytest.mark.parallel(nprocs=2)

@@ -187,14 +187,13 @@ def _powersgd_meta(tr) -> list:
     from hpc_llm.parallel.compression import powersgd_state
 
     mine = powersgd_state(tr.sync)
-    tr._powersgd_saving = mine
     meta = None if mine is None else {"layout": mine["layout"], "arrays": {
         k: (tuple(v.shape), np.dtype(v.dtype).str) for k, v in mine["arrays"].items()}}
     return tr.grid.world.allgather_objects(meta)
 
 
 def _powersgd_slice(tr, key: str, lo: int, hi: int) -> np.ndarray:  # on the rank that holds the state
-    return to_host(tr._powersgd_saving["arrays"][key]).reshape(-1)[lo:hi]
+    return to_host(tr.sync.powersgd.state()[key]).reshape(-1)[lo:hi]
 
 
 def _state(tr, psgd: list | None = None) -> dict:

@@ -227,7 +227,7 @@ class Comm:
         except UserError as e:
             error = ("user", str(e))
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks, whatever it is
-            exc, error = e, ("job", failure_line(e, self._world_rank()))
+            exc, error = e, ("job", failure_line(e))
         if self.size > 1:
             self.wait_idle(what)
             errors = self._watched(f"{self.name}.agree", lambda: self.mpi.allgather(error))
@@ -244,11 +244,6 @@ class Comm:
             sys.stderr.flush()
             raise JobError(error[1]) from exc
         raise JobError(error[1])
-
-    def _world_rank(self) -> int:
-        from mpi4py import MPI
-
-        return MPI.COMM_WORLD.Get_rank() if self.mpi is not None else 0
 
     def wait_idle(self, what: str = "a barrier", poll_s: float = 5e-4) -> None:
         """A barrier that sleeps while it waits. MPI's own busy-polls: ranks that wait for one rank's long local work
