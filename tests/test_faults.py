@@ -340,3 +340,26 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
     want = [("job", "rank 1 failed in save at step 4: OSError: [Errno 28] No space left on device"), ("ok", rank),
             ("user", "bad field")]
     parallel_assert(outcomes == want, f"rank {rank}: {outcomes}")
+
+
+# -- the new communication paths cannot hang -------------------------------------------------------------------------
+
+NEW_PATHS = [
+    # id, extra config, fault (rank 1 stuck outside MPI), the operation rank 0's watchdog must name
+    ("16-bit-buckets", {"parallel.grad_comm": "bf16"}, "hang:step:1:3", "dp.allreduce_bf16"),
+    ("powersgd", {"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 2}, "hang:step:1:3", "dp.powersgd_p"),
+    ("checkpoint-blocks", {}, "hang:save:1:4", "(writing checkpoint data)"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", NEW_PATHS, ids=[c[0] for c in NEW_PATHS])
+def test_a_stuck_peer_on_a_new_path_ends_the_job(case, data_dir, tmp_path):
+    """A rank stuck while its peer waits in the 16-bit gradient reduction, PowerSGD's factor allreduce or a save's
+    agreement: the peer's watchdog names the operation and the job ends within the timeout plus start-up."""
+    _, extra, fault, op = case
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"parallel.comm_timeout_s": 3.0, **extra})
+    rc, _, err, seconds = train(2, cfg, fault=fault)
+    assert rc != 0 and "hpc-llm: rank 0: no progress for" in err and op in err, (rc, err[-3000:])
+    assert seconds < BOUND_S + 3
+    verify_checkpoint(checkpoint_path(tmp_path / "run", 2))

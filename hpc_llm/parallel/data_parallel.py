@@ -128,20 +128,3 @@ class GradientSync:
             return
         for (a, b), counts in zip(self.buckets, self.counts):
             self.comm.allgather_(flat[a:b], counts)
-
-    def gather_to(self, compact, out, root: int = 0) -> None:
-        """ZeRO-1: this rank's owned pieces, `compact` (their concatenation in the order of self.owned: how AdamW
-        keeps its moments), into `out` (laid out like the flat buffer) on root only: the other ranks need no
-        full-size buffer. Without ZeRO-1, root's compact array is the whole buffer."""
-        if not self.zero:
-            if self.comm.rank == root:
-                out[...] = compact
-            return
-        base, offset = {}, 0
-        for a, b in self.owned:
-            base[a], offset = offset, offset + b - a
-        r = self.comm.rank
-        for (a, b), counts in zip(self.buckets, self.counts):
-            start, n = a + sum(counts[:r]), counts[r]
-            piece = compact[base[start]:base[start] + n] if n else compact[:0]
-            self.comm.gather_(piece, out[a:b] if r == root else None, counts, root)
