@@ -157,7 +157,9 @@ def _read_file(path: Path, into: dict[str, np.ndarray], only: set[str] | None = 
                     raise UserError(f"{path}: tensor {key} appears in more than one file")
                 try:
                     into[key] = f.get_tensor(key)
-                except TypeError as exc:  # "data type 'bfloat16' not understood"
+                    if into[key].dtype.name == "bfloat16":  # ml_dtypes imported: NumPy knows the name, its kind is V
+                        into[key] = into[key].astype(np.float32)  # exact, as the raw-bytes path below gives
+                except TypeError as exc:  # "data type 'bfloat16' not understood" (ml_dtypes not imported)
                     if "bfloat16" not in str(exc):
                         raise
                     bf16.append(key)

@@ -260,6 +260,21 @@ def test_half_precision_tensors_are_converted(tmp_path):
     assert rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(exact, idx)) < 1e-10
 
 
+def test_bf16_tensors_when_ml_dtypes_is_loaded(tmp_path):
+    """Once ml_dtypes is imported (bf16 training, gradient compression), safetensors hands bfloat16 tensors over as
+    ml_dtypes arrays (dtype kind V, not f) instead of failing: they are converted to float32 exactly all the same."""
+    import ml_dtypes  # noqa: F401
+
+    tensors = hf_tensors(seed=5, buffers=False, head=False)
+    d = tmp_path / "half"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(hf_config()))
+    exact = _write_bf16_and_f16(d / "model.safetensors", tensors)
+    _, params = read_gpt2_dir(d)
+    np.testing.assert_array_equal(params["wte.weight"][:VOCAB], exact["transformer.wte.weight"])
+    np.testing.assert_array_equal(params["h.0.ln_1.bias"], exact["transformer.h.0.ln_1.bias"])
+
+
 def test_sharded_safetensors(tmp_path):
     tensors = hf_tensors(seed=7)
     d = tmp_path / "sharded"
