@@ -14,9 +14,9 @@ from pathlib import Path
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend
 from hpc_llm.config import config_from_dict
-from hpc_llm.data import tokenizer_from_meta
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
+from hpc_llm.parallel.comm import Comm
 
 
 def resolve_checkpoint(path) -> Path:
@@ -30,37 +30,94 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def load_model(path, backend: str = "numpy", dtype: str | None = None) -> GPT:
+def load_model(path, backend: str = "numpy", dtype: str | None = None, quantize: str | None = None,
+               tp_comm: Comm | None = None) -> GPT:
     """The model stored in a checkpoint (its parameters checksum-verified) or a run directory's newest one;
-    dtype="float64" gives a float64 copy for analysis."""
-    return model_from_checkpoint(ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False), backend, dtype)
+    dtype="float64" gives a float64 copy for analysis; quantize="int8" int8 weights (hpc_llm/quantize.py: a float32
+    model for inference only). tp_comm: a tensor-parallel group (hpc_llm.parallel.grid), each of whose ranks calls
+    this and reads only its shards."""
+    with open_checkpoint(path) as saved:
+        return model_from_file(saved, backend, dtype, quantize, tp_comm)
+
+
+def open_checkpoint(path) -> ckpt.CheckpointFile:
+    """A checkpoint (or a run directory's newest) open for reading in pieces: its header, config and state read."""
+    return ckpt.CheckpointFile(resolve_checkpoint(path))
+
+
+def model_config(saved, dtype: str | None = None):
+    """The model section of a checkpoint's config (a Checkpoint or a CheckpointFile), dtype overridden if given."""
+    cfg = config_from_dict(saved.config).model
+    if dtype is not None:
+        if dtype not in ("float32", "float64"):
+            raise UserError(f"--dtype: expected float32 or float64, got {dtype!r}")
+        cfg.dtype = dtype
+    return cfg
+
+
+def model_from_file(saved: ckpt.CheckpointFile, backend: str = "numpy", dtype: str | None = None,
+                    quantize: str | None = None, tp_comm: Comm | None = None, agree: Comm | None = None) -> GPT:
+    """Build the model of an open checkpoint on this rank of `tp_comm` (none: one process): each rank reads only
+    the hyperslabs of its shards and checksums its share of the file's datasets (as a resumed trainer does), the
+    ranks agreeing on the verdict over `agree` (default: tp_comm); then int8-quantized if asked (each rank its
+    shards). Every rank of tp_comm must call it."""
+    from hpc_llm.parallel.grid import check_layout
+    from hpc_llm.quantize import check_quantize, quantize_model
+
+    tp = tp_comm if tp_comm is not None else Comm(None)
+    group = agree if agree is not None else tp
+
+    def build():
+        cfg = model_config(saved, dtype)
+        check_quantize(quantize, cfg.dtype, backend)
+        check_layout(tp.size, tp.size, 1, cfg.n_head, cfg.padded_vocab)
+        return GPT(cfg, get_backend(backend), seed=None, tp_comm=tp)
+
+    model = group.agree(build, "building the model")
+
+    def read():
+        saved.share(group.rank, group.size)
+        model.read_flat(model.flat, lambda name, index, out=None: saved.read("params", name, index, out),
+                        saved.shapes["params"], f"{saved.path} parameters")
+        saved.verify_share()
+        model.refresh_compute()
+
+    group.agree(read, "reading the checkpoint")
+    if quantize is not None:
+        quantize_model(model, quantize)
+    return model
 
 
 def model_from_checkpoint(saved: ckpt.Checkpoint, backend: str = "numpy", dtype: str | None = None) -> GPT:
-    cfg = config_from_dict(saved.config).model
-    if dtype is not None:
-        cfg.dtype = dtype
-    model = GPT(cfg, get_backend(backend), seed=None)
+    """The model of a checkpoint read whole into memory (ckpt.load_checkpoint), on one process."""
+    model = GPT(model_config(saved, dtype), get_backend(backend), seed=None)
     model.load_state(saved.params)
     return model
 
 
 def load_tokenizer(path):
     """The tokenizer the checkpoint's model was trained with."""
-    return _tokenizer(ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False))
+    with open_checkpoint(path) as saved:
+        return _tokenizer(saved)
 
 
-def load_model_and_tokenizer(path, backend: str = "numpy"):
-    """Both from one read of the checkpoint (what `hpc-llm generate` needs)."""
-    saved = ckpt.load_checkpoint(resolve_checkpoint(path), optimizer=False)
-    return model_from_checkpoint(saved, backend), _tokenizer(saved)
+def load_model_and_tokenizer(path, backend: str = "numpy", dtype: str | None = None, quantize: str | None = None,
+                             tp_comm: Comm | None = None):
+    """Both from one opening of the checkpoint (what `hpc-llm generate` needs)."""
+    with open_checkpoint(path) as saved:
+        tok = _tokenizer(saved)
+        return model_from_file(saved, backend, dtype, quantize, tp_comm), tok
 
 
 def _tokenizer(saved: ckpt.Checkpoint):
+    from hpc_llm.tokenizer import tokenizer_from_meta
+
     meta = saved.state.get("tokenizer")
-    if isinstance(meta, dict) and meta.get("tokenizer") == "gpt2-bpe":  # hpc_llm/gpt2_import.py
+    # hpc_llm/gpt2_import.py from a directory without tokenizer files: ids only
+    if isinstance(meta, dict) and meta.get("tokenizer") == "gpt2-bpe" and "tokenizer_json" not in meta:
         raise UserError(f"{saved.path}: imported GPT-2 weights, whose tokenizer (gpt2-bpe) hpc_llm does not "
-                        "include: tokenize with your own tool and use the Python API on token ids")
+                        "include: the import directory had no tokenizer.json (or vocab.json + merges.txt); re-import "
+                        "with them, or tokenize with your own tool and use the Python API on token ids")
     try:
         return tokenizer_from_meta(meta if isinstance(meta, dict) else {})
     except UserError as e:  # its messages name meta.json, whose copy the checkpoint's state holds

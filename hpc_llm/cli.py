@@ -1,5 +1,6 @@
-"""`hpc-llm prepare | train | generate | inspect | import-gpt2 | plan | bench comm | bench calibrate` (also
-`python -m hpc_llm`).
+"""hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, merge-lora, plan, bench (comm, calibrate).
+
+Also `python -m hpc_llm`.
 
 Exit status: 0 done; 2 a user error (UserError: one line, `hpc-llm: error: ...`, on every rank); 75 `train` stopped
 by SIGUSR1 or SIGTERM after writing a checkpoint (resume with `--resume auto`); 1 a fault: one line naming the rank,
@@ -29,23 +30,30 @@ def _need_directory_of(path: str, flag: str) -> None:
 
 def _prepare(args) -> None:
     from hpc_llm import data
+    from hpc_llm.parallel.comm import world_comm
 
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction: expected a number strictly between 0 and 1, got {args.val_fraction}")
     if args.max_bytes < 1:
         raise UserError(f"--max-bytes: expected a positive integer, got {args.max_bytes}")
+    if args.memory_mb < data.MIN_MEMORY_MB:
+        raise UserError(f"--memory-mb: expected an integer of at least {data.MIN_MEMORY_MB} (MB per rank), got "
+                        f"{args.memory_mb}")
+    # --tokenizer-dir alone means the Hugging Face tokenizer in it
+    tokenizer = args.tokenizer or ("gpt2" if args.tokenizer_dir is not None else "byte")
+    options = {"tokenizer": tokenizer, "val_fraction": args.val_fraction, "vocab_size": args.vocab_size,
+               "tokenizer_dir": args.tokenizer_dir, "memory_mb": args.memory_mb, "comm": world_comm()}
     if args.stdlib:
         if args.inputs:
             raise UserError("prepare: give input paths or --stdlib, not both")
-        meta = data.prepare_stdlib(args.out, max_bytes=args.max_bytes, tokenizer=args.tokenizer,
-                                   val_fraction=args.val_fraction)
+        meta = data.prepare_stdlib(args.out, max_bytes=args.max_bytes, **options)
     else:
         if not args.inputs:
             raise UserError("prepare: expected input files or folders (or --stdlib for the embedded corpus)")
-        meta = data.prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                            pattern=args.pattern)
-    print(f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens, "
-          f"{meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['n_files']} files")
+        meta = data.prepare(args.inputs, args.out, pattern=args.pattern, **options)
+    if launcher_rank() == 0:
+        print(f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens ({meta['dtype']}), "
+              f"{meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['n_files']} files")
 
 
 def _train(args) -> None:
@@ -69,25 +77,90 @@ def _train(args) -> None:
 
 
 def _generate(args) -> None:
-    import numpy as np
+    from hpc_llm.api import _tokenizer, model_from_file, open_checkpoint
+    from hpc_llm.generate import check_options, generate_prompts, read_prompts, tp_from_sets
+    from hpc_llm.parallel.comm import world_comm
+    from hpc_llm.parallel.grid import world_grid
 
-    from hpc_llm.api import load_model_and_tokenizer
-    from hpc_llm.generate import check_options, generate
-
-    check_options(args.max_new_tokens, args.temperature, args.top_k, args.seed)  # before the checkpoint is read
+    # every check before the checkpoint is read; under mpiexec all ranks make them alike
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p)
     if args.num_samples < 1:
         raise UserError(f"--num-samples: expected a positive integer, got {args.num_samples}")
-    model, tok = load_model_and_tokenizer(args.checkpoint, backend=args.backend)
-    try:
-        prompt = tok.encode(args.prompt or "\n")
-    except UserError as e:
-        raise UserError(f"--prompt: {e}") from None
-    out = generate(model, np.asarray(prompt)[None].repeat(args.num_samples, 0), args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    for i, row in enumerate(out):
-        if args.num_samples > 1:
-            print(f"--- sample {i}")
-        print(tok.decode(row))
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    if args.prompts is not None and args.prompt:
+        raise UserError("generate: give --prompt or --prompts, not both")
+    world = world_comm()
+    tp = tp_from_sets(args.set, world.size)
+    if args.out:
+        _need_directory_of(args.out, "--out")
+
+    def inputs():
+        texts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt or "\n"]
+        saved = open_checkpoint(args.checkpoint)
+        try:
+            tok = _tokenizer(saved)
+            ids = []
+            for i, text in enumerate(texts, 1):
+                try:
+                    ids.append(tok.encode(text))
+                except UserError as e:
+                    where = f"--prompts {args.prompts}: line {i}" if args.prompts is not None else "--prompt"
+                    raise UserError(f"{where}: {e}") from None
+        except BaseException:
+            saved.close()
+            raise
+        return saved, tok, texts, ids
+
+    saved, tok, texts, ids = world.agree(inputs, "reading the prompts and the checkpoint")
+    with saved:
+        grid = world_grid(tp)
+        model = model_from_file(saved, args.backend, args.dtype, args.quantize, grid.tp_comm, agree=grid.world)
+    rows = [(t, i) for t, i in zip(texts, ids) for _ in range(args.num_samples)]
+    results = generate_prompts(model, [i for _, i in rows], args.max_new_tokens, batch_size=args.batch_size,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if world.rank != 0:
+        return
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for (text, _), r in zip(rows, results):
+                f.write(json.dumps({"prompt": text, "completion": tok.decode(r["tokens"]), "tokens": r["tokens"],
+                                    "seconds": r["seconds"]}, ensure_ascii=False) + "\n")
+        return
+    for n, ((_, prompt), r) in enumerate(zip(rows, results)):
+        if len(rows) > 1:
+            print(f"--- sample {n}" if args.prompts is None else f"--- prompt {n // args.num_samples + 1}"
+                  + (f", sample {n % args.num_samples}" if args.num_samples > 1 else ""))
+        print(tok.decode(list(prompt) + r["tokens"]))
+
+
+def _eval(args) -> None:
+    from hpc_llm.api import model_from_file, open_checkpoint
+    from hpc_llm.evaluate import check_eval_options, evaluate, open_split
+    from hpc_llm.generate import tp_from_sets
+    from hpc_llm.parallel.comm import world_comm
+    from hpc_llm.parallel.grid import world_grid
+
+    check_eval_options(args.batch_size, args.max_batches)
+    world = world_comm()
+    tp = tp_from_sets(args.set, world.size, "eval")
+
+    def inputs():
+        saved = open_checkpoint(args.checkpoint)
+        try:
+            return saved, open_split(saved, args.data, args.split)
+        except BaseException:
+            saved.close()
+            raise
+
+    saved, tokens = world.agree(inputs, "reading the data and the checkpoint")
+    with saved:
+        grid = world_grid(tp)
+        model = model_from_file(saved, "numpy", args.dtype, args.quantize, grid.tp_comm, agree=grid.world)
+    result = evaluate(model, tokens, args.batch_size, args.max_batches)
+    if world.rank == 0:
+        print(json.dumps({"split": args.split, **result, "tp": tp, "dtype": str(model.dtype),
+                          "quantize": args.quantize}))
 
 
 def _inspect(args) -> None:
@@ -101,6 +174,13 @@ def _import_gpt2(args) -> None:
 
     path = import_gpt2(args.model_dir, args.out)
     print(f"wrote {path}")
+
+
+def _merge_lora(args) -> None:
+    from hpc_llm.lora import merge_lora
+
+    path = merge_lora(args.checkpoint, args.out)
+    print(f"merged the LoRA adapters of {args.checkpoint} into {path} (a plain model: model.lora_rank = 0)")
 
 
 def _bench_comm(args) -> None:
@@ -206,9 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--stdlib", action="store_true", help="use the Python standard library's sources as the corpus")
     s.add_argument("--max-bytes", type=int, default=8_000_000, help="size cap of the --stdlib corpus")
-    s.add_argument("--tokenizer", choices=("byte", "char"), default="byte")
+    s.add_argument("--tokenizer", choices=("byte", "char", "bpe", "gpt2"), default=None,
+                   help="byte (default), char, bpe (train a byte-level BPE here: --vocab-size), gpt2 (a Hugging Face "
+                   "tokenizer: --tokenizer-dir)")
+    s.add_argument("--vocab-size", type=int, default=None, help="tokens of the BPE that --tokenizer bpe trains")
+    s.add_argument("--tokenizer-dir", default=None, metavar="DIR",
+                   help="a Hugging Face tokenizer directory (tokenizer.json, or vocab.json + merges.txt)")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--pattern", default="*", help="glob for files inside folders, e.g. '*.txt'")
+    s.add_argument("--memory-mb", type=int, default=256,
+                   help="memory budget per rank in MB, whatever the corpus size (docs/data.md)")
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("train", help="train a model from a TOML config")
@@ -223,10 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of most likely "
+                   "tokens holding this much probability, in (0, 1] (after --top-k when both are given)")
+    s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    s.add_argument("--seed", type=int, default=0, help="prompt i (its row) samples from default_rng([seed, i])")
     s.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    s.add_argument("--prompts", metavar="FILE", help="UTF-8 text, one prompt a line, generated in batches")
+    s.add_argument("--batch-size", type=int, default=8, help="prompts (rows) decoded together")
+    s.add_argument("--out", metavar="JSONL", help="write one JSON object per row: prompt, completion, tokens (the "
+                   "new ids), seconds (the wall time of the row's batch)")
+    s.add_argument("--quantize", choices=("int8",), help="int8 weights (per-output-channel scales; float32 models)")
+    s.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)")
+    s.add_argument("--set", action="append", default=[], metavar="parallel.tp=T",
+                   help="tensor-parallel size (default: the number of ranks; run under mpiexec -n T)")
     s.set_defaults(func=_generate)
+
+    s = sub.add_parser("eval", help="a checkpoint's loss and perplexity on a prepared split")
+    s.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest verified checkpoint)")
+    s.add_argument("--data", required=True, help="a directory written by `hpc-llm prepare` (the same tokenizer)")
+    s.add_argument("--split", choices=("train", "val"), default="val")
+    s.add_argument("--batch-size", type=int, default=8, help="windows of block_size tokens per forward")
+    s.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    s.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)")
+    s.add_argument("--quantize", choices=("int8",), help="int8 weights, as generate's (float32 models)")
+    s.add_argument("--set", action="append", default=[], metavar="parallel.tp=T",
+                   help="tensor-parallel size (default: the number of ranks; run under mpiexec -n T)")
+    s.set_defaults(func=_eval)
 
     s = sub.add_parser("inspect", help="print a checkpoint's contents and tensor statistics, or compare two")
     s.add_argument("checkpoints", nargs="+", metavar="CKPT",
@@ -234,9 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_inspect)
 
     s = sub.add_parser("import-gpt2", help="convert a Hugging Face GPT-2 directory (safetensors) to a checkpoint")
-    s.add_argument("model_dir", help="directory with config.json and model.safetensors")
+    s.add_argument("model_dir", help="directory with config.json and model.safetensors (and the tokenizer: "
+                   "tokenizer.json, or vocab.json + merges.txt, when present)")
     s.add_argument("--out", required=True, help="checkpoint file to write (.h5)")
     s.set_defaults(func=_import_gpt2)
+
+    s = sub.add_parser("merge-lora", help="fold a LoRA checkpoint's adapters into its weights: a plain checkpoint")
+    s.add_argument("checkpoint", help="a LoRA run's checkpoint file, or its run directory (the newest verified one)")
+    s.add_argument("--out", required=True, help="checkpoint file to write (.h5), in an existing directory")
+    s.set_defaults(func=_merge_lora)
 
     s = sub.add_parser("plan", help="predict memory and speed of every layout on a cluster (docs/planning.md)")
     s.add_argument("config", nargs="?", help="TOML config file (the model, batch and checkpoint interval)")

@@ -16,6 +16,9 @@ from pathlib import Path
 from hpc_llm.errors import UserError
 
 
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linear layers of a block
+
+
 @dataclass
 class ModelConfig:
     n_layer: int = 4
@@ -26,6 +29,15 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # "float32" or "float64"
     bias: bool = True  # biases in the linear layers and LayerNorms (GPT-2: true; nanoGPT's shakespeare runs: false)
+    # LoRA (docs/fine-tuning.md): > 0 adds adapters A (in, r) and B (r, out) beside each target linear layer,
+    # y = x W + b + (lora_alpha / lora_rank) x A B; every base parameter is then frozen, the adapters train
+    lora_rank: int = 0
+    lora_alpha: float = 8.0  # the adapters' scale is lora_alpha / lora_rank (PEFT's default alpha 8: 1.0 at rank 8)
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.c_attn"])  # among LORA_TARGETS
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank > 0 else 0.0
 
     @property
     def padded_vocab(self) -> int:
@@ -70,6 +82,11 @@ class TrainConfig:
     max_bad_steps: int = 10
     # > 0: also skip a step whose loss exceeds the running mean of recent losses by this many standard deviations
     spike_sigma: float = 0.0
+    # a checkpoint whose model weights start a fresh run (new optimizer state, step 0; "" : initialise from the seed);
+    # --resume of this run's own checkpoints wins over it (docs/fine-tuning.md)
+    init_from: str = ""
+    # fnmatch patterns over parameter names (e.g. "h.*.attn.*", "wte.weight"): those parameters are not trained
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -166,8 +183,21 @@ def _apply(cfg: Config, section: str, values: dict, source: str) -> None:
     for key, value in values.items():
         if key not in types:
             raise UserError(f"{source}: unknown key {section}.{key} (expected one of: {', '.join(types)})")
+        if types[key] == "list[str]":
+            setattr(sub, key, _coerce_strings(f"{section}.{key}", value))
+            continue
         typ = {"int": int, "float": float, "str": str, "bool": bool, "list[int]": list}[types[key]]
         setattr(sub, key, _coerce(section, key, value, typ))
+
+
+def _coerce_strings(where: str, value) -> list[str]:
+    """list[str]: a TOML array of strings, or `--set a.b=[x, y]` / `--set a.b=x,y` (quotes optional)."""
+    if isinstance(value, str):
+        text = value.strip().removeprefix("[").removesuffix("]")
+        value = [v.strip().strip("\"'") for v in text.split(",")] if text.strip() else []
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise UserError(f"config field {where}: expected a list of non-empty strings, got {value!r}")
 
 
 def parse_override(text: str) -> tuple[str, str, str]:
@@ -296,6 +326,32 @@ def validate(cfg: Config) -> None:
     need(c.interval >= 0, "checkpoint.interval", "a non-negative integer (0: only at the end)", c.interval)
     need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)
     need(c.writer in ("auto", "gather", "mpio"), "checkpoint.writer", '"auto", "gather" or "mpio"', c.writer)
+    check_finetune(cfg)
+
+
+def check_finetune(cfg: Config) -> None:
+    """LoRA's fields and train.freeze's patterns (each must match a parameter of the model)."""
+    m, t = cfg.model, cfg.train
+    if m.lora_rank < 0 or m.lora_rank > m.n_embd:
+        raise UserError(f"config field model.lora_rank: expected 0 (off) or an integer in [1, model.n_embd="
+                        f"{m.n_embd}], got {m.lora_rank!r}")
+    if m.lora_alpha <= 0:
+        raise UserError(f"config field model.lora_alpha: expected a positive number, got {m.lora_alpha!r}")
+    bad = [x for x in m.lora_targets if x not in LORA_TARGETS]
+    if bad or (m.lora_rank > 0 and not m.lora_targets) or len(set(m.lora_targets)) != len(m.lora_targets):
+        raise UserError(f"config field model.lora_targets: expected distinct names among {list(LORA_TARGETS)}"
+                        f"{' (at least one with model.lora_rank > 0)' if not bad else ''}, got {m.lora_targets!r}"
+                        + (f" ({bad[0]!r} matches no linear layer)" if bad else ""))
+    if t.freeze:
+        import fnmatch
+
+        from hpc_llm.model.gpt import param_specs
+
+        names = [s.name for s in param_specs(m)]  # the whole model's (names do not depend on the vocabulary)
+        for pattern in t.freeze:
+            if not fnmatch.filter(names, pattern):
+                raise UserError(f"config field train.freeze: pattern {pattern!r} matches no parameter (names like "
+                                f"{names[1]!r}, 'h.0.attn.c_attn.weight', 'h.*.mlp.*')")
 
 
 def check_pipeline(pp: int, v: int, schedule: str, pp_layers: list[int], n_layer: int, micro_batches: int) -> None:

@@ -18,9 +18,12 @@ naming the field, never a silently different model. Float16/bfloat16/float64 ten
 The checkpoint is the one `Trainer.save` writes at step 0 (zero Adam moments, empty metrics), so `hpc_llm.load_model(path)` loads it and `hpc-llm train CONFIG --resume path`
 fine-tunes it when CONFIG's [model] section matches (n_layer, n_head, n_embd, block_size = n_positions, vocab_size).
 
-No GPT-2 BPE tokenizer is included: our tokenizers are byte and char level. The checkpoint records
-`{"tokenizer": "gpt2-bpe", "vocab_size": V}`, so `hpc_llm.load_tokenizer` (and `hpc-llm generate`) raise a UserError
-on it. Tokenize with your own tool (e.g. the `tiktoken` or `tokenizers` package) and use the Python API on token ids:
+The tokenizer comes from the same directory when it has one: `tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`
+(hpc_llm/tokenizer.py, the `tokenizers` package). The checkpoint's state then records it whole (its JSON and sha256,
+docs/checkpoint-format.md), and `hpc-llm generate CKPT --prompt TEXT` needs nothing else. Its vocabulary may not be
+larger than the model's. A directory without tokenizer files gives a checkpoint of ids only: the state records
+`{"tokenizer": "gpt2-bpe", "vocab_size": V}`, `hpc_llm.load_tokenizer` (and `hpc-llm generate`) raise a UserError on
+it, and the Python API works on token ids:
 
     model = hpc_llm.load_model("gpt2.h5")
     logits = model.logits(ids[None])          # ids: an int array of GPT-2 token ids
@@ -36,6 +39,7 @@ import numpy as np
 
 from hpc_llm.config import Config, ModelConfig, validate
 from hpc_llm.errors import UserError
+from hpc_llm.tokenizer import BPETokenizer, find_tokenizer_files
 
 __all__ = ["import_gpt2", "read_gpt2_dir", "read_gpt2_config", "load_gpt2_tensors", "gpt2_tensors_to_params"]
 
@@ -297,12 +301,19 @@ def import_gpt2(model_dir, out) -> Path:
         raise UserError(f"{out}: is a directory; --out expects a checkpoint file path such as {out / 'gpt2.h5'}")
     cfg, params = read_gpt2_dir(model_dir)
     V = cfg.model.vocab_size
+    tokenizer = {"tokenizer": TOKENIZER_META_NAME, "vocab_size": V}
+    if find_tokenizer_files(model_dir) is not None:
+        tok = BPETokenizer.from_dir(model_dir, TOKENIZER_META_NAME)
+        if tok.vocab_size > V:
+            raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                            f"vocab_size {V} in {CONFIG_FILE}")
+        tokenizer = tok.meta()
     optimizer = {slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")}
     state = {
         "step": 0,
         "tokens_seen": 0,
         "adam_t": 0,
-        "tokenizer": {"tokenizer": TOKENIZER_META_NAME, "vocab_size": V},
+        "tokenizer": tokenizer,
         "data_path": "",
     }
     try:

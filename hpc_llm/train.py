@@ -31,7 +31,7 @@ from hpc_llm.data import TokenData, check_split_size, get_batch
 from hpc_llm.errors import JobError, UserError
 from hpc_llm.faults import PHASE, WATCHDOG, inject, phase
 from hpc_llm.fsio import DirectoryLock, atomic_write_bytes
-from hpc_llm.model.gpt import GPT, StagePlan, merge_ranges
+from hpc_llm.model.gpt import GPT, StagePlan, intersect_ranges, is_lora, merge_ranges
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.optim import AdamW, LossScaler, global_grad_norm, lr_at
 from hpc_llm.parallel.comm import PipelineComm
@@ -96,7 +96,7 @@ class Trainer:
         self.plan = StagePlan(tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
                               par.pp, self.grid.pp_rank, par.virtual_stages)
         self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm, plan=self.plan,
-                         recompute=t.recompute == "block", precision=t.precision)
+                         recompute=t.recompute == "block", precision=t.precision, freeze=t.freeze)
         # fp16: dynamic loss scaling; a skipped step (an overflow anywhere) counts in skipped_steps
         self.scaler = LossScaler(t.loss_scale_init, t.loss_scale_window) if t.precision == "fp16" else None
         self.skipped_steps = 0  # steps whose update was skipped (non-finite, an outlier, an fp16 overflow)
@@ -113,8 +113,15 @@ class Trainer:
                                  powersgd_start=par.powersgd_start, seed=t.seed,
                                  layout={"pp": g.pp, "dp": g.dp, "tp": g.tp, "pp_rank": g.pp_rank,
                                          "dp_rank": g.dp_rank, "tp_rank": g.tp_rank})
-        self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t, owned=self.sync.owned)
+        # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
+        self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t,
+                         owned=intersect_ranges(self.sync.owned, self.model.trainable_ranges()))
         self.norm_ranges, self.norm_comm = self._norm_ranges()
+        # the moments' bytes of the whole job: every rank's, each stage's replicas (or ZeRO shards) included
+        self.moment_bytes_job = int(world.allreduce_scalar(float(self.opt.m.nbytes + self.opt.v.nbytes)))
+        if saved is None and self._init_from is not None:
+            with phase("init_from"):
+                self._load_init_from(self._init_from)
         self._check_replicas_identical("initial parameters")
         self.step = 0
         self.metrics = Metrics()
@@ -153,6 +160,8 @@ class Trainer:
         self.val_tokens = self.data.split("val")
         resume_path = self._resume_path(resume)
         saved = self._open_checkpoint(resume_path) if resume_path else None
+        # train.init_from: only for a fresh run (a resume continues its own checkpoint, which holds the weights)
+        self._init_from = self._open_init_from() if resume_path is None and t.init_from else None
         resolve_vocab(cfg, self.data)
         check_layout(self.grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
         self.writer = cfg.checkpoint.writer
@@ -215,7 +224,7 @@ class Trainer:
         counted = merge_ranges((s.offset, s.offset + s.size) for s in m.specs
                                if (self.grid.tp_rank == 0 or s.tp_axis is not None)
                                and (tied is None or s.offset != tied[0]))
-        keep = [(max(a, c), min(b, d)) for a, b in self.sync.owned for c, d in counted if max(a, c) < min(b, d)]
+        keep = intersect_ranges(self.opt.owned, counted)  # owned: trained and (ZeRO-1) this rank's shard
         comm = self.grid.world if self.sync.zero else self.grid.mp_comm
         return keep, comm
 
@@ -241,10 +250,82 @@ class Trainer:
         saved = ckpt.CheckpointFile(path)
         try:
             self._check_compatible(saved)
+            theirs, mine = config_from_dict(saved.config).model, self.cfg.model
+            lora = ("lora_rank", "lora_alpha", "lora_targets") if mine.lora_rank or theirs.lora_rank else ()
+            for k in lora:  # a resume continues the same adapters
+                if getattr(mine, k) != getattr(theirs, k):
+                    raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
+                                    f"{getattr(mine, k)}")
         except BaseException:
             saved.close()
             raise
         return saved
+
+    # -- train.init_from: another run's weights, a fresh run -----------------------------------------------------------
+
+    def _open_init_from(self) -> ckpt.CheckpointFile:
+        """Open train.init_from and check it against the config (in _load_inputs: agreed, before any compute): the
+        model section must be the checkpoint's (Trainer._check_compatible, tokenizer included), except that a
+        smaller model.block_size crops the position embedding, and the LoRA fields: adapters the checkpoint lacks
+        start from the seed, adapters it has must be the config's (merge them first for another setting)."""
+        t = self.cfg.train
+        path = Path(t.init_from)
+        if path.is_dir():  # a run directory: its newest verified checkpoint, as `generate` takes it
+            found = ckpt.find_latest(path)
+            if found is None:
+                raise UserError(f"train.init_from={t.init_from}: no verified checkpoint in this directory")
+            path = found
+        try:
+            saved = ckpt.CheckpointFile(path)
+        except UserError as e:
+            raise UserError(f"train.init_from: {e}") from None
+        try:
+            theirs, mine = config_from_dict(saved.config).model, self.cfg.model
+            if mine.block_size > theirs.block_size:
+                raise UserError(f"train.init_from={t.init_from}: model.block_size={mine.block_size} is larger than "
+                                f"the checkpoint's {theirs.block_size} (a smaller one crops its position embedding)")
+            view = _ConfigView(saved, block_size=mine.block_size)
+            try:
+                self._check_compatible(view)
+            except UserError as e:
+                raise UserError(f"train.init_from: {e}") from None
+            if theirs.lora_rank > 0 and (mine.lora_rank, mine.lora_alpha, mine.lora_targets) != (
+                    theirs.lora_rank, theirs.lora_alpha, theirs.lora_targets):
+                raise UserError(f"train.init_from={t.init_from}: the checkpoint has LoRA adapters (model.lora_rank="
+                                f"{theirs.lora_rank}, lora_alpha={theirs.lora_alpha}, lora_targets="
+                                f"{theirs.lora_targets}) the config does not: fold them into the weights with "
+                                f"`hpc-llm merge-lora` first")
+        except BaseException:
+            saved.close()
+            raise
+        return saved
+
+    def _load_init_from(self, saved: ckpt.CheckpointFile) -> None:
+        """Each rank reads its hyperslabs of the checkpoint's weights (wpe's first block_size rows) and checksums its
+        share of the file; agreed, so a bad checksum anywhere fails the start on every rank. Adapters the file lacks
+        keep their initialisation from the seed. Closes ``saved``."""
+        m, world = self.model, self.grid.world
+
+        def load():
+            with saved:
+                saved.share(world.rank, world.size)
+                shapes = dict(saved.shapes["params"])
+                if "wpe.weight" in shapes:  # cropped: only rows [0, block_size) are read
+                    shapes["wpe.weight"] = m.logical["wpe.weight"]
+                fresh = [n for n in m.logical if is_lora(n) and n not in shapes]
+                shapes.update({n: m.logical[n] for n in fresh})
+                ranges = merge_ranges((s.offset, s.offset + s.size) for s in m.specs if s.name not in fresh)
+                m.read_flat(m.flat, lambda name, index, out=None: saved.read("params", name, index, out), shapes,
+                            f"train.init_from={self.cfg.train.init_from}: parameters", ranges=ranges)
+                try:
+                    saved.verify_share()
+                except UserError as e:
+                    raise UserError(f"train.init_from: {e}") from None
+            m.refresh_compute()
+
+        world.agree(load, "reading train.init_from")
+        if self.is_root:
+            log.info("initialised from %s (its model weights; fresh optimizer state, step 0)", saved.path)
 
     def _resume(self, saved: ckpt.CheckpointFile, auto: bool) -> Path | None:
         """Restore what _open_checkpoint opened, on every rank (outside agree: it agrees step by step). A file named
@@ -290,17 +371,21 @@ class Trainer:
                 raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
                                 f"{getattr(mine, k)}")
         # the data must be tokenized as the checkpoint's was: the same ids would mean other text
+        from hpc_llm.tokenizer import tokenizer_meta_key
+
         theirs_tok, mine_tok = saved.state.get("tokenizer"), self.data.tokenizer.meta()
-        if theirs_tok is not None and theirs_tok.get("tokenizer") not in ("byte", "char"):
-            # tokenized outside hpc_llm (an imported GPT-2's BPE): nothing here can check it; the user vouches
+        if isinstance(theirs_tok, dict) and theirs_tok.get("tokenizer") == "gpt2-bpe" and \
+                "tokenizer_json" not in theirs_tok:
+            # imported without tokenizer files (or by an older hpc_llm): nothing here can check it; the user vouches
             (log.warning if self.is_root else log.debug)(
                 "checkpoint %s was trained on %s tokens, which hpc_llm cannot check against data.path=%s (%s "
                 "tokenizer): its ids must mean the same tokens", saved.path, theirs_tok.get("tokenizer"),
                 self.data.path, mine_tok.get("tokenizer"))
-        elif theirs_tok is not None and theirs_tok != mine_tok:
+        elif isinstance(theirs_tok, dict) and tokenizer_meta_key(theirs_tok) != tokenizer_meta_key(mine_tok):
             def brief(meta: dict) -> str:
                 return f"{meta.get('tokenizer')} tokenizer, vocab {meta.get('vocab_size')}" + (
-                    f", {len(meta['chars'])} chars {meta['chars'][:20]!r}..." if "chars" in meta else "")
+                    f", {len(meta['chars'])} chars {meta['chars'][:20]!r}..." if "chars" in meta else "") + (
+                    f", sha256 {str(meta['tokenizer_sha256'])[:12]}" if "tokenizer_sha256" in meta else "")
 
             raise UserError(f"checkpoint {saved.path} was trained on data with the {brief(theirs_tok)}, but "
                             f"data.path={self.data.path} has the {brief(mine_tok)}")
@@ -424,6 +509,13 @@ class Trainer:
         log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
                  self.grid.describe(), "on" if self.sync.zero else "off", cfg.parallel.bucket_mb,
                  len(self.sync.buckets), (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20)
+        log.info("trainable parameters: %d of %d (%.2f%%)%s%s; optimizer memory (Adam moments) %.3f MiB on this "
+                 "rank, %.3f MiB for the whole job", m.num_trainable, m.num_params,
+                 100 * m.num_trainable / m.num_params,
+                 f", LoRA rank {cfg.model.lora_rank} on {'/'.join(cfg.model.lora_targets)} (scale "
+                 f"{cfg.model.lora_scale:g})" if cfg.model.lora_rank else "",
+                 f", frozen by train.freeze={t.freeze}" if t.freeze else "",
+                 (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20, self.moment_bytes_job / 2**20)
         if self.grid.dp > 1:
             before, after = self.sync.bytes_per_step()
             log.info("gradient reduction %s: %.2f MB per step on this rank (uncompressed %.2f MB), ratio %.2fx%s",
@@ -550,6 +642,18 @@ class Trainer:
         metrics_file.write(json.dumps({"kind": "eval", **row}) + "\n")
         metrics_file.flush()
         return row
+
+
+class _ConfigView:
+    """A checkpoint as Trainer._check_compatible reads it (path, state, config), with model.block_size set to the
+    run's: init_from may crop the position embedding, every other model field must match."""
+
+    def __init__(self, saved: ckpt.CheckpointFile, block_size: int):
+        self._saved = saved
+        self.config = {**saved.config, "model": {**saved.config.get("model", {}), "block_size": block_size}}
+
+    def __getattr__(self, name):  # path, state, ...: the checkpoint's own
+        return getattr(self._saved, name)
 
 
 class SpikeGuard:

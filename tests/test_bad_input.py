@@ -327,6 +327,13 @@ def _rows() -> list[Row]:
         F("checkpoint.keep_last", "x", 0, "a positive integer"),
         F("checkpoint.writer", 1, "fast", '"auto", "gather" or "mpio"'),
         F("checkpoint.on_error", 1, "ignore", '"stop" or "continue"'),
+        F("model.lora_rank", "x", -1, "0 (off) or an integer in [1, model.n_embd=32]"),
+        F("model.lora_alpha", "x", 0, "a positive number"),
+        F("train.init_from", 5),  # its values: the init_from rows below
+        [T("model.lora_targets-type", "config field model.lora_targets: expected a list of non-empty strings, got 5",
+           toml={"model.lora_targets": 5})],
+        [T("train.freeze-type", "config field train.freeze: expected a list of non-empty strings, got [1]",
+           toml={"train.freeze": [1]})],
     ):
         rows += row
     add(T("model.bias-set", "config field model.bias: expected bool, got 'maybe'", sets=["model.bias=maybe"]))
@@ -399,10 +406,15 @@ def _rows() -> list[Row]:
     add(D("meta-vocab-string", "meta.json: field 'vocab_size' is '256', expected a non-negative integer",
           Data(meta={"vocab_size": "256"})))
     add(D("meta-vocab-missing", "meta.json: field 'vocab_size' is None", Data(meta={"vocab_size": None})))
-    add(D("meta-vocab-too-large", "meta.json: vocab_size 70000 is outside 1..65536", Data(meta={"vocab_size": 70000})))
+    add(D("meta-vocab-too-large", "meta.json: vocab_size 4294967297 is outside 1..4294967296",
+          Data(meta={"vocab_size": 2**32 + 1})))
     add(D("meta-n_train-negative", "meta.json: field 'n_train' is -5", Data(meta={"n_train": -5})))
-    add(D("meta-tokenizer-unknown", "field \"tokenizer\" is 'bpe', expected \"byte\" or \"char\"",
+    add(D("meta-tokenizer-unknown", "field \"tokenizer\" is 'wordpiece', expected \"byte\", \"char\", \"bpe\" or "
+          "\"gpt2-bpe\"", Data(meta={"tokenizer": "wordpiece"})))
+    add(D("meta-bpe-without-json", "tokenizer 'bpe' needs a string field \"tokenizer_json\"",
           Data(meta={"tokenizer": "bpe"})))
+    add(D("meta-dtype-unknown", "meta.json: field \"dtype\" is 'int8', expected \"uint16\" or \"uint32\"",
+          Data(meta={"dtype": "int8"})))
     add(D("meta-vocab-disagrees", "field \"vocab_size\" is 300, but the byte tokenizer has 256 tokens",
           Data(meta={"vocab_size": 300})))
     add(D("meta-char-without-chars", "tokenizer \"char\" needs a non-empty string field \"chars\"",
@@ -418,10 +430,48 @@ def _rows() -> list[Row]:
           Data(train=tokens(range(10)), meta={"n_train": 10})))
     add(D("val-too-short", "corpus split 'val' has 5 tokens, fewer than block_size+1 = 17",
           Data(val=tokens(range(5)), meta={"n_val": 5})))
-    add(D("token-beyond-vocab", "train.bin: contains token id 300, but vocab_size in meta.json is 256",
-          Data(train=lambda b: tokens([300]) + b[2:])))
-    add(D("token-beyond-char-vocab", "train.bin: contains token id 999",
-          Data(src="chardata", train=lambda b: tokens([999]) + b[2:])))
+    # ids beyond the vocabulary: prepare records the largest in meta.json (max_id), checked at start-up without
+    # reading the token files; an id edited into a file afterwards is found by the batch that gathers it, a fault
+    # (tests/test_data.py::test_token_out_of_vocab_found_by_the_batch)
+    add(D("token-beyond-vocab", "meta.json: max_id is 300: the token files contain token id 300, but vocab_size in "
+          "meta.json is 256", Data(meta={"max_id": 300})))
+    add(D("token-beyond-char-vocab", "the token files contain token id 999",
+          Data(src="chardata", meta={"max_id": 999})))
+
+    # fine-tuning (docs/fine-tuning.md): train.init_from, train.freeze, LoRA, merge-lora
+    one_layer = {"data.path": "{chardata}", "model.n_layer": 1}
+    add(T("init_from-missing", "train.init_from: ck.h5: checkpoint file does not exist",
+          toml={**one_layer, "train.init_from": "ck.h5"}))
+    add(T("init_from-not-a-checkpoint", "train.init_from: ck.h5: not an hpc_llm checkpoint",
+          toml={**one_layer, "train.init_from": "ck.h5"}, files={"ck.h5": Ckpt("foreign")}))
+    add(T("init_from-corrupt", "train.init_from: ck.h5: checksum mismatch in dataset /params/wte.weight",
+          toml={**one_layer, "train.init_from": "ck.h5"}, files={"ck.h5": Ckpt("corrupt")}))
+    add(T("init_from-other-model", "model.n_layer=1 but the config says 2",
+          toml={"data.path": "{chardata}", "train.init_from": "{ckpt}"}))
+    add(T("init_from-other-data", "was trained on data with the char tokenizer",
+          toml={"model.n_layer": 1, "train.init_from": "{ckpt}"}))
+    add(T("init_from-larger-block_size", "model.block_size=32 is larger than the checkpoint's 16",
+          toml={**one_layer, "model.block_size": 32, "train.init_from": "{ckpt}"}))
+    add(T("init_from-empty-run-dir", "train.init_from=empty: no verified checkpoint in this directory",
+          toml={**one_layer, "train.init_from": "empty"}, files={"empty": Empty()}))
+    add(T("freeze-matches-nothing", "config field train.freeze: pattern 'h.9.*' matches no parameter",
+          sets=["train.freeze=h.9.*"]))
+    add(T("freeze-second-matches-nothing", "config field train.freeze: pattern 'lm_head.weight' matches no parameter",
+          sets=["train.freeze=wte.weight,lm_head.weight"]))
+    add(T("lora-targets-match-nothing", "config field model.lora_targets: expected distinct names among",
+          sets=["model.lora_rank=2", "model.lora_targets=attn.q"]))
+    add(T("lora-targets-empty", "(at least one with model.lora_rank > 0)",
+          sets=["model.lora_rank=2", "model.lora_targets=[]"]))
+    add(T("lora-rank-above-n_embd", "config field model.lora_rank: expected 0 (off) or an integer in [1, "
+          "model.n_embd=32], got 33", sets=["model.lora_rank=33"]))
+    add(Row("merge-lora-without-lora", "merge-lora {ckpt} --out m.h5", "has no LoRA adapters (model.lora_rank = 0)"))
+    add(Row("merge-lora-out-dir-missing", "merge-lora {ckpt} --out nodir/m.h5",
+            "merge-lora --out nodir/m.h5: directory nodir does not exist"))
+    add(Row("merge-lora-out-is-a-directory", "merge-lora {ckpt} --out outdir", "merge-lora --out outdir: is a "
+            "directory", {"outdir": Empty()}))
+    add(Row("merge-lora-missing", "merge-lora ck.h5 --out m.h5", "ck.h5: checkpoint file does not exist"))
+    add(Row("merge-lora-corrupt", "merge-lora ck.h5 --out m.h5", "ck.h5: checksum mismatch in dataset",
+            {"ck.h5": Ckpt("corrupt")}))
 
     # --resume: a checkpoint missing, empty, truncated, not HDF5, another program's, corrupt, or of another model
     for kind, expect in (("missing", "ck.h5: checkpoint file does not exist"),
@@ -475,6 +525,66 @@ def _rows() -> list[Row]:
             "--prompt: char tokenizer: character '☃' (U+2603) at position 7 is not in the vocabulary"))
     add(Row("generate-backend-unknown", "generate {run} --backend torch", "argument --backend: invalid choice"))
     add(Row("generate-cupy-not-installed", "generate {run} --backend cupy", "CuPy is not installed", skip=NO_CUPY))
+    # generate's inference options (issue 14) and eval
+    class SavedModel:
+        """A checkpoint of an untrained model of the base shape with `changes` (model section), the char data's
+        tokenizer recorded in its state."""
+
+        def __init__(self, **changes):
+            self.changes = changes
+
+        def make(self, path: Path, base: dict) -> None:
+            from hpc_llm import checkpoint as ckpt
+            from hpc_llm.config import ModelConfig
+            from hpc_llm.data import TokenData
+            from hpc_llm.model.gpt import GPT
+
+            tok = TokenData(base["chardata"]).tokenizer
+            cfg = Config()
+            cfg.model = ModelConfig(**{**BASE_CONFIG["model"], "vocab_size": tok.vocab_size, **self.changes})
+            m = GPT(cfg.model, seed=0)
+            ckpt.save_checkpoint(path, params=m.full_tensors(m.flat), optimizer={},
+                                 state={"step": 0, "tokenizer": tok.meta()}, config=cfg.to_dict(), metrics={})
+
+    add(Row("generate-top-p-zero", "generate {run} --top-p 0", "--top-p: expected a number in (0, 1], got 0.0"))
+    add(Row("generate-top-p-above-one", "generate {run} --top-p 1.5", "--top-p: expected a number in (0, 1], got 1.5"))
+    add(Row("generate-batch-size-zero", "generate {run} --batch-size 0", "--batch-size: expected a positive integer"))
+    add(Row("generate-prompts-missing", "generate {run} --prompts nope.txt", "--prompts nope.txt: no such file"))
+    add(Row("generate-prompts-empty-line", "generate {run} --prompts p.txt", "--prompts p.txt: line 2 is empty",
+            {"p.txt": "the\n\nthe cat\n"}))
+    add(Row("generate-prompts-not-utf8", "generate {run} --prompts p.txt", "--prompts p.txt: not UTF-8 text",
+            {"p.txt": b"the \xff\n"}))
+    add(Row("generate-prompts-outside-vocab", "generate {run} --prompts p.txt",
+            "--prompts p.txt: line 2: char tokenizer: character '☃'", {"p.txt": "the\nthe ☃\n"}))
+    add(Row("generate-prompts-and-prompt", "generate {run} --prompts p.txt --prompt the",
+            "generate: give --prompt or --prompts, not both", {"p.txt": "the\n"}))
+    add(Row("generate-out-dir-missing", "generate {run} --out nodir/o.jsonl",
+            "--out nodir/o.jsonl: directory nodir does not exist"))
+    add(Row("generate-quantize-float64", "generate f64.h5 --quantize int8",
+            "--quantize int8: needs a float32 model, this one is float64", {"f64.h5": SavedModel(dtype="float64")}))
+    add(Row("generate-quantize-dtype-float64", "generate {run} --quantize int8 --dtype float64",
+            "--quantize int8: needs a float32 model, this one is float64"))
+    add(Row("generate-quantize-unknown", "generate {run} --quantize int4", "argument --quantize: invalid choice"))
+    add(Row("generate-tp-not-dividing-n-head", "generate h3.h5 --max-new-tokens 2",
+            "parallel.tp=2 does not divide model.n_head=3", {"h3.h5": SavedModel(n_head=3, n_embd=48)}, ranks=(2,)))
+    add(Row("generate-tp-not-ranks", "generate {run} --set parallel.tp=4", "parallel.tp=4 but"))
+    add(Row("generate-tp-not-integer", "generate {run} --set parallel.tp=two",
+            "--set parallel.tp=two: expected a positive integer"))
+    add(Row("generate-set-other-key", "generate {run} --set train.lr=1",
+            "--set train.lr: `hpc-llm generate` takes only parallel.tp"))
+    add(Row("eval-data-missing", "eval {run} --data nope", "data directory 'nope' does not exist"))
+    add(Row("eval-other-tokenizer", "eval {run} --data {data}", "tokenized with (tokenizer 'byte'"))
+    add(Row("eval-split-unknown", "eval {run} --data {chardata} --split test", "argument --split: invalid choice"))
+    add(Row("eval-batch-size-zero", "eval {run} --data {chardata} --batch-size 0",
+            "--batch-size: expected a positive integer, got 0"))
+    add(Row("eval-max-batches-zero", "eval {run} --data {chardata} --max-batches 0",
+            "--max-batches: expected a positive integer, got 0"))
+    add(Row("eval-quantize-float64", "eval {run} --data {chardata} --quantize int8 --dtype float64",
+            "--quantize int8: needs a float32 model, this one is float64"))
+    add(Row("eval-tp-not-ranks", "eval {run} --data {chardata} --set parallel.tp=4", "parallel.tp=4 but"))
+    add(Row("eval-checkpoint-missing", "eval ck.h5 --data {chardata}", "ck.h5: checkpoint file does not exist"))
+    add(Row("eval-tp-not-dividing-n-head", "eval h3.h5 --data {chardata}",
+            "parallel.tp=2 does not divide model.n_head=3", {"h3.h5": SavedModel(n_head=3, n_embd=48)}, ranks=(2,)))
 
     # prepare
     add(Row("prepare-missing-input", "prepare nope.txt --out tok", "prepare: input 'nope.txt' does not exist"))
@@ -495,14 +605,46 @@ def _rows() -> list[Row]:
                 "--val-fraction: expected a number strictly between 0 and 1", {"in.txt": "hello world\n" * 20}))
     add(Row("prepare-val-fraction-type", "prepare in.txt --val-fraction half --out tok",
             "argument --val-fraction: invalid float value: 'half'", {"in.txt": "hello world\n" * 20}))
-    add(Row("prepare-tokenizer-unknown", "prepare in.txt --tokenizer bpe --out tok",
-            "argument --tokenizer: invalid choice: 'bpe'", {"in.txt": "hello\n"}))
+    add(Row("prepare-tokenizer-unknown", "prepare in.txt --tokenizer wordpiece --out tok",
+            "argument --tokenizer: invalid choice: 'wordpiece'", {"in.txt": "hello\n"}))
     add(Row("prepare-max-bytes-zero", "prepare --stdlib --max-bytes 0 --out tok",
             "--max-bytes: expected a positive integer, got 0"))
     add(Row("prepare-out-is-a-file", "prepare in.txt --out tok", "output directory 'tok' is a file, expected a "
             "directory", {"in.txt": "hello world\n" * 20, "tok": "notes\n"}))
     add(Row("prepare-out-under-a-file", "prepare in.txt --out notes/tok", "cannot create output directory 'notes/tok'",
             {"in.txt": "hello world\n" * 20, "notes": "notes\n"}))
+    text = {"in.txt": "hello world\n" * 20}
+    add(Row("prepare-tokenizer-dir-without-files", "prepare in.txt --tokenizer-dir tokdir --out tok",
+            "tokenizer directory 'tokdir' has neither tokenizer.json nor vocab.json + merges.txt",
+            {**text, "tokdir": Empty()}))
+    add(Row("prepare-tokenizer-dir-merges-missing", "prepare in.txt --tokenizer gpt2 --tokenizer-dir tokdir --out tok",
+            "has neither tokenizer.json nor vocab.json + merges.txt", {**text, "tokdir/vocab.json": '{"a": 0}'}))
+    add(Row("prepare-tokenizer-dir-missing", "prepare in.txt --tokenizer-dir notokdir --out tok",
+            "tokenizer directory 'notokdir' does not exist", text))
+    add(Row("prepare-tokenizer-json-broken", "prepare in.txt --tokenizer-dir tokdir --out tok",
+            "tokdir/tokenizer.json: not a readable tokenizers JSON file", {**text, "tokdir/tokenizer.json": "{not"}))
+    add(Row("prepare-gpt2-without-dir", "prepare in.txt --tokenizer gpt2 --out tok",
+            "--tokenizer gpt2 goes with --tokenizer-dir DIR", text))
+    add(Row("prepare-tokenizer-dir-with-char", "prepare in.txt --tokenizer char --tokenizer-dir tokdir --out tok",
+            "--tokenizer-dir with --tokenizer gpt2", {**text, "tokdir": Empty()}))
+    add(Row("prepare-bpe-without-vocab-size", "prepare in.txt --tokenizer bpe --out tok",
+            "--tokenizer bpe trains a BPE and needs --vocab-size N", text))
+    for value in ("256", "0", "4294967297"):
+        add(Row(f"prepare-vocab-size-{value}", f"prepare in.txt --tokenizer bpe --vocab-size {value} --out tok",
+                f"--vocab-size: expected an integer in 257..4294967296 (the 256 bytes plus at least one merge), got "
+                f"{value}", text))
+    add(Row("prepare-vocab-size-type", "prepare in.txt --tokenizer bpe --vocab-size many --out tok",
+            "argument --vocab-size: invalid int value: 'many'", text))
+    add(Row("prepare-vocab-size-without-bpe", "prepare in.txt --vocab-size 300 --out tok",
+            "--vocab-size is for --tokenizer bpe (training), not byte", text))
+    add(Row("prepare-memory-mb-too-small", "prepare in.txt --memory-mb 2 --out tok",
+            "--memory-mb: expected an integer of at least 4 (MB per rank), got 2", text))
+    add(Row("prepare-memory-mb-type", "prepare in.txt --memory-mb lots --out tok",
+            "argument --memory-mb: invalid int value: 'lots'", text))
+    add(Row("prepare-bpe-corpus-empty", "prepare in.txt --tokenizer bpe --vocab-size 300 --out tok",
+            "prepare: the corpus is empty", {"in.txt": ""}))
+    add(Row("prepare-bpe-too-small", "prepare in.txt --tokenizer bpe --vocab-size 300 --out new/tok",
+            "the corpus has only 1 tokens, too few to split", {"in.txt": "a"}))  # found after training: new/ removed
 
     # import-gpt2
     add(Row("hf-dir-missing", "import-gpt2 nohf --out out.h5", "nohf: GPT-2 model directory does not exist"))
@@ -537,6 +679,24 @@ def _rows() -> list[Row]:
     add(Row("hf-out-is-a-directory", "import-gpt2 {hf} --out outdir", "outdir: is a directory", {"outdir": Empty()}))
     add(Row("hf-out-parent-is-a-file", "import-gpt2 {hf} --out notes.txt/out.h5", "notes.txt/out.h5: cannot create",
             {"notes.txt": "notes\n"}))
+    from hpc_llm.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train(iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300)  # 256 bytes + merges
+    add(Row("hf-tokenizer-json-broken", "import-gpt2 hf --out out.h5", "tokenizer.json: not a readable tokenizers JSON",
+            {"hf": Hf(), "hf/tokenizer.json": '{"version": '}))
+    add(Row("hf-tokenizer-merges-broken", "import-gpt2 hf --out out.h5", "not a readable GPT-2 BPE vocabulary",
+            {"hf": Hf(), "hf/vocab.json": '{"a": 0, "b": 1}', "hf/merges.txt": "#version: 0.2\na b c d\n"}))
+    add(Row("hf-tokenizer-larger-than-model", "import-gpt2 hf --out out.h5",
+            f"hf: the tokenizer has {bpe.vocab_size} tokens, more than the model's vocab_size 77 in config.json",
+            {"hf": Hf(), "hf/tokenizer.json": bpe.json}))
+    # data prepared with another tokenizer than the checkpoint's (char, from the base run): one line naming both
+    ids = np.arange(64) % bpe.vocab_size
+    bpe_meta = {"format": "hpc_llm-tokens", "format_version": 2, **bpe.meta(), "dtype": "uint16", "max_id": 63,
+                "n_train": 48, "n_val": 16, "n_files": 1, "n_skipped": 0, "sources": ["in.txt"]}
+    add(T("resume-other-tokenizer", f"but data.path=bpedata has the bpe tokenizer, vocab {bpe.vocab_size}, sha256 "
+          f"{bpe.sha256[:12]}", toml={"data.path": "bpedata", "model.n_layer": 1}, args="--resume {ckpt}",
+          files={"bpedata/meta.json": json.dumps(bpe_meta), "bpedata/train.bin": tokens(ids[:48]),
+                 "bpedata/val.bin": tokens(ids[48:])}))
 
     # plan
     plan = {"cfg.toml": Cfg()}

@@ -1,15 +1,18 @@
 """Tokenizers, prepare/TokenData round trips and their error paths, and the deterministic sampler."""
 
 import json
+import os
+import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hpc_llm.data import (ByteTokenizer, CharTokenizer, TokenData, check_split_size, get_batch, prepare,
-                          prepare_stdlib, stdlib_corpus_files, tokenizer_from_meta)
+from hpc_llm.data import (TokenData, TokenFileCorrupt, check_split_size, get_batch, prepare, prepare_stdlib,
+                          stdlib_corpus_files)
 from hpc_llm.errors import UserError
+from hpc_llm.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
 
 TEXT = "Hello, wörld! ✓ naïve café — 日本語 🙂\nsecond line"
 
@@ -55,7 +58,9 @@ def test_tokenizer_from_meta():
     tok = tokenizer_from_meta(CharTokenizer(TEXT).meta())
     assert tok.decode(tok.encode(TEXT)) == TEXT
     with pytest.raises(UserError, match="tokenizer"):
-        tokenizer_from_meta({"tokenizer": "bpe", "vocab_size": 50257})
+        tokenizer_from_meta({"tokenizer": "wordpiece", "vocab_size": 50257})
+    with pytest.raises(UserError, match="tokenizer_json"):
+        tokenizer_from_meta({"tokenizer": "bpe", "vocab_size": 50257})  # a BPE's meta carries its JSON
     with pytest.raises(UserError, match="vocab_size"):
         tokenizer_from_meta({"tokenizer": "char", "chars": "abc", "vocab_size": 4})
 
@@ -88,8 +93,9 @@ def test_prepare_byte_concatenation_split_and_meta(tmp_path):
 
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta
-    assert meta["format"] == "hpc_llm-tokens" and meta["format_version"] == 1
+    assert meta["format"] == "hpc_llm-tokens" and meta["format_version"] == 2
     assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 256 and "chars" not in meta
+    assert meta["dtype"] == "uint16" and meta["max_id"] == max(expected)
     assert (meta["n_train"], meta["n_val"]) == (n_train, n - n_train)
     assert (meta["n_files"], meta["n_skipped"]) == (4, 0)
     assert meta["sources"] == [str(src)]
@@ -194,12 +200,73 @@ def test_tokendata_truncated_train(prepared):
         TokenData(prepared)
 
 
-def test_tokendata_token_out_of_vocab(prepared):
+def test_tokendata_max_id_beyond_vocab(prepared):
+    """The start-up check reads meta.json's max_id (recorded by prepare), never the whole token file."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    meta["max_id"] = 256
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="max_id is 256: the token files contain token id 256, but vocab_size"):
+        TokenData(prepared)
+
+
+def test_tokendata_does_not_scan_the_file(prepared):
+    """Opening the data maps the files and reads none of their ids (the old start-up scan read all of train.bin on
+    every rank): an id beyond the vocabulary that meta.json does not declare goes unnoticed until a batch meets it."""
+    path = prepared / "train.bin"
+    ids = np.fromfile(path, dtype=np.uint16)
+    ids[-1] = 300
+    ids.tofile(path)
+    data = TokenData(prepared)
+    assert len(data.split("train")) == data.meta["n_train"] and data.split("train").source == str(path)
+
+
+def test_token_out_of_vocab_found_by_the_batch(prepared):
+    """A token file edited after prepare (meta's max_id no longer true): the batch that gathers the bad id fails,
+    naming the file; it is a fault (only ranks whose rows hold it see it), not a UserError."""
     path = prepared / "val.bin"
     ids = np.fromfile(path, dtype=np.uint16)
-    ids[3] = 256
+    ids[:] = 256  # every window holds it
     ids.tofile(path)
-    with pytest.raises(UserError, match="val.bin.*256"):
+    data = TokenData(prepared)  # meta.json is unchanged: start-up cannot know
+    with pytest.raises(TokenFileCorrupt, match="val.bin: contains token id 256, but vocab_size in meta.json is 256"):
+        get_batch(data.split("val"), 8, 2, seed=0, step=0, stream=1)
+    assert not issubclass(TokenFileCorrupt, UserError)
+    get_batch(data.split("train"), 8, 2, seed=0, step=0)  # the intact split still samples
+
+
+def test_train_on_a_corrupted_token_file_ends_the_job(prepared, tmp_path):
+    """Under `mpiexec -n 2 hpc-llm train`, ids edited into train.bin after prepare: the first batch finds them on the
+    ranks whose rows hold them, and the job ends (exit 1, the line naming rank, phase and file), hanging nowhere."""
+    from test_parallel import run_mpi, write_run_config
+
+    ids = np.fromfile(prepared / "train.bin", dtype=np.uint16)
+    ids[:] = 300
+    ids.tofile(prepared / "train.bin")
+    cfg = write_run_config(tmp_path / "cfg.toml", prepared, tmp_path / "run")
+    rc, out, err, _ = run_mpi(2, ["train", str(cfg)])
+    assert rc != 0 and rc != 2, (rc, err)
+    assert "failed in step 0: TokenFileCorrupt: " in err and "train.bin: contains token id 300" in err, err
+
+
+def test_tokendata_version_1_reads_as_uint16(prepared):
+    meta = json.loads((prepared / "meta.json").read_text())
+    meta["format_version"] = 1
+    del meta["dtype"], meta["max_id"]
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    data = TokenData(prepared)
+    assert data.split("train").dtype == np.dtype("<u2")
+    np.testing.assert_array_equal(data.split("train"), np.fromfile(prepared / "train.bin", dtype="<u2"))
+
+
+def test_tokendata_dtype_checked(prepared):
+    meta = json.loads((prepared / "meta.json").read_text())
+    for dtype, match in (("int8", "field \"dtype\" is 'int8'"), ("uint32", "train.bin: .* bytes, expected")):
+        (prepared / "meta.json").write_text(json.dumps({**meta, "dtype": dtype}))
+        with pytest.raises(UserError, match=match):
+            TokenData(prepared)
+    big = {**meta, "tokenizer": "char", "chars": "".join(chr(0x100 + i) for i in range(70000)), "vocab_size": 70000}
+    (prepared / "meta.json").write_text(json.dumps(big))
+    with pytest.raises(UserError, match="dtype uint16 cannot hold the ids of vocab_size 70000"):
         TokenData(prepared)
 
 
@@ -295,3 +362,144 @@ def test_prepare_stdlib(tmp_path):
     data = TokenData(tmp_path / "std")
     text = data.tokenizer.decode(np.concatenate([data.split("train"), data.split("val")]))
     assert text == "\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+def write_corpus(src: Path, big_bytes: int = 600_000) -> Path:
+    """Files of every kind prepare meets: a large one (many pieces), multilingual text, an empty file, a binary, and
+    a large file whose non-UTF-8 byte comes only at its end (a later piece, maybe another rank's, must skip it all)."""
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = "the of and to in is was for on that with as by at from Grüße Straße 你好 世界 🙂 def return x+1".split()
+    lines, size = [], 0
+    while size < big_bytes:
+        lines.append(" ".join(words[i] for i in rng.integers(0, len(words), size=rng.integers(2, 12))) + "\n")
+        size += len(lines[-1].encode("utf-8"))
+    big = "".join(lines)
+    (src / "a_big.txt").write_text(big, encoding="utf-8")
+    (src / "b_multi.txt").write_text(TEXT * 50, encoding="utf-8")
+    (src / "c_empty.txt").write_text("")
+    (src / "d_binary.bin").write_bytes(b"\xff\xfe\x00\x80" * 64)
+    (src / "e_bad_tail.txt").write_bytes(big[: big_bytes // 2].encode("utf-8") + b"\xff")
+    (src / "f_no_newlines.txt").write_text("日本語🙂" * 20_000, encoding="utf-8")  # cut at character starts only
+    return src
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_prepare_pieces_equal_whole_file_encoding(tmp_path, tokenizer):
+    """Cut into ~3 KB pieces (line breaks, or character starts in the file without any), byte and char tokens are
+    those of the whole corpus encoded at once, as the pre-streaming prepare read it."""
+    from hpc_llm import data as D
+    from hpc_llm.tokenizer import make_tokenizer
+
+    src = write_corpus(tmp_path / "src", 100_000)
+    files = D._expand_inputs([src], "*")
+    assert len(D._plan(files, 3000)) > 100
+    meta = prepare([src], tmp_path / "out", tokenizer=tokenizer, piece_bytes=3000)
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    text = "\n".join(texts)
+    whole = make_tokenizer(tokenizer, chars=text).encode(text)
+    data = TokenData(tmp_path / "out")
+    np.testing.assert_array_equal(np.concatenate([data.split("train"), data.split("val")]), whole)
+    assert (meta["n_files"], meta["n_skipped"], meta["max_id"]) == (len(texts), 2, int(whole.max()))
+    assert meta["n_train"] == int(len(whole) * 0.9)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("tokenizer", ["byte", "char", "bpe"])
+def test_parallel_prepare_equals_single_process(tmp_path, tokenizer, ranks):
+    """`mpiexec -n N hpc-llm prepare`: every rank encodes its run of pieces; train.bin, val.bin and meta.json are the
+    single-process files byte for byte (pieces from --memory-mb 4: ~128-256 KB, so each rank has several)."""
+    from test_parallel import run_mpi
+
+    src = write_corpus(tmp_path / "src")
+    opts = ["--tokenizer", tokenizer, "--memory-mb", "4"] + (["--vocab-size", "300"] if tokenizer == "bpe" else [])
+    prepare([src], tmp_path / "one", tokenizer=tokenizer, memory_mb=4, vocab_size=300 if tokenizer == "bpe" else None)
+    rc, out, err, _ = run_mpi(ranks, ["prepare", str(src), "--out", str(tmp_path / "par"), *opts])
+    assert rc == 0, err
+    assert out.count("prepared ") == 1  # one summary line, from rank 0
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "par" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_prepare_refused_leaves_no_trace(tmp_path):
+    """A corpus found too small only after encoding: the output directory prepare made is removed again."""
+    (tmp_path / "in.txt").write_text("a")
+    with pytest.raises(UserError, match="only 1 tokens"):
+        prepare([tmp_path / "in.txt"], tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+# VmHWM (the peak RSS of this process image; ru_maxrss would carry the forking pytest process's peak across exec)
+_MEASURE = """
+import sys
+from hpc_llm.data import prepare
+kw = {"tokenizer_dir": sys.argv[4]} if sys.argv[2] == "gpt2" else {}
+prepare([sys.argv[1]], sys.argv[3], tokenizer=sys.argv[2], memory_mb=8, **kw)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is read from Linux's /proc")
+@pytest.mark.parametrize("tokenizer,mb", [("byte", 40), ("char", 40), ("gpt2", 12)])
+def test_prepare_memory_bounded(tmp_path, tokenizer, mb):
+    """--memory-mb 8 on a corpus of 40 MB (BPE: 12 MB, its encoder is slower): the peak RSS exceeds that of the same
+    command on a 200 KB corpus by less than 2 x 8 MB (the budget plus allocator slack; measured: byte 5, char 1.4, BPE
+    2 MB), where reading the corpus whole takes >= 4 bytes per byte (the bytes, the str, the uint16 ids): byte with a
+    single 1 GB piece measured 288 MB.
+    The tokens are the whole file's (byte: its bytes; char: the whole-text encoding)."""
+    import subprocess
+
+    from hpc_llm.tokenizer import BPETokenizer, CharTokenizer
+
+    rng = np.random.default_rng(1)
+    words = np.array("the of and to in is was for on that with Grüße 你好 🙂 def return".split())
+    line_words = words[rng.integers(0, len(words), size=(mb * 1_000_000 // 50, 8))]
+    text = "\n".join(" ".join(row) for row in line_words) + "\n"
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text(text, encoding="utf-8")
+    small.write_text(text[:200_000], encoding="utf-8")
+    extra = []
+    if tokenizer == "gpt2":
+        tok = BPETokenizer.train(iter(text[:300_000].splitlines(keepends=True)), 300)
+        (tmp_path / "tok").mkdir()
+        (tmp_path / "tok" / "tokenizer.json").write_text(tok.json)
+        extra = [str(tmp_path / "tok")]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    peaks = {}
+    for name, path in (("small", small), ("big", big)):
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(path), tokenizer, str(tmp_path / name), *extra],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        peaks[name] = int(r.stdout.split()[-1])
+    assert peaks["big"] - peaks["small"] < 2 * 8 * 2**20, peaks
+    ids = np.concatenate([TokenData(tmp_path / "big").split(s) for s in ("train", "val")])
+    if tokenizer == "byte":
+        np.testing.assert_array_equal(ids, np.frombuffer(big.read_bytes(), dtype=np.uint8))
+    elif tokenizer == "char":
+        np.testing.assert_array_equal(ids, CharTokenizer(text).encode(text))
+    else:
+        assert len(ids) < len(text.encode("utf-8")) and TokenData(tmp_path / "big").tokenizer.decode(ids) == text
+
+
+def test_progress_lines_in_a_batch_log(tmp_path, caplog, monkeypatch):
+    """Not a terminal (a batch log): plain lines through logging, every 10% of each phase, ending at 100%."""
+    import logging
+
+    from hpc_llm import data as D
+
+    monkeypatch.setattr(D._Progress, "LOG_MIN_BYTES", 0)  # the real threshold (32 MB) keeps small runs quiet
+    caplog.set_level(logging.INFO, logger="hpc_llm.data")
+    prepare([write_corpus(tmp_path / "src", 50_000)], tmp_path / "out", tokenizer="char", piece_bytes=2000)
+    lines = [r.getMessage() for r in caplog.records]
+    for phase in ("scan", "encode", "write"):
+        mine = [m for m in lines if m.startswith(f"prepare: {phase} ")]
+        assert len(mine) >= 10 and "100%" in mine[-1] and "MB/s" in mine[-1], (phase, mine)

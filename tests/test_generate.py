@@ -321,10 +321,10 @@ def spy_positions(model: GPT) -> list[tuple[int, int]]:
     forward_cached = model.forward_cached
     T = model.cfg.block_size
 
-    def spy(idx, cache):
+    def spy(idx, cache, **kw):
         calls.append((cache.length, idx.shape[1]))
         assert cache.length + idx.shape[1] <= T, f"positions {cache.length}..{cache.length + idx.shape[1] - 1}"
-        logits = forward_cached(idx, cache)
+        logits = forward_cached(idx, cache, **kw)
         assert cache.length <= T
         return logits
 

@@ -316,8 +316,8 @@ def test_checkpoint_mirrors_trainer_save(gpt2_dir, tmp_path):
     assert cfg.model.vocab_size == VOCAB and cfg.model.block_size == N_POSITIONS and cfg.model.dtype == "float32"
     assert cfg.to_dict() == saved.config  # a complete Config, defaults elsewhere
 
-    # No GPT-2 BPE tokenizer ships with hpc_llm: asking for it is a clear UserError, not a crash.
-    with pytest.raises(UserError, match="gpt2-bpe"):
+    # A directory without tokenizer files gives ids only: asking for the tokenizer is a clear UserError, not a crash.
+    with pytest.raises(UserError, match="gpt2-bpe.*had no tokenizer.json"):
         hpc_llm.load_tokenizer(out)
 
 
@@ -344,6 +344,48 @@ def test_trainer_resumes_from_import(gpt2_dir, tmp_path):
     assert summary["step"] == 2
     first = ckpt.load_checkpoint(summary["checkpoint"]).metrics["train"]["loss"][0]
     assert first == pytest.approx(expected, rel=1e-6)
+
+
+def _bpe_gpt2_dir(path: Path, vocab: int, tokenizer) -> Path:
+    """A tiny GPT-2 of `vocab` tokens with a byte-level BPE tokenizer.json beside it."""
+    t = hf_tensors()
+    t["transformer.wte.weight"] = (np.random.default_rng(3).standard_normal((vocab, N_EMBD)) * 0.5).astype(np.float32)
+    t["lm_head.weight"] = t["transformer.wte.weight"].copy()
+    d = write_dir(path, config=hf_config(vocab_size=vocab, bos_token_id=0, eos_token_id=0), tensors=t)
+    (d / "tokenizer.json").write_text(tokenizer.json)
+    return d
+
+
+def test_resume_checks_the_tokenizer(tmp_path):
+    """Fine-tuning an import: data prepared with the checkpoint's own tokenizer resumes; data of another tokenizer
+    (same name and size would not do either: they compare by sha256) is a one-line UserError naming both."""
+    from hpc_llm.config import Config
+    from hpc_llm.data import prepare
+    from hpc_llm.tokenizer import BPETokenizer
+    from hpc_llm.train import Trainer
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\nGrüße aus München\n" * 40, encoding="utf-8")
+    tok = BPETokenizer.train(iter(text.read_text().splitlines(keepends=True)), 300)
+    d = _bpe_gpt2_dir(tmp_path / "gpt2", 300, tok)
+    out = import_gpt2(d, tmp_path / "gpt2.h5")
+    prepare([text], tmp_path / "same", tokenizer="gpt2", tokenizer_dir=d)
+    other = tmp_path / "other"
+    prepare([text], other, tokenizer="bpe", vocab_size=tok.vocab_size)  # trained anew: its own JSON, another hash
+    cfg = Config()
+    cfg.model = config_from_dict(ckpt.load_checkpoint(out).config).model
+    t = cfg.train
+    t.batch_size, t.max_iters, t.eval_iters, t.warmup_iters, t.lr_decay_iters = 2, 2, 0, 0, 2
+    t.out_dir, t.peak_tflops = str(tmp_path / "run"), 1.0
+    cfg.data.path = str(tmp_path / "same")
+    trainer = Trainer(cfg, resume=str(out))
+    recorded = ckpt.load_checkpoint(out).state["tokenizer"]
+    assert trainer.data.tokenizer.sha256 == tok.sha256 == recorded["tokenizer_sha256"]
+    cfg.data.path = str(other)
+    with pytest.raises(UserError, match=rf"gpt2-bpe tokenizer, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}, but "
+                       rf"data.path={other} has the bpe tokenizer") as e:
+        Trainer(cfg, resume=str(out))
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -83,12 +83,12 @@ class _Grid:
             if mine != sorted(tr.sync.owned):
                 raise RuntimeError(f"checkpoint: ZeRO-1 ranges {mine[:3]}... derived for rank {self.me} differ from "
                                    f"its own {sorted(tr.sync.owned)[:3]}...: a bug, please report it")
-            own, base = [], 0
-            for a, b in tr.sync.owned:  # this rank's compact moments: its owned ranges back to back
-                own.append((a, b, base))
-                base += b - a
-            self.own = sorted(own)
-            self.own_starts = [a for a, _, _ in self.own]
+        own, base = [], 0
+        for a, b in tr.opt.owned:  # this rank's compact moments: the ranges it updates (trained; ZeRO-1: its shard)
+            own.append((a, b, base))
+            base += b - a
+        self.own = sorted(own)
+        self.own_starts = [a for a, _, _ in self.own]
 
     def rank(self, s: int, d: int, t: int) -> int:
         return (s * self.dp + d) * self.tp + t
@@ -111,9 +111,10 @@ class _Grid:
         if slot == "params":
             return to_host(tr.model.flat[a:b])
         buf = getattr(tr.opt, slot)
-        if not self.zero:
-            return to_host(buf[a:b])
         i = bisect.bisect_right(self.own_starts, a) - 1
+        if i < 0 or self.own[i][1] <= a:  # a frozen tensor (train.freeze, LoRA's base): no moments, stored as zeros
+            assert i + 1 >= len(self.own) or b <= self.own[i + 1][0], (a, b, self.own[i + 1])
+            return np.zeros(b - a, dtype=buf.dtype)
         start, stop, base = self.own[i]
         assert start <= a and b <= stop, (a, b, start, stop)
         return to_host(buf[base + a - start:base + b - start])
@@ -289,15 +290,16 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
             return lambda name, index, out=None: saved.read(group, name, index, out)
 
         m.read_flat(m.flat, reader("params"), saved.shapes["params"], f"{saved.path} parameters")
+        dense = tr.opt.owned == [(0, m.local_size)]  # moments laid out like the flat buffer
         for slot in SLOTS:
             group = f"optimizer/{slot}"
-            # without ZeRO-1 the moments are laid out like the flat buffer: read straight into them; with it, into
-            # the gradient buffer (laid out alike, and scratch between steps: each step's first backward overwrites
-            # it), of which the owned ranges are kept: m first, then v
-            flat = m.grad_flat if tr.sync.zero else getattr(tr.opt, slot)
+            # dense: read straight into the moments; else (ZeRO-1's shard, frozen tensors' lack of moments) into the
+            # gradient buffer (laid out alike, and scratch between steps: each step's first backward overwrites
+            # it), of which the ranges with moments are kept: m first, then v
+            flat = getattr(tr.opt, slot) if dense else m.grad_flat
             m.read_flat(flat, reader(group), saved.shapes.get(group, {}), f"{saved.path} optimizer {slot}",
-                        ranges=tr.sync.owned)
-            if tr.sync.zero:
+                        ranges=tr.opt.owned)
+            if not dense:
                 tr.opt.load_moments_flat(slot, flat)
                 saved.settle()  # checksums still reading the buffer finish before v overwrites it
         entry = None  # this rank's PowerSGD state, if the file has it (compression.load_powersgd_state decides)
@@ -307,6 +309,8 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
             entry = {"layout": layouts[world.rank],
                      "arrays": {name.replace(":", "/"): saved.read(group, name) for name in saved.names(group)}}
         saved.verify_share()
+    if not dense:  # frozen weights' gradients are never written (skipped): leave no moments in them
+        m.grad_flat[...] = 0
     m.refresh_compute()
     st = saved.state
     tr.step = st["step"]
@@ -343,6 +347,8 @@ def _start_fresh(tr) -> None:
 
     t = tr.cfg.train
     tr.model.init_weights(t.seed)
+    if t.init_from:  # a fresh run of a fine-tuning config starts from its checkpoint's weights
+        tr._load_init_from(tr.grid.world.agree(tr._open_init_from, "opening train.init_from"))
     tr.opt.m[...] = 0
     tr.opt.v[...] = 0
     tr.opt.t = 0

@@ -11,6 +11,7 @@ prefix, and weights are stored (in, out) like its Conv1D, so imported weights ne
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import zlib
 from dataclasses import dataclass
@@ -82,7 +83,13 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
     is reduced only after the copies' gradients are summed), the position embedding with the embedding, then the
     blocks of its chunks in forward order, the final LayerNorm with the head. Within a block the decayed weights
     come first and the LayerNorm/bias parameters after, so weight decay touches a few contiguous ranges; blocks are
-    in forward order, so a gradient bucket taken from the end of the buffer is complete early in backward."""
+    in forward order, so a gradient bucket taken from the end of the buffer is complete early in backward.
+
+    LoRA (model.lora_rank = r > 0): each target linear layer's adapters follow the block's weights, A (in, r) and
+    B (r, out), sharded like the layer they adapt: beside a column-parallel weight (split along out) A is replicated
+    and B split along axis 1 in the weight's blocks; beside a row-parallel one (split along in) A is split along axis
+    0 and B replicated. A ~ normal(0, 1/sqrt(3 in)) (the variance of PEFT's Kaiming-uniform), B = 0: the adapted
+    model starts equal to the base. Decayed like every 2-D weight."""
     plan = plan if plan is not None else whole_model(cfg)
     first, last = 0 in plan.chunks, plan.n_virtual - 1 in plan.chunks
     C, V = cfg.n_embd, cfg.padded_vocab
@@ -97,6 +104,7 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
             (p + "attn.c_proj.weight", (C, C), proj_std, True, 0, 1),
             (p + "mlp.c_fc.weight", (C, 4 * C), std, True, 1, 1),
             (p + "mlp.c_proj.weight", (4 * C, C), proj_std, True, 0, 1),
+            *_lora_rows(cfg, p),
             (p + "ln_1.weight", (C,), -1, False, None, 1),
             (p + "ln_1.bias", (C,), 0, False, None, 1),
             (p + "attn.c_attn.bias", (3 * C,), 0, False, 0, 3),
@@ -121,6 +129,40 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
     return specs
 
 
+# each LoRA target: (input features, output features, the weight's tp_axis, its tp_blocks), in units of n_embd
+LORA_LAYERS = {"attn.c_attn": (1, 3, 1, 3), "attn.c_proj": (1, 1, 0, 1), "mlp.c_fc": (1, 4, 1, 1),
+               "mlp.c_proj": (4, 1, 0, 1)}
+
+
+def _lora_rows(cfg: ModelConfig, prefix: str) -> list[tuple]:
+    """The adapters of one block (param_specs' rows), in the order of model.lora_targets' canonical order."""
+    r, C = cfg.lora_rank, cfg.n_embd
+    if r <= 0:
+        return []
+    rows = []
+    for target, (n_in, n_out, axis, blocks) in LORA_LAYERS.items():
+        if target not in cfg.lora_targets:
+            continue
+        a_axis, b_axis = (None, 1) if axis == 1 else (0, None)  # column-parallel: B split; row-parallel: A split
+        rows += [(f"{prefix}{target}.lora_A", (n_in * C, r), 1.0 / math.sqrt(3 * n_in * C), True, a_axis, 1),
+                 (f"{prefix}{target}.lora_B", (r, n_out * C), 0, True, b_axis, blocks if b_axis else 1)]
+    return rows
+
+
+def is_lora(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def frozen_names(cfg: ModelConfig, freeze=()) -> set[str]:
+    """The whole model's parameters that are not trained: with LoRA every base parameter, and those train.freeze's
+    fnmatch patterns match (config.check_finetune has checked that each matches something)."""
+    names = [s.name for s in param_specs(cfg)]
+    frozen = {n for n in names if cfg.lora_rank > 0 and not is_lora(n)}
+    for pattern in freeze:
+        frozen.update(fnmatch.filter(names, pattern))
+    return frozen
+
+
 def merge_ranges(ranges) -> list[tuple[int, int]]:
     """Sorted [start, stop) ranges with touching neighbours merged."""
     out: list[list[int]] = []
@@ -130,6 +172,11 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
         else:
             out.append([a, b])
     return [tuple(r) for r in out]
+
+
+def intersect_ranges(ranges, others) -> list[tuple[int, int]]:
+    """The [start, stop) ranges both sorted lists cover."""
+    return merge_ranges((max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d))
 
 
 def init_tensor(spec: ParamSpec, seed: int, vocab_size: int) -> np.ndarray:
@@ -146,14 +193,39 @@ def init_tensor(spec: ParamSpec, seed: int, vocab_size: int) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values of the positions decoded so far, per layer: (B, H, block_size, hd) each."""
+    """Keys and values of the positions decoded so far, per layer: (B, H, block_size, hd) each, and each row's
+    length (rows of a batch of prompts of different lengths fill their caches at their own pace)."""
 
-    def __init__(self, model: "GPT", batch: int):
+    def __init__(self, model: "GPT", batch: int, reuse: bool = False):
+        """reuse: take the buffer from the model's pool of released ones (`release()` gives it back), not fresh
+        memory: first touching hundreds of MB of new pages costs more than a GPT-2 small prefill's attention
+        (docs/performance.md, issue 14). A reused buffer holds stale keys and values beyond each row's length,
+        which are never read: a query sees only the positions up to its own, all written for this sequence."""
         cfg = model.cfg
         hd = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, 2, batch, model.heads, cfg.block_size, hd)
-        self.kv = model.xp.zeros(shape, dtype=model.dtype)
-        self.length = 0
+        self._pool = model.__dict__.setdefault("_kv_pool", {}) if reuse else None
+        free = self._pool.pop((shape, np.dtype(model.dtype).str), None) if reuse else None
+        self.kv = free if free is not None else model.xp.zeros(shape, dtype=model.dtype)
+        self.lengths = np.zeros(batch, dtype=np.int64)
+
+    def release(self) -> None:
+        """Give a reused buffer back to the model's pool (one kept per shape); the cache is unusable after."""
+        if self._pool is not None and self.kv is not None:
+            self._pool[(self.kv.shape, self.kv.dtype.str)] = self.kv
+        self.kv = None
+
+    @property
+    def length(self) -> int:
+        """The longest row's length (every row's, when they are all the same)."""
+        return int(self.lengths.max()) if self.lengths.size else 0
+
+    def take(self, rows, other: "KVCache") -> None:
+        """Rows `rows` of this cache become other's rows 0, 1, ... (a rebuilt context), up to other's length."""
+        n = other.length
+        for i, r in enumerate(rows):
+            self.kv[:, :, r, :, :n] = other.kv[:, :, i, :, :n]
+            self.lengths[r] = other.lengths[i]
 
 
 class GPT:
@@ -167,7 +239,7 @@ class GPT:
     """
 
     def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0, tp_comm: Comm | None = None,
-                 plan: StagePlan | None = None, recompute: bool = False, precision: str = "fp32"):
+                 plan: StagePlan | None = None, recompute: bool = False, precision: str = "fp32", freeze=()):
         if cfg.vocab_size <= 0:
             raise UserError("model.vocab_size: expected a positive integer (set it, or prepare data first)")
         self.cfg = cfg
@@ -180,6 +252,10 @@ class GPT:
         self.logical = {s.name: s.shape for s in param_specs(cfg)}  # the whole model's tensors, whatever we hold
         self.specs = param_specs(cfg, self.tp.size, self.plan)
         self.spec = {s.name: s for s in self.specs}
+        # not trained (LoRA's base, train.freeze): no optimizer state, no update, out of the gradient norm; their
+        # linear layers skip the weight gradient (modules.Block)
+        self.frozen = frozen_names(cfg, freeze)
+        self.num_trainable = sum(math.prod(shape) for n, shape in self.logical.items() if n not in self.frozen)
         self.num_params = sum(math.prod(shape) for shape in self.logical.values())  # the whole model's
         self.local_size = sum(s.size for s in self.specs)  # this rank's flat buffer
         self.heads = cfg.n_head // self.tp.size  # this rank's attention heads
@@ -213,7 +289,8 @@ class GPT:
         for i in self.plan.layers[vstage]:
             p = f"h.{i}."
             blocks.append(Block({k[len(p):]: self._param(k) for k in self.params if k.startswith(p)}, i, cfg.n_head,
-                                tp, cfg.dropout, self.prec))
+                                tp, cfg.dropout, self.prec, lora_scale=cfg.lora_scale,
+                                frozen={k[len(p):] for k in self.frozen if k.startswith(p)}))
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
         if last:
             ln_f_bias = self._param("ln_f.bias") if cfg.bias else L.NO_PARAM
@@ -330,6 +407,11 @@ class GPT:
         """Contiguous [start, stop) ranges of the flat buffer that get weight decay."""
         return merge_ranges((s.offset, s.offset + s.size) for s in self.specs if s.decay)
 
+    def trainable_ranges(self) -> list[tuple[int, int]]:
+        """Contiguous [start, stop) ranges of the flat buffer holding the trained parameters (all of it, unless
+        train.freeze or LoRA freeze some)."""
+        return merge_ranges((s.offset, s.offset + s.size) for s in self.specs if s.name not in self.frozen)
+
     def replicated_ranges(self) -> list[tuple[int, int]]:
         """Ranges of the flat buffer holding tensors every TP rank has in full (counted once in a global norm)."""
         return merge_ranges((s.offset, s.offset + s.size) for s in self.specs if s.tp_axis is None)
@@ -408,16 +490,28 @@ class GPT:
 
     # -- incremental decoding ------------------------------------------------------------------------------------------
 
-    def forward_cached(self, idx, cache: KVCache):
-        """Logits (B, Tn, vocab) for the new tokens idx (B, Tn) at positions cache.length.., updating the cache.
+    def forward_cached(self, idx, cache: KVCache, lengths=None, last: bool = False, split: bool = False):
+        """Logits (B, Tn, vocab) for the new tokens idx (B, Tn) at positions cache.lengths.., updating the cache.
         Equal to the matching rows of a full forward over all tokens so far: the same blocks, their attention
-        reading the cached keys and values."""
+        reading the cached keys and values.
+
+        lengths (B,): the real new tokens of each row (idx right-padded; default Tn): row b's come at its own
+        positions, its cache grows by lengths[b] (0: the row only rides along), and causal attention keeps the
+        padding out of the real tokens' results. last: only each row's last real token's logits, (B, vocab) (the
+        head runs on B rows, not B * Tn). split: this rank's vocabulary slice of the logits, -inf on the padding
+        (Head.forward), not gathered over the TP group."""
         chunk = self._whole()
-        pos0, Tn = cache.length, idx.shape[1]
-        if pos0 + Tn > self.cfg.block_size:
-            raise UserError(f"sequence length {pos0 + Tn} exceeds model.block_size={self.cfg.block_size}")
+        B, Tn = idx.shape
+        n = np.full(B, Tn, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
+        start = cache.lengths
+        if B and int(start.max()) + Tn > self.cfg.block_size:
+            raise UserError(f"sequence length {int(start.max()) + Tn} exceeds model.block_size={self.cfg.block_size}")
+        pos0 = int(start[0]) if B and (start == start[0]).all() else start.copy()
         x, _ = chunk.embedding.forward(idx, pos0=pos0)
         for block in chunk.blocks:
             x, _ = block.forward(x, kv=cache.kv[block.layer], pos0=pos0)
-        cache.length = pos0 + Tn
-        return chunk.head.forward(x)[0]
+        cache.lengths = start + n
+        if last:
+            x = x[np.arange(B), np.maximum(n - 1, 0)][:, None]
+        logits = chunk.head.forward(x, split=split)[0]
+        return logits[:, 0] if last else logits

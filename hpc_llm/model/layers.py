@@ -126,19 +126,44 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
 # Linear (weights stored (in, out))
 
 
+SMALL_ROWS = 4  # a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
+PANEL_BYTES = 1 << 19  # ... runs over column panels of w of this size (they stay in L2)
+
+
 def linear_forward(x, w, b):
-    """y = x @ w + b over the last axis, as one 2-D matmul (b None: no bias, e.g. before a TP reduction)."""
-    out = x.reshape(-1, x.shape[-1]) @ w
+    """y = x @ w + b over the last axis, as one 2-D matmul (b None: no bias, e.g. before a TP reduction). w may be
+    any object `@` accepts (an int8 quantize.QuantizedWeight). A float32 product of few rows by a large weight is
+    taken over column panels (_matmul_panels)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if (type(w) is np.ndarray and 2 <= x2.shape[0] <= SMALL_ROWS and w.dtype == np.float32 == x2.dtype
+            and w.nbytes > 4 * PANEL_BYTES):
+        out = _matmul_panels(x2, w)
+    else:
+        out = x2 @ w
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 
+def _matmul_panels(x2, w):
+    """x2 @ w for a few rows x2 (M, K) by panels of w's columns that fit in L2. OpenBLAS's sgemm with M of 2-4
+    packs all of w for each call and runs at a third of the memory bandwidth on this machine (2-3x slower than
+    reading w once: docs/performance.md, issue 14); a panel at a time is packed from L2 instead. From 8 rows on the
+    plain call is as fast with one BLAS thread and much faster with two (a thread hand-off per panel): measured."""
+    K, N = w.shape
+    out = np.empty((x2.shape[0], N), dtype=w.dtype)
+    step = max(16, PANEL_BYTES // (K * w.itemsize) // 16 * 16)
+    for a in range(0, N, step):
+        np.matmul(x2, w[:, a:a + step], out=out[:, a:a + step])
+    return out
+
+
 def linear_backward(dout, x, w, dw, db, accumulate: bool):
-    """The cache of a linear layer is its input x."""
+    """The cache of a linear layer is its input x. dw None: a frozen weight, no gradient computed."""
     d2 = dout.reshape(-1, dout.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    _matmul_into(x2.T, d2, dw, accumulate)
+    if dw is not None:
+        _matmul_into(x2.T, d2, dw, accumulate)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
     return (d2 @ w.T).reshape(x.shape)
@@ -337,16 +362,35 @@ def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Pr
     return xp.ascontiguousarray(merge_heads(yh)), (prec.keep(qkvh), atts, masks)
 
 
-def cached_attention_forward(qkv, n_head: int, kv, pos0: int):
+def cached_attention_forward(qkv, n_head: int, kv, pos0):
     """Attention of new tokens (qkv of positions pos0..) over every position so far, for decoding: their keys and
-    values are written into the cache kv (2, B, H, block_size, hd) first. Forward only."""
+    values are written into the cache kv (2, B, H, block_size, hd) first. Forward only.
+
+    pos0: an int (every row at the same position), or per row (B,) ints: row b's new tokens are at pos0[b].., and
+    each query sees the keys up to its own position only, so what a row's cache holds beyond its length (padding
+    written by an earlier call) is never read before this call's writes replace it."""
     xp = array_module(qkv)
     qkvh = split_heads(qkv, n_head)
-    end = pos0 + qkv.shape[1]
-    kv[0, :, :, pos0:end] = qkvh[1]
-    kv[1, :, :, pos0:end] = qkvh[2]
+    Tn = qkv.shape[1]
     q = qkvh[0] * (1.0 / math.sqrt(qkvh.shape[-1]))
-    att = causal_softmax_(q @ kv[0, :, :, :end].transpose(0, 1, 3, 2))
+    if isinstance(pos0, (int, np.integer)):
+        end = pos0 + Tn
+        kv[0, :, :, pos0:end] = qkvh[1]
+        kv[1, :, :, pos0:end] = qkvh[2]
+        att = causal_softmax_(q @ kv[0, :, :, :end].transpose(0, 1, 3, 2))
+        return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
+    pos = [int(p) for p in pos0]
+    for b, p in enumerate(pos):  # each row's keys and values at its own positions
+        kv[0, b, :, p:p + Tn] = qkvh[1, b]
+        kv[1, b, :, p:p + Tn] = qkvh[2, b]
+    end = max(pos) + Tn
+    att = q @ kv[0, :, :, :end].transpose(0, 1, 3, 2)
+    qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]  # (B, Tn) absolute positions of the queries
+    hidden = xp.arange(end)[None, None, :] > qpos[:, :, None]  # (B, Tn, end): keys after the query
+    att[xp.broadcast_to(hidden[:, None], att.shape)] = -xp.inf
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
     return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
 
 

@@ -59,21 +59,34 @@ class Embedding:
 class Block:
     """x + attn(ln_1(x)), then + mlp(ln_2(x)). Attention: column-parallel qkv (this rank's heads), causal attention,
     row-parallel projection; MLP: column-parallel fc, GELU, row-parallel projection. Dropout (site layer + 1) on the
-    attention probabilities and on each branch before its residual add. The residual stream x is updated in place."""
+    attention probabilities and on each branch before its residual add. The residual stream x is updated in place.
+
+    p holds the block's parameters by their names within it ("attn.c_attn.weight", ...), LoRA's adapters among them
+    ("attn.c_attn.lora_A", "attn.c_attn.lora_B": that linear layer then adds lora_scale * x A B); frozen: the names
+    of those not trained, whose linear layers skip their weight gradients (LayerNorms' are computed, and ignored)."""
 
     def __init__(self, p: dict[str, Param], layer: int, n_head: int, tp: Comm, dropout: float,
-                 prec: Precision = FP32):
+                 prec: Precision = FP32, lora_scale: float = 0.0, frozen=frozenset()):
         self.layer, self.dropout, self.prec = layer, dropout, prec
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
-        b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias",
-                                              "mlp.c_fc.bias", "mlp.c_proj.bias")}  # none with model.bias = false
+
+        def linear(kind, name):
+            w, b = (p.get(f"{name}.{k}", NO_PARAM) for k in ("weight", "bias"))  # no bias with model.bias = false
+            w, b = (Param(x.value, None) if f"{name}.{k}" in frozen else x for x, k in ((w, "weight"), (b, "bias")))
+            lora = None
+            if f"{name}.lora_A" in p:
+                lora = tuple(Param(p[f"{name}.{k}"].value, None) if f"{name}.{k}" in frozen else p[f"{name}.{k}"]
+                             for k in ("lora_A", "lora_B")) + (lora_scale,)
+            return kind(w, b, tp, prec, lora)
+
+        b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")}  # none with model.bias = false
         self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"], prec)
-        self.qkv = TP.ColumnParallelLinear(p["attn.c_attn.weight"], b["attn.c_attn.bias"], tp, prec)
-        self.attn_proj = TP.RowParallelLinear(p["attn.c_proj.weight"], b["attn.c_proj.bias"], tp, prec)
+        self.qkv = linear(TP.ColumnParallelLinear, "attn.c_attn")
+        self.attn_proj = linear(TP.RowParallelLinear, "attn.c_proj")
         self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"], prec)
-        self.fc = TP.ColumnParallelLinear(p["mlp.c_fc.weight"], b["mlp.c_fc.bias"], tp, prec)
-        self.mlp_proj = TP.RowParallelLinear(p["mlp.c_proj.weight"], b["mlp.c_proj.bias"], tp, prec)
+        self.fc = linear(TP.ColumnParallelLinear, "mlp.c_fc")
+        self.mlp_proj = linear(TP.RowParallelLinear, "mlp.c_proj")
 
     def forward(self, x, rng=None, kv=None, pos0: int = 0):
         """x (B, T, C) -> (x, cache). kv: decoding, this layer's KV cache (2, B, H, block_size, hd), extended at
@@ -130,16 +143,22 @@ class Head:
         self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = LayerNorm(ln_w, ln_b, prec), wte, v0, vocab_size, tp
         self.prec = prec
 
-    def forward(self, x, targets=None):
+    def forward(self, x, targets=None, split: bool = False):
         """-> (mean loss, cache), or without targets (logits (B, T, vocab), None). The cross-entropy in the compute
-        dtype (fp32), from logits whose matmul took operands in the precision's format."""
+        dtype (fp32), from logits whose matmul took operands in the precision's format. split (no targets): this
+        rank's vocabulary slice of the logits, (B, T, padded_vocab / tp) from column self.v0, not gathered; the
+        padding columns (>= vocab_size) are -inf there (sampling over the shards, generate.py)."""
         B, T, C = x.shape
         xf, lnf = self.ln_f.forward(x)
         xf2 = self.prec.operand(TP.copy_to_tp_region(xf.reshape(B * T, C), self.tp))
-        logits = xf2 @ self.wte.value.T
         if targets is None:
+            logits = L.linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
+            if split:
+                logits[:, max(0, self.vocab_size - self.v0):] = -float("inf")
+                return logits.reshape(B, T, -1), None
             logits = TP.gather_from_tp_region(logits, self.tp)
             return logits.reshape(B, T, -1)[:, :, :self.vocab_size], None
+        logits = xf2 @ self.wte.value.T
         loss, ce = TP.vocab_parallel_cross_entropy_forward(logits, targets.reshape(-1), self.vocab_size, self.v0,
                                                             self.tp)
         return loss, (lnf, self.prec.keep(xf2), ce, x.shape)

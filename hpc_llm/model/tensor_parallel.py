@@ -63,42 +63,89 @@ class ColumnParallelLinear:
     """y = f(x) @ w + b with this rank's columns of w and b (Megatron's ColumnParallelLinear). f =
     copy_to_tp_region: every rank uses the whole input, so its gradient is summed over the group in backward. The
     output stays split over the group (this rank's heads, or its slice of the MLP's hidden units). prec: the
-    operands' format (the input is kept in it); products accumulate in the compute dtype."""
+    operands' format (the input is kept in it); products accumulate in the compute dtype.
 
-    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32):
-        self.w, self.b, self.comm, self.prec = w, b, comm, prec
+    lora = (A, B, s): a LoRA adapter, y += s h B with h = f(x A): A (in, r) replicated, so h is the same on every
+    rank, B (r, out) split like w's columns. h's f: each rank's dh = s dy B_local^T is a partial, summed over the
+    group (the allreduce of f's backward, (N, r) elements) before dA = x^T dh and the input gradient dh A^T, which
+    is then the same on every rank and is added after the layer's own input-gradient allreduce. A weight whose
+    gradient is None (frozen) gets none computed."""
+
+    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32, lora=None):
+        self.w, self.b, self.comm, self.prec, self.lora = w, b, comm, prec, lora
 
     def forward(self, x):
-        """-> (y, cache): the cache is the input (as an operand, in the precision's format)."""
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
         x = self.prec.keep(copy_to_tp_region(x, self.comm))
-        return L.linear_forward(self.prec.use(x, self.w.value.dtype), self.w.value, self.b.value), x
+        xu = self.prec.use(x, self.w.value.dtype)
+        y = L.linear_forward(xu, self.w.value, self.b.value)
+        if self.lora is None:
+            return y, x
+        A, B, s = self.lora
+        h = self.prec.keep(copy_to_tp_region(L.linear_forward(xu, A.value, None), self.comm))
+        _add_scaled(y, L.linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
+        return y, (x, h)
 
-    def backward(self, dy, x, accumulate: bool):
+    def backward(self, dy, cache, accumulate: bool):
+        x, h = cache if self.lora is not None else (cache, None)
         dy, x = self.prec.operand(dy), self.prec.use(x, dy.dtype)
         dx = L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
-        return copy_to_tp_region_backward(dx, self.comm)
+        dx = copy_to_tp_region_backward(dx, self.comm)
+        if self.lora is not None:
+            A, B, s = self.lora
+            dys = self.prec.operand(dy * s) if s != 1 else dy
+            dh = L.linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
+            dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))  # h's f: the partials summed
+            dx += L.linear_backward(dh, x, A.value, A.grad, None, accumulate)
+        return dx
 
 
 class RowParallelLinear:
     """y = g(x @ w) + b with this rank's rows of w and an input split the same way (Megatron's RowParallelLinear).
     g = reduce_from_tp_region sums the partial products (its backward is the identity); the bias, replicated, is
-    added once, after the sum. prec as ColumnParallelLinear's."""
+    added once, after the sum. prec as ColumnParallelLinear's.
 
-    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32):
-        self.w, self.b, self.comm, self.prec = w, b, comm, prec
+    lora = (A, B, s): a LoRA adapter, y += s h B with h = g(x_local A_local): A (in, r) split along its rows like w,
+    B (r, out) replicated. h's g is an (N, r) allreduce in forward, the identity in backward: dB = s h^T dy and
+    dh = s dy B^T are the same on every rank, dA_local = x_local^T dh and the input gradient dh A_local^T stay this
+    rank's share, as the layer's own."""
+
+    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32, lora=None):
+        self.w, self.b, self.comm, self.prec, self.lora = w, b, comm, prec, lora
 
     def forward(self, x):
-        """-> (y, cache): the cache is the input (as an operand, in the precision's format)."""
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
         x = self.prec.keep(x)
-        y = reduce_from_tp_region(L.linear_forward(self.prec.use(x, self.w.value.dtype), self.w.value, None),
-                                  self.comm)
+        xu = self.prec.use(x, self.w.value.dtype)
+        y = reduce_from_tp_region(L.linear_forward(xu, self.w.value, None), self.comm)
         if self.b.value is not None:
             y += self.b.value
-        return y, x
+        if self.lora is None:
+            return y, x
+        A, B, s = self.lora
+        h = self.prec.keep(reduce_from_tp_region(L.linear_forward(xu, A.value, None), self.comm))
+        _add_scaled(y, L.linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
+        return y, (x, h)
 
-    def backward(self, dy, x, accumulate: bool):
+    def backward(self, dy, cache, accumulate: bool):
+        x, h = cache if self.lora is not None else (cache, None)
         dy = self.prec.operand(reduce_from_tp_region_backward(dy, self.comm))
-        return L.linear_backward(dy, self.prec.use(x, dy.dtype), self.w.value, self.w.grad, self.b.grad, accumulate)
+        x = self.prec.use(x, dy.dtype)
+        dx = L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+        if self.lora is not None:
+            A, B, s = self.lora
+            dys = self.prec.operand(dy * s) if s != 1 else dy
+            dh = L.linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
+            dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))  # h's g: the identity
+            dx += L.linear_backward(dh, x, A.value, A.grad, None, accumulate)
+        return dx
+
+
+def _add_scaled(y, z, s: float) -> None:
+    """y += s z (z is ours to scale in place)."""
+    if s != 1:
+        z *= s
+    y += z
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,17 +189,28 @@ def local_shape(spec, tp: int) -> tuple:
 # Vocabulary-parallel embedding: rank r holds rows [v0, v0 + Vl) of wte
 
 
-def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, pos0: int = 0):
-    """Token rows looked up where this rank holds them (zero elsewhere), summed over the TP group (g), plus wpe."""
+def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, pos0=0):
+    """Token rows looked up where this rank holds them (zero elsewhere), summed over the TP group (g), plus wpe.
+    pos0: the first position, an int or per row (B,) ints (decoding rows of different lengths). wte_local may be an
+    int8 quantize.QuantizedWeight: indexing it dequantizes the rows looked up."""
+    if isinstance(pos0, (int, np.integer)):
+        if comm.size == 1 and isinstance(wte_local, np.ndarray):
+            return L.embedding_forward(wte_local, wpe, idx, pos0)
+        positions = wpe[pos0:pos0 + idx.shape[1]]
+    else:
+        xp = array_module(wpe)
+        positions = wpe[xp.asarray(pos0)[:, None] + xp.arange(idx.shape[1])[None, :]]
     if comm.size == 1:
-        return L.embedding_forward(wte_local, wpe, idx, pos0)
-    xp = array_module(wte_local)
+        x = wte_local[idx]
+        x += positions
+        return x
+    xp = array_module(wpe)
     local = idx - v0
     mine = (local >= 0) & (local < wte_local.shape[0])
     x = wte_local[xp.where(mine, local, 0)]
     x *= mine[..., None]
     x = reduce_from_tp_region(x, comm)
-    x += wpe[pos0:pos0 + idx.shape[1]]
+    x += positions
     return x
 
 

@@ -148,6 +148,17 @@ class Comm:
         if host is not buf:
             buf[...] = array_module(buf).asarray(host)
 
+    def allgather(self, x) -> np.ndarray:
+        """Every rank's array x (the same shape and dtype on all), stacked in rank order: (size, *x.shape), on every
+        rank. For small host arrays (inference: each rank's sampling candidates over its vocabulary shard)."""
+        x = np.ascontiguousarray(_host(x))
+        out = np.empty((self.size, *x.shape), dtype=x.dtype)
+        if self.size == 1:
+            out[0] = x
+            return out
+        self._timed("allgather", out.nbytes, lambda: self.mpi.Allgather(x, out))
+        return out
+
     # -- raw-byte collectives for compressed gradients (parallel/compression.py) --------------------------------------
     # MPI has no standard 16-bit floating reduction, so 16-bit buffers only travel here (as uint16 words: bf16 has no
     # MPI datatype, and moving bits needs none); their sums are formed in fp32 by the caller. `kind` and `nbytes` name

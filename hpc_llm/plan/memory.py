@@ -85,12 +85,13 @@ def grad_sync(n: int, dp: int, dp_rank: int, bucket_elems: int, zero: bool) -> G
 
 def specs_of(cfg: ModelConfig, tp: int, plan: StagePlan) -> list:
     """param_specs, remembered: a search asks for the same stage of the same model thousands of times."""
-    return _specs(tuple(sorted(vars(cfg).items())), tp, plan)
+    # lists (model.lora_targets) as tuples: the key must be hashable
+    return _specs(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(cfg).items())), tp, plan)
 
 
 @lru_cache(maxsize=4096)
 def _specs(cfg_items: tuple, tp: int, plan: StagePlan) -> list:
-    return param_specs(ModelConfig(**dict(cfg_items)), tp, plan)
+    return param_specs(ModelConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg_items}), tp, plan)
 
 
 def bucket_elems(bucket_mb: float, grad_bytes: int) -> int:

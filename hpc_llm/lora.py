@@ -1,0 +1,73 @@
+"""LoRA's adapters folded into the base weights (`hpc-llm merge-lora CKPT --out CKPT2`).
+
+A LoRA run (model.lora_rank = r > 0, docs/fine-tuning.md) trains, beside each target linear layer's frozen weight W
+(in, out), adapters A (in, r) and B (r, out), and computes y = x W + b + s x A B with s = lora_alpha / lora_rank. Since
+(x A) B = x (A B), the merged weight W' = W + s A B computes the same function with no adapters: what this module
+writes, as a checkpoint of the plain model (model.lora_rank = 0) that `generate`, `eval`, `train.init_from` and the
+Python API load like any other.
+
+The product is formed in float64 (A, B and W widened; s A B then added to W) and rounded once to W's dtype, so the
+merged weight is the exact W + s A B rounded to nearest. The checkpoint is read with the checkpoint package's reader
+(every dataset's crc32 verified) and written like an imported GPT-2 (hpc_llm/gpt2_import.py): a step-0 training
+checkpoint, zero Adam moments, empty metrics; its state records where it was merged from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hpc_llm.config import LORA_TARGETS, config_from_dict
+from hpc_llm.errors import UserError
+
+
+def merged_params(params: dict[str, np.ndarray], n_layer: int, targets, scale: float) -> dict[str, np.ndarray]:
+    """The base parameters with each target's s A B added to its weight (float64, then W's dtype); no adapters."""
+    out = {name: p for name, p in params.items() if not name.endswith((".lora_A", ".lora_B"))}
+    for i in range(n_layer):
+        for target in targets:
+            p = f"h.{i}.{target}"
+            w = out[f"{p}.weight"]
+            a, b = (np.asarray(params[f"{p}.{k}"], dtype=np.float64) for k in ("lora_A", "lora_B"))
+            out[f"{p}.weight"] = (np.asarray(w, dtype=np.float64) + scale * (a @ b)).astype(w.dtype)
+    return out
+
+
+def merge_lora(checkpoint, out) -> Path:
+    """Write the merged model of a LoRA checkpoint (a file, or a run directory: its newest verified checkpoint) to
+    ``out`` (a .h5 path in an existing directory); returns its path."""
+    from hpc_llm import checkpoint as ckpt
+    from hpc_llm.api import resolve_checkpoint
+    from hpc_llm.train import Metrics
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"merge-lora --out {out}: is a directory; expected a checkpoint file path such as "
+                        f"{out / 'merged.h5'}")
+    if not out.parent.is_dir():
+        raise UserError(f"merge-lora --out {out}: directory {out.parent} does not exist")
+    saved = ckpt.load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
+    cfg = config_from_dict(saved.config)
+    m = cfg.model
+    if m.lora_rank <= 0:
+        raise UserError(f"merge-lora: {saved.path} has no LoRA adapters (model.lora_rank = 0): nothing to merge")
+    missing = [f"h.{i}.{t}.{k}" for i in range(m.n_layer) for t in m.lora_targets for k in ("lora_A", "lora_B")
+               if f"h.{i}.{t}.{k}" not in saved.params]
+    if missing or any(t not in LORA_TARGETS for t in m.lora_targets):
+        raise UserError(f"merge-lora: {saved.path}: its config has LoRA on {m.lora_targets} but the file lacks "
+                        f"{missing[:2]}")
+    params = merged_params(saved.params, m.n_layer, m.lora_targets, m.lora_scale)
+    merged_from = {"path": str(saved.path), "step": saved.state.get("step"), "lora_rank": m.lora_rank,
+                   "lora_alpha": m.lora_alpha, "lora_targets": list(m.lora_targets)}
+    m.lora_rank, m.lora_alpha, m.lora_targets = 0, type(m)().lora_alpha, type(m)().lora_targets  # the plain model
+    cfg.train.freeze, cfg.train.init_from = [], ""
+    state = {"step": 0, "tokens_seen": 0, "adam_t": 0, "tokenizer": saved.state.get("tokenizer"),
+             "data_path": saved.state.get("data_path", ""), "merged_lora": merged_from}
+    optimizer = {slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")}
+    try:
+        ckpt.save_checkpoint(out, params=params, optimizer=optimizer, state=state, config=cfg.to_dict(),
+                             metrics=Metrics().as_dict())
+    except OSError as exc:
+        raise UserError(f"merge-lora --out {out}: cannot write checkpoint ({exc.strerror or exc})") from None
+    return out
