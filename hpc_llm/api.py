@@ -88,25 +88,10 @@ def model_from_file(saved: ckpt.CheckpointFile, backend: str = "numpy", dtype: s
     return model
 
 
-def model_from_checkpoint(saved: ckpt.Checkpoint, backend: str = "numpy", dtype: str | None = None) -> GPT:
-    """The model of a checkpoint read whole into memory (ckpt.load_checkpoint), on one process."""
-    model = GPT(model_config(saved, dtype), get_backend(backend), seed=None)
-    model.load_state(saved.params)
-    return model
-
-
 def load_tokenizer(path):
     """The tokenizer the checkpoint's model was trained with."""
     with open_checkpoint(path) as saved:
         return _tokenizer(saved)
-
-
-def load_model_and_tokenizer(path, backend: str = "numpy", dtype: str | None = None, quantize: str | None = None,
-                             tp_comm: Comm | None = None):
-    """Both from one opening of the checkpoint (what `hpc-llm generate` needs)."""
-    with open_checkpoint(path) as saved:
-        tok = _tokenizer(saved)
-        return model_from_file(saved, backend, dtype, quantize, tp_comm), tok
 
 
 def _tokenizer(saved: ckpt.Checkpoint):

@@ -143,7 +143,7 @@ def _eval(args) -> None:
 
     check_eval_options(args.batch_size, args.max_batches)
     world = world_comm()
-    tp = tp_from_sets(args.set, world.size, "eval")
+    tp = tp_from_sets(args.set, world.size, "eval", data_parallel=True)  # dp = ranks / tp replicas
 
     def inputs():
         saved = open_checkpoint(args.checkpoint)
@@ -157,9 +157,9 @@ def _eval(args) -> None:
     with saved:
         grid = world_grid(tp)
         model = model_from_file(saved, "numpy", args.dtype, args.quantize, grid.tp_comm, agree=grid.world)
-    result = evaluate(model, tokens, args.batch_size, args.max_batches)
+    result = evaluate(model, tokens, args.batch_size, args.max_batches, grid.dp_comm)
     if world.rank == 0:
-        print(json.dumps({"split": args.split, **result, "tp": tp, "dtype": str(model.dtype),
+        print(json.dumps({"split": args.split, **result, "tp": tp, "dp": grid.dp, "dtype": str(model.dtype),
                           "quantize": args.quantize}))
 
 
@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)")
     s.add_argument("--quantize", choices=("int8",), help="int8 weights, as generate's (float32 models)")
     s.add_argument("--set", action="append", default=[], metavar="parallel.tp=T",
-                   help="tensor-parallel size (default: the number of ranks; run under mpiexec -n T)")
+                   help="tensor-parallel size, dividing the number of ranks (default: all of them); the batches "
+                   "are dealt over dp = ranks / T replicas")
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("inspect", help="print a checkpoint's contents and tensor statistics, or compare two")

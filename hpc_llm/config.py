@@ -342,16 +342,28 @@ def check_finetune(cfg: Config) -> None:
         raise UserError(f"config field model.lora_targets: expected distinct names among {list(LORA_TARGETS)}"
                         f"{' (at least one with model.lora_rank > 0)' if not bad else ''}, got {m.lora_targets!r}"
                         + (f" ({bad[0]!r} matches no linear layer)" if bad else ""))
+    # the canonical order (the model's, LORA_TARGETS'): a reordered list is the same model, resume and init_from
+    # compare it as given
+    m.lora_targets = canonical_targets(m.lora_targets)
     if t.freeze:
         import fnmatch
 
-        from hpc_llm.model.gpt import param_specs
+        from hpc_llm.model.gpt import frozen_names, param_specs
 
         names = [s.name for s in param_specs(m)]  # the whole model's (names do not depend on the vocabulary)
         for pattern in t.freeze:
             if not fnmatch.filter(names, pattern):
                 raise UserError(f"config field train.freeze: pattern {pattern!r} matches no parameter (names like "
                                 f"{names[1]!r}, 'h.0.attn.c_attn.weight', 'h.*.mlp.*')")
+        if len(frozen_names(m, t.freeze)) == len(names):  # a run that would update nothing
+            raise UserError(f"config field train.freeze: {t.freeze!r} freezes every parameter"
+                            + (" (model.lora_rank > 0 freezes the base: these patterns also cover every LoRA adapter)"
+                               if m.lora_rank > 0 else "") + ": nothing left to train")
+
+
+def canonical_targets(targets) -> list[str]:
+    """model.lora_targets in LORA_TARGETS' order (the model's), names not among them kept after, as given."""
+    return [x for x in LORA_TARGETS if x in targets] + [x for x in targets if x not in LORA_TARGETS]
 
 
 def check_pipeline(pp: int, v: int, schedule: str, pp_layers: list[int], n_layer: int, micro_batches: int) -> None:

@@ -60,7 +60,9 @@ _STREAM_NAMES = {0: "train", 1: "val"}
 # are per character, and cuts fall on character boundaries). BPE is cut only at a line break between two visible
 # ASCII characters ("...x\ny..."), where GPT-2's byte-level pre-tokenizer always splits: encoding piece by piece is
 # then exactly the whole file's encoding; a text without such a break for a whole piece is cut at any line break,
-# or at a character boundary (the only cases where pieces can change BPE tokens).
+# or at a character boundary (the only cases where pieces can change BPE tokens). That holds for byte-level BPE only
+# (a Metaspace pre-tokenizer or Prepend normalizer adds "▁" at every cut): --tokenizer-dir accepts only those
+# (BPETokenizer.streaming_problem).
 
 
 def _expand_inputs(inputs, pattern: str) -> list[Path]:
@@ -357,7 +359,7 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
             for i in included:
                 for j in by_file[i]:
                     chars.update(scanned[j][1])
-            tok = CharTokenizer("".join(chars))
+            tok = make_tokenizer("char", chars="".join(chars))
         else:
             def train():  # rank 0 trains on the text files' pieces, read again one by one
                 def texts():
@@ -567,6 +569,8 @@ class TokenFileCorrupt(RuntimeError):
 class TokenData:
     """A prepared data directory: metadata, tokenizer, and read-only memmaps of the two splits."""
 
+    SCAN_CHUNK = 1 << 24  # ids per read of a version-1 directory's start-up check (32-64 MB)
+
     def __init__(self, data_dir):
         self.path = Path(data_dir)
         hint = "(run `hpc-llm prepare` to create it)"
@@ -582,6 +586,19 @@ class TokenData:
         self._tokenizer = tokenizer_from_meta(self._meta)
         self.dtype = DTYPES[self._meta.get("dtype", "uint16")]
         self._splits = {name: self._load_split(name) for name in SPLITS}
+        if "max_id" not in self._meta:  # format version 1: no recorded max_id, so the ids are checked once here
+            self._scan_ids()
+
+    def _scan_ids(self) -> None:
+        """The start-up id check of a version-1 directory: each split read once, SCAN_CHUNK ids at a time (bounded
+        memory). Version 2 records max_id and skips this."""
+        for name in SPLITS:
+            tokens, top = self._splits[name], -1
+            for start in range(0, len(tokens), self.SCAN_CHUNK):
+                top = max(top, int(np.asarray(tokens[start:start + self.SCAN_CHUNK]).max()))
+            if top >= self.vocab_size:
+                raise UserError(f"{self.path / f'{name}.bin'}: contains token id {top}, but vocab_size in meta.json "
+                                f"is {self.vocab_size} (a format version 1 directory: run `hpc-llm prepare` again)")
 
     @staticmethod
     def _read_meta(meta_path: Path) -> dict:
@@ -614,7 +631,8 @@ class TokenData:
                             "\"uint32\")")
         if "max_id" in meta:  # prepare records it: the start-up check that costs no pass over the files
             top = meta["max_id"]
-            if not isinstance(top, int) or isinstance(top, bool) or top < -1:
+            # prepare refuses a corpus with an empty split, so a written max_id is some id: never -1
+            if not isinstance(top, int) or isinstance(top, bool) or top < 0:
                 raise UserError(f"{meta_path}: field 'max_id' is {top!r}, expected a non-negative integer")
             if top >= vocab:
                 raise UserError(f"{meta_path}: max_id is {top}: the token files contain token id {top}, but "

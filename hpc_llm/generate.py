@@ -245,6 +245,9 @@ def _decode(model: GPT, cache: KVCache, prompts: list, max_new_tokens: int, rngs
             break
         full = np.flatnonzero(cache.lengths == T)
         if full.size:  # rebuilt first: their caches restart at T // 2, so the step below fits for every row
+            # in a cache of their own (a one-token row fed beside T // 2 tokens would pad past block_size); the
+            # model's pool keeps one buffer, the largest, and a smaller cache is a view of it: rebuilds of
+            # different row counts do not pile up buffers
             sub = KVCache(model, full.size, reuse=True)
             rebuilt = _prefill(model, sub, [np.asarray(out[r][-(T // 2):]) for r in full])
             cache.take(full, sub)
@@ -303,9 +306,10 @@ def generate_prompts(model: GPT, prompts: list, max_new_tokens: int, batch_size:
 # -- the command line's inputs ---------------------------------------------------------------------------------------
 
 
-def tp_from_sets(sets, world_size: int, verb: str = "generate") -> int:
+def tp_from_sets(sets, world_size: int, verb: str = "generate", data_parallel: bool = False) -> int:
     """`--set parallel.tp=T` (the one key inference takes; default: the number of ranks). T must equal the number
-    of ranks: the whole model on one TP group (no data or pipeline parallelism at inference)."""
+    of ranks (the whole model on one TP group: generate), or with data_parallel divide it (eval: dp = ranks / T
+    replicas, each a TP group; never pipeline parallelism)."""
     tp = world_size
     for item in sets:
         key, eq, value = item.partition("=")
@@ -319,7 +323,10 @@ def tp_from_sets(sets, world_size: int, verb: str = "generate") -> int:
             raise UserError(f"--set parallel.tp={value}: expected a positive integer") from None
         if tp < 1:
             raise UserError(f"--set parallel.tp={value}: expected a positive integer")
-    if tp != world_size:
+    if data_parallel and world_size % tp:
+        raise UserError(f"parallel.tp={tp} but {world_size} rank(s): `hpc-llm {verb}` runs dp x tp ranks, so "
+                        "parallel.tp must divide the number of ranks")
+    if not data_parallel and tp != world_size:
         raise UserError(f"parallel.tp={tp} but {world_size} rank(s): `hpc-llm {verb}` runs one tensor-parallel "
                         f"group, so start it with `mpiexec -n {tp}`")
     return tp

@@ -295,6 +295,7 @@ def import_gpt2(model_dir, out) -> Path:
     """Convert a Hugging Face GPT-2 directory into an hpc_llm checkpoint at `out` (a .h5 file path, parents made);
     returns its path. The checkpoint is a step-0 training checkpoint: zero Adam moments, empty metrics."""
     from hpc_llm import checkpoint as ckpt
+    from hpc_llm.parallel.comm import world_comm
 
     out = Path(out)
     if out.is_dir():
@@ -316,6 +317,10 @@ def import_gpt2(model_dir, out) -> Path:
         "tokenizer": tokenizer,
         "data_path": "",
     }
+    # every rank would write the same file: refused on each alike (the world size is known everywhere), after the
+    # inputs' own checks (the same verdict on every rank), before anything is created
+    if (ranks := world_comm().size) > 1:
+        raise UserError(f"hpc-llm import-gpt2 runs on one process, got {ranks} ranks: run it without mpiexec")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

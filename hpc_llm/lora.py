@@ -20,11 +20,12 @@ import numpy as np
 
 from hpc_llm.config import LORA_TARGETS, config_from_dict
 from hpc_llm.errors import UserError
+from hpc_llm.model.gpt import is_lora
 
 
 def merged_params(params: dict[str, np.ndarray], n_layer: int, targets, scale: float) -> dict[str, np.ndarray]:
     """The base parameters with each target's s A B added to its weight (float64, then W's dtype); no adapters."""
-    out = {name: p for name, p in params.items() if not name.endswith((".lora_A", ".lora_B"))}
+    out = {name: p for name, p in params.items() if not is_lora(name)}
     for i in range(n_layer):
         for target in targets:
             p = f"h.{i}.{target}"
@@ -41,6 +42,10 @@ def merge_lora(checkpoint, out) -> Path:
     from hpc_llm.api import resolve_checkpoint
     from hpc_llm.train import Metrics
 
+    from hpc_llm.parallel.comm import world_comm
+
+    if (ranks := world_comm().size) > 1:  # every rank would write the same file; the world size is known everywhere
+        raise UserError(f"hpc-llm merge-lora runs on one process, got {ranks} ranks: run it without mpiexec")
     out = Path(out)
     if out.is_dir():
         raise UserError(f"merge-lora --out {out}: is a directory; expected a checkpoint file path such as "
@@ -52,11 +57,15 @@ def merge_lora(checkpoint, out) -> Path:
     m = cfg.model
     if m.lora_rank <= 0:
         raise UserError(f"merge-lora: {saved.path} has no LoRA adapters (model.lora_rank = 0): nothing to merge")
+    unknown = [t for t in m.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+        raise UserError(f"merge-lora: {saved.path}: its config's model.lora_targets has {unknown[0]!r}, not a linear "
+                        f"layer (expected names among {list(LORA_TARGETS)})")
     missing = [f"h.{i}.{t}.{k}" for i in range(m.n_layer) for t in m.lora_targets for k in ("lora_A", "lora_B")
                if f"h.{i}.{t}.{k}" not in saved.params]
-    if missing or any(t not in LORA_TARGETS for t in m.lora_targets):
+    if missing:
         raise UserError(f"merge-lora: {saved.path}: its config has LoRA on {m.lora_targets} but the file lacks "
-                        f"{missing[:2]}")
+                        f"{missing[0]}" + (f" and {len(missing) - 1} more adapters" if len(missing) > 1 else ""))
     params = merged_params(saved.params, m.n_layer, m.lora_targets, m.lora_scale)
     merged_from = {"path": str(saved.path), "step": saved.state.get("step"), "lora_rank": m.lora_rank,
                    "lora_alpha": m.lora_alpha, "lora_targets": list(m.lora_targets)}

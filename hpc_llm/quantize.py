@@ -116,7 +116,7 @@ def _copy(p: Param) -> Param:
 def quantize_model(model, mode: str = "int8") -> None:
     """Replace the model's linear weights and the tied embedding by int8 ones (this rank's shards), its other
     parameters by their own small copies, and free the float32 buffers: the model is for inference from here on
-    (no gradients, no training). model.weight_bytes() tells what it holds."""
+    (no gradients, no training). weight_bytes(model) (this module) tells what it holds."""
     check_quantize(mode, model.dtype, "numpy" if model.xp is np else "cupy")
     held = {}
     for chunk in model.chunks:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,11 @@ HF_TOKENIZER_JSON = "tokenizer.json"
 HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
 GPT2_EOS = "<|endoftext|>"
 NAMES = ("byte", "char", "bpe", "gpt2-bpe")
+# prepare cuts BPE text after a "\n" between two visible ASCII characters (data.py); a tokenizer qualifies when its
+# pre-tokenizer splits there in every one of these contexts (each letter class, digit and punctuation on either side)
+_SAFE_BREAK = re.compile(r"(?<=[!-~])\n(?=[!-~])")
+_BREAK_PROBE = "".join(f"w{a}\n{b}w {a}{a}\n{b}{b} " for a in "aZ0.'$(_-" for b in "aZ0.'$(_-") + "x\n's y\n\tz\n"
+_STREAM_NORMALIZERS = ("NFC",)  # besides none: composition never joins across "\n" + a visible ASCII character
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -205,6 +211,39 @@ class BPETokenizer:
         return {"tokenizer": self.name, "vocab_size": self.vocab_size, "tokenizer_sha256": self.sha256,
                 "tokenizer_json": self.json}
 
+    def streaming_problem(self) -> str | None:
+        """Why encoding a corpus piece by piece (cut after "x\\ny", data.py) could differ from encoding it whole, or
+        None: exact for a BPE model whose normalizer adds no text (none, or NFC) and whose pre-tokenizer is byte-level
+        without a prefix space (GPT-2's ByteLevel with its regex, or Isolated Split regexes then ByteLevel, as
+        Llama 3's) and splits after every such line break (probed). A Metaspace or a Prepend normalizer, for one,
+        would add "▁" again at every cut."""
+        spec = json.loads(self.json)
+        model = (spec.get("model") or {}).get("type")
+        if model != "BPE":
+            return f"model {model} is not BPE"
+        pre = spec.get("pre_tokenizer")
+        parts = (pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]) if pre else []
+        kinds = [str(p.get("type")) for p in parts]
+        if not kinds or kinds[-1] != "ByteLevel" or any(k != "Split" for k in kinds[:-1]):
+            return (f"pre-tokenizer {'+'.join(kinds) or 'none'} is not byte-level (expected ByteLevel, or Split "
+                    "parts then ByteLevel)")
+        if parts[-1].get("add_prefix_space"):
+            return "pre-tokenizer ByteLevel has add_prefix_space true (every piece would get a space)"
+        for p in parts[:-1]:
+            if p.get("behavior") != "Isolated" or p.get("invert"):
+                return (f"pre-tokenizer Split has behavior {p.get('behavior')}{', inverted' if p.get('invert') else ''}"
+                        ", which may join text across a line break (expected Isolated)")
+        norm = spec.get("normalizer")
+        for n in (norm.get("normalizers") or [] if norm.get("type") == "Sequence" else [norm]) if norm else []:
+            if n.get("type") not in _STREAM_NORMALIZERS:
+                return f"normalizer {n.get('type')} is not supported (none or NFC: others may add text at every cut)"
+        bounds = {i for _, span in self._tok.pre_tokenizer.pre_tokenize_str(_BREAK_PROBE) for i in span}
+        for m in _SAFE_BREAK.finditer(_BREAK_PROBE):
+            if m.end() not in bounds:
+                at = _BREAK_PROBE[m.start() - 1:m.end() + 1]
+                return f"pre-tokenizer does not split after the line break in {at!r}"
+        return None
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -232,6 +271,30 @@ def tokenizer_meta_key(meta: dict) -> tuple:
     if meta.get("tokenizer") in ("bpe", "gpt2-bpe"):
         return meta.get("tokenizer"), meta.get("vocab_size"), meta.get("tokenizer_sha256")
     return tuple(sorted((k, v) for k, v in meta.items() if isinstance(v, (str, int))))
+
+
+def _brief(meta: dict) -> str:
+    return f"{meta.get('tokenizer')} tokenizer, vocab {meta.get('vocab_size')}" + (
+        f", {len(meta['chars'])} chars {meta['chars'][:20]!r}..." if isinstance(meta.get("chars"), str) else "") + (
+        f", sha256 {str(meta['tokenizer_sha256'])[:12]}" if "tokenizer_sha256" in meta else "")
+
+
+def check_same_tokenizer(theirs, mine: dict, checkpoint: str, data: str) -> str | None:
+    """The one check that data is tokenized as a checkpoint's training data was (train's resume and init_from,
+    eval): the same ids must mean the same text. theirs: the checkpoint's recorded tokenizer meta (not a dict: an
+    older checkpoint recording none, not checked); mine: the data's; checkpoint, data: how messages name them.
+    Different tokenizers (tokenizer_meta_key): a one-line UserError naming both. An ids-only "gpt2-bpe" import (no
+    tokenizer_json, nothing to compare): returns the warning for the caller to log (the user vouches for the ids);
+    otherwise None."""
+    if not isinstance(theirs, dict):
+        return None
+    if theirs.get("tokenizer") == "gpt2-bpe" and "tokenizer_json" not in theirs:
+        return (f"{checkpoint} was trained on gpt2-bpe tokens, which hpc_llm cannot check against {data} "
+                f"({mine.get('tokenizer')} tokenizer): its ids must mean the same tokens")
+    if tokenizer_meta_key(theirs) != tokenizer_meta_key(mine):
+        raise UserError(f"{checkpoint} was trained on data with the {_brief(theirs)}, but {data} has the "
+                        f"{_brief(mine)}")
+    return None
 
 
 def tokenizer_from_meta(meta: dict):
@@ -273,7 +336,14 @@ def make_tokenizer(name: str, chars: str = "", vocab_size: int | None = None, to
     if name == "char":
         return CharTokenizer(chars)
     if name == "gpt2":
-        return BPETokenizer.from_dir(tokenizer_dir)
+        tok = BPETokenizer.from_dir(tokenizer_dir)
+        # prepare encodes the corpus in pieces: only a tokenizer for which that equals the whole encoding will do
+        # (import-gpt2 and generate encode whole texts, so from_dir itself accepts any)
+        problem = tok.streaming_problem()
+        if problem:
+            raise UserError(f"{find_tokenizer_files(tokenizer_dir)[0]}: {problem}; hpc_llm streams the corpus in "
+                            "pieces and supports byte-level BPE tokenizers only")
+        return tok
     if name == "bpe":
         return BPETokenizer.train(texts, vocab_size)
     raise UserError(f"prepare: tokenizer is {name!r}, expected \"byte\", \"char\", \"bpe\" or \"gpt2\"")

@@ -26,7 +26,7 @@ import numpy as np
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
 from hpc_llm.bench import matmul_peak_flops
-from hpc_llm.config import Config, config_from_dict, stage_layers
+from hpc_llm.config import Config, canonical_targets, config_from_dict, stage_layers
 from hpc_llm.data import TokenData, check_split_size, get_batch
 from hpc_llm.errors import JobError, UserError
 from hpc_llm.faults import PHASE, WATCHDOG, inject, phase
@@ -88,7 +88,13 @@ class Trainer:
         self.is_root = world.rank == 0
         self.xp = get_backend(t.backend)
         keep_freed_memory()
-        saved = world.agree(lambda: self._load_inputs(resume))
+        self._opened: list = []  # the checkpoints _load_inputs opened (resume, init_from)
+        try:
+            saved = world.agree(lambda: self._load_inputs(resume))
+        except BaseException:  # a later check failed, here or on another rank: the files were never handed on
+            for f in self._opened:
+                f.close()
+            raise
         dp = self.grid.dp
         self.rows = slice(self.grid.dp_rank * (t.batch_size // dp), (self.grid.dp_rank + 1) * (t.batch_size // dp))
         self.out_dir = Path(t.out_dir)
@@ -160,8 +166,10 @@ class Trainer:
         self.val_tokens = self.data.split("val")
         resume_path = self._resume_path(resume)
         saved = self._open_checkpoint(resume_path) if resume_path else None
+        self._opened += [saved] if saved is not None else []
         # train.init_from: only for a fresh run (a resume continues its own checkpoint, which holds the weights)
         self._init_from = self._open_init_from() if resume_path is None and t.init_from else None
+        self._opened += [self._init_from] if self._init_from is not None else []
         resolve_vocab(cfg, self.data)
         check_layout(self.grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
         self.writer = cfg.checkpoint.writer
@@ -252,8 +260,8 @@ class Trainer:
             self._check_compatible(saved)
             theirs, mine = config_from_dict(saved.config).model, self.cfg.model
             lora = ("lora_rank", "lora_alpha", "lora_targets") if mine.lora_rank or theirs.lora_rank else ()
-            for k in lora:  # a resume continues the same adapters
-                if getattr(mine, k) != getattr(theirs, k):
+            for k in lora:  # a resume continues the same adapters (targets in any order: the same model)
+                if _lora_field(mine, k) != _lora_field(theirs, k):
                     raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
                                     f"{getattr(mine, k)}")
         except BaseException:
@@ -289,8 +297,8 @@ class Trainer:
                 self._check_compatible(view)
             except UserError as e:
                 raise UserError(f"train.init_from: {e}") from None
-            if theirs.lora_rank > 0 and (mine.lora_rank, mine.lora_alpha, mine.lora_targets) != (
-                    theirs.lora_rank, theirs.lora_alpha, theirs.lora_targets):
+            if theirs.lora_rank > 0 and any(_lora_field(mine, k) != _lora_field(theirs, k)
+                                            for k in ("lora_rank", "lora_alpha", "lora_targets")):
                 raise UserError(f"train.init_from={t.init_from}: the checkpoint has LoRA adapters (model.lora_rank="
                                 f"{theirs.lora_rank}, lora_alpha={theirs.lora_alpha}, lora_targets="
                                 f"{theirs.lora_targets}) the config does not: fold them into the weights with "
@@ -370,25 +378,14 @@ class Trainer:
             if getattr(mine, k) != getattr(theirs, k):
                 raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
                                 f"{getattr(mine, k)}")
-        # the data must be tokenized as the checkpoint's was: the same ids would mean other text
-        from hpc_llm.tokenizer import tokenizer_meta_key
+        # the data must be tokenized as the checkpoint's was: the same ids would mean other text (the one check,
+        # shared with eval; an ids-only gpt2-bpe import cannot be checked and only warns: the user vouches)
+        from hpc_llm.tokenizer import check_same_tokenizer
 
-        theirs_tok, mine_tok = saved.state.get("tokenizer"), self.data.tokenizer.meta()
-        if isinstance(theirs_tok, dict) and theirs_tok.get("tokenizer") == "gpt2-bpe" and \
-                "tokenizer_json" not in theirs_tok:
-            # imported without tokenizer files (or by an older hpc_llm): nothing here can check it; the user vouches
-            (log.warning if self.is_root else log.debug)(
-                "checkpoint %s was trained on %s tokens, which hpc_llm cannot check against data.path=%s (%s "
-                "tokenizer): its ids must mean the same tokens", saved.path, theirs_tok.get("tokenizer"),
-                self.data.path, mine_tok.get("tokenizer"))
-        elif isinstance(theirs_tok, dict) and tokenizer_meta_key(theirs_tok) != tokenizer_meta_key(mine_tok):
-            def brief(meta: dict) -> str:
-                return f"{meta.get('tokenizer')} tokenizer, vocab {meta.get('vocab_size')}" + (
-                    f", {len(meta['chars'])} chars {meta['chars'][:20]!r}..." if "chars" in meta else "") + (
-                    f", sha256 {str(meta['tokenizer_sha256'])[:12]}" if "tokenizer_sha256" in meta else "")
-
-            raise UserError(f"checkpoint {saved.path} was trained on data with the {brief(theirs_tok)}, but "
-                            f"data.path={self.data.path} has the {brief(mine_tok)}")
+        warning = check_same_tokenizer(saved.state.get("tokenizer"), self.data.tokenizer.meta(),
+                                       f"checkpoint {saved.path}", f"data.path={self.data.path}")
+        if warning:
+            (log.warning if self.is_root else log.debug)("%s", warning)
 
     def _restore(self, saved: ckpt.CheckpointFile) -> None:
         """Each rank reads its own hyperslabs of ``saved`` and checksums its share of the file (run under agree(): a
@@ -428,7 +425,8 @@ class Trainer:
             losses = run_schedule(self.model, self.ops, self.pipe, self.micro_batch, loss_scale / (t.grad_accum * dp),
                                   (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd),
                                   grad_ready=self.sync.grad_ready)
-        if self.grid.emb_comm is not None:  # the tied embedding's two copies: each gets the sum of both gradients
+        # the tied embedding's two copies: each gets the sum of both gradients (none when frozen: zeros, unread)
+        if self.grid.emb_comm is not None and "wte.weight" not in self.model.frozen:
             self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
         self.sync.finish(loss_scale)
         if inject("grad", self.step):  # a test's non-finite gradient on this rank
@@ -642,6 +640,12 @@ class Trainer:
         metrics_file.write(json.dumps({"kind": "eval", **row}) + "\n")
         metrics_file.flush()
         return row
+
+
+def _lora_field(m, key: str):
+    """A LoRA field of a model config as compared on resume and init_from: lora_targets in the canonical order (a
+    checkpoint's config may predate config validation sorting them)."""
+    return canonical_targets(m.lora_targets) if key == "lora_targets" else getattr(m, key)
 
 
 class _ConfigView:

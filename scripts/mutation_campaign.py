@@ -117,6 +117,11 @@ T_TRAIN_RESUME = ("tests/test_train.py::test_exact_resume",
 T_PAR_RESUME = "tests/test_parallel.py::test_exact_resume_dp2_zero1"
 T_RESUME_LAYOUTS = "tests/test_resume_layouts.py"
 T_CLI_GENERATE = "tests/test_cli.py::test_generate_from_checkpoint"
+EVAL = "hpc_llm/evaluate.py"
+
+
+def inf_test(name: str) -> str:
+    return f"tests/test_inference.py::{name}"
 
 
 def tp_test(name: str) -> str:
@@ -446,6 +451,47 @@ MUTANTS: list[Mutant] = [
       "context = prompt[:, :T]",
       "a prompt longer than block_size is cut to its first block_size tokens instead of its last",
       [T_GEN]),
+    # -- inference: per-row positions of the KV cache, sampling over vocabulary shards, the cache pool, eval dp ---
+    M("cached-attn-row-query-pos-off-by-one", LAYERS,
+      "qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]",
+      "qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :] + 1",
+      "per-row cached attention: each query also sees the key one position after its own (padding or stale)",
+      [inf_test("test_cache_rows_have_their_own_lengths"), inf_test("test_batched_prompts_equal_unbatched")]),
+    M("vocab-emb-row-pos-off-by-one", TPAR,
+      "positions = wpe[xp.asarray(pos0)[:, None] + xp.arange(idx.shape[1])[None, :]]",
+      "positions = wpe[xp.asarray(pos0)[:, None] + 1 + xp.arange(idx.shape[1])[None, :]]",
+      "per-row embedding: row b's new tokens get the position embeddings from pos0[b] + 1",
+      [inf_test("test_cache_rows_have_their_own_lengths"), inf_test("test_batched_prompts_equal_unbatched")]),
+    M("top-p-shard-prefix-inclusive", GEN,
+      "before = np.cumsum(ps, axis=1) - ps",
+      "before = np.cumsum(ps, axis=1)",
+      "top-p candidates: a shard stops before the entry whose mass reaches top_p (the nucleus boundary is lost)",
+      [inf_test("test_top_p_set_equals_reference"), inf_test("test_sharded_candidates_equal_full_vocabulary")]),
+    M("inverse-cdf-owner-one-rank-late", GEN,
+      "owner = (cum <= target[None, :]).sum(axis=0)",
+      "owner = (cum - mass <= target[None, :]).sum(axis=0)",
+      "inverse CDF over shards: the owner is the first rank whose mass *before* it passes u (one rank too far)",
+      [inf_test("test_tp_generation_equals_single_process")]),
+    M("greedy-ties-last-rank", GEN,
+      "best = every[:, :, 0].argmax(axis=0)",
+      "best = every.shape[0] - 1 - every[::-1, :, 0].argmax(axis=0)",
+      "sharded greedy: a tie across shards goes to the last rank (not the lowest index, as argmax on the row)",
+      [inf_test("test_greedy_ties_take_the_lowest_index"), inf_test("test_sharded_candidates_equal_full_vocabulary")]),
+    M("greedy-ties-last-in-shard", GEN,
+      "a = z.argmax(axis=1)",
+      "a = z.shape[1] - 1 - z[:, ::-1].argmax(axis=1)",
+      "greedy: a tie within a shard goes to the highest index",
+      [inf_test("test_greedy_ties_take_the_lowest_index"), inf_test("test_sharded_candidates_equal_full_vocabulary")]),
+    M("kv-pool-exact-size-only", GPT,
+      "if free is not None and free.size < size:",
+      "if free is not None and free.size != size:",
+      "KV-cache pool: a larger pooled buffer is dropped instead of serving a smaller batch",
+      [inf_test("test_kv_pool_holds_one_buffer")]),
+    M("eval-dp-not-reduced", EVAL,
+      'sums = dp_comm.allreduce_(np.array([total, count, n_windows], dtype=np.float64), op="sum")',
+      "sums = np.array([total, count, n_windows], dtype=np.float64)",
+      "eval under data parallelism: each replica reports its own batches' loss (no sum over the dp group)",
+      [inf_test("test_dp_eval_equals_single_process")]),
     M("batch-targets-not-shifted", DATA,
       "return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:])",
       "return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, :-1])",

@@ -437,6 +437,12 @@ def _rows() -> list[Row]:
           "meta.json is 256", Data(meta={"max_id": 300})))
     add(D("token-beyond-char-vocab", "the token files contain token id 999",
           Data(src="chardata", meta={"max_id": 999})))
+    add(D("meta-max_id-negative", "meta.json: field 'max_id' is -1, expected a non-negative integer",
+          Data(meta={"max_id": -1})))
+    # version 1 records no max_id: its splits are read once at start-up (in bounded chunks)
+    add(D("token-beyond-vocab-version-1", "val.bin: contains token id 300, but vocab_size in meta.json is 256 (a "
+          "format version 1 directory", Data(meta={"format_version": 1, "dtype": None, "max_id": None},
+                                             val=lambda b: b[:-2] + tokens([300]))))
 
     # fine-tuning (docs/fine-tuning.md): train.init_from, train.freeze, LoRA, merge-lora
     one_layer = {"data.path": "{chardata}", "model.n_layer": 1}
@@ -464,14 +470,29 @@ def _rows() -> list[Row]:
           sets=["model.lora_rank=2", "model.lora_targets=[]"]))
     add(T("lora-rank-above-n_embd", "config field model.lora_rank: expected 0 (off) or an integer in [1, "
           "model.n_embd=32], got 33", sets=["model.lora_rank=33"]))
-    add(Row("merge-lora-without-lora", "merge-lora {ckpt} --out m.h5", "has no LoRA adapters (model.lora_rank = 0)"))
+    # merge-lora at 2 ranks is refused first, whatever its arguments (merge-lora-on-two-ranks below)
+    add(Row("merge-lora-without-lora", "merge-lora {ckpt} --out m.h5", "has no LoRA adapters (model.lora_rank = 0)",
+            ranks=(1,)))
     add(Row("merge-lora-out-dir-missing", "merge-lora {ckpt} --out nodir/m.h5",
-            "merge-lora --out nodir/m.h5: directory nodir does not exist"))
+            "merge-lora --out nodir/m.h5: directory nodir does not exist", ranks=(1,)))
     add(Row("merge-lora-out-is-a-directory", "merge-lora {ckpt} --out outdir", "merge-lora --out outdir: is a "
-            "directory", {"outdir": Empty()}))
-    add(Row("merge-lora-missing", "merge-lora ck.h5 --out m.h5", "ck.h5: checkpoint file does not exist"))
+            "directory", {"outdir": Empty()}, ranks=(1,)))
+    add(Row("merge-lora-missing", "merge-lora ck.h5 --out m.h5", "ck.h5: checkpoint file does not exist", ranks=(1,)))
     add(Row("merge-lora-corrupt", "merge-lora ck.h5 --out m.h5", "ck.h5: checksum mismatch in dataset",
-            {"ck.h5": Ckpt("corrupt")}))
+            {"ck.h5": Ckpt("corrupt")}, ranks=(1,)))
+    add(T("freeze-everything", "config field train.freeze: ['*'] freezes every parameter: nothing left to train",
+          sets=["train.freeze=*"]))
+    add(T("lora-freeze-every-adapter", "config field train.freeze: ['h.*.lora_A', 'h.*.lora_B'] freezes every "
+          "parameter (model.lora_rank > 0 freezes the base: these patterns also cover every LoRA adapter)",
+          sets=["model.lora_rank=2", "train.freeze=h.*.lora_A,h.*.lora_B"]))
+    # every rank would write the same file: refused alike on each (only a 2-rank run can show it); import-gpt2 after
+    # its inputs' checks (the hf-* rows keep their errors at 2 ranks)
+    add(Row("merge-lora-on-two-ranks", "merge-lora {ckpt} --out m.h5",
+            "hpc-llm merge-lora runs on one process, got 2 ranks: run it without mpiexec", ranks=(2,)))
+    add(Row("import-gpt2-on-two-ranks", "import-gpt2 {hf} --out out.h5",
+            "hpc-llm import-gpt2 runs on one process, got 2 ranks: run it without mpiexec", ranks=(2,)))
+    add(Row("import-gpt2-on-two-ranks-new-dir", "import-gpt2 {hf} --out newdir/out.h5",
+            "hpc-llm import-gpt2 runs on one process, got 2 ranks", ranks=(2,)))  # newdir is not created
 
     # --resume: a checkpoint missing, empty, truncated, not HDF5, another program's, corrupt, or of another model
     for kind, expect in (("missing", "ck.h5: checkpoint file does not exist"),
@@ -573,7 +594,7 @@ def _rows() -> list[Row]:
     add(Row("generate-set-other-key", "generate {run} --set train.lr=1",
             "--set train.lr: `hpc-llm generate` takes only parallel.tp"))
     add(Row("eval-data-missing", "eval {run} --data nope", "data directory 'nope' does not exist"))
-    add(Row("eval-other-tokenizer", "eval {run} --data {data}", "tokenized with (tokenizer 'byte'"))
+    add(Row("eval-other-tokenizer", "eval {run} --data {data}", "data has the byte tokenizer, vocab 256"))
     add(Row("eval-split-unknown", "eval {run} --data {chardata} --split test", "argument --split: invalid choice"))
     add(Row("eval-batch-size-zero", "eval {run} --data {chardata} --batch-size 0",
             "--batch-size: expected a positive integer, got 0"))
@@ -623,6 +644,14 @@ def _rows() -> list[Row]:
             "tokenizer directory 'notokdir' does not exist", text))
     add(Row("prepare-tokenizer-json-broken", "prepare in.txt --tokenizer-dir tokdir --out tok",
             "tokdir/tokenizer.json: not a readable tokenizers JSON file", {**text, "tokdir/tokenizer.json": "{not"}))
+    import tokenizers  # a SentencePiece-style tokenizer (Metaspace): its "▁" would be added again at every cut
+
+    spm = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<unk>": 0, "▁": 1, "h": 2}, merges=[], unk_token="<unk>"))
+    spm.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    add(Row("prepare-tokenizer-not-byte-level", "prepare in.txt --tokenizer-dir tokdir --out tok",
+            "tokdir/tokenizer.json: pre-tokenizer Metaspace is not byte-level (expected ByteLevel, or Split parts then "
+            "ByteLevel); hpc_llm streams the corpus in pieces and supports byte-level BPE tokenizers only",
+            {**text, "tokdir/tokenizer.json": spm.to_str()}))
     add(Row("prepare-gpt2-without-dir", "prepare in.txt --tokenizer gpt2 --out tok",
             "--tokenizer gpt2 goes with --tokenizer-dir DIR", text))
     add(Row("prepare-tokenizer-dir-with-char", "prepare in.txt --tokenizer char --tokenizer-dir tokdir --out tok",
@@ -677,8 +706,9 @@ def _rows() -> list[Row]:
     add(Row("hf-weights-missing-tensor", "import-gpt2 hf --out out.h5", "missing tensor transformer.ln_f.weight",
             {"hf": Hf(weights=("drop", "transformer.ln_f.weight"))}))
     add(Row("hf-out-is-a-directory", "import-gpt2 {hf} --out outdir", "outdir: is a directory", {"outdir": Empty()}))
+    # at 2 ranks the refusal to run under mpiexec comes first: nothing is created
     add(Row("hf-out-parent-is-a-file", "import-gpt2 {hf} --out notes.txt/out.h5", "notes.txt/out.h5: cannot create",
-            {"notes.txt": "notes\n"}))
+            {"notes.txt": "notes\n"}, ranks=(1,)))
     from hpc_llm.tokenizer import BPETokenizer
 
     bpe = BPETokenizer.train(iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300)  # 256 bytes + merges

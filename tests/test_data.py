@@ -258,6 +258,37 @@ def test_tokendata_version_1_reads_as_uint16(prepared):
     np.testing.assert_array_equal(data.split("train"), np.fromfile(prepared / "train.bin", dtype="<u2"))
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_tokendata_version_1_ids_checked_at_start_up(prepared, monkeypatch, split):
+    """Version 1 records no max_id: opening one reads each split once, in chunks (here 7 ids, so the bad id sits in
+    a later chunk than the first), and an id beyond the vocabulary is a UserError naming the file."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    meta["format_version"] = 1
+    del meta["dtype"], meta["max_id"]
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(TokenData, "SCAN_CHUNK", 7)
+    TokenData(prepared)  # the intact files pass
+    path = prepared / f"{split}.bin"
+    ids = np.fromfile(path, dtype="<u2")
+    assert len(ids) > 3 * 7
+    ids[-2] = 300
+    ids.tofile(path)
+    with pytest.raises(UserError, match=rf"{split}.bin: contains token id 300, but vocab_size in meta.json is 256 "
+                                        r"\(a format version 1 directory"):
+        TokenData(prepared)
+    # version 2 trusts its max_id and reads nothing (test_tokendata_does_not_scan_the_file)
+    (prepared / "meta.json").write_text(json.dumps({**meta, "format_version": 2, "max_id": 255}))
+    assert len(TokenData(prepared).split(split)) == len(ids)
+
+
+def test_tokendata_max_id_negative(prepared):
+    """prepare refuses a corpus with an empty split, so it never writes a max_id below 0."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps({**meta, "max_id": -1}))
+    with pytest.raises(UserError, match="field 'max_id' is -1, expected a non-negative integer"):
+        TokenData(prepared)
+
+
 def test_tokendata_dtype_checked(prepared):
     meta = json.loads((prepared / "meta.json").read_text())
     for dtype, match in (("int8", "field \"dtype\" is 'int8'"), ("uint32", "train.bin: .* bytes, expected")):

@@ -86,6 +86,22 @@ def test_batched_prompts_equal_unbatched(monkeypatch, max_new):
     assert [r["tokens"] for r in results] == [list(t) for t in one_by_one]
 
 
+def test_kv_pool_holds_one_buffer():
+    """Rows overflowing block_size at different steps (2 rows at once, then single rows) rebuild in caches of
+    several row counts; afterwards the model's pool holds one buffer, the size of the whole batch's cache, and a
+    smaller batch runs in that same buffer."""
+    model = random_model(SHAPE, "float64", seed=3, pos_scale=6.0)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, SHAPE[4], size=n) for n in (1, 7, 3, 16, 20, 12)]
+    G.generate_batch(model, prompts, 30, temperature=0)
+    pool = model._kv_pool
+    assert len(pool) == 1, {k: v.shape for k, v in pool.items()}
+    (buf,) = pool.values()
+    assert buf.size == KVCache(model, len(prompts)).kv.size
+    G.generate_batch(model, prompts[:2], 30, temperature=0)
+    assert len(pool) == 1 and next(iter(pool.values())) is buf
+
+
 def test_cache_rows_have_their_own_lengths():
     """forward_cached with per-row lengths: each row's logits equal a full forward over that row's tokens alone,
     and padding written beyond a row's length is never read (a stale cache entry is overwritten first)."""
@@ -174,26 +190,34 @@ def tp_pair(tp: int, shape=SHAPE, dtype="float64"):
 
 
 @pytest.mark.parallel(nprocs=[2, 4])
-def test_tp_generation_equals_single_process():
+def test_tp_generation_equals_single_process(monkeypatch):
+    """Every decoding step's logits (the vocabulary slices gathered here) equal the single process's within 1e-10,
+    through the rows' block_size overflows (prompts 2, 9, 5 + 24 tokens, block 16), and so do the tokens."""
     bad = []
     size = MPI.COMM_WORLD.Get_size()
     model, ref = tp_pair(size)
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, SHAPE[4], size=n) for n in (2, 9, 5)]
+    seen = record_logits(monkeypatch)
     for kw in (dict(temperature=0), dict(temperature=0.8), dict(temperature=1.5, top_k=5),
                dict(temperature=1.2, top_p=0.8), dict(temperature=2.0, top_k=12, top_p=0.6)):
+        seen.clear()
         got = G.generate_batch(model, prompts, 24, seed=2, **kw)
+        local = np.stack(seen)  # (steps, B, this rank's slice)
+        seen.clear()
         want = G.generate_batch(ref, prompts, 24, seed=2, **kw)
         if not all(np.array_equal(a, b) for a, b in zip(got, want)):
             bad.append(f"tp {size} {kw}: tokens {got} != single process {want}")
-    # the logits: the split slices gathered equal the single process's
-    idx = np.array([list(p[:2]) for p in prompts])
-    cache, rcache = KVCache(model, 3), KVCache(ref, 3)
-    local = model.forward_cached(idx, cache, last=True, split=True)
-    full = np.concatenate(list(model.tp.allgather(local)), axis=1)[:, :SHAPE[4]]
-    want = ref.forward_cached(idx, rcache, last=True)
-    if not np.abs(full - want).max() <= 1e-10:
-        bad.append(f"tp {size} logits differ by {np.abs(full - want).max():.2e}")
+        full = np.concatenate(list(model.tp.allgather(local)), axis=-1)  # (steps, B, padded vocabulary)
+        steps = np.stack(seen)
+        if full.shape != steps.shape or full.shape[0] != 24:
+            bad.append(f"tp {size} {kw}: logits of shape {full.shape}, single process {steps.shape}")
+            continue
+        err = np.abs(full[..., :SHAPE[4]] - steps[..., :SHAPE[4]]).max()
+        if not err <= 1e-10:
+            bad.append(f"tp {size} {kw}: logits differ by {err:.2e}")
+        if not np.all(np.isneginf(full[..., SHAPE[4]:])):
+            bad.append(f"tp {size} {kw}: the padded vocabulary is not -inf")
     check(not bad, "\n".join(bad))
 
 
@@ -218,6 +242,12 @@ def test_sharded_candidates_equal_full_vocabulary():
         got = G._top_k_threshold(mine, k, comm)
         if not np.array_equal(got, np.sort(z, axis=1)[:, -k]):
             bad.append(f"top_k {k} threshold")
+    # greedy ties: within a shard and across shards (columns 5, 7 on the first rank, 40 and 63 on later ones)
+    tied = z.copy()
+    tied[0::3, [40, 63]] = tied[1::3, [5, 7, 40]] = tied[2::3, [7, 40]] = z.max() + 1
+    got = G._greedy(tied[:, comm.rank * Vl:(comm.rank + 1) * Vl], comm.rank * Vl, comm)
+    if not np.array_equal(got, tied.argmax(axis=1)):
+        bad.append(f"greedy ties: {got} != the lowest index {tied.argmax(axis=1)}")
     check(not bad, "\n".join(bad))
 
 
@@ -268,6 +298,27 @@ def test_tp_eval_equals_single_process():
     tokens = np.random.default_rng(3).integers(0, SHAPE[4], size=16 * 5 + 7)
     got, want = evaluate(model, tokens, batch_size=2), evaluate(ref, tokens, batch_size=2)
     check(abs(got["loss"] - want["loss"]) <= 1e-10 * abs(want["loss"]), f"{got} != {want}")
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_dp_eval_equals_single_process():
+    """eval dealt over dp replicas (2 ranks: dp 2; 4 ranks: dp 4 and dp 2 x tp 2): every rank gets the one-process
+    result, the loss within 1e-12 (float64 sums in another order), the counts exact. 6 batches of 2 windows and
+    the short tail: replicas run different numbers of batches."""
+    size = MPI.COMM_WORLD.Get_size()
+    tokens = np.random.default_rng(3).integers(0, SHAPE[4], size=16 * 11 + 7)
+    bad = []
+    for tp in (1, 2) if size == 4 else (1,):
+        model, ref = tp_pair(tp)
+        grid = make_grid(MPI.COMM_WORLD, tp)  # the same split as tp_pair's: its dp group
+        for max_batches in (None, 3):
+            got = evaluate(model, tokens, batch_size=2, max_batches=max_batches, dp_comm=grid.dp_comm)
+            want = evaluate(ref, tokens, batch_size=2, max_batches=max_batches)
+            if not (abs(got["loss"] - want["loss"]) <= 1e-12 * abs(want["loss"])
+                    and {k: got[k] for k in ("tokens", "windows", "batches")}
+                    == {k: want[k] for k in ("tokens", "windows", "batches")}):
+                bad.append(f"dp {grid.dp} x tp {tp}, max_batches {max_batches}: {got} != {want}")
+    check(not bad, "\n".join(bad))
 
 
 # -- int8 ------------------------------------------------------------------------------------------------------------
@@ -326,6 +377,17 @@ def test_quantize_refuses_float64():
 
 
 # -- eval ------------------------------------------------------------------------------------------------------------
+
+
+def test_layout_from_sets():
+    """eval: tp divides the ranks (dp = ranks / tp); generate: tp is the number of ranks."""
+    assert G.tp_from_sets([], 4, "eval", data_parallel=True) == 4
+    assert G.tp_from_sets(["parallel.tp=2"], 4, "eval", data_parallel=True) == 2
+    assert G.tp_from_sets(["parallel.tp=1"], 4, "eval", data_parallel=True) == 1
+    with pytest.raises(UserError, match=r"^parallel.tp=3 but 4 rank\(s\): `hpc-llm eval` runs dp x tp ranks"):
+        G.tp_from_sets(["parallel.tp=3"], 4, "eval", data_parallel=True)
+    with pytest.raises(UserError, match=r"^parallel.tp=2 but 4 rank\(s\): `hpc-llm generate` runs one"):
+        G.tp_from_sets(["parallel.tp=2"], 4)
 
 
 def test_eval_windows_cover_every_prediction_once():
@@ -419,3 +481,8 @@ def test_cli_eval_tp2_equals_tp1(char_run):
     assert one["tokens"] == two["tokens"] == 3 * 8 * 16 and two["tp"] == 2
     assert abs(one["loss"] - two["loss"]) <= 1e-10 * one["loss"]
     assert math.isclose(one["perplexity"], math.exp(one["loss"]))
+    # data parallel: 2 replicas of the whole model, batches 0 and 2 on one, 1 on the other
+    dp = json.loads(run([mpiexec(), "--oversubscribe", "-n", "2", sys.executable, *cmd, "--set",
+                         "parallel.tp=1"]).splitlines()[-1])
+    assert dp["tp"] == 1 and dp["dp"] == 2 and one["dp"] == 1 and dp["tokens"] == one["tokens"]
+    assert abs(one["loss"] - dp["loss"]) <= 1e-12 * one["loss"]

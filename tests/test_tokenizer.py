@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers  # a required dependency (setup.cfg): missing, these tests fail rather than skip
 
-tokenizers = pytest.importorskip("tokenizers")
-
-from hpc_llm import data as D  # noqa: E402
-from hpc_llm.data import TokenData, get_batch, prepare  # noqa: E402
-from hpc_llm.errors import UserError  # noqa: E402
-from hpc_llm.tokenizer import BPETokenizer, tokenizer_from_meta  # noqa: E402
+from hpc_llm import data as D
+from hpc_llm.data import TokenData, get_batch, prepare
+from hpc_llm.errors import UserError
+from hpc_llm.tokenizer import BPETokenizer, check_same_tokenizer, tokenizer_from_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,6 +183,130 @@ def test_prepare_with_gpt2_tokenizer_dir(bpe, tmp_path, kind):
                                                                                    tok.sha256)
     # MULTILINGUAL's line ends are not all between visible ASCII: pieces cut only where the encoding is unchanged
     assert all_ids(tmp_path / "out").tolist() == tok.encode(MULTILINGUAL * 4).tolist()
+
+
+# Llama 3's pre-tokenizer regex (a Split before a ByteLevel without its own regex)
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_byte_level(regex: str, behavior: str = "isolated"):
+    pt = tokenizers.pre_tokenizers
+    return pt.Sequence([pt.Split(tokenizers.Regex(regex), behavior),
+                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def test_prepare_refuses_a_metaspace_tokenizer(tmp_path):
+    """A SentencePiece-style tokenizer.json (Metaspace) adds "▁" at the start of every string it encodes: encoded
+    piece by piece, the corpus would get one at every cut. prepare refuses it in one line, before writing anything."""
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "c": 4, "d": 5, "\n": 6}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    whole = tok.encode("ab\ncd", add_special_tokens=False).ids
+    pieces = tok.encode("ab\n", add_special_tokens=False).ids + tok.encode("cd", add_special_tokens=False).ids
+    assert whole == [1, 2, 3, 6, 4, 5] and pieces == [1, 2, 3, 6, 1, 4, 5]  # the wrong tokens prepare would write
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "in.txt").write_text("ab\ncd\n" * 200)
+    expect = (r"tok/tokenizer.json: pre-tokenizer Metaspace is not byte-level .*; hpc_llm streams the corpus in "
+              r"pieces and supports byte-level BPE tokenizers only$")
+    with pytest.raises(UserError, match=expect) as e:
+        prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=tmp_path / "tok",
+                piece_bytes=100)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_streaming_problem_accepts_byte_level_bpe_only(bpe):
+    """What --tokenizer-dir accepts: a BPE model, a byte-level pre-tokenizer without a prefix space that splits
+    after every "x\\ny", a normalizer that adds no text (none or NFC). Anything else is named."""
+    tk, pt, nm = tokenizers, tokenizers.pre_tokenizers, tokenizers.normalizers
+
+    def problem(pre, normalizer=None, model=None):
+        tok = tk.Tokenizer(model or tk.models.BPE(vocab={"a": 0}, merges=[]))
+        if pre is not None:
+            tok.pre_tokenizer = pre
+        if normalizer is not None:
+            tok.normalizer = normalizer
+        return BPETokenizer(tok, "gpt2-bpe").streaming_problem()
+
+    assert bpe.streaming_problem() is None  # GPT-2's recipe (hpc_llm's trained BPE uses it)
+    assert problem(_split_then_byte_level(LLAMA3_REGEX), nm.NFC()) is None  # Llama 3 / Qwen 2 style
+    for args, match in (
+            ((pt.Metaspace(),), "pre-tokenizer Metaspace is not byte-level"),
+            ((None,), "pre-tokenizer none is not byte-level"),
+            ((pt.Sequence([pt.ByteLevel(add_prefix_space=False), pt.Digits()]),), r"ByteLevel\+Digits is not"),
+            ((pt.ByteLevel(add_prefix_space=True),), "add_prefix_space true"),
+            ((pt.ByteLevel(add_prefix_space=False), nm.Sequence([nm.Prepend("▁")])), "normalizer Prepend is not"),
+            ((pt.ByteLevel(add_prefix_space=False), nm.Lowercase()), "normalizer Lowercase is not supported"),
+            ((_split_then_byte_level(" ", "merged_with_next"),), "behavior MergedWithNext"),
+            ((pt.ByteLevel(add_prefix_space=False, use_regex=False),), r"does not split after the line break in"),
+            ((_split_then_byte_level(r"[^ ]+"),), r"does not split after the line break in 'a\\na'"),
+            ((pt.ByteLevel(add_prefix_space=False), None, tk.models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")),
+             "model WordPiece is not BPE")):
+        assert re.search(match, problem(*args) or ""), (args, problem(*args))
+
+
+def test_prepare_with_a_split_then_byte_level_tokenizer(tmp_path, corpus_text):
+    """A Llama-3-style pre-tokenizer (Split regex, then ByteLevel) with an NFC normalizer is accepted, and the
+    pieces' encoding is the whole file's."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = _split_then_byte_level(LLAMA3_REGEX)
+    tok.normalizer = tokenizers.normalizers.NFC()
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(corpus_text.splitlines(keepends=True), tokenizers.trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    text = word_text(300, seed=3) + MULTILINGUAL * 4
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=tmp_path / "tok", piece_bytes=300)
+    assert len(D._plan([tmp_path / "in.txt"], 300)) > 20
+    assert all_ids(tmp_path / "out").tolist() == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_check_same_tokenizer(bpe):
+    """The one comparison train (resume, init_from) and eval make: by (name, vocab_size, sha256) for BPE, the whole
+    meta otherwise; an ids-only gpt2-bpe import only warns; a checkpoint recording no tokenizer is not checked."""
+    byte = {"tokenizer": "byte", "vocab_size": 256}
+    char = {"tokenizer": "char", "vocab_size": 3, "chars": "abc"}
+    gpt2 = {**bpe.meta(), "tokenizer": "gpt2-bpe"}
+    assert check_same_tokenizer(byte, dict(byte), "checkpoint c.h5", "data.path=d") is None
+    assert check_same_tokenizer(None, byte, "checkpoint c.h5", "data.path=d") is None
+    # the same BPE without its long JSON compares equal: the sha256 identifies it
+    assert check_same_tokenizer(bpe.meta(), {**bpe.meta(), "tokenizer_json": "x"}, "c", "d") is None
+    for theirs, mine, match in (
+            (byte, char, "checkpoint c.h5 was trained on data with the byte tokenizer, vocab 256, but data.path=d "
+                         "has the char tokenizer, vocab 3, 3 chars 'abc'..."),
+            (char, {**char, "chars": "abd"}, "the char tokenizer, vocab 3, 3 chars 'abc'..., but data.path=d has the "
+                                             "char tokenizer, vocab 3, 3 chars 'abd'"),
+            (gpt2, bpe.meta(), f"the gpt2-bpe tokenizer, vocab 400, sha256 {bpe.sha256[:12]}, but data.path=d has "
+                               f"the bpe tokenizer, vocab 400, sha256 {bpe.sha256[:12]}")):
+        with pytest.raises(UserError) as e:
+            check_same_tokenizer(theirs, mine, "checkpoint c.h5", "data.path=d")
+        assert match in str(e.value) and "\n" not in str(e.value)
+    warning = check_same_tokenizer({"tokenizer": "gpt2-bpe", "vocab_size": 400}, char, "checkpoint c.h5", "--data d")
+    assert warning == ("checkpoint c.h5 was trained on gpt2-bpe tokens, which hpc_llm cannot check against --data d "
+                       "(char tokenizer): its ids must mean the same tokens")
+
+
+def test_eval_open_split_checks_the_tokenizer_as_train_does(tmp_path, caplog):
+    """eval's open_split uses the same check: an ids-only gpt2-bpe import warns and evaluates (it used to be refused:
+    its meta differs from any data's), another tokenizer is refused naming both."""
+    from types import SimpleNamespace
+
+    from hpc_llm.evaluate import open_split
+
+    (tmp_path / "in.txt").write_text("hello world\n" * 20)
+    prepare([tmp_path / "in.txt"], tmp_path / "data")
+    ids_only = SimpleNamespace(path="g.h5", state={"tokenizer": {"tokenizer": "gpt2-bpe", "vocab_size": 256}})
+    with caplog.at_level("WARNING", logger="hpc_llm.evaluate"):
+        tokens = open_split(ids_only, tmp_path / "data", "val")
+    assert len(tokens) == TokenData(tmp_path / "data").meta["n_val"]
+    assert "checkpoint g.h5 was trained on gpt2-bpe tokens, which hpc_llm cannot check against --data" in caplog.text
+    char = SimpleNamespace(path="c.h5", state={"tokenizer": {"tokenizer": "char", "vocab_size": 3, "chars": "abc"}})
+    with pytest.raises(UserError, match=r"checkpoint c.h5 was trained on data with the char tokenizer, vocab 3, .*, "
+                                        r"but --data .*data has the byte tokenizer, vocab 256$"):
+        open_split(char, tmp_path / "data", "val")
 
 
 def test_prepare_bpe_options_checked(tmp_path):

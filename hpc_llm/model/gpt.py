@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpc_llm.backend import to_device, to_host
-from hpc_llm.config import ModelConfig
+from hpc_llm.config import LORA_TARGETS, ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
@@ -129,9 +129,9 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
     return specs
 
 
-# each LoRA target: (input features, output features, the weight's tp_axis, its tp_blocks), in units of n_embd
-LORA_LAYERS = {"attn.c_attn": (1, 3, 1, 3), "attn.c_proj": (1, 1, 0, 1), "mlp.c_fc": (1, 4, 1, 1),
-               "mlp.c_proj": (4, 1, 0, 1)}
+# each LoRA target (config.LORA_TARGETS, its canonical order; config cannot import this module: a cycle): (input
+# features, output features, the weight's tp_axis, its tp_blocks), in units of n_embd
+LORA_LAYERS = dict(zip(LORA_TARGETS, ((1, 3, 1, 3), (1, 1, 0, 1), (1, 4, 1, 1), (4, 1, 0, 1)), strict=True))
 
 
 def _lora_rows(cfg: ModelConfig, prefix: str) -> list[tuple]:
@@ -197,23 +197,32 @@ class KVCache:
     length (rows of a batch of prompts of different lengths fill their caches at their own pace)."""
 
     def __init__(self, model: "GPT", batch: int, reuse: bool = False):
-        """reuse: take the buffer from the model's pool of released ones (`release()` gives it back), not fresh
-        memory: first touching hundreds of MB of new pages costs more than a GPT-2 small prefill's attention
-        (docs/performance.md, issue 14). A reused buffer holds stale keys and values beyond each row's length,
-        which are never read: a query sees only the positions up to its own, all written for this sequence."""
+        """reuse: take the memory from the model's pool (`release()` gives it back), not fresh memory: first
+        touching hundreds of MB of new pages costs more than a GPT-2 small prefill's attention (docs/performance.md,
+        issue 14). The pool keeps one flat buffer per dtype, the largest released, and a cache of any batch is a
+        view of its first elements: caches of many sizes (generate's rebuilt rows, a last smaller batch) pin no more
+        than the largest of them. A reused buffer holds stale keys and values beyond each row's length, which are
+        never read: a query sees only the positions up to its own, all written for this sequence."""
         cfg = model.cfg
         hd = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, 2, batch, model.heads, cfg.block_size, hd)
+        dtype, size = np.dtype(model.dtype), math.prod(shape)
         self._pool = model.__dict__.setdefault("_kv_pool", {}) if reuse else None
-        free = self._pool.pop((shape, np.dtype(model.dtype).str), None) if reuse else None
-        self.kv = free if free is not None else model.xp.zeros(shape, dtype=model.dtype)
+        free = self._pool.pop(dtype.str, None) if reuse else None
+        if free is not None and free.size < size:
+            free = None  # too small: freed before the larger one is allocated (which replaces it on release)
+        self._buf = free if free is not None else model.xp.zeros(size, dtype=dtype)
+        self.kv = self._buf[:size].reshape(shape)
         self.lengths = np.zeros(batch, dtype=np.int64)
 
     def release(self) -> None:
-        """Give a reused buffer back to the model's pool (one kept per shape); the cache is unusable after."""
-        if self._pool is not None and self.kv is not None:
-            self._pool[(self.kv.shape, self.kv.dtype.str)] = self.kv
-        self.kv = None
+        """Give a reused buffer back to the model's pool, unless it holds a larger one; the cache is unusable
+        after."""
+        if self._pool is not None and self._buf is not None:
+            held = self._pool.get(self._buf.dtype.str)
+            if held is None or held.size < self._buf.size:
+                self._pool[self._buf.dtype.str] = self._buf
+        self.kv = self._buf = None
 
     @property
     def length(self) -> int:
@@ -253,7 +262,7 @@ class GPT:
         self.specs = param_specs(cfg, self.tp.size, self.plan)
         self.spec = {s.name: s for s in self.specs}
         # not trained (LoRA's base, train.freeze): no optimizer state, no update, out of the gradient norm; their
-        # linear layers skip the weight gradient (modules.Block)
+        # linear layers skip the weight gradient (modules.Block), a frozen wte its head's and embedding's (_chunk)
         self.frozen = frozen_names(cfg, freeze)
         self.num_trainable = sum(math.prod(shape) for n, shape in self.logical.items() if n not in self.frozen)
         self.num_params = sum(math.prod(shape) for shape in self.logical.values())  # the whole model's
@@ -281,9 +290,13 @@ class GPT:
         cfg, tp = self.cfg, self.tp
         first, last = vstage == 0, vstage == self.plan.n_virtual - 1
         embedding = head = None
+        # a frozen token embedding gets no gradient (grad None, like Block's frozen linears): under LoRA the tied
+        # head's dW would be a full V x C GEMM per micro-batch; its gradient buffer stays zero, which nothing reads
+        # as trained (out of the optimizer's ranges and the norm). wpe's (a cheap sum) is computed, and ignored.
+        wte = Param(self.params["wte.weight"], None) if "wte.weight" in self.frozen else None
         if first:
-            embedding = Embedding(self._param("wte.weight"), self._param("wpe.weight"), self.v0, tp, cfg.dropout,
-                                  head_writes_wte=last)
+            embedding = Embedding(wte or self._param("wte.weight"), self._param("wpe.weight"), self.v0, tp,
+                                  cfg.dropout, head_writes_wte=last)
         blocks = []
         offsets = {}
         for i in self.plan.layers[vstage]:
@@ -294,8 +307,8 @@ class GPT:
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
         if last:
             ln_f_bias = self._param("ln_f.bias") if cfg.bias else L.NO_PARAM
-            head = Head(self._param("ln_f.weight"), ln_f_bias, self._param("wte.weight"), self.v0, cfg.vocab_size, tp,
-                        self.prec)
+            head = Head(self._param("ln_f.weight"), ln_f_bias, wte or self._param("wte.weight"), self.v0,
+                        cfg.vocab_size, tp, self.prec)
             offsets["head"] = self.spec["ln_f.weight"].offset
         return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)
 

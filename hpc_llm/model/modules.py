@@ -52,6 +52,9 @@ class Embedding:
         idx, mask = cache
         if mask is not None:
             L.dropout_backward(dx, mask)
+        if self.wte.grad is None:  # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
+            L.position_embedding_backward(dx, self.wpe.grad, accumulate)
+            return
         TP.vocab_parallel_embedding_backward(dx, idx, self.v0, self.wte.grad, self.wpe.grad, accumulate, self.tp,
                                              accumulate_wte=accumulate or self.head_writes_wte)
 
@@ -167,7 +170,8 @@ class Head:
         lnf, xf2, ce, shape = cache
         dlogits = self.prec.round_(TP.vocab_parallel_cross_entropy_backward(ce, loss_scale))
         xf2 = self.prec.use(xf2, dlogits.dtype)
-        L._matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)  # tied: wte's gradient gets the head's share
+        if self.wte.grad is not None:  # None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
+            L._matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)  # tied: wte's gradient gets the head's share
         dx = TP.copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
         del dlogits, ce
         return self.ln_f.backward(dx, lnf, accumulate)
