@@ -91,10 +91,10 @@ def model_from_file(saved: ckpt.CheckpointFile, backend: str = "numpy", dtype: s
 def load_tokenizer(path):
     """The tokenizer the checkpoint's model was trained with."""
     with open_checkpoint(path) as saved:
-        return _tokenizer(saved)
+        return tokenizer_of(saved)
 
 
-def _tokenizer(saved: ckpt.Checkpoint):
+def tokenizer_of(saved: ckpt.Checkpoint):
     from hpc_llm.tokenizer import tokenizer_from_meta
 
     meta = saved.state.get("tokenizer")

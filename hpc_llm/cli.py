@@ -77,7 +77,7 @@ def _train(args) -> None:
 
 
 def _generate(args) -> None:
-    from hpc_llm.api import _tokenizer, model_from_file, open_checkpoint
+    from hpc_llm.api import model_from_file, open_checkpoint, tokenizer_of
     from hpc_llm.generate import check_options, generate_prompts, read_prompts, tp_from_sets
     from hpc_llm.parallel.comm import world_comm
     from hpc_llm.parallel.grid import world_grid
@@ -99,7 +99,7 @@ def _generate(args) -> None:
         texts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt or "\n"]
         saved = open_checkpoint(args.checkpoint)
         try:
-            tok = _tokenizer(saved)
+            tok = tokenizer_of(saved)
             ids = []
             for i, text in enumerate(texts, 1):
                 try:

@@ -246,7 +246,8 @@ def _write_bf16_and_f16(path: Path, tensors: dict) -> dict:
     return exact
 
 
-def test_half_precision_tensors_are_converted(tmp_path):
+def _half_precision_dir_read_exactly(tmp_path):
+    """A directory of bf16 and fp16 tensors; read_gpt2_dir gives their float32 values exactly. -> (dir, exact)."""
     tensors = hf_tensors(seed=5, buffers=False, head=False)
     d = tmp_path / "half"
     d.mkdir()
@@ -255,6 +256,11 @@ def test_half_precision_tensors_are_converted(tmp_path):
     _, params = read_gpt2_dir(d)
     np.testing.assert_array_equal(params["wte.weight"][:VOCAB], exact["transformer.wte.weight"])
     np.testing.assert_array_equal(params["h.0.ln_1.bias"], exact["transformer.h.0.ln_1.bias"])
+    return d, exact
+
+
+def test_half_precision_tensors_are_converted(tmp_path):
+    d, exact = _half_precision_dir_read_exactly(tmp_path)
     out = import_gpt2(d, tmp_path / "half.h5")
     idx = token_ids(seed=6, batch=2)
     assert rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(exact, idx)) < 1e-10
@@ -265,14 +271,7 @@ def test_bf16_tensors_when_ml_dtypes_is_loaded(tmp_path):
     ml_dtypes arrays (dtype kind V, not f) instead of failing: they are converted to float32 exactly all the same."""
     import ml_dtypes  # noqa: F401
 
-    tensors = hf_tensors(seed=5, buffers=False, head=False)
-    d = tmp_path / "half"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(hf_config()))
-    exact = _write_bf16_and_f16(d / "model.safetensors", tensors)
-    _, params = read_gpt2_dir(d)
-    np.testing.assert_array_equal(params["wte.weight"][:VOCAB], exact["transformer.wte.weight"])
-    np.testing.assert_array_equal(params["h.0.ln_1.bias"], exact["transformer.h.0.ln_1.bias"])
+    _half_precision_dir_read_exactly(tmp_path)
 
 
 def test_sharded_safetensors(tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 from test_generate import random_model
-from test_parallel import check
+from test_parallel import check, write_run_config
 
 import hpc_llm.generate as G
 from hpc_llm.errors import UserError
@@ -428,20 +428,8 @@ def char_run(tmp_path_factory, corpus_file):
 
     root = tmp_path_factory.mktemp("inference")
     prepare([corpus_file], root / "data", tokenizer="char")
-    (root / "cfg.toml").write_text(f"""
-[model]
-n_layer = 2
-n_head = 4
-n_embd = 32
-block_size = 16
-[data]
-path = "{root / 'data'}"
-[train]
-batch_size = 4
-max_iters = 3
-out_dir = "{root / 'run'}"
-""")
-    run([sys.executable, "-m", "hpc_llm", "train", str(root / "cfg.toml")])
+    write_run_config(root / "cfg.toml", root / "data", root / "run")
+    run([sys.executable, "-m", "hpc_llm", "train", str(root / "cfg.toml"), "--set", "train.max_iters=3"])
     return root
 
 
