@@ -1,10 +1,10 @@
 """The Python API for scripts and notebooks: a checkpoint in, a model (and its tokenizer) out.
 
-    import hpc_llm
-    model = hpc_llm.load_model("runs/default/ckpt_00002000.h5")
-    tok = hpc_llm.load_tokenizer("runs/default/ckpt_00002000.h5")
-    logits = model.logits(tok.encode("To be")[None])          # (1, T, vocab)
-    grads = model.gradients(x, y)                            # {"h.0.attn.c_attn.weight": array, ...}
+import hpc_llm
+model = hpc_llm.load_model("runs/default/ckpt_00002000.h5")
+tok = hpc_llm.load_tokenizer("runs/default/ckpt_00002000.h5")
+logits = model.logits(tok.encode("To be")[None])          # (1, T, vocab)
+grads = model.gradients(x, y)                            # {"h.0.attn.c_attn.weight": array, ...}
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def load_model(path, backend: str = "numpy", dtype: str | None = None, quantize: str | None = None,
-               tp_comm: Comm | None = None) -> GPT:
+def load_model(
+    path,
+    backend: str = "numpy",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    tp_comm: Comm | None = None,
+) -> GPT:
     """The model stored in a checkpoint (its parameters checksum-verified) or a run directory's newest one;
     dtype="float64" gives a float64 copy for analysis; quantize="int8" int8 weights (hpc_llm/quantize.py: a float32
     model for inference only). tp_comm: a tensor-parallel group (hpc_llm.parallel.grid), each of whose ranks calls
@@ -55,8 +60,14 @@ def model_config(saved, dtype: str | None = None):
     return cfg
 
 
-def model_from_file(saved: ckpt.CheckpointFile, backend: str = "numpy", dtype: str | None = None,
-                    quantize: str | None = None, tp_comm: Comm | None = None, agree: Comm | None = None) -> GPT:
+def model_from_file(
+    saved: ckpt.CheckpointFile,
+    backend: str = "numpy",
+    dtype: str | None = None,
+    quantize: str | None = None,
+    tp_comm: Comm | None = None,
+    agree: Comm | None = None,
+) -> GPT:
     """Build the model of an open checkpoint on this rank of `tp_comm` (none: one process): each rank reads only
     the hyperslabs of its shards and checksums its share of the file's datasets (as a resumed trainer does), the
     ranks agreeing on the verdict over `agree` (default: tp_comm); then int8-quantized if asked (each rank its
@@ -77,8 +88,12 @@ def model_from_file(saved: ckpt.CheckpointFile, backend: str = "numpy", dtype: s
 
     def read():
         saved.share(group.rank, group.size)
-        model.read_flat(model.flat, lambda name, index, out=None: saved.read("params", name, index, out),
-                        saved.shapes["params"], f"{saved.path} parameters")
+        model.read_flat(
+            model.flat,
+            lambda name, index, out=None: saved.read("params", name, index, out),
+            saved.shapes["params"],
+            f"{saved.path} parameters",
+        )
         saved.verify_share()
         model.refresh_compute()
 
@@ -99,12 +114,20 @@ def tokenizer_of(saved: ckpt.Checkpoint):
 
     meta = saved.state.get("tokenizer")
     # hpc_llm/gpt2_import.py from a directory without tokenizer files: ids only
-    if isinstance(meta, dict) and meta.get("tokenizer") == "gpt2-bpe" and "tokenizer_json" not in meta:
-        raise UserError(f"{saved.path}: imported GPT-2 weights, whose tokenizer (gpt2-bpe) hpc_llm does not "
-                        "include: the import directory had no tokenizer.json (or vocab.json + merges.txt); re-import "
-                        "with them, or tokenize with your own tool and use the Python API on token ids")
+    if (
+        isinstance(meta, dict)
+        and meta.get("tokenizer") == "gpt2-bpe"
+        and "tokenizer_json" not in meta
+    ):
+        raise UserError(
+            f"{saved.path}: imported GPT-2 weights, whose tokenizer (gpt2-bpe) hpc_llm does not "
+            "include: the import directory had no tokenizer.json (or vocab.json + merges.txt); re-import "
+            "with them, or tokenize with your own tool and use the Python API on token ids"
+        )
     try:
         return tokenizer_from_meta(meta if isinstance(meta, dict) else {})
     except UserError as e:  # its messages name meta.json, whose copy the checkpoint's state holds
-        raise UserError(f"{saved.path}: the tokenizer recorded in the checkpoint: "
-                        f"{str(e).removeprefix('meta.json: ')}") from None
+        raise UserError(
+            f"{saved.path}: the tokenizer recorded in the checkpoint: "
+            f"{str(e).removeprefix('meta.json: ')}"
+        ) from None

@@ -29,7 +29,9 @@ def get_backend(name: str):
         try:
             import cupy
         except ImportError:
-            raise UserError('train.backend = "cupy" but CuPy is not installed (pip install hpc_llm[gpu])') from None
+            raise UserError(
+                'train.backend = "cupy" but CuPy is not installed (pip install hpc_llm[gpu])'
+            ) from None
         return cupy
     raise UserError(f'train.backend: expected "numpy" or "cupy", got {name!r}')
 
@@ -63,5 +65,8 @@ def keep_freed_memory(keep: bool = True) -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
     if keep:
         return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    return (bool(mallopt(M_MMAP_MAX, 65536)) and bool(mallopt(M_TRIM_THRESHOLD, 128 * 1024))
-            and bool(mallopt(M_MMAP_THRESHOLD, 128 * 1024)))
+    return (
+        bool(mallopt(M_MMAP_MAX, 65536))
+        and bool(mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+        and bool(mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+    )

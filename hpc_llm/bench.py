@@ -27,10 +27,11 @@ def matmul_peak_flops(xp=np, dtype=np.float32, n: int = 2048, repeats: int = 3) 
         xp.matmul(a, b, out=out)
         synchronize(xp)
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 # -- `hpc-llm bench calibrate`: this machine's figures for the planner (hpc_llm/plan/cluster.py) -------------------
+
 
 def _best_time(fn, repeats: int) -> float:
     """The fastest of `repeats` timed calls after a warm-up: on a shared machine the slower ones measure the
@@ -52,10 +53,15 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9) -> dict:
     (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n."""
     rng = np.random.default_rng(0)
     out = {}
-    for d in GEMM_CLASSES * 2:  # twice round, the better of the two: a burst of load hits one class, not all
+    for d in (
+        GEMM_CLASSES * 2
+    ):  # twice round, the better of the two: a burst of load hits one class, not all
         rates = []
         for m, k, n in ((other, d, other), (d, other, other), (other, other, d)):
-            a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+            a, b = (
+                rng.standard_normal((m, k)).astype(dtype),
+                rng.standard_normal((k, n)).astype(dtype),
+            )
             o = np.empty((m, n), dtype)
             rates.append(2.0 * m * n * k / _best_time(lambda: np.matmul(a, b, out=o), repeats))
         out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
@@ -89,7 +95,10 @@ def cast_rates(n: int = 1 << 20) -> dict:
         return {}
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     rates = {}
-    for name, low in (("bfloat16", np.dtype(ml_dtypes.bfloat16)), ("float16", np.dtype(np.float16))):
+    for name, low in (
+        ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
+        ("float16", np.dtype(np.float16)),
+    ):
         y = x.astype(low)
         to = min(_best(lambda: x.astype(low)) for _ in range(2))
         back = min(_best(lambda: y.astype(np.float32)) for _ in range(2))
@@ -124,9 +133,18 @@ def elementwise_figures() -> dict:
     for nbytes in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26):
         x = np.ones((nbytes // 4 // ROW, ROW), np.float32)
         w = np.ones(ROW, np.float32)
-        bw[str(nbytes)] = PASS_MIX_ACCESSES * nbytes / _best_time(lambda: _pass_mix(x, w), 9 if nbytes < 1 << 24 else 5)
-    return {"call_s": call_s, "gemm_call_s": gemm_call_s, "transcendental_rate": trans, "scatter_rate": scatter,
-            "elementwise_bw": bw}
+        bw[str(nbytes)] = (
+            PASS_MIX_ACCESSES
+            * nbytes
+            / _best_time(lambda: _pass_mix(x, w), 9 if nbytes < 1 << 24 else 5)
+        )
+    return {
+        "call_s": call_s,
+        "gemm_call_s": gemm_call_s,
+        "transcendental_rate": trans,
+        "scatter_rate": scatter,
+        "elementwise_bw": bw,
+    }
 
 
 def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
@@ -195,9 +213,8 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     import os
     import platform
 
-    from hpc_llm.parallel.comm import world_comm
-
     import hpc_llm.train  # noqa: F401  (the libraries a training rank has loaded: its baseline memory)
+    from hpc_llm.parallel.comm import world_comm
 
     comm = world_comm()
     rss = 0
@@ -206,31 +223,49 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
     comm.barrier()
-    fig = {"gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)}, **elementwise_figures(),
-           "cast": cast_rates()}
+    fig = {
+        "gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)},
+        **elementwise_figures(),
+        "cast": cast_rates(),
+    }
     every = comm.allgather_objects(fig)
 
     def med(get):
         return float(np.median([get(f) for f in every]))
 
-    compute = {k: med(lambda f, k=k: f[k]) for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate")}
-    compute["elementwise_bw"] = {s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]}
-    compute["gemm"] = {dt: {d: med(lambda f, dt=dt, d=d: f["gemm"][dt][d]) for d in fig["gemm"][dt]}
-                       for dt in fig["gemm"]}
+    compute = {
+        k: med(lambda f, k=k: f[k])
+        for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate")
+    }
+    compute["elementwise_bw"] = {
+        s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]
+    }
+    compute["gemm"] = {
+        dt: {d: med(lambda f, dt=dt, d=d: f["gemm"][dt][d]) for d in fig["gemm"][dt]}
+        for dt in fig["gemm"]
+    }
     if fig["cast"]:
         compute["cast"] = {k: med(lambda f, k=k: f["cast"][k]) for k in fig["cast"]}
     devices = os.cpu_count() or 1
     with open("/proc/meminfo") as f:
         mem_total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     write_bw = write_bandwidth(out_dir) if comm.rank == 0 else 0.0
-    d = {"name": f"this machine ({platform.node()}, {devices} cores), measured by hpc-llm bench calibrate",
-         "node": {"devices": devices, "memory_bytes": mem_total // devices, "runtime_bytes": rss},
-         "compute": compute, "storage": {"write_bw": write_bw}}
-    notes = (f"measured on {comm.size} rank(s) at once; one device = one core running one rank "
-             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    d = {
+        "name": f"this machine ({platform.node()}, {devices} cores), measured by hpc-llm bench calibrate",
+        "node": {"devices": devices, "memory_bytes": mem_total // devices, "runtime_bytes": rss},
+        "compute": compute,
+        "storage": {"write_bw": write_bw},
+    }
+    notes = (
+        f"measured on {comm.size} rank(s) at once; one device = one core running one rank "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    )
     if comm.size >= 2:
         d["link"] = {"intra": link_figures(comm)}
     else:
         notes += "; no link figures: run under `mpiexec -n 2` to measure them"
-    d["sources"] = {"all": notes, "runtime_bytes": "VmRSS of the calibrating rank after importing hpc_llm"}
+    d["sources"] = {
+        "all": notes,
+        "runtime_bytes": "VmRSS of the calibrating rank after importing hpc_llm",
+    }
     return d, notes

@@ -51,15 +51,25 @@ import numpy as np
 
 from hpc_llm.errors import UserError
 
-COLLECTIVES = ("allreduce", "iallreduce", "allgather", "reduce_scatter", "allreduce_bf16", "allreduce_fp16")
+COLLECTIVES = (
+    "allreduce",
+    "iallreduce",
+    "allgather",
+    "reduce_scatter",
+    "allreduce_bf16",
+    "allreduce_fp16",
+)
 REDUCE16 = ("allreduce_bf16", "allreduce_fp16")
 COMMS = ("world", "tp", "dp")
-FLOOR_BYTES = 64 << 20  # the size at which the wrapper is held to the plain call (within FLOOR_TOLERANCE)
+FLOOR_BYTES = (
+    64 << 20
+)  # the size at which the wrapper is held to the plain call (within FLOOR_TOLERANCE)
 FLOOR_TOLERANCE = 1.05
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 # -- arithmetic (nccl-tests' definitions) ------------------------------------------------------------------------------
+
 
 def bus_factor(collective: str, n: int) -> float:
     """busbw / algbw for a collective over n ranks (nccl-tests' PERFORMANCE.md)."""
@@ -116,6 +126,7 @@ def human(nbytes: int) -> str:
 
 # -- measurement -------------------------------------------------------------------------------------------------------
 
+
 def _calls(comm, collective: str, buf: np.ndarray, counts: list[int]):
     """(ours, plain): two zero-argument callables doing the collective through Comm and through bare mpi4py."""
     from mpi4py import MPI
@@ -124,24 +135,34 @@ def _calls(comm, collective: str, buf: np.ndarray, counts: list[int]):
     if collective in REDUCE16:
         from hpc_llm.parallel.compression import Reduce16, comm_dtype
 
-        low, gather = comm_dtype(collective[-4:]), comm.dup(comm.name)  # as GradientSync: the allgathers apart
+        low, gather = (
+            comm_dtype(collective[-4:]),
+            comm.dup(comm.name),
+        )  # as GradientSync: the allgathers apart
         counts = [len(buf) // comm.size + (r < len(buf) % comm.size) for r in range(comm.size)]
-        return (lambda: Reduce16(comm, buf, counts, low, False, collective, gather).wait(),
-                lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+        return (
+            lambda: Reduce16(comm, buf, counts, low, False, collective, gather).wait(),
+            lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
+        )
     if collective == "allreduce":
-        return (lambda: comm.allreduce_(buf),
-                lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+        return (lambda: comm.allreduce_(buf), lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
     if collective == "iallreduce":
-        return (lambda: comm.iallreduce_(buf).wait(),
-                lambda: raw.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM).Wait())
+        return (
+            lambda: comm.iallreduce_(buf).wait(),
+            lambda: raw.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM).Wait(),
+        )
     displs = [int(d) for d in np.concatenate([[0], np.cumsum(counts)[:-1]])]
     if collective == "allgather":
-        return (lambda: comm.allgather_(buf, counts),
-                lambda: raw.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)]))
+        return (
+            lambda: comm.allgather_(buf, counts),
+            lambda: raw.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs)]),
+        )
     if collective == "reduce_scatter":
         recv = np.empty(counts[comm.rank], dtype=buf.dtype)
-        return (lambda: comm.ireduce_scatter_(buf, counts).wait(),
-                lambda: raw.Ireduce_scatter(buf, recv, counts, op=MPI.SUM).Wait())
+        return (
+            lambda: comm.ireduce_scatter_(buf, counts).wait(),
+            lambda: raw.Ireduce_scatter(buf, recv, counts, op=MPI.SUM).Wait(),
+        )
     raise ValueError(f"unknown collective {collective!r}")
 
 
@@ -182,47 +203,91 @@ def measure(world, comm, collective: str, nbytes: int, iters: int, warmup: int) 
     med, med_plain = float(np.median(t[0])), float(np.median(t[1]))
     size = count * (2 if collective in REDUCE16 else 4)  # the bytes actually sent
     algbw, busbw = bandwidths(size, med, collective, n)
-    palgbw, pbusbw = bandwidths(count * 4, med_plain, collective, n)  # plain: always the float32 buffer
-    return {"comm": comm.name, "n": n, "groups": world.size // n, "collective": collective, "bytes": size,
-            "fp32_bytes": count * 4,
-            "count": count, "time_us": med * 1e6, "algbw": algbw, "busbw": busbw,
-            "plain_time_us": med_plain * 1e6, "plain_algbw": palgbw, "plain_busbw": pbusbw,
-            "ratio": med / med_plain, "iters": iters, "time_us_all": [x * 1e6 for x in t[0]],
-            "plain_time_us_all": [x * 1e6 for x in t[1]]}
+    palgbw, pbusbw = bandwidths(
+        count * 4, med_plain, collective, n
+    )  # plain: always the float32 buffer
+    return {
+        "comm": comm.name,
+        "n": n,
+        "groups": world.size // n,
+        "collective": collective,
+        "bytes": size,
+        "fp32_bytes": count * 4,
+        "count": count,
+        "time_us": med * 1e6,
+        "algbw": algbw,
+        "busbw": busbw,
+        "plain_time_us": med_plain * 1e6,
+        "plain_algbw": palgbw,
+        "plain_busbw": pbusbw,
+        "ratio": med / med_plain,
+        "iters": iters,
+        "time_us_all": [x * 1e6 for x in t[0]],
+        "plain_time_us_all": [x * 1e6 for x in t[1]],
+    }
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
 
-_PLAIN = {"allreduce": "Allreduce(IN_PLACE)", "iallreduce": "Iallreduce(IN_PLACE).Wait()",
-          "allgather": "Allgatherv(IN_PLACE)", "reduce_scatter": "Ireduce_scatter().Wait()",
-          "allreduce_bf16": "fp32 Allreduce(IN_PLACE)", "allreduce_fp16": "fp32 Allreduce(IN_PLACE)"}
-_OURS = {"allreduce": "Comm.allreduce_", "iallreduce": "Comm.iallreduce_ + wait",
-         "allgather": "Comm.allgather_", "reduce_scatter": "Comm.ireduce_scatter_ + wait",
-         "allreduce_bf16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in bf16",
-         "allreduce_fp16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in fp16"}
-_HEAD = (f"{'size':>10} {'bytes':>11} {'count':>10} {'time(us)':>11} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11}"
-         f" {'plain(us)':>11} {'plain busbw':>11} {'ours/plain':>10}")
+_PLAIN = {
+    "allreduce": "Allreduce(IN_PLACE)",
+    "iallreduce": "Iallreduce(IN_PLACE).Wait()",
+    "allgather": "Allgatherv(IN_PLACE)",
+    "reduce_scatter": "Ireduce_scatter().Wait()",
+    "allreduce_bf16": "fp32 Allreduce(IN_PLACE)",
+    "allreduce_fp16": "fp32 Allreduce(IN_PLACE)",
+}
+_OURS = {
+    "allreduce": "Comm.allreduce_",
+    "iallreduce": "Comm.iallreduce_ + wait",
+    "allgather": "Comm.allgather_",
+    "reduce_scatter": "Comm.ireduce_scatter_ + wait",
+    "allreduce_bf16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in bf16",
+    "allreduce_fp16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in fp16",
+}
+_HEAD = (
+    f"{'size':>10} {'bytes':>11} {'count':>10} {'time(us)':>11} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11}"
+    f" {'plain(us)':>11} {'plain busbw':>11} {'ours/plain':>10}"
+)
 
 
 def _row_line(r: dict) -> str:
-    return (f"{human(r['bytes']):>10} {r['bytes']:>11} {r['count']:>10} {r['time_us']:>11.1f} {r['algbw']:>11.3f}"
-            f" {r['busbw']:>11.3f} {r['plain_time_us']:>11.1f} {r['plain_busbw']:>11.3f} {r['ratio']:>10.3f}")
+    return (
+        f"{human(r['bytes']):>10} {r['bytes']:>11} {r['count']:>10} {r['time_us']:>11.1f} {r['algbw']:>11.3f}"
+        f" {r['busbw']:>11.3f} {r['plain_time_us']:>11.1f} {r['plain_busbw']:>11.3f} {r['ratio']:>10.3f}"
+    )
 
 
 def environment(world_size: int) -> dict:
-    from mpi4py import MPI
     import mpi4py
+    from mpi4py import MPI
 
     cores = os.cpu_count() or 1
-    return {"host": platform.node(), "cores": cores, "world_size": world_size,
-            "oversubscribed": world_size > cores,
-            "mpi": MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0],
-            "mpi4py": mpi4py.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "host": platform.node(),
+        "cores": cores,
+        "world_size": world_size,
+        "oversubscribed": world_size > cores,
+        "mpi": MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0],
+        "mpi4py": mpi4py.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
-def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, comms=("world",), tp: int = 1,
-        collectives=COLLECTIVES, json_path: str | None = None, out=None) -> dict:
+def run(
+    mpi_comm=None,
+    *,
+    sizes: list[int],
+    iters: int = 20,
+    warmup: int = 3,
+    comms=("world",),
+    tp: int = 1,
+    collectives=COLLECTIVES,
+    json_path: str | None = None,
+    out=None,
+) -> dict:
     """Run the sweep on every rank of `mpi_comm` (default COMM_WORLD); rank 0 prints and writes --json.
 
     Returns {"env": ..., "rows": [...], "skipped": [...], "floor": ...} on every rank (the same rows everywhere:
@@ -237,10 +302,14 @@ def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, co
         raise UserError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
     bad = [c for c in comms if c not in COMMS]
     if bad:
-        raise UserError(f"--comms: unknown communicator(s) {', '.join(bad)}; choose from {', '.join(COMMS)}")
+        raise UserError(
+            f"--comms: unknown communicator(s) {', '.join(bad)}; choose from {', '.join(COMMS)}"
+        )
     bad = [c for c in collectives if c not in COLLECTIVES]
     if bad:
-        raise UserError(f"--collectives: unknown {', '.join(bad)}; choose from {', '.join(COLLECTIVES)}")
+        raise UserError(
+            f"--collectives: unknown {', '.join(bad)}; choose from {', '.join(COLLECTIVES)}"
+        )
     size = mpi_comm.Get_size()
     rank0 = mpi_comm.Get_rank() == 0
 
@@ -249,19 +318,34 @@ def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, co
             print(text, file=out or sys.stdout, flush=True)
 
     env = environment(size)
-    result = {"env": env, "iters": iters, "warmup": warmup, "tp": tp, "rows": [], "skipped": [], "floor": None}
+    result = {
+        "env": env,
+        "iters": iters,
+        "warmup": warmup,
+        "tp": tp,
+        "rows": [],
+        "skipped": [],
+        "floor": None,
+    }
     if size == 1:
-        say("bench comm: only 1 MPI rank, so there is no collective to measure (a size-1 Comm skips MPI). "
-            "Run it under mpiexec, e.g. `mpiexec -n 2 hpc-llm bench comm`.")
+        say(
+            "bench comm: only 1 MPI rank, so there is no collective to measure (a size-1 Comm skips MPI). "
+            "Run it under mpiexec, e.g. `mpiexec -n 2 hpc-llm bench comm`."
+        )
         return result
 
     grid = make_grid(mpi_comm, tp)
     by_name = {"world": grid.world, "tp": grid.tp_comm, "dp": grid.dp_comm}
-    say(f"# hpc-llm bench comm: {grid.describe()}; {env['mpi'].split(',')[0]}; mpi4py {env['mpi4py']}, numpy {env['numpy']}; "
-        f"{env['cores']} cores{' (OVERSUBSCRIBED)' if env['oversubscribed'] else ''}")
-    say(f"# float32; {iters} timed iterations after {warmup} warm-up, world barrier before each; time = median over "
+    say(
+        f"# hpc-llm bench comm: {grid.describe()}; {env['mpi'].split(',')[0]}; "
+        f"mpi4py {env['mpi4py']}, numpy {env['numpy']}; "
+        f"{env['cores']} cores{' (OVERSUBSCRIBED)' if env['oversubscribed'] else ''}"
+    )
+    say(
+        f"# float32; {iters} timed iterations after {warmup} warm-up, world barrier before each; time = median over "
         f"iterations of the max over ranks; algbw = bytes/time, busbw = algbw*2(n-1)/n (allreduce), "
-        f"*(n-1)/n (allgather, reduce-scatter); GB/s = 1e9 B/s; ours/plain = time ratio to bare mpi4py")
+        f"*(n-1)/n (allgather, reduce-scatter); GB/s = 1e9 B/s; ours/plain = time ratio to bare mpi4py"
+    )
     for name in comms:
         comm = by_name[name]
         if comm.size == 1:
@@ -270,8 +354,10 @@ def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, co
             say(f"\n# {note}")
             continue
         for collective in collectives:
-            say(f"\n# {name} (n={comm.size}, {size // comm.size} group(s) at once) {collective}: "
-                f"{_OURS[collective]} vs plain {_PLAIN[collective]}")
+            say(
+                f"\n# {name} (n={comm.size}, {size // comm.size} group(s) at once) {collective}: "
+                f"{_OURS[collective]} vs plain {_PLAIN[collective]}"
+            )
             say(_HEAD)
             for nbytes in sizes:
                 row = measure(grid.world, comm, collective, nbytes, iters, warmup)
@@ -283,20 +369,36 @@ def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, co
 
     floor = [r for r in result["rows"] if r["collective"] == "allreduce"]
     if floor:
-        at = min(floor, key=lambda r: (abs(np.log2(r["bytes"] / FLOOR_BYTES)), -r["bytes"]))["bytes"]
+        at = min(floor, key=lambda r: (abs(np.log2(r["bytes"] / FLOOR_BYTES)), -r["bytes"]))[
+            "bytes"
+        ]
         say(f"\n# floor: Comm.allreduce_ vs plain comm.Allreduce(MPI.IN_PLACE, buf) at {human(at)}")
         result["floor"] = []
         for r in floor:
             if r["bytes"] != at:
                 continue
             ok = r["ratio"] <= FLOOR_TOLERANCE
-            result["floor"].append({"comm": r["comm"], "bytes": at, "ours_us": r["time_us"],
-                                    "plain_us": r["plain_time_us"], "ours_busbw": r["busbw"],
-                                    "plain_busbw": r["plain_busbw"], "ratio": r["ratio"], "ok": ok})
-            verdict = ("within 5%" if ok else
-                       f"WRAPPER SLOWER THAN PLAIN BY MORE THAN {100 * (FLOOR_TOLERANCE - 1):.0f}%")
-            say(f"#   {r['comm']:>5} n={r['n']}: ours {r['time_us']:.1f} us ({r['busbw']:.3f} GB/s busbw), plain "
-                f"{r['plain_time_us']:.1f} us ({r['plain_busbw']:.3f} GB/s), ours/plain {r['ratio']:.3f}: {verdict}")
+            result["floor"].append(
+                {
+                    "comm": r["comm"],
+                    "bytes": at,
+                    "ours_us": r["time_us"],
+                    "plain_us": r["plain_time_us"],
+                    "ours_busbw": r["busbw"],
+                    "plain_busbw": r["plain_busbw"],
+                    "ratio": r["ratio"],
+                    "ok": ok,
+                }
+            )
+            verdict = (
+                "within 5%"
+                if ok
+                else f"WRAPPER SLOWER THAN PLAIN BY MORE THAN {100 * (FLOOR_TOLERANCE - 1):.0f}%"
+            )
+            say(
+                f"#   {r['comm']:>5} n={r['n']}: ours {r['time_us']:.1f} us ({r['busbw']:.3f} GB/s busbw), plain "
+                f"{r['plain_time_us']:.1f} us ({r['plain_busbw']:.3f} GB/s), ours/plain {r['ratio']:.3f}: {verdict}"
+            )
     for note in result["skipped"]:
         say(f"# note: {note}")
 
@@ -310,24 +412,49 @@ def run(mpi_comm=None, *, sizes: list[int], iters: int = 20, warmup: int = 3, co
 
 # -- command line (shared by `hpc-llm bench comm` and scripts/bench_comm.py) -------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="1K..256M",
-                   help="LO..HI (stepping by --factor) or a comma list; bytes with K/M/G = KiB/MiB/GiB "
-                        "(default 1K..256M)")
-    p.add_argument("--factor", type=int, default=4, help="step between sizes in a LO..HI range (default 4)")
+    p.add_argument(
+        "--sizes",
+        default="1K..256M",
+        help="LO..HI (stepping by --factor) or a comma list; bytes with K/M/G = KiB/MiB/GiB "
+        "(default 1K..256M)",
+    )
+    p.add_argument(
+        "--factor", type=int, default=4, help="step between sizes in a LO..HI range (default 4)"
+    )
     p.add_argument("--iters", type=int, default=20, help="timed iterations per size (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per size first (default 3)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed iterations per size first (default 3)"
+    )
     p.add_argument("--comms", default="world", help="comma list of world,tp,dp (default world)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the grid that gives tp and dp comms")
-    p.add_argument("--collectives", default=",".join(COLLECTIVES),
-                   help=f"comma list of {','.join(COLLECTIVES)} (default all)")
-    p.add_argument("--json", metavar="PATH", help="write the rows (and environment) as JSON (rank 0)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size of the grid that gives tp and dp comms",
+    )
+    p.add_argument(
+        "--collectives",
+        default=",".join(COLLECTIVES),
+        help=f"comma list of {','.join(COLLECTIVES)} (default all)",
+    )
+    p.add_argument(
+        "--json", metavar="PATH", help="write the rows (and environment) as JSON (rank 0)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    return run(sizes=parse_sizes(args.sizes, args.factor), iters=args.iters, warmup=args.warmup,
-               comms=split(args.comms), tp=args.tp, collectives=split(args.collectives), json_path=args.json)
+    return run(
+        sizes=parse_sizes(args.sizes, args.factor),
+        iters=args.iters,
+        warmup=args.warmup,
+        comms=split(args.comms),
+        tp=args.tp,
+        collectives=split(args.collectives),
+        json_path=args.json,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

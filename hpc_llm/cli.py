@@ -33,33 +33,49 @@ def _prepare(args) -> None:
     from hpc_llm.parallel.comm import world_comm
 
     if not 0 < args.val_fraction < 1:
-        raise UserError(f"--val-fraction: expected a number strictly between 0 and 1, got {args.val_fraction}")
+        raise UserError(
+            f"--val-fraction: expected a number strictly between 0 and 1, got {args.val_fraction}"
+        )
     if args.max_bytes < 1:
         raise UserError(f"--max-bytes: expected a positive integer, got {args.max_bytes}")
     if args.memory_mb < data.MIN_MEMORY_MB:
-        raise UserError(f"--memory-mb: expected an integer of at least {data.MIN_MEMORY_MB} (MB per rank), got "
-                        f"{args.memory_mb}")
+        raise UserError(
+            f"--memory-mb: expected an integer of at least {data.MIN_MEMORY_MB} (MB per rank), got "
+            f"{args.memory_mb}"
+        )
     # --tokenizer-dir alone means the Hugging Face tokenizer in it
     tokenizer = args.tokenizer or ("gpt2" if args.tokenizer_dir is not None else "byte")
-    options = {"tokenizer": tokenizer, "val_fraction": args.val_fraction, "vocab_size": args.vocab_size,
-               "tokenizer_dir": args.tokenizer_dir, "memory_mb": args.memory_mb, "comm": world_comm()}
+    options = {
+        "tokenizer": tokenizer,
+        "val_fraction": args.val_fraction,
+        "vocab_size": args.vocab_size,
+        "tokenizer_dir": args.tokenizer_dir,
+        "memory_mb": args.memory_mb,
+        "comm": world_comm(),
+    }
     if args.stdlib:
         if args.inputs:
             raise UserError("prepare: give input paths or --stdlib, not both")
         meta = data.prepare_stdlib(args.out, max_bytes=args.max_bytes, **options)
     else:
         if not args.inputs:
-            raise UserError("prepare: expected input files or folders (or --stdlib for the embedded corpus)")
+            raise UserError(
+                "prepare: expected input files or folders (or --stdlib for the embedded corpus)"
+            )
         meta = data.prepare(args.inputs, args.out, pattern=args.pattern, **options)
     if launcher_rank() == 0:
-        print(f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens ({meta['dtype']}), "
-              f"{meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['n_files']} files")
+        print(
+            f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens ({meta['dtype']}), "
+            f"{meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['n_files']} files"
+        )
 
 
 def _train(args) -> None:
     from hpc_llm.stop import EXIT_PREEMPTED, StopRequest
 
-    with StopRequest() as stop:  # first: a stop signal during start-up is kept, and honoured at step 0
+    with (
+        StopRequest() as stop
+    ):  # first: a stop signal during start-up is kept, and honoured at step 0
         from hpc_llm.faults import inject
 
         inject("startup")
@@ -105,7 +121,11 @@ def _generate(args) -> None:
                 try:
                     ids.append(tok.encode(text))
                 except UserError as e:
-                    where = f"--prompts {args.prompts}: line {i}" if args.prompts is not None else "--prompt"
+                    where = (
+                        f"--prompts {args.prompts}: line {i}"
+                        if args.prompts is not None
+                        else "--prompt"
+                    )
                     raise UserError(f"{where}: {e}") from None
         except BaseException:
             saved.close()
@@ -115,22 +135,46 @@ def _generate(args) -> None:
     saved, tok, texts, ids = world.agree(inputs, "reading the prompts and the checkpoint")
     with saved:
         grid = world_grid(tp)
-        model = model_from_file(saved, args.backend, args.dtype, args.quantize, grid.tp_comm, agree=grid.world)
+        model = model_from_file(
+            saved, args.backend, args.dtype, args.quantize, grid.tp_comm, agree=grid.world
+        )
     rows = [(t, i) for t, i in zip(texts, ids) for _ in range(args.num_samples)]
-    results = generate_prompts(model, [i for _, i in rows], args.max_new_tokens, batch_size=args.batch_size,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    results = generate_prompts(
+        model,
+        [i for _, i in rows],
+        args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     if world.rank != 0:
         return
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for (text, _), r in zip(rows, results):
-                f.write(json.dumps({"prompt": text, "completion": tok.decode(r["tokens"]), "tokens": r["tokens"],
-                                    "seconds": r["seconds"]}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": text,
+                            "completion": tok.decode(r["tokens"]),
+                            "tokens": r["tokens"],
+                            "seconds": r["seconds"],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         return
     for n, ((_, prompt), r) in enumerate(zip(rows, results)):
         if len(rows) > 1:
-            print(f"--- sample {n}" if args.prompts is None else f"--- prompt {n // args.num_samples + 1}"
-                  + (f", sample {n % args.num_samples}" if args.num_samples > 1 else ""))
+            print(
+                f"--- sample {n}"
+                if args.prompts is None
+                else f"--- prompt {n // args.num_samples + 1}"
+                + (f", sample {n % args.num_samples}" if args.num_samples > 1 else "")
+            )
         print(tok.decode(list(prompt) + r["tokens"]))
 
 
@@ -156,11 +200,23 @@ def _eval(args) -> None:
     saved, tokens = world.agree(inputs, "reading the data and the checkpoint")
     with saved:
         grid = world_grid(tp)
-        model = model_from_file(saved, "numpy", args.dtype, args.quantize, grid.tp_comm, agree=grid.world)
+        model = model_from_file(
+            saved, "numpy", args.dtype, args.quantize, grid.tp_comm, agree=grid.world
+        )
     result = evaluate(model, tokens, args.batch_size, args.max_batches, grid.dp_comm)
     if world.rank == 0:
-        print(json.dumps({"split": args.split, **result, "tp": tp, "dp": grid.dp, "dtype": str(model.dtype),
-                          "quantize": args.quantize}))
+        print(
+            json.dumps(
+                {
+                    "split": args.split,
+                    **result,
+                    "tp": tp,
+                    "dp": grid.dp,
+                    "dtype": str(model.dtype),
+                    "quantize": args.quantize,
+                }
+            )
+        )
 
 
 def _inspect(args) -> None:
@@ -180,7 +236,9 @@ def _merge_lora(args) -> None:
     from hpc_llm.lora import merge_lora
 
     path = merge_lora(args.checkpoint, args.out)
-    print(f"merged the LoRA adapters of {args.checkpoint} into {path} (a plain model: model.lora_rank = 0)")
+    print(
+        f"merged the LoRA adapters of {args.checkpoint} into {path} (a plain model: model.lora_rank = 0)"
+    )
 
 
 def _bench_comm(args) -> None:
@@ -212,12 +270,18 @@ def _plan(args) -> None:
     from hpc_llm.plan import search as S
     from hpc_llm.plan.cluster import load_cluster
 
-    for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch), ("--max-micro", args.max_micro),
-                        ("--top", args.top)):
+    for flag, value in (
+        ("--gpus", args.gpus),
+        ("--global-batch", args.global_batch),
+        ("--max-micro", args.max_micro),
+        ("--top", args.top),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{flag}: expected a positive integer, got {value}")
     if not (math.isfinite(args.ranks_per_device) and args.ranks_per_device > 0):
-        raise UserError(f"--ranks-per-device: expected a positive number, got {args.ranks_per_device}")
+        raise UserError(
+            f"--ranks-per-device: expected a positive number, got {args.ranks_per_device}"
+        )
     if args.timeline:
         _need_directory_of(args.timeline, "--timeline")
     cl = load_cluster(args.cluster)
@@ -233,18 +297,41 @@ def _plan(args) -> None:
         cfg = _plan_config(args)
         batch = args.global_batch or cfg.train.batch_size * cfg.train.grad_accum
         recomputes = ("none", "block")
-        precisions = [args.precision] if args.precision else (["fp32", "bf16"] if cfg.model.dtype == "float32"
-                                                              else None)
-        preds, bad = S.search(cfg.model, cl, args.gpus, batch, precisions, args.ranks_per_device,
-                              cfg.checkpoint.interval, cfg.train.max_iters, recomputes, cfg.parallel.bucket_mb,
-                              args.max_micro, not args.no_checkpoint_memory)
+        precisions = (
+            [args.precision]
+            if args.precision
+            else (["fp32", "bf16"] if cfg.model.dtype == "float32" else None)
+        )
+        preds, bad = S.search(
+            cfg.model,
+            cl,
+            args.gpus,
+            batch,
+            precisions,
+            args.ranks_per_device,
+            cfg.checkpoint.interval,
+            cfg.train.max_iters,
+            recomputes,
+            cfg.parallel.bucket_mb,
+            args.max_micro,
+            not args.no_checkpoint_memory,
+        )
         pred = preds[0]
         if args.json:
-            print(json.dumps({"feasible": [p.as_dict() for p in preds],
-                               "infeasible": [{"layout": S.asdict(lay), "reason": r} for lay, r in bad]}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "feasible": [p.as_dict() for p in preds],
+                        "infeasible": [{"layout": S.asdict(lay), "reason": r} for lay, r in bad],
+                    },
+                    indent=1,
+                )
+            )
         else:
-            print(f"{cfg.model.n_layer} layers x {cfg.model.n_embd} dim, T {cfg.model.block_size}, global batch "
-                  f"{batch} sequences, {args.gpus} devices of {cl.name}")
+            print(
+                f"{cfg.model.n_layer} layers x {cfg.model.n_embd} dim, T {cfg.model.block_size}, global batch "
+                f"{batch} sequences, {args.gpus} devices of {cl.name}"
+            )
             print(S.format_table(preds, bad, args.top))
     if args.timeline:
         from hpc_llm.plan.timeline import draw
@@ -264,8 +351,10 @@ def _plan_config(args):
         try:
             cfg.model.vocab_size = TokenData(cfg.data.path).vocab_size
         except UserError:
-            raise UserError(f"model.vocab_size is 0 (from the data) and {cfg.data.path} is not prepared: set "
-                            "model.vocab_size") from None
+            raise UserError(
+                f"model.vocab_size is 0 (from the data) and {cfg.data.path} is not prepared: set "
+                "model.vocab_size"
+            ) from None
     return cfg
 
 
@@ -281,121 +370,258 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hpc-llm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", help="text files/folders -> token files (train.bin, val.bin, meta.json)")
+    s = sub.add_parser(
+        "prepare", help="text files/folders -> token files (train.bin, val.bin, meta.json)"
+    )
     s.add_argument("inputs", nargs="*", help="text files or folders (recursed)")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--stdlib", action="store_true", help="use the Python standard library's sources as the corpus")
-    s.add_argument("--max-bytes", type=int, default=8_000_000, help="size cap of the --stdlib corpus")
-    s.add_argument("--tokenizer", choices=("byte", "char", "bpe", "gpt2"), default=None,
-                   help="byte (default), char, bpe (train a byte-level BPE here: --vocab-size), gpt2 (a Hugging Face "
-                   "tokenizer: --tokenizer-dir)")
-    s.add_argument("--vocab-size", type=int, default=None, help="tokens of the BPE that --tokenizer bpe trains")
-    s.add_argument("--tokenizer-dir", default=None, metavar="DIR",
-                   help="a Hugging Face tokenizer directory (tokenizer.json, or vocab.json + merges.txt)")
+    s.add_argument(
+        "--stdlib",
+        action="store_true",
+        help="use the Python standard library's sources as the corpus",
+    )
+    s.add_argument(
+        "--max-bytes", type=int, default=8_000_000, help="size cap of the --stdlib corpus"
+    )
+    s.add_argument(
+        "--tokenizer",
+        choices=("byte", "char", "bpe", "gpt2"),
+        default=None,
+        help="byte (default), char, bpe (train a byte-level BPE here: --vocab-size), gpt2 (a Hugging Face "
+        "tokenizer: --tokenizer-dir)",
+    )
+    s.add_argument(
+        "--vocab-size", type=int, default=None, help="tokens of the BPE that --tokenizer bpe trains"
+    )
+    s.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        metavar="DIR",
+        help="a Hugging Face tokenizer directory (tokenizer.json, or vocab.json + merges.txt)",
+    )
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--pattern", default="*", help="glob for files inside folders, e.g. '*.txt'")
-    s.add_argument("--memory-mb", type=int, default=256,
-                   help="memory budget per rank in MB, whatever the corpus size (docs/data.md)")
+    s.add_argument(
+        "--memory-mb",
+        type=int,
+        default=256,
+        help="memory budget per rank in MB, whatever the corpus size (docs/data.md)",
+    )
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("train", help="train a model from a TOML config")
     s.add_argument("config", help="TOML config file (see inputs/)")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    s.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint, or the newest verified one")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value",
+    )
+    s.add_argument(
+        "--resume",
+        metavar="CKPT|auto",
+        help="continue from a checkpoint, or the newest verified one",
+    )
     s.set_defaults(func=_train)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint")
-    s.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest verified checkpoint)")
+    s.add_argument(
+        "checkpoint", help="a checkpoint file, or a run directory (its newest verified checkpoint)"
+    )
     s.add_argument("--prompt", default="")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of most likely "
-                   "tokens holding this much probability, in (0, 1] (after --top-k when both are given)")
+    s.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling: the smallest set of most likely "
+        "tokens holding this much probability, in (0, 1] (after --top-k when both are given)",
+    )
     s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    s.add_argument("--seed", type=int, default=0, help="prompt i (its row) samples from default_rng([seed, i])")
+    s.add_argument(
+        "--seed", type=int, default=0, help="prompt i (its row) samples from default_rng([seed, i])"
+    )
     s.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    s.add_argument("--prompts", metavar="FILE", help="UTF-8 text, one prompt a line, generated in batches")
+    s.add_argument(
+        "--prompts", metavar="FILE", help="UTF-8 text, one prompt a line, generated in batches"
+    )
     s.add_argument("--batch-size", type=int, default=8, help="prompts (rows) decoded together")
-    s.add_argument("--out", metavar="JSONL", help="write one JSON object per row: prompt, completion, tokens (the "
-                   "new ids), seconds (the wall time of the row's batch)")
-    s.add_argument("--quantize", choices=("int8",), help="int8 weights (per-output-channel scales; float32 models)")
-    s.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)")
-    s.add_argument("--set", action="append", default=[], metavar="parallel.tp=T",
-                   help="tensor-parallel size (default: the number of ranks; run under mpiexec -n T)")
+    s.add_argument(
+        "--out",
+        metavar="JSONL",
+        help="write one JSON object per row: prompt, completion, tokens (the "
+        "new ids), seconds (the wall time of the row's batch)",
+    )
+    s.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="int8 weights (per-output-channel scales; float32 models)",
+    )
+    s.add_argument(
+        "--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)"
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="parallel.tp=T",
+        help="tensor-parallel size (default: the number of ranks; run under mpiexec -n T)",
+    )
     s.set_defaults(func=_generate)
 
     s = sub.add_parser("eval", help="a checkpoint's loss and perplexity on a prepared split")
-    s.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest verified checkpoint)")
-    s.add_argument("--data", required=True, help="a directory written by `hpc-llm prepare` (the same tokenizer)")
+    s.add_argument(
+        "checkpoint", help="a checkpoint file, or a run directory (its newest verified checkpoint)"
+    )
+    s.add_argument(
+        "--data",
+        required=True,
+        help="a directory written by `hpc-llm prepare` (the same tokenizer)",
+    )
     s.add_argument("--split", choices=("train", "val"), default="val")
-    s.add_argument("--batch-size", type=int, default=8, help="windows of block_size tokens per forward")
-    s.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
-    s.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)")
-    s.add_argument("--quantize", choices=("int8",), help="int8 weights, as generate's (float32 models)")
-    s.add_argument("--set", action="append", default=[], metavar="parallel.tp=T",
-                   help="tensor-parallel size, dividing the number of ranks (default: all of them); the batches "
-                   "are dealt over dp = ranks / T replicas")
+    s.add_argument(
+        "--batch-size", type=int, default=8, help="windows of block_size tokens per forward"
+    )
+    s.add_argument(
+        "--max-batches", type=int, default=None, help="stop after this many batches (default: all)"
+    )
+    s.add_argument(
+        "--dtype", choices=("float32", "float64"), help="compute dtype (default: the checkpoint's)"
+    )
+    s.add_argument(
+        "--quantize", choices=("int8",), help="int8 weights, as generate's (float32 models)"
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="parallel.tp=T",
+        help="tensor-parallel size, dividing the number of ranks (default: all of them); the batches "
+        "are dealt over dp = ranks / T replicas",
+    )
     s.set_defaults(func=_eval)
 
-    s = sub.add_parser("inspect", help="print a checkpoint's contents and tensor statistics, or compare two")
-    s.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                   help="one checkpoint (file or run directory) to describe, or two to compare")
+    s = sub.add_parser(
+        "inspect", help="print a checkpoint's contents and tensor statistics, or compare two"
+    )
+    s.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CKPT",
+        help="one checkpoint (file or run directory) to describe, or two to compare",
+    )
     s.set_defaults(func=_inspect)
 
-    s = sub.add_parser("import-gpt2", help="convert a Hugging Face GPT-2 directory (safetensors) to a checkpoint")
-    s.add_argument("model_dir", help="directory with config.json and model.safetensors (and the tokenizer: "
-                   "tokenizer.json, or vocab.json + merges.txt, when present)")
+    s = sub.add_parser(
+        "import-gpt2", help="convert a Hugging Face GPT-2 directory (safetensors) to a checkpoint"
+    )
+    s.add_argument(
+        "model_dir",
+        help="directory with config.json and model.safetensors (and the tokenizer: "
+        "tokenizer.json, or vocab.json + merges.txt, when present)",
+    )
     s.add_argument("--out", required=True, help="checkpoint file to write (.h5)")
     s.set_defaults(func=_import_gpt2)
 
-    s = sub.add_parser("merge-lora", help="fold a LoRA checkpoint's adapters into its weights: a plain checkpoint")
-    s.add_argument("checkpoint", help="a LoRA run's checkpoint file, or its run directory (the newest verified one)")
-    s.add_argument("--out", required=True, help="checkpoint file to write (.h5), in an existing directory")
+    s = sub.add_parser(
+        "merge-lora", help="fold a LoRA checkpoint's adapters into its weights: a plain checkpoint"
+    )
+    s.add_argument(
+        "checkpoint",
+        help="a LoRA run's checkpoint file, or its run directory (the newest verified one)",
+    )
+    s.add_argument(
+        "--out", required=True, help="checkpoint file to write (.h5), in an existing directory"
+    )
     s.set_defaults(func=_merge_lora)
 
-    s = sub.add_parser("plan", help="predict memory and speed of every layout on a cluster (docs/planning.md)")
-    s.add_argument("config", nargs="?", help="TOML config file (the model, batch and checkpoint interval)")
+    s = sub.add_parser(
+        "plan", help="predict memory and speed of every layout on a cluster (docs/planning.md)"
+    )
+    s.add_argument(
+        "config", nargs="?", help="TOML config file (the model, batch and checkpoint interval)"
+    )
     s.add_argument("--cluster", required=True, help="cluster figures (inputs/clusters/*.toml)")
     s.add_argument("--gpus", type=int, help="devices (ranks) to plan for")
-    s.add_argument("--global-batch", type=int, help="sequences per step (default: batch_size x grad_accum)")
-    s.add_argument("--precision", choices=("fp32", "fp64", "bf16", "fp16", "bf16-tc"),
-                   help="default: train.precision (fp32 and bf16 searched); bf16-tc: bf16 with tensor-core GEMMs "
-                   "(not in the code yet)")
-    s.add_argument("--ranks-per-device", type=float, default=1.0,
-                   help="ranks sharing one device (oversubscribed: compute and collectives slow by this factor)")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    s.add_argument("--max-micro", type=int, default=4096, help="the most micro-batches per step searched")
-    s.add_argument("--no-checkpoint-memory", action="store_true",
-                   help="plan training alone: leave the save's assembled full tensors out of the memory limit")
+    s.add_argument(
+        "--global-batch", type=int, help="sequences per step (default: batch_size x grad_accum)"
+    )
+    s.add_argument(
+        "--precision",
+        choices=("fp32", "fp64", "bf16", "fp16", "bf16-tc"),
+        help="default: train.precision (fp32 and bf16 searched); bf16-tc: bf16 with tensor-core GEMMs "
+        "(not in the code yet)",
+    )
+    s.add_argument(
+        "--ranks-per-device",
+        type=float,
+        default=1.0,
+        help="ranks sharing one device (oversubscribed: compute and collectives slow by this factor)",
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value",
+    )
+    s.add_argument(
+        "--max-micro", type=int, default=4096, help="the most micro-batches per step searched"
+    )
+    s.add_argument(
+        "--no-checkpoint-memory",
+        action="store_true",
+        help="plan training alone: leave the save's assembled full tensors out of the memory limit",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--top", type=int, default=20, help="feasible layouts shown (and infeasible reasons)")
+    s.add_argument(
+        "--top", type=int, default=20, help="feasible layouts shown (and infeasible reasons)"
+    )
     s.add_argument("--timeline", metavar="PNG", help="draw the best layout's pipeline schedule")
-    s.add_argument("--compare", metavar="RUN_DIR", help="a finished run: its measured step beside the prediction")
+    s.add_argument(
+        "--compare",
+        metavar="RUN_DIR",
+        help="a finished run: its measured step beside the prediction",
+    )
     s.set_defaults(func=_plan)
 
     s = sub.add_parser("bench", help="benchmarks (run under mpiexec): comm, calibrate")
     bench = s.add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("comm", help="collectives through our Comm wrappers: time, algbw, busbw, vs plain mpi4py")
+    b = bench.add_parser(
+        "comm", help="collectives through our Comm wrappers: time, algbw, busbw, vs plain mpi4py"
+    )
     from hpc_llm.bench_comm import add_arguments as add_bench_comm_arguments
 
     add_bench_comm_arguments(b)
     b.set_defaults(func=_bench_comm)
-    b = bench.add_parser("calibrate", help="measure this machine's figures for `hpc-llm plan` (run under "
-                         "`mpiexec -n 2` to measure the links too)")
-    b.add_argument("--out", default="inputs/clusters/this_machine.toml", help="cluster file to write")
+    b = bench.add_parser(
+        "calibrate",
+        help="measure this machine's figures for `hpc-llm plan` (run under "
+        "`mpiexec -n 2` to measure the links too)",
+    )
+    b.add_argument(
+        "--out", default="inputs/clusters/this_machine.toml", help="cluster file to write"
+    )
     b.set_defaults(func=_bench_calibrate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if launcher_rank() == 0 else logging.WARNING, format="%(message)s",
-                        stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO if launcher_rank() == 0 else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stdout,
+    )
     try:
         return args.func(args) or 0
     except UserError as e:
-        sys.stderr.write(f"hpc-llm: error: {e}\n")  # one write: MPI launchers interleave ranks' partial lines
+        sys.stderr.write(
+            f"hpc-llm: error: {e}\n"
+        )  # one write: MPI launchers interleave ranks' partial lines
         sys.stderr.flush()
         return 2
     except JobError as e:  # every rank knows (agreed): each exits 1 by itself, rank 0 says why

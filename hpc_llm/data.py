@@ -31,8 +31,15 @@ import numpy as np
 
 from hpc_llm.errors import UserError
 from hpc_llm.fsio import atomic_write_bytes
-from hpc_llm.tokenizer import (MAX_VOCAB, BPETokenizer, CharTokenizer, check_bpe_vocab_size, ids_dtype,
-                               make_tokenizer, tokenizer_from_meta)
+from hpc_llm.tokenizer import (
+    MAX_VOCAB,
+    BPETokenizer,
+    CharTokenizer,
+    check_bpe_vocab_size,
+    ids_dtype,
+    make_tokenizer,
+    tokenizer_from_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,12 @@ FORMAT_VERSION = 2  # 2: "dtype" (uint16 or uint32) and "max_id"; version 1 file
 # Explicit little-endian so token files move between machines unchanged (identical to np.uint16 on x86/ARM).
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SPLITS = ("train", "val")
-TOKENIZERS = ("byte", "char", "bpe", "gpt2")  # prepare's names; gpt2: a Hugging Face tokenizer directory
+TOKENIZERS = (
+    "byte",
+    "char",
+    "bpe",
+    "gpt2",
+)  # prepare's names; gpt2: a Hugging Face tokenizer directory
 DEFAULT_MEMORY_MB = 256
 MIN_MEMORY_MB = 4
 # Names of the sampler streams, used only to make error messages name the split.
@@ -74,11 +86,16 @@ def _expand_inputs(inputs, pattern: str) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted((f for f in p.rglob(pattern) if f.is_file()), key=lambda f: f.relative_to(p).as_posix())
+            found = sorted(
+                (f for f in p.rglob(pattern) if f.is_file()),
+                key=lambda f: f.relative_to(p).as_posix(),
+            )
         elif p.is_file():
             found = [p]
         else:
-            raise UserError(f"prepare: input {str(p)!r} does not exist (expected a file or a folder)")
+            raise UserError(
+                f"prepare: input {str(p)!r} does not exist (expected a file or a folder)"
+            )
         for f in found:
             key = f.resolve()
             if key not in seen:  # a file named both directly and through its folder is read once
@@ -104,7 +121,9 @@ class _Budget:
         budget = memory_mb << 20
         self.piece = piece_bytes or max(4096, budget // {"byte": 16, "char": 64}.get(tokenizer, 32))
         self.bpe_batch = max(4096, min(self.piece, budget // 256))  # characters encoded in one call
-        self.bpe_segment = max(1024, min(1 << 16, self.bpe_batch // 8))  # strings in that call (threads share them)
+        self.bpe_segment = max(
+            1024, min(1 << 16, self.bpe_batch // 8)
+        )  # strings in that call (threads share them)
         self.copy_bytes = max(4096, budget // 8)
 
 
@@ -132,7 +151,9 @@ def _plan(files: list[Path], piece_bytes: int) -> list[tuple[int, int, int]]:
             with open(f, "rb") as fh:
                 start = 0
                 while True:
-                    end = size if size - start <= piece_bytes else _cut(fh, start + piece_bytes, size)
+                    end = (
+                        size if size - start <= piece_bytes else _cut(fh, start + piece_bytes, size)
+                    )
                     pieces.append((i, start, end))
                     start = end
                     if start >= size:
@@ -150,9 +171,13 @@ def _read(files: list[Path], piece) -> str | None:
             fh.seek(start)
             raw = fh.read(end - start)
     except OSError as e:
-        raise UserError(f"prepare: cannot read input {str(files[i])!r} ({e.strerror or e})") from None
+        raise UserError(
+            f"prepare: cannot read input {str(files[i])!r} ({e.strerror or e})"
+        ) from None
     if len(raw) != end - start:
-        raise UserError(f"prepare: input {str(files[i])!r} changed while it was read (expected {end} bytes)")
+        raise UserError(
+            f"prepare: input {str(files[i])!r} changed while it was read (expected {end} bytes)"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -208,7 +233,9 @@ class _Progress:
         if show and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"prepare: {what}", unit="B", unit_scale=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=total, desc=f"prepare: {what}", unit="B", unit_scale=True, file=sys.stderr
+            )
 
     def update(self, n: int) -> None:
         self.done += n
@@ -217,8 +244,14 @@ class _Progress:
         elif self.show:
             now, frac = time.monotonic(), self.done / self.total
             if frac >= self.next_frac or now - self.t_last >= 30:
-                log.info("prepare: %s %3.0f%% (%.1f of %.1f MB, %.1f MB/s)", self.what, 100 * frac, self.done / 1e6,
-                         self.total / 1e6, self.done / 1e6 / max(now - self.t0, 1e-9))
+                log.info(
+                    "prepare: %s %3.0f%% (%.1f of %.1f MB, %.1f MB/s)",
+                    self.what,
+                    100 * frac,
+                    self.done / 1e6,
+                    self.total / 1e6,
+                    self.done / 1e6 / max(now - self.t0, 1e-9),
+                )
                 while self.next_frac <= frac:
                     self.next_frac += 0.1
                 self.t_last = now
@@ -243,26 +276,49 @@ def _my_pieces(pieces, comm) -> range:
 
 
 def _check_options(tokenizer, val_fraction, vocab_size, tokenizer_dir, memory_mb):
-    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
-        raise UserError(f"prepare: val_fraction is {val_fraction!r}, expected a number strictly between 0 and 1")
+    if (
+        not isinstance(val_fraction, (int, float))
+        or isinstance(val_fraction, bool)
+        or not 0 < val_fraction < 1
+    ):
+        raise UserError(
+            f"prepare: val_fraction is {val_fraction!r}, expected a number strictly between 0 and 1"
+        )
     if tokenizer not in TOKENIZERS:
-        raise UserError(f"prepare: tokenizer is {tokenizer!r}, expected one of {', '.join(TOKENIZERS)}")
+        raise UserError(
+            f"prepare: tokenizer is {tokenizer!r}, expected one of {', '.join(TOKENIZERS)}"
+        )
     if tokenizer == "bpe":
         if vocab_size is None:
-            raise UserError("prepare: --tokenizer bpe trains a BPE and needs --vocab-size N (e.g. 8192)")
+            raise UserError(
+                "prepare: --tokenizer bpe trains a BPE and needs --vocab-size N (e.g. 8192)"
+            )
         check_bpe_vocab_size(vocab_size)
     elif vocab_size is not None:
         raise UserError(f"prepare: --vocab-size is for --tokenizer bpe (training), not {tokenizer}")
     if (tokenizer == "gpt2") != (tokenizer_dir is not None):
-        raise UserError("prepare: --tokenizer gpt2 goes with --tokenizer-dir DIR (a Hugging Face tokenizer "
-                        "directory), and --tokenizer-dir with --tokenizer gpt2")
+        raise UserError(
+            "prepare: --tokenizer gpt2 goes with --tokenizer-dir DIR (a Hugging Face tokenizer "
+            "directory), and --tokenizer-dir with --tokenizer gpt2"
+        )
     if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or memory_mb < MIN_MEMORY_MB:
-        raise UserError(f"prepare: memory_mb is {memory_mb!r}, expected an integer of at least {MIN_MEMORY_MB} (MB)")
+        raise UserError(
+            f"prepare: memory_mb is {memory_mb!r}, expected an integer of at least {MIN_MEMORY_MB} (MB)"
+        )
 
 
-def prepare(inputs: list, out_dir, tokenizer: str = "byte", val_fraction: float = 0.1, pattern: str = "*",
-            vocab_size: int | None = None, tokenizer_dir=None, memory_mb: int = DEFAULT_MEMORY_MB, comm=None,
-            piece_bytes: int | None = None) -> dict:
+def prepare(
+    inputs: list,
+    out_dir,
+    tokenizer: str = "byte",
+    val_fraction: float = 0.1,
+    pattern: str = "*",
+    vocab_size: int | None = None,
+    tokenizer_dir=None,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    comm=None,
+    piece_bytes: int | None = None,
+) -> dict:
     """Tokenize text files into out_dir/{train.bin,val.bin,meta.json}, streaming in about `memory_mb` MB per rank;
     returns the metadata written. tokenizer: "byte", "char", "bpe" (trained here, `vocab_size` tokens) or "gpt2" (the
     Hugging Face tokenizer in `tokenizer_dir`). comm=world_comm(): every rank of the job calls it and they share the
@@ -279,29 +335,56 @@ def prepare(inputs: list, out_dir, tokenizer: str = "byte", val_fraction: float 
     out = Path(out_dir)
     budget = _Budget(memory_mb, tokenizer, piece_bytes)
     # every rank reads the tokenizer directory (agreed: a bad one is the same error on all)
-    tok = comm.agree(lambda: make_tokenizer("gpt2", tokenizer_dir=tokenizer_dir)) if tokenizer == "gpt2" else None
+    tok = (
+        comm.agree(lambda: make_tokenizer("gpt2", tokenizer_dir=tokenizer_dir))
+        if tokenizer == "gpt2"
+        else None
+    )
 
     def plan():  # rank 0: the files and their pieces, then the output directory (nothing written before it)
         if out.exists() and not out.is_dir():
-            raise UserError(f"prepare: output directory {str(out)!r} is a file, expected a directory")
+            raise UserError(
+                f"prepare: output directory {str(out)!r} is a file, expected a directory"
+            )
         files = _expand_inputs(input_list, pattern)
         pieces = _plan(files, budget.piece)
         created = [p for p in (out, *out.parents) if not p.exists()]
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"prepare: cannot create output directory {str(out)!r} ({e.strerror or e})") from None
+            raise UserError(
+                f"prepare: cannot create output directory {str(out)!r} ({e.strerror or e})"
+            ) from None
         return [str(f) for f in files], pieces, [str(p) for p in created], secrets.token_hex(4)
 
-    names, pieces, created, tag = comm.bcast_object(comm.agree(lambda: plan() if comm.rank == 0 else None))
+    names, pieces, created, tag = comm.bcast_object(
+        comm.agree(lambda: plan() if comm.rank == 0 else None)
+    )
     files = [Path(f) for f in names]
     state = {"part": out / f".prepare.{tag}.part{comm.rank}.tmp", "tmp": []}
     sources = [str(p) for p in input_list[:5]]
     try:
-        meta = _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction, pattern, budget, comm,
-                               state, sources)
+        meta = _prepare_pieces(
+            files,
+            pieces,
+            out,
+            tokenizer,
+            tok,
+            vocab_size,
+            val_fraction,
+            pattern,
+            budget,
+            comm,
+            state,
+            sources,
+        )
     except BaseException as e:
-        _cleanup(state, created if isinstance(e, UserError) else [], comm, uniform=isinstance(e, UserError))
+        _cleanup(
+            state,
+            created if isinstance(e, UserError) else [],
+            comm,
+            uniform=isinstance(e, UserError),
+        )
         raise
     _cleanup(state, [], comm, uniform=False)
     return meta
@@ -325,8 +408,20 @@ def _cleanup(state: dict, created: list, comm, uniform: bool) -> None:
                     pass
 
 
-def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction, pattern, budget, comm,
-                    state, sources) -> dict:
+def _prepare_pieces(
+    files,
+    pieces,
+    out,
+    tokenizer,
+    tok,
+    vocab_size,
+    val_fraction,
+    pattern,
+    budget,
+    comm,
+    state,
+    sources,
+) -> dict:
     mine = _my_pieces(pieces, comm)
     my_bytes = sum(pieces[j][2] - pieces[j][1] for j in mine)
     show = comm.rank == 0
@@ -339,20 +434,34 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
         return [i for i in range(len(files)) if all(valid[j] for j in by_file.get(i, []))]
 
     valid = None  # per piece, once known
-    if tokenizer in ("char", "bpe"):  # a first pass: which files are text (and the characters of those that are)
+    if tokenizer in (
+        "char",
+        "bpe",
+    ):  # a first pass: which files are text (and the characters of those that are)
+
         def scan():
             prog, res = _Progress(f"scan{where}", my_bytes, show), []
             for j in mine:
                 text = _read(files, pieces[j])
-                res.append((text is not None, "".join(sorted(set(text))) if text and tokenizer == "char" else ""))
+                res.append(
+                    (
+                        text is not None,
+                        "".join(sorted(set(text))) if text and tokenizer == "char" else "",
+                    )
+                )
                 prog.update(pieces[j][2] - pieces[j][1])
             prog.close()
             return res
 
-        scanned = [r for part in comm.allgather_objects(comm.agree(scan, "prepare scan")) for r in part]
+        scanned = [
+            r for part in comm.allgather_objects(comm.agree(scan, "prepare scan")) for r in part
+        ]
         valid = [v for v, _ in scanned]
         included = included_files(valid)
-        if sum(pieces[j][2] - pieces[j][1] for i in included for j in by_file[i]) == 0 and len(included) < 2:
+        if (
+            sum(pieces[j][2] - pieces[j][1] for i in included for j in by_file[i]) == 0
+            and len(included) < 2
+        ):
             _empty(len(included), len(files) - len(included), pattern)
         if tokenizer == "char":
             chars = set("\n") if len(included) > 1 else set()  # the separator between files
@@ -361,10 +470,14 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
                     chars.update(scanned[j][1])
             tok = make_tokenizer("char", chars="".join(chars))
         else:
+
             def train():  # rank 0 trains on the text files' pieces, read again one by one
                 def texts():
-                    prog = _Progress("train BPE", sum(pieces[j][2] - pieces[j][1] for i in included
-                                                      for j in by_file[i]), True)
+                    prog = _Progress(
+                        "train BPE",
+                        sum(pieces[j][2] - pieces[j][1] for i in included for j in by_file[i]),
+                        True,
+                    )
                     for k, i in enumerate(included):
                         for j in by_file[i]:
                             text = _read(files, pieces[j])
@@ -374,16 +487,24 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
                             yield "\n"
                     prog.close()
 
-                return make_tokenizer("bpe", vocab_size=vocab_size, texts=texts()).json if comm.rank == 0 else None
+                return (
+                    make_tokenizer("bpe", vocab_size=vocab_size, texts=texts()).json
+                    if comm.rank == 0
+                    else None
+                )
 
-            tok = BPETokenizer.from_json(comm.bcast_object(comm.agree(train, "prepare train")), "bpe")
+            tok = BPETokenizer.from_json(
+                comm.bcast_object(comm.agree(train, "prepare train")), "bpe"
+            )
     elif tok is None:
         tok = make_tokenizer(tokenizer)
     dtype = ids_dtype(tok.vocab_size)
     native = dtype.newbyteorder("=")
     # the tokens between two files (char: "\n" is in the vocabulary exactly when there are two files to separate)
-    sep = np.asarray(tok.encode("\n") if not isinstance(tok, CharTokenizer) or "\n" in tok.chars else [],
-                     dtype=native)
+    sep = np.asarray(
+        tok.encode("\n") if not isinstance(tok, CharTokenizer) or "\n" in tok.chars else [],
+        dtype=native,
+    )
 
     def encode():  # this rank's pieces -> its part file; per piece (tokens, valid, max id)
         records = []
@@ -406,7 +527,9 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
         prog.close()
         return records
 
-    records = [r for part in comm.allgather_objects(comm.agree(encode, "prepare encode")) for r in part]
+    records = [
+        r for part in comm.allgather_objects(comm.agree(encode, "prepare encode")) for r in part
+    ]
     included = included_files([v for _, v, _ in records])
     # the layout: every rank computes the same one from the same records
     pos, piece_pos, sep_pos = 0, {}, []
@@ -423,9 +546,14 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
     n_train = int(total * (1 - val_fraction))
     n_val = total - n_train
     if n_train == 0 or n_val == 0:
-        raise UserError(f"prepare: the corpus has only {total} tokens, too few to split with val_fraction "
-                        f"{val_fraction} (both splits must be non-empty)")
-    max_id = max([records[j][2] for i in included for j in by_file[i]] + ([int(sep.max())] if sep_pos else []))
+        raise UserError(
+            f"prepare: the corpus has only {total} tokens, too few to split with val_fraction "
+            f"{val_fraction} (both splits must be non-empty)"
+        )
+    max_id = max(
+        [records[j][2] for i in included for j in by_file[i]]
+        + ([int(sep.max())] if sep_pos else [])
+    )
 
     def make_outputs():  # rank 0: temporary train/val files of their final size
         names = []
@@ -437,11 +565,14 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
             names.append(tmp)
         return names
 
-    tmp_names = comm.bcast_object(comm.agree(lambda: make_outputs() if comm.rank == 0 else None, "prepare outputs"))
+    tmp_names = comm.bcast_object(
+        comm.agree(lambda: make_outputs() if comm.rank == 0 else None, "prepare outputs")
+    )
 
     def write():  # every rank: its pieces' ids (and rank 0 the separators) at their offsets
         fds = [os.open(t, os.O_WRONLY) for t in tmp_names]
         try:
+
             def put(at: int, ids: np.ndarray) -> None:
                 k = max(0, min(len(ids), n_train - at))
                 for fd, arr, off in ((fds[0], ids[:k], at), (fds[1], ids[k:], at + k - n_train)):
@@ -451,8 +582,11 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
                         w = os.pwrite(fd, data, off)
                         data, off = data[w:], off + w
 
-            prog = _Progress(f"write{where}", sum(records[j][0] for j in mine if j in piece_pos) * dtype.itemsize,
-                             show)
+            prog = _Progress(
+                f"write{where}",
+                sum(records[j][0] for j in mine if j in piece_pos) * dtype.itemsize,
+                show,
+            )
             with open(state["part"], "rb") as f:
                 chunk = max(1, budget.copy_bytes // dtype.itemsize)
                 for j in mine:
@@ -462,7 +596,9 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
                         continue
                     done = 0
                     while done < n:
-                        ids = np.frombuffer(f.read(min(chunk, n - done) * dtype.itemsize), dtype=dtype)
+                        ids = np.frombuffer(
+                            f.read(min(chunk, n - done) * dtype.itemsize), dtype=dtype
+                        )
                         put(piece_pos[j] + done, ids)
                         done += len(ids)
                         prog.update(ids.nbytes)
@@ -477,10 +613,18 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
                 os.close(fd)
 
     comm.agree(write, "prepare write")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **tok.meta(),
-            "dtype": "uint16" if dtype.itemsize == 2 else "uint32", "max_id": max_id,
-            "n_train": n_train, "n_val": n_val, "n_files": len(included), "n_skipped": len(files) - len(included),
-            "sources": sources}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **tok.meta(),
+        "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
+        "max_id": max_id,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_files": len(included),
+        "n_skipped": len(files) - len(included),
+        "sources": sources,
+    }
     if "tokenizer_json" in meta:  # the long field last: meta.json stays readable at a glance
         meta["tokenizer_json"] = meta.pop("tokenizer_json")
 
@@ -491,15 +635,19 @@ def _prepare_pieces(files, pieces, out, tokenizer, tok, vocab_size, val_fraction
         for tmp, name in zip(tmp_names, ("train.bin", "val.bin")):
             os.replace(tmp, out / name)
         state["tmp"].clear()
-        atomic_write_bytes(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        atomic_write_bytes(
+            meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        )
 
     comm.agree(lambda: finish() if comm.rank == 0 else None, "prepare finish")
     return meta
 
 
 def _empty(n_files: int, n_skipped: int, pattern: str):
-    raise UserError(f"prepare: the corpus is empty ({n_files} readable files, {n_skipped} skipped as not UTF-8, "
-                    f"pattern {pattern!r}); expected some text")
+    raise UserError(
+        f"prepare: the corpus is empty ({n_files} readable files, {n_skipped} skipped as not UTF-8, "
+        f"pattern {pattern!r}); expected some text"
+    )
 
 
 # The standard library's tests, IDE and installed packages are excluded: they are big, repetitive or not stdlib.
@@ -533,13 +681,20 @@ def stdlib_corpus_files(max_bytes: int = 8_000_000) -> list[Path]:
     return files
 
 
-def prepare_stdlib(out_dir, max_bytes: int = 8_000_000, tokenizer: str = "byte", val_fraction: float = 0.1,
-                   **kwargs) -> dict:
+def prepare_stdlib(
+    out_dir,
+    max_bytes: int = 8_000_000,
+    tokenizer: str = "byte",
+    val_fraction: float = 0.1,
+    **kwargs,
+) -> dict:
     """prepare() of the embedded corpus; kwargs: prepare's (vocab_size, tokenizer_dir, memory_mb, comm)."""
     files = stdlib_corpus_files(max_bytes)
     if not files:
-        raise UserError(f"stdlib corpus: no .py files of at most {max_bytes} bytes found under "
-                        f"{sysconfig.get_paths()['stdlib']}")
+        raise UserError(
+            f"stdlib corpus: no .py files of at most {max_bytes} bytes found under "
+            f"{sysconfig.get_paths()['stdlib']}"
+        )
     return prepare(files, out_dir, tokenizer=tokenizer, val_fraction=val_fraction, **kwargs)
 
 
@@ -575,18 +730,24 @@ class TokenData:
         self.path = Path(data_dir)
         hint = "(run `hpc-llm prepare` to create it)"
         if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"data directory {str(self.path)!r} is not a directory (expected one written by "
-                            "`hpc-llm prepare`)")
+            raise UserError(
+                f"data directory {str(self.path)!r} is not a directory (expected one written by "
+                "`hpc-llm prepare`)"
+            )
         if not self.path.is_dir():
             raise UserError(f"data directory {str(self.path)!r} does not exist {hint}")
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise UserError(f"{meta_path}: missing; {self.path} is not a prepared data directory {hint}")
+            raise UserError(
+                f"{meta_path}: missing; {self.path} is not a prepared data directory {hint}"
+            )
         self._meta = self._read_meta(meta_path)
         self._tokenizer = tokenizer_from_meta(self._meta)
         self.dtype = DTYPES[self._meta.get("dtype", "uint16")]
         self._splits = {name: self._load_split(name) for name in SPLITS}
-        if "max_id" not in self._meta:  # format version 1: no recorded max_id, so the ids are checked once here
+        if (
+            "max_id" not in self._meta
+        ):  # format version 1: no recorded max_id, so the ids are checked once here
             self._scan_ids()
 
     def _scan_ids(self) -> None:
@@ -595,10 +756,12 @@ class TokenData:
         for name in SPLITS:
             tokens, top = self._splits[name], -1
             for start in range(0, len(tokens), self.SCAN_CHUNK):
-                top = max(top, int(np.asarray(tokens[start:start + self.SCAN_CHUNK]).max()))
+                top = max(top, int(np.asarray(tokens[start : start + self.SCAN_CHUNK]).max()))
             if top >= self.vocab_size:
-                raise UserError(f"{self.path / f'{name}.bin'}: contains token id {top}, but vocab_size in meta.json "
-                                f"is {self.vocab_size} (a format version 1 directory: run `hpc-llm prepare` again)")
+                raise UserError(
+                    f"{self.path / f'{name}.bin'}: contains token id {top}, but vocab_size in meta.json "
+                    f"is {self.vocab_size} (a format version 1 directory: run `hpc-llm prepare` again)"
+                )
 
     @staticmethod
     def _read_meta(meta_path: Path) -> dict:
@@ -608,35 +771,53 @@ class TokenData:
             raise UserError(f"{meta_path}: not valid JSON ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise UserError(f"{meta_path}: \"format\" is {got!r}, expected {FORMAT!r} (not written by "
-                            "`hpc-llm prepare`)")
+            raise UserError(
+                f'{meta_path}: "format" is {got!r}, expected {FORMAT!r} (not written by '
+                "`hpc-llm prepare`)"
+            )
         version = meta.get("format_version")
         if not isinstance(version, int) or version < 1:
-            raise UserError(f"{meta_path}: \"format_version\" is {version!r}, expected a positive integer")
+            raise UserError(
+                f'{meta_path}: "format_version" is {version!r}, expected a positive integer'
+            )
         if version > FORMAT_VERSION:
-            raise UserError(f"{meta_path}: format_version {version} is newer than this hpc_llm reads "
-                            f"({FORMAT_VERSION}); upgrade hpc_llm or re-run `hpc-llm prepare`")
+            raise UserError(
+                f"{meta_path}: format_version {version} is newer than this hpc_llm reads "
+                f"({FORMAT_VERSION}); upgrade hpc_llm or re-run `hpc-llm prepare`"
+            )
         for key in ("vocab_size", "n_train", "n_val"):
             value = meta.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UserError(f"{meta_path}: field {key!r} is {value!r}, expected a non-negative integer")
+                raise UserError(
+                    f"{meta_path}: field {key!r} is {value!r}, expected a non-negative integer"
+                )
         vocab = meta["vocab_size"]
         if not 1 <= vocab <= MAX_VOCAB:
             raise UserError(f"{meta_path}: vocab_size {vocab} is outside 1..{MAX_VOCAB}")
         dtype = meta.get("dtype", "uint16")  # version 1 has none: uint16
         if dtype not in DTYPES:
-            raise UserError(f"{meta_path}: field \"dtype\" is {dtype!r}, expected \"uint16\" or \"uint32\"")
+            raise UserError(
+                f'{meta_path}: field "dtype" is {dtype!r}, expected "uint16" or "uint32"'
+            )
         if vocab > np.iinfo(DTYPES[dtype]).max + 1:
-            raise UserError(f"{meta_path}: dtype {dtype} cannot hold the ids of vocab_size {vocab} (expected "
-                            "\"uint32\")")
-        if "max_id" in meta:  # prepare records it: the start-up check that costs no pass over the files
+            raise UserError(
+                f"{meta_path}: dtype {dtype} cannot hold the ids of vocab_size {vocab} (expected "
+                '"uint32")'
+            )
+        if (
+            "max_id" in meta
+        ):  # prepare records it: the start-up check that costs no pass over the files
             top = meta["max_id"]
             # prepare refuses a corpus with an empty split, so a written max_id is some id: never -1
             if not isinstance(top, int) or isinstance(top, bool) or top < 0:
-                raise UserError(f"{meta_path}: field 'max_id' is {top!r}, expected a non-negative integer")
+                raise UserError(
+                    f"{meta_path}: field 'max_id' is {top!r}, expected a non-negative integer"
+                )
             if top >= vocab:
-                raise UserError(f"{meta_path}: max_id is {top}: the token files contain token id {top}, but "
-                                f"vocab_size in meta.json is {vocab}")
+                raise UserError(
+                    f"{meta_path}: max_id is {top}: the token files contain token id {top}, but "
+                    f"vocab_size in meta.json is {vocab}"
+                )
         return meta
 
     def _load_split(self, name: str) -> np.ndarray:
@@ -646,8 +827,10 @@ class TokenData:
             raise UserError(f"{path}: missing (run `hpc-llm prepare` to create it)")
         size, item = path.stat().st_size, self.dtype.itemsize
         if size != n * item:
-            raise UserError(f"{path}: {size} bytes, expected {n * item} (n_{name} = {n} {self.dtype.name} "
-                            "tokens in meta.json); the file is truncated or from another run")
+            raise UserError(
+                f"{path}: {size} bytes, expected {n * item} (n_{name} = {n} {self.dtype.name} "
+                "tokens in meta.json); the file is truncated or from another run"
+            )
         if n == 0:
             return np.zeros(0, dtype=self.dtype)  # mmap cannot map an empty file
         tokens = TokenFile(path, dtype=self.dtype, mode="r")
@@ -680,12 +863,23 @@ def check_split_size(tokens, block_size: int, name: str = "train") -> None:
     """Raise UserError unless the split holds at least one (block_size + 1)-token window."""
     n = len(tokens)
     if n < block_size + 1:
-        raise UserError(f"corpus split {name!r} has {n} tokens, fewer than block_size+1 = {block_size + 1}; "
-                        "use a larger corpus or a smaller model.block_size")
+        raise UserError(
+            f"corpus split {name!r} has {n} tokens, fewer than block_size+1 = {block_size + 1}; "
+            "use a larger corpus or a smaller model.block_size"
+        )
 
 
-def get_batch(tokens, block_size: int, batch_size: int, seed: int, step: int, micro: int = 0, stream: int = 0,
-              rows=None, name: str | None = None):
+def get_batch(
+    tokens,
+    block_size: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    micro: int = 0,
+    stream: int = 0,
+    rows=None,
+    name: str | None = None,
+):
     """The (x, y) int64 arrays of one batch, a pure function of (seed, stream, step, micro).
 
     The offsets of the whole GLOBAL batch (batch_size rows) are always drawn, then `rows` (e.g. a rank's
@@ -698,7 +892,11 @@ def get_batch(tokens, block_size: int, batch_size: int, seed: int, step: int, mi
     for key, value in (("seed", seed), ("step", step), ("micro", micro), ("stream", stream)):
         if not isinstance(value, (int, np.integer)) or value < 0:
             raise UserError(f"get_batch: {key} is {value!r}, expected a non-negative integer")
-    check_split_size(tokens, block_size, name if name is not None else _STREAM_NAMES.get(stream, f"stream {stream}"))
+    check_split_size(
+        tokens,
+        block_size,
+        name if name is not None else _STREAM_NAMES.get(stream, f"stream {stream}"),
+    )
 
     rng = np.random.default_rng([int(seed), int(stream), int(step), int(micro)])
     offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)
@@ -708,8 +906,12 @@ def get_batch(tokens, block_size: int, batch_size: int, seed: int, step: int, mi
     window = offsets[:, None] + np.arange(block_size + 1)
     chunk = np.asarray(tokens)[window].astype(np.int64)
     vocab = getattr(tokens, "vocab_size", 0)
-    if vocab and chunk.size and int(chunk.max()) >= vocab:  # a TokenFile: (rows, T+1) ids checked, not the file
-        raise TokenFileCorrupt(f"{tokens.source}: contains token id {int(chunk.max())}, but vocab_size in meta.json is "
-                               f"{vocab} (the file changed after `hpc-llm prepare` wrote it: prepare it again)")
+    if (
+        vocab and chunk.size and int(chunk.max()) >= vocab
+    ):  # a TokenFile: (rows, T+1) ids checked, not the file
+        raise TokenFileCorrupt(
+            f"{tokens.source}: contains token id {int(chunk.max())}, but vocab_size in meta.json is "
+            f"{vocab} (the file changed after `hpc-llm prepare` wrote it: prepare it again)"
+        )
     # Contiguous copies so callers may move them to a GPU or modify them without aliasing each other.
     return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:])

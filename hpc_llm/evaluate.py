@@ -26,16 +26,20 @@ def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
     return [(a, min(block_size, n_pred - a)) for a in range(0, max(n_pred, 0), block_size)]
 
 
-def batches(n_tokens: int, block_size: int, batch_size: int, max_batches: int | None = None) -> list[list]:
+def batches(
+    n_tokens: int, block_size: int, batch_size: int, max_batches: int | None = None
+) -> list[list]:
     """The windows grouped into batches of batch_size equal-length windows, in order (the short tail alone)."""
     ws = windows(n_tokens, block_size)
     full = [w for w in ws if w[1] == block_size]
-    out = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    out = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     out += [[w] for w in ws if w[1] != block_size]
     return out if max_batches is None else out[:max_batches]
 
 
-def evaluate(model, tokens, batch_size: int = 8, max_batches: int | None = None, dp_comm=None) -> dict:
+def evaluate(
+    model, tokens, batch_size: int = 8, max_batches: int | None = None, dp_comm=None
+) -> dict:
     """{"loss", "perplexity", "tokens", "windows", "batches"} of the model on a split's tokens (a 1-D array).
     dp_comm: the data-parallel group (parallel.grid's dp_comm; none: one replica), every rank of which calls this
     with the same arguments: each replica runs batches dp_rank, dp_rank + dp, ... and all get the whole result."""
@@ -44,8 +48,8 @@ def evaluate(model, tokens, batch_size: int = 8, max_batches: int | None = None,
     todo = batches(len(tokens), model.cfg.block_size, batch_size, max_batches)
     rank, dp = (dp_comm.rank, dp_comm.size) if dp_comm is not None else (0, 1)
     for batch in todo[rank::dp]:
-        x = np.stack([tokens[a:a + n] for a, n in batch]).astype(np.int64)
-        y = np.stack([tokens[a + 1:a + 1 + n] for a, n in batch]).astype(np.int64)
+        x = np.stack([tokens[a : a + n] for a, n in batch]).astype(np.int64)
+        y = np.stack([tokens[a + 1 : a + 1 + n] for a, n in batch]).astype(np.int64)
         loss = model.forward(model.xp.asarray(x), model.xp.asarray(y))
         total += float(loss) * y.size
         count += y.size
@@ -54,8 +58,13 @@ def evaluate(model, tokens, batch_size: int = 8, max_batches: int | None = None,
         sums = dp_comm.allreduce_(np.array([total, count, n_windows], dtype=np.float64), op="sum")
         total, count, n_windows = float(sums[0]), int(sums[1]), int(sums[2])
     mean = total / count
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count, "windows": n_windows,
-            "batches": len(todo)}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "tokens": count,
+        "windows": n_windows,
+        "batches": len(todo),
+    }
 
 
 def check_eval_options(batch_size: int, max_batches: int | None) -> None:
@@ -76,13 +85,19 @@ def open_split(saved, data_dir, split: str):
     from hpc_llm.tokenizer import check_same_tokenizer
 
     data = TokenData(data_dir)
-    warning = check_same_tokenizer(saved.state.get("tokenizer"), data.tokenizer.meta(), f"checkpoint {saved.path}",
-                                   f"--data {data_dir}")
+    warning = check_same_tokenizer(
+        saved.state.get("tokenizer"),
+        data.tokenizer.meta(),
+        f"checkpoint {saved.path}",
+        f"--data {data_dir}",
+    )
     if warning:  # every rank checks; one says so
         log = logging.getLogger(__name__)
         (log.warning if launcher_rank() == 0 else log.debug)("%s", warning)
     tokens = data.split(split)
     if len(tokens) < 2:
-        raise UserError(f"--data {data_dir}: split {split!r} has {len(tokens)} tokens, at least 2 needed (one "
-                        "prediction)")
+        raise UserError(
+            f"--data {data_dir}: split {split!r} has {len(tokens)} tokens, at least 2 needed (one "
+            "prediction)"
+        )
     return tokens

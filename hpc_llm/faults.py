@@ -65,7 +65,9 @@ def failure_line(exc: BaseException, rank: int | None = None) -> str:
     """The one line that says which rank failed, where, and with what."""
     rank = launcher_rank() if rank is None else rank
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"rank {rank} failed in {PHASE.describe()}: {type(exc).__name__}" + (f": {text}" if text else "")
+    return f"rank {rank} failed in {PHASE.describe()}: {type(exc).__name__}" + (
+        f": {text}" if text else ""
+    )
 
 
 # -- the watchdog ----------------------------------------------------------------------------------------------------
@@ -87,7 +89,9 @@ class Watchdog:
             self._thread.start()
 
     def enter(self, op: str) -> None:
-        self._since = time.monotonic()  # before _op: the thread never sees an op with an old start time
+        self._since = (
+            time.monotonic()
+        )  # before _op: the thread never sees an op with an old start time
         self._op = op
 
     def leave(self) -> None:
@@ -101,9 +105,11 @@ class Watchdog:
                 continue
             waited = time.monotonic() - since
             if waited > self.timeout_s and self._op is op:
-                sys.stderr.write(f"hpc-llm: rank {launcher_rank()}: no progress for {waited:.0f} s in {op} "
-                                 f"({PHASE.describe()}; parallel.comm_timeout_s={self.timeout_s:g}): a peer has "
-                                 "stopped, died or is stuck; aborting the job\n")
+                sys.stderr.write(
+                    f"hpc-llm: rank {launcher_rank()}: no progress for {waited:.0f} s in {op} "
+                    f"({PHASE.describe()}; parallel.comm_timeout_s={self.timeout_s:g}): a peer has "
+                    "stopped, died or is stuck; aborting the job\n"
+                )
                 sys.stderr.flush()
                 abort_job(1)
 
@@ -138,8 +144,10 @@ def _faults() -> list[tuple[str, str, int, int | None]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
         if len(parts) not in (3, 4) or parts[0] not in KINDS or parts[1] not in POINTS:
-            raise ValueError(f"HPC_LLM_FAULT item {item!r}: expected KIND:POINT:RANK[:STEP] with KIND in {KINDS} and "
-                             f"POINT in {POINTS}")
+            raise ValueError(
+                f"HPC_LLM_FAULT item {item!r}: expected KIND:POINT:RANK[:STEP] with KIND in {KINDS} and "
+                f"POINT in {POINTS}"
+            )
         out.append((parts[0], parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else None))
     return out
 
@@ -158,8 +166,11 @@ def inject(point: str, step: int | None = None) -> bool:
         if where != point or r != rank or (at is not None and at != step) or fault in _fired:
             continue
         _fired.add(fault)
-        sys.stderr.write(f"hpc-llm: rank {rank}: injecting {kind} at {point}" +
-                         ("" if step is None else f" (step {step})") + "\n")
+        sys.stderr.write(
+            f"hpc-llm: rank {rank}: injecting {kind} at {point}"
+            + ("" if step is None else f" (step {step})")
+            + "\n"
+        )
         sys.stderr.flush()
         if kind == "raise":
             raise InjectedFault(f"injected at {point}")

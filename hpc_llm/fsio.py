@@ -52,7 +52,7 @@ class DirectoryLock:
         self.fd, self.path = fd, path
 
     @classmethod
-    def lock(cls, directory: Path, what: str, create: bool = True) -> "DirectoryLock | None":
+    def lock(cls, directory: Path, what: str, create: bool = True) -> DirectoryLock | None:
         import fcntl
 
         path = Path(directory) / ".lock"
@@ -67,13 +67,20 @@ class DirectoryLock:
             os.close(fd)
             from hpc_llm.errors import UserError
 
-            raise UserError(f"{what}={directory} is in use by a live run ({holder}): wait for it to end, or choose "
-                            "another directory") from None
+            raise UserError(
+                f"{what}={directory} is in use by a live run ({holder}): wait for it to end, or choose "
+                "another directory"
+            ) from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem does not lock
             import logging
 
-            logging.getLogger("hpc_llm").warning("%s: cannot lock %s (%s): nothing stops a second run from using "
-                                                 "it at the same time", what, path, e.strerror)
+            logging.getLogger("hpc_llm").warning(
+                "%s: cannot lock %s (%s): nothing stops a second run from using "
+                "it at the same time",
+                what,
+                path,
+                e.strerror,
+            )
         return cls(fd, path)
 
     def claim(self) -> None:
@@ -81,8 +88,10 @@ class DirectoryLock:
         import time
 
         job = os.environ.get("SLURM_JOB_ID")
-        text = (f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                + (f", Slurm job {job}" if job else ""))
+        text = (
+            f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            + (f", Slurm job {job}" if job else "")
+        )
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, text.encode() + b"\n", 0)
 

@@ -38,13 +38,20 @@ from hpc_llm.parallel.comm import Comm
 _SOLO = Comm(None)
 
 
-def check_options(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                  top_p: float | None = None) -> None:
+def check_options(
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    top_p: float | None = None,
+) -> None:
     """UserError, naming the option as `hpc-llm generate` spells it, unless every sampling option is in range."""
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens: expected a non-negative integer, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"--temperature: expected a finite non-negative number (0: greedy), got {temperature}")
+        raise UserError(
+            f"--temperature: expected a finite non-negative number (0: greedy), got {temperature}"
+        )
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k: expected a positive integer, got {top_k}")
     if top_p is not None and not (0 < top_p <= 1):
@@ -66,7 +73,9 @@ def _uniforms(rngs, n: int) -> np.ndarray:
 def _greedy(z: np.ndarray, v0: int, comm: Comm) -> np.ndarray:
     rows = np.arange(z.shape[0])
     a = z.argmax(axis=1)
-    mine = np.stack([z[rows, a], (a + v0).astype(np.float64)], axis=1)  # (B, 2): value, global index
+    mine = np.stack(
+        [z[rows, a], (a + v0).astype(np.float64)], axis=1
+    )  # (B, 2): value, global index
     every = comm.allgather(mine)  # (P, B, 2)
     best = every[:, :, 0].argmax(axis=0)  # the first rank with the max: the lowest index among ties
     return every[best, rows, 1].astype(np.int64)
@@ -75,8 +84,14 @@ def _greedy(z: np.ndarray, v0: int, comm: Comm) -> np.ndarray:
 def _top_k_threshold(z: np.ndarray, k: int, comm: Comm) -> np.ndarray:
     """The k-th largest of each row of the whole (sharded) z: the k-th largest of the union of the shards' top k."""
     kl = min(k, z.shape[1])
-    local = -np.sort(-z, axis=1)[:, :kl] if kl < 64 else np.partition(z, z.shape[1] - kl, axis=1)[:, -kl:]
-    union = np.moveaxis(comm.allgather(np.ascontiguousarray(local)), 0, 1).reshape(z.shape[0], -1)  # (B, P kl)
+    local = (
+        -np.sort(-z, axis=1)[:, :kl]
+        if kl < 64
+        else np.partition(z, z.shape[1] - kl, axis=1)[:, -kl:]
+    )
+    union = np.moveaxis(comm.allgather(np.ascontiguousarray(local)), 0, 1).reshape(
+        z.shape[0], -1
+    )  # (B, P kl)
     if union.shape[1] < k:  # fewer entries than k in the whole row: all kept
         return np.full(z.shape[0], -np.inf)
     return -np.partition(-union, k - 1, axis=1)[:, k - 1]
@@ -102,8 +117,11 @@ def candidates(z: np.ndarray, v0: int, comm: Comm, top_p: float):
     n = kept if top_p >= 1 else min(kept, 64)
     rows = np.arange(B)
     while True:
-        sel = (np.argpartition(-e, n - 1, axis=1)[:, :n] if 0 < n < Vl else
-               np.broadcast_to(np.arange(Vl), z.shape))
+        sel = (
+            np.argpartition(-e, n - 1, axis=1)[:, :n]
+            if 0 < n < Vl
+            else np.broadcast_to(np.arange(Vl), z.shape)
+        )
         p = np.take_along_axis(e, sel, axis=1) / s[:, None]
         order = np.lexsort((sel, -p), axis=1)  # p desc, index asc
         ps, gi = np.take_along_axis(p, order, axis=1), np.take_along_axis(sel, order, axis=1) + v0
@@ -121,9 +139,14 @@ def candidates(z: np.ndarray, v0: int, comm: Comm, top_p: float):
     K = int(comm.allreduce_(np.array([count.max() if B else 0], dtype=np.int64), op="max")[0])
     K = max(K, 1)
     if ps.shape[1] < K:
-        ps, gi = np.pad(ps, ((0, 0), (0, K - ps.shape[1]))), np.pad(gi, ((0, 0), (0, K - gi.shape[1])))
+        ps, gi = (
+            np.pad(ps, ((0, 0), (0, K - ps.shape[1]))),
+            np.pad(gi, ((0, 0), (0, K - gi.shape[1]))),
+        )
     live = np.arange(K)[None, :] < count[:, None]
-    send = np.stack([np.where(live, ps[:, :K], 0.0), np.where(live, gi[:, :K], np.iinfo(np.int32).max)], axis=1)
+    send = np.stack(
+        [np.where(live, ps[:, :K], 0.0), np.where(live, gi[:, :K], np.iinfo(np.int32).max)], axis=1
+    )
     every = np.moveaxis(comm.allgather(send), 0, 2)  # (P, B, 2, K) -> (B, 2, P, K)
     return every[:, 0].reshape(B, -1), every[:, 1].reshape(B, -1)
 
@@ -145,7 +168,9 @@ def _nucleus_draw(p: np.ndarray, idx: np.ndarray, top_p: float, u: np.ndarray) -
     p, idx, c, m = nucleus(p, idx, top_p)
     rows = np.arange(p.shape[0])
     total = c[rows, m - 1]
-    pick = (c <= (u * total)[:, None]).sum(axis=1)  # the first entry whose cumulative mass passes u * total
+    pick = (c <= (u * total)[:, None]).sum(
+        axis=1
+    )  # the first entry whose cumulative mass passes u * total
     pick = np.minimum(pick, m - 1)
     return idx[rows, pick].astype(np.int64)
 
@@ -159,19 +184,31 @@ def _inverse_cdf(z: np.ndarray, v0: int, comm: Comm, u: np.ndarray) -> np.ndarra
     cum = np.cumsum(mass, axis=0)
     target = u * cum[-1]
     owner = (cum <= target[None, :]).sum(axis=0)  # the rank whose cumulative mass passes u
-    owner = np.minimum(owner, comm.size - 1 - (mass[::-1] > 0).argmax(axis=0))  # rounding: the last with mass
+    owner = np.minimum(
+        owner, comm.size - 1 - (mass[::-1] > 0).argmax(axis=0)
+    )  # rounding: the last with mass
     out = np.zeros(B, dtype=np.int64)
     here = np.flatnonzero(owner == comm.rank)
     if here.size:
         before = (cum - mass)[comm.rank, here]
         j = (c[here] <= (target[here] - before)[:, None]).sum(axis=1)
-        last = Vl - 1 - (e[here, ::-1] > 0).argmax(axis=1)  # rounding at the very end: the last entry with mass
+        last = (
+            Vl - 1 - (e[here, ::-1] > 0).argmax(axis=1)
+        )  # rounding at the very end: the last entry with mass
         out[here] = np.minimum(j, last) + v0
     return comm.allreduce_(out, op="sum")
 
 
-def sample_sharded(logits, v0: int, comm: Comm, rngs, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None, vocab_size: int | None = None) -> np.ndarray:
+def sample_sharded(
+    logits,
+    v0: int,
+    comm: Comm,
+    rngs,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    vocab_size: int | None = None,
+) -> np.ndarray:
     """Next ids (B,) from this rank's vocabulary slice of the logits (B, Vl) (columns v0.., -inf on padding), the
     same on every rank of comm (the module docstring's schemes). rngs: one Generator per row (or one for all rows,
     drawn in row order); every rank must hold the same. Temperature first, then top-k, then top-p."""
@@ -191,10 +228,17 @@ def sample_sharded(logits, v0: int, comm: Comm, rngs, temperature: float, top_k:
     return _nucleus_draw(probs, idx, 1.0 if p is None else p, u)
 
 
-def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None,
-                top_p: float | None = None) -> np.ndarray:
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None = None,
+) -> np.ndarray:
     """logits (B, V) on the host -> next ids (B,), one process. temperature 0 is greedy."""
-    return sample_sharded(logits, 0, _SOLO, rng, temperature, top_k, top_p, vocab_size=np.shape(logits)[-1])
+    return sample_sharded(
+        logits, 0, _SOLO, rng, temperature, top_k, top_p, vocab_size=np.shape(logits)[-1]
+    )
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------------
@@ -205,8 +249,16 @@ def prompt_streams(seed: int, indices) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, int(i)]) for i in indices]
 
 
-def generate_batch(model: GPT, prompts: list, max_new_tokens: int, temperature: float = 1.0,
-                   top_k: int | None = None, seed: int = 0, top_p: float | None = None, indices=None) -> list:
+def generate_batch(
+    model: GPT,
+    prompts: list,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    top_p: float | None = None,
+    indices=None,
+) -> list:
     """Prompts (a list of 1-D id arrays, any lengths) -> their new tokens, (max_new_tokens,) each, decoded together.
 
     Each prompt's context is its last block_size tokens; the batch is prefilled right-padded (row b's real tokens at
@@ -231,33 +283,46 @@ def generate_batch(model: GPT, prompts: list, max_new_tokens: int, temperature: 
         cache.release()
 
 
-def _decode(model: GPT, cache: KVCache, prompts: list, max_new_tokens: int, rngs, temperature, top_k, top_p):
+def _decode(
+    model: GPT, cache: KVCache, prompts: list, max_new_tokens: int, rngs, temperature, top_k, top_p
+):
     T, B = model.cfg.block_size, len(prompts)
     out = [list(p) for p in prompts]
     new = np.zeros((B, max_new_tokens), dtype=np.int64)
     logits = _prefill(model, cache, [p[-T:] for p in prompts])
     for step in range(max_new_tokens):
-        nxt = sample_sharded(logits, model.v0, model.tp, rngs, temperature, top_k, top_p, model.cfg.vocab_size)
+        nxt = sample_sharded(
+            logits, model.v0, model.tp, rngs, temperature, top_k, top_p, model.cfg.vocab_size
+        )
         new[:, step] = nxt
         for row, t in zip(out, nxt):
             row.append(int(t))
         if step == max_new_tokens - 1:
             break
         full = np.flatnonzero(cache.lengths == T)
-        if full.size:  # rebuilt first: their caches restart at T // 2, so the step below fits for every row
+        if (
+            full.size
+        ):  # rebuilt first: their caches restart at T // 2, so the step below fits for every row
             # in a cache of their own (a one-token row fed beside T // 2 tokens would pad past block_size); the
             # model's pool keeps one buffer, the largest, and a smaller cache is a view of it: rebuilds of
             # different row counts do not pile up buffers
             sub = KVCache(model, full.size, reuse=True)
-            rebuilt = _prefill(model, sub, [np.asarray(out[r][-(T // 2):]) for r in full])
+            rebuilt = _prefill(model, sub, [np.asarray(out[r][-(T // 2) :]) for r in full])
             cache.take(full, sub)
             sub.release()
         rest = np.setdiff1d(np.arange(B), full)
         if rest.size:
             n = np.zeros(B, dtype=np.int64)
-            n[rest] = 1  # the rebuilt rows ride along (their token is in their rebuilt context already)
-            step_logits = model.forward_cached(model.xp.asarray(nxt[:, None]), cache, lengths=n if full.size else None,
-                                               last=True, split=True)
+            n[rest] = (
+                1  # the rebuilt rows ride along (their token is in their rebuilt context already)
+            )
+            step_logits = model.forward_cached(
+                model.xp.asarray(nxt[:, None]),
+                cache,
+                lengths=n if full.size else None,
+                last=True,
+                split=True,
+            )
         if full.size and rest.size:
             logits = step_logits.copy()
             logits[full] = rebuilt
@@ -271,13 +336,22 @@ def _prefill(model: GPT, cache: KVCache, contexts: list):
     n = np.array([len(c) for c in contexts])
     idx = np.zeros((len(contexts), int(n.max())), dtype=np.int64)
     for b, c in enumerate(contexts):
-        idx[b, :len(c)] = c
+        idx[b, : len(c)] = c
     lengths = None if (n == n[0]).all() else n
-    return model.forward_cached(model.xp.asarray(idx), cache, lengths=lengths, last=True, split=True)
+    return model.forward_cached(
+        model.xp.asarray(idx), cache, lengths=lengths, last=True, split=True
+    )
 
 
-def generate(model: GPT, prompt: np.ndarray, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             seed: int = 0, top_p: float | None = None) -> np.ndarray:
+def generate(
+    model: GPT,
+    prompt: np.ndarray,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    top_p: float | None = None,
+) -> np.ndarray:
     """prompt (B, T0) ids -> (B, T0 + max_new_tokens): generate_batch on its rows (row i sampling from the stream
     default_rng([seed, i]))."""
     check_options(max_new_tokens, temperature, top_k, seed, top_p)
@@ -285,10 +359,14 @@ def generate(model: GPT, prompt: np.ndarray, max_new_tokens: int, temperature: f
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise UserError("prompt: expected at least one token")
     new = generate_batch(model, list(prompt), max_new_tokens, temperature, top_k, seed, top_p)
-    return np.concatenate([prompt, np.array(new, dtype=np.int64).reshape(prompt.shape[0], max_new_tokens)], axis=1)
+    return np.concatenate(
+        [prompt, np.array(new, dtype=np.int64).reshape(prompt.shape[0], max_new_tokens)], axis=1
+    )
 
 
-def generate_prompts(model: GPT, prompts: list, max_new_tokens: int, batch_size: int = 8, **kw) -> list[dict]:
+def generate_prompts(
+    model: GPT, prompts: list, max_new_tokens: int, batch_size: int = 8, **kw
+) -> list[dict]:
     """Many prompts (id arrays), batch_size at a time in their order; prompt i samples from default_rng([seed, i])
     wherever it is batched. -> [{"tokens": new ids (list), "seconds": the wall time of its batch}, ...]."""
     if batch_size < 1:
@@ -296,7 +374,7 @@ def generate_prompts(model: GPT, prompts: list, max_new_tokens: int, batch_size:
     results = []
     for a in range(0, len(prompts), batch_size):
         t0 = time.perf_counter()
-        chunk = prompts[a:a + batch_size]
+        chunk = prompts[a : a + batch_size]
         new = generate_batch(model, chunk, max_new_tokens, indices=range(a, a + len(chunk)), **kw)
         dt = time.perf_counter() - t0
         results += [{"tokens": [int(t) for t in row], "seconds": dt} for row in new]
@@ -316,7 +394,9 @@ def tp_from_sets(sets, world_size: int, verb: str = "generate", data_parallel: b
         if not eq:
             raise UserError(f"--set {item}: expected SECTION.KEY=VALUE")
         if key.strip() != "parallel.tp":
-            raise UserError(f"--set {key.strip()}: `hpc-llm {verb}` takes only parallel.tp (the tensor-parallel size)")
+            raise UserError(
+                f"--set {key.strip()}: `hpc-llm {verb}` takes only parallel.tp (the tensor-parallel size)"
+            )
         try:
             tp = int(value)
         except ValueError:
@@ -324,11 +404,15 @@ def tp_from_sets(sets, world_size: int, verb: str = "generate", data_parallel: b
         if tp < 1:
             raise UserError(f"--set parallel.tp={value}: expected a positive integer")
     if data_parallel and world_size % tp:
-        raise UserError(f"parallel.tp={tp} but {world_size} rank(s): `hpc-llm {verb}` runs dp x tp ranks, so "
-                        "parallel.tp must divide the number of ranks")
+        raise UserError(
+            f"parallel.tp={tp} but {world_size} rank(s): `hpc-llm {verb}` runs dp x tp ranks, so "
+            "parallel.tp must divide the number of ranks"
+        )
     if not data_parallel and tp != world_size:
-        raise UserError(f"parallel.tp={tp} but {world_size} rank(s): `hpc-llm {verb}` runs one tensor-parallel "
-                        f"group, so start it with `mpiexec -n {tp}`")
+        raise UserError(
+            f"parallel.tp={tp} but {world_size} rank(s): `hpc-llm {verb}` runs one tensor-parallel "
+            f"group, so start it with `mpiexec -n {tp}`"
+        )
     return tp
 
 
@@ -343,7 +427,9 @@ def read_prompts(path) -> list[str]:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(
+            f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -15,7 +15,8 @@ Only what our model computes is accepted: tanh-GELU (`gelu_new` / `gelu_pytorch_
 attention scaled by 1/sqrt(head_dim) and nothing else, no cross-attention, a tied head. Anything else is a UserError
 naming the field, never a silently different model. Float16/bfloat16/float64 tensors are converted to float32.
 
-The checkpoint is the one `Trainer.save` writes at step 0 (zero Adam moments, empty metrics), so `hpc_llm.load_model(path)` loads it and `hpc-llm train CONFIG --resume path`
+The checkpoint is the one `Trainer.save` writes at step 0 (zero Adam moments, empty metrics), so
+`hpc_llm.load_model(path)` loads it and `hpc-llm train CONFIG --resume path`
 fine-tunes it when CONFIG's [model] section matches (n_layer, n_head, n_embd, block_size = n_positions, vocab_size).
 
 The tokenizer comes from the same directory when it has one: `tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`
@@ -41,14 +42,23 @@ from hpc_llm.config import Config, ModelConfig, validate
 from hpc_llm.errors import UserError
 from hpc_llm.tokenizer import BPETokenizer, find_tokenizer_files
 
-__all__ = ["import_gpt2", "read_gpt2_dir", "read_gpt2_config", "load_gpt2_tensors", "gpt2_tensors_to_params"]
+__all__ = [
+    "import_gpt2",
+    "read_gpt2_dir",
+    "read_gpt2_config",
+    "load_gpt2_tensors",
+    "gpt2_tensors_to_params",
+]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PREFIX = "transformer."
 TOKENIZER_META_NAME = "gpt2-bpe"
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+ACTIVATIONS = (
+    "gelu_new",
+    "gelu_pytorch_tanh",
+)  # both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 LAYER_NORM_EPS = 1e-5
 _REQUIRED = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
 _BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers, not parameters
@@ -69,8 +79,10 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
     if not model_dir.exists():
         raise UserError(f"{model_dir}: GPT-2 model directory does not exist")
     if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: is not a directory (expected a Hugging Face GPT-2 model directory with "
-                        f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise UserError(
+            f"{model_dir}: is not a directory (expected a Hugging Face GPT-2 model directory with "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (expected a Hugging Face GPT-2 config.json)")
@@ -83,10 +95,14 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
 
     model_type = hf.get("model_type")
     if model_type != "gpt2":
-        raise UserError(f"{path}: model_type is {model_type!r}, expected \"gpt2\" (only GPT-2 models can be imported)")
+        raise UserError(
+            f'{path}: model_type is {model_type!r}, expected "gpt2" (only GPT-2 models can be imported)'
+        )
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
-        raise UserError(f"{path}: missing {', '.join(missing)} (a GPT-2 config needs {', '.join(_REQUIRED)})")
+        raise UserError(
+            f"{path}: missing {', '.join(missing)} (a GPT-2 config needs {', '.join(_REQUIRED)})"
+        )
     for key in _REQUIRED:
         value = hf[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -101,26 +117,45 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
 
     act = hf.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise unsupported("activation_function", act, " or ".join(f'"{a}"' for a in ACTIVATIONS) + " (tanh GELU)")
+        raise unsupported(
+            "activation_function", act, " or ".join(f'"{a}"' for a in ACTIVATIONS) + " (tanh GELU)"
+        )
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isclose(eps, LAYER_NORM_EPS,
-                                                                                      rel_tol=1e-9):
+    if (
+        not isinstance(eps, (int, float))
+        or isinstance(eps, bool)
+        or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-9)
+    ):
         raise unsupported("layer_norm_epsilon", eps, "1e-05")
     n_inner = hf.get("n_inner")
     if n_inner is not None and n_inner != 4 * n_embd:
         raise unsupported("n_inner", n_inner, f"null or 4 * n_embd = {4 * n_embd}")
-    for key, ours in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("reorder_and_upcast_attn", False), ("add_cross_attention", False),
-                      ("tie_word_embeddings", True)):
+    for key, ours in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),
+        ("tie_word_embeddings", True),
+    ):
         value = hf.get(key, ours)
         if value is not ours:
-            what = "a head tied to wte (untied LM heads are unsupported)" if key == "tie_word_embeddings" else \
-                f"{key} = {str(ours).lower()}"
+            what = (
+                "a head tied to wte (untied LM heads are unsupported)"
+                if key == "tie_word_embeddings"
+                else f"{key} = {str(ours).lower()}"
+            )
             raise unsupported(key, value, what)
 
     cfg = Config()
-    cfg.model = ModelConfig(n_layer=hf["n_layer"], n_head=n_head, n_embd=n_embd, block_size=hf["n_positions"],
-                            vocab_size=hf["vocab_size"], dropout=0.0, dtype="float32")
+    cfg.model = ModelConfig(
+        n_layer=hf["n_layer"],
+        n_head=n_head,
+        n_embd=n_embd,
+        block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"],
+        dropout=0.0,
+        dtype="float32",
+    )
     validate(cfg)
     return cfg, hf
 
@@ -134,7 +169,9 @@ def _safetensors():
         import safetensors
         from safetensors import safe_open
     except ImportError:
-        raise UserError("importing GPT-2 weights needs the safetensors package: pip install hpc_llm[import]") from None
+        raise UserError(
+            "importing GPT-2 weights needs the safetensors package: pip install hpc_llm[import]"
+        ) from None
     return safetensors, safe_open
 
 
@@ -161,9 +198,15 @@ def _read_file(path: Path, into: dict[str, np.ndarray], only: set[str] | None = 
                     raise UserError(f"{path}: tensor {key} appears in more than one file")
                 try:
                     into[key] = f.get_tensor(key)
-                    if into[key].dtype.name == "bfloat16":  # ml_dtypes imported: NumPy knows the name, its kind is V
-                        into[key] = into[key].astype(np.float32)  # exact, as the raw-bytes path below gives
-                except TypeError as exc:  # "data type 'bfloat16' not understood" (ml_dtypes not imported)
+                    if (
+                        into[key].dtype.name == "bfloat16"
+                    ):  # ml_dtypes imported: NumPy knows the name, its kind is V
+                        into[key] = into[key].astype(
+                            np.float32
+                        )  # exact, as the raw-bytes path below gives
+                except (
+                    TypeError
+                ) as exc:  # "data type 'bfloat16' not understood" (ml_dtypes not imported)
                     if "bfloat16" not in str(exc):
                         raise
                     bf16.append(key)
@@ -189,7 +232,9 @@ def load_gpt2_tensors(model_dir) -> dict[str, np.ndarray]:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{index}: expected JSON with a \"weight_map\" object ({_one_line(exc)})") from None
+            raise UserError(
+                f'{index}: expected JSON with a "weight_map" object ({_one_line(exc)})'
+            ) from None
         shards: dict[str, set[str]] = {}
         for key, name in weight_map.items():
             shards.setdefault(str(name), set()).add(key)
@@ -200,7 +245,9 @@ def load_gpt2_tensors(model_dir) -> dict[str, np.ndarray]:
             _read_file(shard, tensors, only=keys)
             absent = keys - tensors.keys()
             if absent:
-                raise UserError(f"{shard}: has no tensor {sorted(absent)[0]} (named by {INDEX_FILE})")
+                raise UserError(
+                    f"{shard}: has no tensor {sorted(absent)[0]} (named by {INDEX_FILE})"
+                )
         return tensors
     hint = ""
     if (model_dir / "pytorch_model.bin").exists():
@@ -212,7 +259,9 @@ def load_gpt2_tensors(model_dir) -> dict[str, np.ndarray]:
 # the mapping
 
 
-def gpt2_tensors_to_params(tensors: dict, cfg: ModelConfig, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
+def gpt2_tensors_to_params(
+    tensors: dict, cfg: ModelConfig, source: str = WEIGHTS_FILE
+) -> dict[str, np.ndarray]:
     """Hugging Face GPT-2 tensors (keys with or without `transformer.`) -> our parameters in `cfg.dtype`, in
     `param_specs` order, wte padded with zero rows to `cfg.padded_vocab`. `source` names the file in errors."""
     from hpc_llm.model.gpt import param_specs
@@ -223,10 +272,12 @@ def gpt2_tensors_to_params(tensors: dict, cfg: ModelConfig, source: str = WEIGHT
     head = None
     unexpected = []
     for key, value in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name in expected:
             if name in found:
-                raise UserError(f"{source}: tensor {name} appears twice ({found[name][0]} and {key})")
+                raise UserError(
+                    f"{source}: tensor {name} appears twice ({found[name][0]} and {key})"
+                )
             found[name] = (key, value)
         elif key == "lm_head.weight":
             head = value
@@ -235,12 +286,16 @@ def gpt2_tensors_to_params(tensors: dict, cfg: ModelConfig, source: str = WEIGHT
         else:
             unexpected.append(key)
     if unexpected:
-        raise UserError(f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all; a GPT-2 LM has "
-                        "wte, wpe, h.N.{ln_1,attn,ln_2,mlp}.*, ln_f and optionally a tied lm_head)")
+        raise UserError(
+            f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all; a GPT-2 LM has "
+            "wte, wpe, h.N.{ln_1,attn,ln_2,mlp}.*, ln_f and optionally a tied lm_head)"
+        )
     missing = [n for n in expected if n not in found]
     if missing:
-        raise UserError(f"{source}: missing tensor {PREFIX}{missing[0]} ({len(missing)} missing in all) for a "
-                        f"{cfg.n_layer}-layer GPT-2")
+        raise UserError(
+            f"{source}: missing tensor {PREFIX}{missing[0]} ({len(missing)} missing in all) for a "
+            f"{cfg.n_layer}-layer GPT-2"
+        )
 
     dtype = np.dtype(cfg.dtype)
     V, C = cfg.vocab_size, cfg.n_embd
@@ -250,22 +305,30 @@ def gpt2_tensors_to_params(tensors: dict, cfg: ModelConfig, source: str = WEIGHT
         arr = np.asarray(value)
         want = (V, C) if s.name == "wte.weight" else s.shape
         if tuple(arr.shape) != want:
-            raise UserError(f"{source}: tensor {key} has shape {tuple(arr.shape)}, expected {want} from config.json")
+            raise UserError(
+                f"{source}: tensor {key} has shape {tuple(arr.shape)}, expected {want} from config.json"
+            )
         if arr.dtype.kind != "f":
-            raise UserError(f"{source}: tensor {key} has dtype {arr.dtype}, expected a floating-point type")
+            raise UserError(
+                f"{source}: tensor {key} has dtype {arr.dtype}, expected a floating-point type"
+            )
         if not np.isfinite(arr).all():
             raise UserError(f"{source}: tensor {key} contains NaN or infinite values")
         if s.name == "wte.weight":
             out = np.zeros(s.shape, dtype=dtype)
             out[:V] = arr
         else:
-            out = np.array(arr, dtype=dtype, order="C")  # a copy: the inputs may be read-only memory maps
+            out = np.array(
+                arr, dtype=dtype, order="C"
+            )  # a copy: the inputs may be read-only memory maps
         params[s.name] = out
     if head is not None:
         wte = found["wte.weight"][1]
         if tuple(np.shape(head)) != (V, C) or not np.array_equal(head, wte):
-            raise UserError(f"{source}: lm_head.weight differs from {found['wte.weight'][0]}; untied LM heads are "
-                            "unsupported (hpc_llm's head is the token embedding)")
+            raise UserError(
+                f"{source}: lm_head.weight differs from {found['wte.weight'][0]}; untied LM heads are "
+                "unsupported (hpc_llm's head is the token embedding)"
+            )
     return params
 
 
@@ -286,8 +349,10 @@ def _empty_metrics() -> dict:
     try:
         from hpc_llm.train import Metrics
     except ImportError:  # pragma: no cover - keep the import usable if the trainer's layout changes
-        return {"train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")},
-                "eval": {k: [] for k in ("step", "train_loss", "val_loss")}}
+        return {
+            "train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")},
+            "eval": {k: [] for k in ("step", "train_loss", "val_loss")},
+        }
     return Metrics().as_dict()
 
 
@@ -299,17 +364,23 @@ def import_gpt2(model_dir, out) -> Path:
 
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"{out}: is a directory; --out expects a checkpoint file path such as {out / 'gpt2.h5'}")
+        raise UserError(
+            f"{out}: is a directory; --out expects a checkpoint file path such as {out / 'gpt2.h5'}"
+        )
     cfg, params = read_gpt2_dir(model_dir)
     V = cfg.model.vocab_size
     tokenizer = {"tokenizer": TOKENIZER_META_NAME, "vocab_size": V}
     if find_tokenizer_files(model_dir) is not None:
         tok = BPETokenizer.from_dir(model_dir, TOKENIZER_META_NAME)
         if tok.vocab_size > V:
-            raise UserError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
-                            f"vocab_size {V} in {CONFIG_FILE}")
+            raise UserError(
+                f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                f"vocab_size {V} in {CONFIG_FILE}"
+            )
         tokenizer = tok.meta()
-    optimizer = {slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")}
+    optimizer = {
+        slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")
+    }
     state = {
         "step": 0,
         "tokens_seen": 0,
@@ -320,15 +391,22 @@ def import_gpt2(model_dir, out) -> Path:
     # every rank would write the same file: refused on each alike (the world size is known everywhere), after the
     # inputs' own checks (the same verdict on every rank), before anything is created
     if (ranks := world_comm().size) > 1:
-        raise UserError(f"hpc-llm import-gpt2 runs on one process, got {ranks} ranks: run it without mpiexec")
+        raise UserError(
+            f"hpc-llm import-gpt2 runs on one process, got {ranks} ranks: run it without mpiexec"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out}: cannot create directory {out.parent} ({_one_line(exc)})") from None
     try:
-        ckpt.save_checkpoint(out, params=params, optimizer=optimizer, state=state, config=cfg.to_dict(),
-                             metrics=_empty_metrics())
+        ckpt.save_checkpoint(
+            out,
+            params=params,
+            optimizer=optimizer,
+            state=state,
+            config=cfg.to_dict(),
+            metrics=_empty_metrics(),
+        )
     except OSError as exc:
         raise UserError(f"{out}: cannot write checkpoint ({_one_line(exc)})") from None
     return out
-

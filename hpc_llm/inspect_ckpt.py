@@ -29,7 +29,9 @@ def open_verified(arg) -> tuple[Path, h5py.File]:
     try:
         return path, h5py.File(path, "r")
     except OSError as exc:
-        raise UserError(f"{path}: cannot open checkpoint: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise UserError(
+            f"{path}: cannot open checkpoint: {str(exc).splitlines()[0] if str(exc) else exc}"
+        ) from None
 
 
 def tensor_names(f: h5py.File) -> list[str]:
@@ -57,8 +59,13 @@ def tensor_stats(a: np.ndarray) -> dict[str, float]:
     x = np.asarray(a, dtype=np.float64)
     if x.size == 0:
         return {"norm": 0.0, "mean": np.nan, "std": np.nan, "min": np.nan, "max": np.nan}
-    return {"norm": float(np.linalg.norm(x.ravel())), "mean": float(x.mean()), "std": float(x.std()),
-            "min": float(x.min()), "max": float(x.max())}
+    return {
+        "norm": float(np.linalg.norm(x.ravel())),
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "min": float(x.min()),
+        "max": float(x.max()),
+    }
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -103,8 +110,10 @@ def describe(arg) -> list[str]:
         for name in tensor_names(f):
             dset = f[name]
             s = tensor_stats(dset[()])  # one tensor in memory at a time
-            rows.append([name, _shape(dset.shape), str(dset.dtype)] +
-                        [_num(s[k]) for k in ("norm", "mean", "std", "min", "max")])
+            rows.append(
+                [name, _shape(dset.shape), str(dset.dtype)]
+                + [_num(s[k]) for k in ("norm", "mean", "std", "min", "max")]
+            )
         lines.append(f"tensors ({len(rows) - 1}):")
         lines += _table(rows) if len(rows) > 1 else ["  (none)"]
 
@@ -113,9 +122,13 @@ def describe(arg) -> list[str]:
             lines.append("  (none)")
         for table, group in f["metrics"].items():
             lengths = {col: d.shape[0] for col, d in group.items()}
-            last = ", ".join(f"{col}={_num(float(d[-1]))}" for col, d in group.items() if d.shape[0])
+            last = ", ".join(
+                f"{col}={_num(float(d[-1]))}" for col, d in group.items() if d.shape[0]
+            )
             n = sorted(set(lengths.values()))
-            rows_text = str(n[0]) if len(n) == 1 else ", ".join(f"{c}={k}" for c, k in lengths.items())
+            rows_text = (
+                str(n[0]) if len(n) == 1 else ", ".join(f"{c}={k}" for c, k in lengths.items())
+            )
             lines.append(f"  {table}: rows {rows_text or 0}; last {last or '-'}")
     return lines
 
@@ -145,29 +158,45 @@ def compare(arg_a, arg_b) -> list[str]:
 
         ca, cb = (flatten(_json_attr(f, "config_json")) for f in (fa, fb))
         missing = "<missing>"
-        diffs = [(k, ca.get(k, missing), cb.get(k, missing)) for k in sorted(set(ca) | set(cb))
-                 if ca.get(k, missing) != cb.get(k, missing)]
+        diffs = [
+            (k, ca.get(k, missing), cb.get(k, missing))
+            for k in sorted(set(ca) | set(cb))
+            if ca.get(k, missing) != cb.get(k, missing)
+        ]
         lines.append(f"config differences ({len(diffs)}):")
-        lines += [f"  {k}: {v if v is missing else json.dumps(v)} -> {w if w is missing else json.dumps(w)}"
-                  for k, v, w in diffs] or ["  (none)"]
+        lines += [
+            f"  {k}: {v if v is missing else json.dumps(v)} -> {w if w is missing else json.dumps(w)}"
+            for k, v, w in diffs
+        ] or ["  (none)"]
 
         names_a, names_b = tensor_names(fa), tensor_names(fb)
         set_a, set_b = set(names_a), set(names_b)
         common = [n for n in names_a if n in set_b]
-        only = [(n, "A") for n in names_a if n not in set_b] + [(n, "B") for n in names_b if n not in set_a]
+        only = [(n, "A") for n in names_a if n not in set_b] + [
+            (n, "B") for n in names_b if n not in set_a
+        ]
         n_same = n_diff = 0
         rows = [["name", "shape", "result", "max_abs_diff", "rel_l2_diff"]]
         for name in common:
             da, db = fa[name], fb[name]
             if da.shape != db.shape:
                 n_diff += 1
-                rows.append([name, f"{_shape(da.shape)} vs {_shape(db.shape)}", "shape differs", "-", "-"])
+                rows.append(
+                    [name, f"{_shape(da.shape)} vs {_shape(db.shape)}", "shape differs", "-", "-"]
+                )
                 continue
             c = compare_tensors(da[()], db[()])
             n_same += c["identical"]
             n_diff += not c["identical"]
-            rows.append([name, _shape(da.shape), "identical" if c["identical"] else "differs",
-                         _num(c["max_abs"]), _num(c["rel_l2"])])
+            rows.append(
+                [
+                    name,
+                    _shape(da.shape),
+                    "identical" if c["identical"] else "differs",
+                    _num(c["max_abs"]),
+                    _num(c["rel_l2"]),
+                ]
+            )
         lines.append(f"tensors in both ({len(common)}):")
         lines += _table(rows) if common else ["  (none)"]
         if only:
@@ -183,7 +212,12 @@ def run(paths: list[str]) -> None:
         raise UserError(f"inspect: expected one checkpoint or two to compare, got {len(paths)}")
     try:
         lines = describe(paths[0]) if len(paths) == 1 else compare(paths[0], paths[1])
-    except (OSError, KeyError, ValueError, TypeError) as exc:  # the file changed under us, or an odd attribute
+    except (
+        OSError,
+        KeyError,
+        ValueError,
+        TypeError,
+    ) as exc:  # the file changed under us, or an odd attribute
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"inspect: cannot read checkpoint: {reason}") from None
     print("\n".join(lines))

@@ -23,7 +23,9 @@ from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import is_lora
 
 
-def merged_params(params: dict[str, np.ndarray], n_layer: int, targets, scale: float) -> dict[str, np.ndarray]:
+def merged_params(
+    params: dict[str, np.ndarray], n_layer: int, targets, scale: float
+) -> dict[str, np.ndarray]:
     """The base parameters with each target's s A B added to its weight (float64, then W's dtype); no adapters."""
     out = {name: p for name, p in params.items() if not is_lora(name)}
     for i in range(n_layer):
@@ -40,43 +42,84 @@ def merge_lora(checkpoint, out) -> Path:
     ``out`` (a .h5 path in an existing directory); returns its path."""
     from hpc_llm import checkpoint as ckpt
     from hpc_llm.api import resolve_checkpoint
+    from hpc_llm.parallel.comm import world_comm
     from hpc_llm.train import Metrics
 
-    from hpc_llm.parallel.comm import world_comm
-
-    if (ranks := world_comm().size) > 1:  # every rank would write the same file; the world size is known everywhere
-        raise UserError(f"hpc-llm merge-lora runs on one process, got {ranks} ranks: run it without mpiexec")
+    if (
+        ranks := world_comm().size
+    ) > 1:  # every rank would write the same file; the world size is known everywhere
+        raise UserError(
+            f"hpc-llm merge-lora runs on one process, got {ranks} ranks: run it without mpiexec"
+        )
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"merge-lora --out {out}: is a directory; expected a checkpoint file path such as "
-                        f"{out / 'merged.h5'}")
+        raise UserError(
+            f"merge-lora --out {out}: is a directory; expected a checkpoint file path such as "
+            f"{out / 'merged.h5'}"
+        )
     if not out.parent.is_dir():
         raise UserError(f"merge-lora --out {out}: directory {out.parent} does not exist")
     saved = ckpt.load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
     cfg = config_from_dict(saved.config)
     m = cfg.model
     if m.lora_rank <= 0:
-        raise UserError(f"merge-lora: {saved.path} has no LoRA adapters (model.lora_rank = 0): nothing to merge")
+        raise UserError(
+            f"merge-lora: {saved.path} has no LoRA adapters (model.lora_rank = 0): nothing to merge"
+        )
     unknown = [t for t in m.lora_targets if t not in LORA_TARGETS]
     if unknown:
-        raise UserError(f"merge-lora: {saved.path}: its config's model.lora_targets has {unknown[0]!r}, not a linear "
-                        f"layer (expected names among {list(LORA_TARGETS)})")
-    missing = [f"h.{i}.{t}.{k}" for i in range(m.n_layer) for t in m.lora_targets for k in ("lora_A", "lora_B")
-               if f"h.{i}.{t}.{k}" not in saved.params]
+        raise UserError(
+            f"merge-lora: {saved.path}: its config's model.lora_targets has {unknown[0]!r}, not a linear "
+            f"layer (expected names among {list(LORA_TARGETS)})"
+        )
+    missing = [
+        f"h.{i}.{t}.{k}"
+        for i in range(m.n_layer)
+        for t in m.lora_targets
+        for k in ("lora_A", "lora_B")
+        if f"h.{i}.{t}.{k}" not in saved.params
+    ]
     if missing:
-        raise UserError(f"merge-lora: {saved.path}: its config has LoRA on {m.lora_targets} but the file lacks "
-                        f"{missing[0]}" + (f" and {len(missing) - 1} more adapters" if len(missing) > 1 else ""))
+        raise UserError(
+            f"merge-lora: {saved.path}: its config has LoRA on {m.lora_targets} but the file lacks "
+            f"{missing[0]}" + (f" and {len(missing) - 1} more adapters" if len(missing) > 1 else "")
+        )
     params = merged_params(saved.params, m.n_layer, m.lora_targets, m.lora_scale)
-    merged_from = {"path": str(saved.path), "step": saved.state.get("step"), "lora_rank": m.lora_rank,
-                   "lora_alpha": m.lora_alpha, "lora_targets": list(m.lora_targets)}
-    m.lora_rank, m.lora_alpha, m.lora_targets = 0, type(m)().lora_alpha, type(m)().lora_targets  # the plain model
+    merged_from = {
+        "path": str(saved.path),
+        "step": saved.state.get("step"),
+        "lora_rank": m.lora_rank,
+        "lora_alpha": m.lora_alpha,
+        "lora_targets": list(m.lora_targets),
+    }
+    m.lora_rank, m.lora_alpha, m.lora_targets = (
+        0,
+        type(m)().lora_alpha,
+        type(m)().lora_targets,
+    )  # the plain model
     cfg.train.freeze, cfg.train.init_from = [], ""
-    state = {"step": 0, "tokens_seen": 0, "adam_t": 0, "tokenizer": saved.state.get("tokenizer"),
-             "data_path": saved.state.get("data_path", ""), "merged_lora": merged_from}
-    optimizer = {slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")}
+    state = {
+        "step": 0,
+        "tokens_seen": 0,
+        "adam_t": 0,
+        "tokenizer": saved.state.get("tokenizer"),
+        "data_path": saved.state.get("data_path", ""),
+        "merged_lora": merged_from,
+    }
+    optimizer = {
+        slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")
+    }
     try:
-        ckpt.save_checkpoint(out, params=params, optimizer=optimizer, state=state, config=cfg.to_dict(),
-                             metrics=Metrics().as_dict())
+        ckpt.save_checkpoint(
+            out,
+            params=params,
+            optimizer=optimizer,
+            state=state,
+            config=cfg.to_dict(),
+            metrics=Metrics().as_dict(),
+        )
     except OSError as exc:
-        raise UserError(f"merge-lora --out {out}: cannot write checkpoint ({exc.strerror or exc})") from None
+        raise UserError(
+            f"merge-lora --out {out}: cannot write checkpoint ({exc.strerror or exc})"
+        ) from None
     return out

@@ -1,7 +1,7 @@
 """AdamW over the flat parameter buffer, global-norm gradient clipping, and the learning-rate schedule.
 
-The update is a handful of vector operations over slices of the flat buffers (DESIGN principle 3). It walks the buffer in
-cache-sized chunks, so each chunk of p, g, m and v is read from memory once per step instead of once per operation; a
+The update is a handful of vector operations over slices of the flat buffers (DESIGN principle 3). It walks the buffer
+in cache-sized chunks, so each chunk of p, g, m and v is read from memory once per step instead of once per operation; a
 chunk never straddles a weight-decay boundary, so decay is one multiply per decayed chunk.
 """
 
@@ -55,9 +55,16 @@ def global_grad_norm(grads, ranges, comm) -> float:
     that every gradient element of the whole model is counted exactly once over the group (a ZeRO shard, or one
     TP rank's copy of a replicated tensor); the result is identical on every rank."""
     local = 0.0
-    for a, b in ranges:  # in float64, a chunk at a time: a float32 dot of millions of elements is off by ~1e-5
-        for c in range(a, b, NORM_CHUNK):  # with a plain (sequential) BLAS, and DP shards would then disagree
-            g = grads[c:min(c + NORM_CHUNK, b)].astype("float64")
+    for (
+        a,
+        b,
+    ) in (
+        ranges
+    ):  # in float64, a chunk at a time: a float32 dot of millions of elements is off by ~1e-5
+        for c in range(
+            a, b, NORM_CHUNK
+        ):  # with a plain (sequential) BLAS, and DP shards would then disagree
+            g = grads[c : min(c + NORM_CHUNK, b)].astype("float64")
             local += float(g @ g)
     return math.sqrt(comm.allreduce_scalar(local))
 
@@ -83,8 +90,15 @@ class LossScaler:
     steps in a row double it and restore the hysteresis. Defaults: PyTorch's and Megatron's (2^16, x2 after 1000
     clean steps, x0.5, hysteresis 2, floor 1)."""
 
-    def __init__(self, init: float = 2.0 ** 16, window: int = 1000, hysteresis: int = 2, growth: float = 2.0,
-                 backoff: float = 0.5, min_scale: float = 1.0):
+    def __init__(
+        self,
+        init: float = 2.0**16,
+        window: int = 1000,
+        hysteresis: int = 2,
+        growth: float = 2.0,
+        backoff: float = 0.5,
+        min_scale: float = 1.0,
+    ):
         self.scale, self.window, self.hysteresis = float(init), window, hysteresis
         self.growth, self.backoff, self.min_scale = growth, backoff, min_scale
         self.growth_tracker, self.hysteresis_tracker = 0, hysteresis
@@ -102,12 +116,18 @@ class LossScaler:
             self.scale *= self.growth
 
     def state(self) -> dict:
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker,
-                "hysteresis_tracker": self.hysteresis_tracker}
+        return {
+            "scale": self.scale,
+            "growth_tracker": self.growth_tracker,
+            "hysteresis_tracker": self.hysteresis_tracker,
+        }
 
     def load(self, state: dict) -> None:
         self.scale = float(state["scale"])
-        self.growth_tracker, self.hysteresis_tracker = int(state["growth_tracker"]), int(state["hysteresis_tracker"])
+        self.growth_tracker, self.hysteresis_tracker = (
+            int(state["growth_tracker"]),
+            int(state["hysteresis_tracker"]),
+        )
 
 
 class AdamW:
@@ -130,12 +150,16 @@ class AdamW:
         self.segments = []  # (flat start, flat stop, moment offset, decayed)
         base = 0
         for a, b in self.owned:
-            self.segments += [(sa, sb, base + sa - a, dec) for sa, sb, dec in _segments(a, b, decay_ranges, chunk)]
+            self.segments += [
+                (sa, sb, base + sa - a, dec) for sa, sb, dec in _segments(a, b, decay_ranges, chunk)
+            ]
             base += b - a
         n = max(1, min(chunk, params.size))
         self.threads = optimizer_threads() if xp.__name__ == "numpy" else 1
-        self._temps = [(xp.empty(n, dtype=params.dtype), xp.empty(n, dtype=params.dtype))
-                       for _ in range(self.threads)]
+        self._temps = [
+            (xp.empty(n, dtype=params.dtype), xp.empty(n, dtype=params.dtype))
+            for _ in range(self.threads)
+        ]
         self._tmp, self._tmp2 = self._temps[0]
         self._pool = _thread_pool(self.threads) if self.threads > 1 else None
 
@@ -144,14 +168,14 @@ class AdamW:
         out[...] = 0
         base = 0
         for a, b in self.owned:
-            out[a:b] = getattr(self, slot)[base:base + b - a]
+            out[a:b] = getattr(self, slot)[base : base + b - a]
             base += b - a
         return out
 
     def load_moments_flat(self, slot: str, flat) -> None:
         base = 0
         for a, b in self.owned:
-            getattr(self, slot)[base:base + b - a] = flat[a:b]
+            getattr(self, slot)[base : base + b - a] = flat[a:b]
             base += b - a
 
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
@@ -161,20 +185,24 @@ class AdamW:
         c = self.cfg
         self.t += 1
         b1, b2 = c.beta1, c.beta2
-        sqrt_bc2 = math.sqrt(1.0 - b2 ** self.t)
+        sqrt_bc2 = math.sqrt(1.0 - b2**self.t)
         coef = {
             "keep": 1.0 - lr * c.weight_decay,
             "g1": (1.0 - b1) * grad_scale,  # m = b1 m + (1 - b1) s g
             "g2": (1.0 - b2) * grad_scale * grad_scale,  # v = b2 v + (1 - b2) s^2 g^2
             # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps sqrt(bc2))
             "eps": c.eps * sqrt_bc2,
-            "step": lr * sqrt_bc2 / (1.0 - b1 ** self.t),
+            "step": lr * sqrt_bc2 / (1.0 - b1**self.t),
         }
         if self.threads == 1:
             self._update(self.segments, coef, self._tmp, self._tmp2)
             return
-        parts = [self.segments[i::self.threads] for i in range(self.threads)]
-        list(self._pool.map(lambda i: self._update(parts[i], coef, *self._temps[i]), range(self.threads)))
+        parts = [self.segments[i :: self.threads] for i in range(self.threads)]
+        list(
+            self._pool.map(
+                lambda i: self._update(parts[i], coef, *self._temps[i]), range(self.threads)
+            )
+        )
 
     def _update(self, segments, coef, tmp_buf, tmp2_buf) -> None:
         xp = array_module(self.p)
@@ -183,7 +211,7 @@ class AdamW:
         for a, b, o, decayed in segments:
             n = b - a
             tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
-            pc, gc, mc, vc = p[a:b], g[a:b], m[o:o + n], v[o:o + n]
+            pc, gc, mc, vc = p[a:b], g[a:b], m[o : o + n], v[o : o + n]
             if decayed:
                 pc *= coef["keep"]
             mc *= b1

@@ -21,7 +21,9 @@ from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.layers import Param
 
 MODES = ("int8",)
-BLOCK_BYTES = 1 << 18  # the dequantized temporary of one block of columns: within L2 (measured best, issue 14)
+BLOCK_BYTES = (
+    1 << 18
+)  # the dequantized temporary of one block of columns: within L2 (measured best, issue 14)
 
 
 class QuantizedWeight:
@@ -35,7 +37,7 @@ class QuantizedWeight:
         self.q, self.scale, self.axis, self.dtype = q, scale, axis, np.dtype(dtype)
 
     @classmethod
-    def quantize(cls, w: np.ndarray, axis: int, comm=None) -> "QuantizedWeight":
+    def quantize(cls, w: np.ndarray, axis: int, comm=None) -> QuantizedWeight:
         """absmax per channel along `axis` (over the other axis; maxed over `comm` when given: the channel is split
         over its ranks), q = round(w / s) in [-127, 127]."""
         w32 = np.asarray(w, dtype=np.float32)
@@ -61,7 +63,7 @@ class QuantizedWeight:
         return self.q.nbytes + self.scale.nbytes
 
     @property
-    def T(self) -> "QuantizedWeight":
+    def T(self) -> QuantizedWeight:
         return QuantizedWeight(self.q.T, self.scale, 1 - self.axis, self.dtype)
 
     def dequantize(self) -> np.ndarray:
@@ -71,7 +73,7 @@ class QuantizedWeight:
     def __getitem__(self, idx):
         """Rows idx (any integer index array), dequantized: (*idx.shape, columns)."""
         rows = self.q[idx].astype(self.dtype)
-        rows *= (self.scale[idx][..., None] if self.axis == 0 else self.scale)
+        rows *= self.scale[idx][..., None] if self.axis == 0 else self.scale
         return rows
 
     def __rmatmul__(self, x):
@@ -86,7 +88,9 @@ class QuantizedWeight:
         n_in, n_out = self.q.shape
         out = np.empty((x.shape[0], n_out), dtype=dtype)
         step = max(1, BLOCK_BYTES // (n_in * dtype.itemsize))
-        if x.shape[0] > 16:  # a prefill: wide blocks keep the GEMM efficient (the conversion is shared by many rows)
+        if (
+            x.shape[0] > 16
+        ):  # a prefill: wide blocks keep the GEMM efficient (the conversion is shared by many rows)
             step = max(step, 1024)
         for a in range(0, n_out, step):
             b = min(a + step, n_out)
@@ -105,8 +109,10 @@ def check_quantize(mode: str | None, dtype, backend: str = "numpy") -> None:
     if backend != "numpy":
         raise UserError(f"--quantize {mode}: the numpy backend only, got --backend {backend}")
     if np.dtype(dtype) != np.float32:
-        raise UserError(f"--quantize {mode}: needs a float32 model, this one is {np.dtype(dtype)} (quantize for "
-                        "speed and memory; analyse in float64 without it)")
+        raise UserError(
+            f"--quantize {mode}: needs a float32 model, this one is {np.dtype(dtype)} (quantize for "
+            "speed and memory; analyse in float64 without it)"
+        )
 
 
 def _copy(p: Param) -> Param:
@@ -124,7 +130,11 @@ def quantize_model(model, mode: str = "int8") -> None:
             for lin in (block.qkv, block.attn_proj, block.fc, block.mlp_proj):
                 if isinstance(lin.w.value, QuantizedWeight):
                     continue
-                comm = lin.comm if isinstance(lin, TP.RowParallelLinear) and lin.comm.size > 1 else None
+                comm = (
+                    lin.comm
+                    if isinstance(lin, TP.RowParallelLinear) and lin.comm.size > 1
+                    else None
+                )
                 lin.w = Param(QuantizedWeight.quantize(lin.w.value, 1, comm), None)
                 lin.b = _copy(lin.b)
                 if getattr(lin, "lora", None) is not None:  # adapters stay float
@@ -137,13 +147,19 @@ def quantize_model(model, mode: str = "int8") -> None:
             if part is None:
                 continue
             if wte is None:
-                wte = part.wte.value if isinstance(part.wte.value, QuantizedWeight) else \
-                    QuantizedWeight.quantize(part.wte.value, 0)
+                wte = (
+                    part.wte.value
+                    if isinstance(part.wte.value, QuantizedWeight)
+                    else QuantizedWeight.quantize(part.wte.value, 0)
+                )
             part.wte = Param(wte, None)  # one int8 copy for the tied pair
         if chunk.embedding is not None:
             chunk.embedding.wpe = _copy(chunk.embedding.wpe)
         if chunk.head is not None:
-            chunk.head.ln_f.w, chunk.head.ln_f.b = _copy(chunk.head.ln_f.w), _copy(chunk.head.ln_f.b)
+            chunk.head.ln_f.w, chunk.head.ln_f.b = (
+                _copy(chunk.head.ln_f.w),
+                _copy(chunk.head.ln_f.b),
+            )
     for chunk in model.chunks:
         for name, obj in _named_weights(model, chunk):
             held[name] = obj
@@ -159,8 +175,12 @@ def _named_weights(model, chunk):
         yield "wpe.weight", chunk.embedding.wpe.value
     for block in chunk.blocks:
         p = f"h.{block.layer}."
-        for name, lin in (("attn.c_attn", block.qkv), ("attn.c_proj", block.attn_proj), ("mlp.c_fc", block.fc),
-                          ("mlp.c_proj", block.mlp_proj)):
+        for name, lin in (
+            ("attn.c_attn", block.qkv),
+            ("attn.c_proj", block.attn_proj),
+            ("mlp.c_fc", block.fc),
+            ("mlp.c_proj", block.mlp_proj),
+        ):
             yield p + name + ".weight", lin.w.value
             if lin.b.value is not None:
                 yield p + name + ".bias", lin.b.value

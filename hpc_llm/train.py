@@ -40,20 +40,41 @@ from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
 from hpc_llm.parallel.schedule import schedule
-from hpc_llm.stop import EXIT_PREEMPTED, StopRequest  # noqa: F401 - EXIT_PREEMPTED: the CLI's exit status
+from hpc_llm.stop import (  # noqa: F401 - EXIT_PREEMPTED: the CLI's exit status
+    EXIT_PREEMPTED,
+    StopRequest,
+)
 
 log = logging.getLogger("hpc_llm")
 
-TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2  # sampler streams: training batches, val eval, train eval
+TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = (
+    0,
+    1,
+    2,
+)  # sampler streams: training batches, val eval, train eval
 
 
 @dataclass
 class Metrics:
     """The run's history, kept in memory, appended to metrics.jsonl and stored in every checkpoint."""
 
-    train: dict = field(default_factory=lambda: {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s",
-                                                                   "mfu", "comm_seconds", "comm_bytes",
-                                                                   "loss_scale", "skipped_steps")})
+    train: dict = field(
+        default_factory=lambda: {
+            k: []
+            for k in (
+                "step",
+                "loss",
+                "lr",
+                "grad_norm",
+                "tokens_per_s",
+                "mfu",
+                "comm_seconds",
+                "comm_bytes",
+                "loss_scale",
+                "skipped_steps",
+            )
+        }
+    )
     eval: dict = field(default_factory=lambda: {k: [] for k in ("step", "train_loss", "val_loss")})
 
     def add(self, table: str, row: dict) -> None:
@@ -70,15 +91,24 @@ def resolve_vocab(cfg: Config, data: TokenData) -> None:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                        f"({data.vocab_size}, from {data.path}/meta.json)")
+        raise UserError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({data.vocab_size}, from {data.path}/meta.json)"
+        )
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, grid: Grid | None = None,
-                 stop: StopRequest | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        resume: str | None = None,
+        grid: Grid | None = None,
+        stop: StopRequest | None = None,
+    ):
         self.cfg = cfg
-        self.stop = stop if stop is not None else StopRequest()  # train() installs its handlers before any work
+        self.stop = (
+            stop if stop is not None else StopRequest()
+        )  # train() installs its handlers before any work
         t, par = cfg.train, cfg.parallel
         WATCHDOG.configure(par.comm_timeout_s)  # from here on no MPI wait lasts longer unnoticed
         PHASE.name, PHASE.step = "start-up", None
@@ -91,57 +121,113 @@ class Trainer:
         self._opened: list = []  # the checkpoints _load_inputs opened (resume, init_from)
         try:
             saved = world.agree(lambda: self._load_inputs(resume))
-        except BaseException:  # a later check failed, here or on another rank: the files were never handed on
+        except (
+            BaseException
+        ):  # a later check failed, here or on another rank: the files were never handed on
             for f in self._opened:
                 f.close()
             raise
         dp = self.grid.dp
-        self.rows = slice(self.grid.dp_rank * (t.batch_size // dp), (self.grid.dp_rank + 1) * (t.batch_size // dp))
+        self.rows = slice(
+            self.grid.dp_rank * (t.batch_size // dp), (self.grid.dp_rank + 1) * (t.batch_size // dp)
+        )
         self.out_dir = Path(t.out_dir)
 
-        self.plan = StagePlan(tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
-                              par.pp, self.grid.pp_rank, par.virtual_stages)
-        self.model = GPT(cfg.model, self.xp, seed=t.seed, tp_comm=self.grid.tp_comm, plan=self.plan,
-                         recompute=t.recompute == "block", precision=t.precision, freeze=t.freeze)
+        self.plan = StagePlan(
+            tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
+            par.pp,
+            self.grid.pp_rank,
+            par.virtual_stages,
+        )
+        self.model = GPT(
+            cfg.model,
+            self.xp,
+            seed=t.seed,
+            tp_comm=self.grid.tp_comm,
+            plan=self.plan,
+            recompute=t.recompute == "block",
+            precision=t.precision,
+            freeze=t.freeze,
+        )
         # fp16: dynamic loss scaling; a skipped step (an overflow anywhere) counts in skipped_steps
-        self.scaler = LossScaler(t.loss_scale_init, t.loss_scale_window) if t.precision == "fp16" else None
-        self.skipped_steps = 0  # steps whose update was skipped (non-finite, an outlier, an fp16 overflow)
-        self.bad_in_row = 0  # skipped steps in a row, fp16 overflows the scaler can still cure not counted
+        self.scaler = (
+            LossScaler(t.loss_scale_init, t.loss_scale_window) if t.precision == "fp16" else None
+        )
+        self.skipped_steps = (
+            0  # steps whose update was skipped (non-finite, an outlier, an fp16 overflow)
+        )
+        self.bad_in_row = (
+            0  # skipped steps in a row, fp16 overflows the scaler can still cure not counted
+        )
         self.spikes = SpikeGuard(t.spike_sigma)
-        self.ops = schedule(par.schedule, par.pp, self.grid.pp_rank, t.grad_accum, par.virtual_stages)
+        self.ops = schedule(
+            par.schedule, par.pp, self.grid.pp_rank, t.grad_accum, par.virtual_stages
+        )
         self.pipe = PipelineComm(self.grid.pp_comm, self.plan.n_virtual) if par.pp > 1 else None
         # the logged loss comes from the last stage, once per TP group
         self.reports_loss = self.model.has_head and self.grid.tp_rank == 0
         bucket_elems = int(par.bucket_mb * 2**20) // self.model.dtype.itemsize
         g = self.grid
-        self.sync = GradientSync(self.model.grad_flat, self.grid.dp_comm, bucket_elems, zero=par.zero == 1,
-                                 scheme=par.grad_comm, specs=self.model.specs, powersgd_rank=par.powersgd_rank,
-                                 powersgd_start=par.powersgd_start, seed=t.seed,
-                                 layout={"pp": g.pp, "dp": g.dp, "tp": g.tp, "pp_rank": g.pp_rank,
-                                         "dp_rank": g.dp_rank, "tp_rank": g.tp_rank})
+        self.sync = GradientSync(
+            self.model.grad_flat,
+            self.grid.dp_comm,
+            bucket_elems,
+            zero=par.zero == 1,
+            scheme=par.grad_comm,
+            specs=self.model.specs,
+            powersgd_rank=par.powersgd_rank,
+            powersgd_start=par.powersgd_start,
+            seed=t.seed,
+            layout={
+                "pp": g.pp,
+                "dp": g.dp,
+                "tp": g.tp,
+                "pp_rank": g.pp_rank,
+                "dp_rank": g.dp_rank,
+                "tp_rank": g.tp_rank,
+            },
+        )
         # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
-        self.opt = AdamW(self.model.flat, self.model.grad_flat, self.model.decay_ranges(), t,
-                         owned=intersect_ranges(self.sync.owned, self.model.trainable_ranges()))
+        self.opt = AdamW(
+            self.model.flat,
+            self.model.grad_flat,
+            self.model.decay_ranges(),
+            t,
+            owned=intersect_ranges(self.sync.owned, self.model.trainable_ranges()),
+        )
         self.norm_ranges, self.norm_comm = self._norm_ranges()
         # the moments' bytes of the whole job: every rank's, each stage's replicas (or ZeRO shards) included
-        self.moment_bytes_job = int(world.allreduce_scalar(float(self.opt.m.nbytes + self.opt.v.nbytes)))
+        self.moment_bytes_job = int(
+            world.allreduce_scalar(float(self.opt.m.nbytes + self.opt.v.nbytes))
+        )
         if saved is None and self._init_from is not None:
             with phase("init_from"):
                 self._load_init_from(self._init_from)
         self._check_replicas_identical("initial parameters")
         self.step = 0
         self.metrics = Metrics()
-        self.written: set[Path] = set()  # checkpoints this run wrote and verified: pruning need not read them again
-        self.saved_step, self.saved_path = None, None  # the step the newest checkpoint of this run holds
-        self.powersgd_resume_line = None  # set by a restore: why this rank's PowerSGD state was reset, if it was
+        self.written: set[Path] = (
+            set()
+        )  # checkpoints this run wrote and verified: pruning need not read them again
+        self.saved_step, self.saved_path = (
+            None,
+            None,
+        )  # the step the newest checkpoint of this run holds
+        self.powersgd_resume_line = (
+            None  # set by a restore: why this rank's PowerSGD state was reset, if it was
+        )
         if saved is not None:
             with phase("resume"):
                 inject("resume")
-                restored = self._resume(saved, resume == "auto")  # auto: the newest that verifies; none: fresh
+                restored = self._resume(
+                    saved, resume == "auto"
+                )  # auto: the newest that verifies; none: fresh
             if restored is not None:
                 self._check_replicas_identical("resumed parameters")
                 self._resumed(restored)
-        world.agree(self._claim_out_dir)  # only now: a start refused above has changed nothing on disk
+        world.agree(
+            self._claim_out_dir
+        )  # only now: a start refused above has changed nothing on disk
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
         # MFU is against the peak of the whole job: each rank's (measured, concurrently, or given) summed
         rank_peak = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
@@ -154,7 +240,9 @@ class Trainer:
             out = Path(t.out_dir)
             blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
             if blocker is not None:
-                raise UserError(f"train.out_dir={t.out_dir}: {blocker} is a file, expected a directory")
+                raise UserError(
+                    f"train.out_dir={t.out_dir}: {blocker} is a file, expected a directory"
+                )
             self.lock = DirectoryLock.lock(out, "train.out_dir", create=False)
         PHASE.name = "data loading"
         inject("data")
@@ -174,26 +262,39 @@ class Trainer:
         check_layout(self.grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
         self.writer = cfg.checkpoint.writer
         if self.writer == "auto":
-            self.writer = ("mpio" if ckpt.mpio_available() and self.grid.world.size > 1 and par.pp == 1
-                           else "gather")
+            self.writer = (
+                "mpio"
+                if ckpt.mpio_available() and self.grid.world.size > 1 and par.pp == 1
+                else "gather"
+            )
         elif self.writer == "mpio" and not ckpt.mpio_available():
-            raise UserError("checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "
-                            "false): use \"gather\", or h5py built with MPI (README: parallel HDF5)")
+            raise UserError(
+                "checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "
+                'false): use "gather", or h5py built with MPI (README: parallel HDF5)'
+            )
         elif self.writer == "mpio" and par.pp > 1:
-            raise UserError(f"checkpoint.writer=mpio is not supported with parallel.pp={par.pp} yet: use "
-                            "\"gather\" (or \"auto\")")
+            raise UserError(
+                f"checkpoint.writer=mpio is not supported with parallel.pp={par.pp} yet: use "
+                '"gather" (or "auto")'
+            )
         elif self.writer == "mpio" and self.grid.world.mpi is None:
-            self.writer = "gather"  # a grid that never calls MPI (one process): the same file, written alone
+            self.writer = (
+                "gather"  # a grid that never calls MPI (one process): the same file, written alone
+            )
         if t.batch_size % self.grid.dp:
-            raise UserError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
-                            f"{self.grid.dp} (= {self.grid.world.size} ranks / (parallel.pp={par.pp} x "
-                            f"parallel.tp={par.tp}))")
+            raise UserError(
+                f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                f"{self.grid.dp} (= {self.grid.world.size} ranks / (parallel.pp={par.pp} x "
+                f"parallel.tp={par.tp}))"
+            )
         check_split_size(self.train_tokens, cfg.model.block_size, "train")
         if t.eval_iters > 0:
             check_split_size(self.val_tokens, cfg.model.block_size, "val")
         if resume_path is None and ckpt.list_checkpoints(t.out_dir):
-            raise UserError(f"train.out_dir={t.out_dir} already holds checkpoints of another run: resume it with "
-                            f"--resume auto, or choose another train.out_dir")
+            raise UserError(
+                f"train.out_dir={t.out_dir} already holds checkpoints of another run: resume it with "
+                f"--resume auto, or choose another train.out_dir"
+            )
         return saved
 
     def _claim_out_dir(self) -> None:
@@ -206,37 +307,53 @@ class Trainer:
         self.lock = self.lock or DirectoryLock.lock(out, "train.out_dir")
         self.lock.claim()
         ckpt.remove_interrupted_saves(out)
-        atomic_write_bytes(out / "config.json", (json.dumps(self.cfg.to_dict(), indent=2) + "\n").encode())
+        atomic_write_bytes(
+            out / "config.json", (json.dumps(self.cfg.to_dict(), indent=2) + "\n").encode()
+        )
 
     def _check_replicas_identical(self, what: str) -> None:
         """Data-parallel replicas must hold bitwise the same parameters (identical by construction: initialisation
         depends only on the seed, a resume reads the same file); one small allgather of a checksum proves it."""
+
         def crc(x) -> int:
             return zlib.crc32(np.ascontiguousarray(to_host(x)).view(np.uint8))
 
         if self.grid.dp > 1:
             crcs = self.grid.dp_comm.allgather_objects(crc(self.model.flat))
             if len(set(crcs)) != 1:
-                raise RuntimeError(f"{what} differ across data-parallel ranks (crc32 {crcs}): a bug, please report it")
-        if self.grid.emb_comm is not None:  # the tied embedding's copies on the first and the last stage
+                raise RuntimeError(
+                    f"{what} differ across data-parallel ranks (crc32 {crcs}): a bug, please report it"
+                )
+        if (
+            self.grid.emb_comm is not None
+        ):  # the tied embedding's copies on the first and the last stage
             crcs = self.grid.emb_comm.allgather_objects(crc(self.model.params["wte.weight"]))
             if len(set(crcs)) != 1:
-                raise RuntimeError(f"{what}: the tied embedding's copies on the first and last pipeline stage differ "
-                                   f"(crc32 {crcs}): a bug, please report it")
+                raise RuntimeError(
+                    f"{what}: the tied embedding's copies on the first and last pipeline stage differ "
+                    f"(crc32 {crcs}): a bug, please report it"
+                )
 
     def _norm_ranges(self):
         """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
         element of the whole model counted once (a replicated tensor on TP rank 0 only; ZeRO: this rank's shard)."""
         m = self.model
-        tied = m.tied_copy_range()  # the last stage's copy of the embedding: the first stage counts it
-        counted = merge_ranges((s.offset, s.offset + s.size) for s in m.specs
-                               if (self.grid.tp_rank == 0 or s.tp_axis is not None)
-                               and (tied is None or s.offset != tied[0]))
-        keep = intersect_ranges(self.opt.owned, counted)  # owned: trained and (ZeRO-1) this rank's shard
+        tied = (
+            m.tied_copy_range()
+        )  # the last stage's copy of the embedding: the first stage counts it
+        counted = merge_ranges(
+            (s.offset, s.offset + s.size)
+            for s in m.specs
+            if (self.grid.tp_rank == 0 or s.tp_axis is not None)
+            and (tied is None or s.offset != tied[0])
+        )
+        keep = intersect_ranges(
+            self.opt.owned, counted
+        )  # owned: trained and (ZeRO-1) this rank's shard
         comm = self.grid.world if self.sync.zero else self.grid.mp_comm
         return keep, comm
 
-    # -- resume ---------------------------------------------------------------------------------------------------------
+    # -- resume ----------------------------------------------------------------------------------------------------
 
     def _resume_path(self, resume: str | None) -> Path | None:
         """The file to open first: the one --resume names; for "auto" the newest in out_dir whose header checks pass
@@ -259,11 +376,19 @@ class Trainer:
         try:
             self._check_compatible(saved)
             theirs, mine = config_from_dict(saved.config).model, self.cfg.model
-            lora = ("lora_rank", "lora_alpha", "lora_targets") if mine.lora_rank or theirs.lora_rank else ()
-            for k in lora:  # a resume continues the same adapters (targets in any order: the same model)
+            lora = (
+                ("lora_rank", "lora_alpha", "lora_targets")
+                if mine.lora_rank or theirs.lora_rank
+                else ()
+            )
+            for k in (
+                lora
+            ):  # a resume continues the same adapters (targets in any order: the same model)
                 if _lora_field(mine, k) != _lora_field(theirs, k):
-                    raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
-                                    f"{getattr(mine, k)}")
+                    raise UserError(
+                        f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
+                        f"{getattr(mine, k)}"
+                    )
         except BaseException:
             saved.close()
             raise
@@ -281,7 +406,9 @@ class Trainer:
         if path.is_dir():  # a run directory: its newest verified checkpoint, as `generate` takes it
             found = ckpt.find_latest(path)
             if found is None:
-                raise UserError(f"train.init_from={t.init_from}: no verified checkpoint in this directory")
+                raise UserError(
+                    f"train.init_from={t.init_from}: no verified checkpoint in this directory"
+                )
             path = found
         try:
             saved = ckpt.CheckpointFile(path)
@@ -290,19 +417,25 @@ class Trainer:
         try:
             theirs, mine = config_from_dict(saved.config).model, self.cfg.model
             if mine.block_size > theirs.block_size:
-                raise UserError(f"train.init_from={t.init_from}: model.block_size={mine.block_size} is larger than "
-                                f"the checkpoint's {theirs.block_size} (a smaller one crops its position embedding)")
+                raise UserError(
+                    f"train.init_from={t.init_from}: model.block_size={mine.block_size} is larger than "
+                    f"the checkpoint's {theirs.block_size} (a smaller one crops its position embedding)"
+                )
             view = _ConfigView(saved, block_size=mine.block_size)
             try:
                 self._check_compatible(view)
             except UserError as e:
                 raise UserError(f"train.init_from: {e}") from None
-            if theirs.lora_rank > 0 and any(_lora_field(mine, k) != _lora_field(theirs, k)
-                                            for k in ("lora_rank", "lora_alpha", "lora_targets")):
-                raise UserError(f"train.init_from={t.init_from}: the checkpoint has LoRA adapters (model.lora_rank="
-                                f"{theirs.lora_rank}, lora_alpha={theirs.lora_alpha}, lora_targets="
-                                f"{theirs.lora_targets}) the config does not: fold them into the weights with "
-                                f"`hpc-llm merge-lora` first")
+            if theirs.lora_rank > 0 and any(
+                _lora_field(mine, k) != _lora_field(theirs, k)
+                for k in ("lora_rank", "lora_alpha", "lora_targets")
+            ):
+                raise UserError(
+                    f"train.init_from={t.init_from}: the checkpoint has LoRA adapters (model.lora_rank="
+                    f"{theirs.lora_rank}, lora_alpha={theirs.lora_alpha}, lora_targets="
+                    f"{theirs.lora_targets}) the config does not: fold them into the weights with "
+                    f"`hpc-llm merge-lora` first"
+                )
         except BaseException:
             saved.close()
             raise
@@ -322,9 +455,16 @@ class Trainer:
                     shapes["wpe.weight"] = m.logical["wpe.weight"]
                 fresh = [n for n in m.logical if is_lora(n) and n not in shapes]
                 shapes.update({n: m.logical[n] for n in fresh})
-                ranges = merge_ranges((s.offset, s.offset + s.size) for s in m.specs if s.name not in fresh)
-                m.read_flat(m.flat, lambda name, index, out=None: saved.read("params", name, index, out), shapes,
-                            f"train.init_from={self.cfg.train.init_from}: parameters", ranges=ranges)
+                ranges = merge_ranges(
+                    (s.offset, s.offset + s.size) for s in m.specs if s.name not in fresh
+                )
+                m.read_flat(
+                    m.flat,
+                    lambda name, index, out=None: saved.read("params", name, index, out),
+                    shapes,
+                    f"train.init_from={self.cfg.train.init_from}: parameters",
+                    ranges=ranges,
+                )
                 try:
                     saved.verify_share()
                 except UserError as e:
@@ -333,7 +473,9 @@ class Trainer:
 
         world.agree(load, "reading train.init_from")
         if self.is_root:
-            log.info("initialised from %s (its model weights; fresh optimizer state, step 0)", saved.path)
+            log.info(
+                "initialised from %s (its model weights; fresh optimizer state, step 0)", saved.path
+            )
 
     def _resume(self, saved: ckpt.CheckpointFile, auto: bool) -> Path | None:
         """Restore what _open_checkpoint opened, on every rank (outside agree: it agrees step by step). A file named
@@ -342,7 +484,9 @@ class Trainer:
         Returns the path restored."""
         candidates = None
         if auto:
-            candidates = self.grid.world.bcast_object(self._resume_candidates if self.is_root else None)
+            candidates = self.grid.world.bcast_object(
+                self._resume_candidates if self.is_root else None
+            )
         return ckpt.resume_trainer(self, saved, candidates)
 
     def restore(self, path: str | os.PathLike) -> None:
@@ -353,7 +497,9 @@ class Trainer:
         if world.bcast_object(Path(path).is_dir()):
             restored = ckpt.resume_trainer(self, None, ckpt.choose_candidates(world, Path(path)))
         else:
-            restored = ckpt.resume_trainer(self, world.agree(lambda: self._open_checkpoint(Path(path))), None)
+            restored = ckpt.resume_trainer(
+                self, world.agree(lambda: self._open_checkpoint(Path(path))), None
+            )
         self._check_replicas_identical("restored parameters")
         if restored is not None:
             self._resumed(restored)
@@ -376,14 +522,20 @@ class Trainer:
             mine.vocab_size = theirs.vocab_size
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype", "bias"):
             if getattr(mine, k) != getattr(theirs, k):
-                raise UserError(f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
-                                f"{getattr(mine, k)}")
+                raise UserError(
+                    f"checkpoint {saved.path}: model.{k}={getattr(theirs, k)} but the config says "
+                    f"{getattr(mine, k)}"
+                )
         # the data must be tokenized as the checkpoint's was: the same ids would mean other text (the one check,
         # shared with eval; an ids-only gpt2-bpe import cannot be checked and only warns: the user vouches)
         from hpc_llm.tokenizer import check_same_tokenizer
 
-        warning = check_same_tokenizer(saved.state.get("tokenizer"), self.data.tokenizer.meta(),
-                                       f"checkpoint {saved.path}", f"data.path={self.data.path}")
+        warning = check_same_tokenizer(
+            saved.state.get("tokenizer"),
+            self.data.tokenizer.meta(),
+            f"checkpoint {saved.path}",
+            f"data.path={self.data.path}",
+        )
         if warning:
             (log.warning if self.is_root else log.debug)("%s", warning)
 
@@ -392,21 +544,32 @@ class Trainer:
         bad checksum on any rank fails the restore on all of them); checkpoint/trainer_state.py."""
         ckpt.restore_trainer(self, saved)
 
-    # -- the loop -------------------------------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------------------------
 
     def batch(self, tokens, step: int, micro: int, stream: int):
         """This data-parallel rank's rows of the global micro-batch (step, micro)."""
         c = self.cfg
-        x, y = get_batch(tokens, c.model.block_size, c.train.batch_size, c.train.seed, step, micro, stream,
-                         rows=self.rows)
+        x, y = get_batch(
+            tokens,
+            c.model.block_size,
+            c.train.batch_size,
+            c.train.seed,
+            step,
+            micro,
+            stream,
+            rows=self.rows,
+        )
         return to_device(x, self.xp), to_device(y, self.xp)
 
     def micro_batch(self, micro: int):
         """(tokens, targets, dropout rng) of this rank's rows of micro-batch (step, micro)."""
         t = self.cfg.train
         x, y = self.batch(self.train_tokens, self.step, micro, TRAIN_STREAM)
-        rng = (DropoutRNG(t.seed, self.step, micro, range(self.rows.start, self.rows.stop), self.xp)
-               if self.cfg.model.dropout > 0 else None)
+        rng = (
+            DropoutRNG(t.seed, self.step, micro, range(self.rows.start, self.rows.stop), self.xp)
+            if self.cfg.model.dropout > 0
+            else None
+        )
         return x, y, rng
 
     def train_step(self) -> tuple[float, float, float]:
@@ -417,14 +580,29 @@ class Trainer:
         lr = lr_at(self.step, t)
         self.sync.start(self.step)
         loss_scale = self.last_loss_scale = self.scaler.scale if self.scaler else 1.0
+
         # fp16 overflows to inf when a value is rounded to it: expected, and what the loss scaler detects
         def quiet():
-            return np.errstate(over="ignore", invalid="ignore") if self.scaler else contextlib.nullcontext()
+            return (
+                np.errstate(over="ignore", invalid="ignore")
+                if self.scaler
+                else contextlib.nullcontext()
+            )
 
         with quiet():  # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
-            losses = run_schedule(self.model, self.ops, self.pipe, self.micro_batch, loss_scale / (t.grad_accum * dp),
-                                  (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd),
-                                  grad_ready=self.sync.grad_ready)
+            losses = run_schedule(
+                self.model,
+                self.ops,
+                self.pipe,
+                self.micro_batch,
+                loss_scale / (t.grad_accum * dp),
+                (
+                    self.rows.stop - self.rows.start,
+                    self.cfg.model.block_size,
+                    self.cfg.model.n_embd,
+                ),
+                grad_ready=self.sync.grad_ready,
+            )
         # the tied embedding's two copies: each gets the sum of both gradients (none when frozen: zeros, unread)
         if self.grid.emb_comm is not None and "wte.weight" not in self.model.frozen:
             self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
@@ -433,16 +611,27 @@ class Trainer:
             self.model.grad_flat[...] = np.nan
         # the norm of the unscaled gradient; an inf/nan anywhere in the norm's group makes it non-finite there
         with quiet():
-            norm = global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm) / loss_scale
+            norm = (
+                global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm)
+                / loss_scale
+            )
         # the loss's world sum carries a NaN from any rank whose norm is not finite (its group may not span the
         # data-parallel replicas): every rank then sees a non-finite loss and skips alike, at no extra message
-        loss = sum(losses[micro] / t.grad_accum for micro in sorted(losses)) if self.reports_loss else 0.0
-        loss = self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan)) / dp
+        loss = (
+            sum(losses[micro] / t.grad_accum for micro in sorted(losses))
+            if self.reports_loss
+            else 0.0
+        )
+        loss = (
+            self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan)) / dp
+        )
         # the verdict comes from global values, so every rank skips (or steps) alike
         finite = math.isfinite(loss) and math.isfinite(norm)
         spike = finite and self.spikes.is_spike(loss, norm)
         if self.scaler is not None:
-            headroom = self.scaler.scale > 1  # an overflow the scaler can still cure by halving: expected
+            headroom = (
+                self.scaler.scale > 1
+            )  # an overflow the scaler can still cure by halving: expected
             self.scaler.update(overflow=not finite)
         if not finite or spike:  # skip the update: parameters and moments untouched
             self.skipped_steps += 1
@@ -450,9 +639,16 @@ class Trainer:
             if not expected:
                 self.bad_in_row += 1
                 if self.is_root:
-                    log.warning("step %d: loss %s, grad norm %s: %s, step skipped (%d in a row; train.max_bad_steps="
-                                "%d)", self.step, loss, norm, "an outlier (train.spike_sigma)" if spike else
-                                "not finite", self.bad_in_row, t.max_bad_steps)
+                    log.warning(
+                        "step %d: loss %s, grad norm %s: %s, step skipped (%d in a row; train.max_bad_steps="
+                        "%d)",
+                        self.step,
+                        loss,
+                        norm,
+                        "an outlier (train.spike_sigma)" if spike else "not finite",
+                        self.bad_in_row,
+                        t.max_bad_steps,
+                    )
             self.step += 1
             return loss, norm, lr
         self.bad_in_row = 0
@@ -469,10 +665,14 @@ class Trainer:
         t = self.cfg.train
         inject("eval", self.step)
         out = {}
-        for name, tokens, stream in (("val_loss", self.val_tokens, VAL_STREAM),
-                                     ("train_loss", self.train_tokens, TRAIN_EVAL_STREAM)):
-            losses = [forward_only(self.model, self.pipe, *self.batch(tokens, i, 0, stream))
-                      for i in range(t.eval_iters)]
+        for name, tokens, stream in (
+            ("val_loss", self.val_tokens, VAL_STREAM),
+            ("train_loss", self.train_tokens, TRAIN_EVAL_STREAM),
+        ):
+            losses = [
+                forward_only(self.model, self.pipe, *self.batch(tokens, i, 0, stream))
+                for i in range(t.eval_iters)
+            ]
             mean = float(np.mean(losses)) if self.reports_loss else 0.0
             out[name] = self.grid.world.allreduce_scalar(mean) / self.grid.dp
         return out
@@ -490,48 +690,116 @@ class Trainer:
         from hpc_llm.plan.search import PRECISIONS
 
         cfg, par, t = self.cfg, self.cfg.parallel, self.cfg.train
-        lay = Layout(par.pp, self.grid.dp, par.tp, par.zero, par.schedule, par.virtual_stages, t.grad_accum,
-                     t.batch_size, par.bucket_mb, t.recompute)
+        lay = Layout(
+            par.pp,
+            self.grid.dp,
+            par.tp,
+            par.zero,
+            par.schedule,
+            par.virtual_stages,
+            t.grad_accum,
+            t.batch_size,
+            par.bucket_mb,
+            t.recompute,
+        )
         precision = "fp64" if cfg.model.dtype == "float64" else t.precision
-        return rank_memory(cfg.model, lay, self.grid.pp_rank, PRECISIONS[precision][1], self.grid.dp_rank,
-                           par.pp_layers, self.opt.threads, writer=self.writer)
+        return rank_memory(
+            cfg.model,
+            lay,
+            self.grid.pp_rank,
+            PRECISIONS[precision][1],
+            self.grid.dp_rank,
+            par.pp_layers,
+            self.opt.threads,
+            writer=self.writer,
+        )
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         m = self.model
-        log.info("model: %d layers, %d heads, %d dim, block %d, vocab %d (padded %d), %.2fM parameters, %s, %s",
-                 cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size, cfg.model.vocab_size,
-                 cfg.model.padded_vocab, m.num_params / 1e6, cfg.model.dtype, t.backend)
-        log.info("batch: %d sequences x %d micro-batches x %d tokens = %d tokens/step; MFU peak %.1f GFLOP/s (all ranks)",
-                 t.batch_size, t.grad_accum, cfg.model.block_size, self.tokens_per_step, self.peak_flops / 1e9)
-        log.info("layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
-                 self.grid.describe(), "on" if self.sync.zero else "off", cfg.parallel.bucket_mb,
-                 len(self.sync.buckets), (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20)
-        log.info("trainable parameters: %d of %d (%.2f%%)%s%s; optimizer memory (Adam moments) %.3f MiB on this "
-                 "rank, %.3f MiB for the whole job", m.num_trainable, m.num_params,
-                 100 * m.num_trainable / m.num_params,
-                 f", LoRA rank {cfg.model.lora_rank} on {'/'.join(cfg.model.lora_targets)} (scale "
-                 f"{cfg.model.lora_scale:g})" if cfg.model.lora_rank else "",
-                 f", frozen by train.freeze={t.freeze}" if t.freeze else "",
-                 (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20, self.moment_bytes_job / 2**20)
+        log.info(
+            "model: %d layers, %d heads, %d dim, block %d, vocab %d (padded %d), %.2fM parameters, %s, %s",
+            cfg.model.n_layer,
+            cfg.model.n_head,
+            cfg.model.n_embd,
+            cfg.model.block_size,
+            cfg.model.vocab_size,
+            cfg.model.padded_vocab,
+            m.num_params / 1e6,
+            cfg.model.dtype,
+            t.backend,
+        )
+        log.info(
+            "batch: %d sequences x %d micro-batches x %d tokens = %d tokens/step; MFU peak %.1f GFLOP/s (all ranks)",
+            t.batch_size,
+            t.grad_accum,
+            cfg.model.block_size,
+            self.tokens_per_step,
+            self.peak_flops / 1e9,
+        )
+        log.info(
+            "layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
+            self.grid.describe(),
+            "on" if self.sync.zero else "off",
+            cfg.parallel.bucket_mb,
+            len(self.sync.buckets),
+            (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20,
+        )
+        log.info(
+            "trainable parameters: %d of %d (%.2f%%)%s%s; optimizer memory (Adam moments) %.3f MiB on this "
+            "rank, %.3f MiB for the whole job",
+            m.num_trainable,
+            m.num_params,
+            100 * m.num_trainable / m.num_params,
+            f", LoRA rank {cfg.model.lora_rank} on {'/'.join(cfg.model.lora_targets)} (scale "
+            f"{cfg.model.lora_scale:g})"
+            if cfg.model.lora_rank
+            else "",
+            f", frozen by train.freeze={t.freeze}" if t.freeze else "",
+            (self.opt.m.nbytes + self.opt.v.nbytes) / 2**20,
+            self.moment_bytes_job / 2**20,
+        )
         if self.grid.dp > 1:
             before, after = self.sync.bytes_per_step()
-            log.info("gradient reduction %s: %.2f MB per step on this rank (uncompressed %.2f MB), ratio %.2fx%s",
-                     cfg.parallel.grad_comm, after / 1e6, before / 1e6, before / max(after, 1),
-                     f" (PowerSGD rank {cfg.parallel.powersgd_rank}, {len(self.sync.powersgd.matrices)} matrices "
-                     f"compressed, from step {cfg.parallel.powersgd_start})" if self.sync.powersgd else "")
+            log.info(
+                "gradient reduction %s: %.2f MB per step on this rank (uncompressed %.2f MB), ratio %.2fx%s",
+                cfg.parallel.grad_comm,
+                after / 1e6,
+                before / 1e6,
+                before / max(after, 1),
+                f" (PowerSGD rank {cfg.parallel.powersgd_rank}, {len(self.sync.powersgd.matrices)} matrices "
+                f"compressed, from step {cfg.parallel.powersgd_start})"
+                if self.sync.powersgd
+                else "",
+            )
         if self.plan.pp > 1:
-            stages = ", ".join(f"{v}: {r.start}-{r.stop - 1}" for v, r in enumerate(self.plan.layers))
-            log.info("pipeline: %d stages x %d virtual, schedule %s, %d micro-batches; layers per (virtual) stage "
-                     "%s (stage s holds virtual stages s, s + %d, ...)", self.plan.pp, self.plan.virtual,
-                     cfg.parallel.schedule, t.grad_accum, stages, self.plan.pp)
+            stages = ", ".join(
+                f"{v}: {r.start}-{r.stop - 1}" for v, r in enumerate(self.plan.layers)
+            )
+            log.info(
+                "pipeline: %d stages x %d virtual, schedule %s, %d micro-batches; layers per (virtual) stage "
+                "%s (stage s holds virtual stages s, s + %d, ...)",
+                self.plan.pp,
+                self.plan.virtual,
+                cfg.parallel.schedule,
+                t.grad_accum,
+                stages,
+                self.plan.pp,
+            )
         mem, first_step = self.predicted_memory(), True
-        mib = 2 ** -20
-        log.info("memory of this rank, predicted from the shapes: parameters %.1f MiB, gradients %.1f, optimizer "
-                 "state %.1f, activations %.1f at the step's peak (%.1f MiB with compute copy and workspaces)",
-                 mib * mem.params, mib * mem.grads, mib * (mem.moments + mem.optimizer_temps),
-                 mib * mem.activations, mib * mem.step_peak)
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
+        mib = 2**-20
+        log.info(
+            "memory of this rank, predicted from the shapes: parameters %.1f MiB, gradients %.1f, optimizer "
+            "state %.1f, activations %.1f at the step's peak (%.1f MiB with compute copy and workspaces)",
+            mib * mem.params,
+            mib * mem.grads,
+            mib * (mem.moments + mem.optimizer_temps),
+            mib * mem.activations,
+            mib * mem.step_peak,
+        )
+        metrics_file = (
+            open(self.out_dir / "metrics.jsonl", "a") if self.is_root else open(os.devnull, "w")
+        )
         ledger = self.grid.world.ledger
         flops_per_step = m.flops_per_token() * self.tokens_per_step
         stopped = 0
@@ -541,10 +809,16 @@ class Trainer:
                 stopped = self.should_stop()
                 if not stopped and t.eval_iters > 0 and self.step % t.eval_interval == 0:
                     self._eval_and_log(metrics_file)
-                    stopped = self.should_stop()  # a signal during the eval does not wait for another step
+                    stopped = (
+                        self.should_stop()
+                    )  # a signal during the eval does not wait for another step
                 if stopped:
-                    log.info("step %d: stop signal %s received, writing a checkpoint and exiting (status %d)",
-                             self.step, signal.Signals(stopped).name, EXIT_PREEMPTED)
+                    log.info(
+                        "step %d: stop signal %s received, writing a checkpoint and exiting (status %d)",
+                        self.step,
+                        signal.Signals(stopped).name,
+                        EXIT_PREEMPTED,
+                    )
                     break
                 ledger.reset()
                 t0 = time.perf_counter()
@@ -554,45 +828,80 @@ class Trainer:
                 comm = ledger.summary()
                 if first_step:  # this run's first step: the measured peak beside the prediction
                     first_step = False
-                    log.info("memory of this rank after the first step: peak RSS %.1f MiB (predicted step peak %.1f "
-                             "MiB, plus the interpreter and libraries)", peak_rss_bytes() * mib, mib * mem.step_peak)
+                    log.info(
+                        "memory of this rank after the first step: peak RSS %.1f MiB (predicted step peak %.1f "
+                        "MiB, plus the interpreter and libraries)",
+                        peak_rss_bytes() * mib,
+                        mib * mem.step_peak,
+                    )
                 window_t += dt
                 window_steps += 1
-                row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                       "tokens_per_s": self.tokens_per_step / dt, "mfu": flops_per_step / dt / self.peak_flops,
-                       "comm_seconds": sum(c["seconds"] for c in comm.values()),
-                       "comm_bytes": sum(c["bytes"] for c in comm.values()),
-                       "loss_scale": self.last_loss_scale, "skipped_steps": self.skipped_steps}
+                row = {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens_per_s": self.tokens_per_step / dt,
+                    "mfu": flops_per_step / dt / self.peak_flops,
+                    "comm_seconds": sum(c["seconds"] for c in comm.values()),
+                    "comm_bytes": sum(c["bytes"] for c in comm.values()),
+                    "loss_scale": self.last_loss_scale,
+                    "skipped_steps": self.skipped_steps,
+                }
                 self.metrics.add("train", row)
                 if self.step % t.log_interval == 0 or self.step == t.max_iters:
                     tps = self.tokens_per_step * window_steps / window_t
                     mfu = flops_per_step * window_steps / window_t / self.peak_flops
-                    log.info("step %6d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %.1f%% | "
-                             "%.0f ms/step%s%s", self.step, loss, lr, norm, tps, 100 * mfu, 1000 * window_t / window_steps,
-                             "" if self.grid.world.size == 1 else
-                             f" | comm {1000 * row['comm_seconds']:.0f} ms, {row['comm_bytes'] / 1e6:.1f} MB",
-                             "" if self.scaler is None else
-                             f" | loss scale {self.last_loss_scale:g}, {self.skipped_steps} steps skipped")
-                    metrics_file.write(json.dumps({"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu,
-                                                   "comm": comm}) + "\n")
+                    log.info(
+                        "step %6d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %.1f%% | "
+                        "%.0f ms/step%s%s",
+                        self.step,
+                        loss,
+                        lr,
+                        norm,
+                        tps,
+                        100 * mfu,
+                        1000 * window_t / window_steps,
+                        ""
+                        if self.grid.world.size == 1
+                        else f" | comm {1000 * row['comm_seconds']:.0f} ms, {row['comm_bytes'] / 1e6:.1f} MB",
+                        ""
+                        if self.scaler is None
+                        else f" | loss scale {self.last_loss_scale:g}, {self.skipped_steps} steps skipped",
+                    )
+                    metrics_file.write(
+                        json.dumps(
+                            {"kind": "train", **row, "tokens_per_s": tps, "mfu": mfu, "comm": comm}
+                        )
+                        + "\n"
+                    )
                     metrics_file.flush()
                     window_t, window_steps = 0.0, 0
                 if self.bad_in_row >= t.max_bad_steps:
                     path = self.checkpoint(final=True)
-                    raise JobError(f"step {self.step}: the last {self.bad_in_row} steps were skipped (non-finite or "
-                                   f"outlier loss or gradient norm; train.max_bad_steps={t.max_bad_steps}): run "
-                                   f"stopped; {path} holds the last good parameters (resume it with a lower "
-                                   "train.lr, or from an earlier checkpoint)")
+                    raise JobError(
+                        f"step {self.step}: the last {self.bad_in_row} steps were skipped (non-finite or "
+                        f"outlier loss or gradient norm; train.max_bad_steps={t.max_bad_steps}): run "
+                        f"stopped; {path} holds the last good parameters (resume it with a lower "
+                        "train.lr, or from an earlier checkpoint)"
+                    )
                 interval = self.cfg.checkpoint.interval
-                if interval and self.step % interval == 0 and self.step < t.max_iters:  # the last one comes below
+                if (
+                    interval and self.step % interval == 0 and self.step < t.max_iters
+                ):  # the last one comes below
                     self.checkpoint()
             if t.eval_iters > 0 and not stopped:
                 self._eval_and_log(metrics_file)
             path = self.checkpoint(final=True)
         finally:
             metrics_file.close()
-        return {**self._last_eval(), "step": self.step, "checkpoint": str(path), "stopped_by": stopped,
-                "loss": self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None}
+        return {
+            **self._last_eval(),
+            "step": self.step,
+            "checkpoint": str(path),
+            "stopped_by": stopped,
+            "loss": self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None,
+        }
 
     def _last_eval(self) -> dict:
         """The newest row of the eval history (resumed ones included), {} before any eval."""
@@ -612,7 +921,10 @@ class Trainer:
             if final or self.cfg.checkpoint.on_error != "continue":
                 raise
             if self.is_root:
-                log.error("hpc-llm: %s; training goes on without this checkpoint (checkpoint.on_error=continue)", e)
+                log.error(
+                    "hpc-llm: %s; training goes on without this checkpoint (checkpoint.on_error=continue)",
+                    e,
+                )
             return None
         self.saved_step, self.saved_path = self.step, path
         return path
@@ -635,8 +947,13 @@ class Trainer:
             ev = self.evaluate()
         row = {"step": self.step, **ev}
         self.metrics.add("eval", row)
-        log.info("eval %6d | train loss %.4f | val loss %.4f | %.1f s", self.step, ev["train_loss"], ev["val_loss"],
-                 time.perf_counter() - t0)
+        log.info(
+            "eval %6d | train loss %.4f | val loss %.4f | %.1f s",
+            self.step,
+            ev["train_loss"],
+            ev["val_loss"],
+            time.perf_counter() - t0,
+        )
         metrics_file.write(json.dumps({"kind": "eval", **row}) + "\n")
         metrics_file.flush()
         return row
@@ -654,7 +971,10 @@ class _ConfigView:
 
     def __init__(self, saved: ckpt.CheckpointFile, block_size: int):
         self._saved = saved
-        self.config = {**saved.config, "model": {**saved.config.get("model", {}), "block_size": block_size}}
+        self.config = {
+            **saved.config,
+            "model": {**saved.config.get("model", {}), "block_size": block_size},
+        }
 
     def __getattr__(self, name):  # path, state, ...: the checkpoint's own
         return getattr(self._saved, name)
@@ -684,8 +1004,9 @@ class SpikeGuard:
         """The good steps of a resumed run's history: those that did not add to skipped_steps."""
         self.history.clear()
         before = 0
-        for loss, norm, skipped in zip(train_metrics["loss"], train_metrics["grad_norm"],
-                                       train_metrics["skipped_steps"]):
+        for loss, norm, skipped in zip(
+            train_metrics["loss"], train_metrics["grad_norm"], train_metrics["skipped_steps"]
+        ):
             if skipped == before:
                 self.add(loss, norm)
             before = skipped
@@ -701,7 +1022,7 @@ def peak_rss_bytes() -> int:
 def train(cfg: Config, resume: str | None = None, stop: StopRequest | None = None) -> dict:
     """Train; on SIGUSR1/SIGTERM stop at the next step with a checkpoint (the summary's ``stopped_by`` is the signal).
     `stop`: handlers the caller installed earlier (the CLI does, before start-up); else installed here."""
-    with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
+    with contextlib.nullcontext(stop) if stop is not None else StopRequest() as stop:
         trainer = Trainer(cfg, resume, stop=stop)
         try:
             return trainer.run()

@@ -68,7 +68,9 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--writer", choices=("auto", "gather", "mpio"), default="auto")
-    ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under /tmp)")
+    ap.add_argument(
+        "--dir", default=None, help="where to write (default: a temporary directory under /tmp)"
+    )
     args = ap.parse_args()
     world = MPI.COMM_WORLD
     p = PRESETS[args.preset]
@@ -107,7 +109,9 @@ def main() -> None:
         size = world.bcast(path.stat().st_size if world.rank == 0 else None)
         if world.rank == 0:
             raw = tmp / "dd.bin"
-            rows["dd_write"].append(dd("if=/dev/zero", f"of={raw}", f"count={-(-size // BLOCK)}", "conv=fsync"))
+            rows["dd_write"].append(
+                dd("if=/dev/zero", f"of={raw}", f"count={-(-size // BLOCK)}", "conv=fsync")
+            )
             raw.unlink()
             cold &= drop_caches()
             rows["dd_read"].append(dd(f"if={path}", "of=/dev/null"))
@@ -117,19 +121,35 @@ def main() -> None:
     if world.rank == 0:
         med = {k: float(np.median(v)) for k, v in rows.items()}
         mbs = {k: size / v / 1e6 for k, v in med.items()}
-        out = {"preset": args.preset, "ranks": world.size, "dp": tr.grid.dp, "tp": tr.grid.tp, "zero": args.zero,
-               "writer": tr.writer, "bytes": size, "cold_reads": cold, "seconds": rows,
-               "median_mb_per_s": mbs, "write_vs_dd": mbs["save"] / mbs["dd_write"],
-               "read_vs_dd": mbs["restore"] / mbs["dd_read"],
-               # the same, repeat by repeat (side by side in time): the machine's drift cancels
-               "write_vs_dd_pairwise": float(np.median(np.divide(rows["dd_write"], rows["save"]))),
-               "read_vs_dd_pairwise": float(np.median(np.divide(rows["dd_read"], rows["restore"])))}
-        print(f"{args.preset} checkpoint {size / 1e6:.0f} MB on {world.size} ranks (dp {tr.grid.dp} x tp "
-              f"{tr.grid.tp}, zero {args.zero}, {tr.writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:")
-        print(f"  write: save {mbs['save']:.0f} MB/s vs dd+fsync {mbs['dd_write']:.0f} MB/s = "
-              f"{100 * out['write_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['write_vs_dd_pairwise']:.0f}%)")
-        print(f"  read:  restore {mbs['restore']:.0f} MB/s vs dd {mbs['dd_read']:.0f} MB/s = "
-              f"{100 * out['read_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['read_vs_dd_pairwise']:.0f}%)")
+        out = {
+            "preset": args.preset,
+            "ranks": world.size,
+            "dp": tr.grid.dp,
+            "tp": tr.grid.tp,
+            "zero": args.zero,
+            "writer": tr.writer,
+            "bytes": size,
+            "cold_reads": cold,
+            "seconds": rows,
+            "median_mb_per_s": mbs,
+            "write_vs_dd": mbs["save"] / mbs["dd_write"],
+            "read_vs_dd": mbs["restore"] / mbs["dd_read"],
+            # the same, repeat by repeat (side by side in time): the machine's drift cancels
+            "write_vs_dd_pairwise": float(np.median(np.divide(rows["dd_write"], rows["save"]))),
+            "read_vs_dd_pairwise": float(np.median(np.divide(rows["dd_read"], rows["restore"]))),
+        }
+        print(
+            f"{args.preset} checkpoint {size / 1e6:.0f} MB on {world.size} ranks (dp {tr.grid.dp} x tp "
+            f"{tr.grid.tp}, zero {args.zero}, {tr.writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:"
+        )
+        print(
+            f"  write: save {mbs['save']:.0f} MB/s vs dd+fsync {mbs['dd_write']:.0f} MB/s = "
+            f"{100 * out['write_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['write_vs_dd_pairwise']:.0f}%)"
+        )
+        print(
+            f"  read:  restore {mbs['restore']:.0f} MB/s vs dd {mbs['dd_read']:.0f} MB/s = "
+            f"{100 * out['read_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['read_vs_dd_pairwise']:.0f}%)"
+        )
         print("JSON " + json.dumps(out))
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 

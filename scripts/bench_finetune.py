@@ -39,17 +39,24 @@ def prepare(args, out: Path) -> tuple[Path, Path]:
     stdlib, shakespeare = out / "data_stdlib", out / "data_shakespeare"
     cli = [sys.executable, "-m", "hpc_llm", "prepare"]
     if not (stdlib / "meta.json").exists():
-        subprocess.run(cli + ["--stdlib", "--max-bytes", str(args.stdlib_bytes), "--out", str(stdlib)], check=True)
+        subprocess.run(
+            cli + ["--stdlib", "--max-bytes", str(args.stdlib_bytes), "--out", str(stdlib)],
+            check=True,
+        )
     if not (shakespeare / "meta.json").exists():
-        subprocess.run(cli + [args.shakespeare, "--tokenizer", "byte", "--out", str(shakespeare)], check=True)
+        subprocess.run(
+            cli + [args.shakespeare, "--tokenizer", "byte", "--out", str(shakespeare)], check=True
+        )
     return stdlib, shakespeare
 
 
 def run(name: str, out: Path, sets: list[str]) -> dict:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(REPO / "inputs" / "default.toml", MODEL + sets + [f"train.out_dir={run_dir}",
-                                                                         "checkpoint.interval=0"])
+    cfg = load_config(
+        REPO / "inputs" / "default.toml",
+        MODEL + sets + [f"train.out_dir={run_dir}", "checkpoint.interval=0"],
+    )
     t0 = time.perf_counter()
     tr = Trainer(cfg)
     try:
@@ -60,12 +67,27 @@ def run(name: str, out: Path, sets: list[str]) -> dict:
     windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tps = [w["tokens_per_s"] for w in windows if w["kind"] == "train"][1:]
     ev = tr.metrics.eval
-    row = {"name": name, "trainable": tr.model.num_trainable, "params": tr.model.num_params,
-           "moment_bytes": int(tr.opt.m.nbytes + tr.opt.v.nbytes), "tokens_per_s": float(np.median(tps)),
-           "tokens_per_s_windows": tps, "val_loss_start": ev["val_loss"][0], "val_loss": ev["val_loss"][-1],
-           "train_loss": ev["train_loss"][-1], "eval_steps": ev["step"], "val_curve": ev["val_loss"],
-           "wall_s": wall, "checkpoint": summary["checkpoint"]}
-    print(json.dumps({k: v for k, v in row.items() if k not in ("tokens_per_s_windows", "val_curve")}), flush=True)
+    row = {
+        "name": name,
+        "trainable": tr.model.num_trainable,
+        "params": tr.model.num_params,
+        "moment_bytes": int(tr.opt.m.nbytes + tr.opt.v.nbytes),
+        "tokens_per_s": float(np.median(tps)),
+        "tokens_per_s_windows": tps,
+        "val_loss_start": ev["val_loss"][0],
+        "val_loss": ev["val_loss"][-1],
+        "train_loss": ev["train_loss"][-1],
+        "eval_steps": ev["step"],
+        "val_curve": ev["val_loss"],
+        "wall_s": wall,
+        "checkpoint": summary["checkpoint"],
+    }
+    print(
+        json.dumps(
+            {k: v for k, v in row.items() if k not in ("tokens_per_s_windows", "val_curve")}
+        ),
+        flush=True,
+    )
     return row
 
 
@@ -84,16 +106,39 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stdlib, shakespeare = prepare(args, out)
     n, b = args.pretrain_steps, args.batch
-    common = [f"train.batch_size={b}", "train.eval_iters=10", "train.log_interval=25", "train.peak_tflops=1"]
-    base = run("pretrain", out, common + [f"data.path={stdlib}", f"train.max_iters={n}", f"train.lr_decay_iters={n}",
-                                          f"train.eval_interval={n}", "train.warmup_iters=50"])
+    common = [
+        f"train.batch_size={b}",
+        "train.eval_iters=10",
+        "train.log_interval=25",
+        "train.peak_tflops=1",
+    ]
+    base = run(
+        "pretrain",
+        out,
+        common
+        + [
+            f"data.path={stdlib}",
+            f"train.max_iters={n}",
+            f"train.lr_decay_iters={n}",
+            f"train.eval_interval={n}",
+            "train.warmup_iters=50",
+        ],
+    )
     m = args.finetune_steps
-    ft = common + [f"data.path={shakespeare}", f"train.init_from={base['checkpoint']}", f"train.max_iters={m}",
-                   f"train.lr_decay_iters={m}", f"train.eval_interval={max(1, m // 4)}", "train.warmup_iters=10"]
+    ft = common + [
+        f"data.path={shakespeare}",
+        f"train.init_from={base['checkpoint']}",
+        f"train.max_iters={m}",
+        f"train.lr_decay_iters={m}",
+        f"train.eval_interval={max(1, m // 4)}",
+        "train.warmup_iters=10",
+    ]
     lora = ["train.lr=2e-3", "train.min_lr=2e-4", "model.lora_rank=8", "model.lora_alpha=16"]
-    runs = {"full": ft + ["train.lr=3e-4", "train.min_lr=3e-5"],
-            "lora8-c_attn": ft + lora,
-            "lora8-all": ft + lora + ["model.lora_targets=attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"]}
+    runs = {
+        "full": ft + ["train.lr=3e-4", "train.min_lr=3e-5"],
+        "lora8-c_attn": ft + lora,
+        "lora8-all": ft + lora + ["model.lora_targets=attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"],
+    }
     repeats = {name: [] for name in runs}
     for _ in range(args.repeat):
         for name, sets in runs.items():
@@ -101,19 +146,30 @@ def main() -> None:
     rows = [base]
     for name, rs in repeats.items():
         assert all(r["val_curve"] == rs[0]["val_curve"] for r in rs), f"{name}: repeats differ"
-        rows.append({**rs[0], "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rs])),
-                     "tokens_per_s_repeats": [r["tokens_per_s"] for r in rs]})
+        rows.append(
+            {
+                **rs[0],
+                "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rs])),
+                "tokens_per_s_repeats": [r["tokens_per_s"] for r in rs],
+            }
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(f"\nbase model's val loss on shakespeare before fine-tuning: {rows[1]['val_loss_start']:.4f} "
-          f"(on stdlib after pre-training: {base['val_loss']:.4f})")
-    print("| run | steps | trainable params | Adam moments (bytes) | val loss | val curve | tokens/s (median) | "
-          "repeats |")
+    print(
+        f"\nbase model's val loss on shakespeare before fine-tuning: {rows[1]['val_loss_start']:.4f} "
+        f"(on stdlib after pre-training: {base['val_loss']:.4f})"
+    )
+    print(
+        "| run | steps | trainable params | Adam moments (bytes) | val loss | val curve | tokens/s (median) | "
+        "repeats |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         curve = " / ".join(f"{v:.3f}" for v in r["val_curve"])
         reps = ", ".join(f"{v:.0f}" for v in r.get("tokens_per_s_repeats", [r["tokens_per_s"]]))
-        print(f"| {r['name']} | {r['eval_steps'][-1]} | {r['trainable']:,} of {r['params']:,} | "
-              f"{r['moment_bytes']:,} | {r['val_loss']:.4f} | {curve} | {r['tokens_per_s']:.0f} | {reps} |")
+        print(
+            f"| {r['name']} | {r['eval_steps'][-1]} | {r['trainable']:,} of {r['params']:,} | "
+            f"{r['moment_bytes']:,} | {r['val_loss']:.4f} | {curve} | {r['tokens_per_s']:.0f} | {reps} |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,14 @@ p.add_argument("--prompt-len", type=int, default=128)
 p.add_argument("--new-tokens", type=int, default=32)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--layers", type=int, default=12)
-p.add_argument("--int8", action="store_true", help="ours only: float32 vs --quantize int8 (speed, memory, logits)")
-p.add_argument("--tp", action="store_true", help="ours only, under mpiexec -n P: TP-P vs one rank, per token")
+p.add_argument(
+    "--int8",
+    action="store_true",
+    help="ours only: float32 vs --quantize int8 (speed, memory, logits)",
+)
+p.add_argument(
+    "--tp", action="store_true", help="ours only, under mpiexec -n P: TP-P vs one rank, per token"
+)
 p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
 args = p.parse_args()
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -41,7 +47,9 @@ from hpc_llm.config import ModelConfig  # noqa: E402
 from hpc_llm.generate import sample_sharded  # noqa: E402
 from hpc_llm.model.gpt import GPT, KVCache  # noqa: E402
 
-CFG = dict(n_layer=args.layers, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dtype="float32")
+CFG = dict(
+    n_layer=args.layers, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dtype="float32"
+)
 
 
 def median(xs):
@@ -77,14 +85,29 @@ def hf_model(model):
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     c = model.cfg
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
-                                    vocab_size=c.vocab_size, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_embd=c.n_embd,
+            n_positions=c.block_size,
+            vocab_size=c.vocab_size,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    )
     full = model.full_tensors(model.flat)
-    state = {"transformer." + k: torch.from_numpy(np.ascontiguousarray(v[:c.vocab_size] if k == "wte.weight" else v))
-             for k, v in full.items()}
+    state = {
+        "transformer." + k: torch.from_numpy(
+            np.ascontiguousarray(v[: c.vocab_size] if k == "wte.weight" else v)
+        )
+        for k, v in full.items()
+    }
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") or "masked_bias" in k
-                                  for k in missing), (missing, unexpected)
+    assert not unexpected and all(
+        k == "lm_head.weight" or k.endswith(".attn.bias") or "masked_bias" in k for k in missing
+    ), (missing, unexpected)
     hf.tie_weights()
     return hf.eval()
 
@@ -111,18 +134,26 @@ def hf_once(hf, idx, new_tokens):
 def report(name, B, runs):
     pre = median([r[0] for r in runs])
     dec = median([r[1] for r in runs])
-    print(f"{name:>12} B={B}: prefill {B * args.prompt_len / pre:8.1f} tok/s ({pre * 1e3:7.1f} ms), "
-          f"decode {B * args.new_tokens / dec:7.1f} new tok/s ({dec / args.new_tokens * 1e3:6.1f} ms/step)",
-          flush=True)
+    print(
+        f"{name:>12} B={B}: prefill {B * args.prompt_len / pre:8.1f} tok/s ({pre * 1e3:7.1f} ms), "
+        f"decode {B * args.new_tokens / dec:7.1f} new tok/s ({dec / args.new_tokens * 1e3:6.1f} ms/step)",
+        flush=True,
+    )
     return pre, dec
 
 
 def main():
     rng = np.random.default_rng(0)
-    if args.tp and int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0"))) != 0:
+    if (
+        args.tp
+        and int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0"))) != 0
+    ):
         return tp_main(rng)
-    print(f"GPT-2 small shape {CFG}, float32, {args.threads} BLAS thread(s), prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, medians of {args.repeats}", flush=True)
+    print(
+        f"GPT-2 small shape {CFG}, float32, {args.threads} BLAS thread(s), prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, medians of {args.repeats}",
+        flush=True,
+    )
     if args.tp:
         return tp_main(rng)
     model = GPT(ModelConfig(**CFG), seed=0)
@@ -135,10 +166,16 @@ def main():
             import torch
             import transformers
 
-            print(f"reference: transformers {transformers.__version__}, torch {torch.__version__} "
-                  f"({torch.get_num_threads()} threads)", flush=True)
+            print(
+                f"reference: transformers {transformers.__version__}, torch {torch.__version__} "
+                f"({torch.get_num_threads()} threads)",
+                flush=True,
+            )
         except ImportError as e:
-            print(f"SKIPPED the Hugging Face reference: {e} (needs torch and transformers)", flush=True)
+            print(
+                f"SKIPPED the Hugging Face reference: {e} (needs torch and transformers)",
+                flush=True,
+            )
     for B in args.batch:
         idx = rng.integers(0, CFG["vocab_size"], size=(B, args.prompt_len))
         ours_once(model, idx, 2)  # warm-up: first-touch of the buffers, for both
@@ -153,8 +190,11 @@ def main():
         if hf is not None:
             b = report("HF+torch", B, theirs)
             same = np.mean(ours[0][2] == theirs[0][2])
-            print(f"{'':>12} ours/HF: prefill speed x{b[0] / a[0]:.2f}, decode speed x{b[1] / a[1]:.2f}; "
-                  f"greedy tokens equal: {same:.0%}", flush=True)
+            print(
+                f"{'':>12} ours/HF: prefill speed x{b[0] / a[0]:.2f}, decode speed x{b[1] / a[1]:.2f}; "
+                f"greedy tokens equal: {same:.0%}",
+                flush=True,
+            )
 
 
 def int8_main(model, rng):
@@ -165,7 +205,9 @@ def int8_main(model, rng):
     before = weight_bytes(model)
     quantize_model(model)
     after = weight_bytes(model)
-    print(f"weights held: float32 {before / 2**20:.1f} MiB, int8 {after / 2**20:.1f} MiB ({after / before:.3f})")
+    print(
+        f"weights held: float32 {before / 2**20:.1f} MiB, int8 {after / 2**20:.1f} MiB ({after / before:.3f})"
+    )
     idx = rng.integers(0, CFG["vocab_size"], size=(2, 64))
     d = np.abs(model.logits(idx) - ref.logits(idx))
     print(f"max |logits int8 - float32| = {d.max():.4f} (logits std {ref.logits(idx).std():.4f})")

@@ -33,7 +33,14 @@ from hpc_llm.config import Config, validate  # noqa: E402
 from hpc_llm.parallel.data_parallel import GradientSync  # noqa: E402
 from hpc_llm.train import Trainer  # noqa: E402
 
-SCHEMES = [("fp32", 0), ("bf16", 0), ("fp16", 0), ("powersgd", 1), ("powersgd", 4), ("powersgd", 16)]
+SCHEMES = [
+    ("fp32", 0),
+    ("bf16", 0),
+    ("fp16", 0),
+    ("powersgd", 1),
+    ("powersgd", 4),
+    ("powersgd", 16),
+]
 
 
 def timed(fn, acc: list):
@@ -43,6 +50,7 @@ def timed(fn, acc: list):
             return fn(*a, **k)
         finally:
             acc[0] += time.perf_counter() - t0
+
     return wrapper
 
 
@@ -51,10 +59,14 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="6x384")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=0, help="global batch (default: the preset's, at least dp)")
+    ap.add_argument(
+        "--batch", type=int, default=0, help="global batch (default: the preset's, at least dp)"
+    )
     ap.add_argument("--block", type=int, default=0, help="block size (default: the preset's)")
     ap.add_argument("--bucket-mb", type=float, default=25.0)
-    ap.add_argument("--schemes", default="", help="comma list, e.g. fp32,bf16,powersgd4 (default all)")
+    ap.add_argument(
+        "--schemes", default="", help="comma list, e.g. fp32,bf16,powersgd4 (default all)"
+    )
     args = ap.parse_args()
     world = MPI.COMM_WORLD
     p = PRESETS[args.preset]
@@ -62,8 +74,12 @@ def main() -> None:
     if world.rank == 0:
         random_tokens(tmp, p["vocab_size"], 2_000_000)
     world.Barrier()
-    chosen = [s for s in SCHEMES if not args.schemes or
-              f"{s[0]}{s[1] if s[0] == 'powersgd' else ''}" in args.schemes.split(",")]
+    chosen = [
+        s
+        for s in SCHEMES
+        if not args.schemes
+        or f"{s[0]}{s[1] if s[0] == 'powersgd' else ''}" in args.schemes.split(",")
+    ]
     cfg = Config()
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         setattr(cfg.model, k, p[k])
@@ -81,17 +97,30 @@ def main() -> None:
     g, m = tr.grid, tr.model
     bucket_elems = int(args.bucket_mb * 2**20) // m.dtype.itemsize
     syncs, acc = {}, {}
-    for scheme, rank in chosen:  # one GradientSync per scheme on the same model, as Trainer builds its own
+    for (
+        scheme,
+        rank,
+    ) in chosen:  # one GradientSync per scheme on the same model, as Trainer builds its own
         name = scheme + (f" r={rank}" if scheme == "powersgd" else "")
-        sync = GradientSync(m.grad_flat, g.dp_comm, bucket_elems, zero=False, scheme=scheme, specs=m.specs,
-                            powersgd_rank=max(rank, 1), seed=cfg.train.seed)
+        sync = GradientSync(
+            m.grad_flat,
+            g.dp_comm,
+            bucket_elems,
+            zero=False,
+            scheme=scheme,
+            specs=m.specs,
+            powersgd_rank=max(rank, 1),
+            seed=cfg.train.seed,
+        )
         acc[name] = [0.0]
         sync.grad_ready = timed(sync.grad_ready, acc[name])
         sync.finish = timed(sync.finish, acc[name])
         syncs[name] = sync
     steps = {name: [] for name in syncs}
     red = {name: [] for name in syncs}
-    for i in range(args.warmup + args.steps):  # the schemes alternate step by step: the machine's drift hits all
+    for i in range(
+        args.warmup + args.steps
+    ):  # the schemes alternate step by step: the machine's drift hits all
         for name, sync in syncs.items():
             tr.sync = sync
             acc[name][0] = 0.0
@@ -107,17 +136,30 @@ def main() -> None:
     for name, sync in syncs.items():
         before, after = sync.bytes_per_step()
         step, r = float(np.median(steps[name])), float(np.median(red[name]))
-        row = {"preset": args.preset, "scheme": name, "dp": g.dp, "step_ms": 1e3 * step,
-               "reduction_ms": 1e3 * r, "share": r / step, "bytes": after, "fp32_bytes": before,
-               "ratio": before / after if after else None, "steps_ms": [1e3 * x for x in steps[name]],
-               "reduction_ms_all": [1e3 * x for x in red[name]],
-               "block_size": cfg.model.block_size, "batch": cfg.train.batch_size}
+        row = {
+            "preset": args.preset,
+            "scheme": name,
+            "dp": g.dp,
+            "step_ms": 1e3 * step,
+            "reduction_ms": 1e3 * r,
+            "share": r / step,
+            "bytes": after,
+            "fp32_bytes": before,
+            "ratio": before / after if after else None,
+            "steps_ms": [1e3 * x for x in steps[name]],
+            "reduction_ms_all": [1e3 * x for x in red[name]],
+            "block_size": cfg.model.block_size,
+            "batch": cfg.train.batch_size,
+        }
         rows.append(row)
         if world.rank == 0:
-            print(f"{args.preset} dp{g.dp} {name:>13}: step {row['step_ms']:8.1f} ms, reduction "
-                  f"{row['reduction_ms']:7.1f} ms ({100 * row['share']:4.1f}%), {after / 1e6:8.2f} MB/step "
-                  f"(fp32 {before / 1e6:.2f} MB, {row['ratio']:.2f}x); steps "
-                  f"{', '.join(f'{1e3 * x:.0f}' for x in steps[name])} ms", flush=True)
+            print(
+                f"{args.preset} dp{g.dp} {name:>13}: step {row['step_ms']:8.1f} ms, reduction "
+                f"{row['reduction_ms']:7.1f} ms ({100 * row['share']:4.1f}%), {after / 1e6:8.2f} MB/step "
+                f"(fp32 {before / 1e6:.2f} MB, {row['ratio']:.2f}x); steps "
+                f"{', '.join(f'{1e3 * x:.0f}' for x in steps[name])} ms",
+                flush=True,
+            )
     tr.close()
     if world.rank == 0:
         print("JSON " + json.dumps(rows))

@@ -33,7 +33,11 @@ from hpc_llm.train import Trainer  # noqa: E402
 
 
 def vm_hwm() -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in open("/proc/self/status")
+        if line.startswith("VmHWM:")
+    )
 
 
 def random_tokens(directory: Path, vocab: int, n: int) -> None:
@@ -41,9 +45,21 @@ def random_tokens(directory: Path, vocab: int, n: int) -> None:
     rng = np.random.default_rng(0)
     for split, size in (("train", n), ("val", n // 10)):
         rng.integers(0, vocab, size, dtype=np.uint16).tofile(directory / f"{split}.bin")
-    chars = "".join(chr(0x100 + i) for i in range(vocab))  # any vocabulary size, below the surrogate code points
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": "char", "chars": chars, "vocab_size": vocab,
-            "n_train": n, "n_val": n // 10, "n_files": 0, "n_skipped": 0, "sources": []}
+    chars = "".join(
+        chr(0x100 + i) for i in range(vocab)
+    )  # any vocabulary size, below the surrogate code points
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "char",
+        "chars": chars,
+        "vocab_size": vocab,
+        "n_train": n,
+        "n_val": n // 10,
+        "n_files": 0,
+        "n_skipped": 0,
+        "sources": [],
+    }
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
@@ -89,7 +105,11 @@ def main() -> None:
         s = ledger.summary()
         steps.append(dt)
         exposed.append(world.allreduce(sum(v["seconds"] for v in s.values()), op=MPI.MAX))
-        dp_wait.append(world.allreduce(sum(v["seconds"] for k, v in s.items() if k.startswith("dp.")), op=MPI.MAX))
+        dp_wait.append(
+            world.allreduce(
+                sum(v["seconds"] for k, v in s.items() if k.startswith("dp.")), op=MPI.MAX
+            )
+        )
     # the same buckets, blocking and alone: what data-parallel communication costs when nothing hides it
     blocking = []
     dp = tr.grid.dp_comm
@@ -105,20 +125,37 @@ def main() -> None:
     opt = world.gather(opt_bytes)
     if world.rank == 0:
         tokens = tr.tokens_per_step
-        out = {"preset": args.preset, "ranks": world.size, "dp": tr.grid.dp, "tp": tr.grid.tp, "zero": args.zero,
-               "tokens_per_s": tokens / step, "step_ms": 1e3 * step, "comm_exposed_ms": 1e3 * comm,
-               "comm_share": comm / step, "dp_wait_ms": 1e3 * wait, "dp_blocking_ms": 1e3 * block,
-               "dp_hidden": (1 - wait / block) if tr.grid.dp > 1 and block > 0 else None,
-               "peak_rss_mib_per_rank": [r / 2**20 for r in rss], "optimizer_mib_per_rank": [o / 2**20 for o in opt],
-               "buckets": len(tr.sync.buckets)}
-        print(f"{args.preset} on {world.size} ranks (dp {tr.grid.dp} x tp {tr.grid.tp}, zero {args.zero}): "
-              f"{out['tokens_per_s']:.0f} tokens/s, step {out['step_ms']:.1f} ms, communication exposed "
-              f"{out['comm_exposed_ms']:.1f} ms ({100 * out['comm_share']:.1f}% of the step)")
+        out = {
+            "preset": args.preset,
+            "ranks": world.size,
+            "dp": tr.grid.dp,
+            "tp": tr.grid.tp,
+            "zero": args.zero,
+            "tokens_per_s": tokens / step,
+            "step_ms": 1e3 * step,
+            "comm_exposed_ms": 1e3 * comm,
+            "comm_share": comm / step,
+            "dp_wait_ms": 1e3 * wait,
+            "dp_blocking_ms": 1e3 * block,
+            "dp_hidden": (1 - wait / block) if tr.grid.dp > 1 and block > 0 else None,
+            "peak_rss_mib_per_rank": [r / 2**20 for r in rss],
+            "optimizer_mib_per_rank": [o / 2**20 for o in opt],
+            "buckets": len(tr.sync.buckets),
+        }
+        print(
+            f"{args.preset} on {world.size} ranks (dp {tr.grid.dp} x tp {tr.grid.tp}, zero {args.zero}): "
+            f"{out['tokens_per_s']:.0f} tokens/s, step {out['step_ms']:.1f} ms, communication exposed "
+            f"{out['comm_exposed_ms']:.1f} ms ({100 * out['comm_share']:.1f}% of the step)"
+        )
         if out["dp_hidden"] is not None:
-            print(f"  data-parallel: wait {out['dp_wait_ms']:.1f} ms in the step vs {out['dp_blocking_ms']:.1f} ms "
-                  f"blocking -> {100 * out['dp_hidden']:.0f}% hidden behind backward ({out['buckets']} buckets)")
-        print(f"  per rank: peak RSS {max(out['peak_rss_mib_per_rank']):.0f} MiB, Adam moments "
-              f"{max(out['optimizer_mib_per_rank']):.1f} MiB")
+            print(
+                f"  data-parallel: wait {out['dp_wait_ms']:.1f} ms in the step vs {out['dp_blocking_ms']:.1f} ms "
+                f"blocking -> {100 * out['dp_hidden']:.0f}% hidden behind backward ({out['buckets']} buckets)"
+            )
+        print(
+            f"  per rank: peak RSS {max(out['peak_rss_mib_per_rank']):.0f} MiB, Adam moments "
+            f"{max(out['optimizer_mib_per_rank']):.1f} MiB"
+        )
         print("JSON " + json.dumps(out))
 
 

@@ -79,12 +79,28 @@ def layout_of(text: str, world: int) -> dict:
             raise SystemExit(f"layout {text!r}: expected e.g. pp2, dp2, tp2xdp2, pp4:1/2/2/1")
         sizes[m.group(1)] = int(m.group(2))
     if sizes["pp"] * sizes["dp"] * sizes["tp"] != world:
-        raise SystemExit(f"layout {text!r} needs {sizes['pp'] * sizes['dp'] * sizes['tp']} ranks, not {world}")
-    return {**sizes, "pp_layers": [int(x) for x in layers.split("/")] if layers else [], "name": text}
+        raise SystemExit(
+            f"layout {text!r} needs {sizes['pp'] * sizes['dp'] * sizes['tp']} ranks, not {world}"
+        )
+    return {
+        **sizes,
+        "pp_layers": [int(x) for x in layers.split("/")] if layers else [],
+        "name": text,
+    }
 
 
-def make_config(data: Path, out: Path, model: dict, batch: int, m: int, pp: int = 1, tp: int = 1,
-                schedule: str = "1f1b", v: int = 1, pp_layers=()):
+def make_config(
+    data: Path,
+    out: Path,
+    model: dict,
+    batch: int,
+    m: int,
+    pp: int = 1,
+    tp: int = 1,
+    schedule: str = "1f1b",
+    v: int = 1,
+    pp_layers=(),
+):
     from hpc_llm.config import Config, validate
 
     cfg = Config()
@@ -97,7 +113,13 @@ def make_config(data: Path, out: Path, model: dict, batch: int, m: int, pp: int 
     t.peak_tflops = 1.0  # no peak measurement at start
     t.eval_iters = 0
     par = cfg.parallel
-    par.tp, par.pp, par.schedule, par.virtual_stages, par.pp_layers = tp, pp, schedule, v, list(pp_layers)
+    par.tp, par.pp, par.schedule, par.virtual_stages, par.pp_layers = (
+        tp,
+        pp,
+        schedule,
+        v,
+        list(pp_layers),
+    )
     validate(cfg)
     return cfg
 
@@ -106,7 +128,9 @@ class Probe:
     """Times this rank's pipeline compute (every chunk forward and backward) and the whole schedule of each step."""
 
     def __init__(self, trainer):
-        self.ops: list[tuple[str, int, float, float]] = []  # (kind, chunk, start, end) of the current step
+        self.ops: list[
+            tuple[str, int, float, float]
+        ] = []  # (kind, chunk, start, end) of the current step
         self.pipe = 0.0
         for k, chunk in enumerate(trainer.model.chunks):
             chunk.forward = self._timed(chunk.forward, "F", k)
@@ -120,6 +144,7 @@ class Probe:
                 return fn(*a, **kw)
             finally:
                 self.ops.append((kind, k, t0, time.perf_counter()))
+
         return run
 
     def reset(self) -> None:
@@ -165,9 +190,16 @@ def timed_step(tr, world, probe=None) -> dict:
     step = world.allreduce(wall, op=MPI.MAX)
     s = ledger.summary()
     pipe_max = world.allreduce(probe.pipe, op=MPI.MAX) if probe else None
-    return {"step": step, "wall": wall, "loss": loss, "ledger": s, "pipe": probe.pipe if probe else None,
-            "pipe_max": pipe_max, "ops": [(k, c, b - a) for k, c, a, b in probe.ops] if probe else None,
-            "timeline": [(k, c, a - t_ref, b - t_ref) for k, c, a, b in probe.ops] if probe else None}
+    return {
+        "step": step,
+        "wall": wall,
+        "loss": loss,
+        "ledger": s,
+        "pipe": probe.pipe if probe else None,
+        "pipe_max": pipe_max,
+        "ops": [(k, c, b - a) for k, c, a, b in probe.ops] if probe else None,
+        "timeline": [(k, c, a - t_ref, b - t_ref) for k, c, a, b in probe.ops] if probe else None,
+    }
 
 
 def prefix_sums(summary: dict, what: str) -> dict:
@@ -182,11 +214,14 @@ def simulate_measured(lists, v: int, t_f, t_b):
     -> (makespan, busy per rank)."""
     from hpc_llm.parallel.schedule import simulate_lists
 
-    timing = simulate_lists(lists, v, cost=lambda r, op, later: (t_f if op.kind == "F" else t_b)[r][op.chunk])
+    timing = simulate_lists(
+        lists, v, cost=lambda r, op, later: (t_f if op.kind == "F" else t_b)[r][op.chunk]
+    )
     return timing.makespan, timing.busy
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
+
 
 def shared_dir(world, vocab: int, n_tokens: int = 2_000_000) -> Path:
     from bench_parallel import random_tokens
@@ -217,6 +252,7 @@ def write_json(path, obj) -> None:
 
 # -- 1. bubble -------------------------------------------------------------------------------------------------------
 
+
 def bubble(args) -> None:
     from mpi4py import MPI
 
@@ -227,7 +263,13 @@ def bubble(args) -> None:
 
     world = MPI.COMM_WORLD
     p = world.size
-    model = dict(BUBBLE_MODEL, n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
+    model = dict(
+        BUBBLE_MODEL,
+        n_layer=args.layers,
+        n_embd=args.embd,
+        n_head=args.heads,
+        block_size=args.block,
+    )
     tmp = shared_dir(world, model["vocab_size"])
     _install_schedule_timer()
     rows = []
@@ -243,8 +285,21 @@ def bubble(args) -> None:
                 timed_step(tr, world, probe)
             steps = [timed_step(tr, world, probe) for _ in range(args.steps)]
             # per step on this rank: pp wait, compute, pipeline phase; then medians of the fractions
-            mine = {"pp_wait": [], "compute": [], "pipe": [], "recv_f": [], "recv_b": [], "send": []}
-            fr = {"idle": [], "not_computing": [], "idle_pipe": [], "overhead_pipe": [], "tail_pipe": []}
+            mine = {
+                "pp_wait": [],
+                "compute": [],
+                "pipe": [],
+                "recv_f": [],
+                "recv_b": [],
+                "send": [],
+            }
+            fr = {
+                "idle": [],
+                "not_computing": [],
+                "idle_pipe": [],
+                "overhead_pipe": [],
+                "tail_pipe": [],
+            }
             op_times = defaultdict(list)
             for s in steps:
                 led = s["ledger"]
@@ -255,69 +310,97 @@ def bubble(args) -> None:
                 mine["pipe"].append(s["pipe"])
                 mine["recv_f"].append(led.get("pp.recv_forward", {}).get("seconds", 0.0))
                 mine["recv_b"].append(led.get("pp.recv_backward", {}).get("seconds", 0.0))
-                mine["send"].append(sum(led.get(k, {}).get("seconds", 0.0)
-                                        for k in ("pp.send_forward", "pp.send_backward")))
+                mine["send"].append(
+                    sum(
+                        led.get(k, {}).get("seconds", 0.0)
+                        for k in ("pp.send_forward", "pp.send_backward")
+                    )
+                )
                 fr["idle"].append(wait / s["step"])
                 fr["not_computing"].append(1 - comp / s["step"])
                 # the pipeline phase: from the barrier to the last rank's end of run_schedule (its makespan)
                 fr["idle_pipe"].append(1 - comp / s["pipe_max"])
-                fr["tail_pipe"].append((s["pipe_max"] - s["pipe"]) / s["pipe_max"])  # done, others still busy
-                fr["overhead_pipe"].append((s["pipe"] - comp - wait) / s["pipe_max"])  # executor, posting, copies
+                fr["tail_pipe"].append(
+                    (s["pipe_max"] - s["pipe"]) / s["pipe_max"]
+                )  # done, others still busy
+                fr["overhead_pipe"].append(
+                    (s["pipe"] - comp - wait) / s["pipe_max"]
+                )  # executor, posting, copies
                 for kind, c, t in s["ops"]:
                     op_times[kind, c].append(t)
             stage = {k: median(x) for k, x in {**mine, **fr}.items()}
             stage["t_f"] = [median(op_times["F", c]) for c in range(v)]
             stage["t_b"] = [median(op_times["B", c]) for c in range(v)]
             # the last step's ops on one time axis (ms from rank 0's start, after the barrier): where the waits are
-            stage["timeline"] = [(op.kind, op.micro, op.chunk, round(1e3 * a, 2), round(1e3 * b, 2))
-                                 for op, (_, _, a, b) in zip(tr.ops, steps[-1]["timeline"])]
+            stage["timeline"] = [
+                (op.kind, op.micro, op.chunk, round(1e3 * a, 2), round(1e3 * b, 2))
+                for op, (_, _, a, b) in zip(tr.ops, steps[-1]["timeline"])
+            ]
             gathered = world.gather(stage)
             step_ms = 1e3 * median([s["step"] for s in steps])
             if world.rank == 0:
                 lists = [make_schedule(sched, p, r, m, v) for r in range(p)]
-                span, busy = simulate_measured(lists, v, [g["t_f"] for g in gathered], [g["t_b"] for g in gathered])
+                span, busy = simulate_measured(
+                    lists, v, [g["t_f"] for g in gathered], [g["t_b"] for g in gathered]
+                )
                 sim = simulate(sched, p, m, v)
-                row = {"pp": p, "schedule": sched, "v": v, "m": m, "batch": args.batch,
-                       "formula": (p - 1) / (v * m + p - 1),
-                       "simulate": sim.bubble,
-                       "simulate_measured": [(span - b) / span for b in busy],
-                       "simulate_measured_ms": 1e3 * span,
-                       "step_ms": step_ms,
-                       "steps_ms": [1e3 * s["step"] for s in steps],
-                       "loss": steps[-1]["loss"],
-                       "stages": gathered}
+                row = {
+                    "pp": p,
+                    "schedule": sched,
+                    "v": v,
+                    "m": m,
+                    "batch": args.batch,
+                    "formula": (p - 1) / (v * m + p - 1),
+                    "simulate": sim.bubble,
+                    "simulate_measured": [(span - b) / span for b in busy],
+                    "simulate_measured_ms": 1e3 * span,
+                    "step_ms": step_ms,
+                    "steps_ms": [1e3 * s["step"] for s in steps],
+                    "loss": steps[-1]["loss"],
+                    "stages": gathered,
+                }
                 rows.append(row)
-                print(f"pp {p} {sched:11s} m {m:2d}: step {step_ms:7.1f} ms, idle (pp wait / step) "
-                      f"{fmt_stages([g['idle'] for g in gathered])} %, 1 - compute / makespan "
-                      f"{fmt_stages([g['idle_pipe'] for g in gathered])} %, formula {100 * row['formula']:.1f} %",
-                      flush=True)
+                print(
+                    f"pp {p} {sched:11s} m {m:2d}: step {step_ms:7.1f} ms, idle (pp wait / step) "
+                    f"{fmt_stages([g['idle'] for g in gathered])} %, 1 - compute / makespan "
+                    f"{fmt_stages([g['idle_pipe'] for g in gathered])} %, formula {100 * row['formula']:.1f} %",
+                    flush=True,
+                )
             del tr, probe
             gc.collect()
     if world.rank == 0:
         print()
         print(bubble_table(rows))
-        write_json(args.json, {"part": "bubble", "ranks": p, "model": model, "args": vars(args), "rows": rows})
+        write_json(
+            args.json,
+            {"part": "bubble", "ranks": p, "model": model, "args": vars(args), "rows": rows},
+        )
     cleanup(world, tmp)
 
 
 def bubble_table(rows) -> str:
-    lines = ["| pp | schedule | m | formula | simulate (t_b = 2 t_f) | simulate with measured op times, per stage "
-             "(mean) | pp wait / step, per stage | 1 - compute / pipeline makespan, per stage (mean) | "
-             "1 - compute / step, per stage | step ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| pp | schedule | m | formula | simulate (t_b = 2 t_f) | simulate with measured op times, per stage "
+        "(mean) | pp wait / step, per stage | 1 - compute / pipeline makespan, per stage (mean) | "
+        "1 - compute / step, per stage | step ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         st = r["stages"]
         name = r["schedule"] + (f" (v {r['v']})" if r["v"] > 1 else "")
         sim, idle = r["simulate_measured"], [g["idle_pipe"] for g in st]
-        lines.append(f"| {r['pp']} | {name} | {r['m']} | {100 * r['formula']:.1f}% | {100 * r['simulate']:.1f}% | "
-                     f"{fmt_stages(sim)} ({100 * sum(sim) / len(sim):.1f}%) | "
-                     f"{fmt_stages([g['idle'] for g in st])} | "
-                     f"{fmt_stages(idle)} ({100 * sum(idle) / len(idle):.1f}%) | "
-                     f"{fmt_stages([g['not_computing'] for g in st])} | {r['step_ms']:.0f} |")
+        lines.append(
+            f"| {r['pp']} | {name} | {r['m']} | {100 * r['formula']:.1f}% | {100 * r['simulate']:.1f}% | "
+            f"{fmt_stages(sim)} ({100 * sum(sim) / len(sim):.1f}%) | "
+            f"{fmt_stages([g['idle'] for g in st])} | "
+            f"{fmt_stages(idle)} ({100 * sum(idle) / len(idle):.1f}%) | "
+            f"{fmt_stages([g['not_computing'] for g in st])} | {r['step_ms']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 # -- 2. memory -------------------------------------------------------------------------------------------------------
+
 
 def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: int) -> int:
     """Bytes of activations kept for backward at the schedule's worst moment on this stage: the alive (micro, chunk)
@@ -345,9 +428,9 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
 
 
 def memory(args) -> None:
+    from bench_parallel import vm_hwm
     from mpi4py import MPI
 
-    from bench_parallel import vm_hwm
     from hpc_llm.config import stage_layers
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.parallel.schedule import in_flight
@@ -356,9 +439,17 @@ def memory(args) -> None:
     world = MPI.COMM_WORLD
     p = args.pp or world.size
     v = args.virtual if args.schedule == "interleaved" else 1
-    model = dict(BUBBLE_MODEL, n_layer=args.layers, n_embd=args.embd, n_head=args.heads, block_size=args.block)
+    model = dict(
+        BUBBLE_MODEL,
+        n_layer=args.layers,
+        n_embd=args.embd,
+        n_head=args.heads,
+        block_size=args.block,
+    )
     tmp = shared_dir(world, model["vocab_size"])
-    cfg = make_config(tmp, tmp / "run", model, args.batch, args.m, pp=p, schedule=args.schedule, v=v)
+    cfg = make_config(
+        tmp, tmp / "run", model, args.batch, args.m, pp=p, schedule=args.schedule, v=v
+    )
     tr = Trainer(cfg, grid=make_grid(world, 1, p))
     for _ in range(args.warmup):
         tr.train_step()
@@ -371,15 +462,31 @@ def memory(args) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     rows = tr.rows.stop - tr.rows.start
     layers = stage_layers(cfg.model.n_layer, p * v, cfg.parallel.pp_layers)
-    mine = {"stage": tr.grid.pp_rank, "ru_maxrss": rss, "vm_hwm": vm_hwm(), "tracemalloc_step_peak": peak,
-            "in_flight": in_flight(tr.ops),
-            "expected_activations": expected_activations(cfg.model, layers, tr.ops, p, tr.grid.pp_rank, rows),
-            "message_bytes": rows * cfg.model.block_size * cfg.model.n_embd * tr.model.dtype.itemsize,
-            "state_bytes": 4 * tr.model.flat.nbytes if not tr.sync.zero else None,  # weights, grads, Adam m, v
-            "layers": sum(len(layers[c * p + tr.grid.pp_rank]) for c in range(v))}
+    mine = {
+        "stage": tr.grid.pp_rank,
+        "ru_maxrss": rss,
+        "vm_hwm": vm_hwm(),
+        "tracemalloc_step_peak": peak,
+        "in_flight": in_flight(tr.ops),
+        "expected_activations": expected_activations(
+            cfg.model, layers, tr.ops, p, tr.grid.pp_rank, rows
+        ),
+        "message_bytes": rows * cfg.model.block_size * cfg.model.n_embd * tr.model.dtype.itemsize,
+        "state_bytes": 4 * tr.model.flat.nbytes
+        if not tr.sync.zero
+        else None,  # weights, grads, Adam m, v
+        "layers": sum(len(layers[c * p + tr.grid.pp_rank]) for c in range(v)),
+    }
     gathered = world.gather(mine)
     if world.rank == 0:
-        row = {"pp": p, "schedule": args.schedule, "v": v, "m": args.m, "batch": args.batch, "stages": gathered}
+        row = {
+            "pp": p,
+            "schedule": args.schedule,
+            "v": v,
+            "m": args.m,
+            "batch": args.batch,
+            "stages": gathered,
+        }
         print(memory_table([row]))
         print("JSON " + json.dumps(row))
         write_json(args.json, {"part": "memory", "model": model, "args": vars(args), "rows": [row]})
@@ -388,25 +495,30 @@ def memory(args) -> None:
 
 def memory_table(rows) -> str:
     mib = 2**20
-    lines = ["| pp | schedule | m | stage (layers) | micro-batches alive (schedule) | expected kept activations | "
-             "tracemalloc peak of one step | peak RSS (ru_maxrss) | weights + grads + Adam |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| pp | schedule | m | stage (layers) | micro-batches alive (schedule) | expected kept activations | "
+        "tracemalloc peak of one step | peak RSS (ru_maxrss) | weights + grads + Adam |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         name = r["schedule"] + (f" (v {r['v']})" if r["v"] > 1 else "")
         for g in r["stages"]:
             alive = f"{g['in_flight']}" + (" (micro, chunk)s" if r["v"] > 1 else "")
-            lines.append(f"| {r['pp']} | {name} | {r['m']} | {g['stage']} ({g['layers']}) | {alive} | "
-                         f"{g['expected_activations'] / mib:.0f} MiB | {g['tracemalloc_step_peak'] / mib:.0f} MiB | "
-                         f"{g['ru_maxrss'] / mib:.0f} MiB | {g['state_bytes'] / mib:.0f} MiB |")
+            lines.append(
+                f"| {r['pp']} | {name} | {r['m']} | {g['stage']} ({g['layers']}) | {alive} | "
+                f"{g['expected_activations'] / mib:.0f} MiB | {g['tracemalloc_step_peak'] / mib:.0f} MiB | "
+                f"{g['ru_maxrss'] / mib:.0f} MiB | {g['state_bytes'] / mib:.0f} MiB |"
+            )
     return "\n".join(lines)
 
 
 # -- 3. throughput ---------------------------------------------------------------------------------------------------
 
+
 def throughput(args) -> None:
+    from bench_train import PRESETS
     from mpi4py import MPI
 
-    from bench_train import PRESETS
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train import Trainer
 
@@ -418,8 +530,17 @@ def throughput(args) -> None:
     layouts = [layout_of(t, world.size) for t in args.layouts]
 
     def build(lay):
-        cfg = make_config(tmp, tmp / "run", model, batch, args.m, pp=lay["pp"], tp=lay["tp"],
-                          schedule=args.schedule, pp_layers=lay["pp_layers"])
+        cfg = make_config(
+            tmp,
+            tmp / "run",
+            model,
+            batch,
+            args.m,
+            pp=lay["pp"],
+            tp=lay["tp"],
+            schedule=args.schedule,
+            pp_layers=lay["pp_layers"],
+        )
         tr = Trainer(cfg, grid=make_grid(world, lay["tp"], lay["pp"]))
         # weights, gradients, Adam m and v of this rank (no ZeRO here): what pp and tp divide and dp does not
         state[lay["name"]] = world.allreduce(4 * tr.model.flat.nbytes, op=MPI.MAX)
@@ -438,7 +559,7 @@ def throughput(args) -> None:
     else:
         trainers = {lay["name"]: build(lay) for lay in layouts}
         for _ in range(args.warmup):
-            for name, tr in trainers.items():
+            for tr in trainers.values():
                 timed_step(tr, world)
         for _ in range(args.steps):
             for name, tr in trainers.items():
@@ -460,38 +581,60 @@ def throughput(args) -> None:
                 for k, x in b.items():
                     total[k] += x
             exposed = max(sum(s.values()) for s in alls)
-            rows.append({"preset": args.preset, "ranks": world.size, "layout": lay["name"], "pp": lay["pp"],
-                         "dp": lay["dp"], "tp": lay["tp"], "pp_layers": lay["pp_layers"], "batch": batch,
-                         "m": args.m, "schedule": args.schedule if lay["pp"] > 1 else None,
-                         "tokens_per_step": tokens, "tokens_per_s": tokens / step, "step_ms": 1e3 * step,
-                         "steps_ms": [1e3 * s["step"] for s in steps], "loss_first": steps[0]["loss"],
-                         "bytes_by_group": dict(total), "comm_seconds_per_rank": alls,
-                         "state_bytes_max_rank": state[lay["name"]],
-                         "comm_exposed_ms_max_rank": 1e3 * exposed})
+            rows.append(
+                {
+                    "preset": args.preset,
+                    "ranks": world.size,
+                    "layout": lay["name"],
+                    "pp": lay["pp"],
+                    "dp": lay["dp"],
+                    "tp": lay["tp"],
+                    "pp_layers": lay["pp_layers"],
+                    "batch": batch,
+                    "m": args.m,
+                    "schedule": args.schedule if lay["pp"] > 1 else None,
+                    "tokens_per_step": tokens,
+                    "tokens_per_s": tokens / step,
+                    "step_ms": 1e3 * step,
+                    "steps_ms": [1e3 * s["step"] for s in steps],
+                    "loss_first": steps[0]["loss"],
+                    "bytes_by_group": dict(total),
+                    "comm_seconds_per_rank": alls,
+                    "state_bytes_max_rank": state[lay["name"]],
+                    "comm_exposed_ms_max_rank": 1e3 * exposed,
+                }
+            )
     if world.rank == 0:
         print(throughput_table(rows))
-        write_json(args.json, {"part": "throughput", "model": model, "args": vars(args), "rows": rows})
+        write_json(
+            args.json, {"part": "throughput", "model": model, "args": vars(args), "rows": rows}
+        )
     cleanup(world, tmp)
 
 
 def throughput_table(rows) -> str:
-    lines = ["| model | ranks | layout | global batch (rows x micro-batches) | tokens/s | step ms | loss, first timed "
-             "step | pp MB | dp MB | tp MB | emb MB | other MB | time in comm, busiest rank | weights + grads + Adam, "
-             "largest rank |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | ranks | layout | global batch (rows x micro-batches) | tokens/s | step ms | loss, first timed "
+        "step | pp MB | dp MB | tp MB | emb MB | other MB | time in comm, busiest rank | weights + grads + Adam, "
+        "largest rank |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         b = dict(r["bytes_by_group"])
         mb = {k: b.pop(k, 0.0) / 1e6 for k in ("pp", "dp", "tp", "emb")}
         other = sum(b.values()) / 1e6
         name = r["layout"] + (f" ({r['schedule']})" if r["schedule"] else "")
-        lines.append(f"| {r['preset']} | {r['ranks']} | {name} | {r['batch']} x {r['m']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['step_ms']:,.0f} | {r['loss_first']:.4f} | {mb['pp']:.1f} | {mb['dp']:.1f} | "
-                     f"{mb['tp']:.1f} | {mb['emb']:.1f} | {other:.1f} | {r['comm_exposed_ms_max_rank']:.0f} ms | "
-                     f"{r.get('state_bytes_max_rank', float('nan')) / 2**20:,.0f} MiB |")
+        lines.append(
+            f"| {r['preset']} | {r['ranks']} | {name} | {r['batch']} x {r['m']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['step_ms']:,.0f} | {r['loss_first']:.4f} | {mb['pp']:.1f} | {mb['dp']:.1f} | "
+            f"{mb['tp']:.1f} | {mb['emb']:.1f} | {other:.1f} | {r['comm_exposed_ms_max_rank']:.0f} ms | "
+            f"{r.get('state_bytes_max_rank', float('nan')) / 2**20:,.0f} MiB |"
+        )
     return "\n".join(lines)
 
 
 # -- all: every part, each under its own mpiexec ---------------------------------------------------------------------
+
 
 def run_all(args) -> None:
     mpiexec = args.mpiexec or shutil.which("mpiexec") or "mpiexec"
@@ -503,10 +646,16 @@ def run_all(args) -> None:
 
     def launch(n: int, part: str, *extra: str) -> dict:
         path = out / f"{len(log):02d}_{part}.json"
-        cmd = [mpiexec, "-n", str(n)] + (["--oversubscribe"] if n > cores else []) + \
-              [sys.executable, str(here), part, "--json", str(path), *extra]
+        cmd = (
+            [mpiexec, "-n", str(n)]
+            + (["--oversubscribe"] if n > cores else [])
+            + [sys.executable, str(here), part, "--json", str(path), *extra]
+        )
         t0, load = time.perf_counter(), os.getloadavg()
-        print(f"$ {' '.join(cmd)}    # load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+        print(
+            f"$ {' '.join(cmd)}    # load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+            flush=True,
+        )
         subprocess.run(cmd, check=True)
         dt = time.perf_counter() - t0
         log.append({"cmd": cmd, "seconds": dt, "loadavg_before": load})
@@ -514,8 +663,16 @@ def run_all(args) -> None:
         return json.loads(path.read_text())
 
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    size = ["--layers", "8", "--embd", "64", "--heads", "2", "--block", "32", "--batch", "2"] if smoke else []
-    steps = ["--steps", "2", "--warmup", "1"] if smoke else ["--steps", str(args.steps), "--warmup", "1"]
+    size = (
+        ["--layers", "8", "--embd", "64", "--heads", "2", "--block", "32", "--batch", "2"]
+        if smoke
+        else []
+    )
+    steps = (
+        ["--steps", "2", "--warmup", "1"]
+        if smoke
+        else ["--steps", str(args.steps), "--warmup", "1"]
+    )
     ms = "2,4" if smoke else "4,8,16"
     bub = []
     for p in (2, 4):
@@ -523,29 +680,100 @@ def run_all(args) -> None:
     mem = []
     for p in (2, 4):
         for sched in ("gpipe", "1f1b", "interleaved"):
-            mem += launch(p, "memory", "--schedule", sched, "--m", "4" if smoke else str(args.memory_m),
-                          *size)["rows"]
+            mem += launch(
+                p, "memory", "--schedule", sched, "--m", "4" if smoke else str(args.memory_m), *size
+            )["rows"]
     thr = []
     if smoke:
-        thr += launch(2, "throughput", "--preset", "shakespeare-char", "--m", "2", "--batch", "4", *steps,
-                      "--layouts", "pp2,dp2,tp2")["rows"]
-        thr += launch(4, "throughput", "--preset", "shakespeare-char", "--m", "4", "--batch", "4", *steps,
-                      "--layouts", "pp2xdp2,dp4,tp2xdp2,pp4:1/1/1/1")["rows"]
+        thr += launch(
+            2,
+            "throughput",
+            "--preset",
+            "shakespeare-char",
+            "--m",
+            "2",
+            "--batch",
+            "4",
+            *steps,
+            "--layouts",
+            "pp2,dp2,tp2",
+        )["rows"]
+        thr += launch(
+            4,
+            "throughput",
+            "--preset",
+            "shakespeare-char",
+            "--m",
+            "4",
+            "--batch",
+            "4",
+            *steps,
+            "--layouts",
+            "pp2xdp2,dp4,tp2xdp2,pp4:1/1/1/1",
+        )["rows"]
     else:
-        thr += launch(2, "throughput", "--preset", "6x384", "--m", "4", "--steps", str(args.steps), "--warmup", "1",
-                      "--layouts", "pp2,dp2,tp2")["rows"]
-        thr += launch(2, "throughput", "--preset", "gpt2-small", "--batch", "2", "--m", "2", "--sequential",
-                      "--steps", str(args.gpt2_steps), "--warmup", "1",
-                      "--layouts", "pp2,pp2:8/4,dp2,tp2")["rows"]
-        thr += launch(4, "throughput", "--preset", "6x384", "--m", "4", "--steps", str(args.steps), "--warmup", "1",
-                      "--layouts", "pp2xdp2,dp4,tp2xdp2,pp4:1/2/2/1")["rows"]
+        thr += launch(
+            2,
+            "throughput",
+            "--preset",
+            "6x384",
+            "--m",
+            "4",
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            "1",
+            "--layouts",
+            "pp2,dp2,tp2",
+        )["rows"]
+        thr += launch(
+            2,
+            "throughput",
+            "--preset",
+            "gpt2-small",
+            "--batch",
+            "2",
+            "--m",
+            "2",
+            "--sequential",
+            "--steps",
+            str(args.gpt2_steps),
+            "--warmup",
+            "1",
+            "--layouts",
+            "pp2,pp2:8/4,dp2,tp2",
+        )["rows"]
+        thr += launch(
+            4,
+            "throughput",
+            "--preset",
+            "6x384",
+            "--m",
+            "4",
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            "1",
+            "--layouts",
+            "pp2xdp2,dp4,tp2xdp2,pp4:1/2/2/1",
+        )["rows"]
     total = time.perf_counter() - t_start
     print("\n## Bubble\n\n" + bubble_table(bub))
     print("\n## Memory\n\n" + memory_table(mem))
     print("\n## Throughput\n\n" + throughput_table(thr))
     print(f"\n{total:.0f} s in all, load average now {os.getloadavg()}")
-    write_json(args.json, {"bubble": bub, "memory": mem, "throughput": thr, "runs": log, "seconds": total,
-                           "loadavg_start": load_start, "loadavg_end": os.getloadavg()})
+    write_json(
+        args.json,
+        {
+            "bubble": bub,
+            "memory": mem,
+            "throughput": thr,
+            "runs": log,
+            "seconds": total,
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
+    )
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -558,8 +786,12 @@ def main() -> None:
         p.add_argument("--embd", type=int, default=BUBBLE_MODEL["n_embd"])
         p.add_argument("--heads", type=int, default=BUBBLE_MODEL["n_head"])
         p.add_argument("--block", type=int, default=BUBBLE_MODEL["block_size"])
-        p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (train.batch_size)")
-        p.add_argument("--virtual", type=int, default=2, help="virtual_stages of the interleaved schedule")
+        p.add_argument(
+            "--batch", type=int, default=4, help="sequences per micro-batch (train.batch_size)"
+        )
+        p.add_argument(
+            "--virtual", type=int, default=2, help="virtual_stages of the interleaved schedule"
+        )
         p.add_argument("--json")
 
     def ints(text):
@@ -567,19 +799,25 @@ def main() -> None:
 
     b = sub.add_parser("bubble", help="idle fraction per stage; pp = the number of ranks")
     model_args(b)
-    b.add_argument("--schedules", type=lambda s: s.split(","), default=["gpipe", "1f1b", "interleaved"])
+    b.add_argument(
+        "--schedules", type=lambda s: s.split(","), default=["gpipe", "1f1b", "interleaved"]
+    )
     b.add_argument("--ms", type=ints, default=[4, 8, 16], help="micro-batches (train.grad_accum)")
     b.add_argument("--steps", type=int, default=4)
     b.add_argument("--warmup", type=int, default=1)
 
-    mm = sub.add_parser("memory", help="one configuration per process: peak RSS, tracemalloc peak of a step")
+    mm = sub.add_parser(
+        "memory", help="one configuration per process: peak RSS, tracemalloc peak of a step"
+    )
     model_args(mm)
     mm.add_argument("--schedule", default="1f1b")
     mm.add_argument("--m", type=int, default=8)
     mm.add_argument("--pp", type=int, default=0, help="default: the number of ranks")
     mm.add_argument("--warmup", type=int, default=1)
 
-    t = sub.add_parser("throughput", help="tokens/s and bytes per step of several layouts of the same job")
+    t = sub.add_parser(
+        "throughput", help="tokens/s and bytes per step of several layouts of the same job"
+    )
     t.add_argument("--preset", default="6x384")
     t.add_argument("--layouts", type=lambda s: s.split(","), default=["pp2", "dp2", "tp2"])
     t.add_argument("--batch", type=int, default=0, help="train.batch_size (default: the preset's)")
@@ -587,15 +825,21 @@ def main() -> None:
     t.add_argument("--schedule", default="1f1b")
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--warmup", type=int, default=1)
-    t.add_argument("--sequential", action="store_true", help="one layout after the other (less memory)")
+    t.add_argument(
+        "--sequential", action="store_true", help="one layout after the other (less memory)"
+    )
     t.add_argument("--json")
 
-    a = sub.add_parser("all", help="every part, each under its own mpiexec (run this without mpiexec)")
+    a = sub.add_parser(
+        "all", help="every part, each under its own mpiexec (run this without mpiexec)"
+    )
     a.add_argument("--steps", type=int, default=4)
     a.add_argument("--gpt2-steps", type=int, default=3)
     a.add_argument("--memory-m", type=int, default=8)
     a.add_argument("--mpiexec")
-    a.add_argument("--smoke", action="store_true", help="tiny settings: checks that everything runs")
+    a.add_argument(
+        "--smoke", action="store_true", help="tiny settings: checks that everything runs"
+    )
     a.add_argument("--json")
     args = ap.parse_args()
     {"bubble": bubble, "memory": memory, "throughput": throughput, "all": run_all}[args.part](args)

@@ -28,30 +28,61 @@ SEEDS = (1337, 1, 2)
 
 
 def quality(args) -> dict:
-    runs = [(p, s, True) for p in ("fp32", "bf16", "fp16") for s in SEEDS] + [("fp32", s, False) for s in SEEDS]
+    runs = [(p, s, True) for p in ("fp32", "bf16", "fp16") for s in SEEDS] + [
+        ("fp32", s, False) for s in SEEDS
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
     def one(run):
         prec, seed, bias = run
         out = REPO / "runs" / "bench_precision" / f"{prec}-{seed}{'' if bias else '-nobias'}"
-        cmd = [sys.executable, "-m", "hpc_llm", "train", str(REPO / "inputs" / "shakespeare_char.toml"),
-               "--set", f"train.precision={prec}", "--set", f"train.seed={seed}", "--set", f"model.bias={bias}",
-               "--set", f"train.out_dir={out}", "--set", "checkpoint.interval=0", "--set", "train.peak_tflops=1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hpc_llm",
+            "train",
+            str(REPO / "inputs" / "shakespeare_char.toml"),
+            "--set",
+            f"train.precision={prec}",
+            "--set",
+            f"train.seed={seed}",
+            "--set",
+            f"model.bias={bias}",
+            "--set",
+            f"train.out_dir={out}",
+            "--set",
+            "checkpoint.interval=0",
+            "--set",
+            "train.peak_tflops=1",
+        ]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: status {r.returncode}\n{r.stderr[-2000:]}")
         summary = json.loads(r.stdout.strip().splitlines()[-1])
-        return {"precision": prec, "seed": seed, "bias": bias, "val_loss": summary["val_loss"],
-                "train_loss": summary["train_loss"], "seconds": time.perf_counter() - t0}
+        return {
+            "precision": prec,
+            "seed": seed,
+            "bias": bias,
+            "val_loss": summary["val_loss"],
+            "train_loss": summary["train_loss"],
+            "seconds": time.perf_counter() - t0,
+        }
 
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(one, runs))
-    rows = ["| setting | val loss, seeds " + ", ".join(map(str, SEEDS)) + " | mean |", "| --- | --- | --- |"]
+    rows = [
+        "| setting | val loss, seeds " + ", ".join(map(str, SEEDS)) + " | mean |",
+        "| --- | --- | --- |",
+    ]
     for prec, bias in (("fp32", True), ("bf16", True), ("fp16", True), ("fp32", False)):
         vals = [r["val_loss"] for r in results if r["precision"] == prec and r["bias"] == bias]
-        name = prec + ("" if bias else ", model.bias = false (nanoGPT's exact setting; nanoGPT reports 1.88)")
-        rows.append(f"| {name} | {', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} |")
+        name = prec + (
+            "" if bias else ", model.bias = false (nanoGPT's exact setting; nanoGPT reports 1.88)"
+        )
+        rows.append(
+            f"| {name} | {', '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(vals):.4f} |"
+        )
     print("\n".join(rows))
     return {"runs": results}
 
@@ -75,11 +106,20 @@ def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int 
 
 PRESETS = {
     "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, vocab_size=50304),
-    "gpt2-small-b4": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4, vocab_size=50304),
+    "gpt2-small": dict(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, vocab_size=50304
+    ),
+    "gpt2-small-b4": dict(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4, vocab_size=50304
+    ),
 }
-SETTINGS = {"fp32": ("fp32", "none"), "fp32+recompute": ("fp32", "block"), "bf16": ("bf16", "none"),
-            "fp16": ("fp16", "none"), "bf16+recompute": ("bf16", "block")}
+SETTINGS = {
+    "fp32": ("fp32", "none"),
+    "fp32+recompute": ("fp32", "block"),
+    "bf16": ("bf16", "none"),
+    "fp16": ("fp16", "none"),
+    "bf16+recompute": ("bf16", "block"),
+}
 
 
 def speed(args) -> dict:
@@ -88,7 +128,7 @@ def speed(args) -> dict:
     preset = PRESETS[args.preset]
     trainers = {name: _trainer(name, preset, *SETTINGS[name]) for name in args.settings}
     times = {name: [] for name in trainers}
-    for name, tr in trainers.items():
+    for tr in trainers.values():
         tr.train_step()
     for _ in range(args.steps):
         for name, tr in trainers.items():
@@ -97,7 +137,11 @@ def speed(args) -> dict:
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med.get("fp32", next(iter(med.values())))
-    print(f"| {args.preset} | " + " | ".join(f"{n}: {1000 * m:.0f} ms ({m / base:.2f}x)" for n, m in med.items()) + " |")
+    print(
+        f"| {args.preset} | "
+        + " | ".join(f"{n}: {1000 * m:.0f} ms ({m / base:.2f}x)" for n, m in med.items())
+        + " |"
+    )
     return {"preset": args.preset, "median_s": med, "steps": times}
 
 
@@ -105,12 +149,18 @@ def memory(args) -> dict:
     """One process per setting (peak RSS is a high-water mark): the trainer, one step, then its peak RSS."""
     out = {}
     for name in args.settings:
-        code = (f"import resource, sys; sys.argv = ['x']; sys.path.insert(0, {str(REPO / 'scripts')!r});"
-                f"import bench_precision as b; tr = b._trainer({name!r}, b.PRESETS[{args.preset!r}],"
-                f" *b.SETTINGS[{name!r}]); tr.train_step();"
-                f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "2"})
+        code = (
+            f"import resource, sys; sys.argv = ['x']; sys.path.insert(0, {str(REPO / 'scripts')!r});"
+            f"import bench_precision as b; tr = b._trainer({name!r}, b.PRESETS[{args.preset!r}],"
+            f" *b.SETTINGS[{name!r}]); tr.train_step();"
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-2000:])
         out[name] = int(r.stdout.strip().splitlines()[-1])
@@ -126,10 +176,17 @@ def main() -> None:
     sp = sub.add_parser("speed")
     sp.add_argument("--preset", choices=PRESETS, default="6x384")
     sp.add_argument("--steps", type=int, default=5)
-    sp.add_argument("--settings", nargs="+", default=["fp32", "fp32+recompute", "bf16", "fp16"], choices=SETTINGS)
+    sp.add_argument(
+        "--settings",
+        nargs="+",
+        default=["fp32", "fp32+recompute", "bf16", "fp16"],
+        choices=SETTINGS,
+    )
     mem = sub.add_parser("memory")
     mem.add_argument("--preset", choices=PRESETS, default="gpt2-small")
-    mem.add_argument("--settings", nargs="+", default=["fp32", "bf16", "bf16+recompute"], choices=SETTINGS)
+    mem.add_argument(
+        "--settings", nargs="+", default=["fp32", "bf16", "bf16+recompute"], choices=SETTINGS
+    )
     for p in (q, sp, mem):
         p.add_argument("--json", type=Path)
     args = ap.parse_args()

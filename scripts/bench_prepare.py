@@ -29,7 +29,11 @@ sys.path.insert(0, str(REPO))
 
 
 def vm_hwm() -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in open("/proc/self/status")
+        if line.startswith("VmHWM:")
+    )
 
 
 def worker(args) -> None:
@@ -43,7 +47,9 @@ def worker(args) -> None:
     before = vm_hwm()
     comm.barrier()
     t0 = time.perf_counter()
-    prepare([args.corpus], args.out, tokenizer=args.tokenizer, memory_mb=args.memory_mb, comm=comm, **kw)
+    prepare(
+        [args.corpus], args.out, tokenizer=args.tokenizer, memory_mb=args.memory_mb, comm=comm, **kw
+    )
     comm.barrier()
     dt = time.perf_counter() - t0
     rows = comm.allgather_objects({"seconds": dt, "hwm_before": before, "hwm_after": vm_hwm()})
@@ -81,12 +87,18 @@ def main() -> None:
         tokdir = tmp / "tok"
         tokdir.mkdir()
         first = corpus.read_text(encoding="utf-8")[:1_000_000]
-        (tokdir / "tokenizer.json").write_text(BPETokenizer.train(iter(first.splitlines(True)), args.vocab_size).json)
+        (tokdir / "tokenizer.json").write_text(
+            BPETokenizer.train(iter(first.splitlines(True)), args.vocab_size).json
+        )
         mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        print(f"corpus {size_mb:.1f} MB ({args.source} repeated), --memory-mb {args.memory_mb}, "
-              f"BPE vocab {args.vocab_size}, medians of {args.repeats}")
-        print("| tokenizer | ranks | MB/s | seconds | peak RSS per rank (MiB, max) | growth during prepare (MiB) |")
+        print(
+            f"corpus {size_mb:.1f} MB ({args.source} repeated), --memory-mb {args.memory_mb}, "
+            f"BPE vocab {args.vocab_size}, medians of {args.repeats}"
+        )
+        print(
+            "| tokenizer | ranks | MB/s | seconds | peak RSS per rank (MiB, max) | growth during prepare (MiB) |"
+        )
         print("|---|---|---|---|---|---|")
         for tok in args.tokenizers.split(","):
             for n in map(int, args.ranks.split(",")):
@@ -94,15 +106,41 @@ def main() -> None:
                 for _ in range(args.repeats):
                     out = tmp / "out"
                     shutil.rmtree(out, ignore_errors=True)
-                    cmd = [mpiexec, "--oversubscribe", "-n", str(n), sys.executable, __file__, "--worker", "--corpus",
-                           str(corpus), "--out", str(out), "--tokenizer", tok, "--memory-mb", str(args.memory_mb),
-                           "--vocab-size", str(args.vocab_size), "--tokenizer-dir", str(tokdir)]
+                    cmd = [
+                        mpiexec,
+                        "--oversubscribe",
+                        "-n",
+                        str(n),
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        "--corpus",
+                        str(corpus),
+                        "--out",
+                        str(out),
+                        "--tokenizer",
+                        tok,
+                        "--memory-mb",
+                        str(args.memory_mb),
+                        "--vocab-size",
+                        str(args.vocab_size),
+                        "--tokenizer-dir",
+                        str(tokdir),
+                    ]
                     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                     runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
                 secs = statistics.median(max(x["seconds"] for x in run) for run in runs)
                 peak = statistics.median(max(x["hwm_after"] for x in run) for run in runs) / 2**20
-                growth = statistics.median(max(x["hwm_after"] - x["hwm_before"] for x in run) for run in runs) / 2**20
-                print(f"| {tok} | {n} | {size_mb / secs:.1f} | {secs:.2f} | {peak:.0f} | {growth:.0f} |", flush=True)
+                growth = (
+                    statistics.median(
+                        max(x["hwm_after"] - x["hwm_before"] for x in run) for run in runs
+                    )
+                    / 2**20
+                )
+                print(
+                    f"| {tok} | {n} | {size_mb / secs:.1f} | {secs:.2f} | {peak:.0f} | {growth:.0f} |",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,11 +30,15 @@ from hpc_llm.optim import AdamW
 
 PRESETS = {
     # nanoGPT's shakespeare-char CPU setting (vocab 65)
-    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, batch=12),
+    "shakespeare-char": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, batch=12
+    ),
     # the middle row of ../shared/TARGETS.md
     "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch=8),
     # GPT-2 small's shape, vocab 50304 as in TARGETS.md
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch=1),
+    "gpt2-small": dict(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch=1
+    ),
 }
 
 
@@ -65,9 +69,14 @@ def matmul_plan(cfg: ModelConfig, B: int):
         for q0, q1 in L.query_blocks(T):
             att = arr(B, H, q1 - q0, q1)
             kt = k[:, :, :q1].transpose(0, 1, 3, 2)
-            plan += [(q[:, :, q0:q1], kt), (att, v[:, :, :q1]),  # forward
-                     (att.transpose(0, 1, 3, 2), dy[:, :, q0:q1]), (dy[:, :, q0:q1], v[:, :, :q1].transpose(0, 1, 3, 2)),
-                     (att, k[:, :, :q1]), (att.transpose(0, 1, 3, 2), q[:, :, q0:q1])]  # backward
+            plan += [
+                (q[:, :, q0:q1], kt),
+                (att, v[:, :, :q1]),  # forward
+                (att.transpose(0, 1, 3, 2), dy[:, :, q0:q1]),
+                (dy[:, :, q0:q1], v[:, :, :q1].transpose(0, 1, 3, 2)),
+                (att, k[:, :, :q1]),
+                (att.transpose(0, 1, 3, 2), q[:, :, q0:q1]),
+            ]  # backward
     xf, wte, dl = arr(N, C), arr(V, C), arr(N, V)
     plan += [(xf, wte.T), (dl.T, xf), (dl, wte)]  # tied head: logits, wte gradient, input gradient
     return plan
@@ -94,7 +103,8 @@ def activation_bytes(cfg: ModelConfig, B: int) -> int:
         + 3 * N * C  # head-split q, k, v
         + att  # attention probabilities, query blocks
         + N * C  # attention output (c_proj input)
-        + N * C + N * C  # ln_2 normalised input and output (c_fc input)
+        + N * C
+        + N * C  # ln_2 normalised input and output (c_fc input)
         + 3 * 4 * N * C  # c_fc output (GELU input), GELU's tanh, GELU output (c_proj input)
     )
     final = N * C + N * C + N * cfg.padded_vocab  # ln_f normalised input and output, probabilities
@@ -102,8 +112,13 @@ def activation_bytes(cfg: ModelConfig, B: int) -> int:
 
 
 def build(p: dict):
-    cfg = ModelConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
-                      vocab_size=p["vocab_size"])
+    cfg = ModelConfig(
+        n_layer=p["n_layer"],
+        n_head=p["n_head"],
+        n_embd=p["n_embd"],
+        block_size=p["block_size"],
+        vocab_size=p["vocab_size"],
+    )
     model = GPT(cfg, seed=0)
     opt = AdamW(model.flat, model.grad_flat, model.decay_ranges(), TrainConfig())
     rng = np.random.default_rng(0)
@@ -120,8 +135,12 @@ def build(p: dict):
 
 def measure_rss(name: str) -> dict:
     """Peak RSS of two training steps of a preset, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--rss-child", name] + sys.argv[1:], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", name] + sys.argv[1:],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -131,8 +150,20 @@ def rss_child(name: str) -> None:
     for _ in range(2):
         step()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent that spawned us
-    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss": peak, "params": model.num_params, "activations": activation_bytes(cfg, p["batch"])}))
+    peak = next(
+        int(line.split()[1]) * 1024
+        for line in open("/proc/self/status")
+        if line.startswith("VmHWM:")
+    )
+    print(
+        json.dumps(
+            {
+                "peak_rss": peak,
+                "params": model.num_params,
+                "activations": activation_bytes(cfg, p["batch"]),
+            }
+        )
+    )
 
 
 def bench(name: str, steps: int, peak: float) -> dict:
@@ -145,9 +176,18 @@ def bench(name: str, steps: int, peak: float) -> dict:
     t_fwd = median_time(lambda: model.forward(*_xy(cfg, p["batch"])), steps)
     t_opt = median_time(lambda: opt.step(1e-4), steps)
     flops = model.flops_per_token() * tokens
-    return {"preset": name, "tokens_per_s": tokens / t_step, "step_ms": 1e3 * t_step, "matmul_ms": 1e3 * t_mm,
-            "step_over_matmul": t_step / t_mm, "mfu": flops / t_step / peak, "forward_ms": 1e3 * t_fwd,
-            "adamw_ms": 1e3 * t_opt, "flops_per_step": flops, "plan_flops": plan_flops(plan)}
+    return {
+        "preset": name,
+        "tokens_per_s": tokens / t_step,
+        "step_ms": 1e3 * t_step,
+        "matmul_ms": 1e3 * t_mm,
+        "step_over_matmul": t_step / t_mm,
+        "mfu": flops / t_step / peak,
+        "forward_ms": 1e3 * t_fwd,
+        "adamw_ms": 1e3 * t_opt,
+        "flops_per_step": flops,
+        "plan_flops": plan_flops(plan),
+    }
 
 
 def ab_compare(name: str, what: str, steps: int) -> dict:
@@ -158,7 +198,10 @@ def ab_compare(name: str, what: str, steps: int) -> dict:
     if what == "malloc":
         on, off = (lambda: keep_freed_memory(True)), (lambda: keep_freed_memory(False))
     else:  # attention query blocks vs one dense causal block
-        on, off = (lambda: setattr(L, "ATTN_BLOCK", 128)), (lambda: setattr(L, "ATTN_BLOCK", 1 << 30))
+        on, off = (
+            (lambda: setattr(L, "ATTN_BLOCK", 128)),
+            (lambda: setattr(L, "ATTN_BLOCK", 1 << 30)),
+        )
     times = {"on": [], "off": []}
     for i in range(steps + 1):
         for key, setup in (("on", on), ("off", off)):
@@ -171,24 +214,46 @@ def ab_compare(name: str, what: str, steps: int) -> dict:
     on_s, off_s = float(np.median(times["on"])), float(np.median(times["off"]))
     keep_freed_memory(True)
     L.ATTN_BLOCK = 128
-    return {"preset": name, "change": what, "on_ms": 1e3 * on_s, "off_ms": 1e3 * off_s, "speedup": off_s / on_s}
+    return {
+        "preset": name,
+        "change": what,
+        "on_ms": 1e3 * on_s,
+        "off_ms": 1e3 * off_s,
+        "speedup": off_s / on_s,
+    }
 
 
 def _xy(cfg, B):
     rng = np.random.default_rng(1)
-    return rng.integers(0, cfg.vocab_size, (B, cfg.block_size)), rng.integers(0, cfg.vocab_size, (B, cfg.block_size))
+    return rng.integers(0, cfg.vocab_size, (B, cfg.block_size)), rng.integers(
+        0, cfg.vocab_size, (B, cfg.block_size)
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: all")
+    ap.add_argument(
+        "--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: all"
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed repetitions (median)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
-    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (for comparison)")
-    ap.add_argument("--attn-block", type=int, help="attention query-block rows (default: the model's; a value >= T "
-                    "gives the dense causal attention, for comparison)")
-    ap.add_argument("--ab", choices=("malloc", "attn-blocks"), help="A/B one optimisation, alternating step by step")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (for comparison)",
+    )
+    ap.add_argument(
+        "--attn-block",
+        type=int,
+        help="attention query-block rows (default: the model's; a value >= T "
+        "gives the dense causal attention, for comparison)",
+    )
+    ap.add_argument(
+        "--ab",
+        choices=("malloc", "attn-blocks"),
+        help="A/B one optimisation, alternating step by step",
+    )
     args = ap.parse_args()
     if args.attn_block:
         L.ATTN_BLOCK = args.attn_block
@@ -199,22 +264,28 @@ def main() -> None:
     if args.ab:
         for name in args.preset or list(PRESETS):
             r = ab_compare(name, args.ab, args.steps)
-            print(f"{name}: {args.ab} on {r['on_ms']:.1f} ms/step, off {r['off_ms']:.1f} ms/step -> "
-                  f"{r['speedup']:.2f}x (medians of {args.steps}, alternated in one process)")
+            print(
+                f"{name}: {args.ab} on {r['on_ms']:.1f} ms/step, off {r['off_ms']:.1f} ms/step -> "
+                f"{r['speedup']:.2f}x (medians of {args.steps}, alternated in one process)"
+            )
         return
     peak = matmul_peak_flops(np, np.float32)
     print(f"float32 matmul peak (2048^3, best of 3): {peak / 1e9:.1f} GFLOP/s")
     for name in args.preset or list(PRESETS):
         r = bench(name, args.steps, peak)
-        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, "
-              f"AdamW {r['adamw_ms']:.1f}), matmuls alone {r['matmul_ms']:.1f} ms -> step/matmul "
-              f"{r['step_over_matmul']:.2f}x, MFU {100 * r['mfu']:.1f}% of the measured peak")
+        print(
+            f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, "
+            f"AdamW {r['adamw_ms']:.1f}), matmuls alone {r['matmul_ms']:.1f} ms -> step/matmul "
+            f"{r['step_over_matmul']:.2f}x, MFU {100 * r['mfu']:.1f}% of the measured peak"
+        )
         if not args.no_rss:
             m = measure_rss(name)
             budget = 16 * m["params"] + m["activations"]
-            print(f"{name}: peak RSS {m['peak_rss'] / 2**20:.0f} MiB vs budget {budget / 2**20:.0f} MiB "
-                  f"(16 B x {m['params'] / 1e6:.1f}M params = {16 * m['params'] / 2**20:.0f} MiB + activations "
-                  f"{m['activations'] / 2**20:.0f} MiB) -> {m['peak_rss'] / budget:.2f}x")
+            print(
+                f"{name}: peak RSS {m['peak_rss'] / 2**20:.0f} MiB vs budget {budget / 2**20:.0f} MiB "
+                f"(16 B x {m['params'] / 1e6:.1f}M params = {16 * m['params'] / 2**20:.0f} MiB + activations "
+                f"{m['activations'] / 2**20:.0f} MiB) -> {m['peak_rss'] / budget:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import json
 import statistics
 import time
 
-PRESETS = {"small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
-           "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256)}
+PRESETS = {
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
 
 
 class NoWatchdog:
@@ -47,9 +49,15 @@ def main() -> None:
 
     world = MPI.COMM_WORLD
     sets = [f"model.{k}={v}" for k, v in PRESETS[args.preset].items()] + [
-        f"data.path={args.data}", f"train.batch_size={args.batch}", "parallel.bucket_mb=0.05",
-        "train.peak_tflops=1", "train.eval_iters=0", "parallel.comm_timeout_s=600",
-        f"train.out_dir=/tmp/bench_watchdog_{world.rank}_{time.time_ns()}", f"train.max_iters={10**6}"]
+        f"data.path={args.data}",
+        f"train.batch_size={args.batch}",
+        "parallel.bucket_mb=0.05",
+        "train.peak_tflops=1",
+        "train.eval_iters=0",
+        "parallel.comm_timeout_s=600",
+        f"train.out_dir=/tmp/bench_watchdog_{world.rank}_{time.time_ns()}",
+        f"train.max_iters={10**6}",
+    ]
     cfg = load_config(None, sets)
     trainer = Trainer(cfg, grid=make_grid(world, 1, 1))
     for _ in range(3):
@@ -57,7 +65,7 @@ def main() -> None:
     times = {"on": [], "off": []}
     calls = 0
     for r in range(args.rounds):
-        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+        for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
             comm.WATCHDOG = WATCHDOG if mode == "on" else NoWatchdog()
             for _ in range(args.steps):
                 world.Barrier()
@@ -75,10 +83,21 @@ def main() -> None:
             WATCHDOG.leave()
         per_call = (time.perf_counter() - t0) / n
         on, off = statistics.median(times["on"]), statistics.median(times["off"])
-        print(json.dumps({"preset": args.preset, "ranks": world.size, "steps_each": len(times["on"]),
-                          "median_on_ms": 1e3 * on, "median_off_ms": 1e3 * off, "overhead": on / off - 1,
-                          "mpi_calls_per_step_in_ledger": calls, "enter_leave_us": 1e6 * per_call,
-                          "bound_from_calls": calls * per_call / off}))
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "ranks": world.size,
+                    "steps_each": len(times["on"]),
+                    "median_on_ms": 1e3 * on,
+                    "median_off_ms": 1e3 * off,
+                    "overhead": on / off - 1,
+                    "mpi_calls_per_step_in_ledger": calls,
+                    "enter_leave_us": 1e6 * per_call,
+                    "bound_from_calls": calls * per_call / off,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,20 @@ CASES = [
     ("exception while loading data, rank 1", "raise:data:1", [], 1),
     ("exception at start-up before MPI, rank 1", "raise:startup:1", [], None),
     ("rank 1 SIGKILLed in a step", "kill:step:1:3", [], None),
-    ("rank 1 hangs outside MPI (comm_timeout_s=3)", "hang:step:1:3", ["parallel.comm_timeout_s=3"], 1),
+    (
+        "rank 1 hangs outside MPI (comm_timeout_s=3)",
+        "hang:step:1:3",
+        ["parallel.comm_timeout_s=3"],
+        1,
+    ),
     ("disk full (ENOSPC) in the save, rank 0", "enospc:save:0:4", [], 1),
     ("disk full (ENOSPC) in the save, rank 1", "enospc:save:1:4", [], 1),
-    ("NaN gradient on rank 1, twice (max_bad_steps=2)", "nan:grad:1:3,nan:grad:1:4", ["train.max_bad_steps=2"], 1),
+    (
+        "NaN gradient on rank 1, twice (max_bad_steps=2)",
+        "nan:grad:1:3,nan:grad:1:4",
+        ["train.max_bad_steps=2"],
+        1,
+    ),
     ("SIGUSR1 at start-up, rank 1", "usr1:startup:1", [], 75),
 ]
 
@@ -52,16 +62,35 @@ def run_case(data: Path, ranks: int, sets: list[str], fault: str) -> tuple[float
     work = Path(tempfile.mkdtemp(prefix="fault_table_"))
     try:
         cfg = config(data, work / "run")
-        cmd = [str(Path(sys.executable).parent / "mpiexec"), "--oversubscribe", "-n", str(ranks), sys.executable,
-               "-m", "hpc_llm", "train", str(cfg), *[a for s in sets for a in ("--set", s)]]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HPC_LLM_FAULT": fault}
+        cmd = [
+            str(Path(sys.executable).parent / "mpiexec"),
+            "--oversubscribe",
+            "-n",
+            str(ranks),
+            sys.executable,
+            "-m",
+            "hpc_llm",
+            "train",
+            str(cfg),
+            *[a for s in sets for a in ("--set", s)],
+        ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "HPC_LLM_FAULT": fault,
+        }
         t0 = time.monotonic()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         seconds = time.monotonic() - t0
         ckpts = sorted(list_checkpoints(work / "run")) if (work / "run").is_dir() else []
         if ckpts:
             verify_checkpoint(ckpts[-1][1])  # the newest
-        survived = (f"newest checkpoint (step {ckpts[-1][0]}) verifies" if ckpts else "no checkpoint (none was due)")
+        survived = (
+            f"newest checkpoint (step {ckpts[-1][0]}) verifies"
+            if ckpts
+            else "no checkpoint (none was due)"
+        )
         if (work / "run").is_dir() and any(".tmp-" in p for p in os.listdir(work / "run")):
             survived += "; a temporary file is left"
         return seconds, proc.returncode, survived
@@ -80,15 +109,29 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for name, fault, extra, expected in CASES:
         for layout, (ranks, sets) in LAYOUTS.items():
-            runs = [run_case(Path(args.data), ranks, sets + extra, fault) for _ in range(args.repeats)]
+            runs = [
+                run_case(Path(args.data), ranks, sets + extra, fault) for _ in range(args.repeats)
+            ]
             codes = sorted({rc for _, rc, _ in runs})
             ok = all((rc != 0) if expected is None else (rc == expected) for _, rc, _ in runs)
             times = [s for s, _, _ in runs]
-            row = {"fault": name, "spec": fault, "layout": layout, "ranks": ranks, "exit": codes, "ok": ok,
-                   "median_s": statistics.median(times), "max_s": max(times), "survived": runs[-1][2]}
+            row = {
+                "fault": name,
+                "spec": fault,
+                "layout": layout,
+                "ranks": ranks,
+                "exit": codes,
+                "ok": ok,
+                "median_s": statistics.median(times),
+                "max_s": max(times),
+                "survived": runs[-1][2],
+            }
             rows.append(row)
-            print(f"| {name} | {layout} ({ranks} ranks) | {', '.join(map(str, codes))}{'' if ok else ' (UNEXPECTED)'}"
-                  f" | {row['median_s']:.1f} / {row['max_s']:.1f} | {row['survived']} |", flush=True)
+            print(
+                f"| {name} | {layout} ({ranks} ranks) | {', '.join(map(str, codes))}{'' if ok else ' (UNEXPECTED)'}"
+                f" | {row['median_s']:.1f} / {row['max_s']:.1f} | {row['survived']} |",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -49,8 +49,15 @@ PREFIX = "transformer."
 
 def build_model() -> transformers.GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD, n_positions=N_POSITIONS,
-                                     vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_embd=N_EMBD,
+        n_layer=N_LAYER,
+        n_head=N_HEAD,
+        n_positions=N_POSITIONS,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(config).eval()  # eval: no dropout
     with torch.no_grad():  # larger than the default init, so every parameter visibly matters
         for name, p in model.named_parameters():
@@ -85,11 +92,11 @@ def sort_metadata(path: Path) -> None:
     with its keys sorted (same length, tensors untouched) so the file is byte-identical on every run."""
     data = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     new = json.dumps(header, separators=(",", ":")).encode()
     assert len(new) <= n, (len(new), n)
-    data[8:8 + n] = new.ljust(n, b" ")  # safetensors pads the header with spaces
+    data[8 : 8 + n] = new.ljust(n, b" ")  # safetensors pads the header with spaces
     path.write_bytes(bytes(data))
 
 
@@ -109,7 +116,9 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
     logits64 = model(x).logits
     assert logits64.dtype == torch.float64
-    loss = torch.nn.functional.cross_entropy(logits64.reshape(-1, VOCAB), y.reshape(-1))  # mean over B*T
+    loss = torch.nn.functional.cross_entropy(
+        logits64.reshape(-1, VOCAB), y.reshape(-1)
+    )  # mean over B*T
     loss.backward()
 
     out = {
@@ -137,7 +146,9 @@ def main() -> None:
     }
     save_file(out, str(REFERENCE), metadata=metadata)
     sort_metadata(REFERENCE)
-    with safetensors.safe_open(str(REFERENCE), framework="np") as f:  # still a valid file, same contents
+    with safetensors.safe_open(
+        str(REFERENCE), framework="np"
+    ) as f:  # still a valid file, same contents
         assert f.metadata() == metadata and sorted(f.keys()) == sorted(out)
         assert all(np.array_equal(f.get_tensor(k), v) for k, v in out.items())
     size = sum(p.stat().st_size for p in [REFERENCE, *MODEL_DIR.iterdir()])

@@ -17,6 +17,9 @@ export OPAL_PREFIX="$VENV" PMIX_PREFIX="$VENV"
 if [ $# -gt 0 ]; then
     exec "$VENV/bin/python" -m pytest -q "$@"
 fi
+# Lint and format first (pyproject.toml [tool.ruff]): seconds, and a red CI for a style slip says so at once.
+"$VENV/bin/ruff" check hpc_llm tests scripts
+"$VENV/bin/ruff" format --check hpc_llm tests scripts
 # tests/test_checkpoint_mpio.py needs h5py built with MPI: scripts/test_mpio.sh runs it below, in its own environment
 # (here it would only skip, and under CI=true a skip is a failure).
 "$VENV/bin/python" -m pytest -q --ignore=tests/test_checkpoint_mpio.py

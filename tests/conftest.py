@@ -102,7 +102,9 @@ def make_cfg(data_dir, tmp_path):
 # backstop. Environment overrides (seconds): HPC_LLM_MPI_TIMEOUT (child), HPC_LLM_MPI_PARENT_TIMEOUT (parent).
 
 MPI_CHILD_TIMEOUT = float(os.environ.get("HPC_LLM_MPI_TIMEOUT", "150"))
-MPI_PARENT_TIMEOUT = float(os.environ.get("HPC_LLM_MPI_PARENT_TIMEOUT", str(MPI_CHILD_TIMEOUT + 50)))
+MPI_PARENT_TIMEOUT = float(
+    os.environ.get("HPC_LLM_MPI_PARENT_TIMEOUT", str(MPI_CHILD_TIMEOUT + 50))
+)
 
 
 def _is_mpi_rank() -> bool:
@@ -119,7 +121,10 @@ def pytest_collection_modifyitems(config, items):
     a longer signal method in the parent."""
     rank = None
     for item in items:
-        if item.get_closest_marker("parallel") is None or item.get_closest_marker("timeout") is not None:
+        if (
+            item.get_closest_marker("parallel") is None
+            or item.get_closest_marker("timeout") is not None
+        ):
             continue
         if rank is None:
             rank = _is_mpi_rank()
@@ -153,19 +158,28 @@ def _skip_reason(report) -> str:
 
 def _fail_skip(report, where: str) -> None:
     report.outcome = "failed"
-    report.longrepr = (f"{where} was skipped under CI=true, where nothing but the GPU tests may skip: "
-                       f"{_skip_reason(report)}")
+    report.longrepr = (
+        f"{where} was skipped under CI=true, where nothing but the GPU tests may skip: "
+        f"{_skip_reason(report)}"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
-    if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("gpu") is None:
+    if (
+        STRICT_SKIPS
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.get_closest_marker("gpu") is None
+    ):
         _fail_skip(report, item.nodeid)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     report = (yield).get_result()
-    if STRICT_SKIPS and report.skipped:  # a module-level skip (pytest.skip(allow_module_level=True), importorskip)
+    if (
+        STRICT_SKIPS and report.skipped
+    ):  # a module-level skip (pytest.skip(allow_module_level=True), importorskip)
         _fail_skip(report, collector.nodeid)

@@ -50,8 +50,19 @@ TEST_TIMEOUT = 600  # the first test also waits for every run (about 2 minutes o
 BASE_CONFIG = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
     "data": {"path": "{data}"},
-    "train": {"batch_size": 4, "max_iters": 2, "lr": 1e-2, "min_lr": 1e-3, "warmup_iters": 1, "lr_decay_iters": 2,
-              "eval_interval": 1000, "eval_iters": 2, "log_interval": 1000, "peak_tflops": 1.0, "out_dir": "run"},
+    "train": {
+        "batch_size": 4,
+        "max_iters": 2,
+        "lr": 1e-2,
+        "min_lr": 1e-3,
+        "warmup_iters": 1,
+        "lr_decay_iters": 2,
+        "eval_interval": 1000,
+        "eval_iters": 2,
+        "log_interval": 1000,
+        "peak_tflops": 1.0,
+        "out_dir": "run",
+    },
 }
 
 
@@ -85,9 +96,23 @@ class Data:
     """A copy of the base byte-tokenized data directory (vocab 256), edited: meta = {field: value (None: remove)}
     or meta_text (the whole file); train/val = bytes, or a function of the file's bytes; drop = files to remove."""
 
-    def __init__(self, src: str = "data", meta: dict | None = None, meta_text: str | bytes | None = None,
-                 train=None, val=None, drop: tuple = ()):
-        self.src, self.meta, self.meta_text, self.train, self.val, self.drop = src, meta, meta_text, train, val, drop
+    def __init__(
+        self,
+        src: str = "data",
+        meta: dict | None = None,
+        meta_text: str | bytes | None = None,
+        train=None,
+        val=None,
+        drop: tuple = (),
+    ):
+        self.src, self.meta, self.meta_text, self.train, self.val, self.drop = (
+            src,
+            meta,
+            meta_text,
+            train,
+            val,
+            drop,
+        )
 
     def make(self, path: Path, base: dict) -> None:
         shutil.copytree(base[self.src], path)
@@ -158,9 +183,19 @@ class Hf:
     """A copy of the tiny Hugging Face GPT-2 directory (tests/fixtures/hf_gpt2_tiny), edited: config = {key: value
     (None: remove)} or config_text; weights = "drop", "empty", "text", "truncated", or ("drop", tensor name)."""
 
-    def __init__(self, config: dict | None = None, config_text: str | None = None, weights=None,
-                 drop_config: bool = False):
-        self.config, self.config_text, self.weights, self.drop_config = config, config_text, weights, drop_config
+    def __init__(
+        self,
+        config: dict | None = None,
+        config_text: str | None = None,
+        weights=None,
+        drop_config: bool = False,
+    ):
+        self.config, self.config_text, self.weights, self.drop_config = (
+            config,
+            config_text,
+            weights,
+            drop_config,
+        )
 
     def make(self, path: Path, base: dict) -> None:
         shutil.copytree(HF_FIXTURE, path)
@@ -217,17 +252,31 @@ def write(path: Path, content) -> None:
 
 class Row(NamedTuple):
     id: str
-    argv: str  # shlex-split after {data} {chardata} {ckpt} {run} {gpt2} {hf} {cluster} are filled in
+    argv: (
+        str  # shlex-split after {data} {chardata} {ckpt} {run} {gpt2} {hf} {cluster} are filled in
+    )
     expect: str  # a substring of the one error line
     files: dict = {}  # path in the row's directory -> str, bytes or a recipe
     ranks: tuple = (1, 2)
     skip: str = ""  # why this environment cannot run the row ("" : it runs)
 
 
-def T(id: str, expect: str, sets=(), toml: dict | None = None, args: str = "", files: dict | None = None,
-      extra: str = "", **kw) -> Row:
+def T(
+    id: str,
+    expect: str,
+    sets=(),
+    toml: dict | None = None,
+    args: str = "",
+    files: dict | None = None,
+    extra: str = "",
+    **kw,
+) -> Row:
     """A `train` row: the tiny config with `toml` changes in the file, then `--set` overrides and `args`."""
-    argv = "train cfg.toml" + "".join(f" --set {shlex.quote(s)}" for s in sets) + (f" {args}" if args else "")
+    argv = (
+        "train cfg.toml"
+        + "".join(f" --set {shlex.quote(s)}" for s in sets)
+        + (f" {args}" if args else "")
+    )
     return Row(id, argv, expect, {"cfg.toml": Cfg(toml, extra), **(files or {})}, **kw)
 
 
@@ -240,14 +289,29 @@ def F(field: str, bad_type, bad_range=None, range_expect: str = "") -> list[Row]
     """Rows for one config field: a TOML value of the wrong type in the file, and (unless bad_range is None) a
     `--set` value out of range."""
     typ = type(getattr(getattr(Config(), field.split(".")[0]), field.split(".")[1])).__name__
-    rows = [T(f"{field}-type", f"config field {field}: expected {typ}, got {bad_type!r}", toml={field: bad_type})]
+    rows = [
+        T(
+            f"{field}-type",
+            f"config field {field}: expected {typ}, got {bad_type!r}",
+            toml={field: bad_type},
+        )
+    ]
     if bad_range is not None:
-        rows.append(T(f"{field}-range", f"config field {field}: expected {range_expect}",
-                      sets=[f"{field}={bad_range}"]))
+        rows.append(
+            T(
+                f"{field}-range",
+                f"config field {field}: expected {range_expect}",
+                sets=[f"{field}={bad_range}"],
+            )
+        )
     return rows
 
 
-NO_CUPY = "" if importlib.util.find_spec("cupy") is None else "CuPy is installed: the cupy backend is valid here"
+NO_CUPY = (
+    ""
+    if importlib.util.find_spec("cupy") is None
+    else "CuPy is installed: the cupy backend is valid here"
+)
 
 
 def _h5py_has_mpi() -> bool:
@@ -263,15 +327,42 @@ def _rows() -> list[Row]:
     # the config file
     add(Row("config-missing", "train nope.toml", "config file nope.toml: not found"))
     add(Row("config-empty", "train cfg.toml", "config file cfg.toml: empty", {"cfg.toml": ""}))
-    add(Row("config-not-toml", "train cfg.toml", "config file cfg.toml: invalid TOML",
-            {"cfg.toml": "[model\nn_layer = = 2\n"}))
-    add(Row("config-not-text", "train cfg.toml", "config file cfg.toml: not UTF-8 text",
-            {"cfg.toml": b"\x89HDF\r\n\x1a\n\xff\xfe\x00\x00"}))
-    add(Row("config-directory", "train cfg.toml", "config file cfg.toml: is a directory", {"cfg.toml": Empty()}))
-    add(T("config-unknown-section", "cfg.toml: unknown section [nosuch]", extra="[nosuch]\nx = 1\n"))
+    add(
+        Row(
+            "config-not-toml",
+            "train cfg.toml",
+            "config file cfg.toml: invalid TOML",
+            {"cfg.toml": "[model\nn_layer = = 2\n"},
+        )
+    )
+    add(
+        Row(
+            "config-not-text",
+            "train cfg.toml",
+            "config file cfg.toml: not UTF-8 text",
+            {"cfg.toml": b"\x89HDF\r\n\x1a\n\xff\xfe\x00\x00"},
+        )
+    )
+    add(
+        Row(
+            "config-directory",
+            "train cfg.toml",
+            "config file cfg.toml: is a directory",
+            {"cfg.toml": Empty()},
+        )
+    )
+    add(
+        T("config-unknown-section", "cfg.toml: unknown section [nosuch]", extra="[nosuch]\nx = 1\n")
+    )
     add(T("config-unknown-key", "cfg.toml: unknown key model.n_layers", toml={"model.n_layers": 2}))
-    add(Row("config-section-not-table", "train cfg.toml", "cfg.toml: [model] must be a table",
-            {"cfg.toml": "model = 3\n"}))
+    add(
+        Row(
+            "config-section-not-table",
+            "train cfg.toml",
+            "cfg.toml: [model] must be a table",
+            {"cfg.toml": "model = 3\n"},
+        )
+    )
     add(T("set-unknown-key", "--set: unknown key train.nope", sets=["train.nope=1"]))
     add(T("set-unknown-section", "--set: unknown section [optim]", sets=["optim.lr=1"]))
     add(T("set-no-equals", "--set 'train.lr': expected section.key=value", sets=["train.lr"]))
@@ -330,222 +421,751 @@ def _rows() -> list[Row]:
         F("model.lora_rank", "x", -1, "0 (off) or an integer in [1, model.n_embd=32]"),
         F("model.lora_alpha", "x", 0, "a positive number"),
         F("train.init_from", 5),  # its values: the init_from rows below
-        [T("model.lora_targets-type", "config field model.lora_targets: expected a list of non-empty strings, got 5",
-           toml={"model.lora_targets": 5})],
-        [T("train.freeze-type", "config field train.freeze: expected a list of non-empty strings, got [1]",
-           toml={"train.freeze": [1]})],
+        [
+            T(
+                "model.lora_targets-type",
+                "config field model.lora_targets: expected a list of non-empty strings, got 5",
+                toml={"model.lora_targets": 5},
+            )
+        ],
+        [
+            T(
+                "train.freeze-type",
+                "config field train.freeze: expected a list of non-empty strings, got [1]",
+                toml={"train.freeze": [1]},
+            )
+        ],
     ):
         rows += row
-    add(T("model.bias-set", "config field model.bias: expected bool, got 'maybe'", sets=["model.bias=maybe"]))
-    add(T("parallel.pp_layers-type", "config field parallel.pp_layers: expected a list of integers",
-          toml={"parallel.pp_layers": "1,a"}))
-    add(T("parallel.pp_layers-entries", "parallel.pp_layers=[1, 1, 1]: expected 1 entries",
-          sets=["parallel.pp_layers=1,1,1"]))
-    add(T("parallel.pp_layers-zero", "parallel.pp_layers=[0, 2]: every stage needs at least one layer",
-          sets=["parallel.pp=2", "parallel.pp_layers=0,2"]))
-    add(T("parallel.pp_layers-sum", "parallel.pp_layers=[2, 2] sums to 4, not model.n_layer=2",
-          sets=["parallel.pp=2", "parallel.pp_layers=2,2"]))
+    add(
+        T(
+            "model.bias-set",
+            "config field model.bias: expected bool, got 'maybe'",
+            sets=["model.bias=maybe"],
+        )
+    )
+    add(
+        T(
+            "parallel.pp_layers-type",
+            "config field parallel.pp_layers: expected a list of integers",
+            toml={"parallel.pp_layers": "1,a"},
+        )
+    )
+    add(
+        T(
+            "parallel.pp_layers-entries",
+            "parallel.pp_layers=[1, 1, 1]: expected 1 entries",
+            sets=["parallel.pp_layers=1,1,1"],
+        )
+    )
+    add(
+        T(
+            "parallel.pp_layers-zero",
+            "parallel.pp_layers=[0, 2]: every stage needs at least one layer",
+            sets=["parallel.pp=2", "parallel.pp_layers=0,2"],
+        )
+    )
+    add(
+        T(
+            "parallel.pp_layers-sum",
+            "parallel.pp_layers=[2, 2] sums to 4, not model.n_layer=2",
+            sets=["parallel.pp=2", "parallel.pp_layers=2,2"],
+        )
+    )
     # numbers that are not finite
-    for field in ("train.lr", "train.weight_decay", "train.grad_clip", "train.peak_tflops", "train.spike_sigma",
-                  "parallel.comm_timeout_s", "parallel.bucket_mb", "model.dropout"):
+    for field in (
+        "train.lr",
+        "train.weight_decay",
+        "train.grad_clip",
+        "train.peak_tflops",
+        "train.spike_sigma",
+        "parallel.comm_timeout_s",
+        "parallel.bucket_mb",
+        "model.dropout",
+    ):
         add(T(f"{field}-nan", f"config field {field}: expected ", sets=[f"{field}=nan"]))
-    for field in ("train.lr", "train.grad_clip", "train.loss_scale_init", "parallel.comm_timeout_s"):
-        add(T(f"{field}-inf", f"config field {field}: expected a finite number", sets=[f"{field}=inf"]))
+    for field in (
+        "train.lr",
+        "train.grad_clip",
+        "train.loss_scale_init",
+        "parallel.comm_timeout_s",
+    ):
+        add(
+            T(
+                f"{field}-inf",
+                f"config field {field}: expected a finite number",
+                sets=[f"{field}=inf"],
+            )
+        )
 
     # fields inconsistent with each other, the data, the environment or the number of ranks
-    add(T("n_embd-not-multiple-of-n_head", "config field model.n_embd: expected a multiple of model.n_head=2",
-          sets=["model.n_embd=33"]))
-    add(T("min_lr-above-lr", "config field train.min_lr: expected a number in [0, train.lr=0.01]",
-          sets=["train.min_lr=0.1"]))
-    add(T("lr_decay-before-warmup", "config field train.lr_decay_iters: expected >= train.warmup_iters=5",
-          sets=["train.warmup_iters=5", "train.lr_decay_iters=2"]))
-    add(T("fp16-with-float64", 'config field train.precision: expected "fp32" with model.dtype=float64',
-          sets=["train.precision=fp16", "model.dtype=float64"]))
-    add(T("grad_comm-16-bit-with-float64", 'config field parallel.grad_comm: expected "fp32" or "powersgd" with '
-          "model.dtype=float64", sets=["parallel.grad_comm=fp16", "model.dtype=float64"]))
-    add(T("interleaved-one-chunk", "parallel.schedule=interleaved needs parallel.virtual_stages >= 2",
-          sets=["parallel.schedule=interleaved"]))
-    add(T("interleaved-one-stage", "parallel.schedule=interleaved needs parallel.pp >= 2",
-          sets=["parallel.schedule=interleaved", "parallel.virtual_stages=2"]))
-    add(T("interleaved-micro-batches", "train.grad_accum=3 (the micro-batches) must be a multiple of parallel.pp=2",
-          sets=["parallel.schedule=interleaved", "parallel.virtual_stages=2", "parallel.pp=2", "model.n_layer=4",
-                "train.grad_accum=3"]))
-    add(T("virtual-stages-without-interleaved", "parallel.virtual_stages=2 needs parallel.schedule=interleaved",
-          sets=["parallel.virtual_stages=2"]))
-    add(T("pp-not-dividing-layers", "parallel.pp=3 = 3 stages do not divide model.n_layer=2", sets=["parallel.pp=3"]))
-    add(T("tp-not-dividing-ranks", "parallel.tp=3 x parallel.pp=1 does not divide the number of ranks",
-          sets=["parallel.tp=3"]))
-    add(T("pp-not-dividing-ranks", "parallel.tp=1 x parallel.pp=4 does not divide the number of ranks",
-          sets=["parallel.pp=4", "model.n_layer=4"]))
-    add(T("tp-not-dividing-heads", "parallel.tp=2 does not divide model.n_head=1",
-          sets=["parallel.tp=2", "model.n_head=1"], ranks=(2,)))
-    add(T("batch-not-dividing-dp", "train.batch_size=3 is not divisible by the data-parallel size 2",
-          sets=["train.batch_size=3"], ranks=(2,)))
-    add(T("vocab-below-data", "model.vocab_size=100 is smaller than the data's vocabulary (256",
-          sets=["model.vocab_size=100"]))
-    add(T("block-longer-than-train-split", "corpus split 'train' has", sets=["model.block_size=8192"]))
+    add(
+        T(
+            "n_embd-not-multiple-of-n_head",
+            "config field model.n_embd: expected a multiple of model.n_head=2",
+            sets=["model.n_embd=33"],
+        )
+    )
+    add(
+        T(
+            "min_lr-above-lr",
+            "config field train.min_lr: expected a number in [0, train.lr=0.01]",
+            sets=["train.min_lr=0.1"],
+        )
+    )
+    add(
+        T(
+            "lr_decay-before-warmup",
+            "config field train.lr_decay_iters: expected >= train.warmup_iters=5",
+            sets=["train.warmup_iters=5", "train.lr_decay_iters=2"],
+        )
+    )
+    add(
+        T(
+            "fp16-with-float64",
+            'config field train.precision: expected "fp32" with model.dtype=float64',
+            sets=["train.precision=fp16", "model.dtype=float64"],
+        )
+    )
+    add(
+        T(
+            "grad_comm-16-bit-with-float64",
+            'config field parallel.grad_comm: expected "fp32" or "powersgd" with '
+            "model.dtype=float64",
+            sets=["parallel.grad_comm=fp16", "model.dtype=float64"],
+        )
+    )
+    add(
+        T(
+            "interleaved-one-chunk",
+            "parallel.schedule=interleaved needs parallel.virtual_stages >= 2",
+            sets=["parallel.schedule=interleaved"],
+        )
+    )
+    add(
+        T(
+            "interleaved-one-stage",
+            "parallel.schedule=interleaved needs parallel.pp >= 2",
+            sets=["parallel.schedule=interleaved", "parallel.virtual_stages=2"],
+        )
+    )
+    add(
+        T(
+            "interleaved-micro-batches",
+            "train.grad_accum=3 (the micro-batches) must be a multiple of parallel.pp=2",
+            sets=[
+                "parallel.schedule=interleaved",
+                "parallel.virtual_stages=2",
+                "parallel.pp=2",
+                "model.n_layer=4",
+                "train.grad_accum=3",
+            ],
+        )
+    )
+    add(
+        T(
+            "virtual-stages-without-interleaved",
+            "parallel.virtual_stages=2 needs parallel.schedule=interleaved",
+            sets=["parallel.virtual_stages=2"],
+        )
+    )
+    add(
+        T(
+            "pp-not-dividing-layers",
+            "parallel.pp=3 = 3 stages do not divide model.n_layer=2",
+            sets=["parallel.pp=3"],
+        )
+    )
+    add(
+        T(
+            "tp-not-dividing-ranks",
+            "parallel.tp=3 x parallel.pp=1 does not divide the number of ranks",
+            sets=["parallel.tp=3"],
+        )
+    )
+    add(
+        T(
+            "pp-not-dividing-ranks",
+            "parallel.tp=1 x parallel.pp=4 does not divide the number of ranks",
+            sets=["parallel.pp=4", "model.n_layer=4"],
+        )
+    )
+    add(
+        T(
+            "tp-not-dividing-heads",
+            "parallel.tp=2 does not divide model.n_head=1",
+            sets=["parallel.tp=2", "model.n_head=1"],
+            ranks=(2,),
+        )
+    )
+    add(
+        T(
+            "batch-not-dividing-dp",
+            "train.batch_size=3 is not divisible by the data-parallel size 2",
+            sets=["train.batch_size=3"],
+            ranks=(2,),
+        )
+    )
+    add(
+        T(
+            "vocab-below-data",
+            "model.vocab_size=100 is smaller than the data's vocabulary (256",
+            sets=["model.vocab_size=100"],
+        )
+    )
+    add(
+        T(
+            "block-longer-than-train-split",
+            "corpus split 'train' has",
+            sets=["model.block_size=8192"],
+        )
+    )
     add(T("cupy-not-installed", "CuPy is not installed", sets=["train.backend=cupy"], skip=NO_CUPY))
-    add(T("mpio-without-parallel-h5py", "checkpoint.writer=mpio, but this h5py has no MPI support",
-          sets=["checkpoint.writer=mpio"], skip="this h5py has MPI" if _h5py_has_mpi() else ""))
-    add(T("out_dir-is-a-file", "train.out_dir", sets=["train.out_dir=notes.txt"], files={"notes.txt": "notes\n"}))
-    add(T("out_dir-has-checkpoints", "already holds checkpoints of another run",
-          files={"run/ckpt_00000002.h5": Ckpt()}))
+    add(
+        T(
+            "mpio-without-parallel-h5py",
+            "checkpoint.writer=mpio, but this h5py has no MPI support",
+            sets=["checkpoint.writer=mpio"],
+            skip="this h5py has MPI" if _h5py_has_mpi() else "",
+        )
+    )
+    add(
+        T(
+            "out_dir-is-a-file",
+            "train.out_dir",
+            sets=["train.out_dir=notes.txt"],
+            files={"notes.txt": "notes\n"},
+        )
+    )
+    add(
+        T(
+            "out_dir-has-checkpoints",
+            "already holds checkpoints of another run",
+            files={"run/ckpt_00000002.h5": Ckpt()},
+        )
+    )
 
     # the data directory
-    add(T("data-missing", "data.path: data directory 'nodata' does not exist", sets=["data.path=nodata"]))
-    add(T("data-is-a-file", "data.path: data directory 'tokens.bin' is not a directory",
-          sets=["data.path=tokens.bin"], files={"tokens.bin": b"\x00\x01"}))
+    add(
+        T(
+            "data-missing",
+            "data.path: data directory 'nodata' does not exist",
+            sets=["data.path=nodata"],
+        )
+    )
+    add(
+        T(
+            "data-is-a-file",
+            "data.path: data directory 'tokens.bin' is not a directory",
+            sets=["data.path=tokens.bin"],
+            files={"tokens.bin": b"\x00\x01"},
+        )
+    )
     add(D("meta-missing", "meta.json: missing", Data(drop=("meta.json",))))
     add(D("meta-empty", "meta.json: not valid JSON", Data(meta_text="")))
-    add(D("meta-truncated", "meta.json: not valid JSON", Data(meta_text='{"format": "hpc_llm-tokens", "form')))
+    add(
+        D(
+            "meta-truncated",
+            "meta.json: not valid JSON",
+            Data(meta_text='{"format": "hpc_llm-tokens", "form'),
+        )
+    )
     add(D("meta-not-text", "meta.json: not valid JSON", Data(meta_text=b"\xff\xfe\x00{")))
-    add(D("meta-foreign-object", "meta.json: \"format\" is None, expected 'hpc_llm-tokens'",
-          Data(meta_text='{"name": "my dataset", "size": 100}')))
-    add(D("meta-foreign-list", "meta.json: \"format\" is 'list', expected 'hpc_llm-tokens'", Data(meta_text="[1, 2]")))
-    add(D("meta-future-version", "meta.json: format_version 99 is newer", Data(meta={"format_version": 99})))
-    add(D("meta-vocab-string", "meta.json: field 'vocab_size' is '256', expected a non-negative integer",
-          Data(meta={"vocab_size": "256"})))
-    add(D("meta-vocab-missing", "meta.json: field 'vocab_size' is None", Data(meta={"vocab_size": None})))
-    add(D("meta-vocab-too-large", "meta.json: vocab_size 4294967297 is outside 1..4294967296",
-          Data(meta={"vocab_size": 2**32 + 1})))
+    add(
+        D(
+            "meta-foreign-object",
+            "meta.json: \"format\" is None, expected 'hpc_llm-tokens'",
+            Data(meta_text='{"name": "my dataset", "size": 100}'),
+        )
+    )
+    add(
+        D(
+            "meta-foreign-list",
+            "meta.json: \"format\" is 'list', expected 'hpc_llm-tokens'",
+            Data(meta_text="[1, 2]"),
+        )
+    )
+    add(
+        D(
+            "meta-future-version",
+            "meta.json: format_version 99 is newer",
+            Data(meta={"format_version": 99}),
+        )
+    )
+    add(
+        D(
+            "meta-vocab-string",
+            "meta.json: field 'vocab_size' is '256', expected a non-negative integer",
+            Data(meta={"vocab_size": "256"}),
+        )
+    )
+    add(
+        D(
+            "meta-vocab-missing",
+            "meta.json: field 'vocab_size' is None",
+            Data(meta={"vocab_size": None}),
+        )
+    )
+    add(
+        D(
+            "meta-vocab-too-large",
+            "meta.json: vocab_size 4294967297 is outside 1..4294967296",
+            Data(meta={"vocab_size": 2**32 + 1}),
+        )
+    )
     add(D("meta-n_train-negative", "meta.json: field 'n_train' is -5", Data(meta={"n_train": -5})))
-    add(D("meta-tokenizer-unknown", "field \"tokenizer\" is 'wordpiece', expected \"byte\", \"char\", \"bpe\" or "
-          "\"gpt2-bpe\"", Data(meta={"tokenizer": "wordpiece"})))
-    add(D("meta-bpe-without-json", "tokenizer 'bpe' needs a string field \"tokenizer_json\"",
-          Data(meta={"tokenizer": "bpe"})))
-    add(D("meta-dtype-unknown", "meta.json: field \"dtype\" is 'int8', expected \"uint16\" or \"uint32\"",
-          Data(meta={"dtype": "int8"})))
-    add(D("meta-vocab-disagrees", "field \"vocab_size\" is 300, but the byte tokenizer has 256 tokens",
-          Data(meta={"vocab_size": 300})))
-    add(D("meta-char-without-chars", "tokenizer \"char\" needs a non-empty string field \"chars\"",
-          Data(src="chardata", meta={"chars": None})))
-    add(D("meta-char-chars-edited", "field \"chars\" must be sorted unique characters",
-          Data(src="chardata", meta={"chars": "ba"})))
+    add(
+        D(
+            "meta-tokenizer-unknown",
+            'field "tokenizer" is \'wordpiece\', expected "byte", "char", "bpe" or "gpt2-bpe"',
+            Data(meta={"tokenizer": "wordpiece"}),
+        )
+    )
+    add(
+        D(
+            "meta-bpe-without-json",
+            "tokenizer 'bpe' needs a string field \"tokenizer_json\"",
+            Data(meta={"tokenizer": "bpe"}),
+        )
+    )
+    add(
+        D(
+            "meta-dtype-unknown",
+            'meta.json: field "dtype" is \'int8\', expected "uint16" or "uint32"',
+            Data(meta={"dtype": "int8"}),
+        )
+    )
+    add(
+        D(
+            "meta-vocab-disagrees",
+            'field "vocab_size" is 300, but the byte tokenizer has 256 tokens',
+            Data(meta={"vocab_size": 300}),
+        )
+    )
+    add(
+        D(
+            "meta-char-without-chars",
+            'tokenizer "char" needs a non-empty string field "chars"',
+            Data(src="chardata", meta={"chars": None}),
+        )
+    )
+    add(
+        D(
+            "meta-char-chars-edited",
+            'field "chars" must be sorted unique characters',
+            Data(src="chardata", meta={"chars": "ba"}),
+        )
+    )
     add(D("train-bin-missing", "train.bin: missing", Data(drop=("train.bin",))))
     add(D("train-bin-empty", "train.bin: 0 bytes, expected", Data(train=b"")))
-    add(D("train-bin-odd-size", "train.bin: ", Data(train=lambda b: b[:-1])))  # not a whole number of tokens
-    add(D("train-bin-truncated", "the file is truncated or from another run", Data(train=lambda b: b[: len(b) // 2])))
+    add(
+        D("train-bin-odd-size", "train.bin: ", Data(train=lambda b: b[:-1]))
+    )  # not a whole number of tokens
+    add(
+        D(
+            "train-bin-truncated",
+            "the file is truncated or from another run",
+            Data(train=lambda b: b[: len(b) // 2]),
+        )
+    )
     add(D("val-bin-missing", "val.bin: missing", Data(drop=("val.bin",))))
-    add(D("train-too-short", "corpus split 'train' has 10 tokens, fewer than block_size+1 = 17",
-          Data(train=tokens(range(10)), meta={"n_train": 10})))
-    add(D("val-too-short", "corpus split 'val' has 5 tokens, fewer than block_size+1 = 17",
-          Data(val=tokens(range(5)), meta={"n_val": 5})))
+    add(
+        D(
+            "train-too-short",
+            "corpus split 'train' has 10 tokens, fewer than block_size+1 = 17",
+            Data(train=tokens(range(10)), meta={"n_train": 10}),
+        )
+    )
+    add(
+        D(
+            "val-too-short",
+            "corpus split 'val' has 5 tokens, fewer than block_size+1 = 17",
+            Data(val=tokens(range(5)), meta={"n_val": 5}),
+        )
+    )
     # ids beyond the vocabulary: prepare records the largest in meta.json (max_id), checked at start-up without
     # reading the token files; an id edited into a file afterwards is found by the batch that gathers it, a fault
     # (tests/test_data.py::test_token_out_of_vocab_found_by_the_batch)
-    add(D("token-beyond-vocab", "meta.json: max_id is 300: the token files contain token id 300, but vocab_size in "
-          "meta.json is 256", Data(meta={"max_id": 300})))
-    add(D("token-beyond-char-vocab", "the token files contain token id 999",
-          Data(src="chardata", meta={"max_id": 999})))
-    add(D("meta-max_id-negative", "meta.json: field 'max_id' is -1, expected a non-negative integer",
-          Data(meta={"max_id": -1})))
+    add(
+        D(
+            "token-beyond-vocab",
+            "meta.json: max_id is 300: the token files contain token id 300, but vocab_size in "
+            "meta.json is 256",
+            Data(meta={"max_id": 300}),
+        )
+    )
+    add(
+        D(
+            "token-beyond-char-vocab",
+            "the token files contain token id 999",
+            Data(src="chardata", meta={"max_id": 999}),
+        )
+    )
+    add(
+        D(
+            "meta-max_id-negative",
+            "meta.json: field 'max_id' is -1, expected a non-negative integer",
+            Data(meta={"max_id": -1}),
+        )
+    )
     # version 1 records no max_id: its splits are read once at start-up (in bounded chunks)
-    add(D("token-beyond-vocab-version-1", "val.bin: contains token id 300, but vocab_size in meta.json is 256 (a "
-          "format version 1 directory", Data(meta={"format_version": 1, "dtype": None, "max_id": None},
-                                             val=lambda b: b[:-2] + tokens([300]))))
+    add(
+        D(
+            "token-beyond-vocab-version-1",
+            "val.bin: contains token id 300, but vocab_size in meta.json is 256 (a "
+            "format version 1 directory",
+            Data(
+                meta={"format_version": 1, "dtype": None, "max_id": None},
+                val=lambda b: b[:-2] + tokens([300]),
+            ),
+        )
+    )
 
     # fine-tuning (docs/fine-tuning.md): train.init_from, train.freeze, LoRA, merge-lora
     one_layer = {"data.path": "{chardata}", "model.n_layer": 1}
-    add(T("init_from-missing", "train.init_from: ck.h5: checkpoint file does not exist",
-          toml={**one_layer, "train.init_from": "ck.h5"}))
-    add(T("init_from-not-a-checkpoint", "train.init_from: ck.h5: not an hpc_llm checkpoint",
-          toml={**one_layer, "train.init_from": "ck.h5"}, files={"ck.h5": Ckpt("foreign")}))
-    add(T("init_from-corrupt", "train.init_from: ck.h5: checksum mismatch in dataset /params/wte.weight",
-          toml={**one_layer, "train.init_from": "ck.h5"}, files={"ck.h5": Ckpt("corrupt")}))
-    add(T("init_from-other-model", "model.n_layer=1 but the config says 2",
-          toml={"data.path": "{chardata}", "train.init_from": "{ckpt}"}))
-    add(T("init_from-other-data", "was trained on data with the char tokenizer",
-          toml={"model.n_layer": 1, "train.init_from": "{ckpt}"}))
-    add(T("init_from-larger-block_size", "model.block_size=32 is larger than the checkpoint's 16",
-          toml={**one_layer, "model.block_size": 32, "train.init_from": "{ckpt}"}))
-    add(T("init_from-empty-run-dir", "train.init_from=empty: no verified checkpoint in this directory",
-          toml={**one_layer, "train.init_from": "empty"}, files={"empty": Empty()}))
-    add(T("freeze-matches-nothing", "config field train.freeze: pattern 'h.9.*' matches no parameter",
-          sets=["train.freeze=h.9.*"]))
-    add(T("freeze-second-matches-nothing", "config field train.freeze: pattern 'lm_head.weight' matches no parameter",
-          sets=["train.freeze=wte.weight,lm_head.weight"]))
-    add(T("lora-targets-match-nothing", "config field model.lora_targets: expected distinct names among",
-          sets=["model.lora_rank=2", "model.lora_targets=attn.q"]))
-    add(T("lora-targets-empty", "(at least one with model.lora_rank > 0)",
-          sets=["model.lora_rank=2", "model.lora_targets=[]"]))
-    add(T("lora-rank-above-n_embd", "config field model.lora_rank: expected 0 (off) or an integer in [1, "
-          "model.n_embd=32], got 33", sets=["model.lora_rank=33"]))
+    add(
+        T(
+            "init_from-missing",
+            "train.init_from: ck.h5: checkpoint file does not exist",
+            toml={**one_layer, "train.init_from": "ck.h5"},
+        )
+    )
+    add(
+        T(
+            "init_from-not-a-checkpoint",
+            "train.init_from: ck.h5: not an hpc_llm checkpoint",
+            toml={**one_layer, "train.init_from": "ck.h5"},
+            files={"ck.h5": Ckpt("foreign")},
+        )
+    )
+    add(
+        T(
+            "init_from-corrupt",
+            "train.init_from: ck.h5: checksum mismatch in dataset /params/wte.weight",
+            toml={**one_layer, "train.init_from": "ck.h5"},
+            files={"ck.h5": Ckpt("corrupt")},
+        )
+    )
+    add(
+        T(
+            "init_from-other-model",
+            "model.n_layer=1 but the config says 2",
+            toml={"data.path": "{chardata}", "train.init_from": "{ckpt}"},
+        )
+    )
+    add(
+        T(
+            "init_from-other-data",
+            "was trained on data with the char tokenizer",
+            toml={"model.n_layer": 1, "train.init_from": "{ckpt}"},
+        )
+    )
+    add(
+        T(
+            "init_from-larger-block_size",
+            "model.block_size=32 is larger than the checkpoint's 16",
+            toml={**one_layer, "model.block_size": 32, "train.init_from": "{ckpt}"},
+        )
+    )
+    add(
+        T(
+            "init_from-empty-run-dir",
+            "train.init_from=empty: no verified checkpoint in this directory",
+            toml={**one_layer, "train.init_from": "empty"},
+            files={"empty": Empty()},
+        )
+    )
+    add(
+        T(
+            "freeze-matches-nothing",
+            "config field train.freeze: pattern 'h.9.*' matches no parameter",
+            sets=["train.freeze=h.9.*"],
+        )
+    )
+    add(
+        T(
+            "freeze-second-matches-nothing",
+            "config field train.freeze: pattern 'lm_head.weight' matches no parameter",
+            sets=["train.freeze=wte.weight,lm_head.weight"],
+        )
+    )
+    add(
+        T(
+            "lora-targets-match-nothing",
+            "config field model.lora_targets: expected distinct names among",
+            sets=["model.lora_rank=2", "model.lora_targets=attn.q"],
+        )
+    )
+    add(
+        T(
+            "lora-targets-empty",
+            "(at least one with model.lora_rank > 0)",
+            sets=["model.lora_rank=2", "model.lora_targets=[]"],
+        )
+    )
+    add(
+        T(
+            "lora-rank-above-n_embd",
+            "config field model.lora_rank: expected 0 (off) or an integer in [1, "
+            "model.n_embd=32], got 33",
+            sets=["model.lora_rank=33"],
+        )
+    )
     # merge-lora at 2 ranks is refused first, whatever its arguments (merge-lora-on-two-ranks below)
-    add(Row("merge-lora-without-lora", "merge-lora {ckpt} --out m.h5", "has no LoRA adapters (model.lora_rank = 0)",
-            ranks=(1,)))
-    add(Row("merge-lora-out-dir-missing", "merge-lora {ckpt} --out nodir/m.h5",
-            "merge-lora --out nodir/m.h5: directory nodir does not exist", ranks=(1,)))
-    add(Row("merge-lora-out-is-a-directory", "merge-lora {ckpt} --out outdir", "merge-lora --out outdir: is a "
-            "directory", {"outdir": Empty()}, ranks=(1,)))
-    add(Row("merge-lora-missing", "merge-lora ck.h5 --out m.h5", "ck.h5: checkpoint file does not exist", ranks=(1,)))
-    add(Row("merge-lora-corrupt", "merge-lora ck.h5 --out m.h5", "ck.h5: checksum mismatch in dataset",
-            {"ck.h5": Ckpt("corrupt")}, ranks=(1,)))
-    add(T("freeze-everything", "config field train.freeze: ['*'] freezes every parameter: nothing left to train",
-          sets=["train.freeze=*"]))
-    add(T("lora-freeze-every-adapter", "config field train.freeze: ['h.*.lora_A', 'h.*.lora_B'] freezes every "
-          "parameter (model.lora_rank > 0 freezes the base: these patterns also cover every LoRA adapter)",
-          sets=["model.lora_rank=2", "train.freeze=h.*.lora_A,h.*.lora_B"]))
+    add(
+        Row(
+            "merge-lora-without-lora",
+            "merge-lora {ckpt} --out m.h5",
+            "has no LoRA adapters (model.lora_rank = 0)",
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "merge-lora-out-dir-missing",
+            "merge-lora {ckpt} --out nodir/m.h5",
+            "merge-lora --out nodir/m.h5: directory nodir does not exist",
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "merge-lora-out-is-a-directory",
+            "merge-lora {ckpt} --out outdir",
+            "merge-lora --out outdir: is a directory",
+            {"outdir": Empty()},
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "merge-lora-missing",
+            "merge-lora ck.h5 --out m.h5",
+            "ck.h5: checkpoint file does not exist",
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "merge-lora-corrupt",
+            "merge-lora ck.h5 --out m.h5",
+            "ck.h5: checksum mismatch in dataset",
+            {"ck.h5": Ckpt("corrupt")},
+            ranks=(1,),
+        )
+    )
+    add(
+        T(
+            "freeze-everything",
+            "config field train.freeze: ['*'] freezes every parameter: nothing left to train",
+            sets=["train.freeze=*"],
+        )
+    )
+    add(
+        T(
+            "lora-freeze-every-adapter",
+            "config field train.freeze: ['h.*.lora_A', 'h.*.lora_B'] freezes every "
+            "parameter (model.lora_rank > 0 freezes the base: these patterns also cover every LoRA adapter)",
+            sets=["model.lora_rank=2", "train.freeze=h.*.lora_A,h.*.lora_B"],
+        )
+    )
     # every rank would write the same file: refused alike on each (only a 2-rank run can show it); import-gpt2 after
     # its inputs' checks (the hf-* rows keep their errors at 2 ranks)
-    add(Row("merge-lora-on-two-ranks", "merge-lora {ckpt} --out m.h5",
-            "hpc-llm merge-lora runs on one process, got 2 ranks: run it without mpiexec", ranks=(2,)))
-    add(Row("import-gpt2-on-two-ranks", "import-gpt2 {hf} --out out.h5",
-            "hpc-llm import-gpt2 runs on one process, got 2 ranks: run it without mpiexec", ranks=(2,)))
-    add(Row("import-gpt2-on-two-ranks-new-dir", "import-gpt2 {hf} --out newdir/out.h5",
-            "hpc-llm import-gpt2 runs on one process, got 2 ranks", ranks=(2,)))  # newdir is not created
+    add(
+        Row(
+            "merge-lora-on-two-ranks",
+            "merge-lora {ckpt} --out m.h5",
+            "hpc-llm merge-lora runs on one process, got 2 ranks: run it without mpiexec",
+            ranks=(2,),
+        )
+    )
+    add(
+        Row(
+            "import-gpt2-on-two-ranks",
+            "import-gpt2 {hf} --out out.h5",
+            "hpc-llm import-gpt2 runs on one process, got 2 ranks: run it without mpiexec",
+            ranks=(2,),
+        )
+    )
+    add(
+        Row(
+            "import-gpt2-on-two-ranks-new-dir",
+            "import-gpt2 {hf} --out newdir/out.h5",
+            "hpc-llm import-gpt2 runs on one process, got 2 ranks",
+            ranks=(2,),
+        )
+    )  # newdir is not created
 
     # --resume: a checkpoint missing, empty, truncated, not HDF5, another program's, corrupt, or of another model
-    for kind, expect in (("missing", "ck.h5: checkpoint file does not exist"),
-                         ("empty", "ck.h5: not a readable HDF5 file"),
-                         ("text", "ck.h5: not a readable HDF5 file"),
-                         ("truncated", "ck.h5: checkpoint file is truncated"),
-                         ("foreign", "ck.h5: not an hpc_llm checkpoint"),
-                         ("incomplete", "ck.h5: checkpoint is incomplete"),
-                         ("future", "ck.h5: checkpoint format_version 99 was written by a newer hpc_llm"),
-                         ("dir", "ck.h5: is not a regular file"),
-                         ("corrupt", "ck.h5: checksum mismatch in dataset /params/wte.weight")):
+    for kind, expect in (
+        ("missing", "ck.h5: checkpoint file does not exist"),
+        ("empty", "ck.h5: not a readable HDF5 file"),
+        ("text", "ck.h5: not a readable HDF5 file"),
+        ("truncated", "ck.h5: checkpoint file is truncated"),
+        ("foreign", "ck.h5: not an hpc_llm checkpoint"),
+        ("incomplete", "ck.h5: checkpoint is incomplete"),
+        ("future", "ck.h5: checkpoint format_version 99 was written by a newer hpc_llm"),
+        ("dir", "ck.h5: is not a regular file"),
+        ("corrupt", "ck.h5: checksum mismatch in dataset /params/wte.weight"),
+    ):
         files = {} if kind == "missing" else {"ck.h5": Ckpt(kind)}
-        add(T(f"resume-{kind}", expect, toml={"data.path": "{chardata}", "model.n_layer": 1}, args="--resume ck.h5",
-              files=files))
-        if kind == "dir":  # generate and inspect take a directory for a run directory: its newest checkpoint
+        add(
+            T(
+                f"resume-{kind}",
+                expect,
+                toml={"data.path": "{chardata}", "model.n_layer": 1},
+                args="--resume ck.h5",
+                files=files,
+            )
+        )
+        if (
+            kind == "dir"
+        ):  # generate and inspect take a directory for a run directory: its newest checkpoint
             expect = "ck.h5: no verified checkpoint in this directory"
         add(Row(f"generate-{kind}", "generate ck.h5 --max-new-tokens 2", expect, files))
         add(Row(f"inspect-{kind}", "inspect ck.h5", expect, files))
-    add(T("resume-other-model", "model.n_layer=1 but the config says 2", toml={"data.path": "{chardata}"},
-          args="--resume {ckpt}"))
-    add(T("resume-other-data", "was trained on data with the char tokenizer", toml={"model.n_layer": 1},
-          args="--resume {ckpt}"))
-    add(Row("generate-run-dir-without-checkpoint", "generate empty", "empty: no verified checkpoint",
-            {"empty": Empty()}))
-    add(Row("inspect-run-dir-without-checkpoint", "inspect empty", "empty: no verified checkpoint", {"empty": Empty()}))
-    add(Row("inspect-second-bad", "inspect {ckpt} ck.h5", "ck.h5: not an hpc_llm checkpoint",
-            {"ck.h5": Ckpt("foreign")}))
-    add(Row("inspect-three", "inspect {ckpt} {ckpt} {ckpt}",
-            "inspect: expected one checkpoint or two to compare, got 3"))
-    add(Row("generate-imported-gpt2", "generate {gpt2} --max-new-tokens 2",
-            "gpt2.h5: imported GPT-2 weights, whose tokenizer (gpt2-bpe) hpc_llm does not include"))
+    add(
+        T(
+            "resume-other-model",
+            "model.n_layer=1 but the config says 2",
+            toml={"data.path": "{chardata}"},
+            args="--resume {ckpt}",
+        )
+    )
+    add(
+        T(
+            "resume-other-data",
+            "was trained on data with the char tokenizer",
+            toml={"model.n_layer": 1},
+            args="--resume {ckpt}",
+        )
+    )
+    add(
+        Row(
+            "generate-run-dir-without-checkpoint",
+            "generate empty",
+            "empty: no verified checkpoint",
+            {"empty": Empty()},
+        )
+    )
+    add(
+        Row(
+            "inspect-run-dir-without-checkpoint",
+            "inspect empty",
+            "empty: no verified checkpoint",
+            {"empty": Empty()},
+        )
+    )
+    add(
+        Row(
+            "inspect-second-bad",
+            "inspect {ckpt} ck.h5",
+            "ck.h5: not an hpc_llm checkpoint",
+            {"ck.h5": Ckpt("foreign")},
+        )
+    )
+    add(
+        Row(
+            "inspect-three",
+            "inspect {ckpt} {ckpt} {ckpt}",
+            "inspect: expected one checkpoint or two to compare, got 3",
+        )
+    )
+    add(
+        Row(
+            "generate-imported-gpt2",
+            "generate {gpt2} --max-new-tokens 2",
+            "gpt2.h5: imported GPT-2 weights, whose tokenizer (gpt2-bpe) hpc_llm does not include",
+        )
+    )
 
     # generate's options (the checkpoint is good)
-    add(Row("generate-max-new-tokens-negative", "generate {run} --max-new-tokens -1",
-            "--max-new-tokens: expected a non-negative integer, got -1"))
-    add(Row("generate-max-new-tokens-type", "generate {run} --max-new-tokens ten",
-            "argument --max-new-tokens: invalid int value: 'ten'"))
-    add(Row("generate-temperature-negative", "generate {run} --temperature -0.5",
-            "--temperature: expected a finite non-negative number (0: greedy), got -0.5"))
-    add(Row("generate-temperature-nan", "generate {run} --temperature nan",
-            "--temperature: expected a finite non-negative number (0: greedy), got nan"))
-    add(Row("generate-temperature-inf", "generate {run} --temperature inf",
-            "--temperature: expected a finite non-negative number (0: greedy), got inf"))
-    add(Row("generate-top-k-zero", "generate {run} --top-k 0", "--top-k: expected a positive integer, got 0"))
-    add(Row("generate-num-samples-zero", "generate {run} --num-samples 0",
-            "--num-samples: expected a positive integer, got 0"))
-    add(Row("generate-num-samples-negative", "generate {run} --num-samples -2",
-            "--num-samples: expected a positive integer, got -2"))
-    add(Row("generate-seed-negative", "generate {run} --seed -1", "--seed: expected a non-negative integer, got -1"))
-    add(Row("generate-prompt-outside-vocab", "generate {run} --prompt 'the cat☃'",
-            "--prompt: char tokenizer: character '☃' (U+2603) at position 7 is not in the vocabulary"))
-    add(Row("generate-backend-unknown", "generate {run} --backend torch", "argument --backend: invalid choice"))
-    add(Row("generate-cupy-not-installed", "generate {run} --backend cupy", "CuPy is not installed", skip=NO_CUPY))
+    add(
+        Row(
+            "generate-max-new-tokens-negative",
+            "generate {run} --max-new-tokens -1",
+            "--max-new-tokens: expected a non-negative integer, got -1",
+        )
+    )
+    add(
+        Row(
+            "generate-max-new-tokens-type",
+            "generate {run} --max-new-tokens ten",
+            "argument --max-new-tokens: invalid int value: 'ten'",
+        )
+    )
+    add(
+        Row(
+            "generate-temperature-negative",
+            "generate {run} --temperature -0.5",
+            "--temperature: expected a finite non-negative number (0: greedy), got -0.5",
+        )
+    )
+    add(
+        Row(
+            "generate-temperature-nan",
+            "generate {run} --temperature nan",
+            "--temperature: expected a finite non-negative number (0: greedy), got nan",
+        )
+    )
+    add(
+        Row(
+            "generate-temperature-inf",
+            "generate {run} --temperature inf",
+            "--temperature: expected a finite non-negative number (0: greedy), got inf",
+        )
+    )
+    add(
+        Row(
+            "generate-top-k-zero",
+            "generate {run} --top-k 0",
+            "--top-k: expected a positive integer, got 0",
+        )
+    )
+    add(
+        Row(
+            "generate-num-samples-zero",
+            "generate {run} --num-samples 0",
+            "--num-samples: expected a positive integer, got 0",
+        )
+    )
+    add(
+        Row(
+            "generate-num-samples-negative",
+            "generate {run} --num-samples -2",
+            "--num-samples: expected a positive integer, got -2",
+        )
+    )
+    add(
+        Row(
+            "generate-seed-negative",
+            "generate {run} --seed -1",
+            "--seed: expected a non-negative integer, got -1",
+        )
+    )
+    add(
+        Row(
+            "generate-prompt-outside-vocab",
+            "generate {run} --prompt 'the cat☃'",
+            "--prompt: char tokenizer: character '☃' (U+2603) at position 7 is not in the vocabulary",
+        )
+    )
+    add(
+        Row(
+            "generate-backend-unknown",
+            "generate {run} --backend torch",
+            "argument --backend: invalid choice",
+        )
+    )
+    add(
+        Row(
+            "generate-cupy-not-installed",
+            "generate {run} --backend cupy",
+            "CuPy is not installed",
+            skip=NO_CUPY,
+        )
+    )
+
     # generate's inference options (issue 14) and eval
     class SavedModel:
         """A checkpoint of an untrained model of the base shape with `changes` (model section), the char data's
@@ -562,215 +1182,811 @@ def _rows() -> list[Row]:
 
             tok = TokenData(base["chardata"]).tokenizer
             cfg = Config()
-            cfg.model = ModelConfig(**{**BASE_CONFIG["model"], "vocab_size": tok.vocab_size, **self.changes})
+            cfg.model = ModelConfig(
+                **{**BASE_CONFIG["model"], "vocab_size": tok.vocab_size, **self.changes}
+            )
             m = GPT(cfg.model, seed=0)
-            ckpt.save_checkpoint(path, params=m.full_tensors(m.flat), optimizer={},
-                                 state={"step": 0, "tokenizer": tok.meta()}, config=cfg.to_dict(), metrics={})
+            ckpt.save_checkpoint(
+                path,
+                params=m.full_tensors(m.flat),
+                optimizer={},
+                state={"step": 0, "tokenizer": tok.meta()},
+                config=cfg.to_dict(),
+                metrics={},
+            )
 
-    add(Row("generate-top-p-zero", "generate {run} --top-p 0", "--top-p: expected a number in (0, 1], got 0.0"))
-    add(Row("generate-top-p-above-one", "generate {run} --top-p 1.5", "--top-p: expected a number in (0, 1], got 1.5"))
-    add(Row("generate-batch-size-zero", "generate {run} --batch-size 0", "--batch-size: expected a positive integer"))
-    add(Row("generate-prompts-missing", "generate {run} --prompts nope.txt", "--prompts nope.txt: no such file"))
-    add(Row("generate-prompts-empty-line", "generate {run} --prompts p.txt", "--prompts p.txt: line 2 is empty",
-            {"p.txt": "the\n\nthe cat\n"}))
-    add(Row("generate-prompts-not-utf8", "generate {run} --prompts p.txt", "--prompts p.txt: not UTF-8 text",
-            {"p.txt": b"the \xff\n"}))
-    add(Row("generate-prompts-outside-vocab", "generate {run} --prompts p.txt",
-            "--prompts p.txt: line 2: char tokenizer: character '☃'", {"p.txt": "the\nthe ☃\n"}))
-    add(Row("generate-prompts-and-prompt", "generate {run} --prompts p.txt --prompt the",
-            "generate: give --prompt or --prompts, not both", {"p.txt": "the\n"}))
-    add(Row("generate-out-dir-missing", "generate {run} --out nodir/o.jsonl",
-            "--out nodir/o.jsonl: directory nodir does not exist"))
-    add(Row("generate-quantize-float64", "generate f64.h5 --quantize int8",
-            "--quantize int8: needs a float32 model, this one is float64", {"f64.h5": SavedModel(dtype="float64")}))
-    add(Row("generate-quantize-dtype-float64", "generate {run} --quantize int8 --dtype float64",
-            "--quantize int8: needs a float32 model, this one is float64"))
-    add(Row("generate-quantize-unknown", "generate {run} --quantize int4", "argument --quantize: invalid choice"))
-    add(Row("generate-tp-not-dividing-n-head", "generate h3.h5 --max-new-tokens 2",
-            "parallel.tp=2 does not divide model.n_head=3", {"h3.h5": SavedModel(n_head=3, n_embd=48)}, ranks=(2,)))
+    add(
+        Row(
+            "generate-top-p-zero",
+            "generate {run} --top-p 0",
+            "--top-p: expected a number in (0, 1], got 0.0",
+        )
+    )
+    add(
+        Row(
+            "generate-top-p-above-one",
+            "generate {run} --top-p 1.5",
+            "--top-p: expected a number in (0, 1], got 1.5",
+        )
+    )
+    add(
+        Row(
+            "generate-batch-size-zero",
+            "generate {run} --batch-size 0",
+            "--batch-size: expected a positive integer",
+        )
+    )
+    add(
+        Row(
+            "generate-prompts-missing",
+            "generate {run} --prompts nope.txt",
+            "--prompts nope.txt: no such file",
+        )
+    )
+    add(
+        Row(
+            "generate-prompts-empty-line",
+            "generate {run} --prompts p.txt",
+            "--prompts p.txt: line 2 is empty",
+            {"p.txt": "the\n\nthe cat\n"},
+        )
+    )
+    add(
+        Row(
+            "generate-prompts-not-utf8",
+            "generate {run} --prompts p.txt",
+            "--prompts p.txt: not UTF-8 text",
+            {"p.txt": b"the \xff\n"},
+        )
+    )
+    add(
+        Row(
+            "generate-prompts-outside-vocab",
+            "generate {run} --prompts p.txt",
+            "--prompts p.txt: line 2: char tokenizer: character '☃'",
+            {"p.txt": "the\nthe ☃\n"},
+        )
+    )
+    add(
+        Row(
+            "generate-prompts-and-prompt",
+            "generate {run} --prompts p.txt --prompt the",
+            "generate: give --prompt or --prompts, not both",
+            {"p.txt": "the\n"},
+        )
+    )
+    add(
+        Row(
+            "generate-out-dir-missing",
+            "generate {run} --out nodir/o.jsonl",
+            "--out nodir/o.jsonl: directory nodir does not exist",
+        )
+    )
+    add(
+        Row(
+            "generate-quantize-float64",
+            "generate f64.h5 --quantize int8",
+            "--quantize int8: needs a float32 model, this one is float64",
+            {"f64.h5": SavedModel(dtype="float64")},
+        )
+    )
+    add(
+        Row(
+            "generate-quantize-dtype-float64",
+            "generate {run} --quantize int8 --dtype float64",
+            "--quantize int8: needs a float32 model, this one is float64",
+        )
+    )
+    add(
+        Row(
+            "generate-quantize-unknown",
+            "generate {run} --quantize int4",
+            "argument --quantize: invalid choice",
+        )
+    )
+    add(
+        Row(
+            "generate-tp-not-dividing-n-head",
+            "generate h3.h5 --max-new-tokens 2",
+            "parallel.tp=2 does not divide model.n_head=3",
+            {"h3.h5": SavedModel(n_head=3, n_embd=48)},
+            ranks=(2,),
+        )
+    )
     add(Row("generate-tp-not-ranks", "generate {run} --set parallel.tp=4", "parallel.tp=4 but"))
-    add(Row("generate-tp-not-integer", "generate {run} --set parallel.tp=two",
-            "--set parallel.tp=two: expected a positive integer"))
-    add(Row("generate-set-other-key", "generate {run} --set train.lr=1",
-            "--set train.lr: `hpc-llm generate` takes only parallel.tp"))
+    add(
+        Row(
+            "generate-tp-not-integer",
+            "generate {run} --set parallel.tp=two",
+            "--set parallel.tp=two: expected a positive integer",
+        )
+    )
+    add(
+        Row(
+            "generate-set-other-key",
+            "generate {run} --set train.lr=1",
+            "--set train.lr: `hpc-llm generate` takes only parallel.tp",
+        )
+    )
     add(Row("eval-data-missing", "eval {run} --data nope", "data directory 'nope' does not exist"))
-    add(Row("eval-other-tokenizer", "eval {run} --data {data}", "data has the byte tokenizer, vocab 256"))
-    add(Row("eval-split-unknown", "eval {run} --data {chardata} --split test", "argument --split: invalid choice"))
-    add(Row("eval-batch-size-zero", "eval {run} --data {chardata} --batch-size 0",
-            "--batch-size: expected a positive integer, got 0"))
-    add(Row("eval-max-batches-zero", "eval {run} --data {chardata} --max-batches 0",
-            "--max-batches: expected a positive integer, got 0"))
-    add(Row("eval-quantize-float64", "eval {run} --data {chardata} --quantize int8 --dtype float64",
-            "--quantize int8: needs a float32 model, this one is float64"))
-    add(Row("eval-tp-not-ranks", "eval {run} --data {chardata} --set parallel.tp=4", "parallel.tp=4 but"))
-    add(Row("eval-checkpoint-missing", "eval ck.h5 --data {chardata}", "ck.h5: checkpoint file does not exist"))
-    add(Row("eval-tp-not-dividing-n-head", "eval h3.h5 --data {chardata}",
-            "parallel.tp=2 does not divide model.n_head=3", {"h3.h5": SavedModel(n_head=3, n_embd=48)}, ranks=(2,)))
+    add(
+        Row(
+            "eval-other-tokenizer",
+            "eval {run} --data {data}",
+            "data has the byte tokenizer, vocab 256",
+        )
+    )
+    add(
+        Row(
+            "eval-split-unknown",
+            "eval {run} --data {chardata} --split test",
+            "argument --split: invalid choice",
+        )
+    )
+    add(
+        Row(
+            "eval-batch-size-zero",
+            "eval {run} --data {chardata} --batch-size 0",
+            "--batch-size: expected a positive integer, got 0",
+        )
+    )
+    add(
+        Row(
+            "eval-max-batches-zero",
+            "eval {run} --data {chardata} --max-batches 0",
+            "--max-batches: expected a positive integer, got 0",
+        )
+    )
+    add(
+        Row(
+            "eval-quantize-float64",
+            "eval {run} --data {chardata} --quantize int8 --dtype float64",
+            "--quantize int8: needs a float32 model, this one is float64",
+        )
+    )
+    add(
+        Row(
+            "eval-tp-not-ranks",
+            "eval {run} --data {chardata} --set parallel.tp=4",
+            "parallel.tp=4 but",
+        )
+    )
+    add(
+        Row(
+            "eval-checkpoint-missing",
+            "eval ck.h5 --data {chardata}",
+            "ck.h5: checkpoint file does not exist",
+        )
+    )
+    add(
+        Row(
+            "eval-tp-not-dividing-n-head",
+            "eval h3.h5 --data {chardata}",
+            "parallel.tp=2 does not divide model.n_head=3",
+            {"h3.h5": SavedModel(n_head=3, n_embd=48)},
+            ranks=(2,),
+        )
+    )
 
     # prepare
-    add(Row("prepare-missing-input", "prepare nope.txt --out tok", "prepare: input 'nope.txt' does not exist"))
+    add(
+        Row(
+            "prepare-missing-input",
+            "prepare nope.txt --out tok",
+            "prepare: input 'nope.txt' does not exist",
+        )
+    )
     add(Row("prepare-no-inputs", "prepare --out tok", "prepare: expected input files or folders"))
-    add(Row("prepare-no-out", "prepare in.txt", "the following arguments are required: --out", {"in.txt": "hello\n"}))
-    add(Row("prepare-inputs-and-stdlib", "prepare in.txt --stdlib --out tok", "give input paths or --stdlib, not both",
-            {"in.txt": "hello\n"}))
-    add(Row("prepare-empty-file", "prepare in.txt --out tok", "prepare: the corpus is empty", {"in.txt": ""}))
-    add(Row("prepare-empty-folder", "prepare texts --out tok", "prepare: the corpus is empty", {"texts": Empty()}))
-    add(Row("prepare-pattern-matches-nothing", "prepare texts --pattern '*.md' --out tok",
-            "prepare: the corpus is empty", {"texts/a.txt": "hello world\n"}))
-    add(Row("prepare-not-text", "prepare in.bin --out tok", "1 skipped as not UTF-8",
-            {"in.bin": b"\xff\xfe\x00\x80" * 64}))
-    add(Row("prepare-too-small", "prepare in.txt --out tok", "the corpus has only 1 tokens, too few to split",
-            {"in.txt": "a"}))
+    add(
+        Row(
+            "prepare-no-out",
+            "prepare in.txt",
+            "the following arguments are required: --out",
+            {"in.txt": "hello\n"},
+        )
+    )
+    add(
+        Row(
+            "prepare-inputs-and-stdlib",
+            "prepare in.txt --stdlib --out tok",
+            "give input paths or --stdlib, not both",
+            {"in.txt": "hello\n"},
+        )
+    )
+    add(
+        Row(
+            "prepare-empty-file",
+            "prepare in.txt --out tok",
+            "prepare: the corpus is empty",
+            {"in.txt": ""},
+        )
+    )
+    add(
+        Row(
+            "prepare-empty-folder",
+            "prepare texts --out tok",
+            "prepare: the corpus is empty",
+            {"texts": Empty()},
+        )
+    )
+    add(
+        Row(
+            "prepare-pattern-matches-nothing",
+            "prepare texts --pattern '*.md' --out tok",
+            "prepare: the corpus is empty",
+            {"texts/a.txt": "hello world\n"},
+        )
+    )
+    add(
+        Row(
+            "prepare-not-text",
+            "prepare in.bin --out tok",
+            "1 skipped as not UTF-8",
+            {"in.bin": b"\xff\xfe\x00\x80" * 64},
+        )
+    )
+    add(
+        Row(
+            "prepare-too-small",
+            "prepare in.txt --out tok",
+            "the corpus has only 1 tokens, too few to split",
+            {"in.txt": "a"},
+        )
+    )
     for value in ("0", "1", "1.5", "-0.1", "nan"):
-        add(Row(f"prepare-val-fraction-{value}", f"prepare in.txt --val-fraction {value} --out tok",
-                "--val-fraction: expected a number strictly between 0 and 1", {"in.txt": "hello world\n" * 20}))
-    add(Row("prepare-val-fraction-type", "prepare in.txt --val-fraction half --out tok",
-            "argument --val-fraction: invalid float value: 'half'", {"in.txt": "hello world\n" * 20}))
-    add(Row("prepare-tokenizer-unknown", "prepare in.txt --tokenizer wordpiece --out tok",
-            "argument --tokenizer: invalid choice: 'wordpiece'", {"in.txt": "hello\n"}))
-    add(Row("prepare-max-bytes-zero", "prepare --stdlib --max-bytes 0 --out tok",
-            "--max-bytes: expected a positive integer, got 0"))
-    add(Row("prepare-out-is-a-file", "prepare in.txt --out tok", "output directory 'tok' is a file, expected a "
-            "directory", {"in.txt": "hello world\n" * 20, "tok": "notes\n"}))
-    add(Row("prepare-out-under-a-file", "prepare in.txt --out notes/tok", "cannot create output directory 'notes/tok'",
-            {"in.txt": "hello world\n" * 20, "notes": "notes\n"}))
+        add(
+            Row(
+                f"prepare-val-fraction-{value}",
+                f"prepare in.txt --val-fraction {value} --out tok",
+                "--val-fraction: expected a number strictly between 0 and 1",
+                {"in.txt": "hello world\n" * 20},
+            )
+        )
+    add(
+        Row(
+            "prepare-val-fraction-type",
+            "prepare in.txt --val-fraction half --out tok",
+            "argument --val-fraction: invalid float value: 'half'",
+            {"in.txt": "hello world\n" * 20},
+        )
+    )
+    add(
+        Row(
+            "prepare-tokenizer-unknown",
+            "prepare in.txt --tokenizer wordpiece --out tok",
+            "argument --tokenizer: invalid choice: 'wordpiece'",
+            {"in.txt": "hello\n"},
+        )
+    )
+    add(
+        Row(
+            "prepare-max-bytes-zero",
+            "prepare --stdlib --max-bytes 0 --out tok",
+            "--max-bytes: expected a positive integer, got 0",
+        )
+    )
+    add(
+        Row(
+            "prepare-out-is-a-file",
+            "prepare in.txt --out tok",
+            "output directory 'tok' is a file, expected a directory",
+            {"in.txt": "hello world\n" * 20, "tok": "notes\n"},
+        )
+    )
+    add(
+        Row(
+            "prepare-out-under-a-file",
+            "prepare in.txt --out notes/tok",
+            "cannot create output directory 'notes/tok'",
+            {"in.txt": "hello world\n" * 20, "notes": "notes\n"},
+        )
+    )
     text = {"in.txt": "hello world\n" * 20}
-    add(Row("prepare-tokenizer-dir-without-files", "prepare in.txt --tokenizer-dir tokdir --out tok",
+    add(
+        Row(
+            "prepare-tokenizer-dir-without-files",
+            "prepare in.txt --tokenizer-dir tokdir --out tok",
             "tokenizer directory 'tokdir' has neither tokenizer.json nor vocab.json + merges.txt",
-            {**text, "tokdir": Empty()}))
-    add(Row("prepare-tokenizer-dir-merges-missing", "prepare in.txt --tokenizer gpt2 --tokenizer-dir tokdir --out tok",
-            "has neither tokenizer.json nor vocab.json + merges.txt", {**text, "tokdir/vocab.json": '{"a": 0}'}))
-    add(Row("prepare-tokenizer-dir-missing", "prepare in.txt --tokenizer-dir notokdir --out tok",
-            "tokenizer directory 'notokdir' does not exist", text))
-    add(Row("prepare-tokenizer-json-broken", "prepare in.txt --tokenizer-dir tokdir --out tok",
-            "tokdir/tokenizer.json: not a readable tokenizers JSON file", {**text, "tokdir/tokenizer.json": "{not"}))
+            {**text, "tokdir": Empty()},
+        )
+    )
+    add(
+        Row(
+            "prepare-tokenizer-dir-merges-missing",
+            "prepare in.txt --tokenizer gpt2 --tokenizer-dir tokdir --out tok",
+            "has neither tokenizer.json nor vocab.json + merges.txt",
+            {**text, "tokdir/vocab.json": '{"a": 0}'},
+        )
+    )
+    add(
+        Row(
+            "prepare-tokenizer-dir-missing",
+            "prepare in.txt --tokenizer-dir notokdir --out tok",
+            "tokenizer directory 'notokdir' does not exist",
+            text,
+        )
+    )
+    add(
+        Row(
+            "prepare-tokenizer-json-broken",
+            "prepare in.txt --tokenizer-dir tokdir --out tok",
+            "tokdir/tokenizer.json: not a readable tokenizers JSON file",
+            {**text, "tokdir/tokenizer.json": "{not"},
+        )
+    )
     import tokenizers  # a SentencePiece-style tokenizer (Metaspace): its "▁" would be added again at every cut
 
-    spm = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<unk>": 0, "▁": 1, "h": 2}, merges=[], unk_token="<unk>"))
+    spm = tokenizers.Tokenizer(
+        tokenizers.models.BPE(vocab={"<unk>": 0, "▁": 1, "h": 2}, merges=[], unk_token="<unk>")
+    )
     spm.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    add(Row("prepare-tokenizer-not-byte-level", "prepare in.txt --tokenizer-dir tokdir --out tok",
+    add(
+        Row(
+            "prepare-tokenizer-not-byte-level",
+            "prepare in.txt --tokenizer-dir tokdir --out tok",
             "tokdir/tokenizer.json: pre-tokenizer Metaspace is not byte-level (expected ByteLevel, or Split parts then "
             "ByteLevel); hpc_llm streams the corpus in pieces and supports byte-level BPE tokenizers only",
-            {**text, "tokdir/tokenizer.json": spm.to_str()}))
-    add(Row("prepare-gpt2-without-dir", "prepare in.txt --tokenizer gpt2 --out tok",
-            "--tokenizer gpt2 goes with --tokenizer-dir DIR", text))
-    add(Row("prepare-tokenizer-dir-with-char", "prepare in.txt --tokenizer char --tokenizer-dir tokdir --out tok",
-            "--tokenizer-dir with --tokenizer gpt2", {**text, "tokdir": Empty()}))
-    add(Row("prepare-bpe-without-vocab-size", "prepare in.txt --tokenizer bpe --out tok",
-            "--tokenizer bpe trains a BPE and needs --vocab-size N", text))
+            {**text, "tokdir/tokenizer.json": spm.to_str()},
+        )
+    )
+    add(
+        Row(
+            "prepare-gpt2-without-dir",
+            "prepare in.txt --tokenizer gpt2 --out tok",
+            "--tokenizer gpt2 goes with --tokenizer-dir DIR",
+            text,
+        )
+    )
+    add(
+        Row(
+            "prepare-tokenizer-dir-with-char",
+            "prepare in.txt --tokenizer char --tokenizer-dir tokdir --out tok",
+            "--tokenizer-dir with --tokenizer gpt2",
+            {**text, "tokdir": Empty()},
+        )
+    )
+    add(
+        Row(
+            "prepare-bpe-without-vocab-size",
+            "prepare in.txt --tokenizer bpe --out tok",
+            "--tokenizer bpe trains a BPE and needs --vocab-size N",
+            text,
+        )
+    )
     for value in ("256", "0", "4294967297"):
-        add(Row(f"prepare-vocab-size-{value}", f"prepare in.txt --tokenizer bpe --vocab-size {value} --out tok",
+        add(
+            Row(
+                f"prepare-vocab-size-{value}",
+                f"prepare in.txt --tokenizer bpe --vocab-size {value} --out tok",
                 f"--vocab-size: expected an integer in 257..4294967296 (the 256 bytes plus at least one merge), got "
-                f"{value}", text))
-    add(Row("prepare-vocab-size-type", "prepare in.txt --tokenizer bpe --vocab-size many --out tok",
-            "argument --vocab-size: invalid int value: 'many'", text))
-    add(Row("prepare-vocab-size-without-bpe", "prepare in.txt --vocab-size 300 --out tok",
-            "--vocab-size is for --tokenizer bpe (training), not byte", text))
-    add(Row("prepare-memory-mb-too-small", "prepare in.txt --memory-mb 2 --out tok",
-            "--memory-mb: expected an integer of at least 4 (MB per rank), got 2", text))
-    add(Row("prepare-memory-mb-type", "prepare in.txt --memory-mb lots --out tok",
-            "argument --memory-mb: invalid int value: 'lots'", text))
-    add(Row("prepare-bpe-corpus-empty", "prepare in.txt --tokenizer bpe --vocab-size 300 --out tok",
-            "prepare: the corpus is empty", {"in.txt": ""}))
-    add(Row("prepare-bpe-too-small", "prepare in.txt --tokenizer bpe --vocab-size 300 --out new/tok",
-            "the corpus has only 1 tokens, too few to split", {"in.txt": "a"}))  # found after training: new/ removed
+                f"{value}",
+                text,
+            )
+        )
+    add(
+        Row(
+            "prepare-vocab-size-type",
+            "prepare in.txt --tokenizer bpe --vocab-size many --out tok",
+            "argument --vocab-size: invalid int value: 'many'",
+            text,
+        )
+    )
+    add(
+        Row(
+            "prepare-vocab-size-without-bpe",
+            "prepare in.txt --vocab-size 300 --out tok",
+            "--vocab-size is for --tokenizer bpe (training), not byte",
+            text,
+        )
+    )
+    add(
+        Row(
+            "prepare-memory-mb-too-small",
+            "prepare in.txt --memory-mb 2 --out tok",
+            "--memory-mb: expected an integer of at least 4 (MB per rank), got 2",
+            text,
+        )
+    )
+    add(
+        Row(
+            "prepare-memory-mb-type",
+            "prepare in.txt --memory-mb lots --out tok",
+            "argument --memory-mb: invalid int value: 'lots'",
+            text,
+        )
+    )
+    add(
+        Row(
+            "prepare-bpe-corpus-empty",
+            "prepare in.txt --tokenizer bpe --vocab-size 300 --out tok",
+            "prepare: the corpus is empty",
+            {"in.txt": ""},
+        )
+    )
+    add(
+        Row(
+            "prepare-bpe-too-small",
+            "prepare in.txt --tokenizer bpe --vocab-size 300 --out new/tok",
+            "the corpus has only 1 tokens, too few to split",
+            {"in.txt": "a"},
+        )
+    )  # found after training: new/ removed
 
     # import-gpt2
-    add(Row("hf-dir-missing", "import-gpt2 nohf --out out.h5", "nohf: GPT-2 model directory does not exist"))
-    add(Row("hf-dir-is-a-file", "import-gpt2 hf --out out.h5", "hf: is not a directory", {"hf": "x\n"}))
-    add(Row("hf-config-missing", "import-gpt2 hf --out out.h5", "config.json: not found", {"hf": Hf(drop_config=True)}))
-    add(Row("hf-config-empty", "import-gpt2 hf --out out.h5", "config.json: not readable JSON",
-            {"hf": Hf(config_text="")}))
-    add(Row("hf-config-broken", "import-gpt2 hf --out out.h5", "config.json: not readable JSON",
-            {"hf": Hf(config_text='{"model_type": "gpt2", "n_embd": ')}))
-    add(Row("hf-config-not-object", "import-gpt2 hf --out out.h5", "config.json: expected a JSON object, got list",
-            {"hf": Hf(config_text="[]")}))
-    add(Row("hf-config-foreign", "import-gpt2 hf --out out.h5", "model_type is 'bert', expected \"gpt2\"",
-            {"hf": Hf(config={"model_type": "bert"})}))
-    add(Row("hf-config-missing-field", "import-gpt2 hf --out out.h5", "config.json: missing n_layer",
-            {"hf": Hf(config={"n_layer": None})}))
-    add(Row("hf-config-bad-value", "import-gpt2 hf --out out.h5", "config.json: n_head is 0, expected a positive",
-            {"hf": Hf(config={"n_head": 0})}))
-    add(Row("hf-config-unsupported", "import-gpt2 hf --out out.h5", "activation_function is 'relu'",
-            {"hf": Hf(config={"activation_function": "relu"})}))
-    add(Row("hf-config-disagrees-with-tensors", "import-gpt2 hf --out out.h5", "has shape",
-            {"hf": Hf(config={"n_positions": 32})}))
-    add(Row("hf-weights-missing", "import-gpt2 hf --out out.h5", "model.safetensors: not found",
-            {"hf": Hf(weights="drop")}))
-    add(Row("hf-weights-empty", "import-gpt2 hf --out out.h5", "model.safetensors: not a readable safetensors file",
-            {"hf": Hf(weights="empty")}))
-    add(Row("hf-weights-not-safetensors", "import-gpt2 hf --out out.h5",
-            "model.safetensors: not a readable safetensors file", {"hf": Hf(weights="text")}))
-    add(Row("hf-weights-truncated", "import-gpt2 hf --out out.h5", "model.safetensors: not a readable safetensors file",
-            {"hf": Hf(weights="truncated")}))
-    add(Row("hf-weights-missing-tensor", "import-gpt2 hf --out out.h5", "missing tensor transformer.ln_f.weight",
-            {"hf": Hf(weights=("drop", "transformer.ln_f.weight"))}))
-    add(Row("hf-out-is-a-directory", "import-gpt2 {hf} --out outdir", "outdir: is a directory", {"outdir": Empty()}))
+    add(
+        Row(
+            "hf-dir-missing",
+            "import-gpt2 nohf --out out.h5",
+            "nohf: GPT-2 model directory does not exist",
+        )
+    )
+    add(
+        Row(
+            "hf-dir-is-a-file",
+            "import-gpt2 hf --out out.h5",
+            "hf: is not a directory",
+            {"hf": "x\n"},
+        )
+    )
+    add(
+        Row(
+            "hf-config-missing",
+            "import-gpt2 hf --out out.h5",
+            "config.json: not found",
+            {"hf": Hf(drop_config=True)},
+        )
+    )
+    add(
+        Row(
+            "hf-config-empty",
+            "import-gpt2 hf --out out.h5",
+            "config.json: not readable JSON",
+            {"hf": Hf(config_text="")},
+        )
+    )
+    add(
+        Row(
+            "hf-config-broken",
+            "import-gpt2 hf --out out.h5",
+            "config.json: not readable JSON",
+            {"hf": Hf(config_text='{"model_type": "gpt2", "n_embd": ')},
+        )
+    )
+    add(
+        Row(
+            "hf-config-not-object",
+            "import-gpt2 hf --out out.h5",
+            "config.json: expected a JSON object, got list",
+            {"hf": Hf(config_text="[]")},
+        )
+    )
+    add(
+        Row(
+            "hf-config-foreign",
+            "import-gpt2 hf --out out.h5",
+            "model_type is 'bert', expected \"gpt2\"",
+            {"hf": Hf(config={"model_type": "bert"})},
+        )
+    )
+    add(
+        Row(
+            "hf-config-missing-field",
+            "import-gpt2 hf --out out.h5",
+            "config.json: missing n_layer",
+            {"hf": Hf(config={"n_layer": None})},
+        )
+    )
+    add(
+        Row(
+            "hf-config-bad-value",
+            "import-gpt2 hf --out out.h5",
+            "config.json: n_head is 0, expected a positive",
+            {"hf": Hf(config={"n_head": 0})},
+        )
+    )
+    add(
+        Row(
+            "hf-config-unsupported",
+            "import-gpt2 hf --out out.h5",
+            "activation_function is 'relu'",
+            {"hf": Hf(config={"activation_function": "relu"})},
+        )
+    )
+    add(
+        Row(
+            "hf-config-disagrees-with-tensors",
+            "import-gpt2 hf --out out.h5",
+            "has shape",
+            {"hf": Hf(config={"n_positions": 32})},
+        )
+    )
+    add(
+        Row(
+            "hf-weights-missing",
+            "import-gpt2 hf --out out.h5",
+            "model.safetensors: not found",
+            {"hf": Hf(weights="drop")},
+        )
+    )
+    add(
+        Row(
+            "hf-weights-empty",
+            "import-gpt2 hf --out out.h5",
+            "model.safetensors: not a readable safetensors file",
+            {"hf": Hf(weights="empty")},
+        )
+    )
+    add(
+        Row(
+            "hf-weights-not-safetensors",
+            "import-gpt2 hf --out out.h5",
+            "model.safetensors: not a readable safetensors file",
+            {"hf": Hf(weights="text")},
+        )
+    )
+    add(
+        Row(
+            "hf-weights-truncated",
+            "import-gpt2 hf --out out.h5",
+            "model.safetensors: not a readable safetensors file",
+            {"hf": Hf(weights="truncated")},
+        )
+    )
+    add(
+        Row(
+            "hf-weights-missing-tensor",
+            "import-gpt2 hf --out out.h5",
+            "missing tensor transformer.ln_f.weight",
+            {"hf": Hf(weights=("drop", "transformer.ln_f.weight"))},
+        )
+    )
+    add(
+        Row(
+            "hf-out-is-a-directory",
+            "import-gpt2 {hf} --out outdir",
+            "outdir: is a directory",
+            {"outdir": Empty()},
+        )
+    )
     # at 2 ranks the refusal to run under mpiexec comes first: nothing is created
-    add(Row("hf-out-parent-is-a-file", "import-gpt2 {hf} --out notes.txt/out.h5", "notes.txt/out.h5: cannot create",
-            {"notes.txt": "notes\n"}, ranks=(1,)))
+    add(
+        Row(
+            "hf-out-parent-is-a-file",
+            "import-gpt2 {hf} --out notes.txt/out.h5",
+            "notes.txt/out.h5: cannot create",
+            {"notes.txt": "notes\n"},
+            ranks=(1,),
+        )
+    )
     from hpc_llm.tokenizer import BPETokenizer
 
-    bpe = BPETokenizer.train(iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300)  # 256 bytes + merges
-    add(Row("hf-tokenizer-json-broken", "import-gpt2 hf --out out.h5", "tokenizer.json: not a readable tokenizers JSON",
-            {"hf": Hf(), "hf/tokenizer.json": '{"version": '}))
-    add(Row("hf-tokenizer-merges-broken", "import-gpt2 hf --out out.h5", "not a readable GPT-2 BPE vocabulary",
-            {"hf": Hf(), "hf/vocab.json": '{"a": 0, "b": 1}', "hf/merges.txt": "#version: 0.2\na b c d\n"}))
-    add(Row("hf-tokenizer-larger-than-model", "import-gpt2 hf --out out.h5",
+    bpe = BPETokenizer.train(
+        iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300
+    )  # 256 bytes + merges
+    add(
+        Row(
+            "hf-tokenizer-json-broken",
+            "import-gpt2 hf --out out.h5",
+            "tokenizer.json: not a readable tokenizers JSON",
+            {"hf": Hf(), "hf/tokenizer.json": '{"version": '},
+        )
+    )
+    add(
+        Row(
+            "hf-tokenizer-merges-broken",
+            "import-gpt2 hf --out out.h5",
+            "not a readable GPT-2 BPE vocabulary",
+            {
+                "hf": Hf(),
+                "hf/vocab.json": '{"a": 0, "b": 1}',
+                "hf/merges.txt": "#version: 0.2\na b c d\n",
+            },
+        )
+    )
+    add(
+        Row(
+            "hf-tokenizer-larger-than-model",
+            "import-gpt2 hf --out out.h5",
             f"hf: the tokenizer has {bpe.vocab_size} tokens, more than the model's vocab_size 77 in config.json",
-            {"hf": Hf(), "hf/tokenizer.json": bpe.json}))
+            {"hf": Hf(), "hf/tokenizer.json": bpe.json},
+        )
+    )
     # data prepared with another tokenizer than the checkpoint's (char, from the base run): one line naming both
     ids = np.arange(64) % bpe.vocab_size
-    bpe_meta = {"format": "hpc_llm-tokens", "format_version": 2, **bpe.meta(), "dtype": "uint16", "max_id": 63,
-                "n_train": 48, "n_val": 16, "n_files": 1, "n_skipped": 0, "sources": ["in.txt"]}
-    add(T("resume-other-tokenizer", f"but data.path=bpedata has the bpe tokenizer, vocab {bpe.vocab_size}, sha256 "
-          f"{bpe.sha256[:12]}", toml={"data.path": "bpedata", "model.n_layer": 1}, args="--resume {ckpt}",
-          files={"bpedata/meta.json": json.dumps(bpe_meta), "bpedata/train.bin": tokens(ids[:48]),
-                 "bpedata/val.bin": tokens(ids[48:])}))
+    bpe_meta = {
+        "format": "hpc_llm-tokens",
+        "format_version": 2,
+        **bpe.meta(),
+        "dtype": "uint16",
+        "max_id": 63,
+        "n_train": 48,
+        "n_val": 16,
+        "n_files": 1,
+        "n_skipped": 0,
+        "sources": ["in.txt"],
+    }
+    add(
+        T(
+            "resume-other-tokenizer",
+            f"but data.path=bpedata has the bpe tokenizer, vocab {bpe.vocab_size}, sha256 "
+            f"{bpe.sha256[:12]}",
+            toml={"data.path": "bpedata", "model.n_layer": 1},
+            args="--resume {ckpt}",
+            files={
+                "bpedata/meta.json": json.dumps(bpe_meta),
+                "bpedata/train.bin": tokens(ids[:48]),
+                "bpedata/val.bin": tokens(ids[48:]),
+            },
+        )
+    )
 
     # plan
     plan = {"cfg.toml": Cfg()}
-    add(Row("plan-gpus-zero", "plan cfg.toml --cluster {cluster} --gpus 0",
-            "--gpus: expected a positive integer, got 0", plan))
-    add(Row("plan-gpus-negative", "plan cfg.toml --cluster {cluster} --gpus -4",
-            "--gpus: expected a positive integer, got -4", plan))
-    add(Row("plan-gpus-type", "plan cfg.toml --cluster {cluster} --gpus many", "argument --gpus: invalid int value",
-            plan))
-    add(Row("plan-no-gpus", "plan cfg.toml --cluster {cluster}", "plan: give CONFIG and --gpus N", plan))
-    add(Row("plan-cluster-missing", "plan cfg.toml --cluster nope.toml --gpus 8", "cluster file nope.toml: not found",
-            plan))
-    add(Row("plan-cluster-not-toml", "plan cfg.toml --cluster cl.toml --gpus 8", "cluster file cl.toml: invalid TOML",
-            {**plan, "cl.toml": "[compute\n"}))
-    add(Row("plan-cluster-empty", "plan cfg.toml --cluster cl.toml --gpus 8", "cluster file cl.toml: empty",
-            {**plan, "cl.toml": ""}))
-    add(Row("plan-cluster-foreign", "plan cfg.toml --cluster cl.toml --gpus 8", "cluster file cl.toml: missing figure",
-            {**plan, "cl.toml": '[tool.poetry]\nname = "x"\n'}))
-    add(Row("plan-config-missing", "plan nope.toml --cluster {cluster} --gpus 8", "config file nope.toml: not found"))
-    add(Row("plan-config-bad-field", "plan cfg.toml --cluster {cluster} --gpus 8 --set model.n_layer=0",
-            "config field model.n_layer: expected a positive integer", plan))
-    add(Row("plan-global-batch-zero", "plan cfg.toml --cluster {cluster} --gpus 8 --global-batch 0",
-            "--global-batch: expected a positive integer, got 0", plan))
-    add(Row("plan-ranks-per-device-zero", "plan cfg.toml --cluster {cluster} --gpus 8 --ranks-per-device 0",
-            "--ranks-per-device: expected a positive number, got 0.0", plan))
-    add(Row("plan-max-micro-zero", "plan cfg.toml --cluster {cluster} --gpus 8 --max-micro 0",
-            "--max-micro: expected a positive integer, got 0", plan))
-    add(Row("plan-top-zero", "plan cfg.toml --cluster {cluster} --gpus 8 --top 0",
-            "--top: expected a positive integer, got 0", plan))
-    add(Row("plan-timeline-dir-missing", "plan cfg.toml --cluster {cluster} --gpus 8 --timeline nodir/t.png",
-            "--timeline nodir/t.png: directory nodir does not exist", plan))
-    add(Row("plan-compare-missing", "plan --cluster {cluster} --compare norun",
-            "--compare norun: config.json not found"))
+    add(
+        Row(
+            "plan-gpus-zero",
+            "plan cfg.toml --cluster {cluster} --gpus 0",
+            "--gpus: expected a positive integer, got 0",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-gpus-negative",
+            "plan cfg.toml --cluster {cluster} --gpus -4",
+            "--gpus: expected a positive integer, got -4",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-gpus-type",
+            "plan cfg.toml --cluster {cluster} --gpus many",
+            "argument --gpus: invalid int value",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-no-gpus",
+            "plan cfg.toml --cluster {cluster}",
+            "plan: give CONFIG and --gpus N",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-cluster-missing",
+            "plan cfg.toml --cluster nope.toml --gpus 8",
+            "cluster file nope.toml: not found",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-cluster-not-toml",
+            "plan cfg.toml --cluster cl.toml --gpus 8",
+            "cluster file cl.toml: invalid TOML",
+            {**plan, "cl.toml": "[compute\n"},
+        )
+    )
+    add(
+        Row(
+            "plan-cluster-empty",
+            "plan cfg.toml --cluster cl.toml --gpus 8",
+            "cluster file cl.toml: empty",
+            {**plan, "cl.toml": ""},
+        )
+    )
+    add(
+        Row(
+            "plan-cluster-foreign",
+            "plan cfg.toml --cluster cl.toml --gpus 8",
+            "cluster file cl.toml: missing figure",
+            {**plan, "cl.toml": '[tool.poetry]\nname = "x"\n'},
+        )
+    )
+    add(
+        Row(
+            "plan-config-missing",
+            "plan nope.toml --cluster {cluster} --gpus 8",
+            "config file nope.toml: not found",
+        )
+    )
+    add(
+        Row(
+            "plan-config-bad-field",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --set model.n_layer=0",
+            "config field model.n_layer: expected a positive integer",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-global-batch-zero",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --global-batch 0",
+            "--global-batch: expected a positive integer, got 0",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-ranks-per-device-zero",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --ranks-per-device 0",
+            "--ranks-per-device: expected a positive number, got 0.0",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-max-micro-zero",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --max-micro 0",
+            "--max-micro: expected a positive integer, got 0",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-top-zero",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --top 0",
+            "--top: expected a positive integer, got 0",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-timeline-dir-missing",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --timeline nodir/t.png",
+            "--timeline nodir/t.png: directory nodir does not exist",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-compare-missing",
+            "plan --cluster {cluster} --compare norun",
+            "--compare norun: config.json not found",
+        )
+    )
 
     # bench
     add(Row("bench-comm-sizes", "bench comm --sizes lots", "--sizes: cannot read 'lots' as a size"))
-    add(Row("bench-comm-factor", "bench comm --factor 1", "--factor: expected an integer >= 2, got 1"))
+    add(
+        Row(
+            "bench-comm-factor",
+            "bench comm --factor 1",
+            "--factor: expected an integer >= 2, got 1",
+        )
+    )
     add(Row("bench-comm-iters", "bench comm --sizes 4K --iters 0", "--iters must be >= 1"))
-    add(Row("bench-comm-comms", "bench comm --sizes 4K --comms pipeline", "--comms: unknown communicator(s) pipeline"))
-    add(Row("bench-comm-collectives", "bench comm --sizes 4K --collectives scan", "--collectives: unknown scan"))
-    add(Row("bench-comm-json-dir-missing", "bench comm --sizes 4K --json nodir/b.json",
-            "--json nodir/b.json: directory nodir does not exist"))
-    add(Row("bench-calibrate-out-dir-missing", "bench calibrate --out nodir/c.toml",
-            "--out nodir/c.toml: directory nodir does not exist"))
+    add(
+        Row(
+            "bench-comm-comms",
+            "bench comm --sizes 4K --comms pipeline",
+            "--comms: unknown communicator(s) pipeline",
+        )
+    )
+    add(
+        Row(
+            "bench-comm-collectives",
+            "bench comm --sizes 4K --collectives scan",
+            "--collectives: unknown scan",
+        )
+    )
+    add(
+        Row(
+            "bench-comm-json-dir-missing",
+            "bench comm --sizes 4K --json nodir/b.json",
+            "--json nodir/b.json: directory nodir does not exist",
+        )
+    )
+    add(
+        Row(
+            "bench-calibrate-out-dir-missing",
+            "bench calibrate --out nodir/c.toml",
+            "--out nodir/c.toml: directory nodir does not exist",
+        )
+    )
     return rows
 
 
@@ -787,15 +2003,19 @@ def snapshot(root: Path) -> dict:
         return {root.name: hashlib.sha1(root.read_bytes()).hexdigest()}
     out = {}
     for p in sorted(root.rglob("*")):
-        out[p.relative_to(root).as_posix()] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+        out[p.relative_to(root).as_posix()] = (
+            "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+        )
     return out
 
 
 def _env() -> dict:
     env = dict(os.environ)
     # the processes run the hpc_llm this test imported, whatever the venv's editable install points at
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(hpc_llm.__file__).parents[1])] +
-                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(hpc_llm.__file__).parents[1])]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -806,8 +2026,15 @@ def _env() -> dict:
 
 def _run(cmd: list[str], cwd: Path) -> tuple[int, str, str]:
     """The command's exit status, stdout and stderr; killed with its whole process group after RUN_TIMEOUT."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -845,8 +2072,20 @@ def run_row(row: Row, nranks: int, root: Path) -> Run:
         # each rank's streams and status apart; sh itself exits 0, so the launcher never kills a rank still printing
         script = f'"$0" -m hpc_llm "$@" >{q}/out.{rank} 2>{q}/err.{rank}; echo $? >{q}/rc.{rank}'
         for _attempt in range(3):
-            rc, out, err = _run([shutil.which("mpiexec"), "--oversubscribe", "-n", str(nranks), "sh", "-c", script,
-                                 sys.executable, *argv], work)
+            rc, out, err = _run(
+                [
+                    shutil.which("mpiexec"),
+                    "--oversubscribe",
+                    "-n",
+                    str(nranks),
+                    "sh",
+                    "-c",
+                    script,
+                    sys.executable,
+                    *argv,
+                ],
+                work,
+            )
             # Open MPI's launcher sometimes fails to start at all when several start at once ("The PMIx server's
             # listener thread failed to start", status 213, seen here at 8 concurrent launches): no rank ran, so
             # nothing of hpc_llm was tested; launch again. Any run in which a rank started is judged as it is.
@@ -855,9 +2094,13 @@ def run_row(row: Row, nranks: int, root: Path) -> Run:
         ranks = []
         for r in range(nranks):
             f = logs / f"rc.{r}"
-            ranks.append((int(f.read_text()) if f.exists() else None,
-                          (logs / f"out.{r}").read_text() if (logs / f"out.{r}").exists() else "",
-                          (logs / f"err.{r}").read_text() if (logs / f"err.{r}").exists() else ""))
+            ranks.append(
+                (
+                    int(f.read_text()) if f.exists() else None,
+                    (logs / f"out.{r}").read_text() if (logs / f"out.{r}").exists() else "",
+                    (logs / f"err.{r}").read_text() if (logs / f"err.{r}").exists() else "",
+                )
+            )
     return Run(rc, out, err, ranks, before, snapshot(work), argv)
 
 
@@ -869,16 +2112,39 @@ def base(tmp_path_factory, corpus_file):
     prepare([corpus_file], root / "data", tokenizer="byte")
     prepare([corpus_file], root / "chardata", tokenizer="char")
     cfg = root / "char.toml"
-    Cfg({"model.n_layer": 1, "data.path": str(root / "chardata"), "train.out_dir": str(root / "run")}).make(cfg, {})
-    procs = [subprocess.Popen([sys.executable, "-m", "hpc_llm", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env())
-             for cmd in (["train", str(cfg)], ["import-gpt2", str(HF_FIXTURE), "--out", str(root / "gpt2.h5")])]
+    Cfg(
+        {
+            "model.n_layer": 1,
+            "data.path": str(root / "chardata"),
+            "train.out_dir": str(root / "run"),
+        }
+    ).make(cfg, {})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hpc_llm", *cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for cmd in (
+            ["train", str(cfg)],
+            ["import-gpt2", str(HF_FIXTURE), "--out", str(root / "gpt2.h5")],
+        )
+    ]
     for p in procs:
         out, err = p.communicate(timeout=RUN_TIMEOUT)
         assert p.returncode == 0, (p.args, out, err)
     (ckpt,) = sorted((root / "run").glob("ckpt_*.h5"))
-    _BASE.update(data=root / "data", chardata=root / "chardata", run=root / "run", ckpt=ckpt, gpt2=root / "gpt2.h5",
-                 hf=HF_FIXTURE, cluster=CLUSTER)
+    _BASE.update(
+        data=root / "data",
+        chardata=root / "chardata",
+        run=root / "run",
+        ckpt=ckpt,
+        gpt2=root / "gpt2.h5",
+        hf=HF_FIXTURE,
+        cluster=CLUSTER,
+    )
     return root
 
 
@@ -898,8 +2164,11 @@ def results(request, base, tmp_path_factory):
     before = [snapshot(p) for p in watched]
     t0 = time.monotonic()
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {(row.id, n): pool.submit(run_row, row, n, root) for row, n in wanted
-                   if not row.skip and n in row.ranks}
+        futures = {
+            (row.id, n): pool.submit(run_row, row, n, root)
+            for row, n in wanted
+            if not row.skip and n in row.ranks
+        }
         runs = {key: f.result() for key, f in futures.items()}
     runs["base"] = (before, [snapshot(p) for p in watched])
     runs["seconds"] = time.monotonic() - t0
@@ -932,11 +2201,17 @@ def test_bad_input(row, nranks, results):
     if nranks == 1:
         _one_error_line(run.rc, run.out, run.err, row.expect, where)
     else:
-        assert run.rc == 0 and "Traceback" not in run.err, f"{where}: the launcher: {run.rc}\n{run.out}\n{run.err}"
-        lines = [_one_error_line(rc, out, err, row.expect, f"{where}, rank {r}")
-                 for r, (rc, out, err) in enumerate(run.ranks)]
+        assert run.rc == 0 and "Traceback" not in run.err, (
+            f"{where}: the launcher: {run.rc}\n{run.out}\n{run.err}"
+        )
+        lines = [
+            _one_error_line(rc, out, err, row.expect, f"{where}, rank {r}")
+            for r, (rc, out, err) in enumerate(run.ranks)
+        ]
         assert len(set(lines)) == 1, f"{where}: the ranks disagree: {lines}"
-    assert run.after == run.before, f"{where}: the directory changed: {sorted(set(run.after) ^ set(run.before))}"
+    assert run.after == run.before, (
+        f"{where}: the directory changed: {sorted(set(run.after) ^ set(run.before))}"
+    )
 
 
 @pytest.mark.timeout(TEST_TIMEOUT)

@@ -41,8 +41,12 @@ def test_parse_sizes():
 
 
 def test_single_process_prints_a_note_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "hpc_llm", "bench", "comm", "--sizes", "1K"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_llm", "bench", "comm", "--sizes", "1K"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert "only 1 MPI rank" in proc.stdout and "mpiexec" in proc.stdout
 
@@ -55,14 +59,32 @@ def test_tiny_sweep_under_mpi(tmp_path, capsys):
 
     rank = MPI.COMM_WORLD.Get_rank()
     out = tmp_path / "comm.json"  # each rank has its own tmp_path; rank 0 writes
-    rc = main(["bench", "comm", "--sizes", "1K..16K", "--iters", "2", "--warmup", "1", "--tp", "2",
-               "--comms", "world,tp,dp", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "comm",
+            "--sizes",
+            "1K..16K",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--tp",
+            "2",
+            "--comms",
+            "world,tp,dp",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     if rank != 0:
         assert not out.exists()
         return
     printed = capsys.readouterr().out
-    assert "busbw(GB/s)" in printed and "floor" in printed and "dp: a size-1 communicator" in printed
+    assert (
+        "busbw(GB/s)" in printed and "floor" in printed and "dp: a size-1 communicator" in printed
+    )
     result = json.loads(out.read_text())
     rows = result["rows"]
     # world and tp (both 2 ranks) x 4 collectives x 3 sizes; dp is size 1 with tp=2 on 2 ranks, so skipped
@@ -79,7 +101,9 @@ def test_tiny_sweep_under_mpi(tmp_path, capsys):
         factor = 1.0 if r["collective"] in ("allreduce", "iallreduce") + REDUCE16 else 0.5
         assert r["busbw"] == pytest.approx(r["algbw"] * factor)
         assert r["plain_busbw"] == pytest.approx(r["plain_algbw"] * factor)
-        if r["collective"] in REDUCE16:  # the plain baseline is the fp32 allreduce of the same values
+        if (
+            r["collective"] in REDUCE16
+        ):  # the plain baseline is the fp32 allreduce of the same values
             assert r["plain_algbw"] == pytest.approx(r["fp32_bytes"] / r["plain_time_us"] / 1e3)
     floor = result["floor"]
     assert {f["comm"] for f in floor} == {"world", "tp"} and all(f["bytes"] == 16384 for f in floor)

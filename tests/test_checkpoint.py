@@ -12,7 +12,6 @@ import pytest
 
 from hpc_llm import __version__
 from hpc_llm import checkpoint as ck
-from hpc_llm.checkpoint import rundir, writers
 from hpc_llm.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -20,9 +19,11 @@ from hpc_llm.checkpoint import (
     find_latest,
     load_checkpoint,
     prune_checkpoints,
+    rundir,
     save_checkpoint,
     verify_checkpoint,
     write_latest,
+    writers,
 )
 from hpc_llm.errors import UserError
 
@@ -52,7 +53,10 @@ def make_payload(seed: int = 0, step: int = 100):
         "data_position": {"epoch": 1, "offsets": [0, 17, 2**70]},
         "note": "héllo",
     }
-    config = {"model": {"n_layer": 1, "n_embd": 16, "vocab_size": 100}, "train": {"lr": 3e-4, "tags": ["a", "b"]}}
+    config = {
+        "model": {"n_layer": 1, "n_embd": 16, "vocab_size": 100},
+        "train": {"lr": 3e-4, "tags": ["a", "b"]},
+    }
     metrics = {
         "train": {"step": list(range(1, 11)), "loss": np.linspace(5.0, 2.0, 10) + 1e-12},
         "eval": {"step": [5.0, 10.0], "loss": np.array([3.25, 2.5])},
@@ -129,7 +133,10 @@ def test_round_trip_is_bitwise_and_exact(tmp_path):
     assert_bitwise(restored.standard_normal(5), original.standard_normal(5))
     legacy = np.random.RandomState()
     legacy.set_state(ckpt.state["legacy_rng"])
-    assert legacy.randint(0, 2**31, 4).tolist() == np.random.RandomState(0).randint(0, 2**31, 4).tolist()
+    assert (
+        legacy.randint(0, 2**31, 4).tolist()
+        == np.random.RandomState(0).randint(0, 2**31, 4).tolist()
+    )
 
     assert ckpt.config == payload["config"]
     assert list(ckpt.metrics) == ["train", "eval", "empty"]
@@ -155,7 +162,9 @@ def test_small_blocks_write_the_same_file(tmp_path, monkeypatch, elems):
     monkeypatch.setattr(writers, "MESSAGE_ELEMS", elems)
     small = [b for b in writers.blocks((3, 5, 9))]
     assert len(blocks) == 1 and max(b.hi - b.lo for b in small) <= max(elems, 1)
-    assert [(b.lo, b.hi) for b in small] == list(zip([b.lo for b in small], [b.lo for b in small[1:]] + [135]))
+    assert [(b.lo, b.hi) for b in small] == list(
+        zip([b.lo for b in small], [b.lo for b in small[1:]] + [135])
+    )
     save_checkpoint(tmp_path / "small.h5", **payload)
     with h5py.File(tmp_path / "default.h5", "r") as a, h5py.File(tmp_path / "small.h5", "r") as b:
         names = []
@@ -247,7 +256,9 @@ def test_flipped_byte_is_detected(tmp_path):
     save_checkpoint(path, **make_payload())
     verify_checkpoint(path)  # good before
     flip_byte_in(path, "params/h.0.attn.c_attn.weight", index=1000)
-    with pytest.raises(UserError, match=r"checksum mismatch in dataset /params/h\.0\.attn\.c_attn\.weight") as e:
+    with pytest.raises(
+        UserError, match=r"checksum mismatch in dataset /params/h\.0\.attn\.c_attn\.weight"
+    ) as e:
         verify_checkpoint(path)
     assert str(path) in str(e.value)
     with pytest.raises(UserError, match="checksum mismatch"):
@@ -469,8 +480,15 @@ def test_prune_keeps_newest(tmp_path):
     for step in steps:
         save_checkpoint(checkpoint_path(tmp_path, step), **small_payload(step))
     removed = prune_checkpoints(tmp_path, keep_last=2)
-    assert sorted(p.name for p in removed) == ["ckpt_00000100.h5", "ckpt_00000200.h5", "ckpt_00000300.h5"]
-    assert sorted(p.name for p in tmp_path.glob("ckpt_*.h5")) == ["ckpt_00000400.h5", "ckpt_00000500.h5"]
+    assert sorted(p.name for p in removed) == [
+        "ckpt_00000100.h5",
+        "ckpt_00000200.h5",
+        "ckpt_00000300.h5",
+    ]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.h5")) == [
+        "ckpt_00000400.h5",
+        "ckpt_00000500.h5",
+    ]
     assert prune_checkpoints(tmp_path, keep_last=2) == []
     with pytest.raises(ValueError):
         prune_checkpoints(tmp_path, keep_last=0)
@@ -492,8 +510,14 @@ def test_load_without_optimizer_skips_moments(tmp_path):
     """optimizer=False (inference) returns the same parameters and no moments."""
     path = tmp_path / "c.h5"
     params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    save_checkpoint(path, params=params, optimizer={"m": {"w": np.ones((2, 3), np.float32)}}, state={"step": 1},
-                    config={}, metrics={})
+    save_checkpoint(
+        path,
+        params=params,
+        optimizer={"m": {"w": np.ones((2, 3), np.float32)}},
+        state={"step": 1},
+        config={},
+        metrics={},
+    )
     ck = load_checkpoint(path, optimizer=False)
     assert ck.optimizer == {}
     np.testing.assert_array_equal(ck.params["w"], params["w"])
@@ -510,4 +534,7 @@ def test_prune_counts_files_known_good_without_reading_them(tmp_path, monkeypatc
     monkeypatch.setattr(rundir, "_verifies", lambda path: read.append(path.name) or real(path))
     prune_checkpoints(tmp_path, keep_last=2, verified=[checkpoint_path(tmp_path, 300)])
     assert read == ["ckpt_00000200.h5"]
-    assert sorted(p.name for p in tmp_path.glob("ckpt_*.h5")) == ["ckpt_00000200.h5", "ckpt_00000300.h5"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.h5")) == [
+        "ckpt_00000200.h5",
+        "ckpt_00000300.h5",
+    ]

@@ -18,9 +18,15 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config, write_toml
-from hpc_llm.checkpoint import checkpoint_path, find_latest, list_checkpoints, load_checkpoint, verify_checkpoint
+
+from hpc_llm.checkpoint import (
+    checkpoint_path,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
 
 CHILD = textwrap.dedent("""
     import os, sys, time
@@ -60,7 +66,10 @@ CHILD = textwrap.dedent("""
 
 # point: (is the step-4 file complete when the process dies?, is its temporary file still there?)
 POINTS = {
-    "write_data:1": (False, True),  # the temporary file has its header and empty datasets, no data yet
+    "write_data:1": (
+        False,
+        True,
+    ),  # the temporary file has its header and empty datasets, no data yet
     "write_data:9": (False, True),  # in the middle of the parameters
     "_fsync_path:1": (False, True),  # written and closed, not yet on disk for sure
     "verify_checkpoint:1": (False, True),
@@ -72,15 +81,31 @@ POINTS = {
 
 def config(tmp_path, data_dir, name):
     """Six float64 steps with dropout, checkpoints at steps 2, 4 and 6, the newest kept."""
-    cfg = tiny_config(data_dir, tmp_path / name, **{
-        "model.dtype": "float64", "model.dropout": 0.1, "train.max_iters": 6, "train.lr_decay_iters": 6,
-        "train.eval_iters": 0, "train.log_interval": 1, "checkpoint.interval": 2, "checkpoint.keep_last": 1})
+    cfg = tiny_config(
+        data_dir,
+        tmp_path / name,
+        **{
+            "model.dtype": "float64",
+            "model.dropout": 0.1,
+            "train.max_iters": 6,
+            "train.lr_decay_iters": 6,
+            "train.eval_iters": 0,
+            "train.log_interval": 1,
+            "checkpoint.interval": 2,
+            "checkpoint.keep_last": 1,
+        },
+    )
     return write_toml(cfg, tmp_path / f"{name}.toml")
 
 
 def train(cfg, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "hpc_llm", "train", str(cfg), *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_llm", "train", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +123,13 @@ def test_kill_during_save(point, tmp_path, data_dir, uninterrupted):
     run_dir = tmp_path / "run"
     cfg = config(tmp_path, data_dir, "run")
     env = {**os.environ, "KILL_POINT": point, "RUN_DIR": str(run_dir)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, "train", str(cfg)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         for line in child.stdout:
             if line.startswith("PAUSED"):
@@ -130,6 +160,8 @@ def test_kill_during_save(point, tmp_path, data_dir, uninterrupted):
     assert not any(".tmp-" in p.name for p in run_dir.iterdir())
     final = load_checkpoint(find_latest(run_dir))
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == final.state["step"] == 6
-    np.testing.assert_array_equal(final.metrics["train"]["loss"], uninterrupted.metrics["train"]["loss"])
+    np.testing.assert_array_equal(
+        final.metrics["train"]["loss"], uninterrupted.metrics["train"]["loss"]
+    )
     for name, want in uninterrupted.params.items():
         np.testing.assert_array_equal(final.params[name], want, err_msg=name)

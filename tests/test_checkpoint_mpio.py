@@ -23,17 +23,20 @@ import numpy as np
 import pytest
 
 if not h5py.get_config().mpi:
-    _why = (f"h5py {h5py.__version__} has no MPI (h5py.get_config().mpi is false): the parallel-HDF5 tests run in "
-            "scripts/test_mpio.sh (Debian's MPI-enabled h5py, under /usr/bin/mpiexec)")
+    _why = (
+        f"h5py {h5py.__version__} has no MPI (h5py.get_config().mpi is false): the parallel-HDF5 tests run in "
+        "scripts/test_mpio.sh (Debian's MPI-enabled h5py, under /usr/bin/mpiexec)"
+    )
     if os.environ.get("HPC_LLM_REQUIRE_MPIO"):
-        raise RuntimeError(f"HPC_LLM_REQUIRE_MPIO is set, but {_why}; Debian's h5py imports its MPI build only under "
-                           "mpiexec (OMPI_COMM_WORLD_SIZE) or with H5PY_ALWAYS_USE_MPI=1")
+        raise RuntimeError(
+            f"HPC_LLM_REQUIRE_MPIO is set, but {_why}; Debian's h5py imports its MPI build only under "
+            "mpiexec (OMPI_COMM_WORLD_SIZE) or with H5PY_ALWAYS_USE_MPI=1"
+        )
     pytest.skip(_why, allow_module_level=True)
 
+from conftest import tiny_config  # noqa: E402
 from mpi4py import MPI  # noqa: E402  (after the skip: an MPI-less h5py need not start MPI)
 from pytest_mpi.parallel_assert import parallel_assert  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
 
 SIZES = [1, 2, 4]
 
@@ -100,7 +103,9 @@ def test_collective_write_of_one_dataset_reads_back_in_serial(shared_tmp_path):
     if got.shape != want.shape:
         bad.append(f"read back shape {got.shape}, wrote {want.shape}")
     elif not np.array_equal(got, want):
-        bad.append(f"read back differs from the written array in rows {np.unique(np.nonzero(got != want)[0])[:10]}")
+        bad.append(
+            f"read back differs from the written array in rows {np.unique(np.nonzero(got != want)[0])[:10]}"
+        )
     if ranks_attr != size:
         bad.append(f"attribute ranks = {ranks_attr}, expected {size}")
     check(not bad, "\n".join(bad))
@@ -123,12 +128,16 @@ def file_contents(path) -> dict:
     return out
 
 
-TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds")}  # measured: differ run to run
+TIMINGS = {
+    f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds")
+}  # measured: differ run to run
 
 
 @pytest.mark.parallel(nprocs=SIZES)
 @pytest.mark.parametrize("message_elems", [None, 100], ids=["default-blocks", "100-element-blocks"])
-def test_mpio_writer_writes_the_gather_writers_file(message_elems, data_dir, shared_tmp_path, monkeypatch):
+def test_mpio_writer_writes_the_gather_writers_file(
+    message_elems, data_dir, shared_tmp_path, monkeypatch
+):
     """The same run (dp x tp = 1, 2x1 ZeRO-1, 2x2 ZeRO-1 on 1, 2, 4 ranks) saved by the mpio writer (every rank writes
     its share of the datasets) and by the gather writer (rank 0 writes): the files hold the same datasets bitwise, the
     same checksums and attributes, except the creation time, the config's out_dir and writer, and the metrics that
@@ -145,9 +154,19 @@ def test_mpio_writer_writes_the_gather_writers_file(message_elems, data_dir, sha
     tp = 2 if comm.size == 4 else 1
     runs = {}
     for writer in ("mpio", "gather"):
-        cfg = tiny_config(data_dir, shared_tmp_path / writer, **{
-            "model.n_head": 4, "model.dropout": 0.1, "train.max_iters": 3, "train.eval_iters": 0,
-            "parallel.tp": tp, "parallel.zero": int(comm.size // tp > 1), "checkpoint.writer": writer})
+        cfg = tiny_config(
+            data_dir,
+            shared_tmp_path / writer,
+            **{
+                "model.n_head": 4,
+                "model.dropout": 0.1,
+                "train.max_iters": 3,
+                "train.eval_iters": 0,
+                "parallel.tp": tp,
+                "parallel.zero": int(comm.size // tp > 1),
+                "checkpoint.writer": writer,
+            },
+        )
         tr = Trainer(cfg, grid=make_grid(comm, tp))
         runs[writer] = (tr, tr.run())
     bad = []
@@ -162,19 +181,26 @@ def test_mpio_writer_writes_the_gather_writers_file(message_elems, data_dir, sha
         if sorted(a) != sorted(b):
             bad.append(f"different objects: {sorted(set(a) ^ set(b))[:6]}")
         for key in sorted(set(a) & set(b)):
-            if key in ("/@created", "/@config_json", "/config@config_json") or key.split("@")[0] in TIMINGS:
+            if (
+                key in ("/@created", "/@config_json", "/config@config_json")
+                or key.split("@")[0] in TIMINGS
+            ):
                 continue
             if not np.array_equal(np.asarray(a[key]), np.asarray(b[key])):
                 bad.append(f"{key} differs")
         import json
+
         ca, cb = json.loads(a["/@config_json"]), json.loads(b["/@config_json"])
         for c in (ca, cb):
             del c["train"]["out_dir"], c["checkpoint"]["writer"]
         if ca != cb:
             bad.append("the configs differ beyond out_dir and writer")
         model = hpc_llm.load_model(summary["checkpoint"])
-        bad += [f"loaded {n} differs from the trained parameters" for n, p in full.items()
-                if not np.array_equal(model.params[n], p)]
+        bad += [
+            f"loaded {n} differs from the trained parameters"
+            for n, p in full.items()
+            if not np.array_equal(model.params[n], p)
+        ]
     check(not bad, "\n".join(bad))
 
 
@@ -183,26 +209,34 @@ def test_mpio_writer_writes_the_gather_writers_file(message_elems, data_dir, sha
 
 @pytest.mark.parallel(nprocs=[2])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(rank, data_dir, shared_tmp_path, monkeypatch):
+def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(
+    rank, data_dir, shared_tmp_path, monkeypatch
+):
     """ENOSPC injected on rank 0 or 1 as its part of the collective step-4 save starts (the file open on every
     rank): every rank raises the same SaveFailed naming that rank, the file and the error, after the ranks closed
     the file together; no temporary file is left and the step-2 checkpoint still verifies and is the newest."""
     from test_checkpoint_parallel import save_failure_problems, trainer
 
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
-    tr = trainer(data_dir, shared_tmp_path / "run", "DP2-zero1", **{"train.max_iters": 4, "checkpoint.interval": 2,
-                                                                    "checkpoint.writer": "mpio"})
+    tr = trainer(
+        data_dir,
+        shared_tmp_path / "run",
+        "DP2-zero1",
+        **{"train.max_iters": 4, "checkpoint.interval": 2, "checkpoint.writer": "mpio"},
+    )
     bad = [] if tr.writer == "mpio" else [f"writer {tr.writer}"]
     bad += save_failure_problems(tr, rank)
     check(not bad, "\n".join(bad))
 
 
 @pytest.mark.parallel(nprocs=[2])
-def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(data_dir, shared_tmp_path, monkeypatch):
+def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
+    data_dir, shared_tmp_path, monkeypatch
+):
     """As tests/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its share."""
-    from test_checkpoint_parallel import SAVE_SLACK, trainer
-
     import tracemalloc
+
+    from test_checkpoint_parallel import SAVE_SLACK, trainer
 
     from hpc_llm.checkpoint import format as fmt
     from hpc_llm.checkpoint import writers
@@ -211,8 +245,17 @@ def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(data_dir, shared_t
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     peaks = {}
     for n_embd in (64, 256):
-        tr = trainer(data_dir, shared_tmp_path / f"run{n_embd}", "DP2-zero1", **{
-            "train.max_iters": 1, "model.n_embd": n_embd, "parallel.bucket_mb": 1.0, "checkpoint.writer": "mpio"})
+        tr = trainer(
+            data_dir,
+            shared_tmp_path / f"run{n_embd}",
+            "DP2-zero1",
+            **{
+                "train.max_iters": 1,
+                "model.n_embd": n_embd,
+                "parallel.bucket_mb": 1.0,
+                "checkpoint.writer": "mpio",
+            },
+        )
         tr.run()
         tr.out_dir = shared_tmp_path / f"measured{n_embd}"
         if MPI.COMM_WORLD.rank == 0:
@@ -227,7 +270,15 @@ def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(data_dir, shared_t
     shard = tr.model.flat.nbytes + tr.opt.m.nbytes + tr.opt.v.nbytes
     buffers = (2 + writers.SEND_WINDOW) * 4096 * 8 + 2 * (64 << 10)
     peak = peaks[256]
-    ok = tr.writer == "mpio" and peak <= buffers + SAVE_SLACK and peak < shard / 10 and peak - peaks[64] < 128 << 10
-    check(ok, f"writer {tr.writer}: peak {peak / 2**10:.0f} KiB during the save (n_embd 64: {peaks[64] / 2**10:.0f} "
-              f"KiB; buffers {buffers / 2**10:.0f} KiB + slack {SAVE_SLACK / 2**10:.0f} KiB); shard "
-              f"{shard / 2**10:.0f} KiB")
+    ok = (
+        tr.writer == "mpio"
+        and peak <= buffers + SAVE_SLACK
+        and peak < shard / 10
+        and peak - peaks[64] < 128 << 10
+    )
+    check(
+        ok,
+        f"writer {tr.writer}: peak {peak / 2**10:.0f} KiB during the save (n_embd 64: {peaks[64] / 2**10:.0f} "
+        f"KiB; buffers {buffers / 2**10:.0f} KiB + slack {SAVE_SLACK / 2**10:.0f} KiB); shard "
+        f"{shard / 2**10:.0f} KiB",
+    )

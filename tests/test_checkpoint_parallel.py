@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from test_checkpoint import flip_byte_in
 from test_parallel import check, run_config
 from test_resume_layouts import count_reads, hyperslab_checks
+
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import writers
@@ -30,11 +30,20 @@ from hpc_llm.parallel.grid import make_grid
 from hpc_llm.train import Trainer
 
 # name: (ranks, parallel.tp, parallel.pp, parallel.zero, other settings)
-INTERLEAVED = {"parallel.schedule": "interleaved", "parallel.virtual_stages": 2, "model.n_layer": 4,
-               "train.grad_accum": 2}
-LAYOUTS = {"TP2": (2, 2, 1, 0, {}), "DP2-zero1": (2, 1, 1, 1, {}), "PP2": (2, 1, 2, 0, {}),
-           "PP2-interleaved": (2, 1, 2, 0, INTERLEAVED), "DP2xTP2-zero1": (4, 2, 1, 1, {}),
-           "PP2xDP2-zero1": (4, 1, 2, 1, {})}
+INTERLEAVED = {
+    "parallel.schedule": "interleaved",
+    "parallel.virtual_stages": 2,
+    "model.n_layer": 4,
+    "train.grad_accum": 2,
+}
+LAYOUTS = {
+    "TP2": (2, 2, 1, 0, {}),
+    "DP2-zero1": (2, 1, 1, 1, {}),
+    "PP2": (2, 1, 2, 0, {}),
+    "PP2-interleaved": (2, 1, 2, 0, INTERLEAVED),
+    "DP2xTP2-zero1": (4, 2, 1, 1, {}),
+    "PP2xDP2-zero1": (4, 1, 2, 1, {}),
+}
 
 
 def layout_params(names):
@@ -44,9 +53,19 @@ def layout_params(names):
 def trainer(data_dir, out_dir, layout: str, resume=None, **overrides) -> Trainer:
     ranks, tp, pp, zero, extra = LAYOUTS[layout]
     assert MPI.COMM_WORLD.Get_size() == ranks
-    cfg = run_config(data_dir, out_dir, **{"train.eval_iters": 0, "parallel.tp": tp, "parallel.pp": pp,
-                                           "parallel.zero": zero, "checkpoint.writer": "gather", **extra,
-                                           **overrides})
+    cfg = run_config(
+        data_dir,
+        out_dir,
+        **{
+            "train.eval_iters": 0,
+            "parallel.tp": tp,
+            "parallel.pp": pp,
+            "parallel.zero": zero,
+            "checkpoint.writer": "gather",
+            **extra,
+            **overrides,
+        },
+    )
     return Trainer(cfg, resume=resume, grid=make_grid(MPI.COMM_WORLD, tp, pp))
 
 
@@ -54,8 +73,13 @@ def tensors_of(path) -> dict:
     """Every dataset of a checkpoint with its crc32 attribute."""
     out = {}
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, (obj[()], int(obj.attrs["crc32"])))
-                     if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, (obj[()], int(obj.attrs["crc32"])))
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
     return out
 
 
@@ -83,8 +107,11 @@ def restored_checks(tr: Trainer, path, data_dir, out_dir, layout) -> list[str]:
     again = trainer(data_dir, out_dir, layout)
     again.restore(path)
     bad = []
-    for what, a, b in (("parameters", again.model.flat, tr.model.flat), ("Adam m", again.opt.m, tr.opt.m),
-                       ("Adam v", again.opt.v, tr.opt.v)):
+    for what, a, b in (
+        ("parameters", again.model.flat, tr.model.flat),
+        ("Adam m", again.opt.m, tr.opt.m),
+        ("Adam v", again.opt.v, tr.opt.v),
+    ):
         if not np.array_equal(a, b):
             bad.append(f"restored {what} differ from the saving trainer's")
     if again.step != tr.step or again.opt.t != tr.opt.t:
@@ -110,28 +137,39 @@ def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, m
     bad = []
     sent = MPI.COMM_WORLD.allgather(sizes)
     if max(max(s, default=0) for s in sent) > 100 or sum(len(s) for s in sent) < 100:
-        bad.append(f"messages: {sum(len(s) for s in sent)}, the largest {max(max(s, default=0) for s in sent)} "
-                   "elements (expected many, none over 100)")
+        bad.append(
+            f"messages: {sum(len(s) for s in sent)}, the largest {max(max(s, default=0) for s in sent)} "
+            "elements (expected many, none over 100)"
+        )
     if MPI.COMM_WORLD.rank == 0:
         ckpt.verify_checkpoint(small)
         a, b = tensors_of(small), tensors_of(default)
         if sorted(a) != sorted(b):
             bad.append(f"different datasets: {sorted(set(a) ^ set(b))[:5]}")
-        bad += [f"{k} differs" for k in sorted(set(a) & set(b))
-                if a[k][1] != b[k][1] or not np.array_equal(a[k][0], b[k][0], equal_nan=True)]
+        bad += [
+            f"{k} differs"
+            for k in sorted(set(a) & set(b))
+            if a[k][1] != b[k][1] or not np.array_equal(a[k][0], b[k][0], equal_nan=True)
+        ]
     bad += restored_checks(tr, small, data_dir, shared_tmp_path / "again", layout)
     check(not bad, "\n".join(bad))
 
 
-SAVE_SLACK = 512 << 10  # Python's own objects during a save (per dataset: h5py objects, the plan; JSON, pickles)
+SAVE_SLACK = (
+    512 << 10
+)  # Python's own objects during a save (per dataset: h5py objects, the plan; JSON, pickles)
 
 
 def save_peak(data_dir, out_dir, layout, n_embd: int) -> tuple[int, int]:
     """tracemalloc's peak during a save of a freshly trained model of width n_embd, and this rank's shard (its
     parameters and Adam moments), in bytes."""
     # 1 MiB gradient buckets: the ZeRO-1 layout (a few ranges per bucket, which the save looks up) stays small
-    tr = trainer(data_dir, out_dir / "run", layout, **{"train.max_iters": 1, "model.n_embd": n_embd,
-                                                       "parallel.bucket_mb": 1.0})
+    tr = trainer(
+        data_dir,
+        out_dir / "run",
+        layout,
+        **{"train.max_iters": 1, "model.n_embd": n_embd, "parallel.bucket_mb": 1.0},
+    )
     tr.run()
     tr.out_dir = out_dir / "measured"
     if MPI.COMM_WORLD.rank == 0:
@@ -147,7 +185,9 @@ def save_peak(data_dir, out_dir, layout, n_embd: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("layout", layout_params(["TP2", "DP2-zero1"]))
-def test_a_save_needs_its_own_shard_plus_a_fixed_buffer(layout, data_dir, shared_tmp_path, monkeypatch):
+def test_a_save_needs_its_own_shard_plus_a_fixed_buffer(
+    layout, data_dir, shared_tmp_path, monkeypatch
+):
     """tracemalloc's peak during a save, on every rank (rank 0 the writer), with MESSAGE_ELEMS at 4096 and the
     verification slab at 64 KiB: within the writer's buffers (two staging blocks, SEND_WINDOW sends in flight, two
     verification slabs) plus a fixed slack, a tenth of what the rank holds, and about the same for a model 16 times
@@ -160,22 +200,30 @@ def test_a_save_needs_its_own_shard_plus_a_fixed_buffer(layout, data_dir, shared
     buffers = (2 + writers.SEND_WINDOW) * 4096 * 8 + 2 * (64 << 10)
     bad = []
     if not (peak <= buffers + SAVE_SLACK and peak < shard / 10 and peak - small < 128 << 10):
-        bad.append(f"peak {peak / 2**10:.0f} KiB during the save (n_embd 64: {small / 2**10:.0f} KiB; buffers "
-                   f"{buffers / 2**10:.0f} KiB + slack {SAVE_SLACK / 2**10:.0f} KiB); this rank's shard "
-                   f"{shard / 2**10:.0f} KiB")
+        bad.append(
+            f"peak {peak / 2**10:.0f} KiB during the save (n_embd 64: {small / 2**10:.0f} KiB; buffers "
+            f"{buffers / 2**10:.0f} KiB + slack {SAVE_SLACK / 2**10:.0f} KiB); this rank's shard "
+            f"{shard / 2**10:.0f} KiB"
+        )
     check(not bad, "\n".join(bad))
 
 
-FAILING = [pytest.param(rank, marks=pytest.mark.parallel(nprocs=2), id=f"rank{rank}") for rank in (0, 1)]
+FAILING = [
+    pytest.param(rank, marks=pytest.mark.parallel(nprocs=2), id=f"rank{rank}") for rank in (0, 1)
+]
 
 
 @pytest.mark.parametrize("rank", FAILING)
-def test_enospc_on_one_rank_fails_the_save_on_every_rank(rank, data_dir, shared_tmp_path, monkeypatch):
+def test_enospc_on_one_rank_fails_the_save_on_every_rank(
+    rank, data_dir, shared_tmp_path, monkeypatch
+):
     """ENOSPC injected as rank 0 (the writer, its temporary file open) or rank 1 (a sender) starts its part of the
     step-4 save: every rank raises the same SaveFailed naming that rank, the file and the error; no temporary file
     is left and the step-2 checkpoint still verifies and is the newest."""
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
-    tr = trainer(data_dir, shared_tmp_path / "run", "TP2", **{"train.max_iters": 4, "checkpoint.interval": 2})
+    tr = trainer(
+        data_dir, shared_tmp_path / "run", "TP2", **{"train.max_iters": 4, "checkpoint.interval": 2}
+    )
     bad = save_failure_problems(tr, rank)
     check(not bad, "\n".join(bad))
 
@@ -195,8 +243,11 @@ def save_failure_problems(tr, rank: int) -> list[str]:
     bad = []
     if error is None or len(set(errors)) != 1 or "\n" in error:
         bad.append(f"errors: {errors}")
-    elif not (f"rank {rank} failed in save at step 4" in error and "ckpt_00000004.h5" in error
-              and "No space left on device" in error):
+    elif not (
+        f"rank {rank} failed in save at step 4" in error
+        and "ckpt_00000004.h5" in error
+        and "No space left on device" in error
+    ):
         bad.append(f"the message should name rank {rank}, the file and the error: {error}")
     if MPI.COMM_WORLD.rank == 0:
         left = [p for p in os.listdir(run_dir) if ".tmp-" in p]
@@ -221,8 +272,13 @@ def test_a_vanished_directory_fails_the_save_on_every_rank(data_dir, shared_tmp_
     except ckpt.SaveFailed as e:
         error = str(e)
     errors = MPI.COMM_WORLD.allgather(error)
-    check(error is not None and len(set(errors)) == 1 and "rank 0 failed" in error and "does not exist" in error,
-          f"errors: {errors}")
+    check(
+        error is not None
+        and len(set(errors)) == 1
+        and "rank 0 failed" in error
+        and "does not exist" in error,
+        f"errors: {errors}",
+    )
 
 
 @contextlib.contextmanager
@@ -243,39 +299,62 @@ def count_checksummed():
 
 
 @pytest.mark.parametrize("layout", layout_params(["TP2", "DP2-zero1"]))
-def test_resume_falls_back_past_a_corrupt_newest_checkpoint(layout, data_dir, shared_tmp_path, caplog):
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(
+    layout, data_dir, shared_tmp_path, caplog
+):
     """Checkpoints at steps 2 and 4, a byte flipped in step 4's c_fc weight: a trainer restoring the run directory
     (what --resume auto does) has its ranks find the mismatch together, logs the file skipped, and restores step 2
     exactly. No rank checksums the whole file: each reads its hyperslabs and checksums only its share (the shares
     are disjoint and cover every dataset of both files)."""
     run_dir = shared_tmp_path / "run"
-    trainer(data_dir, run_dir, layout, **{"train.max_iters": 4, "checkpoint.interval": 2,
-                                          "checkpoint.keep_last": 2}).run()
-    step_2 = trainer(data_dir, shared_tmp_path / "step2", layout, resume=ckpt.checkpoint_path(run_dir, 2))
+    trainer(
+        data_dir,
+        run_dir,
+        layout,
+        **{"train.max_iters": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 2},
+    ).run()
+    step_2 = trainer(
+        data_dir, shared_tmp_path / "step2", layout, resume=ckpt.checkpoint_path(run_dir, 2)
+    )
     if MPI.COMM_WORLD.rank == 0:
         flip_byte_in(ckpt.checkpoint_path(run_dir, 4), "params/h.0.mlp.c_fc.weight", index=5)
     MPI.COMM_WORLD.Barrier()
     tr = trainer(data_dir, shared_tmp_path / "fresh", layout, **{"train.max_iters": 6})
-    with count_reads() as read, count_checksummed() as summed, caplog.at_level("WARNING", logger="hpc_llm"):
+    with (
+        count_reads() as read,
+        count_checksummed() as summed,
+        caplog.at_level("WARNING", logger="hpc_llm"),
+    ):
         tr.restore(run_dir)
     bad = []
     if tr.step != 2 or tr.opt.t != 2:
         bad.append(f"restored step {tr.step}, adam t {tr.opt.t}: expected step 2's checkpoint")
-    for what, a, b in zip(("parameters", "Adam m", "Adam v"), (tr.model.flat, tr.opt.m, tr.opt.v),
-                          (step_2.model.flat, step_2.opt.m, step_2.opt.v)):
+    for what, a, b in zip(
+        ("parameters", "Adam m", "Adam v"),
+        (tr.model.flat, tr.opt.m, tr.opt.v),
+        (step_2.model.flat, step_2.opt.m, step_2.opt.v),
+    ):
         if not np.array_equal(a, b):
             bad.append(f"{what} differ from step 2's")
-    if MPI.COMM_WORLD.rank == 0 and not ("ckpt_00000004.h5" in caplog.text and "checksum mismatch" in caplog.text):
+    if MPI.COMM_WORLD.rank == 0 and not (
+        "ckpt_00000004.h5" in caplog.text and "checksum mismatch" in caplog.text
+    ):
         bad.append(f"no line on the skipped file: {caplog.text!r}")
     # both files were read: each rank its hyperslabs of each (twice its shard), and a share of the checksums
     half = collections.Counter({k: v // 2 for k, v in read.items()})
-    bad += hyperslab_checks(tr, half) if all(v % 2 == 0 for v in read.values()) else [f"reads {dict(read)}"]
+    bad += (
+        hyperslab_checks(tr, half)
+        if all(v % 2 == 0 for v in read.values())
+        else [f"reads {dict(read)}"]
+    )
     with h5py.File(ckpt.checkpoint_path(run_dir, 2), "r") as f:
         every = [d.name for d in fmt.datasets(f)]
     everyone = MPI.COMM_WORLD.allgather(summed)
     mine = collections.Counter(summed)
     if len(set(summed)) >= len(every) or any(n > 2 for n in mine.values()):
-        bad.append(f"this rank checksummed {len(set(summed))} of the {len(every)} datasets by reading them")
+        bad.append(
+            f"this rank checksummed {len(set(summed))} of the {len(every)} datasets by reading them"
+        )
     if sum(len(s) for s in everyone) > 2 * len(every):
         bad.append("ranks checksummed some datasets twice")
     check(not bad, "\n".join(bad))

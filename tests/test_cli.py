@@ -41,8 +41,13 @@ out_dir = "{out}"
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpc_llm", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_llm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -58,7 +63,9 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 def write_config(tmp_path, data_dir, name="tiny.toml", out="run", extra="") -> str:
     path = tmp_path / name
-    path.write_text(TINY_TOML.format(data=data_dir.as_posix(), out=(tmp_path / out).as_posix()) + extra)
+    path.write_text(
+        TINY_TOML.format(data=data_dir.as_posix(), out=(tmp_path / out).as_posix()) + extra
+    )
     return str(path)
 
 
@@ -112,11 +119,17 @@ def test_train_writes_summary_metrics_and_checkpoint(trained):
 def test_generate_from_checkpoint(trained):
     tmp, proc = trained
     assert proc.returncode == 0, proc.stderr
-    gen = cli("generate", tmp / "run" / "ckpt_00000008.h5", "--prompt", "ab", "--max-new-tokens", 20)
+    gen = cli(
+        "generate", tmp / "run" / "ckpt_00000008.h5", "--prompt", "ab", "--max-new-tokens", 20
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("ab")
-    assert len(gen.stdout.encode()) >= 2  # a byte model may emit invalid UTF-8 bytes, decoded as U+FFFD
-    again = cli("generate", tmp / "run" / "ckpt_00000008.h5", "--prompt", "ab", "--max-new-tokens", 20)
+    assert (
+        len(gen.stdout.encode()) >= 2
+    )  # a byte model may emit invalid UTF-8 bytes, decoded as U+FFFD
+    again = cli(
+        "generate", tmp / "run" / "ckpt_00000008.h5", "--prompt", "ab", "--max-new-tokens", 20
+    )
     assert again.stdout == gen.stdout  # the default seed makes sampling reproducible
 
 
@@ -143,15 +156,18 @@ def test_unknown_key_in_file(tmp_path, data_dir):
     assert_user_error(cli("train", config), "checkpoint.bogus_key")
 
 
-@pytest.mark.parametrize("override, needles", [
-    ("train.nope=1", ["train.nope"]),
-    ("train.lr=abc", ["train.lr", "abc"]),
-    ("model.n_layer=2.5", ["model.n_layer", "2.5"]),
-    ("trainlr=1", ["trainlr=1"]),  # no dot
-    ("train.lr", ["train.lr"]),  # no '='
-    ("model.n_embd=33", ["model.n_embd", "33", "n_head"]),  # not divisible by n_head = 2
-    ("checkpoint.writer=fast", ["checkpoint.writer", "fast", '"gather"']),
-])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("train.nope=1", ["train.nope"]),
+        ("train.lr=abc", ["train.lr", "abc"]),
+        ("model.n_layer=2.5", ["model.n_layer", "2.5"]),
+        ("trainlr=1", ["trainlr=1"]),  # no dot
+        ("train.lr", ["train.lr"]),  # no '='
+        ("model.n_embd=33", ["model.n_embd", "33", "n_head"]),  # not divisible by n_head = 2
+        ("checkpoint.writer=fast", ["checkpoint.writer", "fast", '"gather"']),
+    ],
+)
 def test_bad_override(tmp_path, data_dir, override, needles):
     config = write_config(tmp_path, data_dir)
     assert_user_error(cli("train", config, "--set", override), *needles)
@@ -177,10 +193,14 @@ def test_resume_from_non_checkpoint(tmp_path, data_dir):
 
 
 def _tiny_model(vocab_size: int) -> GPT:
-    return GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=vocab_size), seed=0)
+    return GPT(
+        ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=vocab_size), seed=0
+    )
 
 
-@pytest.mark.parametrize("vocab_size", [256, 50])  # padded vocab 256 (no pad rows) and 64 (pad rows 50..63)
+@pytest.mark.parametrize(
+    "vocab_size", [256, 50]
+)  # padded vocab 256 (no pad rows) and 64 (pad rows 50..63)
 def test_loss_with_token_outside_vocab(vocab_size):
     model = _tiny_model(vocab_size)
     x = np.zeros((1, 4), dtype=np.int64)
@@ -229,14 +249,30 @@ def test_stop_signal_checkpoints_exits_75_and_resume_continues_exactly(tmp_path,
     from hpc_llm.train import EXIT_PREEMPTED
 
     steps = 400
-    sets = ["--set", f"train.max_iters={steps}", "--set", f"train.lr_decay_iters={steps}", "--set",
-            "train.log_interval=1", "--set", "train.eval_interval=100", "--set", "model.dtype=float64"]
+    sets = [
+        "--set",
+        f"train.max_iters={steps}",
+        "--set",
+        f"train.lr_decay_iters={steps}",
+        "--set",
+        "train.log_interval=1",
+        "--set",
+        "train.eval_interval=100",
+        "--set",
+        "model.dtype=float64",
+    ]
     cfg = write_config(tmp_path, data_dir)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "hpc_llm", "train", cfg, *sets], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpc_llm", "train", cfg, *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300  # an event wait (3 logged steps), its timeout generous: no timing claim
+    deadline = (
+        time.monotonic() + 300
+    )  # an event wait (3 logged steps), its timeout generous: no timing claim
     while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
@@ -270,7 +306,9 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(trained):
     cfg, run_dir = tmp / "tiny.toml", tmp / "run"
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_iters"] == 8
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
-    assert_user_error(cli("train", cfg), "train.out_dir=", "already holds checkpoints", "--resume auto")
+    assert_user_error(
+        cli("train", cfg), "train.out_dir=", "already holds checkpoints", "--resume auto"
+    )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before
 
 
@@ -279,6 +317,9 @@ def test_mpio_writer_without_parallel_h5py(tmp_path, data_dir):
 
     if mpio_available():
         pytest.skip("this h5py has MPI: the mpio writer is tested in tests/test_checkpoint_mpio.py")
-    assert_user_error(cli("train", write_config(tmp_path, data_dir), "--set", "checkpoint.writer=mpio"),
-                      "checkpoint.writer=mpio", "no MPI support")
+    assert_user_error(
+        cli("train", write_config(tmp_path, data_dir), "--set", "checkpoint.writer=mpio"),
+        "checkpoint.writer=mpio",
+        "no MPI support",
+    )
     assert not (tmp_path / "run").exists()

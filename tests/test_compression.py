@@ -20,16 +20,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from mpi4py import MPI
+from test_parallel import check
 
 from hpc_llm.config import Config, validate
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
-from hpc_llm.parallel.compression import (comm_dtype, load_powersgd_state, powersgd_state, scale_for,
-                                          should_compress)
+from hpc_llm.parallel.compression import (
+    comm_dtype,
+    load_powersgd_state,
+    powersgd_state,
+    scale_for,
+    should_compress,
+)
 from hpc_llm.parallel.data_parallel import GradientSync
-from test_parallel import check
 
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 def world_dp() -> Comm:
@@ -46,8 +51,14 @@ def run_backward(sync: GradientSync, n: int, step: int = 0, loss_scale: float = 
 
 # -- 16-bit ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nprocs", [pytest.param(2, marks=pytest.mark.parallel(nprocs=2), id="2ranks"),
-                                    pytest.param(4, marks=pytest.mark.parallel(nprocs=4), id="4ranks")])
+
+@pytest.mark.parametrize(
+    "nprocs",
+    [
+        pytest.param(2, marks=pytest.mark.parallel(nprocs=2), id="2ranks"),
+        pytest.param(4, marks=pytest.mark.parallel(nprocs=4), id="4ranks"),
+    ],
+)
 def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
     comm = world_dp()
     p, r = comm.size, comm.rank
@@ -58,8 +69,12 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
         low = comm_dtype(scheme)
         for zero in (False, True):
             rng = np.random.default_rng(100 + r)
-            x = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 3, n))).astype(np.float32)  # wide magnitudes
-            x[:168] = rng.standard_normal(168) * 1e-7  # buckets [0, 1) and [1, 168): fp16 subnormals unscaled
+            x = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 3, n))).astype(
+                np.float32
+            )  # wide magnitudes
+            x[:168] = (
+                rng.standard_normal(168) * 1e-7
+            )  # buckets [0, 1) and [1, 168): fp16 subnormals unscaled
             g = x.copy()
             sync = GradientSync(g, comm, 167, zero, scheme=scheme)
             run_backward(sync, n)
@@ -69,46 +84,83 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
             for a, b in sync.buckets:
                 for k in range(p):
                     s_k = np.float32(scale_for(scheme, float(np.abs(everyone[k, a:b]).max())))
-                    rounded[k, a:b] = (everyone[k, a:b] * s_k).astype(low).astype(np.float32) * (1 / s_k)
+                    rounded[k, a:b] = (everyone[k, a:b] * s_k).astype(low).astype(np.float32) * (
+                        1 / s_k
+                    )
             mpi_sum = rounded[r].copy()
-            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, mpi_sum, op=MPI.SUM)  # an independent fp32 reduction of them
+            MPI.COMM_WORLD.Allreduce(
+                MPI.IN_PLACE, mpi_sum, op=MPI.SUM
+            )  # an independent fp32 reduction of them
             in_order = rounded[0].copy()
             for k in range(1, p):
                 in_order += rounded[k]
-            bound = 2 * (p - 1) * U32 * np.abs(rounded).sum(axis=0).astype(np.float64)  # two fp32 sums' errors
+            bound = (
+                2 * (p - 1) * U32 * np.abs(rounded).sum(axis=0).astype(np.float64)
+            )  # two fp32 sums' errors
             where = f"{scheme} zero={zero}"
             err = np.abs(g.astype(np.float64) - mpi_sum)
             if zero:
                 for a, b in sync.owned:
                     if not np.array_equal(g[a:b], in_order[a:b]):
-                        bad.append(f"{where}: owned piece {a}:{b} is not the fp32 sum in rank order")
+                        bad.append(
+                            f"{where}: owned piece {a}:{b} is not the fp32 sum in rank order"
+                        )
                     if not np.all(err[a:b] <= bound[a:b]):
-                        bad.append(f"{where}: {a}:{b} differs from MPI's fp32 sum by up to {err[a:b].max():.3e}")
+                        bad.append(
+                            f"{where}: {a}:{b} differs from MPI's fp32 sum by up to {err[a:b].max():.3e}"
+                        )
             else:
-                u = 2.0 ** -8 if scheme == "bf16" else 2.0 ** -11
-                for (a, b), counts in zip(sync.buckets, sync.counts):  # each piece rounded by its owner's scale
+                u = 2.0**-8 if scheme == "bf16" else 2.0**-11
+                for (a, _b), counts in zip(
+                    sync.buckets, sync.counts
+                ):  # each piece rounded by its owner's scale
                     for j, c in enumerate(counts):
                         lo = a + sum(counts[:j])
-                        piece = in_order[lo:lo + c]
-                        s_o = np.float32(scale_for(scheme, float(np.abs(piece).max()) if c else 0.0))
+                        piece = in_order[lo : lo + c]
+                        s_o = np.float32(
+                            scale_for(scheme, float(np.abs(piece).max()) if c else 0.0)
+                        )
                         want = (piece * s_o).astype(low).astype(np.float32) * (1 / s_o)
-                        if not np.array_equal(g[lo:lo + c], want):
-                            bad.append(f"{where}: piece {lo}:{lo + c} is not the rank-order sum rounded to {scheme}")
-                        tiny = (2.0 ** -133 if scheme == "bf16" else 2.0 ** -25) / float(s_o)  # half a subnormal
-                        ok = err[lo:lo + c] <= u * np.abs(mpi_sum[lo:lo + c]) * (1 + 1e-6) + 2 * bound[lo:lo + c] + tiny
+                        if not np.array_equal(g[lo : lo + c], want):
+                            bad.append(
+                                f"{where}: piece {lo}:{lo + c} is not the rank-order sum rounded to {scheme}"
+                            )
+                        tiny = (2.0**-133 if scheme == "bf16" else 2.0**-25) / float(
+                            s_o
+                        )  # half a subnormal
+                        ok = (
+                            err[lo : lo + c]
+                            <= u * np.abs(mpi_sum[lo : lo + c]) * (1 + 1e-6)
+                            + 2 * bound[lo : lo + c]
+                            + tiny
+                        )
                         if not np.all(ok):
-                            bad.append(f"{where}: piece {lo}:{lo + c} is further from MPI's fp32 sum than one "
-                                       f"{scheme} rounding")
+                            bad.append(
+                                f"{where}: piece {lo}:{lo + c} is further from MPI's fp32 sum than one "
+                                f"{scheme} rounding"
+                            )
                 if len(set(MPI.COMM_WORLD.allgather(g.tobytes()))) != 1:
                     bad.append(f"{where}: ranks hold different gradients")
-            mine = [(max(a, 1), min(b, 168)) for a, b in (sync.owned if zero else [(0, n)]) if max(a, 1) < min(b, 168)]
-            small = max(float(err[a:b].max()) for a, b in mine) / float(np.abs(mpi_sum[1:168]).max())
-            if not small <= 2.0 ** -8:  # a 16-bit rounding of the piece's largest value, even for the tiny ones
-                bad.append(f"{where}: the smallest gradients lost precision ({small:.2e} of their largest)")
+            mine = [
+                (max(a, 1), min(b, 168))
+                for a, b in (sync.owned if zero else [(0, n)])
+                if max(a, 1) < min(b, 168)
+            ]
+            small = max(float(err[a:b].max()) for a, b in mine) / float(
+                np.abs(mpi_sum[1:168]).max()
+            )
+            if (
+                not small <= 2.0**-8
+            ):  # a 16-bit rounding of the piece's largest value, even for the tiny ones
+                bad.append(
+                    f"{where}: the smallest gradients lost precision ({small:.2e} of their largest)"
+                )
             before, after = sync.bytes_per_step()
             want_after = 2 * n + 4 * p * len(sync.buckets)  # and each piece's scale
             if (before, after) != (4 * n, want_after):
-                bad.append(f"{where}: bytes per step {before} -> {after}, expected {4 * n} -> {want_after}")
+                bad.append(
+                    f"{where}: bytes per step {before} -> {after}, expected {4 * n} -> {want_after}"
+                )
             kinds = {k for k in comm.ledger.summary()}
             want_kind = f"dp.{'reduce_scatter' if zero else 'allreduce'}_{scheme}"
             if want_kind not in kinds:
@@ -118,6 +170,7 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
 
 
 # -- PowerSGD ----------------------------------------------------------------------------------------------------------
+
 
 def specs_for(shapes) -> list:
     out, offset = [], 0
@@ -142,14 +195,26 @@ def test_powersgd_full_rank_is_the_exact_mean():
         want = x.copy()
         MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, want, op=MPI.SUM)
         g = x.copy()
-        sync = GradientSync(g, comm, 50, False, scheme="powersgd", specs=specs, powersgd_rank=16,
-                            min_compression_rate=0)
-        if len(sync.powersgd.matrices) != 4 or sync.powersgd.plain != [(specs[2].offset, specs[2].offset + 6)]:
+        sync = GradientSync(
+            g,
+            comm,
+            50,
+            False,
+            scheme="powersgd",
+            specs=specs,
+            powersgd_rank=16,
+            min_compression_rate=0,
+        )
+        if len(sync.powersgd.matrices) != 4 or sync.powersgd.plain != [
+            (specs[2].offset, specs[2].offset + 6)
+        ]:
             bad.append(f"compressed {sync.powersgd.matrices}, plain {sync.powersgd.plain}")
         run_backward(sync, n)
         err = np.max(np.abs(g - want)) / np.max(np.abs(want))
         if not err <= rtol:
-            bad.append(f"{np.dtype(dtype).name}: relative difference from the mean gradient {err:.2e} > {rtol}")
+            bad.append(
+                f"{np.dtype(dtype).name}: relative difference from the mean gradient {err:.2e} > {rtol}"
+            )
         if len(set(MPI.COMM_WORLD.allgather(g.tobytes()))) != 1:
             bad.append(f"{np.dtype(dtype).name}: ranks hold different gradients")
         # each rank keeps M_i - A/p (its share's difference from the mean); their sum, what was left out, is zero
@@ -157,7 +222,9 @@ def test_powersgd_full_rank_is_the_exact_mean():
             total = e.copy()
             MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
             if not np.abs(total).max() <= rtol * 10 * np.abs(want).max():
-                bad.append(f"{np.dtype(dtype).name} {name}: error feedback left {np.abs(total).max():.2e} in all")
+                bad.append(
+                    f"{np.dtype(dtype).name} {name}: error feedback left {np.abs(total).max():.2e} in all"
+                )
     check(not bad, "\n".join(bad))
 
 
@@ -191,10 +258,17 @@ def test_error_feedback_recovers_the_accumulated_gradient():
         if t in (10, 50, 400):
             rel[t] = np.linalg.norm(applied - t * G) / (t * np.linalg.norm(G))
     s = np.linalg.svd(G.reshape(24, 16), compute_uv=False)
-    residual = np.sqrt((s[1:] ** 2).sum() / (s ** 2).sum())  # one rank-1 step's relative error at best
+    residual = np.sqrt(
+        (s[1:] ** 2).sum() / (s**2).sum()
+    )  # one rank-1 step's relative error at best
     # t * rel is ||sum_i e_i(t)|| / ||G||: bounded (seen: 6.7, 10.2, 9.4 at t = 10, 50, 400), so rel falls like 1/t
-    check(rel[400] < 0.03 and 400 * rel[400] < 1.5 * 50 * rel[50] and rel[50] < rel[10] and residual > 0.5,
-          f"relative error of the accumulated update {rel}; a rank-1 step alone leaves {residual:.2f}")
+    check(
+        rel[400] < 0.03
+        and 400 * rel[400] < 1.5 * 50 * rel[50]
+        and rel[50] < rel[10]
+        and residual > 0.5,
+        f"relative error of the accumulated update {rel}; a rank-1 step alone leaves {residual:.2f}",
+    )
 
 
 @pytest.mark.parallel(nprocs=2)
@@ -207,8 +281,19 @@ def test_powersgd_state_resumes_bitwise_and_resets_on_another_layout():
     layout = {"pp": 1, "dp": 2, "tp": 1, "dp_rank": comm.rank}
 
     def make(g):
-        return GradientSync(g, comm, 40, False, scheme="powersgd", specs=specs, powersgd_rank=2,
-                            powersgd_start=2, seed=5, min_compression_rate=0, layout=layout)
+        return GradientSync(
+            g,
+            comm,
+            40,
+            False,
+            scheme="powersgd",
+            specs=specs,
+            powersgd_rank=2,
+            powersgd_start=2,
+            seed=5,
+            min_compression_rate=0,
+            layout=layout,
+        )
 
     def grads(step):
         return np.random.default_rng([step, comm.rank]).standard_normal(n).astype(np.float32)
@@ -228,7 +313,10 @@ def test_powersgd_state_resumes_bitwise_and_resets_on_another_layout():
     b = make(gb)
     first = steps(b, gb, 0, 3)
     saved = powersgd_state(b)
-    saved = {"layout": dict(saved["layout"]), "arrays": {k: v.copy() for k, v in saved["arrays"].items()}}
+    saved = {
+        "layout": dict(saved["layout"]),
+        "arrays": {k: v.copy() for k, v in saved["arrays"].items()},
+    }
     c = make(gc)
     line = load_powersgd_state(c, saved)
     second = steps(c, gc, 3, 6)
@@ -253,6 +341,7 @@ def test_powersgd_state_resumes_bitwise_and_resets_on_another_layout():
 
 # -- the trainer -------------------------------------------------------------------------------------------------------
 
+
 def _config(data_dir, out, **kw):
     from test_parallel import run_config
 
@@ -263,20 +352,35 @@ def _config(data_dir, out, **kw):
 def test_trainer_with_each_scheme_on_dp_tp_and_pp(data_dir, shared_tmp_path):
     """DP2 x TP2 and PP2 x DP2, 4 steps: with bf16/fp16 (ZeRO-1 on) and PowerSGD (ZeRO-1 on and off), replicas stay
     bitwise identical (DP and TP, as test_parallel checks) and the losses stay within a few percent of fp32's."""
+    from test_parallel import replica_checks
+
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train import Trainer
-    from test_parallel import replica_checks
 
     bad = []
     for name, tp, pp in (("dp2tp2", 2, 1), ("pp2dp2", 1, 2)):
         grid = make_grid(MPI.COMM_WORLD, tp, pp)
         losses = {}
-        for scheme, zero in (("fp32", 0), ("bf16", 1), ("fp16", 0), ("powersgd", 0), ("powersgd", 1)):
+        for scheme, zero in (
+            ("fp32", 0),
+            ("bf16", 1),
+            ("fp16", 0),
+            ("powersgd", 0),
+            ("powersgd", 1),
+        ):
             if pp > 1 and zero:
                 continue
-            kw = {"parallel.tp": tp, "parallel.pp": pp, "parallel.zero": zero, "parallel.grad_comm": scheme,
-                  "train.grad_accum": 2, "parallel.powersgd_start": 1}
-            tr = Trainer(_config(data_dir, shared_tmp_path / f"{name}-{scheme}-{zero}", **kw), grid=grid)
+            kw = {
+                "parallel.tp": tp,
+                "parallel.pp": pp,
+                "parallel.zero": zero,
+                "parallel.grad_comm": scheme,
+                "train.grad_accum": 2,
+                "parallel.powersgd_start": 1,
+            }
+            tr = Trainer(
+                _config(data_dir, shared_tmp_path / f"{name}-{scheme}-{zero}", **kw), grid=grid
+            )
             tr.run()
             losses[scheme, zero] = tr.metrics.train["loss"]
             bad += [f"{name} {scheme} zero {zero}: {b}" for b in replica_checks(tr)]
@@ -298,8 +402,14 @@ def test_powersgd_run_resumes_bitwise_from_its_checkpoint(data_dir, shared_tmp_p
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train import Trainer
 
-    kw = {"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 2, "parallel.powersgd_start": 1,
-          "train.max_iters": 6, "checkpoint.interval": 2, "checkpoint.writer": "gather"}
+    kw = {
+        "parallel.grad_comm": "powersgd",
+        "parallel.powersgd_rank": 2,
+        "parallel.powersgd_start": 1,
+        "train.max_iters": 6,
+        "checkpoint.interval": 2,
+        "checkpoint.writer": "gather",
+    }
     grid = make_grid(MPI.COMM_WORLD, 1)
     full = Trainer(_config(data_dir, shared_tmp_path / "full", **kw), grid=grid)
     full.run()
@@ -312,19 +422,32 @@ def test_powersgd_run_resumes_bitwise_from_its_checkpoint(data_dir, shared_tmp_p
     reset.restore(checkpoint_path(shared_tmp_path / "full", 4))
     reset.sync.powersgd.reset()
     reset.run()
-    ok = (line is None and bool(restored_state) and np.array_equal(resumed.model.flat, full.model.flat)
-          and not np.array_equal(reset.model.flat, full.model.flat))
-    check(ok, f"line {line!r}; resumed equal {np.array_equal(resumed.model.flat, full.model.flat)}, reset differs "
-              f"{not np.array_equal(reset.model.flat, full.model.flat)}")
+    ok = (
+        line is None
+        and bool(restored_state)
+        and np.array_equal(resumed.model.flat, full.model.flat)
+        and not np.array_equal(reset.model.flat, full.model.flat)
+    )
+    check(
+        ok,
+        f"line {line!r}; resumed equal {np.array_equal(resumed.model.flat, full.model.flat)}, reset differs "
+        f"{not np.array_equal(reset.model.flat, full.model.flat)}",
+    )
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("overrides, expected", [
-    ({"parallel.grad_comm": "int8"}, "parallel.grad_comm"),
-    ({"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 0}, "parallel.powersgd_rank"),
-    ({"parallel.grad_comm": "bf16", "model.dtype": "float64"}, "16-bit gradient communication needs float32"),
-    ({"parallel.powersgd_start": -1}, "parallel.powersgd_start"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"parallel.grad_comm": "int8"}, "parallel.grad_comm"),
+        ({"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 0}, "parallel.powersgd_rank"),
+        (
+            {"parallel.grad_comm": "bf16", "model.dtype": "float64"},
+            "16-bit gradient communication needs float32",
+        ),
+        ({"parallel.powersgd_start": -1}, "parallel.powersgd_start"),
+    ],
+)
 def test_bad_settings_are_one_line(overrides, expected):
     cfg = Config()
     for key, value in overrides.items():
@@ -341,12 +464,16 @@ def test_bad_scheme_fails_cleanly_on_every_rank(data_dir, tmp_path):
     from test_parallel import run_mpi, write_run_config
 
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
-    for overrides, text in ((["parallel.grad_comm=fp8"], "parallel.grad_comm"),
-                            (["parallel.grad_comm=fp16", "model.dtype=float64"], "needs float32 training")):
+    for overrides, text in (
+        (["parallel.grad_comm=fp8"], "parallel.grad_comm"),
+        (["parallel.grad_comm=fp16", "model.dtype=float64"], "needs float32 training"),
+    ):
         args = ["train", str(cfg)]
         for o in overrides:
             args += ["--set", o]
         rc, out, err, _ = run_mpi(2, args)
         errors = [line for line in err.splitlines() if line.startswith("hpc-llm: error: ")]
-        assert rc == 2 and len(errors) == 2 and len(set(errors)) == 1 and text in errors[0], out + err
+        assert rc == 2 and len(errors) == 2 and len(set(errors)) == 1 and text in errors[0], (
+            out + err
+        )
         assert "Traceback" not in out + err and not (tmp_path / "out").exists(), out + err

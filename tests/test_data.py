@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_llm.data import (TokenData, TokenFileCorrupt, check_split_size, get_batch, prepare, prepare_stdlib,
-                          stdlib_corpus_files)
+from hpc_llm.data import (
+    TokenData,
+    TokenFileCorrupt,
+    check_split_size,
+    get_batch,
+    prepare,
+    prepare_stdlib,
+    stdlib_corpus_files,
+)
 from hpc_llm.errors import UserError
 from hpc_llm.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
 
@@ -24,7 +31,9 @@ def test_byte_round_trip_non_ascii():
     tok = ByteTokenizer()
     ids = tok.encode(TEXT)
     assert ids.dtype == np.uint16
-    assert len(ids) == len(TEXT.encode("utf-8")) > len(TEXT)  # multi-byte characters really became several ids
+    assert (
+        len(ids) == len(TEXT.encode("utf-8")) > len(TEXT)
+    )  # multi-byte characters really became several ids
     assert ids.max() < 256
     assert tok.decode(ids) == TEXT
     assert tok.decode(ids.tolist()) == TEXT
@@ -60,7 +69,9 @@ def test_tokenizer_from_meta():
     with pytest.raises(UserError, match="tokenizer"):
         tokenizer_from_meta({"tokenizer": "wordpiece", "vocab_size": 50257})
     with pytest.raises(UserError, match="tokenizer_json"):
-        tokenizer_from_meta({"tokenizer": "bpe", "vocab_size": 50257})  # a BPE's meta carries its JSON
+        tokenizer_from_meta(
+            {"tokenizer": "bpe", "vocab_size": 50257}
+        )  # a BPE's meta carries its JSON
     with pytest.raises(UserError, match="vocab_size"):
         tokenizer_from_meta({"tokenizer": "char", "chars": "abc", "vocab_size": 4})
 
@@ -99,7 +110,11 @@ def test_prepare_byte_concatenation_split_and_meta(tmp_path):
     assert (meta["n_train"], meta["n_val"]) == (n_train, n - n_train)
     assert (meta["n_files"], meta["n_skipped"]) == (4, 0)
     assert meta["sources"] == [str(src)]
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]  # no temp files left
 
 
 def test_prepare_pattern_and_explicit_file(tmp_path):
@@ -108,7 +123,9 @@ def test_prepare_pattern_and_explicit_file(tmp_path):
     extra = tmp_path / "extra.dat"
     extra.write_text("echo", encoding="utf-8")
     meta = prepare([src, extra], tmp_path / "out", val_fraction=0.5, pattern="*.txt")
-    assert meta["n_files"] == 4  # a, b, c from the folder (d.md excluded by the pattern) + the explicit file
+    assert (
+        meta["n_files"] == 4
+    )  # a, b, c from the folder (d.md excluded by the pattern) + the explicit file
     data = TokenData(tmp_path / "out")
     text = data.tokenizer.decode(np.concatenate([data.split("train"), data.split("val")]))
     assert text == "alpha\nbravo ✓\n\ncharlie\necho"
@@ -156,7 +173,9 @@ def test_prepare_errors(tmp_path):
 def prepared(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 20, encoding="utf-8")
+    (src / "t.txt").write_text(
+        "the quick brown fox jumps over the lazy dog " * 20, encoding="utf-8"
+    )
     out = tmp_path / "data"
     prepare([src], out)
     return out
@@ -205,7 +224,9 @@ def test_tokendata_max_id_beyond_vocab(prepared):
     meta = json.loads((prepared / "meta.json").read_text())
     meta["max_id"] = 256
     (prepared / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="max_id is 256: the token files contain token id 256, but vocab_size"):
+    with pytest.raises(
+        UserError, match="max_id is 256: the token files contain token id 256, but vocab_size"
+    ):
         TokenData(prepared)
 
 
@@ -217,7 +238,9 @@ def test_tokendata_does_not_scan_the_file(prepared):
     ids[-1] = 300
     ids.tofile(path)
     data = TokenData(prepared)
-    assert len(data.split("train")) == data.meta["n_train"] and data.split("train").source == str(path)
+    assert len(data.split("train")) == data.meta["n_train"] and data.split("train").source == str(
+        path
+    )
 
 
 def test_token_out_of_vocab_found_by_the_batch(prepared):
@@ -228,7 +251,9 @@ def test_token_out_of_vocab_found_by_the_batch(prepared):
     ids[:] = 256  # every window holds it
     ids.tofile(path)
     data = TokenData(prepared)  # meta.json is unchanged: start-up cannot know
-    with pytest.raises(TokenFileCorrupt, match="val.bin: contains token id 256, but vocab_size in meta.json is 256"):
+    with pytest.raises(
+        TokenFileCorrupt, match="val.bin: contains token id 256, but vocab_size in meta.json is 256"
+    ):
         get_batch(data.split("val"), 8, 2, seed=0, step=0, stream=1)
     assert not issubclass(TokenFileCorrupt, UserError)
     get_batch(data.split("train"), 8, 2, seed=0, step=0)  # the intact split still samples
@@ -245,7 +270,9 @@ def test_train_on_a_corrupted_token_file_ends_the_job(prepared, tmp_path):
     cfg = write_run_config(tmp_path / "cfg.toml", prepared, tmp_path / "run")
     rc, out, err, _ = run_mpi(2, ["train", str(cfg)])
     assert rc != 0 and rc != 2, (rc, err)
-    assert "failed in step 0: TokenFileCorrupt: " in err and "train.bin: contains token id 300" in err, err
+    assert (
+        "failed in step 0: TokenFileCorrupt: " in err and "train.bin: contains token id 300" in err
+    ), err
 
 
 def test_tokendata_version_1_reads_as_uint16(prepared):
@@ -255,7 +282,9 @@ def test_tokendata_version_1_reads_as_uint16(prepared):
     (prepared / "meta.json").write_text(json.dumps(meta))
     data = TokenData(prepared)
     assert data.split("train").dtype == np.dtype("<u2")
-    np.testing.assert_array_equal(data.split("train"), np.fromfile(prepared / "train.bin", dtype="<u2"))
+    np.testing.assert_array_equal(
+        data.split("train"), np.fromfile(prepared / "train.bin", dtype="<u2")
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -273,8 +302,11 @@ def test_tokendata_version_1_ids_checked_at_start_up(prepared, monkeypatch, spli
     assert len(ids) > 3 * 7
     ids[-2] = 300
     ids.tofile(path)
-    with pytest.raises(UserError, match=rf"{split}.bin: contains token id 300, but vocab_size in meta.json is 256 "
-                                        r"\(a format version 1 directory"):
+    with pytest.raises(
+        UserError,
+        match=rf"{split}.bin: contains token id 300, but vocab_size in meta.json is 256 "
+        r"\(a format version 1 directory",
+    ):
         TokenData(prepared)
     # version 2 trusts its max_id and reads nothing (test_tokendata_does_not_scan_the_file)
     (prepared / "meta.json").write_text(json.dumps({**meta, "format_version": 2, "max_id": 255}))
@@ -291,11 +323,19 @@ def test_tokendata_max_id_negative(prepared):
 
 def test_tokendata_dtype_checked(prepared):
     meta = json.loads((prepared / "meta.json").read_text())
-    for dtype, match in (("int8", "field \"dtype\" is 'int8'"), ("uint32", "train.bin: .* bytes, expected")):
+    for dtype, match in (
+        ("int8", "field \"dtype\" is 'int8'"),
+        ("uint32", "train.bin: .* bytes, expected"),
+    ):
         (prepared / "meta.json").write_text(json.dumps({**meta, "dtype": dtype}))
         with pytest.raises(UserError, match=match):
             TokenData(prepared)
-    big = {**meta, "tokenizer": "char", "chars": "".join(chr(0x100 + i) for i in range(70000)), "vocab_size": 70000}
+    big = {
+        **meta,
+        "tokenizer": "char",
+        "chars": "".join(chr(0x100 + i) for i in range(70000)),
+        "vocab_size": 70000,
+    }
     (prepared / "meta.json").write_text(json.dumps(big))
     with pytest.raises(UserError, match="dtype uint16 cannot hold the ids of vocab_size 70000"):
         TokenData(prepared)
@@ -304,7 +344,9 @@ def test_tokendata_dtype_checked(prepared):
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-TOKENS = np.arange(1000, dtype=np.uint16)  # token value == position, so offsets can be read back from x
+TOKENS = np.arange(
+    1000, dtype=np.uint16
+)  # token value == position, so offsets can be read back from x
 
 
 def test_get_batch_deterministic_and_shifted():
@@ -317,8 +359,8 @@ def test_get_batch_deterministic_and_shifted():
     np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])
     offsets = x1[:, 0]
     for o, xr, yr in zip(offsets, x1, y1):
-        np.testing.assert_array_equal(xr, TOKENS[o:o + 16])
-        np.testing.assert_array_equal(yr, TOKENS[o + 1:o + 17])
+        np.testing.assert_array_equal(xr, TOKENS[o : o + 16])
+        np.testing.assert_array_equal(yr, TOKENS[o + 1 : o + 17])
     assert (offsets + 16 < len(TOKENS)).all()
 
 
@@ -332,7 +374,10 @@ def test_get_batch_rank_slices_union_is_global():
     gx, gy = get_batch(TOKENS, 10, 12, seed=1, step=4)
     for world in (2, 3, 4):
         b = 12 // world
-        parts = [get_batch(TOKENS, 10, 12, seed=1, step=4, rows=slice(r * b, (r + 1) * b)) for r in range(world)]
+        parts = [
+            get_batch(TOKENS, 10, 12, seed=1, step=4, rows=slice(r * b, (r + 1) * b))
+            for r in range(world)
+        ]
         assert all(p[0].shape == (b, 10) for p in parts)
         np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), gx)
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), gy)
@@ -383,7 +428,7 @@ def test_stdlib_corpus_files():
         rel = f.resolve().relative_to(root)  # raises if outside the stdlib
         assert not {"site-packages", "test", "tests", "idlelib"} & set(rel.parts[:-1])
     assert files == stdlib_corpus_files(max_bytes)  # deterministic
-    assert stdlib_corpus_files(max_bytes // 2) == files[:len(stdlib_corpus_files(max_bytes // 2))]
+    assert stdlib_corpus_files(max_bytes // 2) == files[: len(stdlib_corpus_files(max_bytes // 2))]
 
 
 def test_prepare_stdlib(tmp_path):
@@ -406,7 +451,9 @@ def write_corpus(src: Path, big_bytes: int = 600_000) -> Path:
     words = "the of and to in is was for on that with as by at from Grüße Straße 你好 世界 🙂 def return x+1".split()
     lines, size = [], 0
     while size < big_bytes:
-        lines.append(" ".join(words[i] for i in rng.integers(0, len(words), size=rng.integers(2, 12))) + "\n")
+        lines.append(
+            " ".join(words[i] for i in rng.integers(0, len(words), size=rng.integers(2, 12))) + "\n"
+        )
         size += len(lines[-1].encode("utf-8"))
     big = "".join(lines)
     (src / "a_big.txt").write_text(big, encoding="utf-8")
@@ -414,7 +461,9 @@ def write_corpus(src: Path, big_bytes: int = 600_000) -> Path:
     (src / "c_empty.txt").write_text("")
     (src / "d_binary.bin").write_bytes(b"\xff\xfe\x00\x80" * 64)
     (src / "e_bad_tail.txt").write_bytes(big[: big_bytes // 2].encode("utf-8") + b"\xff")
-    (src / "f_no_newlines.txt").write_text("日本語🙂" * 20_000, encoding="utf-8")  # cut at character starts only
+    (src / "f_no_newlines.txt").write_text(
+        "日本語🙂" * 20_000, encoding="utf-8"
+    )  # cut at character starts only
     return src
 
 
@@ -451,14 +500,28 @@ def test_parallel_prepare_equals_single_process(tmp_path, tokenizer, ranks):
     from test_parallel import run_mpi
 
     src = write_corpus(tmp_path / "src")
-    opts = ["--tokenizer", tokenizer, "--memory-mb", "4"] + (["--vocab-size", "300"] if tokenizer == "bpe" else [])
-    prepare([src], tmp_path / "one", tokenizer=tokenizer, memory_mb=4, vocab_size=300 if tokenizer == "bpe" else None)
+    opts = ["--tokenizer", tokenizer, "--memory-mb", "4"] + (
+        ["--vocab-size", "300"] if tokenizer == "bpe" else []
+    )
+    prepare(
+        [src],
+        tmp_path / "one",
+        tokenizer=tokenizer,
+        memory_mb=4,
+        vocab_size=300 if tokenizer == "bpe" else None,
+    )
     rc, out, err, _ = run_mpi(ranks, ["prepare", str(src), "--out", str(tmp_path / "par"), *opts])
     assert rc == 0, err
     assert out.count("prepared ") == 1  # one summary line, from rank 0
     for name in ("train.bin", "val.bin", "meta.json"):
-        assert (tmp_path / "par" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+        assert (tmp_path / "par" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), (
+            name
+        )
+    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]
 
 
 def test_prepare_refused_leaves_no_trace(tmp_path):
@@ -479,7 +542,9 @@ print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if 
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is read from Linux's /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/status").is_file(), reason="VmHWM is read from Linux's /proc"
+)
 @pytest.mark.parametrize("tokenizer,mb", [("byte", 40), ("char", 40), ("gpt2", 12)])
 def test_prepare_memory_bounded(tmp_path, tokenizer, mb):
     """--memory-mb 8 on a corpus of 40 MB (BPE: 12 MB, its encoder is slower): the peak RSS exceeds that of the same
@@ -507,8 +572,13 @@ def test_prepare_memory_bounded(tmp_path, tokenizer, mb):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     peaks = {}
     for name, path in (("small", small), ("big", big)):
-        r = subprocess.run([sys.executable, "-c", _MEASURE, str(path), tokenizer, str(tmp_path / name), *extra],
-                           capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(path), tokenizer, str(tmp_path / name), *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         peaks[name] = int(r.stdout.split()[-1])
     assert peaks["big"] - peaks["small"] < 2 * 8 * 2**20, peaks
@@ -518,7 +588,10 @@ def test_prepare_memory_bounded(tmp_path, tokenizer, mb):
     elif tokenizer == "char":
         np.testing.assert_array_equal(ids, CharTokenizer(text).encode(text))
     else:
-        assert len(ids) < len(text.encode("utf-8")) and TokenData(tmp_path / "big").tokenizer.decode(ids) == text
+        assert (
+            len(ids) < len(text.encode("utf-8"))
+            and TokenData(tmp_path / "big").tokenizer.decode(ids) == text
+        )
 
 
 def test_progress_lines_in_a_batch_log(tmp_path, caplog, monkeypatch):
@@ -527,9 +600,16 @@ def test_progress_lines_in_a_batch_log(tmp_path, caplog, monkeypatch):
 
     from hpc_llm import data as D
 
-    monkeypatch.setattr(D._Progress, "LOG_MIN_BYTES", 0)  # the real threshold (32 MB) keeps small runs quiet
+    monkeypatch.setattr(
+        D._Progress, "LOG_MIN_BYTES", 0
+    )  # the real threshold (32 MB) keeps small runs quiet
     caplog.set_level(logging.INFO, logger="hpc_llm.data")
-    prepare([write_corpus(tmp_path / "src", 50_000)], tmp_path / "out", tokenizer="char", piece_bytes=2000)
+    prepare(
+        [write_corpus(tmp_path / "src", 50_000)],
+        tmp_path / "out",
+        tokenizer="char",
+        piece_bytes=2000,
+    )
     lines = [r.getMessage() for r in caplog.records]
     for phase in ("scan", "encode", "write"):
         mine = [m for m in lines if m.startswith(f"prepare: {phase} ")]

@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config, write_toml
-from hpc_llm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, verify_checkpoint
 from test_parallel import mpiexec, run_mpi
+
+from hpc_llm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, verify_checkpoint
 
 STEPS = 6
 # name: (ranks, overrides): dp2, and dp2 x tp2 with ZeRO-1
@@ -35,8 +35,15 @@ BOUND_S = 60.0  # start-up to exit of a failed job, far above what it takes here
 
 
 def config(data_dir, out_dir, path, **overrides):
-    base = {"model.n_head": 4, "train.max_iters": STEPS, "train.eval_iters": 1, "train.eval_interval": 3,
-            "checkpoint.interval": 2, "checkpoint.writer": "gather", "parallel.bucket_mb": 0.01}
+    base = {
+        "model.n_head": 4,
+        "train.max_iters": STEPS,
+        "train.eval_iters": 1,
+        "train.eval_interval": 3,
+        "checkpoint.interval": 2,
+        "checkpoint.writer": "gather",
+        "parallel.bucket_mb": 0.01,
+    }
     return write_toml(tiny_config(data_dir, out_dir, **{**base, **overrides}), path)
 
 
@@ -89,7 +96,11 @@ def no_temporary_files(run_dir) -> bool:
 
 
 def failure_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("hpc-llm: rank") and " failed in " in line]
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.startswith("hpc-llm: rank") and " failed in " in line
+    ]
     assert lines, err
     return lines[0]
 
@@ -108,7 +119,9 @@ FAULTS = [
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", FAULTS, ids=[f[0] for f in FAULTS])
-def test_a_fault_on_one_rank_ends_the_job_and_resume_continues_exactly(case, layout, data_dir, tmp_path, reference):
+def test_a_fault_on_one_rank_ends_the_job_and_resume_continues_exactly(
+    case, layout, data_dir, tmp_path, reference
+):
     name, fault, extra, says, last_good = case
     ranks, overrides = LAYOUTS[layout]
     cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **overrides, **extra)
@@ -149,7 +162,9 @@ def test_a_fault_during_start_up_ends_the_job(case, data_dir, tmp_path):
 def test_a_fault_while_resuming_ends_the_job_and_keeps_the_checkpoint(data_dir, tmp_path):
     cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 2})
     assert train(2, cfg)[0] == 0
-    rc, _, err, seconds = train(2, cfg, "--resume", "auto", "--set", "train.max_iters=4", fault="raise:resume:1")
+    rc, _, err, seconds = train(
+        2, cfg, "--resume", "auto", "--set", "train.max_iters=4", fault="raise:resume:1"
+    )
     assert rc == 1 and "rank 1 failed in resume: InjectedFault" in err, (rc, err[-3000:])
     assert seconds < BOUND_S
     verify_checkpoint(checkpoint_path(tmp_path / "run", 2))
@@ -162,12 +177,19 @@ def test_a_fault_while_resuming_ends_the_job_and_keeps_the_checkpoint(data_dir, 
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(data_dir, tmp_path):
     """rank 1's gradient is NaN in step 3 (0-based): the whole job skips that update (parameters, moments and Adam's
     counter after it equal those before it), counts it, and trains on."""
-    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"checkpoint.interval": 1,
-                                                                       "checkpoint.keep_last": 10})
+    cfg = config(
+        data_dir,
+        tmp_path / "run",
+        tmp_path / "run.toml",
+        **{"checkpoint.interval": 1, "checkpoint.keep_last": 10},
+    )
     rc, out, err, _ = train(2, cfg, fault="nan:grad:1:3")
     assert rc == 0, err[-3000:]
     assert "step 3: loss" in out and "not finite, step skipped (1 in a row" in out, out[-3000:]
-    before, after = params_of(checkpoint_path(tmp_path / "run", 3)), params_of(checkpoint_path(tmp_path / "run", 4))
+    before, after = (
+        params_of(checkpoint_path(tmp_path / "run", 3)),
+        params_of(checkpoint_path(tmp_path / "run", 4)),
+    )
     for k in before.params:
         assert np.array_equal(before.params[k], after.params[k]), k
     assert after.state["adam_t"] == before.state["adam_t"] and after.state["skipped_steps"] == 1
@@ -178,8 +200,12 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(data_dir
 
 @pytest.mark.timeout(300)
 def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_last_good_state(data_dir, tmp_path):
-    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_bad_steps": 2,
-                                                                       "checkpoint.keep_last": 10})
+    cfg = config(
+        data_dir,
+        tmp_path / "run",
+        tmp_path / "run.toml",
+        **{"train.max_bad_steps": 2, "checkpoint.keep_last": 10},
+    )
     rc, _, err, _ = train(2, cfg, fault="nan:grad:0:2,nan:grad:0:3")
     assert rc == 1, err[-3000:]
     assert "the last 2 steps were skipped" in err and "train.max_bad_steps=2" in err, err[-3000:]
@@ -215,7 +241,10 @@ def test_a_stop_during_an_eval_does_not_wait_for_another_step(data_dir, tmp_path
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["step"] == 3 and summary["stopped_by"] == signal.SIGUSR1
     ck = params_of(checkpoint_path(tmp_path / "run", 3))
-    assert ck.metrics["eval"]["step"][-1] == 3 and summary["val_loss"] == ck.metrics["eval"]["val_loss"][-1]
+    assert (
+        ck.metrics["eval"]["step"][-1] == 3
+        and summary["val_loss"] == ck.metrics["eval"]["val_loss"][-1]
+    )
 
 
 @pytest.mark.timeout(300)
@@ -230,11 +259,30 @@ def test_a_stop_right_after_a_save_does_not_save_that_step_again(data_dir, tmp_p
 @pytest.mark.timeout(300)
 def test_open_mpi_mpiexec_forwards_sigusr1_to_the_ranks(data_dir, tmp_path):
     """SIGUSR1 sent to the launcher (what the Slurm scripts send it) reaches every rank: checkpoint and exit 75."""
-    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 10**6,
-                                                                       "checkpoint.interval": 0})
-    proc = subprocess.Popen([mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m", "hpc_llm", "train",
-                             str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    cfg = config(
+        data_dir,
+        tmp_path / "run",
+        tmp_path / "run.toml",
+        **{"train.max_iters": 10**6, "checkpoint.interval": 0},
+    )
+    proc = subprocess.Popen(
+        [
+            mpiexec(),
+            "--oversubscribe",
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "hpc_llm",
+            "train",
+            str(cfg),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -254,23 +302,45 @@ def test_open_mpi_mpiexec_forwards_sigusr1_to_the_ranks(data_dir, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_run_leaves_no_lock(data_dir, tmp_path):
-    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 10**6,
-                                                                       "checkpoint.interval": 50})
-    first = subprocess.Popen([sys.executable, "-m", "hpc_llm", "train", str(cfg)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_run_leaves_no_lock(
+    data_dir, tmp_path
+):
+    cfg = config(
+        data_dir,
+        tmp_path / "run",
+        tmp_path / "run.toml",
+        **{"train.max_iters": 10**6, "checkpoint.interval": 50},
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "hpc_llm", "train", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list_checkpoints(tmp_path / "run") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert list_checkpoints(tmp_path / "run"), "the first run never saved"
         for args in ([], ["--resume", "auto"]):
-            before = sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith((".ckpt", "ckpt")))
+            before = sorted(
+                p.name
+                for p in (tmp_path / "run").iterdir()
+                if not p.name.startswith((".ckpt", "ckpt"))
+            )
             rc, _, err, _ = train(2, cfg, *args)
             assert rc == 2, err
-            assert err.count("hpc-llm: error: train.out_dir=") == 2 and "is in use by a live run" in err, err
+            assert (
+                err.count("hpc-llm: error: train.out_dir=") == 2
+                and "is in use by a live run" in err
+            ), err
             assert f"pid {first.pid}" in err
-            after = sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith((".ckpt", "ckpt")))
+            after = sorted(
+                p.name
+                for p in (tmp_path / "run").iterdir()
+                if not p.name.startswith((".ckpt", "ckpt"))
+            )
             assert before == after
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -283,7 +353,9 @@ def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_run_leaves_
 
 
 @pytest.mark.timeout(300)
-def test_resume_on_data_with_another_tokenizer_is_refused_naming_both(data_dir, corpus_file, tmp_path):
+def test_resume_on_data_with_another_tokenizer_is_refused_naming_both(
+    data_dir, corpus_file, tmp_path
+):
     from hpc_llm.data import prepare
 
     prepare([corpus_file], tmp_path / "chars", tokenizer="char")
@@ -319,6 +391,7 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
             if rank == r:
                 raise exc
             return rank
+
         return fn
 
     from hpc_llm.faults import phase
@@ -331,14 +404,21 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
         except JobError as e:
             outcomes.append(("job", str(e)))
     try:
-        comm.agree(lambda: (_ for _ in ()).throw(UserError("bad field") if rank == 0 else RuntimeError("bug")))
+        comm.agree(
+            lambda: (_ for _ in ()).throw(
+                UserError("bad field") if rank == 0 else RuntimeError("bug")
+            )
+        )
         outcomes.append(("ok", None))
     except UserError as e:
         outcomes.append(("user", str(e)))
     except JobError as e:
         outcomes.append(("job", str(e)))
-    want = [("job", "rank 1 failed in save at step 4: OSError: [Errno 28] No space left on device"), ("ok", rank),
-            ("user", "bad field")]
+    want = [
+        ("job", "rank 1 failed in save at step 4: OSError: [Errno 28] No space left on device"),
+        ("ok", rank),
+        ("user", "bad field"),
+    ]
     parallel_assert(outcomes == want, f"rank {rank}: {outcomes}")
 
 
@@ -347,7 +427,12 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
 NEW_PATHS = [
     # id, extra config, fault (rank 1 stuck outside MPI), the operation rank 0's watchdog must name
     ("16-bit-buckets", {"parallel.grad_comm": "bf16"}, "hang:step:1:3", "dp.allreduce_bf16"),
-    ("powersgd", {"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 2}, "hang:step:1:3", "dp.powersgd_p"),
+    (
+        "powersgd",
+        {"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 2},
+        "hang:step:1:3",
+        "dp.powersgd_p",
+    ),
     ("checkpoint-blocks", {}, "hang:save:1:4", "(writing checkpoint data)"),
 ]
 
@@ -358,7 +443,12 @@ def test_a_stuck_peer_on_a_new_path_ends_the_job(case, data_dir, tmp_path):
     """A rank stuck while its peer waits in the 16-bit gradient reduction, PowerSGD's factor allreduce or a save's
     agreement: the peer's watchdog names the operation and the job ends within the timeout plus start-up."""
     _, extra, fault, op = case
-    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"parallel.comm_timeout_s": 3.0, **extra})
+    cfg = config(
+        data_dir,
+        tmp_path / "run",
+        tmp_path / "run.toml",
+        **{"parallel.comm_timeout_s": 3.0, **extra},
+    )
     rc, _, err, seconds = train(2, cfg, fault=fault)
     assert rc != 0 and "hpc-llm: rank 0: no progress for" in err and op in err, (rc, err[-3000:])
     assert seconds < BOUND_S + 3

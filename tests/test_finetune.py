@@ -25,6 +25,9 @@ import dataclasses
 import numpy as np
 import pytest
 from mpi4py import MPI
+from test_parallel import check, rel_diff, replica_checks, run_config, train
+from test_pipeline import compare
+from test_tensor_parallel import mismatch
 
 import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
@@ -34,9 +37,6 @@ from hpc_llm.lora import merge_lora
 from hpc_llm.model.gpt import GPT, is_lora
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 from hpc_llm.train import Trainer
-from test_parallel import F64_RTOL, check, rel_diff, replica_checks, run_config, train
-from test_pipeline import compare
-from test_tensor_parallel import mismatch
 
 ALL_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 FD_H, FD_ENTRIES, FD_RTOL, FD_ATOL_ULPS = 1e-4, 12, 1e-7, 32
@@ -55,7 +55,11 @@ def params_of(tr) -> dict:
 
 def initial_params(cfg, plan=None) -> dict:
     """The full tensors a fresh run of cfg starts from (the data's vocabulary: 256 bytes)."""
-    model = GPT(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 256), seed=cfg.train.seed, plan=plan)
+    model = GPT(
+        dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 256),
+        seed=cfg.train.seed,
+        plan=plan,
+    )
     return model.full_tensors(model.flat)
 
 
@@ -70,16 +74,26 @@ def test_init_from_reads_the_weights_at_another_layout(data_dir, tmp_path, share
     world = MPI.COMM_WORLD
     bad = []
     for name, layout in (("tp2", {"parallel.tp": 2}), ("dp2-zero1", {"parallel.zero": 1})):
-        src = train(run_config(data_dir, shared_tmp_path / f"src-{name}", **layout, **{"train.max_iters": 2}),
-                    make_grid(world, layout.get("parallel.tp", 1)))
+        src = train(
+            run_config(
+                data_dir, shared_tmp_path / f"src-{name}", **layout, **{"train.max_iters": 2}
+            ),
+            make_grid(world, layout.get("parallel.tp", 1)),
+        )
         path = src.summary["checkpoint"]
         want = load_checkpoint(path, optimizer=False).params
-        starts = {"tp2": (make_grid(world, 2), {"parallel.tp": 2}, shared_tmp_path / f"tp2-from-{name}"),
-                  "one process": (single_process_grid(), {}, tmp_path / f"one-from-{name}")}
+        starts = {
+            "tp2": (make_grid(world, 2), {"parallel.tp": 2}, shared_tmp_path / f"tp2-from-{name}"),
+            "one process": (single_process_grid(), {}, tmp_path / f"one-from-{name}"),
+        }
         for where, (grid, lay, out) in starts.items():
             for block, init in ((16, path), (8, str(shared_tmp_path / f"src-{name}"))):
-                cfg = run_config(data_dir, f"{out}-{block}", **lay, **{"train.init_from": init,
-                                                                       "model.block_size": block})
+                cfg = run_config(
+                    data_dir,
+                    f"{out}-{block}",
+                    **lay,
+                    **{"train.init_from": init, "model.block_size": block},
+                )
                 tr = Trainer(cfg, grid=grid)
                 w = f"init_from {name} checkpoint at {where}, block {block}"
                 got = params_of(tr)
@@ -87,8 +101,16 @@ def test_init_from_reads_the_weights_at_another_layout(data_dir, tmp_path, share
                     ref = want[pname][:block] if pname == "wpe.weight" else want[pname]
                     if not np.array_equal(g, ref):
                         bad.append(f"{w}: {pname} differs from the checkpoint's")
-                if tr.step != 0 or tr.opt.t != 0 or np.any(tr.opt.m) or np.any(tr.opt.v) or tr.metrics.train["step"]:
-                    bad.append(f"{w}: not a fresh optimizer state (step {tr.step}, adam t {tr.opt.t})")
+                if (
+                    tr.step != 0
+                    or tr.opt.t != 0
+                    or np.any(tr.opt.m)
+                    or np.any(tr.opt.v)
+                    or tr.metrics.train["step"]
+                ):
+                    bad.append(
+                        f"{w}: not a fresh optimizer state (step {tr.step}, adam t {tr.opt.t})"
+                    )
                 tr.close()
     check(not bad, "\n".join(bad))
 
@@ -98,11 +120,15 @@ def test_init_from_checks(make_cfg):
     initialised from does not change the checkpoint."""
     src = run(make_cfg("src", **{"train.max_iters": 1}))
     path = src.summary["checkpoint"]
-    with pytest.raises(UserError, match="train.init_from: checkpoint .*model.n_layer=2 but the config says 3"):
+    with pytest.raises(
+        UserError, match="train.init_from: checkpoint .*model.n_layer=2 but the config says 3"
+    ):
         Trainer(make_cfg("a", **{"train.init_from": path, "model.n_layer": 3}))
     with pytest.raises(UserError, match="model.block_size=32 is larger than the checkpoint's 16"):
         Trainer(make_cfg("b", **{"train.init_from": path, "model.block_size": 32}))
-    with pytest.raises(UserError, match="train.init_from: .*nope.h5: checkpoint file does not exist"):
+    with pytest.raises(
+        UserError, match="train.init_from: .*nope.h5: checkpoint file does not exist"
+    ):
         Trainer(make_cfg("c", **{"train.init_from": "nope.h5"}))
 
 
@@ -114,7 +140,9 @@ def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatc
 
     path = run(make_cfg("src", **{"train.max_iters": 1})).summary["checkpoint"]
     closed, close = [], CheckpointFile.close
-    monkeypatch.setattr(CheckpointFile, "close", lambda self: (closed.append(str(self.path)), close(self))[1])
+    monkeypatch.setattr(
+        CheckpointFile, "close", lambda self: (closed.append(str(self.path)), close(self))[1]
+    )
 
     def check_layout(*args):
         raise UserError("a later check failed")
@@ -155,12 +183,16 @@ def frozen_checks(tr, initial: dict, name: str) -> list[str]:
     got = params_of(tr)
     for pname, g in got.items():
         if (pname in tr.model.frozen) != np.array_equal(g, initial[pname]):
-            bad.append(f"{name}: {pname} ({'frozen' if pname in tr.model.frozen else 'trained'}) "
-                       f"{'changed' if pname in tr.model.frozen else 'unchanged'}")
+            bad.append(
+                f"{name}: {pname} ({'frozen' if pname in tr.model.frozen else 'trained'}) "
+                f"{'changed' if pname in tr.model.frozen else 'unchanged'}"
+            )
     trained = sum(s.size for s in tr.model.specs if s.name not in tr.model.frozen)
     total = tr.grid.dp_comm.mpi.allreduce(tr.opt.m.size) if tr.sync.zero else tr.opt.m.size
     if total != trained or tr.opt.v.size != tr.opt.m.size:
-        bad.append(f"{name}: {total} moment elements (m) over the DP group, {trained} trained parameters")
+        bad.append(
+            f"{name}: {total} moment elements (m) over the DP group, {trained} trained parameters"
+        )
     return bad
 
 
@@ -168,14 +200,21 @@ def test_frozen_parameters_stay_bitwise_unchanged(make_cfg):
     cfg = make_cfg(**FREEZE, **{"train.max_iters": 3})
     initial = initial_params(cfg)
     tr = run(cfg)
-    assert {"h.0.attn.c_attn.weight", "h.0.ln_1.bias", "wpe.weight", "ln_f.weight"} <= tr.model.frozen
+    assert {
+        "h.0.attn.c_attn.weight",
+        "h.0.ln_1.bias",
+        "wpe.weight",
+        "ln_f.weight",
+    } <= tr.model.frozen
     assert "h.1.attn.c_attn.weight" not in tr.model.frozen and "wte.weight" not in tr.model.frozen
     bad = frozen_checks(tr, initial, "single process")
     assert not bad, bad
     assert tr.opt.m.nbytes < 0.8 * tr.model.flat.nbytes  # h.0 is a third of the parameters
     # the checkpoint stores the frozen parameters' moments as zeros (docs/checkpoint-format.md)
     saved = load_checkpoint(tr.summary["checkpoint"])
-    assert not np.any(saved.optimizer["m"]["h.0.mlp.c_fc.weight"]) and np.any(saved.optimizer["m"]["wte.weight"])
+    assert not np.any(saved.optimizer["m"]["h.0.mlp.c_fc.weight"]) and np.any(
+        saved.optimizer["m"]["wte.weight"]
+    )
 
 
 def test_freeze_pattern_matching_nothing(make_cfg):
@@ -186,31 +225,55 @@ def test_freeze_pattern_matching_nothing(make_cfg):
 def test_nothing_left_to_train_is_refused(make_cfg):
     """Patterns that freeze every parameter, or (LoRA: the base frozen) every adapter, are refused; one adapter left
     trains."""
-    with pytest.raises(UserError, match=r"train.freeze: \['\*'\] freezes every parameter: nothing left to train"):
+    with pytest.raises(
+        UserError, match=r"train.freeze: \['\*'\] freezes every parameter: nothing left to train"
+    ):
         make_cfg(**{"train.freeze": ["*"]})
     with pytest.raises(UserError, match="also cover every LoRA adapter"):
         make_cfg(**LORA, **{"train.freeze": ["h.*.lora_A", "h.*.lora_B"]})
-    tr = Trainer(make_cfg(**LORA, **{"train.freeze": ["h.0.*", "h.1.attn.*", "h.1.mlp.c_fc.*", "h.1.*.lora_A"]}))
-    assert tr.model.num_trainable == np.prod(tr.model.logical["h.1.mlp.c_proj.lora_B"])  # that B alone
+    tr = Trainer(
+        make_cfg(
+            **LORA, **{"train.freeze": ["h.0.*", "h.1.attn.*", "h.1.mlp.c_fc.*", "h.1.*.lora_A"]}
+        )
+    )
+    assert tr.model.num_trainable == np.prod(
+        tr.model.logical["h.1.mlp.c_proj.lora_B"]
+    )  # that B alone
     tr.close()
 
 
 @pytest.mark.parallel(nprocs=2)
-def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(data_dir, tmp_path, shared_tmp_path):
+def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(
+    data_dir, tmp_path, shared_tmp_path
+):
     """dp2 ZeRO-1 with frozen parameters: the single process's run (float64), frozen parameters bitwise unchanged,
     each rank's moments only for its shard's trained ranges; its checkpoint resumes at one process on the
     uninterrupted curve."""
     world = MPI.COMM_WORLD
     common = {**FREEZE, "model.dtype": "float64", "train.eval_interval": 2}
-    ref = train(run_config(data_dir, tmp_path / "ref", **common, **{"train.max_iters": 4}), single_process_grid())
-    cfg = run_config(data_dir, shared_tmp_path / "dp2", **common, **{"parallel.zero": 1, "train.max_iters": 2})
+    ref = train(
+        run_config(data_dir, tmp_path / "ref", **common, **{"train.max_iters": 4}),
+        single_process_grid(),
+    )
+    cfg = run_config(
+        data_dir, shared_tmp_path / "dp2", **common, **{"parallel.zero": 1, "train.max_iters": 2}
+    )
     initial = initial_params(cfg)
     tr = train(cfg, make_grid(world, 1))
     bad = frozen_checks(tr, initial, "dp2 zero1") + replica_checks(tr)
-    bad += compare(tr, train(run_config(data_dir, tmp_path / "ref2", **common, **{"train.max_iters": 2}),
-                             single_process_grid()), "dp2 zero1")
-    resumed = train(run_config(data_dir, tmp_path / "resumed", **common, **{"train.max_iters": 4}),
-                    single_process_grid(), resume=tr.summary["checkpoint"])
+    bad += compare(
+        tr,
+        train(
+            run_config(data_dir, tmp_path / "ref2", **common, **{"train.max_iters": 2}),
+            single_process_grid(),
+        ),
+        "dp2 zero1",
+    )
+    resumed = train(
+        run_config(data_dir, tmp_path / "resumed", **common, **{"train.max_iters": 4}),
+        single_process_grid(),
+        resume=tr.summary["checkpoint"],
+    )
     bad += compare(resumed, ref, "resumed at one process", steps=slice(2, None))
     bad += frozen_checks(resumed, initial, "resumed at one process")
     check(not bad, "\n".join(bad))
@@ -221,11 +284,24 @@ def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(data_dir, 
 
 def lora_model(tp_comm=None, seed=3) -> GPT:
     """A float64 2-layer model with adapters on every target, B random (at B = 0 the gradients of A vanish)."""
-    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=16, block_size=8, vocab_size=64, dtype="float64", lora_rank=3,
-                      lora_alpha=4.5, lora_targets=list(ALL_TARGETS))
+    cfg = ModelConfig(
+        n_layer=2,
+        n_head=4,
+        n_embd=16,
+        block_size=8,
+        vocab_size=64,
+        dtype="float64",
+        lora_rank=3,
+        lora_alpha=4.5,
+        lora_targets=list(ALL_TARGETS),
+    )
     model = GPT(cfg, seed=seed, tp_comm=tp_comm)
     rng = np.random.default_rng(seed)
-    full = {n: rng.standard_normal(shape) * 0.3 for n, shape in model.logical.items() if n.endswith(".lora_B")}
+    full = {
+        n: rng.standard_normal(shape) * 0.3
+        for n, shape in model.logical.items()
+        if n.endswith(".lora_B")
+    }
     for s in model.specs:
         if s.name in full:
             model.local_view(model.flat, s)[...] = model.shard(full[s.name], s)
@@ -238,8 +314,15 @@ def batch(seed=0):
 
 
 def test_lora_specs_and_start_equal_base():
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=16, lora_rank=2,
-                      lora_targets=["attn.c_attn", "mlp.c_proj"])
+    cfg = ModelConfig(
+        n_layer=1,
+        n_head=2,
+        n_embd=8,
+        block_size=4,
+        vocab_size=16,
+        lora_rank=2,
+        lora_targets=["attn.c_attn", "mlp.c_proj"],
+    )
     specs = {s.name: s for s in GPT(cfg).specs}
     a, b = specs["h.0.attn.c_attn.lora_A"], specs["h.0.attn.c_attn.lora_B"]
     assert (a.shape, a.tp_axis, b.shape, b.tp_axis, b.tp_blocks) == ((8, 2), None, (2, 24), 1, 3)
@@ -279,8 +362,10 @@ def test_lora_gradients_match_finite_differences():
             entries.add(tuple(int(rng.integers(0, n)) for n in p.shape))
         for i in sorted(entries):
             x = float(p[i])
-            fd = (8 * (loss_at(p, i, x + h) - loss_at(p, i, x - h))
-                  - (loss_at(p, i, x + 2 * h) - loss_at(p, i, x - 2 * h))) / (12 * h)
+            fd = (
+                8 * (loss_at(p, i, x + h) - loss_at(p, i, x - h))
+                - (loss_at(p, i, x + 2 * h) - loss_at(p, i, x - 2 * h))
+            ) / (12 * h)
             assert abs(fd - g[i]) <= FD_RTOL * abs(g[i]) + atol, (name, i, g[i], fd, atol)
             checked += 1
     assert checked == FD_ENTRIES * sum(is_lora(n) for n in model.params)
@@ -318,12 +403,16 @@ def test_merged_model_equals_adapters(make_cfg, tmp_path):
     want, got = adapters.logits(idx), merged.logits(idx)
     assert np.max(np.abs(got - want)) <= 1e-10 * np.max(np.abs(want))
     # the merged checkpoint starts a fresh plain run (init_from), and is refused where a LoRA config expects adapters
-    fresh = Trainer(make_cfg("fresh", **{"model.dtype": "float64", "train.init_from": str(merged_path)}))
+    fresh = Trainer(
+        make_cfg("fresh", **{"model.dtype": "float64", "train.init_from": str(merged_path)})
+    )
     assert np.array_equal(fresh.model.logits(idx), got)
     fresh.close()
     with pytest.raises(UserError, match="has no LoRA adapters"):
         merge_lora(merged_path, tmp_path / "again.h5")
-    with pytest.raises(UserError, match="fold them into the weights with `hpc-llm merge-lora` first"):
+    with pytest.raises(
+        UserError, match="fold them into the weights with `hpc-llm merge-lora` first"
+    ):
         Trainer(make_cfg("plain", **{"model.dtype": "float64", "train.init_from": path}))
 
 
@@ -354,7 +443,9 @@ def test_lora_targets_in_any_order(make_cfg):
     config lists them in another (written before that) is resumed, and taken by train.init_from, as the same
     adapters."""
     reordered = ALL_TARGETS[::-1]
-    assert make_cfg("v", **{**LORA, "model.lora_targets": reordered}).model.lora_targets == ALL_TARGETS
+    assert (
+        make_cfg("v", **{**LORA, "model.lora_targets": reordered}).model.lora_targets == ALL_TARGETS
+    )
     with pytest.raises(UserError, match="model.lora_targets: expected distinct names"):
         make_cfg("v", **{**LORA, "model.lora_targets": ["mlp.c_fc", "attn.c_attn", "mlp.c_fc"]})
     cfg = make_cfg("part", **LORA, **{"train.max_iters": 1})
@@ -365,7 +456,9 @@ def test_lora_targets_in_any_order(make_cfg):
     assert resumed.metrics.train["step"] == [1, 2]
     fresh = Trainer(make_cfg("fresh", **LORA, **{"train.init_from": path}))
     want, got = load_checkpoint(path, optimizer=False).params, params_of(fresh)
-    assert np.any(want["h.0.attn.c_attn.lora_B"]) and all(np.array_equal(got[n], want[n]) for n in want)
+    assert np.any(want["h.0.attn.c_attn.lora_B"]) and all(
+        np.array_equal(got[n], want[n]) for n in want
+    )
     fresh.close()
 
 
@@ -375,12 +468,17 @@ def test_lora_base_frozen_recompute_and_bf16(make_cfg):
     base = run(make_cfg("base", **{"train.max_iters": 2})).summary["checkpoint"]
     want = load_checkpoint(base, optimizer=False).params
     runs = {}
-    for name, extra in (("plain", {}), ("recompute", {"train.recompute": "block"}),
-                        ("bf16", {"train.precision": "bf16"})):
+    for name, extra in (
+        ("plain", {}),
+        ("recompute", {"train.recompute": "block"}),
+        ("bf16", {"train.precision": "bf16"}),
+    ):
         tr = run(make_cfg(name, **LORA, **extra, **{"train.init_from": base, "train.max_iters": 3}))
         got = params_of(tr)
         assert all(np.array_equal(got[n], want[n]) for n in want), name
-        assert np.any(got["h.1.attn.c_proj.lora_B"] != 0) and all(np.isfinite(tr.metrics.train["loss"])), name
+        assert np.any(got["h.1.attn.c_proj.lora_B"] != 0) and all(
+            np.isfinite(tr.metrics.train["loss"])
+        ), name
         assert tr.opt.m.size == sum(got[n].size for n in got if is_lora(n)), name
         runs[name] = tr
     assert runs["recompute"].metrics.train["loss"] == runs["plain"].metrics.train["loss"]
@@ -392,16 +490,31 @@ def test_lora_parallel_runs_equal_single_process(data_dir, tmp_path, shared_tmp_
     """LoRA at pp2 (1F1B), tp2 and dp2 ZeRO-1 equals the single-process LoRA run (float64, 1e-10: losses, norms,
     evals, every parameter), the base bitwise unchanged everywhere."""
     world = MPI.COMM_WORLD
-    common = {**LORA, "model.dtype": "float64", "model.n_layer": 4, "train.grad_accum": 2, "train.max_iters": 3,
-              "train.eval_interval": 3}
+    common = {
+        **LORA,
+        "model.dtype": "float64",
+        "model.n_layer": 4,
+        "train.grad_accum": 2,
+        "train.max_iters": 3,
+        "train.eval_interval": 3,
+    }
     ref = train(run_config(data_dir, tmp_path / "ref", **common), single_process_grid())
     bad = []
-    for name, lay, (tp, pp) in (("pp2", {"parallel.pp": 2}, (1, 2)), ("tp2", {"parallel.tp": 2}, (2, 1)),
-                                ("dp2-zero1", {"parallel.zero": 1}, (1, 1))):
-        tr = train(run_config(data_dir, shared_tmp_path / name, **common, **lay), make_grid(world, tp, pp))
+    for name, lay, (tp, pp) in (
+        ("pp2", {"parallel.pp": 2}, (1, 2)),
+        ("tp2", {"parallel.tp": 2}, (2, 1)),
+        ("dp2-zero1", {"parallel.zero": 1}, (1, 1)),
+    ):
+        tr = train(
+            run_config(data_dir, shared_tmp_path / name, **common, **lay), make_grid(world, tp, pp)
+        )
         bad += compare(tr, ref, name)
         got, init = params_of(tr), initial_params(tr.cfg, tr.plan)
-        bad += [f"{name}: base {n} changed" for n in got if not is_lora(n) and not np.array_equal(got[n], init[n])]
+        bad += [
+            f"{name}: base {n} changed"
+            for n in got
+            if not is_lora(n) and not np.array_equal(got[n], init[n])
+        ]
         # the frozen tied embedding (first and last stage at pp2): its gradient never computed nor reduced
         if "wte.weight" in tr.model.grads and np.any(tr.model.grads["wte.weight"]):
             bad.append(f"{name}: the frozen wte's gradient buffer was written")

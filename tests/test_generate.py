@@ -25,8 +25,14 @@ def random_model(shape, dtype="float64", seed=0, std=0.5, pos_scale=1.0) -> GPT:
     is far from uniform and logits spread over several units. pos_scale > 1 makes the position embedding dominate,
     so greedy decoding does not collapse onto one token and its output depends on the positions used."""
     n_layer, n_head, n_embd, block_size, vocab = shape
-    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab,
-                      dtype=dtype)
+    cfg = ModelConfig(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        block_size=block_size,
+        vocab_size=vocab,
+        dtype=dtype,
+    )
     model = GPT(cfg, seed=None)
     rng = np.random.default_rng(seed)
     model.flat[:] = (rng.standard_normal(model.num_params) * std).astype(model.dtype)
@@ -40,9 +46,9 @@ def incremental_logits(model: GPT, idx: np.ndarray, first: int) -> np.ndarray:
     cache = KVCache(model, B)
     parts = [model.forward_cached(idx[:, :first], cache)]
     for t in range(first, T - 3):
-        parts.append(model.forward_cached(idx[:, t:t + 1], cache))
+        parts.append(model.forward_cached(idx[:, t : t + 1], cache))
         assert cache.length == t + 1
-    parts.append(model.forward_cached(idx[:, T - 3:], cache))
+    parts.append(model.forward_cached(idx[:, T - 3 :], cache))
     assert cache.length == T
     return np.concatenate(parts, axis=1)
 
@@ -102,13 +108,24 @@ def reference_greedy(model: GPT, prompt: np.ndarray, max_new_tokens: int) -> np.
     return np.array(out)
 
 
-@pytest.mark.parametrize("shape, prompt_len, max_new", [
-    (SHAPES[0], 3, 30),  # past block_size 12: the window restarts twice
-    (SHAPES[1], 5, 40),  # block 16: the window restarts from 8 tokens, several times
-    (SHAPES[2], 13, 12),  # prompt longer than block_size 10: only its last 10 tokens are context
-    (SHAPES[3], 1, 6),  # never reaches block_size
-    ((1, 1, 8, 11, 17), 3, 30),  # an odd block_size: the restart keeps 11 // 2 = 5 tokens (not 6)
-])
+@pytest.mark.parametrize(
+    "shape, prompt_len, max_new",
+    [
+        (SHAPES[0], 3, 30),  # past block_size 12: the window restarts twice
+        (SHAPES[1], 5, 40),  # block 16: the window restarts from 8 tokens, several times
+        (
+            SHAPES[2],
+            13,
+            12,
+        ),  # prompt longer than block_size 10: only its last 10 tokens are context
+        (SHAPES[3], 1, 6),  # never reaches block_size
+        (
+            (1, 1, 8, 11, 17),
+            3,
+            30,
+        ),  # an odd block_size: the restart keeps 11 // 2 = 5 tokens (not 6)
+    ],
+)
 def test_greedy_equals_full_forward_argmax(shape, prompt_len, max_new):
     model = random_model(shape, "float64", seed=3, pos_scale=6.0)
     vocab = shape[4]
@@ -138,7 +155,9 @@ def test_greedy_reference_would_notice_a_different_window():
             r.append(int(t))
     sliding = np.array(out)
     ours = generate(model, prompt, 30, temperature=0)
-    assert np.array_equal(ours[:, :T + 1], sliding[:, :T + 1])  # the same until the window first fills
+    assert np.array_equal(
+        ours[:, : T + 1], sliding[:, : T + 1]
+    )  # the same until the window first fills
     assert not np.array_equal(ours, sliding)
 
 
@@ -212,17 +231,24 @@ def distribution_problems(counts, p) -> list[str]:
     SE_BOUND standard errors sqrt(p(1-p)/N), or Pearson's statistic above chi2_bound(categories - 1)."""
     n = counts.sum()
     freq, on = counts / n, p > 0
-    bad = [f"token {i} drawn {counts[i]} times, probability 0" for i in np.flatnonzero(~on & (counts > 0))]
+    bad = [
+        f"token {i} drawn {counts[i]} times, probability 0"
+        for i in np.flatnonzero(~on & (counts > 0))
+    ]
     se = np.sqrt(p * (1 - p) / n)
     for i in np.flatnonzero(on & (np.abs(freq - p) > SE_BOUND * se)):
-        bad.append(f"token {i}: frequency {freq[i]:.5f}, probability {p[i]:.5f} ({abs(freq[i] - p[i]) / se[i]:.1f} se)")
+        bad.append(
+            f"token {i}: frequency {freq[i]:.5f}, probability {p[i]:.5f} ({abs(freq[i] - p[i]) / se[i]:.1f} se)"
+        )
     stat, bound = pearson(counts, p), chi2_bound(int(on.sum()) - 1)
     if stat > bound:
         bad.append(f"Pearson statistic {stat:.1f} > {bound:.1f}")
     return bad
 
 
-@pytest.mark.parametrize("temperature, top_k", [(0.5, None), (2.0, None), (0.7, 3), (1.6, 3), (1.3, 7)])
+@pytest.mark.parametrize(
+    "temperature, top_k", [(0.5, None), (2.0, None), (0.7, 3), (1.6, 3), (1.3, 7)]
+)
 def test_sampling_distribution_matches_softmax(temperature, top_k):
     """N_DRAWS draws (one sample_next call on identical rows) against softmax(z/T), renormalised over the top k:
     every category within 5 standard errors, Pearson's statistic below its chi-square bound, tokens outside the top k
@@ -247,7 +273,9 @@ def test_sampling_distribution_matches_softmax(temperature, top_k):
     if top_k is not None:
         q = reference_probs(LOGITS, temperature, top_k + 1)
         extra = np.flatnonzero((q > 0) & (p == 0))
-        assert len(extra) == 1 and N_DRAWS * q[extra[0]] > 100  # k+1 kept: that token ~100+ times, here 0
+        assert (
+            len(extra) == 1 and N_DRAWS * q[extra[0]] > 100
+        )  # k+1 kept: that token ~100+ times, here 0
         assert distribution_problems(counts, q)
 
 
@@ -300,14 +328,18 @@ def test_top_k_inside_generate_samples_only_the_k_largest():
         tok = out[:, 5 + i]
         srt = np.sort(lg, axis=-1)
         kth, mine = srt[:, -k], lg[np.arange(len(tok)), tok]
-        assert (kth - srt[:, -k - 1] > 1e-9).all()  # no near-tie at the boundary: the top k is unambiguous
+        assert (
+            kth - srt[:, -k - 1] > 1e-9
+        ).all()  # no near-tie at the boundary: the top k is unambiguous
         outside += int(np.sum(mine < kth))
         not_argmax += int(np.sum(tok != lg.argmax(axis=-1)))
     assert outside == 0
     assert not_argmax > 0.3 * out[:, 5:].size
     free = generate(model, prompt, n, temperature=2.0, top_k=None, seed=10)
-    free_outside = sum(int(np.sum(lg[np.arange(24), free[:, 5 + i]] < np.sort(lg, axis=-1)[:, -k]))
-                       for i, lg in enumerate(context_logits(model, free, 5)))
+    free_outside = sum(
+        int(np.sum(lg[np.arange(24), free[:, 5 + i]] < np.sort(lg, axis=-1)[:, -k]))
+        for i, lg in enumerate(context_logits(model, free, 5))
+    )
     assert free_outside > 0.2 * free[:, 5:].size
 
 
@@ -323,7 +355,9 @@ def spy_positions(model: GPT) -> list[tuple[int, int]]:
 
     def spy(idx, cache, **kw):
         calls.append((cache.length, idx.shape[1]))
-        assert cache.length + idx.shape[1] <= T, f"positions {cache.length}..{cache.length + idx.shape[1] - 1}"
+        assert cache.length + idx.shape[1] <= T, (
+            f"positions {cache.length}..{cache.length + idx.shape[1] - 1}"
+        )
         logits = forward_cached(idx, cache, **kw)
         assert cache.length <= T
         return logits
@@ -332,7 +366,9 @@ def spy_positions(model: GPT) -> list[tuple[int, int]]:
     return calls
 
 
-@pytest.mark.parametrize("prompt_len", [1, 5, 12, 20])  # block_size 12: a prompt shorter, equal to and longer
+@pytest.mark.parametrize(
+    "prompt_len", [1, 5, 12, 20]
+)  # block_size 12: a prompt shorter, equal to and longer
 @pytest.mark.parametrize("max_new", [0, 1, 7, 40])
 def test_new_token_count_and_context_length(prompt_len, max_new):
     """generate returns the prompt followed by exactly max_new_tokens ids (0 included; 40 is past block_size 12),

@@ -26,7 +26,13 @@ from hpc_llm.config import ModelConfig, config_from_dict  # noqa: E402
 from hpc_llm.errors import UserError  # noqa: E402
 from hpc_llm.gpt2_import import gpt2_tensors_to_params, import_gpt2, read_gpt2_dir  # noqa: E402
 
-N_EMBD, N_LAYER, N_HEAD, N_POSITIONS, VOCAB = 32, 2, 4, 16, 77  # 77: not a multiple of 64, so wte gets padded
+N_EMBD, N_LAYER, N_HEAD, N_POSITIONS, VOCAB = (
+    32,
+    2,
+    4,
+    16,
+    77,
+)  # 77: not a multiple of 64, so wte gets padded
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,7 +74,9 @@ def hf_config(**overrides) -> dict:
     return cfg
 
 
-def hf_tensors(seed: int = 0, prefix: str = "transformer.", buffers: bool = True, head: bool = True) -> dict:
+def hf_tensors(
+    seed: int = 0, prefix: str = "transformer.", buffers: bool = True, head: bool = True
+) -> dict:
     """float32 tensors under HF's names, Conv1D weights (in, out). Scales are large enough that attention is far
     from uniform and every LayerNorm/bias matters, so a wrong mapping cannot hide."""
     rng = np.random.default_rng(seed)
@@ -81,14 +89,22 @@ def hf_tensors(seed: int = 0, prefix: str = "transformer.", buffers: bool = True
     for i in range(N_LAYER):
         p = f"{prefix}h.{i}."
         t |= {
-            p + "ln_1.weight": 1 + w(C, std=0.2), p + "ln_1.bias": w(C, std=0.2),
-            p + "attn.c_attn.weight": w(C, 3 * C, std=0.4), p + "attn.c_attn.bias": w(3 * C, std=0.2),
-            p + "attn.c_proj.weight": w(C, C, std=0.2), p + "attn.c_proj.bias": w(C, std=0.1),
-            p + "ln_2.weight": 1 + w(C, std=0.2), p + "ln_2.bias": w(C, std=0.2),
-            p + "mlp.c_fc.weight": w(C, 4 * C, std=0.3), p + "mlp.c_fc.bias": w(4 * C, std=0.2),
-            p + "mlp.c_proj.weight": w(4 * C, C, std=0.1), p + "mlp.c_proj.bias": w(C, std=0.1),
+            p + "ln_1.weight": 1 + w(C, std=0.2),
+            p + "ln_1.bias": w(C, std=0.2),
+            p + "attn.c_attn.weight": w(C, 3 * C, std=0.4),
+            p + "attn.c_attn.bias": w(3 * C, std=0.2),
+            p + "attn.c_proj.weight": w(C, C, std=0.2),
+            p + "attn.c_proj.bias": w(C, std=0.1),
+            p + "ln_2.weight": 1 + w(C, std=0.2),
+            p + "ln_2.bias": w(C, std=0.2),
+            p + "mlp.c_fc.weight": w(C, 4 * C, std=0.3),
+            p + "mlp.c_fc.bias": w(4 * C, std=0.2),
+            p + "mlp.c_proj.weight": w(4 * C, C, std=0.1),
+            p + "mlp.c_proj.bias": w(C, std=0.1),
         }
-        if buffers:  # what older transformers versions saved: the causal mask and the masked-score constant
+        if (
+            buffers
+        ):  # what older transformers versions saved: the causal mask and the masked-score constant
             t[p + "attn.bias"] = np.tril(np.ones((P, P), dtype=np.float32))[None, None]
             t[p + "attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
     t |= {f"{prefix}ln_f.weight": 1 + w(C, std=0.2), f"{prefix}ln_f.bias": w(C, std=0.2)}
@@ -99,7 +115,9 @@ def hf_tensors(seed: int = 0, prefix: str = "transformer.", buffers: bool = True
 
 def write_dir(path: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config() if config is None else config, indent=2))
+    (path / "config.json").write_text(
+        json.dumps(hf_config() if config is None else config, indent=2)
+    )
     save_file(hf_tensors() if tensors is None else tensors, str(path / "model.safetensors"))
     return path
 
@@ -124,7 +142,9 @@ def ref_gelu_new(x):
 
 
 def ref_logits(tensors: dict, idx: np.ndarray, n_head: int = N_HEAD) -> np.ndarray:
-    g = {k.removeprefix("transformer."): np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
+    g = {
+        k.removeprefix("transformer."): np.asarray(v, dtype=np.float64) for k, v in tensors.items()
+    }
     B, T = idx.shape
     C = g["wte.weight"].shape[1]
     hd = C // n_head
@@ -134,8 +154,14 @@ def ref_logits(tensors: dict, idx: np.ndarray, n_head: int = N_HEAD) -> np.ndarr
     for i in range(n_layer):
         p = f"h.{i}."
         a_in = ref_layernorm(h, g[p + "ln_1.weight"], g[p + "ln_1.bias"])
-        qkv = a_in @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]  # Conv1D: x @ W + b, W (in, out)
-        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]  # split(split_size=n_embd, dim=2)
+        qkv = (
+            a_in @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]
+        )  # Conv1D: x @ W + b, W (in, out)
+        q, k, v = (
+            qkv[..., :C],
+            qkv[..., C : 2 * C],
+            qkv[..., 2 * C :],
+        )  # split(split_size=n_embd, dim=2)
         heads = []
         for hh in range(n_head):
             sl = slice(hh * hd, (hh + 1) * hd)
@@ -143,7 +169,9 @@ def ref_logits(tensors: dict, idx: np.ndarray, n_head: int = N_HEAD) -> np.ndarr
             scores = np.where(causal, scores, -np.inf)
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             heads.append((scores / scores.sum(-1, keepdims=True)) @ v[..., sl])
-        attn = np.concatenate(heads, axis=-1) @ g[p + "attn.c_proj.weight"] + g[p + "attn.c_proj.bias"]
+        attn = (
+            np.concatenate(heads, axis=-1) @ g[p + "attn.c_proj.weight"] + g[p + "attn.c_proj.bias"]
+        )
         h = h + attn
         m_in = ref_layernorm(h, g[p + "ln_2.weight"], g[p + "ln_2.bias"])
         m = ref_gelu_new(m_in @ g[p + "mlp.c_fc.weight"] + g[p + "mlp.c_fc.bias"])
@@ -197,28 +225,44 @@ def test_keys_without_prefix_and_without_buffers_or_head(tmp_path):
     d = write_dir(tmp_path / "plain", tensors=tensors)
     out = import_gpt2(d, tmp_path / "plain.h5")
     idx = token_ids(seed=4, batch=2)
-    assert rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(tensors, idx)) < 1e-10
+    assert (
+        rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(tensors, idx))
+        < 1e-10
+    )
 
 
 def test_mapping_pads_wte_and_renames(gpt2_dir):
     tensors = load_file(str(gpt2_dir / "model.safetensors"))
-    mcfg = ModelConfig(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=N_POSITIONS, vocab_size=VOCAB)
+    mcfg = ModelConfig(
+        n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=N_POSITIONS, vocab_size=VOCAB
+    )
     params = gpt2_tensors_to_params(tensors, mcfg)
     from hpc_llm.model.gpt import param_specs
 
     specs = param_specs(mcfg)
     assert list(params) == [s.name for s in specs]
-    assert all(params[s.name].shape == s.shape and params[s.name].dtype == np.float32 for s in specs)
+    assert all(
+        params[s.name].shape == s.shape and params[s.name].dtype == np.float32 for s in specs
+    )
     wte = params["wte.weight"]
     assert wte.shape == (128, N_EMBD) and mcfg.padded_vocab == 128
     np.testing.assert_array_equal(wte[:VOCAB], tensors["transformer.wte.weight"])
     assert not wte[VOCAB:].any()
-    np.testing.assert_array_equal(params["h.1.mlp.c_fc.weight"], tensors["transformer.h.1.mlp.c_fc.weight"])
+    np.testing.assert_array_equal(
+        params["h.1.mlp.c_fc.weight"], tensors["transformer.h.1.mlp.c_fc.weight"]
+    )
 
     cfg, params2 = read_gpt2_dir(gpt2_dir)
     m = cfg.model
-    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size, m.dropout, m.dtype) == \
-        (N_LAYER, N_HEAD, N_EMBD, N_POSITIONS, VOCAB, 0.0, "float32")
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size, m.dropout, m.dtype) == (
+        N_LAYER,
+        N_HEAD,
+        N_EMBD,
+        N_POSITIONS,
+        VOCAB,
+        0.0,
+        "float32",
+    )
     assert all(np.array_equal(params[k], params2[k]) for k in params)
 
 
@@ -238,8 +282,9 @@ def _write_bf16_and_f16(path: Path, tensors: dict) -> dict:
             dtype = "float16"
         keep.append(data)
         if hasattr(safetensors, "TensorSpec"):
-            specs[k] = safetensors.TensorSpec(dtype=dtype, shape=list(data.shape), data_ptr=data.ctypes.data,
-                                              data_len=data.nbytes)
+            specs[k] = safetensors.TensorSpec(
+                dtype=dtype, shape=list(data.shape), data_ptr=data.ctypes.data, data_len=data.nbytes
+            )
         else:  # older safetensors take plain dicts
             specs[k] = {"dtype": dtype, "shape": list(data.shape), "data": data.tobytes()}
     serialize_file(specs, str(path))
@@ -263,7 +308,10 @@ def test_half_precision_tensors_are_converted(tmp_path):
     d, exact = _half_precision_dir_read_exactly(tmp_path)
     out = import_gpt2(d, tmp_path / "half.h5")
     idx = token_ids(seed=6, batch=2)
-    assert rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(exact, idx)) < 1e-10
+    assert (
+        rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(exact, idx))
+        < 1e-10
+    )
 
 
 def test_bf16_tensors_when_ml_dtypes_is_loaded(tmp_path):
@@ -280,14 +328,22 @@ def test_sharded_safetensors(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(hf_config()))
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for fname, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, str(d / fname))
     weight_map = {k: fname for fname, keys in shards.items() for k in keys}
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     out = import_gpt2(d, tmp_path / "sharded.h5")
     idx = token_ids(seed=8, batch=2)
-    assert rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(tensors, idx)) < 1e-10
+    assert (
+        rel_err(hpc_llm.load_model(out, dtype="float64").logits(idx), ref_logits(tensors, idx))
+        < 1e-10
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,19 +356,26 @@ def test_checkpoint_mirrors_trainer_save(gpt2_dir, tmp_path):
     assert set(saved.optimizer) == {"m", "v"}
     for slot in ("m", "v"):
         assert list(saved.optimizer[slot]) == list(saved.params)
-        assert all(not a.any() and a.shape == saved.params[n].shape and a.dtype == np.float32
-                   for n, a in saved.optimizer[slot].items())
+        assert all(
+            not a.any() and a.shape == saved.params[n].shape and a.dtype == np.float32
+            for n, a in saved.optimizer[slot].items()
+        )
     st = saved.state
     assert set(st) == {"step", "tokens_seen", "adam_t", "tokenizer", "data_path"}
     assert (st["step"], st["tokens_seen"], st["adam_t"], st["data_path"]) == (0, 0, 0, "")
     assert st["tokenizer"] == {"tokenizer": "gpt2-bpe", "vocab_size": VOCAB}
     from hpc_llm.train import Metrics
 
-    assert {t: sorted(c) for t, c in saved.metrics.items()} == \
-        {t: sorted(c) for t, c in Metrics().as_dict().items()}
+    assert {t: sorted(c) for t, c in saved.metrics.items()} == {
+        t: sorted(c) for t, c in Metrics().as_dict().items()
+    }
     assert all(len(col) == 0 for cols in saved.metrics.values() for col in cols.values())
     cfg = config_from_dict(saved.config)
-    assert cfg.model.vocab_size == VOCAB and cfg.model.block_size == N_POSITIONS and cfg.model.dtype == "float32"
+    assert (
+        cfg.model.vocab_size == VOCAB
+        and cfg.model.block_size == N_POSITIONS
+        and cfg.model.dtype == "float32"
+    )
     assert cfg.to_dict() == saved.config  # a complete Config, defaults elsewhere
 
     # A directory without tokenizer files gives ids only: asking for the tokenizer is a clear UserError, not a crash.
@@ -329,7 +392,9 @@ def test_trainer_resumes_from_import(gpt2_dir, tmp_path):
     out = import_gpt2(gpt2_dir, tmp_path / "gpt2.h5")
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    prepare([text], tmp_path / "data", tokenizer="char")  # ~29 characters: fits in the 77-token vocabulary
+    prepare(
+        [text], tmp_path / "data", tokenizer="char"
+    )  # ~29 characters: fits in the 77-token vocabulary
     cfg = Config()
     cfg.model = config_from_dict(ckpt.load_checkpoint(out).config).model
     cfg.data.path = str(tmp_path / "data")
@@ -348,9 +413,13 @@ def test_trainer_resumes_from_import(gpt2_dir, tmp_path):
 def _bpe_gpt2_dir(path: Path, vocab: int, tokenizer) -> Path:
     """A tiny GPT-2 of `vocab` tokens with a byte-level BPE tokenizer.json beside it."""
     t = hf_tensors()
-    t["transformer.wte.weight"] = (np.random.default_rng(3).standard_normal((vocab, N_EMBD)) * 0.5).astype(np.float32)
+    t["transformer.wte.weight"] = (
+        np.random.default_rng(3).standard_normal((vocab, N_EMBD)) * 0.5
+    ).astype(np.float32)
     t["lm_head.weight"] = t["transformer.wte.weight"].copy()
-    d = write_dir(path, config=hf_config(vocab_size=vocab, bos_token_id=0, eos_token_id=0), tensors=t)
+    d = write_dir(
+        path, config=hf_config(vocab_size=vocab, bos_token_id=0, eos_token_id=0), tensors=t
+    )
     (d / "tokenizer.json").write_text(tokenizer.json)
     return d
 
@@ -364,13 +433,17 @@ def test_resume_checks_the_tokenizer(tmp_path):
     from hpc_llm.train import Trainer
 
     text = tmp_path / "corpus.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog.\nGrüße aus München\n" * 40, encoding="utf-8")
+    text.write_text(
+        "the quick brown fox jumps over the lazy dog.\nGrüße aus München\n" * 40, encoding="utf-8"
+    )
     tok = BPETokenizer.train(iter(text.read_text().splitlines(keepends=True)), 300)
     d = _bpe_gpt2_dir(tmp_path / "gpt2", 300, tok)
     out = import_gpt2(d, tmp_path / "gpt2.h5")
     prepare([text], tmp_path / "same", tokenizer="gpt2", tokenizer_dir=d)
     other = tmp_path / "other"
-    prepare([text], other, tokenizer="bpe", vocab_size=tok.vocab_size)  # trained anew: its own JSON, another hash
+    prepare(
+        [text], other, tokenizer="bpe", vocab_size=tok.vocab_size
+    )  # trained anew: its own JSON, another hash
     cfg = Config()
     cfg.model = config_from_dict(ckpt.load_checkpoint(out).config).model
     t = cfg.train
@@ -381,8 +454,11 @@ def test_resume_checks_the_tokenizer(tmp_path):
     recorded = ckpt.load_checkpoint(out).state["tokenizer"]
     assert trainer.data.tokenizer.sha256 == tok.sha256 == recorded["tokenizer_sha256"]
     cfg.data.path = str(other)
-    with pytest.raises(UserError, match=rf"gpt2-bpe tokenizer, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}, but "
-                       rf"data.path={other} has the bpe tokenizer") as e:
+    with pytest.raises(
+        UserError,
+        match=rf"gpt2-bpe tokenizer, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}, but "
+        rf"data.path={other} has the bpe tokenizer",
+    ) as e:
         Trainer(cfg, resume=str(out))
     assert "\n" not in str(e.value)
 
@@ -426,19 +502,22 @@ def test_not_gpt2_config(tmp_path):
     _err(tmp_path / "bad", "config.json: not readable JSON")
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("activation_function", "gelu", "activation_function is 'gelu'"),
-    ("activation_function", "relu", "gelu_new"),
-    ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon is 1e-06"),
-    ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx is True"),
-    ("reorder_and_upcast_attn", True, "reorder_and_upcast_attn is True"),
-    ("scale_attn_weights", False, "scale_attn_weights is False"),
-    ("add_cross_attention", True, "add_cross_attention is True"),
-    ("tie_word_embeddings", False, "untied LM heads are unsupported"),
-    ("n_inner", 64, "n_inner is 64"),
-    ("n_embd", 30, "not a multiple of n_head"),
-    ("vocab_size", 0, "vocab_size is 0, expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("activation_function", "gelu", "activation_function is 'gelu'"),
+        ("activation_function", "relu", "gelu_new"),
+        ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon is 1e-06"),
+        ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx is True"),
+        ("reorder_and_upcast_attn", True, "reorder_and_upcast_attn is True"),
+        ("scale_attn_weights", False, "scale_attn_weights is False"),
+        ("add_cross_attention", True, "add_cross_attention is True"),
+        ("tie_word_embeddings", False, "untied LM heads are unsupported"),
+        ("n_inner", 64, "n_inner is 64"),
+        ("n_embd", 30, "not a multiple of n_head"),
+        ("vocab_size", 0, "vocab_size is 0, expected a positive integer"),
+    ],
+)
 def test_unsupported_options(tmp_path, key, value, match):
     d = write_dir(tmp_path / "m", config=hf_config(**{key: value}))
     assert "config.json" in _err(d, match)
@@ -454,14 +533,19 @@ def test_supported_option_variants(tmp_path):
 
 def test_bad_tensors(tmp_path):
     t = hf_tensors()
-    t["transformer.h.1.mlp.c_fc.weight"] = t["transformer.h.1.mlp.c_fc.weight"].T.copy()  # (out, in): nn.Linear
+    t["transformer.h.1.mlp.c_fc.weight"] = t[
+        "transformer.h.1.mlp.c_fc.weight"
+    ].T.copy()  # (out, in): nn.Linear
     msg = _err(write_dir(tmp_path / "shape", tensors=t), r"\(128, 32\), expected \(32, 128\)")
     assert "transformer.h.1.mlp.c_fc.weight" in msg and "model.safetensors" in msg
 
     t = hf_tensors()
     t["transformer.wte.weight"] = t["transformer.wte.weight"][:50].copy()
     t["lm_head.weight"] = t["transformer.wte.weight"]
-    _err(write_dir(tmp_path / "vocab", tensors=t), r"transformer.wte.weight has shape \(50, 32\), expected \(77, 32\)")
+    _err(
+        write_dir(tmp_path / "vocab", tensors=t),
+        r"transformer.wte.weight has shape \(50, 32\), expected \(77, 32\)",
+    )
 
     t = hf_tensors()
     del t["transformer.h.1.ln_2.bias"]
@@ -499,8 +583,14 @@ def test_missing_safetensors_names_the_extra(gpt2_dir, monkeypatch):
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "hpc_llm", "import-gpt2", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_llm", "import-gpt2", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_cli_import(gpt2_dir, tmp_path):
@@ -518,7 +608,11 @@ def test_cli_errors(tmp_path, case):
     t = hf_tensors()
     if case == "bad-shape":
         t["transformer.wpe.weight"] = np.zeros((N_POSITIONS + 1, N_EMBD), np.float32)
-    d = write_dir(tmp_path / "m", config=hf_config(model_type="bert") if case == "not-gpt2" else None, tensors=t)
+    d = write_dir(
+        tmp_path / "m",
+        config=hf_config(model_type="bert") if case == "not-gpt2" else None,
+        tensors=t,
+    )
     if case == "no-weights":
         (d / "model.safetensors").unlink()
     r = _cli(d, "--out", tmp_path / "x.h5")
@@ -526,7 +620,11 @@ def test_cli_errors(tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpc-llm: error:"), r.stderr
     assert "Traceback" not in r.stderr
-    assert {"no-weights": "model.safetensors", "not-gpt2": "config.json", "bad-shape": "wpe.weight"}[case] in lines[0]
+    assert {
+        "no-weights": "model.safetensors",
+        "not-gpt2": "config.json",
+        "bad-shape": "wpe.weight",
+    }[case] in lines[0]
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -536,23 +634,36 @@ def test_cli_errors(tmp_path, case):
 
 
 HF_FIXTURES = REPO / "tests" / "fixtures"
-HF_DIR = HF_FIXTURES / "hf_gpt2_tiny"  # save_pretrained(safe_serialization=True) of a tiny random GPT2LMHeadModel
-HF_REFERENCE = HF_FIXTURES / "hf_gpt2_tiny_reference.safetensors"  # its logits, loss and gradients on (idx, targets)
+HF_DIR = (
+    HF_FIXTURES / "hf_gpt2_tiny"
+)  # save_pretrained(safe_serialization=True) of a tiny random GPT2LMHeadModel
+HF_REFERENCE = (
+    HF_FIXTURES / "hf_gpt2_tiny_reference.safetensors"
+)  # its logits, loss and gradients on (idx, targets)
 
 
 @pytest.fixture(scope="module")
 def hf_reference() -> dict:
     """The reference tensors; a missing fixture is a failure, never a skip."""
     for path in (HF_DIR / "config.json", HF_DIR / "model.safetensors", HF_REFERENCE):
-        assert path.is_file(), f"{path}: missing test fixture; regenerate it with scripts/make_hf_fixture.py " \
-                               "(its docstring says how: it needs torch and transformers)"
+        assert path.is_file(), (
+            f"{path}: missing test fixture; regenerate it with scripts/make_hf_fixture.py "
+            "(its docstring says how: it needs torch and transformers)"
+        )
     with safetensors.safe_open(str(HF_REFERENCE), framework="np") as f:
         meta = f.metadata() or {}
-    assert meta.get("transformers") and meta.get("torch"), f"{HF_REFERENCE}: no version metadata ({meta})"
+    assert meta.get("transformers") and meta.get("torch"), (
+        f"{HF_REFERENCE}: no version metadata ({meta})"
+    )
     ref = load_file(str(HF_REFERENCE))
-    assert ref["idx"].shape == ref["targets"].shape == (2, N_POSITIONS) and ref["idx"].dtype == np.int64
+    assert (
+        ref["idx"].shape == ref["targets"].shape == (2, N_POSITIONS)
+        and ref["idx"].dtype == np.int64
+    )
     assert ref["logits_fp64"].shape == ref["logits_fp32"].shape == (2, N_POSITIONS, VOCAB)
-    assert ref["logits_fp64"].std() > 1.0  # a non-trivial model: the comparisons below mean something
+    assert (
+        ref["logits_fp64"].std() > 1.0
+    )  # a non-trivial model: the comparisons below mean something
     return ref
 
 
@@ -571,7 +682,9 @@ def test_logits_match_transformers(hf_reference, hf_checkpoint):
     assert rel_err(got64, hf_reference["logits_fp64"]) < 1e-10
     got32 = hpc_llm.load_model(hf_checkpoint).logits(idx)
     assert got32.dtype == np.float32
-    assert rel_err(got32, hf_reference["logits_fp32"]) < 1e-5  # float32 roundoff (eps 6e-8) on both sides
+    assert (
+        rel_err(got32, hf_reference["logits_fp32"]) < 1e-5
+    )  # float32 roundoff (eps 6e-8) on both sides
 
 
 def test_loss_and_gradients_match_transformers(hf_reference, hf_checkpoint):
@@ -582,15 +695,21 @@ def test_loss_and_gradients_match_transformers(hf_reference, hf_checkpoint):
 
     grads = model.gradients(idx, targets)
     ref = {k.removeprefix("grad."): v for k, v in hf_reference.items() if k.startswith("grad.")}
-    assert sorted(grads) == sorted(ref), "parameter names differ: " \
+    assert sorted(grads) == sorted(ref), (
+        "parameter names differ: "
         f"only ours {sorted(set(grads) - set(ref))}, only transformers' {sorted(set(ref) - set(grads))}"
+    )
     assert len(ref) == 2 + 12 * N_LAYER + 2
     errors = {}
     for name, want in ref.items():
         got = grads[name]
         assert got.dtype == np.float64, name
-        assert np.abs(want).max() > 0, f"{name}: zero reference gradient, the comparison would mean nothing"
-        if name == "wte.weight":  # ours is padded to padded_vocab rows; the padding gets no gradient
+        assert np.abs(want).max() > 0, (
+            f"{name}: zero reference gradient, the comparison would mean nothing"
+        )
+        if (
+            name == "wte.weight"
+        ):  # ours is padded to padded_vocab rows; the padding gets no gradient
             assert got.shape == (128, N_EMBD) and want.shape == (VOCAB, N_EMBD)
             assert not got[VOCAB:].any(), "gradient in wte's padding rows"
             got = got[:VOCAB]

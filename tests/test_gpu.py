@@ -28,7 +28,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU is not None, reason=str
 
 
 def models(seed):
-    cfg = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=300, vocab_size=77, dtype="float64")
+    cfg = ModelConfig(
+        n_layer=2, n_head=3, n_embd=24, block_size=300, vocab_size=77, dtype="float64"
+    )
     return GPT(cfg, np, seed=seed), GPT(cfg, cupy, seed=seed)
 
 
@@ -36,7 +38,10 @@ def models(seed):
 def test_loss_and_gradients_match_numpy(seed):
     cpu, gpu = models(seed)
     rng = np.random.default_rng(seed)
-    x, y = rng.integers(0, 77, (2, 300)), rng.integers(0, 77, (2, 300))  # several attention query blocks
+    x, y = (
+        rng.integers(0, 77, (2, 300)),
+        rng.integers(0, 77, (2, 300)),
+    )  # several attention query blocks
     loss_cpu = cpu.forward(x, y, keep_cache=True)
     loss_gpu = gpu.forward(cupy.asarray(x), cupy.asarray(y), keep_cache=True)
     assert abs(loss_cpu - loss_gpu) < 1e-12 * abs(loss_cpu)
@@ -50,7 +55,9 @@ def test_kv_cache_matches_full_forward():
     idx = cupy.asarray(np.random.default_rng(3).integers(0, 77, (2, 40)))
     full = gpu.logits(idx)
     cache = KVCache(gpu, 2)
-    parts = [gpu.forward_cached(idx[:, :17], cache)] + [gpu.forward_cached(idx[:, t:t + 1], cache)
-                                                         for t in range(17, 40)]
-    np.testing.assert_allclose(cupy.asnumpy(cupy.concatenate(parts, axis=1)), cupy.asnumpy(full), rtol=1e-10,
-                               atol=1e-12)
+    parts = [gpu.forward_cached(idx[:, :17], cache)] + [
+        gpu.forward_cached(idx[:, t : t + 1], cache) for t in range(17, 40)
+    ]
+    np.testing.assert_allclose(
+        cupy.asnumpy(cupy.concatenate(parts, axis=1)), cupy.asnumpy(full), rtol=1e-10, atol=1e-12
+    )

@@ -53,8 +53,8 @@ from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.gpt import GPT
 from hpc_llm.parallel.comm import Comm
 
-U = 2.0 ** -53  # unit roundoff of float64
-H = 2.0 ** -12  # the smallest of the three steps h, 2h, 4h
+U = 2.0**-53  # unit roundoff of float64
+H = 2.0**-12  # the smallest of the three steps h, 2h, 4h
 EPS_F = 8.0  # |fl(f) - f| <= EPS_F * U * S, S the magnitude of f (see above)
 ROUNDING = 2 * (32 + 5 + 1 / 8) / 45  # = 1.65: R2's rounding error in units of eps_f / h
 
@@ -64,7 +64,9 @@ def richardson(f, x, h=H):
     difference of the scalar f() and the bound on its truncation error, both shaped like x."""
     assert x.dtype == np.float64, x.dtype
     flat = x.reshape(-1)
-    assert np.shares_memory(flat, x), "x must be contiguous: its entries are perturbed through a flat view"
+    assert np.shares_memory(flat, x), (
+        "x must be contiguous: its entries are perturbed through a flat view"
+    )
     D = np.empty((3, flat.size))
     for i in range(flat.size):
         x0 = flat[i]
@@ -92,7 +94,9 @@ def assert_within(analytic, numeric, trunc, scale, what=""):
     """Per entry: |analytic - numeric| <= bound = trunc + rounding(scale), asserted as max ratio <= 1; the failure
     names the worst entry. Returns the worst ratio."""
     analytic = np.asarray(analytic, np.float64)
-    assert analytic.shape == numeric.shape, f"{what}: shape {analytic.shape}, expected {numeric.shape}"
+    assert analytic.shape == numeric.shape, (
+        f"{what}: shape {analytic.shape}, expected {numeric.shape}"
+    )
     assert np.all(np.isfinite(analytic)), f"{what}: non-finite analytic gradient"
     bnd = trunc + rounding(scale)
     ratio = np.abs(analytic - numeric) / bnd
@@ -101,7 +105,8 @@ def assert_within(analytic, numeric, trunc, scale, what=""):
         f"{what}: worst ratio |analytic - numeric| / bound = {ratio[i]:.3g} > 1 at entry {tuple(map(int, i))} of "
         f"{ratio.size}: analytic {analytic[i]!r}, numeric {numeric[i]!r}, |diff| {abs(analytic[i] - numeric[i]):.3e}, "
         f"bound {bnd[i]:.3e} (truncation {trunc[i]:.3e} + rounding {rounding(scale):.3e}); "
-        f"{int(np.count_nonzero(ratio > 1))} entries over their bound")
+        f"{int(np.count_nonzero(ratio > 1))} entries over their bound"
+    )
     return float(ratio[i])
 
 
@@ -116,18 +121,23 @@ SEEDS = [0, 1, 2]
 
 def linear_case(seed):
     rng = np.random.default_rng(seed)
-    B, T, I, O = rng.integers(1, 4), rng.integers(1, 6), rng.integers(1, 9), rng.integers(1, 9)
+    B, T, I, O = rng.integers(1, 4), rng.integers(1, 6), rng.integers(1, 9), rng.integers(1, 9)  # noqa: E741 - the shapes' usual names
     x, w, b = rng.standard_normal((B, T, I)), rng.standard_normal((I, O)), rng.standard_normal(O)
     R = rng.standard_normal((B, T, O))
     f = lambda: float((L.linear_forward(x, w, b) * R).sum())  # noqa: E731
-    scale = float((np.abs(R) * (np.abs(x) @ np.abs(w) + np.abs(b))).sum())  # S: sum |R| (|x| |w| + |b|)
+    scale = float(
+        (np.abs(R) * (np.abs(x) @ np.abs(w) + np.abs(b))).sum()
+    )  # S: sum |R| (|x| |w| + |b|)
     return x, w, b, R, f, scale
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_linear(seed):
     x, w, b, R, f, scale = linear_case(seed)
-    dw, db = np.full_like(w, 7.0), np.full_like(b, 7.0)  # garbage: accumulate=False must overwrite it
+    dw, db = (
+        np.full_like(w, 7.0),
+        np.full_like(b, 7.0),
+    )  # garbage: accumulate=False must overwrite it
     dx = L.linear_backward(R.copy(), x, w, dw, db, accumulate=False)
     check(dx, f, x, scale, "dx")
     check(dw, f, w, scale, "dw")
@@ -150,7 +160,12 @@ def test_layernorm(seed):
     out, cache = L.layernorm_forward(x, w, b)
     # S: out = (x - mean) rstd w + b, each term in absolute value
     rstd = cache[1]
-    scale = float((np.abs(R) * ((np.abs(x) + np.abs(x.mean(-1, keepdims=True))) * rstd * np.abs(w) + np.abs(b))).sum())
+    scale = float(
+        (
+            np.abs(R)
+            * ((np.abs(x) + np.abs(x.mean(-1, keepdims=True))) * rstd * np.abs(w) + np.abs(b))
+        ).sum()
+    )
     dw, db = np.zeros(C), np.zeros(C)
     dx = L.layernorm_backward(R.copy(), cache, w, dw, db, accumulate=False)
     check(dx, f, x, scale, "dx")
@@ -172,7 +187,7 @@ def test_gelu(seed):
     scale = float((np.abs(R) * np.abs(x)).sum())
     dx = L.gelu_backward(R.copy(), x, t)
     check(dx, f, x, scale, "dx")
-    ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
 
 
@@ -198,8 +213,10 @@ def attention_scale(qkv, R, H, dropout, seed):
     (P * mask) |v|: attention itself on qkv with |v| (the same masks: the same seed)."""
     C = qkv.shape[-1] // 3
     qkv_abs = qkv.copy()
-    qkv_abs[..., 2 * C:] = np.abs(qkv_abs[..., 2 * C:])
-    return float((np.abs(R) * L.attention_forward(qkv_abs, H, dropout, np.random.default_rng(seed))[0]).sum())
+    qkv_abs[..., 2 * C :] = np.abs(qkv_abs[..., 2 * C :])
+    return float(
+        (np.abs(R) * L.attention_forward(qkv_abs, H, dropout, np.random.default_rng(seed))[0]).sum()
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -248,16 +265,25 @@ def test_cross_entropy(seed):
     # is the loss itself; + 1 for the absolute rounding of log(s) near s = 1 and of the shifts z - max
     numeric, trunc = richardson(f, logits)
     assert_within(d / 0.7, numeric, trunc, loss + 1.0, "dlogits")
-    assert np.all(d[:, V:] == 0) and np.all(numeric[:, V:] == 0)  # padding: no gradient, and no effect on the loss
+    assert np.all(d[:, V:] == 0) and np.all(
+        numeric[:, V:] == 0
+    )  # padding: no gradient, and no effect on the loss
 
 
 def tiny_config(rng, dropout=0.0, bias=True):
     """1-2 layers, 1-3 heads of size 1-3, 2-6 positions, a vocabulary of 2-63 padded to 64 (so wte always has padded
     rows): at most ~2800 parameters, every entry checked in a few seconds."""
     H = int(rng.integers(1, 4))
-    return ModelConfig(n_layer=int(rng.integers(1, 3)), n_head=H, n_embd=H * int(rng.integers(1, 4)),
-                       block_size=int(rng.integers(2, 7)), vocab_size=int(rng.integers(2, 64)), dropout=dropout,
-                       dtype="float64", bias=bias)
+    return ModelConfig(
+        n_layer=int(rng.integers(1, 3)),
+        n_head=H,
+        n_embd=H * int(rng.integers(1, 4)),
+        block_size=int(rng.integers(2, 7)),
+        vocab_size=int(rng.integers(2, 64)),
+        dropout=dropout,
+        dtype="float64",
+        bias=bias,
+    )
 
 
 def model_case(seed, dropout, bias=True):
@@ -295,8 +321,10 @@ def test_model_gradient(seed, dropout):
         numeric, trunc = richardson(f, p)
         assert_within(grads[name], numeric, trunc, loss + 1.0, name)
         if name == "wte.weight":
-            assert np.all(numeric[cfg.vocab_size:] == 0), "padded vocabulary rows change the loss"
-    assert np.all(grads["wte.weight"][cfg.vocab_size:] == 0), "padded vocabulary rows: non-zero gradient"
+            assert np.all(numeric[cfg.vocab_size :] == 0), "padded vocabulary rows change the loss"
+    assert np.all(grads["wte.weight"][cfg.vocab_size :] == 0), (
+        "padded vocabulary rows: non-zero gradient"
+    )
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -336,7 +364,9 @@ def test_checker_rejects_one_entry_error():
     x, w, b, R, f, scale = linear_case(0)
     dw, db = np.empty_like(w), np.empty_like(b)
     dx = L.linear_backward(R.copy(), x, w, dw, db, accumulate=False)
-    cases = [(f"linear d{n}", g, p, f, scale) for n, g, p in (("x", dx, x), ("w", dw, w), ("b", db, b))]
+    cases = [
+        (f"linear d{n}", g, p, f, scale) for n, g, p in (("x", dx, x), ("w", dw, w), ("b", db, b))
+    ]
     _, model, f_model, loss, grads = model_case(0, 0.2)
     cases += [(name, grads[name], model.params[name], f_model, loss + 1.0) for name in model.params]
     nonzero = above = 0
@@ -346,14 +376,18 @@ def test_checker_rejects_one_entry_error():
         # a wrong entry changes only its own ratio, so the checker fails iff that ratio exceeds 1: all entries at once
         fails = np.abs(g * (1 + 1e-6) - numeric) / (trunc + rounding(S)) > 1
         sel = np.abs(g) >= 2e-5 * S
-        assert np.all(fails[sel]), f"{what}: 1e-6 relative errors missed at {np.argwhere(sel & ~fails)[:5].tolist()}"
+        assert np.all(fails[sel]), (
+            f"{what}: 1e-6 relative errors missed at {np.argwhere(sel & ~fails)[:5].tolist()}"
+        )
         nonzero, above = nonzero + np.count_nonzero(g), above + np.count_nonzero(sel)
         i = np.unravel_index(int(np.argmax(np.abs(g))), g.shape)
         one = g.copy()
         one[i] *= 1 + 1e-6
         with pytest.raises(AssertionError, match=re.escape(f"at entry {tuple(map(int, i))} of")):
             assert_within(one, numeric, trunc, S, what)
-    assert above >= 0.8 * nonzero, f"only {above} of {nonzero} non-zero gradient entries have |g| >= 2e-5 S"
+    assert above >= 0.8 * nonzero, (
+        f"only {above} of {nonzero} non-zero gradient entries have |g| >= 2e-5 S"
+    )
 
 
 def test_backward_overwrite_and_accumulate():
@@ -391,7 +425,15 @@ def test_attention_query_blocks(monkeypatch, block, dropout):
     assert len(L.query_blocks(T)) > 1
     y, cache = L.attention_forward(qkv, H)
     np.testing.assert_allclose(y, y_one, rtol=1e-13, atol=1e-14)
-    np.testing.assert_allclose(L.attention_backward(R.copy(), cache, H), d_one, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        L.attention_backward(R.copy(), cache, H), d_one, rtol=1e-12, atol=1e-14
+    )
     f = lambda: float((L.attention_forward(qkv, H, dropout, np.random.default_rng(4))[0] * R).sum())  # noqa: E731
     _, cache = L.attention_forward(qkv, H, dropout, np.random.default_rng(4))
-    check(L.attention_backward(R.copy(), cache, H), f, qkv, attention_scale(qkv, R, H, dropout, 4), "dqkv")
+    check(
+        L.attention_backward(R.copy(), cache, H),
+        f,
+        qkv,
+        attention_scale(qkv, R, H, dropout, 4),
+        "dqkv",
+    )

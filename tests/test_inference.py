@@ -39,7 +39,13 @@ from hpc_llm.parallel.grid import make_grid
 from hpc_llm.quantize import QuantizedWeight, quantize_model, weight_bytes
 
 SOLO = Comm(None)
-SHAPE = (2, 4, 32, 16, 70)  # n_layer, n_head, n_embd, block_size, vocab (padded to 128: 58 padding columns)
+SHAPE = (
+    2,
+    4,
+    32,
+    16,
+    70,
+)  # n_layer, n_head, n_embd, block_size, vocab (padded to 128: 58 padding columns)
 
 
 def record_logits(monkeypatch) -> list:
@@ -58,30 +64,43 @@ def record_logits(monkeypatch) -> list:
 # -- batched prompts of different lengths ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_new", [6, 30])  # 30: every prompt's context overflows block_size 16 (restarts)
+@pytest.mark.parametrize(
+    "max_new", [6, 30]
+)  # 30: every prompt's context overflows block_size 16 (restarts)
 def test_batched_prompts_equal_unbatched(monkeypatch, max_new):
     model = random_model(SHAPE, "float64", seed=3, pos_scale=6.0)
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(0, SHAPE[4], size=n) for n in (1, 7, 3, 16, 20, 12)]  # 20 > block_size: its last 16
+    prompts = [
+        rng.integers(0, SHAPE[4], size=n) for n in (1, 7, 3, 16, 20, 12)
+    ]  # 20 > block_size: its last 16
     seen = record_logits(monkeypatch)
     alone = []
     for p in prompts:
         seen.clear()
-        alone.append((G.generate_batch(model, [p], max_new, temperature=0)[0], np.concatenate(seen)))
+        alone.append(
+            (G.generate_batch(model, [p], max_new, temperature=0)[0], np.concatenate(seen))
+        )
     seen.clear()
     together = G.generate_batch(model, prompts, max_new, temperature=0)
     steps = np.stack(seen)  # (max_new, B, V)
     assert steps.shape == (max_new, len(prompts), 128)
     for b, (tokens, logits) in enumerate(alone):
         assert np.array_equal(together[b], tokens), b
-        err = np.abs(steps[:, b, :SHAPE[4]] - logits[:, :SHAPE[4]]).max()
+        err = np.abs(steps[:, b, : SHAPE[4]] - logits[:, : SHAPE[4]]).max()
         assert err <= 1e-10, (b, err)
-        assert np.all(np.isneginf(steps[:, b, SHAPE[4]:]))  # the padded vocabulary is never a candidate
+        assert np.all(
+            np.isneginf(steps[:, b, SHAPE[4] :])
+        )  # the padded vocabulary is never a candidate
     assert len({tuple(t) for t in together}) > 1
     # sampled: each prompt draws from its own stream, so batching does not change what it gets
     kw = dict(temperature=1.3, top_k=9, top_p=0.9, seed=4)
-    one_by_one = [G.generate_batch(model, [p], max_new, indices=[i], **kw)[0] for i, p in enumerate(prompts)]
-    assert all(np.array_equal(a, b) for a, b in zip(one_by_one, G.generate_batch(model, prompts, max_new, **kw)))
+    one_by_one = [
+        G.generate_batch(model, [p], max_new, indices=[i], **kw)[0] for i, p in enumerate(prompts)
+    ]
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(one_by_one, G.generate_batch(model, prompts, max_new, **kw))
+    )
     results = G.generate_prompts(model, prompts, max_new, batch_size=4, **kw)
     assert [r["tokens"] for r in results] == [list(t) for t in one_by_one]
 
@@ -111,7 +130,7 @@ def test_cache_rows_have_their_own_lengths():
     n = np.array([len(r) for r in rows])
     idx = np.zeros((3, 9), dtype=np.int64)
     for b, r in enumerate(rows):
-        idx[b, :len(r)] = r
+        idx[b, : len(r)] = r
     cache = KVCache(model, 3)
     first = model.forward_cached(idx, cache, lengths=n, last=True)
     assert list(cache.lengths) == [3, 9, 5]
@@ -140,7 +159,9 @@ def reference_nucleus(p: np.ndarray, top_p: float) -> set:
     return out
 
 
-@pytest.mark.parametrize("vocab", [50, 3000])  # 3000: the nucleus outgrows candidates' first 64 and 256 entries
+@pytest.mark.parametrize(
+    "vocab", [50, 3000]
+)  # 3000: the nucleus outgrows candidates' first 64 and 256 entries
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999, 1.0])
 def test_top_p_set_equals_reference(top_p, vocab):
     rng = np.random.default_rng(int(top_p * 1000))
@@ -152,7 +173,9 @@ def test_top_p_set_equals_reference(top_p, vocab):
     full = np.exp(z - z.max(axis=1, keepdims=True))
     full /= full.sum(axis=1, keepdims=True)
     for b in range(z.shape[0]):
-        assert set(idx_sorted[b, :m[b]].astype(int).tolist()) == reference_nucleus(full[b], top_p), b
+        assert set(idx_sorted[b, : m[b]].astype(int).tolist()) == reference_nucleus(
+            full[b], top_p
+        ), b
 
 
 def test_top_p_distribution():
@@ -199,8 +222,13 @@ def test_tp_generation_equals_single_process(monkeypatch):
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, SHAPE[4], size=n) for n in (2, 9, 5)]
     seen = record_logits(monkeypatch)
-    for kw in (dict(temperature=0), dict(temperature=0.8), dict(temperature=1.5, top_k=5),
-               dict(temperature=1.2, top_p=0.8), dict(temperature=2.0, top_k=12, top_p=0.6)):
+    for kw in (
+        dict(temperature=0),
+        dict(temperature=0.8),
+        dict(temperature=1.5, top_k=5),
+        dict(temperature=1.2, top_p=0.8),
+        dict(temperature=2.0, top_k=12, top_p=0.6),
+    ):
         seen.clear()
         got = G.generate_batch(model, prompts, 24, seed=2, **kw)
         local = np.stack(seen)  # (steps, B, this rank's slice)
@@ -208,15 +236,19 @@ def test_tp_generation_equals_single_process(monkeypatch):
         want = G.generate_batch(ref, prompts, 24, seed=2, **kw)
         if not all(np.array_equal(a, b) for a, b in zip(got, want)):
             bad.append(f"tp {size} {kw}: tokens {got} != single process {want}")
-        full = np.concatenate(list(model.tp.allgather(local)), axis=-1)  # (steps, B, padded vocabulary)
+        full = np.concatenate(
+            list(model.tp.allgather(local)), axis=-1
+        )  # (steps, B, padded vocabulary)
         steps = np.stack(seen)
         if full.shape != steps.shape or full.shape[0] != 24:
-            bad.append(f"tp {size} {kw}: logits of shape {full.shape}, single process {steps.shape}")
+            bad.append(
+                f"tp {size} {kw}: logits of shape {full.shape}, single process {steps.shape}"
+            )
             continue
-        err = np.abs(full[..., :SHAPE[4]] - steps[..., :SHAPE[4]]).max()
+        err = np.abs(full[..., : SHAPE[4]] - steps[..., : SHAPE[4]]).max()
         if not err <= 1e-10:
             bad.append(f"tp {size} {kw}: logits differ by {err:.2e}")
-        if not np.all(np.isneginf(full[..., SHAPE[4]:])):
+        if not np.all(np.isneginf(full[..., SHAPE[4] :])):
             bad.append(f"tp {size} {kw}: the padded vocabulary is not -inf")
     check(not bad, "\n".join(bad))
 
@@ -228,7 +260,7 @@ def test_sharded_candidates_equal_full_vocabulary():
     rng = np.random.default_rng(0)
     z = rng.standard_normal((30, 64)) * 3
     Vl = 64 // comm.size
-    mine = z[:, comm.rank * Vl:(comm.rank + 1) * Vl]
+    mine = z[:, comm.rank * Vl : (comm.rank + 1) * Vl]
     bad = []
     for top_p in (0.3, 0.8, 0.95, 1.0):
         probs, idx = G.candidates(mine, comm.rank * Vl, comm, top_p)
@@ -236,7 +268,7 @@ def test_sharded_candidates_equal_full_vocabulary():
         probs1, idx1 = G.candidates(z, 0, SOLO, top_p)
         _, want_idx, _, want_m = G.nucleus(probs1, idx1, top_p)
         for b in range(z.shape[0]):
-            if set(got_idx[b, :got_m[b]].tolist()) != set(want_idx[b, :want_m[b]].tolist()):
+            if set(got_idx[b, : got_m[b]].tolist()) != set(want_idx[b, : want_m[b]].tolist()):
                 bad.append(f"top_p {top_p} row {b}")
     for k in (1, 3, 10):
         got = G._top_k_threshold(mine, k, comm)
@@ -245,7 +277,7 @@ def test_sharded_candidates_equal_full_vocabulary():
     # greedy ties: within a shard and across shards (columns 5, 7 on the first rank, 40 and 63 on later ones)
     tied = z.copy()
     tied[0::3, [40, 63]] = tied[1::3, [5, 7, 40]] = tied[2::3, [7, 40]] = z.max() + 1
-    got = G._greedy(tied[:, comm.rank * Vl:(comm.rank + 1) * Vl], comm.rank * Vl, comm)
+    got = G._greedy(tied[:, comm.rank * Vl : (comm.rank + 1) * Vl], comm.rank * Vl, comm)
     if not np.array_equal(got, tied.argmax(axis=1)):
         bad.append(f"greedy ties: {got} != the lowest index {tied.argmax(axis=1)}")
     check(not bad, "\n".join(bad))
@@ -265,8 +297,14 @@ def test_tp_reads_only_its_shards(shared_tmp_path):
     ref = random_model(SHAPE, "float32", seed=4)
     path = shared_tmp_path / "m.h5"
     if comm.rank == 0:
-        ckpt.save_checkpoint(path, params=ref.full_tensors(ref.flat), optimizer={}, state={"step": 0},
-                             config=Config(model=ref.cfg).to_dict(), metrics={})
+        ckpt.save_checkpoint(
+            path,
+            params=ref.full_tensors(ref.flat),
+            optimizer={},
+            state={"step": 0},
+            config=Config(model=ref.cfg).to_dict(),
+            metrics={},
+        )
     comm.Barrier()
     grid = make_grid(comm, comm.Get_size())
     bad = []
@@ -312,11 +350,15 @@ def test_dp_eval_equals_single_process():
         model, ref = tp_pair(tp)
         grid = make_grid(MPI.COMM_WORLD, tp)  # the same split as tp_pair's: its dp group
         for max_batches in (None, 3):
-            got = evaluate(model, tokens, batch_size=2, max_batches=max_batches, dp_comm=grid.dp_comm)
+            got = evaluate(
+                model, tokens, batch_size=2, max_batches=max_batches, dp_comm=grid.dp_comm
+            )
             want = evaluate(ref, tokens, batch_size=2, max_batches=max_batches)
-            if not (abs(got["loss"] - want["loss"]) <= 1e-12 * abs(want["loss"])
-                    and {k: got[k] for k in ("tokens", "windows", "batches")}
-                    == {k: want[k] for k in ("tokens", "windows", "batches")}):
+            if not (
+                abs(got["loss"] - want["loss"]) <= 1e-12 * abs(want["loss"])
+                and {k: got[k] for k in ("tokens", "windows", "batches")}
+                == {k: want[k] for k in ("tokens", "windows", "batches")}
+            ):
                 bad.append(f"dp {grid.dp} x tp {tp}, max_batches {max_batches}: {got} != {want}")
     check(not bad, "\n".join(bad))
 
@@ -326,7 +368,9 @@ def test_dp_eval_equals_single_process():
 
 def test_int8_scales_and_dequantization():
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((48, 20)) * rng.uniform(0.01, 3, size=20)).astype(np.float32)  # per-column scales
+    w = (rng.standard_normal((48, 20)) * rng.uniform(0.01, 3, size=20)).astype(
+        np.float32
+    )  # per-column scales
     w[:, 3] = 0  # a zero channel
     qw = QuantizedWeight.quantize(w, axis=1)
     assert qw.q.dtype == np.int8 and qw.scale.dtype == np.float32 and qw.scale.shape == (20,)
@@ -342,7 +386,9 @@ def test_int8_scales_and_dequantization():
     # per row (the embedding): lookup and transpose
     e = QuantizedWeight.quantize(w.T.copy(), axis=0)
     np.testing.assert_array_equal(e[np.array([[1, 3]])], e.dequantize()[[[1, 3]]])
-    np.testing.assert_allclose(x @ e.T, x @ e.dequantize().T, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+    np.testing.assert_allclose(
+        x @ e.T, x @ e.dequantize().T, rtol=1e-5, atol=1e-5 * np.abs(y).max()
+    )
 
 
 def test_int8_model_logits_and_memory():
@@ -355,16 +401,25 @@ def test_int8_model_logits_and_memory():
     assert after < 0.3 * before, (before, after)
     assert model.flat is None and isinstance(model.params["wte.weight"], QuantizedWeight)
     # the int8 model computes the float model whose weights are the dequantized ones
-    deq = {n: (v.dequantize() if isinstance(v, QuantizedWeight) else v) for n, v in model.params.items()}
+    deq = {
+        n: (v.dequantize() if isinstance(v, QuantizedWeight) else v)
+        for n, v in model.params.items()
+    }
     full = ref.full_tensors(ref.flat)
-    full.update({n: (d if n != "wte.weight" else np.concatenate([d, full[n][d.shape[0]:]]))
-                 for n, d in deq.items()})
+    full.update(
+        {
+            n: (d if n != "wte.weight" else np.concatenate([d, full[n][d.shape[0] :]]))
+            for n, d in deq.items()
+        }
+    )
     twin = GPT(ref.cfg, seed=None)
     twin.load_state(full)
     idx = np.random.default_rng(3).integers(0, 70, size=(3, 16))
     got, want, orig = model.logits(idx), twin.logits(idx), ref.logits(idx)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-    assert 0 < np.abs(got - orig).max() <= 0.05 * np.ptp(orig)  # the quantization error itself: small
+    assert (
+        0 < np.abs(got - orig).max() <= 0.05 * np.ptp(orig)
+    )  # the quantization error itself: small
     # generation and the KV cache run on int8 weights
     out = G.generate(model, idx[:, :3], 20, temperature=0)
     assert out.shape == (3, 23)
@@ -384,9 +439,13 @@ def test_layout_from_sets():
     assert G.tp_from_sets([], 4, "eval", data_parallel=True) == 4
     assert G.tp_from_sets(["parallel.tp=2"], 4, "eval", data_parallel=True) == 2
     assert G.tp_from_sets(["parallel.tp=1"], 4, "eval", data_parallel=True) == 1
-    with pytest.raises(UserError, match=r"^parallel.tp=3 but 4 rank\(s\): `hpc-llm eval` runs dp x tp ranks"):
+    with pytest.raises(
+        UserError, match=r"^parallel.tp=3 but 4 rank\(s\): `hpc-llm eval` runs dp x tp ranks"
+    ):
         G.tp_from_sets(["parallel.tp=3"], 4, "eval", data_parallel=True)
-    with pytest.raises(UserError, match=r"^parallel.tp=2 but 4 rank\(s\): `hpc-llm generate` runs one"):
+    with pytest.raises(
+        UserError, match=r"^parallel.tp=2 but 4 rank\(s\): `hpc-llm generate` runs one"
+    ):
         G.tp_from_sets(["parallel.tp=2"], 4)
 
 
@@ -405,7 +464,7 @@ def test_eval_equals_reference():
     total = count = 0
     for a in range(0, len(tokens) - 1, 16):
         n = min(16, len(tokens) - 1 - a)
-        x, y = tokens[None, a:a + n], tokens[None, a + 1:a + 1 + n]
+        x, y = tokens[None, a : a + n], tokens[None, a + 1 : a + 1 + n]
         lp = model.logits(x)[0]
         lp = lp - lp.max(axis=-1, keepdims=True)
         lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
@@ -429,7 +488,17 @@ def char_run(tmp_path_factory, corpus_file):
     root = tmp_path_factory.mktemp("inference")
     prepare([corpus_file], root / "data", tokenizer="char")
     write_run_config(root / "cfg.toml", root / "data", root / "run")
-    run([sys.executable, "-m", "hpc_llm", "train", str(root / "cfg.toml"), "--set", "train.max_iters=3"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_llm",
+            "train",
+            str(root / "cfg.toml"),
+            "--set",
+            "train.max_iters=3",
+        ]
+    )
     return root
 
 
@@ -443,34 +512,86 @@ def run(cmd, **kw):
 def test_cli_prompts_out_and_tp2(char_run):
     from test_parallel import mpiexec
 
-    chars = json.loads((char_run / "data" / "meta.json").read_text())["chars"].replace("\n", "").replace("\r", "")
+    chars = (
+        json.loads((char_run / "data" / "meta.json").read_text())["chars"]
+        .replace("\n", "")
+        .replace("\r", "")
+    )
     texts = [chars[:6], chars[3], chars[::-1] * 2]  # lengths 6, 1 and over block_size 16
     prompts = char_run / "prompts.txt"
     prompts.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    base = [sys.executable, "-m", "hpc_llm", "generate", str(char_run / "run"), "--prompts", str(prompts),
-            "--max-new-tokens", "20", "--top-k", "7", "--top-p", "0.9", "--seed", "3", "--dtype", "float64"]
+    base = [
+        sys.executable,
+        "-m",
+        "hpc_llm",
+        "generate",
+        str(char_run / "run"),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "20",
+        "--top-k",
+        "7",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--dtype",
+        "float64",
+    ]
     run(base + ["--out", str(char_run / "a.jsonl"), "--batch-size", "2"])
     rows = [json.loads(line) for line in (char_run / "a.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == texts
-    assert all(len(r["tokens"]) == 20 and len(r["completion"]) == 20 and r["seconds"] > 0 for r in rows)
-    run([mpiexec(), "--oversubscribe", "-n", "2"] + base + ["--out", str(char_run / "b.jsonl"), "--set",
-                                                            "parallel.tp=2"])
+    assert all(
+        len(r["tokens"]) == 20 and len(r["completion"]) == 20 and r["seconds"] > 0 for r in rows
+    )
+    run(
+        [mpiexec(), "--oversubscribe", "-n", "2"]
+        + base
+        + ["--out", str(char_run / "b.jsonl"), "--set", "parallel.tp=2"]
+    )
     other = [json.loads(line) for line in (char_run / "b.jsonl").read_text().splitlines()]
-    assert [r["tokens"] for r in other] == [r["tokens"] for r in rows]  # tp 2, batch 8 = tp 1, batch 2
+    assert [r["tokens"] for r in other] == [
+        r["tokens"] for r in rows
+    ]  # tp 2, batch 8 = tp 1, batch 2
 
 
 def test_cli_eval_tp2_equals_tp1(char_run):
     from test_parallel import mpiexec
 
-    cmd = ["-m", "hpc_llm", "eval", str(char_run / "run"), "--data", str(char_run / "data"), "--dtype", "float64",
-           "--max-batches", "3"]
+    cmd = [
+        "-m",
+        "hpc_llm",
+        "eval",
+        str(char_run / "run"),
+        "--data",
+        str(char_run / "data"),
+        "--dtype",
+        "float64",
+        "--max-batches",
+        "3",
+    ]
     one = json.loads(run([sys.executable, *cmd]))
-    two = json.loads(run([mpiexec(), "--oversubscribe", "-n", "2", sys.executable, *cmd]).splitlines()[-1])
+    two = json.loads(
+        run([mpiexec(), "--oversubscribe", "-n", "2", sys.executable, *cmd]).splitlines()[-1]
+    )
     assert one["tokens"] == two["tokens"] == 3 * 8 * 16 and two["tp"] == 2
     assert abs(one["loss"] - two["loss"]) <= 1e-10 * one["loss"]
     assert math.isclose(one["perplexity"], math.exp(one["loss"]))
     # data parallel: 2 replicas of the whole model, batches 0 and 2 on one, 1 on the other
-    dp = json.loads(run([mpiexec(), "--oversubscribe", "-n", "2", sys.executable, *cmd, "--set",
-                         "parallel.tp=1"]).splitlines()[-1])
+    dp = json.loads(
+        run(
+            [
+                mpiexec(),
+                "--oversubscribe",
+                "-n",
+                "2",
+                sys.executable,
+                *cmd,
+                "--set",
+                "parallel.tp=1",
+            ]
+        ).splitlines()[-1]
+    )
     assert dp["tp"] == 1 and dp["dp"] == 2 and one["dp"] == 1 and dp["tokens"] == one["tokens"]
     assert abs(one["loss"] - dp["loss"]) <= 1e-12 * one["loss"]

@@ -14,8 +14,12 @@ from hpc_llm.checkpoint import checkpoint_path, save_checkpoint, write_latest
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpc_llm", "inspect", *map(str, args)], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_llm", "inspect", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> list[str]:
@@ -45,8 +49,10 @@ def contents(**changes):
     params.update(changes)
     return dict(
         params=params,
-        optimizer={"m": {k: np.zeros_like(v) for k, v in params.items()},
-                   "v": {k: np.full_like(v, 0.5) for k, v in params.items()}},
+        optimizer={
+            "m": {k: np.zeros_like(v) for k, v in params.items()},
+            "v": {k: np.full_like(v, 0.5) for k, v in params.items()},
+        },
         state={"step": 7, "tokens_seen": 448, "layout": {"world": 1, "dp": 1, "tp": 1}},
         config={"model": {"n_layer": 2, "n_embd": 4}, "train": {"lr": 0.01}},
         metrics={"train": {"step": [1, 2, 3], "loss": [3.0, 2.5, 2.25]}},
@@ -74,7 +80,13 @@ def test_describe_prints_header_config_stats_and_metrics(ckpt_file):
     assert float(norm) == pytest.approx(math.sqrt(506), rel=1e-5)
     assert float(mean) == pytest.approx(5.5) and float(std) == pytest.approx(x.std(), rel=1e-5)
     assert (float(lo), float(hi)) == (0.0, 11.0)
-    assert row(lines, "optimizer/v/w")[3:] == [f"{math.sqrt(12 * 0.25):.6g}", "0.5", "0", "0.5", "0.5"]
+    assert row(lines, "optimizer/v/w")[3:] == [
+        f"{math.sqrt(12 * 0.25):.6g}",
+        "0.5",
+        "0",
+        "0.5",
+        "0.5",
+    ]
     assert row(lines, "optimizer/m/b")[1:3] == ["2", "float64"]
     assert "  train: rows 3; last step=3, loss=2.25" in lines
 

@@ -24,10 +24,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from mpi4py import MPI
 from pytest_mpi.parallel_assert import parallel_assert
 
-from conftest import tiny_config
 from hpc_llm import optim
 from hpc_llm.config import TrainConfig
 from hpc_llm.optim import AdamW, lr_at
@@ -60,7 +60,9 @@ def ref_clip_factor(grad: np.ndarray, grad_clip: float) -> tuple[float, float]:
 class ReferenceAdamW:
     """torch.optim.AdamW's algorithm on one float64 vector; `decay` marks the elements that get weight decay."""
 
-    def __init__(self, decay: np.ndarray, beta1: float, beta2: float, eps: float, weight_decay: float):
+    def __init__(
+        self, decay: np.ndarray, beta1: float, beta2: float, eps: float, weight_decay: float
+    ):
         self.decay = decay
         self.b1, self.b2, self.eps, self.wd = beta1, beta2, eps, weight_decay
         self.m = np.zeros(decay.size)
@@ -73,8 +75,8 @@ class ReferenceAdamW:
         p = np.where(self.decay, p * (1.0 - lr * self.wd), p)
         self.m = self.b1 * self.m + (1.0 - self.b1) * g
         self.v = self.b2 * self.v + (1.0 - self.b2) * g * g
-        m_hat = self.m / (1.0 - self.b1 ** self.t)
-        v_hat = self.v / (1.0 - self.b2 ** self.t)
+        m_hat = self.m / (1.0 - self.b1**self.t)
+        v_hat = self.v / (1.0 - self.b2**self.t)
         return p - lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
@@ -96,15 +98,28 @@ def test_lr_schedule_at_hand_checked_points():
     at step 4, the cosine's quarter (step 6) is min_lr + (2 + sqrt 2)/4 * 9e-4, its middle (step 8) is (lr + min_lr)/2
     = 5.5e-4, min_lr at step 12 and ever after."""
     t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=4, lr_decay_iters=12)
-    hand = {0: 2e-4, 1: 4e-4, 2: 6e-4, 3: 8e-4, 4: 1e-3, 6: 1e-4 + (2 + math.sqrt(2)) / 4 * 9e-4, 8: 5.5e-4,
-            12: 1e-4, 13: 1e-4, 100: 1e-4, 10**7: 1e-4}
+    hand = {
+        0: 2e-4,
+        1: 4e-4,
+        2: 6e-4,
+        3: 8e-4,
+        4: 1e-3,
+        6: 1e-4 + (2 + math.sqrt(2)) / 4 * 9e-4,
+        8: 5.5e-4,
+        12: 1e-4,
+        13: 1e-4,
+        100: 1e-4,
+        10**7: 1e-4,
+    }
     for step, want in hand.items():
         assert lr_at(step, t) == pytest.approx(want, rel=1e-15, abs=0), step
     assert hand[6] == pytest.approx(8.681980515339464e-4, rel=1e-15)
 
 
-@pytest.mark.parametrize("lr, min_lr, warmup, decay", [(1e-3, 1e-4, 4, 12), (6e-4, 6e-5, 0, 9), (2e-2, 0.0, 7, 30),
-                                                       (1.0, 1.0, 2, 5)])
+@pytest.mark.parametrize(
+    "lr, min_lr, warmup, decay",
+    [(1e-3, 1e-4, 4, 12), (6e-4, 6e-5, 0, 9), (2e-2, 0.0, 7, 30), (1.0, 1.0, 2, 5)],
+)
 def test_lr_schedule_matches_reference_everywhere(lr, min_lr, warmup, decay):
     """Every step of a few schedules (no warm-up, min_lr 0, constant) against the reference; warm-up increases, the
     decay never increases, and lr never leaves [0, lr]."""
@@ -112,17 +127,24 @@ def test_lr_schedule_matches_reference_everywhere(lr, min_lr, warmup, decay):
     got = [lr_at(s, t) for s in range(decay + 5)]
     want = [ref_lr(s, lr, min_lr, warmup, decay) for s in range(decay + 5)]
     np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
-    assert all(a < b for a, b in zip(got[:warmup], got[1:warmup + 1]))
-    assert all(a >= b for a, b in zip(got[warmup:], got[warmup + 1:]))
-    assert got[warmup] == pytest.approx(lr, rel=1e-15) and got[decay] == pytest.approx(min_lr, rel=1e-15)
+    assert all(a < b for a, b in zip(got[:warmup], got[1 : warmup + 1]))
+    assert all(a >= b for a, b in zip(got[warmup:], got[warmup + 1 :]))
+    assert got[warmup] == pytest.approx(lr, rel=1e-15) and got[decay] == pytest.approx(
+        min_lr, rel=1e-15
+    )
     assert 0 <= min(got) and max(got) <= lr * (1 + 1e-15)
 
 
 # -- AdamW directly --------------------------------------------------------------------------------------------------
 
 LAYOUT = [  # a miniature model's flat buffer: (name, shape)
-    ("wte.weight", (11, 6)), ("wpe.weight", (5, 6)), ("h.0.ln_1.weight", (6,)), ("h.0.ln_1.bias", (6,)),
-    ("h.0.mlp.c_fc.weight", (6, 9)), ("h.0.mlp.c_fc.bias", (9,)), ("h.0.mlp.c_proj.weight", (9, 6)),
+    ("wte.weight", (11, 6)),
+    ("wpe.weight", (5, 6)),
+    ("h.0.ln_1.weight", (6,)),
+    ("h.0.ln_1.bias", (6,)),
+    ("h.0.mlp.c_fc.weight", (6, 9)),
+    ("h.0.mlp.c_fc.bias", (9,)),
+    ("h.0.mlp.c_proj.weight", (9, 6)),
     ("ln_f.bias", (6,)),
 ]
 HYPER = dict(beta1=0.8, beta2=0.95, eps=1e-3, weight_decay=0.1)
@@ -187,12 +209,22 @@ def test_shards_cut_where_it_matters():
     def inside(c):
         return [name for name, _, a, b in layout_offsets() if a < c < b]
 
-    assert inside(40) == ["wte.weight"] and inside(77) == ["wpe.weight"] and inside(130) == ["h.0.mlp.c_fc.weight"]
-    assert inside(100) == ["h.0.ln_1.weight"] and inside(166) == ["h.0.mlp.c_fc.bias"] and {40, 77, 100, 130} <= cuts
+    assert (
+        inside(40) == ["wte.weight"]
+        and inside(77) == ["wpe.weight"]
+        and inside(130) == ["h.0.mlp.c_fc.weight"]
+    )
+    assert (
+        inside(100) == ["h.0.ln_1.weight"]
+        and inside(166) == ["h.0.mlp.c_fc.bias"]
+        and {40, 77, 100, 130} <= cuts
+    )
     assert any(b - a == 1 for owner in shards(mask.size) for a, b in owner)
 
 
-@pytest.mark.parametrize("chunk, threads", [(optim.CHUNK, 1), (8, 1), (8, 3)], ids=["whole", "chunk8", "chunk8-3thr"])
+@pytest.mark.parametrize(
+    "chunk, threads", [(optim.CHUNK, 1), (8, 1), (8, 3)], ids=["whole", "chunk8", "chunk8-3thr"]
+)
 @pytest.mark.parametrize("sharded", [False, True], ids=["dense", "zero1"])
 def test_adamw_matches_reference(sharded, chunk, threads, monkeypatch):
     """6 steps of AdamW (beta1 0.8, beta2 0.95, eps 1e-3, weight decay 0.1, a varying lr and clip factor) against
@@ -209,14 +241,17 @@ def test_adamw_matches_reference(sharded, chunk, threads, monkeypatch):
     cfg = TrainConfig(**HYPER)
     ps = [p0.copy() for _ in owners]
     gbuf = np.zeros(n)
-    opts = [AdamW(p, gbuf, ranges, cfg, owned=owned if sharded else None, chunk=chunk) for p, owned in zip(ps, owners)]
+    opts = [
+        AdamW(p, gbuf, ranges, cfg, owned=owned if sharded else None, chunk=chunk)
+        for p, owned in zip(ps, owners)
+    ]
     assert all(o.threads == threads for o in opts)
     for k, (g, lr, s) in enumerate(zip(grads, LRS, SCALES)):
         gbuf[...] = g
         for o in opts:
             o.step(lr, grad_scale=s)
         p_ref, m_ref, v_ref = want[k]
-        lr_sum = sum(LRS[:k + 1])
+        lr_sum = sum(LRS[: k + 1])
         union = np.full(n, np.nan)
         for p, owned in zip(ps, owners):
             for a, b in owned:
@@ -224,7 +259,9 @@ def test_adamw_matches_reference(sharded, chunk, threads, monkeypatch):
             outside = np.ones(n, dtype=bool)
             for a, b in owned:
                 outside[a:b] = False
-            assert np.array_equal(p[outside], p0[outside]), f"step {k}: an optimizer wrote outside its shard"
+            assert np.array_equal(p[outside], p0[outside]), (
+                f"step {k}: an optimizer wrote outside its shard"
+            )
         assert not (msg := mismatch(union, p_ref, lr_sum)), f"step {k} parameters: {msg}"
         for slot, ref_moment in (("m", m_ref), ("v", v_ref)):
             got = np.zeros(n)
@@ -233,7 +270,9 @@ def test_adamw_matches_reference(sharded, chunk, threads, monkeypatch):
                 for a, b in owned:
                     got[a:b] = flat[a:b]
             scale = np.abs(ref_moment).max()
-            np.testing.assert_allclose(got, ref_moment, rtol=RTOL, atol=RTOL * scale, err_msg=f"step {k} {slot}")
+            np.testing.assert_allclose(
+                got, ref_moment, rtol=RTOL, atol=RTOL * scale, err_msg=f"step {k} {slot}"
+            )
     assert [o.t for o in opts] == [len(LRS)] * len(opts)
     # every element moved by far more than the tolerance (slips: test_reference_differs_from_plausible_slips)
     assert np.abs(want[-1][0] - p0).min() > 1e3 * RTOL * (np.abs(p0).max() + sum(LRS))
@@ -254,20 +293,40 @@ def test_reference_differs_from_plausible_slips():
             p, m, v = step(p, s * g, lr, m, v, t, b1, b2, eps, wd)
         return p
 
-    def adam(p, g, lr, m, v, t, b1, b2, eps, wd, bias=True, eps_in=False, dmask=mask, coupled=False, v_coef=None):
+    def adam(
+        p,
+        g,
+        lr,
+        m,
+        v,
+        t,
+        b1,
+        b2,
+        eps,
+        wd,
+        bias=True,
+        eps_in=False,
+        dmask=mask,
+        coupled=False,
+        v_coef=None,
+    ):
         if coupled:
             g = g + wd * np.where(dmask, p, 0)
         else:
             p = np.where(dmask, p * (1 - lr * wd), p)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + ((1 - b2) if v_coef is None else v_coef) * g * g
-        mh, vh = (m / (1 - b1 ** t), v / (1 - b2 ** t)) if bias else (m, v)
+        mh, vh = (m / (1 - b1**t), v / (1 - b2**t)) if bias else (m, v)
         return p - lr * mh / (np.sqrt(vh + eps) if eps_in else np.sqrt(vh) + eps), m, v
 
     assert not mismatch(run(adam), good, sum(LRS))
-    slips = {"no bias correction": dict(bias=False), "eps inside sqrt": dict(eps_in=True),
-             "decay everywhere": dict(dmask=np.ones_like(mask)), "coupled decay": dict(coupled=True),
-             "b2 for (1-b2)": dict(v_coef=HYPER["beta2"])}
+    slips = {
+        "no bias correction": dict(bias=False),
+        "eps inside sqrt": dict(eps_in=True),
+        "decay everywhere": dict(dmask=np.ones_like(mask)),
+        "coupled decay": dict(coupled=True),
+        "b2 for (1-b2)": dict(v_coef=HYPER["beta2"]),
+    }
     for name, kw in slips.items():
         bad = run(lambda *a, kw=kw: adam(*a, **kw))
         assert mismatch(bad, good, 1e3 * sum(LRS)), name
@@ -276,11 +335,23 @@ def test_reference_differs_from_plausible_slips():
 # -- the Trainer end to end ------------------------------------------------------------------------------------------
 
 STEPS = 6
-TRAINER_SETTINGS = {"model.dtype": "float64", "train.max_iters": STEPS, "train.eval_iters": 0,
-                    "train.lr": 1e-2, "train.min_lr": 1e-3, "train.warmup_iters": 2, "train.lr_decay_iters": 5,
-                    "train.beta1": 0.8, "train.beta2": 0.95, "train.eps": 1e-4, "train.weight_decay": 0.1,
-                    # the gradient norm is ~2.54 at step 0, ~1.78 at step 1, 1.43-1.57 after: two steps clip
-                    "train.grad_clip": 1.67, "train.grad_accum": 2, "parallel.bucket_mb": 0.01}
+TRAINER_SETTINGS = {
+    "model.dtype": "float64",
+    "train.max_iters": STEPS,
+    "train.eval_iters": 0,
+    "train.lr": 1e-2,
+    "train.min_lr": 1e-3,
+    "train.warmup_iters": 2,
+    "train.lr_decay_iters": 5,
+    "train.beta1": 0.8,
+    "train.beta2": 0.95,
+    "train.eps": 1e-4,
+    "train.weight_decay": 0.1,
+    # the gradient norm is ~2.54 at step 0, ~1.78 at step 1, 1.43-1.57 after: two steps clip
+    "train.grad_clip": 1.67,
+    "train.grad_accum": 2,
+    "parallel.bucket_mb": 0.01,
+}
 
 
 def decay_mask_of(model) -> np.ndarray:
@@ -289,7 +360,7 @@ def decay_mask_of(model) -> np.ndarray:
     for s in model.specs:
         two_d = len(s.shape) == 2
         assert two_d == (s.name.endswith(".weight") and ".ln_" not in "." + s.name), s.name
-        mask[s.offset:s.offset + s.size] = two_d
+        mask[s.offset : s.offset + s.size] = two_d
     return mask
 
 
@@ -315,7 +386,9 @@ def trainer_vs_reference(tr: Trainer, full_gradient) -> list[str]:
         lr_k = ref_lr(k, t.lr, t.min_lr, t.warmup_iters, t.lr_decay_iters)
         lr_sum += lr_k
         clipped.append(scale < 1)
-        if not (math.isclose(norm, ref_norm, rel_tol=1e-12) and math.isclose(lr, lr_k, rel_tol=1e-15)):
+        if not (
+            math.isclose(norm, ref_norm, rel_tol=1e-12) and math.isclose(lr, lr_k, rel_tol=1e-15)
+        ):
             bad.append(f"step {k}: grad norm {norm!r}, lr {lr!r}; reference {ref_norm!r}, {lr_k!r}")
         want = ref.step(p_before, scale * g, lr_k)
         if msg := mismatch(tr.model.flat, want, lr_sum):
@@ -323,7 +396,9 @@ def trainer_vs_reference(tr: Trainer, full_gradient) -> list[str]:
         if not np.abs(want - p_before).max() > 0.1 * lr_k:
             bad.append(f"step {k}: the reference hardly moved the parameters")
     if len(seen) != STEPS or not (any(clipped) and not all(clipped)):
-        bad.append(f"{len(seen)} optimizer steps; clipped {clipped}: expected some steps clipped and some not")
+        bad.append(
+            f"{len(seen)} optimizer steps; clipped {clipped}: expected some steps clipped and some not"
+        )
     return bad
 
 
@@ -362,13 +437,17 @@ def test_trainer_zero1_dp2_matches_reference(data_dir, shared_tmp_path):
     """DP2 with ZeRO-1 (a rank updates only its shards, then the allgather): every step's allgathered parameters
     against the reference step of the whole buffer from the captured parameters and the gradient gathered from the
     ranks' shards; the shards cut through decayed tensors."""
-    tr = Trainer(tiny_config(data_dir, shared_tmp_path / "run", **TRAINER_SETTINGS, **{"parallel.zero": 1}),
-                 grid=make_grid(MPI.COMM_WORLD, 1))
+    tr = Trainer(
+        tiny_config(data_dir, shared_tmp_path / "run", **TRAINER_SETTINGS, **{"parallel.zero": 1}),
+        grid=make_grid(MPI.COMM_WORLD, 1),
+    )
     mask = decay_mask_of(tr.model)
     edges = {e for r in tr.sync.owned for e in r} - {0, tr.model.local_size}
-    check(tr.sync.zero and tr.grid.dp == 2 and any(mask[e - 1] and mask[e] for e in edges),
-          f"zero {tr.sync.zero}, dp {tr.grid.dp}, shards {tr.sync.owned[:4]}...: not a ZeRO-1 layout cutting "
-          f"decayed tensors")  # on every rank before the collectives below
+    check(
+        tr.sync.zero and tr.grid.dp == 2 and any(mask[e - 1] and mask[e] for e in edges),
+        f"zero {tr.sync.zero}, dp {tr.grid.dp}, shards {tr.sync.owned[:4]}...: not a ZeRO-1 layout cutting "
+        f"decayed tensors",
+    )  # on every rank before the collectives below
     bad = trainer_vs_reference(tr, gathered_gradient)
     check(not bad, "\n".join(bad))
 
@@ -380,7 +459,9 @@ class _RankComm:
         self.rank, self.size = rank, size
 
 
-@pytest.mark.parametrize("n, dp, bucket", [(2621, 2, 2621), (1000, 3, 77), (10, 4, 3), (7919, 4, 1000)])
+@pytest.mark.parametrize(
+    "n, dp, bucket", [(2621, 2, 2621), (1000, 3, 77), (10, 4, 3), (7919, 4, 1000)]
+)
 def test_zero1_shards_tile_the_buffer(n, dp, bucket):
     """ZeRO-1's owned pieces: over the dp ranks they tile [0, n) exactly (no overlap, no gap), and rank r's piece of
     every bucket is counts[r] long, also where the bucket does not divide evenly (an odd float32 bucket, dp 3)."""

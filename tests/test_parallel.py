@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from mpi4py import MPI
 from pytest_mpi.parallel_assert import parallel_assert
 
 import hpc_llm
-from conftest import tiny_config
 from hpc_llm.checkpoint import load_checkpoint
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 from hpc_llm.train import VAL_STREAM, StopRequest, Trainer
@@ -65,8 +65,13 @@ def check(ok: bool, msg: str = "") -> None:
 def run_config(data_dir, out_dir, **overrides):
     """The tiny run of these tests: 2 layers, 4 heads, 32 dim, block 16, batch 4 (divisible by every DP size here),
     gradient buckets of 0.01 MiB (a dozen or more: the nonblocking path overlaps backward)."""
-    base = {"model.n_head": 4, "train.max_iters": STEPS, "train.eval_iters": 1, "train.eval_interval": STEPS,
-            "parallel.bucket_mb": 0.01}
+    base = {
+        "model.n_head": 4,
+        "train.max_iters": STEPS,
+        "train.eval_iters": 1,
+        "train.eval_interval": STEPS,
+        "parallel.bucket_mb": 0.01,
+    }
     return tiny_config(data_dir, out_dir, **{**base, **overrides})
 
 
@@ -90,12 +95,17 @@ def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
         return [f"{dtype}: steps {pt['step']} vs reference {rt['step']}"]
     for key in ("loss", "grad_norm"):
         if not rel_diff(pt[key], rt[key]) <= rtol:
-            bad.append(f"{dtype} {key}: {pt[key]} vs reference {rt[key]} (relative {rel_diff(pt[key], rt[key]):.2e})")
+            bad.append(
+                f"{dtype} {key}: {pt[key]} vs reference {rt[key]} (relative {rel_diff(pt[key], rt[key]):.2e})"
+            )
     if pt["lr"] != rt["lr"]:
         bad.append(f"{dtype} lr: {pt['lr']} vs reference {rt['lr']}")
     pe, re_ = par.metrics.eval, ref.metrics.eval
-    if pe["step"] != re_["step"] or not rel_diff(pe["val_loss"] + pe["train_loss"],
-                                                 re_["val_loss"] + re_["train_loss"]) <= rtol:
+    if (
+        pe["step"] != re_["step"]
+        or not rel_diff(pe["val_loss"] + pe["train_loss"], re_["val_loss"] + re_["train_loss"])
+        <= rtol
+    ):
         bad.append(f"{dtype} eval: {pe} vs reference {re_}")
 
     got, want = par.model.full_tensors(par.model.flat), ref.model.full_tensors(ref.model.flat)
@@ -106,7 +116,9 @@ def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
             bad.append(f"{dtype} {name}: {g.dtype} {g.shape} vs reference {w.dtype} {w.shape}")
             continue
         err = float(np.max(np.abs(g.astype(np.float64) - w)))
-        bound = F64_RTOL * float(np.max(np.abs(w))) if dtype == "float64" else F32_LR_FRACTION * lr_sum
+        bound = (
+            F64_RTOL * float(np.max(np.abs(w))) if dtype == "float64" else F32_LR_FRACTION * lr_sum
+        )
         if not err <= bound:
             bad.append(f"{dtype} parameter {name}: max abs difference {err:.3e} > {bound:.3e}")
     return bad
@@ -138,16 +150,28 @@ def optimizer_state_checks(tr: Trainer, zero: int) -> list[str]:
     if zero and dp > 1:
         total = tr.grid.dp_comm.mpi.allreduce(tr.opt.m.size)
         n_buckets = len(tr.sync.buckets)
-        if not tr.sync.zero or total != n or abs(tr.opt.m.size - n / dp) > n_buckets or state != 2 * tr.opt.m.size:
-            bad.append(f"ZeRO-1 state: {state} elements here ({tr.opt.m.size} per moment, {total} over the DP group) "
-                       f"for a flat buffer of {n} over dp {dp} ({n_buckets} buckets)")
+        if (
+            not tr.sync.zero
+            or total != n
+            or abs(tr.opt.m.size - n / dp) > n_buckets
+            or state != 2 * tr.opt.m.size
+        ):
+            bad.append(
+                f"ZeRO-1 state: {state} elements here ({tr.opt.m.size} per moment, {total} over the DP group) "
+                f"for a flat buffer of {n} over dp {dp} ({n_buckets} buckets)"
+            )
     elif state != 2 * n:
         bad.append(f"optimizer state {state} elements, expected 2 x {n}")
     return bad
 
 
-LAYOUT_PARAMS = [pytest.param(name, zero, marks=pytest.mark.parallel(nprocs=LAYOUTS[name][0]), id=f"{name}-zero{zero}")
-                 for name in LAYOUTS for zero in (0, 1)]
+LAYOUT_PARAMS = [
+    pytest.param(
+        name, zero, marks=pytest.mark.parallel(nprocs=LAYOUTS[name][0]), id=f"{name}-zero{zero}"
+    )
+    for name in LAYOUTS
+    for zero in (0, 1)
+]
 
 
 @pytest.mark.parametrize("layout, zero", LAYOUT_PARAMS)
@@ -161,11 +185,22 @@ def test_training_matches_single_process(layout, zero, data_dir, tmp_path, share
     for dtype in ("float64", "float32"):
         # dropout masks are a function of the global row, so the grid draws the single process's masks
         common = {"model.dtype": dtype, "train.grad_accum": accum, "model.dropout": 0.1}
-        par = train(run_config(data_dir, shared_tmp_path / f"par-{dtype}", **common,
-                               **{"parallel.tp": tp, "parallel.zero": zero}), grid)
-        ref = train(run_config(data_dir, tmp_path / f"ref-{dtype}", **common), single_process_grid())
+        par = train(
+            run_config(
+                data_dir,
+                shared_tmp_path / f"par-{dtype}",
+                **common,
+                **{"parallel.tp": tp, "parallel.zero": zero},
+            ),
+            grid,
+        )
+        ref = train(
+            run_config(data_dir, tmp_path / f"ref-{dtype}", **common), single_process_grid()
+        )
         if par.grid.dp != ranks // tp or par.grid.tp != tp or len(par.sync.buckets) < 4:
-            bad.append(f"layout: dp {par.grid.dp}, tp {par.grid.tp}, {len(par.sync.buckets)} buckets")
+            bad.append(
+                f"layout: dp {par.grid.dp}, tp {par.grid.tp}, {len(par.sync.buckets)} buckets"
+            )
         bad += compare_runs(par, ref, dtype)
         bad += replica_checks(par)
         bad += optimizer_state_checks(par, zero)
@@ -178,8 +213,14 @@ def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
     with the same parameters (bitwise) and the same loss (float32, relative 1e-5: only the TP sums' order differs);
     the stored Adam moments are each rank's ZeRO-1 shard, bitwise."""
     grid = make_grid(MPI.COMM_WORLD, 2)
-    tr = train(run_config(data_dir, shared_tmp_path / "run", **{"train.max_iters": 4, "train.eval_iters": 0,
-                                                                "parallel.tp": 2, "parallel.zero": 1}), grid)
+    tr = train(
+        run_config(
+            data_dir,
+            shared_tmp_path / "run",
+            **{"train.max_iters": 4, "train.eval_iters": 0, "parallel.tp": 2, "parallel.zero": 1},
+        ),
+        grid,
+    )
     path = tr.summary["checkpoint"]
     bad = []
     if MPI.COMM_WORLD.allgather(path) != [path] * 4:
@@ -192,7 +233,9 @@ def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
         if not np.array_equal(model.params[name], p):
             bad.append(f"loaded {name} differs from the parallel model's")
     for i in range(2):
-        x, y = tr.batch(tr.val_tokens, i, 0, VAL_STREAM)  # this DP rank's rows; its TP group shares them
+        x, y = tr.batch(
+            tr.val_tokens, i, 0, VAL_STREAM
+        )  # this DP rank's rows; its TP group shares them
         want, got = tr.model.loss(x, y), model.loss(x, y)
         if not (math.isfinite(got) and abs(got - want) <= F32_RTOL * abs(want)):
             bad.append(f"batch {i}: loaded model's loss {got!r}, parallel model's {want!r}")
@@ -205,7 +248,9 @@ def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
         tr.model.load_flat(flat, saved.optimizer[slot], f"optimizer {slot}")
         mine = np.concatenate([flat[a:b] for a, b in tr.sync.owned])
         if not np.array_equal(mine, getattr(tr.opt, slot)):
-            bad.append(f"checkpoint optimizer {slot}: this rank's ZeRO-1 shard differs from its Adam state")
+            bad.append(
+                f"checkpoint optimizer {slot}: this rank's ZeRO-1 shard differs from its Adam state"
+            )
     check(not bad, "\n".join(bad))
 
 
@@ -215,11 +260,23 @@ def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
     grad norms, parameters and this rank's Adam moments equal the uninterrupted run's bitwise."""
     grid = make_grid(MPI.COMM_WORLD, 1)
     N, k = 6, 3
-    common = {"model.dropout": 0.1, "train.grad_accum": 2, "train.eval_iters": 0, "parallel.zero": 1}
-    full = train(run_config(data_dir, shared_tmp_path / "full", **common, **{"train.max_iters": N}), grid)
-    first = train(run_config(data_dir, shared_tmp_path / "split", **common, **{"train.max_iters": k}), grid)
-    second = train(run_config(data_dir, shared_tmp_path / "split", **common, **{"train.max_iters": N}), grid,
-                   resume=first.summary["checkpoint"])
+    common = {
+        "model.dropout": 0.1,
+        "train.grad_accum": 2,
+        "train.eval_iters": 0,
+        "parallel.zero": 1,
+    }
+    full = train(
+        run_config(data_dir, shared_tmp_path / "full", **common, **{"train.max_iters": N}), grid
+    )
+    first = train(
+        run_config(data_dir, shared_tmp_path / "split", **common, **{"train.max_iters": k}), grid
+    )
+    second = train(
+        run_config(data_dir, shared_tmp_path / "split", **common, **{"train.max_iters": N}),
+        grid,
+        resume=first.summary["checkpoint"],
+    )
     bad = []
     if not (second.sync.zero and first.step == k and second.step == N):
         bad.append(f"zero {second.sync.zero}, steps {first.step} and {second.step}")
@@ -227,9 +284,14 @@ def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
         bad.append(f"first part: {first.metrics.train['loss']} vs {full.metrics.train['loss'][:k]}")
     for key in ("step", "loss", "grad_norm", "lr"):
         if second.metrics.train[key] != full.metrics.train[key]:
-            bad.append(f"resumed {key}: {second.metrics.train[key]} vs uninterrupted {full.metrics.train[key]}")
-    for what, a, b in (("parameters", second.model.flat, full.model.flat), ("Adam m", second.opt.m, full.opt.m),
-                       ("Adam v", second.opt.v, full.opt.v)):
+            bad.append(
+                f"resumed {key}: {second.metrics.train[key]} vs uninterrupted {full.metrics.train[key]}"
+            )
+    for what, a, b in (
+        ("parameters", second.model.flat, full.model.flat),
+        ("Adam m", second.opt.m, full.opt.m),
+        ("Adam v", second.opt.v, full.opt.v),
+    ):
         if not np.array_equal(a, b):
             bad.append(f"resumed {what} differ from the uninterrupted run's")
     if second.opt.t != full.opt.t:
@@ -242,13 +304,16 @@ def test_exact_resume_dp2_zero1(data_dir, shared_tmp_path):
 def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(data_dir, shared_tmp_path):
     """SIGUSR1 reaches rank 1 only (a real signal, during step 3): both ranks stop at the same step boundary, write one
     verified checkpoint there and report the signal; no rank waits in a collective the other never enters."""
+
     class SignalledAtStep3(Trainer):
         def train_step(self):
             if self.step == 2 and self.grid.world.rank == 1:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return super().train_step()
 
-    cfg = run_config(data_dir, shared_tmp_path / "stop", **{"train.max_iters": 20, "train.eval_iters": 0})
+    cfg = run_config(
+        data_dir, shared_tmp_path / "stop", **{"train.max_iters": 20, "train.eval_iters": 0}
+    )
     with StopRequest() as stop:
         tr = SignalledAtStep3(cfg, grid=make_grid(MPI.COMM_WORLD, 1), stop=stop)
         summary = tr.run()
@@ -257,34 +322,52 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(data_dir, sha
         bad.append(f"summary {summary}")
     saved = load_checkpoint(summary["checkpoint"])
     if saved.state["step"] != 3 or len(saved.metrics["train"]["loss"]) != 3:
-        bad.append(f"checkpoint at step {saved.state['step']} with {len(saved.metrics['train']['loss'])} losses")
+        bad.append(
+            f"checkpoint at step {saved.state['step']} with {len(saved.metrics['train']['loss'])} losses"
+        )
     check(not bad, "\n".join(bad))
 
 
 @pytest.mark.parallel(nprocs=2)
-@pytest.mark.parametrize("dataset", ["params/h.0.attn.c_attn.weight", "optimizer/v/wte.weight", "params/ln_f.bias"])
+@pytest.mark.parametrize(
+    "dataset", ["params/h.0.attn.c_attn.weight", "optimizer/v/wte.weight", "params/ln_f.bias"]
+)
 def test_corrupt_checkpoint_fails_resume_on_every_rank(dataset, data_dir, shared_tmp_path):
     """A flipped byte in one dataset: the rank whose share of the verification holds it finds it (whether it read
     that dataset whole or checksums it separately), and every rank raises the same one-line UserError."""
-    from hpc_llm.errors import UserError
     from test_checkpoint import flip_byte_in
 
+    from hpc_llm.errors import UserError
+
     grid = make_grid(MPI.COMM_WORLD, 1)
-    cfg = run_config(data_dir, shared_tmp_path / "run", **{"train.max_iters": 2, "train.eval_iters": 0,
-                                                            "parallel.zero": 1})
+    cfg = run_config(
+        data_dir,
+        shared_tmp_path / "run",
+        **{"train.max_iters": 2, "train.eval_iters": 0, "parallel.zero": 1},
+    )
     path = train(cfg, grid).summary["checkpoint"]
     if MPI.COMM_WORLD.rank == 0:
         flip_byte_in(path, dataset, index=5)
     MPI.COMM_WORLD.Barrier()
     try:
-        Trainer(run_config(data_dir, shared_tmp_path / "run", **{"train.max_iters": 4, "parallel.zero": 1}),
-                resume=str(path), grid=grid)
+        Trainer(
+            run_config(
+                data_dir, shared_tmp_path / "run", **{"train.max_iters": 4, "parallel.zero": 1}
+            ),
+            resume=str(path),
+            grid=grid,
+        )
         error = None
     except UserError as e:
         error = str(e)
     errors = MPI.COMM_WORLD.allgather(error)
-    check(error is not None and "checksum mismatch" in error and f"/{dataset}" in error and len(set(errors)) == 1,
-          f"errors: {errors}")
+    check(
+        error is not None
+        and "checksum mismatch" in error
+        and f"/{dataset}" in error
+        and len(set(errors)) == 1,
+        f"errors: {errors}",
+    )
 
 
 # -- a wrong layout fails cleanly on every rank (serial tests that launch the CLI under mpiexec) ----------------------
@@ -298,14 +381,22 @@ def mpiexec() -> str:
     return found
 
 
-def run_mpi(nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT, entry: tuple = ("-m", "hpc_llm")):
+def run_mpi(
+    nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT, entry: tuple = ("-m", "hpc_llm")
+):
     """Run `python -m hpc_llm ARGS` (or `python ENTRY ARGS`) under mpiexec in its own process group; on a timeout
     the whole group is killed (no stray ranks) and the test fails."""
     cmd = [mpiexec(), "--oversubscribe", "-n", str(nprocs), sys.executable, *entry, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -338,38 +429,109 @@ out_dir = "{out_dir}"
 
 BAD_LAYOUTS = [
     # id, ranks, overrides, what the one error line must say
-    ("tp-not-dividing-n_head", 2, ["parallel.tp=2", "model.n_head=3", "model.n_embd=48"],
-     ["parallel.tp=2", "model.n_head=3"]),
+    (
+        "tp-not-dividing-n_head",
+        2,
+        ["parallel.tp=2", "model.n_head=3", "model.n_embd=48"],
+        ["parallel.tp=2", "model.n_head=3"],
+    ),
     ("tp-not-dividing-ranks", 4, ["parallel.tp=3"], ["parallel.tp=3", "number of ranks (4)"]),
-    ("batch-not-divisible-by-dp", 2, ["train.batch_size=3"], ["train.batch_size=3", "data-parallel size 2"]),
-    ("missing-data-path", 2, ["data.path={tmp}/no_such_data"], ["{tmp}/no_such_data", "does not exist"]),
-    ("pp-not-dividing-ranks", 4, ["parallel.pp=3", "model.n_layer=3"], ["parallel.pp=3", "number of ranks (4)"]),
-    ("pp-x-tp-not-dividing-ranks", 4, ["parallel.pp=2", "parallel.tp=4"], ["parallel.pp=2", "parallel.tp=4"]),
-    ("pp-not-dividing-layers", 2, ["parallel.pp=2", "model.n_layer=3"], ["parallel.pp=2", "model.n_layer=3",
-                                                                            "parallel.pp_layers"]),
-    ("virtual-stages-not-dividing-layers", 2, ["parallel.pp=2", "parallel.schedule=interleaved",
-                                               "parallel.virtual_stages=3", "train.grad_accum=2"],
-     ["parallel.virtual_stages=3", "model.n_layer=2"]),
-    ("interleaved-fewer-micro-batches-than-stages", 2, ["parallel.pp=2", "parallel.schedule=interleaved",
-                                                        "parallel.virtual_stages=2", "model.n_layer=4"],
-     ["train.grad_accum=1", "parallel.pp=2"]),
-    ("virtual-stages-without-interleaving", 2, ["parallel.pp=2", "parallel.virtual_stages=2", "model.n_layer=4"],
-     ["parallel.virtual_stages=2", "interleaved"]),
-    ("pp_layers-not-summing", 2, ["parallel.pp=2", "parallel.pp_layers=[2,1]"], ["parallel.pp_layers=[2, 1]",
-                                                                                "model.n_layer=2"]),
-    ("stage-without-layers", 2, ["parallel.pp=2", "parallel.pp_layers=[2,0]"], ["parallel.pp_layers=[2, 0]",
-                                                                               "at least one layer"]),
-    ("pp_layers-wrong-length", 2, ["parallel.pp=2", "parallel.pp_layers=[2]"], ["parallel.pp_layers=[2]",
-                                                                               "expected 2 entries"]),
+    (
+        "batch-not-divisible-by-dp",
+        2,
+        ["train.batch_size=3"],
+        ["train.batch_size=3", "data-parallel size 2"],
+    ),
+    (
+        "missing-data-path",
+        2,
+        ["data.path={tmp}/no_such_data"],
+        ["{tmp}/no_such_data", "does not exist"],
+    ),
+    (
+        "pp-not-dividing-ranks",
+        4,
+        ["parallel.pp=3", "model.n_layer=3"],
+        ["parallel.pp=3", "number of ranks (4)"],
+    ),
+    (
+        "pp-x-tp-not-dividing-ranks",
+        4,
+        ["parallel.pp=2", "parallel.tp=4"],
+        ["parallel.pp=2", "parallel.tp=4"],
+    ),
+    (
+        "pp-not-dividing-layers",
+        2,
+        ["parallel.pp=2", "model.n_layer=3"],
+        ["parallel.pp=2", "model.n_layer=3", "parallel.pp_layers"],
+    ),
+    (
+        "virtual-stages-not-dividing-layers",
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.schedule=interleaved",
+            "parallel.virtual_stages=3",
+            "train.grad_accum=2",
+        ],
+        ["parallel.virtual_stages=3", "model.n_layer=2"],
+    ),
+    (
+        "interleaved-fewer-micro-batches-than-stages",
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.schedule=interleaved",
+            "parallel.virtual_stages=2",
+            "model.n_layer=4",
+        ],
+        ["train.grad_accum=1", "parallel.pp=2"],
+    ),
+    (
+        "virtual-stages-without-interleaving",
+        2,
+        ["parallel.pp=2", "parallel.virtual_stages=2", "model.n_layer=4"],
+        ["parallel.virtual_stages=2", "interleaved"],
+    ),
+    (
+        "pp_layers-not-summing",
+        2,
+        ["parallel.pp=2", "parallel.pp_layers=[2,1]"],
+        ["parallel.pp_layers=[2, 1]", "model.n_layer=2"],
+    ),
+    (
+        "stage-without-layers",
+        2,
+        ["parallel.pp=2", "parallel.pp_layers=[2,0]"],
+        ["parallel.pp_layers=[2, 0]", "at least one layer"],
+    ),
+    (
+        "pp_layers-wrong-length",
+        2,
+        ["parallel.pp=2", "parallel.pp_layers=[2]"],
+        ["parallel.pp_layers=[2]", "expected 2 entries"],
+    ),
     ("unknown-precision", 2, ["train.precision=fp8"], ["train.precision", "'fp8'"]),
-    ("low-precision-with-float64", 2, ["train.precision=bf16", "model.dtype=float64"],
-     ["train.precision", "float32 master weights"]),
-    ("fp16-without-a-scale", 2, ["train.precision=fp16", "train.loss_scale_init=0"], ["train.loss_scale_init"]),
+    (
+        "low-precision-with-float64",
+        2,
+        ["train.precision=bf16", "model.dtype=float64"],
+        ["train.precision", "float32 master weights"],
+    ),
+    (
+        "fp16-without-a-scale",
+        2,
+        ["train.precision=fp16", "train.loss_scale_init=0"],
+        ["train.loss_scale_init"],
+    ),
     ("unknown-recompute", 2, ["train.recompute=full"], ["train.recompute", "'full'"]),
 ]
 
 
-@pytest.mark.parametrize("ranks, overrides, expected", [pytest.param(*case[1:], id=case[0]) for case in BAD_LAYOUTS])
+@pytest.mark.parametrize(
+    "ranks, overrides, expected", [pytest.param(*case[1:], id=case[0]) for case in BAD_LAYOUTS]
+)
 def test_wrong_layout_fails_cleanly_on_every_rank(ranks, overrides, expected, data_dir, tmp_path):
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
     args = ["train", str(cfg)]
@@ -391,11 +553,33 @@ def test_pipeline_from_the_cli_then_generate(data_dir, tmp_path):
     """`mpiexec -n 2 hpc-llm train --set parallel.pp=2`: the log gives the layout and each stage's layers; the
     checkpoint holds the whole model, which `hpc-llm generate` samples from in one process."""
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
-    rc, out, err, _ = run_mpi(2, ["train", str(cfg), "--set", "parallel.pp=2", "--set", "train.grad_accum=2"])
+    rc, out, err, _ = run_mpi(
+        2, ["train", str(cfg), "--set", "parallel.pp=2", "--set", "train.grad_accum=2"]
+    )
     assert rc == 0, out + err
     assert "2 ranks = pp 2 x dp 1 x tp 1" in out, out
-    assert "pipeline: 2 stages x 1 virtual, schedule 1f1b, 2 micro-batches; layers per (virtual) stage 0: 0-0, 1: 1-1" \
-        in out, out
-    r = subprocess.run([sys.executable, "-m", "hpc_llm", "generate", str(tmp_path / "out"), "--prompt", "the cat",
-                        "--max-new-tokens", "12", "--seed", "3"], capture_output=True, text=True, timeout=CLI_TIMEOUT)
-    assert r.returncode == 0 and r.stdout.startswith("the cat") and len(r.stdout) > len("the cat") + 6, r
+    assert (
+        "pipeline: 2 stages x 1 virtual, schedule 1f1b, 2 micro-batches; layers per (virtual) stage 0: 0-0, 1: 1-1"
+        in out
+    ), out
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_llm",
+            "generate",
+            str(tmp_path / "out"),
+            "--prompt",
+            "the cat",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+    assert (
+        r.returncode == 0 and r.stdout.startswith("the cat") and len(r.stdout) > len("the cat") + 6
+    ), r

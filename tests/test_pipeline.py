@@ -17,26 +17,44 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi4py import MPI
+from test_parallel import (
+    F64_RTOL,
+    check,
+    crc,
+    rel_diff,
+    replica_checks,
+    run_config,
+    run_mpi,
+    train,
+    write_run_config,
+)
+from test_resume_layouts import count_reads, hyperslab_checks
 
 import hpc_llm
-from test_parallel import F64_RTOL, check, crc, rel_diff, replica_checks, run_config, run_mpi, train, write_run_config
-from test_resume_layouts import count_reads, hyperslab_checks
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 
 # name: (ranks, parallel.pp, parallel.tp)
 LAYOUTS = {"PP2": (2, 2, 1), "PP4": (4, 4, 1), "PP2xDP2": (4, 2, 1), "PP2xTP2": (4, 2, 2)}
 N_LAYER, STEPS = 8, 3
-COMMON = {"model.dtype": "float64", "model.dropout": 0.1, "model.n_layer": N_LAYER, "train.grad_accum": 4,
-          "train.max_iters": STEPS, "train.eval_interval": STEPS}
+COMMON = {
+    "model.dtype": "float64",
+    "model.dropout": 0.1,
+    "model.n_layer": N_LAYER,
+    "train.grad_accum": 4,
+    "train.max_iters": STEPS,
+    "train.eval_interval": STEPS,
+}
 
 
 def schedules(pp: int) -> dict:
     """name: overrides. The uneven split gives the first stage the most layers (as one would for the embedding)."""
     uneven = {2: [5, 3], 4: [3, 2, 2, 1]}[pp]
-    return {"1f1b": {"parallel.schedule": "1f1b"},
-            "interleaved": {"parallel.schedule": "interleaved", "parallel.virtual_stages": 2},
-            "gpipe": {"parallel.schedule": "gpipe"},
-            "1f1b-uneven": {"parallel.schedule": "1f1b", "parallel.pp_layers": uneven}}
+    return {
+        "1f1b": {"parallel.schedule": "1f1b"},
+        "interleaved": {"parallel.schedule": "interleaved", "parallel.virtual_stages": 2},
+        "gpipe": {"parallel.schedule": "gpipe"},
+        "1f1b-uneven": {"parallel.schedule": "1f1b", "parallel.pp_layers": uneven},
+    }
 
 
 def compare(tr, ref, name: str, steps: slice = slice(None)) -> list[str]:
@@ -51,18 +69,30 @@ def compare(tr, ref, name: str, steps: slice = slice(None)) -> list[str]:
             bad.append(f"{name} {key}: {a} vs reference {b} (relative {rel_diff(a, b):.2e})")
     if got["lr"] != want["lr"]:
         bad.append(f"{name} lr: {got['lr']} vs reference {want['lr']}")
-    after = -1 if steps.start is None else steps.start  # a resumed run also holds the first run's closing eval at K
-    ge, re_ = ({k: [v for s, v in zip(e["step"], e[k]) if s > after] for k in e} for e in (tr.metrics.eval,
-                                                                                           ref.metrics.eval))
-    if ge["step"] != re_["step"] or not rel_diff(ge["val_loss"] + ge["train_loss"],
-                                                 re_["val_loss"] + re_["train_loss"]) <= F64_RTOL:
+    after = (
+        -1 if steps.start is None else steps.start
+    )  # a resumed run also holds the first run's closing eval at K
+    ge, re_ = (
+        {k: [v for s, v in zip(e["step"], e[k]) if s > after] for k in e}
+        for e in (tr.metrics.eval, ref.metrics.eval)
+    )
+    if (
+        ge["step"] != re_["step"]
+        or not rel_diff(ge["val_loss"] + ge["train_loss"], re_["val_loss"] + re_["train_loss"])
+        <= F64_RTOL
+    ):
         bad.append(f"{name} eval: {ge} vs reference {re_}")
-    params, ref_params = tr.model.full_tensors(tr.model.flat), ref.model.full_tensors(ref.model.flat)
+    params, ref_params = (
+        tr.model.full_tensors(tr.model.flat),
+        ref.model.full_tensors(ref.model.flat),
+    )
     for pname, g in params.items():
         w = ref_params[pname]
         err, bound = float(np.max(np.abs(g - w))), F64_RTOL * float(np.max(np.abs(w)))
         if g.dtype != np.float64 or g.shape != w.shape or not err <= bound:
-            bad.append(f"{name} parameter {pname}: {g.dtype} {g.shape}, max abs difference {err:.3e} > {bound:.3e}")
+            bad.append(
+                f"{name} parameter {pname}: {g.dtype} {g.shape}, max abs difference {err:.3e} > {bound:.3e}"
+            )
     return bad
 
 
@@ -74,8 +104,10 @@ def stage_checks(tr, pp: int, name: str) -> list[str]:
     layers = sorted(i for c in m.chunks for i in tr.plan.layers[c.vstage])
     blocks = sorted({int(n.split(".")[1]) for n in m.params if n.startswith("h.")})
     if blocks != layers or m.has_embedding != (stage == 0) or m.has_head != (stage == pp - 1):
-        bad.append(f"{name}: stage {stage} holds blocks {blocks} (plan {layers}), embedding {m.has_embedding}, "
-                   f"head {m.has_head}")
+        bad.append(
+            f"{name}: stage {stage} holds blocks {blocks} (plan {layers}), embedding {m.has_embedding}, "
+            f"head {m.has_head}"
+        )
     if (stage in (0, pp - 1)) != (tr.grid.emb_comm is not None):
         bad.append(f"{name}: stage {stage} of {pp}, embedding group {tr.grid.emb_comm}")
     if tr.grid.emb_comm is not None:
@@ -85,8 +117,10 @@ def stage_checks(tr, pp: int, name: str) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("layout", [pytest.param(n, marks=pytest.mark.parallel(nprocs=LAYOUTS[n][0]), id=n)
-                                    for n in LAYOUTS])
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(n, marks=pytest.mark.parallel(nprocs=LAYOUTS[n][0]), id=n) for n in LAYOUTS],
+)
 def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_path):
     ranks, pp, tp = LAYOUTS[layout]
     assert MPI.COMM_WORLD.Get_size() == ranks
@@ -95,12 +129,22 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
     for sched, overrides in schedules(pp).items():
         for zero in (0, 1):
             name = f"{layout} {sched} zero{zero}"
-            cfg = run_config(data_dir, shared_tmp_path / f"{sched}-{zero}", **{**COMMON, **overrides},
-                             **{"parallel.pp": pp, "parallel.tp": tp, "parallel.zero": zero})
+            cfg = run_config(
+                data_dir,
+                shared_tmp_path / f"{sched}-{zero}",
+                **{**COMMON, **overrides},
+                **{"parallel.pp": pp, "parallel.tp": tp, "parallel.zero": zero},
+            )
             tr = train(cfg, make_grid(MPI.COMM_WORLD, tp, pp))
-            if (tr.grid.pp, tr.grid.tp, tr.grid.dp, tr.sync.zero) != (pp, tp, ranks // (pp * tp),
-                                                                      bool(zero) and ranks > pp * tp):
-                bad.append(f"{name}: grid pp {tr.grid.pp} tp {tr.grid.tp} dp {tr.grid.dp}, zero {tr.sync.zero}")
+            if (tr.grid.pp, tr.grid.tp, tr.grid.dp, tr.sync.zero) != (
+                pp,
+                tp,
+                ranks // (pp * tp),
+                bool(zero) and ranks > pp * tp,
+            ):
+                bad.append(
+                    f"{name}: grid pp {tr.grid.pp} tp {tr.grid.tp} dp {tr.grid.dp}, zero {tr.sync.zero}"
+                )
             bad += compare(tr, ref, name) + stage_checks(tr, pp, name)
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
     check(not bad, "\n".join(bad))
@@ -119,30 +163,58 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
 
     ref = train(config(tmp_path / "ref", **{"train.max_iters": N}), single_process_grid())
     layout = {"parallel.pp": 2, "parallel.tp": 2, "parallel.zero": 1}
-    first = train(config(shared_tmp_path / "first", **layout, **{"train.max_iters": K}),
-                  make_grid(world, 2, 2))
+    first = train(
+        config(shared_tmp_path / "first", **layout, **{"train.max_iters": K}),
+        make_grid(world, 2, 2),
+    )
     path = first.summary["checkpoint"]
     bad = []
-    if (first.grid.pp, first.grid.dp, first.grid.tp, first.sync.zero, first.step) != (2, 2, 2, True, K):
-        bad.append(f"first run: pp {first.grid.pp} dp {first.grid.dp} tp {first.grid.tp} zero {first.sync.zero}")
+    if (first.grid.pp, first.grid.dp, first.grid.tp, first.sync.zero, first.step) != (
+        2,
+        2,
+        2,
+        True,
+        K,
+    ):
+        bad.append(
+            f"first run: pp {first.grid.pp} dp {first.grid.dp} tp {first.grid.tp} zero {first.sync.zero}"
+        )
     # the API reads a pipeline's checkpoint as one model: the reference's after K steps (its logits at step K)
     ref_k = train(config(tmp_path / "ref-k", **{"train.max_iters": K}), single_process_grid())
     idx = np.random.default_rng(0).integers(0, 256, (2, 16))
     got, want = hpc_llm.load_model(path, dtype="float64").logits(idx), ref_k.model.logits(idx)
     if not np.max(np.abs(got - want)) <= F64_RTOL * np.max(np.abs(want)):
-        bad.append(f"load_model of the pp2 checkpoint: logits differ by {np.max(np.abs(got - want)):.3e}")
+        bad.append(
+            f"load_model of the pp2 checkpoint: logits differ by {np.max(np.abs(got - want)):.3e}"
+        )
 
     # name: (pp, tp, zero, grid factory, out_dir); every 8-rank grid is built, and its Trainer run, on all 8 ranks
     targets = {
         "PP4xDP2": (4, 1, 0, lambda: make_grid(world, 1, 4), shared_tmp_path / "pp4"),
         "TP4xDP2-zero1": (1, 4, 1, lambda: make_grid(world, 4, 1), shared_tmp_path / "tp4"),
-        "PP1-single-process": (1, 1, 0, single_process_grid, tmp_path / "pp1"),  # each rank its own run
+        "PP1-single-process": (
+            1,
+            1,
+            0,
+            single_process_grid,
+            tmp_path / "pp1",
+        ),  # each rank its own run
     }
     for name, (pp, tp, zero, grid, out) in targets.items():
         with count_reads() as read:
-            tr = train(config(out, **{"train.max_iters": N, "parallel.pp": pp, "parallel.tp": tp,
-                                       "parallel.zero": zero}),
-                       grid(), resume=path)
+            tr = train(
+                config(
+                    out,
+                    **{
+                        "train.max_iters": N,
+                        "parallel.pp": pp,
+                        "parallel.tp": tp,
+                        "parallel.zero": zero,
+                    },
+                ),
+                grid(),
+                resume=path,
+            )
         bad += [f"{name}: {b}" for b in hyperslab_checks(tr, read)]
         bad += compare(tr, ref, name, slice(K, None))
         if tr.grid.world.size > 1:
@@ -150,15 +222,23 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
 
     # the same layout: bitwise the uninterrupted run
-    whole = train(config(shared_tmp_path / "whole", **layout, **{"train.max_iters": N}),
-                  make_grid(world, 2, 2))
-    again = train(config(shared_tmp_path / "again", **layout, **{"train.max_iters": N}),
-                  make_grid(world, 2, 2), resume=path)
+    whole = train(
+        config(shared_tmp_path / "whole", **layout, **{"train.max_iters": N}),
+        make_grid(world, 2, 2),
+    )
+    again = train(
+        config(shared_tmp_path / "again", **layout, **{"train.max_iters": N}),
+        make_grid(world, 2, 2),
+        resume=path,
+    )
     history = ("step", "loss", "lr", "grad_norm")  # (the others are timings)
-    if any(again.metrics.train[k] != whole.metrics.train[k] for k in history) or \
-            crc(again.model.flat) != crc(whole.model.flat):
-        bad.append(f"same-layout resume is not bitwise: losses {again.metrics.train['loss']} vs "
-                   f"{whole.metrics.train['loss']}")
+    if any(again.metrics.train[k] != whole.metrics.train[k] for k in history) or crc(
+        again.model.flat
+    ) != crc(whole.model.flat):
+        bad.append(
+            f"same-layout resume is not bitwise: losses {again.metrics.train['loss']} vs "
+            f"{whole.metrics.train['loss']}"
+        )
     if crc(again.opt.m) != crc(whole.opt.m) or crc(again.opt.v) != crc(whole.opt.v):
         bad.append("same-layout resume: Adam moments differ from the uninterrupted run's")
     check(not bad, "\n".join(bad))
@@ -187,7 +267,10 @@ def test_a_rank_failing_inside_the_pipeline_ends_the_job(data_dir, tmp_path):
     (mpiexec's status non-zero, the error on stderr) instead of hanging in the wait; run_mpi fails the test on a
     hang. (A rank that stops without exiting is the watchdog's case: issue "No hangs".)"""
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
-    rc, out, err, _ = run_mpi(2, ["train", str(cfg), "--set", "parallel.pp=2", "--set", "train.grad_accum=4"],
-                              entry=("-c", FAILING_STAGE))
+    rc, out, err, _ = run_mpi(
+        2,
+        ["train", str(cfg), "--set", "parallel.pp=2", "--set", "train.grad_accum=4"],
+        entry=("-c", FAILING_STAGE),
+    )
     assert rc != 0 and "injected failure in rank 1's third pipeline forward" in err, (rc, out, err)
     assert not list((tmp_path / "out").glob("ckpt_*.h5"))  # nothing saved from a failed step

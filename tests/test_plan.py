@@ -39,12 +39,20 @@ class FakeComm(Comm):
 
 
 def cluster_dict(**drop) -> dict:
-    d = {"name": "test", "node": {"devices": 4, "memory_bytes": 16e9, "runtime_bytes": 0},
-         "compute": {"gemm_call_s": 1e-6, "call_s": 1e-6, "transcendental_rate": 1e9, "scatter_rate": 1e8,
-                     "elementwise_bw": {"65536": 1e11, "67108864": 2e10},
-                     "gemm": {"float32": {"32": 5e10, "1024": 1e11}, "float64": {"32": 2e10, "1024": 5e10}}},
-         "link": {"intra": {"latency_s": 2e-6, "bw": 5e9}, "inter": {"latency_s": 5e-6, "bw": 1e9}},
-         "storage": {"write_bw": 5e8}}
+    d = {
+        "name": "test",
+        "node": {"devices": 4, "memory_bytes": 16e9, "runtime_bytes": 0},
+        "compute": {
+            "gemm_call_s": 1e-6,
+            "call_s": 1e-6,
+            "transcendental_rate": 1e9,
+            "scatter_rate": 1e8,
+            "elementwise_bw": {"65536": 1e11, "67108864": 2e10},
+            "gemm": {"float32": {"32": 5e10, "1024": 1e11}, "float64": {"32": 2e10, "1024": 5e10}},
+        },
+        "link": {"intra": {"latency_s": 2e-6, "bw": 5e9}, "inter": {"latency_s": 5e-6, "bw": 1e9}},
+        "storage": {"write_bw": 5e8},
+    }
     for path in drop:
         section, key = path.split("__")
         del d[section][key]
@@ -61,21 +69,42 @@ def tiny(**kw) -> ModelConfig:
 
 # -- memory: parameters, gradients, optimizer state --------------------------------------------------------------
 
-@pytest.mark.parametrize("tp, pp, stage, virtual, dp, dp_rank, zero, precision", [
-    (1, 1, 0, 1, 1, 0, 0, "fp32"), (2, 1, 0, 1, 1, 1, 0, "fp32"), (1, 2, 0, 1, 2, 0, 1, "fp32"),
-    (2, 2, 1, 1, 2, 1, 1, "fp32"), (1, 2, 1, 2, 3, 2, 1, "fp32"), (4, 1, 0, 1, 2, 0, 1, "bf16"),
-])
-def test_persistent_memory_equals_the_trainers_buffers(tp, pp, stage, virtual, dp, dp_rank, zero, precision):
+
+@pytest.mark.parametrize(
+    "tp, pp, stage, virtual, dp, dp_rank, zero, precision",
+    [
+        (1, 1, 0, 1, 1, 0, 0, "fp32"),
+        (2, 1, 0, 1, 1, 1, 0, "fp32"),
+        (1, 2, 0, 1, 2, 0, 1, "fp32"),
+        (2, 2, 1, 1, 2, 1, 1, "fp32"),
+        (1, 2, 1, 2, 3, 2, 1, "fp32"),
+        (4, 1, 0, 1, 2, 0, 1, "bf16"),
+    ],
+)
+def test_persistent_memory_equals_the_trainers_buffers(
+    tp, pp, stage, virtual, dp, dp_rank, zero, precision
+):
     cfg = tiny()
-    lay = Layout(pp=pp, dp=dp, tp=tp, zero=zero, schedule="interleaved" if virtual > 1 else "1f1b",
-                 virtual=virtual, micro_batches=4, batch_size=2 * dp, bucket_mb=0.002)
+    lay = Layout(
+        pp=pp,
+        dp=dp,
+        tp=tp,
+        zero=zero,
+        schedule="interleaved" if virtual > 1 else "1f1b",
+        virtual=virtual,
+        micro_batches=4,
+        batch_size=2 * dp,
+        bucket_mb=0.002,
+    )
     plan = stage_plan(cfg, lay, stage)
     model = GPT(cfg, seed=None, tp_comm=FakeComm(tp, tp - 1), plan=plan, precision=precision)
     bucket = int(lay.bucket_mb * 2**20) // 4
     sync = GradientSync(model.grad_flat, FakeComm(dp, dp_rank), bucket, zero == 1)
     assert len(sync.buckets) > 2  # several buckets: ZeRO pieces of each, not one split
     opt = AdamW(model.flat, model.grad_flat, model.decay_ranges(), TrainConfig(), owned=sync.owned)
-    mem = rank_memory(cfg, lay, stage, PRECISIONS[precision][1], dp_rank=dp_rank, optimizer_threads=opt.threads)
+    mem = rank_memory(
+        cfg, lay, stage, PRECISIONS[precision][1], dp_rank=dp_rank, optimizer_threads=opt.threads
+    )
     assert mem.params == model.flat.nbytes
     assert mem.grads == model.grad_flat.nbytes
     assert mem.master == (model.compute.nbytes if model.compute is not model.flat else 0)
@@ -92,29 +121,37 @@ def test_persistent_memory_of_a_real_trainer(make_cfg):
     tr = Trainer(cfg)
     lay = Layout(batch_size=cfg.train.batch_size, micro_batches=cfg.train.grad_accum)
     mem = rank_memory(cfg.model, lay, 0, PRECISIONS["bf16"][1], optimizer_threads=tr.opt.threads)
-    assert (mem.params, mem.grads, mem.master) == (tr.model.flat.nbytes, tr.model.grad_flat.nbytes,
-                                                   tr.model.compute.nbytes)
+    assert (mem.params, mem.grads, mem.master) == (
+        tr.model.flat.nbytes,
+        tr.model.grad_flat.nbytes,
+        tr.model.compute.nbytes,
+    )
     assert mem.moments == tr.opt.m.nbytes + tr.opt.v.nbytes
 
 
 @pytest.mark.parallel(nprocs=2)
 def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
+    from conftest import tiny_config
     from mpi4py import MPI
 
-    from conftest import tiny_config
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train import Trainer
 
-    cfg = tiny_config(data_dir, shared_tmp_path / "run", **{"parallel.zero": 1, "parallel.bucket_mb": 0.004})
+    cfg = tiny_config(
+        data_dir, shared_tmp_path / "run", **{"parallel.zero": 1, "parallel.bucket_mb": 0.004}
+    )
     tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1, 1))
     lay = Layout(dp=2, zero=1, batch_size=cfg.train.batch_size, bucket_mb=0.004)
-    mem = rank_memory(cfg.model, lay, 0, Bytes.of(4), dp_rank=tr.grid.dp_rank, optimizer_threads=tr.opt.threads)
+    mem = rank_memory(
+        cfg.model, lay, 0, Bytes.of(4), dp_rank=tr.grid.dp_rank, optimizer_threads=tr.opt.threads
+    )
     assert len(tr.sync.buckets) > 1
     assert mem.moments == tr.opt.m.nbytes + tr.opt.v.nbytes < 2 * tr.model.flat.nbytes
     assert (mem.params, mem.grads) == (tr.model.flat.nbytes, tr.model.grad_flat.nbytes)
 
 
 # -- memory: the activations a forward keeps ---------------------------------------------------------------------
+
 
 def cache_bytes(obj, seen=None) -> int:
     """Bytes of the distinct arrays a cache holds: views are counted once, by the array that owns their memory."""
@@ -130,31 +167,72 @@ def cache_bytes(obj, seen=None) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("shape, tp, pp, stage, dropout, recompute, precision", [
-    (dict(), 1, 1, 0, 0.0, False, "fp32"),
-    (dict(block_size=300, n_embd=64), 1, 1, 0, 0.1, False, "fp32"),  # 3 query blocks, dropout masks
-    (dict(block_size=130), 2, 1, 0, 0.0, False, "fp32"),  # tensor parallel shards
-    (dict(), 1, 2, 0, 0.0, False, "fp32"), (dict(), 2, 2, 1, 0.1, False, "fp32"),  # pipeline stages
-    (dict(), 1, 1, 0, 0.0, True, "fp32"),  # recompute: block inputs only
-    (dict(block_size=140), 2, 1, 0, 0.0, False, "fp16"),  # kept in 2 bytes, rstd and probabilities in 4
-    (dict(dtype="float64"), 1, 1, 0, 0.0, False, "fp32"),
-])
-def test_activation_term_equals_the_cache_a_forward_keeps(shape, tp, pp, stage, dropout, recompute, precision):
+@pytest.mark.parametrize(
+    "shape, tp, pp, stage, dropout, recompute, precision",
+    [
+        (dict(), 1, 1, 0, 0.0, False, "fp32"),
+        (
+            dict(block_size=300, n_embd=64),
+            1,
+            1,
+            0,
+            0.1,
+            False,
+            "fp32",
+        ),  # 3 query blocks, dropout masks
+        (dict(block_size=130), 2, 1, 0, 0.0, False, "fp32"),  # tensor parallel shards
+        (dict(), 1, 2, 0, 0.0, False, "fp32"),
+        (dict(), 2, 2, 1, 0.1, False, "fp32"),  # pipeline stages
+        (dict(), 1, 1, 0, 0.0, True, "fp32"),  # recompute: block inputs only
+        (
+            dict(block_size=140),
+            2,
+            1,
+            0,
+            0.0,
+            False,
+            "fp16",
+        ),  # kept in 2 bytes, rstd and probabilities in 4
+        (dict(dtype="float64"), 1, 1, 0, 0.0, False, "fp32"),
+    ],
+)
+def test_activation_term_equals_the_cache_a_forward_keeps(
+    shape, tp, pp, stage, dropout, recompute, precision
+):
     cfg = tiny(dropout=dropout, **shape)
     b = 3
     lay = Layout(pp=pp, tp=tp, batch_size=b)
-    model = GPT(cfg, seed=0, tp_comm=FakeComm(tp), plan=stage_plan(cfg, lay, stage), recompute=recompute,
-                precision=precision)
+    model = GPT(
+        cfg,
+        seed=0,
+        tp_comm=FakeComm(tp),
+        plan=stage_plan(cfg, lay, stage),
+        recompute=recompute,
+        precision=precision,
+    )
     chunk = model.chunks[0]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (b, cfg.block_size))
-    inp = tokens if chunk.embedding else rng.standard_normal((b, cfg.block_size, cfg.n_embd)).astype(model.dtype)
+    inp = (
+        tokens
+        if chunk.embedding
+        else rng.standard_normal((b, cfg.block_size, cfg.n_embd)).astype(model.dtype)
+    )
     drop = DropoutRNG(0, 0, 0, range(b)) if dropout else None
     _, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
     it = model.dtype.itemsize
     by = PRECISIONS["fp64" if it == 8 else precision][1]
-    expect = chunk_cache_bytes(cfg, tp, b, len(chunk.blocks), chunk.embedding is not None, chunk.head is not None,
-                               by.act, "block" if recompute else "none", by.compute)
+    expect = chunk_cache_bytes(
+        cfg,
+        tp,
+        b,
+        len(chunk.blocks),
+        chunk.embedding is not None,
+        chunk.head is not None,
+        by.act,
+        "block" if recompute else "none",
+        by.compute,
+    )
     assert cache_bytes(cache) == expect
 
 
@@ -163,20 +241,29 @@ def test_in_flight_activations_follow_the_schedule():
     cfg = tiny()
     by = Bytes.of(4)
     per = chunk_cache_bytes(cfg, 1, 2, 2, True, False)
-    one = rank_memory(cfg, Layout(pp=2, schedule="1f1b", micro_batches=8, batch_size=2), 0, by).activations
-    gp = rank_memory(cfg, Layout(pp=2, schedule="gpipe", micro_batches=8, batch_size=2), 0, by).activations
+    one = rank_memory(
+        cfg, Layout(pp=2, schedule="1f1b", micro_batches=8, batch_size=2), 0, by
+    ).activations
+    gp = rank_memory(
+        cfg, Layout(pp=2, schedule="gpipe", micro_batches=8, batch_size=2), 0, by
+    ).activations
     assert one == 2 * per
     assert gp == 8 * per
 
 
 # -- collective costs --------------------------------------------------------------------------------------------
 
+
 def test_collective_formulas_hand_computed():
     a, b = 1e-6, 1e9
-    assert K.ring_allreduce(8e6, 4, a, b) == pytest.approx(2 * 3 / 4 * 8e6 / 1e9 + 6e-6)  # 12.006 ms
+    assert K.ring_allreduce(8e6, 4, a, b) == pytest.approx(
+        2 * 3 / 4 * 8e6 / 1e9 + 6e-6
+    )  # 12.006 ms
     assert K.tree_allreduce(8e6, 4, a, b) == pytest.approx(2 * 2 * (1e-6 + 8e-3))
     assert K.allreduce(8e6, 4, a, b) == pytest.approx(0.012006)  # large: the ring
-    assert K.allreduce(8, 8, a, b) == pytest.approx(6 * (1e-6 + 8e-9))  # small: the tree (ring: 14 latencies)
+    assert K.allreduce(8, 8, a, b) == pytest.approx(
+        6 * (1e-6 + 8e-9)
+    )  # small: the tree (ring: 14 latencies)
     assert K.reduce_scatter(8e6, 4, a, b) == pytest.approx(3 / 4 * 8e-3 + 3e-6)
     assert K.allgather(8e6, 4, a, b) == K.reduce_scatter(8e6, 4, a, b)
     assert K.p2p(1e6, a, b) == pytest.approx(1e-6 + 1e-3)
@@ -185,21 +272,33 @@ def test_collective_formulas_hand_computed():
 
 def test_gemm_and_elementwise_figures_interpolate():
     assert CL.gemm_rate("float32", 4096, 4096, 4096) == 1e11  # beyond the table: its end
-    mid = CL.gemm_rate("float32", 1024, 1024, int(math.sqrt(32 * 1024)))  # halfway in log(dimension)
+    mid = CL.gemm_rate(
+        "float32", 1024, 1024, int(math.sqrt(32 * 1024))
+    )  # halfway in log(dimension)
     assert mid == pytest.approx(7.5e10, rel=1e-3)
     assert CL.gemm_time("float32", 10, 10, 10, batch=3) == pytest.approx(3 * (1e-6 + 2000 / 5e10))
 
 
 # -- the pipeline simulator --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, p, m, v", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 3, 5, 1),
-                                           ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 3)])
+
+@pytest.mark.parametrize(
+    "name, p, m, v",
+    [
+        ("gpipe", 4, 8, 1),
+        ("1f1b", 4, 8, 1),
+        ("1f1b", 3, 5, 1),
+        ("interleaved", 2, 4, 2),
+        ("interleaved", 4, 8, 3),
+    ],
+)
 def test_simulated_bubble_is_ideal_without_transfer_costs(name, p, m, v):
     t = simulate_costs(name, p, m, v, lambda kind, s, later: (1.0 if kind == "F" else 2.0) / v)
     assert t.bubble == pytest.approx((p - 1) / (v * m + p - 1))
     ref = S.simulate(name, p, m, v, 1.0, 2.0, 0.3)
-    assert simulate_costs(name, p, m, v, lambda k, s, later: (1.0 if k == "F" else 2.0) / v, 0.3).makespan \
-        == pytest.approx(ref.makespan)
+    assert simulate_costs(
+        name, p, m, v, lambda k, s, later: (1.0 if k == "F" else 2.0) / v, 0.3
+    ).makespan == pytest.approx(ref.makespan)
 
 
 def test_a_heavier_last_stage_lengthens_the_step():
@@ -210,13 +309,20 @@ def test_a_heavier_last_stage_lengthens_the_step():
 
 # -- predictions and the search ----------------------------------------------------------------------------------
 
+
 def test_prediction_parts_and_dp_overlap():
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
     p = predict(cfg, Layout(dp=2, batch_size=8, bucket_mb=0.01), CL)
     t = p.time
-    assert t["step"] == pytest.approx(sum(v for k, v in t.items() if k not in ("step", "dp_hidden")))
-    assert t["dp_hidden"] > 0  # buckets launched during backward overlap it (overlap 1 on this cluster)
-    blocking = predict(cfg, Layout(dp=2, batch_size=8, bucket_mb=100), CL)  # one bucket: final only at the end
+    assert t["step"] == pytest.approx(
+        sum(v for k, v in t.items() if k not in ("step", "dp_hidden"))
+    )
+    assert (
+        t["dp_hidden"] > 0
+    )  # buckets launched during backward overlap it (overlap 1 on this cluster)
+    blocking = predict(
+        cfg, Layout(dp=2, batch_size=8, bucket_mb=100), CL
+    )  # one bucket: final only at the end
     assert blocking.time["dp_hidden"] == 0 and blocking.time["dp_exposed"] > 0
     zero = predict(cfg, Layout(dp=2, zero=1, batch_size=8), CL)
     assert zero.time["zero_gather"] > 0 and zero.memory["moments"] < p.memory["moments"]
@@ -227,7 +333,11 @@ def test_search_sorts_by_speed_and_names_limits():
     ok, bad = search(cfg, CL, 4, 8)
     speeds = [p.tokens_per_s for p in ok]
     assert speeds == sorted(speeds, reverse=True)
-    assert {(p.layout.pp, p.layout.dp, p.layout.tp) for p in ok} >= {(1, 4, 1), (2, 2, 1), (1, 1, 4)}
+    assert {(p.layout.pp, p.layout.dp, p.layout.tp) for p in ok} >= {
+        (1, 4, 1),
+        (2, 2, 1),
+        (1, 1, 4),
+    }
     _, bad = search(tiny(n_head=2, n_layer=2), CL, 4, 8)
     assert any(r.startswith("tp=4 pp=1 dp=1: tp does not divide model.n_head=2") for _, r in bad)
     assert any(r.startswith("tp=1 pp=4 dp=1: pp does not divide model.n_layer=2") for _, r in bad)
@@ -240,17 +350,28 @@ def test_memory_first_search_gives_the_same_answer_as_predicting_every_layout():
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
     precisions, recomputes = ["fp32", "fp16"], ("none", "block")
-    every = [(lay, prec, predict(cfg, lay, CL, prec)) for lay, why in layouts(cfg, 4, 16, 25.0, recomputes)
-             if why is None for prec in precisions]
+    every = [
+        (lay, prec, predict(cfg, lay, CL, prec))
+        for lay, why in layouts(cfg, 4, 16, 25.0, recomputes)
+        if why is None
+        for prec in precisions
+    ]
     peaks = sorted(p.memory["peak"] for _, _, p in every)
     cl = dataclasses.replace(CL, memory_bytes=peaks[len(peaks) // 2])  # about half the layouts fit
-    slow_ok = sorted((p for _, _, p in every if p.memory["peak"] <= cl.memory_bytes), key=lambda p: -p.tokens_per_s)
-    slow_bad = [f"{describe(lay)} {prec}: memory {p.memory['peak'] / 1e9:.2f} GB per rank" for lay, prec, p in every
-                if p.memory["peak"] > cl.memory_bytes]
+    slow_ok = sorted(
+        (p for _, _, p in every if p.memory["peak"] <= cl.memory_bytes),
+        key=lambda p: -p.tokens_per_s,
+    )
+    slow_bad = [
+        f"{describe(lay)} {prec}: memory {p.memory['peak'] / 1e9:.2f} GB per rank"
+        for lay, prec, p in every
+        if p.memory["peak"] > cl.memory_bytes
+    ]
     ok, bad = search(cfg, cl, 4, 16, precisions, recomputes=recomputes)
     assert len(ok) > 10 and len(slow_bad) > 10
-    assert [(p.layout, p.precision, p.time, p.memory) for p in ok] == \
-        [(p.layout, p.precision, p.time, p.memory) for p in slow_ok]
+    assert [(p.layout, p.precision, p.time, p.memory) for p in ok] == [
+        (p.layout, p.precision, p.time, p.memory) for p in slow_ok
+    ]
     assert [r.split(" > ")[0] for _, r in bad if ": memory " in r] == slow_bad
 
 
@@ -270,6 +391,7 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
                 code[True] += to * x.size
                 code[False] += back * x.size
             return real[name](self, x, *a)
+
         return f
 
     for name, to, back in (("keep", 1, 0), ("use", 0, 1), ("operand", 1, 1), ("round_", 1, 1)):
@@ -282,8 +404,13 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
 
     cfg = tiny(block_size=block_size, n_layer=2)
     b = 3
-    model = GPT(cfg, seed=0, tp_comm=FakeComm(tp), plan=stage_plan(cfg, Layout(tp=tp, batch_size=b), 0),
-                precision="fp16")
+    model = GPT(
+        cfg,
+        seed=0,
+        tp_comm=FakeComm(tp),
+        plan=stage_plan(cfg, Layout(tp=tp, batch_size=b), 0),
+        precision="fp16",
+    )
     chunk = model.chunks[0]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, cfg.block_size))
     pr = Tally(CL, "float32", 4, tp, CL.link("intra"), low="float16")
@@ -315,7 +442,11 @@ def test_cast_figures_price_bf16_conversions():
     cfg = tiny(n_layer=2, n_embd=64, block_size=64)
     fp32, bf16 = (predict(cfg, Layout(batch_size=4), cl, prec) for prec in ("fp32", "bf16"))
     slow = dataclasses.replace(cl, cast={"to_bfloat16": 1e8, "from_bfloat16": 2e8})
-    assert fp32.time["step"] < bf16.time["step"] < predict(cfg, Layout(batch_size=4), slow, "bf16").time["step"]
+    assert (
+        fp32.time["step"]
+        < bf16.time["step"]
+        < predict(cfg, Layout(batch_size=4), slow, "bf16").time["step"]
+    )
     d["compute"]["cast"] = {"to_bf16": 1e9}
     with pytest.raises(UserError, match="compute.cast.to_bf16: expected one of to_bfloat16"):
         K.cluster_from_dict(d)
@@ -340,6 +471,7 @@ def test_cluster_toml_round_trip(tmp_path):
 
 # -- the CLI -----------------------------------------------------------------------------------------------------
 
+
 def write_cluster(tmp_path, **kw) -> str:
     d = cluster_dict(**{k: None for k in kw.pop("drop", ())})
     for k, v in kw.items():
@@ -352,7 +484,11 @@ def write_cluster(tmp_path, **kw) -> str:
 
 def write_config(tmp_path, **model) -> str:
     fields = dict(n_layer=4, n_head=4, n_embd=32, block_size=16, vocab_size=100, **model)
-    text = "[model]\n" + "".join(f"{k} = {v}\n" for k, v in fields.items()) + "[train]\nbatch_size = 4\n"
+    text = (
+        "[model]\n"
+        + "".join(f"{k} = {v}\n" for k, v in fields.items())
+        + "[train]\nbatch_size = 4\n"
+    )
     path = tmp_path / "cfg.toml"
     path.write_text(text)
     return str(path)
@@ -364,12 +500,15 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("missing", "missing figure compute.scatter_rate"),
-    ("no_layout", "--gpus 3 admits no layout"),
-    ("fits_nowhere", "fits on no layout of 2 devices; the closest"),
-    ("no_inter", "missing figures link.inter"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing", "missing figure compute.scatter_rate"),
+        ("no_layout", "--gpus 3 admits no layout"),
+        ("fits_nowhere", "fits on no layout of 2 devices; the closest"),
+        ("no_inter", "missing figures link.inter"),
+    ],
+)
 def test_plan_bad_input_is_one_line(tmp_path, capsys, case, expect):
     cfg = write_config(tmp_path)
     gpus, batch = "2", "4"
@@ -381,22 +520,53 @@ def test_plan_bad_input_is_one_line(tmp_path, capsys, case, expect):
         cl = write_cluster(tmp_path, node__memory_bytes=1e5)
     else:
         cl, gpus = write_cluster(tmp_path, drop=["link__inter"], node__devices=1), "2"
-    rc, _, err = run_cli(capsys, "plan", cfg, "--cluster", cl, "--gpus", gpus, "--global-batch", batch)
+    rc, _, err = run_cli(
+        capsys, "plan", cfg, "--cluster", cl, "--gpus", gpus, "--global-batch", batch
+    )
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("hpc-llm: error: ") and expect in err, err
 
 
 def test_plan_json_fields_and_timeline(tmp_path, capsys):
     png = tmp_path / "t.png"
-    rc, out, _ = run_cli(capsys, "plan", write_config(tmp_path), "--cluster", write_cluster(tmp_path), "--gpus",
-                         "2", "--global-batch", "8", "--json", "--timeline", str(png))
+    rc, out, _ = run_cli(
+        capsys,
+        "plan",
+        write_config(tmp_path),
+        "--cluster",
+        write_cluster(tmp_path),
+        "--gpus",
+        "2",
+        "--global-batch",
+        "8",
+        "--json",
+        "--timeline",
+        str(png),
+    )
     assert rc == 0
     r = json.loads(out)
     best = r["feasible"][0]
-    assert set(best["memory_bytes"]) >= {"params", "grads", "moments", "activations", "workspace",
-                                         "pipeline_buffers", "checkpoint_scratch", "peak"}
-    assert set(best["time_s"]) >= {"step", "compute", "tp_comm", "pipeline_wait", "dp_exposed", "dp_hidden",
-                                   "zero_gather", "optimizer", "checkpoint"}
+    assert set(best["memory_bytes"]) >= {
+        "params",
+        "grads",
+        "moments",
+        "activations",
+        "workspace",
+        "pipeline_buffers",
+        "checkpoint_scratch",
+        "peak",
+    }
+    assert set(best["time_s"]) >= {
+        "step",
+        "compute",
+        "tp_comm",
+        "pipeline_wait",
+        "dp_exposed",
+        "dp_hidden",
+        "zero_gather",
+        "optimizer",
+        "checkpoint",
+    }
     assert best["tokens_per_s"] == max(p["tokens_per_s"] for p in r["feasible"])
     assert {p["precision"] for p in r["feasible"]} == {"fp32", "bf16"}
     assert {p["layout"]["recompute"] for p in r["feasible"]} == {"none", "block"}
@@ -408,10 +578,22 @@ def test_plan_compare_puts_prediction_beside_the_run(tmp_path, capsys, make_cfg)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    rows = [{"kind": "train", "step": s, "tokens_per_s": tps} for s, tps in ((1, 10.0), (2, 1000.0), (3, 1000.0))]
+    rows = [
+        {"kind": "train", "step": s, "tokens_per_s": tps}
+        for s, tps in ((1, 10.0), (2, 1000.0), (3, 1000.0))
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc, out, _ = run_cli(capsys, "plan", "--compare", str(run), "--cluster", write_cluster(tmp_path), "--gpus", "1",
-                         "--json")
+    rc, out, _ = run_cli(
+        capsys,
+        "plan",
+        "--compare",
+        str(run),
+        "--cluster",
+        write_cluster(tmp_path),
+        "--gpus",
+        "1",
+        "--json",
+    )
     assert rc == 0
     r = json.loads(out)
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size

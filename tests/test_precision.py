@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi4py import MPI
+from test_parallel import check, crc, run_config, train
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import layers as L
@@ -31,9 +32,8 @@ from hpc_llm.model.precision import UNIT_ROUNDOFF, Precision
 from hpc_llm.optim import LossScaler
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
-from test_parallel import check, crc, run_config, train
 
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 LOW = ["bf16", "fp16"]
 
 
@@ -48,18 +48,28 @@ def test_linear_forward_and_backward_within_the_rounding_bound(name):
     prec, u = Precision(name), UNIT_ROUNDOFF[name]
     B, T, K, N = 3, 5, 48, 24
     x64, w64, b64, dy64 = rng_arrays(0, (B, T, K), (K, N), (N,), (B, T, N))
-    w = prec.operand(w64.astype(np.float32))  # the compute copy: the master weight rounded to the format
+    w = prec.operand(
+        w64.astype(np.float32)
+    )  # the compute copy: the master weight rounded to the format
     dw, db = np.zeros_like(w), np.zeros(N, np.float32)
-    layer = TP.ColumnParallelLinear(L.Param(w, dw), L.Param(b64.astype(np.float32), db), Comm(None), prec)
+    layer = TP.ColumnParallelLinear(
+        L.Param(w, dw), L.Param(b64.astype(np.float32), db), Comm(None), prec
+    )
     y, cache = layer.forward(x64.astype(np.float32))
-    assert y.dtype == np.float32 and (name == "fp32" or cache.dtype == prec.low)  # kept in the format
+    assert y.dtype == np.float32 and (
+        name == "fp32" or cache.dtype == prec.low
+    )  # kept in the format
     if name != "fp32":
         assert cache.nbytes == x64.size * 2
     dx = layer.backward(dy64.astype(np.float32), cache, accumulate=False)
     x2, dy2 = x64.reshape(-1, K), dy64.reshape(-1, N)
     factor = 2 * u + u * u + (K + 2) * U32  # products, the sum, and the fp32 inputs' own rounding
     checks = {
-        "y": (y.reshape(-1, N), x2 @ w64 + b64, factor * (np.abs(x2) @ np.abs(w64)) + 2 * U32 * np.abs(b64)),
+        "y": (
+            y.reshape(-1, N),
+            x2 @ w64 + b64,
+            factor * (np.abs(x2) @ np.abs(w64)) + 2 * U32 * np.abs(b64),
+        ),
         "dx": (dx.reshape(-1, K), dy2 @ w64.T, factor * (np.abs(dy2) @ np.abs(w64).T)),
         "dw": (dw, x2.T @ dy2, (2 * u + u * u + (B * T + 2) * U32) * (np.abs(x2).T @ np.abs(dy2))),
         "db": (db, dy2.sum(0), (u + (B * T + 2) * U32) * np.abs(dy2).sum(0)),
@@ -86,14 +96,22 @@ def test_layernorm_backward_with_its_input_kept_in_the_format(name):
     rstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + L.LN_EPS)
     xhat = (x64 - mean) * rstd
     dxhat = dout64 * w64
-    want = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    want = rstd * (
+        dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True)
+    )
     m = (np.abs(dxhat) * np.abs(xhat)).mean(-1, keepdims=True)
     # first order in u (the docstring's), doubled for the u^2 terms; plus fp32's rounding of the same expression
-    bound = 2 * (3 * u * rstd * np.abs(xhat) * m + u * rstd * m) + \
-        64 * U32 * rstd * (np.abs(dxhat) + np.abs(dxhat).mean(-1, keepdims=True) + np.abs(xhat) * m)
+    bound = 2 * (3 * u * rstd * np.abs(xhat) * m + u * rstd * m) + 64 * U32 * rstd * (
+        np.abs(dxhat) + np.abs(dxhat).mean(-1, keepdims=True) + np.abs(xhat) * m
+    )
     assert np.max(np.abs(dx - want) / bound) <= 1
-    assert np.max(np.abs(dw - (dout64 * xhat).sum((0, 1))) / ((u + 30 * U32) * (np.abs(dout64) * np.abs(xhat))
-                                                             .sum((0, 1)))) <= 1
+    assert (
+        np.max(
+            np.abs(dw - (dout64 * xhat).sum((0, 1)))
+            / ((u + 30 * U32) * (np.abs(dout64) * np.abs(xhat)).sum((0, 1)))
+        )
+        <= 1
+    )
 
 
 @pytest.mark.parametrize("name", LOW)
@@ -131,11 +149,12 @@ def test_attention_within_a_first_order_bound(name):
 def test_model_gradient_against_float64(name):
     """The whole model (2 layers; its weights perturbed so no term is trivially small) in the format vs the same
     model in float64: loss and every parameter's gradient, normwise per tensor. (Without dropout: masks are drawn in
-    the compute dtype, so a float64 model draws other masks than a float32 one.) First-order bound: a gradient reaches a tensor through at most
+    the compute dtype, so a float64 model draws other masks than a float32 one.)
+    First-order bound: a gradient reaches a tensor through at most
     n = 2 + 8 L rounded operands (head: 2; per block on the way: 4 matmuls' input and output gradients), each
     relative u, amplified by at most 4 (softmax and LayerNorm Jacobians at these scales, as in the attention test):
     ||g~ - g|| <= 4 n u ||g||. The loss is a mean of log-softmaxes of logits off by (2u + K u32) relative."""
-    prec, u = Precision(name), UNIT_ROUNDOFF[name]
+    u = UNIT_ROUNDOFF[name]
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=30, dtype="float64")
     ref = GPT(cfg, seed=4)
     ref.flat += np.random.default_rng(1).standard_normal(ref.flat.size) * 0.3
@@ -172,7 +191,9 @@ def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
     with pytest.raises(UserError, match="bf16.*ml_dtypes"):
         load_config(None, ["train.precision=bf16"])
-    assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"  # NumPy's own float16 needs nothing
+    assert (
+        load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
+    )  # NumPy's own float16 needs nothing
 
 
 # -- fp16's loss scaler ----------------------------------------------------------------------------------------------
@@ -203,7 +224,9 @@ def test_loss_scaler_rules():
 
 
 def fp16_cfg(make_cfg, out, **kw):
-    return make_cfg(out, **{"train.precision": "fp16", "model.dropout": 0.1, "train.grad_accum": 2, **kw})
+    return make_cfg(
+        out, **{"train.precision": "fp16", "model.dropout": 0.1, "train.grad_accum": 2, **kw}
+    )
 
 
 def test_overflow_skips_the_step_and_touches_nothing(make_cfg):
@@ -212,25 +235,33 @@ def test_overflow_skips_the_step_and_touches_nothing(make_cfg):
     come down, steps are taken again."""
     from hpc_llm.train import Trainer
 
-    tr = Trainer(fp16_cfg(make_cfg, "ovf", **{"train.loss_scale_init": 2.0 ** 60, "train.loss_scale_window": 1000}),
-                 grid=single_process_grid())
+    tr = Trainer(
+        fp16_cfg(
+            make_cfg, "ovf", **{"train.loss_scale_init": 2.0**60, "train.loss_scale_window": 1000}
+        ),
+        grid=single_process_grid(),
+    )
     before = (tr.model.flat.copy(), tr.opt.m.copy(), tr.opt.v.copy(), tr.opt.t)
     tr.train_step()
-    assert tr.skipped_steps == 1 and tr.scaler.scale == 2.0 ** 60 and tr.step == 1
+    assert tr.skipped_steps == 1 and tr.scaler.scale == 2.0**60 and tr.step == 1
     assert np.array_equal(tr.model.flat, before[0]) and np.array_equal(tr.opt.m, before[1])
     assert np.array_equal(tr.opt.v, before[2]) and tr.opt.t == before[3]
     tr.train_step()
-    assert tr.skipped_steps == 2 and tr.scaler.scale == 2.0 ** 59
+    assert tr.skipped_steps == 2 and tr.scaler.scale == 2.0**59
     while tr.skipped_steps < 80 and tr.opt.t == 0:
         tr.train_step()
-    assert tr.opt.t == 1 and not np.array_equal(tr.model.flat, before[0]) and tr.scaler.scale < 2.0 ** 59
+    assert (
+        tr.opt.t == 1 and not np.array_equal(tr.model.flat, before[0]) and tr.scaler.scale < 2.0**59
+    )
 
 
 @pytest.mark.parallel(nprocs=2)
 def test_overflow_on_one_rank_skips_on_every_rank(data_dir, shared_tmp_path):
     """dp 2: only rank 1's rows overflow (its scaled gradient is made infinite); both ranks skip the step and hold the
     same parameters and scale; the next step is taken by both."""
-    cfg = run_config(data_dir, shared_tmp_path / "run", **{"train.precision": "fp16", "train.max_iters": 2})
+    cfg = run_config(
+        data_dir, shared_tmp_path / "run", **{"train.precision": "fp16", "train.max_iters": 2}
+    )
     from hpc_llm.train import Trainer
 
     tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1))
@@ -246,9 +277,13 @@ def test_overflow_on_one_rank_skips_on_every_rank(data_dir, shared_tmp_path):
     tr.train_step()
     skipped_first = (tr.skipped_steps, bool(np.array_equal(tr.model.flat, flat0)))
     tr.train_step()
-    crcs = MPI.COMM_WORLD.allgather((crc(tr.model.flat), tr.scaler.scale, tr.skipped_steps, tr.opt.t))
-    check(skipped_first == (1, True) and len(set(crcs)) == 1 and crcs[0][2:] == (1, 1),
-          f"first step {skipped_first}, then {crcs}")
+    crcs = MPI.COMM_WORLD.allgather(
+        (crc(tr.model.flat), tr.scaler.scale, tr.skipped_steps, tr.opt.t)
+    )
+    check(
+        skipped_first == (1, True) and len(set(crcs)) == 1 and crcs[0][2:] == (1, 1),
+        f"first step {skipped_first}, then {crcs}",
+    )
 
 
 def test_scaler_state_resumes_bitwise(make_cfg):
@@ -257,12 +292,20 @@ def test_scaler_state_resumes_bitwise(make_cfg):
     from hpc_llm.train import Trainer
 
     common = {"train.loss_scale_init": 4.0, "train.loss_scale_window": 2}
-    straight = Trainer(fp16_cfg(make_cfg, "straight", **common, **{"train.max_iters": 6}), grid=single_process_grid())
+    straight = Trainer(
+        fp16_cfg(make_cfg, "straight", **common, **{"train.max_iters": 6}),
+        grid=single_process_grid(),
+    )
     straight.run()
-    first = Trainer(fp16_cfg(make_cfg, "first", **common, **{"train.max_iters": 3}), grid=single_process_grid())
+    first = Trainer(
+        fp16_cfg(make_cfg, "first", **common, **{"train.max_iters": 3}), grid=single_process_grid()
+    )
     path = first.run()["checkpoint"]
-    resumed = Trainer(fp16_cfg(make_cfg, "resumed", **common, **{"train.max_iters": 6}), resume=path,
-                      grid=single_process_grid())
+    resumed = Trainer(
+        fp16_cfg(make_cfg, "resumed", **common, **{"train.max_iters": 6}),
+        resume=path,
+        grid=single_process_grid(),
+    )
     assert resumed.scaler.state() == first.scaler.state() and first.scaler.scale > 4.0
     resumed.run()
     assert resumed.metrics.train["loss"] == straight.metrics.train["loss"]
@@ -281,12 +324,25 @@ def test_checkpoints_move_between_precisions_and_layouts(data_dir, tmp_path, sha
     legs = [("bf16", 1, 1, 3), ("fp32", 2, 1, 6), ("fp16", 1, 2, 9)]
     path, bad, losses = None, [], []
     for i, (prec, tp, pp, steps) in enumerate(legs):
-        overrides = {**common, "train.precision": prec, "train.max_iters": steps, "parallel.tp": tp, "parallel.pp": pp}
-        tr = train(run_config(data_dir, shared_tmp_path / f"leg{i}", **overrides), make_grid(world, tp, pp),
-                   resume=path)
+        overrides = {
+            **common,
+            "train.precision": prec,
+            "train.max_iters": steps,
+            "parallel.tp": tp,
+            "parallel.pp": pp,
+        }
+        tr = train(
+            run_config(data_dir, shared_tmp_path / f"leg{i}", **overrides),
+            make_grid(world, tp, pp),
+            resume=path,
+        )
         if path is not None:
             single = {**overrides, "parallel.tp": 1, "parallel.pp": 1}
-            ref = train(run_config(data_dir, tmp_path / f"ref{i}", **single), single_process_grid(), resume=path)
+            ref = train(
+                run_config(data_dir, tmp_path / f"ref{i}", **single),
+                single_process_grid(),
+                resume=path,
+            )
             a, b = np.array(tr.metrics.train["loss"]), np.array(ref.metrics.train["loss"])
             if a.shape != b.shape or not np.max(np.abs(a - b) / b) <= 1e-5:
                 bad.append(f"leg {i} ({prec}, tp {tp}, pp {pp}): {a} vs one process {b}")

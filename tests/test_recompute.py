@@ -9,23 +9,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi4py import MPI
+from test_parallel import check, crc, run_config, train
+from test_plan import cache_bytes
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.parallel.grid import make_grid
-from test_parallel import check, crc, run_config, train
-from test_plan import cache_bytes
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_recompute_gradients_are_bitwise_the_same(dtype):
-    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=40, dropout=0.2, dtype=dtype)
+    cfg = ModelConfig(
+        n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=40, dropout=0.2, dtype=dtype
+    )
     keep, again = GPT(cfg, seed=3), GPT(cfg, seed=3, recompute=True)
     rng = np.random.default_rng(0)
     for micro in range(2):  # two micro-batches accumulated
         x, y = rng.integers(0, 40, (4, 12)), rng.integers(0, 40, (4, 12))
-        losses = [m.forward(x, y, rng=DropoutRNG(7, 0, micro, range(4)), keep_cache=True) for m in (keep, again)]
+        losses = [
+            m.forward(x, y, rng=DropoutRNG(7, 0, micro, range(4)), keep_cache=True)
+            for m in (keep, again)
+        ]
         assert losses[0] == losses[1]
         for m in (keep, again):
             m.backward(loss_scale=0.5, accumulate=micro > 0)
@@ -47,28 +52,52 @@ def test_recompute_keeps_only_block_inputs():
         kept[recompute] = cache_bytes(cache[1])  # the blocks' part
     block_input = 2 * 64 * 32 * 4
     assert kept[True] == cfg.n_layer * block_input
-    assert kept[False] > 10 * kept[True]  # attention probabilities, MLP activations, LayerNorm outputs, ...
+    assert (
+        kept[False] > 10 * kept[True]
+    )  # attention probabilities, MLP activations, LayerNorm outputs, ...
 
 
 def test_recompute_with_a_plain_generator_and_dropout_is_refused():
     """A numpy Generator cannot draw the same masks again: refused rather than silently wrong."""
-    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, dropout=0.1, dtype="float64")
+    cfg = ModelConfig(
+        n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, dropout=0.1, dtype="float64"
+    )
     x = np.zeros((1, 4), dtype=np.int64)
     with pytest.raises(ValueError, match="DropoutRNG"):
-        GPT(cfg, seed=0, recompute=True).forward(x, x, rng=np.random.default_rng(0), keep_cache=True)
+        GPT(cfg, seed=0, recompute=True).forward(
+            x, x, rng=np.random.default_rng(0), keep_cache=True
+        )
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.parallel(nprocs=2), id=name)
-                                    for name in ("TP2", "PP2")])
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(name, marks=pytest.mark.parallel(nprocs=2), id=name) for name in ("TP2", "PP2")],
+)
 def test_recompute_through_the_trainer_is_bitwise(layout, data_dir, shared_tmp_path):
     """3 steps at tp 2 or pp 2 (1F1B, 4 micro-batches), dropout on, with and without recompute: the same losses,
     grad norms and parameters, bit for bit."""
     tp, pp = (2, 1) if layout == "TP2" else (1, 2)
-    common = {"model.dropout": 0.1, "model.n_head": 4, "train.max_iters": 3, "train.eval_iters": 0,
-              "train.grad_accum": 4, "parallel.tp": tp, "parallel.pp": pp}
-    runs = {r: train(run_config(data_dir, shared_tmp_path / r, **common, **{"train.recompute": r}),
-                     make_grid(MPI.COMM_WORLD, tp, pp)) for r in ("none", "block")}
+    common = {
+        "model.dropout": 0.1,
+        "model.n_head": 4,
+        "train.max_iters": 3,
+        "train.eval_iters": 0,
+        "train.grad_accum": 4,
+        "parallel.tp": tp,
+        "parallel.pp": pp,
+    }
+    runs = {
+        r: train(
+            run_config(data_dir, shared_tmp_path / r, **common, **{"train.recompute": r}),
+            make_grid(MPI.COMM_WORLD, tp, pp),
+        )
+        for r in ("none", "block")
+    }
     a, b = runs["none"], runs["block"]
-    same = all(a.metrics.train[k] == b.metrics.train[k] for k in ("loss", "grad_norm")) and \
-        crc(a.model.flat) == crc(b.model.flat) and b.model.recompute and not a.model.recompute
+    same = (
+        all(a.metrics.train[k] == b.metrics.train[k] for k in ("loss", "grad_norm"))
+        and crc(a.model.flat) == crc(b.model.flat)
+        and b.model.recompute
+        and not a.model.recompute
+    )
     check(same, f"losses {a.metrics.train['loss']} vs {b.metrics.train['loss']}")

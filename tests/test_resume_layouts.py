@@ -3,7 +3,8 @@ DP4 (ZeRO-1) and a single process each resume it to N steps and follow the unint
 reading only its hyperslabs of the file.
 
 float64, with dropout: the masks are a function of (seed, step, micro-batch, global row), so a change of layout cannot
-change them, and every run does the same arithmetic as the reference except for the order of sums (matmuls over TP shards plus
+change them, and every run does the same arithmetic as the reference except for the order of sums (matmuls over TP
+shards plus
 allreduces, gradient buckets reduced across DP ranks), i.e. ~1e-16 relative per step; 1e-10 relative leaves ample
 room (test_parallel.py saw at most ~5e-13). Parameters are compared normwise per tensor (max abs difference against
 1e-10 * max |reference|): the key bias has a true gradient of zero, so elementwise relative error there is noise.
@@ -17,28 +18,42 @@ import contextlib
 import numpy as np
 import pytest
 from mpi4py import MPI
-
 from test_parallel import F64_RTOL, check, rel_diff, replica_checks, run_config, train
+
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 
 K, N = 3, 6
-COMMON = {"model.dtype": "float64", "model.dropout": 0.1, "train.grad_accum": 2, "train.eval_iters": 0}
+COMMON = {
+    "model.dtype": "float64",
+    "model.dropout": 0.1,
+    "train.grad_accum": 2,
+    "train.eval_iters": 0,
+}
 
 
 def compare(tr, ref, name: str) -> list[str]:
     """Steps K+1..N of tr's history (its first K entries came from the checkpoint) and its final parameters."""
     bad = []
     got, want = tr.metrics.train, ref.metrics.train
-    if tr.step != N or got["step"] != list(range(1, N + 1)) or want["step"] != list(range(1, N + 1)):
+    if (
+        tr.step != N
+        or got["step"] != list(range(1, N + 1))
+        or want["step"] != list(range(1, N + 1))
+    ):
         return [f"{name}: step {tr.step}, history steps {got['step']}, reference {want['step']}"]
     for key in ("loss", "grad_norm"):
         a, b = got[key][K:], want[key][K:]
         if not rel_diff(a, b) <= F64_RTOL:
-            bad.append(f"{name} {key} after resume: {a} vs reference {b} (relative {rel_diff(a, b):.2e})")
+            bad.append(
+                f"{name} {key} after resume: {a} vs reference {b} (relative {rel_diff(a, b):.2e})"
+            )
     if got["lr"][K:] != want["lr"][K:]:
         bad.append(f"{name} lr after resume: {got['lr'][K:]} vs reference {want['lr'][K:]}")
-    params, ref_params = tr.model.full_tensors(tr.model.flat), ref.model.full_tensors(ref.model.flat)
+    params, ref_params = (
+        tr.model.full_tensors(tr.model.flat),
+        ref.model.full_tensors(ref.model.flat),
+    )
     for pname, w in ref_params.items():
         g = params[pname]
         if g.dtype != np.float64 or g.shape != w.shape:
@@ -76,11 +91,15 @@ def hyperslab_checks(tr, read) -> list[str]:
         bad.append(f"read {read['params']} parameter elements, this rank holds {m.local_size}")
     owned = sum(b - a for a, b in tr.sync.owned)
     # each owned range, cut at tensor boundaries, is read as whole rows: at most two partial rows per piece
-    pieces = sum(1 for a, b in tr.sync.owned for s in m.specs if max(a, s.offset) < min(b, s.offset + s.size))
+    pieces = sum(
+        1 for a, b in tr.sync.owned for s in m.specs if max(a, s.offset) < min(b, s.offset + s.size)
+    )
     slack = 2 * pieces * max(s.size // s.local_shape[0] for s in m.specs)
     for slot in ("optimizer/m", "optimizer/v"):
         if tr.sync.zero and not owned <= read[slot] <= owned + slack:
-            bad.append(f"{slot}: read {read[slot]} elements, owns {owned} (+ at most {slack} of partial rows)")
+            bad.append(
+                f"{slot}: read {read[slot]} elements, owns {owned} (+ at most {slack} of partial rows)"
+            )
         if not tr.sync.zero and read[slot] != m.local_size:
             bad.append(f"{slot}: read {read[slot]} elements, this rank holds {m.local_size}")
     return bad
@@ -89,29 +108,60 @@ def hyperslab_checks(tr, read) -> list[str]:
 @pytest.mark.parallel(nprocs=4)
 def test_dp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, shared_tmp_path):
     assert MPI.COMM_WORLD.Get_size() == 4
-    ref = train(run_config(data_dir, tmp_path / "ref", **COMMON, **{"train.max_iters": N}), single_process_grid())
-    first = train(run_config(data_dir, shared_tmp_path / "first", **COMMON,
-                             **{"train.max_iters": K, "parallel.tp": 2, "parallel.zero": 1}), make_grid(MPI.COMM_WORLD, 2))
+    ref = train(
+        run_config(data_dir, tmp_path / "ref", **COMMON, **{"train.max_iters": N}),
+        single_process_grid(),
+    )
+    first = train(
+        run_config(
+            data_dir,
+            shared_tmp_path / "first",
+            **COMMON,
+            **{"train.max_iters": K, "parallel.tp": 2, "parallel.zero": 1},
+        ),
+        make_grid(MPI.COMM_WORLD, 2),
+    )
     path = first.summary["checkpoint"]
     bad = []
     if first.grid.dp != 2 or first.grid.tp != 2 or not first.sync.zero or first.step != K:
-        bad.append(f"first run: dp {first.grid.dp}, tp {first.grid.tp}, zero {first.sync.zero}, step {first.step}")
+        bad.append(
+            f"first run: dp {first.grid.dp}, tp {first.grid.tp}, zero {first.sync.zero}, step {first.step}"
+        )
     if not rel_diff(first.metrics.train["loss"], ref.metrics.train["loss"][:K]) <= F64_RTOL:
-        bad.append(f"first {K} steps: {first.metrics.train['loss']} vs reference {ref.metrics.train['loss'][:K]}")
+        bad.append(
+            f"first {K} steps: {first.metrics.train['loss']} vs reference {ref.metrics.train['loss'][:K]}"
+        )
 
     # name: (tp, zero, grid factory, out_dir); every 4-rank grid is built, and its Trainer run, on all 4 ranks
     targets = {
         "TP4": (4, 0, lambda: make_grid(MPI.COMM_WORLD, 4), shared_tmp_path / "tp4"),
         "DP4-zero1": (1, 1, lambda: make_grid(MPI.COMM_WORLD, 1), shared_tmp_path / "dp4"),
-        "TP1-single-process": (1, 0, single_process_grid, tmp_path / "tp1"),  # each rank its own run and out_dir
+        "TP1-single-process": (
+            1,
+            0,
+            single_process_grid,
+            tmp_path / "tp1",
+        ),  # each rank its own run and out_dir
     }
     for name, (tp, zero, grid, out) in targets.items():
         with count_reads() as read:
-            tr = train(run_config(data_dir, out, **COMMON, **{"train.max_iters": N, "parallel.tp": tp,
-                                                              "parallel.zero": zero}), grid(), resume=path)
+            tr = train(
+                run_config(
+                    data_dir,
+                    out,
+                    **COMMON,
+                    **{"train.max_iters": N, "parallel.tp": tp, "parallel.zero": zero},
+                ),
+                grid(),
+                resume=path,
+            )
         bad += [f"{name}: {b}" for b in hyperslab_checks(tr, read)]
         ranks = tr.grid.world.size
-        if (ranks, tr.grid.tp, tr.sync.zero) != ((1 if name.startswith("TP1") else 4), tp, bool(zero)):
+        if (ranks, tr.grid.tp, tr.sync.zero) != (
+            (1 if name.startswith("TP1") else 4),
+            tp,
+            bool(zero),
+        ):
             bad.append(f"{name}: {ranks} ranks, tp {tr.grid.tp}, zero {tr.sync.zero}")
         bad += compare(tr, ref, name)
         if ranks > 1:

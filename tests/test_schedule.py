@@ -3,8 +3,17 @@
 
 import pytest
 
-from hpc_llm.parallel.schedule import (Op, describe, gpipe, in_flight, interleaved, one_f_one_b, schedule,
-                                       simulate, simulate_lists)
+from hpc_llm.parallel.schedule import (
+    Op,
+    describe,
+    gpipe,
+    in_flight,
+    interleaved,
+    one_f_one_b,
+    schedule,
+    simulate,
+    simulate_lists,
+)
 
 PS, MS, VS = range(1, 7), range(1, 13), (2, 3)
 
@@ -47,7 +56,13 @@ def test_every_op_once_forward_before_backward(name):
             assert len(ops) == 2 * m * v and len(where) == len(ops)  # no duplicates
             assert {(op.micro, op.chunk) for op in ops if op.kind == "F"} == want
             assert {(op.micro, op.chunk) for op in ops if op.kind == "B"} == want
-            assert all(where[Op("F", i, c)] < where[Op("B", i, c)] for i, c in want), (name, p, s, m, v)
+            assert all(where[Op("F", i, c)] < where[Op("B", i, c)] for i, c in want), (
+                name,
+                p,
+                s,
+                m,
+                v,
+            )
 
 
 def test_one_f_one_b_shape_and_in_flight():
@@ -80,7 +95,9 @@ def test_interleaved_order_and_in_flight():
             warmup = interleaved_warmup(p, s, m, v)
             check_warmup_1f1b_shape(ops, warmup)
             assert [(op.micro, op.chunk) for op in ops if op.kind == "F"] == order(range(v))
-            assert [(op.micro, op.chunk) for op in ops if op.kind == "B"] == order(range(v - 1, -1, -1))
+            assert [(op.micro, op.chunk) for op in ops if op.kind == "B"] == order(
+                range(v - 1, -1, -1)
+            )
             # steady state: each F adds one to the warm-up's stored activations before its B frees one
             assert in_flight(ops) == min(warmup + 1, m * v)
 
@@ -91,7 +108,9 @@ def test_backwards_in_micro_batch_order_per_chunk():
         for s in range(p):
             ops = schedule(name, p, s, m, v)
             for c in range(v):
-                assert [op.micro for op in ops if op.kind == "B" and op.chunk == c] == list(range(m))
+                assert [op.micro for op in ops if op.kind == "B" and op.chunk == c] == list(
+                    range(m)
+                )
 
 
 def test_describe_lists_each_rank():
@@ -165,11 +184,13 @@ def test_1f1b_warmup_is_the_least_that_keeps_the_pipeline_full():
                 if w < 0:
                     continue
                 lists = [one_f_one_b(p, r, m) for r in range(p)]
-                lists[s] = fwd[:w] + [x for pair in zip(fwd[w:], bwd) for x in pair] + bwd[m - w:]
+                lists[s] = fwd[:w] + [x for pair in zip(fwd[w:], bwd) for x in pair] + bwd[m - w :]
                 if w == p - s - 2:
                     assert simulate_lists(lists).makespan > best
                 else:
-                    with pytest.raises(RuntimeError, match=f"deadlock.*stage {s} at Op\\(kind='B', micro=0"):
+                    with pytest.raises(
+                        RuntimeError, match=f"deadlock.*stage {s} at Op\\(kind='B', micro=0"
+                    ):
                         simulate_lists(lists)
 
 
@@ -182,20 +203,23 @@ def test_backward_before_own_forward_deadlocks():
 # ---------------------------------------------------------------------------------------------------- bad arguments
 
 
-@pytest.mark.parametrize("call, arg", [
-    (lambda: schedule("zb", 2, 0, 4), "name"),
-    (lambda: schedule("1f1b", 0, 0, 4), "p"),
-    (lambda: schedule("1f1b", 2, 2, 4), "stage"),
-    (lambda: schedule("gpipe", 2, -1, 4), "stage"),
-    (lambda: schedule("1f1b", 2, 0, 0), "m"),
-    (lambda: schedule("1f1b", 2, 0, 4, v=2), "v"),
-    (lambda: schedule("interleaved", 2, 0, 4, v=0), "v"),
-    (lambda: interleaved(4, 0, 6, 2), "m"),
-    (lambda: one_f_one_b(2.0, 0, 4), "p"),
-    (lambda: simulate("1f1b", 0, 4), "p"),
-    (lambda: simulate("1f1b", 2, 4, t_comm=-1.0), "t_comm"),
-    (lambda: simulate("gpipe", 2, 4, t_b="2"), "t_b"),
-])
+@pytest.mark.parametrize(
+    "call, arg",
+    [
+        (lambda: schedule("zb", 2, 0, 4), "name"),
+        (lambda: schedule("1f1b", 0, 0, 4), "p"),
+        (lambda: schedule("1f1b", 2, 2, 4), "stage"),
+        (lambda: schedule("gpipe", 2, -1, 4), "stage"),
+        (lambda: schedule("1f1b", 2, 0, 0), "m"),
+        (lambda: schedule("1f1b", 2, 0, 4, v=2), "v"),
+        (lambda: schedule("interleaved", 2, 0, 4, v=0), "v"),
+        (lambda: interleaved(4, 0, 6, 2), "m"),
+        (lambda: one_f_one_b(2.0, 0, 4), "p"),
+        (lambda: simulate("1f1b", 0, 4), "p"),
+        (lambda: simulate("1f1b", 2, 4, t_comm=-1.0), "t_comm"),
+        (lambda: simulate("gpipe", 2, 4, t_b="2"), "t_b"),
+    ],
+)
 def test_bad_arguments_name_the_argument(call, arg):
     with pytest.raises(ValueError, match=rf"^{arg}\b"):
         call()

@@ -58,10 +58,12 @@ def mismatch(got, want, what: str, rtol: float = RTOL, scale: float | None = Non
         return [f"{what}: {np.count_nonzero(~np.isfinite(got))} non-finite values"]
     err = float(np.max(np.abs(got - want))) if got.size else 0.0
     scale = float(np.max(np.abs(want))) if scale is None else scale
-    return [] if err <= rtol * scale else [f"{what}: max abs error {err:.3e} > {rtol:g} * {scale:.3e}"]
+    return (
+        [] if err <= rtol * scale else [f"{what}: max abs error {err:.3e} > {rtol:g} * {scale:.3e}"]
+    )
 
 
-GRAD_TOL = 64 * 2.0 ** -53
+GRAD_TOL = 64 * 2.0**-53
 
 
 def grad_mismatch(got, want, what: str, scale: float | None = None) -> list[str]:
@@ -81,9 +83,13 @@ def grad_mismatch(got, want, what: str, scale: float | None = None) -> list[str]
     off = err > tol
     if not off.any():
         return []
-    i = np.unravel_index(int(np.argmax(err / np.maximum(tol, np.finfo(np.float64).tiny))), err.shape)
-    return [f"{what}: {int(off.sum())} of {err.size} entries off; worst at {tuple(map(int, i))}: got {got[i]!r}, "
-            f"expected {want[i]!r}, |error| {err[i]:.3e} > {GRAD_TOL:.2e} * ({scale:.3e} + |expected|)"]
+    i = np.unravel_index(
+        int(np.argmax(err / np.maximum(tol, np.finfo(np.float64).tiny))), err.shape
+    )
+    return [
+        f"{what}: {int(off.sum())} of {err.size} entries off; worst at {tuple(map(int, i))}: got {got[i]!r}, "
+        f"expected {want[i]!r}, |error| {err[i]:.3e} > {GRAD_TOL:.2e} * ({scale:.3e} + |expected|)"
+    ]
 
 
 def tp_sizes() -> list[int]:
@@ -92,7 +98,9 @@ def tp_sizes() -> list[int]:
 
 
 def model_cfg(vocab_size: int = 256, n_layer: int = 1) -> ModelConfig:
-    return ModelConfig(n_layer=n_layer, n_head=4, n_embd=32, block_size=16, vocab_size=vocab_size, dtype="float64")
+    return ModelConfig(
+        n_layer=n_layer, n_head=4, n_embd=32, block_size=16, vocab_size=vocab_size, dtype="float64"
+    )
 
 
 def specs_by_name(cfg: ModelConfig, tp: int) -> dict:
@@ -117,33 +125,50 @@ def test_shard_index_and_full_tensors():
 
         # the fused qkv columns are (q|k|v) x heads x head_dim: rank r owns heads [r H/tp, (r+1) H/tp) of each part
         mine_heads = range(r * H // tp, (r + 1) * H // tp)
-        expected = [part * C + h * hd + d for part in range(3) for h in mine_heads for d in range(hd)]
+        expected = [
+            part * C + h * hd + d for part in range(3) for h in mine_heads for d in range(hd)
+        ]
         for name, axis in (("h.0.attn.c_attn.weight", 1), ("h.0.attn.c_attn.bias", 0)):
             s = specs[name]
             assert s.tp_blocks == 3 and s.tp_axis == axis
             idx = TP.shard_index(s.shape, s.tp_axis, s.tp_blocks, tp, r)
             if list(idx[axis]) != expected:
-                bad.append(f"tp {tp} {name}: columns {list(idx[axis])[:6]}..., expected {expected[:6]}...")
+                bad.append(
+                    f"tp {tp} {name}: columns {list(idx[axis])[:6]}..., expected {expected[:6]}..."
+                )
 
         # every split tensor: the ranks' indices partition its split axis, and the local shape is the shard's
         for s in specs.values():
             if s.tp_axis is None:
                 continue
-            cols = np.concatenate([TP.shard_index(s.shape, s.tp_axis, s.tp_blocks, tp, q)[s.tp_axis]
-                                   for q in range(tp)])
+            cols = np.concatenate(
+                [
+                    TP.shard_index(s.shape, s.tp_axis, s.tp_blocks, tp, q)[s.tp_axis]
+                    for q in range(tp)
+                ]
+            )
             if not np.array_equal(np.sort(cols), np.arange(s.shape[s.tp_axis])):
                 bad.append(f"tp {tp} {s.name}: the shards do not partition axis {s.tp_axis}")
             full = np.arange(np.prod(s.shape), dtype=np.float64).reshape(s.shape)
-            if TP.shard(full, s, tp, r).shape != s.local_shape or TP.local_shape(s, tp) != s.local_shape:
-                bad.append(f"tp {tp} {s.name}: shard shape {TP.shard(full, s, tp, r).shape} != {s.local_shape}")
+            if (
+                TP.shard(full, s, tp, r).shape != s.local_shape
+                or TP.local_shape(s, tp) != s.local_shape
+            ):
+                bad.append(
+                    f"tp {tp} {s.name}: shard shape {TP.shard(full, s, tp, r).shape} != {s.local_shape}"
+                )
 
         model = GPT(cfg, seed=3, tp_comm=grid.tp_comm)
         full = model.full_tensors(model.flat)
         for s in model.specs:
             want = init_tensor(s, 3, cfg.vocab_size)
             bad += mismatch(full[s.name], want, f"tp {tp} initial {s.name} (full)", rtol=0)
-            bad += mismatch(model.params[s.name], TP.shard(want, s, tp, r), f"tp {tp} initial {s.name} (shard)",
-                            rtol=0)
+            bad += mismatch(
+                model.params[s.name],
+                TP.shard(want, s, tp, r),
+                f"tp {tp} initial {s.name} (shard)",
+                rtol=0,
+            )
 
         rng = np.random.default_rng(11)  # the same tensors on every rank
         tensors = {s.name: rng.standard_normal(s.shape) for s in model.specs}
@@ -188,7 +213,11 @@ def test_attention_block():
         dx = L.linear_backward(dqkv, x, W, dW, db, False)
 
         # tensor-parallel, as GPT.forward/backward do it
-        s_w, s_b, s_p = sp["h.0.attn.c_attn.weight"], sp["h.0.attn.c_attn.bias"], sp["h.0.attn.c_proj.weight"]
+        s_w, s_b, s_p = (
+            sp["h.0.attn.c_attn.weight"],
+            sp["h.0.attn.c_attn.bias"],
+            sp["h.0.attn.c_proj.weight"],
+        )
         Wl, bl, Wpl = TP.shard(W, s_w, tp, r), TP.shard(b, s_b, tp, r), TP.shard(Wp, s_p, tp, r)
         grid.world.ledger.reset()
         h = TP.copy_to_tp_region(x, comm)
@@ -198,10 +227,14 @@ def test_attention_block():
         a += bp
         dWl, dbl, dWpl = np.zeros_like(Wl), np.zeros_like(bl), np.zeros_like(Wpl)
         da = TP.reduce_from_tp_region_backward(dout.copy(), comm)
-        dbp_tp = da.reshape(-1, C).sum(axis=0)  # the bias after g is replicated: its gradient needs no collective
+        dbp_tp = da.reshape(-1, C).sum(
+            axis=0
+        )  # the bias after g is replicated: its gradient needs no collective
         dy_l = L.linear_backward(da, y_l, Wpl, dWpl, None, False)
         dqkv_l = L.attention_backward(dy_l, att_l, H // tp)
-        dx_tp = TP.copy_to_tp_region_backward(L.linear_backward(dqkv_l, h, Wl, dWl, dbl, False), comm)
+        dx_tp = TP.copy_to_tp_region_backward(
+            L.linear_backward(dqkv_l, h, Wl, dWl, dbl, False), comm
+        )
         calls = dict(grid.world.ledger.calls)
 
         w = f"tp {tp} attention"
@@ -212,7 +245,9 @@ def test_attention_block():
         bad += grad_mismatch(dWpl, TP.shard(dWp, s_p, tp, r), f"{w} d c_proj.weight")
         bad += grad_mismatch(dbp_tp, dbp, f"{w} d c_proj.bias")
         if calls != {"tp.allreduce": 2}:
-            bad.append(f"{w}: collectives {calls}, expected one allreduce forward (g) and one backward (f)")
+            bad.append(
+                f"{w}: collectives {calls}, expected one allreduce forward (g) and one backward (f)"
+            )
     check(not bad, "\n".join(bad))
 
 
@@ -239,7 +274,11 @@ def test_mlp_block():
         dg = L.linear_backward(dout, g, Wp, dWp, dbp, False)
         dx = L.linear_backward(L.gelu_backward(dg, f, gt), x, W, dW, db, False)
 
-        s_w, s_b, s_p = sp["h.0.mlp.c_fc.weight"], sp["h.0.mlp.c_fc.bias"], sp["h.0.mlp.c_proj.weight"]
+        s_w, s_b, s_p = (
+            sp["h.0.mlp.c_fc.weight"],
+            sp["h.0.mlp.c_fc.bias"],
+            sp["h.0.mlp.c_proj.weight"],
+        )
         Wl, bl, Wpl = TP.shard(W, s_w, tp, r), TP.shard(b, s_b, tp, r), TP.shard(Wp, s_p, tp, r)
         grid.world.ledger.reset()
         h = TP.copy_to_tp_region(x, comm)
@@ -263,7 +302,9 @@ def test_mlp_block():
         bad += grad_mismatch(dWpl, TP.shard(dWp, s_p, tp, r), f"{w} d c_proj.weight")
         bad += grad_mismatch(dbp_tp, dbp, f"{w} d c_proj.bias")
         if calls != {"tp.allreduce": 2}:
-            bad.append(f"{w}: collectives {calls}, expected one allreduce forward (g) and one backward (f)")
+            bad.append(
+                f"{w}: collectives {calls}, expected one allreduce forward (g) and one backward (f)"
+            )
     check(not bad, "\n".join(bad))
 
 
@@ -277,9 +318,11 @@ VOCABS = [256, 65, 20]
 def _targets(rng, n: int, vocab: int, padded: int, tp: int) -> np.ndarray:
     """Random token ids in [0, vocab), with the edges of every rank's slice that holds real ids, and vocab - 1."""
     t = rng.integers(0, vocab, size=n)
-    edges = sorted({0, vocab - 1} | {v for q in range(tp) for v in (q * padded // tp, q * padded // tp - 1)
-                                      if 0 <= v < vocab})
-    t[:len(edges)] = edges
+    edges = sorted(
+        {0, vocab - 1}
+        | {v for q in range(tp) for v in (q * padded // tp, q * padded // tp - 1) if 0 <= v < vocab}
+    )
+    t[: len(edges)] = edges
     return t
 
 
@@ -302,7 +345,7 @@ def test_vocab_parallel_embedding():
             wte, wpe = _randn(rng, Vp, C), _randn(rng, cfg.block_size, C)
             wte[vocab:] = 0
             wte_l = TP.shard(wte, s, tp, r)
-            if not np.array_equal(wte_l, wte[v0:v0 + Vl]):
+            if not np.array_equal(wte_l, wte[v0 : v0 + Vl]):
                 bad.append(f"tp {tp} vocab {vocab}: the wte shard is not rows [{v0}, {v0 + Vl})")
             B, T = 3, 12
             idx = _targets(rng, B * T, vocab, Vp, tp).reshape(B, T)
@@ -313,13 +356,17 @@ def test_vocab_parallel_embedding():
                 bad += mismatch(got, want, f"{w} forward pos0={pos0}")
             dx = _randn(rng, B, T, C)
             for accumulate in (False, True):
-                head = _randn(rng, Vp, C)  # the tied head's gradient, written before the embedding's backward
+                head = _randn(
+                    rng, Vp, C
+                )  # the tied head's gradient, written before the embedding's backward
                 dwpe0 = _randn(rng, cfg.block_size, C)
                 dwte, dwpe = head.copy(), dwpe0.copy()
                 L.embedding_backward(dx, idx, dwte, dwpe, accumulate)
                 dwte_l, dwpe_l = TP.shard(head, s, tp, r).copy(), dwpe0.copy()
                 TP.vocab_parallel_embedding_backward(dx, idx, v0, dwte_l, dwpe_l, accumulate, comm)
-                bad += grad_mismatch(dwte_l, TP.shard(dwte, s, tp, r), f"{w} d wte (accumulate={accumulate})")
+                bad += grad_mismatch(
+                    dwte_l, TP.shard(dwte, s, tp, r), f"{w} d wte (accumulate={accumulate})"
+                )
                 bad += grad_mismatch(dwpe_l, dwpe, f"{w} d wpe (accumulate={accumulate})")
     check(not bad, "\n".join(bad))
 
@@ -359,16 +406,23 @@ def test_vocab_parallel_cross_entropy():
             want_loss, want_grad = _full_cross_entropy(logits, targets, vocab, scale)
 
             grid.world.ledger.reset()
-            loss, cache = TP.vocab_parallel_cross_entropy_forward(logits[:, v0:v0 + Vl].copy(), targets, vocab, v0,
-                                                                  comm)
+            loss, cache = TP.vocab_parallel_cross_entropy_forward(
+                logits[:, v0 : v0 + Vl].copy(), targets, vocab, v0, comm
+            )
             grad = TP.vocab_parallel_cross_entropy_backward(cache, scale)
             calls = grid.world.ledger.calls.get("tp.allreduce", 0)
 
-            w = f"tp {tp} vocab {vocab} cross-entropy (rank {r}: columns [{v0}, {v0 + Vl})" + \
-                (", all padding)" if all_padding else ")")
+            w = f"tp {tp} vocab {vocab} cross-entropy (rank {r}: columns [{v0}, {v0 + Vl})" + (
+                ", all padding)" if all_padding else ")"
+            )
             if not (np.isfinite(loss) and abs(loss - want_loss) <= RTOL * abs(want_loss)):
                 bad.append(f"{w}: loss {loss!r}, expected {want_loss!r}")
-            bad += grad_mismatch(grad, want_grad[:, v0:v0 + Vl], f"{w} d logits", scale=float(np.abs(want_grad).max()))
+            bad += grad_mismatch(
+                grad,
+                want_grad[:, v0 : v0 + Vl],
+                f"{w} d logits",
+                scale=float(np.abs(want_grad).max()),
+            )
             pad = max(0, vocab - v0)
             if np.any(grad[:, pad:] != 0):
                 bad.append(f"{w}: non-zero gradient in the padding columns")
@@ -393,7 +447,9 @@ def test_gather_from_tp_region():
             full = rng.standard_normal(shape)
             n = shape[-1] // tp
             grid.world.ledger.reset()
-            got = TP.gather_from_tp_region(np.ascontiguousarray(full[..., r * n:(r + 1) * n]), comm)
+            got = TP.gather_from_tp_region(
+                np.ascontiguousarray(full[..., r * n : (r + 1) * n]), comm
+            )
             bad += mismatch(got, full, f"tp {tp} gather {shape}", rtol=0)
             if dict(grid.world.ledger.calls) != {"tp.allgather": 1}:
                 bad.append(f"tp {tp} gather {shape}: collectives {dict(grid.world.ledger.calls)}")
@@ -439,6 +495,11 @@ def test_gpt_equals_single_process():
             bad += mismatch(logits, want_logits, f"{w} logits")
 
             cache = KVCache(model, B)
-            pieces = [model.forward_cached(idx[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 7), (7, 12), (12, T))]
-            bad += mismatch(np.concatenate(pieces, axis=1), want_logits, f"{w} forward_cached logits")
+            pieces = [
+                model.forward_cached(idx[:, a:b], cache)
+                for a, b in ((0, 5), (5, 6), (6, 7), (7, 12), (12, T))
+            ]
+            bad += mismatch(
+                np.concatenate(pieces, axis=1), want_logits, f"{w} forward_cached logits"
+            )
     check(not bad, "\n".join(bad))

@@ -30,15 +30,20 @@ MULTILINGUAL = (
     "Emoji: 🙂🎉👍🏽 family 👨‍👩‍👧 flags 🇩🇪🇨🇳\n"
     "code:\n    def f(x):\n\treturn {'a': x ** 2}  # comment\n\n\n   trailing spaces   \r\nCRLF line\n"
 )
-WORDS = ("the of and to in is was for on that with as by at from it an be this which or are have had not but his "
-         "her they you we all one their there been has more when will would who so no she if out up into than them "
-         "Grüße Straße 你好 世界 🙂 def return x+1 {a: b}").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from it an be this which or are have had not but his "
+    "her they you we all one their there been has more when will would who so no she if out up into than them "
+    "Grüße Straße 你好 世界 🙂 def return x+1 {a: b}"
+).split()
 
 
 def word_text(n_lines: int, seed: int = 0) -> str:
     """Deterministic text of short lines (visible ASCII at most line ends, so BPE pieces cut exactly)."""
     rng = np.random.default_rng(seed)
-    lines = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=rng.integers(3, 14))) for _ in range(n_lines)]
+    lines = [
+        " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=rng.integers(3, 14)))
+        for _ in range(n_lines)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -47,8 +52,11 @@ def reference_bpe(texts, vocab_size: int):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -81,12 +89,17 @@ def test_bpe_round_trip_and_reference_encoding(bpe, corpus_text):
     ref = tokenizers.Tokenizer.from_str(bpe.json)
     for text in (MULTILINGUAL, corpus_text[:5000], "", " ", "\n\n", "🙂"):
         ids = bpe.encode(text)
-        assert ids.dtype == np.uint16 and ids.tolist() == ref.encode(text, add_special_tokens=False).ids
+        assert (
+            ids.dtype == np.uint16
+            and ids.tolist() == ref.encode(text, add_special_tokens=False).ids
+        )
         assert bpe.decode(ids) == text
     ids = bpe.encode(MULTILINGUAL)
     assert len(ids) < len(MULTILINGUAL.encode("utf-8"))  # merges happened
     assert bpe.decode(ids.tolist()) == MULTILINGUAL
-    with pytest.raises(UserError, match="token id 400 is outside the bpe tokenizer's vocabulary 0..399"):
+    with pytest.raises(
+        UserError, match="token id 400 is outside the bpe tokenizer's vocabulary 0..399"
+    ):
         bpe.decode([1, 400])
 
 
@@ -105,7 +118,9 @@ def test_gpt2_format_directory(bpe, tmp_path, kind):
     if kind == "json":
         ref = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
     else:  # tokenizers' own GPT-2-style implementation from the two files
-        ref = tokenizers.ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"), add_prefix_space=False)
+        ref = tokenizers.ByteLevelBPETokenizer(
+            str(d / "vocab.json"), str(d / "merges.txt"), add_prefix_space=False
+        )
     for text in (MULTILINGUAL, word_text(50)):
         assert tok.encode(text).tolist() == ref.encode(text).ids == bpe.encode(text).tolist()
         assert tok.decode(tok.encode(text)) == text
@@ -114,7 +129,9 @@ def test_gpt2_format_directory(bpe, tmp_path, kind):
 
 def test_tokenizer_directory_without_files(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"'.*empty' has neither tokenizer.json nor vocab.json \+ merges.txt") as e:
+    with pytest.raises(
+        UserError, match=r"'.*empty' has neither tokenizer.json nor vocab.json \+ merges.txt"
+    ) as e:
         BPETokenizer.from_dir(tmp_path / "empty")
     assert "\n" not in str(e.value)
     (tmp_path / "empty" / "vocab.json").write_text("{}")  # half of the pair is not enough
@@ -131,14 +148,23 @@ def test_tokenizer_directory_without_files(tmp_path):
 def test_bpe_meta_round_trip_and_tampering(bpe):
     meta = bpe.meta()
     assert set(meta) == {"tokenizer", "vocab_size", "tokenizer_sha256", "tokenizer_json"}
-    tok = tokenizer_from_meta(json.loads(json.dumps(meta)))  # through JSON, as meta.json and the checkpoint hold it
-    assert tok.encode(MULTILINGUAL).tolist() == bpe.encode(MULTILINGUAL).tolist() and tok.sha256 == bpe.sha256
+    tok = tokenizer_from_meta(
+        json.loads(json.dumps(meta))
+    )  # through JSON, as meta.json and the checkpoint hold it
+    assert (
+        tok.encode(MULTILINGUAL).tolist() == bpe.encode(MULTILINGUAL).tolist()
+        and tok.sha256 == bpe.sha256
+    )
     with pytest.raises(UserError, match="tokenizer_sha256.*does not match"):
-        tokenizer_from_meta({**meta, "tokenizer_json": meta["tokenizer_json"].replace('"the"', '"teh"', 1)})
+        tokenizer_from_meta(
+            {**meta, "tokenizer_json": meta["tokenizer_json"].replace('"the"', '"teh"', 1)}
+        )
     with pytest.raises(UserError, match="vocab_size.*401.*has 400 tokens"):
         tokenizer_from_meta({**meta, "vocab_size": 401})
     with pytest.raises(UserError, match="tokenizer_json"):
-        tokenizer_from_meta({"tokenizer": "gpt2-bpe", "vocab_size": 50257})  # an ids-only GPT-2 import
+        tokenizer_from_meta(
+            {"tokenizer": "gpt2-bpe", "vocab_size": 50257}
+        )  # an ids-only GPT-2 import
 
 
 # ---------------------------------------------------------------------------------------------------- prepare
@@ -170,30 +196,43 @@ def test_prepare_bpe_equals_whole_file_encoding(tmp_path):
     # the trained tokenizer does not depend on the piece size either
     again = prepare([src], tmp_path / "again", tokenizer="bpe", vocab_size=350)
     assert again == {**meta, "sources": again["sources"]}
-    assert (tmp_path / "again" / "train.bin").read_bytes() == (tmp_path / "out" / "train.bin").read_bytes()
+    assert (tmp_path / "again" / "train.bin").read_bytes() == (
+        tmp_path / "out" / "train.bin"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["vocab-merges", "json"])
 def test_prepare_with_gpt2_tokenizer_dir(bpe, tmp_path, kind):
     d = write_gpt2_tokenizer(tmp_path / "tok", bpe, kind)
     (tmp_path / "in.txt").write_text(MULTILINGUAL * 4, encoding="utf-8")
-    meta = prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=d, piece_bytes=300)
+    meta = prepare(
+        [tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=d, piece_bytes=300
+    )
     tok = BPETokenizer.from_dir(d)
-    assert (meta["tokenizer"], meta["vocab_size"], meta["tokenizer_sha256"]) == ("gpt2-bpe", tok.vocab_size,
-                                                                                   tok.sha256)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["tokenizer_sha256"]) == (
+        "gpt2-bpe",
+        tok.vocab_size,
+        tok.sha256,
+    )
     # MULTILINGUAL's line ends are not all between visible ASCII: pieces cut only where the encoding is unchanged
     assert all_ids(tmp_path / "out").tolist() == tok.encode(MULTILINGUAL * 4).tolist()
 
 
 # Llama 3's pre-tokenizer regex (a Split before a ByteLevel without its own regex)
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _split_then_byte_level(regex: str, behavior: str = "isolated"):
     pt = tokenizers.pre_tokenizers
-    return pt.Sequence([pt.Split(tokenizers.Regex(regex), behavior),
-                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pt.Sequence(
+        [
+            pt.Split(tokenizers.Regex(regex), behavior),
+            pt.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def test_prepare_refuses_a_metaspace_tokenizer(tmp_path):
@@ -203,16 +242,34 @@ def test_prepare_refuses_a_metaspace_tokenizer(tmp_path):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
     whole = tok.encode("ab\ncd", add_special_tokens=False).ids
-    pieces = tok.encode("ab\n", add_special_tokens=False).ids + tok.encode("cd", add_special_tokens=False).ids
-    assert whole == [1, 2, 3, 6, 4, 5] and pieces == [1, 2, 3, 6, 1, 4, 5]  # the wrong tokens prepare would write
+    pieces = (
+        tok.encode("ab\n", add_special_tokens=False).ids
+        + tok.encode("cd", add_special_tokens=False).ids
+    )
+    assert whole == [1, 2, 3, 6, 4, 5] and pieces == [
+        1,
+        2,
+        3,
+        6,
+        1,
+        4,
+        5,
+    ]  # the wrong tokens prepare would write
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     (tmp_path / "in.txt").write_text("ab\ncd\n" * 200)
-    expect = (r"tok/tokenizer.json: pre-tokenizer Metaspace is not byte-level .*; hpc_llm streams the corpus in "
-              r"pieces and supports byte-level BPE tokenizers only$")
+    expect = (
+        r"tok/tokenizer.json: pre-tokenizer Metaspace is not byte-level .*; hpc_llm streams the corpus in "
+        r"pieces and supports byte-level BPE tokenizers only$"
+    )
     with pytest.raises(UserError, match=expect) as e:
-        prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=tmp_path / "tok",
-                piece_bytes=100)
+        prepare(
+            [tmp_path / "in.txt"],
+            tmp_path / "out",
+            tokenizer="gpt2",
+            tokenizer_dir=tmp_path / "tok",
+            piece_bytes=100,
+        )
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
@@ -232,17 +289,36 @@ def test_streaming_problem_accepts_byte_level_bpe_only(bpe):
     assert bpe.streaming_problem() is None  # GPT-2's recipe (hpc_llm's trained BPE uses it)
     assert problem(_split_then_byte_level(LLAMA3_REGEX), nm.NFC()) is None  # Llama 3 / Qwen 2 style
     for args, match in (
-            ((pt.Metaspace(),), "pre-tokenizer Metaspace is not byte-level"),
-            ((None,), "pre-tokenizer none is not byte-level"),
-            ((pt.Sequence([pt.ByteLevel(add_prefix_space=False), pt.Digits()]),), r"ByteLevel\+Digits is not"),
-            ((pt.ByteLevel(add_prefix_space=True),), "add_prefix_space true"),
-            ((pt.ByteLevel(add_prefix_space=False), nm.Sequence([nm.Prepend("▁")])), "normalizer Prepend is not"),
-            ((pt.ByteLevel(add_prefix_space=False), nm.Lowercase()), "normalizer Lowercase is not supported"),
-            ((_split_then_byte_level(" ", "merged_with_next"),), "behavior MergedWithNext"),
-            ((pt.ByteLevel(add_prefix_space=False, use_regex=False),), r"does not split after the line break in"),
-            ((_split_then_byte_level(r"[^ ]+"),), r"does not split after the line break in 'a\\na'"),
-            ((pt.ByteLevel(add_prefix_space=False), None, tk.models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")),
-             "model WordPiece is not BPE")):
+        ((pt.Metaspace(),), "pre-tokenizer Metaspace is not byte-level"),
+        ((None,), "pre-tokenizer none is not byte-level"),
+        (
+            (pt.Sequence([pt.ByteLevel(add_prefix_space=False), pt.Digits()]),),
+            r"ByteLevel\+Digits is not",
+        ),
+        ((pt.ByteLevel(add_prefix_space=True),), "add_prefix_space true"),
+        (
+            (pt.ByteLevel(add_prefix_space=False), nm.Sequence([nm.Prepend("▁")])),
+            "normalizer Prepend is not",
+        ),
+        (
+            (pt.ByteLevel(add_prefix_space=False), nm.Lowercase()),
+            "normalizer Lowercase is not supported",
+        ),
+        ((_split_then_byte_level(" ", "merged_with_next"),), "behavior MergedWithNext"),
+        (
+            (pt.ByteLevel(add_prefix_space=False, use_regex=False),),
+            r"does not split after the line break in",
+        ),
+        ((_split_then_byte_level(r"[^ ]+"),), r"does not split after the line break in 'a\\na'"),
+        (
+            (
+                pt.ByteLevel(add_prefix_space=False),
+                None,
+                tk.models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"),
+            ),
+            "model WordPiece is not BPE",
+        ),
+    ):
         assert re.search(match, problem(*args) or ""), (args, problem(*args))
 
 
@@ -253,13 +329,25 @@ def test_prepare_with_a_split_then_byte_level_tokenizer(tmp_path, corpus_text):
     tok.pre_tokenizer = _split_then_byte_level(LLAMA3_REGEX)
     tok.normalizer = tokenizers.normalizers.NFC()
     tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.train_from_iterator(corpus_text.splitlines(keepends=True), tokenizers.trainers.BpeTrainer(
-        vocab_size=400, show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus_text.splitlines(keepends=True),
+        tokenizers.trainers.BpeTrainer(
+            vocab_size=400,
+            show_progress=False,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     text = word_text(300, seed=3) + MULTILINGUAL * 4
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
-    prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=tmp_path / "tok", piece_bytes=300)
+    prepare(
+        [tmp_path / "in.txt"],
+        tmp_path / "out",
+        tokenizer="gpt2",
+        tokenizer_dir=tmp_path / "tok",
+        piece_bytes=300,
+    )
     assert len(D._plan([tmp_path / "in.txt"], 300)) > 20
     assert all_ids(tmp_path / "out").tolist() == tok.encode(text, add_special_tokens=False).ids
 
@@ -275,18 +363,35 @@ def test_check_same_tokenizer(bpe):
     # the same BPE without its long JSON compares equal: the sha256 identifies it
     assert check_same_tokenizer(bpe.meta(), {**bpe.meta(), "tokenizer_json": "x"}, "c", "d") is None
     for theirs, mine, match in (
-            (byte, char, "checkpoint c.h5 was trained on data with the byte tokenizer, vocab 256, but data.path=d "
-                         "has the char tokenizer, vocab 3, 3 chars 'abc'..."),
-            (char, {**char, "chars": "abd"}, "the char tokenizer, vocab 3, 3 chars 'abc'..., but data.path=d has the "
-                                             "char tokenizer, vocab 3, 3 chars 'abd'"),
-            (gpt2, bpe.meta(), f"the gpt2-bpe tokenizer, vocab 400, sha256 {bpe.sha256[:12]}, but data.path=d has "
-                               f"the bpe tokenizer, vocab 400, sha256 {bpe.sha256[:12]}")):
+        (
+            byte,
+            char,
+            "checkpoint c.h5 was trained on data with the byte tokenizer, vocab 256, but data.path=d "
+            "has the char tokenizer, vocab 3, 3 chars 'abc'...",
+        ),
+        (
+            char,
+            {**char, "chars": "abd"},
+            "the char tokenizer, vocab 3, 3 chars 'abc'..., but data.path=d has the "
+            "char tokenizer, vocab 3, 3 chars 'abd'",
+        ),
+        (
+            gpt2,
+            bpe.meta(),
+            f"the gpt2-bpe tokenizer, vocab 400, sha256 {bpe.sha256[:12]}, but data.path=d has "
+            f"the bpe tokenizer, vocab 400, sha256 {bpe.sha256[:12]}",
+        ),
+    ):
         with pytest.raises(UserError) as e:
             check_same_tokenizer(theirs, mine, "checkpoint c.h5", "data.path=d")
         assert match in str(e.value) and "\n" not in str(e.value)
-    warning = check_same_tokenizer({"tokenizer": "gpt2-bpe", "vocab_size": 400}, char, "checkpoint c.h5", "--data d")
-    assert warning == ("checkpoint c.h5 was trained on gpt2-bpe tokens, which hpc_llm cannot check against --data d "
-                       "(char tokenizer): its ids must mean the same tokens")
+    warning = check_same_tokenizer(
+        {"tokenizer": "gpt2-bpe", "vocab_size": 400}, char, "checkpoint c.h5", "--data d"
+    )
+    assert warning == (
+        "checkpoint c.h5 was trained on gpt2-bpe tokens, which hpc_llm cannot check against --data d "
+        "(char tokenizer): its ids must mean the same tokens"
+    )
 
 
 def test_eval_open_split_checks_the_tokenizer_as_train_does(tmp_path, caplog):
@@ -298,27 +403,39 @@ def test_eval_open_split_checks_the_tokenizer_as_train_does(tmp_path, caplog):
 
     (tmp_path / "in.txt").write_text("hello world\n" * 20)
     prepare([tmp_path / "in.txt"], tmp_path / "data")
-    ids_only = SimpleNamespace(path="g.h5", state={"tokenizer": {"tokenizer": "gpt2-bpe", "vocab_size": 256}})
+    ids_only = SimpleNamespace(
+        path="g.h5", state={"tokenizer": {"tokenizer": "gpt2-bpe", "vocab_size": 256}}
+    )
     with caplog.at_level("WARNING", logger="hpc_llm.evaluate"):
         tokens = open_split(ids_only, tmp_path / "data", "val")
     assert len(tokens) == TokenData(tmp_path / "data").meta["n_val"]
-    assert "checkpoint g.h5 was trained on gpt2-bpe tokens, which hpc_llm cannot check against --data" in caplog.text
-    char = SimpleNamespace(path="c.h5", state={"tokenizer": {"tokenizer": "char", "vocab_size": 3, "chars": "abc"}})
-    with pytest.raises(UserError, match=r"checkpoint c.h5 was trained on data with the char tokenizer, vocab 3, .*, "
-                                        r"but --data .*data has the byte tokenizer, vocab 256$"):
+    assert (
+        "checkpoint g.h5 was trained on gpt2-bpe tokens, which hpc_llm cannot check against --data"
+        in caplog.text
+    )
+    char = SimpleNamespace(
+        path="c.h5", state={"tokenizer": {"tokenizer": "char", "vocab_size": 3, "chars": "abc"}}
+    )
+    with pytest.raises(
+        UserError,
+        match=r"checkpoint c.h5 was trained on data with the char tokenizer, vocab 3, .*, "
+        r"but --data .*data has the byte tokenizer, vocab 256$",
+    ):
         open_split(char, tmp_path / "data", "val")
 
 
 def test_prepare_bpe_options_checked(tmp_path):
     (tmp_path / "in.txt").write_text("hello world\n" * 50)
-    for kwargs, match in (({"tokenizer": "bpe"}, "needs --vocab-size"),
-                          ({"tokenizer": "bpe", "vocab_size": 256}, r"--vocab-size: expected an integer in 257\.\."),
-                          ({"tokenizer": "bpe", "vocab_size": 2**32 + 1}, "4294967296"),
-                          ({"tokenizer": "byte", "vocab_size": 300}, "--vocab-size is for --tokenizer bpe"),
-                          ({"tokenizer": "gpt2"}, "--tokenizer gpt2 goes with --tokenizer-dir"),
-                          ({"tokenizer": "char", "tokenizer_dir": tmp_path}, "--tokenizer-dir with --tokenizer gpt2"),
-                          ({"tokenizer": "gpt2", "tokenizer_dir": tmp_path}, "has neither tokenizer.json"),
-                          ({"memory_mb": 1}, "memory_mb is 1, expected an integer of at least 4")):
+    for kwargs, match in (
+        ({"tokenizer": "bpe"}, "needs --vocab-size"),
+        ({"tokenizer": "bpe", "vocab_size": 256}, r"--vocab-size: expected an integer in 257\.\."),
+        ({"tokenizer": "bpe", "vocab_size": 2**32 + 1}, "4294967296"),
+        ({"tokenizer": "byte", "vocab_size": 300}, "--vocab-size is for --tokenizer bpe"),
+        ({"tokenizer": "gpt2"}, "--tokenizer gpt2 goes with --tokenizer-dir"),
+        ({"tokenizer": "char", "tokenizer_dir": tmp_path}, "--tokenizer-dir with --tokenizer gpt2"),
+        ({"tokenizer": "gpt2", "tokenizer_dir": tmp_path}, "has neither tokenizer.json"),
+        ({"memory_mb": 1}, "memory_mb is 1, expected an integer of at least 4"),
+    ):
         with pytest.raises(UserError, match=match):
             prepare([tmp_path / "in.txt"], tmp_path / "out", **kwargs)
         assert not (tmp_path / "out").exists()
@@ -327,7 +444,9 @@ def test_prepare_bpe_options_checked(tmp_path):
 def test_uint32_token_files_beyond_65536(tmp_path):
     """A vocabulary of 70256 whose byte symbols sit at ids 70000.. (fillers below them): every id needs uint32."""
     alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    vocab = {f"<filler{i}>": i for i in range(70000)} | {ch: 70000 + i for i, ch in enumerate(alphabet)}
+    vocab = {f"<filler{i}>": i for i in range(70000)} | {
+        ch: 70000 + i for i, ch in enumerate(alphabet)
+    }
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
@@ -335,11 +454,14 @@ def test_uint32_token_files_beyond_65536(tmp_path):
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     text = MULTILINGUAL * 3
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
-    meta = prepare([tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=tmp_path / "tok")
+    meta = prepare(
+        [tmp_path / "in.txt"], tmp_path / "out", tokenizer="gpt2", tokenizer_dir=tmp_path / "tok"
+    )
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70256 and meta["max_id"] >= 70000
     n = len(text.encode("utf-8"))  # no merges: one id per byte
-    assert (tmp_path / "out" / "train.bin").stat().st_size == 4 * meta["n_train"] and meta["n_train"] + \
-        meta["n_val"] == n
+    assert (tmp_path / "out" / "train.bin").stat().st_size == 4 * meta["n_train"] and meta[
+        "n_train"
+    ] + meta["n_val"] == n
     data = TokenData(tmp_path / "out")
     assert data.split("train").dtype == np.dtype("<u4")
     ids = all_ids(tmp_path / "out")
@@ -354,8 +476,14 @@ def test_uint32_token_files_beyond_65536(tmp_path):
 
 def _cli(*args, cwd=REPO):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "hpc_llm", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_llm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def write_gpt2_model(path: Path, vocab_size: int, seed: int = 0) -> Path:
@@ -368,10 +496,14 @@ def write_gpt2_model(path: Path, vocab_size: int, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
     tensors = hf_tensors(seed)
-    tensors["transformer.wte.weight"] = (rng.standard_normal((vocab_size, N_EMBD)) * 0.5).astype(np.float32)
+    tensors["transformer.wte.weight"] = (rng.standard_normal((vocab_size, N_EMBD)) * 0.5).astype(
+        np.float32
+    )
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)))
+    (path / "config.json").write_text(
+        json.dumps(hf_config(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0))
+    )
     save_file(tensors, str(path / "model.safetensors"))
     assert N_POSITIONS >= 16
     return path
@@ -391,8 +523,11 @@ def test_import_gpt2_with_tokenizer_generates_text(bpe, tmp_path, kind):
     assert state["tokenizer"] == ref_tok.meta()  # the whole tokenizer travels in the checkpoint
     prompt = "Grüße 你好 🙂 the"
     tok = hpc_llm.load_tokenizer(out)
-    ref = (tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")) if kind == "json" else
-           tokenizers.ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt")))
+    ref = (
+        tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        if kind == "json"
+        else tokenizers.ByteLevelBPETokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    )
     assert tok.encode(prompt).tolist() == ref.encode(prompt).ids
 
     r = _cli("generate", out, "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0")
@@ -407,5 +542,8 @@ def test_import_gpt2_with_tokenizer_generates_text(bpe, tmp_path, kind):
 def test_import_gpt2_tokenizer_larger_than_model(bpe, tmp_path):
     d = write_gpt2_tokenizer(write_gpt2_model(tmp_path / "gpt2", 300), bpe, "json")
     r = _cli("import-gpt2", d, "--out", tmp_path / "x.h5")
-    assert r.returncode == 2 and "the tokenizer has 400 tokens, more than the model's vocab_size 300" in r.stderr
+    assert (
+        r.returncode == 2
+        and "the tokenizer has 400 tokens, more than the model's vocab_size 300" in r.stderr
+    )
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()

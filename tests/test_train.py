@@ -44,8 +44,14 @@ def test_loss_falls_on_embedded_corpus(make_cfg, tmp_path):
     from hpc_llm.data import prepare_stdlib
 
     prepare_stdlib(tmp_path / "stdlib", max_bytes=300_000)
-    cfg = make_cfg(**{"data.path": str(tmp_path / "stdlib"), "train.max_iters": 40, "train.eval_interval": 40,
-                      "train.eval_iters": 5})
+    cfg = make_cfg(
+        **{
+            "data.path": str(tmp_path / "stdlib"),
+            "train.max_iters": 40,
+            "train.eval_interval": 40,
+            "train.eval_iters": 5,
+        }
+    )
     ev = run(cfg).metrics.eval
     assert ev["val_loss"][-1] < ev["val_loss"][0] - 1.5, ev["val_loss"]
 
@@ -92,10 +98,19 @@ def _assert_same_state(x: Trainer, y: Trainer) -> None:
     assert x.opt.t == y.opt.t
 
 
-@pytest.mark.parametrize("k, extra", [
-    (6, {"model.dropout": 0.1}),  # k a multiple of eval_interval: the eval at k is not repeated on resume
-    (7, {"model.dropout": 0.1, "train.grad_accum": 2}),  # k between evals: the first run's final eval is extra
-])
+@pytest.mark.parametrize(
+    "k, extra",
+    [
+        (
+            6,
+            {"model.dropout": 0.1},
+        ),  # k a multiple of eval_interval: the eval at k is not repeated on resume
+        (
+            7,
+            {"model.dropout": 0.1, "train.grad_accum": 2},
+        ),  # k between evals: the first run's final eval is extra
+    ],
+)
 def test_exact_resume(make_cfg, k, extra):
     N = 14
     common = {"train.eval_interval": 3, "train.eval_iters": 2, **extra}
@@ -111,7 +126,10 @@ def test_exact_resume(make_cfg, k, extra):
     expected_steps = sorted(set(ev_full["step"]) | {k})
     assert ev_res["step"] == expected_steps
     assert [s for s in ev_res["step"] if s > k] == [9, 12, 14]
-    by_step = {s: (tl, vl) for s, tl, vl in zip(ev_full["step"], ev_full["train_loss"], ev_full["val_loss"])}
+    by_step = {
+        s: (tl, vl)
+        for s, tl, vl in zip(ev_full["step"], ev_full["train_loss"], ev_full["val_loss"])
+    }
     for s, tl, vl in zip(ev_res["step"], ev_res["train_loss"], ev_res["val_loss"]):
         if s in by_step:
             assert (tl, vl) == by_step[s], s
@@ -127,7 +145,9 @@ def test_resume_auto_takes_newest_and_empty_dir_starts_fresh(make_cfg):
     resumed = Trainer(make_cfg("run", **extra, **{"train.max_iters": 9}), resume="auto")
     assert resumed.step == 6
     _assert_same_state(first, resumed)
-    (first.out_dir / "latest").unlink()  # without the pointer, the newest file by step is still found
+    (
+        first.out_dir / "latest"
+    ).unlink()  # without the pointer, the newest file by step is still found
     assert Trainer(make_cfg("run", **extra, **{"train.max_iters": 9}), resume="auto").step == 6
 
     fresh = Trainer(make_cfg("empty", **extra, **{"train.max_iters": 9}), resume="auto")
@@ -153,7 +173,9 @@ def test_checkpoint_content_and_load_model(make_cfg):
     assert saved.config["model"]["n_embd"] == 32
     for table in ("train", "eval"):
         for key, values in getattr(tr.metrics, table).items():
-            assert np.array_equal(saved.metrics[table][key], np.asarray(values, dtype=np.float64)), (table, key)
+            assert np.array_equal(
+                saved.metrics[table][key], np.asarray(values, dtype=np.float64)
+            ), (table, key)
     assert list(saved.metrics["train"]["step"]) == [1, 2, 3, 4, 5]
     assert list(saved.metrics["eval"]["step"]) == [0, 2, 4, 5]
     for name, p in tr.model.params.items():

@@ -37,7 +37,12 @@ from hpc_llm.checkpoint.rundir import (
     resume_candidates,
     write_latest,
 )
-from hpc_llm.checkpoint.trainer_state import choose_candidates, restore_trainer, resume_trainer, save_trainer
+from hpc_llm.checkpoint.trainer_state import (
+    choose_candidates,
+    restore_trainer,
+    resume_trainer,
+    save_trainer,
+)
 from hpc_llm.checkpoint.writers import SaveFailed, mpio_available, save_checkpoint
 
 __all__ = [

@@ -61,7 +61,9 @@ def _to_json_tree(obj: Any, where: str) -> Any:
         if obj.dtype.kind not in "biuf":
             raise TypeError(f"checkpoint state: array {where} has unsupported dtype {obj.dtype}")
         return {_ARRAY_TAG: obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}
-    raise TypeError(f"checkpoint state: {where} has type {type(obj).__name__}, which cannot be stored as JSON")
+    raise TypeError(
+        f"checkpoint state: {where} has type {type(obj).__name__}, which cannot be stored as JSON"
+    )
 
 
 def _from_json_tree(obj: Any) -> Any:
@@ -102,7 +104,9 @@ def contiguous(value: Any) -> np.ndarray:
 
 def as_array(value: Any, where: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, expected a numpy.ndarray (host memory)")
+        raise TypeError(
+            f"checkpoint: {where} is a {type(value).__name__}, expected a numpy.ndarray (host memory)"
+        )
     if value.dtype.kind not in "biufc":
         raise TypeError(f"checkpoint: {where} has unsupported dtype {value.dtype}")
     return contiguous(value)
@@ -194,7 +198,9 @@ def create_dataset(f: h5py.File, path: str, shape: tuple, dtype) -> h5py.Dataset
     if parent not in f:
         f.create_group(parent, track_order=True)
     if path.startswith("metrics/"):
-        return f.create_dataset(path, shape=shape, maxshape=(None,), chunks=(METRIC_CHUNK,), dtype=dtype)
+        return f.create_dataset(
+            path, shape=shape, maxshape=(None,), chunks=(METRIC_CHUNK,), dtype=dtype
+        )
     return f.create_dataset(path, shape=shape, dtype=dtype)
 
 
@@ -223,7 +229,9 @@ def open_file(path: Path) -> h5py.File:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated file" in reason:
             raise UserError(f"{path}: checkpoint file is truncated ({reason})") from None
-        raise UserError(f"{path}: not a readable HDF5 file (expected an hpc_llm checkpoint): {reason}") from None
+        raise UserError(
+            f"{path}: not a readable HDF5 file (expected an hpc_llm checkpoint): {reason}"
+        ) from None
 
 
 def datasets(f: h5py.File) -> list[h5py.Dataset]:
@@ -236,21 +244,29 @@ def check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
     """Format, version, completeness and structure; returns the format version and every dataset of the file."""
     fmt = attr_str(f.attrs.get("format"))
     if fmt != FORMAT:
-        raise UserError(f"{path}: not an hpc_llm checkpoint (root attribute format is {fmt!r}, expected {FORMAT!r})")
+        raise UserError(
+            f"{path}: not an hpc_llm checkpoint (root attribute format is {fmt!r}, expected {FORMAT!r})"
+        )
     version = f.attrs.get("format_version")
     try:
         version = int(version)
     except (TypeError, ValueError):
-        raise UserError(f"{path}: attribute format_version is {version!r}, expected an integer") from None
+        raise UserError(
+            f"{path}: attribute format_version is {version!r}, expected an integer"
+        ) from None
     if version > FORMAT_VERSION:
         raise UserError(
             f"{path}: checkpoint format_version {version} was written by a newer hpc_llm "
             f"(this is {__version__}, which reads format_version <= {FORMAT_VERSION})"
         )
     if version < 1:
-        raise UserError(f"{path}: checkpoint format_version {version} is invalid, expected 1..{FORMAT_VERSION}")
+        raise UserError(
+            f"{path}: checkpoint format_version {version} is invalid, expected 1..{FORMAT_VERSION}"
+        )
     if not bool(f.attrs.get("complete", False)):
-        raise UserError(f"{path}: checkpoint is incomplete (attribute complete is not set; the save was interrupted)")
+        raise UserError(
+            f"{path}: checkpoint is incomplete (attribute complete is not set; the save was interrupted)"
+        )
     for group in ("params", "optimizer", "state", "config", "metrics"):
         if not isinstance(f.get(group), h5py.Group):
             raise UserError(f"{path}: checkpoint has no /{group} group")
@@ -272,14 +288,18 @@ def check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
         if f"/params/{name}" not in shapes:
             raise UserError(f"{path}: /params/{name} is not a dataset")
     for table, group in f["metrics"].items():
-        if not isinstance(group, h5py.Group) or not all(f"/metrics/{table}/{c}" in shapes for c in group):
+        if not isinstance(group, h5py.Group) or not all(
+            f"/metrics/{table}/{c}" in shapes for c in group
+        ):
             raise UserError(f"{path}: /metrics/{table} is not a group of 1-D datasets")
     for slot, group in f["optimizer"].items():
         if not isinstance(group, h5py.Group):
             raise UserError(f"{path}: /optimizer/{slot} is not a group of per-parameter datasets")
         for name in group:
             if shapes.get(f"/optimizer/{slot}/{name}", 0) != shapes.get(f"/params/{name}", 1):
-                raise UserError(f"{path}: /optimizer/{slot}/{name} has no parameter /params/{name} of the same shape")
+                raise UserError(
+                    f"{path}: /optimizer/{slot}/{name} has no parameter /params/{name} of the same shape"
+                )
     return version, found
 
 
@@ -301,7 +321,9 @@ def check_crcs(dsets: list[h5py.Dataset], path: Path) -> None:
         pending: collections.deque = collections.deque()
         for dset in dsets:
             pending.append((dset, pool.submit(dataset_crc, dset)))
-            if len(pending) > 2:  # two being read, one queued: no thread waits, no more slabs in memory
+            if (
+                len(pending) > 2
+            ):  # two being read, one queued: no thread waits, no more slabs in memory
                 done, value = pending.popleft()
                 check_crc(done, value.result(), path)
         for done, value in pending:

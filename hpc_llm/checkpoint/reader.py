@@ -53,15 +53,26 @@ class CheckpointFile:
             self.format_version, self._datasets = fmt.check_header(f, self.path)
             self.state = fmt.load_state(fmt.attr_str(f["state"].attrs["state_json"]))
             self.config = json.loads(fmt.attr_str(f.attrs["config_json"]))
-            self.metrics = {table: {col: self._read_checked(d).astype(np.float64, copy=False) for col, d in g.items()}
-                            for table, g in f["metrics"].items()}
-            self.shapes = {"params": {name: d.shape for name, d in f["params"].items()},
-                           **{f"optimizer/{slot}": {name: d.shape for name, d in g.items()}
-                              for slot, g in f["optimizer"].items()}}
+            self.metrics = {
+                table: {
+                    col: self._read_checked(d).astype(np.float64, copy=False)
+                    for col, d in g.items()
+                }
+                for table, g in f["metrics"].items()
+            }
+            self.shapes = {
+                "params": {name: d.shape for name, d in f["params"].items()},
+                **{
+                    f"optimizer/{slot}": {name: d.shape for name, d in g.items()}
+                    for slot, g in f["optimizer"].items()
+                },
+            }
             self.software_version = fmt.attr_str(f.attrs.get("software_version")) or ""
             self.created = fmt.attr_str(f.attrs.get("created")) or ""
             self._mine: dict[str, h5py.Dataset] = {}  # this rank's share to verify, by dataset path
-            self._pending: dict[str, Future] = {}  # checksums of whole datasets read, being computed
+            self._pending: dict[
+                str, Future
+            ] = {}  # checksums of whole datasets read, being computed
             self._pool = ThreadPoolExecutor(1)
             self._inflight: collections.deque[Future] = collections.deque()
         except BaseException as exc:
@@ -70,7 +81,7 @@ class CheckpointFile:
                 raise fmt.unreadable(self.path, exc) from None
             raise
 
-    def __enter__(self) -> "CheckpointFile":
+    def __enter__(self) -> CheckpointFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -88,9 +99,15 @@ class CheckpointFile:
     def names(self, group: str) -> list[str]:
         """The datasets directly in ``/<group>`` (none when the file has no such group)."""
         g = self._f.get(group)
-        return [n for n, d in g.items() if isinstance(d, h5py.Dataset)] if isinstance(g, h5py.Group) else []
+        return (
+            [n for n, d in g.items() if isinstance(d, h5py.Dataset)]
+            if isinstance(g, h5py.Group)
+            else []
+        )
 
-    def read(self, group: str, name: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
+    def read(
+        self, group: str, name: str, index: tuple = (), out: np.ndarray | None = None
+    ) -> np.ndarray:
         """``/<group>/<name>[index]`` (group "params" or "optimizer/m", ...): only that hyperslab is read; into
         ``out`` (C-contiguous, the slab's shape, any float dtype: HDF5 converts) when given, else a new array.
         ``out`` must then stay unchanged until ``verify_share`` (its checksum may be computed from it)."""
@@ -103,10 +120,19 @@ class CheckpointFile:
         except _READ_ERRORS as exc:
             raise fmt.unreadable(self.path, exc) from None
         key = f"/{group}/{name}"
-        if key in self._mine and key not in self._pending and out.shape == dset.shape and out.dtype == dset.dtype:
-            self._pending[key] = self._pool.submit(fmt.crc, out)  # read whole: checksum those bytes, on the side
+        if (
+            key in self._mine
+            and key not in self._pending
+            and out.shape == dset.shape
+            and out.dtype == dset.dtype
+        ):
+            self._pending[key] = self._pool.submit(
+                fmt.crc, out
+            )  # read whole: checksum those bytes, on the side
             self._inflight.append(self._pending[key])
-            while len(self._inflight) > 4:  # the checksums fell behind: don't keep more arrays alive for them
+            while (
+                len(self._inflight) > 4
+            ):  # the checksums fell behind: don't keep more arrays alive for them
                 self._inflight.popleft().result()
         return out
 
@@ -138,7 +164,9 @@ class CheckpointFile:
         try:
             for key, value in self._pending.items():
                 fmt.check_crc(self._mine[key], value.result(), self.path)
-            fmt.check_crcs([d for key, d in self._mine.items() if key not in self._pending], self.path)
+            fmt.check_crcs(
+                [d for key, d in self._mine.items() if key not in self._pending], self.path
+            )
         except UserError:
             raise
         except _READ_ERRORS as exc:
@@ -151,12 +179,16 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         f.verify_share(0, 1)
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True, optimizer: bool = True) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, verify: bool = True, optimizer: bool = True
+) -> Checkpoint:
     """Read a whole checkpoint into memory. With ``verify`` every dataset's crc32 is checked as it is read;
     without it the header checks (format, version, complete) still apply. ``optimizer=False`` skips the Adam moments
     (two thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
     with CheckpointFile(path) as f:
-        if verify:  # stray datasets outside the groups read below must still carry a correct checksum
+        if (
+            verify
+        ):  # stray datasets outside the groups read below must still carry a correct checksum
             for dset in f._datasets:
                 if dset.name.split("/")[1] not in fmt.GROUPS:
                     fmt.check_crc(dset, fmt.dataset_crc(dset), f.path)
@@ -165,10 +197,20 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True, optimizer: boo
         if optimizer:
             for group, names in f.shapes.items():
                 if group.startswith("optimizer/"):
-                    moments[group.split("/", 1)[1]] = {name: f.read_whole(group, name, verify) for name in names}
-        return Checkpoint(params=params, optimizer=moments, state=f.state, config=f.config, metrics=f.metrics,
-                          path=f.path, format_version=f.format_version, software_version=f.software_version,
-                          created=f.created)
+                    moments[group.split("/", 1)[1]] = {
+                        name: f.read_whole(group, name, verify) for name in names
+                    }
+        return Checkpoint(
+            params=params,
+            optimizer=moments,
+            state=f.state,
+            config=f.config,
+            metrics=f.metrics,
+            path=f.path,
+            format_version=f.format_version,
+            software_version=f.software_version,
+            created=f.created,
+        )
 
 
 def header_ok(path: Path) -> bool:

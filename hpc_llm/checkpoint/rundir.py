@@ -143,7 +143,9 @@ def resume_candidates(out_dir: str | os.PathLike, first_only: bool = False) -> l
             if first_only:
                 break
         elif path.exists() and not first_only:
-            log.warning("skipping checkpoint %s: not a complete hpc_llm checkpoint this version reads", path)
+            log.warning(
+                "skipping checkpoint %s: not a complete hpc_llm checkpoint this version reads", path
+            )
     return good
 
 
@@ -171,7 +173,9 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, verified=()) -
         if protected is not None and path.resolve() == protected:
             continue
         if not header_ok(path):
-            log.warning("not pruning %s: not a complete hpc_llm checkpoint this version understands", path)
+            log.warning(
+                "not pruning %s: not a complete hpc_llm checkpoint this version understands", path
+            )
             continue
         path.unlink()
         removed.append(path)

@@ -55,10 +55,12 @@ def _runs(lo: int, hi: int, n: int, nblocks: int, tp: int, t: int) -> list[tuple
 
 def _scatter_columns(rows: int, width: int, local: int, runs):
     """Put a TP rank's rows (rows x local, its column shard) into the block's columns (rows x width)."""
+
     def scatter(block: np.ndarray, part: np.ndarray) -> None:
         b, p = block.reshape(rows, width), part.reshape(rows, local)
         for f, loc, n in runs:
-            b[:, f:f + n] = p[:, loc:loc + n]
+            b[:, f : f + n] = p[:, loc : loc + n]
+
     return scatter
 
 
@@ -72,19 +74,30 @@ class _Grid:
         g, m = tr.grid, tr.model
         self.tr, self.tp, self.dp, self.pp = tr, g.tp, g.dp, g.pp
         self.me = g.world.rank
-        self.specs = [param_specs(tr.cfg.model, g.tp, StagePlan(m.plan.layers, g.pp, s, m.plan.virtual))
-                      for s in range(g.pp)]
+        self.specs = [
+            param_specs(tr.cfg.model, g.tp, StagePlan(m.plan.layers, g.pp, s, m.plan.virtual))
+            for s in range(g.pp)
+        ]
         self.zero = tr.sync.zero
         if self.zero:
             # each stage's bucket layout, from its first rank: with it, anyone knows which replica owns what
-            buckets = g.world.allgather_objects(tr.sync.buckets if g.dp_rank == 0 and g.tp_rank == 0 else None)
+            buckets = g.world.allgather_objects(
+                tr.sync.buckets if g.dp_rank == 0 and g.tp_rank == 0 else None
+            )
             self.owners = [self._owner_table(buckets[self.rank(s, 0, 0)]) for s in range(g.pp)]
             mine = sorted((a, b) for a, b, d in self.owners[g.pp_rank][1] if d == g.dp_rank)
             if mine != sorted(tr.sync.owned):
-                raise RuntimeError(f"checkpoint: ZeRO-1 ranges {mine[:3]}... derived for rank {self.me} differ from "
-                                   f"its own {sorted(tr.sync.owned)[:3]}...: a bug, please report it")
+                raise RuntimeError(
+                    f"checkpoint: ZeRO-1 ranges {mine[:3]}... derived for rank {self.me} differ from "
+                    f"its own {sorted(tr.sync.owned)[:3]}...: a bug, please report it"
+                )
         own, base = [], 0
-        for a, b in tr.opt.owned:  # this rank's compact moments: the ranges it updates (trained; ZeRO-1: its shard)
+        for (
+            a,
+            b,
+        ) in (
+            tr.opt.owned
+        ):  # this rank's compact moments: the ranges it updates (trained; ZeRO-1: its shard)
             own.append((a, b, base))
             base += b - a
         self.own = sorted(own)
@@ -112,17 +125,21 @@ class _Grid:
             return to_host(tr.model.flat[a:b])
         buf = getattr(tr.opt, slot)
         i = bisect.bisect_right(self.own_starts, a) - 1
-        if i < 0 or self.own[i][1] <= a:  # a frozen tensor (train.freeze, LoRA's base): no moments, stored as zeros
+        if (
+            i < 0 or self.own[i][1] <= a
+        ):  # a frozen tensor (train.freeze, LoRA's base): no moments, stored as zeros
             assert i + 1 >= len(self.own) or b <= self.own[i + 1][0], (a, b, self.own[i + 1])
             return np.zeros(b - a, dtype=buf.dtype)
         start, stop, base = self.own[i]
         assert start <= a and b <= stop, (a, b, start, stop)
-        return to_host(buf[base + a - start:base + b - start])
+        return to_host(buf[base + a - start : base + b - start])
 
     def pieces(self, s: int, t: int, slot: str, a: int, n: int, replica: int) -> list[Piece]:
         """Elements a..a+n of stage s, TP rank t's ``slot`` buffer, as pieces on the ranks holding them."""
         if slot == "params" or not self.zero:
-            return [Piece(self.rank(s, replica, t), n, functools.partial(self.fetch, slot, a, a + n))]
+            return [
+                Piece(self.rank(s, replica, t), n, functools.partial(self.fetch, slot, a, a + n))
+            ]
         starts, rows = self.owners[s]
         out, x = [], a
         i = bisect.bisect_right(starts, x) - 1
@@ -153,15 +170,25 @@ class _Grid:
         def parts(blk: writers.Block) -> list[Part]:
             n = blk.hi - blk.lo
             r0, c0 = divmod(blk.lo, width)
-            rows = n // width if c0 == 0 and n % width == 0 else 0  # whole rows, or (0) a piece of row r0
-            if tp == 1 or axis is None:  # the shard is the tensor (TP rank 0's copy of a replicated one)
+            rows = (
+                n // width if c0 == 0 and n % width == 0 else 0
+            )  # whole rows, or (0) a piece of row r0
+            if (
+                tp == 1 or axis is None
+            ):  # the shard is the tensor (TP rank 0's copy of a replicated one)
                 return [Part(n, pieces(0, off + blk.lo, n))]
             if axis == 0:  # rows split: each run of rows from one rank, straight into place
                 out = []
                 for t in range(tp):
                     for f, loc, k in _runs(r0, r0 + max(rows, 1), shape[0], spec.tp_blocks, tp, t):
                         if rows:
-                            out.append(Part(k * width, pieces(t, off + loc * width, k * width), at=(f - r0) * width))
+                            out.append(
+                                Part(
+                                    k * width,
+                                    pieces(t, off + loc * width, k * width),
+                                    at=(f - r0) * width,
+                                )
+                            )
                         else:
                             out.append(Part(n, pieces(t, off + loc * width + c0, n)))
                 return out
@@ -173,10 +200,19 @@ class _Grid:
                 if not runs:
                     continue
                 if rows:  # rows r0.. of t's shard are contiguous there; their columns interleave in the block
-                    out.append(Part(rows * local, pieces(t, off + r0 * local, rows * local), at=None,
-                                    scatter=_scatter_columns(rows, width, local, runs)))
+                    out.append(
+                        Part(
+                            rows * local,
+                            pieces(t, off + r0 * local, rows * local),
+                            at=None,
+                            scatter=_scatter_columns(rows, width, local, runs),
+                        )
+                    )
                 else:
-                    out += [Part(k, pieces(t, off + r0 * local + loc, k), at=f - c0) for f, loc, k in runs]
+                    out += [
+                        Part(k, pieces(t, off + r0 * local + loc, k), at=f - c0)
+                        for f, loc, k in runs
+                    ]
             return out
 
         return parts
@@ -188,23 +224,45 @@ def _powersgd_meta(tr) -> list:
     from hpc_llm.parallel.compression import powersgd_state
 
     mine = powersgd_state(tr.sync)
-    meta = None if mine is None else {"layout": mine["layout"], "arrays": {
-        k: (tuple(v.shape), np.dtype(v.dtype).str) for k, v in mine["arrays"].items()}}
+    meta = (
+        None
+        if mine is None
+        else {
+            "layout": mine["layout"],
+            "arrays": {
+                k: (tuple(v.shape), np.dtype(v.dtype).str) for k, v in mine["arrays"].items()
+            },
+        }
+    )
     return tr.grid.world.allgather_objects(meta)
 
 
-def _powersgd_slice(tr, key: str, lo: int, hi: int) -> np.ndarray:  # on the rank that holds the state
+def _powersgd_slice(
+    tr, key: str, lo: int, hi: int
+) -> np.ndarray:  # on the rank that holds the state
     return to_host(tr.sync.powersgd.state()[key]).reshape(-1)[lo:hi]
 
 
 def _state(tr, psgd: list | None = None) -> dict:
-    return {"powersgd": [None if m is None else m["layout"] for m in psgd] if psgd and any(psgd) else None,
-            "step": tr.step, "tokens_seen": tr.step * tr.tokens_per_step, "adam_t": tr.opt.t,
-            "skipped_steps": tr.skipped_steps,
-            "loss_scaler": tr.scaler.state() if tr.scaler is not None else None,
-            "tokenizer": tr.data.tokenizer.meta(), "data_path": str(tr.data.path),
-            "layout": {"world": tr.grid.world.size, "pp": tr.grid.pp, "dp": tr.grid.dp, "tp": tr.grid.tp,
-                       "zero": tr.cfg.parallel.zero}}
+    return {
+        "powersgd": [None if m is None else m["layout"] for m in psgd]
+        if psgd and any(psgd)
+        else None,
+        "step": tr.step,
+        "tokens_seen": tr.step * tr.tokens_per_step,
+        "adam_t": tr.opt.t,
+        "skipped_steps": tr.skipped_steps,
+        "loss_scaler": tr.scaler.state() if tr.scaler is not None else None,
+        "tokenizer": tr.data.tokenizer.meta(),
+        "data_path": str(tr.data.path),
+        "layout": {
+            "world": tr.grid.world.size,
+            "pp": tr.grid.pp,
+            "dp": tr.grid.dp,
+            "tp": tr.grid.tp,
+            "zero": tr.cfg.parallel.zero,
+        },
+    }
 
 
 def checkpoint_outs(tr, mpio: bool, psgd: list | None = None) -> list[Out]:
@@ -223,26 +281,54 @@ def checkpoint_outs(tr, mpio: bool, psgd: list | None = None) -> list[Out]:
     lengths = {table: {col: len(v) for col, v in cols.items()} for table, cols in metrics.items()}
     if world.size > 1:
         lengths = world.bcast_object(lengths)  # rank 0 holds (and sends) the metrics: its shapes
-    columns = [(f"metrics/{table}/{col}", table, col, n) for table, cols in lengths.items() for col, n in cols.items()]
+    columns = [
+        (f"metrics/{table}/{col}", table, col, n)
+        for table, cols in lengths.items()
+        for col, n in cols.items()
+    ]
     dtype = tr.model.dtype
-    sizes = [math.prod(spec.shape) * dtype.itemsize for _p, _s, spec, _slot in tensors] + [8 * n for *_x, n in columns]
+    sizes = [math.prod(spec.shape) * dtype.itemsize for _p, _s, spec, _slot in tensors] + [
+        8 * n for *_x, n in columns
+    ]
     owner = fmt.deal(sizes, world.size) if mpio else [0] * len(sizes)
     outs = []
     for i, (path, s, spec, slot) in enumerate(tensors):
-        outs.append(Out(path, spec.shape, getattr(tr.opt, slot).dtype if slot != "params" else dtype, owner[i],
-                        grid.tensor_parts(s, spec, slot, owner[i], i)))
+        outs.append(
+            Out(
+                path,
+                spec.shape,
+                getattr(tr.opt, slot).dtype if slot != "params" else dtype,
+                owner[i],
+                grid.tensor_parts(s, spec, slot, owner[i], i),
+            )
+        )
 
     def column(table, col, lo, hi):  # on rank 0
         return np.asarray(tr.metrics.as_dict()[table][col][lo:hi], dtype=np.float64)
 
     for j, (path, table, col, n) in enumerate(columns, start=len(tensors)):
-        outs.append(Out(path, (n,), np.float64, owner[j], writers.whole(0, functools.partial(column, table, col))))
+        outs.append(
+            Out(
+                path,
+                (n,),
+                np.float64,
+                owner[j],
+                writers.whole(0, functools.partial(column, table, col)),
+            )
+        )
     # PowerSGD's per-rank state (error feedback, Q): /powersgd/rank<R>/<name with / as :>, from rank R (mpio: R
     # writes it), so a resume at the same layout continues exactly
     for r, meta in enumerate(psgd or []):
         for key, (shape, dt) in (meta or {"arrays": {}})["arrays"].items():
-            outs.append(Out(f"powersgd/rank{r}/{key.replace('/', ':')}", shape, dt, r if mpio else 0,
-                            writers.whole(r, functools.partial(_powersgd_slice, tr, key))))
+            outs.append(
+                Out(
+                    f"powersgd/rank{r}/{key.replace('/', ':')}",
+                    shape,
+                    dt,
+                    r if mpio else 0,
+                    writers.whole(r, functools.partial(_powersgd_slice, tr, key)),
+                )
+            )
     return outs
 
 
@@ -256,8 +342,14 @@ def save_trainer(tr) -> Path:
     mpio = tr.writer == "mpio"
     psgd = _powersgd_meta(tr)
     outs = checkpoint_outs(tr, mpio, psgd)
-    writers.write_checkpoint(path, outs, lambda: writers.make_header(_state(tr, psgd), tr.cfg.to_dict()), world,
-                             mpio=mpio, step=tr.step)
+    writers.write_checkpoint(
+        path,
+        outs,
+        lambda: writers.make_header(_state(tr, psgd), tr.cfg.to_dict()),
+        world,
+        mpio=mpio,
+        step=tr.step,
+    )
 
     def publish():
         if world.rank == 0:
@@ -265,8 +357,12 @@ def save_trainer(tr) -> Path:
             rundir.write_latest(tr.out_dir, path)
             rundir.prune_checkpoints(tr.out_dir, tr.cfg.checkpoint.keep_last, verified=tr.written)
 
-    agreed(world, publish, "updating latest",
-           f"checkpoint {path} written, but updating {tr.out_dir}/latest or pruning failed")
+    agreed(
+        world,
+        publish,
+        "updating latest",
+        f"checkpoint {path} written, but updating {tr.out_dir}/latest or pruning failed",
+    )
     log.info("checkpoint %s (%s writer, %.2f s)", path, tr.writer, time.perf_counter() - t0)
     return path
 
@@ -297,17 +393,30 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
             # gradient buffer (laid out alike, and scratch between steps: each step's first backward overwrites
             # it), of which the ranges with moments are kept: m first, then v
             flat = getattr(tr.opt, slot) if dense else m.grad_flat
-            m.read_flat(flat, reader(group), saved.shapes.get(group, {}), f"{saved.path} optimizer {slot}",
-                        ranges=tr.opt.owned)
+            m.read_flat(
+                flat,
+                reader(group),
+                saved.shapes.get(group, {}),
+                f"{saved.path} optimizer {slot}",
+                ranges=tr.opt.owned,
+            )
             if not dense:
                 tr.opt.load_moments_flat(slot, flat)
                 saved.settle()  # checksums still reading the buffer finish before v overwrites it
         entry = None  # this rank's PowerSGD state, if the file has it (compression.load_powersgd_state decides)
         layouts = saved.state.get("powersgd") or []
         group = f"powersgd/rank{world.rank}"
-        if getattr(tr.sync, "powersgd", None) is not None and world.rank < len(layouts) and layouts[world.rank]:
-            entry = {"layout": layouts[world.rank],
-                     "arrays": {name.replace(":", "/"): saved.read(group, name) for name in saved.names(group)}}
+        if (
+            getattr(tr.sync, "powersgd", None) is not None
+            and world.rank < len(layouts)
+            and layouts[world.rank]
+        ):
+            entry = {
+                "layout": layouts[world.rank],
+                "arrays": {
+                    name.replace(":", "/"): saved.read(group, name) for name in saved.names(group)
+                },
+            }
         saved.verify_share()
     if not dense:  # frozen weights' gradients are never written (skipped): leave no moments in them
         m.grad_flat[...] = 0
@@ -316,14 +425,20 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
     tr.step = st["step"]
     tr.opt.t = st["adam_t"]
     tr.skipped_steps = st.get("skipped_steps", 0)
-    if tr.scaler is not None and st.get("loss_scaler"):  # saved by an fp16 run; any other starts afresh
+    if tr.scaler is not None and st.get(
+        "loss_scaler"
+    ):  # saved by an fp16 run; any other starts afresh
         tr.scaler.load(st["loss_scaler"])
     for table in ("train", "eval"):
         got = saved.metrics.get(table, {})
         for k, column in getattr(tr.metrics, table).items():
             # a column a file from an older version lacks: its neutral value for the steps it holds
-            column[:] = (list(np.asarray(got[k]).tolist()) if k in got else
-                         [{"loss_scale": 1.0, "skipped_steps": 0}.get(k, float("nan"))] * len(got.get("step", [])))
+            column[:] = (
+                list(np.asarray(got[k]).tolist())
+                if k in got
+                else [{"loss_scale": 1.0, "skipped_steps": 0}.get(k, float("nan"))]
+                * len(got.get("step", []))
+            )
     from hpc_llm.parallel.compression import load_powersgd_state
 
     try:
@@ -336,8 +451,10 @@ def restore_trainer(tr, saved: CheckpointFile) -> None:
 def choose_candidates(world, out_dir: Path) -> list[Path]:
     """World rank 0's list of the checkpoints of ``out_dir`` to try (rundir.resume_candidates: header checks only),
     broadcast: every rank tries the same files in the same order."""
-    found = world.agree(lambda: rundir.resume_candidates(out_dir) if world.rank == 0 else None,
-                        "listing checkpoints to resume")
+    found = world.agree(
+        lambda: rundir.resume_candidates(out_dir) if world.rank == 0 else None,
+        "listing checkpoints to resume",
+    )
     return world.bcast_object(found)
 
 
@@ -397,5 +514,7 @@ def resume_trainer(tr, saved: CheckpointFile | None, candidates: list[Path] | No
     if saved is not None:
         saved.close()
     _start_fresh(tr)
-    log.info("resume auto: none of the %d checkpoints found verifies, starting fresh", len(candidates))
+    log.info(
+        "resume auto: none of the %d checkpoints found verifies, starting fresh", len(candidates)
+    )
     return None

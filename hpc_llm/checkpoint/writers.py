@@ -40,11 +40,12 @@ import logging
 import math
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -58,7 +59,9 @@ from hpc_llm.fsio import fsync_dir
 
 log = logging.getLogger("hpc_llm.checkpoint")
 
-MESSAGE_ELEMS = 1 << 22  # elements per block, so per message and per write at most (16 MiB of float32); < 2**31
+MESSAGE_ELEMS = (
+    1 << 22
+)  # elements per block, so per message and per write at most (16 MiB of float32); < 2**31
 SEND_WINDOW = 4  # sends a rank keeps in flight before it waits for the oldest
 _TAGS = 32768  # MPI guarantees tags below 32768; pieces between two ranks also match in order
 
@@ -132,21 +135,27 @@ def blocks(shape: tuple):
         yield Block((), (), 0, 1)
         return
     limit = MESSAGE_ELEMS
-    trailing = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    trailing = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     k = next(i for i, t in enumerate(trailing) if t <= limit)  # split along axis k, whole below it
     step = max(1, limit // trailing[k])
     for prefix in itertools.product(*(range(s) for s in shape[:k])):
         base = sum(i * trailing[a] for a, i in enumerate(prefix))
         for j0 in range(0, shape[k], step):
             j1 = min(j0 + step, shape[k])
-            yield Block(prefix + (slice(j0, j1),), (j1 - j0,) + tuple(shape[k + 1:]),
-                        base + j0 * trailing[k], base + j1 * trailing[k])
+            yield Block(
+                prefix + (slice(j0, j1),),
+                (j1 - j0,) + tuple(shape[k + 1 :]),
+                base + j0 * trailing[k],
+                base + j1 * trailing[k],
+            )
 
 
 def whole(rank: int, flat: Callable[[int, int], np.ndarray]) -> Callable[[Block], list[Part]]:
     """The parts of a dataset held whole by one rank: ``flat(lo, hi)`` returns its elements lo..hi (C order)."""
+
     def parts(blk: Block) -> list[Part]:
         return [Part(blk.hi - blk.lo, [Piece(rank, blk.hi - blk.lo, lambda: flat(blk.lo, blk.hi))])]
+
     return parts
 
 
@@ -201,6 +210,7 @@ def _remove_quietly(path: Path) -> None:
 def agreed(comm, fn, what: str, failed: str):
     """fn() on every rank of ``comm``, its outcome agreed (Comm.agree): any exception on any rank becomes SaveFailed
     on all, "<failed>: rank R failed in <phase>: <error>". fn must not communicate."""
+
     def guarded():
         try:
             return fn()
@@ -249,7 +259,9 @@ class _Save:
             self.agree("preparing a checkpoint save", self._prepare)
             pid = os.getpid()
             if self.mpio:  # attributes and the file name must be the same on every rank: rank 0's
-                self.header, pid = self.comm.bcast_object((self.header, pid) if self.rank == 0 else None)
+                self.header, pid = self.comm.bcast_object(
+                    (self.header, pid) if self.rank == 0 else None
+                )
             self.tmp = temporary_path(self.path, pid)
             self._create()
             error = self._transfer()
@@ -261,20 +273,28 @@ class _Save:
             self._abandon(collective=True)  # every rank is here, at the same step
             raise
         except BaseException:
-            self._abandon(collective=not self.mpio)  # this rank alone: no collective that would wait for others
+            self._abandon(
+                collective=not self.mpio
+            )  # this rank alone: no collective that would wait for others
             raise
 
     # -- the steps ------------------------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        if self.rank == 0 and callable(self.header):  # serialised here: a state that cannot be fails agreed
+        if self.rank == 0 and callable(
+            self.header
+        ):  # serialised here: a state that cannot be fails agreed
             self.header = self.header()
         if self.rank == 0 or self.mpio:
             parent = self.path.parent
             if not parent.is_dir():
-                raise UserError(f"{self.path}: cannot write checkpoint, directory {parent} does not exist")
+                raise UserError(
+                    f"{self.path}: cannot write checkpoint, directory {parent} does not exist"
+                )
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise PermissionError(f"cannot create files in {parent} (read-only or no permission)")
+                raise PermissionError(
+                    f"cannot create files in {parent} (read-only or no permission)"
+                )
 
     def _structure(self) -> None:
         fmt.write_header(self.f, self.header)
@@ -283,16 +303,20 @@ class _Save:
 
     def _create(self) -> None:
         if not self.mpio:
+
             def create():
                 if self.rank == 0:
                     self.f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
                     self._structure()
+
             self.agree("creating the checkpoint file", create)
             return
         error = None
         try:
             with _hdf5_collective("file create (mpio)"):
-                self.f = h5py.File(self.tmp, "w", driver="mpio", comm=self.comm.mpi, libver=fmt.LIBVER)
+                self.f = h5py.File(
+                    self.tmp, "w", driver="mpio", comm=self.comm.mpi, libver=fmt.LIBVER
+                )
             with _hdf5_collective("dataset creation (mpio)"):
                 self._structure()
         except Exception as e:  # noqa: BLE001 - agreed just below
@@ -313,7 +337,9 @@ class _Save:
         sends: deque = deque()
         staging = _Staging()
         seq = 0
-        with ThreadPoolExecutor(1) as pool:  # each block's checksum while h5py writes it (both release the GIL)
+        with ThreadPoolExecutor(
+            1
+        ) as pool:  # each block's checksum while h5py writes it (both release the GIL)
             for out in self.outs:
                 mine = out.writer == me
                 value = 0
@@ -352,7 +378,9 @@ class _Save:
         try:
             data = np.ascontiguousarray(piece.fetch()).reshape(-1)
             if data.dtype != dtype or data.size != piece.n:
-                raise RuntimeError(f"checkpoint: a piece of {piece.n} {dtype} came as {data.size} {data.dtype}")
+                raise RuntimeError(
+                    f"checkpoint: a piece of {piece.n} {dtype} came as {data.size} {data.dtype}"
+                )
             return data, error
         except Exception as e:  # noqa: BLE001 - sent anyway (zeros), so the writer is not left waiting
             return np.zeros(piece.n, dtype=dtype), error or e
@@ -361,8 +389,15 @@ class _Save:
         """The block's elements on its writer: the local pieces copied, the others received, each straight into
         place where it lands contiguously."""
         me, n = self.rank, blk.hi - blk.lo
-        if len(parts) == 1 and len(parts[0].pieces) == 1 and parts[0].at == 0 and parts[0].pieces[0].rank == me:
-            data, error = self._fetch(parts[0].pieces[0], out.dtype, error)  # held whole here: written from place
+        if (
+            len(parts) == 1
+            and len(parts[0].pieces) == 1
+            and parts[0].at == 0
+            and parts[0].pieces[0].rank == me
+        ):
+            data, error = self._fetch(
+                parts[0].pieces[0], out.dtype, error
+            )  # held whole here: written from place
             return data.reshape(blk.shape), error
         block = staging.get(0, out.dtype, n)
         apart = sum(p.n for p in parts if p.at is None)
@@ -371,13 +406,13 @@ class _Save:
         try:
             for part, ptags in zip(parts, tags):
                 if part.at is None:
-                    target, used = spare[used:used + part.n], used + part.n
+                    target, used = spare[used : used + part.n], used + part.n
                 else:
-                    target = block[part.at:part.at + part.n]
+                    target = block[part.at : part.at + part.n]
                 targets.append(target)
                 offset = 0
                 for piece, tag in zip(part.pieces, ptags):
-                    seg, offset = target[offset:offset + piece.n], offset + piece.n
+                    seg, offset = target[offset : offset + piece.n], offset + piece.n
                     if piece.rank == me:
                         seg[...], error = self._fetch(piece, out.dtype, error)
                     else:
@@ -396,15 +431,19 @@ class _Save:
 
     def _close(self) -> None:
         if not self.mpio:
+
             def finish():
                 if self.f is not None:
                     fmt.write_trailer(self.f, self.dsets, self.crcs)
                     self.f.close()
                     self.f = None
+
             self.agree("closing the checkpoint file", finish)
             return
         crcs: dict[str, int] = {}
-        for part in self.comm.allgather_objects(self.crcs):  # HDF5 attributes are collective: equal everywhere
+        for part in self.comm.allgather_objects(
+            self.crcs
+        ):  # HDF5 attributes are collective: equal everywhere
             crcs.update(part)
         error = None
         try:
@@ -444,8 +483,11 @@ class _Save:
         if self.f is not None:
             if not self.mpio or collective:
                 try:
-                    with _hdf5_collective("file close after a failed save (mpio)") if self.mpio else \
-                            contextlib.nullcontext():
+                    with (
+                        _hdf5_collective("file close after a failed save (mpio)")
+                        if self.mpio
+                        else contextlib.nullcontext()
+                    ):
                         self.f.close()
                 except Exception as e:  # noqa: BLE001 - the save has failed already
                     log.warning("closing %s after a failed save: %s", self.tmp, e)
@@ -467,7 +509,7 @@ def write_checkpoint(path, outs: list[Out], header, comm, mpio: bool = False, st
 
 
 def make_header(state: dict, config: dict) -> fmt.Header:
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     return fmt.Header(state, fmt.dump_state(state), json.dumps(config), created)
 
 
@@ -481,7 +523,9 @@ def _prepare(params, optimizer, metrics) -> dict[str, np.ndarray]:
         fmt.check_name(slot, "optimizer slot")
         for name, value in named.items():
             if f"params/{name}" not in tensors:
-                raise ValueError(f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter")
+                raise ValueError(
+                    f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter"
+                )
             arr = fmt.as_array(value, f"optimizer[{slot!r}][{name!r}]")
             if arr.shape != tensors[f"params/{name}"].shape:
                 raise ValueError(
@@ -495,7 +539,9 @@ def _prepare(params, optimizer, metrics) -> dict[str, np.ndarray]:
             fmt.check_name(column, "metrics column")
             arr = fmt.contiguous(np.asarray(values, dtype=np.float64))
             if arr.ndim != 1:
-                raise ValueError(f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}")
+                raise ValueError(
+                    f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}"
+                )
             tensors[f"metrics/{table}/{column}"] = arr
     return tensors
 
@@ -521,6 +567,8 @@ def save_checkpoint(
 
     tensors = _prepare(params, optimizer, metrics)
     header = make_header(state, config)
-    outs = [Out(p, a.shape, a.dtype, 0, whole(0, lambda lo, hi, a=a.reshape(-1): a[lo:hi]))
-            for p, a in tensors.items()]
+    outs = [
+        Out(p, a.shape, a.dtype, 0, whole(0, lambda lo, hi, a=a: a.reshape(-1)[lo:hi]))
+        for p, a in tensors.items()
+    ]
     _Save(path, outs, header, Comm(None), mpio=False, step=state.get("step"), agree=False).run()

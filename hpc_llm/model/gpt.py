@@ -131,7 +131,9 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
 
 # each LoRA target (config.LORA_TARGETS, its canonical order; config cannot import this module: a cycle): (input
 # features, output features, the weight's tp_axis, its tp_blocks), in units of n_embd
-LORA_LAYERS = dict(zip(LORA_TARGETS, ((1, 3, 1, 3), (1, 1, 0, 1), (1, 4, 1, 1), (4, 1, 0, 1)), strict=True))
+LORA_LAYERS = dict(
+    zip(LORA_TARGETS, ((1, 3, 1, 3), (1, 1, 0, 1), (1, 4, 1, 1), (4, 1, 0, 1)), strict=True)
+)
 
 
 def _lora_rows(cfg: ModelConfig, prefix: str) -> list[tuple]:
@@ -143,9 +145,20 @@ def _lora_rows(cfg: ModelConfig, prefix: str) -> list[tuple]:
     for target, (n_in, n_out, axis, blocks) in LORA_LAYERS.items():
         if target not in cfg.lora_targets:
             continue
-        a_axis, b_axis = (None, 1) if axis == 1 else (0, None)  # column-parallel: B split; row-parallel: A split
-        rows += [(f"{prefix}{target}.lora_A", (n_in * C, r), 1.0 / math.sqrt(3 * n_in * C), True, a_axis, 1),
-                 (f"{prefix}{target}.lora_B", (r, n_out * C), 0, True, b_axis, blocks if b_axis else 1)]
+        a_axis, b_axis = (
+            (None, 1) if axis == 1 else (0, None)
+        )  # column-parallel: B split; row-parallel: A split
+        rows += [
+            (
+                f"{prefix}{target}.lora_A",
+                (n_in * C, r),
+                1.0 / math.sqrt(3 * n_in * C),
+                True,
+                a_axis,
+                1,
+            ),
+            (f"{prefix}{target}.lora_B", (r, n_out * C), 0, True, b_axis, blocks if b_axis else 1),
+        ]
     return rows
 
 
@@ -176,7 +189,9 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
 
 def intersect_ranges(ranges, others) -> list[tuple[int, int]]:
     """The [start, stop) ranges both sorted lists cover."""
-    return merge_ranges((max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d))
+    return merge_ranges(
+        (max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d)
+    )
 
 
 def init_tensor(spec: ParamSpec, seed: int, vocab_size: int) -> np.ndarray:
@@ -196,7 +211,7 @@ class KVCache:
     """Keys and values of the positions decoded so far, per layer: (B, H, block_size, hd) each, and each row's
     length (rows of a batch of prompts of different lengths fill their caches at their own pace)."""
 
-    def __init__(self, model: "GPT", batch: int, reuse: bool = False):
+    def __init__(self, model: GPT, batch: int, reuse: bool = False):
         """reuse: take the memory from the model's pool (`release()` gives it back), not fresh memory: first
         touching hundreds of MB of new pages costs more than a GPT-2 small prefill's attention (docs/performance.md,
         issue 14). The pool keeps one flat buffer per dtype, the largest released, and a cache of any batch is a
@@ -229,7 +244,7 @@ class KVCache:
         """The longest row's length (every row's, when they are all the same)."""
         return int(self.lengths.max()) if self.lengths.size else 0
 
-    def take(self, rows, other: "KVCache") -> None:
+    def take(self, rows, other: KVCache) -> None:
         """Rows `rows` of this cache become other's rows 0, 1, ... (a rebuilt context), up to other's length."""
         n = other.length
         for i, r in enumerate(rows):
@@ -247,35 +262,64 @@ class GPT:
     runs chunks one by one (parallel/pipeline.py).
     """
 
-    def __init__(self, cfg: ModelConfig, xp=np, seed: int | None = 0, tp_comm: Comm | None = None,
-                 plan: StagePlan | None = None, recompute: bool = False, precision: str = "fp32", freeze=()):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        xp=np,
+        seed: int | None = 0,
+        tp_comm: Comm | None = None,
+        plan: StagePlan | None = None,
+        recompute: bool = False,
+        precision: str = "fp32",
+        freeze=(),
+    ):
         if cfg.vocab_size <= 0:
-            raise UserError("model.vocab_size: expected a positive integer (set it, or prepare data first)")
+            raise UserError(
+                "model.vocab_size: expected a positive integer (set it, or prepare data first)"
+            )
         self.cfg = cfg
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
         self.plan = plan if plan is not None else whole_model(cfg)
-        self.recompute = recompute  # train.recompute = "block": each block's forward again in backward
+        self.recompute = (
+            recompute  # train.recompute = "block": each block's forward again in backward
+        )
         self.prec = Precision(precision)
         self.dtype = np.dtype(cfg.dtype)
-        self.logical = {s.name: s.shape for s in param_specs(cfg)}  # the whole model's tensors, whatever we hold
+        self.logical = {
+            s.name: s.shape for s in param_specs(cfg)
+        }  # the whole model's tensors, whatever we hold
         self.specs = param_specs(cfg, self.tp.size, self.plan)
         self.spec = {s.name: s for s in self.specs}
         # not trained (LoRA's base, train.freeze): no optimizer state, no update, out of the gradient norm; their
         # linear layers skip the weight gradient (modules.Block), a frozen wte its head's and embedding's (_chunk)
         self.frozen = frozen_names(cfg, freeze)
-        self.num_trainable = sum(math.prod(shape) for n, shape in self.logical.items() if n not in self.frozen)
-        self.num_params = sum(math.prod(shape) for shape in self.logical.values())  # the whole model's
+        self.num_trainable = sum(
+            math.prod(shape) for n, shape in self.logical.items() if n not in self.frozen
+        )
+        self.num_params = sum(
+            math.prod(shape) for shape in self.logical.values()
+        )  # the whole model's
         self.local_size = sum(s.size for s in self.specs)  # this rank's flat buffer
         self.heads = cfg.n_head // self.tp.size  # this rank's attention heads
-        self.v0 = self.tp.rank * (cfg.padded_vocab // self.tp.size)  # first vocabulary row held here
-        self.flat = xp.zeros(self.local_size, dtype=self.dtype)  # the master weights (the optimizer's, saved)
+        self.v0 = self.tp.rank * (
+            cfg.padded_vocab // self.tp.size
+        )  # first vocabulary row held here
+        self.flat = xp.zeros(
+            self.local_size, dtype=self.dtype
+        )  # the master weights (the optimizer's, saved)
         self.grad_flat = xp.zeros(self.local_size, dtype=self.dtype)
         # what forward and backward compute with: the master weights themselves, or (bf16/fp16) a copy of them
         # rounded to the format, refreshed by refresh_compute() whenever the master weights change
         self.compute = self.flat if self.prec.low is None else xp.zeros_like(self.flat)
-        self.params = {s.name: self.compute[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
-        self.grads = {s.name: self.grad_flat[s.offset:s.offset + s.size].reshape(s.local_shape) for s in self.specs}
+        self.params = {
+            s.name: self.compute[s.offset : s.offset + s.size].reshape(s.local_shape)
+            for s in self.specs
+        }
+        self.grads = {
+            s.name: self.grad_flat[s.offset : s.offset + s.size].reshape(s.local_shape)
+            for s in self.specs
+        }
         self.chunks = [self._chunk(v) for v in self.plan.chunks]
         self.has_embedding = self.chunks[0].embedding is not None
         self.has_head = self.chunks[-1].head is not None
@@ -295,20 +339,42 @@ class GPT:
         # as trained (out of the optimizer's ranges and the norm). wpe's (a cheap sum) is computed, and ignored.
         wte = Param(self.params["wte.weight"], None) if "wte.weight" in self.frozen else None
         if first:
-            embedding = Embedding(wte or self._param("wte.weight"), self._param("wpe.weight"), self.v0, tp,
-                                  cfg.dropout, head_writes_wte=last)
+            embedding = Embedding(
+                wte or self._param("wte.weight"),
+                self._param("wpe.weight"),
+                self.v0,
+                tp,
+                cfg.dropout,
+                head_writes_wte=last,
+            )
         blocks = []
         offsets = {}
         for i in self.plan.layers[vstage]:
             p = f"h.{i}."
-            blocks.append(Block({k[len(p):]: self._param(k) for k in self.params if k.startswith(p)}, i, cfg.n_head,
-                                tp, cfg.dropout, self.prec, lora_scale=cfg.lora_scale,
-                                frozen={k[len(p):] for k in self.frozen if k.startswith(p)}))
+            blocks.append(
+                Block(
+                    {k[len(p) :]: self._param(k) for k in self.params if k.startswith(p)},
+                    i,
+                    cfg.n_head,
+                    tp,
+                    cfg.dropout,
+                    self.prec,
+                    lora_scale=cfg.lora_scale,
+                    frozen={k[len(p) :] for k in self.frozen if k.startswith(p)},
+                )
+            )
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
         if last:
             ln_f_bias = self._param("ln_f.bias") if cfg.bias else L.NO_PARAM
-            head = Head(self._param("ln_f.weight"), ln_f_bias, wte or self._param("wte.weight"), self.v0,
-                        cfg.vocab_size, tp, self.prec)
+            head = Head(
+                self._param("ln_f.weight"),
+                ln_f_bias,
+                wte or self._param("wte.weight"),
+                self.v0,
+                cfg.vocab_size,
+                tp,
+                self.prec,
+            )
             offsets["head"] = self.spec["ln_f.weight"].offset
         return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)
 
@@ -316,7 +382,7 @@ class GPT:
 
     def local_view(self, flat, spec: ParamSpec):
         """spec's shard inside a flat buffer laid out like self.flat (parameters, gradients, Adam moments)."""
-        return flat[spec.offset:spec.offset + spec.size].reshape(spec.local_shape)
+        return flat[spec.offset : spec.offset + spec.size].reshape(spec.local_shape)
 
     def shard(self, full: np.ndarray, spec: ParamSpec) -> np.ndarray:
         return TP.shard(full, spec, self.tp.size, self.tp.rank)
@@ -332,7 +398,7 @@ class GPT:
         """The compute copy from the master weights (bf16/fp16: rounded to the format); nothing to do in fp32."""
         if self.compute is not self.flat:
             for a in range(0, self.local_size, 1 << 20):  # in pieces: no full-size temporaries
-                self.compute[a:a + (1 << 20)] = self.prec.operand(self.flat[a:a + (1 << 20)])
+                self.compute[a : a + (1 << 20)] = self.prec.operand(self.flat[a : a + (1 << 20)])
 
     def check_shapes(self, shapes: dict, what: str = "parameters") -> None:
         """shapes: {name: full shape} of a source of tensors; it must hold exactly the whole model's, in its shapes
@@ -340,10 +406,14 @@ class GPT:
         missing = [n for n in self.logical if n not in shapes]
         extra = [n for n in shapes if n not in self.logical]
         if missing or extra:
-            raise UserError(f"{what} do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise UserError(
+                f"{what} do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for name, shape in shapes.items():
             if tuple(shape) != self.logical[name]:
-                raise UserError(f"{what}: {name} has shape {tuple(shape)}, the config gives {self.logical[name]}")
+                raise UserError(
+                    f"{what}: {name} has shape {tuple(shape)}, the config gives {self.logical[name]}"
+                )
 
     def load_flat(self, flat, tensors: dict, what: str = "parameters") -> None:
         """Copy named full tensors into a flat buffer laid out like self.flat, each rank taking its shard."""
@@ -373,22 +443,39 @@ class GPT:
                 if lo >= hi:
                     continue
                 r0, r1 = lo // row, -(-hi // row)
-                if (self.xp is np and lo == r0 * row and hi == r1 * row and len(slabs) == 1
-                        and (s.tp_axis != 0 or self.tp.size == 1)):  # whole rows of one slab: read in place
-                    read(s.name, (slice(r0, r1),) + slabs[0][1:], dest[lo:hi].reshape((r1 - r0,) + s.local_shape[1:]))
+                if (
+                    self.xp is np
+                    and lo == r0 * row
+                    and hi == r1 * row
+                    and len(slabs) == 1
+                    and (s.tp_axis != 0 or self.tp.size == 1)
+                ):  # whole rows of one slab: read in place
+                    read(
+                        s.name,
+                        (slice(r0, r1),) + slabs[0][1:],
+                        dest[lo:hi].reshape((r1 - r0,) + s.local_shape[1:]),
+                    )
                     continue
                 rows = self._read_local_rows(read, s, slabs, r0, r1).reshape(-1)
-                dest[lo:hi] = to_device(np.asarray(rows[lo - r0 * row:hi - r0 * row], dtype=self.dtype), self.xp)
+                dest[lo:hi] = to_device(
+                    np.asarray(rows[lo - r0 * row : hi - r0 * row], dtype=self.dtype), self.xp
+                )
 
     def _read_local_rows(self, read, s: ParamSpec, slabs: list, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of this rank's shard of s (its `slabs`, TP.shard_slices), read as hyperslabs of the full
         tensor."""
-        if s.tp_axis != 0 or self.tp.size == 1:  # axis 0 whole: the rows, times this rank's slab(s) of the split axis
+        if (
+            s.tp_axis != 0 or self.tp.size == 1
+        ):  # axis 0 whole: the rows, times this rank's slab(s) of the split axis
             pieces = [read(s.name, (slice(r0, r1),) + slab[1:]) for slab in slabs]
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=s.tp_axis)
         rows = np.concatenate([np.arange(slab[0].start, slab[0].stop) for slab in slabs])[r0:r1]
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)  # contiguous runs of full-tensor rows
-        return np.concatenate([read(s.name, (slice(int(run[0]), int(run[-1]) + 1),)) for run in runs])
+        runs = np.split(
+            rows, np.flatnonzero(np.diff(rows) != 1) + 1
+        )  # contiguous runs of full-tensor rows
+        return np.concatenate(
+            [read(s.name, (slice(int(run[0]), int(run[-1]) + 1),)) for run in runs]
+        )
 
     def load_state(self, tensors: dict) -> None:
         self.load_flat(self.flat, tensors)
@@ -407,12 +494,13 @@ class GPT:
         out = {}
         for s in self.specs:
             if P == 1 or s.tp_axis is None:
-                out[s.name] = host[s.offset:s.offset + s.size].reshape(s.shape).copy()
+                out[s.name] = host[s.offset : s.offset + s.size].reshape(s.shape).copy()
                 continue
             full = np.empty(s.shape, dtype=host.dtype)
             for r in range(P):
-                full[TP.shard_index(s.shape, s.tp_axis, s.tp_blocks, P, r)] = \
-                    every[r, s.offset:s.offset + s.size].reshape(s.local_shape)
+                full[TP.shard_index(s.shape, s.tp_axis, s.tp_blocks, P, r)] = every[
+                    r, s.offset : s.offset + s.size
+                ].reshape(s.local_shape)
             out[s.name] = full
         return out
 
@@ -423,7 +511,9 @@ class GPT:
     def trainable_ranges(self) -> list[tuple[int, int]]:
         """Contiguous [start, stop) ranges of the flat buffer holding the trained parameters (all of it, unless
         train.freeze or LoRA freeze some)."""
-        return merge_ranges((s.offset, s.offset + s.size) for s in self.specs if s.name not in self.frozen)
+        return merge_ranges(
+            (s.offset, s.offset + s.size) for s in self.specs if s.name not in self.frozen
+        )
 
     def replicated_ranges(self) -> list[tuple[int, int]]:
         """Ranges of the flat buffer holding tensors every TP rank has in full (counted once in a global norm)."""
@@ -446,7 +536,9 @@ class GPT:
     def check_tokens(self, idx, pos0: int = 0) -> None:
         T = idx.shape[1]
         if pos0 + T > self.cfg.block_size:
-            raise UserError(f"sequence length {pos0 + T} exceeds model.block_size={self.cfg.block_size}")
+            raise UserError(
+                f"sequence length {pos0 + T} exceeds model.block_size={self.cfg.block_size}"
+            )
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = hi if hi >= self.cfg.vocab_size else lo
@@ -456,8 +548,10 @@ class GPT:
 
     def _whole(self) -> Chunk:
         if len(self.chunks) != 1 or not (self.has_embedding and self.has_head):
-            raise RuntimeError("this rank holds a pipeline stage, not the whole model: run it through "
-                               "parallel.pipeline")
+            raise RuntimeError(
+                "this rank holds a pipeline stage, not the whole model: run it through "
+                "parallel.pipeline"
+            )
         return self.chunks[0]
 
     def forward(self, idx, targets=None, rng=None, keep_cache: bool = False):
@@ -503,7 +597,9 @@ class GPT:
 
     # -- incremental decoding ------------------------------------------------------------------------------------------
 
-    def forward_cached(self, idx, cache: KVCache, lengths=None, last: bool = False, split: bool = False):
+    def forward_cached(
+        self, idx, cache: KVCache, lengths=None, last: bool = False, split: bool = False
+    ):
         """Logits (B, Tn, vocab) for the new tokens idx (B, Tn) at positions cache.lengths.., updating the cache.
         Equal to the matching rows of a full forward over all tokens so far: the same blocks, their attention
         reading the cached keys and values.
@@ -515,10 +611,16 @@ class GPT:
         (Head.forward), not gathered over the TP group."""
         chunk = self._whole()
         B, Tn = idx.shape
-        n = np.full(B, Tn, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
+        n = (
+            np.full(B, Tn, dtype=np.int64)
+            if lengths is None
+            else np.asarray(lengths, dtype=np.int64)
+        )
         start = cache.lengths
         if B and int(start.max()) + Tn > self.cfg.block_size:
-            raise UserError(f"sequence length {int(start.max()) + Tn} exceeds model.block_size={self.cfg.block_size}")
+            raise UserError(
+                f"sequence length {int(start.max()) + Tn} exceeds model.block_size={self.cfg.block_size}"
+            )
         pos0 = int(start[0]) if B and (start == start[0]).all() else start.copy()
         x, _ = chunk.embedding.forward(idx, pos0=pos0)
         for block in chunk.blocks:

@@ -57,7 +57,7 @@ def embedding_forward(wte, wpe, idx, pos0: int = 0):
     """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]."""
     T = idx.shape[1]
     x = wte[idx]
-    x += wpe[pos0:pos0 + T]
+    x += wpe[pos0 : pos0 + T]
     return x
 
 
@@ -126,7 +126,9 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
 # Linear (weights stored (in, out))
 
 
-SMALL_ROWS = 4  # a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
+SMALL_ROWS = (
+    4  # a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
+)
 PANEL_BYTES = 1 << 19  # ... runs over column panels of w of this size (they stay in L2)
 
 
@@ -135,8 +137,12 @@ def linear_forward(x, w, b):
     any object `@` accepts (an int8 quantize.QuantizedWeight). A float32 product of few rows by a large weight is
     taken over column panels (_matmul_panels)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if (type(w) is np.ndarray and 2 <= x2.shape[0] <= SMALL_ROWS and w.dtype == np.float32 == x2.dtype
-            and w.nbytes > 4 * PANEL_BYTES):
+    if (
+        type(w) is np.ndarray
+        and 2 <= x2.shape[0] <= SMALL_ROWS
+        and w.dtype == np.float32 == x2.dtype
+        and w.nbytes > 4 * PANEL_BYTES
+    ):
         out = _matmul_panels(x2, w)
     else:
         out = x2 @ w
@@ -154,7 +160,7 @@ def _matmul_panels(x2, w):
     out = np.empty((x2.shape[0], N), dtype=w.dtype)
     step = max(16, PANEL_BYTES // (K * w.itemsize) // 16 * 16)
     for a in range(0, N, step):
-        np.matmul(x2, w[:, a:a + step], out=out[:, a:a + step])
+        np.matmul(x2, w[:, a : a + step], out=out[:, a : a + step])
     return out
 
 
@@ -173,7 +179,9 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
 # GELU, tanh approximation (GPT-2's)
 
 
-ELEMENTWISE_CHUNK = 1 << 16  # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
+ELEMENTWISE_CHUNK = (
+    1 << 16
+)  # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
 
 
 def _chunks(x):
@@ -210,7 +218,7 @@ def gelu_backward(dout, x, t):
     n = min(ELEMENTWISE_CHUNK, x.size) if xp.__name__ == "numpy" else x.size
     inner, sech2 = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)
     for a, b in _chunks(x):
-        xs, ts, ds, ins, s2 = xf[a:b], tf[a:b], df[a:b], inner[:b - a], sech2[:b - a]
+        xs, ts, ds, ins, s2 = xf[a:b], tf[a:b], df[a:b], inner[: b - a], sech2[: b - a]
         xp.multiply(xs, xs, out=ins)
         ins *= 0.5 * 3 * 0.044715 * GELU_C
         ins += 0.5 * GELU_C
@@ -242,16 +250,22 @@ class DropoutRNG:
         self.key, self.rows, self.xp = (seed, 0xD80, step, micro), rows, xp
         self.gens, self.heads = None, None
 
-    def site(self, k: int) -> "DropoutRNG":
+    def site(self, k: int) -> DropoutRNG:
         """The generators of site k, fresh (each site is drawn from once per forward)."""
         view = DropoutRNG.__new__(DropoutRNG)
         view.key, view.rows, view.xp, view.heads = self.key, self.rows, self.xp, None
         view.gens = [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
         return view
 
-    def for_heads(self, h0: int, h1: int, n_head: int) -> "DropoutRNG":
+    def for_heads(self, h0: int, h1: int, n_head: int) -> DropoutRNG:
         view = DropoutRNG.__new__(DropoutRNG)
-        view.key, view.rows, view.xp, view.gens, view.heads = self.key, self.rows, self.xp, self.gens, (h0, h1, n_head)
+        view.key, view.rows, view.xp, view.gens, view.heads = (
+            self.key,
+            self.rows,
+            self.xp,
+            self.gens,
+            (h0, h1, n_head),
+        )
         return view
 
     def random(self, shape, dtype) -> object:
@@ -381,11 +395,13 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0):
         return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
     pos = [int(p) for p in pos0]
     for b, p in enumerate(pos):  # each row's keys and values at its own positions
-        kv[0, b, :, p:p + Tn] = qkvh[1, b]
-        kv[1, b, :, p:p + Tn] = qkvh[2, b]
+        kv[0, b, :, p : p + Tn] = qkvh[1, b]
+        kv[1, b, :, p : p + Tn] = qkvh[2, b]
     end = max(pos) + Tn
     att = q @ kv[0, :, :, :end].transpose(0, 1, 3, 2)
-    qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]  # (B, Tn) absolute positions of the queries
+    qpos = (
+        xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]
+    )  # (B, Tn) absolute positions of the queries
     hidden = xp.arange(end)[None, None, :] > qpos[:, :, None]  # (B, Tn, end): keys after the query
     att[xp.broadcast_to(hidden[:, None], att.shape)] = -xp.inf
     att -= att.max(axis=-1, keepdims=True)
@@ -405,7 +421,9 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
-        first = first == 0  # the first block sees every key: it writes dk and dv whole, later blocks add
+        first = (
+            first == 0
+        )  # the first block sees every key: it writes dk and dv whole, later blocks add
         att = prec.use(att, dy.dtype)
         used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
@@ -419,6 +437,8 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
         datt *= att
         prec.round_(datt)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
-        _matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
+        _matmul_into(
+            datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first
+        )
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)

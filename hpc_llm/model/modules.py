@@ -29,20 +29,30 @@ class LayerNorm:
 
     def backward(self, dout, cache, accumulate: bool):
         xhat, rstd = cache
-        return L.layernorm_backward(dout, (self.prec.use(xhat, dout.dtype), rstd), self.w.value, self.w.grad,
-                                    self.b.grad, accumulate)
+        return L.layernorm_backward(
+            dout,
+            (self.prec.use(xhat, dout.dtype), rstd),
+            self.w.value,
+            self.w.grad,
+            self.b.grad,
+            accumulate,
+        )
 
 
 class Embedding:
     """Token + learned position embedding (token rows vocabulary-parallel over the TP group), then dropout (site 0).
     head_writes_wte: the tied head on this rank writes wte's gradient first in backward, so this one adds to it."""
 
-    def __init__(self, wte: Param, wpe: Param, v0: int, tp: Comm, dropout: float, head_writes_wte: bool):
+    def __init__(
+        self, wte: Param, wpe: Param, v0: int, tp: Comm, dropout: float, head_writes_wte: bool
+    ):
         self.wte, self.wpe, self.v0, self.tp = wte, wpe, v0, tp
         self.dropout, self.head_writes_wte = dropout, head_writes_wte
 
     def forward(self, idx, rng=None, pos0: int = 0):
-        x = TP.vocab_parallel_embedding_forward(self.wte.value, self.wpe.value, idx, self.v0, self.tp, pos0)
+        x = TP.vocab_parallel_embedding_forward(
+            self.wte.value, self.wpe.value, idx, self.v0, self.tp, pos0
+        )
         mask = None
         if rng is not None and self.dropout > 0:
             x, mask = L.dropout_forward(x, self.dropout, L.dropout_site(rng, 0))
@@ -52,11 +62,21 @@ class Embedding:
         idx, mask = cache
         if mask is not None:
             L.dropout_backward(dx, mask)
-        if self.wte.grad is None:  # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
+        if (
+            self.wte.grad is None
+        ):  # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
             L.position_embedding_backward(dx, self.wpe.grad, accumulate)
             return
-        TP.vocab_parallel_embedding_backward(dx, idx, self.v0, self.wte.grad, self.wpe.grad, accumulate, self.tp,
-                                             accumulate_wte=accumulate or self.head_writes_wte)
+        TP.vocab_parallel_embedding_backward(
+            dx,
+            idx,
+            self.v0,
+            self.wte.grad,
+            self.wpe.grad,
+            accumulate,
+            self.tp,
+            accumulate_wte=accumulate or self.head_writes_wte,
+        )
 
 
 class Block:
@@ -68,22 +88,42 @@ class Block:
     ("attn.c_attn.lora_A", "attn.c_attn.lora_B": that linear layer then adds lora_scale * x A B); frozen: the names
     of those not trained, whose linear layers skip their weight gradients (LayerNorms' are computed, and ignored)."""
 
-    def __init__(self, p: dict[str, Param], layer: int, n_head: int, tp: Comm, dropout: float,
-                 prec: Precision = FP32, lora_scale: float = 0.0, frozen=frozenset()):
+    def __init__(
+        self,
+        p: dict[str, Param],
+        layer: int,
+        n_head: int,
+        tp: Comm,
+        dropout: float,
+        prec: Precision = FP32,
+        lora_scale: float = 0.0,
+        frozen=frozenset(),
+    ):
         self.layer, self.dropout, self.prec = layer, dropout, prec
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
 
         def linear(kind, name):
-            w, b = (p.get(f"{name}.{k}", NO_PARAM) for k in ("weight", "bias"))  # no bias with model.bias = false
-            w, b = (Param(x.value, None) if f"{name}.{k}" in frozen else x for x, k in ((w, "weight"), (b, "bias")))
+            w, b = (
+                p.get(f"{name}.{k}", NO_PARAM) for k in ("weight", "bias")
+            )  # no bias with model.bias = false
+            w, b = (
+                Param(x.value, None) if f"{name}.{k}" in frozen else x
+                for x, k in ((w, "weight"), (b, "bias"))
+            )
             lora = None
             if f"{name}.lora_A" in p:
-                lora = tuple(Param(p[f"{name}.{k}"].value, None) if f"{name}.{k}" in frozen else p[f"{name}.{k}"]
-                             for k in ("lora_A", "lora_B")) + (lora_scale,)
+                lora = tuple(
+                    Param(p[f"{name}.{k}"].value, None)
+                    if f"{name}.{k}" in frozen
+                    else p[f"{name}.{k}"]
+                    for k in ("lora_A", "lora_B")
+                ) + (lora_scale,)
             return kind(w, b, tp, prec, lora)
 
-        b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")}  # none with model.bias = false
+        b = {
+            k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")
+        }  # none with model.bias = false
         self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"], prec)
         self.qkv = linear(TP.ColumnParallelLinear, "attn.c_attn")
         self.attn_proj = linear(TP.RowParallelLinear, "attn.c_proj")
@@ -108,7 +148,9 @@ class Block:
         a_mask = None
         if drop > 0:
             a, a_mask = L.dropout_forward(a, drop, rng)
-        x += a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
+        x += (
+            a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
+        )
         h2, ln2 = self.ln_2.forward(x)
         f, c_fc = self.fc.forward(h2)
         g, gt = L.gelu_forward(f)
@@ -126,7 +168,9 @@ class Block:
         ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask = cache
         dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
         dg = self.mlp_proj.backward(dm, c_mproj, accumulate)
-        df = L.gelu_backward(dg, self.prec.use(f, dg.dtype), self.prec.use(gt, dg.dtype))  # consumes gt
+        df = L.gelu_backward(
+            dg, self.prec.use(f, dg.dtype), self.prec.use(gt, dg.dtype)
+        )  # consumes gt
         dh2 = self.fc.backward(df, c_fc, accumulate)
         dx += self.ln_2.backward(dh2, ln2, accumulate)
         da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
@@ -141,9 +185,23 @@ class Head:
     """Final LayerNorm, the tied LM head (logits = x wte^T on this rank's vocabulary slice: a column-parallel layer
     whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy."""
 
-    def __init__(self, ln_w: Param, ln_b: Param, wte: Param, v0: int, vocab_size: int, tp: Comm,
-                 prec: Precision = FP32):
-        self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = LayerNorm(ln_w, ln_b, prec), wte, v0, vocab_size, tp
+    def __init__(
+        self,
+        ln_w: Param,
+        ln_b: Param,
+        wte: Param,
+        v0: int,
+        vocab_size: int,
+        tp: Comm,
+        prec: Precision = FP32,
+    ):
+        self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = (
+            LayerNorm(ln_w, ln_b, prec),
+            wte,
+            v0,
+            vocab_size,
+            tp,
+        )
         self.prec = prec
 
     def forward(self, x, targets=None, split: bool = False):
@@ -157,21 +215,26 @@ class Head:
         if targets is None:
             logits = L.linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
             if split:
-                logits[:, max(0, self.vocab_size - self.v0):] = -float("inf")
+                logits[:, max(0, self.vocab_size - self.v0) :] = -float("inf")
                 return logits.reshape(B, T, -1), None
             logits = TP.gather_from_tp_region(logits, self.tp)
-            return logits.reshape(B, T, -1)[:, :, :self.vocab_size], None
+            return logits.reshape(B, T, -1)[:, :, : self.vocab_size], None
         logits = xf2 @ self.wte.value.T
-        loss, ce = TP.vocab_parallel_cross_entropy_forward(logits, targets.reshape(-1), self.vocab_size, self.v0,
-                                                            self.tp)
+        loss, ce = TP.vocab_parallel_cross_entropy_forward(
+            logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp
+        )
         return loss, (lnf, self.prec.keep(xf2), ce, x.shape)
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
         lnf, xf2, ce, shape = cache
         dlogits = self.prec.round_(TP.vocab_parallel_cross_entropy_backward(ce, loss_scale))
         xf2 = self.prec.use(xf2, dlogits.dtype)
-        if self.wte.grad is not None:  # None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
-            L._matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)  # tied: wte's gradient gets the head's share
+        if (
+            self.wte.grad is not None
+        ):  # None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
+            L._matmul_into(
+                dlogits.T, xf2, self.wte.grad, accumulate
+            )  # tied: wte's gradient gets the head's share
         dx = TP.copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
         del dlogits, ce
         return self.ln_f.backward(dx, lnf, accumulate)
@@ -188,16 +251,30 @@ class Chunk:
     forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit for bit,
     and a DropoutRNG's sites draw the same masks again."""
 
-    def __init__(self, vstage: int, embedding: Embedding | None, blocks: list[Block], head: Head | None,
-                 grad_offsets: dict, recompute: bool = False):
+    def __init__(
+        self,
+        vstage: int,
+        embedding: Embedding | None,
+        blocks: list[Block],
+        head: Head | None,
+        grad_offsets: dict,
+        recompute: bool = False,
+    ):
         self.vstage, self.embedding, self.blocks, self.head = vstage, embedding, blocks, head
         self.grad_offsets = grad_offsets  # {"head": offset, layer index: offset}
         self.recompute = recompute
 
     def forward(self, inp, targets=None, rng=None, keep_cache: bool = True):
         recompute = keep_cache and self.recompute
-        if recompute and rng is not None and not isinstance(rng, L.DropoutRNG) and self.blocks[0].dropout > 0:
-            raise ValueError("recompute with dropout needs a layers.DropoutRNG (its masks can be drawn again)")
+        if (
+            recompute
+            and rng is not None
+            and not isinstance(rng, L.DropoutRNG)
+            and self.blocks[0].dropout > 0
+        ):
+            raise ValueError(
+                "recompute with dropout needs a layers.DropoutRNG (its masks can be drawn again)"
+            )
         x, emb_cache = self.embedding.forward(inp, rng) if self.embedding else (inp, None)
         caches = []
         for block in self.blocks:
@@ -211,7 +288,9 @@ class Chunk:
         out, head_cache = self.head.forward(x, targets)
         return out, (emb_cache, caches, head_cache, rng)
 
-    def backward(self, dout, cache, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None):
+    def backward(
+        self, dout, cache, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None
+    ):
         emb_cache, caches, head_cache, rng = cache
         ready = grad_ready or (lambda offset: None)
         dx = dout

@@ -18,7 +18,7 @@ import numpy as np
 
 from hpc_llm.errors import UserError
 
-UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
 def low_dtype(name: str):
@@ -31,7 +31,9 @@ def low_dtype(name: str):
         try:
             import ml_dtypes
         except ImportError:
-            raise UserError('train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])') from None
+            raise UserError(
+                'train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])'
+            ) from None
         return np.dtype(ml_dtypes.bfloat16)
     raise UserError(f'train.precision: expected "fp32", "bf16" or "fp16", got {name!r}')
 
@@ -52,7 +54,7 @@ class Precision:
         if self.low is not None:
             flat = x.reshape(-1)
             for a in range(0, flat.size, 1 << 18):
-                flat[a:a + (1 << 18)] = flat[a:a + (1 << 18)].astype(self.low)
+                flat[a : a + (1 << 18)] = flat[a : a + (1 << 18)].astype(self.low)
         return x
 
     def keep(self, x):

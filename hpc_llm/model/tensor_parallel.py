@@ -94,8 +94,12 @@ class ColumnParallelLinear:
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
-            dh = L.linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
-            dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))  # h's f: the partials summed
+            dh = L.linear_backward(
+                dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate
+            )
+            dh = self.prec.operand(
+                copy_to_tp_region_backward(dh, self.comm)
+            )  # h's f: the partials summed
             dx += L.linear_backward(dh, x, A.value, A.grad, None, accumulate)
         return dx
 
@@ -135,8 +139,12 @@ class RowParallelLinear:
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
-            dh = L.linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
-            dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))  # h's g: the identity
+            dh = L.linear_backward(
+                dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate
+            )
+            dh = self.prec.operand(
+                reduce_from_tp_region_backward(dh, self.comm)
+            )  # h's g: the identity
             dx += L.linear_backward(dh, x, A.value, A.grad, None, accumulate)
         return dx
 
@@ -152,7 +160,9 @@ def _add_scaled(y, z, s: float) -> None:
 # Sharding a full (logical) tensor by its spec (DESIGN principle 4)
 
 
-def shard_slices(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int) -> list[tuple]:
+def shard_slices(
+    shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int
+) -> list[tuple]:
     """Rank's shard as hyperslabs of the full tensor, which concatenated along tp_axis give it: along tp_axis, each of
     tp_blocks equal blocks is cut into tp pieces and the rank takes piece `rank` of every block (so a rank gets its
     heads' q, k and v). A reader of a file reads only these."""
@@ -160,8 +170,10 @@ def shard_slices(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, ran
         return [(slice(None),) * len(shape)]
     n = shape[tp_axis] // tp_blocks
     piece = n // tp
-    return [(slice(None),) * tp_axis + (slice(b * n + rank * piece, b * n + (rank + 1) * piece),)
-            for b in range(tp_blocks)]
+    return [
+        (slice(None),) * tp_axis + (slice(b * n + rank * piece, b * n + (rank + 1) * piece),)
+        for b in range(tp_blocks)
+    ]
 
 
 def shard_index(shape: tuple, tp_axis: int | None, tp_blocks: int, tp: int, rank: int):
@@ -196,7 +208,7 @@ def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, p
     if isinstance(pos0, (int, np.integer)):
         if comm.size == 1 and isinstance(wte_local, np.ndarray):
             return L.embedding_forward(wte_local, wpe, idx, pos0)
-        positions = wpe[pos0:pos0 + idx.shape[1]]
+        positions = wpe[pos0 : pos0 + idx.shape[1]]
     else:
         xp = array_module(wpe)
         positions = wpe[xp.asarray(pos0)[:, None] + xp.arange(idx.shape[1])[None, :]]
@@ -214,8 +226,9 @@ def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, p
     return x
 
 
-def vocab_parallel_embedding_backward(dx, idx, v0: int, dwte_local, dwpe, accumulate: bool, comm: Comm,
-                                      accumulate_wte: bool = True) -> None:
+def vocab_parallel_embedding_backward(
+    dx, idx, v0: int, dwte_local, dwpe, accumulate: bool, comm: Comm, accumulate_wte: bool = True
+) -> None:
     """dx is replicated over the TP group (g's backward is the identity): each rank scatters the rows it holds.
     accumulate_wte: add to wte's gradient (the tied head wrote it first) rather than overwrite it."""
     if comm.size == 1:
@@ -240,14 +253,16 @@ def vocab_parallel_cross_entropy_forward(logits, targets, vocab_size: int, v0: i
     xp = array_module(logits)
     N, Vl = logits.shape
     if v0 + Vl > vocab_size:
-        logits[:, max(0, vocab_size - v0):] = -xp.inf
+        logits[:, max(0, vocab_size - v0) :] = -xp.inf
     row_max = logits.max(axis=1)
     comm.allreduce_(row_max, op="max")
     logits -= row_max[:, None]
     local = targets - v0
     mine = (local >= 0) & (local < Vl)
     rows = xp.arange(N)
-    target_logit = xp.where(mine, logits[rows, xp.where(mine, local, 0)], 0.0)  # not `* mine`: -inf * 0 is nan
+    target_logit = xp.where(
+        mine, logits[rows, xp.where(mine, local, 0)], 0.0
+    )  # not `* mine`: -inf * 0 is nan
     comm.allreduce_(target_logit)
     xp.exp(logits, out=logits)
     s = logits.sum(axis=1)

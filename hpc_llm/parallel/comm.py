@@ -35,14 +35,23 @@ class Ledger:
         self.calls[kind] += 1
 
     def summary(self) -> dict:
-        return {k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]} for k in self.bytes}
+        return {
+            k: {"bytes": self.bytes[k], "seconds": self.seconds[k], "calls": self.calls[k]}
+            for k in self.bytes
+        }
 
 
 class Handle:
     """A nonblocking collective in flight; `wait()` completes it (and records the time spent waiting)."""
 
-    def __init__(self, comm: "Comm", kind: str, request, nbytes: int, finish=None):
-        self.comm, self.kind, self.request, self.nbytes, self.finish = comm, kind, request, nbytes, finish
+    def __init__(self, comm: Comm, kind: str, request, nbytes: int, finish=None):
+        self.comm, self.kind, self.request, self.nbytes, self.finish = (
+            comm,
+            kind,
+            request,
+            nbytes,
+            finish,
+        )
 
     def test(self) -> bool:
         """Let MPI progress the collective (most MPI libraries move data only inside MPI calls); True when done."""
@@ -101,7 +110,11 @@ class Comm:
         from mpi4py import MPI
 
         host = _host(buf)
-        self._timed("allreduce", host.nbytes, lambda: self.mpi.Allreduce(MPI.IN_PLACE, host, op=self._op(op)))
+        self._timed(
+            "allreduce",
+            host.nbytes,
+            lambda: self.mpi.Allreduce(MPI.IN_PLACE, host, op=self._op(op)),
+        )
         if host is not buf:
             buf[...] = array_module(buf).asarray(host)
         return buf
@@ -115,7 +128,11 @@ class Comm:
 
         host = _host(buf)
         req = self.mpi.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM)
-        finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        finish = (
+            None
+            if host is buf
+            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        )
         return Handle(self, f"{self.name}.{kind}", req, host.nbytes, finish)
 
     def ireduce_scatter_(self, buf, counts: list[int]) -> Handle:
@@ -126,12 +143,12 @@ class Comm:
         from mpi4py import MPI
 
         host = _host(buf)
-        offset = sum(counts[:self.rank])
+        offset = sum(counts[: self.rank])
         recv = np.empty(counts[self.rank], dtype=host.dtype)
         req = self.mpi.Ireduce_scatter(host, recv, counts, op=MPI.SUM)
 
         def finish():
-            piece = buf[offset:offset + counts[self.rank]]
+            piece = buf[offset : offset + counts[self.rank]]
             piece[...] = recv if host is buf else array_module(buf).asarray(recv)
 
         return Handle(self, f"{self.name}.reduce_scatter", req, host.nbytes, finish)
@@ -144,7 +161,11 @@ class Comm:
 
         host = _host(buf)
         displs = [sum(counts[:r]) for r in range(self.size)]
-        self._timed("allgather", host.nbytes, lambda: self.mpi.Allgatherv(MPI.IN_PLACE, [host, (counts, displs)]))
+        self._timed(
+            "allgather",
+            host.nbytes,
+            lambda: self.mpi.Allgatherv(MPI.IN_PLACE, [host, (counts, displs)]),
+        )
         if host is not buf:
             buf[...] = array_module(buf).asarray(host)
 
@@ -164,8 +185,15 @@ class Comm:
     # MPI datatype, and moving bits needs none); their sums are formed in fp32 by the caller. `kind` and `nbytes` name
     # and size the ledger entry (the caller's convention: the bytes of the buffer, as nccl-tests counts them).
 
-    def ialltoallv_(self, send, send_counts: list[int], recv, recv_counts: list[int], kind: str = "alltoallv",
-                    nbytes: int | None = None) -> Handle:
+    def ialltoallv_(
+        self,
+        send,
+        send_counts: list[int],
+        recv,
+        recv_counts: list[int],
+        kind: str = "alltoallv",
+        nbytes: int | None = None,
+    ) -> Handle:
         """Start an alltoallv: send[sum(send_counts[:j]):][:send_counts[j]] goes to rank j, and what rank j sends
         here lands in recv at sum(recv_counts[:j]). Both buffers must stay untouched until the handle's wait()."""
         host_send = _host(send)
@@ -178,13 +206,20 @@ class Comm:
         def displs(counts):
             return [sum(counts[:r]) for r in range(len(counts))]
 
-        req = self.mpi.Ialltoallv([host_send, (send_counts, displs(send_counts))],
-                                  [host_recv, (recv_counts, displs(recv_counts))])
-        finish = (None if host_recv is recv else
-                  (lambda: recv.__setitem__(Ellipsis, array_module(recv).asarray(host_recv))))
+        req = self.mpi.Ialltoallv(
+            [host_send, (send_counts, displs(send_counts))],
+            [host_recv, (recv_counts, displs(recv_counts))],
+        )
+        finish = (
+            None
+            if host_recv is recv
+            else (lambda: recv.__setitem__(Ellipsis, array_module(recv).asarray(host_recv)))
+        )
         return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
-    def iallgatherv_(self, buf, counts: list[int], kind: str = "allgather", nbytes: int | None = None) -> Handle:
+    def iallgatherv_(
+        self, buf, counts: list[int], kind: str = "allgather", nbytes: int | None = None
+    ) -> Handle:
         """Start an in-place allgatherv: buf holds each rank's piece at its offset (sum(counts[:r]), counts[r]);
         after the handle's wait() every rank has all of them."""
         host = _host(buf)
@@ -195,10 +230,14 @@ class Comm:
 
         displs = [sum(counts[:r]) for r in range(self.size)]
         req = self.mpi.Iallgatherv(MPI.IN_PLACE, [host, (counts, displs)])
-        finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        finish = (
+            None
+            if host is buf
+            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        )
         return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
-    def dup(self, name: str) -> "Comm":
+    def dup(self, name: str) -> Comm:
         """A duplicate of this group (collective over it), sharing the ledger: collectives on it are ordered apart
         from this one's, so two chains of nonblocking collectives may each be started in their own order."""
         if self.size == 1:
@@ -210,20 +249,34 @@ class Comm:
     def isend(self, buf, dest: int, tag: int, kind: str) -> Handle:
         """Start sending buf to rank `dest` of this group; buf must stay unchanged until the handle's wait()."""
         host = _host(buf)
-        return Handle(self, f"{self.name}.{kind}", self.mpi.Isend(host, dest=dest, tag=tag), host.nbytes)
+        return Handle(
+            self, f"{self.name}.{kind}", self.mpi.Isend(host, dest=dest, tag=tag), host.nbytes
+        )
 
     def irecv(self, buf, source: int, tag: int, kind: str) -> Handle:
         """Start receiving into buf from rank `source`; buf holds the message after the handle's wait()."""
         host = _host(buf)
-        finish = None if host is buf else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
-        return Handle(self, f"{self.name}.{kind}", self.mpi.Irecv(host, source=source, tag=tag), host.nbytes, finish)
+        finish = (
+            None
+            if host is buf
+            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        )
+        return Handle(
+            self,
+            f"{self.name}.{kind}",
+            self.mpi.Irecv(host, source=source, tag=tag),
+            host.nbytes,
+            finish,
+        )
 
     # -- small agreements (principle 8: all ranks agree before they act) ----------------------------------------------
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         if self.size == 1:
             return value
-        return self._watched(f"{self.name}.allreduce_scalar", lambda: self.mpi.allreduce(value, op=self._op(op)))
+        return self._watched(
+            f"{self.name}.allreduce_scalar", lambda: self.mpi.allreduce(value, op=self._op(op))
+        )
 
     def agree(self, fn, what: str = "an agreed step"):
         """Run fn() on every rank and make its outcome the same on all of them, so no rank goes on into a collective
@@ -301,8 +354,9 @@ class PipelineComm:
     `wait_sends()` (the step's end), so no rank ever blocks in a send; a receive is posted as soon as the schedule
     knows it comes next (paired with the send of the op before it) and waited for when its op starts. A rank then
     waits only for data its schedule needs next, which a deadlock-free op order (schedule.simulate checks them)
-    guarantees is on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to
-    rank - 1 (cyclically, for interleaved chunks); the tag names (micro-batch, receiving virtual stage, direction),
+    guarantees is on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward
+    ones to rank - 1 (cyclically, for interleaved chunks); the tag names (micro-batch, receiving virtual stage,
+    direction),
     so a message can only match the receive it is meant for.
     """
 
@@ -329,26 +383,42 @@ class PipelineComm:
 
     def send_forward(self, x, micro: int, vstage: int) -> None:
         """The output of virtual stage `vstage` to the next one."""
-        self._post_send(self.comm.isend(x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"))
+        self._post_send(
+            self.comm.isend(
+                x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"
+            )
+        )
 
     def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
         """Start receiving the input of virtual stage `vstage` from the previous one into buf."""
-        return self.comm.irecv(buf, self.prev, self._tag(self.FORWARD, micro, vstage), "recv_forward")
+        return self.comm.irecv(
+            buf, self.prev, self._tag(self.FORWARD, micro, vstage), "recv_forward"
+        )
 
     def send_backward(self, dx, micro: int, vstage: int) -> None:
         """The input gradient of virtual stage `vstage` to the previous one."""
-        self._post_send(self.comm.isend(dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1), "send_backward"))
+        self._post_send(
+            self.comm.isend(
+                dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1), "send_backward"
+            )
+        )
 
     def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
         """Start receiving the output gradient of virtual stage `vstage` from the next one into buf."""
-        return self.comm.irecv(buf, self.next, self._tag(self.BACKWARD, micro, vstage), "recv_backward")
+        return self.comm.irecv(
+            buf, self.next, self._tag(self.BACKWARD, micro, vstage), "recv_backward"
+        )
 
-    def send_forward_recv_backward(self, x, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int):
+    def send_forward_recv_backward(
+        self, x, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int
+    ):
         """1F1B's steady state: this forward's output goes on while the next backward's gradient comes in."""
         self.send_forward(x, micro, vstage)
         return self.recv_backward(buf, recv_micro, recv_vstage)
 
-    def send_backward_recv_forward(self, dx, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int):
+    def send_backward_recv_forward(
+        self, dx, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int
+    ):
         """1F1B's steady state: this backward's input gradient goes back while the next forward's input comes in."""
         self.send_backward(dx, micro, vstage)
         return self.recv_forward(buf, recv_micro, recv_vstage)

@@ -63,7 +63,9 @@ def comm_dtype(scheme: str):
     return low_dtype(scheme)
 
 
-SCALE_WORDS = 2  # after each 16-bit piece on the wire: its float32 power-of-two scale, as two uint16 words
+SCALE_WORDS = (
+    2  # after each 16-bit piece on the wire: its float32 power-of-two scale, as two uint16 words
+)
 
 
 def scale_for(scheme: str, maxabs: float) -> float:
@@ -102,13 +104,25 @@ class Reduce16:
         ends = np.cumsum(counts)
         x = to_host(g).astype(np.float32, copy=False)
         s = scale_for(self.scheme, _maxabs(x))
-        vals = (x if s == 1 else x * np.float32(s)).astype(self.low).view(np.uint16)  # one rounding, to nearest even
+        vals = (
+            (x if s == 1 else x * np.float32(s)).astype(self.low).view(np.uint16)
+        )  # one rounding, to nearest even
         words = np.array([s], dtype=np.float32).view(np.uint16)
-        self.wire = np.insert(vals, np.repeat(ends, SCALE_WORDS), np.tile(words, p))  # piece j, its scale, piece j+1
+        self.wire = np.insert(
+            vals, np.repeat(ends, SCALE_WORDS), np.tile(words, p)
+        )  # piece j, its scale, piece j+1
         self.recv = np.empty(p * (self.n + SCALE_WORDS), dtype=np.uint16)
-        nbytes = self.wire.nbytes  # the ledger counts the 16-bit bucket, as an allreduce of it would be counted
-        self.h1 = comm.ialltoallv_(self.wire, self.wire_counts, self.recv, [self.n + SCALE_WORDS] * p, kind=kind,
-                                   nbytes=nbytes)
+        nbytes = (
+            self.wire.nbytes
+        )  # the ledger counts the 16-bit bucket, as an allreduce of it would be counted
+        self.h1 = comm.ialltoallv_(
+            self.wire,
+            self.wire_counts,
+            self.recv,
+            [self.n + SCALE_WORDS] * p,
+            kind=kind,
+            nbytes=nbytes,
+        )
         self.h2 = None
         self.done = False
 
@@ -117,7 +131,9 @@ class Reduce16:
         self.h1.wait()
         p, n = self.comm.size, self.n
         parts = self.recv.reshape(p, n + SCALE_WORDS)
-        inv = 1.0 / np.ascontiguousarray(parts[:, n:]).view(np.float32)[:, 0]  # powers of two: exact
+        inv = (
+            1.0 / np.ascontiguousarray(parts[:, n:]).view(np.float32)[:, 0]
+        )  # powers of two: exact
         acc = np.ascontiguousarray(parts[0, :n]).view(self.low).astype(np.float32)
         if inv[0] != 1:
             acc *= inv[0]
@@ -125,21 +141,29 @@ class Reduce16:
             v = np.ascontiguousarray(parts[k, :n]).view(self.low).astype(np.float32)
             acc += v if inv[k] == 1 else v * inv[k]
         if self.zero:
-            self.g[self.offset:self.offset + n] = array_module(self.g).asarray(acc.astype(self.g.dtype))
+            self.g[self.offset : self.offset + n] = array_module(self.g).asarray(
+                acc.astype(self.g.dtype)
+            )
             self.done = True
             return
         s = scale_for(self.scheme, _maxabs(acc))
-        o = self.offset + SCALE_WORDS * self.comm.rank  # this rank's piece on the wire; phase 1 is done with it
-        self.wire[o:o + n] = (acc if s == 1 else acc * np.float32(s)).astype(self.low).view(np.uint16)
-        self.wire[o + n:o + n + SCALE_WORDS] = np.array([s], dtype=np.float32).view(np.uint16)
-        self.h2 = self.gather_comm.iallgatherv_(self.wire, self.wire_counts, kind=self.h1.kind.split(".", 1)[1],
-                                                nbytes=0)  # one ledger entry's bytes per reduction (in phase 1)
+        o = (
+            self.offset + SCALE_WORDS * self.comm.rank
+        )  # this rank's piece on the wire; phase 1 is done with it
+        self.wire[o : o + n] = (
+            (acc if s == 1 else acc * np.float32(s)).astype(self.low).view(np.uint16)
+        )
+        self.wire[o + n : o + n + SCALE_WORDS] = np.array([s], dtype=np.float32).view(np.uint16)
+        self.h2 = self.gather_comm.iallgatherv_(
+            self.wire, self.wire_counts, kind=self.h1.kind.split(".", 1)[1], nbytes=0
+        )  # one ledger entry's bytes per reduction (in phase 1)
 
     def _unpack(self) -> None:
         """Every rank's reduced piece, widened and unscaled, into g (every rank does the same: bitwise replicas)."""
         starts = np.cumsum([0] + self.wire_counts)[:-1]
-        scale_at = np.repeat(starts + np.array(self.counts), SCALE_WORDS) + np.tile(np.arange(SCALE_WORDS),
-                                                                                    len(self.counts))
+        scale_at = np.repeat(starts + np.array(self.counts), SCALE_WORDS) + np.tile(
+            np.arange(SCALE_WORDS), len(self.counts)
+        )
         scales = self.wire[scale_at].view(np.float32)
         vals = np.delete(self.wire, scale_at).view(self.low).astype(np.float32)
         if np.any(scales != 1):
@@ -173,7 +197,9 @@ class Reduce16:
             self.done = True
 
 
-def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float = MIN_COMPRESSION_RATE) -> bool:
+def should_compress(
+    rows: int, cols: int, rank: int, min_compression_rate: float = MIN_COMPRESSION_RATE
+) -> bool:
     """PyTorch's rule, with r = min(rank, rows, cols): compress iff (rows + cols) * r * rate < rows * cols."""
     r = min(rank, rows, cols)
     return (rows + cols) * r * min_compression_rate < rows * cols
@@ -189,8 +215,15 @@ class PowerSGD:
     specs: objects with name, offset, local_shape (model.specs). min_compression_rate: 2 as PyTorch; 0 compresses
     every 2-D tensor (the tests' exactness check with rank >= min(rows, cols))."""
 
-    def __init__(self, g, comm, specs, rank: int, seed: int = 0,
-                 min_compression_rate: float = MIN_COMPRESSION_RATE):
+    def __init__(
+        self,
+        g,
+        comm,
+        specs,
+        rank: int,
+        seed: int = 0,
+        min_compression_rate: float = MIN_COMPRESSION_RATE,
+    ):
         self.g, self.comm, self.rank, self.seed = g, comm, rank, seed
         self.dtype = g.dtype
         self.matrices = []  # (name, offset, rows, cols, r)
@@ -212,10 +245,16 @@ class PowerSGD:
 
     def reset(self) -> None:
         """Zero error, Q drawn from (seed, tensor name): the same on every rank of the group, any layout."""
-        self.error = {name: np.zeros((n, m), dtype=self.dtype) for name, _, n, m, _ in self.matrices}
+        self.error = {
+            name: np.zeros((n, m), dtype=self.dtype) for name, _, n, m, _ in self.matrices
+        }
         self.q = {}
         for name, _, _, m, r in self.matrices:
-            self.q[name] = np.random.default_rng(_seed(self.seed, name)).standard_normal((m, r)).astype(self.dtype)
+            self.q[name] = (
+                np.random.default_rng(_seed(self.seed, name))
+                .standard_normal((m, r))
+                .astype(self.dtype)
+            )
 
     def nbytes(self) -> int:
         """Bytes of one compressed step's reductions (the buffers' sizes, the ledger's convention)."""
@@ -224,31 +263,39 @@ class PowerSGD:
     def reduce(self, loss_scale: float = 1.0) -> None:
         """The whole step's reduction: afterwards every rank holds the same gradient in every element of g."""
         g, p, it = self.g, self.comm.size, self.dtype.type
-        plain = np.concatenate([g[a:b] for a, b in self.plain]) if self.plain else np.zeros(0, self.dtype)
+        plain = (
+            np.concatenate([g[a:b] for a, b in self.plain])
+            if self.plain
+            else np.zeros(0, self.dtype)
+        )
         h_plain = self.comm.iallreduce_(plain, "allreduce") if plain.size else None
         ms, pack, o = [], np.empty(self.p_size, self.dtype), 0
         for name, off, n, m, r in self.matrices:
-            M = g[off:off + n * m].reshape(n, m)
+            M = g[off : off + n * m].reshape(n, m)
             # M_i + e_i, in place (g is ours until the optimizer)
             M += self.error[name] if loss_scale == 1 else self.error[name] * it(loss_scale)
-            np.matmul(M, self.q[name], out=pack[o:o + n * r].reshape(n, r))
+            np.matmul(M, self.q[name], out=pack[o : o + n * r].reshape(n, r))
             ms.append(M)
             o += n * r
         self.comm.iallreduce_(pack, "powersgd_p").wait()
         finite = bool(np.isfinite(pack).all())
         if finite:
             qpack, o, po, ps = np.empty(self.q_size, self.dtype), 0, 0, []
-            for (name, off, n, m, r), M in zip(self.matrices, ms):
-                P = np.linalg.qr(pack[po:po + n * r].reshape(n, r), mode="reduced")[0].astype(self.dtype)
-                np.matmul(M.T, P, out=qpack[o:o + m * r].reshape(m, r))
+            for (_name, _off, n, m, r), M in zip(self.matrices, ms):
+                P = np.linalg.qr(pack[po : po + n * r].reshape(n, r), mode="reduced")[0].astype(
+                    self.dtype
+                )
+                np.matmul(M.T, P, out=qpack[o : o + m * r].reshape(m, r))
                 ps.append(P)
                 po, o = po + n * r, o + m * r
             self.comm.iallreduce_(qpack, "powersgd_q").wait()
-            finite = bool(np.isfinite(qpack).all())  # the same verdict on every rank: qpack is reduced
+            finite = bool(
+                np.isfinite(qpack).all()
+            )  # the same verdict on every rank: qpack is reduced
         if finite:
             o = 0
-            for (name, off, n, m, r), M, P in zip(self.matrices, ms, ps):
-                Q = qpack[o:o + m * r].reshape(m, r)
+            for (name, _off, _n, m, r), M, P in zip(self.matrices, ms, ps):
+                Q = qpack[o : o + m * r].reshape(m, r)
                 A, E = P @ Q.T, self.error[name]
                 np.divide(A, it(p), out=E)
                 np.subtract(M, E, out=E)  # e_i = M_i - A / p
@@ -264,7 +311,7 @@ class PowerSGD:
             h_plain.wait()
             o = 0
             for a, b in self.plain:
-                g[a:b] = plain[o:o + b - a]
+                g[a:b] = plain[o : o + b - a]
                 o += b - a
 
     # -- state (per data-parallel rank) ------------------------------------------------------------------------------
@@ -280,11 +327,15 @@ class PowerSGD:
         """The arrays `state()` gave (at the same layout: the same shapes); a mismatch raises ValueError."""
         want = self.state()
         if set(arrays) != set(want):
-            raise ValueError(f"PowerSGD state: tensors {sorted(arrays)[:4]}... but this layout has "
-                             f"{sorted(want)[:4]}...")
+            raise ValueError(
+                f"PowerSGD state: tensors {sorted(arrays)[:4]}... but this layout has "
+                f"{sorted(want)[:4]}..."
+            )
         for k, v in arrays.items():
             if tuple(v.shape) != want[k].shape:
-                raise ValueError(f"PowerSGD state {k}: shape {tuple(v.shape)}, this layout's {want[k].shape}")
+                raise ValueError(
+                    f"PowerSGD state {k}: shape {tuple(v.shape)}, this layout's {want[k].shape}"
+                )
         for name, *_ in self.matrices:
             self.error[name] = np.array(arrays[f"error/{name}"], dtype=self.dtype)
             self.q[name] = np.array(arrays[f"q/{name}"], dtype=self.dtype)
@@ -301,6 +352,7 @@ def _merge(ranges):
 
 
 # -- the checkpoint's pair (hpc_llm/checkpoint/ stores each rank's arrays) ---------------------------------------------
+
 
 def powersgd_state(sync) -> dict | None:
     """What a checkpoint keeps of this rank's PowerSGD state: {"layout": {...}, "arrays": {name: array}}, or None
@@ -324,7 +376,11 @@ def load_powersgd_state(sync, saved: dict | None) -> str | None:
         return "PowerSGD: the checkpoint holds no PowerSGD state; error feedback and Q start afresh"
     if saved["layout"] != want:
         ps.reset()
-        diff = ", ".join(f"{k} {saved['layout'].get(k)} -> {v}" for k, v in want.items() if saved["layout"].get(k) != v)
+        diff = ", ".join(
+            f"{k} {saved['layout'].get(k)} -> {v}"
+            for k, v in want.items()
+            if saved["layout"].get(k) != v
+        )
         return f"PowerSGD: state saved at another layout ({diff}); error feedback and Q reset (zero error, Q from seed)"
     ps.load(saved["arrays"])
     return None

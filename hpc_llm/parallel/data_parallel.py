@@ -21,7 +21,13 @@ allreduce gives every rank the whole gradient, of which the optimizer uses its o
 from __future__ import annotations
 
 from hpc_llm.parallel.comm import Comm
-from hpc_llm.parallel.compression import MIN_COMPRESSION_RATE, SCALE_WORDS, PowerSGD, Reduce16, comm_dtype
+from hpc_llm.parallel.compression import (
+    MIN_COMPRESSION_RATE,
+    SCALE_WORDS,
+    PowerSGD,
+    Reduce16,
+    comm_dtype,
+)
 
 
 def split_counts(n: int, parts: int) -> list[int]:
@@ -30,34 +36,58 @@ def split_counts(n: int, parts: int) -> list[int]:
 
 
 class GradientSync:
-    def __init__(self, grad_flat, dp_comm: Comm, bucket_elems: int, zero: bool, scheme: str = "fp32",
-                 specs=(), powersgd_rank: int = 4, powersgd_start: int = 0, seed: int = 0,
-                 min_compression_rate: float = MIN_COMPRESSION_RATE, layout: dict | None = None):
+    def __init__(
+        self,
+        grad_flat,
+        dp_comm: Comm,
+        bucket_elems: int,
+        zero: bool,
+        scheme: str = "fp32",
+        specs=(),
+        powersgd_rank: int = 4,
+        powersgd_start: int = 0,
+        seed: int = 0,
+        min_compression_rate: float = MIN_COMPRESSION_RATE,
+        layout: dict | None = None,
+    ):
         n = grad_flat.size
         self.scheme = scheme
         self.low = comm_dtype(scheme)  # bf16/fp16: the buckets' wire format
         self.powersgd_start = powersgd_start
-        self.layout = layout or {}  # what a PowerSGD state saved in a checkpoint must match (compression.py)
-        self.powersgd = (PowerSGD(grad_flat, dp_comm, specs, powersgd_rank, seed, min_compression_rate)
-                         if scheme == "powersgd" and dp_comm.size > 1 else None)
+        self.layout = (
+            layout or {}
+        )  # what a PowerSGD state saved in a checkpoint must match (compression.py)
+        self.powersgd = (
+            PowerSGD(grad_flat, dp_comm, specs, powersgd_rank, seed, min_compression_rate)
+            if scheme == "powersgd" and dp_comm.size > 1
+            else None
+        )
         self._compressed_step = False
         self.g = grad_flat
         self.comm = dp_comm
         self.zero = zero and dp_comm.size > 1
         bucket_elems = max(1, bucket_elems)
-        self.buckets = [(max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)]  # last bucket first
+        self.buckets = [
+            (max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)
+        ]  # last bucket first
         self.counts = [split_counts(b - a, dp_comm.size) for a, b in self.buckets]
         r = dp_comm.rank
         if self.zero:
-            pieces = [(a + sum(c[:r]), a + sum(c[:r + 1])) for (a, _), c in zip(self.buckets, self.counts)]
+            pieces = [
+                (a + sum(c[:r]), a + sum(c[: r + 1]))
+                for (a, _), c in zip(self.buckets, self.counts)
+            ]
             self.owned = sorted(p for p in pieces if p[1] > p[0])
         else:
             self.owned = [(0, n)]
         self._handles: list = []
         self._launched = 0
         # 16-bit without ZeRO-1: the allgathers of the sums go on a duplicate group (compression.Reduce16)
-        self._gather_comm = (dp_comm.dup(dp_comm.name)
-                             if self.low is not None and not self.zero and dp_comm.size > 1 else None)
+        self._gather_comm = (
+            dp_comm.dup(dp_comm.name)
+            if self.low is not None and not self.zero and dp_comm.size > 1
+            else None
+        )
 
     def start(self, step: int = 0) -> None:
         """Before the last micro-batch's backward of step `step` (PowerSGD: plain before parallel.powersgd_start)."""
@@ -69,7 +99,9 @@ class GradientSync:
         a, b = self.buckets[i]
         if self.low is not None:
             kind = ("reduce_scatter_" if self.zero else "allreduce_") + self.scheme
-            return Reduce16(self.comm, self.g[a:b], self.counts[i], self.low, self.zero, kind, self._gather_comm)
+            return Reduce16(
+                self.comm, self.g[a:b], self.counts[i], self.low, self.zero, kind, self._gather_comm
+            )
         if self.zero:
             return self.comm.ireduce_scatter_(self.g[a:b], self.counts[i])
         return self.comm.iallreduce_(self.g[a:b])
@@ -116,7 +148,9 @@ class GradientSync:
         if self.comm.size == 1:
             return 0, 0
         full = self.g.size * self.g.dtype.itemsize
-        if self.low is not None:  # 2 bytes a value, and each piece's 4-byte scale (compression.Reduce16)
+        if (
+            self.low is not None
+        ):  # 2 bytes a value, and each piece's 4-byte scale (compression.Reduce16)
             return full, 2 * self.g.size + 2 * SCALE_WORDS * self.comm.size * len(self.buckets)
         if self.powersgd is not None and compressed:
             return full, self.powersgd.nbytes()

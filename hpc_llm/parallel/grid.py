@@ -49,8 +49,10 @@ class Grid:
         return self.pp_comm.rank
 
     def describe(self) -> str:
-        return (f"{self.world.size} ranks = pp {self.pp} x dp {self.dp} x tp {self.tp} (tp fastest: a TP group is "
-                f"{self.tp} consecutive ranks; pipeline neighbours {self.dp * self.tp} apart)")
+        return (
+            f"{self.world.size} ranks = pp {self.pp} x dp {self.dp} x tp {self.tp} (tp fastest: a TP group is "
+            f"{self.tp} consecutive ranks; pipeline neighbours {self.dp * self.tp} apart)"
+        )
 
 
 def check_layout(world_size: int, tp: int, pp: int, n_head: int, padded_vocab: int) -> None:
@@ -60,7 +62,9 @@ def check_layout(world_size: int, tp: int, pp: int, n_head: int, padded_vocab: i
     if pp < 1:
         raise UserError(f"parallel.pp: expected a positive integer, got {pp}")
     if world_size % (tp * pp):
-        raise UserError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the number of ranks ({world_size})")
+        raise UserError(
+            f"parallel.tp={tp} x parallel.pp={pp} does not divide the number of ranks ({world_size})"
+        )
     if n_head % tp:
         raise UserError(f"parallel.tp={tp} does not divide model.n_head={n_head}")
     if padded_vocab % tp:
@@ -78,7 +82,9 @@ def make_grid(mpi_comm, tp: int, pp: int = 1) -> Grid:
     """Split `mpi_comm` (usually MPI.COMM_WORLD) into the groups above; all ranks must call this."""
     size, rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
     if size % (tp * pp):
-        raise UserError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the number of ranks ({size})")
+        raise UserError(
+            f"parallel.tp={tp} x parallel.pp={pp} does not divide the number of ranks ({size})"
+        )
     dp = size // (tp * pp)
     ledger = Ledger()
     tp_rank, dp_rank, pp_rank = rank % tp, rank // tp % dp, rank // (tp * dp)
@@ -89,10 +95,21 @@ def make_grid(mpi_comm, tp: int, pp: int = 1) -> Grid:
     from mpi4py import MPI
 
     holds_embedding = pp > 1 and pp_rank in (0, pp - 1)
-    emb_mpi = mpi_comm.Split(color=dp_rank * tp + tp_rank if holds_embedding else MPI.UNDEFINED, key=pp_rank)
+    emb_mpi = mpi_comm.Split(
+        color=dp_rank * tp + tp_rank if holds_embedding else MPI.UNDEFINED, key=pp_rank
+    )
     emb = Comm(emb_mpi, ledger, "emb") if holds_embedding else None
-    return Grid(Comm(mpi_comm, ledger, "world"), Comm(tp_mpi, ledger, "tp"), Comm(dp_mpi, ledger, "dp"),
-                Comm(pp_mpi, ledger, "pp"), Comm(mp_mpi, ledger, "mp"), emb, tp=tp, dp=dp, pp=pp)
+    return Grid(
+        Comm(mpi_comm, ledger, "world"),
+        Comm(tp_mpi, ledger, "tp"),
+        Comm(dp_mpi, ledger, "dp"),
+        Comm(pp_mpi, ledger, "pp"),
+        Comm(mp_mpi, ledger, "mp"),
+        emb,
+        tp=tp,
+        dp=dp,
+        pp=pp,
+    )
 
 
 def world_grid(tp: int, pp: int = 1) -> Grid:

@@ -25,8 +25,15 @@ def _needs_input(model, op: Op) -> bool:
     return chunk.embedding is None if op.kind == "F" else chunk.head is None
 
 
-def run_schedule(model, ops: list[Op], pipe: PipelineComm | None, micro_batch, loss_scale: float, act_shape: tuple,
-                 grad_ready=None) -> dict[int, float]:
+def run_schedule(
+    model,
+    ops: list[Op],
+    pipe: PipelineComm | None,
+    micro_batch,
+    loss_scale: float,
+    act_shape: tuple,
+    grad_ready=None,
+) -> dict[int, float]:
     """Run `ops` on this rank. micro_batch(micro) -> (tokens, targets, dropout rng) of this rank's rows; loss_scale
     multiplies every micro-batch's loss in backward; act_shape: an activation's (rows, T, C), the shape of every
     message. Returns {micro: loss} on the last stage ({} elsewhere)."""
@@ -37,20 +44,28 @@ def run_schedule(model, ops: list[Op], pipe: PipelineComm | None, micro_batch, l
         chunk = model.chunks[op.chunk]
         inp = None
         if _needs_input(model, op):
-            handle, inp = pending if pending is not None else _post(model, pipe, op, act_shape, None, None)
+            handle, inp = (
+                pending if pending is not None else _post(model, pipe, op, act_shape, None, None)
+            )
             handle.wait()
         if op.kind == "F":
             x, y, rng = micro_batch(op.micro)
-            out, caches[op.micro, op.chunk] = chunk.forward(x if chunk.embedding else inp,
-                                                            y if chunk.head else None, rng)
+            out, caches[op.micro, op.chunk] = chunk.forward(
+                x if chunk.embedding else inp, y if chunk.head else None, rng
+            )
             if chunk.head is not None:
                 losses[op.micro] = out
             send = None if chunk.head is not None else out
         else:
             last = k == last_backward[op.chunk]
             behind_final = all(c in final for c in range(op.chunk + 1, len(model.chunks)))
-            send = chunk.backward(inp, caches.pop((op.micro, op.chunk)), loss_scale, accumulate=op.chunk in started,
-                                  grad_ready=grad_ready if last and behind_final else None)
+            send = chunk.backward(
+                inp,
+                caches.pop((op.micro, op.chunk)),
+                loss_scale,
+                accumulate=op.chunk in started,
+                grad_ready=grad_ready if last and behind_final else None,
+            )
             started.add(op.chunk)
             if last:
                 final.add(op.chunk)
@@ -78,9 +93,13 @@ def _post(model, pipe: PipelineComm, nxt: Op, act_shape: tuple, op: Op | None, s
     if op is not None:
         vstage = model.chunks[op.chunk].vstage
         if op.kind == "F" and nxt.kind == "B":
-            return pipe.send_forward_recv_backward(send, op.micro, vstage, buf, nxt.micro, n_vstage), buf
+            return pipe.send_forward_recv_backward(
+                send, op.micro, vstage, buf, nxt.micro, n_vstage
+            ), buf
         if op.kind == "B" and nxt.kind == "F":
-            return pipe.send_backward_recv_forward(send, op.micro, vstage, buf, nxt.micro, n_vstage), buf
+            return pipe.send_backward_recv_forward(
+                send, op.micro, vstage, buf, nxt.micro, n_vstage
+            ), buf
         _send(pipe, op, vstage, send)
     recv = pipe.recv_forward if nxt.kind == "F" else pipe.recv_backward
     return recv(buf, nxt.micro, n_vstage), buf

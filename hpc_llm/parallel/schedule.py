@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import NamedTuple
-from typing import NamedTuple
 
 NAMES = ("gpipe", "1f1b", "interleaved")
 
@@ -58,7 +57,7 @@ def _warmup_then_1f1b(fwd: list[Op], bwd: list[Op], warmup: int) -> list[Op]:
     ops = fwd[:warmup]
     for f, b in zip(fwd[warmup:], bwd):
         ops += [f, b]
-    return ops + bwd[len(fwd) - warmup:]
+    return ops + bwd[len(fwd) - warmup :]
 
 
 def gpipe(p: int, stage: int, m: int) -> list[Op]:
@@ -83,8 +82,10 @@ def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
     forwards, lets the first backward of the last chunk reach stage s while it keeps computing."""
     _check(p, stage, m, v)
     if m % p:
-        raise ValueError(f"m (micro-batches): the interleaved schedule needs a multiple of p={p}, got {m} "
-                         "(micro-batches go through each model chunk in groups of p)")
+        raise ValueError(
+            f"m (micro-batches): the interleaved schedule needs a multiple of p={p}, got {m} "
+            "(micro-batches go through each model chunk in groups of p)"
+        )
 
     def op(kind: str, k: int) -> Op:
         group, k = divmod(k, p * v)
@@ -93,7 +94,9 @@ def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
 
     total = m * v
     warmup = min((p - stage - 1) * 2 + (v - 1) * p, total)
-    return _warmup_then_1f1b([op("F", k) for k in range(total)], [op("B", k) for k in range(total)], warmup)
+    return _warmup_then_1f1b(
+        [op("F", k) for k in range(total)], [op("B", k) for k in range(total)], warmup
+    )
 
 
 def schedule(name: str, p: int, stage: int, m: int, v: int = 1) -> list[Op]:
@@ -103,8 +106,10 @@ def schedule(name: str, p: int, stage: int, m: int, v: int = 1) -> list[Op]:
     if name == "interleaved":
         return interleaved(p, stage, m, v)
     if v != 1:
-        raise ValueError(f"v (model chunks per rank): {name!r} has one chunk per rank, got {v!r} "
-                         "(use 'interleaved')")
+        raise ValueError(
+            f"v (model chunks per rank): {name!r} has one chunk per rank, got {v!r} "
+            "(use 'interleaved')"
+        )
     return gpipe(p, stage, m) if name == "gpipe" else one_f_one_b(p, stage, m)
 
 
@@ -123,10 +128,13 @@ def in_flight(ops: list[Op]) -> int:
 
 def describe(name: str, p: int, m: int, v: int = 1) -> str:
     """One line per rank, e.g. 'stage 0: F0 F1 B0 F2 B1 ...'; with chunks, F<micro>.<chunk>."""
+
     def text(op: Op) -> str:
         return f"{op.kind}{op.micro}" + (f".{op.chunk}" if v > 1 else "")
 
-    return "\n".join(f"stage {s}: " + " ".join(map(text, schedule(name, p, s, m, v))) for s in range(p))
+    return "\n".join(
+        f"stage {s}: " + " ".join(map(text, schedule(name, p, s, m, v))) for s in range(p)
+    )
 
 
 class Event(NamedTuple):
@@ -153,8 +161,14 @@ class Timing:
         return max((e.end for e in self.events if e.rank == r), default=0.0)
 
 
-def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: float = 2.0,
-                   t_comm: float = 0.0, cost=None) -> Timing:
+def simulate_lists(
+    lists: list[list[Op]],
+    v: int = 1,
+    t_f: float = 1.0,
+    t_b: float = 2.0,
+    t_comm: float = 0.0,
+    cost=None,
+) -> Timing:
     """Run rank r's list `lists[r]` strictly in order, one op at a time, each as early as its inputs allow.
 
     An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v or t_b / v, or
@@ -167,8 +181,10 @@ def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: flo
     p = len(lists)
     last = v * p - 1
     if cost is None:
+
         def cost(r, op, later):
             return (t_f if op.kind == "F" else t_b) / v
+
     done: dict[tuple[str, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
     pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
     started: list[set] = [set() for _ in range(p)]  # chunks that have had a backward
@@ -186,7 +202,9 @@ def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: flo
                     needs = [("F", i, s)] + ([("B", i, s + 1)] if s < last else [])
                 if any(key not in done for key in needs):
                     break
-                start = max([clock[r]] + [done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs])
+                start = max(
+                    [clock[r]] + [done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs]
+                )
                 op = ops[pos[r]]
                 dt = cost(r, op, kind == "B" and c in started[r])
                 if kind == "B":
@@ -198,13 +216,16 @@ def simulate_lists(lists: list[list[Op]], v: int = 1, t_f: float = 1.0, t_b: flo
                 moved = True
     stuck = [f"stage {r} at {ops[pos[r]]}" for r, ops in enumerate(lists) if pos[r] < len(ops)]
     if stuck:
-        raise RuntimeError("pipeline schedule deadlocks: no rank can make progress (" + "; ".join(stuck) + ")")
+        raise RuntimeError(
+            "pipeline schedule deadlocks: no rank can make progress (" + "; ".join(stuck) + ")"
+        )
     makespan = max(clock, default=0.0)
     return Timing(busy, [makespan - b for b in busy], makespan, events)
 
 
-def simulate(name: str, p: int, m: int, v: int = 1, t_f: float = 1.0, t_b: float = 2.0,
-             t_comm: float = 0.0) -> Timing:
+def simulate(
+    name: str, p: int, m: int, v: int = 1, t_f: float = 1.0, t_b: float = 2.0, t_comm: float = 0.0
+) -> Timing:
     """Time one step of schedule `name` on p ranks (see `simulate_lists`)."""
     _check(p, 0, m, v)
     for arg, value in (("t_f", t_f), ("t_b", t_b), ("t_comm", t_comm)):

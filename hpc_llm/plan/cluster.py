@@ -75,8 +75,10 @@ class Cluster:
 
     def gemm_rate(self, dtype: str, m: int, n: int, k: int) -> float:
         if dtype not in self.gemm:
-            raise UserError(f"cluster {self.path or self.name}: missing figure compute.gemm.{dtype} (matmul FLOP/s "
-                            f"by shape class for {dtype})")
+            raise UserError(
+                f"cluster {self.path or self.name}: missing figure compute.gemm.{dtype} (matmul FLOP/s "
+                f"by shape class for {dtype})"
+            )
         return _interp_log(self.gemm[dtype], min(m, n, k))
 
     def gemm_time(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
@@ -87,7 +89,9 @@ class Cluster:
         calls = 1 if self.backend == "cupy" else batch
         return calls * self.gemm_call_s + batch * 2.0 * m * n * k / self.gemm_rate(dtype, m, n, k)
 
-    def pass_time(self, accesses: float, itemsize: int, array_elems: float, calls: float = 1.0) -> float:
+    def pass_time(
+        self, accesses: float, itemsize: int, array_elems: float, calls: float = 1.0
+    ) -> float:
         """Elementwise work: `accesses` element reads + writes over arrays of about `array_elems` elements each."""
         bw = _interp_log(self.elementwise_bw, max(1.0, array_elems * itemsize))
         return accesses * itemsize / bw + calls * self.call_s
@@ -104,10 +108,15 @@ class Cluster:
 
     def link(self, level: str) -> Link:
         if level not in self.links:
-            why = (f"this layout has groups spanning nodes of {self.devices} devices" if level == "inter" else
-                   "this layout has groups of several ranks (calibrate under `mpiexec -n 2` to measure it)")
-            raise UserError(f"cluster {self.path or self.name}: missing figures link.{level}.latency_s and "
-                            f"link.{level}.bw (needed: {why})")
+            why = (
+                f"this layout has groups spanning nodes of {self.devices} devices"
+                if level == "inter"
+                else "this layout has groups of several ranks (calibrate under `mpiexec -n 2` to measure it)"
+            )
+            raise UserError(
+                f"cluster {self.path or self.name}: missing figures link.{level}.latency_s and "
+                f"link.{level}.bw (needed: {why})"
+            )
         return self.links[level]
 
 
@@ -125,6 +134,7 @@ def _interp_log(table: list, x: float) -> float:
 
 
 # -- collective costs (seconds), S = bytes of the whole buffer ------------------------------------------------------
+
 
 def ring_allreduce(S: float, n: int, a: float, b: float) -> float:
     return 0.0 if n <= 1 else 2 * (n - 1) / n * S / b + 2 * (n - 1) * a
@@ -173,60 +183,92 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         return sec[key]
 
     def number(section: str, key: str, value, positive: bool = True) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 if positive else value < 0):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (value <= 0 if positive else value < 0)
+        ):
             kind = "positive" if positive else "non-negative"
-            raise UserError(f"cluster file {where}: {section}.{key} must be a {kind} number, got {value!r}")
+            raise UserError(
+                f"cluster file {where}: {section}.{key} must be a {kind} number, got {value!r}"
+            )
         return float(value)
 
     def table(section: str, key: str, value) -> list:
         if not isinstance(value, dict) or not value:
-            raise UserError(f"cluster file {where}: {section}.{key} must be a table {{size = value, ...}}")
+            raise UserError(
+                f"cluster file {where}: {section}.{key} must be a table {{size = value, ...}}"
+            )
         out = []
         for k, v in value.items():
             try:
                 x = float(k)
             except ValueError:
-                raise UserError(f"cluster file {where}: {section}.{key}: key {k!r} is not a number") from None
+                raise UserError(
+                    f"cluster file {where}: {section}.{key}: key {k!r} is not a number"
+                ) from None
             out.append((x, number(section, f"{key}.{k}", v)))
         return sorted(out)
 
     vals = {s: {k: need(s, k) for k in keys} for s, keys in REQUIRED.items()}
     gemm_sec = d.get("compute", {}).get("gemm", {})
     if not isinstance(gemm_sec, dict) or not gemm_sec:
-        raise UserError(f"cluster file {where}: missing figure compute.gemm.float32 (matmul FLOP/s by shape class)")
+        raise UserError(
+            f"cluster file {where}: missing figure compute.gemm.float32 (matmul FLOP/s by shape class)"
+        )
     gemm = {dt: table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
     links = {}
     for level in ("intra", "inter"):
         sec = d.get("link", {}).get(level)
-        if sec is None:  # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
+        if (
+            sec is None
+        ):  # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
             continue
         lat, bw = need_link(d, level, where)
         where_l = f"link.{level}"
-        links[level] = Link(number(where_l, "latency_s", lat, positive=False), number(where_l, "bw", bw),
-                            number(f"link.{level}", "nb_bw", sec.get("nb_bw", bw)),
-                            number(f"link.{level}", "overlap", sec.get("overlap", 1.0), positive=False))
+        links[level] = Link(
+            number(where_l, "latency_s", lat, positive=False),
+            number(where_l, "bw", bw),
+            number(f"link.{level}", "nb_bw", sec.get("nb_bw", bw)),
+            number(f"link.{level}", "overlap", sec.get("overlap", 1.0), positive=False),
+        )
     cast_sec = d.get("compute", {}).get("cast", {})
     if not isinstance(cast_sec, dict):
-        raise UserError(f"cluster file {where}: compute.cast must be a table (to_bfloat16 = elements/s, ...)")
+        raise UserError(
+            f"cluster file {where}: compute.cast must be a table (to_bfloat16 = elements/s, ...)"
+        )
     for k in cast_sec:
         if k not in CAST_KEYS:
-            raise UserError(f"cluster file {where}: compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}")
+            raise UserError(
+                f"cluster file {where}: compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}"
+            )
     cast = {k: number("compute.cast", k, v) for k, v in cast_sec.items()}
     c, n = vals["compute"], vals["node"]
     backend = d["compute"].get("backend", "numpy")
     if backend not in ("numpy", "cupy"):
-        raise UserError(f'cluster file {where}: compute.backend must be "numpy" or "cupy", got {backend!r}')
+        raise UserError(
+            f'cluster file {where}: compute.backend must be "numpy" or "cupy", got {backend!r}'
+        )
     return Cluster(
-        name=str(d.get("name", where)), devices=int(number("node", "devices", n["devices"])),
+        name=str(d.get("name", where)),
+        devices=int(number("node", "devices", n["devices"])),
         memory_bytes=number("node", "memory_bytes", n["memory_bytes"]),
-        runtime_bytes=number("node", "runtime_bytes", d["node"].get("runtime_bytes", 0.0), positive=False),
-        gemm=gemm, gemm_call_s=number("compute", "gemm_call_s", c["gemm_call_s"], positive=False),
+        runtime_bytes=number(
+            "node", "runtime_bytes", d["node"].get("runtime_bytes", 0.0), positive=False
+        ),
+        gemm=gemm,
+        gemm_call_s=number("compute", "gemm_call_s", c["gemm_call_s"], positive=False),
         call_s=number("compute", "call_s", c["call_s"], positive=False),
         transcendental_rate=number("compute", "transcendental_rate", c["transcendental_rate"]),
         scatter_rate=number("compute", "scatter_rate", c["scatter_rate"]),
-        elementwise_bw=table("compute", "elementwise_bw", c["elementwise_bw"]), links=links,
-        write_bw=number("storage", "write_bw", vals["storage"]["write_bw"]), backend=backend, path=where, cast=cast,
-        sources=dict(d.get("sources", {})))
+        elementwise_bw=table("compute", "elementwise_bw", c["elementwise_bw"]),
+        links=links,
+        write_bw=number("storage", "write_bw", vals["storage"]["write_bw"]),
+        backend=backend,
+        path=where,
+        cast=cast,
+        sources=dict(d.get("sources", {})),
+    )
 
 
 def need_link(d: dict, level: str, where: str):
@@ -254,7 +296,9 @@ def to_toml(d: dict, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
 
     def emit(prefix: str, table: dict) -> None:
-        def inline(k, v) -> bool:  # tables of numbers by size inside a section: {"65536" = 2e11, ...}
+        def inline(
+            k, v
+        ) -> bool:  # tables of numbers by size inside a section: {"65536" = 2e11, ...}
             return bool(prefix) and (k == "elementwise_bw" or prefix == "compute.gemm")
 
         scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or inline(k, v)}

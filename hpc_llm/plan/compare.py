@@ -23,7 +23,9 @@ def run_layout(cfg, run: Path, world: int | None) -> Layout:
 
         latest = ckpt.find_latest(run)
         if latest is None:
-            raise UserError(f"--compare {run}: no verified checkpoint to read the layout from: give --gpus N")
+            raise UserError(
+                f"--compare {run}: no verified checkpoint to read the layout from: give --gpus N"
+            )
         f = ckpt.CheckpointFile(latest)
         try:
             world = int(f.state.get("layout", {}).get("world", 1))
@@ -31,8 +33,18 @@ def run_layout(cfg, run: Path, world: int | None) -> Layout:
             f.close()
     par, t = cfg.parallel, cfg.train
     dp = world // (par.tp * par.pp)
-    return Layout(par.pp, dp, par.tp, par.zero, par.schedule, par.virtual_stages, t.grad_accum, t.batch_size,
-                  par.bucket_mb, getattr(t, "recompute", "none"))
+    return Layout(
+        par.pp,
+        dp,
+        par.tp,
+        par.zero,
+        par.schedule,
+        par.virtual_stages,
+        t.grad_accum,
+        t.batch_size,
+        par.bucket_mb,
+        getattr(t, "recompute", "none"),
+    )
 
 
 def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:
@@ -40,7 +52,9 @@ def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:
     cfg_file, metrics_file = run / "config.json", run / "metrics.jsonl"
     for f in (cfg_file, metrics_file):
         if not f.is_file():
-            raise UserError(f"--compare {run}: {f.name} not found (a run directory written by hpc-llm train)")
+            raise UserError(
+                f"--compare {run}: {f.name} not found (a run directory written by hpc-llm train)"
+            )
     cfg = config_from_dict(json.loads(cfg_file.read_text()))
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
@@ -49,19 +63,36 @@ def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:
     lay = run_layout(cfg, run, world)
     tps = statistics.median(r["tokens_per_s"] for r in (train[1:] or train))
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
-    pred = predict(cfg.model, lay, cl, getattr(cfg.train, "precision", None), share, cfg.checkpoint.interval,
-                   cfg.train.max_iters, cfg.parallel.pp_layers)
+    pred = predict(
+        cfg.model,
+        lay,
+        cl,
+        getattr(cfg.train, "precision", None),
+        share,
+        cfg.checkpoint.interval,
+        cfg.train.max_iters,
+        cfg.parallel.pp_layers,
+    )
     measured = tokens / tps
-    return {"run": str(run), "layout": pred.as_dict()["layout"], "measured_step_s": measured,
-            "predicted_step_s": pred.time["step"], "error": pred.time["step"] / measured - 1,
-            "measured_tokens_per_s": tps, "predicted_tokens_per_s": pred.tokens_per_s,
-            "predicted": pred.as_dict(), "_prediction": pred}
+    return {
+        "run": str(run),
+        "layout": pred.as_dict()["layout"],
+        "measured_step_s": measured,
+        "predicted_step_s": pred.time["step"],
+        "error": pred.time["step"] / measured - 1,
+        "measured_tokens_per_s": tps,
+        "predicted_tokens_per_s": pred.tokens_per_s,
+        "predicted": pred.as_dict(),
+        "_prediction": pred,
+    }
 
 
 def format_compare(r: dict) -> str:
     t = r["predicted"]["time_s"]
     parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in t.items() if k != "step" and v > 0)
-    return (f"{r['run']}: measured {1000 * r['measured_step_s']:.1f} ms/step ({r['measured_tokens_per_s']:.0f} "
-            f"tokens/s), predicted {1000 * r['predicted_step_s']:.1f} ms ({r['predicted_tokens_per_s']:.0f} "
-            f"tokens/s): {100 * r['error']:+.1f}%\n  predicted parts (ms): {parts}\n  predicted peak memory per rank "
-            f"{r['predicted']['memory_bytes']['peak'] / 2**20:.0f} MiB")
+    return (
+        f"{r['run']}: measured {1000 * r['measured_step_s']:.1f} ms/step ({r['measured_tokens_per_s']:.0f} "
+        f"tokens/s), predicted {1000 * r['predicted_step_s']:.1f} ms ({r['predicted_tokens_per_s']:.0f} "
+        f"tokens/s): {100 * r['error']:+.1f}%\n  predicted parts (ms): {parts}\n  predicted peak memory per rank "
+        f"{r['predicted']['memory_bytes']['peak'] / 2**20:.0f} MiB"
+    )

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
-from hpc_llm.optim import CHUNK as ADAM_CHUNK, NORM_CHUNK
+from hpc_llm.optim import CHUNK as ADAM_CHUNK
+from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan.cluster import Cluster, allreduce
 
 
@@ -29,7 +30,7 @@ class Cost:
     tp: float = 0.0
     gemm: float = 0.0  # of compute: matmuls only
 
-    def __add__(self, o: "Cost") -> "Cost":
+    def __add__(self, o: Cost) -> Cost:
         return Cost(self.compute + o.compute, self.tp + o.tp, self.gemm + o.gemm)
 
     @property
@@ -45,9 +46,24 @@ class Pricer:
     shared, see search._link), how many ranks share one device (oversubscription: compute slows by that factor),
     and low: the 2-byte format of bf16/fp16 ("bfloat16" | "float16"; None in fp32/fp64: no conversions)."""
 
-    def __init__(self, cl: Cluster, dtype: str, itemsize: int, tp: int, tp_link, share: float = 1.0,
-                 low: str | None = None):
-        self.cl, self.dtype, self.it, self.tp, self.link, self.share = cl, dtype, itemsize, tp, tp_link, share
+    def __init__(
+        self,
+        cl: Cluster,
+        dtype: str,
+        itemsize: int,
+        tp: int,
+        tp_link,
+        share: float = 1.0,
+        low: str | None = None,
+    ):
+        self.cl, self.dtype, self.it, self.tp, self.link, self.share = (
+            cl,
+            dtype,
+            itemsize,
+            tp,
+            tp_link,
+            share,
+        )
         self.low = low
 
     def gemm(self, m: int, n: int, k: int, batch: int = 1) -> Cost:
@@ -80,8 +96,14 @@ class Pricer:
     def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
         return Cost(self.share * self.cl.pass_time(accesses, self.it, elems, calls))
 
-    def chunked(self, accesses_per_elem: float, elems: int, calls_per_chunk: int, chunk: int,
-                numpy_only: bool = False) -> Cost:
+    def chunked(
+        self,
+        accesses_per_elem: float,
+        elems: int,
+        calls_per_chunk: int,
+        chunk: int,
+        numpy_only: bool = False,
+    ) -> Cost:
         """A chain of passes run chunk by chunk in cache (GELU, AdamW, the norm); numpy_only: on CuPy one chunk
         (layers._chunks)."""
         if numpy_only and self.cl.backend == "cupy":
@@ -123,7 +145,9 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
     c = _layernorm_fwd(p, n) + p.keep(n)  # ln_1 (its xhat kept in the format)
     c += p.keep(n) + p.use(n)  # ColumnParallelLinear: the input kept, then used
     c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
-    c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)  # split_heads copy, q *= scale, round_
+    c += (
+        p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
+    )  # split_heads copy, q *= scale, round_
     for q0, q1 in query_blocks(T):
         s = b * h * (q1 - q0) * q1
         c += p.gemm(q1 - q0, q1, hd, b * h) + p.gemm(q1 - q0, hd, q1, b * h)
@@ -133,7 +157,9 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
     c += p.keep(3 * nl)  # the head-split qkv kept
     c += p.ew(2 * nl, nl)  # merge_heads copy
     c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
-    c += p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)  # proj, bias, residual
+    c += (
+        p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
+    )  # proj, bias, residual
     c += _layernorm_fwd(p, n) + p.keep(n)
     c += p.keep(n) + p.use(n)
     c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
@@ -151,7 +177,12 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
     c = Cost()
     # mlp_proj: its gradient as an operand, its input used; weight gradient, bias (row sums), input gradient
     c += p.operand(n) + p.use(4 * nl)
-    c += p.gemm(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C) + p.ew(n, n) + p.gemm(N, 4 * C // tp, C)
+    c += (
+        p.gemm(4 * C // tp, C, N)
+        + _accumulate(p, acc, 4 * C // tp * C)
+        + p.ew(n, n)
+        + p.gemm(N, 4 * C // tp, C)
+    )
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
     c += p.use(4 * nl) + p.use(4 * nl) + p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
     c += p.operand(4 * nl) + p.use(n)  # fc
@@ -159,7 +190,12 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
     c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it)
     c += p.use(n) + _layernorm_bwd(p, n) + p.ew(3 * n, n)  # ln_2, dx +=
     c += p.operand(n) + p.use(nl)  # attn_proj
-    c += p.gemm(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n) + p.gemm(N, C // tp, C)
+    c += (
+        p.gemm(C // tp, C, N)
+        + _accumulate(p, acc, C // tp * C)
+        + p.ew(n, n)
+        + p.gemm(N, C // tp, C)
+    )
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
@@ -179,7 +215,9 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
 
 def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)  # ln_f's xhat; xf2 as operand, then kept
+    c = (
+        _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
+    )  # ln_f's xhat; xf2 as operand, then kept
     c += p.gemm(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
@@ -190,7 +228,9 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
 
 def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)  # probabilities *= scale / N, rounded; xf2 used
+    c = (
+        p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)
+    )  # probabilities *= scale / N, rounded; xf2 used
     c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.allreduce(n * p.it)
     return c + p.use(n) + _layernorm_bwd(p, n)
 
@@ -208,8 +248,15 @@ def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
     return p.ew(n, n) + p.scatter(n)  # position rows summed; np.add.at into wte's rows
 
 
-def chunk_costs(cfg: ModelConfig, p: Pricer, b: int, n_blocks: int, embedding: bool, head: bool,
-                recompute: str = "none") -> dict:
+def chunk_costs(
+    cfg: ModelConfig,
+    p: Pricer,
+    b: int,
+    n_blocks: int,
+    embedding: bool,
+    head: bool,
+    recompute: str = "none",
+) -> dict:
     """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, and
     the parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating)."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
@@ -236,7 +283,9 @@ def chunk_costs(cfg: ModelConfig, p: Pricer, b: int, n_blocks: int, embedding: b
         out[key] = c
     for key, acc in (("", False), ("+", True)):
         out["head_B" + key] = head_backward(p, b, T, C, V, acc) if head else Cost()
-        out["block_B" + key] = block_backward(p, b, T, C, H, acc) + (bf if recompute == "block" else Cost())
+        out["block_B" + key] = block_backward(p, b, T, C, H, acc) + (
+            bf if recompute == "block" else Cost()
+        )
     return out
 
 

@@ -41,10 +41,12 @@ class Bytes:
     moment: int = 4
     act: int = 4  # activations kept in the precision's format (Precision.keep)
     master: int = 0  # GPT.compute, the rounded copy of the weights (0: none, the weights are used as they are)
-    compute: int = 4  # the compute dtype: LayerNorm's rstd, dropout masks, the probabilities, the streams
+    compute: int = (
+        4  # the compute dtype: LayerNorm's rstd, dropout masks, the probabilities, the streams
+    )
 
     @staticmethod
-    def of(dtype_bytes: int) -> "Bytes":
+    def of(dtype_bytes: int) -> Bytes:
         return Bytes(dtype_bytes, dtype_bytes, dtype_bytes, dtype_bytes, 0, dtype_bytes)
 
 
@@ -73,25 +75,37 @@ class Layout:
 
 
 def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> StagePlan:
-    return StagePlan(tuple(stage_layers(cfg.n_layer, lay.pp * lay.virtual, list(pp_layers))), lay.pp, stage,
-                     lay.virtual)
+    return StagePlan(
+        tuple(stage_layers(cfg.n_layer, lay.pp * lay.virtual, list(pp_layers))),
+        lay.pp,
+        stage,
+        lay.virtual,
+    )
 
 
 @lru_cache(maxsize=4096)
 def grad_sync(n: int, dp: int, dp_rank: int, bucket_elems: int, zero: bool) -> GradientSync:
     """The trainer's GradientSync on a stand-in communicator: its buckets, counts and owned ranges, no MPI."""
-    return GradientSync(SimpleNamespace(size=n), SimpleNamespace(size=dp, rank=dp_rank), bucket_elems, zero)
+    return GradientSync(
+        SimpleNamespace(size=n), SimpleNamespace(size=dp, rank=dp_rank), bucket_elems, zero
+    )
 
 
 def specs_of(cfg: ModelConfig, tp: int, plan: StagePlan) -> list:
     """param_specs, remembered: a search asks for the same stage of the same model thousands of times."""
     # lists (model.lora_targets) as tuples: the key must be hashable
-    return _specs(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(cfg).items())), tp, plan)
+    return _specs(
+        tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(cfg).items())),
+        tp,
+        plan,
+    )
 
 
 @lru_cache(maxsize=4096)
 def _specs(cfg_items: tuple, tp: int, plan: StagePlan) -> list:
-    return param_specs(ModelConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg_items}), tp, plan)
+    return param_specs(
+        ModelConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg_items}), tp, plan
+    )
 
 
 def bucket_elems(bucket_mb: float, grad_bytes: int) -> int:
@@ -99,6 +113,7 @@ def bucket_elems(bucket_mb: float, grad_bytes: int) -> int:
 
 
 # -- activations: what each layer's cache holds ----------------------------------------------------------------
+
 
 def attention_scores(T: int) -> int:
     """Entries of the probability matrices of one head: query block [q0, q1) keeps (q1 - q0) x q1."""
@@ -126,9 +141,9 @@ def block_cache_elems(b: int, T: int, C: int, H: int, tp: int, dropout: bool) ->
     }
 
 
-
-
-def block_cache_bytes(b: int, T: int, C: int, H: int, tp: int, dropout: bool, act: int, compute: int) -> int:
+def block_cache_bytes(
+    b: int, T: int, C: int, H: int, tp: int, dropout: bool, act: int, compute: int
+) -> int:
     """LayerNorm's rstd and the dropout masks stay in the compute dtype; the rest is kept in the format."""
     total = 0
     for name, elems in block_cache_elems(b, T, C, H, tp, dropout).items():
@@ -139,8 +154,17 @@ def block_cache_bytes(b: int, T: int, C: int, H: int, tp: int, dropout: bool, ac
     return total
 
 
-def chunk_cache_bytes(cfg: ModelConfig, tp: int, b: int, n_blocks: int, embedding: bool, head: bool,
-                      act: int = 4, recompute: str = "none", compute: int | None = None) -> int:
+def chunk_cache_bytes(
+    cfg: ModelConfig,
+    tp: int,
+    b: int,
+    n_blocks: int,
+    embedding: bool,
+    head: bool,
+    act: int = 4,
+    recompute: str = "none",
+    compute: int | None = None,
+) -> int:
     """Bytes of one micro-batch's cache for a chunk (Chunk.forward's (emb_cache, caches, head_cache, rng)).
     recompute "block": each block keeps only a copy of its input (b, T, C), the cache is rebuilt in backward."""
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
@@ -162,8 +186,10 @@ def chunk_cache_bytes(cfg: ModelConfig, tp: int, b: int, n_blocks: int, embeddin
 
 # -- what one operation allocates on top of the caches ---------------------------------------------------------
 
-def block_backward_work(b: int, T: int, C: int, H: int, tp: int, act: int, grad: int, accumulate: bool,
-                        dropout: bool) -> int:
+
+def block_backward_work(
+    b: int, T: int, C: int, H: int, tp: int, act: int, grad: int, accumulate: bool, dropout: bool
+) -> int:
     """Peak extra bytes inside Block.backward: its locals (dg, dh2, dy, dqkv, dh1) live until it returns, on top of
     the running gradient dx; each phase adds its own temporaries (LayerNorm's dxhat and xhat * mean, the attention
     backward's dyh, dqkvh, per-block datt and its final transposed copy, `out += a @ b` when accumulating)."""
@@ -175,14 +201,21 @@ def block_backward_work(b: int, T: int, C: int, H: int, tp: int, act: int, grad:
     gelu_tmp = 2 * min(ELEMENTWISE_CHUNK, 4 * nl)
     ln_tmp = 2 * n  # dxhat and xhat * mean_dx
     big_att = max((q1 - q0) * q1 for q0, q1 in blocks) * b * h
-    att_tmp = max(big_att + b * h * max(q1 for _, q1 in blocks) * hd * (1 if accumulate or len(blocks) > 1 else 0),
-                  3 * nl)  # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
+    att_tmp = max(
+        big_att
+        + b * h * max(q1 for _, q1 in blocks) * hd * (1 if accumulate or len(blocks) > 1 else 0),
+        3 * nl,
+    )  # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
     phases = [
-        act * (n + masks + dg) + max(wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj backward, GELU backward
+        act * (n + masks + dg)
+        + max(wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj backward, GELU backward
         act * (n + masks + dg) + wtemp(C, 4 * C // tp),  # fc's weight gradient
         act * (n + masks + dg + n + ln_tmp),  # ln_2 backward
         act * (n + masks + dg + n + nl) + wtemp(C // tp, C),  # attn_proj backward
-        act * (n + masks + dg + n + nl + nl + 3 * nl + att_tmp),  # attention backward: dyh, dqkvh, then its peak
+        act
+        * (
+            n + masks + dg + n + nl + nl + 3 * nl + att_tmp
+        ),  # attention backward: dyh, dqkvh, then its peak
         act * (n + masks + dg + n + nl + 3 * nl) + wtemp(C, 3 * C // tp),  # qkv's weight gradient
         act * (n + masks + dg + n + nl + 3 * nl + n + ln_tmp),  # ln_1 backward
     ]
@@ -196,7 +229,9 @@ def block_forward_work(b: int, T: int, C: int, H: int, tp: int, act: int) -> int
     return act * (n + 3 * nl + nl)
 
 
-def head_backward_work(b: int, T: int, C: int, V: int, tp: int, act: int, grad: int, accumulate: bool) -> int:
+def head_backward_work(
+    b: int, T: int, C: int, V: int, tp: int, act: int, grad: int, accumulate: bool
+) -> int:
     """Head.backward: wte's gradient with `out += dlogits.T @ xf2` (a temporary of wte's shard), then dx (N, C) and
     ln_f's backward temporaries."""
     n = b * T * C
@@ -204,6 +239,7 @@ def head_backward_work(b: int, T: int, C: int, V: int, tp: int, act: int, grad: 
 
 
 # -- the step: walk the schedule ---------------------------------------------------------------------------------
+
 
 @dataclass
 class RankMemory:
@@ -219,9 +255,13 @@ class RankMemory:
     pipeline_buffers: int  # send buffers held until the step's end, at the peak
     zero_buffers: int  # ZeRO-1 reduce-scatter receive buffers at the peak
     checkpoint_scratch: int  # kept after the first save (ZeRO-1: moments assembled on the writer)
-    checkpoint_assembly: int  # at a save only (activations freed then): full tensors assembled on world rank 0
+    checkpoint_assembly: (
+        int  # at a save only (activations freed then): full tensors assembled on world rank 0
+    )
     runtime: int = 0  # interpreter and libraries (from the cluster file)
-    save_on_device: bool = True  # False: the checkpoint's host arrays are not device memory (GPUs) or not planned
+    save_on_device: bool = (
+        True  # False: the checkpoint's host arrays are not device memory (GPUs) or not planned
+    )
 
     @property
     def persistent(self) -> int:
@@ -229,7 +269,13 @@ class RankMemory:
 
     @property
     def step_peak(self) -> int:
-        return self.persistent + self.activations + self.workspace + self.pipeline_buffers + self.zero_buffers
+        return (
+            self.persistent
+            + self.activations
+            + self.workspace
+            + self.pipeline_buffers
+            + self.zero_buffers
+        )
 
     @property
     def peak(self) -> int:
@@ -239,14 +285,35 @@ class RankMemory:
         return max(self.step_peak + self.checkpoint_scratch, save) + self.runtime
 
     def breakdown(self) -> dict:
-        keys = ("params", "grads", "master", "moments", "optimizer_temps", "activations", "workspace",
-                "pipeline_buffers", "zero_buffers", "checkpoint_scratch", "checkpoint_assembly", "runtime")
+        keys = (
+            "params",
+            "grads",
+            "master",
+            "moments",
+            "optimizer_temps",
+            "activations",
+            "workspace",
+            "pipeline_buffers",
+            "zero_buffers",
+            "checkpoint_scratch",
+            "checkpoint_assembly",
+            "runtime",
+        )
         return {k: getattr(self, k) for k in keys} | {"peak": self.peak}
 
 
-def rank_memory(cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, dp_rank: int = 0, pp_layers=(),
-                optimizer_threads: int = 1, runtime: int = 0, writer: str = "gather",
-                save_on_device: bool = True) -> RankMemory:
+def rank_memory(
+    cfg: ModelConfig,
+    lay: Layout,
+    stage: int,
+    by: Bytes,
+    dp_rank: int = 0,
+    pp_layers=(),
+    optimizer_threads: int = 1,
+    runtime: int = 0,
+    writer: str = "gather",
+    save_on_device: bool = True,
+) -> RankMemory:
     """Memory of pipeline stage `stage`, data-parallel rank `dp_rank` (0 owns the largest ZeRO-1 pieces)."""
     plan = stage_plan(cfg, lay, stage, pp_layers)
     specs = specs_of(cfg, lay.tp, plan)
@@ -255,10 +322,24 @@ def rank_memory(cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, dp_rank: i
     owned = sum(b - a for a, b in sync.owned)
     b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
     chunks = plan.chunks
-    sizes = {c: chunk_cache_bytes(cfg, lay.tp, b, len(plan.layers[v]), v == 0, v == plan.n_virtual - 1, by.act,
-                                  lay.recompute, by.compute) for c, v in enumerate(chunks)}
+    sizes = {
+        c: chunk_cache_bytes(
+            cfg,
+            lay.tp,
+            b,
+            len(plan.layers[v]),
+            v == 0,
+            v == plan.n_virtual - 1,
+            by.act,
+            lay.recompute,
+            by.compute,
+        )
+        for c, v in enumerate(chunks)
+    }
     ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
-    msg = b * T * C * by.compute  # activations between stages, and the residual stream: the compute dtype
+    msg = (
+        b * T * C * by.compute
+    )  # activations between stages, and the residual stream: the compute dtype
     drop = cfg.dropout > 0
     # where each chunk's gradients start (grad_ready offsets): buckets at or beyond the smallest reported one are
     # launched during the last backward; their ZeRO-1 receive buffers live until finish()
@@ -279,16 +360,26 @@ def rank_memory(cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, dp_rank: i
         if op.kind == "F":
             alive[(op.micro, op.chunk)] = sizes[op.chunk]
             work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
-            if lay.recompute == "block":  # each block's whole cache is built, then dropped; Chunk.forward's loop
-                work += 2 * act_block(cfg, lay, b, by)  # variable still holds the previous block's meanwhile
+            if (
+                lay.recompute == "block"
+            ):  # each block's whole cache is built, then dropped; Chunk.forward's loop
+                work += 2 * act_block(
+                    cfg, lay, b, by
+                )  # variable still holds the previous block's meanwhile
         else:
             acc = op.chunk in started
             work = msg + batch
             if blocks:
-                work = max(work, block_backward_work(b, T, C, H, lay.tp, by.compute, by.grad, acc, drop)
-                           + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0))
+                work = max(
+                    work,
+                    block_backward_work(b, T, C, H, lay.tp, by.compute, by.grad, acc, drop)
+                    + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0),
+                )
             if last:
-                work = max(work, head_backward_work(b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc))
+                work = max(
+                    work,
+                    head_backward_work(b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc),
+                )
         zero = zero_recv if k == last_b else 0
         total = sum(alive.values()) + work + sends + zero + batch
         if total > best[0]:
@@ -311,14 +402,28 @@ def rank_memory(cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, dp_rank: i
     scratch = 0
     writes = writer == "mpio" or (stage == 0 and dp_rank == 0)
     assembly = 2 * MESSAGE_ELEMS * by.param + 2 * VERIFY_BLOCK_BYTES if writes else 0
-    return RankMemory(params, grads, master, moments, temps, best[1], best[2], best[3], best[4], scratch, assembly,
-                      runtime, save_on_device)
+    return RankMemory(
+        params,
+        grads,
+        master,
+        moments,
+        temps,
+        best[1],
+        best[2],
+        best[3],
+        best[4],
+        scratch,
+        assembly,
+        runtime,
+        save_on_device,
+    )
 
 
 def act_block(cfg: ModelConfig, lay: Layout, b: int, by: Bytes) -> int:
     """recompute: the block whose cache is being rebuilt holds it whole while its backward runs."""
-    return block_cache_bytes(b, cfg.block_size, cfg.n_embd, cfg.n_head, lay.tp, cfg.dropout > 0, by.act,
-                             by.compute)
+    return block_cache_bytes(
+        b, cfg.block_size, cfg.n_embd, cfg.n_head, lay.tp, cfg.dropout > 0, by.act, by.compute
+    )
 
 
 def max_rank_memory(cfg: ModelConfig, lay: Layout, by: Bytes, **kw) -> tuple[int, RankMemory]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from hpc_llm.parallel.schedule import Timing, schedule, simulate_lists
 
 
-
 def simulate_costs(name: str, p: int, m: int, v: int, cost, t_comm: float = 0.0) -> Timing:
     """cost(kind, vstage, later) -> seconds, with kind "F" | "B" and later: a backward that is not its chunk's
     first of the step (it accumulates)."""
     lists = [schedule(name, p, r, m, v) for r in range(p)]
-    return simulate_lists(lists, v, t_comm=t_comm,
-                          cost=lambda r, op, later: cost(op.kind, op.chunk * p + r, later))
+    return simulate_lists(
+        lists, v, t_comm=t_comm, cost=lambda r, op, later: cost(op.kind, op.chunk * p + r, later)
+    )

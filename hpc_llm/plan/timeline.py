@@ -28,21 +28,44 @@ def draw(pred, path: str | Path, title: str = "") -> Path:
         if kind == "B":
             kind = "B+" if (e.rank, e.op.chunk) in started else "B"
             started.add((e.rank, e.op.chunk))
-        ax.barh(e.rank, (e.end - e.start) * scale, left=e.start * scale, height=0.8, color=COLORS[kind],
-                edgecolor="white", linewidth=0.5)
+        ax.barh(
+            e.rank,
+            (e.end - e.start) * scale,
+            left=e.start * scale,
+            height=0.8,
+            color=COLORS[kind],
+            edgecolor="white",
+            linewidth=0.5,
+        )
         label = f"{e.op.micro}" + (f".{e.op.chunk}" if lay.virtual > 1 else "")
         if (e.end - e.start) > timing.makespan / 80:
-            ax.text((e.start + e.end) / 2 * scale, e.rank, label, ha="center", va="center", fontsize=6, color="white")
+            ax.text(
+                (e.start + e.end) / 2 * scale,
+                e.rank,
+                label,
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white",
+            )
     ax.set_yticks(range(lay.pp), [f"stage {s}" for s in range(lay.pp)])
     ax.invert_yaxis()
     ax.set_xlabel("time in the step (ms)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, ["forward", "backward (first: writes grads)", "backward (later: accumulates)"],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if lay.pp < 3 else -0.12), ncol=3, fontsize=8)
-    ax.set_title(f"{title or 'predicted pipeline'}: {lay.schedule}, p={lay.pp}, m={lay.micro_batches}"
-                 f"{f', v={lay.virtual}' if lay.virtual > 1 else ''}; bubble {100 * timing.bubble:.1f}% "
-                 f"(ideal (p-1)/(vm+p-1) = {100 * (lay.pp - 1) / (lay.virtual * lay.micro_batches + lay.pp - 1):.1f}%)",
-                 fontsize=9)
+    ax.legend(
+        handles,
+        ["forward", "backward (first: writes grads)", "backward (later: accumulates)"],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25 if lay.pp < 3 else -0.12),
+        ncol=3,
+        fontsize=8,
+    )
+    ax.set_title(
+        f"{title or 'predicted pipeline'}: {lay.schedule}, p={lay.pp}, m={lay.micro_batches}"
+        f"{f', v={lay.virtual}' if lay.virtual > 1 else ''}; bubble {100 * timing.bubble:.1f}% "
+        f"(ideal (p-1)/(vm+p-1) = {100 * (lay.pp - 1) / (lay.virtual * lay.micro_batches + lay.pp - 1):.1f}%)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
