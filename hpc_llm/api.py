@@ -38,9 +38,9 @@ def load_model(
     tp_comm: Comm | None = None,
 ) -> GPT:
     """The model stored in a checkpoint (its parameters checksum-verified) or a run directory's newest one;
-    dtype="float64" gives a float64 copy for analysis; quantize="int8" int8 weights (hpc_llm/quantize.py: a float32
-    model for inference only). tp_comm: a tensor-parallel group (hpc_llm.parallel.grid), each of whose ranks calls
-    this and reads only its shards."""
+    dtype="float64" gives a float64 copy for analysis; quantize="int8" int8 weights (hpc_llm/infer/quantize.py: a
+    float32 model for inference only). tp_comm: a tensor-parallel group (hpc_llm.parallel.grid), each of whose ranks
+    calls this and reads only its shards."""
     with open_checkpoint(path) as saved:
         return model_from_file(saved, backend, dtype, quantize, tp_comm)
 
@@ -72,8 +72,8 @@ def model_from_file(
     the hyperslabs of its shards and checksums its share of the file's datasets (as a resumed trainer does), the
     ranks agreeing on the verdict over `agree` (default: tp_comm); then int8-quantized if asked (each rank its
     shards). Every rank of tp_comm must call it."""
+    from hpc_llm.infer.quantize import check_quantize, quantize_model
     from hpc_llm.parallel.grid import check_layout
-    from hpc_llm.quantize import check_quantize, quantize_model
 
     tp = tp_comm if tp_comm is not None else Comm(None)
     group = agree if agree is not None else tp
@@ -110,10 +110,10 @@ def load_tokenizer(path):
 
 
 def tokenizer_of(saved: ckpt.Checkpoint):
-    from hpc_llm.tokenizer import tokenizer_from_meta
+    from hpc_llm.data.tokenizer import tokenizer_from_meta
 
     meta = saved.state.get("tokenizer")
-    # hpc_llm/gpt2_import.py from a directory without tokenizer files: ids only
+    # hpc_llm/tools/gpt2_import.py from a directory without tokenizer files: ids only
     if (
         isinstance(meta, dict)
         and meta.get("tokenizer") == "gpt2-bpe"

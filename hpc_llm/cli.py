@@ -16,7 +16,7 @@ import logging
 import sys
 
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.faults import failure_line, launcher_rank
+from hpc_llm.runtime.faults import failure_line, launcher_rank
 
 
 def _need_directory_of(path: str, flag: str) -> None:
@@ -29,7 +29,7 @@ def _need_directory_of(path: str, flag: str) -> None:
 
 
 def _prepare(args) -> None:
-    from hpc_llm import data
+    from hpc_llm.data import prepare as data
     from hpc_llm.parallel.comm import world_comm
 
     if not 0 < args.val_fraction < 1:
@@ -71,17 +71,17 @@ def _prepare(args) -> None:
 
 
 def _train(args) -> None:
-    from hpc_llm.stop import EXIT_PREEMPTED, StopRequest
+    from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
 
     with (
         StopRequest() as stop
     ):  # first: a stop signal during start-up is kept, and honoured at step 0
-        from hpc_llm.faults import inject
+        from hpc_llm.runtime.faults import inject
 
         inject("startup")
         from hpc_llm.config import load_config
         from hpc_llm.parallel.comm import world_comm
-        from hpc_llm.train import train
+        from hpc_llm.train.trainer import train
 
         # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
         # print, so every rank reads and validates the config, then all raise the same error together
@@ -94,7 +94,7 @@ def _train(args) -> None:
 
 def _generate(args) -> None:
     from hpc_llm.api import model_from_file, open_checkpoint, tokenizer_of
-    from hpc_llm.generate import check_options, generate_prompts, read_prompts, tp_from_sets
+    from hpc_llm.infer.generate import check_options, generate_prompts, read_prompts, tp_from_sets
     from hpc_llm.parallel.comm import world_comm
     from hpc_llm.parallel.grid import world_grid
 
@@ -180,8 +180,8 @@ def _generate(args) -> None:
 
 def _eval(args) -> None:
     from hpc_llm.api import model_from_file, open_checkpoint
-    from hpc_llm.evaluate import check_eval_options, evaluate, open_split
-    from hpc_llm.generate import tp_from_sets
+    from hpc_llm.infer.evaluate import check_eval_options, evaluate, open_split
+    from hpc_llm.infer.generate import tp_from_sets
     from hpc_llm.parallel.comm import world_comm
     from hpc_llm.parallel.grid import world_grid
 
@@ -220,20 +220,20 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-    from hpc_llm.inspect_ckpt import run
+    from hpc_llm.tools.inspect import run
 
     run(args.checkpoints)
 
 
 def _import_gpt2(args) -> None:
-    from hpc_llm.gpt2_import import import_gpt2
+    from hpc_llm.tools.gpt2_import import import_gpt2
 
     path = import_gpt2(args.model_dir, args.out)
     print(f"wrote {path}")
 
 
 def _merge_lora(args) -> None:
-    from hpc_llm.lora import merge_lora
+    from hpc_llm.tools.merge_lora import merge_lora
 
     path = merge_lora(args.checkpoint, args.out)
     print(
@@ -242,7 +242,7 @@ def _merge_lora(args) -> None:
 
 
 def _bench_comm(args) -> None:
-    from hpc_llm.bench_comm import run_from_args
+    from hpc_llm.bench.comm import run_from_args
 
     if args.json:
         _need_directory_of(args.json, "--json")
@@ -252,7 +252,7 @@ def _bench_comm(args) -> None:
 def _bench_calibrate(args) -> None:
     from pathlib import Path
 
-    from hpc_llm.bench import calibrate
+    from hpc_llm.bench.calibrate import calibrate
     from hpc_llm.plan.cluster import cluster_from_dict, to_toml
 
     out = Path(args.out)
@@ -346,7 +346,7 @@ def _plan_config(args):
 
     cfg = load_config(args.config, args.set)
     if cfg.model.vocab_size == 0:
-        from hpc_llm.data import TokenData
+        from hpc_llm.data.prepare import TokenData
 
         try:
             cfg.model.vocab_size = TokenData(cfg.data.path).vocab_size
@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser(
         "comm", help="collectives through our Comm wrappers: time, algbw, busbw, vs plain mpi4py"
     )
-    from hpc_llm.bench_comm import add_arguments as add_bench_comm_arguments
+    from hpc_llm.bench.comm import add_arguments as add_bench_comm_arguments
 
     add_bench_comm_arguments(b)
     b.set_defaults(func=_bench_comm)
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(traceback.format_exc() + f"hpc-llm: {failure_line(e)}\n")
         sys.stderr.flush()
         if "mpi4py.MPI" in sys.modules:
-            from hpc_llm.faults import abort_job
+            from hpc_llm.runtime.faults import abort_job
 
             abort_job(1)
         return 1

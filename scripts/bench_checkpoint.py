@@ -33,7 +33,7 @@ from bench_parallel import random_tokens  # noqa: E402
 from bench_train import PRESETS  # noqa: E402
 
 from hpc_llm.config import Config  # noqa: E402
-from hpc_llm.train import Trainer  # noqa: E402
+from hpc_llm.train.trainer import Trainer  # noqa: E402
 
 BLOCK = 16 << 20
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm.config import load_config
-from hpc_llm.train import Trainer
+from hpc_llm.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128"]

@@ -44,7 +44,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from hpc_llm.config import ModelConfig  # noqa: E402
-from hpc_llm.generate import sample_sharded  # noqa: E402
+from hpc_llm.infer.generate import sample_sharded  # noqa: E402
 from hpc_llm.model.gpt import GPT, KVCache  # noqa: E402
 
 CFG = dict(
@@ -198,7 +198,7 @@ def main():
 
 
 def int8_main(model, rng):
-    from hpc_llm.quantize import quantize_model, weight_bytes
+    from hpc_llm.infer.quantize import quantize_model, weight_bytes
 
     ref = GPT(model.cfg, seed=None)
     ref.flat[...] = model.flat

@@ -31,7 +31,7 @@ from bench_train import PRESETS  # noqa: E402
 
 from hpc_llm.config import Config, validate  # noqa: E402
 from hpc_llm.parallel.data_parallel import GradientSync  # noqa: E402
-from hpc_llm.train import Trainer  # noqa: E402
+from hpc_llm.train.trainer import Trainer  # noqa: E402
 
 SCHEMES = [
     ("fp32", 0),

@@ -156,7 +156,7 @@ _PIPE_PROBE: list = [None]
 
 def _install_schedule_timer() -> None:
     """Wrap the run_schedule that Trainer.train_step calls, to time the pipeline phase of the step (once)."""
-    import hpc_llm.train as train_mod
+    import hpc_llm.train.trainer as train_mod
 
     if getattr(train_mod.run_schedule, "_bench_timed", False):
         return
@@ -259,7 +259,7 @@ def bubble(args) -> None:
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.parallel.schedule import schedule as make_schedule
     from hpc_llm.parallel.schedule import simulate
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
     p = world.size
@@ -434,7 +434,7 @@ def memory(args) -> None:
     from hpc_llm.config import stage_layers
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.parallel.schedule import in_flight
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
     p = args.pp or world.size
@@ -520,7 +520,7 @@ def throughput(args) -> None:
     from mpi4py import MPI
 
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
     preset = PRESETS[args.preset]

@@ -91,7 +91,7 @@ def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int 
     sys.path.insert(0, str(REPO))
     from hpc_llm.config import Config, validate
     from hpc_llm.parallel.grid import single_process_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     cfg = Config()
     for k, v in preset.items():

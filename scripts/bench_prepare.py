@@ -37,7 +37,7 @@ def vm_hwm() -> int:
 
 
 def worker(args) -> None:
-    from hpc_llm.data import prepare
+    from hpc_llm.data.prepare import prepare
     from hpc_llm.parallel.comm import world_comm
 
     comm = world_comm()
@@ -75,7 +75,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from hpc_llm.tokenizer import BPETokenizer
+    from hpc_llm.data.tokenizer import BPETokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare."))
     try:

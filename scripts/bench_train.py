@@ -22,11 +22,11 @@ import time
 import numpy as np
 
 from hpc_llm.backend import keep_freed_memory
-from hpc_llm.bench import matmul_peak_flops
+from hpc_llm.bench.calibrate import matmul_peak_flops
 from hpc_llm.config import ModelConfig, TrainConfig
 from hpc_llm.model import layers as L
 from hpc_llm.model.gpt import GPT
-from hpc_llm.optim import AdamW
+from hpc_llm.train.optim import AdamW
 
 PRESETS = {
     # nanoGPT's shakespeare-char CPU setting (vocab 65)

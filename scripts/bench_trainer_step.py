@@ -14,7 +14,7 @@ import time
 
 import hpc_llm
 from hpc_llm.config import load_config
-from hpc_llm.train import Trainer
+from hpc_llm.train.trainer import Trainer
 
 preset = sys.argv[1]
 P = {

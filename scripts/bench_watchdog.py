@@ -43,9 +43,9 @@ def main() -> None:
 
     import hpc_llm.parallel.comm as comm
     from hpc_llm.config import load_config
-    from hpc_llm.faults import WATCHDOG
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.runtime.faults import WATCHDOG
+    from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
     sets = [f"model.{k}={v}" for k, v in PRESETS[args.preset].items()] + [

@@ -43,7 +43,7 @@ BATCH = 2
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 MODEL_DIR = FIXTURES / "hf_gpt2_tiny"
 REFERENCE = FIXTURES / "hf_gpt2_tiny_reference.safetensors"
-KEEP = ("config.json", "model.safetensors")  # what hpc_llm.gpt2_import.read_gpt2_dir reads
+KEEP = ("config.json", "model.safetensors")  # what hpc_llm.tools.gpt2_import.read_gpt2_dir reads
 PREFIX = "transformer."
 
 

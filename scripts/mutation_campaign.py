@@ -111,8 +111,16 @@ LAYERS, GPT, TPAR = (
     "hpc_llm/model/gpt.py",
     "hpc_llm/model/tensor_parallel.py",
 )
-OPTIM, DPAR, TRAIN = "hpc_llm/optim.py", "hpc_llm/parallel/data_parallel.py", "hpc_llm/train.py"
-CKPT, GEN, DATA = "hpc_llm/checkpoint/reader.py", "hpc_llm/generate.py", "hpc_llm/data.py"
+OPTIM, DPAR, TRAIN = (
+    "hpc_llm/train/optim.py",
+    "hpc_llm/parallel/data_parallel.py",
+    "hpc_llm/train/trainer.py",
+)
+CKPT, GEN, DATA = (
+    "hpc_llm/checkpoint/reader.py",
+    "hpc_llm/infer/generate.py",
+    "hpc_llm/data/prepare.py",
+)
 TSTATE = "hpc_llm/checkpoint/trainer_state.py"
 MODULES = "hpc_llm/model/modules.py"  # since the pipeline-parallel refactor: Embedding, Block, Head, Chunk
 
@@ -130,7 +138,7 @@ T_TRAIN_RESUME = (
 T_PAR_RESUME = "tests/test_parallel.py::test_exact_resume_dp2_zero1"
 T_RESUME_LAYOUTS = "tests/test_resume_layouts.py"
 T_CLI_GENERATE = "tests/test_cli.py::test_generate_from_checkpoint"
-EVAL = "hpc_llm/evaluate.py"
+EVAL = "hpc_llm/infer/evaluate.py"
 
 
 def inf_test(name: str) -> str:

@@ -96,7 +96,7 @@ def main() -> None:
 
     from hpc_llm.config import load_config
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
     p = PRESETS[args.preset]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpc_llm.config import Config, validate
-from hpc_llm.data import prepare
+from hpc_llm.data.prepare import prepare
 
 
 def make_corpus(n_bytes: int = 6000, seed: int = 0) -> str:

@@ -33,7 +33,7 @@ import pytest
 
 import hpc_llm
 from hpc_llm.config import Config
-from hpc_llm.data import prepare
+from hpc_llm.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 HF_FIXTURE = REPO / "tests" / "fixtures" / "hf_gpt2_tiny"
@@ -1177,7 +1177,7 @@ def _rows() -> list[Row]:
         def make(self, path: Path, base: dict) -> None:
             from hpc_llm import checkpoint as ckpt
             from hpc_llm.config import ModelConfig
-            from hpc_llm.data import TokenData
+            from hpc_llm.data.prepare import TokenData
             from hpc_llm.model.gpt import GPT
 
             tok = TokenData(base["chardata"]).tokenizer
@@ -1758,7 +1758,7 @@ def _rows() -> list[Row]:
             ranks=(1,),
         )
     )
-    from hpc_llm.tokenizer import BPETokenizer
+    from hpc_llm.data.tokenizer import BPETokenizer
 
     bpe = BPETokenizer.train(
         iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hpc_llm.bench_comm import COLLECTIVES, REDUCE16, bandwidths, bus_factor, parse_sizes
+from hpc_llm.bench.comm import COLLECTIVES, REDUCE16, bandwidths, bus_factor, parse_sizes
 from hpc_llm.errors import UserError
 
 

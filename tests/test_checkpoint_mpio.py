@@ -146,7 +146,7 @@ def test_mpio_writer_writes_the_gather_writers_file(
     import hpc_llm
     from hpc_llm.checkpoint import verify_checkpoint, writers
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     if message_elems:
         monkeypatch.setattr(writers, "MESSAGE_ELEMS", message_elems)

@@ -27,7 +27,7 @@ from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import writers
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid
-from hpc_llm.train import Trainer
+from hpc_llm.train.trainer import Trainer
 
 # name: (ranks, parallel.tp, parallel.pp, parallel.zero, other settings)
 INTERLEAVED = {

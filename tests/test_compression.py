@@ -355,7 +355,7 @@ def test_trainer_with_each_scheme_on_dp_tp_and_pp(data_dir, shared_tmp_path):
     from test_parallel import replica_checks
 
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     bad = []
     for name, tp, pp in (("dp2tp2", 2, 1), ("pp2dp2", 1, 2)):
@@ -400,7 +400,7 @@ def test_powersgd_run_resumes_bitwise_from_its_checkpoint(data_dir, shared_tmp_p
     own); a checkpoint without the state would not (checked: resetting them changes the result)."""
     from hpc_llm.checkpoint import checkpoint_path
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     kw = {
         "parallel.grad_comm": "powersgd",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_llm.data import (
+from hpc_llm.data.prepare import (
     TokenData,
     TokenFileCorrupt,
     check_split_size,
@@ -18,8 +18,8 @@ from hpc_llm.data import (
     prepare_stdlib,
     stdlib_corpus_files,
 )
+from hpc_llm.data.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
 from hpc_llm.errors import UserError
-from hpc_llm.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
 
 TEXT = "Hello, wörld! ✓ naïve café — 日本語 🙂\nsecond line"
 
@@ -471,8 +471,8 @@ def write_corpus(src: Path, big_bytes: int = 600_000) -> Path:
 def test_prepare_pieces_equal_whole_file_encoding(tmp_path, tokenizer):
     """Cut into ~3 KB pieces (line breaks, or character starts in the file without any), byte and char tokens are
     those of the whole corpus encoded at once, as the pre-streaming prepare read it."""
-    from hpc_llm import data as D
-    from hpc_llm.tokenizer import make_tokenizer
+    from hpc_llm.data import prepare as D
+    from hpc_llm.data.tokenizer import make_tokenizer
 
     src = write_corpus(tmp_path / "src", 100_000)
     files = D._expand_inputs([src], "*")
@@ -535,7 +535,7 @@ def test_prepare_refused_leaves_no_trace(tmp_path):
 # VmHWM (the peak RSS of this process image; ru_maxrss would carry the forking pytest process's peak across exec)
 _MEASURE = """
 import sys
-from hpc_llm.data import prepare
+from hpc_llm.data.prepare import prepare
 kw = {"tokenizer_dir": sys.argv[4]} if sys.argv[2] == "gpt2" else {}
 prepare([sys.argv[1]], sys.argv[3], tokenizer=sys.argv[2], memory_mb=8, **kw)
 print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
@@ -554,7 +554,7 @@ def test_prepare_memory_bounded(tmp_path, tokenizer, mb):
     The tokens are the whole file's (byte: its bytes; char: the whole-text encoding)."""
     import subprocess
 
-    from hpc_llm.tokenizer import BPETokenizer, CharTokenizer
+    from hpc_llm.data.tokenizer import BPETokenizer, CharTokenizer
 
     rng = np.random.default_rng(1)
     words = np.array("the of and to in is was for on that with Grüße 你好 🙂 def return".split())
@@ -598,12 +598,12 @@ def test_progress_lines_in_a_batch_log(tmp_path, caplog, monkeypatch):
     """Not a terminal (a batch log): plain lines through logging, every 10% of each phase, ending at 100%."""
     import logging
 
-    from hpc_llm import data as D
+    from hpc_llm.data import prepare as D
 
     monkeypatch.setattr(
         D._Progress, "LOG_MIN_BYTES", 0
     )  # the real threshold (32 MB) keeps small runs quiet
-    caplog.set_level(logging.INFO, logger="hpc_llm.data")
+    caplog.set_level(logging.INFO, logger="hpc_llm.data.prepare")
     prepare(
         [write_corpus(tmp_path / "src", 50_000)],
         tmp_path / "out",

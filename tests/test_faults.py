@@ -1,6 +1,6 @@
 """Failures on one rank become one clean, fast, job-wide outcome (docs/reliability.md).
 
-Every fault is injected deterministically through HPC_LLM_FAULT (hpc_llm/faults.py) into `hpc-llm train` under
+Every fault is injected deterministically through HPC_LLM_FAULT (hpc_llm/runtime/faults.py) into `hpc-llm train` under
 mpiexec: an exception at each phase, a rank that hangs outside MPI (its peers' watchdog ends the job), a rank killed
 by SIGKILL, a save that fails with ENOSPC, non-finite gradients, stop signals at awkward moments, a second run in a
 live run's directory. Each case asserts the exit status, the one line that names the rank and the phase, a bound on
@@ -356,7 +356,7 @@ def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_run_leaves_
 def test_resume_on_data_with_another_tokenizer_is_refused_naming_both(
     data_dir, corpus_file, tmp_path
 ):
-    from hpc_llm.data import prepare
+    from hpc_llm.data.prepare import prepare
 
     prepare([corpus_file], tmp_path / "chars", tokenizer="char")
     cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.max_iters": 2})
@@ -394,7 +394,7 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
 
         return fn
 
-    from hpc_llm.faults import phase
+    from hpc_llm.runtime.faults import phase
 
     outcomes = []
     for fn in (fails_on(1, OSError(28, "No space left on device")), fails_on(-1, None)):

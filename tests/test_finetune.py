@@ -33,10 +33,10 @@ import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
-from hpc_llm.lora import merge_lora
 from hpc_llm.model.gpt import GPT, is_lora
 from hpc_llm.parallel.grid import make_grid, single_process_grid
-from hpc_llm.train import Trainer
+from hpc_llm.tools.merge_lora import merge_lora
+from hpc_llm.train.trainer import Trainer
 
 ALL_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 FD_H, FD_ENTRIES, FD_RTOL, FD_ATOL_ULPS = 1e-4, 12, 1e-7, 32
@@ -135,7 +135,7 @@ def test_init_from_checks(make_cfg):
 def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatch):
     """train.init_from's file, or --resume's, opened by the start-up checks, is closed when a check after it fails
     (the layout's, made to fail here)."""
-    import hpc_llm.train
+    import hpc_llm.train.trainer
     from hpc_llm.checkpoint import CheckpointFile
 
     path = run(make_cfg("src", **{"train.max_iters": 1})).summary["checkpoint"]
@@ -147,7 +147,7 @@ def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatc
     def check_layout(*args):
         raise UserError("a later check failed")
 
-    monkeypatch.setattr(hpc_llm.train, "check_layout", check_layout)
+    monkeypatch.setattr(hpc_llm.train.trainer, "check_layout", check_layout)
     with pytest.raises(UserError, match="a later check failed"):
         Trainer(make_cfg("a", **{"train.init_from": path}))
     with pytest.raises(UserError, match="a later check failed"):

@@ -9,7 +9,7 @@ import pytest
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
-from hpc_llm.generate import generate, sample_next
+from hpc_llm.infer.generate import generate, sample_next
 from hpc_llm.model.gpt import GPT, KVCache
 
 SHAPES = [  # (n_layer, n_head, n_embd, block_size, vocab_size)

@@ -24,7 +24,11 @@ import hpc_llm  # noqa: E402
 from hpc_llm import checkpoint as ckpt  # noqa: E402
 from hpc_llm.config import ModelConfig, config_from_dict  # noqa: E402
 from hpc_llm.errors import UserError  # noqa: E402
-from hpc_llm.gpt2_import import gpt2_tensors_to_params, import_gpt2, read_gpt2_dir  # noqa: E402
+from hpc_llm.tools.gpt2_import import (  # noqa: E402
+    gpt2_tensors_to_params,
+    import_gpt2,
+    read_gpt2_dir,
+)
 
 N_EMBD, N_LAYER, N_HEAD, N_POSITIONS, VOCAB = (
     32,
@@ -364,7 +368,7 @@ def test_checkpoint_mirrors_trainer_save(gpt2_dir, tmp_path):
     assert set(st) == {"step", "tokens_seen", "adam_t", "tokenizer", "data_path"}
     assert (st["step"], st["tokens_seen"], st["adam_t"], st["data_path"]) == (0, 0, 0, "")
     assert st["tokenizer"] == {"tokenizer": "gpt2-bpe", "vocab_size": VOCAB}
-    from hpc_llm.train import Metrics
+    from hpc_llm.train.trainer import Metrics
 
     assert {t: sorted(c) for t, c in saved.metrics.items()} == {
         t: sorted(c) for t, c in Metrics().as_dict().items()
@@ -386,8 +390,8 @@ def test_checkpoint_mirrors_trainer_save(gpt2_dir, tmp_path):
 def test_trainer_resumes_from_import(gpt2_dir, tmp_path):
     """`hpc-llm train --resume` accepts the file: the first step's loss is the imported model's loss on that batch."""
     from hpc_llm.config import Config
-    from hpc_llm.data import prepare
-    from hpc_llm.train import Trainer, train
+    from hpc_llm.data.prepare import prepare
+    from hpc_llm.train.trainer import Trainer, train
 
     out = import_gpt2(gpt2_dir, tmp_path / "gpt2.h5")
     text = tmp_path / "corpus.txt"
@@ -428,9 +432,9 @@ def test_resume_checks_the_tokenizer(tmp_path):
     """Fine-tuning an import: data prepared with the checkpoint's own tokenizer resumes; data of another tokenizer
     (same name and size would not do either: they compare by sha256) is a one-line UserError naming both."""
     from hpc_llm.config import Config
-    from hpc_llm.data import prepare
-    from hpc_llm.tokenizer import BPETokenizer
-    from hpc_llm.train import Trainer
+    from hpc_llm.data.prepare import prepare
+    from hpc_llm.data.tokenizer import BPETokenizer
+    from hpc_llm.train.trainer import Trainer
 
     text = tmp_path / "corpus.txt"
     text.write_text(

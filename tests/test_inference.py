@@ -7,7 +7,7 @@ References and bounds:
   attention sums over a different number of masked, exactly-zero terms and BLAS blocking: ~1e-15 measured).
 - TP = single process (2 and 4 ranks, float64): the logits within 1e-10 (sums over shards reorder a few float64
   additions), the greedy tokens equal, and the sampled tokens equal for temperature / top-k / top-p: the schemes
-  in hpc_llm/generate.py are exact, so a draw could differ only if a uniform or a nucleus boundary fell within
+  in hpc_llm/infer/generate.py are exact, so a draw could differ only if a uniform or a nucleus boundary fell within
   ~1e-15 of a cumulative sum: with a few thousand draws here the chance is ~1e-11.
 - int8: dequantized weights within scale / 2 of the originals (round to nearest); the int8 layers compute exactly
   x @ (q s) (checked against the float model given the dequantized weights, 1e-5 relative: float32 rounding); the
@@ -30,13 +30,13 @@ from mpi4py import MPI
 from test_generate import random_model
 from test_parallel import check, write_run_config
 
-import hpc_llm.generate as G
+import hpc_llm.infer.generate as G
 from hpc_llm.errors import UserError
-from hpc_llm.evaluate import batches, evaluate, windows
+from hpc_llm.infer.evaluate import batches, evaluate, windows
+from hpc_llm.infer.quantize import QuantizedWeight, quantize_model, weight_bytes
 from hpc_llm.model.gpt import GPT, KVCache
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid
-from hpc_llm.quantize import QuantizedWeight, quantize_model, weight_bytes
 
 SOLO = Comm(None)
 SHAPE = (
@@ -483,7 +483,7 @@ def test_eval_equals_reference():
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory, corpus_file):
     """A tiny char-tokenized model trained for a few steps (float32), its data and a float64 twin checkpoint."""
-    from hpc_llm.data import prepare
+    from hpc_llm.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("inference")
     prepare([corpus_file], root / "data", tokenizer="char")

@@ -16,7 +16,6 @@ from hpc_llm.config import ModelConfig, TrainConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
-from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
@@ -24,6 +23,7 @@ from hpc_llm.plan import cluster as K
 from hpc_llm.plan.memory import Bytes, Layout, chunk_cache_bytes, rank_memory, stage_plan
 from hpc_llm.plan.search import PRECISIONS, predict, search
 from hpc_llm.plan.simulate import simulate_costs
+from hpc_llm.train.optim import AdamW
 
 
 class FakeComm(Comm):
@@ -115,7 +115,7 @@ def test_persistent_memory_equals_the_trainers_buffers(
 
 
 def test_persistent_memory_of_a_real_trainer(make_cfg):
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     cfg = make_cfg(**{"train.precision": "bf16"})
     tr = Trainer(cfg)
@@ -135,7 +135,7 @@ def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
     from mpi4py import MPI
 
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     cfg = tiny_config(
         data_dir, shared_tmp_path / "run", **{"parallel.zero": 1, "parallel.bucket_mb": 0.004}

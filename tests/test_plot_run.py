@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_config
 
 from hpc_llm.model.gpt import param_specs
-from hpc_llm.train import Trainer
+from hpc_llm.train.trainer import Trainer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_run.py"
 needs_matplotlib = pytest.mark.skipif(

@@ -29,9 +29,9 @@ from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.modules import LayerNorm
 from hpc_llm.model.precision import UNIT_ROUNDOFF, Precision
-from hpc_llm.optim import LossScaler
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
+from hpc_llm.train.optim import LossScaler
 
 U32 = 2.0**-24
 LOW = ["bf16", "fp16"]
@@ -233,7 +233,7 @@ def test_overflow_skips_the_step_and_touches_nothing(make_cfg):
     """A loss scale so large that the scaled gradients overflow fp16: the step is skipped (parameters, moments and
     Adam's step counter unchanged, skipped_steps counted), the second overflow halves the scale; then, with the scale
     come down, steps are taken again."""
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     tr = Trainer(
         fp16_cfg(
@@ -262,7 +262,7 @@ def test_overflow_on_one_rank_skips_on_every_rank(data_dir, shared_tmp_path):
     cfg = run_config(
         data_dir, shared_tmp_path / "run", **{"train.precision": "fp16", "train.max_iters": 2}
     )
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1))
     finish = tr.sync.finish
@@ -289,7 +289,7 @@ def test_overflow_on_one_rank_skips_on_every_rank(data_dir, shared_tmp_path):
 def test_scaler_state_resumes_bitwise(make_cfg):
     """fp16 with a small window (the scale grows during the run): 3 steps, save, resume to 6 equals 6 straight, bit for
     bit (losses, parameters, the scaler's state)."""
-    from hpc_llm.train import Trainer
+    from hpc_llm.train.trainer import Trainer
 
     common = {"train.loss_scale_init": 4.0, "train.loss_scale_window": 2}
     straight = Trainer(

@@ -1,5 +1,5 @@
-"""Byte-level BPE (hpc_llm/tokenizer.py over the `tokenizers` package): encodings equal tokenizers' own reference on
-multilingual text, GPT-2-format directories (vocab.json + merges.txt, tokenizer.json) load, the tokenizer travels in
+"""Byte-level BPE (hpc_llm/data/tokenizer.py over the `tokenizers` package): encodings equal tokenizers' own reference
+on multilingual text, GPT-2-format directories (vocab.json + merges.txt, tokenizer.json) load, the tokenizer travels in
 meta.json and the checkpoint, `prepare --tokenizer bpe|gpt2` equals the whole-file encoding, uint32 token files for a
 vocabulary beyond 65536, and an imported GPT-2 with its tokenizer generates text end to end."""
 
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tokenizers  # a required dependency (setup.cfg): missing, these tests fail rather than skip
 
-from hpc_llm import data as D
-from hpc_llm.data import TokenData, get_batch, prepare
+from hpc_llm.data import prepare as D
+from hpc_llm.data.prepare import TokenData, get_batch, prepare
+from hpc_llm.data.tokenizer import BPETokenizer, check_same_tokenizer, tokenizer_from_meta
 from hpc_llm.errors import UserError
-from hpc_llm.tokenizer import BPETokenizer, check_same_tokenizer, tokenizer_from_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -399,14 +399,14 @@ def test_eval_open_split_checks_the_tokenizer_as_train_does(tmp_path, caplog):
     its meta differs from any data's), another tokenizer is refused naming both."""
     from types import SimpleNamespace
 
-    from hpc_llm.evaluate import open_split
+    from hpc_llm.infer.evaluate import open_split
 
     (tmp_path / "in.txt").write_text("hello world\n" * 20)
     prepare([tmp_path / "in.txt"], tmp_path / "data")
     ids_only = SimpleNamespace(
         path="g.h5", state={"tokenizer": {"tokenizer": "gpt2-bpe", "vocab_size": 256}}
     )
-    with caplog.at_level("WARNING", logger="hpc_llm.evaluate"):
+    with caplog.at_level("WARNING", logger="hpc_llm.infer.evaluate"):
         tokens = open_split(ids_only, tmp_path / "data", "val")
     assert len(tokens) == TokenData(tmp_path / "data").meta["n_val"]
     assert (

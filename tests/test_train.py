@@ -9,9 +9,9 @@ import pytest
 
 import hpc_llm
 from hpc_llm.checkpoint import find_latest, load_checkpoint
-from hpc_llm.data import prepare
+from hpc_llm.data.prepare import prepare
 from hpc_llm.errors import UserError
-from hpc_llm.train import Trainer
+from hpc_llm.train.trainer import Trainer
 
 
 def run(cfg, resume=None) -> Trainer:
@@ -41,7 +41,7 @@ def test_loss_falls(make_cfg):
 
 def test_loss_falls_on_embedded_corpus(make_cfg, tmp_path):
     """The quick start's corpus (a slice of the standard library's sources): 40 steps beat the uniform guess."""
-    from hpc_llm.data import prepare_stdlib
+    from hpc_llm.data.prepare import prepare_stdlib
 
     prepare_stdlib(tmp_path / "stdlib", max_bytes=300_000)
     cfg = make_cfg(

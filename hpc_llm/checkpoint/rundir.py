@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hpc_llm.checkpoint.reader import header_ok, verify_checkpoint
 from hpc_llm.errors import UserError
-from hpc_llm.fsio import atomic_write_bytes, fsync_dir
+from hpc_llm.runtime.fsio import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger("hpc_llm.checkpoint")
 

@@ -3,8 +3,8 @@ writer can collect a block at a time from the ranks that hold it), the restore (
 and checksums its share), and the resume (world rank 0's candidates, tried newest first, the next after one that
 fails verification).
 
-The Trainer (hpc_llm/train.py) keeps thin calls to these; they read and set its attributes: model (flat buffer, specs,
-stage plan), opt (moments m and v, step counter t), sync (ZeRO-1 ownership), grid, cfg, metrics, step, scaler,
+The Trainer (hpc_llm/train/trainer.py) keeps thin calls to these; they read and set its attributes: model (flat buffer,
+specs, stage plan), opt (moments m and v, step counter t), sync (ZeRO-1 ownership), grid, cfg, metrics, step, scaler,
 skipped_steps, data, out_dir, writer, written.
 """
 
@@ -460,7 +460,7 @@ def choose_candidates(world, out_dir: Path) -> list[Path]:
 
 def _start_fresh(tr) -> None:
     """The state of a new trainer (after failed restores may have overwritten parameters and moments)."""
-    from hpc_llm.optim import LossScaler
+    from hpc_llm.train.optim import LossScaler
 
     t = tr.cfg.train
     tr.model.init_weights(t.seed)

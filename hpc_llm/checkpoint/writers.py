@@ -54,8 +54,8 @@ from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint.reader import CheckpointFile, verify_checkpoint
 from hpc_llm.checkpoint.rundir import temporary_path
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.faults import WATCHDOG, failure_line, inject
-from hpc_llm.fsio import fsync_dir
+from hpc_llm.runtime.faults import WATCHDOG, failure_line, inject
+from hpc_llm.runtime.fsio import fsync_dir
 
 log = logging.getLogger("hpc_llm.checkpoint")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.faults import WATCHDOG, failure_line
+from hpc_llm.runtime.faults import WATCHDOG, failure_line
 
 
 class Ledger:

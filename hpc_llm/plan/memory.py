@@ -22,9 +22,9 @@ from types import SimpleNamespace
 from hpc_llm.config import ModelConfig, stage_layers
 from hpc_llm.model.gpt import StagePlan, param_specs
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
-from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.schedule import schedule
+from hpc_llm.train.optim import CHUNK as ADAM_CHUNK
 
 INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
 

@@ -20,9 +20,9 @@ The checkpoint is the one `Trainer.save` writes at step 0 (zero Adam moments, em
 fine-tunes it when CONFIG's [model] section matches (n_layer, n_head, n_embd, block_size = n_positions, vocab_size).
 
 The tokenizer comes from the same directory when it has one: `tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`
-(hpc_llm/tokenizer.py, the `tokenizers` package). The checkpoint's state then records it whole (its JSON and sha256,
-docs/checkpoint-format.md), and `hpc-llm generate CKPT --prompt TEXT` needs nothing else. Its vocabulary may not be
-larger than the model's. A directory without tokenizer files gives a checkpoint of ids only: the state records
+(hpc_llm/data/tokenizer.py, the `tokenizers` package). The checkpoint's state then records it whole (its JSON and
+sha256, docs/checkpoint-format.md), and `hpc-llm generate CKPT --prompt TEXT` needs nothing else. Its vocabulary may not
+be larger than the model's. A directory without tokenizer files gives a checkpoint of ids only: the state records
 `{"tokenizer": "gpt2-bpe", "vocab_size": V}`, `hpc_llm.load_tokenizer` (and `hpc-llm generate`) raise a UserError on
 it, and the Python API works on token ids:
 
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm.config import Config, ModelConfig, validate
+from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
 from hpc_llm.errors import UserError
-from hpc_llm.tokenizer import BPETokenizer, find_tokenizer_files
 
 __all__ = [
     "import_gpt2",
@@ -347,7 +347,7 @@ def read_gpt2_dir(model_dir) -> tuple[Config, dict[str, np.ndarray]]:
 def _empty_metrics() -> dict:
     """The tables and columns `Trainer.save` stores, with no rows."""
     try:
-        from hpc_llm.train import Metrics
+        from hpc_llm.train.trainer import Metrics
     except ImportError:  # pragma: no cover - keep the import usable if the trainer's layout changes
         return {
             "train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")},

@@ -213,7 +213,7 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     import os
     import platform
 
-    import hpc_llm.train  # noqa: F401  (the libraries a training rank has loaded: its baseline memory)
+    import hpc_llm.train.trainer  # noqa: F401  (the libraries a training rank has loaded: its baseline memory)
     from hpc_llm.parallel.comm import world_comm
 
     comm = world_comm()

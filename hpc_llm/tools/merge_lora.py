@@ -8,7 +8,7 @@ Python API load like any other.
 
 The product is formed in float64 (A, B and W widened; s A B then added to W) and rounded once to W's dtype, so the
 merged weight is the exact W + s A B rounded to nearest. The checkpoint is read with the checkpoint package's reader
-(every dataset's crc32 verified) and written like an imported GPT-2 (hpc_llm/gpt2_import.py): a step-0 training
+(every dataset's crc32 verified) and written like an imported GPT-2 (hpc_llm/tools/gpt2_import.py): a step-0 training
 checkpoint, zero Adam moments, empty metrics; its state records where it was merged from.
 """
 
@@ -43,7 +43,7 @@ def merge_lora(checkpoint, out) -> Path:
     from hpc_llm import checkpoint as ckpt
     from hpc_llm.api import resolve_checkpoint
     from hpc_llm.parallel.comm import world_comm
-    from hpc_llm.train import Metrics
+    from hpc_llm.train.trainer import Metrics
 
     if (
         ranks := world_comm().size

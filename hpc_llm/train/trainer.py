@@ -25,25 +25,25 @@ import numpy as np
 
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
-from hpc_llm.bench import matmul_peak_flops
+from hpc_llm.bench.calibrate import matmul_peak_flops
 from hpc_llm.config import Config, canonical_targets, config_from_dict, stage_layers
-from hpc_llm.data import TokenData, check_split_size, get_batch
+from hpc_llm.data.prepare import TokenData, check_split_size, get_batch
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.faults import PHASE, WATCHDOG, inject, phase
-from hpc_llm.fsio import DirectoryLock, atomic_write_bytes
 from hpc_llm.model.gpt import GPT, StagePlan, intersect_ranges, is_lora, merge_ranges
 from hpc_llm.model.layers import DropoutRNG
-from hpc_llm.optim import AdamW, LossScaler, global_grad_norm, lr_at
 from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.compression import reset_line
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid, check_layout, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
 from hpc_llm.parallel.schedule import schedule
-from hpc_llm.stop import (  # noqa: F401 - EXIT_PREEMPTED: the CLI's exit status
+from hpc_llm.runtime.faults import PHASE, WATCHDOG, inject, phase
+from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes
+from hpc_llm.runtime.stop import (  # noqa: F401 - EXIT_PREEMPTED: the CLI's exit status
     EXIT_PREEMPTED,
     StopRequest,
 )
+from hpc_llm.train.optim import AdamW, LossScaler, global_grad_norm, lr_at
 
 log = logging.getLogger("hpc_llm")
 
@@ -528,7 +528,7 @@ class Trainer:
                 )
         # the data must be tokenized as the checkpoint's was: the same ids would mean other text (the one check,
         # shared with eval; an ids-only gpt2-bpe import cannot be checked and only warns: the user vouches)
-        from hpc_llm.tokenizer import check_same_tokenizer
+        from hpc_llm.data.tokenizer import check_same_tokenizer
 
         warning = check_same_tokenizer(
             saved.state.get("tokenizer"),

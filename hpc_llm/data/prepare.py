@@ -1,5 +1,5 @@
 """Token files, preparing them from a corpus at any size (streaming, in bounded memory, on any number of ranks), and
-the deterministic batch sampler. The tokenizers are in hpc_llm/tokenizer.py.
+the deterministic batch sampler. The tokenizers are in hpc_llm/data/tokenizer.py.
 
 A prepared data directory holds three files (docs/data.md):
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm.errors import UserError
-from hpc_llm.fsio import atomic_write_bytes
-from hpc_llm.tokenizer import (
+from hpc_llm.runtime.fsio import atomic_write_bytes
+from hpc_llm.data.tokenizer import (
     MAX_VOCAB,
     BPETokenizer,
     CharTokenizer,

@@ -1,0 +1,1 @@
+"""Faults and the watchdog, stop signals, durable files and the run lock: what keeps a job safe."""

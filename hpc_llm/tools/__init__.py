@@ -1,0 +1,1 @@
+"""Tools around checkpoints: the GPT-2 import, merge-lora, inspect."""
