@@ -3,9 +3,20 @@ figures `hpc-llm bench calibrate` writes for the planner."""
 
 from __future__ import annotations
 
+import importlib
+import os
+import platform
+import tempfile
 import time
 
 import numpy as np
+
+from hpc_llm.bench.timer import best_time
+from hpc_llm.parallel.comm import world_comm
+
+# What a training rank has loaded besides hpc_llm's own small modules: imported before the baseline memory figure
+# is read, so that it is a rank's resident size before its first tensor
+TRAINING_LIBRARIES = ("numpy", "h5py", "mpi4py.MPI", "tokenizers")
 
 
 def synchronize(xp) -> None:
@@ -19,30 +30,15 @@ def matmul_peak_flops(xp=np, dtype=np.float32, n: int = 2048, repeats: int = 3) 
     a = xp.asarray(rng.standard_normal((n, n)).astype(dtype))
     b = xp.asarray(rng.standard_normal((n, n)).astype(dtype))
     out = xp.empty((n, n), dtype=dtype)
-    xp.matmul(a, b, out=out)  # warm-up: threads started, pages touched
-    synchronize(xp)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def matmul():
         xp.matmul(a, b, out=out)
         synchronize(xp)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
+
+    return 2.0 * n**3 / best_time(matmul, repeats)
 
 
 # -- `hpc-llm bench calibrate`: this machine's figures for the planner (hpc_llm/plan/cluster.py) -------------------
-
-
-def _best_time(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls after a warm-up: on a shared machine the slower ones measure the
-    neighbours, not the machine."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(min(times))
 
 
 GEMM_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
@@ -53,9 +49,8 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9) -> dict:
     (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n."""
     rng = np.random.default_rng(0)
     out = {}
-    for d in (
-        GEMM_CLASSES * 2
-    ):  # twice round, the better of the two: a burst of load hits one class, not all
+    # twice round, the better of the two: a burst of load hits one class, not all
+    for d in GEMM_CLASSES * 2:
         rates = []
         for m, k, n in ((other, d, other), (d, other, other), (other, other, d)):
             a, b = (
@@ -63,7 +58,7 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9) -> dict:
                 rng.standard_normal((k, n)).astype(dtype),
             )
             o = np.empty((m, n), dtype)
-            rates.append(2.0 * m * n * k / _best_time(lambda: np.matmul(a, b, out=o), repeats))
+            rates.append(2.0 * m * n * k / best_time(lambda: np.matmul(a, b, out=o), repeats))
         out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
     return out
 
@@ -100,20 +95,10 @@ def cast_rates(n: int = 1 << 20) -> dict:
         ("float16", np.dtype(np.float16)),
     ):
         y = x.astype(low)
-        to = min(_best(lambda: x.astype(low)) for _ in range(2))
-        back = min(_best(lambda: y.astype(np.float32)) for _ in range(2))
+        to = min(best_time(lambda: x.astype(low)) for _ in range(2))
+        back = min(best_time(lambda: y.astype(np.float32)) for _ in range(2))
         rates[f"to_{name}"], rates[f"from_{name}"] = n / to, n / back
     return rates
-
-
-def _best(f, repeats: int = 9) -> float:
-    f()  # warm-up
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def elementwise_figures() -> dict:
@@ -122,13 +107,13 @@ def elementwise_figures() -> dict:
     small = np.ones(16, np.float32)
     a4, b4 = np.ones((4, 4), np.float32), np.ones((4, 4), np.float32)
     calls = 2000
-    call_s = _best_time(lambda: [small.__imul__(1.0) for _ in range(calls)], 5) / calls
-    gemm_call_s = _best_time(lambda: [a4 @ b4 for _ in range(calls)], 5) / calls
+    call_s = best_time(lambda: [small.__imul__(1.0) for _ in range(calls)], 5) / calls
+    gemm_call_s = best_time(lambda: [a4 @ b4 for _ in range(calls)], 5) / calls
     x, y = np.zeros(1 << 16, np.float32), np.empty(1 << 16, np.float32)
-    trans = x.size / _best_time(lambda: np.exp(x, out=y), 21)
+    trans = x.size / best_time(lambda: np.exp(x, out=y), 21)
     rows = np.random.default_rng(0).integers(0, 1000, 4096)
     table, d = np.zeros((1000, 128), np.float32), np.ones((4096, 128), np.float32)
-    scatter = d.size / _best_time(lambda: np.add.at(table, rows, d), 5)
+    scatter = d.size / best_time(lambda: np.add.at(table, rows, d), 5)
     bw = {}
     for nbytes in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26):
         x = np.ones((nbytes // 4 // ROW, ROW), np.float32)
@@ -136,7 +121,7 @@ def elementwise_figures() -> dict:
         bw[str(nbytes)] = (
             PASS_MIX_ACCESSES
             * nbytes
-            / _best_time(lambda: _pass_mix(x, w), 9 if nbytes < 1 << 24 else 5)
+            / best_time(lambda: _pass_mix(x, w), 9 if nbytes < 1 << 24 else 5)
         )
     return {
         "call_s": call_s,
@@ -149,9 +134,6 @@ def elementwise_figures() -> dict:
 
 def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
     """One file of nbytes written and fsynced, as a checkpoint write ends."""
-    import os
-    import tempfile
-
     data = np.ones(nbytes // 8)
     with tempfile.NamedTemporaryFile(dir=directory) as f:
         t0 = time.perf_counter()
@@ -179,12 +161,12 @@ def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
                 comm.isend(small, 0, i, "calib").wait()
 
     comm.barrier()
-    latency = _best_time(pingpong, 5) / (2 * iters)
+    latency = best_time(pingpong, 5) / (2 * iters)
     buf = np.ones(nbytes // 4, np.float32)
 
     def timed(fn):
         comm.barrier()
-        return _best_time(fn, repeats)
+        return best_time(fn, repeats)
 
     t_ar = timed(lambda: comm.allreduce_(buf))
     t_nb = timed(lambda: comm.iallreduce_(buf).wait())
@@ -210,12 +192,8 @@ def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
 def calibrate(out_dir=".") -> tuple[dict, str]:
     """This machine's cluster figures, measured on every rank at once (so each device's figures are those of a
     busy node); the medians over ranks. Links only under mpiexec with >= 2 ranks. -> (cluster dict, notes)."""
-    import os
-    import platform
-
-    import hpc_llm.train.trainer  # noqa: F401  (the libraries a training rank has loaded: its baseline memory)
-    from hpc_llm.parallel.comm import world_comm
-
+    for name in TRAINING_LIBRARIES:
+        importlib.import_module(name)
     comm = world_comm()
     rss = 0
     with open("/proc/self/status") as f:
@@ -266,6 +244,6 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
         notes += "; no link figures: run under `mpiexec -n 2` to measure them"
     d["sources"] = {
         "all": notes,
-        "runtime_bytes": "VmRSS of the calibrating rank after importing hpc_llm",
+        "runtime_bytes": "VmRSS of the calibrating rank after importing the libraries a training rank loads",
     }
     return d, notes

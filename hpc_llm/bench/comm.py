@@ -50,20 +50,14 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm.errors import UserError
+from hpc_llm.parallel.compression import Reduce16, comm_dtype
+from hpc_llm.parallel.grid import make_grid
 
-COLLECTIVES = (
-    "allreduce",
-    "iallreduce",
-    "allgather",
-    "reduce_scatter",
-    "allreduce_bf16",
-    "allreduce_fp16",
-)
 REDUCE16 = ("allreduce_bf16", "allreduce_fp16")
+COLLECTIVES = ("allreduce", "iallreduce", "allgather", "reduce_scatter", *REDUCE16)
 COMMS = ("world", "tp", "dp")
-FLOOR_BYTES = (
-    64 << 20
-)  # the size at which the wrapper is held to the plain call (within FLOOR_TOLERANCE)
+# the size at which the wrapper is held to the plain call (within FLOOR_TOLERANCE)
+FLOOR_BYTES = 64 << 20
 FLOOR_TOLERANCE = 1.05
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -129,12 +123,12 @@ def human(nbytes: int) -> str:
 
 def _calls(comm, collective: str, buf: np.ndarray, counts: list[int]):
     """(ours, plain): two zero-argument callables doing the collective through Comm and through bare mpi4py."""
-    from mpi4py import MPI
+    from mpi4py import (
+        MPI,
+    )  # here, not at the top: importing mpi4py.MPI initialises MPI (the CLI imports this module)
 
     raw = comm.mpi
     if collective in REDUCE16:
-        from hpc_llm.parallel.compression import Reduce16, comm_dtype
-
         low, gather = (
             comm_dtype(collective[-4:]),
             comm.dup(comm.name),
@@ -203,9 +197,7 @@ def measure(world, comm, collective: str, nbytes: int, iters: int, warmup: int) 
     med, med_plain = float(np.median(t[0])), float(np.median(t[1]))
     size = count * (2 if collective in REDUCE16 else 4)  # the bytes actually sent
     algbw, busbw = bandwidths(size, med, collective, n)
-    palgbw, pbusbw = bandwidths(
-        count * 4, med_plain, collective, n
-    )  # plain: always the float32 buffer
+    palgbw, pbusbw = bandwidths(count * 4, med_plain, collective, n)  # plain: the float32 buffer
     return {
         "comm": comm.name,
         "n": n,
@@ -229,21 +221,15 @@ def measure(world, comm, collective: str, nbytes: int, iters: int, warmup: int) 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
 
-_PLAIN = {
-    "allreduce": "Allreduce(IN_PLACE)",
-    "iallreduce": "Iallreduce(IN_PLACE).Wait()",
-    "allgather": "Allgatherv(IN_PLACE)",
-    "reduce_scatter": "Ireduce_scatter().Wait()",
-    "allreduce_bf16": "fp32 Allreduce(IN_PLACE)",
-    "allreduce_fp16": "fp32 Allreduce(IN_PLACE)",
-}
-_OURS = {
-    "allreduce": "Comm.allreduce_",
-    "iallreduce": "Comm.iallreduce_ + wait",
-    "allgather": "Comm.allgather_",
-    "reduce_scatter": "Comm.ireduce_scatter_ + wait",
-    "allreduce_bf16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in bf16",
-    "allreduce_fp16": "16-bit reduction (alltoallv, fp32 sums, allgatherv) in fp16",
+_REDUCE16_LABEL = "16-bit reduction (alltoallv, fp32 sums, allgatherv)"
+# collective -> (our call, the plain mpi4py call it is timed against), for the headings
+_LABELS = {
+    "allreduce": ("Comm.allreduce_", "Allreduce(IN_PLACE)"),
+    "iallreduce": ("Comm.iallreduce_ + wait", "Iallreduce(IN_PLACE).Wait()"),
+    "allgather": ("Comm.allgather_", "Allgatherv(IN_PLACE)"),
+    "reduce_scatter": ("Comm.ireduce_scatter_ + wait", "Ireduce_scatter().Wait()"),
+    "allreduce_bf16": (f"{_REDUCE16_LABEL} in bf16", "fp32 Allreduce(IN_PLACE)"),
+    "allreduce_fp16": (f"{_REDUCE16_LABEL} in fp16", "fp32 Allreduce(IN_PLACE)"),
 }
 _HEAD = (
     f"{'size':>10} {'bytes':>11} {'count':>10} {'time(us)':>11} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11}"
@@ -276,6 +262,95 @@ def environment(world_size: int) -> dict:
     }
 
 
+def _check(iters: int, warmup: int, comms, collectives) -> None:
+    if iters < 1 or warmup < 0:
+        raise UserError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
+    bad = [c for c in comms if c not in COMMS]
+    if bad:
+        raise UserError(
+            f"--comms: unknown communicator(s) {', '.join(bad)}; choose from {', '.join(COMMS)}"
+        )
+    bad = [c for c in collectives if c not in COLLECTIVES]
+    if bad:
+        raise UserError(
+            f"--collectives: unknown {', '.join(bad)}; choose from {', '.join(COLLECTIVES)}"
+        )
+
+
+def _say_header(say, grid, env: dict, iters: int, warmup: int) -> None:
+    say(
+        f"# hpc-llm bench comm: {grid.describe()}; {env['mpi'].split(',')[0]}; "
+        f"mpi4py {env['mpi4py']}, numpy {env['numpy']}; "
+        f"{env['cores']} cores{' (OVERSUBSCRIBED)' if env['oversubscribed'] else ''}"
+    )
+    say(
+        f"# float32; {iters} timed iterations after {warmup} warm-up, world barrier before each; time = median over "
+        f"iterations of the max over ranks; algbw = bytes/time, busbw = algbw*2(n-1)/n (allreduce), "
+        f"*(n-1)/n (allgather, reduce-scatter); GB/s = 1e9 B/s; ours/plain = time ratio to bare mpi4py"
+    )
+
+
+def _sweep(say, grid, result: dict, comms, collectives, sizes, iters: int, warmup: int) -> None:
+    """Every (communicator, collective, size) row into result["rows"]; size-1 communicators into "skipped"."""
+    by_name = {"world": grid.world, "tp": grid.tp_comm, "dp": grid.dp_comm}
+    for name in comms:
+        comm = by_name[name]
+        if comm.size == 1:
+            note = (
+                f"{name}: a size-1 communicator with --tp {result['tp']} on {grid.world.size} ranks; "
+                f"skipped (no MPI call to time)"
+            )
+            result["skipped"].append(note)
+            say(f"\n# {note}")
+            continue
+        for collective in collectives:
+            say(
+                f"\n# {name} (n={comm.size}, {grid.world.size // comm.size} group(s) at once) {collective}: "
+                f"{_LABELS[collective][0]} vs plain {_LABELS[collective][1]}"
+            )
+            say(_HEAD)
+            for nbytes in sizes:
+                row = measure(grid.world, comm, collective, nbytes, iters, warmup)
+                if row is None:
+                    say(f"{human(nbytes):>10}  (less than one float32 per rank; skipped)")
+                    continue
+                result["rows"].append(row)
+                say(_row_line(row))
+
+
+def _floor(say, rows: list[dict]) -> list[dict] | None:
+    """The wrapper held to the plain call: the allreduce rows at the size nearest FLOOR_BYTES."""
+    floor = [r for r in rows if r["collective"] == "allreduce"]
+    if not floor:
+        return None
+    at = min(floor, key=lambda r: (abs(np.log2(r["bytes"] / FLOOR_BYTES)), -r["bytes"]))["bytes"]
+    say(f"\n# floor: Comm.allreduce_ vs plain comm.Allreduce(MPI.IN_PLACE, buf) at {human(at)}")
+    out = []
+    for r in floor:
+        if r["bytes"] != at:
+            continue
+        ok = r["ratio"] <= FLOOR_TOLERANCE
+        out.append(
+            {
+                "comm": r["comm"],
+                "bytes": at,
+                "ours_us": r["time_us"],
+                "plain_us": r["plain_time_us"],
+                "ours_busbw": r["busbw"],
+                "plain_busbw": r["plain_busbw"],
+                "ratio": r["ratio"],
+                "ok": ok,
+            }
+        )
+        slower = f"WRAPPER SLOWER THAN PLAIN BY MORE THAN {100 * (FLOOR_TOLERANCE - 1):.0f}%"
+        say(
+            f"#   {r['comm']:>5} n={r['n']}: ours {r['time_us']:.1f} us ({r['busbw']:.3f} GB/s busbw), plain "
+            f"{r['plain_time_us']:.1f} us ({r['plain_busbw']:.3f} GB/s), ours/plain {r['ratio']:.3f}: "
+            f"{'within 5%' if ok else slower}"
+        )
+    return out
+
+
 def run(
     mpi_comm=None,
     *,
@@ -292,24 +367,11 @@ def run(
 
     Returns {"env": ..., "rows": [...], "skipped": [...], "floor": ...} on every rank (the same rows everywhere:
     the per-iteration times are max-reduced over the world)."""
-    from hpc_llm.parallel.grid import make_grid
-
     if mpi_comm is None:
         from mpi4py import MPI
 
         mpi_comm = MPI.COMM_WORLD
-    if iters < 1 or warmup < 0:
-        raise UserError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
-    bad = [c for c in comms if c not in COMMS]
-    if bad:
-        raise UserError(
-            f"--comms: unknown communicator(s) {', '.join(bad)}; choose from {', '.join(COMMS)}"
-        )
-    bad = [c for c in collectives if c not in COLLECTIVES]
-    if bad:
-        raise UserError(
-            f"--collectives: unknown {', '.join(bad)}; choose from {', '.join(COLLECTIVES)}"
-        )
+    _check(iters, warmup, comms, collectives)
     size = mpi_comm.Get_size()
     rank0 = mpi_comm.Get_rank() == 0
 
@@ -318,90 +380,20 @@ def run(
             print(text, file=out or sys.stdout, flush=True)
 
     env = environment(size)
-    result = {
-        "env": env,
-        "iters": iters,
-        "warmup": warmup,
-        "tp": tp,
-        "rows": [],
-        "skipped": [],
-        "floor": None,
-    }
+    result = {"env": env, "iters": iters, "warmup": warmup, "tp": tp}
+    result.update(rows=[], skipped=[], floor=None)
     if size == 1:
         say(
             "bench comm: only 1 MPI rank, so there is no collective to measure (a size-1 Comm skips MPI). "
             "Run it under mpiexec, e.g. `mpiexec -n 2 hpc-llm bench comm`."
         )
         return result
-
     grid = make_grid(mpi_comm, tp)
-    by_name = {"world": grid.world, "tp": grid.tp_comm, "dp": grid.dp_comm}
-    say(
-        f"# hpc-llm bench comm: {grid.describe()}; {env['mpi'].split(',')[0]}; "
-        f"mpi4py {env['mpi4py']}, numpy {env['numpy']}; "
-        f"{env['cores']} cores{' (OVERSUBSCRIBED)' if env['oversubscribed'] else ''}"
-    )
-    say(
-        f"# float32; {iters} timed iterations after {warmup} warm-up, world barrier before each; time = median over "
-        f"iterations of the max over ranks; algbw = bytes/time, busbw = algbw*2(n-1)/n (allreduce), "
-        f"*(n-1)/n (allgather, reduce-scatter); GB/s = 1e9 B/s; ours/plain = time ratio to bare mpi4py"
-    )
-    for name in comms:
-        comm = by_name[name]
-        if comm.size == 1:
-            note = f"{name}: a size-1 communicator with --tp {tp} on {size} ranks; skipped (no MPI call to time)"
-            result["skipped"].append(note)
-            say(f"\n# {note}")
-            continue
-        for collective in collectives:
-            say(
-                f"\n# {name} (n={comm.size}, {size // comm.size} group(s) at once) {collective}: "
-                f"{_OURS[collective]} vs plain {_PLAIN[collective]}"
-            )
-            say(_HEAD)
-            for nbytes in sizes:
-                row = measure(grid.world, comm, collective, nbytes, iters, warmup)
-                if row is None:
-                    say(f"{human(nbytes):>10}  (less than one float32 per rank; skipped)")
-                    continue
-                result["rows"].append(row)
-                say(_row_line(row))
-
-    floor = [r for r in result["rows"] if r["collective"] == "allreduce"]
-    if floor:
-        at = min(floor, key=lambda r: (abs(np.log2(r["bytes"] / FLOOR_BYTES)), -r["bytes"]))[
-            "bytes"
-        ]
-        say(f"\n# floor: Comm.allreduce_ vs plain comm.Allreduce(MPI.IN_PLACE, buf) at {human(at)}")
-        result["floor"] = []
-        for r in floor:
-            if r["bytes"] != at:
-                continue
-            ok = r["ratio"] <= FLOOR_TOLERANCE
-            result["floor"].append(
-                {
-                    "comm": r["comm"],
-                    "bytes": at,
-                    "ours_us": r["time_us"],
-                    "plain_us": r["plain_time_us"],
-                    "ours_busbw": r["busbw"],
-                    "plain_busbw": r["plain_busbw"],
-                    "ratio": r["ratio"],
-                    "ok": ok,
-                }
-            )
-            verdict = (
-                "within 5%"
-                if ok
-                else f"WRAPPER SLOWER THAN PLAIN BY MORE THAN {100 * (FLOOR_TOLERANCE - 1):.0f}%"
-            )
-            say(
-                f"#   {r['comm']:>5} n={r['n']}: ours {r['time_us']:.1f} us ({r['busbw']:.3f} GB/s busbw), plain "
-                f"{r['plain_time_us']:.1f} us ({r['plain_busbw']:.3f} GB/s), ours/plain {r['ratio']:.3f}: {verdict}"
-            )
+    _say_header(say, grid, env, iters, warmup)
+    _sweep(say, grid, result, comms, collectives, sizes, iters, warmup)
+    result["floor"] = _floor(say, result["rows"])
     for note in result["skipped"]:
         say(f"# note: {note}")
-
     if json_path and rank0:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,35 +402,29 @@ def run(
     return result
 
 
-# -- command line (shared by `hpc-llm bench comm` and scripts/bench_comm.py) -------------------------------------------
+# -- command line (`hpc-llm bench comm`) ------------------------------------------------------------------------------
+
+
+# (flag, type, default, help) of `hpc-llm bench comm`'s options
+_OPTIONS = (
+    (
+        "--sizes",
+        str,
+        "1K..256M",
+        "LO..HI (stepping by --factor) or a comma list; bytes with K/M/G = KiB/MiB/GiB",
+    ),
+    ("--factor", int, 4, "step between sizes in a LO..HI range"),
+    ("--iters", int, 20, "timed iterations per size"),
+    ("--warmup", int, 3, "untimed iterations per size first"),
+    ("--comms", str, "world", "comma list of world,tp,dp"),
+    ("--tp", int, 1, "tensor-parallel size of the grid that gives tp and dp comms"),
+    ("--collectives", str, ",".join(COLLECTIVES), f"comma list of {','.join(COLLECTIVES)}"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--sizes",
-        default="1K..256M",
-        help="LO..HI (stepping by --factor) or a comma list; bytes with K/M/G = KiB/MiB/GiB "
-        "(default 1K..256M)",
-    )
-    p.add_argument(
-        "--factor", type=int, default=4, help="step between sizes in a LO..HI range (default 4)"
-    )
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per size (default 20)")
-    p.add_argument(
-        "--warmup", type=int, default=3, help="untimed iterations per size first (default 3)"
-    )
-    p.add_argument("--comms", default="world", help="comma list of world,tp,dp (default world)")
-    p.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        help="tensor-parallel size of the grid that gives tp and dp comms",
-    )
-    p.add_argument(
-        "--collectives",
-        default=",".join(COLLECTIVES),
-        help=f"comma list of {','.join(COLLECTIVES)} (default all)",
-    )
+    for flag, type_, default, text in _OPTIONS:
+        p.add_argument(flag, type=type_, default=default, help=f"{text} (default {default})")
     p.add_argument(
         "--json", metavar="PATH", help="write the rows (and environment) as JSON (rank 0)"
     )
@@ -455,15 +441,3 @@ def run_from_args(args: argparse.Namespace) -> dict:
         collectives=split(args.collectives),
         json_path=args.json,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_comm", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run_from_args(args)
-    except UserError as e:
-        print(f"bench_comm: error: {e}", file=sys.stderr)
-        return 2
-    return 0

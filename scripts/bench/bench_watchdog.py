@@ -16,10 +16,10 @@ import json
 import statistics
 import time
 
-PRESETS = {
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
-    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
-}
+from common import model_sets
+
+# --preset: the shared shapes, the vocabulary taken from --data
+SHAPES = {"small": "shakespeare-char", "6x384": "6x384"}
 
 
 class NoWatchdog:
@@ -33,7 +33,7 @@ class NoWatchdog:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
-    ap.add_argument("--preset", choices=PRESETS, default="small")
+    ap.add_argument("--preset", choices=SHAPES, default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
@@ -48,7 +48,7 @@ def main() -> None:
     from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
-    sets = [f"model.{k}={v}" for k, v in PRESETS[args.preset].items()] + [
+    sets = model_sets(SHAPES[args.preset], vocab=False) + [
         f"data.path={args.data}",
         f"train.batch_size={args.batch}",
         "parallel.bucket_mb=0.05",

@@ -24,16 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import vm_hwm
 
-
-def vm_hwm() -> int:
-    return next(
-        int(line.split()[1]) * 1024
-        for line in open("/proc/self/status")
-        if line.startswith("VmHWM:")
-    )
+REPO = Path(__file__).resolve().parents[2]
 
 
 def worker(args) -> None:

@@ -16,12 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from validate_plan import PRESETS  # noqa: E402
+from common import model_sets
 
 
 def describe(lay: dict, sets: list) -> str:
@@ -37,7 +33,7 @@ def repredict(row: dict, cl) -> tuple[dict, int]:
     from hpc_llm.plan.memory import Layout, rank_memory
     from hpc_llm.plan.search import PRECISIONS, predict
 
-    sets = [f"model.{k}={v}" for k, v in PRESETS[row["preset"]].items()] + list(row["sets"])
+    sets = model_sets(row["preset"]) + list(row["sets"])
     cfg = load_config(None, sets)
     lay = Layout(**row["layout"])
     share = max(1.0, row["ranks"] / cl.devices)

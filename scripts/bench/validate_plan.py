@@ -22,19 +22,7 @@ import statistics
 import time
 import tracemalloc
 
-PRESETS = {
-    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
-    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65),
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
-}
-
-
-def vmhwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from common import PRESETS, model_sets, vm_hwm
 
 
 def table(path: str) -> str:
@@ -99,8 +87,7 @@ def main() -> None:
     from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
-    p = PRESETS[args.preset]
-    sets = [f"model.{k}={v}" for k, v in p.items()] + [
+    sets = model_sets(args.preset) + [
         f"data.path={args.data}",
         f"train.batch_size={args.batch}",
         f"train.grad_accum={args.accum}",
@@ -139,7 +126,7 @@ def main() -> None:
     peak = tracemalloc.get_traced_memory()[1] + held
     tracemalloc.stop()
     peaks = world.gather(peak, root=0)
-    rss = world.gather(vmhwm(), root=0)
+    rss = world.gather(vm_hwm(), root=0)
     if world.rank != 0:
         return
     from hpc_llm.plan.cluster import load_cluster

@@ -57,7 +57,7 @@ import tracemalloc
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from common import PRESETS, random_tokens, vm_hwm
 
 # mpi4py is imported by the parts that run under mpiexec only: the `all` driver launches mpiexec itself and must not
 # be an MPI singleton.
@@ -224,7 +224,6 @@ def simulate_measured(lists, v: int, t_f, t_b):
 
 
 def shared_dir(world, vocab: int, n_tokens: int = 2_000_000) -> Path:
-    from bench_parallel import random_tokens
 
     tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_pp_") if world.rank == 0 else None
     tmp = Path(world.bcast(tmp))
@@ -428,7 +427,6 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
 
 
 def memory(args) -> None:
-    from bench_parallel import vm_hwm
     from mpi4py import MPI
 
     from hpc_llm.config import stage_layers
@@ -516,7 +514,6 @@ def memory_table(rows) -> str:
 
 
 def throughput(args) -> None:
-    from bench_train import PRESETS
     from mpi4py import MPI
 
     from hpc_llm.parallel.grid import make_grid

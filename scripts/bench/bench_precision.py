@@ -23,7 +23,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from hpc_llm.config import Config, validate
+from hpc_llm.parallel.grid import single_process_grid
+from hpc_llm.train.trainer import Trainer
+
+from common import PRESETS, vm_hwm
+
+REPO = Path(__file__).resolve().parents[2]
 SEEDS = (1337, 1, 2)
 
 
@@ -88,14 +94,9 @@ def quality(args) -> dict:
 
 
 def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int = 0):
-    sys.path.insert(0, str(REPO))
-    from hpc_llm.config import Config, validate
-    from hpc_llm.parallel.grid import single_process_grid
-    from hpc_llm.train.trainer import Trainer
-
     cfg = Config()
     for k, v in preset.items():
-        setattr(cfg.model, k, v) if hasattr(cfg.model, k) else setattr(cfg.train, k, v)
+        setattr(cfg.model, k, v) if k != "batch" else setattr(cfg.train, "batch_size", v)
     cfg.data.path = str(REPO / "data" / "shakespeare_char")
     cfg.train.precision, cfg.train.recompute, cfg.train.seed = precision, recompute, seed
     cfg.train.peak_tflops, cfg.train.eval_iters = 1.0, 0
@@ -104,14 +105,11 @@ def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int 
     return Trainer(cfg, grid=single_process_grid())
 
 
-PRESETS = {
-    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
-    "gpt2-small": dict(
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, vocab_size=50304
-    ),
-    "gpt2-small-b4": dict(
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4, vocab_size=50304
-    ),
+# the shared shapes (6x384's vocabulary 65 is shakespeare-char's, the data it trains on), and GPT-2 small at batch 4
+SHAPES = {
+    "6x384": PRESETS["6x384"],
+    "gpt2-small": PRESETS["gpt2-small"],
+    "gpt2-small-b4": {**PRESETS["gpt2-small"], "batch": 4},
 }
 SETTINGS = {
     "fp32": ("fp32", "none"),
@@ -125,7 +123,7 @@ SETTINGS = {
 def speed(args) -> dict:
     """Every setting's trainer in one process, one step each in turn (so drifts of the shared machine hit all
     alike), after one warm-up step each; median step times and their ratio to fp32's."""
-    preset = PRESETS[args.preset]
+    preset = SHAPES[args.preset]
     trainers = {name: _trainer(name, preset, *SETTINGS[name]) for name in args.settings}
     times = {name: [] for name in trainers}
     for tr in trainers.values():
@@ -149,14 +147,8 @@ def memory(args) -> dict:
     """One process per setting (peak RSS is a high-water mark): the trainer, one step, then its peak RSS."""
     out = {}
     for name in args.settings:
-        code = (
-            f"import resource, sys; sys.argv = ['x']; sys.path.insert(0, {str(REPO / 'scripts')!r});"
-            f"import bench_precision as b; tr = b._trainer({name!r}, b.PRESETS[{args.preset!r}],"
-            f" *b.SETTINGS[{name!r}]); tr.train_step();"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-        )
         r = subprocess.run(
-            [sys.executable, "-c", code],
+            [sys.executable, __file__, "rss", "--preset", args.preset, "--setting", name],
             capture_output=True,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "2"},
@@ -168,13 +160,20 @@ def memory(args) -> dict:
     return {"preset": args.preset, "peak_rss": out}
 
 
+def rss(args) -> None:
+    """One setting's trainer and one step in this fresh process, then its peak RSS in bytes (what memory runs)."""
+    tr = _trainer(args.setting, SHAPES[args.preset], *SETTINGS[args.setting])
+    tr.train_step()
+    print(vm_hwm())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--jobs", type=int, default=2)
     sp = sub.add_parser("speed")
-    sp.add_argument("--preset", choices=PRESETS, default="6x384")
+    sp.add_argument("--preset", choices=SHAPES, default="6x384")
     sp.add_argument("--steps", type=int, default=5)
     sp.add_argument(
         "--settings",
@@ -183,13 +182,20 @@ def main() -> None:
         choices=SETTINGS,
     )
     mem = sub.add_parser("memory")
-    mem.add_argument("--preset", choices=PRESETS, default="gpt2-small")
+    mem.add_argument("--preset", choices=SHAPES, default="gpt2-small")
     mem.add_argument(
         "--settings", nargs="+", default=["fp32", "bf16", "bf16+recompute"], choices=SETTINGS
     )
+    one = sub.add_parser(
+        "rss", help="one setting's peak RSS after one step (memory runs it per setting)"
+    )
+    one.add_argument("--preset", choices=SHAPES, required=True)
+    one.add_argument("--setting", choices=SETTINGS, required=True)
     for p in (q, sp, mem):
         p.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.what == "rss":
+        return rss(args)
     result = {"quality": quality, "speed": speed, "memory": memory}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +27,10 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_parallel import random_tokens  # noqa: E402
-from bench_train import PRESETS  # noqa: E402
+from hpc_llm.config import Config
+from hpc_llm.train.trainer import Trainer
 
-from hpc_llm.config import Config  # noqa: E402
-from hpc_llm.train.trainer import Trainer  # noqa: E402
+from common import PRESETS, random_tokens
 
 BLOCK = 16 << 20
 

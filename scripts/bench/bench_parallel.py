@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,43 +23,10 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import PRESETS  # noqa: E402
+from hpc_llm.config import Config
+from hpc_llm.train.trainer import Trainer
 
-from hpc_llm.config import Config  # noqa: E402
-from hpc_llm.data.prepare import FORMAT, FORMAT_VERSION  # noqa: E402
-from hpc_llm.train.trainer import Trainer  # noqa: E402
-
-
-def vm_hwm() -> int:
-    return next(
-        int(line.split()[1]) * 1024
-        for line in open("/proc/self/status")
-        if line.startswith("VmHWM:")
-    )
-
-
-def random_tokens(directory: Path, vocab: int, n: int) -> None:
-    """A data directory of uniform random tokens (what the benchmark trains on does not matter for speed)."""
-    rng = np.random.default_rng(0)
-    for split, size in (("train", n), ("val", n // 10)):
-        rng.integers(0, vocab, size, dtype=np.uint16).tofile(directory / f"{split}.bin")
-    chars = "".join(
-        chr(0x100 + i) for i in range(vocab)
-    )  # any vocabulary size, below the surrogate code points
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "char",
-        "chars": chars,
-        "vocab_size": vocab,
-        "n_train": n,
-        "n_val": n // 10,
-        "n_files": 0,
-        "n_skipped": 0,
-        "sources": [],
-    }
-    (directory / "meta.json").write_text(json.dumps(meta))
+from common import PRESETS, random_tokens, vm_hwm
 
 
 def main() -> None:

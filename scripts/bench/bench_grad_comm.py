@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,11 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hpc_llm.config import Config, validate
+from hpc_llm.parallel.data_parallel import GradientSync
+from hpc_llm.train.trainer import Trainer
 
-from bench_parallel import random_tokens  # noqa: E402
-from bench_train import PRESETS  # noqa: E402
-
-from hpc_llm.config import Config, validate  # noqa: E402
-from hpc_llm.parallel.data_parallel import GradientSync  # noqa: E402
-from hpc_llm.train.trainer import Trainer  # noqa: E402
+from common import PRESETS, random_tokens
 
 SCHEMES = [
     ("fp32", 0),

@@ -23,34 +23,13 @@ import numpy as np
 
 from hpc_llm.backend import keep_freed_memory
 from hpc_llm.bench.calibrate import matmul_peak_flops
+from hpc_llm.bench.timer import median_time
 from hpc_llm.config import ModelConfig, TrainConfig
-from hpc_llm.model import layers as L
+from hpc_llm.model import layers
 from hpc_llm.model.gpt import GPT
 from hpc_llm.train.optim import AdamW
 
-PRESETS = {
-    # nanoGPT's shakespeare-char CPU setting (vocab 65)
-    "shakespeare-char": dict(
-        n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, batch=12
-    ),
-    # the middle row of ../shared/TARGETS.md
-    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch=8),
-    # GPT-2 small's shape, vocab 50304 as in TARGETS.md
-    "gpt2-small": dict(
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch=1
-    ),
-}
-
-
-def median_time(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+from common import PRESETS, vm_hwm
 
 
 def matmul_plan(cfg: ModelConfig, B: int):
@@ -66,7 +45,7 @@ def matmul_plan(cfg: ModelConfig, B: int):
             x, w, d = arr(N, i), arr(i, o), arr(N, o)
             plan += [(x, w), (x.T, d), (d, w.T)]  # forward, weight gradient, input gradient
         q, k, v, dy = arr(B, H, T, hd), arr(B, H, T, hd), arr(B, H, T, hd), arr(B, H, T, hd)
-        for q0, q1 in L.query_blocks(T):
+        for q0, q1 in layers.query_blocks(T):
             att = arr(B, H, q1 - q0, q1)
             kt = k[:, :, :q1].transpose(0, 1, 3, 2)
             plan += [
@@ -96,7 +75,7 @@ def activation_bytes(cfg: ModelConfig, B: int) -> int:
     """What the forward keeps for backward (see GPT.forward's cache), in float32."""
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
     N = B * T
-    att = B * H * sum((q1 - q0) * q1 for q0, q1 in L.query_blocks(T))
+    att = B * H * sum((q1 - q0) * q1 for q0, q1 in layers.query_blocks(T))
     per_layer = (
         N * C  # ln_1 normalised input
         + N * C  # ln_1 output (c_attn input)
@@ -149,12 +128,7 @@ def rss_child(name: str) -> None:
     cfg, model, opt, step = build(p)
     for _ in range(2):
         step()
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent that spawned us
-    peak = next(
-        int(line.split()[1]) * 1024
-        for line in open("/proc/self/status")
-        if line.startswith("VmHWM:")
-    )
+    peak = vm_hwm()
     print(
         json.dumps(
             {
@@ -170,11 +144,11 @@ def bench(name: str, steps: int, peak: float) -> dict:
     p = PRESETS[name]
     cfg, model, opt, step = build(p)
     tokens = p["batch"] * cfg.block_size
-    t_step = median_time(step, steps)
+    t_step = median_time(step, steps, warmup=2)
     plan = matmul_plan(cfg, p["batch"])
-    t_mm = median_time(lambda: run_plan(plan), steps)
-    t_fwd = median_time(lambda: model.forward(*_xy(cfg, p["batch"])), steps)
-    t_opt = median_time(lambda: opt.step(1e-4), steps)
+    t_mm = median_time(lambda: run_plan(plan), steps, warmup=2)
+    t_fwd = median_time(lambda: model.forward(*_xy(cfg, p["batch"])), steps, warmup=2)
+    t_opt = median_time(lambda: opt.step(1e-4), steps, warmup=2)
     flops = model.flops_per_token() * tokens
     return {
         "preset": name,
@@ -199,8 +173,8 @@ def ab_compare(name: str, what: str, steps: int) -> dict:
         on, off = (lambda: keep_freed_memory(True)), (lambda: keep_freed_memory(False))
     else:  # attention query blocks vs one dense causal block
         on, off = (
-            (lambda: setattr(L, "ATTN_BLOCK", 128)),
-            (lambda: setattr(L, "ATTN_BLOCK", 1 << 30)),
+            (lambda: setattr(layers, "ATTN_BLOCK", 128)),
+            (lambda: setattr(layers, "ATTN_BLOCK", 1 << 30)),
         )
     times = {"on": [], "off": []}
     for i in range(steps + 1):
@@ -213,7 +187,7 @@ def ab_compare(name: str, what: str, steps: int) -> dict:
                 times[key].append(time.perf_counter() - t0)
     on_s, off_s = float(np.median(times["on"])), float(np.median(times["off"]))
     keep_freed_memory(True)
-    L.ATTN_BLOCK = 128
+    layers.ATTN_BLOCK = 128
     return {
         "preset": name,
         "change": what,
@@ -256,7 +230,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.attn_block:
-        L.ATTN_BLOCK = args.attn_block
+        layers.ATTN_BLOCK = args.attn_block
     if not args.default_malloc:
         keep_freed_memory()
     if args.rss_child:
