@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Mutation campaign: does the test suite notice the one-line slips a careful engineer could make?
 
-Each mutant below is one targeted edit of one source file (the exact original snippet, which must occur exactly once
-in that file, and its replacement) with a one-line description and the tests relevant to it. The campaign
+Each mutant (the table is scripts/dev/mutants.py) names the function it mutates by its qualified name, a snippet of
+that function's source (which must occur exactly once in it) and its replacement, with a one-line description and
+the tests relevant to it (test files by basename, found under tests/). The function is found by parsing every
+hpc_llm/**/*.py (module-level functions and methods), so a mutant follows its function when code moves between
+files; a name defined twice, a name not found, or a snippet not found exactly once makes the mutant stale, with the
+reason. The campaign
 
 1. copies the repository once into a temporary directory: the files `git ls-files --cached --others
    --exclude-standard` lists (tracked files as they are in the working tree, plus untracked, non-ignored ones, so
@@ -18,9 +22,9 @@ in that file, and its replacement) with a one-line description and the tests rel
    there with the venv's python (with a per-mutant timeout), restores the file, and records the result: killed (a
    test failed or errored), survived (the selection passed), timeout, or error (pytest could not run the tests:
    a collection/usage error, reported separately, never counted as killed; a test that fails only by hitting
-   pytest-timeout counts as a timeout, not a kill); a mutant whose snippet is no longer found exactly once is
-   reported as stale, not skipped silently. A red baseline selection is run once more before the campaign aborts
-   (the machine may be shared); green the second time, it is reported as flaky.
+   pytest-timeout counts as a timeout, not a kill); a stale mutant is reported as stale, not skipped silently. A red
+   baseline selection is run once more before the campaign aborts (the machine may be shared); green the second
+   time, it is reported as flaky.
 
 The environment of every pytest run is what scripts/test.sh sets (the venv's bin first on PATH, Open MPI allowed as
 root, one BLAS/OpenMP thread, OPAL_PREFIX/PMIX_PREFIX = the venv), plus PYTHONPATH = the copy (inherited by the
@@ -30,19 +34,21 @@ ever written: mutants are applied to the copy only.
 
 Run it from the repository root (it takes a while: run it in the background and watch stderr):
 
-    .venv/bin/python scripts/mutation_campaign.py --list          # the mutants, checked against the source
-    .venv/bin/python scripts/mutation_campaign.py                 # baseline + every mutant
-    .venv/bin/python scripts/mutation_campaign.py --only ln-unbiased-var,adam-no-bias-correction-1
-    .venv/bin/python scripts/mutation_campaign.py --rev HEAD --overlay tests/test_optim.py   # working tree mid-edit
+    .venv/bin/python scripts/dev/mutation_campaign.py --list          # the mutants, checked against the source
+    .venv/bin/python scripts/dev/mutation_campaign.py                 # baseline + every mutant
+    .venv/bin/python scripts/dev/mutation_campaign.py --only ln-unbiased-var,adam-no-bias-correction-1
+    .venv/bin/python scripts/dev/mutation_campaign.py --rev HEAD --overlay tests/test_optim.py   # mid-edit
 
-Results: a Markdown table (id, file, description, tests run, result, seconds) on stdout and in ``--out`` (default
-/tmp/mutation_results.md), the same as JSON beside it (``--json``, default: the same name with .json), and a summary
-line "killed K / N, survived S: ids...". docs/testing.md holds the table of results of the last full campaign.
+Results: a Markdown table (id, function, description, tests run, result, seconds) on stdout and in ``--out``
+(default /tmp/mutation_results.md), the same as JSON beside it (``--json``, default: the same name with .json), and
+a summary line "killed K / N, survived S: ids...". docs/testing.md holds the table of results of the last full
+campaign.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import queue
@@ -56,10 +62,13 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from mutants import MUTANTS, Mutant
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_PYTHON = "/work/main/.venv/bin/python"
@@ -67,733 +76,145 @@ PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-rfEs"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The mutants
+# Finding a mutant's function and its tests
 
 
 @dataclass(frozen=True)
-class Mutant:
-    id: str
-    file: str  # relative to the repository root
-    original: str  # must occur exactly once in the file
-    replacement: str
-    description: str
-    tests: tuple[str, ...]  # test files or node ids, relative to the repository root
-    k: str | None = None  # pytest -k expression
-    # the same slip written against other versions of the code: (original, replacement) in the same file, or
-    # (file, original, replacement) where the code moved; the first variant that applies is used
-    alternatives: tuple[tuple[str, ...], ...] = ()
-    timeout: float | None = None  # seconds; default: from the baseline's duration
+class Site:
+    """Where a function is: its file (relative to the tree's root) and its lines, the def line to the last."""
 
-    def variants(self) -> list[tuple[str, str, str]]:
-        return [(self.file, self.original, self.replacement)] + [
-            alt if len(alt) == 3 else (self.file, *alt) for alt in self.alternatives
-        ]
+    file: str
+    start: int
+    end: int
 
-    def resolve(self, read) -> tuple[str, str | None, str]:
-        """read(file) -> its text or None. Returns (file, mutated text, "") for the first variant whose original
-        occurs exactly once, else (self.file, None, why the mutant is stale)."""
-        found = []
-        for file, original, replacement in self.variants():
-            text = read(file)
-            n = text.count(original) if text is not None else 0
-            if n == 1:
-                return file, text.replace(original, replacement, 1), ""
-            found.append(f"{n} times in {file}" if text is not None else f"{file} missing")
-        return (
-            self.file,
-            None,
-            f"stale: the original snippet must occur exactly once, found {'; '.join(found)}",
+
+@dataclass(frozen=True)
+class Resolution:
+    """A mutant against one tree: the mutated text of its file, or (text None) why it does not apply."""
+
+    file: str
+    text: str | None
+    why: str = ""
+
+
+def functions_in(text: str) -> list[tuple[str, int, int]]:
+    """(qualified name, def line, last line) of every module-level function and every method (of classes at module
+    level, and of classes nested in them) in a module's source."""
+    out = []
+
+    def walk(body, prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                out.append((prefix + node.name, node.lineno, node.end_lineno))
+            elif isinstance(node, ast.ClassDef):
+                walk(node.body, f"{prefix}{node.name}.")
+
+    walk(ast.parse(text).body, "")
+    return out
+
+
+class Sources:
+    """The hpc_llm/**/*.py files of one tree (a directory, or a commit with working-tree overlays): their text, and
+    where each function is defined."""
+
+    def __init__(self, paths: list[str], read: Callable[[str], str | None]):
+        self.paths, self.read = sorted(paths), read
+        # (module, qualified name) -> where it is
+        self._index: dict[tuple[str, str], Site] | None = None
+        self.unparsable: list[str] = []
+
+    @classmethod
+    def directory(cls, root: Path) -> Sources:
+        def read(file: str) -> str | None:
+            path = root / file
+            return path.read_text() if path.is_file() else None
+
+        paths = [p.relative_to(root).as_posix() for p in (root / "hpc_llm").rglob("*.py")]
+        return cls(paths, read)
+
+    @classmethod
+    def commit(cls, repo: Path, rev: str, overlays: list[str]) -> Sources:
+        listed = git(repo, "ls-tree", "-r", "--name-only", rev, "--", "hpc_llm").splitlines()
+        extra = [f for f in overlays if f.startswith("hpc_llm/") and (repo / f).is_file()]
+        paths = sorted({f for f in listed + extra if f.endswith(".py")})
+        return cls(paths, lambda f: source_text(repo, rev, overlays, f))
+
+    def index(self) -> dict[tuple[str, str], Site]:
+        if self._index is None:
+            self._index = {}
+            for file in self.paths:
+                module = file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+                try:
+                    found = functions_in(self.read(file) or "")
+                except SyntaxError as e:
+                    self.unparsable.append(f"{file}: {e}")
+                    continue
+                for name, start, end in found:
+                    self._index[module, name] = Site(file, start, end)
+        return self._index
+
+    def locate(self, function: str) -> tuple[Site | None, str]:
+        """(the one place `function` is defined, "") or (None, why not). `function` is a qualified name in its
+        module ("name", "Class.name"), optionally after the trailing parts of the module's dotted name
+        ("layers.name", "model.layers.name") where two modules define the same name."""
+
+        def matches(module: str, name: str) -> bool:
+            prefix = function.removesuffix(name)
+            return function == name or (
+                prefix.endswith(".") and f".{module}.".endswith(f".{prefix}")
+            )
+
+        found = [(key, site) for key, site in self.index().items() if matches(*key)]
+        if len(found) == 1:
+            return found[0][1], ""
+        if not found:
+            broken = f" (not parsed: {'; '.join(self.unparsable)})" if self.unparsable else ""
+            return None, f"stale: no function {function} in hpc_llm/{broken}"
+        where = ", ".join(
+            f"{module}.{name} ({site.file}:{site.start})" for (module, name), site in found
+        )
+        return None, (
+            f"stale: {function} is ambiguous, defined {len(found)} times: {where}; "
+            f"name it with its module (module.{function})"
         )
 
 
-LAYERS, GPT, TPAR = (
-    "hpc_llm/model/layers.py",
-    "hpc_llm/model/gpt.py",
-    "hpc_llm/model/tensor_parallel.py",
-)
-OPTIM, DPAR, TRAIN = (
-    "hpc_llm/train/optim.py",
-    "hpc_llm/parallel/data_parallel.py",
-    "hpc_llm/train/trainer.py",
-)
-CKPT, GEN, DATA = (
-    "hpc_llm/checkpoint/reader.py",
-    "hpc_llm/infer/generate.py",
-    "hpc_llm/data/prepare.py",
-)
-TSTATE = "hpc_llm/checkpoint/trainer_state.py"
-MODULES = "hpc_llm/model/modules.py"  # since the pipeline-parallel refactor: Embedding, Block, Head, Chunk
-
-T_GRAD, T_GEN, T_TRAIN = "tests/test_gradients.py", "tests/test_generate.py", "tests/test_train.py"
-T_OPTIM, T_DATA, T_CKPT = "tests/test_optim.py", "tests/test_data.py", "tests/test_checkpoint.py"
-T_GPT2_LOGITS = "tests/test_gpt2_import.py::test_logits_equal_reference"
-HF_LOGITS = (
-    "tests/test_gpt2_import.py::test_logits_match_transformers"  # a committed transformers fixture
-)
-HF_GRADS = "tests/test_gpt2_import.py::test_loss_and_gradients_match_transformers"
-T_TRAIN_RESUME = (
-    "tests/test_train.py::test_exact_resume",
-    "tests/test_train.py::test_resume_auto_takes_newest_and_empty_dir_starts_fresh",
-)
-T_PAR_RESUME = "tests/test_parallel.py::test_exact_resume_dp2_zero1"
-T_RESUME_LAYOUTS = "tests/test_resume_layouts.py"
-T_CLI_GENERATE = "tests/test_cli.py::test_generate_from_checkpoint"
-EVAL = "hpc_llm/infer/evaluate.py"
+def resolve(m: Mutant, sources: Sources) -> Resolution:
+    """The mutant applied to its function's source lines (the snippet must occur there exactly once)."""
+    site, why = sources.locate(m.function)
+    if site is None:
+        return Resolution("", None, why)
+    lines = (sources.read(site.file) or "").splitlines(keepends=True)
+    head, body = "".join(lines[: site.start - 1]), "".join(lines[site.start - 1 : site.end])
+    n = body.count(m.original)
+    if n != 1:
+        return Resolution(
+            site.file,
+            None,
+            f"stale: the snippet occurs {n} times in {m.function} ({site.file}:{site.start}-{site.end}); "
+            f"it must occur exactly once",
+        )
+    mutated = body.replace(m.original, m.replacement, 1)
+    return Resolution(site.file, head + mutated + "".join(lines[site.end :]))
 
 
-def inf_test(name: str) -> str:
-    return f"tests/test_inference.py::{name}"
-
-
-def tp_test(name: str) -> str:
-    return f"tests/test_tensor_parallel.py::{name}"
-
-
-def par_layout(layout: str) -> str:
-    """One layout of test_parallel's end-to-end comparison with the single process (e.g. "DP2-zero1")."""
-    return f"tests/test_parallel.py::test_training_matches_single_process[{layout}]"
-
-
-def M(id, file, original, replacement, description, tests, **kw) -> Mutant:
-    return Mutant(id, file, original, replacement, description, tuple(tests), **kw)
-
-
-MUTANTS: list[Mutant] = [
-    # -- layers: layernorm, gelu, attention / softmax / causal mask, linear, embedding backward, dropout -------------
-    M(
-        "ln-unbiased-var",
-        LAYERS,
-        "var *= 1.0 / x.shape[-1]",
-        "var *= 1.0 / (x.shape[-1] - 1)",
-        "LayerNorm forward normalises by the unbiased variance (divides by C-1, torch.var's default)",
-        [T_GRAD, T_GPT2_LOGITS, HF_LOGITS],
-    ),
-    M(
-        "ln-bwd-mean-without-gain",
-        LAYERS,
-        "mean_d = dxhat.mean(axis=-1, keepdims=True)",
-        "mean_d = dout.mean(axis=-1, keepdims=True)",
-        "LayerNorm backward subtracts the mean of dout instead of dout*w (the gain left out of one term)",
-        [T_GRAD, HF_GRADS],
-    ),
-    M(
-        "ln-dw-accumulate-overwrites",
-        LAYERS,
-        'dw += xp.einsum("ni,ni->i", d2, x2)',
-        'dw[...] = xp.einsum("ni,ni->i", d2, x2)',
-        "LayerNorm gain gradient overwritten on accumulate=True (micro-batches after the first lose the earlier ones)",
-        [T_GRAD],
-    ),
-    M(
-        "gelu-fwd-cubic-without-c",
-        LAYERS,
-        "ts *= GELU_C * 0.044715",
-        "ts *= 0.044715",
-        "GELU forward: tanh(c x + 0.044715 x^3) instead of tanh(c (x + 0.044715 x^3))",
-        [T_GRAD, T_GPT2_LOGITS, HF_LOGITS],
-    ),
-    M(
-        "gelu-bwd-missing-3",
-        LAYERS,
-        "ins *= 0.5 * 3 * 0.044715 * GELU_C",
-        "ins *= 0.5 * 0.044715 * GELU_C",
-        "GELU backward: d/dx of x^3 written as x^2 (the factor 3 dropped)",
-        [T_GRAD, HF_GRADS],
-    ),
-    M(
-        "causal-mask-no-offset",
-        LAYERS,
-        "i = xp.arange(Tq)[:, None] + (Tk - Tq)",
-        "i = xp.arange(Tq)[:, None]",
-        "causal mask assumes queries start at position 0 (wrong for query blocks and for KV-cache decoding)",
-        [T_GRAD, T_GEN],
-    ),
-    M(
-        "attn-scale-no-sqrt",
-        LAYERS,
-        "q *= 1.0 / math.sqrt(q.shape[-1])",
-        "q *= 1.0 / q.shape[-1]",
-        "attention scores scaled by 1/hd instead of 1/sqrt(hd) (equivalent only when hd = 1)",
-        [T_GRAD, T_GEN, T_GPT2_LOGITS, HF_LOGITS],
-        alternatives=(
-            ("qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])", "qkvh[0] *= 1.0 / qkvh.shape[-1]"),
-        ),
-    ),
-    M(
-        "softmax-bwd-rowdot-dropped-probs",
-        LAYERS,
-        'rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]',
-        'rowdot = xp.einsum("bhij,bhij->bhi", datt, used)[..., None]',
-        "softmax backward's row sum uses the dropped-out probabilities (wrong only with attention dropout)",
-        [T_GRAD],
-    ),
-    M(
-        "attn-bwd-dq-unscaled",
-        LAYERS,
-        "dq *= 1.0 / math.sqrt(hd)",
-        "dq *= 1.0",
-        "attention backward forgets the 1/sqrt(hd) of the pre-scaled q in dq (equivalent only when hd = 1)",
-        [T_GRAD, HF_GRADS],
-    ),
-    M(
-        "linear-dw-ignores-accumulate",
-        LAYERS,
-        "_matmul_into(x2.T, d2, dw, accumulate)",
-        "_matmul_into(x2.T, d2, dw, False)",
-        "linear backward always overwrites the weight gradient (gradient accumulation keeps the last micro-batch)",
-        [T_GRAD],
-    ),
-    M(
-        "embedding-bwd-fancy-index-add",
-        LAYERS,
-        "xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))",
-        "dwte[idx.reshape(-1)] += dx.reshape(-1, dx.shape[-1])",
-        "token embedding backward with fancy-index += (a token repeated in the batch is counted once)",
-        [T_GRAD, HF_GRADS],
-    ),
-    M(
-        "wpe-bwd-zeroes-used-rows",
-        LAYERS,
-        "dwpe[T:] = 0",
-        "dwpe[:T] = 0",
-        "position embedding backward zeroes the rows it then overwrites, leaving stale gradient beyond T",
-        [T_GRAD],
-    ),
-    M(
-        "dropout-scale-keep-prob",
-        LAYERS,
-        "mask *= 1.0 / (1.0 - p)",
-        "mask *= 1.0 - p",
-        "dropout scales kept activations by (1-p) instead of 1/(1-p) (forward and backward consistent; train/eval "
-        "mismatch)",
-        [T_GRAD, T_TRAIN],
-    ),
-    M(
-        "dropout-rng-heads-slice",
-        LAYERS,
-        "row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[h0:h1]",
-        "row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[:h1 - h0]",
-        "attention dropout under TP: every rank takes the first heads' masks, not its own heads'",
-        [par_layout("TP2-zero0")],
-    ),
-    # -- the model: forward/backward wiring, residuals, tied embedding, loss scale, KV cache --------------------------
-    M(
-        "ln2-bwd-residual-dropped",
-        GPT,
-        "dx += L.layernorm_backward(dh2, ln2",
-        "dx = L.layernorm_backward(dh2, ln2",
-        "block backward: the MLP branch's gradient replaces the residual stream's instead of adding to it",
-        [T_GRAD, HF_GRADS],
-        alternatives=(
-            (
-                MODULES,
-                "dx += self.ln_2.backward(dh2, ln2, accumulate)",
-                "dx = self.ln_2.backward(dh2, ln2, accumulate)",
-            ),
-        ),
-    ),
-    M(
-        "ln2-forward-uses-ln1-gain",
-        GPT,
-        'h2, ln2 = L.layernorm_forward(x, p["ln_2.weight"][0], p["ln_2.bias"][0])',
-        'h2, ln2 = L.layernorm_forward(x, p["ln_1.weight"][0], p["ln_2.bias"][0])',
-        "ln_2 normalises with ln_1's gain (copy-paste slip; in the modules.py version forward and backward "
-        "agree, so only a reference comparison can see it)",
-        [T_GRAD, T_GEN, T_GPT2_LOGITS, HF_LOGITS],
-        alternatives=(
-            (
-                MODULES,
-                'self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"], prec)',
-                'self.ln_2 = LayerNorm(p["ln_1.weight"], b["ln_2.bias"], prec)',
-            ),
-        ),
-    ),
-    M(
-        "ce-bwd-ignores-loss-scale",
-        GPT,
-        "dlogits = TP.vocab_parallel_cross_entropy_backward(ce, loss_scale)",
-        "dlogits = TP.vocab_parallel_cross_entropy_backward(ce)",
-        "backward ignores loss_scale (the trainer's 1/(grad_accum*dp) averaging is lost)",
-        [T_GRAD, HF_GRADS, T_TRAIN, par_layout("DP2-zero0")],
-        alternatives=(
-            (
-                MODULES,
-                "TP.vocab_parallel_cross_entropy_backward(ce, loss_scale)",
-                "TP.vocab_parallel_cross_entropy_backward(ce)",
-            ),
-        ),
-    ),
-    M(
-        "kv-cache-positions-restart",
-        GPT,
-        'x = TP.vocab_parallel_embedding_forward(P["wte.weight"], P["wpe.weight"], idx, self.v0, tp, pos0)',
-        'x = TP.vocab_parallel_embedding_forward(P["wte.weight"], P["wpe.weight"], idx, self.v0, tp)',
-        "KV-cache decoding: each new chunk gets position embeddings from 0 instead of from cache.length",
-        [T_GEN],
-        alternatives=(
-            (
-                "x, _ = chunk.embedding.forward(idx, pos0=pos0)",
-                "x, _ = chunk.embedding.forward(idx)",
-            ),
-        ),
-    ),
-    M(
-        "kv-cache-stores-k-as-v",
-        GPT,
-        "kv[1, :, :, pos0:end] = qkvh[2]",
-        "kv[1, :, :, pos0:end] = qkvh[1]",
-        "KV cache: the keys are stored in the value slot",
-        [T_GEN],
-        alternatives=(
-            (LAYERS, "kv[1, :, :, pos0:end] = qkvh[2]", "kv[1, :, :, pos0:end] = qkvh[1]"),
-        ),
-    ),
-    M(
-        "qkv-shard-ignores-blocks",
-        GPT,
-        '(p + "attn.c_attn.weight", (C, 3 * C), std, True, 1, 3),',
-        '(p + "attn.c_attn.weight", (C, 3 * C), std, True, 1, 1),',
-        "TP sharding of the fused qkv weight is contiguous (tp_blocks=1): a rank gets q and part of k, not its heads",
-        [tp_test("test_shard_index_and_full_tensors"), tp_test("test_gpt_equals_single_process")],
-    ),
-    # -- tensor parallel: f/g backward, vocab-parallel embedding and cross-entropy, gather ---------------------------
-    M(
-        "tp-f-bwd-no-allreduce",
-        TPAR,
-        "return comm.allreduce_(dx)",
-        "return dx",
-        "f (copy_to_tp_region) backward returns the local gradient instead of the sum over the TP group",
-        [
-            tp_test("test_attention_block"),
-            tp_test("test_mlp_block"),
-            tp_test("test_gpt_equals_single_process"),
-        ],
-    ),
-    M(
-        "tp-g-bwd-allreduces",
-        TPAR,
-        '"""g, backward: the gradient of a sum reaches every partial unchanged."""\n    return dx',
-        '"""g, backward: the gradient of a sum reaches every partial unchanged."""\n    return comm.allreduce_(dx)',
-        "g (reduce_from_tp_region) backward allreduces too: row-parallel inputs get tp times their gradient",
-        [
-            tp_test("test_attention_block"),
-            tp_test("test_mlp_block"),
-            tp_test("test_gpt_equals_single_process"),
-        ],
-    ),
-    M(
-        "tp-tied-wte-grad-overwritten",
-        TPAR,
-        "return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate)",
-        "return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte=accumulate)",
-        "tied embedding: the token embedding's backward overwrites the LM head's gradient already in wte's grad",
-        [T_GRAD, HF_GRADS],
-        alternatives=(
-            (
-                "return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)",
-                "return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate)",
-            ),
-        ),
-    ),
-    M(
-        "tp-vocab-emb-bwd-skips-first-row",
-        TPAR,
-        "mine = (local >= 0) & (local < dwte_local.shape[0])",
-        "mine = (local > 0) & (local < dwte_local.shape[0])",
-        "vocab-parallel embedding backward drops the first row of each rank's vocabulary slice",
-        [tp_test("test_vocab_parallel_embedding"), tp_test("test_gpt_equals_single_process")],
-    ),
-    M(
-        "tp-ce-padding-negative-start",
-        TPAR,
-        "logits[:, max(0, vocab_size - v0):] = -xp.inf",
-        "logits[:, vocab_size - v0:] = -xp.inf",
-        "vocab-parallel CE: a slice that is all padding gets a negative start and masks only its last columns",
-        [
-            T_GRAD,
-            tp_test("test_vocab_parallel_cross_entropy"),
-            tp_test("test_gpt_equals_single_process"),
-        ],
-    ),
-    M(
-        "tp-ce-target-logit-not-reduced",
-        TPAR,
-        "comm.allreduce_(target_logit)",
-        "pass",
-        "vocab-parallel CE: the target logit is not summed over the TP group (only its owner knows it)",
-        [tp_test("test_vocab_parallel_cross_entropy"), tp_test("test_gpt_equals_single_process")],
-    ),
-    M(
-        "ce-bwd-not-mean",
-        TPAR,
-        "probs *= scale / N",
-        "probs *= scale",
-        "cross-entropy backward forgets the 1/N of the mean over rows",
-        [T_GRAD, HF_GRADS],
-    ),
-    M(
-        "tp-gather-no-moveaxis",
-        TPAR,
-        "return xp.moveaxis(flat, 0, -2).reshape(*x.shape[:-1], comm.size * n)",
-        "return flat.reshape(*x.shape[:-1], comm.size * n)",
-        "gather_from_tp_region reshapes the (rank, ...) buffer without moving the rank axis next to the last",
-        [tp_test("test_gather_from_tp_region"), tp_test("test_gpt_equals_single_process")],
-    ),
-    # -- the optimizer: AdamW, the lr schedule, the gradient norm ----------------------------------------------------
-    M(
-        "adam-no-bias-correction-1",
-        OPTIM,
-        '"step": lr * sqrt_bc2 / (1.0 - b1 ** self.t),',
-        '"step": lr * sqrt_bc2,',
-        "AdamW without the first moment's bias correction 1/(1-b1^t)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "adam-bc2-no-sqrt",
-        OPTIM,
-        "sqrt_bc2 = math.sqrt(1.0 - b2 ** self.t)",
-        "sqrt_bc2 = 1.0 - b2 ** self.t",
-        "AdamW's second-moment bias correction without the square root",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "adam-eps-uncorrected",
-        OPTIM,
-        '"eps": c.eps * sqrt_bc2,',
-        '"eps": c.eps,',
-        "AdamW eps added to sqrt(v) before the bias correction (eps/sqrt(bc2) in PyTorch's terms: a small effect, "
-        "largest in the first steps)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "adamw-decay-without-lr",
-        OPTIM,
-        '"keep": 1.0 - lr * c.weight_decay,',
-        '"keep": 1.0 - c.weight_decay,',
-        "decoupled weight decay not scaled by lr (p *= 1 - wd every step)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "adamw-decay-everything",
-        OPTIM,
-        "decayed = any(ra <= a and b <= rb for ra, rb in decay_ranges)",
-        "decayed = any(ra <= a or b <= rb for ra, rb in decay_ranges)",
-        "weight decay also applied to LayerNorm gains and biases (`or` for `and` in the range test)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "adam-m-uses-beta2",
-        OPTIM,
-        "mc *= b1",
-        "mc *= b2",
-        "AdamW's first moment decays with beta2 (the beta misused)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "adam-clip-once-in-v",
-        OPTIM,
-        '"g2": (1.0 - b2) * grad_scale * grad_scale,',
-        '"g2": (1.0 - b2) * grad_scale,',
-        "the clip factor folded into v once instead of squared (only matters on clipped steps)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "lr-warmup-from-zero",
-        OPTIM,
-        "return t.lr * (step + 1) / (t.warmup_iters + 1)",
-        "return t.lr * step / t.warmup_iters",
-        "warmup starts at lr 0 (step 0 does nothing) and ends at lr, not nanoGPT's (step+1)/(warmup+1)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "lr-cosine-sign",
-        OPTIM,
-        "return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)",
-        "return t.min_lr + 0.5 * (1.0 - math.cos(math.pi * ratio)) * (t.lr - t.min_lr)",
-        "cosine schedule upside down: after warmup the lr rises from min_lr to lr",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "lr-cosine-no-floor",
-        OPTIM,
-        "return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)",
-        "return 0.5 * (1.0 + math.cos(math.pi * ratio)) * t.lr",
-        "cosine decays to 0 instead of to the min_lr floor (then jumps to min_lr after lr_decay_iters)",
-        [T_OPTIM, T_TRAIN],
-    ),
-    M(
-        "grad-norm-not-reduced",
-        OPTIM,
-        "return math.sqrt(comm.allreduce_scalar(local))",
-        "return math.sqrt(local)",
-        "global gradient norm not summed over the group (each rank clips by its own shard's norm)",
-        [T_OPTIM, par_layout("DP2-zero1"), par_layout("TP2-zero0")],
-    ),
-    # -- gradient sync: 1/dp averaging, grad_accum scale, clipping, ZeRO-1 ownership ---------------------------------
-    M(
-        "loss-scale-no-dp",
-        TRAIN,
-        "loss_scale=1.0 / (t.grad_accum * dp)",
-        "loss_scale=1.0 / t.grad_accum",
-        "the data-parallel sum is not averaged (gradients dp times too large)",
-        [par_layout("DP2-zero0")],
-        alternatives=(("loss_scale / (t.grad_accum * dp)", "loss_scale / t.grad_accum"),),
-    ),
-    M(
-        "loss-scale-no-grad-accum",
-        TRAIN,
-        "loss_scale=1.0 / (t.grad_accum * dp)",
-        "loss_scale=1.0 / dp",
-        "gradient accumulation sums the micro-batches' gradients instead of averaging them (Adam is nearly "
-        "scale-invariant, but the grad norm, the clipping threshold and eps see grad_accum times the gradient)",
-        [T_OPTIM, T_TRAIN, par_layout("DP2-zero0")],
-        alternatives=(("loss_scale / (t.grad_accum * dp)", "loss_scale / dp"),),
-    ),
-    M(
-        "clip-min-max",
-        TRAIN,
-        "scale = min(1.0, t.grad_clip / (norm + 1e-6))",
-        "scale = max(1.0, t.grad_clip / (norm + 1e-6))",
-        "clip factor with max for min: small gradients are scaled up to the clip norm, large ones pass unclipped",
-        [T_OPTIM, T_TRAIN],
-        alternatives=(
-            (
-                "clip = min(1.0, t.grad_clip / (norm + 1e-6))",
-                "clip = max(1.0, t.grad_clip / (norm + 1e-6))",
-            ),
-        ),
-    ),
-    M(
-        "zero-norm-over-tp-group",
-        TRAIN,
-        "comm = self.grid.world if self.sync.zero else self.grid.tp_comm",
-        "comm = self.grid.tp_comm",
-        "ZeRO-1: the grad norm sums only this rank's shard (not over the data-parallel group)",
-        [T_OPTIM, par_layout("DP2-zero1")],
-        alternatives=(
-            (
-                "comm = self.grid.world if self.sync.zero else self.grid.mp_comm",
-                "comm = self.grid.mp_comm",
-            ),
-        ),
-    ),
-    M(
-        "zero-piece-equal-length",
-        DPAR,
-        "pieces = [(a + sum(c[:r]), a + sum(c[:r + 1])) for (a, _), c in zip(self.buckets, self.counts)]",
-        "pieces = [(a + sum(c[:r]), a + sum(c[:r]) + c[0]) for (a, _), c in zip(self.buckets, self.counts)]",
-        "ZeRO-1 ownership assumes equal pieces (c[0] for c[r]): ranks past n % dp own one element of the next rank",
-        [T_OPTIM, par_layout("DP2-zero1"), par_layout("DP4-zero1")],
-    ),
-    M(
-        "zero-params-not-gathered",
-        TRAIN,
-        "self.sync.gather(self.model.flat)",
-        "pass",
-        "ZeRO-1: the updated parameter shards are not allgathered after the step",
-        [T_OPTIM, par_layout("DP2-zero1")],
-    ),
-    M(
-        "dp-loss-not-averaged",
-        TRAIN,
-        "loss = self.grid.dp_comm.allreduce_scalar(loss) / dp",
-        "loss = self.grid.dp_comm.allreduce_scalar(loss)",
-        "the reported loss is the sum over data-parallel ranks, not their mean",
-        [par_layout("DP2-zero0")],
-        alternatives=(
-            (
-                "loss = self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan)) / dp",
-                "loss = self.grid.world.allreduce_scalar(loss + (0.0 if math.isfinite(norm) else math.nan))",
-            ),
-        ),
-    ),
-    # -- checkpoints: write and restore ------------------------------------------------------------------------------
-    M(
-        "restore-moments-swapped",
-        TSTATE,
-        'group = f"optimizer/{slot}"',
-        "group = f\"optimizer/{'v' if slot == 'm' else 'm'}\"",
-        "resume reads the saved v into m and m into v",
-        [*T_TRAIN_RESUME],
-    ),
-    M(
-        "restore-adam-t-dropped",
-        TSTATE,
-        'tr.opt.t = st["adam_t"]',
-        "pass",
-        "resume does not restore Adam's step counter (bias corrections restart at t = 1)",
-        [*T_TRAIN_RESUME],
-    ),
-    M(
-        "restore-step-dropped",
-        TSTATE,
-        'tr.step = st["step"]',
-        "pass",
-        "resume does not restore the step (batches, dropout masks and the lr schedule restart from 0)",
-        [*T_TRAIN_RESUME],
-    ),
-    M(
-        "save-v-written-as-m",
-        TSTATE,
-        "buf = getattr(tr.opt, slot)",
-        "buf = tr.opt.m",
-        "save (without ZeRO-1) writes the first moment into both optimizer slots",
-        [*T_TRAIN_RESUME],
-    ),
-    M(
-        "restore-shard-last-row-floored",
-        GPT,
-        "r0, r1 = lo // row, -(-hi // row)",
-        "r0, r1 = lo // row, hi // row",
-        "restore of a shard range: the last, partly covered row is not read (floor instead of ceil)",
-        [T_PAR_RESUME, T_RESUME_LAYOUTS],
-    ),
-    M(
-        "ckpt-read-ignores-hyperslab",
-        CKPT,
-        "dset.read_direct(out, source_sel=index or None)",
-        "dset.read_direct(out)",
-        "CheckpointFile.read into a buffer ignores the hyperslab (reads from the dataset's start)",
-        [*T_TRAIN_RESUME, T_PAR_RESUME, T_RESUME_LAYOUTS],
-    ),
-    M(
-        "ckpt-verify-share-inverted",
-        CKPT,
-        "if who == part}",
-        "if who != part}",
-        "checkpoint verification: each rank checks the datasets of the other ranks' shares (alone: none at all)",
-        [T_CKPT],
-    ),
-    # -- sampling, generation and batches ----------------------------------------------------------------------------
-    M(
-        "sample-temperature-multiplies",
-        GEN,
-        "z = z / temperature",
-        "z = z * temperature",
-        "sampling multiplies the logits by the temperature (equivalent at temperature 1)",
-        [T_GEN, T_CLI_GENERATE],
-    ),
-    M(
-        "top-k-excludes-kth",
-        GEN,
-        "z = np.where(z >= _top_k_threshold(z, k, comm)[:, None], z, -np.inf)",
-        "z = np.where(z > _top_k_threshold(z, k, comm)[:, None], z, -np.inf)",
-        "top-k keeps the k-1 largest logits (the k-th itself is masked; top_k=1 masks everything)",
-        [T_GEN],
-    ),
-    M(
-        "window-restart-precedence",
-        GEN,
-        "np.asarray(out[r][-(T // 2):])",
-        "np.asarray(out[r][-T // 2:])",
-        "window restart keeps -T // 2 = ceil(T/2) tokens (operator precedence; equivalent for even block_size)",
-        [T_GEN],
-    ),
-    M(
-        "prompt-head-not-tail",
-        GEN,
-        "logits = _prefill(model, cache, [p[-T:] for p in prompts])",
-        "logits = _prefill(model, cache, [p[:T] for p in prompts])",
-        "a prompt longer than block_size is cut to its first block_size tokens instead of its last",
-        [T_GEN],
-    ),
-    # -- inference: per-row positions of the KV cache, sampling over vocabulary shards, the cache pool, eval dp ---
-    M(
-        "cached-attn-row-query-pos-off-by-one",
-        LAYERS,
-        "qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]",
-        "qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :] + 1",
-        "per-row cached attention: each query also sees the key one position after its own (padding or stale)",
-        [
-            inf_test("test_cache_rows_have_their_own_lengths"),
-            inf_test("test_batched_prompts_equal_unbatched"),
-        ],
-    ),
-    M(
-        "vocab-emb-row-pos-off-by-one",
-        TPAR,
-        "positions = wpe[xp.asarray(pos0)[:, None] + xp.arange(idx.shape[1])[None, :]]",
-        "positions = wpe[xp.asarray(pos0)[:, None] + 1 + xp.arange(idx.shape[1])[None, :]]",
-        "per-row embedding: row b's new tokens get the position embeddings from pos0[b] + 1",
-        [
-            inf_test("test_cache_rows_have_their_own_lengths"),
-            inf_test("test_batched_prompts_equal_unbatched"),
-        ],
-    ),
-    M(
-        "top-p-shard-prefix-inclusive",
-        GEN,
-        "before = np.cumsum(ps, axis=1) - ps",
-        "before = np.cumsum(ps, axis=1)",
-        "top-p candidates: a shard stops before the entry whose mass reaches top_p (the nucleus boundary is lost)",
-        [
-            inf_test("test_top_p_set_equals_reference"),
-            inf_test("test_sharded_candidates_equal_full_vocabulary"),
-        ],
-    ),
-    M(
-        "inverse-cdf-owner-one-rank-late",
-        GEN,
-        "owner = (cum <= target[None, :]).sum(axis=0)",
-        "owner = (cum - mass <= target[None, :]).sum(axis=0)",
-        "inverse CDF over shards: the owner is the first rank whose mass *before* it passes u (one rank too far)",
-        [inf_test("test_tp_generation_equals_single_process")],
-    ),
-    M(
-        "greedy-ties-last-rank",
-        GEN,
-        "best = every[:, :, 0].argmax(axis=0)",
-        "best = every.shape[0] - 1 - every[::-1, :, 0].argmax(axis=0)",
-        "sharded greedy: a tie across shards goes to the last rank (not the lowest index, as argmax on the row)",
-        [
-            inf_test("test_greedy_ties_take_the_lowest_index"),
-            inf_test("test_sharded_candidates_equal_full_vocabulary"),
-        ],
-    ),
-    M(
-        "greedy-ties-last-in-shard",
-        GEN,
-        "a = z.argmax(axis=1)",
-        "a = z.shape[1] - 1 - z[:, ::-1].argmax(axis=1)",
-        "greedy: a tie within a shard goes to the highest index",
-        [
-            inf_test("test_greedy_ties_take_the_lowest_index"),
-            inf_test("test_sharded_candidates_equal_full_vocabulary"),
-        ],
-    ),
-    M(
-        "kv-pool-exact-size-only",
-        GPT,
-        "if free is not None and free.size < size:",
-        "if free is not None and free.size != size:",
-        "KV-cache pool: a larger pooled buffer is dropped instead of serving a smaller batch",
-        [inf_test("test_kv_pool_holds_one_buffer")],
-    ),
-    M(
-        "eval-dp-not-reduced",
-        EVAL,
-        'sums = dp_comm.allreduce_(np.array([total, count, n_windows], dtype=np.float64), op="sum")',
-        "sums = np.array([total, count, n_windows], dtype=np.float64)",
-        "eval under data parallelism: each replica reports its own batches' loss (no sum over the dp group)",
-        [inf_test("test_dp_eval_equals_single_process")],
-    ),
-    M(
-        "batch-targets-not-shifted",
-        DATA,
-        "return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:])",
-        "return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, :-1])",
-        "get_batch returns the inputs as targets (no shift by one)",
-        [T_DATA, "tests/test_train.py::test_loss_falls"],
-    ),
-    M(
-        "batch-offset-high-off-by-one",
-        DATA,
-        "offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)",
-        "offsets = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)",
-        "get_batch never draws the last window of the split (exclusive bound off by one)",
-        [T_DATA],
-    ),
-]
+def find_tests(tests: tuple[str, ...], root: Path) -> tuple[tuple[str, ...], list[str]]:
+    """(selection, missing): each "test_x.py[::node]" as its path under root/tests, found by its basename anywhere
+    below; missing: the ones found nowhere or more than once, with the reason."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted((root / "tests").rglob("*.py")):
+        by_name.setdefault(path.name, []).append(path.relative_to(root).as_posix())
+    present, missing = [], []
+    for test in tests:
+        name, sep, node = test.partition("::")
+        found = by_name.get(name, [])
+        if len(found) == 1:
+            present.append(found[0] + sep + node)
+        elif not found:
+            missing.append(f"{test} (no {name} under tests/)")
+        else:
+            missing.append(f"{test} (ambiguous: {', '.join(found)})")
+    return tuple(present), missing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -977,7 +398,7 @@ def check_outside(path: Path, repo: Path) -> None:
 
 
 CANARY_TEST = r'''
-"""Written by scripts/mutation_campaign.py into its copy of the repository only: every way the tests run code (this
+"""Written by scripts/dev/mutation_campaign.py into its copy of the repository only: every way the tests run code (this
 pytest process, `python -m hpc_llm` subprocesses, mpiexec ranks, mpi-pytest ranks) imports the copy's hpc_llm."""
 import os
 import shutil
@@ -1034,7 +455,7 @@ def test_mpi_pytest_ranks_import_the_copy():
 
 CANARY_INIT = """
 
-# --- written by scripts/mutation_campaign.py into its copy only (the import canary), removed after the check ---
+# --- written by scripts/dev/mutation_campaign.py into its copy only (the import canary), removed after the check ---
 MUTATION_CANARY = "{token}"
 import os as _mc_os, sys as _mc_sys  # noqa: E401,E402
 if _mc_os.environ.get("HPC_LLM_MUTATION_CANARY_PRINT"):
@@ -1184,7 +605,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         "",
         f"**{summary_line(results)}**",
         "",
-        "| id | file | description | tests run | result | seconds |",
+        "| id | function | description | tests run | result | seconds |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -1193,7 +614,8 @@ def render_markdown(results: list[dict], meta: dict) -> str:
             tests += f" (missing, skipped: {' '.join(r['missing_tests'])})"
         result = r["result"] + (f": {r['detail']}" if r["detail"] else "")
         lines.append(
-            f"| {md_escape(r['id'])} | {md_escape(r['file'])} | {md_escape(r['description'])} | "
+            f"| {md_escape(r['id'])} | {md_escape(r['function'])} ({md_escape(r['file'] or '?')}) | "
+            f"{md_escape(r['description'])} | "
             f"{md_escape(tests)} | {md_escape(result)} | {r['seconds']:.1f} |"
         )
     if meta.get("warnings"):
@@ -1285,16 +707,20 @@ def source_text(repo: Path, rev: str | None, overlays: list[str], file: str) -> 
 
 
 def list_mutants(repo: Path, mutants: list[Mutant], rev: str | None, overlays: list[str]) -> int:
+    sources = Sources.commit(repo, rev, overlays) if rev else Sources.directory(repo)
     stale = 0
-    print("| id | file | status | description | tests |")
-    print("|---|---|---|---|---|")
+    print("| id | function | file | status | description | tests |")
+    print("|---|---|---|---|---|---|")
     for m in mutants:
-        file, mutated, why = m.resolve(lambda f: source_text(repo, rev, overlays, f))
-        status = "ok" if mutated is not None else why
+        found = resolve(m, sources)
+        status = "ok" if found.text is not None else found.why
+        tests, missing = find_tests(m.tests, repo)
+        if missing:
+            status += f"; tests missing: {', '.join(missing)}"
         stale += status != "ok"
         print(
-            f"| {m.id} | {file} | {md_escape(status)} | {md_escape(m.description)} | "
-            f"{md_escape(selection_label(m.tests, m.k))} |"
+            f"| {m.id} | {m.function} | {found.file} | {md_escape(status)} | {md_escape(m.description)} | "
+            f"{md_escape(selection_label(tests, m.k))} |"
         )
     where = (
         f"commit {rev}" + (f" + {', '.join(overlays)}" if overlays else "")
@@ -1305,6 +731,29 @@ def list_mutants(repo: Path, mutants: list[Mutant], rev: str | None, overlays: l
     return 1 if stale else 0
 
 
+def select_mutants(only: str) -> list[Mutant]:
+    ids = [m.id for m in MUTANTS]
+    if len(set(ids)) != len(ids):
+        raise SystemExit("mutants.py: duplicate mutant ids")
+    if not only:
+        return MUTANTS
+    wanted = [i.strip() for i in only.split(",") if i.strip()]
+    unknown = [i for i in wanted if i not in ids]
+    if unknown:
+        raise SystemExit(f"--only: unknown mutant ids {unknown} (see --list)")
+    return [m for m in MUTANTS if m.id in wanted]
+
+
+def describe_source(repo: Path, rev: str | None, overlays: list[str]) -> str:
+    head = git(repo, "rev-parse", "--short", rev or "HEAD").strip()
+    if rev:
+        return f"commit {rev} ({head}) of {repo}" + (
+            f" + working-tree {', '.join(overlays)}" if overlays else ""
+        )
+    dirty = bool(git(repo, "status", "--porcelain").strip())
+    return f"working tree of {repo} at {head}" + (" with uncommitted changes" if dirty else "")
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -1313,65 +762,34 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)  # `kill PID` stops a background campaign as Ctrl-C does
     repo = Path(git(SCRIPT_DIR, "rev-parse", "--show-toplevel").strip())
-    mutants = MUTANTS
-    ids = [m.id for m in MUTANTS]
-    assert len(set(ids)) == len(ids), "duplicate mutant ids"
-    if args.only:
-        wanted = [i.strip() for i in args.only.split(",") if i.strip()]
-        unknown = [i for i in wanted if i not in ids]
-        if unknown:
-            raise SystemExit(f"--only: unknown mutant ids {unknown} (see --list)")
-        mutants = [m for m in MUTANTS if m.id in wanted]
+    mutants = select_mutants(args.only)
     if args.overlay and not args.rev:
         raise SystemExit("--overlay needs --rev (without it the working tree is copied whole)")
     if args.list:
         return list_mutants(repo, mutants, args.rev, args.overlay)
     if args.jobs < 1:
         raise SystemExit("--jobs: expected a positive integer")
-
     python = str(Path(args.python).absolute())
-    venv = Path(
-        python
-    ).parent.parent  # not resolved: the venv's python is a symlink to the system's
     if not Path(python).exists():
         raise SystemExit(f"--python {python}: not found")
-    md_path = Path(args.out)
-    json_path = Path(args.json) if args.json else md_path.with_suffix(".json")
-    t_start = time.monotonic()
-    head = git(repo, "rev-parse", "--short", args.rev or "HEAD").strip()
-    if args.rev:
-        source = f"commit {args.rev} ({head}) of {repo}" + (
-            f" + working-tree {', '.join(args.overlay)}" if args.overlay else ""
-        )
-    else:
-        dirty = bool(git(repo, "status", "--porcelain").strip())
-        source = f"working tree of {repo} at {head}" + (
-            " with uncommitted changes" if dirty else ""
-        )
+    source = describe_source(repo, args.rev, args.overlay)
     meta = {
         "source": source,
         "python": python,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "warnings": [],
     }
-    warnings = meta["warnings"]
-
     root = Path(tempfile.mkdtemp(prefix="mutation_campaign-", dir=args.tmpdir))
     check_outside(root, repo)
     copies = [root / f"copy-{i}" for i in range(args.jobs)]
     log(f"copying {source} into {root} ({args.jobs} cop{'y' if args.jobs == 1 else 'ies'})")
     try:
-        warnings += make_copy(repo, copies[0], args.rev, args.overlay)
+        meta["warnings"] += make_copy(repo, copies[0], args.rev, args.overlay)
         for c in copies[1:]:
             shutil.copytree(copies[0], c, symlinks=True)
-        for w in warnings:
+        for w in meta["warnings"]:
             log(f"WARNING: {w}")
-        envs = {c: test_env(venv, c) for c in copies}
-        for c in copies:
-            sanity_check(python, c, envs[c])
-        return campaign(
-            args, mutants, copies, envs, python, meta, md_path, json_path, t_start, repo
-        )
+        return Campaign(args, repo, python, copies, meta).run(mutants)
     except KeyboardInterrupt:
         kill_running()
         log("interrupted")
@@ -1383,100 +801,155 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def campaign(args, mutants, copies, envs, python, meta, md_path, json_path, t_start, repo) -> int:
-    warnings = meta["warnings"]
-    base = copies[0]
-    # -- plan: each mutant's selection (missing test files skipped, visibly) and pristine source
-    plan = {}
-    for m in mutants:
-        present = tuple(t for t in m.tests if (base / t.split("::")[0]).is_file())
-        missing = [t for t in m.tests if t not in present]
-        for t in missing:
-            w = f"{m.id}: {t.split('::')[0]} does not exist in the copy, skipped from its selection"
-            warnings.append(w)
-            log(f"WARNING: {w}")
-        plan[m.id] = (present, missing)
-    selections = sorted({(plan[m.id][0], m.k) for m in mutants if plan[m.id][0]})
+# ---------------------------------------------------------------------------------------------------------------------
+# The campaign: baseline, then the mutants, in the copies
 
-    pool_copies: queue.Queue = queue.Queue()
-    for c in copies:
-        pool_copies.put(c)
 
-    def pytest_cmd(copy: Path, tests, k) -> list[str]:
-        return [
-            python,
-            "-m",
-            "pytest",
-            *PYTEST_ARGS,
-            f"--basetemp={copy.parent / (copy.name + '-tmp')}",
-            *selection_args(tests, k),
-        ]
+class Campaign:
+    def __init__(self, args, repo: Path, python: str, copies: list[Path], meta: dict):
+        self.args, self.repo, self.python, self.copies, self.meta = args, repo, python, copies, meta
+        self.t_start = time.monotonic()
+        # not resolved: the venv's python is a symlink to the system's
+        self.envs = {c: test_env(Path(python).parent.parent, c) for c in copies}
+        self.md_path = Path(args.out)
+        self.json_path = Path(args.json) if args.json else self.md_path.with_suffix(".json")
+        self.pool: queue.Queue = queue.Queue()
+        for c in copies:
+            self.pool.put(c)
+        self.plan: dict[str, tuple[tuple[str, ...], list[str], Resolution]] = {}
+        self.baseline: dict = {}
+        self.done = 0
+        self.done_lock = threading.Lock()
 
-    # -- baseline: every selection green on the unmutated copy
-    log(f"baseline: {len(selections)} selections")
-    t_base = time.monotonic()
-    baseline = {}
+    def warn(self, text: str) -> None:
+        self.meta["warnings"].append(text)
+        log(f"WARNING: {text}")
 
-    def run_baseline(sel):
-        copy = pool_copies.get()
+    def run(self, mutants: list[Mutant]) -> int:
+        for c in self.copies:
+            sanity_check(self.python, c, self.envs[c])
+        self.make_plan(mutants)
+        selections = sorted({(self.plan[m.id][0], m.k) for m in mutants if self.plan[m.id][0]})
+        if not self.run_baselines(selections):
+            return 2
+        return self.run_mutants(mutants)
+
+    def make_plan(self, mutants: list[Mutant]) -> None:
+        """Each mutant's selection (missing test files skipped, visibly) and its mutated file, from the first copy
+        (every copy is the same)."""
+        base = self.copies[0]
+        sources = Sources.directory(base)
+        for m in mutants:
+            present, missing = find_tests(m.tests, base)
+            for t in missing:
+                self.warn(f"{m.id}: {t}, skipped from its selection")
+            self.plan[m.id] = (present, missing, resolve(m, sources))
+
+    def pytest_cmd(self, copy: Path, tests, k) -> list[str]:
+        basetemp = f"--basetemp={copy.parent / (copy.name + '-tmp')}"
+        return [self.python, "-m", "pytest", *PYTEST_ARGS, basetemp, *selection_args(tests, k)]
+
+    def run_in_copy(self, tests, k, timeout: float) -> tuple[int, str, float, bool]:
+        copy = self.pool.get()
         try:
-            rc, out, secs, timed_out = run_command(
-                pytest_cmd(copy, *sel), copy, envs[copy], max(args.timeout, 600)
-            )
+            return run_command(self.pytest_cmd(copy, tests, k), copy, self.envs[copy], timeout)
         finally:
-            pool_copies.put(copy)
+            self.pool.put(copy)
+
+    def run_baseline(self, sel):
+        """One selection on the unmutated copy; a red one once more (a test can time out on a shared machine)."""
+        timeout = max(self.args.timeout, 600)
+        rc, out, secs, timed_out = self.run_in_copy(*sel, timeout)
         result, detail = classify(rc, out, timed_out)
         log(f"  baseline {result:8s} {secs:6.1f} s  {selection_label(*sel)}  [{detail}]")
-        if (
-            result != "survived"
-        ):  # once more before aborting: a test can time out on a machine shared with others
-            copy = pool_copies.get()
-            try:
-                rc, out, secs, timed_out = run_command(
-                    pytest_cmd(copy, *sel), copy, envs[copy], max(args.timeout, 600)
-                )
-            finally:
-                pool_copies.put(copy)
+        if result != "survived":
             first = f"{result} ({detail})"
+            rc, out, secs, timed_out = self.run_in_copy(*sel, timeout)
             result, detail = classify(rc, out, timed_out)
             log(
                 f"  baseline {result:8s} {secs:6.1f} s  {selection_label(*sel)}  [{detail}] (rerun)"
             )
             if result == "survived":
-                warnings.append(
+                self.meta["warnings"].append(
                     f"baseline of `{selection_label(*sel)}` was {first} at first and green when run "
                     f"again: flaky on this machine"
                 )
         return sel, result, detail, secs, out
 
-    for sel, result, detail, secs, out in run_all(run_baseline, selections, args.jobs):
-        baseline[sel] = (result, detail, secs, out)
-    red = [(sel, v) for sel, v in baseline.items() if v[0] != "survived"]
-    meta["baseline_seconds"] = time.monotonic() - t_base
-    meta["baseline_selections"] = len(selections)
-    meta["baseline"] = [
-        {"tests": list(sel[0]), "k": sel[1], "result": v[0], "detail": v[1], "seconds": v[2]}
-        for sel, v in baseline.items()
-    ]
-    if red:
+    def run_baselines(self, selections) -> bool:
+        """Every selection green on the unmutated copy, or False (a red baseline would make every mutant look
+        killed)."""
+        log(f"baseline: {len(selections)} selections")
+        t_base = time.monotonic()
+        for sel, result, detail, secs, out in run_all(
+            self.run_baseline, selections, self.args.jobs
+        ):
+            self.baseline[sel] = (result, detail, secs, out)
+        self.meta["baseline_seconds"] = time.monotonic() - t_base
+        self.meta["baseline_selections"] = len(selections)
+        self.meta["baseline"] = [
+            {"tests": list(sel[0]), "k": sel[1], "result": v[0], "detail": v[1], "seconds": v[2]}
+            for sel, v in self.baseline.items()
+        ]
+        red = [(sel, v) for sel, v in self.baseline.items() if v[0] != "survived"]
         for sel, (result, detail, _secs, out) in red:
             log(
-                f"\nABORT: the unmutated baseline of `{selection_label(*sel)}` is {result} ({detail}); every mutant "
-                f"would look killed. Its output:\n{tail(out, 60)}"
+                f"\nABORT: the unmutated baseline of `{selection_label(*sel)}` is {result} ({detail}); every "
+                f"mutant would look killed. Its output:\n{tail(out, 60)}"
             )
-        return 2
+        return not red
 
-    # -- the mutants
-    report = Report(md_path, json_path, meta)
-    report.order = [m.id for m in mutants]
-    done = [0]
-    done_lock = threading.Lock()
+    def timeout_for(self, m: Mutant, present: tuple[str, ...]) -> float:
+        """Long enough for conftest's MPI timeouts to fire first: a hung rank then fails its test with the ranks'
+        stacks in the output (reported as a timeout) instead of being killed without a word."""
+        base_secs = self.baseline[(present, m.k)][2]
+        mpi_parent = float(self.envs[self.copies[0]].get("HPC_LLM_MPI_PARENT_TIMEOUT", "200"))
+        return m.timeout or min(self.args.timeout, max(60.0, 4 * base_secs + 60, mpi_parent + 60))
 
-    def run_mutant(m: Mutant) -> dict:
-        present, missing = plan[m.id]
+    def mutate_and_run(self, m: Mutant, record: dict) -> None:
+        """Write the mutated file into a copy, run the selection there, restore the file: the result into record."""
+        present, _missing, found = self.plan[m.id]
+        if found.text is None:
+            record.update(result="stale", detail=found.why)
+            return
+        try:
+            compile(found.text, found.file, "exec")
+        except SyntaxError as e:
+            record.update(result="invalid", detail=f"the mutated file does not compile: {e}")
+            return
+        if not present:
+            record.update(result="no-tests", detail="none of its test files exist")
+            return
+        timeout = self.timeout_for(m, present)
+        copy = self.pool.get()
+        try:
+            path = copy / found.file
+            check_outside(path, self.repo)
+            original = path.read_bytes()
+            try:
+                path.write_text(found.text)
+                rc, out, secs, timed_out = run_command(
+                    self.pytest_cmd(copy, present, m.k), copy, self.envs[copy], timeout
+                )
+            finally:
+                path.write_bytes(original)
+            if path.read_bytes() != original:
+                raise SystemExit(f"ABORT: could not restore {path}")
+        finally:
+            self.pool.put(copy)
+        if STOP.is_set():
+            record.update(result="interrupted", seconds=round(secs, 2))
+            return
+        result, detail = classify(rc, out, timed_out)
+        record.update(result=result, detail=detail, seconds=round(secs, 2), timeout_s=timeout)
+        record.update(returncode=rc, output_tail="" if result == "survived" else tail(out))
+
+    def run_mutant(self, m: Mutant, report: Report, total: int) -> dict:
+        present, missing, found = self.plan[m.id]
         record = {
             "id": m.id,
-            "file": m.file,
+            "function": m.function,
+            "file": found.file,
             "description": m.description,
             "tests": list(present),
             "k": m.k,
@@ -1490,88 +963,38 @@ def campaign(args, mutants, copies, envs, python, meta, md_path, json_path, t_st
         }
         if STOP.is_set():
             return record
-        copy = pool_copies.get()
-        try:
-
-            def read(file):
-                return (copy / file).read_text() if (copy / file).is_file() else None
-
-            file, mutated, why = m.resolve(read)
-            record["file"] = file
-            if mutated is None:
-                record.update(result="stale", detail=why)
-                return record
-            path = copy / file
-            check_outside(path, repo)
-            original = path.read_bytes()
-            try:
-                compile(mutated, str(path), "exec")
-            except SyntaxError as e:
-                record.update(result="invalid", detail=f"the mutated file does not compile: {e}")
-                return record
-            if not present:
-                record.update(result="no-tests", detail="none of its test files exist")
-                return record
-            base_secs = baseline[(present, m.k)][2]
-            # long enough for conftest's MPI timeouts to fire first: a hung rank then fails its test with the
-            # ranks' stacks in the output (reported as a timeout) instead of being killed without a word
-            mpi_parent = float(envs[copy].get("HPC_LLM_MPI_PARENT_TIMEOUT", "200"))
-            timeout = m.timeout or min(args.timeout, max(60.0, 4 * base_secs + 60, mpi_parent + 60))
-            try:
-                path.write_text(mutated)
-                rc, out, secs, timed_out = run_command(
-                    pytest_cmd(copy, present, m.k), copy, envs[copy], timeout
-                )
-            finally:
-                path.write_bytes(original)
-            if STOP.is_set():
-                record.update(result="interrupted", seconds=round(secs, 2))
-                return record
-            if path.read_bytes() != original:
-                raise SystemExit(f"ABORT: could not restore {path}")
-            result, detail = classify(rc, out, timed_out)
-            record.update(
-                result=result,
-                detail=detail,
-                seconds=round(secs, 2),
-                timeout_s=timeout,
-                returncode=rc,
-                output_tail="" if result == "survived" else tail(out),
+        self.mutate_and_run(m, record)
+        if record["result"] not in ("", "interrupted"):  # not run, or killed by the stop: no result
+            with self.done_lock:
+                self.done += 1
+                n = self.done
+            log(
+                f"[{n:2d}/{total}] {m.id:36s} {record['result']:8s} {record['seconds']:6.1f} s  "
+                f"{record['detail']}"
             )
-            return record
-        finally:
-            pool_copies.put(copy)
-            if record["result"] not in (
-                "",
-                "interrupted",
-            ):  # not run, or killed by the stop: not a result
-                with done_lock:
-                    done[0] += 1
-                    n = done[0]
-                log(
-                    f"[{n:2d}/{len(mutants)}] {m.id:36s} {record['result']:8s} {record['seconds']:6.1f} s  "
-                    f"{record['detail']}"
-                )
-                report.add(record)
+            report.add(record)
+        return record
 
-    log(f"mutants: {len(mutants)}")
-    try:
-        run_all(run_mutant, mutants, args.jobs)
-    except KeyboardInterrupt:
-        meta["total_seconds"] = time.monotonic() - t_start
-        meta["warnings"].append("interrupted: the results are partial")
+    def run_mutants(self, mutants: list[Mutant]) -> int:
+        report = Report(self.md_path, self.json_path, self.meta)
+        report.order = [m.id for m in mutants]
+        log(f"mutants: {len(mutants)}")
+        try:
+            run_all(lambda m: self.run_mutant(m, report, len(mutants)), mutants, self.args.jobs)
+        except KeyboardInterrupt:
+            self.meta["total_seconds"] = time.monotonic() - self.t_start
+            self.meta["warnings"].append("interrupted: the results are partial")
+            report.write()
+            log(f"interrupted; partial results in {self.md_path}, {self.json_path}")
+            return 130
+        self.meta["total_seconds"] = time.monotonic() - self.t_start
         report.write()
-        log(f"interrupted; partial results in {md_path}, {json_path}")
-        return 130
-
-    meta["total_seconds"] = time.monotonic() - t_start
-    report.write()
-    results = report.ordered()
-    sys.stdout.write(render_markdown(results, meta))
-    print(f"\n{summary_line(results)}")
-    log(f"results: {md_path}, {json_path} ({meta['total_seconds']:.0f} s)")
-    bad = [r for r in results if r["result"] in ("stale", "invalid", "error")]
-    return 1 if bad else 0
+        results = report.ordered()
+        sys.stdout.write(render_markdown(results, self.meta))
+        print(f"\n{summary_line(results)}")
+        log(f"results: {self.md_path}, {self.json_path} ({self.meta['total_seconds']:.0f} s)")
+        bad = [r for r in results if r["result"] in ("stale", "invalid", "error")]
+        return 1 if bad else 0
 
 
 if __name__ == "__main__":
