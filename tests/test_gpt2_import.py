@@ -633,7 +633,7 @@ def test_cli_errors(tmp_path, case):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# against transformers' own GPT2LMHeadModel: a committed reference that scripts/make_hf_fixture.py wrote with torch and
+# against transformers' own GPT2LMHeadModel: a committed reference that scripts/dev/make_hf_fixture.py wrote with torch and
 # transformers (which CI does not install), so this comparison always runs
 
 
@@ -651,7 +651,7 @@ def hf_reference() -> dict:
     """The reference tensors; a missing fixture is a failure, never a skip."""
     for path in (HF_DIR / "config.json", HF_DIR / "model.safetensors", HF_REFERENCE):
         assert path.is_file(), (
-            f"{path}: missing test fixture; regenerate it with scripts/make_hf_fixture.py "
+            f"{path}: missing test fixture; regenerate it with scripts/dev/make_hf_fixture.py "
             "(its docstring says how: it needs torch and transformers)"
         )
     with safetensors.safe_open(str(HF_REFERENCE), framework="np") as f:

@@ -1,12 +1,12 @@
 # The commands behind docs/planning_data/validation.jsonl (docs/planning.md, "Validation on this machine"), as run on the idle
 # 2-core machine: /tmp/sc is tinyshakespeare prepared with `hpc-llm prepare --tokenizer char`. The first line
 # recalibrated inputs/clusters/this_machine.toml (committed); uptime before each run is in validation_load.txt.
-# Regenerate the table: python scripts/validation_table.py docs/planning_data/validation.jsonl --stored
+# Regenerate the table: python scripts/bench/validation_table.py docs/planning_data/validation.jsonl --stored
 cd /work/main
 source /tmp/benv.sh
 mpiexec -n 2 hpc-llm bench calibrate --out inputs/clusters/this_machine.toml > /tmp/calib2.log 2>&1
 OUT=/tmp/validation2.jsonl; rm -f $OUT /tmp/validate2_load.txt /tmp/validate2_log.txt
-V() { n=$1; shift; uptime >> /tmp/validate2_load.txt; .venv/bin/mpiexec --oversubscribe -n $n .venv/bin/python scripts/validate_plan.py --data /tmp/sc --out $OUT "$@" >> /tmp/validate2_log.txt 2>&1; }
+V() { n=$1; shift; uptime >> /tmp/validate2_load.txt; .venv/bin/mpiexec --oversubscribe -n $n .venv/bin/python scripts/bench/validate_plan.py --data /tmp/sc --out $OUT "$@" >> /tmp/validate2_log.txt 2>&1; }
 V 1 --preset shakespeare-char --batch 12 --steps 7
 V 2 --preset shakespeare-char --batch 12 --steps 7
 V 2 --preset shakespeare-char --batch 12 --tp 2 --steps 7

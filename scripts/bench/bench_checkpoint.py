@@ -2,9 +2,9 @@
 """Checkpoint write and read throughput beside the disk's raw speed, measured in the same run.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-    mpiexec -n 1 python scripts/bench_checkpoint.py --preset gpt2-small
-    mpiexec -n 2 python scripts/bench_checkpoint.py --preset gpt2-small            # DP2, ZeRO-1
-    mpiexec -n 4 --oversubscribe python scripts/bench_checkpoint.py --preset gpt2-small --tp 2
+    mpiexec -n 1 python scripts/bench/bench_checkpoint.py --preset gpt2-small
+    mpiexec -n 2 python scripts/bench/bench_checkpoint.py --preset gpt2-small            # DP2, ZeRO-1
+    mpiexec -n 4 --oversubscribe python scripts/bench/bench_checkpoint.py --preset gpt2-small --tp 2
 
 The real Trainer (same code path as `hpc-llm train`), parameters and Adam moments of the preset's shape. Each repeat,
 in this order: `Trainer.save()` (gather, checksums, write, fsync, verify, rename: what a run pays), `dd if=/dev/zero

@@ -2,7 +2,8 @@
 byte tokenizer) in full and with LoRA; val loss after the same number of steps, trainable parameters, optimizer
 memory and tokens/s, one process (docs/performance.md, "Fine-tuning (issue 14)").
 
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python scripts/bench_finetune.py [--out runs/bench_finetune]
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python scripts/bench/bench_finetune.py \
+        [--out runs/bench_finetune]
         [--pretrain-steps 1500] [--finetune-steps 400] [--repeat 3]
         [--shakespeare /work/shared/data/tinyshakespeare.txt]
 

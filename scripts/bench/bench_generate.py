@@ -2,9 +2,9 @@
 """Generation throughput of hpc_llm's KV-cache decoding on the GPT-2-small shape (12 x 768, 12 heads, vocab 50257,
 block 1024, random weights, float32), against Hugging Face transformers + PyTorch on the same weights and cores.
 
-    PYTHONPATH=. /tmp/hfvenv/bin/python scripts/bench_generate.py --threads 1 --batch 1 8
-    PYTHONPATH=. .venv/bin/python scripts/bench_generate.py --threads 1 --int8          # ours: float32 vs int8
-    mpiexec -n 2 .venv/bin/python scripts/bench_generate.py --threads 1 --tp --batch 1    # TP2 vs TP1 latency
+    PYTHONPATH=. /tmp/hfvenv/bin/python scripts/bench/bench_generate.py --threads 1 --batch 1 8
+    PYTHONPATH=. .venv/bin/python scripts/bench/bench_generate.py --threads 1 --int8          # ours: float32 vs int8
+    mpiexec -n 2 .venv/bin/python scripts/bench/bench_generate.py --threads 1 --tp --batch 1    # TP2 vs TP1 latency
 
 For each batch size B: prefill (prompt) tokens/s = B * prompt_len / the prompt's forward, and new tokens/s =
 B * new_tokens / the decode loop's time (greedy; each step one token per row through the cache). Both

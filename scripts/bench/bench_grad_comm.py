@@ -1,9 +1,9 @@
 """Step time with each data-parallel gradient reduction (`parallel.grad_comm`), and the reduction's share of it.
 
-    mpiexec -n 2 python scripts/bench_grad_comm.py --preset 6x384 --steps 5
-    mpiexec -n 2 python scripts/bench_grad_comm.py --preset gpt2-small --steps 2 --warmup 1 --batch 2 --block 256
+    mpiexec -n 2 python scripts/bench/bench_grad_comm.py --preset 6x384 --steps 5
+    mpiexec -n 2 python scripts/bench/bench_grad_comm.py --preset gpt2-small --steps 2 --warmup 1 --batch 2 --block 256
 
-The real Trainer on random tokens (scripts/bench_parallel.py's), with one GradientSync per scheme (fp32, bf16, fp16,
+The real Trainer on random tokens (scripts/bench/common.py's), with one GradientSync per scheme (fp32, bf16, fp16,
 PowerSGD ranks 1, 4, 16, compressed from the first step) on the same model, the schemes alternating step by step (the
 machine's drift then hits all of them alike; the trajectory mixes them, which does not matter for speed). Step time:
 the median over --steps rounds of the max over ranks. The

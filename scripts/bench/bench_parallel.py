@@ -2,9 +2,9 @@
 """Parallel training-step benchmark: tokens/s, communication share, overlap of the bucketed allreduce, memory per rank.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-    mpiexec -n 1 python scripts/bench_parallel.py --preset shakespeare-char       # DP1, one BLAS thread
-    mpiexec -n 2 python scripts/bench_parallel.py --preset shakespeare-char       # DP2
-    mpiexec -n 2 python scripts/bench_parallel.py --preset gpt2-small --tp 2 --steps 3
+    mpiexec -n 1 python scripts/bench/bench_parallel.py --preset shakespeare-char       # DP1, one BLAS thread
+    mpiexec -n 2 python scripts/bench/bench_parallel.py --preset shakespeare-char       # DP2
+    mpiexec -n 2 python scripts/bench/bench_parallel.py --preset gpt2-small --tp 2 --steps 3
 
 The real Trainer (same code path as `hpc-llm train`) on random tokens. Per step: wall time (the max over ranks),
 exposed communication (time inside collectives and waits, from the comm ledger). After the timed steps, the same

@@ -2,13 +2,13 @@
 """Pipeline-parallel benchmark (issue 10): the bubble per stage, activation memory per stage, throughput beside dp/tp.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-    mpiexec -n 2 python scripts/bench_pipeline.py bubble                  # pp 2: gpipe, 1f1b, interleaved x m 4, 8, 16
-    mpiexec -n 4 --oversubscribe python scripts/bench_pipeline.py bubble  # pp 4
-    mpiexec -n 2 python scripts/bench_pipeline.py memory --schedule gpipe --m 8   # one configuration per process
-    mpiexec -n 2 python scripts/bench_pipeline.py throughput --preset 6x384 --layouts pp2,dp2,tp2
-    mpiexec -n 4 --oversubscribe python scripts/bench_pipeline.py throughput --preset 6x384 \\
+    mpiexec -n 2 python scripts/bench/bench_pipeline.py bubble        # pp 2: gpipe, 1f1b, interleaved x m 4, 8, 16
+    mpiexec -n 4 --oversubscribe python scripts/bench/bench_pipeline.py bubble  # pp 4
+    mpiexec -n 2 python scripts/bench/bench_pipeline.py memory --schedule gpipe --m 8   # one configuration per process
+    mpiexec -n 2 python scripts/bench/bench_pipeline.py throughput --preset 6x384 --layouts pp2,dp2,tp2
+    mpiexec -n 4 --oversubscribe python scripts/bench/bench_pipeline.py throughput --preset 6x384 \\
         --layouts pp2xdp2,dp4,tp2xdp2,pp4:1/2/2/1
-    python scripts/bench_pipeline.py all --json out.json   # all of it, each part under its own mpiexec (not under one)
+    python scripts/bench/bench_pipeline.py all --json out.json   # all of it, each part under its own mpiexec
 
 The real Trainer (Trainer.train_step, the code path of `hpc-llm train`) on random tokens, on a grid from make_grid;
 nothing is saved. Per step, after a barrier: the step's wall time (the max over ranks), and per rank the comm ledger

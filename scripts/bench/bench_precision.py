@@ -1,9 +1,10 @@
 """Mixed precision and recomputation, measured (docs/performance.md, "Mixed precision and recomputation").
 
-    python scripts/bench_precision.py quality [--jobs 2]    # shakespeare-char, 2000 iterations: val loss per precision
-                                                            # and seed, and nanoGPT's exact setting (model.bias=false)
-    python scripts/bench_precision.py speed                 # step time: fp32 / +recompute / bf16 / fp16, side by side
-    python scripts/bench_precision.py memory                # GPT-2 small: peak RSS per configuration (one process each)
+    python scripts/bench/bench_precision.py quality [--jobs 2]  # shakespeare-char, 2000 iterations: val loss per
+                                                                # precision and seed, and nanoGPT's exact setting
+                                                                # (model.bias=false)
+    python scripts/bench/bench_precision.py speed      # step time: fp32 / +recompute / bf16 / fp16, side by side
+    python scripts/bench/bench_precision.py memory     # GPT-2 small: peak RSS per configuration (one process each)
 
 quality runs `hpc-llm train inputs/shakespeare_char.toml` (data: hpc-llm prepare ../shared/data/tinyshakespeare.txt
 --tokenizer char --out data/shakespeare_char) once per (precision, seed), one BLAS thread each, `--jobs` at a time,

@@ -2,10 +2,10 @@
 """`hpc-llm prepare` throughput and peak memory per rank (docs/data.md).
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-    python scripts/bench_prepare.py --mb 50 --repeats 3              # runs 1 and 2 ranks itself, prints a table
+    python scripts/bench/bench_prepare.py --mb 50 --repeats 3              # runs 1 and 2 ranks itself, prints a table
 
 The corpus is --source (default: tinyshakespeare) repeated to --mb MB in one file. Each case is `mpiexec -n N python
-scripts/bench_prepare.py --worker ...`: every rank calls data.prepare (the CLI's code path) and reports its wall
+scripts/bench/bench_prepare.py --worker ...`: every rank calls data.prepare (the CLI's code path) and reports its wall
 time and peak RSS (VmHWM) before and after; rank 0 prints them as JSON. Tokenizers: byte, char, gpt2 (a byte-level
 BPE of --vocab-size tokens trained beforehand on the first MB, read from a tokenizer.json: encoding speed alone) and
 bpe (training on the whole corpus, then encoding). MB/s = corpus MB / wall seconds, medians of --repeats runs.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training-step benchmark: tokens/s, MFU, the step against its matmuls alone, and peak memory against a budget.
 
-    python scripts/bench_train.py --preset shakespeare-char
-    python scripts/bench_train.py --preset gpt2-small --steps 5
+    python scripts/bench/bench_train.py --preset shakespeare-char
+    python scripts/bench/bench_train.py --preset gpt2-small --steps 5
 
 Side by side in one process: (1) the float32 matmul peak (2048^3), (2) the full training step (forward, backward,
 AdamW) on random tokens, (3) the same step's matmuls alone, replayed with the same shapes and layouts. Reported as

@@ -1,6 +1,6 @@
 """The collective watchdog's cost on the training step, side by side in one run (docs/reliability.md).
 
-    mpiexec -n 2 python scripts/bench_watchdog.py --data DIR [--preset small|6x384] [--rounds 10] [--steps 10]
+    mpiexec -n 2 python scripts/bench/bench_watchdog.py --data DIR [--preset small|6x384] [--rounds 10] [--steps 10]
 
 One Trainer (dp over the ranks, gradient buckets of 0.05 MiB so a step makes many MPI calls: the worst case for a
 per-call cost); rounds alternate `--steps` steps with the watchdog on (parallel.comm_timeout_s = 600: every MPI wait

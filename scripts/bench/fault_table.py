@@ -1,6 +1,6 @@
 """Time to a clean exit for every injected fault (docs/reliability.md's table).
 
-    python scripts/fault_table.py --data DIR [--repeats 3] [--json out.json]
+    python scripts/bench/fault_table.py --data DIR [--repeats 3] [--json out.json]
 
 Each case runs `mpiexec -n N python -m hpc_llm train` on a tiny model (2 layers x 32, block 16, checkpoints every 2
 steps) with HPC_LLM_FAULT set (hpc_llm/runtime/faults.py), `--repeats` times; the time is launch to the launcher's exit,

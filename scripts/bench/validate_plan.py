@@ -1,6 +1,6 @@
 """Measured vs predicted step time and peak memory per rank for one run (docs/planning.md, validation).
 
-    mpiexec --oversubscribe -n 2 python scripts/validate_plan.py --data /tmp/sc --preset 6x384 --dp 2 \\
+    mpiexec --oversubscribe -n 2 python scripts/bench/validate_plan.py --data /tmp/sc --preset 6x384 --dp 2 \\
         --cluster inputs/clusters/this_machine.toml --out /tmp/validation.jsonl
 
 The real Trainer (hpc_llm.train.Trainer on make_grid(MPI.COMM_WORLD, tp, pp)) runs `--warmup` steps, then `--steps`

@@ -1,9 +1,9 @@
 """The validation table of docs/planning.md from the measured runs, predicted again by the planner as it is now.
 
-    python scripts/validation_table.py docs/planning_data/validation.jsonl \
+    python scripts/bench/validation_table.py docs/planning_data/validation.jsonl \
         --cluster docs/planning_data/this_machine.toml
 
-Each JSON line is one run of scripts/validate_plan.py (its measured step times, CPU times and peak memory, the
+Each JSON line is one run of scripts/bench/validate_plan.py (its measured step times, CPU times and peak memory, the
 layout, the config overrides). The prediction is recomputed here from the same preset, layout and overrides on
 --cluster (ranks per device = ranks / cores when oversubscribed, as validate_plan.py does), so a change to the cost
 model shows on the same measurements; the prediction stored in the line (the model as it was at the run) is shown

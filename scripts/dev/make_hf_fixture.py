@@ -5,7 +5,7 @@ throwaway environment outside the repository, and commit what it writes:
 
     python3 -m venv /tmp/hfvenv
     /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
-    /tmp/hfvenv/bin/python scripts/make_hf_fixture.py
+    /tmp/hfvenv/bin/python scripts/dev/make_hf_fixture.py
 
 It writes, under tests/fixtures/ (replacing what is there):
 
@@ -142,7 +142,7 @@ def main() -> None:
         "safetensors": safetensors.__version__,
         "numpy": np.__version__,
         "attn_implementation": str(model.config._attn_implementation),
-        "made_by": "scripts/make_hf_fixture.py",
+        "made_by": "scripts/dev/make_hf_fixture.py",
     }
     save_file(out, str(REFERENCE), metadata=metadata)
     sort_metadata(REFERENCE)
