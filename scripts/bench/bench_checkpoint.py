@@ -58,7 +58,7 @@ def timed(world, fn) -> float:
     return world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-small")
     ap.add_argument("--repeats", type=int, default=3)
@@ -68,15 +68,14 @@ def main() -> None:
     ap.add_argument(
         "--dir", default=None, help="where to write (default: a temporary directory under /tmp)"
     )
-    args = ap.parse_args()
-    world = MPI.COMM_WORLD
+    return ap.parse_args()
+
+
+def make_trainer(args, world, tmp: Path) -> Trainer:
     p = PRESETS[args.preset]
-    tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_ckpt_", dir=args.dir) if world.rank == 0 else None
-    tmp = Path(world.bcast(tmp))
     if world.rank == 0:
         random_tokens(tmp, p["vocab_size"], 200_000)
     world.Barrier()
-
     cfg = Config()
     for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         setattr(cfg.model, k, p[k])
@@ -91,10 +90,14 @@ def main() -> None:
     tr = Trainer(cfg)
     tr.opt.m[...] = 0.5  # moments as a run has them (nonzero); values do not matter for speed
     tr.opt.v[...] = 0.25
+    return tr
 
+
+def measure(world, tr: Trainer, tmp: Path, repeats: int) -> tuple[dict, int, bool]:
+    """(seconds of save, dd write, dd read, restore per repeat; the checkpoint's bytes; whether reads were cold)."""
     rows = {k: [] for k in ("save", "dd_write", "dd_read", "restore")}
     cold = True
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         tr.step = rep + 1
         path = None
 
@@ -115,39 +118,53 @@ def main() -> None:
             cold &= drop_caches()
         world.Barrier()
         rows["restore"].append(timed(world, lambda: tr.restore(path)))
+    return rows, size, cold
+
+
+def report(args, world, tr: Trainer, rows: dict, size: int, cold: bool) -> None:
+    med = {k: float(np.median(v)) for k, v in rows.items()}
+    mbs = {k: size / v / 1e6 for k, v in med.items()}
+    out = {
+        "preset": args.preset,
+        "ranks": world.size,
+        "dp": tr.grid.dp,
+        "tp": tr.grid.tp,
+        "zero": args.zero,
+        "writer": tr.writer,
+        "bytes": size,
+        "cold_reads": cold,
+        "seconds": rows,
+        "median_mb_per_s": mbs,
+        "write_vs_dd": mbs["save"] / mbs["dd_write"],
+        "read_vs_dd": mbs["restore"] / mbs["dd_read"],
+        # the same, repeat by repeat (side by side in time): the machine's drift cancels
+        "write_vs_dd_pairwise": float(np.median(np.divide(rows["dd_write"], rows["save"]))),
+        "read_vs_dd_pairwise": float(np.median(np.divide(rows["dd_read"], rows["restore"]))),
+    }
+    print(
+        f"{args.preset} checkpoint {size / 1e6:.0f} MB on {world.size} ranks (dp {tr.grid.dp} x tp "
+        f"{tr.grid.tp}, zero {args.zero}, {tr.writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:"
+    )
+    print(
+        f"  write: save {mbs['save']:.0f} MB/s vs dd+fsync {mbs['dd_write']:.0f} MB/s = "
+        f"{100 * out['write_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['write_vs_dd_pairwise']:.0f}%)"
+    )
+    print(
+        f"  read:  restore {mbs['restore']:.0f} MB/s vs dd {mbs['dd_read']:.0f} MB/s = "
+        f"{100 * out['read_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['read_vs_dd_pairwise']:.0f}%)"
+    )
+    print("JSON " + json.dumps(out))
+
+
+def main() -> None:
+    args = parse_args()
+    world = MPI.COMM_WORLD
+    tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_ckpt_", dir=args.dir) if world.rank == 0 else None
+    tmp = Path(world.bcast(tmp))
+    tr = make_trainer(args, world, tmp)
+    rows, size, cold = measure(world, tr, tmp, args.repeats)
     if world.rank == 0:
-        med = {k: float(np.median(v)) for k, v in rows.items()}
-        mbs = {k: size / v / 1e6 for k, v in med.items()}
-        out = {
-            "preset": args.preset,
-            "ranks": world.size,
-            "dp": tr.grid.dp,
-            "tp": tr.grid.tp,
-            "zero": args.zero,
-            "writer": tr.writer,
-            "bytes": size,
-            "cold_reads": cold,
-            "seconds": rows,
-            "median_mb_per_s": mbs,
-            "write_vs_dd": mbs["save"] / mbs["dd_write"],
-            "read_vs_dd": mbs["restore"] / mbs["dd_read"],
-            # the same, repeat by repeat (side by side in time): the machine's drift cancels
-            "write_vs_dd_pairwise": float(np.median(np.divide(rows["dd_write"], rows["save"]))),
-            "read_vs_dd_pairwise": float(np.median(np.divide(rows["dd_read"], rows["restore"]))),
-        }
-        print(
-            f"{args.preset} checkpoint {size / 1e6:.0f} MB on {world.size} ranks (dp {tr.grid.dp} x tp "
-            f"{tr.grid.tp}, zero {args.zero}, {tr.writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:"
-        )
-        print(
-            f"  write: save {mbs['save']:.0f} MB/s vs dd+fsync {mbs['dd_write']:.0f} MB/s = "
-            f"{100 * out['write_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['write_vs_dd_pairwise']:.0f}%)"
-        )
-        print(
-            f"  read:  restore {mbs['restore']:.0f} MB/s vs dd {mbs['dd_read']:.0f} MB/s = "
-            f"{100 * out['read_vs_dd']:.0f}% (median of per-repeat ratios {100 * out['read_vs_dd_pairwise']:.0f}%)"
-        )
-        print("JSON " + json.dumps(out))
+        report(args, world, tr, rows, size, cold)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
 

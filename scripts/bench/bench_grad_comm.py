@@ -50,7 +50,7 @@ def timed(fn, acc: list):
     return wrapper
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="6x384")
     ap.add_argument("--steps", type=int, default=5)
@@ -63,19 +63,14 @@ def main() -> None:
     ap.add_argument(
         "--schemes", default="", help="comma list, e.g. fp32,bf16,powersgd4 (default all)"
     )
-    args = ap.parse_args()
-    world = MPI.COMM_WORLD
+    return ap.parse_args()
+
+
+def make_trainer(args, world, tmp: Path) -> Trainer:
     p = PRESETS[args.preset]
-    tmp = Path(world.bcast(tempfile.mkdtemp(prefix="hpc_llm_gc_") if world.rank == 0 else None))
     if world.rank == 0:
         random_tokens(tmp, p["vocab_size"], 2_000_000)
     world.Barrier()
-    chosen = [
-        s
-        for s in SCHEMES
-        if not args.schemes
-        or f"{s[0]}{s[1] if s[0] == 'powersgd' else ''}" in args.schemes.split(",")
-    ]
     cfg = Config()
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         setattr(cfg.model, k, p[k])
@@ -89,34 +84,46 @@ def main() -> None:
     cfg.train.eval_iters = 0
     cfg.parallel.bucket_mb = args.bucket_mb
     validate(cfg)
-    tr = Trainer(cfg)
-    g, m = tr.grid, tr.model
+    return Trainer(cfg)
+
+
+def make_syncs(args, tr: Trainer) -> tuple[dict, dict]:
+    """({name: GradientSync}, {name: [seconds]}): one sync per chosen scheme on the same model, as Trainer builds
+    its own, with its grad_ready and finish timed into the second."""
+    chosen = [
+        s
+        for s in SCHEMES
+        if not args.schemes
+        or f"{s[0]}{s[1] if s[0] == 'powersgd' else ''}" in args.schemes.split(",")
+    ]
+    m = tr.model
     bucket_elems = int(args.bucket_mb * 2**20) // m.dtype.itemsize
     syncs, acc = {}, {}
-    for (
-        scheme,
-        rank,
-    ) in chosen:  # one GradientSync per scheme on the same model, as Trainer builds its own
+    for scheme, rank in chosen:
         name = scheme + (f" r={rank}" if scheme == "powersgd" else "")
         sync = GradientSync(
             m.grad_flat,
-            g.dp_comm,
+            tr.grid.dp_comm,
             bucket_elems,
             zero=False,
             scheme=scheme,
             specs=m.specs,
             powersgd_rank=max(rank, 1),
-            seed=cfg.train.seed,
+            seed=tr.cfg.train.seed,
         )
         acc[name] = [0.0]
         sync.grad_ready = timed(sync.grad_ready, acc[name])
         sync.finish = timed(sync.finish, acc[name])
         syncs[name] = sync
+    return syncs, acc
+
+
+def run_steps(args, world, tr: Trainer, syncs: dict, acc: dict) -> tuple[dict, dict]:
+    """({name: step seconds}, {name: reduction seconds}), each the max over ranks; the schemes alternate step by
+    step, so the machine's drift hits all alike."""
     steps = {name: [] for name in syncs}
     red = {name: [] for name in syncs}
-    for i in range(
-        args.warmup + args.steps
-    ):  # the schemes alternate step by step: the machine's drift hits all
+    for i in range(args.warmup + args.steps):
         for name, sync in syncs.items():
             tr.sync = sync
             acc[name][0] = 0.0
@@ -128,6 +135,10 @@ def main() -> None:
             if i >= args.warmup:
                 steps[name].append(dt)
                 red[name].append(r)
+    return steps, red
+
+
+def report(args, world, tr: Trainer, syncs: dict, steps: dict, red: dict) -> list[dict]:
     rows = []
     for name, sync in syncs.items():
         before, after = sync.bytes_per_step()
@@ -135,7 +146,7 @@ def main() -> None:
         row = {
             "preset": args.preset,
             "scheme": name,
-            "dp": g.dp,
+            "dp": tr.grid.dp,
             "step_ms": 1e3 * step,
             "reduction_ms": 1e3 * r,
             "share": r / step,
@@ -144,18 +155,29 @@ def main() -> None:
             "ratio": before / after if after else None,
             "steps_ms": [1e3 * x for x in steps[name]],
             "reduction_ms_all": [1e3 * x for x in red[name]],
-            "block_size": cfg.model.block_size,
-            "batch": cfg.train.batch_size,
+            "block_size": tr.cfg.model.block_size,
+            "batch": tr.cfg.train.batch_size,
         }
         rows.append(row)
         if world.rank == 0:
             print(
-                f"{args.preset} dp{g.dp} {name:>13}: step {row['step_ms']:8.1f} ms, reduction "
+                f"{args.preset} dp{tr.grid.dp} {name:>13}: step {row['step_ms']:8.1f} ms, reduction "
                 f"{row['reduction_ms']:7.1f} ms ({100 * row['share']:4.1f}%), {after / 1e6:8.2f} MB/step "
                 f"(fp32 {before / 1e6:.2f} MB, {row['ratio']:.2f}x); steps "
                 f"{', '.join(f'{1e3 * x:.0f}' for x in steps[name])} ms",
                 flush=True,
             )
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    world = MPI.COMM_WORLD
+    tmp = Path(world.bcast(tempfile.mkdtemp(prefix="hpc_llm_gc_") if world.rank == 0 else None))
+    tr = make_trainer(args, world, tmp)
+    syncs, acc = make_syncs(args, tr)
+    steps, red = run_steps(args, world, tr, syncs, acc)
+    rows = report(args, world, tr, syncs, steps, red)
     tr.close()
     if world.rank == 0:
         print("JSON " + json.dumps(rows))

@@ -29,7 +29,7 @@ from hpc_llm.train.trainer import Trainer
 from common import PRESETS, random_tokens, vm_hwm
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare-char")
     ap.add_argument("--steps", type=int, default=20)
@@ -37,16 +37,14 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--bucket-mb", type=float, default=25.0)
-    args = ap.parse_args()
-    world = MPI.COMM_WORLD
-    p = PRESETS[args.preset]
-    tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_") if world.rank == 0 else None
-    tmp = Path(world.bcast(tmp))
-    vocab = p["vocab_size"]
-    if world.rank == 0:
-        random_tokens(tmp, vocab, 2_000_000)
-    world.Barrier()
+    return ap.parse_args()
 
+
+def make_trainer(args, world, tmp: Path) -> Trainer:
+    p = PRESETS[args.preset]
+    if world.rank == 0:
+        random_tokens(tmp, p["vocab_size"], 2_000_000)
+    world.Barrier()
     cfg = Config()
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         setattr(cfg.model, k, p[k])
@@ -57,7 +55,12 @@ def main() -> None:
     cfg.train.peak_tflops = 1.0
     cfg.train.eval_iters = 0
     cfg.parallel.tp, cfg.parallel.zero, cfg.parallel.bucket_mb = args.tp, args.zero, args.bucket_mb
-    tr = Trainer(cfg)
+    return Trainer(cfg)
+
+
+def measure(args, world, tr: Trainer) -> tuple[float, float, float, float]:
+    """Medians of (step, communication exposed, data-parallel wait, the buckets' allreduce blocking and alone), in
+    seconds, each the max over ranks."""
     ledger = tr.grid.world.ledger
     for _ in range(args.warmup):
         tr.train_step()
@@ -86,43 +89,55 @@ def main() -> None:
             dp.allreduce_(tr.model.grad_flat[a:b].copy())
         blocking.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
     step, comm, wait, block = (float(np.median(x)) for x in (steps, exposed, dp_wait, blocking))
-    opt_bytes = tr.opt.m.nbytes + tr.opt.v.nbytes
+    return step, comm, wait, block
+
+
+def report(args, world, tr: Trainer, times, rss: list, opt: list) -> None:
+    step, comm, wait, block = times
+    out = {
+        "preset": args.preset,
+        "ranks": world.size,
+        "dp": tr.grid.dp,
+        "tp": tr.grid.tp,
+        "zero": args.zero,
+        "tokens_per_s": tr.tokens_per_step / step,
+        "step_ms": 1e3 * step,
+        "comm_exposed_ms": 1e3 * comm,
+        "comm_share": comm / step,
+        "dp_wait_ms": 1e3 * wait,
+        "dp_blocking_ms": 1e3 * block,
+        "dp_hidden": (1 - wait / block) if tr.grid.dp > 1 and block > 0 else None,
+        "peak_rss_mib_per_rank": [r / 2**20 for r in rss],
+        "optimizer_mib_per_rank": [o / 2**20 for o in opt],
+        "buckets": len(tr.sync.buckets),
+    }
+    print(
+        f"{args.preset} on {world.size} ranks (dp {tr.grid.dp} x tp {tr.grid.tp}, zero {args.zero}): "
+        f"{out['tokens_per_s']:.0f} tokens/s, step {out['step_ms']:.1f} ms, communication exposed "
+        f"{out['comm_exposed_ms']:.1f} ms ({100 * out['comm_share']:.1f}% of the step)"
+    )
+    if out["dp_hidden"] is not None:
+        print(
+            f"  data-parallel: wait {out['dp_wait_ms']:.1f} ms in the step vs {out['dp_blocking_ms']:.1f} ms "
+            f"blocking -> {100 * out['dp_hidden']:.0f}% hidden behind backward ({out['buckets']} buckets)"
+        )
+    print(
+        f"  per rank: peak RSS {max(out['peak_rss_mib_per_rank']):.0f} MiB, Adam moments "
+        f"{max(out['optimizer_mib_per_rank']):.1f} MiB"
+    )
+    print("JSON " + json.dumps(out))
+
+
+def main() -> None:
+    args = parse_args()
+    world = MPI.COMM_WORLD
+    tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_") if world.rank == 0 else None
+    tr = make_trainer(args, world, Path(world.bcast(tmp)))
+    times = measure(args, world, tr)
     rss = world.gather(vm_hwm())
-    opt = world.gather(opt_bytes)
+    opt = world.gather(tr.opt.m.nbytes + tr.opt.v.nbytes)
     if world.rank == 0:
-        tokens = tr.tokens_per_step
-        out = {
-            "preset": args.preset,
-            "ranks": world.size,
-            "dp": tr.grid.dp,
-            "tp": tr.grid.tp,
-            "zero": args.zero,
-            "tokens_per_s": tokens / step,
-            "step_ms": 1e3 * step,
-            "comm_exposed_ms": 1e3 * comm,
-            "comm_share": comm / step,
-            "dp_wait_ms": 1e3 * wait,
-            "dp_blocking_ms": 1e3 * block,
-            "dp_hidden": (1 - wait / block) if tr.grid.dp > 1 and block > 0 else None,
-            "peak_rss_mib_per_rank": [r / 2**20 for r in rss],
-            "optimizer_mib_per_rank": [o / 2**20 for o in opt],
-            "buckets": len(tr.sync.buckets),
-        }
-        print(
-            f"{args.preset} on {world.size} ranks (dp {tr.grid.dp} x tp {tr.grid.tp}, zero {args.zero}): "
-            f"{out['tokens_per_s']:.0f} tokens/s, step {out['step_ms']:.1f} ms, communication exposed "
-            f"{out['comm_exposed_ms']:.1f} ms ({100 * out['comm_share']:.1f}% of the step)"
-        )
-        if out["dp_hidden"] is not None:
-            print(
-                f"  data-parallel: wait {out['dp_wait_ms']:.1f} ms in the step vs {out['dp_blocking_ms']:.1f} ms "
-                f"blocking -> {100 * out['dp_hidden']:.0f}% hidden behind backward ({out['buckets']} buckets)"
-            )
-        print(
-            f"  per rank: peak RSS {max(out['peak_rss_mib_per_rank']):.0f} MiB, Adam moments "
-            f"{max(out['optimizer_mib_per_rank']):.1f} MiB"
-        )
-        print("JSON " + json.dumps(out))
+        report(args, world, tr, times, rss, opt)
 
 
 if __name__ == "__main__":

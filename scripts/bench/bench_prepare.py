@@ -24,15 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from hpc_llm.data.prepare import prepare
+from hpc_llm.data.tokenizer import BPETokenizer
+from hpc_llm.parallel.comm import world_comm
+
 from common import vm_hwm
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def worker(args) -> None:
-    from hpc_llm.data.prepare import prepare
-    from hpc_llm.parallel.comm import world_comm
-
     comm = world_comm()
     kw = {"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}
     if args.tokenizer == "gpt2":
@@ -50,7 +51,7 @@ def worker(args) -> None:
         print(json.dumps(rows))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--corpus")
@@ -64,27 +65,45 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--tokenizers", default="byte,char,gpt2,bpe")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def make_inputs(args, tmp: Path) -> tuple[Path, Path]:
+    """(corpus: --source repeated to --mb MB, a directory with a BPE tokenizer trained on its first MB)."""
+    src = Path(args.source).read_text(encoding="utf-8")
+    corpus = tmp / "corpus.txt"
+    reps = args.mb * 1_000_000 // len(src.encode("utf-8")) + 1
+    corpus.write_text((src * reps)[: args.mb * 1_000_000], encoding="utf-8")
+    tokdir = tmp / "tok"
+    tokdir.mkdir()
+    first = corpus.read_text(encoding="utf-8")[:1_000_000]
+    (tokdir / "tokenizer.json").write_text(
+        BPETokenizer.train(iter(first.splitlines(True)), args.vocab_size).json
+    )
+    return corpus, tokdir
+
+
+def run_workers(args, n: int, tok: str, corpus: Path, tokdir: Path, out: Path) -> list[dict]:
+    """One prepare under `mpiexec -n n`: every rank's seconds and VmHWM before and after."""
+    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [mpiexec, "--oversubscribe", "-n", str(n), sys.executable, __file__, "--worker"]
+    cmd += ["--corpus", str(corpus), "--out", str(out), "--tokenizer", tok]
+    cmd += ["--memory-mb", str(args.memory_mb), "--vocab-size", str(args.vocab_size)]
+    cmd += ["--tokenizer-dir", str(tokdir)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         return worker(args)
-
-    from hpc_llm.data.tokenizer import BPETokenizer
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare."))
     try:
-        src = Path(args.source).read_text(encoding="utf-8")
-        corpus = tmp / "corpus.txt"
-        reps = args.mb * 1_000_000 // len(src.encode("utf-8")) + 1
-        corpus.write_text((src * reps)[: args.mb * 1_000_000], encoding="utf-8")
+        corpus, tokdir = make_inputs(args, tmp)
         size_mb = corpus.stat().st_size / 1e6
-        tokdir = tmp / "tok"
-        tokdir.mkdir()
-        first = corpus.read_text(encoding="utf-8")[:1_000_000]
-        (tokdir / "tokenizer.json").write_text(
-            BPETokenizer.train(iter(first.splitlines(True)), args.vocab_size).json
-        )
-        mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         print(
             f"corpus {size_mb:.1f} MB ({args.source} repeated), --memory-mb {args.memory_mb}, "
             f"BPE vocab {args.vocab_size}, medians of {args.repeats}"
@@ -95,43 +114,18 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for tok in args.tokenizers.split(","):
             for n in map(int, args.ranks.split(",")):
-                runs = []
-                for _ in range(args.repeats):
-                    out = tmp / "out"
-                    shutil.rmtree(out, ignore_errors=True)
-                    cmd = [
-                        mpiexec,
-                        "--oversubscribe",
-                        "-n",
-                        str(n),
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        "--corpus",
-                        str(corpus),
-                        "--out",
-                        str(out),
-                        "--tokenizer",
-                        tok,
-                        "--memory-mb",
-                        str(args.memory_mb),
-                        "--vocab-size",
-                        str(args.vocab_size),
-                        "--tokenizer-dir",
-                        str(tokdir),
-                    ]
-                    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-                    runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+                runs = [
+                    run_workers(args, n, tok, corpus, tokdir, tmp / "out")
+                    for _ in range(args.repeats)
+                ]
                 secs = statistics.median(max(x["seconds"] for x in run) for run in runs)
                 peak = statistics.median(max(x["hwm_after"] for x in run) for run in runs) / 2**20
-                growth = (
-                    statistics.median(
-                        max(x["hwm_after"] - x["hwm_before"] for x in run) for run in runs
-                    )
-                    / 2**20
+                growth = statistics.median(
+                    max(x["hwm_after"] - x["hwm_before"] for x in run) for run in runs
                 )
                 print(
-                    f"| {tok} | {n} | {size_mb / secs:.1f} | {secs:.2f} | {peak:.0f} | {growth:.0f} |",
+                    f"| {tok} | {n} | {size_mb / secs:.1f} | {secs:.2f} | {peak:.0f} | "
+                    f"{growth / 2**20:.0f} |",
                     flush=True,
                 )
     finally:
