@@ -31,7 +31,7 @@ import numpy as np
 from hpc_llm.config import load_config
 from hpc_llm.train.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128"]
 
 
@@ -92,31 +92,12 @@ def run(name: str, out: Path, sets: list[str]) -> dict:
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/bench_finetune")
-    p.add_argument("--shakespeare", default="/work/shared/data/tinyshakespeare.txt")
-    p.add_argument("--stdlib-bytes", type=int, default=4_000_000)
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--finetune-steps", type=int, default=400)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stdlib, shakespeare = prepare(args, out)
-    n, b = args.pretrain_steps, args.batch
-    common = [
-        f"train.batch_size={b}",
-        "train.eval_iters=10",
-        "train.log_interval=25",
-        "train.peak_tflops=1",
-    ]
-    base = run(
+def pretrain(args, out: Path, stdlib: Path, shared: list[str]) -> dict:
+    n = args.pretrain_steps
+    return run(
         "pretrain",
         out,
-        common
+        shared
         + [
             f"data.path={stdlib}",
             f"train.max_iters={n}",
@@ -125,8 +106,12 @@ def main() -> None:
             "train.warmup_iters=50",
         ],
     )
+
+
+def finetune(args, out: Path, shakespeare: Path, shared: list[str], base: dict) -> list[dict]:
+    """Full and LoRA fine-tuning of the pre-trained base, interleaved --repeat times; their rows."""
     m = args.finetune_steps
-    ft = common + [
+    ft = shared + [
         f"data.path={shakespeare}",
         f"train.init_from={base['checkpoint']}",
         f"train.max_iters={m}",
@@ -144,7 +129,7 @@ def main() -> None:
     for _ in range(args.repeat):
         for name, sets in runs.items():
             repeats[name].append(run(name, out, sets))
-    rows = [base]
+    rows = []
     for name, rs in repeats.items():
         assert all(r["val_curve"] == rs[0]["val_curve"] for r in rs), f"{name}: repeats differ"
         rows.append(
@@ -154,7 +139,10 @@ def main() -> None:
                 "tokens_per_s_repeats": [r["tokens_per_s"] for r in rs],
             }
         )
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return rows
+
+
+def print_table(rows: list[dict], base: dict) -> None:
     print(
         f"\nbase model's val loss on shakespeare before fine-tuning: {rows[1]['val_loss_start']:.4f} "
         f"(on stdlib after pre-training: {base['val_loss']:.4f})"
@@ -171,6 +159,32 @@ def main() -> None:
             f"| {r['name']} | {r['eval_steps'][-1]} | {r['trainable']:,} of {r['params']:,} | "
             f"{r['moment_bytes']:,} | {r['val_loss']:.4f} | {curve} | {r['tokens_per_s']:.0f} | {reps} |"
         )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench_finetune")
+    p.add_argument("--shakespeare", default="/work/shared/data/tinyshakespeare.txt")
+    p.add_argument("--stdlib-bytes", type=int, default=4_000_000)
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--finetune-steps", type=int, default=400)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stdlib, shakespeare = prepare(args, out)
+    shared = [
+        f"train.batch_size={args.batch}",
+        "train.eval_iters=10",
+        "train.log_interval=25",
+        "train.peak_tflops=1",
+    ]
+    base = pretrain(args, out, stdlib, shared)
+    rows = [base] + finetune(args, out, shakespeare, shared, base)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print_table(rows, base)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,6 @@ from hpc_llm.parallel.comm import world_comm
 
 from common import vm_hwm
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 def worker(args) -> None:
     comm = world_comm()
     kw = {"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}

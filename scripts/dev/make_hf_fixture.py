@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 
 N_EMBD, N_LAYER, N_HEAD, N_POSITIONS, VOCAB = 32, 2, 4, 16, 77
 BATCH = 2
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 MODEL_DIR = FIXTURES / "hf_gpt2_tiny"
 REFERENCE = FIXTURES / "hf_gpt2_tiny_reference.safetensors"
 KEEP = ("config.json", "model.safetensors")  # what hpc_llm.tools.gpt2_import.read_gpt2_dir reads
