@@ -30,6 +30,7 @@ from hpc_llm.parallel.comm import world_comm
 
 from common import vm_hwm
 
+
 def worker(args) -> None:
     comm = world_comm()
     kw = {"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}

@@ -16,6 +16,14 @@ import json
 import statistics
 import time
 
+from mpi4py import MPI
+
+import hpc_llm.parallel.comm as comm
+from hpc_llm.config import load_config
+from hpc_llm.parallel.grid import make_grid
+from hpc_llm.runtime.faults import WATCHDOG
+from hpc_llm.train.trainer import Trainer
+
 from common import model_sets
 
 # --preset: the shared shapes, the vocabulary taken from --data
@@ -30,24 +38,17 @@ class NoWatchdog:
         pass
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--preset", choices=SHAPES, default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from mpi4py import MPI
 
-    import hpc_llm.parallel.comm as comm
-    from hpc_llm.config import load_config
-    from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.runtime.faults import WATCHDOG
-    from hpc_llm.train.trainer import Trainer
-
-    world = MPI.COMM_WORLD
+def make_trainer(args, world) -> Trainer:
     sets = model_sets(SHAPES[args.preset], vocab=False) + [
         f"data.path={args.data}",
         f"train.batch_size={args.batch}",
@@ -58,8 +59,12 @@ def main() -> None:
         f"train.out_dir=/tmp/bench_watchdog_{world.rank}_{time.time_ns()}",
         f"train.max_iters={10**6}",
     ]
-    cfg = load_config(None, sets)
-    trainer = Trainer(cfg, grid=make_grid(world, 1, 1))
+    return Trainer(load_config(None, sets), grid=make_grid(world, 1, 1))
+
+
+def alternate(args, world, trainer: Trainer) -> tuple[dict, int]:
+    """({"on": step seconds, "off": ...}, MPI calls per step in the ledger): rounds of steps with the watchdog on
+    and off, the order swapped every round; each step's time is the max over ranks."""
     for _ in range(3):
         trainer.train_step()
     times = {"on": [], "off": []}
@@ -75,13 +80,24 @@ def main() -> None:
                 times[mode].append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
                 calls = sum(c["calls"] for c in trainer.grid.world.ledger.summary().values())
     comm.WATCHDOG = WATCHDOG
+    return times, calls
+
+
+def per_call_seconds(n: int = 10**6) -> float:
+    """The per-call price alone (noise-free): enter + leave, n times."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        WATCHDOG.enter("bench")
+        WATCHDOG.leave()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    args = parse_args()
+    world = MPI.COMM_WORLD
+    times, calls = alternate(args, world, make_trainer(args, world))
     if world.rank == 0:
-        # the per-call price alone (noise-free): enter + leave, a million times
-        n, t0 = 10**6, time.perf_counter()
-        for _ in range(n):
-            WATCHDOG.enter("bench")
-            WATCHDOG.leave()
-        per_call = (time.perf_counter() - t0) / n
+        per_call = per_call_seconds()
         on, off = statistics.median(times["on"]), statistics.median(times["off"])
         print(
             json.dumps(

@@ -22,6 +22,14 @@ import statistics
 import time
 import tracemalloc
 
+from hpc_llm.config import load_config
+from hpc_llm.parallel.grid import make_grid
+from hpc_llm.plan.cluster import load_cluster
+from hpc_llm.plan.compare import run_layout
+from hpc_llm.plan.memory import rank_memory
+from hpc_llm.plan.search import PRECISIONS, predict
+from hpc_llm.train.trainer import Trainer
+
 from common import PRESETS, model_sets, vm_hwm
 
 
@@ -50,7 +58,7 @@ def table(path: str) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", help="a prepared data directory (hpc-llm prepare)")
     ap.add_argument("--preset", choices=PRESETS, default="shakespeare-char")
@@ -75,18 +83,10 @@ def main() -> None:
     ap.add_argument(
         "--table", metavar="JSONL", help="print the markdown table of earlier runs and exit"
     )
-    args = ap.parse_args()
-    if args.table:
-        print(table(args.table))
-        return
+    return ap.parse_args()
 
-    from mpi4py import MPI
 
-    from hpc_llm.config import load_config
-    from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train.trainer import Trainer
-
-    world = MPI.COMM_WORLD
+def make_trainer(args, world) -> Trainer:
     sets = model_sets(args.preset) + [
         f"data.path={args.data}",
         f"train.batch_size={args.batch}",
@@ -102,8 +102,14 @@ def main() -> None:
         f"train.out_dir=/tmp/validate_plan_run_{os.getpid()}",
         *args.set,
     ]
-    cfg = load_config(None, sets)
-    trainer = Trainer(cfg, grid=make_grid(world, args.tp, args.pp))
+    return Trainer(load_config(None, sets), grid=make_grid(world, args.tp, args.pp))
+
+
+def measure(args, world, trainer: Trainer) -> tuple[list, list, int]:
+    """(step wall times, step CPU times: each the max over ranks; this rank's peak bytes in one more step, what
+    tracemalloc sees plus the buffers held across steps)."""
+    from mpi4py import MPI  # here: `--table` runs without MPI
+
     for _ in range(args.warmup):
         trainer.train_step()
     times, cpu = [], []
@@ -125,15 +131,12 @@ def main() -> None:
     trainer.train_step()
     peak = tracemalloc.get_traced_memory()[1] + held
     tracemalloc.stop()
-    peaks = world.gather(peak, root=0)
-    rss = world.gather(vm_hwm(), root=0)
-    if world.rank != 0:
-        return
-    from hpc_llm.plan.cluster import load_cluster
-    from hpc_llm.plan.compare import run_layout
-    from hpc_llm.plan.memory import rank_memory
-    from hpc_llm.plan.search import PRECISIONS, predict
+    return times, cpu, peak
 
+
+def validation_row(args, world, trainer: Trainer, times, cpu, peaks, rss) -> dict:
+    """The measurements beside the planner's prediction for the same model, layout and cluster."""
+    cfg = trainer.cfg
     cl = load_cluster(args.cluster)
     lay = run_layout(cfg, None, world.size)
     share = max(1.0, world.size / cl.devices)
@@ -145,7 +148,7 @@ def main() -> None:
         for r in range(lay.dp)
     ]
     measured = statistics.median(times)
-    row = {
+    return {
         "preset": args.preset,
         "ranks": world.size,
         "layout": pred.as_dict()["layout"],
@@ -164,6 +167,23 @@ def main() -> None:
         "load": os.getloadavg()[0],
         "comm": trainer.grid.world.ledger.summary(),
     }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    from mpi4py import MPI  # here: `--table` runs without MPI
+
+    world = MPI.COMM_WORLD
+    trainer = make_trainer(args, world)
+    times, cpu, peak = measure(args, world, trainer)
+    peaks = world.gather(peak, root=0)
+    rss = world.gather(vm_hwm(), root=0)
+    if world.rank != 0:
+        return
+    row = validation_row(args, world, trainer, times, cpu, peaks, rss)
     print(
         json.dumps(
             {k: v for k, v in row.items() if k not in ("predicted_parts", "comm", "step_times")}
