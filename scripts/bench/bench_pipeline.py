@@ -252,12 +252,83 @@ def write_json(path, obj) -> None:
 # -- 1. bubble -------------------------------------------------------------------------------------------------------
 
 
+def stage_summary(tr, steps: list[dict], v: int) -> dict:
+    """This rank's medians over the steps: pp wait, compute, pipeline phase and their fractions; each chunk's
+    forward and backward time; the last step's ops on one time axis."""
+    mine = {k: [] for k in ("pp_wait", "compute", "pipe", "recv_f", "recv_b", "send")}
+    fr = {k: [] for k in ("idle", "not_computing", "idle_pipe", "overhead_pipe", "tail_pipe")}
+    op_times = defaultdict(list)
+    for s in steps:
+        led = s["ledger"]
+        wait = sum(v_["seconds"] for k, v_ in led.items() if k.startswith("pp."))
+        comp = sum(t for _, _, t in s["ops"])
+        mine["pp_wait"].append(wait)
+        mine["compute"].append(comp)
+        mine["pipe"].append(s["pipe"])
+        mine["recv_f"].append(led.get("pp.recv_forward", {}).get("seconds", 0.0))
+        mine["recv_b"].append(led.get("pp.recv_backward", {}).get("seconds", 0.0))
+        sends = ("pp.send_forward", "pp.send_backward")
+        mine["send"].append(sum(led.get(k, {}).get("seconds", 0.0) for k in sends))
+        fr["idle"].append(wait / s["step"])
+        fr["not_computing"].append(1 - comp / s["step"])
+        # the pipeline phase: from the barrier to the last rank's end of run_schedule (its makespan)
+        fr["idle_pipe"].append(1 - comp / s["pipe_max"])
+        # done, others still busy
+        fr["tail_pipe"].append((s["pipe_max"] - s["pipe"]) / s["pipe_max"])
+        # executor, posting, copies
+        fr["overhead_pipe"].append((s["pipe"] - comp - wait) / s["pipe_max"])
+        for kind, c, t in s["ops"]:
+            op_times[kind, c].append(t)
+    stage = {k: median(x) for k, x in {**mine, **fr}.items()}
+    stage["t_f"] = [median(op_times["F", c]) for c in range(v)]
+    stage["t_b"] = [median(op_times["B", c]) for c in range(v)]
+    # the last step's ops on one time axis (ms from rank 0's start, after the barrier): where the waits are
+    stage["timeline"] = [
+        (op.kind, op.micro, op.chunk, round(1e3 * a, 2), round(1e3 * b, 2))
+        for op, (_, _, a, b) in zip(tr.ops, steps[-1]["timeline"])
+    ]
+    return stage
+
+
+def bubble_row(args, sched: str, p: int, m: int, v: int, steps: list, gathered: list) -> dict:
+    """One configuration: the measured idle beside the formula, the schedule's simulation, and the simulation fed
+    with the measured forward/backward times."""
+    from hpc_llm.parallel.schedule import schedule as make_schedule
+    from hpc_llm.parallel.schedule import simulate
+
+    lists = [make_schedule(sched, p, r, m, v) for r in range(p)]
+    span, busy = simulate_measured(
+        lists, v, [g["t_f"] for g in gathered], [g["t_b"] for g in gathered]
+    )
+    step_ms = 1e3 * median([s["step"] for s in steps])
+    row = {
+        "pp": p,
+        "schedule": sched,
+        "v": v,
+        "m": m,
+        "batch": args.batch,
+        "formula": (p - 1) / (v * m + p - 1),
+        "simulate": simulate(sched, p, m, v).bubble,
+        "simulate_measured": [(span - b) / span for b in busy],
+        "simulate_measured_ms": 1e3 * span,
+        "step_ms": step_ms,
+        "steps_ms": [1e3 * s["step"] for s in steps],
+        "loss": steps[-1]["loss"],
+        "stages": gathered,
+    }
+    print(
+        f"pp {p} {sched:11s} m {m:2d}: step {step_ms:7.1f} ms, idle (pp wait / step) "
+        f"{fmt_stages([g['idle'] for g in gathered])} %, 1 - compute / makespan "
+        f"{fmt_stages([g['idle_pipe'] for g in gathered])} %, formula {100 * row['formula']:.1f} %",
+        flush=True,
+    )
+    return row
+
+
 def bubble(args) -> None:
     from mpi4py import MPI
 
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.parallel.schedule import schedule as make_schedule
-    from hpc_llm.parallel.schedule import simulate
     from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
@@ -283,88 +354,9 @@ def bubble(args) -> None:
             for _ in range(args.warmup):
                 timed_step(tr, world, probe)
             steps = [timed_step(tr, world, probe) for _ in range(args.steps)]
-            # per step on this rank: pp wait, compute, pipeline phase; then medians of the fractions
-            mine = {
-                "pp_wait": [],
-                "compute": [],
-                "pipe": [],
-                "recv_f": [],
-                "recv_b": [],
-                "send": [],
-            }
-            fr = {
-                "idle": [],
-                "not_computing": [],
-                "idle_pipe": [],
-                "overhead_pipe": [],
-                "tail_pipe": [],
-            }
-            op_times = defaultdict(list)
-            for s in steps:
-                led = s["ledger"]
-                wait = sum(v_["seconds"] for k, v_ in led.items() if k.startswith("pp."))
-                comp = sum(t for _, _, t in s["ops"])
-                mine["pp_wait"].append(wait)
-                mine["compute"].append(comp)
-                mine["pipe"].append(s["pipe"])
-                mine["recv_f"].append(led.get("pp.recv_forward", {}).get("seconds", 0.0))
-                mine["recv_b"].append(led.get("pp.recv_backward", {}).get("seconds", 0.0))
-                mine["send"].append(
-                    sum(
-                        led.get(k, {}).get("seconds", 0.0)
-                        for k in ("pp.send_forward", "pp.send_backward")
-                    )
-                )
-                fr["idle"].append(wait / s["step"])
-                fr["not_computing"].append(1 - comp / s["step"])
-                # the pipeline phase: from the barrier to the last rank's end of run_schedule (its makespan)
-                fr["idle_pipe"].append(1 - comp / s["pipe_max"])
-                fr["tail_pipe"].append(
-                    (s["pipe_max"] - s["pipe"]) / s["pipe_max"]
-                )  # done, others still busy
-                fr["overhead_pipe"].append(
-                    (s["pipe"] - comp - wait) / s["pipe_max"]
-                )  # executor, posting, copies
-                for kind, c, t in s["ops"]:
-                    op_times[kind, c].append(t)
-            stage = {k: median(x) for k, x in {**mine, **fr}.items()}
-            stage["t_f"] = [median(op_times["F", c]) for c in range(v)]
-            stage["t_b"] = [median(op_times["B", c]) for c in range(v)]
-            # the last step's ops on one time axis (ms from rank 0's start, after the barrier): where the waits are
-            stage["timeline"] = [
-                (op.kind, op.micro, op.chunk, round(1e3 * a, 2), round(1e3 * b, 2))
-                for op, (_, _, a, b) in zip(tr.ops, steps[-1]["timeline"])
-            ]
-            gathered = world.gather(stage)
-            step_ms = 1e3 * median([s["step"] for s in steps])
+            gathered = world.gather(stage_summary(tr, steps, v))
             if world.rank == 0:
-                lists = [make_schedule(sched, p, r, m, v) for r in range(p)]
-                span, busy = simulate_measured(
-                    lists, v, [g["t_f"] for g in gathered], [g["t_b"] for g in gathered]
-                )
-                sim = simulate(sched, p, m, v)
-                row = {
-                    "pp": p,
-                    "schedule": sched,
-                    "v": v,
-                    "m": m,
-                    "batch": args.batch,
-                    "formula": (p - 1) / (v * m + p - 1),
-                    "simulate": sim.bubble,
-                    "simulate_measured": [(span - b) / span for b in busy],
-                    "simulate_measured_ms": 1e3 * span,
-                    "step_ms": step_ms,
-                    "steps_ms": [1e3 * s["step"] for s in steps],
-                    "loss": steps[-1]["loss"],
-                    "stages": gathered,
-                }
-                rows.append(row)
-                print(
-                    f"pp {p} {sched:11s} m {m:2d}: step {step_ms:7.1f} ms, idle (pp wait / step) "
-                    f"{fmt_stages([g['idle'] for g in gathered])} %, 1 - compute / makespan "
-                    f"{fmt_stages([g['idle_pipe'] for g in gathered])} %, formula {100 * row['formula']:.1f} %",
-                    flush=True,
-                )
+                rows.append(bubble_row(args, sched, p, m, v, steps, gathered))
             del tr, probe
             gc.collect()
     if world.rank == 0:
@@ -429,9 +421,7 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
 def memory(args) -> None:
     from mpi4py import MPI
 
-    from hpc_llm.config import stage_layers
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.parallel.schedule import in_flight
     from hpc_llm.train.trainer import Trainer
 
     world = MPI.COMM_WORLD
@@ -449,6 +439,29 @@ def memory(args) -> None:
         tmp, tmp / "run", model, args.batch, args.m, pp=p, schedule=args.schedule, v=v
     )
     tr = Trainer(cfg, grid=make_grid(world, 1, p))
+    gathered = world.gather(stage_memory(args, tr, p, v))
+    if world.rank == 0:
+        row = {
+            "pp": p,
+            "schedule": args.schedule,
+            "v": v,
+            "m": args.m,
+            "batch": args.batch,
+            "stages": gathered,
+        }
+        print(memory_table([row]))
+        print("JSON " + json.dumps(row))
+        write_json(args.json, {"part": "memory", "model": model, "args": vars(args), "rows": [row]})
+    cleanup(world, tmp)
+
+
+def stage_memory(args, tr, p: int, v: int) -> dict:
+    """This rank's memory in one step after the warm-up: peaks (tracemalloc, ru_maxrss, VmHWM) beside what the
+    schedule keeps in flight and the activations expected of it."""
+    from hpc_llm.config import stage_layers
+    from hpc_llm.parallel.schedule import in_flight
+
+    cfg = tr.cfg
     for _ in range(args.warmup):
         tr.train_step()
     tracemalloc.start()
@@ -460,7 +473,7 @@ def memory(args) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     rows = tr.rows.stop - tr.rows.start
     layers = stage_layers(cfg.model.n_layer, p * v, cfg.parallel.pp_layers)
-    mine = {
+    return {
         "stage": tr.grid.pp_rank,
         "ru_maxrss": rss,
         "vm_hwm": vm_hwm(),
@@ -475,20 +488,6 @@ def memory(args) -> None:
         else None,  # weights, grads, Adam m, v
         "layers": sum(len(layers[c * p + tr.grid.pp_rank]) for c in range(v)),
     }
-    gathered = world.gather(mine)
-    if world.rank == 0:
-        row = {
-            "pp": p,
-            "schedule": args.schedule,
-            "v": v,
-            "m": args.m,
-            "batch": args.batch,
-            "stages": gathered,
-        }
-        print(memory_table([row]))
-        print("JSON " + json.dumps(row))
-        write_json(args.json, {"part": "memory", "model": model, "args": vars(args), "rows": [row]})
-    cleanup(world, tmp)
 
 
 def memory_table(rows) -> str:
@@ -543,8 +542,30 @@ def throughput(args) -> None:
         state[lay["name"]] = world.allreduce(4 * tr.model.flat.nbytes, op=MPI.MAX)
         return tr
 
-    results = {lay["name"]: [] for lay in layouts}
     state = {}
+    results = run_layouts(args, world, build, layouts)
+    tokens = batch * args.m * model["block_size"]
+    rows = []
+    for lay in layouts:
+        row = throughput_row(world, results[lay["name"]], tokens)
+        if world.rank == 0:
+            row.update(preset=args.preset, layout=lay["name"], batch=batch, m=args.m)
+            row.update({k: lay[k] for k in ("pp", "dp", "tp", "pp_layers")})
+            row.update(schedule=args.schedule if lay["pp"] > 1 else None)
+            row["state_bytes_max_rank"] = state[lay["name"]]
+            rows.append(row)
+    if world.rank == 0:
+        print(throughput_table(rows))
+        write_json(
+            args.json, {"part": "throughput", "model": model, "args": vars(args), "rows": rows}
+        )
+    cleanup(world, tmp)
+
+
+def run_layouts(args, world, build, layouts) -> dict:
+    """{layout name: timed steps}: the layouts' trainers built once and stepped in turn (the machine's drift hits
+    all alike), or with --sequential one after the other (when they do not fit in memory together)."""
+    results = {lay["name"]: [] for lay in layouts}
     if args.sequential:
         for lay in layouts:
             tr = build(lay)
@@ -553,60 +574,42 @@ def throughput(args) -> None:
             results[lay["name"]] = [timed_step(tr, world) for _ in range(args.steps)]
             del tr
             gc.collect()
-    else:
-        trainers = {lay["name"]: build(lay) for lay in layouts}
-        for _ in range(args.warmup):
-            for tr in trainers.values():
-                timed_step(tr, world)
-        for _ in range(args.steps):
-            for name, tr in trainers.items():
-                results[name].append(timed_step(tr, world))
-        del trainers
-    rows = []
-    tokens = batch * args.m * model["block_size"]
-    for lay in layouts:
-        steps = results[lay["name"]]
-        step = median([s["step"] for s in steps])
-        by_bytes = prefix_sums(steps[-1]["ledger"], "bytes")
-        by_secs = [prefix_sums(s["ledger"], "seconds") for s in steps]
-        secs = {k: median([b.get(k, 0.0) for b in by_secs]) for k in set().union(*by_secs)}
-        allb = world.gather(by_bytes)
-        alls = world.gather(secs)
-        if world.rank == 0:
-            total = defaultdict(float)
-            for b in allb:
-                for k, x in b.items():
-                    total[k] += x
-            exposed = max(sum(s.values()) for s in alls)
-            rows.append(
-                {
-                    "preset": args.preset,
-                    "ranks": world.size,
-                    "layout": lay["name"],
-                    "pp": lay["pp"],
-                    "dp": lay["dp"],
-                    "tp": lay["tp"],
-                    "pp_layers": lay["pp_layers"],
-                    "batch": batch,
-                    "m": args.m,
-                    "schedule": args.schedule if lay["pp"] > 1 else None,
-                    "tokens_per_step": tokens,
-                    "tokens_per_s": tokens / step,
-                    "step_ms": 1e3 * step,
-                    "steps_ms": [1e3 * s["step"] for s in steps],
-                    "loss_first": steps[0]["loss"],
-                    "bytes_by_group": dict(total),
-                    "comm_seconds_per_rank": alls,
-                    "state_bytes_max_rank": state[lay["name"]],
-                    "comm_exposed_ms_max_rank": 1e3 * exposed,
-                }
-            )
-    if world.rank == 0:
-        print(throughput_table(rows))
-        write_json(
-            args.json, {"part": "throughput", "model": model, "args": vars(args), "rows": rows}
-        )
-    cleanup(world, tmp)
+        return results
+    trainers = {lay["name"]: build(lay) for lay in layouts}
+    for _ in range(args.warmup):
+        for tr in trainers.values():
+            timed_step(tr, world)
+    for _ in range(args.steps):
+        for name, tr in trainers.items():
+            results[name].append(timed_step(tr, world))
+    return results
+
+
+def throughput_row(world, steps: list[dict], tokens: int) -> dict:
+    """One layout's tokens/s and its communication: bytes by group summed over ranks, exposed seconds per rank
+    (on rank 0; an empty dict elsewhere)."""
+    step = median([s["step"] for s in steps])
+    by_secs = [prefix_sums(s["ledger"], "seconds") for s in steps]
+    secs = {k: median([b.get(k, 0.0) for b in by_secs]) for k in set().union(*by_secs)}
+    allb = world.gather(prefix_sums(steps[-1]["ledger"], "bytes"))
+    alls = world.gather(secs)
+    if world.rank != 0:
+        return {}
+    total = defaultdict(float)
+    for b in allb:
+        for k, x in b.items():
+            total[k] += x
+    return {
+        "ranks": world.size,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step,
+        "step_ms": 1e3 * step,
+        "steps_ms": [1e3 * s["step"] for s in steps],
+        "loss_first": steps[0]["loss"],
+        "bytes_by_group": dict(total),
+        "comm_seconds_per_rank": alls,
+        "comm_exposed_ms_max_rank": 1e3 * max(sum(s.values()) for s in alls),
+    }
 
 
 def throughput_table(rows) -> str:
@@ -633,20 +636,22 @@ def throughput_table(rows) -> str:
 # -- all: every part, each under its own mpiexec ---------------------------------------------------------------------
 
 
-def run_all(args) -> None:
-    mpiexec = args.mpiexec or shutil.which("mpiexec") or "mpiexec"
-    here = Path(__file__).resolve()
-    out = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
-    cores = os.cpu_count() or 1
-    smoke = args.smoke
-    log = []
+class Launcher:
+    """Runs one part under its own mpiexec (oversubscribed past the cores) and returns its --json; keeps a log of
+    the commands with their seconds and the load average before each."""
 
-    def launch(n: int, part: str, *extra: str) -> dict:
-        path = out / f"{len(log):02d}_{part}.json"
+    def __init__(self, args):
+        self.mpiexec = args.mpiexec or shutil.which("mpiexec") or "mpiexec"
+        self.out = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+        self.cores = os.cpu_count() or 1
+        self.log: list[dict] = []
+
+    def __call__(self, n: int, part: str, *extra: str) -> dict:
+        path = self.out / f"{len(self.log):02d}_{part}.json"
         cmd = (
-            [mpiexec, "-n", str(n)]
-            + (["--oversubscribe"] if n > cores else [])
-            + [sys.executable, str(here), part, "--json", str(path), *extra]
+            [self.mpiexec, "-n", str(n)]
+            + (["--oversubscribe"] if n > self.cores else [])
+            + [sys.executable, str(Path(__file__).resolve()), part, "--json", str(path), *extra]
         )
         t0, load = time.perf_counter(), os.getloadavg()
         print(
@@ -655,21 +660,57 @@ def run_all(args) -> None:
         )
         subprocess.run(cmd, check=True)
         dt = time.perf_counter() - t0
-        log.append({"cmd": cmd, "seconds": dt, "loadavg_before": load})
+        self.log.append({"cmd": cmd, "seconds": dt, "loadavg_before": load})
         print(f"  ({dt:.0f} s)", flush=True)
         return json.loads(path.read_text())
 
+
+def throughput_runs(args) -> list[tuple[int, list[str]]]:
+    """The throughput parts of `all`: (ranks, arguments)."""
+    if args.smoke:
+        small = ["--preset", "shakespeare-char", "--batch", "4", "--steps", "2", "--warmup", "1"]
+        return [
+            (2, [*small, "--m", "2", "--layouts", "pp2,dp2,tp2"]),
+            (4, [*small, "--m", "4", "--layouts", "pp2xdp2,dp4,tp2xdp2,pp4:1/1/1/1"]),
+        ]
+    steps = ["--steps", str(args.steps), "--warmup", "1"]
+    gpt2 = ["--preset", "gpt2-small", "--batch", "2", "--m", "2", "--sequential"]
+    return [
+        (2, ["--preset", "6x384", "--m", "4", *steps, "--layouts", "pp2,dp2,tp2"]),
+        (
+            2,
+            [
+                *gpt2,
+                "--steps",
+                str(args.gpt2_steps),
+                "--warmup",
+                "1",
+                "--layouts",
+                "pp2,pp2:8/4,dp2,tp2",
+            ],
+        ),
+        (
+            4,
+            [
+                "--preset",
+                "6x384",
+                "--m",
+                "4",
+                *steps,
+                "--layouts",
+                "pp2xdp2,dp4,tp2xdp2,pp4:1/2/2/1",
+            ],
+        ),
+    ]
+
+
+def run_all(args) -> None:
+    launch = Launcher(args)
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    size = (
-        ["--layers", "8", "--embd", "64", "--heads", "2", "--block", "32", "--batch", "2"]
-        if smoke
-        else []
-    )
-    steps = (
-        ["--steps", "2", "--warmup", "1"]
-        if smoke
-        else ["--steps", str(args.steps), "--warmup", "1"]
-    )
+    smoke = args.smoke
+    tiny = ["--layers", "8", "--embd", "64", "--heads", "2", "--block", "32", "--batch", "2"]
+    size = tiny if smoke else []
+    steps = ["--steps", "2" if smoke else str(args.steps), "--warmup", "1"]
     ms = "2,4" if smoke else "4,8,16"
     bub = []
     for p in (2, 4):
@@ -677,83 +718,11 @@ def run_all(args) -> None:
     mem = []
     for p in (2, 4):
         for sched in ("gpipe", "1f1b", "interleaved"):
-            mem += launch(
-                p, "memory", "--schedule", sched, "--m", "4" if smoke else str(args.memory_m), *size
-            )["rows"]
-    thr = []
-    if smoke:
-        thr += launch(
-            2,
-            "throughput",
-            "--preset",
-            "shakespeare-char",
-            "--m",
-            "2",
-            "--batch",
-            "4",
-            *steps,
-            "--layouts",
-            "pp2,dp2,tp2",
-        )["rows"]
-        thr += launch(
-            4,
-            "throughput",
-            "--preset",
-            "shakespeare-char",
-            "--m",
-            "4",
-            "--batch",
-            "4",
-            *steps,
-            "--layouts",
-            "pp2xdp2,dp4,tp2xdp2,pp4:1/1/1/1",
-        )["rows"]
-    else:
-        thr += launch(
-            2,
-            "throughput",
-            "--preset",
-            "6x384",
-            "--m",
-            "4",
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            "1",
-            "--layouts",
-            "pp2,dp2,tp2",
-        )["rows"]
-        thr += launch(
-            2,
-            "throughput",
-            "--preset",
-            "gpt2-small",
-            "--batch",
-            "2",
-            "--m",
-            "2",
-            "--sequential",
-            "--steps",
-            str(args.gpt2_steps),
-            "--warmup",
-            "1",
-            "--layouts",
-            "pp2,pp2:8/4,dp2,tp2",
-        )["rows"]
-        thr += launch(
-            4,
-            "throughput",
-            "--preset",
-            "6x384",
-            "--m",
-            "4",
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            "1",
-            "--layouts",
-            "pp2xdp2,dp4,tp2xdp2,pp4:1/2/2/1",
-        )["rows"]
+            m = "4" if smoke else str(args.memory_m)
+            mem += launch(p, "memory", "--schedule", sched, "--m", m, *size)["rows"]
+    thr = [
+        row for n, extra in throughput_runs(args) for row in launch(n, "throughput", *extra)["rows"]
+    ]
     total = time.perf_counter() - t_start
     print("\n## Bubble\n\n" + bubble_table(bub))
     print("\n## Memory\n\n" + memory_table(mem))
@@ -765,53 +734,34 @@ def run_all(args) -> None:
             "bubble": bub,
             "memory": mem,
             "throughput": thr,
-            "runs": log,
+            "runs": launch.log,
             "seconds": total,
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
     )
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(launch.out, ignore_errors=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="part", required=True)
-
-    def model_args(p):
-        p.add_argument("--layers", type=int, default=BUBBLE_MODEL["n_layer"])
-        p.add_argument("--embd", type=int, default=BUBBLE_MODEL["n_embd"])
-        p.add_argument("--heads", type=int, default=BUBBLE_MODEL["n_head"])
-        p.add_argument("--block", type=int, default=BUBBLE_MODEL["block_size"])
-        p.add_argument(
-            "--batch", type=int, default=4, help="sequences per micro-batch (train.batch_size)"
-        )
-        p.add_argument(
-            "--virtual", type=int, default=2, help="virtual_stages of the interleaved schedule"
-        )
-        p.add_argument("--json")
-
-    def ints(text):
-        return [int(x) for x in text.split(",")]
-
-    b = sub.add_parser("bubble", help="idle fraction per stage; pp = the number of ranks")
-    model_args(b)
-    b.add_argument(
-        "--schedules", type=lambda s: s.split(","), default=["gpipe", "1f1b", "interleaved"]
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, default=BUBBLE_MODEL["n_layer"])
+    p.add_argument("--embd", type=int, default=BUBBLE_MODEL["n_embd"])
+    p.add_argument("--heads", type=int, default=BUBBLE_MODEL["n_head"])
+    p.add_argument("--block", type=int, default=BUBBLE_MODEL["block_size"])
+    p.add_argument(
+        "--batch", type=int, default=4, help="sequences per micro-batch (train.batch_size)"
     )
-    b.add_argument("--ms", type=ints, default=[4, 8, 16], help="micro-batches (train.grad_accum)")
-    b.add_argument("--steps", type=int, default=4)
-    b.add_argument("--warmup", type=int, default=1)
-
-    mm = sub.add_parser(
-        "memory", help="one configuration per process: peak RSS, tracemalloc peak of a step"
+    p.add_argument(
+        "--virtual", type=int, default=2, help="virtual_stages of the interleaved schedule"
     )
-    model_args(mm)
-    mm.add_argument("--schedule", default="1f1b")
-    mm.add_argument("--m", type=int, default=8)
-    mm.add_argument("--pp", type=int, default=0, help="default: the number of ranks")
-    mm.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json")
 
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def add_throughput_parser(sub) -> None:
     t = sub.add_parser(
         "throughput", help="tokens/s and bytes per step of several layouts of the same job"
     )
@@ -827,6 +777,8 @@ def main() -> None:
     )
     t.add_argument("--json")
 
+
+def add_all_parser(sub) -> None:
     a = sub.add_parser(
         "all", help="every part, each under its own mpiexec (run this without mpiexec)"
     )
@@ -838,6 +790,29 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny settings: checks that everything runs"
     )
     a.add_argument("--json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="part", required=True)
+    b = sub.add_parser("bubble", help="idle fraction per stage; pp = the number of ranks")
+    add_model_args(b)
+    b.add_argument(
+        "--schedules", type=lambda s: s.split(","), default=["gpipe", "1f1b", "interleaved"]
+    )
+    b.add_argument("--ms", type=ints, default=[4, 8, 16], help="micro-batches (train.grad_accum)")
+    b.add_argument("--steps", type=int, default=4)
+    b.add_argument("--warmup", type=int, default=1)
+    mm = sub.add_parser(
+        "memory", help="one configuration per process: peak RSS, tracemalloc peak of a step"
+    )
+    add_model_args(mm)
+    mm.add_argument("--schedule", default="1f1b")
+    mm.add_argument("--m", type=int, default=8)
+    mm.add_argument("--pp", type=int, default=0, help="default: the number of ranks")
+    mm.add_argument("--warmup", type=int, default=1)
+    add_throughput_parser(sub)
+    add_all_parser(sub)
     args = ap.parse_args()
     {"bubble": bubble, "memory": memory, "throughput": throughput, "all": run_all}[args.part](args)
 
