@@ -633,8 +633,8 @@ def test_cli_errors(tmp_path, case):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# against transformers' own GPT2LMHeadModel: a committed reference that scripts/dev/make_hf_fixture.py wrote with torch and
-# transformers (which CI does not install), so this comparison always runs
+# against transformers' own GPT2LMHeadModel: a committed reference that scripts/dev/make_hf_fixture.py wrote with torch
+# and transformers (which CI does not install), so this comparison always runs
 
 
 HF_FIXTURES = REPO / "tests" / "fixtures"
