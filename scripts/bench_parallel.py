@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import PRESETS  # noqa: E402
 
 from hpc_llm.config import Config  # noqa: E402
-from hpc_llm.data.prepare import FORMAT, FORMAT_VERSION  # noqa: E402
+from hpc_llm.data.tokens import FORMAT, FORMAT_VERSION  # noqa: E402
 from hpc_llm.train.trainer import Trainer  # noqa: E402
 
 

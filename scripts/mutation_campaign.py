@@ -119,7 +119,7 @@ OPTIM, DPAR, TRAIN = (
 CKPT, GEN, DATA = (
     "hpc_llm/checkpoint/reader.py",
     "hpc_llm/infer/generate.py",
-    "hpc_llm/data/prepare.py",
+    "hpc_llm/data/sampler.py",
 )
 TSTATE = "hpc_llm/checkpoint/trainer_state.py"
 MODULES = "hpc_llm/model/modules.py"  # since the pipeline-parallel refactor: Embedding, Block, Head, Chunk

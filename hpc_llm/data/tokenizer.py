@@ -34,9 +34,11 @@ HF_TOKENIZER_JSON = "tokenizer.json"
 HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
 GPT2_EOS = "<|endoftext|>"
 NAMES = ("byte", "char", "bpe", "gpt2-bpe")
-# prepare cuts BPE text after a "\n" between two visible ASCII characters (data.py); a tokenizer qualifies when its
-# pre-tokenizer splits there in every one of these contexts (each letter class, digit and punctuation on either side)
-_SAFE_BREAK = re.compile(r"(?<=[!-~])\n(?=[!-~])")
+# prepare cuts BPE text after a "\n" between two visible ASCII characters (hpc_llm/data/pieces.py): GPT-2's
+# pre-tokenizer splits there whatever surrounds it (a token that holds "\n" is whitespace only, and neither neighbour
+# is whitespace), so both sides encode as in the whole text. A tokenizer qualifies when its pre-tokenizer splits there
+# in every one of these contexts (each letter class, digit and punctuation on either side).
+SAFE_BREAK = re.compile(r"(?<=[!-~])\n(?=[!-~])")
 _BREAK_PROBE = (
     "".join(f"w{a}\n{b}w {a}{a}\n{b}{b} " for a in "aZ0.'$(_-" for b in "aZ0.'$(_-")
     + "x\n's y\n\tz\n"
@@ -294,7 +296,7 @@ class BPETokenizer:
         bounds = {
             i for _, span in self._tok.pre_tokenizer.pre_tokenize_str(_BREAK_PROBE) for i in span
         }
-        for m in _SAFE_BREAK.finditer(_BREAK_PROBE):
+        for m in SAFE_BREAK.finditer(_BREAK_PROBE):
             if m.end() not in bounds:
                 at = _BREAK_PROBE[m.start() - 1 : m.end() + 1]
                 return f"pre-tokenizer does not split after the line break in {at!r}"
