@@ -189,16 +189,18 @@ class Preparation:
             self.encode()
             self.lay_out()
             self.make_outputs()
-            self.comm.agree(self.write, "prepare write")
+            self.write()
             meta = self.metadata()
-            self.comm.agree(
-                lambda: self.finish(meta) if self.comm.rank == 0 else None, "prepare finish"
-            )
+            self.finish(meta)
         except BaseException as e:
             self.cleanup(refused=isinstance(e, UserError))
             raise
         self.cleanup(refused=False)
         return meta
+
+    def on_rank0(self, fn, what: str):
+        """fn() on rank 0 alone, agreed (its failure is every rank's); the others get None."""
+        return self.comm.agree(lambda: fn() if self.comm.rank == 0 else None, what)
 
     # -- the tokenizer ---------------------------------------------------------------------------------------------
 
@@ -238,7 +240,7 @@ class Preparation:
                         chars.update(scanned[j].chars)
                 self.tok = make_tokenizer("char", chars="".join(chars))
             else:
-                trained = self.comm.agree(lambda: self.train_bpe(included), "prepare train")
+                trained = self.on_rank0(lambda: self.train_bpe(included), "prepare train")
                 self.tok = BPETokenizer.from_json(self.comm.bcast_object(trained), "bpe")
         elif self.tok is None:
             self.tok = make_tokenizer(tokenizer)
@@ -260,10 +262,8 @@ class Preparation:
         prog.close()
         return res
 
-    def train_bpe(self, included: list[int]) -> str | None:
-        """Rank 0: the JSON of a BPE trained on the text files' pieces, read again one by one."""
-        if self.comm.rank != 0:
-            return None
+    def train_bpe(self, included: list[int]) -> str:
+        """The JSON of a BPE trained on the text files' pieces, read again one by one."""
         return make_tokenizer(
             "bpe", vocab_size=self.options.vocab_size, texts=self.training_texts(included)
         ).json
@@ -343,17 +343,15 @@ class Preparation:
     def make_outputs(self) -> None:
         """Rank 0 creates temporary train/val files of their final size; every rank learns their names."""
         sizes = (self.layout.n_train, self.layout.n_val)
-        made = self.comm.agree(
-            lambda: (
-                create_split_files(self.out, sizes, self.dtype, self.tmp)
-                if self.comm.rank == 0
-                else None
-            ),
-            "prepare outputs",
+        made = self.on_rank0(
+            lambda: create_split_files(self.out, sizes, self.dtype, self.tmp), "prepare outputs"
         )
         self.tmp_names = self.comm.bcast_object(made)
 
     def write(self) -> None:
+        self.comm.agree(self.write_mine, "prepare write")
+
+    def write_mine(self) -> None:
         """Every rank: its pieces' ids (and rank 0 the separators) at their offsets, synced."""
         with SplitWriter(self.tmp_names, self.layout.n_train, self.dtype) as out:
             self.copy_part(out)
@@ -400,6 +398,9 @@ class Preparation:
         return meta
 
     def finish(self, meta: dict) -> None:
+        self.on_rank0(lambda: self.publish(meta), "prepare finish")
+
+    def publish(self, meta: dict) -> None:
         """Rank 0: the old meta goes first (until the new one is written the directory is visibly unprepared, never
         a mix), then the token files are renamed into place and meta.json written last."""
         meta_path = self.out / "meta.json"
