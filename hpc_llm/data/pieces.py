@@ -1,5 +1,6 @@
-"""The pieces a corpus is cut into for prepare, what one piece costs in memory, encoding one piece's text, which
-pieces a rank takes, and the progress a phase reports.
+"""The pieces a corpus is cut into for prepare and what the ranks learn about them (Plan, Scanned, Encoded,
+Layout), what one piece costs in memory, encoding one piece's text, which pieces a rank takes, and the progress a
+phase reports.
 
 A piece is a whole small file or a byte range of a large one ending at a line break, planned by rank 0 before any
 text is read, so the cut never depends on the number of ranks. Byte and char tokens do not depend on where a text is
