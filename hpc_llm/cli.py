@@ -29,7 +29,7 @@ def _need_directory_of(path: str, flag: str) -> None:
 
 
 def _prepare(args) -> None:
-    from hpc_llm.data import prepare as data
+    from hpc_llm.data.prepare import MIN_MEMORY_MB, prepare, prepare_stdlib
     from hpc_llm.parallel.comm import world_comm
 
     if not 0 < args.val_fraction < 1:
@@ -38,9 +38,9 @@ def _prepare(args) -> None:
         )
     if args.max_bytes < 1:
         raise UserError(f"--max-bytes: expected a positive integer, got {args.max_bytes}")
-    if args.memory_mb < data.MIN_MEMORY_MB:
+    if args.memory_mb < MIN_MEMORY_MB:
         raise UserError(
-            f"--memory-mb: expected an integer of at least {data.MIN_MEMORY_MB} (MB per rank), got "
+            f"--memory-mb: expected an integer of at least {MIN_MEMORY_MB} (MB per rank), got "
             f"{args.memory_mb}"
         )
     # --tokenizer-dir alone means the Hugging Face tokenizer in it
@@ -56,13 +56,13 @@ def _prepare(args) -> None:
     if args.stdlib:
         if args.inputs:
             raise UserError("prepare: give input paths or --stdlib, not both")
-        meta = data.prepare_stdlib(args.out, max_bytes=args.max_bytes, **options)
+        meta = prepare_stdlib(args.out, max_bytes=args.max_bytes, **options)
     else:
         if not args.inputs:
             raise UserError(
                 "prepare: expected input files or folders (or --stdlib for the embedded corpus)"
             )
-        meta = data.prepare(args.inputs, args.out, pattern=args.pattern, **options)
+        meta = prepare(args.inputs, args.out, pattern=args.pattern, **options)
     if launcher_rank() == 0:
         print(
             f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens ({meta['dtype']}), "
@@ -346,7 +346,7 @@ def _plan_config(args):
 
     cfg = load_config(args.config, args.set)
     if cfg.model.vocab_size == 0:
-        from hpc_llm.data.prepare import TokenData
+        from hpc_llm.data.tokens import TokenData
 
         try:
             cfg.model.vocab_size = TokenData(cfg.data.path).vocab_size

@@ -1177,7 +1177,7 @@ def _rows() -> list[Row]:
         def make(self, path: Path, base: dict) -> None:
             from hpc_llm import checkpoint as ckpt
             from hpc_llm.config import ModelConfig
-            from hpc_llm.data.prepare import TokenData
+            from hpc_llm.data.tokens import TokenData
             from hpc_llm.model.gpt import GPT
 
             tok = TokenData(base["chardata"]).tokenizer

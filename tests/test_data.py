@@ -9,16 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_llm.data.prepare import (
-    TokenData,
-    TokenFileCorrupt,
-    check_split_size,
-    get_batch,
-    prepare,
-    prepare_stdlib,
-    stdlib_corpus_files,
-)
+from hpc_llm.data.corpus import expand_inputs, stdlib_corpus_files
+from hpc_llm.data.pieces import Progress, plan_pieces
+from hpc_llm.data.prepare import prepare, prepare_stdlib
+from hpc_llm.data.sampler import check_split_size, get_batch
 from hpc_llm.data.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
+from hpc_llm.data.tokens import TokenData, TokenFileCorrupt
 from hpc_llm.errors import UserError
 
 TEXT = "Hello, wörld! ✓ naïve café — 日本語 🙂\nsecond line"
@@ -471,12 +467,11 @@ def write_corpus(src: Path, big_bytes: int = 600_000) -> Path:
 def test_prepare_pieces_equal_whole_file_encoding(tmp_path, tokenizer):
     """Cut into ~3 KB pieces (line breaks, or character starts in the file without any), byte and char tokens are
     those of the whole corpus encoded at once, as the pre-streaming prepare read it."""
-    from hpc_llm.data import prepare as D
     from hpc_llm.data.tokenizer import make_tokenizer
 
     src = write_corpus(tmp_path / "src", 100_000)
-    files = D._expand_inputs([src], "*")
-    assert len(D._plan(files, 3000)) > 100
+    files = expand_inputs([src], "*")
+    assert len(plan_pieces(files, 3000)) > 100
     meta = prepare([src], tmp_path / "out", tokenizer=tokenizer, piece_bytes=3000)
     texts = []
     for f in files:
@@ -598,12 +593,10 @@ def test_progress_lines_in_a_batch_log(tmp_path, caplog, monkeypatch):
     """Not a terminal (a batch log): plain lines through logging, every 10% of each phase, ending at 100%."""
     import logging
 
-    from hpc_llm.data import prepare as D
-
     monkeypatch.setattr(
-        D._Progress, "LOG_MIN_BYTES", 0
+        Progress, "LOG_MIN_BYTES", 0
     )  # the real threshold (32 MB) keeps small runs quiet
-    caplog.set_level(logging.INFO, logger="hpc_llm.data.prepare")
+    caplog.set_level(logging.INFO, logger="hpc_llm.data.pieces")
     prepare(
         [write_corpus(tmp_path / "src", 50_000)],
         tmp_path / "out",

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import tokenizers  # a required dependency (setup.cfg): missing, these tests fail rather than skip
 
-from hpc_llm.data import prepare as D
-from hpc_llm.data.prepare import TokenData, get_batch, prepare
+from hpc_llm.data.pieces import plan_pieces
+from hpc_llm.data.prepare import prepare
+from hpc_llm.data.sampler import get_batch
 from hpc_llm.data.tokenizer import BPETokenizer, check_same_tokenizer, tokenizer_from_meta
+from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +184,7 @@ def test_prepare_bpe_equals_whole_file_encoding(tmp_path):
     for i, t in enumerate(texts):
         (src / f"{i}.txt").write_text(t, encoding="utf-8")
     piece = 1000  # the first file alone is cut into many pieces
-    assert len(D._plan(sorted(src.iterdir()), piece)) > 20
+    assert len(plan_pieces(sorted(src.iterdir()), piece)) > 20
     meta = prepare([src], tmp_path / "out", tokenizer="bpe", vocab_size=350, piece_bytes=piece)
     assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 350 and meta["dtype"] == "uint16"
     ref = tokenizers.Tokenizer.from_str(meta["tokenizer_json"])
@@ -348,7 +350,7 @@ def test_prepare_with_a_split_then_byte_level_tokenizer(tmp_path, corpus_text):
         tokenizer_dir=tmp_path / "tok",
         piece_bytes=300,
     )
-    assert len(D._plan([tmp_path / "in.txt"], 300)) > 20
+    assert len(plan_pieces([tmp_path / "in.txt"], 300)) > 20
     assert all_ids(tmp_path / "out").tolist() == tok.encode(text, add_special_tokens=False).ids
 
 

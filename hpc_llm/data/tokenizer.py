@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 
 from hpc_llm.errors import UserError
 
@@ -34,9 +35,11 @@ HF_TOKENIZER_JSON = "tokenizer.json"
 HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
 GPT2_EOS = "<|endoftext|>"
 NAMES = ("byte", "char", "bpe", "gpt2-bpe")
-# prepare cuts BPE text after a "\n" between two visible ASCII characters (data.py); a tokenizer qualifies when its
-# pre-tokenizer splits there in every one of these contexts (each letter class, digit and punctuation on either side)
-_SAFE_BREAK = re.compile(r"(?<=[!-~])\n(?=[!-~])")
+# prepare cuts BPE text after a "\n" between two visible ASCII characters (hpc_llm/data/pieces.py): GPT-2's
+# pre-tokenizer splits there whatever surrounds it (a token that holds "\n" is whitespace only, and neither neighbour
+# is whitespace), so both sides encode as in the whole text. A tokenizer qualifies when its pre-tokenizer splits there
+# in every one of these contexts (each letter class, digit and punctuation on either side).
+SAFE_BREAK = re.compile(r"(?<=[!-~])\n(?=[!-~])")
 _BREAK_PROBE = (
     "".join(f"w{a}\n{b}w {a}{a}\n{b}{b} " for a in "aZ0.'$(_-" for b in "aZ0.'$(_-")
     + "x\n's y\n\tz\n"
@@ -122,16 +125,6 @@ class CharTokenizer:
         return {"tokenizer": self.name, "vocab_size": self.vocab_size, "chars": self.chars}
 
 
-def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:  # pragma: no cover - an install_requires dependency
-        raise UserError(
-            "BPE tokenizers need the tokenizers package: pip install 'tokenizers>=0.15'"
-        ) from None
-    return tokenizers
-
-
 class BPETokenizer:
     """A byte-level BPE `tokenizers.Tokenizer`. Text is encoded without special tokens added (no BOS/EOS that a
     post-processor would insert), so encoding pieces of a corpus one by one concatenates like encoding the whole."""
@@ -169,10 +162,9 @@ class BPETokenizer:
                 f"tokenizer directory {str(path)!r} has neither {HF_TOKENIZER_JSON} nor {HF_VOCAB} + "
                 f"{HF_MERGES} (a Hugging Face GPT-2 tokenizer)"
             )
-        tk = _tokenizers()
         if found[0].name == HF_TOKENIZER_JSON:
             try:
-                tok = tk.Tokenizer.from_file(str(found[0]))
+                tok = tokenizers.Tokenizer.from_file(str(found[0]))
             except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exception subclasses
                 raise UserError(
                     f"{found[0]}: not a readable tokenizers JSON file ({_one_line(e)})"
@@ -180,25 +172,24 @@ class BPETokenizer:
             return cls(tok, name)
         vocab, merges = found
         try:
-            model = tk.models.BPE.from_file(str(vocab), str(merges))
+            model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
         except Exception as e:  # noqa: BLE001
             raise UserError(
                 f"{vocab} + {merges}: not a readable GPT-2 BPE vocabulary ({_one_line(e)})"
             ) from None
-        tok = tk.Tokenizer(model)
+        tok = tokenizers.Tokenizer(model)
         # GPT-2's exactly (transformers' GPT2Converter): byte-level pre-tokenizer with its regex, no prefix space
-        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = tk.decoders.ByteLevel()
-        tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
         if GPT2_EOS in tok.get_vocab():
             tok.add_special_tokens([GPT2_EOS])
         return cls(tok, name)
 
     @classmethod
     def from_json(cls, json_str: str, name: str) -> BPETokenizer:
-        tk = _tokenizers()
         try:
-            tok = tk.Tokenizer.from_str(json_str)
+            tok = tokenizers.Tokenizer.from_str(json_str)
         except Exception as e:  # noqa: BLE001
             raise UserError(
                 f'field "tokenizer_json" is not a readable tokenizers JSON ({_one_line(e)})'
@@ -211,13 +202,12 @@ class BPETokenizer:
         iterator of strings, consumed piece by piece: memory grows with the corpus's distinct words, not its size.
         The result is a function of the strings alone (tokenizers' trainer breaks count ties by the pair itself)."""
         check_bpe_vocab_size(vocab_size)
-        tk = _tokenizers()
-        tok = tk.Tokenizer(tk.models.BPE())
-        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = tk.decoders.ByteLevel()
-        trainer = tk.trainers.BpeTrainer(
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
             vocab_size=vocab_size,
-            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer, length=length)
@@ -294,7 +284,7 @@ class BPETokenizer:
         bounds = {
             i for _, span in self._tok.pre_tokenizer.pre_tokenize_str(_BREAK_PROBE) for i in span
         }
-        for m in _SAFE_BREAK.finditer(_BREAK_PROBE):
+        for m in SAFE_BREAK.finditer(_BREAK_PROBE):
             if m.end() not in bounds:
                 at = _BREAK_PROBE[m.start() - 1 : m.end() + 1]
                 return f"pre-tokenizer does not split after the line break in {at!r}"

@@ -80,8 +80,8 @@ def open_split(saved, data_dir, split: str):
     and that it has a prediction."""
     import logging
 
-    from hpc_llm.data.prepare import TokenData
     from hpc_llm.data.tokenizer import check_same_tokenizer
+    from hpc_llm.data.tokens import TokenData
     from hpc_llm.runtime.faults import launcher_rank
 
     data = TokenData(data_dir)

@@ -27,7 +27,8 @@ from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend, keep_freed_memory, to_device, to_host
 from hpc_llm.bench.calibrate import matmul_peak_flops
 from hpc_llm.config import Config, canonical_targets, config_from_dict, stage_layers
-from hpc_llm.data.prepare import TokenData, check_split_size, get_batch
+from hpc_llm.data.sampler import check_split_size, get_batch
+from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import JobError, UserError
 from hpc_llm.model.gpt import GPT, StagePlan, intersect_ranges, is_lora, merge_ranges
 from hpc_llm.model.layers import DropoutRNG

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.data.prepare import FORMAT, FORMAT_VERSION
+from hpc_llm.data.tokens import FORMAT, FORMAT_VERSION
 
 # Model shapes and the batch each is benchmarked at: nanoGPT's shakespeare-char CPU setting (vocab 65), the middle
 # row of the targets (6 layers x 384), GPT-2 small's shape (vocab 50304, padded to a multiple of 64)
