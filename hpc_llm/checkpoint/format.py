@@ -12,6 +12,7 @@ import json
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,12 @@ class Header:
     state_json: str
     config_json: str
     created: str
+
+
+def make_header(state: dict, config: dict) -> Header:
+    """The header of a save made now: ``state`` (the trainer's counters, JSON-able) and ``config`` (a plain dict)."""
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    return Header(state, dump_state(state), json.dumps(config), created)
 
 
 def write_header(f: h5py.File, header: Header) -> None:

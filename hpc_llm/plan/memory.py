@@ -8,7 +8,7 @@
   how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
-  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/writers.py).
+  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
+from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
+from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import ModelConfig, stage_layers
 from hpc_llm.model.gpt import StagePlan, param_specs
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
@@ -395,10 +397,7 @@ def rank_memory(
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
     # saves keep nothing between them and never build a full tensor (checkpoint/writers.py): a writing rank (world
-    # rank 0 with the gather writer, every rank with mpio) holds two staging blocks and two verification slabs
-    from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
-    from hpc_llm.checkpoint.writers import MESSAGE_ELEMS
-
+    # rank 0 with the gather writer, every rank with mpio) holds two staging slabs and two verification slabs
     scratch = 0
     writes = writer == "mpio" or (stage == 0 and dp_rank == 0)
     assembly = 2 * MESSAGE_ELEMS * by.param + 2 * VERIFY_BLOCK_BYTES if writes else 0
