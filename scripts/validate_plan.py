@@ -145,7 +145,7 @@ def main() -> None:
     from hpc_llm.plan.cluster import load_cluster
     from hpc_llm.plan.compare import run_layout
     from hpc_llm.plan.memory import rank_memory
-    from hpc_llm.plan.search import PRECISIONS, predict
+    from hpc_llm.plan.predict import PRECISIONS, predict
 
     cl = load_cluster(args.cluster)
     lay = run_layout(cfg, None, world.size)

@@ -35,7 +35,7 @@ def repredict(row: dict, cl) -> tuple[dict, int]:
     """-> (predicted step parts in seconds, predicted peak bytes per rank) for a validation run."""
     from hpc_llm.config import load_config
     from hpc_llm.plan.memory import Layout, rank_memory
-    from hpc_llm.plan.search import PRECISIONS, predict
+    from hpc_llm.plan.predict import PRECISIONS, predict
 
     sets = [f"model.{k}={v}" for k, v in PRESETS[row["preset"]].items()] + list(row["sets"])
     cfg = load_config(None, sets)

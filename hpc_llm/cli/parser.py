@@ -8,7 +8,10 @@ import argparse
 from hpc_llm.bench.comm import add_arguments as add_bench_comm_arguments
 from hpc_llm.cli import commands
 
-DESCRIPTION = "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, merge-lora, plan, bench (comm, calibrate)."
+DESCRIPTION = (
+    "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, merge-lora, plan, "
+    "bench (comm, calibrate)."
+)
 
 
 class _Parser(argparse.ArgumentParser):

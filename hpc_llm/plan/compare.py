@@ -14,7 +14,7 @@ from pathlib import Path
 from hpc_llm.config import config_from_dict
 from hpc_llm.errors import UserError
 from hpc_llm.plan.memory import Layout
-from hpc_llm.plan.search import predict
+from hpc_llm.plan.predict import predict
 
 
 def run_layout(cfg, run: Path, world: int | None) -> Layout:
