@@ -26,7 +26,6 @@ The package, by job:
 """
 
 from hpc_llm.checkpoint.format import FORMAT, FORMAT_VERSION
-from hpc_llm.checkpoint.format import attr_str as _attr_str  # noqa: F401 - hpc_llm.tools.inspect
 from hpc_llm.checkpoint.format import crc as _crc  # noqa: F401 - tests
 from hpc_llm.checkpoint.reader import Checkpoint, CheckpointFile, load_checkpoint, verify_checkpoint
 from hpc_llm.checkpoint.rundir import (

@@ -190,6 +190,14 @@ def _step_times(
     }
 
 
+def _events_by_rank(timing: Timing, pp: int) -> list[list]:
+    """Each rank's events, in its order (one pass over them, not one per rank)."""
+    events = [[] for _ in range(pp)]
+    for e in timing.events:
+        events[e.rank].append(e)
+    return events
+
+
 def predict(
     cfg: ModelConfig,
     lay: Layout,
@@ -220,11 +228,7 @@ def predict(
         return costs[v]["F" if kind == "F" else ("B+" if later else "B")].total
 
     timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
-    events = [
-        [] for _ in range(lay.pp)
-    ]  # each rank's events, in its order (one pass, not one per rank)
-    for e in timing.events:
-        events[e.rank].append(e)
+    events = _events_by_rank(timing, lay.pp)
     tails = [
         _stage_tail(cfg, lay, pr, by, s, plans[s], costs, events[s], links) for s in range(lay.pp)
     ]
