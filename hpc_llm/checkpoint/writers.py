@@ -304,7 +304,7 @@ class Save:
                 parts[0].pieces[0], out.dtype, error
             )  # held whole here: written from place
             return data.reshape(blk.shape), error
-        block = staging.get(0, out.dtype, n)
+        slab = staging.get(0, out.dtype, n)
         apart = sum(p.n for p in parts if p.at is None)
         spare = staging.get(1, out.dtype, apart) if apart else None
         handles, targets, used = [], [], 0
@@ -313,7 +313,7 @@ class Save:
                 if part.at is None:
                     target, used = spare[used : used + part.n], used + part.n
                 else:
-                    target = block[part.at : part.at + part.n]
+                    target = slab[part.at : part.at + part.n]
                 targets.append(target)
                 offset = 0
                 for piece, tag in zip(part.pieces, ptags):
@@ -329,10 +329,10 @@ class Save:
             try:
                 for part, target in zip(parts, targets):
                     if part.scatter is not None:
-                        part.scatter(block, target)
+                        part.scatter(slab, target)
             except Exception as e:  # noqa: BLE001
                 error = e
-        return block.reshape(blk.shape), error
+        return slab.reshape(blk.shape), error
 
     def _close(self) -> None:
         if not self.mpio:

@@ -297,14 +297,14 @@ def _plan_search(args, cl):
         cl,
         args.gpus,
         batch,
-        precisions,
-        args.ranks_per_device,
-        cfg.checkpoint.interval,
-        cfg.train.max_iters,
-        recomputes,
-        cfg.parallel.bucket_mb,
-        args.max_micro,
-        not args.no_checkpoint_memory,
+        precisions=precisions,
+        share=args.ranks_per_device,
+        checkpoint_interval=cfg.checkpoint.interval,
+        max_iters=cfg.train.max_iters,
+        recomputes=recomputes,
+        bucket_mb=cfg.parallel.bucket_mb,
+        max_micro=args.max_micro,
+        checkpoint_memory=not args.no_checkpoint_memory,
     )
     if args.json:
         feasible = [p.as_dict() for p in preds]
