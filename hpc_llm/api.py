@@ -11,19 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend
+from hpc_llm.checkpoint import Checkpoint, CheckpointFile, find_latest
 from hpc_llm.config import config_from_dict
+from hpc_llm.data.tokenizer import tokenizer_from_meta
 from hpc_llm.errors import UserError
+from hpc_llm.infer.quantize import check_quantize, quantize_model
 from hpc_llm.model.gpt import GPT
 from hpc_llm.parallel.comm import Comm
+from hpc_llm.parallel.grid import check_layout
 
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint file, or a run directory meaning its newest verified checkpoint."""
     path = Path(path)
     if path.is_dir():
-        found = ckpt.find_latest(path)
+        found = find_latest(path)
         if found is None:
             raise UserError(f"{path}: no verified checkpoint in this directory")
         return found
@@ -45,9 +48,9 @@ def load_model(
         return model_from_file(saved, backend, dtype, quantize, tp_comm)
 
 
-def open_checkpoint(path) -> ckpt.CheckpointFile:
+def open_checkpoint(path) -> CheckpointFile:
     """A checkpoint (or a run directory's newest) open for reading in pieces: its header, config and state read."""
-    return ckpt.CheckpointFile(resolve_checkpoint(path))
+    return CheckpointFile(resolve_checkpoint(path))
 
 
 def model_config(saved, dtype: str | None = None):
@@ -61,7 +64,7 @@ def model_config(saved, dtype: str | None = None):
 
 
 def model_from_file(
-    saved: ckpt.CheckpointFile,
+    saved: CheckpointFile,
     backend: str = "numpy",
     dtype: str | None = None,
     quantize: str | None = None,
@@ -72,9 +75,6 @@ def model_from_file(
     the hyperslabs of its shards and checksums its share of the file's datasets (as a resumed trainer does), the
     ranks agreeing on the verdict over `agree` (default: tp_comm); then int8-quantized if asked (each rank its
     shards). Every rank of tp_comm must call it."""
-    from hpc_llm.infer.quantize import check_quantize, quantize_model
-    from hpc_llm.parallel.grid import check_layout
-
     tp = tp_comm if tp_comm is not None else Comm(None)
     group = agree if agree is not None else tp
 
@@ -109,9 +109,7 @@ def load_tokenizer(path):
         return tokenizer_of(saved)
 
 
-def tokenizer_of(saved: ckpt.Checkpoint):
-    from hpc_llm.data.tokenizer import tokenizer_from_meta
-
+def tokenizer_of(saved: Checkpoint):
     meta = saved.state.get("tokenizer")
     # hpc_llm/tools/gpt2_import.py from a directory without tokenizer files: ids only
     if (

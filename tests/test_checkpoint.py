@@ -21,6 +21,7 @@ from hpc_llm.checkpoint import (
     prune_checkpoints,
     rundir,
     save_checkpoint,
+    slabs,
     verify_checkpoint,
     write_latest,
     writers,
@@ -158,10 +159,10 @@ def test_small_blocks_write_the_same_file(tmp_path, monkeypatch, elems):
     for slot in ("m", "v"):
         payload["optimizer"][slot]["cube"] = -payload["params"]["cube"]
     save_checkpoint(tmp_path / "default.h5", **payload)
-    blocks = [b for b in writers.blocks((3, 5, 9))]
-    monkeypatch.setattr(writers, "MESSAGE_ELEMS", elems)
-    small = [b for b in writers.blocks((3, 5, 9))]
-    assert len(blocks) == 1 and max(b.hi - b.lo for b in small) <= max(elems, 1)
+    whole_slabs = [b for b in slabs.slabs((3, 5, 9))]
+    monkeypatch.setattr(slabs, "MESSAGE_ELEMS", elems)
+    small = [b for b in slabs.slabs((3, 5, 9))]
+    assert len(whole_slabs) == 1 and max(b.hi - b.lo for b in small) <= max(elems, 1)
     assert [(b.lo, b.hi) for b in small] == list(
         zip([b.lo for b in small], [b.lo for b in small[1:]] + [135])
     )

@@ -144,12 +144,12 @@ def test_mpio_writer_writes_the_gather_writers_file(
     are timings; the mpio file verifies, and loads in one process bitwise equal to the trained parameters. Also with
     every block (so every message and every write) cut to 100 elements."""
     import hpc_llm
-    from hpc_llm.checkpoint import verify_checkpoint, writers
+    from hpc_llm.checkpoint import slabs, verify_checkpoint
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train.trainer import Trainer
 
     if message_elems:
-        monkeypatch.setattr(writers, "MESSAGE_ELEMS", message_elems)
+        monkeypatch.setattr(slabs, "MESSAGE_ELEMS", message_elems)
     comm = MPI.COMM_WORLD
     tp = 2 if comm.size == 4 else 1
     runs = {}
@@ -239,9 +239,9 @@ def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
     from test_checkpoint_parallel import SAVE_SLACK, trainer
 
     from hpc_llm.checkpoint import format as fmt
-    from hpc_llm.checkpoint import writers
+    from hpc_llm.checkpoint import slabs, writers
 
-    monkeypatch.setattr(writers, "MESSAGE_ELEMS", 4096)
+    monkeypatch.setattr(slabs, "MESSAGE_ELEMS", 4096)
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     peaks = {}
     for n_embd in (64, 256):

@@ -1,5 +1,5 @@
 """Checkpoint saves and resumes across ranks (the gather writer; tests/test_checkpoint_mpio.py has the mpio ones):
-blocks of at most writers.MESSAGE_ELEMS elements per message, the memory a save needs on a rank, a save that fails
+slabs of at most slabs.MESSAGE_ELEMS elements per message, the memory a save needs on a rank, a save that fails
 on one rank failing on every rank, and --resume auto falling back past a corrupt newest checkpoint, each rank
 reading its own hyperslabs and checksumming only its share of the file.
 
@@ -24,7 +24,7 @@ from test_resume_layouts import count_reads, hyperslab_checks
 
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.checkpoint import format as fmt
-from hpc_llm.checkpoint import writers
+from hpc_llm.checkpoint import slabs, writers
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid
 from hpc_llm.train.trainer import Trainer
@@ -130,7 +130,7 @@ def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, m
     if MPI.COMM_WORLD.rank == 0:
         tr.out_dir.mkdir()
     MPI.COMM_WORLD.Barrier()
-    monkeypatch.setattr(writers, "MESSAGE_ELEMS", 100)
+    monkeypatch.setattr(slabs, "MESSAGE_ELEMS", 100)
     with count_messages() as sizes:
         small = tr.save()
     monkeypatch.undo()
@@ -193,7 +193,7 @@ def test_a_save_needs_its_own_shard_plus_a_fixed_buffer(
     verification slabs) plus a fixed slack, a tenth of what the rank holds, and about the same for a model 16 times
     larger (n_embd 64 -> 256: 0.6 -> 10 MB of float32 parameters and moments in all; the difference, under 128 KiB,
     is h5py's caches of selections and objects): nothing in a save grows with the tensors."""
-    monkeypatch.setattr(writers, "MESSAGE_ELEMS", 4096)
+    monkeypatch.setattr(slabs, "MESSAGE_ELEMS", 4096)
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     small, _ = save_peak(data_dir, shared_tmp_path / "small", layout, 64)
     peak, shard = save_peak(data_dir, shared_tmp_path / "large", layout, 256)

@@ -20,8 +20,10 @@ from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
-from hpc_llm.plan.memory import Bytes, Layout, chunk_cache_bytes, rank_memory, stage_plan
-from hpc_llm.plan.search import PRECISIONS, predict, search
+from hpc_llm.plan.activations import chunk_cache_bytes
+from hpc_llm.plan.memory import Bytes, Layout, rank_memory, stage_plan
+from hpc_llm.plan.predict import PRECISIONS, predict
+from hpc_llm.plan.search import search
 from hpc_llm.plan.simulate import simulate_costs
 from hpc_llm.train.optim import AdamW
 

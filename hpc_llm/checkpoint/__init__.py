@@ -13,9 +13,11 @@ Layout (docs/checkpoint-format.md has the full description)::
 The package, by job:
 
 - ``format``: the layout, the state's JSON, the checksums, the header checks a reader makes;
-- ``writers``: the save engine behind both writers (gather: rank 0 writes; mpio: every rank its share), blocks of at
-  most ``MESSAGE_ELEMS`` elements, every failure agreed (``SaveFailed`` on every rank); ``save_checkpoint`` (one
-  process, arrays in memory);
+- ``slabs``: what a save writes: datasets (``Out``) cut into slabs of at most ``MESSAGE_ELEMS`` elements, their
+  parts and pieces (which rank holds what), the writer's staging buffers;
+- ``writers``: the save engine behind both writers (gather: rank 0 writes; mpio: every rank its share), every failure
+  agreed (``SaveFailed`` on every rank);
+- ``serial``: ``save_checkpoint`` (one process, arrays in memory);
 - ``reader``: ``CheckpointFile`` (a rank's hyperslabs and its share of the checksums), ``load_checkpoint``,
   ``verify_checkpoint``;
 - ``rundir``: ``ckpt_XXXXXXXX.h5`` names, the ``latest`` pointer, listing, pruning, interrupted saves, what
@@ -24,7 +26,6 @@ The package, by job:
 """
 
 from hpc_llm.checkpoint.format import FORMAT, FORMAT_VERSION
-from hpc_llm.checkpoint.format import attr_str as _attr_str  # noqa: F401 - hpc_llm.tools.inspect
 from hpc_llm.checkpoint.format import crc as _crc  # noqa: F401 - tests
 from hpc_llm.checkpoint.reader import Checkpoint, CheckpointFile, load_checkpoint, verify_checkpoint
 from hpc_llm.checkpoint.rundir import (
@@ -37,13 +38,14 @@ from hpc_llm.checkpoint.rundir import (
     resume_candidates,
     write_latest,
 )
+from hpc_llm.checkpoint.serial import save_checkpoint
 from hpc_llm.checkpoint.trainer_state import (
     choose_candidates,
     restore_trainer,
     resume_trainer,
     save_trainer,
 )
-from hpc_llm.checkpoint.writers import SaveFailed, mpio_available, save_checkpoint
+from hpc_llm.checkpoint.writers import SaveFailed, mpio_available
 
 __all__ = [
     "FORMAT",

@@ -12,6 +12,7 @@ import json
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,23 @@ LIBVER = ("v108", "v110")
 METRIC_CHUNK = 1024  # elements per chunk of a /metrics column
 VERIFY_BLOCK_BYTES = 64 << 20  # verification reads datasets in slabs of about this size
 GROUPS = ("params", "optimizer", "metrics")
+# the /metrics tables of a training checkpoint and their columns: the trainer's Metrics keeps rows of these, and the
+# tools that write a step-0 checkpoint (import-gpt2, merge-lora) store them empty, as a fresh run would
+METRICS_COLUMNS = {
+    "train": (
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "comm_seconds",
+        "comm_bytes",
+        "loss_scale",
+        "skipped_steps",
+    ),
+    "eval": ("step", "train_loss", "val_loss"),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +184,17 @@ class Header:
     created: str
 
 
+def make_header(state: dict, config: dict) -> Header:
+    """The header of a save made now: ``state`` (the trainer's counters, JSON-able) and ``config`` (a plain dict)."""
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    return Header(state, dump_state(state), json.dumps(config), created)
+
+
+def empty_metrics() -> dict[str, dict[str, list]]:
+    """The metrics tables (METRICS_COLUMNS) with no rows, as save_checkpoint takes them."""
+    return {table: {column: [] for column in columns} for table, columns in METRICS_COLUMNS.items()}
+
+
 def write_header(f: h5py.File, header: Header) -> None:
     """The root attributes (but manifest_json and complete, which come last), /state and /config, the groups."""
     f.attrs["format"] = FORMAT
@@ -240,8 +269,8 @@ def datasets(f: h5py.File) -> list[h5py.Dataset]:
     return found
 
 
-def check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
-    """Format, version, completeness and structure; returns the format version and every dataset of the file."""
+def _check_version(f: h5py.File, path: Path) -> int:
+    """An hpc_llm checkpoint of a format version this code reads, completely written; returns the version."""
     fmt = attr_str(f.attrs.get("format"))
     if fmt != FORMAT:
         raise UserError(
@@ -267,6 +296,11 @@ def check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
         raise UserError(
             f"{path}: checkpoint is incomplete (attribute complete is not set; the save was interrupted)"
         )
+    return version
+
+
+def _check_structure(f: h5py.File, path: Path) -> list[h5py.Dataset]:
+    """The groups, the JSON attributes, and every dataset the manifest names; returns every dataset of the file."""
     for group in ("params", "optimizer", "state", "config", "metrics"):
         if not isinstance(f.get(group), h5py.Group):
             raise UserError(f"{path}: checkpoint has no /{group} group")
@@ -300,7 +334,13 @@ def check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
                 raise UserError(
                     f"{path}: /optimizer/{slot}/{name} has no parameter /params/{name} of the same shape"
                 )
-    return version, found
+    return found
+
+
+def check_header(f: h5py.File, path: Path) -> tuple[int, list[h5py.Dataset]]:
+    """Format, version, completeness and structure; returns the format version and every dataset of the file."""
+    version = _check_version(f, path)
+    return version, _check_structure(f, path)
 
 
 def check_crc(dset: h5py.Dataset, actual: int, path: Path) -> None:

@@ -23,7 +23,8 @@ from hpc_llm.backend import to_host
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import rundir, writers
 from hpc_llm.checkpoint.reader import CheckpointFile
-from hpc_llm.checkpoint.writers import Out, Part, Piece, agreed
+from hpc_llm.checkpoint.slabs import Out, Part, Piece, Slab, whole
+from hpc_llm.checkpoint.writers import agreed
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import StagePlan, param_specs
 from hpc_llm.parallel.data_parallel import split_counts
@@ -167,7 +168,7 @@ class _Grid:
         def pieces(t, a, n):
             return self.pieces(s, t, slot, a, n, self.replica(s, t, writer, index))
 
-        def parts(blk: writers.Block) -> list[Part]:
+        def parts(blk: Slab) -> list[Part]:
             n = blk.hi - blk.lo
             r0, c0 = divmod(blk.lo, width)
             rows = (
@@ -313,7 +314,7 @@ def checkpoint_outs(tr, mpio: bool, psgd: list | None = None) -> list[Out]:
                 (n,),
                 np.float64,
                 owner[j],
-                writers.whole(0, functools.partial(column, table, col)),
+                whole(0, functools.partial(column, table, col)),
             )
         )
     # PowerSGD's per-rank state (error feedback, Q): /powersgd/rank<R>/<name with / as :>, from rank R (mpio: R
@@ -326,7 +327,7 @@ def checkpoint_outs(tr, mpio: bool, psgd: list | None = None) -> list[Out]:
                     shape,
                     dt,
                     r if mpio else 0,
-                    writers.whole(r, functools.partial(_powersgd_slice, tr, key)),
+                    whole(r, functools.partial(_powersgd_slice, tr, key)),
                 )
             )
     return outs
@@ -345,7 +346,7 @@ def save_trainer(tr) -> Path:
     writers.write_checkpoint(
         path,
         outs,
-        lambda: writers.make_header(_state(tr, psgd), tr.cfg.to_dict()),
+        lambda: fmt.make_header(_state(tr, psgd), tr.cfg.to_dict()),
         world,
         mpio=mpio,
         step=tr.step,

@@ -1,16 +1,14 @@
 """Writing a checkpoint: one engine behind both writers, with bounded messages and bounded memory, and a failure on
 any rank abandoning the save on every rank.
 
-A save is a list of datasets (``Out``); each is cut into blocks (``blocks``): runs of at most ``MESSAGE_ELEMS`` of its
-elements in C order, so a block is one hyperslab and the blocks in order are the dataset's bytes in order. A block is
-made of parts (``Part``: where its elements land in the block) made of pieces (``Piece``: elements that live on one
-rank, as one contiguous run of that rank's own buffer). Every rank walks the same datasets, blocks, parts and
-pieces in the same order; each dataset has one writer rank, which receives the pieces others hold (one message
-each, never over ``MESSAGE_ELEMS`` elements, sent from the owner's buffer itself), places them in a staging block,
-checksums and writes it, block after block. The ``gather`` writer is rank 0 for every dataset; ``mpio`` deals the
-datasets out to all ranks (parallel HDF5, independent writes), so each writes its share into one file. Memory on a
-rank beyond its own shard: two staging blocks (``MESSAGE_ELEMS`` elements each) and up to ``SEND_WINDOW`` sends in
-flight (copies only for GPU buffers and metrics), plus verification's slabs (format.VERIFY_BLOCK_BYTES, two at once).
+A save is a list of datasets (``Out``), each cut into slabs of parts of pieces (slabs.py). Every rank walks the same
+datasets, slabs, parts and pieces in the same order; each dataset has one writer rank, which receives the pieces
+others hold (one message each, never over ``MESSAGE_ELEMS`` elements, sent from the owner's buffer itself), places
+them in a staging slab, checksums and writes it, slab after slab. The ``gather`` writer is rank 0 for every dataset;
+``mpio`` deals the datasets out to all ranks (parallel HDF5, independent writes), so each writes its share into one
+file. Memory on a rank beyond its own shard: two staging slabs (``MESSAGE_ELEMS`` elements each) and up to
+``SEND_WINDOW`` sends in flight (copies only for GPU buffers and metrics), plus verification's slabs
+(format.VERIFY_BLOCK_BYTES, two at once).
 
 The steps of a save, each agreed by every rank (Comm.agree) before any goes on, so that a failure anywhere (disk
 full, quota, a read-only or vanished directory, an I/O error, an injected fault) becomes ``SaveFailed`` on every rank
@@ -18,7 +16,7 @@ at the same step, after the temporary file is closed and removed; the previous c
 
 1. prepare: the directory exists and is writable (rank 0; every rank under mpio);
 2. create the temporary file ``.<name>.tmp-<pid>`` and its whole structure (rank 0; collectively under mpio);
-3. data: ``faults.inject("save", step)`` on every rank, then the blocks; a rank that fails goes on sending and
+3. data: ``faults.inject("save", step)`` on every rank, then the slabs; a rank that fails goes on sending and
    receiving (no peer is left waiting for a message) but writes no more;
 4. close: checksums, manifest, ``complete`` last, then close (under mpio: the checksums allgathered, the
    attributes and the close collective, and only after step 3 was agreed);
@@ -34,18 +32,11 @@ the job.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import logging
-import math
 import os
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -53,15 +44,13 @@ import numpy as np
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint.reader import CheckpointFile, verify_checkpoint
 from hpc_llm.checkpoint.rundir import temporary_path
+from hpc_llm.checkpoint.slabs import Out, Part, Piece, Slab, Staging, slabs
 from hpc_llm.errors import JobError, UserError
 from hpc_llm.runtime.faults import WATCHDOG, failure_line, inject
 from hpc_llm.runtime.fsio import fsync_dir
 
 log = logging.getLogger("hpc_llm.checkpoint")
 
-MESSAGE_ELEMS = (
-    1 << 22
-)  # elements per block, so per message and per write at most (16 MiB of float32); < 2**31
 SEND_WINDOW = 4  # sends a rank keeps in flight before it waits for the oldest
 _TAGS = 32768  # MPI guarantees tags below 32768; pieces between two ranks also match in order
 
@@ -74,94 +63,6 @@ class SaveFailed(JobError):
 def mpio_available() -> bool:
     """Whether this h5py was built with MPI (parallel HDF5), so ranks can write one file together."""
     return bool(h5py.get_config().mpi)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# what a save writes: datasets, their blocks, and where each block's elements live
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Piece:
-    """``n`` elements held by rank ``rank``; ``fetch()``, called there only, returns them (1-D, host memory)."""
-
-    rank: int
-    n: int
-    fetch: Callable[[], np.ndarray]
-
-
-@dataclass
-class Part:
-    """``n`` elements of a block: its pieces back to back. ``at``: where they start in the block's elements (C
-    order); None: they are received apart and ``scatter(block, part)`` (both 1-D) puts them in place."""
-
-    n: int
-    pieces: list[Piece]
-    at: int | None = 0
-    scatter: Callable[[np.ndarray, np.ndarray], None] | None = None
-
-
-@dataclass
-class Block:
-    """One hyperslab of a dataset: ``dset[index]``, of ``shape``, its elements ``lo..hi`` in C order."""
-
-    index: tuple
-    shape: tuple
-    lo: int
-    hi: int
-
-
-@dataclass
-class Out:
-    """A dataset to write: its path in the file, shape and dtype, its writer, and each block's parts."""
-
-    path: str
-    shape: tuple
-    dtype: np.dtype
-    writer: int
-    parts: Callable[[Block], list[Part]]
-
-    def __post_init__(self):
-        self.dtype = np.dtype(self.dtype)
-        self.shape = tuple(int(s) for s in self.shape)
-
-
-def blocks(shape: tuple):
-    """The blocks of a dataset of ``shape``, in C order, each at most MESSAGE_ELEMS elements (at least one): whole
-    rows where a row fits, else pieces of a row (recursively for N-D)."""
-    if math.prod(shape) == 0:
-        return
-    if not shape:
-        yield Block((), (), 0, 1)
-        return
-    limit = MESSAGE_ELEMS
-    trailing = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-    k = next(i for i, t in enumerate(trailing) if t <= limit)  # split along axis k, whole below it
-    step = max(1, limit // trailing[k])
-    for prefix in itertools.product(*(range(s) for s in shape[:k])):
-        base = sum(i * trailing[a] for a, i in enumerate(prefix))
-        for j0 in range(0, shape[k], step):
-            j1 = min(j0 + step, shape[k])
-            yield Block(
-                prefix + (slice(j0, j1),),
-                (j1 - j0,) + tuple(shape[k + 1 :]),
-                base + j0 * trailing[k],
-                base + j1 * trailing[k],
-            )
-
-
-def whole(rank: int, flat: Callable[[int, int], np.ndarray]) -> Callable[[Block], list[Part]]:
-    """The parts of a dataset held whole by one rank: ``flat(lo, hi)`` returns its elements lo..hi (C order)."""
-
-    def parts(blk: Block) -> list[Part]:
-        return [Part(blk.hi - blk.lo, [Piece(rank, blk.hi - blk.lo, lambda: flat(blk.lo, blk.hi))])]
-
-    return parts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the engine
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _raise(error: BaseException | None) -> None:
@@ -207,6 +108,15 @@ def _remove_quietly(path: Path) -> None:
         log.warning("could not remove temporary file %s: %s", path, exc)
 
 
+def _tags(parts: list[Part], seq: int) -> tuple[list[list[int]], int]:
+    """The message tag of every piece of a slab's parts, counted on from ``seq`` alike on every rank."""
+    tags = []
+    for part in parts:
+        tags.append([(seq + i) % _TAGS for i in range(len(part.pieces))])
+        seq += len(part.pieces)
+    return tags, seq
+
+
 def agreed(comm, fn, what: str, failed: str):
     """fn() on every rank of ``comm``, its outcome agreed (Comm.agree): any exception on any rank becomes SaveFailed
     on all, "<failed>: rank R failed in <phase>: <error>". fn must not communicate."""
@@ -223,22 +133,9 @@ def agreed(comm, fn, what: str, failed: str):
         raise SaveFailed(f"{failed}: {e}") from e
 
 
-class _Staging:
-    """The writer's block buffers, one dtype at a time: the block being assembled, and the parts received apart."""
+class Save:
+    """One save, its steps in order (``run``); every rank of ``comm`` makes one with the same ``outs``."""
 
-    def __init__(self):
-        self.dtype, self.bufs = None, [None, None]
-
-    def get(self, which: int, dtype: np.dtype, n: int) -> np.ndarray:
-        if self.dtype != dtype:
-            self.dtype, self.bufs = dtype, [None, None]
-        if self.bufs[which] is None or self.bufs[which].size < n:
-            self.bufs[which] = None  # freed first: never two of them at once
-            self.bufs[which] = np.empty(n, dtype=dtype)
-        return self.bufs[which][:n]
-
-
-class _Save:
     def __init__(self, path, outs: list[Out], header, comm, mpio: bool, step, agree: bool):
         self.path, self.outs, self.header, self.comm = Path(path), outs, header, comm
         self.mpio, self.step, self.agree_ = mpio, step, agree
@@ -325,7 +222,7 @@ class _Save:
 
     def _transfer(self) -> BaseException | None:
         """Every rank's part of the data: its pieces sent to their writers, and the datasets it writes received,
-        checksummed and written block by block. Never raises for an Exception: the first one is returned, and this
+        checksummed and written slab by slab. Never raises for an Exception: the first one is returned, and this
         rank still sends and receives everything (no peer waits for ever) but writes nothing more."""
         error: BaseException | None = None
         try:
@@ -333,39 +230,25 @@ class _Save:
                 inject("save", self.step)
         except Exception as e:  # noqa: BLE001
             error = e
-        me, comm = self.rank, self.comm
         sends: deque = deque()
-        staging = _Staging()
+        staging = Staging()
         seq = 0
         with ThreadPoolExecutor(
             1
-        ) as pool:  # each block's checksum while h5py writes it (both release the GIL)
+        ) as pool:  # each slab's checksum while h5py writes it (both release the GIL)
             for out in self.outs:
-                mine = out.writer == me
+                mine = out.writer == self.rank
                 value = 0
-                for blk in blocks(out.shape):
+                for blk in slabs(out.shape):
                     parts = out.parts(blk)
-                    tags = []
-                    for part in parts:
-                        tags.append([(seq + i) % _TAGS for i in range(len(part.pieces))])
-                        seq += len(part.pieces)
+                    tags, seq = _tags(parts, seq)
                     if not mine:
-                        for part, ptags in zip(parts, tags):
-                            for piece, tag in zip(part.pieces, ptags):
-                                if piece.rank == me:
-                                    data, error = self._fetch(piece, out.dtype, error)
-                                    sends.append(comm.isend(data, out.writer, tag, "save"))
-                                    while len(sends) > SEND_WINDOW:
-                                        sends.popleft().wait()
+                        error = self._send(out, parts, tags, sends, error)
                         continue
                     data, error = self._assemble(out, blk, parts, tags, staging, error)
                     if error is None:
                         try:
-                            crc = pool.submit(fmt.crc, data, value)
-                            try:
-                                self.dsets[out.path][blk.index] = data
-                            finally:
-                                value = crc.result()
+                            value = self._write(pool, out, blk, data, value)
                         except Exception as e:  # noqa: BLE001
                             error = e
                 if mine:
@@ -373,6 +256,28 @@ class _Save:
         while sends:
             sends.popleft().wait()
         return error
+
+    def _send(self, out: Out, parts: list[Part], tags, sends: deque, error):
+        """This rank's pieces of a slab written elsewhere, sent to its writer, at most SEND_WINDOW in flight."""
+        for part, ptags in zip(parts, tags):
+            for piece, tag in zip(part.pieces, ptags):
+                if piece.rank == self.rank:
+                    data, error = self._fetch(piece, out.dtype, error)
+                    sends.append(self.comm.isend(data, out.writer, tag, "save"))
+                    while len(sends) > SEND_WINDOW:
+                        sends.popleft().wait()
+        return error
+
+    def _write(
+        self, pool: ThreadPoolExecutor, out: Out, blk: Slab, data: np.ndarray, value: int
+    ) -> int:
+        """Write one slab, checksummed in ``pool`` meanwhile; returns the dataset's running CRC."""
+        crc = pool.submit(fmt.crc, data, value)
+        try:
+            self.dsets[out.path][blk.index] = data
+        finally:
+            value = crc.result()
+        return value
 
     def _fetch(self, piece: Piece, dtype, error):
         try:
@@ -385,8 +290,8 @@ class _Save:
         except Exception as e:  # noqa: BLE001 - sent anyway (zeros), so the writer is not left waiting
             return np.zeros(piece.n, dtype=dtype), error or e
 
-    def _assemble(self, out: Out, blk: Block, parts: list[Part], tags, staging: _Staging, error):
-        """The block's elements on its writer: the local pieces copied, the others received, each straight into
+    def _assemble(self, out: Out, blk: Slab, parts: list[Part], tags, staging: Staging, error):
+        """The slab's elements on its writer: the local pieces copied, the others received, each straight into
         place where it lands contiguously."""
         me, n = self.rank, blk.hi - blk.lo
         if (
@@ -399,7 +304,7 @@ class _Save:
                 parts[0].pieces[0], out.dtype, error
             )  # held whole here: written from place
             return data.reshape(blk.shape), error
-        block = staging.get(0, out.dtype, n)
+        slab = staging.get(0, out.dtype, n)
         apart = sum(p.n for p in parts if p.at is None)
         spare = staging.get(1, out.dtype, apart) if apart else None
         handles, targets, used = [], [], 0
@@ -408,7 +313,7 @@ class _Save:
                 if part.at is None:
                     target, used = spare[used : used + part.n], used + part.n
                 else:
-                    target = block[part.at : part.at + part.n]
+                    target = slab[part.at : part.at + part.n]
                 targets.append(target)
                 offset = 0
                 for piece, tag in zip(part.pieces, ptags):
@@ -424,10 +329,10 @@ class _Save:
             try:
                 for part, target in zip(parts, targets):
                     if part.scatter is not None:
-                        part.scatter(block, target)
+                        part.scatter(slab, target)
             except Exception as e:  # noqa: BLE001
                 error = e
-        return block.reshape(blk.shape), error
+        return slab.reshape(blk.shape), error
 
     def _close(self) -> None:
         if not self.mpio:
@@ -500,75 +405,4 @@ def write_checkpoint(path, outs: list[Out], header, comm, mpio: bool = False, st
     """Write ``outs`` as the checkpoint ``path`` from every rank of ``comm`` (a hpc_llm.parallel.comm.Comm), each
     doing its part (every rank passes the same ``outs``); ``header``: a format.Header, or a function making one, used
     on rank 0 only. Raises SaveFailed on every rank if any rank failed."""
-    _Save(path, outs, header, comm, mpio and comm.size > 1, step, agree=True).run()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the serial API: one process, arrays in memory
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def make_header(state: dict, config: dict) -> fmt.Header:
-    created = datetime.now(UTC).isoformat(timespec="seconds")
-    return fmt.Header(state, fmt.dump_state(state), json.dumps(config), created)
-
-
-def _prepare(params, optimizer, metrics) -> dict[str, np.ndarray]:
-    """Validated arrays by dataset path, in file order (parameters, optimizer slots, metrics columns)."""
-    tensors: dict[str, np.ndarray] = {}
-    for name, value in params.items():
-        fmt.check_name(name, "parameter")
-        tensors[f"params/{name}"] = fmt.as_array(value, f"params[{name!r}]")
-    for slot, named in optimizer.items():
-        fmt.check_name(slot, "optimizer slot")
-        for name, value in named.items():
-            if f"params/{name}" not in tensors:
-                raise ValueError(
-                    f"checkpoint: optimizer[{slot!r}] has {name!r}, which is not a parameter"
-                )
-            arr = fmt.as_array(value, f"optimizer[{slot!r}][{name!r}]")
-            if arr.shape != tensors[f"params/{name}"].shape:
-                raise ValueError(
-                    f"checkpoint: optimizer[{slot!r}][{name!r}] has shape {arr.shape}, "
-                    f"expected the parameter's {tensors[f'params/{name}'].shape}"
-                )
-            tensors[f"optimizer/{slot}/{name}"] = arr
-    for table, columns in metrics.items():
-        fmt.check_name(table, "metrics table")
-        for column, values in columns.items():
-            fmt.check_name(column, "metrics column")
-            arr = fmt.contiguous(np.asarray(values, dtype=np.float64))
-            if arr.ndim != 1:
-                raise ValueError(
-                    f"checkpoint: metrics[{table!r}][{column!r}] must be 1-D, got shape {arr.shape}"
-                )
-            tensors[f"metrics/{table}/{column}"] = arr
-    return tensors
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    *,
-    params: dict[str, np.ndarray],
-    optimizer: dict[str, dict[str, np.ndarray]],
-    state: dict,
-    config: dict,
-    metrics: dict[str, dict[str, Any]],
-) -> None:
-    """Write a checkpoint from this one process, atomically: temp file, fsync, verify, ``os.replace``, fsync of the
-    directory. A failure raises the original exception after the temporary file is removed.
-
-    ``params``: name -> array (full logical shape). ``optimizer``: slot -> name -> array, names and shapes a subset
-    of ``params``. ``state``: JSON-able dict (ints of any size, floats, str, lists, tuples, small arrays).
-    ``config``: plain JSON dict. ``metrics``: table -> column -> 1-D sequence, stored as float64.
-    Dtypes of params/optimizer arrays are kept exactly, so a load is bitwise.
-    """
-    from hpc_llm.parallel.comm import Comm
-
-    tensors = _prepare(params, optimizer, metrics)
-    header = make_header(state, config)
-    outs = [
-        Out(p, a.shape, a.dtype, 0, whole(0, lambda lo, hi, a=a: a.reshape(-1)[lo:hi]))
-        for p, a in tensors.items()
-    ]
-    _Save(path, outs, header, Comm(None), mpio=False, step=state.get("step"), agree=False).run()
+    Save(path, outs, header, comm, mpio and comm.size > 1, step, agree=True).run()

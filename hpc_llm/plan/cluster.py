@@ -175,14 +175,19 @@ def load_cluster(path: str | Path) -> Cluster:
     return cluster_from_dict(read_toml(path, "cluster file"), str(path))
 
 
-def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
-    def need(section: str, key: str):
-        sec = d.get(section, {})
+class _Figures:
+    """A cluster file's dict read with its checks: every error one line naming the file and the figure."""
+
+    def __init__(self, d: dict, where: str):
+        self.d, self.where = d, where
+
+    def need(self, section: str, key: str):
+        sec = self.d.get(section, {})
         if not isinstance(sec, dict) or key not in sec:
-            raise UserError(f"cluster file {where}: missing figure {section}.{key}")
+            raise UserError(f"cluster file {self.where}: missing figure {section}.{key}")
         return sec[key]
 
-    def number(section: str, key: str, value, positive: bool = True) -> float:
+    def number(self, section: str, key: str, value, positive: bool = True) -> float:
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
@@ -190,14 +195,14 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         ):
             kind = "positive" if positive else "non-negative"
             raise UserError(
-                f"cluster file {where}: {section}.{key} must be a {kind} number, got {value!r}"
+                f"cluster file {self.where}: {section}.{key} must be a {kind} number, got {value!r}"
             )
         return float(value)
 
-    def table(section: str, key: str, value) -> list:
+    def table(self, section: str, key: str, value) -> list:
         if not isinstance(value, dict) or not value:
             raise UserError(
-                f"cluster file {where}: {section}.{key} must be a table {{size = value, ...}}"
+                f"cluster file {self.where}: {section}.{key} must be a table {{size = value, ...}}"
             )
         out = []
         for k, v in value.items():
@@ -205,65 +210,79 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
                 x = float(k)
             except ValueError:
                 raise UserError(
-                    f"cluster file {where}: {section}.{key}: key {k!r} is not a number"
+                    f"cluster file {self.where}: {section}.{key}: key {k!r} is not a number"
                 ) from None
-            out.append((x, number(section, f"{key}.{k}", v)))
+            out.append((x, self.number(section, f"{key}.{k}", v)))
         return sorted(out)
 
-    vals = {s: {k: need(s, k) for k in keys} for s, keys in REQUIRED.items()}
-    gemm_sec = d.get("compute", {}).get("gemm", {})
-    if not isinstance(gemm_sec, dict) or not gemm_sec:
-        raise UserError(
-            f"cluster file {where}: missing figure compute.gemm.float32 (matmul FLOP/s by shape class)"
-        )
-    gemm = {dt: table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
-    links = {}
-    for level in ("intra", "inter"):
-        sec = d.get("link", {}).get(level)
-        if (
-            sec is None
-        ):  # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
-            continue
-        lat, bw = need_link(d, level, where)
-        where_l = f"link.{level}"
-        links[level] = Link(
-            number(where_l, "latency_s", lat, positive=False),
-            number(where_l, "bw", bw),
-            number(f"link.{level}", "nb_bw", sec.get("nb_bw", bw)),
-            number(f"link.{level}", "overlap", sec.get("overlap", 1.0), positive=False),
-        )
-    cast_sec = d.get("compute", {}).get("cast", {})
-    if not isinstance(cast_sec, dict):
-        raise UserError(
-            f"cluster file {where}: compute.cast must be a table (to_bfloat16 = elements/s, ...)"
-        )
-    for k in cast_sec:
-        if k not in CAST_KEYS:
+    def gemm(self) -> dict:
+        gemm_sec = self.d.get("compute", {}).get("gemm", {})
+        if not isinstance(gemm_sec, dict) or not gemm_sec:
             raise UserError(
-                f"cluster file {where}: compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}"
+                f"cluster file {self.where}: missing figure compute.gemm.float32 (matmul FLOP/s by shape class)"
             )
-    cast = {k: number("compute.cast", k, v) for k, v in cast_sec.items()}
+        return {dt: self.table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
+
+    def links(self) -> dict:
+        links = {}
+        for level in ("intra", "inter"):
+            sec = self.d.get("link", {}).get(level)
+            if (
+                sec is None
+            ):  # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
+                continue
+            lat, bw = need_link(self.d, level, self.where)
+            where_l = f"link.{level}"
+            links[level] = Link(
+                self.number(where_l, "latency_s", lat, positive=False),
+                self.number(where_l, "bw", bw),
+                self.number(where_l, "nb_bw", sec.get("nb_bw", bw)),
+                self.number(where_l, "overlap", sec.get("overlap", 1.0), positive=False),
+            )
+        return links
+
+    def cast(self) -> dict:
+        cast_sec = self.d.get("compute", {}).get("cast", {})
+        if not isinstance(cast_sec, dict):
+            raise UserError(
+                f"cluster file {self.where}: compute.cast must be a table (to_bfloat16 = elements/s, ...)"
+            )
+        for k in cast_sec:
+            if k not in CAST_KEYS:
+                raise UserError(
+                    f"cluster file {self.where}: compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}"
+                )
+        return {k: self.number("compute.cast", k, v) for k, v in cast_sec.items()}
+
+    def backend(self) -> str:
+        backend = self.d["compute"].get("backend", "numpy")
+        if backend not in ("numpy", "cupy"):
+            raise UserError(
+                f'cluster file {self.where}: compute.backend must be "numpy" or "cupy", got {backend!r}'
+            )
+        return backend
+
+
+def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
+    f = _Figures(d, where)
+    vals = {s: {k: f.need(s, k) for k in keys} for s, keys in REQUIRED.items()}
+    gemm, links, cast, backend = f.gemm(), f.links(), f.cast(), f.backend()
     c, n = vals["compute"], vals["node"]
-    backend = d["compute"].get("backend", "numpy")
-    if backend not in ("numpy", "cupy"):
-        raise UserError(
-            f'cluster file {where}: compute.backend must be "numpy" or "cupy", got {backend!r}'
-        )
     return Cluster(
         name=str(d.get("name", where)),
-        devices=int(number("node", "devices", n["devices"])),
-        memory_bytes=number("node", "memory_bytes", n["memory_bytes"]),
-        runtime_bytes=number(
+        devices=int(f.number("node", "devices", n["devices"])),
+        memory_bytes=f.number("node", "memory_bytes", n["memory_bytes"]),
+        runtime_bytes=f.number(
             "node", "runtime_bytes", d["node"].get("runtime_bytes", 0.0), positive=False
         ),
         gemm=gemm,
-        gemm_call_s=number("compute", "gemm_call_s", c["gemm_call_s"], positive=False),
-        call_s=number("compute", "call_s", c["call_s"], positive=False),
-        transcendental_rate=number("compute", "transcendental_rate", c["transcendental_rate"]),
-        scatter_rate=number("compute", "scatter_rate", c["scatter_rate"]),
-        elementwise_bw=table("compute", "elementwise_bw", c["elementwise_bw"]),
+        gemm_call_s=f.number("compute", "gemm_call_s", c["gemm_call_s"], positive=False),
+        call_s=f.number("compute", "call_s", c["call_s"], positive=False),
+        transcendental_rate=f.number("compute", "transcendental_rate", c["transcendental_rate"]),
+        scatter_rate=f.number("compute", "scatter_rate", c["scatter_rate"]),
+        elementwise_bw=f.table("compute", "elementwise_bw", c["elementwise_bw"]),
         links=links,
-        write_bw=number("storage", "write_bw", vals["storage"]["write_bw"]),
+        write_bw=f.number("storage", "write_bw", vals["storage"]["write_bw"]),
         backend=backend,
         path=where,
         cast=cast,

@@ -11,22 +11,21 @@ import json
 import statistics
 from pathlib import Path
 
+from hpc_llm.checkpoint import CheckpointFile, find_latest
 from hpc_llm.config import config_from_dict
 from hpc_llm.errors import UserError
 from hpc_llm.plan.memory import Layout
-from hpc_llm.plan.search import predict
+from hpc_llm.plan.predict import predict
 
 
 def run_layout(cfg, run: Path, world: int | None) -> Layout:
     if world is None:
-        from hpc_llm import checkpoint as ckpt
-
-        latest = ckpt.find_latest(run)
+        latest = find_latest(run)
         if latest is None:
             raise UserError(
                 f"--compare {run}: no verified checkpoint to read the layout from: give --gpus N"
             )
-        f = ckpt.CheckpointFile(latest)
+        f = CheckpointFile(latest)
         try:
             world = int(f.state.get("layout", {}).get("world", 1))
         finally:

@@ -43,7 +43,7 @@ ROUND_PIECE = 1 << 18  # Precision.round_ converts in pieces of this many elemen
 
 class Pricer:
     """The figures bound to one rank's setting: matmul dtype, bytes per element, TP group and its link (already
-    shared, see search._link), how many ranks share one device (oversubscription: compute slows by that factor),
+    shared, see predict._link), how many ranks share one device (oversubscription: compute slows by that factor),
     and low: the 2-byte format of bf16/fp16 ("bfloat16" | "float16"; None in fp32/fp64: no conversions)."""
 
     def __init__(
@@ -56,14 +56,8 @@ class Pricer:
         share: float = 1.0,
         low: str | None = None,
     ):
-        self.cl, self.dtype, self.it, self.tp, self.link, self.share = (
-            cl,
-            dtype,
-            itemsize,
-            tp,
-            tp_link,
-            share,
-        )
+        self.cl, self.dtype, self.it = cl, dtype, itemsize
+        self.tp, self.link, self.share = tp, tp_link, share
         self.low = low
 
     def gemm(self, m: int, n: int, k: int, batch: int = 1) -> Cost:

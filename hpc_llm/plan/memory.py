@@ -4,11 +4,11 @@
 - AdamW moments: 2 x the ranges the rank owns, as `GradientSync` computes them (its own code, run on a stand-in
   communicator: ZeRO-1 pieces of every bucket), and AdamW's per-thread temporaries;
 - activations: for each (micro-batch, chunk) in flight, the arrays its forward's cache holds, layer by layer as
-  modules.py builds them (`chunk_cache_bytes`; tests/test_plan.py walks a real cache and finds the same bytes);
-  how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
+  modules.py builds them (activations.py: `chunk_cache_bytes`; tests/test_plan.py walks a real cache and finds the same
+  bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
-  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/writers.py).
+  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
@@ -19,14 +19,21 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
+from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
+from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import ModelConfig, stage_layers
 from hpc_llm.model.gpt import StagePlan, param_specs
-from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.schedule import schedule
+from hpc_llm.plan.activations import (
+    INDEX_BYTES,
+    block_backward_work,
+    block_cache_bytes,
+    block_forward_work,
+    chunk_cache_bytes,
+    head_backward_work,
+)
 from hpc_llm.train.optim import CHUNK as ADAM_CHUNK
-
-INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
 
 
 @dataclass(frozen=True)
@@ -115,129 +122,6 @@ def bucket_elems(bucket_mb: float, grad_bytes: int) -> int:
 # -- activations: what each layer's cache holds ----------------------------------------------------------------
 
 
-def attention_scores(T: int) -> int:
-    """Entries of the probability matrices of one head: query block [q0, q1) keeps (q1 - q0) x q1."""
-    return sum((q1 - q0) * q1 for q0, q1 in query_blocks(T))
-
-
-def block_cache_elems(b: int, T: int, C: int, H: int, tp: int, dropout: bool) -> dict:
-    """Block.forward's cache (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask), in elements."""
-    n, nl, h = b * T * C, b * T * C // tp, H // tp
-    att = b * h * attention_scores(T)
-    return {
-        "ln_1 xhat + rstd": n + b * T,
-        "ln_1 output (qkv input)": n,
-        "q, k, v split by head": 3 * nl,
-        "attention probabilities": att,
-        "attention dropout masks": att if dropout else 0,
-        "attention output (proj input)": nl,
-        "attention branch dropout mask": n if dropout else 0,
-        "ln_2 xhat + rstd": n + b * T,
-        "ln_2 output (fc input)": n,
-        "fc output (GELU input)": 4 * nl,
-        "GELU tanh": 4 * nl,
-        "GELU output (proj input)": 4 * nl,
-        "MLP branch dropout mask": n if dropout else 0,
-    }
-
-
-def block_cache_bytes(
-    b: int, T: int, C: int, H: int, tp: int, dropout: bool, act: int, compute: int
-) -> int:
-    """LayerNorm's rstd and the dropout masks stay in the compute dtype; the rest is kept in the format."""
-    total = 0
-    for name, elems in block_cache_elems(b, T, C, H, tp, dropout).items():
-        if name.endswith("rstd"):
-            total += (elems - b * T) * act + b * T * compute
-        else:
-            total += elems * (compute if "mask" in name else act)
-    return total
-
-
-def chunk_cache_bytes(
-    cfg: ModelConfig,
-    tp: int,
-    b: int,
-    n_blocks: int,
-    embedding: bool,
-    head: bool,
-    act: int = 4,
-    recompute: str = "none",
-    compute: int | None = None,
-) -> int:
-    """Bytes of one micro-batch's cache for a chunk (Chunk.forward's (emb_cache, caches, head_cache, rng)).
-    recompute "block": each block keeps only a copy of its input (b, T, C), the cache is rebuilt in backward."""
-    T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
-    compute = act if compute is None else compute
-    drop = cfg.dropout > 0
-    total = 0
-    if embedding:
-        total += b * T * INDEX_BYTES + (b * T * C * compute if drop else 0)  # (idx, mask)
-    if recompute == "block":
-        total += n_blocks * b * T * C * compute
-    else:
-        total += n_blocks * block_cache_bytes(b, T, C, H, tp, drop, act, compute)
-    if head:
-        N, Vl = b * T, cfg.padded_vocab // tp
-        # (lnf = (xhat, rstd), xf2 = ln_f's output, ce = (probabilities, local targets, mask), shape)
-        total += act * 2 * N * C + compute * (N + N * Vl) + N * INDEX_BYTES + N
-    return total
-
-
-# -- what one operation allocates on top of the caches ---------------------------------------------------------
-
-
-def block_backward_work(
-    b: int, T: int, C: int, H: int, tp: int, act: int, grad: int, accumulate: bool, dropout: bool
-) -> int:
-    """Peak extra bytes inside Block.backward: its locals (dg, dh2, dy, dqkv, dh1) live until it returns, on top of
-    the running gradient dx; each phase adds its own temporaries (LayerNorm's dxhat and xhat * mean, the attention
-    backward's dyh, dqkvh, per-block datt and its final transposed copy, `out += a @ b` when accumulating)."""
-    n, nl, h, hd = b * T * C, b * T * C // tp, H // tp, C // H
-    blocks = query_blocks(T)
-    wtemp = lambda rows, cols: rows * cols * grad if accumulate else 0  # noqa: E731
-    masks = 2 * n if dropout else 0  # dm, da: copies of dx
-    dg = 4 * nl  # d(GELU output) = d(fc output), in place
-    gelu_tmp = 2 * min(ELEMENTWISE_CHUNK, 4 * nl)
-    ln_tmp = 2 * n  # dxhat and xhat * mean_dx
-    big_att = max((q1 - q0) * q1 for q0, q1 in blocks) * b * h
-    att_tmp = max(
-        big_att
-        + b * h * max(q1 for _, q1 in blocks) * hd * (1 if accumulate or len(blocks) > 1 else 0),
-        3 * nl,
-    )  # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
-    phases = [
-        act * (n + masks + dg)
-        + max(wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj backward, GELU backward
-        act * (n + masks + dg) + wtemp(C, 4 * C // tp),  # fc's weight gradient
-        act * (n + masks + dg + n + ln_tmp),  # ln_2 backward
-        act * (n + masks + dg + n + nl) + wtemp(C // tp, C),  # attn_proj backward
-        act
-        * (
-            n + masks + dg + n + nl + nl + 3 * nl + att_tmp
-        ),  # attention backward: dyh, dqkvh, then its peak
-        act * (n + masks + dg + n + nl + 3 * nl) + wtemp(C, 3 * C // tp),  # qkv's weight gradient
-        act * (n + masks + dg + n + nl + 3 * nl + n + ln_tmp),  # ln_1 backward
-    ]
-    return max(phases)
-
-
-def block_forward_work(b: int, T: int, C: int, H: int, tp: int, act: int) -> int:
-    """Peak extra bytes of Block.forward beyond what it keeps: the residual stream, the fused qkv output (deleted
-    after the head split) and the head-major attention output before its merge."""
-    n, nl = b * T * C, b * T * C // tp
-    return act * (n + 3 * nl + nl)
-
-
-def head_backward_work(
-    b: int, T: int, C: int, V: int, tp: int, act: int, grad: int, accumulate: bool
-) -> int:
-    """Head.backward: wte's gradient with `out += dlogits.T @ xf2` (a temporary of wte's shard), then dx (N, C) and
-    ln_f's backward temporaries."""
-    n = b * T * C
-    return max(V // tp * C * grad if accumulate else 0, act * 3 * n)
-
-
 # -- the step: walk the schedule ---------------------------------------------------------------------------------
 
 
@@ -302,6 +186,118 @@ class RankMemory:
         return {k: getattr(self, k) for k in keys} | {"peak": self.peak}
 
 
+@dataclass
+class _Peak:
+    """The moment of a stage's schedule when its memory peaks, in bytes: the total and the parts it is made of."""
+
+    total: int = 0
+    activations: int = 0  # the caches of the micro-batches alive
+    workspace: int = 0  # the op's own temporaries and the latest micro-batch
+    pipeline: int = 0  # the sends to the next or previous stage not yet completed
+    zero: int = 0  # ZeRO-1 receive buffers of the buckets launched during the last backward
+
+
+def _chunk_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, int]:
+    """Each chunk's activation cache in bytes, for one micro-batch."""
+    return {
+        c: chunk_cache_bytes(
+            cfg,
+            lay.tp,
+            lay.rows,
+            len(plan.layers[v]),
+            v == 0,
+            v == plan.n_virtual - 1,
+            by.act,
+            lay.recompute,
+            by.compute,
+        )
+        for c, v in enumerate(plan.chunks)
+    }
+
+
+def _zero_receive(specs, sync, n: int, dp_rank: int, by: Bytes) -> int:
+    """ZeRO-1's receive buffers alive at the last backward: where each chunk's gradients start (grad_ready
+    offsets), buckets at or beyond the smallest reported one are launched during the last backward, and their
+    receive buffers live until finish()."""
+    if not sync.zero:
+        return 0
+    first_block = min((s.offset for s in specs if s.name.startswith("h.")), default=n)
+    launched = [i for i, (a, _) in enumerate(sync.buckets) if a >= first_block]
+    return sum(sync.counts[i][dp_rank] for i in launched) * by.grad
+
+
+def _op_work(
+    cfg: ModelConfig,
+    lay: Layout,
+    by: Bytes,
+    op,
+    blocks: int,
+    last: bool,
+    acc: bool,
+    msg: int,
+    batch: int,
+):
+    """The temporaries of one schedule op beyond the caches it keeps."""
+    b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
+    if op.kind == "F":
+        work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
+        if lay.recompute == "block":
+            # each block's whole cache is built, then dropped; Chunk.forward's loop variable still holds the
+            # previous block's meanwhile
+            work += 2 * act_block(cfg, lay, b, by)
+        return work
+    work = msg + batch
+    if blocks:
+        drop = cfg.dropout > 0
+        work = max(
+            work,
+            block_backward_work(b, T, C, H, lay.tp, by.compute, by.grad, acc, drop)
+            + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0),
+        )
+    if last:
+        work = max(
+            work, head_backward_work(b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc)
+        )
+    return work
+
+
+def _schedule_peak(
+    cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, plan, zero_recv: int
+) -> _Peak:
+    """Walk the stage's schedule, op by op, keeping the moment of the largest total."""
+    sizes = _chunk_sizes(cfg, lay, plan, by)
+    ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
+    # activations between stages, and the residual stream: the compute dtype
+    msg = lay.rows * cfg.block_size * cfg.n_embd * by.compute
+    alive: dict = {}
+    sends = 0
+    started: set = set()
+    last_b = max(k for k, op in enumerate(ops) if op.kind == "B")
+    best = _Peak()
+    batch = (
+        2 * lay.rows * cfg.block_size * INDEX_BYTES
+    )  # the latest micro-batch's (x, y), referenced by the loop
+    for k, op in enumerate(ops):
+        v = plan.chunks[op.chunk]
+        first, last = v == 0, v == plan.n_virtual - 1
+        if op.kind == "F":
+            alive[(op.micro, op.chunk)] = sizes[op.chunk]
+        work = _op_work(
+            cfg, lay, by, op, len(plan.layers[v]), last, op.chunk in started, msg, batch
+        )
+        zero = zero_recv if k == last_b else 0
+        total = sum(alive.values()) + work + sends + zero + batch
+        if total > best.total:
+            best = _Peak(total, sum(alive.values()), work + batch, sends, zero)
+        if op.kind == "B":
+            alive.pop((op.micro, op.chunk))
+            started.add(op.chunk)
+            sends += msg if not first else 0
+        else:
+            sends += msg if not last else 0
+    return best
+
+
 def rank_memory(
     cfg: ModelConfig,
     lay: Layout,
@@ -320,85 +316,13 @@ def rank_memory(
     n = sum(s.size for s in specs)
     sync = grad_sync(n, lay.dp, dp_rank, bucket_elems(lay.bucket_mb, by.grad), lay.zero == 1)
     owned = sum(b - a for a, b in sync.owned)
-    b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
-    chunks = plan.chunks
-    sizes = {
-        c: chunk_cache_bytes(
-            cfg,
-            lay.tp,
-            b,
-            len(plan.layers[v]),
-            v == 0,
-            v == plan.n_virtual - 1,
-            by.act,
-            lay.recompute,
-            by.compute,
-        )
-        for c, v in enumerate(chunks)
-    }
-    ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
-    msg = (
-        b * T * C * by.compute
-    )  # activations between stages, and the residual stream: the compute dtype
-    drop = cfg.dropout > 0
-    # where each chunk's gradients start (grad_ready offsets): buckets at or beyond the smallest reported one are
-    # launched during the last backward; their ZeRO-1 receive buffers live until finish()
-    first_block = min((s.offset for s in specs if s.name.startswith("h.")), default=n)
-    launched = [i for i, (a, _) in enumerate(sync.buckets) if a >= first_block]
-    zero_recv = sum(sync.counts[i][dp_rank] for i in launched) * by.grad if sync.zero else 0
-
-    alive: dict = {}
-    sends = 0
-    started: set = set()
-    last_b = max(k for k, op in enumerate(ops) if op.kind == "B")
-    best = (0, 0, 0, 0, 0)  # total, activations, workspace, pipeline buffers, zero buffers
-    batch = 2 * b * T * INDEX_BYTES  # the latest micro-batch's (x, y), referenced by the loop
-    for k, op in enumerate(ops):
-        v = chunks[op.chunk]
-        first, last = v == 0, v == plan.n_virtual - 1
-        blocks = len(plan.layers[v])
-        if op.kind == "F":
-            alive[(op.micro, op.chunk)] = sizes[op.chunk]
-            work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
-            if (
-                lay.recompute == "block"
-            ):  # each block's whole cache is built, then dropped; Chunk.forward's loop
-                work += 2 * act_block(
-                    cfg, lay, b, by
-                )  # variable still holds the previous block's meanwhile
-        else:
-            acc = op.chunk in started
-            work = msg + batch
-            if blocks:
-                work = max(
-                    work,
-                    block_backward_work(b, T, C, H, lay.tp, by.compute, by.grad, acc, drop)
-                    + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0),
-                )
-            if last:
-                work = max(
-                    work,
-                    head_backward_work(b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc),
-                )
-        zero = zero_recv if k == last_b else 0
-        total = sum(alive.values()) + work + sends + zero + batch
-        if total > best[0]:
-            best = (total, sum(alive.values()), work + batch, sends, zero)
-        if op.kind == "B":
-            alive.pop((op.micro, op.chunk))
-            started.add(op.chunk)
-            sends += msg if not first else 0
-        else:
-            sends += msg if not last else 0
+    peak = _schedule_peak(cfg, lay, stage, by, plan, _zero_receive(specs, sync, n, dp_rank, by))
     params, grads = n * by.param, n * by.grad
     master = n * by.master
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
     # saves keep nothing between them and never build a full tensor (checkpoint/writers.py): a writing rank (world
-    # rank 0 with the gather writer, every rank with mpio) holds two staging blocks and two verification slabs
-    from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
-    from hpc_llm.checkpoint.writers import MESSAGE_ELEMS
-
+    # rank 0 with the gather writer, every rank with mpio) holds two staging slabs and two verification slabs
     scratch = 0
     writes = writer == "mpio" or (stage == 0 and dp_rank == 0)
     assembly = 2 * MESSAGE_ELEMS * by.param + 2 * VERIFY_BLOCK_BYTES if writes else 0
@@ -408,10 +332,10 @@ def rank_memory(
         master,
         moments,
         temps,
-        best[1],
-        best[2],
-        best[3],
-        best[4],
+        peak.activations,
+        peak.workspace,
+        peak.pipeline,
+        peak.zero,
         scratch,
         assembly,
         runtime,

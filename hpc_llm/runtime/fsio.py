@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+from hpc_llm.errors import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,8 +59,6 @@ class DirectoryLock:
 
     @classmethod
     def lock(cls, directory: Path, what: str, create: bool = True) -> DirectoryLock | None:
-        import fcntl
-
         path = Path(directory) / ".lock"
         try:
             fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
@@ -65,15 +69,11 @@ class DirectoryLock:
         except (BlockingIOError, PermissionError):
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
             os.close(fd)
-            from hpc_llm.errors import UserError
-
             raise UserError(
                 f"{what}={directory} is in use by a live run ({holder}): wait for it to end, or choose "
                 "another directory"
             ) from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem does not lock
-            import logging
-
             logging.getLogger("hpc_llm").warning(
                 "%s: cannot lock %s (%s): nothing stops a second run from using "
                 "it at the same time",
@@ -84,9 +84,6 @@ class DirectoryLock:
         return cls(fd, path)
 
     def claim(self) -> None:
-        import socket
-        import time
-
         job = os.environ.get("SLURM_JOB_ID")
         text = (
             f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"

@@ -38,9 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_llm.checkpoint import save_checkpoint
+from hpc_llm.checkpoint.format import empty_metrics
 from hpc_llm.config import Config, ModelConfig, validate
 from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
 from hpc_llm.errors import UserError
+from hpc_llm.model.gpt import param_specs
+from hpc_llm.parallel.comm import world_comm
 
 __all__ = [
     "import_gpt2",
@@ -73,9 +77,8 @@ def _one_line(exc: BaseException) -> str:
 # config.json
 
 
-def read_gpt2_config(model_dir) -> tuple[Config, dict]:
-    """(our Config, the raw config.json dict) for a GPT-2 directory; UserError for anything we do not implement."""
-    model_dir = Path(model_dir)
+def _read_config_json(model_dir: Path) -> tuple[Path, dict]:
+    """(the path of config.json, its object), the directory and the file checked."""
     if not model_dir.exists():
         raise UserError(f"{model_dir}: GPT-2 model directory does not exist")
     if not model_dir.is_dir():
@@ -92,7 +95,11 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
         raise UserError(f"{path}: not readable JSON ({_one_line(exc)})") from None
     if not isinstance(hf, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return path, hf
 
+
+def _check_sizes(path: Path, hf: dict) -> None:
+    """A GPT-2 config with the sizes we need, positive integers, n_embd a multiple of n_head."""
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise UserError(
@@ -111,7 +118,11 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
     if n_embd % n_head:
         raise UserError(f"{path}: n_embd={n_embd} is not a multiple of n_head={n_head}")
 
-    # Options of transformers' GPT2Config that change the computation; absent keys take GPT2Config's defaults.
+
+def _check_computation(path: Path, hf: dict) -> None:
+    """Options of transformers' GPT2Config that change the computation: each must be what our model computes
+    (absent keys take GPT2Config's defaults)."""
+
     def unsupported(key: str, value, expected: str) -> UserError:
         return UserError(f"{path}: {key} is {value!r}, but hpc_llm implements only {expected}")
 
@@ -127,7 +138,7 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
         or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-9)
     ):
         raise unsupported("layer_norm_epsilon", eps, "1e-05")
-    n_inner = hf.get("n_inner")
+    n_inner, n_embd = hf.get("n_inner"), hf["n_embd"]
     if n_inner is not None and n_inner != 4 * n_embd:
         raise unsupported("n_inner", n_inner, f"null or 4 * n_embd = {4 * n_embd}")
     for key, ours in (
@@ -146,11 +157,17 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
             )
             raise unsupported(key, value, what)
 
+
+def read_gpt2_config(model_dir) -> tuple[Config, dict]:
+    """(our Config, the raw config.json dict) for a GPT-2 directory; UserError for anything we do not implement."""
+    path, hf = _read_config_json(Path(model_dir))
+    _check_sizes(path, hf)
+    _check_computation(path, hf)
     cfg = Config()
     cfg.model = ModelConfig(
         n_layer=hf["n_layer"],
-        n_head=n_head,
-        n_embd=n_embd,
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
         block_size=hf["n_positions"],
         vocab_size=hf["vocab_size"],
         dropout=0.0,
@@ -259,16 +276,9 @@ def load_gpt2_tensors(model_dir) -> dict[str, np.ndarray]:
 # the mapping
 
 
-def gpt2_tensors_to_params(
-    tensors: dict, cfg: ModelConfig, source: str = WEIGHTS_FILE
-) -> dict[str, np.ndarray]:
-    """Hugging Face GPT-2 tensors (keys with or without `transformer.`) -> our parameters in `cfg.dtype`, in
-    `param_specs` order, wte padded with zero rows to `cfg.padded_vocab`. `source` names the file in errors."""
-    from hpc_llm.model.gpt import param_specs
-
-    specs = param_specs(cfg)
-    expected = {s.name: s.shape for s in specs}
-    found: dict[str, tuple[str, np.ndarray]] = {}  # our name -> (their key, tensor)
+def _match_tensors(tensors: dict, expected: dict, cfg: ModelConfig, source: str):
+    """(our name -> (their key, tensor), the lm_head tensor or None): every parameter found once, nothing else."""
+    found: dict[str, tuple[str, np.ndarray]] = {}
     head = None
     unexpected = []
     for key, value in tensors.items():
@@ -296,35 +306,43 @@ def gpt2_tensors_to_params(
             f"{source}: missing tensor {PREFIX}{missing[0]} ({len(missing)} missing in all) for a "
             f"{cfg.n_layer}-layer GPT-2"
         )
+    return found, head
 
-    dtype = np.dtype(cfg.dtype)
+
+def _converted(spec, key: str, value, cfg: ModelConfig, source: str) -> np.ndarray:
+    """One tensor checked (shape, floating point, finite) and copied to our dtype; wte padded with zero rows."""
     V, C = cfg.vocab_size, cfg.n_embd
-    params: dict[str, np.ndarray] = {}
-    for s in specs:
-        key, value = found[s.name]
-        arr = np.asarray(value)
-        want = (V, C) if s.name == "wte.weight" else s.shape
-        if tuple(arr.shape) != want:
-            raise UserError(
-                f"{source}: tensor {key} has shape {tuple(arr.shape)}, expected {want} from config.json"
-            )
-        if arr.dtype.kind != "f":
-            raise UserError(
-                f"{source}: tensor {key} has dtype {arr.dtype}, expected a floating-point type"
-            )
-        if not np.isfinite(arr).all():
-            raise UserError(f"{source}: tensor {key} contains NaN or infinite values")
-        if s.name == "wte.weight":
-            out = np.zeros(s.shape, dtype=dtype)
-            out[:V] = arr
-        else:
-            out = np.array(
-                arr, dtype=dtype, order="C"
-            )  # a copy: the inputs may be read-only memory maps
-        params[s.name] = out
+    arr = np.asarray(value)
+    want = (V, C) if spec.name == "wte.weight" else spec.shape
+    if tuple(arr.shape) != want:
+        raise UserError(
+            f"{source}: tensor {key} has shape {tuple(arr.shape)}, expected {want} from config.json"
+        )
+    if arr.dtype.kind != "f":
+        raise UserError(
+            f"{source}: tensor {key} has dtype {arr.dtype}, expected a floating-point type"
+        )
+    if not np.isfinite(arr).all():
+        raise UserError(f"{source}: tensor {key} contains NaN or infinite values")
+    dtype = np.dtype(cfg.dtype)
+    if spec.name == "wte.weight":
+        out = np.zeros(spec.shape, dtype=dtype)
+        out[:V] = arr
+        return out
+    return np.array(arr, dtype=dtype, order="C")  # a copy: the inputs may be read-only memory maps
+
+
+def gpt2_tensors_to_params(
+    tensors: dict, cfg: ModelConfig, source: str = WEIGHTS_FILE
+) -> dict[str, np.ndarray]:
+    """Hugging Face GPT-2 tensors (keys with or without `transformer.`) -> our parameters in `cfg.dtype`, in
+    `param_specs` order, wte padded with zero rows to `cfg.padded_vocab`. `source` names the file in errors."""
+    specs = param_specs(cfg)
+    found, head = _match_tensors(tensors, {s.name: s.shape for s in specs}, cfg, source)
+    params = {s.name: _converted(s, *found[s.name], cfg, source) for s in specs}
     if head is not None:
         wte = found["wte.weight"][1]
-        if tuple(np.shape(head)) != (V, C) or not np.array_equal(head, wte):
+        if tuple(np.shape(head)) != (cfg.vocab_size, cfg.n_embd) or not np.array_equal(head, wte):
             raise UserError(
                 f"{source}: lm_head.weight differs from {found['wte.weight'][0]}; untied LM heads are "
                 "unsupported (hpc_llm's head is the token embedding)"
@@ -344,24 +362,9 @@ def read_gpt2_dir(model_dir) -> tuple[Config, dict[str, np.ndarray]]:
 # the checkpoint
 
 
-def _empty_metrics() -> dict:
-    """The tables and columns `Trainer.save` stores, with no rows."""
-    try:
-        from hpc_llm.train.trainer import Metrics
-    except ImportError:  # pragma: no cover - keep the import usable if the trainer's layout changes
-        return {
-            "train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")},
-            "eval": {k: [] for k in ("step", "train_loss", "val_loss")},
-        }
-    return Metrics().as_dict()
-
-
 def import_gpt2(model_dir, out) -> Path:
     """Convert a Hugging Face GPT-2 directory into an hpc_llm checkpoint at `out` (a .h5 file path, parents made);
     returns its path. The checkpoint is a step-0 training checkpoint: zero Adam moments, empty metrics."""
-    from hpc_llm import checkpoint as ckpt
-    from hpc_llm.parallel.comm import world_comm
-
     out = Path(out)
     if out.is_dir():
         raise UserError(
@@ -399,13 +402,13 @@ def import_gpt2(model_dir, out) -> Path:
     except OSError as exc:
         raise UserError(f"{out}: cannot create directory {out.parent} ({_one_line(exc)})") from None
     try:
-        ckpt.save_checkpoint(
+        save_checkpoint(
             out,
             params=params,
             optimizer=optimizer,
             state=state,
             config=cfg.to_dict(),
-            metrics=_empty_metrics(),
+            metrics=empty_metrics(),
         )
     except OSError as exc:
         raise UserError(f"{out}: cannot write checkpoint ({_one_line(exc)})") from None

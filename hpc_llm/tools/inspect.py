@@ -13,7 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpc_llm import checkpoint as ckpt
+from hpc_llm.api import resolve_checkpoint
+from hpc_llm.checkpoint import verify_checkpoint
+from hpc_llm.checkpoint.format import attr_str
 from hpc_llm.errors import UserError
 
 
@@ -21,11 +23,9 @@ def open_verified(arg) -> tuple[Path, h5py.File]:
     """Resolve ``arg`` (file or run directory), verify it, and open it read-only."""
     path = Path(arg)
     if path.is_dir():
-        from hpc_llm.api import resolve_checkpoint
-
         path = resolve_checkpoint(path)  # already verified by find_latest
     else:
-        ckpt.verify_checkpoint(path)
+        verify_checkpoint(path)
     try:
         return path, h5py.File(path, "r")
     except OSError as exc:
@@ -43,7 +43,7 @@ def tensor_names(f: h5py.File) -> list[str]:
 
 
 def _json_attr(obj, key: str):
-    return json.loads(ckpt._attr_str(obj.attrs[key]))
+    return json.loads(attr_str(obj.attrs[key]))
 
 
 def _shape(shape: tuple) -> str:
@@ -95,9 +95,9 @@ def describe(arg) -> list[str]:
             f"step              {state.get('step', '-')}",
             f"tokens_seen       {state.get('tokens_seen', '-')}",
             f"layout            {json.dumps(state['layout']) if 'layout' in state else '-'}",
-            f"software_version  {ckpt._attr_str(f.attrs.get('software_version')) or '-'}",
+            f"software_version  {attr_str(f.attrs.get('software_version')) or '-'}",
             f"format_version    {int(f.attrs['format_version'])}",
-            f"created           {ckpt._attr_str(f.attrs.get('created')) or '-'}",
+            f"created           {attr_str(f.attrs.get('created')) or '-'}",
             "model config:",
         ]
         model = config.get("model")

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.config import LORA_TARGETS, config_from_dict
+from hpc_llm.api import resolve_checkpoint
+from hpc_llm.checkpoint import load_checkpoint, save_checkpoint
+from hpc_llm.checkpoint.format import empty_metrics
+from hpc_llm.config import LORA_TARGETS, ModelConfig, config_from_dict
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import is_lora
+from hpc_llm.parallel.comm import world_comm
 
 
 def merged_params(
@@ -37,21 +41,13 @@ def merged_params(
     return out
 
 
-def merge_lora(checkpoint, out) -> Path:
-    """Write the merged model of a LoRA checkpoint (a file, or a run directory: its newest verified checkpoint) to
-    ``out`` (a .h5 path in an existing directory); returns its path."""
-    from hpc_llm import checkpoint as ckpt
-    from hpc_llm.api import resolve_checkpoint
-    from hpc_llm.parallel.comm import world_comm
-    from hpc_llm.train.trainer import Metrics
-
-    if (
-        ranks := world_comm().size
-    ) > 1:  # every rank would write the same file; the world size is known everywhere
+def _check_out(out: Path) -> None:
+    """One process, and ``out`` a file path in an existing directory: refused before anything is read."""
+    # every rank would write the same file; the world size is known everywhere
+    if (ranks := world_comm().size) > 1:
         raise UserError(
             f"hpc-llm merge-lora runs on one process, got {ranks} ranks: run it without mpiexec"
         )
-    out = Path(out)
     if out.is_dir():
         raise UserError(
             f"merge-lora --out {out}: is a directory; expected a checkpoint file path such as "
@@ -59,9 +55,10 @@ def merge_lora(checkpoint, out) -> Path:
         )
     if not out.parent.is_dir():
         raise UserError(f"merge-lora --out {out}: directory {out.parent} does not exist")
-    saved = ckpt.load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
-    cfg = config_from_dict(saved.config)
-    m = cfg.model
+
+
+def _check_adapters(saved, m: ModelConfig) -> None:
+    """The checkpoint's config names LoRA targets that are linear layers, and the file holds their adapters."""
     if m.lora_rank <= 0:
         raise UserError(
             f"merge-lora: {saved.path} has no LoRA adapters (model.lora_rank = 0): nothing to merge"
@@ -84,6 +81,17 @@ def merge_lora(checkpoint, out) -> Path:
             f"merge-lora: {saved.path}: its config has LoRA on {m.lora_targets} but the file lacks "
             f"{missing[0]}" + (f" and {len(missing) - 1} more adapters" if len(missing) > 1 else "")
         )
+
+
+def merge_lora(checkpoint, out) -> Path:
+    """Write the merged model of a LoRA checkpoint (a file, or a run directory: its newest verified checkpoint) to
+    ``out`` (a .h5 path in an existing directory); returns its path."""
+    out = Path(out)
+    _check_out(out)
+    saved = load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
+    cfg = config_from_dict(saved.config)
+    m = cfg.model
+    _check_adapters(saved, m)
     params = merged_params(saved.params, m.n_layer, m.lora_targets, m.lora_scale)
     merged_from = {
         "path": str(saved.path),
@@ -92,11 +100,8 @@ def merge_lora(checkpoint, out) -> Path:
         "lora_alpha": m.lora_alpha,
         "lora_targets": list(m.lora_targets),
     }
-    m.lora_rank, m.lora_alpha, m.lora_targets = (
-        0,
-        type(m)().lora_alpha,
-        type(m)().lora_targets,
-    )  # the plain model
+    plain = ModelConfig()
+    m.lora_rank, m.lora_alpha, m.lora_targets = 0, plain.lora_alpha, plain.lora_targets
     cfg.train.freeze, cfg.train.init_from = [], ""
     state = {
         "step": 0,
@@ -110,13 +115,13 @@ def merge_lora(checkpoint, out) -> Path:
         slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")
     }
     try:
-        ckpt.save_checkpoint(
+        save_checkpoint(
             out,
             params=params,
             optimizer=optimizer,
             state=state,
             config=cfg.to_dict(),
-            metrics=Metrics().as_dict(),
+            metrics=empty_metrics(),
         )
     except OSError as exc:
         raise UserError(

@@ -688,7 +688,7 @@ class Trainer:
         """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py): parameters,
         gradients, optimizer state, the step's activations at their peak, ..."""
         from hpc_llm.plan.memory import Layout, rank_memory
-        from hpc_llm.plan.search import PRECISIONS
+        from hpc_llm.plan.predict import PRECISIONS
 
         cfg, par, t = self.cfg, self.cfg.parallel, self.cfg.train
         lay = Layout(

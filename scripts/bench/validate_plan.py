@@ -27,7 +27,7 @@ from hpc_llm.parallel.grid import make_grid
 from hpc_llm.plan.cluster import load_cluster
 from hpc_llm.plan.compare import run_layout
 from hpc_llm.plan.memory import rank_memory
-from hpc_llm.plan.search import PRECISIONS, predict
+from hpc_llm.plan.predict import PRECISIONS, predict
 from hpc_llm.train.trainer import Trainer
 
 from common import PRESETS, model_sets, vm_hwm

@@ -31,7 +31,7 @@ def repredict(row: dict, cl) -> tuple[dict, int]:
     """-> (predicted step parts in seconds, predicted peak bytes per rank) for a validation run."""
     from hpc_llm.config import load_config
     from hpc_llm.plan.memory import Layout, rank_memory
-    from hpc_llm.plan.search import PRECISIONS, predict
+    from hpc_llm.plan.predict import PRECISIONS, predict
 
     sets = model_sets(row["preset"]) + list(row["sets"])
     cfg = load_config(None, sets)

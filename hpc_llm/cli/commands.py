@@ -1,0 +1,335 @@
+"""What each verb of the command line does (hpc_llm.cli.parser maps the verbs and flags here): checks of the
+arguments first, each error a UserError (one line, exit 2), then the work, the output on rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from hpc_llm.api import model_from_file, open_checkpoint, tokenizer_of
+from hpc_llm.bench.calibrate import calibrate
+from hpc_llm.bench.comm import run_from_args
+from hpc_llm.config import load_config
+from hpc_llm.data.prepare import MIN_MEMORY_MB, prepare, prepare_stdlib
+from hpc_llm.data.tokens import TokenData
+from hpc_llm.errors import UserError
+from hpc_llm.infer.evaluate import check_eval_options, evaluate, open_split
+from hpc_llm.infer.generate import check_options, generate_prompts, read_prompts, tp_from_sets
+from hpc_llm.parallel.comm import world_comm
+from hpc_llm.parallel.grid import world_grid
+from hpc_llm.plan.cluster import cluster_from_dict, load_cluster, to_toml
+from hpc_llm.plan.compare import compare, format_compare
+from hpc_llm.plan.search import describe, format_table, search
+from hpc_llm.plan.timeline import draw
+from hpc_llm.runtime.faults import inject, launcher_rank
+from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
+from hpc_llm.tools.gpt2_import import import_gpt2
+from hpc_llm.tools.inspect import run as inspect_checkpoints
+from hpc_llm.tools.merge_lora import merge_lora
+from hpc_llm.train import train
+
+
+def _need_directory_of(path: str, flag: str) -> None:
+    """A file the verb writes at its end: its directory must exist before any work starts."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
+
+
+def _check_positive(flag: str, value) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{flag}: expected a positive integer, got {value}")
+
+
+def run_prepare(args) -> None:
+    if not 0 < args.val_fraction < 1:
+        raise UserError(
+            f"--val-fraction: expected a number strictly between 0 and 1, got {args.val_fraction}"
+        )
+    _check_positive("--max-bytes", args.max_bytes)
+    if args.memory_mb < MIN_MEMORY_MB:
+        raise UserError(
+            f"--memory-mb: expected an integer of at least {MIN_MEMORY_MB} (MB per rank), got "
+            f"{args.memory_mb}"
+        )
+    # --tokenizer-dir alone means the Hugging Face tokenizer in it
+    tokenizer = args.tokenizer or ("gpt2" if args.tokenizer_dir is not None else "byte")
+    options = {
+        "tokenizer": tokenizer,
+        "val_fraction": args.val_fraction,
+        "vocab_size": args.vocab_size,
+        "tokenizer_dir": args.tokenizer_dir,
+        "memory_mb": args.memory_mb,
+        "comm": world_comm(),
+    }
+    if args.stdlib:
+        if args.inputs:
+            raise UserError("prepare: give input paths or --stdlib, not both")
+        meta = prepare_stdlib(args.out, max_bytes=args.max_bytes, **options)
+    else:
+        if not args.inputs:
+            raise UserError(
+                "prepare: expected input files or folders (or --stdlib for the embedded corpus)"
+            )
+        meta = prepare(args.inputs, args.out, pattern=args.pattern, **options)
+    if launcher_rank() == 0:
+        print(
+            f"prepared {args.out}: {meta['n_train']} train + {meta['n_val']} val tokens ({meta['dtype']}), "
+            f"{meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['n_files']} files"
+        )
+
+
+def run_train(args) -> int:
+    with (
+        StopRequest() as stop
+    ):  # first: a stop signal during start-up is kept, and honoured at step 0
+        inject("startup")
+        # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
+        # print, so every rank reads and validates the config, then all raise the same error together
+        cfg = world_comm().agree(lambda: load_config(args.config, args.set))
+        summary = train(cfg, resume=args.resume, stop=stop)
+    if launcher_rank() == 0:
+        print(json.dumps(summary))
+    return EXIT_PREEMPTED if summary["stopped_by"] else 0
+
+
+def _check_generate_args(args) -> None:
+    """Every check before the checkpoint is read; under mpiexec all ranks make them alike."""
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p)
+    _check_positive("--num-samples", args.num_samples)
+    _check_positive("--batch-size", args.batch_size)
+    if args.prompts is not None and args.prompt:
+        raise UserError("generate: give --prompt or --prompts, not both")
+
+
+def _open_prompts(args):
+    """(the checkpoint opened, its tokenizer, the prompts, their token ids); the checkpoint closed on an error."""
+    texts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt or "\n"]
+    saved = open_checkpoint(args.checkpoint)
+    try:
+        tok = tokenizer_of(saved)
+        ids = []
+        for i, text in enumerate(texts, 1):
+            try:
+                ids.append(tok.encode(text))
+            except UserError as e:
+                where = (
+                    f"--prompts {args.prompts}: line {i}"
+                    if args.prompts is not None
+                    else "--prompt"
+                )
+                raise UserError(f"{where}: {e}") from None
+    except BaseException:
+        saved.close()
+        raise
+    return saved, tok, texts, ids
+
+
+def _write_completions(path: str, rows, results, tok) -> None:
+    """One JSON object per row: prompt, completion, tokens (the new ids), seconds."""
+    with open(path, "w", encoding="utf-8") as f:
+        for (text, _), r in zip(rows, results):
+            record = {
+                "prompt": text,
+                "completion": tok.decode(r["tokens"]),
+                "tokens": r["tokens"],
+                "seconds": r["seconds"],
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _print_samples(args, rows, results, tok) -> None:
+    for n, ((_, prompt), r) in enumerate(zip(rows, results)):
+        if len(rows) > 1:
+            print(
+                f"--- sample {n}"
+                if args.prompts is None
+                else f"--- prompt {n // args.num_samples + 1}"
+                + (f", sample {n % args.num_samples}" if args.num_samples > 1 else "")
+            )
+        print(tok.decode(list(prompt) + r["tokens"]))
+
+
+def run_generate(args) -> None:
+    _check_generate_args(args)
+    world = world_comm()
+    tp = tp_from_sets(args.set, world.size)
+    if args.out:
+        _need_directory_of(args.out, "--out")
+    saved, tok, texts, ids = world.agree(
+        lambda: _open_prompts(args), "reading the prompts and the checkpoint"
+    )
+    with saved:
+        grid = world_grid(tp)
+        model = model_from_file(
+            saved, args.backend, args.dtype, args.quantize, grid.tp_comm, agree=grid.world
+        )
+    rows = [(t, i) for t, i in zip(texts, ids) for _ in range(args.num_samples)]
+    results = generate_prompts(
+        model,
+        [i for _, i in rows],
+        args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if world.rank != 0:
+        return
+    if args.out:
+        _write_completions(args.out, rows, results, tok)
+    else:
+        _print_samples(args, rows, results, tok)
+
+
+def run_eval(args) -> None:
+    check_eval_options(args.batch_size, args.max_batches)
+    world = world_comm()
+    tp = tp_from_sets(args.set, world.size, "eval", data_parallel=True)  # dp = ranks / tp replicas
+
+    def inputs():
+        saved = open_checkpoint(args.checkpoint)
+        try:
+            return saved, open_split(saved, args.data, args.split)
+        except BaseException:
+            saved.close()
+            raise
+
+    saved, tokens = world.agree(inputs, "reading the data and the checkpoint")
+    with saved:
+        grid = world_grid(tp)
+        model = model_from_file(
+            saved, "numpy", args.dtype, args.quantize, grid.tp_comm, agree=grid.world
+        )
+    result = evaluate(model, tokens, args.batch_size, args.max_batches, grid.dp_comm)
+    if world.rank == 0:
+        print(
+            json.dumps(
+                {
+                    "split": args.split,
+                    **result,
+                    "tp": tp,
+                    "dp": grid.dp,
+                    "dtype": str(model.dtype),
+                    "quantize": args.quantize,
+                }
+            )
+        )
+
+
+def run_inspect(args) -> None:
+    inspect_checkpoints(args.checkpoints)
+
+
+def run_import_gpt2(args) -> None:
+    path = import_gpt2(args.model_dir, args.out)
+    print(f"wrote {path}")
+
+
+def run_merge_lora(args) -> None:
+    path = merge_lora(args.checkpoint, args.out)
+    print(
+        f"merged the LoRA adapters of {args.checkpoint} into {path} (a plain model: model.lora_rank = 0)"
+    )
+
+
+def run_bench_comm(args) -> None:
+    if args.json:
+        _need_directory_of(args.json, "--json")
+    run_from_args(args)
+
+
+def run_bench_calibrate(args) -> None:
+    out = Path(args.out)
+    _need_directory_of(args.out, "--out")
+    fig, notes = calibrate(out.parent)
+    if launcher_rank() == 0:
+        cluster_from_dict(fig, str(out))  # what we write must load
+        out.write_text(to_toml(fig, "written by `hpc-llm bench calibrate`: " + notes))
+        print(f"wrote {out} ({notes})")
+
+
+def _check_plan_args(args) -> None:
+    for flag, value in (
+        ("--gpus", args.gpus),
+        ("--global-batch", args.global_batch),
+        ("--max-micro", args.max_micro),
+        ("--top", args.top),
+    ):
+        _check_positive(flag, value)
+    if not (math.isfinite(args.ranks_per_device) and args.ranks_per_device > 0):
+        raise UserError(
+            f"--ranks-per-device: expected a positive number, got {args.ranks_per_device}"
+        )
+    if args.timeline:
+        _need_directory_of(args.timeline, "--timeline")
+
+
+def _plan_config(args):
+    cfg = load_config(args.config, args.set)
+    if cfg.model.vocab_size == 0:
+        try:
+            cfg.model.vocab_size = TokenData(cfg.data.path).vocab_size
+        except UserError:
+            raise UserError(
+                f"model.vocab_size is 0 (from the data) and {cfg.data.path} is not prepared: set "
+                "model.vocab_size"
+            ) from None
+    return cfg
+
+
+def _plan_search(args, cl):
+    """Every layout for the config on ``cl``, printed best first; returns the best prediction."""
+    if not args.config or args.gpus is None:
+        raise UserError("plan: give CONFIG and --gpus N (or --compare RUN_DIR)")
+    cfg = _plan_config(args)
+    batch = args.global_batch or cfg.train.batch_size * cfg.train.grad_accum
+    recomputes = ("none", "block")
+    precisions = (
+        [args.precision]
+        if args.precision
+        else (["fp32", "bf16"] if cfg.model.dtype == "float32" else None)
+    )
+    preds, bad = search(
+        cfg.model,
+        cl,
+        args.gpus,
+        batch,
+        precisions=precisions,
+        share=args.ranks_per_device,
+        checkpoint_interval=cfg.checkpoint.interval,
+        max_iters=cfg.train.max_iters,
+        recomputes=recomputes,
+        bucket_mb=cfg.parallel.bucket_mb,
+        max_micro=args.max_micro,
+        checkpoint_memory=not args.no_checkpoint_memory,
+    )
+    if args.json:
+        feasible = [p.as_dict() for p in preds]
+        infeasible = [{"layout": asdict(lay), "reason": r} for lay, r in bad]
+        print(json.dumps({"feasible": feasible, "infeasible": infeasible}, indent=1))
+    else:
+        print(
+            f"{cfg.model.n_layer} layers x {cfg.model.n_embd} dim, T {cfg.model.block_size}, global batch "
+            f"{batch} sequences, {args.gpus} devices of {cl.name}"
+        )
+        print(format_table(preds, bad, args.top))
+    return preds[0]
+
+
+def run_plan(args) -> None:
+    _check_plan_args(args)
+    cl = load_cluster(args.cluster)
+    if args.compare:
+        r = compare(args.compare, cl, args.gpus, args.ranks_per_device)
+        pred = r.pop("_prediction")
+        print(json.dumps(r, indent=2) if args.json else format_compare(r))
+    else:
+        pred = _plan_search(args, cl)
+    if args.timeline:
+        draw(pred, args.timeline, describe(pred.layout) if not args.compare else "run layout")
+        if not args.json:
+            print(f"timeline: {args.timeline}")

@@ -1,0 +1,338 @@
+"""One layout's predicted step: memory and time, broken down.
+
+A step, as train_step runs it: the rank's schedule op list (forward/backward per micro-batch and chunk, with their
+tensor-parallel allreduces inside, activations between stages by point-to-point), timed by simulate.py; then the
+tied embedding's allreduce (pp > 1), the data-parallel reduction (buckets launched during each chunk's last
+backward as their gradients become final, nonblocking: the part that runs while backward still computes is hidden;
+the buckets that become final only when backward ends take the blocking collective), the loss and norm scalars, the
+gradient norm, AdamW on the owned elements and ZeRO-1's allgather; and a checkpoint's write amortised over
+checkpoint.interval. The slowest stage sets the step. The search over every layout is search.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from hpc_llm.config import ModelConfig
+from hpc_llm.model.gpt import param_specs
+from hpc_llm.parallel.schedule import Timing
+from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
+from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time, refresh_time
+from hpc_llm.plan.memory import (
+    Bytes,
+    Layout,
+    bucket_elems,
+    grad_sync,
+    max_rank_memory,
+    specs_of,
+    stage_plan,
+)
+from hpc_llm.plan.simulate import simulate_costs
+
+# precision -> (the matmuls' dtype, bytes). bf16/fp16 as model/precision.py does them: operands rounded to the format
+# but stored and multiplied as float32 (NumPy has no bf16 GEMM), activations kept in 2 bytes, a float32 compute copy
+# of the weights. "bf16-tc" is what the same scheme would give with tensor-core GEMMs (planned, not in the code).
+PRECISIONS = {
+    "fp32": ("float32", Bytes.of(4)),
+    "fp64": ("float64", Bytes.of(8)),
+    "bf16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
+    "fp16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
+    "bf16-tc": ("bfloat16", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
+}
+LOW = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "bf16-tc": "bfloat16",
+}  # the 2-byte format each converts to
+
+
+def precision_of(dtype: str) -> str:
+    return {"float32": "fp32", "float64": "fp64"}[dtype]
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    precision: str
+    memory: dict  # the largest stage's RankMemory.breakdown()
+    memory_stage: int
+    time: dict  # seconds: step and its parts, on the slowest stage
+    tokens_per_s: float
+    mfu: float
+    bubble: float
+    timing: Timing | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        return {
+            "layout": asdict(self.layout),
+            "precision": self.precision,
+            "memory_bytes": self.memory,
+            "memory_stage": self.memory_stage,
+            "time_s": self.time,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "bubble": self.bubble,
+        }
+
+
+def _levels(cl: Cluster, lay: Layout, share: float = 1.0) -> dict:
+    """Which link each group uses: ranks are packed per node, tp fastest, then dp, then pp (grid.py); `share` ranks
+    per device fit that many more ranks on a node."""
+    per_node = cl.devices * share
+
+    def level(span: int) -> str:
+        return "intra" if span <= per_node else "inter"
+
+    return {"tp": level(lay.tp), "dp": level(lay.dp * lay.tp), "pp": level(lay.ranks)}
+
+
+def _link(cl: Cluster, level: str, share: float) -> Link:
+    """The link as one rank sees it when `share` ranks share a device: they share its cores (on a CPU the MPI
+    library's copies and polling are the rank's own cycles) or its link, so a collective takes `share` times as
+    long, as compute does (validation: 4 ranks on 2 cores take twice the 2-rank step, communication included)."""
+    link = cl.link(level)
+    if share == 1:
+        return link
+    return Link(link.latency_s * share, link.bw / share, link.nb_bw / share, link.overlap)
+
+
+def memory_of(
+    cfg: ModelConfig,
+    lay: Layout,
+    cl: Cluster,
+    precision: str,
+    pp_layers=(),
+    writer: str = "gather",
+    checkpoint_memory: bool = True,
+):
+    """-> (stage, RankMemory) of the stage with the largest peak: what predict reports, without the time."""
+    return max_rank_memory(
+        cfg,
+        lay,
+        PRECISIONS[precision][1],
+        pp_layers=pp_layers,
+        runtime=int(cl.runtime_bytes),
+        writer=writer,
+        save_on_device=checkpoint_memory and cl.backend == "numpy",
+    )
+
+
+def resolve_precision(cfg: ModelConfig, precision: str | None) -> str:
+    precision = precision or precision_of(cfg.dtype)
+    if (
+        precision == "fp32" and cfg.dtype == "float64"
+    ):  # train.precision "fp32" means the model's dtype throughout
+        precision = "fp64"
+    return precision
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """GPT.flops_per_token: 6N + 12 L T C, N without the position embedding."""
+    n = sum(math.prod(s.shape) for s in param_specs(cfg) if s.name != "wpe.weight")
+    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
+def _group_links(cl: Cluster, lay: Layout, share: float) -> dict:
+    """The link of each parallel group (tp, dp, pp, and the world's: "world"); None for a group of one rank."""
+    lv = _levels(cl, lay, share)
+    links = {
+        g: (_link(cl, lv[g], share) if n > 1 else None)
+        for g, n in (("tp", lay.tp), ("dp", lay.dp), ("pp", lay.pp))
+    }
+    links["world"] = _link(cl, lv["pp"], share) if lay.ranks > 1 else None
+    return links
+
+
+def _virtual_costs(cfg: ModelConfig, lay: Layout, pr: Pricer, layers) -> list[dict]:
+    """chunk_costs of each virtual stage; the middle ones are alike, so each kind of chunk is priced once."""
+    S = lay.pp * lay.virtual
+    same = {}
+    for v in range(S):
+        key = (len(layers[v]), v == 0, v == S - 1)
+        if key not in same:
+            same[key] = chunk_costs(cfg, pr, lay.rows, key[0], key[1], key[2], lay.recompute)
+    return [same[(len(layers[v]), v == 0, v == S - 1)] for v in range(S)]
+
+
+def _checkpoint_time(
+    cfg: ModelConfig, lay: Layout, cl: Cluster, by: Bytes, world: Link | None, interval: int
+) -> float:
+    """A save's write (and gather to its writer) amortised over the checkpoint interval; 0 without saves."""
+    if not interval:
+        return 0.0
+    n_total = sum(math.prod(s.shape) for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0)))
+    file_bytes = 3 * n_total * by.param  # params + Adam m and v, full tensors
+    gather = file_bytes * (1 - 1 / lay.ranks) / world.bw if lay.ranks > 1 else 0.0
+    return (file_bytes / cl.write_bw + gather) / interval
+
+
+def _step_times(
+    lay: Layout, timing: Timing, costs, events, tail: dict, crit: int, scalars, post, ckpt
+) -> dict:
+    """The step of the slowest stage ``crit`` and its parts, in seconds."""
+    busy = timing.busy[crit]
+    tp_time = sum(
+        costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == "F" else "B"].tp for e in events[crit]
+    )
+    return {
+        "step": tail["sync_at"] + scalars + post + ckpt,
+        "compute": busy - tp_time,
+        "tp_comm": tp_time,
+        "pipeline_wait": tail["end"] - busy,
+        "emb_allreduce": tail["emb"],
+        "dp_exposed": tail["dp_exposed"],
+        "dp_hidden": tail["dp_hidden"],
+        "scalars": scalars,
+        "optimizer": tail["optimizer"],
+        "zero_gather": tail["zero_gather"],
+        "checkpoint": ckpt,
+    }
+
+
+def _events_by_rank(timing: Timing, pp: int) -> list[list]:
+    """Each rank's events, in its order (one pass over them, not one per rank)."""
+    events = [[] for _ in range(pp)]
+    for e in timing.events:
+        events[e.rank].append(e)
+    return events
+
+
+def predict(
+    cfg: ModelConfig,
+    lay: Layout,
+    cl: Cluster,
+    precision: str | None = None,
+    share: float = 1.0,
+    checkpoint_interval: int = 0,
+    max_iters: int = 0,
+    pp_layers=(),
+    writer: str = "gather",
+    checkpoint_memory: bool = True,
+    memory=None,
+) -> Prediction:
+    """checkpoint_memory: count the save's scratch and assembly against the device (they are host arrays: on a
+    CuPy cluster they never are; False also for planning training alone). memory: memory_of(...) if already
+    known (the search computes it first, to skip the layouts that do not fit)."""
+    precision = resolve_precision(cfg, precision)
+    gdtype, by = PRECISIONS[precision]
+    links = _group_links(cl, lay, share)
+    pr = Pricer(cl, gdtype, by.compute, lay.tp, links["tp"], share, low=LOW.get(precision))
+    T = cfg.block_size
+    plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
+    costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
+    msg = lay.rows * T * cfg.n_embd * by.compute
+    t_comm = p2p(msg, links["pp"].latency_s, links["pp"].bw) if lay.pp > 1 else 0.0
+
+    def cost(kind, v, later):
+        return costs[v]["F" if kind == "F" else ("B+" if later else "B")].total
+
+    timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
+    events = _events_by_rank(timing, lay.pp)
+    tails = [
+        _stage_tail(cfg, lay, pr, by, s, plans[s], costs, events[s], links) for s in range(lay.pp)
+    ]
+    crit = max(range(lay.pp), key=lambda s: tails[s]["sync_at"])
+    scalars = 0.0
+    if lay.ranks > 1:  # the loss and the norm: world / model-parallel scalar allreduces
+        scalars = 2 * allreduce(8, lay.ranks, links["world"].latency_s, links["world"].bw)
+    post = max(t["optimizer"] + t["zero_gather"] for t in tails)
+    ckpt = _checkpoint_time(cfg, lay, cl, by, links["world"], checkpoint_interval or max_iters)
+    t = _step_times(lay, timing, costs, events, tails[crit], crit, scalars, post, ckpt)
+    tokens = lay.batch_size * lay.micro_batches * T
+    devices = lay.ranks / share
+    peak = max(r for _, r in cl.gemm[gdtype])
+    mem_stage, mem = memory or memory_of(
+        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory
+    )
+    return Prediction(
+        lay,
+        precision,
+        mem.breakdown(),
+        mem_stage,
+        t,
+        tokens / t["step"],
+        flops_per_token(cfg) * tokens / t["step"] / (devices * peak),
+        timing.bubble,
+        timing,
+    )
+
+
+def _grad_reports(lay: Layout, plan, costs, events, offset: dict) -> list[tuple[float, int]]:
+    """(time, offset): the grad_ready calls during each chunk's last backward, as the stage's events time them."""
+    reports = []
+    last_b = {}
+    for e in events:
+        if e.op.kind == "B":
+            last_b[e.op.chunk] = e
+    acc = (
+        "+" if lay.micro_batches > 1 else ""
+    )  # the last backward accumulates unless it is the only one
+    for c, e in last_b.items():
+        v = plan.chunks[c]
+        t = e.start
+        if v == plan.n_virtual - 1:
+            t += costs[v]["head_B" + acc].total
+            reports.append((t, offset["ln_f.weight"]))
+        for i in reversed(plan.layers[v]):
+            t += costs[v]["block_B" + acc].total
+            reports.append((t, offset[f"h.{i}.attn.c_attn.weight"]))
+    return reports
+
+
+def _dp_reduction(
+    lay: Layout, sync, by: Bytes, link: Link, reports, end: float
+) -> tuple[float, float]:
+    """(exposed, hidden) seconds of the data-parallel reduction: buckets launched as their gradients become final
+    run behind the backwards still to come; the others, and what outlasts the stage's end, are exposed."""
+    bg_end, exposed_nb, blocking, hidden = 0.0, 0.0, 0.0, 0.0
+    coll = reduce_scatter if sync.zero else allreduce
+    for a, b_ in sync.buckets:
+        nbytes = (b_ - a) * by.grad
+        ready = [t for t, off in reports if off <= a]
+        if ready:
+            d = coll(nbytes, lay.dp, link.latency_s, link.nb_bw)
+            start = max(min(ready), bg_end)
+            bg_end = start + link.overlap * d
+            exposed_nb += (1 - link.overlap) * d
+            hidden += link.overlap * d
+        else:
+            blocking += coll(nbytes, lay.dp, link.latency_s, link.nb_bw if sync.zero else link.bw)
+    late = max(0.0, bg_end - end)
+    return late + exposed_nb + blocking, hidden - late
+
+
+def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
+    """After the stage's last op (events: its ops, timed): the embedding allreduce, the data-parallel reduction
+    (what hides behind the last backwards and what is left), and the optimizer (and with bf16/fp16 the compute
+    copy's refresh), for data-parallel rank 0 (the largest ZeRO-1 pieces)."""
+    specs = specs_of(cfg, lay.tp, plan)
+    n = sum(x.size for x in specs)
+    sync = grad_sync(n, lay.dp, 0, bucket_elems(lay.bucket_mb, by.grad), lay.zero == 1)
+    owned = sum(b - a for a, b in sync.owned)
+    end = max((e.end for e in events), default=0.0)
+    emb = 0.0
+    if lay.pp > 1 and (s == 0 or s == lay.pp - 1):
+        wte = cfg.padded_vocab // lay.tp * cfg.n_embd * by.grad
+        emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw)
+    dp_exposed = dp_hidden = 0.0
+    if lay.dp > 1:
+        reports = _grad_reports(lay, plan, costs, events, {x.name: x.offset for x in specs})
+        dp_exposed, dp_hidden = _dp_reduction(lay, sync, by, links["dp"], reports, end)
+    zero_gather = 0.0
+    if lay.zero and lay.dp > 1:
+        link = links["dp"]
+        zero_gather = sum(
+            allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw)
+            for a, b_ in sync.buckets
+        )
+    opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, n)
+    return {
+        "sync_at": end + emb + dp_exposed,
+        "end": end,
+        "emb": emb,
+        "dp_exposed": dp_exposed,
+        "dp_hidden": dp_hidden,
+        "optimizer": opt,
+        "zero_gather": zero_gather,
+    }
