@@ -30,13 +30,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from helpers import FIXTURES, REPO
 
 import hpc_llm
 from hpc_llm.config import Config
 from hpc_llm.data.prepare import prepare
 
-REPO = Path(__file__).resolve().parents[1]
-HF_FIXTURE = REPO / "tests" / "fixtures" / "hf_gpt2_tiny"
+HF_FIXTURE = FIXTURES / "hf_gpt2_tiny"
 CLUSTER = REPO / "inputs" / "clusters" / "h100_nvlink_ib400.toml"
 RUN_TIMEOUT = 120  # seconds for one run (a hang at 2 ranks is a failure, not a stuck suite)
 WORKERS = 8  # concurrent runs: each mostly waits on process and MPI start-up

@@ -34,18 +34,16 @@ if not h5py.get_config().mpi:
         )
     pytest.skip(_why, allow_module_level=True)
 
-from conftest import tiny_config  # noqa: E402
+from helpers import (  # noqa: E402
+    SAVE_SLACK,
+    check,
+    layout_trainer,
+    save_failure_problems,
+    tiny_config,
+)
 from mpi4py import MPI  # noqa: E402  (after the skip: an MPI-less h5py need not start MPI)
-from pytest_mpi.parallel_assert import parallel_assert  # noqa: E402
 
 SIZES = [1, 2, 4]
-
-
-def check(ok: bool, msg: str = "") -> None:
-    """parallel_assert with every failing rank's message in the error."""
-    comm = MPI.COMM_WORLD
-    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
-    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
 
 
 def mapped_libraries(fragment: str) -> set[str]:
@@ -215,10 +213,8 @@ def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(
     """ENOSPC injected on rank 0 or 1 as its part of the collective step-4 save starts (the file open on every
     rank): every rank raises the same SaveFailed naming that rank, the file and the error, after the ranks closed
     the file together; no temporary file is left and the step-2 checkpoint still verifies and is the newest."""
-    from test_checkpoint_parallel import save_failure_problems, trainer
-
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
-    tr = trainer(
+    tr = layout_trainer(
         data_dir,
         shared_tmp_path / "run",
         "DP2-zero1",
@@ -236,8 +232,6 @@ def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
     """As tests/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its share."""
     import tracemalloc
 
-    from test_checkpoint_parallel import SAVE_SLACK, trainer
-
     from hpc_llm.checkpoint import format as fmt
     from hpc_llm.checkpoint import writers
 
@@ -245,7 +239,7 @@ def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     peaks = {}
     for n_embd in (64, 256):
-        tr = trainer(
+        tr = layout_trainer(
             data_dir,
             shared_tmp_path / f"run{n_embd}",
             "DP2-zero1",

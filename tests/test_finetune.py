@@ -24,10 +24,16 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import (
+    check,
+    mismatch,
+    reference_checks,
+    rel_diff,
+    replica_checks,
+    run_config,
+    train,
+)
 from mpi4py import MPI
-from test_parallel import check, rel_diff, replica_checks, run_config, train
-from test_pipeline import compare
-from test_tensor_parallel import mismatch
 
 import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
@@ -261,7 +267,7 @@ def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(
     initial = initial_params(cfg)
     tr = train(cfg, make_grid(world, 1))
     bad = frozen_checks(tr, initial, "dp2 zero1") + replica_checks(tr)
-    bad += compare(
+    bad += reference_checks(
         tr,
         train(
             run_config(data_dir, tmp_path / "ref2", **common, **{"train.max_iters": 2}),
@@ -274,7 +280,7 @@ def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(
         single_process_grid(),
         resume=tr.summary["checkpoint"],
     )
-    bad += compare(resumed, ref, "resumed at one process", steps=slice(2, None))
+    bad += reference_checks(resumed, ref, "resumed at one process", steps=slice(2, None))
     bad += frozen_checks(resumed, initial, "resumed at one process")
     check(not bad, "\n".join(bad))
 
@@ -508,7 +514,7 @@ def test_lora_parallel_runs_equal_single_process(data_dir, tmp_path, shared_tmp_
         tr = train(
             run_config(data_dir, shared_tmp_path / name, **common, **lay), make_grid(world, tp, pp)
         )
-        bad += compare(tr, ref, name)
+        bad += reference_checks(tr, ref, name)
         got, init = params_of(tr), initial_params(tr.cfg, tr.plan)
         bad += [
             f"{name}: base {n} changed"

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config, write_toml
+from helpers import REPO, tiny_config, write_toml
 
 from hpc_llm.checkpoint import load_checkpoint, verify_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 VENV_BIN = Path(sys.executable).parent
 MAX_ITERS = 300  # long enough (a few seconds) for a signal to land mid-run
