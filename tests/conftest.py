@@ -109,7 +109,7 @@ def shared_tmp_path(tmp_path):
 #
 # Where CI=true (.ci/run sets it), a skipped test is a failed one, with the skip's reason: an environment that did not
 # install or start (Slurm, matplotlib, ...) must turn CI red, not quietly shrink the suite. Only tests marked `gpu`
-# may skip there (a CPU machine has no GPU); HPC_LLM_REQUIRE_GPU=1 makes those required too (tests/test_gpu.py).
+# may skip there (a CPU machine has no GPU); HPC_LLM_REQUIRE_GPU=1 makes those required too (tests/model/test_gpu.py).
 
 STRICT_SKIPS = os.environ.get("CI", "").lower() in ("true", "1")
 

@@ -2,10 +2,10 @@
 
 These tests run only where h5py is built with MPI: scripts/test_mpio.sh runs this file in `.venv-mpio` (Debian's
 python3-h5py-mpi, python3-mpi4py and Open MPI, never the PyPI wheels) as
-`/usr/bin/mpiexec -n N python -m pytest tests/test_checkpoint_mpio.py -m "parallel[N]"` for N = 1, 2, 4 (mpi-pytest's
-"outer mpiexec" mode: its forking mode does not work with Open MPI 4.1, whose singleton start leaves OMPI_MCA_ess and
-PMIX_* in the parent's environment and the nested mpiexec then fails). scripts/test.sh's pytest run in `.venv`
-(PyPI's h5py, no MPI) leaves this file out (--ignore); run there by hand, the module is skipped with its reason.
+`/usr/bin/mpiexec -n N python -m pytest tests/checkpoint/test_checkpoint_mpio.py -m "parallel[N]"` for N = 1, 2, 4
+(mpi-pytest's "outer mpiexec" mode: its forking mode does not work with Open MPI 4.1, whose singleton start leaves
+OMPI_MCA_ess and PMIX_* in the parent's environment and the nested mpiexec then fails). scripts/test.sh's pytest run in
+`.venv` (PyPI's h5py, no MPI) leaves this file out (--ignore); run there by hand, the module is skipped with its reason.
 Debian's h5py loads its MPI build only when OMPI_COMM_WORLD_SIZE (set by mpiexec) or H5PY_ALWAYS_USE_MPI is set, so
 outside mpiexec it is skipped there too.
 With HPC_LLM_REQUIRE_MPIO=1 (scripts/test_mpio.sh sets it) a missing MPI build is an error, not a skip.
@@ -202,7 +202,7 @@ def test_mpio_writer_writes_the_gather_writers_file(
     check(not bad, "\n".join(bad))
 
 
-# -- the mpio writer's failures and memory (tests/test_checkpoint_parallel.py has the gather writer's) -------------
+# -- the mpio writer's failures and memory (tests/checkpoint/test_checkpoint_parallel.py has the gather writer's) ------
 
 
 @pytest.mark.parallel(nprocs=[2])
@@ -229,7 +229,8 @@ def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(
 def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
     data_dir, shared_tmp_path, monkeypatch
 ):
-    """As tests/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its share."""
+    """As tests/checkpoint/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its
+    share."""
     import tracemalloc
 
     from hpc_llm.checkpoint import format as fmt

@@ -1,6 +1,6 @@
-"""Checkpoint saves and resumes across ranks (the gather writer; tests/test_checkpoint_mpio.py has the mpio ones):
-blocks of at most writers.MESSAGE_ELEMS elements per message, the memory a save needs on a rank, a save that fails
-on one rank failing on every rank, and --resume auto falling back past a corrupt newest checkpoint, each rank
+"""Checkpoint saves and resumes across ranks (the gather writer; tests/checkpoint/test_checkpoint_mpio.py has the mpio
+ones): blocks of at most writers.MESSAGE_ELEMS elements per message, the memory a save needs on a rank, a save that
+fails on one rank failing on every rank, and --resume auto falling back past a corrupt newest checkpoint, each rank
 reading its own hyperslabs and checksumming only its share of the file.
 
 Every assertion on the ranks goes through `check` (mpi-pytest's parallel_assert), so all ranks agree on the verdict.

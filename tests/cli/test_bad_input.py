@@ -785,7 +785,7 @@ def _rows() -> list[Row]:
     )
     # ids beyond the vocabulary: prepare records the largest in meta.json (max_id), checked at start-up without
     # reading the token files; an id edited into a file afterwards is found by the batch that gathers it, a fault
-    # (tests/test_data.py::test_token_out_of_vocab_found_by_the_batch)
+    # (tests/data/test_data.py::test_token_out_of_vocab_found_by_the_batch)
     add(
         D(
             "token-beyond-vocab",

@@ -3,13 +3,13 @@ schedule (1F1B, interleaved with 2 virtual stages, GPipe, and 1F1B on an uneven 
 on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
 embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1,
 pp4 and tp4 on the uninterrupted curve, each rank reading only its stage's hyperslabs, and at the same layout bitwise;
-the API loads it as one model. The schedules' shapes are tests/test_schedule.py's; wrong layouts are
-tests/test_parallel.py's table.
+the API loads it as one model. The schedules' shapes are tests/parallel/test_schedule.py's; wrong layouts are
+tests/parallel/test_parallel.py's table.
 
-Tolerance 1e-10 relative, as tests/test_parallel.py derives it: a pipeline does the arithmetic of the single process,
-micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as (embedding's
-share) + (head's share) over the two stages instead of interleaved per micro-batch, and tensor/data parallelism
-reorder sums: float64 roundings, ~1e-16 relative per step (seen here: <= 3e-15).
+Tolerance 1e-10 relative, as tests/parallel/test_parallel.py derives it: a pipeline does the arithmetic of the single
+process, micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as
+(embedding's share) + (head's share) over the two stages instead of interleaved per micro-batch, and tensor/data
+parallelism reorder sums: float64 roundings, ~1e-16 relative per step (seen here: <= 3e-15).
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ def test_cpu_job_passes_pipeline_parallel_through(cluster, work, reference):
     line, a checkpoint of the whole model that says pp 2, and the dp2 reference's first 20 losses to float64
     rounding (the same global batch: the layout does not change the run; later steps drift apart as training
     amplifies the different rounding of the two layouts at this high learning rate: ~1e-4 by step 90; the exact
-    equality of layouts is tests/test_pipeline.py's, over a few steps)."""
+    equality of layouts is tests/parallel/test_pipeline.py's, over a few steps)."""
     status, job_id = submit(
         cluster,
         work,

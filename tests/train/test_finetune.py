@@ -11,11 +11,11 @@ for any fifth derivative below 3e10 |g| (central differences at h = 1e-5 had a t
 5e-9 here, above their rounding bound: no atol could be derived for them). Measured worst |numeric - analytic|: 8e-12,
 within the rounding bound. TP2 against tp1: the same
 arithmetic but the order of sums, normwise max |got - want| <= 1e-12 max |want| per tensor (measured: 1.4e-14; the
-per-entry 64 u bound of tests/test_tensor_parallel.py is exceeded 2x here, where random B of 0.3 makes the adapters'
-terms larger than the gradients they sum to). The merged model against
+per-entry 64 u bound of tests/model/test_tensor_parallel.py is exceeded 2x here, where random B of 0.3 makes the
+adapters' terms larger than the gradients they sum to). The merged model against
 the adapters: W + s A B formed in float64 and rounded once, then x (W + s A B) against x W + s (x A) B: a few
 float64 roundings of the logits, 1e-10 relative normwise. Parallel runs against the single process: float64,
-tests/test_parallel.py's F64_RTOL = 1e-10 (losses, norms, every parameter).
+helpers.F64_RTOL = 1e-10, as tests/parallel/test_parallel.py derives it (losses, norms, every parameter).
 """
 
 from __future__ import annotations
