@@ -1,4 +1,4 @@
-"""The bad-input table (issue 11): every CLI verb and every config field given a value of the wrong type, out of range
+"""The bad-input table: every CLI verb and every config field given a value of the wrong type, out of range
 or inconsistent with another field; a missing, empty, truncated or foreign file (config, token files, meta.json,
 checkpoint, Hugging Face directory, cluster file); generate options out of range.
 
@@ -1166,7 +1166,7 @@ def _rows() -> list[Row]:
         )
     )
 
-    # generate's inference options (issue 14) and eval
+    # generate's inference options (top-p, batched prompts, output file, int8, tensor parallelism) and eval
     class SavedModel:
         """A checkpoint of an untrained model of the base shape with `changes` (model section), the char data's
         tokenizer recorded in its state."""

@@ -1,4 +1,4 @@
-"""Fine-tuning (issue 14): train.init_from (a checkpoint's weights start a fresh run, at any layout), train.freeze
+"""Fine-tuning: train.init_from (a checkpoint's weights start a fresh run, at any layout), train.freeze
 (frozen parameters: no optimizer state, bitwise unchanged) and LoRA (adapters in the flat buffer, sharded like the
 layer they adapt, `hpc-llm merge-lora`).
 
