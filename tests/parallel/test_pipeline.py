@@ -227,7 +227,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_rank_failing_inside_the_pipeline_ends_the_job(data_dir, tmp_path):
     """A stage that raises mid-step, while its neighbour waits for it in a point-to-point receive: the job ends
     (mpiexec's status non-zero, the error on stderr) instead of hanging in the wait; run_mpi fails the test on a
-    hang. (A rank that stops without exiting is the watchdog's case: issue "No hangs".)"""
+    hang. (A rank that stops without exiting is the watchdog's case: tests/runtime/test_faults.py.)"""
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
     rc, out, err, _ = run_mpi(
         2,
