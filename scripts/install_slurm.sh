@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Slurm, munge and PMIx from Debian, for tests/test_slurm.py (a real one-node Slurm started by
+# Install Slurm, munge and PMIx from Debian, for tests/scripts/test_slurm.py (a real one-node Slurm started by
 # scripts/slurm_cluster.sh). Best effort: without root, apt-get or the network it says why and exits 0, and the Slurm
 # tests then skip with their reason. libpmix-dev must be installed before slurmd starts for `srun --mpi=pmix`.
 set -uo pipefail

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: set up (venv + package with its test extras), then pytest, then scripts/test_mpio.sh (parallel
-# HDF5). With arguments, only pytest runs, with them (e.g. scripts/test.sh tests/test_checkpoint.py -x).
-# MPI tests (tests/test_parallel.py, tests/test_tensor_parallel.py) launch `mpiexec --oversubscribe` themselves
-# (mpi-pytest), with 2 and 4 ranks; what they need is exported here.
+# HDF5). With arguments, only pytest runs, with them (e.g. scripts/test.sh tests/checkpoint/test_checkpoint.py -x).
+# MPI tests (tests/parallel/test_parallel.py, tests/model/test_tensor_parallel.py, ...) launch `mpiexec --oversubscribe`
+# themselves (mpi-pytest), with 2 and 4 ranks; what they need is exported here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test,local-mpi,import,plot
@@ -20,9 +20,10 @@ fi
 # Lint and format first (pyproject.toml [tool.ruff]): seconds, and a red CI for a style slip says so at once.
 "$VENV/bin/ruff" check hpc_llm tests scripts
 "$VENV/bin/ruff" format --check hpc_llm tests scripts
-# tests/test_checkpoint_mpio.py needs h5py built with MPI: scripts/test_mpio.sh runs it below, in its own environment
+# tests/checkpoint/test_checkpoint_mpio.py needs h5py built with MPI: scripts/test_mpio.sh runs it below, in its own
+# environment
 # (here it would only skip, and under CI=true a skip is a failure).
-"$VENV/bin/python" -m pytest -q --ignore=tests/test_checkpoint_mpio.py
+"$VENV/bin/python" -m pytest -q --ignore=tests/checkpoint/test_checkpoint_mpio.py
 # The whole suite also runs the parallel-HDF5 tests (checkpoint.writer=mpio) in their own environment: Debian's
 # MPI-enabled h5py and Open MPI, never mixed with the wheels above (SKIPPED with the reason where apt is unavailable).
 exec scripts/test_mpio.sh --full

@@ -9,14 +9,14 @@
 # root, no network) print "SKIPPED: <why>" and exit 0 (under CI=true "FAILED: <why>" and exit 1); (2) the venv + `pip
 # install --no-deps -e .` + pytest, pytest-timeout, mpi-pytest (redone only when setup.cfg, pyproject.toml or this
 # script changed); (3) check h5py's MPI build (H5PY_ALWAYS_USE_MPI=1, and under mpiexec via OMPI_COMM_WORLD_SIZE) and
-# the MPI library; (4) run tests/test_checkpoint_mpio.py under `/usr/bin/mpiexec -n N` for N = 1, 2, 4 (pytest inside
-# mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its forking mode does not work with Open MPI 4.1). A run passes
-# only if mpiexec exits 0 (or 5: no test for that size) and every rank wrote a JUnit report with no failure or error
-# (a rank that died or was killed by pytest-timeout has none). Timings are printed per step; about 7 s in all on a
-# warm machine.
+# the MPI library; (4) run tests/checkpoint/test_checkpoint_mpio.py under `/usr/bin/mpiexec -n N` for N = 1, 2, 4
+# (pytest inside mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its forking mode does not work with Open MPI 4.1).
+# A run passes only if mpiexec exits 0 (or 5: no test for that size) and every rank wrote a JUnit report with no
+# failure or error (a rank that died or was killed by pytest-timeout has none). Timings are printed per step; about
+# 7 s in all on a warm machine.
 #
 # Usage: scripts/test_mpio.sh [--full] [PYTEST_ARGS...]
-#   --full       also run tests/test_parallel.py, test_tensor_parallel.py, test_resume_layouts.py, test_pipeline.py at 2, 4
+#   --full       also run test_parallel.py, test_tensor_parallel.py, test_resume_layouts.py, test_pipeline.py at 2, 4
 #                ranks in this environment (checkpoint.writer=auto picks mpio there; about 30 s more on 2 cores)
 #   PYTEST_ARGS  go to every pytest run, e.g. -k collective
 # Environment: MPIO_NPS (default "1 2 4"), MPIO_TIMEOUT (seconds per mpiexec run, default 300).
@@ -28,9 +28,10 @@ SYS_PYTHON=/usr/bin/python3
 MPIEXEC=/usr/bin/mpiexec
 PACKAGES=(python3-h5py-mpi python3-mpi4py openmpi-bin python3-numpy python3-venv
           libopenblas0-pthread)  # without an optimised BLAS numpy uses the reference one: slow, and its float32
-                                 # dot sums sequentially (tests/test_parallel.py's 1e-5 grad-norm tolerance fails)
-TEST_FILES=(tests/test_checkpoint_mpio.py)
-FULL_FILES=(tests/test_parallel.py tests/test_tensor_parallel.py tests/test_resume_layouts.py tests/test_pipeline.py)
+                                 # dot sums sequentially (test_parallel.py's 1e-5 grad-norm tolerance fails)
+TEST_FILES=(tests/checkpoint/test_checkpoint_mpio.py)
+FULL_FILES=(tests/parallel/test_parallel.py tests/model/test_tensor_parallel.py tests/parallel/test_resume_layouts.py
+            tests/parallel/test_pipeline.py)
 NPS=${MPIO_NPS:-1 2 4}
 TIMEOUT=${MPIO_TIMEOUT:-300}
 full=0
@@ -149,7 +150,7 @@ phase "environment checked"
 
 # -- (4) the tests under mpiexec -----------------------------------------------------------------------------------
 work=$(mktemp -d /tmp/hpc_llm-mpio.XXXXXX)
-export HPC_LLM_REQUIRE_MPIO=1  # tests/test_checkpoint_mpio.py: no MPI in h5py is an error here, not a skip
+export HPC_LLM_REQUIRE_MPIO=1  # tests/checkpoint/test_checkpoint_mpio.py: no MPI in h5py is an error here, not a skip
 failed=()
 total=0
 run_ranks() {  # run_ranks N FILES... -- one mpiexec; rank 0 prints, the others log to files

@@ -1,16 +1,17 @@
 """Shared fixtures: a small generated corpus, its prepared token directory, and tiny model/run configs; the timeouts
-of the MPI tests and a directory shared by their ranks; no silent skips in CI."""
+of the MPI tests and a directory shared by their ranks; no silent skips in CI. The helpers that test files import
+(tiny_config and the rest) live in helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 
-from hpc_llm.config import Config, validate
+from hpc_llm.config import Config
 from hpc_llm.data.prepare import prepare
 
 
@@ -42,44 +43,6 @@ def data_dir(tmp_path_factory, corpus_file):
     out = tmp_path_factory.mktemp("data") / "tokens"
     prepare([corpus_file], out, tokenizer="byte")
     return out
-
-
-def tiny_config(data_path, out_dir, **overrides) -> Config:
-    """A validated tiny run: 2 layers, 2 heads, 32 dim, block 16, batch 4; no peak-FLOP measurement at start.
-
-    overrides: {"section.key": value}, e.g. tiny_config(d, o, **{"model.dropout": 0.1, "train.max_iters": 5}).
-    """
-    cfg = Config()
-    m, t = cfg.model, cfg.train
-    m.n_layer, m.n_head, m.n_embd, m.block_size = 2, 2, 32, 16
-    cfg.data.path = str(data_path)
-    t.batch_size = 4
-    t.max_iters = 10
-    t.lr, t.min_lr = 1e-2, 1e-3
-    t.warmup_iters, t.lr_decay_iters = 3, 60
-    t.eval_interval, t.eval_iters = 1000, 2
-    t.log_interval = 1000
-    t.peak_tflops = 1.0
-    t.out_dir = str(out_dir)
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        sub = getattr(cfg, section)
-        assert hasattr(sub, name), key  # a typo in a test must not pass silently
-        setattr(sub, name, value)
-    validate(cfg)
-    return cfg
-
-
-def write_toml(cfg: Config, path) -> Path:
-    """cfg as a TOML config file, for tests that go through `hpc-llm train` (TOML's strings, numbers and booleans
-    are written as JSON writes them)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        lines.append("")
-    Path(path).write_text("\n".join(lines))
-    return Path(path)
 
 
 @pytest.fixture
@@ -146,7 +109,7 @@ def shared_tmp_path(tmp_path):
 #
 # Where CI=true (.ci/run sets it), a skipped test is a failed one, with the skip's reason: an environment that did not
 # install or start (Slurm, matplotlib, ...) must turn CI red, not quietly shrink the suite. Only tests marked `gpu`
-# may skip there (a CPU machine has no GPU); HPC_LLM_REQUIRE_GPU=1 makes those required too (tests/test_gpu.py).
+# may skip there (a CPU machine has no GPU); HPC_LLM_REQUIRE_GPU=1 makes those required too (tests/model/test_gpu.py).
 
 STRICT_SKIPS = os.environ.get("CI", "").lower() in ("true", "1")
 

@@ -16,7 +16,7 @@ Backwards run in increasing micro-batch order in every schedule (per chunk, for 
 gradient sums its micro-batches in the same order whatever the schedule, and the sum is the same to the bit.
 
 Timed by `simulate` with no communication time, each rank computes m (t_f + t_b) and idles only while the pipeline
-fills (p - 1 stage forwards) and drains (p - 1 stage backwards); tests/test_schedule.py checks these exactly for
+fills (p - 1 stage forwards) and drains (p - 1 stage backwards); tests/parallel/test_schedule.py checks these exactly for
 t_b = 2 t_f (t_f + t_b = 3 t_f) and for other ratios, since they hold for any t_f, t_b:
   gpipe, 1f1b:  makespan (m + p - 1) (t_f + t_b),       bubble fraction (p - 1) / (m + p - 1)
   interleaved:  makespan (m + (p - 1) / v) (t_f + t_b), bubble fraction (p - 1) / (v m + p - 1)
@@ -69,7 +69,7 @@ def gpipe(p: int, stage: int, m: int) -> list[Op]:
 def one_f_one_b(p: int, stage: int, m: int) -> list[Op]:
     """Megatron's 1F1B. Stage s + 1 takes p - s - 1 forwards from stage s before its first backward; stage s sends
     warm-up + 1 before it waits for one. p - s - 1 keeps a spare micro-batch in flight that hides the gradient's round
-    trip; one fewer still runs, with bubbles; two fewer deadlock (tests/test_schedule.py)."""
+    trip; one fewer still runs, with bubbles; two fewer deadlock (tests/parallel/test_schedule.py)."""
     _check(p, stage, m)
     fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
     return _warmup_then_1f1b(fwd, bwd, min(p - stage - 1, m))

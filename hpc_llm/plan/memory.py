@@ -4,7 +4,7 @@
 - AdamW moments: 2 x the ranges the rank owns, as `GradientSync` computes them (its own code, run on a stand-in
   communicator: ZeRO-1 pieces of every bucket), and AdamW's per-thread temporaries;
 - activations: for each (micro-batch, chunk) in flight, the arrays its forward's cache holds, layer by layer as
-  modules.py builds them (activations.py: `chunk_cache_bytes`; tests/test_plan.py walks a real cache and finds the same
+  modules.py builds them (activations.py: `chunk_cache_bytes`; tests/plan/test_plan.py walks a real cache and finds the same
   bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's

@@ -129,7 +129,7 @@ def search(
 ):
     """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible). Each layout's memory comes
     first: one that does not fit is rejected before its schedule is simulated (memory does not depend on time, so
-    the answer is the same as predicting every layout: tests/test_plan.py)."""
+    the answer is the same as predicting every layout: tests/plan/test_plan.py)."""
     if n_devices < 1:
         raise UserError(f"--gpus: expected a positive integer, got {n_devices}")
     if global_batch < 1:

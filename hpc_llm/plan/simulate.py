@@ -3,7 +3,7 @@ with each (kind, virtual stage, first-or-later backward) priced separately.
 
 schedule.simulate prices every forward t_f / v and every backward t_b / v; a real stage differs from its neighbours
 (the first holds the embedding, the last the head, which for GPT-2's 50k vocabulary costs several blocks) and a
-chunk's first backward of a step overwrites its gradients while later ones add to them. tests/test_plan.py checks
+chunk's first backward of a step overwrites its gradients while later ones add to them. tests/plan/test_plan.py checks
 that with uniform costs this equals schedule.simulate.
 """
 

@@ -1,4 +1,4 @@
-"""Write the Hugging Face GPT-2 reference fixture that tests/test_gpt2_import.py compares hpc_llm against.
+"""Write the Hugging Face GPT-2 reference fixture that tests/tools/test_gpt2_import.py compares hpc_llm against.
 
 This script needs torch and transformers, which neither CI nor the project's .venv installs: run it once, in a
 throwaway environment outside the repository, and commit what it writes:

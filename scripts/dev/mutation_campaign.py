@@ -37,7 +37,7 @@ Run it from the repository root (it takes a while: run it in the background and 
     .venv/bin/python scripts/dev/mutation_campaign.py --list          # the mutants, checked against the source
     .venv/bin/python scripts/dev/mutation_campaign.py                 # baseline + every mutant
     .venv/bin/python scripts/dev/mutation_campaign.py --only ln-unbiased-var,adam-no-bias-correction-1
-    .venv/bin/python scripts/dev/mutation_campaign.py --rev HEAD --overlay tests/test_optim.py   # mid-edit
+    .venv/bin/python scripts/dev/mutation_campaign.py --rev HEAD --overlay tests/train/test_optim.py   # mid-edit
 
 Results: a Markdown table (id, function, description, tests run, result, seconds) on stdout and in ``--out``
 (default /tmp/mutation_results.md), the same as JSON beside it (``--json``, default: the same name with .json), and

@@ -18,7 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import tiny_config, write_toml
+from helpers import tiny_config, write_toml
 
 from hpc_llm.checkpoint import (
     checkpoint_path,

@@ -22,19 +22,26 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import (
+    CLI_TIMEOUT,
+    F64_RTOL,
+    STEPS,
+    check,
+    flip_byte_in,
+    rel_diff,
+    replica_checks,
+    run_config,
+    run_mpi,
+    train,
+    write_run_config,
+)
 from mpi4py import MPI
-from pytest_mpi.parallel_assert import parallel_assert
 
 import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
@@ -49,41 +56,8 @@ LAYOUTS = {
     "DP2xTP2": (4, 2, 2),
     "DP4": (4, 1, 1),
 }
-STEPS = 5
-F64_RTOL = 1e-10
 F32_RTOL = 1e-5
 F32_LR_FRACTION = 1e-3
-
-
-def check(ok: bool, msg: str = "") -> None:
-    """parallel_assert with every failing rank's message in the error (the parent shows rank 0's report)."""
-    comm = MPI.COMM_WORLD
-    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
-    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
-
-
-def run_config(data_dir, out_dir, **overrides):
-    """The tiny run of these tests: 2 layers, 4 heads, 32 dim, block 16, batch 4 (divisible by every DP size here),
-    gradient buckets of 0.01 MiB (a dozen or more: the nonblocking path overlaps backward)."""
-    base = {
-        "model.n_head": 4,
-        "train.max_iters": STEPS,
-        "train.eval_iters": 1,
-        "train.eval_interval": STEPS,
-        "parallel.bucket_mb": 0.01,
-    }
-    return tiny_config(data_dir, out_dir, **{**base, **overrides})
-
-
-def train(cfg, grid, resume=None) -> Trainer:
-    tr = Trainer(cfg, resume=resume, grid=grid)
-    tr.summary = tr.run()
-    return tr
-
-
-def rel_diff(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
 def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
@@ -121,24 +95,6 @@ def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
         )
         if not err <= bound:
             bad.append(f"{dtype} parameter {name}: max abs difference {err:.3e} > {bound:.3e}")
-    return bad
-
-
-def crc(buf) -> int:
-    return zlib.crc32(np.ascontiguousarray(buf).tobytes())
-
-
-def replica_checks(tr: Trainer) -> list[str]:
-    """Parameters bitwise identical over the DP group (every rank holds the same flat buffer), and the replicated
-    tensors (LayerNorms, biases after g, wpe) bitwise identical over the TP group."""
-    bad = []
-    dp_crcs = tr.grid.dp_comm.mpi.allgather(crc(tr.model.flat))
-    if len(set(dp_crcs)) != 1:
-        bad.append(f"parameters differ across the DP group: crc32 {dp_crcs}")
-    replicated = np.concatenate([tr.model.flat[a:b] for a, b in tr.model.replicated_ranges()])
-    tp_crcs = tr.grid.tp_comm.mpi.allgather(crc(replicated))
-    if len(set(tp_crcs)) != 1:
-        bad.append(f"replicated parameters differ across the TP group: crc32 {tp_crcs}")
     return bad
 
 
@@ -335,7 +291,6 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(data_dir, sha
 def test_corrupt_checkpoint_fails_resume_on_every_rank(dataset, data_dir, shared_tmp_path):
     """A flipped byte in one dataset: the rank whose share of the verification holds it finds it (whether it read
     that dataset whole or checksums it separately), and every rank raises the same one-line UserError."""
-    from test_checkpoint import flip_byte_in
 
     from hpc_llm.errors import UserError
 
@@ -371,60 +326,6 @@ def test_corrupt_checkpoint_fails_resume_on_every_rank(dataset, data_dir, shared
 
 
 # -- a wrong layout fails cleanly on every rank (serial tests that launch the CLI under mpiexec) ----------------------
-
-CLI_TIMEOUT = 120
-
-
-def mpiexec() -> str:
-    found = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-    assert Path(found).exists(), "mpiexec not found (scripts/test.sh puts the venv's bin on PATH)"
-    return found
-
-
-def run_mpi(
-    nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT, entry: tuple = ("-m", "hpc_llm")
-):
-    """Run `python -m hpc_llm ARGS` (or `python ENTRY ARGS`) under mpiexec in its own process group; on a timeout
-    the whole group is killed (no stray ranks) and the test fails."""
-    cmd = [mpiexec(), "--oversubscribe", "-n", str(nprocs), sys.executable, *entry, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
-    return proc.returncode, out, err, time.monotonic() - t0
-
-
-def write_run_config(path: Path, data_dir, out_dir) -> Path:
-    path.write_text(f"""
-[model]
-n_layer = 2
-n_head = 4
-n_embd = 32
-block_size = 16
-
-[data]
-path = "{data_dir}"
-
-[train]
-batch_size = 4
-max_iters = 2
-eval_iters = 0
-peak_tflops = 1.0
-out_dir = "{out_dir}"
-""")
-    return path
 
 
 BAD_LAYOUTS = [

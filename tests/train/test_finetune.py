@@ -1,4 +1,4 @@
-"""Fine-tuning (issue 14): train.init_from (a checkpoint's weights start a fresh run, at any layout), train.freeze
+"""Fine-tuning: train.init_from (a checkpoint's weights start a fresh run, at any layout), train.freeze
 (frozen parameters: no optimizer state, bitwise unchanged) and LoRA (adapters in the flat buffer, sharded like the
 layer they adapt, `hpc-llm merge-lora`).
 
@@ -11,11 +11,11 @@ for any fifth derivative below 3e10 |g| (central differences at h = 1e-5 had a t
 5e-9 here, above their rounding bound: no atol could be derived for them). Measured worst |numeric - analytic|: 8e-12,
 within the rounding bound. TP2 against tp1: the same
 arithmetic but the order of sums, normwise max |got - want| <= 1e-12 max |want| per tensor (measured: 1.4e-14; the
-per-entry 64 u bound of tests/test_tensor_parallel.py is exceeded 2x here, where random B of 0.3 makes the adapters'
-terms larger than the gradients they sum to). The merged model against
+per-entry 64 u bound of tests/model/test_tensor_parallel.py is exceeded 2x here, where random B of 0.3 makes the
+adapters' terms larger than the gradients they sum to). The merged model against
 the adapters: W + s A B formed in float64 and rounded once, then x (W + s A B) against x W + s (x A) B: a few
 float64 roundings of the logits, 1e-10 relative normwise. Parallel runs against the single process: float64,
-tests/test_parallel.py's F64_RTOL = 1e-10 (losses, norms, every parameter).
+helpers.F64_RTOL = 1e-10, as tests/parallel/test_parallel.py derives it (losses, norms, every parameter).
 """
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import (
+    check,
+    mismatch,
+    reference_checks,
+    rel_diff,
+    replica_checks,
+    run_config,
+    train,
+)
 from mpi4py import MPI
-from test_parallel import check, rel_diff, replica_checks, run_config, train
-from test_pipeline import compare
-from test_tensor_parallel import mismatch
 
 import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
@@ -261,7 +267,7 @@ def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(
     initial = initial_params(cfg)
     tr = train(cfg, make_grid(world, 1))
     bad = frozen_checks(tr, initial, "dp2 zero1") + replica_checks(tr)
-    bad += compare(
+    bad += reference_checks(
         tr,
         train(
             run_config(data_dir, tmp_path / "ref2", **common, **{"train.max_iters": 2}),
@@ -274,7 +280,7 @@ def test_frozen_dp2_zero1_equals_single_process_and_resumes_elsewhere(
         single_process_grid(),
         resume=tr.summary["checkpoint"],
     )
-    bad += compare(resumed, ref, "resumed at one process", steps=slice(2, None))
+    bad += reference_checks(resumed, ref, "resumed at one process", steps=slice(2, None))
     bad += frozen_checks(resumed, initial, "resumed at one process")
     check(not bad, "\n".join(bad))
 
@@ -508,7 +514,7 @@ def test_lora_parallel_runs_equal_single_process(data_dir, tmp_path, shared_tmp_
         tr = train(
             run_config(data_dir, shared_tmp_path / name, **common, **lay), make_grid(world, tp, pp)
         )
-        bad += compare(tr, ref, name)
+        bad += reference_checks(tr, ref, name)
         got, init = params_of(tr), initial_params(tr.cfg, tr.plan)
         bad += [
             f"{name}: base {n} changed"

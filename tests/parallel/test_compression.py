@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import check, replica_checks, run_config, run_mpi, write_run_config
 from mpi4py import MPI
-from test_parallel import check
 
 from hpc_llm.config import Config, validate
 from hpc_llm.errors import UserError
@@ -343,7 +343,6 @@ def test_powersgd_state_resumes_bitwise_and_resets_on_another_layout():
 
 
 def _config(data_dir, out, **kw):
-    from test_parallel import run_config
 
     return run_config(data_dir, out, **{"train.max_iters": 4, "train.eval_iters": 0, **kw})
 
@@ -352,7 +351,6 @@ def _config(data_dir, out, **kw):
 def test_trainer_with_each_scheme_on_dp_tp_and_pp(data_dir, shared_tmp_path):
     """DP2 x TP2 and PP2 x DP2, 4 steps: with bf16/fp16 (ZeRO-1 on) and PowerSGD (ZeRO-1 on and off), replicas stay
     bitwise identical (DP and TP, as test_parallel checks) and the losses stay within a few percent of fp32's."""
-    from test_parallel import replica_checks
 
     from hpc_llm.parallel.grid import make_grid
     from hpc_llm.train.trainer import Trainer
@@ -461,7 +459,6 @@ def test_bad_settings_are_one_line(overrides, expected):
 @pytest.mark.timeout(150)
 def test_bad_scheme_fails_cleanly_on_every_rank(data_dir, tmp_path):
     """From the CLI under mpiexec -n 2: exit 2, the same one line on each rank, no traceback, nothing written."""
-    from test_parallel import run_mpi, write_run_config
 
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
     for overrides, text in (

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import check, crc, run_config, train
 from mpi4py import MPI
-from test_parallel import check, crc, run_config, train
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import layers as L

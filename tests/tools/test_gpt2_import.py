@@ -16,6 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    FIXTURES,
+    N_EMBD,
+    N_HEAD,
+    N_LAYER,
+    N_POSITIONS,
+    REPO,
+    VOCAB,
+    hf_config,
+    hf_tensors,
+)
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file, save_file  # noqa: E402
@@ -30,91 +41,8 @@ from hpc_llm.tools.gpt2_import import (  # noqa: E402
     read_gpt2_dir,
 )
 
-N_EMBD, N_LAYER, N_HEAD, N_POSITIONS, VOCAB = (
-    32,
-    2,
-    4,
-    16,
-    77,
-)  # 77: not a multiple of 64, so wte gets padded
-REPO = Path(__file__).resolve().parents[1]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # a tiny random GPT-2 directory, in Hugging Face's format
-
-
-def hf_config(**overrides) -> dict:
-    cfg = {
-        "activation_function": "gelu_new",
-        "architectures": ["GPT2LMHeadModel"],
-        "attn_pdrop": 0.1,
-        "bos_token_id": 76,
-        "embd_pdrop": 0.1,
-        "eos_token_id": 76,
-        "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05,
-        "model_type": "gpt2",
-        "n_ctx": N_POSITIONS,
-        "n_embd": N_EMBD,
-        "n_head": N_HEAD,
-        "n_inner": None,
-        "n_layer": N_LAYER,
-        "n_positions": N_POSITIONS,
-        "reorder_and_upcast_attn": False,
-        "resid_pdrop": 0.1,
-        "scale_attn_by_inverse_layer_idx": False,
-        "scale_attn_weights": True,
-        "summary_activation": None,
-        "summary_first_dropout": 0.1,
-        "summary_proj_to_labels": True,
-        "summary_type": "cls_index",
-        "summary_use_proj": True,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "vocab_size": VOCAB,
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def hf_tensors(
-    seed: int = 0, prefix: str = "transformer.", buffers: bool = True, head: bool = True
-) -> dict:
-    """float32 tensors under HF's names, Conv1D weights (in, out). Scales are large enough that attention is far
-    from uniform and every LayerNorm/bias matters, so a wrong mapping cannot hide."""
-    rng = np.random.default_rng(seed)
-    C, V, P = N_EMBD, VOCAB, N_POSITIONS
-
-    def w(*shape, std=0.3):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    t = {f"{prefix}wte.weight": w(V, C, std=0.5), f"{prefix}wpe.weight": w(P, C, std=0.3)}
-    for i in range(N_LAYER):
-        p = f"{prefix}h.{i}."
-        t |= {
-            p + "ln_1.weight": 1 + w(C, std=0.2),
-            p + "ln_1.bias": w(C, std=0.2),
-            p + "attn.c_attn.weight": w(C, 3 * C, std=0.4),
-            p + "attn.c_attn.bias": w(3 * C, std=0.2),
-            p + "attn.c_proj.weight": w(C, C, std=0.2),
-            p + "attn.c_proj.bias": w(C, std=0.1),
-            p + "ln_2.weight": 1 + w(C, std=0.2),
-            p + "ln_2.bias": w(C, std=0.2),
-            p + "mlp.c_fc.weight": w(C, 4 * C, std=0.3),
-            p + "mlp.c_fc.bias": w(4 * C, std=0.2),
-            p + "mlp.c_proj.weight": w(4 * C, C, std=0.1),
-            p + "mlp.c_proj.bias": w(C, std=0.1),
-        }
-        if (
-            buffers
-        ):  # what older transformers versions saved: the causal mask and the masked-score constant
-            t[p + "attn.bias"] = np.tril(np.ones((P, P), dtype=np.float32))[None, None]
-            t[p + "attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
-    t |= {f"{prefix}ln_f.weight": 1 + w(C, std=0.2), f"{prefix}ln_f.bias": w(C, std=0.2)}
-    if head:
-        t["lm_head.weight"] = t[f"{prefix}wte.weight"].copy()  # tied, as GPT2LMHeadModel has it
-    return t
 
 
 def write_dir(path: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
@@ -637,12 +565,11 @@ def test_cli_errors(tmp_path, case):
 # and transformers (which CI does not install), so this comparison always runs
 
 
-HF_FIXTURES = REPO / "tests" / "fixtures"
 HF_DIR = (
-    HF_FIXTURES / "hf_gpt2_tiny"
+    FIXTURES / "hf_gpt2_tiny"
 )  # save_pretrained(safe_serialization=True) of a tiny random GPT2LMHeadModel
 HF_REFERENCE = (
-    HF_FIXTURES / "hf_gpt2_tiny_reference.safetensors"
+    FIXTURES / "hf_gpt2_tiny_reference.safetensors"
 )  # its logits, loss and gradients on (idx, targets)
 
 

@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import tiny_config, write_toml
-from test_parallel import mpiexec, run_mpi
+from helpers import mpiexec, run_mpi, tiny_config, write_toml
 
 from hpc_llm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, verify_checkpoint
 

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(
-    0, str(REPO / "scripts" / "dev")
-)  # the campaign imports its table as a script would: `mutants`
+# the campaign imports its table as a script would: `mutants` beside it
+sys.path.insert(0, str(REPO / "scripts" / "dev"))
 
 from mutants import MUTANTS, Mutant  # noqa: E402
 from mutation_campaign import Sources, find_tests, resolve  # noqa: E402

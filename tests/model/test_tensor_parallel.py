@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import TP_RTOL, check, mismatch
 from mpi4py import MPI
-from pytest_mpi.parallel_assert import parallel_assert
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import layers as L
@@ -33,34 +33,7 @@ from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.gpt import GPT, KVCache, init_tensor, param_specs
 from hpc_llm.parallel.grid import make_grid
 
-RTOL = 1e-12
 NPROCS = [2, 4]
-
-
-def check(ok: bool, msg: str = "") -> None:
-    """parallel_assert with every failing rank's message in the error (the parent shows rank 0's report)."""
-    comm = MPI.COMM_WORLD
-    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
-    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
-
-
-def mismatch(got, want, what: str, rtol: float = RTOL, scale: float | None = None) -> list[str]:
-    """[] if got matches want normwise (max |got - want| <= rtol * scale, scale = max |want| by default), else
-    [a description]. rtol=0: bitwise."""
-    got, want = np.asarray(got), np.asarray(want)
-    if got.shape != want.shape:
-        return [f"{what}: shape {got.shape}, expected {want.shape}"]
-    if got.dtype != want.dtype:
-        return [f"{what}: dtype {got.dtype}, expected {want.dtype}"]
-    if rtol == 0:
-        return [] if np.array_equal(got, want) else [f"{what}: not bitwise equal"]
-    if not np.all(np.isfinite(got)):
-        return [f"{what}: {np.count_nonzero(~np.isfinite(got))} non-finite values"]
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    scale = float(np.max(np.abs(want))) if scale is None else scale
-    return (
-        [] if err <= rtol * scale else [f"{what}: max abs error {err:.3e} > {rtol:g} * {scale:.3e}"]
-    )
 
 
 GRAD_TOL = 64 * 2.0**-53
@@ -415,7 +388,7 @@ def test_vocab_parallel_cross_entropy():
             w = f"tp {tp} vocab {vocab} cross-entropy (rank {r}: columns [{v0}, {v0 + Vl})" + (
                 ", all padding)" if all_padding else ")"
             )
-            if not (np.isfinite(loss) and abs(loss - want_loss) <= RTOL * abs(want_loss)):
+            if not (np.isfinite(loss) and abs(loss - want_loss) <= TP_RTOL * abs(want_loss)):
                 bad.append(f"{w}: loss {loss!r}, expected {want_loss!r}")
             bad += grad_mismatch(
                 grad,
@@ -482,7 +455,7 @@ def test_gpt_equals_single_process():
             model.backward()
             want = ref.forward(idx, targets, keep_cache=True)
             ref.backward()
-            if not abs(loss - want) <= RTOL * abs(want):
+            if not abs(loss - want) <= TP_RTOL * abs(want):
                 bad.append(f"{w}: loss {loss!r}, single process {want!r}")
             grads = model.full_tensors(model.grad_flat)
             for name, g in ref.grads.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, run_mpi, write_run_config
 
 from hpc_llm.data.corpus import expand_inputs, stdlib_corpus_files
 from hpc_llm.data.pieces import Progress, plan_pieces
@@ -258,7 +259,6 @@ def test_token_out_of_vocab_found_by_the_batch(prepared):
 def test_train_on_a_corrupted_token_file_ends_the_job(prepared, tmp_path):
     """Under `mpiexec -n 2 hpc-llm train`, ids edited into train.bin after prepare: the first batch finds them on the
     ranks whose rows hold them, and the job ends (exit 1, the line naming rank, phase and file), hanging nowhere."""
-    from test_parallel import run_mpi, write_run_config
 
     ids = np.fromfile(prepared / "train.bin", dtype=np.uint16)
     ids[:] = 300
@@ -492,7 +492,6 @@ def test_prepare_pieces_equal_whole_file_encoding(tmp_path, tokenizer):
 def test_parallel_prepare_equals_single_process(tmp_path, tokenizer, ranks):
     """`mpiexec -n N hpc-llm prepare`: every rank encodes its run of pieces; train.bin, val.bin and meta.json are the
     single-process files byte for byte (pieces from --memory-mb 4: ~128-256 KB, so each rank has several)."""
-    from test_parallel import run_mpi
 
     src = write_corpus(tmp_path / "src")
     opts = ["--tokenizer", tokenizer, "--memory-mb", "4"] + (
@@ -564,7 +563,7 @@ def test_prepare_memory_bounded(tmp_path, tokenizer, mb):
         (tmp_path / "tok").mkdir()
         (tmp_path / "tok" / "tokenizer.json").write_text(tok.json)
         extra = [str(tmp_path / "tok")]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     peaks = {}
     for name, path in (("small", small), ("big", big)):
         r = subprocess.run(

@@ -3,32 +3,33 @@ schedule (1F1B, interleaved with 2 virtual stages, GPipe, and 1F1B on an uneven 
 on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
 embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1,
 pp4 and tp4 on the uninterrupted curve, each rank reading only its stage's hyperslabs, and at the same layout bitwise;
-the API loads it as one model. The schedules' shapes are tests/test_schedule.py's; wrong layouts are
-tests/test_parallel.py's table.
+the API loads it as one model. The schedules' shapes are tests/parallel/test_schedule.py's; wrong layouts are
+tests/parallel/test_parallel.py's table.
 
-Tolerance 1e-10 relative, as tests/test_parallel.py derives it: a pipeline does the arithmetic of the single process,
-micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as (embedding's
-share) + (head's share) over the two stages instead of interleaved per micro-batch, and tensor/data parallelism
-reorder sums: float64 roundings, ~1e-16 relative per step (seen here: <= 3e-15).
+Tolerance 1e-10 relative, as tests/parallel/test_parallel.py derives it: a pipeline does the arithmetic of the single
+process, micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as
+(embedding's share) + (head's share) over the two stages instead of interleaved per micro-batch, and tensor/data
+parallelism reorder sums: float64 roundings, ~1e-16 relative per step (seen here: <= 3e-15).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from mpi4py import MPI
-from test_parallel import (
+from helpers import (
     F64_RTOL,
     check,
+    count_reads,
     crc,
-    rel_diff,
+    hyperslab_checks,
+    reference_checks,
     replica_checks,
     run_config,
     run_mpi,
     train,
     write_run_config,
 )
-from test_resume_layouts import count_reads, hyperslab_checks
+from mpi4py import MPI
 
 import hpc_llm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
@@ -55,45 +56,6 @@ def schedules(pp: int) -> dict:
         "gpipe": {"parallel.schedule": "gpipe"},
         "1f1b-uneven": {"parallel.schedule": "1f1b", "parallel.pp_layers": uneven},
     }
-
-
-def compare(tr, ref, name: str, steps: slice = slice(None)) -> list[str]:
-    """The histories (loss, grad norm, lr, evals) and every parameter this rank holds, against the reference."""
-    bad = []
-    got, want = tr.metrics.train, ref.metrics.train
-    if got["step"] != want["step"]:
-        return [f"{name}: steps {got['step']} vs reference {want['step']}"]
-    for key in ("loss", "grad_norm"):
-        a, b = got[key][steps], want[key][steps]
-        if not rel_diff(a, b) <= F64_RTOL:
-            bad.append(f"{name} {key}: {a} vs reference {b} (relative {rel_diff(a, b):.2e})")
-    if got["lr"] != want["lr"]:
-        bad.append(f"{name} lr: {got['lr']} vs reference {want['lr']}")
-    after = (
-        -1 if steps.start is None else steps.start
-    )  # a resumed run also holds the first run's closing eval at K
-    ge, re_ = (
-        {k: [v for s, v in zip(e["step"], e[k]) if s > after] for k in e}
-        for e in (tr.metrics.eval, ref.metrics.eval)
-    )
-    if (
-        ge["step"] != re_["step"]
-        or not rel_diff(ge["val_loss"] + ge["train_loss"], re_["val_loss"] + re_["train_loss"])
-        <= F64_RTOL
-    ):
-        bad.append(f"{name} eval: {ge} vs reference {re_}")
-    params, ref_params = (
-        tr.model.full_tensors(tr.model.flat),
-        ref.model.full_tensors(ref.model.flat),
-    )
-    for pname, g in params.items():
-        w = ref_params[pname]
-        err, bound = float(np.max(np.abs(g - w))), F64_RTOL * float(np.max(np.abs(w)))
-        if g.dtype != np.float64 or g.shape != w.shape or not err <= bound:
-            bad.append(
-                f"{name} parameter {pname}: {g.dtype} {g.shape}, max abs difference {err:.3e} > {bound:.3e}"
-            )
-    return bad
 
 
 def stage_checks(tr, pp: int, name: str) -> list[str]:
@@ -145,7 +107,7 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
                 bad.append(
                     f"{name}: grid pp {tr.grid.pp} tp {tr.grid.tp} dp {tr.grid.dp}, zero {tr.sync.zero}"
                 )
-            bad += compare(tr, ref, name) + stage_checks(tr, pp, name)
+            bad += reference_checks(tr, ref, name) + stage_checks(tr, pp, name)
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
     check(not bad, "\n".join(bad))
 
@@ -216,7 +178,7 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
                 resume=path,
             )
         bad += [f"{name}: {b}" for b in hyperslab_checks(tr, read)]
-        bad += compare(tr, ref, name, slice(K, None))
+        bad += reference_checks(tr, ref, name, slice(K, None))
         if tr.grid.world.size > 1:
             bad += stage_checks(tr, pp, name) if pp > 1 else []
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
@@ -265,7 +227,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_rank_failing_inside_the_pipeline_ends_the_job(data_dir, tmp_path):
     """A stage that raises mid-step, while its neighbour waits for it in a point-to-point receive: the job ends
     (mpiexec's status non-zero, the error on stderr) instead of hanging in the wait; run_mpi fails the test on a
-    hang. (A rank that stops without exiting is the watchdog's case: issue "No hangs".)"""
+    hang. (A rank that stops without exiting is the watchdog's case: tests/runtime/test_faults.py.)"""
     cfg = write_run_config(tmp_path / "run.toml", data_dir, tmp_path / "out")
     rc, out, err, _ = run_mpi(
         2,

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from helpers import random_model
 
-from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.infer.generate import generate, sample_next
 from hpc_llm.model.gpt import GPT, KVCache
@@ -18,26 +18,6 @@ SHAPES = [  # (n_layer, n_head, n_embd, block_size, vocab_size)
     (3, 2, 16, 10, 64),
     (2, 4, 32, 20, 70),
 ]
-
-
-def random_model(shape, dtype="float64", seed=0, std=0.5, pos_scale=1.0) -> GPT:
-    """A model with every parameter (LayerNorm gains and biases included) random and large enough that attention
-    is far from uniform and logits spread over several units. pos_scale > 1 makes the position embedding dominate,
-    so greedy decoding does not collapse onto one token and its output depends on the positions used."""
-    n_layer, n_head, n_embd, block_size, vocab = shape
-    cfg = ModelConfig(
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        block_size=block_size,
-        vocab_size=vocab,
-        dtype=dtype,
-    )
-    model = GPT(cfg, seed=None)
-    rng = np.random.default_rng(seed)
-    model.flat[:] = (rng.standard_normal(model.num_params) * std).astype(model.dtype)
-    model.params["wpe.weight"][...] *= pos_scale
-    return model
 
 
 def incremental_logits(model: GPT, idx: np.ndarray, first: int) -> np.ndarray:

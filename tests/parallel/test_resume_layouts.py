@@ -12,15 +12,20 @@ room (test_parallel.py saw at most ~5e-13). Parameters are compared normwise per
 
 from __future__ import annotations
 
-import collections
-import contextlib
-
 import numpy as np
 import pytest
+from helpers import (
+    F64_RTOL,
+    check,
+    count_reads,
+    hyperslab_checks,
+    rel_diff,
+    replica_checks,
+    run_config,
+    train,
+)
 from mpi4py import MPI
-from test_parallel import F64_RTOL, check, rel_diff, replica_checks, run_config, train
 
-from hpc_llm import checkpoint as ckpt
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 
 K, N = 3, 6
@@ -62,46 +67,6 @@ def compare(tr, ref, name: str) -> list[str]:
         err, bound = float(np.max(np.abs(g - w))), F64_RTOL * float(np.max(np.abs(w)))
         if not err <= bound:
             bad.append(f"{name} parameter {pname}: max abs difference {err:.3e} > {bound:.3e}")
-    return bad
-
-
-@contextlib.contextmanager
-def count_reads():
-    """Elements each group ("params", "optimizer/m", ...) of CheckpointFile.read handed this rank."""
-    counts = collections.Counter()
-    original = ckpt.CheckpointFile.read
-
-    def counting(self, group, name, index=(), out=None):
-        out = original(self, group, name, index, out)
-        counts[group] += out.size
-        return out
-
-    ckpt.CheckpointFile.read = counting
-    try:
-        yield counts
-    finally:
-        ckpt.CheckpointFile.read = original
-
-
-def hyperslab_checks(tr, read) -> list[str]:
-    """A resumed rank read its TP shard of every parameter (model.local_size elements) and, of each Adam moment, the
-    rows covering the ranges it owns: its whole shard without ZeRO-1, about 1/dp of it with it."""
-    m, bad = tr.model, []
-    if read["params"] != m.local_size:
-        bad.append(f"read {read['params']} parameter elements, this rank holds {m.local_size}")
-    owned = sum(b - a for a, b in tr.sync.owned)
-    # each owned range, cut at tensor boundaries, is read as whole rows: at most two partial rows per piece
-    pieces = sum(
-        1 for a, b in tr.sync.owned for s in m.specs if max(a, s.offset) < min(b, s.offset + s.size)
-    )
-    slack = 2 * pieces * max(s.size // s.local_shape[0] for s in m.specs)
-    for slot in ("optimizer/m", "optimizer/v"):
-        if tr.sync.zero and not owned <= read[slot] <= owned + slack:
-            bad.append(
-                f"{slot}: read {read[slot]} elements, owns {owned} (+ at most {slack} of partial rows)"
-            )
-        if not tr.sync.zero and read[slot] != m.local_size:
-            bad.append(f"{slot}: read {read[slot]} elements, this rank holds {m.local_size}")
     return bad
 
 

@@ -24,9 +24,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import check, tiny_config
 from mpi4py import MPI
-from pytest_mpi.parallel_assert import parallel_assert
 
 from hpc_llm.config import TrainConfig
 from hpc_llm.parallel.grid import make_grid, single_process_grid
@@ -409,13 +408,6 @@ def test_trainer_matches_reference(make_cfg):
     assert tr.opt.owned == [(0, tr.model.local_size)]
     bad = trainer_vs_reference(tr, lambda tr: tr.model.grad_flat.copy())
     assert not bad, "\n".join(bad)
-
-
-def check(ok: bool, msg: str = "") -> None:
-    """parallel_assert with every failing rank's message (as test_parallel.check)."""
-    comm = MPI.COMM_WORLD
-    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
-    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
 
 
 def gathered_gradient(tr: Trainer) -> np.ndarray:

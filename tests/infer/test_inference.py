@@ -26,9 +26,8 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import check, count_reads, mpiexec, random_model, write_run_config
 from mpi4py import MPI
-from test_generate import random_model
-from test_parallel import check, write_run_config
 
 import hpc_llm.infer.generate as G
 from hpc_llm.errors import UserError
@@ -287,7 +286,6 @@ def test_sharded_candidates_equal_full_vocabulary():
 def test_tp_reads_only_its_shards(shared_tmp_path):
     """A checkpoint written by one process, loaded by every rank of a TP group with model_from_file: each rank reads
     exactly its shard's elements (hyperslabs), checksums its share, and holds the same model as a whole load."""
-    from test_resume_layouts import count_reads
 
     from hpc_llm import checkpoint as ckpt
     from hpc_llm.api import load_model, model_from_file
@@ -510,7 +508,6 @@ def run(cmd, **kw):
 
 
 def test_cli_prompts_out_and_tp2(char_run):
-    from test_parallel import mpiexec
 
     chars = (
         json.loads((char_run / "data" / "meta.json").read_text())["chars"]
@@ -557,7 +554,6 @@ def test_cli_prompts_out_and_tp2(char_run):
 
 
 def test_cli_eval_tp2_equals_tp1(char_run):
-    from test_parallel import mpiexec
 
     cmd = [
         "-m",

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config, write_toml
+from helpers import REPO, tiny_config, write_toml
 
 from hpc_llm.checkpoint import load_checkpoint, verify_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 VENV_BIN = Path(sys.executable).parent
 MAX_ITERS = 300  # long enough (a few seconds) for a signal to land mid-run
@@ -282,7 +281,7 @@ def test_cpu_job_passes_pipeline_parallel_through(cluster, work, reference):
     line, a checkpoint of the whole model that says pp 2, and the dp2 reference's first 20 losses to float64
     rounding (the same global batch: the layout does not change the run; later steps drift apart as training
     amplifies the different rounding of the two layouts at this high learning rate: ~1e-4 by step 90; the exact
-    equality of layouts is tests/test_pipeline.py's, over a few steps)."""
+    equality of layouts is tests/parallel/test_pipeline.py's, over a few steps)."""
     status, job_id = submit(
         cluster,
         work,

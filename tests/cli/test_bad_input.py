@@ -1,4 +1,4 @@
-"""The bad-input table (issue 11): every CLI verb and every config field given a value of the wrong type, out of range
+"""The bad-input table: every CLI verb and every config field given a value of the wrong type, out of range
 or inconsistent with another field; a missing, empty, truncated or foreign file (config, token files, meta.json,
 checkpoint, Hugging Face directory, cluster file); generate options out of range.
 
@@ -30,13 +30,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from helpers import FIXTURES, REPO
 
 import hpc_llm
 from hpc_llm.config import Config
 from hpc_llm.data.prepare import prepare
 
-REPO = Path(__file__).resolve().parents[1]
-HF_FIXTURE = REPO / "tests" / "fixtures" / "hf_gpt2_tiny"
+HF_FIXTURE = FIXTURES / "hf_gpt2_tiny"
 CLUSTER = REPO / "inputs" / "clusters" / "h100_nvlink_ib400.toml"
 RUN_TIMEOUT = 120  # seconds for one run (a hang at 2 ranks is a failure, not a stuck suite)
 WORKERS = 8  # concurrent runs: each mostly waits on process and MPI start-up
@@ -785,7 +785,7 @@ def _rows() -> list[Row]:
     )
     # ids beyond the vocabulary: prepare records the largest in meta.json (max_id), checked at start-up without
     # reading the token files; an id edited into a file afterwards is found by the batch that gathers it, a fault
-    # (tests/test_data.py::test_token_out_of_vocab_found_by_the_batch)
+    # (tests/data/test_data.py::test_token_out_of_vocab_found_by_the_batch)
     add(
         D(
             "token-beyond-vocab",
@@ -1166,7 +1166,7 @@ def _rows() -> list[Row]:
         )
     )
 
-    # generate's inference options (issue 14) and eval
+    # generate's inference options (top-p, batched prompts, output file, int8, tensor parallelism) and eval
     class SavedModel:
         """A checkpoint of an untrained model of the base shape with `changes` (model section), the char data's
         tokenizer recorded in its state."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tokenizers  # a required dependency (setup.cfg): missing, these tests fail rather than skip
+from helpers import N_EMBD, N_POSITIONS, REPO, hf_config, hf_tensors
 
 from hpc_llm.data.pieces import plan_pieces
 from hpc_llm.data.prepare import prepare
@@ -22,8 +23,6 @@ from hpc_llm.data.sampler import get_batch
 from hpc_llm.data.tokenizer import BPETokenizer, check_same_tokenizer, tokenizer_from_meta
 from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 MULTILINGUAL = (
     "The quick brown fox jumps over the lazy dog. It's 3.14159, isn't it?\n"
@@ -489,12 +488,9 @@ def _cli(*args, cwd=REPO):
 
 
 def write_gpt2_model(path: Path, vocab_size: int, seed: int = 0) -> Path:
-    """A tiny random GPT-2 in Hugging Face's format (config.json + model.safetensors), as tests/test_gpt2_import.py
-    makes them."""
+    """A tiny random GPT-2 in Hugging Face's format (config.json + model.safetensors), made as test_gpt2_import.py
+    makes them (helpers.hf_config, helpers.hf_tensors)."""
     from safetensors.numpy import save_file
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_gpt2_import import N_EMBD, N_POSITIONS, hf_config, hf_tensors
 
     rng = np.random.default_rng(seed)
     tensors = hf_tensors(seed)

@@ -1,6 +1,6 @@
-"""Checkpoint saves and resumes across ranks (the gather writer; tests/test_checkpoint_mpio.py has the mpio ones):
-slabs of at most slabs.MESSAGE_ELEMS elements per message, the memory a save needs on a rank, a save that fails
-on one rank failing on every rank, and --resume auto falling back past a corrupt newest checkpoint, each rank
+"""Checkpoint saves and resumes across ranks (the gather writer; tests/checkpoint/test_checkpoint_mpio.py has the mpio
+ones): slabs of at most slabs.MESSAGE_ELEMS elements per message, the memory a save needs on a rank, a save that
+fails on one rank failing on every rank, and --resume auto falling back past a corrupt newest checkpoint, each rank
 reading its own hyperslabs and checksumming only its share of the file.
 
 Every assertion on the ranks goes through `check` (mpi-pytest's parallel_assert), so all ranks agree on the verdict.
@@ -10,63 +10,36 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import shutil
 import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
+from helpers import (
+    CHECKPOINT_LAYOUTS,
+    SAVE_SLACK,
+    check,
+    count_reads,
+    flip_byte_in,
+    hyperslab_checks,
+    layout_trainer,
+    save_failure_problems,
+)
 from mpi4py import MPI
-from test_checkpoint import flip_byte_in
-from test_parallel import check, run_config
-from test_resume_layouts import count_reads, hyperslab_checks
 
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import slabs, writers
 from hpc_llm.parallel.comm import Comm
-from hpc_llm.parallel.grid import make_grid
 from hpc_llm.train.trainer import Trainer
-
-# name: (ranks, parallel.tp, parallel.pp, parallel.zero, other settings)
-INTERLEAVED = {
-    "parallel.schedule": "interleaved",
-    "parallel.virtual_stages": 2,
-    "model.n_layer": 4,
-    "train.grad_accum": 2,
-}
-LAYOUTS = {
-    "TP2": (2, 2, 1, 0, {}),
-    "DP2-zero1": (2, 1, 1, 1, {}),
-    "PP2": (2, 1, 2, 0, {}),
-    "PP2-interleaved": (2, 1, 2, 0, INTERLEAVED),
-    "DP2xTP2-zero1": (4, 2, 1, 1, {}),
-    "PP2xDP2-zero1": (4, 1, 2, 1, {}),
-}
 
 
 def layout_params(names):
-    return [pytest.param(n, marks=pytest.mark.parallel(nprocs=LAYOUTS[n][0]), id=n) for n in names]
-
-
-def trainer(data_dir, out_dir, layout: str, resume=None, **overrides) -> Trainer:
-    ranks, tp, pp, zero, extra = LAYOUTS[layout]
-    assert MPI.COMM_WORLD.Get_size() == ranks
-    cfg = run_config(
-        data_dir,
-        out_dir,
-        **{
-            "train.eval_iters": 0,
-            "parallel.tp": tp,
-            "parallel.pp": pp,
-            "parallel.zero": zero,
-            "checkpoint.writer": "gather",
-            **extra,
-            **overrides,
-        },
-    )
-    return Trainer(cfg, resume=resume, grid=make_grid(MPI.COMM_WORLD, tp, pp))
+    return [
+        pytest.param(n, marks=pytest.mark.parallel(nprocs=CHECKPOINT_LAYOUTS[n][0]), id=n)
+        for n in names
+    ]
 
 
 def tensors_of(path) -> dict:
@@ -104,7 +77,7 @@ def count_messages():
 def restored_checks(tr: Trainer, path, data_dir, out_dir, layout) -> list[str]:
     """A new trainer of the same layout restores `path` (each rank its hyperslabs) to tr's parameters, moments and
     step, bitwise: the blocks the writer assembled from every rank's pieces put each element where it belongs."""
-    again = trainer(data_dir, out_dir, layout)
+    again = layout_trainer(data_dir, out_dir, layout)
     again.restore(path)
     bad = []
     for what, a, b in (
@@ -119,11 +92,11 @@ def restored_checks(tr: Trainer, path, data_dir, out_dir, layout) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("layout", layout_params(LAYOUTS))
+@pytest.mark.parametrize("layout", layout_params(CHECKPOINT_LAYOUTS))
 def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, monkeypatch):
     """With MESSAGE_ELEMS lowered to 100 every save message carries at most 100 elements (thousands of them) and the
     file is the one the default writes, dataset by dataset and checksum by checksum; it restores bitwise."""
-    tr = trainer(data_dir, shared_tmp_path / "run", layout, **{"train.max_iters": 2})
+    tr = layout_trainer(data_dir, shared_tmp_path / "run", layout, **{"train.max_iters": 2})
     tr.run()
     default = ckpt.checkpoint_path(tr.out_dir, 2)
     tr.out_dir = shared_tmp_path / "small"
@@ -155,16 +128,11 @@ def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, m
     check(not bad, "\n".join(bad))
 
 
-SAVE_SLACK = (
-    512 << 10
-)  # Python's own objects during a save (per dataset: h5py objects, the plan; JSON, pickles)
-
-
 def save_peak(data_dir, out_dir, layout, n_embd: int) -> tuple[int, int]:
     """tracemalloc's peak during a save of a freshly trained model of width n_embd, and this rank's shard (its
     parameters and Adam moments), in bytes."""
     # 1 MiB gradient buckets: the ZeRO-1 layout (a few ranges per bucket, which the save looks up) stays small
-    tr = trainer(
+    tr = layout_trainer(
         data_dir,
         out_dir / "run",
         layout,
@@ -221,47 +189,16 @@ def test_enospc_on_one_rank_fails_the_save_on_every_rank(
     step-4 save: every rank raises the same SaveFailed naming that rank, the file and the error; no temporary file
     is left and the step-2 checkpoint still verifies and is the newest."""
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
-    tr = trainer(
+    tr = layout_trainer(
         data_dir, shared_tmp_path / "run", "TP2", **{"train.max_iters": 4, "checkpoint.interval": 2}
     )
     bad = save_failure_problems(tr, rank)
     check(not bad, "\n".join(bad))
 
 
-def save_failure_problems(tr, rank: int) -> list[str]:
-    """Run `tr` (4 steps, checkpoints at 2 and 4), whose step-4 save fails on `rank`: what is wrong on this rank
-    with the outcome (tests/test_checkpoint_mpio.py's mpio twin uses it too): not one SaveFailed line, the same on
-    every rank, naming the rank, the file and the error; a temporary file left; step 2 not the newest checkpoint,
-    not verified, or not the one `latest` names."""
-    try:
-        tr.run()
-        error = None
-    except ckpt.SaveFailed as e:
-        error = str(e)
-    errors = MPI.COMM_WORLD.allgather(error)
-    run_dir = tr.out_dir
-    bad = []
-    if error is None or len(set(errors)) != 1 or "\n" in error:
-        bad.append(f"errors: {errors}")
-    elif not (
-        f"rank {rank} failed in save at step 4" in error
-        and "ckpt_00000004.h5" in error
-        and "No space left on device" in error
-    ):
-        bad.append(f"the message should name rank {rank}, the file and the error: {error}")
-    if MPI.COMM_WORLD.rank == 0:
-        left = [p for p in os.listdir(run_dir) if ".tmp-" in p]
-        if left or [s for s, _ in ckpt.list_checkpoints(run_dir)] != [2]:
-            bad.append(f"left in the run directory: {sorted(os.listdir(run_dir))}")
-        ckpt.verify_checkpoint(ckpt.checkpoint_path(run_dir, 2))
-        if ckpt.read_latest(run_dir) != ckpt.checkpoint_path(run_dir, 2):
-            bad.append(f"latest names {ckpt.read_latest(run_dir)}")
-    return bad
-
-
 @pytest.mark.parallel(nprocs=2)
 def test_a_vanished_directory_fails_the_save_on_every_rank(data_dir, shared_tmp_path):
-    tr = trainer(data_dir, shared_tmp_path / "run", "DP2-zero1", **{"train.max_iters": 2})
+    tr = layout_trainer(data_dir, shared_tmp_path / "run", "DP2-zero1", **{"train.max_iters": 2})
     tr.run()
     if MPI.COMM_WORLD.rank == 0:
         shutil.rmtree(tr.out_dir)
@@ -307,19 +244,19 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(
     exactly. No rank checksums the whole file: each reads its hyperslabs and checksums only its share (the shares
     are disjoint and cover every dataset of both files)."""
     run_dir = shared_tmp_path / "run"
-    trainer(
+    layout_trainer(
         data_dir,
         run_dir,
         layout,
         **{"train.max_iters": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 2},
     ).run()
-    step_2 = trainer(
+    step_2 = layout_trainer(
         data_dir, shared_tmp_path / "step2", layout, resume=ckpt.checkpoint_path(run_dir, 2)
     )
     if MPI.COMM_WORLD.rank == 0:
         flip_byte_in(ckpt.checkpoint_path(run_dir, 4), "params/h.0.mlp.c_fc.weight", index=5)
     MPI.COMM_WORLD.Barrier()
-    tr = trainer(data_dir, shared_tmp_path / "fresh", layout, **{"train.max_iters": 6})
+    tr = layout_trainer(data_dir, shared_tmp_path / "fresh", layout, **{"train.max_iters": 6})
     with (
         count_reads() as read,
         count_checksummed() as summed,

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import cache_bytes, tiny_config
 
 from hpc_llm import cli
 from hpc_llm.config import ModelConfig, TrainConfig
@@ -133,7 +134,6 @@ def test_persistent_memory_of_a_real_trainer(make_cfg):
 
 @pytest.mark.parallel(nprocs=2)
 def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
-    from conftest import tiny_config
     from mpi4py import MPI
 
     from hpc_llm.parallel.grid import make_grid
@@ -153,20 +153,6 @@ def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
 
 
 # -- memory: the activations a forward keeps ---------------------------------------------------------------------
-
-
-def cache_bytes(obj, seen=None) -> int:
-    """Bytes of the distinct arrays a cache holds: views are counted once, by the array that owns their memory."""
-    seen = {} if seen is None else seen
-    if isinstance(obj, np.ndarray):
-        base = obj
-        while isinstance(base.base, np.ndarray):
-            base = base.base
-        seen[id(base)] = base.nbytes
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            cache_bytes(o, seen)
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize(

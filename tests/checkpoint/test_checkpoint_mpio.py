@@ -2,10 +2,10 @@
 
 These tests run only where h5py is built with MPI: scripts/test_mpio.sh runs this file in `.venv-mpio` (Debian's
 python3-h5py-mpi, python3-mpi4py and Open MPI, never the PyPI wheels) as
-`/usr/bin/mpiexec -n N python -m pytest tests/test_checkpoint_mpio.py -m "parallel[N]"` for N = 1, 2, 4 (mpi-pytest's
-"outer mpiexec" mode: its forking mode does not work with Open MPI 4.1, whose singleton start leaves OMPI_MCA_ess and
-PMIX_* in the parent's environment and the nested mpiexec then fails). scripts/test.sh's pytest run in `.venv`
-(PyPI's h5py, no MPI) leaves this file out (--ignore); run there by hand, the module is skipped with its reason.
+`/usr/bin/mpiexec -n N python -m pytest tests/checkpoint/test_checkpoint_mpio.py -m "parallel[N]"` for N = 1, 2, 4
+(mpi-pytest's "outer mpiexec" mode: its forking mode does not work with Open MPI 4.1, whose singleton start leaves
+OMPI_MCA_ess and PMIX_* in the parent's environment and the nested mpiexec then fails). scripts/test.sh's pytest run in
+`.venv` (PyPI's h5py, no MPI) leaves this file out (--ignore); run there by hand, the module is skipped with its reason.
 Debian's h5py loads its MPI build only when OMPI_COMM_WORLD_SIZE (set by mpiexec) or H5PY_ALWAYS_USE_MPI is set, so
 outside mpiexec it is skipped there too.
 With HPC_LLM_REQUIRE_MPIO=1 (scripts/test_mpio.sh sets it) a missing MPI build is an error, not a skip.
@@ -34,18 +34,16 @@ if not h5py.get_config().mpi:
         )
     pytest.skip(_why, allow_module_level=True)
 
-from conftest import tiny_config  # noqa: E402
+from helpers import (  # noqa: E402
+    SAVE_SLACK,
+    check,
+    layout_trainer,
+    save_failure_problems,
+    tiny_config,
+)
 from mpi4py import MPI  # noqa: E402  (after the skip: an MPI-less h5py need not start MPI)
-from pytest_mpi.parallel_assert import parallel_assert  # noqa: E402
 
 SIZES = [1, 2, 4]
-
-
-def check(ok: bool, msg: str = "") -> None:
-    """parallel_assert with every failing rank's message in the error."""
-    comm = MPI.COMM_WORLD
-    msgs = comm.allgather(None if ok else f"rank {comm.rank}: {msg}")
-    parallel_assert(bool(ok), "\n".join(m for m in msgs if m))
 
 
 def mapped_libraries(fragment: str) -> set[str]:
@@ -204,7 +202,7 @@ def test_mpio_writer_writes_the_gather_writers_file(
     check(not bad, "\n".join(bad))
 
 
-# -- the mpio writer's failures and memory (tests/test_checkpoint_parallel.py has the gather writer's) -------------
+# -- the mpio writer's failures and memory (tests/checkpoint/test_checkpoint_parallel.py has the gather writer's) ------
 
 
 @pytest.mark.parallel(nprocs=[2])
@@ -215,10 +213,8 @@ def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(
     """ENOSPC injected on rank 0 or 1 as its part of the collective step-4 save starts (the file open on every
     rank): every rank raises the same SaveFailed naming that rank, the file and the error, after the ranks closed
     the file together; no temporary file is left and the step-2 checkpoint still verifies and is the newest."""
-    from test_checkpoint_parallel import save_failure_problems, trainer
-
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
-    tr = trainer(
+    tr = layout_trainer(
         data_dir,
         shared_tmp_path / "run",
         "DP2-zero1",
@@ -233,10 +229,9 @@ def test_enospc_on_one_rank_fails_the_mpio_save_on_every_rank(
 def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
     data_dir, shared_tmp_path, monkeypatch
 ):
-    """As tests/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its share."""
+    """As tests/checkpoint/test_checkpoint_parallel.py's test of the gather writer, with every rank writing its
+    share."""
     import tracemalloc
-
-    from test_checkpoint_parallel import SAVE_SLACK, trainer
 
     from hpc_llm.checkpoint import format as fmt
     from hpc_llm.checkpoint import slabs, writers
@@ -245,7 +240,7 @@ def test_an_mpio_save_needs_its_own_shard_plus_a_fixed_buffer(
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     peaks = {}
     for n_embd in (64, 256):
-        tr = trainer(
+        tr = layout_trainer(
             data_dir,
             shared_tmp_path / f"run{n_embd}",
             "DP2-zero1",

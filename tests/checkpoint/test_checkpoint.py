@@ -9,6 +9,7 @@ import os
 import h5py
 import numpy as np
 import pytest
+from helpers import flip_byte_in
 
 from hpc_llm import __version__
 from hpc_llm import checkpoint as ck
@@ -85,17 +86,6 @@ def assert_state_equal(a, b):
         assert_bitwise(a, b)
     else:
         assert a == b
-
-
-def flip_byte_in(path, dataset, index=0):
-    with h5py.File(path, "r") as f:
-        offset = f[dataset].id.get_offset()
-        assert offset is not None
-    with open(path, "r+b") as fh:
-        fh.seek(offset + index)
-        byte = fh.read(1)
-        fh.seek(offset + index)
-        fh.write(bytes([byte[0] ^ 0x01]))
 
 
 def tmp_leftovers(directory):

@@ -316,7 +316,9 @@ def test_mpio_writer_without_parallel_h5py(tmp_path, data_dir):
     from hpc_llm.checkpoint import mpio_available
 
     if mpio_available():
-        pytest.skip("this h5py has MPI: the mpio writer is tested in tests/test_checkpoint_mpio.py")
+        pytest.skip(
+            "this h5py has MPI: the mpio writer is tested in tests/checkpoint/test_checkpoint_mpio.py"
+        )
     assert_user_error(
         cli("train", write_config(tmp_path, data_dir), "--set", "checkpoint.writer=mpio"),
         "checkpoint.writer=mpio",

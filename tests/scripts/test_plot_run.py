@@ -13,12 +13,12 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import tiny_config
+from helpers import REPO, tiny_config
 
 from hpc_llm.model.gpt import param_specs
 from hpc_llm.train.trainer import Trainer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_run.py"
+SCRIPT = REPO / "scripts" / "plot_run.py"
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
     reason="matplotlib is not installed (pip install -e .[plot])",

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import cache_bytes, check, crc, run_config, train
 from mpi4py import MPI
-from test_parallel import check, crc, run_config, train
-from test_plan import cache_bytes
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.gpt import GPT
