@@ -15,7 +15,7 @@ import h5py
 import pytest
 from conftest import tiny_config
 
-from hpc_llm.model.gpt import param_specs
+from hpc_llm.model.layout import param_specs
 from hpc_llm.train.trainer import Trainer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_run.py"

@@ -33,7 +33,7 @@ class Param(NamedTuple):
 NO_PARAM = Param(None, None)  # a bias the model does not have (model.bias = false)
 
 
-def _matmul_into(a, b, out, accumulate: bool) -> None:
+def matmul_into(a, b, out, accumulate: bool) -> None:
     """out = a @ b, or out += a @ b; the overwrite case lets BLAS write straight into the gradient buffer."""
     xp = array_module(out)
     if accumulate:
@@ -154,7 +154,7 @@ def linear_forward(x, w, b):
 def _matmul_panels(x2, w):
     """x2 @ w for a few rows x2 (M, K) by panels of w's columns that fit in L2. OpenBLAS's sgemm with M of 2-4
     packs all of w for each call and runs at a third of the memory bandwidth on this machine (2-3x slower than
-    reading w once: docs/performance.md, issue 14); a panel at a time is packed from L2 instead. From 8 rows on the
+    reading w once, measured: docs/performance.md); a panel at a time is packed from L2 instead. From 8 rows on the
     plain call is as fast with one BLAS thread and much faster with two (a thread hand-off per panel): measured."""
     K, N = w.shape
     out = np.empty((x2.shape[0], N), dtype=w.dtype)
@@ -169,7 +169,7 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
     d2 = dout.reshape(-1, dout.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     if dw is not None:
-        _matmul_into(x2.T, d2, dw, accumulate)
+        matmul_into(x2.T, d2, dw, accumulate)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
     return (d2 @ w.T).reshape(x.shape)
@@ -427,7 +427,7 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
         att = prec.use(att, dy.dtype)
         used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
-        _matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
+        matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
         if mask is not None:
             datt *= mask
@@ -437,8 +437,6 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
         datt *= att
         prec.round_(datt)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
-        _matmul_into(
-            datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first
-        )
+        matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)

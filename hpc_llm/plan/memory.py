@@ -20,10 +20,10 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 from hpc_llm.config import ModelConfig, stage_layers
-from hpc_llm.model.gpt import StagePlan, param_specs
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.parallel.data_parallel import GradientSync
-from hpc_llm.parallel.schedule import schedule
+from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.train.optim import CHUNK as ADAM_CHUNK
 
 INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
@@ -350,14 +350,14 @@ def rank_memory(
     alive: dict = {}
     sends = 0
     started: set = set()
-    last_b = max(k for k, op in enumerate(ops) if op.kind == "B")
+    last_b = max(k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD)
     best = (0, 0, 0, 0, 0)  # total, activations, workspace, pipeline buffers, zero buffers
     batch = 2 * b * T * INDEX_BYTES  # the latest micro-batch's (x, y), referenced by the loop
     for k, op in enumerate(ops):
         v = chunks[op.chunk]
         first, last = v == 0, v == plan.n_virtual - 1
         blocks = len(plan.layers[v])
-        if op.kind == "F":
+        if op.kind == Phase.FORWARD:
             alive[(op.micro, op.chunk)] = sizes[op.chunk]
             work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
             if (
@@ -384,7 +384,7 @@ def rank_memory(
         total = sum(alive.values()) + work + sends + zero + batch
         if total > best[0]:
             best = (total, sum(alive.values()), work + batch, sends, zero)
-        if op.kind == "B":
+        if op.kind == Phase.BACKWARD:
             alive.pop((op.micro, op.chunk))
             started.add(op.chunk)
             sends += msg if not first else 0

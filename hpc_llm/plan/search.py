@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import param_specs
-from hpc_llm.parallel.schedule import Timing
+from hpc_llm.model.layout import flops_per_token
+from hpc_llm.parallel.schedule import Phase, Timing
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time, refresh_time
 from hpc_llm.plan.memory import (
@@ -128,12 +128,6 @@ def resolve_precision(cfg: ModelConfig, precision: str | None) -> str:
     return precision
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
-    """GPT.flops_per_token: 6N + 12 L T C, N without the position embedding."""
-    n = sum(math.prod(s.shape) for s in param_specs(cfg) if s.name != "wpe.weight")
-    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
-
-
 def predict(
     cfg: ModelConfig,
     lay: Layout,
@@ -172,7 +166,7 @@ def predict(
     t_comm = K.p2p(msg, links["pp"].latency_s, links["pp"].bw) if lay.pp > 1 else 0.0
 
     def cost(kind, v, later):
-        return costs[v]["F" if kind == "F" else ("B+" if later else "B")].total
+        return costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total
 
     timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
     events = [
@@ -202,7 +196,8 @@ def predict(
         ckpt = (file_bytes / cl.write_bw + gather) / interval
     busy = timing.busy[crit]
     tp_time = sum(
-        costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == "F" else "B"].tp for e in events[crit]
+        costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == Phase.FORWARD else "B"].tp
+        for e in events[crit]
     )
     step = sync_at + scalars + post + ckpt
     t = {
@@ -257,7 +252,7 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
         reports = []  # (time, offset): grad_ready calls during each chunk's last backward
         last_b = {}
         for e in events:
-            if e.op.kind == "B":
+            if e.op.kind == Phase.BACKWARD:
                 last_b[e.op.chunk] = e
         acc = (
             "+" if lay.micro_batches > 1 else ""

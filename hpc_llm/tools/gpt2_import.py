@@ -264,7 +264,7 @@ def gpt2_tensors_to_params(
 ) -> dict[str, np.ndarray]:
     """Hugging Face GPT-2 tensors (keys with or without `transformer.`) -> our parameters in `cfg.dtype`, in
     `param_specs` order, wte padded with zero rows to `cfg.padded_vocab`. `source` names the file in errors."""
-    from hpc_llm.model.gpt import param_specs
+    from hpc_llm.model.layout import param_specs
 
     specs = param_specs(cfg)
     expected = {s.name: s.shape for s in specs}

@@ -20,7 +20,7 @@ import numpy as np
 
 from hpc_llm.config import LORA_TARGETS, config_from_dict
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import is_lora
+from hpc_llm.model.layout import is_lora
 
 
 def merged_params(
