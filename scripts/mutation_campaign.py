@@ -106,6 +106,11 @@ class Mutant:
         )
 
 
+LAYOUT, SHARD_IO, KV_CACHE = (
+    "hpc_llm/model/layout.py",
+    "hpc_llm/model/shard_io.py",
+    "hpc_llm/model/kv_cache.py",
+)
 LAYERS, GPT, TPAR = (
     "hpc_llm/model/layers.py",
     "hpc_llm/model/gpt.py",
@@ -242,6 +247,9 @@ MUTANTS: list[Mutant] = [
         "_matmul_into(x2.T, d2, dw, False)",
         "linear backward always overwrites the weight gradient (gradient accumulation keeps the last micro-batch)",
         [T_GRAD],
+        alternatives=(
+            ("matmul_into(x2.T, d2, dw, accumulate)", "matmul_into(x2.T, d2, dw, False)"),
+        ),
     ),
     M(
         "embedding-bwd-fancy-index-add",
@@ -290,6 +298,11 @@ MUTANTS: list[Mutant] = [
                 "dx += self.ln_2.backward(dh2, ln2, accumulate)",
                 "dx = self.ln_2.backward(dh2, ln2, accumulate)",
             ),
+            (
+                MODULES,
+                "dx += self.ln_2.backward(dh2, c.ln_2, accumulate)",
+                "dx = self.ln_2.backward(dh2, c.ln_2, accumulate)",
+            ),
         ),
     ),
     M(
@@ -320,6 +333,11 @@ MUTANTS: list[Mutant] = [
                 MODULES,
                 "TP.vocab_parallel_cross_entropy_backward(ce, loss_scale)",
                 "TP.vocab_parallel_cross_entropy_backward(ce)",
+            ),
+            (
+                MODULES,
+                "vocab_parallel_cross_entropy_backward(ce, loss_scale)",
+                "vocab_parallel_cross_entropy_backward(ce)",
             ),
         ),
     ),
@@ -355,6 +373,13 @@ MUTANTS: list[Mutant] = [
         '(p + "attn.c_attn.weight", (C, 3 * C), std, True, 1, 1),',
         "TP sharding of the fused qkv weight is contiguous (tp_blocks=1): a rank gets q and part of k, not its heads",
         [tp_test("test_shard_index_and_full_tensors"), tp_test("test_gpt_equals_single_process")],
+        alternatives=(
+            (
+                LAYOUT,
+                '_weight(p + "attn.c_attn.weight", (C, 3 * C), std, tp_axis=1, tp_blocks=3),',
+                '_weight(p + "attn.c_attn.weight", (C, 3 * C), std, tp_axis=1, tp_blocks=1),',
+            ),
+        ),
     ),
     # -- tensor parallel: f/g backward, vocab-parallel embedding and cross-entropy, gather ---------------------------
     M(
@@ -393,6 +418,10 @@ MUTANTS: list[Mutant] = [
                 "return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)",
                 "return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate)",
             ),
+            (
+                "return embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)",
+                "return embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate)",
+            ),
         ),
     ),
     M(
@@ -414,6 +443,12 @@ MUTANTS: list[Mutant] = [
             tp_test("test_vocab_parallel_cross_entropy"),
             tp_test("test_gpt_equals_single_process"),
         ],
+        alternatives=(
+            (
+                "logits[:, max(0, vocab_size - v0) :] = -xp.inf",
+                "logits[:, vocab_size - v0 :] = -xp.inf",
+            ),
+        ),
     ),
     M(
         "tp-ce-target-logit-not-reduced",
@@ -584,6 +619,12 @@ MUTANTS: list[Mutant] = [
         "pieces = [(a + sum(c[:r]), a + sum(c[:r]) + c[0]) for (a, _), c in zip(self.buckets, self.counts)]",
         "ZeRO-1 ownership assumes equal pieces (c[0] for c[r]): ranks past n % dp own one element of the next rank",
         [T_OPTIM, par_layout("DP2-zero1"), par_layout("DP4-zero1")],
+        alternatives=(
+            (
+                "(a + sum(c[:r]), a + sum(c[: r + 1]))",
+                "(a + sum(c[:r]), a + sum(c[:r]) + c[0])",
+            ),
+        ),
     ),
     M(
         "zero-params-not-gathered",
@@ -647,6 +688,9 @@ MUTANTS: list[Mutant] = [
         "r0, r1 = lo // row, hi // row",
         "restore of a shard range: the last, partly covered row is not read (floor instead of ceil)",
         [T_PAR_RESUME, T_RESUME_LAYOUTS],
+        alternatives=(
+            (SHARD_IO, "r0, r1 = lo // row, -(-hi // row)", "r0, r1 = lo // row, hi // row"),
+        ),
     ),
     M(
         "ckpt-read-ignores-hyperslab",
@@ -688,6 +732,7 @@ MUTANTS: list[Mutant] = [
         "np.asarray(out[r][-T // 2:])",
         "window restart keeps -T // 2 = ceil(T/2) tokens (operator precedence; equivalent for even block_size)",
         [T_GEN],
+        alternatives=(("np.asarray(out[r][-(T // 2) :])", "np.asarray(out[r][-T // 2 :])"),),
     ),
     M(
         "prompt-head-not-tail",
@@ -768,6 +813,13 @@ MUTANTS: list[Mutant] = [
         "if free is not None and free.size != size:",
         "KV-cache pool: a larger pooled buffer is dropped instead of serving a smaller batch",
         [inf_test("test_kv_pool_holds_one_buffer")],
+        alternatives=(
+            (
+                KV_CACHE,
+                "if free is not None and free.size < size:",
+                "if free is not None and free.size != size:",
+            ),
+        ),
     ),
     M(
         "eval-dp-not-reduced",

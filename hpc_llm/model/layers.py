@@ -126,9 +126,8 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
 # Linear (weights stored (in, out))
 
 
-SMALL_ROWS = (
-    4  # a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
-)
+# a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
+SMALL_ROWS = 4
 PANEL_BYTES = 1 << 19  # ... runs over column panels of w of this size (they stay in L2)
 
 
@@ -179,9 +178,8 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
 # GELU, tanh approximation (GPT-2's)
 
 
-ELEMENTWISE_CHUNK = (
-    1 << 16
-)  # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
+# elements: a chunk of each operand stays in L2 across a chain of NumPy passes
+ELEMENTWISE_CHUNK = 1 << 16
 
 
 def _chunks(x):
@@ -399,9 +397,8 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0):
         kv[1, b, :, p : p + Tn] = qkvh[2, b]
     end = max(pos) + Tn
     att = q @ kv[0, :, :, :end].transpose(0, 1, 3, 2)
-    qpos = (
-        xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]
-    )  # (B, Tn) absolute positions of the queries
+    # (B, Tn) absolute positions of the queries
+    qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]
     hidden = xp.arange(end)[None, None, :] > qpos[:, :, None]  # (B, Tn, end): keys after the query
     att[xp.broadcast_to(hidden[:, None], att.shape)] = -xp.inf
     att -= att.max(axis=-1, keepdims=True)
@@ -421,9 +418,8 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
-        first = (
-            first == 0
-        )  # the first block sees every key: it writes dk and dv whole, later blocks add
+        # the first block sees every key: it writes dk and dv whole, later blocks add
+        first = first == 0
         att = prec.use(att, dy.dtype)
         used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
         dyb = dyh[:, :, q0:q1]

@@ -102,9 +102,8 @@ class ColumnParallelLinear:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
             dh = linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
-            dh = self.prec.operand(
-                copy_to_tp_region_backward(dh, self.comm)
-            )  # h's f: the partials summed
+            # h's f: the partials summed
+            dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))
             dx += linear_backward(dh, x, A.value, A.grad, None, accumulate)
         return dx
 
@@ -145,9 +144,8 @@ class RowParallelLinear:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
             dh = linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
-            dh = self.prec.operand(
-                reduce_from_tp_region_backward(dh, self.comm)
-            )  # h's g: the identity
+            # h's g: the identity
+            dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))
             dx += linear_backward(dh, x, A.value, A.grad, None, accumulate)
         return dx
 
@@ -263,9 +261,8 @@ def vocab_parallel_cross_entropy_forward(logits, targets, vocab_size: int, v0: i
     local = targets - v0
     mine = (local >= 0) & (local < Vl)
     rows = xp.arange(N)
-    target_logit = xp.where(
-        mine, logits[rows, xp.where(mine, local, 0)], 0.0
-    )  # not `* mine`: -inf * 0 is nan
+    # not `* mine`: -inf * 0 is nan
+    target_logit = xp.where(mine, logits[rows, xp.where(mine, local, 0)], 0.0)
     comm.allreduce_(target_logit)
     xp.exp(logits, out=logits)
     s = logits.sum(axis=1)
