@@ -54,7 +54,7 @@ class ParamSpec:
         return math.prod(self.local_shape)
 
 
-class Row(NamedTuple):
+class LayoutRow(NamedTuple):
     """One tensor of the layout before offsets are assigned (param_specs' table)."""
 
     name: str
@@ -66,17 +66,17 @@ class Row(NamedTuple):
     tp_blocks: int = 1
 
 
-def _weight(name: str, shape: tuple, std: float, tp_axis=None, tp_blocks: int = 1) -> Row:
+def _weight(name: str, shape: tuple, std: float, tp_axis=None, tp_blocks: int = 1) -> LayoutRow:
     """A 2-D weight: normal(0, std), decayed."""
-    return Row(name, shape, Init.NORMAL, std, True, tp_axis, tp_blocks)
+    return LayoutRow(name, shape, Init.NORMAL, std, True, tp_axis, tp_blocks)
 
 
-def _ones(name: str, shape: tuple) -> Row:
-    return Row(name, shape, Init.ONES, 0.0, False)
+def _ones(name: str, shape: tuple) -> LayoutRow:
+    return LayoutRow(name, shape, Init.ONES, 0.0, False)
 
 
-def _zeros(name: str, shape: tuple, tp_axis=None, tp_blocks: int = 1) -> Row:
-    return Row(name, shape, Init.ZEROS, 0.0, False, tp_axis, tp_blocks)
+def _zeros(name: str, shape: tuple, tp_axis=None, tp_blocks: int = 1) -> LayoutRow:
+    return LayoutRow(name, shape, Init.ZEROS, 0.0, False, tp_axis, tp_blocks)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
     return specs
 
 
-def _block_rows(cfg: ModelConfig, p: str) -> list[Row]:
+def _block_rows(cfg: ModelConfig, p: str) -> list[LayoutRow]:
     """Block p's tensors: the decayed weights (and LoRA's adapters) first, then the LayerNorms and biases. The
     projections into the residual stream start smaller (GPT-2's 1/sqrt(2 n_layer) scaling)."""
     C, std, proj_std = cfg.n_embd, 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
@@ -181,7 +181,7 @@ LORA_LAYERS = dict(
 )
 
 
-def _lora_rows(cfg: ModelConfig, prefix: str) -> list[Row]:
+def _lora_rows(cfg: ModelConfig, prefix: str) -> list[LayoutRow]:
     """The adapters of one block, in LORA_TARGETS' order: A (in, r) and B (r, out) per target, sharded like the layer
     they adapt: beside a column-parallel weight (split along out) A is replicated and B split along axis 1 in the
     weight's blocks; beside a row-parallel one (split along in) A is split along axis 0 and B replicated.
@@ -200,7 +200,9 @@ def _lora_rows(cfg: ModelConfig, prefix: str) -> list[Row]:
         n_in, n_out = layer.n_in * C, layer.n_out * C
         rows += [
             _weight(f"{prefix}{target}.lora_A", (n_in, r), 1.0 / math.sqrt(3 * n_in), a_axis),
-            Row(f"{prefix}{target}.lora_B", (r, n_out), Init.ZEROS, 0.0, True, b_axis, b_blocks),
+            LayoutRow(
+                f"{prefix}{target}.lora_B", (r, n_out), Init.ZEROS, 0.0, True, b_axis, b_blocks
+            ),
         ]
     return rows
 
