@@ -459,7 +459,7 @@ def check_finetune(cfg: Config) -> None:
     if t.freeze:
         import fnmatch
 
-        from hpc_llm.model.gpt import frozen_names, param_specs
+        from hpc_llm.model.layout import frozen_names, param_specs
 
         names = [
             s.name for s in param_specs(m)

@@ -26,7 +26,7 @@ from hpc_llm.checkpoint.reader import CheckpointFile
 from hpc_llm.checkpoint.slabs import Out, Part, Piece, Slab, whole
 from hpc_llm.checkpoint.writers import agreed
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import StagePlan, param_specs
+from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.parallel.data_parallel import split_counts
 
 log = logging.getLogger("hpc_llm")

@@ -13,11 +13,15 @@ data-parallel group. The result is the same on any dp x tp layout up to the orde
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
+from hpc_llm.data.tokenizer import check_same_tokenizer
+from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError
+from hpc_llm.runtime.faults import launcher_rank
 
 
 def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -78,12 +82,6 @@ def open_split(saved, data_dir, split: str):
     """The split's tokens from a prepared data directory, after checking its tokenizer is the checkpoint's (train's
     check, tokenizer.check_same_tokenizer: the same ids must mean the same text; an ids-only gpt2-bpe import warns)
     and that it has a prediction."""
-    import logging
-
-    from hpc_llm.data.tokenizer import check_same_tokenizer
-    from hpc_llm.data.tokens import TokenData
-    from hpc_llm.runtime.faults import launcher_rank
-
     data = TokenData(data_dir)
     warning = check_same_tokenizer(
         saved.state.get("tokenizer"),

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
 from hpc_llm.backend import to_host
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import GPT, KVCache
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.parallel.comm import Comm
 
 _SOLO = Comm(None)
@@ -419,8 +421,6 @@ def tp_from_sets(sets, world_size: int, verb: str = "generate", data_parallel: b
 def read_prompts(path) -> list[str]:
     """--prompts FILE: UTF-8, one prompt a line (a final newline ends the last line; "\\r\\n" endings are fine).
     An empty line is an error naming it: it would be a prompt of no tokens."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--prompts {path}: no such file")

@@ -17,13 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.errors import UserError
-from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.layers import Param
+from hpc_llm.model.tensor_parallel import RowParallelLinear
 
 MODES = ("int8",)
-BLOCK_BYTES = (
-    1 << 18
-)  # the dequantized temporary of one block of columns: within L2 (measured best, issue 14)
+# the dequantized temporary of one block of columns: within L2 (measured best: docs/performance.md)
+BLOCK_BYTES = 1 << 18
 
 
 class QuantizedWeight:
@@ -131,9 +130,7 @@ def quantize_model(model, mode: str = "int8") -> None:
                 if isinstance(lin.w.value, QuantizedWeight):
                     continue
                 comm = (
-                    lin.comm
-                    if isinstance(lin, TP.RowParallelLinear) and lin.comm.size > 1
-                    else None
+                    lin.comm if isinstance(lin, RowParallelLinear) and lin.comm.size > 1 else None
                 )
                 lin.w = Param(QuantizedWeight.quantize(lin.w.value, 1, comm), None)
                 lin.b = _copy(lin.b)

@@ -1,255 +1,37 @@
-"""GPT-2: the parameter layout (flat buffers), the model as chunks of layer objects, forward, backward, and
-incremental decoding with a KV cache.
+"""GPT-2 on one rank: the model as chunks of layer objects over flat buffers, forward, backward, and incremental
+decoding with a KV cache.
 
 All parameters a rank holds live in one contiguous buffer `model.flat` and their gradients in `model.grad_flat` with
-the same layout; `model.params[name]` and `model.grads[name]` are views. Under tensor parallelism a rank's buffers
-hold its shards (`ParamSpec.local_shape`); under pipeline parallelism only the layers of its stages (`StagePlan`):
-the embedding on the first stage, the head (with its copy of the tied embedding) on the last. `full_tensors` puts the
-logical tensors of a stage back together. Parameter names are GPT-2's Hugging Face names without the `transformer.`
-prefix, and weights are stored (in, out) like its Conv1D, so imported weights need no transpose.
+the same layout (model/layout.py); `model.params[name]` and `model.grads[name]` are views. Under tensor parallelism
+a rank's buffers hold its shards, under pipeline parallelism only the layers of its stages (`StagePlan`).
+`full_tensors` puts the logical tensors of a stage back together (model/shard_io.py).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
-from hpc_llm.backend import to_device, to_host
-from hpc_llm.config import LORA_TARGETS, ModelConfig
+from hpc_llm.backend import to_device
+from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
-from hpc_llm.model import layers as L
-from hpc_llm.model import tensor_parallel as TP
-from hpc_llm.model.layers import Param
+from hpc_llm.model.kv_cache import KVCache
+from hpc_llm.model.layers import NO_PARAM, Param
+from hpc_llm.model.layout import (
+    ParamSpec,
+    StagePlan,
+    flops_per_token,
+    frozen_names,
+    init_tensor,
+    merge_ranges,
+    param_specs,
+    whole_model,
+)
 from hpc_llm.model.modules import Block, Chunk, Embedding, Head
 from hpc_llm.model.precision import Precision
+from hpc_llm.model.shard_io import ShardIO
 from hpc_llm.parallel.comm import Comm
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One tensor in the flat buffer, with what initialisation, the optimizer and tensor parallelism need.
-
-    tp_axis: the axis split over the tensor-parallel group (None: replicated). tp_blocks: that axis is made of this many
-    equal blocks each split separately (3 for the fused q|k|v columns, so each rank gets its heads' q, k and v).
-    """
-
-    name: str
-    shape: tuple  # the full, logical shape (checkpoints, initialisation)
-    offset: int  # where this rank's shard starts in the flat buffer
-    init_std: float  # > 0: normal(0, std); 0: zeros; -1: ones
-    decay: bool  # AdamW weight decay applies (2-D weights only, as nanoGPT)
-    tp_axis: int | None = None
-    tp_blocks: int = 1
-    local_shape: tuple = ()  # this rank's shard: shape with tp_axis divided by the TP size
-
-    @property
-    def size(self) -> int:
-        """Elements of this rank's shard (the flat buffer's share)."""
-        return math.prod(self.local_shape)
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """The pipeline split: the layers of each of pp * virtual (virtual) stages, in model order, and which of them
-    this rank holds: virtual stage c * pp + rank for each of its chunks c (Megatron's interleaving; one chunk
-    without it). The default is the whole model on one stage."""
-
-    layers: tuple  # (range, ...) per virtual stage
-    pp: int = 1
-    rank: int = 0
-    virtual: int = 1
-
-    @property
-    def n_virtual(self) -> int:
-        return self.pp * self.virtual
-
-    @property
-    def chunks(self) -> list[int]:
-        """The virtual stages this rank holds, in its buffer's order."""
-        return [c * self.pp + self.rank for c in range(self.virtual)]
-
-
-def whole_model(cfg: ModelConfig) -> StagePlan:
-    return StagePlan((range(cfg.n_layer),))
-
-
-def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) -> list[ParamSpec]:
-    """The flat-buffer layout of one rank (every rank of a TP group has the same layout): the token embedding first
-    where the rank holds the embedding or the head (the tied copy: offset 0, so the data-parallel bucket holding it
-    is reduced only after the copies' gradients are summed), the position embedding with the embedding, then the
-    blocks of its chunks in forward order, the final LayerNorm with the head. Within a block the decayed weights
-    come first and the LayerNorm/bias parameters after, so weight decay touches a few contiguous ranges; blocks are
-    in forward order, so a gradient bucket taken from the end of the buffer is complete early in backward.
-
-    LoRA (model.lora_rank = r > 0): each target linear layer's adapters follow the block's weights, A (in, r) and
-    B (r, out), sharded like the layer they adapt: beside a column-parallel weight (split along out) A is replicated
-    and B split along axis 1 in the weight's blocks; beside a row-parallel one (split along in) A is split along axis
-    0 and B replicated. A ~ normal(0, 1/sqrt(3 in)) (the variance of PEFT's Kaiming-uniform), B = 0: the adapted
-    model starts equal to the base. Decayed like every 2-D weight."""
-    plan = plan if plan is not None else whole_model(cfg)
-    first, last = 0 in plan.chunks, plan.n_virtual - 1 in plan.chunks
-    C, V = cfg.n_embd, cfg.padded_vocab
-    std, proj_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
-    rows = [("wte.weight", (V, C), std, True, 0, 1)] if first or last else []
-    if first:
-        rows.append(("wpe.weight", (cfg.block_size, C), std, True, None, 1))
-    for i in (i for v in plan.chunks for i in plan.layers[v]):
-        p = f"h.{i}."
-        rows += [
-            (p + "attn.c_attn.weight", (C, 3 * C), std, True, 1, 3),
-            (p + "attn.c_proj.weight", (C, C), proj_std, True, 0, 1),
-            (p + "mlp.c_fc.weight", (C, 4 * C), std, True, 1, 1),
-            (p + "mlp.c_proj.weight", (4 * C, C), proj_std, True, 0, 1),
-            *_lora_rows(cfg, p),
-            (p + "ln_1.weight", (C,), -1, False, None, 1),
-            (p + "ln_1.bias", (C,), 0, False, None, 1),
-            (p + "attn.c_attn.bias", (3 * C,), 0, False, 0, 3),
-            (p + "attn.c_proj.bias", (C,), 0, False, None, 1),
-            (p + "ln_2.weight", (C,), -1, False, None, 1),
-            (p + "ln_2.bias", (C,), 0, False, None, 1),
-            (p + "mlp.c_fc.bias", (4 * C,), 0, False, 0, 1),
-            (p + "mlp.c_proj.bias", (C,), 0, False, None, 1),
-        ]
-    if last:
-        rows += [("ln_f.weight", (C,), -1, False, None, 1), ("ln_f.bias", (C,), 0, False, None, 1)]
-    if not cfg.bias:  # nanoGPT's bias=False: no biases in the linear layers and LayerNorms
-        rows = [r for r in rows if not r[0].endswith(".bias")]
-    specs, offset = [], 0
-    for name, shape, init_std, decay, tp_axis, tp_blocks in rows:
-        local = list(shape)
-        if tp_axis is not None:
-            local[tp_axis] //= tp
-        spec = ParamSpec(name, shape, offset, init_std, decay, tp_axis, tp_blocks, tuple(local))
-        specs.append(spec)
-        offset += spec.size
-    return specs
-
-
-# each LoRA target (config.LORA_TARGETS, its canonical order; config cannot import this module: a cycle): (input
-# features, output features, the weight's tp_axis, its tp_blocks), in units of n_embd
-LORA_LAYERS = dict(
-    zip(LORA_TARGETS, ((1, 3, 1, 3), (1, 1, 0, 1), (1, 4, 1, 1), (4, 1, 0, 1)), strict=True)
-)
-
-
-def _lora_rows(cfg: ModelConfig, prefix: str) -> list[tuple]:
-    """The adapters of one block (param_specs' rows), in the order of model.lora_targets' canonical order."""
-    r, C = cfg.lora_rank, cfg.n_embd
-    if r <= 0:
-        return []
-    rows = []
-    for target, (n_in, n_out, axis, blocks) in LORA_LAYERS.items():
-        if target not in cfg.lora_targets:
-            continue
-        a_axis, b_axis = (
-            (None, 1) if axis == 1 else (0, None)
-        )  # column-parallel: B split; row-parallel: A split
-        rows += [
-            (
-                f"{prefix}{target}.lora_A",
-                (n_in * C, r),
-                1.0 / math.sqrt(3 * n_in * C),
-                True,
-                a_axis,
-                1,
-            ),
-            (f"{prefix}{target}.lora_B", (r, n_out * C), 0, True, b_axis, blocks if b_axis else 1),
-        ]
-    return rows
-
-
-def is_lora(name: str) -> bool:
-    return name.endswith((".lora_A", ".lora_B"))
-
-
-def frozen_names(cfg: ModelConfig, freeze=()) -> set[str]:
-    """The whole model's parameters that are not trained: with LoRA every base parameter, and those train.freeze's
-    fnmatch patterns match (config.check_finetune has checked that each matches something)."""
-    names = [s.name for s in param_specs(cfg)]
-    frozen = {n for n in names if cfg.lora_rank > 0 and not is_lora(n)}
-    for pattern in freeze:
-        frozen.update(fnmatch.filter(names, pattern))
-    return frozen
-
-
-def merge_ranges(ranges) -> list[tuple[int, int]]:
-    """Sorted [start, stop) ranges with touching neighbours merged."""
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            out[-1][1] = b
-        else:
-            out.append([a, b])
-    return [tuple(r) for r in out]
-
-
-def intersect_ranges(ranges, others) -> list[tuple[int, int]]:
-    """The [start, stop) ranges both sorted lists cover."""
-    return merge_ranges(
-        (max(a, c), min(b, d)) for a, b in ranges for c, d in others if max(a, c) < min(b, d)
-    )
-
-
-def init_tensor(spec: ParamSpec, seed: int, vocab_size: int) -> np.ndarray:
-    """The full tensor for `spec`, from a stream keyed by (seed, name): the same whatever the layout or backend."""
-    if spec.init_std == 0:
-        return np.zeros(spec.shape)
-    if spec.init_std == -1:
-        return np.ones(spec.shape)
-    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
-    t = rng.standard_normal(spec.shape) * spec.init_std
-    if spec.name == "wte.weight":
-        t[vocab_size:] = 0  # pad rows: never a target, masked out of the softmax
-    return t
-
-
-class KVCache:
-    """Keys and values of the positions decoded so far, per layer: (B, H, block_size, hd) each, and each row's
-    length (rows of a batch of prompts of different lengths fill their caches at their own pace)."""
-
-    def __init__(self, model: GPT, batch: int, reuse: bool = False):
-        """reuse: take the memory from the model's pool (`release()` gives it back), not fresh memory: first
-        touching hundreds of MB of new pages costs more than a GPT-2 small prefill's attention (docs/performance.md,
-        issue 14). The pool keeps one flat buffer per dtype, the largest released, and a cache of any batch is a
-        view of its first elements: caches of many sizes (generate's rebuilt rows, a last smaller batch) pin no more
-        than the largest of them. A reused buffer holds stale keys and values beyond each row's length, which are
-        never read: a query sees only the positions up to its own, all written for this sequence."""
-        cfg = model.cfg
-        hd = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, 2, batch, model.heads, cfg.block_size, hd)
-        dtype, size = np.dtype(model.dtype), math.prod(shape)
-        self._pool = model.__dict__.setdefault("_kv_pool", {}) if reuse else None
-        free = self._pool.pop(dtype.str, None) if reuse else None
-        if free is not None and free.size < size:
-            free = None  # too small: freed before the larger one is allocated (which replaces it on release)
-        self._buf = free if free is not None else model.xp.zeros(size, dtype=dtype)
-        self.kv = self._buf[:size].reshape(shape)
-        self.lengths = np.zeros(batch, dtype=np.int64)
-
-    def release(self) -> None:
-        """Give a reused buffer back to the model's pool, unless it holds a larger one; the cache is unusable
-        after."""
-        if self._pool is not None and self._buf is not None:
-            held = self._pool.get(self._buf.dtype.str)
-            if held is None or held.size < self._buf.size:
-                self._pool[self._buf.dtype.str] = self._buf
-        self.kv = self._buf = None
-
-    @property
-    def length(self) -> int:
-        """The longest row's length (every row's, when they are all the same)."""
-        return int(self.lengths.max()) if self.lengths.size else 0
-
-    def take(self, rows, other: KVCache) -> None:
-        """Rows `rows` of this cache become other's rows 0, 1, ... (a rebuilt context), up to other's length."""
-        n = other.length
-        for i, r in enumerate(rows):
-            self.kv[:, :, r, :, :n] = other.kv[:, :, i, :, :n]
-            self.lengths[r] = other.lengths[i]
 
 
 class GPT:
@@ -281,33 +63,40 @@ class GPT:
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
         self.plan = plan if plan is not None else whole_model(cfg)
-        self.recompute = (
-            recompute  # train.recompute = "block": each block's forward again in backward
-        )
+        # train.recompute = "block": each block's forward again in backward
+        self.recompute = recompute
         self.prec = Precision(precision)
         self.dtype = np.dtype(cfg.dtype)
-        self.logical = {
-            s.name: s.shape for s in param_specs(cfg)
-        }  # the whole model's tensors, whatever we hold
+        # the whole model's tensors, whatever we hold
+        self.logical = {s.name: s.shape for s in param_specs(cfg)}
         self.specs = param_specs(cfg, self.tp.size, self.plan)
         self.spec = {s.name: s for s in self.specs}
+        self.io = ShardIO(self.specs, self.logical, self.tp, xp, self.dtype)
         # not trained (LoRA's base, train.freeze): no optimizer state, no update, out of the gradient norm; their
         # linear layers skip the weight gradient (modules.Block), a frozen wte its head's and embedding's (_chunk)
         self.frozen = frozen_names(cfg, freeze)
         self.num_trainable = sum(
             math.prod(shape) for n, shape in self.logical.items() if n not in self.frozen
         )
-        self.num_params = sum(
-            math.prod(shape) for shape in self.logical.values()
-        )  # the whole model's
-        self.local_size = sum(s.size for s in self.specs)  # this rank's flat buffer
+        # the whole model's
+        self.num_params = sum(math.prod(shape) for shape in self.logical.values())
+        self.local_size = self.io.local_size  # this rank's flat buffer
         self.heads = cfg.n_head // self.tp.size  # this rank's attention heads
-        self.v0 = self.tp.rank * (
-            cfg.padded_vocab // self.tp.size
-        )  # first vocabulary row held here
-        self.flat = xp.zeros(
-            self.local_size, dtype=self.dtype
-        )  # the master weights (the optimizer's, saved)
+        # the first vocabulary row held here
+        self.v0 = self.tp.rank * (cfg.padded_vocab // self.tp.size)
+        self._make_buffers()
+        self.chunks = [self._chunk(v) for v in self.plan.chunks]
+        self.has_embedding = self.chunks[0].embedding is not None
+        self.has_head = self.chunks[-1].head is not None
+        self._cache = None
+        if seed is not None:
+            self.init_weights(seed)
+
+    def _make_buffers(self) -> None:
+        """The flat buffers (zeros) and the named views into them."""
+        xp = self.xp
+        # the master weights (the optimizer's, saved)
+        self.flat = xp.zeros(self.local_size, dtype=self.dtype)
         self.grad_flat = xp.zeros(self.local_size, dtype=self.dtype)
         # what forward and backward compute with: the master weights themselves, or (bf16/fp16) a copy of them
         # rounded to the format, refreshed by refresh_compute() whenever the master weights change
@@ -320,12 +109,6 @@ class GPT:
             s.name: self.grad_flat[s.offset : s.offset + s.size].reshape(s.local_shape)
             for s in self.specs
         }
-        self.chunks = [self._chunk(v) for v in self.plan.chunks]
-        self.has_embedding = self.chunks[0].embedding is not None
-        self.has_head = self.chunks[-1].head is not None
-        self._cache = None
-        if seed is not None:
-            self.init_weights(seed)
 
     def _param(self, name: str) -> Param:
         return Param(self.params[name], self.grads[name])
@@ -365,7 +148,7 @@ class GPT:
             )
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
         if last:
-            ln_f_bias = self._param("ln_f.bias") if cfg.bias else L.NO_PARAM
+            ln_f_bias = self._param("ln_f.bias") if cfg.bias else NO_PARAM
             head = Head(
                 self._param("ln_f.weight"),
                 ln_f_bias,
@@ -382,10 +165,10 @@ class GPT:
 
     def local_view(self, flat, spec: ParamSpec):
         """spec's shard inside a flat buffer laid out like self.flat (parameters, gradients, Adam moments)."""
-        return flat[spec.offset : spec.offset + spec.size].reshape(spec.local_shape)
+        return self.io.local_view(flat, spec)
 
     def shard(self, full: np.ndarray, spec: ParamSpec) -> np.ndarray:
-        return TP.shard(full, spec, self.tp.size, self.tp.rank)
+        return self.io.shard(full, spec)
 
     def init_weights(self, seed: int) -> None:
         """Each rank makes the full tensor and keeps its shard: the same logical model on any layout."""
@@ -401,108 +184,26 @@ class GPT:
                 self.compute[a : a + (1 << 20)] = self.prec.operand(self.flat[a : a + (1 << 20)])
 
     def check_shapes(self, shapes: dict, what: str = "parameters") -> None:
-        """shapes: {name: full shape} of a source of tensors; it must hold exactly the whole model's, in its shapes
-        (whatever part of it this rank holds)."""
-        missing = [n for n in self.logical if n not in shapes]
-        extra = [n for n in shapes if n not in self.logical]
-        if missing or extra:
-            raise UserError(
-                f"{what} do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
-            )
-        for name, shape in shapes.items():
-            if tuple(shape) != self.logical[name]:
-                raise UserError(
-                    f"{what}: {name} has shape {tuple(shape)}, the config gives {self.logical[name]}"
-                )
+        """shapes: {name: full shape} must be exactly the whole model's (ShardIO.check_shapes)."""
+        self.io.check_shapes(shapes, what)
 
     def load_flat(self, flat, tensors: dict, what: str = "parameters") -> None:
         """Copy named full tensors into a flat buffer laid out like self.flat, each rank taking its shard."""
-
-        def read(name, index, out=None):
-            part = np.asarray(tensors[name])[index]
-            if out is None:
-                return part
-            out[...] = part
-            return out
-
-        self.read_flat(flat, read, {n: np.shape(t) for n, t in tensors.items()}, what)
+        self.io.load_flat(flat, tensors, what)
 
     def read_flat(self, flat, read, shapes: dict, what: str, ranges=None) -> None:
-        """Fill this rank's shards in a flat buffer laid out like self.flat from a reader of full tensors:
-        read(name, index, out=None) returns full[index] for a hyperslab index (an HDF5 dataset's slicing), into
-        `out` when given (whole rows of a single slab are read straight into the buffer), and only the rows of this
-        rank's shards that cover `ranges` of the flat buffer are read (default: all of it; ZeRO-1: the ranges this
-        rank owns). shapes: {name: full shape} of what the source holds, checked first."""
-        self.check_shapes(shapes, what)
-        for s in self.specs:
-            row = s.size // s.local_shape[0]  # elements per row (along axis 0) of the local shard
-            dest = self.local_view(flat, s).reshape(-1)
-            slabs = TP.shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
-            for a, b in ranges if ranges is not None else [(0, self.local_size)]:
-                lo, hi = max(a, s.offset) - s.offset, min(b, s.offset + s.size) - s.offset
-                if lo >= hi:
-                    continue
-                r0, r1 = lo // row, -(-hi // row)
-                if (
-                    self.xp is np
-                    and lo == r0 * row
-                    and hi == r1 * row
-                    and len(slabs) == 1
-                    and (s.tp_axis != 0 or self.tp.size == 1)
-                ):  # whole rows of one slab: read in place
-                    read(
-                        s.name,
-                        (slice(r0, r1),) + slabs[0][1:],
-                        dest[lo:hi].reshape((r1 - r0,) + s.local_shape[1:]),
-                    )
-                    continue
-                rows = self._read_local_rows(read, s, slabs, r0, r1).reshape(-1)
-                dest[lo:hi] = to_device(
-                    np.asarray(rows[lo - r0 * row : hi - r0 * row], dtype=self.dtype), self.xp
-                )
-
-    def _read_local_rows(self, read, s: ParamSpec, slabs: list, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of this rank's shard of s (its `slabs`, TP.shard_slices), read as hyperslabs of the full
-        tensor."""
-        if (
-            s.tp_axis != 0 or self.tp.size == 1
-        ):  # axis 0 whole: the rows, times this rank's slab(s) of the split axis
-            pieces = [read(s.name, (slice(r0, r1),) + slab[1:]) for slab in slabs]
-            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=s.tp_axis)
-        rows = np.concatenate([np.arange(slab[0].start, slab[0].stop) for slab in slabs])[r0:r1]
-        runs = np.split(
-            rows, np.flatnonzero(np.diff(rows) != 1) + 1
-        )  # contiguous runs of full-tensor rows
-        return np.concatenate(
-            [read(s.name, (slice(int(run[0]), int(run[-1]) + 1),)) for run in runs]
-        )
+        """This rank's shards of a flat buffer laid out like self.flat, from a reader of full tensors' hyperslabs
+        (ShardIO.read_flat)."""
+        self.io.read_flat(flat, read, shapes, what, ranges)
 
     def load_state(self, tensors: dict) -> None:
         self.load_flat(self.flat, tensors)
         self.refresh_compute()
 
     def full_tensors(self, flat) -> dict:
-        """{name: full tensor} (host arrays, copies) from a flat buffer laid out like self.flat: the shards of the TP
-        group are gathered (one allgather of the flat buffer) and put back together. Every TP rank gets the result.
-        For tests and small models: checkpoints never build full tensors (checkpoint/writers.py)."""
-        P = self.tp.size
-        host = to_host(flat)
-        if P > 1:
-            every = np.empty((P, host.size), dtype=host.dtype)
-            every[self.tp.rank] = host
-            self.tp.allgather_(every.reshape(-1), [host.size] * P)
-        out = {}
-        for s in self.specs:
-            if P == 1 or s.tp_axis is None:
-                out[s.name] = host[s.offset : s.offset + s.size].reshape(s.shape).copy()
-                continue
-            full = np.empty(s.shape, dtype=host.dtype)
-            for r in range(P):
-                full[TP.shard_index(s.shape, s.tp_axis, s.tp_blocks, P, r)] = every[
-                    r, s.offset : s.offset + s.size
-                ].reshape(s.local_shape)
-            out[s.name] = full
-        return out
+        """{name: full tensor} (host copies) from a flat buffer laid out like self.flat, gathered over the TP group
+        (ShardIO.full_tensors)."""
+        return self.io.full_tensors(flat)
 
     def decay_ranges(self) -> list[tuple[int, int]]:
         """Contiguous [start, stop) ranges of the flat buffer that get weight decay."""
@@ -527,11 +228,8 @@ class GPT:
         return s.offset, s.offset + s.size
 
     def flops_per_token(self, T: int | None = None) -> float:
-        """6N + 12 L T C (nanoGPT/PaLM) of the whole model, N without the position embedding."""
-        c = self.cfg
-        T = c.block_size if T is None else T
-        n = self.num_params - math.prod(self.logical["wpe.weight"])
-        return 6 * n + 12 * c.n_layer * T * c.n_embd
+        """layout.flops_per_token of this model's config."""
+        return flops_per_token(self.cfg, T)
 
     def check_tokens(self, idx, pos0: int = 0) -> None:
         T = idx.shape[1]

@@ -33,7 +33,7 @@ class Param(NamedTuple):
 NO_PARAM = Param(None, None)  # a bias the model does not have (model.bias = false)
 
 
-def _matmul_into(a, b, out, accumulate: bool) -> None:
+def matmul_into(a, b, out, accumulate: bool) -> None:
     """out = a @ b, or out += a @ b; the overwrite case lets BLAS write straight into the gradient buffer."""
     xp = array_module(out)
     if accumulate:
@@ -126,9 +126,8 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
 # Linear (weights stored (in, out))
 
 
-SMALL_ROWS = (
-    4  # a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
-)
+# a matmul with 2 to this many rows (decoding: one per sequence; 1 row is a GEMV, fast) ...
+SMALL_ROWS = 4
 PANEL_BYTES = 1 << 19  # ... runs over column panels of w of this size (they stay in L2)
 
 
@@ -154,7 +153,7 @@ def linear_forward(x, w, b):
 def _matmul_panels(x2, w):
     """x2 @ w for a few rows x2 (M, K) by panels of w's columns that fit in L2. OpenBLAS's sgemm with M of 2-4
     packs all of w for each call and runs at a third of the memory bandwidth on this machine (2-3x slower than
-    reading w once: docs/performance.md, issue 14); a panel at a time is packed from L2 instead. From 8 rows on the
+    reading w once, measured: docs/performance.md); a panel at a time is packed from L2 instead. From 8 rows on the
     plain call is as fast with one BLAS thread and much faster with two (a thread hand-off per panel): measured."""
     K, N = w.shape
     out = np.empty((x2.shape[0], N), dtype=w.dtype)
@@ -169,7 +168,7 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
     d2 = dout.reshape(-1, dout.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     if dw is not None:
-        _matmul_into(x2.T, d2, dw, accumulate)
+        matmul_into(x2.T, d2, dw, accumulate)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
     return (d2 @ w.T).reshape(x.shape)
@@ -179,9 +178,8 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
 # GELU, tanh approximation (GPT-2's)
 
 
-ELEMENTWISE_CHUNK = (
-    1 << 16
-)  # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
+# elements: a chunk of each operand stays in L2 across a chain of NumPy passes
+ELEMENTWISE_CHUNK = 1 << 16
 
 
 def _chunks(x):
@@ -399,9 +397,8 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0):
         kv[1, b, :, p : p + Tn] = qkvh[2, b]
     end = max(pos) + Tn
     att = q @ kv[0, :, :, :end].transpose(0, 1, 3, 2)
-    qpos = (
-        xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]
-    )  # (B, Tn) absolute positions of the queries
+    # (B, Tn) absolute positions of the queries
+    qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]
     hidden = xp.arange(end)[None, None, :] > qpos[:, :, None]  # (B, Tn, end): keys after the query
     att[xp.broadcast_to(hidden[:, None], att.shape)] = -xp.inf
     att -= att.max(axis=-1, keepdims=True)
@@ -421,13 +418,12 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
-        first = (
-            first == 0
-        )  # the first block sees every key: it writes dk and dv whole, later blocks add
+        # the first block sees every key: it writes dk and dv whole, later blocks add
+        first = first == 0
         att = prec.use(att, dy.dtype)
         used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
-        _matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
+        matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
         if mask is not None:
             datt *= mask
@@ -437,8 +433,6 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
         datt *= att
         prec.round_(datt)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
-        _matmul_into(
-            datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first
-        )
+        matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)

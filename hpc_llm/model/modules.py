@@ -10,10 +10,38 @@ are vocabulary-parallel.
 
 from __future__ import annotations
 
-from hpc_llm.model import layers as L
-from hpc_llm.model import tensor_parallel as TP
-from hpc_llm.model.layers import NO_PARAM, Param
+from typing import NamedTuple
+
+from hpc_llm.model.layers import (
+    NO_PARAM,
+    DropoutRNG,
+    Param,
+    attention_backward,
+    attention_forward,
+    cached_attention_forward,
+    dropout_backward,
+    dropout_forward,
+    dropout_site,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_forward,
+    matmul_into,
+    position_embedding_backward,
+)
 from hpc_llm.model.precision import FP32, Precision
+from hpc_llm.model.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tp_region,
+    copy_to_tp_region_backward,
+    gather_from_tp_region,
+    vocab_parallel_cross_entropy_backward,
+    vocab_parallel_cross_entropy_forward,
+    vocab_parallel_embedding_backward,
+    vocab_parallel_embedding_forward,
+)
 from hpc_llm.parallel.comm import Comm
 
 
@@ -24,12 +52,12 @@ class LayerNorm:
         self.w, self.b, self.prec = w, b, prec
 
     def forward(self, x):
-        out, (xhat, rstd) = L.layernorm_forward(x, self.w.value, self.b.value)
+        out, (xhat, rstd) = layernorm_forward(x, self.w.value, self.b.value)
         return out, (self.prec.keep(xhat), rstd)
 
     def backward(self, dout, cache, accumulate: bool):
         xhat, rstd = cache
-        return L.layernorm_backward(
+        return layernorm_backward(
             dout,
             (self.prec.use(xhat, dout.dtype), rstd),
             self.w.value,
@@ -50,24 +78,24 @@ class Embedding:
         self.dropout, self.head_writes_wte = dropout, head_writes_wte
 
     def forward(self, idx, rng=None, pos0: int = 0):
-        x = TP.vocab_parallel_embedding_forward(
+        x = vocab_parallel_embedding_forward(
             self.wte.value, self.wpe.value, idx, self.v0, self.tp, pos0
         )
         mask = None
         if rng is not None and self.dropout > 0:
-            x, mask = L.dropout_forward(x, self.dropout, L.dropout_site(rng, 0))
+            x, mask = dropout_forward(x, self.dropout, dropout_site(rng, 0))
         return x, (idx, mask)
 
     def backward(self, dx, cache, accumulate: bool) -> None:
         idx, mask = cache
         if mask is not None:
-            L.dropout_backward(dx, mask)
+            dropout_backward(dx, mask)
         if (
             self.wte.grad is None
         ):  # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
-            L.position_embedding_backward(dx, self.wpe.grad, accumulate)
+            position_embedding_backward(dx, self.wpe.grad, accumulate)
             return
-        TP.vocab_parallel_embedding_backward(
+        vocab_parallel_embedding_backward(
             dx,
             idx,
             self.v0,
@@ -77,6 +105,23 @@ class Embedding:
             self.tp,
             accumulate_wte=accumulate or self.head_writes_wte,
         )
+
+
+class BlockCache(NamedTuple):
+    """What Block.backward needs from its forward: each sub-layer's cache (named after the sub-layer), the dropout
+    masks (None without dropout) and the MLP's hidden activations, kept in the precision's format."""
+
+    ln_1: tuple  # LayerNorm's (normalised input, 1/std)
+    qkv: object  # the qkv linear's cache
+    attn: tuple | None  # attention's (head-split qkv, probabilities, masks); None when decoding
+    attn_proj: object
+    attn_mask: object  # dropout on the attention branch
+    ln_2: tuple
+    fc: object
+    fc_out: object  # the fc layer's output, GELU's input
+    gelu_t: object  # GELU's tanh term (gelu_forward's cache)
+    mlp_proj: object
+    mlp_mask: object  # dropout on the MLP branch
 
 
 class Block:
@@ -104,9 +149,8 @@ class Block:
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
 
         def linear(kind, name):
-            w, b = (
-                p.get(f"{name}.{k}", NO_PARAM) for k in ("weight", "bias")
-            )  # no bias with model.bias = false
+            # no bias with model.bias = false
+            w, b = (p.get(f"{name}.{k}", NO_PARAM) for k in ("weight", "bias"))
             w, b = (
                 Param(x.value, None) if f"{name}.{k}" in frozen else x
                 for x, k in ((w, "weight"), (b, "bias"))
@@ -125,59 +169,58 @@ class Block:
             k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")
         }  # none with model.bias = false
         self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"], prec)
-        self.qkv = linear(TP.ColumnParallelLinear, "attn.c_attn")
-        self.attn_proj = linear(TP.RowParallelLinear, "attn.c_proj")
+        self.qkv = linear(ColumnParallelLinear, "attn.c_attn")
+        self.attn_proj = linear(RowParallelLinear, "attn.c_proj")
         self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"], prec)
-        self.fc = linear(TP.ColumnParallelLinear, "mlp.c_fc")
-        self.mlp_proj = linear(TP.RowParallelLinear, "mlp.c_proj")
+        self.fc = linear(ColumnParallelLinear, "mlp.c_fc")
+        self.mlp_proj = linear(RowParallelLinear, "mlp.c_proj")
 
     def forward(self, x, rng=None, kv=None, pos0: int = 0):
         """x (B, T, C) -> (x, cache). kv: decoding, this layer's KV cache (2, B, H, block_size, hd), extended at
         pos0 (the cache returned is then of no use: there is no backward)."""
         drop = self.dropout if rng is not None else 0.0
-        rng = L.dropout_site(rng, self.layer + 1) if drop > 0 else None
+        rng = dropout_site(rng, self.layer + 1) if drop > 0 else None
         h1, ln1 = self.ln_1.forward(x)
         qkv, c_qkv = self.qkv.forward(h1)
         if kv is None:
-            heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, L.DropoutRNG) else rng
-            y, att = L.attention_forward(qkv, self.heads, drop, heads_rng, self.prec)
+            heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, DropoutRNG) else rng
+            y, att = attention_forward(qkv, self.heads, drop, heads_rng, self.prec)
         else:
-            y, att = L.cached_attention_forward(qkv, self.heads, kv, pos0), None
+            y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
         a, c_aproj = self.attn_proj.forward(y)
         a_mask = None
         if drop > 0:
-            a, a_mask = L.dropout_forward(a, drop, rng)
-        x += (
-            a  # the residual input is not needed again: LayerNorm's cache holds its normalised copy
-        )
+            a, a_mask = dropout_forward(a, drop, rng)
+        # the residual input is not needed again: LayerNorm's cache holds its normalised copy
+        x += a
         h2, ln2 = self.ln_2.forward(x)
         f, c_fc = self.fc.forward(h2)
-        g, gt = L.gelu_forward(f)
+        g, gt = gelu_forward(f)
         m, c_mproj = self.mlp_proj.forward(g)
         del g
         m_mask = None
         if drop > 0:
-            m, m_mask = L.dropout_forward(m, drop, rng)
+            m, m_mask = dropout_forward(m, drop, rng)
         x += m
         keep = self.prec.keep
-        return x, (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), keep(gt), c_mproj, m_mask)
+        return x, BlockCache(
+            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), keep(gt), c_mproj, m_mask
+        )
 
-    def backward(self, dx, cache, accumulate: bool):
+    def backward(self, dx, cache: BlockCache, accumulate: bool):
         """dx: the gradient of the block's output (updated in place into that of its input, and returned)."""
-        ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask = cache
-        dm = dx if m_mask is None else L.dropout_backward(dx.copy(), m_mask)
-        dg = self.mlp_proj.backward(dm, c_mproj, accumulate)
-        df = L.gelu_backward(
-            dg, self.prec.use(f, dg.dtype), self.prec.use(gt, dg.dtype)
-        )  # consumes gt
-        dh2 = self.fc.backward(df, c_fc, accumulate)
-        dx += self.ln_2.backward(dh2, ln2, accumulate)
-        da = dx if a_mask is None else L.dropout_backward(dx.copy(), a_mask)
-        dy = self.attn_proj.backward(da, c_aproj, accumulate)
-        dqkv = L.attention_backward(dy, att, self.heads, self.prec)
-        dh1 = self.qkv.backward(dqkv, c_qkv, accumulate)
-        dx += self.ln_1.backward(dh1, ln1, accumulate)
+        c, use = cache, self.prec.use
+        dm = dx if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
+        dg = self.mlp_proj.backward(dm, c.mlp_proj, accumulate)
+        df = gelu_backward(dg, use(c.fc_out, dg.dtype), use(c.gelu_t, dg.dtype))  # consumes gelu_t
+        dh2 = self.fc.backward(df, c.fc, accumulate)
+        dx += self.ln_2.backward(dh2, c.ln_2, accumulate)
+        da = dx if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
+        dy = self.attn_proj.backward(da, c.attn_proj, accumulate)
+        dqkv = attention_backward(dy, c.attn, self.heads, self.prec)
+        dh1 = self.qkv.backward(dqkv, c.qkv, accumulate)
+        dx += self.ln_1.backward(dh1, c.ln_1, accumulate)
         return dx
 
 
@@ -195,14 +238,8 @@ class Head:
         tp: Comm,
         prec: Precision = FP32,
     ):
-        self.ln_f, self.wte, self.v0, self.vocab_size, self.tp = (
-            LayerNorm(ln_w, ln_b, prec),
-            wte,
-            v0,
-            vocab_size,
-            tp,
-        )
-        self.prec = prec
+        self.ln_f = LayerNorm(ln_w, ln_b, prec)
+        self.wte, self.v0, self.vocab_size, self.tp, self.prec = wte, v0, vocab_size, tp, prec
 
     def forward(self, x, targets=None, split: bool = False):
         """-> (mean loss, cache), or without targets (logits (B, T, vocab), None). The cross-entropy in the compute
@@ -211,33 +248,39 @@ class Head:
         padding columns (>= vocab_size) are -inf there (sampling over the shards, generate.py)."""
         B, T, C = x.shape
         xf, lnf = self.ln_f.forward(x)
-        xf2 = self.prec.operand(TP.copy_to_tp_region(xf.reshape(B * T, C), self.tp))
+        xf2 = self.prec.operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
         if targets is None:
-            logits = L.linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
+            logits = linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
             if split:
                 logits[:, max(0, self.vocab_size - self.v0) :] = -float("inf")
                 return logits.reshape(B, T, -1), None
-            logits = TP.gather_from_tp_region(logits, self.tp)
+            logits = gather_from_tp_region(logits, self.tp)
             return logits.reshape(B, T, -1)[:, :, : self.vocab_size], None
         logits = xf2 @ self.wte.value.T
-        loss, ce = TP.vocab_parallel_cross_entropy_forward(
+        loss, ce = vocab_parallel_cross_entropy_forward(
             logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp
         )
         return loss, (lnf, self.prec.keep(xf2), ce, x.shape)
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
         lnf, xf2, ce, shape = cache
-        dlogits = self.prec.round_(TP.vocab_parallel_cross_entropy_backward(ce, loss_scale))
+        dlogits = self.prec.round_(vocab_parallel_cross_entropy_backward(ce, loss_scale))
         xf2 = self.prec.use(xf2, dlogits.dtype)
-        if (
-            self.wte.grad is not None
-        ):  # None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
-            L._matmul_into(
-                dlogits.T, xf2, self.wte.grad, accumulate
-            )  # tied: wte's gradient gets the head's share
-        dx = TP.copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
+        # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
+        if self.wte.grad is not None:
+            matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)
+        dx = copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
         del dlogits, ce
         return self.ln_f.backward(dx, lnf, accumulate)
+
+
+class ChunkCache(NamedTuple):
+    """What Chunk.backward needs from its forward."""
+
+    embedding: tuple | None  # the embedding's cache (first stage)
+    blocks: list  # per block: its BlockCache, or its input under recompute
+    head: tuple | None  # the head's cache (last stage, with targets)
+    rng: object  # the dropout rng, to draw the same masks again under recompute
 
 
 class Chunk:
@@ -269,7 +312,7 @@ class Chunk:
         if (
             recompute
             and rng is not None
-            and not isinstance(rng, L.DropoutRNG)
+            and not isinstance(rng, DropoutRNG)
             and self.blocks[0].dropout > 0
         ):
             raise ValueError(
@@ -284,12 +327,17 @@ class Chunk:
             if keep_cache and not recompute:
                 caches.append(cache)
         if self.head is None:
-            return x, (emb_cache, caches, None, rng)
+            return x, ChunkCache(emb_cache, caches, None, rng)
         out, head_cache = self.head.forward(x, targets)
-        return out, (emb_cache, caches, head_cache, rng)
+        return out, ChunkCache(emb_cache, caches, head_cache, rng)
 
     def backward(
-        self, dout, cache, loss_scale: float = 1.0, accumulate: bool = False, grad_ready=None
+        self,
+        dout,
+        cache: ChunkCache,
+        loss_scale: float = 1.0,
+        accumulate: bool = False,
+        grad_ready=None,
     ):
         emb_cache, caches, head_cache, rng = cache
         ready = grad_ready or (lambda offset: None)

@@ -15,7 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.model import layers as L
+from hpc_llm.model.layers import (
+    Param,
+    embedding_backward,
+    embedding_forward,
+    linear_backward,
+    linear_forward,
+    position_embedding_backward,
+)
 from hpc_llm.model.precision import FP32, Precision
 from hpc_llm.parallel.comm import Comm
 
@@ -71,36 +78,33 @@ class ColumnParallelLinear:
     is then the same on every rank and is added after the layer's own input-gradient allreduce. A weight whose
     gradient is None (frozen) gets none computed."""
 
-    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32, lora=None):
+    def __init__(self, w: Param, b: Param, comm: Comm, prec: Precision = FP32, lora=None):
         self.w, self.b, self.comm, self.prec, self.lora = w, b, comm, prec, lora
 
     def forward(self, x):
         """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
         x = self.prec.keep(copy_to_tp_region(x, self.comm))
         xu = self.prec.use(x, self.w.value.dtype)
-        y = L.linear_forward(xu, self.w.value, self.b.value)
+        y = linear_forward(xu, self.w.value, self.b.value)
         if self.lora is None:
             return y, x
         A, B, s = self.lora
-        h = self.prec.keep(copy_to_tp_region(L.linear_forward(xu, A.value, None), self.comm))
-        _add_scaled(y, L.linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
+        h = self.prec.keep(copy_to_tp_region(linear_forward(xu, A.value, None), self.comm))
+        _add_scaled(y, linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
         return y, (x, h)
 
     def backward(self, dy, cache, accumulate: bool):
         x, h = cache if self.lora is not None else (cache, None)
         dy, x = self.prec.operand(dy), self.prec.use(x, dy.dtype)
-        dx = L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+        dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
         dx = copy_to_tp_region_backward(dx, self.comm)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
-            dh = L.linear_backward(
-                dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate
-            )
-            dh = self.prec.operand(
-                copy_to_tp_region_backward(dh, self.comm)
-            )  # h's f: the partials summed
-            dx += L.linear_backward(dh, x, A.value, A.grad, None, accumulate)
+            dh = linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
+            # h's f: the partials summed
+            dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))
+            dx += linear_backward(dh, x, A.value, A.grad, None, accumulate)
         return dx
 
 
@@ -114,38 +118,35 @@ class RowParallelLinear:
     dh = s dy B^T are the same on every rank, dA_local = x_local^T dh and the input gradient dh A_local^T stay this
     rank's share, as the layer's own."""
 
-    def __init__(self, w: L.Param, b: L.Param, comm: Comm, prec: Precision = FP32, lora=None):
+    def __init__(self, w: Param, b: Param, comm: Comm, prec: Precision = FP32, lora=None):
         self.w, self.b, self.comm, self.prec, self.lora = w, b, comm, prec, lora
 
     def forward(self, x):
         """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
         x = self.prec.keep(x)
         xu = self.prec.use(x, self.w.value.dtype)
-        y = reduce_from_tp_region(L.linear_forward(xu, self.w.value, None), self.comm)
+        y = reduce_from_tp_region(linear_forward(xu, self.w.value, None), self.comm)
         if self.b.value is not None:
             y += self.b.value
         if self.lora is None:
             return y, x
         A, B, s = self.lora
-        h = self.prec.keep(reduce_from_tp_region(L.linear_forward(xu, A.value, None), self.comm))
-        _add_scaled(y, L.linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
+        h = self.prec.keep(reduce_from_tp_region(linear_forward(xu, A.value, None), self.comm))
+        _add_scaled(y, linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
         return y, (x, h)
 
     def backward(self, dy, cache, accumulate: bool):
         x, h = cache if self.lora is not None else (cache, None)
         dy = self.prec.operand(reduce_from_tp_region_backward(dy, self.comm))
         x = self.prec.use(x, dy.dtype)
-        dx = L.linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+        dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
-            dh = L.linear_backward(
-                dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate
-            )
-            dh = self.prec.operand(
-                reduce_from_tp_region_backward(dh, self.comm)
-            )  # h's g: the identity
-            dx += L.linear_backward(dh, x, A.value, A.grad, None, accumulate)
+            dh = linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
+            # h's g: the identity
+            dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))
+            dx += linear_backward(dh, x, A.value, A.grad, None, accumulate)
         return dx
 
 
@@ -207,7 +208,7 @@ def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, p
     int8 quantize.QuantizedWeight: indexing it dequantizes the rows looked up."""
     if isinstance(pos0, (int, np.integer)):
         if comm.size == 1 and isinstance(wte_local, np.ndarray):
-            return L.embedding_forward(wte_local, wpe, idx, pos0)
+            return embedding_forward(wte_local, wpe, idx, pos0)
         positions = wpe[pos0 : pos0 + idx.shape[1]]
     else:
         xp = array_module(wpe)
@@ -232,11 +233,11 @@ def vocab_parallel_embedding_backward(
     """dx is replicated over the TP group (g's backward is the identity): each rank scatters the rows it holds.
     accumulate_wte: add to wte's gradient (the tied head wrote it first) rather than overwrite it."""
     if comm.size == 1:
-        return L.embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)
+        return embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)
     xp = array_module(dx)
     local = (idx - v0).reshape(-1)
     mine = (local >= 0) & (local < dwte_local.shape[0])
-    L.position_embedding_backward(dx, dwpe, accumulate)
+    position_embedding_backward(dx, dwpe, accumulate)
     if not accumulate_wte:
         dwte_local[...] = 0
     xp.add.at(dwte_local, local[mine], dx.reshape(-1, dx.shape[-1])[mine])
@@ -260,9 +261,8 @@ def vocab_parallel_cross_entropy_forward(logits, targets, vocab_size: int, v0: i
     local = targets - v0
     mine = (local >= 0) & (local < Vl)
     rows = xp.arange(N)
-    target_logit = xp.where(
-        mine, logits[rows, xp.where(mine, local, 0)], 0.0
-    )  # not `* mine`: -inf * 0 is nan
+    # not `* mine`: -inf * 0 is nan
+    target_logit = xp.where(mine, logits[rows, xp.where(mine, local, 0)], 0.0)
     comm.allreduce_(target_logit)
     xp.exp(logits, out=logits)
     s = logits.sum(axis=1)

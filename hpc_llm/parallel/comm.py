@@ -1,14 +1,16 @@
 """The only place MPI is called. Every collective is a named method that records its bytes and seconds in a ledger.
 
 `Comm` wraps one mpi4py communicator (the world, or a tensor- or data-parallel group made by `grid.py`). Buffers are
-NumPy arrays passed straight to mpi4py (no pickling); a CuPy array is staged through host memory until the GPU issue
-adds CUDA-aware passthrough. A size-1 communicator skips MPI entirely, so single-process code pays nothing.
+NumPy arrays passed straight to mpi4py (no pickling); a CuPy array is staged through host memory (no CUDA-aware
+passthrough). A size-1 communicator skips MPI entirely, so single-process code pays nothing; that is also why
+`mpi4py.MPI` is imported inside the functions that call it: importing it initialises MPI.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import traceback
 from collections import defaultdict
 
 import numpy as np
@@ -302,8 +304,6 @@ class Comm:
         if error[0] == "user":
             raise UserError(error[1])
         if exc is not None:
-            import traceback
-
             sys.stderr.write("".join(traceback.format_exception(exc)))
             sys.stderr.flush()
             raise JobError(error[1]) from exc

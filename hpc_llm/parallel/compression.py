@@ -49,6 +49,7 @@ import zlib
 import numpy as np
 
 from hpc_llm.backend import array_module, to_host
+from hpc_llm.model.precision import low_dtype
 
 SCHEMES = ("fp32", "bf16", "fp16", "powersgd")
 MIN_COMPRESSION_RATE = 2.0  # PyTorch's powerSGD_hook default
@@ -58,8 +59,6 @@ def comm_dtype(scheme: str):
     """The 16-bit format a scheme sends gradients in (None: the model's dtype)."""
     if scheme not in ("bf16", "fp16"):
         return None
-    from hpc_llm.model.precision import low_dtype
-
     return low_dtype(scheme)
 
 

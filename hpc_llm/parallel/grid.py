@@ -10,6 +10,9 @@ Groups, each made by Split:
     pp   same (dp, tp): one pipeline (point-to-point activations and gradients between neighbours)
     mp   same dp: the whole model once (tp x pp ranks): the gradient norm without ZeRO-1
     emb  the first and the last stage of one pipeline (pp > 1 only): the two copies of the tied embedding
+
+`mpi4py.MPI` is imported inside the functions that need it: importing it initialises MPI, which a single process
+run without mpiexec never does.
 """
 
 from __future__ import annotations

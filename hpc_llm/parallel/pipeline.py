@@ -17,12 +17,12 @@ finished gradients to the data-parallel buckets, once the chunks behind it in th
 from __future__ import annotations
 
 from hpc_llm.parallel.comm import PipelineComm
-from hpc_llm.parallel.schedule import Op
+from hpc_llm.parallel.schedule import Op, Phase
 
 
 def _needs_input(model, op: Op) -> bool:
     chunk = model.chunks[op.chunk]
-    return chunk.embedding is None if op.kind == "F" else chunk.head is None
+    return chunk.embedding is None if op.kind == Phase.FORWARD else chunk.head is None
 
 
 def run_schedule(
@@ -38,7 +38,7 @@ def run_schedule(
     multiplies every micro-batch's loss in backward; act_shape: an activation's (rows, T, C), the shape of every
     message. Returns {micro: loss} on the last stage ({} elsewhere)."""
     losses, caches, started, final = {}, {}, set(), set()
-    last_backward = {op.chunk: k for k, op in enumerate(ops) if op.kind == "B"}
+    last_backward = {op.chunk: k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD}
     pending = None  # (handle, buffer) of the receive posted for the current op
     for k, op in enumerate(ops):
         chunk = model.chunks[op.chunk]
@@ -48,7 +48,7 @@ def run_schedule(
                 pending if pending is not None else _post(model, pipe, op, act_shape, None, None)
             )
             handle.wait()
-        if op.kind == "F":
+        if op.kind == Phase.FORWARD:
             x, y, rng = micro_batch(op.micro)
             out, caches[op.micro, op.chunk] = chunk.forward(
                 x if chunk.embedding else inp, y if chunk.head else None, rng
@@ -82,7 +82,7 @@ def run_schedule(
 
 
 def _send(pipe: PipelineComm, op: Op, vstage: int, x) -> None:
-    (pipe.send_forward if op.kind == "F" else pipe.send_backward)(x, op.micro, vstage)
+    (pipe.send_forward if op.kind == Phase.FORWARD else pipe.send_backward)(x, op.micro, vstage)
 
 
 def _post(model, pipe: PipelineComm, nxt: Op, act_shape: tuple, op: Op | None, send):
@@ -92,16 +92,16 @@ def _post(model, pipe: PipelineComm, nxt: Op, act_shape: tuple, op: Op | None, s
     n_vstage = model.chunks[nxt.chunk].vstage
     if op is not None:
         vstage = model.chunks[op.chunk].vstage
-        if op.kind == "F" and nxt.kind == "B":
+        if op.kind == Phase.FORWARD and nxt.kind == Phase.BACKWARD:
             return pipe.send_forward_recv_backward(
                 send, op.micro, vstage, buf, nxt.micro, n_vstage
             ), buf
-        if op.kind == "B" and nxt.kind == "F":
+        if op.kind == Phase.BACKWARD and nxt.kind == Phase.FORWARD:
             return pipe.send_backward_recv_forward(
                 send, op.micro, vstage, buf, nxt.micro, n_vstage
             ), buf
         _send(pipe, op, vstage, send)
-    recv = pipe.recv_forward if nxt.kind == "F" else pipe.recv_backward
+    recv = pipe.recv_forward if nxt.kind == Phase.FORWARD else pipe.recv_backward
     return recv(buf, nxt.micro, n_vstage), buf
 
 

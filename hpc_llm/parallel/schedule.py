@@ -16,8 +16,8 @@ Backwards run in increasing micro-batch order in every schedule (per chunk, for 
 gradient sums its micro-batches in the same order whatever the schedule, and the sum is the same to the bit.
 
 Timed by `simulate` with no communication time, each rank computes m (t_f + t_b) and idles only while the pipeline
-fills (p - 1 stage forwards) and drains (p - 1 stage backwards); tests/parallel/test_schedule.py checks these exactly for
-t_b = 2 t_f (t_f + t_b = 3 t_f) and for other ratios, since they hold for any t_f, t_b:
+fills (p - 1 stage forwards) and drains (p - 1 stage backwards); tests/parallel/test_schedule.py checks these exactly
+for t_b = 2 t_f (t_f + t_b = 3 t_f) and for other ratios, since they hold for any t_f, t_b:
   gpipe, 1f1b:  makespan (m + p - 1) (t_f + t_b),       bubble fraction (p - 1) / (m + p - 1)
   interleaved:  makespan (m + (p - 1) / v) (t_f + t_b), bubble fraction (p - 1) / (v m + p - 1)
 since an interleaved stage is one chunk, costing t_f / v forward and t_b / v backward (a rank's layers split evenly
@@ -28,13 +28,27 @@ state waits for a round trip to the downstream stages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
 NAMES = ("gpipe", "1f1b", "interleaved")
 
 
+class Phase(StrEnum):
+    """An op's direction; prints as its letter ("F0 B0" in `describe`, Op(kind='F', ...) in messages)."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    # hashed as the letter, like the str it equals: Op("F", 0) and Op(Phase.FORWARD, 0) are one key
+    __hash__ = str.__hash__
+
+
 class Op(NamedTuple):
-    kind: str  # "F" (forward) or "B" (backward)
+    kind: Phase
     micro: int  # micro-batch, 0-based
     chunk: int = 0  # model chunk on this rank (global virtual stage chunk * p + stage); 0 without interleaving
 
@@ -63,7 +77,7 @@ def _warmup_then_1f1b(fwd: list[Op], bwd: list[Op], warmup: int) -> list[Op]:
 def gpipe(p: int, stage: int, m: int) -> list[Op]:
     """All forwards, then all backwards in micro-batch order (same makespan as reverse order; see the module doc)."""
     _check(p, stage, m)
-    return [Op("F", i) for i in range(m)] + [Op("B", i) for i in range(m)]
+    return [Op(Phase.FORWARD, i) for i in range(m)] + [Op(Phase.BACKWARD, i) for i in range(m)]
 
 
 def one_f_one_b(p: int, stage: int, m: int) -> list[Op]:
@@ -71,7 +85,7 @@ def one_f_one_b(p: int, stage: int, m: int) -> list[Op]:
     warm-up + 1 before it waits for one. p - s - 1 keeps a spare micro-batch in flight that hides the gradient's round
     trip; one fewer still runs, with bubbles; two fewer deadlock (tests/parallel/test_schedule.py)."""
     _check(p, stage, m)
-    fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
+    fwd, bwd = [Op(Phase.FORWARD, i) for i in range(m)], [Op(Phase.BACKWARD, i) for i in range(m)]
     return _warmup_then_1f1b(fwd, bwd, min(p - stage - 1, m))
 
 
@@ -87,15 +101,17 @@ def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
             "(micro-batches go through each model chunk in groups of p)"
         )
 
-    def op(kind: str, k: int) -> Op:
+    def op(kind: Phase, k: int) -> Op:
         group, k = divmod(k, p * v)
         chunk = k // p
-        return Op(kind, group * p + k % p, chunk if kind == "F" else v - 1 - chunk)
+        return Op(kind, group * p + k % p, chunk if kind == Phase.FORWARD else v - 1 - chunk)
 
     total = m * v
     warmup = min((p - stage - 1) * 2 + (v - 1) * p, total)
     return _warmup_then_1f1b(
-        [op("F", k) for k in range(total)], [op("B", k) for k in range(total)], warmup
+        [op(Phase.FORWARD, k) for k in range(total)],
+        [op(Phase.BACKWARD, k) for k in range(total)],
+        warmup,
     )
 
 
@@ -118,7 +134,7 @@ def in_flight(ops: list[Op]) -> int:
     alive: set[tuple[int, int]] = set()
     most = 0
     for op in ops:
-        if op.kind == "F":
+        if op.kind == Phase.FORWARD:
             alive.add((op.micro, op.chunk))
             most = max(most, len(alive))
         else:
@@ -161,6 +177,14 @@ class Timing:
         return max((e.end for e in self.events if e.rank == r), default=0.0)
 
 
+def _inputs(kind: Phase, micro: int, s: int, last: int) -> list[tuple[Phase, int, int]]:
+    """The ops (kind, micro, virtual stage) whose outputs op (kind, micro) of virtual stage s needs; `last` is the
+    last virtual stage (where the loss is)."""
+    if kind == Phase.FORWARD:
+        return [(Phase.FORWARD, micro, s - 1)] if s > 0 else []
+    return [(Phase.FORWARD, micro, s)] + ([(Phase.BACKWARD, micro, s + 1)] if s < last else [])
+
+
 def simulate_lists(
     lists: list[list[Op]],
     v: int = 1,
@@ -183,9 +207,9 @@ def simulate_lists(
     if cost is None:
 
         def cost(r, op, later):
-            return (t_f if op.kind == "F" else t_b) / v
+            return (t_f if op.kind == Phase.FORWARD else t_b) / v
 
-    done: dict[tuple[str, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
+    done: dict[tuple[Phase, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
     pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
     started: list[set] = [set() for _ in range(p)]  # chunks that have had a backward
     events = []
@@ -196,18 +220,15 @@ def simulate_lists(
             while pos[r] < len(ops):
                 kind, i, c = ops[pos[r]]
                 s = c * p + r
-                if kind == "F":
-                    needs = [("F", i, s - 1)] if s > 0 else []
-                else:
-                    needs = [("F", i, s)] + ([("B", i, s + 1)] if s < last else [])
+                needs = _inputs(kind, i, s, last)
                 if any(key not in done for key in needs):
                     break
                 start = max(
                     [clock[r]] + [done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs]
                 )
                 op = ops[pos[r]]
-                dt = cost(r, op, kind == "B" and c in started[r])
-                if kind == "B":
+                dt = cost(r, op, kind == Phase.BACKWARD and c in started[r])
+                if kind == Phase.BACKWARD:
                     started[r].add(c)
                 clock[r] = done[(kind, i, s)] = start + dt
                 busy[r] += dt

@@ -4,8 +4,8 @@
 - AdamW moments: 2 x the ranges the rank owns, as `GradientSync` computes them (its own code, run on a stand-in
   communicator: ZeRO-1 pieces of every bucket), and AdamW's per-thread temporaries;
 - activations: for each (micro-batch, chunk) in flight, the arrays its forward's cache holds, layer by layer as
-  modules.py builds them (activations.py: `chunk_cache_bytes`; tests/plan/test_plan.py walks a real cache and finds the same
-  bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
+  modules.py builds them (activations.py: `chunk_cache_bytes`; tests/plan/test_plan.py walks a real cache and finds the
+  same bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
   reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
@@ -22,9 +22,9 @@ from types import SimpleNamespace
 from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
 from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import ModelConfig, stage_layers
-from hpc_llm.model.gpt import StagePlan, param_specs
+from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.parallel.data_parallel import GradientSync
-from hpc_llm.parallel.schedule import schedule
+from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.plan.activations import (
     INDEX_BYTES,
     block_backward_work,
@@ -239,7 +239,7 @@ def _op_work(
 ):
     """The temporaries of one schedule op beyond the caches it keeps."""
     b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
-    if op.kind == "F":
+    if op.kind == Phase.FORWARD:
         work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
         if lay.recompute == "block":
             # each block's whole cache is built, then dropped; Chunk.forward's loop variable still holds the
@@ -272,7 +272,7 @@ def _schedule_peak(
     alive: dict = {}
     sends = 0
     started: set = set()
-    last_b = max(k for k, op in enumerate(ops) if op.kind == "B")
+    last_b = max(k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD)
     best = _Peak()
     batch = (
         2 * lay.rows * cfg.block_size * INDEX_BYTES
@@ -280,7 +280,7 @@ def _schedule_peak(
     for k, op in enumerate(ops):
         v = plan.chunks[op.chunk]
         first, last = v == 0, v == plan.n_virtual - 1
-        if op.kind == "F":
+        if op.kind == Phase.FORWARD:
             alive[(op.micro, op.chunk)] = sizes[op.chunk]
         work = _op_work(
             cfg, lay, by, op, len(plan.layers[v]), last, op.chunk in started, msg, batch
@@ -289,7 +289,7 @@ def _schedule_peak(
         total = sum(alive.values()) + work + sends + zero + batch
         if total > best.total:
             best = _Peak(total, sum(alive.values()), work + batch, sends, zero)
-        if op.kind == "B":
+        if op.kind == Phase.BACKWARD:
             alive.pop((op.micro, op.chunk))
             started.add(op.chunk)
             sends += msg if not first else 0

@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from hpc_llm.config import ModelConfig
-from hpc_llm.model.gpt import param_specs
-from hpc_llm.parallel.schedule import Timing
+from hpc_llm.model.layout import flops_per_token
+from hpc_llm.parallel.schedule import Phase, Timing
 from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
 from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time, refresh_time
 from hpc_llm.plan.memory import (
@@ -127,12 +127,6 @@ def resolve_precision(cfg: ModelConfig, precision: str | None) -> str:
     return precision
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
-    """GPT.flops_per_token: 6N + 12 L T C, N without the position embedding."""
-    n = sum(math.prod(s.shape) for s in param_specs(cfg) if s.name != "wpe.weight")
-    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
-
-
 def _group_links(cl: Cluster, lay: Layout, share: float) -> dict:
     """The link of each parallel group (tp, dp, pp, and the world's: "world"); None for a group of one rank."""
     lv = _levels(cl, lay, share)
@@ -173,7 +167,8 @@ def _step_times(
     """The step of the slowest stage ``crit`` and its parts, in seconds."""
     busy = timing.busy[crit]
     tp_time = sum(
-        costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == "F" else "B"].tp for e in events[crit]
+        costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == Phase.FORWARD else "B"].tp
+        for e in events[crit]
     )
     return {
         "step": tail["sync_at"] + scalars + post + ckpt,
@@ -225,7 +220,7 @@ def predict(
     t_comm = p2p(msg, links["pp"].latency_s, links["pp"].bw) if lay.pp > 1 else 0.0
 
     def cost(kind, v, later):
-        return costs[v]["F" if kind == "F" else ("B+" if later else "B")].total
+        return costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total
 
     timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
     events = _events_by_rank(timing, lay.pp)
@@ -263,7 +258,7 @@ def _grad_reports(lay: Layout, plan, costs, events, offset: dict) -> list[tuple[
     reports = []
     last_b = {}
     for e in events:
-        if e.op.kind == "B":
+        if e.op.kind == Phase.BACKWARD:
             last_b[e.op.chunk] = e
     acc = (
         "+" if lay.micro_batches > 1 else ""

@@ -13,7 +13,7 @@ from hpc_llm.parallel.schedule import Timing, schedule, simulate_lists
 
 
 def simulate_costs(name: str, p: int, m: int, v: int, cost, t_comm: float = 0.0) -> Timing:
-    """cost(kind, vstage, later) -> seconds, with kind "F" | "B" and later: a backward that is not its chunk's
+    """cost(kind, vstage, later) -> seconds, with kind a schedule.Phase and later: a backward that is not its chunk's
     first of the step (it accumulates)."""
     lists = [schedule(name, p, r, m, v) for r in range(p)]
     return simulate_lists(

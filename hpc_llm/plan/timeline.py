@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpc_llm.errors import UserError
+from hpc_llm.parallel.schedule import Phase
 
 COLORS = {"F": "#4c72b0", "B": "#dd8452", "B+": "#c44e52"}
 
@@ -25,7 +26,7 @@ def draw(pred, path: str | Path, title: str = "") -> Path:
     scale = 1000.0  # ms
     for e in timing.events:
         kind = e.op.kind
-        if kind == "B":
+        if kind == Phase.BACKWARD:
             kind = "B+" if (e.rank, e.op.chunk) in started else "B"
             started.add((e.rank, e.op.chunk))
         ax.barh(

@@ -43,7 +43,7 @@ from hpc_llm.checkpoint.format import empty_metrics
 from hpc_llm.config import Config, ModelConfig, validate
 from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import param_specs
+from hpc_llm.model.layout import param_specs
 from hpc_llm.parallel.comm import world_comm
 
 __all__ = [

@@ -23,7 +23,7 @@ from hpc_llm.checkpoint import load_checkpoint, save_checkpoint
 from hpc_llm.checkpoint.format import empty_metrics
 from hpc_llm.config import LORA_TARGETS, ModelConfig, config_from_dict
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import is_lora
+from hpc_llm.model.layout import is_lora
 from hpc_llm.parallel.comm import world_comm
 
 

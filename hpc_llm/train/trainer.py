@@ -30,8 +30,9 @@ from hpc_llm.config import Config, canonical_targets, config_from_dict, stage_la
 from hpc_llm.data.sampler import check_split_size, get_batch
 from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.model.gpt import GPT, StagePlan, intersect_ranges, is_lora, merge_ranges
+from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
+from hpc_llm.model.layout import StagePlan, intersect_ranges, is_lora, merge_ranges
 from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.compression import reset_line
 from hpc_llm.parallel.data_parallel import GradientSync

@@ -45,7 +45,8 @@ import numpy as np  # noqa: E402
 
 from hpc_llm.config import ModelConfig  # noqa: E402
 from hpc_llm.infer.generate import sample_sharded  # noqa: E402
-from hpc_llm.model.gpt import GPT, KVCache  # noqa: E402
+from hpc_llm.model.gpt import GPT  # noqa: E402
+from hpc_llm.model.kv_cache import KVCache  # noqa: E402
 
 CFG = dict(
     n_layer=args.layers, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dtype="float32"

@@ -212,10 +212,10 @@ def prefix_sums(summary: dict, what: str) -> dict:
 def simulate_measured(lists, v: int, t_f, t_b):
     """schedule.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] seconds; no transfer time.
     -> (makespan, busy per rank)."""
-    from hpc_llm.parallel.schedule import simulate_lists
+    from hpc_llm.parallel.schedule import Phase, simulate_lists
 
     timing = simulate_lists(
-        lists, v, cost=lambda r, op, later: (t_f if op.kind == "F" else t_b)[r][op.chunk]
+        lists, v, cost=lambda r, op, later: (t_f if op.kind == Phase.FORWARD else t_b)[r][op.chunk]
     )
     return timing.makespan, timing.busy
 
@@ -398,6 +398,8 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
     pairs of `ops`, each its chunk's layers x bench_train's per-layer size (+ ln_f and probabilities on the head)."""
     from bench_train import activation_bytes
 
+    from hpc_llm.parallel.schedule import Phase
+
     final = activation_bytes(dataclasses.replace(model_cfg, n_layer=0), rows)
     per_layer = activation_bytes(dataclasses.replace(model_cfg, n_layer=1), rows) - final
     n_virtual = len(plan_layers)
@@ -408,7 +410,7 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
 
     alive, most, now = set(), 0, 0
     for op in ops:
-        if op.kind == "F":
+        if op.kind == Phase.FORWARD:
             alive.add((op.micro, op.chunk))
             now += size(op.chunk)
             most = max(most, now)

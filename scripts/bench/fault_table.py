@@ -5,7 +5,8 @@
 Each case runs `mpiexec -n N python -m hpc_llm train` on a tiny model (2 layers x 32, block 16, checkpoints every 2
 steps) with HPC_LLM_FAULT set (hpc_llm/runtime/faults.py), `--repeats` times; the time is launch to the launcher's exit,
 the start-up of the ranks included (the "none" row is a clean run of the same length for comparison). After each run the
-newest checkpoint is verified (what survived). The case list mirrors tests/runtime/test_faults.py, which asserts the outcomes.
+newest checkpoint is verified (what survived). The case list mirrors tests/runtime/test_faults.py, which asserts the
+outcomes.
 """
 
 from __future__ import annotations

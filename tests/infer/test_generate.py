@@ -10,7 +10,8 @@ from helpers import random_model
 
 from hpc_llm.errors import UserError
 from hpc_llm.infer.generate import generate, sample_next
-from hpc_llm.model.gpt import GPT, KVCache
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.kv_cache import KVCache
 
 SHAPES = [  # (n_layer, n_head, n_embd, block_size, vocab_size)
     (1, 1, 8, 12, 17),

@@ -33,7 +33,8 @@ import hpc_llm.infer.generate as G
 from hpc_llm.errors import UserError
 from hpc_llm.infer.evaluate import batches, evaluate, windows
 from hpc_llm.infer.quantize import QuantizedWeight, quantize_model, weight_bytes
-from hpc_llm.model.gpt import GPT, KVCache
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hpc_llm.config import ModelConfig
-from hpc_llm.model.gpt import GPT, KVCache
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.kv_cache import KVCache
 
 try:
     import cupy

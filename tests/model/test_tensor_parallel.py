@@ -30,7 +30,9 @@ from mpi4py import MPI
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
-from hpc_llm.model.gpt import GPT, KVCache, init_tensor, param_specs
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.kv_cache import KVCache
+from hpc_llm.model.layout import init_tensor, param_specs
 from hpc_llm.parallel.grid import make_grid
 
 NPROCS = [2, 4]

@@ -5,6 +5,7 @@ import pytest
 
 from hpc_llm.parallel.schedule import (
     Op,
+    Phase,
     describe,
     gpipe,
     in_flight,
@@ -54,9 +55,11 @@ def test_every_op_once_forward_before_backward(name):
             want = {(i, c) for i in range(m) for c in range(v)}
             where = {op: k for k, op in enumerate(ops)}
             assert len(ops) == 2 * m * v and len(where) == len(ops)  # no duplicates
-            assert {(op.micro, op.chunk) for op in ops if op.kind == "F"} == want
-            assert {(op.micro, op.chunk) for op in ops if op.kind == "B"} == want
-            assert all(where[Op("F", i, c)] < where[Op("B", i, c)] for i, c in want), (
+            assert {(op.micro, op.chunk) for op in ops if op.kind == Phase.FORWARD} == want
+            assert {(op.micro, op.chunk) for op in ops if op.kind == Phase.BACKWARD} == want
+            assert all(
+                where[Op(Phase.FORWARD, i, c)] < where[Op(Phase.BACKWARD, i, c)] for i, c in want
+            ), (
                 name,
                 p,
                 s,
@@ -71,7 +74,7 @@ def test_one_f_one_b_shape_and_in_flight():
             for s in range(p):
                 ops = one_f_one_b(p, s, m)
                 check_warmup_1f1b_shape(ops, min(p - s - 1, m))
-                assert [op.micro for op in ops if op.kind == "F"] == list(range(m))
+                assert [op.micro for op in ops if op.kind == Phase.FORWARD] == list(range(m))
                 assert in_flight(ops) == min(p - s, m)
 
 
@@ -80,7 +83,9 @@ def test_gpipe_shape_and_in_flight():
         for m in MS:
             for s in range(p):
                 ops = gpipe(p, s, m)
-                assert ops == [Op("F", i) for i in range(m)] + [Op("B", i) for i in range(m)]
+                assert ops == [Op(Phase.FORWARD, i) for i in range(m)] + [
+                    Op(Phase.BACKWARD, i) for i in range(m)
+                ]
                 assert in_flight(ops) == m
 
 
@@ -94,8 +99,10 @@ def test_interleaved_order_and_in_flight():
             ops = interleaved(p, s, m, v)
             warmup = interleaved_warmup(p, s, m, v)
             check_warmup_1f1b_shape(ops, warmup)
-            assert [(op.micro, op.chunk) for op in ops if op.kind == "F"] == order(range(v))
-            assert [(op.micro, op.chunk) for op in ops if op.kind == "B"] == order(
+            assert [(op.micro, op.chunk) for op in ops if op.kind == Phase.FORWARD] == order(
+                range(v)
+            )
+            assert [(op.micro, op.chunk) for op in ops if op.kind == Phase.BACKWARD] == order(
                 range(v - 1, -1, -1)
             )
             # steady state: each F adds one to the warm-up's stored activations before its B frees one
@@ -108,9 +115,9 @@ def test_backwards_in_micro_batch_order_per_chunk():
         for s in range(p):
             ops = schedule(name, p, s, m, v)
             for c in range(v):
-                assert [op.micro for op in ops if op.kind == "B" and op.chunk == c] == list(
-                    range(m)
-                )
+                assert [
+                    op.micro for op in ops if op.kind == Phase.BACKWARD and op.chunk == c
+                ] == list(range(m))
 
 
 def test_describe_lists_each_rank():
@@ -178,7 +185,10 @@ def test_1f1b_warmup_is_the_least_that_keeps_the_pipeline_full():
     for p in range(2, 6):
         m = 2 * p
         best = (m + p - 1) * 3.0
-        fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
+        fwd, bwd = (
+            [Op(Phase.FORWARD, i) for i in range(m)],
+            [Op(Phase.BACKWARD, i) for i in range(m)],
+        )
         for s in range(p - 1):
             for w in (p - s - 2, p - s - 3):
                 if w < 0:
@@ -195,7 +205,10 @@ def test_1f1b_warmup_is_the_least_that_keeps_the_pipeline_full():
 
 
 def test_backward_before_own_forward_deadlocks():
-    lists = [one_f_one_b(2, 0, 2), [Op("B", 0), Op("F", 0), Op("F", 1), Op("B", 1)]]
+    lists = [
+        one_f_one_b(2, 0, 2),
+        [Op(Phase.BACKWARD, 0), Op(Phase.FORWARD, 0), Op(Phase.FORWARD, 1), Op(Phase.BACKWARD, 1)],
+    ]
     with pytest.raises(RuntimeError, match=r"stage 1 at Op\(kind='B', micro=0"):
         simulate_lists(lists)
 

@@ -281,11 +281,13 @@ def test_gemm_and_elementwise_figures_interpolate():
     ],
 )
 def test_simulated_bubble_is_ideal_without_transfer_costs(name, p, m, v):
-    t = simulate_costs(name, p, m, v, lambda kind, s, later: (1.0 if kind == "F" else 2.0) / v)
+    t = simulate_costs(
+        name, p, m, v, lambda kind, s, later: (1.0 if kind == S.Phase.FORWARD else 2.0) / v
+    )
     assert t.bubble == pytest.approx((p - 1) / (v * m + p - 1))
     ref = S.simulate(name, p, m, v, 1.0, 2.0, 0.3)
     assert simulate_costs(
-        name, p, m, v, lambda k, s, later: (1.0 if k == "F" else 2.0) / v, 0.3
+        name, p, m, v, lambda k, s, later: (1.0 if k == S.Phase.FORWARD else 2.0) / v, 0.3
     ).makespan == pytest.approx(ref.makespan)
 
 

@@ -15,7 +15,7 @@ import h5py
 import pytest
 from helpers import REPO, tiny_config
 
-from hpc_llm.model.gpt import param_specs
+from hpc_llm.model.layout import param_specs
 from hpc_llm.train.trainer import Trainer
 
 SCRIPT = REPO / "scripts" / "plot_run.py"

@@ -169,7 +169,7 @@ def test_mapping_pads_wte_and_renames(gpt2_dir):
         n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=N_POSITIONS, vocab_size=VOCAB
     )
     params = gpt2_tensors_to_params(tensors, mcfg)
-    from hpc_llm.model.gpt import param_specs
+    from hpc_llm.model.layout import param_specs
 
     specs = param_specs(mcfg)
     assert list(params) == [s.name for s in specs]

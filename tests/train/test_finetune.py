@@ -39,7 +39,8 @@ import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
-from hpc_llm.model.gpt import GPT, is_lora
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.layout import is_lora
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 from hpc_llm.tools.merge_lora import merge_lora
 from hpc_llm.train.trainer import Trainer
