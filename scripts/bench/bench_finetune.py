@@ -1,4 +1,4 @@
-"""Fine-tuning (issue 14): pre-train a small model on the stdlib corpus, then fine-tune it on tinyshakespeare (the same
+"""Fine-tuning: pre-train a small model on the stdlib corpus, then fine-tune it on tinyshakespeare (the same
 byte tokenizer) in full and with LoRA; val loss after the same number of steps, trainable parameters, optimizer
 memory and tokens/s, one process (docs/performance.md, "Fine-tuning (issue 14)").
 

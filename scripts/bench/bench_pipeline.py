@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pipeline-parallel benchmark (issue 10): the bubble per stage, activation memory per stage, throughput beside dp/tp.
+"""Pipeline-parallel benchmark: the bubble per stage, activation memory per stage, throughput beside dp/tp.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
     mpiexec -n 2 python scripts/bench/bench_pipeline.py bubble        # pp 2: gpipe, 1f1b, interleaved x m 4, 8, 16
