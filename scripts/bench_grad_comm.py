@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_parallel import random_tokens  # noqa: E402
 from bench_train import PRESETS  # noqa: E402
 
-from hpc_llm.config import Config, validate  # noqa: E402
+from hpc_llm.config import Config  # noqa: E402
+from hpc_llm.config_checks import validated  # noqa: E402
 from hpc_llm.parallel.data_parallel import GradientSync  # noqa: E402
 from hpc_llm.train.trainer import Trainer  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> None:
     cfg.train.peak_tflops = 1.0
     cfg.train.eval_iters = 0
     cfg.parallel.bucket_mb = args.bucket_mb
-    validate(cfg)
+    cfg = validated(cfg)
     tr = Trainer(cfg)
     g, m = tr.grid, tr.model
     bucket_elems = int(args.bucket_mb * 2**20) // m.dtype.itemsize

@@ -89,7 +89,8 @@ def quality(args) -> dict:
 
 def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int = 0):
     sys.path.insert(0, str(REPO))
-    from hpc_llm.config import Config, validate
+    from hpc_llm.config import Config
+    from hpc_llm.config_checks import validated
     from hpc_llm.parallel.grid import single_process_grid
     from hpc_llm.train.trainer import Trainer
 
@@ -100,8 +101,7 @@ def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int 
     cfg.train.precision, cfg.train.recompute, cfg.train.seed = precision, recompute, seed
     cfg.train.peak_tflops, cfg.train.eval_iters = 1.0, 0
     cfg.train.out_dir = f"/tmp/bench_precision/{name}-{os.getpid()}"
-    validate(cfg)
-    return Trainer(cfg, grid=single_process_grid())
+    return Trainer(validated(cfg), grid=single_process_grid())
 
 
 PRESETS = {

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc_llm.config import Config, validate
+from hpc_llm.config import Config
+from hpc_llm.config_checks import validated
 from hpc_llm.data.prepare import prepare
 
 
@@ -66,8 +67,7 @@ def tiny_config(data_path, out_dir, **overrides) -> Config:
         sub = getattr(cfg, section)
         assert hasattr(sub, name), key  # a typo in a test must not pass silently
         setattr(sub, name, value)
-    validate(cfg)
-    return cfg
+    return validated(cfg)
 
 
 def write_toml(cfg: Config, path) -> Path:

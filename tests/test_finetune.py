@@ -135,7 +135,7 @@ def test_init_from_checks(make_cfg):
 def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatch):
     """train.init_from's file, or --resume's, opened by the start-up checks, is closed when a check after it fails
     (the layout's, made to fail here)."""
-    import hpc_llm.train.trainer
+    import hpc_llm.train.startup
     from hpc_llm.checkpoint import CheckpointFile
 
     path = run(make_cfg("src", **{"train.max_iters": 1})).summary["checkpoint"]
@@ -147,7 +147,7 @@ def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatc
     def check_layout(*args):
         raise UserError("a later check failed")
 
-    monkeypatch.setattr(hpc_llm.train.trainer, "check_layout", check_layout)
+    monkeypatch.setattr(hpc_llm.train.startup, "check_layout", check_layout)
     with pytest.raises(UserError, match="a later check failed"):
         Trainer(make_cfg("a", **{"train.init_from": path}))
     with pytest.raises(UserError, match="a later check failed"):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpc_llm.backend import to_device, to_host
-from hpc_llm.config import LORA_TARGETS, ModelConfig
+from hpc_llm.config import ModelConfig
+from hpc_llm.config_checks import LORA_TARGETS
 from hpc_llm.errors import UserError
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
@@ -129,7 +130,7 @@ def param_specs(cfg: ModelConfig, tp: int = 1, plan: StagePlan | None = None) ->
     return specs
 
 
-# each LoRA target (config.LORA_TARGETS, its canonical order; config cannot import this module: a cycle): (input
+# each LoRA target (config_checks.LORA_TARGETS, its canonical order): (input
 # features, output features, the weight's tp_axis, its tp_blocks), in units of n_embd
 LORA_LAYERS = dict(
     zip(LORA_TARGETS, ((1, 3, 1, 3), (1, 1, 0, 1), (1, 4, 1, 1), (4, 1, 0, 1)), strict=True)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.config import Config, ModelConfig, validate
+from hpc_llm.config import Config, ModelConfig
+from hpc_llm.config_checks import validated
 from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
 from hpc_llm.errors import UserError
 
@@ -156,8 +157,7 @@ def read_gpt2_config(model_dir) -> tuple[Config, dict]:
         dropout=0.0,
         dtype="float32",
     )
-    validate(cfg)
-    return cfg, hf
+    return validated(cfg), hf
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def read_gpt2_dir(model_dir) -> tuple[Config, dict[str, np.ndarray]]:
 def _empty_metrics() -> dict:
     """The tables and columns `Trainer.save` stores, with no rows."""
     try:
-        from hpc_llm.train.trainer import Metrics
+        from hpc_llm.train.metrics import Metrics
     except ImportError:  # pragma: no cover - keep the import usable if the trainer's layout changes
         return {
             "train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")},

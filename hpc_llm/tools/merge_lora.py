@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.config import LORA_TARGETS, config_from_dict
+from hpc_llm.config import config_from_dict
+from hpc_llm.config_checks import LORA_TARGETS
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import is_lora
 
@@ -43,7 +44,7 @@ def merge_lora(checkpoint, out) -> Path:
     from hpc_llm import checkpoint as ckpt
     from hpc_llm.api import resolve_checkpoint
     from hpc_llm.parallel.comm import world_comm
-    from hpc_llm.train.trainer import Metrics
+    from hpc_llm.train.metrics import Metrics
 
     if (
         ranks := world_comm().size
