@@ -219,7 +219,7 @@ def test_frozen_parameters_stay_bitwise_unchanged(make_cfg):
 
 def test_freeze_pattern_matching_nothing(make_cfg):
     with pytest.raises(UserError, match="train.freeze: pattern 'h.9.*' matches no parameter"):
-        make_cfg(**{"train.freeze": ["h.9.*"]})
+        Trainer(make_cfg(**{"train.freeze": ["h.9.*"]}))
 
 
 def test_nothing_left_to_train_is_refused(make_cfg):
@@ -228,9 +228,9 @@ def test_nothing_left_to_train_is_refused(make_cfg):
     with pytest.raises(
         UserError, match=r"train.freeze: \['\*'\] freezes every parameter: nothing left to train"
     ):
-        make_cfg(**{"train.freeze": ["*"]})
+        Trainer(make_cfg(**{"train.freeze": ["*"]}))
     with pytest.raises(UserError, match="also cover every LoRA adapter"):
-        make_cfg(**LORA, **{"train.freeze": ["h.*.lora_A", "h.*.lora_B"]})
+        Trainer(make_cfg(**LORA, **{"train.freeze": ["h.*.lora_A", "h.*.lora_B"]}))
     tr = Trainer(
         make_cfg(
             **LORA, **{"train.freeze": ["h.0.*", "h.1.attn.*", "h.1.mlp.c_fc.*", "h.1.*.lora_A"]}

@@ -26,8 +26,8 @@ log = logging.getLogger("hpc_llm")
 @dataclass
 class Engine:
     """plan: this rank's pipeline stage; ops: its schedule of forward/backward ops; pipe: the stage-to-stage
-    transfers (None with one stage); norm_ranges, norm_comm: the ranges of the flat gradient whose squares this
-    rank adds to the global norm, and over which group."""
+    transfers (None with one stage); norm: (the ranges of the flat gradient whose squares this rank adds to the
+    global norm, the group over which they are summed)."""
 
     plan: StagePlan
     model: GPT
@@ -35,8 +35,7 @@ class Engine:
     pipe: PipelineComm | None
     sync: GradientSync
     opt: AdamW
-    norm_ranges: list
-    norm_comm: object
+    norm: tuple
 
 
 def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
@@ -68,8 +67,7 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         t,
         owned=intersect_ranges(sync.owned, model.trainable_ranges()),
     )
-    norm_ranges, norm_comm = _norm_ranges(model, grid, sync, opt)
-    return Engine(plan, model, ops, pipe, sync, opt, norm_ranges, norm_comm)
+    return Engine(plan, model, ops, pipe, sync, opt, _norm_ranges(model, grid, sync, opt))
 
 
 def _gradient_sync(cfg: Config, grid: Grid, model: GPT) -> GradientSync:

@@ -4,6 +4,7 @@ rank alike (the verdict comes from global values); too many bad steps in a row s
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 
@@ -83,3 +84,9 @@ class SkipPolicy:
     def exhausted(self) -> bool:
         """Too many bad steps in a row: the run stops (with a checkpoint of the last good state)."""
         return self.bad_in_row >= self.max_bad_steps
+
+
+def overflow_quiet(scaler):
+    """fp16 (a loss scaler): values overflow to inf when rounded to the format, expected and what the scaler
+    detects, so NumPy's overflow warnings are silenced; else nothing changes."""
+    return np.errstate(over="ignore", invalid="ignore") if scaler else contextlib.nullcontext()

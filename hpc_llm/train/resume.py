@@ -1,5 +1,6 @@
-"""Where a trainer's state comes from: a checkpoint restored (checkpoint/trainer_state.py), or a fresh start (the
-seed's initialisation, or train.init_from's weights) when --resume auto finds none that verifies."""
+"""Where a trainer's weights and state come from: train.init_from's weights, a checkpoint restored
+(checkpoint/trainer_state.py), or a fresh start (the seed's initialisation, or train.init_from's weights) when
+--resume auto finds none that verifies."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from hpc_llm import checkpoint as ckpt
 from hpc_llm.checkpoint.trainer_state import Restored, TrainerParts
 from hpc_llm.config import Config
 from hpc_llm.data.prepare import TokenData
-from hpc_llm.train.build import load_init_from
-from hpc_llm.train.compat import check_compatible, open_init_from
+from hpc_llm.runtime.faults import inject, phase
+from hpc_llm.train.build import check_replicas_identical, load_init_from
+from hpc_llm.train.compat import check_compatible, open_checkpoint, open_init_from
+from hpc_llm.train.startup import StartInputs
 from hpc_llm.train.state import TrainState
 
 
@@ -50,3 +53,47 @@ def start_fresh(parts: TrainerParts, cfg: Config, data: TokenData) -> TrainState
     parts.opt.v[...] = 0
     parts.opt.t = 0
     return TrainState.fresh(t)
+
+
+def begin(
+    parts: TrainerParts,
+    state: TrainState,
+    inputs: StartInputs,
+    auto: bool,
+    cfg: Config,
+    data: TokenData,
+) -> tuple[TrainState, Restored | None]:
+    """A new trainer's weights and state: train.init_from's weights into a fresh run, or --resume's checkpoint
+    (``auto``: world rank 0's candidates tried newest first; none verifies: a fresh start)."""
+    world = parts.grid.world
+    if inputs.resume is None and inputs.init_from is not None:
+        with phase("init_from"):
+            load_init_from(parts.model, parts.grid, inputs.init_from, cfg.train.init_from)
+    check_replicas_identical(parts.model, parts.grid, "initial parameters")
+    if inputs.resume is None:
+        return state, None
+    with phase("resume"):
+        inject("resume")
+        candidates = None
+        if auto:
+            candidates = world.bcast_object(inputs.candidates if world.rank == 0 else None)
+        state, restored = restore_or_start_fresh(parts, state, inputs.resume, candidates, cfg, data)
+    if restored is not None:
+        check_replicas_identical(parts.model, parts.grid, "resumed parameters")
+    return state, restored
+
+
+def restore_path(
+    parts: TrainerParts, state: TrainState, path: Path, cfg: Config, data: TokenData
+) -> tuple[TrainState, Restored | None]:
+    """Trainer.restore: a checkpoint file (corrupt: UserError on every rank), or a run directory, as --resume auto
+    (its newest checkpoint that verifies; none: a fresh start)."""
+    world = parts.grid.world
+    if world.bcast_object(path.is_dir()):
+        candidates = ckpt.choose_candidates(world, path)
+        out = restore_or_start_fresh(parts, state, None, candidates, cfg, data)
+    else:
+        saved = world.agree(lambda: open_checkpoint(path, cfg.model, data, world.rank == 0))
+        out = restore_or_start_fresh(parts, state, saved, None, cfg, data)
+    check_replicas_identical(parts.model, parts.grid, "restored parameters")
+    return out

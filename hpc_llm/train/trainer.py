@@ -35,9 +35,8 @@ from hpc_llm.parallel.grid import Grid, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
 from hpc_llm.runtime.faults import PHASE, WATCHDOG, inject, phase
 from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
-from hpc_llm.train.build import build_engine, check_replicas_identical, load_init_from
-from hpc_llm.train.compat import open_checkpoint
-from hpc_llm.train.guards import SkipPolicy
+from hpc_llm.train.build import build_engine
+from hpc_llm.train.guards import SkipPolicy, overflow_quiet
 from hpc_llm.train.metrics import (
     MetricsFile,
     RunLog,
@@ -48,84 +47,60 @@ from hpc_llm.train.metrics import (
     predicted_memory,
 )
 from hpc_llm.train.optim import global_grad_norm, lr_at
-from hpc_llm.train.resume import restore_or_start_fresh
-from hpc_llm.train.startup import StartInputs, claim_out_dir, open_inputs
+from hpc_llm.train.resume import begin, restore_path
+from hpc_llm.train.startup import claim_out_dir, open_inputs
 from hpc_llm.train.state import TrainState
 
 log = logging.getLogger("hpc_llm")
 
-TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = (
-    0,
-    1,
-    2,
-)  # sampler streams: batches, val eval, train eval
+# sampler streams: training batches, val eval, train eval
+TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2
 
 
 class Trainer:
     """One rank's share of a training run: built from a validated config (and --resume), then run()."""
 
     def __init__(self, cfg: Config, resume: str | None = None, grid: Grid | None = None, stop=None):
-        self.stop = (
-            stop if stop is not None else StopRequest()
-        )  # train() installs its handlers first
-        WATCHDOG.configure(
-            cfg.parallel.comm_timeout_s
-        )  # from here on no MPI wait lasts longer unnoticed
+        # train() installs the stop handlers before any work; from here on no MPI wait lasts longer unnoticed
+        self.stop = stop if stop is not None else StopRequest()
+        WATCHDOG.configure(cfg.parallel.comm_timeout_s)
         PHASE.name, PHASE.step = "start-up", None
-        self.grid = grid if grid is not None else world_grid(cfg.parallel.tp, cfg.parallel.pp)
-        world, self.is_root = self.grid.world, self.grid.world.rank == 0
+        self.grid = g = grid if grid is not None else world_grid(cfg.parallel.tp, cfg.parallel.pp)
+        self.is_root = g.world.rank == 0
         self.xp = get_backend(cfg.train.backend)
         keep_freed_memory()
-        inputs = open_inputs(cfg, self.grid, resume)
-        self.cfg, self.lock, self.data, self.writer = (
-            inputs.cfg,
-            inputs.lock,
-            inputs.data,
-            inputs.writer,
-        )
+        inputs = open_inputs(cfg, g, resume)
+        self.cfg, self.lock, self.writer = inputs.cfg, inputs.lock, inputs.writer
+        self.data = inputs.data
         self.train_tokens, self.val_tokens = inputs.train_tokens, inputs.val_tokens
-        t, g = self.cfg.train, self.grid
-        self.rows = slice(
-            g.dp_rank * (t.batch_size // g.dp), (g.dp_rank + 1) * (t.batch_size // g.dp)
-        )
-        self.out_dir = Path(t.out_dir)
-        e = build_engine(self.cfg, self.grid, self.xp)
-        self.plan, self.model, self.ops, self.pipe, self.sync, self.opt = (
-            e.plan,
-            e.model,
-            e.ops,
-            e.pipe,
-            e.sync,
-            e.opt,
-        )
-        self.norm_ranges, self.norm_comm = e.norm_ranges, e.norm_comm
-        self.reports_loss = (
-            self.model.has_head and g.tp_rank == 0
-        )  # the last stage, once per TP group
-        self.state, self.policy = TrainState.fresh(t), SkipPolicy(t.spike_sigma, t.max_bad_steps)
-        self.last_loss_scale = 1.0
+        t, per = self.cfg.train, self.cfg.train.batch_size // g.dp
+        self.rows, self.out_dir = slice(g.dp_rank * per, (g.dp_rank + 1) * per), Path(t.out_dir)
+        e = build_engine(self.cfg, g, self.xp)
+        self.plan, self.model, self.ops, self.pipe = e.plan, e.model, e.ops, e.pipe
+        self.sync, self.opt = e.sync, e.opt
+        # the flat gradient's ranges this rank adds to the global norm, and over which group
+        self.norm = e.norm
+        # the logged loss comes from the last stage, once per TP group
+        self.reports_loss = self.model.has_head and g.tp_rank == 0
+        self.policy, self.last_loss_scale = SkipPolicy(t.spike_sigma, t.max_bad_steps), 1.0
         # the moments' bytes of the whole job: every rank's, each stage's replicas (or ZeRO shards) included
-        self.moment_bytes_job = int(
-            world.allreduce_scalar(float(self.opt.m.nbytes + self.opt.v.nbytes))
+        moments = float(e.opt.m.nbytes + e.opt.v.nbytes)
+        self.moment_bytes_job = int(g.world.allreduce_scalar(moments))
+        # checkpoints this run wrote and verified (pruning need not read them again); the newest one's step
+        self.written, self.saved_step, self.saved_path = set(), None, None
+        # why this rank's PowerSGD state was reset by a restore, if it was
+        self.powersgd_resume_line = None
+        self.state, restored = begin(
+            self.parts(), TrainState.fresh(t), inputs, resume == "auto", self.cfg, self.data
         )
-        self.written: set[Path] = (
-            set()
-        )  # checkpoints this run wrote and verified: pruning need not read them
-        self.saved_step, self.saved_path = (
-            None,
-            None,
-        )  # the step the newest checkpoint of this run holds
-        self.powersgd_resume_line = (
-            None  # set by a restore: why this rank's PowerSGD state was reset, if it was
-        )
-        self._start(inputs, resume == "auto")
-        world.agree(
-            self._claim_out_dir
-        )  # only now: a start refused above has changed nothing on disk
+        if restored is not None:
+            self._resumed(restored)
+        # only now: a start refused above has changed nothing on disk
+        g.world.agree(self._claim_out_dir)
         self.tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         # MFU is against the peak of the whole job: each rank's (measured, concurrently, or given) summed
         rank_peak = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
-        self.peak_flops = world.allreduce_scalar(rank_peak)
+        self.peak_flops = g.world.allreduce_scalar(rank_peak)
 
     # the loop's state, as tests and scripts read it
     step = property(lambda self: self.state.step, lambda self, v: setattr(self.state, "step", v))
@@ -133,46 +108,17 @@ class Trainer:
     scaler = property(lambda self: self.state.scaler)
     skipped_steps = property(lambda self: self.state.skipped_steps)
 
-    def _start(self, inputs: StartInputs, auto: bool) -> None:
-        """train.init_from's weights into a fresh run, or --resume's checkpoint (auto: world rank 0's candidates
-        tried newest first; none verifies: a fresh start)."""
-        if inputs.resume is None and inputs.init_from is not None:
-            with phase("init_from"):
-                load_init_from(self.model, self.grid, inputs.init_from, self.cfg.train.init_from)
-        check_replicas_identical(self.model, self.grid, "initial parameters")
-        if inputs.resume is None:
-            return
-        with phase("resume"):
-            inject("resume")
-            world = self.grid.world
-            candidates = (
-                world.bcast_object(inputs.candidates if self.is_root else None) if auto else None
-            )
-            restored = self._restore(inputs.resume, candidates)
-        if restored is not None:
-            check_replicas_identical(self.model, self.grid, "resumed parameters")
-            self._resumed(restored)
-
-    def _restore(self, saved, candidates: list[Path] | None) -> Restored | None:
-        parts = TrainerParts(self.model, self.opt, self.sync, self.grid)
-        self.state, restored = restore_or_start_fresh(
-            parts, self.state, saved, candidates, self.cfg, self.data
-        )
-        return restored
+    def parts(self) -> TrainerParts:
+        """The objects whose memory the checkpoint's tensors are written from and read into."""
+        return TrainerParts(self.model, self.opt, self.sync, self.grid)
 
     def restore(self, path: str | os.PathLike) -> None:
         """Load a checkpoint into this trainer (what --resume does at start): a checkpoint file (corrupt: UserError
         on every rank, after this trainer's parameters were partly overwritten: build a new Trainer then), or a run
         directory, as --resume auto (its newest checkpoint that verifies; none: the trainer starts fresh)."""
-        world, path = self.grid.world, Path(path)
-        if world.bcast_object(path.is_dir()):
-            restored = self._restore(None, ckpt.choose_candidates(world, path))
-        else:
-            saved = world.agree(
-                lambda: open_checkpoint(path, self.cfg.model, self.data, self.is_root)
-            )
-            restored = self._restore(saved, None)
-        check_replicas_identical(self.model, self.grid, "restored parameters")
+        self.state, restored = restore_path(
+            self.parts(), self.state, Path(path), self.cfg, self.data
+        )
         if restored is not None:
             self._resumed(restored)
 
@@ -233,28 +179,12 @@ class Trainer:
         unscaled gradient norm. A non-finite norm on any rank makes the loss NaN on every rank."""
         t, dp = self.cfg.train, self.grid.dp
         self.sync.start(self.step)
-        # fp16 overflows to inf when a value is rounded to it: expected, and what the loss scaler detects
-        quiet = (
-            np.errstate(over="ignore", invalid="ignore")
-            if self.scaler
-            else contextlib.nullcontext()
-        )
-        with quiet:  # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
-            shape = (
-                self.rows.stop - self.rows.start,
-                self.cfg.model.block_size,
-                self.cfg.model.n_embd,
-            )
-            scale = loss_scale / (t.grad_accum * dp)
-            losses = run_schedule(
-                self.model,
-                self.ops,
-                self.pipe,
-                self.micro_batch,
-                scale,
-                shape,
-                grad_ready=self.sync.grad_ready,
-            )
+        shape = (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd)
+        # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
+        scale = loss_scale / (t.grad_accum * dp)
+        schedule = (self.model, self.ops, self.pipe, self.micro_batch)
+        with overflow_quiet(self.scaler):
+            losses = run_schedule(*schedule, scale, shape, self.sync.grad_ready)
         # the tied embedding's two copies: each gets the sum of both gradients (none when frozen: zeros, unread)
         if self.grid.emb_comm is not None and "wte.weight" not in self.model.frozen:
             self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
@@ -262,15 +192,8 @@ class Trainer:
         if inject("grad", self.step):  # a test's non-finite gradient on this rank
             self.model.grad_flat[...] = np.nan
         # the norm of the unscaled gradient; an inf/nan anywhere in the norm's group makes it non-finite there
-        with (
-            np.errstate(over="ignore", invalid="ignore")
-            if self.scaler
-            else contextlib.nullcontext()
-        ):
-            norm = (
-                global_grad_norm(self.model.grad_flat, self.norm_ranges, self.norm_comm)
-                / loss_scale
-            )
+        with overflow_quiet(self.scaler):
+            norm = global_grad_norm(self.model.grad_flat, *self.norm) / loss_scale
         # the loss's world sum carries a NaN from any rank whose norm is not finite (its group may not span the
         # data-parallel replicas): every rank then sees a non-finite loss and skips alike, at no extra message
         mine = sum(losses[m] / t.grad_accum for m in sorted(losses)) if self.reports_loss else 0.0
@@ -296,15 +219,11 @@ class Trainer:
     def save(self) -> Path:
         """Write this step's checkpoint from every rank (checkpoint.writer: gather or mpio); ckpt.SaveFailed (a
         JobError) on every rank if the save failed on any, the previous checkpoint untouched."""
-        parts = TrainerParts(self.model, self.opt, self.sync, self.grid)
-        data = self.data
-        run = RunRecord(
-            self.cfg.to_dict(), data.tokenizer.meta(), str(data.path), self.tokens_per_step
-        )
+        tokenizer, data_path = self.data.tokenizer.meta(), str(self.data.path)
+        run = RunRecord(self.cfg.to_dict(), tokenizer, data_path, self.tokens_per_step)
         keep = self.cfg.checkpoint.keep_last
-        return ckpt.save_trainer(
-            parts, self.state, run, SaveTarget(self.out_dir, self.writer, keep, self.written)
-        )
+        target = SaveTarget(self.out_dir, self.writer, keep, self.written)
+        return ckpt.save_trainer(self.parts(), self.state, run, target)
 
     def predicted_memory(self):
         """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py)."""
@@ -312,11 +231,8 @@ class Trainer:
 
     def run(self) -> dict:
         mem = self.predicted_memory()
-        throughput = Throughput(
-            self.tokens_per_step,
-            self.model.flops_per_token() * self.tokens_per_step,
-            self.peak_flops,
-        )
+        flops_per_step = self.model.flops_per_token() * self.tokens_per_step
+        throughput = Throughput(self.tokens_per_step, flops_per_step, self.peak_flops)
         engine = (self.model, self.grid, self.sync, self.opt, self.plan)
         log_run_start(self.cfg, *engine, throughput, self.moment_bytes_job)
         log_predicted_memory(mem)
