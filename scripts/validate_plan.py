@@ -117,6 +117,7 @@ def main() -> None:
     ]
     cfg = load_config(None, sets)
     trainer = Trainer(cfg, grid=make_grid(world, args.tp, args.pp))
+    cfg = trainer.cfg  # the resolved config: model.vocab_size from the data if it was 0
     for _ in range(args.warmup):
         trainer.train_step()
     times, cpu = [], []

@@ -136,12 +136,13 @@ def checkpoint_outs(
     0; mpio: dealt out by size) and where each block's elements live. Every rank builds the same list."""
     world = parts.grid.world
     grid = ElementPlacement(parts)
-    tensors = []
-    for group, slot in (("params", "params"), *((f"optimizer/{s}", s) for s in SLOTS)):
-        for s, specs in enumerate(grid.specs):
-            for spec in specs:
-                if s == 0 or spec.name != "wte.weight":
-                    tensors.append((f"{group}/{spec.name}", s, spec, slot))
+    tensors = [
+        (f"{group}/{spec.name}", s, spec, slot)
+        for group, slot in (("params", "params"), *((f"optimizer/{m}", m) for m in SLOTS))
+        for s, specs in enumerate(grid.specs)
+        for spec in specs
+        if s == 0 or spec.name != "wte.weight"
+    ]
     lengths = {
         table: {col: len(v) for col, v in cols.items()} for table, cols in metrics.as_dict().items()
     }
@@ -182,8 +183,13 @@ def checkpoint_outs(
                 writers.whole(0, functools.partial(column, table, col)),
             )
         )
-    # PowerSGD's per-rank state (error feedback, Q): /powersgd/rank<R>/<name with / as :>, from rank R (mpio: R
-    # writes it), so a resume at the same layout continues exactly
+    return outs + _powersgd_outs(parts.sync, mpio, psgd)
+
+
+def _powersgd_outs(sync, mpio: bool, psgd: list | None) -> list[Out]:
+    """PowerSGD's per-rank state (error feedback, Q): /powersgd/rank<R>/<name with / as :>, from rank R (mpio: R
+    writes it), so a resume at the same layout continues exactly."""
+    outs = []
     for r, meta in enumerate(psgd or []):
         for key, (shape, dt) in (meta or {"arrays": {}})["arrays"].items():
             outs.append(
@@ -192,7 +198,7 @@ def checkpoint_outs(
                     shape,
                     dt,
                     r if mpio else 0,
-                    writers.whole(r, functools.partial(_powersgd_slice, parts.sync, key)),
+                    writers.whole(r, functools.partial(_powersgd_slice, sync, key)),
                 )
             )
     return outs

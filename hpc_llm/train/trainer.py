@@ -6,8 +6,9 @@ allgather) -> checkpoint. Everything a resumed run needs to continue bit for bit
 moments and step counter, and the step: batches and dropout masks are pure functions of (seed, step, micro-batch, row
 of the global batch), the same whatever the data/tensor-parallel layout.
 
-The start-up's checks are train/startup.py's, the compute objects train/build.py's, the skip policy
-train/guards.py's, the reporting train/metrics.py's, the checkpoint's contents checkpoint/trainer_state.py's.
+Beside the loop: the start-up's checks (train/startup.py, train/compat.py), the compute objects (train/build.py),
+the weights' origin: resume, init_from or fresh (train/resume.py), the loop's state (train/state.py), the skip policy
+(train/guards.py), the reporting (train/metrics.py), the checkpoint's contents (checkpoint/trainer_state.py).
 """
 
 from __future__ import annotations
