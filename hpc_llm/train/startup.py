@@ -71,10 +71,10 @@ def _load_inputs(cfg: Config, grid: Grid, resume: str | None, opened: list) -> S
     # train.init_from: only for a fresh run (a resume continues its own checkpoint, which holds the weights)
     init_from = open_init_from(cfg, data, is_root) if resume_path is None and t.init_from else None
     opened += [init_from] if init_from is not None else []
-    source = saved or init_from
-    cfg = cfg.with_vocab(
-        resolve_vocab(cfg.model.vocab_size or (checkpoint_vocab(source) if source else 0), data)
-    )
+    # model.vocab_size = 0: the checkpoint's (resumed or init_from), else the data's
+    source = saved if saved is not None else init_from
+    vocab = cfg.model.vocab_size or (checkpoint_vocab(source) if source is not None else 0)
+    cfg = cfg.with_vocab(resolve_vocab(vocab, data))
     check_config(cfg)
     par = cfg.parallel
     check_layout(grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
