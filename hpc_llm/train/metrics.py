@@ -58,11 +58,9 @@ class Throughput:
     last log line (the window: what the log line reports)."""
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
-        self.tokens_per_step, self.flops_per_step, self.peak_flops = (
-            tokens_per_step,
-            flops_per_step,
-            peak_flops,
-        )
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops  # the whole job's: every rank's peak, summed
         self.seconds, self.steps = 0.0, 0
 
     def add(self, dt: float) -> dict:
