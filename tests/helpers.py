@@ -23,7 +23,8 @@ from mpi4py import MPI
 from pytest_mpi.parallel_assert import parallel_assert
 
 from hpc_llm import checkpoint as ckpt
-from hpc_llm.config import Config, ModelConfig, validate
+from hpc_llm.config import Config, ModelConfig
+from hpc_llm.config_checks import validated
 from hpc_llm.model.gpt import GPT
 from hpc_llm.parallel.grid import make_grid
 from hpc_llm.train.trainer import Trainer
@@ -59,8 +60,7 @@ def tiny_config(data_path, out_dir, **overrides) -> Config:
         sub = getattr(cfg, section)
         assert hasattr(sub, name), key  # a typo in a test must not pass silently
         setattr(sub, name, value)
-    validate(cfg)
-    return cfg
+    return validated(cfg)
 
 
 def write_toml(cfg: Config, path) -> Path:

@@ -22,7 +22,8 @@ The package, by job:
   ``verify_checkpoint``;
 - ``rundir``: ``ckpt_XXXXXXXX.h5`` names, the ``latest`` pointer, listing, pruning, interrupted saves, what
   ``--resume auto`` tries;
-- ``trainer_state``: a Trainer's checkpoint: what each rank sends of it, the hyperslab restore, the resume.
+- ``trainer_state``: a Trainer's checkpoint: what each rank sends of it, the hyperslab restore, the resume;
+- ``placement``: where each element of a trainer's tensors lives on the grid (``ElementPlacement``), for the save.
 """
 
 from hpc_llm.checkpoint.format import FORMAT, FORMAT_VERSION

@@ -272,12 +272,13 @@ def _plan_config(args):
     cfg = load_config(args.config, args.set)
     if cfg.model.vocab_size == 0:
         try:
-            cfg.model.vocab_size = TokenData(cfg.data.path).vocab_size
+            vocab_size = TokenData(cfg.data.path).vocab_size
         except UserError:
             raise UserError(
                 f"model.vocab_size is 0 (from the data) and {cfg.data.path} is not prepared: set "
                 "model.vocab_size"
             ) from None
+        return cfg.with_vocab(vocab_size)
     return cfg
 
 

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hpc_llm.config import LORA_TARGETS, ModelConfig
+from hpc_llm.config import ModelConfig
+from hpc_llm.config_checks import LORA_TARGETS
 
 
 class Init(Enum):
@@ -213,7 +214,7 @@ def is_lora(name: str) -> bool:
 
 def frozen_names(cfg: ModelConfig, freeze=()) -> set[str]:
     """The whole model's parameters that are not trained: with LoRA every base parameter, and those train.freeze's
-    fnmatch patterns match (config.check_finetune has checked that each matches something)."""
+    fnmatch patterns match (the start-up, train/startup.check_freeze, has checked that each matches something)."""
     names = [s.name for s in param_specs(cfg)]
     frozen = {n for n in names if cfg.lora_rank > 0 and not is_lora(n)}
     for pattern in freeze:

@@ -21,7 +21,8 @@ import numpy as np
 from hpc_llm.api import resolve_checkpoint
 from hpc_llm.checkpoint import load_checkpoint, save_checkpoint
 from hpc_llm.checkpoint.format import empty_metrics
-from hpc_llm.config import LORA_TARGETS, ModelConfig, config_from_dict
+from hpc_llm.config import ModelConfig, config_from_dict
+from hpc_llm.config_checks import LORA_TARGETS
 from hpc_llm.errors import UserError
 from hpc_llm.model.layout import is_lora
 from hpc_llm.parallel.comm import world_comm

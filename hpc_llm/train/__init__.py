@@ -1,8 +1,11 @@
-"""Training: the Trainer and its loop (trainer), the optimizer (optim).
+"""Training: the Trainer and its loop (trainer), its start-up checks (startup, compat), its compute objects (build),
+the skip policy (guards), the loop's checkpointed state (state), reporting (metrics), resume or fresh start (resume),
+the optimizer (optim).
 
 ``from hpc_llm.train import Trainer, train`` is the public entry the CLI and scripts use.
 """
 
-from hpc_llm.train.trainer import Metrics, Trainer, train
+from hpc_llm.train.metrics import Metrics
+from hpc_llm.train.trainer import Trainer, train
 
 __all__ = ["Metrics", "Trainer", "train"]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpc_llm.config import Config, validate
+from hpc_llm.config import Config
+from hpc_llm.config_checks import validated
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.train.trainer import Trainer
 
@@ -83,8 +84,7 @@ def make_trainer(args, world, tmp: Path) -> Trainer:
     cfg.train.peak_tflops = 1.0
     cfg.train.eval_iters = 0
     cfg.parallel.bucket_mb = args.bucket_mb
-    validate(cfg)
-    return Trainer(cfg)
+    return Trainer(validated(cfg))
 
 
 def make_syncs(args, tr: Trainer) -> tuple[dict, dict]:

@@ -101,7 +101,8 @@ def make_config(
     v: int = 1,
     pp_layers=(),
 ):
-    from hpc_llm.config import Config, validate
+    from hpc_llm.config import Config
+    from hpc_llm.config_checks import validated
 
     cfg = Config()
     for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -120,8 +121,7 @@ def make_config(
         v,
         list(pp_layers),
     )
-    validate(cfg)
-    return cfg
+    return validated(cfg)
 
 
 class Probe:

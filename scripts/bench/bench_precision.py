@@ -24,7 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hpc_llm.config import Config, validate
+from hpc_llm.config import Config
+from hpc_llm.config_checks import validated
 from hpc_llm.parallel.grid import single_process_grid
 from hpc_llm.train.trainer import Trainer
 
@@ -102,8 +103,7 @@ def _trainer(name: str, preset: dict, precision: str, recompute: str, seed: int 
     cfg.train.precision, cfg.train.recompute, cfg.train.seed = precision, recompute, seed
     cfg.train.peak_tflops, cfg.train.eval_iters = 1.0, 0
     cfg.train.out_dir = f"/tmp/bench_precision/{name}-{os.getpid()}"
-    validate(cfg)
-    return Trainer(cfg, grid=single_process_grid())
+    return Trainer(validated(cfg), grid=single_process_grid())
 
 
 # the shared shapes (6x384's vocabulary 65 is shakespeare-char's, the data it trains on), and GPT-2 small at batch 4

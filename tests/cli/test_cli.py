@@ -246,7 +246,7 @@ def test_stop_signal_checkpoints_exits_75_and_resume_continues_exactly(tmp_path,
     """A real signal to a running `hpc-llm train`: it finishes the step, writes a verified checkpoint, exits 75; a
     `--resume auto` run finishes, and its loss history is bitwise the uninterrupted run's."""
     from hpc_llm.checkpoint import find_latest, load_checkpoint
-    from hpc_llm.train.trainer import EXIT_PREEMPTED
+    from hpc_llm.runtime.stop import EXIT_PREEMPTED
 
     steps = 400
     sets = [

@@ -22,7 +22,8 @@ import pytest
 from helpers import check, replica_checks, run_config, run_mpi, write_run_config
 from mpi4py import MPI
 
-from hpc_llm.config import Config, validate
+from hpc_llm.config import Config
+from hpc_llm.config_checks import validated
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.compression import (
@@ -452,7 +453,7 @@ def test_bad_settings_are_one_line(overrides, expected):
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
     with pytest.raises(UserError) as e:
-        validate(cfg)
+        validated(cfg)
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 

@@ -46,7 +46,8 @@ from mpi4py import MPI
 import hpc_llm
 from hpc_llm.checkpoint import load_checkpoint
 from hpc_llm.parallel.grid import make_grid, single_process_grid
-from hpc_llm.train.trainer import VAL_STREAM, StopRequest, Trainer
+from hpc_llm.runtime.stop import StopRequest
+from hpc_llm.train.trainer import VAL_STREAM, Trainer
 
 # name: (ranks, parallel.tp, train.grad_accum)
 LAYOUTS = {

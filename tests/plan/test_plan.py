@@ -123,7 +123,7 @@ def test_persistent_memory_of_a_real_trainer(make_cfg):
     cfg = make_cfg(**{"train.precision": "bf16"})
     tr = Trainer(cfg)
     lay = Layout(batch_size=cfg.train.batch_size, micro_batches=cfg.train.grad_accum)
-    mem = rank_memory(cfg.model, lay, 0, PRECISIONS["bf16"][1], optimizer_threads=tr.opt.threads)
+    mem = rank_memory(tr.cfg.model, lay, 0, PRECISIONS["bf16"][1], optimizer_threads=tr.opt.threads)
     assert (mem.params, mem.grads, mem.master) == (
         tr.model.flat.nbytes,
         tr.model.grad_flat.nbytes,
@@ -145,7 +145,7 @@ def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
     tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1, 1))
     lay = Layout(dp=2, zero=1, batch_size=cfg.train.batch_size, bucket_mb=0.004)
     mem = rank_memory(
-        cfg.model, lay, 0, Bytes.of(4), dp_rank=tr.grid.dp_rank, optimizer_threads=tr.opt.threads
+        tr.cfg.model, lay, 0, Bytes.of(4), dp_rank=tr.grid.dp_rank, optimizer_threads=tr.opt.threads
     )
     assert len(tr.sync.buckets) > 1
     assert mem.moments == tr.opt.m.nbytes + tr.opt.v.nbytes < 2 * tr.model.flat.nbytes

@@ -296,7 +296,7 @@ def test_checkpoint_mirrors_trainer_save(gpt2_dir, tmp_path):
     assert set(st) == {"step", "tokens_seen", "adam_t", "tokenizer", "data_path"}
     assert (st["step"], st["tokens_seen"], st["adam_t"], st["data_path"]) == (0, 0, 0, "")
     assert st["tokenizer"] == {"tokenizer": "gpt2-bpe", "vocab_size": VOCAB}
-    from hpc_llm.train.trainer import Metrics
+    from hpc_llm.train.metrics import Metrics
 
     assert {t: sorted(c) for t, c in saved.metrics.items()} == {
         t: sorted(c) for t, c in Metrics().as_dict().items()

@@ -142,7 +142,7 @@ def test_init_from_checks(make_cfg):
 def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatch):
     """train.init_from's file, or --resume's, opened by the start-up checks, is closed when a check after it fails
     (the layout's, made to fail here)."""
-    import hpc_llm.train.trainer
+    import hpc_llm.train.startup
     from hpc_llm.checkpoint import CheckpointFile
 
     path = run(make_cfg("src", **{"train.max_iters": 1})).summary["checkpoint"]
@@ -154,7 +154,7 @@ def test_opened_checkpoints_closed_when_a_later_check_fails(make_cfg, monkeypatc
     def check_layout(*args):
         raise UserError("a later check failed")
 
-    monkeypatch.setattr(hpc_llm.train.trainer, "check_layout", check_layout)
+    monkeypatch.setattr(hpc_llm.train.startup, "check_layout", check_layout)
     with pytest.raises(UserError, match="a later check failed"):
         Trainer(make_cfg("a", **{"train.init_from": path}))
     with pytest.raises(UserError, match="a later check failed"):
@@ -226,7 +226,7 @@ def test_frozen_parameters_stay_bitwise_unchanged(make_cfg):
 
 def test_freeze_pattern_matching_nothing(make_cfg):
     with pytest.raises(UserError, match="train.freeze: pattern 'h.9.*' matches no parameter"):
-        make_cfg(**{"train.freeze": ["h.9.*"]})
+        Trainer(make_cfg(**{"train.freeze": ["h.9.*"]}))
 
 
 def test_nothing_left_to_train_is_refused(make_cfg):
@@ -235,9 +235,9 @@ def test_nothing_left_to_train_is_refused(make_cfg):
     with pytest.raises(
         UserError, match=r"train.freeze: \['\*'\] freezes every parameter: nothing left to train"
     ):
-        make_cfg(**{"train.freeze": ["*"]})
+        Trainer(make_cfg(**{"train.freeze": ["*"]}))
     with pytest.raises(UserError, match="also cover every LoRA adapter"):
-        make_cfg(**LORA, **{"train.freeze": ["h.*.lora_A", "h.*.lora_B"]})
+        Trainer(make_cfg(**LORA, **{"train.freeze": ["h.*.lora_A", "h.*.lora_B"]}))
     tr = Trainer(
         make_cfg(
             **LORA, **{"train.freeze": ["h.0.*", "h.1.attn.*", "h.1.mlp.c_fc.*", "h.1.*.lora_A"]}

@@ -1,0 +1,290 @@
+"""The run configuration's checks: each field's range and the fields' agreement, before any compute.
+
+Every failure is a UserError naming the field and what was expected. Every rank reads the same file and overrides, so
+every rank reaches the same verdict. Checks that need the model's parameter names (train.freeze's patterns) are the
+start-up's (hpc_llm/train/startup.py): this module, like hpc_llm/config.py, imports nothing from hpc_llm.model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from hpc_llm.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module to validate what it loads
+    from hpc_llm.config import Config
+
+LORA_TARGETS = (
+    "attn.c_attn",
+    "attn.c_proj",
+    "mlp.c_fc",
+    "mlp.c_proj",
+)  # the linear layers of a block
+
+
+def validated(cfg: Config) -> Config:
+    """cfg checked (check_config), as a new Config with model.lora_targets in the canonical order; cfg unchanged."""
+    check_config(cfg)
+    model = dataclasses.replace(cfg.model, lora_targets=canonical_targets(cfg.model.lora_targets))
+    return dataclasses.replace(cfg, model=model)
+
+
+def check_config(cfg: Config) -> None:
+    """Every field's range and the fields' agreement; raises the first failure's UserError."""
+    _check_finite(cfg)
+    _check_model(cfg)
+    _check_train(cfg)
+    _check_parallel(cfg)
+    _check_faults(cfg)
+    check_lora(cfg.model)
+
+
+def need(ok: bool, where: str, expected: str, value) -> None:
+    if not ok:
+        raise UserError(f"config field {where}: expected {expected}, got {value!r}")
+
+
+def _check_finite(cfg: Config) -> None:
+    """inf would pass the range checks below (nan fails them, less clearly)."""
+    for section in fields(cfg):
+        for f in fields(getattr(cfg, section.name)):
+            if f.type == "float":
+                value = getattr(getattr(cfg, section.name), f.name)
+                need(math.isfinite(value), f"{section.name}.{f.name}", "a finite number", value)
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        need(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
+    need(m.vocab_size >= 0, "model.vocab_size", "0 (from data) or a positive integer", m.vocab_size)
+    need(
+        m.n_embd % m.n_head == 0, "model.n_embd", f"a multiple of model.n_head={m.n_head}", m.n_embd
+    )
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "a value in [0, 1)", m.dropout)
+    need(m.dtype in ("float32", "float64"), "model.dtype", '"float32" or "float64"', m.dtype)
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
+        need(getattr(t, name) > 0, f"train.{name}", "a positive integer", getattr(t, name))
+    for name in ("max_iters", "warmup_iters", "eval_iters"):
+        need(getattr(t, name) >= 0, f"train.{name}", "a non-negative integer", getattr(t, name))
+    need(t.lr > 0, "train.lr", "a positive number", t.lr)
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", f"a number in [0, train.lr={t.lr}]", t.min_lr)
+    need(
+        t.lr_decay_iters >= t.warmup_iters,
+        "train.lr_decay_iters",
+        f">= train.warmup_iters={t.warmup_iters}",
+        t.lr_decay_iters,
+    )
+    need(t.weight_decay >= 0, "train.weight_decay", "a non-negative number", t.weight_decay)
+    need(0 <= t.beta1 < 1, "train.beta1", "a value in [0, 1)", t.beta1)
+    need(0 <= t.beta2 < 1, "train.beta2", "a value in [0, 1)", t.beta2)
+    need(t.eps > 0, "train.eps", "a positive number", t.eps)
+    need(t.grad_clip >= 0, "train.grad_clip", "a non-negative number (0 disables)", t.grad_clip)
+    need(t.backend in ("numpy", "cupy"), "train.backend", '"numpy" or "cupy"', t.backend)
+    need(t.recompute in ("none", "block"), "train.recompute", '"none" or "block"', t.recompute)
+    _check_precision(cfg)
+    need(
+        t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops
+    )
+    need(bool(t.out_dir), "train.out_dir", "a directory path", t.out_dir)
+    need(
+        bool(cfg.data.path),
+        "data.path",
+        "a directory path (written by `hpc-llm prepare`)",
+        cfg.data.path,
+    )
+    need(t.seed >= 0, "train.seed", "a non-negative integer", t.seed)
+
+
+def _check_precision(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    need(
+        t.precision in ("fp32", "bf16", "fp16"),
+        "train.precision",
+        '"fp32", "bf16" or "fp16"',
+        t.precision,
+    )
+    need(
+        t.precision == "fp32" or m.dtype == "float32",
+        "train.precision",
+        f'"fp32" with model.dtype={m.dtype} (bf16/fp16 keep float32 master weights)',
+        t.precision,
+    )
+    need(
+        t.loss_scale_init > 0,
+        "train.loss_scale_init",
+        "a positive number (fp16's initial loss scale)",
+        t.loss_scale_init,
+    )
+    need(
+        t.loss_scale_window >= 1,
+        "train.loss_scale_window",
+        "a positive integer",
+        t.loss_scale_window,
+    )
+    if t.precision == "bf16":
+        need_bf16()
+
+
+def need_bf16() -> None:
+    """bf16 (training or gradient communication) needs the optional ml_dtypes package: one line without it."""
+    try:
+        import ml_dtypes  # noqa: F401 - optional dependency (pip install hpc_llm[bf16])
+    except ImportError:
+        raise UserError(
+            'train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])'
+        ) from None
+
+
+def _check_parallel(cfg: Config) -> None:
+    m, t, par = cfg.model, cfg.train, cfg.parallel
+    need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)
+    need(par.pp >= 1, "parallel.pp", "a positive integer", par.pp)
+    need(
+        par.virtual_stages >= 1, "parallel.virtual_stages", "a positive integer", par.virtual_stages
+    )
+    need(
+        par.schedule in ("1f1b", "interleaved", "gpipe"),
+        "parallel.schedule",
+        '"1f1b", "interleaved" or "gpipe"',
+        par.schedule,
+    )
+    check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
+    need(par.zero in (0, 1), "parallel.zero", "0 or 1", par.zero)
+    need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
+    need(
+        par.comm_timeout_s >= 0,
+        "parallel.comm_timeout_s",
+        "a non-negative number of seconds (0: no watchdog)",
+        par.comm_timeout_s,
+    )
+    need(
+        par.grad_comm in ("fp32", "bf16", "fp16", "powersgd"),
+        "parallel.grad_comm",
+        '"fp32", "bf16", "fp16" or "powersgd"',
+        par.grad_comm,
+    )
+    need(
+        par.grad_comm not in ("bf16", "fp16") or m.dtype == "float32",
+        "parallel.grad_comm",
+        f'"fp32" or "powersgd" with model.dtype={m.dtype} (16-bit gradient communication needs float32 training)',
+        par.grad_comm,
+    )
+    if par.grad_comm == "bf16":
+        need_bf16()
+    need(par.powersgd_rank >= 1, "parallel.powersgd_rank", "a positive integer", par.powersgd_rank)
+    need(
+        par.powersgd_start >= 0,
+        "parallel.powersgd_start",
+        "a non-negative integer",
+        par.powersgd_start,
+    )
+
+
+def _check_faults(cfg: Config) -> None:
+    """What a run does about bad steps and failed saves, and its checkpoints' cadence."""
+    t, c = cfg.train, cfg.checkpoint
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "a positive integer", t.max_bad_steps)
+    need(
+        t.spike_sigma >= 0,
+        "train.spike_sigma",
+        "a non-negative number (0: no spike guard)",
+        t.spike_sigma,
+    )
+    need(
+        c.on_error in ("stop", "continue"),
+        "checkpoint.on_error",
+        '"stop" or "continue"',
+        c.on_error,
+    )
+    need(
+        c.interval >= 0,
+        "checkpoint.interval",
+        "a non-negative integer (0: only at the end)",
+        c.interval,
+    )
+    need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)
+    need(
+        c.writer in ("auto", "gather", "mpio"),
+        "checkpoint.writer",
+        '"auto", "gather" or "mpio"',
+        c.writer,
+    )
+
+
+def check_lora(m) -> None:
+    """LoRA's fields (a ModelConfig's); train.freeze's patterns need the model's names: the start-up checks them."""
+    if m.lora_rank < 0 or m.lora_rank > m.n_embd:
+        raise UserError(
+            f"config field model.lora_rank: expected 0 (off) or an integer in [1, model.n_embd="
+            f"{m.n_embd}], got {m.lora_rank!r}"
+        )
+    if m.lora_alpha <= 0:
+        raise UserError(
+            f"config field model.lora_alpha: expected a positive number, got {m.lora_alpha!r}"
+        )
+    bad = [x for x in m.lora_targets if x not in LORA_TARGETS]
+    if (
+        bad
+        or (m.lora_rank > 0 and not m.lora_targets)
+        or len(set(m.lora_targets)) != len(m.lora_targets)
+    ):
+        raise UserError(
+            f"config field model.lora_targets: expected distinct names among {list(LORA_TARGETS)}"
+            f"{' (at least one with model.lora_rank > 0)' if not bad else ''}, got {m.lora_targets!r}"
+            + (f" ({bad[0]!r} matches no linear layer)" if bad else "")
+        )
+
+
+def canonical_targets(targets) -> list[str]:
+    """model.lora_targets in LORA_TARGETS' order (the model's), names not among them kept after, as given: a
+    reordered list is the same model, so resume and init_from compare lists in this order."""
+    return [x for x in LORA_TARGETS if x in targets] + [x for x in targets if x not in LORA_TARGETS]
+
+
+def check_pipeline(
+    pp: int, v: int, schedule: str, pp_layers: list[int], n_layer: int, micro_batches: int
+) -> None:
+    """The pipeline split must give every (virtual) stage at least one layer; interleaving needs its micro-batches."""
+    stages = pp * v
+    if schedule == "interleaved":
+        if v < 2:
+            raise UserError(
+                f"parallel.schedule=interleaved needs parallel.virtual_stages >= 2, got {v}"
+            )
+        if pp < 2:
+            raise UserError(f"parallel.schedule=interleaved needs parallel.pp >= 2, got {pp}")
+        if micro_batches % pp:
+            raise UserError(
+                f"parallel.schedule=interleaved: train.grad_accum={micro_batches} (the micro-batches) "
+                f"must be a multiple of parallel.pp={pp}"
+            )
+    elif v != 1:
+        raise UserError(
+            f"parallel.virtual_stages={v} needs parallel.schedule=interleaved (got {schedule!r})"
+        )
+    if pp_layers:
+        if len(pp_layers) != stages:
+            raise UserError(
+                f"parallel.pp_layers={pp_layers}: expected {stages} entries (parallel.pp={pp} x "
+                f"parallel.virtual_stages={v}), got {len(pp_layers)}"
+            )
+        if min(pp_layers) < 1:
+            raise UserError(f"parallel.pp_layers={pp_layers}: every stage needs at least one layer")
+        if sum(pp_layers) != n_layer:
+            raise UserError(
+                f"parallel.pp_layers={pp_layers} sums to {sum(pp_layers)}, not model.n_layer={n_layer}"
+            )
+    elif n_layer % stages:
+        what = f"parallel.pp={pp}" + (f" x parallel.virtual_stages={v}" if v > 1 else "")
+        raise UserError(
+            f"{what} = {stages} stages do not divide model.n_layer={n_layer} evenly (set "
+            f"parallel.pp_layers for an uneven split)"
+        )

@@ -1,0 +1,168 @@
+"""A rank's compute objects for a checked config: its pipeline stage's model, the micro-batch schedule, the gradient
+sync (data-parallel buckets, ZeRO-1, compression), the optimizer, the gradient norm's share; train.init_from's weights
+read into the model; the proof that replicas hold the same parameters."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpc_llm.backend import to_host
+from hpc_llm.config import Config, stage_layers
+from hpc_llm.errors import UserError
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.layout import StagePlan, intersect_ranges, is_lora, merge_ranges
+from hpc_llm.parallel.comm import PipelineComm
+from hpc_llm.parallel.data_parallel import GradientSync
+from hpc_llm.parallel.grid import Grid
+from hpc_llm.parallel.schedule import schedule
+from hpc_llm.train.optim import AdamW
+
+log = logging.getLogger("hpc_llm")
+
+
+@dataclass
+class Engine:
+    """plan: this rank's pipeline stage; ops: its schedule of forward/backward ops; pipe: the stage-to-stage
+    transfers (None with one stage); norm: (the ranges of the flat gradient whose squares this rank adds to the
+    global norm, the group over which they are summed)."""
+
+    plan: StagePlan
+    model: GPT
+    ops: list
+    pipe: PipelineComm | None
+    sync: GradientSync
+    opt: AdamW
+    norm: tuple
+
+
+def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
+    t, par = cfg.train, cfg.parallel
+    plan = StagePlan(
+        tuple(stage_layers(cfg.model.n_layer, par.pp * par.virtual_stages, par.pp_layers)),
+        par.pp,
+        grid.pp_rank,
+        par.virtual_stages,
+    )
+    model = GPT(
+        cfg.model,
+        xp,
+        seed=t.seed,
+        tp_comm=grid.tp_comm,
+        plan=plan,
+        recompute=t.recompute == "block",
+        precision=t.precision,
+        freeze=t.freeze,
+    )
+    ops = schedule(par.schedule, par.pp, grid.pp_rank, t.grad_accum, par.virtual_stages)
+    pipe = PipelineComm(grid.pp_comm, plan.n_virtual) if par.pp > 1 else None
+    sync = _gradient_sync(cfg, grid, model)
+    # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
+    opt = AdamW(
+        model.flat,
+        model.grad_flat,
+        model.decay_ranges(),
+        t,
+        owned=intersect_ranges(sync.owned, model.trainable_ranges()),
+    )
+    return Engine(plan, model, ops, pipe, sync, opt, _norm_ranges(model, grid, sync, opt))
+
+
+def _gradient_sync(cfg: Config, grid: Grid, model: GPT) -> GradientSync:
+    par = cfg.parallel
+    return GradientSync(
+        model.grad_flat,
+        grid.dp_comm,
+        int(par.bucket_mb * 2**20) // model.dtype.itemsize,
+        zero=par.zero == 1,
+        scheme=par.grad_comm,
+        specs=model.specs,
+        powersgd_rank=par.powersgd_rank,
+        powersgd_start=par.powersgd_start,
+        seed=cfg.train.seed,
+        layout={
+            "pp": grid.pp,
+            "dp": grid.dp,
+            "tp": grid.tp,
+            "pp_rank": grid.pp_rank,
+            "dp_rank": grid.dp_rank,
+            "tp_rank": grid.tp_rank,
+        },
+    )
+
+
+def _norm_ranges(model: GPT, grid: Grid, sync: GradientSync, opt: AdamW):
+    """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
+    element of the whole model counted once (a replicated tensor on TP rank 0 only; ZeRO: this rank's shard)."""
+    tied = (
+        model.tied_copy_range()
+    )  # the last stage's copy of the embedding: the first stage counts it
+    counted = merge_ranges(
+        (s.offset, s.offset + s.size)
+        for s in model.specs
+        if (grid.tp_rank == 0 or s.tp_axis is not None) and (tied is None or s.offset != tied[0])
+    )
+    keep = intersect_ranges(opt.owned, counted)  # owned: trained and (ZeRO-1) this rank's shard
+    return keep, grid.world if sync.zero else grid.mp_comm
+
+
+def load_init_from(model: GPT, grid: Grid, saved, init_from: str) -> None:
+    """Each rank reads its hyperslabs of the checkpoint's weights (wpe's first block_size rows) and checksums its
+    share of the file; agreed, so a bad checksum anywhere fails the start on every rank. Adapters the file lacks
+    keep their initialisation from the seed. Closes ``saved``."""
+    world = grid.world
+
+    def load():
+        with saved:
+            saved.share(world.rank, world.size)
+            shapes = dict(saved.shapes["params"])
+            if "wpe.weight" in shapes:  # cropped: only rows [0, block_size) are read
+                shapes["wpe.weight"] = model.logical["wpe.weight"]
+            fresh = [n for n in model.logical if is_lora(n) and n not in shapes]
+            shapes.update({n: model.logical[n] for n in fresh})
+            ranges = merge_ranges(
+                (s.offset, s.offset + s.size) for s in model.specs if s.name not in fresh
+            )
+            model.read_flat(
+                model.flat,
+                lambda name, index, out=None: saved.read("params", name, index, out),
+                shapes,
+                f"train.init_from={init_from}: parameters",
+                ranges=ranges,
+            )
+            try:
+                saved.verify_share()
+            except UserError as e:
+                raise UserError(f"train.init_from: {e}") from None
+        model.refresh_compute()
+
+    world.agree(load, "reading train.init_from")
+    if world.rank == 0:
+        log.info(
+            "initialised from %s (its model weights; fresh optimizer state, step 0)", saved.path
+        )
+
+
+def check_replicas_identical(model: GPT, grid: Grid, what: str) -> None:
+    """Data-parallel replicas must hold bitwise the same parameters (identical by construction: initialisation
+    depends only on the seed, a resume reads the same file); one small allgather of a checksum proves it."""
+
+    def crc(x) -> int:
+        return zlib.crc32(np.ascontiguousarray(to_host(x)).view(np.uint8))
+
+    if grid.dp > 1:
+        crcs = grid.dp_comm.allgather_objects(crc(model.flat))
+        if len(set(crcs)) != 1:
+            raise RuntimeError(
+                f"{what} differ across data-parallel ranks (crc32 {crcs}): a bug, please report it"
+            )
+    if grid.emb_comm is not None:  # the tied embedding's copies on the first and the last stage
+        crcs = grid.emb_comm.allgather_objects(crc(model.params["wte.weight"]))
+        if len(set(crcs)) != 1:
+            raise RuntimeError(
+                f"{what}: the tied embedding's copies on the first and last pipeline stage differ "
+                f"(crc32 {crcs}): a bug, please report it"
+            )
