@@ -9,6 +9,7 @@ grads = model.gradients(x, y)                            # {"h.0.attn.c_attn.wei
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from hpc_llm.backend import get_backend
@@ -59,7 +60,7 @@ def model_config(saved, dtype: str | None = None):
     if dtype is not None:
         if dtype not in ("float32", "float64"):
             raise UserError(f"--dtype: expected float32 or float64, got {dtype!r}")
-        cfg.dtype = dtype
+        cfg = dataclasses.replace(cfg, dtype=dtype)
     return cfg
 
 

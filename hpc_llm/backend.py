@@ -1,4 +1,4 @@
-"""The array module: NumPy on CPU nodes, CuPy on GPU nodes.
+"""The array module: NumPy on CPU nodes, CuPy on GPU nodes; and the NumPy dtypes of the 16-bit formats.
 
 Model code never names `np` for tensor math: it asks `array_module(x)` for the module of its inputs, so the same
 forward/backward runs on either. Host copies happen only at the edges (`to_host`, `to_device`).
@@ -70,3 +70,20 @@ def keep_freed_memory(keep: bool = True) -> bool:
         and bool(mallopt(M_TRIM_THRESHOLD, 128 * 1024))
         and bool(mallopt(M_MMAP_THRESHOLD, 128 * 1024))
     )
+
+
+def low_dtype(name: str):
+    """The NumPy dtype of a precision's format (None for fp32)."""
+    if name == "fp32":
+        return None
+    if name == "fp16":
+        return np.dtype(np.float16)
+    if name == "bf16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UserError(
+                'train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])'
+            ) from None
+        return np.dtype(ml_dtypes.bfloat16)
+    raise UserError(f'train.precision: expected "fp32", "bf16" or "fp16", got {name!r}')

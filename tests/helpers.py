@@ -24,7 +24,7 @@ from pytest_mpi.parallel_assert import parallel_assert
 
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.config import Config, ModelConfig
-from hpc_llm.config_checks import validated
+from hpc_llm.config.checks import validated
 from hpc_llm.model.gpt import GPT
 from hpc_llm.parallel.grid import make_grid
 from hpc_llm.train.trainer import Trainer

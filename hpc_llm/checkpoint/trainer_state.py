@@ -38,7 +38,7 @@ SLOTS = ("m", "v")
 @dataclass(frozen=True)
 class TrainerParts:
     """The objects whose memory a trainer's checkpoint is written from and read into: the model (flat buffer,
-    specs, stage plan), the optimizer (moments m and v over its owned ranges, step counter t: hpc_llm/train/optim.py's
+    specs, stage plan), the optimizer (moments m and v over its owned ranges, step counter t: hpc_llm/optim.py's
     AdamW), the gradient sync (ZeRO-1 ownership, PowerSGD state) and the grid."""
 
     model: Any

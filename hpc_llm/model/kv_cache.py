@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:  # for annotations only: gpt.py imports this module
-    from hpc_llm.model.gpt import GPT
 
 
 class KVCache:
     """Keys and values of the positions decoded so far, per layer: (B, H, block_size, hd) each, and each row's
     length (rows of a batch of prompts of different lengths fill their caches at their own pace)."""
 
-    def __init__(self, model: GPT, batch: int, reuse: bool = False):
-        """reuse: take the memory from the model's pool (`release()` gives it back), not fresh memory: first
+    def __init__(self, model, batch: int, reuse: bool = False):
+        """model: the GPT that decodes with this cache (its config, heads per rank, dtype, array module).
+        reuse: take the memory from the model's pool (`release()` gives it back), not fresh memory: first
         touching hundreds of MB of new pages costs more than a GPT-2 small prefill's attention (measured:
         docs/performance.md). The pool keeps one flat buffer per dtype, the largest released, and a cache of any
         batch is a view of its first elements: caches of many sizes (generate's rebuilt rows, a last smaller batch)

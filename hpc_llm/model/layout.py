@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hpc_llm.config import ModelConfig
-from hpc_llm.config_checks import LORA_TARGETS
+from hpc_llm.config.checks import LORA_TARGETS
 
 
 class Init(Enum):

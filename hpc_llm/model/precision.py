@@ -14,28 +14,9 @@ each optimizer step; the fp32 master weights and Adam moments are the optimizer'
 
 from __future__ import annotations
 
-import numpy as np
-
-from hpc_llm.errors import UserError
+from hpc_llm.backend import low_dtype
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
-
-
-def low_dtype(name: str):
-    """The NumPy dtype of a precision's format (None for fp32)."""
-    if name == "fp32":
-        return None
-    if name == "fp16":
-        return np.dtype(np.float16)
-    if name == "bf16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise UserError(
-                'train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])'
-            ) from None
-        return np.dtype(ml_dtypes.bfloat16)
-    raise UserError(f'train.precision: expected "fp32", "bf16" or "fp16", got {name!r}')
 
 
 class Precision:

@@ -48,8 +48,7 @@ import zlib
 
 import numpy as np
 
-from hpc_llm.backend import array_module, to_host
-from hpc_llm.model.precision import low_dtype
+from hpc_llm.backend import array_module, low_dtype, to_host
 
 SCHEMES = ("fp32", "bf16", "fp16", "powersgd")
 MIN_COMPRESSION_RATE = 2.0  # PyTorch's powerSGD_hook default

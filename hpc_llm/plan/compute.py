@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.optim import CHUNK as ADAM_CHUNK
+from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan.cluster import Cluster, allreduce
-from hpc_llm.train.optim import CHUNK as ADAM_CHUNK
-from hpc_llm.train.optim import NORM_CHUNK
 
 
 @dataclass

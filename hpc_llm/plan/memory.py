@@ -23,6 +23,7 @@ from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
 from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import ModelConfig, stage_layers
 from hpc_llm.model.layout import StagePlan, param_specs
+from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.plan.activations import (
@@ -33,7 +34,6 @@ from hpc_llm.plan.activations import (
     chunk_cache_bytes,
     head_backward_work,
 )
-from hpc_llm.train.optim import CHUNK as ADAM_CHUNK
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def layouts(
     max_virtual: int = 4,
 ):
     """Every (layout, reason) for n_devices ranks: reason None when the code accepts it, else the first rule it
-    breaks (the same rules config_checks.py and grid.py enforce)."""
+    breaks (the same rules config/checks.py and grid.py enforce)."""
     for tp in divisors(n_devices):
         for pp in divisors(n_devices // tp):
             dp = n_devices // (tp * pp)

@@ -41,7 +41,7 @@ import numpy as np
 from hpc_llm.checkpoint import save_checkpoint
 from hpc_llm.checkpoint.format import empty_metrics
 from hpc_llm.config import Config, ModelConfig
-from hpc_llm.config_checks import validated
+from hpc_llm.config.checks import validated
 from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
 from hpc_llm.errors import UserError
 from hpc_llm.model.layout import param_specs

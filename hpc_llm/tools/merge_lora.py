@@ -14,6 +14,7 @@ checkpoint, zero Adam moments, empty metrics; its state records where it was mer
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from hpc_llm.api import resolve_checkpoint
 from hpc_llm.checkpoint import load_checkpoint, save_checkpoint
 from hpc_llm.checkpoint.format import empty_metrics
 from hpc_llm.config import ModelConfig, config_from_dict
-from hpc_llm.config_checks import LORA_TARGETS
+from hpc_llm.config.checks import LORA_TARGETS
 from hpc_llm.errors import UserError
 from hpc_llm.model.layout import is_lora
 from hpc_llm.parallel.comm import world_comm
@@ -101,9 +102,15 @@ def merge_lora(checkpoint, out) -> Path:
         "lora_alpha": m.lora_alpha,
         "lora_targets": list(m.lora_targets),
     }
+    # the merged model is a plain one: no adapters, nothing frozen, no init_from (the config is a new one)
     plain = ModelConfig()
-    m.lora_rank, m.lora_alpha, m.lora_targets = 0, plain.lora_alpha, plain.lora_targets
-    cfg.train.freeze, cfg.train.init_from = [], ""
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            m, lora_rank=0, lora_alpha=plain.lora_alpha, lora_targets=plain.lora_targets
+        ),
+        train=dataclasses.replace(cfg.train, freeze=[], init_from=""),
+    )
     state = {
         "step": 0,
         "tokens_seen": 0,

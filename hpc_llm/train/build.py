@@ -15,11 +15,11 @@ from hpc_llm.config import Config, stage_layers
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layout import StagePlan, intersect_ranges, is_lora, merge_ranges
+from hpc_llm.optim import AdamW
 from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid
 from hpc_llm.parallel.schedule import schedule
-from hpc_llm.train.optim import AdamW
 
 log = logging.getLogger("hpc_llm")
 

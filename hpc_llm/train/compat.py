@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.config import Config, ModelConfig, config_from_dict
-from hpc_llm.config_checks import canonical_targets
+from hpc_llm.config.checks import canonical_targets
 from hpc_llm.data.tokenizer import check_same_tokenizer
 from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_llm.checkpoint.format import METRICS_COLUMNS
+from hpc_llm.plan.memory import Layout, rank_memory
+from hpc_llm.plan.predict import PRECISIONS
 
 log = logging.getLogger("hpc_llm")
 
@@ -232,10 +234,6 @@ def _log_pipeline(cfg, plan) -> None:
 def predicted_memory(cfg, grid, optimizer_threads: int, writer: str):
     """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py): parameters,
     gradients, optimizer state, the step's activations at their peak, ..."""
-    # imported here: hpc_llm.plan imports hpc_llm.train.optim, whose package imports this module
-    from hpc_llm.plan.memory import Layout, rank_memory
-    from hpc_llm.plan.predict import PRECISIONS
-
     par, t = cfg.parallel, cfg.train
     lay = Layout(
         par.pp,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.config import Config, ModelConfig
-from hpc_llm.config_checks import check_config
+from hpc_llm.config.checks import check_config
 from hpc_llm.data.sampler import check_split_size
 from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError

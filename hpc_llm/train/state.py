@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hpc_llm.config import TrainConfig
+from hpc_llm.optim import LossScaler
 from hpc_llm.train.metrics import Metrics
-from hpc_llm.train.optim import LossScaler
 
 
 @dataclass

@@ -31,6 +31,7 @@ from hpc_llm.config import Config
 from hpc_llm.data.sampler import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, get_batch
 from hpc_llm.errors import JobError
 from hpc_llm.model.layers import DropoutRNG
+from hpc_llm.optim import global_grad_norm, lr_at
 from hpc_llm.parallel.compression import reset_line
 from hpc_llm.parallel.grid import Grid, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
@@ -47,7 +48,6 @@ from hpc_llm.train.metrics import (
     log_run_start,
     predicted_memory,
 )
-from hpc_llm.train.optim import global_grad_norm, lr_at
 from hpc_llm.train.resume import begin, restore_path
 from hpc_llm.train.startup import claim_out_dir, open_inputs
 from hpc_llm.train.state import TrainState

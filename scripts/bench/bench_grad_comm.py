@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpc_llm.config import Config
-from hpc_llm.config_checks import validated
+from hpc_llm.config.checks import validated
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.train.trainer import Trainer
 

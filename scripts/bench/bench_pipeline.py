@@ -102,7 +102,7 @@ def make_config(
     pp_layers=(),
 ):
     from hpc_llm.config import Config
-    from hpc_llm.config_checks import validated
+    from hpc_llm.config.checks import validated
 
     cfg = Config()
     for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hpc_llm.config import Config
-from hpc_llm.config_checks import validated
+from hpc_llm.config.checks import validated
 from hpc_llm.parallel.grid import single_process_grid
 from hpc_llm.train.trainer import Trainer
 

@@ -27,7 +27,7 @@ from hpc_llm.bench.timer import median_time
 from hpc_llm.config import ModelConfig, TrainConfig
 from hpc_llm.model import layers
 from hpc_llm.model.gpt import GPT
-from hpc_llm.train.optim import AdamW
+from hpc_llm.optim import AdamW
 
 from common import PRESETS, vm_hwm
 

@@ -2230,7 +2230,7 @@ def test_table_ids_are_unique():
 
 @pytest.mark.timeout(30)
 def test_table_covers_every_config_field():
-    """A field added to hpc_llm/config.py needs its rows here (at least a value of the wrong type)."""
+    """A field added to hpc_llm/config/sections.py needs its rows here (at least a value of the wrong type)."""
     from dataclasses import fields
 
     cfg = Config()

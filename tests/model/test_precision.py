@@ -29,9 +29,9 @@ from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.modules import LayerNorm
 from hpc_llm.model.precision import UNIT_ROUNDOFF, Precision
+from hpc_llm.optim import LossScaler
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
-from hpc_llm.train.optim import LossScaler
 
 U32 = 2.0**-24
 LOW = ["bf16", "fp16"]

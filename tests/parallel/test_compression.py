@@ -23,7 +23,7 @@ from helpers import check, replica_checks, run_config, run_mpi, write_run_config
 from mpi4py import MPI
 
 from hpc_llm.config import Config
-from hpc_llm.config_checks import validated
+from hpc_llm.config.checks import validated
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.compression import (

@@ -17,6 +17,7 @@ from hpc_llm.config import ModelConfig, TrainConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
+from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
@@ -26,7 +27,6 @@ from hpc_llm.plan.memory import Bytes, Layout, rank_memory, stage_plan
 from hpc_llm.plan.predict import PRECISIONS, predict
 from hpc_llm.plan.search import search
 from hpc_llm.plan.simulate import simulate_costs
-from hpc_llm.train.optim import AdamW
 
 
 class FakeComm(Comm):

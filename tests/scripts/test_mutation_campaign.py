@@ -55,9 +55,9 @@ def test_mutant_applies_in_its_file(tmp_path):
 
 def test_mutant_follows_its_function_to_another_file(tmp_path):
     moved = SOURCE.replace("class Adam:", "class Other:\n    pass\n\n\nclass Adam:")
-    root = write(tmp_path, {"hpc_llm/a.py": '"""Emptied."""\n', "hpc_llm/train/optim.py": moved})
+    root = write(tmp_path, {"hpc_llm/a.py": '"""Emptied."""\n', "hpc_llm/optim.py": moved})
     found = resolve(STEP, Sources.directory(root))
-    assert found.why == "" and found.file == "hpc_llm/train/optim.py"
+    assert found.why == "" and found.file == "hpc_llm/optim.py"
     assert "        scale = lr\n" in found.text
 
 

@@ -27,10 +27,10 @@ import pytest
 from helpers import check, tiny_config
 from mpi4py import MPI
 
+from hpc_llm import optim
 from hpc_llm.config import TrainConfig
+from hpc_llm.optim import AdamW, lr_at
 from hpc_llm.parallel.grid import make_grid, single_process_grid
-from hpc_llm.train import optim
-from hpc_llm.train.optim import AdamW, lr_at
 from hpc_llm.train.trainer import Trainer
 
 RTOL = 1e-14  # see the module docstring

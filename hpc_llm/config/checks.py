@@ -2,7 +2,7 @@
 
 Every failure is a UserError naming the field and what was expected. Every rank reads the same file and overrides, so
 every rank reaches the same verdict. Checks that need the model's parameter names (train.freeze's patterns) are the
-start-up's (hpc_llm/train/startup.py): this module, like hpc_llm/config.py, imports nothing from hpc_llm.model.
+start-up's (hpc_llm/train/startup.py): the config package imports nothing from hpc_llm.model.
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import fields
-from typing import TYPE_CHECKING
 
+from hpc_llm.config.sections import Config
 from hpc_llm.errors import UserError
-
-if TYPE_CHECKING:  # annotations only: config.py imports this module to validate what it loads
-    from hpc_llm.config import Config
 
 LORA_TARGETS = (
     "attn.c_attn",
