@@ -1,6 +1,6 @@
 """Training: the Trainer and its loop (trainer), its start-up checks (startup, compat), its compute objects (build),
-the skip policy (guards), the loop's checkpointed state (state), reporting (metrics), resume or fresh start (resume),
-the optimizer (optim).
+the skip policy (guards), the loop's checkpointed state (state), reporting (metrics), resume or fresh start (resume).
+The optimizer it steps is hpc_llm/optim.py (the planner prices it too).
 
 ``from hpc_llm.train import Trainer, train`` is the public entry the CLI and scripts use.
 """
