@@ -5,7 +5,7 @@ memory and tokens/s, one process (docs/performance.md, "Fine-tuning (issue 14)")
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python scripts/bench/bench_finetune.py \
         [--out runs/bench_finetune]
         [--pretrain-steps 1500] [--finetune-steps 400] [--repeat 3]
-        [--shakespeare /work/shared/data/tinyshakespeare.txt]
+        [--shakespeare ../shared/data/tinyshakespeare.txt]
 
 Runs one job at a time in this process (hpc_llm.train.Trainer), each configured like `hpc-llm train` with `--set`
 overrides of inputs/default.toml's model (4 layers x 128, block 128). The fine-tuning runs are repeated --repeat times,
@@ -31,7 +31,8 @@ import numpy as np
 from hpc_llm.config import load_config
 from hpc_llm.train.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[2]
+from common import REPO, SHAKESPEARE
+
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128"]
 
 
@@ -164,7 +165,7 @@ def print_table(rows: list[dict], base: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench_finetune")
-    p.add_argument("--shakespeare", default="/work/shared/data/tinyshakespeare.txt")
+    p.add_argument("--shakespeare", default=str(SHAKESPEARE))
     p.add_argument("--stdlib-bytes", type=int, default=4_000_000)
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--finetune-steps", type=int, default=400)

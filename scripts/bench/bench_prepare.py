@@ -28,7 +28,7 @@ from hpc_llm.data.prepare import prepare
 from hpc_llm.data.tokenizer import BPETokenizer
 from hpc_llm.parallel.comm import world_comm
 
-from common import vm_hwm
+from common import SHAKESPEARE, vm_hwm
 
 
 def worker(args) -> None:
@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out")
     p.add_argument("--tokenizer-dir")
     p.add_argument("--tokenizer", default="byte")
-    p.add_argument("--source", default="/work/shared/data/tinyshakespeare.txt")
+    p.add_argument("--source", default=str(SHAKESPEARE))
     p.add_argument("--mb", type=int, default=50)
     p.add_argument("--memory-mb", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -12,6 +12,10 @@ import numpy as np
 
 from hpc_llm.data.tokens import FORMAT, FORMAT_VERSION
 
+REPO = Path(__file__).resolve().parents[2]
+# the corpus the workplace keeps beside the repository (../shared/data/)
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
 # Model shapes and the batch each is benchmarked at: nanoGPT's shakespeare-char CPU setting (vocab 65), the middle
 # row of the targets (6 layers x 384), GPT-2 small's shape (vocab 50304, padded to a multiple of 64)
 PRESETS = {

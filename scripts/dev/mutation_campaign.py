@@ -71,7 +71,8 @@ from pathlib import Path
 from mutants import MUTANTS, Mutant
 
 SCRIPT_DIR = Path(__file__).resolve().parent
-DEFAULT_PYTHON = "/work/main/.venv/bin/python"
+# the repository's own environment (scripts/setup.sh makes it)
+DEFAULT_PYTHON = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python")
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-rfEs"]
 
 
