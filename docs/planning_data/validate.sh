@@ -2,7 +2,7 @@
 # 2-core machine: /tmp/sc is tinyshakespeare prepared with `hpc-llm prepare --tokenizer char`. The first line
 # recalibrated inputs/clusters/this_machine.toml (committed); uptime before each run is in validation_load.txt.
 # Regenerate the table: python scripts/bench/validation_table.py docs/planning_data/validation.jsonl --stored
-cd /work/main
+cd "$(dirname "$0")/../.."  # the repository root
 source /tmp/benv.sh
 mpiexec -n 2 hpc-llm bench calibrate --out inputs/clusters/this_machine.toml > /tmp/calib2.log 2>&1
 OUT=/tmp/validation2.jsonl; rm -f $OUT /tmp/validate2_load.txt /tmp/validate2_log.txt
