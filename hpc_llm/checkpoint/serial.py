@@ -71,3 +71,20 @@ def save_checkpoint(
         for p, a in tensors.items()
     ]
     Save(path, outs, header, Comm(None), mpio=False, step=state.get("step"), agree=False).run()
+
+
+def save_fresh_checkpoint(path, params: dict, state: dict, config: dict) -> None:
+    """Weights alone, as a fresh trainer saves them at step 0: zero Adam moments, no history, step, tokens_seen and
+    adam_t 0 (``state`` adds the rest: tokenizer, data_path, ...). What import-gpt2 and merge-lora write, so that
+    --resume, train.init_from and load_model take it like any checkpoint."""
+    optimizer = {
+        slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")
+    }
+    save_checkpoint(
+        path,
+        params=params,
+        optimizer=optimizer,
+        state={"step": 0, "tokens_seen": 0, "adam_t": 0, **state},
+        config=config,
+        metrics=fmt.empty_metrics(),
+    )

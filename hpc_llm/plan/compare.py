@@ -30,20 +30,7 @@ def run_layout(cfg, run: Path, world: int | None) -> Layout:
             world = int(f.state.get("layout", {}).get("world", 1))
         finally:
             f.close()
-    par, t = cfg.parallel, cfg.train
-    dp = world // (par.tp * par.pp)
-    return Layout(
-        par.pp,
-        dp,
-        par.tp,
-        par.zero,
-        par.schedule,
-        par.virtual_stages,
-        t.grad_accum,
-        t.batch_size,
-        par.bucket_mb,
-        getattr(t, "recompute", "none"),
-    )
+    return Layout.of(cfg, world // (cfg.parallel.tp * cfg.parallel.pp))
 
 
 def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:

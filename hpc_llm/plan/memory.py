@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
 from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
-from hpc_llm.config import ModelConfig, stage_layers
+from hpc_llm.config import Config, ModelConfig, stage_layers
 from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.parallel.data_parallel import GradientSync
@@ -79,6 +79,23 @@ class Layout:
     @property
     def rows(self) -> int:
         return self.batch_size // self.dp
+
+    @classmethod
+    def of(cls, cfg: Config, dp: int) -> Layout:
+        """The layout a run's config describes, at data-parallel size dp (the world's ranks / (pp * tp))."""
+        par, t = cfg.parallel, cfg.train
+        return cls(
+            par.pp,
+            dp,
+            par.tp,
+            par.zero,
+            par.schedule,
+            par.virtual_stages,
+            t.grad_accum,
+            t.batch_size,
+            par.bucket_mb,
+            t.recompute,
+        )
 
 
 def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> StagePlan:

@@ -38,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.checkpoint import save_checkpoint
-from hpc_llm.checkpoint.format import empty_metrics
+from hpc_llm.checkpoint.serial import save_fresh_checkpoint
 from hpc_llm.config import Config, ModelConfig
 from hpc_llm.config.checks import validated
 from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
@@ -381,16 +380,7 @@ def import_gpt2(model_dir, out) -> Path:
                 f"vocab_size {V} in {CONFIG_FILE}"
             )
         tokenizer = tok.meta()
-    optimizer = {
-        slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")
-    }
-    state = {
-        "step": 0,
-        "tokens_seen": 0,
-        "adam_t": 0,
-        "tokenizer": tokenizer,
-        "data_path": "",
-    }
+    state = {"tokenizer": tokenizer, "data_path": ""}
     # every rank would write the same file: refused on each alike (the world size is known everywhere), after the
     # inputs' own checks (the same verdict on every rank), before anything is created
     if (ranks := world_comm().size) > 1:
@@ -402,14 +392,7 @@ def import_gpt2(model_dir, out) -> Path:
     except OSError as exc:
         raise UserError(f"{out}: cannot create directory {out.parent} ({_one_line(exc)})") from None
     try:
-        save_checkpoint(
-            out,
-            params=params,
-            optimizer=optimizer,
-            state=state,
-            config=cfg.to_dict(),
-            metrics=empty_metrics(),
-        )
+        save_fresh_checkpoint(out, params, state, cfg.to_dict())
     except OSError as exc:
         raise UserError(f"{out}: cannot write checkpoint ({_one_line(exc)})") from None
     return out

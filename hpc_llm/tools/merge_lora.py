@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_llm.api import resolve_checkpoint
-from hpc_llm.checkpoint import load_checkpoint, save_checkpoint
-from hpc_llm.checkpoint.format import empty_metrics
+from hpc_llm.checkpoint import load_checkpoint
+from hpc_llm.checkpoint.serial import save_fresh_checkpoint
 from hpc_llm.config import ModelConfig, config_from_dict
 from hpc_llm.config.checks import LORA_TARGETS
 from hpc_llm.errors import UserError
@@ -112,25 +112,12 @@ def merge_lora(checkpoint, out) -> Path:
         train=dataclasses.replace(cfg.train, freeze=[], init_from=""),
     )
     state = {
-        "step": 0,
-        "tokens_seen": 0,
-        "adam_t": 0,
         "tokenizer": saved.state.get("tokenizer"),
         "data_path": saved.state.get("data_path", ""),
         "merged_lora": merged_from,
     }
-    optimizer = {
-        slot: {name: np.zeros_like(p) for name, p in params.items()} for slot in ("m", "v")
-    }
     try:
-        save_checkpoint(
-            out,
-            params=params,
-            optimizer=optimizer,
-            state=state,
-            config=cfg.to_dict(),
-            metrics=empty_metrics(),
-        )
+        save_fresh_checkpoint(out, params, state, cfg.to_dict())
     except OSError as exc:
         raise UserError(
             f"merge-lora --out {out}: cannot write checkpoint ({exc.strerror or exc})"

@@ -234,27 +234,14 @@ def _log_pipeline(cfg, plan) -> None:
 def predicted_memory(cfg, grid, optimizer_threads: int, writer: str):
     """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py): parameters,
     gradients, optimizer state, the step's activations at their peak, ..."""
-    par, t = cfg.parallel, cfg.train
-    lay = Layout(
-        par.pp,
-        grid.dp,
-        par.tp,
-        par.zero,
-        par.schedule,
-        par.virtual_stages,
-        t.grad_accum,
-        t.batch_size,
-        par.bucket_mb,
-        t.recompute,
-    )
-    precision = "fp64" if cfg.model.dtype == "float64" else t.precision
+    precision = "fp64" if cfg.model.dtype == "float64" else cfg.train.precision
     return rank_memory(
         cfg.model,
-        lay,
+        Layout.of(cfg, grid.dp),
         grid.pp_rank,
         PRECISIONS[precision][1],
         grid.dp_rank,
-        par.pp_layers,
+        cfg.parallel.pp_layers,
         optimizer_threads,
         writer=writer,
     )
