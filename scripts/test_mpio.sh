@@ -7,7 +7,7 @@
 #
 # Steps: (1) apt-get install the packages (skipped when dpkg already has them); if that is impossible (not Debian, not
 # root, no network) print "SKIPPED: <why>" and exit 0 (under CI=true "FAILED: <why>" and exit 1); (2) the venv + `pip
-# install --no-deps -e .` + pytest, pytest-timeout, mpi-pytest (redone only when setup.cfg, pyproject.toml or this
+# install --no-deps -e .` + tokenizers, tqdm, pytest, pytest-timeout, mpi-pytest (redone only when setup.cfg, pyproject.toml or this
 # script changed); (3) check h5py's MPI build (H5PY_ALWAYS_USE_MPI=1, and under mpiexec via OMPI_COMM_WORLD_SIZE) and
 # the MPI library; (4) run tests/checkpoint/test_checkpoint_mpio.py under `/usr/bin/mpiexec -n N` for N = 1, 2, 4
 # (pytest inside mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its forking mode does not work with Open MPI 4.1).
@@ -104,8 +104,10 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
     # --no-deps everywhere a dependency could be numpy, h5py or mpi4py: those must stay Debian's.
     "$PY" -m pip install --quiet --no-deps -e . "mpi-pytest>=2025.0"  # mpi-pytest: any mpi4py (3.1.4 works)
     "$PY" -m pip install --quiet "pytest>=8" "pytest-timeout>=2.3"
+    # hpc_llm's other dependencies, none of which pulls numpy, h5py or mpi4py: from PyPI, as in the main venv
+    "$PY" -m pip install --quiet "tokenizers>=0.15" "tqdm>=4.60"
     touch "$stamp"
-    phase "venv $VENV: hpc_llm (editable, --no-deps), pytest, pytest-timeout, mpi-pytest installed"
+    phase "venv $VENV: hpc_llm (editable, --no-deps), tokenizers, tqdm, pytest, pytest-timeout, mpi-pytest installed"
 else
     phase "venv $VENV up to date"
 fi
