@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A throw-away one-node Slurm cluster on this machine, for tests/scripts/test_slurm.py (and for trying the slurm/ scripts).
+# A throw-away one-node Slurm cluster on this machine, for tests/scripts/test_slurm.py (and for trying the slurm/
+# scripts).
 #
 #   scripts/slurm_cluster.sh start STATE_DIR   # wipe STATE_DIR's daemon state, write slurm.conf, start munged,
 #                                              # slurmctld and slurmd, wait until the node is idle
