@@ -10,7 +10,8 @@
 # install --no-deps -e .` + tokenizers, tqdm, pytest, pytest-timeout, mpi-pytest (redone only when setup.cfg,
 # pyproject.toml or this script changed); (3) check h5py's MPI build (H5PY_ALWAYS_USE_MPI=1, and under mpiexec via
 # OMPI_COMM_WORLD_SIZE) and the MPI library; (4) run tests/checkpoint/test_checkpoint_mpio.py under
-# `/usr/bin/mpiexec -n N` for N = 1, 2, 4 (pytest inside mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its forking mode does not work with Open MPI 4.1).
+# `/usr/bin/mpiexec -n N` for N = 1, 2, 4 (pytest inside mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its
+# forking mode does not work with Open MPI 4.1).
 # A run passes only if mpiexec exits 0 (or 5: no test for that size) and every rank wrote a JUnit report with no
 # failure or error (a rank that died or was killed by pytest-timeout has none). Timings are printed per step; about
 # 7 s in all on a warm machine.
