@@ -55,15 +55,10 @@ def global_grad_norm(grads, ranges, comm) -> float:
     that every gradient element of the whole model is counted exactly once over the group (a ZeRO shard, or one
     TP rank's copy of a replicated tensor); the result is identical on every rank."""
     local = 0.0
-    for (
-        a,
-        b,
-    ) in (
-        ranges
-    ):  # in float64, a chunk at a time: a float32 dot of millions of elements is off by ~1e-5
-        for c in range(
-            a, b, NORM_CHUNK
-        ):  # with a plain (sequential) BLAS, and DP shards would then disagree
+    # in float64, a chunk at a time: a float32 dot of millions of elements is off by ~1e-5
+    for a, b in ranges:
+        # with a plain (sequential) BLAS, and DP shards would then disagree
+        for c in range(a, b, NORM_CHUNK):
             g = grads[c : min(c + NORM_CHUNK, b)].astype("float64")
             local += float(g @ g)
     return math.sqrt(comm.allreduce_scalar(local))

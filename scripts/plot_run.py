@@ -123,9 +123,8 @@ def layer(name: str) -> str:
 def panel(ax, title: str, ylabel: str, xlabel: str = "step", log: bool = False) -> None:
     from matplotlib.ticker import LogFormatter
 
-    class Plain(
-        LogFormatter
-    ):  # LogFormatter picks the ticks to label; this writes 0.6 rather than 6e-01
+    # LogFormatter picks the ticks to label; this writes 0.6 rather than 6e-01
+    class Plain(LogFormatter):
         def __call__(self, x, pos=None):
             return f"{x:g}" if super().__call__(x, pos) else ""
 
@@ -143,9 +142,8 @@ def panel(ax, title: str, ylabel: str, xlabel: str = "step", log: bool = False) 
 
 
 def draw_norms(ax, plt, snapshots: list, by_step: bool) -> None:
-    if (
-        by_step
-    ):  # a line per layer over the checkpoints: the L2 norm of all the layer's parameters together
+    # a line per layer over the checkpoints: the L2 norm of all the layer's parameters together
+    if by_step:
         steps, layers = (
             [s for s, _ in snapshots],
             list(dict.fromkeys(layer(n) for n in snapshots[-1][1])),

@@ -142,7 +142,6 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     report = (yield).get_result()
-    if (
-        STRICT_SKIPS and report.skipped
-    ):  # a module-level skip (pytest.skip(allow_module_level=True), importorskip)
+    # a module-level skip (pytest.skip(allow_module_level=True), importorskip)
+    if STRICT_SKIPS and report.skipped:
         _fail_skip(report, collector.nodeid)

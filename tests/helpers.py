@@ -223,9 +223,8 @@ def reference_checks(tr, ref, name: str, steps: slice = slice(None)) -> list[str
             bad.append(f"{name} {key}: {a} vs reference {b} (relative {rel_diff(a, b):.2e})")
     if got["lr"] != want["lr"]:
         bad.append(f"{name} lr: {got['lr']} vs reference {want['lr']}")
-    after = (
-        -1 if steps.start is None else steps.start
-    )  # a resumed run also holds the first run's closing eval at K
+    # a resumed run also holds the first run's closing eval at K
+    after = -1 if steps.start is None else steps.start
     ge, re_ = (
         {k: [v for s, v in zip(e["step"], e[k]) if s > after] for k in e}
         for e in (tr.metrics.eval, ref.metrics.eval)
@@ -357,9 +356,8 @@ def layout_trainer(data_dir, out_dir, layout: str, resume=None, **overrides) -> 
     return Trainer(cfg, resume=resume, grid=make_grid(MPI.COMM_WORLD, tp, pp))
 
 
-SAVE_SLACK = (
-    512 << 10
-)  # Python's own objects during a save (per dataset: h5py objects, the plan; JSON, pickles)
+# Python's own objects during a save (per dataset: h5py objects, the plan; JSON, pickles)
+SAVE_SLACK = 512 << 10
 
 
 def save_failure_problems(tr, rank: int) -> list[str]:
@@ -483,9 +481,8 @@ def hf_tensors(
             p + "mlp.c_proj.weight": w(4 * C, C, std=0.1),
             p + "mlp.c_proj.bias": w(C, std=0.1),
         }
-        if (
-            buffers
-        ):  # what older transformers versions saved: the causal mask and the masked-score constant
+        # what older transformers versions saved: the causal mask and the masked-score constant
+        if buffers:
             t[p + "attn.bias"] = np.tril(np.ones((P, P), dtype=np.float32))[None, None]
             t[p + "attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
     t |= {f"{prefix}ln_f.weight": 1 + w(C, std=0.2), f"{prefix}ln_f.bias": w(C, std=0.2)}

@@ -123,16 +123,13 @@ def human(nbytes: int) -> str:
 
 def _calls(comm, collective: str, buf: np.ndarray, counts: list[int]):
     """(ours, plain): two zero-argument callables doing the collective through Comm and through bare mpi4py."""
-    from mpi4py import (
-        MPI,
-    )  # here, not at the top: importing mpi4py.MPI initialises MPI (the CLI imports this module)
+    # here, not at the top: importing mpi4py.MPI initialises MPI (the CLI imports this module)
+    from mpi4py import MPI
 
     raw = comm.mpi
     if collective in REDUCE16:
-        low, gather = (
-            comm_dtype(collective[-4:]),
-            comm.dup(comm.name),
-        )  # as GradientSync: the allgathers apart
+        # as GradientSync: the allgathers apart
+        low, gather = (comm_dtype(collective[-4:]), comm.dup(comm.name))
         counts = [len(buf) // comm.size + (r < len(buf) % comm.size) for r in range(comm.size)]
         return (
             lambda: Reduce16(comm, buf, counts, low, False, collective, gather).wait(),

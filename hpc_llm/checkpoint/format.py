@@ -361,9 +361,8 @@ def check_crcs(dsets: list[h5py.Dataset], path: Path) -> None:
         pending: collections.deque = collections.deque()
         for dset in dsets:
             pending.append((dset, pool.submit(dataset_crc, dset)))
-            if (
-                len(pending) > 2
-            ):  # two being read, one queued: no thread waits, no more slabs in memory
+            # two being read, one queued: no thread waits, no more slabs in memory
+            if len(pending) > 2:
                 done, value = pending.popleft()
                 check_crc(done, value.result(), path)
         for done, value in pending:

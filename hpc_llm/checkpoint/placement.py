@@ -101,9 +101,8 @@ class ElementPlacement:
             return to_host(self.model.flat[a:b])
         buf = getattr(self.opt, slot)
         i = bisect.bisect_right(self.own_starts, a) - 1
-        if (
-            i < 0 or self.own[i][1] <= a
-        ):  # a frozen tensor (train.freeze, LoRA's base): no moments, stored as zeros
+        # a frozen tensor (train.freeze, LoRA's base): no moments, stored as zeros
+        if i < 0 or self.own[i][1] <= a:
             assert i + 1 >= len(self.own) or b <= self.own[i + 1][0], (a, b, self.own[i + 1])
             return np.zeros(b - a, dtype=buf.dtype)
         start, stop, base = self.own[i]
@@ -146,12 +145,10 @@ class ElementPlacement:
         def parts(blk: Slab) -> list[Part]:
             n = blk.hi - blk.lo
             r0, c0 = divmod(blk.lo, width)
-            rows = (
-                n // width if c0 == 0 and n % width == 0 else 0
-            )  # whole rows, or (0) a piece of row r0
-            if (
-                tp == 1 or axis is None
-            ):  # the shard is the tensor (TP rank 0's copy of a replicated one)
+            # whole rows, or (0) a piece of row r0
+            rows = n // width if c0 == 0 and n % width == 0 else 0
+            # the shard is the tensor (TP rank 0's copy of a replicated one)
+            if tp == 1 or axis is None:
                 return [Part(n, pieces(0, off + blk.lo, n))]
             if axis == 0:  # rows split: each run of rows from one rank, straight into place
                 out = []

@@ -126,13 +126,11 @@ class CheckpointFile:
             and out.shape == dset.shape
             and out.dtype == dset.dtype
         ):
-            self._pending[key] = self._pool.submit(
-                fmt.crc, out
-            )  # read whole: checksum those bytes, on the side
+            # read whole: checksum those bytes, on the side
+            self._pending[key] = self._pool.submit(fmt.crc, out)
             self._inflight.append(self._pending[key])
-            while (
-                len(self._inflight) > 4
-            ):  # the checksums fell behind: don't keep more arrays alive for them
+            # the checksums fell behind: don't keep more arrays alive for them
+            while len(self._inflight) > 4:
                 self._inflight.popleft().result()
         return out
 
@@ -186,9 +184,8 @@ def load_checkpoint(
     without it the header checks (format, version, complete) still apply. ``optimizer=False`` skips the Adam moments
     (two thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
     with CheckpointFile(path) as f:
-        if (
-            verify
-        ):  # stray datasets outside the groups read below must still carry a correct checksum
+        # stray datasets outside the groups read below must still carry a correct checksum
+        if verify:
             for dset in f._datasets:
                 if dset.name.split("/")[1] not in fmt.GROUPS:
                     fmt.check_crc(dset, fmt.dataset_crc(dset), f.path)

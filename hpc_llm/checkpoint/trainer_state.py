@@ -176,13 +176,7 @@ def checkpoint_outs(
 
     for j, (path, table, col, n) in enumerate(columns, start=len(tensors)):
         outs.append(
-            Out(
-                path,
-                (n,),
-                np.float64,
-                owner[j],
-                whole(0, functools.partial(column, table, col)),
-            )
+            Out(path, (n,), np.float64, owner[j], whole(0, functools.partial(column, table, col)))
         )
     return outs + _powersgd_outs(parts.sync, mpio, psgd)
 
@@ -258,9 +252,8 @@ def restore_trainer(parts: TrainerParts, state, saved: CheckpointFile) -> str | 
         entry = _powersgd_entry(parts, saved)
         saved.verify_share()
     if parts.opt.owned != [(0, parts.model.local_size)]:
-        parts.model.grad_flat[...] = (
-            0  # frozen weights' gradients are never written: leave no moments in them
-        )
+        # frozen weights' gradients are never written: leave no moments in them
+        parts.model.grad_flat[...] = 0
     parts.model.refresh_compute()
     _fill_state(parts, state, saved)
     try:
@@ -317,9 +310,8 @@ def _fill_state(parts: TrainerParts, state, saved: CheckpointFile) -> None:
     state.step = st["step"]
     parts.opt.t = st["adam_t"]
     state.skipped_steps = st.get("skipped_steps", 0)
-    if state.scaler is not None and st.get(
-        "loss_scaler"
-    ):  # saved by an fp16 run; any other starts afresh
+    # saved by an fp16 run; any other starts afresh
+    if state.scaler is not None and st.get("loss_scaler"):
         state.scaler.load(st["loss_scaler"])
     for table in ("train", "eval"):
         got = saved.metrics.get(table, {})

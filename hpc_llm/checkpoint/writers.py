@@ -170,17 +170,15 @@ class Save:
             self._abandon(collective=True)  # every rank is here, at the same step
             raise
         except BaseException:
-            self._abandon(
-                collective=not self.mpio
-            )  # this rank alone: no collective that would wait for others
+            # this rank alone: no collective that would wait for others
+            self._abandon(collective=not self.mpio)
             raise
 
     # -- the steps ------------------------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        if self.rank == 0 and callable(
-            self.header
-        ):  # serialised here: a state that cannot be fails agreed
+        # serialised here: a state that cannot be fails agreed
+        if self.rank == 0 and callable(self.header):
             self.header = self.header()
         if self.rank == 0 or self.mpio:
             parent = self.path.parent
@@ -300,9 +298,8 @@ class Save:
             and parts[0].at == 0
             and parts[0].pieces[0].rank == me
         ):
-            data, error = self._fetch(
-                parts[0].pieces[0], out.dtype, error
-            )  # held whole here: written from place
+            # held whole here: written from place
+            data, error = self._fetch(parts[0].pieces[0], out.dtype, error)
             return data.reshape(blk.shape), error
         slab = staging.get(0, out.dtype, n)
         apart = sum(p.n for p in parts if p.at is None)
@@ -346,9 +343,8 @@ class Save:
             self.agree("closing the checkpoint file", finish)
             return
         crcs: dict[str, int] = {}
-        for part in self.comm.allgather_objects(
-            self.crcs
-        ):  # HDF5 attributes are collective: equal everywhere
+        # HDF5 attributes are collective: equal everywhere
+        for part in self.comm.allgather_objects(self.crcs):
             crcs.update(part)
         error = None
         try:

@@ -32,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except UserError as e:
-        sys.stderr.write(
-            f"hpc-llm: error: {e}\n"
-        )  # one write: MPI launchers interleave ranks' partial lines
+        # one write: MPI launchers interleave ranks' partial lines
+        sys.stderr.write(f"hpc-llm: error: {e}\n")
         sys.stderr.flush()
         return 2
     except JobError as e:  # every rank knows (agreed): each exits 1 by itself, rank 0 says why

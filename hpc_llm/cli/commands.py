@@ -82,9 +82,8 @@ def run_prepare(args) -> None:
 
 
 def run_train(args) -> int:
-    with (
-        StopRequest() as stop
-    ):  # first: a stop signal during start-up is kept, and honoured at step 0
+    # first: a stop signal during start-up is kept, and honoured at step 0
+    with StopRequest() as stop:
         inject("startup")
         # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
         # print, so every rank reads and validates the config, then all raise the same error together

@@ -14,12 +14,8 @@ from dataclasses import fields
 from hpc_llm.config.sections import Config
 from hpc_llm.errors import UserError
 
-LORA_TARGETS = (
-    "attn.c_attn",
-    "attn.c_proj",
-    "mlp.c_fc",
-    "mlp.c_proj",
-)  # the linear layers of a block
+# the linear layers of a block
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def validated(cfg: Config) -> Config:

@@ -21,12 +21,10 @@ class ModelConfig:
     # LoRA (docs/fine-tuning.md): > 0 adds adapters A (in, r) and B (r, out) beside each target linear layer,
     # y = x W + b + (lora_alpha / lora_rank) x A B; every base parameter is then frozen, the adapters train
     lora_rank: int = 0
-    lora_alpha: float = (
-        8.0  # the adapters' scale is lora_alpha / lora_rank (PEFT's default alpha 8: 1.0 at rank 8)
-    )
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["attn.c_attn"]
-    )  # among checks.LORA_TARGETS
+    # the adapters' scale is lora_alpha / lora_rank (PEFT's default alpha 8: 1.0 at rank 8)
+    lora_alpha: float = 8.0
+    # among checks.LORA_TARGETS
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.c_attn"])
 
     @property
     def lora_scale(self) -> float:
@@ -45,9 +43,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = (
-        12  # sequences per micro-batch (the whole micro-batch, over all data-parallel ranks)
-    )
+    # sequences per micro-batch (the whole micro-batch, over all data-parallel ranks)
+    batch_size: int = 12
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 2000
     lr: float = 1e-3
@@ -65,21 +62,17 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     backend: str = "numpy"
-    recompute: str = (
-        "none"  # "block": backward recomputes each block's forward from its input (keeps only that)
-    )
+    # "block": backward recomputes each block's forward from its input (keeps only that)
+    recompute: str = "none"
     # "fp32" (model.dtype's: also float64), "bf16" or "fp16": matmul operands and kept activations in that format,
     # fp32 master weights and moments (hpc_llm/model/precision.py)
     precision: str = "fp32"
-    loss_scale_init: float = (
-        65536.0  # fp16's dynamic loss scale: its start (2^16, as PyTorch's GradScaler)
-    )
-    loss_scale_window: int = (
-        1000  # fp16: clean steps in a row before the scale doubles (Megatron's window)
-    )
-    peak_tflops: float = (
-        0.0  # MFU denominator per rank (summed over ranks); 0: measure a float32 matmul at start
-    )
+    # fp16's dynamic loss scale: its start (2^16, as PyTorch's GradScaler)
+    loss_scale_init: float = 65536.0
+    # fp16: clean steps in a row before the scale doubles (Megatron's window)
+    loss_scale_window: int = 1000
+    # MFU denominator per rank (summed over ranks); 0: measure a float32 matmul at start
+    peak_tflops: float = 0.0
     # a step whose loss or gradient norm is not finite is skipped on every rank; this many in a row stop the run with
     # a checkpoint of the last good state (fp16's loss-scaler overflows are counted apart: they are expected)
     max_bad_steps: int = 10
@@ -118,9 +111,8 @@ class CheckpointConfig:
     # "gather": rank 0 writes the file with serial h5py; "mpio": all ranks write their share of it (h5py built with
     # MPI); "auto": mpio when h5py has MPI and there are several ranks, else gather. The file is the same.
     writer: str = "auto"
-    on_error: str = (
-        "stop"  # a save that fails (disk full, I/O error): "stop" the run, or "continue" without it
-    )
+    # a save that fails (disk full, I/O error): "stop" the run, or "continue" without it
+    on_error: str = "stop"
 
 
 @dataclass

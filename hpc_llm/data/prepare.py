@@ -143,9 +143,8 @@ def prepare(
     out = Path(out_dir)
     budget = Budget(memory_mb, tokenizer, piece_bytes)
     tok = None
-    if (
-        tokenizer == "gpt2"
-    ):  # every rank reads the directory (agreed: a bad one is the same error on all)
+    # every rank reads the directory (agreed: a bad one is the same error on all)
+    if tokenizer == "gpt2":
         tok = comm.agree(lambda: make_tokenizer("gpt2", tokenizer_dir=tokenizer_dir))
     plan = comm.bcast_object(
         comm.agree(lambda: _plan(out, input_list, pattern, budget) if comm.rank == 0 else None)

@@ -62,9 +62,8 @@ def get_batch(
     window = offsets[:, None] + np.arange(block_size + 1)
     chunk = np.asarray(tokens)[window].astype(np.int64)
     vocab = getattr(tokens, "vocab_size", 0)
-    if (
-        vocab and chunk.size and int(chunk.max()) >= vocab
-    ):  # a TokenFile: (rows, T+1) ids checked, not the file
+    # a TokenFile: (rows, T+1) ids checked, not the file
+    if vocab and chunk.size and int(chunk.max()) >= vocab:
         raise TokenFileCorrupt(
             f"{tokens.source}: contains token id {int(chunk.max())}, but vocab_size in meta.json is "
             f"{vocab} (the file changed after `hpc-llm prepare` wrote it: prepare it again)"

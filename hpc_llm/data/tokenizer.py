@@ -26,9 +26,8 @@ import tokenizers
 
 from hpc_llm.errors import UserError
 
-UINT16_VOCAB = (
-    1 << 16
-)  # ids of a vocabulary up to this size fit uint16 token files; larger ones take uint32
+# ids of a vocabulary up to this size fit uint16 token files; larger ones take uint32
+UINT16_VOCAB = 1 << 16
 MAX_VOCAB = 1 << 32  # uint32 token ids
 BPE_MIN_VOCAB = 257  # the 256 byte symbols of the byte-level alphabet and at least one merge
 HF_TOKENIZER_JSON = "tokenizer.json"
@@ -44,9 +43,8 @@ _BREAK_PROBE = (
     "".join(f"w{a}\n{b}w {a}{a}\n{b}{b} " for a in "aZ0.'$(_-" for b in "aZ0.'$(_-")
     + "x\n's y\n\tz\n"
 )
-_STREAM_NORMALIZERS = (
-    "NFC",
-)  # besides none: composition never joins across "\n" + a visible ASCII character
+# besides none: composition never joins across "\n" + a visible ASCII character
+_STREAM_NORMALIZERS = ("NFC",)
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -136,9 +134,8 @@ class BPETokenizer:
         self.json = json_str if json_str is not None else tok.to_str()
         self.sha256 = hashlib.sha256(self.json.encode("utf-8")).hexdigest()
         vocab = tok.get_vocab(with_added_tokens=True)
-        self.vocab_size = (
-            max(vocab.values()) + 1 if vocab else 0
-        )  # ids need not be dense: the largest counts
+        # ids need not be dense: the largest counts
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         if not 1 <= self.vocab_size <= MAX_VOCAB:
             raise UserError(
                 f"{name} tokenizer: vocabulary of {self.vocab_size} tokens, expected 1..{MAX_VOCAB}"
@@ -223,9 +220,8 @@ class BPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Several strings at once (tokenizers spreads them over its threads); offsets are not computed."""
         dt = self.dtype.newbyteorder("=")
-        batch = getattr(
-            self._tok, "encode_batch_fast", self._tok.encode_batch
-        )  # _fast: tokenizers >= 0.21
+        # _fast: tokenizers >= 0.21
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [np.asarray(e.ids, dtype=dt) for e in batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:

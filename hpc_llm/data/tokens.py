@@ -132,9 +132,8 @@ class TokenData:
         self._tokenizer = tokenizer_from_meta(self._meta)
         self.dtype = DTYPES[self._meta.get("dtype", "uint16")]
         self._splits = {name: self._load_split(name) for name in SPLITS}
-        if (
-            "max_id" not in self._meta
-        ):  # format version 1: no recorded max_id, so the ids are checked once here
+        # format version 1: no recorded max_id, so the ids are checked once here
+        if "max_id" not in self._meta:
             self._scan_ids()
 
     def _scan_ids(self) -> None:
@@ -191,9 +190,8 @@ class TokenData:
                 f"{meta_path}: dtype {dtype} cannot hold the ids of vocab_size {vocab} (expected "
                 '"uint32")'
             )
-        if (
-            "max_id" in meta
-        ):  # prepare records it: the start-up check that costs no pass over the files
+        # prepare records it: the start-up check that costs no pass over the files
+        if "max_id" in meta:
             top = meta["max_id"]
             # prepare refuses a corpus with an empty split, so a written max_id is some id: never -1
             if not isinstance(top, int) or isinstance(top, bool) or top < 0:

@@ -75,9 +75,8 @@ def _uniforms(rngs, n: int) -> np.ndarray:
 def _greedy(z: np.ndarray, v0: int, comm: Comm) -> np.ndarray:
     rows = np.arange(z.shape[0])
     a = z.argmax(axis=1)
-    mine = np.stack(
-        [z[rows, a], (a + v0).astype(np.float64)], axis=1
-    )  # (B, 2): value, global index
+    # (B, 2): value, global index
+    mine = np.stack([z[rows, a], (a + v0).astype(np.float64)], axis=1)
     every = comm.allgather(mine)  # (P, B, 2)
     best = every[:, :, 0].argmax(axis=0)  # the first rank with the max: the lowest index among ties
     return every[best, rows, 1].astype(np.int64)
@@ -91,9 +90,8 @@ def _top_k_threshold(z: np.ndarray, k: int, comm: Comm) -> np.ndarray:
         if kl < 64
         else np.partition(z, z.shape[1] - kl, axis=1)[:, -kl:]
     )
-    union = np.moveaxis(comm.allgather(np.ascontiguousarray(local)), 0, 1).reshape(
-        z.shape[0], -1
-    )  # (B, P kl)
+    # (B, P kl)
+    union = np.moveaxis(comm.allgather(np.ascontiguousarray(local)), 0, 1).reshape(z.shape[0], -1)
     if union.shape[1] < k:  # fewer entries than k in the whole row: all kept
         return np.full(z.shape[0], -np.inf)
     return -np.partition(-union, k - 1, axis=1)[:, k - 1]
@@ -170,9 +168,8 @@ def _nucleus_draw(p: np.ndarray, idx: np.ndarray, top_p: float, u: np.ndarray) -
     p, idx, c, m = nucleus(p, idx, top_p)
     rows = np.arange(p.shape[0])
     total = c[rows, m - 1]
-    pick = (c <= (u * total)[:, None]).sum(
-        axis=1
-    )  # the first entry whose cumulative mass passes u * total
+    # the first entry whose cumulative mass passes u * total
+    pick = (c <= (u * total)[:, None]).sum(axis=1)
     pick = np.minimum(pick, m - 1)
     return idx[rows, pick].astype(np.int64)
 
@@ -186,17 +183,15 @@ def _inverse_cdf(z: np.ndarray, v0: int, comm: Comm, u: np.ndarray) -> np.ndarra
     cum = np.cumsum(mass, axis=0)
     target = u * cum[-1]
     owner = (cum <= target[None, :]).sum(axis=0)  # the rank whose cumulative mass passes u
-    owner = np.minimum(
-        owner, comm.size - 1 - (mass[::-1] > 0).argmax(axis=0)
-    )  # rounding: the last with mass
+    # rounding: the last with mass
+    owner = np.minimum(owner, comm.size - 1 - (mass[::-1] > 0).argmax(axis=0))
     out = np.zeros(B, dtype=np.int64)
     here = np.flatnonzero(owner == comm.rank)
     if here.size:
         before = (cum - mass)[comm.rank, here]
         j = (c[here] <= (target[here] - before)[:, None]).sum(axis=1)
-        last = (
-            Vl - 1 - (e[here, ::-1] > 0).argmax(axis=1)
-        )  # rounding at the very end: the last entry with mass
+        # rounding at the very end: the last entry with mass
+        last = Vl - 1 - (e[here, ::-1] > 0).argmax(axis=1)
         out[here] = np.minimum(j, last) + v0
     return comm.allreduce_(out, op="sum")
 
@@ -302,9 +297,8 @@ def _decode(
         if step == max_new_tokens - 1:
             break
         full = np.flatnonzero(cache.lengths == T)
-        if (
-            full.size
-        ):  # rebuilt first: their caches restart at T // 2, so the step below fits for every row
+        # rebuilt first: their caches restart at T // 2, so the step below fits for every row
+        if full.size:
             # in a cache of their own (a one-token row fed beside T // 2 tokens would pad past block_size); the
             # model's pool keeps one buffer, the largest, and a smaller cache is a view of it: rebuilds of
             # different row counts do not pile up buffers
@@ -315,9 +309,8 @@ def _decode(
         rest = np.setdiff1d(np.arange(B), full)
         if rest.size:
             n = np.zeros(B, dtype=np.int64)
-            n[rest] = (
-                1  # the rebuilt rows ride along (their token is in their rebuilt context already)
-            )
+            # the rebuilt rows ride along (their token is in their rebuilt context already)
+            n[rest] = 1
             step_logits = model.forward_cached(
                 model.xp.asarray(nxt[:, None]),
                 cache,

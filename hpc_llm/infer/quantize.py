@@ -87,9 +87,8 @@ class QuantizedWeight:
         n_in, n_out = self.q.shape
         out = np.empty((x.shape[0], n_out), dtype=dtype)
         step = max(1, BLOCK_BYTES // (n_in * dtype.itemsize))
-        if (
-            x.shape[0] > 16
-        ):  # a prefill: wide blocks keep the GEMM efficient (the conversion is shared by many rows)
+        # a prefill: wide blocks keep the GEMM efficient (the conversion is shared by many rows)
+        if x.shape[0] > 16:
             step = max(step, 1024)
         for a in range(0, n_out, step):
             b = min(a + step, n_out)

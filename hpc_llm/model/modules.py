@@ -90,9 +90,8 @@ class Embedding:
         idx, mask = cache
         if mask is not None:
             dropout_backward(dx, mask)
-        if (
-            self.wte.grad is None
-        ):  # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
+        # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
+        if self.wte.grad is None:
             position_embedding_backward(dx, self.wpe.grad, accumulate)
             return
         vocab_parallel_embedding_backward(
@@ -165,9 +164,8 @@ class Block:
                 ) + (lora_scale,)
             return kind(w, b, tp, prec, lora)
 
-        b = {
-            k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")
-        }  # none with model.bias = false
+        # none with model.bias = false
+        b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")}
         self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"], prec)
         self.qkv = linear(ColumnParallelLinear, "attn.c_attn")
         self.attn_proj = linear(RowParallelLinear, "attn.c_proj")

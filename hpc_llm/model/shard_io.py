@@ -78,13 +78,14 @@ class ShardIO:
         dest = self.local_view(flat, s).reshape(-1)
         slabs = shard_slices(s.shape, s.tp_axis, s.tp_blocks, self.tp.size, self.tp.rank)
         r0, r1 = lo // row, -(-hi // row)
+        # whole rows of one slab: read in place
         if (
             self.xp is np
             and lo == r0 * row
             and hi == r1 * row
             and len(slabs) == 1
             and (s.tp_axis != 0 or self.tp.size == 1)
-        ):  # whole rows of one slab: read in place
+        ):
             out = dest[lo:hi].reshape((r1 - r0,) + s.local_shape[1:])
             read(s.name, (slice(r0, r1),) + slabs[0][1:], out)
             return

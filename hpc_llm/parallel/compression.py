@@ -61,9 +61,8 @@ def comm_dtype(scheme: str):
     return low_dtype(scheme)
 
 
-SCALE_WORDS = (
-    2  # after each 16-bit piece on the wire: its float32 power-of-two scale, as two uint16 words
-)
+# after each 16-bit piece on the wire: its float32 power-of-two scale, as two uint16 words
+SCALE_WORDS = 2
 
 
 def scale_for(scheme: str, maxabs: float) -> float:
@@ -102,17 +101,14 @@ class Reduce16:
         ends = np.cumsum(counts)
         x = to_host(g).astype(np.float32, copy=False)
         s = scale_for(self.scheme, _maxabs(x))
-        vals = (
-            (x if s == 1 else x * np.float32(s)).astype(self.low).view(np.uint16)
-        )  # one rounding, to nearest even
+        # one rounding, to nearest even
+        vals = (x if s == 1 else x * np.float32(s)).astype(self.low).view(np.uint16)
         words = np.array([s], dtype=np.float32).view(np.uint16)
-        self.wire = np.insert(
-            vals, np.repeat(ends, SCALE_WORDS), np.tile(words, p)
-        )  # piece j, its scale, piece j+1
+        # piece j, its scale, piece j+1
+        self.wire = np.insert(vals, np.repeat(ends, SCALE_WORDS), np.tile(words, p))
         self.recv = np.empty(p * (self.n + SCALE_WORDS), dtype=np.uint16)
-        nbytes = (
-            self.wire.nbytes
-        )  # the ledger counts the 16-bit bucket, as an allreduce of it would be counted
+        # the ledger counts the 16-bit bucket, as an allreduce of it would be counted
+        nbytes = self.wire.nbytes
         self.h1 = comm.ialltoallv_(
             self.wire,
             self.wire_counts,
@@ -129,9 +125,8 @@ class Reduce16:
         self.h1.wait()
         p, n = self.comm.size, self.n
         parts = self.recv.reshape(p, n + SCALE_WORDS)
-        inv = (
-            1.0 / np.ascontiguousarray(parts[:, n:]).view(np.float32)[:, 0]
-        )  # powers of two: exact
+        # powers of two: exact
+        inv = 1.0 / np.ascontiguousarray(parts[:, n:]).view(np.float32)[:, 0]
         acc = np.ascontiguousarray(parts[0, :n]).view(self.low).astype(np.float32)
         if inv[0] != 1:
             acc *= inv[0]
@@ -145,16 +140,16 @@ class Reduce16:
             self.done = True
             return
         s = scale_for(self.scheme, _maxabs(acc))
-        o = (
-            self.offset + SCALE_WORDS * self.comm.rank
-        )  # this rank's piece on the wire; phase 1 is done with it
+        # this rank's piece on the wire; phase 1 is done with it
+        o = self.offset + SCALE_WORDS * self.comm.rank
         self.wire[o : o + n] = (
             (acc if s == 1 else acc * np.float32(s)).astype(self.low).view(np.uint16)
         )
         self.wire[o + n : o + n + SCALE_WORDS] = np.array([s], dtype=np.float32).view(np.uint16)
+        # one ledger entry's bytes per reduction (in phase 1)
         self.h2 = self.gather_comm.iallgatherv_(
             self.wire, self.wire_counts, kind=self.h1.kind.split(".", 1)[1], nbytes=0
-        )  # one ledger entry's bytes per reduction (in phase 1)
+        )
 
     def _unpack(self) -> None:
         """Every rank's reduced piece, widened and unscaled, into g (every rank does the same: bitwise replicas)."""
@@ -287,9 +282,8 @@ class PowerSGD:
                 ps.append(P)
                 po, o = po + n * r, o + m * r
             self.comm.iallreduce_(qpack, "powersgd_q").wait()
-            finite = bool(
-                np.isfinite(qpack).all()
-            )  # the same verdict on every rank: qpack is reduced
+            # the same verdict on every rank: qpack is reduced
+            finite = bool(np.isfinite(qpack).all())
         if finite:
             o = 0
             for (name, _off, _n, m, r), M, P in zip(self.matrices, ms, ps):

@@ -54,9 +54,8 @@ class GradientSync:
         self.scheme = scheme
         self.low = comm_dtype(scheme)  # bf16/fp16: the buckets' wire format
         self.powersgd_start = powersgd_start
-        self.layout = (
-            layout or {}
-        )  # what a PowerSGD state saved in a checkpoint must match (compression.py)
+        # what a PowerSGD state saved in a checkpoint must match (compression.py)
+        self.layout = layout or {}
         self.powersgd = (
             PowerSGD(grad_flat, dp_comm, specs, powersgd_rank, seed, min_compression_rate)
             if scheme == "powersgd" and dp_comm.size > 1
@@ -67,9 +66,8 @@ class GradientSync:
         self.comm = dp_comm
         self.zero = zero and dp_comm.size > 1
         bucket_elems = max(1, bucket_elems)
-        self.buckets = [
-            (max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)
-        ]  # last bucket first
+        # last bucket first
+        self.buckets = [(max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)]
         self.counts = [split_counts(b - a, dp_comm.size) for a, b in self.buckets]
         r = dp_comm.rank
         if self.zero:
@@ -148,9 +146,8 @@ class GradientSync:
         if self.comm.size == 1:
             return 0, 0
         full = self.g.size * self.g.dtype.itemsize
-        if (
-            self.low is not None
-        ):  # 2 bytes a value, and each piece's 4-byte scale (compression.Reduce16)
+        # 2 bytes a value, and each piece's 4-byte scale (compression.Reduce16)
+        if self.low is not None:
             return full, 2 * self.g.size + 2 * SCALE_WORDS * self.comm.size * len(self.buckets)
         if self.powersgd is not None and compressed:
             return full, self.powersgd.nbytes()

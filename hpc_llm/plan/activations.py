@@ -96,11 +96,12 @@ def block_backward_work(
     gelu_tmp = 2 * min(ELEMENTWISE_CHUNK, 4 * nl)
     ln_tmp = 2 * n  # dxhat and xhat * mean_dx
     big_att = max((q1 - q0) * q1 for q0, q1 in blocks) * b * h
+    # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
     att_tmp = max(
         big_att
         + b * h * max(q1 for _, q1 in blocks) * hd * (1 if accumulate or len(blocks) > 1 else 0),
         3 * nl,
-    )  # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
+    )
     phases = [
         act * (n + masks + dg)
         + max(wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj backward, GELU backward

@@ -227,9 +227,8 @@ class _Figures:
         links = {}
         for level in ("intra", "inter"):
             sec = self.d.get("link", {}).get(level)
-            if (
-                sec is None
-            ):  # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
+            # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
+            if sec is None:
                 continue
             lat, bw = need_link(self.d, level, self.where)
             where_l = f"link.{level}"

@@ -139,9 +139,8 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
     c = _layernorm_fwd(p, n) + p.keep(n)  # ln_1 (its xhat kept in the format)
     c += p.keep(n) + p.use(n)  # ColumnParallelLinear: the input kept, then used
     c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
-    c += (
-        p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
-    )  # split_heads copy, q *= scale, round_
+    # split_heads copy, q *= scale, round_
+    c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
     for q0, q1 in query_blocks(T):
         s = b * h * (q1 - q0) * q1
         c += p.gemm(q1 - q0, q1, hd, b * h) + p.gemm(q1 - q0, hd, q1, b * h)
@@ -151,9 +150,8 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
     c += p.keep(3 * nl)  # the head-split qkv kept
     c += p.ew(2 * nl, nl)  # merge_heads copy
     c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
-    c += (
-        p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
-    )  # proj, bias, residual
+    # proj, bias, residual
+    c += p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
     c += _layernorm_fwd(p, n) + p.keep(n)
     c += p.keep(n) + p.use(n)
     c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
@@ -209,9 +207,8 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
 
 def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    c = (
-        _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
-    )  # ln_f's xhat; xf2 as operand, then kept
+    # ln_f's xhat; xf2 as operand, then kept
+    c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
     c += p.gemm(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
@@ -222,9 +219,8 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
 
 def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    c = (
-        p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)
-    )  # probabilities *= scale / N, rounded; xf2 used
+    # probabilities *= scale / N, rounded; xf2 used
+    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)
     c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.allreduce(n * p.it)
     return c + p.use(n) + _layernorm_bwd(p, n)
 

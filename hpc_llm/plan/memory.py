@@ -48,9 +48,8 @@ class Bytes:
     moment: int = 4
     act: int = 4  # activations kept in the precision's format (Precision.keep)
     master: int = 0  # GPT.compute, the rounded copy of the weights (0: none, the weights are used as they are)
-    compute: int = (
-        4  # the compute dtype: LayerNorm's rstd, dropout masks, the probabilities, the streams
-    )
+    # the compute dtype: LayerNorm's rstd, dropout masks, the probabilities, the streams
+    compute: int = 4
 
     @staticmethod
     def of(dtype_bytes: int) -> Bytes:
@@ -156,13 +155,11 @@ class RankMemory:
     pipeline_buffers: int  # send buffers held until the step's end, at the peak
     zero_buffers: int  # ZeRO-1 reduce-scatter receive buffers at the peak
     checkpoint_scratch: int  # kept after the first save (ZeRO-1: moments assembled on the writer)
-    checkpoint_assembly: (
-        int  # at a save only (activations freed then): full tensors assembled on world rank 0
-    )
+    # at a save only (activations freed then): full tensors assembled on world rank 0
+    checkpoint_assembly: int
     runtime: int = 0  # interpreter and libraries (from the cluster file)
-    save_on_device: bool = (
-        True  # False: the checkpoint's host arrays are not device memory (GPUs) or not planned
-    )
+    # False: the checkpoint's host arrays are not device memory (GPUs) or not planned
+    save_on_device: bool = True
 
     @property
     def persistent(self) -> int:
@@ -291,9 +288,8 @@ def _schedule_peak(
     started: set = set()
     last_b = max(k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD)
     best = _Peak()
-    batch = (
-        2 * lay.rows * cfg.block_size * INDEX_BYTES
-    )  # the latest micro-batch's (x, y), referenced by the loop
+    # the latest micro-batch's (x, y), referenced by the loop
+    batch = 2 * lay.rows * cfg.block_size * INDEX_BYTES
     for k, op in enumerate(ops):
         v = plan.chunks[op.chunk]
         first, last = v == 0, v == plan.n_virtual - 1

@@ -40,11 +40,8 @@ PRECISIONS = {
     "fp16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
     "bf16-tc": ("bfloat16", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
 }
-LOW = {
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "bf16-tc": "bfloat16",
-}  # the 2-byte format each converts to
+# the 2-byte format each converts to
+LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
 
 
 def precision_of(dtype: str) -> str:
@@ -120,9 +117,8 @@ def memory_of(
 
 def resolve_precision(cfg: ModelConfig, precision: str | None) -> str:
     precision = precision or precision_of(cfg.dtype)
-    if (
-        precision == "fp32" and cfg.dtype == "float64"
-    ):  # train.precision "fp32" means the model's dtype throughout
+    # train.precision "fp32" means the model's dtype throughout
+    if precision == "fp32" and cfg.dtype == "float64":
         precision = "fp64"
     return precision
 
@@ -260,9 +256,8 @@ def _grad_reports(lay: Layout, plan, costs, events, offset: dict) -> list[tuple[
     for e in events:
         if e.op.kind == Phase.BACKWARD:
             last_b[e.op.chunk] = e
-    acc = (
-        "+" if lay.micro_batches > 1 else ""
-    )  # the last backward accumulates unless it is the only one
+    # the last backward accumulates unless it is the only one
+    acc = "+" if lay.micro_batches > 1 else ""
     for c, e in last_b.items():
         v = plan.chunks[c]
         t = e.start

@@ -89,9 +89,8 @@ class Watchdog:
             self._thread.start()
 
     def enter(self, op: str) -> None:
-        self._since = (
-            time.monotonic()
-        )  # before _op: the thread never sees an op with an old start time
+        # before _op: the thread never sees an op with an old start time
+        self._since = time.monotonic()
         self._op = op
 
     def leave(self) -> None:

@@ -20,9 +20,8 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self):
-        if (
-            threading.current_thread() is threading.main_thread()
-        ):  # Python delivers signals to the main thread only
+        # Python delivers signals to the main thread only
+        if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self

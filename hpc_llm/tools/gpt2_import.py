@@ -59,10 +59,8 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PREFIX = "transformer."
 TOKENIZER_META_NAME = "gpt2-bpe"
-ACTIVATIONS = (
-    "gelu_new",
-    "gelu_pytorch_tanh",
-)  # both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+# both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
 _REQUIRED = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
 _BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers, not parameters
@@ -214,12 +212,10 @@ def _read_file(path: Path, into: dict[str, np.ndarray], only: set[str] | None = 
                     raise UserError(f"{path}: tensor {key} appears in more than one file")
                 try:
                     into[key] = f.get_tensor(key)
-                    if (
-                        into[key].dtype.name == "bfloat16"
-                    ):  # ml_dtypes imported: NumPy knows the name, its kind is V
-                        into[key] = into[key].astype(
-                            np.float32
-                        )  # exact, as the raw-bytes path below gives
+                    # ml_dtypes imported: NumPy knows the name, its kind is V
+                    if into[key].dtype.name == "bfloat16":
+                        # exact, as the raw-bytes path below gives
+                        into[key] = into[key].astype(np.float32)
                 except (
                     TypeError
                 ) as exc:  # "data type 'bfloat16' not understood" (ml_dtypes not imported)

@@ -97,9 +97,8 @@ def _gradient_sync(cfg: Config, grid: Grid, model: GPT) -> GradientSync:
 def _norm_ranges(model: GPT, grid: Grid, sync: GradientSync, opt: AdamW):
     """Ranges of the flat gradient whose squares this rank adds to the global norm, and over which group: each
     element of the whole model counted once (a replicated tensor on TP rank 0 only; ZeRO: this rank's shard)."""
-    tied = (
-        model.tied_copy_range()
-    )  # the last stage's copy of the embedding: the first stage counts it
+    # the last stage's copy of the embedding: the first stage counts it
+    tied = model.tied_copy_range()
     counted = merge_ranges(
         (s.offset, s.offset + s.size)
         for s in model.specs

@@ -95,9 +95,8 @@ def check_freeze(m: ModelConfig, freeze: list[str]) -> None:
     """train.freeze's patterns: each must match a parameter of the model, and something must be left to train."""
     if not freeze:
         return
-    names = [
-        s.name for s in param_specs(m)
-    ]  # the whole model's (names do not depend on the vocabulary)
+    # the whole model's (names do not depend on the vocabulary)
+    names = [s.name for s in param_specs(m)]
     for pattern in freeze:
         if not fnmatch.filter(names, pattern):
             raise UserError(

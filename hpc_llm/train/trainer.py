@@ -306,9 +306,8 @@ class Trainer:
                 "train.lr, or from an earlier checkpoint)"
             )
         interval = self.cfg.checkpoint.interval
-        if (
-            interval and self.step % interval == 0 and self.step < t.max_iters
-        ):  # the last one: run()'s
+        # the last one: run()'s
+        if interval and self.step % interval == 0 and self.step < t.max_iters:
             self.checkpoint()
 
     def checkpoint(self, final: bool = False) -> Path | None:

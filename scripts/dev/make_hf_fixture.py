@@ -116,9 +116,8 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
     logits64 = model(x).logits
     assert logits64.dtype == torch.float64
-    loss = torch.nn.functional.cross_entropy(
-        logits64.reshape(-1, VOCAB), y.reshape(-1)
-    )  # mean over B*T
+    # mean over B*T
+    loss = torch.nn.functional.cross_entropy(logits64.reshape(-1, VOCAB), y.reshape(-1))
     loss.backward()
 
     out = {

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Mutant:
     id: str
-    function: (
-        str  # qualified name: "name" (module level), "Class.name", or "module.name" if ambiguous
-    )
+    # qualified name: "name" (module level), "Class.name", or "module.name" if ambiguous
+    function: str
     original: str  # must occur exactly once in the function's source
     replacement: str
     description: str
@@ -30,9 +29,8 @@ class Mutant:
 T_GRAD, T_GEN, T_TRAIN = "test_gradients.py", "test_generate.py", "test_train.py"
 T_OPTIM, T_DATA, T_CKPT = "test_optim.py", "test_data.py", "test_checkpoint.py"
 T_GPT2_LOGITS = "test_gpt2_import.py::test_logits_equal_reference"
-HF_LOGITS = (
-    "test_gpt2_import.py::test_logits_match_transformers"  # a committed transformers fixture
-)
+# a committed transformers fixture
+HF_LOGITS = "test_gpt2_import.py::test_logits_match_transformers"
 HF_GRADS = "test_gpt2_import.py::test_loss_and_gradients_match_transformers"
 T_TRAIN_RESUME = (
     "test_train.py::test_exact_resume",

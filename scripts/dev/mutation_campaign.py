@@ -365,9 +365,8 @@ def make_copy(repo: Path, dest: Path, rev: str | None, overlays: list[str]) -> l
                     f"{name}: listed by git but missing from the working tree, not copied"
                 )
                 continue
-            if (
-                src.is_dir() and not src.is_symlink()
-            ):  # a submodule or nested repository: its files are not listed
+            # a submodule or nested repository: its files are not listed
+            if src.is_dir() and not src.is_symlink():
                 warnings.append(f"{name}: a nested repository, not copied")
                 continue
             target = dest / name
@@ -532,11 +531,12 @@ def first_failure(out: str) -> str:
 def hung_at(out: str) -> str:
     """Where pytest-timeout's stack dump shows the hung code: its last frame in hpc_llm, if any."""
     dump = out[: out.rfind("+ Timeout +")] if "+ Timeout +" in out else ""
+    # not the private helpers under the public call (Comm._timed)
     frames = [
         f
         for f in re.findall(r'File "[^"]*/(hpc_llm/[^"]+)", line (\d+), in (\w+)', dump)
         if not f[2].startswith("_")
-    ]  # not the private helpers under the public call (Comm._timed)
+    ]
     return f", hung in {frames[-1][2]} at {frames[-1][0]}:{frames[-1][1]}" if frames else ""
 
 

@@ -101,9 +101,8 @@ def test_tiny_sweep_under_mpi(tmp_path, capsys):
         factor = 1.0 if r["collective"] in ("allreduce", "iallreduce") + REDUCE16 else 0.5
         assert r["busbw"] == pytest.approx(r["algbw"] * factor)
         assert r["plain_busbw"] == pytest.approx(r["plain_algbw"] * factor)
-        if (
-            r["collective"] in REDUCE16
-        ):  # the plain baseline is the fp32 allreduce of the same values
+        # the plain baseline is the fp32 allreduce of the same values
+        if r["collective"] in REDUCE16:
             assert r["plain_algbw"] == pytest.approx(r["fp32_bytes"] / r["plain_time_us"] / 1e3)
     floor = result["floor"]
     assert {f["comm"] for f in floor} == {"world", "tp"} and all(f["bytes"] == 16384 for f in floor)

@@ -126,9 +126,8 @@ def file_contents(path) -> dict:
     return out
 
 
-TIMINGS = {
-    f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds")
-}  # measured: differ run to run
+# measured: differ run to run
+TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds")}
 
 
 @pytest.mark.parallel(nprocs=SIZES)

@@ -252,9 +252,8 @@ def write(path: Path, content) -> None:
 
 class Row(NamedTuple):
     id: str
-    argv: (
-        str  # shlex-split after {data} {chardata} {ckpt} {run} {gpt2} {hf} {cluster} are filled in
-    )
+    # shlex-split after {data} {chardata} {ckpt} {run} {gpt2} {hf} {cluster} are filled in
+    argv: str
     expect: str  # a substring of the one error line
     files: dict = {}  # path in the row's directory -> str, bytes or a recipe
     ranks: tuple = (1, 2)
@@ -758,9 +757,8 @@ def _rows() -> list[Row]:
     )
     add(D("train-bin-missing", "train.bin: missing", Data(drop=("train.bin",))))
     add(D("train-bin-empty", "train.bin: 0 bytes, expected", Data(train=b"")))
-    add(
-        D("train-bin-odd-size", "train.bin: ", Data(train=lambda b: b[:-1]))
-    )  # not a whole number of tokens
+    # not a whole number of tokens
+    add(D("train-bin-odd-size", "train.bin: ", Data(train=lambda b: b[:-1])))
     add(
         D(
             "train-bin-truncated",
@@ -987,6 +985,7 @@ def _rows() -> list[Row]:
             ranks=(2,),
         )
     )
+    # newdir is not created
     add(
         Row(
             "import-gpt2-on-two-ranks-new-dir",
@@ -994,7 +993,7 @@ def _rows() -> list[Row]:
             "hpc-llm import-gpt2 runs on one process, got 2 ranks",
             ranks=(2,),
         )
-    )  # newdir is not created
+    )
 
     # --resume: a checkpoint missing, empty, truncated, not HDF5, another program's, corrupt, or of another model
     for kind, expect in (
@@ -1018,9 +1017,8 @@ def _rows() -> list[Row]:
                 files=files,
             )
         )
-        if (
-            kind == "dir"
-        ):  # generate and inspect take a directory for a run directory: its newest checkpoint
+        # generate and inspect take a directory for a run directory: its newest checkpoint
+        if kind == "dir":
             expect = "ck.h5: no verified checkpoint in this directory"
         add(Row(f"generate-{kind}", "generate ck.h5 --max-new-tokens 2", expect, files))
         add(Row(f"inspect-{kind}", "inspect ck.h5", expect, files))
@@ -1603,6 +1601,7 @@ def _rows() -> list[Row]:
             {"in.txt": ""},
         )
     )
+    # found after training: new/ removed
     add(
         Row(
             "prepare-bpe-too-small",
@@ -1610,7 +1609,7 @@ def _rows() -> list[Row]:
             "the corpus has only 1 tokens, too few to split",
             {"in.txt": "a"},
         )
-    )  # found after training: new/ removed
+    )
 
     # import-gpt2
     add(
@@ -1760,9 +1759,8 @@ def _rows() -> list[Row]:
     )
     from hpc_llm.data.tokenizer import BPETokenizer
 
-    bpe = BPETokenizer.train(
-        iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300
-    )  # 256 bytes + merges
+    # 256 bytes + merges
+    bpe = BPETokenizer.train(iter(["the quick brown fox jumps over the lazy dog\n"] * 50), 300)
     add(
         Row(
             "hf-tokenizer-json-broken",

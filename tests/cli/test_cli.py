@@ -124,9 +124,8 @@ def test_generate_from_checkpoint(trained):
     )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("ab")
-    assert (
-        len(gen.stdout.encode()) >= 2
-    )  # a byte model may emit invalid UTF-8 bytes, decoded as U+FFFD
+    # a byte model may emit invalid UTF-8 bytes, decoded as U+FFFD
+    assert len(gen.stdout.encode()) >= 2
     again = cli(
         "generate", tmp / "run" / "ckpt_00000008.h5", "--prompt", "ab", "--max-new-tokens", 20
     )
@@ -198,9 +197,8 @@ def _tiny_model(vocab_size: int) -> GPT:
     )
 
 
-@pytest.mark.parametrize(
-    "vocab_size", [256, 50]
-)  # padded vocab 256 (no pad rows) and 64 (pad rows 50..63)
+# padded vocab 256 (no pad rows) and 64 (pad rows 50..63)
+@pytest.mark.parametrize("vocab_size", [256, 50])
 def test_loss_with_token_outside_vocab(vocab_size):
     model = _tiny_model(vocab_size)
     x = np.zeros((1, 4), dtype=np.int64)
@@ -270,9 +268,8 @@ def test_stop_signal_checkpoints_exits_75_and_resume_continues_exactly(tmp_path,
         text=True,
     )
     metrics = run_dir / "metrics.jsonl"
-    deadline = (
-        time.monotonic() + 300
-    )  # an event wait (3 logged steps), its timeout generous: no timing claim
+    # an event wait (3 logged steps), its timeout generous: no timing claim
+    deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)

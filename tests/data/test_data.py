@@ -28,9 +28,8 @@ def test_byte_round_trip_non_ascii():
     tok = ByteTokenizer()
     ids = tok.encode(TEXT)
     assert ids.dtype == np.uint16
-    assert (
-        len(ids) == len(TEXT.encode("utf-8")) > len(TEXT)
-    )  # multi-byte characters really became several ids
+    # multi-byte characters really became several ids
+    assert len(ids) == len(TEXT.encode("utf-8")) > len(TEXT)
     assert ids.max() < 256
     assert tok.decode(ids) == TEXT
     assert tok.decode(ids.tolist()) == TEXT
@@ -66,9 +65,8 @@ def test_tokenizer_from_meta():
     with pytest.raises(UserError, match="tokenizer"):
         tokenizer_from_meta({"tokenizer": "wordpiece", "vocab_size": 50257})
     with pytest.raises(UserError, match="tokenizer_json"):
-        tokenizer_from_meta(
-            {"tokenizer": "bpe", "vocab_size": 50257}
-        )  # a BPE's meta carries its JSON
+        # a BPE's meta carries its JSON
+        tokenizer_from_meta({"tokenizer": "bpe", "vocab_size": 50257})
     with pytest.raises(UserError, match="vocab_size"):
         tokenizer_from_meta({"tokenizer": "char", "chars": "abc", "vocab_size": 4})
 
@@ -107,11 +105,8 @@ def test_prepare_byte_concatenation_split_and_meta(tmp_path):
     assert (meta["n_train"], meta["n_val"]) == (n_train, n - n_train)
     assert (meta["n_files"], meta["n_skipped"]) == (4, 0)
     assert meta["sources"] == [str(src)]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "meta.json",
-        "train.bin",
-        "val.bin",
-    ]  # no temp files left
+    # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_prepare_pattern_and_explicit_file(tmp_path):
@@ -120,9 +115,8 @@ def test_prepare_pattern_and_explicit_file(tmp_path):
     extra = tmp_path / "extra.dat"
     extra.write_text("echo", encoding="utf-8")
     meta = prepare([src, extra], tmp_path / "out", val_fraction=0.5, pattern="*.txt")
-    assert (
-        meta["n_files"] == 4
-    )  # a, b, c from the folder (d.md excluded by the pattern) + the explicit file
+    # a, b, c from the folder (d.md excluded by the pattern) + the explicit file
+    assert meta["n_files"] == 4
     data = TokenData(tmp_path / "out")
     text = data.tokenizer.decode(np.concatenate([data.split("train"), data.split("val")]))
     assert text == "alpha\nbravo ✓\n\ncharlie\necho"
@@ -340,9 +334,8 @@ def test_tokendata_dtype_checked(prepared):
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-TOKENS = np.arange(
-    1000, dtype=np.uint16
-)  # token value == position, so offsets can be read back from x
+# token value == position, so offsets can be read back from x
+TOKENS = np.arange(1000, dtype=np.uint16)
 
 
 def test_get_batch_deterministic_and_shifted():
@@ -457,9 +450,8 @@ def write_corpus(src: Path, big_bytes: int = 600_000) -> Path:
     (src / "c_empty.txt").write_text("")
     (src / "d_binary.bin").write_bytes(b"\xff\xfe\x00\x80" * 64)
     (src / "e_bad_tail.txt").write_bytes(big[: big_bytes // 2].encode("utf-8") + b"\xff")
-    (src / "f_no_newlines.txt").write_text(
-        "日本語🙂" * 20_000, encoding="utf-8"
-    )  # cut at character starts only
+    # cut at character starts only
+    (src / "f_no_newlines.txt").write_text("日本語🙂" * 20_000, encoding="utf-8")
     return src
 
 
@@ -592,9 +584,8 @@ def test_progress_lines_in_a_batch_log(tmp_path, caplog, monkeypatch):
     """Not a terminal (a batch log): plain lines through logging, every 10% of each phase, ending at 100%."""
     import logging
 
-    monkeypatch.setattr(
-        Progress, "LOG_MIN_BYTES", 0
-    )  # the real threshold (32 MB) keeps small runs quiet
+    # the real threshold (32 MB) keeps small runs quiet
+    monkeypatch.setattr(Progress, "LOG_MIN_BYTES", 0)
     caplog.set_level(logging.INFO, logger="hpc_llm.data.pieces")
     prepare(
         [write_corpus(tmp_path / "src", 50_000)],

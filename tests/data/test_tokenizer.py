@@ -149,9 +149,8 @@ def test_tokenizer_directory_without_files(tmp_path):
 def test_bpe_meta_round_trip_and_tampering(bpe):
     meta = bpe.meta()
     assert set(meta) == {"tokenizer", "vocab_size", "tokenizer_sha256", "tokenizer_json"}
-    tok = tokenizer_from_meta(
-        json.loads(json.dumps(meta))
-    )  # through JSON, as meta.json and the checkpoint hold it
+    # through JSON, as meta.json and the checkpoint hold it
+    tok = tokenizer_from_meta(json.loads(json.dumps(meta)))
     assert (
         tok.encode(MULTILINGUAL).tolist() == bpe.encode(MULTILINGUAL).tolist()
         and tok.sha256 == bpe.sha256
@@ -163,9 +162,8 @@ def test_bpe_meta_round_trip_and_tampering(bpe):
     with pytest.raises(UserError, match="vocab_size.*401.*has 400 tokens"):
         tokenizer_from_meta({**meta, "vocab_size": 401})
     with pytest.raises(UserError, match="tokenizer_json"):
-        tokenizer_from_meta(
-            {"tokenizer": "gpt2-bpe", "vocab_size": 50257}
-        )  # an ids-only GPT-2 import
+        # an ids-only GPT-2 import
+        tokenizer_from_meta({"tokenizer": "gpt2-bpe", "vocab_size": 50257})
 
 
 # ---------------------------------------------------------------------------------------------------- prepare
@@ -247,15 +245,8 @@ def test_prepare_refuses_a_metaspace_tokenizer(tmp_path):
         tok.encode("ab\n", add_special_tokens=False).ids
         + tok.encode("cd", add_special_tokens=False).ids
     )
-    assert whole == [1, 2, 3, 6, 4, 5] and pieces == [
-        1,
-        2,
-        3,
-        6,
-        1,
-        4,
-        5,
-    ]  # the wrong tokens prepare would write
+    # the wrong tokens prepare would write
+    assert whole == [1, 2, 3, 6, 4, 5] and pieces == [1, 2, 3, 6, 1, 4, 5]
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     (tmp_path / "in.txt").write_text("ab\ncd\n" * 200)

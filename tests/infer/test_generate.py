@@ -136,9 +136,8 @@ def test_greedy_reference_would_notice_a_different_window():
             r.append(int(t))
     sliding = np.array(out)
     ours = generate(model, prompt, 30, temperature=0)
-    assert np.array_equal(
-        ours[:, : T + 1], sliding[:, : T + 1]
-    )  # the same until the window first fills
+    # the same until the window first fills
+    assert np.array_equal(ours[:, : T + 1], sliding[:, : T + 1])
     assert not np.array_equal(ours, sliding)
 
 
@@ -254,9 +253,8 @@ def test_sampling_distribution_matches_softmax(temperature, top_k):
     if top_k is not None:
         q = reference_probs(LOGITS, temperature, top_k + 1)
         extra = np.flatnonzero((q > 0) & (p == 0))
-        assert (
-            len(extra) == 1 and N_DRAWS * q[extra[0]] > 100
-        )  # k+1 kept: that token ~100+ times, here 0
+        # k+1 kept: that token ~100+ times, here 0
+        assert len(extra) == 1 and N_DRAWS * q[extra[0]] > 100
         assert distribution_problems(counts, q)
 
 
@@ -347,9 +345,8 @@ def spy_positions(model: GPT) -> list[tuple[int, int]]:
     return calls
 
 
-@pytest.mark.parametrize(
-    "prompt_len", [1, 5, 12, 20]
-)  # block_size 12: a prompt shorter, equal to and longer
+# block_size 12: a prompt shorter, equal to and longer
+@pytest.mark.parametrize("prompt_len", [1, 5, 12, 20])
 @pytest.mark.parametrize("max_new", [0, 1, 7, 40])
 def test_new_token_count_and_context_length(prompt_len, max_new):
     """generate returns the prompt followed by exactly max_new_tokens ids (0 included; 40 is past block_size 12),

@@ -39,13 +39,8 @@ from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid
 
 SOLO = Comm(None)
-SHAPE = (
-    2,
-    4,
-    32,
-    16,
-    70,
-)  # n_layer, n_head, n_embd, block_size, vocab (padded to 128: 58 padding columns)
+# n_layer, n_head, n_embd, block_size, vocab (padded to 128: 58 padding columns)
+SHAPE = (2, 4, 32, 16, 70)
 
 
 def record_logits(monkeypatch) -> list:
@@ -64,15 +59,13 @@ def record_logits(monkeypatch) -> list:
 # -- batched prompts of different lengths ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "max_new", [6, 30]
-)  # 30: every prompt's context overflows block_size 16 (restarts)
+# 30: every prompt's context overflows block_size 16 (restarts)
+@pytest.mark.parametrize("max_new", [6, 30])
 def test_batched_prompts_equal_unbatched(monkeypatch, max_new):
     model = random_model(SHAPE, "float64", seed=3, pos_scale=6.0)
     rng = np.random.default_rng(5)
-    prompts = [
-        rng.integers(0, SHAPE[4], size=n) for n in (1, 7, 3, 16, 20, 12)
-    ]  # 20 > block_size: its last 16
+    # 20 > block_size: its last 16
+    prompts = [rng.integers(0, SHAPE[4], size=n) for n in (1, 7, 3, 16, 20, 12)]
     seen = record_logits(monkeypatch)
     alone = []
     for p in prompts:
@@ -88,9 +81,8 @@ def test_batched_prompts_equal_unbatched(monkeypatch, max_new):
         assert np.array_equal(together[b], tokens), b
         err = np.abs(steps[:, b, : SHAPE[4]] - logits[:, : SHAPE[4]]).max()
         assert err <= 1e-10, (b, err)
-        assert np.all(
-            np.isneginf(steps[:, b, SHAPE[4] :])
-        )  # the padded vocabulary is never a candidate
+        # the padded vocabulary is never a candidate
+        assert np.all(np.isneginf(steps[:, b, SHAPE[4] :]))
     assert len({tuple(t) for t in together}) > 1
     # sampled: each prompt draws from its own stream, so batching does not change what it gets
     kw = dict(temperature=1.3, top_k=9, top_p=0.9, seed=4)
@@ -159,9 +151,8 @@ def reference_nucleus(p: np.ndarray, top_p: float) -> set:
     return out
 
 
-@pytest.mark.parametrize(
-    "vocab", [50, 3000]
-)  # 3000: the nucleus outgrows candidates' first 64 and 256 entries
+# 3000: the nucleus outgrows candidates' first 64 and 256 entries
+@pytest.mark.parametrize("vocab", [50, 3000])
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999, 1.0])
 def test_top_p_set_equals_reference(top_p, vocab):
     rng = np.random.default_rng(int(top_p * 1000))
@@ -236,9 +227,8 @@ def test_tp_generation_equals_single_process(monkeypatch):
         want = G.generate_batch(ref, prompts, 24, seed=2, **kw)
         if not all(np.array_equal(a, b) for a, b in zip(got, want)):
             bad.append(f"tp {size} {kw}: tokens {got} != single process {want}")
-        full = np.concatenate(
-            list(model.tp.allgather(local)), axis=-1
-        )  # (steps, B, padded vocabulary)
+        # (steps, B, padded vocabulary)
+        full = np.concatenate(list(model.tp.allgather(local)), axis=-1)
         steps = np.stack(seen)
         if full.shape != steps.shape or full.shape[0] != 24:
             bad.append(
@@ -367,9 +357,8 @@ def test_dp_eval_equals_single_process():
 
 def test_int8_scales_and_dequantization():
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((48, 20)) * rng.uniform(0.01, 3, size=20)).astype(
-        np.float32
-    )  # per-column scales
+    # per-column scales
+    w = (rng.standard_normal((48, 20)) * rng.uniform(0.01, 3, size=20)).astype(np.float32)
     w[:, 3] = 0  # a zero channel
     qw = QuantizedWeight.quantize(w, axis=1)
     assert qw.q.dtype == np.int8 and qw.scale.dtype == np.float32 and qw.scale.shape == (20,)
@@ -416,9 +405,8 @@ def test_int8_model_logits_and_memory():
     idx = np.random.default_rng(3).integers(0, 70, size=(3, 16))
     got, want, orig = model.logits(idx), twin.logits(idx), ref.logits(idx)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-    assert (
-        0 < np.abs(got - orig).max() <= 0.05 * np.ptp(orig)
-    )  # the quantization error itself: small
+    # the quantization error itself: small
+    assert 0 < np.abs(got - orig).max() <= 0.05 * np.ptp(orig)
     # generation and the KV cache run on int8 weights
     out = G.generate(model, idx[:, :3], 20, temperature=0)
     assert out.shape == (3, 23)
@@ -549,9 +537,8 @@ def test_cli_prompts_out_and_tp2(char_run):
         + ["--out", str(char_run / "b.jsonl"), "--set", "parallel.tp=2"]
     )
     other = [json.loads(line) for line in (char_run / "b.jsonl").read_text().splitlines()]
-    assert [r["tokens"] for r in other] == [
-        r["tokens"] for r in rows
-    ]  # tp 2, batch 8 = tp 1, batch 2
+    # tp 2, batch 8 = tp 1, batch 2
+    assert [r["tokens"] for r in other] == [r["tokens"] for r in rows]
 
 
 def test_cli_eval_tp2_equals_tp1(char_run):

@@ -39,10 +39,8 @@ def models(seed):
 def test_loss_and_gradients_match_numpy(seed):
     cpu, gpu = models(seed)
     rng = np.random.default_rng(seed)
-    x, y = (
-        rng.integers(0, 77, (2, 300)),
-        rng.integers(0, 77, (2, 300)),
-    )  # several attention query blocks
+    # several attention query blocks
+    x, y = (rng.integers(0, 77, (2, 300)), rng.integers(0, 77, (2, 300)))
     loss_cpu = cpu.forward(x, y, keep_cache=True)
     loss_gpu = gpu.forward(cupy.asarray(x), cupy.asarray(y), keep_cache=True)
     assert abs(loss_cpu - loss_gpu) < 1e-12 * abs(loss_cpu)

@@ -125,19 +125,16 @@ def linear_case(seed):
     x, w, b = rng.standard_normal((B, T, I)), rng.standard_normal((I, O)), rng.standard_normal(O)
     R = rng.standard_normal((B, T, O))
     f = lambda: float((L.linear_forward(x, w, b) * R).sum())  # noqa: E731
-    scale = float(
-        (np.abs(R) * (np.abs(x) @ np.abs(w) + np.abs(b))).sum()
-    )  # S: sum |R| (|x| |w| + |b|)
+    # S: sum |R| (|x| |w| + |b|)
+    scale = float((np.abs(R) * (np.abs(x) @ np.abs(w) + np.abs(b))).sum())
     return x, w, b, R, f, scale
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_linear(seed):
     x, w, b, R, f, scale = linear_case(seed)
-    dw, db = (
-        np.full_like(w, 7.0),
-        np.full_like(b, 7.0),
-    )  # garbage: accumulate=False must overwrite it
+    # garbage: accumulate=False must overwrite it
+    dw, db = (np.full_like(w, 7.0), np.full_like(b, 7.0))
     dx = L.linear_backward(R.copy(), x, w, dw, db, accumulate=False)
     check(dx, f, x, scale, "dx")
     check(dw, f, w, scale, "dw")
@@ -265,9 +262,8 @@ def test_cross_entropy(seed):
     # is the loss itself; + 1 for the absolute rounding of log(s) near s = 1 and of the shifts z - max
     numeric, trunc = richardson(f, logits)
     assert_within(d / 0.7, numeric, trunc, loss + 1.0, "dlogits")
-    assert np.all(d[:, V:] == 0) and np.all(
-        numeric[:, V:] == 0
-    )  # padding: no gradient, and no effect on the loss
+    # padding: no gradient, and no effect on the loss
+    assert np.all(d[:, V:] == 0) and np.all(numeric[:, V:] == 0)
 
 
 def tiny_config(rng, dropout=0.0, bias=True):

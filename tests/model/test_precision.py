@@ -48,17 +48,15 @@ def test_linear_forward_and_backward_within_the_rounding_bound(name):
     prec, u = Precision(name), UNIT_ROUNDOFF[name]
     B, T, K, N = 3, 5, 48, 24
     x64, w64, b64, dy64 = rng_arrays(0, (B, T, K), (K, N), (N,), (B, T, N))
-    w = prec.operand(
-        w64.astype(np.float32)
-    )  # the compute copy: the master weight rounded to the format
+    # the compute copy: the master weight rounded to the format
+    w = prec.operand(w64.astype(np.float32))
     dw, db = np.zeros_like(w), np.zeros(N, np.float32)
     layer = TP.ColumnParallelLinear(
         L.Param(w, dw), L.Param(b64.astype(np.float32), db), Comm(None), prec
     )
     y, cache = layer.forward(x64.astype(np.float32))
-    assert y.dtype == np.float32 and (
-        name == "fp32" or cache.dtype == prec.low
-    )  # kept in the format
+    # kept in the format
+    assert y.dtype == np.float32 and (name == "fp32" or cache.dtype == prec.low)
     if name != "fp32":
         assert cache.nbytes == x64.size * 2
     dx = layer.backward(dy64.astype(np.float32), cache, accumulate=False)
@@ -191,9 +189,8 @@ def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
     with pytest.raises(UserError, match="bf16.*ml_dtypes"):
         load_config(None, ["train.precision=bf16"])
-    assert (
-        load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
-    )  # NumPy's own float16 needs nothing
+    # NumPy's own float16 needs nothing
+    assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
 
 
 # -- fp16's loss scaler ----------------------------------------------------------------------------------------------

@@ -51,9 +51,8 @@ def test_recompute_keeps_only_block_inputs():
         kept[recompute] = cache_bytes(cache[1])  # the blocks' part
     block_input = 2 * 64 * 32 * 4
     assert kept[True] == cfg.n_layer * block_input
-    assert (
-        kept[False] > 10 * kept[True]
-    )  # attention probabilities, MLP activations, LayerNorm outputs, ...
+    # attention probabilities, MLP activations, LayerNorm outputs, ...
+    assert kept[False] > 10 * kept[True]
 
 
 def test_recompute_with_a_plain_generator_and_dropout_is_refused():

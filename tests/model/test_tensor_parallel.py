@@ -202,9 +202,8 @@ def test_attention_block():
         a += bp
         dWl, dbl, dWpl = np.zeros_like(Wl), np.zeros_like(bl), np.zeros_like(Wpl)
         da = TP.reduce_from_tp_region_backward(dout.copy(), comm)
-        dbp_tp = da.reshape(-1, C).sum(
-            axis=0
-        )  # the bias after g is replicated: its gradient needs no collective
+        # the bias after g is replicated: its gradient needs no collective
+        dbp_tp = da.reshape(-1, C).sum(axis=0)
         dy_l = L.linear_backward(da, y_l, Wpl, dWpl, None, False)
         dqkv_l = L.attention_backward(dy_l, att_l, H // tp)
         dx_tp = TP.copy_to_tp_region_backward(
@@ -331,9 +330,8 @@ def test_vocab_parallel_embedding():
                 bad += mismatch(got, want, f"{w} forward pos0={pos0}")
             dx = _randn(rng, B, T, C)
             for accumulate in (False, True):
-                head = _randn(
-                    rng, Vp, C
-                )  # the tied head's gradient, written before the embedding's backward
+                # the tied head's gradient, written before the embedding's backward
+                head = _randn(rng, Vp, C)
                 dwpe0 = _randn(rng, cfg.block_size, C)
                 dwte, dwpe = head.copy(), dwpe0.copy()
                 L.embedding_backward(dx, idx, dwte, dwpe, accumulate)

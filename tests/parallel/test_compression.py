@@ -70,12 +70,10 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
         low = comm_dtype(scheme)
         for zero in (False, True):
             rng = np.random.default_rng(100 + r)
-            x = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 3, n))).astype(
-                np.float32
-            )  # wide magnitudes
-            x[:168] = (
-                rng.standard_normal(168) * 1e-7
-            )  # buckets [0, 1) and [1, 168): fp16 subnormals unscaled
+            # wide magnitudes
+            x = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 3, n))).astype(np.float32)
+            # buckets [0, 1) and [1, 168): fp16 subnormals unscaled
+            x[:168] = rng.standard_normal(168) * 1e-7
             g = x.copy()
             sync = GradientSync(g, comm, 167, zero, scheme=scheme)
             run_backward(sync, n)
@@ -89,15 +87,13 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
                         1 / s_k
                     )
             mpi_sum = rounded[r].copy()
-            MPI.COMM_WORLD.Allreduce(
-                MPI.IN_PLACE, mpi_sum, op=MPI.SUM
-            )  # an independent fp32 reduction of them
+            # an independent fp32 reduction of them
+            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, mpi_sum, op=MPI.SUM)
             in_order = rounded[0].copy()
             for k in range(1, p):
                 in_order += rounded[k]
-            bound = (
-                2 * (p - 1) * U32 * np.abs(rounded).sum(axis=0).astype(np.float64)
-            )  # two fp32 sums' errors
+            # two fp32 sums' errors
+            bound = 2 * (p - 1) * U32 * np.abs(rounded).sum(axis=0).astype(np.float64)
             where = f"{scheme} zero={zero}"
             err = np.abs(g.astype(np.float64) - mpi_sum)
             if zero:
@@ -112,9 +108,8 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
                         )
             else:
                 u = 2.0**-8 if scheme == "bf16" else 2.0**-11
-                for (a, _b), counts in zip(
-                    sync.buckets, sync.counts
-                ):  # each piece rounded by its owner's scale
+                # each piece rounded by its owner's scale
+                for (a, _b), counts in zip(sync.buckets, sync.counts):
                     for j, c in enumerate(counts):
                         lo = a + sum(counts[:j])
                         piece = in_order[lo : lo + c]
@@ -126,9 +121,8 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
                             bad.append(
                                 f"{where}: piece {lo}:{lo + c} is not the rank-order sum rounded to {scheme}"
                             )
-                        tiny = (2.0**-133 if scheme == "bf16" else 2.0**-25) / float(
-                            s_o
-                        )  # half a subnormal
+                        # half a subnormal
+                        tiny = (2.0**-133 if scheme == "bf16" else 2.0**-25) / float(s_o)
                         ok = (
                             err[lo : lo + c]
                             <= u * np.abs(mpi_sum[lo : lo + c]) * (1 + 1e-6)
@@ -150,9 +144,8 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
             small = max(float(err[a:b].max()) for a, b in mine) / float(
                 np.abs(mpi_sum[1:168]).max()
             )
-            if (
-                not small <= 2.0**-8
-            ):  # a 16-bit rounding of the piece's largest value, even for the tiny ones
+            # a 16-bit rounding of the piece's largest value, even for the tiny ones
+            if not small <= 2.0**-8:
                 bad.append(
                     f"{where}: the smallest gradients lost precision ({small:.2e} of their largest)"
                 )
@@ -259,9 +252,8 @@ def test_error_feedback_recovers_the_accumulated_gradient():
         if t in (10, 50, 400):
             rel[t] = np.linalg.norm(applied - t * G) / (t * np.linalg.norm(G))
     s = np.linalg.svd(G.reshape(24, 16), compute_uv=False)
-    residual = np.sqrt(
-        (s[1:] ** 2).sum() / (s**2).sum()
-    )  # one rank-1 step's relative error at best
+    # one rank-1 step's relative error at best
+    residual = np.sqrt((s[1:] ** 2).sum() / (s**2).sum())
     # t * rel is ||sum_i e_i(t)|| / ||G||: bounded (seen: 6.7, 10.2, 9.4 at t = 10, 50, 400), so rel falls like 1/t
     check(
         rel[400] < 0.03

@@ -190,9 +190,8 @@ def test_parallel_checkpoint_loads_in_one_process(data_dir, shared_tmp_path):
         if not np.array_equal(model.params[name], p):
             bad.append(f"loaded {name} differs from the parallel model's")
     for i in range(2):
-        x, y = tr.batch(
-            tr.val_tokens, i, 0, VAL_STREAM
-        )  # this DP rank's rows; its TP group shares them
+        # this DP rank's rows; its TP group shares them
+        x, y = tr.batch(tr.val_tokens, i, 0, VAL_STREAM)
         want, got = tr.model.loss(x, y), model.loss(x, y)
         if not (math.isfinite(got) and abs(got - want) <= F32_RTOL * abs(want)):
             bad.append(f"batch {i}: loaded model's loss {got!r}, parallel model's {want!r}")

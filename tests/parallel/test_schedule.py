@@ -59,13 +59,7 @@ def test_every_op_once_forward_before_backward(name):
             assert {(op.micro, op.chunk) for op in ops if op.kind == Phase.BACKWARD} == want
             assert all(
                 where[Op(Phase.FORWARD, i, c)] < where[Op(Phase.BACKWARD, i, c)] for i, c in want
-            ), (
-                name,
-                p,
-                s,
-                m,
-                v,
-            )
+            ), (name, p, s, m, v)
 
 
 def test_one_f_one_b_shape_and_in_flight():

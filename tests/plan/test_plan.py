@@ -244,14 +244,12 @@ def test_in_flight_activations_follow_the_schedule():
 
 def test_collective_formulas_hand_computed():
     a, b = 1e-6, 1e9
-    assert K.ring_allreduce(8e6, 4, a, b) == pytest.approx(
-        2 * 3 / 4 * 8e6 / 1e9 + 6e-6
-    )  # 12.006 ms
+    # 12.006 ms
+    assert K.ring_allreduce(8e6, 4, a, b) == pytest.approx(2 * 3 / 4 * 8e6 / 1e9 + 6e-6)
     assert K.tree_allreduce(8e6, 4, a, b) == pytest.approx(2 * 2 * (1e-6 + 8e-3))
     assert K.allreduce(8e6, 4, a, b) == pytest.approx(0.012006)  # large: the ring
-    assert K.allreduce(8, 8, a, b) == pytest.approx(
-        6 * (1e-6 + 8e-9)
-    )  # small: the tree (ring: 14 latencies)
+    # small: the tree (ring: 14 latencies)
+    assert K.allreduce(8, 8, a, b) == pytest.approx(6 * (1e-6 + 8e-9))
     assert K.reduce_scatter(8e6, 4, a, b) == pytest.approx(3 / 4 * 8e-3 + 3e-6)
     assert K.allgather(8e6, 4, a, b) == K.reduce_scatter(8e6, 4, a, b)
     assert K.p2p(1e6, a, b) == pytest.approx(1e-6 + 1e-3)
@@ -260,9 +258,8 @@ def test_collective_formulas_hand_computed():
 
 def test_gemm_and_elementwise_figures_interpolate():
     assert CL.gemm_rate("float32", 4096, 4096, 4096) == 1e11  # beyond the table: its end
-    mid = CL.gemm_rate(
-        "float32", 1024, 1024, int(math.sqrt(32 * 1024))
-    )  # halfway in log(dimension)
+    # halfway in log(dimension)
+    mid = CL.gemm_rate("float32", 1024, 1024, int(math.sqrt(32 * 1024)))
     assert mid == pytest.approx(7.5e10, rel=1e-3)
     assert CL.gemm_time("float32", 10, 10, 10, batch=3) == pytest.approx(3 * (1e-6 + 2000 / 5e10))
 
@@ -307,12 +304,10 @@ def test_prediction_parts_and_dp_overlap():
     assert t["step"] == pytest.approx(
         sum(v for k, v in t.items() if k not in ("step", "dp_hidden"))
     )
-    assert (
-        t["dp_hidden"] > 0
-    )  # buckets launched during backward overlap it (overlap 1 on this cluster)
-    blocking = predict(
-        cfg, Layout(dp=2, batch_size=8, bucket_mb=100), CL
-    )  # one bucket: final only at the end
+    # buckets launched during backward overlap it (overlap 1 on this cluster)
+    assert t["dp_hidden"] > 0
+    # one bucket: final only at the end
+    blocking = predict(cfg, Layout(dp=2, batch_size=8, bucket_mb=100), CL)
     assert blocking.time["dp_hidden"] == 0 and blocking.time["dp_exposed"] > 0
     zero = predict(cfg, Layout(dp=2, zero=1, batch_size=8), CL)
     assert zero.time["zero_gather"] > 0 and zero.memory["moments"] < p.memory["moments"]

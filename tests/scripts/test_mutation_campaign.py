@@ -84,11 +84,7 @@ def test_snippet_counts_only_inside_the_function(tmp_path):
             "Adam.step is ambiguous, defined 2 times: hpc_llm.a.Adam.step (hpc_llm/a.py:9), "
             "hpc_llm.b.c.Adam.step (hpc_llm/b/c.py:9)",
         ),
-        (
-            {"hpc_llm/a.py": SOURCE},
-            Mutant("m", "helper", "return x", "return -x", "", ()),
-            None,
-        ),
+        ({"hpc_llm/a.py": SOURCE}, Mutant("m", "helper", "return x", "return -x", "", ()), None),
         (
             {"hpc_llm/a.py": SOURCE},
             Mutant("m", "helper", "x + 2", "x", "", ()),

@@ -46,9 +46,8 @@ def png_shape(path: Path) -> tuple[int, int]:
     """(width, height) from the PNG's IHDR chunk, after checking the signature and a plausible size."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", data[:16]
-    assert len(data) > 10_000, len(
-        data
-    )  # axes, curves, labels, legend: far more than an empty figure
+    # axes, curves, labels, legend: far more than an empty figure
+    assert len(data) > 10_000, len(data)
     return struct.unpack(">II", data[16:24])
 
 
@@ -93,9 +92,8 @@ def test_png(run_dir, tmp_path, what, size):
 
 def test_reads_every_input_kind(run_dir, tmp_path):
     mod = load_script()
-    metrics, snapshots, by_step = mod.read_run(
-        run_dir
-    )  # the curves from ckpt_12 (every step), norms at 4, 8, 12
+    # the curves from ckpt_12 (every step), norms at 4, 8, 12
+    metrics, snapshots, by_step = mod.read_run(run_dir)
     assert by_step and [s for s, _ in snapshots] == [4, 8, 12]
     assert list(metrics["train"]["step"]) == list(range(1, 13)) and list(
         metrics["eval"]["step"]
@@ -103,9 +101,8 @@ def test_reads_every_input_kind(run_dir, tmp_path):
     assert set(metrics["train"]) == {"step", "loss", "lr", "grad_norm"} and set(
         metrics["eval"]
     ) == {"step", "train_loss", "val_loss"}
-    names = [
-        s.name for s in param_specs(tiny_config(run_dir, run_dir).model)
-    ]  # GPT-2's names, in buffer order
+    # GPT-2's names, in buffer order
+    names = [s.name for s in param_specs(tiny_config(run_dir, run_dir).model)]
     assert list(snapshots[-1][1]) == names and all(v > 0 for v in snapshots[-1][1].values())
     assert {mod.layer(n) for n in names} == {"wte", "wpe", "h.0", "h.1", "ln_f"}
     assert mod.layer("h.1.mlp.c_fc.weight") == "h.1" and mod.layer("ln_f.bias") == "ln_f"
@@ -117,9 +114,8 @@ def test_reads_every_input_kind(run_dir, tmp_path):
         metrics["eval"]["step"]
     ) == [0, 4]
 
-    metrics, snapshots, _ = mod.read_run(
-        run_dir / "metrics.jsonl"
-    )  # the log: every log_interval steps
+    # the log: every log_interval steps
+    metrics, snapshots, _ = mod.read_run(run_dir / "metrics.jsonl")
     assert snapshots == [] and list(metrics["train"]["step"]) == [2, 4, 6, 8, 10, 12]
     assert list(metrics["eval"]["step"]) == [0, 4, 8, 12] and all(metrics["eval"]["val_loss"] > 0)
 

@@ -150,6 +150,7 @@ def work(tmp_path_factory, corpus_file):
         capture_output=True,
         timeout=60,
     )
+    # the scripts set train.out_dir
     write_toml(
         tiny_config(
             d / "data",
@@ -162,7 +163,7 @@ def work(tmp_path_factory, corpus_file):
             },
         ),
         d / "tiny.toml",
-    )  # the scripts set train.out_dir
+    )
     return d
 
 
@@ -356,9 +357,8 @@ def check_resumed_run(job_id, run_dir, final, reference):
     verify_checkpoint(stop_ckpt)
     verify_checkpoint(run_dir / f"ckpt_{MAX_ITERS:08d}.h5")
     assert_same_run(run_dir, reference, stop_step)  # the first start's history, up to the signal
-    assert_same_run(
-        run_dir, reference
-    )  # the whole history, the final parameters, metrics.jsonl's rows
+    # the whole history, the final parameters, metrics.jsonl's rows
+    assert_same_run(run_dir, reference)
     return stop_step
 
 

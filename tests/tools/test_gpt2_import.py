@@ -86,14 +86,10 @@ def ref_logits(tensors: dict, idx: np.ndarray, n_head: int = N_HEAD) -> np.ndarr
     for i in range(n_layer):
         p = f"h.{i}."
         a_in = ref_layernorm(h, g[p + "ln_1.weight"], g[p + "ln_1.bias"])
-        qkv = (
-            a_in @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]
-        )  # Conv1D: x @ W + b, W (in, out)
-        q, k, v = (
-            qkv[..., :C],
-            qkv[..., C : 2 * C],
-            qkv[..., 2 * C :],
-        )  # split(split_size=n_embd, dim=2)
+        # Conv1D: x @ W + b, W (in, out)
+        qkv = a_in @ g[p + "attn.c_attn.weight"] + g[p + "attn.c_attn.bias"]
+        # split(split_size=n_embd, dim=2)
+        q, k, v = (qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :])
         heads = []
         for hh in range(n_head):
             sl = slice(hh * hd, (hh + 1) * hd)
@@ -324,9 +320,8 @@ def test_trainer_resumes_from_import(gpt2_dir, tmp_path):
     out = import_gpt2(gpt2_dir, tmp_path / "gpt2.h5")
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    prepare(
-        [text], tmp_path / "data", tokenizer="char"
-    )  # ~29 characters: fits in the 77-token vocabulary
+    # ~29 characters: fits in the 77-token vocabulary
+    prepare([text], tmp_path / "data", tokenizer="char")
     cfg = Config()
     cfg.model = config_from_dict(ckpt.load_checkpoint(out).config).model
     cfg.data.path = str(tmp_path / "data")
@@ -373,9 +368,8 @@ def test_resume_checks_the_tokenizer(tmp_path):
     out = import_gpt2(d, tmp_path / "gpt2.h5")
     prepare([text], tmp_path / "same", tokenizer="gpt2", tokenizer_dir=d)
     other = tmp_path / "other"
-    prepare(
-        [text], other, tokenizer="bpe", vocab_size=tok.vocab_size
-    )  # trained anew: its own JSON, another hash
+    # trained anew: its own JSON, another hash
+    prepare([text], other, tokenizer="bpe", vocab_size=tok.vocab_size)
     cfg = Config()
     cfg.model = config_from_dict(ckpt.load_checkpoint(out).config).model
     t = cfg.train
@@ -565,12 +559,10 @@ def test_cli_errors(tmp_path, case):
 # and transformers (which CI does not install), so this comparison always runs
 
 
-HF_DIR = (
-    FIXTURES / "hf_gpt2_tiny"
-)  # save_pretrained(safe_serialization=True) of a tiny random GPT2LMHeadModel
-HF_REFERENCE = (
-    FIXTURES / "hf_gpt2_tiny_reference.safetensors"
-)  # its logits, loss and gradients on (idx, targets)
+# save_pretrained(safe_serialization=True) of a tiny random GPT2LMHeadModel
+HF_DIR = FIXTURES / "hf_gpt2_tiny"
+# its logits, loss and gradients on (idx, targets)
+HF_REFERENCE = FIXTURES / "hf_gpt2_tiny_reference.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -592,9 +584,8 @@ def hf_reference() -> dict:
         and ref["idx"].dtype == np.int64
     )
     assert ref["logits_fp64"].shape == ref["logits_fp32"].shape == (2, N_POSITIONS, VOCAB)
-    assert (
-        ref["logits_fp64"].std() > 1.0
-    )  # a non-trivial model: the comparisons below mean something
+    # a non-trivial model: the comparisons below mean something
+    assert ref["logits_fp64"].std() > 1.0
     return ref
 
 
@@ -613,9 +604,8 @@ def test_logits_match_transformers(hf_reference, hf_checkpoint):
     assert rel_err(got64, hf_reference["logits_fp64"]) < 1e-10
     got32 = hpc_llm.load_model(hf_checkpoint).logits(idx)
     assert got32.dtype == np.float32
-    assert (
-        rel_err(got32, hf_reference["logits_fp32"]) < 1e-5
-    )  # float32 roundoff (eps 6e-8) on both sides
+    # float32 roundoff (eps 6e-8) on both sides
+    assert rel_err(got32, hf_reference["logits_fp32"]) < 1e-5
 
 
 def test_loss_and_gradients_match_transformers(hf_reference, hf_checkpoint):
@@ -638,9 +628,8 @@ def test_loss_and_gradients_match_transformers(hf_reference, hf_checkpoint):
         assert np.abs(want).max() > 0, (
             f"{name}: zero reference gradient, the comparison would mean nothing"
         )
-        if (
-            name == "wte.weight"
-        ):  # ours is padded to padded_vocab rows; the padding gets no gradient
+        # ours is padded to padded_vocab rows; the padding gets no gradient
+        if name == "wte.weight":
             assert got.shape == (128, N_EMBD) and want.shape == (VOCAB, N_EMBD)
             assert not got[VOCAB:].any(), "gradient in wte's padding rows"
             got = got[:VOCAB]

@@ -24,15 +24,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import (
-    check,
-    mismatch,
-    reference_checks,
-    rel_diff,
-    replica_checks,
-    run_config,
-    train,
-)
+from helpers import check, mismatch, reference_checks, rel_diff, replica_checks, run_config, train
 from mpi4py import MPI
 
 import hpc_llm
@@ -243,9 +235,8 @@ def test_nothing_left_to_train_is_refused(make_cfg):
             **LORA, **{"train.freeze": ["h.0.*", "h.1.attn.*", "h.1.mlp.c_fc.*", "h.1.*.lora_A"]}
         )
     )
-    assert tr.model.num_trainable == np.prod(
-        tr.model.logical["h.1.mlp.c_proj.lora_B"]
-    )  # that B alone
+    # that B alone
+    assert tr.model.num_trainable == np.prod(tr.model.logical["h.1.mlp.c_proj.lora_B"])
     tr.close()
 
 

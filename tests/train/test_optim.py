@@ -435,11 +435,12 @@ def test_trainer_zero1_dp2_matches_reference(data_dir, shared_tmp_path):
     )
     mask = decay_mask_of(tr.model)
     edges = {e for r in tr.sync.owned for e in r} - {0, tr.model.local_size}
+    # on every rank before the collectives below
     check(
         tr.sync.zero and tr.grid.dp == 2 and any(mask[e - 1] and mask[e] for e in edges),
         f"zero {tr.sync.zero}, dp {tr.grid.dp}, shards {tr.sync.owned[:4]}...: not a ZeRO-1 layout cutting "
         f"decayed tensors",
-    )  # on every rank before the collectives below
+    )
     bad = trainer_vs_reference(tr, gathered_gradient)
     check(not bad, "\n".join(bad))
 

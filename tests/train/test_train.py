@@ -58,11 +58,7 @@ def test_loss_falls_on_embedded_corpus(make_cfg, tmp_path):
 
 # -- determinism -----------------------------------------------------------------------------------------------------
 
-VARIANTS = {
-    "plain": {},
-    "dropout": {"model.dropout": 0.1},
-    "grad_accum": {"train.grad_accum": 2},
-}
+VARIANTS = {"plain": {}, "dropout": {"model.dropout": 0.1}, "grad_accum": {"train.grad_accum": 2}}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
