@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import fields
 
+from hpc_llm.backend import low_dtype
 from hpc_llm.config.sections import Config
 from hpc_llm.errors import UserError
 
@@ -123,17 +124,7 @@ def _check_precision(cfg: Config) -> None:
         t.loss_scale_window,
     )
     if t.precision == "bf16":
-        need_bf16()
-
-
-def need_bf16() -> None:
-    """bf16 (training or gradient communication) needs the optional ml_dtypes package: one line without it."""
-    try:
-        import ml_dtypes  # noqa: F401 - optional dependency (pip install hpc_llm[bf16])
-    except ImportError:
-        raise UserError(
-            'train.precision = "bf16" needs the ml_dtypes package (pip install hpc_llm[bf16])'
-        ) from None
+        low_dtype("bf16")  # the optional ml_dtypes package must be importable: one line otherwise
 
 
 def _check_parallel(cfg: Config) -> None:
@@ -171,7 +162,7 @@ def _check_parallel(cfg: Config) -> None:
         par.grad_comm,
     )
     if par.grad_comm == "bf16":
-        need_bf16()
+        low_dtype("bf16")
     need(par.powersgd_rank >= 1, "parallel.powersgd_rank", "a positive integer", par.powersgd_rank)
     need(
         par.powersgd_start >= 0,
