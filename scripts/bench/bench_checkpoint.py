@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpc_llm.config import Config
 from hpc_llm.train.trainer import Trainer
 
-from common import PRESETS, random_tokens
+from common import PRESETS, preset_config
 
 BLOCK = 16 << 20
 
@@ -72,18 +71,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_trainer(args, world, tmp: Path) -> Trainer:
-    p = PRESETS[args.preset]
-    if world.rank == 0:
-        random_tokens(tmp, p["vocab_size"], 200_000)
-    world.Barrier()
-    cfg = Config()
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        setattr(cfg.model, k, p[k])
-    cfg.data.path = str(tmp)
+    cfg = preset_config(world, args.preset, tmp, 200_000)
     cfg.train.batch_size = world.size // args.tp
-    cfg.train.out_dir = str(tmp / "run")
-    cfg.train.peak_tflops = 1.0
-    cfg.train.eval_iters = 0
     cfg.parallel.tp, cfg.parallel.zero = args.tp, args.zero
     cfg.checkpoint.keep_last = 1
     cfg.checkpoint.writer = args.writer

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpc_llm.config import Config
 from hpc_llm.config.checks import validated
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.train.trainer import Trainer
 
-from common import PRESETS, random_tokens
+from common import PRESETS, preset_config
 
 SCHEMES = [
     ("fp32", 0),
@@ -68,21 +67,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_trainer(args, world, tmp: Path) -> Trainer:
-    p = PRESETS[args.preset]
-    if world.rank == 0:
-        random_tokens(tmp, p["vocab_size"], 2_000_000)
-    world.Barrier()
-    cfg = Config()
-    for k in ("n_layer", "n_head", "n_embd", "block_size"):
-        setattr(cfg.model, k, p[k])
+    cfg = preset_config(world, args.preset, tmp, 2_000_000)
     if args.block:
         cfg.model.block_size = args.block
-    cfg.model.vocab_size = p["vocab_size"]
-    cfg.data.path = str(tmp)
-    cfg.train.batch_size = args.batch or max(p["batch"], world.size)
-    cfg.train.out_dir = str(tmp / "run")
-    cfg.train.peak_tflops = 1.0
-    cfg.train.eval_iters = 0
+    cfg.train.batch_size = args.batch or max(cfg.train.batch_size, world.size)
     cfg.parallel.bucket_mb = args.bucket_mb
     return Trainer(validated(cfg))
 

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpc_llm.config import Config
 from hpc_llm.train.trainer import Trainer
 
-from common import PRESETS, random_tokens, vm_hwm
+from common import PRESETS, preset_config, vm_hwm
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,19 +40,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_trainer(args, world, tmp: Path) -> Trainer:
-    p = PRESETS[args.preset]
-    if world.rank == 0:
-        random_tokens(tmp, p["vocab_size"], 2_000_000)
-    world.Barrier()
-    cfg = Config()
-    for k in ("n_layer", "n_head", "n_embd", "block_size"):
-        setattr(cfg.model, k, p[k])
-    cfg.model.vocab_size = p["vocab_size"]
-    cfg.data.path = str(tmp)
-    cfg.train.batch_size = p["batch"]
-    cfg.train.out_dir = str(tmp / "run")
-    cfg.train.peak_tflops = 1.0
-    cfg.train.eval_iters = 0
+    cfg = preset_config(world, args.preset, tmp, 2_000_000)
     cfg.parallel.tp, cfg.parallel.zero, cfg.parallel.bucket_mb = args.tp, args.zero, args.bucket_mb
     return Trainer(cfg)
 

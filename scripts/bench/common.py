@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_llm.config import Config
 from hpc_llm.data.tokens import FORMAT, FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,3 +72,21 @@ def random_tokens(directory: Path, vocab: int, n: int) -> None:
         "sources": [],
     }
     (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def preset_config(world, preset: str, data_dir: Path, n_tokens: int) -> Config:
+    """A benchmark run of a preset's model and batch on random tokens: world rank 0 writes n_tokens of them into
+    data_dir (every rank waits for it), the run's directory inside it, no eval, a fixed MFU peak (no matmul measured
+    at start). The script sets its own layout on top."""
+    if world.rank == 0:
+        random_tokens(data_dir, PRESETS[preset]["vocab_size"], n_tokens)
+    world.Barrier()
+    cfg = Config()
+    for k, v in model_shape(preset).items():
+        setattr(cfg.model, k, v)
+    cfg.data.path = str(data_dir)
+    cfg.train.batch_size = PRESETS[preset]["batch"]
+    cfg.train.out_dir = str(data_dir / "run")
+    cfg.train.peak_tflops = 1.0
+    cfg.train.eval_iters = 0
+    return cfg
