@@ -17,7 +17,7 @@ import traceback
 
 from hpc_llm.cli.parser import build_parser
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.runtime.faults import abort_job, failure_line, launcher_rank
+from hpc_llm.runtime.faults import abort_job, failure_line, launcher_rank, launcher_size
 
 __all__ = ["build_parser", "main"]
 
@@ -46,6 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         # MPI_Finalize at exit would wait for them in turn; abort the job instead of leaving it hung
         sys.stderr.write(traceback.format_exc() + f"hpc-llm: {failure_line(e)}\n")
         sys.stderr.flush()
-        if "mpi4py.MPI" in sys.modules:
+        if "mpi4py.MPI" in sys.modules or launcher_size() > 1:
             abort_job(1)
         return 1

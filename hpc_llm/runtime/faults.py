@@ -32,6 +32,14 @@ def launcher_rank() -> int:
     return 0
 
 
+def launcher_size() -> int:
+    """How many ranks the launcher started (1 when none did), readable before MPI is initialised."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
 class _Phase:
     name = "start-up"
     step: int | None = None
@@ -116,9 +124,21 @@ class Watchdog:
 WATCHDOG = Watchdog()
 
 
+# how long a rank that failed before MPI started waits in MPI_Init for its peers before it exits alone
+JOIN_TO_ABORT_S = 30.0
+
+
 def abort_job(code: int) -> None:
     """End every rank now: MPI_Abort on the world when MPI is running, else this process (os._exit: no cleanup that
-    could itself wait for a peer)."""
+    could itself wait for a peer).
+
+    A rank that fails before MPI started, under a launcher of several ranks, first joins MPI to abort through it: a
+    rank exiting before MPI_Init leaves its peers to the launcher, and Open MPI 5's launcher was seen to hang on one
+    of them stuck in MPI_Init (PMIX_ERR_UNREACH). If the peers never reach MPI_Init it exits alone after
+    JOIN_TO_ABORT_S."""
+    if "mpi4py.MPI" not in sys.modules and launcher_size() > 1:
+        threading.Timer(JOIN_TO_ABORT_S, os._exit, (code,)).start()
+        import mpi4py.MPI  # noqa: F401  (MPI_Init: waits for the peers, then the Abort below reaches them)
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
