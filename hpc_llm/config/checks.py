@@ -82,7 +82,12 @@ def _check_train(cfg: Config) -> None:
     need(t.eps > 0, "train.eps", "a positive number", t.eps)
     need(t.grad_clip >= 0, "train.grad_clip", "a non-negative number (0 disables)", t.grad_clip)
     need(t.backend in ("numpy", "cupy"), "train.backend", '"numpy" or "cupy"', t.backend)
-    need(t.recompute in ("none", "block"), "train.recompute", '"none" or "block"', t.recompute)
+    need(
+        t.recompute in ("none", "selective", "block"),
+        "train.recompute",
+        '"none", "selective" or "block"',
+        t.recompute,
+    )
     _check_precision(cfg)
     need(
         t.peak_tflops >= 0, "train.peak_tflops", "a non-negative number (0: measure)", t.peak_tflops
@@ -141,6 +146,38 @@ def _check_parallel(cfg: Config) -> None:
         par.schedule,
     )
     check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
+    need(
+        not par.sequence_parallel or par.tp > 1,
+        "parallel.sequence_parallel",
+        "false with parallel.tp = 1 (it splits the sequence over the tensor-parallel group)",
+        par.sequence_parallel,
+    )
+    need(
+        not par.sequence_parallel or m.block_size % par.tp == 0,
+        "parallel.sequence_parallel",
+        f"model.block_size={m.block_size} divisible by parallel.tp={par.tp} (each rank holds an equal slice)",
+        par.sequence_parallel,
+    )
+    need(
+        not par.sequence_parallel or not m.lora_rank,
+        "parallel.sequence_parallel",
+        "false with LoRA adapters (model.lora_rank > 0): not supported together",
+        par.sequence_parallel,
+    )
+    need(
+        par.act_comm in ("fp32", "bf16", "fp16"),
+        "parallel.act_comm",
+        '"fp32", "bf16" or "fp16"',
+        par.act_comm,
+    )
+    need(
+        par.act_comm == "fp32" or m.dtype == "float32",
+        "parallel.act_comm",
+        f'"fp32" with model.dtype={m.dtype} (16-bit transfers need float32 training)',
+        par.act_comm,
+    )
+    if par.act_comm == "bf16":
+        low_dtype("bf16")
     need(par.zero in (0, 1), "parallel.zero", "0 or 1", par.zero)
     need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
     need(

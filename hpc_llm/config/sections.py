@@ -62,7 +62,9 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     backend: str = "numpy"
-    # "block": backward recomputes each block's forward from its input (keeps only that)
+    # "selective": backward recomputes each block's attention core (QK^T, softmax, its dropout, times V) from the q, k,
+    # v it kept (Korthikanti et al.'s 5as^2b term); "block": backward recomputes each block's forward from its input
+    # (keeps only that); "none"
     recompute: str = "none"
     # "fp32" (model.dtype's: also float64), "bf16" or "fp16": matmul operands and kept activations in that format,
     # fp32 master weights and moments (hpc_llm/model/precision.py)
@@ -93,6 +95,12 @@ class ParallelConfig:
     pp_layers: list[int] = field(default_factory=list)
     schedule: str = "1f1b"  # "1f1b", "interleaved" (needs virtual_stages >= 2) or "gpipe"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    # Megatron's sequence parallelism (tp > 1): LayerNorm, dropout and the residual stream on a 1/tp slice of the
+    # sequence; an all-gather enters each column-parallel region and a reduce-scatter leaves each row-parallel one
+    sequence_parallel: bool = False
+    # the format activations and their gradients cross pipeline stages in, and tensor-parallel collectives run in:
+    # "fp32" (the compute dtype, as they are) or "bf16" / "fp16" (rounded to 16 bits: half the bytes; sums in fp32)
+    act_comm: str = "fp32"
     zero: int = 0  # 1: ZeRO-1, Adam moments sharded over the data-parallel group
     bucket_mb: float = 25.0  # data-parallel gradient bucket size (MiB)
     # a rank waiting longer than this in one collective or transfer aborts the job, naming the operation; 0: never

@@ -395,7 +395,7 @@ def _rows() -> list[Row]:
         F("train.seed", "x", -1, "a non-negative integer"),
         F("train.out_dir", 5, "", "a directory path"),
         F("train.backend", 1, "torch", '"numpy" or "cupy"'),
-        F("train.recompute", True, "all", '"none" or "block"'),
+        F("train.recompute", True, "all", '"none", "selective" or "block"'),
         F("train.precision", 16, "fp8", '"fp32", "bf16" or "fp16"'),
         F("train.loss_scale_init", "x", 0, "a positive number"),
         F("train.loss_scale_window", 1.5, 0, "a positive integer"),
@@ -407,6 +407,8 @@ def _rows() -> list[Row]:
         F("parallel.pp", 1.5, 0, "a positive integer"),
         F("parallel.virtual_stages", "x", 0, "a positive integer"),
         F("parallel.schedule", 1, "zigzag", '"1f1b", "interleaved" or "gpipe"'),
+        F("parallel.sequence_parallel", 1),
+        F("parallel.act_comm", 16, "int8", '"fp32", "bf16" or "fp16"'),
         F("parallel.zero", "x", 2, "0 or 1"),
         F("parallel.bucket_mb", "x", 0, "a positive number"),
         F("parallel.comm_timeout_s", "x", -1, "a non-negative number of seconds"),
@@ -532,6 +534,35 @@ def _rows() -> list[Row]:
             'config field parallel.grad_comm: expected "fp32" or "powersgd" with '
             "model.dtype=float64",
             sets=["parallel.grad_comm=fp16", "model.dtype=float64"],
+        )
+    )
+    add(
+        T(
+            "sequence-parallel-without-tp",
+            "config field parallel.sequence_parallel: expected false with parallel.tp = 1",
+            sets=["parallel.sequence_parallel=true"],
+        )
+    )
+    add(
+        T(
+            "sequence-parallel-uneven-slices",
+            "config field parallel.sequence_parallel: expected model.block_size=9 divisible by "
+            "parallel.tp=2",
+            sets=["parallel.sequence_parallel=true", "parallel.tp=2", "model.block_size=9"],
+        )
+    )
+    add(
+        T(
+            "sequence-parallel-with-lora",
+            "config field parallel.sequence_parallel: expected false with LoRA adapters",
+            sets=["parallel.sequence_parallel=true", "parallel.tp=2", "model.lora_rank=2"],
+        )
+    )
+    add(
+        T(
+            "act_comm-16-bit-with-float64",
+            'config field parallel.act_comm: expected "fp32" with model.dtype=float64',
+            sets=["parallel.act_comm=bf16", "model.dtype=float64"],
         )
     )
     add(
