@@ -51,7 +51,7 @@ class GPT:
         seed: int | None = 0,
         tp_comm: Comm | None = None,
         plan: StagePlan | None = None,
-        recompute: bool = False,
+        recompute: str = "none",
         precision: str = "fp32",
         freeze=(),
     ):
@@ -63,7 +63,7 @@ class GPT:
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
         self.plan = plan if plan is not None else whole_model(cfg)
-        # train.recompute = "block": each block's forward again in backward
+        # train.recompute: "block" (each block's forward again in backward), "selective" (attention's core), "none"
         self.recompute = recompute
         self.prec = Precision(precision)
         self.dtype = np.dtype(cfg.dtype)
@@ -144,6 +144,7 @@ class GPT:
                     self.prec,
                     lora_scale=cfg.lora_scale,
                     frozen={k[len(p) :] for k in self.frozen if k.startswith(p)},
+                    selective=self.recompute == "selective",
                 )
             )
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor

@@ -142,8 +142,12 @@ class Block:
         prec: Precision = FP32,
         lora_scale: float = 0.0,
         frozen=frozenset(),
+        selective: bool = False,
     ):
         self.layer, self.dropout, self.prec = layer, dropout, prec
+        self.selective = (
+            selective  # train.recompute = "selective": attention's core again in backward
+        )
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
 
@@ -182,7 +186,9 @@ class Block:
         qkv, c_qkv = self.qkv.forward(h1)
         if kv is None:
             heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, DropoutRNG) else rng
-            y, att = attention_forward(qkv, self.heads, drop, heads_rng, self.prec)
+            y, att = attention_forward(
+                qkv, self.heads, drop, heads_rng, self.prec, keep_probs=not self.selective
+            )
         else:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
@@ -206,8 +212,9 @@ class Block:
             ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), keep(gt), c_mproj, m_mask
         )
 
-    def backward(self, dx, cache: BlockCache, accumulate: bool):
-        """dx: the gradient of the block's output (updated in place into that of its input, and returned)."""
+    def backward(self, dx, cache: BlockCache, accumulate: bool, rng=None):
+        """dx: the gradient of the block's output (updated in place into that of its input, and returned). rng: the
+        forward's dropout rng (a DropoutRNG), to draw attention's masks again under selective recompute."""
         c, use = cache, self.prec.use
         dm = dx if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
         dg = self.mlp_proj.backward(dm, c.mlp_proj, accumulate)
@@ -216,7 +223,13 @@ class Block:
         dx += self.ln_2.backward(dh2, c.ln_2, accumulate)
         da = dx if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
         dy = self.attn_proj.backward(da, c.attn_proj, accumulate)
-        dqkv = attention_backward(dy, c.attn, self.heads, self.prec)
+        drop, heads_rng = 0.0, None
+        if (
+            c.attn[1] is None and rng is not None and self.dropout > 0
+        ):  # selective: a fresh site, same masks
+            drop = self.dropout
+            heads_rng = dropout_site(rng, self.layer + 1).for_heads(*self.head_range)
+        dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng)
         dh1 = self.qkv.backward(dqkv, c.qkv, accumulate)
         dx += self.ln_1.backward(dh1, c.ln_1, accumulate)
         return dx
@@ -288,9 +301,11 @@ class Chunk:
     its input (None on the first). grad_offsets: for the head and each block, where its parameters start in the flat
     buffer; backward calls grad_ready(offset) once each one's gradients are final (data-parallel buckets start).
 
-    recompute (Megatron's full recompute): forward keeps only each block's input, and backward runs the block's
-    forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit for bit,
-    and a DropoutRNG's sites draw the same masks again."""
+    recompute "block" (Megatron's full recompute): forward keeps only each block's input, and backward runs the
+    block's forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit
+    for bit, and a DropoutRNG's sites draw the same masks again. "selective" (Megatron's selective recompute, built
+    into the blocks): each block keeps all but attention's probabilities and masks, which its backward recomputes
+    from the kept q, k, v; "none"."""
 
     def __init__(
         self,
@@ -299,16 +314,17 @@ class Chunk:
         blocks: list[Block],
         head: Head | None,
         grad_offsets: dict,
-        recompute: bool = False,
+        recompute: str = "none",
     ):
         self.vstage, self.embedding, self.blocks, self.head = vstage, embedding, blocks, head
         self.grad_offsets = grad_offsets  # {"head": offset, layer index: offset}
         self.recompute = recompute
 
     def forward(self, inp, targets=None, rng=None, keep_cache: bool = True):
-        recompute = keep_cache and self.recompute
+        recompute = keep_cache and self.recompute == "block"
         if (
-            recompute
+            keep_cache
+            and self.recompute != "none"
             and rng is not None
             and not isinstance(rng, DropoutRNG)
             and self.blocks[0].dropout > 0
@@ -345,9 +361,9 @@ class Chunk:
             ready(self.grad_offsets["head"])
         for block in reversed(self.blocks):
             block_cache = caches.pop()
-            if self.recompute:
+            if self.recompute == "block":
                 _, block_cache = block.forward(block_cache, rng)
-            dx = block.backward(dx, block_cache, accumulate)
+            dx = block.backward(dx, block_cache, accumulate, rng)
             ready(self.grad_offsets[block.layer])
         if self.embedding is None:
             return dx

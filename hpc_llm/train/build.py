@@ -53,7 +53,7 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         seed=t.seed,
         tp_comm=grid.tp_comm,
         plan=plan,
-        recompute=t.recompute == "block",
+        recompute=t.recompute,
         precision=t.precision,
         freeze=t.freeze,
     )
