@@ -158,30 +158,30 @@ def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
 @pytest.mark.parametrize(
     "shape, tp, pp, stage, dropout, recompute, precision",
     [
-        (dict(), 1, 1, 0, 0.0, False, "fp32"),
+        (dict(), 1, 1, 0, 0.0, "none", "fp32"),
         (
             dict(block_size=300, n_embd=64),
             1,
             1,
             0,
             0.1,
-            False,
+            "none",
             "fp32",
         ),  # 3 query blocks, dropout masks
-        (dict(block_size=130), 2, 1, 0, 0.0, False, "fp32"),  # tensor parallel shards
-        (dict(), 1, 2, 0, 0.0, False, "fp32"),
-        (dict(), 2, 2, 1, 0.1, False, "fp32"),  # pipeline stages
-        (dict(), 1, 1, 0, 0.0, True, "fp32"),  # recompute: block inputs only
+        (dict(block_size=130), 2, 1, 0, 0.0, "none", "fp32"),  # tensor parallel shards
+        (dict(), 1, 2, 0, 0.0, "none", "fp32"),
+        (dict(), 2, 2, 1, 0.1, "none", "fp32"),  # pipeline stages
+        (dict(), 1, 1, 0, 0.0, "block", "fp32"),  # recompute: block inputs only
         (
             dict(block_size=140),
             2,
             1,
             0,
             0.0,
-            False,
+            "none",
             "fp16",
         ),  # kept in 2 bytes, rstd and probabilities in 4
-        (dict(dtype="float64"), 1, 1, 0, 0.0, False, "fp32"),
+        (dict(dtype="float64"), 1, 1, 0, 0.0, "none", "fp32"),
     ],
 )
 def test_activation_term_equals_the_cache_a_forward_keeps(
@@ -218,7 +218,7 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
         chunk.embedding is not None,
         chunk.head is not None,
         by.act,
-        "block" if recompute else "none",
+        recompute,
         by.compute,
     )
     assert cache_bytes(cache) == expect
