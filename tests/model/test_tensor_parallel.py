@@ -630,15 +630,16 @@ def test_sequence_parallel_block_equals_single_process():
 @pytest.mark.parallel(nprocs=NPROCS)
 def test_sequence_parallel_model_equals_single_process():
     """The whole model (a chunk: embedding, 2 blocks, head) with sequence parallelism, dropout 0.2, float64, two
-    micro-batches accumulated: losses and every gradient equal the single process's (1e-10), with and without block
-    recompute (which is bitwise the same); replicated gradients (LayerNorms, biases, wpe) bitwise the same on every
-    TP rank; the logits too. Collectives of a forward: the embedding's reduce-scatter, two gathers and two
+    micro-batches accumulated: losses and every gradient equal the single process's (1e-10); block and selective
+    recompute give bitwise the same losses and gradients; replicated gradients (LayerNorms, biases, wpe) bitwise the
+    same on every TP rank; the logits too. Collectives of a forward: the embedding's reduce-scatter, two gathers and two
     reduce-scatters per block, the head's gather, the cross-entropy's three small allreduces."""
     bad = []
     for tp in tp_sizes():
         grid = make_grid(MPI.COMM_WORLD, tp)
         w = f"tp {tp} model"
-        (model, ref), again = _sp_pair(grid.tp_comm), _sp_pair(grid.tp_comm, recompute=True)[0]
+        model, ref = _sp_pair(grid.tp_comm)
+        again = {how: _sp_pair(grid.tp_comm, recompute=how)[0] for how in ("block", "selective")}
         rng = np.random.default_rng(22)
         B, T = 3, 16
         for micro in range(2):
@@ -650,19 +651,20 @@ def test_sequence_parallel_model_equals_single_process():
             loss = model.forward(x, y, rng=drop, keep_cache=True)
             calls = dict(grid.world.ledger.calls)
             model.backward(loss_scale=0.5, accumulate=micro > 0)
-            loss_again = again.forward(x, y, rng=drop, keep_cache=True)
-            again.backward(loss_scale=0.5, accumulate=micro > 0)
-            if not abs(loss - want) <= F64_RTOL * abs(want) or loss_again != loss:
-                bad.append(
-                    f"{w} micro {micro}: loss {loss!r} (recompute {loss_again!r}), want {want!r}"
-                )
+            losses = {}
+            for how, m in again.items():
+                losses[how] = m.forward(x, y, rng=drop, keep_cache=True)
+                m.backward(loss_scale=0.5, accumulate=micro > 0)
+            if not abs(loss - want) <= F64_RTOL * abs(want) or set(losses.values()) != {loss}:
+                bad.append(f"{w} micro {micro}: loss {loss!r} (recompute {losses}), want {want!r}")
             if calls != {"tp.reduce_scatter": 5, "tp.allgather": 5, "tp.allreduce": 3}:
                 bad.append(f"{w}: forward's collectives {calls}")
         grads = model.full_tensors(model.grad_flat)
         for name, g in ref.grads.items():
             bad += mismatch(grads[name], g, f"{w} gradient {name}", rtol=F64_RTOL)
-        if not np.array_equal(model.grad_flat, again.grad_flat):
-            bad.append(f"{w}: recompute's gradients are not bitwise the same")
+        for how, m in again.items():
+            if not np.array_equal(model.grad_flat, m.grad_flat):
+                bad.append(f"{w}: {how} recompute's gradients are not bitwise the same")
         replicated = np.concatenate([model.grad_flat[a:b] for a, b in model.replicated_ranges()])
         if len(set(grid.tp_comm.mpi.allgather(crc(replicated)))) != 1:
             bad.append(f"{w}: replicated gradients differ across the TP group")
