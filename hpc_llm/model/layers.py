@@ -241,42 +241,48 @@ class DropoutRNG:
     0 the embedding, i + 1 block i; so a pipeline stage that holds blocks 4..7 draws exactly the masks the single
     process draws there, a data-parallel rank makes the generators of its own rows, and a resumed run draws what an
     uninterrupted one does, with no RNG state to checkpoint. ``for_heads`` is the view attention uses under tensor
-    parallelism: each row draws the masks of all heads and keeps this rank's. Masks are drawn on the host (NumPy)
-    and moved to ``xp``."""
+    parallelism: each row draws the masks of all heads and keeps this rank's; ``for_positions`` the view of the
+    dropouts on a slice of the sequence (sequence parallelism): each row draws the masks of all positions and keeps
+    the slice's. A view shares its site's generators, so draws through any of them follow the site's one order.
+    Masks are drawn on the host (NumPy) and moved to ``xp``."""
 
     def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np):
         self.key, self.rows, self.xp = (seed, 0xD80, step, micro), rows, xp
-        self.gens, self.heads = None, None
+        self.gens, self.heads, self.positions = None, None, None
+
+    def _view(self, gens, heads=None, positions=None) -> DropoutRNG:
+        view = DropoutRNG.__new__(DropoutRNG)
+        view.key, view.rows, view.xp = self.key, self.rows, self.xp
+        view.gens, view.heads, view.positions = gens, heads, positions
+        return view
 
     def site(self, k: int) -> DropoutRNG:
         """The generators of site k, fresh (each site is drawn from once per forward)."""
-        view = DropoutRNG.__new__(DropoutRNG)
-        view.key, view.rows, view.xp, view.heads = self.key, self.rows, self.xp, None
-        view.gens = [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
-        return view
+        return self._view(
+            [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
+        )
 
     def for_heads(self, h0: int, h1: int, n_head: int) -> DropoutRNG:
-        view = DropoutRNG.__new__(DropoutRNG)
-        view.key, view.rows, view.xp, view.gens, view.heads = (
-            self.key,
-            self.rows,
-            self.xp,
-            self.gens,
-            (h0, h1, n_head),
-        )
-        return view
+        """Draws of shape (rows, heads h0..h1 of n_head, ...): each row draws all n_head and keeps [h0, h1)."""
+        return self._view(self.gens, heads=(h0, h1, n_head))
+
+    def for_positions(self, t0: int, t1: int, T: int) -> DropoutRNG:
+        """Draws of shape (rows, positions t0..t1 of T, ...): each row draws all T and keeps [t0, t1)."""
+        return self._view(self.gens, positions=(t0, t1, T))
 
     def random(self, shape, dtype) -> object:
-        """Uniform [0, 1) of ``shape`` = (this rank's rows, ...); with heads, (rows, this rank's heads, ...)."""
+        """Uniform [0, 1) of ``shape`` = (this rank's rows, ...); with heads, (rows, this rank's heads, ...); with
+        positions, (rows, the slice's positions, ...)."""
         assert self.gens is not None, "draw from a site: DropoutRNG.site(k)"
         assert shape[0] == len(self.gens), (shape, len(self.gens))
+        part = self.heads or self.positions
         out = np.empty(shape, dtype)
         for gen, row in zip(self.gens, out):
-            if self.heads is None or self.heads[1] - self.heads[0] == self.heads[2]:
+            if part is None or part[1] - part[0] == part[2]:
                 gen.random(row.shape, dtype=dtype, out=row)
             else:
-                h0, h1, n = self.heads
-                row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[h0:h1]
+                a, b, n = part
+                row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[a:b]
         return out if self.xp is np else self.xp.asarray(out)
 
 
