@@ -248,12 +248,12 @@ class Comm:
 
     # -- point to point ------------------------------------------------------------------------------------------------
 
-    def isend(self, buf, dest: int, tag: int, kind: str) -> Handle:
-        """Start sending buf to rank `dest` of this group; buf must stay unchanged until the handle's wait()."""
+    def isend(self, buf, dest: int, tag: int, kind: str, synchronous: bool = False) -> Handle:
+        """Start sending buf to rank `dest` of this group; buf must stay unchanged until the handle's wait().
+        synchronous: MPI_Issend, completing only once the receive is matched (the tests' worst case of a send)."""
         host = _host(buf)
-        return Handle(
-            self, f"{self.name}.{kind}", self.mpi.Isend(host, dest=dest, tag=tag), host.nbytes
-        )
+        send = self.mpi.Issend if synchronous else self.mpi.Isend
+        return Handle(self, f"{self.name}.{kind}", send(host, dest=dest, tag=tag), host.nbytes)
 
     def irecv(self, buf, source: int, tag: int, kind: str) -> Handle:
         """Start receiving into buf from rank `source`; buf holds the message after the handle's wait()."""
@@ -350,43 +350,67 @@ class PipelineComm:
     """Activations forward and their gradients backward between pipeline neighbours (the pp group), Megatron's
     send_forward / recv_forward / send_backward / recv_backward and the combined steps.
 
-    Everything is nonblocking: a send is posted, and completed once delivered (checked at each new send) or at
-    `wait_sends()` (the step's end), so no rank ever blocks in a send; a receive is posted as soon as the schedule
-    knows it comes next (paired with the send of the op before it) and waited for when its op starts. A rank then
-    waits only for data its schedule needs next, which a deadlock-free op order (schedule.simulate checks them)
-    guarantees is on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward
-    ones to rank - 1 (cyclically, for interleaved chunks); the tag names (micro-batch, receiving virtual stage,
-    direction),
-    so a message can only match the receive it is meant for.
+    Everything is nonblocking. A receive is posted as soon as the schedule knows it comes next (paired with the send
+    of the op before it) and waited for when its op starts, so a rank waits only for data its schedule needs next,
+    which a deadlock-free op order (schedule.simulate checks them) guarantees is on its way, at any P. A send is
+    posted and kept until it completes; `settle()`, at each op boundary once the op's send and the next op's receive
+    are posted, completes the sends already delivered (MPI_Test) and then, while more than `depth` sends in one
+    direction are incomplete, waits for the oldest. So at most `depth` sends per direction live across an op (one
+    more only inside that wait), and every other send's buffer goes at the first op boundary after its delivery;
+    `wait_sends()` completes the rest at the step's end. depth None: unbounded (every send until delivered or the
+    step's end). The trainer's depth is schedule.send_depth's: the least that neither deadlocks nor lengthens the
+    step, even if every send completes only once its receive is posted (rendezvous).
+
+    Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to rank - 1 (cyclically, for
+    interleaved chunks); the tag names (micro-batch, receiving virtual stage, direction), so a message can only match
+    the receive it is meant for.
     """
 
     FORWARD, BACKWARD = 0, 1
 
-    def __init__(self, comm: Comm, n_virtual: int):
-        self.comm, self.n_virtual = comm, n_virtual
+    def __init__(self, comm: Comm, n_virtual: int, depth: int | None = None):
+        self.comm, self.n_virtual, self.depth = comm, n_virtual, depth
         self.next, self.prev = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-        self._sends: list[Handle] = []
+        self._sends: tuple[list[Handle], list[Handle]] = ([], [])  # per direction, oldest first
+        # per direction, the most sends incomplete across an op (after settle()), over this object's life
+        self.held_max = [0, 0]
+        self.depth_waits = 0  # sends settle() waited for (the bound at work)
+        self.synchronous = (
+            False  # tests: every send an MPI_Issend, complete only once matched (the worst case)
+        )
 
-    def _post_send(self, handle: Handle) -> None:
-        """Keep a send until it completes; those already delivered are completed now, so their buffers go at once
-        rather than at the step's end (a stage would otherwise hold every message it sent in the step)."""
-        pending = [handle]
-        for h in self._sends:
-            if h.test():
-                h.wait()  # done: records it in the ledger, frees the buffer
-            else:
-                pending.append(h)
-        self._sends = pending
+    def _post_send(self, direction: int, handle: Handle) -> None:
+        self._sends[direction].append(handle)
+
+    def progress(self) -> None:
+        """Complete the sends already delivered: their ledger entries are made and their buffers freed now."""
+        for sends in self._sends:
+            done = [h.test() for h in sends]
+            for h, ok in zip(sends, done):
+                if ok:
+                    h.wait()  # done: records it in the ledger, drops the buffer
+            sends[:] = [h for h, ok in zip(sends, done) if not ok]
+
+    def settle(self) -> None:
+        """The op boundary: the delivered sends completed, then the oldest waited for while more than `depth` of one
+        direction remain. Call it after the next op's receive is posted (pipeline.run_schedule), never before: a
+        neighbour may be waiting for that receive to take the very send waited for here."""
+        self.progress()
+        for d, sends in enumerate(self._sends):
+            while self.depth is not None and len(sends) > self.depth:
+                sends.pop(0).wait()
+                self.depth_waits += 1
+            self.held_max[d] = max(self.held_max[d], len(sends))
 
     def _tag(self, direction: int, micro: int, vstage: int) -> int:
         return (micro * self.n_virtual + vstage) * 2 + direction
 
     def send_forward(self, x, micro: int, vstage: int) -> None:
         """The output of virtual stage `vstage` to the next one."""
+        tag = self._tag(self.FORWARD, micro, vstage + 1)
         self._post_send(
-            self.comm.isend(
-                x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"
-            )
+            self.FORWARD,
+            self.comm.isend(x, self.next, tag, "send_forward", self.synchronous),
         )
 
     def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
@@ -397,10 +421,10 @@ class PipelineComm:
 
     def send_backward(self, dx, micro: int, vstage: int) -> None:
         """The input gradient of virtual stage `vstage` to the previous one."""
+        tag = self._tag(self.BACKWARD, micro, vstage - 1)
         self._post_send(
-            self.comm.isend(
-                dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1), "send_backward"
-            )
+            self.BACKWARD,
+            self.comm.isend(dx, self.prev, tag, "send_backward", self.synchronous),
         )
 
     def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
@@ -424,6 +448,8 @@ class PipelineComm:
         return self.recv_forward(buf, recv_micro, recv_vstage)
 
     def wait_sends(self) -> None:
-        for h in self._sends:
-            h.wait()
-        self._sends = []
+        """The step's end: every send completed."""
+        for sends in self._sends:
+            for h in sends:
+                h.wait()
+            sends.clear()
