@@ -54,6 +54,7 @@ class GPT:
         recompute: bool = False,
         precision: str = "fp32",
         freeze=(),
+        tp_act: Comm | None = None,
     ):
         if cfg.vocab_size <= 0:
             raise UserError(
@@ -62,6 +63,8 @@ class GPT:
         self.cfg = cfg
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
+        # the f/g collectives of activations (parallel.act_comm: a 16-bit wire view of tp); the cross-entropy's stay tp
+        self.tp_act = tp_act if tp_act is not None else self.tp
         self.plan = plan if plan is not None else whole_model(cfg)
         # train.recompute = "block": each block's forward again in backward
         self.recompute = recompute
@@ -114,7 +117,7 @@ class GPT:
         return Param(self.params[name], self.grads[name])
 
     def _chunk(self, vstage: int) -> Chunk:
-        cfg, tp = self.cfg, self.tp
+        cfg, tp = self.cfg, self.tp_act
         first, last = vstage == 0, vstage == self.plan.n_virtual - 1
         embedding = head = None
         # a frozen token embedding gets no gradient (grad None, like Block's frozen linears): under LoRA the tied
@@ -155,8 +158,9 @@ class GPT:
                 wte or self._param("wte.weight"),
                 self.v0,
                 cfg.vocab_size,
-                tp,
+                self.tp,
                 self.prec,
+                act=tp,
             )
             offsets["head"] = self.spec["ln_f.weight"].offset
         return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)

@@ -27,8 +27,8 @@ log = logging.getLogger("hpc_llm")
 @dataclass
 class Engine:
     """plan: this rank's pipeline stage; ops: its schedule of forward/backward ops; pipe: the stage-to-stage
-    transfers (None with one stage; schedule.send_depth's bound); norm: (the ranges of the flat gradient whose
-    squares this rank adds to the global norm, the group over which they are summed)."""
+    transfers (None with one stage; on parallel.act_comm's wire, schedule.send_depth's bound); norm: (the ranges
+    of the flat gradient whose squares this rank adds to the global norm, the group over which they are summed)."""
 
     plan: StagePlan
     model: GPT
@@ -56,12 +56,13 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         recompute=t.recompute == "block",
         precision=t.precision,
         freeze=t.freeze,
+        tp_act=grid.tp_comm.with_wire(par.act_comm),
     )
     ops = schedule(par.schedule, par.pp, grid.pp_rank, t.grad_accum, par.virtual_stages)
     pipe = None
     if par.pp > 1:  # at most send_depth sends per direction in flight (docs/architecture.md)
         depth = send_depth(par.schedule, par.pp, t.grad_accum, par.virtual_stages)
-        pipe = PipelineComm(grid.pp_comm, plan.n_virtual, depth)
+        pipe = PipelineComm(grid.pp_comm.with_wire(par.act_comm), plan.n_virtual, depth)
     sync = _gradient_sync(cfg, grid, model)
     # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
     opt = AdamW(
