@@ -206,6 +206,63 @@ class Comm:
         self._timed("allgather", out.nbytes, lambda: self.mpi.Allgather(x, out))
         return out
 
+    # -- raw-byte collectives for compressed gradients (parallel/compression.py) --------------------------------------
+    # MPI has no standard 16-bit floating reduction, so 16-bit buffers only travel here (as uint16 words: bf16 has no
+    # MPI datatype, and moving bits needs none); their sums are formed in fp32 by the caller. `kind` and `nbytes` name
+    # and size the ledger entry (the caller's convention: the bytes of the buffer, as nccl-tests counts them).
+
+    def ialltoallv_(
+        self,
+        send,
+        send_counts: list[int],
+        recv,
+        recv_counts: list[int],
+        kind: str = "alltoallv",
+        nbytes: int | None = None,
+    ) -> Handle:
+        """Start an alltoallv: send[sum(send_counts[:j]):][:send_counts[j]] goes to rank j, and what rank j sends
+        here lands in recv at sum(recv_counts[:j]). Both buffers must stay untouched until the handle's wait()."""
+        host_send = _host(send)
+        nbytes = host_send.nbytes if nbytes is None else nbytes
+        if self.size == 1:
+            recv[...] = send
+            return Handle(self, f"{self.name}.{kind}", None, 0)
+        host_recv = _host(recv)
+
+        def displs(counts):
+            return [sum(counts[:r]) for r in range(len(counts))]
+
+        req = self.mpi.Ialltoallv(
+            [host_send, (send_counts, displs(send_counts))],
+            [host_recv, (recv_counts, displs(recv_counts))],
+        )
+        finish = (
+            None
+            if host_recv is recv
+            else (lambda: recv.__setitem__(Ellipsis, array_module(recv).asarray(host_recv)))
+        )
+        return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
+
+    def iallgatherv_(
+        self, buf, counts: list[int], kind: str = "allgather", nbytes: int | None = None
+    ) -> Handle:
+        """Start an in-place allgatherv: buf holds each rank's piece at its offset (sum(counts[:r]), counts[r]);
+        after the handle's wait() every rank has all of them."""
+        host = _host(buf)
+        nbytes = host.nbytes if nbytes is None else nbytes
+        if self.size == 1:
+            return Handle(self, f"{self.name}.{kind}", None, 0)
+        from mpi4py import MPI
+
+        displs = [sum(counts[:r]) for r in range(self.size)]
+        req = self.mpi.Iallgatherv(MPI.IN_PLACE, [host, (counts, displs)])
+        finish = (
+            None
+            if host is buf
+            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
+        )
+        return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
+
     # -- 16-bit wire collectives (with_wire's views; the module docstring) ---------------------------------------------
     # Each piece is compression.write16's: n words, then the sender's (fp16) or the owner's power-of-two scale. The
     # ledger counts the 16-bit words a collective's buffer holds (the fp32 path counts its fp32 buffer), under
@@ -285,63 +342,6 @@ class Comm:
             else np.concatenate(full, axis=axis)
         )
         return full if isinstance(x, np.ndarray) else array_module(x).asarray(full)
-
-    # -- raw-byte collectives for compressed gradients (parallel/compression.py) --------------------------------------
-    # MPI has no standard 16-bit floating reduction, so 16-bit buffers only travel here (as uint16 words: bf16 has no
-    # MPI datatype, and moving bits needs none); their sums are formed in fp32 by the caller. `kind` and `nbytes` name
-    # and size the ledger entry (the caller's convention: the bytes of the buffer, as nccl-tests counts them).
-
-    def ialltoallv_(
-        self,
-        send,
-        send_counts: list[int],
-        recv,
-        recv_counts: list[int],
-        kind: str = "alltoallv",
-        nbytes: int | None = None,
-    ) -> Handle:
-        """Start an alltoallv: send[sum(send_counts[:j]):][:send_counts[j]] goes to rank j, and what rank j sends
-        here lands in recv at sum(recv_counts[:j]). Both buffers must stay untouched until the handle's wait()."""
-        host_send = _host(send)
-        nbytes = host_send.nbytes if nbytes is None else nbytes
-        if self.size == 1:
-            recv[...] = send
-            return Handle(self, f"{self.name}.{kind}", None, 0)
-        host_recv = _host(recv)
-
-        def displs(counts):
-            return [sum(counts[:r]) for r in range(len(counts))]
-
-        req = self.mpi.Ialltoallv(
-            [host_send, (send_counts, displs(send_counts))],
-            [host_recv, (recv_counts, displs(recv_counts))],
-        )
-        finish = (
-            None
-            if host_recv is recv
-            else (lambda: recv.__setitem__(Ellipsis, array_module(recv).asarray(host_recv)))
-        )
-        return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
-
-    def iallgatherv_(
-        self, buf, counts: list[int], kind: str = "allgather", nbytes: int | None = None
-    ) -> Handle:
-        """Start an in-place allgatherv: buf holds each rank's piece at its offset (sum(counts[:r]), counts[r]);
-        after the handle's wait() every rank has all of them."""
-        host = _host(buf)
-        nbytes = host.nbytes if nbytes is None else nbytes
-        if self.size == 1:
-            return Handle(self, f"{self.name}.{kind}", None, 0)
-        from mpi4py import MPI
-
-        displs = [sum(counts[:r]) for r in range(self.size)]
-        req = self.mpi.Iallgatherv(MPI.IN_PLACE, [host, (counts, displs)])
-        finish = (
-            None
-            if host is buf
-            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
-        )
-        return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
     def dup(self, name: str) -> Comm:
         """A duplicate of this group (collective over it), sharing the ledger: collectives on it are ordered apart
