@@ -50,11 +50,11 @@ class GPT:
         xp=np,
         seed: int | None = 0,
         tp_comm: Comm | None = None,
+        tp_act: Comm | None = None,
         plan: StagePlan | None = None,
         recompute: bool = False,
         precision: str = "fp32",
         freeze=(),
-        tp_act: Comm | None = None,
     ):
         if cfg.vocab_size <= 0:
             raise UserError(
@@ -63,7 +63,7 @@ class GPT:
         self.cfg = cfg
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
-        # the f/g collectives of activations (parallel.act_comm: a 16-bit wire view of tp); the cross-entropy's stay tp
+        # the layers' group: tp, or (parallel.act_comm) its 16-bit wire view, which the cross-entropy leaves (Head)
         self.tp_act = tp_act if tp_act is not None else self.tp
         self.plan = plan if plan is not None else whole_model(cfg)
         # train.recompute = "block": each block's forward again in backward
@@ -158,9 +158,8 @@ class GPT:
                 wte or self._param("wte.weight"),
                 self.v0,
                 cfg.vocab_size,
-                self.tp,
+                tp,
                 self.prec,
-                act=tp,
             )
             offsets["head"] = self.spec["ln_f.weight"].offset
         return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)

@@ -224,8 +224,7 @@ class Block:
 
 class Head:
     """Final LayerNorm, the tied LM head (logits = x wte^T on this rank's vocabulary slice: a column-parallel layer
-    whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy. act: the group for
-    f (parallel.act_comm's wire; default tp), tp the cross-entropy's and the logits' gather's."""
+    whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy."""
 
     def __init__(
         self,
@@ -236,11 +235,9 @@ class Head:
         vocab_size: int,
         tp: Comm,
         prec: Precision = FP32,
-        act: Comm | None = None,
     ):
         self.ln_f = LayerNorm(ln_w, ln_b, prec)
         self.wte, self.v0, self.vocab_size, self.tp, self.prec = wte, v0, vocab_size, tp, prec
-        self.act = act if act is not None else tp
 
     def forward(self, x, targets=None, split: bool = False):
         """-> (mean loss, cache), or without targets (logits (B, T, vocab), None). The cross-entropy in the compute
@@ -249,7 +246,7 @@ class Head:
         padding columns (>= vocab_size) are -inf there (sampling over the shards, generate.py)."""
         B, T, C = x.shape
         xf, lnf = self.ln_f.forward(x)
-        xf2 = self.prec.operand(copy_to_tp_region(xf.reshape(B * T, C), self.act))
+        xf2 = self.prec.operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
         if targets is None:
             logits = linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
             if split:
@@ -258,8 +255,9 @@ class Head:
             logits = gather_from_tp_region(logits, self.tp)
             return logits.reshape(B, T, -1)[:, :, : self.vocab_size], None
         logits = xf2 @ self.wte.value.T
+        # its max and sums in fp32 (tp.plain: the group without parallel.act_comm's 16-bit wire)
         loss, ce = vocab_parallel_cross_entropy_forward(
-            logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp
+            logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
         )
         return loss, (lnf, self.prec.keep(xf2), ce, x.shape)
 
@@ -270,7 +268,7 @@ class Head:
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
             matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)
-        dx = copy_to_tp_region_backward(dlogits @ self.wte.value, self.act).reshape(shape)
+        dx = copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
         del dlogits, ce
         return self.ln_f.backward(dx, lnf, accumulate)
 

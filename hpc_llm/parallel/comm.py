@@ -103,8 +103,13 @@ class Comm:
             return self
         low_dtype(fmt)  # bf16 needs ml_dtypes: its one-line error here
         view = copy.copy(self)
-        view.wire = fmt
+        view.wire, view._plain = fmt, self
         return view
+
+    @property
+    def plain(self) -> Comm:
+        """This group without a wire (itself when it has none): for sums that must stay fp32 (the cross-entropy's)."""
+        return self._plain if self.wire is not None else self
 
     def _op(self, op: str):
         from mpi4py import MPI

@@ -52,11 +52,11 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         xp,
         seed=t.seed,
         tp_comm=grid.tp_comm,
+        tp_act=grid.tp_comm.with_wire(par.act_comm),
         plan=plan,
         recompute=t.recompute == "block",
         precision=t.precision,
         freeze=t.freeze,
-        tp_act=grid.tp_comm.with_wire(par.act_comm),
     )
     ops = schedule(par.schedule, par.pp, grid.pp_rank, t.grad_accum, par.virtual_stages)
     pipe = None
