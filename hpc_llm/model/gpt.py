@@ -53,6 +53,7 @@ class GPT:
         xp=np,
         seed: int | None = 0,
         tp_comm: Comm | None = None,
+        tp_act: Comm | None = None,
         plan: StagePlan | None = None,
         recompute: str = "none",
         precision: str = "fp32",
@@ -66,6 +67,8 @@ class GPT:
         self.cfg = cfg
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
+        # the layers' group: tp, or (parallel.act_comm) its 16-bit wire view, which the cross-entropy leaves (Head)
+        self.tp_act = tp_act if tp_act is not None else self.tp
         self.plan = plan if plan is not None else whole_model(cfg)
         # train.recompute: "block" (each block's forward again in backward), "selective" (attention's core), "none"
         self.recompute = recompute
@@ -119,7 +122,7 @@ class GPT:
         return Param(self.params[name], self.grads[name])
 
     def _chunk(self, vstage: int) -> Chunk:
-        cfg, tp = self.cfg, self.tp
+        cfg, tp = self.cfg, self.tp_act
         first, last = vstage == 0, vstage == self.plan.n_virtual - 1
         embedding = head = None
         # a frozen token embedding gets no gradient (grad None, like Block's frozen linears): under LoRA the tied

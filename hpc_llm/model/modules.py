@@ -367,8 +367,9 @@ class Head:
             logits = gather_from_tp_region(logits, self.tp)
             return logits.reshape(B, T, -1)[:, :, : self.vocab_size], None
         logits = xf2 @ self.wte.value.T
+        # its max and sums in fp32 (tp.plain: the group without parallel.act_comm's 16-bit wire)
         loss, ce = vocab_parallel_cross_entropy_forward(
-            logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp
+            logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
         )
         if not self.sequence_parallel:
             kept = self.prec.keep(xf2)

@@ -4,10 +4,18 @@
 NumPy arrays passed straight to mpi4py (no pickling); a CuPy array is staged through host memory (no CUDA-aware
 passthrough). A size-1 communicator skips MPI entirely, so single-process code pays nothing; that is also why
 `mpi4py.MPI` is imported inside the functions that call it: importing it initialises MPI.
+
+A wire format (`Comm.with_wire("bf16" | "fp16")`, parallel.act_comm): a view of the same group and ledger whose
+float sum-allreduces, point-to-point transfers and the along-an-axis all-gather / reduce-scatter helpers move 16-bit
+words (compression.py's pieces: the values rounded to the format, then a float32 power-of-two scale), with every sum
+formed in fp32 by us in rank order; its other collectives (max / min, allgathers, the nonblocking ones) are the
+plain view's. The activations' tensor-parallel collectives and the pipeline's messages use it; the cross-entropy,
+norms and data parallelism keep fp32.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import traceback
@@ -15,8 +23,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from hpc_llm.backend import array_module
+from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.errors import JobError, UserError
+from hpc_llm.parallel.compression import SCALE_WORDS, Reduce16, read16, scale_of, sum16, write16
 from hpc_llm.runtime.faults import WATCHDOG, failure_line
 
 
@@ -84,6 +93,23 @@ class Comm:
         self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
         self.ledger = ledger if ledger is not None else Ledger()
         self.name = name
+        self.wire = None  # a with_wire view's 16-bit format ("bf16" | "fp16")
+
+    def with_wire(self, fmt: str) -> Comm:
+        """This group (the same communicator, rank, name and ledger) with activations on a 16-bit wire: its
+        float sum-allreduce_, isend / irecv and _allgather_along_wire / _reduce_scatter_along_wire move `fmt`
+        words, sums in fp32 (module docstring). "fp32": this Comm itself."""
+        if fmt == "fp32":
+            return self
+        low_dtype(fmt)  # bf16 needs ml_dtypes: its one-line error here
+        view = copy.copy(self)
+        view.wire, view._plain = fmt, self
+        return view
+
+    @property
+    def plain(self) -> Comm:
+        """This group without a wire (itself when it has none): for sums that must stay fp32 (the cross-entropy's)."""
+        return self._plain if self.wire is not None else self
 
     def _op(self, op: str):
         from mpi4py import MPI
@@ -106,9 +132,12 @@ class Comm:
     # -- collectives on arrays, in place ------------------------------------------------------------------------------
 
     def allreduce_(self, buf, op: str = "sum"):
-        """buf <- reduction of buf over the group, in place."""
+        """buf <- reduction of buf over the group, in place (on a wire view, a float sum travels in 16 bits:
+        _allreduce_wire_)."""
         if self.size == 1:
             return buf
+        if self.wire is not None and op == "sum" and buf.dtype.kind == "f":
+            return self._allreduce_wire_(buf)
         from mpi4py import MPI
 
         host = _host(buf)
@@ -283,6 +312,86 @@ class Comm:
         )
         return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
+    # -- 16-bit wire collectives (with_wire's views; the module docstring) ---------------------------------------------
+    # Each piece is compression.write16's: n words, then the sender's (fp16) or the owner's power-of-two scale. The
+    # ledger counts the 16-bit words a collective's buffer holds (the fp32 path counts its fp32 buffer), under
+    # "<group>.<collective>_<format>"; every wait is a Handle's, under the watchdog.
+
+    def _low(self):
+        return low_dtype(self.wire)
+
+    def _allreduce_wire_(self, buf):
+        """buf <- its sum over the group, in place, as the 16-bit gradient buckets are reduced (compression.Reduce16,
+        without ZeRO-1): each rank's buffer rounded to the format and cut in near-equal pieces, an alltoallv of the
+        words, each owner sums its piece over the ranks in fp32 in rank order and rounds the sum once, an allgatherv
+        of the rounded words; every rank then holds bitwise the same widened result."""
+        host = _host(buf)
+        flat = host.reshape(-1)  # a view of a contiguous buffer, else a copy (written back below)
+        n, p = flat.size, self.size
+        counts = [n // p + (1 if r < n % p else 0) for r in range(p)]
+        Reduce16(self, flat, counts, self._low(), zero=False, kind=f"allreduce_{self.wire}").wait()
+        if not np.shares_memory(flat, host):
+            host[...] = flat.reshape(host.shape)
+        if host is not buf:
+            buf[...] = array_module(buf).asarray(host)
+        return buf
+
+    def _reduce_scatter_along_wire(self, x, axis: int):
+        """reduce_scatter_along's 16-bit twin: this rank's piece (piece `rank` of `size` equal ones along `axis`) of
+        the sum of x over the group, a new float32 array. Each rank rounds x to the format into its send words,
+        piece j for rank j (an alltoallv), and each sums what it receives in fp32 in rank order (compression.sum16):
+        the sum is not rounded again (it does not travel)."""
+        host = _host(x)
+        p = self.size
+        if p == 1:
+            return x
+        n, rest = divmod(host.shape[axis], p)
+        if rest:
+            raise ValueError(
+                f"reduce_scatter_along: axis {axis} of shape {host.shape} is not divisible by the {p} ranks of "
+                f"{self.name}"
+            )
+        pieces = np.moveaxis(
+            host.reshape(*host.shape[:axis], p, n, *host.shape[axis + 1 :]), axis, 0
+        )
+        c, low = pieces[0].size, self._low()
+        s = scale_of(self.wire, host)
+        send = np.empty(p * (c + SCALE_WORDS), dtype=np.uint16)
+        for j in range(p):  # piece j (a copy first only if it is not contiguous)
+            write16(send, j * (c + SCALE_WORDS), pieces[j].reshape(-1), low, s)
+        recv = np.empty_like(send)
+        counts = [c + SCALE_WORDS] * p
+        kind = f"reduce_scatter_{self.wire}"
+        self.ialltoallv_(send, counts, recv, counts, kind=kind, nbytes=send.nbytes).wait()
+        del send
+        out = sum16(recv, p, c, low).reshape(pieces.shape[1:]).astype(host.dtype, copy=False)
+        return out if isinstance(x, np.ndarray) else array_module(x).asarray(out)
+
+    def _allgather_along_wire(self, x, axis: int):
+        """allgather_along's 16-bit twin: every rank's x rounded to the format (its own included, so every rank
+        holds bitwise the same result), concatenated along `axis` in rank order, widened: a new array."""
+        host = _host(x)
+        p = self.size
+        if p == 1:
+            return x
+        c, low = host.size, self._low()
+        words = np.empty(p * (c + SCALE_WORDS), dtype=np.uint16)
+        write16(
+            words, self.rank * (c + SCALE_WORDS), host.reshape(-1), low, scale_of(self.wire, host)
+        )
+        kind = f"allgather_{self.wire}"
+        self.iallgatherv_(words, [c + SCALE_WORDS] * p, kind=kind, nbytes=words.nbytes).wait()
+        full = np.empty((p, *host.shape), dtype=host.dtype)
+        for k in range(p):
+            read16(words, k * (c + SCALE_WORDS), c, low, full[k].reshape(-1))
+        del words
+        full = (
+            full.reshape(p * host.shape[0], *host.shape[1:])
+            if axis == 0
+            else np.concatenate(full, axis=axis)
+        )
+        return full if isinstance(x, np.ndarray) else array_module(x).asarray(full)
+
     def dup(self, name: str) -> Comm:
         """A duplicate of this group (collective over it), sharing the ledger: collectives on it are ordered apart
         from this one's, so two chains of nonblocking collectives may each be started in their own order."""
@@ -292,16 +401,40 @@ class Comm:
 
     # -- point to point ------------------------------------------------------------------------------------------------
 
-    def isend(self, buf, dest: int, tag: int, kind: str) -> Handle:
-        """Start sending buf to rank `dest` of this group; buf must stay unchanged until the handle's wait()."""
+    def isend(self, buf, dest: int, tag: int, kind: str, synchronous: bool = False) -> Handle:
+        """Start sending buf to rank `dest` of this group; buf must stay unchanged until the handle's wait(). On a
+        wire view the message is buf's values rounded to the format, as 16-bit words (compression.write16: n words
+        and the scale), in a buffer of their own: buf may change at once. synchronous: MPI_Issend, completing only
+        once the receive is matched (the tests' worst case of a send)."""
         host = _host(buf)
-        return Handle(
-            self, f"{self.name}.{kind}", self.mpi.Isend(host, dest=dest, tag=tag), host.nbytes
-        )
+        if self.wire is not None:
+            words = np.empty(host.size + SCALE_WORDS, dtype=np.uint16)
+            write16(words, 0, host.reshape(-1), self._low(), scale_of(self.wire, host))
+            host = words
+        send = self.mpi.Issend if synchronous else self.mpi.Isend
+        return Handle(self, f"{self.name}.{kind}", send(host, dest=dest, tag=tag), host.nbytes)
 
     def irecv(self, buf, source: int, tag: int, kind: str) -> Handle:
-        """Start receiving into buf from rank `source`; buf holds the message after the handle's wait()."""
+        """Start receiving into buf from rank `source`; buf holds the message after the handle's wait(). On a wire
+        view the 16-bit words land in a buffer of their own, widened into buf by the wait()."""
         host = _host(buf)
+        if self.wire is not None:
+            words, low = np.empty(host.size + SCALE_WORDS, dtype=np.uint16), self._low()
+
+            def widen():
+                if host is buf and buf.dtype == np.float32 and buf.flags.c_contiguous:
+                    read16(words, 0, host.size, low, buf.reshape(-1))  # straight into buf
+                else:
+                    vals = read16(words, 0, host.size, low).reshape(buf.shape)
+                    buf[...] = array_module(buf).asarray(vals)
+
+            return Handle(
+                self,
+                f"{self.name}.{kind}",
+                self.mpi.Irecv(words, source=source, tag=tag),
+                words.nbytes,
+                widen,
+            )
         finish = (
             None
             if host is buf
@@ -394,43 +527,70 @@ class PipelineComm:
     """Activations forward and their gradients backward between pipeline neighbours (the pp group), Megatron's
     send_forward / recv_forward / send_backward / recv_backward and the combined steps.
 
-    Everything is nonblocking: a send is posted, and completed once delivered (checked at each new send) or at
-    `wait_sends()` (the step's end), so no rank ever blocks in a send; a receive is posted as soon as the schedule
-    knows it comes next (paired with the send of the op before it) and waited for when its op starts. A rank then
-    waits only for data its schedule needs next, which a deadlock-free op order (schedule.simulate checks them)
-    guarantees is on its way, at any P. Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward
-    ones to rank - 1 (cyclically, for interleaved chunks); the tag names (micro-batch, receiving virtual stage,
-    direction),
-    so a message can only match the receive it is meant for.
+    Everything is nonblocking. A receive is posted as soon as the schedule knows it comes next (paired with the send
+    of the op before it) and waited for when its op starts, so a rank waits only for data its schedule needs next,
+    which a deadlock-free op order (schedule.simulate checks them) guarantees is on its way, at any P. A send is
+    posted and kept until it completes; `settle()`, at each op boundary once the op's send and the next op's receive
+    are posted, completes the sends already delivered (MPI_Test) and then, while more than `depth` sends in one
+    direction are incomplete, waits for the oldest. So at most `depth` sends per direction live across an op (one
+    more only inside that wait), and every other send's buffer goes at the first op boundary after its delivery;
+    `wait_sends()` completes the rest at the step's end. depth None: unbounded (every send until delivered or the
+    step's end). The trainer's depth is schedule.send_depth's: the least that neither deadlocks nor lengthens the
+    step, even if every send completes only once its receive is posted (rendezvous).
+
+    On a wire view of the pp group (Comm.with_wire: parallel.act_comm) every message is 16-bit words in a buffer of
+    its own (Comm.isend / irecv), so the buffer a send holds is half the activation's size.
+
+    Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to rank - 1 (cyclically, for
+    interleaved chunks); the tag names (micro-batch, receiving virtual stage, direction), so a message can only match
+    the receive it is meant for.
     """
 
     FORWARD, BACKWARD = 0, 1
 
-    def __init__(self, comm: Comm, n_virtual: int):
-        self.comm, self.n_virtual = comm, n_virtual
+    def __init__(self, comm: Comm, n_virtual: int, depth: int | None = None):
+        self.comm, self.n_virtual, self.depth = comm, n_virtual, depth
         self.next, self.prev = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-        self._sends: list[Handle] = []
+        self._sends: tuple[list[Handle], list[Handle]] = ([], [])  # per direction, oldest first
+        # per direction, the most sends incomplete across an op (after settle()), over this object's life
+        self.held_max = [0, 0]
+        self.depth_waits = 0  # sends settle() waited for (the bound at work)
+        self.synchronous = (
+            False  # tests: every send an MPI_Issend, complete only once matched (the worst case)
+        )
 
-    def _post_send(self, handle: Handle) -> None:
-        """Keep a send until it completes; those already delivered are completed now, so their buffers go at once
-        rather than at the step's end (a stage would otherwise hold every message it sent in the step)."""
-        pending = [handle]
-        for h in self._sends:
-            if h.test():
-                h.wait()  # done: records it in the ledger, frees the buffer
-            else:
-                pending.append(h)
-        self._sends = pending
+    def _post_send(self, direction: int, handle: Handle) -> None:
+        self._sends[direction].append(handle)
+
+    def progress(self) -> None:
+        """Complete the sends already delivered: their ledger entries are made and their buffers freed now."""
+        for sends in self._sends:
+            done = [h.test() for h in sends]
+            for h, ok in zip(sends, done):
+                if ok:
+                    h.wait()  # done: records it in the ledger, drops the buffer
+            sends[:] = [h for h, ok in zip(sends, done) if not ok]
+
+    def settle(self) -> None:
+        """The op boundary: the delivered sends completed, then the oldest waited for while more than `depth` of one
+        direction remain. Call it after the next op's receive is posted (pipeline.run_schedule), never before: a
+        neighbour may be waiting for that receive to take the very send waited for here."""
+        self.progress()
+        for d, sends in enumerate(self._sends):
+            while self.depth is not None and len(sends) > self.depth:
+                sends.pop(0).wait()
+                self.depth_waits += 1
+            self.held_max[d] = max(self.held_max[d], len(sends))
 
     def _tag(self, direction: int, micro: int, vstage: int) -> int:
         return (micro * self.n_virtual + vstage) * 2 + direction
 
     def send_forward(self, x, micro: int, vstage: int) -> None:
         """The output of virtual stage `vstage` to the next one."""
+        tag = self._tag(self.FORWARD, micro, vstage + 1)
         self._post_send(
-            self.comm.isend(
-                x, self.next, self._tag(self.FORWARD, micro, vstage + 1), "send_forward"
-            )
+            self.FORWARD,
+            self.comm.isend(x, self.next, tag, "send_forward", self.synchronous),
         )
 
     def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
@@ -441,10 +601,10 @@ class PipelineComm:
 
     def send_backward(self, dx, micro: int, vstage: int) -> None:
         """The input gradient of virtual stage `vstage` to the previous one."""
+        tag = self._tag(self.BACKWARD, micro, vstage - 1)
         self._post_send(
-            self.comm.isend(
-                dx, self.prev, self._tag(self.BACKWARD, micro, vstage - 1), "send_backward"
-            )
+            self.BACKWARD,
+            self.comm.isend(dx, self.prev, tag, "send_backward", self.synchronous),
         )
 
     def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
@@ -468,6 +628,8 @@ class PipelineComm:
         return self.recv_forward(buf, recv_micro, recv_vstage)
 
     def wait_sends(self) -> None:
-        for h in self._sends:
-            h.wait()
-        self._sends = []
+        """The step's end: every send completed."""
+        for sends in self._sends:
+            for h in sends:
+                h.wait()
+            sends.clear()

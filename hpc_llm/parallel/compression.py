@@ -76,7 +76,56 @@ def scale_for(scheme: str, maxabs: float) -> float:
 
 
 def _maxabs(x) -> float:
-    return float(np.max(np.abs(x))) if x.size else 0.0
+    """max |x| without a temporary of x's size (NaN if x holds one)."""
+    if not x.size:
+        return 0.0
+    top = float(np.max(x))
+    return top if math.isnan(top) else max(top, -float(np.min(x)))
+
+
+def scale_of(scheme: str, x) -> float:
+    """`scale_for` x's largest magnitude (bf16: 1, without looking at x)."""
+    return scale_for(scheme, _maxabs(x)) if scheme == "fp16" else 1.0
+
+
+# A 16-bit piece on the wire (the gradient buckets' here, the activations' in comm.py): its values rounded to the
+# format (round to nearest even) after multiplying by the power of two s, as uint16 words, then s (a float32) as
+# SCALE_WORDS words. write16 and read16 go through no temporary of the piece's size.
+
+
+def write16(wire, o: int, x, low, s: float) -> int:
+    """Piece x (float32, 1-D) scaled by s and rounded to `low` into wire[o:], its scale after it; -> the offset past
+    them."""
+    n = x.size
+    vals = wire[o : o + n].view(low)
+    if s == 1:
+        np.copyto(vals, x, casting="unsafe")
+    else:  # x * s in float32 (exact: a power of two), then one rounding
+        np.multiply(x, np.float32(s), out=vals, casting="unsafe")
+    wire[o + n : o + n + SCALE_WORDS] = np.array([s], dtype=np.float32).view(np.uint16)
+    return o + n + SCALE_WORDS
+
+
+def read16(wire, o: int, n: int, low, out=None):
+    """The n values of the piece at wire[o:], widened to float32 and unscaled (exactly: a power of two), into `out`
+    (a new array if None)."""
+    out = np.empty(n, dtype=np.float32) if out is None else out
+    np.copyto(out, wire[o : o + n].view(low), casting="unsafe")
+    inv = 1.0 / np.ascontiguousarray(wire[o + n : o + n + SCALE_WORDS]).view(np.float32)[0]
+    if inv != 1:
+        out *= inv
+    return out
+
+
+def sum16(recv, p: int, n: int, low):
+    """The fp32 sum, in rank order 0..p-1, of the p pieces of n values each (every one followed by its scale) that
+    recv holds one after the other: one rounding per addition."""
+    acc = read16(recv, 0, n, low)
+    if p > 1:
+        part = np.empty(n, dtype=np.float32)
+        for k in range(1, p):
+            acc += read16(recv, k * (n + SCALE_WORDS), n, low, part)
+    return acc
 
 
 class Reduce16:
@@ -98,14 +147,14 @@ class Reduce16:
         p, r = comm.size, comm.rank
         self.offset, self.n = sum(counts[:r]), counts[r]
         self.wire_counts = [c + SCALE_WORDS for c in counts]
-        ends = np.cumsum(counts)
         x = to_host(g).astype(np.float32, copy=False)
-        s = scale_for(self.scheme, _maxabs(x))
-        # one rounding, to nearest even
-        vals = (x if s == 1 else x * np.float32(s)).astype(self.low).view(np.uint16)
-        words = np.array([s], dtype=np.float32).view(np.uint16)
-        # piece j, its scale, piece j+1
-        self.wire = np.insert(vals, np.repeat(ends, SCALE_WORDS), np.tile(words, p))
+        s = scale_of(self.scheme, x)
+        # piece j, its scale, piece j+1, ...
+        self.wire = np.empty(sum(self.wire_counts), dtype=np.uint16)
+        o, lo = 0, 0
+        for c in counts:
+            o = write16(self.wire, o, x[lo : lo + c], self.low, s)
+            lo += c
         self.recv = np.empty(p * (self.n + SCALE_WORDS), dtype=np.uint16)
         # the ledger counts the 16-bit bucket, as an allreduce of it would be counted
         nbytes = self.wire.nbytes
@@ -124,28 +173,16 @@ class Reduce16:
         """Phase 2, then phase 3's start."""
         self.h1.wait()
         p, n = self.comm.size, self.n
-        parts = self.recv.reshape(p, n + SCALE_WORDS)
-        # powers of two: exact
-        inv = 1.0 / np.ascontiguousarray(parts[:, n:]).view(np.float32)[:, 0]
-        acc = np.ascontiguousarray(parts[0, :n]).view(self.low).astype(np.float32)
-        if inv[0] != 1:
-            acc *= inv[0]
-        for k in range(1, p):  # rank order: fp32 sums, one rounding each
-            v = np.ascontiguousarray(parts[k, :n]).view(self.low).astype(np.float32)
-            acc += v if inv[k] == 1 else v * inv[k]
+        acc = sum16(self.recv, p, n, self.low)
         if self.zero:
             self.g[self.offset : self.offset + n] = array_module(self.g).asarray(
                 acc.astype(self.g.dtype)
             )
             self.done = True
             return
-        s = scale_for(self.scheme, _maxabs(acc))
-        # this rank's piece on the wire; phase 1 is done with it
+        # this rank's piece on the wire, rounded with its own scale; phase 1 is done with it
         o = self.offset + SCALE_WORDS * self.comm.rank
-        self.wire[o : o + n] = (
-            (acc if s == 1 else acc * np.float32(s)).astype(self.low).view(np.uint16)
-        )
-        self.wire[o + n : o + n + SCALE_WORDS] = np.array([s], dtype=np.float32).view(np.uint16)
+        write16(self.wire, o, acc, self.low, scale_of(self.scheme, acc))
         # one ledger entry's bytes per reduction (in phase 1)
         self.h2 = self.gather_comm.iallgatherv_(
             self.wire, self.wire_counts, kind=self.h1.kind.split(".", 1)[1], nbytes=0
@@ -153,15 +190,14 @@ class Reduce16:
 
     def _unpack(self) -> None:
         """Every rank's reduced piece, widened and unscaled, into g (every rank does the same: bitwise replicas)."""
-        starts = np.cumsum([0] + self.wire_counts)[:-1]
-        scale_at = np.repeat(starts + np.array(self.counts), SCALE_WORDS) + np.tile(
-            np.arange(SCALE_WORDS), len(self.counts)
-        )
-        scales = self.wire[scale_at].view(np.float32)
-        vals = np.delete(self.wire, scale_at).view(self.low).astype(np.float32)
-        if np.any(scales != 1):
-            vals *= np.repeat(1.0 / scales, self.counts)
-        self.g[...] = array_module(self.g).asarray(vals.astype(self.g.dtype, copy=False))
+        xp, o, lo = array_module(self.g), 0, 0
+        for c in self.counts:
+            piece = self.g[lo : lo + c]
+            if isinstance(piece, np.ndarray) and piece.dtype == np.float32:
+                read16(self.wire, o, c, self.low, piece)  # straight into g
+            else:
+                piece[...] = xp.asarray(read16(self.wire, o, c, self.low).astype(piece.dtype))
+            o, lo = o + c + SCALE_WORDS, lo + c
 
     @property
     def waiting_phase1(self) -> bool:

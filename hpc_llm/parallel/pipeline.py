@@ -8,10 +8,14 @@ micro-batch after micro-batch).
                      the chunk's backward with the cache its forward left; the input gradient sent back.
 
 Receives are posted right after the op before them (paired with its send: PipelineComm's combined steps) and waited
-for when their op starts; sends complete at the end of the step. Each chunk's first backward of the step overwrites
-its gradients and later ones add to them, micro-batch by micro-batch in order (every schedule keeps that order), so
-the gradient sums are formed as in the single process. During a chunk's last backward, grad_ready reports its
-finished gradients to the data-parallel buckets, once the chunks behind it in the flat buffer are final too.
+for when their op starts. Only after that receive is posted does `PipelineComm.settle` bound the sends in flight (at
+most its depth per direction live across an op; those delivered are completed at every op boundary): waiting for an
+old send before posting the next receive could leave two neighbours each waiting for the other to receive.
+
+Each chunk's first backward of the step overwrites its gradients and later ones add to them, micro-batch by
+micro-batch in order (every schedule keeps that order), so the gradient sums are formed as in the single process.
+During a chunk's last backward, grad_ready reports its finished gradients to the data-parallel buckets, once the
+chunks behind it in the flat buffer are final too.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def run_schedule(
                 pending if pending is not None else _post(model, pipe, op, act_shape, None, None)
             )
             handle.wait()
+            pipe.progress()  # sends delivered meanwhile: their buffers go before this op's compute
         if op.kind == Phase.FORWARD:
             x, y, rng = micro_batch(op.micro)
             out, caches[op.micro, op.chunk] = chunk.forward(
@@ -75,6 +80,10 @@ def run_schedule(
             pending = _post(model, pipe, nxt, act_shape, op if send is not None else None, send)
         elif send is not None:
             _send(pipe, op, model.chunks[op.chunk].vstage, send)
+        # no activation held across ops by the loop: a send's buffer is its request's (16-bit: the words only)
+        inp = out = send = None
+        if pipe is not None:
+            pipe.settle()  # after the next receive is posted: the bound's wait cannot hold a neighbour up
     assert not caches, f"activations left in flight: {sorted(caches)}"
     if pipe is not None:
         pipe.wait_sends()
@@ -119,6 +128,7 @@ def forward_only(model, pipe: PipelineComm | None, x, y):
             loss = out
         else:
             pipe.send_forward(out, 0, chunk.vstage)
+            pipe.settle()
     if pipe is not None:
         pipe.wait_sends()
     return loss

@@ -23,10 +23,16 @@ for t_b = 2 t_f (t_f + t_b = 3 t_f) and for other ratios, since they hold for an
 since an interleaved stage is one chunk, costing t_f / v forward and t_b / v backward (a rank's layers split evenly
 over its v chunks). A transfer time t_comm adds 2 (p - 1) t_comm to GPipe, more to the 1F1B schedules, whose steady
 state waits for a round trip to the downstream stages.
+
+The send depth: PipelineComm keeps at most D sends per direction in flight, waiting for the oldest (after posting the
+next op's receive) when a new one would make D + 1. `simulate_lists(..., depth=D)` times that with rendezvous sends,
+and `send_depth(name, p, m, v)` is the least D that neither deadlocks nor lengthens the step: 1 for every schedule
+with p <= 8, v <= 4 (tests/parallel/test_schedule.py; docs/performance.md).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -185,6 +191,35 @@ def _inputs(kind: Phase, micro: int, s: int, last: int) -> list[tuple[Phase, int
     return [(Phase.FORWARD, micro, s)] + ([(Phase.BACKWARD, micro, s + 1)] if s < last else [])
 
 
+def _message(kind: Phase, micro: int, s: int, p: int, last: int):
+    """The message op (kind, micro) of virtual stage s sends: (direction, (rank, op) that consumes it), or None (the
+    first forward's stage takes tokens, the last backward's sends nothing back; the loss stays on the last stage)."""
+    if kind == Phase.FORWARD:
+        return None if s == last else (0, ((s + 1) % p, Op(Phase.FORWARD, micro, (s + 1) // p)))
+    return None if s == 0 else (1, ((s - 1) % p, Op(Phase.BACKWARD, micro, (s - 1) // p)))
+
+
+def _depth_waits(lists: list[list[Op]], p: int, last: int, depth: int) -> list[list]:
+    """waits[r][k]: the sends rank r must have completed before it starts its op k, each as (the producing op's
+    key, consumer rank, consumer op index), under a send depth `depth`: after each op that sends in a direction
+    (0 forward, 1 backward), every send of that direction but the `depth` newest must be complete."""
+    index = [{op: k for k, op in enumerate(ops)} for ops in lists]
+    waits: list[list] = [[[] for _ in ops] for ops in lists]
+    for r, ops in enumerate(lists):
+        sent: list[list] = [[], []]  # per direction, in send order
+        for k, (kind, i, c) in enumerate(ops):
+            msg = _message(kind, i, c * p + r, p, last)
+            if msg is None:
+                continue
+            direction, (dest, consumer) = msg
+            if dest == r:  # one rank (p = 1): the chunks hand over in memory, no message
+                continue
+            sent[direction].append(((kind, i, c * p + r), dest, index[dest][consumer]))
+            if len(sent[direction]) > depth and k + 1 < len(ops):
+                waits[r][k + 1].append(sent[direction][-depth - 1])
+    return waits
+
+
 def simulate_lists(
     lists: list[list[Op]],
     v: int = 1,
@@ -192,15 +227,28 @@ def simulate_lists(
     t_b: float = 2.0,
     t_comm: float = 0.0,
     cost=None,
+    depth: int | None = None,
 ) -> Timing:
     """Run rank r's list `lists[r]` strictly in order, one op at a time, each as early as its inputs allow.
 
     An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v or t_b / v, or
     cost(r, op, later) when given (later: a backward that is not its chunk's first of the step, which accumulates).
     F(i, s) needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1 (where the loss is), B(i, s + 1); an
-    input from another rank arrives t_comm after it is produced. Sends never block (buffered), so the only way to
-    stall for ever is a cycle of waits: then no rank can move, and this raises RuntimeError naming each rank's stuck
-    op. Start times depend only on finished ops, so sweeping the ranks until none can move gives the exact times.
+    input from another rank arrives t_comm after it is produced.
+
+    depth=None: sends never block (buffered). depth=D models PipelineComm's send depth with rendezvous sends (the
+    worst case: a send completes only once the receiver has posted its receive): the receive for a rank's op k is
+    posted when its op k - 1 ends (pipeline.run_schedule posts it right after that op's own send), for its first op at
+    the step's start; a send completes when it is posted and that receive is, and no sooner than its data arrives;
+    and a rank may not start its next op while more than D of its sends in one direction are incomplete: after each
+    op that sends, every send of that direction but the D newest must be complete first (the window rule; the
+    implementation, which waits for the oldest only while more than D are incomplete, waits for a subset of these,
+    so a depth found free of deadlock here is free of it there, at any op costs: each wait here is a fixed "op X ends
+    before op Y starts", and a cycle of those does not depend on time).
+
+    The only way to stall for ever is a cycle of waits: then no rank can move, and this raises RuntimeError naming
+    each rank's stuck op. Start times depend only on finished ops, so sweeping the ranks until none can move gives
+    the exact times.
     """
     p = len(lists)
     last = v * p - 1
@@ -209,7 +257,9 @@ def simulate_lists(
         def cost(r, op, later):
             return (t_f if op.kind == Phase.FORWARD else t_b) / v
 
+    waits = _depth_waits(lists, p, last, depth) if depth is not None else None
     done: dict[tuple[Phase, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
+    ends: list[list[float]] = [[] for _ in range(p)]  # per rank, each finished op's end
     pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
     started: list[set] = [set() for _ in range(p)]  # chunks that have had a backward
     events = []
@@ -223,14 +273,25 @@ def simulate_lists(
                 needs = _inputs(kind, i, s, last)
                 if any(key not in done for key in needs):
                     break
-                start = max(
-                    [clock[r]] + [done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs]
-                )
+                times = [clock[r]] + [
+                    done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs
+                ]
+                if waits is not None:
+                    # a send completes when its receive is posted (the consumer's previous op ended), and its data
+                    # has arrived
+                    if any(j > len(ends[dest]) for _, dest, j in waits[r][pos[r]]):
+                        break
+                    times += [
+                        max(done[key] + t_comm, ends[dest][j - 1] if j else 0.0)
+                        for key, dest, j in waits[r][pos[r]]
+                    ]
+                start = max(times)
                 op = ops[pos[r]]
                 dt = cost(r, op, kind == Phase.BACKWARD and c in started[r])
                 if kind == Phase.BACKWARD:
                     started[r].add(c)
                 clock[r] = done[(kind, i, s)] = start + dt
+                ends[r].append(start + dt)
                 busy[r] += dt
                 events.append(Event(r, op, start, start + dt))
                 pos[r] += 1
@@ -254,3 +315,32 @@ def simulate(
             raise ValueError(f"{arg}: expected a number >= 0, got {value!r}")
     lists = [schedule(name, p, s, m, v) for s in range(p)]
     return simulate_lists(lists, v, t_f, t_b, t_comm)
+
+
+@functools.lru_cache(maxsize=256)
+def send_depth(name: str, p: int, m: int, v: int = 1) -> int:
+    """The send depth D (>= 1) PipelineComm should keep for schedule `name`: the smallest D with which
+    `simulate_lists` (rendezvous sends, t_f = 1, t_b = 2) neither deadlocks nor ends the step later than with
+    unbounded sends. A larger D only drops waits, so the search goes up from 1; the number of sends a rank makes in
+    one direction always qualifies (it never waits). Never deadlocking at this D holds at any op costs
+    (simulate_lists); the same makespan is for these costs."""
+    _check(p, 0, m, v)
+    lists = [schedule(name, p, s, m, v) for s in range(p)]
+    free = simulate_lists(lists, v).makespan
+    last = v * p - 1
+    most = max(
+        (
+            sum(1 for k, i, c in ops if (msg := _message(k, i, c * p + r, p, last)) and msg[0] == d)
+            for r, ops in enumerate(lists)
+            for d in (0, 1)
+        ),
+        default=0,
+    )
+    for depth in range(1, most):
+        try:
+            t = simulate_lists(lists, v, depth=depth)
+        except RuntimeError:
+            continue
+        if t.makespan <= free * (1 + 1e-12):
+            return depth
+    return max(most, 1)

@@ -19,7 +19,7 @@ from hpc_llm.optim import AdamW
 from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid
-from hpc_llm.parallel.schedule import schedule
+from hpc_llm.parallel.schedule import schedule, send_depth
 
 log = logging.getLogger("hpc_llm")
 
@@ -27,8 +27,8 @@ log = logging.getLogger("hpc_llm")
 @dataclass
 class Engine:
     """plan: this rank's pipeline stage; ops: its schedule of forward/backward ops; pipe: the stage-to-stage
-    transfers (None with one stage); norm: (the ranges of the flat gradient whose squares this rank adds to the
-    global norm, the group over which they are summed)."""
+    transfers (None with one stage; on parallel.act_comm's wire, schedule.send_depth's bound); norm: (the ranges
+    of the flat gradient whose squares this rank adds to the global norm, the group over which they are summed)."""
 
     plan: StagePlan
     model: GPT
@@ -52,6 +52,7 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         xp,
         seed=t.seed,
         tp_comm=grid.tp_comm,
+        tp_act=grid.tp_comm.with_wire(par.act_comm),
         plan=plan,
         recompute=t.recompute,
         precision=t.precision,
@@ -59,7 +60,10 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         sequence_parallel=par.sequence_parallel,
     )
     ops = schedule(par.schedule, par.pp, grid.pp_rank, t.grad_accum, par.virtual_stages)
-    pipe = PipelineComm(grid.pp_comm, plan.n_virtual) if par.pp > 1 else None
+    pipe = None
+    if par.pp > 1:  # at most send_depth sends per direction in flight (docs/architecture.md)
+        depth = send_depth(par.schedule, par.pp, t.grad_accum, par.virtual_stages)
+        pipe = PipelineComm(grid.pp_comm.with_wire(par.act_comm), plan.n_virtual, depth)
     sync = _gradient_sync(cfg, grid, model)
     # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
     opt = AdamW(

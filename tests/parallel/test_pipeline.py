@@ -4,8 +4,11 @@ schedule (1F1B, interleaved with 2 virtual stages, GPipe, and 1F1B on an uneven 
 on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
 embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1,
 pp4 and tp4 on the uninterrupted curve, each rank reading only its stage's hyperslabs, and at the same layout bitwise;
-the API loads it as one model. The schedules' shapes are tests/parallel/test_schedule.py's; wrong layouts are
-tests/parallel/test_parallel.py's table.
+the API loads it as one model. The send depth (PipelineComm's bound on the sends in flight, schedule.send_depth): at
+pp2 and pp4 with each schedule, a bounded run equals the unbounded one bitwise, with every send synchronous too
+(MPI_Issend: complete only once matched, the worst case the depth was chosen for), and never holds more than the
+depth per direction across an op; settle()'s rule itself on stand-in handles. The schedules' shapes are
+tests/parallel/test_schedule.py's; wrong layouts are tests/parallel/test_parallel.py's table.
 
 Tolerance 1e-10 relative, as tests/parallel/test_parallel.py derives it: a pipeline does the arithmetic of the single
 process, micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as
@@ -14,6 +17,8 @@ parallelism reorder sums: float64 roundings, ~1e-16 relative per step (seen here
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,7 +38,10 @@ from helpers import (
 from mpi4py import MPI
 
 import hpc_llm
+from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
+from hpc_llm.parallel.schedule import send_depth
+from hpc_llm.train.trainer import Trainer
 
 # name: (ranks, parallel.pp, parallel.tp, parallel.sequence_parallel)
 LAYOUTS = {
@@ -231,6 +239,111 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
         )
     if crc(again.opt.m) != crc(whole.opt.m) or crc(again.opt.v) != crc(whole.opt.v):
         bad.append("same-layout resume: Adam moments differ from the uninterrupted run's")
+    check(not bad, "\n".join(bad))
+
+
+class FakeSend:
+    """A send that is delivered when the test says so; records when it was completed."""
+
+    def __init__(self, log, name):
+        self.log, self.name, self.delivered = log, name, False
+
+    def test(self):
+        return self.delivered
+
+    def wait(self):
+        self.log.append(self.name)
+
+
+@pytest.mark.timeout(30)
+def test_settle_completes_delivered_sends_and_waits_for_the_oldest_beyond_the_depth():
+    log = []
+    comm = SimpleNamespace(
+        rank=0, size=2, isend=lambda buf, dest, tag, kind, sync: FakeSend(log, buf)
+    )
+    pipe = PipelineComm(comm, 1, depth=2)
+    for name in ("f0", "f1"):
+        pipe.send_forward(name, 0, 0)
+        pipe.settle()
+    assert log == [] and pipe.held_max == [2, 0]
+    pipe.send_backward("b0", 0, 1)  # the other direction has its own depth
+    pipe.settle()
+    assert log == [] and pipe.held_max == [2, 1]
+    pipe.send_forward("f2", 0, 0)
+    pipe.settle()  # three forwards in flight: the oldest is waited for
+    assert log == ["f0"] and pipe.depth_waits == 1 and pipe.held_max == [2, 1]
+    pipe._sends[0][1].delivered = True  # f2 delivered before f1: completed, without a wait
+    pipe.send_forward("f3", 0, 0)
+    pipe.settle()
+    assert log == ["f0", "f2"] and pipe.depth_waits == 1
+    pipe.wait_sends()
+    assert log == ["f0", "f2", "f1", "f3", "b0"] and pipe._sends == ([], [])
+
+
+# name: (ranks = parallel.pp)
+DEPTH_LAYOUTS = {"PP2": 2, "PP4": 4}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(n, marks=pytest.mark.parallel(nprocs=DEPTH_LAYOUTS[n]), id=n)
+        for n in DEPTH_LAYOUTS
+    ],
+)
+def test_send_depth_changes_nothing_but_the_buffers_held(layout, data_dir, shared_tmp_path):
+    """Each schedule three times: unbounded sends, the trainer's depth, and that depth with every send synchronous
+    (so a send completes only once its receive is posted: if the depth could deadlock, this run would hang and the
+    test time out). The histories and every parameter are bitwise the unbounded run's, and at most the depth of
+    sends per direction was held across an op."""
+    pp = DEPTH_LAYOUTS[layout]
+    bad, waits = [], {}
+    for sched, overrides in schedules(pp).items():
+        if sched == "1f1b-uneven":
+            continue
+        runs = {}
+        for mode in ("unbounded", "bounded", "synchronous"):
+            cfg = run_config(
+                data_dir,
+                shared_tmp_path / f"{sched}-{mode}",
+                **{
+                    **overrides,
+                    "model.n_layer": N_LAYER,
+                    "parallel.pp": pp,
+                    "train.grad_accum": 2 * pp,
+                    "train.max_iters": 2,
+                    "train.eval_interval": 2,
+                },
+            )
+            tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1, pp))
+            v = cfg.parallel.virtual_stages
+            want_depth = send_depth(cfg.parallel.schedule, pp, 2 * pp, v)
+            if tr.pipe.depth != want_depth:
+                bad.append(f"{sched}: the trainer's depth {tr.pipe.depth}, send_depth {want_depth}")
+            if mode == "unbounded":
+                tr.pipe.depth = None
+            tr.pipe.synchronous = mode == "synchronous"
+            tr.run()
+            runs[mode] = tr
+            if mode != "unbounded" and max(tr.pipe.held_max) > want_depth:
+                bad.append(
+                    f"{sched} {mode}: held {tr.pipe.held_max} sends across an op, depth {want_depth}"
+                )
+            waits[sched, mode] = tr.pipe.depth_waits
+        ref = runs["unbounded"]
+        for mode in ("bounded", "synchronous"):
+            tr = runs[mode]
+            if any(tr.metrics.train[k] != ref.metrics.train[k] for k in ("loss", "grad_norm")) or (
+                tr.metrics.eval != ref.metrics.eval
+            ):
+                bad.append(f"{sched} {mode}: history differs from the unbounded run's")
+            if crc(tr.model.flat) != crc(ref.model.flat):
+                bad.append(f"{sched} {mode}: parameters differ from the unbounded run's")
+    # the bound was at work somewhere (how often depends on timing: a synchronous send completes when its receiver's
+    # MPI library acknowledges it); each schedule's count is in the message on failure
+    every = MPI.COMM_WORLD.allreduce(sum(waits[k] for k in waits if k[1] == "synchronous"))
+    if every == 0:
+        bad.append(f"no depth wait in any synchronous run: {waits}")
     check(not bad, "\n".join(bad))
 
 

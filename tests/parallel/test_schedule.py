@@ -1,5 +1,8 @@
 """Pipeline schedules: every op list's shape derived from its rule, and its timing by the discrete-event simulator
-(bubble formulas, no deadlock; a broken list deadlocks and raises)."""
+(bubble formulas, no deadlock; a broken list deadlocks and raises); the send depth PipelineComm keeps (send_depth:
+no deadlock, no longer step, over every schedule at p <= 8, v <= 4)."""
+
+import random
 
 import pytest
 
@@ -12,6 +15,7 @@ from hpc_llm.parallel.schedule import (
     interleaved,
     one_f_one_b,
     schedule,
+    send_depth,
     simulate,
     simulate_lists,
 )
@@ -205,6 +209,121 @@ def test_backward_before_own_forward_deadlocks():
     ]
     with pytest.raises(RuntimeError, match=r"stage 1 at Op\(kind='B', micro=0"):
         simulate_lists(lists)
+
+
+# ---------------------------------------------------------------------------------------------------- send depth
+
+
+def depth_cases():
+    """Every (name, p, m, v) of the send-depth grid: p up to 8, v up to 4, m up to 4 p (multiples of p interleaved)."""
+    for p in range(1, 9):
+        for m in range(1, 4 * p + 1):
+            yield "gpipe", p, m, 1
+            yield "1f1b", p, m, 1
+            if m % p == 0:
+                for v in (2, 3, 4):
+                    yield "interleaved", p, m, v
+
+
+def test_send_depth_never_deadlocks_nor_lengthens_the_step():
+    """Over the grid, with rendezvous sends (the worst case) and t_f = 1, t_b = 2: the depth send_depth gives runs
+    to the end with the makespan of unbounded sends, and it is 1 everywhere (docs/performance.md's table): a rank
+    posts the receive of its next op before it waits for its oldest send, so its neighbour's message is never held
+    up by that wait for longer than one op."""
+    depths = {}
+    for name, p, m, v in depth_cases():
+        lists = [schedule(name, p, s, m, v) for s in range(p)]
+        d = send_depth(name, p, m, v)
+        free, bounded = simulate_lists(lists, v), simulate_lists(lists, v, depth=d)
+        assert bounded.makespan == pytest.approx(free.makespan, rel=1e-12, abs=0), (
+            name,
+            p,
+            m,
+            v,
+            d,
+        )
+        assert bounded.busy == pytest.approx(free.busy)
+        depths.setdefault(d, []).append((name, p, m, v))
+    assert set(depths) == {1}, {d: cases[:5] for d, cases in depths.items()}
+
+
+def test_send_depth_never_deadlocks_at_other_costs():
+    """Deadlock-freedom does not depend on the op costs (each depth wait is a fixed "op X ends before op Y
+    starts"): random costs per op (last stage twice as slow) and transfer times still run to the end at depth 1,
+    never faster than unbounded sends."""
+    rng = random.Random(0)
+    cases = list(depth_cases())
+    for _ in range(200):
+        name, p, m, v = rng.choice(cases)
+        costs = {}
+
+        def cost(r, op, later):
+            base = (1.0 if op.kind == Phase.FORWARD else 2.0) * (2 if r == p - 1 else 1) / v
+            return costs.setdefault((r, op), base * rng.uniform(0.5, 1.5))
+
+        lists = [schedule(name, p, s, m, v) for s in range(p)]
+        t_comm = rng.choice([0.0, 0.1, 1.0])
+        free = simulate_lists(lists, v, t_comm=t_comm, cost=cost).makespan
+        bounded = simulate_lists(lists, v, t_comm=t_comm, cost=cost, depth=1).makespan
+        assert bounded >= free - 1e-9, (name, p, m, v)
+
+
+def test_the_depth_model_waits_and_can_deadlock():
+    """Depth 0 (every send completed before the next op) deadlocks every interleaved schedule of the grid with
+    p > 1 and m >= 2p, slows those with m = p > 2, and keeps GPipe and 1F1B at uniform costs (lock step): the model's
+    waits bite, and depth 1 is the least that is free for all."""
+    for name, p, m, v in depth_cases():
+        lists = [schedule(name, p, s, m, v) for s in range(p)]
+        free = simulate_lists(lists, v).makespan
+        if name == "interleaved" and p > 1 and m >= 2 * p:
+            with pytest.raises(RuntimeError, match="deadlocks"):
+                simulate_lists(lists, v, depth=0)
+        elif name == "interleaved" and p > 2:
+            assert simulate_lists(lists, v, depth=0).makespan > free
+        else:
+            assert simulate_lists(lists, v, depth=0).makespan == pytest.approx(free, rel=1e-12)
+
+
+def test_a_message_consumed_out_of_send_order_needs_a_deeper_window():
+    """Stage 1 takes F2 before F0 and F1: stage 0, holding F0 and F1 undelivered (F0's receive is posted only after
+    stage 1's F2), cannot start F2 at depth 1: a cycle of waits, which the simulator reports; depth 2 runs, as do
+    unbounded sends. (The built-in schedules never consume out of order: the next test.)"""
+    F, B = Phase.FORWARD, Phase.BACKWARD
+    lists = [
+        gpipe(2, 0, 3),
+        [Op(F, 2), Op(F, 0), Op(F, 1), Op(B, 0), Op(B, 1), Op(B, 2)],
+    ]
+    with pytest.raises(RuntimeError, match=r"deadlocks.*stage 0 at Op\(kind='F', micro=2"):
+        simulate_lists(lists, depth=1)
+    assert simulate_lists(lists, depth=2).makespan == simulate_lists(lists).makespan
+
+
+def test_built_in_schedules_consume_each_neighbours_messages_in_send_order():
+    """Why depth 1 is enough: in every schedule here (interleaved ones included: a chunk's micro-batches and the
+    chunks follow one order on every rank), a rank consumes the messages a neighbour sends it in one direction in
+    the order they were sent."""
+    for name, p, m, v in depth_cases():
+        lists = [schedule(name, p, s, m, v) for s in range(p)]
+        where = [{op: k for k, op in enumerate(ops)} for ops in lists]
+        last = v * p - 1
+        for r, ops in enumerate(lists):
+            for direction, step, kind in ((0, 1, Phase.FORWARD), (1, -1, Phase.BACKWARD)):
+                dest = (r + step) % p
+                if dest == r:
+                    continue
+                sent = [
+                    Op(kind, op.micro, (op.chunk * p + r + step) // p)
+                    for op in ops
+                    if op.kind == kind and 0 <= op.chunk * p + r + step <= last
+                ]
+                consumed = [where[dest][op] for op in sent]
+                assert consumed == sorted(consumed), (name, p, m, v, r, direction)
+
+
+def test_send_depth_of_one_rank_and_bad_arguments():
+    assert send_depth("1f1b", 1, 4) == 1  # no messages: the bound never binds
+    with pytest.raises(ValueError, match="^m"):
+        send_depth("interleaved", 4, 6, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- bad arguments

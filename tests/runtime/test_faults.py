@@ -431,6 +431,20 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
 NEW_PATHS = [
     # id, extra config, fault (rank 1 stuck outside MPI), the operation rank 0's watchdog must name
     ("16-bit-buckets", {"parallel.grad_comm": "bf16"}, "hang:step:1:3", "dp.allreduce_bf16"),
+    # parallel.act_comm: the activations' 16-bit allreduce (the embedding's g, rank 0's first collective of the
+    # step) and the pipeline's 16-bit messages (rank 0 waits for the backward message of its micro-batch)
+    (
+        "16-bit-tp-activations",
+        {"parallel.tp": 2, "parallel.act_comm": "bf16"},
+        "hang:step:1:3",
+        "tp.allreduce_bf16",
+    ),
+    (
+        "16-bit-pipeline-messages",
+        {"parallel.pp": 2, "parallel.act_comm": "fp16"},
+        "hang:step:1:3",
+        "pp.recv_backward",
+    ),
     (
         "powersgd",
         {"parallel.grad_comm": "powersgd", "parallel.powersgd_rank": 2},
