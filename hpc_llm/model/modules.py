@@ -97,7 +97,9 @@ class SlicePartials:
 
     def __init__(self, params: list[Param], tp: Comm):
         live = [p.grad for p in params if p.grad is not None]
-        self.tp = tp
+        self.tp = (
+            tp.plain
+        )  # gradients: summed in their own dtype, never on parallel.act_comm's 16-bit wire
         self.buf = array_module(live[0]).empty(sum(g.size for g in live), dtype=live[0].dtype)
         self.params, self.pairs, a = [], [], 0  # pairs: (real gradient, its view in buf)
         for p in params:

@@ -220,6 +220,8 @@ class Comm:
         receive buffer freed on return (none when axis is the leading one: the stack is then the result)."""
         if self.size == 1:
             return x
+        if self.wire is not None and x.dtype.kind == "f":
+            return self._allgather_along_wire(x, axis)
         host = np.ascontiguousarray(_host(x))
         recv = np.empty((self.size, *host.shape), dtype=host.dtype)
         self._timed("allgather", recv.nbytes, lambda: self.mpi.Allgather(host, recv))
@@ -236,6 +238,8 @@ class Comm:
         copied into rank order (a send buffer of x's size; none when axis is the leading one)."""
         if self.size == 1:
             return x
+        if self.wire is not None and x.dtype.kind == "f":
+            return self._reduce_scatter_along_wire(x, axis)
         from mpi4py import MPI
 
         host = _host(x)

@@ -198,14 +198,15 @@ def test_16bit_collectives_are_fp32_sums_of_rounded_inputs(nprocs):
     check(not bad, "\n".join(bad))
 
 
-LAYOUTS = {"pp2": (2, 1), "tp2": (1, 2)}  # name: (parallel.pp, parallel.tp)
+# name: (parallel.pp, parallel.tp, parallel.sequence_parallel)
+LAYOUTS = {"pp2": (2, 1, False), "tp2": (1, 2, False), "tp2-sp": (1, 2, True)}
 LOSS_RTOL = 2.0**-10  # measured, see the module docstring
 
 
 @pytest.mark.parallel(nprocs=2)
 def test_16bit_transfers_halve_the_bytes_and_keep_the_losses(data_dir, shared_tmp_path):
     bad = []
-    for layout, (pp, tp) in LAYOUTS.items():
+    for layout, (pp, tp, sp) in LAYOUTS.items():
         runs = {}
         for act in ("fp32", "bf16"):
             cfg = run_config(
@@ -215,6 +216,7 @@ def test_16bit_transfers_halve_the_bytes_and_keep_the_losses(data_dir, shared_tm
                     "parallel.pp": pp,
                     "parallel.tp": tp,
                     "parallel.act_comm": act,
+                    "parallel.sequence_parallel": sp,
                     "train.precision": "bf16",
                     "train.grad_accum": 2,
                     "train.eval_iters": 0,
@@ -240,6 +242,13 @@ def test_16bit_transfers_halve_the_bytes_and_keep_the_losses(data_dir, shared_tm
                     bad.append(
                         f"pp2 {k}: {l16[k]} with bf16, {l32[k]} with fp32: not half (+ 4 bytes a message)"
                     )
+        elif sp:
+            # the sequence-parallel all-gathers and reduce-scatters: half the bytes + 4 per rank's piece
+            for op in ("allgather", "reduce_scatter"):
+                b32, n = l32[f"tp.{op}"]["bytes"], l32[f"tp.{op}"]["calls"]
+                got, want = l16.get(f"tp.{op}_bf16", {}), (b32 // 2 + 4 * 2 * n, n)
+                if n == 0 or (got.get("bytes"), got.get("calls")) != want or f"tp.{op}" in l16:
+                    bad.append(f"tp2-sp {op}: {got} with bf16, {l32[f'tp.{op}']} with fp32")
         else:
             p, ce = (
                 2,
