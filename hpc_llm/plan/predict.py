@@ -18,13 +18,22 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
 from hpc_llm.parallel.schedule import Phase, Timing
 from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
-from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time, refresh_time
+from hpc_llm.plan.compute import (
+    Pricer,
+    chunk_costs,
+    norm_time,
+    optimizer_time,
+    refresh_time,
+    sp_grad_elems,
+)
 from hpc_llm.plan.memory import (
     Bytes,
     Layout,
     bucket_elems,
     grad_sync,
     max_rank_memory,
+    message_bytes,
+    message_elems,
     specs_of,
     stage_plan,
 )
@@ -40,7 +49,7 @@ PRECISIONS = {
     "fp16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
     "bf16-tc": ("bfloat16", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
 }
-# the 2-byte format each converts to
+# the 2-byte format each converts to (train.precision, and parallel.act_comm's 16-bit transfers)
 LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
 
 
@@ -172,6 +181,7 @@ def _step_times(
         "tp_comm": tp_time,
         "pipeline_wait": tail["end"] - busy,
         "emb_allreduce": tail["emb"],
+        "sp_grad_allreduce": tail["sp_grads"],
         "dp_exposed": tail["dp_exposed"],
         "dp_hidden": tail["dp_hidden"],
         "scalars": scalars,
@@ -187,6 +197,21 @@ def _events_by_rank(timing: Timing, pp: int) -> list[list]:
     for e in timing.events:
         events[e.rank].append(e)
     return events
+
+
+def _transfer_time(
+    cfg: ModelConfig, lay: Layout, cl: Cluster, by: Bytes, link: Link | None, share: float
+) -> float:
+    """One pipeline message between neighbours: point to point of (b, T, C) (or the (b, T/tp, C) slice with sequence
+    parallelism) in the compute dtype, or as 16-bit words, rounded by the sender and widened by the receiver."""
+    if lay.pp == 1:
+        return 0.0
+    elems = message_elems(cfg, lay)
+    t = p2p(message_bytes(cfg, lay, by), link.latency_s, link.bw)
+    if lay.comm16:
+        fmt = LOW[lay.act_comm]
+        t += share * (cl.cast_time(fmt, True, elems) + cl.cast_time(fmt, False, elems))
+    return t
 
 
 def predict(
@@ -208,12 +233,21 @@ def predict(
     precision = resolve_precision(cfg, precision)
     gdtype, by = PRECISIONS[precision]
     links = _group_links(cl, lay, share)
-    pr = Pricer(cl, gdtype, by.compute, lay.tp, links["tp"], share, low=LOW.get(precision))
+    pr = Pricer(
+        cl,
+        gdtype,
+        by.compute,
+        lay.tp,
+        links["tp"],
+        share,
+        low=LOW.get(precision),
+        sp=lay.sequence_parallel,
+        comm_low=LOW.get(lay.act_comm),
+    )
     T = cfg.block_size
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
     costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
-    msg = lay.rows * T * cfg.n_embd * by.compute
-    t_comm = p2p(msg, links["pp"].latency_s, links["pp"].bw) if lay.pp > 1 else 0.0
+    t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
     def cost(kind, v, later):
         return costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total
@@ -309,6 +343,14 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     if lay.dp > 1:
         reports = _grad_reports(lay, plan, costs, events, {x.name: x.offset for x in specs})
         dp_exposed, dp_hidden = _dp_reduction(lay, sync, by, links["dp"], reports, end)
+    sp_grads = 0.0
+    if lay.sequence_parallel and lay.tp > 1:
+        # each block's (and ln_f's) gradients from the slice, summed over the TP group once per step
+        link, blocks = links["tp"], sum(len(plan.layers[v]) for v in plan.chunks)
+        elems = [sp_grad_elems(cfg)] * blocks
+        if plan.n_virtual - 1 in plan.chunks:
+            elems.append((2 if cfg.bias else 1) * cfg.n_embd)  # ln_f's weight (and bias)
+        sp_grads = sum(allreduce(e * by.grad, lay.tp, link.latency_s, link.bw) for e in elems)
     zero_gather = 0.0
     if lay.zero and lay.dp > 1:
         link = links["dp"]
@@ -318,9 +360,10 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
         )
     opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, n)
     return {
-        "sync_at": end + emb + dp_exposed,
+        "sync_at": end + emb + sp_grads + dp_exposed,
         "end": end,
         "emb": emb,
+        "sp_grads": sp_grads,
         "dp_exposed": dp_exposed,
         "dp_hidden": dp_hidden,
         "optimizer": opt,
