@@ -329,31 +329,54 @@ def test_search_sorts_by_speed_and_names_limits():
 
 
 def test_memory_first_search_gives_the_same_answer_as_predicting_every_layout():
-    """search() rejects a layout whose memory does not fit before simulating its schedule: the feasible list (its
-    order, every time and memory term) and the infeasible reasons are those of predicting every layout whole."""
+    """search() rejects a layout whose memory does not fit before simulating its schedule, and does not price a
+    layout's variants that recompute more than one that fits (slower by construction): the feasible list (its
+    order, every time and memory term) and the infeasible reasons are those of predicting every layout whole and
+    dropping those variants."""
     from hpc_llm.plan.search import describe, layouts
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
-    precisions, recomputes = ["fp32", "fp16"], ("none", "block")
+    precisions, recomputes = ["fp32", "fp16"], ("none", "selective", "block")
     every = [
         (lay, prec, predict(cfg, lay, CL, prec))
-        for lay, why in layouts(cfg, 4, 16, 25.0, recomputes)
+        for lay, why in layouts(cfg, 4, 16, 25.0, recomputes, sequence_parallel=(False, True))
         if why is None
         for prec in precisions
     ]
+    assert any(lay.sequence_parallel for lay, _, _ in every)
     peaks = sorted(p.memory["peak"] for _, _, p in every)
     cl = dataclasses.replace(CL, memory_bytes=peaks[len(peaks) // 2])  # about half the layouts fit
+    fits = {(lay, prec) for lay, prec, p in every if p.memory["peak"] <= cl.memory_bytes}
+    less = {"none": (), "selective": ("none",), "block": ("none", "selective")}
+
+    def dominated(lay, prec) -> bool:
+        return any(
+            (dataclasses.replace(lay, recompute=r), prec) in fits for r in less[lay.recompute]
+        )
+
     slow_ok = sorted(
-        (p for _, _, p in every if p.memory["peak"] <= cl.memory_bytes),
+        (p for lay, prec, p in every if (lay, prec) in fits and not dominated(lay, prec)),
         key=lambda p: -p.tokens_per_s,
     )
     slow_bad = [
         f"{describe(lay)} {prec}: memory {p.memory['peak'] / 1e9:.2f} GB per rank"
         for lay, prec, p in every
-        if p.memory["peak"] > cl.memory_bytes
+        if p.memory["peak"] > cl.memory_bytes and not dominated(lay, prec)
     ]
-    ok, bad = search(cfg, cl, 4, 16, precisions, recomputes=recomputes)
+    ok, bad = search(
+        cfg, cl, 4, 16, precisions, recomputes=recomputes, sequence_parallel=(False, True)
+    )
     assert len(ok) > 10 and len(slow_bad) > 10
+    # some variants were skipped, and each was slower than the fitting one that replaced it
+    skipped = [
+        (lay, prec, p) for lay, prec, p in every if (lay, prec) in fits and dominated(lay, prec)
+    ]
+    assert skipped
+    step = {(lay, prec): p.time["step"] for lay, prec, p in every}
+    for lay, prec, p in skipped:
+        for r in less[lay.recompute]:
+            if (dataclasses.replace(lay, recompute=r), prec) in fits:
+                assert p.time["step"] > step[(dataclasses.replace(lay, recompute=r), prec)]
     assert [(p.layout, p.precision, p.time, p.memory) for p in ok] == [
         (p.layout, p.precision, p.time, p.memory) for p in slow_ok
     ]
@@ -554,7 +577,10 @@ def test_plan_json_fields_and_timeline(tmp_path, capsys):
     }
     assert best["tokens_per_s"] == max(p["tokens_per_s"] for p in r["feasible"])
     assert {p["precision"] for p in r["feasible"]} == {"fp32", "bf16"}
-    assert {p["layout"]["recompute"] for p in r["feasible"]} == {"none", "block"}
+    # every layout fits without recompute here, so its recomputing variants (slower) are not listed
+    assert {p["layout"]["recompute"] for p in r["feasible"]} == {"none"}
+    tp2 = {p["layout"]["sequence_parallel"] for p in r["feasible"] if p["layout"]["tp"] == 2}
+    assert tp2 == {False, True}
     assert png.stat().st_size > 1000
 
 
