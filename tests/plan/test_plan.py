@@ -13,7 +13,7 @@ import pytest
 from helpers import cache_bytes, tiny_config
 
 from hpc_llm import cli
-from hpc_llm.config import ModelConfig, TrainConfig
+from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG
@@ -610,3 +610,92 @@ def test_plan_compare_puts_prediction_beside_the_run(tmp_path, capsys, make_cfg)
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
     assert r["measured_step_s"] == pytest.approx(tokens / 1000.0)  # the warm-up window left out
     assert r["error"] == pytest.approx(r["predicted_step_s"] / r["measured_step_s"] - 1)
+
+
+# -- one given layout (--layout) ---------------------------------------------------------------------------------
+
+
+def test_plan_layout_prices_one_layout(tmp_path, capsys):
+    """--layout: the one layout described (keys over the config's), its memory terms and step in JSON, equal to
+    predict() of that layout; the text names every non-zero term and says whether it fits."""
+    cfg_path, cl = write_config(tmp_path), write_cluster(tmp_path)
+    text = "pp=2,tp=2,dp=1,schedule=interleaved,virtual=2,micro=4,mbs=2,sp=1,recompute=selective"
+    rc, out, _ = run_cli(
+        capsys, "plan", cfg_path, "--cluster", cl, "--layout", text + ",act_comm=bf16", "--json"
+    )
+    assert rc == 0
+    r = json.loads(out)
+    lay = Layout(
+        pp=2,
+        tp=2,
+        schedule="interleaved",
+        virtual=2,
+        micro_batches=4,
+        batch_size=2,
+        recompute="selective",
+        sequence_parallel=True,
+        act_comm="bf16",
+    )
+    assert r["layout"] == dataclasses.asdict(lay)
+    cfg = load_config(cfg_path)
+    pred = predict(
+        tiny(), lay, K.load_cluster(cl), "fp32", 1.0, cfg.checkpoint.interval, cfg.train.max_iters
+    )
+    assert r["memory_bytes"] == pred.memory and r["time_s"] == pytest.approx(pred.time)
+    assert r["memory_bytes"]["pipeline_buffers"] > 0 and r["time_s"]["sp_grad_allreduce"] > 0
+    assert r["fits"] is (pred.memory["peak"] <= 16e9) and r["device_memory_bytes"] == 16e9
+    rc, out, _ = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", text)
+    assert rc == 0 and "pipeline send buffers" in out and "AdamW moments" in out
+    assert "of 16.00 per device: fits" in out and "step " in out
+
+
+@pytest.mark.parametrize(
+    "layout, expect",
+    [
+        ("pp=0", "--layout pp: expected a positive integer, got '0'"),
+        ("tp=x", "--layout tp: expected a positive integer, got 'x'"),
+        ("sp=maybe", "--layout sp: expected one of 0, 1, false, true, off, on, got 'maybe'"),
+        ("recompute=all", "--layout recompute: expected one of none, selective, block, got 'all'"),
+        ("act_comm=int8", "--layout act_comm: expected one of fp32, bf16, fp16, got 'int8'"),
+        ("send_depth=-1", "--layout send_depth: expected all or a positive integer, got '-1'"),
+        ("colour=red", "--layout: unknown key 'colour'"),
+        ("pp", "--layout: expected KEY=VALUE pairs"),
+        ("pp=2,pp=2", "--layout pp: given twice"),
+        ("tp=3", "--layout tp=3: expected a divisor of model.n_head=4"),
+        ("sp=1", "--layout sp=1: expected tp > 1"),
+        ("pp=3", "--layout pp=3 x virtual=1: expected a divisor of model.n_layer=4"),
+        (
+            "pp=2,schedule=interleaved,virtual=2,micro=3",
+            "--layout micro=3: expected a multiple of pp=2",
+        ),
+        ("virtual=2", "--layout virtual=2: expected 1 with schedule=1f1b"),
+        ("dp=3", "--layout dp=3 does not divide train.batch_size=4"),
+        ("precision=fp8", "--layout precision: expected one of fp32, fp64, bf16, fp16, bf16-tc"),
+    ],
+)
+def test_plan_layout_bad_value_is_one_line(tmp_path, capsys, layout, expect):
+    rc, _, err = run_cli(
+        capsys,
+        "plan",
+        write_config(tmp_path),
+        "--cluster",
+        write_cluster(tmp_path),
+        "--layout",
+        layout,
+    )
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("hpc-llm: error: ") and expect in err, err
+
+
+def test_plan_layout_gpus_and_batch_flags_agree(tmp_path, capsys):
+    cfg_path, cl = write_config(tmp_path), write_cluster(tmp_path)
+    rc, out, _ = run_cli(
+        capsys, "plan", cfg_path, "--cluster", cl, "--layout", "tp=2", "--gpus", "4", "--json"
+    )
+    assert rc == 0 and json.loads(out)["layout"]["dp"] == 2  # dp from --gpus / (pp tp)
+    for extra, expect in (
+        (["--gpus", "3"], "--gpus 3: not a multiple of pp x tp = 2"),
+        (["--global-batch", "8"], "--global-batch: not used with --layout"),
+    ):
+        rc, _, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", "tp=2", *extra)
+        assert rc == 2 and err.count("\n") == 1 and expect in err, err
