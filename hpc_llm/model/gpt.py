@@ -42,6 +42,9 @@ class GPT:
     vocabulary) and a full copy of the rest; the f/g mappings of tensor_parallel.py join them. `chunks` are its
     pipeline stages (modules.Chunk); forward/backward below run the whole model when it is one chunk, the pipeline
     runs chunks one by one (parallel/pipeline.py).
+
+    sequence_parallel (training only, tp > 1): the activations between the layers, and between pipeline stages, are
+    this rank's slice of positions (B, T/tp, C) (modules.py); decoding does not run so (forward_cached refuses).
     """
 
     def __init__(
@@ -51,9 +54,10 @@ class GPT:
         seed: int | None = 0,
         tp_comm: Comm | None = None,
         plan: StagePlan | None = None,
-        recompute: bool = False,
+        recompute: str = "none",
         precision: str = "fp32",
         freeze=(),
+        sequence_parallel: bool = False,
     ):
         if cfg.vocab_size <= 0:
             raise UserError(
@@ -63,8 +67,9 @@ class GPT:
         self.xp = xp
         self.tp = tp_comm if tp_comm is not None else Comm(None)
         self.plan = plan if plan is not None else whole_model(cfg)
-        # train.recompute = "block": each block's forward again in backward
+        # train.recompute: "block" (each block's forward again in backward), "selective" (attention's core), "none"
         self.recompute = recompute
+        self.sequence_parallel = sequence_parallel
         self.prec = Precision(precision)
         self.dtype = np.dtype(cfg.dtype)
         # the whole model's tensors, whatever we hold
@@ -129,6 +134,7 @@ class GPT:
                 tp,
                 cfg.dropout,
                 head_writes_wte=last,
+                sequence_parallel=self.sequence_parallel,
             )
         blocks = []
         offsets = {}
@@ -144,6 +150,8 @@ class GPT:
                     self.prec,
                     lora_scale=cfg.lora_scale,
                     frozen={k[len(p) :] for k in self.frozen if k.startswith(p)},
+                    selective=self.recompute == "selective",
+                    sequence_parallel=self.sequence_parallel,
                 )
             )
             offsets[i] = self.spec[p + "attn.c_attn.weight"].offset  # the block's first tensor
@@ -157,6 +165,7 @@ class GPT:
                 cfg.vocab_size,
                 tp,
                 self.prec,
+                self.sequence_parallel,
             )
             offsets["head"] = self.spec["ln_f.weight"].offset
         return Chunk(vstage, embedding, blocks, head, offsets, self.recompute)
@@ -226,6 +235,11 @@ class GPT:
             return None
         s = self.spec["wte.weight"]
         return s.offset, s.offset + s.size
+
+    def act_shape(self, rows: int, T: int) -> tuple:
+        """The shape of an activation between (virtual) pipeline stages for `rows` sequences of T positions: what a
+        stage receives, sends, and what its input gradient is. Sequence parallel: this rank's slice of positions."""
+        return (rows, T // self.tp.size if self.sequence_parallel else T, self.cfg.n_embd)
 
     def flops_per_token(self, T: int | None = None) -> float:
         """layout.flops_per_token of this model's config."""
@@ -308,6 +322,10 @@ class GPT:
         head runs on B rows, not B * Tn). split: this rank's vocabulary slice of the logits, -inf on the padding
         (Head.forward), not gathered over the TP group."""
         chunk = self._whole()
+        if self.sequence_parallel:
+            raise RuntimeError(
+                "decoding runs without sequence parallelism: build the model without it"
+            )
         B, Tn = idx.shape
         n = (
             np.full(B, Tn, dtype=np.int64)

@@ -241,42 +241,48 @@ class DropoutRNG:
     0 the embedding, i + 1 block i; so a pipeline stage that holds blocks 4..7 draws exactly the masks the single
     process draws there, a data-parallel rank makes the generators of its own rows, and a resumed run draws what an
     uninterrupted one does, with no RNG state to checkpoint. ``for_heads`` is the view attention uses under tensor
-    parallelism: each row draws the masks of all heads and keeps this rank's. Masks are drawn on the host (NumPy)
-    and moved to ``xp``."""
+    parallelism: each row draws the masks of all heads and keeps this rank's; ``for_positions`` the view of the
+    dropouts on a slice of the sequence (sequence parallelism): each row draws the masks of all positions and keeps
+    the slice's. A view shares its site's generators, so draws through any of them follow the site's one order.
+    Masks are drawn on the host (NumPy) and moved to ``xp``."""
 
     def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np):
         self.key, self.rows, self.xp = (seed, 0xD80, step, micro), rows, xp
-        self.gens, self.heads = None, None
+        self.gens, self.heads, self.positions = None, None, None
+
+    def _view(self, gens, heads=None, positions=None) -> DropoutRNG:
+        view = DropoutRNG.__new__(DropoutRNG)
+        view.key, view.rows, view.xp = self.key, self.rows, self.xp
+        view.gens, view.heads, view.positions = gens, heads, positions
+        return view
 
     def site(self, k: int) -> DropoutRNG:
         """The generators of site k, fresh (each site is drawn from once per forward)."""
-        view = DropoutRNG.__new__(DropoutRNG)
-        view.key, view.rows, view.xp, view.heads = self.key, self.rows, self.xp, None
-        view.gens = [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
-        return view
+        return self._view(
+            [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
+        )
 
     def for_heads(self, h0: int, h1: int, n_head: int) -> DropoutRNG:
-        view = DropoutRNG.__new__(DropoutRNG)
-        view.key, view.rows, view.xp, view.gens, view.heads = (
-            self.key,
-            self.rows,
-            self.xp,
-            self.gens,
-            (h0, h1, n_head),
-        )
-        return view
+        """Draws of shape (rows, heads h0..h1 of n_head, ...): each row draws all n_head and keeps [h0, h1)."""
+        return self._view(self.gens, heads=(h0, h1, n_head))
+
+    def for_positions(self, t0: int, t1: int, T: int) -> DropoutRNG:
+        """Draws of shape (rows, positions t0..t1 of T, ...): each row draws all T and keeps [t0, t1)."""
+        return self._view(self.gens, positions=(t0, t1, T))
 
     def random(self, shape, dtype) -> object:
-        """Uniform [0, 1) of ``shape`` = (this rank's rows, ...); with heads, (rows, this rank's heads, ...)."""
+        """Uniform [0, 1) of ``shape`` = (this rank's rows, ...); with heads, (rows, this rank's heads, ...); with
+        positions, (rows, the slice's positions, ...)."""
         assert self.gens is not None, "draw from a site: DropoutRNG.site(k)"
         assert shape[0] == len(self.gens), (shape, len(self.gens))
+        part = self.heads or self.positions
         out = np.empty(shape, dtype)
         for gen, row in zip(self.gens, out):
-            if self.heads is None or self.heads[1] - self.heads[0] == self.heads[2]:
+            if part is None or part[1] - part[0] == part[2]:
                 gen.random(row.shape, dtype=dtype, out=row)
             else:
-                h0, h1, n = self.heads
-                row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[h0:h1]
+                a, b, n = part
+                row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[a:b]
         return out if self.xp is np else self.xp.asarray(out)
 
 
@@ -287,11 +293,17 @@ def dropout_site(rng, k: int):
 
 def dropout_forward(x, p: float, rng):
     """Inverted dropout; rng: a NumPy/CuPy Generator or a DropoutRNG. Returns out and the scaled mask (the cache)."""
-    mask = rng.random(x.shape, dtype=x.dtype)
+    mask = dropout_mask(x.shape, x.dtype, p, rng)
+    return x * mask, mask
+
+
+def dropout_mask(shape, dtype, p: float, rng):
+    """The next scaled mask rng draws: 1 / (1 - p) where kept, 0 where dropped."""
+    mask = rng.random(shape, dtype=dtype)
     keep = mask >= p
     mask[...] = keep
     mask *= 1.0 / (1.0 - p)
-    return x * mask, mask
+    return mask
 
 
 def dropout_backward(dout, mask):
@@ -352,11 +364,17 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in reversed(range(n))]
 
 
-def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Precision = FP32):
+def attention_forward(
+    qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Precision = FP32, keep_probs=True
+):
     """softmax(q k^T / sqrt(hd) + mask) v per head, by query blocks. Cache: the head-split qkv (q pre-scaled), the
     probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores.
     prec: q, k, v and the probabilities are matmul operands in its format, the softmax is computed in qkv's dtype,
-    and the cache is kept in the format."""
+    and the cache is kept in the format.
+
+    keep_probs=False (selective recompute): the cache keeps q, k, v only, (qkvh, None, None); attention_backward
+    recomputes each query block's probabilities and dropout mask from them as it reaches the block (given the same
+    dropout rng again, freshly made: the masks are drawn in the same order)."""
     xp = array_module(qkv)
     qkvh = split_heads(qkv, n_head)
     qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
@@ -365,13 +383,24 @@ def attention_forward(qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Pr
     yh = xp.empty_like(q)
     atts, masks = [], []
     for q0, q1 in query_blocks(q.shape[2]):
-        att = causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2))
-        prec.round_(att)  # an operand below, and kept so
-        used, mask = (att, None) if dropout == 0.0 else dropout_forward(att, dropout, rng)
+        att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec)
+        used = att if mask is None else att * mask
         xp.matmul(prec.round_(used), v[:, :, :q1], out=yh[:, :, q0:q1])
-        atts.append(prec.keep(att))
-        masks.append(mask)
+        if keep_probs:
+            atts.append(prec.keep(att))
+            masks.append(mask)
+    del att, mask, used
+    if not keep_probs:
+        atts = masks = None
     return xp.ascontiguousarray(merge_heads(yh)), (prec.keep(qkvh), atts, masks)
+
+
+def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision):
+    """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so) and its
+    dropout mask (None without dropout): forward's, and selective recompute's again in backward."""
+    att = prec.round_(causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2)))
+    mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
+    return att, mask
 
 
 def cached_attention_forward(qkv, n_head: int, kv, pos0):
@@ -407,7 +436,11 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0):
     return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
 
 
-def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
+def attention_backward(
+    dy, cache, n_head: int, prec: Precision = FP32, dropout: float = 0.0, rng=None
+):
+    """The input gradient of attention_forward. A cache without probabilities (keep_probs=False) has them
+    recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks)."""
     xp = array_module(dy)
     qkvh, atts, masks = cache
     qkvh = prec.use(qkvh, dy.dtype)
@@ -417,10 +450,16 @@ def attention_backward(dy, cache, n_head: int, prec: Precision = FP32):
     dyh = prec.round_(xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)))
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
-    for first, ((q0, q1), att, mask) in enumerate(zip(query_blocks(T), atts, masks)):
+    blocks = query_blocks(T)
+    if (
+        atts is None
+    ):  # selective recompute: each block's probabilities and mask again, in forward's order
+        kept = ((_probabilities(q, k, q0, q1, dropout, rng, prec)) for q0, q1 in blocks)
+    else:
+        kept = ((prec.use(att, dy.dtype), mask) for att, mask in zip(atts, masks))
+    for first, ((q0, q1), (att, mask)) in enumerate(zip(blocks, kept)):
         # the first block sees every key: it writes dk and dv whole, later blocks add
         first = first == 0
-        att = prec.use(att, dy.dtype)
         used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
         matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)

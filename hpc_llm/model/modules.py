@@ -5,13 +5,17 @@ Each holds `Param` views (value, gradient) into the flat buffers and has `forwar
 flight at once (pipeline schedules). Dropout applies when an rng is given (training) and the model's dropout > 0; its
 masks come from the rng's site for the layer (layers.DropoutRNG), so they do not depend on how the model is split.
 Tensor parallelism lives inside: the column/row-parallel linears own their f/g mappings, the embedding and the head
-are vocabulary-parallel.
+are vocabulary-parallel. With sequence parallelism the residual stream between them is this TP rank's slice of
+positions (B, T/tp, C): the embedding reduce-scatters into it, the column-parallel linears and the head's logits
+gather from it, the row-parallel linears reduce-scatter back into it; LayerNorms, dropouts and residual adds run on
+the slice (the dropouts with the single process's masks at those positions, DropoutRNG.for_positions).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from hpc_llm.backend import array_module
 from hpc_llm.model.layers import (
     NO_PARAM,
     DropoutRNG,
@@ -36,7 +40,10 @@ from hpc_llm.model.tensor_parallel import (
     RowParallelLinear,
     copy_to_tp_region,
     copy_to_tp_region_backward,
+    gather_from_sequence_parallel_region,
+    gather_from_sequence_parallel_region_backward,
     gather_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region_backward,
     vocab_parallel_cross_entropy_backward,
     vocab_parallel_cross_entropy_forward,
     vocab_parallel_embedding_backward,
@@ -67,29 +74,90 @@ class LayerNorm:
         )
 
 
+def slice_rng(rng, x, tp: Comm):
+    """A DropoutRNG site's view for x, this TP rank's slice of positions (B, T/tp, ...) under sequence parallelism:
+    the single process's masks at those positions (any other generator as it is)."""
+    if not isinstance(rng, DropoutRNG):
+        return rng
+    n = x.shape[1]
+    return rng.for_positions(tp.rank * n, (tp.rank + 1) * n, tp.size * n)
+
+
+class SlicePartials:
+    """The gradients of replicated parameters used on a slice of the sequence (sequence parallelism: the LayerNorms'):
+    each TP rank's backward sums over its own positions only. The layers are given `params` (the same values, their
+    gradients redirected into one packed buffer, overwritten by each backward); `reduce(accumulate)` sums that buffer
+    over the TP group (one allreduce) and writes, or adds, the sums into the real gradients, which are then whole and
+    the same on every TP rank, like every replicated parameter's.
+
+    Reduced every micro-batch (Megatron sums them once per step): a backward's gradients are then final when it
+    returns, whoever calls it (GPT.backward with accumulation, a pipeline chunk whose buckets start during its last
+    backward or at the step's end), with no state kept between calls, for one allreduce of a few C elements per
+    block per micro-batch. Absent parameters (NO_PARAM: model.bias = false) stay absent."""
+
+    def __init__(self, params: list[Param], tp: Comm):
+        live = [p.grad for p in params if p.grad is not None]
+        self.tp = tp
+        self.buf = array_module(live[0]).empty(sum(g.size for g in live), dtype=live[0].dtype)
+        self.params, self.pairs, a = [], [], 0  # pairs: (real gradient, its view in buf)
+        for p in params:
+            if p.grad is None:
+                self.params.append(p)
+                continue
+            view = self.buf[a : a + p.grad.size].reshape(p.grad.shape)
+            self.params.append(Param(p.value, view))
+            self.pairs.append((p.grad, view))
+            a += p.grad.size
+
+    def reduce(self, accumulate: bool) -> None:
+        self.tp.allreduce_(self.buf)
+        for grad, view in self.pairs:
+            if accumulate:
+                grad += view
+            else:
+                grad[...] = view
+
+
 class Embedding:
     """Token + learned position embedding (token rows vocabulary-parallel over the TP group), then dropout (site 0).
-    head_writes_wte: the tied head on this rank writes wte's gradient first in backward, so this one adds to it."""
+    head_writes_wte: the tied head on this rank writes wte's gradient first in backward, so this one adds to it.
+    sequence_parallel: the output is this rank's slice of positions (the TP sum reduce-scattered), dropped out there;
+    backward gathers the gradient of every position before the scatter into wte's rows and wpe, whose gradients are
+    then whole on every rank."""
 
     def __init__(
-        self, wte: Param, wpe: Param, v0: int, tp: Comm, dropout: float, head_writes_wte: bool
+        self,
+        wte: Param,
+        wpe: Param,
+        v0: int,
+        tp: Comm,
+        dropout: float,
+        head_writes_wte: bool,
+        sequence_parallel: bool = False,
     ):
         self.wte, self.wpe, self.v0, self.tp = wte, wpe, v0, tp
         self.dropout, self.head_writes_wte = dropout, head_writes_wte
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, idx, rng=None, pos0: int = 0):
+        sp = self.sequence_parallel
         x = vocab_parallel_embedding_forward(
-            self.wte.value, self.wpe.value, idx, self.v0, self.tp, pos0
+            self.wte.value, self.wpe.value, idx, self.v0, self.tp, pos0, sequence_parallel=sp
         )
         mask = None
         if rng is not None and self.dropout > 0:
-            x, mask = dropout_forward(x, self.dropout, dropout_site(rng, 0))
+            site = dropout_site(rng, 0)
+            x, mask = dropout_forward(x, self.dropout, slice_rng(site, x, self.tp) if sp else site)
         return x, (idx, mask)
 
     def backward(self, dx, cache, accumulate: bool) -> None:
         idx, mask = cache
         if mask is not None:
             dropout_backward(dx, mask)
+        if (
+            self.sequence_parallel
+        ):  # the forward's reduce-scatter, backward: every position's gradient
+            dx = reduce_scatter_to_sequence_parallel_region_backward(dx, self.tp)
         # frozen (LoRA, train.freeze): no scatter into it; wpe's gradient as before
         if self.wte.grad is None:
             position_embedding_backward(dx, self.wpe.grad, accumulate)
@@ -130,7 +198,12 @@ class Block:
 
     p holds the block's parameters by their names within it ("attn.c_attn.weight", ...), LoRA's adapters among them
     ("attn.c_attn.lora_A", "attn.c_attn.lora_B": that linear layer then adds lora_scale * x A B); frozen: the names
-    of those not trained, whose linear layers skip their weight gradients (LayerNorms' are computed, and ignored)."""
+    of those not trained, whose linear layers skip their weight gradients (LayerNorms' are computed, and ignored).
+
+    sequence_parallel: x is this TP rank's slice of positions (B, T/tp, C); the linears gather from it and
+    reduce-scatter back into it (tensor_parallel.py), the LayerNorms, the branch dropouts and the residual adds run
+    on it, and the LayerNorms' partial gradients are summed over the TP group at the end of backward
+    (SlicePartials)."""
 
     def __init__(
         self,
@@ -142,8 +215,14 @@ class Block:
         prec: Precision = FP32,
         lora_scale: float = 0.0,
         frozen=frozenset(),
+        selective: bool = False,
+        sequence_parallel: bool = False,
     ):
         self.layer, self.dropout, self.prec = layer, dropout, prec
+        self.selective = (
+            selective  # train.recompute = "selective": attention's core again in backward
+        )
+        self.tp, self.sequence_parallel = tp, sequence_parallel
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
 
@@ -162,14 +241,19 @@ class Block:
                     else p[f"{name}.{k}"]
                     for k in ("lora_A", "lora_B")
                 ) + (lora_scale,)
-            return kind(w, b, tp, prec, lora)
+            return kind(w, b, tp, prec, lora, sequence_parallel)
 
         # none with model.bias = false
         b = {k: p.get(k, NO_PARAM) for k in ("ln_1.bias", "ln_2.bias")}
-        self.ln_1 = LayerNorm(p["ln_1.weight"], b["ln_1.bias"], prec)
+        ln = [p["ln_1.weight"], b["ln_1.bias"], p["ln_2.weight"], b["ln_2.bias"]]
+        # sequence parallelism: the LayerNorms see this rank's positions, their gradients are partial sums
+        self.partials = SlicePartials(ln, tp) if sequence_parallel else None
+        if self.partials is not None:
+            ln = self.partials.params
+        self.ln_1 = LayerNorm(ln[0], ln[1], prec)
         self.qkv = linear(ColumnParallelLinear, "attn.c_attn")
         self.attn_proj = linear(RowParallelLinear, "attn.c_proj")
-        self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"], prec)
+        self.ln_2 = LayerNorm(ln[2], ln[3], prec)
         self.fc = linear(ColumnParallelLinear, "mlp.c_fc")
         self.mlp_proj = linear(RowParallelLinear, "mlp.c_proj")
 
@@ -178,18 +262,22 @@ class Block:
         pos0 (the cache returned is then of no use: there is no backward)."""
         drop = self.dropout if rng is not None else 0.0
         rng = dropout_site(rng, self.layer + 1) if drop > 0 else None
+        # the branch dropouts' masks: at this rank's positions under sequence parallelism
+        branch_rng = slice_rng(rng, x, self.tp) if self.sequence_parallel else rng
         h1, ln1 = self.ln_1.forward(x)
         qkv, c_qkv = self.qkv.forward(h1)
         if kv is None:
             heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, DropoutRNG) else rng
-            y, att = attention_forward(qkv, self.heads, drop, heads_rng, self.prec)
+            y, att = attention_forward(
+                qkv, self.heads, drop, heads_rng, self.prec, keep_probs=not self.selective
+            )
         else:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
         a, c_aproj = self.attn_proj.forward(y)
         a_mask = None
         if drop > 0:
-            a, a_mask = dropout_forward(a, drop, rng)
+            a, a_mask = dropout_forward(a, drop, branch_rng)
         # the residual input is not needed again: LayerNorm's cache holds its normalised copy
         x += a
         h2, ln2 = self.ln_2.forward(x)
@@ -199,32 +287,48 @@ class Block:
         del g
         m_mask = None
         if drop > 0:
-            m, m_mask = dropout_forward(m, drop, rng)
+            m, m_mask = dropout_forward(m, drop, branch_rng)
         x += m
         keep = self.prec.keep
         return x, BlockCache(
             ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), keep(gt), c_mproj, m_mask
         )
 
-    def backward(self, dx, cache: BlockCache, accumulate: bool):
-        """dx: the gradient of the block's output (updated in place into that of its input, and returned)."""
+    def backward(self, dx, cache: BlockCache, accumulate: bool, rng=None):
+        """dx: the gradient of the block's output (updated in place into that of its input, and returned). rng: the
+        forward's dropout rng (a DropoutRNG), to draw attention's masks again under selective recompute."""
         c, use = cache, self.prec.use
+        # sequence parallelism: the LayerNorms' partial gradients go to SlicePartials' buffer, reduced below
+        ln_accumulate = accumulate and self.partials is None
         dm = dx if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
         dg = self.mlp_proj.backward(dm, c.mlp_proj, accumulate)
         df = gelu_backward(dg, use(c.fc_out, dg.dtype), use(c.gelu_t, dg.dtype))  # consumes gelu_t
         dh2 = self.fc.backward(df, c.fc, accumulate)
-        dx += self.ln_2.backward(dh2, c.ln_2, accumulate)
+        dx += self.ln_2.backward(dh2, c.ln_2, ln_accumulate)
         da = dx if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
         dy = self.attn_proj.backward(da, c.attn_proj, accumulate)
-        dqkv = attention_backward(dy, c.attn, self.heads, self.prec)
+        drop, heads_rng = 0.0, None
+        if (
+            c.attn[1] is None and rng is not None and self.dropout > 0
+        ):  # selective: a fresh site, same masks
+            drop = self.dropout
+            heads_rng = dropout_site(rng, self.layer + 1).for_heads(*self.head_range)
+        dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng)
         dh1 = self.qkv.backward(dqkv, c.qkv, accumulate)
-        dx += self.ln_1.backward(dh1, c.ln_1, accumulate)
+        dx += self.ln_1.backward(dh1, c.ln_1, ln_accumulate)
+        if self.partials is not None:
+            self.partials.reduce(accumulate)
         return dx
 
 
 class Head:
     """Final LayerNorm, the tied LM head (logits = x wte^T on this rank's vocabulary slice: a column-parallel layer
-    whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy."""
+    whose weight is the embedding, with its f mapping) and the vocabulary-parallel cross-entropy.
+
+    sequence_parallel: x is this TP rank's slice of positions; ln_f runs on it (its gradients summed over the TP group
+    at the end of backward, SlicePartials), then the slice is gathered into the logits matmul, kept as the slice and
+    gathered again in backward for wte's gradient, and the input gradient is reduce-scattered (ColumnParallelLinear's
+    sequence-parallel mapping)."""
 
     def __init__(
         self,
@@ -235,17 +339,25 @@ class Head:
         vocab_size: int,
         tp: Comm,
         prec: Precision = FP32,
+        sequence_parallel: bool = False,
     ):
+        self.partials = SlicePartials([ln_w, ln_b], tp) if sequence_parallel else None
+        if self.partials is not None:
+            ln_w, ln_b = self.partials.params
         self.ln_f = LayerNorm(ln_w, ln_b, prec)
         self.wte, self.v0, self.vocab_size, self.tp, self.prec = wte, v0, vocab_size, tp, prec
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x, targets=None, split: bool = False):
         """-> (mean loss, cache), or without targets (logits (B, T, vocab), None). The cross-entropy in the compute
         dtype (fp32), from logits whose matmul took operands in the precision's format. split (no targets): this
         rank's vocabulary slice of the logits, (B, T, padded_vocab / tp) from column self.v0, not gathered; the
         padding columns (>= vocab_size) are -inf there (sampling over the shards, generate.py)."""
-        B, T, C = x.shape
         xf, lnf = self.ln_f.forward(x)
+        if self.sequence_parallel:
+            kept = self.prec.keep(xf)  # the slice, for backward
+            xf = gather_from_sequence_parallel_region(self.prec.use(kept, xf.dtype), self.tp)
+        B, T, C = xf.shape
         xf2 = self.prec.operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
         if targets is None:
             logits = linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
@@ -258,18 +370,30 @@ class Head:
         loss, ce = vocab_parallel_cross_entropy_forward(
             logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp
         )
-        return loss, (lnf, self.prec.keep(xf2), ce, x.shape)
+        if not self.sequence_parallel:
+            kept = self.prec.keep(xf2)
+        return loss, (lnf, kept, ce, (B, T, C))
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
         lnf, xf2, ce, shape = cache
         dlogits = self.prec.round_(vocab_parallel_cross_entropy_backward(ce, loss_scale))
-        xf2 = self.prec.use(xf2, dlogits.dtype)
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
+            xf2 = self.prec.use(xf2, dlogits.dtype)
+            if self.sequence_parallel:  # the forward's gather again
+                xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, shape[-1])
             matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)
-        dx = copy_to_tp_region_backward(dlogits @ self.wte.value, self.tp).reshape(shape)
+        dx = (dlogits @ self.wte.value).reshape(shape)
         del dlogits, ce
-        return self.ln_f.backward(dx, lnf, accumulate)
+        if self.sequence_parallel:
+            dx = gather_from_sequence_parallel_region_backward(dx, self.tp)
+        else:
+            dx = copy_to_tp_region_backward(dx, self.tp)
+        if self.partials is None:
+            return self.ln_f.backward(dx, lnf, accumulate)
+        dx = self.ln_f.backward(dx, lnf, False)  # partial sums into SlicePartials' buffer
+        self.partials.reduce(accumulate)
+        return dx
 
 
 class ChunkCache(NamedTuple):
@@ -288,9 +412,11 @@ class Chunk:
     its input (None on the first). grad_offsets: for the head and each block, where its parameters start in the flat
     buffer; backward calls grad_ready(offset) once each one's gradients are final (data-parallel buckets start).
 
-    recompute (Megatron's full recompute): forward keeps only each block's input, and backward runs the block's
-    forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit for bit,
-    and a DropoutRNG's sites draw the same masks again."""
+    recompute "block" (Megatron's full recompute): forward keeps only each block's input, and backward runs the
+    block's forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit
+    for bit, and a DropoutRNG's sites draw the same masks again. "selective" (Megatron's selective recompute, built
+    into the blocks): each block keeps all but attention's probabilities and masks, which its backward recomputes
+    from the kept q, k, v; "none"."""
 
     def __init__(
         self,
@@ -299,16 +425,17 @@ class Chunk:
         blocks: list[Block],
         head: Head | None,
         grad_offsets: dict,
-        recompute: bool = False,
+        recompute: str = "none",
     ):
         self.vstage, self.embedding, self.blocks, self.head = vstage, embedding, blocks, head
         self.grad_offsets = grad_offsets  # {"head": offset, layer index: offset}
         self.recompute = recompute
 
     def forward(self, inp, targets=None, rng=None, keep_cache: bool = True):
-        recompute = keep_cache and self.recompute
+        recompute = keep_cache and self.recompute == "block"
         if (
-            recompute
+            keep_cache
+            and self.recompute != "none"
             and rng is not None
             and not isinstance(rng, DropoutRNG)
             and self.blocks[0].dropout > 0
@@ -345,9 +472,9 @@ class Chunk:
             ready(self.grad_offsets["head"])
         for block in reversed(self.blocks):
             block_cache = caches.pop()
-            if self.recompute:
+            if self.recompute == "block":
                 _, block_cache = block.forward(block_cache, rng)
-            dx = block.backward(dx, block_cache, accumulate)
+            dx = block.backward(dx, block_cache, accumulate, rng)
             ready(self.grad_offsets[block.layer])
         if self.embedding is None:
             return dx

@@ -7,6 +7,14 @@ Communication is named by what it does at the f/g points, so a reader sees every
     reduce_from_tp_region  forward: allreduce   backward: identity    (g: after a row-parallel layer)
     gather_from_tp_region  forward: allgather of the last axis        (full logits for inference)
 
+and, with sequence parallelism (Megatron-LM's: the residual stream between the layers is cut along the sequence, rank
+r holding positions [r T/tp, (r+1) T/tp), so LayerNorm, dropout and the residual adds run on 1/tp of it):
+
+    gather_from_sequence_parallel_region        forward: allgather along T        backward: reduce-scatter along T
+                                                (f's place: before a column-parallel layer and the head's logits)
+    reduce_scatter_to_sequence_parallel_region  forward: reduce-scatter along T   backward: allgather along T
+                                                (g's place: after a row-parallel layer and the embedding's sum)
+
 With a TP group of one rank every collective is a no-op and these layers are the plain ones.
 """
 
@@ -63,6 +71,34 @@ def gather_from_tp_region(x, comm: Comm):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Sequence parallelism's mappings: activations (B, T, C) cut along T (SEQ_AXIS) over the TP group
+
+SEQ_AXIS = 1
+
+
+def gather_from_sequence_parallel_region(x, comm: Comm):
+    """forward: every rank's slice of positions -> the whole sequence (rank order), where f would pass x through."""
+    return comm.allgather_along(x, SEQ_AXIS)
+
+
+def gather_from_sequence_parallel_region_backward(dx, comm: Comm):
+    """backward: each rank's gradient of the whole sequence is a partial (its shard's use of it): summed over the
+    group, each rank keeping its own positions."""
+    return comm.reduce_scatter_along(dx, SEQ_AXIS)
+
+
+def reduce_scatter_to_sequence_parallel_region(x, comm: Comm):
+    """forward: the partial outputs of a row-parallel layer summed, each rank keeping its own positions (g's
+    allreduce, of which each rank needs only its slice)."""
+    return comm.reduce_scatter_along(x, SEQ_AXIS)
+
+
+def reduce_scatter_to_sequence_parallel_region_backward(dx, comm: Comm):
+    """backward: every partial needs the gradient of every position: the slices gathered."""
+    return comm.allgather_along(dx, SEQ_AXIS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Column- and row-parallel linear layers: each owns its mapping, so every collective sits beside its twin
 
 
@@ -76,13 +112,35 @@ class ColumnParallelLinear:
     rank, B (r, out) split like w's columns. h's f: each rank's dh = s dy B_local^T is a partial, summed over the
     group (the allreduce of f's backward, (N, r) elements) before dA = x^T dh and the input gradient dh A^T, which
     is then the same on every rank and is added after the layer's own input-gradient allreduce. A weight whose
-    gradient is None (frozen) gets none computed."""
+    gradient is None (frozen) gets none computed.
 
-    def __init__(self, w: Param, b: Param, comm: Comm, prec: Precision = FP32, lora=None):
+    sequence_parallel: the input is this rank's slice of positions (B, T/tp, C), and the mapping is
+    gather_from_sequence_parallel_region instead of f: forward gathers the whole sequence for the matmul but keeps
+    only the slice (in the precision's format), backward gathers it again for the weight gradient (Megatron's
+    choice: the gathered copy would cost tp times the slice for as long as the micro-batch is in flight) and
+    reduce-scatters the input gradient instead of allreducing it. No LoRA with it (config check)."""
+
+    def __init__(
+        self,
+        w: Param,
+        b: Param,
+        comm: Comm,
+        prec: Precision = FP32,
+        lora=None,
+        sequence_parallel: bool = False,
+    ):
         self.w, self.b, self.comm, self.prec, self.lora = w, b, comm, prec, lora
+        self.sequence_parallel = sequence_parallel
+        assert lora is None or not sequence_parallel, "LoRA with sequence parallelism"
 
     def forward(self, x):
         """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
+        if self.sequence_parallel:
+            x = self.prec.keep(x)  # the slice
+            xu = gather_from_sequence_parallel_region(
+                self.prec.use(x, self.w.value.dtype), self.comm
+            )
+            return linear_forward(xu, self.w.value, self.b.value), x
         x = self.prec.keep(copy_to_tp_region(x, self.comm))
         xu = self.prec.use(x, self.w.value.dtype)
         y = linear_forward(xu, self.w.value, self.b.value)
@@ -96,6 +154,10 @@ class ColumnParallelLinear:
     def backward(self, dy, cache, accumulate: bool):
         x, h = cache if self.lora is not None else (cache, None)
         dy, x = self.prec.operand(dy), self.prec.use(x, dy.dtype)
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.comm)  # the forward's gather again
+            dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+            return gather_from_sequence_parallel_region_backward(dx, self.comm)
         dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
         dx = copy_to_tp_region_backward(dx, self.comm)
         if self.lora is not None:
@@ -116,16 +178,40 @@ class RowParallelLinear:
     lora = (A, B, s): a LoRA adapter, y += s h B with h = g(x_local A_local): A (in, r) split along its rows like w,
     B (r, out) replicated. h's g is an (N, r) allreduce in forward, the identity in backward: dB = s h^T dy and
     dh = s dy B^T are the same on every rank, dA_local = x_local^T dh and the input gradient dh A_local^T stay this
-    rank's share, as the layer's own."""
+    rank's share, as the layer's own.
 
-    def __init__(self, w: Param, b: Param, comm: Comm, prec: Precision = FP32, lora=None):
+    sequence_parallel: the mapping is reduce_scatter_to_sequence_parallel_region instead of g: forward sums the
+    partial products but keeps this rank's slice of positions (B, T/tp, C), the bias added on it; backward gathers
+    the output gradient of every position, so the bias gradient (summed over all of them) is whole on every rank,
+    not a partial. No LoRA with it (config check)."""
+
+    def __init__(
+        self,
+        w: Param,
+        b: Param,
+        comm: Comm,
+        prec: Precision = FP32,
+        lora=None,
+        sequence_parallel: bool = False,
+    ):
         self.w, self.b, self.comm, self.prec, self.lora = w, b, comm, prec, lora
+        self.sequence_parallel = sequence_parallel
+        assert lora is None or not sequence_parallel, "LoRA with sequence parallelism"
+        # the layer's own mapping and its backward twin
+        self.reduce, self.reduce_backward = (
+            (
+                reduce_scatter_to_sequence_parallel_region,
+                reduce_scatter_to_sequence_parallel_region_backward,
+            )
+            if sequence_parallel
+            else (reduce_from_tp_region, reduce_from_tp_region_backward)
+        )
 
     def forward(self, x):
         """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
         x = self.prec.keep(x)
         xu = self.prec.use(x, self.w.value.dtype)
-        y = reduce_from_tp_region(linear_forward(xu, self.w.value, None), self.comm)
+        y = self.reduce(linear_forward(xu, self.w.value, None), self.comm)
         if self.b.value is not None:
             y += self.b.value
         if self.lora is None:
@@ -137,7 +223,7 @@ class RowParallelLinear:
 
     def backward(self, dy, cache, accumulate: bool):
         x, h = cache if self.lora is not None else (cache, None)
-        dy = self.prec.operand(reduce_from_tp_region_backward(dy, self.comm))
+        dy = self.prec.operand(self.reduce_backward(dy, self.comm))
         x = self.prec.use(x, dy.dtype)
         dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
         if self.lora is not None:
@@ -202,10 +288,14 @@ def local_shape(spec, tp: int) -> tuple:
 # Vocabulary-parallel embedding: rank r holds rows [v0, v0 + Vl) of wte
 
 
-def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, pos0=0):
+def vocab_parallel_embedding_forward(
+    wte_local, wpe, idx, v0: int, comm: Comm, pos0=0, sequence_parallel: bool = False
+):
     """Token rows looked up where this rank holds them (zero elsewhere), summed over the TP group (g), plus wpe.
     pos0: the first position, an int or per row (B,) ints (decoding rows of different lengths). wte_local may be an
-    int8 quantize.QuantizedWeight: indexing it dequantizes the rows looked up."""
+    int8 quantize.QuantizedWeight: indexing it dequantizes the rows looked up. sequence_parallel: the sum is
+    reduce-scattered along T instead (this rank's slice of positions, (B, T/tp, C)), its positions added to it;
+    its backward's all-gather is the caller's (modules.Embedding)."""
     if isinstance(pos0, (int, np.integer)):
         if comm.size == 1 and isinstance(wte_local, np.ndarray):
             return embedding_forward(wte_local, wpe, idx, pos0)
@@ -222,6 +312,11 @@ def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, p
     mine = (local >= 0) & (local < wte_local.shape[0])
     x = wte_local[xp.where(mine, local, 0)]
     x *= mine[..., None]
+    if sequence_parallel:
+        x = reduce_scatter_to_sequence_parallel_region(x, comm)
+        t0 = comm.rank * x.shape[1]
+        x += positions[..., t0 : t0 + x.shape[1], :]
+        return x
     x = reduce_from_tp_region(x, comm)
     x += positions
     return x
@@ -230,7 +325,8 @@ def vocab_parallel_embedding_forward(wte_local, wpe, idx, v0: int, comm: Comm, p
 def vocab_parallel_embedding_backward(
     dx, idx, v0: int, dwte_local, dwpe, accumulate: bool, comm: Comm, accumulate_wte: bool = True
 ) -> None:
-    """dx is replicated over the TP group (g's backward is the identity): each rank scatters the rows it holds.
+    """dx is replicated over the TP group (g's backward is the identity; with sequence parallelism the caller has
+    all-gathered it, the reduce-scatter's backward): each rank scatters the rows it holds.
     accumulate_wte: add to wte's gradient (the tied head wrote it first) rather than overwrite it."""
     if comm.size == 1:
         return embedding_backward(dx, idx, dwte_local, dwpe, accumulate, accumulate_wte)

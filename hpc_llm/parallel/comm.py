@@ -182,6 +182,50 @@ class Comm:
         self._timed("allgather", out.nbytes, lambda: self.mpi.Allgather(x, out))
         return out
 
+    # -- sequence parallelism: an array cut into equal pieces along one axis (model/tensor_parallel.py) --------------
+
+    def allgather_along(self, x, axis: int):
+        """The whole array from every rank's piece x (the same shape and dtype on all): the pieces concatenated along
+        `axis` in rank order, a new array (x itself when alone). MPI delivers them stacked (size, *x.shape) in a
+        receive buffer, and the concatenation copies them out of it: two arrays of the whole size at the peak, the
+        receive buffer freed on return (none when axis is the leading one: the stack is then the result)."""
+        if self.size == 1:
+            return x
+        host = np.ascontiguousarray(_host(x))
+        recv = np.empty((self.size, *host.shape), dtype=host.dtype)
+        self._timed("allgather", recv.nbytes, lambda: self.mpi.Allgather(host, recv))
+        full = (
+            recv.reshape(self.size * host.shape[0], *host.shape[1:])
+            if axis == 0
+            else np.concatenate(recv, axis=axis)
+        )
+        return full if isinstance(x, np.ndarray) else array_module(x).asarray(full)
+
+    def reduce_scatter_along(self, x, axis: int):
+        """This rank's piece of the sum of x over the group (the same shape and dtype on every rank): the sum cut into
+        `size` equal pieces along `axis`, piece `rank`, a new array (x itself when alone). The pieces are first
+        copied into rank order (a send buffer of x's size; none when axis is the leading one)."""
+        if self.size == 1:
+            return x
+        from mpi4py import MPI
+
+        host = _host(x)
+        n, rest = divmod(host.shape[axis], self.size)
+        if rest:
+            raise ValueError(
+                f"reduce_scatter_along: axis {axis} of shape {host.shape} is not divisible by the {self.size} "
+                f"ranks of {self.name}"
+            )
+        split = host.reshape(*host.shape[:axis], self.size, n, *host.shape[axis + 1 :])
+        send = np.ascontiguousarray(np.moveaxis(split, axis, 0))
+        recv = np.empty(send.shape[1:], dtype=host.dtype)
+        self._timed(
+            "reduce_scatter",
+            host.nbytes,
+            lambda: self.mpi.Reduce_scatter_block(send, recv, op=MPI.SUM),
+        )
+        return recv if isinstance(x, np.ndarray) else array_module(x).asarray(recv)
+
     # -- raw-byte collectives for compressed gradients (parallel/compression.py) --------------------------------------
     # MPI has no standard 16-bit floating reduction, so 16-bit buffers only travel here (as uint16 words: bf16 has no
     # MPI datatype, and moving bits needs none); their sums are formed in fp32 by the caller. `kind` and `nbytes` name

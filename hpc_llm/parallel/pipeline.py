@@ -35,8 +35,8 @@ def run_schedule(
     grad_ready=None,
 ) -> dict[int, float]:
     """Run `ops` on this rank. micro_batch(micro) -> (tokens, targets, dropout rng) of this rank's rows; loss_scale
-    multiplies every micro-batch's loss in backward; act_shape: an activation's (rows, T, C), the shape of every
-    message. Returns {micro: loss} on the last stage ({} elsewhere)."""
+    multiplies every micro-batch's loss in backward; act_shape: an activation's shape (model.act_shape: (rows, T, C),
+    T/tp with sequence parallelism), that of every message. Returns {micro: loss} on the last stage ({} elsewhere)."""
     losses, caches, started, final = {}, {}, set(), set()
     last_backward = {op.chunk: k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD}
     pending = None  # (handle, buffer) of the receive posted for the current op
@@ -112,7 +112,7 @@ def forward_only(model, pipe: PipelineComm | None, x, y):
     for chunk in model.chunks:
         inp = x
         if chunk.embedding is None:
-            inp = model.xp.empty((*x.shape, model.cfg.n_embd), dtype=model.dtype)
+            inp = model.xp.empty(model.act_shape(*x.shape), dtype=model.dtype)
             pipe.recv_forward(inp, 0, chunk.vstage).wait()
         out, _ = chunk.forward(inp, y if chunk.head else None, keep_cache=False)
         if chunk.head is not None:

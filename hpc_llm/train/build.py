@@ -53,9 +53,10 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         seed=t.seed,
         tp_comm=grid.tp_comm,
         plan=plan,
-        recompute=t.recompute == "block",
+        recompute=t.recompute,
         precision=t.precision,
         freeze=t.freeze,
+        sequence_parallel=par.sequence_parallel,
     )
     ops = schedule(par.schedule, par.pp, grid.pp_rank, t.grad_accum, par.virtual_stages)
     pipe = PipelineComm(grid.pp_comm, plan.n_virtual) if par.pp > 1 else None

@@ -177,7 +177,7 @@ class Trainer:
         unscaled gradient norm. A non-finite norm on any rank makes the loss NaN on every rank."""
         t, dp = self.cfg.train, self.grid.dp
         self.sync.start(self.step)
-        shape = (self.rows.stop - self.rows.start, self.cfg.model.block_size, self.cfg.model.n_embd)
+        shape = self.model.act_shape(self.rows.stop - self.rows.start, self.cfg.model.block_size)
         # 1/dp: the bucket allreduce sums over data-parallel ranks, each holding a mean over its rows
         scale = loss_scale / (t.grad_accum * dp)
         schedule = (self.model, self.ops, self.pipe, self.micro_batch)

@@ -115,9 +115,11 @@ SHAPES = {
 SETTINGS = {
     "fp32": ("fp32", "none"),
     "fp32+recompute": ("fp32", "block"),
+    "fp32+selective": ("fp32", "selective"),
     "bf16": ("bf16", "none"),
     "fp16": ("fp16", "none"),
     "bf16+recompute": ("bf16", "block"),
+    "bf16+selective": ("bf16", "selective"),
 }
 
 

@@ -1,8 +1,10 @@
 """train.recompute = "block" (Megatron's full recompute): backward runs each block's forward again from its kept
-input instead of keeping its activations. The same arithmetic on the same input gives the same cache bit for bit,
-and a DropoutRNG's sites draw the same masks again, so the gradients are bitwise those of keeping activations: in
-one process (float32 and float64, dropout on, gradient accumulation), and through the trainer at tp 2 and pp 2.
-Recompute must also keep less: only each block's input."""
+input instead of keeping its activations; "selective" (Megatron's selective recompute): each block keeps all but
+attention's probabilities and dropout masks, which backward recomputes from the kept q, k, v. The same arithmetic on
+the same input gives the same values bit for bit, and a DropoutRNG's sites draw the same masks again, so the
+gradients are bitwise those of keeping activations: in one process (float32 and float64, dropout on, gradient
+accumulation, 1-3 query blocks), and through the trainer at tp 2 and pp 2. Recompute must also keep less: "block"
+only each block's input, "selective" exactly the probabilities and masks less."""
 
 from __future__ import annotations
 
@@ -17,15 +19,25 @@ from hpc_llm.model.layers import DropoutRNG
 from hpc_llm.parallel.grid import make_grid
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_recompute_gradients_are_bitwise_the_same(dtype):
+@pytest.mark.parametrize(
+    "mode, dtype, T",
+    [
+        ("block", "float32", 12),
+        ("block", "float64", 12),
+        ("selective", "float32", 12),
+        ("selective", "float64", 12),
+        # 3 query blocks (layers.ATTN_BLOCK = 128): each block's mask is drawn again in forward's order
+        ("selective", "float64", 300),
+    ],
+)
+def test_recompute_gradients_are_bitwise_the_same(mode, dtype, T):
     cfg = ModelConfig(
-        n_layer=3, n_head=2, n_embd=16, block_size=12, vocab_size=40, dropout=0.2, dtype=dtype
+        n_layer=3, n_head=2, n_embd=16, block_size=T, vocab_size=40, dropout=0.2, dtype=dtype
     )
-    keep, again = GPT(cfg, seed=3), GPT(cfg, seed=3, recompute=True)
+    keep, again = GPT(cfg, seed=3), GPT(cfg, seed=3, recompute=mode)
     rng = np.random.default_rng(0)
     for micro in range(2):  # two micro-batches accumulated
-        x, y = rng.integers(0, 40, (4, 12)), rng.integers(0, 40, (4, 12))
+        x, y = rng.integers(0, 40, (4, T)), rng.integers(0, 40, (4, T))
         losses = [
             m.forward(x, y, rng=DropoutRNG(7, 0, micro, range(4)), keep_cache=True)
             for m in (keep, again)
@@ -41,18 +53,31 @@ def test_recompute_gradients_are_bitwise_the_same(dtype):
     assert not np.array_equal(keep.grad_flat, again.grad_flat)
 
 
-def test_recompute_keeps_only_block_inputs():
-    cfg = ModelConfig(n_layer=4, n_head=2, n_embd=32, block_size=64, vocab_size=40, dtype="float32")
-    x = np.random.default_rng(0).integers(0, 40, (2, 64))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recompute_keeps_less(dropout):
+    T, b, H = 64, 2, 2
+    cfg = ModelConfig(
+        n_layer=4,
+        n_head=H,
+        n_embd=32,
+        block_size=T,
+        vocab_size=40,
+        dropout=dropout,
+        dtype="float32",
+    )
+    x = np.random.default_rng(0).integers(0, 40, (b, T))
     kept = {}
-    for recompute in (False, True):
+    for recompute in ("none", "selective", "block"):
         model = GPT(cfg, seed=1, recompute=recompute)
-        _, cache = model.chunks[0].forward(x, x, None)
+        _, cache = model.chunks[0].forward(x, x, DropoutRNG(1, 0, 0, range(b)))
         kept[recompute] = cache_bytes(cache[1])  # the blocks' part
-    block_input = 2 * 64 * 32 * 4
-    assert kept[True] == cfg.n_layer * block_input
+    block_input = b * T * 32 * 4
+    assert kept["block"] == cfg.n_layer * block_input
     # attention probabilities, MLP activations, LayerNorm outputs, ...
-    assert kept[False] > 10 * kept[True]
+    assert kept["none"] > 10 * kept["block"]
+    # selective: exactly each block's probabilities (T x T causal, one query block: T^2 per head) and their masks
+    probs = b * H * T * T * 4
+    assert kept["none"] - kept["selective"] == cfg.n_layer * probs * (2 if dropout else 1)
 
 
 def test_recompute_with_a_plain_generator_and_dropout_is_refused():
@@ -61,10 +86,11 @@ def test_recompute_with_a_plain_generator_and_dropout_is_refused():
         n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, dropout=0.1, dtype="float64"
     )
     x = np.zeros((1, 4), dtype=np.int64)
-    with pytest.raises(ValueError, match="DropoutRNG"):
-        GPT(cfg, seed=0, recompute=True).forward(
-            x, x, rng=np.random.default_rng(0), keep_cache=True
-        )
+    for mode in ("block", "selective"):
+        with pytest.raises(ValueError, match="DropoutRNG"):
+            GPT(cfg, seed=0, recompute=mode).forward(
+                x, x, rng=np.random.default_rng(0), keep_cache=True
+            )
 
 
 @pytest.mark.parametrize(
@@ -89,13 +115,15 @@ def test_recompute_through_the_trainer_is_bitwise(layout, data_dir, shared_tmp_p
             run_config(data_dir, shared_tmp_path / r, **common, **{"train.recompute": r}),
             make_grid(MPI.COMM_WORLD, tp, pp),
         )
-        for r in ("none", "block")
+        for r in ("none", "selective", "block")
     }
-    a, b = runs["none"], runs["block"]
-    same = (
-        all(a.metrics.train[k] == b.metrics.train[k] for k in ("loss", "grad_norm"))
-        and crc(a.model.flat) == crc(b.model.flat)
-        and b.model.recompute
-        and not a.model.recompute
-    )
-    check(same, f"losses {a.metrics.train['loss']} vs {b.metrics.train['loss']}")
+    a = runs["none"]
+    for mode in ("selective", "block"):
+        b = runs[mode]
+        same = (
+            all(a.metrics.train[k] == b.metrics.train[k] for k in ("loss", "grad_norm"))
+            and crc(a.model.flat) == crc(b.model.flat)
+            and b.model.recompute == mode
+            and a.model.recompute == "none"
+        )
+        check(same, f"{mode}: losses {a.metrics.train['loss']} vs {b.metrics.train['loss']}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import TP_RTOL, check, mismatch
+from helpers import F64_RTOL, TP_RTOL, check, crc, mismatch
 from mpi4py import MPI
 
 from hpc_llm.config import ModelConfig
@@ -475,4 +475,198 @@ def test_gpt_equals_single_process():
             bad += mismatch(
                 np.concatenate(pieces, axis=1), want_logits, f"{w} forward_cached logits"
             )
+    check(not bad, "\n".join(bad))
+
+
+# -- sequence parallelism --------------------------------------------------------------------------------------------
+
+
+def test_dropout_rng_for_positions_draws_the_single_process_masks():
+    """A slice's view draws, for each row, the masks of all T positions and keeps its own: the slices' masks put
+    together are the full draw, and the site's later draws (another dropout at the same site) follow in the same
+    order as in the single process, after a heads view's draw too."""
+    B, T, C, tp = 3, 8, 5, 4
+    full = L.DropoutRNG(5, 2, 1, range(10, 10 + B)).site(3)
+    want = [full.for_heads(0, 4, 4).random((B, 4, 2, 2), np.float64)] + [
+        full.random((B, T, C), np.float64) for _ in range(2)
+    ]
+    pieces = []
+    for r in range(tp):
+        site = L.DropoutRNG(5, 2, 1, range(10, 10 + B)).site(3)
+        site.for_heads(r, r + 1, 4).random((B, 1, 2, 2), np.float64)
+        view = site.for_positions(2 * r, 2 * r + 2, T)
+        pieces.append([view.random((B, 2, C), np.float64) for _ in range(2)])
+    for k in range(2):
+        got = np.concatenate([p[k] for p in pieces], axis=1)
+        assert np.array_equal(got, want[k + 1]), k
+    whole = L.DropoutRNG(5, 2, 1, range(10, 10 + B)).site(3).for_positions(0, T, T)
+    assert np.array_equal(whole.random((B, 4, 2, 2), np.float64), want[0])
+
+
+@pytest.mark.parallel(nprocs=NPROCS)
+def test_sequence_parallel_mappings():
+    """gather_from_sequence_parallel_region: each rank's slice of positions -> the whole sequence in rank order
+    (bitwise, one allgather); its backward: the sum over the group of each rank's gradient, this rank's positions
+    (one reduce-scatter). reduce_scatter_to_sequence_parallel_region and its backward the other way round. Against
+    float64 references every rank computes from the same inputs; the ledger counts the whole array's bytes. And
+    Comm's two methods along the other axes (the first: no copies)."""
+    bad = []
+    for tp in tp_sizes():
+        grid = make_grid(MPI.COMM_WORLD, tp)
+        comm, r = grid.tp_comm, grid.tp_rank
+        rng = np.random.default_rng(8)
+        B, T, C = 3, 4 * tp, 5
+        n = T // tp
+        full = rng.standard_normal((B, T, C))
+        # each rank's own array (its partial of a sum), which every rank can make
+        parts = rng.standard_normal((tp, B, T, C))
+        summed = parts.sum(axis=0)
+        mine = full[:, r * n : (r + 1) * n].copy()
+        cases = [
+            ("gather forward", TP.gather_from_sequence_parallel_region, mine, full, "allgather"),
+            (
+                "gather backward",
+                TP.gather_from_sequence_parallel_region_backward,
+                parts[r].copy(),
+                summed[:, r * n : (r + 1) * n],
+                "reduce_scatter",
+            ),
+            (
+                "reduce-scatter forward",
+                TP.reduce_scatter_to_sequence_parallel_region,
+                parts[r].copy(),
+                summed[:, r * n : (r + 1) * n],
+                "reduce_scatter",
+            ),
+            (
+                "reduce-scatter backward",
+                TP.reduce_scatter_to_sequence_parallel_region_backward,
+                mine,
+                full,
+                "allgather",
+            ),
+        ]
+        for what, fn, x, want, kind in cases:
+            before = x.copy()
+            grid.world.ledger.reset()
+            got = fn(x, comm)
+            w = f"tp {tp} {what}"
+            # data movement: bitwise; a sum: to a few roundings (tp 2 is one exact-order addition)
+            bad += mismatch(got, want, w, rtol=0 if kind == "allgather" else TP_RTOL)
+            bad += mismatch(x, before, f"{w}: its input changed", rtol=0)
+            ledger = grid.world.ledger
+            if dict(ledger.calls) != {f"tp.{kind}": 1} or ledger.bytes[f"tp.{kind}"] != full.nbytes:
+                bad.append(
+                    f"{w}: ledger {ledger.summary()}, expected one tp.{kind} of {full.nbytes} B"
+                )
+        for axis in (0, 2):
+            shape = [2 * tp, 3, 2 * tp]
+            a = rng.standard_normal((tp, *shape))
+            k = shape[axis] // tp
+            piece = (slice(None),) * axis + (slice(r * k, (r + 1) * k),)
+            got = comm.allgather_along(np.ascontiguousarray(a[0][piece]), axis)
+            bad += mismatch(got, a[0], f"tp {tp} allgather_along axis {axis}", rtol=0)
+            got = comm.reduce_scatter_along(a[r].copy(), axis)
+            bad += mismatch(got, a.sum(axis=0)[piece], f"tp {tp} reduce_scatter_along axis {axis}")
+    check(not bad, "\n".join(bad))
+
+
+def _sp_pair(tp_comm, n_layer: int = 2, **kw):
+    """The same float64 model with dropout 0.2 and a padded vocabulary (65 -> 128), sequence-parallel over tp_comm
+    and in one process."""
+    cfg = ModelConfig(
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=32,
+        block_size=16,
+        vocab_size=65,
+        dropout=0.2,
+        dtype="float64",
+    )
+    return GPT(cfg, seed=7, tp_comm=tp_comm, sequence_parallel=True, **kw), GPT(cfg, seed=7)
+
+
+@pytest.mark.parallel(nprocs=NPROCS)
+def test_sequence_parallel_block_equals_single_process():
+    """One block with sequence parallelism, dropout 0.2, float64: its output at this rank's positions and its input
+    gradient there equal the single process's block's, and so do all its parameter gradients (the LayerNorms' summed
+    over the TP group), over two micro-batches accumulated. The collectives: the forward gathers twice and
+    reduce-scatters twice, no allreduce; backward also gathers the output gradients and the inputs again, and sums
+    the LayerNorms' partials in one allreduce."""
+    bad = []
+    for tp in tp_sizes():
+        grid = make_grid(MPI.COMM_WORLD, tp)
+        r = grid.tp_rank
+        model, ref = _sp_pair(grid.tp_comm, n_layer=1)
+        blk, ref_blk = model.chunks[0].blocks[0], ref.chunks[0].blocks[0]
+        rng = np.random.default_rng(21)
+        B, T, C = 3, 16, 32
+        n = T // tp
+        pos = slice(r * n, (r + 1) * n)
+        w = f"tp {tp} block"
+        for micro in range(2):
+            x, dout = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, C))
+            drop = L.DropoutRNG(3, 1, micro, range(4, 4 + B))
+            y_ref, c_ref = ref_blk.forward(x.copy(), drop)
+            dx_ref = ref_blk.backward(dout.copy(), c_ref, accumulate=micro > 0)
+            grid.world.ledger.reset()
+            y, c = blk.forward(np.ascontiguousarray(x[:, pos]), drop)
+            fwd = dict(grid.world.ledger.calls)
+            grid.world.ledger.reset()
+            dx = blk.backward(np.ascontiguousarray(dout[:, pos]), c, accumulate=micro > 0)
+            bwd = dict(grid.world.ledger.calls)
+            bad += mismatch(y, y_ref[:, pos], f"{w} micro {micro} output", rtol=F64_RTOL)
+            bad += mismatch(dx, dx_ref[:, pos], f"{w} micro {micro} input gradient", rtol=F64_RTOL)
+            if fwd != {"tp.allgather": 2, "tp.reduce_scatter": 2}:
+                bad.append(f"{w}: forward's collectives {fwd}")
+            if bwd != {"tp.allgather": 4, "tp.reduce_scatter": 2, "tp.allreduce": 1}:
+                bad.append(f"{w}: backward's collectives {bwd}")
+        grads = model.full_tensors(model.grad_flat)
+        for name in (k for k in ref.grads if k.startswith("h.0.")):
+            bad += mismatch(grads[name], ref.grads[name], f"{w} gradient {name}", rtol=F64_RTOL)
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=NPROCS)
+def test_sequence_parallel_model_equals_single_process():
+    """The whole model (a chunk: embedding, 2 blocks, head) with sequence parallelism, dropout 0.2, float64, two
+    micro-batches accumulated: losses and every gradient equal the single process's (1e-10); block and selective
+    recompute give bitwise the same losses and gradients; replicated gradients (LayerNorms, biases, wpe) bitwise the
+    same on every TP rank; the logits too. Collectives of a forward: the embedding's reduce-scatter, two gathers and two
+    reduce-scatters per block, the head's gather, the cross-entropy's three small allreduces."""
+    bad = []
+    for tp in tp_sizes():
+        grid = make_grid(MPI.COMM_WORLD, tp)
+        w = f"tp {tp} model"
+        model, ref = _sp_pair(grid.tp_comm)
+        again = {how: _sp_pair(grid.tp_comm, recompute=how)[0] for how in ("block", "selective")}
+        rng = np.random.default_rng(22)
+        B, T = 3, 16
+        for micro in range(2):
+            x, y = rng.integers(0, 65, (B, T)), rng.integers(0, 65, (B, T))
+            drop = L.DropoutRNG(3, 1, micro, range(B))
+            want = ref.forward(x, y, rng=drop, keep_cache=True)
+            ref.backward(loss_scale=0.5, accumulate=micro > 0)
+            grid.world.ledger.reset()
+            loss = model.forward(x, y, rng=drop, keep_cache=True)
+            calls = dict(grid.world.ledger.calls)
+            model.backward(loss_scale=0.5, accumulate=micro > 0)
+            losses = {}
+            for how, m in again.items():
+                losses[how] = m.forward(x, y, rng=drop, keep_cache=True)
+                m.backward(loss_scale=0.5, accumulate=micro > 0)
+            if not abs(loss - want) <= F64_RTOL * abs(want) or set(losses.values()) != {loss}:
+                bad.append(f"{w} micro {micro}: loss {loss!r} (recompute {losses}), want {want!r}")
+            if calls != {"tp.reduce_scatter": 5, "tp.allgather": 5, "tp.allreduce": 3}:
+                bad.append(f"{w}: forward's collectives {calls}")
+        grads = model.full_tensors(model.grad_flat)
+        for name, g in ref.grads.items():
+            bad += mismatch(grads[name], g, f"{w} gradient {name}", rtol=F64_RTOL)
+        for how, m in again.items():
+            if not np.array_equal(model.grad_flat, m.grad_flat):
+                bad.append(f"{w}: {how} recompute's gradients are not bitwise the same")
+        replicated = np.concatenate([model.grad_flat[a:b] for a, b in model.replicated_ranges()])
+        if len(set(grid.tp_comm.mpi.allgather(crc(replicated)))) != 1:
+            bad.append(f"{w}: replicated gradients differ across the TP group")
+        bad += mismatch(model.logits(x), ref.logits(x), f"{w} logits", rtol=F64_RTOL)
     check(not bad, "\n".join(bad))

@@ -49,13 +49,15 @@ from hpc_llm.parallel.grid import make_grid, single_process_grid
 from hpc_llm.runtime.stop import StopRequest
 from hpc_llm.train.trainer import VAL_STREAM, Trainer
 
-# name: (ranks, parallel.tp, train.grad_accum)
+# name: (ranks, parallel.tp, train.grad_accum, parallel.sequence_parallel)
 LAYOUTS = {
-    "DP2": (2, 1, 2),
-    "TP2": (2, 2, 1),
-    "TP4": (4, 4, 1),
-    "DP2xTP2": (4, 2, 2),
-    "DP4": (4, 1, 1),
+    "DP2": (2, 1, 2, False),
+    "TP2": (2, 2, 1, False),
+    "TP4": (4, 4, 1, False),
+    "DP2xTP2": (4, 2, 2, False),
+    "DP4": (4, 1, 1, False),
+    "TP2-SP": (2, 2, 2, True),
+    "DP2xTP2-SP": (4, 2, 2, True),
 }
 F32_RTOL = 1e-5
 F32_LR_FRACTION = 1e-3
@@ -134,8 +136,9 @@ LAYOUT_PARAMS = [
 @pytest.mark.parametrize("layout, zero", LAYOUT_PARAMS)
 def test_training_matches_single_process(layout, zero, data_dir, tmp_path, shared_tmp_path):
     """STEPS steps on the grid vs the single-process run, with dropout, float64 (tight) and float32: losses, grad
-    norms, evals and parameters; DP replicas bitwise identical; ZeRO-1's optimizer state 1/dp per rank."""
-    ranks, tp, accum = LAYOUTS[layout]
+    norms, evals and parameters; DP replicas bitwise identical; ZeRO-1's optimizer state 1/dp per rank. -SP:
+    sequence parallelism (the stream between layers cut along T over the TP group, its dropouts on the slices)."""
+    ranks, tp, accum, sp = LAYOUTS[layout]
     assert MPI.COMM_WORLD.Get_size() == ranks
     grid = make_grid(MPI.COMM_WORLD, tp)
     bad = []
@@ -147,16 +150,22 @@ def test_training_matches_single_process(layout, zero, data_dir, tmp_path, share
                 data_dir,
                 shared_tmp_path / f"par-{dtype}",
                 **common,
-                **{"parallel.tp": tp, "parallel.zero": zero},
+                **{"parallel.tp": tp, "parallel.zero": zero, "parallel.sequence_parallel": sp},
             ),
             grid,
         )
         ref = train(
             run_config(data_dir, tmp_path / f"ref-{dtype}", **common), single_process_grid()
         )
-        if par.grid.dp != ranks // tp or par.grid.tp != tp or len(par.sync.buckets) < 4:
+        if (
+            par.grid.dp != ranks // tp
+            or par.grid.tp != tp
+            or len(par.sync.buckets) < 4
+            or par.model.sequence_parallel != sp
+        ):
             bad.append(
-                f"layout: dp {par.grid.dp}, tp {par.grid.tp}, {len(par.sync.buckets)} buckets"
+                f"layout: dp {par.grid.dp}, tp {par.grid.tp}, {len(par.sync.buckets)} buckets, "
+                f"sequence parallel {par.model.sequence_parallel}"
             )
         bad += compare_runs(par, ref, dtype)
         bad += replica_checks(par)

@@ -1,4 +1,5 @@
-"""Pipeline parallelism end to end, under mpiexec (mpi-pytest): pp2, pp4, pp2 x dp2 and pp2 x tp2, each with every
+"""Pipeline parallelism end to end, under mpiexec (mpi-pytest): pp2, pp4, pp2 x dp2 and pp2 x tp2 (also with sequence
+parallelism: the messages between stages are then each TP rank's slice of positions), each with every
 schedule (1F1B, interleaved with 2 virtual stages, GPipe, and 1F1B on an uneven split) and ZeRO-1 off and on, dropout
 on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
 embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1,
@@ -34,8 +35,14 @@ from mpi4py import MPI
 import hpc_llm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 
-# name: (ranks, parallel.pp, parallel.tp)
-LAYOUTS = {"PP2": (2, 2, 1), "PP4": (4, 4, 1), "PP2xDP2": (4, 2, 1), "PP2xTP2": (4, 2, 2)}
+# name: (ranks, parallel.pp, parallel.tp, parallel.sequence_parallel)
+LAYOUTS = {
+    "PP2": (2, 2, 1, False),
+    "PP4": (4, 4, 1, False),
+    "PP2xDP2": (4, 2, 1, False),
+    "PP2xTP2": (4, 2, 2, False),
+    "PP2xTP2-SP": (4, 2, 2, True),
+}
 N_LAYER, STEPS = 8, 3
 COMMON = {
     "model.dtype": "float64",
@@ -79,12 +86,25 @@ def stage_checks(tr, pp: int, name: str) -> list[str]:
     return bad
 
 
+def message_checks(tr, name: str) -> list[str]:
+    """Every activation and gradient message of the last step and eval is one activation of this rank's rows: (rows,
+    T, C), with sequence parallelism (rows, T/tp, C)."""
+    m, ledger = tr.model, tr.grid.world.ledger
+    T = m.cfg.block_size // (tr.grid.tp if m.sequence_parallel else 1)
+    want = tr.cfg.train.batch_size // tr.grid.dp * T * m.cfg.n_embd * m.dtype.itemsize
+    kinds = [k for k in ledger.calls if k.startswith(("pp.send_", "pp.recv_"))]
+    sizes = {k: ledger.bytes[k] / ledger.calls[k] for k in kinds}
+    if not kinds or any(v != want for v in sizes.values()):
+        return [f"{name}: message bytes {sizes}, expected {want} each"]
+    return []
+
+
 @pytest.mark.parametrize(
     "layout",
     [pytest.param(n, marks=pytest.mark.parallel(nprocs=LAYOUTS[n][0]), id=n) for n in LAYOUTS],
 )
 def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_path):
-    ranks, pp, tp = LAYOUTS[layout]
+    ranks, pp, tp, sp = LAYOUTS[layout]
     assert MPI.COMM_WORLD.Get_size() == ranks
     ref = train(run_config(data_dir, tmp_path / "ref", **COMMON), single_process_grid())
     bad = []
@@ -95,7 +115,12 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
                 data_dir,
                 shared_tmp_path / f"{sched}-{zero}",
                 **{**COMMON, **overrides},
-                **{"parallel.pp": pp, "parallel.tp": tp, "parallel.zero": zero},
+                **{
+                    "parallel.pp": pp,
+                    "parallel.tp": tp,
+                    "parallel.zero": zero,
+                    "parallel.sequence_parallel": sp,
+                },
             )
             tr = train(cfg, make_grid(MPI.COMM_WORLD, tp, pp))
             if (tr.grid.pp, tr.grid.tp, tr.grid.dp, tr.sync.zero) != (
@@ -108,6 +133,7 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
                     f"{name}: grid pp {tr.grid.pp} tp {tr.grid.tp} dp {tr.grid.dp}, zero {tr.sync.zero}"
                 )
             bad += reference_checks(tr, ref, name) + stage_checks(tr, pp, name)
+            bad += message_checks(tr, name)
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
     check(not bad, "\n".join(bad))
 

@@ -1,6 +1,7 @@
 """A checkpoint written by one layout resumes under another: a DP2 x TP2 ZeRO-1 run saves after K steps, then TP4,
 DP4 (ZeRO-1) and a single process each resume it to N steps and follow the uninterrupted single-process run, each rank
-reading only its hyperslabs of the file.
+reading only its hyperslabs of the file. The same with sequence parallelism on the saving side, resumed with and
+without it, and bitwise at its own layout.
 
 float64, with dropout: the masks are a function of (seed, step, micro-batch, global row), so a change of layout cannot
 change them, and every run does the same arithmetic as the reference except for the order of sums (matmuls over TP
@@ -131,4 +132,72 @@ def test_dp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, shar
         bad += compare(tr, ref, name)
         if ranks > 1:
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=4)
+def test_sequence_parallel_checkpoint_resumes_under_other_layouts(
+    data_dir, tmp_path, shared_tmp_path
+):
+    """A DP2 x TP2 ZeRO-1 run with sequence parallelism saves after K steps (the checkpoint is logical, like any
+    other): at the same layout the resumed run ends bitwise equal to the uninterrupted one (losses, grad norms,
+    parameters, this rank's Adam moments); DP2 x TP2 without sequence parallelism, TP4 with it and a single process
+    each resume it on the single process's curve."""
+    assert MPI.COMM_WORLD.Get_size() == 4
+    sp = {"parallel.tp": 2, "parallel.zero": 1, "parallel.sequence_parallel": True}
+    ref = train(
+        run_config(data_dir, tmp_path / "ref", **COMMON, **{"train.max_iters": N}),
+        single_process_grid(),
+    )
+    full = train(
+        run_config(data_dir, shared_tmp_path / "full", **COMMON, **sp, **{"train.max_iters": N}),
+        make_grid(MPI.COMM_WORLD, 2),
+    )
+    first = train(
+        run_config(data_dir, shared_tmp_path / "first", **COMMON, **sp, **{"train.max_iters": K}),
+        make_grid(MPI.COMM_WORLD, 2),
+    )
+    path = first.summary["checkpoint"]
+    bad = []
+    if not (first.model.sequence_parallel and first.grid.dp == 2 and first.sync.zero):
+        bad.append(f"first run: dp {first.grid.dp}, zero {first.sync.zero}, not sequence parallel")
+    bad += compare(full, ref, "uninterrupted DP2xTP2-SP-zero1")
+
+    # name: (overrides, grid factory, out_dir); every 4-rank grid is built, and its Trainer run, on all 4 ranks
+    targets = {
+        "DP2xTP2-SP-zero1": (sp, lambda: make_grid(MPI.COMM_WORLD, 2), shared_tmp_path / "same"),
+        "DP2xTP2-zero1": (
+            {**sp, "parallel.sequence_parallel": False},
+            lambda: make_grid(MPI.COMM_WORLD, 2),
+            shared_tmp_path / "dp2xtp2",
+        ),
+        "TP4-SP": (
+            {"parallel.tp": 4, "parallel.sequence_parallel": True},
+            lambda: make_grid(MPI.COMM_WORLD, 4),
+            shared_tmp_path / "tp4",
+        ),
+        "TP1-single-process": ({}, single_process_grid, tmp_path / "tp1"),
+    }
+    for name, (overrides, grid, out) in targets.items():
+        tr = train(
+            run_config(data_dir, out, **COMMON, **overrides, **{"train.max_iters": N}),
+            grid(),
+            resume=path,
+        )
+        if tr.model.sequence_parallel != overrides.get("parallel.sequence_parallel", False):
+            bad.append(f"{name}: sequence parallel {tr.model.sequence_parallel}")
+        bad += compare(tr, ref, name)
+        if tr.grid.world.size > 1:
+            bad += [f"{name}: {b}" for b in replica_checks(tr)]
+        if name == "DP2xTP2-SP-zero1":
+            for key in ("loss", "grad_norm", "lr"):
+                if tr.metrics.train[key] != full.metrics.train[key]:
+                    bad.append(f"{name} {key}: not bitwise the uninterrupted run's")
+            for what, a, b in (
+                ("parameters", tr.model.flat, full.model.flat),
+                ("Adam m", tr.opt.m, full.opt.m),
+                ("Adam v", tr.opt.v, full.opt.v),
+            ):
+                if not np.array_equal(a, b):
+                    bad.append(f"{name}: {what} not bitwise the uninterrupted run's")
     check(not bad, "\n".join(bad))

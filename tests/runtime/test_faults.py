@@ -438,14 +438,22 @@ NEW_PATHS = [
         "dp.powersgd_p",
     ),
     ("checkpoint-blocks", {}, "hang:save:1:4", "(writing checkpoint data)"),
+    # a step's first collective under sequence parallelism: the embedding's reduce-scatter along T
+    (
+        "sequence-parallel",
+        {"parallel.tp": 2, "parallel.sequence_parallel": True},
+        "hang:step:1:3",
+        "tp.reduce_scatter (2 ranks)",
+    ),
 ]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", NEW_PATHS, ids=[c[0] for c in NEW_PATHS])
 def test_a_stuck_peer_on_a_new_path_ends_the_job(case, data_dir, tmp_path):
-    """A rank stuck while its peer waits in the 16-bit gradient reduction, PowerSGD's factor allreduce or a save's
-    agreement: the peer's watchdog names the operation and the job ends within the timeout plus start-up."""
+    """A rank stuck while its peer waits in the 16-bit gradient reduction, PowerSGD's factor allreduce, a save's
+    agreement or sequence parallelism's first reduce-scatter: the peer's watchdog names the operation and the job
+    ends within the timeout plus start-up."""
     _, extra, fault, op = case
     cfg = config(
         data_dir,
@@ -457,3 +465,34 @@ def test_a_stuck_peer_on_a_new_path_ends_the_job(case, data_dir, tmp_path):
     assert rc != 0 and "hpc-llm: rank 0: no progress for" in err and op in err, (rc, err[-3000:])
     assert seconds < BOUND_S + 3
     verify_checkpoint(checkpoint_path(tmp_path / "run", 2))
+
+
+# a peer stuck (outside MPI) while rank 0 enters one of Comm's collectives on a group named "tp"
+STUCK_PEER = """
+import sys, time
+import numpy as np
+from mpi4py import MPI
+from hpc_llm.parallel.comm import Comm
+from hpc_llm.runtime.faults import WATCHDOG
+WATCHDOG.configure(2.0)
+comm = Comm(MPI.COMM_WORLD, name="tp")
+if comm.rank == 1:
+    time.sleep(300)
+getattr(comm, sys.argv[1])(np.ones((2, 4, 3)), 1)
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "method, op",
+    [
+        ("allgather_along", "tp.allgather (2 ranks)"),
+        ("reduce_scatter_along", "tp.reduce_scatter (2 ranks)"),
+    ],
+)
+def test_a_stuck_peer_in_a_sequence_parallel_collective_ends_the_job(method, op):
+    """Sequence parallelism's all-gather and reduce-scatter along T wait under the watchdog: rank 0 waiting in one
+    for a peer that never comes aborts the whole job after parallel.comm_timeout_s (2 s here), naming it."""
+    rc, _, err, seconds = run_mpi(2, [method], timeout=120, entry=("-c", STUCK_PEER))
+    assert rc != 0 and "hpc-llm: rank 0: no progress for" in err and op in err, (rc, err[-3000:])
+    assert seconds < BOUND_S
