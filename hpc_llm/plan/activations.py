@@ -77,13 +77,12 @@ def block_cache_bytes(
     )
 
 
-def attention_recompute_bytes(
-    b: int, T: int, H: int, tp: int, dropout: bool, act: int, compute: int
-) -> int:
-    """recompute "selective": what backward's attention phase rebuilds and holds for one block, the probabilities
-    (kept in the format, as forward keeps them) and the attention dropout masks (compute dtype)."""
-    att = b * (H // tp) * attention_scores(T)
-    return att * act + (att * compute if dropout else 0)
+def attention_recompute_bytes(b: int, T: int, H: int, tp: int, dropout: bool, compute: int) -> int:
+    """recompute "selective": what attention_backward holds on top of its usual temporaries while it rebuilds the
+    probabilities (and dropout masks) query block by query block, in the compute dtype: the largest block's, and the
+    next one's, built while the loop's variables still hold the previous."""
+    sizes = sorted(((q1 - q0) * q1 for q0, q1 in query_blocks(T)), reverse=True)
+    return b * (H // tp) * sum(sizes[:2]) * compute * (2 if dropout else 1)
 
 
 def chunk_cache_bytes(
@@ -101,7 +100,7 @@ def chunk_cache_bytes(
     """Bytes of one micro-batch's cache for a chunk (Chunk.forward's (emb_cache, caches, head_cache, rng)).
     recompute "block": each block keeps only a copy of its input (b, T, C), or its slice (b, T/tp, C) with sequence
     parallelism, and the cache is rebuilt in backward; "selective": block_cache_elems. sp: the embedding's dropout
-    mask and ln_f on the slice; the head keeps its all-gathered input (the logits' operand) whole."""
+    mask, ln_f and the logits' operand kept on the slice (the head gathers it again in backward)."""
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
     compute = act if compute is None else compute
     drop = cfg.dropout > 0
@@ -115,8 +114,8 @@ def chunk_cache_bytes(
         total += n_blocks * block_cache_bytes(b, T, C, H, tp, drop, act, compute, sp, recompute)
     if head:
         N, Vl = b * T, cfg.padded_vocab // tp
-        # (lnf = (xhat, rstd), xf2 = ln_f's output (gathered), ce = (probabilities, local targets, mask), shape)
-        total += act * (N * C // s + N * C) + compute * (N // s + N * Vl) + N * INDEX_BYTES + N
+        # (lnf = (xhat, rstd), xf2 = ln_f's output, ce = (probabilities, local targets, mask), shape)
+        total += act * 2 * N * C // s + compute * (N // s + N * Vl) + N * INDEX_BYTES + N
     return total
 
 
@@ -142,13 +141,14 @@ def block_backward_work(
     backward's dyh, dqkvh, per-block datt and its final transposed copy, `out += a @ b` when accumulating).
 
     sp: dx, the masks, LayerNorm's arrays and the input gradients leaving a column-parallel layer are on the slice;
-    each linear layer's backward holds a (b, T, C) temporary while it runs: the all-gathered dy of a row-parallel one,
-    the re-gathered input of a column-parallel one and its full input gradient before the reduce-scatter. comm16
-    (parallel.act_comm 16-bit): each tensor-parallel collective stages a 16-bit copy of its (b, T, C) buffer.
-    recomputed: bytes the attention phase rebuilds and holds on top (recompute "selective")."""
+    a row-parallel layer gathers its output gradient (Comm.allgather_along: a receive buffer and the concatenated
+    whole, 2 (b, T, C) at the peak, then the whole); a column-parallel one gathers its kept input again and
+    reduce-scatters its whole input gradient (Comm.reduce_scatter_along: the gathered input, the gradient, its copy
+    in rank order and the slice received: 3 (b, T, C) + the slice). comm16 (parallel.act_comm 16-bit): each
+    tensor-parallel collective stages a 16-bit copy of its (b, T, C) buffer. recomputed: bytes the attention phase
+    holds on top (recompute "selective": attention_recompute_bytes)."""
     n, nl, h, hd = b * T * C, b * T * C // tp, H // tp, C // H
     r = nl if sp else n  # the stream, the masks, LayerNorm's arrays: the slice with sp
-    gat = n if sp else 0  # a gathered (b, T, C) temporary
     c16 = 2 * n if comm16 and tp > 1 else 0  # the 16-bit copy a collective sends or receives
     blocks = query_blocks(T)
     wtemp = lambda rows, cols: rows * cols * grad if accumulate else 0  # noqa: E731
@@ -164,21 +164,28 @@ def block_backward_work(
         3 * nl,
     )
     base = act * (r + masks + dg)
-    # the fc and qkv input gradients before their reduce-scatter (sp; without it dh2 and dh1 are reduced in place)
-    partial = act * n if sp else 0
+    attention = base + act * (r + nl + nl + 3 * nl + att_tmp) + recomputed  # dyh, dqkvh, its peak
+    if not sp:
+        phases = [
+            base + max(wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj backward, GELU backward
+            base
+            + wtemp(C, 4 * C // tp)
+            + c16,  # fc's weight gradient (its input gradient allreduced)
+            base + act * (n + ln_tmp),  # ln_2 backward
+            base + act * (n + nl) + wtemp(C // tp, C),  # attn_proj backward
+            attention,
+            base + act * (n + nl + 3 * nl) + wtemp(C, 3 * C // tp) + c16,  # qkv's weight gradient
+            base + act * (n + nl + 3 * nl + n + ln_tmp),  # ln_1 backward
+        ]
+        return max(phases)
+    gather, scatter = act * 2 * n + c16, act * (3 * n + r) + c16  # the two collectives' peaks
     phases = [
-        base + max(wtemp(4 * C // tp, C) + (act * gat + c16 if sp else 0), act * gelu_tmp),
-        # mlp_proj backward (sp: dy gathered), GELU backward
-        base
-        + act * gat
-        + max(wtemp(C, 4 * C // tp), partial)
-        + c16,  # fc (sp: its input gathered again)
+        base + max(gather, act * n + wtemp(4 * C // tp, C), act * gelu_tmp),  # mlp_proj, GELU
+        base + max(scatter, act * n + wtemp(C, 4 * C // tp)),  # fc
         base + act * (r + ln_tmp),  # ln_2 backward
-        base + act * (r + nl + gat) + wtemp(C // tp, C) + (c16 if sp else 0),  # attn_proj backward
-        base
-        + act * (r + nl + nl + 3 * nl + att_tmp)
-        + recomputed,  # attention: dyh, dqkvh, its peak
-        base + act * (r + nl + 3 * nl + gat) + max(wtemp(C, 3 * C // tp), partial) + c16,  # qkv
+        base + act * r + max(gather, act * (n + nl) + wtemp(C // tp, C)),  # attn_proj
+        attention,
+        base + act * (r + nl + 3 * nl) + max(scatter, act * n + wtemp(C, 3 * C // tp)),  # qkv
         base + act * (r + nl + 3 * nl + r + ln_tmp),  # ln_1 backward
     ]
     return max(phases)
@@ -188,15 +195,15 @@ def block_forward_work(
     b: int, T: int, C: int, H: int, tp: int, act: int, sp: bool = False, comm16: bool = False
 ) -> int:
     """Peak extra bytes of Block.forward beyond what it keeps: the residual stream, the fused qkv output (deleted
-    after the head split) and the head-major attention output before its merge. sp: the stream is the slice, and
-    the all-gathered input of a column-parallel linear or the partial product before a row-parallel reduce-scatter
-    ((b, T, C) each, one at a time) is held beside the qkv output or the attention output. comm16: each collective
-    stages a 16-bit copy of its (b, T, C) buffer."""
+    after the head split) and the head-major attention output before its merge. sp: the stream is the slice; a
+    column-parallel linear's all-gather holds 2 (b, T, C) at its peak, then the whole input beside the qkv output;
+    a row-parallel one's reduce-scatter the partial product, its copy in rank order and the slice received. comm16:
+    each collective stages a 16-bit copy of its (b, T, C) buffer."""
     n, nl = b * T * C, b * T * C // tp
     c16 = 2 * n if comm16 and tp > 1 else 0
     if not sp:
         return act * (n + 3 * nl + nl) + c16
-    return act * (nl + max(n + 3 * nl, 3 * nl + nl, nl + n)) + c16
+    return act * (nl + max(2 * n, n + 3 * nl, 3 * nl + nl, nl + 2 * n + nl)) + c16
 
 
 def head_backward_work(
@@ -212,8 +219,11 @@ def head_backward_work(
     comm16: bool = False,
 ) -> int:
     """Head.backward: wte's gradient with `out += dlogits.T @ xf2` (a temporary of wte's shard), then dx (N, C) and
-    ln_f's backward temporaries. sp: dx whole until its reduce-scatter, then ln_f's backward on the slice."""
+    ln_f's backward temporaries. sp: xf2 gathered again (the whole, bound until the end), dx whole until its
+    reduce-scatter (a copy in rank order, the slice received), then ln_f's backward on the slice."""
     n = b * T * C
     c16 = 2 * n if comm16 and tp > 1 else 0
-    work = act * (n + n // tp) if sp else act * 3 * n
-    return max(V // tp * C * grad if accumulate else 0, work + c16)
+    wtemp = V // tp * C * grad if accumulate else 0
+    if not sp:
+        return max(wtemp, act * 3 * n + c16)
+    return max(act * n + wtemp, act * (3 * n + n // tp) + c16)

@@ -185,16 +185,22 @@ def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
     return p.ew(3 * elems, elems) if acc else Cost()
 
 
-def attention_core_forward(p: Pricer, b: int, T: int, h: int, hd: int) -> Cost:
-    """attention_forward's loop over query blocks: q k^T, the causal softmax, the probabilities rounded (as an
-    operand, and after dropout) and kept, times v. Run again in backward under recompute "selective"."""
+def _probabilities(p: Pricer, b: int, h: int, hd: int, q0: int, q1: int) -> Cost:
+    """layers._probabilities: one query block's q k^T, its causal softmax, rounded in place (forward's, and
+    selective recompute's again in backward)."""
+    s = b * h * (q1 - q0) * q1
+    # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
+    return p.gemm(q1 - q0, q1, hd, b * h) + p.ew(9 * s, s, 6) + p.exp(s) + p.round_(s)
+
+
+def attention_core_forward(p: Pricer, b: int, T: int, h: int, hd: int, keep: bool = True) -> Cost:
+    """attention_forward's loop over query blocks: the probabilities, rounded again as the operand of the product
+    with v, and kept (keep False, recompute "selective": not kept)."""
     c = Cost()
     for q0, q1 in query_blocks(T):
         s = b * h * (q1 - q0) * q1
-        c += p.gemm(q1 - q0, q1, hd, b * h) + p.gemm(q1 - q0, hd, q1, b * h)
-        # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
-        c += p.ew(9 * s, s, 6) + p.exp(s)
-        c += p.round_(s) + p.round_(s) + p.keep(s)  # round_(att), round_(used), keep(att)
+        c += _probabilities(p, b, h, hd, q0, q1) + p.gemm(q1 - q0, hd, q1, b * h)
+        c += p.round_(s) + (p.keep(s) if keep else Cost())  # round_(used), keep(att)
     return c
 
 
@@ -205,7 +211,8 @@ def _column_input(p: Pricer, n: int) -> Cost:
     return p.keep(r) + p.use(r) + p.enter_column(n)
 
 
-def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
+def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = False) -> Cost:
+    """selective (recompute "selective"): the probabilities are not kept."""
     tp = p.tp
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
@@ -215,7 +222,7 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
     c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
     # split_heads copy, q *= scale, round_
     c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
-    c += attention_core_forward(p, b, T, h, hd)
+    c += attention_core_forward(p, b, T, h, hd, keep=not selective)
     c += p.keep(3 * nl)  # the head-split qkv kept
     c += p.ew(2 * nl, nl)  # merge_heads copy
     c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
@@ -237,22 +244,31 @@ def _column_input_back(p: Pricer, n: int) -> Cost:
 
 
 def block_backward(
-    p: Pricer, b: int, T: int, C: int, H: int, acc: bool, selective: bool = False
+    p: Pricer,
+    b: int,
+    T: int,
+    C: int,
+    H: int,
+    acc: bool,
+    selective: bool = False,
+    ln_params: int = 0,
 ) -> Cost:
-    """selective: the attention core's forward first (recompute "selective": the probabilities and masks rebuilt
-    from the kept q, k, v)."""
+    """selective (recompute "selective"): each query block's probabilities rebuilt from the kept q, k, v before its
+    backward (their mask drawn again: not priced, as dropout's draws are not) instead of the kept ones used.
+    ln_params: elements of one LayerNorm's weight and bias; with sp their partial gradients (both LayerNorms') are
+    summed over the TP group at the end of each backward (modules.SlicePartials)."""
     tp = p.tp
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
     r = nl if p.sp else n
     c = Cost()
     # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand, its input used; weight gradient, bias
-    # (row sums, of the slice with sp), input gradient
+    # (row sums of the whole gradient), input gradient
     c += p.enter_column(n) + p.operand(n) + p.use(4 * nl)
     c += (
         p.gemm(4 * C // tp, C, N)
         + _accumulate(p, acc, 4 * C // tp * C)
-        + p.ew(r, r)
+        + p.ew(n, n)
         + p.gemm(N, 4 * C // tp, C)
     )
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
@@ -265,15 +281,14 @@ def block_backward(
     c += (
         p.gemm(C // tp, C, N)
         + _accumulate(p, acc, C // tp * C)
-        + p.ew(r, r)
+        + p.ew(n, n)
         + p.gemm(N, C // tp, C)
     )
-    if selective:
-        c += attention_core_forward(p, b, T, h, hd)
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
-        c += p.use(s)  # the probabilities
+        # the probabilities: rebuilt (selective) or the kept ones used
+        c += _probabilities(p, b, h, hd, q0, q1) if selective else p.use(s)
         c += p.gemm(q1, hd, qb, b * h) + p.gemm(qb, q1, hd, b * h)  # dv, datt
         c += p.ew(7 * s, s, 4) + p.round_(s)  # rowdot einsum (2), -= (2), *= att (3); round_(datt)
         c += p.gemm(qb, hd, q1, b * h) + p.gemm(q1, hd, qb, b * h)  # dq, dk
@@ -284,14 +299,20 @@ def block_backward(
     c += p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp) + p.ew(3 * nl, 3 * nl)
     c += p.gemm(N, C, 3 * C // tp) + p.column_input_grad(n)
     c += p.use(r) + _layernorm_bwd(p, r) + p.ew(3 * r, r)
+    if p.sp:
+        c += p.allreduce(2 * ln_params * p.it)  # SlicePartials.reduce
     return c
 
 
 def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    r = n // p.tp if p.sp else n
-    # ln_f's xhat (sp: on the slice, then all-gathered before the logits); xf2 as operand, then kept
-    c = _layernorm_fwd(p, r) + p.keep(r) + p.enter_column(n) + p.operand(n) + p.keep(n)
+    # ln_f's xhat; xf2 as operand, then kept; sp: ln_f on the slice, which is kept, used and all-gathered, then the
+    # whole as the operand
+    if p.sp:
+        r = n // p.tp
+        c = _layernorm_fwd(p, r) + p.keep(r) + p.keep(r) + p.use(r) + p.allgather(n) + p.operand(n)
+    else:
+        c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
     c += p.gemm(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
@@ -300,13 +321,18 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     return c
 
 
-def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool) -> Cost:
+def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0) -> Cost:
+    """sp: the kept slice gathered again for wte's gradient, the input gradient reduce-scattered, ln_f on the slice
+    and its partial gradients (ln_params elements) summed over the TP group."""
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
-    # probabilities *= scale / N, rounded; xf2 used
-    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)
+    # probabilities *= scale / N, rounded; xf2 used (sp: the slice, gathered)
+    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + _column_input_back(p, n)
     c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.column_input_grad(n)
-    return c + p.use(r) + _layernorm_bwd(p, r)
+    c += p.use(r) + _layernorm_bwd(p, r)
+    if p.sp:
+        c += p.allreduce(ln_params * p.it)
+    return c
 
 
 def embedding_forward(p: Pricer, b: int, T: int, C: int) -> Cost:
@@ -326,12 +352,6 @@ def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
     return p.enter_column(n) + p.ew(n, n) + p.scatter(n)
 
 
-def sp_grad_elems(cfg: ModelConfig) -> int:
-    """Sequence parallel: elements of a block's gradients computed from the slice (ln_1 and ln_2 weight and bias, the
-    two row-parallel biases), summed over the TP group once per step."""
-    return (6 if cfg.bias else 2) * cfg.n_embd
-
-
 def chunk_costs(
     cfg: ModelConfig,
     p: Pricer,
@@ -344,19 +364,20 @@ def chunk_costs(
     """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, and
     the parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating)."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
+    ln = (2 if cfg.bias else 1) * C  # one LayerNorm's parameters
+    selective = recompute == "selective"
     f = Cost()
     if embedding:
         f += embedding_forward(p, b, T, C)
-    bf = block_forward(p, b, T, C, H)
+    bf = block_forward(p, b, T, C, H, selective)
     for _ in range(n_blocks):
         f += bf
     if head:
         f += head_forward(p, b, T, C, V)
     out = {"F": f}
-    selective = recompute == "selective"
 
     def block_b(acc: bool) -> Cost:
-        bb = block_backward(p, b, T, C, H, acc, selective)
+        bb = block_backward(p, b, T, C, H, acc, selective, ln)
         return (
             bb + bf if recompute == "block" else bb
         )  # "block": its forward again, to rebuild its cache
@@ -364,7 +385,7 @@ def chunk_costs(
     for key, acc in (("B", False), ("B+", True)):
         c = Cost()
         if head:
-            c += head_backward(p, b, T, C, V, acc)
+            c += head_backward(p, b, T, C, V, acc, ln)
         bb = block_b(acc)
         for _ in range(n_blocks):
             c += bb
@@ -372,7 +393,7 @@ def chunk_costs(
             c += embedding_backward(p, b, T, C)
         out[key] = c
     for key, acc in (("", False), ("+", True)):
-        out["head_B" + key] = head_backward(p, b, T, C, V, acc) if head else Cost()
+        out["head_B" + key] = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
         out["block_B" + key] = block_b(acc)
     return out
 

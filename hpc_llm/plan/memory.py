@@ -321,7 +321,7 @@ def _op_work(
     if blocks:
         rebuilt = 0
         if lay.recompute == "selective":
-            rebuilt = attention_recompute_bytes(b, T, H, lay.tp, drop, by.act, by.compute)
+            rebuilt = attention_recompute_bytes(b, T, H, lay.tp, drop, by.compute)
         work = max(
             work,
             block_backward_work(

@@ -24,7 +24,6 @@ from hpc_llm.plan.compute import (
     norm_time,
     optimizer_time,
     refresh_time,
-    sp_grad_elems,
 )
 from hpc_llm.plan.memory import (
     Bytes,
@@ -181,7 +180,6 @@ def _step_times(
         "tp_comm": tp_time,
         "pipeline_wait": tail["end"] - busy,
         "emb_allreduce": tail["emb"],
-        "sp_grad_allreduce": tail["sp_grads"],
         "dp_exposed": tail["dp_exposed"],
         "dp_hidden": tail["dp_hidden"],
         "scalars": scalars,
@@ -343,14 +341,6 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     if lay.dp > 1:
         reports = _grad_reports(lay, plan, costs, events, {x.name: x.offset for x in specs})
         dp_exposed, dp_hidden = _dp_reduction(lay, sync, by, links["dp"], reports, end)
-    sp_grads = 0.0
-    if lay.sequence_parallel and lay.tp > 1:
-        # each block's (and ln_f's) gradients from the slice, summed over the TP group once per step
-        link, blocks = links["tp"], sum(len(plan.layers[v]) for v in plan.chunks)
-        elems = [sp_grad_elems(cfg)] * blocks
-        if plan.n_virtual - 1 in plan.chunks:
-            elems.append((2 if cfg.bias else 1) * cfg.n_embd)  # ln_f's weight (and bias)
-        sp_grads = sum(allreduce(e * by.grad, lay.tp, link.latency_s, link.bw) for e in elems)
     zero_gather = 0.0
     if lay.zero and lay.dp > 1:
         link = links["dp"]
@@ -360,10 +350,9 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
         )
     opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, n)
     return {
-        "sync_at": end + emb + sp_grads + dp_exposed,
+        "sync_at": end + emb + dp_exposed,
         "end": end,
         "emb": emb,
-        "sp_grads": sp_grads,
         "dp_exposed": dp_exposed,
         "dp_hidden": dp_hidden,
         "optimizer": opt,

@@ -40,6 +40,14 @@ class FakeComm(Comm):
     def allreduce_(self, buf, op: str = "sum"):
         return buf
 
+    # sequence parallelism's collectives: the shapes they give (the whole from `size` slices, a slice of the whole)
+    def allgather_along(self, x, axis: int):
+        return np.concatenate([x] * self.size, axis=axis)
+
+    def reduce_scatter_along(self, x, axis: int):
+        n = x.shape[axis] // self.size
+        return np.take(x, range(self.rank * n, (self.rank + 1) * n), axis=axis)
+
 
 def cluster_dict(**drop) -> dict:
     d = {
@@ -156,36 +164,30 @@ def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
 
 
 @pytest.mark.parametrize(
-    "shape, tp, pp, stage, dropout, recompute, precision",
+    "shape, tp, pp, stage, dropout, recompute, precision, sp",
     [
-        (dict(), 1, 1, 0, 0.0, False, "fp32"),
-        (
-            dict(block_size=300, n_embd=64),
-            1,
-            1,
-            0,
-            0.1,
-            False,
-            "fp32",
-        ),  # 3 query blocks, dropout masks
-        (dict(block_size=130), 2, 1, 0, 0.0, False, "fp32"),  # tensor parallel shards
-        (dict(), 1, 2, 0, 0.0, False, "fp32"),
-        (dict(), 2, 2, 1, 0.1, False, "fp32"),  # pipeline stages
-        (dict(), 1, 1, 0, 0.0, True, "fp32"),  # recompute: block inputs only
-        (
-            dict(block_size=140),
-            2,
-            1,
-            0,
-            0.0,
-            False,
-            "fp16",
-        ),  # kept in 2 bytes, rstd and probabilities in 4
-        (dict(dtype="float64"), 1, 1, 0, 0.0, False, "fp32"),
+        (dict(), 1, 1, 0, 0.0, "none", "fp32", False),
+        # 3 query blocks, dropout masks
+        (dict(block_size=300, n_embd=64), 1, 1, 0, 0.1, "none", "fp32", False),
+        (dict(block_size=130), 2, 1, 0, 0.0, "none", "fp32", False),  # tensor parallel shards
+        (dict(), 1, 2, 0, 0.0, "none", "fp32", False),
+        (dict(), 2, 2, 1, 0.1, "none", "fp32", False),  # pipeline stages
+        (dict(), 1, 1, 0, 0.0, "block", "fp32", False),  # recompute: block inputs only
+        # kept in 2 bytes, rstd and masks in 4
+        (dict(block_size=140), 2, 1, 0, 0.0, "none", "fp16", False),
+        (dict(dtype="float64"), 1, 1, 0, 0.0, "none", "fp32", False),
+        # selective recompute: no probabilities or attention masks kept (1 and 3 query blocks, dropout)
+        (dict(), 2, 1, 0, 0.1, "selective", "fp32", False),
+        (dict(block_size=300, n_embd=64), 1, 1, 0, 0.1, "selective", "bf16", False),
+        # sequence parallel: the replicated terms on the slice (both pipeline ends, dropout, 2 and 4 ranks)
+        (dict(), 2, 1, 0, 0.1, "none", "fp32", True),
+        (dict(block_size=140), 4, 2, 1, 0.1, "none", "fp16", True),
+        (dict(), 2, 2, 0, 0.0, "block", "fp32", True),  # its block inputs: slices
+        (dict(block_size=260), 2, 1, 0, 0.1, "selective", "bf16", True),
     ],
 )
 def test_activation_term_equals_the_cache_a_forward_keeps(
-    shape, tp, pp, stage, dropout, recompute, precision
+    shape, tp, pp, stage, dropout, recompute, precision, sp
 ):
     cfg = tiny(dropout=dropout, **shape)
     b = 3
@@ -193,21 +195,21 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
     model = GPT(
         cfg,
         seed=0,
-        tp_comm=FakeComm(tp),
+        tp_comm=FakeComm(tp, tp - 1),
         plan=stage_plan(cfg, lay, stage),
         recompute=recompute,
         precision=precision,
+        sequence_parallel=sp,
     )
     chunk = model.chunks[0]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (b, cfg.block_size))
-    inp = (
-        tokens
-        if chunk.embedding
-        else rng.standard_normal((b, cfg.block_size, cfg.n_embd)).astype(model.dtype)
-    )
+    shape_in = model.act_shape(b, cfg.block_size)  # (b, T/tp, C) with sequence parallelism
+    inp = tokens if chunk.embedding else rng.standard_normal(shape_in).astype(model.dtype)
     drop = DropoutRNG(0, 0, 0, range(b)) if dropout else None
-    _, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
+    out, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
+    if chunk.head is None:
+        assert out.shape == shape_in
     it = model.dtype.itemsize
     by = PRECISIONS["fp64" if it == 8 else precision][1]
     expect = chunk_cache_bytes(
@@ -218,10 +220,42 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
         chunk.embedding is not None,
         chunk.head is not None,
         by.act,
-        "block" if recompute else "none",
+        recompute,
         by.compute,
+        sp,
     )
     assert cache_bytes(cache) == expect
+
+
+def test_sequence_parallel_and_selective_caches_drop_exactly_their_terms():
+    """The block cache under sequence parallelism is the plain one less exactly the replicated terms (both
+    LayerNorms, the branch masks, the column-parallel inputs) times (1 - 1/tp); under selective recompute, less the
+    probabilities and attention masks: term by term, in elements."""
+    from hpc_llm.plan.activations import attention_scores, block_cache_elems
+
+    b, T, C, H, tp = 2, 256, 64, 8, 4
+    n, rows = b * T * C, b * T
+    replicated = {
+        "ln_1 xhat": n,
+        "ln_1 rstd": rows,
+        "ln_1 output (qkv input)": n,
+        "attention branch dropout mask": n,
+        "ln_2 xhat": n,
+        "ln_2 rstd": rows,
+        "ln_2 output (fc input)": n,
+        "MLP branch dropout mask": n,
+    }
+    plain = block_cache_elems(b, T, C, H, tp, True)
+    sp = block_cache_elems(b, T, C, H, tp, True, sp=True)
+    assert plain.keys() == sp.keys()
+    for name, elems in plain.items():
+        assert sp[name] == elems - replicated.get(name, 0) * (1 - 1 / tp), name
+    assert sum(plain.values()) - sum(sp.values()) == sum(replicated.values()) * (tp - 1) // tp
+    att = b * H // tp * attention_scores(T)
+    sel = block_cache_elems(b, T, C, H, tp, True, recompute="selective")
+    dropped = {"attention probabilities": att, "attention dropout masks": att}
+    for name, elems in plain.items():
+        assert sel[name] == elems - dropped.get(name, 0), name
 
 
 def test_in_flight_activations_follow_the_schedule():
@@ -383,8 +417,17 @@ def test_memory_first_search_gives_the_same_answer_as_predicting_every_layout():
     assert [r.split(" > ")[0] for _, r in bad if ": memory " in r] == slow_bad
 
 
-@pytest.mark.parametrize("tp, block_size", [(1, 64), (2, 140)])  # 1 and 2 query blocks
-def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size):
+@pytest.mark.parametrize(
+    "tp, block_size, sp, recompute",
+    [
+        (1, 64, False, "none"),  # 1 and 2 query blocks
+        (2, 140, False, "none"),
+        (2, 140, True, "none"),  # sequence parallel: slices kept and used, wholes as operands
+        (2, 140, False, "selective"),  # probabilities not kept, rebuilt in backward
+        (4, 256, True, "selective"),
+    ],
+)
+def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size, sp, recompute):
     """bf16/fp16: the elements the time model converts to the format and back (compute.py, Pricer.keep, use,
     operand, round_) are those a real forward and backward convert (Precision's methods, counted)."""
     from hpc_llm.model import precision as P
@@ -418,10 +461,13 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
         tp_comm=FakeComm(tp),
         plan=stage_plan(cfg, Layout(tp=tp, batch_size=b), 0),
         precision="fp16",
+        recompute=recompute,
+        sequence_parallel=sp,
     )
     chunk = model.chunks[0]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, cfg.block_size))
-    pr = Tally(CL, "float32", 4, tp, CL.link("intra"), low="float16")
+    pr = Tally(CL, "float32", 4, tp, CL.link("intra"), low="float16", sp=sp)
+    selective = recompute == "selective"
     T, Cm, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     for phase in ("forward", "backward"):
         code.update({True: 0, False: 0})
@@ -429,13 +475,13 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
         if phase == "forward":
             _, cache = chunk.forward(tokens, tokens)
             for _ in range(cfg.n_layer):
-                C.block_forward(pr, b, T, Cm, H)
+                C.block_forward(pr, b, T, Cm, H, selective)
             C.head_forward(pr, b, T, Cm, V)
         else:
             chunk.backward(None, cache)
             C.head_backward(pr, b, T, Cm, V, False)
             for _ in range(cfg.n_layer):
-                C.block_backward(pr, b, T, Cm, H, False)
+                C.block_backward(pr, b, T, Cm, H, False, selective)
         assert planned == code and code[True] > 0 and code[False] > 0, phase
 
 
@@ -642,7 +688,7 @@ def test_plan_layout_prices_one_layout(tmp_path, capsys):
         tiny(), lay, K.load_cluster(cl), "fp32", 1.0, cfg.checkpoint.interval, cfg.train.max_iters
     )
     assert r["memory_bytes"] == pred.memory and r["time_s"] == pytest.approx(pred.time)
-    assert r["memory_bytes"]["pipeline_buffers"] > 0 and r["time_s"]["sp_grad_allreduce"] > 0
+    assert r["memory_bytes"]["pipeline_buffers"] > 0 and r["time_s"]["tp_comm"] > 0
     assert r["fits"] is (pred.memory["peak"] <= 16e9) and r["device_memory_bytes"] == 16e9
     rc, out, _ = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", text)
     assert rc == 0 and "pipeline send buffers" in out and "AdamW moments" in out
