@@ -745,3 +745,83 @@ def test_plan_layout_gpus_and_batch_flags_agree(tmp_path, capsys):
     ):
         rc, _, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", "tp=2", *extra)
         assert rc == 2 and err.count("\n") == 1 and expect in err, err
+
+
+# -- pipeline send buffers and messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, p, stage, m, v",
+    [
+        ("gpipe", 4, 1, 8, 1),
+        ("1f1b", 4, 0, 8, 1),
+        ("1f1b", 4, 2, 8, 1),
+        ("interleaved", 4, 0, 8, 2),
+        ("interleaved", 4, 3, 8, 3),
+    ],
+)
+def test_sends_in_flight_are_capped_at_the_depth_per_direction(name, p, stage, m, v):
+    """At each op: min(sends made so far in that direction, D), counted from the op list itself (a chunk's forward
+    sends unless it is the last virtual stage, its backward unless it is the first); D None: every send so far."""
+    from hpc_llm.plan.memory import sends_in_flight
+
+    cfg = tiny(n_layer=12)
+    lay = Layout(pp=p, schedule=name, virtual=v, micro_batches=m)
+    plan = stage_plan(cfg, lay, stage)
+    ops = S.schedule(name, p, stage, m, v)
+    last = p * v - 1
+    for depth in (1, 2, 3, None):
+        walk = list(sends_in_flight(ops, plan, depth))
+        for k, (fwd, bwd) in enumerate(walk):
+            made_f = sum(
+                1 for op in ops[:k] if op.kind == S.Phase.FORWARD and plan.chunks[op.chunk] != last
+            )
+            made_b = sum(
+                1 for op in ops[:k] if op.kind == S.Phase.BACKWARD and plan.chunks[op.chunk] != 0
+            )
+            cap = made_f if depth is None else min(made_f, depth)
+            assert (fwd, bwd) == (cap, made_b if depth is None else min(made_b, depth))
+        most = max(f + b for f, b in walk)
+        if depth is not None:
+            assert max(max(f, b) for f, b in walk) <= depth
+            assert most <= 2 * depth
+    # the cap binds: unbounded, some op sees more than one send in flight
+    assert max(sum(x) for x in sends_in_flight(ops, plan, None)) > 2
+
+
+def test_pipeline_buffers_follow_the_codes_send_depth(monkeypatch):
+    """The pipeline term holds at most D messages per direction, D = schedule.send_depth(name, p, m, v) (a stand-in
+    here where the code does not have it yet), every send of the step where the code has none (send_depth=0 asks
+    for that); a message is (b, T, C) in the compute dtype, (b, T/tp, C) with sequence parallelism, and with 16-bit
+    transfers n + SCALE_WORDS uint16 words."""
+    from hpc_llm.parallel.compression import SCALE_WORDS
+    from hpc_llm.plan.memory import message_bytes
+
+    cfg = tiny(n_layer=8, block_size=64)
+    by = Bytes.of(4)
+    lay = Layout(pp=4, tp=2, schedule="1f1b", micro_batches=16, batch_size=2)
+    n = 2 * 64 * 32
+    assert message_bytes(cfg, lay, by) == 4 * n
+    assert message_bytes(cfg, dataclasses.replace(lay, sequence_parallel=True), by) == 4 * n // 2
+    sp16 = dataclasses.replace(lay, sequence_parallel=True, act_comm="bf16")
+    assert message_bytes(cfg, sp16, by) == 2 * (n // 2 + SCALE_WORDS)
+
+    def buffers(layout, stage=1):
+        return rank_memory(cfg, layout, stage, by).pipeline_buffers
+
+    every = buffers(dataclasses.replace(lay, send_depth=0))
+    assert every > 4 * 4 * n  # 1F1B's middle stage: more than 2 sends per direction held to the end
+    for depth in (1, 2):
+        held = buffers(dataclasses.replace(lay, send_depth=depth))
+        assert 0 < held <= 2 * depth * 4 * n < every
+    calls = []
+
+    def stand_in(name, p, m, v=1):  # until schedule.send_depth lands (pipe branch)
+        calls.append((name, p, m, v))
+        return 2
+
+    monkeypatch.setattr(S, "send_depth", stand_in, raising=False)
+    assert buffers(lay) == buffers(dataclasses.replace(lay, send_depth=2))
+    assert ("1f1b", 4, 16, 1) in calls
+    monkeypatch.delattr(S, "send_depth")
+    assert buffers(lay) == every  # a code without the bound holds every send
