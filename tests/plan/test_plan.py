@@ -825,3 +825,54 @@ def test_pipeline_buffers_follow_the_codes_send_depth(monkeypatch):
     assert ("1f1b", 4, 16, 1) in calls
     monkeypatch.delattr(S, "send_depth")
     assert buffers(lay) == every  # a code without the bound holds every send
+
+
+# -- Megatron's published layouts (docs/planning.md, "Megatron's published layouts") -----------------------------
+
+PUBLISHED = {  # inputs/megatron_<row>.toml: the layout of Korthikanti et al. 2022's row
+    "22b": "pp=1,tp=8,dp=1,schedule=1f1b,virtual=1,micro=1,mbs=4",
+    "175b": "pp=8,tp=8,dp=1,schedule=interleaved,virtual=3,micro=64,mbs=1",
+    "530b": "pp=35,tp=8,dp=1,schedule=interleaved,virtual=3,micro=280,mbs=1",
+    "1t": "pp=64,tp=8,dp=1,schedule=1f1b,virtual=1,micro=512,mbs=1",
+}
+MODES = {  # cumulative, bf16 precision; send_depth=1 is schedule.send_depth's D at these four layouts
+    "today": "recompute=block,sp=0,act_comm=fp32,send_depth=all",
+    "bounded": "recompute=block,sp=0,act_comm=fp32,send_depth=1",
+    "16-bit": "recompute=block,sp=0,act_comm=bf16,send_depth=1",
+    "sp": "recompute=block,sp=1,act_comm=bf16,send_depth=1",
+    "selective": "recompute=selective,sp=1,act_comm=bf16,send_depth=1",
+    "no recompute": "recompute=none,sp=1,act_comm=bf16,send_depth=1",
+}
+# the doc's table: peak GB per GPU (the largest stage, A100 80 GB file) under each mode
+DOC_PEAK_GB = {
+    "22b": (69.9, 69.9, 70.0, 59.9, 72.2, 92.8),
+    "175b": (104.3, 73.2, 73.2, 60.1, 76.9, 96.8),
+    "530b": (323.1, 80.1, 80.1, 48.3, 79.9, 109.6),
+    "1t": (271.7, 88.5, 88.6, 52.0, 88.3, 122.6),
+}
+
+
+def test_published_rows_fit_80gb_as_the_doc_claims():
+    """docs/planning.md's table of Megatron's published rows: each figure (GB, one decimal) and whether it fits
+    80 GB is what the planner gives for that row at its published layout under that mode, from the files and
+    --layout values the doc's commands name."""
+    from hpc_llm.plan.given import given_layout
+    from hpc_llm.plan.predict import memory_of
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    cl = K.load_cluster(root / "inputs/clusters/a100_dgx_ib200.toml")
+    assert cl.memory_bytes == 80e9
+    for row, layout in PUBLISHED.items():
+        cfg = load_config(str(root / f"inputs/megatron_{row}.toml"))
+        own, _ = given_layout(
+            cfg, ""
+        )  # the config's own layout is the published one, every mode on
+        for (mode, extra), doc in zip(MODES.items(), DOC_PEAK_GB[row]):
+            lay, prec = given_layout(cfg, f"{layout},precision=bf16,{extra}")
+            if mode == "selective":
+                assert dataclasses.replace(own, send_depth=1) == lay and prec == "bf16"
+            peak = memory_of(cfg.model, lay, cl, prec)[1].peak
+            assert round(peak / 1e9, 1) == doc, (row, mode, peak)
+            assert (peak <= 80e9) == (doc <= 80.0), (row, mode)
+            if hasattr(S, "send_depth") and lay.pp > 1:  # the D the doc uses is the code's
+                assert S.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual) == 1
