@@ -876,3 +876,30 @@ def test_published_rows_fit_80gb_as_the_doc_claims():
             assert (peak <= 80e9) == (doc <= 80.0), (row, mode)
             if hasattr(S, "send_depth") and lay.pp > 1:  # the D the doc uses is the code's
                 assert S.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual) == 1
+
+
+@pytest.mark.parametrize(
+    "tp, sp, recompute",
+    [
+        (1, False, "none"),
+        (8, False, "none"),
+        (8, True, "none"),
+        (4, True, "selective"),
+        (8, True, "selective"),
+    ],
+)
+def test_per_layer_forms_beside_korthikanti_are_the_planners(tp, sp, recompute):
+    """docs/planning.md's per-layer forms (dropout on): bf16 keeping 16n + 32n/t + 8sb + 6abS/t, fp32 24n + 64n/t +
+    8sb + 8abS/t (n = sbh; with sequence parallelism the first and third terms / t; selective: no abS term) are
+    block_cache_bytes exactly, at 175B's layer (s 2048, h 12288, a 96: 16 query blocks) and a 3-block one."""
+    from hpc_llm.plan.activations import attention_scores, block_cache_bytes
+
+    for s, h, a, b in ((2048, 12288, 96, 1), (320, 64, 8, 3)):
+        n, S, r = s * b * h, attention_scores(s), (1 / tp if sp else 1)
+        att = recompute != "selective"
+        bf16 = 16 * n * r + 32 * n / tp + 8 * s * b * r + att * 6 * a * b * S / tp
+        fp32 = 24 * n * r + 64 * n / tp + 8 * s * b * r + att * 8 * a * b * S / tp
+        for act, form in ((2, bf16), (4, fp32)):
+            got = block_cache_bytes(b, s, h, a, tp, True, act, 4, sp, recompute)
+            assert got == pytest.approx(form, rel=1e-12), (s, act)
+    assert attention_scores(2048) == 17 * 2048**2 // 32
