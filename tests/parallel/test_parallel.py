@@ -137,7 +137,8 @@ LAYOUT_PARAMS = [
 def test_training_matches_single_process(layout, zero, data_dir, tmp_path, shared_tmp_path):
     """STEPS steps on the grid vs the single-process run, with dropout, float64 (tight) and float32: losses, grad
     norms, evals and parameters; DP replicas bitwise identical; ZeRO-1's optimizer state 1/dp per rank. -SP:
-    sequence parallelism (the stream between layers cut along T over the TP group, its dropouts on the slices)."""
+    sequence parallelism (the stream between layers cut along T over the TP group, its dropouts on the slices), with
+    selective recompute."""
     ranks, tp, accum, sp = LAYOUTS[layout]
     assert MPI.COMM_WORLD.Get_size() == ranks
     grid = make_grid(MPI.COMM_WORLD, tp)
@@ -151,6 +152,8 @@ def test_training_matches_single_process(layout, zero, data_dir, tmp_path, share
                 shared_tmp_path / f"par-{dtype}",
                 **common,
                 **{"parallel.tp": tp, "parallel.zero": zero, "parallel.sequence_parallel": sp},
+                # with sequence parallelism also selective recompute (bitwise the same as none: test_recompute.py)
+                **({"train.recompute": "selective"} if sp else {}),
             ),
             grid,
         )
@@ -162,6 +165,7 @@ def test_training_matches_single_process(layout, zero, data_dir, tmp_path, share
             or par.grid.tp != tp
             or len(par.sync.buckets) < 4
             or par.model.sequence_parallel != sp
+            or par.model.recompute != ("selective" if sp else "none")
         ):
             bad.append(
                 f"layout: dp {par.grid.dp}, tp {par.grid.tp}, {len(par.sync.buckets)} buckets, "

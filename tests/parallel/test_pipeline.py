@@ -120,6 +120,8 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
                     "parallel.tp": tp,
                     "parallel.zero": zero,
                     "parallel.sequence_parallel": sp,
+                    # with sequence parallelism also selective recompute (bitwise the same as none)
+                    "train.recompute": "selective" if sp else "none",
                 },
             )
             tr = train(cfg, make_grid(MPI.COMM_WORLD, tp, pp))
