@@ -16,7 +16,7 @@ from hpc_llm import cli
 from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
-from hpc_llm.model.layers import DropoutRNG
+from hpc_llm.model.layers import DropoutRNG, query_blocks
 from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
@@ -903,3 +903,77 @@ def test_per_layer_forms_beside_korthikanti_are_the_planners(tp, sp, recompute):
             got = block_cache_bytes(b, s, h, a, tp, True, act, 4, sp, recompute)
             assert got == pytest.approx(form, rel=1e-12), (s, act)
     assert attention_scores(2048) == 17 * 2048**2 // 32
+
+
+# -- the time of the new modes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act_comm", [None, "bfloat16"])
+def test_tensor_parallel_collectives_per_block(act_comm):
+    """TP communication per block, as the code calls it: without sequence parallelism 2 allreduces of the (b, T, C)
+    activation forward and 2 backward; with it 2 all-gathers + 2 reduce-scatters forward and 4 all-gathers + 2
+    reduce-scatters backward (S = the whole buffer), plus the LayerNorms' partial gradients (4C) allreduced; 16-bit
+    transfers: the activations' S in 2 bytes (the gradients' allreduce stays 4)."""
+    from hpc_llm.plan import compute as P
+
+    b, T, C, H, tp = 2, 64, 32, 4, 4
+    link = CL.link("intra")
+    n, it = b * T * C, 2 if act_comm else 4
+    a, bw = link.latency_s, link.bw
+
+    def pricer(sp):
+        return P.Pricer(CL, "float32", 4, tp, link, sp=sp, comm_low=act_comm)
+
+    ar, ag, rs = (f(n * it, tp, a, bw) for f in (K.allreduce, K.allgather, K.reduce_scatter))
+    assert P.block_forward(pricer(False), b, T, C, H).tp == pytest.approx(2 * ar)
+    assert P.block_backward(pricer(False), b, T, C, H, False, ln_params=2 * C).tp == pytest.approx(
+        2 * ar
+    )
+    assert P.block_forward(pricer(True), b, T, C, H).tp == pytest.approx(2 * ag + 2 * rs)
+    partials = K.allreduce(4 * C * 4, tp, a, bw)
+    back = P.block_backward(pricer(True), b, T, C, H, False, ln_params=2 * C).tp
+    assert back == pytest.approx(4 * ag + 2 * rs + partials)
+
+
+def test_selective_recompute_prices_each_query_blocks_probabilities_again():
+    """recompute "selective": backward runs each query block's q k^T, softmax and rounding again (not x v) and uses
+    no kept probabilities; forward keeps none. In fp32 (no conversions): backward's extra compute is exactly the
+    blocks' q k^T GEMMs, 9 accesses per score and the exps; the step is longer, by less than "block"'s."""
+    from hpc_llm.plan import compute as P
+
+    b, T, C, H = 2, 300, 64, 4  # 3 query blocks
+    p = P.Pricer(CL, "float32", 4, 1, None)
+    extra = P.Cost()
+    for q0, q1 in query_blocks(T):
+        s = b * H * (q1 - q0) * q1
+        extra += p.gemm(q1 - q0, q1, C // H, b * H) + p.ew(9 * s, s, 6) + p.exp(s)
+    none, sel = (P.block_backward(p, b, T, C, H, False, sel) for sel in (False, True))
+    assert sel.compute - none.compute == pytest.approx(extra.compute)
+    assert P.block_forward(p, b, T, C, H, True).compute == pytest.approx(
+        P.block_forward(p, b, T, C, H).compute
+    )
+    cfg = tiny(n_layer=2, n_embd=64, block_size=300)
+    steps = [
+        predict(cfg, Layout(batch_size=2, recompute=rc), CL).time["step"]
+        for rc in ("none", "selective", "block")
+    ]
+    assert steps[0] < steps[1] < steps[2]
+
+
+def test_pipeline_transfer_of_16_bit_words_with_sequence_parallelism():
+    """A pipeline message costs p2p of its bytes: (b, T/tp, C) with sequence parallelism, n + 2 16-bit words with
+    16-bit transfers, plus their conversion there and back; fewer bytes give a shorter wait for the same compute."""
+    from hpc_llm.plan.memory import message_bytes
+    from hpc_llm.plan.predict import _transfer_time
+
+    cfg = tiny(n_layer=4, n_embd=64, block_size=64)
+    lay = Layout(pp=2, tp=2, micro_batches=4, batch_size=2)
+    link, by = CL.link("intra"), Bytes.of(4)
+    n = 2 * 64 * 64
+    assert _transfer_time(cfg, lay, CL, by, link, 1.0) == pytest.approx(K.p2p(4 * n, 2e-6, 5e9))
+    sp16 = dataclasses.replace(lay, sequence_parallel=True, act_comm="bf16")
+    casts = CL.cast_time("bfloat16", True, n // 2) + CL.cast_time("bfloat16", False, n // 2)
+    assert message_bytes(cfg, sp16, by) == 2 * (n // 2 + 2)
+    assert _transfer_time(cfg, sp16, CL, by, link, 1.0) == pytest.approx(
+        K.p2p(2 * (n // 2 + 2), 2e-6, 5e9) + casts
+    )
