@@ -7,8 +7,9 @@
   modules.py builds them (activations.py: `chunk_cache_bytes`; tests/plan/test_plan.py walks a real cache and finds the
   same bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
-  it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
-  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
+  it returns; sequence parallelism's gathered and reduce-scattered temporaries), the pipeline's send buffers (at most
+  schedule.send_depth per neighbour and direction across an op; every send of the step where the code has no such
+  bound), ZeRO-1's reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
@@ -117,8 +118,8 @@ class Layout:
             t.batch_size,
             par.bucket_mb,
             t.recompute,
-            bool(getattr(par, "sequence_parallel", False)),
-            getattr(par, "act_comm", "fp32"),
+            par.sequence_parallel,
+            par.act_comm,
         )
 
 
