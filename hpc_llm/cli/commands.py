@@ -21,6 +21,8 @@ from hpc_llm.parallel.comm import world_comm
 from hpc_llm.parallel.grid import world_grid
 from hpc_llm.plan.cluster import cluster_from_dict, load_cluster, to_toml
 from hpc_llm.plan.compare import compare, format_compare
+from hpc_llm.plan.given import format_given, given_layout
+from hpc_llm.plan.predict import predict
 from hpc_llm.plan.search import describe, format_table, search
 from hpc_llm.plan.timeline import draw
 from hpc_llm.runtime.faults import inject, launcher_rank
@@ -287,7 +289,7 @@ def _plan_search(args, cl):
         raise UserError("plan: give CONFIG and --gpus N (or --compare RUN_DIR)")
     cfg = _plan_config(args)
     batch = args.global_batch or cfg.train.batch_size * cfg.train.grad_accum
-    recomputes = ("none", "block")
+    recomputes = ("none", "selective", "block")
     precisions = (
         [args.precision]
         if args.precision
@@ -306,6 +308,8 @@ def _plan_search(args, cl):
         bucket_mb=cfg.parallel.bucket_mb,
         max_micro=args.max_micro,
         checkpoint_memory=not args.no_checkpoint_memory,
+        sequence_parallel=(False, True),
+        act_comm=cfg.parallel.act_comm,
     )
     if args.json:
         feasible = [p.as_dict() for p in preds]
@@ -320,16 +324,53 @@ def _plan_search(args, cl):
     return preds[0]
 
 
+def _plan_layout(args, cl):
+    """One layout (--layout) priced: its memory per rank, term by term, and its step; returns the prediction."""
+    if not args.config:
+        raise UserError(
+            "plan --layout: give CONFIG (the model; its parallel and train settings are the defaults)"
+        )
+    if args.compare:
+        raise UserError("--layout: not used with --compare (a run's layout is its own)")
+    if args.global_batch is not None:
+        raise UserError("--global-batch: not used with --layout (give micro= and mbs=)")
+    cfg = _plan_config(args)
+    lay, precision = given_layout(cfg, args.layout, args.gpus, args.precision)
+    pred = predict(
+        cfg.model,
+        lay,
+        cl,
+        precision,
+        args.ranks_per_device,
+        cfg.checkpoint.interval,
+        cfg.train.max_iters,
+        checkpoint_memory=not args.no_checkpoint_memory,
+    )
+    fits = pred.memory["peak"] <= cl.memory_bytes
+    if args.json:
+        out = pred.as_dict() | {"fits": fits, "device_memory_bytes": cl.memory_bytes}
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_given(cfg.model, pred, cl, not args.no_checkpoint_memory))
+    return pred
+
+
 def run_plan(args) -> None:
     _check_plan_args(args)
     cl = load_cluster(args.cluster)
-    if args.compare:
+    if args.layout is not None:
+        pred = _plan_layout(args, cl)
+    elif args.compare:
         r = compare(args.compare, cl, args.gpus, args.ranks_per_device)
         pred = r.pop("_prediction")
         print(json.dumps(r, indent=2) if args.json else format_compare(r))
     else:
         pred = _plan_search(args, cl)
     if args.timeline:
-        draw(pred, args.timeline, describe(pred.layout) if not args.compare else "run layout")
+        draw(
+            pred,
+            args.timeline,
+            "run layout" if args.compare and args.layout is None else describe(pred.layout),
+        )
         if not args.json:
             print(f"timeline: {args.timeline}")

@@ -265,6 +265,13 @@ def _add_plan(sub) -> None:
     s.add_argument(
         "--top", type=int, default=20, help="feasible layouts shown (and infeasible reasons)"
     )
+    s.add_argument(
+        "--layout",
+        metavar="KEY=VALUE,...",
+        help="price this one layout, no search: the config's with these keys replaced (pp, tp, dp, zero, sp, "
+        "schedule, virtual, micro, mbs, recompute, precision, act_comm, send_depth; docs/planning.md), e.g. "
+        "pp=8,tp=8,dp=1,schedule=interleaved,virtual=3,micro=64,mbs=1,sp=1,recompute=selective,act_comm=bf16",
+    )
     s.add_argument("--timeline", metavar="PNG", help="draw the best layout's pipeline schedule")
     s.add_argument(
         "--compare",

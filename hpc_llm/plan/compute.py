@@ -19,7 +19,7 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
-from hpc_llm.plan.cluster import Cluster, allreduce
+from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
 
 
 @dataclass
@@ -44,7 +44,10 @@ ROUND_PIECE = 1 << 18  # Precision.round_ converts in pieces of this many elemen
 class Pricer:
     """The figures bound to one rank's setting: matmul dtype, bytes per element, TP group and its link (already
     shared, see predict._link), how many ranks share one device (oversubscription: compute slows by that factor),
-    and low: the 2-byte format of bf16/fp16 ("bfloat16" | "float16"; None in fp32/fp64: no conversions)."""
+    and low: the 2-byte format of bf16/fp16 ("bfloat16" | "float16"; None in fp32/fp64: no conversions).
+    sp: sequence parallelism (the TP allreduces of activations become all-gathers and reduce-scatters, LayerNorm,
+    dropout and the residual stream work on the slice). comm_low: the 16-bit format activation collectives travel
+    in (parallel.act_comm; None: the compute dtype): half the bytes, and a conversion each way."""
 
     def __init__(
         self,
@@ -55,10 +58,17 @@ class Pricer:
         tp_link,
         share: float = 1.0,
         low: str | None = None,
+        sp: bool = False,
+        comm_low: str | None = None,
     ):
         self.cl, self.dtype, self.it = cl, dtype, itemsize
         self.tp, self.link, self.share = tp, tp_link, share
-        self.low = low
+        self.low, self.sp, self.comm_low = low, sp, comm_low
+
+    @property
+    def comm_it(self) -> int:
+        """Bytes per element of an activation collective."""
+        return 2 if self.comm_low else self.it
 
     def gemm(self, m: int, n: int, k: int, batch: int = 1) -> Cost:
         t = self.share * self.cl.gemm_time(self.dtype, m, n, k, batch)
@@ -112,9 +122,52 @@ class Pricer:
         return Cost(self.share * (rows_elems / self.cl.scatter_rate + self.cl.call_s))
 
     def allreduce(self, nbytes: float) -> Cost:
+        """A TP allreduce of nbytes as they are (the cross-entropy's row statistics)."""
         if self.tp == 1:
             return Cost()
         return Cost(0.0, allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw))
+
+    def _comm_casts(self, to_elems: float, back_elems: float) -> Cost:
+        """16-bit transfers: the elements rounded to the format before sending, and those received widened."""
+        if self.comm_low is None or self.tp == 1:
+            return Cost()
+        cl = self.cl
+        return Cost(
+            self.share
+            * (
+                cl.cast_time(self.comm_low, True, to_elems)
+                + cl.cast_time(self.comm_low, False, back_elems)
+            )
+        )
+
+    def act_allreduce(self, elems: int) -> Cost:
+        """An f/g allreduce of an activation or its gradient (elems on every rank), at act_comm's bytes."""
+        if self.tp == 1:
+            return Cost()
+        t = allreduce(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
+        return Cost(0.0, t) + self._comm_casts(elems, elems)
+
+    def allgather(self, elems: int) -> Cost:
+        """Sequence parallel: the (b, T, C) whole of elems elements from each rank's slice."""
+        t = allgather(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
+        return Cost(0.0, t) + self._comm_casts(elems // self.tp, elems)
+
+    def reduce_scatter(self, elems: int) -> Cost:
+        """Sequence parallel: the (b, T, C) partials of elems elements summed, each rank keeping its slice."""
+        t = reduce_scatter(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
+        return Cost(0.0, t) + self._comm_casts(elems, elems // self.tp)
+
+    def enter_column(self, n: int) -> Cost:
+        """Into a column-parallel layer in forward (f): the identity, or with sp the slice all-gathered."""
+        return self.allgather(n) if self.sp else Cost()
+
+    def leave_row(self, n: int) -> Cost:
+        """Out of a row-parallel layer in forward (g): allreduce, or with sp reduce-scatter."""
+        return self.reduce_scatter(n) if self.sp else self.act_allreduce(n)
+
+    def column_input_grad(self, n: int) -> Cost:
+        """A column-parallel layer's input gradient (f's backward): allreduce, or with sp reduce-scatter."""
+        return self.reduce_scatter(n) if self.sp else self.act_allreduce(n)
 
 
 def _layernorm_fwd(p: Pricer, n: int) -> Cost:
@@ -132,43 +185,86 @@ def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
     return p.ew(3 * elems, elems) if acc else Cost()
 
 
-def block_forward(p: Pricer, b: int, T: int, C: int, H: int) -> Cost:
-    tp, it = p.tp, p.it
+def _probabilities(p: Pricer, b: int, h: int, hd: int, q0: int, q1: int) -> Cost:
+    """layers._probabilities: one query block's q k^T, its causal softmax, rounded in place (forward's, and
+    selective recompute's again in backward)."""
+    s = b * h * (q1 - q0) * q1
+    # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
+    return p.gemm(q1 - q0, q1, hd, b * h) + p.ew(9 * s, s, 6) + p.exp(s) + p.round_(s)
+
+
+def attention_core_forward(p: Pricer, b: int, T: int, h: int, hd: int, keep: bool = True) -> Cost:
+    """attention_forward's loop over query blocks: the probabilities, rounded again as the operand of the product
+    with v, and kept (keep False, recompute "selective": not kept)."""
+    c = Cost()
+    for q0, q1 in query_blocks(T):
+        s = b * h * (q1 - q0) * q1
+        c += _probabilities(p, b, h, hd, q0, q1) + p.gemm(q1 - q0, hd, q1, b * h)
+        c += p.round_(s) + (p.keep(s) if keep else Cost())  # round_(used), keep(att)
+    return c
+
+
+def _column_input(p: Pricer, n: int) -> Cost:
+    """A column-parallel layer's input in forward: kept (the cache) and used; with sp the slice is kept and used,
+    then all-gathered."""
+    r = n // p.tp if p.sp else n
+    return p.keep(r) + p.use(r) + p.enter_column(n)
+
+
+def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = False) -> Cost:
+    """selective (recompute "selective"): the probabilities are not kept."""
+    tp = p.tp
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
-    c = _layernorm_fwd(p, n) + p.keep(n)  # ln_1 (its xhat kept in the format)
-    c += p.keep(n) + p.use(n)  # ColumnParallelLinear: the input kept, then used
+    r = nl if p.sp else n  # LayerNorm, dropout, the residual stream: the slice with sp
+    c = _layernorm_fwd(p, r) + p.keep(r)  # ln_1 (its xhat kept in the format)
+    c += _column_input(p, n)  # ColumnParallelLinear: the input kept, then used
     c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
     # split_heads copy, q *= scale, round_
     c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
-    for q0, q1 in query_blocks(T):
-        s = b * h * (q1 - q0) * q1
-        c += p.gemm(q1 - q0, q1, hd, b * h) + p.gemm(q1 - q0, hd, q1, b * h)
-        # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
-        c += p.ew(9 * s, s, 6) + p.exp(s)
-        c += p.round_(s) + p.round_(s) + p.keep(s)  # round_(att), round_(used), keep(att)
+    c += attention_core_forward(p, b, T, h, hd, keep=not selective)
     c += p.keep(3 * nl)  # the head-split qkv kept
     c += p.ew(2 * nl, nl)  # merge_heads copy
     c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
     # proj, bias, residual
-    c += p.gemm(N, C, C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
-    c += _layernorm_fwd(p, n) + p.keep(n)
-    c += p.keep(n) + p.use(n)
+    c += p.gemm(N, C, C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
+    c += _layernorm_fwd(p, r) + p.keep(r)
+    c += _column_input(p, n)
     c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
     # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2)
     c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.exp(4 * nl)
     c += p.keep(4 * nl) + p.use(4 * nl)
-    c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it) + p.ew(2 * n, n) + p.ew(3 * n, n)
+    c += p.gemm(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
     return c + p.keep(4 * nl) + p.keep(4 * nl)  # the cache keeps f and GELU's tanh in the format
 
 
-def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost:
-    tp, it = p.tp, p.it
+def _column_input_back(p: Pricer, n: int) -> Cost:
+    """A column-parallel layer's kept input used in backward; with sp the slice is used and all-gathered again."""
+    return p.use(n // p.tp) + p.allgather(n) if p.sp else p.use(n)
+
+
+def block_backward(
+    p: Pricer,
+    b: int,
+    T: int,
+    C: int,
+    H: int,
+    acc: bool,
+    selective: bool = False,
+    ln_params: int = 0,
+) -> Cost:
+    """selective (recompute "selective"): each query block's probabilities rebuilt from the kept q, k, v before its
+    backward (their mask drawn again: not priced, as dropout's draws are not) instead of the kept ones used.
+    ln_params: elements of one LayerNorm's weight and bias; with sp their partial gradients (both LayerNorms') are
+    summed over the TP group at the end of each backward (modules.SlicePartials)."""
+    tp = p.tp
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
+    r = nl if p.sp else n
     c = Cost()
-    # mlp_proj: its gradient as an operand, its input used; weight gradient, bias (row sums), input gradient
-    c += p.operand(n) + p.use(4 * nl)
+    # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand, its input used; weight gradient, bias
+    # (row sums of the whole gradient), input gradient
+    c += p.enter_column(n) + p.operand(n) + p.use(4 * nl)
     c += (
         p.gemm(4 * C // tp, C, N)
         + _accumulate(p, acc, 4 * C // tp * C)
@@ -177,11 +273,11 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
     )
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
     c += p.use(4 * nl) + p.use(4 * nl) + p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
-    c += p.operand(4 * nl) + p.use(n)  # fc
+    c += p.operand(4 * nl) + _column_input_back(p, n)  # fc
     c += p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp) + p.ew(4 * nl, 4 * nl)
-    c += p.gemm(N, C, 4 * C // tp) + p.allreduce(n * it)
-    c += p.use(n) + _layernorm_bwd(p, n) + p.ew(3 * n, n)  # ln_2, dx +=
-    c += p.operand(n) + p.use(nl)  # attn_proj
+    c += p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)
+    c += p.use(r) + _layernorm_bwd(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
+    c += p.enter_column(n) + p.operand(n) + p.use(nl)  # attn_proj
     c += (
         p.gemm(C // tp, C, N)
         + _accumulate(p, acc, C // tp * C)
@@ -191,24 +287,32 @@ def block_backward(p: Pricer, b: int, T: int, C: int, H: int, acc: bool) -> Cost
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
-        c += p.use(s)  # the probabilities
+        # the probabilities: rebuilt (selective) or the kept ones used
+        c += _probabilities(p, b, h, hd, q0, q1) if selective else p.use(s)
         c += p.gemm(q1, hd, qb, b * h) + p.gemm(qb, q1, hd, b * h)  # dv, datt
         c += p.ew(7 * s, s, 4) + p.round_(s)  # rowdot einsum (2), -= (2), *= att (3); round_(datt)
         c += p.gemm(qb, hd, q1, b * h) + p.gemm(q1, hd, qb, b * h)  # dq, dk
         if i > 0:  # later blocks add into dv and dk
             c += p.ew(6 * kv, kv, 2)
     c += p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl)  # dq *= scale, transposed copy
-    c += p.operand(3 * nl) + p.use(n)  # qkv
+    c += p.operand(3 * nl) + _column_input_back(p, n)  # qkv
     c += p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp) + p.ew(3 * nl, 3 * nl)
-    c += p.gemm(N, C, 3 * C // tp) + p.allreduce(n * it)
-    c += p.use(n) + _layernorm_bwd(p, n) + p.ew(3 * n, n)
+    c += p.gemm(N, C, 3 * C // tp) + p.column_input_grad(n)
+    c += p.use(r) + _layernorm_bwd(p, r) + p.ew(3 * r, r)
+    if p.sp:
+        c += p.allreduce(2 * ln_params * p.it)  # SlicePartials.reduce
     return c
 
 
 def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
-    # ln_f's xhat; xf2 as operand, then kept
-    c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
+    # ln_f's xhat; xf2 as operand, then kept; sp: ln_f on the slice, which is kept, used and all-gathered, then the
+    # whole as the operand
+    if p.sp:
+        r = n // p.tp
+        c = _layernorm_fwd(p, r) + p.keep(r) + p.keep(r) + p.use(r) + p.allgather(n) + p.operand(n)
+    else:
+        c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
     c += p.gemm(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
@@ -217,25 +321,35 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     return c
 
 
-def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool) -> Cost:
+def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0) -> Cost:
+    """sp: the kept slice gathered again for wte's gradient, the input gradient reduce-scattered, ln_f on the slice
+    and its partial gradients (ln_params elements) summed over the TP group."""
     N, n, Vl = b * T, b * T * C, V // p.tp
-    # probabilities *= scale / N, rounded; xf2 used
-    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + p.use(n)
-    c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.allreduce(n * p.it)
-    return c + p.use(n) + _layernorm_bwd(p, n)
-
-
-def embedding_forward(p: Pricer, b: int, T: int, C: int) -> Cost:
-    n = b * T * C
-    c = p.ew(2 * n, n) + p.ew(3 * n, n)  # wte[idx], += wpe
-    if p.tp > 1:
-        c += p.ew(2 * n, n) + p.allreduce(n * p.it)
+    r = n // p.tp if p.sp else n
+    # probabilities *= scale / N, rounded; xf2 used (sp: the slice, gathered)
+    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + _column_input_back(p, n)
+    c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.column_input_grad(n)
+    c += p.use(r) + _layernorm_bwd(p, r)
+    if p.sp:
+        c += p.allreduce(ln_params * p.it)
     return c
 
 
-def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
+def embedding_forward(p: Pricer, b: int, T: int, C: int) -> Cost:
+    """wte[idx] (masked to this rank's rows with tp > 1, summed over the group: allreduce, or with sp
+    reduce-scatter), then += wpe (on the slice with sp)."""
     n = b * T * C
-    return p.ew(n, n) + p.scatter(n)  # position rows summed; np.add.at into wte's rows
+    r = n // p.tp if p.sp else n
+    c = p.ew(2 * n, n)  # wte[idx]
+    if p.tp > 1:
+        c += p.ew(2 * n, n) + p.leave_row(n)
+    return c + p.ew(3 * r, r)  # += wpe
+
+
+def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
+    """sp: the slice's gradient all-gathered first; position rows summed; np.add.at into wte's rows."""
+    n = b * T * C
+    return p.enter_column(n) + p.ew(n, n) + p.scatter(n)
 
 
 def chunk_costs(
@@ -250,32 +364,37 @@ def chunk_costs(
     """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, and
     the parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating)."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
+    ln = (2 if cfg.bias else 1) * C  # one LayerNorm's parameters
+    selective = recompute == "selective"
     f = Cost()
     if embedding:
         f += embedding_forward(p, b, T, C)
-    bf = block_forward(p, b, T, C, H)
+    bf = block_forward(p, b, T, C, H, selective)
     for _ in range(n_blocks):
         f += bf
     if head:
         f += head_forward(p, b, T, C, V)
     out = {"F": f}
+
+    def block_b(acc: bool) -> Cost:
+        bb = block_backward(p, b, T, C, H, acc, selective, ln)
+        return (
+            bb + bf if recompute == "block" else bb
+        )  # "block": its forward again, to rebuild its cache
+
     for key, acc in (("B", False), ("B+", True)):
         c = Cost()
         if head:
-            c += head_backward(p, b, T, C, V, acc)
-        bb = block_backward(p, b, T, C, H, acc)
-        if recompute == "block":
-            bb = bb + bf  # the block's forward again, to rebuild its cache
+            c += head_backward(p, b, T, C, V, acc, ln)
+        bb = block_b(acc)
         for _ in range(n_blocks):
             c += bb
         if embedding:
             c += embedding_backward(p, b, T, C)
         out[key] = c
     for key, acc in (("", False), ("+", True)):
-        out["head_B" + key] = head_backward(p, b, T, C, V, acc) if head else Cost()
-        out["block_B" + key] = block_backward(p, b, T, C, H, acc) + (
-            bf if recompute == "block" else Cost()
-        )
+        out["head_B" + key] = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
+        out["block_B" + key] = block_b(acc)
     return out
 
 

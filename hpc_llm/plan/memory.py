@@ -7,8 +7,9 @@
   modules.py builds them (activations.py: `chunk_cache_bytes`; tests/plan/test_plan.py walks a real cache and finds the
   same bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
-  it returns), the pipeline's send buffers (held by their requests until the end of the step), ZeRO-1's
-  reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
+  it returns; sequence parallelism's gathered and reduce-scattered temporaries), the pipeline's send buffers (at most
+  schedule.send_depth per neighbour and direction across an op; every send of the step where the code has no such
+  bound), ZeRO-1's reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
@@ -24,10 +25,13 @@ from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import Config, ModelConfig, stage_layers
 from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
+from hpc_llm.parallel import schedule as sched
+from hpc_llm.parallel.compression import SCALE_WORDS
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.plan.activations import (
     INDEX_BYTES,
+    attention_recompute_bytes,
     block_backward_work,
     block_cache_bytes,
     block_forward_work,
@@ -56,9 +60,15 @@ class Bytes:
         return Bytes(dtype_bytes, dtype_bytes, dtype_bytes, dtype_bytes, 0, dtype_bytes)
 
 
+RECOMPUTES = ("none", "selective", "block")
+ACT_COMMS = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class Layout:
-    """One way to run: the grid, ZeRO-1, the pipeline schedule and its micro-batches, the local micro-batch rows."""
+    """One way to run: the grid, ZeRO-1, the pipeline schedule and its micro-batches, the local micro-batch rows,
+    what is recomputed, sequence parallelism, the format of activation transfers and how many sends may be in
+    flight."""
 
     pp: int = 1
     dp: int = 1
@@ -69,7 +79,16 @@ class Layout:
     micro_batches: int = 1  # train.grad_accum
     batch_size: int = 1  # train.batch_size: the global micro-batch (rows), split over dp
     bucket_mb: float = 25.0
-    recompute: str = "none"  # "block": keep each block's input only (recomputed in backward)
+    # "selective": the attention core recomputed in backward (probabilities and their masks not kept); "block": keep
+    # each block's input only (the block recomputed in backward)
+    recompute: str = "none"
+    sequence_parallel: bool = False  # parallel.sequence_parallel (tp > 1)
+    act_comm: str = (
+        "fp32"  # parallel.act_comm: "fp32" (the compute dtype) or 16-bit pipeline and TP transfers
+    )
+    # sends in flight per neighbour and direction: None the code's (schedule.send_depth), 0 every send held until the
+    # step's end (the code before bounded sends), k > 0 at most k
+    send_depth: int | None = None
 
     @property
     def ranks(self) -> int:
@@ -78,6 +97,11 @@ class Layout:
     @property
     def rows(self) -> int:
         return self.batch_size // self.dp
+
+    @property
+    def comm16(self) -> bool:
+        """Pipeline messages and tensor-parallel activation collectives travel as 16-bit words."""
+        return self.act_comm != "fp32"
 
     @classmethod
     def of(cls, cfg: Config, dp: int) -> Layout:
@@ -94,7 +118,34 @@ class Layout:
             t.batch_size,
             par.bucket_mb,
             t.recompute,
+            par.sequence_parallel,
+            par.act_comm,
         )
+
+
+def message_elems(cfg: ModelConfig, lay: Layout) -> int:
+    """Elements of one pipeline message: an activation or its gradient, (b, T, C), or (b, T/tp, C) with sequence
+    parallelism."""
+    return lay.rows * cfg.block_size * cfg.n_embd // (lay.tp if lay.sequence_parallel else 1)
+
+
+def message_bytes(cfg: ModelConfig, lay: Layout, by: Bytes) -> int:
+    """Bytes of one pipeline message's buffer: the activation itself in the compute dtype, or with 16-bit transfers
+    its words and scale in a buffer of their own (Comm.isend / irecv: compression.write16's n + SCALE_WORDS uint16
+    words), which is then what a send holds and what a receive lands in before it is widened."""
+    elems = message_elems(cfg, lay)
+    return 2 * (elems + SCALE_WORDS) if lay.comm16 else elems * by.compute
+
+
+def send_depth(lay: Layout) -> int | None:
+    """How many sends per neighbour and direction can be in flight at once; None: every send of the step (held
+    until its end). The code's bound is schedule.send_depth(name, p, m, v); a code without it holds every send."""
+    if lay.send_depth is not None:
+        return lay.send_depth or None
+    depth = getattr(sched, "send_depth", None)
+    if depth is None:
+        return None
+    return depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual)
 
 
 def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> StagePlan:
@@ -224,6 +275,7 @@ def _chunk_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, in
             by.act,
             lay.recompute,
             by.compute,
+            lay.sequence_parallel,
         )
         for c, v in enumerate(plan.chunks)
     }
@@ -246,33 +298,62 @@ def _op_work(
     by: Bytes,
     op,
     blocks: int,
+    first: bool,
     last: bool,
     acc: bool,
-    msg: int,
     batch: int,
 ):
-    """The temporaries of one schedule op beyond the caches it keeps."""
+    """The temporaries of one schedule op beyond the caches it keeps: its input (the received stream), the
+    running layer's temporaries; with 16-bit transfers the 16-bit receive buffer beside the widened input."""
     b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
+    sp, c16, drop = lay.sequence_parallel, lay.comm16, cfg.dropout > 0
+    elems = message_elems(cfg, lay)
+    msg = elems * by.compute  # the op's input or output stream
+    receives = not first if op.kind == Phase.FORWARD else not last
+    recv16 = message_bytes(cfg, lay, by) if c16 and receives and lay.pp > 1 else 0
     if op.kind == Phase.FORWARD:
-        work = block_forward_work(b, T, C, H, lay.tp, by.compute) if blocks else msg
+        work = block_forward_work(b, T, C, H, lay.tp, by.compute, sp, c16) if blocks else msg
         if lay.recompute == "block":
             # each block's whole cache is built, then dropped; Chunk.forward's loop variable still holds the
             # previous block's meanwhile
             work += 2 * act_block(cfg, lay, b, by)
-        return work
+        return work + recv16
     work = msg + batch
     if blocks:
-        drop = cfg.dropout > 0
+        rebuilt = 0
+        if lay.recompute == "selective":
+            rebuilt = attention_recompute_bytes(b, T, H, lay.tp, drop, by.compute)
         work = max(
             work,
-            block_backward_work(b, T, C, H, lay.tp, by.compute, by.grad, acc, drop)
+            block_backward_work(
+                b, T, C, H, lay.tp, by.compute, by.grad, acc, drop, sp, c16, rebuilt
+            )
             + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0),
         )
     if last:
         work = max(
-            work, head_backward_work(b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc)
+            work,
+            head_backward_work(
+                b, T, C, cfg.padded_vocab, lay.tp, by.compute, by.grad, acc, sp, c16
+            ),
         )
-    return work
+    return work + recv16
+
+
+def sends_in_flight(ops, plan, depth: int | None):
+    """For each op of a rank's list: (forward, backward) sends in flight while it runs, each direction capped at
+    depth (None: every send made so far, held until the step's end). A chunk's forward sends unless it is the last
+    virtual stage, its backward unless it is the first."""
+    fwd = bwd = 0
+    cap = (lambda k: k) if depth is None else (lambda k: min(k, depth))  # noqa: E731
+    chunks, last = plan.chunks, plan.n_virtual - 1
+    for op in ops:
+        yield cap(fwd), cap(bwd)
+        v = chunks[op.chunk]
+        if op.kind == Phase.FORWARD:
+            fwd += v != last
+        else:
+            bwd += v != 0
 
 
 def _schedule_peak(
@@ -281,33 +362,36 @@ def _schedule_peak(
     """Walk the stage's schedule, op by op, keeping the moment of the largest total."""
     sizes = _chunk_sizes(cfg, lay, plan, by)
     ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
-    # activations between stages, and the residual stream: the compute dtype
-    msg = lay.rows * cfg.block_size * cfg.n_embd * by.compute
+    # a send buffer: the activation or gradient itself, or its 16-bit rounded copy
+    msg = message_bytes(cfg, lay, by)
     alive: dict = {}
-    sends = 0
     started: set = set()
     last_b = max(k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD)
     best = _Peak()
     # the latest micro-batch's (x, y), referenced by the loop
     batch = 2 * lay.rows * cfg.block_size * INDEX_BYTES
+    in_flight = sends_in_flight(ops, plan, send_depth(lay))
+    works: dict = {}  # an op's temporaries depend only on its kind, its chunk and whether it accumulates
+    held = 0  # sum(alive.values())
+    chunks = plan.chunks
     for k, op in enumerate(ops):
-        v = plan.chunks[op.chunk]
-        first, last = v == 0, v == plan.n_virtual - 1
+        v = chunks[op.chunk]
         if op.kind == Phase.FORWARD:
             alive[(op.micro, op.chunk)] = sizes[op.chunk]
-        work = _op_work(
-            cfg, lay, by, op, len(plan.layers[v]), last, op.chunk in started, msg, batch
-        )
+            held += sizes[op.chunk]
+        key = (op.kind, op.chunk, op.chunk in started)
+        if key not in works:
+            first, last = v == 0, v == plan.n_virtual - 1
+            works[key] = _op_work(cfg, lay, by, op, len(plan.layers[v]), first, last, key[2], batch)
+        work = works[key]
+        sends = msg * sum(next(in_flight))
         zero = zero_recv if k == last_b else 0
-        total = sum(alive.values()) + work + sends + zero + batch
+        total = held + work + sends + zero + batch
         if total > best.total:
-            best = _Peak(total, sum(alive.values()), work + batch, sends, zero)
+            best = _Peak(total, held, work + batch, sends, zero)
         if op.kind == Phase.BACKWARD:
-            alive.pop((op.micro, op.chunk))
+            held -= alive.pop((op.micro, op.chunk))
             started.add(op.chunk)
-            sends += msg if not first else 0
-        else:
-            sends += msg if not last else 0
     return best
 
 
@@ -359,7 +443,15 @@ def rank_memory(
 def act_block(cfg: ModelConfig, lay: Layout, b: int, by: Bytes) -> int:
     """recompute: the block whose cache is being rebuilt holds it whole while its backward runs."""
     return block_cache_bytes(
-        b, cfg.block_size, cfg.n_embd, cfg.n_head, lay.tp, cfg.dropout > 0, by.act, by.compute
+        b,
+        cfg.block_size,
+        cfg.n_embd,
+        cfg.n_head,
+        lay.tp,
+        cfg.dropout > 0,
+        by.act,
+        by.compute,
+        lay.sequence_parallel,
     )
 
 

@@ -18,13 +18,21 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
 from hpc_llm.parallel.schedule import Phase, Timing
 from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
-from hpc_llm.plan.compute import Pricer, chunk_costs, norm_time, optimizer_time, refresh_time
+from hpc_llm.plan.compute import (
+    Pricer,
+    chunk_costs,
+    norm_time,
+    optimizer_time,
+    refresh_time,
+)
 from hpc_llm.plan.memory import (
     Bytes,
     Layout,
     bucket_elems,
     grad_sync,
     max_rank_memory,
+    message_bytes,
+    message_elems,
     specs_of,
     stage_plan,
 )
@@ -40,7 +48,7 @@ PRECISIONS = {
     "fp16": ("float32", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
     "bf16-tc": ("bfloat16", Bytes(param=4, grad=4, moment=4, act=2, master=4, compute=4)),
 }
-# the 2-byte format each converts to
+# the 2-byte format each converts to (train.precision, and parallel.act_comm's 16-bit transfers)
 LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
 
 
@@ -189,6 +197,21 @@ def _events_by_rank(timing: Timing, pp: int) -> list[list]:
     return events
 
 
+def _transfer_time(
+    cfg: ModelConfig, lay: Layout, cl: Cluster, by: Bytes, link: Link | None, share: float
+) -> float:
+    """One pipeline message between neighbours: point to point of (b, T, C) (or the (b, T/tp, C) slice with sequence
+    parallelism) in the compute dtype, or as 16-bit words, rounded by the sender and widened by the receiver."""
+    if lay.pp == 1:
+        return 0.0
+    elems = message_elems(cfg, lay)
+    t = p2p(message_bytes(cfg, lay, by), link.latency_s, link.bw)
+    if lay.comm16:
+        fmt = LOW[lay.act_comm]
+        t += share * (cl.cast_time(fmt, True, elems) + cl.cast_time(fmt, False, elems))
+    return t
+
+
 def predict(
     cfg: ModelConfig,
     lay: Layout,
@@ -208,12 +231,21 @@ def predict(
     precision = resolve_precision(cfg, precision)
     gdtype, by = PRECISIONS[precision]
     links = _group_links(cl, lay, share)
-    pr = Pricer(cl, gdtype, by.compute, lay.tp, links["tp"], share, low=LOW.get(precision))
+    pr = Pricer(
+        cl,
+        gdtype,
+        by.compute,
+        lay.tp,
+        links["tp"],
+        share,
+        low=LOW.get(precision),
+        sp=lay.sequence_parallel,
+        comm_low=LOW.get(lay.act_comm),
+    )
     T = cfg.block_size
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
     costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
-    msg = lay.rows * T * cfg.n_embd * by.compute
-    t_comm = p2p(msg, links["pp"].latency_s, links["pp"].bw) if lay.pp > 1 else 0.0
+    t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
     def cost(kind, v, later):
         return costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total

@@ -3,10 +3,12 @@ in memory, and their predicted steps (predict.py), best first; and the table the
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.plan.cluster import Cluster
-from hpc_llm.plan.memory import Layout, RankMemory
+from hpc_llm.plan.memory import RECOMPUTES, Layout, RankMemory
 from hpc_llm.plan.predict import memory_of, precision_of, predict, resolve_precision
 
 
@@ -45,6 +47,12 @@ def _schedules(cfg: ModelConfig, pp: int, max_virtual: int) -> list[tuple[str, i
     return [("1f1b", 1), ("gpipe", 1)] + interleaved
 
 
+def _sp_options(cfg: ModelConfig, tp: int, sequence_parallel) -> tuple:
+    """Sequence parallel off and on where the code accepts it (tp > 1, block_size divisible by tp, no LoRA)."""
+    valid = tp > 1 and cfg.block_size % tp == 0 and not cfg.lora_rank
+    return tuple(x for x in sequence_parallel if valid or not x)
+
+
 def layouts(
     cfg: ModelConfig,
     n_devices: int,
@@ -52,9 +60,12 @@ def layouts(
     bucket_mb: float = 25.0,
     recomputes=("none",),
     max_virtual: int = 4,
+    sequence_parallel=(False,),
+    act_comm: str = "fp32",
 ):
     """Every (layout, reason) for n_devices ranks: reason None when the code accepts it, else the first rule it
-    breaks (the same rules config/checks.py and grid.py enforce)."""
+    breaks (the same rules config/checks.py and grid.py enforce). sequence_parallel: the settings tried where
+    valid; act_comm: the transfers' format, the same for every layout."""
     for tp in divisors(n_devices):
         for pp in divisors(n_devices // tp):
             dp = n_devices // (tp * pp)
@@ -75,11 +86,23 @@ def layouts(
                     if name == "interleaved" and m % pp:
                         continue
                     for zero in (0, 1) if dp > 1 else (0,):
-                        for rc in recomputes:
-                            lay = Layout(
-                                pp, dp, tp, zero, name, v, m, global_batch // m, bucket_mb, rc
-                            )
-                            yield lay, None
+                        for sp in _sp_options(cfg, tp, sequence_parallel):
+                            for rc in recomputes:
+                                lay = Layout(
+                                    pp,
+                                    dp,
+                                    tp,
+                                    zero,
+                                    name,
+                                    v,
+                                    m,
+                                    global_batch // m,
+                                    bucket_mb,
+                                    rc,
+                                    sp,
+                                    act_comm,
+                                )
+                                yield lay, None
 
 
 def _too_big(lay: Layout, prec: str, memory: RankMemory, limit: float) -> str | None:
@@ -126,23 +149,45 @@ def search(
     bucket_mb: float = 25.0,
     max_micro: int = 4096,
     checkpoint_memory: bool = True,
+    sequence_parallel=(False,),
+    act_comm: str = "fp32",
 ):
     """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible). Each layout's memory comes
     first: one that does not fit is rejected before its schedule is simulated (memory does not depend on time, so
-    the answer is the same as predicting every layout: tests/plan/test_plan.py)."""
+    the answer is the same as predicting every layout: tests/plan/test_plan.py).
+
+    recomputes are tried in the order given, which must recompute more and more ("none", "selective", "block"):
+    once one fits, the layout's later ones are neither priced nor listed, since they run the same ops plus more
+    recomputation and so are slower (the simulated step is monotone in every op's cost)."""
     if n_devices < 1:
         raise UserError(f"--gpus: expected a positive integer, got {n_devices}")
     if global_batch < 1:
         raise UserError(f"--global-batch: expected a positive integer, got {global_batch}")
     precisions = precisions or [precision_of(cfg.dtype)]
     ok, bad = [], []
-    for lay, reason in layouts(cfg, n_devices, global_batch, bucket_mb, recomputes):
+    grid = layouts(
+        cfg,
+        n_devices,
+        global_batch,
+        bucket_mb,
+        recomputes,
+        sequence_parallel=sequence_parallel,
+        act_comm=act_comm,
+    )
+    order = {rc: k for k, rc in enumerate(RECOMPUTES)}
+    if [order[rc] for rc in recomputes] != sorted(order[rc] for rc in recomputes):
+        raise ValueError(f"recomputes: expected an order of {RECOMPUTES}, got {recomputes}")
+    fitted = set()  # (layout without its recompute, precision) that fit with less recomputation
+    for lay, reason in grid:
         if reason:
             bad.append((lay, reason))
             continue
         if lay.micro_batches > max_micro:
             continue
         for prec in precisions:
+            key = (replace(lay, recompute="none"), prec)
+            if key in fitted:
+                continue
             memory = memory_of(
                 cfg, lay, cl, resolve_precision(cfg, prec), checkpoint_memory=checkpoint_memory
             )
@@ -150,6 +195,7 @@ def search(
             if reason:
                 bad.append((lay, reason))
                 continue
+            fitted.add(key)
             ok.append(
                 predict(
                     cfg,
@@ -176,8 +222,14 @@ def describe(lay: Layout) -> str:
     if lay.pp > 1:
         s += f" {lay.schedule}" + (f" v{lay.virtual}" if lay.virtual > 1 else "")
     s += f" m{lay.micro_batches} b{lay.batch_size}"
+    if lay.sequence_parallel:
+        s += " sp"
     if lay.recompute != "none":
         s += f" recompute={lay.recompute}"
+    if lay.act_comm != "fp32":
+        s += f" act_comm={lay.act_comm}"
+    if lay.send_depth is not None:
+        s += f" send_depth={lay.send_depth or 'all'}"
     return s
 
 

@@ -13,10 +13,10 @@ import pytest
 from helpers import cache_bytes, tiny_config
 
 from hpc_llm import cli
-from hpc_llm.config import ModelConfig, TrainConfig
+from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
-from hpc_llm.model.layers import DropoutRNG
+from hpc_llm.model.layers import DropoutRNG, query_blocks
 from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
@@ -39,6 +39,14 @@ class FakeComm(Comm):
 
     def allreduce_(self, buf, op: str = "sum"):
         return buf
+
+    # sequence parallelism's collectives: the shapes they give (the whole from `size` slices, a slice of the whole)
+    def allgather_along(self, x, axis: int):
+        return np.concatenate([x] * self.size, axis=axis)
+
+    def reduce_scatter_along(self, x, axis: int):
+        n = x.shape[axis] // self.size
+        return np.take(x, range(self.rank * n, (self.rank + 1) * n), axis=axis)
 
 
 def cluster_dict(**drop) -> dict:
@@ -156,36 +164,30 @@ def test_zero1_moments_of_a_real_trainer_at_dp2(data_dir, shared_tmp_path):
 
 
 @pytest.mark.parametrize(
-    "shape, tp, pp, stage, dropout, recompute, precision",
+    "shape, tp, pp, stage, dropout, recompute, precision, sp",
     [
-        (dict(), 1, 1, 0, 0.0, "none", "fp32"),
-        (
-            dict(block_size=300, n_embd=64),
-            1,
-            1,
-            0,
-            0.1,
-            "none",
-            "fp32",
-        ),  # 3 query blocks, dropout masks
-        (dict(block_size=130), 2, 1, 0, 0.0, "none", "fp32"),  # tensor parallel shards
-        (dict(), 1, 2, 0, 0.0, "none", "fp32"),
-        (dict(), 2, 2, 1, 0.1, "none", "fp32"),  # pipeline stages
-        (dict(), 1, 1, 0, 0.0, "block", "fp32"),  # recompute: block inputs only
-        (
-            dict(block_size=140),
-            2,
-            1,
-            0,
-            0.0,
-            "none",
-            "fp16",
-        ),  # kept in 2 bytes, rstd and probabilities in 4
-        (dict(dtype="float64"), 1, 1, 0, 0.0, "none", "fp32"),
+        (dict(), 1, 1, 0, 0.0, "none", "fp32", False),
+        # 3 query blocks, dropout masks
+        (dict(block_size=300, n_embd=64), 1, 1, 0, 0.1, "none", "fp32", False),
+        (dict(block_size=130), 2, 1, 0, 0.0, "none", "fp32", False),  # tensor parallel shards
+        (dict(), 1, 2, 0, 0.0, "none", "fp32", False),
+        (dict(), 2, 2, 1, 0.1, "none", "fp32", False),  # pipeline stages
+        (dict(), 1, 1, 0, 0.0, "block", "fp32", False),  # recompute: block inputs only
+        # kept in 2 bytes, rstd and masks in 4
+        (dict(block_size=140), 2, 1, 0, 0.0, "none", "fp16", False),
+        (dict(dtype="float64"), 1, 1, 0, 0.0, "none", "fp32", False),
+        # selective recompute: no probabilities or attention masks kept (1 and 3 query blocks, dropout)
+        (dict(), 2, 1, 0, 0.1, "selective", "fp32", False),
+        (dict(block_size=300, n_embd=64), 1, 1, 0, 0.1, "selective", "bf16", False),
+        # sequence parallel: the replicated terms on the slice (both pipeline ends, dropout, 2 and 4 ranks)
+        (dict(), 2, 1, 0, 0.1, "none", "fp32", True),
+        (dict(block_size=140), 4, 2, 1, 0.1, "none", "fp16", True),
+        (dict(), 2, 2, 0, 0.0, "block", "fp32", True),  # its block inputs: slices
+        (dict(block_size=260), 2, 1, 0, 0.1, "selective", "bf16", True),
     ],
 )
 def test_activation_term_equals_the_cache_a_forward_keeps(
-    shape, tp, pp, stage, dropout, recompute, precision
+    shape, tp, pp, stage, dropout, recompute, precision, sp
 ):
     cfg = tiny(dropout=dropout, **shape)
     b = 3
@@ -193,21 +195,21 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
     model = GPT(
         cfg,
         seed=0,
-        tp_comm=FakeComm(tp),
+        tp_comm=FakeComm(tp, tp - 1),
         plan=stage_plan(cfg, lay, stage),
         recompute=recompute,
         precision=precision,
+        sequence_parallel=sp,
     )
     chunk = model.chunks[0]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (b, cfg.block_size))
-    inp = (
-        tokens
-        if chunk.embedding
-        else rng.standard_normal((b, cfg.block_size, cfg.n_embd)).astype(model.dtype)
-    )
+    shape_in = model.act_shape(b, cfg.block_size)  # (b, T/tp, C) with sequence parallelism
+    inp = tokens if chunk.embedding else rng.standard_normal(shape_in).astype(model.dtype)
     drop = DropoutRNG(0, 0, 0, range(b)) if dropout else None
-    _, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
+    out, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
+    if chunk.head is None:
+        assert out.shape == shape_in
     it = model.dtype.itemsize
     by = PRECISIONS["fp64" if it == 8 else precision][1]
     expect = chunk_cache_bytes(
@@ -220,8 +222,40 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
         by.act,
         recompute,
         by.compute,
+        sp,
     )
     assert cache_bytes(cache) == expect
+
+
+def test_sequence_parallel_and_selective_caches_drop_exactly_their_terms():
+    """The block cache under sequence parallelism is the plain one less exactly the replicated terms (both
+    LayerNorms, the branch masks, the column-parallel inputs) times (1 - 1/tp); under selective recompute, less the
+    probabilities and attention masks: term by term, in elements."""
+    from hpc_llm.plan.activations import attention_scores, block_cache_elems
+
+    b, T, C, H, tp = 2, 256, 64, 8, 4
+    n, rows = b * T * C, b * T
+    replicated = {
+        "ln_1 xhat": n,
+        "ln_1 rstd": rows,
+        "ln_1 output (qkv input)": n,
+        "attention branch dropout mask": n,
+        "ln_2 xhat": n,
+        "ln_2 rstd": rows,
+        "ln_2 output (fc input)": n,
+        "MLP branch dropout mask": n,
+    }
+    plain = block_cache_elems(b, T, C, H, tp, True)
+    sp = block_cache_elems(b, T, C, H, tp, True, sp=True)
+    assert plain.keys() == sp.keys()
+    for name, elems in plain.items():
+        assert sp[name] == elems - replicated.get(name, 0) * (1 - 1 / tp), name
+    assert sum(plain.values()) - sum(sp.values()) == sum(replicated.values()) * (tp - 1) // tp
+    att = b * H // tp * attention_scores(T)
+    sel = block_cache_elems(b, T, C, H, tp, True, recompute="selective")
+    dropped = {"attention probabilities": att, "attention dropout masks": att}
+    for name, elems in plain.items():
+        assert sel[name] == elems - dropped.get(name, 0), name
 
 
 def test_in_flight_activations_follow_the_schedule():
@@ -329,39 +363,71 @@ def test_search_sorts_by_speed_and_names_limits():
 
 
 def test_memory_first_search_gives_the_same_answer_as_predicting_every_layout():
-    """search() rejects a layout whose memory does not fit before simulating its schedule: the feasible list (its
-    order, every time and memory term) and the infeasible reasons are those of predicting every layout whole."""
+    """search() rejects a layout whose memory does not fit before simulating its schedule, and does not price a
+    layout's variants that recompute more than one that fits (slower by construction): the feasible list (its
+    order, every time and memory term) and the infeasible reasons are those of predicting every layout whole and
+    dropping those variants."""
     from hpc_llm.plan.search import describe, layouts
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
-    precisions, recomputes = ["fp32", "fp16"], ("none", "block")
+    precisions, recomputes = ["fp32", "fp16"], ("none", "selective", "block")
     every = [
         (lay, prec, predict(cfg, lay, CL, prec))
-        for lay, why in layouts(cfg, 4, 16, 25.0, recomputes)
+        for lay, why in layouts(cfg, 4, 16, 25.0, recomputes, sequence_parallel=(False, True))
         if why is None
         for prec in precisions
     ]
+    assert any(lay.sequence_parallel for lay, _, _ in every)
     peaks = sorted(p.memory["peak"] for _, _, p in every)
     cl = dataclasses.replace(CL, memory_bytes=peaks[len(peaks) // 2])  # about half the layouts fit
+    fits = {(lay, prec) for lay, prec, p in every if p.memory["peak"] <= cl.memory_bytes}
+    less = {"none": (), "selective": ("none",), "block": ("none", "selective")}
+
+    def dominated(lay, prec) -> bool:
+        return any(
+            (dataclasses.replace(lay, recompute=r), prec) in fits for r in less[lay.recompute]
+        )
+
     slow_ok = sorted(
-        (p for _, _, p in every if p.memory["peak"] <= cl.memory_bytes),
+        (p for lay, prec, p in every if (lay, prec) in fits and not dominated(lay, prec)),
         key=lambda p: -p.tokens_per_s,
     )
     slow_bad = [
         f"{describe(lay)} {prec}: memory {p.memory['peak'] / 1e9:.2f} GB per rank"
         for lay, prec, p in every
-        if p.memory["peak"] > cl.memory_bytes
+        if p.memory["peak"] > cl.memory_bytes and not dominated(lay, prec)
     ]
-    ok, bad = search(cfg, cl, 4, 16, precisions, recomputes=recomputes)
+    ok, bad = search(
+        cfg, cl, 4, 16, precisions, recomputes=recomputes, sequence_parallel=(False, True)
+    )
     assert len(ok) > 10 and len(slow_bad) > 10
+    # some variants were skipped, and each was slower than the fitting one that replaced it
+    skipped = [
+        (lay, prec, p) for lay, prec, p in every if (lay, prec) in fits and dominated(lay, prec)
+    ]
+    assert skipped
+    step = {(lay, prec): p.time["step"] for lay, prec, p in every}
+    for lay, prec, p in skipped:
+        for r in less[lay.recompute]:
+            if (dataclasses.replace(lay, recompute=r), prec) in fits:
+                assert p.time["step"] > step[(dataclasses.replace(lay, recompute=r), prec)]
     assert [(p.layout, p.precision, p.time, p.memory) for p in ok] == [
         (p.layout, p.precision, p.time, p.memory) for p in slow_ok
     ]
     assert [r.split(" > ")[0] for _, r in bad if ": memory " in r] == slow_bad
 
 
-@pytest.mark.parametrize("tp, block_size", [(1, 64), (2, 140)])  # 1 and 2 query blocks
-def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size):
+@pytest.mark.parametrize(
+    "tp, block_size, sp, recompute",
+    [
+        (1, 64, False, "none"),  # 1 and 2 query blocks
+        (2, 140, False, "none"),
+        (2, 140, True, "none"),  # sequence parallel: slices kept and used, wholes as operands
+        (2, 140, False, "selective"),  # probabilities not kept, rebuilt in backward
+        (4, 256, True, "selective"),
+    ],
+)
+def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size, sp, recompute):
     """bf16/fp16: the elements the time model converts to the format and back (compute.py, Pricer.keep, use,
     operand, round_) are those a real forward and backward convert (Precision's methods, counted)."""
     from hpc_llm.model import precision as P
@@ -395,10 +461,13 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
         tp_comm=FakeComm(tp),
         plan=stage_plan(cfg, Layout(tp=tp, batch_size=b), 0),
         precision="fp16",
+        recompute=recompute,
+        sequence_parallel=sp,
     )
     chunk = model.chunks[0]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, cfg.block_size))
-    pr = Tally(CL, "float32", 4, tp, CL.link("intra"), low="float16")
+    pr = Tally(CL, "float32", 4, tp, CL.link("intra"), low="float16", sp=sp)
+    selective = recompute == "selective"
     T, Cm, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     for phase in ("forward", "backward"):
         code.update({True: 0, False: 0})
@@ -406,13 +475,13 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
         if phase == "forward":
             _, cache = chunk.forward(tokens, tokens)
             for _ in range(cfg.n_layer):
-                C.block_forward(pr, b, T, Cm, H)
+                C.block_forward(pr, b, T, Cm, H, selective)
             C.head_forward(pr, b, T, Cm, V)
         else:
             chunk.backward(None, cache)
             C.head_backward(pr, b, T, Cm, V, False)
             for _ in range(cfg.n_layer):
-                C.block_backward(pr, b, T, Cm, H, False)
+                C.block_backward(pr, b, T, Cm, H, False, selective)
         assert planned == code and code[True] > 0 and code[False] > 0, phase
 
 
@@ -554,7 +623,10 @@ def test_plan_json_fields_and_timeline(tmp_path, capsys):
     }
     assert best["tokens_per_s"] == max(p["tokens_per_s"] for p in r["feasible"])
     assert {p["precision"] for p in r["feasible"]} == {"fp32", "bf16"}
-    assert {p["layout"]["recompute"] for p in r["feasible"]} == {"none", "block"}
+    # every layout fits without recompute here, so its recomputing variants (slower) are not listed
+    assert {p["layout"]["recompute"] for p in r["feasible"]} == {"none"}
+    tp2 = {p["layout"]["sequence_parallel"] for p in r["feasible"] if p["layout"]["tp"] == 2}
+    assert tp2 == {False, True}
     assert png.stat().st_size > 1000
 
 
@@ -584,3 +656,324 @@ def test_plan_compare_puts_prediction_beside_the_run(tmp_path, capsys, make_cfg)
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
     assert r["measured_step_s"] == pytest.approx(tokens / 1000.0)  # the warm-up window left out
     assert r["error"] == pytest.approx(r["predicted_step_s"] / r["measured_step_s"] - 1)
+
+
+# -- one given layout (--layout) ---------------------------------------------------------------------------------
+
+
+def test_plan_layout_prices_one_layout(tmp_path, capsys):
+    """--layout: the one layout described (keys over the config's), its memory terms and step in JSON, equal to
+    predict() of that layout; the text names every non-zero term and says whether it fits."""
+    cfg_path, cl = write_config(tmp_path), write_cluster(tmp_path)
+    text = "pp=2,tp=2,dp=1,schedule=interleaved,virtual=2,micro=4,mbs=2,sp=1,recompute=selective"
+    rc, out, _ = run_cli(
+        capsys, "plan", cfg_path, "--cluster", cl, "--layout", text + ",act_comm=bf16", "--json"
+    )
+    assert rc == 0
+    r = json.loads(out)
+    lay = Layout(
+        pp=2,
+        tp=2,
+        schedule="interleaved",
+        virtual=2,
+        micro_batches=4,
+        batch_size=2,
+        recompute="selective",
+        sequence_parallel=True,
+        act_comm="bf16",
+    )
+    assert r["layout"] == dataclasses.asdict(lay)
+    cfg = load_config(cfg_path)
+    pred = predict(
+        tiny(), lay, K.load_cluster(cl), "fp32", 1.0, cfg.checkpoint.interval, cfg.train.max_iters
+    )
+    assert r["memory_bytes"] == pred.memory and r["time_s"] == pytest.approx(pred.time)
+    assert r["memory_bytes"]["pipeline_buffers"] > 0 and r["time_s"]["tp_comm"] > 0
+    assert r["fits"] is (pred.memory["peak"] <= 16e9) and r["device_memory_bytes"] == 16e9
+    rc, out, _ = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", text)
+    assert rc == 0 and "pipeline send buffers" in out and "AdamW moments" in out
+    assert "of 16.00 per device: fits" in out and "step " in out
+
+
+@pytest.mark.parametrize(
+    "layout, expect",
+    [
+        ("pp=0", "--layout pp: expected a positive integer, got '0'"),
+        ("tp=x", "--layout tp: expected a positive integer, got 'x'"),
+        ("sp=maybe", "--layout sp: expected one of 0, 1, false, true, off, on, got 'maybe'"),
+        ("recompute=all", "--layout recompute: expected one of none, selective, block, got 'all'"),
+        ("act_comm=int8", "--layout act_comm: expected one of fp32, bf16, fp16, got 'int8'"),
+        ("send_depth=-1", "--layout send_depth: expected all or a positive integer, got '-1'"),
+        ("colour=red", "--layout: unknown key 'colour'"),
+        ("pp", "--layout: expected KEY=VALUE pairs"),
+        ("pp=2,pp=2", "--layout pp: given twice"),
+        ("tp=3", "--layout tp=3: expected a divisor of model.n_head=4"),
+        ("sp=1", "--layout sp=1: expected tp > 1"),
+        ("pp=3", "--layout pp=3 x virtual=1: expected a divisor of model.n_layer=4"),
+        (
+            "pp=2,schedule=interleaved,virtual=2,micro=3",
+            "--layout micro=3: expected a multiple of pp=2",
+        ),
+        ("virtual=2", "--layout virtual=2: expected 1 with schedule=1f1b"),
+        ("dp=3", "--layout dp=3 does not divide train.batch_size=4"),
+        ("precision=fp8", "--layout precision: expected one of fp32, fp64, bf16, fp16, bf16-tc"),
+    ],
+)
+def test_plan_layout_bad_value_is_one_line(tmp_path, capsys, layout, expect):
+    rc, _, err = run_cli(
+        capsys,
+        "plan",
+        write_config(tmp_path),
+        "--cluster",
+        write_cluster(tmp_path),
+        "--layout",
+        layout,
+    )
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("hpc-llm: error: ") and expect in err, err
+
+
+def test_plan_layout_gpus_and_batch_flags_agree(tmp_path, capsys):
+    cfg_path, cl = write_config(tmp_path), write_cluster(tmp_path)
+    rc, out, _ = run_cli(
+        capsys, "plan", cfg_path, "--cluster", cl, "--layout", "tp=2", "--gpus", "4", "--json"
+    )
+    assert rc == 0 and json.loads(out)["layout"]["dp"] == 2  # dp from --gpus / (pp tp)
+    for extra, expect in (
+        (["--gpus", "3"], "--gpus 3: not a multiple of pp x tp = 2"),
+        (["--global-batch", "8"], "--global-batch: not used with --layout"),
+    ):
+        rc, _, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", "tp=2", *extra)
+        assert rc == 2 and err.count("\n") == 1 and expect in err, err
+
+
+# -- pipeline send buffers and messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, p, stage, m, v",
+    [
+        ("gpipe", 4, 1, 8, 1),
+        ("1f1b", 4, 0, 8, 1),
+        ("1f1b", 4, 2, 8, 1),
+        ("interleaved", 4, 0, 8, 2),
+        ("interleaved", 4, 3, 8, 3),
+    ],
+)
+def test_sends_in_flight_are_capped_at_the_depth_per_direction(name, p, stage, m, v):
+    """At each op: min(sends made so far in that direction, D), counted from the op list itself (a chunk's forward
+    sends unless it is the last virtual stage, its backward unless it is the first); D None: every send so far."""
+    from hpc_llm.plan.memory import sends_in_flight
+
+    cfg = tiny(n_layer=12)
+    lay = Layout(pp=p, schedule=name, virtual=v, micro_batches=m)
+    plan = stage_plan(cfg, lay, stage)
+    ops = S.schedule(name, p, stage, m, v)
+    last = p * v - 1
+    for depth in (1, 2, 3, None):
+        walk = list(sends_in_flight(ops, plan, depth))
+        for k, (fwd, bwd) in enumerate(walk):
+            made_f = sum(
+                1 for op in ops[:k] if op.kind == S.Phase.FORWARD and plan.chunks[op.chunk] != last
+            )
+            made_b = sum(
+                1 for op in ops[:k] if op.kind == S.Phase.BACKWARD and plan.chunks[op.chunk] != 0
+            )
+            cap = made_f if depth is None else min(made_f, depth)
+            assert (fwd, bwd) == (cap, made_b if depth is None else min(made_b, depth))
+        most = max(f + b for f, b in walk)
+        if depth is not None:
+            assert max(max(f, b) for f, b in walk) <= depth
+            assert most <= 2 * depth
+    # the cap binds: unbounded, some op sees more than one send in flight
+    assert max(sum(x) for x in sends_in_flight(ops, plan, None)) > 2
+
+
+def test_pipeline_buffers_follow_the_codes_send_depth(monkeypatch):
+    """The pipeline term holds at most D messages per direction, D = schedule.send_depth(name, p, m, v) (a stand-in
+    here where the code does not have it yet), every send of the step where the code has none (send_depth=0 asks
+    for that); a message is (b, T, C) in the compute dtype, (b, T/tp, C) with sequence parallelism, and with 16-bit
+    transfers n + SCALE_WORDS uint16 words."""
+    from hpc_llm.parallel.compression import SCALE_WORDS
+    from hpc_llm.plan.memory import message_bytes
+
+    cfg = tiny(n_layer=8, block_size=64)
+    by = Bytes.of(4)
+    lay = Layout(pp=4, tp=2, schedule="1f1b", micro_batches=16, batch_size=2)
+    n = 2 * 64 * 32
+    assert message_bytes(cfg, lay, by) == 4 * n
+    assert message_bytes(cfg, dataclasses.replace(lay, sequence_parallel=True), by) == 4 * n // 2
+    sp16 = dataclasses.replace(lay, sequence_parallel=True, act_comm="bf16")
+    assert message_bytes(cfg, sp16, by) == 2 * (n // 2 + SCALE_WORDS)
+
+    def buffers(layout, stage=1):
+        return rank_memory(cfg, layout, stage, by).pipeline_buffers
+
+    every = buffers(dataclasses.replace(lay, send_depth=0))
+    assert every > 4 * 4 * n  # 1F1B's middle stage: more than 2 sends per direction held to the end
+    for depth in (1, 2):
+        held = buffers(dataclasses.replace(lay, send_depth=depth))
+        assert 0 < held <= 2 * depth * 4 * n < every
+    calls = []
+
+    def stand_in(name, p, m, v=1):  # until schedule.send_depth lands (pipe branch)
+        calls.append((name, p, m, v))
+        return 2
+
+    monkeypatch.setattr(S, "send_depth", stand_in, raising=False)
+    assert buffers(lay) == buffers(dataclasses.replace(lay, send_depth=2))
+    assert ("1f1b", 4, 16, 1) in calls
+    monkeypatch.delattr(S, "send_depth")
+    assert buffers(lay) == every  # a code without the bound holds every send
+
+
+# -- Megatron's published layouts (docs/planning.md, "Megatron's published layouts") -----------------------------
+
+PUBLISHED = {  # inputs/megatron_<row>.toml: the layout of Korthikanti et al. 2022's row
+    "22b": "pp=1,tp=8,dp=1,schedule=1f1b,virtual=1,micro=1,mbs=4",
+    "175b": "pp=8,tp=8,dp=1,schedule=interleaved,virtual=3,micro=64,mbs=1",
+    "530b": "pp=35,tp=8,dp=1,schedule=interleaved,virtual=3,micro=280,mbs=1",
+    "1t": "pp=64,tp=8,dp=1,schedule=1f1b,virtual=1,micro=512,mbs=1",
+}
+MODES = {  # cumulative, bf16 precision; send_depth=1 is schedule.send_depth's D at these four layouts
+    "today": "recompute=block,sp=0,act_comm=fp32,send_depth=all",
+    "bounded": "recompute=block,sp=0,act_comm=fp32,send_depth=1",
+    "16-bit": "recompute=block,sp=0,act_comm=bf16,send_depth=1",
+    "sp": "recompute=block,sp=1,act_comm=bf16,send_depth=1",
+    "selective": "recompute=selective,sp=1,act_comm=bf16,send_depth=1",
+    "no recompute": "recompute=none,sp=1,act_comm=bf16,send_depth=1",
+}
+# the doc's table: peak GB per GPU (the largest stage, A100 80 GB file) under each mode
+DOC_PEAK_GB = {
+    "22b": (69.9, 69.9, 70.0, 59.9, 72.2, 92.8),
+    "175b": (104.3, 73.2, 73.2, 60.1, 76.9, 96.8),
+    "530b": (323.1, 80.1, 80.1, 48.3, 79.9, 109.6),
+    "1t": (271.7, 88.5, 88.6, 52.0, 88.3, 122.6),
+}
+
+
+def test_published_rows_fit_80gb_as_the_doc_claims():
+    """docs/planning.md's table of Megatron's published rows: each figure (GB, one decimal) and whether it fits
+    80 GB is what the planner gives for that row at its published layout under that mode, from the files and
+    --layout values the doc's commands name."""
+    from hpc_llm.plan.given import given_layout
+    from hpc_llm.plan.predict import memory_of
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    cl = K.load_cluster(root / "inputs/clusters/a100_dgx_ib200.toml")
+    assert cl.memory_bytes == 80e9
+    for row, layout in PUBLISHED.items():
+        cfg = load_config(str(root / f"inputs/megatron_{row}.toml"))
+        own, _ = given_layout(
+            cfg, ""
+        )  # the config's own layout is the published one, every mode on
+        for (mode, extra), doc in zip(MODES.items(), DOC_PEAK_GB[row]):
+            lay, prec = given_layout(cfg, f"{layout},precision=bf16,{extra}")
+            if mode == "selective":
+                assert dataclasses.replace(own, send_depth=1) == lay and prec == "bf16"
+            peak = memory_of(cfg.model, lay, cl, prec)[1].peak
+            assert round(peak / 1e9, 1) == doc, (row, mode, peak)
+            assert (peak <= 80e9) == (doc <= 80.0), (row, mode)
+            if hasattr(S, "send_depth") and lay.pp > 1:  # the D the doc uses is the code's
+                assert S.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual) == 1
+
+
+@pytest.mark.parametrize(
+    "tp, sp, recompute",
+    [
+        (1, False, "none"),
+        (8, False, "none"),
+        (8, True, "none"),
+        (4, True, "selective"),
+        (8, True, "selective"),
+    ],
+)
+def test_per_layer_forms_beside_korthikanti_are_the_planners(tp, sp, recompute):
+    """docs/planning.md's per-layer forms (dropout on): bf16 keeping 16n + 32n/t + 8sb + 6abS/t, fp32 24n + 64n/t +
+    8sb + 8abS/t (n = sbh; with sequence parallelism the first and third terms / t; selective: no abS term) are
+    block_cache_bytes exactly, at 175B's layer (s 2048, h 12288, a 96: 16 query blocks) and a 3-block one."""
+    from hpc_llm.plan.activations import attention_scores, block_cache_bytes
+
+    for s, h, a, b in ((2048, 12288, 96, 1), (320, 64, 8, 3)):
+        n, S, r = s * b * h, attention_scores(s), (1 / tp if sp else 1)
+        att = recompute != "selective"
+        bf16 = 16 * n * r + 32 * n / tp + 8 * s * b * r + att * 6 * a * b * S / tp
+        fp32 = 24 * n * r + 64 * n / tp + 8 * s * b * r + att * 8 * a * b * S / tp
+        for act, form in ((2, bf16), (4, fp32)):
+            got = block_cache_bytes(b, s, h, a, tp, True, act, 4, sp, recompute)
+            assert got == pytest.approx(form, rel=1e-12), (s, act)
+    assert attention_scores(2048) == 17 * 2048**2 // 32
+
+
+# -- the time of the new modes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act_comm", [None, "bfloat16"])
+def test_tensor_parallel_collectives_per_block(act_comm):
+    """TP communication per block, as the code calls it: without sequence parallelism 2 allreduces of the (b, T, C)
+    activation forward and 2 backward; with it 2 all-gathers + 2 reduce-scatters forward and 4 all-gathers + 2
+    reduce-scatters backward (S = the whole buffer), plus the LayerNorms' partial gradients (4C) allreduced; 16-bit
+    transfers: the activations' S in 2 bytes (the gradients' allreduce stays 4)."""
+    from hpc_llm.plan import compute as P
+
+    b, T, C, H, tp = 2, 64, 32, 4, 4
+    link = CL.link("intra")
+    n, it = b * T * C, 2 if act_comm else 4
+    a, bw = link.latency_s, link.bw
+
+    def pricer(sp):
+        return P.Pricer(CL, "float32", 4, tp, link, sp=sp, comm_low=act_comm)
+
+    ar, ag, rs = (f(n * it, tp, a, bw) for f in (K.allreduce, K.allgather, K.reduce_scatter))
+    assert P.block_forward(pricer(False), b, T, C, H).tp == pytest.approx(2 * ar)
+    assert P.block_backward(pricer(False), b, T, C, H, False, ln_params=2 * C).tp == pytest.approx(
+        2 * ar
+    )
+    assert P.block_forward(pricer(True), b, T, C, H).tp == pytest.approx(2 * ag + 2 * rs)
+    partials = K.allreduce(4 * C * 4, tp, a, bw)
+    back = P.block_backward(pricer(True), b, T, C, H, False, ln_params=2 * C).tp
+    assert back == pytest.approx(4 * ag + 2 * rs + partials)
+
+
+def test_selective_recompute_prices_each_query_blocks_probabilities_again():
+    """recompute "selective": backward runs each query block's q k^T, softmax and rounding again (not x v) and uses
+    no kept probabilities; forward keeps none. In fp32 (no conversions): backward's extra compute is exactly the
+    blocks' q k^T GEMMs, 9 accesses per score and the exps; the step is longer, by less than "block"'s."""
+    from hpc_llm.plan import compute as P
+
+    b, T, C, H = 2, 300, 64, 4  # 3 query blocks
+    p = P.Pricer(CL, "float32", 4, 1, None)
+    extra = P.Cost()
+    for q0, q1 in query_blocks(T):
+        s = b * H * (q1 - q0) * q1
+        extra += p.gemm(q1 - q0, q1, C // H, b * H) + p.ew(9 * s, s, 6) + p.exp(s)
+    none, sel = (P.block_backward(p, b, T, C, H, False, sel) for sel in (False, True))
+    assert sel.compute - none.compute == pytest.approx(extra.compute)
+    assert P.block_forward(p, b, T, C, H, True).compute == pytest.approx(
+        P.block_forward(p, b, T, C, H).compute
+    )
+    cfg = tiny(n_layer=2, n_embd=64, block_size=300)
+    steps = [
+        predict(cfg, Layout(batch_size=2, recompute=rc), CL).time["step"]
+        for rc in ("none", "selective", "block")
+    ]
+    assert steps[0] < steps[1] < steps[2]
+
+
+def test_pipeline_transfer_of_16_bit_words_with_sequence_parallelism():
+    """A pipeline message costs p2p of its bytes: (b, T/tp, C) with sequence parallelism, n + 2 16-bit words with
+    16-bit transfers, plus their conversion there and back; fewer bytes give a shorter wait for the same compute."""
+    from hpc_llm.plan.memory import message_bytes
+    from hpc_llm.plan.predict import _transfer_time
+
+    cfg = tiny(n_layer=4, n_embd=64, block_size=64)
+    lay = Layout(pp=2, tp=2, micro_batches=4, batch_size=2)
+    link, by = CL.link("intra"), Bytes.of(4)
+    n = 2 * 64 * 64
+    assert _transfer_time(cfg, lay, CL, by, link, 1.0) == pytest.approx(K.p2p(4 * n, 2e-6, 5e9))
+    sp16 = dataclasses.replace(lay, sequence_parallel=True, act_comm="bf16")
+    casts = CL.cast_time("bfloat16", True, n // 2) + CL.cast_time("bfloat16", False, n // 2)
+    assert message_bytes(cfg, sp16, by) == 2 * (n // 2 + 2)
+    assert _transfer_time(cfg, sp16, CL, by, link, 1.0) == pytest.approx(
+        K.p2p(2 * (n // 2 + 2), 2e-6, 5e9) + casts
+    )
