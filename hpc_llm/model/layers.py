@@ -198,15 +198,30 @@ def gelu_forward(x):
     xf, of, tf = x.reshape(-1), out.reshape(-1), t.reshape(-1)
     for a, b in _chunks(x):
         xs, ts, os = xf[a:b], tf[a:b], of[a:b]
-        xp.multiply(xs, xs, out=ts)  # c (x + 0.044715 x^3) = x (c + c 0.044715 x^2)
-        ts *= GELU_C * 0.044715
-        ts += GELU_C
-        ts *= xs
-        xp.tanh(ts, out=ts)
+        _gelu_tanh(xp, xs, ts)
         xp.add(ts, 1.0, out=os)
         os *= xs
         os *= 0.5
     return out, t
+
+
+def gelu_tanh(x):
+    """gelu_forward's cache alone, bitwise: backward's tanh when it was not kept (selective recompute)."""
+    xp = array_module(x)
+    t = xp.empty_like(x)
+    xf, tf = x.reshape(-1), t.reshape(-1)
+    for a, b in _chunks(x):
+        _gelu_tanh(xp, xf[a:b], tf[a:b])
+    return t
+
+
+def _gelu_tanh(xp, xs, ts) -> None:
+    """ts = tanh(c (x + 0.044715 x^3)), computed as tanh(x (c + c 0.044715 x^2))."""
+    xp.multiply(xs, xs, out=ts)
+    ts *= GELU_C * 0.044715
+    ts += GELU_C
+    ts *= xs
+    xp.tanh(ts, out=ts)
 
 
 def gelu_backward(dout, x, t):
@@ -291,24 +306,40 @@ def dropout_site(rng, k: int):
     return rng.site(k) if isinstance(rng, DropoutRNG) else rng
 
 
+class DropoutMask(NamedTuple):
+    """A dropout's mask as backward keeps it: which elements were kept, one byte each (bool), and the scale
+    1 / (1 - p) they are multiplied by. Multiplying by the kept flags (exact: x * 1 or x * 0) then by the scale gives
+    bitwise what one multiplication by the scaled mask gives, at a quarter of a float32 mask's bytes."""
+
+    keep: object  # bool array
+    scale: float
+
+    def apply_(self, x):
+        """x *= the scaled mask, in place."""
+        x *= self.keep
+        x *= self.scale
+        return x
+
+    def scaled(self, x):
+        """x times the scaled mask, a new array."""
+        out = x * self.keep
+        out *= self.scale
+        return out
+
+
 def dropout_forward(x, p: float, rng):
-    """Inverted dropout; rng: a NumPy/CuPy Generator or a DropoutRNG. Returns out and the scaled mask (the cache)."""
+    """Inverted dropout; rng: a NumPy/CuPy Generator or a DropoutRNG. Returns out and the mask (the cache)."""
     mask = dropout_mask(x.shape, x.dtype, p, rng)
-    return x * mask, mask
+    return mask.scaled(x), mask
 
 
-def dropout_mask(shape, dtype, p: float, rng):
-    """The next scaled mask rng draws: 1 / (1 - p) where kept, 0 where dropped."""
-    mask = rng.random(shape, dtype=dtype)
-    keep = mask >= p
-    mask[...] = keep
-    mask *= 1.0 / (1.0 - p)
-    return mask
+def dropout_mask(shape, dtype, p: float, rng) -> DropoutMask:
+    """The next mask rng draws (uniforms of `dtype`, kept where >= p)."""
+    return DropoutMask(rng.random(shape, dtype=dtype) >= p, 1.0 / (1.0 - p))
 
 
-def dropout_backward(dout, mask):
-    dout *= mask
-    return dout
+def dropout_backward(dout, mask: DropoutMask):
+    return mask.apply_(dout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,7 +415,7 @@ def attention_forward(
     atts, masks = [], []
     for q0, q1 in query_blocks(q.shape[2]):
         att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec)
-        used = att if mask is None else att * mask
+        used = att if mask is None else mask.scaled(att)
         xp.matmul(prec.round_(used), v[:, :, :q1], out=yh[:, :, q0:q1])
         if keep_probs:
             atts.append(prec.keep(att))
@@ -460,12 +491,12 @@ def attention_backward(
     for first, ((q0, q1), (att, mask)) in enumerate(zip(blocks, kept)):
         # the first block sees every key: it writes dk and dv whole, later blocks add
         first = first == 0
-        used = att if mask is None else prec.round_(att * mask)  # att: kept rounded
+        used = att if mask is None else prec.round_(mask.scaled(att))  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
         matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
         if mask is not None:
-            datt *= mask
+            mask.apply_(datt)
         # softmax backward: datt = p * (datt - sum(datt * p)); masked entries have p = 0 and stay 0
         rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
         datt -= rowdot

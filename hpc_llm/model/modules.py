@@ -28,6 +28,7 @@ from hpc_llm.model.layers import (
     dropout_site,
     gelu_backward,
     gelu_forward,
+    gelu_tanh,
     layernorm_backward,
     layernorm_forward,
     linear_forward,
@@ -188,7 +189,7 @@ class BlockCache(NamedTuple):
     ln_2: tuple
     fc: object
     fc_out: object  # the fc layer's output, GELU's input
-    gelu_t: object  # GELU's tanh term (gelu_forward's cache)
+    gelu_t: object  # GELU's tanh term (gelu_forward's cache); None under selective recompute
     mlp_proj: object
     mlp_mask: object  # dropout on the MLP branch
 
@@ -221,9 +222,8 @@ class Block:
         sequence_parallel: bool = False,
     ):
         self.layer, self.dropout, self.prec = layer, dropout, prec
-        self.selective = (
-            selective  # train.recompute = "selective": attention's core again in backward
-        )
+        # train.recompute = "selective": attention's core and GELU's tanh again in backward
+        self.selective = selective
         self.tp, self.sequence_parallel = tp, sequence_parallel
         self.heads = n_head // tp.size  # this rank's
         self.head_range = (tp.rank * self.heads, (tp.rank + 1) * self.heads, n_head)
@@ -285,6 +285,9 @@ class Block:
         h2, ln2 = self.ln_2.forward(x)
         f, c_fc = self.fc.forward(h2)
         g, gt = gelu_forward(f)
+        # selective recompute: GELU's tanh again in backward (one elementwise pass), not kept
+        gelu_t = None if self.selective else self.prec.keep(gt)
+        del gt
         m, c_mproj = self.mlp_proj.forward(g)
         del g
         m_mask = None
@@ -293,7 +296,7 @@ class Block:
         x += m
         keep = self.prec.keep
         return x, BlockCache(
-            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), keep(gt), c_mproj, m_mask
+            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), gelu_t, c_mproj, m_mask
         )
 
     def backward(self, dx, cache: BlockCache, accumulate: bool, rng=None):
@@ -304,7 +307,10 @@ class Block:
         ln_accumulate = accumulate and self.partials is None
         dm = dx if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
         dg = self.mlp_proj.backward(dm, c.mlp_proj, accumulate)
-        df = gelu_backward(dg, use(c.fc_out, dg.dtype), use(c.gelu_t, dg.dtype))  # consumes gelu_t
+        f = use(c.fc_out, dg.dtype)
+        gt = gelu_tanh(f) if c.gelu_t is None else use(c.gelu_t, dg.dtype)
+        df = gelu_backward(dg, f, gt)  # consumes gt
+        del f, gt
         dh2 = self.fc.backward(df, c.fc, accumulate)
         dx += self.ln_2.backward(dh2, c.ln_2, ln_accumulate)
         da = dx if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
@@ -418,8 +424,8 @@ class Chunk:
     recompute "block" (Megatron's full recompute): forward keeps only each block's input, and backward runs the
     block's forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit
     for bit, and a DropoutRNG's sites draw the same masks again. "selective" (Megatron's selective recompute, built
-    into the blocks): each block keeps all but attention's probabilities and masks, which its backward recomputes
-    from the kept q, k, v; "none"."""
+    into the blocks): each block keeps all but attention's probabilities and masks and GELU's tanh, which its
+    backward recomputes from the kept q, k, v and GELU input; "none"."""
 
     def __init__(
         self,

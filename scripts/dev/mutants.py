@@ -154,9 +154,9 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "dropout-scale-keep-prob",
-        "dropout_forward",
-        "mask *= 1.0 / (1.0 - p)",
-        "mask *= 1.0 - p",
+        "dropout_mask",
+        "DropoutMask(rng.random(shape, dtype=dtype) >= p, 1.0 / (1.0 - p))",
+        "DropoutMask(rng.random(shape, dtype=dtype) >= p, 1.0 - p)",
         "dropout scales kept activations by (1-p) instead of 1/(1-p) (forward and backward consistent; train/eval "
         "mismatch)",
         (T_GRAD, T_TRAIN),

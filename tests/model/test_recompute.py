@@ -1,10 +1,11 @@
 """train.recompute = "block" (Megatron's full recompute): backward runs each block's forward again from its kept
 input instead of keeping its activations; "selective" (Megatron's selective recompute): each block keeps all but
-attention's probabilities and dropout masks, which backward recomputes from the kept q, k, v. The same arithmetic on
-the same input gives the same values bit for bit, and a DropoutRNG's sites draw the same masks again, so the
-gradients are bitwise those of keeping activations: in one process (float32 and float64, dropout on, gradient
-accumulation, 1-3 query blocks), and through the trainer at tp 2 and pp 2. Recompute must also keep less: "block"
-only each block's input, "selective" exactly the probabilities and masks less."""
+attention's probabilities and dropout masks and GELU's tanh, which backward recomputes from the kept q, k, v and
+GELU input. The same arithmetic on the same input gives the same values bit for bit, and a DropoutRNG's sites draw
+the same masks again, so the gradients are bitwise those of keeping activations: in one process (float32 and
+float64, dropout on, gradient accumulation, 1-3 query blocks), and through the trainer at tp 2 and pp 2. Recompute
+must also keep less: "block" only each block's input, "selective" exactly the probabilities, masks and tanh less.
+(Under bf16/fp16 selective's tanh is that of the kept, rounded GELU input: close to, not bitwise, the kept tanh.)"""
 
 from __future__ import annotations
 
@@ -75,9 +76,12 @@ def test_recompute_keeps_less(dropout):
     assert kept["block"] == cfg.n_layer * block_input
     # attention probabilities, MLP activations, LayerNorm outputs, ...
     assert kept["none"] > 10 * kept["block"]
-    # selective: exactly each block's probabilities (T x T causal, one query block: T^2 per head) and their masks
-    probs = b * H * T * T * 4
-    assert kept["none"] - kept["selective"] == cfg.n_layer * probs * (2 if dropout else 1)
+    # selective: exactly each block's probabilities (T x T causal, one query block: T^2 per head, float32), their
+    # dropout masks (1 byte an entry) and GELU's tanh (b, T, 4C)
+    scores, tanh = b * H * T * T, b * T * 4 * 32 * 4
+    assert kept["none"] - kept["selective"] == cfg.n_layer * (
+        scores * (4 + (1 if dropout else 0)) + tanh
+    )
 
 
 def test_recompute_with_a_plain_generator_and_dropout_is_refused():
