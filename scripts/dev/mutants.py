@@ -82,10 +82,10 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "gelu-fwd-cubic-without-c",
-        "gelu_forward",
+        "_gelu_tanh",
         "ts *= GELU_C * 0.044715",
         "ts *= 0.044715",
-        "GELU forward: tanh(c x + 0.044715 x^3) instead of tanh(c (x + 0.044715 x^3))",
+        "GELU forward (and selective recompute's tanh): tanh(c x + 0.044715 x^3) instead of tanh(c (x + 0.044715 x^3))",
         (T_GRAD, T_GPT2_LOGITS, HF_LOGITS),
     ),
     Mutant(
@@ -164,25 +164,26 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "dropout-rng-heads-slice",
         "DropoutRNG.random",
-        "row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[h0:h1]",
-        "row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[:h1 - h0]",
-        "attention dropout under TP: every rank takes the first heads' masks, not its own heads'",
+        "row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[a:b]",
+        "row[...] = gen.random((n, *row.shape[1:]), dtype=dtype)[: b - a]",
+        "attention dropout under TP: every rank takes the first heads' masks, not its own heads' (and under "
+        "sequence parallelism the first positions' branch masks)",
         (par_layout("TP2-zero0"),),
     ),
     # -- the model: forward/backward wiring, residuals, tied embedding, loss scale, KV cache --------------------------
     Mutant(
         "ln2-bwd-residual-dropped",
         "Block.backward",
-        "dx += self.ln_2.backward(dh2, c.ln_2, accumulate)",
-        "dx = self.ln_2.backward(dh2, c.ln_2, accumulate)",
+        "dx += self.ln_2.backward(dh2, c.ln_2, ln_accumulate)",
+        "dx = self.ln_2.backward(dh2, c.ln_2, ln_accumulate)",
         "block backward: the MLP branch's gradient replaces the residual stream's instead of adding to it",
         (T_GRAD, HF_GRADS),
     ),
     Mutant(
         "ln2-forward-uses-ln1-gain",
         "Block.__init__",
-        'self.ln_2 = LayerNorm(p["ln_2.weight"], b["ln_2.bias"], prec)',
-        'self.ln_2 = LayerNorm(p["ln_1.weight"], b["ln_2.bias"], prec)',
+        "self.ln_2 = LayerNorm(ln[2], ln[3], prec)",
+        "self.ln_2 = LayerNorm(ln[0], ln[3], prec)",
         "ln_2 normalises with ln_1's gain (copy-paste slip; in the modules.py version forward and backward agree, "
         "so only a reference comparison can see it)",
         (T_GRAD, T_GEN, T_GPT2_LOGITS, HF_LOGITS),
@@ -621,6 +622,31 @@ MUTANTS: list[Mutant] = [
         "return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, :-1])",
         "get_batch returns the inputs as targets (no shift by one)",
         (T_DATA, "test_train.py::test_loss_falls"),
+    ),
+    # -- memory at scale: sequence parallelism, selective recompute -----------------------------------------------
+    Mutant(
+        "sp-layernorm-partials-not-summed",
+        "SlicePartials.reduce",
+        "self.tp.allreduce_(self.buf)",
+        "self.tp.allreduce_(self.buf[:0])",
+        "sequence parallelism: each TP rank keeps the LayerNorm gradients of its own positions only (no sum)",
+        (tp_test("test_sequence_parallel_block_equals_single_process"), par_layout("TP2-SP-zero0")),
+    ),
+    Mutant(
+        "sp-dropout-first-positions",
+        "slice_rng",
+        "return rng.for_positions(tp.rank * n, (tp.rank + 1) * n, tp.size * n)",
+        "return rng.for_positions(0, n, tp.size * n)",
+        "sequence parallelism: every TP rank draws the first positions' branch dropout masks, not its own",
+        (tp_test("test_sequence_parallel_block_equals_single_process"),),
+    ),
+    Mutant(
+        "selective-masks-not-redrawn",
+        "Block.backward",
+        "drop = self.dropout",
+        "drop = 0.0",
+        "selective recompute: attention's probabilities recomputed without their dropout masks",
+        ("test_recompute.py",),
     ),
     Mutant(
         "batch-offset-high-off-by-one",
