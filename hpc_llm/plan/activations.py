@@ -8,6 +8,7 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
 
 INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
+MASK_BYTES = 1  # a dropout mask's kept flags (layers.DropoutMask.keep: bool)
 
 
 def attention_scores(T: int) -> int:
@@ -30,11 +31,12 @@ def block_cache_elems(
     sp (sequence parallel): the terms replicated over the tensor-parallel group (both LayerNorms, the branch dropout
     masks, and each column-parallel linear's input, which keeps only its slice and gathers it again in backward) are
     on this rank's 1/tp of the sequence; attention's and the MLP's hidden terms are already 1/tp (local heads, local
-    hidden units). recompute "selective": the probabilities and the attention dropout masks are not kept (backward
-    recomputes the attention core from q, k, v)."""
+    hidden units). recompute "selective": the probabilities, the attention dropout masks and GELU's tanh are not
+    kept (backward recomputes the attention core from q, k, v and the tanh from the GELU input)."""
     n, nl, h = b * T * C, b * T * C // tp, H // tp
     r, rows = (nl, b * T // tp) if sp else (n, b * T)  # replicated terms: the slice with sp
-    att = 0 if recompute == "selective" else b * h * attention_scores(T)
+    selective = recompute == "selective"
+    att = 0 if selective else b * h * attention_scores(T)
     return {
         "ln_1 xhat": r,
         "ln_1 rstd": rows,
@@ -48,15 +50,18 @@ def block_cache_elems(
         "ln_2 rstd": rows,
         "ln_2 output (fc input)": r,
         "fc output (GELU input)": 4 * nl,
-        "GELU tanh": 4 * nl,
+        "GELU tanh": 0 if selective else 4 * nl,
         "GELU output (proj input)": 4 * nl,
         "MLP branch dropout mask": r if dropout else 0,
     }
 
 
-def in_compute_dtype(name: str) -> bool:
-    """LayerNorm's rstd and the dropout masks stay in the compute dtype; the rest is kept in the format."""
-    return name.endswith("rstd") or "mask" in name
+def term_bytes(name: str, act: int, compute: int) -> int:
+    """Bytes per element of a block_cache_elems term: the dropout masks one (bool), LayerNorm's rstd the compute
+    dtype, the rest the format's (Precision.keep)."""
+    if "mask" in name:
+        return MASK_BYTES
+    return compute if name.endswith("rstd") else act
 
 
 def block_cache_bytes(
@@ -72,17 +77,21 @@ def block_cache_bytes(
     recompute: str = "none",
 ) -> int:
     return sum(
-        elems * (compute if in_compute_dtype(name) else act)
+        elems * term_bytes(name, act, compute)
         for name, elems in block_cache_elems(b, T, C, H, tp, dropout, sp, recompute).items()
     )
 
 
 def attention_recompute_bytes(b: int, T: int, H: int, tp: int, dropout: bool, compute: int) -> int:
-    """recompute "selective": what attention_backward holds on top of its usual temporaries while it rebuilds the
-    probabilities (and dropout masks) query block by query block, in the compute dtype: the largest block's, and the
-    next one's, built while the loop's variables still hold the previous."""
+    """recompute "selective": what attention_backward holds on top of its usual temporaries (block_backward_work's
+    datt and, with dropout, the masked probabilities) while it rebuilds each query block's probabilities and dropout
+    mask from the kept q, k, v: the block's probabilities (compute dtype) and mask (1 byte), and, drawn while the
+    loop's variables still hold the previous block's, the next block's probabilities, the uniforms its mask is drawn
+    from (compute dtype: layers.dropout_mask) and the mask. The largest block is the first, the next one the second."""
     sizes = sorted(((q1 - q0) * q1 for q0, q1 in query_blocks(T)), reverse=True)
-    return b * (H // tp) * sum(sizes[:2]) * compute * (2 if dropout else 1)
+    held = compute + (MASK_BYTES if dropout else 0)  # a block's probabilities and mask
+    draw = compute if dropout else 0  # the uniforms of the mask being drawn
+    return b * (H // tp) * (sum(sizes[:2]) * held + sum(sizes[1:2]) * draw)
 
 
 def chunk_cache_bytes(
@@ -107,7 +116,7 @@ def chunk_cache_bytes(
     s = tp if sp else 1  # the sequence split
     total = 0
     if embedding:
-        total += b * T * INDEX_BYTES + (b * T * C // s * compute if drop else 0)  # (idx, mask)
+        total += b * T * INDEX_BYTES + (b * T * C // s * MASK_BYTES if drop else 0)  # (idx, mask)
     if recompute == "block":
         total += n_blocks * b * T * C // s * compute
     else:
@@ -134,19 +143,22 @@ def block_backward_work(
     dropout: bool,
     sp: bool = False,
     comm16: bool = False,
-    recomputed: int = 0,
+    selective: bool = False,
 ) -> int:
     """Peak extra bytes inside Block.backward: its locals (dg, dh2, dy, dqkv, dh1) live until it returns, on top of
     the running gradient dx; each phase adds its own temporaries (LayerNorm's dxhat and xhat * mean, the attention
-    backward's dyh, dqkvh, per-block datt and its final transposed copy, `out += a @ b` when accumulating).
+    backward's dyh, dqkvh, per-block datt (with dropout beside the masked probabilities, DropoutMask.scaled's new
+    array) and its final transposed copy, `out += a @ b` when accumulating). selective: GELU's backward beside the
+    tanh it recomputes (layers.gelu_tanh: a new array of the GELU input's size). Every array counts in the compute
+    dtype (the `act` given): a bf16/fp16 kept activation's float32 copy made by Precision.use is not counted.
 
     sp: dx, the masks, LayerNorm's arrays and the input gradients leaving a column-parallel layer are on the slice;
     a row-parallel layer gathers its output gradient (Comm.allgather_along: a receive buffer and the concatenated
     whole, 2 (b, T, C) at the peak, then the whole); a column-parallel one gathers its kept input again and
     reduce-scatters its whole input gradient (Comm.reduce_scatter_along: the gathered input, the gradient, its copy
     in rank order and the slice received: 3 (b, T, C) + the slice). comm16 (parallel.act_comm 16-bit): each
-    tensor-parallel collective stages a 16-bit copy of its (b, T, C) buffer. recomputed: bytes the attention phase
-    holds on top (recompute "selective": attention_recompute_bytes)."""
+    tensor-parallel collective stages a 16-bit copy of its (b, T, C) buffer. selective (recompute "selective"): the
+    attention phase holds attention_recompute_bytes on top."""
     n, nl, h, hd = b * T * C, b * T * C // tp, H // tp, C // H
     r = nl if sp else n  # the stream, the masks, LayerNorm's arrays: the slice with sp
     c16 = 2 * n if comm16 and tp > 1 else 0  # the 16-bit copy a collective sends or receives
@@ -154,12 +166,15 @@ def block_backward_work(
     wtemp = lambda rows, cols: rows * cols * grad if accumulate else 0  # noqa: E731
     masks = 2 * r if dropout else 0  # dm, da: copies of dx
     dg = 4 * nl  # d(GELU output) = d(fc output), in place
-    gelu_tmp = 2 * min(ELEMENTWISE_CHUNK, 4 * nl)
+    # GELU backward's two chunk-sized temporaries, and under selective recompute the tanh
+    gelu_tmp = 2 * min(ELEMENTWISE_CHUNK, 4 * nl) + (4 * nl if selective else 0)
+    recomputed = attention_recompute_bytes(b, T, H, tp, dropout, act) if selective else 0
     ln_tmp = 2 * r  # dxhat and xhat * mean_dx
     big_att = max((q1 - q0) * q1 for q0, q1 in blocks) * b * h
-    # datt (+ an accumulate temp of dv/dk), or the final transposed copy of dqkv
+    # datt and with dropout the masked probabilities (+ an accumulate temp of dv/dk), or the final transposed copy of
+    # dqkv
     att_tmp = max(
-        big_att
+        big_att * (2 if dropout else 1)
         + b * h * max(q1 for _, q1 in blocks) * hd * (1 if accumulate or len(blocks) > 1 else 0),
         3 * nl,
     )
@@ -192,18 +207,28 @@ def block_backward_work(
 
 
 def block_forward_work(
-    b: int, T: int, C: int, H: int, tp: int, act: int, sp: bool = False, comm16: bool = False
+    b: int,
+    T: int,
+    C: int,
+    H: int,
+    tp: int,
+    act: int,
+    sp: bool = False,
+    comm16: bool = False,
+    selective: bool = False,
 ) -> int:
     """Peak extra bytes of Block.forward beyond what it keeps: the residual stream, the fused qkv output (deleted
     after the head split) and the head-major attention output before its merge. sp: the stream is the slice; a
     column-parallel linear's all-gather holds 2 (b, T, C) at its peak, then the whole input beside the qkv output;
     a row-parallel one's reduce-scatter the partial product, its copy in rank order and the slice received. comm16:
-    each collective stages a 16-bit copy of its (b, T, C) buffer."""
+    each collective stages a 16-bit copy of its (b, T, C) buffer. selective: GELU's tanh (4bTC/tp), not kept, lives
+    beside the stream and the attention branch's output (the slice with sp) until mlp_proj runs."""
     n, nl = b * T * C, b * T * C // tp
     c16 = 2 * n if comm16 and tp > 1 else 0
+    gelu = act * (2 * (nl if sp else n) + 4 * nl) if selective else 0
     if not sp:
-        return act * (n + 3 * nl + nl) + c16
-    return act * (nl + max(2 * n, n + 3 * nl, 3 * nl + nl, nl + 2 * n + nl)) + c16
+        return max(act * (n + 3 * nl + nl) + c16, gelu)
+    return max(act * (nl + max(2 * n, n + 3 * nl, 3 * nl + nl, nl + 2 * n + nl)) + c16, gelu)
 
 
 def head_backward_work(

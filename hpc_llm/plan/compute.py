@@ -212,7 +212,7 @@ def _column_input(p: Pricer, n: int) -> Cost:
 
 
 def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = False) -> Cost:
-    """selective (recompute "selective"): the probabilities are not kept."""
+    """selective (recompute "selective"): the probabilities and GELU's tanh are not kept (no conversions)."""
     tp = p.tp
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
@@ -233,9 +233,16 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = F
     c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
     # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2)
     c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.exp(4 * nl)
-    c += p.keep(4 * nl) + p.use(4 * nl)
+    c += Cost() if selective else p.keep(4 * nl)  # GELU's tanh kept in the format
+    c += p.keep(4 * nl) + p.use(4 * nl)  # mlp_proj's input
     c += p.gemm(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
-    return c + p.keep(4 * nl) + p.keep(4 * nl)  # the cache keeps f and GELU's tanh in the format
+    return c + p.keep(4 * nl)  # the cache keeps f in the format
+
+
+def gelu_tanh(p: Pricer, elems: int) -> Cost:
+    """layers.gelu_tanh (selective recompute's tanh in backward), by L2 chunks: x*x (2), *= (2), += (2), *= x (3),
+    tanh."""
+    return p.chunked(9, elems, 5, ELEMENTWISE_CHUNK, True) + p.exp(elems)
 
 
 def _column_input_back(p: Pricer, n: int) -> Cost:
@@ -254,7 +261,8 @@ def block_backward(
     ln_params: int = 0,
 ) -> Cost:
     """selective (recompute "selective"): each query block's probabilities rebuilt from the kept q, k, v before its
-    backward (their mask drawn again: not priced, as dropout's draws are not) instead of the kept ones used.
+    backward (their mask drawn again: not priced, as dropout's draws are not) instead of the kept ones used, and
+    GELU's tanh from the GELU input (gelu_tanh) instead of the kept one used.
     ln_params: elements of one LayerNorm's weight and bias; with sp their partial gradients (both LayerNorms') are
     summed over the TP group at the end of each backward (modules.SlicePartials)."""
     tp = p.tp
@@ -272,7 +280,8 @@ def block_backward(
         + p.gemm(N, 4 * C // tp, C)
     )
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
-    c += p.use(4 * nl) + p.use(4 * nl) + p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
+    c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
+    c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
     c += p.operand(4 * nl) + _column_input_back(p, n)  # fc
     c += p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp) + p.ew(4 * nl, 4 * nl)
     c += p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)

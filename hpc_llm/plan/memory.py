@@ -31,7 +31,6 @@ from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.plan.activations import (
     INDEX_BYTES,
-    attention_recompute_bytes,
     block_backward_work,
     block_cache_bytes,
     block_forward_work,
@@ -52,7 +51,7 @@ class Bytes:
     moment: int = 4
     act: int = 4  # activations kept in the precision's format (Precision.keep)
     master: int = 0  # GPT.compute, the rounded copy of the weights (0: none, the weights are used as they are)
-    # the compute dtype: LayerNorm's rstd, dropout masks, the probabilities, the streams
+    # the compute dtype: LayerNorm's rstd, the probabilities, the streams (dropout masks: 1 byte, bool)
     compute: int = 4
 
     @staticmethod
@@ -79,7 +78,8 @@ class Layout:
     micro_batches: int = 1  # train.grad_accum
     batch_size: int = 1  # train.batch_size: the global micro-batch (rows), split over dp
     bucket_mb: float = 25.0
-    # "selective": the attention core recomputed in backward (probabilities and their masks not kept); "block": keep
+    # "selective": the attention core and GELU's tanh recomputed in backward (the probabilities, their masks and the
+    # tanh not kept); "block": keep
     # each block's input only (the block recomputed in backward)
     recompute: str = "none"
     sequence_parallel: bool = False  # parallel.sequence_parallel (tp > 1)
@@ -307,12 +307,17 @@ def _op_work(
     running layer's temporaries; with 16-bit transfers the 16-bit receive buffer beside the widened input."""
     b, T, C, H = lay.rows, cfg.block_size, cfg.n_embd, cfg.n_head
     sp, c16, drop = lay.sequence_parallel, lay.comm16, cfg.dropout > 0
+    selective = lay.recompute == "selective"
     elems = message_elems(cfg, lay)
     msg = elems * by.compute  # the op's input or output stream
     receives = not first if op.kind == Phase.FORWARD else not last
     recv16 = message_bytes(cfg, lay, by) if c16 and receives and lay.pp > 1 else 0
     if op.kind == Phase.FORWARD:
-        work = block_forward_work(b, T, C, H, lay.tp, by.compute, sp, c16) if blocks else msg
+        work = (
+            block_forward_work(b, T, C, H, lay.tp, by.compute, sp, c16, selective)
+            if blocks
+            else msg
+        )
         if lay.recompute == "block":
             # each block's whole cache is built, then dropped; Chunk.forward's loop variable still holds the
             # previous block's meanwhile
@@ -320,13 +325,10 @@ def _op_work(
         return work + recv16
     work = msg + batch
     if blocks:
-        rebuilt = 0
-        if lay.recompute == "selective":
-            rebuilt = attention_recompute_bytes(b, T, H, lay.tp, drop, by.compute)
         work = max(
             work,
             block_backward_work(
-                b, T, C, H, lay.tp, by.compute, by.grad, acc, drop, sp, c16, rebuilt
+                b, T, C, H, lay.tp, by.compute, by.grad, acc, drop, sp, c16, selective
             )
             + (act_block(cfg, lay, b, by) if lay.recompute == "block" else 0),
         )

@@ -16,7 +16,7 @@ from hpc_llm import cli
 from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
-from hpc_llm.model.layers import DropoutRNG, query_blocks
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK, DropoutRNG, query_blocks
 from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
@@ -230,7 +230,7 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
 def test_sequence_parallel_and_selective_caches_drop_exactly_their_terms():
     """The block cache under sequence parallelism is the plain one less exactly the replicated terms (both
     LayerNorms, the branch masks, the column-parallel inputs) times (1 - 1/tp); under selective recompute, less the
-    probabilities and attention masks: term by term, in elements."""
+    probabilities, attention masks and GELU's tanh (4bTC/tp): term by term, in elements."""
     from hpc_llm.plan.activations import attention_scores, block_cache_elems
 
     b, T, C, H, tp = 2, 256, 64, 8, 4
@@ -253,7 +253,11 @@ def test_sequence_parallel_and_selective_caches_drop_exactly_their_terms():
     assert sum(plain.values()) - sum(sp.values()) == sum(replicated.values()) * (tp - 1) // tp
     att = b * H // tp * attention_scores(T)
     sel = block_cache_elems(b, T, C, H, tp, True, recompute="selective")
-    dropped = {"attention probabilities": att, "attention dropout masks": att}
+    dropped = {
+        "attention probabilities": att,
+        "attention dropout masks": att,
+        "GELU tanh": 4 * n // tp,
+    }
     for name, elems in plain.items():
         assert sel[name] == elems - dropped.get(name, 0), name
 
@@ -845,10 +849,10 @@ MODES = {  # cumulative, bf16 precision; send_depth=1 is schedule.send_depth's D
 }
 # the doc's table: peak GB per GPU (the largest stage, A100 80 GB file) under each mode
 DOC_PEAK_GB = {
-    "22b": (69.9, 69.9, 70.0, 59.9, 72.2, 92.8),
-    "175b": (104.3, 73.2, 73.2, 60.1, 76.9, 96.8),
-    "530b": (323.1, 80.1, 80.1, 48.3, 79.9, 109.6),
-    "1t": (271.7, 88.5, 88.6, 52.0, 88.3, 122.6),
+    "22b": (69.1, 69.1, 69.1, 59.4, 68.0, 80.7),
+    "175b": (104.0, 71.8, 71.7, 59.8, 71.3, 84.4),
+    "530b": (322.8, 71.0, 71.0, 47.0, 68.5, 89.2),
+    "1t": (271.2, 78.0, 78.1, 50.6, 75.3, 99.2),
 }
 
 
@@ -889,16 +893,17 @@ def test_published_rows_fit_80gb_as_the_doc_claims():
     ],
 )
 def test_per_layer_forms_beside_korthikanti_are_the_planners(tp, sp, recompute):
-    """docs/planning.md's per-layer forms (dropout on): bf16 keeping 16n + 32n/t + 8sb + 6abS/t, fp32 24n + 64n/t +
-    8sb + 8abS/t (n = sbh; with sequence parallelism the first and third terms / t; selective: no abS term) are
-    block_cache_bytes exactly, at 175B's layer (s 2048, h 12288, a 96: 16 query blocks) and a 3-block one."""
+    """docs/planning.md's per-layer forms (dropout on, masks 1 byte): bf16 keeping 10n + 32n/t + 8sb + 3abS/t, fp32
+    18n + 64n/t + 8sb + 5abS/t (n = sbh; with sequence parallelism the first and third terms / t; selective: no abS
+    term, and GELU's tanh, 8n/t in bf16 and 16n/t in fp32, not kept) are block_cache_bytes exactly, at 175B's layer
+    (s 2048, h 12288, a 96: 16 query blocks) and a 3-block one."""
     from hpc_llm.plan.activations import attention_scores, block_cache_bytes
 
     for s, h, a, b in ((2048, 12288, 96, 1), (320, 64, 8, 3)):
         n, S, r = s * b * h, attention_scores(s), (1 / tp if sp else 1)
-        att = recompute != "selective"
-        bf16 = 16 * n * r + 32 * n / tp + 8 * s * b * r + att * 6 * a * b * S / tp
-        fp32 = 24 * n * r + 64 * n / tp + 8 * s * b * r + att * 8 * a * b * S / tp
+        keeps = recompute != "selective"  # the probabilities, their masks and GELU's tanh
+        bf16 = 10 * n * r + (24 + keeps * 8) * n / tp + 8 * s * b * r + keeps * 3 * a * b * S / tp
+        fp32 = 18 * n * r + (48 + keeps * 16) * n / tp + 8 * s * b * r + keeps * 5 * a * b * S / tp
         for act, form in ((2, bf16), (4, fp32)):
             got = block_cache_bytes(b, s, h, a, tp, True, act, 4, sp, recompute)
             assert got == pytest.approx(form, rel=1e-12), (s, act)
@@ -937,8 +942,10 @@ def test_tensor_parallel_collectives_per_block(act_comm):
 
 def test_selective_recompute_prices_each_query_blocks_probabilities_again():
     """recompute "selective": backward runs each query block's q k^T, softmax and rounding again (not x v) and uses
-    no kept probabilities; forward keeps none. In fp32 (no conversions): backward's extra compute is exactly the
-    blocks' q k^T GEMMs, 9 accesses per score and the exps; the step is longer, by less than "block"'s."""
+    no kept probabilities, and GELU's tanh again from its input; forward keeps neither. In fp32 (no conversions):
+    backward's extra compute is exactly the blocks' q k^T GEMMs, 9 accesses per score and the exps, and gelu_tanh's
+    5 passes (9 accesses per element) over each L2 chunk of the 4bTC GELU input and its tanhs; the step is longer,
+    by less than "block"'s."""
     from hpc_llm.plan import compute as P
 
     b, T, C, H = 2, 300, 64, 4  # 3 query blocks
@@ -947,6 +954,9 @@ def test_selective_recompute_prices_each_query_blocks_probabilities_again():
     for q0, q1 in query_blocks(T):
         s = b * H * (q1 - q0) * q1
         extra += p.gemm(q1 - q0, q1, C // H, b * H) + p.ew(9 * s, s, 6) + p.exp(s)
+    hidden = 4 * b * T * C
+    chunks = -(-hidden // ELEMENTWISE_CHUNK)
+    extra += p.ew(9 * hidden, min(hidden, ELEMENTWISE_CHUNK), 5 * chunks) + p.exp(hidden)
     none, sel = (P.block_backward(p, b, T, C, H, False, sel) for sel in (False, True))
     assert sel.compute - none.compute == pytest.approx(extra.compute)
     assert P.block_forward(p, b, T, C, H, True).compute == pytest.approx(
