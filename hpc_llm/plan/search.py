@@ -188,6 +188,20 @@ def search(
             key = (replace(lay, recompute="none"), prec)
             if key in fitted:
                 continue
+            if lay.pp > 1 and lay.send_depth is None:
+                # first at send depth 1, a lower bound (the buffers grow with the depth): most layouts that do not
+                # fit are rejected without schedule.send_depth's simulations
+                low = memory_of(
+                    cfg,
+                    replace(lay, send_depth=1),
+                    cl,
+                    resolve_precision(cfg, prec),
+                    checkpoint_memory=checkpoint_memory,
+                )
+                reason = _too_big(lay, prec, low[1], cl.memory_bytes)
+                if reason:
+                    bad.append((lay, reason))
+                    continue
             memory = memory_of(
                 cfg, lay, cl, resolve_precision(cfg, prec), checkpoint_memory=checkpoint_memory
             )

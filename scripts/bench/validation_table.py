@@ -33,9 +33,16 @@ def repredict(row: dict, cl) -> tuple[dict, int]:
     from hpc_llm.plan.memory import Layout, rank_memory
     from hpc_llm.plan.predict import PRECISIONS, predict
 
-    sets = model_sets(row["preset"]) + list(row["sets"])
-    cfg = load_config(None, sets)
     lay = Layout(**row["layout"])
+    # the layout first (the config's checks read it: sequence parallelism needs its tp), then the run's overrides
+    grid = [
+        f"parallel.tp={lay.tp}",
+        f"parallel.pp={lay.pp}",
+        f"parallel.schedule={lay.schedule}",
+        f"parallel.virtual_stages={lay.virtual}",
+        f"train.grad_accum={lay.micro_batches}",
+    ]
+    cfg = load_config(None, model_sets(row["preset"]) + grid + list(row["sets"]))
     share = max(1.0, row["ranks"] / cl.devices)
     pred = predict(cfg.model, lay, cl, getattr(cfg.train, "precision", None), share)
     by = PRECISIONS[pred.precision][1]
