@@ -9,10 +9,11 @@ fault-injection switch the tests use to make every failure deterministic (docs/r
   start of step 3), `enospc:save:0:4`, `hang:step:1:3`, `kill:eval:0`, `nan:grad:1:2`, `usr1:startup:1`. KIND is raise,
   enospc, eio, hang, kill, nan, usr1 (the rank sends itself SIGUSR1, a stop request), usr1late (another process sends
   this rank SIGUSR1 one second later, wherever it then is: from `exit`, inside MPI_Finalize) or delay (the rank sleeps
-  3 s: a slow peer); POINT is startup, data, resume, step, grad, eval, save or exit (`train` after its run, just
-  before the process exits); STEP omitted: the first time. Code calls `inject(POINT, step)` where such a fault can
-  happen; nothing happens unless the variable names this rank. Several faults may name one point: usr1, usr1late and
-  delay let the next one fire too.
+  3 s: a slow peer); POINT is startup, data, resume, step, grad, eval, save, exit (`train` after its run, just
+  before the process exits) or prepare (`prepare`, once the part files and the temporary outputs exist); STEP
+  omitted: the first time. Code calls `inject(POINT, step)` where such a fault can happen; nothing happens unless
+  the variable names this rank. Several faults may name one point: usr1, usr1late and delay let the next one fire
+  too.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def abort_job(code: int) -> None:
 # -- fault injection (tests) -----------------------------------------------------------------------------------------
 
 KINDS = ("raise", "enospc", "eio", "hang", "kill", "nan", "usr1", "usr1late", "delay")
-POINTS = ("startup", "data", "resume", "step", "grad", "eval", "save", "exit")
+POINTS = ("startup", "data", "resume", "step", "grad", "eval", "save", "exit", "prepare")
 DELAY_S = 3.0  # `delay`
 LATE_S = 1.0  # `usr1late`
 
