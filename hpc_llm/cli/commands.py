@@ -84,8 +84,10 @@ def run_prepare(args) -> None:
 
 
 def run_train(args) -> int:
-    # first: a stop signal during start-up is kept, and honoured at step 0
-    with StopRequest() as stop:
+    # first: a stop signal during start-up is kept, and honoured at step 0. hold: once the run is over, stop signals
+    # are ignored until the process has exited (MPI_Finalize included): Slurm's scripts forward both the warning and
+    # the later SIGTERM, and a second signal must not kill a rank that has written its checkpoint (runtime/stop.py)
+    with StopRequest(hold=True) as stop:
         inject("startup")
         # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
         # print, so every rank reads and validates the config, then all raise the same error together
@@ -93,6 +95,7 @@ def run_train(args) -> int:
         summary = train(cfg, resume=args.resume, stop=stop)
     if launcher_rank() == 0:
         print(json.dumps(summary))
+    inject("exit")
     return EXIT_PREEMPTED if summary["stopped_by"] else 0
 
 

@@ -3,20 +3,26 @@ embedded standard-library corpus, and the bytes of a piece of a file as text."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sysconfig
 from pathlib import Path
 
 from hpc_llm.errors import UserError
 
+log = logging.getLogger(__name__)
+
 # The standard library's tests, IDE and installed packages are excluded: they are big, repetitive or not stdlib.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 
 
-def expand_inputs(inputs, pattern: str) -> list[Path]:
-    """Files named directly are always taken; folders contribute their files matching `pattern`, sorted."""
+def expand_inputs(inputs, pattern: str, exclude=None) -> list[Path]:
+    """Files named directly are always taken; folders contribute their files matching `pattern`, sorted. `exclude`
+    (prepare's output directory): a folder's files under it are skipped, with one log line: prepare into a folder
+    inside its input must never read its own token files (or a previous run's) as text."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    skip = Path(exclude).resolve() if exclude is not None else None
     files: list[Path] = []
     seen: set[Path] = set()
     for item in inputs:
@@ -26,6 +32,15 @@ def expand_inputs(inputs, pattern: str) -> list[Path]:
                 (f for f in p.rglob(pattern) if f.is_file()),
                 key=lambda f: f.relative_to(p).as_posix(),
             )
+            if skip is not None and skip.is_relative_to(p.resolve()):
+                kept = [f for f in found if not f.resolve().is_relative_to(skip)]
+                log.info(
+                    "prepare: skipping the output directory %s inside input folder %s (%d files not read)",
+                    exclude,
+                    item,
+                    len(found) - len(kept),
+                )
+                found = kept
         elif p.is_file():
             found = [p]
         else:

@@ -7,11 +7,21 @@ at their offsets into train.bin/val.bin (temporary names), and rank 0 renames th
 token stream is what the whole-corpus encoding gives: files in order, each followed (but the last) by the tokens of
 "\\n"; a file that is not UTF-8 is skipped. Every step runs under comm.agree, so a failure on one rank is the same
 failure on all, and a refused prepare leaves the disk as it was.
+
+Temporary files carry the run's tag (agreed: rank 0 draws it, the plan broadcasts it): `.prepare.TAG.partR.tmp`
+(rank R's ids) and `.prepare.TAG.train.bin.XXXXXXXX.tmp` (the outputs before their rename). A run killed mid-way (a
+rank SIGKILLed, the OOM killer, a time limit) leaves them, possibly hundreds of MB; the next prepare into the same
+output directory removes them (rank 0, holding `.prepare.lock` there: one live prepare per output directory, so what
+it removes is a dead run's; the lock file goes at the end), with one log line naming how many and how large. Only
+those name patterns are removed (and `.train.bin.XXXXXXXX.tmp` / `.val.bin...` of versions before the tag), never
+anything else. An output directory inside an input folder is never read as input (one log line says so).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +60,10 @@ from hpc_llm.data.tokens import (
 )
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
-from hpc_llm.runtime.fsio import atomic_write_bytes
+from hpc_llm.runtime.faults import inject
+from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 # prepare's names; gpt2: a Hugging Face tokenizer directory
 TOKENIZERS = ("byte", "char", "bpe", "gpt2")
@@ -100,11 +113,45 @@ class Options:
             )
 
 
-def _plan(out: Path, inputs: list, pattern: str, budget: Budget) -> Plan:
-    """Rank 0: the files and their pieces, then the output directory (nothing is written before it)."""
+LOCK_NAME = ".prepare.lock"
+# a prepare's temporary files: this version's (the run's tag in the name) and, without a tag, those of earlier ones
+_TEMPORARY = re.compile(
+    r"\.prepare\.[0-9a-f]{8}\.(part[0-9]+|(train|val)\.bin\.[a-z0-9_]{8})\.tmp|\.(train|val)\.bin\.[a-z0-9_]{8}\.tmp"
+)
+
+
+def temp_prefix(tag: str) -> str:
+    """How this run's temporary files begin (the tag: the run's identity, the same on every rank)."""
+    return f".prepare.{tag}."
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Rank 0, holding the output directory's lock: the temporary files a killed prepare left, and only those."""
+    n, size = 0, 0
+    for entry in os.scandir(out):
+        if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                size += entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+                n += 1
+            except FileNotFoundError:
+                pass
+    if n:
+        log.info(
+            "prepare: removed %d temporary file%s (%.1f MB) left in %s by an interrupted prepare",
+            n,
+            "" if n == 1 else "s",
+            size / 1e6,
+            out,
+        )
+
+
+def _plan(out: Path, inputs: list, pattern: str, budget: Budget):
+    """Rank 0: the files and their pieces, then the output directory (nothing is written before it), locked, and
+    cleared of a dead run's temporary files. (the plan, the lock)"""
     if out.exists() and not out.is_dir():
         raise UserError(f"prepare: output directory {str(out)!r} is a file, expected a directory")
-    files = expand_inputs(inputs, pattern)
+    files = expand_inputs(inputs, pattern, exclude=out)
     pieces = plan_pieces(files, budget.piece)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
@@ -113,7 +160,25 @@ def _plan(out: Path, inputs: list, pattern: str, budget: Budget) -> Plan:
         raise UserError(
             f"prepare: cannot create output directory {str(out)!r} ({e.strerror or e})"
         ) from None
-    return Plan([str(f) for f in files], pieces, [str(p) for p in created], secrets.token_hex(4))
+    had_lock = (out / LOCK_NAME).exists()
+    try:
+        lock = DirectoryLock.lock(out, "prepare: output directory", name=LOCK_NAME)
+    except UserError:
+        _remove_created([str(p) for p in created])
+        raise
+    lock.created = not had_lock
+    lock.claim()
+    remove_stale_temporaries(out)
+    plan = Plan([str(f) for f in files], pieces, [str(p) for p in created], secrets.token_hex(4))
+    return plan, lock
+
+
+def _remove_created(created: list[str]) -> None:
+    for d in created:  # deepest first
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def prepare(
@@ -146,11 +211,12 @@ def prepare(
     # every rank reads the directory (agreed: a bad one is the same error on all)
     if tokenizer == "gpt2":
         tok = comm.agree(lambda: make_tokenizer("gpt2", tokenizer_dir=tokenizer_dir))
-    plan = comm.bcast_object(
-        comm.agree(lambda: _plan(out, input_list, pattern, budget) if comm.rank == 0 else None)
+    planned = comm.agree(
+        lambda: _plan(out, input_list, pattern, budget) if comm.rank == 0 else (None, None)
     )
+    plan, lock = comm.bcast_object(planned[0]), planned[1]
     sources = [str(p) for p in input_list[:5]]
-    return Preparation(plan, out, options, budget, comm, tok, sources).run()
+    return Preparation(plan, out, options, budget, comm, tok, sources, lock).run()
 
 
 class Preparation:
@@ -158,12 +224,15 @@ class Preparation:
     rank's). What the steps share is here: the plan, this rank's run of pieces and part file, the tokenizer, the
     per-piece records, the layout and the temporary outputs."""
 
-    def __init__(self, plan: Plan, out: Path, options: Options, budget: Budget, comm, tok, sources):
+    def __init__(
+        self, plan: Plan, out: Path, options: Options, budget: Budget, comm, tok, sources, lock=None
+    ):
         self.plan, self.out, self.options, self.budget, self.comm = plan, out, options, budget, comm
         self.tok, self.sources = tok, sources
+        self.lock = lock  # rank 0: the output directory's, until the end
         self.files = [Path(f) for f in plan.files]
         self.pieces = plan.pieces
-        self.part = out / f".prepare.{plan.tag}.part{comm.rank}.tmp"
+        self.part = out / f"{temp_prefix(plan.tag)}part{comm.rank}.tmp"
         self.tmp: list[str] = []  # this rank's temporary outputs not yet renamed into place
         self.mine = my_pieces(self.pieces, comm)
         self.my_bytes = sum(self.pieces[j].size for j in self.mine)
@@ -343,7 +412,10 @@ class Preparation:
         """Rank 0 creates temporary train/val files of their final size; every rank learns their names."""
         sizes = (self.layout.n_train, self.layout.n_val)
         made = self.on_rank0(
-            lambda: create_split_files(self.out, sizes, self.dtype, self.tmp), "prepare outputs"
+            lambda: create_split_files(
+                self.out, sizes, self.dtype, self.tmp, temp_prefix(self.plan.tag)
+            ),
+            "prepare outputs",
         )
         self.tmp_names = self.comm.bcast_object(made)
 
@@ -352,6 +424,7 @@ class Preparation:
 
     def write_mine(self) -> None:
         """Every rank: its pieces' ids (and rank 0 the separators) at their offsets, synced."""
+        inject("prepare")  # tests: a rank killed with every temporary file on disk
         with SplitWriter(self.tmp_names, self.layout.n_train, self.dtype) as out:
             self.copy_part(out)
             if self.comm.rank == 0:
@@ -419,12 +492,14 @@ class Preparation:
                 pass
         if refused and self.plan.created:
             self.comm.wait_idle("prepare cleanup")
-            if self.comm.rank == 0:
-                for d in self.plan.created:  # deepest first
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
+        if self.lock is not None:
+            # a prepared directory holds its three files only; a refused prepare leaves the disk as it was
+            if self.lock.created or not refused:
+                (self.out / LOCK_NAME).unlink(missing_ok=True)
+            self.lock.release()
+            self.lock = None
+        if refused and self.plan.created and self.comm.rank == 0:
+            _remove_created(self.plan.created)
 
 
 def prepare_stdlib(

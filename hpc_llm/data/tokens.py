@@ -43,12 +43,15 @@ def encode_meta(meta: dict) -> bytes:
     return (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def create_split_files(out: Path, sizes, dtype: np.dtype, made: list[str]) -> list[str]:
-    """Temporary train and val files in `out`, of their final sizes (`sizes` ids each); each name is appended to
-    `made` as soon as the file exists, so that a failure can remove it."""
+def create_split_files(
+    out: Path, sizes, dtype: np.dtype, made: list[str], prefix: str = "."
+) -> list[str]:
+    """Temporary train and val files in `out`, of their final sizes (`sizes` ids each), named PREFIX + the split's
+    file + "." + random + ".tmp"; each name is appended to `made` as soon as the file exists, so that a failure can
+    remove it."""
     names = []
     for split, n in zip(SPLITS, sizes):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{split_file(split)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f"{prefix}{split_file(split)}.", suffix=".tmp")
         made.append(tmp)
         os.ftruncate(fd, n * dtype.itemsize)
         os.close(fd)

@@ -7,9 +7,13 @@ fault-injection switch the tests use to make every failure deterministic (docs/r
   in which group, at which step. A peer that died, hangs, or livelocks then costs minutes, not the allocation.
 - `HPC_LLM_FAULT` (tests only): comma-separated `KIND:POINT:RANK[:STEP]`, e.g. `raise:step:1:3` (rank 1 raises at the
   start of step 3), `enospc:save:0:4`, `hang:step:1:3`, `kill:eval:0`, `nan:grad:1:2`, `usr1:startup:1`. KIND is raise,
-  enospc, eio, hang, kill, nan or usr1 (the rank sends itself SIGUSR1, a stop request); POINT is startup, data,
-  resume, step, grad, eval or save; STEP omitted: the first time. Code
-  calls `inject(POINT, step)` where such a fault can happen; nothing happens unless the variable names this rank.
+  enospc, eio, hang, kill, nan, usr1 (the rank sends itself SIGUSR1, a stop request), usr1late (another process sends
+  this rank SIGUSR1 one second later, wherever it then is: from `exit`, inside MPI_Finalize) or delay (the rank sleeps
+  3 s: a slow peer); POINT is startup, data, resume, step, grad, eval, save, exit (`train` after its run, just
+  before the process exits) or prepare (`prepare`, once the part files and the temporary outputs exist); STEP
+  omitted: the first time. Code calls `inject(POINT, step)` where such a fault can happen; nothing happens unless
+  the variable names this rank. Several faults may name one point: usr1, usr1late and delay let the next one fire
+  too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -149,8 +154,10 @@ def abort_job(code: int) -> None:
 
 # -- fault injection (tests) -----------------------------------------------------------------------------------------
 
-KINDS = ("raise", "enospc", "eio", "hang", "kill", "nan", "usr1")
-POINTS = ("startup", "data", "resume", "step", "grad", "eval", "save")
+KINDS = ("raise", "enospc", "eio", "hang", "kill", "nan", "usr1", "usr1late", "delay")
+POINTS = ("startup", "data", "resume", "step", "grad", "eval", "save", "exit", "prepare")
+DELAY_S = 3.0  # `delay`
+LATE_S = 1.0  # `usr1late`
 
 
 class InjectedFault(RuntimeError):
@@ -204,6 +211,16 @@ def inject(point: str, step: int | None = None) -> bool:
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "usr1":
             os.kill(os.getpid(), signal.SIGUSR1)
-            return False
+            continue
+        if (
+            kind == "usr1late"
+        ):  # a process of its own: no thread of this one runs once Python is finalizing
+            subprocess.Popen(
+                ["/bin/sh", "-c", f"sleep {LATE_S}; kill -USR1 {os.getpid()} 2>/dev/null"]
+            )
+            continue
+        if kind == "delay":
+            time.sleep(DELAY_S)
+            continue
         return True
     return False

@@ -58,8 +58,10 @@ class DirectoryLock:
         self.fd, self.path = fd, path
 
     @classmethod
-    def lock(cls, directory: Path, what: str, create: bool = True) -> DirectoryLock | None:
-        path = Path(directory) / ".lock"
+    def lock(
+        cls, directory: Path, what: str, create: bool = True, name: str = ".lock"
+    ) -> DirectoryLock | None:
+        path = Path(directory) / name
         try:
             fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         except FileNotFoundError:

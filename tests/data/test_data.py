@@ -510,6 +510,55 @@ def test_parallel_prepare_equals_single_process(tmp_path, tokenizer, ranks):
     ]
 
 
+SPLIT_FILES = ("train.bin", "val.bin", "meta.json")
+
+
+@pytest.mark.timeout(300)
+def test_a_prepare_killed_mid_way_leaves_temporaries_that_the_next_prepare_removes(
+    tmp_path, monkeypatch
+):
+    """Rank 1 SIGKILLed while writing (mpiexec then kills rank 0): the part files and the temporary outputs stay, named
+    with the run's tag. The next prepare into the same directory removes them, and only them (files of other names
+    stay), and writes what an uninterrupted prepare writes, byte for byte."""
+    src = write_corpus(tmp_path / "src")
+    prepare([src], tmp_path / "one", memory_mb=4)
+    par = tmp_path / "par"
+    par.mkdir()
+    keep = [".prepare.notes", "keep.tmp", ".train.bin.tmp", ".prepare.lock.old"]
+    for name in keep:
+        (par / name).write_text("not prepare's")
+    cmd = ["prepare", str(src), "--out", str(par), "--memory-mb", "4"]
+    monkeypatch.setenv("HPC_LLM_FAULT", "kill:prepare:1")
+    rc, out, err, _ = run_mpi(2, cmd, timeout=150)
+    assert rc != 0 and "signal 9" in err, err[-3000:]
+    left = sorted(p.name for p in par.iterdir() if p.name not in keep)
+    assert any(".part1." in n for n in left) and any(".train.bin." in n for n in left), left
+    tags = {n.split(".")[2] for n in left if n.startswith(".prepare.") and n != ".prepare.lock"}
+    assert len(tags) == 1, left  # one run, one tag, on every rank's files
+    monkeypatch.delenv("HPC_LLM_FAULT")
+    rc, out, err, _ = run_mpi(2, cmd, timeout=150)
+    assert rc == 0, err[-3000:]
+    assert "temporary files" in out and "left in" in out, out
+    assert sorted(p.name for p in par.iterdir()) == sorted([*SPLIT_FILES, *keep])
+    for name in SPLIT_FILES:
+        assert (par / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+@pytest.mark.timeout(300)
+def test_prepare_of_a_folder_into_a_subfolder_of_it_never_reads_its_own_output(tmp_path, caplog):
+    """`prepare src --out src/tokens` twice: the second run does not read the first's token files as text; both
+    write what a prepare into a directory outside src writes, and a log line says the directory was skipped."""
+    src = write_corpus(tmp_path / "src", big_bytes=100_000)
+    prepare([src], tmp_path / "outside", memory_mb=4)
+    expected = {n: (tmp_path / "outside" / n).read_bytes() for n in SPLIT_FILES}
+    for _ in range(2):
+        with caplog.at_level("INFO"):
+            prepare([src], src / "tokens", memory_mb=4)
+        got = {n: (src / "tokens" / n).read_bytes() for n in SPLIT_FILES}
+        assert got == expected
+    assert "skipping the output directory" in caplog.text
+
+
 def test_prepare_refused_leaves_no_trace(tmp_path):
     """A corpus found too small only after encoding: the output directory prepare made is removed again."""
     (tmp_path / "in.txt").write_text("a")

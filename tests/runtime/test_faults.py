@@ -255,6 +255,31 @@ def test_a_stop_right_after_a_save_does_not_save_that_step_again(data_dir, tmp_p
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
 
 
+SECOND_SIGNAL = {
+    # a second SIGUSR1 on each rank during the stop checkpoint, and again after the run, before the process exits
+    "after-the-run": "usr1:save:0:4,usr1:save:1:4,usr1:exit:0,usr1:exit:1",
+    # rank 1 waits in MPI_Finalize (after Python's own finalization) for rank 0, 3 s slower, when the signal lands
+    "in-mpi-finalize": "usr1:save:1:4,usr1late:exit:1,delay:exit:0",
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("when", SECOND_SIGNAL)
+def test_a_second_stop_signal_changes_nothing(data_dir, tmp_path, when):
+    """Slurm's batch scripts forward both the warning (--signal=B:USR1@T) and the later SIGTERM as SIGUSR1: a second
+    signal after the stop began (during the stop checkpoint, after the run, inside MPI_Finalize) changes nothing:
+    every rank writes its part of the checkpoint and exits 75, and the checkpoint resumes to the end."""
+    cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml", **{"train.eval_interval": 100})
+    rc, out, err, _ = train(2, cfg, fault="usr1:step:0:3," + SECOND_SIGNAL[when])
+    assert rc == 75, err[-3000:]
+    assert "signal" not in err.replace("stop signal", ""), err[-3000:]  # no rank ended by a signal
+    assert err.count("injecting usr1") >= 2, err[-3000:]  # the second signal was sent
+    assert "step 4: stop signal SIGUSR1 received" in out, out[-3000:]
+    assert sorted(s for s, _ in list_checkpoints(tmp_path / "run")) == [2, 4]
+    verify_checkpoint(checkpoint_path(tmp_path / "run", 4))
+    assert train(2, cfg, "--resume", "auto")[0] == 0
+
+
 @pytest.mark.timeout(300)
 def test_open_mpi_mpiexec_forwards_sigusr1_to_the_ranks(data_dir, tmp_path):
     """SIGUSR1 sent to the launcher (what the Slurm scripts send it) reaches every rank: checkpoint and exit 75."""
