@@ -50,6 +50,7 @@ from hpc_llm.data.tokens import (
 )
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
+from hpc_llm.runtime.faults import inject
 from hpc_llm.runtime.fsio import atomic_write_bytes
 
 # prepare's names; gpt2: a Hugging Face tokenizer directory
@@ -286,6 +287,9 @@ class Preparation:
         self.records = [r for part in parts for r in part]
 
     def encode_mine(self) -> list[Encoded]:
+        inject(
+            "prepare"
+        )  # tests: a rank stuck here leaves its peers in the agreement, under the watchdog
         records = []
         prog = Progress(f"encode{self.where}", self.my_bytes, self.show)
         with open(self.part, "wb") as f:
