@@ -3,6 +3,7 @@ arguments first, each error a UserError (one line, exit 2), then the work, the o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict
@@ -25,12 +26,26 @@ from hpc_llm.plan.given import format_given, given_layout
 from hpc_llm.plan.predict import predict
 from hpc_llm.plan.search import describe, format_table, search
 from hpc_llm.plan.timeline import draw
-from hpc_llm.runtime.faults import inject, launcher_rank
+from hpc_llm.runtime.faults import inject, launcher_rank, phase
 from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
 from hpc_llm.tools.gpt2_import import import_gpt2
 from hpc_llm.tools.inspect import run as inspect_checkpoints
 from hpc_llm.tools.merge_lora import merge_lora
 from hpc_llm.train import train
+
+
+def _in_phase(name: str):
+    """The verb runs in phase `name`: a failure line or the watchdog's abort says "generate", not "start-up"."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(args):
+            with phase(name):
+                return fn(args)
+
+        return run
+
+    return wrap
 
 
 def _need_directory_of(path: str, flag: str) -> None:
@@ -45,6 +60,7 @@ def _check_positive(flag: str, value) -> None:
         raise UserError(f"{flag}: expected a positive integer, got {value}")
 
 
+@_in_phase("prepare")
 def run_prepare(args) -> None:
     if not 0 < args.val_fraction < 1:
         raise UserError(
@@ -90,8 +106,15 @@ def run_train(args) -> int:
     with StopRequest(hold=True) as stop:
         inject("startup")
         # agreed: under mpiexec a rank that exits at once with a bad config would get its peers killed before they
-        # print, so every rank reads and validates the config, then all raise the same error together
-        cfg = world_comm().agree(lambda: load_config(args.config, args.set))
+        # print, so every rank reads and validates the config, then all raise the same error together; a rank stuck
+        # here leaves its peers in the agreement, under the watchdog cli.main armed (--comm-timeout-s)
+        world = world_comm()
+
+        def read_config():
+            inject("config")
+            return load_config(args.config, args.set)
+
+        cfg = world.agree(read_config)
         summary = train(cfg, resume=args.resume, stop=stop)
     if launcher_rank() == 0:
         print(json.dumps(summary))
@@ -156,6 +179,7 @@ def _print_samples(args, rows, results, tok) -> None:
         print(tok.decode(list(prompt) + r["tokens"]))
 
 
+@_in_phase("generate")
 def run_generate(args) -> None:
     _check_generate_args(args)
     world = world_comm()
@@ -171,6 +195,7 @@ def run_generate(args) -> None:
             saved, args.backend, args.dtype, args.quantize, grid.tp_comm, agree=grid.world
         )
     rows = [(t, i) for t, i in zip(texts, ids) for _ in range(args.num_samples)]
+    inject("generate")
     results = generate_prompts(
         model,
         [i for _, i in rows],
@@ -189,6 +214,7 @@ def run_generate(args) -> None:
         _print_samples(args, rows, results, tok)
 
 
+@_in_phase("eval")
 def run_eval(args) -> None:
     check_eval_options(args.batch_size, args.max_batches)
     world = world_comm()
@@ -208,6 +234,7 @@ def run_eval(args) -> None:
         model = model_from_file(
             saved, "numpy", args.dtype, args.quantize, grid.tp_comm, agree=grid.world
         )
+    inject("eval")
     result = evaluate(model, tokens, args.batch_size, args.max_batches, grid.dp_comm)
     if world.rank == 0:
         print(
@@ -240,12 +267,14 @@ def run_merge_lora(args) -> None:
     )
 
 
+@_in_phase("bench comm")
 def run_bench_comm(args) -> None:
     if args.json:
         _need_directory_of(args.json, "--json")
     run_from_args(args)
 
 
+@_in_phase("bench calibrate")
 def run_bench_calibrate(args) -> None:
     out = Path(args.out)
     _need_directory_of(args.out, "--out")

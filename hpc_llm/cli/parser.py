@@ -4,9 +4,11 @@ of hpc_llm.cli.commands that runs it."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from hpc_llm.bench.comm import add_arguments as add_bench_comm_arguments
 from hpc_llm.cli import commands
+from hpc_llm.runtime.faults import DEFAULT_COMM_TIMEOUT_S
 
 DESCRIPTION = (
     "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, merge-lora, plan, "
@@ -38,6 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add(sub)
     return p
+
+
+def _timeout_seconds(text: str) -> float:
+    """--comm-timeout-s's value: a finite number of seconds >= 0 (argparse turns the error into one line, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative number of seconds (0: off), got {text!r}"
+        )
+    return value
+
+
+def _add_comm_timeout(s, train: bool = False) -> None:
+    """The watchdog's timeout for a verb that talks to other ranks (cli.main arms it before the verb runs)."""
+    s.add_argument(
+        "--comm-timeout-s",
+        type=_timeout_seconds,
+        default=DEFAULT_COMM_TIMEOUT_S,
+        metavar="SECONDS",
+        help="abort the whole job when a rank waits longer than this in one MPI operation (a peer dead, hung "
+        f"or stuck), naming the operation; 0: never (default {DEFAULT_COMM_TIMEOUT_S:g})"
+        + ("; until the config is read, then parallel.comm_timeout_s holds" if train else ""),
+    )
 
 
 def _add_prepare(sub) -> None:
@@ -78,6 +106,7 @@ def _add_prepare(sub) -> None:
         default=256,
         help="memory budget per rank in MB, whatever the corpus size (docs/data.md)",
     )
+    _add_comm_timeout(s)
     s.set_defaults(func=commands.run_prepare)
 
 
@@ -96,6 +125,7 @@ def _add_train(sub) -> None:
         metavar="CKPT|auto",
         help="continue from a checkpoint, or the newest verified one",
     )
+    _add_comm_timeout(s, train=True)
     s.set_defaults(func=commands.run_train)
 
 
@@ -145,6 +175,7 @@ def _add_generate(sub) -> None:
         metavar="parallel.tp=T",
         help="tensor-parallel size (default: the number of ranks; run under mpiexec -n T)",
     )
+    _add_comm_timeout(s)
     s.set_defaults(func=commands.run_generate)
 
 
@@ -179,6 +210,7 @@ def _add_eval(sub) -> None:
         help="tensor-parallel size, dividing the number of ranks (default: all of them); the batches "
         "are dealt over dp = ranks / T replicas",
     )
+    _add_comm_timeout(s)
     s.set_defaults(func=commands.run_eval)
 
 
@@ -288,6 +320,7 @@ def _add_bench(sub) -> None:
         "comm", help="collectives through our Comm wrappers: time, algbw, busbw, vs plain mpi4py"
     )
     add_bench_comm_arguments(b)
+    _add_comm_timeout(b)
     b.set_defaults(func=commands.run_bench_comm)
     b = bench.add_parser(
         "calibrate",
@@ -297,4 +330,5 @@ def _add_bench(sub) -> None:
     b.add_argument(
         "--out", default="inputs/clusters/this_machine.toml", help="cluster file to write"
     )
+    _add_comm_timeout(b)
     b.set_defaults(func=commands.run_bench_calibrate)

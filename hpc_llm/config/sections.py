@@ -7,6 +7,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from hpc_llm.runtime.faults import DEFAULT_COMM_TIMEOUT_S
+
 
 @dataclass
 class ModelConfig:
@@ -103,8 +105,9 @@ class ParallelConfig:
     act_comm: str = "fp32"
     zero: int = 0  # 1: ZeRO-1, Adam moments sharded over the data-parallel group
     bucket_mb: float = 25.0  # data-parallel gradient bucket size (MiB)
-    # a rank waiting longer than this in one collective or transfer aborts the job, naming the operation; 0: never
-    comm_timeout_s: float = 600.0
+    # a rank waiting longer than this in one collective or transfer aborts the job, naming the operation; 0: never.
+    # Until the config is read (start-up, its agreement) `hpc-llm train --comm-timeout-s` (the same default) holds
+    comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S
     # the data-parallel gradient reduction: "fp32" (the gradients' dtype, uncompressed), "bf16" / "fp16" (16-bit
     # buckets, fp32 sums) or "powersgd" (low-rank, error feedback); hpc_llm/parallel/compression.py
     grad_comm: str = "fp32"

@@ -355,6 +355,8 @@ class Preparation:
         self.records = [r for part in parts for r in part]
 
     def encode_mine(self) -> list[Encoded]:
+        # tests: a rank stuck here leaves its peers in the agreement, under the watchdog
+        inject("encode")
         records = []
         prog = Progress(f"encode{self.where}", self.my_bytes, self.show)
         with open(self.part, "wb") as f:

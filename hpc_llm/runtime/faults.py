@@ -3,15 +3,19 @@ fault-injection switch the tests use to make every failure deterministic (docs/r
 
 - `phase(name, step)` records what this rank is doing; a failure message names it ("rank 1 failed in save at step 4").
 - `WATCHDOG`: every MPI wait in comm.py is bracketed by `enter(op)` / `leave()`; a background thread aborts the job
-  (MPI_Abort on the world) when one wait lasts longer than `parallel.comm_timeout_s`, after printing which operation,
-  in which group, at which step. A peer that died, hangs, or livelocks then costs minutes, not the allocation.
+  (MPI_Abort on the world) when one wait lasts longer than its timeout, after printing which operation, in which
+  group, at which step. A peer that died, hangs, or livelocks then costs minutes, not the allocation. The CLI arms it
+  before any verb runs (`--comm-timeout-s`, default DEFAULT_COMM_TIMEOUT_S); `train` re-arms it with
+  `parallel.comm_timeout_s` once the config is read.
 - `HPC_LLM_FAULT` (tests only): comma-separated `KIND:POINT:RANK[:STEP]`, e.g. `raise:step:1:3` (rank 1 raises at the
   start of step 3), `enospc:save:0:4`, `hang:step:1:3`, `kill:eval:0`, `nan:grad:1:2`, `usr1:startup:1`. KIND is raise,
   enospc, eio, hang, kill, nan, usr1 (the rank sends itself SIGUSR1, a stop request), usr1late (another process sends
   this rank SIGUSR1 one second later, wherever it then is: from `exit`, inside MPI_Finalize) or delay (the rank sleeps
-  3 s: a slow peer); POINT is startup, data, resume, step, grad, eval, save, exit (`train` after its run, just
-  before the process exits) or prepare (`prepare`, once the part files and the temporary outputs exist); STEP
-  omitted: the first time. Code calls `inject(POINT, step)` where such a fault can happen; nothing happens unless
+  3 s: a slow peer); POINT is startup (train, before MPI), config (train, reading the config after MPI started,
+  inside its agreement), data, resume, step, grad, eval (train's evals, and the `eval` verb before its batches), save,
+  exit (`train` after its run, just before the process exits), generate (the `generate` verb before decoding),
+  encode (the `prepare` verb, inside its encode agreement) or prepare (`prepare`, once the part files and the
+  temporary outputs exist); STEP omitted: the first time. Code calls `inject(POINT, step)` where such a fault can happen; nothing happens unless
   the variable names this rank. Several faults may name one point: usr1, usr1late and delay let the next one fire
   too.
 """
@@ -85,18 +89,23 @@ def failure_line(exc: BaseException, rank: int | None = None) -> str:
 
 # -- the watchdog ----------------------------------------------------------------------------------------------------
 
+# the watchdog's timeout when nothing else is said: `--comm-timeout-s`'s default and `parallel.comm_timeout_s`'s
+DEFAULT_COMM_TIMEOUT_S = 600.0
+
 
 class Watchdog:
     """Aborts the job when this rank waits in one MPI operation for longer than `timeout_s` (0: off)."""
 
     def __init__(self):
         self.timeout_s = 0.0
+        self.source = "parallel.comm_timeout_s"  # what set the timeout, for the abort message
         self._op: str | None = None
         self._since = 0.0
         self._thread: threading.Thread | None = None
 
-    def configure(self, timeout_s: float) -> None:
-        self.timeout_s = float(timeout_s)
+    def configure(self, timeout_s: float, source: str = "parallel.comm_timeout_s") -> None:
+        """Arm (or re-arm) with `timeout_s` seconds per wait, 0: off; `source` names the setting in the message."""
+        self.timeout_s, self.source = float(timeout_s), source
         if self.timeout_s > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="hpc-llm-watchdog", daemon=True)
             self._thread.start()
@@ -119,7 +128,7 @@ class Watchdog:
             if waited > self.timeout_s and self._op is op:
                 sys.stderr.write(
                     f"hpc-llm: rank {launcher_rank()}: no progress for {waited:.0f} s in {op} "
-                    f"({PHASE.describe()}; parallel.comm_timeout_s={self.timeout_s:g}): a peer has "
+                    f"({PHASE.describe()}; {self.source}={self.timeout_s:g}): a peer has "
                     "stopped, died or is stuck; aborting the job\n"
                 )
                 sys.stderr.flush()
@@ -155,7 +164,20 @@ def abort_job(code: int) -> None:
 # -- fault injection (tests) -----------------------------------------------------------------------------------------
 
 KINDS = ("raise", "enospc", "eio", "hang", "kill", "nan", "usr1", "usr1late", "delay")
-POINTS = ("startup", "data", "resume", "step", "grad", "eval", "save", "exit", "prepare")
+POINTS = (
+    "startup",
+    "config",
+    "data",
+    "resume",
+    "step",
+    "grad",
+    "eval",
+    "save",
+    "exit",
+    "generate",
+    "encode",
+    "prepare",
+)
 DELAY_S = 3.0  # `delay`
 LATE_S = 1.0  # `usr1late`
 

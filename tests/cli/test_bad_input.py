@@ -2016,6 +2016,21 @@ def _rows() -> list[Row]:
             "--out nodir/c.toml: directory nodir does not exist",
         )
     )
+
+    # --comm-timeout-s (the watchdog cli.main arms before the verb): refused by the parser, before any MPI
+    expect = "argument --comm-timeout-s: expected a non-negative number of seconds (0: off), got "
+    add(T("train-comm-timeout-s", expect + "'-1'", args="--comm-timeout-s -1"))
+    for verb, argv, value, shown in (
+        ("generate", "generate {run}", "nan", "'nan'"),
+        ("eval", "eval {run} --data {chardata}", "soon", "'soon'"),
+        ("prepare", "prepare in.txt --out tok", "inf", "'inf'"),
+        ("bench-comm", "bench comm --sizes 4K", "-0.5", "'-0.5'"),
+        ("bench-calibrate", "bench calibrate --out c.toml", "''", "''"),
+    ):
+        files = {"in.txt": "hello world\n" * 20} if verb == "prepare" else {}
+        add(
+            Row(f"{verb}-comm-timeout-s", f"{argv} --comm-timeout-s {value}", expect + shown, files)
+        )
     return rows
 
 

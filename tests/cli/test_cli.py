@@ -322,3 +322,62 @@ def test_mpio_writer_without_parallel_h5py(tmp_path, data_dir):
         "no MPI support",
     )
     assert not (tmp_path / "run").exists()
+
+
+# -- the watchdog: armed before every verb ---------------------------------------------------------------------------
+
+# the verbs that may talk to other ranks (they take --comm-timeout-s), and those that run on one process only (under
+# mpiexec they refuse, or each rank works alone): a new verb must be put in one of the two
+TALKING_VERBS = {"prepare", "train", "generate", "eval", "bench comm", "bench calibrate"}
+SINGLE_PROCESS_VERBS = {"inspect", "import-gpt2", "merge-lora", "plan"}
+
+
+def _verbs(parser, prefix=""):
+    """{"generate": its parser, "bench comm": ..., ...}: every leaf of the command line."""
+    import argparse
+
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.update(_verbs(sub, f"{prefix}{name} "))
+    return out or {prefix.strip(): parser}
+
+
+def test_every_verb_that_talks_to_other_ranks_takes_comm_timeout_s():
+    from hpc_llm.cli import build_parser
+    from hpc_llm.config import Config
+
+    verbs = _verbs(build_parser())
+    assert set(verbs) == TALKING_VERBS | SINGLE_PROCESS_VERBS, set(verbs)
+    for name, p in verbs.items():
+        flags = {a.dest: a for a in p._actions}
+        if name in TALKING_VERBS:
+            # the same default as the config field train re-arms it with
+            assert flags["comm_timeout_s"].default == Config().parallel.comm_timeout_s == 600.0
+            assert "--comm-timeout-s" in p.format_help()
+        else:
+            assert "comm_timeout_s" not in flags, name
+
+
+@pytest.mark.parametrize(
+    "argv, timeout, source",
+    [
+        (["eval", "ck.h5", "--data", "d", "--comm-timeout-s", "7.5"], 7.5, "--comm-timeout-s"),
+        (["eval", "ck.h5", "--data", "d", "--comm-timeout-s", "0"], 0.0, "--comm-timeout-s"),
+        (["eval", "ck.h5", "--data", "d"], 600.0, "--comm-timeout-s"),
+        (["inspect", "ck.h5"], 600.0, "the default comm timeout"),
+    ],
+)
+def test_main_arms_the_watchdog_before_the_verb_runs(monkeypatch, argv, timeout, source):
+    """cli.main configures the watchdog once the arguments are parsed, before the verb's first line (any verb: one
+    without the flag gets the default)."""
+    from hpc_llm.cli import commands, main
+    from hpc_llm.runtime.faults import WATCHDOG
+
+    calls = []
+    monkeypatch.setattr(WATCHDOG, "configure", lambda t, source: calls.append(("arm", t, source)))
+    for verb in ("run_eval", "run_inspect"):
+        monkeypatch.setattr(commands, verb, lambda args: calls.append(("verb",)))
+    assert main(argv) == 0
+    assert calls == [("arm", timeout, source), ("verb",)]

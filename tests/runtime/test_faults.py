@@ -535,3 +535,61 @@ def test_a_stuck_peer_in_a_sequence_parallel_collective_ends_the_job(method, op)
     rc, _, err, seconds = run_mpi(2, [method], timeout=120, entry=("-c", STUCK_PEER))
     assert rc != 0 and "hpc-llm: rank 0: no progress for" in err and op in err, (rc, err[-3000:])
     assert seconds < BOUND_S
+
+
+# -- every verb that talks to other ranks is watched from its first line -------------------------------------------
+
+VERB_TIMEOUT_S = 5  # --comm-timeout-s of these tests
+
+
+@pytest.fixture(scope="module")
+def small_run(data_dir, tmp_path_factory):
+    """A one-step run directory (byte tokenizer, 4 heads: tp 2 divides them) for generate and eval."""
+    d = tmp_path_factory.mktemp("small_run")
+    cfg = config(data_dir, d / "run", d / "run.toml", **{"train.max_iters": 1})
+    rc, _, err, _ = train(1, cfg)
+    assert rc == 0, err[-3000:]
+    return d / "run"
+
+
+def _verb_argv(verb: str, data_dir, corpus_file, small_run, tmp_path) -> list[str]:
+    if verb == "train-start-up":
+        return ["train", str(config(data_dir, tmp_path / "run", tmp_path / "run.toml"))]
+    if verb == "generate-tp2":
+        return ["generate", str(small_run), "--max-new-tokens", "4", "--set", "parallel.tp=2"]
+    if verb == "eval-dp2":
+        return ["eval", str(small_run), "--data", str(data_dir), "--set", "parallel.tp=1"]
+    return ["prepare", str(corpus_file), "--out", str(tmp_path / "tokens")]
+
+
+VERBS = [
+    # id, HPC_LLM_FAULT (rank 1 hangs outside MPI), the operation and phase rank 0's watchdog must name
+    ("train-start-up", "hang:config:1", "world.barrier (an agreed step) (2 ranks) (start-up;"),
+    ("generate-tp2", "hang:generate:1", "tp.allreduce (2 ranks) (generate;"),
+    ("eval-dp2", "hang:eval:1", "dp.allreduce (2 ranks) (eval;"),
+    ("prepare-2-ranks", "hang:encode:1", "world.barrier (prepare encode) (2 ranks) (prepare;"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", VERBS, ids=[v[0] for v in VERBS])
+def test_a_stuck_peer_ends_every_verb_that_talks_to_other_ranks(
+    case, data_dir, corpus_file, small_run, tmp_path
+):
+    """Before this, the watchdog was armed only by the Trainer: a rank stuck in train's config agreement, or in
+    generate at tp 2, eval at dp 2 or prepare at 2 ranks, hung the job for good. Now cli.main arms it before any verb
+    runs (--comm-timeout-s): rank 0, waiting for the stuck rank, aborts the job within the timeout plus start-up,
+    naming the operation and the flag."""
+    verb, fault, op = case
+    argv = _verb_argv(verb, data_dir, corpus_file, small_run, tmp_path)
+    os.environ["HPC_LLM_FAULT"] = fault
+    try:
+        rc, _, err, seconds = run_mpi(
+            2, [*argv, "--comm-timeout-s", str(VERB_TIMEOUT_S)], timeout=BOUND_S + 60
+        )
+    finally:
+        os.environ.pop("HPC_LLM_FAULT")
+    assert rc != 0, (rc, err[-3000:])
+    line = next((s for s in err.splitlines() if "hpc-llm: rank 0: no progress for" in s), "")
+    assert op in line and f"--comm-timeout-s={VERB_TIMEOUT_S}" in line, err[-3000:]
+    assert seconds < BOUND_S + VERB_TIMEOUT_S, seconds
