@@ -2399,11 +2399,6 @@ def _cluster_rows() -> list[Row]:
             RunDir({"model.n_layer": 0}, metrics=good),
             "config.json: config field model.n_layer: expected a positive integer",
         ),
-        (
-            "config-no-vocab",
-            RunDir({"model.vocab_size": 0}, metrics=good),
-            "config.json: model.vocab_size is 0, expected the run's resolved vocabulary",
-        ),
         ("metrics-not-json", RunDir(metrics="{oops\n"), "metrics.jsonl: line 1: not JSON"),
         (
             "metrics-array",

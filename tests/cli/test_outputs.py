@@ -76,7 +76,15 @@ def test_generate_force_replaces_the_file(trained, tmp_path):
     assert r.returncode == 2 and "file exists: give --force" in r.stderr, r.stderr
     assert out.read_text() == "earlier samples\n"
     r = cli(
-        "generate", trained / "run", "--max-new-tokens", 3, "--num-samples", 2, "--out", out, "--force"
+        "generate",
+        trained / "run",
+        "--max-new-tokens",
+        3,
+        "--num-samples",
+        2,
+        "--out",
+        out,
+        "--force",
     )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
