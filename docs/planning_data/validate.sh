@@ -4,7 +4,7 @@
 # Regenerate the table: python scripts/bench/validation_table.py docs/planning_data/validation.jsonl --stored
 cd "$(dirname "$0")/../.."  # the repository root
 source /tmp/benv.sh
-mpiexec -n 2 hpc-llm bench calibrate --out inputs/clusters/this_machine.toml > /tmp/calib2.log 2>&1
+mpiexec -n 2 hpc-llm bench calibrate --out inputs/clusters/this_machine.toml --force > /tmp/calib2.log 2>&1
 OUT=/tmp/validation2.jsonl; rm -f $OUT /tmp/validate2_load.txt /tmp/validate2_log.txt
 V() { n=$1; shift; uptime >> /tmp/validate2_load.txt; .venv/bin/mpiexec --oversubscribe -n $n .venv/bin/python scripts/bench/validate_plan.py --data /tmp/sc --out $OUT "$@" >> /tmp/validate2_log.txt 2>&1; }
 V 1 --preset shakespeare-char --batch 12 --steps 7

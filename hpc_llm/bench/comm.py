@@ -52,6 +52,7 @@ import numpy as np
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.compression import Reduce16, comm_dtype
 from hpc_llm.parallel.grid import make_grid
+from hpc_llm.runtime.fsio import atomic_write_bytes
 
 REDUCE16 = ("allreduce_bf16", "allreduce_fp16")
 COLLECTIVES = ("allreduce", "iallreduce", "allgather", "reduce_scatter", *REDUCE16)
@@ -394,7 +395,7 @@ def run(
     if json_path and rank0:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_bytes(path, (json.dumps(result, indent=1) + "\n").encode())
         say(f"# wrote {path}")
     return result
 

@@ -27,6 +27,7 @@ from hpc_llm.plan.predict import predict
 from hpc_llm.plan.search import describe, format_table, search
 from hpc_llm.plan.timeline import draw
 from hpc_llm.runtime.faults import inject, launcher_rank, phase
+from hpc_llm.runtime.fsio import atomic_write_bytes, check_output
 from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
 from hpc_llm.tools.gpt2_import import import_gpt2
 from hpc_llm.tools.inspect import run as inspect_checkpoints
@@ -46,13 +47,6 @@ def _in_phase(name: str):
         return run
 
     return wrap
-
-
-def _need_directory_of(path: str, flag: str) -> None:
-    """A file the verb writes at its end: its directory must exist before any work starts."""
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: directory {parent} does not exist")
 
 
 def _check_positive(flag: str, value) -> None:
@@ -81,6 +75,7 @@ def run_prepare(args) -> None:
         "tokenizer_dir": args.tokenizer_dir,
         "memory_mb": args.memory_mb,
         "comm": world_comm(),
+        "force": args.force,
     }
     if args.stdlib:
         if args.inputs:
@@ -155,16 +150,18 @@ def _open_prompts(args):
 
 
 def _write_completions(path: str, rows, results, tok) -> None:
-    """One JSON object per row: prompt, completion, tokens (the new ids), seconds."""
-    with open(path, "w", encoding="utf-8") as f:
-        for (text, _), r in zip(rows, results):
-            record = {
-                "prompt": text,
-                "completion": tok.decode(r["tokens"]),
-                "tokens": r["tokens"],
-                "seconds": r["seconds"],
-            }
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """One JSON object per row: prompt, completion, tokens (the new ids), seconds; written whole to a temporary name
+    beside ``path`` and renamed (a crash leaves the old file, or none)."""
+    lines = []
+    for (text, _), r in zip(rows, results):
+        record = {
+            "prompt": text,
+            "completion": tok.decode(r["tokens"]),
+            "tokens": r["tokens"],
+            "seconds": r["seconds"],
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_bytes(Path(path), "".join(lines).encode("utf-8"))
 
 
 def _print_samples(args, rows, results, tok) -> None:
@@ -185,7 +182,12 @@ def run_generate(args) -> None:
     world = world_comm()
     tp = tp_from_sets(args.set, world.size)
     if args.out:
-        _need_directory_of(args.out, "--out")
+        # agreed: every rank refuses alike; the checkpoint (a run directory: each file in it) and the prompts are
+        # inputs, never replaced, --force or not
+        world.agree(
+            lambda: check_output(args.out, "--out", (args.checkpoint, args.prompts), args.force),
+            "checking --out",
+        )
     saved, tok, texts, ids = world.agree(
         lambda: _open_prompts(args), "reading the prompts and the checkpoint"
     )
@@ -256,12 +258,12 @@ def run_inspect(args) -> None:
 
 
 def run_import_gpt2(args) -> None:
-    path = import_gpt2(args.model_dir, args.out)
+    path = import_gpt2(args.model_dir, args.out, force=args.force)
     print(f"wrote {path}")
 
 
 def run_merge_lora(args) -> None:
-    path = merge_lora(args.checkpoint, args.out)
+    path = merge_lora(args.checkpoint, args.out, force=args.force)
     print(
         f"merged the LoRA adapters of {args.checkpoint} into {path} (a plain model: model.lora_rank = 0)"
     )
@@ -270,18 +272,21 @@ def run_merge_lora(args) -> None:
 @_in_phase("bench comm")
 def run_bench_comm(args) -> None:
     if args.json:
-        _need_directory_of(args.json, "--json")
+        world_comm().agree(
+            lambda: check_output(args.json, "--json", (), args.force), "checking --json"
+        )
     run_from_args(args)
 
 
 @_in_phase("bench calibrate")
 def run_bench_calibrate(args) -> None:
     out = Path(args.out)
-    _need_directory_of(args.out, "--out")
+    world_comm().agree(lambda: check_output(out, "--out", (), args.force), "checking --out")
     fig, notes = calibrate(out.parent)
     if launcher_rank() == 0:
         cluster_from_dict(fig, str(out))  # what we write must load
-        out.write_text(to_toml(fig, "written by `hpc-llm bench calibrate`: " + notes))
+        text = to_toml(fig, "written by `hpc-llm bench calibrate`: " + notes)
+        atomic_write_bytes(out, text.encode("utf-8"))
         print(f"wrote {out} ({notes})")
 
 
@@ -298,7 +303,10 @@ def _check_plan_args(args) -> None:
             f"--ranks-per-device: expected a positive number, got {args.ranks_per_device}"
         )
     if args.timeline:
-        _need_directory_of(args.timeline, "--timeline")
+        # the config, the cluster file and the compared run's files are inputs: never replaced
+        check_output(
+            args.timeline, "--timeline", (args.config, args.cluster, args.compare), args.force
+        )
 
 
 def _plan_config(args):

@@ -73,7 +73,17 @@ def _add_prepare(sub) -> None:
         "prepare", help="text files/folders -> token files (train.bin, val.bin, meta.json)"
     )
     s.add_argument("inputs", nargs="*", help="text files or folders (recursed)")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="output directory (made if missing; one already holding train.bin, val.bin or meta.json needs "
+        "--force)",
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the token files of an earlier preparation in --out (refused without it)",
+    )
     s.add_argument(
         "--stdlib",
         action="store_true",
@@ -161,6 +171,9 @@ def _add_generate(sub) -> None:
         "new ids), seconds (the wall time of the row's batch)",
     )
     s.add_argument(
+        "--force", action="store_true", help="replace an existing --out file (never an input)"
+    )
+    s.add_argument(
         "--quantize",
         choices=("int8",),
         help="int8 weights (per-output-channel scales; float32 models)",
@@ -236,7 +249,10 @@ def _add_import_gpt2(sub) -> None:
         help="directory with config.json and model.safetensors (and the tokenizer: "
         "tokenizer.json, or vocab.json + merges.txt, when present)",
     )
-    s.add_argument("--out", required=True, help="checkpoint file to write (.h5)")
+    s.add_argument(
+        "--out", required=True, help="checkpoint file to write (.h5; an existing one needs --force)"
+    )
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=commands.run_import_gpt2)
 
 
@@ -250,6 +266,11 @@ def _add_merge_lora(sub) -> None:
     )
     s.add_argument(
         "--out", required=True, help="checkpoint file to write (.h5), in an existing directory"
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file (never the input checkpoint)",
     )
     s.set_defaults(func=commands.run_merge_lora)
 
@@ -305,6 +326,7 @@ def _add_plan(sub) -> None:
         "pp=8,tp=8,dp=1,schedule=interleaved,virtual=3,micro=64,mbs=1,sp=1,recompute=selective,act_comm=bf16",
     )
     s.add_argument("--timeline", metavar="PNG", help="draw the best layout's pipeline schedule")
+    s.add_argument("--force", action="store_true", help="replace an existing --timeline file")
     s.add_argument(
         "--compare",
         metavar="RUN_DIR",
@@ -321,6 +343,7 @@ def _add_bench(sub) -> None:
     )
     add_bench_comm_arguments(b)
     _add_comm_timeout(b)
+    b.add_argument("--force", action="store_true", help="replace an existing --json file")
     b.set_defaults(func=commands.run_bench_comm)
     b = bench.add_parser(
         "calibrate",
@@ -328,7 +351,10 @@ def _add_bench(sub) -> None:
         "`mpiexec -n 2` to measure the links too)",
     )
     b.add_argument(
-        "--out", default="inputs/clusters/this_machine.toml", help="cluster file to write"
+        "--out",
+        default="inputs/clusters/this_machine.toml",
+        help="cluster file to write (an existing one needs --force)",
     )
     _add_comm_timeout(b)
+    b.add_argument("--force", action="store_true", help="replace an existing --out file")
     b.set_defaults(func=commands.run_bench_calibrate)

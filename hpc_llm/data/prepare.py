@@ -61,7 +61,7 @@ from hpc_llm.data.tokens import (
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.runtime.faults import inject
-from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes
+from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes, same_file
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,43 @@ def remove_stale_temporaries(out: Path) -> None:
         )
 
 
-def _plan(out: Path, inputs: list, pattern: str, budget: Budget):
-    """Rank 0: the files and their pieces, then the output directory (nothing is written before it), locked, and
-    cleared of a dead run's temporary files. (the plan, the lock)"""
+def output_names() -> list[str]:
+    """The files prepare writes in its output directory."""
+    return [split_file(split) for split in SPLITS] + ["meta.json"]
+
+
+def check_out_dir(out: Path, inputs: list, files: list, force: bool) -> None:
+    """The output directory is never an input, nor holds a file prepare writes that is an input (given, or found in
+    an input folder); one holding an earlier preparation's files (train.bin, val.bin or meta.json; anything else in
+    it is never touched) is refused unless ``force``."""
+    outputs = [out / name for name in output_names()]
+    for given in inputs:
+        if same_file(out, Path(given)):
+            raise UserError(
+                f"prepare --out {out}: is the input {given}; choose another output directory"
+            )
+    for f in [Path(g) for g in inputs] + list(files):
+        for o in outputs:
+            if same_file(f, o):
+                raise UserError(
+                    f"prepare --out {out}: its {o.name} is the input {f}; writing it would destroy it: "
+                    "choose another output directory"
+                )
+    held = [o.name for o in outputs if o.exists() or o.is_symlink()]
+    if held and not force:
+        raise UserError(
+            f"prepare --out {out}: holds {', '.join(held)} of an earlier preparation: give --force to "
+            "replace them"
+        )
+
+
+def _plan(out: Path, inputs: list, pattern: str, budget: Budget, force: bool):
+    """Rank 0: the files and their pieces, then the output directory (nothing is written before it), checked against
+    the inputs, locked, and cleared of a dead run's temporary files. (the plan, the lock)"""
     if out.exists() and not out.is_dir():
         raise UserError(f"prepare: output directory {str(out)!r} is a file, expected a directory")
     files = expand_inputs(inputs, pattern, exclude=out)
+    check_out_dir(out, inputs, files, force)
     pieces = plan_pieces(files, budget.piece)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
@@ -192,13 +223,15 @@ def prepare(
     memory_mb: int = DEFAULT_MEMORY_MB,
     comm=None,
     piece_bytes: int | None = None,
+    force: bool = True,
 ) -> dict:
     """Tokenize text files into out_dir/{train.bin,val.bin,meta.json}, streaming in about `memory_mb` MB per rank;
     returns the metadata written. tokenizer: "byte", "char", "bpe" (trained here, `vocab_size` tokens) or "gpt2" (the
     Hugging Face tokenizer in `tokenizer_dir`). comm=world_comm(): every rank of the job calls it and they share the
     work (`mpiexec hpc-llm prepare`); the files are the single-process ones, byte for byte. comm=None: this process
     alone (the Python API: a script under mpiexec must not make it collective by accident). piece_bytes overrides
-    the piece size (tests)."""
+    the piece size (tests). force=False: an out_dir already holding token files is refused (the command line's
+    default; --force); the output is never one of the inputs."""
     comm = comm if comm is not None else Comm(None)
     options = Options(tokenizer, val_fraction, pattern, vocab_size, tokenizer_dir, memory_mb)
     options.check()
@@ -212,7 +245,7 @@ def prepare(
     if tokenizer == "gpt2":
         tok = comm.agree(lambda: make_tokenizer("gpt2", tokenizer_dir=tokenizer_dir))
     planned = comm.agree(
-        lambda: _plan(out, input_list, pattern, budget) if comm.rank == 0 else (None, None)
+        lambda: _plan(out, input_list, pattern, budget, force) if comm.rank == 0 else (None, None)
     )
     plan, lock = comm.bcast_object(planned[0]), planned[1]
     sources = [str(p) for p in input_list[:5]]

@@ -176,90 +176,131 @@ def load_cluster(path: str | Path) -> Cluster:
 
 
 class _Figures:
-    """A cluster file's dict read with its checks: every error one line naming the file and the figure."""
+    """A cluster file's dict read with its checks: every error one line naming the file and the figure. Every figure
+    is a finite number (positive, or non-negative where zero means "free"; node.devices an integer), every section a
+    table: NaN, infinities, strings, booleans, lists where tables belong are refused, never taken."""
 
     def __init__(self, d: dict, where: str):
         self.d, self.where = d, where
 
+    def fail(self, text: str) -> UserError:
+        return UserError(f"cluster file {self.where}: {text}")
+
+    def section(self, name: str, required: bool = False) -> dict:
+        """A table of the file by its dotted name ({} when absent and not required)."""
+        sec = self.d
+        for i, part in enumerate(name.split(".")):
+            sec = sec.get(part)
+            if sec is None:
+                if required:
+                    raise self.fail(f"missing section [{name}]")
+                return {}
+            if not isinstance(sec, dict):
+                here = ".".join(name.split(".")[: i + 1])
+                raise self.fail(f"[{here}] must be a table, got {_shown(sec)}")
+        return sec
+
     def need(self, section: str, key: str):
-        sec = self.d.get(section, {})
-        if not isinstance(sec, dict) or key not in sec:
-            raise UserError(f"cluster file {self.where}: missing figure {section}.{key}")
+        sec = self.section(section)
+        if key not in sec:
+            raise self.fail(f"missing figure {section}.{key}")
         return sec[key]
 
     def number(self, section: str, key: str, value, positive: bool = True) -> float:
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
+            or not math.isfinite(value)
             or (value <= 0 if positive else value < 0)
         ):
             kind = "positive" if positive else "non-negative"
-            raise UserError(
-                f"cluster file {self.where}: {section}.{key} must be a {kind} number, got {value!r}"
-            )
+            raise self.fail(f"{section}.{key} must be a finite {kind} number, got {_shown(value)}")
         return float(value)
+
+    def integer(self, section: str, key: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(f"{section}.{key} must be a positive integer, got {_shown(value)}")
+        return value
+
+    def fraction(self, section: str, key: str, value) -> float:
+        v = self.number(section, key, value, positive=False)
+        if v > 1:
+            raise self.fail(f"{section}.{key} must be a fraction in [0, 1], got {_shown(value)}")
+        return v
 
     def table(self, section: str, key: str, value) -> list:
         if not isinstance(value, dict) or not value:
-            raise UserError(
-                f"cluster file {self.where}: {section}.{key} must be a table {{size = value, ...}}"
+            raise self.fail(
+                f"{section}.{key} must be a table {{size = value, ...}}, got {_shown(value)}"
             )
         out = []
         for k, v in value.items():
             try:
                 x = float(k)
             except ValueError:
-                raise UserError(
-                    f"cluster file {self.where}: {section}.{key}: key {k!r} is not a number"
-                ) from None
+                x = math.nan
+            if not (math.isfinite(x) and x > 0):
+                raise self.fail(f"{section}.{key}: key {k!r} is not a finite positive number")
             out.append((x, self.number(section, f"{key}.{k}", v)))
         return sorted(out)
 
     def gemm(self) -> dict:
-        gemm_sec = self.d.get("compute", {}).get("gemm", {})
-        if not isinstance(gemm_sec, dict) or not gemm_sec:
-            raise UserError(
-                f"cluster file {self.where}: missing figure compute.gemm.float32 (matmul FLOP/s by shape class)"
-            )
+        gemm_sec = self.section("compute.gemm")
+        if not gemm_sec:
+            raise self.fail("missing figure compute.gemm.float32 (matmul FLOP/s by shape class)")
         return {dt: self.table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
 
     def links(self) -> dict:
         links = {}
         for level in ("intra", "inter"):
-            sec = self.d.get("link", {}).get(level)
             # a one-node (inter) or one-rank (intra) machine: needed only by layouts that use it
-            if sec is None:
+            if "link" not in self.d or level not in self.section("link"):
                 continue
-            lat, bw = need_link(self.d, level, self.where)
             where_l = f"link.{level}"
+            sec = self.section(where_l)
+            lat, bw = self.need(where_l, "latency_s"), self.need(where_l, "bw")
             links[level] = Link(
                 self.number(where_l, "latency_s", lat, positive=False),
                 self.number(where_l, "bw", bw),
                 self.number(where_l, "nb_bw", sec.get("nb_bw", bw)),
-                self.number(where_l, "overlap", sec.get("overlap", 1.0), positive=False),
+                self.fraction(where_l, "overlap", sec.get("overlap", 1.0)),
             )
         return links
 
     def cast(self) -> dict:
-        cast_sec = self.d.get("compute", {}).get("cast", {})
-        if not isinstance(cast_sec, dict):
-            raise UserError(
-                f"cluster file {self.where}: compute.cast must be a table (to_bfloat16 = elements/s, ...)"
-            )
+        cast_sec = self.section("compute.cast")
         for k in cast_sec:
             if k not in CAST_KEYS:
-                raise UserError(
-                    f"cluster file {self.where}: compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}"
-                )
+                raise self.fail(f"compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}")
         return {k: self.number("compute.cast", k, v) for k, v in cast_sec.items()}
 
     def backend(self) -> str:
-        backend = self.d["compute"].get("backend", "numpy")
+        backend = self.section("compute").get("backend", "numpy")
         if backend not in ("numpy", "cupy"):
-            raise UserError(
-                f'cluster file {self.where}: compute.backend must be "numpy" or "cupy", got {backend!r}'
-            )
+            raise self.fail(f'compute.backend must be "numpy" or "cupy", got {_shown(backend)}')
         return backend
+
+    def text(self, key: str, default: str) -> str:
+        value = self.d.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(f"{key} must be a string, got {_shown(value)}")
+        return value
+
+    def sources(self) -> dict:
+        sec = self.section("sources")
+        for k, v in sec.items():
+            if not isinstance(v, (str, dict)):
+                raise self.fail(f"sources.{k} must be text, got {_shown(v)}")
+        return dict(sec)
+
+
+def _shown(value) -> str:
+    """A value as the refusal shows it: its repr, cut short, and its TOML kind for a table or an array."""
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return f"an array {value!r}"[:60]
+    return repr(value)[:60]
 
 
 def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
@@ -268,11 +309,11 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
     gemm, links, cast, backend = f.gemm(), f.links(), f.cast(), f.backend()
     c, n = vals["compute"], vals["node"]
     return Cluster(
-        name=str(d.get("name", where)),
-        devices=int(f.number("node", "devices", n["devices"])),
+        name=f.text("name", where),
+        devices=f.integer("node", "devices", n["devices"]),
         memory_bytes=f.number("node", "memory_bytes", n["memory_bytes"]),
         runtime_bytes=f.number(
-            "node", "runtime_bytes", d["node"].get("runtime_bytes", 0.0), positive=False
+            "node", "runtime_bytes", f.section("node").get("runtime_bytes", 0.0), positive=False
         ),
         gemm=gemm,
         gemm_call_s=f.number("compute", "gemm_call_s", c["gemm_call_s"], positive=False),
@@ -285,18 +326,16 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         backend=backend,
         path=where,
         cast=cast,
-        sources=dict(d.get("sources", {})),
+        sources=f.sources(),
     )
 
 
 def need_link(d: dict, level: str, where: str):
-    sec = d.get("link", {}).get(level)
-    if not isinstance(sec, dict):
-        raise UserError(f"cluster file {where}: missing figure link.{level}.latency_s")
-    for key in ("latency_s", "bw"):
-        if key not in sec:
-            raise UserError(f"cluster file {where}: missing figure link.{level}.{key}")
-    return sec["latency_s"], sec["bw"]
+    """(latency_s, bw) of link.LEVEL, checked like the loader checks them."""
+    f = _Figures(d, where)
+    sec = f"link.{level}"
+    f.section(sec, required=True)
+    return f.need(sec, "latency_s"), f.need(sec, "bw")
 
 
 def _toml_value(v) -> str:

@@ -8,11 +8,12 @@ are others (it holds the first, warm-up step); the measured step is tokens per s
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 from hpc_llm.checkpoint import CheckpointFile, find_latest
-from hpc_llm.config import config_from_dict
+from hpc_llm.config import config_from_dict, validated
 from hpc_llm.errors import UserError
 from hpc_llm.plan.memory import Layout
 from hpc_llm.plan.predict import predict
@@ -27,10 +28,70 @@ def run_layout(cfg, run: Path, world: int | None) -> Layout:
             )
         f = CheckpointFile(latest)
         try:
-            world = int(f.state.get("layout", {}).get("world", 1))
+            layout = f.state.get("layout", {})
+            world = layout.get("world", 1) if isinstance(layout, dict) else None
         finally:
             f.close()
-    return Layout.of(cfg, world // (cfg.parallel.tp * cfg.parallel.pp))
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise UserError(
+                f"--compare {run}: {latest.name}: state layout.world is {world!r}, expected a positive "
+                "integer: give --gpus N"
+            )
+    per = cfg.parallel.tp * cfg.parallel.pp
+    if world % per:
+        raise UserError(
+            f"--compare {run}: {world} ranks is not a multiple of parallel.tp x parallel.pp = {per}"
+        )
+    return Layout.of(cfg, world // per)
+
+
+def _read_config(run: Path, path: Path):
+    """The run's config.json as a checked Config; every fault one line naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"--compare {run}: {path.name}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--compare {run}: {path.name}: expected a JSON object of config sections")
+    try:
+        cfg = validated(config_from_dict(data))
+    except UserError as e:
+        raise UserError(f"--compare {run}: {path.name}: {e}") from None
+    return cfg
+
+
+def _read_train_rows(run: Path, path: Path) -> list[dict]:
+    """The train rows of metrics.jsonl, each with a finite positive tokens_per_s; every fault one line naming the
+    file, the line and the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--compare {run}: {path.name}: cannot read it ({e})") from None
+    train = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"--compare {run}: {path.name}: line {i}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"--compare {run}: {path.name}: line {i}: expected a JSON object")
+        if row.get("kind") != "train":
+            continue
+        tps = row.get("tokens_per_s")
+        if (
+            isinstance(tps, bool)
+            or not isinstance(tps, (int, float))
+            or not math.isfinite(tps)
+            or tps <= 0
+        ):
+            raise UserError(
+                f"--compare {run}: {path.name}: line {i}: tokens_per_s must be a finite positive "
+                f"number, got {tps!r}"
+            )
+        train.append(row)
+    return train
 
 
 def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:
@@ -41,9 +102,8 @@ def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:
             raise UserError(
                 f"--compare {run}: {f.name} not found (a run directory written by hpc-llm train)"
             )
-    cfg = config_from_dict(json.loads(cfg_file.read_text()))
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("kind") == "train"]
+    cfg = _read_config(run, cfg_file)
+    train = _read_train_rows(run, metrics_file)
     if not train:
         raise UserError(f"--compare {run}: metrics.jsonl has no train rows")
     lay = run_layout(cfg, run, world)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.schedule import Phase
+from hpc_llm.runtime.fsio import atomic_output
 
 COLORS = {"F": "#4c72b0", "B": "#dd8452", "B+": "#c44e52"}
 
@@ -69,6 +70,7 @@ def draw(pred, path: str | Path, title: str = "") -> Path:
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:  # a crash leaves the old file, or none
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path

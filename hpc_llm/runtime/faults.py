@@ -15,9 +15,9 @@ fault-injection switch the tests use to make every failure deterministic (docs/r
   inside its agreement), data, resume, step, grad, eval (train's evals, and the `eval` verb before its batches), save,
   exit (`train` after its run, just before the process exits), generate (the `generate` verb before decoding),
   encode (the `prepare` verb, inside its encode agreement) or prepare (`prepare`, once the part files and the
-  temporary outputs exist); STEP omitted: the first time. Code calls `inject(POINT, step)` where such a fault can happen; nothing happens unless
-  the variable names this rank. Several faults may name one point: usr1, usr1late and delay let the next one fire
-  too.
+  temporary outputs exist); STEP omitted: the first time. Code calls `inject(POINT, step)` where such a fault can
+  happen; nothing happens unless the variable names this rank. Several faults may name one point: usr1, usr1late and
+  delay let the next one fire too.
 """
 
 from __future__ import annotations

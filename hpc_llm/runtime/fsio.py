@@ -8,6 +8,7 @@ import os
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from hpc_llm.errors import UserError
@@ -44,6 +45,79 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_output(path: Path):
+    """For writers that want a path (savefig, h5py): yields a temporary path beside ``path`` (its suffix kept, so
+    a writer that reads the format from it still can); on success it is fsynced and renamed over ``path``, on any
+    failure removed. A crash mid-write leaves ``path`` as it was and at most a ``.NAME.*.tmp`` file beside it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def _files_of(path: Path) -> list[Path]:
+    """An input as the files it names: a file itself, a directory the files directly in it."""
+    if path.is_dir():
+        try:
+            return [p for p in path.iterdir() if p.is_file()]
+        except OSError:
+            return []
+    return [path] if path.exists() else []
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether a and b are one file (through symbolic and hard links); False when either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    path, flag: str, inputs=(), force: bool = False, parent_must_exist: bool = True
+) -> Path:
+    """An output file path checked before any work, each refusal one line (a UserError) naming ``flag`` (e.g.
+    "generate --out"): never one of ``inputs`` (a file, or a directory: every file directly in it), compared as
+    files (os.path.samefile: through symbolic and hard links), whatever ``force`` says; not a directory; its
+    directory existing (unless not ``parent_must_exist``: the verb makes it); and not an existing file unless
+    ``force`` (then the verb replaces it atomically: a temporary name beside it, fsync, rename). Returns the path."""
+    path = Path(path)
+    for given in inputs:
+        if given is None:
+            continue
+        for f in _files_of(Path(given)):
+            if same_file(path, f):
+                named = "" if str(f) == str(given) else f" (in {given})"
+                raise UserError(
+                    f"{flag} {path}: is the input {f}{named}; writing it would destroy it: choose "
+                    "another output path"
+                )
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, expected a file path")
+    if parent_must_exist and not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {path.parent} does not exist")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise UserError(f"{flag} {path}: file exists: give --force to replace it")
+    return path
 
 
 class DirectoryLock:

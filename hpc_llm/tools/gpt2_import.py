@@ -45,6 +45,7 @@ from hpc_llm.data.tokenizer import BPETokenizer, find_tokenizer_files
 from hpc_llm.errors import UserError
 from hpc_llm.model.layout import param_specs
 from hpc_llm.parallel.comm import world_comm
+from hpc_llm.runtime.fsio import check_output
 
 __all__ = [
     "import_gpt2",
@@ -357,14 +358,16 @@ def read_gpt2_dir(model_dir) -> tuple[Config, dict[str, np.ndarray]]:
 # the checkpoint
 
 
-def import_gpt2(model_dir, out) -> Path:
+def import_gpt2(model_dir, out, force: bool = False) -> Path:
     """Convert a Hugging Face GPT-2 directory into an hpc_llm checkpoint at `out` (a .h5 file path, parents made);
-    returns its path. The checkpoint is a step-0 training checkpoint: zero Adam moments, empty metrics."""
+    returns its path. The checkpoint is a step-0 training checkpoint: zero Adam moments, empty metrics. `out` is never
+    a file of `model_dir`; an existing file is replaced (atomically) only with `force`."""
     out = Path(out)
     if out.is_dir():
         raise UserError(
             f"{out}: is a directory; --out expects a checkpoint file path such as {out / 'gpt2.h5'}"
         )
+    check_output(out, "import-gpt2 --out", (model_dir,), force, parent_must_exist=False)
     cfg, params = read_gpt2_dir(model_dir)
     V = cfg.model.vocab_size
     tokenizer = {"tokenizer": TOKENIZER_META_NAME, "vocab_size": V}

@@ -27,6 +27,7 @@ from hpc_llm.config.checks import LORA_TARGETS
 from hpc_llm.errors import UserError
 from hpc_llm.model.layout import is_lora
 from hpc_llm.parallel.comm import world_comm
+from hpc_llm.runtime.fsio import check_output
 
 
 def merged_params(
@@ -85,11 +86,13 @@ def _check_adapters(saved, m: ModelConfig) -> None:
         )
 
 
-def merge_lora(checkpoint, out) -> Path:
+def merge_lora(checkpoint, out, force: bool = False) -> Path:
     """Write the merged model of a LoRA checkpoint (a file, or a run directory: its newest verified checkpoint) to
-    ``out`` (a .h5 path in an existing directory); returns its path."""
+    ``out`` (a .h5 path in an existing directory); returns its path. ``out`` is never the checkpoint (nor, for a run
+    directory, any file in it); an existing file is replaced (atomically) only with ``force``."""
     out = Path(out)
     _check_out(out)
+    check_output(out, "merge-lora --out", (checkpoint,), force)
     saved = load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
     cfg = config_from_dict(saved.config)
     m = cfg.model

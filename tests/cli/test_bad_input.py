@@ -230,6 +230,65 @@ class Hf:
             save_file(tensors, str(weights))
 
 
+class Copy:
+    """A copy of a shared input (a file or a directory): base[src]."""
+
+    def __init__(self, src: str):
+        self.src = src
+
+    def make(self, path: Path, base: dict) -> None:
+        src = Path(base[self.src])
+        if src.is_dir():
+            shutil.copytree(src, path)
+        else:
+            shutil.copyfile(src, path)
+
+
+class Link:
+    """A symbolic link to `target` (a path relative to the link's directory)."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def make(self, path: Path, base: dict) -> None:
+        path.symlink_to(self.target)
+
+
+class Cl:
+    """The shared cluster file's text with each (old, new) of `subs` replaced (each must occur), after `head` (top-level
+    keys, before the file's first table)."""
+
+    def __init__(self, *subs, head: str = ""):
+        self.subs, self.head = subs, head
+
+    def make(self, path: Path, base: dict) -> None:
+        text = CLUSTER.read_text()
+        for old, new in self.subs:
+            assert old in text, old
+            text = text.replace(old, new)
+        path.write_text(self.head + text)
+
+
+class RunDir:
+    """A run directory for `plan --compare`: the base run's config.json (`config` = {"section.key": value} applied,
+    or `config_text` the whole file) and metrics.jsonl (`metrics`: its text)."""
+
+    def __init__(
+        self, config: dict | None = None, config_text: str | None = None, metrics: str = ""
+    ):
+        self.config, self.config_text, self.metrics = config or {}, config_text, metrics
+
+    def make(self, path: Path, base: dict) -> None:
+        path.mkdir()
+        cfg = json.loads((Path(base["run"]) / "config.json").read_text())
+        for key, value in self.config.items():
+            section, name = key.split(".", 1)
+            cfg[section][name] = value
+        text = self.config_text if self.config_text is not None else json.dumps(cfg)
+        (path / "config.json").write_text(text)
+        (path / "metrics.jsonl").write_text(self.metrics)
+
+
 class Empty:
     """An empty directory."""
 
@@ -2031,6 +2090,358 @@ def _rows() -> list[Row]:
         add(
             Row(f"{verb}-comm-timeout-s", f"{argv} --comm-timeout-s {value}", expect + shown, files)
         )
+    rows += _output_rows() + _cluster_rows()
+    return rows
+
+
+def _output_rows() -> list[Row]:
+    """An output flag never destroys an input (the same file, through links, or a file of an input directory:
+    refused, --force or not), and never replaces an existing file without --force."""
+    rows: list[Row] = []
+    add = rows.append
+    ckpt = {"ck.h5": Ckpt()}
+    is_input = "writing it would destroy it"
+    exists = "file exists: give --force to replace it"
+    for force in ("", " --force"):
+        tag = "-force" if force else ""
+        add(
+            Row(
+                f"generate-out-is-the-checkpoint{tag}",
+                f"generate ck.h5 --max-new-tokens 2 --out ck.h5{force}",
+                f"--out ck.h5: is the input ck.h5; {is_input}",
+                ckpt,
+            )
+        )
+        add(
+            Row(
+                f"merge-lora-out-is-the-checkpoint{tag}",
+                f"merge-lora ck.h5 --out ck.h5{force}",
+                f"merge-lora --out ck.h5: is the input ck.h5; {is_input}",
+                ckpt,
+                ranks=(1,),
+            )
+        )
+    add(
+        Row(
+            "generate-out-links-to-the-checkpoint",
+            "generate ck.h5 --max-new-tokens 2 --out link.jsonl --force",
+            f"--out link.jsonl: is the input ck.h5; {is_input}",
+            {**ckpt, "link.jsonl": Link("ck.h5")},
+        )
+    )
+    add(
+        Row(
+            "generate-out-in-the-run-directory",
+            "generate run --max-new-tokens 2 --out run/latest --force",
+            f"--out run/latest: is the input run/latest (in run); {is_input}",
+            {"run": Copy("run")},
+        )
+    )
+    add(
+        Row(
+            "generate-out-is-the-prompts",
+            "generate {run} --max-new-tokens 2 --prompts p.txt --out p.txt --force",
+            f"--out p.txt: is the input p.txt; {is_input}",
+            {"p.txt": "the\n"},
+        )
+    )
+    add(
+        Row(
+            "generate-out-exists",
+            "generate {run} --max-new-tokens 2 --out o.jsonl",
+            f"--out o.jsonl: {exists}",
+            {"o.jsonl": "earlier samples\n"},
+        )
+    )
+    add(
+        Row(
+            "generate-out-is-a-directory",
+            "generate {run} --max-new-tokens 2 --out outdir --force",
+            "--out outdir: is a directory, expected a file path",
+            {"outdir": Empty()},
+        )
+    )
+    add(
+        Row(
+            "merge-lora-out-in-the-run-directory",
+            "merge-lora run --out run/latest --force",
+            f"merge-lora --out run/latest: is the input run/latest (in run); {is_input}",
+            {"run": Copy("run")},
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "merge-lora-out-exists",
+            "merge-lora {ckpt} --out m.h5",
+            f"merge-lora --out m.h5: {exists}",
+            {"m.h5": b"an earlier merge"},
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "import-gpt2-out-exists",
+            "import-gpt2 {hf} --out out.h5",
+            f"import-gpt2 --out out.h5: {exists}",
+            {"out.h5": b"an earlier import"},
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
+            "import-gpt2-out-in-the-model-dir",
+            "import-gpt2 hf --out hf/model.safetensors --force",
+            f"import-gpt2 --out hf/model.safetensors: is the input hf/model.safetensors (in hf); {is_input}",
+            {"hf": Hf()},
+        )
+    )
+    plan = {"cfg.toml": Cfg()}
+    add(
+        Row(
+            "plan-timeline-is-the-config",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --timeline cfg.toml --force",
+            f"--timeline cfg.toml: is the input cfg.toml; {is_input}",
+            plan,
+        )
+    )
+    add(
+        Row(
+            "plan-timeline-is-the-cluster",
+            "plan cfg.toml --cluster cl.toml --gpus 8 --timeline cl.png --force",
+            f"--timeline cl.png: is the input cl.toml; {is_input}",
+            {**plan, "cl.toml": Cl(), "cl.png": Link("cl.toml")},
+        )
+    )
+    add(
+        Row(
+            "plan-timeline-exists",
+            "plan cfg.toml --cluster {cluster} --gpus 8 --timeline t.png",
+            f"--timeline t.png: {exists}",
+            {**plan, "t.png": b"an earlier drawing"},
+        )
+    )
+    add(
+        Row(
+            "bench-comm-json-exists",
+            "bench comm --sizes 4K --iters 1 --json b.json",
+            f"--json b.json: {exists}",
+            {"b.json": "{}\n"},
+        )
+    )
+    add(
+        Row(
+            "bench-calibrate-out-exists",
+            "bench calibrate --out c.toml",
+            f"--out c.toml: {exists}",
+            {"c.toml": "# an earlier calibration\n"},
+        )
+    )
+    # prepare's output is a directory: "exists" means it holds an earlier preparation's train.bin, val.bin or
+    # meta.json (an empty directory, or other files, are fine: prepare writes only those three)
+    add(
+        Row(
+            "prepare-out-holds-a-preparation",
+            "prepare in.txt --out data",
+            "prepare --out data: holds train.bin, val.bin, meta.json of an earlier preparation: give --force",
+            {"in.txt": "some text\n" * 50, "data": Data()},
+        )
+    )
+    add(
+        Row(
+            "prepare-out-is-an-input",
+            "prepare corpus --out corpus --force",
+            "prepare --out corpus: is the input corpus; choose another output directory",
+            {"corpus/a.txt": "some text\n" * 50},
+        )
+    )
+    add(
+        Row(
+            "prepare-out-file-is-an-input",
+            "prepare data/meta.json --out data --force",
+            f"prepare --out data: its meta.json is the input data/meta.json; {is_input}",
+            {"data": Data()},
+        )
+    )
+    add(
+        Row(
+            "prepare-out-file-is-in-an-input-folder",
+            "prepare texts --out texts/tok --force",
+            f"prepare --out texts/tok: its train.bin is the input texts/tok/train.bin; {is_input}",
+            {"texts/a.txt": "some text\n" * 50, "texts/tok/train.bin": "old tokens, text here\n"},
+        )
+    )
+    return rows
+
+
+def _cluster_rows() -> list[Row]:
+    """Every cluster figure a finite positive number of its type, every section a table; a --compare run directory's
+    files read with checks: each fault one line naming the file and the key."""
+    rows: list[Row] = []
+    add = rows.append
+    plan = "plan cfg.toml --cluster cl.toml --gpus 8"
+    cfg = {"cfg.toml": Cfg()}
+    for id, subs, head, expect in (
+        (
+            "nan",
+            [("memory_bytes = 80e9", "memory_bytes = nan")],
+            "",
+            "node.memory_bytes must be a finite positive number, got nan",
+        ),
+        (
+            "inf",
+            [("write_bw = 2.0e9", "write_bw = inf")],
+            "",
+            "storage.write_bw must be a finite positive number, got inf",
+        ),
+        (
+            "negative-inf",
+            [("latency_s = 3.0e-6", "latency_s = -inf")],
+            "",
+            "link.intra.latency_s must be a finite non-negative number, got -inf",
+        ),
+        (
+            "gemm-rate-inf",
+            [('"32" = 1.2e13, "64" = 2.2e13', '"32" = inf, "64" = 2.2e13')],
+            "",
+            "compute.gemm.float32.32 must be a finite positive number, got inf",
+        ),
+        (
+            "devices-float",
+            [("devices = 8", "devices = 8.5")],
+            "",
+            "node.devices must be a positive integer, got 8.5",
+        ),
+        (
+            "devices-string",
+            [("devices = 8", 'devices = "8"')],
+            "",
+            "node.devices must be a positive integer, got '8'",
+        ),
+        (
+            "section-not-table",
+            [("[node]\n", "node = 3\n[nodes]\n")],
+            "",
+            "cl.toml: [node] must be a table, got 3",
+        ),
+        (
+            "compute-array",
+            [("[compute]\n", "[computes]\n"), ("[compute.gemm]", "[computes.gemm]")],
+            "compute = [1, 2]\n",
+            "cl.toml: [compute] must be a table, got an array [1, 2]",
+        ),
+        (
+            "gemm-number",
+            [("[compute]\n", "[compute]\ngemm = 5\n"), ("[compute.gemm]", "[gemms]")],
+            "",
+            "cl.toml: [compute.gemm] must be a table, got 5",
+        ),
+        (
+            "link-array",
+            [("[link.intra]", "[links.intra]"), ("[link.inter]", "[links.inter]")],
+            "link = [1]\n",
+            "cl.toml: [link] must be a table, got an array [1]",
+        ),
+        (
+            "link-intra-number",
+            [("[link.intra]", "[link]\nintra = 5\n[links.intra]")],
+            "",
+            "cl.toml: [link.intra] must be a table, got 5",
+        ),
+        (
+            "overlap-above-one",
+            [("overlap = 1.0\n\n[link.inter]", "overlap = 2.0\n\n[link.inter]")],
+            "",
+            "link.intra.overlap must be a fraction in [0, 1], got 2.0",
+        ),
+        (
+            "elementwise-key-nan",
+            [('"65536" = 5.0e11', '"nan" = 5.0e11')],
+            "",
+            "compute.elementwise_bw: key 'nan' is not a finite positive number",
+        ),
+        (
+            "elementwise-key-zero",
+            [('"65536" = 5.0e11', '"0" = 5.0e11')],
+            "",
+            "compute.elementwise_bw: key '0' is not a finite positive number",
+        ),
+        (
+            "elementwise-array",
+            [("elementwise_bw = {", "elementwise_bw = [1e9] # {")],
+            "",
+            "compute.elementwise_bw must be a table {size = value, ...}, got an array [1000000000.0]",
+        ),
+        ("cast-array", [], "", "cl.toml: [compute.cast] must be a table, got an array [1]"),
+        (
+            "sources-array",
+            [("[sources]", "[sourcesx]")],
+            "sources = [1]\n",
+            "cl.toml: [sources] must be a table, got an array [1]",
+        ),
+        (
+            "name-table",
+            [('name = "HGX', 'name = { a = 1 }\nnames = "HGX')],
+            "",
+            "cl.toml: name must be a string, got a table",
+        ),
+    ):
+        if id == "cast-array":
+            subs = [("[compute]\n", "[compute]\ncast = [1]\n")]
+        add(
+            Row(
+                f"plan-cluster-{id}",
+                plan,
+                f"cluster file cl.toml: {expect}" if "cl.toml" not in expect else expect,
+                {**cfg, "cl.toml": Cl(*subs, head=head)},
+            )
+        )
+    compare = "plan --cluster {cluster} --gpus 1 --compare run"
+    good = '{"kind": "train", "step": 1, "tokens_per_s": 1000.0}\n'
+    for id, run, expect in (
+        (
+            "config-not-json",
+            RunDir(config_text="{", metrics=good),
+            "config.json: not a readable JSON file",
+        ),
+        (
+            "config-array",
+            RunDir(config_text="[]", metrics=good),
+            "config.json: expected a JSON object of config sections",
+        ),
+        (
+            "config-bad-field",
+            RunDir({"model.n_layer": 0}, metrics=good),
+            "config.json: config field model.n_layer: expected a positive integer",
+        ),
+        ("metrics-not-json", RunDir(metrics="{oops\n"), "metrics.jsonl: line 1: not JSON"),
+        (
+            "metrics-array",
+            RunDir(metrics="[1, 2]\n"),
+            "metrics.jsonl: line 1: expected a JSON object",
+        ),
+        (
+            "metrics-no-rate",
+            RunDir(metrics='{"kind": "train", "step": 1}\n'),
+            "metrics.jsonl: line 1: tokens_per_s must be a finite positive number, got None",
+        ),
+        (
+            "metrics-zero-rate",
+            RunDir(metrics='{"kind": "train", "tokens_per_s": 0}\n'),
+            "metrics.jsonl: line 1: tokens_per_s must be a finite positive number, got 0",
+        ),
+        (
+            "metrics-nan-rate",
+            RunDir(metrics='{"kind": "train", "tokens_per_s": NaN}\n'),
+            "metrics.jsonl: line 1: tokens_per_s must be a finite positive number, got nan",
+        ),
+        (
+            "metrics-text-rate",
+            RunDir(metrics='{"kind": "train", "tokens_per_s": "fast"}\n'),
+            "metrics.jsonl: line 1: tokens_per_s must be a finite positive number, got 'fast'",
+        ),
+    ):
+        add(Row(f"plan-compare-{id}", compare, f"--compare run: {expect}", {"run": run}))
     return rows
 
 
