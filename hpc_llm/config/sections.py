@@ -64,9 +64,9 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     backend: str = "numpy"
-    # "selective": backward recomputes each block's attention core (QK^T, softmax, its dropout, times V) from the q, k,
-    # v it kept (Korthikanti et al.'s 5as^2b term); "block": backward recomputes each block's forward from its input
-    # (keeps only that); "none"
+    # "selective": each block keeps all but attention's probabilities and dropout masks (Korthikanti et al.'s 5as^2b
+    # term) and GELU's tanh, which backward recomputes from the kept q, k and GELU input; "block": backward recomputes
+    # each block's forward from its input (keeps only that); "none"
     recompute: str = "none"
     # "fp32" (model.dtype's: also float64), "bf16" or "fp16": matmul operands and kept activations in that format,
     # fp32 master weights and moments (hpc_llm/model/precision.py)

@@ -171,7 +171,7 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool):
         matmul_into(x2.T, d2, dw, accumulate)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
-    return (d2 @ w.T).reshape(x.shape)
+    return (d2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ class Comm:
             return self
         low_dtype(fmt)  # bf16 needs ml_dtypes: its one-line error here
         view = copy.copy(self)
-        view.wire, view._plain = fmt, self
+        view.wire, view._plain = fmt, self.plain
         return view
 
     @property

@@ -330,14 +330,6 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
     )
 
 
-def need_link(d: dict, level: str, where: str):
-    """(latency_s, bw) of link.LEVEL, checked like the loader checks them."""
-    f = _Figures(d, where)
-    sec = f"link.{level}"
-    f.section(sec, required=True)
-    return f.need(sec, "latency_s"), f.need(sec, "bw")
-
-
 def _toml_value(v) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'

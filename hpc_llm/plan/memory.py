@@ -8,8 +8,8 @@
   same bytes); how many are in flight at each moment comes from walking the rank's schedule op list (`step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns; sequence parallelism's gathered and reduce-scattered temporaries), the pipeline's send buffers (at most
-  schedule.send_depth per neighbour and direction across an op; every send of the step where the code has no such
-  bound), ZeRO-1's reduce-scatter receive buffers; and a save's staging blocks (checkpoint/slabs.py, writers.py).
+  schedule.send_depth per neighbour and direction across an op), ZeRO-1's reduce-scatter receive buffers; and a
+  save's staging blocks (checkpoint/slabs.py, writers.py).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
@@ -79,13 +79,11 @@ class Layout:
     batch_size: int = 1  # train.batch_size: the global micro-batch (rows), split over dp
     bucket_mb: float = 25.0
     # "selective": the attention core and GELU's tanh recomputed in backward (the probabilities, their masks and the
-    # tanh not kept); "block": keep
-    # each block's input only (the block recomputed in backward)
+    # tanh not kept); "block": keep each block's input only (the block recomputed in backward)
     recompute: str = "none"
     sequence_parallel: bool = False  # parallel.sequence_parallel (tp > 1)
-    act_comm: str = (
-        "fp32"  # parallel.act_comm: "fp32" (the compute dtype) or 16-bit pipeline and TP transfers
-    )
+    # parallel.act_comm: "fp32" (the compute dtype) or 16-bit pipeline and TP transfers
+    act_comm: str = "fp32"
     # sends in flight per neighbour and direction: None the code's (schedule.send_depth), 0 every send held until the
     # step's end (the code before bounded sends), k > 0 at most k
     send_depth: int | None = None
@@ -139,13 +137,11 @@ def message_bytes(cfg: ModelConfig, lay: Layout, by: Bytes) -> int:
 
 def send_depth(lay: Layout) -> int | None:
     """How many sends per neighbour and direction can be in flight at once; None: every send of the step (held
-    until its end). The code's bound is schedule.send_depth(name, p, m, v); a code without it holds every send."""
+    until its end, as the code before bounded sends did: Layout.send_depth = 0). The code's bound is
+    schedule.send_depth(name, p, m, v)."""
     if lay.send_depth is not None:
         return lay.send_depth or None
-    depth = getattr(sched, "send_depth", None)
-    if depth is None:
-        return None
-    return depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual)
+    return sched.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual)
 
 
 def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> StagePlan:

@@ -43,7 +43,9 @@ def launcher_rank() -> int:
 
 def launcher_size() -> int:
     """How many ranks the launcher started (1 when none did), readable before MPI is initialised."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: the batch shell of a many-task job has the latter, and a process it
+    # runs alone is no rank of a launched job
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
         if var in os.environ:
             return int(os.environ[var])
     return 1
