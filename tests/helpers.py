@@ -132,8 +132,9 @@ def mpiexec() -> str:
 def run_mpi(
     nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT, entry: tuple = ("-m", "hpc_llm")
 ):
-    """Run `python -m hpc_llm ARGS` (or `python ENTRY ARGS`) under mpiexec in its own process group; on a timeout
-    the whole group is killed (no stray ranks) and the test fails. (exit status, stdout, stderr, seconds)."""
+    """Run `python -m hpc_llm ARGS` (or `python ENTRY ARGS`) under mpiexec in a session of its own; on a timeout the
+    whole session is killed and the test fails, and whatever of it outlived the launcher is killed after it too (no
+    stray ranks). (exit status, stdout, stderr, seconds)."""
     cmd = [mpiexec(), "--oversubscribe", "-n", str(nprocs), sys.executable, *entry, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     t0 = time.monotonic()
@@ -148,10 +149,29 @@ def run_mpi(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    kill_session(
+        proc.pid
+    )  # a rank that outlived its launcher (one hung outside MPI when the job was aborted)
     return proc.returncode, out, err, time.monotonic() - t0
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (Linux /proc). Open MPI's launcher puts each rank in a process group
+    of its own, so killing the launcher's group leaves the ranks; they stay in its session."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # after the command's closing parenthesis: state, ppid, pgrp, session
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile, or not ours to read
 
 
 # -- comparisons, and one verdict for all ranks ------------------------------------------------------------------------

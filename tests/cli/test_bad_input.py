@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, REPO
+from helpers import FIXTURES, REPO, kill_session
 
 import hpc_llm
 from hpc_llm.config import Config
@@ -2493,7 +2492,7 @@ def _run(cmd: list[str], cwd: Path) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         out, err = proc.communicate()
         return -1, out, err + f"\n[timed out after {RUN_TIMEOUT} s]"
     return proc.returncode, out, err

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import mpiexec, run_mpi, tiny_config, write_toml
+from helpers import kill_session, mpiexec, run_mpi, tiny_config, write_toml
 
 from hpc_llm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, verify_checkpoint
 
@@ -315,8 +315,7 @@ def test_open_mpi_mpiexec_forwards_sigusr1_to_the_ranks(data_dir, tmp_path):
         proc.send_signal(signal.SIGUSR1)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
     assert proc.returncode == 75, err[-3000:]
     assert "stop signal SIGUSR1 received" in out
     verify_checkpoint(max(list_checkpoints(tmp_path / "run"))[1])
@@ -372,7 +371,7 @@ def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_run_leaves_
             )
             assert before == after
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        kill_session(first.pid)
         first.wait()
     rc, _, err, _ = train(2, cfg, "--resume", "auto", "--set", "train.max_iters=1")
     assert rc == 0, err[-3000:]  # the killed run's lock went with it
