@@ -155,9 +155,8 @@ class ColumnParallelLinear:
         x, h = cache if self.lora is not None else (cache, None)
         dy, x = self.prec.operand(dy), self.prec.use(x, dy.dtype)
         if self.sequence_parallel:
-            if (
-                self.w.grad is not None
-            ):  # the forward's gather again (a frozen weight needs no input)
+            # the forward's gather again (a frozen weight needs no input)
+            if self.w.grad is not None:
                 x = gather_from_sequence_parallel_region(x, self.comm)
             dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
             return gather_from_sequence_parallel_region_backward(dx, self.comm)

@@ -22,6 +22,8 @@ rank fails the test on all of them instead of leaving the others waiting in the 
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 import numpy as np
 import pytest
 from helpers import F64_RTOL, TP_RTOL, check, crc, mismatch
@@ -571,9 +573,9 @@ def test_sequence_parallel_mappings():
     check(not bad, "\n".join(bad))
 
 
-def _sp_pair(tp_comm, n_layer: int = 2, **kw):
+def _sp_pair(tp_comm, n_layer: int = 2, freeze=(), **kw):
     """The same float64 model with dropout 0.2 and a padded vocabulary (65 -> 128), sequence-parallel over tp_comm
-    and in one process."""
+    and in one process; `freeze`: parameter patterns not trained, in both."""
     cfg = ModelConfig(
         n_layer=n_layer,
         n_head=4,
@@ -583,7 +585,10 @@ def _sp_pair(tp_comm, n_layer: int = 2, **kw):
         dropout=0.2,
         dtype="float64",
     )
-    return GPT(cfg, seed=7, tp_comm=tp_comm, sequence_parallel=True, **kw), GPT(cfg, seed=7)
+    return (
+        GPT(cfg, seed=7, tp_comm=tp_comm, sequence_parallel=True, freeze=freeze, **kw),
+        GPT(cfg, seed=7, freeze=freeze),
+    )
 
 
 @pytest.mark.parallel(nprocs=NPROCS)
@@ -592,18 +597,20 @@ def test_sequence_parallel_block_equals_single_process():
     gradient there equal the single process's block's, and so do all its parameter gradients (the LayerNorms' summed
     over the TP group), over two micro-batches accumulated. The collectives: the forward gathers twice and
     reduce-scatters twice, no allreduce; backward also gathers the output gradients and the inputs again, and sums
-    the LayerNorms' partials in one allreduce."""
+    the LayerNorms' partials in one allreduce. With the column-parallel weights frozen (train.freeze) backward skips
+    their inputs' gathers."""
     bad = []
-    for tp in tp_sizes():
+    frozen = ("h.*.attn.c_attn.weight", "h.*.mlp.c_fc.weight")
+    for tp, freeze in [(tp, f) for tp in tp_sizes() for f in ((), frozen)]:
         grid = make_grid(MPI.COMM_WORLD, tp)
         r = grid.tp_rank
-        model, ref = _sp_pair(grid.tp_comm, n_layer=1)
+        model, ref = _sp_pair(grid.tp_comm, n_layer=1, freeze=freeze)
         blk, ref_blk = model.chunks[0].blocks[0], ref.chunks[0].blocks[0]
         rng = np.random.default_rng(21)
         B, T, C = 3, 16, 32
         n = T // tp
         pos = slice(r * n, (r + 1) * n)
-        w = f"tp {tp} block"
+        w = f"tp {tp} block" + (" frozen column weights" if freeze else "")
         for micro in range(2):
             x, dout = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, C))
             drop = L.DropoutRNG(3, 1, micro, range(4, 4 + B))
@@ -619,10 +626,12 @@ def test_sequence_parallel_block_equals_single_process():
             bad += mismatch(dx, dx_ref[:, pos], f"{w} micro {micro} input gradient", rtol=F64_RTOL)
             if fwd != {"tp.allgather": 2, "tp.reduce_scatter": 2}:
                 bad.append(f"{w}: forward's collectives {fwd}")
-            if bwd != {"tp.allgather": 4, "tp.reduce_scatter": 2, "tp.allreduce": 1}:
+            gathers = 2 if freeze else 4
+            if bwd != {"tp.allgather": gathers, "tp.reduce_scatter": 2, "tp.allreduce": 1}:
                 bad.append(f"{w}: backward's collectives {bwd}")
         grads = model.full_tensors(model.grad_flat)
-        for name in (k for k in ref.grads if k.startswith("h.0.")):
+        trained = [k for k in ref.grads if not any(fnmatch(k, f) for f in freeze)]
+        for name in (k for k in trained if k.startswith("h.0.")):
             bad += mismatch(grads[name], ref.grads[name], f"{w} gradient {name}", rtol=F64_RTOL)
     check(not bad, "\n".join(bad))
 
