@@ -22,7 +22,7 @@ from hpc_llm.parallel.comm import world_comm
 from hpc_llm.parallel.grid import world_grid
 from hpc_llm.plan.cluster import cluster_from_dict, load_cluster, to_toml
 from hpc_llm.plan.compare import compare, format_compare
-from hpc_llm.plan.given import format_given, given_layout
+from hpc_llm.plan.given import format_given, given_layout, own_split
 from hpc_llm.plan.predict import predict
 from hpc_llm.plan.search import describe, format_table, search
 from hpc_llm.plan.timeline import draw
@@ -384,6 +384,7 @@ def _plan_layout(args, cl):
         args.ranks_per_device,
         cfg.checkpoint.interval,
         cfg.train.max_iters,
+        pp_layers=own_split(cfg, lay),
         checkpoint_memory=not args.no_checkpoint_memory,
     )
     fits = pred.memory["peak"] <= cl.memory_bytes

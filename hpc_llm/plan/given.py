@@ -142,6 +142,13 @@ def given_layout(
     return lay, prec
 
 
+def own_split(cfg: Config, lay: Layout) -> list[int]:
+    """The config's parallel.pp_layers where the layout keeps its pp and virtual stages (checked with the config),
+    else [] (an even split)."""
+    par = cfg.parallel
+    return list(par.pp_layers) if (lay.pp, lay.virtual) == (par.pp, par.virtual_stages) else []
+
+
 def check(cfg: Config, lay: Layout, precision: str) -> None:
     """The rules the code enforces on a layout (config/checks.py, grid.py), as --layout errors."""
     m = cfg.model
@@ -152,7 +159,7 @@ def check(cfg: Config, lay: Layout, precision: str) -> None:
             f"--layout tp={lay.tp}: expected a divisor of the padded vocabulary {m.padded_vocab}"
         )
     stages = lay.pp * lay.virtual
-    if m.n_layer % stages:
+    if m.n_layer % stages and not own_split(cfg, lay):
         raise UserError(
             f"--layout pp={lay.pp} x virtual={lay.virtual}: expected a divisor of model.n_layer="
             f"{m.n_layer} (even stages)"
