@@ -152,9 +152,9 @@ def output_names() -> list[str]:
 
 
 def check_out_dir(out: Path, inputs: list, files: list, force: bool) -> None:
-    """The output directory is never an input, nor holds a file prepare writes that is an input (given, or found in
-    an input folder); one holding an earlier preparation's files (train.bin, val.bin or meta.json; anything else in
-    it is never touched) is refused unless ``force``."""
+    """The output directory is never an input, nor holds a file prepare writes that is an input (given by name: an
+    output directory inside an input folder is left out of `files`); one holding an earlier preparation's files
+    (train.bin, val.bin or meta.json; anything else in it is never touched) is refused unless ``force``."""
     outputs = [out / name for name in output_names()]
     for given in inputs:
         if same_file(out, Path(given)):
