@@ -86,6 +86,14 @@ def _host(x):
     return x if isinstance(x, np.ndarray) else x.get()
 
 
+def _copy_back(buf, host):
+    """A nonblocking call's finish when MPI worked on `host`, a host copy of buf (CuPy): the result copied back into
+    buf once it completes; None when host is buf itself."""
+    if host is buf:
+        return None
+    return lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host))
+
+
 class Comm:
     def __init__(self, mpi_comm=None, ledger: Ledger | None = None, name: str = "world"):
         self.mpi = mpi_comm
@@ -159,11 +167,7 @@ class Comm:
 
         host = _host(buf)
         req = self.mpi.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM)
-        finish = (
-            None
-            if host is buf
-            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
-        )
+        finish = _copy_back(buf, host)
         return Handle(self, f"{self.name}.{kind}", req, host.nbytes, finish)
 
     def ireduce_scatter_(self, buf, counts: list[int]) -> Handle:
@@ -289,11 +293,7 @@ class Comm:
             [host_send, (send_counts, displs(send_counts))],
             [host_recv, (recv_counts, displs(recv_counts))],
         )
-        finish = (
-            None
-            if host_recv is recv
-            else (lambda: recv.__setitem__(Ellipsis, array_module(recv).asarray(host_recv)))
-        )
+        finish = _copy_back(recv, host_recv)
         return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
     def iallgatherv_(
@@ -309,11 +309,7 @@ class Comm:
 
         displs = [sum(counts[:r]) for r in range(self.size)]
         req = self.mpi.Iallgatherv(MPI.IN_PLACE, [host, (counts, displs)])
-        finish = (
-            None
-            if host is buf
-            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
-        )
+        finish = _copy_back(buf, host)
         return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
     # -- 16-bit wire collectives (with_wire's views; the module docstring) ---------------------------------------------
@@ -439,11 +435,7 @@ class Comm:
                 words.nbytes,
                 widen,
             )
-        finish = (
-            None
-            if host is buf
-            else (lambda: buf.__setitem__(Ellipsis, array_module(buf).asarray(host)))
-        )
+        finish = _copy_back(buf, host)
         return Handle(
             self,
             f"{self.name}.{kind}",
