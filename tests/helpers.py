@@ -129,6 +129,17 @@ def mpiexec() -> str:
     return found
 
 
+def hpc_llm_cli(*args, cwd=None, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """`python -m hpc_llm ARGS` in one process, no launcher (the exit status, stdout and stderr as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_llm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def run_mpi(
     nprocs: int, args: list[str], timeout: float = CLI_TIMEOUT, entry: tuple = ("-m", "hpc_llm")
 ):

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import hpc_llm_cli
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
@@ -40,14 +41,7 @@ out_dir = "{out}"
 """
 
 
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hpc_llm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+cli = hpc_llm_cli
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -4,6 +4,7 @@ tests/cli/test_bad_input.py.)"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, REPO
+from helpers import FIXTURES, REPO, hpc_llm_cli
 
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.fsio import check_output
@@ -45,14 +46,7 @@ out_dir = "{out}"
 """
 
 
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hpc_llm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+cli = functools.partial(hpc_llm_cli, timeout=300)
 
 
 def leftovers(d: Path) -> list[str]:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import hpc_llm_cli
 
 from hpc_llm.checkpoint import checkpoint_path, save_checkpoint, write_latest
 
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hpc_llm", "inspect", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+cli = functools.partial(hpc_llm_cli, "inspect", timeout=60)
 
 
 def ok(proc: subprocess.CompletedProcess) -> list[str]:
