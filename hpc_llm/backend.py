@@ -72,6 +72,57 @@ def keep_freed_memory(keep: bool = True) -> bool:
     )
 
 
+def releasable_zeros(n: int, dtype, xp=np):
+    """A zero-filled 1-D array whose ranges `release` can give back to the OS while every view of it stays valid: on
+    NumPy an anonymous private mapping of its own (untouched pages cost nothing; a released page reads as zeros and
+    is mapped again when written). ZeRO-2/3 keep their full-size gradient and parameter buffers so, with only a
+    rank's shard and the units in use resident (parallel/zero.py), as FSDP frees a flat parameter's storage while its
+    views live on. On CuPy a plain array: release only zeroes (CUDA's virtual-memory API would be needed to unmap)."""
+    dtype = np.dtype(dtype)
+    if xp is not np:
+        return xp.zeros(n, dtype=dtype)
+    import mmap
+
+    # private: a released page of a shared mapping would keep its contents (and its memory) in the page cache
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return np.frombuffer(mmap.mmap(-1, max(1, n * dtype.itemsize), flags=flags), dtype=dtype, count=n)
+
+
+def release(buf, a: int, b: int) -> None:
+    """buf[a:b] = 0, giving the whole pages inside it back to the OS when buf is a `releasable_zeros` array (the
+    partial pages at the ends are zeroed in place); other arrays are only zeroed."""
+    if b <= a:
+        return
+    # the array releasable_zeros made: a view of its memoryview of the mapping (a slice of it has another base)
+    mm = getattr(getattr(buf, "base", None), "obj", None)
+    if not isinstance(mm, _mmap_type()):
+        buf[a:b] = 0
+        return
+    size, page = buf.itemsize, _page_size()
+    lo = -(-a * size // page) * page  # the first whole page inside, in bytes
+    hi = b * size // page * page
+    if hi <= lo:
+        buf[a:b] = 0
+        return
+    buf[a : -(-lo // size)] = 0
+    buf[hi // size : b] = 0
+    mm.madvise(_mmap_module().MADV_DONTNEED, lo, hi - lo)
+
+
+def _mmap_module():
+    import mmap
+
+    return mmap
+
+
+def _mmap_type():
+    return _mmap_module().mmap
+
+
+def _page_size() -> int:
+    return _mmap_module().PAGESIZE
+
+
 def low_dtype(name: str):
     """The NumPy dtype of a precision's format (None for fp32)."""
     if name == "fp32":

@@ -45,7 +45,7 @@ class ElementPlacement:
     """Where each element of the model's tensors lives: stage s's tensors (param_specs of its plan; every TP rank of
     the stage has the same layout) on its ranks (s, d, t), world rank (s * dp + d) * tp + t; a TP shard of a
     parameter, or of a moment without ZeRO-1, on every data-parallel replica; with ZeRO-1 a moment element on the
-    replica owning its range (GradientSync's pieces of each bucket).
+    replica owning its range (GradientSync's pieces of each bucket), and with ZeRO-3 a parameter element too.
 
     ``parts``: the trainer's model (flat buffer, stage plan, config), optimizer (moments m and v over its owned
     ranges) and gradient sync (ZeRO-1 ownership), and the grid (trainer_state.TrainerParts)."""
@@ -60,6 +60,7 @@ class ElementPlacement:
             for s in range(g.pp)
         ]
         self.zero = sync.zero
+        self.params_sharded = sync.stage >= 3
         if self.zero:
             # each stage's bucket layout, from its first rank: with it, anyone knows which replica owns what
             buckets = g.world.allgather_objects(
@@ -111,7 +112,8 @@ class ElementPlacement:
 
     def pieces(self, s: int, t: int, slot: str, a: int, n: int, replica: int) -> list[Piece]:
         """Elements a..a+n of stage s, TP rank t's ``slot`` buffer, as pieces on the ranks holding them."""
-        if slot == "params" or not self.zero:
+        # parameters are on every replica, unless ZeRO-3 shards them like the moments
+        if (slot == "params" and not self.params_sharded) or not self.zero:
             return [
                 Piece(self.rank(s, replica, t), n, functools.partial(self.fetch, slot, a, a + n))
             ]

@@ -253,7 +253,7 @@ def restore_trainer(parts: TrainerParts, state, saved: CheckpointFile) -> str | 
         saved.verify_share()
     if parts.opt.owned != [(0, parts.model.local_size)]:
         # frozen weights' gradients are never written: leave no moments in them
-        parts.model.grad_flat[...] = 0
+        parts.model.clear_grads()
     parts.model.refresh_compute()
     _fill_state(parts, state, saved)
     try:
@@ -271,7 +271,10 @@ def _read_tensors(parts: TrainerParts, saved: CheckpointFile) -> None:
     def reader(group):
         return lambda name, index, out=None: saved.read(group, name, index, out)
 
-    m.read_flat(m.flat, reader("params"), saved.shapes["params"], f"{saved.path} parameters")
+    # ZeRO-3: only this rank's pieces (model.kept)
+    m.read_flat(
+        m.flat, reader("params"), saved.shapes["params"], f"{saved.path} parameters", m.kept
+    )
     dense = opt.owned == [(0, m.local_size)]  # moments laid out like the flat buffer
     for slot in SLOTS:
         group = f"optimizer/{slot}"

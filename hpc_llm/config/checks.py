@@ -178,7 +178,13 @@ def _check_parallel(cfg: Config) -> None:
     )
     if par.act_comm == "bf16":
         low_dtype("bf16")
-    need(par.zero in (0, 1), "parallel.zero", "0 or 1", par.zero)
+    need(par.zero in (0, 1, 2, 3), "parallel.zero", "0, 1, 2 or 3", par.zero)
+    need(
+        par.zero < 2 or par.grad_comm == "fp32",
+        "parallel.grad_comm",
+        f'"fp32" with parallel.zero={par.zero} (ZeRO-2/3 reduce each unit once per micro-batch, in fp32)',
+        par.grad_comm,
+    )
     need(par.bucket_mb > 0, "parallel.bucket_mb", "a positive number", par.bucket_mb)
     need(
         par.comm_timeout_s >= 0,

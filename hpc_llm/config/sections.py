@@ -103,7 +103,12 @@ class ParallelConfig:
     # the format activations and their gradients cross pipeline stages in, and tensor-parallel collectives run in:
     # "fp32" (the compute dtype, as they are) or "bf16" / "fp16" (rounded to 16 bits: half the bytes; sums in fp32)
     act_comm: str = "fp32"
-    zero: int = 0  # 1: ZeRO-1, Adam moments sharded over the data-parallel group
+    # ZeRO over the data-parallel group (parallel/zero.py): 1 shards the Adam moments, 2 also the gradients (each
+    # unit reduce-scattered as a micro-batch's backward finishes it), 3 also the parameters (FSDP: each unit
+    # all-gathered before use, released after); 0: off
+    zero: int = 0
+    # ZeRO-3: free a unit's gathered parameters after its forward (true) or keep them for the backward that follows
+    reshard_after_forward: bool = True
     bucket_mb: float = 25.0  # data-parallel gradient bucket size (MiB)
     # a rank waiting longer than this in one collective or transfer aborts the job, naming the operation; 0: never.
     # Until the config is read (start-up, its agreement) `hpc-llm train --comm-timeout-s` (the same default) holds

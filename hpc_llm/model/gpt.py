@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from hpc_llm.backend import to_device
+from hpc_llm.backend import release, releasable_zeros, to_device
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model.kv_cache import KVCache
@@ -24,6 +24,7 @@ from hpc_llm.model.layout import (
     flops_per_token,
     frozen_names,
     init_tensor,
+    intersect_ranges,
     merge_ranges,
     param_specs,
     whole_model,
@@ -59,6 +60,7 @@ class GPT:
         precision: str = "fp32",
         freeze=(),
         sequence_parallel: bool = False,
+        releasable: frozenset = frozenset(),
     ):
         if cfg.vocab_size <= 0:
             raise UserError(
@@ -92,6 +94,9 @@ class GPT:
         self.heads = cfg.n_head // self.tp.size  # this rank's attention heads
         # the first vocabulary row held here
         self.v0 = self.tp.rank * (cfg.padded_vocab // self.tp.size)
+        # which flat buffers hold only some ranges at a time ("grads", "params": ZeRO-2/3, parallel/zero.py), and
+        # the ranges of the parameters this rank keeps (None: all of them; ZeRO-3: its shard)
+        self.releasable, self.kept = frozenset(releasable), None
         self._make_buffers()
         self.chunks = [self._chunk(v) for v in self.plan.chunks]
         self.has_embedding = self.chunks[0].embedding is not None
@@ -102,13 +107,19 @@ class GPT:
 
     def _make_buffers(self) -> None:
         """The flat buffers (zeros) and the named views into them."""
-        xp = self.xp
+        xp, n = self.xp, self.local_size
+
+        def zeros(kind):
+            if kind in self.releasable:
+                return releasable_zeros(n, self.dtype, xp)
+            return xp.zeros(n, dtype=self.dtype)
+
         # the master weights (the optimizer's, saved)
-        self.flat = xp.zeros(self.local_size, dtype=self.dtype)
-        self.grad_flat = xp.zeros(self.local_size, dtype=self.dtype)
+        self.flat = zeros("params")
+        self.grad_flat = zeros("grads")
         # what forward and backward compute with: the master weights themselves, or (bf16/fp16) a copy of them
         # rounded to the format, refreshed by refresh_compute() whenever the master weights change
-        self.compute = self.flat if self.prec.low is None else xp.zeros_like(self.flat)
+        self.compute = self.flat if self.prec.low is None else zeros("params")
         self.params = {
             s.name: self.compute[s.offset : s.offset + s.size].reshape(s.local_shape)
             for s in self.specs
@@ -182,18 +193,33 @@ class GPT:
     def shard(self, full: np.ndarray, spec: ParamSpec) -> np.ndarray:
         return self.io.shard(full, spec)
 
+    def kept_ranges(self) -> list[tuple[int, int]]:
+        """The ranges of the flat buffers whose parameters this rank keeps: all, or (ZeRO-3) its shard."""
+        return [(0, self.local_size)] if self.kept is None else self.kept
+
     def init_weights(self, seed: int) -> None:
-        """Each rank makes the full tensor and keeps its shard: the same logical model on any layout."""
+        """Each rank makes the full tensor and keeps its shard: the same logical model on any layout (ZeRO-3: only
+        the elements of its kept ranges are written, so the rest of the buffer is never resident)."""
+        kept = self.kept_ranges()
         for s in self.specs:
             full = init_tensor(s, seed, self.cfg.vocab_size).astype(self.dtype)
-            self.local_view(self.flat, s)[...] = to_device(self.shard(full, s), self.xp)
+            shard = self.shard(full, s).reshape(-1)
+            for a, b in intersect_ranges(kept, [(s.offset, s.offset + s.size)]):
+                self.flat[a:b] = to_device(shard[a - s.offset : b - s.offset], self.xp)
         self.refresh_compute()
 
     def refresh_compute(self) -> None:
-        """The compute copy from the master weights (bf16/fp16: rounded to the format); nothing to do in fp32."""
+        """The compute copy of the kept weights from the master weights (bf16/fp16: rounded to the format); nothing
+        to do in fp32."""
         if self.compute is not self.flat:
-            for a in range(0, self.local_size, 1 << 20):  # in pieces: no full-size temporaries
-                self.compute[a : a + (1 << 20)] = self.prec.operand(self.flat[a : a + (1 << 20)])
+            for lo, hi in self.kept_ranges():
+                for a in range(lo, hi, 1 << 20):  # in pieces: no full-size temporaries
+                    b = min(a + (1 << 20), hi)
+                    self.compute[a:b] = self.prec.operand(self.flat[a:b])
+
+    def clear_grads(self) -> None:
+        """Zero the gradient buffer (ZeRO-2/3: its pages given back)."""
+        release(self.grad_flat, 0, self.local_size)
 
     def check_shapes(self, shapes: dict, what: str = "parameters") -> None:
         """shapes: {name: full shape} must be exactly the whole model's (ShardIO.check_shapes)."""

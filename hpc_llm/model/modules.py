@@ -405,6 +405,28 @@ class Head:
         return dx
 
 
+class PartHooks:
+    """What runs around each part of a chunk (its embedding, each block, its head: parts "embedding", the layer
+    index, "head"): nothing, unless the parameters or gradients are sharded over data parallelism: ZeRO-3 gathers a
+    part's parameters before it runs and frees them after, ZeRO-2/3 reduce-scatter the gradients a part finished
+    (parallel/zero.py)."""
+
+    def before_forward(self, chunk, part) -> None:
+        pass
+
+    def after_forward(self, chunk, part, backward_follows: bool) -> None:
+        pass
+
+    def before_backward(self, chunk, part) -> None:
+        pass
+
+    def after_backward(self, chunk, part) -> None:
+        pass
+
+
+NO_HOOKS = PartHooks()
+
+
 class ChunkCache(NamedTuple):
     """What Chunk.backward needs from its forward."""
 
@@ -439,6 +461,15 @@ class Chunk:
         self.vstage, self.embedding, self.blocks, self.head = vstage, embedding, blocks, head
         self.grad_offsets = grad_offsets  # {"head": offset, layer index: offset}
         self.recompute = recompute
+        self.hooks = NO_HOOKS  # parallel/zero.py installs its own
+
+    def parts(self) -> list:
+        """This chunk's parts in forward order: "embedding", the layer indices, "head"."""
+        return (
+            (["embedding"] if self.embedding else [])
+            + [b.layer for b in self.blocks]
+            + (["head"] if self.head else [])
+        )
 
     def forward(self, inp, targets=None, rng=None, keep_cache: bool = True):
         recompute = keep_cache and self.recompute == "block"
@@ -452,17 +483,26 @@ class Chunk:
             raise ValueError(
                 "recompute with dropout needs a layers.DropoutRNG (its masks can be drawn again)"
             )
-        x, emb_cache = self.embedding.forward(inp, rng) if self.embedding else (inp, None)
+        hooks = self.hooks
+        x, emb_cache = inp, None
+        if self.embedding:
+            hooks.before_forward(self, "embedding")
+            x, emb_cache = self.embedding.forward(inp, rng)
+            hooks.after_forward(self, "embedding", keep_cache)
         caches = []
         for block in self.blocks:
             if recompute:
                 caches.append(x.copy())  # the block updates its input in place
+            hooks.before_forward(self, block.layer)
             x, cache = block.forward(x, rng)
+            hooks.after_forward(self, block.layer, keep_cache)
             if keep_cache and not recompute:
                 caches.append(cache)
         if self.head is None:
             return x, ChunkCache(emb_cache, caches, None, rng)
+        hooks.before_forward(self, "head")
         out, head_cache = self.head.forward(x, targets)
+        hooks.after_forward(self, "head", keep_cache)
         return out, ChunkCache(emb_cache, caches, head_cache, rng)
 
     def backward(
@@ -475,17 +515,23 @@ class Chunk:
     ):
         emb_cache, caches, head_cache, rng = cache
         ready = grad_ready or (lambda offset: None)
-        dx = dout
+        hooks, dx = self.hooks, dout
         if self.head is not None:
+            hooks.before_backward(self, "head")
             dx = self.head.backward(head_cache, loss_scale, accumulate)
+            hooks.after_backward(self, "head")
             ready(self.grad_offsets["head"])
         for block in reversed(self.blocks):
             block_cache = caches.pop()
+            hooks.before_backward(self, block.layer)
             if self.recompute == "block":
                 _, block_cache = block.forward(block_cache, rng)
             dx = block.backward(dx, block_cache, accumulate, rng)
+            hooks.after_backward(self, block.layer)
             ready(self.grad_offsets[block.layer])
         if self.embedding is None:
             return dx
+        hooks.before_backward(self, "embedding")
         self.embedding.backward(dx, emb_cache, accumulate)
+        hooks.after_backward(self, "embedding")
         return None

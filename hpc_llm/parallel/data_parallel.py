@@ -9,7 +9,14 @@ to overlap with and which MPI runs faster.
 - plain data parallelism: each bucket is sum-allreduced; every rank then holds the averaged gradient (the loss was
   scaled by 1/dp) and updates the whole buffer.
 - ZeRO-1: each bucket is reduce-scattered instead; rank r receives the reduced gradient of piece r of every bucket,
-  updates only those pieces (its Adam moments exist only for them), and `gather_params` allgathers the new parameters.
+  updates only those pieces (its Adam moments exist only for them), and `gather` allgathers the new parameters.
+- ZeRO-2 and 3: the buckets are the model's units (parallel/zero.py: an embedding, a block, the final LayerNorm),
+  each reduce-scattered as soon as a micro-batch's backward has finished it (`reduce_unit`, called by zero.py's
+  hooks; `grad_ready` does nothing), so a rank keeps only its pieces' gradients: after each reduction the rest of
+  the unit's gradient is zeroed and its pages given back (backend.release). The reduced pieces accumulate in place
+  over the micro-batches: the next micro-batch's backward adds its local gradient to the piece this rank owns (the
+  others' pieces were zeroed), and the sum over ranks is the running total. ZeRO-3 leaves the parameters to zero.py;
+  `gather` does nothing then.
 
 `scheme` (parallel.grad_comm) compresses the reduction (parallel/compression.py): "bf16"/"fp16" send each bucket in
 16 bits with fp32 sums (with ZeRO-1 the reduce-scatter is the 16-bit one), started as buckets complete like the fp32
@@ -20,6 +27,7 @@ allreduce gives every rank the whole gradient, of which the optimizer uses its o
 
 from __future__ import annotations
 
+from hpc_llm.backend import release
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.compression import (
     MIN_COMPRESSION_RATE,
@@ -41,7 +49,7 @@ class GradientSync:
         grad_flat,
         dp_comm: Comm,
         bucket_elems: int,
-        zero: bool,
+        zero: int,
         scheme: str = "fp32",
         specs=(),
         powersgd_rank: int = 4,
@@ -49,7 +57,10 @@ class GradientSync:
         seed: int = 0,
         min_compression_rate: float = MIN_COMPRESSION_RATE,
         layout: dict | None = None,
+        units=None,
     ):
+        """zero: the ZeRO stage (0..3; a bool means 0 or 1); units: the [start, stop) ranges of the model's units,
+        ZeRO-2/3's buckets (parallel/zero.py's unit_ranges)."""
         n = grad_flat.size
         self.scheme = scheme
         self.low = comm_dtype(scheme)  # bf16/fp16: the buckets' wire format
@@ -64,10 +75,14 @@ class GradientSync:
         self._compressed_step = False
         self.g = grad_flat
         self.comm = dp_comm
-        self.zero = zero and dp_comm.size > 1
+        self.stage = int(zero) if dp_comm.size > 1 else 0
+        self.zero = self.stage >= 1
         bucket_elems = max(1, bucket_elems)
         # last bucket first
-        self.buckets = [(max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)]
+        if self.stage >= 2:
+            self.buckets = sorted(units, reverse=True)
+        else:
+            self.buckets = [(max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)]
         self.counts = [split_counts(b - a, dp_comm.size) for a, b in self.buckets]
         r = dp_comm.rank
         if self.zero:
@@ -80,6 +95,7 @@ class GradientSync:
             self.owned = [(0, n)]
         self._handles: list = []
         self._launched = 0
+        self._units: dict = {}  # ZeRO-2/3: bucket index -> its reduce-scatter in flight
         # 16-bit without ZeRO-1: the allgathers of the sums go on a duplicate group (compression.Reduce16)
         self._gather_comm = (
             dp_comm.dup(dp_comm.name)
@@ -106,7 +122,7 @@ class GradientSync:
 
     def grad_ready(self, offset: int) -> None:
         """Every gradient from `offset` to the end is final: start the buckets that lie there."""
-        if self.comm.size == 1 or self._compressed_step:
+        if self.comm.size == 1 or self._compressed_step or self.stage >= 2:
             return
         while self._launched < len(self.buckets) and self.buckets[self._launched][0] >= offset:
             self._handles.append(self._bucket(self._launched))
@@ -124,6 +140,10 @@ class GradientSync:
             h.wait()
         self._handles = []
         if self.comm.size == 1:
+            return
+        if self.stage >= 2:
+            for i in list(self._units):
+                self.settle_unit(i)
             return
         if self._compressed_step:
             self.powersgd.reduce(loss_scale)
@@ -153,9 +173,37 @@ class GradientSync:
             return full, self.powersgd.nbytes()
         return full, full
 
+    # -- ZeRO-2/3: one unit at a time ------------------------------------------------------------------------------
+
+    def piece(self, i: int) -> tuple[int, int]:
+        """This rank's piece of bucket i: [start, stop) in the flat buffer."""
+        (a, _), counts, r = self.buckets[i], self.counts[i], self.comm.rank
+        return a + sum(counts[:r]), a + sum(counts[: r + 1])
+
+    def reduce_unit(self, i: int) -> None:
+        """A micro-batch's backward has finished bucket (unit) i's gradients: start its reduce-scatter, and complete
+        the ones before it that are done (their buffers zeroed outside this rank's pieces)."""
+        a, b = self.buckets[i]
+        assert i not in self._units, f"unit {self.buckets[i]} reduced twice in a micro-batch"
+        self._units[i] = self.comm.ireduce_scatter_(self.g[a:b], self.counts[i])
+        for j in [j for j, h in self._units.items() if j != i and h.test()]:
+            self.settle_unit(j)
+
+    def settle_unit(self, i: int) -> None:
+        """Before bucket i's gradients are written again (or the optimizer reads them): its reduction complete,
+        the rest of the unit's gradient zeroed and its pages given back."""
+        h = self._units.pop(i, None)
+        if h is None:
+            return
+        h.wait()
+        (a, b), (lo, hi) = self.buckets[i], self.piece(i)
+        release(self.g, a, lo)
+        release(self.g, hi, b)
+
     def gather(self, flat) -> None:
-        """ZeRO-1: each rank's pieces of `flat` (parameters, or Adam moments laid out like them) to every rank."""
-        if not self.zero:
+        """ZeRO-1/2: each rank's pieces of `flat` (parameters, or Adam moments laid out like them) to every rank.
+        ZeRO-3: nothing (each unit's parameters are gathered when used: parallel/zero.py)."""
+        if not self.zero or self.stage >= 3:
             return
         for (a, b), counts in zip(self.buckets, self.counts):
             self.comm.allgather_(flat[a:b], counts)

@@ -20,6 +20,7 @@ from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid
 from hpc_llm.parallel.schedule import schedule, send_depth
+from hpc_llm.parallel.zero import ZeroHooks, unit_ranges
 
 log = logging.getLogger("hpc_llm")
 
@@ -37,6 +38,7 @@ class Engine:
     sync: GradientSync
     opt: AdamW
     norm: tuple
+    zero: ZeroHooks | None  # ZeRO-2/3's hooks around the model's parts (None below stage 2)
 
 
 def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
@@ -47,10 +49,13 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         grid.pp_rank,
         par.virtual_stages,
     )
+    stage = par.zero if grid.dp > 1 else 0
+    # ZeRO-2: the gradient buffer only partly resident; ZeRO-3: the parameter buffers too (parallel/zero.py)
+    releasable = {2: {"grads"}, 3: {"grads", "params"}}.get(stage, set())
     model = GPT(
         cfg.model,
         xp,
-        seed=t.seed,
+        seed=None,  # initialised below, once this rank knows what it keeps
         tp_comm=grid.tp_comm,
         tp_act=grid.tp_comm.with_wire(par.act_comm),
         plan=plan,
@@ -58,13 +63,22 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         precision=t.precision,
         freeze=t.freeze,
         sequence_parallel=par.sequence_parallel,
+        releasable=frozenset(releasable),
     )
+    sync = _gradient_sync(cfg, grid, model)
+    if stage >= 3:
+        model.kept = sorted(sync.owned)
+    model.init_weights(t.seed)
+    zero = None
+    if stage >= 2:
+        zero = ZeroHooks(model, sync, grid.dp_comm, par.reshard_after_forward)
+        for chunk in model.chunks:
+            chunk.hooks = zero
     ops = schedule(par.schedule, par.pp, grid.pp_rank, t.grad_accum, par.virtual_stages)
     pipe = None
     if par.pp > 1:  # at most send_depth sends per direction in flight (docs/architecture.md)
         depth = send_depth(par.schedule, par.pp, t.grad_accum, par.virtual_stages)
         pipe = PipelineComm(grid.pp_comm.with_wire(par.act_comm), plan.n_virtual, depth)
-    sync = _gradient_sync(cfg, grid, model)
     # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
     opt = AdamW(
         model.flat,
@@ -73,7 +87,7 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         t,
         owned=intersect_ranges(sync.owned, model.trainable_ranges()),
     )
-    return Engine(plan, model, ops, pipe, sync, opt, _norm_ranges(model, grid, sync, opt))
+    return Engine(plan, model, ops, pipe, sync, opt, _norm_ranges(model, grid, sync, opt), zero)
 
 
 def _gradient_sync(cfg: Config, grid: Grid, model: GPT) -> GradientSync:
@@ -82,12 +96,13 @@ def _gradient_sync(cfg: Config, grid: Grid, model: GPT) -> GradientSync:
         model.grad_flat,
         grid.dp_comm,
         int(par.bucket_mb * 2**20) // model.dtype.itemsize,
-        zero=par.zero == 1,
+        zero=par.zero,
         scheme=par.grad_comm,
         specs=model.specs,
         powersgd_rank=par.powersgd_rank,
         powersgd_start=par.powersgd_start,
         seed=cfg.train.seed,
+        units=unit_ranges(model.specs).values(),
         layout={
             "pp": grid.pp,
             "dp": grid.dp,
@@ -127,8 +142,11 @@ def load_init_from(model: GPT, grid: Grid, saved, init_from: str) -> None:
                 shapes["wpe.weight"] = model.logical["wpe.weight"]
             fresh = [n for n in model.logical if is_lora(n) and n not in shapes]
             shapes.update({n: model.logical[n] for n in fresh})
-            ranges = merge_ranges(
-                (s.offset, s.offset + s.size) for s in model.specs if s.name not in fresh
+            ranges = intersect_ranges(
+                merge_ranges(
+                    (s.offset, s.offset + s.size) for s in model.specs if s.name not in fresh
+                ),
+                model.kept_ranges(),  # ZeRO-3: only this rank's pieces
             )
             model.read_flat(
                 model.flat,
@@ -157,7 +175,8 @@ def check_replicas_identical(model: GPT, grid: Grid, what: str) -> None:
     def crc(x) -> int:
         return zlib.crc32(np.ascontiguousarray(to_host(x)).view(np.uint8))
 
-    if grid.dp > 1:
+    # ZeRO-3's replicas hold different pieces of the parameters, by design
+    if grid.dp > 1 and model.kept is None:
         crcs = grid.dp_comm.allgather_objects(crc(model.flat))
         if len(set(crcs)) != 1:
             raise RuntimeError(

@@ -31,6 +31,7 @@ from hpc_llm.config import Config
 from hpc_llm.data.sampler import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, get_batch
 from hpc_llm.errors import JobError
 from hpc_llm.model.layers import DropoutRNG
+from hpc_llm.model.layout import intersect_ranges
 from hpc_llm.optim import global_grad_norm, lr_at
 from hpc_llm.parallel.compression import reset_line
 from hpc_llm.parallel.grid import Grid, world_grid
@@ -75,7 +76,7 @@ class Trainer:
         self.rows, self.out_dir = slice(g.dp_rank * per, (g.dp_rank + 1) * per), Path(t.out_dir)
         e = build_engine(self.cfg, g, self.xp)
         self.plan, self.model, self.ops, self.pipe = e.plan, e.model, e.ops, e.pipe
-        self.sync, self.opt = e.sync, e.opt
+        self.sync, self.opt, self.zero = e.sync, e.opt, e.zero
         # the flat gradient's ranges this rank adds to the global norm, and over which group
         self.norm = e.norm
         # the logged loss comes from the last stage, once per TP group
@@ -164,6 +165,8 @@ class Trainer:
         # the verdict comes from global values, so every rank skips (or steps) alike
         if self.policy.should_update(self.step, loss, norm, self.scaler, warn=self.is_root):
             clip = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
+            if self.zero is not None:
+                self.zero.release_all()  # no gathered copy may outlive the update
             self.opt.step(lr, grad_scale=clip / loss_scale)
             self.sync.gather(self.model.flat)
             self.model.refresh_compute()
@@ -183,10 +186,13 @@ class Trainer:
         schedule = (self.model, self.ops, self.pipe, self.micro_batch)
         with overflow_quiet(self.scaler):
             losses = run_schedule(*schedule, scale, shape, self.sync.grad_ready)
-        # the tied embedding's two copies: each gets the sum of both gradients (none when frozen: zeros, unread)
-        if self.grid.emb_comm is not None and "wte.weight" not in self.model.frozen:
-            self.grid.emb_comm.allreduce_(self.model.grads["wte.weight"])
+        # ZeRO-0/1 reduce the bucket holding wte (at offset 0: the last) in finish, after the copies are summed;
+        # ZeRO-2/3 have reduced each micro-batch's already, and sum the reduced pieces
+        if self.zero is None:
+            self._sum_tied_embedding()
         self.sync.finish(loss_scale)
+        if self.zero is not None:
+            self._sum_tied_embedding()
         if inject("grad", self.step):  # a test's non-finite gradient on this rank
             self.model.grad_flat[...] = np.nan
         # the norm of the unscaled gradient; an inf/nan anywhere in the norm's group makes it non-finite there
@@ -197,6 +203,17 @@ class Trainer:
         mine = sum(losses[m] / t.grad_accum for m in sorted(losses)) if self.reports_loss else 0.0
         mine += 0.0 if math.isfinite(norm) else math.nan
         return self.grid.world.allreduce_scalar(mine) / dp, norm
+
+    def _sum_tied_embedding(self) -> None:
+        """The tied embedding's two copies (first and last stage): each gets the sum of both gradients (none when
+        frozen: zeros, unread). ZeRO-2/3: only the piece this rank owns holds a reduced gradient (both stages cut wte
+        alike), so only it is summed."""
+        if self.grid.emb_comm is None or "wte.weight" in self.model.frozen:
+            return
+        spec, g = self.model.spec["wte.weight"], self.model.grad_flat
+        whole = [(spec.offset, spec.offset + spec.size)]
+        for a, b in whole if self.zero is None else intersect_ranges(self.sync.owned, whole):
+            self.grid.emb_comm.allreduce_(g[a:b])
 
     def evaluate(self) -> dict:
         """Mean loss over eval_iters fixed batches of val and of train (the same batches at every eval)."""
