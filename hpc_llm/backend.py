@@ -85,7 +85,9 @@ def releasable_zeros(n: int, dtype, xp=np):
 
     # private: a released page of a shared mapping would keep its contents (and its memory) in the page cache
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    return np.frombuffer(mmap.mmap(-1, max(1, n * dtype.itemsize), flags=flags), dtype=dtype, count=n)
+    return np.frombuffer(
+        mmap.mmap(-1, max(1, n * dtype.itemsize), flags=flags), dtype=dtype, count=n
+    )
 
 
 def release(buf, a: int, b: int) -> None:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from hpc_llm.backend import release, releasable_zeros, to_device
+from hpc_llm.backend import releasable_zeros, release, to_device
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.model.kv_cache import KVCache

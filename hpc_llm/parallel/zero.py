@@ -59,8 +59,12 @@ class ZeroHooks:
         self.bucket = {u: where[r] for u, r in ranges.items()}  # unit -> its bucket index
         trained = {unit_name(s.name) for s in model.specs if s.name not in model.frozen}
         self.trained = trained
-        self.tied_head = not model.has_embedding  # the head finishes wte's gradient (last stage, pp > 1)
-        self.state: dict[str, object] = {}  # ZeRO-3: unit -> "gathered", or its gather's handle in flight
+        self.tied_head = (
+            not model.has_embedding
+        )  # the head finishes wte's gradient (last stage, pp > 1)
+        self.state: dict[
+            str, object
+        ] = {}  # ZeRO-3: unit -> "gathered", or its gather's handle in flight
 
     # -- what each part uses --------------------------------------------------------------------------------------
 
