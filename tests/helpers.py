@@ -209,17 +209,70 @@ def crc(buf) -> int:
     return zlib.crc32(np.ascontiguousarray(buf).tobytes())
 
 
+def full_flat(tr: Trainer):
+    """The trainer's master weights as a whole flat buffer: model.flat, or under ZeRO-3 (where a rank keeps only
+    its pieces) a copy with every unit gathered from its owners (a collective over the data-parallel group)."""
+    if tr.zero is not None and tr.zero.stage >= 3:
+        return tr.zero.gathered(tr.model.flat)
+    return tr.model.flat
+
+
 def replica_checks(tr: Trainer) -> list[str]:
-    """Parameters bitwise identical over the DP group (every rank holds the same flat buffer), and the replicated
-    tensors (LayerNorms, biases after g, wpe) bitwise identical over the TP group."""
+    """Parameters bitwise identical over the DP group (every rank holds the same flat buffer; ZeRO-3: once
+    gathered), and the replicated tensors (LayerNorms, biases after g, wpe) bitwise identical over the TP group."""
     bad = []
-    dp_crcs = tr.grid.dp_comm.mpi.allgather(crc(tr.model.flat))
+    flat = full_flat(tr)
+    dp_crcs = tr.grid.dp_comm.mpi.allgather(crc(flat))
     if len(set(dp_crcs)) != 1:
         bad.append(f"parameters differ across the DP group: crc32 {dp_crcs}")
-    replicated = np.concatenate([tr.model.flat[a:b] for a, b in tr.model.replicated_ranges()])
+    replicated = np.concatenate([flat[a:b] for a, b in tr.model.replicated_ranges()])
     tp_crcs = tr.grid.tp_comm.mpi.allgather(crc(replicated))
     if len(set(tp_crcs)) != 1:
         bad.append(f"replicated parameters differ across the TP group: crc32 {tp_crcs}")
+    return bad
+
+
+F32_RTOL = 1e-5
+F32_LR_FRACTION = 1e-3
+
+
+def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
+    """Loss, grad norm and eval histories and every parameter of the parallel run against the reference, to
+    test_parallel.py's tolerances: F64_RTOL in float64; in float32 F32_RTOL, and parameters within F32_LR_FRACTION
+    of the sum of the learning rates used."""
+    bad = []
+    rtol = F64_RTOL if dtype == "float64" else F32_RTOL
+    pt, rt = par.metrics.train, ref.metrics.train
+    if pt["step"] != rt["step"] or len(pt["step"]) != STEPS:
+        return [f"{dtype}: steps {pt['step']} vs reference {rt['step']}"]
+    for key in ("loss", "grad_norm"):
+        if not rel_diff(pt[key], rt[key]) <= rtol:
+            bad.append(
+                f"{dtype} {key}: {pt[key]} vs reference {rt[key]} (relative {rel_diff(pt[key], rt[key]):.2e})"
+            )
+    if pt["lr"] != rt["lr"]:
+        bad.append(f"{dtype} lr: {pt['lr']} vs reference {rt['lr']}")
+    pe, re_ = par.metrics.eval, ref.metrics.eval
+    if (
+        pe["step"] != re_["step"]
+        or not rel_diff(pe["val_loss"] + pe["train_loss"], re_["val_loss"] + re_["train_loss"])
+        <= rtol
+    ):
+        bad.append(f"{dtype} eval: {pe} vs reference {re_}")
+
+    got, want = par.model.full_tensors(full_flat(par)), ref.model.full_tensors(ref.model.flat)
+    lr_sum = sum(rt["lr"])
+    for name, w in want.items():
+        g = got[name]
+        if g.dtype != np.dtype(dtype) or g.shape != w.shape:
+            bad.append(f"{dtype} {name}: {g.dtype} {g.shape} vs reference {w.dtype} {w.shape}")
+            continue
+        err = float(np.max(np.abs(g.astype(np.float64) - w)))
+        bound = (
+            F64_RTOL * float(np.max(np.abs(w))) if dtype == "float64" else F32_LR_FRACTION * lr_sum
+        )
+        if not err <= bound:
+            bad.append(f"{dtype} parameter {name}: max abs difference {err:.3e} > {bound:.3e}")
     return bad
 
 
@@ -267,7 +320,7 @@ def reference_checks(tr, ref, name: str, steps: slice = slice(None)) -> list[str
     ):
         bad.append(f"{name} eval: {ge} vs reference {re_}")
     params, ref_params = (
-        tr.model.full_tensors(tr.model.flat),
+        tr.model.full_tensors(full_flat(tr)),
         ref.model.full_tensors(ref.model.flat),
     )
     for pname, g in params.items():
@@ -331,14 +384,17 @@ def hyperslab_checks(tr, read) -> list[str]:
     """A resumed rank read its TP shard of every parameter (model.local_size elements) and, of each Adam moment, the
     rows covering the ranges it owns: its whole shard without ZeRO-1, about 1/dp of it with it."""
     m, bad = tr.model, []
-    if read["params"] != m.local_size:
-        bad.append(f"read {read['params']} parameter elements, this rank holds {m.local_size}")
     owned = sum(b - a for a, b in tr.sync.owned)
     # each owned range, cut at tensor boundaries, is read as whole rows: at most two partial rows per piece
     pieces = sum(
         1 for a, b in tr.sync.owned for s in m.specs if max(a, s.offset) < min(b, s.offset + s.size)
     )
     slack = 2 * pieces * max(s.size // s.local_shape[0] for s in m.specs)
+    if m.kept is not None:  # ZeRO-3: the parameters too are read only for the owned ranges
+        if not owned <= read["params"] <= owned + slack:
+            bad.append(f"params: read {read['params']} elements, owns {owned} (+ at most {slack})")
+    elif read["params"] != m.local_size:
+        bad.append(f"read {read['params']} parameter elements, this rank holds {m.local_size}")
     for slot in ("optimizer/m", "optimizer/v"):
         if tr.sync.zero and not owned <= read[slot] <= owned + slack:
             bad.append(
@@ -364,6 +420,7 @@ CHECKPOINT_LAYOUTS = {
     "PP2-interleaved": (2, 1, 2, 0, INTERLEAVED),
     "DP2xTP2-zero1": (4, 2, 1, 1, {}),
     "PP2xDP2-zero1": (4, 1, 2, 1, {}),
+    "PP2xDP2-zero3": (4, 1, 2, 3, {}),
 }
 
 

@@ -467,7 +467,8 @@ def _rows() -> list[Row]:
         F("parallel.schedule", 1, "zigzag", '"1f1b", "interleaved" or "gpipe"'),
         F("parallel.sequence_parallel", 1),
         F("parallel.act_comm", 16, "int8", '"fp32", "bf16" or "fp16"'),
-        F("parallel.zero", "x", 2, "0 or 1"),
+        F("parallel.zero", "x", 4, "0, 1, 2 or 3"),
+        F("parallel.reshard_after_forward", 1),
         F("parallel.bucket_mb", "x", 0, "a positive number"),
         F("parallel.comm_timeout_s", "x", -1, "a non-negative number of seconds"),
         F("parallel.grad_comm", 16, "int8", '"fp32", "bf16", "fp16" or "powersgd"'),
@@ -592,6 +593,13 @@ def _rows() -> list[Row]:
             'config field parallel.grad_comm: expected "fp32" or "powersgd" with '
             "model.dtype=float64",
             sets=["parallel.grad_comm=fp16", "model.dtype=float64"],
+        )
+    )
+    add(
+        T(
+            "grad_comm-16-bit-with-zero-2",
+            'config field parallel.grad_comm: expected "fp32" with parallel.zero=2',
+            sets=["parallel.grad_comm=bf16", "parallel.zero=2"],
         )
     )
     add(

@@ -30,11 +30,10 @@ import numpy as np
 import pytest
 from helpers import (
     CLI_TIMEOUT,
-    F64_RTOL,
-    STEPS,
+    F32_RTOL,
     check,
+    compare_runs,
     flip_byte_in,
-    rel_diff,
     replica_checks,
     run_config,
     run_mpi,
@@ -59,46 +58,6 @@ LAYOUTS = {
     "TP2-SP": (2, 2, 2, True),
     "DP2xTP2-SP": (4, 2, 2, True),
 }
-F32_RTOL = 1e-5
-F32_LR_FRACTION = 1e-3
-
-
-def compare_runs(par: Trainer, ref: Trainer, dtype: str) -> list[str]:
-    """Loss, grad norm and eval histories and every parameter of the parallel run against the reference."""
-    bad = []
-    rtol = F64_RTOL if dtype == "float64" else F32_RTOL
-    pt, rt = par.metrics.train, ref.metrics.train
-    if pt["step"] != rt["step"] or len(pt["step"]) != STEPS:
-        return [f"{dtype}: steps {pt['step']} vs reference {rt['step']}"]
-    for key in ("loss", "grad_norm"):
-        if not rel_diff(pt[key], rt[key]) <= rtol:
-            bad.append(
-                f"{dtype} {key}: {pt[key]} vs reference {rt[key]} (relative {rel_diff(pt[key], rt[key]):.2e})"
-            )
-    if pt["lr"] != rt["lr"]:
-        bad.append(f"{dtype} lr: {pt['lr']} vs reference {rt['lr']}")
-    pe, re_ = par.metrics.eval, ref.metrics.eval
-    if (
-        pe["step"] != re_["step"]
-        or not rel_diff(pe["val_loss"] + pe["train_loss"], re_["val_loss"] + re_["train_loss"])
-        <= rtol
-    ):
-        bad.append(f"{dtype} eval: {pe} vs reference {re_}")
-
-    got, want = par.model.full_tensors(par.model.flat), ref.model.full_tensors(ref.model.flat)
-    lr_sum = sum(rt["lr"])
-    for name, w in want.items():
-        g = got[name]
-        if g.dtype != np.dtype(dtype) or g.shape != w.shape:
-            bad.append(f"{dtype} {name}: {g.dtype} {g.shape} vs reference {w.dtype} {w.shape}")
-            continue
-        err = float(np.max(np.abs(g.astype(np.float64) - w)))
-        bound = (
-            F64_RTOL * float(np.max(np.abs(w))) if dtype == "float64" else F32_LR_FRACTION * lr_sum
-        )
-        if not err <= bound:
-            bad.append(f"{dtype} parameter {name}: max abs difference {err:.3e} > {bound:.3e}")
-    return bad
 
 
 def optimizer_state_checks(tr: Trainer, zero: int) -> list[str]:

@@ -476,6 +476,10 @@ NEW_PATHS = [
         "dp.powersgd_p",
     ),
     ("checkpoint-blocks", {}, "hang:save:1:4", "(writing checkpoint data)"),
+    # ZeRO-3: rank 0's first wait of the step is the embedding's parameter gather; ZeRO-2 (no gathers): the
+    # unit gradients' reduce-scatters, waited for at the end of backward
+    ("zero3-parameter-gather", {"parallel.zero": 3}, "hang:step:1:3", "dp.allgather_params"),
+    ("zero2-gradient-reduce-scatter", {"parallel.zero": 2}, "hang:step:1:3", "dp.reduce_scatter"),
     # a step's first collective under sequence parallelism: the embedding's reduce-scatter along T
     (
         "sequence-parallel",
