@@ -47,6 +47,28 @@ def unit_ranges(specs) -> dict[str, tuple[int, int]]:
     return out
 
 
+def part_reads(part, backward: bool) -> tuple:
+    """The units whose parameters a part reads: in forward, or in backward (the embedding's reads no weight)."""
+    if part == "embedding":
+        return () if backward else ("wte", "wpe")
+    if part == "head":
+        return ("ln_f", "wte")
+    return (f"h.{part}",)
+
+
+def part_writes(part) -> tuple:
+    """The units whose gradients a part's backward writes."""
+    return part_reads(part, False)
+
+
+def part_finishes(part, tied_head: bool) -> tuple:
+    """The units whose gradients are final for the micro-batch once the part's backward ends (tied_head: the head
+    finishes wte, on a rank without the embedding)."""
+    if part == "head":
+        return ("ln_f", "wte") if tied_head else ("ln_f",)
+    return part_writes(part)
+
+
 class ZeroHooks:
     """The hooks of one rank's chunks under ZeRO-2 or 3 (sync.stage), over `sync`'s unit buckets: model/modules.py's
     PartHooks methods (this floor sits below the model's, so it does not import the class)."""
@@ -66,23 +88,6 @@ class ZeroHooks:
             str, object
         ] = {}  # ZeRO-3: unit -> "gathered", or its gather's handle in flight
 
-    # -- what each part uses --------------------------------------------------------------------------------------
-
-    def _reads(self, part, backward: bool) -> tuple:
-        if part == "embedding":
-            return () if backward else ("wte", "wpe")
-        if part == "head":
-            return ("ln_f", "wte")
-        return (f"h.{part}",)
-
-    def _writes(self, part) -> tuple:
-        return self._reads(part, False)
-
-    def _finishes(self, part) -> tuple:
-        if part == "head":
-            return ("ln_f", "wte") if self.tied_head else ("ln_f",)
-        return self._writes(part)
-
     def _next(self, chunk, part, backward: bool):
         """The part that runs after `part` in this pass over the chunk (None at its end)."""
         order = chunk.parts()
@@ -93,23 +98,23 @@ class ZeroHooks:
 
     def before_forward(self, chunk, part) -> None:
         if self.stage >= 3:
-            self._acquire(self._reads(part, False), chunk, self._next(chunk, part, False), False)
+            self._acquire(part_reads(part, False), chunk, self._next(chunk, part, False), False)
 
     def after_forward(self, chunk, part, backward_follows: bool) -> None:
         if self.stage >= 3 and (self.reshard or not backward_follows):
-            self._release(self._reads(part, False))
+            self._release(part_reads(part, False))
 
     def before_backward(self, chunk, part) -> None:
-        for u in self._writes(part):
+        for u in part_writes(part):
             if u in self.trained:
                 self.sync.settle_unit(self.bucket[u])
         if self.stage >= 3:
-            self._acquire(self._reads(part, True), chunk, self._next(chunk, part, True), True)
+            self._acquire(part_reads(part, True), chunk, self._next(chunk, part, True), True)
 
     def after_backward(self, chunk, part) -> None:
         if self.stage >= 3:
-            self._release(self._reads(part, True))
-        for u in self._finishes(part):
+            self._release(part_reads(part, True))
+        for u in part_finishes(part, self.tied_head):
             if u in self.trained:
                 self.sync.reduce_unit(self.bucket[u])
 
@@ -129,7 +134,7 @@ class ZeroHooks:
         for u in units:
             self._complete(u)
         if nxt is not None:
-            for u in self._reads(nxt, backward):
+            for u in part_reads(nxt, backward):
                 self._post(u)
 
     def _complete(self, u: str) -> None:

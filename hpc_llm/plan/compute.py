@@ -370,8 +370,9 @@ def chunk_costs(
     head: bool,
     recompute: str = "none",
 ) -> dict:
-    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, and
-    the parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating)."""
+    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, the
+    parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating), and the
+    parts' own costs (ZeRO-3's prefetch): "emb_F", "block_F", "head_F", "emb_B"."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     ln = (2 if cfg.bias else 1) * C  # one LayerNorm's parameters
     selective = recompute == "selective"
@@ -404,6 +405,11 @@ def chunk_costs(
     for key, acc in (("", False), ("+", True)):
         out["head_B" + key] = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
         out["block_B" + key] = block_b(acc)
+    # each part's forward, and the embedding's backward: what a ZeRO-3 prefetch hides behind
+    out["emb_F"] = embedding_forward(p, b, T, C) if embedding else Cost()
+    out["block_F"] = bf
+    out["head_F"] = head_forward(p, b, T, C, V) if head else Cost()
+    out["emb_B"] = embedding_backward(p, b, T, C) if embedding else Cost()
     return out
 
 

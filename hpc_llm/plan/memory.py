@@ -27,8 +27,9 @@ from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.parallel import schedule as sched
 from hpc_llm.parallel.compression import SCALE_WORDS
-from hpc_llm.parallel.data_parallel import GradientSync
+from hpc_llm.parallel.data_parallel import GradientSync, split_counts
 from hpc_llm.parallel.schedule import Phase, schedule
+from hpc_llm.parallel.zero import part_finishes, part_reads, part_writes, unit_ranges
 from hpc_llm.plan.activations import (
     INDEX_BYTES,
     block_backward_work,
@@ -87,6 +88,7 @@ class Layout:
     # sends in flight per neighbour and direction: None the code's (schedule.send_depth), 0 every send held until the
     # step's end (the code before bounded sends), k > 0 at most k
     send_depth: int | None = None
+    reshard_after_forward: bool = True  # ZeRO-3: a unit's forward gather freed after its forward
 
     @property
     def ranks(self) -> int:
@@ -118,6 +120,7 @@ class Layout:
             t.recompute,
             par.sequence_parallel,
             par.act_comm,
+            reshard_after_forward=par.reshard_after_forward,
         )
 
 
@@ -154,11 +157,25 @@ def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> Stage
 
 
 @lru_cache(maxsize=4096)
-def grad_sync(n: int, dp: int, dp_rank: int, bucket_elems: int, zero: bool) -> GradientSync:
-    """The trainer's GradientSync on a stand-in communicator: its buckets, counts and owned ranges, no MPI."""
+def grad_sync(
+    n: int, dp: int, dp_rank: int, bucket_elems: int, zero: int, units: tuple = ()
+) -> GradientSync:
+    """The trainer's GradientSync on a stand-in communicator: its buckets, counts and owned ranges, no MPI (ZeRO-2/3:
+    units, the model's unit ranges, are its buckets)."""
     return GradientSync(
-        SimpleNamespace(size=n), SimpleNamespace(size=dp, rank=dp_rank), bucket_elems, zero
+        SimpleNamespace(size=n),
+        SimpleNamespace(size=dp, rank=dp_rank),
+        bucket_elems,
+        zero,
+        units=units,
     )
+
+
+def stage_sync(specs, lay: Layout, dp_rank: int, by: Bytes) -> GradientSync:
+    """The GradientSync of a stage's rank (its buckets and ZeRO pieces)."""
+    n = sum(s.size for s in specs)
+    units = tuple(unit_ranges(specs).values()) if lay.zero >= 2 else ()
+    return grad_sync(n, lay.dp, dp_rank, bucket_elems(lay.bucket_mb, by.grad), lay.zero, units)
 
 
 def specs_of(cfg: ModelConfig, tp: int, plan: StagePlan) -> list:
@@ -255,7 +272,7 @@ class _Peak:
     activations: int = 0  # the caches of the micro-batches alive
     workspace: int = 0  # the op's own temporaries and the latest micro-batch
     pipeline: int = 0  # the sends to the next or previous stage not yet completed
-    zero: int = 0  # ZeRO-1 receive buffers of the buckets launched during the last backward
+    zero: int = 0  # ZeRO-1 receive buffers of the buckets launched during the last backward; ZeRO-2/3's units
 
 
 def _chunk_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, int]:
@@ -281,11 +298,61 @@ def _zero_receive(specs, sync, n: int, dp_rank: int, by: Bytes) -> int:
     """ZeRO-1's receive buffers alive at the last backward: where each chunk's gradients start (grad_ready
     offsets), buckets at or beyond the smallest reported one are launched during the last backward, and their
     receive buffers live until finish()."""
-    if not sync.zero:
+    if sync.stage != 1:
         return 0
     first_block = min((s.offset for s in specs if s.name.startswith("h.")), default=n)
     launched = [i for i, (a, _) in enumerate(sync.buckets) if a >= first_block]
     return sum(sync.counts[i][dp_rank] for i in launched) * by.grad
+
+
+def chunk_parts(plan, v: int) -> list:
+    """Virtual stage v's parts in forward order, as modules.Chunk.parts() names them."""
+    return (
+        (["embedding"] if v == 0 else [])
+        + list(plan.layers[v])
+        + (["head"] if v == plan.n_virtual - 1 else [])
+    )
+
+
+def zero_unit_bytes(specs, plan, lay: Layout, by: Bytes, dp_rank: int, v: int) -> tuple[int, int]:
+    """(forward, backward): the most bytes ZeRO-2/3 hold on top of a rank's pieces during a pass of virtual stage
+    v's chunk, as parallel/zero.py's hooks allocate them. Of each unit the part outside the rank's piece counts.
+    ZeRO-3's parameters: the running part's units and the next part's, prefetched (parallel.reshard_after_forward
+    = false: every unit gathered since the pass began, till its backward). Gradients (ZeRO-2/3, backward): the
+    units the part writes, those written earlier and not yet finished (the tied wte from the head to the
+    embedding), the previous part's in flight, and their reduce-scatter receive buffers (their pieces)."""
+    units = unit_ranges(specs)
+    size = {u: b - a for u, (a, b) in units.items()}
+    piece = {u: split_counts(n, lay.dp)[dp_rank] for u, n in size.items()}
+    other = {u: size[u] - piece[u] for u in units}
+    pbytes = by.master or by.param  # gathered into the compute buffer
+    parts = chunk_parts(plan, v)
+    tied_head = 0 not in plan.chunks
+
+    def gathered(reads) -> int:
+        return sum(other[u] for u in set(reads) if u in units) * pbytes if lay.zero >= 3 else 0
+
+    fwd, seen = 0, []
+    for k, part in enumerate(parts):
+        reads = list(part_reads(part, False))
+        nxt = list(part_reads(parts[k + 1], False)) if k + 1 < len(parts) else []
+        seen += reads
+        held = seen if not lay.reshard_after_forward else reads
+        fwd = max(fwd, gathered(held + nxt))
+    bwd, open_, inflight = 0, set(), set()
+    for k in range(len(parts) - 1, -1, -1):
+        part = parts[k]
+        reads = list(part_reads(part, True))
+        nxt = list(part_reads(parts[k - 1], True)) if k > 0 else []
+        if not lay.reshard_after_forward:  # the forward's gathers of the parts still to come back
+            reads += [u for p in parts[:k] for u in part_reads(p, False)]
+        writes = set(part_writes(part)) & set(units)
+        grads = (open_ | writes | inflight) & set(units)
+        g = sum(other[u] for u in grads) * by.grad + sum(piece[u] for u in inflight) * by.grad
+        bwd = max(bwd, gathered(reads + nxt) + g)
+        done = set(part_finishes(part, tied_head))
+        open_, inflight = (open_ | writes) - done, done & set(units)
+    return fwd, bwd
 
 
 def _op_work(
@@ -355,7 +422,7 @@ def sends_in_flight(ops, plan, depth: int | None):
 
 
 def _schedule_peak(
-    cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, plan, zero_recv: int
+    cfg: ModelConfig, lay: Layout, stage: int, by: Bytes, plan, zero_recv: int, units=None
 ) -> _Peak:
     """Walk the stage's schedule, op by op, keeping the moment of the largest total."""
     sizes = _chunk_sizes(cfg, lay, plan, by)
@@ -384,6 +451,8 @@ def _schedule_peak(
         work = works[key]
         sends = msg * sum(next(in_flight))
         zero = zero_recv if k == last_b else 0
+        if units is not None:  # ZeRO-2/3: the chunk's pass's units
+            zero = units[op.chunk][op.kind != Phase.FORWARD]
         total = held + work + sends + zero + batch
         if total > best.total:
             best = _Peak(total, held, work + batch, sends, zero)
@@ -409,11 +478,20 @@ def rank_memory(
     plan = stage_plan(cfg, lay, stage, pp_layers)
     specs = specs_of(cfg, lay.tp, plan)
     n = sum(s.size for s in specs)
-    sync = grad_sync(n, lay.dp, dp_rank, bucket_elems(lay.bucket_mb, by.grad), lay.zero == 1)
+    sync = stage_sync(specs, lay, dp_rank, by)
     owned = sum(b - a for a, b in sync.owned)
-    peak = _schedule_peak(cfg, lay, stage, by, plan, _zero_receive(specs, sync, n, dp_rank, by))
-    params, grads = n * by.param, n * by.grad
-    master = n * by.master
+    units = None
+    if sync.stage >= 2:
+        units = [
+            zero_unit_bytes(specs, plan, lay, by, dp_rank, v) for c, v in enumerate(plan.chunks)
+        ]
+    peak = _schedule_peak(
+        cfg, lay, stage, by, plan, _zero_receive(specs, sync, n, dp_rank, by), units
+    )
+    # ZeRO-2 keeps only its pieces' gradients between uses, ZeRO-3 its pieces' parameters too
+    kept = owned if sync.stage >= 3 else n
+    params, grads = kept * by.param, (owned if sync.stage >= 2 else n) * by.grad
+    master = kept * by.master
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
     # saves keep nothing between them and never build a full tensor (checkpoint/writers.py): a writing rank (world

@@ -28,14 +28,14 @@ from hpc_llm.plan.compute import (
 from hpc_llm.plan.memory import (
     Bytes,
     Layout,
-    bucket_elems,
-    grad_sync,
     max_rank_memory,
     message_bytes,
     message_elems,
     specs_of,
     stage_plan,
+    stage_sync,
 )
+from hpc_llm.plan.sharding import zero_pass_seconds
 from hpc_llm.plan.simulate import simulate_costs
 
 # precision -> (the matmuls' dtype, bytes). bf16/fp16 as model/precision.py does them: operands rounded to the format
@@ -247,8 +247,27 @@ def predict(
     costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
     t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
+    # ZeRO-2/3's exposed gathers and reductions, per pass of each virtual stage's chunk (plan/sharding.py)
+    zero = {
+        (v, kind, later): zero_pass_seconds(
+            specs_of(cfg, lay.tp, plans[v % lay.pp]),
+            plans[v % lay.pp],
+            lay,
+            by,
+            links["dp"],
+            costs[v],
+            v,
+            kind == Phase.BACKWARD,
+            later,
+        )
+        for v in range(len(costs))
+        for kind in (Phase.FORWARD, Phase.BACKWARD)
+        for later in (False, True)
+    }
+
     def cost(kind, v, later):
-        return costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total
+        op = costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total
+        return op + zero[v, kind, later]
 
     timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
     events = _events_by_rank(timing, lay.pp)
@@ -330,7 +349,7 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     copy's refresh), for data-parallel rank 0 (the largest ZeRO-1 pieces)."""
     specs = specs_of(cfg, lay.tp, plan)
     n = sum(x.size for x in specs)
-    sync = grad_sync(n, lay.dp, 0, bucket_elems(lay.bucket_mb, by.grad), lay.zero == 1)
+    sync = stage_sync(specs, lay, 0, by)
     owned = sum(b - a for a, b in sync.owned)
     end = max((e.end for e in events), default=0.0)
     emb = 0.0
@@ -338,17 +357,20 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
         wte = cfg.padded_vocab // lay.tp * cfg.n_embd * by.grad
         emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw)
     dp_exposed = dp_hidden = 0.0
-    if lay.dp > 1:
+    if lay.dp > 1 and lay.zero < 2:  # ZeRO-2/3 reduce in each pass (plan/sharding.py)
         reports = _grad_reports(lay, plan, costs, events, {x.name: x.offset for x in specs})
         dp_exposed, dp_hidden = _dp_reduction(lay, sync, by, links["dp"], reports, end)
     zero_gather = 0.0
-    if lay.zero and lay.dp > 1:
+    if lay.zero in (1, 2) and lay.dp > 1:  # ZeRO-3 gathers each unit when it is used
         link = links["dp"]
         zero_gather = sum(
             allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw)
             for a, b_ in sync.buckets
         )
-    opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, n)
+    kept = (
+        owned if lay.zero >= 3 and lay.dp > 1 else n
+    )  # ZeRO-3 refreshes only its pieces' compute copy
+    opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, kept)
     return {
         "sync_at": end + emb + dp_exposed,
         "end": end,

@@ -52,6 +52,23 @@ def vm_hwm() -> int:
     return 0
 
 
+def resident_bytes(buf) -> int:
+    """Bytes of a NumPy array's memory resident now (mincore over its pages): what a ZeRO-2/3 buffer
+    (backend.releasable_zeros) really holds, which tracemalloc cannot see and nbytes overstates."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = buf.ctypes.data // page * page
+    length = buf.ctypes.data + buf.nbytes - start
+    pages = -(-length // page)
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in bytes(vec)) * page
+
+
 def random_tokens(directory: Path, vocab: int, n: int) -> None:
     """A data directory of uniform random tokens (what the benchmark trains on does not matter for speed)."""
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import time
@@ -30,7 +31,7 @@ from hpc_llm.plan.memory import rank_memory
 from hpc_llm.plan.predict import PRECISIONS, predict
 from hpc_llm.train.trainer import Trainer
 
-from common import PRESETS, model_sets, vm_hwm
+from common import PRESETS, model_sets, resident_bytes, vm_hwm
 
 
 def table(path: str) -> str:
@@ -43,7 +44,9 @@ def table(path: str) -> str:
     ]
     for i, r in enumerate(rows, 1):
         lay = r["layout"]
-        desc = f"pp{lay['pp']} dp{lay['dp']} tp{lay['tp']}" + (" zero1" if lay["zero"] else "")
+        desc = f"pp{lay['pp']} dp{lay['dp']} tp{lay['tp']}" + (
+            f" zero{lay['zero']}" if lay["zero"] else ""
+        )
         if lay["pp"] > 1:
             desc += f" {lay['schedule']}" + (f" v{lay['virtual']}" if lay["virtual"] > 1 else "")
         desc += f" m{lay['micro_batches']} b{lay['batch_size']}" + "".join(
@@ -120,18 +123,45 @@ def measure(args, world, trainer: Trainer) -> tuple[list, list, int]:
         times.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         cpu.append(world.allreduce(time.process_time() - c0, op=MPI.MAX))
     m, o = trainer.model, trainer.opt
+    buffers = list({id(b): b for b in (m.flat, m.grad_flat, m.compute)}.values())
+    # ZeRO-2/3's buffers hold only some pages at a time: their resident bytes, sampled around each part
+    paged = [b for b in buffers if is_releasable(b)]
     held = (
-        m.flat.nbytes
-        + m.grad_flat.nbytes
+        sum(b.nbytes for b in buffers if not is_releasable(b))
         + o.m.nbytes
         + o.v.nbytes
         + sum(a.nbytes + b.nbytes for a, b in o._temps)
     )
+    peak = [0]
+
+    def sample():
+        """The step's arrays at their peak since the last sample, with the paged buffers as they are now."""
+        now = tracemalloc.get_traced_memory()[1] + sum(resident_bytes(b) for b in paged)
+        peak[0] = max(peak[0], now)
+        tracemalloc.reset_peak()
+
     tracemalloc.start()
+    if trainer.zero is not None:
+        sampled(trainer.zero, sample)
     trainer.train_step()
-    peak = tracemalloc.get_traced_memory()[1] + held
+    sample()
     tracemalloc.stop()
-    return times, cpu, peak
+    return times, cpu, peak[0] + held
+
+
+def is_releasable(buf) -> bool:
+    return isinstance(getattr(getattr(buf, "base", None), "obj", None), mmap.mmap)
+
+
+def sampled(hooks, sample) -> None:
+    """Sample memory after each gather (before_*) and before each release (after_*): a part's peak is its own
+    arrays' peak with its units gathered and its gradients written."""
+    for name in ("before_forward", "before_backward"):
+        original = getattr(hooks, name)
+        setattr(hooks, name, lambda *a, _f=original: (_f(*a), sample()))
+    for name in ("after_forward", "after_backward"):
+        original = getattr(hooks, name)
+        setattr(hooks, name, lambda *a, _f=original: (sample(), _f(*a)))
 
 
 def validation_row(args, world, trainer: Trainer, times, cpu, peaks, rss) -> dict:

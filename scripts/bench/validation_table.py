@@ -21,7 +21,9 @@ from common import model_sets
 
 
 def describe(lay: dict, sets: list) -> str:
-    desc = f"pp{lay['pp']} dp{lay['dp']} tp{lay['tp']}" + (" zero1" if lay["zero"] else "")
+    desc = f"pp{lay['pp']} dp{lay['dp']} tp{lay['tp']}" + (
+        f" zero{lay['zero']}" if lay["zero"] else ""
+    )
     if lay["pp"] > 1:
         desc += f" {lay['schedule']}" + (f" v{lay['virtual']}" if lay["virtual"] > 1 else "")
     return desc + f" m{lay['micro_batches']} b{lay['batch_size']}" + "".join(f" {s}" for s in sets)
