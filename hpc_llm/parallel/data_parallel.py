@@ -159,13 +159,16 @@ class GradientSync:
                 self.comm.allreduce_(self.g[a:b])
         self._launched = len(self.buckets)
 
-    def bytes_per_step(self, compressed: bool = True) -> tuple[int, int]:
+    def bytes_per_step(self, compressed: bool = True, micro_batches: int = 1) -> tuple[int, int]:
         """(fp32, this scheme): bytes of one step's gradient reductions on this rank, counted as the ledger counts
         them (each collective's buffer, nccl-tests' size S); the uncompressed figure in the gradients' own dtype.
-        compressed=False: PowerSGD's plain steps before parallel.powersgd_start."""
+        compressed=False: PowerSGD's plain steps before parallel.powersgd_start. ZeRO-2/3 reduce every micro-batch's
+        gradients (micro_batches per step)."""
         if self.comm.size == 1:
             return 0, 0
         full = self.g.size * self.g.dtype.itemsize
+        if self.stage >= 2:
+            return full * micro_batches, full * micro_batches
         # 2 bytes a value, and each piece's 4-byte scale (compression.Reduce16)
         if self.low is not None:
             return full, 2 * self.g.size + 2 * SCALE_WORDS * self.comm.size * len(self.buckets)

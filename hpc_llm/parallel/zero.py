@@ -79,14 +79,14 @@ class ZeroHooks:
         ranges = unit_ranges(model.specs)
         where = {r: i for i, r in enumerate(sync.buckets)}
         self.bucket = {u: where[r] for u, r in ranges.items()}  # unit -> its bucket index
-        trained = {unit_name(s.name) for s in model.specs if s.name not in model.frozen}
-        self.trained = trained
-        self.tied_head = (
-            not model.has_embedding
-        )  # the head finishes wte's gradient (last stage, pp > 1)
-        self.state: dict[
-            str, object
-        ] = {}  # ZeRO-3: unit -> "gathered", or its gather's handle in flight
+        # units with a trained tensor: the others' gradients are never written, nor reduced
+        self.trained = {unit_name(s.name) for s in model.specs if s.name not in model.frozen}
+        # the head finishes wte's gradient where this rank has no embedding (the last stage, pp > 1)
+        self.tied_head = not model.has_embedding
+        # ZeRO-3: unit -> "gathered", or its gather's handle in flight
+        self.state: dict[str, object] = {}
+        # post the next part's gathers while a part computes (off: a benchmark's baseline)
+        self.prefetch = True
 
     def _next(self, chunk, part, backward: bool):
         """The part that runs after `part` in this pass over the chunk (None at its end)."""
@@ -133,7 +133,7 @@ class ZeroHooks:
             self._post(u)
         for u in units:
             self._complete(u)
-        if nxt is not None:
+        if nxt is not None and self.prefetch:
             for u in part_reads(nxt, backward):
                 self._post(u)
 

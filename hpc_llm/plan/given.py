@@ -3,7 +3,7 @@
 The layout is the config's own (parallel.*, train.*) with the keys given replacing its values:
 
     pp, tp, dp        the grid (dp: --gpus / (pp tp) when --gpus is given, else 1)
-    zero              0 or 1 (ZeRO-1)
+    zero              0, 1, 2 or 3 (ZeRO: moments; + gradients; + parameters)
     sp                sequence parallelism: 0/1 (also false/true, off/on)
     schedule          1f1b, gpipe or interleaved; virtual: model chunks per rank (interleaved: >= 2)
     micro             micro-batches per step (train.grad_accum)
@@ -105,7 +105,7 @@ def given_layout(
         dp = 1
     if gpus is not None and gpus != pp * tp * dp:
         raise UserError(f"--gpus {gpus}: --layout has pp x tp x dp = {pp * tp * dp} ranks")
-    zero = int(_choice("zero", kv["zero"], ("0", "1"))) if "zero" in kv else par.zero
+    zero = int(_choice("zero", kv["zero"], ("0", "1", "2", "3"))) if "zero" in kv else par.zero
     sp = BOOLS[_choice("sp", kv["sp"].lower(), tuple(BOOLS))] if "sp" in kv else None
     sp = bool(par.sequence_parallel) if sp is None else sp
     sched = _choice("schedule", kv["schedule"], SCHEDULES) if "schedule" in kv else par.schedule
@@ -207,7 +207,7 @@ MEMORY_TERMS = {
     "activations": "activations (caches in flight)",
     "workspace": "workspace (the running op)",
     "pipeline_buffers": "pipeline send buffers",
-    "zero_buffers": "ZeRO-1 receive buffers",
+    "zero_buffers": "ZeRO buffers (ZeRO-1 receives; ZeRO-2/3 units gathered and in flight)",
     "checkpoint_scratch": "checkpoint scratch",
     "checkpoint_assembly": "checkpoint staging (at a save)",
     "runtime": "runtime (interpreter, libraries)",

@@ -367,9 +367,8 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
             allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw)
             for a, b_ in sync.buckets
         )
-    kept = (
-        owned if lay.zero >= 3 and lay.dp > 1 else n
-    )  # ZeRO-3 refreshes only its pieces' compute copy
+    # ZeRO-3 refreshes only its pieces' compute copy
+    kept = owned if lay.zero >= 3 and lay.dp > 1 else n
     opt = optimizer_time(pr, owned) + norm_time(pr, owned) + refresh_time(pr, kept)
     return {
         "sync_at": end + emb + dp_exposed,

@@ -85,7 +85,7 @@ def layouts(
                 for name, v in _schedules(cfg, pp, max_virtual):
                     if name == "interleaved" and m % pp:
                         continue
-                    for zero in (0, 1) if dp > 1 else (0,):
+                    for zero in (0, 1, 2, 3) if dp > 1 else (0,):
                         for sp in _sp_options(cfg, tp, sequence_parallel):
                             for rc in recomputes:
                                 lay = Layout(
@@ -232,7 +232,7 @@ def search(
 def describe(lay: Layout) -> str:
     s = f"pp{lay.pp} dp{lay.dp} tp{lay.tp}"
     if lay.zero:
-        s += " zero1"
+        s += f" zero{lay.zero}"
     if lay.pp > 1:
         s += f" {lay.schedule}" + (f" v{lay.virtual}" if lay.virtual > 1 else "")
     s += f" m{lay.micro_batches} b{lay.batch_size}"

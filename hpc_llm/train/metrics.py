@@ -150,10 +150,10 @@ def log_run_start(cfg, model, grid, sync, opt, plan, throughput: Throughput, mom
     _log_model_and_batch(cfg, model, throughput)
     moments = (opt.m.nbytes + opt.v.nbytes) * MIB
     log.info(
-        "layout: %s; ZeRO-1 %s, gradient buckets of %.1f MiB (%d); Adam moments %.1f MiB on this rank",
+        "layout: %s; %s, gradient buckets %s (%d); Adam moments %.1f MiB on this rank",
         grid.describe(),
-        "on" if sync.zero else "off",
-        cfg.parallel.bucket_mb,
+        f"ZeRO-{sync.stage}" if sync.stage else "ZeRO off",
+        "by unit" if sync.stage >= 2 else f"of {cfg.parallel.bucket_mb:.1f} MiB",
         len(sync.buckets),
         moments,
     )
@@ -203,7 +203,7 @@ def _log_model_and_batch(cfg, model, throughput: Throughput) -> None:
 
 def _log_gradient_reduction(cfg, sync) -> None:
     par = cfg.parallel
-    before, after = sync.bytes_per_step()
+    before, after = sync.bytes_per_step(micro_batches=cfg.train.grad_accum)
     log.info(
         "gradient reduction %s: %.2f MB per step on this rank (uncompressed %.2f MB), ratio %.2fx%s",
         par.grad_comm,

@@ -648,6 +648,33 @@ MUTANTS: list[Mutant] = [
         "selective recompute: attention's probabilities recomputed without their dropout masks",
         ("test_recompute.py",),
     ),
+    # -- ZeRO-2/3 ---------------------------------------------------------------------------------------------------
+    Mutant(
+        "zero2-unowned-gradient-kept",
+        "GradientSync.settle_unit",
+        "release(self.g, a, lo)",
+        "pass",
+        "ZeRO-2/3: a unit's gradient outside the owned piece is not zeroed after its reduction (the next micro-batch "
+        "adds onto it)",
+        ("test_zero.py::test_zero_matches_single_process[DP2-zero2]",),
+    ),
+    Mutant(
+        "zero3-gather-not-waited",
+        "ZeroHooks._complete",
+        "h.wait()",
+        "h.test()",
+        "ZeRO-3: a part computes with its units' gathers possibly still in flight",
+        ("test_zero.py::test_zero_matches_single_process[DP2-zero3]",),
+    ),
+    Mutant(
+        "zero-tied-sum-whole",
+        "Trainer._sum_tied_embedding",
+        "for a, b in whole if self.zero is None else intersect_ranges(self.sync.owned, whole):",
+        "for a, b in intersect_ranges(self.sync.owned, whole):",
+        "pipeline with ZeRO-1: only the owned piece of the tied embedding's two gradients is summed before the "
+        "reduce-scatter, which needs every piece summed",
+        ("test_pipeline.py::test_pipeline_matches_single_process",),
+    ),
     Mutant(
         "batch-offset-high-off-by-one",
         "get_batch",
