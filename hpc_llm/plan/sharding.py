@@ -13,6 +13,7 @@ Unit sizes are each rank's local (TP-sharded) ones; a unit is gathered or reduce
 
 from __future__ import annotations
 
+from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.parallel.zero import part_finishes, part_reads, unit_ranges
 from hpc_llm.plan.cluster import Link, allgather, reduce_scatter
 from hpc_llm.plan.memory import Bytes, Layout, chunk_parts
@@ -85,4 +86,40 @@ def zero_pass_seconds(
             )
 
         total += _exposed([reduce(p) for p in parts], compute, link.overlap, False)
+    return total
+
+
+def dp_bytes_per_step(specs, plan, lay: Layout, by: Bytes) -> int:
+    """The bytes one step's data-parallel collectives move on a rank of this stage, counted as the ledger counts
+    them (each collective's whole buffer, nccl-tests' S), as the code sends them: ZeRO-0 allreduces the gradient
+    buffer, ZeRO-1 reduce-scatters it and all-gathers the parameters; ZeRO-2 reduce-scatters each trained unit once
+    per micro-batch and all-gathers them after the step; ZeRO-3 all-gathers a unit each time a part acquires it
+    while not gathered (walking the stage's op list with the hooks' own rules: the part's units, the next part's
+    prefetched, released after forward unless parallel.reshard_after_forward = false and a backward follows, and
+    after backward) and reduce-scatters as ZeRO-2. fp32 gradient communication (the only one ZeRO-2/3 take)."""
+    if lay.dp == 1:
+        return 0
+    n = sum(s.size for s in specs)
+    if lay.zero <= 1:
+        return n * by.grad * (1 + lay.zero)
+    units = unit_ranges(specs)
+    size = {u: b - a for u, (a, b) in units.items()}
+    total = lay.micro_batches * sum(size.values()) * by.grad
+    if lay.zero == 2:
+        return total + n * by.param
+    pbytes = by.master or by.param
+    ops = schedule(lay.schedule, lay.pp, plan.rank, lay.micro_batches, lay.virtual)
+    gathered: set = set()
+    for op in ops:
+        backward = op.kind != Phase.FORWARD
+        parts = chunk_parts(plan, plan.chunks[op.chunk])
+        parts = parts[::-1] if backward else parts
+        for k, part in enumerate(parts):
+            nxt = part_reads(parts[k + 1], backward) if k + 1 < len(parts) else ()
+            for u in (*part_reads(part, backward), *nxt):
+                if u in units and u not in gathered:
+                    gathered.add(u)
+                    total += size[u] * pbytes
+            if backward or lay.reshard_after_forward:
+                gathered -= set(part_reads(part, backward))
     return total

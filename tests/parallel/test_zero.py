@@ -27,6 +27,9 @@ from mpi4py import MPI
 
 from hpc_llm.model.layout import intersect_ranges, merge_ranges
 from hpc_llm.parallel.grid import make_grid, single_process_grid
+from hpc_llm.plan.memory import Bytes, Layout
+from hpc_llm.plan.sharding import dp_bytes_per_step
+from hpc_llm.train.trainer import Trainer
 
 # name: (ranks, parallel.tp, parallel.pp, parallel.zero, other settings)
 CASES = {
@@ -141,4 +144,40 @@ def test_zero_in_bf16_matches_replicated_bf16(zero, data_dir, shared_tmp_path):
             bad.append("the bf16 compute copy holds parameters outside this rank's pieces")
         if not np.array_equal(full_flat(par)[kept], par.model.flat[kept]):
             bad.append("gathered parameters differ from this rank's own pieces")
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parallel(nprocs=4)
+@pytest.mark.parametrize(
+    "pp, accum, reshard",
+    [(1, 2, True), (2, 2, True), (1, 2, False)],
+    ids=["dp4", "pp2xdp2", "kept"],
+)
+def test_planner_counts_the_bytes_each_stage_sends(pp, accum, reshard, data_dir, shared_tmp_path):
+    """One step at each ZeRO stage: the data-parallel bytes the ledger records on each rank are the planner's
+    (plan/sharding.dp_bytes_per_step, which walks the rank's op list with the hooks' rules), to the byte."""
+    bad = []
+    for zero in (0, 1, 2, 3):
+        tr = Trainer(
+            run_config(
+                data_dir,
+                shared_tmp_path / f"zero{zero}",
+                **{
+                    "parallel.pp": pp,
+                    "parallel.zero": zero,
+                    "parallel.reshard_after_forward": reshard,
+                    "train.grad_accum": accum,
+                },
+            ),
+            grid=make_grid(MPI.COMM_WORLD, 1, pp),
+        )
+        ledger = tr.grid.world.ledger
+        ledger.reset()
+        tr.train_step()
+        sent = sum(v["bytes"] for k, v in ledger.summary().items() if k.startswith("dp."))
+        lay = Layout.of(tr.cfg, tr.grid.dp)
+        want = dp_bytes_per_step(tr.model.specs, tr.plan, lay, Bytes.of(tr.model.dtype.itemsize))
+        if sent != want:
+            bad.append(f"zero {zero}: the ledger counts {sent} bytes, the planner {want}")
     check(not bad, "\n".join(bad))
