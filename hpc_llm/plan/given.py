@@ -207,7 +207,7 @@ MEMORY_TERMS = {
     "activations": "activations (caches in flight)",
     "workspace": "workspace (the running op)",
     "pipeline_buffers": "pipeline send buffers",
-    "zero_buffers": "ZeRO buffers (ZeRO-1 receives; ZeRO-2/3 units gathered and in flight)",
+    "zero_buffers": "ZeRO buffers (receives, units in use)",
     "checkpoint_scratch": "checkpoint scratch",
     "checkpoint_assembly": "checkpoint staging (at a save)",
     "runtime": "runtime (interpreter, libraries)",

@@ -28,7 +28,7 @@ from mpi4py import MPI
 from hpc_llm.config.checks import validated
 from hpc_llm.train.trainer import Trainer
 
-from common import PRESETS, preset_config
+from common import PRESETS, preset_config, resident_bytes
 
 VARIANTS = [("zero0", 0, True), ("zero1", 1, True), ("zero2", 2, True), ("zero3", 3, True)]
 VARIANTS.append(("zero3-no-prefetch", 3, False))
@@ -65,6 +65,22 @@ def formula(zero: int, m: int, psi: int, wte: int, wpe: int) -> int:
         2: (m + 1) * psi,
         3: m * (3 * psi + wte - wpe),
     }[zero]
+
+
+def persistent_per_param(tr: Trainer) -> float:
+    """Bytes per parameter of the rank's stage a rank holds between steps: the parameter, gradient and compute
+    buffers' resident pages (mincore) and the Adam moments."""
+    m, o = tr.model, tr.opt
+    buffers = {id(b): b for b in (m.flat, m.grad_flat, m.compute)}.values()
+    held = sum(resident_bytes(b) for b in buffers) + o.m.nbytes + o.v.nbytes
+    return held / m.local_size
+
+
+def persistent_formula(zero: int, n: int) -> float:
+    """ZeRO's bytes per parameter (Rajbhandari et al.) with this code's fp32 sizes: 4-byte parameters, 4-byte
+    gradients, K = 8 (Adam's m and v; the parameters are the fp32 master): 4 + 4 + 8, 4 + 4 + 8/N, 4 + (4 + 8)/N,
+    (4 + 4 + 8)/N."""
+    return {0: 16, 1: 8 + 8 / n, 2: 4 + 12 / n, 3: 16 / n}[zero]
 
 
 def main() -> None:
@@ -106,6 +122,8 @@ def main() -> None:
             "dp_total": sum(dp_bytes.values()),
             "formula": formula(z, args.accum, psi, wte, wpe),
             "gather_wait_ms": 1e3 * gather_s,
+            "persistent_per_param": persistent_per_param(tr),
+            "formula_per_param": persistent_formula(z, tr.grid.dp),
             "steps_ms": [1e3 * x for x in steps[name]],
         }
         if world.rank == 0:
@@ -113,7 +131,9 @@ def main() -> None:
             print(
                 f"{args.preset} dp{tr.grid.dp} m{args.accum} {name:>17}: step {row['step_ms']:7.1f} ms "
                 f"({row['vs_zero0']:.2f}x zero0), dp {row['dp_total'] / 1e6:.1f} MB (formula "
-                f"{row['formula'] / 1e6:.1f}; {kinds}), waiting in gathers {row['gather_wait_ms']:.1f} ms",
+                f"{row['formula'] / 1e6:.1f}; {kinds}), waiting in gathers {row['gather_wait_ms']:.1f} ms; "
+                f"held between steps {row['persistent_per_param']:.2f} B/param (formula "
+                f"{row['formula_per_param']:.2f})",
                 flush=True,
             )
             if args.out:
