@@ -140,9 +140,9 @@ def _check_parallel(cfg: Config) -> None:
         par.virtual_stages >= 1, "parallel.virtual_stages", "a positive integer", par.virtual_stages
     )
     need(
-        par.schedule in ("1f1b", "interleaved", "gpipe"),
+        par.schedule in ("1f1b", "interleaved", "gpipe", "zb-h1"),
         "parallel.schedule",
-        '"1f1b", "interleaved" or "gpipe"',
+        '"1f1b", "interleaved", "gpipe" or "zb-h1"',
         par.schedule,
     )
     check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
