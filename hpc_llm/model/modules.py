@@ -73,12 +73,14 @@ class LayerNorm:
 
     def backward_input(self, dout, cache, work: WeightWork):
         """B: the input gradient; W (dout and the kept xhat) to `work`."""
-        xhat, rstd = cache
-        work.add(self._weight, dout, xhat)
-        return layernorm_backward_input(dout, (self.prec.use(xhat, dout.dtype), rstd), self.w.value)
+        kept, rstd = cache
+        xhat = self.prec.use(kept, dout.dtype)
+        # deferred: the kept copy (in the format: half the bytes), converted when W runs
+        work.add(self._weight, dout, kept if work.deferred else xhat)
+        return layernorm_backward_input(dout, (xhat, rstd), self.w.value)
 
     def _weight(self, dout, xhat, accumulate: bool) -> None:
-        xhat = self.prec.use(xhat, dout.dtype)
+        xhat = xhat if xhat.dtype == dout.dtype else self.prec.use(xhat, dout.dtype)
         layernorm_backward_weight(
             dout, xhat, self.w.grad, self.b.grad, accumulate and not self.partial
         )

@@ -160,6 +160,9 @@ class ColumnParallelLinear:
         """B: the input gradient; the weight gradients go to `work` (W: dy and the kept input; LoRA's dh too)."""
         x, h = cache if self.lora is not None else (cache, None)
         dy = self.prec.operand(dy)
+        if self.lora is not None and not work.deferred:
+            # used twice at once (w's and A's gradients): converted once
+            x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
             work.add(self._weight, dy, x)
         dx = linear_backward_input(dy, self.w.value)
@@ -183,13 +186,13 @@ class ColumnParallelLinear:
         """W: dw and db from the output gradient and the kept input (the slice, gathered again under sequence
         parallelism; a frozen weight needs no input)."""
         if self.w.grad is not None:
-            x = self.prec.use(x, dy.dtype)
+            x = _used(self.prec, x, dy.dtype)
             if self.sequence_parallel:  # the forward's gather again
                 x = gather_from_sequence_parallel_region(x, self.comm)
         linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate)
 
     def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
-        linear_backward_weight(dy, self.prec.use(x, dy.dtype), grad, None, accumulate)
+        linear_backward_weight(dy, _used(self.prec, x, dy.dtype), grad, None, accumulate)
 
 
 class RowParallelLinear:
@@ -251,6 +254,9 @@ class RowParallelLinear:
         kept input; LoRA's dh too). dy must stay as it is until W has run (WeightWork.keep)."""
         x, h = cache if self.lora is not None else (cache, None)
         dy = self.prec.operand(self.reduce_backward(dy, self.comm))
+        if self.lora is not None and not work.deferred:
+            # used twice at once (w's and A's gradients): converted once
+            x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
             work.add(self._weight, dy, x, self.w.grad, self.b.grad)
         dx = linear_backward_input(dy, self.w.value)
@@ -269,8 +275,13 @@ class RowParallelLinear:
 
     def _weight(self, dy, x, dw, db, accumulate: bool) -> None:
         """W: a weight's (and bias's) gradient from an output gradient and a kept input."""
-        x = self.prec.use(x, dy.dtype) if dw is not None else x
+        x = _used(self.prec, x, dy.dtype) if dw is not None else x
         linear_backward_weight(dy, x, dw, db, accumulate)
+
+
+def _used(prec: Precision, x, dtype):
+    """A kept input in the compute dtype: converted from the format unless B already did."""
+    return x if x.dtype == dtype else prec.use(x, dtype)
 
 
 def _add_scaled(y, z, s: float) -> None:

@@ -46,6 +46,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SPLIT = ("zb-h1",)  # the schedules whose backwards are B and W ops
 
 
 class Phase(StrEnum):

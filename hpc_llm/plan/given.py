@@ -5,7 +5,7 @@ The layout is the config's own (parallel.*, train.*) with the keys given replaci
     pp, tp, dp        the grid (dp: --gpus / (pp tp) when --gpus is given, else 1)
     zero              0 or 1 (ZeRO-1)
     sp                sequence parallelism: 0/1 (also false/true, off/on)
-    schedule          1f1b, gpipe or interleaved; virtual: model chunks per rank (interleaved: >= 2)
+    schedule          1f1b, gpipe, zb-h1 or interleaved; virtual: model chunks per rank (interleaved: >= 2)
     micro             micro-batches per step (train.grad_accum)
     mbs               rows per micro-batch on each data-parallel rank (the micro-batch size; the config's
                       train.batch_size / dp when not given)

@@ -44,7 +44,7 @@ def _schedules(cfg: ModelConfig, pp: int, max_virtual: int) -> list[tuple[str, i
     interleaved = [
         ("interleaved", v) for v in range(2, max_virtual + 1) if cfg.n_layer % (pp * v) == 0
     ]
-    return [("1f1b", 1), ("gpipe", 1)] + interleaved
+    return [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1)] + interleaved
 
 
 def _sp_options(cfg: ModelConfig, tp: int, sequence_parallel) -> tuple:
