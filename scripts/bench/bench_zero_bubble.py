@@ -5,6 +5,7 @@
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
     mpiexec -n 2 python scripts/bench/bench_zero_bubble.py --ms 4,8,16 --json zb_pp2.json
     mpiexec -n 4 --oversubscribe python scripts/bench/bench_zero_bubble.py --ms 4,8,16 --json zb_pp4.json
+    python scripts/bench/bench_zero_bubble.py --split-cost 12 --layers 4   # one process: B + W against the backward
 
 bench_pipeline.py's machinery (its model, the real Trainer.train_step on random tokens, its Probe timing every chunk
 forward, backward, B and W op, its run_schedule timer): for each m, a 1F1B and a ZB-H1 trainer on pp = the ranks,
@@ -14,6 +15,10 @@ compute; T_F, T_B, T_W = the stage's median forward, B (Chunk.backward_input) an
 ZB-H1 run, and 1F1B's whole backward; the formulas use the mean over stages. Memory, after the timed steps: one more
 step of each under tracemalloc, its peak above what existed before it (activations, temporaries, messages), with
 schedule.in_flight's micro-batches. Rank 0 prints Markdown tables; nothing is asserted.
+
+--split-cost N (one process, no mpiexec): the whole model of --layers on one chunk, N iterations each of a forward
+then Chunk.backward, and of a forward then backward_input + backward_weight, alternating: the medians of the forward,
+the unsplit backward, B and W (the first two iterations left out).
 """
 
 from __future__ import annotations
@@ -143,6 +148,40 @@ def tables(rows) -> str:
     return "\n".join(lines)
 
 
+def split_cost(args, model: dict) -> None:
+    import time
+
+    import numpy as np
+
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model.gpt import GPT
+
+    chunk = GPT(ModelConfig(**model, dtype="float32"), seed=0).chunks[0]
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, model["vocab_size"], (args.batch, model["block_size"])) for _ in "xy")
+    times = defaultdict(list)
+    for it in range(args.split_cost):
+        for split in (False, True):
+            t0 = time.perf_counter()
+            _, cache = chunk.forward(x, y)
+            t1 = time.perf_counter()
+            times["F"].append(t1 - t0)
+            if not split:
+                chunk.backward(None, cache, 1.0, accumulate=it > 0)
+                times["backward"].append(time.perf_counter() - t1)
+                continue
+            _, weights = chunk.backward_input(None, cache, 1.0)
+            t2 = time.perf_counter()
+            chunk.backward_weight(weights, it > 0)
+            times["B"].append(t2 - t1)
+            times["W"].append(time.perf_counter() - t2)
+    med = {k: 1e3 * bp.median(v[2:]) for k, v in times.items()}
+    print(
+        f"forward {med['F']:.1f} ms, backward {med['backward']:.1f} ms, B {med['B']:.1f} + W {med['W']:.1f} "
+        f"= {med['B'] + med['W']:.1f} ms: {(med['B'] + med['W']) / med['backward']:.3f} x the backward"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bp.add_model_args(ap)
@@ -151,10 +190,10 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--split-cost", type=int, default=0, metavar="N", help="one process: B + W's cost"
+    )
     args = ap.parse_args()
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
     model = dict(
         bp.BUBBLE_MODEL,
         n_layer=args.layers,
@@ -162,6 +201,11 @@ def main() -> None:
         n_head=args.heads,
         block_size=args.block,
     )
+    if args.split_cost:
+        return split_cost(args, model)
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
     tmp = bp.shared_dir(world, model["vocab_size"])
     bp._install_schedule_timer()
     rows = []
