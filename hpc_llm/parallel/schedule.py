@@ -15,7 +15,8 @@ MPI.
   deferred ones at the end, where 1F1B's stage s would idle. Each stage idles (p - 1)(t_f + t_b - t_w) for
   t_w <= t_f, t_b (in general (p - 1)(t_f + t_b - min(t_f, t_b, t_w)), m >= p) instead of 1F1B's
   (p - 1)(t_f + t_b + t_w) (t_b, t_w: B's and W's costs), at 1F1B's peak of p micro-batches in flight (an
-  activation lives from F to W), now on every stage.
+  activation lives from F to W), now on every stage: p - 1 of them as what W needs only (smaller than the cache,
+  except the head's, which holds the logits' gradient).
 - "interleaved" (Megatron-LM's interleaved 1F1B): each rank holds v model chunks; chunk c of rank s is global
   virtual stage c * p + s, so a micro-batch visits every rank v times. Micro-batches go through a chunk in groups of p
   (hence m % p == 0), and the pipeline fills v times faster: the bubble shrinks by v, for v times the messages.
