@@ -140,9 +140,9 @@ def _check_parallel(cfg: Config) -> None:
         par.virtual_stages >= 1, "parallel.virtual_stages", "a positive integer", par.virtual_stages
     )
     need(
-        par.schedule in ("1f1b", "interleaved", "gpipe"),
+        par.schedule in ("1f1b", "interleaved", "gpipe", "zb-h1"),
         "parallel.schedule",
-        '"1f1b", "interleaved" or "gpipe"',
+        '"1f1b", "interleaved", "gpipe" or "zb-h1"',
         par.schedule,
     )
     check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
@@ -179,6 +179,13 @@ def _check_parallel(cfg: Config) -> None:
     if par.act_comm == "bf16":
         low_dtype("bf16")
     need(par.zero in (0, 1, 2, 3), "parallel.zero", "0, 1, 2 or 3", par.zero)
+    need(
+        par.zero < 2 or par.schedule != "zb-h1",
+        "parallel.zero",
+        f'0 or 1 with parallel.schedule="{par.schedule}" (ZeRO-2/3 reduce a part\'s gradients as its '
+        "backward ends; a zero-bubble schedule defers its weight gradients)",
+        par.zero,
+    )
     need(
         par.zero < 2 or par.grad_comm == "fp32",
         "parallel.grad_comm",

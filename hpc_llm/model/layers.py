@@ -5,6 +5,11 @@ that cache and returns the input gradient, writing parameter gradients into the 
 `accumulate=False` a parameter gradient is overwritten (the first micro-batch of a step, no zeroing pass needed);
 with `accumulate=True` it is added to.
 
+A layer with weights has its backward in two parts too (zero-bubble pipelines): `*_backward_input` (B, the input
+gradient, on the critical path to the previous pipeline stage) and `*_backward_weight` (W, the weight gradients, from
+the layer's input and its output gradient only, so it can wait); `*_backward` is W then B, the same arithmetic.
+`WeightWork` holds the W parts a module's B leaves, or runs them at once.
+
 Array-module agnostic: `xp = array_module(x)` is NumPy or CuPy. Linear weights are stored (in, out), as Hugging Face's
 GPT-2 Conv1D stores them, so `y = x @ w + b` with no transpose.
 """
@@ -101,8 +106,13 @@ def layernorm_forward(x, w, b):
 
 
 def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
+    layernorm_backward_weight(dout, cache[0], dw, db, accumulate)
+    return layernorm_backward_input(dout, cache, w)
+
+
+def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
+    """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias)."""
     xp = array_module(dout)
-    xhat, rstd = cache
     C = dout.shape[-1]
     d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
     if accumulate:
@@ -111,6 +121,13 @@ def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
         dw[...] = xp.einsum("ni,ni->i", d2, x2)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
+
+
+def layernorm_backward_input(dout, cache, w):
+    """B: the input gradient; dout is left as it is (W reads it)."""
+    xp = array_module(dout)
+    xhat, rstd = cache
+    C = dout.shape[-1]
     dxhat = dout * w
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     mean_d = dxhat.mean(axis=-1, keepdims=True)
@@ -165,13 +182,55 @@ def _matmul_panels(x2, w):
 
 def linear_backward(dout, x, w, dw, db, accumulate: bool):
     """The cache of a linear layer is its input x. dw None: a frozen weight, no gradient computed."""
+    linear_backward_weight(dout, x, dw, db, accumulate)
+    return linear_backward_input(dout, w)
+
+
+def linear_backward_weight(dout, x, dw, db, accumulate: bool) -> None:
+    """W: dw = x^T dout (dw None: frozen, skipped), db = the sum of dout's rows (None: no bias)."""
     d2 = dout.reshape(-1, dout.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
     if dw is not None:
-        matmul_into(x2.T, d2, dw, accumulate)
+        matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
+
+
+def linear_backward_input(dout, w):
+    """B: dx = dout w^T."""
+    d2 = dout.reshape(-1, dout.shape[-1])
     return (d2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
+
+
+class WeightWork:
+    """The weight-gradient part (W) of a module's backward: what its input-gradient part (B) leaves, in order, each a
+    function and the arrays it needs (a layer's kept input and its output gradient), called with `accumulate` last.
+
+    WeightWork(None) keeps them for run(accumulate) later (a zero-bubble schedule's W op); WeightWork(True/False) runs
+    each as it is added, in B's order, which is the unsplit backward, bit for bit and with nothing kept."""
+
+    def __init__(self, accumulate: bool | None = None):
+        self.now, self.todo = accumulate, []
+
+    @property
+    def deferred(self) -> bool:
+        return self.now is None
+
+    def add(self, fn, *args) -> None:
+        if self.now is None:
+            self.todo.append((fn, args))
+        else:
+            fn(*args, self.now)
+
+    def keep(self, x):
+        """x as a W part will read it: a copy when deferred and B goes on to update x in place, else x itself."""
+        return x.copy() if self.now is None else x
+
+    def run(self, accumulate: bool) -> None:
+        """The kept parts in order; their arrays are dropped as they go."""
+        todo, self.todo = self.todo, []
+        while todo:
+            fn, args = todo.pop(0)
+            fn(*args, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """GPT-2's building blocks as small objects: Embedding, Block, Head, and Chunk (a pipeline stage made of them).
 
 Each holds `Param` views (value, gradient) into the flat buffers and has `forward(...) -> (out, cache)` and
-`backward(dout, cache, ...)`. The cache is returned, never kept on the object, so several micro-batches can be in
-flight at once (pipeline schedules). Dropout applies when an rng is given (training) and the model's dropout > 0; its
-masks come from the rng's site for the layer (layers.DropoutRNG), so they do not depend on how the model is split.
-Tensor parallelism lives inside: the column/row-parallel linears own their f/g mappings, the embedding and the head
-are vocabulary-parallel. With sequence parallelism the residual stream between them is this TP rank's slice of
-positions (B, T/tp, C): the embedding reduce-scatters into it, the column-parallel linears and the head's logits
-gather from it, the row-parallel linears reduce-scatter back into it; LayerNorms, dropouts and residual adds run on
-the slice (the dropouts with the single process's masks at those positions, DropoutRNG.for_positions).
+`backward(dout, cache, ...)`, which is `backward_input(dout, cache, work)` (B, the input gradient) with its weight
+gradients (W) run at once by a layers.WeightWork; a zero-bubble schedule keeps them for later instead. The cache is
+returned, never kept on the object, so several micro-batches can be in flight at once (pipeline schedules). Dropout
+applies when an rng is given (training) and the model's dropout > 0; its masks come from the rng's site for the layer
+(layers.DropoutRNG), so they do not depend on how the model is split. Tensor parallelism lives inside: the
+column/row-parallel linears own their f/g mappings, the embedding and the head are vocabulary-parallel. With sequence
+parallelism the residual stream between them is this TP rank's slice of positions (B, T/tp, C): the embedding
+reduce-scatters into it, the column-parallel linears and the head's logits gather from it, the row-parallel linears
+reduce-scatter back into it; LayerNorms, dropouts and residual adds run on the slice (the dropouts with the single
+process's masks at those positions, DropoutRNG.for_positions).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hpc_llm.model.layers import (
     NO_PARAM,
     DropoutRNG,
     Param,
+    WeightWork,
     attention_backward,
     attention_forward,
     cached_attention_forward,
@@ -29,7 +32,8 @@ from hpc_llm.model.layers import (
     gelu_backward,
     gelu_forward,
     gelu_tanh,
-    layernorm_backward,
+    layernorm_backward_input,
+    layernorm_backward_weight,
     layernorm_forward,
     linear_forward,
     matmul_into,
@@ -54,24 +58,31 @@ from hpc_llm.parallel.comm import Comm
 
 
 class LayerNorm:
-    """Statistics in the compute dtype; the normalised input kept in the precision's format."""
+    """Statistics in the compute dtype; the normalised input kept in the precision's format. partial: its gradients
+    are a SlicePartials buffer's views, overwritten by each backward (the buffer's reduce accumulates)."""
 
-    def __init__(self, w: Param, b: Param, prec: Precision = FP32):
-        self.w, self.b, self.prec = w, b, prec
+    def __init__(self, w: Param, b: Param, prec: Precision = FP32, partial: bool = False):
+        self.w, self.b, self.prec, self.partial = w, b, prec, partial
 
     def forward(self, x):
         out, (xhat, rstd) = layernorm_forward(x, self.w.value, self.b.value)
         return out, (self.prec.keep(xhat), rstd)
 
     def backward(self, dout, cache, accumulate: bool):
-        xhat, rstd = cache
-        return layernorm_backward(
-            dout,
-            (self.prec.use(xhat, dout.dtype), rstd),
-            self.w.value,
-            self.w.grad,
-            self.b.grad,
-            accumulate,
+        return self.backward_input(dout, cache, WeightWork(accumulate))
+
+    def backward_input(self, dout, cache, work: WeightWork):
+        """B: the input gradient; W (dout and the kept xhat) to `work`."""
+        kept, rstd = cache
+        xhat = self.prec.use(kept, dout.dtype)
+        # deferred: the kept copy (in the format: half the bytes), converted when W runs
+        work.add(self._weight, dout, kept if work.deferred else xhat)
+        return layernorm_backward_input(dout, (xhat, rstd), self.w.value)
+
+    def _weight(self, dout, xhat, accumulate: bool) -> None:
+        xhat = xhat if xhat.dtype == dout.dtype else self.prec.use(xhat, dout.dtype)
+        layernorm_backward_weight(
+            dout, xhat, self.w.grad, self.b.grad, accumulate and not self.partial
         )
 
 
@@ -154,6 +165,13 @@ class Embedding:
         return x, (idx, mask)
 
     def backward(self, dx, cache, accumulate: bool) -> None:
+        self._weight(dx, cache, accumulate)
+
+    def backward_input(self, dx, cache, work: WeightWork) -> None:
+        """B: nothing (the input is token ids); all of the backward is W (dx: no one else updates it)."""
+        work.add(self._weight, dx, cache)
+
+    def _weight(self, dx, cache, accumulate: bool) -> None:
         idx, mask = cache
         if mask is not None:
             dropout_backward(dx, mask)
@@ -252,10 +270,11 @@ class Block:
         self.partials = SlicePartials(ln, tp) if sequence_parallel else None
         if self.partials is not None:
             ln = self.partials.params
-        self.ln_1 = LayerNorm(ln[0], ln[1], prec)
+        sp = sequence_parallel
+        self.ln_1 = LayerNorm(ln[0], ln[1], prec, partial=sp)
         self.qkv = linear(ColumnParallelLinear, "attn.c_attn")
         self.attn_proj = linear(RowParallelLinear, "attn.c_proj")
-        self.ln_2 = LayerNorm(ln[2], ln[3], prec)
+        self.ln_2 = LayerNorm(ln[2], ln[3], prec, partial=sp)
         self.fc = linear(ColumnParallelLinear, "mlp.c_fc")
         self.mlp_proj = linear(RowParallelLinear, "mlp.c_proj")
 
@@ -302,30 +321,33 @@ class Block:
     def backward(self, dx, cache: BlockCache, accumulate: bool, rng=None):
         """dx: the gradient of the block's output (updated in place into that of its input, and returned). rng: the
         forward's dropout rng (a DropoutRNG), to draw attention's masks again under selective recompute."""
+        return self.backward_input(dx, cache, WeightWork(accumulate), rng)
+
+    def backward_input(self, dx, cache: BlockCache, work: WeightWork, rng=None):
+        """B of backward (the same dx in and out); each linear's and LayerNorm's W goes to `work`, then the sum of
+        the LayerNorms' partial gradients (sequence parallelism: SlicePartials)."""
         c, use = cache, self.prec.use
-        # sequence parallelism: the LayerNorms' partial gradients go to SlicePartials' buffer, reduced below
-        ln_accumulate = accumulate and self.partials is None
-        dm = dx if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
-        dg = self.mlp_proj.backward(dm, c.mlp_proj, accumulate)
+        # the branch's output gradient: the row-parallel W reads it after dx has been updated in place
+        dm = work.keep(dx) if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
+        dg = self.mlp_proj.backward_input(dm, c.mlp_proj, work)
         f = use(c.fc_out, dg.dtype)
         gt = gelu_tanh(f) if c.gelu_t is None else use(c.gelu_t, dg.dtype)
         df = gelu_backward(dg, f, gt)  # consumes gt
         del f, gt
-        dh2 = self.fc.backward(df, c.fc, accumulate)
-        dx += self.ln_2.backward(dh2, c.ln_2, ln_accumulate)
-        da = dx if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
-        dy = self.attn_proj.backward(da, c.attn_proj, accumulate)
+        dh2 = self.fc.backward_input(df, c.fc, work)
+        dx += self.ln_2.backward_input(dh2, c.ln_2, work)
+        da = work.keep(dx) if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
+        dy = self.attn_proj.backward_input(da, c.attn_proj, work)
         drop, heads_rng = 0.0, None
-        if (
-            c.attn[1] is None and rng is not None and self.dropout > 0
-        ):  # selective: a fresh site, same masks
+        if c.attn[1] is None and rng is not None and self.dropout > 0:
+            # selective: a fresh site, same masks
             drop = self.dropout
             heads_rng = dropout_site(rng, self.layer + 1).for_heads(*self.head_range)
         dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng)
-        dh1 = self.qkv.backward(dqkv, c.qkv, accumulate)
-        dx += self.ln_1.backward(dh1, c.ln_1, ln_accumulate)
+        dh1 = self.qkv.backward_input(dqkv, c.qkv, work)
+        dx += self.ln_1.backward_input(dh1, c.ln_1, work)
         if self.partials is not None:
-            self.partials.reduce(accumulate)
+            work.add(self.partials.reduce)
         return dx
 
 
@@ -352,7 +374,7 @@ class Head:
         self.partials = SlicePartials([ln_w, ln_b], tp) if sequence_parallel else None
         if self.partials is not None:
             ln_w, ln_b = self.partials.params
-        self.ln_f = LayerNorm(ln_w, ln_b, prec)
+        self.ln_f = LayerNorm(ln_w, ln_b, prec, partial=sequence_parallel)
         self.wte, self.v0, self.vocab_size, self.tp, self.prec = wte, v0, vocab_size, tp, prec
         self.sequence_parallel = sequence_parallel
 
@@ -384,25 +406,31 @@ class Head:
         return loss, (lnf, kept, ce, (B, T, C))
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
+        return self.backward_input(cache, loss_scale, WeightWork(accumulate))
+
+    def backward_input(self, cache, loss_scale: float, work: WeightWork):
+        """B: the input gradient; wte's gradient (W: dlogits and the kept input) and ln_f's go to `work`."""
         lnf, xf2, ce, shape = cache
         dlogits = self.prec.round_(vocab_parallel_cross_entropy_backward(ce, loss_scale))
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
-            xf2 = self.prec.use(xf2, dlogits.dtype)
-            if self.sequence_parallel:  # the forward's gather again
-                xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, shape[-1])
-            matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)
+            work.add(self._wte_weight, dlogits, xf2, shape[-1])
         dx = (dlogits @ self.wte.value).reshape(shape)
         del dlogits, ce
         if self.sequence_parallel:
             dx = gather_from_sequence_parallel_region_backward(dx, self.tp)
         else:
             dx = copy_to_tp_region_backward(dx, self.tp)
-        if self.partials is None:
-            return self.ln_f.backward(dx, lnf, accumulate)
-        dx = self.ln_f.backward(dx, lnf, False)  # partial sums into SlicePartials' buffer
-        self.partials.reduce(accumulate)
+        dx = self.ln_f.backward_input(dx, lnf, work)
+        if self.partials is not None:
+            work.add(self.partials.reduce)
         return dx
+
+    def _wte_weight(self, dlogits, xf2, C: int, accumulate: bool) -> None:
+        xf2 = self.prec.use(xf2, dlogits.dtype)
+        if self.sequence_parallel:  # the forward's gather again
+            xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, C)
+        matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)
 
 
 class PartHooks:
@@ -442,6 +470,9 @@ class Chunk:
     activations; its backward takes the gradient of those activations (None on the last stage) and gives that of
     its input (None on the first). grad_offsets: for the head and each block, where its parameters start in the flat
     buffer; backward calls grad_ready(offset) once each one's gradients are final (data-parallel buckets start).
+    backward_input and backward_weight are backward's two parts (zero-bubble schedules), B of every part then W of
+    every part, in the same order (head, blocks from the last, embedding); backward runs each part's W right after its
+    B, so the two give the same bits.
 
     recompute "block" (Megatron's full recompute): forward keeps only each block's input, and backward runs the
     block's forward again from it to get the cache; the same arithmetic on the same input gives the same cache bit
@@ -513,25 +544,56 @@ class Chunk:
         accumulate: bool = False,
         grad_ready=None,
     ):
+        """The input gradient (None on the first stage), every gradient written: part by part, each part's W right
+        after its B (the unsplit backward)."""
+        dx, _ = self._backward(dout, cache, loss_scale, accumulate, grad_ready)
+        return dx
+
+    def backward_input(self, dout, cache: ChunkCache, loss_scale: float = 1.0):
+        """B alone (zero-bubble schedules): -> (the input gradient, the W left for backward_weight)."""
+        return self._backward(dout, cache, loss_scale, None, None)
+
+    def backward_weight(self, weights: list, accumulate: bool, grad_ready=None) -> None:
+        """W of one micro-batch, part by part in backward's order; grad_ready as in backward."""
+        for offset, work in weights:
+            work.run(accumulate)
+            if offset is not None and grad_ready is not None:
+                grad_ready(offset)
+
+    def _backward(self, dout, cache: ChunkCache, loss_scale, accumulate, grad_ready):
+        """The parts' B from the head to the embedding. accumulate None: each part's W kept, returned as
+        [(its grad offset, WeightWork)]; else run with it, grad_ready(offset) after each part."""
         emb_cache, caches, head_cache, rng = cache
-        ready = grad_ready or (lambda offset: None)
-        hooks, dx = self.hooks, dout
+        weights, hooks = [], self.hooks
+
+        def done(part, offset, work):
+            # a deferred W (zero-bubble) leaves the part's gradients unfinished: the hooks (ZeRO-2/3, which those
+            # schedules do not run with) and grad_ready wait for backward_weight
+            if work.deferred:
+                weights.append((offset, work))
+                return
+            hooks.after_backward(self, part)
+            if offset is not None and grad_ready is not None:
+                grad_ready(offset)
+
+        dx = dout
         if self.head is not None:
+            work = WeightWork(accumulate)
             hooks.before_backward(self, "head")
-            dx = self.head.backward(head_cache, loss_scale, accumulate)
-            hooks.after_backward(self, "head")
-            ready(self.grad_offsets["head"])
+            dx = self.head.backward_input(head_cache, loss_scale, work)
+            done("head", self.grad_offsets["head"], work)
         for block in reversed(self.blocks):
             block_cache = caches.pop()
             hooks.before_backward(self, block.layer)
             if self.recompute == "block":
                 _, block_cache = block.forward(block_cache, rng)
-            dx = block.backward(dx, block_cache, accumulate, rng)
-            hooks.after_backward(self, block.layer)
-            ready(self.grad_offsets[block.layer])
-        if self.embedding is None:
-            return dx
-        hooks.before_backward(self, "embedding")
-        self.embedding.backward(dx, emb_cache, accumulate)
-        hooks.after_backward(self, "embedding")
-        return None
+            work = WeightWork(accumulate)
+            dx = block.backward_input(dx, block_cache, work, rng)
+            done(block.layer, self.grad_offsets[block.layer], work)
+        if self.embedding is not None:
+            work = WeightWork(accumulate)
+            hooks.before_backward(self, "embedding")
+            self.embedding.backward_input(dx, emb_cache, work)
+            done("embedding", None, work)
+            dx = None
+        return dx, weights

@@ -25,9 +25,11 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.model.layers import (
     Param,
+    WeightWork,
     embedding_backward,
     embedding_forward,
-    linear_backward,
+    linear_backward_input,
+    linear_backward_weight,
     linear_forward,
     position_embedding_backward,
 )
@@ -152,24 +154,45 @@ class ColumnParallelLinear:
         return y, (x, h)
 
     def backward(self, dy, cache, accumulate: bool):
+        return self.backward_input(dy, cache, WeightWork(accumulate))
+
+    def backward_input(self, dy, cache, work: WeightWork):
+        """B: the input gradient; the weight gradients go to `work` (W: dy and the kept input; LoRA's dh too)."""
         x, h = cache if self.lora is not None else (cache, None)
-        dy, x = self.prec.operand(dy), self.prec.use(x, dy.dtype)
+        dy = self.prec.operand(dy)
+        if self.lora is not None and not work.deferred:
+            # used twice at once (w's and A's gradients): converted once
+            x = self.prec.use(x, dy.dtype)
+        if self.w.grad is not None or self.b.grad is not None:
+            work.add(self._weight, dy, x)
+        dx = linear_backward_input(dy, self.w.value)
         if self.sequence_parallel:
-            # the forward's gather again (a frozen weight needs no input)
-            if self.w.grad is not None:
-                x = gather_from_sequence_parallel_region(x, self.comm)
-            dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
             return gather_from_sequence_parallel_region_backward(dx, self.comm)
-        dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
         dx = copy_to_tp_region_backward(dx, self.comm)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
-            dh = linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
+            if B.grad is not None:
+                work.add(self._lora_weight, dys, h, B.grad)
+            dh = linear_backward_input(dys, B.value)
             # h's f: the partials summed
             dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))
-            dx += linear_backward(dh, x, A.value, A.grad, None, accumulate)
+            if A.grad is not None:
+                work.add(self._lora_weight, dh, x, A.grad)
+            dx += linear_backward_input(dh, A.value)
         return dx
+
+    def _weight(self, dy, x, accumulate: bool) -> None:
+        """W: dw and db from the output gradient and the kept input (the slice, gathered again under sequence
+        parallelism; a frozen weight needs no input)."""
+        if self.w.grad is not None:
+            x = _used(self.prec, x, dy.dtype)
+            if self.sequence_parallel:  # the forward's gather again
+                x = gather_from_sequence_parallel_region(x, self.comm)
+        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate)
+
+    def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
+        linear_backward_weight(dy, _used(self.prec, x, dy.dtype), grad, None, accumulate)
 
 
 class RowParallelLinear:
@@ -224,18 +247,41 @@ class RowParallelLinear:
         return y, (x, h)
 
     def backward(self, dy, cache, accumulate: bool):
+        return self.backward_input(dy, cache, WeightWork(accumulate))
+
+    def backward_input(self, dy, cache, work: WeightWork):
+        """B: the input gradient; the weight gradients go to `work` (W: dy after the mapping's backward and the
+        kept input; LoRA's dh too). dy must stay as it is until W has run (WeightWork.keep)."""
         x, h = cache if self.lora is not None else (cache, None)
         dy = self.prec.operand(self.reduce_backward(dy, self.comm))
-        x = self.prec.use(x, dy.dtype)
-        dx = linear_backward(dy, x, self.w.value, self.w.grad, self.b.grad, accumulate)
+        if self.lora is not None and not work.deferred:
+            # used twice at once (w's and A's gradients): converted once
+            x = self.prec.use(x, dy.dtype)
+        if self.w.grad is not None or self.b.grad is not None:
+            work.add(self._weight, dy, x, self.w.grad, self.b.grad)
+        dx = linear_backward_input(dy, self.w.value)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
-            dh = linear_backward(dys, self.prec.use(h, dy.dtype), B.value, B.grad, None, accumulate)
+            if B.grad is not None:
+                work.add(self._weight, dys, h, B.grad, None)
+            dh = linear_backward_input(dys, B.value)
             # h's g: the identity
             dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))
-            dx += linear_backward(dh, x, A.value, A.grad, None, accumulate)
+            if A.grad is not None:
+                work.add(self._weight, dh, x, A.grad, None)
+            dx += linear_backward_input(dh, A.value)
         return dx
+
+    def _weight(self, dy, x, dw, db, accumulate: bool) -> None:
+        """W: a weight's (and bias's) gradient from an output gradient and a kept input."""
+        x = _used(self.prec, x, dy.dtype) if dw is not None else x
+        linear_backward_weight(dy, x, dw, db, accumulate)
+
+
+def _used(prec: Precision, x, dtype):
+    """A kept input in the compute dtype: converted from the format unless B already did."""
+    return x if x.dtype == dtype else prec.use(x, dtype)
 
 
 def _add_scaled(y, z, s: float) -> None:

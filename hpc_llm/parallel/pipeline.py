@@ -5,17 +5,20 @@ micro-batch after micro-batch).
     F(micro, chunk)  input: the micro-batch's tokens (first stage) or the previous stage's activation (received);
                      the chunk's forward; output: the loss (last stage, kept) or the activation, sent on.
     B(micro, chunk)  input: the gradient of that output (received from the next stage, or the loss's);
-                     the chunk's backward with the cache its forward left; the input gradient sent back.
+                     the chunk's backward with the cache its forward left; the input gradient sent back. Where
+                     the list has W(micro, chunk) too (zero-bubble schedules), only the input gradient
+                     (Chunk.backward_input), keeping what W needs.
+    W(micro, chunk)  the weight gradients B left (Chunk.backward_weight); nothing received or sent.
 
 Receives are posted right after the op before them (paired with its send: PipelineComm's combined steps) and waited
 for when their op starts. Only after that receive is posted does `PipelineComm.settle` bound the sends in flight (at
 most its depth per direction live across an op; those delivered are completed at every op boundary): waiting for an
 old send before posting the next receive could leave two neighbours each waiting for the other to receive.
 
-Each chunk's first backward of the step overwrites its gradients and later ones add to them, micro-batch by
+Each chunk's first backward (or W) of the step overwrites its gradients and later ones add to them, micro-batch by
 micro-batch in order (every schedule keeps that order), so the gradient sums are formed as in the single process.
-During a chunk's last backward, grad_ready reports its finished gradients to the data-parallel buckets, once the
-chunks behind it in the flat buffer are final too.
+During a chunk's last backward (or W), grad_ready reports its finished gradients to the data-parallel buckets, once
+the chunks behind it in the flat buffer are final too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from hpc_llm.parallel.schedule import Op, Phase
 
 def _needs_input(model, op: Op) -> bool:
     chunk = model.chunks[op.chunk]
+    if op.kind == Phase.WEIGHT:
+        return False
     return chunk.embedding is None if op.kind == Phase.FORWARD else chunk.head is None
 
 
@@ -41,8 +46,7 @@ def run_schedule(
     """Run `ops` on this rank. micro_batch(micro) -> (tokens, targets, dropout rng) of this rank's rows; loss_scale
     multiplies every micro-batch's loss in backward; act_shape: an activation's shape (model.act_shape: (rows, T, C),
     T/tp with sequence parallelism), that of every message. Returns {micro: loss} on the last stage ({} elsewhere)."""
-    losses, caches, started, final = {}, {}, set(), set()
-    last_backward = {op.chunk: k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD}
+    losses, caches, grads = {}, {}, _Gradients(model, ops, grad_ready)
     pending = None  # (handle, buffer) of the receive posted for the current op
     for k, op in enumerate(ops):
         chunk = model.chunks[op.chunk]
@@ -61,19 +65,10 @@ def run_schedule(
             if chunk.head is not None:
                 losses[op.micro] = out
             send = None if chunk.head is not None else out
+        elif op.kind == Phase.BACKWARD:
+            send = grads.backward(k, op, inp, caches.pop((op.micro, op.chunk)), loss_scale)
         else:
-            last = k == last_backward[op.chunk]
-            behind_final = all(c in final for c in range(op.chunk + 1, len(model.chunks)))
-            send = chunk.backward(
-                inp,
-                caches.pop((op.micro, op.chunk)),
-                loss_scale,
-                accumulate=op.chunk in started,
-                grad_ready=grad_ready if last and behind_final else None,
-            )
-            started.add(op.chunk)
-            if last:
-                final.add(op.chunk)
+            send = grads.weight(k, op)
         nxt = ops[k + 1] if k + 1 < len(ops) and _needs_input(model, ops[k + 1]) else None
         pending = None
         if nxt is not None:
@@ -84,10 +79,53 @@ def run_schedule(
         inp = out = send = None
         if pipe is not None:
             pipe.settle()  # after the next receive is posted: the bound's wait cannot hold a neighbour up
-    assert not caches, f"activations left in flight: {sorted(caches)}"
+    assert not caches and not grads.weights, (
+        f"left in flight: {sorted(caches)} {sorted(grads.weights)}"
+    )
     if pipe is not None:
         pipe.wait_sends()
     return losses
+
+
+class _Gradients:
+    """The gradient-writing ops of one step on this rank: each (micro, chunk)'s backward, or its B and then its W
+    where the list has that W. Knows which op is a chunk's first (it overwrites) and last (grad_ready)."""
+
+    def __init__(self, model, ops: list[Op], grad_ready):
+        self.model, self.grad_ready = model, grad_ready
+        self.split = {(op.micro, op.chunk) for op in ops if op.kind == Phase.WEIGHT}
+        self.last = {
+            op.chunk: k
+            for k, op in enumerate(ops)
+            if op.kind == Phase.WEIGHT
+            or (op.kind == Phase.BACKWARD and (op.micro, op.chunk) not in self.split)
+        }
+        self.weights, self.started, self.final = {}, set(), set()
+
+    def backward(self, k: int, op: Op, dout, cache, loss_scale: float):
+        """B, or the whole backward: -> the input gradient."""
+        chunk = self.model.chunks[op.chunk]
+        if (op.micro, op.chunk) in self.split:
+            dx, self.weights[op.micro, op.chunk] = chunk.backward_input(dout, cache, loss_scale)
+            return dx
+        accumulate, ready = self._writes(k, op)
+        return chunk.backward(dout, cache, loss_scale, accumulate, ready)
+
+    def weight(self, k: int, op: Op) -> None:
+        accumulate, ready = self._writes(k, op)
+        self.model.chunks[op.chunk].backward_weight(
+            self.weights.pop((op.micro, op.chunk)), accumulate, ready
+        )
+
+    def _writes(self, k: int, op: Op):
+        """-> (accumulate, grad_ready or None) for op k, which writes op.chunk's gradients."""
+        last = k == self.last[op.chunk]
+        behind_final = all(c in self.final for c in range(op.chunk + 1, len(self.model.chunks)))
+        accumulate = op.chunk in self.started
+        self.started.add(op.chunk)
+        if last:
+            self.final.add(op.chunk)
+        return accumulate, self.grad_ready if last and behind_final else None
 
 
 def _send(pipe: PipelineComm, op: Op, vstage: int, x) -> None:

@@ -1,19 +1,28 @@
 """Pipeline schedules as plain data: for each pipeline rank, the list of operations it runs in one training step.
 
-A schedule is computed, not executed, here: `schedule(name, p, stage, m, v)` returns a list of `Op`s (forward or
-backward, micro-batch, model chunk) that the trainer's single loop walks in order, receiving and sending activations
-and gradients as each op needs. Keeping the order as data lets tests read it and `simulate` time it without MPI.
+A schedule is computed, not executed, here: `schedule(name, p, stage, m, v)` returns a list of `Op`s (forward, backward
+or weight gradient, micro-batch, model chunk) that the trainer's single loop walks in order, receiving and sending
+activations and gradients as each op needs. Keeping the order as data lets tests read it and `simulate` time it without
+MPI.
 
 - "gpipe": all m forwards, then all m backwards; m micro-batches' activations are alive at once.
 - "1f1b" (Megatron-LM's non-interleaved schedule): stage s runs min(p - s - 1, m) warm-up forwards, then alternates
   one forward and one backward, then drains the remaining backwards; at most min(p - s, m) micro-batches are alive,
   for the same bubble as GPipe.
+- "zb-h1" (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, handcrafted schedule 1): each backward in two
+  ops, B (the input gradient, sent back) and W (the weight gradients, which nothing waits for). The F and B ops are
+  1F1B's, in 1F1B's order; stage s defers the W of its first s backwards and then runs one W after each B, the s
+  deferred ones at the end, where 1F1B's stage s would idle. Each stage idles (p - 1)(t_f + t_b - t_w) for
+  t_w <= t_f, t_b (in general (p - 1)(t_f + t_b - min(t_f, t_b, t_w)), m >= p) instead of 1F1B's
+  (p - 1)(t_f + t_b + t_w) (t_b, t_w: B's and W's costs), at 1F1B's peak of p micro-batches in flight (an
+  activation lives from F to W), now on every stage: p - 1 of them as what W needs only (smaller than the cache,
+  except the head's, which holds the logits' gradient).
 - "interleaved" (Megatron-LM's interleaved 1F1B): each rank holds v model chunks; chunk c of rank s is global
   virtual stage c * p + s, so a micro-batch visits every rank v times. Micro-batches go through a chunk in groups of p
   (hence m % p == 0), and the pipeline fills v times faster: the bubble shrinks by v, for v times the messages.
 
-Backwards run in increasing micro-batch order in every schedule (per chunk, for "interleaved"), so each parameter's
-gradient sums its micro-batches in the same order whatever the schedule, and the sum is the same to the bit.
+Backwards (and W ops) run in increasing micro-batch order in every schedule (per chunk, for "interleaved"), so each
+parameter's gradient sums its micro-batches in the same order whatever the schedule, and the sum is the same to the bit.
 
 Timed by `simulate` with no communication time, each rank computes m (t_f + t_b) and idles only while the pipeline
 fills (p - 1 stage forwards) and drains (p - 1 stage backwards); tests/parallel/test_schedule.py checks these exactly
@@ -37,14 +46,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-NAMES = ("gpipe", "1f1b", "interleaved")
+NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SPLIT = ("zb-h1",)  # the schedules whose backwards are B and W ops
 
 
 class Phase(StrEnum):
-    """An op's direction; prints as its letter ("F0 B0" in `describe`, Op(kind='F', ...) in messages)."""
+    """An op's kind; prints as its letter ("F0 B0" in `describe`, Op(kind='F', ...) in messages). BACKWARD is the
+    whole backward, or only its input gradient where the list also has the micro-batch's WEIGHT op."""
 
     FORWARD = "F"
     BACKWARD = "B"
+    WEIGHT = "W"
 
     def __repr__(self) -> str:
         return repr(self.value)
@@ -95,6 +107,18 @@ def one_f_one_b(p: int, stage: int, m: int) -> list[Op]:
     return _warmup_then_1f1b(fwd, bwd, min(p - stage - 1, m))
 
 
+def zb_h1(p: int, stage: int, m: int) -> list[Op]:
+    """ZB-H1: 1F1B's F and B ops in 1F1B's order; the W of the first min(stage, ...) backwards deferred, then a W
+    (the oldest waiting) after each later B, and the deferred ones last."""
+    ops, deferred, w = [], min(stage, m), 0
+    for op in one_f_one_b(p, stage, m):
+        ops.append(op)
+        if op.kind == Phase.BACKWARD and op.micro >= deferred:
+            ops.append(Op(Phase.WEIGHT, w))
+            w += 1
+    return ops + [Op(Phase.WEIGHT, i) for i in range(w, m)]
+
+
 def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
     """Megatron's interleaved 1F1B. The k-th forward of a rank is micro-batch (k // pv) p + k % p of chunk
     (k % pv) // p: p micro-batches through chunk 0, the same p through chunk 1, ..., then the next p; the k-th
@@ -122,7 +146,7 @@ def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
 
 
 def schedule(name: str, p: int, stage: int, m: int, v: int = 1) -> list[Op]:
-    """The op list of pipeline rank `stage` for schedule `name` ("gpipe" | "1f1b" | "interleaved")."""
+    """The op list of pipeline rank `stage` for schedule `name` (one of NAMES)."""
     if name not in NAMES:
         raise ValueError(f"name: expected one of {', '.join(NAMES)}, got {name!r}")
     if name == "interleaved":
@@ -132,18 +156,25 @@ def schedule(name: str, p: int, stage: int, m: int, v: int = 1) -> list[Op]:
             f"v (model chunks per rank): {name!r} has one chunk per rank, got {v!r} "
             "(use 'interleaved')"
         )
-    return gpipe(p, stage, m) if name == "gpipe" else one_f_one_b(p, stage, m)
+    return {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1}[name](p, stage, m)
+
+
+def splits(ops: list[Op]) -> bool:
+    """Whether the list's backwards are split in B and W ops."""
+    return any(op.kind == Phase.WEIGHT for op in ops)
 
 
 def in_flight(ops: list[Op]) -> int:
-    """The most (micro-batch, chunk)s forwarded but not yet backwarded at once: how many activations are stored."""
+    """The most (micro-batch, chunk)s forwarded but not yet through their last backward op (W where the list has
+    W ops) at once: how many micro-batches' activations are stored."""
+    last = Phase.WEIGHT if splits(ops) else Phase.BACKWARD
     alive: set[tuple[int, int]] = set()
     most = 0
     for op in ops:
         if op.kind == Phase.FORWARD:
             alive.add((op.micro, op.chunk))
             most = max(most, len(alive))
-        else:
+        elif op.kind == last:
             alive.discard((op.micro, op.chunk))
     return most
 
@@ -188,12 +219,17 @@ def _inputs(kind: Phase, micro: int, s: int, last: int) -> list[tuple[Phase, int
     last virtual stage (where the loss is)."""
     if kind == Phase.FORWARD:
         return [(Phase.FORWARD, micro, s - 1)] if s > 0 else []
+    if kind == Phase.WEIGHT:
+        return [(Phase.BACKWARD, micro, s)]
     return [(Phase.FORWARD, micro, s)] + ([(Phase.BACKWARD, micro, s + 1)] if s < last else [])
 
 
 def _message(kind: Phase, micro: int, s: int, p: int, last: int):
     """The message op (kind, micro) of virtual stage s sends: (direction, (rank, op) that consumes it), or None (the
-    first forward's stage takes tokens, the last backward's sends nothing back; the loss stays on the last stage)."""
+    first forward's stage takes tokens, the last backward's sends nothing back; the loss stays on the last stage; a W
+    op sends nothing)."""
+    if kind == Phase.WEIGHT:
+        return None
     if kind == Phase.FORWARD:
         return None if s == last else (0, ((s + 1) % p, Op(Phase.FORWARD, micro, (s + 1) // p)))
     return None if s == 0 else (1, ((s - 1) % p, Op(Phase.BACKWARD, micro, (s - 1) // p)))
@@ -228,13 +264,16 @@ def simulate_lists(
     t_comm: float = 0.0,
     cost=None,
     depth: int | None = None,
+    t_w: float = 0.0,
 ) -> Timing:
     """Run rank r's list `lists[r]` strictly in order, one op at a time, each as early as its inputs allow.
 
-    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v or t_b / v, or
-    cost(r, op, later) when given (later: a backward that is not its chunk's first of the step, which accumulates).
-    F(i, s) needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1 (where the loss is), B(i, s + 1); an
-    input from another rank arrives t_comm after it is produced.
+    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v, t_b / v (B: the
+    input gradient) or t_w / v (W: the weight gradients; a backward not split in B and W costs (t_b + t_w) / v), or
+    cost(r, op, later) when given (later: not its chunk's first op of that kind in the step; a backward or W that
+    writes gradients then accumulates). F(i, s) needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1
+    (where the loss is), B(i, s + 1); W(i, s) needs B(i, s); an input from another rank arrives t_comm after it is
+    produced.
 
     depth=None: sends never block (buffered). depth=D models PipelineComm's send depth with rendezvous sends (the
     worst case: a send completes only once the receiver has posted its receive): the receive for a rank's op k is
@@ -253,15 +292,16 @@ def simulate_lists(
     p = len(lists)
     last = v * p - 1
     if cost is None:
+        whole = {r: t_b + (0.0 if splits(ops) else t_w) for r, ops in enumerate(lists)}
 
         def cost(r, op, later):
-            return (t_f if op.kind == Phase.FORWARD else t_b) / v
+            return {Phase.FORWARD: t_f, Phase.BACKWARD: whole[r], Phase.WEIGHT: t_w}[op.kind] / v
 
     waits = _depth_waits(lists, p, last, depth) if depth is not None else None
     done: dict[tuple[Phase, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
     ends: list[list[float]] = [[] for _ in range(p)]  # per rank, each finished op's end
     pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
-    started: list[set] = [set() for _ in range(p)]  # chunks that have had a backward
+    started: list[set] = [set() for _ in range(p)]  # (kind, chunk)s that have had an op
     events = []
     moved = True
     while moved:
@@ -287,9 +327,8 @@ def simulate_lists(
                     ]
                 start = max(times)
                 op = ops[pos[r]]
-                dt = cost(r, op, kind == Phase.BACKWARD and c in started[r])
-                if kind == Phase.BACKWARD:
-                    started[r].add(c)
+                dt = cost(r, op, kind != Phase.FORWARD and (kind, c) in started[r])
+                started[r].add((kind, c))
                 clock[r] = done[(kind, i, s)] = start + dt
                 ends[r].append(start + dt)
                 busy[r] += dt
@@ -306,27 +345,34 @@ def simulate_lists(
 
 
 def simulate(
-    name: str, p: int, m: int, v: int = 1, t_f: float = 1.0, t_b: float = 2.0, t_comm: float = 0.0
+    name: str,
+    p: int,
+    m: int,
+    v: int = 1,
+    t_f: float = 1.0,
+    t_b: float = 2.0,
+    t_comm: float = 0.0,
+    t_w: float = 0.0,
 ) -> Timing:
-    """Time one step of schedule `name` on p ranks (see `simulate_lists`)."""
+    """Time one step of schedule `name` on p ranks (see `simulate_lists`; t_b + t_w is a whole backward)."""
     _check(p, 0, m, v)
-    for arg, value in (("t_f", t_f), ("t_b", t_b), ("t_comm", t_comm)):
+    for arg, value in (("t_f", t_f), ("t_b", t_b), ("t_comm", t_comm), ("t_w", t_w)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{arg}: expected a number >= 0, got {value!r}")
     lists = [schedule(name, p, s, m, v) for s in range(p)]
-    return simulate_lists(lists, v, t_f, t_b, t_comm)
+    return simulate_lists(lists, v, t_f, t_b, t_comm, t_w=t_w)
 
 
 @functools.lru_cache(maxsize=256)
 def send_depth(name: str, p: int, m: int, v: int = 1) -> int:
-    """The send depth D (>= 1) PipelineComm should keep for schedule `name`: the smallest D with which
-    `simulate_lists` (rendezvous sends, t_f = 1, t_b = 2) neither deadlocks nor ends the step later than with
-    unbounded sends. A larger D only drops waits, so the search goes up from 1; the number of sends a rank makes in
-    one direction always qualifies (it never waits). Never deadlocking at this D holds at any op costs
+    """The send depth D (>= 1) PipelineComm should keep for schedule `name`: the smallest D with which `simulate_lists`
+    (rendezvous sends, t_f = 1, t_b = t_w = 1: a whole backward 2) neither deadlocks nor ends the step later than
+    with unbounded sends. A larger D only drops waits, so the search goes up from 1; the number of sends a rank
+    makes in one direction always qualifies (it never waits). Never deadlocking at this D holds at any op costs
     (simulate_lists); the same makespan is for these costs."""
     _check(p, 0, m, v)
     lists = [schedule(name, p, s, m, v) for s in range(p)]
-    free = simulate_lists(lists, v).makespan
+    free = simulate_lists(lists, v, t_b=1.0, t_w=1.0).makespan
     last = v * p - 1
     most = max(
         (
@@ -338,7 +384,7 @@ def send_depth(name: str, p: int, m: int, v: int = 1) -> int:
     )
     for depth in range(1, most):
         try:
-            t = simulate_lists(lists, v, depth=depth)
+            t = simulate_lists(lists, v, t_b=1.0, t_w=1.0, depth=depth)
         except RuntimeError:
             continue
         if t.makespan <= free * (1 + 1e-12):

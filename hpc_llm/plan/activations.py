@@ -128,6 +128,41 @@ def chunk_cache_bytes(
     return total
 
 
+def chunk_weight_bytes(
+    cfg: ModelConfig,
+    tp: int,
+    b: int,
+    n_blocks: int,
+    embedding: bool,
+    head: bool,
+    act: int = 4,
+    compute: int | None = None,
+    sp: bool = False,
+) -> int:
+    """Bytes one micro-batch's B leaves for its W (zero-bubble schedules: Chunk.backward_input's WeightWork): each
+    weighted layer's kept input (in the format: the cache's own arrays, the rest of the cache freed) and output
+    gradient (compute dtype). A block: the LayerNorms' xhat and output gradients, the four linears' inputs and
+    output gradients (a row-parallel one's gathered whole with sp); the head: ln_f's, its logits' operand and the
+    probabilities' gradient; the embedding: its input gradient, token ids and dropout mask."""
+    T, C = cfg.block_size, cfg.n_embd
+    compute = act if compute is None else compute
+    n, nl = b * T * C, b * T * C // tp
+    r = nl if sp else n
+    total = 0
+    if n_blocks:
+        # ln_1 and ln_2: xhat, output; attn_proj's and mlp_proj's inputs
+        kept = 2 * r + 2 * r + nl + 4 * nl
+        # the output gradients: the two projections', fc's, qkv's, the LayerNorms'
+        grads = 2 * n + 4 * nl + 3 * nl + 2 * r
+        total += n_blocks * (kept * act + grads * compute)
+    if head:
+        N, Vl, s = b * T, cfg.padded_vocab // tp, tp if sp else 1
+        total += act * (N * C // s + r) + compute * (N * Vl + r)
+    if embedding:
+        total += r * compute + b * T * INDEX_BYTES + (r * MASK_BYTES if cfg.dropout > 0 else 0)
+    return total
+
+
 # -- what one operation allocates on top of the caches ---------------------------------------------------------
 
 

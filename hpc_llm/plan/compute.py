@@ -176,8 +176,17 @@ def _layernorm_fwd(p: Pricer, n: int) -> Cost:
 
 
 def _layernorm_bwd(p: Pricer, n: int) -> Cost:
-    # dw einsum (2), db sum (1), dout * w (2), mean (1), einsum (2), -= mean (2), xhat * mean (2), -= (3), *= rstd (2)
-    return p.ew(17 * n, n, 14)
+    return _layernorm_weight(p, n) + _layernorm_input(p, n)
+
+
+def _layernorm_weight(p: Pricer, n: int) -> Cost:
+    # W: dw einsum (2), db sum (1)
+    return p.ew(3 * n, n, 2)
+
+
+def _layernorm_input(p: Pricer, n: int) -> Cost:
+    # B: dout * w (2), mean (1), einsum (2), -= mean (2), xhat * mean (2), -= (3), *= rstd (2)
+    return p.ew(14 * n, n, 12)
 
 
 def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
@@ -260,39 +269,32 @@ def block_backward(
     selective: bool = False,
     ln_params: int = 0,
 ) -> Cost:
-    """selective (recompute "selective"): each query block's probabilities rebuilt from the kept q, k, v before its
-    backward (their mask drawn again: not priced, as dropout's draws are not) instead of the kept ones used, and
-    GELU's tanh from the GELU input (gelu_tanh) instead of the kept one used.
-    ln_params: elements of one LayerNorm's weight and bias; with sp their partial gradients (both LayerNorms') are
-    summed over the TP group at the end of each backward (modules.SlicePartials)."""
+    """Block.backward: its B and W at once (each W part run as B reaches it)."""
+    return block_backward_input(p, b, T, C, H, selective) + block_weight(
+        p, b, T, C, H, acc, ln_params
+    )
+
+
+def block_backward_input(
+    p: Pricer, b: int, T: int, C: int, H: int, selective: bool = False, deferred: bool = False
+) -> Cost:
+    """B of a block's backward (the input gradient). selective (recompute "selective"): each query block's
+    probabilities rebuilt from the kept q, k, v before its backward (their mask drawn again: not priced, as dropout's
+    draws are not) instead of the kept ones used, and GELU's tanh from the GELU input (gelu_tanh) instead of the
+    kept one used. deferred (W kept for a later op): the two branch gradients copied for W (WeightWork.keep)."""
     tp = p.tp
     N, n = b * T, b * T * C
     nl, h, hd = n // tp, H // tp, C // H
     r = nl if p.sp else n
-    c = Cost()
-    # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand, its input used; weight gradient, bias
-    # (row sums of the whole gradient), input gradient
-    c += p.enter_column(n) + p.operand(n) + p.use(4 * nl)
-    c += (
-        p.gemm(4 * C // tp, C, N)
-        + _accumulate(p, acc, 4 * C // tp * C)
-        + p.ew(n, n)
-        + p.gemm(N, 4 * C // tp, C)
-    )
+    c = p.ew(4 * r, r, 2) if deferred else Cost()
+    # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand; the input gradient
+    c += p.enter_column(n) + p.operand(n) + p.gemm(N, 4 * C // tp, C)
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
     c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
     c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
-    c += p.operand(4 * nl) + _column_input_back(p, n)  # fc
-    c += p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp) + p.ew(4 * nl, 4 * nl)
-    c += p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)
-    c += p.use(r) + _layernorm_bwd(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
-    c += p.enter_column(n) + p.operand(n) + p.use(nl)  # attn_proj
-    c += (
-        p.gemm(C // tp, C, N)
-        + _accumulate(p, acc, C // tp * C)
-        + p.ew(n, n)
-        + p.gemm(N, C // tp, C)
-    )
+    c += p.operand(4 * nl) + p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
+    c += p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
+    c += p.enter_column(n) + p.operand(n) + p.gemm(N, C // tp, C)  # attn_proj
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
@@ -304,10 +306,31 @@ def block_backward(
         if i > 0:  # later blocks add into dv and dk
             c += p.ew(6 * kv, kv, 2)
     c += p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl)  # dq *= scale, transposed copy
-    c += p.operand(3 * nl) + _column_input_back(p, n)  # qkv
-    c += p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp) + p.ew(3 * nl, 3 * nl)
-    c += p.gemm(N, C, 3 * C // tp) + p.column_input_grad(n)
-    c += p.use(r) + _layernorm_bwd(p, r) + p.ew(3 * r, r)
+    c += p.operand(3 * nl) + p.gemm(N, C, 3 * C // tp) + p.column_input_grad(n)  # qkv
+    return c + p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_1, dx +=
+
+
+def block_weight(
+    p: Pricer, b: int, T: int, C: int, H: int, acc: bool, ln_params: int = 0, deferred: bool = False
+) -> Cost:
+    """W of a block's backward: each linear's weight gradient (its kept input used; sp: a column-parallel one's
+    all-gathered again) and bias (row sums), the LayerNorms' (deferred: their kept xhat converted again), and with
+    sp the LayerNorms' partial gradients (ln_params elements each) summed over the TP group (SlicePartials)."""
+    tp = p.tp
+    N, n = b * T, b * T * C
+    nl = n // tp
+    r = nl if p.sp else n
+    c = p.use(4 * nl) + p.gemm(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C)
+    c += p.ew(n, n)  # mlp_proj
+    c += _column_input_back(p, n) + p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp)
+    c += p.ew(4 * nl, 4 * nl)  # fc
+    c += (
+        p.use(nl) + p.gemm(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n)
+    )  # attn_proj
+    c += _column_input_back(p, n) + p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp)
+    c += p.ew(3 * nl, 3 * nl)  # qkv
+    for _ in range(2):  # ln_2, ln_1
+        c += _layernorm_weight(p, r) + (p.use(r) if deferred else Cost())
     if p.sp:
         c += p.allreduce(2 * ln_params * p.it)  # SlicePartials.reduce
     return c
@@ -331,14 +354,27 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
 
 
 def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0) -> Cost:
-    """sp: the kept slice gathered again for wte's gradient, the input gradient reduce-scattered, ln_f on the slice
-    and its partial gradients (ln_params elements) summed over the TP group."""
+    return head_backward_input(p, b, T, C, V) + head_weight(p, b, T, C, V, acc, ln_params)
+
+
+def head_backward_input(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
+    """B: the probabilities *= scale / N and rounded, the input gradient (sp: reduce-scattered), ln_f's."""
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
-    # probabilities *= scale / N, rounded; xf2 used (sp: the slice, gathered)
-    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl) + _column_input_back(p, n)
-    c += p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C) + p.gemm(N, C, Vl) + p.column_input_grad(n)
-    c += p.use(r) + _layernorm_bwd(p, r)
+    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl)
+    c += p.gemm(N, C, Vl) + p.column_input_grad(n)
+    return c + p.use(r) + _layernorm_input(p, r)
+
+
+def head_weight(
+    p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0, deferred: bool = False
+) -> Cost:
+    """W: wte's gradient (xf2 used; sp: the kept slice gathered again), ln_f's (deferred: its xhat converted
+    again), and with sp ln_f's partial gradients (ln_params elements) summed over the TP group."""
+    N, n, Vl = b * T, b * T * C, V // p.tp
+    r = n // p.tp if p.sp else n
+    c = _column_input_back(p, n) + p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C)
+    c += _layernorm_weight(p, r) + (p.use(r) if deferred else Cost())
     if p.sp:
         c += p.allreduce(ln_params * p.it)
     return c
@@ -370,9 +406,11 @@ def chunk_costs(
     head: bool,
     recompute: str = "none",
 ) -> dict:
-    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk, the
-    parts of a backward that time its grad_ready reports: "head_B", "block_B" (and "+" accumulating), and the
-    parts' own costs (ZeRO-3's prefetch): "emb_F", "block_F", "head_F", "emb_B"."""
+    """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk; its
+    backward split in two ops (zero-bubble schedules): "Bi" (B: the input gradient, with "block" recompute's
+    forwards), "W" and "W+" (the weight gradients); the parts of a backward or W that time its grad_ready reports:
+    "head_B", "block_B", "head_W", "block_W" (and "+" accumulating); and the parts' own costs (ZeRO-3's prefetch):
+    "emb_F", "block_F", "head_F", "emb_B"."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     ln = (2 if cfg.bias else 1) * C  # one LayerNorm's parameters
     selective = recompute == "selective"
@@ -385,26 +423,31 @@ def chunk_costs(
     if head:
         f += head_forward(p, b, T, C, V)
     out = {"F": f}
+    # "block": its forward again, to rebuild its cache
+    again = bf if recompute == "block" else Cost()
 
     def block_b(acc: bool) -> Cost:
-        bb = block_backward(p, b, T, C, H, acc, selective, ln)
-        return (
-            bb + bf if recompute == "block" else bb
-        )  # "block": its forward again, to rebuild its cache
+        return block_backward(p, b, T, C, H, acc, selective, ln) + again
+
+    def whole(part, n: int) -> Cost:
+        c = Cost()
+        for _ in range(n):
+            c += part
+        return c
 
     for key, acc in (("B", False), ("B+", True)):
-        c = Cost()
-        if head:
-            c += head_backward(p, b, T, C, V, acc, ln)
-        bb = block_b(acc)
-        for _ in range(n_blocks):
-            c += bb
-        if embedding:
-            c += embedding_backward(p, b, T, C)
-        out[key] = c
+        c = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
+        c += whole(block_b(acc), n_blocks)
+        out[key] = c + (embedding_backward(p, b, T, C) if embedding else Cost())
+    bi = head_backward_input(p, b, T, C, V) if head else Cost()
+    out["Bi"] = bi + whole(block_backward_input(p, b, T, C, H, selective, True) + again, n_blocks)
     for key, acc in (("", False), ("+", True)):
         out["head_B" + key] = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
         out["block_B" + key] = block_b(acc)
+        out["head_W" + key] = head_weight(p, b, T, C, V, acc, ln, True) if head else Cost()
+        out["block_W" + key] = block_weight(p, b, T, C, H, acc, ln, True)
+        w = out["head_W" + key] + whole(out["block_W" + key], n_blocks)
+        out["W" + key] = w + (embedding_backward(p, b, T, C) if embedding else Cost())
     # each part's forward, and the embedding's backward: what a ZeRO-3 prefetch hides behind
     out["emb_F"] = embedding_forward(p, b, T, C) if embedding else Cost()
     out["block_F"] = bf

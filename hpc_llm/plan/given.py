@@ -5,7 +5,7 @@ The layout is the config's own (parallel.*, train.*) with the keys given replaci
     pp, tp, dp        the grid (dp: --gpus / (pp tp) when --gpus is given, else 1)
     zero              0, 1, 2 or 3 (ZeRO: moments; + gradients; + parameters)
     sp                sequence parallelism: 0/1 (also false/true, off/on)
-    schedule          1f1b, gpipe or interleaved; virtual: model chunks per rank (interleaved: >= 2)
+    schedule          1f1b, gpipe, zb-h1 or interleaved; virtual: model chunks per rank (interleaved: >= 2)
     micro             micro-batches per step (train.grad_accum)
     mbs               rows per micro-batch on each data-parallel rank (the micro-batch size; the config's
                       train.batch_size / dp when not given)
@@ -179,6 +179,11 @@ def check(cfg: Config, lay: Layout, precision: str) -> None:
         raise UserError(
             f"--layout virtual={lay.virtual}: expected 1 with schedule={lay.schedule} (only "
             "interleaved has several chunks per rank)"
+        )
+    if lay.zero >= 2 and lay.schedule == "zb-h1":
+        raise UserError(
+            f"--layout zero={lay.zero}: expected 0 or 1 with schedule=zb-h1 (ZeRO-2/3 reduce a part's "
+            "gradients as its backward ends; zero-bubble defers its weight gradients)"
         )
     if lay.sequence_parallel:
         if lay.tp == 1:

@@ -36,6 +36,7 @@ from hpc_llm.plan.activations import (
     block_cache_bytes,
     block_forward_work,
     chunk_cache_bytes,
+    chunk_weight_bytes,
     head_backward_work,
 )
 
@@ -275,6 +276,25 @@ class _Peak:
     zero: int = 0  # ZeRO-1 receive buffers of the buckets launched during the last backward; ZeRO-2/3's units
 
 
+def _weight_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, int]:
+    """What each chunk's B keeps for its W in bytes, for one micro-batch (zero-bubble schedules)."""
+    sp = lay.sequence_parallel
+    return {
+        c: chunk_weight_bytes(
+            cfg,
+            lay.tp,
+            lay.rows,
+            len(plan.layers[v]),
+            v == 0,
+            v == plan.n_virtual - 1,
+            by.act,
+            by.compute,
+            sp,
+        )  # fmt: skip
+        for c, v in enumerate(plan.chunks)
+    }
+
+
 def _chunk_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, int]:
     """Each chunk's activation cache in bytes, for one micro-batch."""
     return {
@@ -373,6 +393,8 @@ def _op_work(
     selective = lay.recompute == "selective"
     elems = message_elems(cfg, lay)
     msg = elems * by.compute  # the op's input or output stream
+    if op.kind == Phase.WEIGHT:
+        return _weight_work(cfg, lay, by, blocks, last, acc)
     receives = not first if op.kind == Phase.FORWARD else not last
     recv16 = message_bytes(cfg, lay, by) if c16 and receives and lay.pp > 1 else 0
     if op.kind == Phase.FORWARD:
@@ -405,6 +427,15 @@ def _op_work(
     return work + recv16
 
 
+def _weight_work(cfg: ModelConfig, lay: Layout, by: Bytes, blocks: int, last: bool, acc: bool):
+    """A W op's largest temporary: an accumulated weight gradient's product (`out += a @ b`: the fc's or mlp_proj's,
+    the head's V x C), and with sp a column-parallel input gathered again."""
+    C, Vl = cfg.n_embd, cfg.padded_vocab // lay.tp
+    product = max(4 * C * C // lay.tp if blocks else 0, Vl * C if last else 0) * by.grad
+    gathered = lay.rows * cfg.block_size * C * by.compute if lay.sequence_parallel else 0
+    return (product if acc else 0) + gathered
+
+
 def sends_in_flight(ops, plan, depth: int | None):
     """For each op of a rank's list: (forward, backward) sends in flight while it runs, each direction capped at
     depth (None: every send made so far, held until the step's end). A chunk's forward sends unless it is the last
@@ -417,7 +448,7 @@ def sends_in_flight(ops, plan, depth: int | None):
         v = chunks[op.chunk]
         if op.kind == Phase.FORWARD:
             fwd += v != last
-        else:
+        elif op.kind == Phase.BACKWARD:
             bwd += v != 0
 
 
@@ -427,11 +458,15 @@ def _schedule_peak(
     """Walk the stage's schedule, op by op, keeping the moment of the largest total."""
     sizes = _chunk_sizes(cfg, lay, plan, by)
     ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
+    split = sched.splits(ops)
+    # split: B leaves what W needs (the rest of the cache freed), and W frees it
+    kept = _weight_sizes(cfg, lay, plan, by) if split else {}
+    writes = Phase.WEIGHT if split else Phase.BACKWARD
     # a send buffer: the activation or gradient itself, or its 16-bit rounded copy
     msg = message_bytes(cfg, lay, by)
     alive: dict = {}
     started: set = set()
-    last_b = max(k for k, op in enumerate(ops) if op.kind == Phase.BACKWARD)
+    last_b = max(k for k, op in enumerate(ops) if op.kind == writes)
     best = _Peak()
     # the latest micro-batch's (x, y), referenced by the loop
     batch = 2 * lay.rows * cfg.block_size * INDEX_BYTES
@@ -449,6 +484,8 @@ def _schedule_peak(
             first, last = v == 0, v == plan.n_virtual - 1
             works[key] = _op_work(cfg, lay, by, op, len(plan.layers[v]), first, last, key[2], batch)
         work = works[key]
+        if op.kind == Phase.BACKWARD and split:  # W's part built while B frees the cache
+            work += max(0, kept[op.chunk] - sizes[op.chunk])
         sends = msg * sum(next(in_flight))
         zero = zero_recv if k == last_b else 0
         if units is not None:  # ZeRO-2/3: the chunk's pass's units
@@ -456,7 +493,10 @@ def _schedule_peak(
         total = held + work + sends + zero + batch
         if total > best.total:
             best = _Peak(total, held, work + batch, sends, zero)
-        if op.kind == Phase.BACKWARD:
+        if op.kind == Phase.BACKWARD and split:
+            held += kept[op.chunk] - alive[(op.micro, op.chunk)]
+            alive[(op.micro, op.chunk)] = kept[op.chunk]
+        elif op.kind == writes:
             held -= alive.pop((op.micro, op.chunk))
             started.add(op.chunk)
     return best

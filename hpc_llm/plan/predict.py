@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
-from hpc_llm.parallel.schedule import Phase, Timing
+from hpc_llm.parallel.schedule import SPLIT, Phase, Timing
 from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
 from hpc_llm.plan.compute import (
     Pricer,
@@ -170,8 +170,9 @@ def _step_times(
 ) -> dict:
     """The step of the slowest stage ``crit`` and its parts, in seconds."""
     busy = timing.busy[crit]
+    split = lay.schedule in SPLIT
     tp_time = sum(
-        costs[e.op.chunk * lay.pp + crit]["F" if e.op.kind == Phase.FORWARD else "B"].tp
+        costs[e.op.chunk * lay.pp + crit][cost_key(e.op.kind, False, split)].tp
         for e in events[crit]
     )
     return {
@@ -247,7 +248,9 @@ def predict(
     costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
     t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
-    # ZeRO-2/3's exposed gathers and reductions, per pass of each virtual stage's chunk (plan/sharding.py)
+    split = lay.schedule in SPLIT
+    # ZeRO-2/3's exposed gathers and reductions, per pass of each virtual stage's chunk (plan/sharding.py; the
+    # zero-bubble schedules, which split the backward, run without them)
     zero = {
         (v, kind, later): zero_pass_seconds(
             specs_of(cfg, lay.tp, plans[v % lay.pp]),
@@ -266,8 +269,7 @@ def predict(
     }
 
     def cost(kind, v, later):
-        op = costs[v]["F" if kind == Phase.FORWARD else ("B+" if later else "B")].total
-        return op + zero[v, kind, later]
+        return costs[v][cost_key(kind, later, split)].total + zero.get((v, kind, later), 0.0)
 
     timing = simulate_costs(lay.schedule, lay.pp, lay.micro_batches, lay.virtual, cost, t_comm)
     events = _events_by_rank(timing, lay.pp)
@@ -300,23 +302,36 @@ def predict(
     )
 
 
+def cost_key(kind: Phase, later: bool, split: bool) -> str:
+    """chunk_costs' key of an op: F, B or B+ (a whole backward, first or accumulating), Bi (B alone where the
+    schedule splits backwards), W or W+."""
+    if kind == Phase.FORWARD:
+        return "F"
+    if kind == Phase.WEIGHT:
+        return "W+" if later else "W"
+    return "Bi" if split else ("B+" if later else "B")
+
+
 def _grad_reports(lay: Layout, plan, costs, events, offset: dict) -> list[tuple[float, int]]:
-    """(time, offset): the grad_ready calls during each chunk's last backward, as the stage's events time them."""
+    """(time, offset): the grad_ready calls during each chunk's last backward (or W, where the schedule splits
+    backwards), as the stage's events time them."""
     reports = []
     last_b = {}
+    kind = Phase.WEIGHT if lay.schedule in SPLIT else Phase.BACKWARD
     for e in events:
-        if e.op.kind == Phase.BACKWARD:
+        if e.op.kind == kind:
             last_b[e.op.chunk] = e
     # the last backward accumulates unless it is the only one
     acc = "+" if lay.micro_batches > 1 else ""
+    part = "_W" if kind == Phase.WEIGHT else "_B"
     for c, e in last_b.items():
         v = plan.chunks[c]
         t = e.start
         if v == plan.n_virtual - 1:
-            t += costs[v]["head_B" + acc].total
+            t += costs[v]["head" + part + acc].total
             reports.append((t, offset["ln_f.weight"]))
         for i in reversed(plan.layers[v]):
-            t += costs[v]["block_B" + acc].total
+            t += costs[v]["block" + part + acc].total
             reports.append((t, offset[f"h.{i}.attn.c_attn.weight"]))
     return reports
 

@@ -44,7 +44,7 @@ def _schedules(cfg: ModelConfig, pp: int, max_virtual: int) -> list[tuple[str, i
     interleaved = [
         ("interleaved", v) for v in range(2, max_virtual + 1) if cfg.n_layer % (pp * v) == 0
     ]
-    return [("1f1b", 1), ("gpipe", 1)] + interleaved
+    return [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1)] + interleaved
 
 
 def _sp_options(cfg: ModelConfig, tp: int, sequence_parallel) -> tuple:
@@ -85,7 +85,9 @@ def layouts(
                 for name, v in _schedules(cfg, pp, max_virtual):
                     if name == "interleaved" and m % pp:
                         continue
-                    for zero in (0, 1, 2, 3) if dp > 1 else (0,):
+                    # ZeRO-2/3 reduce a part's gradients as its backward ends: not with a split backward
+                    zeros = (0, 1) if name == "zb-h1" else (0, 1, 2, 3)
+                    for zero in zeros if dp > 1 else (0,):
                         for sp in _sp_options(cfg, tp, sequence_parallel):
                             for rc in recomputes:
                                 lay = Layout(

@@ -1,5 +1,5 @@
 """The pipeline step timed with per-op costs: schedule.simulate_lists (its dependency rules, its deadlock check)
-with each (kind, virtual stage, first-or-later backward) priced separately.
+with each (kind, virtual stage, first-or-later backward or W) priced separately.
 
 schedule.simulate prices every forward t_f / v and every backward t_b / v; a real stage differs from its neighbours
 (the first holds the embedding, the last the head, which for GPT-2's 50k vocabulary costs several blocks) and a
@@ -13,8 +13,8 @@ from hpc_llm.parallel.schedule import Timing, schedule, simulate_lists
 
 
 def simulate_costs(name: str, p: int, m: int, v: int, cost, t_comm: float = 0.0) -> Timing:
-    """cost(kind, vstage, later) -> seconds, with kind a schedule.Phase and later: a backward that is not its chunk's
-    first of the step (it accumulates)."""
+    """cost(kind, vstage, later) -> seconds, with kind a schedule.Phase (a B where the schedule has W ops too is the
+    input gradient alone) and later: a backward or W that is not its chunk's first of the step (it accumulates)."""
     lists = [schedule(name, p, r, m, v) for r in range(p)]
     return simulate_lists(
         lists, v, t_comm=t_comm, cost=lambda r, op, later: cost(op.kind, op.chunk * p + r, later)

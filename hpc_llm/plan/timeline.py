@@ -1,6 +1,6 @@
 """A PNG of one predicted step's pipeline schedule: a row per stage, a bar per op (forward, first backward, later
-backwards), the chunk in the label when interleaved, and the predicted bubble in the title (matplotlib, the `plot`
-extra)."""
+backwards; where the schedule splits them, B and W), the chunk in the label when interleaved, and the predicted bubble
+in the title (matplotlib, the `plot` extra)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from hpc_llm.errors import UserError
 from hpc_llm.parallel.schedule import Phase
 from hpc_llm.runtime.fsio import atomic_output
 
-COLORS = {"F": "#4c72b0", "B": "#dd8452", "B+": "#c44e52"}
+COLORS = {"F": "#4c72b0", "B": "#dd8452", "B+": "#c44e52", "W": "#55a868"}
+LABELS = {
+    "F": "forward",
+    "B": "backward (first: writes grads)",
+    "B+": "backward (later: accumulates)",
+    "W": "weight gradients (W)",
+}
 
 
 def draw(pred, path: str | Path, title: str = "") -> Path:
@@ -23,11 +29,12 @@ def draw(pred, path: str | Path, title: str = "") -> Path:
         raise UserError("--timeline needs matplotlib: pip install -e '.[plot]'") from None
     timing, lay = pred.timing, pred.layout
     fig, ax = plt.subplots(figsize=(12, 0.6 * lay.pp + 1.6))
+    split = any(e.op.kind == Phase.WEIGHT for e in timing.events)
     started = set()
     scale = 1000.0  # ms
     for e in timing.events:
         kind = e.op.kind
-        if kind == Phase.BACKWARD:
+        if kind == Phase.BACKWARD and not split:
             kind = "B+" if (e.rank, e.op.chunk) in started else "B"
             started.add((e.rank, e.op.chunk))
         ax.barh(
@@ -53,10 +60,13 @@ def draw(pred, path: str | Path, title: str = "") -> Path:
     ax.set_yticks(range(lay.pp), [f"stage {s}" for s in range(lay.pp)])
     ax.invert_yaxis()
     ax.set_xlabel("time in the step (ms)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    # split: B (the input gradient) and W; else first and later backwards
+    shown = ("F", "B", "W") if split else ("F", "B", "B+")
+    labels = {**LABELS, "B": "input gradient (B)"} if split else LABELS
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
     ax.legend(
         handles,
-        ["forward", "backward (first: writes grads)", "backward (later: accumulates)"],
+        [labels[k] for k in shown],
         loc="upper center",
         bbox_to_anchor=(0.5, -0.25 if lay.pp < 3 else -0.12),
         ncol=3,

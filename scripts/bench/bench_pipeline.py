@@ -2,7 +2,7 @@
 """Pipeline-parallel benchmark: the bubble per stage, activation memory per stage, throughput beside dp/tp.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-    mpiexec -n 2 python scripts/bench/bench_pipeline.py bubble        # pp 2: gpipe, 1f1b, interleaved x m 4, 8, 16
+    mpiexec -n 2 python scripts/bench/bench_pipeline.py bubble  # pp 2: gpipe, 1f1b, interleaved, zb-h1 x m 4, 8, 16
     mpiexec -n 4 --oversubscribe python scripts/bench/bench_pipeline.py bubble  # pp 4
     mpiexec -n 2 python scripts/bench/bench_pipeline.py memory --schedule gpipe --m 8   # one configuration per process
     mpiexec -n 2 python scripts/bench/bench_pipeline.py throughput --preset 6x384 --layouts pp2,dp2,tp2
@@ -15,14 +15,16 @@ nothing is saved. Per step, after a barrier: the step's wall time (the max over 
 (reset before the step), the time inside every chunk forward/backward (the rank's pipeline compute, timed by wrapping
 the chunks' methods) and the time of the whole schedule (run_schedule).
 
-- bubble: per stage, the ledger's pp.* seconds (waits for activations and gradients, and for the sends at the end of
-  the step) / step time; 1 - the stage's chunk compute / the pipeline's makespan (barrier to the last rank's end of
+- bubble: per stage, the ledger's pp.* seconds (waits for activations and gradients, and for the sends at the end of the
+  step) / step time; 1 - the stage's chunk compute / the pipeline's makespan (barrier to the last rank's end of
   run_schedule: the bubble as the formula counts it, including the last stage's drain, which it spends after its
   schedule, waiting in the tied-embedding allreduce, not in pp.*); 1 - compute / step time (the optimizer, norm and
-  embedding allreduce too). Beside them (p-1)/(m+p-1) (interleaved: (p-1)/(v m+p-1)), schedule.simulate's bubble,
-  and the same event simulation fed with each stage's measured median forward/backward time per chunk (what the
-  imbalance between stages alone explains). Medians over --steps after --warmup steps; the JSON also has the last
-  step's timeline (every op's start and end on rank 0's clock) and the waits by kind.
+  embedding allreduce too). Beside them (p-1)/(m+p-1) (interleaved: (p-1)/(v m+p-1); zb-h1: (p-1)/(3m+p-1), its B and
+  W each half a backward as long as a forward), schedule.simulate's bubble, and the same event simulation fed with
+  each stage's measured median forward/backward (B and W) time per chunk (what the imbalance between stages alone
+  explains). scripts/bench/bench_zero_bubble.py sets zb-h1 beside 1F1B in time per stage. Medians over --steps after
+  --warmup steps; the JSON also has the last step's timeline (every op's start and end on rank 0's clock) and the
+  waits by kind.
 - memory: one configuration per process (peak RSS is a high-water mark): ru_maxrss after the steps, and the
   tracemalloc peak of one step above what was allocated before it (NumPy reports its buffers to tracemalloc: this is
   the step's activations, temporaries and message buffers), beside the activations the schedule keeps alive at once
@@ -125,7 +127,8 @@ def make_config(
 
 
 class Probe:
-    """Times this rank's pipeline compute (every chunk forward and backward) and the whole schedule of each step."""
+    """Times this rank's pipeline compute (every chunk forward and backward; where the schedule splits backwards,
+    B as "B" and W as "W") and the whole schedule of each step."""
 
     def __init__(self, trainer):
         self.ops: list[
@@ -135,6 +138,8 @@ class Probe:
         for k, chunk in enumerate(trainer.model.chunks):
             chunk.forward = self._timed(chunk.forward, "F", k)
             chunk.backward = self._timed(chunk.backward, "B", k)
+            chunk.backward_input = self._timed(chunk.backward_input, "B", k)
+            chunk.backward_weight = self._timed(chunk.backward_weight, "W", k)
         _PIPE_PROBE[0] = self
 
     def _timed(self, fn, kind: str, k: int):
@@ -209,14 +214,13 @@ def prefix_sums(summary: dict, what: str) -> dict:
     return dict(out)
 
 
-def simulate_measured(lists, v: int, t_f, t_b):
-    """schedule.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] seconds; no transfer time.
-    -> (makespan, busy per rank)."""
+def simulate_measured(lists, v: int, t_f, t_b, t_w=None):
+    """schedule.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] (a whole backward, or B where
+    the lists have W ops), t_w[r][c] seconds; no transfer time. -> (makespan, busy per rank)."""
     from hpc_llm.parallel.schedule import Phase, simulate_lists
 
-    timing = simulate_lists(
-        lists, v, cost=lambda r, op, later: (t_f if op.kind == Phase.FORWARD else t_b)[r][op.chunk]
-    )
+    times = {Phase.FORWARD: t_f, Phase.BACKWARD: t_b, Phase.WEIGHT: t_w}
+    timing = simulate_lists(lists, v, cost=lambda r, op, later: times[op.kind][r][op.chunk])
     return timing.makespan, timing.busy
 
 
@@ -282,6 +286,7 @@ def stage_summary(tr, steps: list[dict], v: int) -> dict:
     stage = {k: median(x) for k, x in {**mine, **fr}.items()}
     stage["t_f"] = [median(op_times["F", c]) for c in range(v)]
     stage["t_b"] = [median(op_times["B", c]) for c in range(v)]
+    stage["t_w"] = [median(op_times["W", c]) for c in range(v)]  # nan without W ops
     # the last step's ops on one time axis (ms from rank 0's start, after the barrier): where the waits are
     stage["timeline"] = [
         (op.kind, op.micro, op.chunk, round(1e3 * a, 2), round(1e3 * b, 2))
@@ -293,12 +298,12 @@ def stage_summary(tr, steps: list[dict], v: int) -> dict:
 def bubble_row(args, sched: str, p: int, m: int, v: int, steps: list, gathered: list) -> dict:
     """One configuration: the measured idle beside the formula, the schedule's simulation, and the simulation fed
     with the measured forward/backward times."""
+    from hpc_llm.parallel.schedule import SPLIT, simulate
     from hpc_llm.parallel.schedule import schedule as make_schedule
-    from hpc_llm.parallel.schedule import simulate
 
     lists = [make_schedule(sched, p, r, m, v) for r in range(p)]
     span, busy = simulate_measured(
-        lists, v, [g["t_f"] for g in gathered], [g["t_b"] for g in gathered]
+        lists, v, *([g[k] for g in gathered] for k in ("t_f", "t_b", "t_w"))
     )
     step_ms = 1e3 * median([s["step"] for s in steps])
     row = {
@@ -307,8 +312,9 @@ def bubble_row(args, sched: str, p: int, m: int, v: int, steps: list, gathered: 
         "v": v,
         "m": m,
         "batch": args.batch,
-        "formula": (p - 1) / (v * m + p - 1),
-        "simulate": simulate(sched, p, m, v).bubble,
+        # zb-h1 with t_f = t_b = t_w (its B and W each half a backward): (p - 1) / (3 m + p - 1)
+        "formula": (p - 1) / ((3 if sched in SPLIT else v) * m + p - 1),
+        "simulate": simulate(sched, p, m, v, t_f=1.0, t_b=1.0, t_w=1.0).bubble,
         "simulate_measured": [(span - b) / span for b in busy],
         "simulate_measured_ms": 1e3 * span,
         "step_ms": step_ms,
@@ -371,7 +377,7 @@ def bubble(args) -> None:
 
 def bubble_table(rows) -> str:
     lines = [
-        "| pp | schedule | m | formula | simulate (t_b = 2 t_f) | simulate with measured op times, per stage "
+        "| pp | schedule | m | formula | simulate (t_b = t_w = t_f) | simulate with measured op times, per stage "
         "(mean) | pp wait / step, per stage | 1 - compute / pipeline makespan, per stage (mean) | "
         "1 - compute / step, per stage | step ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -398,8 +404,11 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
     pairs of `ops`, each its chunk's layers x bench_train's per-layer size (+ ln_f and probabilities on the head)."""
     from bench_train import activation_bytes
 
-    from hpc_llm.parallel.schedule import Phase
+    from hpc_llm.parallel.schedule import Phase, splits
 
+    frees = (
+        Phase.WEIGHT if splits(ops) else Phase.BACKWARD
+    )  # kept whole until its W: an upper bound
     final = activation_bytes(dataclasses.replace(model_cfg, n_layer=0), rows)
     per_layer = activation_bytes(dataclasses.replace(model_cfg, n_layer=1), rows) - final
     n_virtual = len(plan_layers)
@@ -414,7 +423,7 @@ def expected_activations(model_cfg, plan_layers, ops, p: int, stage: int, rows: 
             alive.add((op.micro, op.chunk))
             now += size(op.chunk)
             most = max(most, now)
-        else:
+        elif op.kind == frees:
             alive.discard((op.micro, op.chunk))
             now -= size(op.chunk)
     return most
@@ -719,7 +728,7 @@ def run_all(args) -> None:
         bub += launch(p, "bubble", "--ms", ms, *steps, *size)["rows"]
     mem = []
     for p in (2, 4):
-        for sched in ("gpipe", "1f1b", "interleaved"):
+        for sched in ("gpipe", "1f1b", "interleaved", "zb-h1"):
             m = "4" if smoke else str(args.memory_m)
             mem += launch(p, "memory", "--schedule", sched, "--m", m, *size)["rows"]
     thr = [
@@ -800,7 +809,9 @@ def main() -> None:
     b = sub.add_parser("bubble", help="idle fraction per stage; pp = the number of ranks")
     add_model_args(b)
     b.add_argument(
-        "--schedules", type=lambda s: s.split(","), default=["gpipe", "1f1b", "interleaved"]
+        "--schedules",
+        type=lambda s: s.split(","),
+        default=["gpipe", "1f1b", "interleaved", "zb-h1"],
     )
     b.add_argument("--ms", type=ints, default=[4, 8, 16], help="micro-batches (train.grad_accum)")
     b.add_argument("--steps", type=int, default=4)

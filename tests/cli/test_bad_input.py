@@ -464,7 +464,7 @@ def _rows() -> list[Row]:
         F("parallel.tp", "x", 0, "a positive integer"),
         F("parallel.pp", 1.5, 0, "a positive integer"),
         F("parallel.virtual_stages", "x", 0, "a positive integer"),
-        F("parallel.schedule", 1, "zigzag", '"1f1b", "interleaved" or "gpipe"'),
+        F("parallel.schedule", 1, "zigzag", '"1f1b", "interleaved", "gpipe" or "zb-h1"'),
         F("parallel.sequence_parallel", 1),
         F("parallel.act_comm", 16, "int8", '"fp32", "bf16" or "fp16"'),
         F("parallel.zero", "x", 4, "0, 1, 2 or 3"),
@@ -597,6 +597,13 @@ def _rows() -> list[Row]:
     )
     add(
         T(
+            "zero-3-with-zero-bubble",
+            'config field parallel.zero: expected 0 or 1 with parallel.schedule="zb-h1"',
+            sets=["parallel.zero=3", "parallel.schedule=zb-h1", "parallel.pp=2"],
+        )
+    )
+    add(
+        T(
             "grad_comm-16-bit-with-zero-2",
             'config field parallel.grad_comm: expected "fp32" with parallel.zero=2',
             sets=["parallel.grad_comm=bf16", "parallel.zero=2"],
@@ -663,6 +670,13 @@ def _rows() -> list[Row]:
             "virtual-stages-without-interleaved",
             "parallel.virtual_stages=2 needs parallel.schedule=interleaved",
             sets=["parallel.virtual_stages=2"],
+        )
+    )
+    add(
+        T(
+            "zb-h1-virtual-stages",
+            "parallel.virtual_stages=2 needs parallel.schedule=interleaved (got 'zb-h1')",
+            sets=["parallel.schedule=zb-h1", "parallel.virtual_stages=2"],
         )
     )
     add(

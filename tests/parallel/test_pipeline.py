@@ -1,14 +1,14 @@
 """Pipeline parallelism end to end, under mpiexec (mpi-pytest): pp2, pp4, pp2 x dp2 and pp2 x tp2 (also with sequence
-parallelism: the messages between stages are then each TP rank's slice of positions), each with every
-schedule (1F1B, interleaved with 2 virtual stages, GPipe, and 1F1B on an uneven split) and ZeRO-1 off and on, dropout
-on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
-embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1,
-pp4 and tp4 on the uninterrupted curve, each rank reading only its stage's hyperslabs, and at the same layout bitwise;
-the API loads it as one model. The send depth (PipelineComm's bound on the sends in flight, schedule.send_depth): at
-pp2 and pp4 with each schedule, a bounded run equals the unbounded one bitwise, with every send synchronous too
-(MPI_Issend: complete only once matched, the worst case the depth was chosen for), and never holds more than the
-depth per direction across an op; settle()'s rule itself on stand-in handles. The schedules' shapes are
-tests/parallel/test_schedule.py's; wrong layouts are tests/parallel/test_parallel.py's table.
+parallelism: the messages between stages are then each TP rank's slice of positions), each with every schedule (1F1B,
+interleaved with 2 virtual stages, GPipe, ZB-H1 (B and W apart), and 1F1B on an uneven split) and ZeRO-1 off and on,
+dropout on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
+embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1, pp4
+and tp4 on the uninterrupted curve, each rank reading only its stage's hyperslabs, and at the same layout bitwise; the
+API loads it as one model. The send depth (PipelineComm's bound on the sends in flight, schedule.send_depth): at pp2 and
+pp4 with each schedule, a bounded run equals the unbounded one bitwise, with every send synchronous too (MPI_Issend:
+complete only once matched, the worst case the depth was chosen for), and never holds more than the depth per direction
+across an op; settle()'s rule itself on stand-in handles. The schedules' shapes are tests/parallel/test_schedule.py's;
+wrong layouts are tests/parallel/test_parallel.py's table.
 
 Tolerance 1e-10 relative, as tests/parallel/test_parallel.py derives it: a pipeline does the arithmetic of the single
 process, micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as
@@ -69,6 +69,7 @@ def schedules(pp: int) -> dict:
         "1f1b": {"parallel.schedule": "1f1b"},
         "interleaved": {"parallel.schedule": "interleaved", "parallel.virtual_stages": 2},
         "gpipe": {"parallel.schedule": "gpipe"},
+        "zb-h1": {"parallel.schedule": "zb-h1"},
         "1f1b-uneven": {"parallel.schedule": "1f1b", "parallel.pp_layers": uneven},
     }
 

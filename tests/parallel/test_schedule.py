@@ -1,6 +1,7 @@
 """Pipeline schedules: every op list's shape derived from its rule, and its timing by the discrete-event simulator
 (bubble formulas, no deadlock; a broken list deadlocks and raises); the send depth PipelineComm keeps (send_depth:
-no deadlock, no longer step, over every schedule at p <= 8, v <= 4)."""
+no deadlock, no longer step, over every schedule at p <= 8, v <= 4). ZB-H1's lists against its rule (1F1B's F and B,
+each stage's deferred W's) and its bubble, (p - 1)(t_f + t_b - t_w) where t_w <= t_f, t_b."""
 
 import random
 
@@ -18,6 +19,7 @@ from hpc_llm.parallel.schedule import (
     send_depth,
     simulate,
     simulate_lists,
+    zb_h1,
 )
 
 PS, MS, VS = range(1, 7), range(1, 13), (2, 3)
@@ -29,6 +31,7 @@ def cases():
         for m in MS:
             yield "gpipe", p, m, 1
             yield "1f1b", p, m, 1
+            yield "zb-h1", p, m, 1
             if m % p == 0:
                 for v in VS:
                     yield "interleaved", p, m, v
@@ -51,19 +54,21 @@ def check_warmup_1f1b_shape(ops, warmup):
 # ---------------------------------------------------------------------------------------------------- op lists
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1"])
 def test_every_op_once_forward_before_backward(name):
+    """Each (micro-batch, chunk) once forward, once backward after it; with W ops (zb-h1) once W after its B."""
+    F, B, W = Phase.FORWARD, Phase.BACKWARD, Phase.WEIGHT
     for _, p, m, v in (c for c in CASES if c[0] == name):
         for s in range(p):
             ops = schedule(name, p, s, m, v)
+            kinds = (F, B, W) if name == "zb-h1" else (F, B)
             want = {(i, c) for i in range(m) for c in range(v)}
             where = {op: k for k, op in enumerate(ops)}
-            assert len(ops) == 2 * m * v and len(where) == len(ops)  # no duplicates
-            assert {(op.micro, op.chunk) for op in ops if op.kind == Phase.FORWARD} == want
-            assert {(op.micro, op.chunk) for op in ops if op.kind == Phase.BACKWARD} == want
-            assert all(
-                where[Op(Phase.FORWARD, i, c)] < where[Op(Phase.BACKWARD, i, c)] for i, c in want
-            ), (name, p, s, m, v)
+            assert len(ops) == len(kinds) * m * v and len(where) == len(ops)  # no duplicates
+            for kind in kinds:
+                assert {(op.micro, op.chunk) for op in ops if op.kind == kind} == want
+            for a, b in zip(kinds, kinds[1:]):
+                assert all(where[Op(a, i, c)] < where[Op(b, i, c)] for i, c in want), (p, s, m)
 
 
 def test_one_f_one_b_shape_and_in_flight():
@@ -108,14 +113,33 @@ def test_interleaved_order_and_in_flight():
 
 
 def test_backwards_in_micro_batch_order_per_chunk():
-    """Each chunk's gradients accumulate micro-batches 0, 1, ... in every schedule: bitwise-equal results."""
+    """Each chunk's gradients accumulate micro-batches 0, 1, ... in every schedule (by its W ops where it has them):
+    bitwise-equal results."""
     for name, p, m, v in CASES:
         for s in range(p):
             ops = schedule(name, p, s, m, v)
             for c in range(v):
-                assert [
-                    op.micro for op in ops if op.kind == Phase.BACKWARD and op.chunk == c
-                ] == list(range(m))
+                for kind in (Phase.BACKWARD, Phase.WEIGHT):
+                    micros = [op.micro for op in ops if op.kind == kind and op.chunk == c]
+                    assert micros == list(range(m)) or (kind == Phase.WEIGHT and not micros)
+
+
+def test_zb_h1_shape_and_in_flight():
+    """ZB-H1 on stage s: the F and B ops are 1F1B's in 1F1B's order (its warm-up of p - s - 1 forwards); the W of the
+    first min(s, m) backwards is deferred, every later B is followed at once by the oldest W not yet run, and the
+    deferred W's close the list; an activation lives from its F to its W, min(p, m) at most, on every stage."""
+    for p in PS:
+        for m in MS:
+            for s in range(p):
+                ops = zb_h1(p, s, m)
+                assert [op for op in ops if op.kind != Phase.WEIGHT] == one_f_one_b(p, s, m)
+                deferred = min(s, m)
+                for k, op in enumerate(ops):
+                    if op.kind == Phase.BACKWARD and op.micro >= deferred:
+                        assert ops[k + 1] == Op(Phase.WEIGHT, op.micro - deferred), (p, s, m, k)
+                tail = [Op(Phase.WEIGHT, i) for i in range(m - deferred, m)]
+                assert ops[len(ops) - deferred :] == tail, (p, s, m)
+                assert in_flight(ops) == min(p, m), (p, s, m)
 
 
 def test_describe_lists_each_rank():
@@ -135,7 +159,7 @@ def test_describe_lists_each_rank():
 
 def test_simulate_never_deadlocks_and_every_rank_does_all_its_work():
     for name, p, m, v in CASES:
-        t = simulate(name, p, m, v, t_f=1.0, t_b=2.0)
+        t = simulate(name, p, m, v, t_f=1.0, t_b=1.5, t_w=0.5)
         assert t.busy == pytest.approx([m * 3.0] * p)
         assert t.idle == pytest.approx([t.makespan - b for b in t.busy])
         assert min(t.idle) >= -1e-9
@@ -151,6 +175,22 @@ def test_gpipe_and_1f1b_makespan(t_b):
                 t = simulate(name, p, m, t_f=1.0, t_b=t_b)
                 assert t.makespan == want, (name, p, m)
                 assert t.bubble == pytest.approx((p - 1) / (m + p - 1))
+
+
+@pytest.mark.parametrize(
+    "t_f, t_b, t_w", [(1, 1, 1), (1, 1.2, 0.8), (2, 1, 0.5), (1, 3, 0), (1, 1, 2), (0.5, 2, 1)]
+)
+def test_zb_h1_bubble(t_f, t_b, t_w):
+    """Each stage idles (p - 1)(t_f + t_b - t_w) (Qi et al.'s ZB-H1, for t_w <= t_f, t_b; a longer W fills only
+    the shorter of F and B: (p - 1)(t_f + t_b - min(t_f, t_b, t_w))), where 1F1B, whose backward is B and W at
+    once, idles (p - 1)(t_f + t_b + t_w); every stage computes m (t_f + t_b + t_w)."""
+    for p in PS:
+        for m in range(p, MS[-1] + 1):
+            zb, base = (simulate(n, p, m, t_f=t_f, t_b=t_b, t_w=t_w) for n in ("zb-h1", "1f1b"))
+            assert zb.busy == pytest.approx([m * (t_f + t_b + t_w)] * p)
+            filled = min(t_f, t_b, t_w)
+            assert zb.idle == pytest.approx([(p - 1) * (t_f + t_b - filled)] * p), (p, m)
+            assert base.idle == pytest.approx([(p - 1) * (t_f + t_b + t_w)] * p), (p, m)
 
 
 @pytest.mark.parametrize("t_b", [2.0, 1.0, 3.0])
@@ -220,6 +260,7 @@ def depth_cases():
         for m in range(1, 4 * p + 1):
             yield "gpipe", p, m, 1
             yield "1f1b", p, m, 1
+            yield "zb-h1", p, m, 1
             if m % p == 0:
                 for v in (2, 3, 4):
                     yield "interleaved", p, m, v
@@ -338,12 +379,14 @@ def test_send_depth_of_one_rank_and_bad_arguments():
         (lambda: schedule("gpipe", 2, -1, 4), "stage"),
         (lambda: schedule("1f1b", 2, 0, 0), "m"),
         (lambda: schedule("1f1b", 2, 0, 4, v=2), "v"),
+        (lambda: schedule("zb-h1", 2, 0, 4, v=2), "v"),
         (lambda: schedule("interleaved", 2, 0, 4, v=0), "v"),
         (lambda: interleaved(4, 0, 6, 2), "m"),
         (lambda: one_f_one_b(2.0, 0, 4), "p"),
         (lambda: simulate("1f1b", 0, 4), "p"),
         (lambda: simulate("1f1b", 2, 4, t_comm=-1.0), "t_comm"),
         (lambda: simulate("gpipe", 2, 4, t_b="2"), "t_b"),
+        (lambda: simulate("zb-h1", 2, 4, t_w=-0.5), "t_w"),
     ],
 )
 def test_bad_arguments_name_the_argument(call, arg):

@@ -22,7 +22,7 @@ from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
-from hpc_llm.plan.activations import chunk_cache_bytes
+from hpc_llm.plan.activations import chunk_cache_bytes, chunk_weight_bytes
 from hpc_llm.plan.memory import Bytes, Layout, rank_memory, stage_plan
 from hpc_llm.plan.predict import PRECISIONS, predict
 from hpc_llm.plan.search import search
@@ -227,6 +227,49 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
     assert cache_bytes(cache) == expect
 
 
+@pytest.mark.parametrize(
+    "shape, tp, pp, stage, dropout, recompute, precision, sp",
+    [
+        (dict(), 1, 1, 0, 0.1, "none", "fp32", False),  # embedding, blocks, head
+        (dict(block_size=140), 2, 2, 1, 0.0, "selective", "fp16", False),
+        (dict(), 2, 2, 0, 0.1, "block", "bf16", True),
+        (dict(), 2, 2, 1, 0.0, "none", "fp32", True),
+    ],
+)
+def test_weight_term_equals_what_b_leaves_for_w(
+    shape, tp, pp, stage, dropout, recompute, precision, sp
+):
+    """A zero-bubble schedule's B keeps, per micro-batch until its W, exactly chunk_weight_bytes: the arrays of
+    Chunk.backward_input's WeightWork (the gradient buffer W writes into aside)."""
+    cfg = tiny(dropout=dropout, **shape)
+    b = 3
+    lay = Layout(pp=pp, tp=tp, batch_size=b)
+    model = GPT(
+        cfg,
+        seed=0,
+        tp_comm=FakeComm(tp, tp - 1),
+        plan=stage_plan(cfg, lay, stage),
+        recompute=recompute,
+        precision=precision,
+        sequence_parallel=sp,
+    )
+    chunk = model.chunks[0]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (b, cfg.block_size))
+    shape_in = model.act_shape(b, cfg.block_size)
+    inp = tokens if chunk.embedding else rng.standard_normal(shape_in).astype(model.dtype)
+    drop = DropoutRNG(0, 0, 0, range(b)) if dropout else None
+    out, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
+    dout = None if chunk.head else rng.standard_normal(shape_in).astype(model.dtype)
+    _, weights = chunk.backward_input(dout, cache)
+    kept = cache_bytes([work.todo for _, work in weights]) - model.grad_flat.nbytes
+    by = PRECISIONS[precision][1]
+    first, last = chunk.embedding is not None, chunk.head is not None
+    n = len(chunk.blocks)
+    expect = chunk_weight_bytes(cfg, tp, b, n, first, last, by.act, by.compute, sp)
+    assert kept == expect
+
+
 def test_sequence_parallel_and_selective_caches_drop_exactly_their_terms():
     """The block cache under sequence parallelism is the plain one less exactly the replicated terms (both
     LayerNorms, the branch masks, the column-parallel inputs) times (1 - 1/tp); under selective recompute, less the
@@ -330,6 +373,42 @@ def test_a_heavier_last_stage_lengthens_the_step():
     even = simulate_costs("1f1b", 2, 4, 1, lambda k, s, later: 1.0)
     heavy = simulate_costs("1f1b", 2, 4, 1, lambda k, s, later: 2.0 if s == 1 else 1.0)
     assert heavy.makespan > even.makespan
+
+
+def test_zero_bubble_prices_b_and_w_apart():
+    """The backward's price is its B's and W's (the regrouping changes nothing); zb-h1 priced op by op with uniform
+    costs is schedule.simulate's; predicted at pp 4, its W's fill 1F1B's bubble: the same compute, less waiting, a
+    shorter step; its last stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
+    from hpc_llm.plan import compute as PC
+    from hpc_llm.plan.memory import _chunk_sizes, _weight_sizes
+
+    cfg = tiny(n_layer=4, n_embd=64, block_size=64)
+    pr = PC.Pricer(CL, "float32", 4, 2, K.Link(1e-5, 1e9, 1e9), sp=True)
+    for acc in (False, True):
+        whole = PC.block_backward(pr, 2, 64, 64, 4, acc, False, 128)
+        parts = PC.block_backward_input(pr, 2, 64, 64, 4) + PC.block_weight(
+            pr, 2, 64, 64, 4, acc, 128
+        )
+        assert parts.total == pytest.approx(whole.total, rel=1e-12) and parts.tp == pytest.approx(
+            whole.tp
+        )
+    costs = {S.Phase.FORWARD: 1.0, S.Phase.BACKWARD: 1.2, S.Phase.WEIGHT: 0.8}
+    t = simulate_costs("zb-h1", 4, 8, 1, lambda kind, s, later: costs[kind])
+    assert t.makespan == pytest.approx(S.simulate("zb-h1", 4, 8, t_b=1.2, t_w=0.8).makespan)
+    lay = dict(pp=4, micro_batches=8, batch_size=2)
+    zb, base = (predict(cfg, Layout(schedule=n, **lay), CL) for n in ("zb-h1", "1f1b"))
+    assert sum(e.op.kind == S.Phase.WEIGHT for e in zb.timing.events) == 4 * 8
+    assert zb.time["compute"] == pytest.approx(base.time["compute"], rel=0.05)
+    assert (
+        zb.time["pipeline_wait"] < base.time["pipeline_wait"]
+        and zb.time["step"] < base.time["step"]
+    )
+    by = Bytes.of(4)
+    for name, want in (("zb-h1", lambda f, w: 3 * w + f), ("1f1b", lambda f, w: f)):
+        lay_n = Layout(schedule=name, **lay)
+        plan = stage_plan(cfg, lay_n, 3)
+        f, w = _chunk_sizes(cfg, lay_n, plan, by)[0], _weight_sizes(cfg, lay_n, plan, by)[0]
+        assert rank_memory(cfg, lay_n, 3, by).activations == want(f, w), name
 
 
 # -- predictions and the search ----------------------------------------------------------------------------------
