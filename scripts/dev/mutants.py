@@ -667,13 +667,12 @@ MUTANTS: list[Mutant] = [
         ("test_zero.py::test_zero_matches_single_process[DP2-zero3]",),
     ),
     Mutant(
-        "zero-tied-sum-whole",
+        "zero-tied-copies-not-summed",
         "Trainer._sum_tied_embedding",
         "for a, b in whole if self.zero is None else intersect_ranges(self.sync.owned, whole):",
-        "for a, b in intersect_ranges(self.sync.owned, whole):",
-        "pipeline with ZeRO-1: only the owned piece of the tied embedding's two gradients is summed before the "
-        "reduce-scatter, which needs every piece summed",
-        ("test_pipeline.py::test_pipeline_matches_single_process",),
+        "for a, b in whole if self.zero is None else []:",
+        "pipeline with ZeRO-2/3: the tied embedding's two copies keep their own gradients (no sum of the owned pieces)",
+        ("test_zero.py::test_zero_matches_single_process[PP2xDP2-zero3]",),
     ),
     Mutant(
         "batch-offset-high-off-by-one",
