@@ -9,7 +9,8 @@ fault-injection switch the tests use to make every failure deterministic (docs/r
   `parallel.comm_timeout_s` once the config is read.
 - `HPC_LLM_FAULT` (tests only): comma-separated `KIND:POINT:RANK[:STEP]`, e.g. `raise:step:1:3` (rank 1 raises at the
   start of step 3), `enospc:save:0:4`, `hang:step:1:3`, `kill:eval:0`, `nan:grad:1:2`, `usr1:startup:1`. KIND is raise,
-  enospc, eio, hang, kill, nan, usr1 (the rank sends itself SIGUSR1, a stop request), usr1late (another process sends
+  enospc, eio, hang, kill, stop (SIGSTOP to itself: every thread stops), nan, usr1 (the rank sends itself SIGUSR1, a
+  stop request), usr1late (another process sends
   this rank SIGUSR1 one second later, wherever it then is: from `exit`, inside MPI_Finalize) or delay (the rank sleeps
   3 s: a slow peer); POINT is startup (train, before MPI), config (train, reading the config after MPI started,
   inside its agreement), data, resume, step, grad, eval (train's evals, and the `eval` verb before its batches), save,
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from hpc_llm.runtime.records import RankRecord
 
 # -- which rank, doing what ------------------------------------------------------------------------------------------
 
@@ -104,6 +107,8 @@ class Watchdog:
         self._op: str | None = None
         self._since = 0.0
         self._thread: threading.Thread | None = None
+        # what this rank is doing, written as a heartbeat where a run directory is known (runtime/records.py)
+        self.record = RankRecord()
 
     def configure(self, timeout_s: float, source: str = "parallel.comm_timeout_s") -> None:
         """Arm (or re-arm) with `timeout_s` seconds per wait, 0: off; `source` names the setting in the message."""
@@ -116,22 +121,30 @@ class Watchdog:
         # before _op: the thread never sees an op with an old start time
         self._since = time.monotonic()
         self._op = op
+        self.record.entered(op)
 
     def leave(self) -> None:
         self._op = None
+        self.record.left()
+
+    def interval(self) -> float:
+        return min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0
 
     def _run(self) -> None:
         while True:
-            time.sleep(min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0)
+            time.sleep(self.interval())
+            self.record.write(PHASE.describe())
             op, since = self._op, self._since
             if op is None or self.timeout_s <= 0:
                 continue
             waited = time.monotonic() - since
             if waited > self.timeout_s and self._op is op:
+                behind = self.record.behind(self.interval())
                 sys.stderr.write(
                     f"hpc-llm: rank {launcher_rank()}: no progress for {waited:.0f} s in {op} "
                     f"({PHASE.describe()}; {self.source}={self.timeout_s:g}): a peer has "
                     "stopped, died or is stuck; aborting the job\n"
+                    + (f"hpc-llm: rank {launcher_rank()}: {behind}\n" if behind else "")
                 )
                 sys.stderr.flush()
                 abort_job(1)
@@ -165,7 +178,7 @@ def abort_job(code: int) -> None:
 
 # -- fault injection (tests) -----------------------------------------------------------------------------------------
 
-KINDS = ("raise", "enospc", "eio", "hang", "kill", "nan", "usr1", "usr1late", "delay")
+KINDS = ("raise", "enospc", "eio", "hang", "kill", "stop", "nan", "usr1", "usr1late", "delay")
 POINTS = (
     "startup",
     "config",
@@ -233,6 +246,10 @@ def inject(point: str, step: int | None = None) -> bool:
                 time.sleep(1)
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if (
+            kind == "stop"
+        ):  # the whole process stopped (SIGSTOP), as a frozen node's: its threads too
+            os.kill(os.getpid(), signal.SIGSTOP)
         if kind == "usr1":
             os.kill(os.getpid(), signal.SIGUSR1)
             continue

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ from hpc_llm.train.startup import claim_out_dir, open_inputs
 from hpc_llm.train.state import TrainState
 
 log = logging.getLogger("hpc_llm")
+RECORDS_DIR = ".ranks"  # in the run directory: each rank's heartbeat (runtime/records.py)
 
 
 class Trainer:
@@ -96,6 +98,8 @@ class Trainer:
             self._resumed(restored)
         # only now: a start refused above has changed nothing on disk
         g.world.agree(self._claim_out_dir)
+        # each rank's heartbeat, read by a rank whose watchdog fires to name the one behind (runtime/records.py)
+        WATCHDOG.record.start(self.out_dir / RECORDS_DIR, g.world.rank, g.world.size)
         self.tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         # MFU is against the peak of the whole job: each rank's (measured, concurrently, or given) summed
         rank_peak = t.peak_tflops * 1e12 or matmul_peak_flops(self.xp, self.model.dtype)
@@ -135,6 +139,11 @@ class Trainer:
     def _claim_out_dir(self) -> None:
         if self.is_root:
             self.lock = claim_out_dir(self.cfg, self.lock)
+            records = self.out_dir / RECORDS_DIR
+            shutil.rmtree(
+                records, ignore_errors=True
+            )  # an earlier run's records would name its ranks
+            records.mkdir()
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -350,7 +359,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Release out_dir's lock (the process's end would as well)."""
+        """Release out_dir's lock (the process's end would as well); no more heartbeats."""
+        WATCHDOG.record.stop()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
