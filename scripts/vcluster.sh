@@ -10,12 +10,14 @@
 #   scripts/vcluster.sh mpiexec ARGS...     # Open MPI's mpiexec with the launch agent and the cluster's network:
 #                                           # e.g. mpiexec -n 4 --host node1:2,node2:2 python train.py
 #
-# Node K is the network namespace vc-nodeK with eth0 at SUBNET.K/24, whose peer vc-nodeK sits on the bridge vcbr0
-# (SUBNET.254: the host, where mpiexec runs, is on the bridge too). IP forwarding is left as it is (off here) and the
-# bridge has no other port, so nothing on it reaches the outside. A rate shapes both directions of the node's link
-# (tbf on each end of the veth pair); loopback inside a node is never shaped. `up` is idempotent: it makes whatever
-# is missing, removes the nodes above N and sets every link's rate; a step the kernel refuses prints one line and the
-# command exits 1. Needs root.
+# Node K is the network namespace vc-nodeK with eth0 at SUBNET.K/24, whose peer vc-nodeK is a port of the bridge
+# vcbr0. The bridge has no address and no other port, so nothing on it reaches the machine or the outside; mpiexec
+# runs inside node1 (as a batch script runs on a job's first node) and reaches the other nodes over the bridge. A
+# rate shapes both directions of the node's link (tbf on each end of the veth pair); loopback inside a node is never
+# shaped. A node's TCP gives up on a peer after ~6 s of unacknowledged data (tcp_retries2=4, not 15: ~15 min) and
+# probes an idle connection after 1 s, so a dead link ends a job in seconds (docs/vcluster.md). `up` is idempotent:
+# it makes whatever is missing, removes the nodes above N and sets every link's rate; a step the kernel refuses
+# prints one line and the command exits 1. Needs root.
 #
 # Environment: VCLUSTER_SUBNET (first three octets, default 10.213.0; refused if the machine already routes it),
 # VCLUSTER_STATE (default /run/vcluster: the UTS namespaces' bind mounts and the cluster's record).
@@ -99,9 +101,6 @@ ensure_bridge() {
         try "add bridge $BRIDGE" ip link add "$BRIDGE" type bridge || return 1
     fi
     sysctl -qw "net.ipv6.conf.$BRIDGE.disable_ipv6=1" 2>/dev/null
-    if ! ip -4 addr show dev "$BRIDGE" | grep -q "inet $SUBNET.254/24"; then
-        try "address $SUBNET.254/24 on $BRIDGE" ip addr add "$SUBNET.254/24" dev "$BRIDGE" || return 1
-    fi
     try "set $BRIDGE up" ip link set "$BRIDGE" up
 }
 
@@ -111,8 +110,9 @@ ensure_node() {
     if ! ip netns list | awk '{print $1}' | grep -qx "$ns"; then
         try "$node: add network namespace $ns" ip netns add "$ns" || return 1
     fi
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 2>/dev/null
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.default.disable_ipv6=1 2>/dev/null
+    try "$node: its TCP settings" ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+        net.ipv6.conf.default.disable_ipv6=1 net.ipv4.tcp_retries2=4 net.ipv4.tcp_keepalive_time=1 \
+        net.ipv4.tcp_keepalive_intvl=1 net.ipv4.tcp_keepalive_probes=3 || return 1
     try "$node: loopback up" ip -n "$ns" link set lo up || return 1
     if ! ip link show "$host" >/dev/null 2>&1; then
         try "$node: add veth pair $host / eth0" \
@@ -134,12 +134,7 @@ ensure_node() {
 
 # The pids whose network namespace is NODE's (every process started inside it).
 node_pids() {
-    local ns_file=/run/netns/vc-$1 ino p
-    [ -e "$ns_file" ] || return 0
-    ino=$(stat -L -c %i "$ns_file")
-    for p in /proc/[0-9]*; do
-        [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] && echo "${p#/proc/}"
-    done
+    ip netns pids "vc-$1" 2>/dev/null
 }
 
 remove_node() {
@@ -260,20 +255,21 @@ cmd_exec() {
     exec nsenter --net="/run/netns/vc-$node" --uts="$STATE/uts/$node" -- "$@"
 }
 
-# mpiexec (the one on PATH, or $MPIEXEC) for the nodes: PRRTE starts its daemon on each node through
-# scripts/vcluster_agent (in place of ssh), its own traffic and MPI's TCP use the bridge's subnet only (so ranks on
-# different nodes talk over their shaped links; ranks on one node use shared memory, Open MPI's default), and ranks
-# fill each node's slots in order (--host nodeK:S): --oversubscribe alone maps by core and was seen to put every
-# rank on the first node.
+# mpiexec (the one on PATH, or $MPIEXEC) run inside node1, for the nodes: PRRTE starts its daemon on each other
+# node through scripts/vcluster_agent (in place of ssh); its own traffic and MPI's TCP use the cluster's subnet only
+# (ranks on different nodes talk over their shaped links, ranks on one node through shared memory, Open MPI's
+# default); ranks fill each node's slots in order (--host nodeK:S; --oversubscribe alone maps by core and was seen to
+# put every rank on the first node); idle daemon connections are probed every second, so a lost node is noticed.
 cmd_mpiexec() {
     local net="$SUBNET.0/24"
     if [ "$(id -u)" -eq 0 ]; then
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
     fi
-    exec "${MPIEXEC:-mpiexec}" --map-by slot:oversubscribe \
+    cmd_exec node1 "${MPIEXEC:-mpiexec}" --map-by slot:oversubscribe \
         --prtemca plm_ssh_agent "$(dirname "$(readlink -f "$0")")/vcluster_agent" \
         --prtemca oob_tcp_if_include "$net" --mca oob_tcp_if_include "$net" \
-        --mca btl_tcp_if_include "$net" "$@"
+        --prtemca oob_tcp_keepalive_time 1 --prtemca oob_tcp_keepalive_intvl 1 \
+        --prtemca oob_tcp_keepalive_probes 3 --mca btl_tcp_if_include "$net" "$@"
 }
 
 case ${1:-} in

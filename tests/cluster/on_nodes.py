@@ -1,0 +1,141 @@
+"""The rank side of test_vcluster.py, run by it under the virtual cluster's mpiexec (scripts/vcluster.sh mpiexec), so
+each rank runs inside its node (not collected by pytest: its name does not start with test_).
+
+    python on_nodes.py probe              # any ranks
+    python on_nodes.py across DATA OUT    # 4 ranks, 2 per node on 2 nodes
+    python on_nodes.py resume DATA OUT    # 2 ranks on one node, after `across` wrote OUT
+
+`probe`: rank 0 prints every rank's hostname, the groups of ranks Open MPI sees sharing memory (one node: shared
+memory between them, TCP to the others), and the message the last rank got from rank 0.
+`across`: DP2 x TP2 with ZeRO-1 (the data-parallel groups span the nodes) and PP2 x TP2 (the pipeline spans them)
+train what one process trains (float64, dropout: 1e-10, test_parallel.py's tolerance); each TP group is on one node;
+the PP2 x TP2 run stops at K and leaves its checkpoint in OUT/pp2xtp2. `resume`: DP2 on one node resumes that
+checkpoint to N and follows the single process. Every rank checks itself; rank 0 prints every rank's problems and
+the job exits 1 if there are any (0 and `ok` otherwise).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers.py
+
+from helpers import (  # noqa: E402
+    F64_RTOL,
+    reference_checks,
+    rel_diff,
+    replica_checks,
+    run_config,
+    train,
+)
+from mpi4py import MPI  # noqa: E402
+
+from hpc_llm.parallel.grid import make_grid, single_process_grid  # noqa: E402
+
+K, N = 2, 4  # the cross-node run saves at K; the one-node run resumes it to N
+COMMON = {
+    "model.dtype": "float64",
+    "model.dropout": 0.1,
+    "train.grad_accum": 2,
+}
+
+
+def reference(data, out, job: str):
+    """The single-process run to N (each rank its own, under its own out_dir)."""
+    rank = MPI.COMM_WORLD.rank
+    cfg = run_config(data, out / f"ref-{job}-{rank}", **COMMON, **{"train.max_iters": N})
+    return train(cfg, single_process_grid())
+
+
+def placement_checks(tr, name: str, spans: str) -> list[str]:
+    """Every TP group on one node; the group `spans` (dp or pp) over more than one."""
+    bad, host = [], socket.gethostname()
+    tp_hosts = tr.grid.tp_comm.mpi.allgather(host)
+    if len(set(tp_hosts)) != 1:
+        bad.append(f"{name}: the TP group of world rank {tr.grid.rank} is on {tp_hosts}")
+    across = getattr(tr.grid, f"{spans}_comm").mpi.allgather(host)
+    if len(set(across)) < 2:
+        bad.append(f"{name}: the {spans} group of world rank {tr.grid.rank} is all on {across[0]}")
+    return bad
+
+
+def across(data, out) -> list[str]:
+    ref = reference(data, out, "across")
+    dp = train(
+        run_config(
+            data,
+            out / "dp2xtp2",
+            **COMMON,
+            **{"train.max_iters": N, "parallel.tp": 2, "parallel.zero": 1},
+        ),
+        make_grid(MPI.COMM_WORLD, 2),
+    )
+    bad = reference_checks(dp, ref, "DP2xTP2-zero1") + replica_checks(dp)
+    bad += placement_checks(dp, "DP2xTP2-zero1", "dp")
+    pp = train(
+        run_config(
+            data,
+            out / "pp2xtp2",
+            **COMMON,
+            **{"train.max_iters": K, "parallel.tp": 2, "parallel.pp": 2},
+        ),
+        make_grid(MPI.COMM_WORLD, 2, 2),
+    )
+    got, want = pp.metrics.train, ref.metrics.train
+    for key in ("loss", "grad_norm"):
+        if not rel_diff(got[key], want[key][:K]) <= F64_RTOL:
+            bad.append(f"PP2xTP2 {key}: {got[key]} vs reference {want[key][:K]}")
+    bad += placement_checks(pp, "PP2xTP2", "pp")
+    if pp.step != K or not pp.summary.get("checkpoint"):
+        bad.append(f"PP2xTP2: step {pp.step}, checkpoint {pp.summary.get('checkpoint')}")
+    return bad
+
+
+def resume(data, out) -> list[str]:
+    ref = reference(data, out, "resume")
+    hosts = set(MPI.COMM_WORLD.allgather(socket.gethostname()))
+    path = sorted((out / "pp2xtp2").glob("ckpt_*.h5"))[-1]
+    tr = train(
+        run_config(data, out / "resumed", **COMMON, **{"train.max_iters": N}),
+        make_grid(MPI.COMM_WORLD, 1),
+        resume=str(path),
+    )
+    bad = [] if len(hosts) == 1 else [f"the resuming job is on {sorted(hosts)}, not one node"]
+    return bad + reference_checks(tr, ref, "resumed on one node", slice(K, None))
+
+
+def probe() -> int:
+    comm = MPI.COMM_WORLD
+    hosts = comm.gather(socket.gethostname())
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    groups = comm.gather(",".join(map(str, local.allgather(comm.rank))))
+    if comm.rank == 0:
+        comm.send(f"from rank 0 on {socket.gethostname()}", dest=comm.size - 1)
+    got = comm.recv(source=0) if comm.rank == comm.size - 1 else None
+    got = comm.bcast(got, root=comm.size - 1)
+    if comm.rank == 0:
+        print(
+            f"hostnames {' '.join(hosts)}; shared memory {' '.join(sorted(set(groups)))}; "
+            f"rank {comm.size - 1} got: {got}",
+            flush=True,
+        )
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1] == "probe":
+        return probe()
+    what, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    bad = {"across": across, "resume": resume}[what](data, out)
+    comm = MPI.COMM_WORLD
+    lines = comm.gather([f"rank {comm.rank} on {socket.gethostname()}: {b}" for b in bad])
+    if comm.rank == 0:
+        report = [line for rank_lines in lines for line in rank_lines]
+        print("\n".join(report) if report else "ok", flush=True)
+    return 1 if comm.allreduce(len(bad)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
