@@ -93,7 +93,7 @@ shape() {
     burst=$((bps / 8 / 100))
     [ "$burst" -lt 65536 ] && burst=65536
     try "shape $dev${ns:+ in $ns} to $rate" \
-        "${tcn[@]}" qdisc replace dev "$dev" root tbf rate "$rate" burst "$burst" latency 100ms
+        "${tcn[@]}" qdisc replace dev "$dev" root tbf rate "$rate" burst "$burst" latency 20ms
 }
 
 ensure_bridge() {
