@@ -1,7 +1,7 @@
 """The virtual cluster's fixture: scripts/vcluster.sh brings 2 nodes up before each test that asks for it (a no-op
 when they are up; it also undoes what a test changed: a rate, a link set down) and takes the cluster down after the
-last. Where the cluster cannot start (not root, no `ip`, the
-kernel refuses a namespace) the test is skipped with the reason, which under CI=true fails it (tests/conftest.py)."""
+last. Where the cluster cannot start (not root, no `ip`, the kernel refuses a namespace) the test is skipped with the
+reason, which under CI=true fails it (tests/conftest.py)."""
 
 from __future__ import annotations
 

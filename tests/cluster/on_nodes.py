@@ -2,14 +2,15 @@
 each rank runs inside its node (not collected by pytest: its name does not start with test_).
 
     python on_nodes.py probe              # any ranks
-    python on_nodes.py across DATA OUT    # 4 ranks, 2 per node on 2 nodes
+    python on_nodes.py across DATA OUT    # 2 ranks per node (4 on 2 nodes, 8 on 4)
     python on_nodes.py resume DATA OUT    # 2 ranks on one node, after `across` wrote OUT
 
 `probe`: rank 0 prints every rank's hostname, the groups of ranks Open MPI sees sharing memory (one node: shared
 memory between them, TCP to the others), and the message the last rank got from rank 0.
-`across`: DP2 x TP2 with ZeRO-1 (the data-parallel groups span the nodes) and PP2 x TP2 (the pipeline spans them)
-train what one process trains (float64, dropout: 1e-10, test_parallel.py's tolerance); each TP group is on one node;
-the PP2 x TP2 run stops at K and leaves its checkpoint in OUT/pp2xtp2. `resume`: DP2 on one node resumes that
+`across`: TP2 with the other ranks data parallel, ZeRO-1 (the data-parallel groups span the nodes), and PP2 x TP2
+with the rest data parallel (the pipeline spans them) train what one process trains (float64, dropout: 1e-10,
+test_parallel.py's tolerance); each TP group is on one node; the second run stops at K and leaves its checkpoint in
+OUT/pp2xtp2. `resume`: DP2 on one node resumes that
 checkpoint to N and follows the single process. Every rank checks itself; rank 0 prints every rank's problems and
 the job exits 1 if there are any (0 and `ok` otherwise).
 """
@@ -72,8 +73,8 @@ def across(data, out) -> list[str]:
         ),
         make_grid(MPI.COMM_WORLD, 2),
     )
-    bad = reference_checks(dp, ref, "DP2xTP2-zero1") + replica_checks(dp)
-    bad += placement_checks(dp, "DP2xTP2-zero1", "dp")
+    name = f"dp{dp.grid.dp} x tp2, ZeRO-1"
+    bad = reference_checks(dp, ref, name) + replica_checks(dp) + placement_checks(dp, name, "dp")
     pp = train(
         run_config(
             data,
@@ -83,13 +84,14 @@ def across(data, out) -> list[str]:
         ),
         make_grid(MPI.COMM_WORLD, 2, 2),
     )
+    name = f"pp2 x dp{pp.grid.dp} x tp2"
     got, want = pp.metrics.train, ref.metrics.train
     for key in ("loss", "grad_norm"):
         if not rel_diff(got[key], want[key][:K]) <= F64_RTOL:
-            bad.append(f"PP2xTP2 {key}: {got[key]} vs reference {want[key][:K]}")
-    bad += placement_checks(pp, "PP2xTP2", "pp")
+            bad.append(f"{name} {key}: {got[key]} vs reference {want[key][:K]}")
+    bad += placement_checks(pp, name, "pp")
     if pp.step != K or not pp.summary.get("checkpoint"):
-        bad.append(f"PP2xTP2: step {pp.step}, checkpoint {pp.summary.get('checkpoint')}")
+        bad.append(f"{name}: step {pp.step}, checkpoint {pp.summary.get('checkpoint')}")
     return bad
 
 
