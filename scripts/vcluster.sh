@@ -17,7 +17,7 @@
 # shaped. A node's TCP gives up on a peer after ~6 s of unacknowledged data (tcp_retries2=4, not 15: ~15 min) and
 # probes an idle connection after 1 s, so a dead link ends a job in seconds (docs/vcluster.md). `up` is idempotent:
 # it makes whatever is missing, removes the nodes above N and sets every link's rate; a step the kernel refuses
-# prints one line and the command exits 1. Needs root.
+# prints one line and the command exits 1. Needs root. A Slurm with one slurmd per node: scripts/vcluster_slurm.sh.
 #
 # Environment: VCLUSTER_SUBNET (first three octets, default 10.213.0; refused if the machine already routes it),
 # VCLUSTER_STATE (default /run/vcluster: the UTS namespaces' bind mounts and the cluster's record).
@@ -184,7 +184,10 @@ cmd_up() {
         *) usage ;;
         esac
     done
-    [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le $MAX_NODES ]] || { echo "vcluster: N must be 1..$MAX_NODES, got '$n'" >&2; exit 2; }
+    if ! [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le $MAX_NODES ]]; then
+        echo "vcluster: N must be 1..$MAX_NODES, got '$n'" >&2
+        exit 2
+    fi
     rate=${rate,,}
     [ "$rate" = unshaped ] && rate=none
     if [ "$rate" != none ] && ! [ "$(rate_bps "$rate")" -gt 0 ] 2>/dev/null; then

@@ -24,7 +24,7 @@ export SLURM_CONF=$CONF PATH="$PATH:/usr/sbin:/sbin"
 
 die() { echo "vcluster_slurm: $*" >&2; exit 1; }
 
-nodes() { "$VC" status 2>/dev/null | awk '/^node[0-9]+ /{print $1}'; }
+nodes() { { "$VC" status 2>/dev/null || true; } | awk '/^node[0-9]+ /{print $1}'; }
 
 stop() {
     local f pid pids=()
@@ -57,9 +57,12 @@ start() {
     for b in munged slurmctld slurmd sbatch srun sinfo; do
         command -v "$b" >/dev/null || missing+=("$b")
     done
-    [ ${#missing[@]} -eq 0 ] || { echo "vcluster_slurm: not installed: ${missing[*]} (scripts/install_slurm.sh)" >&2; exit 3; }
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "vcluster_slurm: not installed: ${missing[*]} (scripts/install_slurm.sh)" >&2
+        exit 3
+    fi
     [ "$(id -u)" = 0 ] || { echo "vcluster_slurm: needs root" >&2; exit 3; }
-    list=$(nodes | tr '\n' ' ')
+    list=$(nodes | xargs)
     n=$(echo "$list" | wc -w)
     [ "$n" -ge 1 ] || { echo "vcluster_slurm: no virtual cluster (scripts/vcluster.sh up N)" >&2; exit 3; }
     stop
@@ -113,7 +116,8 @@ EOF
     echo "PartitionName=debug Nodes=$(echo "$list" | tr -s ' ' ',' | sed 's/,$//') Default=YES State=UP" >>"$CONF"
     "$VC" exec node1 slurmctld -f "$CONF" || die "slurmctld did not start: $(tail -n 5 "$S/slurmctld.log" 2>&1)"
     for node in $list; do
-        "$VC" exec "$node" slurmd -f "$CONF" || die "slurmd on $node did not start: $(tail -n 5 "$S/slurmd.$node.log" 2>&1)"
+        "$VC" exec "$node" slurmd -f "$CONF" ||
+            die "slurmd on $node did not start: $(tail -n 5 "$S/slurmd.$node.log" 2>&1)"
     done
     local idle i
     for i in $(seq 60); do
