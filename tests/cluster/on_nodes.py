@@ -2,17 +2,20 @@
 each rank runs inside its node (not collected by pytest: its name does not start with test_).
 
     python on_nodes.py probe              # any ranks
-    python on_nodes.py across DATA OUT    # 2 ranks per node (4 on 2 nodes, 8 on 4)
-    python on_nodes.py resume DATA OUT    # 2 ranks on one node, after `across` wrote OUT
+    python on_nodes.py single DATA OUT    # one process, no launcher
+    python on_nodes.py across DATA OUT    # 2 ranks per node (4 on 2 nodes, 8 on 4), after `single`
+    python on_nodes.py resume DATA OUT    # 2 ranks on one node, after `across`
 
 `probe`: rank 0 prints every rank's hostname, the groups of ranks Open MPI sees sharing memory (one node: shared
 memory between them, TCP to the others), and the message the last rank got from rank 0.
-`across`: TP2 with the other ranks data parallel, ZeRO-1 (the data-parallel groups span the nodes), and PP2 x TP2
-with the rest data parallel (the pipeline spans them) train what one process trains (float64, dropout: 1e-10,
-test_parallel.py's tolerance); each TP group is on one node; the second run stops at K and leaves its checkpoint in
-OUT/pp2xtp2. `resume`: DP2 on one node resumes that
-checkpoint to N and follows the single process. Every rank checks itself; rank 0 prints every rank's problems and
-the job exits 1 if there are any (0 and `ok` otherwise).
+`single`: the run trained to K in one process; its checkpoint in OUT/single.
+`across`: TP2 with the other ranks data parallel, ZeRO-1 (the data-parallel groups span the nodes), resumes the
+one-process checkpoint to N, and PP2 x TP2 with the rest data parallel (the pipeline spans them) trains from scratch
+to K, leaving its checkpoint in OUT/pp2xtp2; both follow what one process trains (float64, dropout: 1e-10,
+test_parallel.py's tolerance), and each TP group is on one node.
+`resume`: DP2 on one node resumes the PP2 x TP2 checkpoint written across the nodes to N and follows the single
+process. Every rank checks itself; rank 0 prints every rank's problems and the job exits 1 if there are any (0 and
+`ok` otherwise).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from helpers import (  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from hpc_llm.parallel.grid import make_grid, single_process_grid  # noqa: E402
+from hpc_llm.train.trainer import Trainer  # noqa: E402
 
 K, N = 2, 4  # the cross-node run saves at K; the one-node run resumes it to N
 COMMON = {
@@ -62,9 +66,27 @@ def placement_checks(tr, name: str, spans: str) -> list[str]:
     return bad
 
 
+def single(data, out) -> list[str]:
+    tr = train(
+        run_config(data, out / "single", **COMMON, **{"train.max_iters": K}), single_process_grid()
+    )
+    return [] if tr.step == K else [f"the single process stopped at step {tr.step}"]
+
+
+def resumed(cfg, grid, run: Path, name: str) -> tuple[Trainer, list[str]]:
+    """cfg trained on grid from run's newest checkpoint (at K) to its end; [a problem] if it did not start at K."""
+    tr = Trainer(cfg, resume=str(sorted(run.glob("ckpt_*.h5"))[-1]), grid=grid)
+    start = tr.step
+    tr.summary = tr.run()
+    return tr, (
+        [] if start == K else [f"{name}: started at step {start}, not at the checkpoint's {K}"]
+    )
+
+
 def across(data, out) -> list[str]:
     ref = reference(data, out, "across")
-    dp = train(
+    name = f"dp{MPI.COMM_WORLD.size // 2} x tp2, ZeRO-1, resumed from one process"
+    dp, bad = resumed(
         run_config(
             data,
             out / "dp2xtp2",
@@ -72,9 +94,11 @@ def across(data, out) -> list[str]:
             **{"train.max_iters": N, "parallel.tp": 2, "parallel.zero": 1},
         ),
         make_grid(MPI.COMM_WORLD, 2),
+        out / "single",
+        name,
     )
-    name = f"dp{dp.grid.dp} x tp2, ZeRO-1"
-    bad = reference_checks(dp, ref, name) + replica_checks(dp) + placement_checks(dp, name, "dp")
+    bad += reference_checks(dp, ref, name, slice(K, None)) + replica_checks(dp)
+    bad += placement_checks(dp, name, "dp")
     pp = train(
         run_config(
             data,
@@ -98,14 +122,15 @@ def across(data, out) -> list[str]:
 def resume(data, out) -> list[str]:
     ref = reference(data, out, "resume")
     hosts = set(MPI.COMM_WORLD.allgather(socket.gethostname()))
-    path = sorted((out / "pp2xtp2").glob("ckpt_*.h5"))[-1]
-    tr = train(
+    name = "dp2 on one node, resumed from pp2 x tp2 across nodes"
+    tr, bad = resumed(
         run_config(data, out / "resumed", **COMMON, **{"train.max_iters": N}),
         make_grid(MPI.COMM_WORLD, 1),
-        resume=str(path),
+        out / "pp2xtp2",
+        name,
     )
-    bad = [] if len(hosts) == 1 else [f"the resuming job is on {sorted(hosts)}, not one node"]
-    return bad + reference_checks(tr, ref, "resumed on one node", slice(K, None))
+    bad += [] if len(hosts) == 1 else [f"the resuming job is on {sorted(hosts)}, not one node"]
+    return bad + reference_checks(tr, ref, name, slice(K, None))
 
 
 def probe() -> int:
@@ -130,7 +155,7 @@ def main() -> int:
     if sys.argv[1] == "probe":
         return probe()
     what, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    bad = {"across": across, "resume": resume}[what](data, out)
+    bad = {"single": single, "across": across, "resume": resume}[what](data, out)
     comm = MPI.COMM_WORLD
     lines = comm.gather([f"rank {comm.rank} on {socket.gethostname()}: {b}" for b in bad])
     if comm.rank == 0:

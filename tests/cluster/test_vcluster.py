@@ -77,12 +77,16 @@ def test_the_cluster_comes_up_isolated_and_goes_down_leaving_nothing(cluster):
 
 
 @pytest.mark.timeout(2 * JOB_S)
-def test_training_across_nodes_equals_one_process_and_resumes_on_one_node(
+def test_training_across_nodes_equals_one_process_and_checkpoints_move_between_one_and_two_nodes(
     cluster, data_dir, tmp_path
 ):
-    """DP2 x TP2 (ZeRO-1) and PP2 x TP2 on node1:2,node2:2, float64 with dropout, each TP group inside a node, equal
-    the single process to 1e-10; PP2 x TP2's checkpoint, written from both nodes, resumes as DP2 on node1 alone and
-    follows the single process to the end (on_nodes.py)."""
+    """On node1:2,node2:2, float64 with dropout, each TP group inside a node: DP2 x TP2 (ZeRO-1) resumes a
+    checkpoint written by one process on node1 and PP2 x TP2 trains from scratch, both equal to the single process
+    to 1e-10; PP2 x TP2's checkpoint, written from both nodes, resumes as DP2 on node1 alone and follows the single
+    process to the end (on_nodes.py)."""
+    # one process on node1, no launcher
+    single = cluster.run("exec", "node1", sys.executable, ON_NODES, "single", data_dir, tmp_path)
+    assert single.returncode == 0 and single.stdout.strip().endswith("ok"), single.stderr[-3000:]
     rc, out, err = cluster.mpiexec(
         "node1:2,node2:2", ON_NODES, "across", data_dir, tmp_path, timeout=JOB_S
     )
