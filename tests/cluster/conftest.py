@@ -22,10 +22,15 @@ def env() -> dict:
     return {**os.environ, "MPIEXEC": mpiexec(), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def vcluster(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    """scripts/vcluster.sh ARGS, its output as text."""
+def vcluster(*args, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
+    """scripts/vcluster.sh ARGS (in the directory cwd), its output as text."""
     return subprocess.run(
-        [str(VCLUSTER), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env()
+        [str(VCLUSTER), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=cwd,
     )
 
 

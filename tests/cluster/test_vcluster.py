@@ -189,6 +189,7 @@ def test_slurm_runs_train_cpu_sbatch_across_nodes(cluster, data_dir, tmp_path):
             *("sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=2"),
             *(REPO / "slurm" / "train_cpu.sbatch", toml, "--set", "parallel.tp=2"),
             timeout=2 * JOB_S,
+            cwd=tmp_path,  # where the job's slurm-%j.out goes
         )
         job = sbatch.stdout.strip()
         run = tmp_path / "runs" / job
