@@ -52,7 +52,7 @@ try() {
 need_root() {
     [ "$(id -u)" -eq 0 ] || { echo "vcluster: needs root (network and UTS namespaces)" >&2; exit 1; }
     local tool
-    for tool in ip tc nsenter unshare mount; do
+    for tool in ip tc bridge nsenter unshare mount; do
         command -v "$tool" >/dev/null || { echo "vcluster: $tool not found" >&2; exit 1; }
     done
 }
@@ -132,6 +132,22 @@ ensure_node() {
     shape "" "$host" "$rate"
 }
 
+# Every node's link forwarding (a port set up again passes no frame for a moment), and no node remembering a peer as
+# unreachable: a link that was down leaves FAILED neighbour entries, and a connection to such a peer fails at once
+# ("No route to host") until they expire.
+await_links() {
+    local k
+    for k in $(seq "$1"); do
+        for _ in $(seq 50); do
+            bridge link show dev "vc-node$k" 2>/dev/null | grep -q "state forwarding" && break
+            sleep 0.1
+        done
+        bridge link show dev "vc-node$k" 2>/dev/null | grep -q "state forwarding" ||
+            fail "node$k: its link vc-node$k is not forwarding after 5 s"
+        ip -n "vc-node$k" neigh flush all 2>/dev/null
+    done
+}
+
 # The pids whose network namespace is NODE's (every process started inside it).
 node_pids() {
     ip netns pids "vc-$1" 2>/dev/null
@@ -204,6 +220,7 @@ cmd_up() {
     for k in $(seq "$n"); do
         ensure_node "$k" "$rate"
     done
+    await_links "$n"
     printf 'nodes=%s\nrate=%s\nsubnet=%s.0/24\n' "$n" "$rate" "$SUBNET" >"$STATE/cluster"
     [ "$FAILED" -eq 0 ] || exit 1
     echo "vcluster: up: $n nodes on $BRIDGE ($SUBNET.0/24), rate $rate"

@@ -150,7 +150,9 @@ def test_a_network_fault_ends_the_job_and_the_run_resumes_on_the_node_left(
     while not [s for s, _ in list_checkpoints(run) if s >= 4]:
         if job.poll() is not None or time.monotonic() > deadline:
             rc, out, err = cluster.wait(job, 10)
-            pytest.fail(f"the run ended ({rc}) or did not reach step 4 in {JOB_S} s: {err[-3000:]}")
+            pytest.fail(
+                f"the run ended ({rc}) or did not reach step 4 in {JOB_S} s: {out[-2000:]}{err[-3000:]}"
+            )
         time.sleep(0.1)
     t0 = time.monotonic()
     make_fault(cluster)
