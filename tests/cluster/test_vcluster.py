@@ -114,14 +114,18 @@ def node_killed(cluster) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
-# name: (the fault, what stderr must say). A link down: Open MPI's launcher names the node it lost ("Remote daemon:
-# ... on node node2"), whether the ranks' watchdog (`no progress for 3 s in ...`) or its own probes of the link
-# noticed first (both take about 3 s here). A killed node: the ranks on node1 see their sockets close and Open MPI
-# aborts the job itself, naming neither node nor rank (docs/vcluster.md). Not the exit status in either case: Open
-# MPI 5's launcher exits 0 once it has lost a daemon, even after MPI_Abort.
+# name: (the fault, what stderr must say: any one of the groups of phrases). A link down is seen by two paths, both
+# about 3 s here, whichever comes first: Open MPI's launcher losing node2's daemon ("Remote daemon: ... on node
+# node2"), or a rank's watchdog (`no progress for 3 s in ...`), which aborts the job first and names the rank behind
+# and its node (runtime/records.py). A killed node: the ranks on node1 see their sockets close and Open MPI aborts the
+# job itself, naming neither node nor rank (docs/vcluster.md). Not the exit status in either case: Open MPI 5's
+# launcher exits 0 once it has lost a daemon, even after MPI_Abort.
 NETWORK_FAULTS = {
-    "link-down": (link_down, ("lost communication with a remote daemon", "on node node2")),
-    "node-killed": (node_killed, ()),
+    "link-down": (
+        link_down,
+        (("lost communication with a remote daemon", "on node node2"), ("is behind", "node2)")),
+    ),
+    "node-killed": (node_killed, ((),)),
 }
 
 
@@ -159,7 +163,7 @@ def test_a_network_fault_ends_the_job_and_the_run_resumes_on_the_node_left(
     _, _, err = cluster.wait(job, JOB_S)
     seconds = time.monotonic() - t0
     assert seconds < FAULT_BOUND_S, (seconds, err[-3000:])
-    assert all(s in err for s in says), err[-3000:]
+    assert any(all(s in err for s in said) for said in says), err[-3000:]
     # every rank has ended, on both sides
     while any(" -m hpc_llm " in c for n in ("node1", "node2") for c in node_processes(cluster, n)):
         assert time.monotonic() - t0 < FAULT_BOUND_S, "ranks outlived the job"
