@@ -65,14 +65,18 @@ def comm_dtype(scheme: str):
 SCALE_WORDS = 2
 
 
-def scale_for(scheme: str, maxabs: float) -> float:
-    """fp16: the power of two s that puts the piece's largest magnitude in [2^14, 2^15) (fp16's 11 bits for the
-    largest values, a factor 2 of headroom below its 65504; gradients, ~1e-3 and far smaller, would otherwise fall
-    into fp16's subnormals or to zero); 1 for a zero or non-finite piece (an overflow stays inf) and for bf16 (fp32's
-    exponent range). A power of two: scaling and unscaling are exact."""
+def scale_for(scheme: str, maxabs: float, headroom: int = 1) -> float:
+    """fp16: the power of two s that puts the piece's largest magnitude in [2^(15 - headroom), 2^(16 - headroom)),
+    [2^14, 2^15) (fp16's 11 bits for the largest values; gradients, ~1e-3 and far smaller, would otherwise fall into
+    fp16's subnormals or to zero); 1 for a zero or non-finite piece (an overflow stays inf) and for bf16 (fp32's
+    exponent range). A power of two: scaling and unscaling are exact.
+
+    The headroom, one power of two, is what rounding needs: a value just below 2^(16 - headroom) rounds up to it,
+    and 2^16 is past fp16's 65504. The rank count does not enter: every value on the wire is one rank's piece or an
+    owner's fp32 sum scaled afresh, never a sum formed in 16 bits."""
     if scheme != "fp16" or not math.isfinite(maxabs) or maxabs == 0:
         return 1.0
-    return 2.0 ** max(-126, min(126, 14 - math.floor(math.log2(maxabs))))
+    return 2.0 ** max(-126, min(126, 15 - headroom - math.floor(math.log2(maxabs))))
 
 
 def _maxabs(x) -> float:

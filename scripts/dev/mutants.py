@@ -732,8 +732,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "wire16-headroom-one-less",
         "scale_for",
-        "14 - math.floor(math.log2(maxabs))",
-        "15 - math.floor(math.log2(maxabs))",
+        "headroom: int = 1",
+        "headroom: int = 0",
         "16-bit wire: the fp16 scale puts a piece's largest value in [2^15, 2^16), no headroom for rounding up past "
         "65504",
         (F16_WIRE,),

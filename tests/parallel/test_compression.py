@@ -163,6 +163,117 @@ def test_16bit_reduction_is_an_fp32_sum_of_rounded_inputs(nprocs):
     check(not bad, "\n".join(bad))
 
 
+
+# fp16's largest finite value, and the headroom the wire needs, from the format alone: a piece's largest value scaled
+# into [2^(15 - h), 2^(16 - h)) may round up to 2^(16 - h), which must not pass 65504. What travels in 16 bits is one
+# rank's piece (phase 1) or an owner's fp32 sum scaled afresh (phase 3), never a sum formed in 16 bits, so the rank
+# count adds nothing to it: the p pieces' sum, up to p times a piece, is formed in fp32 and scaled again.
+FP16_MAX = float(np.finfo(np.float16).max)
+HEADROOM = 16 - int(np.floor(np.log2(FP16_MAX)))  # 1
+
+
+def derived_scale(maxabs: float, headroom: int = HEADROOM) -> np.float32:
+    """The power of two that puts maxabs in [2^(15 - headroom), 2^(16 - headroom)) (1 for zero)."""
+    return np.float32(2.0 ** (15 - headroom - np.floor(np.log2(maxabs))) if maxabs else 1.0)
+
+
+def rounded16(x: np.ndarray, headroom: int = HEADROOM) -> np.ndarray:
+    """x as the wire carries it, with the derived scale: scaled, rounded to fp16, widened and unscaled."""
+    s = derived_scale(float(np.abs(x).max()), headroom)
+    return (x * s).astype(np.float16).astype(np.float32) / s
+
+
+def top_of_range_buckets(rank: int, p: int, n: int, buckets, counts) -> np.ndarray:
+    """A gradient whose buckets sit at the largest magnitudes the scale allows. Even buckets ("phase 1"): every rank's
+    largest value is (2 - 2^-23) 2^E, the top of its binade, which its scale rounds up to 2^(16 - h) (2^E: 15, the
+    top of fp16's own range, and others); the p ranks' sums reach p 2^(E+1). Odd buckets ("phase 3"): each owner's
+    piece has a sum (2 - 2^-12) 2^E (rank 0's (2 - 2^-10) 2^E, exact in fp16, plus rank 1's 1.5 2^(E-11), its own
+    bucket's largest), which the owner's scale rounds up to 2^(16 - h)."""
+    rng = np.random.default_rng([34, rank])
+    x = np.empty(n, np.float32)
+    for i, (a, b) in enumerate(buckets):
+        e = (15, 15, 3, -20, 30, 15, 15, 15)[i % 8]
+        sign = rng.choice([-1.0, 1.0], b - a)
+        if i % 2 == 0:
+            x[a:b] = sign * rng.uniform(0.01, 1.0, b - a) * 2.0**e
+            x[a + (a * 7 + rank) % (b - a)] = -(2 - 2.0**-23) * 2.0**e  # this rank's top
+            x[a] = (2 - 2.0**-23) * 2.0**e  # every rank's: the sum p 2^(E+1)
+            continue
+        tops = [a + sum(counts[i][:j]) for j in range(p) if counts[i][j]]  # each owner's first element
+        if rank == 0:
+            x[a:b] = sign * rng.uniform(0.01, 1.0, b - a) * 2.0**e
+            x[tops] = (2 - 2.0**-10) * 2.0**e
+        elif rank == 1:
+            x[a:b] = sign * rng.uniform(0.01, 1.0, b - a) * 2.0 ** (e - 12)
+            x[tops] = 1.5 * 2.0 ** (e - 11)
+        else:
+            x[a:b] = sign * rng.uniform(0.01, 1.0, b - a) * 2.0 ** (e - 30)
+            x[tops] = 0
+    return x
+
+
+@pytest.mark.parametrize(
+    "nprocs",
+    [
+        pytest.param(2, marks=pytest.mark.parallel(nprocs=2), id="2ranks"),
+        pytest.param(3, marks=pytest.mark.parallel(nprocs=3), id="3ranks"),
+        pytest.param(4, marks=pytest.mark.parallel(nprocs=4), id="4ranks"),
+    ],
+)
+def test_fp16_wire_at_the_top_of_its_range(nprocs):
+    """fp16 gradients at the largest magnitudes the scale allows (top_of_range_buckets), 1003 elements in buckets of
+    167 (pieces of 55-56 at dp 3, and a last bucket of one element), ZeRO-1 on and off: nothing is inf or NaN, and the
+    result is bitwise the fp32 rank-order sum of the inputs as rounded with the derived scale (and, without ZeRO-1,
+    that sum rounded with the owner's derived scale). The code's scale is the derived one for every bucket, and one
+    power of two less headroom (scale_for's headroom - 1) overflows: each phase-1 bucket's top, each phase-3 sum."""
+    comm = world_dp()
+    p, r = comm.size, comm.rank
+    assert p == nprocs
+    n, bucket, bad = 1003, 167, []
+    for zero in (False, True):
+        probe = GradientSync(np.zeros(n, np.float32), comm, bucket, zero, scheme="fp16")
+        x = top_of_range_buckets(r, p, n, probe.buckets, probe.counts)
+        g = x.copy()
+        sync = GradientSync(g, comm, bucket, zero, scheme="fp16")
+        with np.errstate(over="ignore"):
+            run_backward(sync, n)
+        everyone = np.array(MPI.COMM_WORLD.allgather(x))
+        want = np.zeros(n, np.float32)
+        for i, (a, b) in enumerate(sync.buckets):
+            tops = np.abs(everyone[:, a:b]).max(axis=1)
+            if any(scale_for("fp16", float(t)) != derived_scale(float(t)) for t in tops):
+                bad.append(f"bucket {a}:{b}: scale_for is not the derived scale")
+            rounded = [rounded16(everyone[k, a:b]) for k in range(p)]
+            want[a:b] = rounded[0]
+            for k in range(1, p):
+                want[a:b] += rounded[k]
+            # one power of two less headroom: the rounding overflows, in the phase this bucket is built for
+            with np.errstate(over="ignore"):
+                if i % 2 == 0 and not all(
+                    np.isinf(rounded16(everyone[k, a:b], HEADROOM - 1)).any() for k in range(p)
+                ):
+                    bad.append(f"bucket {a}:{b}: headroom {HEADROOM - 1} does not overflow phase 1")
+                lo = a
+                for c in sync.counts[i]:
+                    if c and i % 2 == 1:
+                        s = scale_for("fp16", float(np.abs(want[lo : lo + c]).max()), HEADROOM - 1)
+                        if not np.isinf((want[lo : lo + c] * np.float32(s)).astype(np.float16)).any():
+                            bad.append(f"piece {lo}:{lo + c}: headroom {HEADROOM - 1} does not overflow phase 3")
+                    if c and not zero:
+                        want[lo : lo + c] = rounded16(want[lo : lo + c])
+                    lo += c
+        ranges = sync.owned if zero else [(0, n)]
+        for a, b in ranges:
+            if not np.isfinite(g[a:b]).all():
+                bad.append(f"zero={zero}: {a}:{b} holds inf or NaN")
+            elif not np.array_equal(g[a:b], want[a:b]):
+                k = a + int(np.argmax(g[a:b] != want[a:b]))
+                bad.append(f"zero={zero}: element {k} is {g[k]!r}, the rounded inputs' sum {want[k]!r}")
+        if not np.abs(want).max() >= p * 2.0**16:
+            bad.append(f"the sums reach only {np.abs(want).max():.3e}")
+    check(not bad, "\n".join(bad[:8]))
+
+
 # -- PowerSGD ----------------------------------------------------------------------------------------------------------
 
 
