@@ -83,8 +83,8 @@ class LossScaler:
     gradients stay above fp16's underflow; a step whose gradients overflowed (an inf or nan anywhere in the grid) is
     skipped on every rank; from the `hysteresis`-th overflow since the scale last grew (in a row or not: a clean step
     does not restore it), each overflow halves the scale (never below min_scale); `window` clean steps in a row (an
-    overflow restarts the count) double it and restore the hysteresis. Defaults: PyTorch's and Megatron's (2^16, x2 after 1000
-    clean steps, x0.5, hysteresis 2, floor 1)."""
+    overflow restarts the count) double it and restore the hysteresis. Defaults: PyTorch's and Megatron's (2^16, x2
+    after 1000 clean steps, x0.5, hysteresis 2, floor 1)."""
 
     def __init__(
         self,

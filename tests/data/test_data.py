@@ -14,7 +14,7 @@ from hpc_llm.data.corpus import expand_inputs, stdlib_corpus_files
 from hpc_llm.data.pieces import Progress, plan_pieces
 from hpc_llm.data.prepare import prepare, prepare_stdlib
 from hpc_llm.data.sampler import check_split_size, get_batch
-from hpc_llm.data.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
+from hpc_llm.data.tokenizer import ByteTokenizer, CharTokenizer, ids_dtype, tokenizer_from_meta
 from hpc_llm.data.tokens import TokenData, TokenFileCorrupt
 from hpc_llm.errors import UserError
 
@@ -56,6 +56,19 @@ def test_char_unknown_character_named():
     tok = CharTokenizer("abc")
     with pytest.raises(UserError, match="'z'"):
         tok.encode("abz")
+
+
+def test_char_character_between_vocabulary_entries_named():
+    """A character whose code point lies between two of the vocabulary's (not past its end) is refused too."""
+    tok = CharTokenizer("ac")
+    with pytest.raises(UserError, match="'b'"):
+        tok.encode("abc")
+
+
+def test_ids_dtype_at_the_uint16_boundary():
+    """uint16 token files while every id fits (vocab_size 65536: ids 0..65535), uint32 from 65537 on."""
+    assert ids_dtype(256) == ids_dtype(65536) == np.dtype("<u2")
+    assert ids_dtype(65537) == np.dtype("<u4")
 
 
 def test_tokenizer_from_meta():

@@ -193,6 +193,18 @@ def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
 
 
+@pytest.mark.parametrize("name", LOW)
+def test_round_in_place_rounds_every_entry(name):
+    """Precision.round_ walks the array in pieces: across several pieces and a ragged last one, every entry ends up
+    exactly as the format rounds it (x.astype(low)), with no entry left in fp32."""
+    prec = Precision(name)
+    x = np.random.default_rng(5).standard_normal((2 << 18) + 12345).astype(np.float32)
+    want = x.astype(prec.low).astype(np.float32)
+    assert not np.array_equal(want, x)
+    got = prec.round_(x)
+    assert got is x and np.array_equal(x, want)
+
+
 # -- fp16's loss scaler ----------------------------------------------------------------------------------------------
 
 
@@ -268,13 +280,18 @@ def test_loss_scaler_equals_megatrons_state_machine():
             s.update(bool(o))
             ref.update(bool(o))
             if s.scale != ref.scale:
-                bad.append(f"case {case} (window {window}, hysteresis {hysteresis}): step {i} scale {s.scale}, "
-                           f"reference {ref.scale}; overflows {overflows[: i + 1].astype(int).tolist()}")
+                bad.append(
+                    f"case {case} (window {window}, hysteresis {hysteresis}): step {i} scale {s.scale}, "
+                    f"reference {ref.scale}; overflows {overflows[: i + 1].astype(int).tolist()}"
+                )
                 break
         # a run of clean steps cut by an overflow and followed by fewer than `window` clean ones
         h = "".join("x" if o else "." for o in overflows)
         restarts += window > 1 and any(
-            "." * a + "x" + "." * b in h for a in range(1, window) for b in range(1, window) if a + b >= window
+            "." * a + "x" + "." * b in h
+            for a in range(1, window)
+            for b in range(1, window)
+            if a + b >= window
         )
     assert not bad, "\n".join(bad[:5])
     assert restarts >= 20, f"only {restarts} sequences restart the clean count mid-window"

@@ -560,7 +560,10 @@ def test_fp16_step_equals_float64_on_the_unscaled_gradients(make_cfg):
         # the slips this test is for: no unscale; clipping by the scaled norm
         for name, slip in (
             ("not unscaled", reference(clip * g * scale)),
-            ("clipped by the scaled norm", reference(ref_clip_factor(g * scale, t.grad_clip)[1] * g)),
+            (
+                "clipped by the scaled norm",
+                reference(ref_clip_factor(g * scale, t.grad_clip)[1] * g),
+            ),
         ):
             if not np.sum(np.abs(slip - want) > 100 * bound) > want.size // 10:
                 bad.append(f"step {k}: the slip '{name}' would stay within the bound")
