@@ -902,7 +902,7 @@ MUTANTS: list[Mutant] = [
         "ids.max() >= vocab_size",
         "ids.max() > vocab_size",
         "decode: the id vocab_size (one past the last) is accepted",
-        ("test_data.py", "test_generate.py::test_out_of_vocab_prompt"),
+        ("test_data.py::test_decode_refuses_the_id_past_the_vocabulary",),
     ),
     Mutant(
         "splitwriter-val-offset",
@@ -926,7 +926,7 @@ MUTANTS: list[Mutant] = [
         "if size != n * item:",
         "if size < n * item:",
         "token files: a split file longer than meta.json's count is accepted (the tail never read, silently)",
-        ("test_data.py",),
+        ("test_data.py::test_tokendata_train_file_of_another_size",),
     ),
     Mutant(
         "eval-targets-not-shifted",

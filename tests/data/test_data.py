@@ -71,6 +71,14 @@ def test_ids_dtype_at_the_uint16_boundary():
     assert ids_dtype(65537) == np.dtype("<u4")
 
 
+def test_decode_refuses_the_id_past_the_vocabulary():
+    """vocab_size itself is one past the last id: refused by decode, as any id beyond it."""
+    with pytest.raises(UserError, match="256"):
+        ByteTokenizer().decode([65, 256])
+    with pytest.raises(UserError, match="token id 3 "):
+        CharTokenizer("abc").decode([0, 3])
+
+
 def test_tokenizer_from_meta():
     assert isinstance(tokenizer_from_meta({"tokenizer": "byte", "vocab_size": 256}), ByteTokenizer)
     tok = tokenizer_from_meta(CharTokenizer(TEXT).meta())
@@ -216,10 +224,13 @@ def test_tokendata_future_version(prepared):
         TokenData(prepared)
 
 
-def test_tokendata_truncated_train(prepared):
+@pytest.mark.parametrize("change", ["truncated", "longer"])
+def test_tokendata_train_file_of_another_size(prepared, change):
+    """A train.bin shorter or longer than meta.json's n_train tokens: refused at start-up, naming the file."""
     path = prepared / "train.bin"
-    path.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(UserError, match="train.bin"):
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] if change == "truncated" else data + data[:2])
+    with pytest.raises(UserError, match="train.bin.*expected"):
         TokenData(prepared)
 
 
