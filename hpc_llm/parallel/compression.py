@@ -69,9 +69,9 @@ SCALE_WORDS = 2
 
 def scale_for(scheme: str, maxabs: float, headroom: int = 1) -> float:
     """fp16: the power of two s that puts the piece's largest magnitude in [2^(15 - headroom), 2^(16 - headroom)),
-    [2^14, 2^15) (fp16's 11 bits for the largest values; gradients, ~1e-3 and far smaller, would otherwise fall into
-    fp16's subnormals or to zero); 1 for a zero or non-finite piece (an overflow stays inf) and for bf16 (fp32's
-    exponent range). A power of two: scaling and unscaling are exact.
+    by default [2^14, 2^15): fp16's 11 bits for the largest values (gradients, ~1e-3 and far smaller, would otherwise
+    fall into fp16's subnormals or to zero); 1 for a zero or non-finite piece (an overflow stays inf) and for bf16
+    (fp32's exponent range). A power of two: scaling and unscaling are exact.
 
     The headroom, one power of two, is what rounding needs: a value just below 2^(16 - headroom) rounds up to it,
     and 2^16 is past fp16's 65504. The rank count does not enter: every value on the wire is one rank's piece or an
