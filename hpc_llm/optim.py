@@ -81,9 +81,10 @@ def _segments(start: int, stop: int, decay_ranges, chunk: int):
 class LossScaler:
     """fp16's dynamic loss scaling, as Megatron-LM's DynamicGradScaler: backward runs on loss x scale, so small
     gradients stay above fp16's underflow; a step whose gradients overflowed (an inf or nan anywhere in the grid) is
-    skipped on every rank; `hysteresis` overflows in a row halve the scale (never below min_scale), `window` clean
-    steps in a row double it and restore the hysteresis. Defaults: PyTorch's and Megatron's (2^16, x2 after 1000
-    clean steps, x0.5, hysteresis 2, floor 1)."""
+    skipped on every rank; from the `hysteresis`-th overflow since the scale last grew (in a row or not: a clean step
+    does not restore it), each overflow halves the scale (never below min_scale); `window` clean steps in a row (an
+    overflow restarts the count) double it and restore the hysteresis. Defaults: PyTorch's and Megatron's (2^16, x2
+    after 1000 clean steps, x0.5, hysteresis 2, floor 1)."""
 
     def __init__(
         self,

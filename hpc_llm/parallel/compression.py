@@ -34,7 +34,9 @@ min_compression_rate = 2: PyTorch's powerSGD_hook rule (`_should_compress`); oth
 (PyTorch's start_powerSGD_iter). The error is stored unscaled (divided by fp16's loss scale), so a change of the loss
 scale does not change it. A step whose P or Q is not finite (an fp16 overflow somewhere in the group: every rank of
 the group sees it, since P and Q are reduced) leaves the state unchanged and makes the gradient non-finite, so the
-trainer skips the step as it does any non-finite one.
+trainer skips the step as it does any non-finite one. A step the trainer skips for another reason (an outlier, an
+overflow elsewhere in the grid) is undone by `settle(False)`: the new error and Q are fresh arrays, the previous
+ones kept until the verdict (for that while, the error's memory twice).
 
 The state (each matrix's error e_i and Q) is per data-parallel rank; `powersgd_state` / `load_powersgd_state` are the
 checkpoint's pair: a resume at the same layout continues bitwise, on another layout the state is reset (zero error,
@@ -65,14 +67,18 @@ def comm_dtype(scheme: str):
 SCALE_WORDS = 2
 
 
-def scale_for(scheme: str, maxabs: float) -> float:
-    """fp16: the power of two s that puts the piece's largest magnitude in [2^14, 2^15) (fp16's 11 bits for the
-    largest values, a factor 2 of headroom below its 65504; gradients, ~1e-3 and far smaller, would otherwise fall
-    into fp16's subnormals or to zero); 1 for a zero or non-finite piece (an overflow stays inf) and for bf16 (fp32's
-    exponent range). A power of two: scaling and unscaling are exact."""
+def scale_for(scheme: str, maxabs: float, headroom: int = 1) -> float:
+    """fp16: the power of two s that puts the piece's largest magnitude in [2^(15 - headroom), 2^(16 - headroom)),
+    by default [2^14, 2^15): fp16's 11 bits for the largest values (gradients, ~1e-3 and far smaller, would otherwise
+    fall into fp16's subnormals or to zero); 1 for a zero or non-finite piece (an overflow stays inf) and for bf16
+    (fp32's exponent range). A power of two: scaling and unscaling are exact.
+
+    The headroom, one power of two, is what rounding needs: a value just below 2^(16 - headroom) rounds up to it,
+    and 2^16 is past fp16's 65504. The rank count does not enter: every value on the wire is one rank's piece or an
+    owner's fp32 sum scaled afresh, never a sum formed in 16 bits."""
     if scheme != "fp16" or not math.isfinite(maxabs) or maxabs == 0:
         return 1.0
-    return 2.0 ** max(-126, min(126, 14 - math.floor(math.log2(maxabs))))
+    return 2.0 ** max(-126, min(126, 15 - headroom - math.floor(math.log2(maxabs))))
 
 
 def _maxabs(x) -> float:
@@ -274,6 +280,7 @@ class PowerSGD:
 
     def reset(self) -> None:
         """Zero error, Q drawn from (seed, tensor name): the same on every rank of the group, any layout."""
+        self._previous = None
         self.error = {
             name: np.zeros((n, m), dtype=self.dtype) for name, _, n, m, _ in self.matrices
         }
@@ -292,6 +299,7 @@ class PowerSGD:
     def reduce(self, loss_scale: float = 1.0) -> None:
         """The whole step's reduction: afterwards every rank holds the same gradient in every element of g."""
         g, p, it = self.g, self.comm.size, self.dtype.type
+        self._previous = None  # a step never settled is kept
         plain = (
             np.concatenate([g[a:b] for a, b in self.plain])
             if self.plain
@@ -321,11 +329,13 @@ class PowerSGD:
             # the same verdict on every rank: qpack is reduced
             finite = bool(np.isfinite(qpack).all())
         if finite:
+            self._previous = (self.error, self.q)
+            self.error, self.q = dict(self.error), dict(self.q)
             o = 0
             for (name, _off, _n, m, r), M, P in zip(self.matrices, ms, ps):
                 Q = qpack[o : o + m * r].reshape(m, r)
-                A, E = P @ Q.T, self.error[name]
-                np.divide(A, it(p), out=E)
+                A = P @ Q.T
+                E = self.error[name] = np.divide(A, it(p))
                 np.subtract(M, E, out=E)  # e_i = M_i - A / p
                 if loss_scale != 1:
                     E /= it(loss_scale)
@@ -341,6 +351,13 @@ class PowerSGD:
             for a, b in self.plain:
                 g[a:b] = plain[o : o + b - a]
                 o += b - a
+
+    def settle(self, applied: bool) -> None:
+        """The trainer's verdict on the step just reduced: applied keeps its error and Q, skipped restores the
+        previous step's."""
+        if not applied and self._previous is not None:
+            self.error, self.q = self._previous
+        self._previous = None
 
     # -- state (per data-parallel rank) ------------------------------------------------------------------------------
 
@@ -364,6 +381,7 @@ class PowerSGD:
                 raise ValueError(
                     f"PowerSGD state {k}: shape {tuple(v.shape)}, this layout's {want[k].shape}"
                 )
+        self._previous = None
         for name, *_ in self.matrices:
             self.error[name] = np.array(arrays[f"error/{name}"], dtype=self.dtype)
             self.q[name] = np.array(arrays[f"q/{name}"], dtype=self.dtype)

@@ -131,6 +131,13 @@ class GradientSync:
             if not h.test() and isinstance(h, Reduce16) and h.waiting_phase1:
                 break  # 16-bit phase 3 starts in bucket order (compression.Reduce16)
 
+    def settle(self, applied: bool) -> None:
+        """After the step's verdict: PowerSGD keeps this step's error feedback and Q if its update was applied, and
+        returns to the previous step's if it was skipped (an outlier, an overflow anywhere: its gradient must not
+        come back through the error)."""
+        if self.powersgd is not None:
+            self.powersgd.settle(applied)
+
     def finish(self, loss_scale: float = 1.0) -> None:
         """Wait for the buckets in flight, then reduce what is left: the owned gradients are then reduced. Buckets
         that only became ready at the end of backward have nothing left to overlap with, so they take the blocking

@@ -172,7 +172,8 @@ class Trainer:
         loss_scale = self.last_loss_scale = self.scaler.scale if self.scaler else 1.0
         loss, norm = self._gradients(loss_scale)
         # the verdict comes from global values, so every rank skips (or steps) alike
-        if self.policy.should_update(self.step, loss, norm, self.scaler, warn=self.is_root):
+        applied = self.policy.should_update(self.step, loss, norm, self.scaler, warn=self.is_root)
+        if applied:
             clip = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
             if self.zero is not None:
                 self.zero.release_all()  # no gathered copy may outlive the update
@@ -181,6 +182,8 @@ class Trainer:
             self.model.refresh_compute()
         else:  # skipped: parameters and moments untouched
             self.state.skipped_steps += 1
+        # PowerSGD: a skipped step's error feedback and Q are dropped with it
+        self.sync.settle(applied)
         self.state.step += 1
         return loss, norm, lr
 

@@ -40,6 +40,14 @@ T_PAR_RESUME = "test_parallel.py::test_exact_resume_dp2_zero1"
 T_RESUME_LAYOUTS = "test_resume_layouts.py"
 T_CLI_GENERATE = "test_cli.py::test_generate_from_checkpoint"
 
+F16_SCALER = "test_precision.py::test_loss_scaler_equals_megatrons_state_machine"
+F16_POWERSGD = "test_compression_fp16.py::test_powersgd_fp16_through_a_loss_scale_change_equals_float64"
+F16_WIRE = "test_compression_fp16.py::test_fp16_wire_at_the_top_of_its_range"
+F16_STEP = "test_optim.py::test_fp16_step_equals_float64_on_the_unscaled_gradients"
+T_PREC, T_RECOMPUTE = "test_precision.py", "test_recompute.py"
+INT8_TESTS = "test_inference.py::test_int8_scales_and_dequantization"
+SHARDED = "test_inference.py::test_sharded_candidates_equal_full_vocabulary"
+
 
 def inf_test(name: str) -> str:
     return f"test_inference.py::{name}"
@@ -681,5 +689,269 @@ MUTANTS: list[Mutant] = [
         "offsets = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)",
         "get_batch never draws the last window of the split (exclusive bound off by one)",
         (T_DATA,),
+    ),
+    # -- fp16 at its edges: the unscale, the loss scaler, PowerSGD across a loss-scale change, the wire's headroom ---
+    Mutant(
+        "fp16-step-not-unscaled",
+        "Trainer.train_step",
+        "self.opt.step(lr, grad_scale=clip / loss_scale)",
+        "self.opt.step(lr, grad_scale=clip)",
+        "fp16: the optimizer step takes the loss-scaled gradients (AdamW is nearly invariant to the factor: only eps "
+        "and the clipping see it)",
+        (F16_STEP,),
+    ),
+    Mutant(
+        "scaler-growth-count-kept-after-overflow",
+        "LossScaler.update",
+        "self.growth_tracker = 0\n",
+        "pass\n",
+        "fp16 loss scaler: an overflow does not restart the count of clean steps (the scale grows before `window` "
+        "clean steps in a row)",
+        (F16_SCALER,),
+    ),
+    Mutant(
+        "powersgd-error-not-rescaled",
+        "PowerSGD.reduce",
+        "M += self.error[name] if loss_scale == 1 else self.error[name] * it(loss_scale)",
+        "M += self.error[name]",
+        "PowerSGD under fp16: the stored error (in true gradient units) is added to this step's loss-scaled gradient "
+        "without being carried into its units",
+        (F16_POWERSGD,),
+    ),
+    Mutant(
+        "powersgd-error-kept-scaled",
+        "PowerSGD.reduce",
+        "E /= it(loss_scale)",
+        "pass",
+        "PowerSGD under fp16: the new error is stored in the units of the step that made it (loss-scaled), so a "
+        "change of scale mis-weighs it",
+        (F16_POWERSGD,),
+    ),
+    Mutant(
+        "powersgd-skipped-step-kept",
+        "PowerSGD.settle",
+        "self.error, self.q = self._previous",
+        "pass",
+        "PowerSGD: a step the trainer skips (an outlier, an overflow elsewhere) keeps its error feedback, so its "
+        "gradient comes back in later steps",
+        (F16_POWERSGD,),
+    ),
+    Mutant(
+        "wire16-headroom-one-less",
+        "scale_for",
+        "headroom: int = 1",
+        "headroom: int = 0",
+        "16-bit wire: the fp16 scale puts a piece's largest value in [2^15, 2^16), no headroom for rounding up past "
+        "65504",
+        (F16_WIRE,),
+    ),
+    # -- the wave's numeric code: precision, recompute, LoRA, int8, sharded sampling, tokenizers, token files, eval ---
+    Mutant(
+        "prec-operand-not-rounded",
+        "Precision.operand",
+        "return x if self.low is None else x.astype(self.low).astype(x.dtype)",
+        "return x",
+        "mixed precision: matmul operands are not rounded to bf16/fp16 (the arithmetic is fp32's)",
+        (T_PREC,),
+    ),
+    Mutant(
+        "prec-round-half-chunk",
+        "Precision.round_",
+        "flat[a : a + (1 << 18)] = flat[a : a + (1 << 18)].astype(self.low)",
+        "flat[a : a + (1 << 17)] = flat[a : a + (1 << 17)].astype(self.low)",
+        "mixed precision: in-place rounding walks chunks of 2^18 but rounds only the first half of each (large "
+        "operands partly unrounded)",
+        (T_PREC,),
+    ),
+    Mutant(
+        "prec-keep-full-width",
+        "Precision.keep",
+        "return x if self.low is None else x.astype(self.low)",
+        "return x",
+        "mixed precision: the activations kept for backward stay fp32 (unrounded, twice the bytes)",
+        (T_PREC,),
+    ),
+    Mutant(
+        "recompute-block-without-dropout-rng",
+        "Chunk.backward",
+        "_, block_cache = block.forward(block_cache, rng)",
+        "_, block_cache = block.forward(block_cache, None)",
+        "block recompute: backward's second forward runs without the dropout rng (no masks, other activations)",
+        (T_RECOMPUTE,),
+    ),
+    Mutant(
+        "recompute-block-input-not-copied",
+        "Chunk.forward",
+        "caches.append(x.copy())  # the block updates its input in place",
+        "caches.append(x)",
+        "block recompute: the kept block input is a view the block then updates in place (backward recomputes from "
+        "the block's output)",
+        (T_RECOMPUTE,),
+    ),
+    Mutant(
+        "selective-keeps-gelu-tanh",
+        "Block.forward",
+        "gelu_t = None if self.selective else self.prec.keep(gt)",
+        "gelu_t = self.prec.keep(gt)",
+        "selective recompute keeps GELU's tanh anyway (the memory it exists to save)",
+        (T_RECOMPUTE,),
+    ),
+    Mutant(
+        "lora-col-dh-not-summed",
+        "ColumnParallelLinear.backward",
+        "dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))",
+        "dh = self.prec.operand(dh)",
+        "LoRA under TP: a column-parallel layer's adapter gradient dh (a partial per rank) is not summed before dA",
+        ("test_finetune.py::test_lora_tp2_gradients_equal_single_process",),
+    ),
+    Mutant(
+        "lora-row-scale-dropped-in-backward",
+        "RowParallelLinear.backward",
+        "dys = self.prec.operand(dy * s) if s != 1 else dy",
+        "dys = dy",
+        "LoRA: a row-parallel layer's backward leaves out lora_scale (forward has it)",
+        ("test_finetune.py::test_lora_gradients_match_finite_differences",),
+    ),
+    Mutant(
+        "lora-b-not-zero",
+        "_lora_rows",
+        "(r, n_out), Init.ZEROS, 0.0",
+        "(r, n_out), Init.NORMAL, 0.02",
+        "LoRA: B initialised like a weight, not zero (the adapted model does not start as the base model)",
+        ("test_finetune.py::test_lora_specs_and_start_equal_base",),
+    ),
+    Mutant(
+        "int8-scale-over-255",
+        "QuantizedWeight.quantize",
+        "scale = (amax / 127.0).astype(np.float32)",
+        "scale = (amax / 255.0).astype(np.float32)",
+        "int8: the scale spreads absmax over 255 steps (uint8's), so large weights saturate at 127",
+        (INT8_TESTS,),
+    ),
+    Mutant(
+        "int8-truncates",
+        "QuantizedWeight.quantize",
+        "np.clip(np.rint(w32 / safe.reshape(shape)), -127, 127)",
+        "np.clip(w32 / safe.reshape(shape), -127, 127)",
+        "int8: weights truncated toward zero instead of rounded to nearest (error up to s, not s/2)",
+        (INT8_TESTS,),
+    ),
+    Mutant(
+        "int8-row-parallel-local-absmax",
+        "QuantizedWeight.quantize",
+        'comm.allreduce_(amax, op="max")',
+        "pass",
+        "int8 under TP: a row-parallel layer's column scales from the local rows' absmax only (not the single "
+        "process's)",
+        (inf_test("test_tp_reads_only_its_shards"),),
+    ),
+    Mutant(
+        "topk-shards-send-k-minus-1",
+        "_top_k_threshold",
+        "kl = min(k, z.shape[1])",
+        "kl = min(k - 1, z.shape[1])",
+        "sharded top-k: each shard sends its k-1 largest, so the k-th largest of the row can be missing",
+        ("test_generate.py::test_top_k_support_on_fixed_logits", SHARDED),
+    ),
+    Mutant(
+        "candidates-normalised-per-shard",
+        "candidates",
+        's = comm.allreduce_(e.sum(axis=1), op="sum")',
+        "s = e.sum(axis=1)",
+        "sharded top-p: each shard normalises its probabilities by its own mass, not the whole row's",
+        (SHARDED,),
+    ),
+    Mutant(
+        "nucleus-not-renormalised",
+        "_nucleus_draw",
+        "total = c[rows, m - 1]",
+        "total = c[rows, -1]",
+        "top-p: the draw is scaled by every candidate's mass, not the nucleus's (the last nucleus entry is drawn too "
+        "often)",
+        (inf_test("test_top_p_draw_renormalised_over_the_nucleus_alone"),),
+    ),
+    Mutant(
+        "inverse-cdf-local-max",
+        "_inverse_cdf",
+        "m = _row_max(z, comm)",
+        "m = z.max(axis=1)",
+        "sharded sampling: each shard exponentiates against its own maximum, so the shards' masses are on different "
+        "scales",
+        (inf_test("test_tp_generation_equals_single_process"),),
+    ),
+    Mutant(
+        "char-encode-no-membership",
+        "CharTokenizer.encode",
+        "ok[ok] = self._codes[ids[ok]] == codes[ok]",
+        "ok[ok] = True",
+        "char tokenizer: a character outside the vocabulary encodes as the next one in code-point order",
+        ("test_data.py::test_char_character_between_vocabulary_entries_named",),
+    ),
+    Mutant(
+        "ids-dtype-boundary",
+        "ids_dtype",
+        "vocab_size <= UINT16_VOCAB",
+        "vocab_size < UINT16_VOCAB",
+        "token ids: a vocabulary of exactly 65536 gets uint32 files (uint16 holds ids 0..65535)",
+        ("test_data.py::test_ids_dtype_at_the_uint16_boundary",),
+    ),
+    Mutant(
+        "check-ids-off-by-one",
+        "_check_ids",
+        "ids.max() >= vocab_size",
+        "ids.max() > vocab_size",
+        "decode: the id vocab_size (one past the last) is accepted",
+        ("test_data.py::test_decode_refuses_the_id_past_the_vocabulary",),
+    ),
+    Mutant(
+        "splitwriter-val-offset",
+        "SplitWriter.put",
+        "(self.fds[1], ids[k:], at + k - self.n_train)",
+        "(self.fds[1], ids[k:], at - self.n_train)",
+        "token files: a piece straddling the train/val boundary writes its val part at the wrong offset",
+        ("test_data.py::test_prepare_pieces_equal_whole_file_encoding",),
+    ),
+    Mutant(
+        "meta-max-id-equal-vocab",
+        "TokenData._read_meta",
+        "if top >= vocab:",
+        "if top > vocab:",
+        "token files: a recorded max_id equal to vocab_size (one past the last id) is accepted",
+        ("test_data.py::test_tokendata_max_id_beyond_vocab",),
+    ),
+    Mutant(
+        "split-size-longer-accepted",
+        "TokenData._load_split",
+        "if size != n * item:",
+        "if size < n * item:",
+        "token files: a split file longer than meta.json's count is accepted (the tail never read, silently)",
+        ("test_data.py::test_tokendata_train_file_of_another_size",),
+    ),
+    Mutant(
+        "eval-targets-not-shifted",
+        "evaluate",
+        "y = np.stack([tokens[a + 1 : a + 1 + n] for a, n in batch]).astype(np.int64)",
+        "y = np.stack([tokens[a : a + n] for a, n in batch]).astype(np.int64)",
+        "eval: targets are the inputs, not the next tokens",
+        (inf_test("test_eval_equals_reference"),),
+    ),
+    Mutant(
+        "eval-tail-window-dropped",
+        "batches",
+        "out += [[w] for w in ws if w[1] != block_size]",
+        "out += []",
+        "eval: the short last window is left out (its predictions never made)",
+        (
+            inf_test("test_eval_windows_cover_every_prediction_once"),
+            inf_test("test_eval_equals_reference"),
+        ),
+    ),
+    Mutant(
+        "eval-batch-weighed-by-rows",
+        "evaluate",
+        "total += float(loss) * y.size",
+        "total += float(loss) * y.shape[1] * batch_size",
+        "eval: each batch's mean loss weighed as a full batch (the short tail weighs as much as a full one)",
+        (inf_test("test_eval_equals_reference"),),
     ),
 ]

@@ -14,7 +14,7 @@ from hpc_llm.data.corpus import expand_inputs, stdlib_corpus_files
 from hpc_llm.data.pieces import Progress, plan_pieces
 from hpc_llm.data.prepare import prepare, prepare_stdlib
 from hpc_llm.data.sampler import check_split_size, get_batch
-from hpc_llm.data.tokenizer import ByteTokenizer, CharTokenizer, tokenizer_from_meta
+from hpc_llm.data.tokenizer import ByteTokenizer, CharTokenizer, ids_dtype, tokenizer_from_meta
 from hpc_llm.data.tokens import TokenData, TokenFileCorrupt
 from hpc_llm.errors import UserError
 
@@ -56,6 +56,27 @@ def test_char_unknown_character_named():
     tok = CharTokenizer("abc")
     with pytest.raises(UserError, match="'z'"):
         tok.encode("abz")
+
+
+def test_char_character_between_vocabulary_entries_named():
+    """A character whose code point lies between two of the vocabulary's (not past its end) is refused too."""
+    tok = CharTokenizer("ac")
+    with pytest.raises(UserError, match="'b'"):
+        tok.encode("abc")
+
+
+def test_ids_dtype_at_the_uint16_boundary():
+    """uint16 token files while every id fits (vocab_size 65536: ids 0..65535), uint32 from 65537 on."""
+    assert ids_dtype(256) == ids_dtype(65536) == np.dtype("<u2")
+    assert ids_dtype(65537) == np.dtype("<u4")
+
+
+def test_decode_refuses_the_id_past_the_vocabulary():
+    """vocab_size itself is one past the last id: refused by decode, as any id beyond it."""
+    with pytest.raises(UserError, match="256"):
+        ByteTokenizer().decode([65, 256])
+    with pytest.raises(UserError, match="token id 3 "):
+        CharTokenizer("abc").decode([0, 3])
 
 
 def test_tokenizer_from_meta():
@@ -203,10 +224,13 @@ def test_tokendata_future_version(prepared):
         TokenData(prepared)
 
 
-def test_tokendata_truncated_train(prepared):
+@pytest.mark.parametrize("change", ["truncated", "longer"])
+def test_tokendata_train_file_of_another_size(prepared, change):
+    """A train.bin shorter or longer than meta.json's n_train tokens: refused at start-up, naming the file."""
     path = prepared / "train.bin"
-    path.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(UserError, match="train.bin"):
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] if change == "truncated" else data + data[:2])
+    with pytest.raises(UserError, match="train.bin.*expected"):
         TokenData(prepared)
 
 

@@ -186,6 +186,20 @@ def test_top_p_distribution():
     assert np.all(np.abs(freq - q) <= 5 * se + 1e-12), (freq, q)
 
 
+def test_top_p_draw_renormalised_over_the_nucleus_alone():
+    """Candidates beyond the nucleus, as the shards of a TP group send them (each its own prefix reaching top_p): the
+    draw by u is the inverse CDF of the nucleus renormalised, so over a grid of u each nucleus entry gets its share
+    p / (nucleus mass) and the entries beyond it none."""
+    p = np.array([[0.1, 0.5, 0.25, 0.15]])  # top_p 0.6: the nucleus is {1, 2}, mass 0.75
+    idx = np.array([[7, 3, 9, 4]])
+    u = (np.arange(4000) + 0.5) / 4000
+    draws = np.array([G._nucleus_draw(p, idx, 0.6, np.array([x]))[0] for x in u])
+    share = {k: float(np.mean(draws == k)) for k in (3, 9, 7, 4)}
+    # to the grid's resolution
+    want = {3: 0.5 / 0.75, 9: 0.25 / 0.75, 7: 0.0, 4: 0.0}
+    assert all(abs(share[k] - w) <= 1 / 4000 for k, w in want.items()), share
+
+
 def test_greedy_ties_take_the_lowest_index():
     z = np.array([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
     assert list(G.sample_next(z, np.random.default_rng(0), 0.0, None)) == [1, 0]

@@ -193,6 +193,18 @@ def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
 
 
+@pytest.mark.parametrize("name", LOW)
+def test_round_in_place_rounds_every_entry(name):
+    """Precision.round_ walks the array in pieces: across several pieces and a ragged last one, every entry ends up
+    exactly as the format rounds it (x.astype(low)), with no entry left in fp32."""
+    prec = Precision(name)
+    x = np.random.default_rng(5).standard_normal((2 << 18) + 12345).astype(np.float32)
+    want = x.astype(prec.low).astype(np.float32)
+    assert not np.array_equal(want, x)
+    got = prec.round_(x)
+    assert got is x and np.array_equal(x, want)
+
+
 # -- fp16's loss scaler ----------------------------------------------------------------------------------------------
 
 
@@ -218,6 +230,71 @@ def test_loss_scaler_rules():
     s.update(False)  # a clean step does not restore the hysteresis: the next overflow halves
     s.update(True)
     assert s.scale == 2.0
+
+
+class MegatronScaler:
+    """Megatron-LM's DynamicGradScaler, written from its rules as a function of the history, not of counters: the
+    scale doubles when the clean steps since the last overflow or growth (whichever came later) reach `window`,
+    restoring the hysteresis; an overflow halves it (never below the floor) once `hysteresis` overflows have been
+    seen since the last growth (in a row or not: a clean step does not restore the hysteresis)."""
+
+    def __init__(self, init: float, window: int, hysteresis: int, floor: float):
+        self.scale, self.window, self.hysteresis, self.floor = init, window, hysteresis, floor
+        self.history: list[bool] = []  # True: an overflow
+        self.last_growth = -1  # index of the step that last grew the scale
+
+    def update(self, overflow: bool) -> None:
+        self.history.append(overflow)
+        now = len(self.history) - 1
+        since_growth = self.history[self.last_growth + 1 :]
+        if overflow:
+            if sum(since_growth) >= self.hysteresis:
+                self.scale = max(self.scale / 2, self.floor)
+            return
+        last_overflow = max((i for i, o in enumerate(self.history) if o), default=-1)
+        if now - max(last_overflow, self.last_growth) == self.window:
+            self.scale *= 2
+            self.last_growth = now
+
+
+def test_loss_scaler_equals_megatrons_state_machine():
+    """200 random sequences (overflow rates 5% to 70%, windows 1-5, hysteresis 1-3, floors reached and left): after
+    every step the scaler's scale equals the reference's; each sequence is cut once at a random step, the scaler's
+    state() loaded into a new LossScaler that finishes it. Among them: clean steps, an overflow, then fewer than
+    `window` clean steps (no growth: the count restarts at an overflow)."""
+    rng = np.random.default_rng(34)
+    bad, restarts = [], 0
+    for case in range(200):
+        window, hysteresis = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        init, floor = 2.0 ** int(rng.integers(0, 6)), 2.0 ** int(rng.integers(-2, 2))
+        init = max(init, floor)
+        overflows = rng.random(int(rng.integers(20, 80))) < rng.choice([0.05, 0.2, 0.4, 0.7])
+        cut = int(rng.integers(0, len(overflows)))
+        ref = MegatronScaler(init, window, hysteresis, floor)
+        s = LossScaler(init=init, window=window, hysteresis=hysteresis, min_scale=floor)
+        for i, o in enumerate(overflows):
+            if i == cut:
+                state = dict(s.state())
+                s = LossScaler(init=123.0, window=window, hysteresis=hysteresis, min_scale=floor)
+                s.load(state)
+            s.update(bool(o))
+            ref.update(bool(o))
+            if s.scale != ref.scale:
+                bad.append(
+                    f"case {case} (window {window}, hysteresis {hysteresis}): step {i} scale {s.scale}, "
+                    f"reference {ref.scale}; overflows {overflows[: i + 1].astype(int).tolist()}"
+                )
+                break
+        # a run of clean steps cut by an overflow and followed by fewer than `window` clean ones
+        h = "".join("x" if o else "." for o in overflows)
+        restarts += window > 1 and any(
+            "." * a + "x" + "." * b in h
+            for a in range(1, window)
+            for b in range(1, window)
+            if a + b >= window
+        )
+    assert not bad, "\n".join(bad[:5])
+    assert restarts >= 20, f"only {restarts} sequences restart the clean count mid-window"
 
 
 def fp16_cfg(make_cfg, out, **kw):

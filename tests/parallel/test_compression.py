@@ -7,6 +7,7 @@
 - PowerSGD: with rank >= min(rows, cols) one step gives the exact mean gradient (to rounding); on a fixed gradient,
   error feedback makes the accumulated applied update converge to the accumulated true gradient; the state resumes
   bitwise at the same layout and is reset (one line) on another.
+- fp16's edges (the top of its range on the wire, PowerSGD across loss-scale changes): test_compression_fp16.py.
 - The trainer with each scheme on DP2 x TP2 (ZeRO-1 on for 16-bit) and PP2 x DP2: replicas bitwise identical, the
   losses close to the uncompressed run's; bad settings: one line, exit 2, on every rank.
 

@@ -469,3 +469,104 @@ def test_zero1_shards_tile_the_buffer(n, dp, bucket):
         lengths = sorted(b - a for a, b in s.owned)
         assert lengths == sorted(c[r] for c in s.counts if c[r] > 0)
         assert sum(lengths) == sum(c[r] for c in s.counts)
+
+
+# -- fp16: the step on the unscaled gradients ------------------------------------------------------------------------
+
+U32 = 2.0**-24
+
+
+def fp32_step_bound(p, m, v, g, keep, c: dict) -> np.ndarray:
+    """How far the code's float32 step may lie from the exact step from the same (p, m, v, g), entry by entry.
+
+    Each coefficient is rounded to float32 where it meets the arrays (u = 2^-24 relative), each operation rounds
+    once (u). p keep: 2 roundings. m' = b1 m + g1 g: 3 on each term (their sum may cancel: bounded by the terms'
+    magnitudes, not by |m'|). v' = b2 v + g2 g^2: 4 on a sum of positive terms; its sqrt halves that and adds 1; eps
+    rounded and added: the denominator d within 5u. The update U = step m'/d: m''s error over d, plus 5u (d) and 3u
+    (step rounded, the product, the quotient) of |U|; the subtraction from p rounds once more. First order; the
+    factor 2 covers the u^2 terms many times over."""
+    b1m, g1g = np.abs(c["b1"] * m), np.abs(c["g1"] * g)
+    d = np.sqrt(c["b2"] * v + c["g2"] * g * g) + c["eps"]
+    update = c["step"] * np.abs(c["b1"] * m + c["g1"] * g) / d
+    err_update = c["step"] * 3 * U32 * (b1m + g1g) / d + 8 * U32 * update
+    return 2 * (2 * U32 * np.abs(p * keep) + err_update + U32 * (np.abs(p * keep) + update))
+
+
+def test_fp16_step_equals_float64_on_the_unscaled_gradients(make_cfg):
+    """fp16 (loss scale 2^10, growing every 2 clean steps): each optimizer step of the float32 master weights equals,
+    entry by entry within fp32_step_bound, the float64 AdamW step from the same parameters and moments on the
+    gradient divided by the loss scale the step's backward ran with, clipped by the norm of that unscaled gradient.
+    eps (1e-3) is of the order of the gradients' entries and the clipping threshold below their norm, so a step that
+    forgot to unscale (the gradients 2^10 times larger: m / (sqrt(v) + eps) then ~ sign(g)) or clipped by the scaled
+    norm lands far outside the bound (checked against the same reference)."""
+    tr = Trainer(
+        make_cfg(
+            **{
+                "train.precision": "fp16",
+                "train.loss_scale_init": 2.0**10,
+                "train.loss_scale_window": 2,
+                "train.eps": 1e-3,
+                "train.grad_clip": 0.5,
+                "train.weight_decay": 0.1,
+                "train.grad_accum": 2,
+            }
+        ),
+        grid=single_process_grid(),
+    )
+    t = tr.cfg.train
+    decay = decay_mask_of(tr.model)
+    seen = []
+    opt_step = tr.opt.step
+
+    def spy(lr, grad_scale=1.0):
+        o = tr.opt
+        seen.append([tr.model.flat.copy(), tr.model.grad_flat.copy(), o.m.copy(), o.v.copy(), lr])
+        opt_step(lr, grad_scale)
+
+    tr.opt.step = spy
+    bad, scales, clipped = [], [], []
+    for _ in range(5):
+        scale = tr.scaler.scale
+        tr.train_step()
+        scales.append(scale)
+        p, g, m, v = (np.asarray(a, dtype=np.float64) for a in seen[-1][:4])
+        lr = seen[-1][4]
+        g = g / scale  # exact: a power of two
+        norm, clip = ref_clip_factor(g, t.grad_clip)
+        clipped.append(clip < 1)
+        k = tr.opt.t
+        bc1, bc2 = 1 - t.beta1**k, 1 - t.beta2**k
+        keep = np.where(decay, 1 - lr * t.weight_decay, 1.0)
+
+        def reference(grad):
+            m2 = t.beta1 * m + (1 - t.beta1) * grad
+            v2 = t.beta2 * v + (1 - t.beta2) * grad * grad
+            return p * keep - lr * (m2 / bc1) / (np.sqrt(v2 / bc2) + t.eps)
+
+        want = reference(clip * g)
+        coef = {
+            "b1": t.beta1,
+            "b2": t.beta2,
+            "g1": (1 - t.beta1) * clip,
+            "g2": (1 - t.beta2) * clip * clip,
+            "eps": t.eps * math.sqrt(bc2),
+            "step": lr * math.sqrt(bc2) / bc1,
+        }
+        bound = fp32_step_bound(p, m, v, g, keep, coef)
+        err = np.abs(tr.model.flat - want)
+        if not np.all(err <= bound):
+            i = int(np.argmax(err / bound))
+            bad.append(f"step {k}: entry {i} off by {err[i]:.3e}, bound {bound[i]:.3e}")
+        # the slips this test is for: no unscale; clipping by the scaled norm
+        for name, slip in (
+            ("not unscaled", reference(clip * g * scale)),
+            (
+                "clipped by the scaled norm",
+                reference(ref_clip_factor(g * scale, t.grad_clip)[1] * g),
+            ),
+        ):
+            if not np.sum(np.abs(slip - want) > 100 * bound) > want.size // 10:
+                bad.append(f"step {k}: the slip '{name}' would stay within the bound")
+    if len(seen) != 5 or len(set(scales)) < 2 or not any(clipped):
+        bad.append(f"{len(seen)} steps taken, loss scales {scales}, clipped {clipped}")
+    assert not bad, "\n".join(bad)
