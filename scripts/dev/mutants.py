@@ -41,7 +41,9 @@ T_RESUME_LAYOUTS = "test_resume_layouts.py"
 T_CLI_GENERATE = "test_cli.py::test_generate_from_checkpoint"
 
 F16_SCALER = "test_precision.py::test_loss_scaler_equals_megatrons_state_machine"
-F16_POWERSGD = "test_compression_fp16.py::test_powersgd_fp16_through_a_loss_scale_change_equals_float64"
+F16_POWERSGD = (
+    "test_compression_fp16.py::test_powersgd_fp16_through_a_loss_scale_change_equals_float64"
+)
 F16_WIRE = "test_compression_fp16.py::test_fp16_wire_at_the_top_of_its_range"
 F16_STEP = "test_optim.py::test_fp16_step_equals_float64_on_the_unscaled_gradients"
 T_PREC, T_RECOMPUTE = "test_precision.py", "test_recompute.py"
