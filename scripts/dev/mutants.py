@@ -76,7 +76,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "ln-bwd-mean-without-gain",
-        "layernorm_backward",
+        "layernorm_backward_input",
         "mean_d = dxhat.mean(axis=-1, keepdims=True)",
         "mean_d = dout.mean(axis=-1, keepdims=True)",
         "LayerNorm backward subtracts the mean of dout instead of dout*w (the gain left out of one term)",
@@ -84,7 +84,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "ln-dw-accumulate-overwrites",
-        "layernorm_backward",
+        "layernorm_backward_weight",
         'dw += xp.einsum("ni,ni->i", d2, x2)',
         'dw[...] = xp.einsum("ni,ni->i", d2, x2)',
         "LayerNorm gain gradient overwritten on accumulate=True (micro-batches after the first lose the earlier ones)",
@@ -140,9 +140,9 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "linear-dw-ignores-accumulate",
-        "linear_backward",
-        "matmul_into(x2.T, d2, dw, accumulate)",
-        "matmul_into(x2.T, d2, dw, False)",
+        "linear_backward_weight",
+        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate)",
+        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, False)",
         "linear backward always overwrites the weight gradient (gradient accumulation keeps the last micro-batch)",
         (T_GRAD,),
     ),
@@ -183,24 +183,24 @@ MUTANTS: list[Mutant] = [
     # -- the model: forward/backward wiring, residuals, tied embedding, loss scale, KV cache --------------------------
     Mutant(
         "ln2-bwd-residual-dropped",
-        "Block.backward",
-        "dx += self.ln_2.backward(dh2, c.ln_2, ln_accumulate)",
-        "dx = self.ln_2.backward(dh2, c.ln_2, ln_accumulate)",
+        "Block.backward_input",
+        "dx += self.ln_2.backward_input(dh2, c.ln_2, work)",
+        "dx = self.ln_2.backward_input(dh2, c.ln_2, work)",
         "block backward: the MLP branch's gradient replaces the residual stream's instead of adding to it",
         (T_GRAD, HF_GRADS),
     ),
     Mutant(
         "ln2-forward-uses-ln1-gain",
         "Block.__init__",
-        "self.ln_2 = LayerNorm(ln[2], ln[3], prec)",
-        "self.ln_2 = LayerNorm(ln[0], ln[3], prec)",
+        "self.ln_2 = LayerNorm(ln[2], ln[3], prec, partial=sp)",
+        "self.ln_2 = LayerNorm(ln[0], ln[3], prec, partial=sp)",
         "ln_2 normalises with ln_1's gain (copy-paste slip; in the modules.py version forward and backward agree, "
         "so only a reference comparison can see it)",
         (T_GRAD, T_GEN, T_GPT2_LOGITS, HF_LOGITS),
     ),
     Mutant(
         "ce-bwd-ignores-loss-scale",
-        "Head.backward",
+        "Head.backward_input",
         "vocab_parallel_cross_entropy_backward(ce, loss_scale)",
         "vocab_parallel_cross_entropy_backward(ce)",
         "backward ignores loss_scale (the trainer's 1/(grad_accum*dp) averaging is lost)",
@@ -652,7 +652,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "selective-masks-not-redrawn",
-        "Block.backward",
+        "Block.backward_input",
         "drop = self.dropout",
         "drop = 0.0",
         "selective recompute: attention's probabilities recomputed without their dropout masks",
@@ -775,7 +775,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "recompute-block-without-dropout-rng",
-        "Chunk.backward",
+        "Chunk._backward",
         "_, block_cache = block.forward(block_cache, rng)",
         "_, block_cache = block.forward(block_cache, None)",
         "block recompute: backward's second forward runs without the dropout rng (no masks, other activations)",
@@ -800,7 +800,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "lora-col-dh-not-summed",
-        "ColumnParallelLinear.backward",
+        "ColumnParallelLinear.backward_input",
         "dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))",
         "dh = self.prec.operand(dh)",
         "LoRA under TP: a column-parallel layer's adapter gradient dh (a partial per rank) is not summed before dA",
@@ -808,7 +808,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "lora-row-scale-dropped-in-backward",
-        "RowParallelLinear.backward",
+        "RowParallelLinear.backward_input",
         "dys = self.prec.operand(dy * s) if s != 1 else dy",
         "dys = dy",
         "LoRA: a row-parallel layer's backward leaves out lora_scale (forward has it)",
