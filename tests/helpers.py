@@ -364,6 +364,7 @@ CHECKPOINT_LAYOUTS = {
     "PP2-interleaved": (2, 1, 2, 0, INTERLEAVED),
     "DP2xTP2-zero1": (4, 2, 1, 1, {}),
     "PP2xDP2-zero1": (4, 1, 2, 1, {}),
+    "PP2xDP2xTP2-zero1": (8, 2, 2, 1, {}),
 }
 
 
