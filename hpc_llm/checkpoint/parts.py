@@ -26,6 +26,7 @@ checkpoint; the next run in the directory removes them (rundir.remove_interrupte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -199,6 +200,15 @@ def _selections(shape: tuple, total: int, run: Run):
     return v, s
 
 
+def _fsync_file(path: Path) -> None:
+    """fsync a file, or a directory (its entries: the part files in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_part(
     path: Path, outs: list[Out], walk: Walk, arrays: list[np.ndarray], step
 ) -> np.ndarray:
@@ -219,14 +229,9 @@ def write_part(
             segs += [(i, c, after) for c, after in _segments(data, runs, outs[i].shape)]
         for i, d in dsets.items():
             d.attrs["crc32"] = np.int64(crcs.get(i, 0))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_file(path)
     with h5py.File(path, "r") as f:
-        for i in walk.lengths:
-            fmt.check_crc(f[outs[i].path], fmt.dataset_crc(f[outs[i].path]), path)
+        fmt.check_crcs(fmt.datasets(f), path)
     mine = np.zeros(len(outs), np.uint64)
     if segs:
         idx, c, after = (np.array(x, np.uint64) for x in zip(*segs))
@@ -275,6 +280,8 @@ class PartsSave:
         self.crcs: np.ndarray | None = None
         self.thread: threading.Thread | None = None
         self.own: dict[str, np.ndarray] = {}
+        self.f: h5py.File | None = None  # the master (rank 0), open from its body to its trailer
+        self.dsets: dict[str, h5py.Dataset] = {}
 
     def agree(self, what: str, fn):
         return agreed(self.comm, fn, what, f"checkpoint {self.path} not saved")
@@ -331,10 +338,13 @@ class PartsSave:
         return views
 
     def _write(self, arrays) -> None:
+        """This rank's part, and on rank 0 the master's body (all but the checksums, which need every rank)."""
         try:
             self.crcs = write_part(
                 self.dir / f"rank{self.rank:05d}.h5", self.outs, self.walk, arrays(), self.step
             )
+            if self.rank == 0:
+                self._master_body()
         except BaseException as e:  # noqa: BLE001 - reported (agreed) by finish
             self.error = e
 
@@ -365,37 +375,40 @@ class PartsSave:
             self._abandon()
             raise
 
+    def _master_body(self) -> None:
+        """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
+        self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
+        fmt.write_header(f, self.header)
+        for i, out in enumerate(self.outs):
+            if master_only(out):
+                self.dsets[out.path] = fmt.create_dataset(f, out.path, out.shape, out.dtype)
+                self.dsets[out.path][...] = self.own[out.path]
+                continue
+            lay = h5py.VirtualLayout(out.shape, out.dtype)
+            for r, runs in self.walk.maps[i].items():
+                name = f"{self.dir.name}/rank{r:05d}.h5".encode()
+                total = sum(run.rows * run.cols for run in runs)
+                for run in runs:
+                    lay.dcpl.set_virtual(*_pair(out.shape, total, run, name, out.path))
+            parent = out.path.rsplit("/", 1)[0]
+            if parent not in f:
+                f.create_group(parent, track_order=True)
+            self.dsets[out.path] = f.create_virtual_dataset(out.path, lay)
+        parts = [f"{self.dir.name}/rank{r:05d}.h5" for r in range(self.comm.size)]
+        f.attrs[fmt.PARTS_ATTR] = json.dumps(parts)
+
     def _master(self, crcs: np.ndarray) -> None:
+        """The master's checksums, manifest and ``complete``; closed, fsynced with the parts' directory, checked."""
         if self.rank != 0:
             return
-        parts = sorted(p.name for p in self.dir.iterdir())
-        with h5py.File(self.tmp, "w", libver=fmt.LIBVER) as f:
-            fmt.write_header(f, self.header)
-            dsets = {}
-            for i, out in enumerate(self.outs):
-                if master_only(out):
-                    dsets[out.path] = fmt.create_dataset(f, out.path, out.shape, out.dtype)
-                    dsets[out.path][...] = self.own[out.path]
-                    crcs[i] = fmt.crc(self.own[out.path])
-                    continue
-                lay = h5py.VirtualLayout(out.shape, out.dtype)
-                for r, runs in self.walk.maps[i].items():
-                    name = f"{self.dir.name}/rank{r:05d}.h5".encode()
-                    total = sum(run.rows * run.cols for run in runs)
-                    for run in runs:
-                        lay.dcpl.set_virtual(*_pair(out.shape, total, run, name, out.path))
-                parent = out.path.rsplit("/", 1)[0]
-                if parent not in f:
-                    f.create_group(parent, track_order=True)
-                dsets[out.path] = f.create_virtual_dataset(out.path, lay)
-            f.attrs[fmt.PARTS_ATTR] = json.dumps([f"{self.dir.name}/{p}" for p in parts])
-            fmt.write_trailer(f, dsets, {o.path: int(crcs[i]) for i, o in enumerate(self.outs)})
+        for i, out in enumerate(self.outs):
+            if master_only(out):
+                crcs[i] = fmt.crc(self.own[out.path])
+        fmt.write_trailer(self.f, self.dsets, {o.path: int(crcs[i]) for i, o in enumerate(self.outs)})
+        self.f.close()
+        self.f = None
         for p in (self.tmp, self.dir):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(p)
         with fmt.open_file(self.tmp) as f:
             fmt.check_header(f, self.tmp)
 
@@ -412,6 +425,10 @@ class PartsSave:
         """After an agreed failure (every part finished or failed): remove the temporary master and the parts."""
         if self.rank != 0:
             return
+        if self.f is not None:
+            with contextlib.suppress(Exception):  # the save has failed already
+                self.f.close()
+            self.f = None
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
         if self.dir is not None:

@@ -121,7 +121,7 @@ class CheckpointConfig:
     keep_last: int = 3
     # "gather": rank 0 writes the file with serial h5py; "mpio": all ranks write their share of it (h5py built with
     # MPI); "parts": every rank writes what it holds into a file of its own, joined by a master file of virtual
-    # datasets; "auto": parts. Plain h5py reads every one of them the same.
+    # datasets; "auto": parts with several ranks or async_save, else gather. Plain h5py reads them all the same.
     writer: str = "auto"
     # save in the background (parts writer): each rank copies its share into host memory and training goes on
     async_save: bool = False

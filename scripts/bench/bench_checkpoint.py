@@ -7,11 +7,12 @@
     mpiexec -n 4 --oversubscribe python scripts/bench/bench_checkpoint.py --preset gpt2-small --tp 2
 
 The real Trainer (same code path as `hpc-llm train`), parameters and Adam moments of the preset's shape. Each repeat,
-in this order: `Trainer.save()` (gather, checksums, write, fsync, verify, rename: what a run pays), `dd if=/dev/zero
-bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache dropped if this
+in this order: `Trainer.save()` (--writer's: checksums, write, fsync, verify, rename: what a run pays), `dd
+if=/dev/zero bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache dropped if this
 process may (root: /proc/sys/vm/drop_caches; else reads are from memory and the output says so), `dd of=/dev/null`
-of the checkpoint (raw read), the cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then
-each rank reads its hyperslabs). Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
+of the checkpoint's files (raw read; the parts writer's: the master and every part, one after the other), the
+cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then each rank reads its hyperslabs).
+Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from hpc_llm.checkpoint import rundir
 from hpc_llm.train.trainer import Trainer
 
 from common import PRESETS, preset_config
@@ -49,6 +51,16 @@ def dd(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+def files_of(path: Path) -> list[Path]:
+    """The checkpoint's files: its file, and with the parts writer its parts."""
+    parts = rundir.parts_of(path)
+    return [path] + (sorted(parts.iterdir()) if parts else [])
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in files_of(path))
+
+
 def timed(world, fn) -> float:
     """Wall time of fn() on every rank, from a common start to the slowest rank's end."""
     world.Barrier()
@@ -63,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--zero", type=int, default=1)
-    ap.add_argument("--writer", choices=("auto", "gather", "mpio"), default="auto")
+    ap.add_argument("--writer", choices=("auto", "gather", "mpio", "parts"), default="auto")
     ap.add_argument(
         "--dir", default=None, help="where to write (default: a temporary directory under /tmp)"
     )
@@ -95,7 +107,7 @@ def measure(world, tr: Trainer, tmp: Path, repeats: int) -> tuple[dict, int, boo
             path = tr.save()
 
         rows["save"].append(timed(world, save))
-        size = world.bcast(path.stat().st_size if world.rank == 0 else None)
+        size = world.bcast(checkpoint_bytes(path) if world.rank == 0 else None)
         if world.rank == 0:
             raw = tmp / "dd.bin"
             rows["dd_write"].append(
@@ -103,7 +115,7 @@ def measure(world, tr: Trainer, tmp: Path, repeats: int) -> tuple[dict, int, boo
             )
             raw.unlink()
             cold &= drop_caches()
-            rows["dd_read"].append(dd(f"if={path}", "of=/dev/null"))
+            rows["dd_read"].append(sum(dd(f"if={p}", "of=/dev/null") for p in files_of(path)))
             cold &= drop_caches()
         world.Barrier()
         rows["restore"].append(timed(world, lambda: tr.restore(path)))

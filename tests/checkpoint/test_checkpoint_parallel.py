@@ -184,6 +184,46 @@ def test_the_parts_writer_writes_the_gather_writers_tensors(
     check(not bad, "\n".join(bad))
 
 
+@pytest.mark.parallel(nprocs=2)
+def test_a_parts_save_grows_a_rank_by_at_most_its_staging(data_dir, shared_tmp_path, monkeypatch):
+    """tracemalloc's peak during a parts save (DP2 ZeRO-1, n_embd 256: 10 MB of float32 parameters and moments in
+    all, part verification in 64 KiB slabs), on every rank: in the foreground (written from the rank's own buffers)
+    within a fixed slack; in the background within its host staging buffer, the pieces it writes (its half of the
+    parameters and its moments: under the shard it holds), plus the same slack."""
+    monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
+    tr = layout_trainer(
+        data_dir,
+        shared_tmp_path / "run",
+        "DP2-zero1",
+        **{"train.max_iters": 1, "model.n_embd": 256, "checkpoint.writer": "parts"},
+    )
+    tr.run()
+    peaks = {}
+    for name in ("foreground", "background"):
+        tr.out_dir = shared_tmp_path / name
+        if MPI.COMM_WORLD.rank == 0:
+            tr.out_dir.mkdir()
+        MPI.COMM_WORLD.Barrier()
+        tracemalloc.start()
+        try:
+            tr.save() if name == "foreground" else tr.save(background=True).finish()
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    # its moments (ZeRO-1: the half it owns) and about half the parameters (the replicas share their writing)
+    moments, params, staging = (
+        tr.opt.m.nbytes + tr.opt.v.nbytes,
+        tr.model.flat.nbytes,
+        tr.staging.buf.nbytes,
+    )
+    bad = []
+    if not (peaks["foreground"] <= SAVE_SLACK and peaks["background"] <= staging + SAVE_SLACK):
+        bad.append(f"peaks {peaks}, staging {staging} B, slack {SAVE_SLACK} B")
+    if not (moments + params / 4 <= staging <= moments + 3 * params / 4):
+        bad.append(f"staging {staging} B: moments {moments} B, parameters {params} B")
+    check(not bad, "\n".join(bad))
+
+
 def save_peak(data_dir, out_dir, layout, n_embd: int) -> tuple[int, int]:
     """tracemalloc's peak during a save of a freshly trained model of width n_embd, and this rank's shard (its
     parameters and Adam moments), in bytes."""
@@ -232,21 +272,32 @@ def test_a_save_needs_its_own_shard_plus_a_fixed_buffer(
     check(not bad, "\n".join(bad))
 
 
+WRITERS = {
+    "gather": {"checkpoint.writer": "gather"},
+    "parts": {"checkpoint.writer": "parts"},
+    "async": {"checkpoint.writer": "parts", "checkpoint.async_save": True},
+}
 FAILING = [
-    pytest.param(rank, marks=pytest.mark.parallel(nprocs=2), id=f"rank{rank}") for rank in (0, 1)
+    pytest.param(writer, rank, marks=pytest.mark.parallel(nprocs=2), id=f"{writer}-rank{rank}")
+    for writer, rank in (("gather", 0), ("gather", 1), ("parts", 0), ("async", 1))
 ]
 
 
-@pytest.mark.parametrize("rank", FAILING)
+@pytest.mark.parametrize(("writer", "rank"), FAILING)
 def test_enospc_on_one_rank_fails_the_save_on_every_rank(
-    rank, data_dir, shared_tmp_path, monkeypatch
+    writer, rank, data_dir, shared_tmp_path, monkeypatch
 ):
-    """ENOSPC injected as rank 0 (the writer, its temporary file open) or rank 1 (a sender) starts its part of the
-    step-4 save: every rank raises the same SaveFailed naming that rank, the file and the error; no temporary file
-    is left and the step-2 checkpoint still verifies and is the newest."""
+    """ENOSPC injected as rank 0 (gather: the writer, its temporary file open; parts: the master's writer) or rank 1
+    (a sender; in the background: its part, found at the next step boundary) starts its part of the step-4 save:
+    every rank raises the same SaveFailed naming that rank, the file and the error; no temporary file or parts are
+    left and the step-2 checkpoint still verifies and is the newest."""
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
     tr = layout_trainer(
-        data_dir, shared_tmp_path / "run", "TP2", **{"train.max_iters": 4, "checkpoint.interval": 2}
+        data_dir,
+        shared_tmp_path / "run",
+        "TP2",
+        **WRITERS[writer],
+        **{"train.max_iters": 4, "checkpoint.interval": 2},
     )
     bad = save_failure_problems(tr, rank)
     check(not bad, "\n".join(bad))
