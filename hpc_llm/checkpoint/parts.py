@@ -404,7 +404,9 @@ class PartsSave:
         for i, out in enumerate(self.outs):
             if master_only(out):
                 crcs[i] = fmt.crc(self.own[out.path])
-        fmt.write_trailer(self.f, self.dsets, {o.path: int(crcs[i]) for i, o in enumerate(self.outs)})
+        fmt.write_trailer(
+            self.f, self.dsets, {o.path: int(crcs[i]) for i, o in enumerate(self.outs)}
+        )
         self.f.close()
         self.f = None
         for p in (self.tmp, self.dir):

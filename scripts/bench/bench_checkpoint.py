@@ -8,11 +8,11 @@
 
 The real Trainer (same code path as `hpc-llm train`), parameters and Adam moments of the preset's shape. Each repeat,
 in this order: `Trainer.save()` (--writer's: checksums, write, fsync, verify, rename: what a run pays), `dd
-if=/dev/zero bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache dropped
-if this process may (root: /proc/sys/vm/drop_caches; else reads are from memory and the output says so), `dd of=/dev/null`
-of the checkpoint's files (raw read; the parts writer's: the master and every part, one after the other), the
-cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then each rank reads its hyperslabs).
-Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
+if=/dev/zero bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache
+dropped if this process may (root: /proc/sys/vm/drop_caches; else reads are from memory and the output says so),
+`dd of=/dev/null` of the checkpoint's files (raw read; the parts writer's: the master and every part, one after the
+other), the cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then each rank reads its
+hyperslabs). Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
 """
 
 from __future__ import annotations

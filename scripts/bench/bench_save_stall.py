@@ -53,7 +53,11 @@ def one_run(args, world, tmp: Path, mode: str) -> tuple[float, float]:
     cfg.train.out_dir = str(tmp / mode)
     cfg.parallel.zero = 1
     cfg.checkpoint.interval = args.interval if interval is None else interval
-    cfg.checkpoint.writer, cfg.checkpoint.async_save, cfg.checkpoint.keep_last = "parts", background, 2
+    cfg.checkpoint.writer, cfg.checkpoint.async_save, cfg.checkpoint.keep_last = (
+        "parts",
+        background,
+        2,
+    )
     tr = Trainer(cfg)
     inside, depth = [0.0], [0]
     for name in ("checkpoint", "settle_save"):
