@@ -148,9 +148,6 @@ class Walk:
                 self.lengths[i] = base[me]
             self.maps[i] = {r: maps[r] for r in sorted(maps)}
 
-    def nbytes(self, outs: list[Out]) -> int:
-        return sum(n * outs[i].dtype.itemsize for i, n in self.lengths.items())
-
 
 def _extend(runs: list[Run], new: list[Run], at: int) -> None:
     for r in new:
@@ -163,21 +160,19 @@ def _extend(runs: list[Run], new: list[Run], at: int) -> None:
 
 
 def _segments(data: np.ndarray, runs: list[Run], shape: tuple):
-    """(crc, bytes after it in the full tensor) of each run of the full tensor's C order in ``data`` (a piece)."""
-    width, size, item = _width(shape), math.prod(shape), data.dtype.itemsize
-    raw = data.view(np.uint8).reshape(-1)
+    """(crc, end in the piece, end in the full tensor), in elements, of each run of the full tensor's C order in
+    ``data`` (a piece): they tile the piece, so their crcs give the part's crc32 as well as the tensor's."""
+    width, raw, item = _width(shape), data.view(np.uint8).reshape(-1), data.dtype.itemsize
     for r in runs:
         if r.cols == width == r.stride or r.rows == 1:  # one run of the C order
             n = r.rows * r.cols
-            yield (
-                zlib.crc32(raw[r.src * item : (r.src + n) * item]),
-                (size - r.row * width - r.col - n) * item,
-            )
+            crc = zlib.crc32(raw[r.src * item : (r.src + n) * item])
+            yield crc, r.src + n, r.row * width + r.col + n
             continue
         for i in range(r.rows):
-            a = (r.src + i * r.stride) * item
-            end = (r.row + i) * width + r.col + r.cols
-            yield zlib.crc32(raw[a : a + r.cols * item]), (size - end) * item
+            a = r.src + i * r.stride
+            crc = zlib.crc32(raw[a * item : (a + r.cols) * item])
+            yield crc, a + r.cols, (r.row + i) * width + r.col + r.cols
 
 
 def _selections(shape: tuple, total: int, run: Run):
@@ -216,8 +211,7 @@ def write_part(
     dataset, each with the crc32 of its own bytes; closed, fsynced, read back and checked. Returns this rank's
     contribution to each dataset's crc32 (0 where it holds nothing). No MPI: it may run in a thread."""
     inject("save", step)
-    crcs: dict[int, int] = {}
-    segs: list[tuple[int, int, int]] = []
+    segs: list[tuple[int, int, int, int]] = []  # (dataset, crc, end in its part, end in its tensor)
     with h5py.File(path, "w", libver=fmt.LIBVER) as f:
         f.attrs["format"] = PART_FORMAT
         dsets = {
@@ -225,18 +219,22 @@ def write_part(
         }
         for (i, at, piece, runs), data in zip(walk.mine, arrays):
             dsets[i][at : at + piece.n] = data
-            crcs[i] = fmt.crc(data, crcs.get(i, 0))
-            segs += [(i, c, after) for c, after in _segments(data, runs, outs[i].shape)]
-        for i, d in dsets.items():
-            d.attrs["crc32"] = np.int64(crcs.get(i, 0))
+            segs += [(i, c, at + p, t) for c, p, t in _segments(data, runs, outs[i].shape)]
+        part, tensor = np.zeros(len(outs), np.uint64), np.zeros(len(outs), np.uint64)
+        if segs:
+            i, c, p, t = (np.array(x, np.uint64) for x in zip(*segs))
+            i = i.astype(np.intp)
+            item = np.array([o.dtype.itemsize for o in outs], np.uint64)[i]
+            length = np.array([walk.lengths.get(j, 0) for j in range(len(outs))], np.uint64)[i]
+            size = np.array([math.prod(o.shape) for o in outs], np.uint64)[i]
+            np.bitwise_xor.at(part, i, fmt.crc_shifted(c, (length - p) * item))
+            np.bitwise_xor.at(tensor, i, fmt.crc_shifted(c, (size - t) * item))
+        for j, d in dsets.items():
+            d.attrs["crc32"] = np.int64(part[j])
     _fsync_file(path)
     with h5py.File(path, "r") as f:
         fmt.check_crcs(fmt.datasets(f), path)
-    mine = np.zeros(len(outs), np.uint64)
-    if segs:
-        idx, c, after = (np.array(x, np.uint64) for x in zip(*segs))
-        np.bitwise_xor.at(mine, idx.astype(np.intp), fmt.crc_shifted(c, after))
-    return mine
+    return tensor
 
 
 def xor_over_ranks(comm, values: np.ndarray) -> np.ndarray:
