@@ -5,13 +5,14 @@ background (true), beside the same run without interval saves.
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
     mpiexec -n 1 python scripts/bench/bench_save_stall.py --preset 6x384
     mpiexec -n 2 python scripts/bench/bench_save_stall.py --preset 6x384       # DP2, ZeRO-1
+    mpiexec -n 1 python scripts/bench/bench_save_stall.py --preset gpt2-small --saves-only
 
 The real Trainer's run() (what `hpc-llm train` does) of --steps steps, three ways in turn, --repeats times: no
 interval saves ("none"), saves every --interval steps by the parts writer in the foreground ("sync") and in the
 background ("async"); every run ends with the same final foreground save. Stall per save = (run time - the "none"
 run's time of the same repeat) / interval saves: everything a save costs the training, the background writer's
 competition for the cores included. Also the main thread's time inside Trainer.checkpoint() and settle_save() (the
-step boundary's share). Medians over the repeats; all ranks' slowest.
+step boundary's share). Medians over the repeats; all ranks' slowest. --saves-only: saves alone (saves_only).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: under /tmp)")
+    ap.add_argument(
+        "--saves-only", action="store_true", help="time saves without training between them"
+    )
     return ap.parse_args()
 
 
@@ -82,11 +86,54 @@ def one_run(args, world, tmp: Path, mode: str) -> tuple[float, float]:
     return world.allreduce(total, op=MPI.MAX), world.allreduce(inside[0], op=MPI.MAX)
 
 
+def saves_only(args, world, tmp: Path) -> None:
+    """No training: each repeat one foreground save, then one background save whose start() and finish() (the
+    main thread's part) are timed apart from its write (waited for in between): the stall where the training does
+    not compete with the writer for the CPU (a GPU run)."""
+    cfg = preset_config(world, args.preset, tmp, 200_000)
+    cfg.train.batch_size = PRESETS[args.preset]["batch"] * world.size
+    cfg.train.out_dir, cfg.parallel.zero = str(tmp / "saves"), 1
+    cfg.checkpoint.writer, cfg.checkpoint.keep_last = "parts", 2
+    tr = Trainer(cfg)
+    rows = {"sync_s": [], "async_main_thread_s": [], "async_write_s": []}
+    for rep in range(args.repeats):
+        tr.step = 2 * rep + 1
+        world.Barrier()
+        t0 = time.perf_counter()
+        tr.save()
+        t1 = time.perf_counter()
+        tr.step += 1
+        pending = tr.save(background=True)
+        t2 = time.perf_counter()
+        while not pending.ready():
+            time.sleep(0.01)
+        t3 = time.perf_counter()
+        pending.finish()
+        t4 = time.perf_counter()
+        for key, value in (("sync_s", t1 - t0), ("async_main_thread_s", t2 - t1 + t4 - t3)):
+            rows[key].append(world.allreduce(value, op=MPI.MAX))
+        rows["async_write_s"].append(world.allreduce(t3 - t2, op=MPI.MAX))
+    tr.close()
+    if world.rank == 0:
+        med = {k: float(np.median(v)) for k, v in rows.items()}
+        print(
+            f"{args.preset} on {world.size} ranks, saves only: sync save {med['sync_s']:.3f} s, background "
+            f"save's main thread {med['async_main_thread_s']:.3f} s "
+            f"({100 * med['async_main_thread_s'] / med['sync_s']:.0f}%), its write {med['async_write_s']:.3f} s"
+        )
+        print("JSON " + json.dumps({"preset": args.preset, "ranks": world.size, **rows}))
+
+
 def main() -> None:
     args = parse_args()
     world = MPI.COMM_WORLD
     tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_stall_", dir=args.dir) if world.rank == 0 else None
     tmp = Path(world.bcast(tmp))
+    if args.saves_only:
+        saves_only(args, world, tmp)
+        if world.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     saves = len(range(args.interval, args.steps, args.interval))
     rows = {m: [] for m in MODES}
     for _ in range(args.repeats):
