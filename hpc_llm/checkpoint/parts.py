@@ -34,6 +34,7 @@ import shutil
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,14 +213,22 @@ def write_part(
     contribution to each dataset's crc32 (0 where it holds nothing). No MPI: it may run in a thread."""
     inject("save", step)
     segs: list[tuple[int, int, int, int]] = []  # (dataset, crc, end in its part, end in its tensor)
-    with h5py.File(path, "w", libver=fmt.LIBVER) as f:
+
+    def checksums(i, at, runs, data):
+        segs.extend((i, c, at + p, t) for c, p, t in _segments(data, runs, outs[i].shape))
+
+    # each piece checksummed in a thread while h5py writes it (both release the GIL)
+    with h5py.File(path, "w", libver=fmt.LIBVER) as f, ThreadPoolExecutor(1) as pool:
         f.attrs["format"] = PART_FORMAT
         dsets = {
             i: f.create_dataset(outs[i].path, (n,), outs[i].dtype) for i, n in walk.lengths.items()
         }
         for (i, at, piece, runs), data in zip(walk.mine, arrays):
-            dsets[i][at : at + piece.n] = data
-            segs += [(i, c, at + p, t) for c, p, t in _segments(data, runs, outs[i].shape)]
+            summed = pool.submit(checksums, i, at, runs, data)
+            try:
+                dsets[i][at : at + piece.n] = data
+            finally:
+                summed.result()
         part, tensor = np.zeros(len(outs), np.uint64), np.zeros(len(outs), np.uint64)
         if segs:
             i, c, p, t = (np.array(x, np.uint64) for x in zip(*segs))
@@ -231,9 +240,14 @@ def write_part(
             np.bitwise_xor.at(tensor, i, fmt.crc_shifted(c, (size - t) * item))
         for j, d in dsets.items():
             d.attrs["crc32"] = np.int64(part[j])
-    _fsync_file(path)
-    with h5py.File(path, "r") as f:
-        fmt.check_crcs(fmt.datasets(f), path)
+    # the fsync waits on the disk while the read-back comes from the page cache
+    with ThreadPoolExecutor(1) as pool:
+        synced = pool.submit(_fsync_file, path)
+        try:
+            with h5py.File(path, "r") as f:
+                fmt.check_crcs(fmt.datasets(f), path)
+        finally:
+            synced.result()
     return tensor
 
 
@@ -387,7 +401,8 @@ class PartsSave:
                 name = f"{self.dir.name}/rank{r:05d}.h5".encode()
                 total = sum(run.rows * run.cols for run in runs)
                 for run in runs:
-                    lay.dcpl.set_virtual(*_pair(out.shape, total, run, name, out.path))
+                    virtual, source = _selections(out.shape, total, run)
+                    lay.dcpl.set_virtual(virtual, name, out.path.encode(), source)
             parent = out.path.rsplit("/", 1)[0]
             if parent not in f:
                 f.create_group(parent, track_order=True)
@@ -433,8 +448,3 @@ class PartsSave:
             self.tmp.unlink(missing_ok=True)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _pair(shape, total, run, name, dset):
-    v, s = _selections(shape, total, run)
-    return v, name, dset.encode(), s
