@@ -188,8 +188,8 @@ def test_the_parts_writer_writes_the_gather_writers_tensors(
 def test_a_parts_save_grows_a_rank_by_at_most_its_staging(data_dir, shared_tmp_path, monkeypatch):
     """tracemalloc's peak during a parts save (DP2 ZeRO-1, n_embd 256: 10 MB of float32 parameters and moments in
     all, part verification in 64 KiB slabs), on every rank: in the foreground (written from the rank's own buffers)
-    within a fixed slack; in the background within its host staging buffer, the pieces it writes (its half of the
-    parameters and its moments: under the shard it holds), plus the same slack."""
+    within two verification slabs and a fixed slack; in the background within its host staging buffer, the pieces
+    it writes (its half of the parameters and its moments: under the shard it holds), plus the same."""
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     tr = layout_trainer(
         data_dir,
@@ -222,9 +222,12 @@ def test_a_parts_save_grows_a_rank_by_at_most_its_staging(data_dir, shared_tmp_p
         tr.model.flat.nbytes,
         tr.staging.buf.nbytes,
     )
+    fixed = (
+        2 * (64 << 10) + SAVE_SLACK
+    )  # the part's read-back (two verification slabs) and the slack
     bad = []
-    if not (peaks["foreground"] <= SAVE_SLACK and peaks["background"] <= staging + SAVE_SLACK):
-        bad.append(f"peaks {peaks}, staging {staging} B, slack {SAVE_SLACK} B")
+    if not (peaks["foreground"] <= fixed and peaks["background"] <= staging + fixed):
+        bad.append(f"peaks {peaks}, staging {staging} B, fixed {fixed} B")
     if not (moments + params / 4 <= staging <= moments + 3 * params / 4):
         bad.append(f"staging {staging} B: moments {moments} B, parameters {params} B")
     check(not bad, "\n".join(bad))
