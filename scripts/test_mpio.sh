@@ -18,7 +18,8 @@
 #
 # Usage: scripts/test_mpio.sh [--full] [PYTEST_ARGS...]
 #   --full       also run test_parallel.py, test_tensor_parallel.py, test_resume_layouts.py, test_pipeline.py at 2, 4
-#                ranks in this environment (checkpoint.writer=auto picks mpio there; about 30 s more on 2 cores)
+#                ranks in this environment (checkpoint.writer=auto picks the parts writer there: virtual datasets under
+#                Debian's HDF5 1.10; about 30 s more on 2 cores)
 #   PYTEST_ARGS  go to every pytest run, e.g. -k collective
 # Environment: MPIO_NPS (default "1 2 4"), MPIO_TIMEOUT (seconds per mpiexec run, default 300).
 set -euo pipefail

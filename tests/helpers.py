@@ -351,9 +351,16 @@ def cache_bytes(obj, seen=None) -> int:
 
 
 def flip_byte_in(path, dataset, index=0):
-    """Flip the low bit of byte `index` of `dataset`'s data in the HDF5 file at path (a corruption to detect)."""
+    """Flip the low bit of byte `index` of `dataset`'s data in the HDF5 file at path (a corruption to detect); of a
+    virtual dataset (the parts writer's), byte `index` of the part file dataset its first mapping reads."""
     with h5py.File(path, "r") as f:
-        offset = f[dataset].id.get_offset()
+        if f[dataset].is_virtual:
+            source = f[dataset].virtual_sources()[0]
+            path = Path(path).parent / source.file_name
+            with h5py.File(path, "r") as part:
+                offset = part[source.dset_name].id.get_offset()
+        else:
+            offset = f[dataset].id.get_offset()
         assert offset is not None
     with open(path, "r+b") as fh:
         fh.seek(offset + index)
@@ -421,6 +428,7 @@ CHECKPOINT_LAYOUTS = {
     "DP2xTP2-zero1": (4, 2, 1, 1, {}),
     "PP2xDP2-zero1": (4, 1, 2, 1, {}),
     "PP2xDP2-zero3": (4, 1, 2, 3, {}),
+    "PP2xDP2xTP2-zero1": (8, 2, 2, 1, {}),
 }
 
 
@@ -450,7 +458,7 @@ SAVE_SLACK = 512 << 10
 
 def save_failure_problems(tr, rank: int) -> list[str]:
     """Run `tr` (4 steps, checkpoints at 2 and 4), whose step-4 save fails on `rank`: what is wrong on this rank
-    with the outcome (for the gather and the mpio writer alike): not one SaveFailed line, the same on every rank,
+    with the outcome (for every writer alike): not one SaveFailed line, the same on every rank,
     naming the rank, the file and the error; a temporary file left; step 2 not the newest checkpoint, not verified,
     or not the one `latest` names."""
     try:
@@ -470,7 +478,12 @@ def save_failure_problems(tr, rank: int) -> list[str]:
     ):
         bad.append(f"the message should name rank {rank}, the file and the error: {error}")
     if MPI.COMM_WORLD.rank == 0:
-        left = [p for p in os.listdir(run_dir) if ".tmp-" in p]
+        named = {ckpt.rundir.parts_of(p) for _s, p in ckpt.list_checkpoints(run_dir)}
+        left = [
+            p
+            for p in run_dir.iterdir()
+            if ".tmp-" in p.name or (".parts-" in p.name and p not in named)
+        ]
         if left or [s for s, _ in ckpt.list_checkpoints(run_dir)] != [2]:
             bad.append(f"left in the run directory: {sorted(os.listdir(run_dir))}")
         ckpt.verify_checkpoint(ckpt.checkpoint_path(run_dir, 2))

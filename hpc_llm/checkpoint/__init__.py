@@ -1,4 +1,5 @@
-"""Checkpoints: one HDF5 file per save, logical (unsharded) tensors, a CRC32 per dataset, atomic write.
+"""Checkpoints: one HDF5 file per save (with the parts writer, over one file per rank), logical (unsharded) tensors,
+a CRC32 per dataset, atomic write.
 
 Layout (docs/checkpoint-format.md has the full description)::
 
@@ -17,6 +18,8 @@ The package, by job:
   parts and pieces (which rank holds what), the writer's staging buffers;
 - ``writers``: the save engine behind both writers (gather: rank 0 writes; mpio: every rank its share), every failure
   agreed (``SaveFailed`` on every rank);
+- ``parts``: the parts writer (every rank writes what it holds into its own file, a master file of virtual datasets
+  joins them; in the foreground or in the background, ``checkpoint.async_save``);
 - ``serial``: ``save_checkpoint`` (one process, arrays in memory);
 - ``reader``: ``CheckpointFile`` (a rank's hyperslabs and its share of the checksums), ``load_checkpoint``,
   ``verify_checkpoint``;

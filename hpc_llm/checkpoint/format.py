@@ -31,6 +31,8 @@ LIBVER = ("v108", "v110")
 METRIC_CHUNK = 1024  # elements per chunk of a /metrics column
 VERIFY_BLOCK_BYTES = 64 << 20  # verification reads datasets in slabs of about this size
 GROUPS = ("params", "optimizer", "metrics")
+# root attribute of a checkpoint written in parts (checkpoint/parts.py): its part files, relative to its directory
+PARTS_ATTR = "parts_json"
 # the /metrics tables of a training checkpoint and their columns: the trainer's Metrics keeps rows of these, and the
 # tools that write a step-0 checkpoint (import-gpt2, merge-lora) store them empty, as a fresh run would
 METRICS_COLUMNS = {
@@ -137,6 +139,54 @@ def crc(arr: np.ndarray, value: int = 0) -> int:
     if arr.size == 0:
         return value
     return zlib.crc32(arr.reshape(-1).view(np.uint8), value)
+
+
+# zlib's CRC-32 polynomial (reflected) and x^(2^k) mod it, k = 0..31: what crc_combined needs, as in zlib's
+# crc32_combine, vectorised over many segments at once
+_CRC_POLY = np.uint64(0xEDB88320)
+
+
+def _multmodp(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a(x) b(x) modulo the CRC polynomial, elementwise (reflected bit order, as zlib's multmodp)."""
+    a, b = np.asarray(a, np.uint64), np.array(b, np.uint64)
+    p = np.zeros(np.broadcast(a, b).shape, np.uint64)
+    one = np.uint64(1)
+    for i in range(32):
+        p ^= np.where(a & np.uint64(1 << (31 - i)), b, np.uint64(0))
+        b = np.where(b & one, (b >> one) ^ _CRC_POLY, b >> one)
+    return p
+
+
+def _x2n_table() -> list[np.uint64]:
+    table = [np.uint64(1 << 30)]  # x^1
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1])[()])
+    return table
+
+
+_X2N = _x2n_table()
+
+
+def crc_shifted(crcs, after_bytes) -> np.ndarray:
+    """Each segment's share of the CRC32 of a whole byte string, from the segment's own crc
+    (``zlib.crc32(segment)``) and the number of bytes that follow it in the string: crc32_combine's algebra,
+    crc(A + B) = crc(A) x^(8|B|) + crc(B), makes the whole's crc the XOR of every segment's crc(S) x^(8 after), in
+    any order. Ranks that each write some segments of a dataset compute their shares apart."""
+    crcs = np.asarray(crcs, np.uint64).reshape(-1)
+    n = np.asarray(after_bytes, np.uint64).reshape(-1)
+    p = np.full(n.shape, 1 << 31, np.uint64)  # x^0
+    k = 0
+    while n.size and (n >> np.uint64(k)).any():
+        bit = (n >> np.uint64(k)) & np.uint64(1)
+        if bit.any():
+            p = np.where(bit, _multmodp(_X2N[(k + 3) & 31], p), p)
+        k += 1
+    return _multmodp(p, crcs)
+
+
+def crc_combined(crcs, after_bytes) -> int:
+    """The CRC32 of a byte string from its segments' (crc_shifted)."""
+    return int(np.bitwise_xor.reduce(crc_shifted(crcs, after_bytes), initial=np.uint64(0)))
 
 
 def dataset_crc(dset: h5py.Dataset) -> int:
@@ -313,6 +363,10 @@ def _check_structure(f: h5py.File, path: Path) -> list[h5py.Dataset]:
         except ValueError:
             raise UserError(f"{path}: attribute {attr} on {obj.name} is not valid JSON") from None
     manifest = json.loads(attr_str(f.attrs["manifest_json"]))
+    for name in json.loads(attr_str(f.attrs.get(PARTS_ATTR)) or "[]"):
+        # a missing part would read as zeros through its virtual datasets
+        if not (path.parent / name).is_file():
+            raise UserError(f"{path}: checkpoint part {name} is missing")
     found = datasets(f)  # one walk of the file; the checks below are lookups in it
     shapes = {d.name: d.shape for d in found}
     for name in manifest:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,15 +31,21 @@ def _runs(lo: int, hi: int, n: int, nblocks: int, tp: int, t: int) -> list[tuple
     return out
 
 
-def _scatter_columns(rows: int, width: int, local: int, runs):
-    """Put a TP rank's rows (rows x local, its column shard) into the block's columns (rows x width)."""
+@dataclass(frozen=True)
+class ColumnScatter:
+    """A TP rank's rows of a column-split tensor (rows x local, its shard's columns) put into a block of the full
+    tensor's rows (rows x width): ``runs`` [(full column, local column, count)] (_runs). Kept as data, not only
+    as the function, so the parts writer can map the same elements into a virtual dataset."""
 
-    def scatter(block: np.ndarray, part: np.ndarray) -> None:
-        b, p = block.reshape(rows, width), part.reshape(rows, local)
-        for f, loc, n in runs:
+    rows: int
+    width: int
+    local: int
+    runs: tuple
+
+    def __call__(self, block: np.ndarray, part: np.ndarray) -> None:
+        b, p = block.reshape(self.rows, self.width), part.reshape(self.rows, self.local)
+        for f, loc, n in self.runs:
             b[:, f : f + n] = p[:, loc : loc + n]
-
-    return scatter
 
 
 class ElementPlacement:
@@ -129,7 +136,10 @@ class ElementPlacement:
 
     def replica(self, s: int, t: int, writer: int, index: int) -> int:
         """Which data-parallel replica sends stage s, TP rank t's copy of a dataset: the writer itself when it is
-        one (no message), else one chosen by the dataset's index (the load spread over the replicas)."""
+        one (no message), else one chosen by the dataset's index (the load spread over the replicas). ``writer``
+        None (the parts writer: every rank writes what it holds): the replica ``index % dp``."""
+        if writer is None:
+            return index % self.dp
         ws, wd, wt = writer // (self.dp * self.tp), writer // self.tp % self.dp, writer % self.tp
         return wd if (ws, wt) == (s, t) else index % self.dp
 
@@ -180,7 +190,7 @@ class ElementPlacement:
                             rows * local,
                             pieces(t, off + r0 * local, rows * local),
                             at=None,
-                            scatter=_scatter_columns(rows, width, local, runs),
+                            scatter=ColumnScatter(rows, width, local, tuple(runs)),
                         )
                     )
                 else:

@@ -1,13 +1,17 @@
-"""The run directory's policy: ``ckpt_XXXXXXXX.h5`` names, the ``latest`` pointer, listing, pruning, the temporary
-files interrupted saves leave, and which files a resumed run should try (docs/checkpoint-format.md)."""
+"""The run directory's policy: ``ckpt_XXXXXXXX.h5`` names (and the parts writer's parts directories), the
+``latest`` pointer, listing, pruning, the temporary files interrupted saves leave, and which files a resumed run
+should try (docs/checkpoint-format.md)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
+from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint.reader import header_ok, verify_checkpoint
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.fsio import atomic_write_bytes, fsync_dir
@@ -31,8 +35,39 @@ def temporary_path(path: Path, pid: int) -> Path:
     return path.parent / f".{path.name}.tmp-{pid}"
 
 
+def parts_dir(path: Path, token: str) -> Path:
+    """Where a save of ``path`` by the parts writer puts its ranks' files: ``<name>.parts-<token>``, beside it (a
+    new name each save: a checkpoint replaced at the same step keeps its own parts until the new one is in place)."""
+    return path.parent / f"{path.name}.parts-{token}"
+
+
+def parts_of(path: Path) -> Path | None:
+    """The parts directory a checkpoint written in parts names (None: a single-file checkpoint, or unreadable)."""
+    try:
+        with fmt.open_file(path) as f:
+            names = json.loads(fmt.attr_str(f.attrs.get(fmt.PARTS_ATTR)) or "[]")
+    except (UserError, OSError, ValueError):
+        return None
+    return path.parent / names[0].split("/")[0] if names else None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Remove a checkpoint: its file, then its parts (a kill in between leaves parts that no file names, which
+    remove_interrupted_saves removes)."""
+    parts = parts_of(path)
+    path.unlink()
+    if parts is not None:
+        shutil.rmtree(parts, ignore_errors=True)
+
+
 def _is_temporary(entry: Path) -> bool:
     return entry.name.startswith(".ckpt_") and ".tmp-" in entry.name
+
+
+def _orphan_parts(out_dir: Path) -> list[Path]:
+    """Parts directories that no checkpoint names: left by a save that did not finish, or a removal that did not."""
+    named = {parts_of(p) for _s, p in list_checkpoints(out_dir)}
+    return [e for e in out_dir.iterdir() if ".parts-" in e.name and e.is_dir() and e not in named]
 
 
 def write_latest(out_dir: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -89,6 +124,10 @@ def remove_interrupted_saves(out_dir: str | os.PathLike) -> list[Path]:
     for path in stale:
         path.unlink()
         log.info("removed %s, left by an interrupted save", path)
+    for path in _orphan_parts(out_dir):
+        shutil.rmtree(path)
+        stale.append(path)
+        log.info("removed %s, parts of an interrupted save", path)
     return stale
 
 
@@ -177,7 +216,7 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, verified=()) -
                 "not pruning %s: not a complete hpc_llm checkpoint this version understands", path
             )
             continue
-        path.unlink()
+        remove_checkpoint(path)
         removed.append(path)
         log.info("pruned old checkpoint %s", path)
     if removed:

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from hpc_llm.backend import to_host
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import rundir, writers
+from hpc_llm.checkpoint.parts import HostStaging, PartsSave
 from hpc_llm.checkpoint.placement import ElementPlacement
 from hpc_llm.checkpoint.reader import CheckpointFile
 from hpc_llm.checkpoint.slabs import Out, whole
@@ -60,13 +61,15 @@ class RunRecord:
 
 @dataclass
 class SaveTarget:
-    """Where saves go: the run directory, the writer ("gather" or "mpio"), how many checkpoints are kept, and the
-    ones this run wrote and verified (pruning need not read them again; rank 0 adds each save)."""
+    """Where saves go: the run directory, the writer ("gather", "mpio" or "parts"), how many checkpoints are kept,
+    the ones this run wrote and verified (pruning need not read them again; rank 0 adds each save), and the host
+    buffer background saves stage this rank's share in (kept from one save to the next)."""
 
     out_dir: Path
     writer: str
     keep_last: int
     written: set[Path]
+    staging: HostStaging = field(default_factory=HostStaging)
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,14 @@ def _state(parts: TrainerParts, state, run: RunRecord, psgd: list | None = None)
 
 
 def checkpoint_outs(
-    parts: TrainerParts, metrics, mpio: bool, psgd: list | None = None
+    parts: TrainerParts, metrics, writer: str, psgd: list | None = None
 ) -> list[Out]:
     """Every dataset of the trainer's checkpoint, in file order (stage 0's tensors, then stage 1's, ... (the last
     stage's copy of the tied embedding is the first's); the moments m, v alike; the metrics), with its writer (rank
-    0; mpio: dealt out by size) and where each block's elements live. Every rank builds the same list."""
+    0; mpio: dealt out by size; parts: none, each rank writes what it holds, a replicated tensor's copy chosen by
+    dealing each stage's tensors over its replicas by size) and where each block's elements live. Every rank builds
+    the same list."""
+    mpio = writer == "mpio"
     world = parts.grid.world
     grid = ElementPlacement(parts)
     tensors = [
@@ -159,6 +165,13 @@ def checkpoint_outs(
         8 * n for *_x, n in columns
     ]
     owner = fmt.deal(sizes, world.size) if mpio else [0] * len(sizes)
+    spread = list(range(len(tensors)))
+    if writer == "parts":
+        owner = [None] * len(sizes)
+        for s in range(grid.pp):
+            mine = [i for i, t in enumerate(tensors) if t[1] == s]
+            for i, d in zip(mine, fmt.deal([sizes[i] for i in mine], grid.dp)):
+                spread[i] = d
     outs = []
     for i, (path, s, spec, slot) in enumerate(tensors):
         outs.append(
@@ -167,7 +180,7 @@ def checkpoint_outs(
                 spec.shape,
                 getattr(parts.opt, slot).dtype if slot != "params" else dtype,
                 owner[i],
-                grid.tensor_parts(s, spec, slot, owner[i], i),
+                grid.tensor_parts(s, spec, slot, owner[i], spread[i]),
             )
         )
 
@@ -176,7 +189,13 @@ def checkpoint_outs(
 
     for j, (path, table, col, n) in enumerate(columns, start=len(tensors)):
         outs.append(
-            Out(path, (n,), np.float64, owner[j], whole(0, functools.partial(column, table, col)))
+            Out(
+                path,
+                (n,),
+                np.float64,
+                owner[j] or 0,
+                whole(0, functools.partial(column, table, col)),
+            )
         )
     return outs + _powersgd_outs(parts.sync, mpio, psgd)
 
@@ -199,39 +218,64 @@ def _powersgd_outs(sync, mpio: bool, psgd: list | None) -> list[Out]:
     return outs
 
 
-def save_trainer(parts: TrainerParts, state, run: RunRecord, target: SaveTarget) -> Path:
+@dataclass
+class PendingSave:
+    """A save the parts writer is finishing in the background: ``ready()`` (collective) says whether every rank's
+    part is written, ``finish()`` (collective) publishes it (SaveFailed on every rank if it failed)."""
+
+    step: int
+    save: Any
+    publish: Callable[[], Path]
+
+    def ready(self) -> bool:
+        return self.save.ready()
+
+    def finish(self) -> Path:
+        self.save.finish()
+        return self.publish()
+
+
+def save_trainer(
+    parts: TrainerParts, state, run: RunRecord, target: SaveTarget, background: bool = False
+) -> Path | PendingSave:
     """Write the trainer's checkpoint of ``state.step``, ``target.out_dir/ckpt_<step>.h5``, from every rank (the
-    gather or the mpio writer), then point ``latest`` at it and prune old ones (rank 0). A failure on any rank raises
-    SaveFailed on every rank (the previous checkpoint untouched)."""
+    gather, mpio or parts writer), then point ``latest`` at it and prune old ones (rank 0). A failure on any rank
+    raises SaveFailed on every rank (the previous checkpoint untouched). ``background`` (the parts writer): each rank
+    copies its share into ``target.staging`` and a thread writes it; returns the PendingSave to finish later."""
     t0 = time.perf_counter()
     world = parts.grid.world
     path = rundir.checkpoint_path(target.out_dir, state.step)
-    mpio = target.writer == "mpio"
     psgd = _powersgd_meta(parts)
-    outs = checkpoint_outs(parts, state.metrics, mpio, psgd)
-    writers.write_checkpoint(
-        path,
-        outs,
-        lambda: fmt.make_header(_state(parts, state, run, psgd), run.config),
-        world,
-        mpio=mpio,
-        step=state.step,
-    )
+    outs = checkpoint_outs(parts, state.metrics, target.writer, psgd)
+
+    def header():
+        return fmt.make_header(_state(parts, state, run, psgd), run.config)
 
     def publish():
-        if world.rank == 0:
-            target.written.add(path)
-            rundir.write_latest(target.out_dir, path)
-            rundir.prune_checkpoints(target.out_dir, target.keep_last, verified=target.written)
+        def update():
+            if world.rank == 0:
+                target.written.add(path)
+                rundir.write_latest(target.out_dir, path)
+                rundir.prune_checkpoints(target.out_dir, target.keep_last, verified=target.written)
 
-    agreed(
-        world,
-        publish,
-        "updating latest",
-        f"checkpoint {path} written, but updating {target.out_dir}/latest or pruning failed",
+        agreed(
+            world,
+            update,
+            "updating latest",
+            f"checkpoint {path} written, but updating {target.out_dir}/latest or pruning failed",
+        )
+        log.info("checkpoint %s (%s writer, %.2f s)", path, target.writer, time.perf_counter() - t0)
+        return path
+
+    if target.writer != "parts":
+        mpio = target.writer == "mpio"
+        writers.write_checkpoint(path, outs, header, world, mpio=mpio, step=state.step)
+        return publish()
+    staging = target.staging if background else None
+    pending = PendingSave(
+        state.step, PartsSave(path, outs, header, world, state.step, staging).start(), publish
     )
-    log.info("checkpoint %s (%s writer, %.2f s)", path, target.writer, time.perf_counter() - t0)
-    return path
+    return pending if background else pending.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -246,10 +246,16 @@ def _check_faults(cfg: Config) -> None:
     )
     need(c.keep_last >= 1, "checkpoint.keep_last", "a positive integer", c.keep_last)
     need(
-        c.writer in ("auto", "gather", "mpio"),
+        c.writer in ("auto", "gather", "mpio", "parts"),
         "checkpoint.writer",
-        '"auto", "gather" or "mpio"',
+        '"auto", "gather", "mpio" or "parts"',
         c.writer,
+    )
+    need(
+        not c.async_save or c.writer in ("auto", "parts"),
+        "checkpoint.async_save",
+        'false with checkpoint.writer="gather" or "mpio" (background saves use the "parts" writer)',
+        c.async_save,
     )
 
 

@@ -127,8 +127,11 @@ class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 3
     # "gather": rank 0 writes the file with serial h5py; "mpio": all ranks write their share of it (h5py built with
-    # MPI); "auto": mpio when h5py has MPI and there are several ranks, else gather. The file is the same.
+    # MPI); "parts": every rank writes what it holds into a file of its own, joined by a master file of virtual
+    # datasets; "auto": parts with several ranks or async_save, else gather. Plain h5py reads them all the same.
     writer: str = "auto"
+    # save in the background (parts writer): each rank copies its share into host memory and training goes on
+    async_save: bool = False
     # a save that fails (disk full, I/O error): "stop" the run, or "continue" without it
     on_error: str = "stop"
 

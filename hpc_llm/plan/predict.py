@@ -154,15 +154,45 @@ def _virtual_costs(cfg: ModelConfig, lay: Layout, pr: Pricer, layers) -> list[di
 
 
 def _checkpoint_time(
-    cfg: ModelConfig, lay: Layout, cl: Cluster, by: Bytes, world: Link | None, interval: int
+    cfg: ModelConfig,
+    lay: Layout,
+    cl: Cluster,
+    by: Bytes,
+    world: Link | None,
+    interval: int,
+    writer: str = "gather",
+    background: bool = False,
 ) -> float:
-    """A save's write (and gather to its writer) amortised over the checkpoint interval; 0 without saves."""
+    """A save's cost to training amortised over the checkpoint interval; 0 without saves. gather and mpio: the
+    whole file through one writer's bandwidth (and to world rank 0 over the network); parts: every rank its share,
+    the ranks of a node together at one writer's bandwidth (its link to the storage), nothing over the network;
+    in the background (checkpoint.async_save) only the copy of each rank's share into its host buffer, a pass at
+    memory bandwidth (a GPU's copy crosses PCIe, slower: not priced), if the write ends within the interval."""
     if not interval:
         return 0.0
     n_total = sum(math.prod(s.shape) for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0)))
     file_bytes = 3 * n_total * by.param  # params + Adam m and v, full tensors
-    gather = file_bytes * (1 - 1 / lay.ranks) / world.bw if lay.ranks > 1 else 0.0
-    return (file_bytes / cl.write_bw + gather) / interval
+    if writer != "parts":
+        gather = file_bytes * (1 - 1 / lay.ranks) / world.bw if lay.ranks > 1 else 0.0
+        return (file_bytes / cl.write_bw + gather) / interval
+    write = file_bytes / math.ceil(lay.ranks / cl.devices) / cl.write_bw
+    if not background:
+        return write / interval
+    share = file_bytes / lay.ranks
+    return cl.pass_time(2 * share / by.param, by.param, share / by.param) / interval
+
+
+def save_terms(
+    cfg: ModelConfig, lay: Layout, cl: Cluster, precision: str, writer: str, background: bool
+) -> dict:
+    """A save's time per writer, beside its cost to training (the stall: the whole save, or in the background
+    the staging copy), in seconds: what docs/performance.md tabulates."""
+    by = PRECISIONS[resolve_precision(cfg, precision)][1]
+    world = _group_links(cl, lay, 1.0)["world"]
+    return {
+        "save_s": _checkpoint_time(cfg, lay, cl, by, world, 1, writer),
+        "stall_s": _checkpoint_time(cfg, lay, cl, by, world, 1, writer, background),
+    }
 
 
 def _step_times(
@@ -225,6 +255,7 @@ def predict(
     writer: str = "gather",
     checkpoint_memory: bool = True,
     memory=None,
+    async_save: bool = False,
 ) -> Prediction:
     """checkpoint_memory: count the save's scratch and assembly against the device (they are host arrays: on a
     CuPy cluster they never are; False also for planning training alone). memory: memory_of(...) if already
@@ -281,7 +312,9 @@ def predict(
     if lay.ranks > 1:  # the loss and the norm: world / model-parallel scalar allreduces
         scalars = 2 * allreduce(8, lay.ranks, links["world"].latency_s, links["world"].bw)
     post = max(t["optimizer"] + t["zero_gather"] for t in tails)
-    ckpt = _checkpoint_time(cfg, lay, cl, by, links["world"], checkpoint_interval or max_iters)
+    ckpt = _checkpoint_time(
+        cfg, lay, cl, by, links["world"], checkpoint_interval or max_iters, writer, async_save
+    )
     t = _step_times(lay, timing, costs, events, tails[crit], crit, scalars, post, ckpt)
     tokens = lay.batch_size * lay.micro_batches * T
     devices = lay.ranks / share

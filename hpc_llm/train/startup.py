@@ -152,10 +152,11 @@ def resolve_vocab(vocab_size: int, data: TokenData) -> int:
 
 
 def choose_writer(cfg: Config, grid: Grid) -> str:
-    """checkpoint.writer resolved: "auto" is mpio when h5py has MPI, there are several ranks and one stage."""
+    """checkpoint.writer resolved: "auto" is the parts writer with several ranks or background saves (every rank
+    writes its own share, no MPI-IO: docs/performance.md), else gather (one process: one file, as fast)."""
     writer, pp = cfg.checkpoint.writer, cfg.parallel.pp
     if writer == "auto":
-        return "mpio" if ckpt.mpio_available() and grid.world.size > 1 and pp == 1 else "gather"
+        return "parts" if grid.world.size > 1 or cfg.checkpoint.async_save else "gather"
     if writer == "mpio" and not ckpt.mpio_available():
         raise UserError(
             "checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "

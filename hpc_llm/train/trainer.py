@@ -27,6 +27,7 @@ import numpy as np
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend, keep_freed_memory, to_device
 from hpc_llm.bench.calibrate import matmul_peak_flops
+from hpc_llm.checkpoint.parts import HostStaging
 from hpc_llm.checkpoint.trainer_state import Restored, RunRecord, SaveTarget, TrainerParts
 from hpc_llm.config import Config
 from hpc_llm.data.sampler import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, get_batch
@@ -89,6 +90,8 @@ class Trainer:
         self.moment_bytes_job = int(g.world.allreduce_scalar(moments))
         # checkpoints this run wrote and verified (pruning need not read them again); the newest one's step
         self.written, self.saved_step, self.saved_path = set(), None, None
+        # a background save (checkpoint.async_save) still being written, and the host buffer it stages in
+        self.pending, self.staging = None, HostStaging()
         # why this rank's PowerSGD state was reset by a restore, if it was
         self.powersgd_resume_line = None
         self.state, restored = begin(
@@ -243,14 +246,15 @@ class Trainer:
             out[name] = self.grid.world.allreduce_scalar(mean) / self.grid.dp
         return out
 
-    def save(self) -> Path:
-        """Write this step's checkpoint from every rank (checkpoint.writer: gather or mpio); ckpt.SaveFailed (a
-        JobError) on every rank if the save failed on any, the previous checkpoint untouched."""
+    def save(self, background: bool = False):
+        """Write this step's checkpoint from every rank (checkpoint.writer: gather, mpio or parts); ckpt.SaveFailed
+        (a JobError) on every rank if the save failed on any, the previous checkpoint untouched. ``background``:
+        started only (the parts writer), its PendingSave returned."""
         tokenizer, data_path = self.data.tokenizer.meta(), str(self.data.path)
         run = RunRecord(self.cfg.to_dict(), tokenizer, data_path, self.tokens_per_step)
         keep = self.cfg.checkpoint.keep_last
-        target = SaveTarget(self.out_dir, self.writer, keep, self.written)
-        return ckpt.save_trainer(self.parts(), self.state, run, target)
+        target = SaveTarget(self.out_dir, self.writer, keep, self.written, self.staging)
+        return ckpt.save_trainer(self.parts(), self.state, run, target, background)
 
     def predicted_memory(self):
         """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py)."""
@@ -326,6 +330,7 @@ class Trainer:
     def _after_step(self) -> None:
         """Stop after too many bad steps in a row (with a checkpoint of the last good state); save when due."""
         t = self.cfg.train
+        self.settle_save(wait=False)
         if self.policy.exhausted:
             path = self.checkpoint(final=True)
             raise JobError(
@@ -344,22 +349,43 @@ class Trainer:
         fails on any rank failed on all (JobError, after its temporary file is removed and with the previous
         checkpoint untouched): it ends the run, or with checkpoint.on_error = "continue" is logged and training goes
         on (not for the final save: the run must not end without its checkpoint)."""
+        self.settle_save(wait=True)  # the previous one first
         if self.saved_step == self.step:
             return self.saved_path
+        background = self.cfg.checkpoint.async_save and not final
         try:
             with phase("save", self.step):
-                path = self.save()
+                path = self.save(background)
         except JobError as e:
-            if final or self.cfg.checkpoint.on_error != "continue":
-                raise
-            if self.is_root:
-                log.error(
-                    "hpc-llm: %s; training goes on without this checkpoint (checkpoint.on_error=continue)",
-                    e,
-                )
+            return self._save_failed(e, final)
+        if background:
+            self.pending = path
             return None
         self.saved_step, self.saved_path = self.step, path
         return path
+
+    def settle_save(self, wait: bool) -> None:
+        """Publish a background save once every rank's part is written (``wait``: now), or report its failure on
+        every rank (as checkpoint() does a save's). Collective: every rank calls it at the same step boundary."""
+        if self.pending is None or not (wait or self.pending.ready()):
+            return
+        pending, self.pending = self.pending, None
+        try:
+            with phase("save", pending.step):
+                path = pending.finish()
+        except JobError as e:
+            self._save_failed(e, final=False)
+            return
+        self.saved_step, self.saved_path = pending.step, path
+
+    def _save_failed(self, e: JobError, final: bool) -> None:
+        if final or self.cfg.checkpoint.on_error != "continue":
+            raise e
+        if self.is_root:
+            log.error(
+                "hpc-llm: %s; training goes on without this checkpoint (checkpoint.on_error=continue)",
+                e,
+            )
 
     def close(self) -> None:
         """Release out_dir's lock (the process's end would as well); no more heartbeats."""

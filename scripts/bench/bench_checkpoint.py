@@ -5,13 +5,15 @@
     mpiexec -n 1 python scripts/bench/bench_checkpoint.py --preset gpt2-small
     mpiexec -n 2 python scripts/bench/bench_checkpoint.py --preset gpt2-small            # DP2, ZeRO-1
     mpiexec -n 4 --oversubscribe python scripts/bench/bench_checkpoint.py --preset gpt2-small --tp 2
+    mpiexec -n 2 python scripts/bench/bench_checkpoint.py --preset gpt2-small --writer gather,parts   # in turns
 
 The real Trainer (same code path as `hpc-llm train`), parameters and Adam moments of the preset's shape. Each repeat,
-in this order: `Trainer.save()` (gather, checksums, write, fsync, verify, rename: what a run pays), `dd if=/dev/zero
-bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache dropped if this
-process may (root: /proc/sys/vm/drop_caches; else reads are from memory and the output says so), `dd of=/dev/null`
-of the checkpoint (raw read), the cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then
-each rank reads its hyperslabs). Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
+in this order: `Trainer.save()` (--writer's: checksums, write, fsync, verify, rename: what a run pays), `dd
+if=/dev/zero bs=16M conv=fsync` of the checkpoint's size into the same directory (raw write), the page cache
+dropped if this process may (root: /proc/sys/vm/drop_caches; else reads are from memory and the output says so),
+`dd of=/dev/null` of the checkpoint's files (raw read; the parts writer's: the master and every part, one after the
+other), the cache dropped again, and `Trainer.restore()` (checksums shared by the ranks, then each rank reads its
+hyperslabs). Throughput = checkpoint bytes / wall time (the slowest rank). Medians of --repeats.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from hpc_llm.checkpoint import rundir
+from hpc_llm.train.startup import choose_writer
 from hpc_llm.train.trainer import Trainer
 
 from common import PRESETS, preset_config
@@ -49,6 +53,16 @@ def dd(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+def files_of(path: Path) -> list[Path]:
+    """The checkpoint's files: its file, and with the parts writer its parts."""
+    parts = rundir.parts_of(path)
+    return [path] + (sorted(parts.iterdir()) if parts else [])
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in files_of(path))
+
+
 def timed(world, fn) -> float:
     """Wall time of fn() on every rank, from a common start to the slowest rank's end."""
     world.Barrier()
@@ -63,7 +77,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--zero", type=int, default=1)
-    ap.add_argument("--writer", choices=("auto", "gather", "mpio"), default="auto")
+    ap.add_argument(
+        "--writer",
+        default="auto",
+        help="auto, gather, mpio or parts, or several separated by commas: they take turns in each repeat",
+    )
     ap.add_argument(
         "--dir", default=None, help="where to write (default: a temporary directory under /tmp)"
     )
@@ -75,42 +93,43 @@ def make_trainer(args, world, tmp: Path) -> Trainer:
     cfg.train.batch_size = world.size // args.tp
     cfg.parallel.tp, cfg.parallel.zero = args.tp, args.zero
     cfg.checkpoint.keep_last = 1
-    cfg.checkpoint.writer = args.writer
+    cfg.checkpoint.writer = args.writer.split(",")[0]
     tr = Trainer(cfg)
     tr.opt.m[...] = 0.5  # moments as a run has them (nonzero); values do not matter for speed
     tr.opt.v[...] = 0.25
     return tr
 
 
-def measure(world, tr: Trainer, tmp: Path, repeats: int) -> tuple[dict, int, bool]:
-    """(seconds of save, dd write, dd read, restore per repeat; the checkpoint's bytes; whether reads were cold)."""
-    rows = {k: [] for k in ("save", "dd_write", "dd_read", "restore")}
-    cold = True
+def measure(world, tr: Trainer, tmp: Path, repeats: int, writers) -> tuple[dict, dict, bool]:
+    """For each writer: seconds of save, dd write, dd read, restore per repeat, and the checkpoint's bytes; whether
+    reads were cold. The writers take turns within each repeat, each save beside its own dd (side by side)."""
+    rows = {w: {k: [] for k in ("save", "dd_write", "dd_read", "restore")} for w in writers}
+    sizes, cold = {}, True
     for rep in range(repeats):
-        tr.step = rep + 1
-        path = None
+        for j, writer in enumerate(writers):
+            tr.step, tr.writer, path, r = rep * len(writers) + j + 1, writer, None, rows[writer]
 
-        def save():
-            nonlocal path
-            path = tr.save()
+            def save():
+                nonlocal path
+                path = tr.save()
 
-        rows["save"].append(timed(world, save))
-        size = world.bcast(path.stat().st_size if world.rank == 0 else None)
-        if world.rank == 0:
-            raw = tmp / "dd.bin"
-            rows["dd_write"].append(
-                dd("if=/dev/zero", f"of={raw}", f"count={-(-size // BLOCK)}", "conv=fsync")
-            )
-            raw.unlink()
-            cold &= drop_caches()
-            rows["dd_read"].append(dd(f"if={path}", "of=/dev/null"))
-            cold &= drop_caches()
-        world.Barrier()
-        rows["restore"].append(timed(world, lambda: tr.restore(path)))
-    return rows, size, cold
+            r["save"].append(timed(world, save))
+            size = sizes[writer] = world.bcast(checkpoint_bytes(path) if world.rank == 0 else None)
+            if world.rank == 0:
+                raw = tmp / "dd.bin"
+                r["dd_write"].append(
+                    dd("if=/dev/zero", f"of={raw}", f"count={-(-size // BLOCK)}", "conv=fsync")
+                )
+                raw.unlink()
+                cold &= drop_caches()
+                r["dd_read"].append(sum(dd(f"if={p}", "of=/dev/null") for p in files_of(path)))
+                cold &= drop_caches()
+            world.Barrier()
+            r["restore"].append(timed(world, lambda: tr.restore(path)))
+    return rows, sizes, cold
 
 
-def report(args, world, tr: Trainer, rows: dict, size: int, cold: bool) -> None:
+def report(args, world, tr: Trainer, writer: str, rows: dict, size: int, cold: bool) -> None:
     med = {k: float(np.median(v)) for k, v in rows.items()}
     mbs = {k: size / v / 1e6 for k, v in med.items()}
     out = {
@@ -119,7 +138,7 @@ def report(args, world, tr: Trainer, rows: dict, size: int, cold: bool) -> None:
         "dp": tr.grid.dp,
         "tp": tr.grid.tp,
         "zero": args.zero,
-        "writer": tr.writer,
+        "writer": writer,
         "bytes": size,
         "cold_reads": cold,
         "seconds": rows,
@@ -132,7 +151,7 @@ def report(args, world, tr: Trainer, rows: dict, size: int, cold: bool) -> None:
     }
     print(
         f"{args.preset} checkpoint {size / 1e6:.0f} MB on {world.size} ranks (dp {tr.grid.dp} x tp "
-        f"{tr.grid.tp}, zero {args.zero}, {tr.writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:"
+        f"{tr.grid.tp}, zero {args.zero}, {writer} writer), {'cold' if cold else 'WARM (page cache)'} reads:"
     )
     print(
         f"  write: save {mbs['save']:.0f} MB/s vs dd+fsync {mbs['dd_write']:.0f} MB/s = "
@@ -151,9 +170,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="hpc_llm_bench_ckpt_", dir=args.dir) if world.rank == 0 else None
     tmp = Path(world.bcast(tmp))
     tr = make_trainer(args, world, tmp)
-    rows, size, cold = measure(world, tr, tmp, args.repeats)
+    writers = [choose_writer(tr.cfg, tr.grid) if w == "auto" else w for w in args.writer.split(",")]
+    rows, sizes, cold = measure(world, tr, tmp, args.repeats, writers)
     if world.rank == 0:
-        report(args, world, tr, rows, size, cold)
+        for w in writers:
+            report(args, world, tr, w, rows[w], sizes[w], cold)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
 

@@ -2,9 +2,11 @@
 checkpoint's name that is not complete, and `--resume auto` continues from the newest complete checkpoint exactly.
 
 The child is `hpc-llm train` (checkpoints at steps 2, 4, 6) with one function of the save wrapped so that
-during the save of step 4 it stops at a chosen point, says so, and waits to be killed: while the temporary file is
-being filled (first and a middle dataset), before its fsync, before verification, before the rename, after the rename
-but before the `latest` pointer moves, and before old checkpoints are pruned.
+during the save of step 4 it stops at a chosen point, says so, and waits to be killed. The gather writer: while the
+temporary file is being filled (first and a middle dataset), before its fsync, before verification, before the
+rename, after the rename but before the `latest` pointer moves, and before old checkpoints are pruned. The parts
+writer: while its part is written, before the part's fsync, before the master's, before the master's rename, before
+`latest` moves; in the background (checkpoint.async_save), while the part is written as training goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config, write_toml
 
+from hpc_llm import checkpoint as ckpt
 from hpc_llm.checkpoint import (
     checkpoint_path,
     find_latest,
@@ -32,7 +35,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     import h5py
     from hpc_llm import checkpoint as ckpt, cli
-    from hpc_llm.checkpoint import rundir, writers
+    from hpc_llm.checkpoint import parts, rundir, writers
 
     where, nth = os.environ["KILL_POINT"].split(":")
     saves, calls = 0, 0
@@ -57,33 +60,54 @@ CHILD = textwrap.dedent("""
 
     ckpt.save_trainer = counting_save
     for module, name in ((writers, "_fsync_path"), (writers, "verify_checkpoint"), (rundir, "write_latest"),
-                         (rundir, "prune_checkpoints")):
+                         (rundir, "prune_checkpoints"), (parts, "_fsync_file")):
         setattr(module, name, pausing(getattr(module, name), name))
     os.replace = pausing(os.replace, "replace")
     h5py.Dataset.__setitem__ = pausing(h5py.Dataset.__setitem__, "write_data")
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
-# point: (is the step-4 file complete when the process dies?, is its temporary file still there?)
+# (writer, point): (is the step-4 checkpoint complete when the process dies?, is a partial save left beside it?)
 POINTS = {
-    "write_data:1": (
-        False,
-        True,
-    ),  # the temporary file has its header and empty datasets, no data yet
-    "write_data:9": (False, True),  # in the middle of the parameters
-    "_fsync_path:1": (False, True),  # written and closed, not yet on disk for sure
-    "verify_checkpoint:1": (False, True),
-    "replace:1": (False, True),  # verified, not renamed
-    "write_latest:1": (True, False),  # renamed; `latest` still names step 2
-    "prune_checkpoints:1": (True, False),  # step 2 not yet pruned
+    # the temporary file has its header and empty datasets, no data yet
+    ("gather", "write_data:1"): (False, True),
+    ("gather", "write_data:9"): (False, True),  # in the middle of the parameters
+    ("gather", "_fsync_path:1"): (False, True),  # written and closed, not yet on disk for sure
+    ("gather", "verify_checkpoint:1"): (False, True),
+    ("gather", "replace:1"): (False, True),  # verified, not renamed
+    ("gather", "write_latest:1"): (True, False),  # renamed; `latest` still names step 2
+    ("gather", "prune_checkpoints:1"): (True, False),  # step 2 not yet pruned
+    ("parts", "write_data:1"): (False, True),  # the part file has its datasets, no data yet
+    ("parts", "_fsync_file:1"): (False, True),  # the part written, not yet on disk for sure
+    ("parts", "_fsync_file:2"): (False, True),  # the master written under its temporary name
+    ("parts", "replace:1"): (False, True),  # the master checked, not renamed
+    ("parts", "write_latest:1"): (True, False),  # renamed; `latest` still names step 2
+    ("async", "write_data:1"): (False, True),  # the background writer's part, training going on
+    ("async", "_fsync_file:2"): (False, True),  # the master, at a later step boundary
+}
+WRITERS = {
+    "gather": {"checkpoint.writer": "gather"},
+    "parts": {"checkpoint.writer": "parts"},
+    "async": {"checkpoint.writer": "parts", "checkpoint.async_save": True},
 }
 
 
-def config(tmp_path, data_dir, name):
+def partial_saves(run_dir) -> list[str]:
+    """Temporary files, and parts directories that no checkpoint names: what an interrupted save leaves."""
+    named = {ckpt.rundir.parts_of(p) for _s, p in list_checkpoints(run_dir)}
+    return [
+        p.name
+        for p in run_dir.iterdir()
+        if ".tmp-" in p.name or (".parts-" in p.name and p not in named)
+    ]
+
+
+def config(tmp_path, data_dir, name, writer="gather"):
     """Six float64 steps with dropout, checkpoints at steps 2, 4 and 6, the newest kept."""
     cfg = tiny_config(
         data_dir,
         tmp_path / name,
+        **WRITERS[writer],
         **{
             "model.dtype": "float64",
             "model.dropout": 0.1,
@@ -117,11 +141,11 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("point", list(POINTS))
-def test_kill_during_save(point, tmp_path, data_dir, uninterrupted):
-    new_complete, tmp_left = POINTS[point]
+@pytest.mark.parametrize(("writer", "point"), list(POINTS), ids=[f"{w}-{p}" for w, p in POINTS])
+def test_kill_during_save(writer, point, tmp_path, data_dir, uninterrupted):
+    new_complete, tmp_left = POINTS[writer, point]
     run_dir = tmp_path / "run"
-    cfg = config(tmp_path, data_dir, "run")
+    cfg = config(tmp_path, data_dir, "run", writer)
     env = {**os.environ, "KILL_POINT": point, "RUN_DIR": str(run_dir)}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, "train", str(cfg)],
@@ -148,7 +172,7 @@ def test_kill_during_save(point, tmp_path, data_dir, uninterrupted):
     for _step, path in named:
         verify_checkpoint(path)
     assert [s for s, _ in named] == ([4, 2] if new_complete else [2])
-    assert any(".tmp-" in p.name for p in run_dir.iterdir()) == tmp_left
+    assert bool(partial_saves(run_dir)) == tmp_left
     newest = find_latest(run_dir)
     assert newest == checkpoint_path(run_dir, 4 if new_complete else 2)
     assert load_checkpoint(newest).state["step"] == (4 if new_complete else 2)
@@ -157,7 +181,7 @@ def test_kill_during_save(point, tmp_path, data_dir, uninterrupted):
     resumed = train(cfg, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {newest}" in resumed.stdout
-    assert not any(".tmp-" in p.name for p in run_dir.iterdir())
+    assert not partial_saves(run_dir)
     final = load_checkpoint(find_latest(run_dir))
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == final.state["step"] == 6
     np.testing.assert_array_equal(

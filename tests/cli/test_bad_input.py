@@ -476,7 +476,8 @@ def _rows() -> list[Row]:
         F("parallel.powersgd_start", 1.5, -1, "a non-negative integer"),
         F("checkpoint.interval", "x", -1, "a non-negative integer"),
         F("checkpoint.keep_last", "x", 0, "a positive integer"),
-        F("checkpoint.writer", 1, "fast", '"auto", "gather" or "mpio"'),
+        F("checkpoint.writer", 1, "fast", '"auto", "gather", "mpio" or "parts"'),
+        F("checkpoint.async_save", 1),
         F("checkpoint.on_error", 1, "ignore", '"stop" or "continue"'),
         F("model.lora_rank", "x", -1, "0 (off) or an integer in [1, model.n_embd=32]"),
         F("model.lora_alpha", "x", 0, "a positive number"),
@@ -731,6 +732,13 @@ def _rows() -> list[Row]:
         )
     )
     add(T("cupy-not-installed", "CuPy is not installed", sets=["train.backend=cupy"], skip=NO_CUPY))
+    add(
+        T(
+            "async-save-with-the-gather-writer",
+            'config field checkpoint.async_save: expected false with checkpoint.writer="gather"',
+            sets=["checkpoint.writer=gather", "checkpoint.async_save=true"],
+        )
+    )
     add(
         T(
             "mpio-without-parallel-h5py",

@@ -23,8 +23,8 @@ from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan.activations import chunk_cache_bytes, chunk_weight_bytes
-from hpc_llm.plan.memory import Bytes, Layout, rank_memory, stage_plan
-from hpc_llm.plan.predict import PRECISIONS, predict
+from hpc_llm.plan.memory import Bytes, Layout, rank_memory, specs_of, stage_plan
+from hpc_llm.plan.predict import PRECISIONS, _checkpoint_time, predict, save_terms
 from hpc_llm.plan.search import search
 from hpc_llm.plan.simulate import simulate_costs
 
@@ -1092,3 +1092,29 @@ def test_pipeline_transfer_of_16_bit_words_with_sequence_parallelism():
     assert _transfer_time(cfg, sp16, CL, by, link, 1.0) == pytest.approx(
         K.p2p(2 * (n // 2 + 2), 2e-6, 5e9) + casts
     )
+
+
+def test_the_save_terms_of_each_writer(tmp_path):
+    """A save of params + Adam m, v (3 x 4 bytes a parameter in fp32) on 8 ranks, 4 a node: gather writes the file
+    at one writer's bandwidth after moving 7/8 of it to rank 0; parts writes each node's share at that bandwidth (2
+    nodes: half the file's time) and moves nothing; in the background only the staging copy (a memory pass over a
+    rank's eighth) is the stall; amortised over the interval."""
+    cl = K.load_cluster(write_cluster(tmp_path))
+    lay = Layout(dp=8)
+    n = sum(math.prod(s.shape) for s in specs_of(tiny(), 1, stage_plan(tiny(), Layout(), 0)))
+    file_bytes = 12 * n
+    gather = save_terms(tiny(), lay, cl, "fp32", "gather", False)
+    parts = save_terms(tiny(), lay, cl, "fp32", "parts", False)
+    background = save_terms(tiny(), lay, cl, "fp32", "parts", True)
+    world = cl.link("intra" if lay.ranks <= cl.devices else "inter")
+    assert gather["save_s"] == pytest.approx(
+        file_bytes / cl.write_bw + file_bytes * 7 / 8 / world.bw
+    )
+    assert parts["save_s"] == parts["stall_s"] == pytest.approx(file_bytes / 2 / cl.write_bw)
+    assert background["save_s"] == parts["save_s"]
+    share = file_bytes / 8 / 4
+    assert background["stall_s"] == pytest.approx(cl.pass_time(2 * share, 4, share))
+    by = PRECISIONS["fp32"][1]
+    args = (tiny(), lay, cl, by, world)
+    assert _checkpoint_time(*args, 10, "parts") == pytest.approx(parts["save_s"] / 10)
+    assert _checkpoint_time(*args, 0, "parts", True) == 0.0

@@ -470,7 +470,7 @@ def test_agree_makes_one_ranks_exception_one_job_error_on_every_rank():
 # -- the new communication paths cannot hang -------------------------------------------------------------------------
 
 NEW_PATHS = [
-    # id, extra config, fault (rank 1 stuck outside MPI), the operation rank 0's watchdog must name
+    # id, extra config, fault (a rank stuck outside MPI), the operation rank 0's watchdog must name
     ("16-bit-buckets", {"parallel.grad_comm": "bf16"}, "hang:step:1:3", "dp.allreduce_bf16"),
     # parallel.act_comm: the activations' 16-bit allreduce (the embedding's g, rank 0's first collective of the
     # step) and the pipeline's 16-bit messages (rank 0 waits for the backward message of its micro-batch)
@@ -497,6 +497,19 @@ NEW_PATHS = [
     # unit gradients' reduce-scatters, waited for at the end of backward
     ("zero3-parameter-gather", {"parallel.zero": 3}, "hang:step:1:3", "dp.allgather_params"),
     ("zero2-gradient-reduce-scatter", {"parallel.zero": 2}, "hang:step:1:3", "dp.reduce_scatter"),
+    (
+        "checkpoint-parts",
+        {"checkpoint.writer": "parts"},
+        "hang:save:1:4",
+        "(writing checkpoint parts)",
+    ),
+    # the background writer of rank 0 stuck: the final save waits for it under the watchdog
+    (
+        "checkpoint-background",
+        {"checkpoint.writer": "parts", "checkpoint.async_save": True},
+        "hang:save:0:4",
+        "waiting for this rank's checkpoint writer",
+    ),
     # a step's first collective under sequence parallelism: the embedding's reduce-scatter along T
     (
         "sequence-parallel",
@@ -511,8 +524,9 @@ NEW_PATHS = [
 @pytest.mark.parametrize("case", NEW_PATHS, ids=[c[0] for c in NEW_PATHS])
 def test_a_stuck_peer_on_a_new_path_ends_the_job(case, data_dir, tmp_path):
     """A rank stuck while its peer waits in the 16-bit gradient reduction, PowerSGD's factor allreduce, a save's
-    agreement or sequence parallelism's first reduce-scatter: the peer's watchdog names the operation and the job
-    ends within the timeout plus start-up."""
+    agreement (gather, parts) or sequence parallelism's first reduce-scatter, or a background checkpoint writer
+    stuck while its own rank waits for it: the watchdog names the operation and the job ends within the timeout
+    plus start-up."""
     _, extra, fault, op = case
     cfg = config(
         data_dir,

@@ -1,0 +1,450 @@
+"""The parts writer: every rank writes the elements it holds into a file of its own, and a small master file joins
+the parts with HDF5 virtual datasets, so a checkpoint is still one path that plain h5py reads as full tensors.
+
+No rank sends or receives tensor data and none needs MPI-IO. Each dataset's elements are found where the other
+writers find them (the datasets, slabs, parts and pieces of slabs.py, placement.py's ranks): a rank writes the
+pieces it holds, back to back, into one 1-D dataset per checkpoint dataset of its part file
+``<checkpoint>.parts-<token>/rank<R>.h5``; the master maps each piece's runs (``Run``: rows of a box of the full
+tensor) onto them. The dataset's crc32 is the CRC of its full C-order bytes, as in every checkpoint: each rank
+checksums the runs of the full tensor it wrote and contributes crc * x^(8 * bytes after) (format.crc_shifted), and
+the XOR of all ranks' contributions is the dataset's crc32, no byte of it ever moved (a 32-bit sum over the ranks).
+
+A save (``PartsSave``), each collective step agreed (Comm.agree), a failure anywhere SaveFailed on every rank:
+
+1. ``start`` (the step boundary): rank 0 checks the directory, makes the header and the parts directory; every rank
+   walks the datasets for its pieces; with ``background`` each copies them into its host staging buffer (its
+   share, nothing more) and a thread writes them while training goes on; else they are written now;
+2. the part (thread or inline, no MPI): the part file written, fsynced, read back and checked against the
+   checksums of the bytes in memory;
+3. ``finish`` (this step boundary or a later one, on the main thread): the parts' outcome agreed, the
+   contributions summed; rank 0 writes the master under a temporary name, fsyncs it and the parts directory,
+   checks its header, and renames it onto the checkpoint's name (the only step that makes it a checkpoint).
+
+A kill at any point before the rename leaves a parts directory no master names and a temporary master: never a
+checkpoint; the next run in the directory removes them (rundir.remove_interrupted_saves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from h5py import h5s
+
+from hpc_llm.checkpoint import format as fmt
+from hpc_llm.checkpoint import rundir
+from hpc_llm.checkpoint.slabs import Out, Part, slabs
+from hpc_llm.checkpoint.writers import SaveFailed, agreed
+from hpc_llm.errors import UserError
+from hpc_llm.runtime.faults import WATCHDOG, inject
+from hpc_llm.runtime.fsio import fsync_dir
+
+PART_FORMAT = "hpc_llm-checkpoint-part"
+
+
+@dataclass(frozen=True)
+class Run:
+    """Elements of a part dataset in the full tensor, seen as rows x width (axis 0 by the rest): ``rows`` rows of
+    ``cols`` elements from (row, col); in the part they start at ``src`` and each row ``stride`` after the last."""
+
+    src: int
+    row: int
+    col: int
+    rows: int
+    cols: int
+    stride: int
+
+    def follows(self, a: Run) -> bool:
+        """This run continues ``a`` in the part and in the tensor: one mapping for both."""
+        return (self.col, self.cols, self.stride) == (a.col, a.cols, a.stride) and (
+            self.src == a.src + a.rows * a.stride and self.row == a.row + a.rows
+        )
+
+
+def contiguous_runs(lo: int, hi: int, width: int, src: int = 0) -> list[Run]:
+    """Elements lo..hi (C order) of a rows x width matrix, stored from ``src`` on: a partial first row, whole rows,
+    a partial last row."""
+    runs, r, c = [], *divmod(lo, width)
+    if c:
+        k = min(width - c, hi - lo)
+        runs.append(Run(src, r, c, 1, k, width))
+        src, lo, r = src + k, lo + k, r + 1
+    if (m := (hi - lo) // width) > 0:
+        runs.append(Run(src, r, 0, m, width, width))
+        src, lo, r = src + m * width, lo + m * width, r + m
+    if hi > lo:
+        runs.append(Run(src, r, 0, 1, hi - lo, width))
+    return runs
+
+
+def piece_runs(lo: int, part: Part, o: int, n: int, width: int) -> list[Run]:
+    """Where elements o..o+n of a part of the slab starting at element ``lo`` land in the full tensor: straight,
+    or (a column-split tensor's rows: placement.ColumnScatter) through its column runs."""
+    if part.at is not None:
+        start = lo + part.at + o
+        return contiguous_runs(start, start + n, width)
+    cs, r0, out = part.scatter, lo // width, []
+    for rect in contiguous_runs(o, o + n, cs.local):
+        for f, loc, k in cs.runs:
+            x0, x1 = max(rect.col, loc), min(rect.col + rect.cols, loc + k)
+            if x0 < x1:
+                out.append(
+                    Run(
+                        rect.src + x0 - rect.col,
+                        r0 + rect.row,
+                        f + x0 - loc,
+                        rect.rows,
+                        x1 - x0,
+                        cs.local,
+                    )
+                )
+    return out
+
+
+def _width(shape: tuple) -> int:
+    return math.prod(shape[1:]) if shape else 1
+
+
+def master_only(out: Out) -> bool:
+    """Datasets the master holds itself: the metrics columns (rank 0's, small, and extendable by later writers)."""
+    return out.path.startswith("metrics/")
+
+
+class Walk:
+    """What every rank derives alike from the datasets: its own pieces (``mine``: out index, offset in its part
+    dataset, the piece, its runs), its part datasets' lengths, and on rank 0 every rank's mappings."""
+
+    def __init__(self, outs: list[Out], me: int, everyone: bool):
+        self.mine: list[tuple] = []
+        self.lengths: dict[int, int] = {}
+        self.maps: dict[int, dict[int, list[Run]]] = {}
+        for i, out in enumerate(outs):
+            if master_only(out):
+                continue
+            width, base, maps = _width(out.shape), {}, {}
+            for blk in slabs(out.shape):
+                for part in out.parts(blk):
+                    o = 0
+                    for piece in part.pieces:
+                        r, at = piece.rank, base.get(piece.rank, 0)
+                        if r == me or everyone:
+                            runs = piece_runs(blk.lo, part, o, piece.n, width)
+                            if r == me:
+                                self.mine.append((i, at, piece, runs))
+                            if everyone:
+                                _extend(maps.setdefault(r, []), runs, at)
+                        base[r], o = at + piece.n, o + piece.n
+            if me in base:
+                self.lengths[i] = base[me]
+            self.maps[i] = {r: maps[r] for r in sorted(maps)}
+
+
+def _extend(runs: list[Run], new: list[Run], at: int) -> None:
+    for r in new:
+        r = Run(r.src + at, r.row, r.col, r.rows, r.cols, r.stride)
+        if runs and r.follows(runs[-1]):
+            a = runs[-1]
+            runs[-1] = Run(a.src, a.row, a.col, a.rows + r.rows, a.cols, a.stride)
+        else:
+            runs.append(r)
+
+
+def _segments(data: np.ndarray, runs: list[Run], shape: tuple):
+    """(crc, end in the piece, end in the full tensor), in elements, of each run of the full tensor's C order in
+    ``data`` (a piece): they tile the piece, so their crcs give the part's crc32 as well as the tensor's."""
+    width, raw, item = _width(shape), data.view(np.uint8).reshape(-1), data.dtype.itemsize
+    for r in runs:
+        if r.cols == width == r.stride or r.rows == 1:  # one run of the C order
+            n = r.rows * r.cols
+            crc = zlib.crc32(raw[r.src * item : (r.src + n) * item])
+            yield crc, r.src + n, r.row * width + r.col + n
+            continue
+        for i in range(r.rows):
+            a = r.src + i * r.stride
+            crc = zlib.crc32(raw[a * item : (a + r.cols) * item])
+            yield crc, a + r.cols, (r.row + i) * width + r.col + r.cols
+
+
+def _selections(shape: tuple, total: int, run: Run):
+    """The master's dataspace selection (a box of the full tensor) and the part's (a strided 1-D hyperslab)."""
+    v = h5s.create_simple(shape)
+    if len(shape) == 1:
+        v.select_hyperslab((run.row,), (1,), block=(run.rows,))
+    elif len(shape) == 2:
+        v.select_hyperslab((run.row, run.col), (1, 1), block=(run.rows, run.cols))
+    else:
+        if run.col or run.cols != _width(shape):
+            raise NotImplementedError(f"checkpoint: parts of rows of a {len(shape)}-D tensor")
+        v.select_hyperslab(
+            (run.row,) + (0,) * (len(shape) - 1), (1,) * len(shape), block=(run.rows, *shape[1:])
+        )
+    s = h5s.create_simple((total,))
+    s.select_hyperslab(
+        (run.src,), (run.rows,), stride=(max(run.stride, run.cols),), block=(run.cols,)
+    )
+    return v, s
+
+
+def _fsync_file(path: Path) -> None:
+    """fsync a file, or a directory (its entries: the part files in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(
+    path: Path, outs: list[Out], walk: Walk, arrays: list[np.ndarray], step
+) -> np.ndarray:
+    """This rank's part file: its pieces (``arrays``, in walk.mine's order) into one 1-D dataset per checkpoint
+    dataset, each with the crc32 of its own bytes; closed, fsynced, read back and checked. Returns this rank's
+    contribution to each dataset's crc32 (0 where it holds nothing). No MPI: it may run in a thread."""
+    inject("save", step)
+    segs: list[tuple[int, int, int, int]] = []  # (dataset, crc, end in its part, end in its tensor)
+
+    def checksums(i, at, runs, data):
+        segs.extend((i, c, at + p, t) for c, p, t in _segments(data, runs, outs[i].shape))
+
+    # each piece checksummed in a thread while h5py writes it (both release the GIL)
+    with h5py.File(path, "w", libver=fmt.LIBVER) as f, ThreadPoolExecutor(1) as pool:
+        f.attrs["format"] = PART_FORMAT
+        dsets = {
+            i: f.create_dataset(outs[i].path, (n,), outs[i].dtype) for i, n in walk.lengths.items()
+        }
+        for (i, at, piece, runs), data in zip(walk.mine, arrays):
+            summed = pool.submit(checksums, i, at, runs, data)
+            try:
+                dsets[i][at : at + piece.n] = data
+            finally:
+                summed.result()
+        part, tensor = np.zeros(len(outs), np.uint64), np.zeros(len(outs), np.uint64)
+        if segs:
+            i, c, p, t = (np.array(x, np.uint64) for x in zip(*segs))
+            i = i.astype(np.intp)
+            item = np.array([o.dtype.itemsize for o in outs], np.uint64)[i]
+            length = np.array([walk.lengths.get(j, 0) for j in range(len(outs))], np.uint64)[i]
+            size = np.array([math.prod(o.shape) for o in outs], np.uint64)[i]
+            np.bitwise_xor.at(part, i, fmt.crc_shifted(c, (length - p) * item))
+            np.bitwise_xor.at(tensor, i, fmt.crc_shifted(c, (size - t) * item))
+        for j, d in dsets.items():
+            d.attrs["crc32"] = np.int64(part[j])
+    # the fsync waits on the disk while the read-back comes from the page cache
+    with ThreadPoolExecutor(1) as pool:
+        synced = pool.submit(_fsync_file, path)
+        try:
+            with h5py.File(path, "r") as f:
+                fmt.check_crcs(fmt.datasets(f), path)
+        finally:
+            synced.result()
+    return tensor
+
+
+def xor_over_ranks(comm, values: np.ndarray) -> np.ndarray:
+    """The XOR of every rank's 32-bit ``values``: bit by bit, as a sum modulo 2 (MPI sums; counts stay small)."""
+    bits = ((values[:, None] >> np.arange(32, dtype=np.uint64)) & np.uint64(1)).astype(np.int32)
+    comm.allreduce_(bits, "sum")
+    return ((bits.astype(np.uint64) & np.uint64(1)) << np.arange(32, dtype=np.uint64)).sum(axis=1)
+
+
+class HostStaging:
+    """A rank's host buffer for background saves: its share of the checkpoint, allocated once and reused (the next
+    save waits for the previous one first), so a save adds at most its size to the rank's memory."""
+
+    def __init__(self):
+        self.buf = np.empty(0, np.uint8)
+
+    def views(self, dtypes_and_sizes) -> list[np.ndarray]:
+        total = sum(n * np.dtype(d).itemsize for d, n in dtypes_and_sizes)
+        if self.buf.size < total:
+            self.buf = np.empty(0, np.uint8)  # freed first: never two at once
+            self.buf = np.empty(total, np.uint8)
+        out, at = [], 0
+        for d, n in dtypes_and_sizes:
+            nbytes = n * np.dtype(d).itemsize
+            out.append(self.buf[at : at + nbytes].view(d))
+            at += nbytes
+        return out
+
+
+class PartsSave:
+    """One save by the parts writer on every rank of ``comm`` (the same ``outs`` everywhere): ``start()`` at a step
+    boundary, then ``ready()`` (collective, cheap) at later ones, and ``finish()`` (collective) to publish it."""
+
+    def __init__(self, path, outs: list[Out], header, comm, step, staging: HostStaging | None):
+        self.path, self.outs, self.header, self.comm = Path(path), outs, header, comm
+        self.step, self.staging = step, staging
+        self.rank = comm.rank
+        self.dir: Path | None = None
+        self.tmp: Path | None = None
+        self.error: BaseException | None = None
+        self.crcs: np.ndarray | None = None
+        self.thread: threading.Thread | None = None
+        self.own: dict[str, np.ndarray] = {}
+        self.f: h5py.File | None = None  # the master (rank 0), open from its body to its trailer
+        self.dsets: dict[str, h5py.Dataset] = {}
+
+    def agree(self, what: str, fn):
+        return agreed(self.comm, fn, what, f"checkpoint {self.path} not saved")
+
+    def start(self) -> PartsSave:
+        try:
+            self.agree("preparing a checkpoint save", self._prepare)
+            token = self.comm.bcast_object(self.dir.name if self.rank == 0 else None)
+            self.dir = self.path.parent / token
+            walk = Walk(self.outs, self.rank, everyone=self.rank == 0)
+            self.walk, self.tmp = walk, rundir.temporary_path(self.path, token.rsplit("-", 1)[1])
+            if self.staging is None:
+                self._write(lambda: [p.fetch() for _i, _a, p, _r in walk.mine])
+                return self
+            arrays = self.agree("staging the checkpoint in host memory", self._stage)
+            self.thread = threading.Thread(
+                target=self._write, args=(lambda: arrays,), name="hpc-llm-checkpoint", daemon=True
+            )
+            self.thread.start()
+            return self
+        except SaveFailed:
+            self._abandon()
+            raise
+
+    def _prepare(self) -> None:
+        if self.rank != 0:
+            return
+        self.header = self.header() if callable(self.header) else self.header
+        # the metrics as they are now: a background save finishes steps later
+        for out in self.outs:
+            if master_only(out):
+                self.own[out.path] = np.concatenate(
+                    [np.zeros(0, out.dtype)]
+                    + [
+                        p.fetch()
+                        for b in slabs(out.shape)
+                        for part in out.parts(b)
+                        for p in part.pieces
+                    ]
+                )
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise UserError(
+                f"{self.path}: cannot write checkpoint, directory {parent} does not exist"
+            )
+        self.dir = rundir.parts_dir(self.path, f"{os.getpid()}{time.time_ns() % 10**6:06d}")
+        self.dir.mkdir()
+
+    def _stage(self) -> list[np.ndarray]:
+        mine = self.walk.mine
+        views = self.staging.views([(self.outs[i].dtype, p.n) for i, _a, p, _r in mine])
+        for (_i, _a, piece, _r), view in zip(mine, views):
+            view[...] = piece.fetch()
+        return views
+
+    def _write(self, arrays) -> None:
+        """This rank's part, and on rank 0 the master's body (all but the checksums, which need every rank)."""
+        try:
+            self.crcs = write_part(
+                self.dir / f"rank{self.rank:05d}.h5", self.outs, self.walk, arrays(), self.step
+            )
+            if self.rank == 0:
+                self._master_body()
+        except BaseException as e:  # noqa: BLE001 - reported (agreed) by finish
+            self.error = e
+
+    def ready(self) -> bool:
+        """Whether every rank's part is written (collective: the same answer everywhere)."""
+        done = self.thread is None or not self.thread.is_alive()
+        return self.comm.allreduce_scalar(float(done), "min") > 0
+
+    def finish(self) -> None:
+        """Agree on the parts, write and publish the master (rank 0); SaveFailed on every rank if anything failed."""
+        try:
+            if self.thread is not None:
+                WATCHDOG.enter("waiting for this rank's checkpoint writer")
+                try:
+                    self.thread.join()
+                finally:
+                    WATCHDOG.leave()
+
+            def written():
+                if self.error is not None:
+                    raise self.error
+
+            self.agree("writing checkpoint parts", written)
+            crcs = xor_over_ranks(self.comm, self.crcs)
+            self.agree("writing the checkpoint's master file", lambda: self._master(crcs))
+            self.agree("renaming the checkpoint", self._publish)
+        except SaveFailed:
+            self._abandon()
+            raise
+
+    def _master_body(self) -> None:
+        """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
+        self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
+        fmt.write_header(f, self.header)
+        for i, out in enumerate(self.outs):
+            if master_only(out):
+                self.dsets[out.path] = fmt.create_dataset(f, out.path, out.shape, out.dtype)
+                self.dsets[out.path][...] = self.own[out.path]
+                continue
+            lay = h5py.VirtualLayout(out.shape, out.dtype)
+            for r, runs in self.walk.maps[i].items():
+                name = f"{self.dir.name}/rank{r:05d}.h5".encode()
+                total = sum(run.rows * run.cols for run in runs)
+                for run in runs:
+                    virtual, source = _selections(out.shape, total, run)
+                    lay.dcpl.set_virtual(virtual, name, out.path.encode(), source)
+            parent = out.path.rsplit("/", 1)[0]
+            if parent not in f:
+                f.create_group(parent, track_order=True)
+            self.dsets[out.path] = f.create_virtual_dataset(out.path, lay)
+        parts = [f"{self.dir.name}/rank{r:05d}.h5" for r in range(self.comm.size)]
+        f.attrs[fmt.PARTS_ATTR] = json.dumps(parts)
+
+    def _master(self, crcs: np.ndarray) -> None:
+        """The master's checksums, manifest and ``complete``; closed, fsynced with the parts' directory, checked."""
+        if self.rank != 0:
+            return
+        for i, out in enumerate(self.outs):
+            if master_only(out):
+                crcs[i] = fmt.crc(self.own[out.path])
+        fmt.write_trailer(
+            self.f, self.dsets, {o.path: int(crcs[i]) for i, o in enumerate(self.outs)}
+        )
+        self.f.close()
+        self.f = None
+        for p in (self.tmp, self.dir):
+            _fsync_file(p)
+        with fmt.open_file(self.tmp) as f:
+            fmt.check_header(f, self.tmp)
+
+    def _publish(self) -> None:
+        if self.rank == 0:
+            replaced = rundir.parts_of(self.path) if self.path.exists() else None
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+            fsync_dir(self.path.parent)
+            if replaced is not None and replaced != self.dir:
+                shutil.rmtree(replaced, ignore_errors=True)
+
+    def _abandon(self) -> None:
+        """After an agreed failure (every part finished or failed): remove the temporary master and the parts."""
+        if self.rank != 0:
+            return
+        if self.f is not None:
+            with contextlib.suppress(Exception):  # the save has failed already
+                self.f.close()
+            self.f = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
