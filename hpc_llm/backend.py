@@ -90,16 +90,21 @@ def releasable_zeros(n: int, dtype, xp=np):
     )
 
 
+def is_releasable(buf) -> bool:
+    """Whether buf is an array releasable_zeros made: a view of its memoryview of the mapping (a slice of it has
+    another base)."""
+    return isinstance(getattr(getattr(buf, "base", None), "obj", None), _mmap_type())
+
+
 def release(buf, a: int, b: int) -> None:
     """buf[a:b] = 0, giving the whole pages inside it back to the OS when buf is a `releasable_zeros` array (the
     partial pages at the ends are zeroed in place); other arrays are only zeroed."""
     if b <= a:
         return
-    # the array releasable_zeros made: a view of its memoryview of the mapping (a slice of it has another base)
-    mm = getattr(getattr(buf, "base", None), "obj", None)
-    if not isinstance(mm, _mmap_type()):
+    if not is_releasable(buf):
         buf[a:b] = 0
         return
+    mm = buf.base.obj
     size, page = buf.itemsize, _page_size()
     lo = -(-a * size // page) * page  # the first whole page inside, in bytes
     hi = b * size // page * page

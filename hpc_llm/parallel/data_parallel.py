@@ -84,12 +84,8 @@ class GradientSync:
         else:
             self.buckets = [(max(0, b - bucket_elems), b) for b in range(n, 0, -bucket_elems)]
         self.counts = [split_counts(b - a, dp_comm.size) for a, b in self.buckets]
-        r = dp_comm.rank
         if self.zero:
-            pieces = [
-                (a + sum(c[:r]), a + sum(c[: r + 1]))
-                for (a, _), c in zip(self.buckets, self.counts)
-            ]
+            pieces = [self.piece(i) for i in range(len(self.buckets))]
             self.owned = sorted(p for p in pieces if p[1] > p[0])
         else:
             self.owned = [(0, n)]
@@ -206,9 +202,14 @@ class GradientSync:
         if h is None:
             return
         h.wait()
+        self.release_unowned(self.g, i)
+
+    def release_unowned(self, buf, i: int) -> None:
+        """Bucket i of `buf` (laid out like the flat buffer) zeroed outside this rank's piece, its pages given back
+        (backend.release): ZeRO-2's gradients after their reduction, ZeRO-3's parameters after their use."""
         (a, b), (lo, hi) = self.buckets[i], self.piece(i)
-        release(self.g, a, lo)
-        release(self.g, hi, b)
+        release(buf, a, lo)
+        release(buf, hi, b)
 
     def gather(self, flat) -> None:
         """ZeRO-1/2: each rank's pieces of `flat` (parameters, or Adam moments laid out like them) to every rank.

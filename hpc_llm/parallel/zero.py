@@ -25,7 +25,6 @@ after the step's backward: both stages split wte alike, so a piece's owner sums 
 
 from __future__ import annotations
 
-from hpc_llm.backend import release
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 
@@ -149,10 +148,7 @@ class ZeroHooks:
                 continue
             self._complete(u)  # MPI may still write into it
             del self.state[u]
-            i = self.bucket[u]
-            (a, b), (lo, hi) = self.sync.buckets[i], self.sync.piece(i)
-            release(self.model.compute, a, lo)
-            release(self.model.compute, hi, b)
+            self.sync.release_unowned(self.model.compute, self.bucket[u])
 
     def release_all(self) -> None:
         """Every unit back to this rank's pieces (before the optimizer changes them: a gathered copy would be

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import statistics
 import time
 import tracemalloc
 
+from hpc_llm.backend import is_releasable
 from hpc_llm.config import load_config
 from hpc_llm.parallel.grid import make_grid
 from hpc_llm.plan.cluster import load_cluster
@@ -147,10 +147,6 @@ def measure(args, world, trainer: Trainer) -> tuple[list, list, int]:
     sample()
     tracemalloc.stop()
     return times, cpu, peak[0] + held
-
-
-def is_releasable(buf) -> bool:
-    return isinstance(getattr(getattr(buf, "base", None), "obj", None), mmap.mmap)
 
 
 def sampled(hooks, sample) -> None:

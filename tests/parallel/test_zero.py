@@ -25,7 +25,6 @@ from helpers import (
 )
 from mpi4py import MPI
 
-from hpc_llm.model.layout import intersect_ranges, merge_ranges
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 from hpc_llm.plan.memory import Bytes, Layout
 from hpc_llm.plan.sharding import dp_bytes_per_step
@@ -61,29 +60,27 @@ def sharding_checks(tr, stage: int) -> list[str]:
     zero outside its pieces, and (ZeRO-3) parameters zero outside them."""
     bad, m, sync = [], tr.model, tr.sync
     n, dp = m.local_size, tr.grid.dp
-    owned = merge_ranges(sync.owned)
     if sync.stage != stage or len(sync.buckets) < 3:
         bad.append(f"ZeRO stage {sync.stage} with {len(sync.buckets)} unit buckets")
     total = tr.grid.dp_comm.mpi.allreduce(tr.opt.m.size)
     if total != n or abs(tr.opt.m.size - n / dp) > len(sync.buckets):
         bad.append(f"Adam m: {tr.opt.m.size} here, {total} over dp {dp}, for {n} elements")
-    others = intersect_ranges([(0, n)], _complement(owned, n))
+    outside = ~covered(sync.owned, n)
     for what, buf, held in (("gradients", m.grad_flat, True), ("parameters", m.flat, stage >= 3)):
-        outside = sum(int(np.count_nonzero(buf[a:b])) for a, b in others)
-        if held and outside:
-            bad.append(f"{outside} {what} outside this rank's pieces are not zero")
+        nonzero = int(np.count_nonzero(buf[outside]))
+        if held and nonzero:
+            bad.append(f"{nonzero} {what} outside this rank's pieces are not zero")
     if stage >= 3 and m.kept != sorted(sync.owned):
         bad.append("ZeRO-3: the model keeps other ranges than the rank owns")
     return bad
 
 
-def _complement(ranges, n: int) -> list[tuple[int, int]]:
-    out, x = [], 0
+def covered(ranges, n: int):
+    """A mask of the n elements of a flat buffer: True inside the [start, stop) ranges."""
+    mask = np.zeros(n, dtype=bool)
     for a, b in ranges:
-        if x < a:
-            out.append((x, a))
-        x = b
-    return out + ([(x, n)] if x < n else [])
+        mask[a:b] = True
+    return mask
 
 
 PARAMS = [
@@ -137,9 +134,7 @@ def test_zero_in_bf16_matches_replicated_bf16(zero, data_dir, shared_tmp_path):
     ref = train(run_config(data_dir, shared_tmp_path / "ref", **common), grid)
     bad = compare_runs(par, ref, "float32") + sharding_checks(par, zero)
     if zero == 3:  # the compute copy too holds only this rank's pieces between steps
-        kept = np.zeros(par.model.local_size, dtype=bool)
-        for a, b in par.model.kept:
-            kept[a:b] = True
+        kept = covered(par.model.kept, par.model.local_size)
         if np.count_nonzero(par.model.compute[~kept]) or par.model.compute is par.model.flat:
             bad.append("the bf16 compute copy holds parameters outside this rank's pieces")
         if not np.array_equal(full_flat(par)[kept], par.model.flat[kept]):
