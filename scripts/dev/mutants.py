@@ -433,9 +433,9 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "zero-piece-equal-length",
-        "GradientSync.__init__",
-        "(a + sum(c[:r]), a + sum(c[: r + 1]))",
-        "(a + sum(c[:r]), a + sum(c[:r]) + c[0])",
+        "GradientSync.piece",
+        "return a + sum(counts[:r]), a + sum(counts[: r + 1])",
+        "return a + sum(counts[:r]), a + sum(counts[:r]) + counts[0]",
         "ZeRO-1 ownership assumes equal pieces (c[0] for c[r]): ranks past n % dp own one element of the next rank",
         (T_OPTIM, par_layout("DP2-zero1"), par_layout("DP4-zero1")),
     ),
@@ -662,7 +662,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "zero2-unowned-gradient-kept",
         "GradientSync.settle_unit",
-        "release(self.g, a, lo)",
+        "self.release_unowned(self.g, i)",
         "pass",
         "ZeRO-2/3: a unit's gradient outside the owned piece is not zeroed after its reduction (the next micro-batch "
         "adds onto it)",
