@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from hpc_llm.api import load_model, load_tokenizer  # noqa: E402  (the notebook API)
+from hpc_llm.tools.hf_export import export_hf  # noqa: E402
 
-__all__ = ["load_model", "load_tokenizer", "__version__"]
+__all__ = ["export_hf", "load_model", "load_tokenizer", "__version__"]

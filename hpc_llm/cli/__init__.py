@@ -1,4 +1,4 @@
-"""hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, merge-lora, plan, bench (comm, calibrate).
+"""hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, export-hf, merge-lora, plan, bench (comm, calibrate).
 
 Also `python -m hpc_llm`. The package: ``parser`` (the argparse tables, one function per verb), ``commands`` (what
 each verb does), and ``main`` here (parse, run, turn an exception into its exit status and one line).

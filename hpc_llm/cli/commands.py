@@ -30,6 +30,7 @@ from hpc_llm.runtime.faults import inject, launcher_rank, phase
 from hpc_llm.runtime.fsio import atomic_write_bytes, check_output
 from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
 from hpc_llm.tools.gpt2_import import import_gpt2
+from hpc_llm.tools.hf_export import export_hf
 from hpc_llm.tools.inspect import run as inspect_checkpoints
 from hpc_llm.tools.merge_lora import merge_lora
 from hpc_llm.train import train
@@ -260,6 +261,13 @@ def run_inspect(args) -> None:
 def run_import_gpt2(args) -> None:
     path = import_gpt2(args.model_dir, args.out, force=args.force)
     print(f"wrote {path}")
+
+
+def run_export_hf(args) -> None:
+    done = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
+    print(f"wrote {done.out}: {', '.join(done.files)}")
+    for note in done.notes:
+        print(f"note: {note}")
 
 
 def run_merge_lora(args) -> None:

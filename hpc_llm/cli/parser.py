@@ -9,9 +9,10 @@ import math
 from hpc_llm.bench.comm import add_arguments as add_bench_comm_arguments
 from hpc_llm.cli import commands
 from hpc_llm.runtime.faults import DEFAULT_COMM_TIMEOUT_S
+from hpc_llm.tools.hf_export import DTYPES
 
 DESCRIPTION = (
-    "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, merge-lora, plan, "
+    "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, export-hf, merge-lora, plan, "
     "bench (comm, calibrate)."
 )
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_eval,
         _add_inspect,
         _add_import_gpt2,
+        _add_export_hf,
         _add_merge_lora,
         _add_plan,
         _add_bench,
@@ -254,6 +256,30 @@ def _add_import_gpt2(sub) -> None:
     )
     s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=commands.run_import_gpt2)
+
+
+def _add_export_hf(sub) -> None:
+    s = sub.add_parser(
+        "export-hf", help="write a checkpoint as a Hugging Face GPT-2 directory (docs/export.md)"
+    )
+    s.add_argument(
+        "checkpoint", help="a checkpoint file, or a run directory (its newest verified one)"
+    )
+    s.add_argument(
+        "--out",
+        required=True,
+        help="directory to write (made; an existing non-empty one needs --force)",
+    )
+    s.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="the tensors' format in model.safetensors (default fp32; bf16/fp16 rounded to nearest even)",
+    )
+    s.add_argument(
+        "--force", action="store_true", help="replace an existing --out directory (never an input)"
+    )
+    s.set_defaults(func=commands.run_export_hf)
 
 
 def _add_merge_lora(sub) -> None:

@@ -38,10 +38,16 @@ def merged_params(
     for i in range(n_layer):
         for target in targets:
             p = f"h.{i}.{target}"
-            w = out[f"{p}.weight"]
-            a, b = (np.asarray(params[f"{p}.{k}"], dtype=np.float64) for k in ("lora_A", "lora_B"))
-            out[f"{p}.weight"] = (np.asarray(w, dtype=np.float64) + scale * (a @ b)).astype(w.dtype)
+            out[f"{p}.weight"] = merged_weight(
+                out[f"{p}.weight"], params[f"{p}.lora_A"], params[f"{p}.lora_B"], scale
+            )
     return out
+
+
+def merged_weight(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """W + s A B formed in float64 and rounded once to W's dtype."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (np.asarray(w, dtype=np.float64) + scale * (a @ b)).astype(w.dtype)
 
 
 def _check_out(out: Path) -> None:
