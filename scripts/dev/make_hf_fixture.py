@@ -5,9 +5,12 @@ throwaway environment outside the repository, and commit what it writes:
 
     python3 -m venv /tmp/hfvenv
     /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
-    /tmp/hfvenv/bin/python scripts/dev/make_hf_fixture.py
+    /tmp/hfvenv/bin/python scripts/dev/make_hf_fixture.py [import] [export] --hpc-python .venv/bin/python
 
-It writes, under tests/fixtures/ (replacing what is there):
+(both parts when none is named). The export part runs hpc_llm itself (`hpc-llm export-hf`) with --hpc-python, the
+project's own environment, in a subprocess. It writes, under tests/fixtures/ (replacing what is there):
+
+import:
 
     hf_gpt2_tiny/config.json, hf_gpt2_tiny/model.safetensors
         a tiny random GPT2LMHeadModel (n_embd 32, 2 layers, 4 heads, 16 positions, vocab 77: not a multiple of 64,
@@ -22,21 +25,43 @@ It writes, under tests/fixtures/ (replacing what is there):
                                 `transformer.`); lm_head is tied to wte, so grad.wte.weight includes the head's share
         metadata                the transformers, torch, safetensors and numpy versions and the attention kernel
 
+export (tests/tools/test_hf_export.py):
+
+    hf_export_tiny/
+        what `hpc-llm export-hf` wrote from a small checkpoint this script makes with hpc_llm (seeded weights, a
+        byte-level BPE of 270 tokens trained on a few lines, n_embd 8, 2 layers, 2 heads, 16 positions): config.json,
+        generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+    hf_export_tiny_reference.safetensors
+        idx                     (2, 8) int64 token ids
+        logits_fp32, logits_fp64  GPT2LMHeadModel.from_pretrained(hf_export_tiny)'s forward, float32 and after .double()
+        text_ids                AutoTokenizer.from_pretrained(hf_export_tiny).encode(metadata["text"])
+        metadata                versions, and the text
+
 Deterministic: one CPU thread, fixed seeds; running it twice writes byte-identical files (check with sha256sum).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import struct
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import safetensors
-import torch
-import transformers
 from safetensors.numpy import save_file
+
+try:
+    import torch
+    import transformers
+except (
+    ImportError
+):  # the --make-exported-checkpoint step runs in hpc_llm's environment, which has neither
+    torch = transformers = None
 
 N_EMBD, N_LAYER, N_HEAD, N_POSITIONS, VOCAB = 32, 2, 4, 16, 77
 BATCH = 2
@@ -100,9 +125,7 @@ def sort_metadata(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def main() -> None:
-    torch.set_num_threads(1)  # reductions in one fixed order: byte-identical output on every run
-    torch.use_deterministic_algorithms(True)
+def make_import_fixture() -> None:
     model = build_model()
     save_model(model)
     idx, targets = token_data()
@@ -153,6 +176,107 @@ def main() -> None:
     size = sum(p.stat().st_size for p in [REFERENCE, *MODEL_DIR.iterdir()])
     print(json.dumps(metadata))
     print(f"wrote {MODEL_DIR} and {REFERENCE} ({size} bytes); loss {loss.item():.6f}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the export fixture: a checkpoint made and exported by hpc_llm (in --hpc-python), run by transformers (here)
+
+EXPORT_DIR = FIXTURES / "hf_export_tiny"
+EXPORT_REFERENCE = FIXTURES / "hf_export_tiny_reference.safetensors"
+EXPORT_TEXT = (
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer"
+)
+EXPORT_CORPUS = [
+    EXPORT_TEXT,
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea",
+]
+
+
+def make_exported_checkpoint(tmp: str) -> None:
+    """Run by --hpc-python: a small checkpoint (seeded weights, a trained BPE) exported by `hpc-llm export-hf`."""
+    from hpc_llm.checkpoint.serial import save_fresh_checkpoint
+    from hpc_llm.cli import main as hpc_llm_main
+    from hpc_llm.config import Config, ModelConfig
+    from hpc_llm.config.checks import validated
+    from hpc_llm.data.tokenizer import BPETokenizer
+    from hpc_llm.model.layout import param_specs
+
+    tok = BPETokenizer.train(EXPORT_CORPUS, vocab_size=270)
+    cfg = Config()
+    cfg.model = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=tok.vocab_size)
+    cfg = validated(cfg)
+    rng = np.random.default_rng(31)
+    params = {}
+    for spec in param_specs(
+        cfg.model
+    ):  # larger than the default init, so every parameter visibly matters
+        value = rng.normal(0.0, 0.3 if len(spec.shape) > 1 else 0.2, spec.shape)
+        if spec.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            value += 1.0
+        if spec.name == "wte.weight":
+            value[cfg.model.vocab_size :] = 0.0  # the padding rows, as training leaves them
+        params[spec.name] = value.astype(np.float32)
+    ckpt = Path(tmp) / "tiny.h5"
+    save_fresh_checkpoint(ckpt, params, {"tokenizer": tok.meta(), "data_path": ""}, cfg.to_dict())
+    rc = hpc_llm_main(["export-hf", str(ckpt), "--out", str(EXPORT_DIR), "--force"])
+    assert not rc, rc
+
+
+def make_export_fixture(hpc_python: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [hpc_python, __file__, "--make-exported-checkpoint", tmp],
+            check=True,
+            cwd=FIXTURES.parents[1],
+            env={**os.environ, "PYTHONPATH": str(FIXTURES.parents[1])},
+        )
+    model = transformers.GPT2LMHeadModel.from_pretrained(EXPORT_DIR).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(EXPORT_DIR)
+    vocab = model.config.vocab_size
+    idx = np.random.default_rng(7).integers(0, vocab, size=(2, 8), dtype=np.int64)
+    idx[0, :2] = [0, vocab - 1]  # the edges of the vocabulary
+    with torch.no_grad():
+        logits32 = model(torch.from_numpy(idx)).logits.numpy().copy()
+        logits64 = model.double()(torch.from_numpy(idx)).logits.numpy().copy()
+    text_ids = np.asarray(tok.encode(EXPORT_TEXT), dtype=np.int64)
+    assert tok.decode(text_ids.tolist()) == EXPORT_TEXT
+    metadata = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "tokenizer_class": type(tok).__name__,
+        "text": EXPORT_TEXT,
+        "made_by": "scripts/dev/make_hf_fixture.py",
+    }
+    out = {"idx": idx, "logits_fp32": logits32, "logits_fp64": logits64, "text_ids": text_ids}
+    save_file(out, str(EXPORT_REFERENCE), metadata=metadata)
+    sort_metadata(EXPORT_REFERENCE)
+    size = sum(p.stat().st_size for p in [EXPORT_REFERENCE, *EXPORT_DIR.iterdir()])
+    print(f"wrote {EXPORT_DIR} and {EXPORT_REFERENCE} ({size} bytes); {json.dumps(metadata)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("parts", nargs="*", metavar="import|export")
+    p.add_argument(
+        "--hpc-python", help="the Python of an environment with hpc_llm's dependencies (export)"
+    )
+    p.add_argument("--make-exported-checkpoint", metavar="TMP", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    parts = args.parts or ["import", "export"]
+    if set(parts) - {"import", "export"}:
+        p.error(f"parts: expected import and/or export, got {parts}")
+    if args.make_exported_checkpoint:
+        make_exported_checkpoint(args.make_exported_checkpoint)
+        return
+    torch.set_num_threads(1)  # reductions in one fixed order: byte-identical output on every run
+    torch.use_deterministic_algorithms(True)
+    if "import" in parts:
+        make_import_fixture()
+    if "export" in parts:
+        if not args.hpc_python:
+            p.error("the export part needs --hpc-python")
+        make_export_fixture(args.hpc_python)
 
 
 if __name__ == "__main__":

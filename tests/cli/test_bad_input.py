@@ -1114,6 +1114,71 @@ def _rows() -> list[Row]:
         )
     )
 
+    # export-hf: the checkpoint missing, corrupt, or a run directory without one; --out not empty, an input, a file;
+    # --dtype unknown; two ranks (after the inputs' checks: newdir is not created)
+    destroy = "writing it would destroy it"
+    for id, argv, expect, files, ranks in (
+        ("missing", "ck.h5 --out hf", "ck.h5: checkpoint file does not exist", {}, (1,)),
+        (
+            "corrupt",
+            "ck.h5 --out hf",
+            "ck.h5: checksum mismatch in dataset",
+            {"ck.h5": Ckpt("corrupt")},
+            (1,),
+        ),
+        ("no-checkpoint", "run --out hf", "run: no verified checkpoint", {"run": Empty()}, (1,)),
+        (
+            "out-not-empty",
+            "{ckpt} --out hf",
+            "export-hf --out hf: directory exists and is not empty: give --force to replace it",
+            {"hf/config.json": "{}"},
+            (1,),
+        ),
+        (
+            "out-is-the-input",
+            "ck.h5 --out ck.h5 --force",
+            f"is the input ck.h5; {destroy}",
+            {"ck.h5": Ckpt()},
+            (1,),
+        ),
+        (
+            "out-is-the-run",
+            "run --out run --force",
+            f"is the input run; {destroy}",
+            {"run": Copy("run")},
+            (1,),
+        ),
+        (
+            "out-holds-the-input",
+            "run/ck.h5 --out run --force",
+            "(or holds it)",
+            {"run/ck.h5": Ckpt()},
+            (1,),
+        ),
+        (
+            "out-is-a-file",
+            "{ckpt} --out notes.txt",
+            "is a file, expected a directory path",
+            {"notes.txt": "x"},
+            (1,),
+        ),
+        (
+            "dtype",
+            "{ckpt} --out hf --dtype fp8",
+            "argument --dtype: invalid choice: 'fp8'",
+            {},
+            (1,),
+        ),
+        (
+            "on-two-ranks",
+            "{ckpt} --out newdir/hf",
+            "hpc-llm export-hf runs on one process, got 2 ranks",
+            {},
+            (2,),
+        ),
+    ):
+        add(Row(f"export-hf-{id}", f"export-hf {argv}", expect, files, ranks=ranks))
+
     # --resume: a checkpoint missing, empty, truncated, not HDF5, another program's, corrupt, or of another model
     for kind, expect in (
         ("missing", "ck.h5: checkpoint file does not exist"),
