@@ -158,7 +158,8 @@ def _encoded(name: str, value: np.ndarray, dtype: str) -> bytes:
         out = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype("<u2")
         overflow = (out & 0x7FFF) == 0x7F80
     elif dtype == "fp16":
-        out = np.asarray(value).astype("<f2")
+        with np.errstate(over="ignore"):  # an overflow is refused below, naming the tensor
+            out = np.asarray(value).astype("<f2")
         overflow = ~np.isfinite(out)
     else:
         return x.tobytes()
