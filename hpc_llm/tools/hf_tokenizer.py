@@ -10,7 +10,7 @@
     gpt2-bpe without its JSON (imported from a directory without tokenizer files): nothing is written
 
 tokenizer_config.json names PreTrainedTokenizerFast, which loads tokenizer.json as it is (no prefix space added, no
-special tokens inserted), and model_max_length = block_size.
+special tokens inserted), model_max_length = block_size, and the model's inputs (no token_type_ids).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def tokenizer_files(meta, m: ModelConfig, source) -> tuple[dict[str, str], int |
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": m.block_size,
         "clean_up_tokenization_spaces": False,
+        # GPT-2 would add wte rows for token_type_ids, which older transformers' tokenizers return by default
+        "model_input_names": ["input_ids", "attention_mask"],
     }
     if special is not None:
         config.update(bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS)
