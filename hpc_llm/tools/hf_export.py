@@ -220,9 +220,8 @@ class _Params:
             (s.name, (m.vocab_size, m.n_embd) if s.name == "wte.weight" else s.shape)
             for s in param_specs(gpt2)
         ]
-        self.lora = {f"h.{i}.{t}.weight" for i in range(m.n_layer) for t in m.lora_targets}
-        if m.lora_rank == 0:
-            self.lora = set()
+        targets = m.lora_targets if m.lora_rank > 0 else []
+        self.lora = {f"h.{i}.{t}.weight" for i in range(m.n_layer) for t in targets}
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name.endswith(".bias") and not self.m.bias:
@@ -249,8 +248,8 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(out, old / out.name)
     os.replace(tmp, out)
     fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    if old is not None:  # the export is in place: a leftover of the old one is no failure
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _notes(m: ModelConfig, dtype: str) -> list[str]:
