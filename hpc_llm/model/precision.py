@@ -14,8 +14,9 @@ each optimizer step; the fp32 master weights and Adam moments are the optimizer'
 
 from __future__ import annotations
 
-from hpc_llm.backend import low_dtype
+from hpc_llm.backend import array_module, low_dtype
 
+ROUND_PIECE = 1 << 18  # elements: NumPy rounds in place a piece at a time
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
@@ -31,11 +32,13 @@ class Precision:
 
     def round_(self, x):
         """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
-        size of x (the largest operands, the probabilities and dlogits, are the largest arrays of a step)."""
+        size of x (the largest operands, the probabilities and dlogits, are the largest arrays of a step); on a
+        device in one piece (pieces would each cost two launches)."""
         if self.low is not None:
             flat = x.reshape(-1)
-            for a in range(0, flat.size, 1 << 18):
-                flat[a : a + (1 << 18)] = flat[a : a + (1 << 18)].astype(self.low)
+            piece = ROUND_PIECE if array_module(x).__name__ == "numpy" else max(flat.size, 1)
+            for a in range(0, flat.size, piece):
+                flat[a : a + piece] = flat[a : a + piece].astype(self.low)
         return x
 
     def keep(self, x):
