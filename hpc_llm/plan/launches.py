@@ -8,7 +8,6 @@ rank, so the target's bytes are these times b x heads per rank; the launches do 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
@@ -145,9 +144,3 @@ def per_element_bytes(ledger: Ledger, elems: int) -> float:
 def block_scale(b: int, n_head: int, tp: int) -> int:
     """What a block_counts ledger's bytes are multiplied by for b rows and n_head heads over tp ranks."""
     return b * max(1, n_head // tp)
-
-
-def params_of(n_layer: int, n_embd: int) -> int:
-    """The flat buffer's size of optimizer_counts' model (its shard)."""
-    cfg = ModelConfig(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd, block_size=16)
-    return math.prod((1,)) * GPT(cfg, xp, seed=None).local_size

@@ -16,7 +16,7 @@ import numpy as np
 from hpc_llm.kernels.cuda import launches, twins
 
 HERE = Path(__file__).parent
-OPTIONS = ("--fmad=false", "-std=c++17")
+OPTIONS = ("--fmad=false", "-std=c++17")  # and -I this folder (round.cuh)
 THREADS = 256
 NORM_BLOCKS = 1024  # fixed: the norm's partial sums, and so its bits, do not depend on the device
 
@@ -31,7 +31,30 @@ def module(name: str):
     """The compiled RawModule of NAME.cu (CuPy only)."""
     import cupy
 
-    return cupy.RawModule(code=(HERE / f"{name}.cu").read_text(), options=OPTIONS)
+    return cupy.RawModule(code=(HERE / f"{name}.cu").read_text(), options=(*OPTIONS, f"-I{HERE}"))
+
+
+def compile_ptx(name: str, arch: str) -> str:
+    """NAME.cu compiled to PTX for `arch` (compute_80, compute_90) by NVRTC, which needs no GPU; a compile error
+    raises RuntimeError with the compiler's log."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    headers = sorted(HERE.glob("*.cuh"))
+    prog = nvrtc.createProgram(
+        (HERE / f"{name}.cu").read_text(),
+        f"{name}.cu",
+        [h.read_bytes() for h in headers],
+        [h.name.encode() for h in headers],
+    )
+    try:
+        nvrtc.compileProgram(prog, [f"-arch={arch}", *OPTIONS])
+    except nvrtc.NVRTCError:
+        raise RuntimeError(f"{name}.cu ({arch}): {nvrtc.getProgramLog(prog)}") from None
+    ptx = nvrtc.getPTX(prog)
+    return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+
+SOURCES = sorted(p.stem for p in HERE.glob("*.cu"))
 
 
 def _suffix(dtype) -> str:
