@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.model.precision import ROUND_PIECE
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
+from hpc_llm.plan.launches import optimizer_counts
 
 
 @dataclass
@@ -36,9 +38,6 @@ class Cost:
     @property
     def total(self) -> float:
         return self.compute + self.tp
-
-
-ROUND_PIECE = 1 << 18  # Precision.round_ converts in pieces of this many elements
 
 
 class Pricer:
@@ -94,7 +93,8 @@ class Pricer:
 
     def round_(self, elems: float) -> Cost:
         """Precision.round_: in place, a piece at a time (each piece there and back)."""
-        pieces = max(1, -(-int(elems) // ROUND_PIECE))
+        # on a device in one piece (Precision.round_)
+        pieces = 1 if self.cl.backend == "cupy" else max(1, -(-int(elems) // ROUND_PIECE))
         return self._cast(elems, True, pieces) + self._cast(elems, False, pieces)
 
     def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
@@ -461,12 +461,16 @@ def optimizer_time(p: Pricer, owned: int) -> float:
     accesses per element) on L2-sized chunks."""
     if owned == 0:
         return 0.0
+    if p.cl.backend == "cupy":
+        return _counted(p, ("adamw",), owned)
     return p.ew(7 * owned, owned, 0).compute + p.chunked(31, owned, 13, ADAM_CHUNK).compute
 
 
 def refresh_time(p: Pricer, elems: int) -> float:
     """GPT.refresh_compute after the step (bf16/fp16): the rank's weights rounded into the compute copy, by
     pieces of 2^20 elements (each Precision.operand: there and back)."""
+    if p.cl.backend == "cupy":
+        return _counted(p, ("astype", "copy"), elems) if p.low else 0.0
     pieces = max(1, -(-elems // (1 << 20)))
     return (p._cast(elems, True, pieces) + p._cast(elems, False, pieces)).compute
 
@@ -475,7 +479,26 @@ def norm_time(p: Pricer, elems: int) -> float:
     """global_grad_norm: each chunk read once, cast to float64 and dotted with itself (16 B per element in cache)."""
     if elems == 0:
         return 0.0
+    if p.cl.backend == "cupy":
+        return _counted(p, ("sumsq", "sumsq_finish"), elems)
     n_chunks = max(1, -(-elems // NORM_CHUNK))
     mem = p.ew(elems, elems, 0).compute
     cache = p.share * p.cl.pass_time(2 * elems, 8, min(NORM_CHUNK, elems), 3 * n_chunks)
     return mem + cache
+
+
+# the optimizer step's device ledger is counted on this model (plan/launches.py); its bytes scale with the shard
+_OPT_REF = (2, 128)
+
+
+def _counted(p: Pricer, names, elems: int) -> float:
+    """The device path's optimizer-step kernels `names`, as counted: their launches at the cluster's call cost, and
+    their bytes per shard element (at the reference model) times elems at its streaming bandwidth."""
+    precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
+    ledger = optimizer_counts(*_OPT_REF, precision)
+    ref = (
+        optimizer_counts(*_OPT_REF, "fp32").nbytes["adamw"] // 28
+    )  # AdamW moves 7 x 4 bytes per element
+    calls = sum(ledger.launches[k] for k in names)
+    nbytes = sum(ledger.nbytes[k] for k in names) / ref * elems
+    return p.share * p.cl.pass_time(nbytes / p.it, p.it, elems, calls)
