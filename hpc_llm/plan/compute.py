@@ -21,7 +21,7 @@ from hpc_llm.model.precision import ROUND_PIECE
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
-from hpc_llm.plan.launches import optimizer_counts
+from hpc_llm.plan.launches import HEADS, block_counts, optimizer_counts
 
 
 @dataclass
@@ -418,6 +418,9 @@ def chunk_costs(
     if embedding:
         f += embedding_forward(p, b, T, C)
     bf = block_forward(p, b, T, C, H, selective)
+    counted = _block_ledgers(cfg, p, selective) if p.cl.backend == "cupy" else None
+    if counted is not None:
+        bf = _counted_block(p, bf, counted.forward, b * (H // p.tp) / HEADS)
     for _ in range(n_blocks):
         f += bf
     if head:
@@ -427,7 +430,13 @@ def chunk_costs(
     again = bf if recompute == "block" else Cost()
 
     def block_b(acc: bool) -> Cost:
-        return block_backward(p, b, T, C, H, acc, selective, ln) + again
+        inv = block_backward(p, b, T, C, H, acc, selective, ln)
+        if (
+            counted is not None
+        ):  # accumulating adds the inventory's extra passes to the counted backward
+            extra = inv.compute - block_backward(p, b, T, C, H, False, selective, ln).compute
+            inv = _counted_block(p, inv, counted.backward, b * (H // p.tp) / HEADS) + Cost(extra)
+        return inv + again
 
     def whole(part, n: int) -> Cost:
         c = Cost()
@@ -454,6 +463,31 @@ def chunk_costs(
     out["head_F"] = head_forward(p, b, T, C, V) if head else Cost()
     out["emb_B"] = embedding_backward(p, b, T, C) if embedding else Cost()
     return out
+
+
+def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
+    """A device backend's counted Block (plan/launches.py) at this pricer's setting."""
+    precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
+    return block_counts(
+        T=cfg.block_size,
+        head_dim=cfg.n_embd // cfg.n_head,
+        tp=p.tp,
+        precision=precision,
+        recompute="selective" if selective else "none",
+        dropout=cfg.dropout,
+        sp=p.sp,
+        dtype="float64" if p.it == 8 else "float32",
+    )
+
+
+def _counted_block(p: Pricer, inv: Cost, ledger, scale: float) -> Cost:
+    """A Block's forward or backward on a device: the inventory's GEMMs and TP collectives, and the elementwise
+    launches and bytes the harness counted (its bytes times scale: rows x heads per rank / HEADS)."""
+    calls = ledger.elementwise - ledger.launches["tp_collective"]
+    nbytes = ledger.elementwise_bytes * scale
+    per_call = nbytes / max(calls, 1)
+    ew = p.share * p.cl.pass_time(nbytes / 4, 4, per_call / 4, calls)
+    return Cost(inv.gemm + ew, inv.tp, inv.gemm)
 
 
 def optimizer_time(p: Pricer, owned: int) -> float:

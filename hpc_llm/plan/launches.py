@@ -2,9 +2,10 @@
 one optimizer step (gradient norm, AdamW, the compute copy's refresh), run on NumPy through the stand-in for CuPy.
 
 What the planner prices for a device backend comes from here, so it prices what the code runs. A Block is run at
-the target's sequence length, head size, tensor-parallel size and modes with one head per TP rank (n_embd = tp x
+the target's sequence length, head size, tensor-parallel size and modes with one head per TP rank (n_embd = HEADS x tp x
 head size) and one row: every elementwise array of a block is then proportional to the rows and to the heads per
-rank, so the target's bytes are these times b x heads per rank; the launches do not depend on either (tested)."""
+rank (but the rows' LayerNorm statistics: < 1%), so the target's bytes are these times b x heads per rank / HEADS;
+the launches depend on neither (tested)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from hpc_llm.kernels.cuda.launches import Ledger, counting, record_kernel, xp
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG, WeightWork
 from hpc_llm.optim import AdamW, global_grad_norm
+
+HEADS = 2  # heads per TP rank that block_counts runs (one head would make some copies views)
 
 
 class StandInTP:
@@ -71,7 +74,7 @@ def block_counts(
     dropout: float = 0.0,
     sp: bool = False,
     dtype: str = "float32",
-    heads_per_rank: int = 1,
+    heads_per_rank: int = HEADS,
 ) -> BlockCounts:
     """Counted on a fresh one-layer model; the forward runs once before (the causal masks are cached)."""
     H = tp * heads_per_rank
@@ -114,11 +117,9 @@ def block_counts(
     return BlockCounts(fwd, bwd)
 
 
-@lru_cache(maxsize=8)
-def optimizer_counts(n_layer: int, n_embd: int, precision: str = "fp32") -> Ledger:
-    """One optimizer step on a device: the global norm, AdamW over the whole shard and the compute copy's refresh,
-    for a model of n_layer blocks of width n_embd (one head per 64 columns)."""
-    cfg = ModelConfig(
+def optimizer_model(n_layer: int, n_embd: int) -> ModelConfig:
+    """optimizer_counts' model: n_layer blocks of width n_embd, one head per 64 columns."""
+    return ModelConfig(
         n_layer=n_layer,
         n_head=max(1, n_embd // 64),
         n_embd=n_embd,
@@ -126,7 +127,13 @@ def optimizer_counts(n_layer: int, n_embd: int, precision: str = "fp32") -> Ledg
         vocab_size=64,
         dtype="float32",
     )
-    model = GPT(cfg, xp, seed=None, precision=precision)
+
+
+@lru_cache(maxsize=8)
+def optimizer_counts(n_layer: int, n_embd: int, precision: str = "fp32") -> Ledger:
+    """One optimizer step on a device: the global norm, AdamW over the whole shard and the compute copy's refresh,
+    for a model of n_layer blocks of width n_embd (one head per 64 columns)."""
+    model = GPT(optimizer_model(n_layer, n_embd), xp, seed=None, precision=precision)
     opt = AdamW(model.flat, model.grad_flat, model.decay_ranges(), TrainConfig())
     comm = SimpleNamespace(allreduce_scalar=lambda v: v)
     with counting() as ledger:

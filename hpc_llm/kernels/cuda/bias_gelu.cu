@@ -5,13 +5,13 @@
 #define GELU_C 0.7978845608028654f  // sqrt(2 / pi)
 
 // out = 0.5 x (1 + t), t = tanh(x (c + c 0.044715 x^2)), x = h + bias; x and t kept for backward (t in 16 bits
-// when mode > 0: Precision.keep; t_keep may be null under selective recompute).
+// when mode > 0: Precision.keep). bias, x_out, t_keep, t_out may be null (no bias; x not written; not kept).
 extern "C" __global__ void bias_gelu_forward(const float* h, const float* bias, float* x_out, float* out,
                                              unsigned short* t_keep, float* t_out, long long n, int width,
                                              int mode) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        float x = h[i] + bias[i % width];
+        float x = bias ? h[i] + bias[i % width] : h[i];
         float t = x * x;
         t = t * (GELU_C * 0.044715f);
         t = t + GELU_C;
@@ -19,7 +19,7 @@ extern "C" __global__ void bias_gelu_forward(const float* h, const float* bias, 
         t = tanhf(t);
         float o = (t + 1.0f) * x;
         o = o * 0.5f;
-        x_out[i] = x;
+        if (x_out) x_out[i] = x;
         out[i] = to_format(o, mode);
         if (mode > 0 && t_keep) t_keep[i] = keep_bits(t, mode);
         if (t_out) t_out[i] = t;

@@ -129,3 +129,126 @@ def sumsq(xp, g, ranges) -> float:
 
 def global_norm(xp, g, ranges) -> float:
     return math.sqrt(sumsq(xp, g, ranges))
+
+
+# -- the block's fused elementwise kernels (layers.py calls these on a device; `twin` is its NumPy code) ----------
+
+
+ROUNDING = {"fp32": 0, "bf16": 1, "fp16": 2}  # round.cuh's modes
+
+
+def _fusable(xp, *arrays) -> bool:
+    """CuPy arrays the float32 kernels take (C-contiguous float32); others run the twin on the device."""
+    return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
+def _run(xp, name: str, nbytes: int, twin, args, launch):
+    """The kernel `name` (one launch moving nbytes): launched on CuPy, counted with its twin computing elsewhere,
+    the twin alone on CuPy for what the kernel does not take."""
+    if xp.__name__ != "cupy":
+        with launches.record_kernel(name, nbytes):
+            return twin(*args)
+    if not _fusable(xp, *(a for a in args if hasattr(a, "dtype"))):
+        return twin(*args)
+    return launch()
+
+
+def _grid(n: int) -> tuple:
+    return (max(1, min(-(-n // THREADS), 4096)),)
+
+
+def gelu_forward(xp, x, twin):
+    """layers.gelu_forward: (out, t) in one pass (bias_gelu.cu without a bias)."""
+
+    def launch():
+        out, t = xp.empty_like(x), xp.empty_like(x)
+        fn = module("bias_gelu").get_function("bias_gelu_forward")
+        n = np.int64(x.size)
+        fn(_grid(x.size), (THREADS,), (x, None, None, out, None, t, n, np.int32(1), np.int32(0)))
+        return out, t
+
+    return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
+
+
+def gelu_backward(xp, dout, x, t, twin):
+    """layers.gelu_backward, in place over dout, in one pass."""
+
+    def launch():
+        fn = module("bias_gelu").get_function("bias_gelu_backward")
+        fn(_grid(x.size), (THREADS,), (dout, x, t, np.int64(x.size), np.int32(0)))
+        return dout
+
+    return _run(xp, "bias_gelu_backward", 4 * x.nbytes, twin, (dout, x, t), launch)
+
+
+def layernorm_forward(xp, x, w, b, twin):
+    """layers.layernorm_forward: (out, (xhat, rstd)), one block per row."""
+
+    def launch():
+        C = x.shape[-1]
+        out, xhat = xp.empty_like(x), xp.empty_like(x)
+        rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
+        fn = module("layernorm").get_function("layernorm_forward")
+        args = (x, w, b, out, xhat, rstd, np.int32(C), np.int32(0))
+        fn((x.size // C,), (THREADS,), args, shared_mem=THREADS * 4)
+        return out, (xhat, rstd)
+
+    return _run(xp, "layernorm_forward", 3 * x.nbytes, twin, (x, w, b), launch)
+
+
+def layernorm_backward_input(xp, dout, cache, w, twin):
+    """layers.layernorm_backward_input: the input gradient, one block per row."""
+    xhat, rstd = cache
+
+    def launch():
+        C = dout.shape[-1]
+        dx = xp.empty_like(dout)
+        fn = module("layernorm").get_function("layernorm_backward")
+        args = (dout, xhat, rstd, w, dx, np.int32(C), np.int32(0))
+        fn((dout.size // C,), (THREADS,), args, shared_mem=THREADS * 4)
+        return dx
+
+    nbytes = 3 * dout.nbytes
+    return _run(
+        xp,
+        "layernorm_backward",
+        nbytes,
+        lambda d, x_, r, w_: twin(d, (x_, r), w_),
+        (dout, xhat, rstd, w),
+        launch,
+    )
+
+
+def causal_softmax_(xp, att, prec, twin):
+    """layers.causal_softmax_ of a query block's scores (..., Tq, Tk), in place, one block per row, rounded to
+    prec's format in the same pass."""
+
+    def launch():
+        Tq, Tk = att.shape[-2], att.shape[-1]
+        fn = module("softmax").get_function("masked_softmax_forward")
+        mode = np.int32(ROUNDING[prec.name])
+        args = (att, np.int32(Tq), np.int32(Tk), np.int32(Tk - Tq), mode)
+        fn((att.size // Tk,), (THREADS,), args, shared_mem=THREADS * 4)
+        return att
+
+    def twin_(a):
+        return twin(a, prec)
+
+    return _run(xp, "masked_softmax_forward", 2 * att.nbytes, twin_, (att,), launch)
+
+
+def softmax_backward_(xp, datt, att, prec, twin):
+    """layers.softmax_backward_: in place over datt, rounded to prec's format (model/precision.py) in the same
+    pass."""
+
+    def launch():
+        Tk = datt.shape[-1]
+        fn = module("softmax").get_function("masked_softmax_backward")
+        args = (att, datt, np.int32(Tk), np.int32(ROUNDING[prec.name]))
+        fn((datt.size // Tk,), (THREADS,), args, shared_mem=THREADS * 4)
+        return datt
+
+    def twin_(d, a):
+        return twin(d, a, prec)
+
+    return _run(xp, "masked_softmax_backward", 3 * datt.nbytes, twin_, (datt, att), launch)

@@ -4,7 +4,8 @@
 them in the active `Ledger`, one launch each (what the same line runs as on CuPy: a ufunc, a reduction, a copy, a
 gather, a cast, a GEMM), with the bytes it reads and writes. The model code asks `array_module(x)` for its module,
 gets this one, and so takes its device branches (`xp.__name__ != "numpy"`: no L2 chunking, fused kernels), while
-the arithmetic is NumPy's. Views, reshapes and shape queries launch nothing. A fused kernel run through
+the arithmetic is NumPy's, but for GEMMs while counting (zeros of their shape: their values decide no count).
+Views, reshapes and shape queries launch nothing. A fused kernel run through
 `record_kernel` counts once, with the bytes its CUDA source moves, however many NumPy calls its twin makes.
 """
 
@@ -96,6 +97,18 @@ def _counted(x):
     return x
 
 
+def _dry_matmul(a, b, out=None):
+    """A GEMM's result as zeros of its shape, not computed: while counting, no value feeds a count (the operand
+    shapes decide every launch), and the product would cost the most time (1-D operands: computed)."""
+    if a.ndim < 2 or b.ndim < 2:
+        return np.matmul(_plain(a), _plain(b), out=out)
+    shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    if out is not None:
+        out[0][...] = 0
+        return out[0]
+    return np.zeros(shape, dtype=np.result_type(a, b))
+
+
 def _bytes(*xs) -> int:
     n = 0
     for x in xs:
@@ -114,7 +127,10 @@ class CountedArray(np.ndarray):
         if out is not None:
             kwargs["out"] = tuple(_plain(o) for o in out)
         with _inside():
-            res = getattr(ufunc, method)(*(_plain(x) for x in inputs), **kwargs)
+            if ufunc is np.matmul and method == "__call__" and _active:
+                res = _dry_matmul(*inputs, out=kwargs.get("out"))
+            else:
+                res = getattr(ufunc, method)(*(_plain(x) for x in inputs), **kwargs)
         name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
         _record(name, _bytes(*inputs) + (_bytes(*out) if out is not None else _bytes(res)))
         if out is not None:
