@@ -405,13 +405,26 @@ class DropoutMask(NamedTuple):
     scale: float
 
     def apply_(self, x):
-        """x *= the scaled mask, in place."""
+        """x *= the scaled mask, in place (on a device one pass: dropout_residual.cu)."""
+        xp = array_module(x)
+        if device.on_device(xp) and x.flags.c_contiguous:
+            return device.dropout_scale(xp, x, self.keep, self.scale, self._apply_)
+        return self._apply_(x)
+
+    def _apply_(self, x):
         x *= self.keep
         x *= self.scale
         return x
 
     def scaled(self, x):
-        """x times the scaled mask, a new array."""
+        """x times the scaled mask, a new array (on a device one pass)."""
+        xp = array_module(x)
+        if device.on_device(xp) and x.flags.c_contiguous:
+            out = xp.empty_like(x)
+            return device.dropout_scale(xp, x, self.keep, self.scale, self._scaled, out=out)
+        return self._scaled(x)
+
+    def _scaled(self, x):
         out = x * self.keep
         out *= self.scale
         return out

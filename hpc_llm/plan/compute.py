@@ -504,7 +504,7 @@ def refresh_time(p: Pricer, elems: int) -> float:
     """GPT.refresh_compute after the step (bf16/fp16): the rank's weights rounded into the compute copy, by
     pieces of 2^20 elements (each Precision.operand: there and back)."""
     if p.cl.backend == "cupy":
-        return _counted(p, ("astype", "copy"), elems) if p.low else 0.0
+        return _counted(p, None, elems) if p.low else 0.0
     pieces = max(1, -(-elems // (1 << 20)))
     return (p._cast(elems, True, pieces) + p._cast(elems, False, pieces)).compute
 
@@ -526,13 +526,16 @@ _OPT_REF = (2, 128)
 
 
 def _counted(p: Pricer, names, elems: int) -> float:
-    """The device path's optimizer-step kernels `names`, as counted: their launches at the cluster's call cost, and
-    their bytes per shard element (at the reference model) times elems at its streaming bandwidth."""
+    """The device path's optimizer-step kernels `names` (None: those of the refresh), as counted: their launches at
+    the cluster's call cost, and their bytes per shard element (at the reference model) times elems at its
+    streaming bandwidth."""
     precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
     ledger = optimizer_counts(*_OPT_REF, precision)
     ref = (
         optimizer_counts(*_OPT_REF, "fp32").nbytes["adamw"] // 28
     )  # AdamW moves 7 x 4 bytes per element
+    if names is None:  # the rest: the compute copy's refresh
+        names = set(ledger.launches) - {"adamw", "sumsq", "sumsq_finish"}
     calls = sum(ledger.launches[k] for k in names)
     nbytes = sum(ledger.nbytes[k] for k in names) / ref * elems
     return p.share * p.cl.pass_time(nbytes / p.it, p.it, elems, calls)

@@ -252,3 +252,38 @@ def softmax_backward_(xp, datt, att, prec, twin):
         return twin(d, a, prec)
 
     return _run(xp, "masked_softmax_backward", 3 * datt.nbytes, twin_, (datt, att), launch)
+
+
+def round_(xp, x, prec, twin, out=None):
+    """Precision.round_ (out None: in place) or Precision.operand (out: a new array) in one pass."""
+    res = x if out is None else out
+
+    def launch():
+        fn = module("round").get_function("round_format")
+        fn(_grid(x.size), (THREADS,), (x, res, np.int64(x.size), np.int32(ROUNDING[prec.name])))
+        return res
+
+    def twin_(x_):
+        return twin(x_) if out is None else _into(out, twin(x_))
+
+    return _run(xp, "round_format", 2 * x.nbytes, twin_, (x,), launch)
+
+
+def _into(out, x):
+    out[...] = x
+    return out
+
+
+def dropout_scale(xp, x, keep, scale: float, twin, out=None):
+    """DropoutMask.scaled (out: a new array) or apply_ (out None: in place) in one pass."""
+    res = x if out is None else out
+
+    def launch():
+        fn = module("dropout_residual").get_function("dropout_scale")
+        fn(_grid(x.size), (THREADS,), (x, keep, np.float32(scale), res, np.int64(x.size)))
+        return res
+
+    def twin_(x_):
+        return twin(x_) if out is None else _into(out, twin(x_))
+
+    return _run(xp, "dropout_scale", 2 * x.nbytes + keep.nbytes, twin_, (x,), launch)

@@ -17,3 +17,12 @@ extern "C" __global__ void dropout_residual_backward(const float* dx, float* dbr
          i += (long long)gridDim.x * blockDim.x)
         dbranch[i] = keep[i] ? dx[i] * scale : 0.0f;
 }
+
+// DropoutMask.scaled / apply_ (layers.py): out = x * keep * scale (x * 0 where dropped, as NumPy's x * False: a
+// signed zero), into out (== x: in place).
+extern "C" __global__ void dropout_scale(const float* x, const unsigned char* keep, float scale, float* out,
+                                         long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = keep[i] ? x[i] * scale : x[i] * 0.0f;
+}
