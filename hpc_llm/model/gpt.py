@@ -217,7 +217,7 @@ class GPT:
             for lo, hi in self.kept_ranges():
                 for a in range(lo, hi, piece):
                     b = min(a + piece, hi)
-                    self.prec.operand(self.flat[a:b], out=self.compute[a:b])
+                    self.prec.operand(self.flat[a:b], self.compute[a:b])
 
     def clear_grads(self) -> None:
         """Zero the gradient buffer (ZeRO-2/3: its pages given back)."""

@@ -101,3 +101,18 @@ def test_layernorm_and_softmax():
     args = (da, np.int32(Tq), np.int32(Tk), np.int32(0), np.int32(0))
     _launch("softmax", "masked_softmax_forward", 0, *args, shared=256 * 4, blocks=2 * Tq)
     np.testing.assert_allclose(cupy.asnumpy(da), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_rounding_and_dropout_scale_bitwise(precision):
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(precision)
+    x = (RNG.standard_normal(100_000) * 100).astype(np.float32)
+    got = prec.round_(cupy.asarray(x))
+    assert np.array_equal(cupy.asnumpy(got), prec.round_(x.copy()))
+    keep = RNG.random(x.size) >= 0.1
+    mask = layers.DropoutMask(keep, 1.0 / 0.9)
+    dmask = layers.DropoutMask(cupy.asarray(keep), 1.0 / 0.9)
+    assert np.array_equal(cupy.asnumpy(dmask.scaled(cupy.asarray(x))), mask.scaled(x))

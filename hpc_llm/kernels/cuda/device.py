@@ -19,6 +19,7 @@ HERE = Path(__file__).parent
 OPTIONS = ("--fmad=false", "-std=c++17")  # and -I this folder (round.cuh)
 THREADS = 256
 NORM_BLOCKS = 1024  # fixed: the norm's partial sums, and so its bits, do not depend on the device
+NULL = np.uint64(0)  # a null pointer argument (an optional array a kernel skips)
 
 
 def on_device(xp) -> bool:
@@ -164,7 +165,7 @@ def gelu_forward(xp, x, twin):
         out, t = xp.empty_like(x), xp.empty_like(x)
         fn = module("bias_gelu").get_function("bias_gelu_forward")
         n = np.int64(x.size)
-        fn(_grid(x.size), (THREADS,), (x, None, None, out, None, t, n, np.int32(1), np.int32(0)))
+        fn(_grid(x.size), (THREADS,), (x, NULL, NULL, out, NULL, t, n, np.int32(1), np.int32(0)))
         return out, t
 
     return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
@@ -189,7 +190,7 @@ def layernorm_forward(xp, x, w, b, twin):
         out, xhat = xp.empty_like(x), xp.empty_like(x)
         rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
         fn = module("layernorm").get_function("layernorm_forward")
-        args = (x, w, b, out, xhat, rstd, np.int32(C), np.int32(0))
+        args = (x, w, NULL if b is None else b, out, xhat, rstd, np.int32(C), np.int32(0))
         fn((x.size // C,), (THREADS,), args, shared_mem=THREADS * 4)
         return out, (xhat, rstd)
 
