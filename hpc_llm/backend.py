@@ -12,13 +12,16 @@ from hpc_llm.errors import UserError
 
 
 def array_module(x):
-    """numpy or cupy, whichever owns x (CuPy is imported only if it is already loaded)."""
+    """numpy or cupy, whichever owns x (CuPy is imported only if it is already loaded); an array type may name its
+    own module (`xp`: the launch-counting stand-in for CuPy, kernels/cuda/launches.py)."""
+    if type(x) is np.ndarray:
+        return np
     mod = type(x).__module__
     if mod.startswith("cupy"):
         import cupy
 
         return cupy
-    return np
+    return getattr(type(x), "xp", np)
 
 
 def get_backend(name: str):

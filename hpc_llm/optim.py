@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hpc_llm.backend import array_module
 from hpc_llm.config import TrainConfig
+from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.cuda.twins import adamw_chunk
 
 CHUNK = 1 << 16  # elements: p, g, m, v and two temporaries of this size stay in a core's L2 cache
 
@@ -54,6 +56,9 @@ def global_grad_norm(grads, ranges, comm) -> float:
     """sqrt of the sum of g^2 over `ranges` of the flat gradient, summed over `comm`. The caller picks ranges so
     that every gradient element of the whole model is counted exactly once over the group (a ZeRO shard, or one
     TP rank's copy of a replicated tensor); the result is identical on every rank."""
+    xp = array_module(grads)
+    if device.on_device(xp):  # one fused reduction over every range (kernels/cuda/adamw.cu)
+        return math.sqrt(comm.allreduce_scalar(device.sumsq(xp, grads, ranges)))
     local = 0.0
     # in float64, a chunk at a time: a float32 dot of millions of elements is off by ~1e-5
     for a, b in ranges:
@@ -134,8 +139,13 @@ class AdamW:
     the flat buffers.
     """
 
-    def __init__(self, params, grads, decay_ranges, t: TrainConfig, owned=None, chunk: int = CHUNK):
+    def __init__(
+        self, params, grads, decay_ranges, t: TrainConfig, owned=None, chunk: int | None = None
+    ):
         xp = array_module(params)
+        # chunks are NumPy's (cache-sized); on a device one fused kernel takes the whole shard (adamw.cu)
+        self.fused = device.on_device(xp)
+        chunk = chunk or (max(params.size, 1) if self.fused else CHUNK)
         self.p, self.g = params, grads
         self.owned = list(owned) if owned is not None else [(0, params.size)]
         self.size = sum(b - a for a, b in self.owned)
@@ -150,7 +160,8 @@ class AdamW:
                 (sa, sb, base + sa - a, dec) for sa, sb, dec in _segments(a, b, decay_ranges, chunk)
             ]
             base += b - a
-        n = max(1, min(chunk, params.size))
+        self.table = device.SegmentTable(xp, self.segments) if self.fused else None
+        n = 1 if self.fused else max(1, min(chunk, params.size))
         self.threads = optimizer_threads() if xp.__name__ == "numpy" else 1
         self._temps = [
             (xp.empty(n, dtype=params.dtype), xp.empty(n, dtype=params.dtype))
@@ -190,6 +201,11 @@ class AdamW:
             "eps": c.eps * sqrt_bc2,
             "step": lr * sqrt_bc2 / (1.0 - b1**self.t),
         }
+        if self.fused:
+            device.adamw_(
+                array_module(self.p), self.p, self.g, self.m, self.v, self.table, coef, b1, b2
+            )
+            return
         if self.threads == 1:
             self._update(self.segments, coef, self._tmp, self._tmp2)
             return
@@ -207,18 +223,7 @@ class AdamW:
         for a, b, o, decayed in segments:
             n = b - a
             tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
-            pc, gc, mc, vc = p[a:b], g[a:b], m[o : o + n], v[o : o + n]
-            if decayed:
-                pc *= coef["keep"]
-            mc *= b1
-            xp.multiply(gc, coef["g1"], out=tmp)
-            mc += tmp
-            vc *= b2
-            xp.multiply(gc, gc, out=tmp)
-            tmp *= coef["g2"]
-            vc += tmp
-            xp.sqrt(vc, out=tmp)
-            tmp += coef["eps"]
-            xp.multiply(mc, coef["step"], out=tmp2)
-            xp.divide(tmp2, tmp, out=tmp)
-            pc -= tmp
+            # the fused kernel's arithmetic, a cache-sized chunk at a time
+            adamw_chunk(
+                xp, p[a:b], g[a:b], m[o : o + n], v[o : o + n], tmp, tmp2, decayed, coef, b1, b2
+            )

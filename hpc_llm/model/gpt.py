@@ -212,10 +212,12 @@ class GPT:
         """The compute copy of the kept weights from the master weights (bf16/fp16: rounded to the format); nothing
         to do in fp32."""
         if self.compute is not self.flat:
+            # in pieces on NumPy (no full-size temporaries); whole ranges on a device (a piece is 3 launches)
+            piece = 1 << 20 if self.xp.__name__ == "numpy" else max(self.local_size, 1)
             for lo, hi in self.kept_ranges():
-                for a in range(lo, hi, 1 << 20):  # in pieces: no full-size temporaries
-                    b = min(a + (1 << 20), hi)
-                    self.compute[a:b] = self.prec.operand(self.flat[a:b])
+                for a in range(lo, hi, piece):
+                    b = min(a + piece, hi)
+                    self.prec.operand(self.flat[a:b], self.compute[a:b])
 
     def clear_grads(self) -> None:
         """Zero the gradient buffer (ZeRO-2/3: its pages given back)."""

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels.cuda import device
 from hpc_llm.model.precision import FP32, Precision
 
 LN_EPS = 1e-5
@@ -89,7 +90,15 @@ def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bo
 
 
 def layernorm_forward(x, w, b):
-    """Returns out and the cache (xhat, rstd); xhat replaces x in memory, so the cache costs one activation."""
+    """Returns out and the cache (xhat, rstd); xhat replaces x in memory, so the cache costs one activation. On a
+    device one fused kernel (kernels/cuda/layernorm.cu), this code its twin."""
+    xp = array_module(x)
+    if device.on_device(xp):
+        return device.layernorm_forward(xp, x, w, b, _layernorm_forward)
+    return _layernorm_forward(x, w, b)
+
+
+def _layernorm_forward(x, w, b):
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)
     xhat = x - mean
@@ -124,7 +133,14 @@ def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
 
 
 def layernorm_backward_input(dout, cache, w):
-    """B: the input gradient; dout is left as it is (W reads it)."""
+    """B: the input gradient; dout is left as it is (W reads it). On a device one fused kernel."""
+    xp = array_module(dout)
+    if device.on_device(xp):
+        return device.layernorm_backward_input(xp, dout, cache, w, _layernorm_backward_input)
+    return _layernorm_backward_input(dout, cache, w)
+
+
+def _layernorm_backward_input(dout, cache, w):
     xp = array_module(dout)
     xhat, rstd = cache
     C = dout.shape[-1]
@@ -251,7 +267,14 @@ def _chunks(x):
 
 def gelu_forward(x):
     """0.5 x (1 + tanh(c (x + 0.044715 x^3))). Returns out and the cache t = tanh(...): keeping it (one activation)
-    spares backward the five passes that recompute it."""
+    spares backward the five passes that recompute it. On a device one fused kernel (kernels/cuda/bias_gelu.cu)."""
+    xp = array_module(x)
+    if device.on_device(xp):
+        return device.gelu_forward(xp, x, _gelu_forward)
+    return _gelu_forward(x)
+
+
+def _gelu_forward(x):
     xp = array_module(x)
     out, t = xp.empty_like(x), xp.empty_like(x)
     xf, of, tf = x.reshape(-1), out.reshape(-1), t.reshape(-1)
@@ -284,7 +307,15 @@ def _gelu_tanh(xp, xs, ts) -> None:
 
 
 def gelu_backward(dout, x, t):
-    """d/dx = 0.5 (1 + t) + 0.5 (1 - t^2) x c (1 + 3 * 0.044715 x^2); written over dout, and t is consumed."""
+    """d/dx = 0.5 (1 + t) + 0.5 (1 - t^2) x c (1 + 3 * 0.044715 x^2); written over dout, and t is consumed. On a
+    device one fused kernel."""
+    xp = array_module(dout)
+    if device.on_device(xp):
+        return device.gelu_backward(xp, dout, x, t, _gelu_backward)
+    return _gelu_backward(dout, x, t)
+
+
+def _gelu_backward(dout, x, t):
     xp = array_module(dout)
     df, xf, tf = dout.reshape(-1), x.reshape(-1), t.reshape(-1)
     n = min(ELEMENTWISE_CHUNK, x.size) if xp.__name__ == "numpy" else x.size
@@ -374,13 +405,26 @@ class DropoutMask(NamedTuple):
     scale: float
 
     def apply_(self, x):
-        """x *= the scaled mask, in place."""
+        """x *= the scaled mask, in place (on a device one pass: dropout_residual.cu)."""
+        xp = array_module(x)
+        if device.on_device(xp) and x.flags.c_contiguous:
+            return device.dropout_scale(xp, x, self.keep, self.scale, self._apply_)
+        return self._apply_(x)
+
+    def _apply_(self, x):
         x *= self.keep
         x *= self.scale
         return x
 
     def scaled(self, x):
-        """x times the scaled mask, a new array."""
+        """x times the scaled mask, a new array (on a device one pass)."""
+        xp = array_module(x)
+        if device.on_device(xp) and x.flags.c_contiguous:
+            out = xp.empty_like(x)
+            return device.dropout_scale(xp, x, self.keep, self.scale, self._scaled, out=out)
+        return self._scaled(x)
+
+    def _scaled(self, x):
         out = x * self.keep
         out *= self.scale
         return out
@@ -431,8 +475,16 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
 
 
-def causal_softmax_(att):
-    """Row softmax of scores (B, H, Tq, Tk) with the causal mask, in place."""
+def causal_softmax_(att, prec: Precision = FP32):
+    """Row softmax of scores (B, H, Tq, Tk) with the causal mask, in place, rounded to prec's format. On a device
+    one fused kernel (kernels/cuda/softmax.cu), the rounding folded in."""
+    xp = array_module(att)
+    if device.on_device(xp):
+        return device.causal_softmax_(xp, att, prec, _causal_softmax_)
+    return _causal_softmax_(att, prec)
+
+
+def _causal_softmax_(att, prec: Precision):
     xp = array_module(att)
     att += causal_mask(xp, att.shape[-2], att.shape[-1], att.dtype)
     att -= att.max(axis=-1, keepdims=True)
@@ -440,7 +492,7 @@ def causal_softmax_(att):
     s = att.sum(axis=-1, keepdims=True)
     xp.reciprocal(s, out=s)
     att *= s
-    return att
+    return prec.round_(att)
 
 
 ATTN_BLOCK = 128  # query rows per block: blocks skip the keys their queries cannot see
@@ -488,9 +540,26 @@ def attention_forward(
 def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision):
     """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so) and its
     dropout mask (None without dropout): forward's, and selective recompute's again in backward."""
-    att = prec.round_(causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2)))
+    att = causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2), prec)
     mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
     return att, mask
+
+
+def softmax_backward_(datt, att, prec: Precision):
+    """datt = p * (datt - sum(datt * p)) per row, rounded to the format, in place (masked entries have p = 0 and
+    stay 0). On a device one fused kernel (kernels/cuda/softmax.cu), the rounding folded in."""
+    xp = array_module(datt)
+    if device.on_device(xp):
+        return device.softmax_backward_(xp, datt, att, prec, _softmax_backward_)
+    return _softmax_backward_(datt, att, prec)
+
+
+def _softmax_backward_(datt, att, prec: Precision):
+    xp = array_module(datt)
+    rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
+    datt -= rowdot
+    datt *= att
+    return prec.round_(datt)
 
 
 def cached_attention_forward(qkv, n_head: int, kv, pos0):
@@ -556,11 +625,7 @@ def attention_backward(
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
         if mask is not None:
             mask.apply_(datt)
-        # softmax backward: datt = p * (datt - sum(datt * p)); masked entries have p = 0 and stay 0
-        rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
-        datt -= rowdot
-        datt *= att
-        prec.round_(datt)
+        softmax_backward_(datt, att, prec)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
         matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right

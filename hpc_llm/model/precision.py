@@ -14,8 +14,10 @@ each optimizer step; the fp32 master weights and Adam moments are the optimizer'
 
 from __future__ import annotations
 
-from hpc_llm.backend import low_dtype
+from hpc_llm.backend import array_module, low_dtype
+from hpc_llm.kernels.cuda import device
 
+ROUND_PIECE = 1 << 18  # elements: NumPy rounds in place a piece at a time
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
@@ -25,17 +27,39 @@ class Precision:
         self.low = low_dtype(name)
         self.u = UNIT_ROUNDOFF[name]
 
-    def operand(self, x):
-        """x rounded to the format, in x's own dtype: a matmul operand."""
-        return x if self.low is None else x.astype(self.low).astype(x.dtype)
+    def operand(self, x, out=None):
+        """x rounded to the format, in x's own dtype: a matmul operand (on a device one pass, round.cu); into out
+        when given."""
+        if self.low is None:
+            return x
+        xp = array_module(x)
+        if device.on_device(xp) and x.flags.c_contiguous:
+            out = xp.empty_like(x) if out is None else out
+            return device.round_(xp, x, self, self._operand, out=out)
+        if out is None:
+            return self._operand(x)
+        out[...] = self._operand(x)
+        return out
+
+    def _operand(self, x):
+        return x.astype(self.low).astype(x.dtype)
 
     def round_(self, x):
         """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
-        size of x (the largest operands, the probabilities and dlogits, are the largest arrays of a step)."""
-        if self.low is not None:
-            flat = x.reshape(-1)
-            for a in range(0, flat.size, 1 << 18):
-                flat[a : a + (1 << 18)] = flat[a : a + (1 << 18)].astype(self.low)
+        size of x (the largest operands, the probabilities and dlogits, are the largest arrays of a step); on a
+        device one pass (round.cu)."""
+        if self.low is None:
+            return x
+        xp = array_module(x)
+        if device.on_device(xp) and x.flags.c_contiguous:
+            return device.round_(xp, x, self, self._round_)
+        return self._round_(x)
+
+    def _round_(self, x):
+        flat = x.reshape(-1)
+        piece = ROUND_PIECE if array_module(x).__name__ == "numpy" else max(flat.size, 1)
+        for a in range(0, flat.size, piece):
+            flat[a : a + piece] = flat[a : a + piece].astype(self.low)
         return x
 
     def keep(self, x):

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.model.precision import ROUND_PIECE
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
+from hpc_llm.plan.launches import HEADS, block_counts, optimizer_counts
 
 
 @dataclass
@@ -36,9 +38,6 @@ class Cost:
     @property
     def total(self) -> float:
         return self.compute + self.tp
-
-
-ROUND_PIECE = 1 << 18  # Precision.round_ converts in pieces of this many elements
 
 
 class Pricer:
@@ -94,7 +93,8 @@ class Pricer:
 
     def round_(self, elems: float) -> Cost:
         """Precision.round_: in place, a piece at a time (each piece there and back)."""
-        pieces = max(1, -(-int(elems) // ROUND_PIECE))
+        # on a device in one piece (Precision.round_)
+        pieces = 1 if self.cl.backend == "cupy" else max(1, -(-int(elems) // ROUND_PIECE))
         return self._cast(elems, True, pieces) + self._cast(elems, False, pieces)
 
     def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
@@ -418,6 +418,9 @@ def chunk_costs(
     if embedding:
         f += embedding_forward(p, b, T, C)
     bf = block_forward(p, b, T, C, H, selective)
+    counted = _block_ledgers(cfg, p, selective) if p.cl.backend == "cupy" else None
+    if counted is not None:
+        bf = _counted_block(p, bf, counted.forward, b * (H // p.tp) / HEADS)
     for _ in range(n_blocks):
         f += bf
     if head:
@@ -427,7 +430,13 @@ def chunk_costs(
     again = bf if recompute == "block" else Cost()
 
     def block_b(acc: bool) -> Cost:
-        return block_backward(p, b, T, C, H, acc, selective, ln) + again
+        inv = block_backward(p, b, T, C, H, acc, selective, ln)
+        if (
+            counted is not None
+        ):  # accumulating adds the inventory's extra passes to the counted backward
+            extra = inv.compute - block_backward(p, b, T, C, H, False, selective, ln).compute
+            inv = _counted_block(p, inv, counted.backward, b * (H // p.tp) / HEADS) + Cost(extra)
+        return inv + again
 
     def whole(part, n: int) -> Cost:
         c = Cost()
@@ -456,17 +465,46 @@ def chunk_costs(
     return out
 
 
+def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
+    """A device backend's counted Block (plan/launches.py) at this pricer's setting."""
+    precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
+    return block_counts(
+        T=cfg.block_size,
+        head_dim=cfg.n_embd // cfg.n_head,
+        tp=p.tp,
+        precision=precision,
+        recompute="selective" if selective else "none",
+        dropout=cfg.dropout,
+        sp=p.sp,
+        dtype="float64" if p.it == 8 else "float32",
+    )
+
+
+def _counted_block(p: Pricer, inv: Cost, ledger, scale: float) -> Cost:
+    """A Block's forward or backward on a device: the inventory's GEMMs and TP collectives, and the elementwise
+    launches and bytes the harness counted (its bytes times scale: rows x heads per rank / HEADS)."""
+    calls = ledger.elementwise - ledger.launches["tp_collective"]
+    nbytes = ledger.elementwise_bytes * scale
+    per_call = nbytes / max(calls, 1)
+    ew = p.share * p.cl.pass_time(nbytes / 4, 4, per_call / 4, calls)
+    return Cost(inv.gemm + ew, inv.tp, inv.gemm)
+
+
 def optimizer_time(p: Pricer, owned: int) -> float:
     """AdamW over the owned elements: p, g, m, v read and p, m, v written once from memory; 13 passes (31
     accesses per element) on L2-sized chunks."""
     if owned == 0:
         return 0.0
+    if p.cl.backend == "cupy":
+        return _counted(p, ("adamw",), owned)
     return p.ew(7 * owned, owned, 0).compute + p.chunked(31, owned, 13, ADAM_CHUNK).compute
 
 
 def refresh_time(p: Pricer, elems: int) -> float:
     """GPT.refresh_compute after the step (bf16/fp16): the rank's weights rounded into the compute copy, by
     pieces of 2^20 elements (each Precision.operand: there and back)."""
+    if p.cl.backend == "cupy":
+        return _counted(p, None, elems) if p.low else 0.0
     pieces = max(1, -(-elems // (1 << 20)))
     return (p._cast(elems, True, pieces) + p._cast(elems, False, pieces)).compute
 
@@ -475,7 +513,29 @@ def norm_time(p: Pricer, elems: int) -> float:
     """global_grad_norm: each chunk read once, cast to float64 and dotted with itself (16 B per element in cache)."""
     if elems == 0:
         return 0.0
+    if p.cl.backend == "cupy":
+        return _counted(p, ("sumsq", "sumsq_finish"), elems)
     n_chunks = max(1, -(-elems // NORM_CHUNK))
     mem = p.ew(elems, elems, 0).compute
     cache = p.share * p.cl.pass_time(2 * elems, 8, min(NORM_CHUNK, elems), 3 * n_chunks)
     return mem + cache
+
+
+# the optimizer step's device ledger is counted on this model (plan/launches.py); its bytes scale with the shard
+_OPT_REF = (2, 128)
+
+
+def _counted(p: Pricer, names, elems: int) -> float:
+    """The device path's optimizer-step kernels `names` (None: those of the refresh), as counted: their launches at
+    the cluster's call cost, and their bytes per shard element (at the reference model) times elems at its
+    streaming bandwidth."""
+    precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
+    ledger = optimizer_counts(*_OPT_REF, precision)
+    ref = (
+        optimizer_counts(*_OPT_REF, "fp32").nbytes["adamw"] // 28
+    )  # AdamW moves 7 x 4 bytes per element
+    if names is None:  # the rest: the compute copy's refresh
+        names = set(ledger.launches) - {"adamw", "sumsq", "sumsq_finish"}
+    calls = sum(ledger.launches[k] for k in names)
+    nbytes = sum(ledger.nbytes[k] for k in names) / ref * elems
+    return p.share * p.cl.pass_time(nbytes / p.it, p.it, elems, calls)

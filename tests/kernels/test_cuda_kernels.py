@@ -1,0 +1,118 @@
+"""The CUDA kernels against their NumPy twins, on a GPU (marked `gpu`: skipped where CuPy or a GPU is missing, as
+tests/model/test_gpu.py). Bitwise where the arithmetic is the same op for op (AdamW, compiled with --fmad=false),
+within float32 rounding where the kernel sums in another order (norm, LayerNorm, softmax) or uses CUDA's tanh."""
+
+import os
+
+import numpy as np
+import pytest
+
+from hpc_llm.config import TrainConfig
+from hpc_llm.kernels.cuda import device
+from hpc_llm.model import layers
+from hpc_llm.optim import AdamW, global_grad_norm
+
+try:
+    import cupy
+
+    cupy.cuda.runtime.getDeviceCount()
+    NO_GPU = None
+except ImportError:
+    cupy, NO_GPU = None, "CuPy is not installed (pip install hpc_llm[gpu])"
+except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
+    NO_GPU = f"no usable GPU: {e}"
+if NO_GPU and os.environ.get("HPC_LLM_REQUIRE_GPU") == "1":
+    raise RuntimeError(f"HPC_LLM_REQUIRE_GPU=1, but {NO_GPU}")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))]
+RNG = np.random.default_rng(0)
+
+
+def _launch(name, fn, n, *args, shared=0, blocks=None):
+    k = device.module(name).get_function(fn)
+    k((blocks or min(-(-n // 256), 4096),), (256,), args, shared_mem=shared)
+
+
+@pytest.mark.timeout(60)
+def test_adamw_and_norm_kernels_equal_the_numpy_optimizer():
+    t = TrainConfig(weight_decay=0.1)
+    p, g = (RNG.standard_normal(300_000).astype(np.float32) for _ in range(2))
+    args = ([(1000, 170_000), (200_000, 290_000)], t)
+    cpu = AdamW(p.copy(), g, *args, owned=[(0, 120_000), (150_000, 300_000)])
+    gpu = AdamW(cupy.asarray(p), cupy.asarray(g), *args, owned=cpu.owned)
+    for step in range(3):
+        for o in (cpu, gpu):
+            o.step(1e-2 * (step + 1), grad_scale=0.7)
+    for a in ("p", "m", "v"):
+        assert np.array_equal(getattr(cpu, a), cupy.asnumpy(getattr(gpu, a))), a
+    comm = type("C", (), {"allreduce_scalar": staticmethod(lambda v: v)})
+    want = global_grad_norm(g, cpu.owned, comm)
+    assert abs(global_grad_norm(gpu.g, cpu.owned, comm) - want) <= 1e-12 * want
+
+
+@pytest.mark.timeout(60)
+def test_bias_gelu_forward_and_backward():
+    rows, width = 96, 512
+    h, bias = RNG.standard_normal((rows, width)).astype(np.float32), RNG.standard_normal(width)
+    bias = bias.astype(np.float32)
+    x = h + bias
+    want, t = layers.gelu_forward(x)
+    dh, db = cupy.asarray(h), cupy.asarray(bias)
+    xo, out, to = (cupy.empty_like(dh) for _ in range(3))
+    n = h.size
+    _launch(
+        "bias_gelu",
+        "bias_gelu_forward",
+        n,
+        dh,
+        db,
+        xo,
+        out,
+        0,
+        to,
+        np.int64(n),
+        np.int32(width),
+        np.int32(0),
+    )
+    np.testing.assert_allclose(cupy.asnumpy(out), want, rtol=4e-6, atol=4e-6)
+    dout = RNG.standard_normal((rows, width)).astype(np.float32)
+    want_dx = layers.gelu_backward(dout.copy(), x, t.copy())
+    dd = cupy.asarray(dout)
+    _launch("bias_gelu", "bias_gelu_backward", n, dd, xo, to, np.int64(n), np.int32(0))
+    np.testing.assert_allclose(cupy.asnumpy(dd), want_dx, rtol=4e-6, atol=4e-6)
+
+
+@pytest.mark.timeout(60)
+def test_layernorm_and_softmax():
+    rows, C = 64, 384
+    x, w, b = (
+        RNG.standard_normal((rows, C)).astype(np.float32),
+        *(RNG.standard_normal((2, C)).astype(np.float32)),
+    )
+    want, (xhat, rstd) = layers.layernorm_forward(x, w, b)
+    dx, dw, db = cupy.asarray(x), cupy.asarray(w), cupy.asarray(b)
+    out, xh, rs = cupy.empty_like(dx), cupy.empty_like(dx), cupy.empty(rows, np.float32)
+    args = (dx, dw, db, out, xh, rs, np.int32(C), np.int32(0))
+    _launch("layernorm", "layernorm_forward", 0, *args, shared=256 * 4, blocks=rows)
+    np.testing.assert_allclose(cupy.asnumpy(out), want, rtol=1e-5, atol=1e-5)
+    Tq = Tk = 128
+    att = RNG.standard_normal((2, Tq, Tk)).astype(np.float32)
+    want = layers.causal_softmax_(att.copy()[None])[0]
+    da = cupy.asarray(att)
+    args = (da, np.int32(Tq), np.int32(Tk), np.int32(0), np.int32(0))
+    _launch("softmax", "masked_softmax_forward", 0, *args, shared=256 * 4, blocks=2 * Tq)
+    np.testing.assert_allclose(cupy.asnumpy(da), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_rounding_and_dropout_scale_bitwise(precision):
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(precision)
+    x = (RNG.standard_normal(100_000) * 100).astype(np.float32)
+    got = prec.round_(cupy.asarray(x))
+    assert np.array_equal(cupy.asnumpy(got), prec.round_(x.copy()))
+    keep = RNG.random(x.size) >= 0.1
+    mask = layers.DropoutMask(keep, 1.0 / 0.9)
+    dmask = layers.DropoutMask(cupy.asarray(keep), 1.0 / 0.9)
+    assert np.array_equal(cupy.asnumpy(dmask.scaled(cupy.asarray(x))), mask.scaled(x))
