@@ -28,7 +28,10 @@ from hpc_llm.parallel.grid import single_process_grid
 
 ON_NODES = Path(__file__).with_name("on_nodes.py")
 SUBNET = os.environ.get("VCLUSTER_SUBNET", "10.213.0")  # scripts/vcluster.sh's
-JOB_S = 120  # a job's limit: start-up of 2-4 ranks over 2 nodes takes 2-6 s here
+JOB_S = 120
+MACHINE = (
+    REPO / "docs" / "planning_data" / "this_machine.toml"
+)  # a cluster file: 2 devices a node  # a job's limit: start-up of 2-4 ranks over 2 nodes takes 2-6 s here
 
 
 def node_processes(cluster, node: str) -> list[str]:
@@ -186,14 +189,16 @@ def test_a_network_fault_ends_the_job_and_the_run_resumes_on_the_node_left(
     newest, path = list_checkpoints(run)[0]
     assert newest >= 4
     verify_checkpoint(path)
-    # the run goes on from it on node1 alone, as DP2 (TP2 across nodes is gone with node2)
+    # the run goes on from it on node1 alone, at the layout the planner picks for 2 ranks on one node (TP2 across
+    # nodes is gone with node2)
     resumed = cluster.start(
         "node1:2",
-        *("-m", "hpc_llm", "train", toml, "--resume", "auto"),
-        *("--set", f"train.max_iters={newest + 2}", "--set", "parallel.tp=1"),
+        *("-m", "hpc_llm", "train", toml, "--resume", "auto", "--cluster", MACHINE),
+        *("--set", f"train.max_iters={newest + 2}", "--set", "parallel.layout=auto"),
     )
-    rc, _, err = cluster.wait(resumed, JOB_S)
+    rc, out, err = cluster.wait(resumed, JOB_S)
     assert rc == 0, err[-3000:]
+    assert out.count('parallel.layout = "auto": ') == 1 and "on 2 ranks of" in out, out[-2000:]
     assert list_checkpoints(run)[0][0] == newest + 2
 
 
