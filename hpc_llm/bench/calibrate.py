@@ -194,7 +194,8 @@ def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
 def node_links(comm) -> tuple[dict, int]:
     """The link figures, by level: on one node `intra` between all the ranks; across nodes (ranks on several
     hostnames, as many on each) `intra` among the ranks on rank 0's node (where it has two or more) and `inter`
-    among one rank per node, and the ranks per node (0: one node). Every rank takes part in each split."""
+    per device: every rank at once in a group of one rank per node (the K-th of each), so the node's ranks share its
+    link as training's cross-node groups do; the median over the groups. And the ranks per node (0: one node)."""
     if comm.size < 2:
         return {}, 0
     hosts = comm.allgather_objects(socket.gethostname())
@@ -209,13 +210,14 @@ def node_links(comm) -> tuple[dict, int]:
         )
     per_node = counts.pop()
     local = comm.mpi.Split(nodes.index(hosts[comm.rank]), comm.rank)
-    leaders = comm.mpi.Split(0 if local.Get_rank() == 0 else 1, comm.rank)
+    across = comm.mpi.Split(local.Get_rank(), comm.rank)
     out = {}
     if per_node > 1:
         intra = link_figures(Comm(local, name="node")) if hosts[comm.rank] == nodes[0] else None
         out["intra"] = comm.bcast_object(intra)
-    inter = link_figures(Comm(leaders, name="nodes")) if local.Get_rank() == 0 else None
-    out["inter"] = comm.bcast_object(inter)
+    comm.barrier()
+    every = comm.allgather_objects(link_figures(Comm(across, name="nodes")))
+    out["inter"] = {k: float(np.median([f[k] for f in every])) for k in every[0]}
     return out, per_node
 
 

@@ -5,8 +5,9 @@ describes (`hpc-llm train --cluster FILE`; `hpc-llm bench calibrate` writes one)
 What it may change: parallel.tp, pp, zero, schedule, virtual_stages, sequence_parallel, and train.grad_accum with
 train.batch_size at the same global batch (batch_size x grad_accum sequences: the same samples each step, so the
 run's curve does not depend on the layout picked), and train.recompute where nothing fits without it. What it
-keeps: the model, its dtype, parallel.act_comm and grad_comm, and every other setting. The fastest layout that fits
-(the planner's tokens/s) wins; the line it prints names the runner-up and its predicted step.
+keeps: the model, its dtype, parallel.act_comm and grad_comm (priced: plan/grad_comm.py), and every other setting.
+The fastest layout that fits (the planner's tokens/s) wins; the line it prints names the runner-up and its
+predicted step.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def auto_layout(cfg: Config, cluster: str | None, ranks: int) -> tuple[Config, s
             bucket_mb=cfg.parallel.bucket_mb,
             sequence_parallel=(False, True),
             act_comm=cfg.parallel.act_comm,
+            grad_comm=(cfg.parallel.grad_comm, cfg.parallel.powersgd_rank),
         )
     except UserError as e:
         raise UserError(f'parallel.layout = "auto" on {ranks} ranks of {cluster}: {e}') from None

@@ -77,3 +77,24 @@ def test_train_refuses_auto_without_a_cluster_and_a_cluster_without_auto(data_di
     r = hpc_llm_cli("train", toml, "--set", "parallel.layout=", "--cluster", MACHINE)
     assert r.returncode != 0 and '--cluster: used only with parallel.layout = "auto"' in r.stderr
     assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_the_planner_prices_compressed_gradient_reductions(data_dir, tmp_path):
+    """parallel.grad_comm (plan/grad_comm.py) at dp 2 across nodes on a slow link, where the reduction is the step:
+    16-bit halves its bytes, PowerSGD sends (rows + cols) r per compressible matrix."""
+    from hpc_llm.plan.cluster import load_cluster
+    from hpc_llm.plan.memory import Layout
+    from hpc_llm.plan.predict import predict
+
+    cl = load_cluster(cluster_file(tmp_path, 1e5))
+    cl.devices = 1  # one rank a node: the dp group crosses the link
+    model = cfg_of(data_dir, tmp_path).model
+    exposed = {
+        gc: predict(model, Layout(1, 2, 1, batch_size=8, grad_comm=gc), cl, "fp32").time[
+            "dp_exposed"
+        ]
+        for gc in ("fp32", "bf16", "fp16", "powersgd")
+    }
+    assert exposed["bf16"] == pytest.approx(exposed["fp32"] / 2, rel=0.05), exposed
+    assert exposed["fp16"] == pytest.approx(exposed["fp32"] / 2, rel=0.05), exposed
+    assert exposed["powersgd"] < exposed["bf16"] / 2, exposed
