@@ -154,18 +154,17 @@ def test_a_network_fault_ends_the_job_and_the_run_resumes_on_the_node_left(
 ):
     make_fault, says = NETWORK_FAULTS[fault]
     run = tmp_path / "run"
-    cfg = tiny_config(
-        data_dir,
-        run,
-        **{
-            "model.n_head": 4,
-            "train.max_iters": 100_000,
-            "train.eval_iters": 0,
-            "checkpoint.interval": 2,
-            "parallel.tp": 2,
-            "parallel.comm_timeout_s": COMM_TIMEOUT_S,
-        },
-    )
+    overrides = {
+        "model.n_head": 4,
+        "train.max_iters": 100_000,
+        "train.eval_iters": 0,
+        "checkpoint.interval": 2,
+        "parallel.tp": 2,
+        "parallel.comm_timeout_s": COMM_TIMEOUT_S,
+        "model.dtype": "float64",
+        "train.log_interval": 1,
+    }
+    cfg = tiny_config(data_dir, run, **overrides)
     toml = write_toml(cfg, tmp_path / "run.toml")
     job = cluster.start("node1:2,node2:2", "-m", "hpc_llm", "train", toml)
     deadline = time.monotonic() + JOB_S
@@ -200,6 +199,21 @@ def test_a_network_fault_ends_the_job_and_the_run_resumes_on_the_node_left(
     assert rc == 0, err[-3000:]
     assert out.count('parallel.layout = "auto": ') == 1 and "on 2 ranks of" in out, out[-2000:]
     assert list_checkpoints(run)[0][0] == newest + 2
+    # on the curve: the steps after the checkpoint equal one process resuming it (float64)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r["loss"] for r in rows if r["kind"] == "train" and r["step"] > newest}
+    ref_cfg = tiny_config(
+        data_dir,
+        tmp_path / "ref",
+        **{**overrides, "parallel.tp": 1, "train.max_iters": newest + 2},
+    )
+    ref = train(ref_cfg, single_process_grid(), resume=str(path))
+    want = dict(zip(ref.metrics.train["step"], ref.metrics.train["loss"]))
+    assert sorted(got) == [newest + 1, newest + 2], got
+    assert rel_diff([got[s] for s in sorted(got)], [want[s] for s in sorted(got)]) <= F64_RTOL, (
+        got,
+        want,
+    )
 
 
 @pytest.mark.timeout(3 * JOB_S)
