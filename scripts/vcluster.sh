@@ -20,14 +20,20 @@
 # prints one line and the command exits 1. Needs root. A Slurm with one slurmd per node: scripts/vcluster_slurm.sh.
 #
 # Environment: VCLUSTER_SUBNET (first three octets, default 10.213.0; refused if the machine already routes it),
-# VCLUSTER_STATE (default /run/vcluster: the UTS namespaces' bind mounts and the cluster's record).
+# VCLUSTER_NAME (default vc: the names' prefix, vcbr0 and vc-nodeK; another name makes a second cluster beside it),
+# VCLUSTER_STATE (default /run/vcluster, /run/vcluster-NAME with a name: the UTS namespaces' bind mounts, the record).
 set -uo pipefail
 
 SUBNET=${VCLUSTER_SUBNET:-10.213.0}
-STATE=${VCLUSTER_STATE:-/run/vcluster}
-BRIDGE=vcbr0
+STATE=${VCLUSTER_STATE:-/run/vcluster${VCLUSTER_NAME:+-$VCLUSTER_NAME}}
+PREFIX=${VCLUSTER_NAME:-vc}
+BRIDGE=${PREFIX}br0
 MAX_NODES=64
 FAILED=0
+[[ $PREFIX =~ ^[a-z][a-z0-9]{0,5}$ ]] || {
+    echo "vcluster: VCLUSTER_NAME must be 1-6 lowercase letters or digits from a letter (interface names are short)" >&2
+    exit 2
+}
 
 usage() {
     echo "usage: $0 up N [--rate R] | down | status | exec NODE CMD... | pids NODE | mpiexec ARGS..." >&2
@@ -59,7 +65,7 @@ need_root() {
 
 # The nodes that exist now: node names from the network namespaces vc-nodeK, in order.
 existing_nodes() {
-    ip netns list 2>/dev/null | awk '{print $1}' | sed -n 's/^vc-\(node[0-9]\+\)$/\1/p' | sort -V
+    ip netns list 2>/dev/null | awk '{print $1}' | sed -n "s/^$PREFIX-\\(node[0-9]\\+\\)\$/\\1/p" | sort -V
 }
 
 node_index() {
@@ -106,7 +112,7 @@ ensure_bridge() {
 
 # Node K: its network namespace and link, its UTS namespace (bind-mounted at STATE/uts/nodeK), its rate.
 ensure_node() {
-    local k=$1 rate=$2 node=node$1 ns=vc-node$1 host=vc-node$1
+    local k=$1 rate=$2 node=node$1 ns=$PREFIX-node$1 host=$PREFIX-node$1
     if ! ip netns list | awk '{print $1}' | grep -qx "$ns"; then
         try "$node: add network namespace $ns" ip netns add "$ns" || return 1
     fi
@@ -139,18 +145,18 @@ await_links() {
     local k
     for k in $(seq "$1"); do
         for _ in $(seq 50); do
-            bridge link show dev "vc-node$k" 2>/dev/null | grep -q "state forwarding" && break
+            bridge link show dev "$PREFIX-node$k" 2>/dev/null | grep -q "state forwarding" && break
             sleep 0.1
         done
-        bridge link show dev "vc-node$k" 2>/dev/null | grep -q "state forwarding" ||
-            fail "node$k: its link vc-node$k is not forwarding after 5 s"
-        ip -n "vc-node$k" neigh flush all 2>/dev/null
+        bridge link show dev "$PREFIX-node$k" 2>/dev/null | grep -q "state forwarding" ||
+            fail "node$k: its link $PREFIX-node$k is not forwarding after 5 s"
+        ip -n "$PREFIX-node$k" neigh flush all 2>/dev/null
     done
 }
 
 # The pids whose network namespace is NODE's (every process started inside it).
 node_pids() {
-    ip netns pids "vc-$1" 2>/dev/null
+    ip netns pids "$PREFIX-$1" 2>/dev/null
 }
 
 remove_node() {
@@ -168,11 +174,11 @@ remove_node() {
         try "$node: unmount its UTS namespace" umount "$STATE/uts/$node"
     fi
     rm -f "$STATE/uts/$node"
-    if ip link show "vc-$node" >/dev/null 2>&1; then
-        try "$node: delete link vc-$node" ip link del "vc-$node"
+    if ip link show "$PREFIX-$node" >/dev/null 2>&1; then
+        try "$node: delete link $PREFIX-$node" ip link del "$PREFIX-$node"
     fi
-    if ip netns list | awk '{print $1}' | grep -qx "vc-$node"; then
-        try "$node: delete network namespace vc-$node" ip netns del "vc-$node"
+    if ip netns list | awk '{print $1}' | grep -qx "$PREFIX-$node"; then
+        try "$node: delete network namespace $PREFIX-$node" ip netns del "$PREFIX-$node"
     fi
 }
 
@@ -256,8 +262,8 @@ cmd_status() {
     fi
     [ -f "$STATE/cluster" ] && sed 's/^/# /' "$STATE/cluster"
     for node in $nodes; do
-        addr=$(ip -n "vc-$node" -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')
-        rate=$(tc -n "vc-$node" qdisc show dev eth0 root 2>/dev/null | sed -n 's/.* rate \([^ ]*\).*/\1/p')
+        addr=$(ip -n "$PREFIX-$node" -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')
+        rate=$(tc -n "$PREFIX-$node" qdisc show dev eth0 root 2>/dev/null | sed -n 's/.* rate \([^ ]*\).*/\1/p')
         pids=$(node_pids "$node" | wc -l)
         printf '%s  %s  hostname %s  rate %s  %s processes\n' "$node" "${addr:-no-address}" \
             "$(nsenter --uts="$STATE/uts/$node" hostname 2>/dev/null || echo '?')" "${rate:-unshaped}" "$pids"
@@ -268,11 +274,11 @@ cmd_exec() {
     local node=${1:-}
     shift || usage
     [ $# -gt 0 ] || usage
-    node_index "$node" >/dev/null && [ -e "/run/netns/vc-$node" ] && mountpoint -q "$STATE/uts/$node" || {
+    node_index "$node" >/dev/null && [ -e "/run/netns/$PREFIX-$node" ] && mountpoint -q "$STATE/uts/$node" || {
         echo "vcluster: no node '$node' (scripts/vcluster.sh status)" >&2
         exit 1
     }
-    exec nsenter --net="/run/netns/vc-$node" --uts="$STATE/uts/$node" -- "$@"
+    exec nsenter --net="/run/netns/$PREFIX-$node" --uts="$STATE/uts/$node" -- "$@"
 }
 
 # mpiexec (the one on PATH, or $MPIEXEC) run inside node1, for the nodes: PRRTE starts its daemon on each other
@@ -280,16 +286,124 @@ cmd_exec() {
 # (ranks on different nodes talk over their shaped links, ranks on one node through shared memory, Open MPI's
 # default); ranks fill each node's slots in order (--host nodeK:S; --oversubscribe alone maps by core and was seen to
 # put every rank on the first node); idle daemon connections are probed every second, so a lost node is noticed.
-cmd_mpiexec() {
+mpiexec_cmd() {
     local net="$SUBNET.0/24"
-    if [ "$(id -u)" -eq 0 ]; then
-        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-    fi
-    cmd_exec node1 "${MPIEXEC:-mpiexec}" --map-by slot:oversubscribe \
+    echo "${MPIEXEC:-mpiexec}" --map-by slot:oversubscribe \
         --prtemca plm_ssh_agent "$(dirname "$(readlink -f "$0")")/vcluster_agent" \
         --prtemca oob_tcp_if_include "$net" --mca oob_tcp_if_include "$net" \
         --prtemca oob_tcp_keepalive_time 1 --prtemca oob_tcp_keepalive_intvl 1 \
-        --prtemca oob_tcp_keepalive_probes 3 --mca btl_tcp_if_include "$net" "$@"
+        --prtemca oob_tcp_keepalive_probes 3 --mca btl_tcp_if_include "$net"
+}
+
+# "node2 (ranks 2-3)": the ranks --host NODE:SLOTS,... gives each node (slots filled in order), from mpiexec's args
+node_ranks() {
+    local want=$1 hosts="" first=0 h node slots
+    shift
+    while [ $# -gt 0 ]; do
+        case $1 in --host | -H) hosts=${2:-}; shift ;; --host=*) hosts=${1#--host=} ;; esac
+        shift
+    done
+    for h in ${hosts//,/ }; do
+        node=${h%%:*} slots=${h#*:}
+        [ "$slots" = "$h" ] && slots=1
+        [ "$node" = "$want" ] && { echo "$want (ranks $first-$((first + slots - 1)))"; return; }
+        first=$((first + slots))
+    done
+    echo "$want"
+}
+
+# A stderr line of the job's that says it is failing, recorded in DIR with the nodes lost: the one Open MPI's launcher
+# names, and any of the job's NODES with no process left when the failure began (a killed node's ranks may be
+# noticed by their peers' sockets closing, before the launcher says anything). `watch_stderr DIR NODE...`
+watch_stderr() {
+    local dir=$1 line node
+    shift
+    while IFS= read -r line; do
+        printf '%s\n' "$line" >&2
+        case $line in
+        *"MPI_ABORT was invoked"* | *"lost communication with a remote daemon"* | *MPI_ERRORS_ARE_FATAL*)
+            [ -e "$dir/failing" ] && continue
+            date +%s >"$dir/failing"
+            for node in "$@"; do
+                [ -n "$(node_pids "$node")" ] || echo "$node" >>"$dir/lost"
+            done
+            ;;
+        *"Remote daemon:"*" on node "*) echo "${line##* on node }" >>"$dir/lost" ;;
+        esac
+    done
+}
+
+# The job's nodes whose every process is stopped (state T): a stalled node. `stalled_nodes NODE...`
+stalled_nodes() {
+    local node pid state stopped
+    for node in "$@"; do
+        stopped=""
+        for pid in $(node_pids "$node"); do
+            state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || continue
+            [ "$state" = T ] && stopped=yes || { stopped=no; break; }
+        done
+        [ "$stopped" = yes ] && echo "$node"
+    done
+}
+
+# The job through mpiexec_cmd, watched: Open MPI 5's mpiexec waits forever for the daemon of a stalled node (stopped,
+# its kernel still acknowledging TCP) once a rank has aborted, and exits 0 after losing a node. So once the job's
+# stderr says it is failing (MPI_Abort, a lost daemon, MPI's fatal error), mpiexec gets VCLUSTER_ABORT_GRACE_S
+# (default 3 s) to end, then is killed with every stopped process of the job's nodes; and a failing job never exits
+# 0. The last line names the nodes lost (the launcher's word) or stalled, with their ranks. Signals are forwarded.
+cmd_mpiexec() {
+    local dir pid status=0 grace=${VCLUSTER_ABORT_GRACE_S:-3} nodes node why="" killed="" h=""
+    if [ "$(id -u)" -eq 0 ]; then
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    fi
+    dir=$(mktemp -d) || exit 1
+    export VCLUSTER_JOB_DIR=$dir  # for scripts/vcluster_agent
+    nodes=$(for a in "$@"; do echo "$a"; done | sed -n '/^--host$\|^-H$/{n;p}' | tr ',' '\n' | cut -d: -f1)
+    # shellcheck disable=SC2046,SC2086
+    cmd_exec node1 $(mpiexec_cmd) "$@" 2> >(watch_stderr "$dir" $nodes) &
+    pid=$!
+    trap 'kill -TERM $pid 2>/dev/null' TERM
+    trap 'kill -INT $pid 2>/dev/null' INT
+    trap 'kill -USR1 $pid 2>/dev/null' USR1
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ -e "$dir/failing" ] && [ $(($(date +%s) - $(cat "$dir/failing"))) -ge "$grace" ]; then
+            # shellcheck disable=SC2086
+            why=$(stalled_nodes $nodes | tr '\n' ' ')
+            echo "vcluster: mpiexec still running ${grace} s after the job began to fail: killing it" >&2
+            exec 3>&2 2>/dev/null  # not bash's own "Killed" line for it
+            killed=yes
+            kill -KILL "$pid"
+            for node in $why; do
+                # shellcheck disable=SC2046
+                kill -KILL $(node_pids "$node") 2>/dev/null
+            done
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$pid" || status=$?
+    while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early
+        wait "$pid" || status=$?
+    done
+    [ -z "$killed" ] || exec 2>&3 3>&-
+    sleep 0.2  # the stderr watcher's last lines, the agents' records
+    if [ -s "$dir/daemons" ]; then
+        cut -d' ' -f1 "$dir/daemons" >>"$dir/lost"
+        [ -e "$dir/failing" ] || date +%s >"$dir/failing"
+    fi
+    if [ -e "$dir/failing" ]; then
+        for node in $(sort -u "$dir/lost" 2>/dev/null); do
+            case " $why " in *" $node "*) continue ;; esac  # stalled, then killed here
+            h+="$(node_ranks "$node" "$@") lost (its daemon died or was cut off); "
+        done
+        for node in $why; do
+            h+="$(node_ranks "$node" "$@") stalled (every process stopped); "
+        done
+        echo "vcluster: the job failed${h:+: ${h%; }}" >&2
+        [ "$status" -ne 0 ] || status=1
+    fi
+    rm -rf "$dir"
+    return "$status"
 }
 
 case ${1:-} in
@@ -298,6 +412,6 @@ down) cmd_down ;;
 status) cmd_status ;;
 exec) shift; cmd_exec "$@" ;;
 pids) [ $# -eq 2 ] || usage; node_pids "$2" ;;
-mpiexec) shift; cmd_mpiexec "$@" ;;
+mpiexec) shift; cmd_mpiexec "$@"; exit ;;
 *) usage ;;
 esac

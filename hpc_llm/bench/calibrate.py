@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import socket
 import tempfile
 import time
 
 import numpy as np
 
 from hpc_llm.bench.timer import best_time
-from hpc_llm.parallel.comm import world_comm
+from hpc_llm.errors import UserError
+from hpc_llm.parallel.comm import Comm, world_comm
 
 # What a training rank has loaded besides hpc_llm's own small modules: imported before the baseline memory figure
 # is read, so that it is a rank's resident size before its first tensor
@@ -189,6 +191,36 @@ def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
     return {"latency_s": latency, "bw": bw, "nb_bw": nb_bw, "overlap": overlap}
 
 
+def node_links(comm) -> tuple[dict, int]:
+    """The link figures, by level: on one node `intra` between all the ranks; across nodes (ranks on several
+    hostnames, as many on each) `intra` among the ranks on rank 0's node (where it has two or more) and `inter`
+    per device: every rank at once in a group of one rank per node (the K-th of each), so the node's ranks share its
+    link as training's cross-node groups do; the median over the groups. And the ranks per node (0: one node)."""
+    if comm.size < 2:
+        return {}, 0
+    hosts = comm.allgather_objects(socket.gethostname())
+    nodes = sorted(set(hosts), key=hosts.index)
+    if len(nodes) == 1:
+        return {"intra": link_figures(comm)}, 0
+    counts = {hosts.count(h) for h in nodes}
+    if len(counts) != 1:
+        raise UserError(
+            f"bench calibrate: {len(nodes)} nodes with different numbers of ranks ({sorted(counts)}): "
+            "give each node the same"
+        )
+    per_node = counts.pop()
+    local = comm.mpi.Split(nodes.index(hosts[comm.rank]), comm.rank)
+    across = comm.mpi.Split(local.Get_rank(), comm.rank)
+    out = {}
+    if per_node > 1:
+        intra = link_figures(Comm(local, name="node")) if hosts[comm.rank] == nodes[0] else None
+        out["intra"] = comm.bcast_object(intra)
+    comm.barrier()
+    every = comm.allgather_objects(link_figures(Comm(across, name="nodes")))
+    out["inter"] = {k: float(np.median([f[k] for f in every])) for k in every[0]}
+    return out, per_node
+
+
 def calibrate(out_dir=".") -> tuple[dict, str]:
     """This machine's cluster figures, measured on every rank at once (so each device's figures are those of a
     busy node); the medians over ranks. Links only under mpiexec with >= 2 ranks. -> (cluster dict, notes)."""
@@ -238,8 +270,12 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
         f"measured on {comm.size} rank(s) at once; one device = one core running one rank "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     )
-    if comm.size >= 2:
-        d["link"] = {"intra": link_figures(comm)}
+    links, per_node = node_links(comm)
+    if per_node:
+        d["node"]["devices"] = per_node
+        notes += f"; {per_node} ranks per node: a device = a rank's share of its node"
+    if links:
+        d["link"] = links
     else:
         notes += "; no link figures: run under `mpiexec -n 2` to measure them"
     d["sources"] = {

@@ -3,6 +3,7 @@ arguments first, each error a UserError (one line, exit 2), then the work, the o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ from hpc_llm.infer.evaluate import check_eval_options, evaluate, open_split
 from hpc_llm.infer.generate import check_options, generate_prompts, read_prompts, tp_from_sets
 from hpc_llm.parallel.comm import world_comm
 from hpc_llm.parallel.grid import world_grid
+from hpc_llm.plan.auto import auto_layout
 from hpc_llm.plan.cluster import cluster_from_dict, load_cluster, to_toml
 from hpc_llm.plan.compare import compare, format_compare
 from hpc_llm.plan.given import format_given, given_layout, own_split
@@ -111,11 +113,34 @@ def run_train(args) -> int:
             return load_config(args.config, args.set)
 
         cfg = world.agree(read_config)
+        if cfg.parallel.layout == "auto" or args.cluster:
+            cfg = _auto_layout(world, cfg, args.cluster)
         summary = train(cfg, resume=args.resume, stop=stop)
     if launcher_rank() == 0:
         print(json.dumps(summary))
     inject("exit")
     return EXIT_PREEMPTED if summary["stopped_by"] else 0
+
+
+def _auto_layout(world, cfg, cluster):
+    """cfg at the layout the planner picks on rank 0 for this job's ranks (plan/auto.py), the same on every rank;
+    its line printed once. Bad input fails every rank alike, before any compute."""
+
+    def pick():
+        if cfg.parallel.layout != "auto":
+            raise UserError('--cluster: used only with parallel.layout = "auto"')
+        if world.rank != 0:
+            return None
+        resolved = cfg
+        if cfg.model.vocab_size == 0:
+            resolved = cfg.with_vocab(TokenData(cfg.data.path).vocab_size)
+        chosen, line = auto_layout(resolved, cluster, world.size)
+        return dataclasses.replace(chosen, model=cfg.model), line
+
+    chosen, line = world.bcast_object(world.agree(pick, "parallel.layout = auto"))
+    if world.rank == 0:
+        print(line, flush=True)
+    return chosen
 
 
 def _check_generate_args(args) -> None:

@@ -137,6 +137,11 @@ def _add_train(sub) -> None:
         metavar="CKPT|auto",
         help="continue from a checkpoint, or the newest verified one",
     )
+    s.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help='with parallel.layout = "auto": the machine\'s cluster file (hpc-llm bench calibrate writes one)',
+    )
     _add_comm_timeout(s, train=True)
     s.set_defaults(func=commands.run_train)
 

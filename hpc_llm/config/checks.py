@@ -134,6 +134,7 @@ def _check_precision(cfg: Config) -> None:
 
 def _check_parallel(cfg: Config) -> None:
     m, t, par = cfg.model, cfg.train, cfg.parallel
+    need(par.layout in ("", "auto"), "parallel.layout", '"auto" or "" (as set)', par.layout)
     need(par.tp >= 1, "parallel.tp", "a positive integer", par.tp)
     need(par.pp >= 1, "parallel.pp", "a positive integer", par.pp)
     need(

@@ -91,6 +91,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    # "auto": the planner picks tp, pp, zero, the schedule and the micro-batches for the ranks the job got, from the
+    # cluster file `train --cluster` names (hpc_llm/plan/auto.py); "": as set below
+    layout: str = ""
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size (stages); data-parallel size = number of ranks / (pp * tp)
     # layers of each pipeline stage in model order (pp * virtual_stages entries, summing to model.n_layer); empty: even

@@ -90,6 +90,10 @@ class Layout:
     # step's end (the code before bounded sends), k > 0 at most k
     send_depth: int | None = None
     reshard_after_forward: bool = True  # ZeRO-3: a unit's forward gather freed after its forward
+    grad_comm: str = (
+        "fp32"  # parallel.grad_comm: the data-parallel reduction's format (plan/grad_comm.py)
+    )
+    powersgd_rank: int = 4  # parallel.powersgd_rank
 
     @property
     def ranks(self) -> int:
@@ -122,6 +126,8 @@ class Layout:
             par.sequence_parallel,
             par.act_comm,
             reshard_after_forward=par.reshard_after_forward,
+            grad_comm=par.grad_comm,
+            powersgd_rank=par.powersgd_rank,
         )
 
 

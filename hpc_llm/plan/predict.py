@@ -25,6 +25,7 @@ from hpc_llm.plan.compute import (
     optimizer_time,
     refresh_time,
 )
+from hpc_llm.plan.grad_comm import SIXTEEN, powersgd_seconds, sixteen_bit_casts, wire_bytes
 from hpc_llm.plan.memory import (
     Bytes,
     Layout,
@@ -377,7 +378,7 @@ def _dp_reduction(
     bg_end, exposed_nb, blocking, hidden = 0.0, 0.0, 0.0, 0.0
     coll = reduce_scatter if sync.zero else allreduce
     for a, b_ in sync.buckets:
-        nbytes = (b_ - a) * by.grad
+        nbytes = (b_ - a) * wire_bytes(lay.grad_comm, by.grad)
         ready = [t for t, off in reports if off <= a]
         if ready:
             d = coll(nbytes, lay.dp, link.latency_s, link.nb_bw)
@@ -406,8 +407,15 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
         emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw)
     dp_exposed = dp_hidden = 0.0
     if lay.dp > 1 and lay.zero < 2:  # ZeRO-2/3 reduce in each pass (plan/sharding.py)
-        reports = _grad_reports(lay, plan, costs, events, {x.name: x.offset for x in specs})
-        dp_exposed, dp_hidden = _dp_reduction(lay, sync, by, links["dp"], reports, end)
+        if lay.grad_comm == "powersgd":
+            dp_exposed = powersgd_seconds(
+                specs, lay.powersgd_rank, lay.dp, links["dp"], pr, by.grad
+            )
+        else:
+            reports = _grad_reports(lay, plan, costs, events, {x.name: x.offset for x in specs})
+            dp_exposed, dp_hidden = _dp_reduction(lay, sync, by, links["dp"], reports, end)
+        if lay.grad_comm in SIXTEEN:
+            dp_exposed += sixteen_bit_casts(pr, lay.grad_comm, n, lay.zero)
     zero_gather = 0.0
     if lay.zero in (1, 2) and lay.dp > 1:  # ZeRO-3 gathers each unit when it is used
         link = links["dp"]

@@ -153,6 +153,7 @@ def search(
     checkpoint_memory: bool = True,
     sequence_parallel=(False,),
     act_comm: str = "fp32",
+    grad_comm: tuple = ("fp32", 4),
 ):
     """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible). Each layout's memory comes
     first: one that does not fit is rejected before its schedule is simulated (memory does not depend on time, so
@@ -184,6 +185,8 @@ def search(
         if reason:
             bad.append((lay, reason))
             continue
+        # the data-parallel reduction's format and PowerSGD's rank (parallel.grad_comm, powersgd_rank)
+        lay = replace(lay, grad_comm=grad_comm[0], powersgd_rank=grad_comm[1])
         if lay.micro_batches > max_micro:
             continue
         for prec in precisions:

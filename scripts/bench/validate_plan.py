@@ -82,6 +82,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--cluster", default="inputs/clusters/this_machine.toml")
+    ap.add_argument(
+        "--share",
+        type=float,
+        help="ranks per device for the prediction (default: ranks / the cluster's devices, at least 1; 1 for a "
+        "cluster file calibrated with as many ranks busy as this run has)",
+    )
     ap.add_argument("--out", default="/tmp/validation.jsonl")
     ap.add_argument(
         "--table", metavar="JSONL", help="print the markdown table of earlier runs and exit"
@@ -165,7 +171,7 @@ def validation_row(args, world, trainer: Trainer, times, cpu, peaks, rss) -> dic
     cfg = trainer.cfg
     cl = load_cluster(args.cluster)
     lay = run_layout(cfg, None, world.size)
-    share = max(1.0, world.size / cl.devices)
+    share = args.share or max(1.0, world.size / cl.devices)
     pred = predict(cfg.model, lay, cl, getattr(cfg.train, "precision", None), share)
     by = PRECISIONS[pred.precision][1]
     mems = [

@@ -461,6 +461,7 @@ def _rows() -> list[Row]:
         F("train.max_bad_steps", "x", 0, "a positive integer"),
         F("train.spike_sigma", "x", -1, "a non-negative number"),
         F("data.path", 5, "", "a directory path"),
+        F("parallel.layout", 1, "best", '"auto" or "" (as set)'),
         F("parallel.tp", "x", 0, "a positive integer"),
         F("parallel.pp", 1.5, 0, "a positive integer"),
         F("parallel.virtual_stages", "x", 0, "a positive integer"),

@@ -15,6 +15,7 @@ from helpers import REPO, kill_session, mpiexec
 
 VCLUSTER = REPO / "scripts" / "vcluster.sh"
 NODES = 2
+PREFIX = os.environ.get("VCLUSTER_NAME", "vc")  # the names vcluster.sh gives: vcbr0, vc-nodeK
 
 
 def env() -> dict:
@@ -38,6 +39,10 @@ class Cluster:
     """The running cluster, for a test: vcluster.sh's commands and mpiexec on its nodes."""
 
     script = VCLUSTER
+    # its record and the UTS namespaces' mounts (vcluster.sh's default)
+    state = os.environ.get(
+        "VCLUSTER_STATE", "/run/vcluster" + (f"-{PREFIX}" if "VCLUSTER_NAME" in os.environ else "")
+    )
     run = staticmethod(vcluster)
 
     @staticmethod
