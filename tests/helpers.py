@@ -429,6 +429,14 @@ CHECKPOINT_LAYOUTS = {
     "PP2xDP2-zero1": (4, 1, 2, 1, {}),
     "PP2xDP2-zero3": (4, 1, 2, 3, {}),
     "PP2xDP2xTP2-zero1": (8, 2, 2, 1, {}),
+    "DP2-zero2": (2, 1, 1, 2, {}),
+    "DP2xTP2-SP-zero3-kept": (
+        4,
+        2,
+        1,
+        3,
+        {"parallel.sequence_parallel": True, "parallel.reshard_after_forward": False},
+    ),
 }
 
 

@@ -22,6 +22,7 @@ from helpers import (
     check,
     count_reads,
     flip_byte_in,
+    full_flat,
     hyperslab_checks,
     layout_trainer,
     save_failure_problems,
@@ -93,9 +94,12 @@ def restored_checks(tr: Trainer, path, data_dir, out_dir, layout) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize(
-    "layout", layout_params(n for n in CHECKPOINT_LAYOUTS if n != "PP2xDP2xTP2-zero1")
-)
+# the gather writer's layouts; the ZeRO-2/3 and sequence-parallel ones are the parts writer's matrix (below)
+SMALL_MESSAGE_LAYOUTS = ["TP2", "DP2-zero1", "PP2", "PP2-interleaved", "DP2xTP2-zero1"]
+SMALL_MESSAGE_LAYOUTS += ["PP2xDP2-zero1", "PP2xDP2-zero3"]
+
+
+@pytest.mark.parametrize("layout", layout_params(SMALL_MESSAGE_LAYOUTS))
 def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, monkeypatch):
     """With MESSAGE_ELEMS lowered to 100 every save message carries at most 100 elements (thousands of them) and the
     file is the one the default writes, dataset by dataset and checksum by checksum; it restores bitwise."""
@@ -131,17 +135,41 @@ def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, m
     check(not bad, "\n".join(bad))
 
 
-@pytest.mark.parametrize(
-    "layout", layout_params(["DP2xTP2-zero1", "PP2xDP2-zero1", "PP2xDP2xTP2-zero1"])
-)
+def restored_elsewhere_checks(path, tensors: dict, data_dir, out_dir, layout) -> list[str]:
+    """A trainer of another layout on the same ranks restores `path` (each rank its hyperslabs): its parameters,
+    gathered to full tensors, are the file's (`tensors`: name -> array, as plain h5py read them), bitwise."""
+    again = layout_trainer(data_dir, out_dir, layout)
+    again.restore(path)
+    got = again.model.full_tensors(full_flat(again))
+    return [
+        f"restored at {layout}: {name} differs from the file's"
+        for name, a in got.items()
+        if not np.array_equal(a, tensors[f"params/{name}"][0])
+    ]
+
+
+# saving layout: another layout of as many ranks that restores its file (none: no other of that size)
+PARTS_MATRIX = {
+    "DP2xTP2-zero1": "PP2xDP2-zero3",
+    "PP2xDP2-zero1": None,
+    "PP2xDP2xTP2-zero1": None,
+    "DP2-zero2": "TP2",
+    "PP2xDP2-zero3": "DP2xTP2-SP-zero3-kept",
+    "DP2xTP2-SP-zero3-kept": "PP2xDP2-zero1",
+}
+
+
+@pytest.mark.parametrize("layout", layout_params(PARTS_MATRIX))
 def test_the_parts_writer_writes_the_gather_writers_tensors(
     layout, data_dir, shared_tmp_path, monkeypatch
 ):
     """Saved by the parts writer (every rank the elements it holds into its own file, a master file of virtual
     datasets) in the foreground, and in the background with MESSAGE_ELEMS at 100 (pieces of every tensor on every
-    rank, ZeRO-1's moment ranges cut mid-row): plain h5py reads from the master, opened from another directory,
-    every tensor and crc32 of the gather writer's file; no tensor data crosses the network; every rank wrote a
-    part; it restores bitwise at the saving layout."""
+    rank, ZeRO-1's moment ranges cut mid-row), at ZeRO 1, 2 and 3 (with and without resharding after forward),
+    with pipeline, tensor and sequence parallelism: plain h5py reads from the master, opened from another
+    directory, every tensor and crc32 of the gather writer's file; no tensor data crosses the network; every rank
+    wrote a part; it restores bitwise at the saving layout, and at another layout to the same full tensors.
+    (tests/parallel/test_resume_layouts.py resumes such files at other layouts and follows the loss curve.)"""
     tr = layout_trainer(data_dir, shared_tmp_path / "run", layout, **{"train.max_iters": 2})
     tr.run()
     default = ckpt.checkpoint_path(tr.out_dir, 2)
@@ -181,6 +209,11 @@ def test_the_parts_writer_writes_the_gather_writers_tensors(
                 or not np.array_equal(got[k][0], want[k][0], equal_nan=True)
             ]
     bad += restored_checks(tr, saved["foreground"], data_dir, shared_tmp_path / "again", layout)
+    if PARTS_MATRIX[layout]:
+        want = MPI.COMM_WORLD.bcast(want if MPI.COMM_WORLD.rank == 0 else None)
+        bad += restored_elsewhere_checks(
+            saved["foreground"], want, data_dir, shared_tmp_path / "other", PARTS_MATRIX[layout]
+        )
     check(not bad, "\n".join(bad))
 
 
