@@ -72,6 +72,15 @@ class SaveTarget:
     staging: HostStaging = field(default_factory=HostStaging)
 
 
+def auto_writer(writer: str, ranks: int, async_save: bool) -> str:
+    """checkpoint.writer with "auto" resolved: the parts writer with several ranks or background saves (every rank
+    writes its own share, no MPI-IO: docs/performance.md), else gather (one process: one file, as fast). The
+    trainer and the planner alike."""
+    if writer != "auto":
+        return writer
+    return "parts" if ranks > 1 or async_save else "gather"
+
+
 @dataclass(frozen=True)
 class Restored:
     """A restore's outcome: the file, and why this rank's PowerSGD state was reset (None: restored or not used)."""
