@@ -464,13 +464,13 @@ def layout_trainer(data_dir, out_dir, layout: str, resume=None, **overrides) -> 
 SAVE_SLACK = 512 << 10
 
 
-def save_failure_problems(tr, rank: int) -> list[str]:
-    """Run `tr` (4 steps, checkpoints at 2 and 4), whose step-4 save fails on `rank`: what is wrong on this rank
-    with the outcome (for every writer alike): not one SaveFailed line, the same on every rank,
+def save_failure_problems(tr, rank: int, run=None) -> list[str]:
+    """Run `tr` (4 steps, checkpoints at 2 and 4; or `run()`), whose step-4 save fails on `rank`: what is wrong on
+    this rank with the outcome (for every writer alike): not one SaveFailed line, the same on every rank,
     naming the rank, the file and the error; a temporary file left; step 2 not the newest checkpoint, not verified,
     or not the one `latest` names."""
     try:
-        tr.run()
+        (run or tr.run)()
         error = None
     except ckpt.SaveFailed as e:
         error = str(e)

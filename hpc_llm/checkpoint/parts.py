@@ -19,6 +19,8 @@ A save (``PartsSave``), each collective step agreed (Comm.agree), a failure anyw
 3. ``finish`` (this step boundary or a later one, on the main thread): the parts' outcome agreed, the
    contributions summed; rank 0 writes the master under a temporary name, fsyncs it and the parts directory,
    checks its header, and renames it onto the checkpoint's name (the only step that makes it a checkpoint).
+   In the background (``commit``) that file work runs in a thread of rank 0 while training goes on, and a later
+   ``finish`` agrees on its outcome: the main thread keeps only the agreements and the checksums' sum.
 
 A kill at any point before the rename leaves a parts directory no master names and a temporary master: never a
 checkpoint; the next run in the directory removes them (rundir.remove_interrupted_saves).
@@ -291,6 +293,10 @@ class PartsSave:
         self.error: BaseException | None = None
         self.crcs: np.ndarray | None = None
         self.thread: threading.Thread | None = None
+        self.publishing = False  # commit() has handed the master to rank 0's thread
+        self.renamed = (
+            False  # the master is under the checkpoint's name: nothing of it may be removed
+        )
         self.own: dict[str, np.ndarray] = {}
         self.f: h5py.File | None = None  # the master (rank 0), open from its body to its trailer
         self.dsets: dict[str, h5py.Dataset] = {}
@@ -361,31 +367,70 @@ class PartsSave:
             self.error = e
 
     def ready(self) -> bool:
-        """Whether every rank's part is written (collective: the same answer everywhere)."""
+        """Whether every rank's background work is done: its part, or after commit() rank 0's master (collective:
+        the same answer everywhere)."""
         done = self.thread is None or not self.thread.is_alive()
         return self.comm.allreduce_scalar(float(done), "min") > 0
 
+    def _join(self) -> None:
+        if self.thread is not None:
+            WATCHDOG.enter("waiting for this rank's checkpoint writer")
+            try:
+                self.thread.join()
+            finally:
+                WATCHDOG.leave()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _parts_written(self) -> np.ndarray:
+        """The parts' outcome agreed, then every dataset's crc32: the XOR of the ranks' contributions."""
+        self._join()
+        self.agree("writing checkpoint parts", self._raise_error)
+        return xor_over_ranks(self.comm, self.crcs)
+
     def finish(self) -> None:
-        """Agree on the parts, write and publish the master (rank 0); SaveFailed on every rank if anything failed."""
+        """Agree on the parts, write and publish the master (rank 0); after commit(), agree on what rank 0's thread
+        did. SaveFailed on every rank if anything failed."""
         try:
-            if self.thread is not None:
-                WATCHDOG.enter("waiting for this rank's checkpoint writer")
-                try:
-                    self.thread.join()
-                finally:
-                    WATCHDOG.leave()
-
-            def written():
-                if self.error is not None:
-                    raise self.error
-
-            self.agree("writing checkpoint parts", written)
-            crcs = xor_over_ranks(self.comm, self.crcs)
+            if self.publishing:
+                self._join()
+                self.agree("publishing the checkpoint's master file", self._raise_error)
+                return
+            crcs = self._parts_written()
             self.agree("writing the checkpoint's master file", lambda: self._master(crcs))
             self.agree("renaming the checkpoint", self._publish)
         except SaveFailed:
             self._abandon()
             raise
+
+    def commit(self, after) -> None:
+        """Once ready(): agree on the parts and sum the checksums (collective, cheap), then rank 0 writes, checks
+        and renames the master in a thread, and calls ``after()`` (no MPI in either); ready() says when that is
+        done and finish() agrees on it. SaveFailed on every rank if a part failed."""
+        try:
+            crcs = self._parts_written()
+        except SaveFailed:
+            self._abandon()
+            raise
+        self.publishing, self.thread = True, None
+        if self.rank == 0:
+            self.thread = threading.Thread(
+                target=self._publish_master,
+                args=(crcs, after),
+                name="hpc-llm-checkpoint",
+                daemon=True,
+            )
+            self.thread.start()
+
+    def _publish_master(self, crcs: np.ndarray, after) -> None:
+        try:
+            self._master(crcs)
+            self._publish()
+            after()
+        except BaseException as e:  # noqa: BLE001 - reported (agreed) by finish
+            self.error = e
 
     def _master_body(self) -> None:
         """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
@@ -431,7 +476,7 @@ class PartsSave:
         if self.rank == 0:
             replaced = rundir.parts_of(self.path) if self.path.exists() else None
             os.replace(self.tmp, self.path)
-            self.tmp = None
+            self.tmp, self.renamed = None, True
             fsync_dir(self.path.parent)
             if replaced is not None and replaced != self.dir:
                 shutil.rmtree(replaced, ignore_errors=True)
@@ -444,6 +489,8 @@ class PartsSave:
             with contextlib.suppress(Exception):  # the save has failed already
                 self.f.close()
             self.f = None
+        if self.renamed:  # a checkpoint now (what failed came after): its parts stay
+            return
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
         if self.dir is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import shutil
+import threading
 import tracemalloc
 
 import h5py
@@ -375,18 +377,61 @@ def test_enospc_on_one_rank_fails_the_save_on_every_rank(
     writer, rank, data_dir, shared_tmp_path, monkeypatch
 ):
     """ENOSPC injected as rank 0 (gather: the writer, its temporary file open; parts: the master's writer) or rank 1
-    (a sender; in the background: its part, found at the next step boundary) starts its part of the step-4 save:
-    every rank raises the same SaveFailed naming that rank, the file and the error; no temporary file or parts are
-    left and the step-2 checkpoint still verifies and is the newest."""
+    (a sender) starts its part of the step-4 save; in the background (6 steps: the step-4 save is not the final
+    one) as rank 1 writes its part, found at a later step boundary: every rank raises the same SaveFailed naming
+    that rank, the file and the error; no temporary file or parts are left and the step-2 checkpoint still
+    verifies and is the newest."""
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
     tr = layout_trainer(
         data_dir,
         shared_tmp_path / "run",
         "TP2",
         **WRITERS[writer],
-        **{"train.max_iters": 4, "checkpoint.interval": 2},
+        **{"train.max_iters": 6 if writer == "async" else 4, "checkpoint.interval": 2},
     )
     bad = save_failure_problems(tr, rank)
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=2)
+def test_a_full_disk_under_the_background_master_fails_the_save_on_every_rank(
+    data_dir, shared_tmp_path, monkeypatch
+):
+    """A background save of step 4 whose parts are written moves on at a step boundary (Trainer.settle_save):
+    rank 0's thread writes the master while training would go on, and ENOSPC strikes as it adds the checksums; at
+    the next boundary every rank raises the same SaveFailed naming rank 0, the file and the error; nothing of the
+    step-4 save is left and the step-2 checkpoint still verifies and is the newest."""
+    tr = layout_trainer(
+        data_dir,
+        shared_tmp_path / "run",
+        "TP2",
+        **WRITERS["async"],
+        **{"train.max_iters": 2, "checkpoint.interval": 2},
+    )
+    tr.run()  # the step-2 checkpoint (the final save: in the foreground)
+    where = []
+
+    def full(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    if MPI.COMM_WORLD.rank == 0:
+        monkeypatch.setattr(fmt, "write_trailer", full)
+
+    def step_4_in_the_background():
+        tr.step = 4
+        tr.checkpoint()
+        rounds = 0
+        while (
+            tr.pending is not None
+        ):  # each round waited for, then moved on, as at later step boundaries
+            rounds += tr.pending.ready()
+            tr.settle_save(wait=False)
+        raise AssertionError(f"not failed after {rounds} rounds")
+
+    bad = save_failure_problems(tr, 0, step_4_in_the_background)
+    if MPI.COMM_WORLD.rank == 0 and where != [False]:
+        bad.append(f"the master's checksums written on the main thread: {where}")
     check(not bad, "\n".join(bad))
 
 
@@ -402,6 +447,9 @@ def test_a_vanished_directory_fails_the_save_on_every_rank(data_dir, shared_tmp_
         error = None
     except ckpt.SaveFailed as e:
         error = str(e)
+        import traceback
+
+        traceback.print_exc()
     errors = MPI.COMM_WORLD.allgather(error)
     check(
         error is not None
