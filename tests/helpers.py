@@ -429,6 +429,14 @@ CHECKPOINT_LAYOUTS = {
     "PP2xDP2-zero1": (4, 1, 2, 1, {}),
     "PP2xDP2-zero3": (4, 1, 2, 3, {}),
     "PP2xDP2xTP2-zero1": (8, 2, 2, 1, {}),
+    "DP2-zero2": (2, 1, 1, 2, {}),
+    "DP2xTP2-SP-zero3-kept": (
+        4,
+        2,
+        1,
+        3,
+        {"parallel.sequence_parallel": True, "parallel.reshard_after_forward": False},
+    ),
 }
 
 
@@ -456,13 +464,13 @@ def layout_trainer(data_dir, out_dir, layout: str, resume=None, **overrides) -> 
 SAVE_SLACK = 512 << 10
 
 
-def save_failure_problems(tr, rank: int) -> list[str]:
-    """Run `tr` (4 steps, checkpoints at 2 and 4), whose step-4 save fails on `rank`: what is wrong on this rank
-    with the outcome (for every writer alike): not one SaveFailed line, the same on every rank,
+def save_failure_problems(tr, rank: int, run=None) -> list[str]:
+    """Run `tr` (4 steps, checkpoints at 2 and 4; or `run()`), whose step-4 save fails on `rank`: what is wrong on
+    this rank with the outcome (for every writer alike): not one SaveFailed line, the same on every rank,
     naming the rank, the file and the error; a temporary file left; step 2 not the newest checkpoint, not verified,
     or not the one `latest` names."""
     try:
-        tr.run()
+        (run or tr.run)()
         error = None
     except ckpt.SaveFailed as e:
         error = str(e)

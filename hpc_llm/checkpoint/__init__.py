@@ -19,7 +19,8 @@ The package, by job:
 - ``writers``: the save engine behind both writers (gather: rank 0 writes; mpio: every rank its share), every failure
   agreed (``SaveFailed`` on every rank);
 - ``parts``: the parts writer (every rank writes what it holds into its own file, a master file of virtual datasets
-  joins them; in the foreground or in the background, ``checkpoint.async_save``);
+  joins them; in the foreground or in the background, ``checkpoint.async_save``), ``part_map`` where its pieces
+  land (runs in the full tensors, the master's virtual-dataset mappings);
 - ``serial``: ``save_checkpoint`` (one process, arrays in memory);
 - ``reader``: ``CheckpointFile`` (a rank's hyperslabs and its share of the checksums), ``load_checkpoint``,
   ``verify_checkpoint``;

@@ -19,6 +19,8 @@ A save (``PartsSave``), each collective step agreed (Comm.agree), a failure anyw
 3. ``finish`` (this step boundary or a later one, on the main thread): the parts' outcome agreed, the
    contributions summed; rank 0 writes the master under a temporary name, fsyncs it and the parts directory,
    checks its header, and renames it onto the checkpoint's name (the only step that makes it a checkpoint).
+   In the background (``commit``) that file work runs in a thread of rank 0 while training goes on, and a later
+   ``finish`` agrees on its outcome: the main thread keeps only the agreements and the checksums' sum.
 
 A kill at any point before the rename leaves a parts directory no master names and a temporary master: never a
 checkpoint; the next run in the directory removes them (rundir.remove_interrupted_saves).
@@ -33,167 +35,22 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-from h5py import h5s
 
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import rundir
-from hpc_llm.checkpoint.slabs import Out, Part, slabs
+from hpc_llm.checkpoint.part_map import Walk, master_only, run_segments, run_selections
+from hpc_llm.checkpoint.slabs import Out, slabs
 from hpc_llm.checkpoint.writers import SaveFailed, agreed
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.faults import WATCHDOG, inject
 from hpc_llm.runtime.fsio import fsync_dir
 
 PART_FORMAT = "hpc_llm-checkpoint-part"
-
-
-@dataclass(frozen=True)
-class Run:
-    """Elements of a part dataset in the full tensor, seen as rows x width (axis 0 by the rest): ``rows`` rows of
-    ``cols`` elements from (row, col); in the part they start at ``src`` and each row ``stride`` after the last."""
-
-    src: int
-    row: int
-    col: int
-    rows: int
-    cols: int
-    stride: int
-
-    def follows(self, a: Run) -> bool:
-        """This run continues ``a`` in the part and in the tensor: one mapping for both."""
-        return (self.col, self.cols, self.stride) == (a.col, a.cols, a.stride) and (
-            self.src == a.src + a.rows * a.stride and self.row == a.row + a.rows
-        )
-
-
-def contiguous_runs(lo: int, hi: int, width: int, src: int = 0) -> list[Run]:
-    """Elements lo..hi (C order) of a rows x width matrix, stored from ``src`` on: a partial first row, whole rows,
-    a partial last row."""
-    runs, r, c = [], *divmod(lo, width)
-    if c:
-        k = min(width - c, hi - lo)
-        runs.append(Run(src, r, c, 1, k, width))
-        src, lo, r = src + k, lo + k, r + 1
-    if (m := (hi - lo) // width) > 0:
-        runs.append(Run(src, r, 0, m, width, width))
-        src, lo, r = src + m * width, lo + m * width, r + m
-    if hi > lo:
-        runs.append(Run(src, r, 0, 1, hi - lo, width))
-    return runs
-
-
-def piece_runs(lo: int, part: Part, o: int, n: int, width: int) -> list[Run]:
-    """Where elements o..o+n of a part of the slab starting at element ``lo`` land in the full tensor: straight,
-    or (a column-split tensor's rows: placement.ColumnScatter) through its column runs."""
-    if part.at is not None:
-        start = lo + part.at + o
-        return contiguous_runs(start, start + n, width)
-    cs, r0, out = part.scatter, lo // width, []
-    for rect in contiguous_runs(o, o + n, cs.local):
-        for f, loc, k in cs.runs:
-            x0, x1 = max(rect.col, loc), min(rect.col + rect.cols, loc + k)
-            if x0 < x1:
-                out.append(
-                    Run(
-                        rect.src + x0 - rect.col,
-                        r0 + rect.row,
-                        f + x0 - loc,
-                        rect.rows,
-                        x1 - x0,
-                        cs.local,
-                    )
-                )
-    return out
-
-
-def _width(shape: tuple) -> int:
-    return math.prod(shape[1:]) if shape else 1
-
-
-def master_only(out: Out) -> bool:
-    """Datasets the master holds itself: the metrics columns (rank 0's, small, and extendable by later writers)."""
-    return out.path.startswith("metrics/")
-
-
-class Walk:
-    """What every rank derives alike from the datasets: its own pieces (``mine``: out index, offset in its part
-    dataset, the piece, its runs), its part datasets' lengths, and on rank 0 every rank's mappings."""
-
-    def __init__(self, outs: list[Out], me: int, everyone: bool):
-        self.mine: list[tuple] = []
-        self.lengths: dict[int, int] = {}
-        self.maps: dict[int, dict[int, list[Run]]] = {}
-        for i, out in enumerate(outs):
-            if master_only(out):
-                continue
-            width, base, maps = _width(out.shape), {}, {}
-            for blk in slabs(out.shape):
-                for part in out.parts(blk):
-                    o = 0
-                    for piece in part.pieces:
-                        r, at = piece.rank, base.get(piece.rank, 0)
-                        if r == me or everyone:
-                            runs = piece_runs(blk.lo, part, o, piece.n, width)
-                            if r == me:
-                                self.mine.append((i, at, piece, runs))
-                            if everyone:
-                                _extend(maps.setdefault(r, []), runs, at)
-                        base[r], o = at + piece.n, o + piece.n
-            if me in base:
-                self.lengths[i] = base[me]
-            self.maps[i] = {r: maps[r] for r in sorted(maps)}
-
-
-def _extend(runs: list[Run], new: list[Run], at: int) -> None:
-    for r in new:
-        r = Run(r.src + at, r.row, r.col, r.rows, r.cols, r.stride)
-        if runs and r.follows(runs[-1]):
-            a = runs[-1]
-            runs[-1] = Run(a.src, a.row, a.col, a.rows + r.rows, a.cols, a.stride)
-        else:
-            runs.append(r)
-
-
-def _segments(data: np.ndarray, runs: list[Run], shape: tuple):
-    """(crc, end in the piece, end in the full tensor), in elements, of each run of the full tensor's C order in
-    ``data`` (a piece): they tile the piece, so their crcs give the part's crc32 as well as the tensor's."""
-    width, raw, item = _width(shape), data.view(np.uint8).reshape(-1), data.dtype.itemsize
-    for r in runs:
-        if r.cols == width == r.stride or r.rows == 1:  # one run of the C order
-            n = r.rows * r.cols
-            crc = zlib.crc32(raw[r.src * item : (r.src + n) * item])
-            yield crc, r.src + n, r.row * width + r.col + n
-            continue
-        for i in range(r.rows):
-            a = r.src + i * r.stride
-            crc = zlib.crc32(raw[a * item : (a + r.cols) * item])
-            yield crc, a + r.cols, (r.row + i) * width + r.col + r.cols
-
-
-def _selections(shape: tuple, total: int, run: Run):
-    """The master's dataspace selection (a box of the full tensor) and the part's (a strided 1-D hyperslab)."""
-    v = h5s.create_simple(shape)
-    if len(shape) == 1:
-        v.select_hyperslab((run.row,), (1,), block=(run.rows,))
-    elif len(shape) == 2:
-        v.select_hyperslab((run.row, run.col), (1, 1), block=(run.rows, run.cols))
-    else:
-        if run.col or run.cols != _width(shape):
-            raise NotImplementedError(f"checkpoint: parts of rows of a {len(shape)}-D tensor")
-        v.select_hyperslab(
-            (run.row,) + (0,) * (len(shape) - 1), (1,) * len(shape), block=(run.rows, *shape[1:])
-        )
-    s = h5s.create_simple((total,))
-    s.select_hyperslab(
-        (run.src,), (run.rows,), stride=(max(run.stride, run.cols),), block=(run.cols,)
-    )
-    return v, s
 
 
 def _fsync_file(path: Path) -> None:
@@ -215,7 +72,7 @@ def write_part(
     segs: list[tuple[int, int, int, int]] = []  # (dataset, crc, end in its part, end in its tensor)
 
     def checksums(i, at, runs, data):
-        segs.extend((i, c, at + p, t) for c, p, t in _segments(data, runs, outs[i].shape))
+        segs.extend((i, c, at + p, t) for c, p, t in run_segments(data, runs, outs[i].shape))
 
     # each piece checksummed in a thread while h5py writes it (both release the GIL)
     with h5py.File(path, "w", libver=fmt.LIBVER) as f, ThreadPoolExecutor(1) as pool:
@@ -291,6 +148,10 @@ class PartsSave:
         self.error: BaseException | None = None
         self.crcs: np.ndarray | None = None
         self.thread: threading.Thread | None = None
+        self.publishing = False  # commit() has handed the master to rank 0's thread
+        self.renamed = (
+            False  # the master is under the checkpoint's name: nothing of it may be removed
+        )
         self.own: dict[str, np.ndarray] = {}
         self.f: h5py.File | None = None  # the master (rank 0), open from its body to its trailer
         self.dsets: dict[str, h5py.Dataset] = {}
@@ -361,31 +222,70 @@ class PartsSave:
             self.error = e
 
     def ready(self) -> bool:
-        """Whether every rank's part is written (collective: the same answer everywhere)."""
+        """Whether every rank's background work is done: its part, or after commit() rank 0's master (collective:
+        the same answer everywhere)."""
         done = self.thread is None or not self.thread.is_alive()
         return self.comm.allreduce_scalar(float(done), "min") > 0
 
+    def _join(self) -> None:
+        if self.thread is not None:
+            WATCHDOG.enter("waiting for this rank's checkpoint writer")
+            try:
+                self.thread.join()
+            finally:
+                WATCHDOG.leave()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _parts_written(self) -> np.ndarray:
+        """The parts' outcome agreed, then every dataset's crc32: the XOR of the ranks' contributions."""
+        self._join()
+        self.agree("writing checkpoint parts", self._raise_error)
+        return xor_over_ranks(self.comm, self.crcs)
+
     def finish(self) -> None:
-        """Agree on the parts, write and publish the master (rank 0); SaveFailed on every rank if anything failed."""
+        """Agree on the parts, write and publish the master (rank 0); after commit(), agree on what rank 0's thread
+        did. SaveFailed on every rank if anything failed."""
         try:
-            if self.thread is not None:
-                WATCHDOG.enter("waiting for this rank's checkpoint writer")
-                try:
-                    self.thread.join()
-                finally:
-                    WATCHDOG.leave()
-
-            def written():
-                if self.error is not None:
-                    raise self.error
-
-            self.agree("writing checkpoint parts", written)
-            crcs = xor_over_ranks(self.comm, self.crcs)
+            if self.publishing:
+                self._join()
+                self.agree("publishing the checkpoint's master file", self._raise_error)
+                return
+            crcs = self._parts_written()
             self.agree("writing the checkpoint's master file", lambda: self._master(crcs))
             self.agree("renaming the checkpoint", self._publish)
         except SaveFailed:
             self._abandon()
             raise
+
+    def commit(self, after) -> None:
+        """Once ready(): agree on the parts and sum the checksums (collective, cheap), then rank 0 writes, checks
+        and renames the master in a thread, and calls ``after()`` (no MPI in either); ready() says when that is
+        done and finish() agrees on it. SaveFailed on every rank if a part failed."""
+        try:
+            crcs = self._parts_written()
+        except SaveFailed:
+            self._abandon()
+            raise
+        self.publishing, self.thread = True, None
+        if self.rank == 0:
+            self.thread = threading.Thread(
+                target=self._publish_master,
+                args=(crcs, after),
+                name="hpc-llm-checkpoint",
+                daemon=True,
+            )
+            self.thread.start()
+
+    def _publish_master(self, crcs: np.ndarray, after) -> None:
+        try:
+            self._master(crcs)
+            self._publish()
+            after()
+        except BaseException as e:  # noqa: BLE001 - reported (agreed) by finish
+            self.error = e
 
     def _master_body(self) -> None:
         """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
@@ -401,7 +301,7 @@ class PartsSave:
                 name = f"{self.dir.name}/rank{r:05d}.h5".encode()
                 total = sum(run.rows * run.cols for run in runs)
                 for run in runs:
-                    virtual, source = _selections(out.shape, total, run)
+                    virtual, source = run_selections(out.shape, total, run)
                     lay.dcpl.set_virtual(virtual, name, out.path.encode(), source)
             parent = out.path.rsplit("/", 1)[0]
             if parent not in f:
@@ -431,7 +331,7 @@ class PartsSave:
         if self.rank == 0:
             replaced = rundir.parts_of(self.path) if self.path.exists() else None
             os.replace(self.tmp, self.path)
-            self.tmp = None
+            self.tmp, self.renamed = None, True
             fsync_dir(self.path.parent)
             if replaced is not None and replaced != self.dir:
                 shutil.rmtree(replaced, ignore_errors=True)
@@ -444,6 +344,8 @@ class PartsSave:
             with contextlib.suppress(Exception):  # the save has failed already
                 self.f.close()
             self.f = None
+        if self.renamed:  # a checkpoint now (what failed came after): its parts stay
+            return
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
         if self.dir is not None:

@@ -72,6 +72,15 @@ class SaveTarget:
     staging: HostStaging = field(default_factory=HostStaging)
 
 
+def auto_writer(writer: str, ranks: int, async_save: bool) -> str:
+    """checkpoint.writer with "auto" resolved: the parts writer with several ranks or background saves (every rank
+    writes its own share, no MPI-IO: docs/performance.md), else gather (one process: one file, as fast). The
+    trainer and the planner alike."""
+    if writer != "auto":
+        return writer
+    return "parts" if ranks > 1 or async_save else "gather"
+
+
 @dataclass(frozen=True)
 class Restored:
     """A restore's outcome: the file, and why this rank's PowerSGD state was reset (None: restored or not used)."""
@@ -220,19 +229,42 @@ def _powersgd_outs(sync, mpio: bool, psgd: list | None) -> list[Out]:
 
 @dataclass
 class PendingSave:
-    """A save the parts writer is finishing in the background: ``ready()`` (collective) says whether every rank's
-    part is written, ``finish()`` (collective) publishes it (SaveFailed on every rank if it failed)."""
+    """A save the parts writer is finishing in the background, in two rounds: every rank's part, then rank 0's
+    master, `latest` and pruning. ``ready()`` (collective) says whether the round is done, ``advance()``
+    (collective, once ready) starts the second round or ends the save, ``finish()`` (collective) ends it now; both
+    return the path once published (SaveFailed on every rank if it failed)."""
 
     step: int
     save: Any
-    publish: Callable[[], Path]
+    publish: Callable[[Callable[[], None]], Path]
+    update: Callable[[], None]  # rank 0: `latest` and pruning
+    update_error: list = field(default_factory=list)
 
     def ready(self) -> bool:
         return self.save.ready()
 
+    def advance(self) -> Path | None:
+        if self.save.publishing:
+            return self.finish()
+        self.save.commit(self._update_in_background)
+        return None
+
     def finish(self) -> Path:
+        if not self.save.publishing:
+            self.save.finish()
+            return self.publish(self.update)
         self.save.finish()
-        return self.publish()
+        return self.publish(self._updated)
+
+    def _update_in_background(self) -> None:
+        try:
+            self.update()
+        except Exception as e:  # noqa: BLE001 - agreed by publish, on every rank
+            self.update_error.append(e)
+
+    def _updated(self) -> None:
+        if self.update_error:
+            raise self.update_error[0]
 
 
 def save_trainer(
@@ -251,16 +283,17 @@ def save_trainer(
     def header():
         return fmt.make_header(_state(parts, state, run, psgd), run.config)
 
-    def publish():
-        def update():
-            if world.rank == 0:
-                target.written.add(path)
-                rundir.write_latest(target.out_dir, path)
-                rundir.prune_checkpoints(target.out_dir, target.keep_last, verified=target.written)
+    def update():
+        if world.rank == 0:
+            target.written.add(path)
+            rundir.write_latest(target.out_dir, path)
+            rundir.prune_checkpoints(target.out_dir, target.keep_last, verified=target.written)
 
+    def publish(done: Callable[[], None]) -> Path:
+        """done(): ``update`` now, or raising what it raised in the background."""
         agreed(
             world,
-            update,
+            done,
             "updating latest",
             f"checkpoint {path} written, but updating {target.out_dir}/latest or pruning failed",
         )
@@ -270,11 +303,10 @@ def save_trainer(
     if target.writer != "parts":
         mpio = target.writer == "mpio"
         writers.write_checkpoint(path, outs, header, world, mpio=mpio, step=state.step)
-        return publish()
+        return publish(update)
     staging = target.staging if background else None
-    pending = PendingSave(
-        state.step, PartsSave(path, outs, header, world, state.step, staging).start(), publish
-    )
+    save = PartsSave(path, outs, header, world, state.step, staging).start()
+    pending = PendingSave(state.step, save, publish, update)
     return pending if background else pending.finish()
 
 

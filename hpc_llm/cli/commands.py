@@ -25,7 +25,7 @@ from hpc_llm.plan.auto import auto_layout
 from hpc_llm.plan.cluster import cluster_from_dict, load_cluster, to_toml
 from hpc_llm.plan.compare import compare, format_compare
 from hpc_llm.plan.given import format_given, given_layout, own_split
-from hpc_llm.plan.predict import predict
+from hpc_llm.plan.predict import plan_saves, predict
 from hpc_llm.plan.search import describe, format_table, search
 from hpc_llm.plan.timeline import draw
 from hpc_llm.runtime.faults import inject, launcher_rank, phase
@@ -383,6 +383,8 @@ def _plan_search(args, cl):
         checkpoint_memory=not args.no_checkpoint_memory,
         sequence_parallel=(False, True),
         act_comm=cfg.parallel.act_comm,
+        grad_comm=(cfg.parallel.grad_comm, cfg.parallel.powersgd_rank),
+        saves=(cfg.checkpoint.writer, cfg.checkpoint.async_save),
     )
     if args.json:
         feasible = [p.as_dict() for p in preds]
@@ -419,6 +421,7 @@ def _plan_layout(args, cl):
         cfg.train.max_iters,
         pp_layers=own_split(cfg, lay),
         checkpoint_memory=not args.no_checkpoint_memory,
+        **plan_saves(cfg, lay.ranks),
     )
     fits = pred.memory["peak"] <= cl.memory_bytes
     if args.json:

@@ -75,6 +75,7 @@ def auto_layout(cfg: Config, cluster: str | None, ranks: int) -> tuple[Config, s
             sequence_parallel=(False, True),
             act_comm=cfg.parallel.act_comm,
             grad_comm=(cfg.parallel.grad_comm, cfg.parallel.powersgd_rank),
+            saves=(cfg.checkpoint.writer, cfg.checkpoint.async_save),
         )
     except UserError as e:
         raise UserError(f'parallel.layout = "auto" on {ranks} ranks of {cluster}: {e}') from None

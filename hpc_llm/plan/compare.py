@@ -16,7 +16,7 @@ from hpc_llm.checkpoint import CheckpointFile, find_latest
 from hpc_llm.config import config_from_dict, validated
 from hpc_llm.errors import UserError
 from hpc_llm.plan.memory import Layout
-from hpc_llm.plan.predict import predict
+from hpc_llm.plan.predict import plan_saves, predict
 
 
 def run_layout(cfg, run: Path, world: int | None) -> Layout:
@@ -118,6 +118,7 @@ def compare(run_dir, cl, world: int | None = None, share: float = 1.0) -> dict:
         cfg.checkpoint.interval,
         cfg.train.max_iters,
         cfg.parallel.pp_layers,
+        **plan_saves(cfg, lay.ranks),
     )
     measured = tokens / tps
     return {

@@ -213,7 +213,7 @@ MEMORY_TERMS = {
     "workspace": "workspace (the running op)",
     "pipeline_buffers": "pipeline send buffers",
     "zero_buffers": "ZeRO buffers (receives, units in use)",
-    "checkpoint_scratch": "checkpoint scratch",
+    "checkpoint_scratch": "background save staging (kept)",
     "checkpoint_assembly": "checkpoint staging (at a save)",
     "runtime": "runtime (interpreter, libraries)",
 }

@@ -9,18 +9,20 @@
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns; sequence parallelism's gathered and reduce-scattered temporaries), the pipeline's send buffers (at most
   schedule.send_depth per neighbour and direction across an op), ZeRO-1's reduce-scatter receive buffers; and a
-  save's staging blocks (checkpoint/slabs.py, writers.py).
+  save's staging blocks (checkpoint/slabs.py, writers.py), and a background save's host staging buffer
+  (checkpoint/parts.py: the pieces the rank writes, kept from one save to the next).
 
 Byte sizes are parameters (`Bytes`), so a precision the code does not have yet can be planned.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
-from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES
+from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES, deal
 from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import Config, ModelConfig, stage_layers
 from hpc_llm.model.layout import StagePlan, param_specs
@@ -225,7 +227,7 @@ class RankMemory:
     workspace: int  # the running operation's temporaries at the peak
     pipeline_buffers: int  # send buffers held until the step's end, at the peak
     zero_buffers: int  # ZeRO-1 reduce-scatter receive buffers at the peak
-    checkpoint_scratch: int  # kept after the first save (ZeRO-1: moments assembled on the writer)
+    checkpoint_scratch: int  # kept after the first save (a background save's host staging buffer)
     # at a save only (activations freed then): full tensors assembled on world rank 0
     checkpoint_assembly: int
     runtime: int = 0  # interpreter and libraries (from the cluster file)
@@ -508,6 +510,30 @@ def _schedule_peak(
     return best
 
 
+def staging_bytes(specs, lay: Layout, stage: int, by: Bytes, dp_rank: int, owned: int) -> int:
+    """A background save's host staging buffer on data-parallel rank ``dp_rank`` of a stage (its TP rank 0, which
+    writes the replicated tensors): the pieces it writes, as checkpoint/trainer_state.py deals them. A tensor held
+    by every replica (parameters; the moments without ZeRO) is written by the replica the stage's tensors are dealt
+    to by size (all three slots dealt together, as the checkpoint lists them); with ZeRO the moments by their
+    owners (``owned`` elements each), with ZeRO-3 the parameters too. Later stages do not write the tied
+    embedding's copy: counted all the same (an upper bound)."""
+    slots = (("params", by.param), ("m", by.moment), ("v", by.moment))
+    items = [
+        (spec, slot, nbytes)
+        for slot, nbytes in slots
+        for spec in specs
+        if stage == 0 or spec.name != "wte.weight"
+    ]
+    owner = deal([math.prod(spec.shape) for spec, _slot, _n in items], lay.dp)
+    dealt = sum(
+        spec.size * nbytes
+        for (spec, slot, nbytes), d in zip(items, owner)
+        if d == dp_rank and (slot == "params" and lay.zero < 3 or slot != "params" and not lay.zero)
+    )
+    held = 2 * owned * by.moment if lay.zero else 0
+    return dealt + held + (owned * by.param if lay.zero >= 3 else 0)
+
+
 def rank_memory(
     cfg: ModelConfig,
     lay: Layout,
@@ -519,8 +545,10 @@ def rank_memory(
     runtime: int = 0,
     writer: str = "gather",
     save_on_device: bool = True,
+    async_save: bool = False,
 ) -> RankMemory:
-    """Memory of pipeline stage `stage`, data-parallel rank `dp_rank` (0 owns the largest ZeRO-1 pieces)."""
+    """Memory of pipeline stage `stage`, data-parallel rank `dp_rank` (0 owns the largest ZeRO-1 pieces); writer
+    "gather", "mpio" or "parts" (resolved: trainer_state.auto_writer), async_save its background saves."""
     plan = stage_plan(cfg, lay, stage, pp_layers)
     specs = specs_of(cfg, lay.tp, plan)
     n = sum(s.size for s in specs)
@@ -540,11 +568,17 @@ def rank_memory(
     master = kept * by.master
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
-    # saves keep nothing between them and never build a full tensor (checkpoint/writers.py): a writing rank (world
-    # rank 0 with the gather writer, every rank with mpio) holds two staging slabs and two verification slabs
-    scratch = 0
-    writes = writer == "mpio" or (stage == 0 and dp_rank == 0)
-    assembly = 2 * MESSAGE_ELEMS * by.param + 2 * VERIFY_BLOCK_BYTES if writes else 0
+    # saves never build a full tensor (checkpoint/writers.py, parts.py): a writing rank (world rank 0 with the
+    # gather writer, every rank with mpio) holds two staging slabs and two verification slabs; the parts writer
+    # writes from the rank's own buffers and reads its part back in two verification slabs. Only a background
+    # save keeps something between saves: its staging buffer.
+    scratch = staging_bytes(specs, lay, stage, by, dp_rank, owned) if async_save else 0
+    if writer == "parts":
+        assembly = 2 * VERIFY_BLOCK_BYTES
+    elif writer == "mpio" or (stage == 0 and dp_rank == 0):
+        assembly = 2 * MESSAGE_ELEMS * by.param + 2 * VERIFY_BLOCK_BYTES
+    else:
+        assembly = 0
     return RankMemory(
         params,
         grads,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
 from hpc_llm.parallel.schedule import SPLIT, Phase, Timing
@@ -111,6 +112,7 @@ def memory_of(
     pp_layers=(),
     writer: str = "gather",
     checkpoint_memory: bool = True,
+    async_save: bool = False,
 ):
     """-> (stage, RankMemory) of the stage with the largest peak: what predict reports, without the time."""
     return max_rank_memory(
@@ -121,6 +123,7 @@ def memory_of(
         runtime=int(cl.runtime_bytes),
         writer=writer,
         save_on_device=checkpoint_memory and cl.backend == "numpy",
+        async_save=async_save,
     )
 
 
@@ -164,23 +167,35 @@ def _checkpoint_time(
     writer: str = "gather",
     background: bool = False,
 ) -> float:
-    """A save's cost to training amortised over the checkpoint interval; 0 without saves. gather and mpio: the
-    whole file through one writer's bandwidth (and to world rank 0 over the network); parts: every rank its share,
-    the ranks of a node together at one writer's bandwidth (its link to the storage), nothing over the network;
-    in the background (checkpoint.async_save) only the copy of each rank's share into its host buffer, a pass at
-    memory bandwidth (a GPU's copy crosses PCIe, slower: not priced), if the write ends within the interval."""
+    """A save's cost to training amortised over the checkpoint interval; 0 without saves. gather: the whole file
+    through one writer's bandwidth after (1 - 1/ranks) of it crossed the network to world rank 0; mpio: the
+    datasets dealt over the ranks, each node's writers into the shared file at one writer's bandwidth (its link
+    to the storage), each rank first receiving its datasets' pieces (about (1 - 1/ranks) of its share, all ranks at
+    once); parts: every rank its share, a node's ranks together at one writer's bandwidth, nothing over the
+    network; in the background (checkpoint.async_save) only the copy of each rank's share into its host buffer, a
+    pass at memory bandwidth (a GPU's copy crosses PCIe, slower: not priced), if the write ends within the
+    interval."""
     if not interval:
         return 0.0
     n_total = sum(math.prod(s.shape) for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0)))
     file_bytes = 3 * n_total * by.param  # params + Adam m and v, full tensors
-    if writer != "parts":
-        gather = file_bytes * (1 - 1 / lay.ranks) / world.bw if lay.ranks > 1 else 0.0
-        return (file_bytes / cl.write_bw + gather) / interval
+    moved = file_bytes * (1 - 1 / lay.ranks) / world.bw if lay.ranks > 1 else 0.0
+    if writer == "gather":
+        return (file_bytes / cl.write_bw + moved) / interval
     write = file_bytes / math.ceil(lay.ranks / cl.devices) / cl.write_bw
+    if writer == "mpio":
+        return (write + moved / lay.ranks) / interval
     if not background:
         return write / interval
     share = file_bytes / lay.ranks
     return cl.pass_time(2 * share / by.param, by.param, share / by.param) / interval
+
+
+def plan_saves(cfg, ranks: int) -> dict:
+    """predict's checkpoint arguments from a Config: its writer ("auto" resolved for ``ranks``, as the trainer
+    does) and whether it saves in the background."""
+    c = cfg.checkpoint
+    return {"writer": auto_writer(c.writer, ranks, c.async_save), "async_save": c.async_save}
 
 
 def save_terms(
@@ -321,7 +336,7 @@ def predict(
     devices = lay.ranks / share
     peak = max(r for _, r in cl.gemm[gdtype])
     mem_stage, mem = memory or memory_of(
-        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory
+        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory, async_save
     )
     return Prediction(
         lay,

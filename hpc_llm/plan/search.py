@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.plan.cluster import Cluster
@@ -154,8 +155,10 @@ def search(
     sequence_parallel=(False,),
     act_comm: str = "fp32",
     grad_comm: tuple = ("fp32", 4),
+    saves: tuple[str, bool] = ("gather", False),
 ):
-    """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible). Each layout's memory comes
+    """-> (feasible predictions sorted by tokens/s, [(layout, reason)] infeasible). saves: checkpoint.writer and
+    checkpoint.async_save ("auto" resolved for each layout's ranks, as the trainer does). Each layout's memory comes
     first: one that does not fit is rejected before its schedule is simulated (memory does not depend on time, so
     the answer is the same as predicting every layout: tests/plan/test_plan.py).
 
@@ -189,6 +192,8 @@ def search(
         lay = replace(lay, grad_comm=grad_comm[0], powersgd_rank=grad_comm[1])
         if lay.micro_batches > max_micro:
             continue
+        writer = auto_writer(saves[0], lay.ranks, saves[1])
+        ckpt = {"writer": writer, "checkpoint_memory": checkpoint_memory, "async_save": saves[1]}
         for prec in precisions:
             key = (replace(lay, recompute="none"), prec)
             if key in fitted:
@@ -197,19 +202,13 @@ def search(
                 # first at send depth 1, a lower bound (the buffers grow with the depth): most layouts that do not
                 # fit are rejected without schedule.send_depth's simulations
                 low = memory_of(
-                    cfg,
-                    replace(lay, send_depth=1),
-                    cl,
-                    resolve_precision(cfg, prec),
-                    checkpoint_memory=checkpoint_memory,
+                    cfg, replace(lay, send_depth=1), cl, resolve_precision(cfg, prec), **ckpt
                 )
                 reason = _too_big(lay, prec, low[1], cl.memory_bytes)
                 if reason:
                     bad.append((lay, reason))
                     continue
-            memory = memory_of(
-                cfg, lay, cl, resolve_precision(cfg, prec), checkpoint_memory=checkpoint_memory
-            )
+            memory = memory_of(cfg, lay, cl, resolve_precision(cfg, prec), **ckpt)
             reason = _too_big(lay, prec, memory[1], cl.memory_bytes)
             if reason:
                 bad.append((lay, reason))
@@ -224,8 +223,8 @@ def search(
                     share,
                     checkpoint_interval,
                     max_iters,
-                    checkpoint_memory=checkpoint_memory,
                     memory=memory,
+                    **ckpt,
                 )
             )
     if not ok:

@@ -244,6 +244,7 @@ def predicted_memory(cfg, grid, optimizer_threads: int, writer: str):
         cfg.parallel.pp_layers,
         optimizer_threads,
         writer=writer,
+        async_save=cfg.checkpoint.async_save,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_llm import checkpoint as ckpt
+from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import Config, ModelConfig
 from hpc_llm.config.checks import check_config
 from hpc_llm.data.sampler import check_split_size
@@ -152,11 +153,10 @@ def resolve_vocab(vocab_size: int, data: TokenData) -> int:
 
 
 def choose_writer(cfg: Config, grid: Grid) -> str:
-    """checkpoint.writer resolved: "auto" is the parts writer with several ranks or background saves (every rank
-    writes its own share, no MPI-IO: docs/performance.md), else gather (one process: one file, as fast)."""
+    """checkpoint.writer resolved (trainer_state.auto_writer), refused where this run cannot use it."""
     writer, pp = cfg.checkpoint.writer, cfg.parallel.pp
     if writer == "auto":
-        return "parts" if grid.world.size > 1 or cfg.checkpoint.async_save else "gather"
+        return auto_writer(writer, grid.world.size, cfg.checkpoint.async_save)
     if writer == "mpio" and not ckpt.mpio_available():
         raise UserError(
             "checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "

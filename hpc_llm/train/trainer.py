@@ -365,17 +365,22 @@ class Trainer:
         return path
 
     def settle_save(self, wait: bool) -> None:
-        """Publish a background save once every rank's part is written (``wait``: now), or report its failure on
+        """Move a background save on once its round is done on every rank (its parts written: rank 0 publishes the
+        master in the background; that done: the save ends), or with ``wait`` end it now; report its failure on
         every rank (as checkpoint() does a save's). Collective: every rank calls it at the same step boundary."""
         if self.pending is None or not (wait or self.pending.ready()):
             return
-        pending, self.pending = self.pending, None
+        pending = self.pending
         try:
             with phase("save", pending.step):
-                path = pending.finish()
+                path = pending.finish() if wait else pending.advance()
         except JobError as e:
+            self.pending = None
             self._save_failed(e, final=False)
             return
+        if path is None:  # its master is being published in the background
+            return
+        self.pending = None
         self.saved_step, self.saved_path = pending.step, path
 
     def _save_failed(self, e: JobError, final: bool) -> None:

@@ -6,7 +6,8 @@ during the save of step 4 it stops at a chosen point, says so, and waits to be k
 temporary file is being filled (first and a middle dataset), before its fsync, before verification, before the
 rename, after the rename but before the `latest` pointer moves, and before old checkpoints are pruned. The parts
 writer: while its part is written, before the part's fsync, before the master's, before the master's rename, before
-`latest` moves; in the background (checkpoint.async_save), while the part is written as training goes on.
+`latest` moves; in the background (checkpoint.async_save), while the part is written as training goes on, and
+while rank 0's thread writes the master, before its rename and before `latest` moves.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ POINTS = {
     ("parts", "replace:1"): (False, True),  # the master checked, not renamed
     ("parts", "write_latest:1"): (True, False),  # renamed; `latest` still names step 2
     ("async", "write_data:1"): (False, True),  # the background writer's part, training going on
-    ("async", "_fsync_file:2"): (False, True),  # the master, at a later step boundary
+    # rank 0's thread, training going on: the master written, not yet on disk for sure
+    ("async", "_fsync_file:2"): (False, True),
+    ("async", "replace:1"): (False, True),  # the master checked, not renamed
+    ("async", "write_latest:1"): (True, False),  # renamed; `latest` still names step 2
 }
 WRITERS = {
     "gather": {"checkpoint.writer": "gather"},

@@ -37,6 +37,7 @@ if not h5py.get_config().mpi:
 from helpers import (  # noqa: E402
     SAVE_SLACK,
     check,
+    full_flat,
     layout_trainer,
     save_failure_problems,
     tiny_config,
@@ -131,15 +132,20 @@ TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds"
 
 
 @pytest.mark.parallel(nprocs=SIZES)
-@pytest.mark.parametrize("message_elems", [None, 100], ids=["default-blocks", "100-element-blocks"])
+@pytest.mark.parametrize(
+    ("message_elems", "zero"),
+    [(None, 1), (100, 1), (100, 3)],
+    ids=["default-blocks", "100-element-blocks", "100-element-blocks-zero3"],
+)
 def test_mpio_writer_writes_the_gather_writers_file(
-    message_elems, data_dir, shared_tmp_path, monkeypatch
+    message_elems, zero, data_dir, shared_tmp_path, monkeypatch
 ):
-    """The same run (dp x tp = 1, 2x1 ZeRO-1, 2x2 ZeRO-1 on 1, 2, 4 ranks) saved by the mpio writer (every rank writes
-    its share of the datasets) and by the gather writer (rank 0 writes): the files hold the same datasets bitwise, the
-    same checksums and attributes, except the creation time, the config's out_dir and writer, and the metrics that
-    are timings; the mpio file verifies, and loads in one process bitwise equal to the trained parameters. Also with
-    every block (so every message and every write) cut to 100 elements."""
+    """The same run (dp x tp = 1, 2x1 ZeRO-1 or ZeRO-3, 2x2 ZeRO-1 or ZeRO-3 with sequence parallelism, on 1, 2, 4
+    ranks) saved by the mpio writer (every rank writes its share of the datasets) and by the gather writer (rank 0
+    writes): the files hold the same datasets bitwise, the same checksums and attributes, except the creation time,
+    the config's out_dir and writer, and the metrics that are timings; the mpio file verifies, and loads in one
+    process bitwise equal to the trained parameters. Also with every block (so every message and every write) cut to
+    100 elements."""
     import hpc_llm
     from hpc_llm.checkpoint import slabs, verify_checkpoint
     from hpc_llm.parallel.grid import make_grid
@@ -160,7 +166,8 @@ def test_mpio_writer_writes_the_gather_writers_file(
                 "train.max_iters": 3,
                 "train.eval_iters": 0,
                 "parallel.tp": tp,
-                "parallel.zero": int(comm.size // tp > 1),
+                "parallel.zero": zero if comm.size // tp > 1 else 0,
+                "parallel.sequence_parallel": tp > 1 and zero == 3,
                 "checkpoint.writer": writer,
             },
         )
@@ -171,7 +178,7 @@ def test_mpio_writer_writes_the_gather_writers_file(
         if tr.writer != writer or summary["step"] != 3:
             bad.append(f"{writer}: writer {tr.writer}, step {summary['step']}")
     tr, summary = runs["mpio"]
-    full = tr.model.full_tensors(tr.model.flat)  # a TP collective: on every rank
+    full = tr.model.full_tensors(full_flat(tr))  # TP (and ZeRO-3's DP) collectives: on every rank
     if comm.rank == 0:
         verify_checkpoint(summary["checkpoint"])
         a, b = file_contents(summary["checkpoint"]), file_contents(runs["gather"][1]["checkpoint"])

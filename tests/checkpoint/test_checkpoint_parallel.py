@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import shutil
+import threading
 import tracemalloc
 
 import h5py
@@ -22,6 +24,7 @@ from helpers import (
     check,
     count_reads,
     flip_byte_in,
+    full_flat,
     hyperslab_checks,
     layout_trainer,
     save_failure_problems,
@@ -33,6 +36,7 @@ from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import slabs, writers
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
+from hpc_llm.plan.memory import Bytes, Layout, rank_memory
 from hpc_llm.train.trainer import Trainer
 
 
@@ -93,9 +97,12 @@ def restored_checks(tr: Trainer, path, data_dir, out_dir, layout) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize(
-    "layout", layout_params(n for n in CHECKPOINT_LAYOUTS if n != "PP2xDP2xTP2-zero1")
-)
+# the gather writer's layouts; the ZeRO-2/3 and sequence-parallel ones are the parts writer's matrix (below)
+SMALL_MESSAGE_LAYOUTS = ["TP2", "DP2-zero1", "PP2", "PP2-interleaved", "DP2xTP2-zero1"]
+SMALL_MESSAGE_LAYOUTS += ["PP2xDP2-zero1", "PP2xDP2-zero3"]
+
+
+@pytest.mark.parametrize("layout", layout_params(SMALL_MESSAGE_LAYOUTS))
 def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, monkeypatch):
     """With MESSAGE_ELEMS lowered to 100 every save message carries at most 100 elements (thousands of them) and the
     file is the one the default writes, dataset by dataset and checksum by checksum; it restores bitwise."""
@@ -131,17 +138,42 @@ def test_small_messages_write_the_same_file(layout, data_dir, shared_tmp_path, m
     check(not bad, "\n".join(bad))
 
 
-@pytest.mark.parametrize(
-    "layout", layout_params(["DP2xTP2-zero1", "PP2xDP2-zero1", "PP2xDP2xTP2-zero1"])
-)
+def restored_elsewhere_checks(path, tensors: dict, data_dir, out_dir, layout) -> list[str]:
+    """A trainer of another layout on the same ranks restores `path` (each rank its hyperslabs): its parameters,
+    gathered to full tensors, are the file's (`tensors`: name -> array, as plain h5py read them), bitwise."""
+    again = layout_trainer(data_dir, out_dir, layout)
+    again.restore(path)
+    got = again.model.full_tensors(full_flat(again))
+    return [
+        f"restored at {layout}: {name} differs from the file's"
+        for name, a in got.items()
+        if not np.array_equal(a, tensors[f"params/{name}"][0])
+    ]
+
+
+# saving layout: another layout of as many ranks that restores its file (none: no other of that size, or
+# tests/parallel/test_resume_layouts.py resumes it elsewhere already)
+PARTS_MATRIX = {
+    "DP2xTP2-zero1": None,
+    "PP2xDP2-zero1": None,
+    "PP2xDP2xTP2-zero1": None,
+    "DP2-zero2": "TP2",
+    "PP2xDP2-zero3": "DP2xTP2-SP-zero3-kept",
+    "DP2xTP2-SP-zero3-kept": "PP2xDP2-zero1",
+}
+
+
+@pytest.mark.parametrize("layout", layout_params(PARTS_MATRIX))
 def test_the_parts_writer_writes_the_gather_writers_tensors(
     layout, data_dir, shared_tmp_path, monkeypatch
 ):
     """Saved by the parts writer (every rank the elements it holds into its own file, a master file of virtual
     datasets) in the foreground, and in the background with MESSAGE_ELEMS at 100 (pieces of every tensor on every
-    rank, ZeRO-1's moment ranges cut mid-row): plain h5py reads from the master, opened from another directory,
-    every tensor and crc32 of the gather writer's file; no tensor data crosses the network; every rank wrote a
-    part; it restores bitwise at the saving layout."""
+    rank, ZeRO-1's moment ranges cut mid-row), at ZeRO 1, 2 and 3 (with and without resharding after forward),
+    with pipeline, tensor and sequence parallelism: plain h5py reads from the master, opened from another
+    directory, every tensor and crc32 of the gather writer's file; no tensor data crosses the network; every rank
+    wrote a part; it restores bitwise at the saving layout, and at another layout to the same full tensors.
+    (tests/parallel/test_resume_layouts.py resumes such files at other layouts and follows the loss curve.)"""
     tr = layout_trainer(data_dir, shared_tmp_path / "run", layout, **{"train.max_iters": 2})
     tr.run()
     default = ckpt.checkpoint_path(tr.out_dir, 2)
@@ -181,15 +213,43 @@ def test_the_parts_writer_writes_the_gather_writers_tensors(
                 or not np.array_equal(got[k][0], want[k][0], equal_nan=True)
             ]
     bad += restored_checks(tr, saved["foreground"], data_dir, shared_tmp_path / "again", layout)
+    if PARTS_MATRIX[layout]:
+        want = MPI.COMM_WORLD.bcast(want if MPI.COMM_WORLD.rank == 0 else None)
+        bad += restored_elsewhere_checks(
+            saved["foreground"], want, data_dir, shared_tmp_path / "other", PARTS_MATRIX[layout]
+        )
     check(not bad, "\n".join(bad))
+
+
+def rss_growth(save) -> int:
+    """How far this process's resident memory rose above where it stood before ``save()`` (the kernel's peak RSS,
+    VmHWM, reset first through /proc/self/clear_refs), in bytes: every allocation, HDF5's and threads' included."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith(key + ":"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    save()
+    return status("VmHWM") - before
+
+
+# what a save's resident memory may grow by besides what it allocates itself: HDF5's caches and a thread's stack
+# and malloc arena (measured: under 1 MiB)
+RSS_SLACK = 4 << 20
 
 
 @pytest.mark.parallel(nprocs=2)
 def test_a_parts_save_grows_a_rank_by_at_most_its_staging(data_dir, shared_tmp_path, monkeypatch):
-    """tracemalloc's peak during a parts save (DP2 ZeRO-1, n_embd 256: 10 MB of float32 parameters and moments in
-    all, part verification in 64 KiB slabs), on every rank: in the foreground (written from the rank's own buffers)
+    """A parts save (DP2 ZeRO-1, n_embd 256: 10 MB of float32 parameters and moments in all, part verification in
+    64 KiB slabs), on every rank, measured twice: the resident set's peak (every byte the process touches) and
+    tracemalloc's peak (the Python and NumPy allocations). In the foreground (written from the rank's own buffers)
     within two verification slabs and a fixed slack; in the background within its host staging buffer, the pieces
-    it writes (its half of the parameters and its moments: under the shard it holds), plus the same."""
+    it writes (its moments and its half of the parameters: under the shard it holds), plus the same (the resident
+    set: 0.8 MB over the staging when measured; a second copy of the share would be 5 MB more). The staging buffer
+    is the planner's (plan/memory.py staging_bytes), to the byte."""
     monkeypatch.setattr(fmt, "VERIFY_BLOCK_BYTES", 64 << 10)
     tr = layout_trainer(
         data_dir,
@@ -204,15 +264,20 @@ def test_a_parts_save_grows_a_rank_by_at_most_its_staging(data_dir, shared_tmp_p
         },
     )
     tr.run()
-    peaks = {}
-    for name in ("foreground", "background"):
-        tr.out_dir = shared_tmp_path / name
+    saves = {"foreground": tr.save, "background": lambda: tr.save(background=True).finish()}
+    rss, peaks = {}, {}
+    for name, save in [*saves.items(), *saves.items()]:
+        tr.out_dir = shared_tmp_path / f"{name}{len(rss)}"
         if MPI.COMM_WORLD.rank == 0:
             tr.out_dir.mkdir()
         MPI.COMM_WORLD.Barrier()
+        if name not in rss:  # first: the resident set, from a process that never staged a save
+            rss[name] = rss_growth(save)
+            continue
+        tr.staging = ckpt.parts.HostStaging()  # allocated again, as in a first save
         tracemalloc.start()
         try:
-            tr.save() if name == "foreground" else tr.save(background=True).finish()
+            save()
             peaks[name] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -222,14 +287,30 @@ def test_a_parts_save_grows_a_rank_by_at_most_its_staging(data_dir, shared_tmp_p
         tr.model.flat.nbytes,
         tr.staging.buf.nbytes,
     )
-    fixed = (
-        2 * (64 << 10) + SAVE_SLACK
-    )  # the part's read-back (two verification slabs) and the slack
+    # the part's read-back (two verification slabs) and the slack
+    fixed = 2 * (64 << 10) + SAVE_SLACK
     bad = []
     if not (peaks["foreground"] <= fixed and peaks["background"] <= staging + fixed):
-        bad.append(f"peaks {peaks}, staging {staging} B, fixed {fixed} B")
+        bad.append(f"tracemalloc peaks {peaks}, staging {staging} B, fixed {fixed} B")
+    if not (
+        rss["foreground"] <= fixed + RSS_SLACK and rss["background"] <= staging + fixed + RSS_SLACK
+    ):
+        bad.append(
+            f"resident set grew by {rss}, staging {staging} B, fixed {fixed} + {RSS_SLACK} B"
+        )
     if not (moments + params / 4 <= staging <= moments + 3 * params / 4):
         bad.append(f"staging {staging} B: moments {moments} B, parameters {params} B")
+    planned = rank_memory(
+        tr.cfg.model,
+        Layout.of(tr.cfg, tr.grid.dp),
+        tr.grid.pp_rank,
+        Bytes.of(4),
+        tr.grid.dp_rank,
+        writer="parts",
+        async_save=True,
+    ).checkpoint_scratch
+    if planned != staging:
+        bad.append(f"the planner's staging {planned} B, the rank's {staging} B")
     check(not bad, "\n".join(bad))
 
 
@@ -297,18 +378,61 @@ def test_enospc_on_one_rank_fails_the_save_on_every_rank(
     writer, rank, data_dir, shared_tmp_path, monkeypatch
 ):
     """ENOSPC injected as rank 0 (gather: the writer, its temporary file open; parts: the master's writer) or rank 1
-    (a sender; in the background: its part, found at the next step boundary) starts its part of the step-4 save:
-    every rank raises the same SaveFailed naming that rank, the file and the error; no temporary file or parts are
-    left and the step-2 checkpoint still verifies and is the newest."""
+    (a sender) starts its part of the step-4 save; in the background (6 steps: the step-4 save is not the final
+    one) as rank 1 writes its part, found at a later step boundary: every rank raises the same SaveFailed naming
+    that rank, the file and the error; no temporary file or parts are left and the step-2 checkpoint still
+    verifies and is the newest."""
     monkeypatch.setenv("HPC_LLM_FAULT", f"enospc:save:{rank}:4")
     tr = layout_trainer(
         data_dir,
         shared_tmp_path / "run",
         "TP2",
         **WRITERS[writer],
-        **{"train.max_iters": 4, "checkpoint.interval": 2},
+        **{"train.max_iters": 6 if writer == "async" else 4, "checkpoint.interval": 2},
     )
     bad = save_failure_problems(tr, rank)
+    check(not bad, "\n".join(bad))
+
+
+@pytest.mark.parallel(nprocs=2)
+def test_a_full_disk_under_the_background_master_fails_the_save_on_every_rank(
+    data_dir, shared_tmp_path, monkeypatch
+):
+    """A background save of step 4 whose parts are written moves on at a step boundary (Trainer.settle_save):
+    rank 0's thread writes the master while training would go on, and ENOSPC strikes as it adds the checksums; at
+    the next boundary every rank raises the same SaveFailed naming rank 0, the file and the error; nothing of the
+    step-4 save is left and the step-2 checkpoint still verifies and is the newest."""
+    tr = layout_trainer(
+        data_dir,
+        shared_tmp_path / "run",
+        "TP2",
+        **WRITERS["async"],
+        **{"train.max_iters": 2, "checkpoint.interval": 2},
+    )
+    tr.run()  # the step-2 checkpoint (the final save: in the foreground)
+    where = []
+
+    def full(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    if MPI.COMM_WORLD.rank == 0:
+        monkeypatch.setattr(fmt, "write_trailer", full)
+
+    def step_4_in_the_background():
+        tr.step = 4
+        tr.checkpoint()
+        rounds = 0
+        while (
+            tr.pending is not None
+        ):  # each round waited for, then moved on, as at later step boundaries
+            rounds += tr.pending.ready()
+            tr.settle_save(wait=False)
+        raise AssertionError(f"not failed after {rounds} rounds")
+
+    bad = save_failure_problems(tr, 0, step_4_in_the_background)
+    if MPI.COMM_WORLD.rank == 0 and where != [False]:
+        bad.append(f"the master's checksums written on the main thread: {where}")
     check(not bad, "\n".join(bad))
 
 
@@ -324,6 +448,9 @@ def test_a_vanished_directory_fails_the_save_on_every_rank(data_dir, shared_tmp_
         error = None
     except ckpt.SaveFailed as e:
         error = str(e)
+        import traceback
+
+        traceback.print_exc()
     errors = MPI.COMM_WORLD.allgather(error)
     check(
         error is not None

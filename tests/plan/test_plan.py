@@ -13,6 +13,7 @@ import pytest
 from helpers import cache_bytes, tiny_config
 
 from hpc_llm import cli
+from hpc_llm.checkpoint.format import deal
 from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
@@ -23,7 +24,7 @@ from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan.activations import chunk_cache_bytes, chunk_weight_bytes
-from hpc_llm.plan.memory import Bytes, Layout, rank_memory, specs_of, stage_plan
+from hpc_llm.plan.memory import Bytes, Layout, rank_memory, specs_of, stage_plan, stage_sync
 from hpc_llm.plan.predict import PRECISIONS, _checkpoint_time, predict, save_terms
 from hpc_llm.plan.search import search
 from hpc_llm.plan.simulate import simulate_costs
@@ -767,8 +768,16 @@ def test_plan_layout_prices_one_layout(tmp_path, capsys):
     )
     assert r["layout"] == dataclasses.asdict(lay)
     cfg = load_config(cfg_path)
+    # checkpoint.writer "auto" on 4 ranks: the parts writer
     pred = predict(
-        tiny(), lay, K.load_cluster(cl), "fp32", 1.0, cfg.checkpoint.interval, cfg.train.max_iters
+        tiny(),
+        lay,
+        K.load_cluster(cl),
+        "fp32",
+        1.0,
+        cfg.checkpoint.interval,
+        cfg.train.max_iters,
+        writer="parts",
     )
     assert r["memory_bytes"] == pred.memory and r["time_s"] == pytest.approx(pred.time)
     assert r["memory_bytes"]["pipeline_buffers"] > 0 and r["time_s"]["tp_comm"] > 0
@@ -797,7 +806,9 @@ def test_plan_layout_keeps_the_configs_uneven_split(tmp_path, capsys):
         cfg.checkpoint.interval,
         cfg.train.max_iters,
     )
-    uneven, even = predict(*args, pp_layers=[1, 2, 1]), predict(*args, pp_layers=[2, 1, 1])
+    # checkpoint.writer "auto" on 3 ranks: the parts writer
+    uneven = predict(*args, pp_layers=[1, 2, 1], writer="parts")
+    even = predict(*args, pp_layers=[2, 1, 1], writer="parts")
     r = json.loads(out)
     assert r["memory_bytes"] == uneven.memory and uneven.memory != even.memory
     rc, _, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", "pp=3,virtual=1")
@@ -1118,3 +1129,68 @@ def test_the_save_terms_of_each_writer(tmp_path):
     args = (tiny(), lay, cl, by, world)
     assert _checkpoint_time(*args, 10, "parts") == pytest.approx(parts["save_s"] / 10)
     assert _checkpoint_time(*args, 0, "parts", True) == 0.0
+    # mpio: each node's writers at the storage bandwidth, each rank first receiving its datasets' pieces
+    mpio = save_terms(tiny(), lay, cl, "fp32", "mpio", False)
+    assert (
+        mpio["save_s"]
+        == mpio["stall_s"]
+        == pytest.approx(file_bytes / 2 / cl.write_bw + file_bytes * 7 / 8 / 8 / world.bw)
+    )
+
+
+@pytest.mark.parametrize(
+    "layout, staging",
+    [
+        # one process: the whole checkpoint (params, m, v: 3 x 4 bytes a parameter)
+        ("dp=1", lambda n, owned, dealt: 12 * n),
+        # ZeRO-1: its own moments, and the parameters dealt to it
+        ("dp=2,zero=1", lambda n, owned, dealt: 8 * owned + 4 * dealt),
+        # ZeRO-3: its own pieces of everything
+        ("dp=2,zero=3", lambda n, owned, dealt: 12 * owned),
+    ],
+)
+def test_plan_prices_the_configs_writer_and_background_saves(tmp_path, capsys, layout, staging):
+    """`hpc-llm plan --layout` with the config's checkpoint.writer and async_save: the save term is the writer's
+    (gather through one writer, parts a node's share, in the background only the staging copy), and background
+    saves add the host staging buffer (the pieces a rank writes, kept between saves) to the memory, exactly."""
+    cl = write_cluster(tmp_path)
+    base = write_config(tmp_path)
+    runs = {}
+    for name, section in (
+        ("gather", 'writer = "gather"'),
+        ("parts", 'writer = "parts"'),
+        ("async", 'writer = "auto"\nasync_save = true'),
+    ):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(open(base).read() + f"[checkpoint]\ninterval = 10\n{section}\n")
+        rc, out, err = run_cli(
+            capsys, "plan", str(path), "--cluster", cl, "--layout", layout, "--json"
+        )
+        assert rc == 0, err
+        runs[name] = json.loads(out)
+    ckpt = {k: r["time_s"]["checkpoint"] for k, r in runs.items()}
+    lay = Layout(**runs["async"]["layout"])
+    want = {
+        k: _checkpoint_time(
+            tiny(), lay, K.load_cluster(cl), PRECISIONS["fp32"][1], CL.link("intra"), 10, w, a
+        )
+        for k, w, a in (
+            ("gather", "gather", False),
+            ("parts", "parts", False),
+            ("async", "parts", True),
+        )
+    }
+    assert ckpt == pytest.approx(want) and ckpt["async"] < ckpt["parts"] <= ckpt["gather"]
+    mem = {k: r["memory_bytes"] for k, r in runs.items()}
+    specs = specs_of(tiny(), 1, stage_plan(tiny(), lay, 0))
+    n = sum(s.size for s in specs)
+    owned = sum(b - a for a, b in stage_sync(specs, lay, 0, PRECISIONS["fp32"][1]).owned)
+    # the parameters dealt over the replicas with m and v by size, largest first: data-parallel rank 0's
+    dealt = sum(
+        s.size
+        for s, d in zip(specs, deal([math.prod(s.shape) for s in specs] * 3, lay.dp))
+        if d == 0
+    )
+    assert mem["parts"]["checkpoint_scratch"] == mem["gather"]["checkpoint_scratch"] == 0
+    assert mem["async"]["checkpoint_scratch"] == staging(n, owned, dealt) > 0
+    assert mem["async"]["peak"] - mem["parts"]["peak"] == staging(n, owned, dealt)
