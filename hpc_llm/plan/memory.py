@@ -154,6 +154,7 @@ def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> Stage
         lay.pp,
         stage,
         lay.virtual,
+        lay.schedule in sched.V_SHAPED,
     )
 
 

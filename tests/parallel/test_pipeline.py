@@ -70,23 +70,32 @@ def schedules(pp: int) -> dict:
         "interleaved": {"parallel.schedule": "interleaved", "parallel.virtual_stages": 2},
         "gpipe": {"parallel.schedule": "gpipe"},
         "zb-h1": {"parallel.schedule": "zb-h1"},
+        "zbv": {"parallel.schedule": "zbv", "parallel.virtual_stages": 2},
         "1f1b-uneven": {"parallel.schedule": "1f1b", "parallel.pp_layers": uneven},
     }
 
 
+def grid_for(overrides: dict, tp: int, pp: int):
+    """The grid a schedule trains on: a V (zbv) holds both ends of the model on stage 0, so no embedding group."""
+    return make_grid(MPI.COMM_WORLD, tp, pp, overrides.get("parallel.schedule") == "zbv")
+
+
 def stage_checks(tr, pp: int, name: str) -> list[str]:
-    """The rank holds what its stage should: its layers' blocks, the embedding first and the head last; the tied
-    embedding's copies are bitwise identical."""
+    """The rank holds what its stage should: its layers' blocks (a V: layers of virtual stages s and 2 pp - 1 - s),
+    the embedding first and the head last (a V: both on stage 0, one copy, no embedding group); the tied embedding's
+    copies are bitwise identical."""
     bad = []
-    m, stage = tr.model, tr.grid.pp_rank
-    layers = sorted(i for c in m.chunks for i in tr.plan.layers[c.vstage])
+    m, stage, vee = tr.model, tr.grid.pp_rank, tr.plan.v_shape
+    held = (stage, 2 * pp - 1 - stage) if vee else tr.plan.chunks
+    layers = sorted(i for c in held for i in tr.plan.layers[c])
     blocks = sorted({int(n.split(".")[1]) for n in m.params if n.startswith("h.")})
-    if blocks != layers or m.has_embedding != (stage == 0) or m.has_head != (stage == pp - 1):
+    head = 0 if vee else pp - 1
+    if blocks != layers or m.has_embedding != (stage == 0) or m.has_head != (stage == head):
         bad.append(
             f"{name}: stage {stage} holds blocks {blocks} (plan {layers}), embedding {m.has_embedding}, "
             f"head {m.has_head}"
         )
-    if (stage in (0, pp - 1)) != (tr.grid.emb_comm is not None):
+    if (stage in (0, pp - 1) and not vee) != (tr.grid.emb_comm is not None):
         bad.append(f"{name}: stage {stage} of {pp}, embedding group {tr.grid.emb_comm}")
     if tr.grid.emb_comm is not None:
         crcs = tr.grid.emb_comm.mpi.allgather(crc(m.params["wte.weight"]))
@@ -133,7 +142,7 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
                     "train.recompute": "selective" if sp else "none",
                 },
             )
-            tr = train(cfg, make_grid(MPI.COMM_WORLD, tp, pp))
+            tr = train(cfg, grid_for(overrides, tp, pp))
             if (tr.grid.pp, tr.grid.tp, tr.grid.dp, tr.sync.zero) != (
                 pp,
                 tp,
@@ -316,7 +325,7 @@ def test_send_depth_changes_nothing_but_the_buffers_held(layout, data_dir, share
                     "train.eval_interval": 2,
                 },
             )
-            tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1, pp))
+            tr = Trainer(cfg, grid=grid_for(overrides, 1, pp))
             v = cfg.parallel.virtual_stages
             want_depth = send_depth(cfg.parallel.schedule, pp, 2 * pp, v)
             if tr.pipe.depth != want_depth:

@@ -261,7 +261,7 @@ def test_weight_term_equals_what_b_leaves_for_w(
     drop = DropoutRNG(0, 0, 0, range(b)) if dropout else None
     out, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
     dout = None if chunk.head else rng.standard_normal(shape_in).astype(model.dtype)
-    _, weights = chunk.backward_input(dout, cache)
+    _, weights = chunk.backward_input(dout, cache, head_accumulate=False)
     kept = cache_bytes([work.todo for _, work in weights]) - model.grad_flat.nbytes
     by = PRECISIONS[precision][1]
     first, last = chunk.embedding is not None, chunk.head is not None
