@@ -36,7 +36,8 @@ state waits for a round trip to the downstream stages.
 The send depth: PipelineComm keeps at most D sends per direction in flight, waiting for the oldest (after posting the
 next op's receive) when a new one would make D + 1. `simulate_lists(..., depth=D)` times that with rendezvous sends,
 and `send_depth(name, p, m, v)` is the least D that neither deadlocks nor lengthens the step: 1 for every schedule
-with p <= 8, v <= 4 (tests/parallel/test_schedule.py; docs/performance.md).
+with p <= 8, v <= 4 but zbv, up to p - 1 for zbv, whose forward (and backward) sends go to both neighbours and count
+in one window (tests/parallel/test_schedule.py; docs/performance.md).
 """
 
 from __future__ import annotations
