@@ -408,7 +408,7 @@ def chunk_costs(
     backward split in two ops (zero-bubble schedules): "Bi" and "Bi+" (B: the input gradient, with "block"
     recompute's forwards, and the head's W, which runs with it), "W" and "W+" (the other weight gradients); the parts
     of a backward or W that time its grad_ready reports:
-    "head_B", "block_B", "head_W", "block_W" (and "+" accumulating); and the parts' own costs (ZeRO-3's prefetch):
+    "head_B", "block_B", "block_W" (and "+" accumulating); and the parts' own costs (ZeRO-3's prefetch):
     "emb_F", "block_F", "head_F", "emb_B"."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     ln = (2 if cfg.bias else 1) * C  # one LayerNorm's parameters
