@@ -587,9 +587,8 @@ class Chunk:
             work = WeightWork(accumulate if accumulate is not None else head_acc)
             hooks.before_backward(self, "head")
             dx = self.head.backward_input(head_cache, loss_scale, work)
-            if (
-                accumulate is None
-            ):  # done, but reported ready by backward_weight, in the unsplit order
+            if accumulate is None:
+                # done, but reported ready by backward_weight, in the unsplit order
                 weights.append((self.grad_offsets["head"], work))
             else:
                 done("head", self.grad_offsets["head"], work)

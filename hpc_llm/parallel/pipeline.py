@@ -10,6 +10,9 @@ micro-batch after micro-batch).
                      (Chunk.backward_input), keeping what W needs.
     W(micro, chunk)  the weight gradients B left (Chunk.backward_weight); nothing received or sent.
 
+An output whose consumer is this rank's other chunk (the V's turn of "zbv": virtual stages p - 1 and p on rank p - 1)
+is handed over in memory instead of sent.
+
 Receives are posted right after the op before them (paired with its send: PipelineComm's combined steps) and waited
 for when their op starts. Only after that receive is posted does `PipelineComm.settle` bound the sends in flight (at
 most its depth per direction live across an op; those delivered are completed at every op boundary): waiting for an
@@ -132,6 +135,7 @@ class _Gradients:
             self.heads.add(op.chunk)
             return dx
         accumulate, ready = self._writes(k, op)
+        self.heads.add(op.chunk)
         return chunk.backward(dout, cache, loss_scale, accumulate, ready)
 
     def weight(self, k: int, op: Op) -> None:
