@@ -6,13 +6,13 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from hpc_llm.backend import to_host
 from hpc_llm.checkpoint.slabs import Part, Piece, Slab
-from hpc_llm.model.layout import StagePlan, param_specs
+from hpc_llm.model.layout import param_specs
 from hpc_llm.parallel.data_parallel import split_counts
 
 
@@ -62,10 +62,7 @@ class ElementPlacement:
         self.model, self.opt = m, parts.opt
         self.tp, self.dp, self.pp = g.tp, g.dp, g.pp
         self.me = g.world.rank
-        self.specs = [
-            param_specs(m.cfg, g.tp, StagePlan(m.plan.layers, g.pp, s, m.plan.virtual))
-            for s in range(g.pp)
-        ]
+        self.specs = [param_specs(m.cfg, g.tp, replace(m.plan, rank=s)) for s in range(g.pp)]
         self.zero = sync.zero
         self.params_sharded = sync.stage >= 3
         if self.zero:

@@ -141,9 +141,9 @@ def _check_parallel(cfg: Config) -> None:
         par.virtual_stages >= 1, "parallel.virtual_stages", "a positive integer", par.virtual_stages
     )
     need(
-        par.schedule in ("1f1b", "interleaved", "gpipe", "zb-h1"),
+        par.schedule in ("1f1b", "interleaved", "gpipe", "zb-h1", "zbv"),
         "parallel.schedule",
-        '"1f1b", "interleaved", "gpipe" or "zb-h1"',
+        '"1f1b", "interleaved", "gpipe", "zb-h1" or "zbv"',
         par.schedule,
     )
     check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
@@ -181,7 +181,7 @@ def _check_parallel(cfg: Config) -> None:
         low_dtype("bf16")
     need(par.zero in (0, 1, 2, 3), "parallel.zero", "0, 1, 2 or 3", par.zero)
     need(
-        par.zero < 2 or par.schedule != "zb-h1",
+        par.zero < 2 or par.schedule not in ("zb-h1", "zbv"),
         "parallel.zero",
         f'0 or 1 with parallel.schedule="{par.schedule}" (ZeRO-2/3 reduce a part\'s gradients as its '
         "backward ends; a zero-bubble schedule defers its weight gradients)",
@@ -307,9 +307,15 @@ def check_pipeline(
                 f"parallel.schedule=interleaved: train.grad_accum={micro_batches} (the micro-batches) "
                 f"must be a multiple of parallel.pp={pp}"
             )
+    elif schedule == "zbv":
+        if v != 2 or pp < 2:
+            raise UserError(
+                "parallel.schedule=zbv needs parallel.virtual_stages=2 and parallel.pp >= 2 (two chunks "
+                f"per rank in a V), got virtual_stages={v}, pp={pp}"
+            )
     elif v != 1:
         raise UserError(
-            f"parallel.virtual_stages={v} needs parallel.schedule=interleaved (got {schedule!r})"
+            f"parallel.virtual_stages={v} needs parallel.schedule=interleaved or zbv (got {schedule!r})"
         )
     if pp_layers:
         if len(pp_layers) != stages:

@@ -98,10 +98,11 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size (stages); data-parallel size = number of ranks / (pp * tp)
     # layers of each pipeline stage in model order (pp * virtual_stages entries, summing to model.n_layer); empty: even
     pp_layers: list[int] = field(default_factory=list)
-    # "1f1b", "interleaved" (needs virtual_stages >= 2), "gpipe" or "zb-h1" (1F1B with each backward split in B
-    # and W, the W's filling the bubble: docs/performance.md)
+    # "1f1b", "interleaved" (needs virtual_stages >= 2), "gpipe", "zb-h1" (1F1B with each backward split in B
+    # and W, the W's filling the bubble: docs/performance.md) or "zbv" (zero-bubble V: virtual_stages = 2, rank r
+    # holds stages r and 2 pp - 1 - r)
     schedule: str = "1f1b"
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule; 2 for zbv)
     # Megatron's sequence parallelism (tp > 1): LayerNorm, dropout and the residual stream on a 1/tp slice of the
     # sequence; an all-gather enters each column-parallel region and a reduce-scatter leaves each row-parallel one
     sequence_parallel: bool = False

@@ -147,7 +147,8 @@ class GPT:
                 self.v0,
                 tp,
                 cfg.dropout,
-                head_writes_wte=last,
+                # the head on this rank (the same chunk, or the V's other end) writes wte's gradient first
+                head_writes_wte=self.plan.n_virtual - 1 in self.plan.chunks,
                 sequence_parallel=self.sequence_parallel,
             )
         blocks = []

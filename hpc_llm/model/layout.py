@@ -21,6 +21,7 @@ import numpy as np
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.config.checks import LORA_TARGETS
+from hpc_llm.parallel.schedule import stage_rank, virtual_stage
 
 
 class Init(Enum):
@@ -84,12 +85,14 @@ def _zeros(name: str, shape: tuple, tp_axis=None, tp_blocks: int = 1) -> LayoutR
 class StagePlan:
     """The pipeline split: the layers of each of pp * virtual (virtual) stages, in model order, and which of them
     this rank holds: virtual stage c * pp + rank for each of its chunks c (Megatron's interleaving; one chunk
-    without it). The default is the whole model on one stage."""
+    without it), or with v_shape (schedule "zbv", two chunks) rank and 2 pp - 1 - rank (schedule.virtual_stage).
+    The default is the whole model on one stage."""
 
     layers: tuple  # (range, ...) per virtual stage
     pp: int = 1
     rank: int = 0
     virtual: int = 1
+    v_shape: bool = False
 
     @property
     def n_virtual(self) -> int:
@@ -98,7 +101,11 @@ class StagePlan:
     @property
     def chunks(self) -> list[int]:
         """The virtual stages this rank holds, in its buffer's order."""
-        return [c * self.pp + self.rank for c in range(self.virtual)]
+        return [virtual_stage(self.pp, self.rank, c, self.v_shape) for c in range(self.virtual)]
+
+    def rank_of(self, s: int) -> int:
+        """The pipeline rank holding virtual stage s."""
+        return stage_rank(self.pp, s, self.v_shape)
 
 
 def whole_model(cfg: ModelConfig) -> StagePlan:

@@ -549,9 +549,14 @@ class Chunk:
         dx, _ = self._backward(dout, cache, loss_scale, accumulate, grad_ready)
         return dx
 
-    def backward_input(self, dout, cache: ChunkCache, loss_scale: float = 1.0):
-        """B alone (zero-bubble schedules): -> (the input gradient, the W left for backward_weight)."""
-        return self._backward(dout, cache, loss_scale, None, None)
+    def backward_input(
+        self, dout, cache: ChunkCache, loss_scale: float = 1.0, *, head_accumulate: bool
+    ):
+        """B alone (zero-bubble schedules): -> (the input gradient, the W left for backward_weight). The head's W
+        runs here at once (head_accumulate: add to its gradients, else overwrite them), as Qi et al. do on the last
+        stage: kept for later it would hold the logits' gradient (rows x T x V / tp) until W, above 1F1B's memory at
+        a large vocabulary, to save a GEMM the size of the head's B; backward_weight still reports it ready."""
+        return self._backward(dout, cache, loss_scale, None, None, head_accumulate)
 
     def backward_weight(self, weights: list, accumulate: bool, grad_ready=None) -> None:
         """W of one micro-batch, part by part in backward's order; grad_ready as in backward."""
@@ -560,9 +565,10 @@ class Chunk:
             if offset is not None and grad_ready is not None:
                 grad_ready(offset)
 
-    def _backward(self, dout, cache: ChunkCache, loss_scale, accumulate, grad_ready):
-        """The parts' B from the head to the embedding. accumulate None: each part's W kept, returned as
-        [(its grad offset, WeightWork)]; else run with it, grad_ready(offset) after each part."""
+    def _backward(self, dout, cache: ChunkCache, loss_scale, accumulate, grad_ready, head_acc=None):
+        """The parts' B from the head to the embedding. accumulate None: each part's W kept (the head's run with
+        head_acc), returned as [(its grad offset, WeightWork)]; else run with it, grad_ready(offset) after each
+        part."""
         emb_cache, caches, head_cache, rng = cache
         weights, hooks = [], self.hooks
 
@@ -578,10 +584,14 @@ class Chunk:
 
         dx = dout
         if self.head is not None:
-            work = WeightWork(accumulate)
+            work = WeightWork(accumulate if accumulate is not None else head_acc)
             hooks.before_backward(self, "head")
             dx = self.head.backward_input(head_cache, loss_scale, work)
-            done("head", self.grad_offsets["head"], work)
+            if accumulate is None:
+                # done, but reported ready by backward_weight, in the unsplit order
+                weights.append((self.grad_offsets["head"], work))
+            else:
+                done("head", self.grad_offsets["head"], work)
         for block in reversed(self.blocks):
             block_cache = caches.pop()
             hooks.before_backward(self, block.layer)

@@ -537,16 +537,17 @@ class PipelineComm:
     On a wire view of the pp group (Comm.with_wire: parallel.act_comm) every message is 16-bit words in a buffer of
     its own (Comm.isend / irecv), so the buffer a send holds is half the activation's size.
 
-    Virtual stage s lives on rank s % P: forward messages go to rank + 1, backward ones to rank - 1 (cyclically, for
-    interleaved chunks); the tag names (micro-batch, receiving virtual stage, direction), so a message can only match
-    the receive it is meant for.
+    Virtual stage s lives on rank rank_of(s), by default s % P: forward messages go to rank + 1, backward ones to
+    rank - 1 (cyclically, for interleaved chunks); in a V (schedule.stage_rank) the second chunk's go the other way.
+    The tag names (micro-batch, receiving virtual stage, direction), so a message can only match the receive it is
+    meant for.
     """
 
     FORWARD, BACKWARD = 0, 1
 
-    def __init__(self, comm: Comm, n_virtual: int, depth: int | None = None):
+    def __init__(self, comm: Comm, n_virtual: int, depth: int | None = None, rank_of=None):
         self.comm, self.n_virtual, self.depth = comm, n_virtual, depth
-        self.next, self.prev = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+        self.rank_of = rank_of if rank_of is not None else (lambda s: s % comm.size)
         self._sends: tuple[list[Handle], list[Handle]] = ([], [])  # per direction, oldest first
         # per direction, the most sends incomplete across an op (after settle()), over this object's life
         self.held_max = [0, 0]
@@ -586,13 +587,13 @@ class PipelineComm:
         tag = self._tag(self.FORWARD, micro, vstage + 1)
         self._post_send(
             self.FORWARD,
-            self.comm.isend(x, self.next, tag, "send_forward", self.synchronous),
+            self.comm.isend(x, self.rank_of(vstage + 1), tag, "send_forward", self.synchronous),
         )
 
     def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
         """Start receiving the input of virtual stage `vstage` from the previous one into buf."""
         return self.comm.irecv(
-            buf, self.prev, self._tag(self.FORWARD, micro, vstage), "recv_forward"
+            buf, self.rank_of(vstage - 1), self._tag(self.FORWARD, micro, vstage), "recv_forward"
         )
 
     def send_backward(self, dx, micro: int, vstage: int) -> None:
@@ -600,13 +601,13 @@ class PipelineComm:
         tag = self._tag(self.BACKWARD, micro, vstage - 1)
         self._post_send(
             self.BACKWARD,
-            self.comm.isend(dx, self.prev, tag, "send_backward", self.synchronous),
+            self.comm.isend(dx, self.rank_of(vstage - 1), tag, "send_backward", self.synchronous),
         )
 
     def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
         """Start receiving the output gradient of virtual stage `vstage` from the next one into buf."""
         return self.comm.irecv(
-            buf, self.next, self._tag(self.BACKWARD, micro, vstage), "recv_backward"
+            buf, self.rank_of(vstage + 1), self._tag(self.BACKWARD, micro, vstage), "recv_backward"
         )
 
     def send_forward_recv_backward(

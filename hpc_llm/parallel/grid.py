@@ -9,7 +9,8 @@ Groups, each made by Split:
     dp   same (pp, tp): one data-parallel group (replicas of the same shard of the same stage)
     pp   same (dp, tp): one pipeline (point-to-point activations and gradients between neighbours)
     mp   same dp: the whole model once (tp x pp ranks): the gradient norm without ZeRO-1
-    emb  the first and the last stage of one pipeline (pp > 1 only): the two copies of the tied embedding
+    emb  the first and the last stage of one pipeline (pp > 1 only): the two copies of the tied embedding (none in a
+         V, schedule "zbv": rank 0 holds both ends of the model, one copy)
 
 `mpi4py.MPI` is imported inside the functions that need it: importing it initialises MPI, which a single process
 run without mpiexec never does.
@@ -81,7 +82,7 @@ def single_process_grid() -> Grid:
     return Grid(one["world"], one["tp"], one["dp"], one["pp"], one["mp"], None, tp=1, dp=1, pp=1)
 
 
-def make_grid(mpi_comm, tp: int, pp: int = 1) -> Grid:
+def make_grid(mpi_comm, tp: int, pp: int = 1, v_shape: bool = False) -> Grid:
     """Split `mpi_comm` (usually MPI.COMM_WORLD) into the groups above; all ranks must call this."""
     size, rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
     if size % (tp * pp):
@@ -97,7 +98,7 @@ def make_grid(mpi_comm, tp: int, pp: int = 1) -> Grid:
     mp_mpi = mpi_comm.Split(color=dp_rank, key=rank)
     from mpi4py import MPI
 
-    holds_embedding = pp > 1 and pp_rank in (0, pp - 1)
+    holds_embedding = pp > 1 and not v_shape and pp_rank in (0, pp - 1)
     emb_mpi = mpi_comm.Split(
         color=dp_rank * tp + tp_rank if holds_embedding else MPI.UNDEFINED, key=pp_rank
     )
@@ -115,10 +116,11 @@ def make_grid(mpi_comm, tp: int, pp: int = 1) -> Grid:
     )
 
 
-def world_grid(tp: int, pp: int = 1) -> Grid:
-    """The grid over MPI.COMM_WORLD; a single process run without mpiexec never calls MPI."""
+def world_grid(tp: int, pp: int = 1, v_shape: bool = False) -> Grid:
+    """The grid over MPI.COMM_WORLD; a single process run without mpiexec never calls MPI. v_shape: the pipeline's
+    chunks in a V (StagePlan.v_shape)."""
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_size() == 1 and tp == 1 and pp == 1:
         return single_process_grid()
-    return make_grid(MPI.COMM_WORLD, tp, pp)
+    return make_grid(MPI.COMM_WORLD, tp, pp, v_shape)

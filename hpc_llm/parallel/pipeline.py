@@ -10,6 +10,9 @@ micro-batch after micro-batch).
                      (Chunk.backward_input), keeping what W needs.
     W(micro, chunk)  the weight gradients B left (Chunk.backward_weight); nothing received or sent.
 
+An output whose consumer is this rank's other chunk (the V's turn of "zbv": virtual stages p - 1 and p on rank p - 1)
+is handed over in memory instead of sent.
+
 Receives are posted right after the op before them (paired with its send: PipelineComm's combined steps) and waited
 for when their op starts. Only after that receive is posted does `PipelineComm.settle` bound the sends in flight (at
 most its depth per direction live across an op; those delivered are completed at every op boundary): waiting for an
@@ -27,11 +30,21 @@ from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.schedule import Op, Phase
 
 
-def _needs_input(model, op: Op) -> bool:
+def _source(model, op: Op) -> int | None:
+    """The virtual stage op's input comes from (the previous one's F, the next one's B), None if it needs none (the
+    tokens, the loss, a W)."""
     chunk = model.chunks[op.chunk]
     if op.kind == Phase.WEIGHT:
-        return False
-    return chunk.embedding is None if op.kind == Phase.FORWARD else chunk.head is None
+        return None
+    if op.kind == Phase.FORWARD:
+        return None if chunk.embedding is not None else chunk.vstage - 1
+    return None if chunk.head is not None else chunk.vstage + 1
+
+
+def _needs_input(model, op: Op) -> bool:
+    """Whether op waits for a message (its input made on another rank)."""
+    s = _source(model, op)
+    return s is not None and s not in model.plan.chunks
 
 
 def run_schedule(
@@ -47,10 +60,14 @@ def run_schedule(
     multiplies every micro-batch's loss in backward; act_shape: an activation's shape (model.act_shape: (rows, T, C),
     T/tp with sequence parallelism), that of every message. Returns {micro: loss} on the last stage ({} elsewhere)."""
     losses, caches, grads = {}, {}, _Gradients(model, ops, grad_ready)
+    # the V's turn (schedule.V_SHAPED): outputs whose consumer is this rank's other chunk, by (kind, micro, its
+    # virtual stage); handed over as copies, since the consumer updates its input in place and the producer's
+    # deferred W may still read the array
+    local = {}
     pending = None  # (handle, buffer) of the receive posted for the current op
     for k, op in enumerate(ops):
         chunk = model.chunks[op.chunk]
-        inp = None
+        inp = local.pop((op.kind, op.micro, chunk.vstage), None)
         if _needs_input(model, op):
             handle, inp = (
                 pending if pending is not None else _post(model, pipe, op, act_shape, None, None)
@@ -69,6 +86,11 @@ def run_schedule(
             send = grads.backward(k, op, inp, caches.pop((op.micro, op.chunk)), loss_scale)
         else:
             send = grads.weight(k, op)
+        if send is not None:
+            to = chunk.vstage + (1 if op.kind == Phase.FORWARD else -1)
+            if to in model.plan.chunks:
+                local[op.kind, op.micro, to] = send.copy()
+                send = None
         nxt = ops[k + 1] if k + 1 < len(ops) and _needs_input(model, ops[k + 1]) else None
         pending = None
         if nxt is not None:
@@ -79,8 +101,8 @@ def run_schedule(
         inp = out = send = None
         if pipe is not None:
             pipe.settle()  # after the next receive is posted: the bound's wait cannot hold a neighbour up
-    assert not caches and not grads.weights, (
-        f"left in flight: {sorted(caches)} {sorted(grads.weights)}"
+    assert not caches and not grads.weights and not local, (
+        f"left in flight: {sorted(caches)} {sorted(grads.weights)} {sorted(local)}"
     )
     if pipe is not None:
         pipe.wait_sends()
@@ -100,15 +122,20 @@ class _Gradients:
             if op.kind == Phase.WEIGHT
             or (op.kind == Phase.BACKWARD and (op.micro, op.chunk) not in self.split)
         }
-        self.weights, self.started, self.final = {}, set(), set()
+        # heads: the chunks whose head has had its gradients written (by a B: Chunk.backward_input runs its W)
+        self.weights, self.started, self.final, self.heads = {}, set(), set(), set()
 
     def backward(self, k: int, op: Op, dout, cache, loss_scale: float):
         """B, or the whole backward: -> the input gradient."""
         chunk = self.model.chunks[op.chunk]
         if (op.micro, op.chunk) in self.split:
-            dx, self.weights[op.micro, op.chunk] = chunk.backward_input(dout, cache, loss_scale)
+            dx, self.weights[op.micro, op.chunk] = chunk.backward_input(
+                dout, cache, loss_scale, head_accumulate=op.chunk in self.heads
+            )
+            self.heads.add(op.chunk)
             return dx
         accumulate, ready = self._writes(k, op)
+        self.heads.add(op.chunk)
         return chunk.backward(dout, cache, loss_scale, accumulate, ready)
 
     def weight(self, k: int, op: Op) -> None:
@@ -155,16 +182,19 @@ def _post(model, pipe: PipelineComm, nxt: Op, act_shape: tuple, op: Op | None, s
 def forward_only(model, pipe: PipelineComm | None, x, y):
     """One batch's loss through the pipeline without backward (evaluation): this rank's chunks in order, each
     waiting for its input from the previous virtual stage. The loss on the last stage, None elsewhere."""
-    loss = None
+    loss = out = None
+    held = model.plan.chunks
     for chunk in model.chunks:
         inp = x
-        if chunk.embedding is None:
+        if chunk.vstage - 1 in held:  # the V's turn: the other chunk's output, here
+            inp = out
+        elif chunk.embedding is None:
             inp = model.xp.empty(model.act_shape(*x.shape), dtype=model.dtype)
             pipe.recv_forward(inp, 0, chunk.vstage).wait()
         out, _ = chunk.forward(inp, y if chunk.head else None, keep_cache=False)
         if chunk.head is not None:
             loss = out
-        else:
+        elif chunk.vstage + 1 not in held:
             pipe.send_forward(out, 0, chunk.vstage)
             pipe.settle()
     if pipe is not None:

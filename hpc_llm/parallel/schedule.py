@@ -36,7 +36,8 @@ state waits for a round trip to the downstream stages.
 The send depth: PipelineComm keeps at most D sends per direction in flight, waiting for the oldest (after posting the
 next op's receive) when a new one would make D + 1. `simulate_lists(..., depth=D)` times that with rendezvous sends,
 and `send_depth(name, p, m, v)` is the least D that neither deadlocks nor lengthens the step: 1 for every schedule
-with p <= 8, v <= 4 (tests/parallel/test_schedule.py; docs/performance.md).
+with p <= 8, v <= 4 but zbv, up to p - 1 for zbv, whose forward (and backward) sends go to both neighbours and count
+in one window (tests/parallel/test_schedule.py; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-SPLIT = ("zb-h1",)  # the schedules whose backwards are B and W ops
+NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv")
+SPLIT = ("zb-h1", "zbv")  # the schedules whose backwards are B and W ops
+V_SHAPED = ("zbv",)  # two chunks per rank in a V: rank r holds virtual stages r and 2p - 1 - r
 
 
 class Phase(StrEnum):
@@ -69,6 +71,27 @@ class Op(NamedTuple):
     kind: Phase
     micro: int  # micro-batch, 0-based
     chunk: int = 0  # model chunk on this rank (global virtual stage chunk * p + stage); 0 without interleaving
+
+
+def virtual_stage(p: int, rank: int, chunk: int, v_shape: bool = False) -> int:
+    """The global virtual stage of chunk `chunk` of pipeline rank `rank`: chunk * p + rank (looped, Megatron's
+    interleaving), or in a V (v_shape: two chunks) rank, then 2p - 1 - rank: the V turns on rank p - 1, which holds
+    virtual stages p - 1 and p, so that hand-over needs no message, and rank 0 holds both ends of the model."""
+    if v_shape:
+        return rank if chunk == 0 else 2 * p - 1 - rank
+    return chunk * p + rank
+
+
+def stage_rank(p: int, s: int, v_shape: bool = False) -> int:
+    """The pipeline rank holding virtual stage s (virtual_stage's inverse)."""
+    if v_shape:
+        return s if s < p else 2 * p - 1 - s
+    return s % p
+
+
+def stage_chunk(p: int, s: int, v_shape: bool = False) -> int:
+    """Which of its rank's chunks virtual stage s is."""
+    return int(s >= p) if v_shape else s // p
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -119,6 +142,52 @@ def zb_h1(p: int, stage: int, m: int) -> list[Op]:
     return ops + [Op(Phase.WEIGHT, i) for i in range(w, m)]
 
 
+def zbv(p: int, stage: int, m: int) -> list[Op]:
+    """ZB-V (Qi et al., section 6): chunk 0 is virtual stage `stage`, chunk 1 virtual stage 2p - 1 - stage. The
+    pattern is made for n = max(m, 2p - 1) micro-batches and the ops of micro-batches >= m dropped:
+      warm-up    2(p - s) - 1 F of chunk 0; s pairs (F chunk 1, F chunk 0); p - s triples (F, B, W) of chunk 1
+                 (the V's far end: its backward comes back at once);
+      steady     while forwards remain: [F chunk 0,] B W of chunk 0, F B W of chunk 1;
+      cool-down  s pairs (B chunk 0, B chunk 1), their W's deferred; p - s pairs (B chunk 0, the oldest W of
+                 chunk 0); then the W's left, chunk 1's, then chunk 0's.
+    Each chunk's B's and W's go in micro-batch order. At most 2p (micro-batch, chunk)s in flight on rank 0 (fewer
+    further down the V): p micro-batches of a whole stage's activations, 1F1B's peak."""
+    _check(p, stage, m)
+    n = max(m, 2 * p - 1)
+    count = {(kind, c): 0 for kind in Phase for c in (0, 1)}
+    ops: list[Op] = []
+
+    def add(kind: Phase, chunk: int) -> None:
+        ops.append(Op(kind, count[kind, chunk], chunk))
+        count[kind, chunk] += 1
+
+    F, B, W = Phase.FORWARD, Phase.BACKWARD, Phase.WEIGHT
+    for _ in range(2 * (p - stage) - 1):
+        add(F, 0)
+    for _ in range(stage):
+        add(F, 1)
+        add(F, 0)
+    for _ in range(p - stage):
+        for kind in (F, B, W):
+            add(kind, 1)
+    while count[F, 1] < count[F, 0] or count[F, 0] < n:
+        if count[F, 0] < n:
+            add(F, 0)
+        for kind, chunk in ((B, 0), (W, 0), (F, 1), (B, 1), (W, 1)):
+            add(kind, chunk)
+    for _ in range(stage):
+        add(B, 0)
+        add(B, 1)
+    for _ in range(p - stage):
+        add(B, 0)
+        add(W, 0)
+    for chunk in (1, 0):
+        while count[W, chunk] < n:
+            add(W, chunk)
+    assert all(count[k, c] == n for k in Phase for c in (0, 1)), count
+    return [op for op in ops if op.micro < m]
+
+
 def interleaved(p: int, stage: int, m: int, v: int) -> list[Op]:
     """Megatron's interleaved 1F1B. The k-th forward of a rank is micro-batch (k // pv) p + k % p of chunk
     (k % pv) // p: p micro-batches through chunk 0, the same p through chunk 1, ..., then the next p; the k-th
@@ -151,6 +220,12 @@ def schedule(name: str, p: int, stage: int, m: int, v: int = 1) -> list[Op]:
         raise ValueError(f"name: expected one of {', '.join(NAMES)}, got {name!r}")
     if name == "interleaved":
         return interleaved(p, stage, m, v)
+    if name in V_SHAPED:
+        if v != 2:
+            raise ValueError(
+                f"v (model chunks per rank): {name!r} has two chunks per rank, got {v!r}"
+            )
+        return zbv(p, stage, m)
     if v != 1:
         raise ValueError(
             f"v (model chunks per rank): {name!r} has one chunk per rank, got {v!r} "
@@ -224,18 +299,19 @@ def _inputs(kind: Phase, micro: int, s: int, last: int) -> list[tuple[Phase, int
     return [(Phase.FORWARD, micro, s)] + ([(Phase.BACKWARD, micro, s + 1)] if s < last else [])
 
 
-def _message(kind: Phase, micro: int, s: int, p: int, last: int):
+def _message(kind: Phase, micro: int, s: int, p: int, last: int, v_shape: bool = False):
     """The message op (kind, micro) of virtual stage s sends: (direction, (rank, op) that consumes it), or None (the
     first forward's stage takes tokens, the last backward's sends nothing back; the loss stays on the last stage; a W
     op sends nothing)."""
-    if kind == Phase.WEIGHT:
+    if kind == Phase.WEIGHT or s == (last if kind == Phase.FORWARD else 0):
         return None
-    if kind == Phase.FORWARD:
-        return None if s == last else (0, ((s + 1) % p, Op(Phase.FORWARD, micro, (s + 1) // p)))
-    return None if s == 0 else (1, ((s - 1) % p, Op(Phase.BACKWARD, micro, (s - 1) // p)))
+    direction, to = (0, s + 1) if kind == Phase.FORWARD else (1, s - 1)
+    return direction, (stage_rank(p, to, v_shape), Op(kind, micro, stage_chunk(p, to, v_shape)))
 
 
-def _depth_waits(lists: list[list[Op]], p: int, last: int, depth: int) -> list[list]:
+def _depth_waits(
+    lists: list[list[Op]], p: int, last: int, depth: int, v_shape: bool = False
+) -> list[list]:
     """waits[r][k]: the sends rank r must have completed before it starts its op k, each as (the producing op's
     key, consumer rank, consumer op index), under a send depth `depth`: after each op that sends in a direction
     (0 forward, 1 backward), every send of that direction but the `depth` newest must be complete."""
@@ -244,13 +320,16 @@ def _depth_waits(lists: list[list[Op]], p: int, last: int, depth: int) -> list[l
     for r, ops in enumerate(lists):
         sent: list[list] = [[], []]  # per direction, in send order
         for k, (kind, i, c) in enumerate(ops):
-            msg = _message(kind, i, c * p + r, p, last)
+            s = virtual_stage(p, r, c, v_shape)
+            msg = _message(kind, i, s, p, last, v_shape)
             if msg is None:
                 continue
             direction, (dest, consumer) = msg
-            if dest == r:  # one rank (p = 1): the chunks hand over in memory, no message
+            if (
+                dest == r
+            ):  # one rank (p = 1), or the V's turn: the chunks hand over in memory, no message
                 continue
-            sent[direction].append(((kind, i, c * p + r), dest, index[dest][consumer]))
+            sent[direction].append(((kind, i, s), dest, index[dest][consumer]))
             if len(sent[direction]) > depth and k + 1 < len(ops):
                 waits[r][k + 1].append(sent[direction][-depth - 1])
     return waits
@@ -265,11 +344,13 @@ def simulate_lists(
     cost=None,
     depth: int | None = None,
     t_w: float = 0.0,
+    v_shape: bool = False,
 ) -> Timing:
     """Run rank r's list `lists[r]` strictly in order, one op at a time, each as early as its inputs allow.
 
-    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p; it costs t_f / v, t_b / v (B: the
-    input gradient) or t_w / v (W: the weight gradients; a backward not split in B and W costs (t_b + t_w) / v), or
+    An op of chunk c on rank r is global virtual stage s = c p + r of S = v p (v_shape: virtual_stage's V); it
+    costs t_f / v, t_b / v (B: the input gradient) or t_w / v (W: the weight gradients; a backward not split in B
+    and W costs (t_b + t_w) / v), or
     cost(r, op, later) when given (later: not its chunk's first op of that kind in the step; a backward or W that
     writes gradients then accumulates). F(i, s) needs F(i, s - 1); B(i, s) needs F(i, s) and, unless s = S - 1
     (where the loss is), B(i, s + 1); W(i, s) needs B(i, s); an input from another rank arrives t_comm after it is
@@ -297,7 +378,7 @@ def simulate_lists(
         def cost(r, op, later):
             return {Phase.FORWARD: t_f, Phase.BACKWARD: whole[r], Phase.WEIGHT: t_w}[op.kind] / v
 
-    waits = _depth_waits(lists, p, last, depth) if depth is not None else None
+    waits = _depth_waits(lists, p, last, depth, v_shape) if depth is not None else None
     done: dict[tuple[Phase, int, int], float] = {}  # (kind, micro, virtual stage) -> finish time
     ends: list[list[float]] = [[] for _ in range(p)]  # per rank, each finished op's end
     pos, clock, busy = [0] * p, [0.0] * p, [0.0] * p
@@ -309,12 +390,13 @@ def simulate_lists(
         for r, ops in enumerate(lists):
             while pos[r] < len(ops):
                 kind, i, c = ops[pos[r]]
-                s = c * p + r
+                s = virtual_stage(p, r, c, v_shape)
                 needs = _inputs(kind, i, s, last)
                 if any(key not in done for key in needs):
                     break
                 times = [clock[r]] + [
-                    done[key] + (t_comm if key[2] % p != r else 0.0) for key in needs
+                    done[key] + (t_comm if stage_rank(p, key[2], v_shape) != r else 0.0)
+                    for key in needs
                 ]
                 if waits is not None:
                     # a send completes when its receive is posted (the consumer's previous op ended), and its data
@@ -360,7 +442,7 @@ def simulate(
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{arg}: expected a number >= 0, got {value!r}")
     lists = [schedule(name, p, s, m, v) for s in range(p)]
-    return simulate_lists(lists, v, t_f, t_b, t_comm, t_w=t_w)
+    return simulate_lists(lists, v, t_f, t_b, t_comm, t_w=t_w, v_shape=name in V_SHAPED)
 
 
 @functools.lru_cache(maxsize=256)
@@ -372,19 +454,18 @@ def send_depth(name: str, p: int, m: int, v: int = 1) -> int:
     (simulate_lists); the same makespan is for these costs."""
     _check(p, 0, m, v)
     lists = [schedule(name, p, s, m, v) for s in range(p)]
-    free = simulate_lists(lists, v, t_b=1.0, t_w=1.0).makespan
+    vee = name in V_SHAPED
+    free = simulate_lists(lists, v, t_b=1.0, t_w=1.0, v_shape=vee).makespan
     last = v * p - 1
-    most = max(
-        (
-            sum(1 for k, i, c in ops if (msg := _message(k, i, c * p + r, p, last)) and msg[0] == d)
-            for r, ops in enumerate(lists)
-            for d in (0, 1)
-        ),
-        default=0,
-    )
+
+    def sends(r: int, d: int) -> int:
+        msgs = (_message(k, i, virtual_stage(p, r, c, vee), p, last, vee) for k, i, c in lists[r])
+        return sum(1 for msg in msgs if msg and msg[0] == d and msg[1][0] != r)
+
+    most = max((sends(r, d) for r in range(p) for d in (0, 1)), default=0)
     for depth in range(1, most):
         try:
-            t = simulate_lists(lists, v, t_b=1.0, t_w=1.0, depth=depth)
+            t = simulate_lists(lists, v, t_b=1.0, t_w=1.0, depth=depth, v_shape=vee)
         except RuntimeError:
             continue
         if t.makespan <= free * (1 + 1e-12):

@@ -142,8 +142,8 @@ def chunk_weight_bytes(
     """Bytes one micro-batch's B leaves for its W (zero-bubble schedules: Chunk.backward_input's WeightWork): each
     weighted layer's kept input (in the format: the cache's own arrays, the rest of the cache freed) and output
     gradient (compute dtype). A block: the LayerNorms' xhat and output gradients, the four linears' inputs and
-    output gradients (a row-parallel one's gathered whole with sp); the head: ln_f's, its logits' operand and the
-    probabilities' gradient; the embedding: its input gradient, token ids and dropout mask."""
+    output gradients (a row-parallel one's gathered whole with sp); the embedding: its input gradient, token ids and
+    dropout mask; the head nothing (its W runs with its B: Chunk.backward_input)."""
     T, C = cfg.block_size, cfg.n_embd
     compute = act if compute is None else compute
     n, nl = b * T * C, b * T * C // tp
@@ -155,9 +155,6 @@ def chunk_weight_bytes(
         # the output gradients: the two projections', fc's, qkv's, the LayerNorms'
         grads = 2 * n + 4 * nl + 3 * nl + 2 * r
         total += n_blocks * (kept * act + grads * compute)
-    if head:
-        N, Vl, s = b * T, cfg.padded_vocab // tp, tp if sp else 1
-        total += act * (N * C // s + r) + compute * (N * Vl + r)
     if embedding:
         total += r * compute + b * T * INDEX_BYTES + (r * MASK_BYTES if cfg.dropout > 0 else 0)
     return total

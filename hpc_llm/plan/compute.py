@@ -330,7 +330,7 @@ def block_weight(
     c += _column_input_back(p, n) + p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp)
     c += p.ew(3 * nl, 3 * nl)  # qkv
     for _ in range(2):  # ln_2, ln_1
-        c += _layernorm_weight(p, r) + (p.use(r) if deferred else Cost())
+        c += _layernorm_weight(p, r)
     if p.sp:
         c += p.allreduce(2 * ln_params * p.it)  # SlicePartials.reduce
     return c
@@ -366,15 +366,13 @@ def head_backward_input(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     return c + p.use(r) + _layernorm_input(p, r)
 
 
-def head_weight(
-    p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0, deferred: bool = False
-) -> Cost:
-    """W: wte's gradient (xf2 used; sp: the kept slice gathered again), ln_f's (deferred: its xhat converted
-    again), and with sp ln_f's partial gradients (ln_params elements) summed over the TP group."""
+def head_weight(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0) -> Cost:
+    """W: wte's gradient (xf2 used; sp: the kept slice gathered again), ln_f's, and with sp ln_f's partial
+    gradients (ln_params elements) summed over the TP group (run with the head's B, never deferred)."""
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
     c = _column_input_back(p, n) + p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C)
-    c += _layernorm_weight(p, r) + (p.use(r) if deferred else Cost())
+    c += _layernorm_weight(p, r)
     if p.sp:
         c += p.allreduce(ln_params * p.it)
     return c
@@ -407,9 +405,10 @@ def chunk_costs(
     recompute: str = "none",
 ) -> dict:
     """{"F": Cost, "B": Cost, "B+": Cost (a later micro-batch's backward: gradients accumulate)} of one chunk; its
-    backward split in two ops (zero-bubble schedules): "Bi" (B: the input gradient, with "block" recompute's
-    forwards), "W" and "W+" (the weight gradients); the parts of a backward or W that time its grad_ready reports:
-    "head_B", "block_B", "head_W", "block_W" (and "+" accumulating); and the parts' own costs (ZeRO-3's prefetch):
+    backward split in two ops (zero-bubble schedules): "Bi" and "Bi+" (B: the input gradient, with "block"
+    recompute's forwards, and the head's W, which runs with it), "W" and "W+" (the other weight gradients); the parts
+    of a backward or W that time its grad_ready reports:
+    "head_B", "block_B", "block_W" (and "+" accumulating); and the parts' own costs (ZeRO-3's prefetch):
     "emb_F", "block_F", "head_F", "emb_B"."""
     T, C, H, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.padded_vocab
     ln = (2 if cfg.bias else 1) * C  # one LayerNorm's parameters
@@ -448,14 +447,13 @@ def chunk_costs(
         c = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
         c += whole(block_b(acc), n_blocks)
         out[key] = c + (embedding_backward(p, b, T, C) if embedding else Cost())
-    bi = head_backward_input(p, b, T, C, V) if head else Cost()
-    out["Bi"] = bi + whole(block_backward_input(p, b, T, C, H, selective, True) + again, n_blocks)
+    blocks_bi = whole(block_backward_input(p, b, T, C, H, selective, True) + again, n_blocks)
     for key, acc in (("", False), ("+", True)):
         out["head_B" + key] = head_backward(p, b, T, C, V, acc, ln) if head else Cost()
+        out["Bi" + key] = out["head_B" + key] + blocks_bi
         out["block_B" + key] = block_b(acc)
-        out["head_W" + key] = head_weight(p, b, T, C, V, acc, ln, True) if head else Cost()
         out["block_W" + key] = block_weight(p, b, T, C, H, acc, ln, True)
-        w = out["head_W" + key] + whole(out["block_W" + key], n_blocks)
+        w = whole(out["block_W" + key], n_blocks)
         out["W" + key] = w + (embedding_backward(p, b, T, C) if embedding else Cost())
     # each part's forward, and the embedding's backward: what a ZeRO-3 prefetch hides behind
     out["emb_F"] = embedding_forward(p, b, T, C) if embedding else Cost()

@@ -5,7 +5,8 @@ The layout is the config's own (parallel.*, train.*) with the keys given replaci
     pp, tp, dp        the grid (dp: --gpus / (pp tp) when --gpus is given, else 1)
     zero              0, 1, 2 or 3 (ZeRO: moments; + gradients; + parameters)
     sp                sequence parallelism: 0/1 (also false/true, off/on)
-    schedule          1f1b, gpipe, zb-h1 or interleaved; virtual: model chunks per rank (interleaved: >= 2)
+    schedule          1f1b, gpipe, zb-h1, zbv or interleaved; virtual: model chunks per rank (interleaved: >= 2,
+                      zbv: 2)
     micro             micro-batches per step (train.grad_accum)
     mbs               rows per micro-batch on each data-parallel rank (the micro-batch size; the config's
                       train.batch_size / dp when not given)
@@ -175,14 +176,20 @@ def check(cfg: Config, lay: Layout, precision: str) -> None:
                 f"--layout micro={lay.micro_batches}: expected a multiple of pp={lay.pp} "
                 "(schedule=interleaved)"
             )
+    elif lay.schedule == "zbv":
+        if lay.virtual != 2 or lay.pp < 2:
+            raise UserError(
+                f"--layout schedule=zbv: expected virtual=2 and pp >= 2, got virtual={lay.virtual} "
+                f"pp={lay.pp}"
+            )
     elif lay.virtual != 1:
         raise UserError(
             f"--layout virtual={lay.virtual}: expected 1 with schedule={lay.schedule} (only "
-            "interleaved has several chunks per rank)"
+            "interleaved and zbv have several chunks per rank)"
         )
-    if lay.zero >= 2 and lay.schedule == "zb-h1":
+    if lay.zero >= 2 and lay.schedule in ("zb-h1", "zbv"):
         raise UserError(
-            f"--layout zero={lay.zero}: expected 0 or 1 with schedule=zb-h1 (ZeRO-2/3 reduce a part's "
+            f"--layout zero={lay.zero}: expected 0 or 1 with schedule={lay.schedule} (ZeRO-2/3 reduce a part's "
             "gradients as its backward ends; zero-bubble defers its weight gradients)"
         )
     if lay.sequence_parallel:

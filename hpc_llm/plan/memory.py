@@ -162,6 +162,7 @@ def stage_plan(cfg: ModelConfig, lay: Layout, stage: int, pp_layers=()) -> Stage
         lay.pp,
         stage,
         lay.virtual,
+        lay.schedule in sched.V_SHAPED,
     )
 
 
@@ -447,7 +448,7 @@ def _weight_work(cfg: ModelConfig, lay: Layout, by: Bytes, blocks: int, last: bo
 def sends_in_flight(ops, plan, depth: int | None):
     """For each op of a rank's list: (forward, backward) sends in flight while it runs, each direction capped at
     depth (None: every send made so far, held until the step's end). A chunk's forward sends unless it is the last
-    virtual stage, its backward unless it is the first."""
+    virtual stage, its backward unless it is the first (the V's turn, handed over in memory, counts: its copy)."""
     fwd = bwd = 0
     cap = (lambda k: k) if depth is None else (lambda k: min(k, depth))  # noqa: E731
     chunks, last = plan.chunks, plan.n_virtual - 1

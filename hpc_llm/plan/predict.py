@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
-from hpc_llm.parallel.schedule import SPLIT, Phase, Timing
+from hpc_llm.parallel.schedule import SPLIT, V_SHAPED, Phase, Timing, virtual_stage
 from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
 from hpc_llm.plan.compute import (
     Pricer,
@@ -216,9 +216,9 @@ def _step_times(
 ) -> dict:
     """The step of the slowest stage ``crit`` and its parts, in seconds."""
     busy = timing.busy[crit]
-    split = lay.schedule in SPLIT
+    split, vee = lay.schedule in SPLIT, lay.schedule in V_SHAPED
     tp_time = sum(
-        costs[e.op.chunk * lay.pp + crit][cost_key(e.op.kind, False, split)].tp
+        costs[virtual_stage(lay.pp, crit, e.op.chunk, vee)][cost_key(e.op.kind, False, split)].tp
         for e in events[crit]
     )
     return {
@@ -300,8 +300,8 @@ def predict(
     # zero-bubble schedules, which split the backward, run without them)
     zero = {
         (v, kind, later): zero_pass_seconds(
-            specs_of(cfg, lay.tp, plans[v % lay.pp]),
-            plans[v % lay.pp],
+            specs_of(cfg, lay.tp, plans[plans[0].rank_of(v)]),
+            plans[plans[0].rank_of(v)],
             lay,
             by,
             links["dp"],
@@ -352,13 +352,15 @@ def predict(
 
 
 def cost_key(kind: Phase, later: bool, split: bool) -> str:
-    """chunk_costs' key of an op: F, B or B+ (a whole backward, first or accumulating), Bi (B alone where the
-    schedule splits backwards), W or W+."""
+    """chunk_costs' key of an op: F, B or B+ (a whole backward, first or accumulating), Bi or Bi+ (B alone where the
+    schedule splits backwards, with the head's W), W or W+."""
     if kind == Phase.FORWARD:
         return "F"
     if kind == Phase.WEIGHT:
         return "W+" if later else "W"
-    return "Bi" if split else ("B+" if later else "B")
+    if split:
+        return "Bi+" if later else "Bi"
+    return "B+" if later else "B"
 
 
 def _grad_reports(lay: Layout, plan, costs, events, offset: dict) -> list[tuple[float, int]]:
@@ -377,7 +379,8 @@ def _grad_reports(lay: Layout, plan, costs, events, offset: dict) -> list[tuple[
         v = plan.chunks[c]
         t = e.start
         if v == plan.n_virtual - 1:
-            t += costs[v]["head" + part + acc].total
+            # split: the head's W ran with its B; backward_weight reports it first
+            t += 0.0 if kind == Phase.WEIGHT else costs[v]["head_B" + acc].total
             reports.append((t, offset["ln_f.weight"]))
         for i in reversed(plan.layers[v]):
             t += costs[v]["block" + part + acc].total
@@ -417,7 +420,7 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     owned = sum(b - a for a, b in sync.owned)
     end = max((e.end for e in events), default=0.0)
     emb = 0.0
-    if lay.pp > 1 and (s == 0 or s == lay.pp - 1):
+    if lay.pp > 1 and (s == 0 or s == lay.pp - 1) and lay.schedule not in V_SHAPED:
         wte = cfg.padded_vocab // lay.tp * cfg.n_embd * by.grad
         emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw)
     dp_exposed = dp_hidden = 0.0

@@ -8,6 +8,7 @@ from dataclasses import replace
 from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
+from hpc_llm.parallel.schedule import SPLIT
 from hpc_llm.plan.cluster import Cluster
 from hpc_llm.plan.memory import RECOMPUTES, Layout, RankMemory
 from hpc_llm.plan.predict import memory_of, precision_of, predict, resolve_precision
@@ -45,7 +46,8 @@ def _schedules(cfg: ModelConfig, pp: int, max_virtual: int) -> list[tuple[str, i
     interleaved = [
         ("interleaved", v) for v in range(2, max_virtual + 1) if cfg.n_layer % (pp * v) == 0
     ]
-    return [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1)] + interleaved
+    vee = [("zbv", 2)] if cfg.n_layer % (2 * pp) == 0 else []
+    return [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1)] + vee + interleaved
 
 
 def _sp_options(cfg: ModelConfig, tp: int, sequence_parallel) -> tuple:
@@ -87,7 +89,7 @@ def layouts(
                     if name == "interleaved" and m % pp:
                         continue
                     # ZeRO-2/3 reduce a part's gradients as its backward ends: not with a split backward
-                    zeros = (0, 1) if name == "zb-h1" else (0, 1, 2, 3)
+                    zeros = (0, 1) if name in SPLIT else (0, 1, 2, 3)
                     for zero in zeros if dp > 1 else (0,):
                         for sp in _sp_options(cfg, tp, sequence_parallel):
                             for rc in recomputes:

@@ -9,13 +9,16 @@ that with uniform costs this equals schedule.simulate.
 
 from __future__ import annotations
 
-from hpc_llm.parallel.schedule import Timing, schedule, simulate_lists
+from hpc_llm.parallel.schedule import V_SHAPED, Timing, schedule, simulate_lists, virtual_stage
 
 
 def simulate_costs(name: str, p: int, m: int, v: int, cost, t_comm: float = 0.0) -> Timing:
     """cost(kind, vstage, later) -> seconds, with kind a schedule.Phase (a B where the schedule has W ops too is the
     input gradient alone) and later: a backward or W that is not its chunk's first of the step (it accumulates)."""
     lists = [schedule(name, p, r, m, v) for r in range(p)]
-    return simulate_lists(
-        lists, v, t_comm=t_comm, cost=lambda r, op, later: cost(op.kind, op.chunk * p + r, later)
-    )
+    vee = name in V_SHAPED
+
+    def priced(r, op, later):
+        return cost(op.kind, virtual_stage(p, r, op.chunk, vee), later)
+
+    return simulate_lists(lists, v, t_comm=t_comm, cost=priced, v_shape=vee)

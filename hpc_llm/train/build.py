@@ -19,7 +19,7 @@ from hpc_llm.optim import AdamW
 from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid
-from hpc_llm.parallel.schedule import schedule, send_depth
+from hpc_llm.parallel.schedule import V_SHAPED, schedule, send_depth
 from hpc_llm.parallel.zero import ZeroHooks, unit_ranges
 
 log = logging.getLogger("hpc_llm")
@@ -48,7 +48,12 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
         par.pp,
         grid.pp_rank,
         par.virtual_stages,
+        par.schedule in V_SHAPED,
     )
+    if plan.v_shape and grid.emb_comm is not None:
+        raise RuntimeError(
+            "a V-shaped pipeline (one embedding copy) on a grid made with an embedding group"
+        )
     stage = par.zero if grid.dp > 1 else 0
     # ZeRO-2: the gradient buffer only partly resident; ZeRO-3: the parameter buffers too (parallel/zero.py)
     releasable = {2: {"grads"}, 3: {"grads", "params"}}.get(stage, set())
@@ -78,7 +83,9 @@ def build_engine(cfg: Config, grid: Grid, xp) -> Engine:
     pipe = None
     if par.pp > 1:  # at most send_depth sends per direction in flight (docs/architecture.md)
         depth = send_depth(par.schedule, par.pp, t.grad_accum, par.virtual_stages)
-        pipe = PipelineComm(grid.pp_comm.with_wire(par.act_comm), plan.n_virtual, depth)
+        pipe = PipelineComm(
+            grid.pp_comm.with_wire(par.act_comm), plan.n_virtual, depth, plan.rank_of
+        )
     # Adam moments only for what this rank updates (its ZeRO-1 shard) and trains (not frozen)
     opt = AdamW(
         model.flat,

@@ -38,6 +38,7 @@ from hpc_llm.optim import global_grad_norm, lr_at
 from hpc_llm.parallel.compression import reset_line
 from hpc_llm.parallel.grid import Grid, world_grid
 from hpc_llm.parallel.pipeline import forward_only, run_schedule
+from hpc_llm.parallel.schedule import V_SHAPED
 from hpc_llm.runtime.faults import PHASE, WATCHDOG, inject, phase
 from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
 from hpc_llm.train.build import build_engine
@@ -67,7 +68,8 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()
         WATCHDOG.configure(cfg.parallel.comm_timeout_s)
         PHASE.name, PHASE.step = "start-up", None
-        self.grid = g = grid if grid is not None else world_grid(cfg.parallel.tp, cfg.parallel.pp)
+        par = cfg.parallel
+        self.grid = g = grid or world_grid(par.tp, par.pp, par.schedule in V_SHAPED)
         self.is_root = g.world.rank == 0
         self.xp = get_backend(cfg.train.backend)
         keep_freed_memory()

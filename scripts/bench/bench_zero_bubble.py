@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""ZB-H1 beside 1F1B: the bubble per stage in milliseconds, the measured T_F, T_B, T_W and Qi et al.'s bubbles
-(p-1)(T_F + T_B + T_W) and (p-1)(T_F + T_B - T_W) from them, the step time, and each stage's activation memory.
+"""ZB-H1 and ZBV beside 1F1B: the bubble per stage in milliseconds, the measured T_F, T_B, T_W and Qi et al.'s
+bubbles (p-1)(T_F + T_B + T_W), (p-1)(T_F + T_B - T_W) and (p-1)(T_F + T_B - 2 T_W) from them, the step time beside
+the planner's schedule model (schedule.simulate with those T's), and each stage's activation memory.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
     mpiexec -n 2 python scripts/bench/bench_zero_bubble.py --ms 4,8,16 --json zb_pp2.json
@@ -8,11 +9,13 @@
     python scripts/bench/bench_zero_bubble.py --split-cost 12 --layers 4   # one process: B + W against the backward
 
 bench_pipeline.py's machinery (its model, the real Trainer.train_step on random tokens, its Probe timing every chunk
-forward, backward, B and W op, its run_schedule timer): for each m, a 1F1B and a ZB-H1 trainer on pp = the ranks,
-their steps alternating (so a slow spell of the shared machine hits both), medians over --steps after --warmup.
+forward, backward, B and W op, its run_schedule timer): for each m, a 1F1B, a ZB-H1 and a ZBV trainer on pp = the
+ranks, their steps in turns (so a slow spell of the shared machine hits all), medians over --steps after --warmup.
 Per stage: idle = the pipeline phase's makespan (barrier to the last rank's end of run_schedule) - the stage's op
 compute; T_F, T_B, T_W = the stage's median forward, B (Chunk.backward_input) and W (Chunk.backward_weight) of the
-ZB-H1 run, and 1F1B's whole backward; the formulas use the mean over stages. Memory, after the timed steps: one more
+ZB-H1 run, and 1F1B's whole backward; the formulas use the mean over stages, and so does the prediction:
+schedule.simulate of each schedule with those T's (ZBV's chunks at half of them), the planner's model of the
+pipeline phase. Memory, after the timed steps: one more
 step of each under tracemalloc, its peak above what existed before it (activations, temporaries, messages), with
 schedule.in_flight's micro-batches. Rank 0 prints Markdown tables; nothing is asserted.
 
@@ -31,7 +34,8 @@ from collections import defaultdict
 
 import bench_pipeline as bp
 
-SCHEDULES = ("1f1b", "zb-h1")
+SCHEDULES = ("1f1b", "zb-h1", "zbv")
+VIRTUAL = {"zbv": 2}  # model chunks per rank
 
 
 def stage_times(steps: list[dict]) -> dict:
@@ -65,16 +69,17 @@ def step_peak(tr) -> int:
 
 
 def run_m(args, world, tmp, model, m: int) -> dict:
-    """Both schedules at m micro-batches: {schedule: this rank's times and memory}."""
+    """Every schedule at m micro-batches: {schedule: this rank's times and memory}."""
     from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.parallel.schedule import in_flight
+    from hpc_llm.parallel.schedule import V_SHAPED, in_flight
     from hpc_llm.train.trainer import Trainer
 
     p = world.size
     trainers, probes, steps = {}, {}, {s: [] for s in SCHEDULES}
     for sched in SCHEDULES:
-        cfg = bp.make_config(tmp, tmp / sched, model, args.batch, m, pp=p, schedule=sched, v=1)
-        trainers[sched] = Trainer(cfg, grid=make_grid(world, 1, p))
+        v = VIRTUAL.get(sched, 1)
+        cfg = bp.make_config(tmp, tmp / sched, model, args.batch, m, pp=p, schedule=sched, v=v)
+        trainers[sched] = Trainer(cfg, grid=make_grid(world, 1, p, sched in V_SHAPED))
         probes[sched] = bp.Probe(trainers[sched])
     for k in range(args.warmup + args.steps):
         for sched in SCHEDULES:
@@ -97,9 +102,15 @@ def run_m(args, world, tmp, model, m: int) -> dict:
 
 
 def row_of(p: int, m: int, stages: list[dict]) -> dict:
-    """One (p, m): per stage both schedules' figures, and the formulas from the mean measured op times."""
+    """One (p, m): per stage every schedule's figures, the formulas and the simulated steps from the mean measured op
+    times."""
+    from hpc_llm.parallel.schedule import simulate
+
     zb = [s["zb-h1"] for s in stages]
     t_f, t_b, t_w = (sum(s[k] for s in zb) / p for k in ("t_f", "t_b", "t_w"))
+    predicted = {
+        n: simulate(n, p, m, VIRTUAL.get(n, 1), t_f=t_f, t_b=t_b, t_w=t_w) for n in SCHEDULES
+    }
     return {
         "pp": p,
         "m": m,
@@ -109,6 +120,9 @@ def row_of(p: int, m: int, stages: list[dict]) -> dict:
         "t_backward_1f1b": sum(s["1f1b"]["t_b"] for s in stages) / p,
         "bubble_1f1b_formula": (p - 1) * (t_f + t_b + t_w),
         "bubble_zb_h1_formula": (p - 1) * (t_f + t_b - t_w),
+        "bubble_zb_h2_formula": (p - 1) * (t_f + t_b - 2 * t_w),
+        "predicted_makespan": {n: t.makespan for n, t in predicted.items()},
+        "predicted_idle": {n: t.idle for n, t in predicted.items()},
         "stages": stages,
     }
 
@@ -121,30 +135,35 @@ def tables(rows) -> str:
     mib = 2**20
     lines = [
         "| pp | m | T_F / T_B / T_W (ms) | (p-1)(T_F+T_B+T_W) | 1F1B idle per stage | (p-1)(T_F+T_B-T_W) | "
-        "ZB-H1 idle per stage | step 1F1B / ZB-H1 (ms) | speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "ZB-H1 idle per stage | (p-1)(T_F+T_B-2T_W) | ZBV idle per stage | step 1F1B / ZB-H1 / ZBV (ms) | "
+        "speed-up ZB-H1, ZBV (predicted) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        st = r["stages"]
-        a, z = st[0]["1f1b"]["step"], st[0]["zb-h1"]["step"]
+        st, pm = r["stages"], r["predicted_makespan"]
+        a, z, v = (st[0][n]["step"] for n in SCHEDULES)
+
+        def idle(name):
+            return " / ".join(ms(s[name]["idle"]) for s in st)
+
         lines.append(
             f"| {r['pp']} | {r['m']} | {ms(r['t_f'])} / {ms(r['t_b'])} / {ms(r['t_w'])} | "
-            f"{ms(r['bubble_1f1b_formula'])} | {' / '.join(ms(s['1f1b']['idle']) for s in st)} | "
-            f"{ms(r['bubble_zb_h1_formula'])} | {' / '.join(ms(s['zb-h1']['idle']) for s in st)} | "
-            f"{ms(a)} / {ms(z)} | {a / z:.3f} |"
+            f"{ms(r['bubble_1f1b_formula'])} | {idle('1f1b')} | {ms(r['bubble_zb_h1_formula'])} | "
+            f"{idle('zb-h1')} | {ms(r['bubble_zb_h2_formula'])} | {idle('zbv')} | "
+            f"{ms(a)} / {ms(z)} / {ms(v)} | {a / z:.3f} ({pm['1f1b'] / pm['zb-h1']:.3f}), "
+            f"{a / v:.3f} ({pm['1f1b'] / pm['zbv']:.3f}) |"
         )
     lines += [
         "",
-        "| pp | m | stage | micro-batches in flight 1F1B / ZB-H1 | step peak 1F1B | step peak ZB-H1 |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| pp | m | stage | chunks in flight 1F1B / ZB-H1 / ZBV (ZBV's are half a stage) | step peak 1F1B / "
+        "ZB-H1 / ZBV |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         for k, s in enumerate(r["stages"]):
-            a, z = s["1f1b"], s["zb-h1"]
-            lines.append(
-                f"| {r['pp']} | {r['m']} | {k} | {a['in_flight']} / {z['in_flight']} | "
-                f"{a['peak'] / mib:.0f} MiB | {z['peak'] / mib:.0f} MiB |"
-            )
+            flights = " / ".join(str(s[n]["in_flight"]) for n in SCHEDULES)
+            peaks = " / ".join(f"{s[n]['peak'] / mib:.0f}" for n in SCHEDULES)
+            lines.append(f"| {r['pp']} | {r['m']} | {k} | {flights} | {peaks} MiB |")
     return "\n".join(lines)
 
 
@@ -170,7 +189,7 @@ def split_cost(args, model: dict) -> None:
                 chunk.backward(None, cache, 1.0, accumulate=it > 0)
                 times["backward"].append(time.perf_counter() - t1)
                 continue
-            _, weights = chunk.backward_input(None, cache, 1.0)
+            _, weights = chunk.backward_input(None, cache, 1.0, head_accumulate=it > 0)
             t2 = time.perf_counter()
             chunk.backward_weight(weights, it > 0)
             times["B"].append(t2 - t1)

@@ -465,7 +465,7 @@ def _rows() -> list[Row]:
         F("parallel.tp", "x", 0, "a positive integer"),
         F("parallel.pp", 1.5, 0, "a positive integer"),
         F("parallel.virtual_stages", "x", 0, "a positive integer"),
-        F("parallel.schedule", 1, "zigzag", '"1f1b", "interleaved", "gpipe" or "zb-h1"'),
+        F("parallel.schedule", 1, "zigzag", '"1f1b", "interleaved", "gpipe", "zb-h1" or "zbv"'),
         F("parallel.sequence_parallel", 1),
         F("parallel.act_comm", 16, "int8", '"fp32", "bf16" or "fp16"'),
         F("parallel.zero", "x", 4, "0, 1, 2 or 3"),
@@ -677,8 +677,15 @@ def _rows() -> list[Row]:
     add(
         T(
             "zb-h1-virtual-stages",
-            "parallel.virtual_stages=2 needs parallel.schedule=interleaved (got 'zb-h1')",
+            "parallel.virtual_stages=2 needs parallel.schedule=interleaved or zbv (got 'zb-h1')",
             sets=["parallel.schedule=zb-h1", "parallel.virtual_stages=2"],
+        )
+    )
+    add(
+        T(
+            "zbv-one-chunk",
+            "parallel.schedule=zbv needs parallel.virtual_stages=2 and parallel.pp >= 2",
+            sets=["parallel.schedule=zbv", "parallel.pp=2"],
         )
     )
     add(

@@ -1,14 +1,16 @@
 """Pipeline parallelism end to end, under mpiexec (mpi-pytest): pp2, pp4, pp2 x dp2 and pp2 x tp2 (also with sequence
 parallelism: the messages between stages are then each TP rank's slice of positions), each with every schedule (1F1B,
-interleaved with 2 virtual stages, GPipe, ZB-H1 (B and W apart), and 1F1B on an uneven split) and ZeRO-1 off and on,
-dropout on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run; the tied
-embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at pp1, pp4
-and tp4 on the uninterrupted curve, each rank reading only its stage's hyperslabs, and at the same layout bitwise; the
-API loads it as one model. The send depth (PipelineComm's bound on the sends in flight, schedule.send_depth): at pp2 and
-pp4 with each schedule, a bounded run equals the unbounded one bitwise, with every send synchronous too (MPI_Issend:
-complete only once matched, the worst case the depth was chosen for), and never holds more than the depth per direction
-across an op; settle()'s rule itself on stand-in handles. The schedules' shapes are tests/parallel/test_schedule.py's;
-wrong layouts are tests/parallel/test_parallel.py's table.
+interleaved with 2 virtual stages, GPipe, ZB-H1 (B and W apart), ZBV (two chunks per rank in a V, both ends of the
+model on stage 0) and 1F1B on an uneven split) and ZeRO-1 off and on (on only where there is data parallelism to shard
+over), dropout on, float64: losses, grad norms, evals and every parameter after the run equal the single-process run;
+the tied embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at
+pp1, pp4, tp4 and as a V (zbv: other layers on each stage) on the uninterrupted curve, each rank reading only its
+stage's hyperslabs, and at the same layout bitwise; the API loads it, and the V's own checkpoint, as one model. The
+send depth (PipelineComm's bound on the sends in flight, schedule.send_depth): at pp2 and pp4 with each schedule, a
+bounded run equals the unbounded one bitwise, with every send synchronous too (MPI_Issend: complete only once matched,
+the worst case the depth was chosen for), and never holds more than the depth per direction across an op; settle()'s
+rule itself on stand-in handles. The schedules' shapes are tests/parallel/test_schedule.py's; wrong layouts are
+tests/parallel/test_parallel.py's table.
 
 Tolerance 1e-10 relative, as tests/parallel/test_parallel.py derives it: a pipeline does the arithmetic of the single
 process, micro-batch by micro-batch in the same order, except that the tied embedding's gradient is summed as
@@ -70,23 +72,32 @@ def schedules(pp: int) -> dict:
         "interleaved": {"parallel.schedule": "interleaved", "parallel.virtual_stages": 2},
         "gpipe": {"parallel.schedule": "gpipe"},
         "zb-h1": {"parallel.schedule": "zb-h1"},
+        "zbv": {"parallel.schedule": "zbv", "parallel.virtual_stages": 2},
         "1f1b-uneven": {"parallel.schedule": "1f1b", "parallel.pp_layers": uneven},
     }
 
 
+def grid_for(overrides: dict, tp: int, pp: int):
+    """The grid a schedule trains on: a V (zbv) holds both ends of the model on stage 0, so no embedding group."""
+    return make_grid(MPI.COMM_WORLD, tp, pp, overrides.get("parallel.schedule") == "zbv")
+
+
 def stage_checks(tr, pp: int, name: str) -> list[str]:
-    """The rank holds what its stage should: its layers' blocks, the embedding first and the head last; the tied
-    embedding's copies are bitwise identical."""
+    """The rank holds what its stage should: its layers' blocks (a V: layers of virtual stages s and 2 pp - 1 - s),
+    the embedding first and the head last (a V: both on stage 0, one copy, no embedding group); the tied embedding's
+    copies are bitwise identical."""
     bad = []
-    m, stage = tr.model, tr.grid.pp_rank
-    layers = sorted(i for c in m.chunks for i in tr.plan.layers[c.vstage])
+    m, stage, vee = tr.model, tr.grid.pp_rank, tr.plan.v_shape
+    held = (stage, 2 * pp - 1 - stage) if vee else tr.plan.chunks
+    layers = sorted(i for c in held for i in tr.plan.layers[c])
     blocks = sorted({int(n.split(".")[1]) for n in m.params if n.startswith("h.")})
-    if blocks != layers or m.has_embedding != (stage == 0) or m.has_head != (stage == pp - 1):
+    head = 0 if vee else pp - 1
+    if blocks != layers or m.has_embedding != (stage == 0) or m.has_head != (stage == head):
         bad.append(
             f"{name}: stage {stage} holds blocks {blocks} (plan {layers}), embedding {m.has_embedding}, "
             f"head {m.has_head}"
         )
-    if (stage in (0, pp - 1)) != (tr.grid.emb_comm is not None):
+    if (stage in (0, pp - 1) and not vee) != (tr.grid.emb_comm is not None):
         bad.append(f"{name}: stage {stage} of {pp}, embedding group {tr.grid.emb_comm}")
     if tr.grid.emb_comm is not None:
         crcs = tr.grid.emb_comm.mpi.allgather(crc(m.params["wte.weight"]))
@@ -118,7 +129,8 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
     ref = train(run_config(data_dir, tmp_path / "ref", **COMMON), single_process_grid())
     bad = []
     for sched, overrides in schedules(pp).items():
-        for zero in (0, 1):
+        # ZeRO-1 shards over data parallelism: without it, zero = 1 is the zero = 0 run again
+        for zero in (0, 1) if ranks > pp * tp else (0,):
             name = f"{layout} {sched} zero{zero}"
             cfg = run_config(
                 data_dir,
@@ -133,7 +145,7 @@ def test_pipeline_matches_single_process(layout, data_dir, tmp_path, shared_tmp_
                     "train.recompute": "selective" if sp else "none",
                 },
             )
-            tr = train(cfg, make_grid(MPI.COMM_WORLD, tp, pp))
+            tr = train(cfg, grid_for(overrides, tp, pp))
             if (tr.grid.pp, tr.grid.tp, tr.grid.dp, tr.sync.zero) != (
                 pp,
                 tp,
@@ -190,6 +202,14 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
     # name: (pp, tp, zero, grid factory, out_dir); every 8-rank grid is built, and its Trainer run, on all 8 ranks
     targets = {
         "PP4xDP2": (4, 1, 0, lambda: make_grid(world, 1, 4), shared_tmp_path / "pp4"),
+        # the V: stage 0 holds layers 0 and 3 and both ends of the model, stage 1 layers 1 and 2
+        "PP2xTP2xDP2-zbv-zero1": (
+            2,
+            2,
+            1,
+            lambda: make_grid(world, 2, 2, True),
+            shared_tmp_path / "zbv",
+        ),
         "TP4xDP2-zero1": (1, 4, 1, lambda: make_grid(world, 4, 1), shared_tmp_path / "tp4"),
         "PP1-single-process": (
             1,
@@ -200,6 +220,7 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
         ),  # each rank its own run
     }
     for name, (pp, tp, zero, grid, out) in targets.items():
+        vee = {"parallel.schedule": "zbv", "parallel.virtual_stages": 2} if "zbv" in name else {}
         with count_reads() as read:
             tr = train(
                 config(
@@ -209,6 +230,7 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
                         "parallel.pp": pp,
                         "parallel.tp": tp,
                         "parallel.zero": zero,
+                        **vee,
                     },
                 ),
                 grid(),
@@ -219,6 +241,13 @@ def test_pp2xdp2xtp2_checkpoint_resumes_under_other_layouts(data_dir, tmp_path, 
         if tr.grid.world.size > 1:
             bad += stage_checks(tr, pp, name) if pp > 1 else []
             bad += [f"{name}: {b}" for b in replica_checks(tr)]
+        if vee:  # the V's own checkpoint, read as one model: the reference's at step N
+            got = hpc_llm.load_model(tr.summary["checkpoint"], dtype="float64").logits(idx)
+            want = ref.model.logits(idx)
+            if not np.max(np.abs(got - want)) <= F64_RTOL * np.max(np.abs(want)):
+                bad.append(
+                    f"{name}: load_model of its checkpoint: logits differ from the reference's"
+                )
 
     # the same layout: bitwise the uninterrupted run
     whole = train(
@@ -316,7 +345,7 @@ def test_send_depth_changes_nothing_but_the_buffers_held(layout, data_dir, share
                     "train.eval_interval": 2,
                 },
             )
-            tr = Trainer(cfg, grid=make_grid(MPI.COMM_WORLD, 1, pp))
+            tr = Trainer(cfg, grid=grid_for(overrides, 1, pp))
             v = cfg.parallel.virtual_stages
             want_depth = send_depth(cfg.parallel.schedule, pp, 2 * pp, v)
             if tr.pipe.depth != want_depth:

@@ -1,13 +1,16 @@
 """Pipeline schedules: every op list's shape derived from its rule, and its timing by the discrete-event simulator
 (bubble formulas, no deadlock; a broken list deadlocks and raises); the send depth PipelineComm keeps (send_depth:
 no deadlock, no longer step, over every schedule at p <= 8, v <= 4). ZB-H1's lists against its rule (1F1B's F and B,
-each stage's deferred W's) and its bubble, (p - 1)(t_f + t_b - t_w) where t_w <= t_f, t_b."""
+each stage's deferred W's) and its bubble, (p - 1)(t_f + t_b - t_w) where t_w <= t_f, t_b. ZBV's lists against its
+phases (warm-up, steady triples, cool-down with deferred W's), its V placement, its in-flight bound (2p chunks: p
+stages' activations, 1F1B's) and its step at equal costs (only the V's fill: (p - 1) t_f / 2 above the work)."""
 
 import random
 
 import pytest
 
 from hpc_llm.parallel.schedule import (
+    V_SHAPED,
     Op,
     Phase,
     describe,
@@ -19,7 +22,11 @@ from hpc_llm.parallel.schedule import (
     send_depth,
     simulate,
     simulate_lists,
+    stage_chunk,
+    stage_rank,
+    virtual_stage,
     zb_h1,
+    zbv,
 )
 
 PS, MS, VS = range(1, 7), range(1, 13), (2, 3)
@@ -32,6 +39,7 @@ def cases():
             yield "gpipe", p, m, 1
             yield "1f1b", p, m, 1
             yield "zb-h1", p, m, 1
+            yield "zbv", p, m, 2
             if m % p == 0:
                 for v in VS:
                     yield "interleaved", p, m, v
@@ -54,14 +62,14 @@ def check_warmup_1f1b_shape(ops, warmup):
 # ---------------------------------------------------------------------------------------------------- op lists
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"])
 def test_every_op_once_forward_before_backward(name):
-    """Each (micro-batch, chunk) once forward, once backward after it; with W ops (zb-h1) once W after its B."""
+    """Each (micro-batch, chunk) once forward, once backward after it; with W ops (zb-h1, zbv) once W after its B."""
     F, B, W = Phase.FORWARD, Phase.BACKWARD, Phase.WEIGHT
     for _, p, m, v in (c for c in CASES if c[0] == name):
         for s in range(p):
             ops = schedule(name, p, s, m, v)
-            kinds = (F, B, W) if name == "zb-h1" else (F, B)
+            kinds = (F, B, W) if name in ("zb-h1", "zbv") else (F, B)
             want = {(i, c) for i in range(m) for c in range(v)}
             where = {op: k for k, op in enumerate(ops)}
             assert len(ops) == len(kinds) * m * v and len(where) == len(ops)  # no duplicates
@@ -140,6 +148,75 @@ def test_zb_h1_shape_and_in_flight():
                 tail = [Op(Phase.WEIGHT, i) for i in range(m - deferred, m)]
                 assert ops[len(ops) - deferred :] == tail, (p, s, m)
                 assert in_flight(ops) == min(p, m), (p, s, m)
+
+
+def test_zbv_placement_is_a_v():
+    """Rank r holds virtual stages r and 2p - 1 - r: the first p stages down the ranks, the next p back up; rank 0
+    both ends, rank p - 1 the turn (stages p - 1 and p); stage_rank and stage_chunk invert virtual_stage."""
+    for p in PS:
+        down = [virtual_stage(p, r, 0, True) for r in range(p)]
+        up = [virtual_stage(p, r, 1, True) for r in range(p)]
+        assert down == list(range(p)) and up == list(range(2 * p - 1, p - 1, -1))
+        for r in range(p):
+            for c in (0, 1):
+                s = virtual_stage(p, r, c, True)
+                assert (stage_rank(p, s, True), stage_chunk(p, s, True)) == (r, c)
+                assert stage_rank(p, virtual_stage(p, r, c), False) == r  # looped: c p + r
+
+
+def test_zbv_shape_and_in_flight():
+    """ZBV on stage s, m >= 2p - 1 (F0: chunk 0's forward, ...): the warm-up is 2(p - s) - 1 F0, s pairs (F1, F0),
+    then p - s triples (F1, B1, W1); the steady state triples B0 W0 and F1 B1 W1, each after an F0 while forwards
+    remain; the cool-down s pairs (B0, B1) with their W's deferred, p - s pairs (B0, oldest W0), then the deferred
+    W1's and W0's. Each B is followed at once by its own W outside the cool-down. 2p chunks are in flight on every
+    stage (p stages' worth of activations, 1F1B's stage 0); with fewer micro-batches the pattern's ops of
+    micro-batches >= m are dropped and at most 2m are in flight."""
+    F, B, W = Phase.FORWARD, Phase.BACKWARD, Phase.WEIGHT
+    for p in PS:
+        for m in MS:
+            for s in range(p):
+                ops = zbv(p, s, m)
+                if m < 2 * p - 1:
+                    assert in_flight(ops) <= min(2 * p, 2 * m), (p, s, m)
+                    continue
+                assert in_flight(ops) == 2 * p, (p, s, m)
+                text = " ".join(f"{op.kind}{op.chunk}" for op in ops)
+                warm = ["F0"] * (2 * (p - s) - 1) + ["F1 F0"] * s + ["F1 B1 W1"] * (p - s)
+                steady = ["F0 B0 W0 F1 B1 W1"] * (m - 2 * p + 1 + s) + ["B0 W0 F1 B1 W1"] * (
+                    p - s - 1
+                )
+                cool = ["B0 B1"] * s + ["B0 W0"] * (p - s) + ["W1"] * s + ["W0"] * s
+                assert text == " ".join(warm + steady + cool), (p, s, m)
+                # outside the cool-down every B is followed by its own W
+                cut = len(ops) - 2 * s - 2 * (p - s) - 2 * s
+                for k, op in enumerate(ops[:cut]):
+                    if op.kind == B:
+                        assert ops[k + 1] == Op(W, op.micro, op.chunk), (p, s, m, k)
+                for kind in (F, B, W):
+                    for c in (0, 1):
+                        assert [o.micro for o in ops if o.kind == kind and o.chunk == c] == list(
+                            range(m)
+                        )
+
+
+@pytest.mark.parametrize(
+    "t_f, t_b, t_w", [(1, 1.2, 0.8), (2, 1, 0.5), (1, 3, 0), (1, 1, 2), (0.5, 2, 1)]
+)
+def test_zbv_step(t_f, t_b, t_w):
+    """With m >= 2p - 1: at equal costs the step is the work, m (t_f + t_b + t_w), plus only the V's fill, the
+    p - 1 chunk forwards (t_f / 2 each) before the turn's rank starts: the least any schedule can do with chunks
+    of half a stage. At other costs never longer than ZB-H1's, itself never longer than 1F1B's."""
+    for p in PS:
+        for m in range(2 * p - 1, MS[-1] + 1):
+            t = simulate("zbv", p, m, 2, t_f=1.0, t_b=1.0, t_w=1.0)
+            assert t.makespan == pytest.approx(3.0 * m + (p - 1) / 2), (p, m)
+            assert t.busy == pytest.approx([3.0 * m] * p)
+            zb, h1 = (
+                simulate(n, p, m, v, t_f=t_f, t_b=t_b, t_w=t_w)
+                for n, v in (("zbv", 2), ("zb-h1", 1))
+            )
+            assert zb.busy == pytest.approx([m * (t_f + t_b + t_w)] * p)
+            assert zb.makespan <= h1.makespan + 1e-9, (p, m)
 
 
 def test_describe_lists_each_rank():
@@ -261,6 +338,7 @@ def depth_cases():
             yield "gpipe", p, m, 1
             yield "1f1b", p, m, 1
             yield "zb-h1", p, m, 1
+            yield "zbv", p, m, 2
             if m % p == 0:
                 for v in (2, 3, 4):
                     yield "interleaved", p, m, v
@@ -275,7 +353,12 @@ def test_send_depth_never_deadlocks_nor_lengthens_the_step():
     for name, p, m, v in depth_cases():
         lists = [schedule(name, p, s, m, v) for s in range(p)]
         d = send_depth(name, p, m, v)
-        free, bounded = simulate_lists(lists, v), simulate_lists(lists, v, depth=d)
+        vee = name in V_SHAPED
+        free = simulate_lists(lists, v, v_shape=vee)
+        bounded = simulate_lists(lists, v, depth=d, v_shape=vee)
+        # the V's sends of one direction go to both neighbours, in one window: deeper
+        if vee:
+            assert d <= max(1, p - 1), (p, m, d)
         assert bounded.makespan == pytest.approx(free.makespan, rel=1e-12, abs=0), (
             name,
             p,
@@ -284,14 +367,15 @@ def test_send_depth_never_deadlocks_nor_lengthens_the_step():
             d,
         )
         assert bounded.busy == pytest.approx(free.busy)
-        depths.setdefault(d, []).append((name, p, m, v))
+        if not vee:
+            depths.setdefault(d, []).append((name, p, m, v))
     assert set(depths) == {1}, {d: cases[:5] for d, cases in depths.items()}
 
 
 def test_send_depth_never_deadlocks_at_other_costs():
     """Deadlock-freedom does not depend on the op costs (each depth wait is a fixed "op X ends before op Y
-    starts"): random costs per op (last stage twice as slow) and transfer times still run to the end at depth 1,
-    never faster than unbounded sends."""
+    starts"): random costs per op (last stage twice as slow) and transfer times still run to the end at
+    send_depth's depth (1 but for zbv), never faster than unbounded sends."""
     rng = random.Random(0)
     cases = list(depth_cases())
     for _ in range(200):
@@ -304,8 +388,9 @@ def test_send_depth_never_deadlocks_at_other_costs():
 
         lists = [schedule(name, p, s, m, v) for s in range(p)]
         t_comm = rng.choice([0.0, 0.1, 1.0])
-        free = simulate_lists(lists, v, t_comm=t_comm, cost=cost).makespan
-        bounded = simulate_lists(lists, v, t_comm=t_comm, cost=cost, depth=1).makespan
+        vee, d = name in V_SHAPED, send_depth(name, p, m, v)
+        free = simulate_lists(lists, v, t_comm=t_comm, cost=cost, v_shape=vee).makespan
+        bounded = simulate_lists(lists, v, t_comm=t_comm, cost=cost, depth=d, v_shape=vee).makespan
         assert bounded >= free - 1e-9, (name, p, m, v)
 
 
@@ -314,6 +399,10 @@ def test_the_depth_model_waits_and_can_deadlock():
     p > 1 and m >= 2p, slows those with m = p > 2, and keeps GPipe and 1F1B at uniform costs (lock step): the model's
     waits bite, and depth 1 is the least that is free for all."""
     for name, p, m, v in depth_cases():
+        if (
+            name in V_SHAPED
+        ):  # deeper than 1: test_send_depth_never_deadlocks_nor_lengthens_the_step
+            continue
         lists = [schedule(name, p, s, m, v) for s in range(p)]
         free = simulate_lists(lists, v).makespan
         if name == "interleaved" and p > 1 and m >= 2 * p:
@@ -346,19 +435,18 @@ def test_built_in_schedules_consume_each_neighbours_messages_in_send_order():
     for name, p, m, v in depth_cases():
         lists = [schedule(name, p, s, m, v) for s in range(p)]
         where = [{op: k for k, op in enumerate(ops)} for ops in lists]
-        last = v * p - 1
+        last, vee = v * p - 1, name in V_SHAPED
         for r, ops in enumerate(lists):
-            for direction, step, kind in ((0, 1, Phase.FORWARD), (1, -1, Phase.BACKWARD)):
-                dest = (r + step) % p
-                if dest == r:
-                    continue
-                sent = [
-                    Op(kind, op.micro, (op.chunk * p + r + step) // p)
-                    for op in ops
-                    if op.kind == kind and 0 <= op.chunk * p + r + step <= last
-                ]
-                consumed = [where[dest][op] for op in sent]
-                assert consumed == sorted(consumed), (name, p, m, v, r, direction)
+            for step, kind in ((1, Phase.FORWARD), (-1, Phase.BACKWARD)):
+                sent: dict[int, list[Op]] = {}  # per receiving rank, in send order
+                for op in ops:
+                    to = virtual_stage(p, r, op.chunk, vee) + step
+                    if op.kind == kind and 0 <= to <= last and stage_rank(p, to, vee) != r:
+                        consumer = Op(kind, op.micro, stage_chunk(p, to, vee))
+                        sent.setdefault(stage_rank(p, to, vee), []).append(consumer)
+                for dest, msgs in sent.items():
+                    consumed = [where[dest][op] for op in msgs]
+                    assert consumed == sorted(consumed), (name, p, m, v, r, kind)
 
 
 def test_send_depth_of_one_rank_and_bad_arguments():
@@ -380,6 +468,7 @@ def test_send_depth_of_one_rank_and_bad_arguments():
         (lambda: schedule("1f1b", 2, 0, 0), "m"),
         (lambda: schedule("1f1b", 2, 0, 4, v=2), "v"),
         (lambda: schedule("zb-h1", 2, 0, 4, v=2), "v"),
+        (lambda: schedule("zbv", 2, 0, 4), "v"),
         (lambda: schedule("interleaved", 2, 0, 4, v=0), "v"),
         (lambda: interleaved(4, 0, 6, 2), "m"),
         (lambda: one_f_one_b(2.0, 0, 4), "p"),

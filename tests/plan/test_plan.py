@@ -262,7 +262,7 @@ def test_weight_term_equals_what_b_leaves_for_w(
     drop = DropoutRNG(0, 0, 0, range(b)) if dropout else None
     out, cache = chunk.forward(inp, tokens if chunk.head else None, drop)
     dout = None if chunk.head else rng.standard_normal(shape_in).astype(model.dtype)
-    _, weights = chunk.backward_input(dout, cache)
+    _, weights = chunk.backward_input(dout, cache, head_accumulate=False)
     kept = cache_bytes([work.todo for _, work in weights]) - model.grad_flat.nbytes
     by = PRECISIONS[precision][1]
     first, last = chunk.embedding is not None, chunk.head is not None
@@ -379,7 +379,8 @@ def test_a_heavier_last_stage_lengthens_the_step():
 def test_zero_bubble_prices_b_and_w_apart():
     """The backward's price is its B's and W's (the regrouping changes nothing); zb-h1 priced op by op with uniform
     costs is schedule.simulate's; predicted at pp 4, its W's fill 1F1B's bubble: the same compute, less waiting, a
-    shorter step; its last stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
+    shorter step; zbv (priced per virtual stage on its V) shorter still, with no embedding allreduce; zb-h1's last
+    stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
     from hpc_llm.plan import compute as PC
     from hpc_llm.plan.memory import _chunk_sizes, _weight_sizes
 
@@ -404,6 +405,13 @@ def test_zero_bubble_prices_b_and_w_apart():
         zb.time["pipeline_wait"] < base.time["pipeline_wait"]
         and zb.time["step"] < base.time["step"]
     )
+    # zbv: priced with its V placement (each virtual stage's own costs); its W's fill more of the bubble
+    t = simulate_costs("zbv", 4, 8, 2, lambda kind, s, later: costs[kind] / 2)
+    assert t.makespan == pytest.approx(S.simulate("zbv", 4, 8, 2, t_b=1.2, t_w=0.8).makespan)
+    zv = predict(cfg, Layout(schedule="zbv", virtual=2, **lay), CL)
+    assert sum(e.op.kind == S.Phase.WEIGHT for e in zv.timing.events) == 4 * 8 * 2
+    assert zv.time["pipeline_wait"] < zb.time["pipeline_wait"] and zv.time["step"] < zb.time["step"]
+    assert zv.time["emb_allreduce"] == 0  # one embedding copy, on stage 0
     by = Bytes.of(4)
     for name, want in (("zb-h1", lambda f, w: 3 * w + f), ("1f1b", lambda f, w: f)):
         lay_n = Layout(schedule=name, **lay)
