@@ -11,8 +11,12 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from hpc_llm.backend import array_module
 from hpc_llm.config import TrainConfig
+from hpc_llm.kernels.adamw import adamw_update
+from hpc_llm.kernels.dispatch import compiled
 
 CHUNK = 1 << 16  # elements: p, g, m, v and two temporaries of this size stay in a core's L2 cache
 
@@ -150,6 +154,7 @@ class AdamW:
                 (sa, sb, base + sa - a, dec) for sa, sb, dec in _segments(a, b, decay_ranges, chunk)
             ]
             base += b - a
+        self._segment_table = np.asarray(self.segments, dtype=np.int64).reshape(-1, 4)
         n = max(1, min(chunk, params.size))
         self.threads = optimizer_threads() if xp.__name__ == "numpy" else 1
         self._temps = [
@@ -190,8 +195,9 @@ class AdamW:
             "eps": c.eps * sqrt_bc2,
             "step": lr * sqrt_bc2 / (1.0 - b1**self.t),
         }
-        if self.threads == 1:
-            self._update(self.segments, coef, self._tmp, self._tmp2)
+        if self.threads == 1 or compiled(self.p):
+            # compiled: one call, its parallel loop over the segments
+            self._update(self._segment_table, coef, self._tmp, self._tmp2)
             return
         parts = [self.segments[i :: self.threads] for i in range(self.threads)]
         list(
@@ -201,24 +207,6 @@ class AdamW:
         )
 
     def _update(self, segments, coef, tmp_buf, tmp2_buf) -> None:
-        xp = array_module(self.p)
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
-        p, g, m, v = self.p, self.g, self.m, self.v
-        for a, b, o, decayed in segments:
-            n = b - a
-            tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
-            pc, gc, mc, vc = p[a:b], g[a:b], m[o : o + n], v[o : o + n]
-            if decayed:
-                pc *= coef["keep"]
-            mc *= b1
-            xp.multiply(gc, coef["g1"], out=tmp)
-            mc += tmp
-            vc *= b2
-            xp.multiply(gc, gc, out=tmp)
-            tmp *= coef["g2"]
-            vc += tmp
-            xp.sqrt(vc, out=tmp)
-            tmp += coef["eps"]
-            xp.multiply(mc, coef["step"], out=tmp2)
-            xp.divide(tmp2, tmp, out=tmp)
-            pc -= tmp
+        adamw_update(
+            self.p, self.g, self.m, self.v, segments, coef, self.cfg.beta1, self.cfg.beta2, tmp_buf, tmp2_buf
+        )

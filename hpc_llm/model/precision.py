@@ -15,6 +15,7 @@ each optimizer step; the fp32 master weights and Adam moments are the optimizer'
 from __future__ import annotations
 
 from hpc_llm.backend import low_dtype
+from hpc_llm.kernels.rounding import from_low, round_low_, to_low
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
@@ -27,24 +28,20 @@ class Precision:
 
     def operand(self, x):
         """x rounded to the format, in x's own dtype: a matmul operand."""
-        return x if self.low is None else x.astype(self.low).astype(x.dtype)
+        return x if self.low is None else to_low(x, self.low).astype(x.dtype)
 
     def round_(self, x):
         """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
         size of x (the largest operands, the probabilities and dlogits, are the largest arrays of a step)."""
-        if self.low is not None:
-            flat = x.reshape(-1)
-            for a in range(0, flat.size, 1 << 18):
-                flat[a : a + (1 << 18)] = flat[a : a + (1 << 18)].astype(self.low)
-        return x
+        return round_low_(x, self.low)
 
     def keep(self, x):
         """An activation kept for backward: stored in the format (its rounded value, in half the bytes)."""
-        return x if self.low is None else x.astype(self.low)
+        return x if self.low is None else to_low(x, self.low)
 
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""
-        return kept if self.low is None else kept.astype(dtype)
+        return kept if self.low is None else from_low(kept, dtype)
 
 
 FP32 = Precision("fp32")
