@@ -15,8 +15,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.config import TrainConfig
-from hpc_llm.kernels.adamw import adamw_update
-from hpc_llm.kernels.dispatch import compiled
+from hpc_llm.kernels.adamw import adamw_update, runs_compiled
 
 CHUNK = 1 << 16  # elements: p, g, m, v and two temporaries of this size stay in a core's L2 cache
 
@@ -195,7 +194,7 @@ class AdamW:
             "eps": c.eps * sqrt_bc2,
             "step": lr * sqrt_bc2 / (1.0 - b1**self.t),
         }
-        if self.threads == 1 or compiled(self.p):
+        if self.threads == 1 or runs_compiled(self.p):
             # compiled: one call, its parallel loop over the segments
             self._update(self._segment_table, coef, self._tmp, self._tmp2)
             return
@@ -208,5 +207,14 @@ class AdamW:
 
     def _update(self, segments, coef, tmp_buf, tmp2_buf) -> None:
         adamw_update(
-            self.p, self.g, self.m, self.v, segments, coef, self.cfg.beta1, self.cfg.beta2, tmp_buf, tmp2_buf
+            self.p,
+            self.g,
+            self.m,
+            self.v,
+            segments,
+            coef,
+            self.cfg.beta1,
+            self.cfg.beta2,
+            tmp_buf,
+            tmp2_buf,
         )

@@ -16,16 +16,23 @@ from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 
-def adamw_update(p, g, m, v, segments, coef: dict, b1: float, b2: float, tmp=None, tmp2=None) -> None:
+def adamw_update(
+    p, g, m, v, segments, coef: dict, b1: float, b2: float, tmp=None, tmp2=None
+) -> None:
     """segments: (flat start, flat stop, moment offset, decayed) of p and g (m, v at the offset); coef: keep, g1, g2,
     eps, step (optim.AdamW.step). tmp, tmp2: the twin's scratch, at least the longest segment."""
-    if compiled(p, g, m, v):
+    if compiled(_adamw, p, g, m, v):
         t = p.dtype.type
         seg = np.asarray(segments, dtype=np.int64).reshape(-1, 4)
         c = [t(coef[k]) for k in ("keep", "g1", "g2", "eps", "step")]
-        _adamw(p, g, m, v, seg, t(b1), t(b2), *c)
+        _adamw(p, g, m, v, seg, t(b1), t(b2), t(1), *c)
         return
     adamw_update_numpy(p, g, m, v, segments, coef, b1, b2, tmp, tmp2)
+
+
+def runs_compiled(p) -> bool:
+    """Whether adamw_update on these buffers runs compiled (its own parallel loop: no thread pool around it)."""
+    return compiled(_adamw, p)
 
 
 def adamw_update_numpy(p, g, m, v, segments, coef, b1, b2, tmp_buf, tmp2_buf) -> None:
@@ -52,14 +59,22 @@ def adamw_update_numpy(p, g, m, v, segments, coef, b1, b2, tmp_buf, tmp2_buf) ->
 
 
 @kernel(parallel=True)
-def _adamw(p, g, m, v, seg, b1, b2, keep, g1, g2, eps, step):
+def _adamw(p, g, m, v, seg, b1, b2, one, keep, g1, g2, eps, step):
+    # an undecayed segment's p * one is p exactly
     for s in prange(seg.shape[0]):
-        a, b, o, decayed = seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3]
-        for i in range(b - a):
-            pi = p[a + i] * keep if decayed else p[a + i]
-            gi = g[a + i]
-            mi = m[o + i] * b1 + gi * g1
-            vi = v[o + i] * b2 + gi * gi * g2
-            m[o + i] = mi
-            v[o + i] = vi
-            p[a + i] = pi - mi * step / (np.sqrt(vi) + eps)
+        a, b, o = seg[s, 0], seg[s, 1], seg[s, 2]
+        k = keep if seg[s, 3] else one
+        _adamw_segment(
+            p[a:b], g[a:b], m[o : o + b - a], v[o : o + b - a], b1, b2, k, g1, g2, eps, step
+        )
+
+
+@kernel()
+def _adamw_segment(p, g, m, v, b1, b2, keep, g1, g2, eps, step):
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i] * b1 + gi * g1
+        vi = v[i] * b2 + gi * gi * g2
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * keep - mi * step / (np.sqrt(vi) + eps)

@@ -23,7 +23,14 @@ ELEMENTWISE_CHUNK = 1 << 16
 
 def _consts(dtype):
     t = np.dtype(dtype).type
-    return t(GELU_C * 0.044715), t(GELU_C), t(0.5 * 3 * 0.044715 * GELU_C), t(0.5 * GELU_C), t(1), t(0.5)
+    return (
+        t(GELU_C * 0.044715),
+        t(GELU_C),
+        t(0.5 * 3 * 0.044715 * GELU_C),
+        t(0.5 * GELU_C),
+        t(1),
+        t(0.5),
+    )
 
 
 def _flat(x) -> bool:
@@ -33,11 +40,13 @@ def _flat(x) -> bool:
 def bias_gelu_forward(x, b=None):
     """x += b (the linear layer's bias, None: none), then (gelu(x), t): t = the tanh term, the cache that spares
     backward recomputing it. x is left holding x + b (GELU's input, which backward reads)."""
-    if compiled(x, b) and _flat(x) and (b is None or b.dtype == x.dtype):
+    if compiled(_bias_gelu_forward, x, b) and _flat(x) and (b is None or b.dtype == x.dtype):
         out, t = np.empty_like(x), np.empty_like(x)
         C = x.shape[-1]
         bias = np.zeros(C, x.dtype) if b is None else b
-        _bias_gelu_forward(x.reshape(-1, C), bias, out.reshape(-1, C), t.reshape(-1, C), *_consts(x.dtype))
+        _bias_gelu_forward(
+            x.reshape(-1, C), bias, out.reshape(-1, C), t.reshape(-1, C), *_consts(x.dtype)
+        )
         return out, t
     if b is not None:
         x += b
@@ -76,7 +85,7 @@ def _bias_gelu_forward(x, b, out, t, c3, c, _d3, _d, one, half):
 
 def gelu_tanh(x):
     """gelu_forward's cache alone, bitwise: backward's tanh when it was not kept (selective recompute)."""
-    if compiled(x) and _flat(x):
+    if compiled(_gelu_tanh_kernel, x) and _flat(x):
         t = np.empty_like(x)
         c3, c = _consts(x.dtype)[:2]
         _gelu_tanh_kernel(x.reshape(-1), t.reshape(-1), c3, c)
@@ -98,13 +107,14 @@ def _gelu_tanh_kernel(x, t, c3, c):
 
 def gelu_backward(dout, x, t):
     """d/dx = 0.5 (1 + t) + 0.5 (1 - t^2) x c (1 + 3 * 0.044715 x^2); written over dout, and t is consumed."""
-    if compiled(dout, x, t) and _flat(dout) and _flat(x) and _flat(t) and dout.dtype == x.dtype == t.dtype:
+    same = dout.dtype == x.dtype == t.dtype
+    if compiled(_gelu_backward, dout, x, t) and _flat(dout) and _flat(x) and _flat(t) and same:
         _gelu_backward(dout.reshape(-1), x.reshape(-1), t.reshape(-1), *_consts(x.dtype)[2:])
         return dout
     return gelu_backward_numpy(dout, x, t)
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _gelu_backward(dout, x, t, d3, d, one, half):
     for i in prange(x.size):
         xs, ts = x[i], t[i]

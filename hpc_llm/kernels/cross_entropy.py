@@ -20,7 +20,7 @@ from hpc_llm.kernels.dispatch import compiled, kernel, prange
 def exp_shifted_(logits, row_max, local, mine):
     """logits = exp(logits - row_max) per row, in place; returns (the target's shifted logit, 0 where the target is
     not in this slice; the rows' sums of exp), both (N,) in the logits' dtype."""
-    if compiled(logits, row_max) and logits.flags.c_contiguous:
+    if compiled(_exp_shifted, logits, row_max) and logits.flags.c_contiguous:
         N = logits.shape[0]
         target, s = np.empty(N, logits.dtype), np.empty(N, logits.dtype)
         _exp_shifted(logits, row_max, local, mine, target, s)
@@ -52,14 +52,14 @@ def normalize_rows_(probs, s):
     """probs *= 1 / s per row, in place (s is overwritten with 1 / s)."""
     xp = array_module(probs)
     xp.reciprocal(s, out=s)
-    if compiled(probs, s) and probs.flags.c_contiguous:
+    if compiled(_scale_rows, probs, s) and probs.flags.c_contiguous:
         _scale_rows(probs, s)
     else:
         probs *= s[:, None]
     return probs
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _scale_rows(x, s):
     N, V = x.shape
     for r in prange(N):
@@ -70,7 +70,7 @@ def _scale_rows(x, s):
 
 def cross_entropy_backward_(probs, local, mine, scale: float):
     """(probs - onehot(target)) * scale, in place (the target's column only where it is in this slice)."""
-    if compiled(probs) and probs.flags.c_contiguous:
+    if compiled(_cross_entropy_backward, probs) and probs.flags.c_contiguous:
         _cross_entropy_backward(probs, local, mine, probs.dtype.type(scale))
         return probs
     xp = array_module(probs)

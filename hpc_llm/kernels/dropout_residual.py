@@ -12,7 +12,12 @@ from hpc_llm.kernels.dispatch import compiled, kernel, prange
 def dropout_residual_(x, a, keep=None, scale: float = 1.0):
     """x += a * keep * scale (keep: the dropout's kept flags, None: no dropout), in place; returns x."""
     flat = x.flags.c_contiguous and a.flags.c_contiguous and a.shape == x.shape
-    if keep is not None and compiled(x, a, keep) and flat and keep.flags.c_contiguous:
+    if (
+        keep is not None
+        and compiled(_dropout_residual, x, a, keep)
+        and flat
+        and keep.flags.c_contiguous
+    ):
         _dropout_residual(x.reshape(-1), a.reshape(-1), keep.reshape(-1), x.dtype.type(scale))
         return x
     if keep is None:
@@ -24,7 +29,7 @@ def dropout_residual_(x, a, keep=None, scale: float = 1.0):
     return x
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _dropout_residual(x, a, keep, scale):
     for i in prange(x.size):
         x[i] += a[i] * keep[i] * scale

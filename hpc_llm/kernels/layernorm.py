@@ -18,7 +18,7 @@ LN_EPS = 1e-5
 
 def layernorm_forward(x, w, b):
     """Returns out and the cache (xhat, rstd); rstd has shape (..., 1), xhat x's."""
-    if compiled(x, w, b) and x.dtype == w.dtype:
+    if compiled(_layernorm_forward, x, w, b) and x.dtype == w.dtype:
         C = x.shape[-1]
         x2 = np.ascontiguousarray(x).reshape(-1, C)
         out, xhat = np.empty_like(x2), np.empty_like(x2)
@@ -71,7 +71,10 @@ def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
 def layernorm_backward_input(dout, cache, w):
     """B: the input gradient; dout is left as it is (W reads it)."""
     xhat, rstd = cache
-    if compiled(dout, xhat, rstd, w) and dout.dtype == xhat.dtype == w.dtype == rstd.dtype:
+    if (
+        compiled(_layernorm_backward_input, dout, xhat, rstd, w)
+        and dout.dtype == xhat.dtype == w.dtype == rstd.dtype
+    ):
         C = dout.shape[-1]
         d2 = np.ascontiguousarray(dout).reshape(-1, C)
         dx = np.empty_like(d2)
@@ -95,7 +98,7 @@ def layernorm_backward_input_numpy(dout, cache, w):
     return dxhat
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _layernorm_backward_input(dout, xhat, rstd, w, dx):
     N, C = dout.shape
     for r in prange(N):

@@ -24,7 +24,7 @@ def round_low_(x, low):
     """x (contiguous, ours to overwrite) rounded to the format `low` (a NumPy dtype; None: no rounding), in place."""
     if low is None:
         return x
-    if _bf16(low) and x.dtype == np.float32 and compiled(x) and x.flags.c_contiguous:
+    if _bf16(low) and x.dtype == np.float32 and compiled(_round_bf16, x) and x.flags.c_contiguous:
         u = x.reshape(-1).view(np.uint32)
         _round_bf16(u, u)
         return x
@@ -36,7 +36,7 @@ def round_low_(x, low):
 
 def to_low(x, low):
     """x stored in the format (a new array of dtype low)."""
-    if _bf16(low) and x.dtype == np.float32 and compiled(x) and x.flags.c_contiguous:
+    if _bf16(low) and x.dtype == np.float32 and compiled(_to_bf16, x) and x.flags.c_contiguous:
         out = np.empty(x.shape, dtype=low)
         _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16))
         return out
@@ -48,7 +48,7 @@ def from_low(kept, dtype):
     if (
         _bf16(kept.dtype)
         and np.dtype(dtype) == np.float32
-        and compiled(kept)
+        and compiled(_from_bf16, kept)
         and kept.flags.c_contiguous
     ):
         out = np.empty(kept.shape, dtype=np.float32)
@@ -57,7 +57,7 @@ def from_low(kept, dtype):
     return kept.astype(dtype)
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _round_bf16(bits, out):
     for i in prange(bits.size):
         u = bits[i]
@@ -67,7 +67,7 @@ def _round_bf16(bits, out):
             out[i] = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _to_bf16(bits, out):
     for i in prange(bits.size):
         u = bits[i]
@@ -77,7 +77,7 @@ def _to_bf16(bits, out):
             out[i] = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
 
 
-@kernel(parallel=True)
+@kernel(auto=True, parallel=True)
 def _from_bf16(half, out):
     for i in prange(half.size):
         out[i] = np.uint32(half[i]) << 16

@@ -28,7 +28,7 @@ def causal_mask(xp, Tq: int, Tk: int, dtype):
 
 def causal_softmax_(att):
     """Row softmax of scores (..., Tq, Tk) with the causal mask (query i at position Tk - Tq + i), in place."""
-    if compiled(att) and att.flags.c_contiguous:
+    if compiled(_causal_softmax, att) and att.flags.c_contiguous:
         Tq, Tk = att.shape[-2], att.shape[-1]
         _causal_softmax(att.reshape(-1, Tq, Tk), Tk - Tq)
         return att
@@ -71,10 +71,16 @@ def _causal_softmax(att, offset):
 def softmax_backward_(datt, att, keep=None, scale: float = 1.0):
     """datt = att * (d - sum(d * att)) per row, d = datt * keep * scale (the dropout mask; keep None: none), in
     place. Masked entries have att = 0 and come out 0."""
-    if compiled(datt, att, keep) and datt.flags.c_contiguous and att.flags.c_contiguous:
+    if (
+        compiled(_softmax_backward, datt, att, keep)
+        and datt.flags.c_contiguous
+        and att.flags.c_contiguous
+    ):
         K = datt.shape[-1]
         mask = np.ones((1, 1), np.bool_) if keep is None else keep.reshape(-1, K)
-        _softmax_backward(datt.reshape(-1, K), att.reshape(-1, K), mask, keep is not None, datt.dtype.type(scale))
+        _softmax_backward(
+            datt.reshape(-1, K), att.reshape(-1, K), mask, keep is not None, datt.dtype.type(scale)
+        )
         return datt
     return softmax_backward_numpy_(datt, att, keep, scale)
 

@@ -307,6 +307,7 @@ def dropout_backward(dout, mask: DropoutMask):
 # ---------------------------------------------------------------------------------------------------------------------
 # Causal self-attention on a fused qkv projection
 
+
 def split_heads(qkv, n_head: int):
     """(B, T, 3C) -> one contiguous (3, B, H, T, hd) copy: q, k, v per head, ready for batched matmul."""
     xp = array_module(qkv)
