@@ -58,7 +58,7 @@ def adamw_update_numpy(p, g, m, v, segments, coef, b1, b2, tmp_buf, tmp2_buf) ->
         pc -= tmp
 
 
-@kernel(parallel=True)
+@kernel()
 def _adamw(p, g, m, v, seg, b1, b2, one, keep, g1, g2, eps, step):
     # an undecayed segment's p * one is p exactly
     for s in prange(seg.shape[0]):

@@ -71,7 +71,7 @@ def gelu_forward_numpy(x):
     return out, t
 
 
-@kernel(parallel=True)
+@kernel()
 def _bias_gelu_forward(x, b, out, t, c3, c, _d3, _d, one, half):
     N, C = x.shape
     for r in prange(N):
@@ -98,7 +98,7 @@ def gelu_tanh(x):
     return t
 
 
-@kernel(parallel=True)
+@kernel()
 def _gelu_tanh_kernel(x, t, c3, c):
     for i in prange(x.size):
         xs = x[i]

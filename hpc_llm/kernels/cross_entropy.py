@@ -34,7 +34,7 @@ def exp_shifted_(logits, row_max, local, mine):
     return target, logits.sum(axis=1)
 
 
-@kernel(parallel=True)
+@kernel()
 def _exp_shifted(logits, row_max, local, mine, target, s):
     N, V = logits.shape
     for r in prange(N):
@@ -80,7 +80,7 @@ def cross_entropy_backward_(probs, local, mine, scale: float):
     return probs
 
 
-@kernel(parallel=True)
+@kernel()
 def _cross_entropy_backward(probs, local, mine, scale):
     N, V = probs.shape
     for r in prange(N):

@@ -47,7 +47,7 @@ def layernorm_forward_numpy(x, w, b):
     return out, (xhat, rstd)
 
 
-@kernel(parallel=True)
+@kernel()
 def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
     N, C = x.shape
     for r in prange(N):

@@ -46,7 +46,7 @@ def causal_softmax_numpy_(att):
     return att
 
 
-@kernel(parallel=True)
+@kernel()
 def _causal_softmax(att, offset):
     G, Tq, Tk = att.shape
     for gi in prange(G * Tq):
@@ -96,7 +96,7 @@ def softmax_backward_numpy_(datt, att, keep=None, scale: float = 1.0):
     return datt
 
 
-@kernel(parallel=True)
+@kernel()
 def _softmax_backward(datt, att, keep, masked, scale):
     N, K = datt.shape
     for r in prange(N):
