@@ -4,7 +4,7 @@ Per element, in this order (the coefficients in the buffers' dtype):
 
     p *= keep (decayed segments only);  m = m b1 + g g1;  v = v b2 + (g g) g2;  p -= (m step) / (sqrt(v) + eps)
 
-Compiled: the twin's operations in the same order, one segment per parallel iteration, so the two are bitwise equal
+Compiled: the twin's operations in the same order, segment by segment, so the two are bitwise equal
 and neither depends on the thread count.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 
 def adamw_update(
@@ -31,7 +31,7 @@ def adamw_update(
 
 
 def runs_compiled(p) -> bool:
-    """Whether adamw_update on these buffers runs compiled (its own parallel loop: no thread pool around it)."""
+    """Whether adamw_update on these buffers runs compiled (one call over every segment: no thread pool around it)."""
     return compiled(_adamw, p)
 
 
@@ -61,7 +61,7 @@ def adamw_update_numpy(p, g, m, v, segments, coef, b1, b2, tmp_buf, tmp2_buf) ->
 @kernel()
 def _adamw(p, g, m, v, seg, b1, b2, one, keep, g1, g2, eps, step):
     # an undecayed segment's p * one is p exactly
-    for s in prange(seg.shape[0]):
+    for s in range(seg.shape[0]):
         a, b, o = seg[s, 0], seg[s, 1], seg[s, 2]
         k = keep if seg[s, 3] else one
         _adamw_segment(

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 GELU_C = math.sqrt(2.0 / math.pi)
 # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
@@ -74,7 +74,7 @@ def gelu_forward_numpy(x):
 @kernel()
 def _bias_gelu_forward(x, b, out, t, c3, c, _d3, _d, one, half):
     N, C = x.shape
-    for r in prange(N):
+    for r in range(N):
         for i in range(C):
             xs = x[r, i] + b[i]
             x[r, i] = xs
@@ -100,7 +100,7 @@ def gelu_tanh(x):
 
 @kernel()
 def _gelu_tanh_kernel(x, t, c3, c):
-    for i in prange(x.size):
+    for i in range(x.size):
         xs = x[i]
         t[i] = np.tanh((xs * xs * c3 + c) * xs)
 
@@ -114,9 +114,9 @@ def gelu_backward(dout, x, t):
     return gelu_backward_numpy(dout, x, t)
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _gelu_backward(dout, x, t, d3, d, one, half):
-    for i in prange(x.size):
+    for i in range(x.size):
         xs, ts = x[i], t[i]
         inner = (xs * xs * d3 + d) * xs * (one - ts * ts)
         dout[i] *= ts * half + half + inner

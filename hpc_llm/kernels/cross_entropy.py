@@ -5,7 +5,7 @@ sit between these: tensor_parallel.py).
     normalize_rows_(probs, s)                                                 (probs /= s, as * (1 / s))
     cross_entropy_backward_(probs, local, mine, scale)                        ((p - onehot) * scale)
 
-Compiled: one row per parallel iteration, a row's sum in float64 (the twin's pairwise in the logits' dtype) and the
+Compiled: a row at a time, its sum in float64 (the twin's pairwise in the logits' dtype) and the
 C library's exp: the bound tests/kernels states.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 
 def exp_shifted_(logits, row_max, local, mine):
@@ -37,7 +37,7 @@ def exp_shifted_(logits, row_max, local, mine):
 @kernel()
 def _exp_shifted(logits, row_max, local, mine, target, s):
     N, V = logits.shape
-    for r in prange(N):
+    for r in range(N):
         mx = row_max[r]
         target[r] = logits[r, local[r]] - mx if mine[r] else 0.0
         acc = 0.0
@@ -59,10 +59,10 @@ def normalize_rows_(probs, s):
     return probs
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _scale_rows(x, s):
     N, V = x.shape
-    for r in prange(N):
+    for r in range(N):
         f = s[r]
         for j in range(V):
             x[r, j] *= f
@@ -83,7 +83,7 @@ def cross_entropy_backward_(probs, local, mine, scale: float):
 @kernel()
 def _cross_entropy_backward(probs, local, mine, scale):
     N, V = probs.shape
-    for r in prange(N):
+    for r in range(N):
         if mine[r]:
             probs[r, local[r]] -= 1.0
         for j in range(V):

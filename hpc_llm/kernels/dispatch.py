@@ -17,7 +17,6 @@ import numpy as np
 from hpc_llm.errors import UserError
 
 CHOICES = ("auto", "numba", "numpy")
-prange = range  # a kernel's parallel loop; numba.prange once the kernel is compiled (lazy_jit)
 # "auto" runs a compiled kernel on arrays of at least this many elements: below it the twin's few microseconds
 # are not worth a process's first-call cost (importing numba and loading the cached kernels, about a second)
 AUTO_MIN_ELEMENTS = 1 << 15
@@ -75,28 +74,12 @@ class lazy_jit:
                     g[name] = g[name].compile()
             import numba
 
-            _init_threads(numba)
-            # the kernels' modules import prange as range (no numba at import): numba's own from here on
-            self.fn.__globals__["prange"] = numba.prange
             self.jitted = numba.njit(cache=True, **self.options)(self.fn)
         return self.jitted
 
 
-def _init_threads(numba) -> None:
-    """numba's parallel loops get the cores this process may run on (an MPI rank bound to one core: one thread),
-    capped by OMP_NUM_THREADS like the BLAS threads."""
-    if "threads" in _state:
-        return
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        n = min(n, int(env))
-    _state["threads"] = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(_state["threads"])
-
-
 def kernel(auto: bool = False, **options):
-    """Decorator: `@kernel(auto=True, parallel=True)` makes a lazy_jit of the function; auto: run under
+    """Decorator: `@kernel(auto=True)` makes a lazy_jit of the function; auto: run under
     HPC_LLM_KERNELS=auto (measured faster than the twin). fastmath stays off: IEEE arithmetic, the bound each test
     states."""
     return lambda fn: lazy_jit(fn, auto, **options)

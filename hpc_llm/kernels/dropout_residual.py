@@ -6,7 +6,7 @@ add), so the two are bitwise equal.
 
 from __future__ import annotations
 
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 
 def dropout_residual_(x, a, keep=None, scale: float = 1.0):
@@ -29,7 +29,7 @@ def dropout_residual_(x, a, keep=None, scale: float = 1.0):
     return x
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _dropout_residual(x, a, keep, scale):
-    for i in prange(x.size):
+    for i in range(x.size):
         x[i] += a[i] * keep[i] * scale

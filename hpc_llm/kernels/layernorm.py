@@ -1,9 +1,8 @@
 """LayerNorm over the last axis: forward, and backward's input part (B) and weight part (W).
 
-The compiled forward and B take one row per parallel iteration and accumulate a row's sums in float64 (the twin sums
-pairwise in the input's dtype): both are within a few units of the input dtype's roundoff of the exact row
-statistics, the bound tests/kernels states. W (sums over rows) stays NumPy's: its order must not depend on how many
-threads run (data-parallel ranks against the single process).
+The compiled forward and B take a row at a time and accumulate a row's sums in float64 (the twin sums pairwise in
+the input's dtype): both are within a few units of the input dtype's roundoff of the exact row statistics, the bound
+tests/kernels states. W (sums over rows) stays NumPy's (BLAS-like reductions, fast as they are).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 LN_EPS = 1e-5
 
@@ -50,7 +49,7 @@ def layernorm_forward_numpy(x, w, b):
 @kernel()
 def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
     N, C = x.shape
-    for r in prange(N):
+    for r in range(N):
         s = 0.0
         for i in range(C):
             s += x[r, i]
@@ -98,10 +97,10 @@ def layernorm_backward_input_numpy(dout, cache, w):
     return dxhat
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _layernorm_backward_input(dout, xhat, rstd, w, dx):
     N, C = dout.shape
-    for r in prange(N):
+    for r in range(N):
         sd = 0.0
         sdx = 0.0
         for i in range(C):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 PIECE = 1 << 18  # the twin rounds a piece at a time: no temporaries the size of x
 
@@ -57,9 +57,9 @@ def from_low(kept, dtype):
     return kept.astype(dtype)
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _round_bf16(bits, out):
-    for i in prange(bits.size):
+    for i in range(bits.size):
         u = bits[i]
         if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN: quiet, sign kept
             out[i] = (u & 0x80000000) | 0x7FC00000
@@ -67,9 +67,9 @@ def _round_bf16(bits, out):
             out[i] = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _to_bf16(bits, out):
-    for i in prange(bits.size):
+    for i in range(bits.size):
         u = bits[i]
         if (u & 0x7FFFFFFF) > 0x7F800000:
             out[i] = ((u & 0x80000000) >> 16) | 0x7FC0
@@ -77,7 +77,7 @@ def _to_bf16(bits, out):
             out[i] = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
 
 
-@kernel(auto=True, parallel=True)
+@kernel(auto=True)
 def _from_bf16(half, out):
-    for i in prange(half.size):
+    for i in range(half.size):
         out[i] = np.uint32(half[i]) << 16

@@ -1,7 +1,7 @@
 """The attention core's elementwise work: the causal row softmax of a query block's scores (forward) and the
 softmax's backward with the dropout mask applied first.
 
-Compiled: one (batch, head, query) row per parallel iteration; a row's maximum and sum in float64 (the twin sums
+Compiled: a (batch, head, query) row at a time; its maximum and sum in float64 (the twin sums
 pairwise in the scores' dtype) and the C library's exp (the twin NumPy's vectorised one): the bound tests/kernels
 states. Masked entries are exactly 0 in both.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel
 
 _MASKS: dict = {}
 
@@ -49,7 +49,7 @@ def causal_softmax_numpy_(att):
 @kernel()
 def _causal_softmax(att, offset):
     G, Tq, Tk = att.shape
-    for gi in prange(G * Tq):
+    for gi in range(G * Tq):
         g, i = gi // Tq, gi % Tq
         row = att[g, i]
         n = min(Tk, i + offset + 1)
@@ -99,7 +99,7 @@ def softmax_backward_numpy_(datt, att, keep=None, scale: float = 1.0):
 @kernel()
 def _softmax_backward(datt, att, keep, masked, scale):
     N, K = datt.shape
-    for r in prange(N):
+    for r in range(N):
         if masked:
             for j in range(K):
                 datt[r, j] = datt[r, j] * keep[r, j] * scale

@@ -28,7 +28,7 @@ class Precision:
 
     def operand(self, x):
         """x rounded to the format, in x's own dtype: a matmul operand."""
-        return x if self.low is None else to_low(x, self.low).astype(x.dtype)
+        return x if self.low is None else round_low_(x.copy(), self.low)
 
     def round_(self, x):
         """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
