@@ -21,8 +21,6 @@ import subprocess
 import sys
 import time
 
-from common import PRESETS
-
 
 def ours_worker(p: dict, precision: str):
     from bench_train import build
@@ -86,9 +84,9 @@ def torch_worker(p: dict, precision: str, mode: str):
     return step
 
 
-def worker(kind: str, preset: str, precision: str) -> None:
-    """Build, warm up (torch.compile compiles here), then answer each line `N` with N step times (JSON)."""
-    p = PRESETS[preset]
+def worker(kind: str, p: dict, precision: str) -> None:
+    """Build, warm up (torch.compile compiles here), then answer each line `N` with N step times (JSON). p: the
+    preset's shape (JSON from the driver: the torch environment need not have our dependencies)."""
     step = ours_worker(p, precision) if kind == "ours" else torch_worker(p, precision, kind)
     for _ in range(2):
         step()
@@ -105,9 +103,7 @@ def worker(kind: str, preset: str, precision: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torch-python", required=True, help="an interpreter with torch installed")
-    ap.add_argument(
-        "--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: all"
-    )
+    ap.add_argument("--preset", action="append", help="repeatable; default: all (common.PRESETS)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per worker per round")
@@ -115,7 +111,9 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.preset[0], args.precision)
+        return worker(args.worker, json.loads(args.preset[0]), args.precision)
+    from common import PRESETS
+
     for preset in args.preset or list(PRESETS):
         procs = {}
         for kind in args.kinds.split(","):
@@ -126,9 +124,11 @@ def main() -> None:
                 "--worker",
                 kind,
                 "--preset",
-                preset,
+                json.dumps(PRESETS[preset]),
                 "--precision",
                 args.precision,
+                "--torch-python",
+                args.torch_python,
             ]
             procs[kind] = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
