@@ -12,6 +12,9 @@ the layer's input and its output gradient only, so it can wait); `*_backward` is
 
 Array-module agnostic: `xp = array_module(x)` is NumPy or CuPy. Linear weights are stored (in, out), as Hugging Face's
 GPT-2 Conv1D stores them, so `y = x @ w + b` with no transpose.
+
+The elementwise work (LayerNorm's forward and backward parts, GELU's, the causal softmax's) is the kernel layer's
+(hpc_llm/kernels: a NumPy twin and a compiled kernel each), imported here under the layers' names.
 """
 
 from __future__ import annotations
@@ -102,9 +105,6 @@ def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bo
 def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
     layernorm_backward_weight(dout, cache[0], dw, db, accumulate)
     return layernorm_backward_input(dout, cache, w)
-
-
-# layernorm_forward, layernorm_backward_input, layernorm_backward_weight: kernels/layernorm.py
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,13 +199,6 @@ class WeightWork:
         while todo:
             fn, args = todo.pop(0)
             fn(*args, accumulate)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# GELU, tanh approximation (GPT-2's)
-
-
-# gelu_forward, gelu_tanh, gelu_backward: kernels/bias_gelu.py
 
 
 # ---------------------------------------------------------------------------------------------------------------------
