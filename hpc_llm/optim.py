@@ -11,10 +11,12 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from hpc_llm.backend import array_module
 from hpc_llm.config import TrainConfig
+from hpc_llm.kernels.adamw import adamw_update, runs_compiled
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.cuda.twins import adamw_chunk
 
 CHUNK = 1 << 16  # elements: p, g, m, v and two temporaries of this size stay in a core's L2 cache
 
@@ -161,6 +163,7 @@ class AdamW:
             ]
             base += b - a
         self.table = device.SegmentTable(xp, self.segments) if self.fused else None
+        self._segment_table = np.asarray(self.segments, dtype=np.int64).reshape(-1, 4)
         n = 1 if self.fused else max(1, min(chunk, params.size))
         self.threads = optimizer_threads() if xp.__name__ == "numpy" else 1
         self._temps = [
@@ -206,8 +209,9 @@ class AdamW:
                 array_module(self.p), self.p, self.g, self.m, self.v, self.table, coef, b1, b2
             )
             return
-        if self.threads == 1:
-            self._update(self.segments, coef, self._tmp, self._tmp2)
+        if self.threads == 1 or runs_compiled(self.p):
+            # compiled: one call, its parallel loop over the segments
+            self._update(self._segment_table, coef, self._tmp, self._tmp2)
             return
         parts = [self.segments[i :: self.threads] for i in range(self.threads)]
         list(
@@ -217,13 +221,15 @@ class AdamW:
         )
 
     def _update(self, segments, coef, tmp_buf, tmp2_buf) -> None:
-        xp = array_module(self.p)
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
-        p, g, m, v = self.p, self.g, self.m, self.v
-        for a, b, o, decayed in segments:
-            n = b - a
-            tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
-            # the fused kernel's arithmetic, a cache-sized chunk at a time
-            adamw_chunk(
-                xp, p[a:b], g[a:b], m[o : o + n], v[o : o + n], tmp, tmp2, decayed, coef, b1, b2
-            )
+        adamw_update(
+            self.p,
+            self.g,
+            self.m,
+            self.v,
+            segments,
+            coef,
+            self.cfg.beta1,
+            self.cfg.beta2,
+            tmp_buf,
+            tmp2_buf,
+        )

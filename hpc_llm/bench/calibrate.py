@@ -14,6 +14,8 @@ import numpy as np
 
 from hpc_llm.bench.timer import best_time
 from hpc_llm.errors import UserError
+from hpc_llm.kernels.dispatch import kernels_choice, numba_available
+from hpc_llm.kernels.rounding import from_low, to_low
 from hpc_llm.parallel.comm import Comm, world_comm
 
 # What a training rank has loaded besides hpc_llm's own small modules: imported before the baseline memory figure
@@ -81,9 +83,10 @@ def _pass_mix(x, w) -> None:
 
 
 def cast_rates(n: int = 1 << 20) -> dict:
-    """Conversions float32 <-> bfloat16 (ml_dtypes) and float16 (NumPy's astype, what model/precision.py calls), in
-    elements/s: {"to_bfloat16", "from_bfloat16", "to_float16", "from_float16"}. On NumPy they are scalar loops, not
-    bandwidth-bound passes (0.7 ns per element to bfloat16 here, ~10x an add), which bf16/fp16 training pays; best of
+    """Conversions float32 <-> bfloat16 and float16 as model/precision.py makes them (kernels/rounding.py: compiled
+    for bfloat16 where HPC_LLM_KERNELS allows, else NumPy's astype), in elements/s: {"to_bfloat16", "from_bfloat16",
+    "to_float16", "from_float16"}. NumPy's are scalar loops, not bandwidth-bound passes (0.7 ns per element to
+    bfloat16 here, ~10x an add; the compiled bfloat16 ones ~8x faster), which bf16/fp16 training pays; best of
     9 on 2^20 elements (the layers' operand sizes; the rate hardly changes from 2^16 to 2^22), twice round. Empty
     without ml_dtypes (the planner then prices a cast as an elementwise pass)."""
     try:
@@ -96,9 +99,9 @@ def cast_rates(n: int = 1 << 20) -> dict:
         ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
         ("float16", np.dtype(np.float16)),
     ):
-        y = x.astype(low)
-        to = min(best_time(lambda: x.astype(low)) for _ in range(2))
-        back = min(best_time(lambda: y.astype(np.float32)) for _ in range(2))
+        y = to_low(x, low)
+        to = min(best_time(lambda: to_low(x, low)) for _ in range(2))
+        back = min(best_time(lambda: from_low(y, np.float32)) for _ in range(2))
         rates[f"to_{name}"], rates[f"from_{name}"] = n / to, n / back
     return rates
 
@@ -226,6 +229,9 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     busy node); the medians over ranks. Links only under mpiexec with >= 2 ranks. -> (cluster dict, notes)."""
     for name in TRAINING_LIBRARIES:
         importlib.import_module(name)
+    # and numba (about 64 MiB), which a CPU rank's compiled kernels import (kernels/dispatch.py)
+    if kernels_choice() != "numpy":
+        numba_available()
     comm = world_comm()
     rss = 0
     with open("/proc/self/status") as f:

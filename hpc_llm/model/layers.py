@@ -12,6 +12,9 @@ the layer's input and its output gradient only, so it can wait); `*_backward` is
 
 Array-module agnostic: `xp = array_module(x)` is NumPy or CuPy. Linear weights are stored (in, out), as Hugging Face's
 GPT-2 Conv1D stores them, so `y = x @ w + b` with no transpose.
+
+The elementwise work (LayerNorm's forward and backward parts, GELU's, the causal softmax's) is the kernel layer's
+(hpc_llm/kernels: a NumPy twin and a compiled kernel each), imported here under the layers' names.
 """
 
 from __future__ import annotations
@@ -22,11 +25,22 @@ from typing import NamedTuple
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
+    ELEMENTWISE_CHUNK,
+    GELU_C,
+    gelu_backward,
+    gelu_forward,
+    gelu_tanh,
+)
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.layernorm import (  # noqa: F401
+    LN_EPS,
+    layernorm_backward_input,
+    layernorm_backward_weight,
+    layernorm_forward,
+)
+from hpc_llm.kernels.softmax import causal_mask, causal_softmax_, softmax_backward_  # noqa: F401
 from hpc_llm.model.precision import FP32, Precision
-
-LN_EPS = 1e-5
-GELU_C = math.sqrt(2.0 / math.pi)
 
 
 class Param(NamedTuple):
@@ -89,70 +103,9 @@ def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bo
 # LayerNorm over the last axis
 
 
-def layernorm_forward(x, w, b):
-    """Returns out and the cache (xhat, rstd); xhat replaces x in memory, so the cache costs one activation. On a
-    device one fused kernel (kernels/cuda/layernorm.cu), this code its twin."""
-    xp = array_module(x)
-    if device.on_device(xp):
-        return device.layernorm_forward(xp, x, w, b, _layernorm_forward)
-    return _layernorm_forward(x, w, b)
-
-
-def _layernorm_forward(x, w, b):
-    xp = array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xhat = x - mean
-    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None]
-    var *= 1.0 / x.shape[-1]
-    var += LN_EPS
-    rstd = xp.sqrt(var, out=var)
-    xp.reciprocal(rstd, out=rstd)
-    xhat *= rstd
-    out = xhat * w
-    if b is not None:
-        out += b
-    return out, (xhat, rstd)
-
-
 def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
     layernorm_backward_weight(dout, cache[0], dw, db, accumulate)
     return layernorm_backward_input(dout, cache, w)
-
-
-def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
-    """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias)."""
-    xp = array_module(dout)
-    C = dout.shape[-1]
-    d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
-    if accumulate:
-        dw += xp.einsum("ni,ni->i", d2, x2)
-    else:
-        dw[...] = xp.einsum("ni,ni->i", d2, x2)
-    if db is not None:
-        _sum_rows_into(d2, db, accumulate)
-
-
-def layernorm_backward_input(dout, cache, w):
-    """B: the input gradient; dout is left as it is (W reads it). On a device one fused kernel."""
-    xp = array_module(dout)
-    if device.on_device(xp):
-        return device.layernorm_backward_input(xp, dout, cache, w, _layernorm_backward_input)
-    return _layernorm_backward_input(dout, cache, w)
-
-
-def _layernorm_backward_input(dout, cache, w):
-    xp = array_module(dout)
-    xhat, rstd = cache
-    C = dout.shape[-1]
-    dxhat = dout * w
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    mean_d = dxhat.mean(axis=-1, keepdims=True)
-    mean_dx = xp.einsum("...i,...i->...", dxhat, xhat)[..., None]
-    mean_dx *= 1.0 / C
-    dxhat -= mean_d
-    dxhat -= xhat * mean_dx
-    dxhat *= rstd
-    return dxhat
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,93 +203,6 @@ class WeightWork:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GELU, tanh approximation (GPT-2's)
-
-
-# elements: a chunk of each operand stays in L2 across a chain of NumPy passes
-ELEMENTWISE_CHUNK = 1 << 16
-
-
-def _chunks(x):
-    """Flat [a, b) ranges for running a chain of elementwise passes chunk by chunk (NumPy: each pass then reads L2,
-    not memory); one range for a GPU array, where a fused kernel is the way to save passes."""
-    n = x.size
-    step = ELEMENTWISE_CHUNK if array_module(x).__name__ == "numpy" else max(n, 1)
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
-
-
-def gelu_forward(x):
-    """0.5 x (1 + tanh(c (x + 0.044715 x^3))). Returns out and the cache t = tanh(...): keeping it (one activation)
-    spares backward the five passes that recompute it. On a device one fused kernel (kernels/cuda/bias_gelu.cu)."""
-    xp = array_module(x)
-    if device.on_device(xp):
-        return device.gelu_forward(xp, x, _gelu_forward)
-    return _gelu_forward(x)
-
-
-def _gelu_forward(x):
-    xp = array_module(x)
-    out, t = xp.empty_like(x), xp.empty_like(x)
-    xf, of, tf = x.reshape(-1), out.reshape(-1), t.reshape(-1)
-    for a, b in _chunks(x):
-        xs, ts, os = xf[a:b], tf[a:b], of[a:b]
-        _gelu_tanh(xp, xs, ts)
-        xp.add(ts, 1.0, out=os)
-        os *= xs
-        os *= 0.5
-    return out, t
-
-
-def gelu_tanh(x):
-    """gelu_forward's cache alone, bitwise: backward's tanh when it was not kept (selective recompute)."""
-    xp = array_module(x)
-    t = xp.empty_like(x)
-    xf, tf = x.reshape(-1), t.reshape(-1)
-    for a, b in _chunks(x):
-        _gelu_tanh(xp, xf[a:b], tf[a:b])
-    return t
-
-
-def _gelu_tanh(xp, xs, ts) -> None:
-    """ts = tanh(c (x + 0.044715 x^3)), computed as tanh(x (c + c 0.044715 x^2))."""
-    xp.multiply(xs, xs, out=ts)
-    ts *= GELU_C * 0.044715
-    ts += GELU_C
-    ts *= xs
-    xp.tanh(ts, out=ts)
-
-
-def gelu_backward(dout, x, t):
-    """d/dx = 0.5 (1 + t) + 0.5 (1 - t^2) x c (1 + 3 * 0.044715 x^2); written over dout, and t is consumed. On a
-    device one fused kernel."""
-    xp = array_module(dout)
-    if device.on_device(xp):
-        return device.gelu_backward(xp, dout, x, t, _gelu_backward)
-    return _gelu_backward(dout, x, t)
-
-
-def _gelu_backward(dout, x, t):
-    xp = array_module(dout)
-    df, xf, tf = dout.reshape(-1), x.reshape(-1), t.reshape(-1)
-    n = min(ELEMENTWISE_CHUNK, x.size) if xp.__name__ == "numpy" else x.size
-    inner, sech2 = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)
-    for a, b in _chunks(x):
-        xs, ts, ds, ins, s2 = xf[a:b], tf[a:b], df[a:b], inner[: b - a], sech2[: b - a]
-        xp.multiply(xs, xs, out=ins)
-        ins *= 0.5 * 3 * 0.044715 * GELU_C
-        ins += 0.5 * GELU_C
-        ins *= xs  # 0.5 x c (1 + 3a x^2)
-        xp.multiply(ts, ts, out=s2)
-        xp.subtract(1.0, s2, out=s2)  # 1 - t^2
-        ins *= s2
-        ts *= 0.5
-        ts += 0.5
-        ts += ins
-        ds *= ts
-    return dout
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Dropout
 
 
@@ -405,7 +271,7 @@ class DropoutMask(NamedTuple):
     scale: float
 
     def apply_(self, x):
-        """x *= the scaled mask, in place (on a device one pass: dropout_residual.cu)."""
+        """x *= the scaled mask, in place (on a device one pass: cuda/dropout_residual.cu)."""
         xp = array_module(x)
         if device.on_device(xp) and x.flags.c_contiguous:
             return device.dropout_scale(xp, x, self.keep, self.scale, self._apply_)
@@ -448,18 +314,6 @@ def dropout_backward(dout, mask: DropoutMask):
 # ---------------------------------------------------------------------------------------------------------------------
 # Causal self-attention on a fused qkv projection
 
-_MASKS: dict = {}
-
-
-def causal_mask(xp, Tq: int, Tk: int, dtype):
-    """Additive mask (Tq, Tk): query i (at absolute position Tk - Tq + i) sees keys j <= its position."""
-    key = (xp.__name__, Tq, Tk, str(dtype))
-    if key not in _MASKS:
-        i = xp.arange(Tq)[:, None] + (Tk - Tq)
-        j = xp.arange(Tk)[None, :]
-        _MASKS[key] = xp.where(j > i, -xp.inf, 0.0).astype(dtype)
-    return _MASKS[key]
-
 
 def split_heads(qkv, n_head: int):
     """(B, T, 3C) -> one contiguous (3, B, H, T, hd) copy: q, k, v per head, ready for batched matmul."""
@@ -473,26 +327,6 @@ def merge_heads(y):
     """(B, H, T, hd) -> (B, T, H*hd)."""
     B, H, T, hd = y.shape
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
-
-
-def causal_softmax_(att, prec: Precision = FP32):
-    """Row softmax of scores (B, H, Tq, Tk) with the causal mask, in place, rounded to prec's format. On a device
-    one fused kernel (kernels/cuda/softmax.cu), the rounding folded in."""
-    xp = array_module(att)
-    if device.on_device(xp):
-        return device.causal_softmax_(xp, att, prec, _causal_softmax_)
-    return _causal_softmax_(att, prec)
-
-
-def _causal_softmax_(att, prec: Precision):
-    xp = array_module(att)
-    att += causal_mask(xp, att.shape[-2], att.shape[-1], att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    s = att.sum(axis=-1, keepdims=True)
-    xp.reciprocal(s, out=s)
-    att *= s
-    return prec.round_(att)
 
 
 ATTN_BLOCK = 128  # query rows per block: blocks skip the keys their queries cannot see
@@ -540,26 +374,42 @@ def attention_forward(
 def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision):
     """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so) and its
     dropout mask (None without dropout): forward's, and selective recompute's again in backward."""
-    att = causal_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2), prec)
+    att = rounded_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2), prec)
     mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
     return att, mask
 
 
-def softmax_backward_(datt, att, prec: Precision):
-    """datt = p * (datt - sum(datt * p)) per row, rounded to the format, in place (masked entries have p = 0 and
-    stay 0). On a device one fused kernel (kernels/cuda/softmax.cu), the rounding folded in."""
+def rounded_softmax_(att, prec: Precision):
+    """causal_softmax_ of a query block's scores, in place, rounded to prec's format; on a device one fused kernel
+    (cuda/softmax.cu), the rounding folded in."""
+    xp = array_module(att)
+    if device.on_device(xp):
+        return device.causal_softmax_(xp, att, prec, _rounded_softmax_)
+    return _rounded_softmax_(att, prec)
+
+
+def _rounded_softmax_(att, prec: Precision):
+    return prec.round_(causal_softmax_(att))
+
+
+def rounded_softmax_backward_(datt, att, mask, prec: Precision):
+    """datt = p * (datt - sum(datt * p)) per row with the dropout mask (None: none) applied to datt first, rounded
+    to prec's format, in place; masked entries have p = 0 and stay 0. On a device: the mask's pass, then one fused
+    kernel with the rounding folded in."""
     xp = array_module(datt)
     if device.on_device(xp):
-        return device.softmax_backward_(xp, datt, att, prec, _softmax_backward_)
-    return _softmax_backward_(datt, att, prec)
-
-
-def _softmax_backward_(datt, att, prec: Precision):
-    xp = array_module(datt)
-    rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]
-    datt -= rowdot
-    datt *= att
+        if mask is not None:
+            mask.apply_(datt)
+        return device.softmax_backward_(xp, datt, att, prec, _rounded_softmax_backward_)
+    if mask is None:
+        softmax_backward_(datt, att)
+    else:
+        softmax_backward_(datt, att, mask.keep, mask.scale)
     return prec.round_(datt)
+
+
+def _rounded_softmax_backward_(datt, att, prec: Precision):
+    return prec.round_(softmax_backward_(datt, att))
 
 
 def cached_attention_forward(qkv, n_head: int, kv, pos0):
@@ -610,9 +460,8 @@ def attention_backward(
     dqkvh = xp.empty_like(qkvh)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     blocks = query_blocks(T)
-    if (
-        atts is None
-    ):  # selective recompute: each block's probabilities and mask again, in forward's order
+    if atts is None:
+        # selective recompute: each block's probabilities and mask again, in forward's order
         kept = ((_probabilities(q, k, q0, q1, dropout, rng, prec)) for q0, q1 in blocks)
     else:
         kept = ((prec.use(att, dy.dtype), mask) for att, mask in zip(atts, masks))
@@ -623,9 +472,7 @@ def attention_backward(
         dyb = dyh[:, :, q0:q1]
         matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
         datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
-        if mask is not None:
-            mask.apply_(datt)
-        softmax_backward_(datt, att, prec)
+        rounded_softmax_backward_(datt, att, mask, prec)
         xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
         matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels.dropout_residual import dropout_residual_
 from hpc_llm.model.layers import (
     NO_PARAM,
     DropoutRNG,
@@ -28,6 +29,7 @@ from hpc_llm.model.layers import (
     cached_attention_forward,
     dropout_backward,
     dropout_forward,
+    dropout_mask,
     dropout_site,
     gelu_backward,
     gelu_forward,
@@ -195,6 +197,14 @@ class Embedding:
         )
 
 
+def _dropout_residual(x, a, mask) -> None:
+    """x += the branch output a through its dropout mask (None: none), one fused pass."""
+    if mask is None:
+        dropout_residual_(x, a)
+    else:
+        dropout_residual_(x, a, mask.keep, mask.scale)
+
+
 class BlockCache(NamedTuple):
     """What Block.backward needs from its forward: each sub-layer's cache (named after the sub-layer), the dropout
     masks (None without dropout) and the MLP's hidden activations, kept in the precision's format."""
@@ -296,11 +306,9 @@ class Block:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
         a, c_aproj = self.attn_proj.forward(y)
-        a_mask = None
-        if drop > 0:
-            a, a_mask = dropout_forward(a, drop, branch_rng)
+        a_mask = dropout_mask(a.shape, a.dtype, drop, branch_rng) if drop > 0 else None
         # the residual input is not needed again: LayerNorm's cache holds its normalised copy
-        x += a
+        _dropout_residual(x, a, a_mask)
         h2, ln2 = self.ln_2.forward(x)
         f, c_fc = self.fc.forward(h2)
         g, gt = gelu_forward(f)
@@ -309,10 +317,8 @@ class Block:
         del gt
         m, c_mproj = self.mlp_proj.forward(g)
         del g
-        m_mask = None
-        if drop > 0:
-            m, m_mask = dropout_forward(m, drop, branch_rng)
-        x += m
+        m_mask = dropout_mask(m.shape, m.dtype, drop, branch_rng) if drop > 0 else None
+        _dropout_residual(x, m, m_mask)
         keep = self.prec.keep
         return x, BlockCache(
             ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), gelu_t, c_mproj, m_mask

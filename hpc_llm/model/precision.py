@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.rounding import from_low, round_low_, to_low
 
-ROUND_PIECE = 1 << 18  # elements: NumPy rounds in place a piece at a time
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
@@ -42,7 +42,7 @@ class Precision:
         return out
 
     def _operand(self, x):
-        return x.astype(self.low).astype(x.dtype)
+        return round_low_(x.copy(), self.low)
 
     def round_(self, x):
         """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
@@ -56,19 +56,15 @@ class Precision:
         return self._round_(x)
 
     def _round_(self, x):
-        flat = x.reshape(-1)
-        piece = ROUND_PIECE if array_module(x).__name__ == "numpy" else max(flat.size, 1)
-        for a in range(0, flat.size, piece):
-            flat[a : a + piece] = flat[a : a + piece].astype(self.low)
-        return x
+        return round_low_(x, self.low)
 
     def keep(self, x):
         """An activation kept for backward: stored in the format (its rounded value, in half the bytes)."""
-        return x if self.low is None else x.astype(self.low)
+        return x if self.low is None else to_low(x, self.low)
 
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""
-        return kept if self.low is None else kept.astype(dtype)
+        return kept if self.low is None else from_low(kept, dtype)
 
 
 FP32 = Precision("fp32")

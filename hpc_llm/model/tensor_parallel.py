@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels.cross_entropy import cross_entropy_backward_, exp_shifted_, normalize_rows_
 from hpc_llm.model.layers import (
     Param,
     WeightWork,
@@ -401,28 +402,17 @@ def vocab_parallel_cross_entropy_forward(logits, targets, vocab_size: int, v0: i
         logits[:, max(0, vocab_size - v0) :] = -xp.inf
     row_max = logits.max(axis=1)
     comm.allreduce_(row_max, op="max")
-    logits -= row_max[:, None]
     local = targets - v0
     mine = (local >= 0) & (local < Vl)
-    rows = xp.arange(N)
-    # not `* mine`: -inf * 0 is nan
-    target_logit = xp.where(mine, logits[rows, xp.where(mine, local, 0)], 0.0)
+    target_logit, s = exp_shifted_(logits, row_max, local, mine)
     comm.allreduce_(target_logit)
-    xp.exp(logits, out=logits)
-    s = logits.sum(axis=1)
     comm.allreduce_(s)
     loss = float((xp.log(s) - target_logit).astype(xp.float64).mean())
-    xp.reciprocal(s, out=s)
-    logits *= s[:, None]
+    normalize_rows_(logits, s)
     return loss, (logits, local, mine)
 
 
 def vocab_parallel_cross_entropy_backward(cache, scale: float = 1.0):
     """d(scale * mean loss)/d logits = scale * (p - onehot) / N on this rank's columns, written over the cache."""
-    xp = array_module(cache[0])
     probs, local, mine = cache
-    N = probs.shape[0]
-    rows = xp.arange(N)[mine]
-    probs[rows, local[mine]] -= 1.0
-    probs *= scale / N
-    return probs
+    return cross_entropy_backward_(probs, local, mine, scale / probs.shape[0])

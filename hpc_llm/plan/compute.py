@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.kernels.rounding import PIECE as ROUND_PIECE
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
-from hpc_llm.model.precision import ROUND_PIECE
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
@@ -109,7 +109,7 @@ class Pricer:
         numpy_only: bool = False,
     ) -> Cost:
         """A chain of passes run chunk by chunk in cache (GELU, AdamW, the norm); numpy_only: on CuPy one chunk
-        (layers._chunks)."""
+        (kernels/bias_gelu._chunks)."""
         if numpy_only and self.cl.backend == "cupy":
             chunk = max(elems, 1)
         n_chunks = max(1, -(-elems // chunk))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ def activation_bytes(cfg: ModelConfig, B: int) -> int:
     return 4 * (cfg.n_layer * per_layer + final)
 
 
-def build(p: dict):
+def build(p: dict, precision: str = "fp32"):
     cfg = ModelConfig(
         n_layer=p["n_layer"],
         n_head=p["n_head"],
@@ -98,7 +99,7 @@ def build(p: dict):
         block_size=p["block_size"],
         vocab_size=p["vocab_size"],
     )
-    model = GPT(cfg, seed=0)
+    model = GPT(cfg, seed=0, precision=precision)
     opt = AdamW(model.flat, model.grad_flat, model.decay_ranges(), TrainConfig())
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (p["batch"], cfg.block_size))
@@ -108,6 +109,7 @@ def build(p: dict):
         model.forward(x, y, keep_cache=True)
         model.backward()
         opt.step(1e-4)
+        model.refresh_compute()
 
     return cfg, model, opt, step
 
@@ -164,13 +166,21 @@ def bench(name: str, steps: int, peak: float) -> dict:
     }
 
 
-def ab_compare(name: str, what: str, steps: int) -> dict:
+KERNEL_CHOICES = ("auto", "numba")  # --ab auto: HPC_LLM_KERNELS=auto against numpy
+
+
+def ab_compare(name: str, what: str, steps: int, precision: str = "fp32") -> dict:
     """The training step with a change on (A) and off (B), alternated step by step in this one process so both see
     the same machine; medians of each and their ratio."""
     p = PRESETS[name]
-    cfg, model, opt, step = build(p)
+    cfg, model, opt, step = build(p, precision)
     if what == "malloc":
         on, off = (lambda: keep_freed_memory(True)), (lambda: keep_freed_memory(False))
+    elif what in KERNEL_CHOICES:  # compiled kernels (this choice) against the NumPy twins
+        on, off = (
+            (lambda: os.environ.__setitem__("HPC_LLM_KERNELS", what)),
+            (lambda: os.environ.__setitem__("HPC_LLM_KERNELS", "numpy")),
+        )
     else:  # attention query blocks vs one dense causal block
         on, off = (
             (lambda: setattr(layers, "ATTN_BLOCK", 128)),
@@ -188,6 +198,7 @@ def ab_compare(name: str, what: str, steps: int) -> dict:
     on_s, off_s = float(np.median(times["on"])), float(np.median(times["off"]))
     keep_freed_memory(True)
     layers.ATTN_BLOCK = 128
+    os.environ.pop("HPC_LLM_KERNELS", None)
     return {
         "preset": name,
         "change": what,
@@ -225,8 +236,14 @@ def main() -> None:
     )
     ap.add_argument(
         "--ab",
-        choices=("malloc", "attn-blocks"),
+        choices=("malloc", "attn-blocks", *KERNEL_CHOICES),
         help="A/B one optimisation, alternating step by step",
+    )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="with --ab: the step's format",
     )
     args = ap.parse_args()
     if args.attn_block:
@@ -237,7 +254,7 @@ def main() -> None:
         return rss_child(args.rss_child)
     if args.ab:
         for name in args.preset or list(PRESETS):
-            r = ab_compare(name, args.ab, args.steps)
+            r = ab_compare(name, args.ab, args.steps, args.precision)
             print(
                 f"{name}: {args.ab} on {r['on_ms']:.1f} ms/step, off {r['off_ms']:.1f} ms/step -> "
                 f"{r['speedup']:.2f}x (medians of {args.steps}, alternated in one process)"

@@ -436,3 +436,10 @@ def test_attention_query_blocks(monkeypatch, block, dropout):
         attention_scale(qkv, R, H, dropout, 4),
         "dqkv",
     )
+
+
+def test_model_gradient_compiled_kernels(monkeypatch):
+    """The whole model's check again with every compiled kernel (HPC_LLM_KERNELS=numba, float64), dropout on."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
+    test_model_gradient(SEEDS[0], 0.2)

@@ -1,0 +1,85 @@
+"""Which implementation of a kernel runs: the compiled one (numba) or its NumPy twin.
+
+`HPC_LLM_KERNELS` chooses: "auto" (the default: the compiled kernels measured faster than their twins, on arrays
+large enough to pay for them), "numba" (every compiled kernel: the tests of each against its twin, and the
+benchmarks), or "numpy" (the twins everywhere). Without numba every choice runs the twins. CuPy arrays
+always take the twin here (the CUDA kernels are the device path's own). numba is imported on the first compiled
+call, never at import time, so a process that runs no kernel pays nothing, and each kernel is compiled once per
+machine (`cache=True`: later processes load the machine code from `__pycache__`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hpc_llm.errors import UserError
+
+CHOICES = ("auto", "numba", "numpy")
+# "auto" runs a compiled kernel on arrays of at least this many elements: below it the twin's few microseconds
+# are not worth a process's first-call cost (importing numba and loading the cached kernels, about a second)
+AUTO_MIN_ELEMENTS = 1 << 15
+_state: dict = {}
+
+
+def kernels_choice() -> str:
+    """The configured implementation, from HPC_LLM_KERNELS; a bad value is a UserError."""
+    name = os.environ.get("HPC_LLM_KERNELS", "auto").strip().lower() or "auto"
+    if name not in CHOICES:
+        raise UserError(f"HPC_LLM_KERNELS: expected one of {', '.join(CHOICES)}, got {name!r}")
+    return name
+
+
+def numba_available() -> bool:
+    if "numba" not in _state:
+        try:
+            import numba  # noqa: F401
+
+            _state["numba"] = True
+        except ImportError:
+            _state["numba"] = False
+    return _state["numba"]
+
+
+def compiled(k: lazy_jit, x, *more) -> bool:
+    """Whether kernel k runs compiled on arrays x, *more (None entries ignored; the callers check the layouts they
+    need). "numba": whenever numba is there and every array is a NumPy one; "auto": also only for a kernel measured
+    faster than its twin (k.auto, docs/performance.md) and an x of AUTO_MIN_ELEMENTS or more; "numpy": never."""
+    choice = kernels_choice()
+    if choice == "numpy" or (choice == "auto" and (not k.auto or x.size < AUTO_MIN_ELEMENTS)):
+        return False
+    if not numba_available():
+        return False
+    return type(x) is np.ndarray and all(type(a) is np.ndarray for a in more if a is not None)
+
+
+class lazy_jit:
+    """A module-level function compiled by numba on its first call (with `cache=True` and the given options): the
+    source sits beside its NumPy twin, and importing the module imports no numba."""
+
+    def __init__(self, fn, auto: bool, **options):
+        self.fn, self.auto, self.options, self.jitted = fn, auto, options, None
+
+    def __call__(self, *args):
+        return self.compile()(*args)
+
+    def compile(self):
+        """The numba dispatcher; the kernels this one calls (lazy_jit globals) are compiled first and put in its
+        module's namespace in their place, for numba to call."""
+        if self.jitted is None:
+            g = self.fn.__globals__
+            for name in self.fn.__code__.co_names:
+                if isinstance(g.get(name), lazy_jit):
+                    g[name] = g[name].compile()
+            import numba
+
+            self.jitted = numba.njit(cache=True, **self.options)(self.fn)
+        return self.jitted
+
+
+def kernel(auto: bool = False, **options):
+    """Decorator: `@kernel(auto=True)` makes a lazy_jit of the function; auto: run under
+    HPC_LLM_KERNELS=auto (measured faster than the twin). fastmath stays off: IEEE arithmetic, the bound each test
+    states."""
+    return lambda fn: lazy_jit(fn, auto, **options)

@@ -1,0 +1,139 @@
+"""LayerNorm over the last axis: forward, and backward's input part (B) and weight part (W).
+
+The compiled forward and B take a row at a time and accumulate a row's sums in float64 (the twin sums pairwise in
+the input's dtype): both are within a few units of the input dtype's roundoff of the exact row statistics, the bound
+tests/kernels states. W (sums over rows) stays NumPy's (BLAS-like reductions, fast as they are).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpc_llm.backend import array_module
+from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.dispatch import compiled, kernel
+
+LN_EPS = 1e-5
+
+
+def layernorm_forward(x, w, b):
+    """Returns out and the cache (xhat, rstd); rstd has shape (..., 1), xhat x's. On a device one fused kernel
+    (cuda/layernorm.cu)."""
+    xp = array_module(x)
+    if device.on_device(xp):
+        return device.layernorm_forward(xp, x, w, b, layernorm_forward_numpy)
+    if compiled(_layernorm_forward, x, w, b) and x.dtype == w.dtype:
+        C = x.shape[-1]
+        x2 = np.ascontiguousarray(x).reshape(-1, C)
+        out, xhat = np.empty_like(x2), np.empty_like(x2)
+        rstd = np.empty((x2.shape[0], 1), dtype=x.dtype)
+        bias = w if b is None else b
+        _layernorm_forward(x2, w, bias, b is not None, out, xhat, rstd)
+        lead = x.shape[:-1]
+        return out.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(*lead, 1))
+    return layernorm_forward_numpy(x, w, b)
+
+
+def layernorm_forward_numpy(x, w, b):
+    """The twin: xhat replaces x's copy in memory, so the cache costs one activation."""
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xhat = x - mean
+    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None]
+    var *= 1.0 / x.shape[-1]
+    var += LN_EPS
+    rstd = xp.sqrt(var, out=var)
+    xp.reciprocal(rstd, out=rstd)
+    xhat *= rstd
+    out = xhat * w
+    if b is not None:
+        out += b
+    return out, (xhat, rstd)
+
+
+@kernel()
+def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
+    N, C = x.shape
+    for r in range(N):
+        s = 0.0
+        for i in range(C):
+            s += x[r, i]
+        mean = s / C
+        ss = 0.0
+        for i in range(C):
+            d = x[r, i] - mean
+            ss += d * d
+        rs = 1.0 / np.sqrt(ss / C + LN_EPS)
+        rstd[r, 0] = rs
+        for i in range(C):
+            h = (x[r, i] - mean) * rs
+            xhat[r, i] = h
+            o = xhat[r, i] * w[i]
+            out[r, i] = o + b[i] if has_bias else o
+
+
+def layernorm_backward_input(dout, cache, w):
+    """B: the input gradient; dout is left as it is (W reads it). On a device one fused kernel."""
+    xp = array_module(dout)
+    if device.on_device(xp):
+        return device.layernorm_backward_input(xp, dout, cache, w, layernorm_backward_input_numpy)
+    xhat, rstd = cache
+    if (
+        compiled(_layernorm_backward_input, dout, xhat, rstd, w)
+        and dout.dtype == xhat.dtype == w.dtype == rstd.dtype
+    ):
+        C = dout.shape[-1]
+        d2 = np.ascontiguousarray(dout).reshape(-1, C)
+        dx = np.empty_like(d2)
+        _layernorm_backward_input(d2, xhat.reshape(-1, C), rstd.reshape(-1, 1), w, dx)
+        return dx.reshape(dout.shape)
+    return layernorm_backward_input_numpy(dout, cache, w)
+
+
+def layernorm_backward_input_numpy(dout, cache, w):
+    xp = array_module(dout)
+    xhat, rstd = cache
+    C = dout.shape[-1]
+    dxhat = dout * w
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    mean_d = dxhat.mean(axis=-1, keepdims=True)
+    mean_dx = xp.einsum("...i,...i->...", dxhat, xhat)[..., None]
+    mean_dx *= 1.0 / C
+    dxhat -= mean_d
+    dxhat -= xhat * mean_dx
+    dxhat *= rstd
+    return dxhat
+
+
+@kernel(auto=True)
+def _layernorm_backward_input(dout, xhat, rstd, w, dx):
+    N, C = dout.shape
+    for r in range(N):
+        sd = 0.0
+        sdx = 0.0
+        for i in range(C):
+            d = dout[r, i] * w[i]
+            sd += d
+            sdx += d * xhat[r, i]
+        mean_d = sd / C
+        mean_dx = sdx / C
+        rs = rstd[r, 0]
+        for i in range(C):
+            d = dout[r, i] * w[i]
+            dx[r, i] = (d - mean_d - xhat[r, i] * mean_dx) * rs
+
+
+def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
+    """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias)."""
+    xp = array_module(dout)
+    C = dout.shape[-1]
+    d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
+    if accumulate:
+        dw += xp.einsum("ni,ni->i", d2, x2)
+    else:
+        dw[...] = xp.einsum("ni,ni->i", d2, x2)
+    if db is not None:
+        if accumulate:
+            db += d2.sum(axis=0)
+        else:
+            d2.sum(axis=0, out=db)

@@ -1,0 +1,83 @@
+"""The 16-bit formats' rounding (model/precision.py): float32 values rounded to bfloat16, kept as bfloat16, and
+widened back, each in one pass.
+
+Compiled for bfloat16 on float32 arrays: round to nearest, ties to even, on the bit pattern (add 0x7FFF plus the
+lowest kept bit, clear the low 16 bits; a NaN becomes the quiet NaN 0x7FC0 of its sign), which is what ml_dtypes'
+conversion does, so the results are bitwise the twin's (tests/kernels checks ties, NaNs, infinities and subnormals).
+Other formats and dtypes take the twin (astype).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpc_llm.kernels.dispatch import compiled, kernel
+
+PIECE = 1 << 18  # the twin rounds a piece at a time: no temporaries the size of x
+
+
+def _bf16(low) -> bool:
+    return low is not None and low.name == "bfloat16"
+
+
+def round_low_(x, low):
+    """x (contiguous, ours to overwrite) rounded to the format `low` (a NumPy dtype; None: no rounding), in place."""
+    if low is None:
+        return x
+    if _bf16(low) and x.dtype == np.float32 and compiled(_round_bf16, x) and x.flags.c_contiguous:
+        u = x.reshape(-1).view(np.uint32)
+        _round_bf16(u, u)
+        return x
+    flat = x.reshape(-1)
+    for a in range(0, flat.size, PIECE):
+        flat[a : a + PIECE] = flat[a : a + PIECE].astype(low)
+    return x
+
+
+def to_low(x, low):
+    """x stored in the format (a new array of dtype low)."""
+    if _bf16(low) and x.dtype == np.float32 and compiled(_to_bf16, x) and x.flags.c_contiguous:
+        out = np.empty(x.shape, dtype=low)
+        _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16))
+        return out
+    return x.astype(low)
+
+
+def from_low(kept, dtype):
+    """A kept 16-bit array back in dtype (exact: widening)."""
+    if (
+        _bf16(kept.dtype)
+        and np.dtype(dtype) == np.float32
+        and compiled(_from_bf16, kept)
+        and kept.flags.c_contiguous
+    ):
+        out = np.empty(kept.shape, dtype=np.float32)
+        _from_bf16(kept.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
+        return out
+    return kept.astype(dtype)
+
+
+@kernel(auto=True)
+def _round_bf16(bits, out):
+    for i in range(bits.size):
+        u = bits[i]
+        if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN: quiet, sign kept
+            out[i] = (u & 0x80000000) | 0x7FC00000
+        else:
+            out[i] = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+
+
+@kernel(auto=True)
+def _to_bf16(bits, out):
+    for i in range(bits.size):
+        u = bits[i]
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            out[i] = ((u & 0x80000000) >> 16) | 0x7FC0
+        else:
+            out[i] = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@kernel(auto=True)
+def _from_bf16(half, out):
+    for i in range(half.size):
+        out[i] = np.uint32(half[i]) << 16

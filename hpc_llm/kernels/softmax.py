@@ -1,0 +1,110 @@
+"""The attention core's elementwise work: the causal row softmax of a query block's scores (forward) and the
+softmax's backward with the dropout mask applied first.
+
+Compiled: a (batch, head, query) row at a time; its maximum and sum in float64 (the twin sums
+pairwise in the scores' dtype) and the C library's exp (the twin NumPy's vectorised one): the bound tests/kernels
+states. Masked entries are exactly 0 in both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpc_llm.backend import array_module
+from hpc_llm.kernels.dispatch import compiled, kernel
+
+_MASKS: dict = {}
+
+
+def causal_mask(xp, Tq: int, Tk: int, dtype):
+    """Additive mask (Tq, Tk): query i (at absolute position Tk - Tq + i) sees keys j <= its position."""
+    key = (xp.__name__, Tq, Tk, str(dtype))
+    if key not in _MASKS:
+        i = xp.arange(Tq)[:, None] + (Tk - Tq)
+        j = xp.arange(Tk)[None, :]
+        _MASKS[key] = xp.where(j > i, -xp.inf, 0.0).astype(dtype)
+    return _MASKS[key]
+
+
+def causal_softmax_(att):
+    """Row softmax of scores (..., Tq, Tk) with the causal mask (query i at position Tk - Tq + i), in place."""
+    if compiled(_causal_softmax, att) and att.flags.c_contiguous:
+        Tq, Tk = att.shape[-2], att.shape[-1]
+        _causal_softmax(att.reshape(-1, Tq, Tk), Tk - Tq)
+        return att
+    return causal_softmax_numpy_(att)
+
+
+def causal_softmax_numpy_(att):
+    xp = array_module(att)
+    att += causal_mask(xp, att.shape[-2], att.shape[-1], att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    s = att.sum(axis=-1, keepdims=True)
+    xp.reciprocal(s, out=s)
+    att *= s
+    return att
+
+
+@kernel()
+def _causal_softmax(att, offset):
+    G, Tq, Tk = att.shape
+    for gi in range(G * Tq):
+        g, i = gi // Tq, gi % Tq
+        row = att[g, i]
+        n = min(Tk, i + offset + 1)
+        mx = row[0]
+        for j in range(1, n):
+            mx = max(mx, row[j])
+        s = 0.0
+        for j in range(n):
+            e = np.exp(row[j] - mx)
+            row[j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(n):
+            row[j] = row[j] * inv
+        for j in range(n, Tk):
+            row[j] = 0.0
+
+
+def softmax_backward_(datt, att, keep=None, scale: float = 1.0):
+    """datt = att * (d - sum(d * att)) per row, d = datt * keep * scale (the dropout mask; keep None: none), in
+    place. Masked entries have att = 0 and come out 0."""
+    if (
+        compiled(_softmax_backward, datt, att, keep)
+        and datt.flags.c_contiguous
+        and att.flags.c_contiguous
+    ):
+        K = datt.shape[-1]
+        mask = np.ones((1, 1), np.bool_) if keep is None else keep.reshape(-1, K)
+        _softmax_backward(
+            datt.reshape(-1, K), att.reshape(-1, K), mask, keep is not None, datt.dtype.type(scale)
+        )
+        return datt
+    return softmax_backward_numpy_(datt, att, keep, scale)
+
+
+def softmax_backward_numpy_(datt, att, keep=None, scale: float = 1.0):
+    xp = array_module(datt)
+    if keep is not None:
+        datt *= keep
+        datt *= scale
+    rowdot = xp.einsum("...j,...j->...", datt, att)[..., None]
+    datt -= rowdot
+    datt *= att
+    return datt
+
+
+@kernel()
+def _softmax_backward(datt, att, keep, masked, scale):
+    N, K = datt.shape
+    for r in range(N):
+        if masked:
+            for j in range(K):
+                datt[r, j] = datt[r, j] * keep[r, j] * scale
+        s = 0.0
+        for j in range(K):
+            s += datt[r, j] * att[r, j]
+        for j in range(K):
+            datt[r, j] = (datt[r, j] - s) * att[r, j]

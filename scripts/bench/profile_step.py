@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: each matmul shape's GFLOP/s at 1 and 2 BLAS threads, the matmuls against
+the whole step, AdamW, and the Python overhead per layer.
+
+    python scripts/bench/profile_step.py [--preset NAME] [--steps 5]
+
+Per thread count a child process (OpenBLAS reads OPENBLAS_NUM_THREADS at load) times, for each preset: every
+distinct matmul of the step (bench_train.matmul_plan: shapes and transposed layouts as the model has them; attention
+matmuls are batched over batch x heads), the whole step, its matmuls replayed alone, AdamW alone, and the step of a
+model with the same layers but tiny tensors (n_embd 16, T 8, B 1: what is left is per-call overhead), per layer.
+Medians of --steps. Never a test: record the figures in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+from bench_train import build, matmul_plan, run_plan
+
+from hpc_llm.backend import keep_freed_memory
+from hpc_llm.bench.timer import median_time
+
+from common import PRESETS
+
+
+def gemm_table(plan, steps: int) -> list[dict]:
+    """One row per distinct (a shape, b shape, transposed-ness): count per step, GFLOP/s, ms per step."""
+    groups = defaultdict(list)
+    for a, b in plan:
+        groups[(a.shape, b.shape, a.flags.c_contiguous, b.flags.c_contiguous)].append((a, b))
+    rows = []
+    for (sa, sb, ca, cb), pairs in groups.items():
+        a, b = pairs[0]
+        t = median_time(lambda: a @ b, steps, warmup=1)
+        flops = 2.0 * np.prod(sa[:-1]) * sa[-1] * sb[-1]
+        rows.append(
+            dict(
+                a=sa,
+                b=sb,
+                layout=("N" if ca else "T") + ("N" if cb else "T"),
+                count=len(pairs),
+                gflops=flops / t / 1e9,
+                ms_per_step=1e3 * t * len(pairs),
+            )
+        )
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+def child(name: str, steps: int) -> dict:
+    keep_freed_memory()
+    p = PRESETS[name]
+    cfg, model, opt, step = build(p)
+    plan = matmul_plan(cfg, p["batch"])
+    tiny = dict(p, n_embd=16, n_head=2, block_size=8, batch=1, vocab_size=64)
+    step_tiny = build(tiny)[3]
+    return dict(
+        step_ms=1e3 * median_time(step, steps, warmup=2),
+        matmul_ms=1e3 * median_time(lambda: run_plan(plan), steps, warmup=1),
+        adamw_ms=1e3 * median_time(lambda: opt.step(1e-4), steps, warmup=1),
+        overhead_ms_per_layer=1e3 * median_time(step_tiny, steps, warmup=2) / p["n_layer"],
+        gemms=gemm_table(plan, steps),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: all"
+    )
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps)))
+        return
+    for name in args.preset or list(PRESETS):
+        for t in args.threads.split(","):
+            env = dict(os.environ, OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t)
+            cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+            r = json.loads(
+                subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            )
+            print(
+                f"{name}, {t} thread(s): step {r['step_ms']:.1f} ms, matmuls alone {r['matmul_ms']:.1f} ms "
+                f"({r['step_ms'] / r['matmul_ms']:.2f}x), AdamW {r['adamw_ms']:.1f} ms, per-layer overhead "
+                f"{r['overhead_ms_per_layer']:.2f} ms"
+            )
+            for g in r["gemms"][:8]:
+                print(
+                    f"    {g['a']} @ {g['b']} {g['layout']} x{g['count']}: {g['gflops']:.0f} GFLOP/s, "
+                    f"{g['ms_per_step']:.1f} ms/step"
+                )
+
+
+if __name__ == "__main__":
+    main()

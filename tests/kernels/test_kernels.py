@@ -1,0 +1,207 @@
+"""Each compiled kernel (numba) against its NumPy twin: bitwise where the arithmetic is the same operation for
+operation, else each within a stated bound of a float64 reference, which the twin meets too.
+
+The bounds, float32 (u = 2^-24): a row reduction of C terms, summed in any order, is within (C - 1) u sum|terms| of
+the exact sum (Higham, Accuracy and Stability, 4.2); LayerNorm's and softmax's outputs are built from such sums and a
+few further roundings, so each output entry is within (C + 8) u of the exact value scaled to its row (|xhat| + 1
+for LayerNorm, max p = 1 for softmax). tanh and exp are each within 4 ulp (= 8 u relative) of the exact value in
+both libraries (the C library's and NumPy's vectorised ones), and GELU's remaining operations add 4 u.
+"""
+
+import numpy as np
+import pytest
+
+from hpc_llm.kernels import (
+    adamw,
+    bias_gelu,
+    cross_entropy,
+    dispatch,
+    dropout_residual,
+    layernorm,
+    rounding,
+    softmax,
+)
+
+pytest.importorskip(
+    "numba"
+)  # the test extras install it (setup.cfg): without it both sides would be the twin
+
+U32 = 2.0**-24
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """run(mode, fn, *args): fn under HPC_LLM_KERNELS=mode, on copies of the arrays (kernels work in place)."""
+
+    def run(mode, fn, *args):
+        monkeypatch.setenv("HPC_LLM_KERNELS", mode)
+        return fn(*[a.copy() if isinstance(a, np.ndarray) else a for a in args])
+
+    return run
+
+
+def both(kernels, fn, *args):
+    return kernels("numba", fn, *args), kernels("numpy", fn, *args)
+
+
+def assert_within(got, exact, bound, what):
+    err = np.abs(got.astype(np.float64) - exact)
+    assert np.all(err <= bound), (
+        f"{what}: worst {np.max(err / np.maximum(bound, 1e-300)):.3g} x its bound"
+    )
+
+
+def test_bad_choice_is_one_line(monkeypatch):
+    monkeypatch.setenv("HPC_LLM_KERNELS", "fortran")
+    with pytest.raises(
+        Exception, match="HPC_LLM_KERNELS: expected one of auto, numba, numpy, got 'fortran'"
+    ):
+        dispatch.kernels_choice()
+
+
+def test_auto_runs_measured_kernels_on_large_arrays_only(monkeypatch):
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
+    small, large = np.ones(8, np.float32), np.ones(dispatch.AUTO_MIN_ELEMENTS, np.float32)
+    assert not dispatch.compiled(layernorm._layernorm_backward_input, small)
+    assert (
+        dispatch.compiled(layernorm._layernorm_backward_input, large) == dispatch.numba_available()
+    )
+    assert not dispatch.compiled(
+        layernorm._layernorm_forward, large
+    )  # slower than its twin: numba only
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
+    assert dispatch.compiled(layernorm._layernorm_forward, small) == dispatch.numba_available()
+
+
+def test_layernorm(kernels):
+    rng = np.random.default_rng(0)
+    N, C = 37, 96
+    x = (rng.standard_normal((N, C)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+    out64, (xhat64, rstd64) = kernels("numpy", layernorm.layernorm_forward, x64, w64, b64)
+    dout = rng.standard_normal((N, C)).astype(np.float32)
+    dx64 = kernels(
+        "numpy", layernorm.layernorm_backward_input, dout.astype(np.float64), (xhat64, rstd64), w64
+    )
+    g = (C + 8) * U32
+    for mode in ("numba", "numpy"):
+        out, (xhat, rstd) = kernels(mode, layernorm.layernorm_forward, x, w, b)
+        assert_within(xhat, xhat64, g * (np.abs(xhat64) + 1), f"{mode} xhat")
+        assert_within(rstd, rstd64, g * rstd64, f"{mode} rstd")
+        assert_within(
+            out, out64, g * (np.abs(w64) * (np.abs(xhat64) + 1) + np.abs(b64)), f"{mode} out"
+        )
+        # backward from the float64 cache rounded to float32: the sums over the row, as above
+        dx = kernels(
+            mode, layernorm.layernorm_backward_input, dout, (xhat64.astype(np.float32), rstd), w
+        )
+        scale = rstd64 * (np.abs(dout * w).sum(axis=1, keepdims=True) / C + np.abs(dout * w))
+        assert_within(dx, dx64, 2 * g * scale * (np.abs(xhat64) + 1), f"{mode} dx")
+
+
+def test_gelu(kernels):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((50, 64)) * 3).astype(np.float32)
+    (out, t), (out_ref, t_ref) = both(kernels, bias_gelu.gelu_forward, x)
+    # the tanh of the same float32 argument: each library within 4 ulp of the exact value
+    assert np.all(np.abs(t - t_ref) <= 16 * U32 * np.abs(t_ref) + 1e-45)
+    assert np.all(
+        np.abs(out - out_ref) <= 16 * U32 * np.abs(t_ref * x) / 2 + 8 * U32 * np.abs(out_ref)
+    )
+    assert np.array_equal(
+        kernels("numba", bias_gelu.gelu_tanh, x), t
+    )  # recompute: bitwise forward's
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    # the same operations in the same order: bitwise
+    got, ref = both(kernels, bias_gelu.gelu_backward, dout, x, t_ref)
+    assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("Tq, Tk", [(5, 9), (16, 16)])
+def test_causal_softmax_and_backward(kernels, Tq, Tk):
+    rng = np.random.default_rng(2)
+    att = (rng.standard_normal((2, 3, Tq, Tk)) * 4).astype(np.float32)
+    p64 = kernels("numpy", softmax.causal_softmax_, att.astype(np.float64))
+    bound = (Tk + 8 + 16) * U32  # the row sum, and exp's own 4 ulp
+    for mode in ("numba", "numpy"):
+        p = kernels(mode, softmax.causal_softmax_, att)
+        assert_within(p, p64, bound * np.ones_like(p64), mode)
+        assert np.all(p[p64 == 0] == 0), "masked entries exactly 0"
+    d = rng.standard_normal(att.shape).astype(np.float32)
+    keep = rng.random(att.shape) >= 0.3
+    p = p64.astype(np.float32)
+    for mask in (None, keep):
+        args = () if mask is None else (mask, 1 / 0.7)
+        d64 = kernels(
+            "numpy", softmax.softmax_backward_, d.astype(np.float64), p.astype(np.float64), *args
+        )
+        scale = np.abs(d).max(axis=-1, keepdims=True) * (1 if mask is None else 1 / 0.7)
+        for mode in ("numba", "numpy"):
+            got = kernels(mode, softmax.softmax_backward_, d, p, *args)
+            assert_within(got, d64, (Tk + 8) * U32 * scale * (p + U32), f"{mode} backward")
+
+
+def test_cross_entropy_kernels(kernels):
+    rng = np.random.default_rng(3)
+    N, V = 20, 70
+    logits = (rng.standard_normal((N, V)) * 3).astype(np.float32)
+    logits[:, 64:] = -np.inf  # padding columns
+    row_max, local = logits.max(axis=1), rng.integers(-5, V, N)
+    mine = (local >= 0) & (local < 64)
+    (t, s), (t_ref, s_ref) = both(kernels, cross_entropy.exp_shifted_, logits, row_max, local, mine)
+    assert np.array_equal(t, t_ref)  # one subtraction each
+    assert np.all(np.abs(s - s_ref) <= 2 * (V + 16) * U32 * s_ref)
+    probs = rng.random((N, V)).astype(np.float32)
+    got, ref = both(kernels, cross_entropy.cross_entropy_backward_, probs, local, mine, 0.37)
+    assert np.array_equal(got, ref)
+    got, ref = both(kernels, cross_entropy.normalize_rows_, probs, s_ref)
+    assert np.array_equal(got, ref)
+
+
+def test_dropout_residual(kernels):
+    rng = np.random.default_rng(4)
+    x, a = (
+        rng.standard_normal((2, 9, 16)).astype(np.float32),
+        rng.standard_normal((2, 9, 16)).astype(np.float32),
+    )
+    keep = rng.random(x.shape) >= 0.2
+    got, ref = both(kernels, dropout_residual.dropout_residual_, x, a, keep, 1 / 0.8)
+    assert np.array_equal(got, ref)
+
+
+def test_adamw(kernels):
+    rng = np.random.default_rng(5)
+    n = 3000
+    p, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    v = rng.random(n).astype(np.float32)
+    # owned ranges back to back in the moments, decayed and not
+    segments = [(0, 1000, 0, True), (1000, 1700, 1000, False), (2000, 3000, 1700, True)]
+    coef = dict(keep=0.999, g1=0.1 * 0.7, g2=0.001 * 0.49, eps=1e-8 * 0.03, step=1e-3 * 3.1)
+    tmp = np.empty(1000, np.float32)
+    out = {}
+    for mode in ("numba", "numpy"):
+        arrays = [a.copy() for a in (p, g, m, v)]
+        kernels(
+            mode, lambda: adamw.adamw_update(*arrays, segments, coef, 0.9, 0.999, tmp, tmp.copy())
+        )
+        out[mode] = arrays
+    for got, ref in zip(out["numba"], out["numpy"]):
+        assert np.array_equal(got, ref)
+    assert np.array_equal(out["numba"][0][1700:2000], p[1700:2000])  # not owned: untouched
+
+
+def test_bf16_rounding_every_class(kernels):
+    """Every tie and near-tie below bfloat16's last bit, NaNs of both signs and payloads, infinities, subnormals."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    bits = np.concatenate([hi | 0x8000, hi | 0x7FFF, hi | 0x8001, hi, hi | 0x0001])
+    x = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        rounded, ref = both(kernels, rounding.round_low_, x, bf16)
+        assert np.array_equal(rounded.view(np.uint32), ref.view(np.uint32))
+        kept, kept_ref = both(kernels, rounding.to_low, x, bf16)
+        assert np.array_equal(kept.view(np.uint16), kept_ref.view(np.uint16))
+    back, back_ref = both(kernels, rounding.from_low, kept_ref, np.float32)
+    assert np.array_equal(back.view(np.uint32), back_ref.view(np.uint32))
