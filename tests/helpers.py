@@ -598,3 +598,20 @@ def hf_tensors(
     if head:
         t["lm_head.weight"] = t[f"{prefix}wte.weight"].copy()  # tied, as GPT2LMHeadModel has it
     return t
+
+
+def probe_gpu():
+    """(cupy, None) where CuPy and a usable GPU are here, else (cupy or None, why not); HPC_LLM_REQUIRE_GPU=1 turns
+    "not here" into an error (a GPU machine's CI must not skip the gpu tests)."""
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy, None
+    except ImportError:
+        cupy, why = None, "CuPy is not installed (pip install hpc_llm[gpu])"
+    except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
+        why = f"no usable GPU: {e}"
+    if os.environ.get("HPC_LLM_REQUIRE_GPU") == "1":
+        raise RuntimeError(f"HPC_LLM_REQUIRE_GPU=1, but {why}")
+    return cupy, why

@@ -2,27 +2,16 @@
 tests/model/test_gpu.py). Bitwise where the arithmetic is the same op for op (AdamW, compiled with --fmad=false),
 within float32 rounding where the kernel sums in another order (norm, LayerNorm, softmax) or uses CUDA's tanh."""
 
-import os
-
 import numpy as np
 import pytest
+from helpers import probe_gpu
 
 from hpc_llm.config import TrainConfig
 from hpc_llm.kernels.cuda import device
 from hpc_llm.model import layers
 from hpc_llm.optim import AdamW, global_grad_norm
 
-try:
-    import cupy
-
-    cupy.cuda.runtime.getDeviceCount()
-    NO_GPU = None
-except ImportError:
-    cupy, NO_GPU = None, "CuPy is not installed (pip install hpc_llm[gpu])"
-except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    NO_GPU = f"no usable GPU: {e}"
-if NO_GPU and os.environ.get("HPC_LLM_REQUIRE_GPU") == "1":
-    raise RuntimeError(f"HPC_LLM_REQUIRE_GPU=1, but {NO_GPU}")
+cupy, NO_GPU = probe_gpu()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))]
 RNG = np.random.default_rng(0)
 

@@ -5,26 +5,15 @@ with HPC_LLM_REQUIRE_GPU=1 (set it on a GPU machine) a missing CuPy or GPU is an
 finite-difference checks cover the NumPy path these tests compare against.
 """
 
-import os
-
 import numpy as np
 import pytest
+from helpers import probe_gpu
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.kv_cache import KVCache
 
-try:
-    import cupy
-
-    cupy.cuda.runtime.getDeviceCount()
-    NO_GPU = None
-except ImportError:
-    cupy, NO_GPU = None, "CuPy is not installed (pip install hpc_llm[gpu])"
-except Exception as e:  # noqa: BLE001 - any CUDA failure means: no usable GPU here
-    NO_GPU = f"no usable GPU: {e}"
-if NO_GPU and os.environ.get("HPC_LLM_REQUIRE_GPU") == "1":
-    raise RuntimeError(f"HPC_LLM_REQUIRE_GPU=1, but {NO_GPU}")
+cupy, NO_GPU = probe_gpu()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))]
 
 
