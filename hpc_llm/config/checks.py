@@ -100,6 +100,13 @@ def _check_train(cfg: Config) -> None:
         cfg.data.path,
     )
     need(t.seed >= 0, "train.seed", "a non-negative integer", t.seed)
+    need(0 <= t.distill_alpha <= 1, "train.distill_alpha", "a value in [0, 1]", t.distill_alpha)
+    need(
+        t.distill_temperature > 0,
+        "train.distill_temperature",
+        "a positive number",
+        t.distill_temperature,
+    )
 
 
 def _check_precision(cfg: Config) -> None:

@@ -87,6 +87,12 @@ class TrainConfig:
     init_from: str = ""
     # fnmatch patterns over parameter names (e.g. "h.*.attn.*", "wte.weight"): those parameters are not trained
     freeze: list[str] = field(default_factory=list)
+    # knowledge distillation (docs/compression.md): a checkpoint or run directory (same tokenizer and vocabulary) whose
+    # model teaches this one; the loss is distill_alpha T^2 KL(teacher_T || student_T) + (1 - distill_alpha) CE, T
+    # distill_temperature; "": no teacher
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclass

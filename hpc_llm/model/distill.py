@@ -23,7 +23,9 @@ class Distill(NamedTuple):
     """A micro-batch's targets with a teacher: what the head's loss takes in place of the token ids."""
 
     ids: object  # (B, T) target token ids
-    teacher: object  # (B * T, Vl): this rank's vocabulary slice of the teacher's logits (overwritten by the loss)
+    # (B * T, Vl): this rank's vocabulary slice of the teacher's logits (overwritten by the loss), or a function
+    # giving it (computed only where a head takes the loss: the trainer's teacher, train/teacher.py)
+    teacher: object
     alpha: float  # the distillation term's weight
     temperature: float
 
@@ -47,7 +49,7 @@ def vocab_parallel_distill_forward(logits, d: Distill, vocab_size: int, v0: int,
     xp = array_module(logits)
     N, Vl = logits.shape
     real = max(0, min(Vl, vocab_size - v0))  # this slice's columns of the real vocabulary
-    u, temp = d.teacher, d.temperature
+    u, temp = (d.teacher() if callable(d.teacher) else d.teacher), d.temperature
     logits[:, real:] = -xp.inf
     u[:, real:] = -xp.inf
     maxes = xp.stack([logits.max(axis=1), u.max(axis=1)])
