@@ -274,13 +274,11 @@ def test_cross_entropy(seed):
 def _distill_reference(z, u, targets, V, alpha, T):
     """The distillation loss from its definition (float64, the real columns only), and S: its terms' magnitudes."""
     z, u = z[:, :V], u[:, :V]
-    logsm = lambda x: (
-        x
-        - x.max(1, keepdims=True)
-        - np.log(  # noqa: E731
-            np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)
-        )
-    )
+
+    def logsm(x):
+        shifted = x - x.max(1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
     ce = -logsm(z)[np.arange(len(z)), targets]
     lp, lq = logsm(u / T), logsm(z / T)
     kl = (np.exp(lp) * (lp - lq)).sum(1)
