@@ -33,6 +33,7 @@ from hpc_llm.tools.gpt2_import import import_gpt2
 from hpc_llm.tools.inspect import run as inspect_checkpoints
 from hpc_llm.tools.merge_lora import merge_lora
 from hpc_llm.train import train
+from hpc_llm.train.teacher import teacher_config
 
 
 def _in_phase(name: str):
@@ -386,6 +387,7 @@ def _plan_layout(args, cl):
         cfg.train.max_iters,
         pp_layers=own_split(cfg, lay),
         checkpoint_memory=not args.no_checkpoint_memory,
+        teacher=teacher_config(cfg),
     )
     fits = pred.memory["peak"] <= cl.memory_bytes
     if args.json:

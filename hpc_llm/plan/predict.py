@@ -110,6 +110,7 @@ def memory_of(
     pp_layers=(),
     writer: str = "gather",
     checkpoint_memory: bool = True,
+    teacher: ModelConfig | None = None,
 ):
     """-> (stage, RankMemory) of the stage with the largest peak: what predict reports, without the time."""
     return max_rank_memory(
@@ -120,6 +121,7 @@ def memory_of(
         runtime=int(cl.runtime_bytes),
         writer=writer,
         save_on_device=checkpoint_memory and cl.backend == "numpy",
+        teacher=teacher,
     )
 
 
@@ -256,10 +258,13 @@ def predict(
     checkpoint_memory: bool = True,
     memory=None,
     async_save: bool = False,
+    teacher: ModelConfig | None = None,
 ) -> Prediction:
     """checkpoint_memory: count the save's scratch and assembly against the device (they are host arrays: on a
     CuPy cluster they never are; False also for planning training alone). memory: memory_of(...) if already
-    known (the search computes it first, to skip the layouts that do not fit)."""
+    known (the search computes it first, to skip the layouts that do not fit). teacher: train.teacher's model
+    (its block_size and dtype the student's): its weights on the last stage, and its whole forward added to each
+    forward of the last virtual stage (train/teacher.py)."""
     precision = resolve_precision(cfg, precision)
     gdtype, by = PRECISIONS[precision]
     links = _group_links(cl, lay, share)
@@ -277,6 +282,9 @@ def predict(
     T = cfg.block_size
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
     costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
+    if teacher is not None:
+        taught = chunk_costs(teacher, pr, lay.rows, teacher.n_layer, True, True)["F"]
+        costs[-1] = {**costs[-1], "F": costs[-1]["F"] + taught}
     t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
     split = lay.schedule in SPLIT
@@ -320,7 +328,7 @@ def predict(
     devices = lay.ranks / share
     peak = max(r for _, r in cl.gemm[gdtype])
     mem_stage, mem = memory or memory_of(
-        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory
+        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory, teacher
     )
     return Prediction(
         lay,

@@ -12,13 +12,15 @@ head asks for it. The teacher's forward adds to the last stage's time: give that
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 
 import numpy as np
 
-from hpc_llm.api import model_config
+from hpc_llm.api import model_config, open_checkpoint
+from hpc_llm.errors import UserError
 from hpc_llm.model.distill import Distill
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layout import param_specs
@@ -46,6 +48,12 @@ class Teacher:
         out = self.model.split_logits(x)
         self.seconds += time.perf_counter() - t0
         return out
+
+    def priced(self, cfg):
+        """The teacher's ModelConfig as the planner prices it (the run's block_size), or None off the last stage."""
+        if self.model is None:
+            return None
+        return dataclasses.replace(self.model.cfg, block_size=cfg.model.block_size)
 
     @property
     def nbytes(self) -> int:
@@ -110,3 +118,16 @@ def log_teacher_time(teacher: Teacher | None, grid: Grid, steps: int, seconds: f
             steps,
             100 * spent / max(seconds, 1e-12),
         )
+
+
+def teacher_config(cfg):
+    """train.teacher's ModelConfig as the planner prices it (the run's block_size and dtype), read from its
+    checkpoint's header; None without a teacher."""
+    if not cfg.train.teacher:
+        return None
+    try:
+        with open_checkpoint(cfg.train.teacher) as saved:
+            tcfg = model_config(saved, cfg.model.dtype)
+    except UserError as e:
+        raise UserError(f"train.teacher: {e}") from None
+    return dataclasses.replace(tcfg, block_size=cfg.model.block_size)

@@ -265,7 +265,8 @@ class Trainer:
 
     def predicted_memory(self):
         """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py)."""
-        return predicted_memory(self.cfg, self.grid, self.opt.threads, self.writer)
+        teacher = self.teacher.priced(self.cfg) if self.teacher is not None else None
+        return predicted_memory(self.cfg, self.grid, self.opt.threads, self.writer, teacher)
 
     def run(self) -> dict:
         mem = self.predicted_memory()
