@@ -16,7 +16,18 @@ from hpc_llm.errors import UserError
 
 log = logging.getLogger("hpc_llm")
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype", "bias")
+# head_size and mlp_width: a pruned model's widths (model.head_dim, model.n_inner; 0 means GPT-2's)
+MODEL_FIELDS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "head_size",
+    "mlp_width",
+    "block_size",
+    "vocab_size",
+    "dtype",
+    "bias",
+)
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
@@ -173,8 +184,11 @@ def _check_teacher(cfg: Config, theirs: ModelConfig, vocab_size: int, name: str)
         raise UserError(
             f"{name}: its block_size={theirs.block_size} is smaller than model.block_size={mine.block_size}"
         )
-    if theirs.n_head % tp:
-        raise UserError(f"{name}: parallel.tp={tp} does not divide its n_head={theirs.n_head}")
+    if theirs.n_head % tp or theirs.mlp_width % tp:
+        raise UserError(
+            f"{name}: parallel.tp={tp} does not divide its n_head={theirs.n_head} and MLP width "
+            f"{theirs.mlp_width}"
+        )
     if theirs.lora_rank > 0:
         raise UserError(
             f"{name}: it has LoRA adapters: fold them into its weights with `hpc-llm merge-lora` first"

@@ -79,7 +79,8 @@ def _load_inputs(cfg: Config, grid: Grid, resume: str | None, opened: list) -> S
     cfg = cfg.with_vocab(resolve_vocab(vocab, data))
     check_config(cfg)
     par = cfg.parallel
-    check_layout(grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
+    m = cfg.model
+    check_layout(grid.world.size, par.tp, par.pp, m.n_head, m.padded_vocab, m.mlp_width)
     writer = choose_writer(cfg, grid)
     _check_batch(cfg, grid, train_tokens, val_tokens)
     teacher = open_teacher(cfg, data, cfg.model.vocab_size, is_root) if t.teacher else None
