@@ -1,5 +1,5 @@
 """Distillation end to end (train.teacher; docs/compression.md): alpha 0 trains what plain training trains, bit for
-bit; dp2 x tp2 and pp2 x dp2 distilled runs equal the single process (float64, test_parallel.py's 1e-10), the
+bit; dp2 x tp2 (sequence-parallel) and pp2 x dp2 distilled runs equal the single process (float64, test_parallel.py's 1e-10), the
 teacher held only by the last stage, its logits at tp 2 the slices of tp 1's. The loss's gradient is
 tests/model/test_gradients.py's, its vocabulary-parallel form tests/model/test_tensor_parallel.py's."""
 
@@ -19,8 +19,8 @@ from hpc_llm.parallel.grid import make_grid, single_process_grid
 DISTILL = {
     "model.dtype": "float64",
     "train.grad_accum": 2,
-    "train.max_iters": 3,
-    "train.eval_interval": 3,
+    "train.max_iters": 2,
+    "train.eval_interval": 2,
     "train.distill_alpha": 0.7,
     "train.distill_temperature": 2.0,
 }
@@ -60,8 +60,9 @@ def test_alpha_zero_is_plain_training(data_dir, tmp_path):
     assert distilled.metrics.train["loss"][1:] != plain.metrics.train["loss"][1:]
 
 
-# name: (parallel.tp, parallel.pp)
-LAYOUTS = {"DP2xTP2": (2, 1), "PP2xDP2": (1, 2)}
+# name: (parallel.tp, parallel.pp, parallel.sequence_parallel): the head gathers the positions' slices under
+# sequence parallelism, so its logits are the rows the teacher's are
+LAYOUTS = {"DP2xTP2-SP": (2, 1, True), "PP2xDP2": (1, 2, False)}
 
 
 @pytest.mark.parallel(nprocs=4)
@@ -72,10 +73,9 @@ def test_distill_matches_single_process(data_dir, tmp_path, shared_tmp_path):
     over = {**DISTILL, "train.teacher": teacher}
     ref = train(run_config(data_dir, tmp_path / "ref", **over), single_process_grid())
     bad = []
-    for name, (tp, pp) in LAYOUTS.items():
-        cfg = run_config(
-            data_dir, shared_tmp_path / name, **over, **{"parallel.tp": tp, "parallel.pp": pp}
-        )
+    for name, (tp, pp, sp) in LAYOUTS.items():
+        layout = {"parallel.tp": tp, "parallel.pp": pp, "parallel.sequence_parallel": sp}
+        cfg = run_config(data_dir, shared_tmp_path / name, **over, **layout)
         tr = train(cfg, make_grid(comm, tp, pp))
         bad += reference_checks(tr, ref, name)
         held = tr.teacher.model is not None
