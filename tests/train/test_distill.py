@@ -1,6 +1,6 @@
 """Distillation end to end (train.teacher; docs/compression.md): alpha 0 trains what plain training trains, bit for
-bit; dp2 x tp2 (sequence-parallel) and pp2 x dp2 distilled runs equal the single process (float64, test_parallel.py's 1e-10), the
-teacher held only by the last stage, its logits at tp 2 the slices of tp 1's. The loss's gradient is
+bit; dp2 x tp2 (sequence-parallel) and pp2 x dp2 distilled runs equal the single process (float64, test_parallel.py's
+1e-10), the teacher held only by the last stage, its logits at tp 2 the slices of tp 1's. The loss's gradient is
 tests/model/test_gradients.py's, its vocabulary-parallel form tests/model/test_tensor_parallel.py's."""
 
 from __future__ import annotations
