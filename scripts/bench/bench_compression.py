@@ -74,6 +74,10 @@ def main() -> None:
     p.add_argument("--teacher", default="6,6,192", help="n_layer,n_head,n_embd")
     p.add_argument("--student", default="4,4,128")
     p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument(
+        "--teacher-from",
+        help="a teacher checkpoint trained before (by this script): measured, not trained",
+    )
     p.add_argument("--student-steps", type=int, default=200)
     p.add_argument("--finetune-steps", type=int, default=60)
     p.add_argument("--block", type=int, default=64)
@@ -95,9 +99,13 @@ def main() -> None:
         print(name, json.dumps(rows[name]), flush=True)
         return summary["checkpoint"]
 
-    teacher = run(
-        "teacher", run_config(args, out / "teacher", shape(args.teacher), args.teacher_steps)
-    )
+    if args.teacher_from:
+        teacher = args.teacher_from
+        rows["teacher"] = measure(teacher, val, args)
+        print("teacher", json.dumps(rows["teacher"]), flush=True)
+    else:
+        cfg = run_config(args, out / "teacher", shape(args.teacher), args.teacher_steps)
+        teacher = run("teacher", cfg)
     kd = {"teacher": teacher, "distill_alpha": 0.5, "distill_temperature": 2.0}
     st = shape(args.student)
     run("student-scratch", run_config(args, out / "scratch", st, args.student_steps))
