@@ -82,7 +82,7 @@ def model_from_file(
     def build():
         cfg = model_config(saved, dtype)
         check_quantize(quantize, cfg.dtype, backend)
-        check_layout(tp.size, tp.size, 1, cfg.n_head, cfg.padded_vocab)
+        check_layout(tp.size, tp.size, 1, cfg.n_head, cfg.padded_vocab, cfg.mlp_width)
         return GPT(cfg, get_backend(backend), seed=None, tp_comm=tp)
 
     model = group.agree(build, "building the model")

@@ -19,6 +19,7 @@ from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError
 from hpc_llm.infer.evaluate import check_eval_options, evaluate, open_split
 from hpc_llm.infer.generate import check_options, generate_prompts, read_prompts, tp_from_sets
+from hpc_llm.model.layout import param_specs
 from hpc_llm.parallel.comm import world_comm
 from hpc_llm.parallel.grid import world_grid
 from hpc_llm.plan.auto import auto_layout
@@ -35,7 +36,9 @@ from hpc_llm.tools.gpt2_import import import_gpt2
 from hpc_llm.tools.hf_export import export_hf
 from hpc_llm.tools.inspect import run as inspect_checkpoints
 from hpc_llm.tools.merge_lora import merge_lora
+from hpc_llm.tools.prune import Pruning, prune
 from hpc_llm.train import train
+from hpc_llm.train.teacher import teacher_config
 
 
 def _in_phase(name: str):
@@ -302,6 +305,16 @@ def run_merge_lora(args) -> None:
     )
 
 
+def run_prune(args) -> None:
+    pruning = Pruning(args.heads, args.mlp, args.layers)
+    path, m = prune(args.checkpoint, args.out, pruning, force=args.force)
+    params = sum(math.prod(s.shape) for s in param_specs(m))
+    print(
+        f"wrote {path}: {m.n_layer} layers, {m.n_head} heads of {m.head_size}, MLP width {m.mlp_width}, "
+        f"{params / 1e6:.3f}M parameters"
+    )
+
+
 @_in_phase("bench comm")
 def run_bench_comm(args) -> None:
     if args.json:
@@ -422,6 +435,7 @@ def _plan_layout(args, cl):
         pp_layers=own_split(cfg, lay),
         checkpoint_memory=not args.no_checkpoint_memory,
         **plan_saves(cfg, lay.ranks),
+        teacher=teacher_config(cfg),
     )
     fits = pred.memory["peak"] <= cl.memory_bytes
     if args.json:

@@ -12,7 +12,7 @@ from hpc_llm.runtime.faults import DEFAULT_COMM_TIMEOUT_S
 from hpc_llm.tools.hf_export import DTYPES
 
 DESCRIPTION = (
-    "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, export-hf, merge-lora, plan, "
+    "hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, export-hf, merge-lora, prune, plan, "
     "bench (comm, calibrate)."
 )
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_import_gpt2,
         _add_export_hf,
         _add_merge_lora,
+        _add_prune,
         _add_plan,
         _add_bench,
     ):
@@ -304,6 +305,55 @@ def _add_merge_lora(sub) -> None:
         help="replace an existing --out file (never the input checkpoint)",
     )
     s.set_defaults(func=commands.run_merge_lora)
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected block indices separated by commas (e.g. 0,1,3), got {text!r}"
+        ) from None
+
+
+def _add_prune(sub) -> None:
+    s = sub.add_parser(
+        "prune",
+        help="remove attention heads, MLP neurons and blocks by weight magnitude: a smaller checkpoint "
+        "(docs/compression.md)",
+    )
+    s.add_argument(
+        "checkpoint", help="a checkpoint file, or a run directory (the newest verified one)"
+    )
+    s.add_argument(
+        "--heads",
+        type=_fraction,
+        help="the fraction of each block's attention heads to remove, in (0, 1)",
+    )
+    s.add_argument(
+        "--mlp",
+        type=_fraction,
+        help="the fraction of each block's MLP neurons to remove, in (0, 1)",
+    )
+    s.add_argument(
+        "--layers",
+        type=_layer_list,
+        help="the blocks to keep, increasing (e.g. 0,1,3; default: all)",
+    )
+    s.add_argument(
+        "--out", required=True, help="checkpoint file to write (.h5), in an existing directory"
+    )
+    s.add_argument(
+        "--force", action="store_true", help="replace an existing --out file (never the input)"
+    )
+    s.set_defaults(func=commands.run_prune)
 
 
 def _add_plan(sub) -> None:

@@ -55,8 +55,13 @@ def _check_model(cfg: Config) -> None:
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         need(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
     need(m.vocab_size >= 0, "model.vocab_size", "0 (from data) or a positive integer", m.vocab_size)
+    need(m.head_dim >= 0, "model.head_dim", "0 (n_embd / n_head) or a positive integer", m.head_dim)
+    need(m.n_inner >= 0, "model.n_inner", "0 (4 n_embd) or a positive integer", m.n_inner)
     need(
-        m.n_embd % m.n_head == 0, "model.n_embd", f"a multiple of model.n_head={m.n_head}", m.n_embd
+        m.head_dim > 0 or m.n_embd % m.n_head == 0,
+        "model.n_embd",
+        f"a multiple of model.n_head={m.n_head} (or model.head_dim set)",
+        m.n_embd,
     )
     need(0.0 <= m.dropout < 1.0, "model.dropout", "a value in [0, 1)", m.dropout)
     need(m.dtype in ("float32", "float64"), "model.dtype", '"float32" or "float64"', m.dtype)
@@ -100,6 +105,13 @@ def _check_train(cfg: Config) -> None:
         cfg.data.path,
     )
     need(t.seed >= 0, "train.seed", "a non-negative integer", t.seed)
+    need(0 <= t.distill_alpha <= 1, "train.distill_alpha", "a value in [0, 1]", t.distill_alpha)
+    need(
+        t.distill_temperature > 0,
+        "train.distill_temperature",
+        "a positive number",
+        t.distill_temperature,
+    )
 
 
 def _check_precision(cfg: Config) -> None:

@@ -20,6 +20,10 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # "float32" or "float64"
     bias: bool = True  # biases in the linear layers and LayerNorms (GPT-2: true; nanoGPT's shakespeare runs: false)
+    # the widths a pruned model (`hpc-llm prune`, docs/compression.md) has: each head's size (0: n_embd / n_head,
+    # GPT-2's) and the MLP's hidden width (0: 4 n_embd; Hugging Face GPT-2's n_inner)
+    head_dim: int = 0
+    n_inner: int = 0
     # LoRA (docs/fine-tuning.md): > 0 adds adapters A (in, r) and B (r, out) beside each target linear layer,
     # y = x W + b + (lora_alpha / lora_rank) x A B; every base parameter is then frozen, the adapters train
     lora_rank: int = 0
@@ -31,6 +35,19 @@ class ModelConfig:
     @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank if self.lora_rank > 0 else 0.0
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def attn_width(self) -> int:
+        """The attention's inner width: its heads side by side (n_embd, unless heads were pruned)."""
+        return self.n_head * self.head_size
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
 
     @property
     def padded_vocab(self) -> int:
@@ -87,6 +104,12 @@ class TrainConfig:
     init_from: str = ""
     # fnmatch patterns over parameter names (e.g. "h.*.attn.*", "wte.weight"): those parameters are not trained
     freeze: list[str] = field(default_factory=list)
+    # knowledge distillation (docs/compression.md): a checkpoint or run directory (same tokenizer and vocabulary) whose
+    # model teaches this one; the loss is distill_alpha T^2 KL(teacher_T || student_T) + (1 - distill_alpha) CE, T
+    # distill_temperature; "": no teacher
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclass

@@ -317,6 +317,16 @@ class GPT:
         cache, self._cache = self._cache, None
         self._whole().backward(None, cache, loss_scale, accumulate, grad_ready)
 
+    def split_logits(self, idx):
+        """This rank's vocabulary slice of the logits at every position, (B * T, padded_vocab / tp), -inf on the
+        padding; inference (nothing kept for a backward): a distillation teacher's (train/teacher.py)."""
+        chunk = self._whole()
+        x, _ = chunk.embedding.forward(idx)
+        for block in chunk.blocks:
+            x, _ = block.forward(x)
+        logits, _ = chunk.head.forward(x, split=True)
+        return logits.reshape(-1, logits.shape[-1])
+
     # -- a small API for scripts and notebooks -------------------------------------------------------------------------
 
     def logits(self, idx):

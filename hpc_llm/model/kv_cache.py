@@ -20,7 +20,7 @@ class KVCache:
         pin no more than the largest of them. A reused buffer holds stale keys and values beyond each row's length,
         which are never read: a query sees only the positions up to its own, all written for this sequence."""
         cfg = model.cfg
-        hd = cfg.n_embd // cfg.n_head
+        hd = cfg.head_size
         shape = (cfg.n_layer, 2, batch, model.heads, cfg.block_size, hd)
         dtype, size = np.dtype(model.dtype), math.prod(shape)
         self._pool = model.__dict__.setdefault("_kv_pool", {}) if reuse else None

@@ -148,28 +148,27 @@ def _block_rows(cfg: ModelConfig, p: str) -> list[LayoutRow]:
     """Block p's tensors: the decayed weights (and LoRA's adapters) first, then the LayerNorms and biases. The
     projections into the residual stream start smaller (GPT-2's 1/sqrt(2 n_layer) scaling)."""
     C, std, proj_std = cfg.n_embd, 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
+    A, M = cfg.attn_width, cfg.mlp_width  # C and 4 C, unless pruned
     return [
-        _weight(p + "attn.c_attn.weight", (C, 3 * C), std, tp_axis=1, tp_blocks=3),
-        _weight(p + "attn.c_proj.weight", (C, C), proj_std, tp_axis=0),
-        _weight(p + "mlp.c_fc.weight", (C, 4 * C), std, tp_axis=1),
-        _weight(p + "mlp.c_proj.weight", (4 * C, C), proj_std, tp_axis=0),
+        _weight(p + "attn.c_attn.weight", (C, 3 * A), std, tp_axis=1, tp_blocks=3),
+        _weight(p + "attn.c_proj.weight", (A, C), proj_std, tp_axis=0),
+        _weight(p + "mlp.c_fc.weight", (C, M), std, tp_axis=1),
+        _weight(p + "mlp.c_proj.weight", (M, C), proj_std, tp_axis=0),
         *_lora_rows(cfg, p),
         _ones(p + "ln_1.weight", (C,)),
         _zeros(p + "ln_1.bias", (C,)),
-        _zeros(p + "attn.c_attn.bias", (3 * C,), tp_axis=0, tp_blocks=3),
+        _zeros(p + "attn.c_attn.bias", (3 * A,), tp_axis=0, tp_blocks=3),
         _zeros(p + "attn.c_proj.bias", (C,)),
         _ones(p + "ln_2.weight", (C,)),
         _zeros(p + "ln_2.bias", (C,)),
-        _zeros(p + "mlp.c_fc.bias", (4 * C,), tp_axis=0),
+        _zeros(p + "mlp.c_fc.bias", (M,), tp_axis=0),
         _zeros(p + "mlp.c_proj.bias", (C,)),
     ]
 
 
 class LoraLayer(NamedTuple):
-    """A LoRA target's linear layer, its features in units of n_embd, and how its weight is split over TP."""
+    """A LoRA target's linear layer: how its weight is split over TP."""
 
-    n_in: int
-    n_out: int
     tp_axis: int  # 1: column-parallel (split along out), 0: row-parallel (split along in)
     tp_blocks: int
 
@@ -178,15 +177,22 @@ class LoraLayer(NamedTuple):
 LORA_LAYERS = dict(
     zip(
         LORA_TARGETS,
-        (
-            LoraLayer(1, 3, 1, 3),
-            LoraLayer(1, 1, 0, 1),
-            LoraLayer(1, 4, 1, 1),
-            LoraLayer(4, 1, 0, 1),
-        ),
+        (LoraLayer(1, 3), LoraLayer(0, 1), LoraLayer(1, 1), LoraLayer(0, 1)),
         strict=True,
     )
 )
+
+
+def linear_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """A block's linear layer's weight (in, out): C the residual width, A the attention's, M the MLP's."""
+    C, A, M = cfg.n_embd, cfg.attn_width, cfg.mlp_width
+    shapes = {
+        "attn.c_attn": (C, 3 * A),
+        "attn.c_proj": (A, C),
+        "mlp.c_fc": (C, M),
+        "mlp.c_proj": (M, C),
+    }
+    return shapes[target]
 
 
 def _lora_rows(cfg: ModelConfig, prefix: str) -> list[LayoutRow]:
@@ -195,7 +201,7 @@ def _lora_rows(cfg: ModelConfig, prefix: str) -> list[LayoutRow]:
     weight's blocks; beside a row-parallel one (split along in) A is split along axis 0 and B replicated.
     A ~ normal(0, 1/sqrt(3 in)) (the variance of PEFT's Kaiming-uniform), B = 0: the adapted model starts equal to
     the base. Decayed like every 2-D weight."""
-    r, C = cfg.lora_rank, cfg.n_embd
+    r = cfg.lora_rank
     if r <= 0:
         return []
     rows = []
@@ -205,7 +211,7 @@ def _lora_rows(cfg: ModelConfig, prefix: str) -> list[LayoutRow]:
         column_parallel = layer.tp_axis == 1
         a_axis, b_axis = (None, 1) if column_parallel else (0, None)
         b_blocks = layer.tp_blocks if column_parallel else 1
-        n_in, n_out = layer.n_in * C, layer.n_out * C
+        n_in, n_out = linear_shape(cfg, target)
         rows += [
             _weight(f"{prefix}{target}.lora_A", (n_in, r), 1.0 / math.sqrt(3 * n_in), a_axis),
             LayoutRow(
@@ -230,11 +236,11 @@ def frozen_names(cfg: ModelConfig, freeze=()) -> set[str]:
 
 
 def flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
-    """6N + 12 L T C (nanoGPT/PaLM) of the whole model at sequence length T (default block_size), N the parameters
-    without the position embedding."""
+    """6N + 12 L T C (nanoGPT/PaLM; C the attention's width) of the whole model at sequence length T (default
+    block_size), N the parameters without the position embedding."""
     T = cfg.block_size if T is None else T
     n = sum(math.prod(s.shape) for s in param_specs(cfg) if s.name != "wpe.weight")
-    return 6 * n + 12 * cfg.n_layer * T * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * T * cfg.attn_width
 
 
 def merge_ranges(ranges) -> list[tuple[int, int]]:

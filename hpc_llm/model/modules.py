@@ -19,6 +19,12 @@ from typing import NamedTuple
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.dropout_residual import dropout_residual_
+from hpc_llm.model.distill import (
+    Distill,
+    DistillCache,
+    vocab_parallel_distill_backward,
+    vocab_parallel_distill_forward,
+)
 from hpc_llm.model.layers import (
     NO_PARAM,
     DropoutRNG,
@@ -404,9 +410,14 @@ class Head:
             return logits.reshape(B, T, -1)[:, :, : self.vocab_size], None
         logits = xf2 @ self.wte.value.T
         # its max and sums in fp32 (tp.plain: the group without parallel.act_comm's 16-bit wire)
-        loss, ce = vocab_parallel_cross_entropy_forward(
-            logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
-        )
+        if isinstance(targets, Distill):  # a teacher's logits beside the ids (model/distill.py)
+            loss, ce = vocab_parallel_distill_forward(
+                logits, targets, self.vocab_size, self.v0, self.tp.plain
+            )
+        else:
+            loss, ce = vocab_parallel_cross_entropy_forward(
+                logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
+            )
         if not self.sequence_parallel:
             kept = self.prec.keep(xf2)
         return loss, (lnf, kept, ce, (B, T, C))
@@ -417,7 +428,12 @@ class Head:
     def backward_input(self, cache, loss_scale: float, work: WeightWork):
         """B: the input gradient; wte's gradient (W: dlogits and the kept input) and ln_f's go to `work`."""
         lnf, xf2, ce, shape = cache
-        dlogits = self.prec.round_(vocab_parallel_cross_entropy_backward(ce, loss_scale))
+        loss_backward = (
+            vocab_parallel_distill_backward
+            if isinstance(ce, DistillCache)
+            else vocab_parallel_cross_entropy_backward
+        )
+        dlogits = self.prec.round_(loss_backward(ce, loss_scale))
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
             work.add(self._wte_weight, dlogits, xf2, shape[-1])

@@ -59,8 +59,11 @@ class Grid:
         )
 
 
-def check_layout(world_size: int, tp: int, pp: int, n_head: int, padded_vocab: int) -> None:
-    """Reject a layout that does not fit, before any compute; the same verdict on every rank."""
+def check_layout(
+    world_size: int, tp: int, pp: int, n_head: int, padded_vocab: int, mlp_width: int = 0
+) -> None:
+    """Reject a layout that does not fit, before any compute; the same verdict on every rank. mlp_width: the MLP's
+    hidden width (a pruned model's need not be a multiple of tp)."""
     if tp < 1:
         raise UserError(f"parallel.tp: expected a positive integer, got {tp}")
     if pp < 1:
@@ -71,6 +74,10 @@ def check_layout(world_size: int, tp: int, pp: int, n_head: int, padded_vocab: i
         )
     if n_head % tp:
         raise UserError(f"parallel.tp={tp} does not divide model.n_head={n_head}")
+    if mlp_width % tp:
+        raise UserError(
+            f"parallel.tp={tp} does not divide the MLP width ({mlp_width}, model.n_inner)"
+        )
     if padded_vocab % tp:
         raise UserError(f"parallel.tp={tp} does not divide the padded vocabulary ({padded_vocab})")
 

@@ -234,10 +234,18 @@ class RankMemory:
     runtime: int = 0  # interpreter and libraries (from the cluster file)
     # False: the checkpoint's host arrays are not device memory (GPUs) or not planned
     save_on_device: bool = True
+    teacher: int = 0  # train.teacher on the last stage: its weights and the distillation loss's logits (teacher_bytes)
 
     @property
     def persistent(self) -> int:
-        return self.params + self.grads + self.master + self.moments + self.optimizer_temps
+        return (
+            self.params
+            + self.grads
+            + self.master
+            + self.moments
+            + self.optimizer_temps
+            + self.teacher
+        )
 
     @property
     def step_peak(self) -> int:
@@ -270,8 +278,21 @@ class RankMemory:
             "checkpoint_scratch",
             "checkpoint_assembly",
             "runtime",
+            "teacher",
         )
         return {k: getattr(self, k) for k in keys} | {"peak": self.peak}
+
+
+def teacher_bytes(teacher: ModelConfig, lay: Layout, by: Bytes) -> int:
+    """A distillation teacher on a last-stage rank (train/teacher.py): its TP shard of the whole model's weights in
+    its dtype, and, while a micro-batch's loss is in flight, the teacher's logits slice and the two more
+    probability slices the distillation loss keeps beside the cross-entropy's (model/distill.py): 3 (rows T, Vl)
+    arrays in the compute dtype."""
+    weights = sum(s.size for s in param_specs(teacher, lay.tp)) * (
+        8 if teacher.dtype == "float64" else 4
+    )
+    logits = lay.rows * teacher.block_size * (teacher.padded_vocab // lay.tp)
+    return weights + 3 * logits * by.compute
 
 
 @dataclass
@@ -547,9 +568,11 @@ def rank_memory(
     writer: str = "gather",
     save_on_device: bool = True,
     async_save: bool = False,
+    teacher: ModelConfig | None = None,
 ) -> RankMemory:
     """Memory of pipeline stage `stage`, data-parallel rank `dp_rank` (0 owns the largest ZeRO-1 pieces); writer
-    "gather", "mpio" or "parts" (resolved: trainer_state.auto_writer), async_save its background saves."""
+    "gather", "mpio" or "parts" (resolved: trainer_state.auto_writer), async_save its background saves; teacher:
+    train.teacher's model (held by the last stage), with the student's block_size and dtype."""
     plan = stage_plan(cfg, lay, stage, pp_layers)
     specs = specs_of(cfg, lay.tp, plan)
     n = sum(s.size for s in specs)
@@ -594,6 +617,7 @@ def rank_memory(
         assembly,
         runtime,
         save_on_device,
+        teacher_bytes(teacher, lay, by) if teacher is not None and stage == lay.pp - 1 else 0,
     )
 
 

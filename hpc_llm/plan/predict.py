@@ -113,6 +113,7 @@ def memory_of(
     writer: str = "gather",
     checkpoint_memory: bool = True,
     async_save: bool = False,
+    teacher: ModelConfig | None = None,
 ):
     """-> (stage, RankMemory) of the stage with the largest peak: what predict reports, without the time."""
     return max_rank_memory(
@@ -124,6 +125,7 @@ def memory_of(
         writer=writer,
         save_on_device=checkpoint_memory and cl.backend == "numpy",
         async_save=async_save,
+        teacher=teacher,
     )
 
 
@@ -272,10 +274,13 @@ def predict(
     checkpoint_memory: bool = True,
     memory=None,
     async_save: bool = False,
+    teacher: ModelConfig | None = None,
 ) -> Prediction:
     """checkpoint_memory: count the save's scratch and assembly against the device (they are host arrays: on a
     CuPy cluster they never are; False also for planning training alone). memory: memory_of(...) if already
-    known (the search computes it first, to skip the layouts that do not fit)."""
+    known (the search computes it first, to skip the layouts that do not fit). teacher: train.teacher's model
+    (its block_size and dtype the student's): its weights on the last stage, and its whole forward added to each
+    forward of the last virtual stage (train/teacher.py)."""
     precision = resolve_precision(cfg, precision)
     gdtype, by = PRECISIONS[precision]
     links = _group_links(cl, lay, share)
@@ -293,6 +298,9 @@ def predict(
     T = cfg.block_size
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
     costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
+    if teacher is not None:
+        taught = chunk_costs(teacher, pr, lay.rows, teacher.n_layer, True, True)["F"]
+        costs[-1] = {**costs[-1], "F": costs[-1]["F"] + taught}
     t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
     split = lay.schedule in SPLIT
@@ -336,7 +344,7 @@ def predict(
     devices = lay.ranks / share
     peak = max(r for _, r in cl.gemm[gdtype])
     mem_stage, mem = memory or memory_of(
-        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory, async_save
+        cfg, lay, cl, precision, pp_layers, writer, checkpoint_memory, async_save, teacher
     )
     return Prediction(
         lay,

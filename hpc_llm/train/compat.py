@@ -16,7 +16,18 @@ from hpc_llm.errors import UserError
 
 log = logging.getLogger("hpc_llm")
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dtype", "bias")
+# head_size and mlp_width: a pruned model's widths (model.head_dim, model.n_inner; 0 means GPT-2's)
+MODEL_FIELDS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "head_size",
+    "mlp_width",
+    "block_size",
+    "vocab_size",
+    "dtype",
+    "bias",
+)
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
@@ -130,6 +141,57 @@ def _check_init_from(mine: ModelConfig, saved, data: TokenData, init_from: str, 
             f"{theirs.lora_rank}, lora_alpha={theirs.lora_alpha}, lora_targets="
             f"{theirs.lora_targets}) the config does not: fold them into the weights with "
             f"`hpc-llm merge-lora` first"
+        )
+
+
+def open_teacher(cfg: Config, data: TokenData, vocab_size: int, is_root: bool):
+    """Open train.teacher (a checkpoint, or a run directory's newest) and check it can teach this run: the data's
+    tokenizer, the same vocabulary (model.vocab_size = vocab_size, the run's resolved one), a block_size covering
+    the run's, a layout its heads fit (parallel.tp divides its n_head), no LoRA adapters left unmerged; its sizes
+    are otherwise its own. Closed again if a check fails."""
+    name = f"train.teacher={cfg.train.teacher}"
+    path = Path(cfg.train.teacher)
+    if path.is_dir():
+        found = ckpt.find_latest(path)
+        if found is None:
+            raise UserError(f"{name}: no verified checkpoint in this directory")
+        path = found
+    try:
+        saved = ckpt.CheckpointFile(path)
+    except UserError as e:
+        raise UserError(f"train.teacher: {e}") from None
+    try:
+        _check_teacher(cfg, config_from_dict(saved.config).model, vocab_size, name)
+        warning = check_same_tokenizer(
+            saved.state.get("tokenizer"), data.tokenizer.meta(), name, f"data.path={data.path}"
+        )
+        if warning:
+            (log.warning if is_root else log.debug)("%s", warning)
+    except BaseException:
+        saved.close()
+        raise
+    return saved
+
+
+def _check_teacher(cfg: Config, theirs: ModelConfig, vocab_size: int, name: str) -> None:
+    mine, tp = cfg.model, cfg.parallel.tp
+    if theirs.vocab_size != vocab_size:
+        raise UserError(
+            f"{name}: its vocabulary has {theirs.vocab_size} tokens, the run's {vocab_size}: a teacher "
+            "must share the student's tokenizer"
+        )
+    if theirs.block_size < mine.block_size:
+        raise UserError(
+            f"{name}: its block_size={theirs.block_size} is smaller than model.block_size={mine.block_size}"
+        )
+    if theirs.n_head % tp or theirs.mlp_width % tp:
+        raise UserError(
+            f"{name}: parallel.tp={tp} does not divide its n_head={theirs.n_head} and MLP width "
+            f"{theirs.mlp_width}"
+        )
+    if theirs.lora_rank > 0:
+        raise UserError(
+            f"{name}: it has LoRA adapters: fold them into its weights with `hpc-llm merge-lora` first"
         )
 
 

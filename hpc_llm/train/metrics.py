@@ -143,6 +143,10 @@ def log_predicted_memory(mem) -> None:
         MIB * mem.activations,
         MIB * mem.step_peak,
     )
+    if mem.teacher:
+        log.info(
+            "  of which the distillation teacher (weights, logits): %.1f MiB", MIB * mem.teacher
+        )
 
 
 def log_run_start(cfg, model, grid, sync, opt, plan, throughput: Throughput, moment_bytes_job: int):
@@ -231,9 +235,10 @@ def _log_pipeline(cfg, plan) -> None:
     )
 
 
-def predicted_memory(cfg, grid, optimizer_threads: int, writer: str):
+def predicted_memory(cfg, grid, optimizer_threads: int, writer: str, teacher=None):
     """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py): parameters,
-    gradients, optimizer state, the step's activations at their peak, ..."""
+    gradients, optimizer state, the step's activations at their peak, a distillation teacher (its ModelConfig
+    priced at the run's block_size), ..."""
     precision = "fp64" if cfg.model.dtype == "float64" else cfg.train.precision
     return rank_memory(
         cfg.model,
@@ -245,6 +250,7 @@ def predicted_memory(cfg, grid, optimizer_threads: int, writer: str):
         optimizer_threads,
         writer=writer,
         async_save=cfg.checkpoint.async_save,
+        teacher=teacher,
     )
 
 

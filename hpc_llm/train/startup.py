@@ -22,7 +22,7 @@ from hpc_llm.model.layout import frozen_names, param_specs
 from hpc_llm.parallel.grid import Grid, check_layout
 from hpc_llm.runtime.faults import PHASE, inject
 from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes
-from hpc_llm.train.compat import checkpoint_vocab, open_checkpoint, open_init_from
+from hpc_llm.train.compat import checkpoint_vocab, open_checkpoint, open_init_from, open_teacher
 
 log = logging.getLogger("hpc_llm")
 
@@ -43,6 +43,7 @@ class StartInputs:
     candidates: list[Path] | None
     init_from: ckpt.CheckpointFile | None
     writer: str
+    teacher: ckpt.CheckpointFile | None = None  # train.teacher's file, opened and checked
 
 
 def open_inputs(cfg: Config, grid: Grid, resume: str | None) -> StartInputs:
@@ -79,16 +80,19 @@ def _load_inputs(cfg: Config, grid: Grid, resume: str | None, opened: list) -> S
     cfg = cfg.with_vocab(resolve_vocab(vocab, data))
     check_config(cfg)
     par = cfg.parallel
-    check_layout(grid.world.size, par.tp, par.pp, cfg.model.n_head, cfg.model.padded_vocab)
+    m = cfg.model
+    check_layout(grid.world.size, par.tp, par.pp, m.n_head, m.padded_vocab, m.mlp_width)
     writer = choose_writer(cfg, grid)
     _check_batch(cfg, grid, train_tokens, val_tokens)
+    teacher = open_teacher(cfg, data, cfg.model.vocab_size, is_root) if t.teacher else None
+    opened += [teacher] if teacher is not None else []
     if resume_path is None and ckpt.list_checkpoints(t.out_dir):
         raise UserError(
             f"train.out_dir={t.out_dir} already holds checkpoints of another run: resume it with "
             f"--resume auto, or choose another train.out_dir"
         )
     return StartInputs(
-        cfg, lock, data, train_tokens, val_tokens, saved, candidates, init_from, writer
+        cfg, lock, data, train_tokens, val_tokens, saved, candidates, init_from, writer, teacher
     )
 
 

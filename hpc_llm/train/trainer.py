@@ -55,6 +55,7 @@ from hpc_llm.train.metrics import (
 from hpc_llm.train.resume import begin, restore_path
 from hpc_llm.train.startup import claim_out_dir, open_inputs
 from hpc_llm.train.state import TrainState
+from hpc_llm.train.teacher import load_teacher, log_teacher_time
 
 log = logging.getLogger("hpc_llm")
 RECORDS_DIR = ".ranks"  # in the run directory: each rank's heartbeat (runtime/records.py)
@@ -82,6 +83,10 @@ class Trainer:
         e = build_engine(self.cfg, g, self.xp)
         self.plan, self.model, self.ops, self.pipe = e.plan, e.model, e.ops, e.pipe
         self.sync, self.opt, self.zero = e.sync, e.opt, e.zero
+        # train.teacher: on the last stage's ranks (train/teacher.py)
+        self.teacher = (
+            load_teacher(inputs.teacher, self.cfg, g, self.xp) if inputs.teacher else None
+        )
         # the flat gradient's ranges this rank adds to the global norm, and over which group
         self.norm = e.norm
         # the logged loss comes from the last stage, once per TP group
@@ -163,6 +168,8 @@ class Trainer:
     def micro_batch(self, micro: int):
         """(tokens, targets, dropout rng) of this rank's rows of micro-batch (step, micro)."""
         x, y = self.batch(self.train_tokens, self.step, micro, TRAIN_STREAM)
+        if self.teacher is not None:
+            y = self.teacher.targets(x, y)
         rows = range(self.rows.start, self.rows.stop)
         dropout = self.cfg.model.dropout > 0
         rng = DropoutRNG(self.cfg.train.seed, self.step, micro, rows, self.xp) if dropout else None
@@ -260,7 +267,8 @@ class Trainer:
 
     def predicted_memory(self):
         """This rank's bytes as the planner models them from the shapes (hpc_llm/plan/memory.py)."""
-        return predicted_memory(self.cfg, self.grid, self.opt.threads, self.writer)
+        teacher = self.teacher.priced(self.cfg) if self.teacher is not None else None
+        return predicted_memory(self.cfg, self.grid, self.opt.threads, self.writer, teacher)
 
     def run(self) -> dict:
         mem = self.predicted_memory()
@@ -273,6 +281,7 @@ class Trainer:
             self.cfg, self.grid.world.size, throughput, MetricsFile(self.out_dir, self.is_root)
         )
         first, stopped, t = True, 0, self.cfg.train
+        start, t0 = self.step, time.perf_counter()
         try:
             while self.step < t.max_iters:
                 stopped = self._stop_or_eval(report)
@@ -284,6 +293,7 @@ class Trainer:
             if t.eval_iters > 0 and not stopped:
                 self._eval_and_log(report)
             path = self.checkpoint(final=True)
+            log_teacher_time(self.teacher, self.grid, self.step - start, time.perf_counter() - t0)
         finally:
             report.close()
         loss = self.metrics.train["loss"][-1] if self.metrics.train["loss"] else None

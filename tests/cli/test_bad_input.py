@@ -483,6 +483,11 @@ def _rows() -> list[Row]:
         F("model.lora_rank", "x", -1, "0 (off) or an integer in [1, model.n_embd=32]"),
         F("model.lora_alpha", "x", 0, "a positive number"),
         F("train.init_from", 5),  # its values: the init_from rows below
+        F("train.teacher", 5),  # its values: the teacher rows below
+        F("train.distill_alpha", "x", 1.5, "a value in [0, 1]"),
+        F("train.distill_temperature", "x", 0, "a positive number"),
+        F("model.head_dim", "x", -1, "0 (n_embd / n_head) or a positive integer"),
+        F("model.n_inner", 1.5, -1, "0 (4 n_embd) or a positive integer"),
         [
             T(
                 "model.lora_targets-type",
@@ -998,6 +1003,63 @@ def _rows() -> list[Row]:
             "train.init_from=empty: no verified checkpoint in this directory",
             toml={**one_layer, "train.init_from": "empty"},
             files={"empty": Empty()},
+        )
+    )
+    # distillation and pruning (docs/compression.md)
+    add(
+        T(
+            "teacher-missing",
+            "train.teacher: ck.h5: checkpoint file does not exist",
+            toml={**one_layer, "train.teacher": "ck.h5"},
+        )
+    )
+    add(
+        T(
+            "teacher-other-vocabulary",
+            "its vocabulary has 23 tokens, the run's 256: a teacher must share the student's tokenizer",
+            toml={"train.teacher": "{ckpt}"},
+        )
+    )
+    add(
+        T(
+            "teacher-smaller-block_size",
+            "its block_size=16 is smaller than model.block_size=32",
+            toml={**one_layer, "model.block_size": 32, "train.teacher": "{ckpt}"},
+        )
+    )
+    add(
+        T(
+            "tp-not-dividing-pruned-mlp",
+            "parallel.tp=2 does not divide the MLP width (33, model.n_inner)",
+            sets=["parallel.tp=2", "model.n_inner=33"],
+            ranks=(2,),
+        )
+    )
+    for flag, value, expect in (
+        ("--heads", "1.5", "prune --heads 1.5: expected a fraction in (0, 1)"),
+        ("--mlp", "0", "prune --mlp 0.0: expected a fraction in (0, 1)"),
+        ("--heads", "0.8", "prune --heads 0.8: removes all 2 heads of each block"),
+        (
+            "--layers",
+            "0,3",
+            "prune --layers 0,3: expected the blocks to keep, increasing, each in [0, 1)",
+        ),
+    ):
+        add(
+            Row(
+                f"prune{flag}-{value}",
+                f"prune {{ckpt}} {flag} {value} --out p.h5",
+                expect,
+                ranks=(1,),
+            )
+        )
+    add(Row("prune-nothing", "prune {ckpt} --out p.h5", "prune: nothing to remove", ranks=(1,)))
+    add(
+        Row(
+            "prune-on-two-ranks",
+            "prune {ckpt} --heads 0.5 --out p.h5",
+            "hpc-llm prune runs on one process, got 2 ranks",
+            ranks=(2,),
         )
     )
     add(
@@ -2212,6 +2274,15 @@ def _output_rows() -> list[Row]:
                 f"generate ck.h5 --max-new-tokens 2 --out ck.h5{force}",
                 f"--out ck.h5: is the input ck.h5; {is_input}",
                 ckpt,
+            )
+        )
+        add(
+            Row(
+                f"prune-out-is-the-checkpoint{tag}",
+                f"prune ck.h5 --heads 0.5 --out ck.h5{force}",
+                f"prune --out ck.h5: is the input ck.h5; {is_input}",
+                ckpt,
+                ranks=(1,),
             )
         )
         add(

@@ -323,7 +323,7 @@ def test_mpio_writer_without_parallel_h5py(tmp_path, data_dir):
 # the verbs that may talk to other ranks (they take --comm-timeout-s), and those that run on one process only (under
 # mpiexec they refuse, or each rank works alone): a new verb must be put in one of the two
 TALKING_VERBS = {"prepare", "train", "generate", "eval", "bench comm", "bench calibrate"}
-SINGLE_PROCESS_VERBS = {"inspect", "import-gpt2", "export-hf", "merge-lora", "plan"}
+SINGLE_PROCESS_VERBS = {"inspect", "import-gpt2", "export-hf", "merge-lora", "prune", "plan"}
 
 
 def _verbs(parser, prefix=""):

@@ -50,6 +50,11 @@ import pytest
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
+from hpc_llm.model.distill import (
+    Distill,
+    vocab_parallel_distill_backward,
+    vocab_parallel_distill_forward,
+)
 from hpc_llm.model.gpt import GPT
 from hpc_llm.parallel.comm import Comm
 
@@ -264,6 +269,63 @@ def test_cross_entropy(seed):
     assert_within(d / 0.7, numeric, trunc, loss + 1.0, "dlogits")
     # padding: no gradient, and no effect on the loss
     assert np.all(d[:, V:] == 0) and np.all(numeric[:, V:] == 0)
+
+
+def _distill_reference(z, u, targets, V, alpha, T):
+    """The distillation loss from its definition (float64, the real columns only), and S: its terms' magnitudes."""
+    z, u = z[:, :V], u[:, :V]
+
+    def logsm(x):
+        shifted = x - x.max(1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+    ce = -logsm(z)[np.arange(len(z)), targets]
+    lp, lq = logsm(u / T), logsm(z / T)
+    kl = (np.exp(lp) * (lp - lq)).sum(1)
+    loss = np.mean((1 - alpha) * ce + alpha * T * T * kl)
+    # S: the CE's as in test_cross_entropy; the KL's sums sum_v p |a - b| and the two log-sums (>= 0), + 1 for the
+    # absolute rounding of the logs and shifts
+    a = u / T - (u / T).max(1, keepdims=True)
+    b = z / T - (z / T).max(1, keepdims=True)
+    spread = (np.exp(lp) * np.abs(a - b)).sum(1) + np.abs(lp - a).max(1) + np.abs(lq - b).max(1)
+    S = (1 - alpha) * (ce.mean() + 1) + alpha * T * T * (spread.mean() + 1)
+    return loss, S
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_distill_loss(seed):
+    """alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE against its definition, and its gradient with respect to
+    the student's logits against finite differences, every entry (padding columns: no gradient, no effect)."""
+    rng = np.random.default_rng(seed)
+    N, V, pad = rng.integers(1, 8), rng.integers(2, 10), rng.integers(0, 4)
+    logits, teacher = rng.standard_normal((2, N, V + pad)) * 2
+    targets = rng.integers(0, V, N)
+    alpha, T = float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.5, 4.0))
+
+    def loss_of(z):
+        d = Distill(targets, teacher.copy(), alpha, T)
+        return vocab_parallel_distill_forward(z, d, V, 0, Comm(None))
+
+    loss, cache = loss_of(logits.copy())
+    ref, S = _distill_reference(logits, teacher, targets, V, alpha, T)
+    assert abs(loss - ref) < 1e-12 * S
+    d = vocab_parallel_distill_backward(cache, scale=0.7)
+    numeric, trunc = richardson(lambda: loss_of(logits.copy())[0], logits)
+    assert_within(d / 0.7, numeric, trunc, S, "dlogits")
+    assert np.all(d[:, V:] == 0) and np.all(numeric[:, V:] == 0)
+
+
+def test_distill_alpha_zero_is_cross_entropy():
+    """alpha = 0: the loss and the gradient are the cross-entropy's, bit for bit."""
+    rng = np.random.default_rng(3)
+    logits, teacher = rng.standard_normal((2, 6, 13))
+    targets = rng.integers(0, 11, 6)
+    d = Distill(targets, teacher, 0.0, 2.0)
+    loss, cache = vocab_parallel_distill_forward(logits.copy(), d, 11, 0, Comm(None))
+    want, ce = TP.vocab_parallel_cross_entropy_forward(logits.copy(), targets, 11, 0, Comm(None))
+    assert loss == want
+    got = vocab_parallel_distill_backward(cache, 0.3)
+    assert np.array_equal(got, TP.vocab_parallel_cross_entropy_backward(ce, 0.3))
 
 
 def tiny_config(rng, dropout=0.0, bias=True):

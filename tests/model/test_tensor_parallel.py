@@ -32,9 +32,15 @@ from mpi4py import MPI
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
+from hpc_llm.model.distill import (
+    Distill,
+    vocab_parallel_distill_backward,
+    vocab_parallel_distill_forward,
+)
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.model.layout import init_tensor, param_specs
+from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.grid import make_grid
 
 NPROCS = [2, 4]
@@ -360,6 +366,31 @@ def _full_cross_entropy(logits, targets, vocab: int, scale: float):
     return loss, grad
 
 
+def _distill_mismatch(logits, rng, targets, vocab, comm, v0, Vl, w) -> list[str]:
+    """The distillation loss on this rank's slices (one max and one sum allreduce) against one process's."""
+    teacher = _randn(rng, *logits.shape, scale=3.0)
+    teacher[:, vocab:] = -50.0  # garbage again
+    full = Distill(targets, teacher.copy(), 0.6, 2.5)
+    want_loss, cache = vocab_parallel_distill_forward(logits.copy(), full, vocab, 0, Comm(None))
+    want_grad = vocab_parallel_distill_backward(cache, 0.5)
+    ledger = comm.ledger
+    before = ledger.calls.get("tp.allreduce", 0)
+    mine = Distill(targets, teacher[:, v0 : v0 + Vl].copy(), 0.6, 2.5)
+    loss, cache = vocab_parallel_distill_forward(
+        logits[:, v0 : v0 + Vl].copy(), mine, vocab, v0, comm
+    )
+    grad = vocab_parallel_distill_backward(cache, 0.5)
+    bad = []
+    if not (np.isfinite(loss) and abs(loss - want_loss) <= TP_RTOL * abs(want_loss)):
+        bad.append(f"{w} distill: loss {loss!r}, expected {want_loss!r}")
+    if ledger.calls.get("tp.allreduce", 0) - before != 2:
+        bad.append(f"{w} distill: expected 2 allreduces")
+    scale = float(np.abs(want_grad).max())
+    return bad + grad_mismatch(
+        grad, want_grad[:, v0 : v0 + Vl], f"{w} distill d logits", scale=scale
+    )
+
+
 @pytest.mark.parallel(nprocs=NPROCS)
 def test_vocab_parallel_cross_entropy():
     """Three small allreduces (max, target logit, sum of exp) over vocabulary slices give the full loss and its
@@ -403,6 +434,7 @@ def test_vocab_parallel_cross_entropy():
                 bad.append(f"{w}: non-zero gradient in the padding columns")
             if calls != 3:
                 bad.append(f"{w}: {calls} allreduces, expected 3")
+            bad += _distill_mismatch(logits, rng, targets, vocab, comm, v0, Vl, w)
             seen_all_padding = seen_all_padding or all_padding
     # the premise of the padding cases: some rank did hold a slice of padding only
     if not MPI.COMM_WORLD.allreduce(seen_all_padding, op=MPI.LOR):

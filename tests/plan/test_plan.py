@@ -439,6 +439,22 @@ def test_prediction_parts_and_dp_overlap():
     assert zero.time["zero_gather"] > 0 and zero.memory["moments"] < p.memory["moments"]
 
 
+def test_a_teacher_is_priced_on_the_last_stage():
+    """train.teacher: its TP shard of the weights (a real GPT's buffer) and 3 logits slices on the last stage only,
+    and its forward on the last stage's forwards, which lengthens the step."""
+    cfg, teacher = tiny(), tiny(n_layer=6, n_embd=64)
+    lay = Layout(pp=2, tp=2, micro_batches=4, batch_size=2)
+    by = PRECISIONS["fp32"][1]
+    last = rank_memory(cfg, lay, 1, by, teacher=teacher)
+    weights = GPT(teacher, seed=None, tp_comm=FakeComm(2, 1)).flat.nbytes
+    logits = lay.rows * 16 * (teacher.padded_vocab // 2)
+    assert last.teacher == weights + 3 * logits * 4
+    assert last.peak == rank_memory(cfg, lay, 1, by).peak + last.teacher
+    assert rank_memory(cfg, lay, 0, by, teacher=teacher).teacher == 0
+    plain, taught = predict(cfg, lay, CL), predict(cfg, lay, CL, teacher=teacher)
+    assert taught.time["step"] > plain.time["step"]
+
+
 def test_search_sorts_by_speed_and_names_limits():
     cfg = tiny()
     ok, bad = search(cfg, CL, 4, 8)
