@@ -45,10 +45,15 @@ from h5py import h5s
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import rundir
 from hpc_llm.checkpoint.slabs import Out, Part, slabs
-from hpc_llm.checkpoint.writers import SaveFailed, agreed
+from hpc_llm.checkpoint.writers import (
+    DATASET_SLACK_BYTES,
+    FILE_SLACK_BYTES,
+    SaveFailed,
+    agreed,
+)
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.faults import WATCHDOG, inject
-from hpc_llm.runtime.fsio import fsync_dir
+from hpc_llm.runtime.fsio import fsync_dir, release_reserve, reserve_space
 
 PART_FORMAT = "hpc_llm-checkpoint-part"
 
@@ -205,6 +210,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _part_bytes(outs: list[Out], walk: Walk) -> int:
+    """What a part file needs on disk (writers.Save._reserve: a full disk must fail before HDF5 writes)."""
+    data = sum(n * outs[i].dtype.itemsize for i, n in walk.lengths.items())
+    return data + FILE_SLACK_BYTES + DATASET_SLACK_BYTES * len(walk.lengths)
+
+
 def write_part(
     path: Path, outs: list[Out], walk: Walk, arrays: list[np.ndarray], step
 ) -> np.ndarray:
@@ -218,7 +229,9 @@ def write_part(
         segs.extend((i, c, at + p, t) for c, p, t in _segments(data, runs, outs[i].shape))
 
     # each piece checksummed in a thread while h5py writes it (both release the GIL)
-    with h5py.File(path, "w", libver=fmt.LIBVER) as f, ThreadPoolExecutor(1) as pool:
+    # its own temporary files: no HDF5 locks (format.open_file says why)
+    with h5py.File(path, "w", libver=fmt.LIBVER, locking=False) as f, ThreadPoolExecutor(1) as pool:
+        reserve_space(path, _part_bytes(outs, walk))
         f.attrs["format"] = PART_FORMAT
         dsets = {
             i: f.create_dataset(outs[i].path, (n,), outs[i].dtype) for i, n in walk.lengths.items()
@@ -244,10 +257,11 @@ def write_part(
     with ThreadPoolExecutor(1) as pool:
         synced = pool.submit(_fsync_file, path)
         try:
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:
                 fmt.check_crcs(fmt.datasets(f), path)
         finally:
             synced.result()
+    release_reserve(path)
     return tensor
 
 
@@ -389,7 +403,8 @@ class PartsSave:
 
     def _master_body(self) -> None:
         """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
-        self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
+        self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER, locking=False)
+        reserve_space(self.tmp, FILE_SLACK_BYTES)
         fmt.write_header(f, self.header)
         for i, out in enumerate(self.outs):
             if master_only(out):
@@ -430,6 +445,7 @@ class PartsSave:
     def _publish(self) -> None:
         if self.rank == 0:
             replaced = rundir.parts_of(self.path) if self.path.exists() else None
+            release_reserve(self.tmp)
             os.replace(self.tmp, self.path)
             self.tmp = None
             fsync_dir(self.path.parent)
