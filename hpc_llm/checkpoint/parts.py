@@ -45,12 +45,7 @@ from h5py import h5s
 from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import rundir
 from hpc_llm.checkpoint.slabs import Out, Part, slabs
-from hpc_llm.checkpoint.writers import (
-    DATASET_SLACK_BYTES,
-    FILE_SLACK_BYTES,
-    SaveFailed,
-    agreed,
-)
+from hpc_llm.checkpoint.writers import SaveFailed, agreed, file_bytes
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.faults import WATCHDOG, inject
 from hpc_llm.runtime.fsio import fsync_dir, release_reserve, reserve_space
@@ -210,12 +205,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _part_bytes(outs: list[Out], walk: Walk) -> int:
-    """What a part file needs on disk (writers.Save._reserve: a full disk must fail before HDF5 writes)."""
-    data = sum(n * outs[i].dtype.itemsize for i, n in walk.lengths.items())
-    return data + FILE_SLACK_BYTES + DATASET_SLACK_BYTES * len(walk.lengths)
-
-
 def write_part(
     path: Path, outs: list[Out], walk: Walk, arrays: list[np.ndarray], step
 ) -> np.ndarray:
@@ -231,7 +220,9 @@ def write_part(
     # each piece checksummed in a thread while h5py writes it (both release the GIL)
     # its own temporary files: no HDF5 locks (format.open_file says why)
     with h5py.File(path, "w", libver=fmt.LIBVER, locking=False) as f, ThreadPoolExecutor(1) as pool:
-        reserve_space(path, _part_bytes(outs, walk))
+        # a full disk fails here, not inside HDF5 (writers.Save._reserve)
+        data = sum(n * outs[i].dtype.itemsize for i, n in walk.lengths.items())
+        reserve_space(path, file_bytes(data, len(walk.lengths)))
         f.attrs["format"] = PART_FORMAT
         dsets = {
             i: f.create_dataset(outs[i].path, (n,), outs[i].dtype) for i, n in walk.lengths.items()
@@ -404,7 +395,7 @@ class PartsSave:
     def _master_body(self) -> None:
         """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
         self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER, locking=False)
-        reserve_space(self.tmp, FILE_SLACK_BYTES)
+        reserve_space(self.tmp, file_bytes(0, 0))
         fmt.write_header(f, self.header)
         for i, out in enumerate(self.outs):
             if master_only(out):

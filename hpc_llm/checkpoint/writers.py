@@ -53,6 +53,13 @@ log = logging.getLogger("hpc_llm.checkpoint")
 
 # what a checkpoint's file needs beyond its tensors' bytes (HDF5's headers, attributes, the metrics' whole chunks)
 FILE_SLACK_BYTES, DATASET_SLACK_BYTES = 1 << 20, 16 << 10
+
+
+def file_bytes(data_bytes: int, datasets: int) -> int:
+    """The disk an HDF5 file of ``datasets`` datasets holding ``data_bytes`` needs (what a save reserves)."""
+    return data_bytes + FILE_SLACK_BYTES + DATASET_SLACK_BYTES * datasets
+
+
 SEND_WINDOW = 4  # sends a rank keeps in flight before it waits for the oldest
 _TAGS = 32768  # MPI guarantees tags below 32768; pieces between two ranks also match in order
 
@@ -196,7 +203,7 @@ class Save:
     def _reserve(self) -> None:
         """The whole file's disk, before HDF5 writes a byte of it: a full disk fails here, not inside HDF5."""
         size = sum(int(np.prod(o.shape)) * np.dtype(o.dtype).itemsize for o in self.outs)
-        reserve_space(self.tmp, size + FILE_SLACK_BYTES + DATASET_SLACK_BYTES * len(self.outs))
+        reserve_space(self.tmp, file_bytes(size, len(self.outs)))
 
     def _structure(self) -> None:
         fmt.write_header(self.f, self.header)
@@ -227,11 +234,17 @@ class Save:
                 )
             if self.rank == 0:
                 self._reserve()
+        except Exception as e:  # noqa: BLE001 - agreed just below
+            error = e
+        # agreed before the collective structure: a rank that failed here would not enter it
+        self.agree("creating the checkpoint file", lambda: _raise(error))
+        error = None
+        try:
             with _hdf5_collective("dataset creation (mpio)"):
                 self._structure()
         except Exception as e:  # noqa: BLE001 - agreed just below
             error = e
-        self.agree("creating the checkpoint file", lambda: _raise(error))
+        self.agree("creating the checkpoint's datasets", lambda: _raise(error))
 
     def _transfer(self) -> BaseException | None:
         """Every rank's part of the data: its pieces sent to their writers, and the datasets it writes received,
