@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from hpc_llm.backend import get_backend
-from hpc_llm.checkpoint import Checkpoint, CheckpointFile, find_latest
+from hpc_llm.checkpoint import Checkpoint, CheckpointFile, find_latest, open_latest
 from hpc_llm.config import config_from_dict
 from hpc_llm.data.tokenizer import tokenizer_from_meta
 from hpc_llm.errors import UserError
@@ -50,8 +50,16 @@ def load_model(
 
 
 def open_checkpoint(path) -> CheckpointFile:
-    """A checkpoint (or a run directory's newest) open for reading in pieces: its header, config and state read."""
-    return CheckpointFile(resolve_checkpoint(path))
+    """A checkpoint (or a run directory's newest) open for reading in pieces: its header, config and state read.
+    A run directory's is held open from before its verification (rundir.open_latest): a live run pruning it
+    meanwhile cannot take it away."""
+    path = Path(path)
+    if not path.is_dir():
+        return CheckpointFile(path)
+    found = open_latest(path)
+    if found is None:
+        raise UserError(f"{path}: no verified checkpoint in this directory")
+    return found
 
 
 def model_config(saved, dtype: str | None = None):

@@ -296,14 +296,17 @@ def write_trailer(f: h5py.File, dsets: dict[str, h5py.Dataset], crcs: dict[str, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def open_file(path: Path) -> h5py.File:
-    """``path`` opened read-only (serial driver), or a one-line UserError that names it."""
+def open_file(path: Path, locking: bool = True) -> h5py.File:
+    """``path`` opened read-only (serial driver), or a one-line UserError that names it. HDF5's shared lock is held
+    while it is open (the pruner leaves such a file alone), except with ``locking=False``: a save's own temporary
+    file, whose name no one else knows (a lock there only collides with a copy of the writer's descriptor that a
+    subprocess forked meanwhile still holds: "unable to lock file, errno = 11")."""
     if not path.exists():
         raise UserError(f"{path}: checkpoint file does not exist")
     if not path.is_file():
         raise UserError(f"{path}: is not a regular file (expected an hpc_llm checkpoint .h5 file)")
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", locking=locking)
     except OSError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated file" in reason:

@@ -45,10 +45,10 @@ from hpc_llm.checkpoint import format as fmt
 from hpc_llm.checkpoint import rundir
 from hpc_llm.checkpoint.part_map import Walk, master_only, run_segments, run_selections
 from hpc_llm.checkpoint.slabs import Out, slabs
-from hpc_llm.checkpoint.writers import SaveFailed, agreed
+from hpc_llm.checkpoint.writers import SaveFailed, agreed, file_bytes
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.faults import WATCHDOG, inject
-from hpc_llm.runtime.fsio import fsync_dir
+from hpc_llm.runtime.fsio import fsync_dir, release_reserve, reserve_space
 
 PART_FORMAT = "hpc_llm-checkpoint-part"
 
@@ -75,7 +75,11 @@ def write_part(
         segs.extend((i, c, at + p, t) for c, p, t in run_segments(data, runs, outs[i].shape))
 
     # each piece checksummed in a thread while h5py writes it (both release the GIL)
-    with h5py.File(path, "w", libver=fmt.LIBVER) as f, ThreadPoolExecutor(1) as pool:
+    # its own temporary files: no HDF5 locks (format.open_file says why)
+    with h5py.File(path, "w", libver=fmt.LIBVER, locking=False) as f, ThreadPoolExecutor(1) as pool:
+        # a full disk fails here, not inside HDF5 (writers.Save._reserve)
+        data = sum(n * outs[i].dtype.itemsize for i, n in walk.lengths.items())
+        reserve_space(path, file_bytes(data, len(walk.lengths)))
         f.attrs["format"] = PART_FORMAT
         dsets = {
             i: f.create_dataset(outs[i].path, (n,), outs[i].dtype) for i, n in walk.lengths.items()
@@ -101,10 +105,11 @@ def write_part(
     with ThreadPoolExecutor(1) as pool:
         synced = pool.submit(_fsync_file, path)
         try:
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:
                 fmt.check_crcs(fmt.datasets(f), path)
         finally:
             synced.result()
+    release_reserve(path)
     return tensor
 
 
@@ -289,7 +294,8 @@ class PartsSave:
 
     def _master_body(self) -> None:
         """The master under its temporary name, left open: header, metrics, a virtual dataset per tensor."""
-        self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
+        self.f = f = h5py.File(self.tmp, "w", libver=fmt.LIBVER, locking=False)
+        reserve_space(self.tmp, file_bytes(0, 0))
         fmt.write_header(f, self.header)
         for i, out in enumerate(self.outs):
             if master_only(out):
@@ -330,6 +336,7 @@ class PartsSave:
     def _publish(self) -> None:
         if self.rank == 0:
             replaced = rundir.parts_of(self.path) if self.path.exists() else None
+            release_reserve(self.tmp)
             os.replace(self.tmp, self.path)
             self.tmp, self.renamed = None, True
             fsync_dir(self.path.parent)

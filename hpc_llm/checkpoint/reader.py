@@ -45,9 +45,9 @@ class CheckpointFile:
     ``verify_share()`` checks the rest of the share and raises UserError on a mismatch. The ranks must agree on the
     verdict before they use what they read."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, locking: bool = True):
         self.path = Path(path)
-        self._f = fmt.open_file(self.path)
+        self._f = fmt.open_file(self.path, locking)
         try:
             f = self._f
             self.format_version, self._datasets = fmt.check_header(f, self.path)
@@ -171,9 +171,10 @@ class CheckpointFile:
             raise fmt.unreadable(self.path, exc) from None
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Raise UserError unless ``path`` is a complete hpc_llm checkpoint whose every dataset matches its crc32."""
-    with CheckpointFile(path) as f:  # one rank checking the whole file is a share of one
+def verify_checkpoint(path: str | os.PathLike, locking: bool = True) -> None:
+    """Raise UserError unless ``path`` is a complete hpc_llm checkpoint whose every dataset matches its crc32
+    (``locking``: format.open_file's)."""
+    with CheckpointFile(path, locking) as f:  # one rank checking the whole file is a share of one
         f.verify_share(0, 1)
 
 

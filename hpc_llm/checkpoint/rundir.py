@@ -4,6 +4,7 @@ should try (docs/checkpoint-format.md)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from hpc_llm.checkpoint import format as fmt
-from hpc_llm.checkpoint.reader import header_ok, verify_checkpoint
+from hpc_llm.checkpoint.reader import CheckpointFile, header_ok, verify_checkpoint
 from hpc_llm.errors import UserError
 from hpc_llm.runtime.fsio import atomic_write_bytes, fsync_dir
 
@@ -51,10 +52,10 @@ def parts_of(path: Path) -> Path | None:
     return path.parent / names[0].split("/")[0] if names else None
 
 
-def remove_checkpoint(path: Path) -> None:
-    """Remove a checkpoint: its file, then its parts (a kill in between leaves parts that no file names, which
-    remove_interrupted_saves removes)."""
-    parts = parts_of(path)
+def remove_checkpoint(path: Path, parts: Path | None = None) -> None:
+    """Remove a checkpoint: its file, then its parts (``parts``: parts_of(path), read by a caller that locks the file
+    meanwhile; a kill in between leaves parts that no file names, which remove_interrupted_saves removes)."""
+    parts = parts or parts_of(path)
     path.unlink()
     if parts is not None:
         shutil.rmtree(parts, ignore_errors=True)
@@ -68,6 +69,20 @@ def _orphan_parts(out_dir: Path) -> list[Path]:
     """Parts directories that no checkpoint names: left by a save that did not finish, or a removal that did not."""
     named = {parts_of(p) for _s, p in list_checkpoints(out_dir)}
     return [e for e in out_dir.iterdir() if ".parts-" in e.name and e.is_dir() and e not in named]
+
+
+def check_not_a_run_checkpoint(out: Path, flag: str) -> None:
+    """An output file written by a tool (merge-lora, import-gpt2) never takes a checkpoint's name in a run directory
+    (one holding ``ckpt_*.h5`` or ``latest``): it would become that run's newest checkpoint, which ``--resume auto``
+    and every reader of the directory would take (a LoRA run resumed from its merged model: the adapters gone)."""
+    out = Path(out)
+    if not _CKPT_RE.match(out.name) or not out.parent.is_dir():
+        return
+    if (out.parent / _LATEST).exists() or any(p != out for _s, p in list_checkpoints(out.parent)):
+        raise UserError(
+            f"{flag} {out}: a checkpoint's name in the run directory {out.parent}: it would become that "
+            "run's newest checkpoint; choose another name or directory"
+        )
 
 
 def write_latest(out_dir: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -164,6 +179,36 @@ def find_latest(out_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def open_latest(out_dir: str | os.PathLike, listings: int = 3) -> CheckpointFile | None:
+    """find_latest's file, opened before it is verified and kept open (``with``/``close()``), so a live run that
+    saves and prunes meanwhile never takes it from the reader: HDF5's shared lock makes the pruner leave it (and
+    its parts) alone, and a file that vanished between the listing and the open is skipped for the next newest,
+    the directory listed again (up to ``listings`` times) when every candidate vanished that way."""
+    for _ in range(listings):
+        listed = list_checkpoints(out_dir)
+        pointed = _pointed_elsewhere(out_dir, listed)
+        vanished = False
+        for path in [p for _s, p in listed] + ([pointed] if pointed is not None else []):
+            try:
+                f = CheckpointFile(path)
+            except UserError as exc:
+                # gone, or locked by a pruner that is removing it: an older one, or a newer listing
+                gone = not path.exists() or "unable to lock" in str(exc)
+                vanished = vanished or gone
+                if not gone:
+                    log.warning("skipping checkpoint: %s", exc)
+                continue
+            try:
+                f.verify_share(0, 1)
+                return f
+            except UserError as exc:
+                f.close()
+                log.warning("skipping checkpoint: %s", exc)
+        if not vanished:
+            return None
+    return None
+
+
 def resume_candidates(out_dir: str | os.PathLike, first_only: bool = False) -> list[Path]:
     """What ``--resume auto`` tries, in order: the ``ckpt_*.h5`` of ``out_dir`` newest first, then the file
     ``latest`` names if it lies elsewhere, each kept only if its header checks pass (ours, complete, a version we
@@ -188,10 +233,29 @@ def resume_candidates(out_dir: str | os.PathLike, first_only: bool = False) -> l
     return good
 
 
+def _lock_for_removal(path: Path) -> int | None:
+    """A descriptor of ``path`` holding an exclusive lock until it is closed, so no reader opens it meanwhile (HDF5
+    takes a shared one when it opens a file); None when a reader holds it now (or it is gone): leave it. A
+    filesystem without locks gets the descriptor anyway (a reader then takes the next newest: open_latest)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass
+    return fd
+
+
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, verified=()) -> list[Path]:
     """Remove all but the newest ``keep_last`` verified ``ckpt_*.h5`` in ``out_dir``; return the removed paths.
 
-    Never removes the file ``latest`` names. Files are verified newest first until ``keep_last`` good ones are
+    Never removes the file ``latest`` names, nor one a reader holds open (open_latest: it goes at a later save).
+    Files are verified newest first until ``keep_last`` good ones are
     found; a file inside that window that fails verification is left in place (logged), so a bad newer file never
     costs a good older one. Older files are removed when their header is ours and complete (their checksums are
     not read); files that are not hpc_llm checkpoints, or come from a newer hpc_llm, are never removed.
@@ -216,7 +280,15 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, verified=()) -
                 "not pruning %s: not a complete hpc_llm checkpoint this version understands", path
             )
             continue
-        remove_checkpoint(path)
+        parts = parts_of(path)  # before the lock: reading it takes HDF5's own
+        fd = _lock_for_removal(path)
+        if fd is None:
+            log.info("not pruning %s now: a reader has it open", path)
+            continue
+        try:
+            remove_checkpoint(path, parts)
+        finally:
+            os.close(fd)
         removed.append(path)
         log.info("pruned old checkpoint %s", path)
     if removed:

@@ -47,9 +47,18 @@ from hpc_llm.checkpoint.rundir import temporary_path
 from hpc_llm.checkpoint.slabs import Out, Part, Piece, Slab, Staging, slabs
 from hpc_llm.errors import JobError, UserError
 from hpc_llm.runtime.faults import WATCHDOG, failure_line, inject
-from hpc_llm.runtime.fsio import fsync_dir
+from hpc_llm.runtime.fsio import fsync_dir, release_reserve, reserve_space
 
 log = logging.getLogger("hpc_llm.checkpoint")
+
+# what a checkpoint's file needs beyond its tensors' bytes (HDF5's headers, attributes, the metrics' whole chunks)
+FILE_SLACK_BYTES, DATASET_SLACK_BYTES = 1 << 20, 16 << 10
+
+
+def file_bytes(data_bytes: int, datasets: int) -> int:
+    """The disk an HDF5 file of ``datasets`` datasets holding ``data_bytes`` needs (what a save reserves)."""
+    return data_bytes + FILE_SLACK_BYTES + DATASET_SLACK_BYTES * datasets
+
 
 SEND_WINDOW = 4  # sends a rank keeps in flight before it waits for the oldest
 _TAGS = 32768  # MPI guarantees tags below 32768; pieces between two ranks also match in order
@@ -191,6 +200,11 @@ class Save:
                     f"cannot create files in {parent} (read-only or no permission)"
                 )
 
+    def _reserve(self) -> None:
+        """The whole file's disk, before HDF5 writes a byte of it: a full disk fails here, not inside HDF5."""
+        size = sum(int(np.prod(o.shape)) * np.dtype(o.dtype).itemsize for o in self.outs)
+        reserve_space(self.tmp, file_bytes(size, len(self.outs)))
+
     def _structure(self) -> None:
         fmt.write_header(self.f, self.header)
         for out in self.outs:
@@ -201,7 +215,8 @@ class Save:
 
             def create():
                 if self.rank == 0:
-                    self.f = h5py.File(self.tmp, "w", libver=fmt.LIBVER)
+                    self.f = h5py.File(self.tmp, "w", libver=fmt.LIBVER, locking=False)
+                    self._reserve()
                     self._structure()
 
             self.agree("creating the checkpoint file", create)
@@ -210,13 +225,26 @@ class Save:
         try:
             with _hdf5_collective("file create (mpio)"):
                 self.f = h5py.File(
-                    self.tmp, "w", driver="mpio", comm=self.comm.mpi, libver=fmt.LIBVER
+                    self.tmp,
+                    "w",
+                    driver="mpio",
+                    comm=self.comm.mpi,
+                    libver=fmt.LIBVER,
+                    locking=False,
                 )
+            if self.rank == 0:
+                self._reserve()
+        except Exception as e:  # noqa: BLE001 - agreed just below
+            error = e
+        # agreed before the collective structure: a rank that failed here would not enter it
+        self.agree("creating the checkpoint file", lambda: _raise(error))
+        error = None
+        try:
             with _hdf5_collective("dataset creation (mpio)"):
                 self._structure()
         except Exception as e:  # noqa: BLE001 - agreed just below
             error = e
-        self.agree("creating the checkpoint file", lambda: _raise(error))
+        self.agree("creating the checkpoint's datasets", lambda: _raise(error))
 
     def _transfer(self) -> BaseException | None:
         """Every rank's part of the data: its pieces sent to their writers, and the datasets it writes received,
@@ -363,11 +391,11 @@ class Save:
     def _verify(self) -> None:
         if not self.mpio:
             if self.rank == 0:
-                _fsync_during(self.tmp, lambda: verify_checkpoint(self.tmp))
+                _fsync_during(self.tmp, lambda: verify_checkpoint(self.tmp, locking=False))
             return
 
         def mine():
-            with CheckpointFile(self.tmp) as f:
+            with CheckpointFile(self.tmp, locking=False) as f:
                 f.verify_share(self.rank, self.comm.size)
 
         # each rank: fsync its own writes (from its own node's cache) while it verifies its share of the file
@@ -375,6 +403,7 @@ class Save:
 
     def _publish(self) -> None:
         if self.rank == 0:
+            release_reserve(self.tmp)
             os.replace(self.tmp, self.path)
             self.renamed = True
             fsync_dir(self.path.parent)

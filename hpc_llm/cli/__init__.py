@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import traceback
 
 from hpc_llm.cli.parser import build_parser
 from hpc_llm.errors import JobError, UserError
@@ -31,6 +30,7 @@ from hpc_llm.runtime.faults import (
     failure_line,
     launcher_rank,
     launcher_size,
+    traceback_of,
 )
 
 __all__ = ["build_parser", "main"]
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # a bug or a fault on this rank only: its peers may be waiting for it in a collective or a receive, and
         # MPI_Finalize at exit would wait for them in turn; abort the job instead of leaving it hung
-        sys.stderr.write(traceback.format_exc() + f"hpc-llm: {failure_line(e)}\n")
+        sys.stderr.write(traceback_of(e) + f"hpc-llm: {failure_line(e)}\n")
         sys.stderr.flush()
         if "mpi4py.MPI" in sys.modules or launcher_size() > 1:
             abort_job(1)

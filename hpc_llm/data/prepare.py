@@ -61,7 +61,7 @@ from hpc_llm.data.tokens import (
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.runtime.faults import inject
-from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes, same_file
+from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes, check_writable, same_file
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def _plan(out: Path, inputs: list, pattern: str, budget: Budget, force: bool):
         raise UserError(f"prepare: output directory {str(out)!r} is a file, expected a directory")
     files = expand_inputs(inputs, pattern, exclude=out)
     check_out_dir(out, inputs, files, force)
+    check_writable(out, f"prepare --out {out}")
     pieces = plan_pieces(files, budget.piece)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import sys
 import time
-import traceback
 from collections import defaultdict
 
 import numpy as np
@@ -26,7 +25,7 @@ import numpy as np
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.errors import JobError, UserError
 from hpc_llm.parallel.compression import SCALE_WORDS, Reduce16, read16, scale_of, sum16, write16
-from hpc_llm.runtime.faults import WATCHDOG, failure_line
+from hpc_llm.runtime.faults import WATCHDOG, failure_line, init_mpi, traceback_of
 
 
 class Ledger:
@@ -477,7 +476,7 @@ class Comm:
         if error[0] == "user":
             raise UserError(error[1])
         if exc is not None:
-            sys.stderr.write("".join(traceback.format_exception(exc)))
+            sys.stderr.write(traceback_of(exc))
             sys.stderr.flush()
             raise JobError(error[1]) from exc
         raise JobError(error[1])
@@ -513,7 +512,9 @@ class Comm:
 
 
 def world_comm() -> Comm:
-    """MPI.COMM_WORLD as a Comm; in a process started without mpiexec, one that never calls MPI."""
+    """MPI.COMM_WORLD as a Comm; in a process started without mpiexec, one that never calls MPI. MPI_Init, when
+    this starts it, is watched (faults.init_mpi)."""
+    init_mpi()
     from mpi4py import MPI
 
     return Comm(MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None)

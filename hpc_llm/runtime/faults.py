@@ -24,12 +24,14 @@ fault-injection switch the tests use to make every failure deterministic (docs/r
 from __future__ import annotations
 
 import errno
+import faulthandler
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 
 from hpc_llm.runtime.records import RankRecord
 
@@ -81,6 +83,18 @@ class phase:
     def __exit__(self, exc_type, *_):
         if exc_type is None:  # an exception keeps the phase it happened in, for the failure message
             PHASE.name, PHASE.step = self.saved
+
+
+# what the disk says (full, over quota, read-only, refused): the user's to fix, so the failure line says it all and a
+# traceback would only hide it
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def traceback_of(exc: BaseException) -> str:
+    """What a failing rank prints before its failure line: the traceback, but none for a disk's own error."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return ""
+    return "".join(traceback.format_exception(exc))
 
 
 def failure_line(exc: BaseException, rank: int | None = None) -> str:
@@ -151,6 +165,21 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+
+
+def init_mpi() -> None:
+    """MPI_Init (mpi4py's import) watched: a peer that never reaches it (stuck or stopped before MPI) leaves this
+    rank in the launcher's start-up exchange, holding the GIL, where the watchdog's thread cannot run. Python's
+    faulthandler can (a C thread): past the watchdog's timeout it prints "Timeout (0:00:S)!" and this rank's stack
+    (ending in init_mpi) and exits 1; the launcher then ends the others."""
+    if "mpi4py.MPI" in sys.modules:
+        return
+    if WATCHDOG.timeout_s > 0 and launcher_size() > 1:
+        faulthandler.dump_traceback_later(WATCHDOG.timeout_s, exit=True, file=sys.stderr)
+    try:
+        import mpi4py.MPI  # noqa: F401
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # how long a rank that failed before MPI started waits in MPI_Init for its peers before it exits alone

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import logging
 import os
@@ -26,6 +29,43 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def reserve_space(path: Path, nbytes: int) -> None:
+    """Allocate ``nbytes`` of disk to the (just created) file ``path`` without changing its size, so that a full disk
+    or an exhausted quota fails here, as a plain OSError, and not inside a library that writes it afterwards: HDF5,
+    meeting ENOSPC while it flushes at close, keeps dataset ids it can no longer close and crashes the process at
+    exit (H5D_close, status 139). A filesystem without fallocate gets the free-space check of statvfs instead."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, int(nbytes)) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, f"{os.strerror(err)} (reserving {nbytes / 1e6:.1f} MB)", str(path))
+        st = os.fstatvfs(fd)
+        if st.f_bavail * st.f_frsize < nbytes:
+            free = st.f_bavail * st.f_frsize
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device ({nbytes / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free)",
+                str(path),
+            )
+    finally:
+        os.close(fd)
+
+
+def release_reserve(path: Path) -> None:
+    """Give back what reserve_space allocated beyond the file's end (a truncation to its own size)."""
+    try:
+        os.truncate(path, os.path.getsize(path))
+    except OSError:
+        pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -92,6 +132,21 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def check_writable(path, what: str) -> None:
+    """One line (a UserError naming ``what``) when nothing can be created at ``path``: its nearest existing directory
+    (itself, or an ancestor the writer would create it in) is on a read-only filesystem or not writable by us.
+    Checked before any work, so a read-only run or output directory is bad input, not a fault mid-run."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.is_dir() and os.access(p, os.W_OK | os.X_OK):
+        return
+    if p.is_dir():
+        readonly = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        reason = "is on a read-only filesystem" if readonly else "is not writable (no permission)"
+        raise UserError(f"{what}: cannot write in {p}: the directory {reason}")
+
+
 def check_output(
     path, flag: str, inputs=(), force: bool = False, parent_must_exist: bool = True
 ) -> Path:
@@ -115,9 +170,20 @@ def check_output(
         raise UserError(f"{flag} {path}: is a directory, expected a file path")
     if parent_must_exist and not path.parent.is_dir():
         raise UserError(f"{flag} {path}: directory {path.parent} does not exist")
+    check_writable(path.parent, f"{flag} {path}")
     if (path.exists() or path.is_symlink()) and not force:
         raise UserError(f"{flag} {path}: file exists: give --force to replace it")
     return path
+
+
+def _is_open_as(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 class DirectoryLock:
@@ -136,28 +202,33 @@ class DirectoryLock:
         cls, directory: Path, what: str, create: bool = True, name: str = ".lock"
     ) -> DirectoryLock | None:
         path = Path(directory) / name
-        try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        except FileNotFoundError:
-            return None  # no run has locked this directory
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
+        # a holder that ends removes the file (prepare's lock): one opened before that and locked after locks a
+        # name no one else sees, so the lock must be on the file the name still points to
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+            except FileNotFoundError:
+                return None  # no run has locked this directory
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
+                os.close(fd)
+                raise UserError(
+                    f"{what}={directory} is in use by a live run ({holder}): wait for it to end, or "
+                    "choose another directory"
+                ) from None
+            except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem does not lock
+                logging.getLogger("hpc_llm").warning(
+                    "%s: cannot lock %s (%s): nothing stops a second run from using "
+                    "it at the same time",
+                    what,
+                    path,
+                    e.strerror,
+                )
+            if _is_open_as(fd, path):
+                return cls(fd, path)
             os.close(fd)
-            raise UserError(
-                f"{what}={directory} is in use by a live run ({holder}): wait for it to end, or choose "
-                "another directory"
-            ) from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP: this filesystem does not lock
-            logging.getLogger("hpc_llm").warning(
-                "%s: cannot lock %s (%s): nothing stops a second run from using "
-                "it at the same time",
-                what,
-                path,
-                e.strerror,
-            )
-        return cls(fd, path)
 
     def claim(self) -> None:
         job = os.environ.get("SLURM_JOB_ID")

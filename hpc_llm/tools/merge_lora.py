@@ -21,6 +21,7 @@ import numpy as np
 
 from hpc_llm.api import resolve_checkpoint
 from hpc_llm.checkpoint import load_checkpoint
+from hpc_llm.checkpoint.rundir import check_not_a_run_checkpoint
 from hpc_llm.checkpoint.serial import save_fresh_checkpoint
 from hpc_llm.config import ModelConfig, config_from_dict
 from hpc_llm.config.checks import LORA_TARGETS
@@ -99,6 +100,7 @@ def merge_lora(checkpoint, out, force: bool = False) -> Path:
     out = Path(out)
     _check_out(out)
     check_output(out, "merge-lora --out", (checkpoint,), force)
+    check_not_a_run_checkpoint(out, "merge-lora --out")
     saved = load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
     cfg = config_from_dict(saved.config)
     m = cfg.model

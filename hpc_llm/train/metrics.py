@@ -79,17 +79,37 @@ class Throughput:
 
 
 class MetricsFile:
-    """metrics.jsonl, appended by world rank 0 (a line per logged step and per eval); other ranks write nowhere."""
+    """metrics.jsonl, appended by world rank 0 (a line per logged step and per eval); other ranks write nowhere.
+
+    A write the disk refuses (full, over quota) ends the file, with one warning, not the run: an error here is rank
+    0's alone, and unagreed it could only abort the job; the rows are also in every checkpoint, and the next save,
+    meeting the same disk, ends the run on every rank alike."""
 
     def __init__(self, out_dir: Path, is_root: bool):
-        self.file = open(out_dir / "metrics.jsonl", "a") if is_root else open(os.devnull, "w")
+        self.path = out_dir / "metrics.jsonl"
+        self.file = open(self.path, "a") if is_root else open(os.devnull, "w")
 
     def write(self, kind: str, row: dict) -> None:
-        self.file.write(json.dumps({"kind": kind, **row}) + "\n")
-        self.file.flush()
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps({"kind": kind, **row}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            logging.getLogger("hpc_llm").warning(
+                "%s: cannot write (%s): no more rows there (the checkpoints keep the metrics)",
+                self.path,
+                e.strerror or e,
+            )
+            self.close()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError:  # what the disk refused to take: said when it was refused
+                pass
 
 
 def log_step(row: dict, window: dict, world_size: int, fp16: bool) -> None:

@@ -21,7 +21,7 @@ from hpc_llm.errors import UserError
 from hpc_llm.model.layout import frozen_names, param_specs
 from hpc_llm.parallel.grid import Grid, check_layout
 from hpc_llm.runtime.faults import PHASE, inject
-from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes
+from hpc_llm.runtime.fsio import DirectoryLock, atomic_write_bytes, check_writable
 from hpc_llm.train.compat import checkpoint_vocab, open_checkpoint, open_init_from, open_teacher
 
 log = logging.getLogger("hpc_llm")
@@ -125,6 +125,7 @@ def _lock_out_dir(out_dir: str) -> DirectoryLock:
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"train.out_dir={out_dir}: {blocker} is a file, expected a directory")
+    check_writable(out, f"train.out_dir={out_dir}")
     return DirectoryLock.lock(out, "train.out_dir", create=False)
 
 

@@ -373,7 +373,7 @@ def test_failed_verification_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = path.read_bytes()
     seen = []
 
-    def bad_verify(p):
+    def bad_verify(p, locking=True):
         seen.append(p)
         assert p != path and p.name.startswith(".ckpt.h5.tmp-") and p.exists()
         raise UserError(f"{p}: checksum mismatch (simulated)")

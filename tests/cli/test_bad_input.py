@@ -2312,6 +2312,16 @@ def _output_rows() -> list[Row]:
     )
     add(
         Row(
+            # the merged model would become the run's newest checkpoint (a LoRA run resumed without adapters)
+            "merge-lora-out-a-checkpoint-name-in-a-run-directory",
+            "merge-lora {ckpt} --out run/ckpt_00000099.h5",
+            "merge-lora --out run/ckpt_00000099.h5: a checkpoint's name in the run directory run",
+            {"run": Copy("run")},
+            ranks=(1,),
+        )
+    )
+    add(
+        Row(
             "generate-out-is-the-prompts",
             "generate {run} --max-new-tokens 2 --prompts p.txt --out p.txt --force",
             f"--out p.txt: is the input p.txt; {is_input}",

@@ -157,18 +157,21 @@ def test_a_fault_on_one_rank_ends_the_job_and_resume_continues_exactly(
 
 
 STARTUP_FAULTS = [
-    # id, fault, what the line names
-    ("before-mpi", "raise:startup:1", "rank 1 failed in start-up: InjectedFault"),
-    ("data-loading", "raise:data:1", "failed in data loading: InjectedFault"),
+    # id, fault, what the line names, arguments
+    ("before-mpi", "raise:startup:1", "rank 1 failed in start-up: InjectedFault", ()),
+    ("data-loading", "raise:data:1", "failed in data loading: InjectedFault", ()),
+    # rank 0 waits in MPI_Init for a peer that never comes (hung for good before: the watchdog's thread cannot run
+    # while MPI_Init holds the GIL; faulthandler's C thread can)
+    ("stuck-before-mpi", "hang:startup:1", "Timeout (0:00:03)!", ("--comm-timeout-s", "3")),
 ]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", STARTUP_FAULTS, ids=[f[0] for f in STARTUP_FAULTS])
 def test_a_fault_during_start_up_ends_the_job(case, data_dir, tmp_path):
-    _, fault, says = case
+    _, fault, says, args = case
     cfg = config(data_dir, tmp_path / "run", tmp_path / "run.toml")
-    rc, _, err, seconds = train(2, cfg, fault=fault)
+    rc, _, err, seconds = train(2, cfg, *args, fault=fault, timeout=60)
     assert rc != 0 and says in err, (rc, err[-3000:])
     assert seconds < BOUND_S
     assert list_checkpoints(tmp_path / "run") == []
