@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
     # -- layers: layernorm, gelu, attention / softmax / causal mask, linear, embedding backward, dropout -------------
     Mutant(
         "ln-unbiased-var",
-        "layernorm_forward",
+        "layernorm_forward_numpy",
         "var *= 1.0 / x.shape[-1]",
         "var *= 1.0 / (x.shape[-1] - 1)",
         "LayerNorm forward normalises by the unbiased variance (divides by C-1, torch.var's default)",
@@ -76,7 +76,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "ln-bwd-mean-without-gain",
-        "layernorm_backward_input",
+        "layernorm_backward_input_numpy",
         "mean_d = dxhat.mean(axis=-1, keepdims=True)",
         "mean_d = dout.mean(axis=-1, keepdims=True)",
         "LayerNorm backward subtracts the mean of dout instead of dout*w (the gain left out of one term)",
@@ -100,7 +100,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "gelu-bwd-missing-3",
-        "gelu_backward",
+        "gelu_backward_numpy",
         "ins *= 0.5 * 3 * 0.044715 * GELU_C",
         "ins *= 0.5 * 0.044715 * GELU_C",
         "GELU backward: d/dx of x^3 written as x^2 (the factor 3 dropped)",
@@ -124,9 +124,10 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "softmax-bwd-rowdot-dropped-probs",
-        "attention_backward",
-        'rowdot = xp.einsum("bhij,bhij->bhi", datt, att)[..., None]',
-        'rowdot = xp.einsum("bhij,bhij->bhi", datt, used)[..., None]',
+        "softmax_backward_numpy_",
+        'rowdot = xp.einsum("...j,...j->...", datt, att)[..., None]',
+        'rowdot = xp.einsum("...j,...j->...", datt, '
+        "att if keep is None else att * keep * scale)[..., None]",
         "softmax backward's row sum uses the dropped-out probabilities (wrong only with attention dropout)",
         (T_GRAD,),
     ),
@@ -294,8 +295,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "ce-bwd-not-mean",
         "vocab_parallel_cross_entropy_backward",
-        "probs *= scale / N",
-        "probs *= scale",
+        "cross_entropy_backward_(probs, local, mine, scale / probs.shape[0])",
+        "cross_entropy_backward_(probs, local, mine, scale)",
         "cross-entropy backward forgets the 1/N of the mean over rows",
         (T_GRAD, HF_GRADS),
     ),
@@ -351,7 +352,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "adam-m-uses-beta2",
-        "AdamW._update",
+        "adamw_update_numpy",
         "mc *= b1",
         "mc *= b2",
         "AdamW's first moment decays with beta2 (the beta misused)",
@@ -750,25 +751,25 @@ MUTANTS: list[Mutant] = [
     # -- the wave's numeric code: precision, recompute, LoRA, int8, sharded sampling, tokenizers, token files, eval ---
     Mutant(
         "prec-operand-not-rounded",
-        "Precision.operand",
-        "return x if self.low is None else x.astype(self.low).astype(x.dtype)",
-        "return x",
+        "Precision._operand",
+        "return round_low_(x.copy(), self.low)",
+        "return x.copy()",
         "mixed precision: matmul operands are not rounded to bf16/fp16 (the arithmetic is fp32's)",
         (T_PREC,),
     ),
     Mutant(
         "prec-round-half-chunk",
-        "Precision.round_",
-        "flat[a : a + (1 << 18)] = flat[a : a + (1 << 18)].astype(self.low)",
-        "flat[a : a + (1 << 17)] = flat[a : a + (1 << 17)].astype(self.low)",
-        "mixed precision: in-place rounding walks chunks of 2^18 but rounds only the first half of each (large "
-        "operands partly unrounded)",
+        "round_low_",
+        "flat[a : a + PIECE] = flat[a : a + PIECE].astype(low)",
+        "flat[a : a + PIECE // 2] = flat[a : a + PIECE // 2].astype(low)",
+        "mixed precision: the twin's in-place rounding walks pieces of 2^18 but rounds only the first half of each "
+        "(large operands partly unrounded: fp16, and bf16 off the compiled path)",
         (T_PREC,),
     ),
     Mutant(
         "prec-keep-full-width",
         "Precision.keep",
-        "return x if self.low is None else x.astype(self.low)",
+        "return x if self.low is None else to_low(x, self.low)",
         "return x",
         "mixed precision: the activations kept for backward stay fp32 (unrounded, twice the bytes)",
         (T_PREC,),
