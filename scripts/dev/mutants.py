@@ -202,8 +202,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "ce-bwd-ignores-loss-scale",
         "Head.backward_input",
-        "vocab_parallel_cross_entropy_backward(ce, loss_scale)",
-        "vocab_parallel_cross_entropy_backward(ce)",
+        "loss_backward(ce, loss_scale)",
+        "loss_backward(ce)",
         "backward ignores loss_scale (the trainer's 1/(grad_accum*dp) averaging is lost)",
         (T_GRAD, HF_GRADS, T_TRAIN, par_layout("DP2-zero0")),
     ),
@@ -226,8 +226,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "qkv-shard-ignores-blocks",
         "_block_rows",
-        '_weight(p + "attn.c_attn.weight", (C, 3 * C), std, tp_axis=1, tp_blocks=3),',
-        '_weight(p + "attn.c_attn.weight", (C, 3 * C), std, tp_axis=1, tp_blocks=1),',
+        '_weight(p + "attn.c_attn.weight", (C, 3 * A), std, tp_axis=1, tp_blocks=3),',
+        '_weight(p + "attn.c_attn.weight", (C, 3 * A), std, tp_axis=1, tp_blocks=1),',
         "TP sharding of the fused qkv weight is contiguous (tp_blocks=1): a rank gets q and part of k, not its heads",
         (tp_test("test_shard_index_and_full_tensors"), tp_test("test_gpt_equals_single_process")),
     ),
