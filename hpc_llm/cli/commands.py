@@ -29,8 +29,9 @@ from hpc_llm.plan.given import format_given, given_layout, own_split
 from hpc_llm.plan.predict import plan_saves, predict
 from hpc_llm.plan.search import describe, format_table, search
 from hpc_llm.plan.timeline import draw
-from hpc_llm.runtime.faults import inject, launcher_rank, phase
+from hpc_llm.runtime.faults import WATCHDOG, inject, launcher_rank, phase
 from hpc_llm.runtime.fsio import atomic_write_bytes, check_output
+from hpc_llm.runtime.records import records_beside
 from hpc_llm.runtime.stop import EXIT_PREEMPTED, StopRequest
 from hpc_llm.tools.gpt2_import import import_gpt2
 from hpc_llm.tools.hf_export import export_hf
@@ -41,14 +42,20 @@ from hpc_llm.train import train
 from hpc_llm.train.teacher import teacher_config
 
 
-def _in_phase(name: str):
-    """The verb runs in phase `name`: a failure line or the watchdog's abort says "generate", not "start-up"."""
+def _in_phase(name: str, records: bool = False):
+    """The verb runs in phase `name`: a failure line or the watchdog's abort says "generate", not "start-up".
+    records: a verb of several ranks with no run directory keeps each rank's record beside its `--out` (none: the
+    current directory), so the watchdog's line names the rank behind (runtime/records.py)."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def run(args):
             with phase(name):
-                return fn(args)
+                if not records:
+                    return fn(args)
+                output = getattr(args, "out", None)
+                with records_beside(WATCHDOG.record, world_comm(), output, name):
+                    return fn(args)
 
         return run
 
@@ -60,7 +67,7 @@ def _check_positive(flag: str, value) -> None:
         raise UserError(f"{flag}: expected a positive integer, got {value}")
 
 
-@_in_phase("prepare")
+@_in_phase("prepare", records=True)
 def run_prepare(args) -> None:
     if not 0 < args.val_fraction < 1:
         raise UserError(
@@ -205,7 +212,7 @@ def _print_samples(args, rows, results, tok) -> None:
         print(tok.decode(list(prompt) + r["tokens"]))
 
 
-@_in_phase("generate")
+@_in_phase("generate", records=True)
 def run_generate(args) -> None:
     _check_generate_args(args)
     world = world_comm()
@@ -245,7 +252,7 @@ def run_generate(args) -> None:
         _print_samples(args, rows, results, tok)
 
 
-@_in_phase("eval")
+@_in_phase("eval", records=True)
 def run_eval(args) -> None:
     check_eval_options(args.batch_size, args.max_batches)
     world = world_comm()

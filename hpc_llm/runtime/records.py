@@ -9,10 +9,14 @@ says which one is behind: one whose heartbeat stopped (a process stopped or dead
 outside MPI the longest (stuck in its own work), else the one with the fewest operations (waiting in an earlier
 collective). Ranks on several nodes need the run directory on a filesystem they share and clocks in step, as a
 cluster's are.
+
+The verbs with no run directory (generate, eval, prepare at several ranks) keep theirs beside their output, or in the
+current directory when they write none (records_beside).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -132,3 +136,39 @@ class RankRecord:
                     f"rank {p['rank']} is behind: waiting {where(p)} (this rank is at #{self.seq})"
                 )
         return None
+
+
+# the folder of a verb with no run directory: one per job (world rank 0's host and pid), removed when it ends normally
+RECORDS_BESIDE = ".hpc-llm-ranks.{verb}.{host}.{pid}"
+
+
+@contextlib.contextmanager
+def records_beside(record: RankRecord, comm, output, verb: str):
+    """`record` written, while the block runs, into a folder beside `output` (a file or folder the verb writes; None:
+    the current directory), so a rank whose watchdog fires there names the rank behind as in a run directory. World
+    rank 0 makes the folder and broadcasts it (a directory it cannot write: no records, the verb runs anyway); the
+    last rank to finish removes it. One process: nothing (no peers)."""
+    if comm.size == 1:
+        yield
+        return
+    where = None
+    if comm.rank == 0:
+        base = Path(output).absolute().parent if output else Path.cwd()
+        name = RECORDS_BESIDE.format(verb=verb, host=socket.gethostname(), pid=os.getpid())
+        try:
+            (base / name).mkdir()
+            where = str(base / name)
+        except OSError:
+            pass
+    where = comm.bcast_object(where)
+    if where is None:
+        yield
+        return
+    record.start(Path(where), comm.rank, comm.size)
+    try:
+        yield
+    finally:
+        record.stop()
+        # a peer's file still there: that peer removes the folder
+        with contextlib.suppress(OSError):
+            Path(where).rmdir()

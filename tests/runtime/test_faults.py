@@ -600,25 +600,45 @@ def _verb_argv(verb: str, data_dir, corpus_file, small_run, tmp_path) -> list[st
 
 
 VERBS = [
-    # id, HPC_LLM_FAULT (rank 1 hangs outside MPI), the operation and phase rank 0's watchdog must name
-    ("train-start-up", "hang:config:1", "world.barrier (an agreed step) (2 ranks) (start-up;"),
-    ("generate-tp2", "hang:generate:1", "tp.allreduce (2 ranks) (generate;"),
-    ("eval-dp2", "hang:eval:1", "dp.allreduce (2 ranks) (eval;"),
-    ("prepare-2-ranks", "hang:encode:1", "world.barrier (prepare encode) (2 ranks) (prepare;"),
+    # id, HPC_LLM_FAULT (rank 1 hangs outside MPI, or is stopped whole), the operation and phase rank 0's watchdog
+    # must name, and its line naming the rank behind (records beside the output: none before train's run directory)
+    (
+        "train-start-up",
+        "hang:config:1",
+        "world.barrier (an agreed step) (2 ranks) (start-up;",
+        None,
+    ),
+    ("generate-tp2", "hang:generate:1", "tp.allreduce (2 ranks) (generate;", "outside MPI for"),
+    (
+        "generate-tp2-stopped",
+        "stop:generate:1",
+        "tp.allreduce (2 ranks) (generate;",
+        "no heartbeat for",
+    ),
+    ("eval-dp2", "hang:eval:1", "dp.allreduce (2 ranks) (eval;", "outside MPI for"),
+    (
+        "prepare-2-ranks",
+        "hang:encode:1",
+        "world.barrier (prepare encode) (2 ranks) (prepare;",
+        "outside MPI for",
+    ),
 ]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", VERBS, ids=[v[0] for v in VERBS])
 def test_a_stuck_peer_ends_every_verb_that_talks_to_other_ranks(
-    case, data_dir, corpus_file, small_run, tmp_path
+    case, data_dir, corpus_file, small_run, tmp_path, monkeypatch
 ):
     """Before this, the watchdog was armed only by the Trainer: a rank stuck in train's config agreement, or in
     generate at tp 2, eval at dp 2 or prepare at 2 ranks, hung the job for good. Now cli.main arms it before any verb
     runs (--comm-timeout-s): rank 0, waiting for the stuck rank, aborts the job within the timeout plus start-up,
-    naming the operation and the flag."""
-    verb, fault, op = case
-    argv = _verb_argv(verb, data_dir, corpus_file, small_run, tmp_path)
+    naming the operation and the flag, and (from the ranks' records beside the output, or in the current directory)
+    the rank behind."""
+    verb, fault, op, culprit = case
+    # generate and eval (no --out) keep their ranks' records in the current directory
+    monkeypatch.chdir(tmp_path)
+    argv = _verb_argv(verb.removesuffix("-stopped"), data_dir, corpus_file, small_run, tmp_path)
     os.environ["HPC_LLM_FAULT"] = fault
     try:
         rc, _, err, seconds = run_mpi(
@@ -629,4 +649,6 @@ def test_a_stuck_peer_ends_every_verb_that_talks_to_other_ranks(
     assert rc != 0, (rc, err[-3000:])
     line = next((s for s in err.splitlines() if "hpc-llm: rank 0: no progress for" in s), "")
     assert op in line and f"--comm-timeout-s={VERB_TIMEOUT_S}" in line, err[-3000:]
+    if culprit is not None:
+        assert f"hpc-llm: rank 0: rank 1 is behind: {culprit}" in err, err[-3000:]
     assert seconds < BOUND_S + VERB_TIMEOUT_S, seconds
