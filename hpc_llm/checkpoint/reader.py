@@ -91,6 +91,35 @@ class CheckpointFile:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._f.close()
 
+    def read_all(self, verify: bool = True, optimizer: bool = True) -> Checkpoint:
+        """The whole checkpoint in memory. With ``verify`` every dataset's crc32 is checked as it is read; without
+        it the header checks (format, version, complete) still apply. ``optimizer=False`` skips the Adam moments (two
+        thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
+        # stray datasets outside the groups read below must still carry a correct checksum
+        if verify:
+            for dset in self._datasets:
+                if dset.name.split("/")[1] not in fmt.GROUPS:
+                    fmt.check_crc(dset, fmt.dataset_crc(dset), self.path)
+        params = {name: self.read_whole("params", name, verify) for name in self.shapes["params"]}
+        moments = {}
+        if optimizer:
+            for group, names in self.shapes.items():
+                if group.startswith("optimizer/"):
+                    moments[group.split("/", 1)[1]] = {
+                        name: self.read_whole(group, name, verify) for name in names
+                    }
+        return Checkpoint(
+            params=params,
+            optimizer=moments,
+            state=self.state,
+            config=self.config,
+            metrics=self.metrics,
+            path=self.path,
+            format_version=self.format_version,
+            software_version=self.software_version,
+            created=self.created,
+        )
+
     def _read_checked(self, dset: h5py.Dataset) -> np.ndarray:
         arr = fmt.contiguous(dset[()])
         fmt.check_crc(dset, fmt.crc(arr), self.path)
@@ -181,34 +210,10 @@ def verify_checkpoint(path: str | os.PathLike, locking: bool = True) -> None:
 def load_checkpoint(
     path: str | os.PathLike, verify: bool = True, optimizer: bool = True
 ) -> Checkpoint:
-    """Read a whole checkpoint into memory. With ``verify`` every dataset's crc32 is checked as it is read;
-    without it the header checks (format, version, complete) still apply. ``optimizer=False`` skips the Adam moments
-    (two thirds of the file; inference needs none of it): ``Checkpoint.optimizer`` is then empty."""
+    """Read a whole checkpoint into memory (CheckpointFile.read_all; a run directory's newest, held open from its
+    choice on: api.open_checkpoint, then read_all)."""
     with CheckpointFile(path) as f:
-        # stray datasets outside the groups read below must still carry a correct checksum
-        if verify:
-            for dset in f._datasets:
-                if dset.name.split("/")[1] not in fmt.GROUPS:
-                    fmt.check_crc(dset, fmt.dataset_crc(dset), f.path)
-        params = {name: f.read_whole("params", name, verify) for name in f.shapes["params"]}
-        moments = {}
-        if optimizer:
-            for group, names in f.shapes.items():
-                if group.startswith("optimizer/"):
-                    moments[group.split("/", 1)[1]] = {
-                        name: f.read_whole(group, name, verify) for name in names
-                    }
-        return Checkpoint(
-            params=params,
-            optimizer=moments,
-            state=f.state,
-            config=f.config,
-            metrics=f.metrics,
-            path=f.path,
-            format_version=f.format_version,
-            software_version=f.software_version,
-            created=f.created,
-        )
+        return f.read_all(verify, optimizer)
 
 
 def header_ok(path: Path) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.api import resolve_checkpoint
+from hpc_llm.api import open_checkpoint
 from hpc_llm.checkpoint import CheckpointFile
 from hpc_llm.config import ModelConfig, config_from_dict
 from hpc_llm.errors import UserError
@@ -269,9 +269,9 @@ def export_hf(path, out_dir, dtype: str = "fp32", force: bool = False) -> Export
     check_dtype(dtype)
     out = Path(out_dir)
     check_out_dir(out, [path], force)
-    ckpt = resolve_checkpoint(path)
-    check_out_dir(out, [ckpt], force)
-    with CheckpointFile(ckpt) as saved:
+    # a run directory's newest held open from its choice to the end of the export: a live run's pruning leaves it
+    with open_checkpoint(path) as saved:
+        check_out_dir(out, [saved.path], force)
         m = config_from_dict(saved.config).model
         check_expressible(m, saved.path)
         params = _Params(saved, m)

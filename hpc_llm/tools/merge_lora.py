@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.api import resolve_checkpoint
-from hpc_llm.checkpoint import load_checkpoint
+from hpc_llm.api import open_checkpoint
 from hpc_llm.checkpoint.rundir import check_not_a_run_checkpoint
 from hpc_llm.checkpoint.serial import save_fresh_checkpoint
 from hpc_llm.config import ModelConfig, config_from_dict
@@ -101,7 +100,9 @@ def merge_lora(checkpoint, out, force: bool = False) -> Path:
     _check_out(out)
     check_output(out, "merge-lora --out", (checkpoint,), force)
     check_not_a_run_checkpoint(out, "merge-lora --out")
-    saved = load_checkpoint(resolve_checkpoint(checkpoint), optimizer=False)
+    # a run directory's newest held open from its choice to the end of the read: a live run's pruning leaves it
+    with open_checkpoint(checkpoint) as f:
+        saved = f.read_all(optimizer=False)
     cfg = config_from_dict(saved.config)
     m = cfg.model
     _check_adapters(saved, m)

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_llm.api import open_checkpoint, resolve_checkpoint
-from hpc_llm.checkpoint import load_checkpoint
+from hpc_llm.api import open_checkpoint
 from hpc_llm.checkpoint.serial import save_fresh_checkpoint
 from hpc_llm.config import ModelConfig, config_from_dict
 from hpc_llm.errors import UserError
@@ -153,16 +152,16 @@ def prune(checkpoint, out, pruning: Pruning, force: bool = False) -> tuple[Path,
             f"prune --out {out}: expected a checkpoint file path in an existing directory"
         )
     check_output(out, "prune --out", (checkpoint,), force)
-    path = resolve_checkpoint(checkpoint)
-    with open_checkpoint(path) as header:
-        cfg = config_from_dict(header.config)
-    m = cfg.model
-    plan_widths(m, pruning, str(path))  # refused before the weights are read
-    if m.lora_rank > 0:
-        raise UserError(
-            f"prune: {path} has LoRA adapters: fold them in with `hpc-llm merge-lora` first"
-        )
-    saved = load_checkpoint(path, optimizer=False)
+    # a run directory's newest held open from its choice to the end of the read: a live run's pruning leaves it
+    with open_checkpoint(checkpoint) as f:
+        path, cfg = f.path, config_from_dict(f.config)
+        m = cfg.model
+        plan_widths(m, pruning, str(path))  # refused before the weights are read
+        if m.lora_rank > 0:
+            raise UserError(
+                f"prune: {path} has LoRA adapters: fold them in with `hpc-llm merge-lora` first"
+            )
+        saved = f.read_all(optimizer=False)
     params, model, kept = pruned(saved.params, m, pruning, str(path))
     state = {
         "tokenizer": saved.state.get("tokenizer"),

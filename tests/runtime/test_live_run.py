@@ -1,11 +1,12 @@
-"""Readers and writers of one directory at once: a reader of a live run directory keeps its checkpoint while the run
-prunes; a save's temporary file takes no HDF5 lock (a subprocess forked meanwhile holds a copy of the writer's
-descriptor); a lock whose holder removes the file as it ends is never taken on the removed file."""
+"""Readers and writers of one directory at once: a reader of a live run directory (the API, merge-lora) keeps its
+checkpoint while the run prunes; a save's temporary file takes no HDF5 lock (a subprocess forked meanwhile holds a
+copy of the writer's descriptor); a lock whose holder removes the file as it ends is never taken on the removed file."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,7 +15,10 @@ import pytest
 from hpc_llm import checkpoint as ckpt
 from hpc_llm.api import open_checkpoint
 from hpc_llm.checkpoint import reader
+from hpc_llm.config import Config, ModelConfig
+from hpc_llm.model.gpt import GPT
 from hpc_llm.runtime import fsio
+from hpc_llm.tools.merge_lora import merge_lora
 
 
 def save(path, value: float) -> None:
@@ -97,3 +101,46 @@ def test_a_lock_is_never_taken_on_a_file_its_holder_removed(tmp_path, monkeypatc
         assert (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
     finally:
         lock.release()
+
+
+def save_lora(path, step: int) -> None:
+    """A LoRA checkpoint of a tiny model (adapters on c_attn), its weights all `step`."""
+    m = ModelConfig(
+        n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=16, lora_rank=2, lora_alpha=2.0
+    )
+    model = GPT(m, seed=0)
+    ckpt.save_checkpoint(
+        path,
+        params={n: np.full(p.shape, step, p.dtype) for n, p in model.params.items()},
+        optimizer={},
+        state={"step": step},
+        config=Config(model=m).to_dict(),
+        metrics={},
+    )
+
+
+@pytest.mark.timeout(60)
+def test_merge_lora_keeps_its_checkpoint_while_a_live_run_saves_and_prunes(tmp_path, monkeypatch):
+    """The live LoRA run saves step 6 and prunes to one as soon as the reader has verified step 4 and closed it:
+    before, merge-lora then opened step 4 by path and found it gone; now it holds the file it verified until it has
+    read it (api.open_checkpoint), and the pruner leaves it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (2, 4):
+        save_lora(ckpt.checkpoint_path(run, step), step)
+    close = reader.CheckpointFile.close
+    live = []
+
+    def close_while_the_run_goes_on(self):
+        close(self)
+        if not live and self.path.name == "ckpt_00000004.h5":
+            save_lora(ckpt.checkpoint_path(run, 6), 6)
+            ckpt.write_latest(run, ckpt.checkpoint_path(run, 6))
+            live.append(ckpt.prune_checkpoints(run, keep_last=1))
+
+    monkeypatch.setattr(reader.CheckpointFile, "close", close_while_the_run_goes_on)
+    merged = ckpt.load_checkpoint(merge_lora(run, tmp_path / "merged.h5"))
+    assert live, "the run never pruned"
+    assert Path(merged.state["merged_lora"]["path"]).name == "ckpt_00000004.h5"
+    w, a, b = (np.full((8, 24), 4.0), np.full((8, 2), 4.0), np.full((2, 24), 4.0))
+    np.testing.assert_array_equal(merged.params["h.0.attn.c_attn.weight"], w + 1.0 * (a @ b))
