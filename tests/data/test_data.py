@@ -532,6 +532,8 @@ def test_parallel_prepare_equals_single_process(tmp_path, tokenizer, ranks):
         "train.bin",
         "val.bin",
     ]
+    # the ranks' records, beside the output while it ran (runtime/records.py), are gone with the job
+    assert not list(tmp_path.glob(".hpc-llm-ranks*"))
 
 
 SPLIT_FILES = ("train.bin", "val.bin", "meta.json")
