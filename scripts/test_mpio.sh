@@ -11,7 +11,8 @@
 # pyproject.toml or this script changed); (3) check h5py's MPI build (H5PY_ALWAYS_USE_MPI=1, and under mpiexec via
 # OMPI_COMM_WORLD_SIZE) and the MPI library; (4) run tests/checkpoint/test_checkpoint_mpio.py under
 # `/usr/bin/mpiexec -n N` for N = 1, 2, 4 (pytest inside mpiexec, mpi-pytest's `-m "parallel[N]"` selection: its
-# forking mode does not work with Open MPI 4.1).
+# forking mode does not work with Open MPI 4.1); (5) tests/checkpoint/test_checkpoint_kill_mpio.py in one
+# pytest outside mpiexec (it starts 2-rank jobs and kills them).
 # A run passes only if mpiexec exits 0 (or 5: no test for that size) and every rank wrote a JUnit report with no
 # failure or error (a rank that died or was killed by pytest-timeout has none). Timings are printed per step; about
 # 7 s in all on a warm machine.
@@ -32,6 +33,7 @@ PACKAGES=(python3-h5py-mpi python3-mpi4py openmpi-bin python3-numpy python3-venv
           libopenblas0-pthread)  # without an optimised BLAS numpy uses the reference one: slow, and its float32
                                  # dot sums sequentially (test_parallel.py's 1e-5 grad-norm tolerance fails)
 TEST_FILES=(tests/checkpoint/test_checkpoint_mpio.py)
+KILL_FILES=(tests/checkpoint/test_checkpoint_kill_mpio.py)  # serial: starts /usr/bin/mpiexec itself
 FULL_FILES=(tests/parallel/test_parallel.py tests/model/test_tensor_parallel.py tests/parallel/test_resume_layouts.py
             tests/parallel/test_pipeline.py)
 NPS=${MPIO_NPS:-1 2 4}
@@ -221,6 +223,16 @@ if [ "$full" = 1 ]; then
         fi
     done
 fi
+# The mpio kill points: one pytest outside mpiexec, which starts mpiexec itself (Open MPI 4.1 cannot nest it).
+echo "test_mpio: pytest ${KILL_FILES[*]} (outside mpiexec)"
+rc=0
+timeout --kill-after=20 "$TIMEOUT" "$PY" -m pytest -p no:cacheprovider -q -rfEs --color=no \
+    --basetemp="$work/kill" "${KILL_FILES[@]}" "${extra[@]}" || rc=$?
+case $rc in
+    0 | 5) ;;  # 5: no test selected
+    *) failed+=("kill points (${KILL_FILES[*]}): pytest exit status $rc") ;;
+esac
+phase "kill points (exit status $rc)"
 echo "test_mpio: total $(since "$t_start") s"
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'test_mpio: FAILED: %s\n' "${failed[@]}" >&2

@@ -159,18 +159,13 @@ def resolve_vocab(vocab_size: int, data: TokenData) -> int:
 
 def choose_writer(cfg: Config, grid: Grid) -> str:
     """checkpoint.writer resolved (trainer_state.auto_writer), refused where this run cannot use it."""
-    writer, pp = cfg.checkpoint.writer, cfg.parallel.pp
+    writer = cfg.checkpoint.writer
     if writer == "auto":
         return auto_writer(writer, grid.world.size, cfg.checkpoint.async_save)
     if writer == "mpio" and not ckpt.mpio_available():
         raise UserError(
             "checkpoint.writer=mpio, but this h5py has no MPI support (h5py.get_config().mpi is "
             'false): use "gather", or h5py built with MPI (README: parallel HDF5)'
-        )
-    if writer == "mpio" and pp > 1:
-        raise UserError(
-            f"checkpoint.writer=mpio is not supported with parallel.pp={pp} yet: use "
-            '"gather" (or "auto")'
         )
     if writer == "mpio" and grid.world.mpi is None:
         return "gather"  # a grid that never calls MPI (one process): the same file, written alone

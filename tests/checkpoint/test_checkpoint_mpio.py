@@ -131,6 +131,64 @@ def file_contents(path) -> dict:
 TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds")}
 
 
+def mpio_and_gather_files_problems(data_dir, out_dir, grid_args, **overrides) -> list[str]:
+    """The same 3-step run (tiny_config with `overrides`, on make_grid(COMM_WORLD, *grid_args)) saved by the mpio
+    writer and by the gather writer: what is wrong on this rank with the outcome (rank 0 compares the files: the
+    same datasets bitwise, the same checksums and attributes, except the creation time, the config's out_dir and
+    writer, and the metrics that are timings; the mpio file verifies, and loads in one process bitwise equal to the
+    trained parameters)."""
+    import json
+
+    import hpc_llm
+    from hpc_llm.checkpoint import verify_checkpoint
+    from hpc_llm.parallel.grid import make_grid
+    from hpc_llm.train.trainer import Trainer
+
+    comm = MPI.COMM_WORLD
+    runs = {}
+    for writer in ("mpio", "gather"):
+        cfg = tiny_config(
+            data_dir,
+            out_dir / writer,
+            **{"train.max_iters": 3, "train.eval_iters": 0, "checkpoint.writer": writer},
+            **overrides,
+        )
+        tr = Trainer(cfg, grid=make_grid(comm, *grid_args))
+        runs[writer] = (tr, tr.run())
+    bad = []
+    for writer, (tr, summary) in runs.items():
+        if tr.writer != writer or summary["step"] != 3:
+            bad.append(f"{writer}: writer {tr.writer}, step {summary['step']}")
+    tr, summary = runs["mpio"]
+    # TP, ZeRO-3's DP and the stages' collectives: on every rank
+    full = tr.model.full_tensors(full_flat(tr))
+    if comm.rank != 0:
+        return bad
+    verify_checkpoint(summary["checkpoint"])
+    a, b = file_contents(summary["checkpoint"]), file_contents(runs["gather"][1]["checkpoint"])
+    if sorted(a) != sorted(b):
+        bad.append(f"different objects: {sorted(set(a) ^ set(b))[:6]}")
+    for key in sorted(set(a) & set(b)):
+        if key in ("/@created", "/@config_json", "/config@config_json") or (
+            key.split("@")[0] in TIMINGS
+        ):
+            continue
+        if not np.array_equal(np.asarray(a[key]), np.asarray(b[key])):
+            bad.append(f"{key} differs")
+    ca, cb = json.loads(a["/@config_json"]), json.loads(b["/@config_json"])
+    for c in (ca, cb):
+        del c["train"]["out_dir"], c["checkpoint"]["writer"]
+    if ca != cb:
+        bad.append("the configs differ beyond out_dir and writer")
+    model = hpc_llm.load_model(summary["checkpoint"])
+    bad += [
+        f"loaded {n} differs from the trained parameters"
+        for n, p in full.items()
+        if not np.array_equal(model.params[n], p)
+    ]
+    return bad
+
+
 @pytest.mark.parallel(nprocs=SIZES)
 @pytest.mark.parametrize(
     ("message_elems", "zero"),
@@ -140,71 +198,45 @@ TIMINGS = {f"/metrics/train/{c}" for c in ("tokens_per_s", "mfu", "comm_seconds"
 def test_mpio_writer_writes_the_gather_writers_file(
     message_elems, zero, data_dir, shared_tmp_path, monkeypatch
 ):
-    """The same run (dp x tp = 1, 2x1 ZeRO-1 or ZeRO-3, 2x2 ZeRO-1 or ZeRO-3 with sequence parallelism, on 1, 2, 4
-    ranks) saved by the mpio writer (every rank writes its share of the datasets) and by the gather writer (rank 0
-    writes): the files hold the same datasets bitwise, the same checksums and attributes, except the creation time,
-    the config's out_dir and writer, and the metrics that are timings; the mpio file verifies, and loads in one
-    process bitwise equal to the trained parameters. Also with every block (so every message and every write) cut to
-    100 elements."""
-    import hpc_llm
-    from hpc_llm.checkpoint import slabs, verify_checkpoint
-    from hpc_llm.parallel.grid import make_grid
-    from hpc_llm.train.trainer import Trainer
+    """mpio_and_gather_files_problems at dp x tp = 1, 2x1 ZeRO-1 or ZeRO-3, 2x2 ZeRO-1 or ZeRO-3 with sequence
+    parallelism (on 1, 2, 4 ranks); also with every block (so every message and every write) cut to 100
+    elements."""
+    from hpc_llm.checkpoint import slabs
 
     if message_elems:
         monkeypatch.setattr(slabs, "MESSAGE_ELEMS", message_elems)
-    comm = MPI.COMM_WORLD
-    tp = 2 if comm.size == 4 else 1
-    runs = {}
-    for writer in ("mpio", "gather"):
-        cfg = tiny_config(
-            data_dir,
-            shared_tmp_path / writer,
-            **{
-                "model.n_head": 4,
-                "model.dropout": 0.1,
-                "train.max_iters": 3,
-                "train.eval_iters": 0,
-                "parallel.tp": tp,
-                "parallel.zero": zero if comm.size // tp > 1 else 0,
-                "parallel.sequence_parallel": tp > 1 and zero == 3,
-                "checkpoint.writer": writer,
-            },
-        )
-        tr = Trainer(cfg, grid=make_grid(comm, tp))
-        runs[writer] = (tr, tr.run())
-    bad = []
-    for writer, (tr, summary) in runs.items():
-        if tr.writer != writer or summary["step"] != 3:
-            bad.append(f"{writer}: writer {tr.writer}, step {summary['step']}")
-    tr, summary = runs["mpio"]
-    full = tr.model.full_tensors(full_flat(tr))  # TP (and ZeRO-3's DP) collectives: on every rank
-    if comm.rank == 0:
-        verify_checkpoint(summary["checkpoint"])
-        a, b = file_contents(summary["checkpoint"]), file_contents(runs["gather"][1]["checkpoint"])
-        if sorted(a) != sorted(b):
-            bad.append(f"different objects: {sorted(set(a) ^ set(b))[:6]}")
-        for key in sorted(set(a) & set(b)):
-            if (
-                key in ("/@created", "/@config_json", "/config@config_json")
-                or key.split("@")[0] in TIMINGS
-            ):
-                continue
-            if not np.array_equal(np.asarray(a[key]), np.asarray(b[key])):
-                bad.append(f"{key} differs")
-        import json
+    tp = 2 if MPI.COMM_WORLD.size == 4 else 1
+    overrides = {
+        "model.n_head": 4,
+        "model.dropout": 0.1,
+        "parallel.tp": tp,
+        "parallel.zero": zero if MPI.COMM_WORLD.size // tp > 1 else 0,
+        "parallel.sequence_parallel": tp > 1 and zero == 3,
+    }
+    bad = mpio_and_gather_files_problems(data_dir, shared_tmp_path, (tp,), **overrides)
+    check(not bad, "\n".join(bad))
 
-        ca, cb = json.loads(a["/@config_json"]), json.loads(b["/@config_json"])
-        for c in (ca, cb):
-            del c["train"]["out_dir"], c["checkpoint"]["writer"]
-        if ca != cb:
-            bad.append("the configs differ beyond out_dir and writer")
-        model = hpc_llm.load_model(summary["checkpoint"])
-        bad += [
-            f"loaded {n} differs from the trained parameters"
-            for n, p in full.items()
-            if not np.array_equal(model.params[n], p)
-        ]
+
+@pytest.mark.parallel(nprocs=[4])
+@pytest.mark.parametrize(
+    ("tp", "zero"), [(1, 1), (1, 3), (2, 0)], ids=["PP2xDP2-zero1", "PP2xDP2-zero3", "PP2xTP2"]
+)
+def test_mpio_writer_writes_the_gather_writers_file_across_stages(
+    tp, zero, data_dir, shared_tmp_path, monkeypatch
+):
+    """mpio_and_gather_files_problems with two pipeline stages (2x2 with data parallelism, ZeRO-1 or ZeRO-3, or with
+    tensor parallelism; the embedding tied across the first and last stage), blocks cut to 100 elements: every rank
+    of every stage creates every dataset and writes its share of the one file."""
+    from hpc_llm.checkpoint import slabs
+
+    monkeypatch.setattr(slabs, "MESSAGE_ELEMS", 100)
+    overrides = {
+        "model.n_head": 4,
+        "parallel.tp": tp,
+        "parallel.pp": 2,
+        "parallel.zero": zero,
+    }
+    bad = mpio_and_gather_files_problems(data_dir, shared_tmp_path, (tp, 2), **overrides)
     check(not bad, "\n".join(bad))
 
 
