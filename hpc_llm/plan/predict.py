@@ -31,12 +31,11 @@ from hpc_llm.plan.memory import (
     Bytes,
     Layout,
     max_rank_memory,
-    message_bytes,
-    message_elems,
     specs_of,
     stage_plan,
     stage_sync,
 )
+from hpc_llm.plan.peak import message_bytes, message_elems
 from hpc_llm.plan.sharding import zero_pass_seconds
 from hpc_llm.plan.simulate import simulate_costs
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.parallel.zero import part_finishes, part_reads, unit_ranges
 from hpc_llm.plan.cluster import Link, allgather, reduce_scatter
-from hpc_llm.plan.memory import Bytes, Layout, chunk_parts
+from hpc_llm.plan.memory import Bytes, Layout
+from hpc_llm.plan.peak import chunk_parts
 
 
 def _part_cost(costs: dict, part, backward: bool, later: bool) -> float:

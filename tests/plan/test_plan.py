@@ -382,7 +382,7 @@ def test_zero_bubble_prices_b_and_w_apart():
     shorter step; zbv (priced per virtual stage on its V) shorter still, with no embedding allreduce; zb-h1's last
     stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
     from hpc_llm.plan import compute as PC
-    from hpc_llm.plan.memory import _chunk_sizes, _weight_sizes
+    from hpc_llm.plan.peak import _chunk_sizes, _weight_sizes
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
     pr = PC.Pricer(CL, "float32", 4, 2, K.Link(1e-5, 1e9, 1e9), sp=True)
@@ -907,7 +907,7 @@ def test_plan_layout_gpus_and_batch_flags_agree(tmp_path, capsys):
 def test_sends_in_flight_are_capped_at_the_depth_per_direction(name, p, stage, m, v):
     """At each op: min(sends made so far in that direction, D), counted from the op list itself (a chunk's forward
     sends unless it is the last virtual stage, its backward unless it is the first); D None: every send so far."""
-    from hpc_llm.plan.memory import sends_in_flight
+    from hpc_llm.plan.peak import sends_in_flight
 
     cfg = tiny(n_layer=12)
     lay = Layout(pp=p, schedule=name, virtual=v, micro_batches=m)
@@ -939,7 +939,7 @@ def test_pipeline_buffers_follow_the_codes_send_depth(monkeypatch):
     for that); a message is (b, T, C) in the compute dtype, (b, T/tp, C) with sequence parallelism, and with 16-bit
     transfers n + SCALE_WORDS uint16 words."""
     from hpc_llm.parallel.compression import SCALE_WORDS
-    from hpc_llm.plan.memory import message_bytes
+    from hpc_llm.plan.peak import message_bytes
 
     cfg = tiny(n_layer=8, block_size=64)
     by = Bytes.of(4)
@@ -1113,7 +1113,7 @@ def test_selective_recompute_prices_each_query_blocks_probabilities_again():
 def test_pipeline_transfer_of_16_bit_words_with_sequence_parallelism():
     """A pipeline message costs p2p of its bytes: (b, T/tp, C) with sequence parallelism, n + 2 16-bit words with
     16-bit transfers, plus their conversion there and back; fewer bytes give a shorter wait for the same compute."""
-    from hpc_llm.plan.memory import message_bytes
+    from hpc_llm.plan.peak import message_bytes
     from hpc_llm.plan.predict import _transfer_time
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
