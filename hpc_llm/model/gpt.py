@@ -16,6 +16,7 @@ import numpy as np
 from hpc_llm.backend import releasable_zeros, release, to_device
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
+from hpc_llm.model.chunk import Chunk
 from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.model.layers import NO_PARAM, Param
 from hpc_llm.model.layout import (
@@ -29,7 +30,7 @@ from hpc_llm.model.layout import (
     param_specs,
     whole_model,
 )
-from hpc_llm.model.modules import Block, Chunk, Embedding, Head
+from hpc_llm.model.modules import Block, Embedding, Head
 from hpc_llm.model.precision import Precision
 from hpc_llm.model.shard_io import ShardIO
 from hpc_llm.parallel.comm import Comm
@@ -41,7 +42,7 @@ class GPT:
 
     A rank holds its shard of every split tensor (heads of qkv and the MLP, rows of the projections, a slice of the
     vocabulary) and a full copy of the rest; the f/g mappings of tensor_parallel.py join them. `chunks` are its
-    pipeline stages (modules.Chunk); forward/backward below run the whole model when it is one chunk, the pipeline
+    pipeline stages (chunk.Chunk); forward/backward below run the whole model when it is one chunk, the pipeline
     runs chunks one by one (parallel/pipeline.py).
 
     sequence_parallel (training only, tp > 1): the activations between the layers, and between pipeline stages, are

@@ -112,7 +112,7 @@ def zero_receive(specs, sync, n: int, dp_rank: int, by: Bytes) -> int:
 
 
 def chunk_parts(plan, v: int) -> list:
-    """Virtual stage v's parts in forward order, as modules.Chunk.parts() names them."""
+    """Virtual stage v's parts in forward order, as chunk.Chunk.parts() names them."""
     return (
         (["embedding"] if v == 0 else [])
         + list(plan.layers[v])

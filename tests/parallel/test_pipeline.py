@@ -382,7 +382,7 @@ FAILING_STAGE = """
 import sys
 from mpi4py import MPI
 from hpc_llm.cli import main
-from hpc_llm.model.modules import Chunk
+from hpc_llm.model.chunk import Chunk
 if MPI.COMM_WORLD.rank == 1:
     forward, calls = Chunk.forward, []
     def failing(self, *args, **kwargs):
