@@ -35,6 +35,10 @@ def get_backend(name: str):
             raise UserError(
                 'train.backend = "cupy" but CuPy is not installed (pip install hpc_llm[gpu])'
             ) from None
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # noqa: BLE001 - any CUDA failure: CuPy is here, a usable GPU is not
+            raise UserError(f'train.backend = "cupy" but no usable GPU: {e}') from None
         return cupy
     raise UserError(f'train.backend: expected "numpy" or "cupy", got {name!r}')
 

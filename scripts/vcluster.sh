@@ -324,8 +324,9 @@ watch_stderr() {
         *"MPI_ABORT was invoked"* | *"lost communication with a remote daemon"* | *MPI_ERRORS_ARE_FATAL*)
             [ -e "$dir/failing" ] && continue
             date +%s >"$dir/failing"
+            # not node1: it runs the launcher, and its ranks may already have ended by the abort
             for node in "$@"; do
-                [ -n "$(node_pids "$node")" ] || echo "$node" >>"$dir/lost"
+                [ "$node" = node1 ] || [ -n "$(node_pids "$node")" ] || echo "$node" >>"$dir/lost"
             done
             ;;
         *"Remote daemon:"*" on node "*) echo "${line##* on node }" >>"$dir/lost" ;;
@@ -386,7 +387,7 @@ cmd_mpiexec() {
         wait "$pid" || status=$?
     done
     [ -z "$killed" ] || exec 2>&3 3>&-
-    sleep 0.2  # the stderr watcher's last lines, the agents' records
+    sleep 1  # the stderr watcher's last lines, the agents' records
     if [ -s "$dir/daemons" ]; then
         cut -d' ' -f1 "$dir/daemons" >>"$dir/lost"
         [ -e "$dir/failing" ] || date +%s >"$dir/failing"

@@ -306,7 +306,9 @@ def open_file(path: Path, locking: bool = True) -> h5py.File:
     if not path.is_file():
         raise UserError(f"{path}: is not a regular file (expected an hpc_llm checkpoint .h5 file)")
     try:
-        return h5py.File(path, "r", locking=locking)
+        # locking=True is HDF5's default (None), not h5py's True: the two differ in "ignore disabled locks", and one
+        # process opening a file twice with different flags (inspect A A, a reader beside the API) is refused
+        return h5py.File(path, "r", locking=None if locking else False)
     except OSError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated file" in reason:

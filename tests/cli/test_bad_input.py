@@ -364,11 +364,21 @@ def F(field: str, bad_type, bad_range=None, range_expect: str = "") -> list[Row]
     return rows
 
 
-NO_CUPY = (
-    ""
-    if importlib.util.find_spec("cupy") is None
-    else "CuPy is installed: the cupy backend is valid here"
-)
+def _cupy_missing() -> tuple[str, str]:
+    """(what train.backend = "cupy" is refused for here, why a row cannot run: "" where it can): CuPy absent, or
+    present without a usable GPU (CI installs CuPy for NVRTC), or a GPU machine, where the backend is valid."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed", ""
+    import cupy
+
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - any CUDA failure: no usable GPU
+        return "but no usable GPU", ""
+    return "", "a GPU is here: the cupy backend is valid"
+
+
+CUPY_MISSING, NO_CUPY = _cupy_missing()
 
 
 def _h5py_has_mpi() -> bool:
@@ -744,7 +754,7 @@ def _rows() -> list[Row]:
             sets=["model.block_size=8192"],
         )
     )
-    add(T("cupy-not-installed", "CuPy is not installed", sets=["train.backend=cupy"], skip=NO_CUPY))
+    add(T("cupy-unusable", CUPY_MISSING, sets=["train.backend=cupy"], skip=NO_CUPY))
     add(
         T(
             "async-save-with-the-gather-writer",
@@ -1411,9 +1421,9 @@ def _rows() -> list[Row]:
     )
     add(
         Row(
-            "generate-cupy-not-installed",
+            "generate-cupy-unusable",
             "generate {run} --backend cupy",
-            "CuPy is not installed",
+            CUPY_MISSING,
             skip=NO_CUPY,
         )
     )
