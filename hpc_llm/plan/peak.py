@@ -62,11 +62,14 @@ class _Peak:
     zero: int = 0  # ZeRO-1 receive buffers of the buckets launched during the last backward; ZeRO-2/3's units
 
 
-def _weight_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, int]:
-    """What each chunk's B keeps for its W in bytes, for one micro-batch (zero-bubble schedules)."""
-    sp = lay.sequence_parallel
-    return {
-        c: chunk_weight_bytes(
+def _chunk_sizes(
+    cfg: ModelConfig, lay: Layout, plan, by: Bytes, weight: bool = False
+) -> dict[int, int]:
+    """Each chunk's activation cache in bytes for one micro-batch; weight: instead, what its B keeps for its W
+    (zero-bubble schedules)."""
+    sizes = {}
+    for c, v in enumerate(plan.chunks):
+        shape = (
             cfg,
             lay.tp,
             lay.rows,
@@ -74,30 +77,12 @@ def _weight_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, i
             v == 0,
             v == plan.n_virtual - 1,
             by.act,
-            by.compute,
-            sp,
-        )  # fmt: skip
-        for c, v in enumerate(plan.chunks)
-    }
-
-
-def _chunk_sizes(cfg: ModelConfig, lay: Layout, plan, by: Bytes) -> dict[int, int]:
-    """Each chunk's activation cache in bytes, for one micro-batch."""
-    return {
-        c: chunk_cache_bytes(
-            cfg,
-            lay.tp,
-            lay.rows,
-            len(plan.layers[v]),
-            v == 0,
-            v == plan.n_virtual - 1,
-            by.act,
-            lay.recompute,
-            by.compute,
-            lay.sequence_parallel,
         )
-        for c, v in enumerate(plan.chunks)
-    }
+        if weight:
+            sizes[c] = chunk_weight_bytes(*shape, by.compute, lay.sequence_parallel)
+        else:
+            sizes[c] = chunk_cache_bytes(*shape, lay.recompute, by.compute, lay.sequence_parallel)
+    return sizes
 
 
 def zero_receive(specs, sync, n: int, dp_rank: int, by: Bytes) -> int:
@@ -246,7 +231,7 @@ def schedule_peak(
     ops = schedule(lay.schedule, lay.pp, stage, lay.micro_batches, lay.virtual)
     split = sched.splits(ops)
     # split: B leaves what W needs (the rest of the cache freed), and W frees it
-    kept = _weight_sizes(cfg, lay, plan, by) if split else {}
+    kept = _chunk_sizes(cfg, lay, plan, by, weight=True) if split else {}
     writes = Phase.WEIGHT if split else Phase.BACKWARD
     # a send buffer: the activation or gradient itself, or its 16-bit rounded copy
     msg = message_bytes(cfg, lay, by)

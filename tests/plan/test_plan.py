@@ -382,7 +382,7 @@ def test_zero_bubble_prices_b_and_w_apart():
     shorter step; zbv (priced per virtual stage on its V) shorter still, with no embedding allreduce; zb-h1's last
     stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
     from hpc_llm.plan import compute as PC
-    from hpc_llm.plan.peak import _chunk_sizes, _weight_sizes
+    from hpc_llm.plan.peak import _chunk_sizes
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
     pr = PC.Pricer(CL, "float32", 4, 2, K.Link(1e-5, 1e9, 1e9), sp=True)
@@ -416,7 +416,10 @@ def test_zero_bubble_prices_b_and_w_apart():
     for name, want in (("zb-h1", lambda f, w: 3 * w + f), ("1f1b", lambda f, w: f)):
         lay_n = Layout(schedule=name, **lay)
         plan = stage_plan(cfg, lay_n, 3)
-        f, w = _chunk_sizes(cfg, lay_n, plan, by)[0], _weight_sizes(cfg, lay_n, plan, by)[0]
+        f, w = (
+            _chunk_sizes(cfg, lay_n, plan, by)[0],
+            _chunk_sizes(cfg, lay_n, plan, by, weight=True)[0],
+        )
         assert rank_memory(cfg, lay_n, 3, by).activations == want(f, w), name
 
 
