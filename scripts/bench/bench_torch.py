@@ -2,23 +2,29 @@
 """Our training step against PyTorch's (eager and torch.compile) on the same cores, alternating in one run.
 
     python scripts/bench/bench_torch.py --torch-python PATH/TO/venv-with-torch/bin/python [--preset NAME] \
-        [--precision bf16] [--rounds 5] [--steps 3]
+        [--precision bf16] [--rounds 5] [--steps 3] [--kinds ours,eager,compile,ours-dp2,ddp]
 
 Three worker processes hold one model each (ours: GPT + AdamW; PyTorch: the same GPT-2 architecture, nanoGPT's
 layout, torch.optim.AdamW), built once; the driver asks them in turn for `--steps` timed steps, `--rounds` times, so
 each sees the same machine, one at a time; medians over every timed step. bf16: ours rounds the matmul operands
 and kept activations (train.precision = "bf16"), PyTorch runs under torch.autocast("cpu", bfloat16). Random
-tokens, dropout 0, forward + backward + optimizer step. The torch interpreter is another environment's (CI never
-has torch); ours is this one's. Never a test: record the figures in docs/performance.md.
+tokens, dropout 0, forward + backward + optimizer step. Data parallel on the same cores: `ours-dp2` is 2 MPI ranks of
+one BLAS thread each running the Trainer (the `hpc-llm train` path: bucketed allreduce overlapped with backward),
+`ddp` PyTorch's DistributedDataParallel over gloo, 2 processes of one thread each; each rank holds the preset's
+batch, so a step moves twice the tokens (compare tokens/s); a step's time is the slower rank's. The torch
+interpreter is another environment's (CI never has torch); ours is this one's. Never a test: record the figures in
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -71,6 +77,8 @@ def torch_worker(p: dict, precision: str, mode: str):
     model = GPT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = torch.compile(model) if mode == "compile" else model
+    if mode == "ddp":
+        fwd = nn.parallel.DistributedDataParallel(model)
     idx = torch.randint(0, p["vocab_size"], (p["batch"], T))
     tgt = torch.randint(0, p["vocab_size"], (p["batch"], T))
 
@@ -84,20 +92,105 @@ def torch_worker(p: dict, precision: str, mode: str):
     return step
 
 
-def worker(kind: str, p: dict, precision: str) -> None:
+def ours_dp2_worker(p: dict, precision: str):
+    """One rank of 2: the Trainer on random tokens; returns a step that ends when both ranks have (a barrier)."""
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    from hpc_llm.train.trainer import Trainer
+
+    from common import PRESETS, preset_config
+
+    world = MPI.COMM_WORLD
+    name = next(k for k, v in PRESETS.items() if v == p)
+    tmp = world.bcast(tempfile.mkdtemp(prefix="hpc_llm_bench_") if world.rank == 0 else None)
+    cfg = preset_config(world, name, Path(tmp), 2_000_000)
+    cfg.train.batch_size = p["batch"] * world.size  # the preset's batch on each rank
+    cfg.train.precision = precision
+    tr = Trainer(cfg)
+
+    def step():
+        tr.train_step()
+        world.Barrier()
+
+    return step
+
+
+def ddp_setup(rank: int):
+    """PyTorch's two ranks: rank 0 is the driver's worker, rank 1 its child, fed the driver's lines."""
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    child = None
+    if rank == 0:
+        env = dict(os.environ, BENCH_DDP_RANK="1")
+        child = subprocess.Popen([sys.executable, *sys.argv], env=env, stdin=subprocess.PIPE, text=True)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=rank, world_size=2)
+    return child
+
+
+def worker(kind: str, p: dict, precision: str, fifo: str) -> None:
     """Build, warm up (torch.compile compiles here), then answer each line `N` with N step times (JSON). p: the
     preset's shape (JSON from the driver: the torch environment need not have our dependencies)."""
-    step = ours_worker(p, precision) if kind == "ours" else torch_worker(p, precision, kind)
+
+    rank, child = 0, None
+    if kind == "ours-dp2":
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.rank
+    elif kind == "ddp":
+        rank = int(os.environ.get("BENCH_DDP_RANK", "0"))
+    # rank 0 talks to the driver through two FIFOs (mpiexec's stdio forwarding would not do); a ddp rank 1 reads
+    # rank 0's lines on stdin, an MPI rank 1 gets them by broadcast
+    out = cmds = None
+    if rank == 0:
+        out = open(fifo + ".out", "w", buffering=1)  # noqa: SIM115 (held for the worker's life)
+        cmds = open(fifo + ".cmd")  # noqa: SIM115
+    elif kind == "ddp":
+        cmds = sys.stdin
+    if kind == "ours-dp2":
+        step = ours_dp2_worker(p, precision)
+    elif kind == "ddp":
+        child = ddp_setup(rank)
+        step = torch_worker(p, precision, kind)
+    else:
+        step = ours_worker(p, precision) if kind == "ours" else torch_worker(p, precision, kind)
+
+    def say(line: str) -> None:
+        if out is not None:
+            print(line, file=out, flush=True)
+
     for _ in range(2):
         step()
-    print("ready", flush=True)
-    for line in sys.stdin:
+    say("ready")
+    lines = iter(cmds.readline, "") if cmds is not None else None
+    while True:
+        if kind == "ours-dp2":
+            n = int(next(lines, "0")) if rank == 0 else None
+            # wait for the driver asleep: a rank spinning in MPI would take a core from the worker being timed
+            req = MPI.COMM_WORLD.Ibarrier()
+            while not req.Test():
+                time.sleep(0.002)
+            n = MPI.COMM_WORLD.bcast(n)
+        else:
+            n = int(next(lines, "0"))
+            if child is not None:
+                child.stdin.write(f"{n}\n")
+                child.stdin.flush()
+        if n == 0:
+            break
         times = []
-        for _ in range(int(line)):
+        for _ in range(n):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        print(json.dumps(times), flush=True)
+        say(json.dumps(times))
+    if child is not None:
+        child.stdin.close()
+        child.wait()
 
 
 def main() -> None:
@@ -109,17 +202,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per worker per round")
     ap.add_argument("--kinds", default="ours,eager,compile")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--fifo", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, json.loads(args.preset[0]), args.precision)
+        return worker(args.worker, json.loads(args.preset[0]), args.precision, args.fifo)
     from common import PRESETS
 
+    tmp = tempfile.mkdtemp(prefix="bench_torch_")
     for preset in args.preset or list(PRESETS):
+        for f in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, f))
+        tokens = PRESETS[preset]["batch"] * PRESETS[preset]["block_size"]
         procs = {}
         for kind in args.kinds.split(","):
-            exe = sys.executable if kind == "ours" else args.torch_python
+            exe = sys.executable if kind.startswith("ours") else args.torch_python
+            launch = [exe]
+            env = None
+            if kind in ("ours-dp2", "ddp"):
+                env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+            if kind == "ours-dp2":
+                launch = ["mpiexec", "-n", "2", "--bind-to", "none", exe]
             cmd = [
-                exe,
+                *launch,
                 __file__,
                 "--worker",
                 kind,
@@ -130,26 +234,34 @@ def main() -> None:
                 "--torch-python",
                 args.torch_python,
             ]
-            procs[kind] = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-            assert procs[kind].stdout.readline().strip() == "ready", (
-                kind
-            )  # one at a time: builds don't overlap
+            fifo = os.path.join(tmp, kind)
+            for end in (".out", ".cmd"):
+                os.mkfifo(fifo + end)
+            cmd += ["--fifo", fifo]
+            proc = subprocess.Popen(cmd, env=env)
+            link = (open(fifo + ".out"), open(fifo + ".cmd", "w"))  # noqa: SIM115 (the worker's life)
+            # one at a time: builds don't overlap
+            assert link[0].readline().strip() == "ready", kind
+            procs[kind] = (proc, *link)
         times = {k: [] for k in procs}
         for _ in range(args.rounds):
-            for kind, proc in procs.items():
-                proc.stdin.write(f"{args.steps}\n")
-                proc.stdin.flush()
-                times[kind] += json.loads(proc.stdout.readline())
-        for proc in procs.values():
-            proc.stdin.close()
+            for kind, (_, answers, asks) in procs.items():
+                asks.write(f"{args.steps}\n")
+                asks.flush()
+                times[kind] += json.loads(answers.readline())
+        for proc, answers, asks in procs.values():
+            asks.write("0\n")
+            asks.close()
             proc.wait()
+            answers.close()
         med = {k: statistics.median(v) for k, v in times.items()}
-        line = ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in med.items())
-        ratios = ", ".join(
-            f"{k}/ours {t / med['ours']:.2f}x" for k, t in med.items() if k != "ours"
-        )
+        # tokens/s: the data-parallel kinds move twice the preset's batch a step
+        tps = {k: tokens * (2 if k in ("ours-dp2", "ddp") else 1) / t for k, t in med.items()}
+        line = ", ".join(f"{k} {1e3 * t:.1f} ms ({tps[k]:.0f} tokens/s)" for k, t in med.items())
+        base = "ours" if "ours" in tps else next(iter(tps))
+        ratios = ", ".join(f"{base}/{k} {tps[base] / t:.2f}x" for k, t in tps.items() if k != base)
+        if "ours-dp2" in tps and "ddp" in tps:
+            ratios += f", ours-dp2/ddp {tps['ours-dp2'] / tps['ddp']:.2f}x"
         n = args.rounds * args.steps
         print(
             f"{preset} {args.precision}: {line} ({ratios}; medians of {n} steps each)", flush=True
