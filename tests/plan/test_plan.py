@@ -855,7 +855,7 @@ def test_plan_layout_keeps_the_configs_uneven_split(tmp_path, capsys):
         ("pp", "--layout: expected KEY=VALUE pairs"),
         ("pp=2,pp=2", "--layout pp: given twice"),
         ("tp=3", "--layout tp=3: expected a divisor of model.n_head=4"),
-        ("sp=1", "--layout sp=1: expected tp > 1"),
+        ("sp=1", "--layout sp=1: expected false with tp = 1"),
         ("pp=3", "--layout pp=3 x virtual=1: expected a divisor of model.n_layer=4"),
         (
             "pp=2,schedule=interleaved,virtual=2,micro=3",
