@@ -16,10 +16,10 @@
 # libpmix-dev was installed before slurmd starts. Exit status of start: 0 = node idle; 3 = Slurm or munge is not
 # installed; 1 = a daemon did not come up (the reason and the log's tail on stderr).
 #
-# The configuration follows what was seen working on this machine kind: proctrack/linuxproc and task/none (no
-# cgroups in a container), select/cons_tres with CR_CPU, no accounting, MinJobAge=5 (sbatch --wait returns soon),
-# cred_expire=10 and sched_interval=5 (a requeued job starts again within seconds, not 35-50 s).
+# The configuration follows what was seen working on this machine kind (scripts/slurm_common.sh, shared with
+# scripts/vcluster_slurm.sh).
 set -euo pipefail
+. "$(dirname "$(readlink -f "$0")")/slurm_common.sh"
 
 usage() { echo "usage: $0 start|stop STATE_DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
@@ -29,31 +29,6 @@ CONF=$S/slurm.conf
 export SLURM_CONF=$CONF
 
 die() { echo "slurm_cluster: $*" >&2; exit 1; }
-
-# Stop the processes whose pids are in the given files: TERM to all at once (each takes about 2 s to exit), up to
-# 10 s, then KILL.
-stop_pidfiles() {
-    local f pid pids=() i
-    for f in "$@"; do
-        [ -f "$f" ] || continue
-        pid=$(cat "$f" 2>/dev/null || true)
-        rm -f "$f"
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            pids+=("$pid")
-        fi
-    done
-    for i in $(seq 100); do
-        local alive=()
-        for pid in "${pids[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive+=("$pid")
-        done
-        [ ${#alive[@]} -eq 0 ] && return 0
-        pids=("${alive[@]}")
-        sleep 0.1
-    done
-    kill -KILL "${pids[@]}" 2>/dev/null || true
-}
 
 stop() {
     if [ -f "$S/slurmctld.pid" ] && [ -f "$CONF" ] && command -v scancel >/dev/null; then
@@ -97,12 +72,7 @@ start() {
     mkdir -p "$S/munge" "$S/ctld" "$S/spool"
     chmod 0700 "$S/munge"
 
-    # munged: its own key, socket and pid file. --force: run as root, accept a socket under a world-writable /tmp.
-    dd if=/dev/urandom of="$S/munge/munge.key" bs=1024 count=1 status=none
-    chmod 0400 "$S/munge/munge.key"
-    munged --force --key-file="$S/munge/munge.key" --socket="$S/munge/munge.socket" \
-        --pid-file="$S/munge/munged.pid" --log-file="$S/munge/munged.log" --seed-file="$S/munge/munged.seed" \
-        || { show_log "$S/munge/munged.log"; die "munged did not start"; }
+    start_munged "$S" || { show_log "$S/munge/munged.log"; die "munged did not start"; }
 
     local host cpus ctld_port slurmd_port FAKE_GPUS=2
     host=$(hostname -s)
@@ -121,12 +91,6 @@ ClusterName=hpcllmtest
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$S/munge/munge.socket,cred_expire=10
-StateSaveLocation=$S/ctld
 SlurmdSpoolDir=$S/spool
 SlurmctldPidFile=$S/slurmctld.pid
 SlurmdPidFile=$S/slurmd.pid
@@ -134,18 +98,7 @@ SlurmctldLogFile=$S/slurmctld.log
 SlurmdLogFile=$S/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MpiDefault=none
-ReturnToService=2
-MinJobAge=5
-KillWait=10
-SchedulerParameters=sched_interval=5,bf_interval=5
+$(slurm_conf_shared "$S")
 $overrides
 GresTypes=gpu
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Gres=gpu:$FAKE_GPUS State=UNKNOWN

@@ -13,6 +13,7 @@
 # otherwise make the same directory for a step on every node and fail. Exit status of start: 0 = every node idle;
 # 3 = Slurm or munge not installed, not root, or no virtual cluster; 1 = a daemon did not come up.
 set -euo pipefail
+. "$(dirname "$(readlink -f "$0")")/slurm_common.sh"
 
 usage() { echo "usage: $0 start|stop STATE_DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
@@ -27,29 +28,10 @@ die() { echo "vcluster_slurm: $*" >&2; exit 1; }
 nodes() { { "$VC" status 2>/dev/null || true; } | awk '/^node[0-9]+ /{print $1}'; }
 
 stop() {
-    local f pid pids=()
     if [ -f "$S/slurmctld.pid" ]; then
         "$VC" exec node1 timeout 10 scancel --full --user=root 2>/dev/null || true
     fi
-    # TERM to every daemon at once, up to 10 s for all of them, then KILL
-    for f in "$S"/slurmd.*.pid "$S/slurmctld.pid" "$S/munge/munged.pid"; do
-        [ -f "$f" ] || continue
-        pid=$(cat "$f" 2>/dev/null || true)
-        rm -f "$f"
-        if [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; then
-            pids+=("$pid")
-        fi
-    done
-    for _ in $(seq 100); do
-        [ ${#pids[@]} -eq 0 ] && return 0
-        local alive=()
-        for pid in "${pids[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive+=("$pid")
-        done
-        pids=("${alive[@]}")
-        sleep 0.1
-    done
-    kill -KILL "${pids[@]}" 2>/dev/null || true
+    stop_pidfiles "$S"/slurmd.*.pid "$S/slurmctld.pid" "$S/munge/munged.pid"
 }
 
 start() {
@@ -69,12 +51,8 @@ start() {
     rm -rf "$S/munge" "$S/ctld" "$S/spool" "$S/tmp" "$S"/*.log "$CONF"
     mkdir -p "$S/munge" "$S/ctld"
     chmod 0700 "$S/munge"
-    dd if=/dev/urandom of="$S/munge/munge.key" bs=1024 count=1 status=none
-    chmod 0400 "$S/munge/munge.key"
     # munged on the host: the nodes share the file system, so its socket reaches every node
-    munged --force --key-file="$S/munge/munge.key" --socket="$S/munge/munge.socket" \
-        --pid-file="$S/munge/munged.pid" --log-file="$S/munge/munged.log" --seed-file="$S/munge/munged.seed" ||
-        die "munged did not start"
+    start_munged "$S" || die "munged did not start"
     cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     local addr
     addr=$("$VC" exec node1 ip -4 -o addr show dev eth0 | awk '{split($4, a, "/"); print a[1]}')
@@ -82,30 +60,13 @@ start() {
 # The virtual cluster's Slurm, written by scripts/vcluster_slurm.sh
 ClusterName=vcluster
 SlurmctldHost=node1($addr)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$S/munge/munge.socket,cred_expire=10
-StateSaveLocation=$S/ctld
 SlurmdSpoolDir=$S/spool/%n
 TmpFS=$S/tmp/%n
 SlurmctldPidFile=$S/slurmctld.pid
 SlurmdPidFile=$S/slurmd.%n.pid
 SlurmctldLogFile=$S/slurmctld.log
 SlurmdLogFile=$S/slurmd.%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MpiDefault=none
-ReturnToService=2
-MinJobAge=5
-KillWait=10
-SchedulerParameters=sched_interval=5,bf_interval=5
+$(slurm_conf_shared "$S")
 EOF
     local node
     for node in $list; do

@@ -26,7 +26,8 @@ The package, by job:
   ``verify_checkpoint``;
 - ``rundir``: ``ckpt_XXXXXXXX.h5`` names, the ``latest`` pointer, listing, pruning, interrupted saves, what
   ``--resume auto`` tries;
-- ``trainer_state``: a Trainer's checkpoint: what each rank sends of it, the hyperslab restore, the resume;
+- ``trainer_state``: a Trainer's checkpoint: what each rank sends of it; ``trainer_restore``: the hyperslab
+  restore, the resume;
 - ``placement``: where each element of a trainer's tensors lives on the grid (``ElementPlacement``), for the save.
 """
 
@@ -45,12 +46,8 @@ from hpc_llm.checkpoint.rundir import (
     write_latest,
 )
 from hpc_llm.checkpoint.serial import save_checkpoint
-from hpc_llm.checkpoint.trainer_state import (
-    choose_candidates,
-    restore_trainer,
-    resume_trainer,
-    save_trainer,
-)
+from hpc_llm.checkpoint.trainer_restore import choose_candidates, restore_trainer, resume_trainer
+from hpc_llm.checkpoint.trainer_state import save_trainer
 from hpc_llm.checkpoint.writers import SaveFailed, mpio_available
 
 __all__ = [

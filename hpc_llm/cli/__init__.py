@@ -1,7 +1,8 @@
 """hpc-llm: prepare, train, generate, eval, inspect, import-gpt2, export-hf, merge-lora, plan, bench (comm, calibrate).
 
 Also `python -m hpc_llm`. The package: ``parser`` (the argparse tables, one function per verb), ``commands`` (what
-each verb does), and ``main`` here (parse, run, turn an exception into its exit status and one line).
+each verb does; `plan`'s in ``plan_command``), and ``main`` here (parse, run, turn an exception into its exit status
+and one line).
 
 Exit status: 0 done; 2 a user error (UserError: one line, `hpc-llm: error: ...`, on every rank); 75 `train` stopped
 by SIGUSR1 or SIGTERM after writing a checkpoint (resume with `--resume auto`); 1 a fault: one line naming the rank,

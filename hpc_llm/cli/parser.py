@@ -1,5 +1,5 @@
 """The command line's argparse tables: one function per verb adds its parser, its flags and help, and the function
-of hpc_llm.cli.commands that runs it."""
+of hpc_llm.cli.commands (plan: hpc_llm.cli.plan_command) that runs it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import math
 
 from hpc_llm.bench.comm import add_arguments as add_bench_comm_arguments
-from hpc_llm.cli import commands
+from hpc_llm.cli import commands, plan_command
 from hpc_llm.runtime.faults import DEFAULT_COMM_TIMEOUT_S
 from hpc_llm.tools.hf_export import DTYPES
 
@@ -413,7 +413,7 @@ def _add_plan(sub) -> None:
         metavar="RUN_DIR",
         help="a finished run: its measured step beside the prediction",
     )
-    s.set_defaults(func=commands.run_plan)
+    s.set_defaults(func=plan_command.run_plan)
 
 
 def _add_bench(sub) -> None:

@@ -159,46 +159,18 @@ def _check_parallel(cfg: Config) -> None:
         par.schedule,
     )
     check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
-    need(
-        not par.sequence_parallel or par.tp > 1,
-        "parallel.sequence_parallel",
-        "false with parallel.tp = 1 (it splits the sequence over the tensor-parallel group)",
-        par.sequence_parallel,
-    )
-    need(
-        not par.sequence_parallel or m.block_size % par.tp == 0,
-        "parallel.sequence_parallel",
-        f"model.block_size={m.block_size} divisible by parallel.tp={par.tp} (each rank holds an equal slice)",
-        par.sequence_parallel,
-    )
-    need(
-        not par.sequence_parallel or not m.lora_rank,
-        "parallel.sequence_parallel",
-        "false with LoRA adapters (model.lora_rank > 0): not supported together",
-        par.sequence_parallel,
-    )
+    check_sequence_parallel(par.sequence_parallel, par.tp, m, FIELDS)
     need(
         par.act_comm in ("fp32", "bf16", "fp16"),
         "parallel.act_comm",
         '"fp32", "bf16" or "fp16"',
         par.act_comm,
     )
-    need(
-        par.act_comm == "fp32" or m.dtype == "float32",
-        "parallel.act_comm",
-        f'"fp32" with model.dtype={m.dtype} (16-bit transfers need float32 training)',
-        par.act_comm,
-    )
+    check_act_comm(par.act_comm, m, FIELDS)
     if par.act_comm == "bf16":
         low_dtype("bf16")
     need(par.zero in (0, 1, 2, 3), "parallel.zero", "0, 1, 2 or 3", par.zero)
-    need(
-        par.zero < 2 or par.schedule not in ("zb-h1", "zbv"),
-        "parallel.zero",
-        f'0 or 1 with parallel.schedule="{par.schedule}" (ZeRO-2/3 reduce a part\'s gradients as its '
-        "backward ends; a zero-bubble schedule defers its weight gradients)",
-        par.zero,
-    )
+    check_zero_schedule(par.zero, par.schedule, FIELDS)
     need(
         par.zero < 2 or par.grad_comm == "fp32",
         "parallel.grad_comm",
@@ -346,4 +318,95 @@ def check_pipeline(
         raise UserError(
             f"{what} = {stages} stages do not divide model.n_layer={n_layer} evenly (set "
             f"parallel.pp_layers for an uneven split)"
+        )
+
+
+# -- the layout's rules, shared with `plan --layout` (plan/given.py): it names the settings by its own keys ------
+
+
+class Terms:
+    """How a layout rule's message names a parallel setting (its key: the parallel section's field name) and says
+    what was expected of it: the config's way (`FIELDS`: "config field parallel.tp: expected ..., got ...", strings
+    quoted as TOML writes them), or by short keys after a prefix (`Keys("--layout", {...})`: "--layout tp=2:
+    expected ...")."""
+
+    def name(self, key: str) -> str:
+        return f"parallel.{key}"
+
+    def value(self, v) -> str:
+        return f'"{v}"' if isinstance(v, str) else str(v)
+
+    def setting(self, key: str, v) -> str:
+        return f"{self.name(key)}={self.value(v)}"
+
+    def fail(self, key: str, v, expected: str) -> UserError:
+        return UserError(f"config field {self.name(key)}: expected {expected}, got {v!r}")
+
+
+class Keys(Terms):
+    """Settings named by short keys (`renamed`: a key's name where it is not the field's), values as typed (a flag as
+    0 or 1), every message after `prefix`."""
+
+    def __init__(self, prefix: str, renamed: dict[str, str]):
+        self.prefix, self.renamed = prefix, renamed
+
+    def name(self, key: str) -> str:
+        return self.renamed.get(key, key)
+
+    def value(self, v) -> str:
+        return str(int(v)) if isinstance(v, bool) else str(v)
+
+    def fail(self, key: str, v, expected: str) -> UserError:
+        return UserError(f"{self.prefix} {self.setting(key, v)}: expected {expected}")
+
+
+FIELDS = Terms()
+ZERO_BUBBLE = (
+    "zb-h1",
+    "zbv",
+)  # the schedules that defer weight gradients (parallel/schedule.py's SPLIT)
+
+
+def check_sequence_parallel(sp: bool, tp: int, m, terms: Terms) -> None:
+    """Sequence parallelism splits the sequence over the tensor-parallel group, an equal slice to each rank, and
+    does not run with LoRA (m: the model section)."""
+    if not sp:
+        return
+    if tp == 1:
+        why = "it splits the sequence over the tensor-parallel group"
+        raise terms.fail("sequence_parallel", sp, f"false with {terms.name('tp')} = 1 ({why})")
+    if m.block_size % tp:
+        raise terms.fail(
+            "sequence_parallel",
+            sp,
+            f"model.block_size={m.block_size} divisible by {terms.setting('tp', tp)} (each rank holds an "
+            "equal slice)",
+        )
+    if m.lora_rank:
+        raise terms.fail(
+            "sequence_parallel",
+            sp,
+            "false with LoRA adapters (model.lora_rank > 0): not supported together",
+        )
+
+
+def check_zero_schedule(zero: int, schedule: str, terms: Terms) -> None:
+    """ZeRO-2/3 reduce a part's gradients as its backward ends, which a zero-bubble schedule's deferred weight
+    gradients would miss."""
+    if zero >= 2 and schedule in ZERO_BUBBLE:
+        raise terms.fail(
+            "zero",
+            zero,
+            f"0 or 1 with {terms.setting('schedule', schedule)} (ZeRO-2/3 reduce a part's gradients as its "
+            "backward ends; a zero-bubble schedule defers its weight gradients)",
+        )
+
+
+def check_act_comm(act_comm: str, m, terms: Terms) -> None:
+    """16-bit transfers (parallel.act_comm) need float32 training (m: the model section)."""
+    if act_comm != "fp32" and m.dtype != "float32":
+        raise terms.fail(
+            "act_comm",
+            act_comm,
+            f"{terms.value('fp32')} with model.dtype={m.dtype} (16-bit transfers need float32 training)",
         )

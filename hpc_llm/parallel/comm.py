@@ -7,10 +7,10 @@ passthrough). A size-1 communicator skips MPI entirely, so single-process code p
 
 A wire format (`Comm.with_wire("bf16" | "fp16")`, parallel.act_comm): a view of the same group and ledger whose
 float sum-allreduces, point-to-point transfers and the along-an-axis all-gather / reduce-scatter helpers move 16-bit
-words (compression.py's pieces: the values rounded to the format, then a float32 power-of-two scale), with every sum
-formed in fp32 by us in rank order; its other collectives (max / min, allgathers, the nonblocking ones) are the
-plain view's. The activations' tensor-parallel collectives and the pipeline's messages use it; the cross-entropy,
-norms and data parallelism keep fp32.
+words (wire16.py: compression.py's pieces, the values rounded to the format, then a float32 power-of-two scale),
+with every sum formed in fp32 by us in rank order; its other collectives (max / min, allgathers, the nonblocking ones)
+are the plain view's. The activations' tensor-parallel collectives and the pipeline's messages use it; the
+cross-entropy, norms and data parallelism keep fp32. Pipeline neighbours talk through pipeline_comm.PipelineComm.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.errors import JobError, UserError
-from hpc_llm.parallel.compression import SCALE_WORDS, Reduce16, read16, scale_of, sum16, write16
+from hpc_llm.parallel import wire16
 from hpc_llm.runtime.faults import WATCHDOG, failure_line, init_mpi, traceback_of
 
 
@@ -104,8 +104,8 @@ class Comm:
 
     def with_wire(self, fmt: str) -> Comm:
         """This group (the same communicator, rank, name and ledger) with activations on a 16-bit wire: its
-        float sum-allreduce_, isend / irecv and _allgather_along_wire / _reduce_scatter_along_wire move `fmt`
-        words, sums in fp32 (module docstring). "fp32": this Comm itself."""
+        float sum-allreduce_, isend / irecv and allgather_along / reduce_scatter_along move `fmt` words
+        (wire16.py), sums in fp32. "fp32": this Comm itself."""
         if fmt == "fp32":
             return self
         low_dtype(fmt)  # bf16 needs ml_dtypes: its one-line error here
@@ -140,11 +140,11 @@ class Comm:
 
     def allreduce_(self, buf, op: str = "sum"):
         """buf <- reduction of buf over the group, in place (on a wire view, a float sum travels in 16 bits:
-        _allreduce_wire_)."""
+        wire16.allreduce_)."""
         if self.size == 1:
             return buf
         if self.wire is not None and op == "sum" and buf.dtype.kind == "f":
-            return self._allreduce_wire_(buf)
+            return wire16.allreduce_(self, buf)
         from mpi4py import MPI
 
         host = _host(buf)
@@ -224,7 +224,7 @@ class Comm:
         if self.size == 1:
             return x
         if self.wire is not None and x.dtype.kind == "f":
-            return self._allgather_along_wire(x, axis)
+            return wire16.allgather_along(self, x, axis)
         host = np.ascontiguousarray(_host(x))
         recv = np.empty((self.size, *host.shape), dtype=host.dtype)
         self._timed("allgather", recv.nbytes, lambda: self.mpi.Allgather(host, recv))
@@ -242,7 +242,7 @@ class Comm:
         if self.size == 1:
             return x
         if self.wire is not None and x.dtype.kind == "f":
-            return self._reduce_scatter_along_wire(x, axis)
+            return wire16.reduce_scatter_along(self, x, axis)
         from mpi4py import MPI
 
         host = _host(x)
@@ -311,86 +311,6 @@ class Comm:
         finish = _copy_back(buf, host)
         return Handle(self, f"{self.name}.{kind}", req, nbytes, finish)
 
-    # -- 16-bit wire collectives (with_wire's views; the module docstring) ---------------------------------------------
-    # Each piece is compression.write16's: n words, then the sender's (fp16) or the owner's power-of-two scale. The
-    # ledger counts the 16-bit words a collective's buffer holds (the fp32 path counts its fp32 buffer), under
-    # "<group>.<collective>_<format>"; every wait is a Handle's, under the watchdog.
-
-    def _low(self):
-        return low_dtype(self.wire)
-
-    def _allreduce_wire_(self, buf):
-        """buf <- its sum over the group, in place, as the 16-bit gradient buckets are reduced (compression.Reduce16,
-        without ZeRO-1): each rank's buffer rounded to the format and cut in near-equal pieces, an alltoallv of the
-        words, each owner sums its piece over the ranks in fp32 in rank order and rounds the sum once, an allgatherv
-        of the rounded words; every rank then holds bitwise the same widened result."""
-        host = _host(buf)
-        flat = host.reshape(-1)  # a view of a contiguous buffer, else a copy (written back below)
-        n, p = flat.size, self.size
-        counts = [n // p + (1 if r < n % p else 0) for r in range(p)]
-        Reduce16(self, flat, counts, self._low(), zero=False, kind=f"allreduce_{self.wire}").wait()
-        if not np.shares_memory(flat, host):
-            host[...] = flat.reshape(host.shape)
-        if host is not buf:
-            buf[...] = array_module(buf).asarray(host)
-        return buf
-
-    def _reduce_scatter_along_wire(self, x, axis: int):
-        """reduce_scatter_along's 16-bit twin: this rank's piece (piece `rank` of `size` equal ones along `axis`) of
-        the sum of x over the group, a new float32 array. Each rank rounds x to the format into its send words,
-        piece j for rank j (an alltoallv), and each sums what it receives in fp32 in rank order (compression.sum16):
-        the sum is not rounded again (it does not travel)."""
-        host = _host(x)
-        p = self.size
-        if p == 1:
-            return x
-        n, rest = divmod(host.shape[axis], p)
-        if rest:
-            raise ValueError(
-                f"reduce_scatter_along: axis {axis} of shape {host.shape} is not divisible by the {p} ranks of "
-                f"{self.name}"
-            )
-        pieces = np.moveaxis(
-            host.reshape(*host.shape[:axis], p, n, *host.shape[axis + 1 :]), axis, 0
-        )
-        c, low = pieces[0].size, self._low()
-        s = scale_of(self.wire, host)
-        send = np.empty(p * (c + SCALE_WORDS), dtype=np.uint16)
-        for j in range(p):  # piece j (a copy first only if it is not contiguous)
-            write16(send, j * (c + SCALE_WORDS), pieces[j].reshape(-1), low, s)
-        recv = np.empty_like(send)
-        counts = [c + SCALE_WORDS] * p
-        kind = f"reduce_scatter_{self.wire}"
-        self.ialltoallv_(send, counts, recv, counts, kind=kind, nbytes=send.nbytes).wait()
-        del send
-        out = sum16(recv, p, c, low).reshape(pieces.shape[1:]).astype(host.dtype, copy=False)
-        return out if isinstance(x, np.ndarray) else array_module(x).asarray(out)
-
-    def _allgather_along_wire(self, x, axis: int):
-        """allgather_along's 16-bit twin: every rank's x rounded to the format (its own included, so every rank
-        holds bitwise the same result), concatenated along `axis` in rank order, widened: a new array."""
-        host = _host(x)
-        p = self.size
-        if p == 1:
-            return x
-        c, low = host.size, self._low()
-        words = np.empty(p * (c + SCALE_WORDS), dtype=np.uint16)
-        write16(
-            words, self.rank * (c + SCALE_WORDS), host.reshape(-1), low, scale_of(self.wire, host)
-        )
-        kind = f"allgather_{self.wire}"
-        self.iallgatherv_(words, [c + SCALE_WORDS] * p, kind=kind, nbytes=words.nbytes).wait()
-        full = np.empty((p, *host.shape), dtype=host.dtype)
-        for k in range(p):
-            read16(words, k * (c + SCALE_WORDS), c, low, full[k].reshape(-1))
-        del words
-        full = (
-            full.reshape(p * host.shape[0], *host.shape[1:])
-            if axis == 0
-            else np.concatenate(full, axis=axis)
-        )
-        return full if isinstance(x, np.ndarray) else array_module(x).asarray(full)
-
     def dup(self, name: str) -> Comm:
         """A duplicate of this group (collective over it), sharing the ledger: collectives on it are ordered apart
         from this one's, so two chains of nonblocking collectives may each be started in their own order."""
@@ -407,9 +327,7 @@ class Comm:
         once the receive is matched (the tests' worst case of a send)."""
         host = _host(buf)
         if self.wire is not None:
-            words = np.empty(host.size + SCALE_WORDS, dtype=np.uint16)
-            write16(words, 0, host.reshape(-1), self._low(), scale_of(self.wire, host))
-            host = words
+            host = wire16.message_words(self.wire, host)
         send = self.mpi.Issend if synchronous else self.mpi.Isend
         return Handle(self, f"{self.name}.{kind}", send(host, dest=dest, tag=tag), host.nbytes)
 
@@ -418,21 +336,13 @@ class Comm:
         view the 16-bit words land in a buffer of their own, widened into buf by the wait()."""
         host = _host(buf)
         if self.wire is not None:
-            words, low = np.empty(host.size + SCALE_WORDS, dtype=np.uint16), self._low()
-
-            def widen():
-                if host is buf and buf.dtype == np.float32 and buf.flags.c_contiguous:
-                    read16(words, 0, host.size, low, buf.reshape(-1))  # straight into buf
-                else:
-                    vals = read16(words, 0, host.size, low).reshape(buf.shape)
-                    buf[...] = array_module(buf).asarray(vals)
-
+            words, fmt = wire16.message_buffer(host.size), self.wire
             return Handle(
                 self,
                 f"{self.name}.{kind}",
                 self.mpi.Irecv(words, source=source, tag=tag),
                 words.nbytes,
-                widen,
+                lambda: wire16.widen_message(fmt, words, buf, host),
             )
         finish = _copy_back(buf, host)
         return Handle(
@@ -518,116 +428,3 @@ def world_comm() -> Comm:
     from mpi4py import MPI
 
     return Comm(MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None)
-
-
-class PipelineComm:
-    """Activations forward and their gradients backward between pipeline neighbours (the pp group), Megatron's
-    send_forward / recv_forward / send_backward / recv_backward and the combined steps.
-
-    Everything is nonblocking. A receive is posted as soon as the schedule knows it comes next (paired with the send
-    of the op before it) and waited for when its op starts, so a rank waits only for data its schedule needs next,
-    which a deadlock-free op order (schedule.simulate checks them) guarantees is on its way, at any P. A send is
-    posted and kept until it completes; `settle()`, at each op boundary once the op's send and the next op's receive
-    are posted, completes the sends already delivered (MPI_Test) and then, while more than `depth` sends in one
-    direction are incomplete, waits for the oldest. So at most `depth` sends per direction live across an op (one
-    more only inside that wait), and every other send's buffer goes at the first op boundary after its delivery;
-    `wait_sends()` completes the rest at the step's end. depth None: unbounded (every send until delivered or the
-    step's end). The trainer's depth is schedule.send_depth's: the least that neither deadlocks nor lengthens the
-    step, even if every send completes only once its receive is posted (rendezvous).
-
-    On a wire view of the pp group (Comm.with_wire: parallel.act_comm) every message is 16-bit words in a buffer of
-    its own (Comm.isend / irecv), so the buffer a send holds is half the activation's size.
-
-    Virtual stage s lives on rank rank_of(s), by default s % P: forward messages go to rank + 1, backward ones to
-    rank - 1 (cyclically, for interleaved chunks); in a V (schedule.stage_rank) the second chunk's go the other way.
-    The tag names (micro-batch, receiving virtual stage, direction), so a message can only match the receive it is
-    meant for.
-    """
-
-    FORWARD, BACKWARD = 0, 1
-
-    def __init__(self, comm: Comm, n_virtual: int, depth: int | None = None, rank_of=None):
-        self.comm, self.n_virtual, self.depth = comm, n_virtual, depth
-        self.rank_of = rank_of if rank_of is not None else (lambda s: s % comm.size)
-        self._sends: tuple[list[Handle], list[Handle]] = ([], [])  # per direction, oldest first
-        # per direction, the most sends incomplete across an op (after settle()), over this object's life
-        self.held_max = [0, 0]
-        self.depth_waits = 0  # sends settle() waited for (the bound at work)
-        self.synchronous = (
-            False  # tests: every send an MPI_Issend, complete only once matched (the worst case)
-        )
-
-    def _post_send(self, direction: int, handle: Handle) -> None:
-        self._sends[direction].append(handle)
-
-    def progress(self) -> None:
-        """Complete the sends already delivered: their ledger entries are made and their buffers freed now."""
-        for sends in self._sends:
-            done = [h.test() for h in sends]
-            for h, ok in zip(sends, done):
-                if ok:
-                    h.wait()  # done: records it in the ledger, drops the buffer
-            sends[:] = [h for h, ok in zip(sends, done) if not ok]
-
-    def settle(self) -> None:
-        """The op boundary: the delivered sends completed, then the oldest waited for while more than `depth` of one
-        direction remain. Call it after the next op's receive is posted (pipeline.run_schedule), never before: a
-        neighbour may be waiting for that receive to take the very send waited for here."""
-        self.progress()
-        for d, sends in enumerate(self._sends):
-            while self.depth is not None and len(sends) > self.depth:
-                sends.pop(0).wait()
-                self.depth_waits += 1
-            self.held_max[d] = max(self.held_max[d], len(sends))
-
-    def _tag(self, direction: int, micro: int, vstage: int) -> int:
-        return (micro * self.n_virtual + vstage) * 2 + direction
-
-    def send_forward(self, x, micro: int, vstage: int) -> None:
-        """The output of virtual stage `vstage` to the next one."""
-        tag = self._tag(self.FORWARD, micro, vstage + 1)
-        self._post_send(
-            self.FORWARD,
-            self.comm.isend(x, self.rank_of(vstage + 1), tag, "send_forward", self.synchronous),
-        )
-
-    def recv_forward(self, buf, micro: int, vstage: int) -> Handle:
-        """Start receiving the input of virtual stage `vstage` from the previous one into buf."""
-        return self.comm.irecv(
-            buf, self.rank_of(vstage - 1), self._tag(self.FORWARD, micro, vstage), "recv_forward"
-        )
-
-    def send_backward(self, dx, micro: int, vstage: int) -> None:
-        """The input gradient of virtual stage `vstage` to the previous one."""
-        tag = self._tag(self.BACKWARD, micro, vstage - 1)
-        self._post_send(
-            self.BACKWARD,
-            self.comm.isend(dx, self.rank_of(vstage - 1), tag, "send_backward", self.synchronous),
-        )
-
-    def recv_backward(self, buf, micro: int, vstage: int) -> Handle:
-        """Start receiving the output gradient of virtual stage `vstage` from the next one into buf."""
-        return self.comm.irecv(
-            buf, self.rank_of(vstage + 1), self._tag(self.BACKWARD, micro, vstage), "recv_backward"
-        )
-
-    def send_forward_recv_backward(
-        self, x, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int
-    ):
-        """1F1B's steady state: this forward's output goes on while the next backward's gradient comes in."""
-        self.send_forward(x, micro, vstage)
-        return self.recv_backward(buf, recv_micro, recv_vstage)
-
-    def send_backward_recv_forward(
-        self, dx, micro: int, vstage: int, buf, recv_micro: int, recv_vstage: int
-    ):
-        """1F1B's steady state: this backward's input gradient goes back while the next forward's input comes in."""
-        self.send_backward(dx, micro, vstage)
-        return self.recv_forward(buf, recv_micro, recv_vstage)
-
-    def wait_sends(self) -> None:
-        """The step's end: every send completed."""
-        for sends in self._sends:
-            for h in sends:
-                h.wait()
-            sends.clear()

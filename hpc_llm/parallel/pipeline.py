@@ -26,7 +26,7 @@ the chunks behind it in the flat buffer are final too.
 
 from __future__ import annotations
 
-from hpc_llm.parallel.comm import PipelineComm
+from hpc_llm.parallel.pipeline_comm import PipelineComm
 from hpc_llm.parallel.schedule import Op, Phase
 
 

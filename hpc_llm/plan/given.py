@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hpc_llm.config import Config
+from hpc_llm.config.checks import Keys, check_act_comm, check_sequence_parallel, check_zero_schedule
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.schedule import NAMES as SCHEDULES
 from hpc_llm.plan.memory import ACT_COMMS, RECOMPUTES, Layout
@@ -46,6 +47,8 @@ KEYS = (
     "send_depth",
 )
 BOOLS = {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True}
+# the config's layout rules (config/checks.py) name the settings by these keys
+TERMS = Keys("--layout", {"sequence_parallel": "sp"})
 
 
 def _bad(key: str, expected: str, got) -> UserError:
@@ -187,25 +190,9 @@ def check(cfg: Config, lay: Layout, precision: str) -> None:
             f"--layout virtual={lay.virtual}: expected 1 with schedule={lay.schedule} (only "
             "interleaved and zbv have several chunks per rank)"
         )
-    if lay.zero >= 2 and lay.schedule in ("zb-h1", "zbv"):
-        raise UserError(
-            f"--layout zero={lay.zero}: expected 0 or 1 with schedule={lay.schedule} (ZeRO-2/3 reduce a part's "
-            "gradients as its backward ends; zero-bubble defers its weight gradients)"
-        )
-    if lay.sequence_parallel:
-        if lay.tp == 1:
-            raise UserError("--layout sp=1: expected tp > 1 (it splits the sequence over TP)")
-        if m.block_size % lay.tp:
-            raise UserError(
-                f"--layout sp=1: expected model.block_size={m.block_size} divisible by tp={lay.tp}"
-            )
-        if m.lora_rank:
-            raise UserError("--layout sp=1: expected no LoRA adapters (model.lora_rank = 0)")
-    if lay.act_comm != "fp32" and m.dtype != "float32":
-        raise UserError(
-            f"--layout act_comm={lay.act_comm}: expected fp32 with model.dtype={m.dtype} (16-bit "
-            "transfers need float32 training)"
-        )
+    check_zero_schedule(lay.zero, lay.schedule, TERMS)
+    check_sequence_parallel(lay.sequence_parallel, lay.tp, m, TERMS)
+    check_act_comm(lay.act_comm, m, TERMS)
     if precision not in ("fp32", "fp64") and m.dtype != "float32":
         raise UserError(f"--layout precision={precision}: expected fp32 with model.dtype={m.dtype}")
 

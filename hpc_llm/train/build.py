@@ -16,9 +16,9 @@ from hpc_llm.errors import UserError
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layout import StagePlan, intersect_ranges, is_lora, merge_ranges
 from hpc_llm.optim import AdamW
-from hpc_llm.parallel.comm import PipelineComm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid
+from hpc_llm.parallel.pipeline_comm import PipelineComm
 from hpc_llm.parallel.schedule import V_SHAPED, schedule, send_depth
 from hpc_llm.parallel.zero import ZeroHooks, unit_ranges
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpc_llm import checkpoint as ckpt
-from hpc_llm.checkpoint.trainer_state import Restored, TrainerParts
+from hpc_llm.checkpoint.trainer_restore import Restored
+from hpc_llm.checkpoint.trainer_state import TrainerParts
 from hpc_llm.config import Config
 from hpc_llm.data.tokens import TokenData
 from hpc_llm.runtime.faults import inject, phase

@@ -28,7 +28,8 @@ from hpc_llm import checkpoint as ckpt
 from hpc_llm.backend import get_backend, keep_freed_memory, to_device
 from hpc_llm.bench.calibrate import matmul_peak_flops
 from hpc_llm.checkpoint.parts import HostStaging
-from hpc_llm.checkpoint.trainer_state import Restored, RunRecord, SaveTarget, TrainerParts
+from hpc_llm.checkpoint.trainer_restore import Restored
+from hpc_llm.checkpoint.trainer_state import RunRecord, SaveTarget, TrainerParts
 from hpc_llm.config import Config
 from hpc_llm.data.sampler import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, get_batch
 from hpc_llm.errors import JobError

@@ -12,61 +12,13 @@ while rank 0's thread writes the master, before its rename and before `latest` m
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 
-import numpy as np
 import pytest
-from helpers import tiny_config, write_toml
-
-from hpc_llm import checkpoint as ckpt
-from hpc_llm.checkpoint import (
-    checkpoint_path,
-    find_latest,
-    list_checkpoints,
-    load_checkpoint,
-    verify_checkpoint,
-)
-
-CHILD = textwrap.dedent("""
-    import os, sys, time
-    import h5py
-    from hpc_llm import checkpoint as ckpt, cli
-    from hpc_llm.checkpoint import parts, rundir, writers
-
-    where, nth = os.environ["KILL_POINT"].split(":")
-    saves, calls = 0, 0
-
-    def pausing(fn, name):
-        def wrapped(*args, **kwargs):
-            global calls
-            if name == where and saves == 2:
-                calls += 1
-                if calls == int(nth):
-                    tmp = [p for p in os.listdir(os.environ["RUN_DIR"]) if ".tmp-" in p]
-                    print("PAUSED", name, nth, tmp, flush=True)
-                    time.sleep(600)
-            return fn(*args, **kwargs)
-        return wrapped
-
-    save = ckpt.save_trainer
-    def counting_save(*args, **kwargs):
-        global saves
-        saves += 1
-        return save(*args, **kwargs)
-
-    ckpt.save_trainer = counting_save
-    for module, name in ((writers, "_fsync_path"), (writers, "verify_checkpoint"), (rundir, "write_latest"),
-                         (rundir, "prune_checkpoints"), (parts, "_fsync_file")):
-        setattr(module, name, pausing(getattr(module, name), name))
-    os.replace = pausing(os.replace, "replace")
-    h5py.Dataset.__setitem__ = pausing(h5py.Dataset.__setitem__, "write_data")
-    sys.exit(cli.main(sys.argv[1:]))
-""")
+from kill_harness import CHILD, check_recovery, finished_run, kill_config, wait_until_paused
 
 # (writer, point): (is the step-4 checkpoint complete when the process dies?, is a partial save left beside it?)
 POINTS = {
@@ -96,34 +48,8 @@ WRITERS = {
 }
 
 
-def partial_saves(run_dir) -> list[str]:
-    """Temporary files, and parts directories that no checkpoint names: what an interrupted save leaves."""
-    named = {ckpt.rundir.parts_of(p) for _s, p in list_checkpoints(run_dir)}
-    return [
-        p.name
-        for p in run_dir.iterdir()
-        if ".tmp-" in p.name or (".parts-" in p.name and p not in named)
-    ]
-
-
 def config(tmp_path, data_dir, name, writer="gather"):
-    """Six float64 steps with dropout, checkpoints at steps 2, 4 and 6, the newest kept."""
-    cfg = tiny_config(
-        data_dir,
-        tmp_path / name,
-        **WRITERS[writer],
-        **{
-            "model.dtype": "float64",
-            "model.dropout": 0.1,
-            "train.max_iters": 6,
-            "train.lr_decay_iters": 6,
-            "train.eval_iters": 0,
-            "train.log_interval": 1,
-            "checkpoint.interval": 2,
-            "checkpoint.keep_last": 1,
-        },
-    )
-    return write_toml(cfg, tmp_path / f"{name}.toml")
+    return kill_config(tmp_path, data_dir, name, **WRITERS[writer])
 
 
 def train(cfg, *args, env=None):
@@ -139,9 +65,7 @@ def train(cfg, *args, env=None):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("whole")
-    proc = train(config(tmp, data_dir, "run"))
-    assert proc.returncode == 0, proc.stderr
-    return load_checkpoint(find_latest(tmp / "run"))
+    return finished_run(train, config(tmp, data_dir, "run"), tmp / "run")
 
 
 @pytest.mark.timeout(120)
@@ -159,37 +83,11 @@ def test_kill_during_save(writer, point, tmp_path, data_dir, uninterrupted):
         env=env,
     )
     try:
-        for line in child.stdout:
-            if line.startswith("PAUSED"):
-                break
-        else:
-            pytest.fail(f"the child never reached {point}: {child.wait()} {child.stderr.read()}")
+        wait_until_paused(child, point)
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
         child.kill()
         child.stdout.close()
         child.stderr.close()
-
-    # every file under a checkpoint's name is complete and verifies; the partial one is only a temporary file
-    named = list_checkpoints(run_dir)
-    for _step, path in named:
-        verify_checkpoint(path)
-    assert [s for s, _ in named] == ([4, 2] if new_complete else [2])
-    assert bool(partial_saves(run_dir)) == tmp_left
-    newest = find_latest(run_dir)
-    assert newest == checkpoint_path(run_dir, 4 if new_complete else 2)
-    assert load_checkpoint(newest).state["step"] == (4 if new_complete else 2)
-
-    # --resume auto picks it, cleans the interrupted save's temporary file and ends where the uninterrupted run does
-    resumed = train(cfg, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {newest}" in resumed.stdout
-    assert not partial_saves(run_dir)
-    final = load_checkpoint(find_latest(run_dir))
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == final.state["step"] == 6
-    np.testing.assert_array_equal(
-        final.metrics["train"]["loss"], uninterrupted.metrics["train"]["loss"]
-    )
-    for name, want in uninterrupted.params.items():
-        np.testing.assert_array_equal(final.params[name], want, err_msg=name)
+    check_recovery(train, cfg, run_dir, new_complete, tmp_left, uninterrupted)

@@ -11,25 +11,14 @@ the serial one.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from helpers import tiny_config, write_toml
-from test_checkpoint_kill import CHILD, partial_saves
-
-from hpc_llm.checkpoint import (
-    checkpoint_path,
-    find_latest,
-    list_checkpoints,
-    load_checkpoint,
-    verify_checkpoint,
-)
+from kill_harness import CHILD, check_recovery, finished_run, kill_config, wait_until_paused
 
 MPIEXEC = "/usr/bin/mpiexec"
 # Debian's h5py, whose MPI build the ranks load (PyPI's h5py has none, and its mpi4py is not /usr/bin/mpiexec's MPI)
@@ -48,24 +37,10 @@ POINTS = {
 
 
 def config(tmp_path, data_dir, name):
-    """Six float64 steps with dropout on 2 ranks (ZeRO-1), checkpoints at steps 2, 4 and 6 by the mpio writer."""
-    cfg = tiny_config(
-        data_dir,
-        tmp_path / name,
-        **{
-            "checkpoint.writer": "mpio",
-            "parallel.zero": 1,
-            "model.dtype": "float64",
-            "model.dropout": 0.1,
-            "train.max_iters": 6,
-            "train.lr_decay_iters": 6,
-            "train.eval_iters": 0,
-            "train.log_interval": 1,
-            "checkpoint.interval": 2,
-            "checkpoint.keep_last": 1,
-        },
+    """kill_config's run on 2 ranks (ZeRO-1) by the mpio writer."""
+    return kill_config(
+        tmp_path, data_dir, name, **{"checkpoint.writer": "mpio", "parallel.zero": 1}
     )
-    return write_toml(cfg, tmp_path / f"{name}.toml")
 
 
 def mpiexec(*args, **extra_env):
@@ -107,9 +82,7 @@ def kill_session(sid: int) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("whole")
-    proc = train(config(tmp, data_dir, "run"))
-    assert proc.returncode == 0, proc.stderr
-    return load_checkpoint(find_latest(tmp / "run"))
+    return finished_run(train, config(tmp, data_dir, "run"), tmp / "run")
 
 
 @pytest.mark.timeout(120)
@@ -128,33 +101,10 @@ def test_kill_during_an_mpio_save(point, tmp_path, data_dir, uninterrupted):
         start_new_session=True,
     )
     try:
-        for line in child.stdout:
-            if line.startswith("PAUSED"):
-                break
-        else:
-            pytest.fail(f"the job never reached {point}: {child.wait()} {child.stderr.read()}")
+        wait_until_paused(child, point)
     finally:
         kill_session(child.pid)
         child.wait(timeout=30)
         child.stdout.close()
         child.stderr.close()
-
-    named = list_checkpoints(run_dir)
-    for _step, path in named:
-        verify_checkpoint(path)
-    assert [s for s, _ in named] == ([4, 2] if new_complete else [2])
-    assert bool(partial_saves(run_dir)) == tmp_left
-    newest = find_latest(run_dir)
-    assert newest == checkpoint_path(run_dir, 4 if new_complete else 2)
-
-    resumed = train(cfg, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {newest}" in resumed.stdout
-    assert not partial_saves(run_dir)
-    final = load_checkpoint(find_latest(run_dir))
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == final.state["step"] == 6
-    np.testing.assert_array_equal(
-        final.metrics["train"]["loss"], uninterrupted.metrics["train"]["loss"]
-    )
-    for name, want in uninterrupted.params.items():
-        np.testing.assert_array_equal(final.params[name], want, err_msg=name)
+    check_recovery(train, cfg, run_dir, new_complete, tmp_left, uninterrupted)

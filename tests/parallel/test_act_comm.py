@@ -30,6 +30,7 @@ from helpers import check, run_config, train
 from mpi4py import MPI
 
 from hpc_llm.backend import low_dtype
+from hpc_llm.parallel import wire16
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.compression import scale_for
 from hpc_llm.parallel.grid import make_grid
@@ -141,7 +142,7 @@ def test_16bit_collectives_are_fp32_sums_of_rounded_inputs(nprocs):
             n = SHAPE[axis] // p
             mine = (slice(None),) * axis + (slice(r * n, (r + 1) * n),)
             # reduce-scatter: this rank's slice of the rank-order fp32 sum, not rounded again
-            rs = comm._reduce_scatter_along_wire(x, axis)
+            rs = wire16.reduce_scatter_along(comm, x, axis)
             want_rs = rank_order_sum([xh[k][mine] for k in range(p)])
             if rs.dtype != np.float32 or not np.array_equal(rs, want_rs):
                 bad.append(
@@ -156,7 +157,7 @@ def test_16bit_collectives_are_fp32_sums_of_rounded_inputs(nprocs):
                 f"{scheme} reduce-scatter axis {axis}",
             )
             # all-gather: every rank's rounded input, in rank order along the axis
-            ag = comm._allgather_along_wire(x, axis)
+            ag = wire16.allgather_along(comm, x, axis)
             if not np.array_equal(ag, np.concatenate(list(xh), axis=axis)):
                 bad.append(f"{scheme} all-gather axis {axis}: not the rounded inputs in rank order")
             full = np.concatenate(list(everyone), axis=axis)
@@ -174,7 +175,7 @@ def test_16bit_collectives_are_fp32_sums_of_rounded_inputs(nprocs):
             )
             # the all-gather of the reduce-scatter is the allreduce (fp16: with the same pieces, axis 0)
             if (scheme == "bf16" or axis == 0) and not np.array_equal(
-                comm._allgather_along_wire(rs, axis), want
+                wire16.allgather_along(comm, rs, axis), want
             ):
                 bad.append(f"{scheme} axis {axis}: all-gather(reduce-scatter) is not the allreduce")
             comm.ledger.reset()

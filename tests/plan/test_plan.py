@@ -772,57 +772,47 @@ def test_plan_compare_puts_prediction_beside_the_run(tmp_path, capsys, make_cfg)
 # -- one given layout (--layout) ---------------------------------------------------------------------------------
 
 
-def test_plan_layout_prices_one_layout(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "config_tail, text, lay, pp_layers",
+    [
+        (
+            "",
+            "pp=2,tp=2,dp=1,schedule=interleaved,virtual=2,micro=4,mbs=2,sp=1,recompute=selective,act_comm=bf16",
+            Layout(
+                pp=2,
+                tp=2,
+                schedule="interleaved",
+                virtual=2,
+                micro_batches=4,
+                batch_size=2,
+                recompute="selective",
+                sequence_parallel=True,
+                act_comm="bf16",
+            ),
+            (),
+        ),
+        # the config's uneven split (parallel.pp_layers, which the code runs), kept by a layout with its pp and
+        # virtual stages (before, it was refused as uneven)
+        (
+            "grad_accum = 4\n[parallel]\npp = 3\npp_layers = [1, 2, 1]\n",
+            "pp=3,virtual=1",
+            Layout(pp=3, micro_batches=4, batch_size=4),
+            [1, 2, 1],
+        ),
+    ],
+    ids=["interleaved-sp-bf16", "uneven-split"],
+)
+def test_plan_layout_prices_one_layout(tmp_path, capsys, config_tail, text, lay, pp_layers):
     """--layout: the one layout described (keys over the config's), its memory terms and step in JSON, equal to
-    predict() of that layout; the text names every non-zero term and says whether it fits."""
-    cfg_path, cl = write_config(tmp_path), write_cluster(tmp_path)
-    text = "pp=2,tp=2,dp=1,schedule=interleaved,virtual=2,micro=4,mbs=2,sp=1,recompute=selective"
-    rc, out, _ = run_cli(
-        capsys, "plan", cfg_path, "--cluster", cl, "--layout", text + ",act_comm=bf16", "--json"
-    )
-    assert rc == 0
-    r = json.loads(out)
-    lay = Layout(
-        pp=2,
-        tp=2,
-        schedule="interleaved",
-        virtual=2,
-        micro_batches=4,
-        batch_size=2,
-        recompute="selective",
-        sequence_parallel=True,
-        act_comm="bf16",
-    )
-    assert r["layout"] == dataclasses.asdict(lay)
-    cfg = load_config(cfg_path)
-    # checkpoint.writer "auto" on 4 ranks: the parts writer
-    pred = predict(
-        tiny(),
-        lay,
-        K.load_cluster(cl),
-        "fp32",
-        1.0,
-        cfg.checkpoint.interval,
-        cfg.train.max_iters,
-        writer="parts",
-    )
-    assert r["memory_bytes"] == pred.memory and r["time_s"] == pytest.approx(pred.time)
-    assert r["memory_bytes"]["pipeline_buffers"] > 0 and r["time_s"]["tp_comm"] > 0
-    assert r["fits"] is (pred.memory["peak"] <= 16e9) and r["device_memory_bytes"] == 16e9
-    rc, out, _ = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", text)
-    assert rc == 0 and "pipeline send buffers" in out and "AdamW moments" in out
-    assert "of 16.00 per device: fits" in out and "step " in out
-
-
-def test_plan_layout_keeps_the_configs_uneven_split(tmp_path, capsys):
-    """A config with parallel.pp_layers (an uneven split the code runs): --layout keeping its pp and virtual stages
-    prices that split (before, it was refused as uneven)."""
+    predict() of that layout (and of the config's split); the text names every non-zero term and says whether it
+    fits."""
     cfg_path, cl = write_config(tmp_path), write_cluster(tmp_path)
     with open(cfg_path, "a") as f:
-        f.write("grad_accum = 4\n[parallel]\npp = 3\npp_layers = [1, 2, 1]\n")
-    rc, out, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", "dp=1", "--json")
+        f.write(config_tail)
+    rc, out, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", text, "--json")
     assert rc == 0, err
-    lay = Layout(pp=3, micro_batches=4, batch_size=4)
+    r = json.loads(out)
+    assert r["layout"] == dataclasses.asdict(lay)
     cfg = load_config(cfg_path)
     args = (
         tiny(),
@@ -833,13 +823,17 @@ def test_plan_layout_keeps_the_configs_uneven_split(tmp_path, capsys):
         cfg.checkpoint.interval,
         cfg.train.max_iters,
     )
-    # checkpoint.writer "auto" on 3 ranks: the parts writer
-    uneven = predict(*args, pp_layers=[1, 2, 1], writer="parts")
-    even = predict(*args, pp_layers=[2, 1, 1], writer="parts")
-    r = json.loads(out)
-    assert r["memory_bytes"] == uneven.memory and uneven.memory != even.memory
-    rc, _, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", "pp=3,virtual=1")
-    assert rc == 0, err
+    # checkpoint.writer "auto" on several ranks: the parts writer
+    pred = predict(*args, pp_layers=pp_layers, writer="parts")
+    assert r["memory_bytes"] == pred.memory and r["time_s"] == pytest.approx(pred.time)
+    assert r["memory_bytes"]["pipeline_buffers"] > 0
+    assert (r["time_s"]["tp_comm"] > 0) == (lay.tp > 1)
+    assert r["fits"] is (pred.memory["peak"] <= 16e9) and r["device_memory_bytes"] == 16e9
+    if pp_layers:  # the config's split priced, not an even one
+        assert pred.memory != predict(*args, pp_layers=[2, 1, 1], writer="parts").memory
+    rc, out, err = run_cli(capsys, "plan", cfg_path, "--cluster", cl, "--layout", text)
+    assert rc == 0 and "pipeline send buffers" in out and "AdamW moments" in out, err
+    assert "of 16.00 per device: fits" in out and "step " in out
 
 
 @pytest.mark.parametrize(
@@ -855,7 +849,7 @@ def test_plan_layout_keeps_the_configs_uneven_split(tmp_path, capsys):
         ("pp", "--layout: expected KEY=VALUE pairs"),
         ("pp=2,pp=2", "--layout pp: given twice"),
         ("tp=3", "--layout tp=3: expected a divisor of model.n_head=4"),
-        ("sp=1", "--layout sp=1: expected tp > 1"),
+        ("sp=1", "--layout sp=1: expected false with tp = 1"),
         ("pp=3", "--layout pp=3 x virtual=1: expected a divisor of model.n_layer=4"),
         (
             "pp=2,schedule=interleaved,virtual=2,micro=3",
