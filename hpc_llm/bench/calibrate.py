@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from hpc_llm.bench.blas import blas_lines, openblas_kernel
 from hpc_llm.bench.timer import best_time
 from hpc_llm.errors import UserError
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
@@ -287,5 +288,7 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     d["sources"] = {
         "all": notes,
         "runtime_bytes": "VmRSS of the calibrating rank after importing the libraries a training rank loads",
+        # the GEMM rates hold for this kernel: a job under another OPENBLAS_CORETYPE runs at other rates
+        "blas": blas_lines(openblas_kernel())[0],
     }
     return d, notes

@@ -10,6 +10,7 @@ import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpc_llm.bench.blas import blas_lines, openblas_kernel
 from hpc_llm.checkpoint.format import METRICS_COLUMNS
 from hpc_llm.plan.memory import Layout, rank_memory
 from hpc_llm.plan.predict import PRECISIONS
@@ -170,7 +171,8 @@ def log_predicted_memory(mem) -> None:
 
 
 def log_run_start(cfg, model, grid, sync, opt, plan, throughput: Throughput, moment_bytes_job: int):
-    """The run's first lines: the model, the batch, the layout, what trains, the gradient reduction, the pipeline."""
+    """The run's first lines: the model, the batch, the layout, what trains, the gradient reduction, the pipeline,
+    the matmul kernel."""
     _log_model_and_batch(cfg, model, throughput)
     moments = (opt.m.nbytes + opt.v.nbytes) * MIB
     log.info(
@@ -199,6 +201,11 @@ def log_run_start(cfg, model, grid, sync, opt, plan, throughput: Throughput, mom
         _log_gradient_reduction(cfg, sync)
     if plan.pp > 1:
         _log_pipeline(cfg, plan)
+    if cfg.train.backend == "numpy":
+        line, warning = blas_lines(openblas_kernel())
+        log.info("%s", line)
+        if warning:
+            log.warning("%s", warning)
 
 
 def _log_model_and_batch(cfg, model, throughput: Throughput) -> None:
