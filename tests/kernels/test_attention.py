@@ -143,8 +143,9 @@ def test_the_device_path_takes_the_fused_kernels_and_the_hash_masks():
     dqkv = layers.attention_backward(counted.asarray(dy), cache, H, Precision("bf16"))
     drop = flash.attention_dropout(rng, 0.2)
     want_y, lse = flash.flash_forward(qkv, H, Precision("bf16"), drop)
-    kept = Precision("bf16").use(Precision("bf16").keep(qkv), np.float32)
-    want = flash.flash_backward(dy, kept, want_y, lse, H, Precision("bf16"), drop)
+    bf16 = Precision("bf16")
+    kept, kept_y = (bf16.use(bf16.keep(x), np.float32) for x in (qkv, want_y))
+    want = flash.flash_backward(dy, kept, kept_y, lse, H, bf16, drop)
     assert np.array_equal(np.asarray(y), want_y) and np.array_equal(np.asarray(dqkv), want)
 
 
@@ -179,8 +180,8 @@ def test_kernels_equal_the_twin_on_a_gpu(precision, p):
     y, cache = device.flash_attention_forward(cupy, cupy.asarray(qkv), H, prec, drop)
     dqkv = device.flash_attention_backward(cupy, cupy.asarray(dy), cache, H, prec)
     want_y, lse = flash.flash_forward(qkv, H, prec, drop)
-    kept = prec.use(prec.keep(qkv), np.float32)
-    want = flash.flash_backward(dy, kept, want_y, lse, H, prec, drop)
+    kept, kept_y = (prec.use(prec.keep(x), np.float32) for x in (qkv, want_y))
+    want = flash.flash_backward(dy, kept, kept_y, lse, H, prec, drop)
     u = 2.0**-24 if precision == "fp32" else 2.0**-8  # bf16: a rounding may land either side
     got = (cupy.asnumpy(y), cupy.asnumpy(dqkv))
     assert_within_bound(got, (want_y, want), qkv, dy, drop, u)

@@ -85,3 +85,23 @@ def test_fused_norm_equals_the_chunked_norm():
         got = global_grad_norm(gd, ranges, comm)
     assert ledger.total == 2
     assert abs(got - want) <= 1e-13 * want
+
+
+@pytest.mark.timeout(60)
+def test_fused_attention_is_priced_from_its_bytes_and_tile_products():
+    """The ledger holds the fused kernels' bytes (q, k, v, y, logsumexp once forward; plan/fused_attention.py's
+    docstring), and the planner's products are 2 forward and 7 backward of T x (mean keys of a query tile) x hd."""
+    from types import SimpleNamespace
+
+    from hpc_llm.plan import fused_attention
+
+    T, hd, heads = 64, 16, 2
+    fwd = block_counts(T=T, head_dim=hd, heads_per_rank=heads).forward
+    qkv = 3 * T * heads * hd * 4
+    assert fwd.launches["attention_forward"] == 1
+    assert fwd.nbytes["attention_forward"] == qkv + qkv // 3 + heads * T * 4
+    p = SimpleNamespace(share=1.0, dtype="float32", cl=SimpleNamespace(gemm_rate=lambda *a: 1e12))
+    keys = (32 * 32 + 32 * 64) / 64  # tiles [0, 32) and [32, 64): 32 and 64 keys
+    one = 2.0 * T * keys * hd * 3 / 1e12  # b = 1, h = 3
+    assert fused_attention.fused_seconds(p, 1, T, 3, hd, False) == pytest.approx(2 * one)
+    assert fused_attention.fused_seconds(p, 1, T, 3, hd, True) == pytest.approx(7 * one)

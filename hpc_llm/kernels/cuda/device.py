@@ -296,8 +296,9 @@ def dropout_scale(xp, x, keep, scale: float, twin, out=None):
 
 
 class FlashCache(NamedTuple):
-    """What the fused attention's backward needs beside qkv: forward's output, each row's logsumexp (B, heads, T),
-    and the dropout (kernels/attention.AttnDropout, None: none)."""
+    """What the fused attention's backward needs beside qkv: forward's output kept in the format (with fp32 the
+    array the projection keeps too, no copy), each row's logsumexp (B, heads, T), and the dropout
+    (kernels/attention.AttnDropout, None: none)."""
 
     y: object
     lse: object
@@ -358,14 +359,14 @@ def flash_attention_forward(xp, qkv, n_head: int, prec, drop):
         # q, k, v read once (their tiles' re-reads by later query tiles: L2), y and lse written once
         nbytes = qkv.nbytes * 4 // 3 + B * n_head * T * qkv.itemsize
         y, lse = _run(xp, "attention_forward", nbytes, twin, (qkv,), launch)
-    return y, (prec.keep(qkv), None, FlashCache(y, lse, drop))
+    return y, (prec.keep(qkv), None, FlashCache(prec.keep(y), lse, drop))
 
 
 def flash_attention_backward(xp, dy, cache, n_head: int, prec):
     """layers.attention_backward of a FlashCache: dqkv (B, T, 3C) in three launches (the rows' D, then dk and dv,
     then dq)."""
     kept, _, fc = cache
-    qkv = prec.use(kept, dy.dtype)
+    qkv, y = prec.use(kept, dy.dtype), prec.use(fc.y, dy.dtype)
     B, T, C = dy.shape
     hd = C // n_head
     rows = B * n_head * T * dy.itemsize  # lse or D
@@ -374,7 +375,7 @@ def flash_attention_backward(xp, dy, cache, n_head: int, prec):
     def dot_launch():
         D = xp.empty((B, n_head, T), dtype=dy.dtype)
         fn = module("attention").get_function("attention_backward_dot")
-        args = (dy, fc.y, D, np.int32(T), np.int32(n_head), np.int32(hd))
+        args = (dy, y, D, np.int32(T), np.int32(n_head), np.int32(hd))
         fn(_grid(B * n_head * T), (THREADS,), (*args, np.int32(ROUNDING[prec.name]), np.int32(B)))
         return D
 
@@ -382,11 +383,9 @@ def flash_attention_backward(xp, dy, cache, n_head: int, prec):
         return flash.flash_backward_dot(dy_, y_, n_head, prec)
 
     if fuse:
-        D = _run(
-            xp, "attention_backward_dot", 2 * dy.nbytes + rows, dot_twin, (dy, fc.y), dot_launch
-        )
+        D = _run(xp, "attention_backward_dot", 2 * dy.nbytes + rows, dot_twin, (dy, y), dot_launch)
     else:
-        D = dot_twin(dy, fc.y)
+        D = dot_twin(dy, y)
     dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
     for name, twin, part in (
         ("attention_backward_kv", flash.flash_backward_kv, 2),
