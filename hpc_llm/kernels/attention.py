@@ -131,7 +131,7 @@ def _scores(q, k, i0, i1, j0, j1):
 
 
 def _dropped(x, keep, drop):
-    """x * kept flags * scale (dropout applied), or x itself without dropout."""
+    """x * kept flags * scale (dropout applied: a new array), or x itself without dropout."""
     if drop is None:
         return x
     out = x * keep
@@ -184,7 +184,8 @@ def _tile_grads(q, k, v, dyh, lse, D, t, prec, drop, n_head):
     s -= lse[:, :, i0:i1, None]
     p = xp.exp(s, out=s)
     keep = None if drop is None else keep_tile(xp, drop, n_head, i0, i1, j0, j1)
-    pd = prec.round_(xp.ascontiguousarray(_dropped(p, keep, drop)))
+    # p itself stays unrounded for ds (the kernel's p), so without dropout the rounded pd is a copy
+    pd = prec.operand(p) if drop is None else prec.round_(_dropped(p, keep, drop))
     dp = _dropped(dyh[:, :, i0:i1] @ v[:, :, j0:j1].transpose(0, 1, 3, 2), keep, drop)
     dp -= D[:, :, i0:i1, None]
     dp *= p
