@@ -221,9 +221,8 @@ class DropoutRNG:
     def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np):
         self.key, self.rows, self.xp = (seed, 0xD80, step, micro), rows, xp
         self.gens, self.heads, self.positions = None, None, None
-        self.site_index = (
-            None  # k of site(k): the device path's attention masks hash it (kernels/attention.py)
-        )
+        # k of site(k): the device path's attention masks hash it (kernels/attention.py)
+        self.site_index = None
 
     def _view(self, gens, heads=None, positions=None, site_index=None) -> DropoutRNG:
         view = DropoutRNG.__new__(DropoutRNG)
