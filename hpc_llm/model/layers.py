@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels.attention import attention_dropout
 from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     ELEMENTWISE_CHUNK,
     GELU_C,
@@ -220,17 +221,21 @@ class DropoutRNG:
     def __init__(self, seed: int, step: int, micro: int, rows: range, xp=np):
         self.key, self.rows, self.xp = (seed, 0xD80, step, micro), rows, xp
         self.gens, self.heads, self.positions = None, None, None
+        # k of site(k): the device path's attention masks hash it (kernels/attention.py)
+        self.site_index = None
 
-    def _view(self, gens, heads=None, positions=None) -> DropoutRNG:
+    def _view(self, gens, heads=None, positions=None, site_index=None) -> DropoutRNG:
         view = DropoutRNG.__new__(DropoutRNG)
         view.key, view.rows, view.xp = self.key, self.rows, self.xp
+        view.site_index = self.site_index if site_index is None else site_index
         view.gens, view.heads, view.positions = gens, heads, positions
         return view
 
     def site(self, k: int) -> DropoutRNG:
         """The generators of site k, fresh (each site is drawn from once per forward)."""
         return self._view(
-            [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows]
+            [np.random.Generator(np.random.PCG64([*self.key, r, k])) for r in self.rows],
+            site_index=k,
         )
 
     def for_heads(self, h0: int, h1: int, n_head: int) -> DropoutRNG:
@@ -350,8 +355,15 @@ def attention_forward(
 
     keep_probs=False (selective recompute): the cache keeps q, k, v only, (qkvh, None, None); attention_backward
     recomputes each query block's probabilities and dropout mask from them as it reaches the block (given the same
-    dropout rng again, freshly made: the masks are drawn in the same order)."""
+    dropout rng again, freshly made: the masks are drawn in the same order).
+
+    On a device (with no dropout or a DropoutRNG) the fused kernels of kernels/attention.py run instead: the cache
+    is then (qkv kept, None, FlashCache), and the dropout masks are its hash's, not the host's."""
     xp = array_module(qkv)
+    if device.on_device(xp) and (dropout == 0.0 or isinstance(rng, DropoutRNG)):
+        return device.flash_attention_forward(
+            xp, qkv, n_head, prec, attention_dropout(rng, dropout)
+        )
     qkvh = split_heads(qkv, n_head)
     qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
     prec.round_(qkvh)  # split_heads made it: ours
@@ -451,6 +463,8 @@ def attention_backward(
     """The input gradient of attention_forward. A cache without probabilities (keep_probs=False) has them
     recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks)."""
     xp = array_module(dy)
+    if isinstance(cache[2], device.FlashCache):
+        return device.flash_attention_backward(xp, dy, cache, n_head, prec)
     qkvh, atts, masks = cache
     qkvh = prec.use(qkvh, dy.dtype)
     q, k, v = qkvh[0], qkvh[1], qkvh[2]

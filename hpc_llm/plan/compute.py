@@ -20,6 +20,7 @@ from hpc_llm.kernels.rounding import PIECE as ROUND_PIECE
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
+from hpc_llm.plan import fused_attention
 from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
 from hpc_llm.plan.launches import HEADS, block_counts, optimizer_counts
 
@@ -419,7 +420,8 @@ def chunk_costs(
     bf = block_forward(p, b, T, C, H, selective)
     counted = _block_ledgers(cfg, p, selective) if p.cl.backend == "cupy" else None
     if counted is not None:
-        bf = _counted_block(p, bf, counted.forward, b * (H // p.tp) / HEADS)
+        attn = fused_attention.gemm_delta(p, b, T, H // p.tp, C // H, False, selective)
+        bf = _counted_block(p, bf, counted.forward, b * (H // p.tp) / HEADS, attn)
     for _ in range(n_blocks):
         f += bf
     if head:
@@ -434,7 +436,9 @@ def chunk_costs(
             counted is not None
         ):  # accumulating adds the inventory's extra passes to the counted backward
             extra = inv.compute - block_backward(p, b, T, C, H, False, selective, ln).compute
-            inv = _counted_block(p, inv, counted.backward, b * (H // p.tp) / HEADS) + Cost(extra)
+            attn = fused_attention.gemm_delta(p, b, T, H // p.tp, C // H, True, selective)
+            inv = _counted_block(p, inv, counted.backward, b * (H // p.tp) / HEADS, attn)
+            inv += Cost(extra)
         return inv + again
 
     def whole(part, n: int) -> Cost:
@@ -478,14 +482,16 @@ def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
     )
 
 
-def _counted_block(p: Pricer, inv: Cost, ledger, scale: float) -> Cost:
-    """A Block's forward or backward on a device: the inventory's GEMMs and TP collectives, and the elementwise
-    launches and bytes the harness counted (its bytes times scale: rows x heads per rank / HEADS)."""
+def _counted_block(p: Pricer, inv: Cost, ledger, scale: float, attn_gemm: float = 0.0) -> Cost:
+    """A Block's forward or backward on a device: the inventory's GEMMs (attn_gemm: the fused attention's products
+    in place of the unfused loop's, plan/fused_attention.py) and TP collectives, and the elementwise launches and
+    bytes the harness counted (its bytes times scale: rows x heads per rank / HEADS)."""
     calls = ledger.elementwise - ledger.launches["tp_collective"]
     nbytes = ledger.elementwise_bytes * scale
     per_call = nbytes / max(calls, 1)
     ew = p.share * p.cl.pass_time(nbytes / 4, 4, per_call / 4, calls)
-    return Cost(inv.gemm + ew, inv.tp, inv.gemm)
+    gemm = inv.gemm + attn_gemm
+    return Cost(gemm + ew, inv.tp, gemm)
 
 
 def optimizer_time(p: Pricer, owned: int) -> float:

@@ -8,6 +8,12 @@ import pytest
 from hpc_llm.kernels.cuda import device
 
 KERNELS = {
+    "attention": [
+        "attention_forward",
+        "attention_backward_dot",
+        "attention_backward_kv",
+        "attention_backward_q",
+    ],
     "adamw": ["adamw_f32", "adamw_f64", "sumsq_f32", "sumsq_f64", "sumsq_finish"],
     "bias_gelu": ["bias_gelu_forward", "bias_gelu_backward"],
     "dropout_residual": ["dropout_residual_forward", "dropout_residual_backward", "dropout_scale"],

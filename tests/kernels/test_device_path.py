@@ -11,8 +11,8 @@ from hpc_llm.kernels.cuda.launches import counting, xp
 from hpc_llm.optim import AdamW, global_grad_norm
 from hpc_llm.plan.launches import block_counts, optimizer_counts
 
-# launches per block at one query block (T <= 128): forward, backward (B and W); GEMMs included
-BLOCK_BOUNDS = {"fp32": (64, 70), "bf16": (110, 125)}
+# launches per block, whatever T (the fused attention): forward, backward (B and W); GEMMs included
+BLOCK_BOUNDS = {"fp32": (16, 28), "bf16": (40, 60)}
 
 
 @pytest.mark.timeout(60)
@@ -24,11 +24,15 @@ BLOCK_BOUNDS = {"fp32": (64, 70), "bf16": (110, 125)}
     ],
     ids=["fp32", "bf16-tp2-sp-selective-dropout"],
 )
-def test_block_launches_do_not_grow_with_the_model(modes):
+def test_block_launches_do_not_grow_with_the_model_or_the_sequence(modes):
     small = block_counts(T=64, head_dim=16, heads_per_rank=2, **modes)
     large = block_counts(T=64, head_dim=32, heads_per_rank=3, **modes)
-    assert small.forward.launches == large.forward.launches
-    assert small.backward.launches == large.backward.launches
+    longer = block_counts(
+        T=256, head_dim=16, heads_per_rank=2, **modes
+    )  # two attention tiles: eight
+    for other in (large, longer):
+        assert small.forward.launches == other.forward.launches
+        assert small.backward.launches == other.backward.launches
     fwd, bwd = BLOCK_BOUNDS[modes["precision"]]
     assert small.forward.total <= fwd and small.backward.total <= bwd
     # the bytes do grow: what the planner scales
@@ -81,3 +85,23 @@ def test_fused_norm_equals_the_chunked_norm():
         got = global_grad_norm(gd, ranges, comm)
     assert ledger.total == 2
     assert abs(got - want) <= 1e-13 * want
+
+
+@pytest.mark.timeout(60)
+def test_fused_attention_is_priced_from_its_bytes_and_tile_products():
+    """The ledger holds the fused kernels' bytes (q, k, v, y, logsumexp once forward; plan/fused_attention.py's
+    docstring), and the planner's products are 2 forward and 7 backward of T x (mean keys of a query tile) x hd."""
+    from types import SimpleNamespace
+
+    from hpc_llm.plan import fused_attention
+
+    T, hd, heads = 64, 16, 2
+    fwd = block_counts(T=T, head_dim=hd, heads_per_rank=heads).forward
+    qkv = 3 * T * heads * hd * 4
+    assert fwd.launches["attention_forward"] == 1
+    assert fwd.nbytes["attention_forward"] == qkv + qkv // 3 + heads * T * 4
+    p = SimpleNamespace(share=1.0, dtype="float32", cl=SimpleNamespace(gemm_rate=lambda *a: 1e12))
+    keys = (32 * 32 + 32 * 64) / 64  # tiles [0, 32) and [32, 64): 32 and 64 keys
+    one = 2.0 * T * keys * hd * 3 / 1e12  # b = 1, h = 3
+    assert fused_attention.fused_seconds(p, 1, T, 3, hd, False) == pytest.approx(2 * one)
+    assert fused_attention.fused_seconds(p, 1, T, 3, hd, True) == pytest.approx(7 * one)
