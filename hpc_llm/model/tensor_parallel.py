@@ -136,17 +136,20 @@ class ColumnParallelLinear:
         self.sequence_parallel = sequence_parallel
         assert lora is None or not sequence_parallel, "LoRA with sequence parallelism"
 
-    def forward(self, x):
-        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
+    def forward(self, x, bias: bool = True):
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h.
+        bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
+        b = self.b.value if bias else None
+        assert bias or self.lora is None, "the bias left out with LoRA"
         if self.sequence_parallel:
             x = self.prec.keep(x)  # the slice
             xu = gather_from_sequence_parallel_region(
                 self.prec.use(x, self.w.value.dtype), self.comm
             )
-            return linear_forward(xu, self.w.value, self.b.value), x
+            return linear_forward(xu, self.w.value, b), x
         x = self.prec.keep(copy_to_tp_region(x, self.comm))
         xu = self.prec.use(x, self.w.value.dtype)
-        y = linear_forward(xu, self.w.value, self.b.value)
+        y = linear_forward(xu, self.w.value, b)
         if self.lora is None:
             return y, x
         A, B, s = self.lora
@@ -233,12 +236,14 @@ class RowParallelLinear:
             else (reduce_from_tp_region, reduce_from_tp_region_backward)
         )
 
-    def forward(self, x):
-        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
+    def forward(self, x, bias: bool = True):
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h.
+        bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
+        assert bias or self.lora is None, "the bias left out with LoRA"
         x = self.prec.keep(x)
         xu = self.prec.use(x, self.w.value.dtype)
         y = self.reduce(linear_forward(xu, self.w.value, None), self.comm)
-        if self.b.value is not None:
+        if bias and self.b.value is not None:
             y += self.b.value
         if self.lora is None:
             return y, x

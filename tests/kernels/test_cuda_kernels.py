@@ -105,3 +105,16 @@ def test_rounding_and_dropout_scale_bitwise(precision):
     mask = layers.DropoutMask(keep, 1.0 / 0.9)
     dmask = layers.DropoutMask(cupy.asarray(keep), 1.0 / 0.9)
     assert np.array_equal(cupy.asnumpy(dmask.scaled(cupy.asarray(x))), mask.scaled(x))
+
+
+@pytest.mark.timeout(60)
+def test_bias_dropout_residual_equals_its_twin_bitwise():
+    from hpc_llm.kernels.dropout_residual import dropout_residual_numpy
+
+    x, a = (RNG.standard_normal((64, 384)).astype(np.float32) for _ in range(2))
+    bias, keep = RNG.standard_normal(384).astype(np.float32), RNG.random((64, 384)) >= 0.1
+    want = dropout_residual_numpy(x.copy(), a.copy(), keep, 1 / 0.9, bias)
+    args = [cupy.asarray(v) for v in (x, a, keep)]
+    got = device.dropout_residual_(cupy, *args, 1 / 0.9, None, cupy.asarray(bias))
+    assert np.array_equal(cupy.asnumpy(got), want)
+    assert np.array_equal(cupy.asnumpy(args[1]), a)  # the branch is only read

@@ -81,3 +81,34 @@ def test_fused_norm_equals_the_chunked_norm():
         got = global_grad_norm(gd, ranges, comm)
     assert ledger.total == 2
     assert abs(got - want) <= 1e-13 * want
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_device_block_equals_the_cpu_block_bitwise(precision, monkeypatch):
+    """The device branches (the biases folded into GELU's and dropout+residual's kernels, the fused passes), run by
+    the stand-in for CuPy with values computed (not counting), give the CPU path's output and gradients bit for bit;
+    and the forward launches the two fused kernels."""
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model.gpt import GPT
+    from hpc_llm.model.layers import DropoutRNG, WeightWork
+
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")  # the CPU path's twins (numba's tanh differs)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1)
+    got = {}
+    for mod in (np, xp):
+        model = GPT(cfg, mod, seed=None, precision=precision)
+        rng = np.random.default_rng(5)
+        model.flat[...] = mod.asarray(rng.standard_normal(model.local_size).astype(np.float32))
+        model.refresh_compute()
+        block = model.chunks[0].blocks[0]
+        x = mod.asarray(rng.standard_normal((2, 16, 32)).astype(np.float32))
+        y, cache = block.forward(x, DropoutRNG(0, 0, 0, range(2), mod))
+        work = WeightWork(False)
+        dx = block.backward_input(mod.ones_like(y), cache, work, DropoutRNG(0, 0, 0, range(2), mod))
+        work.run(False)
+        got[mod] = [np.asarray(a).copy() for a in (y, dx, model.grad_flat)]
+    for a, b in zip(got[np], got[xp]):
+        assert np.array_equal(a, b)
+    fwd = block_counts(T=16, head_dim=16, precision=precision, dropout=0.1).forward
+    assert fwd.launches["dropout_residual_forward"] == 2 and fwd.launches["bias_gelu_forward"] == 1

@@ -158,17 +158,22 @@ def _grid(n: int) -> tuple:
     return (max(1, min(-(-n // THREADS), 4096)),)
 
 
-def gelu_forward(xp, x, twin):
-    """layers.gelu_forward: (out, t) in one pass (bias_gelu.cu without a bias)."""
+def gelu_forward(xp, x, twin, bias=None):
+    """layers.gelu_forward: (out, t) in one pass (bias_gelu.cu); bias (the fc layer's, not yet added): x += bias
+    in the same pass, x left holding GELU's input as the twin leaves it. twin(x, bias)."""
 
     def launch():
         out, t = xp.empty_like(x), xp.empty_like(x)
         fn = module("bias_gelu").get_function("bias_gelu_forward")
-        n = np.int64(x.size)
-        fn(_grid(x.size), (THREADS,), (x, NULL, NULL, out, NULL, t, n, np.int32(1), np.int32(0)))
+        n, width = np.int64(x.size), np.int32(x.shape[-1])
+        b, x_out = (NULL, NULL) if bias is None else (bias, x)
+        fn(_grid(x.size), (THREADS,), (x, b, x_out, out, NULL, t, n, width, np.int32(0)))
         return out, t
 
-    return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
+    if bias is None:
+        return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
+    nbytes = 4 * x.nbytes + bias.nbytes
+    return _run(xp, "bias_gelu_forward", nbytes, twin, (x, bias), launch)
 
 
 def gelu_backward(xp, dout, x, t, twin):
@@ -288,3 +293,21 @@ def dropout_scale(xp, x, keep, scale: float, twin, out=None):
         return twin(x_) if out is None else _into(out, twin(x_))
 
     return _run(xp, "dropout_scale", 2 * x.nbytes + keep.nbytes, twin_, (x,), launch)
+
+
+def dropout_residual_(xp, x, a, keep, scale: float, twin, bias=None):
+    """kernels.dropout_residual_: x += (a + bias) * keep * scale (bias None: none; keep None: no dropout) in one
+    pass, in place over x; twin(x, a, keep, scale, bias)."""
+
+    def launch():
+        fn = module("dropout_residual").get_function("dropout_residual_forward")
+        k, b = (NULL if v is None else v for v in (keep, bias))
+        n, width = np.int64(x.size), np.int32(x.shape[-1])
+        fn(_grid(x.size), (THREADS,), (x, a, b, k, np.float32(scale), n, width))
+        return x
+
+    def twin_(x_, a_):
+        return twin(x_, a_, keep, scale, bias)
+
+    nbytes = 3 * x.nbytes + sum(0 if v is None else v.nbytes for v in (keep, bias))
+    return _run(xp, "dropout_residual_forward", nbytes, twin_, (x, a), launch)
