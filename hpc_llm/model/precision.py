@@ -59,12 +59,23 @@ class Precision:
         return round_low_(x, self.low)
 
     def keep(self, x):
-        """An activation kept for backward: stored in the format (its rounded value, in half the bytes)."""
-        return x if self.low is None else to_low(x, self.low)
+        """An activation kept for backward: stored in the format (its rounded value, in half the bytes); on a
+        device one pass (round.cu; CuPy holds bfloat16 as uint16 bit patterns: device.storage_dtype)."""
+        if self.low is None:
+            return x
+        xp = array_module(x)
+        if device.on_device(xp) and x.dtype == "float32":
+            return device.narrow(xp, xp.ascontiguousarray(x), self, to_low)
+        return to_low(x, self.low)
 
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""
-        return kept if self.low is None else from_low(kept, dtype)
+        if self.low is None:
+            return kept
+        xp = array_module(kept)
+        if device.on_device(xp):
+            return device.widen(xp, kept, self, dtype, from_low)
+        return from_low(kept, dtype)
 
 
 FP32 = Precision("fp32")

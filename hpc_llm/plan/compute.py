@@ -465,7 +465,8 @@ def chunk_costs(
 
 def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
     """A device backend's counted Block (plan/launches.py) at this pricer's setting."""
-    precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
+    fmt = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
+    precision = fmt[p.low]
     return block_counts(
         T=cfg.block_size,
         head_dim=cfg.n_embd // cfg.n_head,
@@ -475,6 +476,7 @@ def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
         dropout=cfg.dropout,
         sp=p.sp,
         dtype="float64" if p.it == 8 else "float32",
+        act_comm=fmt[p.comm_low],
     )
 
 

@@ -118,3 +118,19 @@ def test_bias_dropout_residual_equals_its_twin_bitwise():
     got = device.dropout_residual_(cupy, *args, 1 / 0.9, None, cupy.asarray(bias))
     assert np.array_equal(cupy.asnumpy(got), want)
     assert np.array_equal(cupy.asnumpy(args[1]), a)  # the branch is only read
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_narrow_and_widen_equal_the_rounded_float32_bitwise(fmt):
+    """Precision.keep on CuPy: 2 bytes an element (bf16 as uint16 bit patterns: CuPy has no bfloat16); use widens
+    them to exactly the float32-rounded values of the CPU path."""
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(fmt)
+    x = RNG.standard_normal(100_000).astype(np.float32) * 100
+    x[:7] = [np.nan, np.inf, -np.inf, 1e-40, -0.0, 1 + 2**-8, 1 + 3 * 2**-8]
+    kept = prec.keep(cupy.asarray(x))
+    assert kept.nbytes == 2 * x.size
+    back = cupy.asnumpy(prec.use(kept, np.float32))
+    assert np.array_equal(back.view(np.uint32), prec.operand(x.copy()).view(np.uint32))

@@ -112,3 +112,46 @@ def test_device_block_equals_the_cpu_block_bitwise(precision, monkeypatch):
         assert np.array_equal(a, b)
     fwd = block_counts(T=16, head_dim=16, precision=precision, dropout=0.1).forward
     assert fwd.launches["dropout_residual_forward"] == 2 and fwd.launches["bias_gelu_forward"] == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_kept_16_bit_values_widen_to_the_rounded_float32_bitwise(fmt):
+    """Precision.keep on a device stores 2 bytes an element (round.cu's narrow_format, one launch), and use widens
+    them (widen_format, one launch) to exactly the float32-rounded values the CPU path computes (Precision.operand):
+    ties, NaN, infinities, subnormals and overflow included."""
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(fmt)
+    x = np.random.default_rng(7).standard_normal(4096).astype(np.float32) * 100
+    x[:8] = [np.nan, np.inf, -np.inf, 1e-40, -0.0, 70000.0, 1 + 2**-8, 1 + 3 * 2**-8]
+    xd = xp.asarray(x)
+    with counting() as ledger, np.errstate(over="ignore"):  # fp16: 70000 -> inf
+        kept = prec.keep(xd)
+        back = prec.use(kept, np.float32)
+    assert ledger.total == 2 and kept.nbytes == 2 * x.size
+    with np.errstate(over="ignore"):
+        want = prec.operand(x.copy())
+    assert np.array_equal(np.asarray(back).view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.timeout(60)
+def test_16_bit_tp_transfers_count_their_conversions_whatever_the_size():
+    """parallel.act_comm = bf16 on a device: each TP collective adds a conversion before and after (wire_narrow,
+    wire_widen), counted by the harness, the same number at two model sizes."""
+    kw = dict(T=64, tp=2, precision="bf16", sp=True, dropout=0.1, act_comm="bf16")
+    small, large = (
+        block_counts(head_dim=16, **kw),
+        block_counts(head_dim=32, heads_per_rank=3, **kw),
+    )
+    plain = block_counts(head_dim=16, **{**kw, "act_comm": "fp32"})
+    for a, b, p in zip(
+        (small.forward, small.backward),
+        (large.forward, large.backward),
+        (plain.forward, plain.backward),
+    ):
+        assert a.launches == b.launches
+        # the LayerNorms' partial gradients are summed in fp32 (tp.plain): no wire
+        n = a.launches["wire_narrow"]
+        assert a.launches["wire_widen"] == n and 0 < n <= a.launches["tp_collective"]
+        assert a.total == p.total + 2 * n

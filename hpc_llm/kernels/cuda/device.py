@@ -311,3 +311,40 @@ def dropout_residual_(xp, x, a, keep, scale: float, twin, bias=None):
 
     nbytes = 3 * x.nbytes + sum(0 if v is None else v.nbytes for v in (keep, bias))
     return _run(xp, "dropout_residual_forward", nbytes, twin_, (x, a), launch)
+
+
+# -- the 16-bit formats stored natively (Precision.keep / use on a device) -----------------------------------------
+
+
+def storage_dtype(xp, prec):
+    """The dtype a format's 16 bits are stored in on xp: NumPy's (ml_dtypes' bfloat16, float16); on CuPy, which has
+    no bfloat16 dtype, bfloat16's bit patterns in uint16 (round.cu converts)."""
+    if xp.__name__ == "cupy" and prec.name == "bf16":
+        return np.dtype(np.uint16)
+    return prec.low
+
+
+def narrow(xp, x, prec, twin):
+    """Precision.keep: float32 x (contiguous) stored in the format, 2 bytes an element, one pass; twin(x, low)."""
+
+    def launch():
+        out = xp.empty(x.shape, dtype=storage_dtype(xp, prec))
+        fn = module("round").get_function("narrow_format")
+        fn(_grid(x.size), (THREADS,), (x, out, np.int64(x.size), np.int32(ROUNDING[prec.name])))
+        return out
+
+    return _run(xp, "narrow_format", 3 * x.size * 2, lambda x_: twin(x_, prec.low), (x,), launch)
+
+
+def widen(xp, kept, prec, dtype, twin):
+    """Precision.use: a narrow()ed array back in dtype (exact), one pass (float32; another dtype one cast more);
+    twin(kept, dtype)."""
+    nbytes = 3 * kept.size * 2
+    if xp.__name__ != "cupy":
+        with launches.record_kernel("widen_format", nbytes):
+            return twin(kept, dtype)
+    out = xp.empty(kept.shape, dtype=np.float32)
+    fn = module("round").get_function("widen_format")
+    src = xp.ascontiguousarray(kept)
+    fn(_grid(kept.size), (THREADS,), (src, out, np.int64(kept.size), np.int32(ROUNDING[prec.name])))
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
