@@ -14,6 +14,8 @@ each optimizer step; the fp32 master weights and Adam moments are the optimizer'
 
 from __future__ import annotations
 
+import numpy as np
+
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.rounding import from_low, round_low_, to_low
@@ -64,9 +66,23 @@ class Precision:
         if self.low is None:
             return x
         xp = array_module(x)
-        if device.on_device(xp) and x.dtype == "float32":
+        if device.on_device(xp) and x.dtype == np.float32:
             return device.narrow(xp, xp.ascontiguousarray(x), self, to_low)
         return to_low(x, self.low)
+
+    def keep_use(self, x, dtype):
+        """(keep(x), use(keep(x), dtype)): a linear layer's input kept, and its operand; on a device one pass
+        (round.cu's narrow_round) where the two would be two."""
+        if self.low is None:
+            return x, x
+        xp = array_module(x)
+        if device.on_device(xp) and x.dtype == np.float32 and np.dtype(dtype) == np.float32:
+            return device.narrow_round(xp, xp.ascontiguousarray(x), self, self._keep_use)
+        return self._keep_use(x, dtype)
+
+    def _keep_use(self, x, dtype="float32"):
+        kept = to_low(x, self.low)
+        return kept, from_low(kept, dtype)
 
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""

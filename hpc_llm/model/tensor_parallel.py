@@ -142,13 +142,10 @@ class ColumnParallelLinear:
         b = self.b.value if bias else None
         assert bias or self.lora is None, "the bias left out with LoRA"
         if self.sequence_parallel:
-            x = self.prec.keep(x)  # the slice
-            xu = gather_from_sequence_parallel_region(
-                self.prec.use(x, self.w.value.dtype), self.comm
-            )
+            x, xu = self.prec.keep_use(x, self.w.value.dtype)  # the slice
+            xu = gather_from_sequence_parallel_region(xu, self.comm)
             return linear_forward(xu, self.w.value, b), x
-        x = self.prec.keep(copy_to_tp_region(x, self.comm))
-        xu = self.prec.use(x, self.w.value.dtype)
+        x, xu = self.prec.keep_use(copy_to_tp_region(x, self.comm), self.w.value.dtype)
         y = linear_forward(xu, self.w.value, b)
         if self.lora is None:
             return y, x
@@ -240,8 +237,7 @@ class RowParallelLinear:
         """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h.
         bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
         assert bias or self.lora is None, "the bias left out with LoRA"
-        x = self.prec.keep(x)
-        xu = self.prec.use(x, self.w.value.dtype)
+        x, xu = self.prec.keep_use(x, self.w.value.dtype)
         y = self.reduce(linear_forward(xu, self.w.value, None), self.comm)
         if bias and self.b.value is not None:
             y += self.b.value

@@ -27,7 +27,9 @@ def main() -> None:
         "--recompute", default="none", help="none or selective (block: the forward again)"
     )
     ap.add_argument("--mbs", type=int, default=1)
-    ap.add_argument("--act-comm", default="fp32", help="the TP transfers' format (bf16: conversions counted)")
+    ap.add_argument(
+        "--act-comm", default="fp32", help="the TP transfers' format (bf16: conversions counted)"
+    )
     a = ap.parse_args()
     m = load_config(a.config).model
     c = block_counts(

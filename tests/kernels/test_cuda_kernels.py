@@ -133,4 +133,8 @@ def test_narrow_and_widen_equal_the_rounded_float32_bitwise(fmt):
     kept = prec.keep(cupy.asarray(x))
     assert kept.nbytes == 2 * x.size
     back = cupy.asnumpy(prec.use(kept, np.float32))
-    assert np.array_equal(back.view(np.uint32), prec.operand(x.copy()).view(np.uint32))
+    want = prec.operand(x.copy()).view(np.uint32)
+    assert np.array_equal(back.view(np.uint32), want)
+    kept2, back2 = prec.keep_use(cupy.asarray(x), np.float32)  # narrow_round: both in one pass
+    assert np.array_equal(cupy.asnumpy(kept2), cupy.asnumpy(kept))
+    assert np.array_equal(cupy.asnumpy(back2).view(np.uint32), want)

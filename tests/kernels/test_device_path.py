@@ -119,7 +119,7 @@ def test_device_block_equals_the_cpu_block_bitwise(precision, monkeypatch):
 def test_kept_16_bit_values_widen_to_the_rounded_float32_bitwise(fmt):
     """Precision.keep on a device stores 2 bytes an element (round.cu's narrow_format, one launch), and use widens
     them (widen_format, one launch) to exactly the float32-rounded values the CPU path computes (Precision.operand):
-    ties, NaN, infinities, subnormals and overflow included."""
+    ties, NaN, infinities, subnormals and overflow included; keep_use gives both in one launch (narrow_round)."""
     from hpc_llm.model.precision import Precision
 
     prec = Precision(fmt)
@@ -129,10 +129,13 @@ def test_kept_16_bit_values_widen_to_the_rounded_float32_bitwise(fmt):
     with counting() as ledger, np.errstate(over="ignore"):  # fp16: 70000 -> inf
         kept = prec.keep(xd)
         back = prec.use(kept, np.float32)
-    assert ledger.total == 2 and kept.nbytes == 2 * x.size
+        kept2, back2 = prec.keep_use(xd, np.float32)  # a linear layer's input: one pass
+    assert ledger.total == 3 and kept.nbytes == kept2.nbytes == 2 * x.size
     with np.errstate(over="ignore"):
         want = prec.operand(x.copy())
-    assert np.array_equal(np.asarray(back).view(np.uint32), want.view(np.uint32))
+    for got in (back, back2):
+        assert np.array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(np.asarray(kept).view(np.uint16), np.asarray(kept2).view(np.uint16))
 
 
 @pytest.mark.timeout(60)

@@ -348,3 +348,18 @@ def widen(xp, kept, prec, dtype, twin):
     src = xp.ascontiguousarray(kept)
     fn(_grid(kept.size), (THREADS,), (src, out, np.int64(kept.size), np.int32(ROUNDING[prec.name])))
     return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+
+def narrow_round(xp, x, prec, twin):
+    """Precision.keep_use: (x kept in the format, its float32 rounded value) from float32 x (contiguous) in one
+    pass; twin(x) -> the pair."""
+
+    def launch():
+        bits = xp.empty(x.shape, dtype=storage_dtype(xp, prec))
+        out = xp.empty_like(x)
+        fn = module("round").get_function("narrow_round")
+        mode = np.int32(ROUNDING[prec.name])
+        fn(_grid(x.size), (THREADS,), (x, bits, out, np.int64(x.size), mode))
+        return bits, out
+
+    return _run(xp, "narrow_round", 5 * x.size * 2, twin, (x,), launch)

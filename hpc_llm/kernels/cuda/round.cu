@@ -11,30 +11,39 @@ extern "C" __global__ void round_format(const float* x, float* out, long long n,
 // Precision.keep and Precision.use on a device: float32 values stored as the format's 16 bits (bfloat16: the
 // rounded float's high half, a NaN the quiet NaN 0x7fc0 of its sign, as ml_dtypes and kernels/rounding.py do; half:
 // cvt.rn) and widened back (exact). CuPy has no bfloat16 dtype: its bits live in uint16 arrays.
+__device__ __forceinline__ unsigned short narrow_one(float v, int mode) {
+    if (mode != 1) return keep_bits(v, mode);
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float widen_one(unsigned short b, int mode) {
+    if (mode == 1) return __uint_as_float((unsigned)b << 16);
+    float y;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(b));
+    return y;
+}
+
 extern "C" __global__ void narrow_format(const float* x, unsigned short* out, long long n, int mode) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        if (mode == 1) {
-            unsigned u = __float_as_uint(x[i]);
-            if ((u & 0x7fffffffu) > 0x7f800000u)
-                out[i] = (unsigned short)(((u >> 16) & 0x8000u) | 0x7fc0u);
-            else
-                out[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        } else {
-            out[i] = keep_bits(x[i], mode);
-        }
-    }
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = narrow_one(x[i], mode);
 }
 
 extern "C" __global__ void widen_format(const unsigned short* bits, float* out, long long n, int mode) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = widen_one(bits[i], mode);
+}
+
+// Precision.keep_use: a linear layer's input kept in 16 bits and, in the same pass, its float32 operand (the widened
+// bits: the rounded value), where narrow_format then widen_format would read it twice.
+extern "C" __global__ void narrow_round(const float* x, unsigned short* bits, float* out, long long n, int mode) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        if (mode == 1) {
-            out[i] = __uint_as_float((unsigned)bits[i] << 16);
-        } else {
-            float y;
-            asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(bits[i]));
-            out[i] = y;
-        }
+        unsigned short b = narrow_one(x[i], mode);
+        bits[i] = b;
+        out[i] = widen_one(b, mode);
     }
 }
