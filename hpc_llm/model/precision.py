@@ -78,11 +78,12 @@ class Precision:
         xp = array_module(x)
         if device.on_device(xp) and x.dtype == np.float32 and np.dtype(dtype) == np.float32:
             return device.narrow_round(xp, xp.ascontiguousarray(x), self, self._keep_use)
-        return self._keep_use(x, dtype)
+        kept = self.keep(x)
+        return kept, self.use(kept, dtype)
 
-    def _keep_use(self, x, dtype="float32"):
+    def _keep_use(self, x):
         kept = to_low(x, self.low)
-        return kept, from_low(kept, dtype)
+        return kept, from_low(kept, x.dtype)
 
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cross_entropy import cross_entropy_backward_, exp_shifted_, normalize_rows_
+from hpc_llm.kernels.cuda import device
 from hpc_llm.model.layers import (
     Param,
     WeightWork,
@@ -142,8 +143,8 @@ class ColumnParallelLinear:
         b = self.b.value if bias else None
         assert bias or self.lora is None, "the bias left out with LoRA"
         if self.sequence_parallel:
-            x, xu = self.prec.keep_use(x, self.w.value.dtype)  # the slice
-            xu = gather_from_sequence_parallel_region(xu, self.comm)
+            x = self.prec.keep(x)  # the slice
+            xu = _gather_kept(self.prec, x, self.comm, self.w.value.dtype)
             return linear_forward(xu, self.w.value, b), x
         x, xu = self.prec.keep_use(copy_to_tp_region(x, self.comm), self.w.value.dtype)
         y = linear_forward(xu, self.w.value, b)
@@ -187,9 +188,10 @@ class ColumnParallelLinear:
         """W: dw and db from the output gradient and the kept input (the slice, gathered again under sequence
         parallelism; a frozen weight needs no input)."""
         if self.w.grad is not None:
-            x = _used(self.prec, x, dy.dtype)
             if self.sequence_parallel:  # the forward's gather again
-                x = gather_from_sequence_parallel_region(x, self.comm)
+                x = _gather_kept(self.prec, x, self.comm, dy.dtype)
+            else:
+                x = _used(self.prec, x, dy.dtype)
         linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate)
 
     def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
@@ -284,6 +286,16 @@ class RowParallelLinear:
 def _used(prec: Precision, x, dtype):
     """A kept input in the compute dtype: converted from the format unless B already did."""
     return x if x.dtype == dtype else prec.use(x, dtype)
+
+
+def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
+    """Sequence parallelism's gather of a kept input slice, as a whole operand in dtype. On a device with a 16-bit
+    format the kept bits travel (2 bytes an element whatever parallel.act_comm, no wire conversions: the values are
+    the format's already) and the whole is widened once; elsewhere the slice is widened, then gathered."""
+    if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
+        bits = gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain)
+        return prec.use(bits.view(kept.dtype), dtype)
+    return gather_from_sequence_parallel_region(_used(prec, kept, dtype), comm)
 
 
 def _add_scaled(y, z, s: float) -> None:

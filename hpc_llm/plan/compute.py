@@ -157,6 +157,13 @@ class Pricer:
         t = reduce_scatter(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
         return Cost(0.0, t) + self._comm_casts(elems, elems // self.tp)
 
+    def kept_allgather(self, elems: int) -> Cost:
+        """Sequence parallel: a kept 16-bit input slice gathered whole. On a device its bits travel (2 bytes an
+        element, no wire conversions: tensor_parallel._gather_kept); elsewhere as allgather."""
+        if self.low is None or self.cl.backend != "cupy":
+            return self.allgather(elems)
+        return Cost(0.0, allgather(elems * 2, self.tp, self.link.latency_s, self.link.bw))
+
     def enter_column(self, n: int) -> Cost:
         """Into a column-parallel layer in forward (f): the identity, or with sp the slice all-gathered."""
         return self.allgather(n) if self.sp else Cost()
@@ -217,7 +224,7 @@ def _column_input(p: Pricer, n: int) -> Cost:
     """A column-parallel layer's input in forward: kept (the cache) and used; with sp the slice is kept and used,
     then all-gathered."""
     r = n // p.tp if p.sp else n
-    return p.keep(r) + p.use(r) + p.enter_column(n)
+    return p.keep(r) + p.use(r) + (p.kept_allgather(n) if p.sp else Cost())
 
 
 def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = False) -> Cost:
@@ -256,7 +263,7 @@ def gelu_tanh(p: Pricer, elems: int) -> Cost:
 
 def _column_input_back(p: Pricer, n: int) -> Cost:
     """A column-parallel layer's kept input used in backward; with sp the slice is used and all-gathered again."""
-    return p.use(n // p.tp) + p.allgather(n) if p.sp else p.use(n)
+    return p.use(n // p.tp) + p.kept_allgather(n) if p.sp else p.use(n)
 
 
 def block_backward(
