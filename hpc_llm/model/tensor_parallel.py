@@ -257,7 +257,10 @@ class RowParallelLinear:
         """B: the input gradient; the weight gradients go to `work` (W: dy after the mapping's backward and the
         kept input; LoRA's dh too). dy must stay as it is until W has run (WeightWork.keep)."""
         x, h = cache if self.lora is not None else (cache, None)
-        dy = self.prec.operand(self.reduce_backward(dy, self.comm))
+        if self.sequence_parallel:
+            dy = _gathered_operand(self.prec, dy, self.comm)
+        else:
+            dy = self.prec.operand(self.reduce_backward(dy, self.comm))
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
@@ -296,6 +299,22 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
         bits = gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain)
         return prec.use(bits.view(kept.dtype), dtype)
     return gather_from_sequence_parallel_region(_used(prec, kept, dtype), comm)
+
+
+def _gathered_operand(prec: Precision, dy, comm: Comm):
+    """Sequence parallelism: a row-parallel layer's output gradient gathered whole (its mapping's backward), as a
+    matmul operand. On a device with a 16-bit format each slice is rounded first and its bits travel, the whole
+    widened once (_gather_kept): the values of gathering then rounding, as rounding is elementwise, unless a wire of
+    another format or fp16's scaled one would round before (those gather, then round)."""
+    same = comm.wire is None or comm.wire == prec.name == "bf16"
+    if (
+        prec.low is not None
+        and same
+        and device.on_device(array_module(dy))
+        and dy.dtype == np.float32
+    ):
+        return _gather_kept(prec, prec.keep(dy), comm, dy.dtype)
+    return prec.operand(reduce_scatter_to_sequence_parallel_region_backward(dy, comm))
 
 
 def _add_scaled(y, z, s: float) -> None:

@@ -164,6 +164,16 @@ class Pricer:
             return self.allgather(elems)
         return Cost(0.0, allgather(elems * 2, self.tp, self.link.latency_s, self.link.bw))
 
+    def gathered_operand(self, elems: int) -> Cost:
+        """A row-parallel layer's output gradient as an operand: rounded, after (sp) its gather; on a device with a
+        16-bit format and sp, each slice rounded and its bits gathered (the conversions are counted: tensor_parallel.
+        _gathered_operand)."""
+        if not self.sp:
+            return self.operand(elems)
+        if self.low is None or self.cl.backend != "cupy":
+            return self.allgather(elems) + self.operand(elems)
+        return self.kept_allgather(elems)
+
     def enter_column(self, n: int) -> Cost:
         """Into a column-parallel layer in forward (f): the identity, or with sp the slice all-gathered."""
         return self.allgather(n) if self.sp else Cost()
@@ -295,13 +305,13 @@ def block_backward_input(
     r = nl if p.sp else n
     c = p.ew(4 * r, r, 2) if deferred else Cost()
     # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand; the input gradient
-    c += p.enter_column(n) + p.operand(n) + p.gemm(N, 4 * C // tp, C)
+    c += p.gathered_operand(n) + p.gemm(N, 4 * C // tp, C)
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
     c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
     c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
     c += p.operand(4 * nl) + p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
     c += p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
-    c += p.enter_column(n) + p.operand(n) + p.gemm(N, C // tp, C)  # attn_proj
+    c += p.gathered_operand(n) + p.gemm(N, C // tp, C)  # attn_proj
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
