@@ -54,12 +54,20 @@ def bias_gelu_forward(x, b=None):
     return gelu_forward_numpy(x)
 
 
-def gelu_forward(x):
-    """(gelu(x), t); on a device one fused kernel (cuda/bias_gelu.cu)."""
+def gelu_forward(x, b=None):
+    """(gelu(x), t), x += b first when a bias is given; on a device one fused kernel (cuda/bias_gelu.cu)."""
     xp = array_module(x)
     if device.on_device(xp):
-        return device.gelu_forward(xp, x, gelu_forward_numpy)
-    return bias_gelu_forward(x, None)
+        if b is None:
+            return device.gelu_forward(xp, x, gelu_forward_numpy)
+        return device.gelu_forward(xp, x, bias_gelu_forward_numpy, bias=b)
+    return bias_gelu_forward(x, b)
+
+
+def bias_gelu_forward_numpy(x, b):
+    """x += b, then gelu_forward_numpy (the device kernel's twin with a bias)."""
+    x += b
+    return gelu_forward_numpy(x)
 
 
 def gelu_forward_numpy(x):

@@ -6,12 +6,20 @@ add), so the two are bitwise equal.
 
 from __future__ import annotations
 
+from hpc_llm.backend import array_module
+from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel
 
 
-def dropout_residual_(x, a, keep=None, scale: float = 1.0):
-    """x += a * keep * scale (keep: the dropout's kept flags, None: no dropout), in place; returns x."""
+def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
+    """x += a * keep * scale (keep: the dropout's kept flags, None: no dropout), in place; returns x. On a device
+    one kernel (cuda/dropout_residual.cu). bias: a += bias first (device only: the branch layer's bias folded in)."""
     flat = x.flags.c_contiguous and a.flags.c_contiguous and a.shape == x.shape
+    xp = array_module(x)
+    if device.on_device(xp) and flat and (keep is None or keep.flags.c_contiguous):
+        return device.dropout_residual_(xp, x, a, keep, scale, dropout_residual_numpy, bias)
+    if bias is not None:
+        a += bias
     if (
         keep is not None
         and compiled(_dropout_residual, x, a, keep)
@@ -20,6 +28,13 @@ def dropout_residual_(x, a, keep=None, scale: float = 1.0):
     ):
         _dropout_residual(x.reshape(-1), a.reshape(-1), keep.reshape(-1), x.dtype.type(scale))
         return x
+    return dropout_residual_numpy(x, a, keep, scale)
+
+
+def dropout_residual_numpy(x, a, keep=None, scale: float = 1.0, bias=None):
+    """dropout_residual_'s arithmetic in NumPy passes (the twin)."""
+    if bias is not None:
+        a += bias
     if keep is None:
         x += a
         return x

@@ -337,6 +337,10 @@ def merge_heads(y):
 ATTN_BLOCK = 128  # query rows per block: blocks skip the keys their queries cannot see
 
 
+# the device path's fused attention; False: the query-block loop on a device too (the CPU's arithmetic and masks)
+FUSED_ATTENTION = True
+
+
 def query_blocks(T: int) -> list[tuple[int, int]]:
     """Query ranges [q0, q1) of about ATTN_BLOCK rows, the last (which sees all keys) first. Block [q0, q1) needs keys
     [0, q1) only, so with n blocks the score matrices hold (n+1)/2n of the T*T entries a dense causal mask would."""
@@ -360,7 +364,7 @@ def attention_forward(
     On a device (with no dropout or a DropoutRNG) the fused kernels of kernels/attention.py run instead: the cache
     is then (qkv kept, None, FlashCache), and the dropout masks are its hash's, not the host's."""
     xp = array_module(qkv)
-    if device.on_device(xp) and (dropout == 0.0 or isinstance(rng, DropoutRNG)):
+    if FUSED_ATTENTION and device.on_device(xp) and (dropout == 0.0 or isinstance(rng, DropoutRNG)):
         return device.flash_attention_forward(
             xp, qkv, n_head, prec, attention_dropout(rng, dropout)
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dropout_residual import dropout_residual_
 from hpc_llm.model.distill import (
     Distill,
@@ -203,12 +204,16 @@ class Embedding:
         )
 
 
-def _dropout_residual(x, a, mask) -> None:
-    """x += the branch output a through its dropout mask (None: none), one fused pass."""
-    if mask is None:
-        dropout_residual_(x, a)
-    else:
-        dropout_residual_(x, a, mask.keep, mask.scale)
+def _dropout_residual(x, a, mask, bias=None) -> None:
+    """x += the branch output a (+ bias: its layer's, when folded in here) through its dropout mask (None: none),
+    one fused pass."""
+    keep, scale = (None, 1.0) if mask is None else mask
+    dropout_residual_(x, a, keep, scale, bias)
+
+
+def _folded_bias(layer, x):
+    """On a device, the layer's bias, which the fused kernel after it adds (the layer then adds none); else None."""
+    return layer.b.value if device.on_device(array_module(x)) and not layer.lora else None
 
 
 class BlockCache(NamedTuple):
@@ -311,20 +316,24 @@ class Block:
         else:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
-        a, c_aproj = self.attn_proj.forward(y)
+        # on a device each bias is added by the fused kernel after its linear (a pass fewer each)
+        bias = _folded_bias(self.attn_proj, x)
+        a, c_aproj = self.attn_proj.forward(y, bias=bias is None)
         a_mask = dropout_mask(a.shape, a.dtype, drop, branch_rng) if drop > 0 else None
         # the residual input is not needed again: LayerNorm's cache holds its normalised copy
-        _dropout_residual(x, a, a_mask)
+        _dropout_residual(x, a, a_mask, bias)
         h2, ln2 = self.ln_2.forward(x)
-        f, c_fc = self.fc.forward(h2)
-        g, gt = gelu_forward(f)
+        bias = _folded_bias(self.fc, x)
+        f, c_fc = self.fc.forward(h2, bias=bias is None)
+        g, gt = gelu_forward(f, bias)
         # selective recompute: GELU's tanh again in backward (one elementwise pass), not kept
         gelu_t = None if self.selective else self.prec.keep(gt)
         del gt
-        m, c_mproj = self.mlp_proj.forward(g)
+        bias = _folded_bias(self.mlp_proj, x)
+        m, c_mproj = self.mlp_proj.forward(g, bias=bias is None)
         del g
         m_mask = dropout_mask(m.shape, m.dtype, drop, branch_rng) if drop > 0 else None
-        _dropout_residual(x, m, m_mask)
+        _dropout_residual(x, m, m_mask, bias)
         keep = self.prec.keep
         return x, BlockCache(
             ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), gelu_t, c_mproj, m_mask
@@ -340,7 +349,7 @@ class Block:
         the LayerNorms' partial gradients (sequence parallelism: SlicePartials)."""
         c, use = cache, self.prec.use
         # the branch's output gradient: the row-parallel W reads it after dx has been updated in place
-        dm = work.keep(dx) if c.mlp_mask is None else dropout_backward(dx.copy(), c.mlp_mask)
+        dm = work.keep(dx) if c.mlp_mask is None else c.mlp_mask.scaled(dx)
         dg = self.mlp_proj.backward_input(dm, c.mlp_proj, work)
         f = use(c.fc_out, dg.dtype)
         gt = gelu_tanh(f) if c.gelu_t is None else use(c.gelu_t, dg.dtype)
@@ -348,7 +357,7 @@ class Block:
         del f, gt
         dh2 = self.fc.backward_input(df, c.fc, work)
         dx += self.ln_2.backward_input(dh2, c.ln_2, work)
-        da = work.keep(dx) if c.attn_mask is None else dropout_backward(dx.copy(), c.attn_mask)
+        da = work.keep(dx) if c.attn_mask is None else c.attn_mask.scaled(dx)
         dy = self.attn_proj.backward_input(da, c.attn_proj, work)
         drop, heads_rng = 0.0, None
         if c.attn[1] is None and rng is not None and self.dropout > 0:

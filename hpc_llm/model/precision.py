@@ -14,6 +14,8 @@ each optimizer step; the fp32 master weights and Adam moments are the optimizer'
 
 from __future__ import annotations
 
+import numpy as np
+
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.rounding import from_low, round_low_, to_low
@@ -59,12 +61,38 @@ class Precision:
         return round_low_(x, self.low)
 
     def keep(self, x):
-        """An activation kept for backward: stored in the format (its rounded value, in half the bytes)."""
-        return x if self.low is None else to_low(x, self.low)
+        """An activation kept for backward: stored in the format (its rounded value, in half the bytes); on a
+        device one pass (round.cu; CuPy holds bfloat16 as uint16 bit patterns: device.storage_dtype)."""
+        if self.low is None:
+            return x
+        xp = array_module(x)
+        if device.on_device(xp) and x.dtype == np.float32:
+            return device.narrow(xp, xp.ascontiguousarray(x), self, to_low)
+        return to_low(x, self.low)
+
+    def keep_use(self, x, dtype):
+        """(keep(x), use(keep(x), dtype)): a linear layer's input kept, and its operand; on a device one pass
+        (round.cu's narrow_round) where the two would be two."""
+        if self.low is None:
+            return x, x
+        xp = array_module(x)
+        if device.on_device(xp) and x.dtype == np.float32 and np.dtype(dtype) == np.float32:
+            return device.narrow_round(xp, xp.ascontiguousarray(x), self, self._keep_use)
+        kept = self.keep(x)
+        return kept, self.use(kept, dtype)
+
+    def _keep_use(self, x):
+        kept = to_low(x, self.low)
+        return kept, from_low(kept, x.dtype)
 
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""
-        return kept if self.low is None else from_low(kept, dtype)
+        if self.low is None:
+            return kept
+        xp = array_module(kept)
+        if device.on_device(xp):
+            return device.widen(xp, kept, self, dtype, from_low)
+        return from_low(kept, dtype)
 
 
 FP32 = Precision("fp32")

@@ -24,6 +24,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cross_entropy import cross_entropy_backward_, exp_shifted_, normalize_rows_
+from hpc_llm.kernels.cuda import device
 from hpc_llm.model.layers import (
     Param,
     WeightWork,
@@ -136,17 +137,17 @@ class ColumnParallelLinear:
         self.sequence_parallel = sequence_parallel
         assert lora is None or not sequence_parallel, "LoRA with sequence parallelism"
 
-    def forward(self, x):
-        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
+    def forward(self, x, bias: bool = True):
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h.
+        bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
+        b = self.b.value if bias else None
+        assert bias or self.lora is None, "the bias left out with LoRA"
         if self.sequence_parallel:
             x = self.prec.keep(x)  # the slice
-            xu = gather_from_sequence_parallel_region(
-                self.prec.use(x, self.w.value.dtype), self.comm
-            )
-            return linear_forward(xu, self.w.value, self.b.value), x
-        x = self.prec.keep(copy_to_tp_region(x, self.comm))
-        xu = self.prec.use(x, self.w.value.dtype)
-        y = linear_forward(xu, self.w.value, self.b.value)
+            xu = _gather_kept(self.prec, x, self.comm, self.w.value.dtype)
+            return linear_forward(xu, self.w.value, b), x
+        x, xu = self.prec.keep_use(copy_to_tp_region(x, self.comm), self.w.value.dtype)
+        y = linear_forward(xu, self.w.value, b)
         if self.lora is None:
             return y, x
         A, B, s = self.lora
@@ -187,9 +188,10 @@ class ColumnParallelLinear:
         """W: dw and db from the output gradient and the kept input (the slice, gathered again under sequence
         parallelism; a frozen weight needs no input)."""
         if self.w.grad is not None:
-            x = _used(self.prec, x, dy.dtype)
             if self.sequence_parallel:  # the forward's gather again
-                x = gather_from_sequence_parallel_region(x, self.comm)
+                x = _gather_kept(self.prec, x, self.comm, dy.dtype)
+            else:
+                x = _used(self.prec, x, dy.dtype)
         linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate)
 
     def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
@@ -233,12 +235,13 @@ class RowParallelLinear:
             else (reduce_from_tp_region, reduce_from_tp_region_backward)
         )
 
-    def forward(self, x):
-        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h."""
-        x = self.prec.keep(x)
-        xu = self.prec.use(x, self.w.value.dtype)
+    def forward(self, x, bias: bool = True):
+        """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h.
+        bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
+        assert bias or self.lora is None, "the bias left out with LoRA"
+        x, xu = self.prec.keep_use(x, self.w.value.dtype)
         y = self.reduce(linear_forward(xu, self.w.value, None), self.comm)
-        if self.b.value is not None:
+        if bias and self.b.value is not None:
             y += self.b.value
         if self.lora is None:
             return y, x
@@ -254,7 +257,10 @@ class RowParallelLinear:
         """B: the input gradient; the weight gradients go to `work` (W: dy after the mapping's backward and the
         kept input; LoRA's dh too). dy must stay as it is until W has run (WeightWork.keep)."""
         x, h = cache if self.lora is not None else (cache, None)
-        dy = self.prec.operand(self.reduce_backward(dy, self.comm))
+        if self.sequence_parallel:
+            dy = _gathered_operand(self.prec, dy, self.comm)
+        else:
+            dy = self.prec.operand(self.reduce_backward(dy, self.comm))
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
@@ -283,6 +289,32 @@ class RowParallelLinear:
 def _used(prec: Precision, x, dtype):
     """A kept input in the compute dtype: converted from the format unless B already did."""
     return x if x.dtype == dtype else prec.use(x, dtype)
+
+
+def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
+    """Sequence parallelism's gather of a kept input slice, as a whole operand in dtype. On a device with a 16-bit
+    format the kept bits travel (2 bytes an element whatever parallel.act_comm, no wire conversions: the values are
+    the format's already) and the whole is widened once; elsewhere the slice is widened, then gathered."""
+    if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
+        bits = gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain)
+        return prec.use(bits.view(kept.dtype), dtype)
+    return gather_from_sequence_parallel_region(_used(prec, kept, dtype), comm)
+
+
+def _gathered_operand(prec: Precision, dy, comm: Comm):
+    """Sequence parallelism: a row-parallel layer's output gradient gathered whole (its mapping's backward), as a
+    matmul operand. On a device with a 16-bit format each slice is rounded first and its bits travel, the whole
+    widened once (_gather_kept): the values of gathering then rounding, as rounding is elementwise, unless a wire of
+    another format or fp16's scaled one would round before (those gather, then round)."""
+    same = comm.wire is None or comm.wire == prec.name == "bf16"
+    if (
+        prec.low is not None
+        and same
+        and device.on_device(array_module(dy))
+        and dy.dtype == np.float32
+    ):
+        return _gather_kept(prec, prec.keep(dy), comm, dy.dtype)
+    return prec.operand(reduce_scatter_to_sequence_parallel_region_backward(dy, comm))
 
 
 def _add_scaled(y, z, s: float) -> None:

@@ -158,6 +158,23 @@ class Pricer:
         t = reduce_scatter(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
         return Cost(0.0, t) + self._comm_casts(elems, elems // self.tp)
 
+    def kept_allgather(self, elems: int) -> Cost:
+        """Sequence parallel: a kept 16-bit input slice gathered whole. On a device its bits travel (2 bytes an
+        element, no wire conversions: tensor_parallel._gather_kept); elsewhere as allgather."""
+        if self.low is None or self.cl.backend != "cupy":
+            return self.allgather(elems)
+        return Cost(0.0, allgather(elems * 2, self.tp, self.link.latency_s, self.link.bw))
+
+    def gathered_operand(self, elems: int) -> Cost:
+        """A row-parallel layer's output gradient as an operand: rounded, after (sp) its gather; on a device with a
+        16-bit format and sp, each slice rounded and its bits gathered (the conversions are counted: tensor_parallel.
+        _gathered_operand)."""
+        if not self.sp:
+            return self.operand(elems)
+        if self.low is None or self.cl.backend != "cupy":
+            return self.allgather(elems) + self.operand(elems)
+        return self.kept_allgather(elems)
+
     def enter_column(self, n: int) -> Cost:
         """Into a column-parallel layer in forward (f): the identity, or with sp the slice all-gathered."""
         return self.allgather(n) if self.sp else Cost()
@@ -218,7 +235,7 @@ def _column_input(p: Pricer, n: int) -> Cost:
     """A column-parallel layer's input in forward: kept (the cache) and used; with sp the slice is kept and used,
     then all-gathered."""
     r = n // p.tp if p.sp else n
-    return p.keep(r) + p.use(r) + p.enter_column(n)
+    return p.keep(r) + p.use(r) + (p.kept_allgather(n) if p.sp else Cost())
 
 
 def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = False) -> Cost:
@@ -257,7 +274,7 @@ def gelu_tanh(p: Pricer, elems: int) -> Cost:
 
 def _column_input_back(p: Pricer, n: int) -> Cost:
     """A column-parallel layer's kept input used in backward; with sp the slice is used and all-gathered again."""
-    return p.use(n // p.tp) + p.allgather(n) if p.sp else p.use(n)
+    return p.use(n // p.tp) + p.kept_allgather(n) if p.sp else p.use(n)
 
 
 def block_backward(
@@ -289,13 +306,13 @@ def block_backward_input(
     r = nl if p.sp else n
     c = p.ew(4 * r, r, 2) if deferred else Cost()
     # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand; the input gradient
-    c += p.enter_column(n) + p.operand(n) + p.gemm(N, 4 * C // tp, C)
+    c += p.gathered_operand(n) + p.gemm(N, 4 * C // tp, C)
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
     c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
     c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
     c += p.operand(4 * nl) + p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
     c += p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
-    c += p.enter_column(n) + p.operand(n) + p.gemm(N, C // tp, C)  # attn_proj
+    c += p.gathered_operand(n) + p.gemm(N, C // tp, C)  # attn_proj
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
@@ -469,7 +486,8 @@ def chunk_costs(
 
 def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
     """A device backend's counted Block (plan/launches.py) at this pricer's setting."""
-    precision = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}[p.low]
+    fmt = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
+    precision = fmt[p.low]
     return block_counts(
         T=cfg.block_size,
         head_dim=cfg.n_embd // cfg.n_head,
@@ -479,6 +497,7 @@ def _block_ledgers(cfg: ModelConfig, p: Pricer, selective: bool):
         dropout=cfg.dropout,
         sp=p.sp,
         dtype="float64" if p.it == 8 else "float32",
+        act_comm=fmt[p.comm_low],
     )
 
 

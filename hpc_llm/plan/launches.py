@@ -26,30 +26,45 @@ HEADS = 2  # heads per TP rank that block_counts runs (one head would make some 
 
 class StandInTP:
     """A tensor-parallel group of `size` ranks as rank 0 sees it, for counting: collectives return arrays of the
-    right shapes (their values are not the sums) and count as communication, not launches."""
+    right shapes (their values are not the sums) and count as communication, not launches. wire ("bf16" | "fp16",
+    parallel.act_comm): activations travel in 16 bits, so each collective is also a conversion kernel before
+    (what this rank sends, narrow_format) and one after (what it receives, widen_format): round.cu's, as a device
+    with CUDA-aware collectives runs them (Comm.with_wire converts on the host after staging today)."""
 
-    def __init__(self, size: int):
-        self.size, self.rank, self.wire = size, 0, None
-        self.plain = self
+    def __init__(self, size: int, wire: str | None = None):
+        self.size, self.rank, self.wire = size, 0, wire
+        self.plain = StandInTP(size) if wire else self
+
+    def _casts(self, sent: int, received: int) -> None:
+        if self.wire:  # 4 bytes read and 2 written an element, or 2 read and 4 written
+            with record_kernel("wire_narrow", 6 * sent):
+                pass
+            with record_kernel("wire_widen", 6 * received):
+                pass
 
     def allreduce_(self, buf, op: str = "sum"):
         if self.size > 1:
             with record_kernel("tp_collective", 0):
                 pass
+            self._casts(buf.size, buf.size)
         return buf
 
     def allgather_along(self, x, axis: int):
         if self.size == 1:
             return x
         with record_kernel("tp_collective", 0):
-            return xp.asarray(np.concatenate([np.asarray(x)] * self.size, axis=axis))
+            out = xp.asarray(np.concatenate([np.asarray(x)] * self.size, axis=axis))
+        self._casts(x.size, out.size)
+        return out
 
     def reduce_scatter_along(self, x, axis: int):
         if self.size == 1:
             return x
         with record_kernel("tp_collective", 0):
             n = x.shape[axis] // self.size
-            return xp.asarray(np.ascontiguousarray(np.take(np.asarray(x), range(n), axis=axis)))
+            out = xp.asarray(np.ascontiguousarray(np.take(np.asarray(x), range(n), axis=axis)))
+        self._casts(x.size, out.size)
+        return out
 
     def allgather_(self, flat, counts):
         with record_kernel("tp_collective", 0):
@@ -75,8 +90,10 @@ def block_counts(
     sp: bool = False,
     dtype: str = "float32",
     heads_per_rank: int = HEADS,
+    act_comm: str = "fp32",
 ) -> BlockCounts:
-    """Counted on a fresh one-layer model; the forward runs once before (the causal masks are cached)."""
+    """Counted on a fresh one-layer model; the forward runs once before (the causal masks are cached). act_comm:
+    the TP collectives' format (StandInTP's wire)."""
     H = tp * heads_per_rank
     cfg = ModelConfig(
         n_layer=1,
@@ -92,7 +109,7 @@ def block_counts(
         cfg,
         xp,
         seed=None,
-        tp_comm=StandInTP(tp),
+        tp_comm=StandInTP(tp, None if act_comm == "fp32" else act_comm),
         recompute=recompute,
         precision=precision,
         sequence_parallel=sp,

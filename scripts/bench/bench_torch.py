@@ -127,7 +127,9 @@ def ddp_setup(rank: int):
     child = None
     if rank == 0:
         env = dict(os.environ, BENCH_DDP_RANK="1")
-        child = subprocess.Popen([sys.executable, *sys.argv], env=env, stdin=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, *sys.argv], env=env, stdin=subprocess.PIPE, text=True
+        )
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=rank, world_size=2)
     return child
 

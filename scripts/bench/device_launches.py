@@ -1,7 +1,8 @@
 """Launches and bytes of the device path per Block (forward, backward) and per optimizer step, counted on NumPy by
 the launch-counting stand-in for CuPy (hpc_llm/kernels/cuda/launches.py, hpc_llm/plan/launches.py).
 
-    python scripts/bench/device_launches.py inputs/megatron_175b.toml --tp 8 --sp --precision bf16 --mbs 1
+    python scripts/bench/device_launches.py inputs/megatron_175b.toml --tp 8 --sp --precision bf16 --mbs 1 \
+        --act-comm bf16
 
 Block bytes are for the row's micro-batch and heads per rank (the harness's one-row, two-head counts scaled); the
 optimizer step is counted on two shards (1 and 4 blocks of width 128): its launches, and its bytes per element."""
@@ -26,6 +27,9 @@ def main() -> None:
         "--recompute", default="none", help="none or selective (block: the forward again)"
     )
     ap.add_argument("--mbs", type=int, default=1)
+    ap.add_argument(
+        "--act-comm", default="fp32", help="the TP transfers' format (bf16: conversions counted)"
+    )
     a = ap.parse_args()
     m = load_config(a.config).model
     c = block_counts(
@@ -36,6 +40,7 @@ def main() -> None:
         recompute=a.recompute,
         dropout=m.dropout,
         sp=a.sp,
+        act_comm=a.act_comm,
     )
     scale = a.mbs * (m.n_head // a.tp) / 2
     out = {}

@@ -17,7 +17,7 @@ KERNELS = {
     "adamw": ["adamw_f32", "adamw_f64", "sumsq_f32", "sumsq_f64", "sumsq_finish"],
     "bias_gelu": ["bias_gelu_forward", "bias_gelu_backward"],
     "dropout_residual": ["dropout_residual_forward", "dropout_residual_backward", "dropout_scale"],
-    "round": ["round_format"],
+    "round": ["round_format", "narrow_format", "widen_format", "narrow_round"],
     "layernorm": ["layernorm_forward", "layernorm_backward", "layernorm_weight"],
     "softmax": ["masked_softmax_forward", "masked_softmax_backward"],
 }

@@ -105,3 +105,36 @@ def test_rounding_and_dropout_scale_bitwise(precision):
     mask = layers.DropoutMask(keep, 1.0 / 0.9)
     dmask = layers.DropoutMask(cupy.asarray(keep), 1.0 / 0.9)
     assert np.array_equal(cupy.asnumpy(dmask.scaled(cupy.asarray(x))), mask.scaled(x))
+
+
+@pytest.mark.timeout(60)
+def test_bias_dropout_residual_equals_its_twin_bitwise():
+    from hpc_llm.kernels.dropout_residual import dropout_residual_numpy
+
+    x, a = (RNG.standard_normal((64, 384)).astype(np.float32) for _ in range(2))
+    bias, keep = RNG.standard_normal(384).astype(np.float32), RNG.random((64, 384)) >= 0.1
+    want = dropout_residual_numpy(x.copy(), a.copy(), keep, 1 / 0.9, bias)
+    args = [cupy.asarray(v) for v in (x, a, keep)]
+    got = device.dropout_residual_(cupy, *args, 1 / 0.9, None, cupy.asarray(bias))
+    assert np.array_equal(cupy.asnumpy(got), want)
+    assert np.array_equal(cupy.asnumpy(args[1]), a)  # the branch is only read
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_narrow_and_widen_equal_the_rounded_float32_bitwise(fmt):
+    """Precision.keep on CuPy: 2 bytes an element (bf16 as uint16 bit patterns: CuPy has no bfloat16); use widens
+    them to exactly the float32-rounded values of the CPU path."""
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(fmt)
+    x = RNG.standard_normal(100_000).astype(np.float32) * 100
+    x[:7] = [np.nan, np.inf, -np.inf, 1e-40, -0.0, 1 + 2**-8, 1 + 3 * 2**-8]
+    kept = prec.keep(cupy.asarray(x))
+    assert kept.nbytes == 2 * x.size
+    back = cupy.asnumpy(prec.use(kept, np.float32))
+    want = prec.operand(x.copy()).view(np.uint32)
+    assert np.array_equal(back.view(np.uint32), want)
+    kept2, back2 = prec.keep_use(cupy.asarray(x), np.float32)  # narrow_round: both in one pass
+    assert np.array_equal(cupy.asnumpy(kept2), cupy.asnumpy(kept))
+    assert np.array_equal(cupy.asnumpy(back2).view(np.uint32), want)

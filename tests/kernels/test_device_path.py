@@ -105,3 +105,83 @@ def test_fused_attention_is_priced_from_its_bytes_and_tile_products():
     one = 2.0 * T * keys * hd * 3 / 1e12  # b = 1, h = 3
     assert fused_attention.fused_seconds(p, 1, T, 3, hd, False) == pytest.approx(2 * one)
     assert fused_attention.fused_seconds(p, 1, T, 3, hd, True) == pytest.approx(7 * one)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_device_block_equals_the_cpu_block_bitwise(precision, monkeypatch):
+    """The device branches (the biases folded into GELU's and dropout+residual's kernels, the fused passes), run by
+    the stand-in for CuPy with values computed (not counting), give the CPU path's output and gradients bit for bit;
+    and the forward launches the two fused kernels. The fused attention is off here: its online softmax and Philox
+    masks differ from the CPU loop's by design (tests/kernels/test_attention.py holds it to its bound)."""
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model import layers
+    from hpc_llm.model.gpt import GPT
+    from hpc_llm.model.layers import DropoutRNG, WeightWork
+
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")  # the CPU path's twins (numba's tanh differs)
+    monkeypatch.setattr(layers, "FUSED_ATTENTION", False)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1)
+    got = {}
+    for mod in (np, xp):
+        model = GPT(cfg, mod, seed=None, precision=precision)
+        rng = np.random.default_rng(5)
+        model.flat[...] = mod.asarray(rng.standard_normal(model.local_size).astype(np.float32))
+        model.refresh_compute()
+        block = model.chunks[0].blocks[0]
+        x = mod.asarray(rng.standard_normal((2, 16, 32)).astype(np.float32))
+        y, cache = block.forward(x, DropoutRNG(0, 0, 0, range(2), mod))
+        work = WeightWork(False)
+        dx = block.backward_input(mod.ones_like(y), cache, work, DropoutRNG(0, 0, 0, range(2), mod))
+        work.run(False)
+        got[mod] = [np.asarray(a).copy() for a in (y, dx, model.grad_flat)]
+    for a, b in zip(got[np], got[xp]):
+        assert np.array_equal(a, b)
+    fwd = block_counts(T=16, head_dim=16, precision=precision, dropout=0.1).forward
+    assert fwd.launches["dropout_residual_forward"] == 2 and fwd.launches["bias_gelu_forward"] == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_kept_16_bit_values_widen_to_the_rounded_float32_bitwise(fmt):
+    """Precision.keep on a device stores 2 bytes an element (round.cu's narrow_format, one launch), and use widens
+    them (widen_format, one launch) to exactly the float32-rounded values the CPU path computes (Precision.operand):
+    ties, NaN, infinities, subnormals and overflow included; keep_use gives both in one launch (narrow_round)."""
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(fmt)
+    x = np.random.default_rng(7).standard_normal(4096).astype(np.float32) * 100
+    x[:8] = [np.nan, np.inf, -np.inf, 1e-40, -0.0, 70000.0, 1 + 2**-8, 1 + 3 * 2**-8]
+    xd = xp.asarray(x)
+    with counting() as ledger, np.errstate(over="ignore"):  # fp16: 70000 -> inf
+        kept = prec.keep(xd)
+        back = prec.use(kept, np.float32)
+        kept2, back2 = prec.keep_use(xd, np.float32)  # a linear layer's input: one pass
+    assert ledger.total == 3 and kept.nbytes == kept2.nbytes == 2 * x.size
+    with np.errstate(over="ignore"):
+        want = prec.operand(x.copy())
+    for got in (back, back2):
+        assert np.array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(np.asarray(kept).view(np.uint16), np.asarray(kept2).view(np.uint16))
+
+
+@pytest.mark.timeout(60)
+def test_16_bit_tp_transfers_count_their_conversions_whatever_the_size():
+    """parallel.act_comm = bf16 on a device: each TP collective adds a conversion before and after (wire_narrow,
+    wire_widen), counted by the harness, the same number at two model sizes."""
+    kw = dict(T=64, tp=2, precision="bf16", sp=True, dropout=0.1, act_comm="bf16")
+    small, large = (
+        block_counts(head_dim=16, **kw),
+        block_counts(head_dim=32, heads_per_rank=3, **kw),
+    )
+    plain = block_counts(head_dim=16, **{**kw, "act_comm": "fp32"})
+    for a, b, p in zip(
+        (small.forward, small.backward),
+        (large.forward, large.backward),
+        (plain.forward, plain.backward),
+    ):
+        assert a.launches == b.launches
+        # the LayerNorms' partial gradients are summed in fp32 (tp.plain): no wire
+        n = a.launches["wire_narrow"]
+        assert a.launches["wire_widen"] == n and 0 < n <= a.launches["tp_collective"]
+        assert a.total == p.total + 2 * n

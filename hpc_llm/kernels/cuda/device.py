@@ -160,17 +160,22 @@ def _grid(n: int) -> tuple:
     return (max(1, min(-(-n // THREADS), 4096)),)
 
 
-def gelu_forward(xp, x, twin):
-    """layers.gelu_forward: (out, t) in one pass (bias_gelu.cu without a bias)."""
+def gelu_forward(xp, x, twin, bias=None):
+    """layers.gelu_forward: (out, t) in one pass (bias_gelu.cu); bias (the fc layer's, not yet added): x += bias
+    in the same pass, x left holding GELU's input as the twin leaves it. twin(x, bias)."""
 
     def launch():
         out, t = xp.empty_like(x), xp.empty_like(x)
         fn = module("bias_gelu").get_function("bias_gelu_forward")
-        n = np.int64(x.size)
-        fn(_grid(x.size), (THREADS,), (x, NULL, NULL, out, NULL, t, n, np.int32(1), np.int32(0)))
+        n, width = np.int64(x.size), np.int32(x.shape[-1])
+        b, x_out = (NULL, NULL) if bias is None else (bias, x)
+        fn(_grid(x.size), (THREADS,), (x, b, x_out, out, NULL, t, n, width, np.int32(0)))
         return out, t
 
-    return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
+    if bias is None:
+        return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
+    nbytes = 4 * x.nbytes + bias.nbytes
+    return _run(xp, "bias_gelu_forward", nbytes, twin, (x, bias), launch)
 
 
 def gelu_backward(xp, dout, x, t, twin):
@@ -410,3 +415,73 @@ def flash_attention_backward(xp, dy, cache, n_head: int, prec):
         else:
             run_twin(qkv, dy, fc.lse, D)
     return dqkv
+
+
+def dropout_residual_(xp, x, a, keep, scale: float, twin, bias=None):
+    """kernels.dropout_residual_: x += (a + bias) * keep * scale (bias None: none; keep None: no dropout) in one
+    pass, in place over x; twin(x, a, keep, scale, bias)."""
+
+    def launch():
+        fn = module("dropout_residual").get_function("dropout_residual_forward")
+        k, b = (NULL if v is None else v for v in (keep, bias))
+        n, width = np.int64(x.size), np.int32(x.shape[-1])
+        fn(_grid(x.size), (THREADS,), (x, a, b, k, np.float32(scale), n, width))
+        return x
+
+    def twin_(x_, a_):
+        return twin(x_, a_, keep, scale, bias)
+
+    nbytes = 3 * x.nbytes + sum(0 if v is None else v.nbytes for v in (keep, bias))
+    return _run(xp, "dropout_residual_forward", nbytes, twin_, (x, a), launch)
+
+
+# -- the 16-bit formats stored natively (Precision.keep / use on a device) -----------------------------------------
+
+
+def storage_dtype(xp, prec):
+    """The dtype a format's 16 bits are stored in on xp: NumPy's (ml_dtypes' bfloat16, float16); on CuPy, which has
+    no bfloat16 dtype, bfloat16's bit patterns in uint16 (round.cu converts)."""
+    if xp.__name__ == "cupy" and prec.name == "bf16":
+        return np.dtype(np.uint16)
+    return prec.low
+
+
+def narrow(xp, x, prec, twin):
+    """Precision.keep: float32 x (contiguous) stored in the format, 2 bytes an element, one pass; twin(x, low)."""
+
+    def launch():
+        out = xp.empty(x.shape, dtype=storage_dtype(xp, prec))
+        fn = module("round").get_function("narrow_format")
+        fn(_grid(x.size), (THREADS,), (x, out, np.int64(x.size), np.int32(ROUNDING[prec.name])))
+        return out
+
+    return _run(xp, "narrow_format", 3 * x.size * 2, lambda x_: twin(x_, prec.low), (x,), launch)
+
+
+def widen(xp, kept, prec, dtype, twin):
+    """Precision.use: a narrow()ed array back in dtype (exact), one pass (float32; another dtype one cast more);
+    twin(kept, dtype)."""
+    nbytes = 3 * kept.size * 2
+    if xp.__name__ != "cupy":
+        with launches.record_kernel("widen_format", nbytes):
+            return twin(kept, dtype)
+    out = xp.empty(kept.shape, dtype=np.float32)
+    fn = module("round").get_function("widen_format")
+    src = xp.ascontiguousarray(kept)
+    fn(_grid(kept.size), (THREADS,), (src, out, np.int64(kept.size), np.int32(ROUNDING[prec.name])))
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+
+def narrow_round(xp, x, prec, twin):
+    """Precision.keep_use: (x kept in the format, its float32 rounded value) from float32 x (contiguous) in one
+    pass; twin(x) -> the pair."""
+
+    def launch():
+        bits = xp.empty(x.shape, dtype=storage_dtype(xp, prec))
+        out = xp.empty_like(x)
+        fn = module("round").get_function("narrow_round")
+        mode = np.int32(ROUNDING[prec.name])
+        fn(_grid(x.size), (THREADS,), (x, bits, out, np.int64(x.size), mode))
+        return bits, out
+
+    return _run(xp, "narrow_round", 5 * x.size * 2, twin, (x,), launch)

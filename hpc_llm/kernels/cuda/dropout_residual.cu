@@ -1,11 +1,18 @@
-// Dropout on a branch, then the residual add (Block: x += dropout(branch)): one pass. keep[i] is the kept flag
-// (layers.DropoutMask: one byte), scale 1/(1 - p); keep null: no dropout, the add alone.
-extern "C" __global__ void dropout_residual_forward(float* x, const float* branch, const unsigned char* keep,
-                                                    float scale, long long n) {
+// The branch's bias (the row-parallel layer's, width entries; null: none), dropout on the branch, then the residual
+// add (Block: x += dropout(branch + bias)): one pass. keep[i] is the kept flag (layers.DropoutMask: one byte), scale
+// 1/(1 - p); keep null: no dropout. The twin's order (kernels/dropout_residual.py: + bias, * keep, * scale, then the
+// add), so the two are bitwise equal.
+extern "C" __global__ void dropout_residual_forward(float* x, const float* branch, const float* bias,
+                                                    const unsigned char* keep, float scale, long long n,
+                                                    int width) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float b = branch[i];
-        if (keep) b = keep[i] ? b * scale : 0.0f;
+        if (bias) b = b + bias[i % width];
+        if (keep) {
+            b = b * (float)keep[i];
+            b = b * scale;
+        }
         x[i] = x[i] + b;
     }
 }

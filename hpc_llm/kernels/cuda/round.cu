@@ -7,3 +7,54 @@ extern "C" __global__ void round_format(const float* x, float* out, long long n,
          i += (long long)gridDim.x * blockDim.x)
         out[i] = to_format(x[i], mode);
 }
+
+// Precision.keep and Precision.use on a device: float32 values stored as the format's 16 bits (bfloat16: the
+// rounded float's high half, a NaN the quiet NaN 0x7fc0 of its sign, as ml_dtypes and kernels/rounding.py do; half:
+// cvt.rn) and widened back (exact). CuPy has no bfloat16 dtype: its bits live in uint16 arrays.
+// A NaN keeps NumPy's bits both ways (its sign and the payload's top bits: float16 <-> float32 astype), not the
+// canonical NaN of PTX's cvt.
+__device__ __forceinline__ unsigned short narrow_one(float v, int mode) {
+    unsigned u = __float_as_uint(v);
+    bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    if (mode == 1) {
+        if (nan) return (unsigned short)(((u >> 16) & 0x8000u) | 0x7fc0u);
+        return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    if (nan) {
+        unsigned m = (u & 0x007fffffu) >> 13;
+        return (unsigned short)(((u >> 16) & 0x8000u) | 0x7c00u | (m ? m : 1u));
+    }
+    return keep_bits(v, mode);
+}
+
+__device__ __forceinline__ float widen_one(unsigned short b, int mode) {
+    if (mode == 1) return __uint_as_float((unsigned)b << 16);
+    if ((b & 0x7c00u) == 0x7c00u && (b & 0x03ffu))
+        return __uint_as_float(((b & 0x8000u) << 16) | 0x7f800000u | ((b & 0x03ffu) << 13));
+    float y;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(b));
+    return y;
+}
+
+extern "C" __global__ void narrow_format(const float* x, unsigned short* out, long long n, int mode) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = narrow_one(x[i], mode);
+}
+
+extern "C" __global__ void widen_format(const unsigned short* bits, float* out, long long n, int mode) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = widen_one(bits[i], mode);
+}
+
+// Precision.keep_use: a linear layer's input kept in 16 bits and, in the same pass, its float32 operand (the widened
+// bits: the rounded value), where narrow_format then widen_format would read it twice.
+extern "C" __global__ void narrow_round(const float* x, unsigned short* bits, float* out, long long n, int mode) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        unsigned short b = narrow_one(x[i], mode);
+        bits[i] = b;
+        out[i] = widen_one(b, mode);
+    }
+}

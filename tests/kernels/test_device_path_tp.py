@@ -1,0 +1,44 @@
+"""The device path's sequence-parallel gathers on a real TP group (the launch-counting stand-in for CuPy, values
+computed): a kept 16-bit input slice travels as its bits, whatever parallel.act_comm, and the block gives bitwise what
+the CPU path's block gives (which gathers the widened float32 values, or 16-bit wire words)."""
+
+import numpy as np
+import pytest
+from helpers import check
+from mpi4py import MPI
+
+from hpc_llm.config import ModelConfig
+from hpc_llm.kernels.cuda.launches import xp
+from hpc_llm.model.gpt import GPT
+from hpc_llm.model.layers import DropoutRNG, WeightWork
+from hpc_llm.parallel.grid import make_grid
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parallel(nprocs=2)
+def test_device_sequence_parallel_block_equals_the_cpu_block_bitwise(monkeypatch):
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")  # the CPU path's twins (numba's tanh differs)
+    grid = make_grid(MPI.COMM_WORLD, 2)
+    cfg = ModelConfig(n_layer=1, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.1)
+    pos = slice(8 * grid.tp_rank, 8 * grid.tp_rank + 8)
+    data = np.random.default_rng(5).standard_normal((2, 2, 16, 32)).astype(np.float32)
+    bad = []
+    for act in ("fp32", "bf16"):
+        got = {}
+        for mod in (np, xp):
+            tp = grid.tp_comm
+            kw = dict(
+                tp_comm=tp, tp_act=tp.with_wire(act), precision="bf16", sequence_parallel=True
+            )
+            model = GPT(cfg, mod, seed=3, **kw)
+            block = model.chunks[0].blocks[0]
+            x, dy = (mod.asarray(np.ascontiguousarray(a[:, pos])) for a in data)
+            y, cache = block.forward(x, DropoutRNG(0, 0, 0, range(2), mod))
+            work = WeightWork(False)
+            dx = block.backward_input(dy, cache, work, DropoutRNG(0, 0, 0, range(2), mod))
+            work.run(False)
+            got[mod] = [np.asarray(a).copy() for a in (y, dx, model.grad_flat)]
+        for what, a, b in zip(("output", "input gradient", "gradients"), got[np], got[xp]):
+            if not np.array_equal(a, b):
+                bad.append(f"act_comm {act}: {what} differ by {np.abs(a - b).max()}")
+    check(not bad, "\n".join(bad))
