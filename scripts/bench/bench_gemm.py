@@ -6,7 +6,8 @@ load), with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset so OpenBLAS runs the CP
     python scripts/bench/bench_gemm.py --sweep              # square products: kernels/gemm.MIN_MACS's cut-over
 
 The bf16 side includes what the model pays per call: the operands' bf16 copies and the per-matrix calls of a batched
-product. Threads: OPENBLAS_NUM_THREADS and OMP_NUM_THREADS are both set to the count (one library runs at a time)."""
+product. Threads: OPENBLAS_NUM_THREADS and OMP_NUM_THREADS are both set to the count; OMP_WAIT_POLICY passes through
+(`OMP_WAIT_POLICY=passive python ...`: GNU OpenMP's threads sleep after a call, not spin) and is printed."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def main() -> None:
         argv += ["--sweep"] if a.sweep else ["--model", a.model]
         rows = json.loads(subprocess.run(argv, env=env, check=True, capture_output=True).stdout)
         for row in rows:
-            print(json.dumps({"threads": n, **row}))
+            policy = os.environ.get("OMP_WAIT_POLICY", "default")
+            print(json.dumps({"threads": n, "omp_wait_policy": policy, **row}))
 
 
 if __name__ == "__main__":
