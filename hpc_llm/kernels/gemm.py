@@ -117,7 +117,7 @@ def _bf16_operand(x):
 def _bits(x):
     """x's bf16 values (round to nearest even: exact on values already bf16) as a C-contiguous uint16 array; the
     compiled conversion whenever numba is there (a bf16 run has loaded it already), on arrays of any size."""
-    if not numba_available() or kernels_choice() == "numpy":
+    if not numba_available():
         return np.ascontiguousarray(to_low(x, _bf16_dtype())).view(np.uint16)
     x = np.ascontiguousarray(x)
     out = np.empty(x.shape, dtype=np.uint16)
