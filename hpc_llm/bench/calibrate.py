@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from hpc_llm.bench.blas import blas_lines, openblas_kernel
 from hpc_llm.bench.timer import best_time
 from hpc_llm.errors import UserError
+from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
 from hpc_llm.kernels.rounding import from_low, to_low
 from hpc_llm.parallel.comm import Comm, world_comm

@@ -34,6 +34,7 @@ from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     gelu_tanh,
 )
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.gemm import matmul
 from hpc_llm.kernels.layernorm import (  # noqa: F401
     LN_EPS,
     layernorm_backward_input,
@@ -54,13 +55,10 @@ class Param(NamedTuple):
 NO_PARAM = Param(None, None)  # a bias the model does not have (model.bias = false)
 
 
-def matmul_into(a, b, out, accumulate: bool) -> None:
-    """out = a @ b, or out += a @ b; the overwrite case lets BLAS write straight into the gradient buffer."""
-    xp = array_module(out)
-    if accumulate:
-        out += a @ b
-    else:
-        xp.matmul(a, b, out=out)
+def matmul_into(a, b, out, accumulate: bool, prec: Precision = FP32) -> None:
+    """out = a @ b, or out += a @ b; the overwrite case lets BLAS write straight into the gradient buffer. bf16:
+    on oneDNN's bf16 GEMM where that pays (kernels/gemm.py)."""
+    matmul(a, b, out, accumulate, prec)
 
 
 def _sum_rows_into(x2d, out, accumulate: bool) -> None:
@@ -118,10 +116,10 @@ SMALL_ROWS = 4
 PANEL_BYTES = 1 << 19  # ... runs over column panels of w of this size (they stay in L2)
 
 
-def linear_forward(x, w, b):
+def linear_forward(x, w, b, prec: Precision = FP32):
     """y = x @ w + b over the last axis, as one 2-D matmul (b None: no bias, e.g. before a TP reduction). w may be
     any object `@` accepts (an int8 quantize.QuantizedWeight). A float32 product of few rows by a large weight is
-    taken over column panels (_matmul_panels)."""
+    taken over column panels (_matmul_panels). prec: the operands' format (kernels/gemm.py)."""
     x2 = x.reshape(-1, x.shape[-1])
     if (
         type(w) is np.ndarray
@@ -131,7 +129,7 @@ def linear_forward(x, w, b):
     ):
         out = _matmul_panels(x2, w)
     else:
-        out = x2 @ w
+        out = matmul(x2, w, prec=prec)
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], w.shape[1])
@@ -150,25 +148,25 @@ def _matmul_panels(x2, w):
     return out
 
 
-def linear_backward(dout, x, w, dw, db, accumulate: bool):
+def linear_backward(dout, x, w, dw, db, accumulate: bool, prec: Precision = FP32):
     """The cache of a linear layer is its input x. dw None: a frozen weight, no gradient computed."""
-    linear_backward_weight(dout, x, dw, db, accumulate)
-    return linear_backward_input(dout, w)
+    linear_backward_weight(dout, x, dw, db, accumulate, prec)
+    return linear_backward_input(dout, w, prec)
 
 
-def linear_backward_weight(dout, x, dw, db, accumulate: bool) -> None:
+def linear_backward_weight(dout, x, dw, db, accumulate: bool, prec: Precision = FP32) -> None:
     """W: dw = x^T dout (dw None: frozen, skipped), db = the sum of dout's rows (None: no bias)."""
     d2 = dout.reshape(-1, dout.shape[-1])
     if dw is not None:
-        matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate)
+        matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate, prec)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
 
 
-def linear_backward_input(dout, w):
+def linear_backward_input(dout, w, prec: Precision = FP32):
     """B: dx = dout w^T."""
     d2 = dout.reshape(-1, dout.shape[-1])
-    return (d2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
+    return matmul(d2, w.T, prec=prec).reshape(*dout.shape[:-1], w.shape[0])
 
 
 class WeightWork:
@@ -377,7 +375,7 @@ def attention_forward(
     for q0, q1 in query_blocks(q.shape[2]):
         att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec)
         used = att if mask is None else mask.scaled(att)
-        xp.matmul(prec.round_(used), v[:, :, :q1], out=yh[:, :, q0:q1])
+        matmul(prec.round_(used), v[:, :, :q1], yh[:, :, q0:q1], False, prec)
         if keep_probs:
             atts.append(prec.keep(att))
             masks.append(mask)
@@ -390,7 +388,9 @@ def attention_forward(
 def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision):
     """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so) and its
     dropout mask (None without dropout): forward's, and selective recompute's again in backward."""
-    att = rounded_softmax_(q[:, :, q0:q1] @ k[:, :, :q1].transpose(0, 1, 3, 2), prec)
+    att = rounded_softmax_(
+        matmul(q[:, :, q0:q1], k[:, :, :q1].transpose(0, 1, 3, 2), prec=prec), prec
+    )
     mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
     return att, mask
 
@@ -488,10 +488,10 @@ def attention_backward(
         first = first == 0
         used = att if mask is None else prec.round_(mask.scaled(att))  # att: kept rounded
         dyb = dyh[:, :, q0:q1]
-        matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], accumulate=not first)
-        datt = dyb @ v[:, :, :q1].transpose(0, 1, 3, 2)
+        matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], not first, prec)
+        datt = matmul(dyb, v[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
         rounded_softmax_backward_(datt, att, mask, prec)
-        xp.matmul(datt, k[:, :, :q1], out=dq[:, :, q0:q1])
-        matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], accumulate=not first)
+        matmul(datt, k[:, :, :q1], dq[:, :, q0:q1], False, prec)
+        matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], not first, prec)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dropout_residual import dropout_residual_
+from hpc_llm.kernels.gemm import matmul
 from hpc_llm.model.distill import (
     Distill,
     DistillCache,
@@ -411,13 +412,14 @@ class Head:
         B, T, C = xf.shape
         xf2 = self.prec.operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
         if targets is None:
-            logits = linear_forward(xf2, self.wte.value.T, None)  # few rows (decoding): by panels
+            # few rows (decoding): by panels
+            logits = linear_forward(xf2, self.wte.value.T, None, self.prec)
             if split:
                 logits[:, max(0, self.vocab_size - self.v0) :] = -float("inf")
                 return logits.reshape(B, T, -1), None
             logits = gather_from_tp_region(logits, self.tp)
             return logits.reshape(B, T, -1)[:, :, : self.vocab_size], None
-        logits = xf2 @ self.wte.value.T
+        logits = matmul(xf2, self.wte.value.T, prec=self.prec)
         # its max and sums in fp32 (tp.plain: the group without parallel.act_comm's 16-bit wire)
         if isinstance(targets, Distill):  # a teacher's logits beside the ids (model/distill.py)
             loss, ce = vocab_parallel_distill_forward(
@@ -446,7 +448,7 @@ class Head:
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
             work.add(self._wte_weight, dlogits, xf2, shape[-1])
-        dx = (dlogits @ self.wte.value).reshape(shape)
+        dx = matmul(dlogits, self.wte.value, prec=self.prec).reshape(shape)
         del dlogits, ce
         if self.sequence_parallel:
             dx = gather_from_sequence_parallel_region_backward(dx, self.tp)
@@ -461,4 +463,4 @@ class Head:
         xf2 = self.prec.use(xf2, dlogits.dtype)
         if self.sequence_parallel:  # the forward's gather again
             xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, C)
-        matmul_into(dlogits.T, xf2, self.wte.grad, accumulate)
+        matmul_into(dlogits.T, xf2, self.wte.grad, accumulate, self.prec)

@@ -145,14 +145,16 @@ class ColumnParallelLinear:
         if self.sequence_parallel:
             x = self.prec.keep(x)  # the slice
             xu = _gather_kept(self.prec, x, self.comm, self.w.value.dtype)
-            return linear_forward(xu, self.w.value, b), x
+            return linear_forward(xu, self.w.value, b, self.prec), x
         x, xu = self.prec.keep_use(copy_to_tp_region(x, self.comm), self.w.value.dtype)
-        y = linear_forward(xu, self.w.value, b)
+        y = linear_forward(xu, self.w.value, b, self.prec)
         if self.lora is None:
             return y, x
         A, B, s = self.lora
-        h = self.prec.keep(copy_to_tp_region(linear_forward(xu, A.value, None), self.comm))
-        _add_scaled(y, linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
+        h = self.prec.keep(
+            copy_to_tp_region(linear_forward(xu, A.value, None, self.prec), self.comm)
+        )
+        _add_scaled(y, linear_forward(self.prec.use(h, y.dtype), B.value, None, self.prec), s)
         return y, (x, h)
 
     def backward(self, dy, cache, accumulate: bool):
@@ -167,7 +169,7 @@ class ColumnParallelLinear:
             x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
             work.add(self._weight, dy, x)
-        dx = linear_backward_input(dy, self.w.value)
+        dx = linear_backward_input(dy, self.w.value, self.prec)
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region_backward(dx, self.comm)
         dx = copy_to_tp_region_backward(dx, self.comm)
@@ -176,12 +178,12 @@ class ColumnParallelLinear:
             dys = self.prec.operand(dy * s) if s != 1 else dy
             if B.grad is not None:
                 work.add(self._lora_weight, dys, h, B.grad)
-            dh = linear_backward_input(dys, B.value)
+            dh = linear_backward_input(dys, B.value, self.prec)
             # h's f: the partials summed
             dh = self.prec.operand(copy_to_tp_region_backward(dh, self.comm))
             if A.grad is not None:
                 work.add(self._lora_weight, dh, x, A.grad)
-            dx += linear_backward_input(dh, A.value)
+            dx += linear_backward_input(dh, A.value, self.prec)
         return dx
 
     def _weight(self, dy, x, accumulate: bool) -> None:
@@ -192,10 +194,10 @@ class ColumnParallelLinear:
                 x = _gather_kept(self.prec, x, self.comm, dy.dtype)
             else:
                 x = _used(self.prec, x, dy.dtype)
-        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate)
+        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate, self.prec)
 
     def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
-        linear_backward_weight(dy, _used(self.prec, x, dy.dtype), grad, None, accumulate)
+        linear_backward_weight(dy, _used(self.prec, x, dy.dtype), grad, None, accumulate, self.prec)
 
 
 class RowParallelLinear:
@@ -240,14 +242,16 @@ class RowParallelLinear:
         bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
         assert bias or self.lora is None, "the bias left out with LoRA"
         x, xu = self.prec.keep_use(x, self.w.value.dtype)
-        y = self.reduce(linear_forward(xu, self.w.value, None), self.comm)
+        y = self.reduce(linear_forward(xu, self.w.value, None, self.prec), self.comm)
         if bias and self.b.value is not None:
             y += self.b.value
         if self.lora is None:
             return y, x
         A, B, s = self.lora
-        h = self.prec.keep(reduce_from_tp_region(linear_forward(xu, A.value, None), self.comm))
-        _add_scaled(y, linear_forward(self.prec.use(h, y.dtype), B.value, None), s)
+        h = self.prec.keep(
+            reduce_from_tp_region(linear_forward(xu, A.value, None, self.prec), self.comm)
+        )
+        _add_scaled(y, linear_forward(self.prec.use(h, y.dtype), B.value, None, self.prec), s)
         return y, (x, h)
 
     def backward(self, dy, cache, accumulate: bool):
@@ -266,24 +270,24 @@ class RowParallelLinear:
             x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
             work.add(self._weight, dy, x, self.w.grad, self.b.grad)
-        dx = linear_backward_input(dy, self.w.value)
+        dx = linear_backward_input(dy, self.w.value, self.prec)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
             if B.grad is not None:
                 work.add(self._weight, dys, h, B.grad, None)
-            dh = linear_backward_input(dys, B.value)
+            dh = linear_backward_input(dys, B.value, self.prec)
             # h's g: the identity
             dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))
             if A.grad is not None:
                 work.add(self._weight, dh, x, A.grad, None)
-            dx += linear_backward_input(dh, A.value)
+            dx += linear_backward_input(dh, A.value, self.prec)
         return dx
 
     def _weight(self, dy, x, dw, db, accumulate: bool) -> None:
         """W: a weight's (and bias's) gradient from an output gradient and a kept input."""
         x = _used(self.prec, x, dy.dtype) if dw is not None else x
-        linear_backward_weight(dy, x, dw, db, accumulate)
+        linear_backward_weight(dy, x, dw, db, accumulate, self.prec)
 
 
 def _used(prec: Precision, x, dtype):

@@ -10,8 +10,8 @@ import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_llm.bench.blas import blas_lines, openblas_kernel
 from hpc_llm.checkpoint.format import METRICS_COLUMNS
+from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.plan.memory import Layout, rank_memory
 from hpc_llm.plan.predict import PRECISIONS
 

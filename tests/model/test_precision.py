@@ -180,6 +180,32 @@ def test_model_gradient_against_float64(name):
     assert worst > 100 * U32  # the format, not fp32, is what the run used
 
 
+# each check's products: a linear layer's 3 (forward, dx, dw); attention's 2 forward and 4 backward (one query
+# block); the model's 4 linears and an attention a block, and the head's 3
+@pytest.mark.parametrize(
+    "check, products",
+    [
+        (test_linear_forward_and_backward_within_the_rounding_bound, 3),
+        (test_attention_within_a_first_order_bound, 6),
+        (test_model_gradient_against_float64, 2 * (4 * 3 + 6) + 3),
+    ],
+)
+def test_bf16_on_onednn_within_the_same_bounds(monkeypatch, check, products):
+    """Every bf16 product on oneDNN's bf16 GEMM (kernels/gemm.py, its size cut-overs set to 0): the arithmetic
+    differs from the float32 GEMM's only in the order of the sums, so the bounds above hold as they are."""
+    from hpc_llm.kernels import gemm
+
+    if gemm.onednn_gemm() is None:
+        pytest.skip("oneDNN's bf16 GEMM unavailable (onednn-cpu-gomp, avx512_bf16 or amx_bf16)")
+    monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "MIN_SIDE", 0)
+    calls = []
+    real = gemm.bf16_matmul
+    monkeypatch.setattr(gemm, "bf16_matmul", lambda *args: calls.append(1) or real(*args))
+    check("bf16")
+    assert len(calls) == products
+
+
 def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     import sys
 

@@ -15,44 +15,78 @@ from pathlib import Path
 
 # OpenBLAS's x86 kernels that use AVX-512 (OPENBLAS_CORETYPE's names, as get_corename reports them, lower case)
 AVX512_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+_state: dict = {}
+
+
+def _openblas():
+    """The loaded OpenBLAS library (NumPy's), or None."""
+    if "lib" not in _state:
+        _state["lib"] = None
+        import numpy  # noqa: F401 (loads the BLAS)
+
+        try:
+            maps = Path("/proc/self/maps").read_text().splitlines()
+        except OSError:
+            return None
+        libs = {line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()}
+        for lib in sorted(libs):
+            try:
+                _state["lib"] = ctypes.CDLL(lib)
+                break
+            except OSError:
+                continue
+    return _state["lib"]
+
+
+def _symbol(names):
+    lib = _openblas()
+    return next((getattr(lib, n) for n in names if lib is not None and hasattr(lib, n)), None)
 
 
 def openblas_kernel() -> str | None:
     """The kernel the loaded OpenBLAS runs (its get_corename), or None when NumPy's BLAS is not a loaded OpenBLAS."""
-    import numpy  # noqa: F401 (loads the BLAS)
-
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
+    fn = _symbol(
+        ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename")
+    )
+    if fn is None:
         return None
-    libs = {line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()}
-    for lib in sorted(libs):
-        try:
-            handle = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for name in (
-            "scipy_openblas_get_corename64_",
-            "scipy_openblas_get_corename",
-            "openblas_get_corename",
-        ):
-            fn = getattr(handle, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                return fn().decode()
-    return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
-def cpu_has_avx512(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU reports avx512f (Linux's /proc/cpuinfo; False where it cannot be read)."""
+def set_openblas_threads(n: int) -> bool:
+    """OpenBLAS's thread count for this process from now on (as OPENBLAS_NUM_THREADS at start would); False when
+    NumPy's BLAS is not an OpenBLAS."""
+    names = (
+        "scipy_openblas_set_num_threads64_",
+        "scipy_openblas_set_num_threads",
+        "openblas_set_num_threads",
+    )
+    fn = _symbol(names)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int]
+    fn(n)
+    return True
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty where it cannot be read)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return False
-    return any(
-        line.startswith("flags") and "avx512f" in line.split() for line in cpuinfo.splitlines()
-    )
+            return set()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return flags
+
+
+def cpu_has_avx512(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU reports avx512f."""
+    return "avx512f" in cpu_flags(cpuinfo)
 
 
 def blas_lines(kernel: str | None, env=None, avx512: bool | None = None) -> tuple[str, str | None]:

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from hpc_llm.bench.blas import blas_lines, cpu_has_avx512, openblas_kernel
+from hpc_llm.kernels import blas
+from hpc_llm.kernels.blas import blas_lines, cpu_has_avx512, openblas_kernel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,7 +18,7 @@ def kernel_under(coretype: str | None) -> str:
     }
     if coretype:
         env["OPENBLAS_CORETYPE"] = coretype
-    code = "from hpc_llm.bench.blas import openblas_kernel; print(openblas_kernel())"
+    code = "from hpc_llm.kernels.blas import openblas_kernel; print(openblas_kernel())"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
@@ -58,3 +59,15 @@ def test_cpu_flags_parsed():
     assert cpu_has_avx512("processor : 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
     assert not cpu_has_avx512("flags\t\t: fpu sse avx2 avx512_bf16\n")  # avx512f itself is the test
     assert blas_lines(None, {}, True) == ("BLAS: not a loaded OpenBLAS (kernel unknown)", None)
+
+
+def test_openblas_threads_set_at_run_time():
+    """set_openblas_threads changes the loaded OpenBLAS's count (oneDNN's bf16 path leaves OpenBLAS one thread)."""
+    if openblas_kernel() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS")
+    get = blas._symbol(("scipy_openblas_get_num_threads64_", "openblas_get_num_threads"))
+    before = get()
+    try:
+        assert blas.set_openblas_threads(1) and get() == 1
+    finally:
+        blas.set_openblas_threads(before)

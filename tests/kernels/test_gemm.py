@@ -1,0 +1,134 @@
+"""kernels/gemm.py: oneDNN's bf16 GEMM against float64 products of the same bf16 operands, and when it is used.
+
+The bound: the products of bf16 values are exact in float32 (8 + 8 significant bits), so the only error is the
+float32 summation's; K terms summed in any order (oneDNN's blocking, the instruction's pairs) are within
+gamma_K = K u / (1 - K u), u = 2^-24, of sum |a_k| |b_k| (Higham, Accuracy and Stability, 3.1); accumulating into
+out adds one more term and one more rounding: gamma_{K+1} of |a| |b| + |out|. Inputs here are standard normal, far
+from the subnormals oneDNN flushes to zero.
+"""
+
+import numpy as np
+import pytest
+
+from hpc_llm.kernels import gemm
+from hpc_llm.model.precision import FP32, Precision
+
+pytest.importorskip("ml_dtypes")  # bf16 (the test extras install it)
+BF16 = Precision("bf16")
+needs_onednn = pytest.mark.skipif(
+    gemm.onednn_gemm() is None,
+    reason="oneDNN's bf16 GEMM unavailable: onednn-cpu-gomp not installed (HPC_LLM_DNNL_LIB unset) or the CPU "
+    "reports neither avx512_bf16 nor amx_bf16",
+)
+
+
+def gamma(k: int) -> float:
+    u = 2.0**-24
+    return k * u / (1 - k * u)
+
+
+def bf16_values(rng, shape, layout: str):
+    """Float32 values already bf16, shape (..., R, C); layout "t": a transposed view of a contiguous (..., C, R)."""
+    swap = shape[:-2] + (shape[-1], shape[-2])
+    x = rng.standard_normal(swap if layout == "t" else shape).astype(np.float32)
+    x = BF16.operand(x)
+    return np.swapaxes(x, -1, -2) if layout == "t" else x
+
+
+def assert_within_gamma(got, a, b, c0=None):
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    exact, mag = a64 @ b64, np.abs(a64) @ np.abs(b64)
+    K = a.shape[-1]
+    if c0 is not None:
+        exact, mag, K = exact + c0, mag + np.abs(c0), K + 1
+    ratio = np.max(np.abs(got - exact) / (gamma(K) * mag))
+    assert ratio <= 1, f"error {ratio:.3g} x gamma_K |a||b|"
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bf16_matmul_within_gamma_k(layout, accumulate):
+    """Odd sizes, each transposition (passed to oneDNN as its flag, no copy), overwrite and accumulate."""
+    rng = np.random.default_rng(0)
+    M, K, N = 67, 131, 45
+    a, b = bf16_values(rng, (M, K), layout[0]), bf16_values(rng, (K, N), layout[1])
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    out = c0.copy()
+    got = gemm.bf16_matmul(a, b, out, accumulate)
+    assert got is out
+    assert_within_gamma(out, a, b, c0.astype(np.float64) if accumulate else None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bf16_matmul_batched_into_a_strided_view(accumulate):
+    """Attention's shapes: (B, H, q, hd) by a slice of keys transposed, into a block of rows of a larger array."""
+    rng = np.random.default_rng(1)
+    q = bf16_values(rng, (2, 3, 33, 16), "n")
+    k = bf16_values(rng, (2, 3, 40, 16), "n")[:, :, :29]
+    dq = rng.standard_normal((2, 3, 50, 29)).astype(np.float32)
+    c0 = dq[:, :, 7:40].astype(np.float64)
+    before = dq.copy()
+    gemm.bf16_matmul(q, k.transpose(0, 1, 3, 2), dq[:, :, 7:40], accumulate)
+    assert_within_gamma(dq[:, :, 7:40], q, k.transpose(0, 1, 3, 2), c0 if accumulate else None)
+    assert np.array_equal(dq[:, :, :7], before[:, :, :7]) and np.array_equal(
+        dq[:, :, 40:], before[:, :, 40:]
+    )
+    # leading axes broadcast: one matrix by a batch
+    w = bf16_values(rng, (16, 21), "n")
+    assert_within_gamma(gemm.bf16_matmul(q, w), q, w)
+
+
+@needs_onednn
+def test_matmul_takes_onednn_only_where_it_pays(monkeypatch):
+    """bf16 products past the cut-overs go to oneDNN; fp32 ones, small ones and few rows stay on BLAS, bitwise."""
+    calls = []
+    real = gemm.bf16_matmul
+    monkeypatch.setattr(gemm, "bf16_matmul", lambda *args: calls.append(1) or real(*args))
+    rng = np.random.default_rng(2)
+    big = bf16_values(rng, (128, 256), "n"), bf16_values(rng, (256, 128), "n")
+    gemm.matmul(*big, prec=BF16)
+    assert calls == [1]
+    for a, b, prec in [
+        (*big, FP32),
+        (big[0][:64, :64], big[1][:64, :64], BF16),
+        (big[0][:2], big[1], BF16),
+    ]:
+        assert np.array_equal(gemm.matmul(a, b, prec=prec), a @ b)
+    assert calls == [1]
+
+
+def test_dispatch_without_the_library_or_the_instructions(monkeypatch, tmp_path):
+    """No oneDNN when the CPU lacks avx512_bf16/amx_bf16 or no library loads, nor under HPC_LLM_KERNELS=numpy, nor
+    for fp32: the float32 BLAS product then runs, bitwise today's."""
+    rng = np.random.default_rng(3)
+    a = BF16.operand(rng.standard_normal((128, 256)).astype(np.float32))
+    b = BF16.operand(rng.standard_normal((256, 128)).astype(np.float32))
+    assert not gemm.cpu_has_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512bw\n")
+    assert gemm.cpu_has_bf16("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+
+    def fake_gemm(*args):
+        raise AssertionError("oneDNN called")
+
+    monkeypatch.setattr(gemm, "_state", {"gemm": fake_gemm})
+    assert gemm.uses_onednn(a, b, BF16)
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")
+    assert not gemm.uses_onednn(a, b, BF16)
+    monkeypatch.delenv("HPC_LLM_KERNELS")
+    assert not gemm.uses_onednn(a, b, FP32)
+
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setattr(gemm, "cpu_has_bf16", lambda: False)
+    assert gemm.onednn_gemm() is None and not gemm.uses_onednn(a, b, BF16)
+    assert np.array_equal(gemm.matmul(a, b, prec=BF16), a @ b)
+
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setattr(gemm, "cpu_has_bf16", lambda: True)
+    monkeypatch.setenv("HPC_LLM_DNNL_LIB", str(tmp_path / "libdnnl.so.3"))
+    monkeypatch.setattr(gemm.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(gemm.ctypes.util, "find_library", lambda name: None)
+    assert gemm.onednn_gemm() is None and not gemm.uses_onednn(a, b, BF16)
+    out = np.ones((128, 128), np.float32)
+    gemm.matmul(a, b, out, True, BF16)
+    assert np.array_equal(out, 1 + a @ b)
