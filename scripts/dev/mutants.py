@@ -142,8 +142,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "linear-dw-ignores-accumulate",
         "linear_backward_weight",
-        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate)",
-        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, False)",
+        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate, prec)",
+        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, False, prec)",
         "linear backward always overwrites the weight gradient (gradient accumulation keeps the last micro-batch)",
         (T_GRAD,),
     ),
@@ -769,8 +769,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "prec-keep-full-width",
         "Precision.keep",
-        "return x if self.low is None else to_low(x, self.low)",
-        "return x",
+        "        return to_low(x, self.low)",
+        "        return x",
         "mixed precision: the activations kept for backward stay fp32 (unrounded, twice the bytes)",
         (T_PREC,),
     ),
