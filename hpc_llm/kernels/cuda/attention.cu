@@ -10,11 +10,13 @@
 // it is loaded or made. Dropout (rows non-null): Philox4x32-10 of (key // 4, query, head0 + head, rows[b]) under
 // (k0, k1), word key % 4, kept iff >= thr, then times dscale.
 //
-// Tile products: with a 16-bit format (mode 1, 2) and a head size a multiple of 16, on tensor cores (mma.cuh; the
-// operands are already rounded to the format, so packing them as 16 bits is exact; float32 accumulators), else the
-// scalar float32 loops (fp32 always, so its results stay the scalar path's). On tensor cores the scores and dp go to
-// shared memory through the fragments, and the products with hd columns (p v, dv, dk, dq) are made CH columns at a
-// time into `prod` (after the kernel's other shared memory) and added to the same per-thread accumulators.
+// Tile products: with a 16-bit format (mode 1, 2) and a head size a multiple of 16, on tensor cores (mma.cuh, float32
+// accumulators), else the scalar float32 loops (fp32 always, so its results stay the scalar path's). On tensor cores
+// the q, k, v and dy tiles are staged in shared memory as the format's 16 bits, and the probabilities and score
+// gradients, float32 there for the softmax, are packed to 16 bits as each warp reads them (exact: all are rounded to
+// the format already); the scores and dp go to shared memory through the fragments, and the products with hd columns
+// (p v, dv, dk, dq) are made CH columns at a time into `prod` (after the kernel's other shared memory) and added to the
+// same per-thread accumulators.
 #include "mma.cuh"
 
 #define TILE 32
@@ -70,27 +72,33 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
 
 __device__ __forceinline__ bool tensor_cores(int mode, int hd) { return mode != 0 && hd % 16 == 0; }
 
-// Two format values (exact: already rounded) as one register of 16-bit pairs, the first in the low half.
-__device__ __forceinline__ unsigned pack(float lo, float hi, int mode) {
-    return (unsigned)keep_bits(lo, mode) | ((unsigned)keep_bits(hi, mode) << 16);
+// An operand element's 16 bits: a float holding a format value (exact: already rounded), or the bits themselves.
+__device__ __forceinline__ unsigned bits16(const float* p, int i, int mode) { return keep_bits(p[i], mode); }
+__device__ __forceinline__ unsigned bits16(const unsigned short* p, int i, int) { return p[i]; }
+
+// Elements i and j as one register of 16-bit pairs, i's in the low half.
+template <class E>
+__device__ __forceinline__ unsigned pack(const E* p, int i, int j, int mode) {
+    return bits16(p, i, mode) | (bits16(p, j, mode) << 16);
 }
 
 // One warp: the 16 x 16 block C[m * ldc + n] = sum over k < K (a multiple of 16) of A(m, k) B(k, n), with
 // A(m, k) = A[m am + k ak] and B(k, n) = B[k bk + n bn] in shared memory; two m16n8k16 products per 16 of k.
-__device__ void warp_product(const float* A, int am, int ak, const float* B, int bk, int bn, int K, float* C,
-                             int ldc, int mode) {
+template <class EA, class EB>
+__device__ void warp_product(const EA* A, int am, int ak, const EB* B, int bk, int bn, int K, float* C, int ldc,
+                             int mode) {
     int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     for (int k0 = 0; k0 < K; k0 += 16) {
         unsigned a[4], b[2][2];
         for (int i = 0; i < 4; ++i) {
             int m = g + 8 * (i % 2), k = k0 + 2 * t + 8 * (i / 2);
-            a[i] = pack(A[m * am + k * ak], A[m * am + (k + 1) * ak], mode);
+            a[i] = pack(A, m * am + k * ak, m * am + (k + 1) * ak, mode);
         }
         for (int h = 0; h < 2; ++h)
             for (int i = 0; i < 2; ++i) {
                 int n = 8 * h + g, k = k0 + 2 * t + 8 * i;
-                b[h][i] = pack(B[k * bk + n * bn], B[(k + 1) * bk + n * bn], mode);
+                b[h][i] = pack(B, k * bk + n * bn, (k + 1) * bk + n * bn, mode);
             }
         mma16816(d[0], a, b[0], mode);
         mma16816(d[1], a, b[1], mode);
@@ -99,23 +107,28 @@ __device__ void warp_product(const float* A, int am, int ak, const float* B, int
         for (int i = 0; i < 4; ++i) C[(g + 8 * (i / 2)) * ldc + 8 * h + 2 * t + i % 2] = d[h][i];
 }
 
+// A tile that load_tile stored as 16-bit bits (on tensor cores).
+__device__ __forceinline__ const unsigned short* bits_of(const float* tile) { return (const unsigned short*)tile; }
+
 // Columns n0 .. n0 + CH - 1 (those below hd) of the TILE x hd product sum over k < K of A(m, k) B(k, n) into out
-// (TILE x CH): warp w the 16 x 16 block (w / 4, w % 4).
+// (TILE x CH), A float32 (probabilities or score gradients), B a 16-bit tile: warp w the 16 x 16 block (w / 4, w % 4).
 __device__ void chunk_product(const float* A, int am, int ak, const float* B, int bk, int bn, int K, int n0, int hd,
                               float* out, int mode) {
     int w = threadIdx.x / 32, m0 = 16 * (w / 4), n = n0 + 16 * (w % 4);
-    if (n < hd) warp_product(A + m0 * am, am, ak, B + n * bn, bk, bn, K, out + m0 * CH + n - n0, CH, mode);
+    if (n < hd) warp_product(A + m0 * am, am, ak, bits_of(B) + n * bn, bk, bn, K, out + m0 * CH + n - n0, CH, mode);
 }
 
-// The TILE x TILE scores of a query tile against a key tile, sum over hd of X(r, c) Y(key, c), into S (ld PAD):
-// warps w0 .. w0 + 3, a 16 x 16 block each.
+// The TILE x TILE scores of a query tile against a key tile, sum over hd of X(r, c) Y(key, c) (16-bit tiles), into
+// S (ld PAD): warps w0 .. w0 + 3, a 16 x 16 block each.
 __device__ void score_product(const float* X, const float* Y, int hd, float* S, int w0, int mode) {
     int w = threadIdx.x / 32 - w0, m0 = 16 * (w / 2), n0 = 16 * (w % 2);
-    if (w >= 0 && w < 4) warp_product(X + m0 * hd, hd, 1, Y + n0 * hd, 1, hd, hd, S + m0 * PAD + n0, PAD, mode);
+    if (w >= 0 && w < 4)
+        warp_product(bits_of(X) + m0 * hd, hd, 1, bits_of(Y) + n0 * hd, 1, hd, hd, S + m0 * PAD + n0, PAD, mode);
 }
 
 // Rows r0 .. r0 + TILE - 1 of part (0 q, 1 k, 2 v) of qkv, or of dy (part -1), into tile (TILE x hd), rounded to
-// the format (q also scaled and rounded again); rows at or past T as zeros.
+// the format (q also scaled and rounded again); rows at or past T as zeros. On tensor cores stored as the format's
+// 16 bits (in the first half of the tile's room), else as floats.
 __device__ void load_tile(float* tile, const float* src, int part, int r0, int T, int H, int hd, float scale,
                           int mode, int b, int h) {
     long long C = (long long)H * hd, stride = part < 0 ? C : 3 * C;
@@ -123,7 +136,11 @@ __device__ void load_tile(float* tile, const float* src, int part, int r0, int T
     for (int e = threadIdx.x; e < TILE * hd; e += THREADS) {
         int r = e / hd, t = r0 + r;
         float x = t < T ? to_format(base[(long long)t * stride + e % hd], mode) : 0.0f;
-        tile[e] = part == 0 ? to_format(x * scale, mode) : x;
+        x = part == 0 ? to_format(x * scale, mode) : x;
+        if (tensor_cores(mode, hd))
+            ((unsigned short*)tile)[e] = keep_bits(x, mode);
+        else
+            tile[e] = x;
     }
 }
 
