@@ -31,6 +31,17 @@ from hpc_llm.backend import array_module
 
 TILE = 32  # query and key rows per tile: cuda/attention.cu's TILE
 MAX_HEAD_DIM = 256  # the kernel's register tile bound; larger heads run the twin
+PRODUCT_CHUNK = (
+    64  # the columns of an hd-wide tile product per pass on tensor cores: cuda/attention.cu's CH
+)
+
+
+def tensor_core_products(precision: str, head_dim: int) -> bool:
+    """Whether cuda/attention.cu multiplies its tiles on tensor cores (its tensor_cores(mode, hd)): a 16-bit compute
+    format (bf16, fp16) and a head size that is a multiple of 16; else scalar float32 loops."""
+    return precision in ("bf16", "fp16") and head_dim % 16 == 0
+
+
 _M = (0xD2511F53, 0xCD9E8D57)
 _W = (0x9E3779B9, 0xBB67AE85)
 _MASK32 = 0xFFFFFFFF

@@ -7,26 +7,32 @@ assumed served from L2). What the inventory has wrong for the fused path is its 
 per 128-query block (compute.attention_core_forward, block_backward_input). The fused kernels compute, per pair of a
 query tile and a key tile it sees (TILE rows each, the diagonal tile whole), 2 products forward (s = q k^T, p v) and
 7 backward (attention_backward_kv: s, dp, dv, dk; attention_backward_q: s, dp, dq), priced as one product of
-T x (the mean keys a query's tile sees) x head size each at the cluster's float32 GEMM rate for that shape: the rate
-of what attention.cu runs (its tile products are scalar float32 FMA loops on CUDA cores, whatever the compute
-format; tensor-core tile products would be priced at the format's rate, docs/planning.md)."""
+T x (the mean keys a query's tile sees) x head size each at the cluster's GEMM rate for that shape in the dtype
+attention.cu multiplies in: the compute format's (bfloat16, float16) where it runs them on tensor cores (a 16-bit
+format and a head size a multiple of 16: kernels/attention.tensor_core_products, the kernel's own test), else
+float32's (scalar FMA loops on CUDA cores)."""
 
 from __future__ import annotations
 
-from hpc_llm.kernels.attention import TILE
+from hpc_llm.kernels.attention import TILE, tensor_core_products
 from hpc_llm.model.layers import query_blocks
 
 PRODUCTS = {False: 2, True: 7}  # the fused forward's, backward's
+FORMATS = {"bfloat16": "bf16", "float16": "fp16"}  # Pricer.low -> the compute format
 
 
-KERNEL_DTYPE = "float32"  # attention.cu's products: scalar float32 loops
+def kernel_dtype(p, hd: int) -> str:
+    """The dtype of attention.cu's tile products at head size hd: the 16-bit format's on tensor cores, else
+    float32."""
+    return p.low if p.low and tensor_core_products(FORMATS[p.low], hd) else "float32"
 
 
 def _product(p, m: int, n: int, k: int, batch: int) -> float:
-    """A matmul's arithmetic at the cluster's float32 rate, without a call's cost (the ledger counts the launches)."""
+    """A matmul's arithmetic at the cluster's rate for the kernel's dtype (k: the head size), without a call's cost
+    (the ledger counts the launches)."""
     if m * n * k == 0:
         return 0.0
-    return p.share * batch * 2.0 * m * n * k / p.cl.gemm_rate(KERNEL_DTYPE, m, n, k)
+    return p.share * batch * 2.0 * m * n * k / p.cl.gemm_rate(kernel_dtype(p, k), m, n, k)
 
 
 def fused_seconds(p, b: int, T: int, h: int, hd: int, backward: bool) -> float:

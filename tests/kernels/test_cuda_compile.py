@@ -22,6 +22,11 @@ KERNELS = {
     "softmax": ["masked_softmax_forward", "masked_softmax_backward"],
 }
 
+# the tile products of the 16-bit formats (mma.cuh), not compiled away
+TENSOR_CORES = {
+    "attention": [f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32" for t in ("bf16", "f16")]
+}
+
 
 def test_every_source_is_listed():
     assert device.SOURCES == sorted(KERNELS)
@@ -35,6 +40,8 @@ def test_source_compiles(name, arch):
     assert f".target sm_{arch[-2:]}" in ptx
     for kernel in KERNELS[name]:
         assert f".entry {kernel}(" in ptx, kernel
+    for instruction in TENSOR_CORES.get(name, ()):
+        assert instruction in ptx, instruction
 
 
 @pytest.mark.timeout(60)

@@ -90,7 +90,8 @@ def test_fused_norm_equals_the_chunked_norm():
 @pytest.mark.timeout(60)
 def test_fused_attention_is_priced_from_its_bytes_and_tile_products():
     """The ledger holds the fused kernels' bytes (q, k, v, y, logsumexp once forward; plan/fused_attention.py's
-    docstring), and the planner's products are 2 forward and 7 backward of T x (mean keys of a query tile) x hd."""
+    docstring), and the planner's products are 2 forward and 7 backward of T x (mean keys of a query tile) x hd, at
+    the rate of the dtype attention.cu multiplies them in."""
     from types import SimpleNamespace
 
     from hpc_llm.plan import fused_attention
@@ -100,11 +101,20 @@ def test_fused_attention_is_priced_from_its_bytes_and_tile_products():
     qkv = 3 * T * heads * hd * 4
     assert fwd.launches["attention_forward"] == 1
     assert fwd.nbytes["attention_forward"] == qkv + qkv // 3 + heads * T * 4
-    p = SimpleNamespace(share=1.0, dtype="float32", cl=SimpleNamespace(gemm_rate=lambda *a: 1e12))
+    rates = {"float32": 1e12, "bfloat16": 8e12, "float16": 6e12}
+    cl = SimpleNamespace(gemm_rate=lambda dtype, *shape: rates[dtype])
     keys = (32 * 32 + 32 * 64) / 64  # tiles [0, 32) and [32, 64): 32 and 64 keys
-    one = 2.0 * T * keys * hd * 3 / 1e12  # b = 1, h = 3
-    assert fused_attention.fused_seconds(p, 1, T, 3, hd, False) == pytest.approx(2 * one)
-    assert fused_attention.fused_seconds(p, 1, T, 3, hd, True) == pytest.approx(7 * one)
+    # tensor cores (a 16-bit format, hd a multiple of 16) at the format's rate, else scalar loops at float32's
+    for low, head, rate in [
+        (None, hd, 1e12),
+        ("bfloat16", hd, 8e12),
+        ("float16", hd, 6e12),
+        ("bfloat16", 20, 1e12),
+    ]:
+        p = SimpleNamespace(share=1.0, low=low, cl=cl)
+        one = 2.0 * T * keys * head * 3 / rate  # b = 1, h = 3
+        assert fused_attention.fused_seconds(p, 1, T, 3, head, False) == pytest.approx(2 * one)
+        assert fused_attention.fused_seconds(p, 1, T, 3, head, True) == pytest.approx(7 * one)
 
 
 @pytest.mark.timeout(30)

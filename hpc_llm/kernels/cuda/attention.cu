@@ -9,13 +9,23 @@
 // by `scale` and, like k, v, dy and the probabilities after dropout, rounded to the compute format (round.cuh) as
 // it is loaded or made. Dropout (rows non-null): Philox4x32-10 of (key // 4, query, head0 + head, rows[b]) under
 // (k0, k1), word key % 4, kept iff >= thr, then times dscale.
-#include "round.cuh"
+//
+// Tile products: with a 16-bit format (mode 1, 2) and a head size a multiple of 16, on tensor cores (mma.cuh, float32
+// accumulators), else the scalar float32 loops (fp32 always, so its results stay the scalar path's). On tensor cores
+// the q, k, v and dy tiles are staged in shared memory as the format's 16 bits, and the probabilities and score
+// gradients, float32 there for the softmax, are packed to 16 bits as each warp reads them (exact: all are rounded to
+// the format already); the scores and dp go to shared memory through the fragments, and the products with hd columns
+// (p v, dv, dk, dq) are made CH columns at a time into `prod` (after the kernel's other shared memory) and added to the
+// same per-thread accumulators.
+#include "mma.cuh"
 
 #define TILE 32
 #define THREADS 256
 #define MAX_HD 256
 #define PER_THREAD (MAX_HD / 8)
 #define PAD (TILE + 1)
+#define CH 64  // the columns of an hd-wide product made per pass on tensor cores: (TILE / 16) x (CH / 16) warps
+static_assert(THREADS == 32 * (TILE / 16) * (CH / 16), "one 16 x 16 block of a pass per warp");
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
@@ -60,8 +70,65 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
     return s;
 }
 
+__device__ __forceinline__ bool tensor_cores(int mode, int hd) { return mode != 0 && hd % 16 == 0; }
+
+// An operand element's 16 bits: a float holding a format value (exact: already rounded), or the bits themselves.
+__device__ __forceinline__ unsigned bits16(const float* p, int i, int mode) { return keep_bits(p[i], mode); }
+__device__ __forceinline__ unsigned bits16(const unsigned short* p, int i, int) { return p[i]; }
+
+// Elements i and j as one register of 16-bit pairs, i's in the low half.
+template <class E>
+__device__ __forceinline__ unsigned pack(const E* p, int i, int j, int mode) {
+    return bits16(p, i, mode) | (bits16(p, j, mode) << 16);
+}
+
+// One warp: the 16 x 16 block C[m * ldc + n] = sum over k < K (a multiple of 16) of A(m, k) B(k, n), with
+// A(m, k) = A[m am + k ak] and B(k, n) = B[k bk + n bn] in shared memory; two m16n8k16 products per 16 of k.
+template <class EA, class EB>
+__device__ void warp_product(const EA* A, int am, int ak, const EB* B, int bk, int bn, int K, float* C, int ldc,
+                             int mode) {
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        unsigned a[4], b[2][2];
+        for (int i = 0; i < 4; ++i) {
+            int m = g + 8 * (i % 2), k = k0 + 2 * t + 8 * (i / 2);
+            a[i] = pack(A, m * am + k * ak, m * am + (k + 1) * ak, mode);
+        }
+        for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 2; ++i) {
+                int n = 8 * h + g, k = k0 + 2 * t + 8 * i;
+                b[h][i] = pack(B, k * bk + n * bn, (k + 1) * bk + n * bn, mode);
+            }
+        mma16816(d[0], a, b[0], mode);
+        mma16816(d[1], a, b[1], mode);
+    }
+    for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 4; ++i) C[(g + 8 * (i / 2)) * ldc + 8 * h + 2 * t + i % 2] = d[h][i];
+}
+
+// A tile that load_tile stored as 16-bit bits (on tensor cores).
+__device__ __forceinline__ const unsigned short* bits_of(const float* tile) { return (const unsigned short*)tile; }
+
+// Columns n0 .. n0 + CH - 1 (those below hd) of the TILE x hd product sum over k < K of A(m, k) B(k, n) into out
+// (TILE x CH), A float32 (probabilities or score gradients), B a 16-bit tile: warp w the 16 x 16 block (w / 4, w % 4).
+__device__ void chunk_product(const float* A, int am, int ak, const float* B, int bk, int bn, int K, int n0, int hd,
+                              float* out, int mode) {
+    int w = threadIdx.x / 32, m0 = 16 * (w / 4), n = n0 + 16 * (w % 4);
+    if (n < hd) warp_product(A + m0 * am, am, ak, bits_of(B) + n * bn, bk, bn, K, out + m0 * CH + n - n0, CH, mode);
+}
+
+// The TILE x TILE scores of a query tile against a key tile, sum over hd of X(r, c) Y(key, c) (16-bit tiles), into
+// S (ld PAD): warps w0 .. w0 + 3, a 16 x 16 block each.
+__device__ void score_product(const float* X, const float* Y, int hd, float* S, int w0, int mode) {
+    int w = threadIdx.x / 32 - w0, m0 = 16 * (w / 2), n0 = 16 * (w % 2);
+    if (w >= 0 && w < 4)
+        warp_product(bits_of(X) + m0 * hd, hd, 1, bits_of(Y) + n0 * hd, 1, hd, hd, S + m0 * PAD + n0, PAD, mode);
+}
+
 // Rows r0 .. r0 + TILE - 1 of part (0 q, 1 k, 2 v) of qkv, or of dy (part -1), into tile (TILE x hd), rounded to
-// the format (q also scaled and rounded again); rows at or past T as zeros.
+// the format (q also scaled and rounded again); rows at or past T as zeros. On tensor cores stored as the format's
+// 16 bits (in the first half of the tile's room), else as floats.
 __device__ void load_tile(float* tile, const float* src, int part, int r0, int T, int H, int hd, float scale,
                           int mode, int b, int h) {
     long long C = (long long)H * hd, stride = part < 0 ? C : 3 * C;
@@ -69,7 +136,11 @@ __device__ void load_tile(float* tile, const float* src, int part, int r0, int T
     for (int e = threadIdx.x; e < TILE * hd; e += THREADS) {
         int r = e / hd, t = r0 + r;
         float x = t < T ? to_format(base[(long long)t * stride + e % hd], mode) : 0.0f;
-        tile[e] = part == 0 ? to_format(x * scale, mode) : x;
+        x = part == 0 ? to_format(x * scale, mode) : x;
+        if (tensor_cores(mode, hd))
+            ((unsigned short*)tile)[e] = keep_bits(x, mode);
+        else
+            tile[e] = x;
     }
 }
 
@@ -78,7 +149,8 @@ extern "C" __global__ void attention_forward(const float* qkv, float* y, float* 
                                              unsigned k1, unsigned thr, float dscale) {
     extern __shared__ float sm[];
     float *Qs = sm, *KVs = Qs + TILE * hd, *Ps = KVs + TILE * hd, *ms = Ps + TILE * PAD, *ls = ms + TILE,
-          *als = ls + TILE;
+          *als = ls + TILE, *prod = sm + 2 * TILE * hd + 2 * TILE * PAD + 3 * TILE;
+    const bool tc = tensor_cores(mode, hd);
     const Drop d = {rows, head0, k0, k1, thr, dscale};
     int h = blockIdx.y, b = blockIdx.z, i0 = (gridDim.x - 1 - blockIdx.x) * TILE;  // the longest tiles first
     int r = threadIdx.x / 8, c0 = threadIdx.x % 8, kk0 = 4 * c0, q = i0 + r, i1 = min(T, i0 + TILE);
@@ -93,9 +165,13 @@ extern "C" __global__ void attention_forward(const float* qkv, float* y, float* 
         __syncthreads();
         load_tile(KVs, qkv, 1, j0, T, H, hd, scale, mode, b, h);
         __syncthreads();
+        if (tc) {
+            score_product(Qs, KVs, hd, Ps, 0, mode);
+            __syncthreads();
+        }
         for (int e = 0; e < 4; ++e) {
             int key = j0 + kk0 + e;
-            float s = dot(Qs + r * hd, KVs + (kk0 + e) * hd, hd);
+            float s = tc ? Ps[r * PAD + kk0 + e] : dot(Qs + r * hd, KVs + (kk0 + e) * hd, hd);
             Ps[r * PAD + kk0 + e] = (key > q || key >= T) ? neg_inf() : s;
         }
         __syncthreads();
@@ -123,8 +199,19 @@ extern "C" __global__ void attention_forward(const float* qkv, float* y, float* 
         }
         __syncthreads();
         float alpha = als[r];
+        for (int n0 = 0; tc && n0 < hd; n0 += CH) {
+            chunk_product(Ps, PAD, 1, KVs, hd, 1, TILE, n0, hd, prod, mode);
+            __syncthreads();
 #pragma unroll
-        for (int k = 0; k < PER_THREAD; ++k) {
+            for (int k = 0; k < PER_THREAD; ++k) {
+                int c = c0 + 8 * k;
+                if (c >= hd) break;
+                if (c >= n0 && c < n0 + CH) acc[k] = acc[k] * alpha + prod[r * CH + c - n0];
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int k = 0; k < PER_THREAD && !tc; ++k) {
             int c = c0 + 8 * k;
             if (c >= hd) break;
             float s = 0.0f;
@@ -156,21 +243,28 @@ extern "C" __global__ void attention_backward_dot(const float* dy, const float* 
     }
 }
 
-// One (query tile i0, key tile j0)'s probabilities after dropout and rounding (into Ps) and score gradients
-// round((dropout(dO v) - D) p) (into dSs), for the 4 keys of this thread's row.
+// One (query tile i0, key tile j0)'s probabilities after dropout and rounding (into Ps, if not null) and score
+// gradients round((dropout(dO v) - D) p) (into dSs), for the 4 keys of this thread's row. On tensor cores the
+// scores go through Ss (TILE x PAD; may be Ps) and dO v through dSs.
 __device__ void tile_grads(const float* Qs, const float* Ks, const float* dOs, const float* Vs, const float* lse_s,
-                           const float* D_s, float* Ps, float* dSs, int i0, int j0, int T, int hd, int mode,
-                           const Drop& d, int h, int b) {
+                           const float* D_s, float* Ps, float* dSs, float* Ss, int i0, int j0, int T, int hd,
+                           int mode, const Drop& d, int h, int b) {
     int r = threadIdx.x / 8, kk0 = 4 * (threadIdx.x % 8), q = i0 + r;
+    const bool tc = tensor_cores(mode, hd);
+    if (tc) {
+        score_product(Qs, Ks, hd, Ss, 0, mode);
+        score_product(dOs, Vs, hd, dSs, 4, mode);
+        __syncthreads();
+    }
     bool keep[4] = {true, true, true, true};
     if (d.rows) keep4(d, j0 + kk0, q, h, b, keep);
     for (int e = 0; e < 4; ++e) {
-        int key = j0 + kk0 + e;
-        float s = dot(Qs + r * hd, Ks + (kk0 + e) * hd, hd);
+        int key = j0 + kk0 + e, at = r * PAD + kk0 + e;
+        float s = tc ? Ss[at] : dot(Qs + r * hd, Ks + (kk0 + e) * hd, hd);
         float p = (key > q || key >= T || q >= T) ? 0.0f : expf(s - lse_s[r]);
-        float dp = dropped(dot(dOs + r * hd, Vs + (kk0 + e) * hd, hd), keep[e], d);
-        if (Ps) Ps[r * PAD + kk0 + e] = to_format(dropped(p, keep[e], d), mode);
-        dSs[r * PAD + kk0 + e] = to_format((dp - D_s[r]) * p, mode);
+        float dp = dropped(tc ? dSs[at] : dot(dOs + r * hd, Vs + (kk0 + e) * hd, hd), keep[e], d);
+        if (Ps) Ps[at] = to_format(dropped(p, keep[e], d), mode);
+        dSs[at] = to_format((dp - D_s[r]) * p, mode);
     }
 }
 
@@ -192,7 +286,9 @@ extern "C" __global__ void attention_backward_kv(const float* qkv, const float* 
                                                  unsigned thr, float dscale) {
     extern __shared__ float sm[];
     float *Ks = sm, *Vs = Ks + TILE * hd, *Qs = Vs + TILE * hd, *dOs = Qs + TILE * hd, *Ps = dOs + TILE * hd,
-          *dSs = Ps + TILE * PAD, *lse_s = dSs + TILE * PAD, *D_s = lse_s + TILE;
+          *dSs = Ps + TILE * PAD, *lse_s = dSs + TILE * PAD, *D_s = lse_s + TILE,
+          *prod = sm + 4 * TILE * hd + 2 * TILE * PAD + 3 * TILE;
+    const bool tc = tensor_cores(mode, hd);
     const Drop d = {rows, head0, k0, k1, thr, dscale};
     int h = blockIdx.y, b = blockIdx.z, j0 = blockIdx.x * TILE, kr = threadIdx.x / 8, c0 = threadIdx.x % 8;
     load_tile(Ks, qkv, 1, j0, T, H, hd, scale, mode, b, h);
@@ -205,10 +301,24 @@ extern "C" __global__ void attention_backward_kv(const float* qkv, const float* 
         load_tile(dOs, dy, -1, i0, T, H, hd, scale, mode, b, h);
         load_rows(lse_s, D_s, lse, D, i0, T, H, b, h);
         __syncthreads();
-        tile_grads(Qs, Ks, dOs, Vs, lse_s, D_s, Ps, dSs, i0, j0, T, hd, mode, d, h, b);
+        tile_grads(Qs, Ks, dOs, Vs, lse_s, D_s, Ps, dSs, Ps, i0, j0, T, hd, mode, d, h, b);
         __syncthreads();
+        for (int n0 = 0; tc && n0 < hd; n0 += CH) {  // dv += p^T dO, dk += dS^T q
+            chunk_product(Ps, 1, PAD, dOs, hd, 1, TILE, n0, hd, prod, mode);
+            chunk_product(dSs, 1, PAD, Qs, hd, 1, TILE, n0, hd, prod + TILE * CH, mode);
+            __syncthreads();
 #pragma unroll
-        for (int k = 0; k < PER_THREAD; ++k) {
+            for (int k = 0; k < PER_THREAD; ++k) {
+                int c = c0 + 8 * k;
+                if (c >= hd) break;
+                if (c < n0 || c >= n0 + CH) continue;
+                dv[k] += prod[kr * CH + c - n0];
+                dk[k] += prod[(TILE + kr) * CH + c - n0];
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int k = 0; k < PER_THREAD && !tc; ++k) {
             int c = c0 + 8 * k;
             if (c >= hd) break;
             float sv = 0.0f, sk = 0.0f;
@@ -241,7 +351,9 @@ extern "C" __global__ void attention_backward_q(const float* qkv, const float* d
                                                 unsigned thr, float dscale) {
     extern __shared__ float sm[];
     float *Qs = sm, *dOs = Qs + TILE * hd, *Ks = dOs + TILE * hd, *Vs = Ks + TILE * hd, *dSs = Vs + TILE * hd,
-          *lse_s = dSs + TILE * PAD, *D_s = lse_s + TILE;
+          *lse_s = dSs + TILE * PAD, *D_s = lse_s + TILE, *Ss = D_s + TILE,
+          *prod = sm + 4 * TILE * hd + 2 * TILE * PAD + 3 * TILE;
+    const bool tc = tensor_cores(mode, hd);
     const Drop d = {rows, head0, k0, k1, thr, dscale};
     int h = blockIdx.y, b = blockIdx.z, i0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     int r = threadIdx.x / 8, c0 = threadIdx.x % 8, i1 = min(T, i0 + TILE);
@@ -255,10 +367,21 @@ extern "C" __global__ void attention_backward_q(const float* qkv, const float* d
         load_tile(Ks, qkv, 1, j0, T, H, hd, scale, mode, b, h);
         load_tile(Vs, qkv, 2, j0, T, H, hd, scale, mode, b, h);
         __syncthreads();
-        tile_grads(Qs, Ks, dOs, Vs, lse_s, D_s, nullptr, dSs, i0, j0, T, hd, mode, d, h, b);
+        tile_grads(Qs, Ks, dOs, Vs, lse_s, D_s, nullptr, dSs, Ss, i0, j0, T, hd, mode, d, h, b);
         __syncthreads();
+        for (int n0 = 0; tc && n0 < hd; n0 += CH) {  // dq += dS k
+            chunk_product(dSs, PAD, 1, Ks, hd, 1, TILE, n0, hd, prod, mode);
+            __syncthreads();
 #pragma unroll
-        for (int k = 0; k < PER_THREAD; ++k) {
+            for (int k = 0; k < PER_THREAD; ++k) {
+                int c = c0 + 8 * k;
+                if (c >= hd) break;
+                if (c >= n0 && c < n0 + CH) dq[k] += prod[r * CH + c - n0];
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int k = 0; k < PER_THREAD && !tc; ++k) {
             int c = c0 + 8 * k;
             if (c >= hd) break;
             float s = 0.0f;

@@ -326,13 +326,15 @@ def _attention_args(xp, n_head: int, hd: int, prec, drop) -> tuple:
 
 
 @functools.cache
-def _attention_kernel(name: str, hd: int, tiles: int):
+def _attention_kernel(name: str, hd: int, tiles: int, tensor_cores: bool):
     """attention.cu's kernel `name` and the shared memory (bytes) its tiles of head size hd need, which it is
-    allowed (beyond the default 48 kB from hd 79 backward, 158 forward)."""
+    allowed (beyond the default 48 kB from hd 79 backward, 158 forward); on tensor cores also its two TILE x CH
+    product buffers."""
     from cupy.cuda import driver
 
     tile = flash.TILE
     nbytes = 4 * (tiles * tile * hd + 2 * tile * (tile + 1) + 3 * tile)
+    nbytes += 4 * 2 * tile * flash.PRODUCT_CHUNK if tensor_cores else 0
     fn = module("attention").get_function(name)
     attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
     driver.funcSetAttribute(fn.ptr, attr, nbytes)
@@ -351,7 +353,9 @@ def flash_attention_forward(xp, qkv, n_head: int, prec, drop):
     def launch():
         y = xp.empty((B, T, C3 // 3), dtype=qkv.dtype)
         lse = xp.empty((B, n_head, T), dtype=qkv.dtype)
-        fn, smem = _attention_kernel("attention_forward", hd, 2)
+        fn, smem = _attention_kernel(
+            "attention_forward", hd, 2, flash.tensor_core_products(prec.name, hd)
+        )
         args = (qkv, y, lse, np.int32(T), np.int32(n_head), np.int32(hd))
         grid = (-(-T // flash.TILE), n_head, B)
         fn(grid, (THREADS,), (*args, *_attention_args(xp, n_head, hd, prec, drop)), shared_mem=smem)
@@ -400,7 +404,7 @@ def flash_attention_backward(xp, dy, cache, n_head: int, prec):
     ):
 
         def launch(name=name, part=part):
-            fn, smem = _attention_kernel(name, hd, 4)
+            fn, smem = _attention_kernel(name, hd, 4, flash.tensor_core_products(prec.name, hd))
             args = (qkv, dy, fc.lse, D, dqkv, np.int32(T), np.int32(n_head), np.int32(hd))
             tail = _attention_args(xp, n_head, hd, prec, fc.drop)
             fn((-(-T // flash.TILE), n_head, B), (THREADS,), (*args, *tail), shared_mem=smem)
