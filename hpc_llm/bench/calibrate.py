@@ -149,10 +149,20 @@ def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
         return nbytes / (time.perf_counter() - t0)
 
 
-def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
+# message bytes -> timed repeats: about 150 MiB of allreduce each, blocking and nonblocking, as the one 16 MiB size's
+# 9 repeats were (the calibration takes as long on a slow link); the largest is the `bw` / `nb_bw` of files without
+# the tables
+LINK_SIZES = {1 << 16: 31, 1 << 18: 21, 1 << 20: 15, 1 << 22: 9, 1 << 24: 5}
+
+
+def link_figures(comm, sizes: dict | None = None) -> dict:
     """Between the ranks of `comm` (all on this node): ping-pong latency (half a round trip of 8 bytes, ranks 0 and
-    1), allreduce bandwidth from the ring formula, the nonblocking allreduce's, and how much of a nonblocking
-    allreduce proceeds while the rank computes (testing it between matmuls, as the trainer does between blocks)."""
+    1), allreduce bandwidth from the ring formula at each message size of `sizes` ({bytes: repeats}, the best of
+    them; default LINK_SIZES), the nonblocking allreduce's, and how much of a nonblocking allreduce of the largest
+    size proceeds while the rank computes (testing it between matmuls, as the trainer does between blocks). A slow
+    link's bandwidth depends on the size (TCP's window against the shaper's queue): bw_by_size and nb_bw_by_size,
+    keyed by bytes; bw and nb_bw are the largest size's."""
+    sizes = sizes or LINK_SIZES
     n = comm.size
     small = np.zeros(1, np.float64)
     iters = 200
@@ -168,17 +178,21 @@ def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
 
     comm.barrier()
     latency = best_time(pingpong, 5) / (2 * iters)
-    buf = np.ones(nbytes // 4, np.float32)
 
-    def timed(fn):
+    def timed(fn, repeats: int = 9):
         comm.barrier()
         return best_time(fn, repeats)
 
-    t_ar = timed(lambda: comm.allreduce_(buf))
-    t_nb = timed(lambda: comm.iallreduce_(buf).wait())
-    ring = 2 * (n - 1) / n
-    bw = ring * nbytes / max(t_ar - 2 * (n - 1) * latency, 1e-9)
-    nb_bw = ring * nbytes / max(t_nb - 2 * (n - 1) * latency, 1e-9)
+    def rate(nbytes: int, t: float) -> float:
+        return 2 * (n - 1) / n * nbytes / max(t - 2 * (n - 1) * latency, 1e-9)
+
+    bw, nb_bw = {}, {}
+    # smallest first: the overlap below uses the last (the largest) buffer and its nonblocking time
+    for nbytes, repeats in sorted(sizes.items()):
+        buf = np.ones(nbytes // 4, np.float32)
+        t_ar = timed(lambda buf=buf: comm.allreduce_(buf), repeats)
+        t_nb = timed(lambda buf=buf: comm.iallreduce_(buf).wait(), repeats)
+        bw[str(nbytes)], nb_bw[str(nbytes)] = rate(nbytes, t_ar), rate(nbytes, t_nb)
     a = np.ones((256, 256), np.float32)
     comp = timed(lambda: [a @ a for _ in range(40)])
 
@@ -192,7 +206,25 @@ def link_figures(comm, nbytes: int = 16 << 20, repeats: int = 9) -> dict:
 
     both = timed(overlapped)
     overlap = min(1.0, max(0.0, (comp + t_nb - both) / t_nb))
-    return {"latency_s": latency, "bw": bw, "nb_bw": nb_bw, "overlap": overlap}
+    return {
+        "latency_s": latency,
+        "bw": bw[str(nbytes)],
+        "nb_bw": nb_bw[str(nbytes)],
+        "overlap": overlap,
+        "bw_by_size": bw,
+        "nb_bw_by_size": nb_bw,
+    }
+
+
+def _median_figures(every: list[dict]) -> dict:
+    """Each figure's median over the groups' link_figures, a table's size by size."""
+    out = {}
+    for k, v in every[0].items():
+        if isinstance(v, dict):
+            out[k] = {s: float(np.median([f[k][s] for f in every])) for s in v}
+        else:
+            out[k] = float(np.median([f[k] for f in every]))
+    return out
 
 
 def node_links(comm) -> tuple[dict, int]:
@@ -221,7 +253,7 @@ def node_links(comm) -> tuple[dict, int]:
         out["intra"] = comm.bcast_object(intra)
     comm.barrier()
     every = comm.allgather_objects(link_figures(Comm(across, name="nodes")))
-    out["inter"] = {k: float(np.median([f[k] for f in every])) for k in every[0]}
+    out["inter"] = _median_figures(every)
     return out, per_node
 
 

@@ -18,6 +18,9 @@ while every device of the node is busy, since that is how training runs:
     [link.intra], [link.inter]  latency_s, bw (B/s per device), optional nb_bw (a nonblocking collective's
                bandwidth; default bw) and overlap (the fraction of a nonblocking collective that can proceed while
                the device computes: 0 where the CPU itself moves the bytes, 1 with a DMA engine; default 1)
+               optional bw_by_size, nb_bw_by_size = {message bytes = B/s}: the same by the collective's buffer
+               size (integers), interpolated in log(size), clamped at the ends; they replace bw / nb_bw for every
+               message (nb_bw_by_size missing: bw_by_size where nb_bw is missing too, else nb_bw)
                optional backend = "numpy" (default) | "cupy": NumPy runs a stacked matmul as one BLAS call per matrix
                and GELU's passes by L2-sized chunks; CuPy makes one batched cuBLAS call and one pass per array
     [storage]  write_bw (B/s of one checkpoint writer, fsync included)
@@ -50,6 +53,33 @@ class Link:
     bw: float
     nb_bw: float
     overlap: float = 1.0
+    # optional ((message bytes, B/s), ...) sorted: the bandwidth by the collective's buffer size, which a slow link
+    # reaches a different share of at each size (TCP's window against the shaper's queue); empty: bw at every size
+    bw_by_size: tuple = ()
+    nb_bw_by_size: tuple = ()
+
+    def bw_at(self, nbytes: float) -> float:
+        """The blocking bandwidth for a message of nbytes: interpolated in log(size), clamped at the ends."""
+        return _interp_log(self.bw_by_size, nbytes) if self.bw_by_size else self.bw
+
+    def nb_bw_at(self, nbytes: float) -> float:
+        """The nonblocking bandwidth for a message of nbytes, as bw_at."""
+        return _interp_log(self.nb_bw_by_size, nbytes) if self.nb_bw_by_size else self.nb_bw
+
+    def slowed(self, share: float) -> Link:
+        """The link when `share` ranks share it: every latency `share` times, every bandwidth 1/share."""
+
+        def scaled(table: tuple) -> tuple:
+            return tuple((size, b / share) for size, b in table)
+
+        return Link(
+            self.latency_s * share,
+            self.bw / share,
+            self.nb_bw / share,
+            self.overlap,
+            scaled(self.bw_by_size),
+            scaled(self.nb_bw_by_size),
+        )
 
 
 @dataclass
@@ -244,6 +274,17 @@ class _Figures:
             out.append((x, self.number(section, f"{key}.{k}", v)))
         return sorted(out)
 
+    def size_table(self, section: str, key: str, value) -> tuple:
+        """{message bytes = B/s}: sizes positive integers, rates as any rate."""
+        if not isinstance(value, dict) or not value:
+            raise self.fail(
+                f"{section}.{key} must be a table {{message bytes = B/s, ...}}, got {_shown(value)}"
+            )
+        for k in value:
+            if not (k.isascii() and k.isdigit() and int(k) > 0):
+                raise self.fail(f"{section}.{key}: key {k!r} is not a positive integer (bytes)")
+        return tuple(self.table(section, key, value))
+
     def gemm(self) -> dict:
         gemm_sec = self.section("compute.gemm")
         if not gemm_sec:
@@ -259,11 +300,15 @@ class _Figures:
             where_l = f"link.{level}"
             sec = self.section(where_l)
             lat, bw = self.need(where_l, "latency_s"), self.need(where_l, "bw")
+            by_size = sec.get("bw_by_size")
+            nb_by_size = sec.get("nb_bw_by_size", None if "nb_bw" in sec else by_size)
             links[level] = Link(
                 self.number(where_l, "latency_s", lat, positive=False),
                 self.number(where_l, "bw", bw),
                 self.number(where_l, "nb_bw", sec.get("nb_bw", bw)),
                 self.fraction(where_l, "overlap", sec.get("overlap", 1.0)),
+                () if by_size is None else self.size_table(where_l, "bw_by_size", by_size),
+                () if nb_by_size is None else self.size_table(where_l, "nb_bw_by_size", nb_by_size),
             )
         return links
 
@@ -345,10 +390,11 @@ def to_toml(d: dict, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
 
     def emit(prefix: str, table: dict) -> None:
-        def inline(
-            k, v
-        ) -> bool:  # tables of numbers by size inside a section: {"65536" = 2e11, ...}
-            return bool(prefix) and (k == "elementwise_bw" or prefix == "compute.gemm")
+        # tables of numbers by size inside a section: {"65536" = 2e11, ...}
+        def inline(k, v) -> bool:
+            return bool(prefix) and (
+                k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size") or prefix == "compute.gemm"
+            )
 
         scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or inline(k, v)}
         subs = {k: v for k, v in table.items() if k not in scalars}

@@ -126,7 +126,7 @@ class Pricer:
         """A TP allreduce of nbytes as they are (the cross-entropy's row statistics)."""
         if self.tp == 1:
             return Cost()
-        return Cost(0.0, allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw))
+        return Cost(0.0, allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes)))
 
     def _comm_casts(self, to_elems: float, back_elems: float) -> Cost:
         """16-bit transfers: the elements rounded to the format before sending, and those received widened."""
@@ -145,17 +145,20 @@ class Pricer:
         """An f/g allreduce of an activation or its gradient (elems on every rank), at act_comm's bytes."""
         if self.tp == 1:
             return Cost()
-        t = allreduce(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
+        nbytes = elems * self.comm_it
+        t = allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes))
         return Cost(0.0, t) + self._comm_casts(elems, elems)
 
     def allgather(self, elems: int) -> Cost:
         """Sequence parallel: the (b, T, C) whole of elems elements from each rank's slice."""
-        t = allgather(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
+        nbytes = elems * self.comm_it
+        t = allgather(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes))
         return Cost(0.0, t) + self._comm_casts(elems // self.tp, elems)
 
     def reduce_scatter(self, elems: int) -> Cost:
         """Sequence parallel: the (b, T, C) partials of elems elements summed, each rank keeping its slice."""
-        t = reduce_scatter(elems * self.comm_it, self.tp, self.link.latency_s, self.link.bw)
+        nbytes = elems * self.comm_it
+        t = reduce_scatter(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes))
         return Cost(0.0, t) + self._comm_casts(elems, elems // self.tp)
 
     def kept_allgather(self, elems: int) -> Cost:
@@ -163,7 +166,8 @@ class Pricer:
         element, no wire conversions: tensor_parallel._gather_kept); elsewhere as allgather."""
         if self.low is None or self.cl.backend != "cupy":
             return self.allgather(elems)
-        return Cost(0.0, allgather(elems * 2, self.tp, self.link.latency_s, self.link.bw))
+        nbytes = elems * 2
+        return Cost(0.0, allgather(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes)))
 
     def gathered_operand(self, elems: int) -> Cost:
         """A row-parallel layer's output gradient as an operand: rounded, after (sp) its gather; on a device with a

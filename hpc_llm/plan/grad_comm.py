@@ -58,7 +58,7 @@ def powersgd_seconds(specs, rank: int, dp: int, link: Link, pr, grad_bytes: int)
     p_bytes = sum(rows * r for rows, _, r in mats) * grad_bytes
     q_bytes = sum(cols * r for _, cols, r in mats) * grad_bytes
     comm = sum(
-        allreduce(b, dp, link.latency_s, link.bw)
+        allreduce(b, dp, link.latency_s, link.bw_at(b))
         for b in (p_bytes, q_bytes, plain * grad_bytes)
         if b
     )

@@ -100,7 +100,7 @@ def _link(cl: Cluster, level: str, share: float) -> Link:
     link = cl.link(level)
     if share == 1:
         return link
-    return Link(link.latency_s * share, link.bw / share, link.nb_bw / share, link.overlap)
+    return link.slowed(share)
 
 
 def memory_of(
@@ -180,7 +180,9 @@ def _checkpoint_time(
         return 0.0
     n_total = sum(math.prod(s.shape) for s in specs_of(cfg, 1, stage_plan(cfg, Layout(), 0)))
     file_bytes = 3 * n_total * by.param  # params + Adam m and v, full tensors
-    moved = file_bytes * (1 - 1 / lay.ranks) / world.bw if lay.ranks > 1 else 0.0
+    # gathered to one writer: each rank's share a message
+    share_bytes = file_bytes / lay.ranks
+    moved = file_bytes * (1 - 1 / lay.ranks) / world.bw_at(share_bytes) if lay.ranks > 1 else 0.0
     if writer == "gather":
         return (file_bytes / cl.write_bw + moved) / interval
     write = file_bytes / math.ceil(lay.ranks / cl.devices) / cl.write_bw
@@ -253,7 +255,8 @@ def _transfer_time(
     if lay.pp == 1:
         return 0.0
     elems = message_elems(cfg, lay)
-    t = p2p(message_bytes(cfg, lay, by), link.latency_s, link.bw)
+    nbytes = message_bytes(cfg, lay, by)
+    t = p2p(nbytes, link.latency_s, link.bw_at(nbytes))
     if lay.comm16:
         fmt = LOW[lay.act_comm]
         t += share * (cl.cast_time(fmt, True, elems) + cl.cast_time(fmt, False, elems))
@@ -333,7 +336,8 @@ def predict(
     crit = max(range(lay.pp), key=lambda s: tails[s]["sync_at"])
     scalars = 0.0
     if lay.ranks > 1:  # the loss and the norm: world / model-parallel scalar allreduces
-        scalars = 2 * allreduce(8, lay.ranks, links["world"].latency_s, links["world"].bw)
+        world = links["world"]
+        scalars = 2 * allreduce(8, lay.ranks, world.latency_s, world.bw_at(8))
     post = max(t["optimizer"] + t["zero_gather"] for t in tails)
     ckpt = _checkpoint_time(
         cfg, lay, cl, by, links["world"], checkpoint_interval or max_iters, writer, async_save
@@ -406,13 +410,14 @@ def _dp_reduction(
         nbytes = (b_ - a) * wire_bytes(lay.grad_comm, by.grad)
         ready = [t for t, off in reports if off <= a]
         if ready:
-            d = coll(nbytes, lay.dp, link.latency_s, link.nb_bw)
+            d = coll(nbytes, lay.dp, link.latency_s, link.nb_bw_at(nbytes))
             start = max(min(ready), bg_end)
             bg_end = start + link.overlap * d
             exposed_nb += (1 - link.overlap) * d
             hidden += link.overlap * d
         else:
-            blocking += coll(nbytes, lay.dp, link.latency_s, link.nb_bw if sync.zero else link.bw)
+            bw = link.nb_bw_at(nbytes) if sync.zero else link.bw_at(nbytes)
+            blocking += coll(nbytes, lay.dp, link.latency_s, bw)
     late = max(0.0, bg_end - end)
     return late + exposed_nb + blocking, hidden - late
 
@@ -429,7 +434,7 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     emb = 0.0
     if lay.pp > 1 and (s == 0 or s == lay.pp - 1) and lay.schedule not in V_SHAPED:
         wte = cfg.padded_vocab // lay.tp * cfg.n_embd * by.grad
-        emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw)
+        emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw_at(wte))
     dp_exposed = dp_hidden = 0.0
     if lay.dp > 1 and lay.zero < 2:  # ZeRO-2/3 reduce in each pass (plan/sharding.py)
         if lay.grad_comm == "powersgd":
@@ -445,7 +450,7 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     if lay.zero in (1, 2) and lay.dp > 1:  # ZeRO-3 gathers each unit when it is used
         link = links["dp"]
         zero_gather = sum(
-            allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw)
+            allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw_at((b_ - a) * by.param))
             for a, b_ in sync.buckets
         )
     # ZeRO-3 refreshes only its pieces' compute copy

@@ -20,6 +20,11 @@ from hpc_llm.plan.memory import Bytes, Layout
 from hpc_llm.plan.peak import chunk_parts
 
 
+def _collective(coll, nbytes: float, n: int, link: Link) -> float:
+    """A nonblocking ZeRO-2/3 gather or reduce of one unit's nbytes among n ranks."""
+    return coll(nbytes, n, link.latency_s, link.nb_bw_at(nbytes))
+
+
 def _part_cost(costs: dict, part, backward: bool, later: bool) -> float:
     if backward:
         key = {"embedding": "emb_B", "head": "head_B"}.get(part, "block_B")
@@ -70,7 +75,7 @@ def zero_pass_seconds(
 
         def gather(part) -> float:
             return sum(
-                allgather((b - a) * pbytes, lay.dp, link.latency_s, link.nb_bw)
+                _collective(allgather, (b - a) * pbytes, lay.dp, link)
                 for u, (a, b) in units.items()
                 if u in part_reads(part, backward)
             )
@@ -81,7 +86,7 @@ def zero_pass_seconds(
 
         def reduce(part) -> float:
             return sum(
-                reduce_scatter((b - a) * by.grad, lay.dp, link.latency_s, link.nb_bw)
+                _collective(reduce_scatter, (b - a) * by.grad, lay.dp, link)
                 for u, (a, b) in units.items()
                 if u in part_finishes(part, tied_head)
             )

@@ -45,7 +45,12 @@ def predicted(cl, model, batch: int, bw: float | None) -> dict:
     """{scheme: predicted step s} at dp 2 across two nodes, the inter link's bandwidth bw (None: as calibrated)."""
     cl = dataclasses.replace(cl, devices=1, links=dict(cl.links))
     if bw is not None:
-        cl.links["inter"] = dataclasses.replace(cl.links["inter"], bw=bw, nb_bw=bw)
+        link = cl.links["inter"]
+        # a table by message size keeps its shape, scaled to the new rate
+        table = tuple((size, b * bw / link.bw) for size, b in link.bw_by_size)
+        cl.links["inter"] = dataclasses.replace(
+            link, bw=bw, nb_bw=bw, bw_by_size=table, nb_bw_by_size=table
+        )
     return {
         name: predict(model, Layout(1, 2, 1, batch_size=batch, grad_comm=gc), cl, "fp32").time[
             "step"

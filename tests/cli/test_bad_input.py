@@ -2541,6 +2541,18 @@ def _cluster_rows() -> list[Row]:
             "link.intra.overlap must be a fraction in [0, 1], got 2.0",
         ),
         (
+            "link-size-key-float",
+            [("bw = 4.5e10\n", 'bw = 4.5e10\nbw_by_size = { "65536.5" = 1e9 }\n')],
+            "",
+            "link.inter.bw_by_size: key '65536.5' is not a positive integer (bytes)",
+        ),
+        (
+            "link-size-rate-negative",
+            [("bw = 4.5e10\n", 'bw = 4.5e10\nnb_bw_by_size = { "65536" = -1.0 }\n')],
+            "",
+            "link.inter.nb_bw_by_size.65536 must be a finite positive number, got -1.0",
+        ),
+        (
             "elementwise-key-nan",
             [('"65536" = 5.0e11', '"nan" = 5.0e11')],
             "",

@@ -1,0 +1,60 @@
+"""`hpc-llm bench calibrate`'s link figures: the bandwidth by message size written beside bw and nb_bw, and read back
+by the planner (fields and their agreement checked, never timings)."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from hpc_llm.bench.calibrate import _median_figures, link_figures
+from hpc_llm.plan.cluster import cluster_from_dict, to_toml
+
+
+def test_median_figures_take_tables_size_by_size():
+    groups = [
+        {"bw": 1.0, "bw_by_size": {"64": 1.0, "128": 6.0}},
+        {"bw": 3.0, "bw_by_size": {"64": 2.0, "128": 4.0}},
+        {"bw": 2.0, "bw_by_size": {"64": 9.0, "128": 5.0}},
+    ]
+    assert _median_figures(groups) == {"bw": 2.0, "bw_by_size": {"64": 2.0, "128": 5.0}}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parallel(nprocs=2)
+def test_link_figures_write_tables_the_planner_reads():
+    from pytest_mpi.parallel_assert import parallel_assert
+
+    from hpc_llm.parallel.comm import world_comm
+
+    sizes = {1 << 16: 2, 1 << 18: 2}
+    fig = link_figures(world_comm(), sizes)
+    ok = (
+        set(fig["bw_by_size"]) == set(fig["nb_bw_by_size"]) == {"65536", "262144"}
+        # bw and nb_bw: the largest size's, as the one size measured before the tables
+        and fig["bw"] == fig["bw_by_size"]["262144"]
+        and fig["nb_bw"] == fig["nb_bw_by_size"]["262144"]
+        and all(v > 0 for t in ("bw_by_size", "nb_bw_by_size") for v in fig[t].values())
+        and 0 <= fig["overlap"] <= 1
+        and fig["latency_s"] > 0
+    )
+    parallel_assert(ok, f"link figures: {fig}")
+    d = {
+        "node": {"devices": 2, "memory_bytes": 1e9},
+        "compute": {
+            "gemm_call_s": 1e-6,
+            "call_s": 1e-6,
+            "transcendental_rate": 1e9,
+            "scatter_rate": 1e8,
+            "elementwise_bw": {"65536": 1e10},
+            "gemm": {"float32": {"32": 1e10}},
+        },
+        "link": {"intra": fig},
+        "storage": {"write_bw": 1e9},
+    }
+    link = cluster_from_dict(tomllib.loads(to_toml(d))).link("intra")
+    parallel_assert(
+        link.bw_at(65536) == pytest.approx(fig["bw_by_size"]["65536"], rel=1e-5)
+        and link.nb_bw_at(1 << 30) == pytest.approx(fig["nb_bw"], rel=1e-5),
+        f"read back: {link}",
+    )
