@@ -102,6 +102,29 @@ def test_training_across_nodes_equals_one_process_and_checkpoints_move_between_o
     assert rc == 0 and out.strip().endswith("ok"), out + err[-3000:]
 
 
+@pytest.mark.timeout(3 * JOB_S)
+def test_training_across_four_nodes_equals_one_process(cluster, data_dir, tmp_path):
+    """On four nodes, 2 ranks each (8 ranks): DP4 x TP2 (ZeRO-1) resumed from one process's checkpoint and
+    PP2 x DP2 x TP2 from scratch equal the single process to 1e-10 (float64, dropout), each TP group inside a node,
+    the data-parallel and pipeline groups across them (on_nodes.py `across`)."""
+    up = cluster.run("up", 4)
+    assert up.returncode == 0, up.stderr
+    try:
+        single = cluster.run(
+            "exec", "node1", sys.executable, ON_NODES, "single", data_dir, tmp_path
+        )
+        assert single.returncode == 0 and single.stdout.strip().endswith("ok"), single.stderr[
+            -3000:
+        ]
+        hosts = ",".join(f"node{k}:2" for k in (1, 2, 3, 4))
+        rc, out, err = cluster.mpiexec(
+            hosts, ON_NODES, "across", data_dir, tmp_path, timeout=2 * JOB_S
+        )
+        assert rc == 0 and out.strip().endswith("ok"), out + err[-3000:]
+    finally:
+        assert cluster.run("up", 2).returncode == 0  # the other tests' two nodes
+
+
 COMM_TIMEOUT_S = 3.0
 # from the fault to the job's end: the watchdog's timeout, or Open MPI's launcher noticing the lost daemon (the nodes'
 # TCP gives up after ~6 s unacknowledged, idle connections are probed every second), then vcluster.sh mpiexec's grace
