@@ -615,3 +615,26 @@ def probe_gpu():
     if os.environ.get("HPC_LLM_REQUIRE_GPU") == "1":
         raise RuntimeError(f"HPC_LLM_REQUIRE_GPU=1, but {why}")
     return cupy, why
+
+
+def plan_cluster_dict(**drop) -> dict:
+    """The planner tests' cluster as a dict: 4 devices a node, intra 5 GB/s, inter 1 GB/s; drop="section__key"
+    removes a field."""
+    d = {
+        "name": "test",
+        "node": {"devices": 4, "memory_bytes": 16e9, "runtime_bytes": 0},
+        "compute": {
+            "gemm_call_s": 1e-6,
+            "call_s": 1e-6,
+            "transcendental_rate": 1e9,
+            "scatter_rate": 1e8,
+            "elementwise_bw": {"65536": 1e11, "67108864": 2e10},
+            "gemm": {"float32": {"32": 5e10, "1024": 1e11}, "float64": {"32": 2e10, "1024": 5e10}},
+        },
+        "link": {"intra": {"latency_s": 2e-6, "bw": 5e9}, "inter": {"latency_s": 5e-6, "bw": 1e9}},
+        "storage": {"write_bw": 5e8},
+    }
+    for path in drop:
+        section, key = path.split("__")
+        del d[section][key]
+    return d

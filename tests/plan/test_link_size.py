@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import plan_cluster_dict
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
@@ -13,21 +14,9 @@ from hpc_llm.plan import cluster as K
 from hpc_llm.plan.memory import Layout
 from hpc_llm.plan.predict import predict
 
-# the cluster of tests/plan/test_plan.py: 4 devices a node, intra 5 GB/s, inter 1 GB/s
-BASE = {
-    "name": "test",
-    "node": {"devices": 4, "memory_bytes": 16e9, "runtime_bytes": 0},
-    "compute": {
-        "gemm_call_s": 1e-6,
-        "call_s": 1e-6,
-        "transcendental_rate": 1e9,
-        "scatter_rate": 1e8,
-        "elementwise_bw": {"65536": 1e11, "67108864": 2e10},
-        "gemm": {"float32": {"32": 5e10, "1024": 1e11}, "float64": {"32": 2e10, "1024": 5e10}},
-    },
-    "link": {"intra": {"latency_s": 2e-6, "bw": 5e9}, "inter": {"latency_s": 5e-6, "bw": 1e9}},
-    "storage": {"write_bw": 5e8},
-}
+BASE = (
+    plan_cluster_dict()
+)  # the planner tests' cluster: 4 devices a node, intra 5 GB/s, inter 1 GB/s
 
 
 def cluster(**intra) -> K.Cluster:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import cache_bytes, tiny_config
+from helpers import cache_bytes, plan_cluster_dict, tiny_config
 
 from hpc_llm import cli
 from hpc_llm.checkpoint.format import deal
@@ -50,28 +50,7 @@ class FakeComm(Comm):
         return np.take(x, range(self.rank * n, (self.rank + 1) * n), axis=axis)
 
 
-def cluster_dict(**drop) -> dict:
-    d = {
-        "name": "test",
-        "node": {"devices": 4, "memory_bytes": 16e9, "runtime_bytes": 0},
-        "compute": {
-            "gemm_call_s": 1e-6,
-            "call_s": 1e-6,
-            "transcendental_rate": 1e9,
-            "scatter_rate": 1e8,
-            "elementwise_bw": {"65536": 1e11, "67108864": 2e10},
-            "gemm": {"float32": {"32": 5e10, "1024": 1e11}, "float64": {"32": 2e10, "1024": 5e10}},
-        },
-        "link": {"intra": {"latency_s": 2e-6, "bw": 5e9}, "inter": {"latency_s": 5e-6, "bw": 1e9}},
-        "storage": {"write_bw": 5e8},
-    }
-    for path in drop:
-        section, key = path.split("__")
-        del d[section][key]
-    return d
-
-
-CL = K.cluster_from_dict(cluster_dict())
+CL = K.cluster_from_dict(plan_cluster_dict())
 
 
 def tiny(**kw) -> ModelConfig:
@@ -598,7 +577,7 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
 
 def test_cast_figures_price_bf16_conversions():
     """With [compute.cast] a conversion costs elements / rate + a call; without it, a pass of 6 bytes per element."""
-    d = cluster_dict()
+    d = plan_cluster_dict()
     d["compute"]["cast"] = {"to_bfloat16": 1e9, "from_bfloat16": 2e9}
     cl = K.cluster_from_dict(d)
     assert cl.cast_time("bfloat16", True, 1e6) == pytest.approx(1e-3 + 1e-6)
@@ -628,7 +607,7 @@ def test_oversubscribed_ranks_share_their_link():
 
 def test_cluster_toml_round_trip(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text(K.to_toml(cluster_dict(), "header"))
+    path.write_text(K.to_toml(plan_cluster_dict(), "header"))
     cl = K.load_cluster(path)
     assert cl.gemm["float32"] == [(32.0, 5e10), (1024.0, 1e11)]
     assert cl.link("inter").bw == 1e9 and cl.devices == 4
@@ -638,7 +617,7 @@ def test_cluster_toml_round_trip(tmp_path):
 
 
 def write_cluster(tmp_path, **kw) -> str:
-    d = cluster_dict(**{k: None for k in kw.pop("drop", ())})
+    d = plan_cluster_dict(**{k: None for k in kw.pop("drop", ())})
     for k, v in kw.items():
         section, key = k.split("__")
         d[section][key] = v
