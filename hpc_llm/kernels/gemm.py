@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from hpc_llm.backend import array_module
+from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.blas import cpu_flags, set_openblas_threads
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
 from hpc_llm.kernels.rounding import _to_bf16, to_low
@@ -115,19 +115,11 @@ def _bits(x):
     """x's bf16 values (round to nearest even: exact on values already bf16) as a C-contiguous uint16 array; the
     compiled conversion whenever numba is there (a bf16 run has loaded it already), on arrays of any size."""
     if not numba_available():
-        return np.ascontiguousarray(to_low(x, _bf16_dtype())).view(np.uint16)
+        return np.ascontiguousarray(to_low(x, low_dtype("bf16"))).view(np.uint16)
     x = np.ascontiguousarray(x)
     out = np.empty(x.shape, dtype=np.uint16)
     _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
     return out
-
-
-def _bf16_dtype():
-    if "bf16" not in _state:
-        import ml_dtypes
-
-        _state["bf16"] = np.dtype(ml_dtypes.bfloat16)
-    return _state["bf16"]
 
 
 def bf16_matmul(a, b, out=None, accumulate: bool = False):
