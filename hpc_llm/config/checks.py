@@ -158,7 +158,8 @@ def _check_parallel(cfg: Config) -> None:
         '"1f1b", "interleaved", "gpipe", "zb-h1" or "zbv"',
         par.schedule,
     )
-    check_pipeline(par.pp, par.virtual_stages, par.schedule, par.pp_layers, m.n_layer, t.grad_accum)
+    shape = (par.pp, par.virtual_stages, par.schedule, t.grad_accum)
+    check_pipeline_shape(*shape, m.n_layer, par.pp_layers, FIELDS)
     check_sequence_parallel(par.sequence_parallel, par.tp, m, FIELDS)
     need(
         par.act_comm in ("fp32", "bf16", "fp16"),
@@ -274,53 +275,6 @@ def canonical_targets(targets) -> list[str]:
     return [x for x in LORA_TARGETS if x in targets] + [x for x in targets if x not in LORA_TARGETS]
 
 
-def check_pipeline(
-    pp: int, v: int, schedule: str, pp_layers: list[int], n_layer: int, micro_batches: int
-) -> None:
-    """The pipeline split must give every (virtual) stage at least one layer; interleaving needs its micro-batches."""
-    stages = pp * v
-    if schedule == "interleaved":
-        if v < 2:
-            raise UserError(
-                f"parallel.schedule=interleaved needs parallel.virtual_stages >= 2, got {v}"
-            )
-        if pp < 2:
-            raise UserError(f"parallel.schedule=interleaved needs parallel.pp >= 2, got {pp}")
-        if micro_batches % pp:
-            raise UserError(
-                f"parallel.schedule=interleaved: train.grad_accum={micro_batches} (the micro-batches) "
-                f"must be a multiple of parallel.pp={pp}"
-            )
-    elif schedule == "zbv":
-        if v != 2 or pp < 2:
-            raise UserError(
-                "parallel.schedule=zbv needs parallel.virtual_stages=2 and parallel.pp >= 2 (two chunks "
-                f"per rank in a V), got virtual_stages={v}, pp={pp}"
-            )
-    elif v != 1:
-        raise UserError(
-            f"parallel.virtual_stages={v} needs parallel.schedule=interleaved or zbv (got {schedule!r})"
-        )
-    if pp_layers:
-        if len(pp_layers) != stages:
-            raise UserError(
-                f"parallel.pp_layers={pp_layers}: expected {stages} entries (parallel.pp={pp} x "
-                f"parallel.virtual_stages={v}), got {len(pp_layers)}"
-            )
-        if min(pp_layers) < 1:
-            raise UserError(f"parallel.pp_layers={pp_layers}: every stage needs at least one layer")
-        if sum(pp_layers) != n_layer:
-            raise UserError(
-                f"parallel.pp_layers={pp_layers} sums to {sum(pp_layers)}, not model.n_layer={n_layer}"
-            )
-    elif n_layer % stages:
-        what = f"parallel.pp={pp}" + (f" x parallel.virtual_stages={v}" if v > 1 else "")
-        raise UserError(
-            f"{what} = {stages} stages do not divide model.n_layer={n_layer} evenly (set "
-            f"parallel.pp_layers for an uneven split)"
-        )
-
-
 # -- the layout's rules, shared with `plan --layout` (plan/given.py): it names the settings by its own keys ------
 
 
@@ -331,7 +285,7 @@ class Terms:
     expected ...")."""
 
     def name(self, key: str) -> str:
-        return f"parallel.{key}"
+        return OTHER_SECTIONS.get(key, f"parallel.{key}")
 
     def value(self, v) -> str:
         return f'"{v}"' if isinstance(v, str) else str(v)
@@ -361,10 +315,58 @@ class Keys(Terms):
 
 
 FIELDS = Terms()
+# the layout's settings that live outside the parallel section
+OTHER_SECTIONS = {"micro_batches": "train.grad_accum"}
 ZERO_BUBBLE = (
     "zb-h1",
     "zbv",
 )  # the schedules that defer weight gradients (parallel/schedule.py's SPLIT)
+
+
+def check_pipeline_shape(
+    pp: int,
+    v: int,
+    schedule: str,
+    micro: int,
+    n_layer: int,
+    pp_layers: list[int],
+    terms: Terms,
+) -> None:
+    """The pipeline's shape: interleaved runs v >= 2 chunks a rank on pp >= 2 ranks and a multiple of pp
+    micro-batches, zbv two chunks a rank (a V), every other schedule one; every (virtual) stage gets at least one
+    layer: an even split of the n_layer, or pp_layers (the config's uneven split)."""
+    sched = terms.setting("schedule", schedule)
+    if schedule == "interleaved":
+        if v < 2:
+            raise terms.fail("virtual_stages", v, f">= 2 with {sched}")
+        if pp < 2:
+            raise terms.fail("pp", pp, f">= 2 with {sched}")
+        if micro % pp:
+            what = f"a multiple of {terms.setting('pp', pp)} with {sched} (the micro-batches)"
+            raise terms.fail("micro_batches", micro, what)
+    elif schedule == "zbv":
+        if v != 2:
+            raise terms.fail("virtual_stages", v, f"2 with {sched} (two chunks a rank, in a V)")
+        if pp < 2:
+            raise terms.fail("pp", pp, f">= 2 with {sched}")
+    elif v != 1:
+        why = "only interleaved and zbv run several chunks a rank"
+        raise terms.fail("virtual_stages", v, f"1 with {sched} ({why})")
+    stages = pp * v
+    if pp_layers:
+        if len(pp_layers) != stages:
+            split = f"{terms.setting('pp', pp)} x {terms.setting('virtual_stages', v)}"
+            raise terms.fail("pp_layers", pp_layers, f"{stages} entries ({split})")
+        if min(pp_layers) < 1:
+            raise terms.fail("pp_layers", pp_layers, "at least one layer in every stage")
+        if sum(pp_layers) != n_layer:
+            why = f"entries summing to model.n_layer={n_layer} (they sum to {sum(pp_layers)})"
+            raise terms.fail("pp_layers", pp_layers, why)
+    elif n_layer % stages:
+        what = (
+            f"a divisor of model.n_layer={n_layer} with {terms.setting('virtual_stages', v)} (or "
+        )
+        raise terms.fail("pp", pp, what + f"{terms.name('pp_layers')} for an uneven split)")
 
 
 def check_sequence_parallel(sp: bool, tp: int, m, terms: Terms) -> None:

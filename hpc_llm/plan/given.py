@@ -24,7 +24,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hpc_llm.config import Config
-from hpc_llm.config.checks import Keys, check_act_comm, check_sequence_parallel, check_zero_schedule
+from hpc_llm.config.checks import (
+    Keys,
+    check_act_comm,
+    check_pipeline_shape,
+    check_sequence_parallel,
+    check_zero_schedule,
+)
 from hpc_llm.errors import UserError
 from hpc_llm.parallel.schedule import NAMES as SCHEDULES
 from hpc_llm.plan.memory import ACT_COMMS, RECOMPUTES, Layout
@@ -48,7 +54,9 @@ KEYS = (
 )
 BOOLS = {"0": False, "1": True, "false": False, "true": True, "off": False, "on": True}
 # the config's layout rules (config/checks.py) name the settings by these keys
-TERMS = Keys("--layout", {"sequence_parallel": "sp"})
+# --layout's keys where they are not the parallel section's field names
+RENAMED = {"sequence_parallel": "sp", "virtual_stages": "virtual", "micro_batches": "micro"}
+TERMS = Keys("--layout", {**RENAMED, "pp_layers": "the config's parallel.pp_layers"})
 
 
 def _bad(key: str, expected: str, got) -> UserError:
@@ -162,34 +170,8 @@ def check(cfg: Config, lay: Layout, precision: str) -> None:
         raise UserError(
             f"--layout tp={lay.tp}: expected a divisor of the padded vocabulary {m.padded_vocab}"
         )
-    stages = lay.pp * lay.virtual
-    if m.n_layer % stages and not own_split(cfg, lay):
-        raise UserError(
-            f"--layout pp={lay.pp} x virtual={lay.virtual}: expected a divisor of model.n_layer="
-            f"{m.n_layer} (even stages)"
-        )
-    if lay.schedule == "interleaved":
-        if lay.virtual < 2 or lay.pp < 2:
-            raise UserError(
-                f"--layout schedule=interleaved: expected virtual >= 2 and pp >= 2, got virtual="
-                f"{lay.virtual} pp={lay.pp}"
-            )
-        if lay.micro_batches % lay.pp:
-            raise UserError(
-                f"--layout micro={lay.micro_batches}: expected a multiple of pp={lay.pp} "
-                "(schedule=interleaved)"
-            )
-    elif lay.schedule == "zbv":
-        if lay.virtual != 2 or lay.pp < 2:
-            raise UserError(
-                f"--layout schedule=zbv: expected virtual=2 and pp >= 2, got virtual={lay.virtual} "
-                f"pp={lay.pp}"
-            )
-    elif lay.virtual != 1:
-        raise UserError(
-            f"--layout virtual={lay.virtual}: expected 1 with schedule={lay.schedule} (only "
-            "interleaved and zbv have several chunks per rank)"
-        )
+    shape = (lay.pp, lay.virtual, lay.schedule, lay.micro_batches)
+    check_pipeline_shape(*shape, m.n_layer, own_split(cfg, lay), TERMS)
     check_zero_schedule(lay.zero, lay.schedule, TERMS)
     check_sequence_parallel(lay.sequence_parallel, lay.tp, m, TERMS)
     check_act_comm(lay.act_comm, m, TERMS)

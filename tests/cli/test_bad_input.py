@@ -531,21 +531,23 @@ def _rows() -> list[Row]:
     add(
         T(
             "parallel.pp_layers-entries",
-            "parallel.pp_layers=[1, 1, 1]: expected 1 entries",
+            "config field parallel.pp_layers: expected 1 entries (parallel.pp=1 x "
+            "parallel.virtual_stages=1), got [1, 1, 1]",
             sets=["parallel.pp_layers=1,1,1"],
         )
     )
     add(
         T(
             "parallel.pp_layers-zero",
-            "parallel.pp_layers=[0, 2]: every stage needs at least one layer",
+            "config field parallel.pp_layers: expected at least one layer in every stage, got [0, 2]",
             sets=["parallel.pp=2", "parallel.pp_layers=0,2"],
         )
     )
     add(
         T(
             "parallel.pp_layers-sum",
-            "parallel.pp_layers=[2, 2] sums to 4, not model.n_layer=2",
+            "config field parallel.pp_layers: expected entries summing to model.n_layer=2 (they sum "
+            "to 4), got [2, 2]",
             sets=["parallel.pp=2", "parallel.pp_layers=2,2"],
         )
     )
@@ -658,21 +660,22 @@ def _rows() -> list[Row]:
     add(
         T(
             "interleaved-one-chunk",
-            "parallel.schedule=interleaved needs parallel.virtual_stages >= 2",
+            'config field parallel.virtual_stages: expected >= 2 with parallel.schedule="interleaved", got 1',
             sets=["parallel.schedule=interleaved"],
         )
     )
     add(
         T(
             "interleaved-one-stage",
-            "parallel.schedule=interleaved needs parallel.pp >= 2",
+            'config field parallel.pp: expected >= 2 with parallel.schedule="interleaved", got 1',
             sets=["parallel.schedule=interleaved", "parallel.virtual_stages=2"],
         )
     )
     add(
         T(
             "interleaved-micro-batches",
-            "train.grad_accum=3 (the micro-batches) must be a multiple of parallel.pp=2",
+            "config field train.grad_accum: expected a multiple of parallel.pp=2 with "
+            'parallel.schedule="interleaved" (the micro-batches), got 3',
             sets=[
                 "parallel.schedule=interleaved",
                 "parallel.virtual_stages=2",
@@ -685,28 +688,30 @@ def _rows() -> list[Row]:
     add(
         T(
             "virtual-stages-without-interleaved",
-            "parallel.virtual_stages=2 needs parallel.schedule=interleaved",
+            'config field parallel.virtual_stages: expected 1 with parallel.schedule="1f1b"',
             sets=["parallel.virtual_stages=2"],
         )
     )
     add(
         T(
             "zb-h1-virtual-stages",
-            "parallel.virtual_stages=2 needs parallel.schedule=interleaved or zbv (got 'zb-h1')",
+            'config field parallel.virtual_stages: expected 1 with parallel.schedule="zb-h1" (only '
+            "interleaved and zbv run several chunks a rank), got 2",
             sets=["parallel.schedule=zb-h1", "parallel.virtual_stages=2"],
         )
     )
     add(
         T(
             "zbv-one-chunk",
-            "parallel.schedule=zbv needs parallel.virtual_stages=2 and parallel.pp >= 2",
+            'config field parallel.virtual_stages: expected 2 with parallel.schedule="zbv"',
             sets=["parallel.schedule=zbv", "parallel.pp=2"],
         )
     )
     add(
         T(
             "pp-not-dividing-layers",
-            "parallel.pp=3 = 3 stages do not divide model.n_layer=2",
+            "config field parallel.pp: expected a divisor of model.n_layer=2 with "
+            "parallel.virtual_stages=1 (or parallel.pp_layers for an uneven split), got 3",
             sets=["parallel.pp=3"],
         )
     )
