@@ -18,7 +18,7 @@ class PipelineComm:
     direction are incomplete, waits for the oldest. So at most `depth` sends per direction live across an op (one
     more only inside that wait), and every other send's buffer goes at the first op boundary after its delivery;
     `wait_sends()` completes the rest at the step's end. depth None: unbounded (every send until delivered or the
-    step's end). The trainer's depth is schedule.send_depth's: the least that neither deadlocks nor lengthens the
+    step's end). The trainer's depth is schedule_timing.send_depth's: the least that neither deadlocks nor lengthens the
     step, even if every send completes only once its receive is posted (rendezvous).
 
     On a wire view of the pp group (Comm.with_wire: parallel.act_comm) every message is 16-bit words in a buffer of

@@ -9,7 +9,7 @@
   `step_peak`);
 - what a step allocates on top: the operation's working arrays (a block's backward keeps its local gradients until
   it returns; sequence parallelism's gathered and reduce-scattered temporaries), the pipeline's send buffers (at most
-  schedule.send_depth per neighbour and direction across an op), ZeRO-1's reduce-scatter receive buffers; and a
+  schedule_timing.send_depth per neighbour and direction across an op), ZeRO-1's reduce-scatter receive buffers; and a
   save's staging blocks (checkpoint/slabs.py, writers.py), and a background save's host staging buffer
   (checkpoint/parts.py: the pieces the rank writes, kept from one save to the next).
 
@@ -79,7 +79,7 @@ class Layout:
     sequence_parallel: bool = False  # parallel.sequence_parallel (tp > 1)
     # parallel.act_comm: "fp32" (the compute dtype) or 16-bit pipeline and TP transfers
     act_comm: str = "fp32"
-    # sends in flight per neighbour and direction: None the code's (schedule.send_depth), 0 every send held until the
+    # sends in flight per neighbour and direction: None the code's (schedule_timing.send_depth), 0 every send held until the
     # step's end (the code before bounded sends), k > 0 at most k
     send_depth: int | None = None
     reshard_after_forward: bool = True  # ZeRO-3: a unit's forward gather freed after its forward

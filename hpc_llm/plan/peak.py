@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.parallel import schedule as sched
+from hpc_llm.parallel import schedule_timing
 from hpc_llm.parallel.compression import SCALE_WORDS
 from hpc_llm.parallel.data_parallel import split_counts
 from hpc_llm.parallel.schedule import Phase, schedule
@@ -45,10 +46,10 @@ def message_bytes(cfg: ModelConfig, lay: Layout, by: Bytes) -> int:
 def send_depth(lay: Layout) -> int | None:
     """How many sends per neighbour and direction can be in flight at once; None: every send of the step (held
     until its end, as the code before bounded sends did: Layout.send_depth = 0). The code's bound is
-    schedule.send_depth(name, p, m, v)."""
+    schedule_timing.send_depth(name, p, m, v)."""
     if lay.send_depth is not None:
         return lay.send_depth or None
-    return sched.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual)
+    return schedule_timing.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
-from hpc_llm.parallel.schedule import SPLIT, V_SHAPED, Phase, Timing, virtual_stage
+from hpc_llm.parallel.schedule import SPLIT, V_SHAPED, Phase, virtual_stage
+from hpc_llm.parallel.schedule_timing import Timing
 from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
 from hpc_llm.plan.compute import (
     Pricer,

@@ -202,7 +202,7 @@ def search(
                 continue
             if lay.pp > 1 and lay.send_depth is None:
                 # first at send depth 1, a lower bound (the buffers grow with the depth): most layouts that do not
-                # fit are rejected without schedule.send_depth's simulations
+                # fit are rejected without schedule_timing.send_depth's simulations
                 low = memory_of(
                     cfg, replace(lay, send_depth=1), cl, resolve_precision(cfg, prec), **ckpt
                 )

@@ -1,4 +1,4 @@
-"""The pipeline step timed with per-op costs: schedule.simulate_lists (its dependency rules, its deadlock check)
+"""The pipeline step timed with per-op costs: schedule_timing.simulate_lists (its dependency rules, its deadlock check)
 with each (kind, virtual stage, first-or-later backward or W) priced separately.
 
 schedule.simulate prices every forward t_f / v and every backward t_b / v; a real stage differs from its neighbours
@@ -9,7 +9,8 @@ that with uniform costs this equals schedule.simulate.
 
 from __future__ import annotations
 
-from hpc_llm.parallel.schedule import V_SHAPED, Timing, schedule, simulate_lists, virtual_stage
+from hpc_llm.parallel.schedule import V_SHAPED, schedule, virtual_stage
+from hpc_llm.parallel.schedule_timing import Timing, simulate_lists
 
 
 def simulate_costs(name: str, p: int, m: int, v: int, cost, t_comm: float = 0.0) -> Timing:

@@ -19,7 +19,8 @@ from hpc_llm.optim import AdamW
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.parallel.grid import Grid
 from hpc_llm.parallel.pipeline_comm import PipelineComm
-from hpc_llm.parallel.schedule import V_SHAPED, schedule, send_depth
+from hpc_llm.parallel.schedule import V_SHAPED, schedule
+from hpc_llm.parallel.schedule_timing import send_depth
 from hpc_llm.parallel.zero import ZeroHooks, unit_ranges
 
 log = logging.getLogger("hpc_llm")
@@ -28,7 +29,7 @@ log = logging.getLogger("hpc_llm")
 @dataclass
 class Engine:
     """plan: this rank's pipeline stage; ops: its schedule of forward/backward ops; pipe: the stage-to-stage
-    transfers (None with one stage; on parallel.act_comm's wire, schedule.send_depth's bound); norm: (the ranges
+    transfers (None with one stage; on parallel.act_comm's wire, schedule_timing.send_depth's bound); norm: (the ranges
     of the flat gradient whose squares this rank adds to the global norm, the group over which they are summed)."""
 
     plan: StagePlan

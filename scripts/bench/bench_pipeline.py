@@ -217,7 +217,8 @@ def prefix_sums(summary: dict, what: str) -> dict:
 def simulate_measured(lists, v: int, t_f, t_b, t_w=None):
     """schedule.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] (a whole backward, or B where
     the lists have W ops), t_w[r][c] seconds; no transfer time. -> (makespan, busy per rank)."""
-    from hpc_llm.parallel.schedule import Phase, simulate_lists
+    from hpc_llm.parallel.schedule import Phase
+    from hpc_llm.parallel.schedule_timing import simulate_lists
 
     times = {Phase.FORWARD: t_f, Phase.BACKWARD: t_b, Phase.WEIGHT: t_w}
     timing = simulate_lists(lists, v, cost=lambda r, op, later: times[op.kind][r][op.chunk])
@@ -298,8 +299,9 @@ def stage_summary(tr, steps: list[dict], v: int) -> dict:
 def bubble_row(args, sched: str, p: int, m: int, v: int, steps: list, gathered: list) -> dict:
     """One configuration: the measured idle beside the formula, the schedule's simulation, and the simulation fed
     with the measured forward/backward times."""
-    from hpc_llm.parallel.schedule import SPLIT, simulate
+    from hpc_llm.parallel.schedule import SPLIT
     from hpc_llm.parallel.schedule import schedule as make_schedule
+    from hpc_llm.parallel.schedule_timing import simulate
 
     lists = [make_schedule(sched, p, r, m, v) for r in range(p)]
     span, busy = simulate_measured(

@@ -42,7 +42,7 @@ from mpi4py import MPI
 import hpc_llm
 from hpc_llm.parallel.grid import make_grid, single_process_grid
 from hpc_llm.parallel.pipeline_comm import PipelineComm
-from hpc_llm.parallel.schedule import send_depth
+from hpc_llm.parallel.schedule_timing import send_depth
 from hpc_llm.train.trainer import Trainer
 
 # name: (ranks, parallel.pp, parallel.tp, parallel.sequence_parallel)

@@ -19,15 +19,13 @@ from hpc_llm.parallel.schedule import (
     interleaved,
     one_f_one_b,
     schedule,
-    send_depth,
-    simulate,
-    simulate_lists,
     stage_chunk,
     stage_rank,
     virtual_stage,
     zb_h1,
     zbv,
 )
+from hpc_llm.parallel.schedule_timing import send_depth, simulate, simulate_lists
 
 PS, MS, VS = range(1, 7), range(1, 13), (2, 3)
 

@@ -20,6 +20,7 @@ from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, DropoutRNG, query_blocks
 from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
+from hpc_llm.parallel import schedule_timing as T
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
@@ -343,7 +344,7 @@ def test_simulated_bubble_is_ideal_without_transfer_costs(name, p, m, v):
         name, p, m, v, lambda kind, s, later: (1.0 if kind == S.Phase.FORWARD else 2.0) / v
     )
     assert t.bubble == pytest.approx((p - 1) / (v * m + p - 1))
-    ref = S.simulate(name, p, m, v, 1.0, 2.0, 0.3)
+    ref = T.simulate(name, p, m, v, 1.0, 2.0, 0.3)
     assert simulate_costs(
         name, p, m, v, lambda k, s, later: (1.0 if k == S.Phase.FORWARD else 2.0) / v, 0.3
     ).makespan == pytest.approx(ref.makespan)
@@ -375,7 +376,7 @@ def test_zero_bubble_prices_b_and_w_apart():
         )
     costs = {S.Phase.FORWARD: 1.0, S.Phase.BACKWARD: 1.2, S.Phase.WEIGHT: 0.8}
     t = simulate_costs("zb-h1", 4, 8, 1, lambda kind, s, later: costs[kind])
-    assert t.makespan == pytest.approx(S.simulate("zb-h1", 4, 8, t_b=1.2, t_w=0.8).makespan)
+    assert t.makespan == pytest.approx(T.simulate("zb-h1", 4, 8, t_b=1.2, t_w=0.8).makespan)
     lay = dict(pp=4, micro_batches=8, batch_size=2)
     zb, base = (predict(cfg, Layout(schedule=n, **lay), CL) for n in ("zb-h1", "1f1b"))
     assert sum(e.op.kind == S.Phase.WEIGHT for e in zb.timing.events) == 4 * 8
@@ -386,7 +387,7 @@ def test_zero_bubble_prices_b_and_w_apart():
     )
     # zbv: priced with its V placement (each virtual stage's own costs); its W's fill more of the bubble
     t = simulate_costs("zbv", 4, 8, 2, lambda kind, s, later: costs[kind] / 2)
-    assert t.makespan == pytest.approx(S.simulate("zbv", 4, 8, 2, t_b=1.2, t_w=0.8).makespan)
+    assert t.makespan == pytest.approx(T.simulate("zbv", 4, 8, 2, t_b=1.2, t_w=0.8).makespan)
     zv = predict(cfg, Layout(schedule="zbv", virtual=2, **lay), CL)
     assert sum(e.op.kind == S.Phase.WEIGHT for e in zv.timing.events) == 4 * 8 * 2
     assert zv.time["pipeline_wait"] < zb.time["pipeline_wait"] and zv.time["step"] < zb.time["step"]
@@ -936,15 +937,15 @@ def test_pipeline_buffers_follow_the_codes_send_depth(monkeypatch):
         assert 0 < held <= 2 * depth * 4 * n < every
     calls = []
 
-    def stand_in(name, p, m, v=1):  # the layout's own depth is asked of schedule.send_depth
+    def stand_in(name, p, m, v=1):  # the layout's own depth is asked of schedule_timing.send_depth
         calls.append((name, p, m, v))
         return 2
 
-    monkeypatch.setattr(S, "send_depth", stand_in)
+    monkeypatch.setattr(T, "send_depth", stand_in)
     assert buffers(lay) == buffers(dataclasses.replace(lay, send_depth=2))
     assert ("1f1b", 4, 16, 1) in calls
     monkeypatch.undo()
-    assert buffers(lay) == buffers(dataclasses.replace(lay, send_depth=S.send_depth("1f1b", 4, 16)))
+    assert buffers(lay) == buffers(dataclasses.replace(lay, send_depth=T.send_depth("1f1b", 4, 16)))
 
 
 # -- Megatron's published layouts (docs/planning.md, "Megatron's published layouts") -----------------------------
@@ -995,7 +996,7 @@ def test_published_rows_fit_80gb_as_the_doc_claims():
             assert round(peak / 1e9, 1) == doc, (row, mode, peak)
             assert (peak <= 80e9) == (doc <= 80.0), (row, mode)
             if hasattr(S, "send_depth") and lay.pp > 1:  # the D the doc uses is the code's
-                assert S.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual) == 1
+                assert T.send_depth(lay.schedule, lay.pp, lay.micro_batches, lay.virtual) == 1
 
 
 @pytest.mark.parametrize(
