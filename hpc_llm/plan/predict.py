@@ -12,7 +12,7 @@ checkpoint.interval. The slowest stage sets the step. The search over every layo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
@@ -51,6 +51,15 @@ PRECISIONS = {
 }
 # the 2-byte format each converts to (train.precision, and parallel.act_comm's 16-bit transfers)
 LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
+
+
+def bytes_of(precision: str, cl: Cluster, lay: Layout) -> Bytes:
+    """PRECISIONS' bytes as the code allocates them on cl: on a device (CuPy) the 16-bit formats' compute copy is
+    stored in 2 bytes, the float32 one only under ZeRO-3 (model/gpt.compute_16_bit)."""
+    by = PRECISIONS[precision][1]
+    if cl.backend == "cupy" and by.master == 4 and by.param == 4 and lay.zero < 3:
+        return replace(by, master=2, master_wide=4)
+    return by
 
 
 def precision_of(dtype: str) -> str:
@@ -118,7 +127,7 @@ def memory_of(
     return max_rank_memory(
         cfg,
         lay,
-        PRECISIONS[precision][1],
+        bytes_of(precision, cl, lay),
         pp_layers=pp_layers,
         runtime=int(cl.runtime_bytes),
         writer=writer,

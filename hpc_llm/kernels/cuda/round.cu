@@ -58,3 +58,24 @@ extern "C" __global__ void narrow_round(const float* x, unsigned short* bits, fl
         out[i] = widen_one(b, mode);
     }
 }
+
+// GPT.refresh_compute on a device: the master weights stored in the format (2 bytes an element: what the GEMMs
+// read, kernels/cuda/gemm16.py) and, in the same launch, the tensors the fused kernels read in float32 (embeddings,
+// biases, LayerNorm weights: nseg runs [start, start + length) of the flat buffer, packed one after another into
+// wide; seg_end: each run's end in wide) as their rounded float32 values.
+extern "C" __global__ void refresh_compute(const float* master, unsigned short* bits, long long n, float* wide,
+                                           const long long* seg_start, const long long* seg_end, int nseg,
+                                           long long nwide, int mode) {
+    long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = first; i < n; i += stride) bits[i] = narrow_one(master[i], mode);
+    for (long long j = first; j < nwide; j += stride) {
+        int lo = 0, hi = nseg - 1;  // the first run ending after j
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (seg_end[mid] > j) hi = mid;
+            else lo = mid + 1;
+        }
+        long long at = seg_start[lo] + j - (lo ? seg_end[lo - 1] : 0);
+        wide[j] = widen_one(narrow_one(master[at], mode), mode);
+    }
+}
