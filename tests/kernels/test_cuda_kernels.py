@@ -138,3 +138,38 @@ def test_narrow_and_widen_equal_the_rounded_float32_bitwise(fmt):
     kept2, back2 = prec.keep_use(cupy.asarray(x), np.float32)  # narrow_round: both in one pass
     assert np.array_equal(cupy.asnumpy(kept2), cupy.asnumpy(kept))
     assert np.array_equal(cupy.asnumpy(back2).view(np.uint32), want)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_16_bit_weight_gemm_and_refresh_equal_their_twins(fmt):
+    """GPT.refresh_compute's kernel stores the bits the twin stores (bitwise), and cublasGemmEx on the 2-byte
+    operands (kernels/cuda/gemm16) equals the twin's float32 product of the widened values within gamma_K |a| |w|
+    (the same exact products summed in another order), for a weight and its transpose."""
+    from hpc_llm.kernels.cuda import gemm16, twins
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(fmt)
+    master = RNG.standard_normal(70_000).astype(np.float32)
+    runs = [(5, 1000), (60_000, 60_123)]
+    table = device.WideRuns(cupy, runs)
+    bits = cupy.empty(master.size, dtype=device.storage_dtype(cupy, prec))
+    wide = cupy.empty(table.total, dtype=np.float32)
+    device.refresh_compute(cupy, cupy.asarray(master), bits, wide, table, prec)
+    want_bits, want_wide = np.empty(master.size, prec.low), np.empty(table.total, np.float32)
+    twins.refresh_compute(master, want_bits, want_wide, runs, prec.low)
+    assert np.array_equal(cupy.asnumpy(bits).view(np.uint16), want_bits.view(np.uint16))
+    assert np.array_equal(cupy.asnumpy(wide), want_wide)
+    M, K, N = 70, 300, 90
+    a = prec.operand(RNG.standard_normal((M, K)).astype(np.float32))
+    w_bits = prec.keep(cupy.asarray(RNG.standard_normal((K, N)).astype(np.float32)))
+    w_host = prec.use(w_bits, np.float32).get()
+    for w_dev, w in ((w_bits, w_host), (w_bits.T, w_host.T)):
+        got = cupy.asnumpy(
+            gemm16.matmul16(cupy.asarray(np.ascontiguousarray(a[:, : w.shape[0]])), w_dev, prec)
+        )
+        x = a[:, : w.shape[0]]
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        k, u = w.shape[0], 2.0**-24
+        bound = k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+        assert np.all(np.abs(got - want) <= bound)

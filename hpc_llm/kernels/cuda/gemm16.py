@@ -61,17 +61,14 @@ def _gemm_ex(cupy, a16, w, prec):
     N = w.shape[1]
     if w.flags.c_contiguous:
         op_w, ld_w = CUBLAS_OP_N, N
-    elif (
-        w.flags.f_contiguous
-    ):  # w.T of a stored (N, K) weight: its memory is W^T, transposed once more
+    elif w.flags.f_contiguous:
+        # w.T of a stored (N, K) weight: its memory is W^T, transposed once more
         op_w, ld_w = CUBLAS_OP_T, K
     else:
         w, op_w, ld_w = cupy.ascontiguousarray(w), CUBLAS_OP_N, N
     out = cupy.empty((M, N), dtype=np.float32)
-    alpha, beta = (
-        np.ones(1, np.float32),
-        np.zeros(1, np.float32),
-    )  # host scalars, float32 for COMPUTE_32F
+    # host scalars, float32 for CUBLAS_COMPUTE_32F
+    alpha, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     kind = INPUT_TYPE[prec.name]
