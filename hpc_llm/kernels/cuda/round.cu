@@ -79,3 +79,26 @@ extern "C" __global__ void refresh_compute(const float* master, unsigned short* 
         wide[j] = widen_one(narrow_one(master[at], mode), mode);
     }
 }
+
+// A 16-bit wire message (parallel/wire16.py, compression.write16 / read16) made and read on a device: n words, the
+// values multiplied by the power of two s (exact; skipped at 1, as write16 does) and rounded, then s's float32 bits
+// as two words, low half first; widened back and unscaled (exact, but where the result is subnormal: one rounding).
+extern "C" __global__ void wire_narrow(const float* x, unsigned short* words, long long n, float s, int mode) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        words[i] = narrow_one(s == 1.0f ? x[i] : x[i] * s, mode);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned b = __float_as_uint(s);
+        words[n] = (unsigned short)(b & 0xffffu);
+        words[n + 1] = (unsigned short)(b >> 16);
+    }
+}
+
+extern "C" __global__ void wire_widen(const unsigned short* words, float* out, long long n, int mode) {
+    float inv = 1.0f / __uint_as_float((unsigned)words[n] | ((unsigned)words[n + 1] << 16));
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = widen_one(words[i], mode);
+        out[i] = inv == 1.0f ? v : v * inv;
+    }
+}
