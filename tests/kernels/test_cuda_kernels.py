@@ -173,3 +173,26 @@ def test_16_bit_weight_gemm_and_refresh_equal_their_twins(fmt):
         k, u = w.shape[0], 2.0**-24
         bound = k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
         assert np.all(np.abs(got - want) <= bound)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_wire_message_kernels_equal_write16_and_read16_bitwise(fmt):
+    """A pipeline message's words made on the device (wire_narrow, with fp16's scale) and widened there
+    (wire_widen) are bitwise compression.write16's and read16's."""
+    from hpc_llm.backend import low_dtype
+    from hpc_llm.kernels.cuda import wire
+    from hpc_llm.parallel.compression import read16, scale_of, write16
+
+    x = (RNG.standard_normal(5000) * np.exp(RNG.uniform(-12, 3, 5000))).astype(np.float32)
+    x[:4] = [np.nan, np.inf, -0.0, 1e-40]
+    s = scale_of(fmt, x[4:])
+    want = np.empty(x.size + 2, dtype=np.uint16)
+    write16(want, 0, x, low_dtype(fmt), s)
+    words = wire.narrow_message(cupy, cupy.asarray(x), fmt, s)
+    assert np.array_equal(cupy.asnumpy(words), want)
+    out = cupy.empty(x.size, dtype=np.float32)
+    wire.widen_message(cupy, cupy.asarray(want), out, fmt)
+    assert np.array_equal(
+        cupy.asnumpy(out).view(np.uint32), read16(want, 0, x.size, low_dtype(fmt)).view(np.uint32)
+    )
