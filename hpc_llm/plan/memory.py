@@ -50,9 +50,10 @@ class Bytes:
     master: int = 0  # GPT.compute, the rounded copy of the weights (0: none, the weights are used as they are)
     # the compute dtype: LayerNorm's rstd, the probabilities, the streams (dropout masks: 1 byte, bool)
     compute: int = 4
-    master_wide: int = (
-        0  # GPT.compute_wide: embeddings, biases, LayerNorm weights again (model/gpt.wide_runs)
-    )
+    # GPT.compute_wide: embeddings, biases, LayerNorm weights again (model/gpt.wide_runs)
+    master_wide: int = 0
+    # the arrays as the device path makes them (the fused attention's cache: activations.py)
+    device: bool = False
 
     @staticmethod
     def of(dtype_bytes: int) -> Bytes:

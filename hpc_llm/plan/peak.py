@@ -21,6 +21,7 @@ from hpc_llm.plan.activations import (
     block_forward_work,
     chunk_cache_bytes,
     chunk_weight_bytes,
+    fused_attention,
     head_backward_work,
 )
 
@@ -81,7 +82,9 @@ def _chunk_sizes(
         if weight:
             sizes[c] = chunk_weight_bytes(*shape, by.compute, lay.sequence_parallel)
         else:
-            sizes[c] = chunk_cache_bytes(*shape, lay.recompute, by.compute, lay.sequence_parallel)
+            sizes[c] = chunk_cache_bytes(
+                *shape, lay.recompute, by.compute, lay.sequence_parallel, by.device
+            )
     return sizes
 
 
@@ -285,4 +288,5 @@ def act_block(cfg: ModelConfig, lay: Layout, b: int, by: Bytes) -> int:
         by.act,
         by.compute,
         lay.sequence_parallel,
+        fused=fused_attention(cfg, by.device),
     )

@@ -54,12 +54,14 @@ LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
 
 
 def bytes_of(precision: str, cl: Cluster, lay: Layout) -> Bytes:
-    """PRECISIONS' bytes as the code allocates them on cl: on a device (CuPy) the 16-bit formats' compute copy is
-    stored in 2 bytes, the float32 one only under ZeRO-3 (model/gpt.compute_16_bit)."""
+    """PRECISIONS' bytes as the code allocates them on cl: on a device (CuPy) the device path's caches, and the 16-bit
+    formats' compute copy stored in 2 bytes (float32 only under ZeRO-3: model/gpt.compute_16_bit)."""
     by = PRECISIONS[precision][1]
-    if cl.backend == "cupy" and by.master == 4 and by.param == 4 and lay.zero < 3:
-        return replace(by, master=2, master_wide=4)
-    return by
+    if cl.backend != "cupy":
+        return by
+    if by.master == 4 and by.param == 4 and lay.zero < 3:
+        return replace(by, master=2, master_wide=4, device=True)
+    return replace(by, device=True)
 
 
 def precision_of(dtype: str) -> str:

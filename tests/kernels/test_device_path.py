@@ -243,3 +243,35 @@ def test_2_byte_compute_copy_trains_as_the_float32_copy_bitwise(fmt, monkeypatch
     device = type("Device", (), {"backend": "cupy"})()
     mem = rank_memory(cfg, Layout(), 0, bytes_of(fmt, device, Layout()))
     assert mem.master == dev.compute.nbytes + dev.compute_wide.nbytes < 4 * dev.local_size
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "precision, recompute", [("fp32", "none"), ("bf16", "none"), ("bf16", "selective")]
+)
+def test_planned_device_activations_equal_what_the_device_path_keeps(precision, recompute):
+    """plan/activations.py's cache bytes for a device (fused attention: y and the logsumexp kept, no probabilities
+    or masks; 16-bit kept activations) are the bytes of the arrays a chunk's forward on the stand-in keeps, and
+    less than the host path's where the probabilities would be kept."""
+    from helpers import cache_bytes
+
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model.gpt import GPT
+    from hpc_llm.model.layers import DropoutRNG
+    from hpc_llm.plan.activations import chunk_cache_bytes
+    from hpc_llm.plan.predict import PRECISIONS
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64, dropout=0.1)
+    b = 2
+    model = GPT(cfg, xp, seed=0, recompute=recompute, precision=precision)
+    tokens = np.random.default_rng(0).integers(0, 64, (b, 64))
+    _, cache = model.chunks[0].forward(
+        xp.asarray(tokens), xp.asarray(tokens), DropoutRNG(0, 0, 0, range(b), xp)
+    )
+    by = PRECISIONS[precision][1]
+    planned = [
+        chunk_cache_bytes(cfg, 1, b, 2, True, True, by.act, recompute, by.compute, device=d)
+        for d in (True, False)
+    ]
+    assert cache_bytes(cache) == planned[0]
+    assert planned[0] < planned[1] if recompute == "none" else planned[0] > planned[1]
