@@ -340,9 +340,9 @@ def _operands(prec: Precision, dy, w):
 def _gathered_operand(prec: Precision, dy, comm: Comm, w):
     """Sequence parallelism: a row-parallel layer's output gradient gathered whole (its mapping's backward), as a
     matmul operand, and the input-gradient GEMM's (for w stored in 2 bytes: the gathered bits). On a device with a
-    16-bit format each slice is rounded first and its bits travel, the whole
-    widened once (_gather_kept): the values of gathering then rounding, as rounding is elementwise, unless a wire of
-    another format or fp16's scaled one would round before (those gather, then round)."""
+    16-bit format each slice is rounded first and its bits travel, the whole widened once (_gather_kept): the values
+    of gathering then rounding, as rounding is elementwise, unless a wire of another format or fp16's scaled one
+    would round before (those gather, then round)."""
     same = comm.wire is None or comm.wire == prec.name == "bf16"
     if (
         prec.low is not None
