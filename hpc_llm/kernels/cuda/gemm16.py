@@ -23,6 +23,7 @@ CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_POINTER_MODE_HOST = 0
 INPUT_TYPE = {"bf16": CUDA_R_16BF, "fp16": CUDA_R_16F}
 
 
@@ -71,6 +72,7 @@ def _gemm_ex(cupy, a16, w, prec):
     alpha, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
     kind = INPUT_TYPE[prec.name]
     cublas.gemmEx(
         handle, op_w, CUBLAS_OP_N, N, M, K, alpha.ctypes.data, w.data.ptr, kind, ld_w,
