@@ -90,10 +90,10 @@ def uses_onednn(a, b, prec) -> bool:
 
 
 def matmul(a, b, out=None, accumulate: bool = False, prec=None):
-    """out = a @ b, or out += a @ b (accumulate); a new array when out is None. Returns out. b stored in 2 bytes
-    (a device's weights: GPT.compute): kernels/cuda/gemm16.py."""
-    if gemm16.stored_16_bit(b) and out is None:
-        return gemm16.matmul16(a, b, prec)
+    """out = a @ b, or out += a @ b (accumulate); a new array when out is None. Returns out. An operand held in 2
+    bytes (a device's: GPT.compute, a kept input): kernels/cuda/gemm16.py."""
+    if gemm16.stored_16_bit(a) or gemm16.stored_16_bit(b):
+        return gemm16.matmul16(a, b, prec, out, accumulate)
     if prec is not None and uses_onednn(a, b, prec):
         return bf16_matmul(a, b, out, accumulate)
     if out is None:

@@ -177,7 +177,8 @@ class ColumnParallelLinear:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
-            work.add(self._weight, dy, x)
+            # dy's bits for the GEMM: at once only (deferred, W narrows dy itself: nothing more is kept)
+            work.add(self._weight, dy, x, None if work.deferred or dy_w is dy else dy_w)
         dx = linear_backward_input(dy_w, self.w.value, self.prec)
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region_backward(dx, self.comm)
@@ -195,15 +196,20 @@ class ColumnParallelLinear:
             dx += linear_backward_input(dh, A.value, self.prec)
         return dx
 
-    def _weight(self, dy, x, accumulate: bool) -> None:
+    def _weight(self, dy, x, dy_bits, accumulate: bool) -> None:
         """W: dw and db from the output gradient and the kept input (the slice, gathered again under sequence
         parallelism; a frozen weight needs no input)."""
         if self.w.grad is not None:
+            bits = _reads_bits(self.w.value, dy, self.lora) and stored_16_bit(x)
             if self.sequence_parallel:  # the forward's gather again
-                x = _gather_kept(self.prec, x, self.comm, dy.dtype)
-            else:
+                x = (
+                    _gather_bits(x, self.comm)
+                    if bits
+                    else _gather_kept(self.prec, x, self.comm, dy.dtype)
+                )
+            elif not bits:
                 x = _used(self.prec, x, dy.dtype)
-        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate, self.prec)
+        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate, self.prec, dy_bits)
 
     def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
         linear_backward_weight(dy, _used(self.prec, x, dy.dtype), grad, None, accumulate, self.prec)
@@ -281,25 +287,27 @@ class RowParallelLinear:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
-            work.add(self._weight, dy, x, self.w.grad, self.b.grad)
+            bits = None if work.deferred or dy_w is dy else dy_w  # as ColumnParallelLinear's
+            work.add(self._weight, dy, x, self.w.grad, self.b.grad, bits)
         dx = linear_backward_input(dy_w, self.w.value, self.prec)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
             if B.grad is not None:
-                work.add(self._weight, dys, h, B.grad, None)
+                work.add(self._weight, dys, h, B.grad, None, None)
             dh = linear_backward_input(dys, B.value, self.prec)
             # h's g: the identity
             dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))
             if A.grad is not None:
-                work.add(self._weight, dh, x, A.grad, None)
+                work.add(self._weight, dh, x, A.grad, None, None)
             dx += linear_backward_input(dh, A.value, self.prec)
         return dx
 
-    def _weight(self, dy, x, dw, db, accumulate: bool) -> None:
+    def _weight(self, dy, x, dw, db, dy_bits, accumulate: bool) -> None:
         """W: a weight's (and bias's) gradient from an output gradient and a kept input."""
-        x = _used(self.prec, x, dy.dtype) if dw is not None else x
-        linear_backward_weight(dy, x, dw, db, accumulate, self.prec)
+        if dw is not None and not (_reads_bits(self.w.value, dy, self.lora) and stored_16_bit(x)):
+            x = _used(self.prec, x, dy.dtype)
+        linear_backward_weight(dy, x, dw, db, accumulate, self.prec, dy_bits)
 
 
 def _used(prec: Precision, x, dtype):
@@ -322,8 +330,9 @@ def _gather_bits(kept, comm: Comm):
 
 
 def _reads_bits(w, x, lora) -> bool:
-    """Whether a linear layer's GEMM takes its input's kept 16-bit bits: w stored in 2 bytes (a device's compute
-    copy, kernels/cuda/gemm16.py) and no LoRA (whose GEMMs read the float32 operand)."""
+    """Whether a linear layer's GEMMs take its input's kept 16-bit bits (forward's, and the weight gradient's): w
+    stored in 2 bytes (a device's compute copy, kernels/cuda/gemm16.py) and no LoRA (whose GEMMs read the float32
+    operand)."""
     return lora is None and stored_16_bit(w) and x.dtype == np.float32
 
 

@@ -144,8 +144,9 @@ def test_narrow_and_widen_equal_the_rounded_float32_bitwise(fmt):
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
 def test_16_bit_weight_gemm_and_refresh_equal_their_twins(fmt):
     """GPT.refresh_compute's kernel stores the bits the twin stores (bitwise), and cublasGemmEx on the 2-byte
-    operands (kernels/cuda/gemm16) equals the twin's float32 product of the widened values within gamma_K |a| |w|
-    (the same exact products summed in another order), for a weight and its transpose."""
+    operands (kernels/cuda/gemm16) equals the exact product of the values within gamma_K |a| |b| (exact products
+    summed in float32 in some order), plus one rounding where it adds to a float32 gradient: a weight, its
+    transpose, and a transposed kept input."""
     from hpc_llm.kernels.cuda import gemm16, twins
     from hpc_llm.model.precision import Precision
 
@@ -161,18 +162,34 @@ def test_16_bit_weight_gemm_and_refresh_equal_their_twins(fmt):
     assert np.array_equal(cupy.asnumpy(bits).view(np.uint16), want_bits.view(np.uint16))
     assert np.array_equal(cupy.asnumpy(wide), want_wide)
     M, K, N = 70, 300, 90
-    a = prec.operand(RNG.standard_normal((M, K)).astype(np.float32))
+    x_host = prec.operand(RNG.standard_normal((M, K)).astype(np.float32))
     w_bits = prec.keep(cupy.asarray(RNG.standard_normal((K, N)).astype(np.float32)))
+    x_bits = prec.keep(cupy.asarray(x_host))
     w_host = prec.use(w_bits, np.float32).get()
-    for w_dev, w in ((w_bits, w_host), (w_bits.T, w_host.T)):
-        got = cupy.asnumpy(
-            gemm16.matmul16(cupy.asarray(np.ascontiguousarray(a[:, : w.shape[0]])), w_dev, prec)
-        )
-        x = a[:, : w.shape[0]]
-        want = x.astype(np.float64) @ w.astype(np.float64)
-        k, u = w.shape[0], 2.0**-24
-        bound = k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
-        assert np.all(np.abs(got - want) <= bound)
+    start = RNG.standard_normal((K, N)).astype(np.float32)
+
+    def bound(a, b, got, want):
+        k, u = a.shape[1], 2.0**-24
+        err = k * u / (1 - k * u) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+        return np.all(np.abs(got - want) <= err + 2**-24 * np.abs(want))
+
+    # forward (x @ w), input gradient (x' @ w^T: a transposed weight), weight gradient added (x^T @ dy into dw)
+    dy = x_host[:, :N]
+    for a, b, a_dev, b_dev, acc in (
+        (x_host, w_host, cupy.asarray(x_host), w_bits, False),
+        (
+            x_host[:, :N],
+            w_host.T,
+            cupy.asarray(np.ascontiguousarray(x_host[:, :N])),
+            w_bits.T,
+            False,
+        ),
+        (x_host.T, dy, x_bits.T, cupy.asarray(np.ascontiguousarray(dy)), True),
+    ):
+        out = cupy.asarray(start) if acc else None
+        got = cupy.asnumpy(gemm16.matmul16(a_dev, b_dev, prec, out, acc))
+        want = a.astype(np.float64) @ b.astype(np.float64) + (start if acc else 0)
+        assert bound(a, b, got, want)
 
 
 @pytest.mark.timeout(60)
