@@ -28,6 +28,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.blas import cpu_flags, set_openblas_threads
+from hpc_llm.kernels.cuda import gemm16
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
 from hpc_llm.kernels.rounding import _to_bf16, to_low
 
@@ -89,7 +90,10 @@ def uses_onednn(a, b, prec) -> bool:
 
 
 def matmul(a, b, out=None, accumulate: bool = False, prec=None):
-    """out = a @ b, or out += a @ b (accumulate); a new array when out is None. Returns out."""
+    """out = a @ b, or out += a @ b (accumulate); a new array when out is None. Returns out. An operand held in 2
+    bytes (a device's: GPT.compute, a kept input): kernels/cuda/gemm16.py."""
+    if gemm16.stored_16_bit(a) or gemm16.stored_16_bit(b):
+        return gemm16.matmul16(a, b, prec, out, accumulate)
     if prec is not None and uses_onednn(a, b, prec):
         return bf16_matmul(a, b, out, accumulate)
     if out is None:

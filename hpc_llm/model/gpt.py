@@ -16,6 +16,7 @@ import numpy as np
 from hpc_llm.backend import releasable_zeros, release, to_device
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
+from hpc_llm.kernels.cuda import device
 from hpc_llm.model.chunk import Chunk
 from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.model.layers import NO_PARAM, Param
@@ -34,6 +35,23 @@ from hpc_llm.model.modules import Block, Embedding, Head
 from hpc_llm.model.precision import Precision
 from hpc_llm.model.shard_io import ShardIO
 from hpc_llm.parallel.comm import Comm
+
+
+def stored_16_bit(spec: ParamSpec) -> bool:
+    """The tensors a device's 2-byte compute copy serves as they are: the blocks' matrices (GEMM operands)."""
+    return spec.name.startswith("h.") and len(spec.local_shape) == 2
+
+
+def wide_runs(specs) -> list[tuple[int, int]]:
+    """The flat buffer's runs of the other tensors, which the device keeps in float32 too."""
+    return merge_ranges((s.offset, s.offset + s.size) for s in specs if not stored_16_bit(s))
+
+
+def compute_16_bit(xp, prec: Precision, dtype, releasable=frozenset()) -> bool:
+    """Whether the compute copy is stored in 2 bytes: on a device, in bf16/fp16, from float32 master weights, and
+    not under ZeRO-3 (whose gathers fill the compute copy by ranges of the flat layout)."""
+    on = device.on_device(xp) and prec.low is not None
+    return on and np.dtype(dtype) == np.float32 and "params" not in releasable
 
 
 class GPT:
@@ -119,16 +137,36 @@ class GPT:
         self.flat = zeros("params")
         self.grad_flat = zeros("grads")
         # what forward and backward compute with: the master weights themselves, or (bf16/fp16) a copy of them
-        # rounded to the format, refreshed by refresh_compute() whenever the master weights change
-        self.compute = self.flat if self.prec.low is None else zeros("params")
-        self.params = {
-            s.name: self.compute[s.offset : s.offset + s.size].reshape(s.local_shape)
-            for s in self.specs
-        }
+        # rounded to the format, refreshed by refresh_compute() whenever the master weights change. On a device it
+        # is stored in 2 bytes (device.storage_dtype), which the blocks' GEMMs read (kernels/cuda/gemm16.py); the
+        # tensors the fused kernels read in float32 (wide_runs: embeddings, biases, LayerNorm weights) are kept
+        # rounded in float32 beside it, packed in compute_wide
+        self.compute_wide, self.wide_runs = None, None
+        if self.prec.low is None:
+            self.compute = self.flat
+        elif compute_16_bit(xp, self.prec, self.dtype, self.releasable):
+            self.compute = xp.zeros(n, dtype=device.storage_dtype(xp, self.prec))
+            self.wide_runs = device.WideRuns(xp, wide_runs(self.specs))
+            self.compute_wide = xp.zeros(self.wide_runs.total, dtype=self.dtype)
+        else:
+            self.compute = zeros("params")
+        self.params = {s.name: self._compute_view(s) for s in self.specs}
         self.grads = {
             s.name: self.grad_flat[s.offset : s.offset + s.size].reshape(s.local_shape)
             for s in self.specs
         }
+
+    def _compute_view(self, s: ParamSpec):
+        """spec s's tensor in the compute copy: in the 2-byte buffer, or packed in compute_wide (wide_runs)."""
+        if self.wide_runs is None or stored_16_bit(s):
+            return self.compute[s.offset : s.offset + s.size].reshape(s.local_shape)
+        at = 0
+        for a, b in self.wide_runs.runs:
+            if a <= s.offset < b:
+                at += s.offset - a
+                return self.compute_wide[at : at + s.size].reshape(s.local_shape)
+            at += b - a
+        raise AssertionError(s.name)
 
     def _param(self, name: str) -> Param:
         return Param(self.params[name], self.grads[name])
@@ -213,7 +251,11 @@ class GPT:
     def refresh_compute(self) -> None:
         """The compute copy of the kept weights from the master weights (bf16/fp16: rounded to the format); nothing
         to do in fp32."""
-        if self.compute is not self.flat:
+        if self.wide_runs is not None:
+            device.refresh_compute(
+                self.xp, self.flat, self.compute, self.compute_wide, self.wide_runs, self.prec
+            )
+        elif self.compute is not self.flat:
             # in pieces on NumPy (no full-size temporaries); whole ranges on a device (a piece is 3 launches)
             piece = 1 << 20 if self.xp.__name__ == "numpy" else max(self.local_size, 1)
             for lo, hi in self.kept_ranges():

@@ -154,11 +154,15 @@ def linear_backward(dout, x, w, dw, db, accumulate: bool, prec: Precision = FP32
     return linear_backward_input(dout, w, prec)
 
 
-def linear_backward_weight(dout, x, dw, db, accumulate: bool, prec: Precision = FP32) -> None:
-    """W: dw = x^T dout (dw None: frozen, skipped), db = the sum of dout's rows (None: no bias)."""
+def linear_backward_weight(
+    dout, x, dw, db, accumulate: bool, prec: Precision = FP32, dout_bits=None
+) -> None:
+    """W: dw = x^T dout (dw None: frozen, skipped), db = the sum of dout's rows (None: no bias). dout_bits: dout
+    held in 2 bytes too (a device's), which the GEMM reads."""
     d2 = dout.reshape(-1, dout.shape[-1])
     if dw is not None:
-        matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate, prec)
+        b = d2 if dout_bits is None else dout_bits.reshape(d2.shape)
+        matmul_into(x.reshape(-1, x.shape[-1]).T, b, dw, accumulate, prec)
     if db is not None:
         _sum_rows_into(d2, db, accumulate)
 

@@ -25,6 +25,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cross_entropy import cross_entropy_backward_, exp_shifted_, normalize_rows_
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.cuda.gemm16 import stored_16_bit
 from hpc_llm.model.layers import (
     Param,
     WeightWork,
@@ -142,11 +143,19 @@ class ColumnParallelLinear:
         bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
         b = self.b.value if bias else None
         assert bias or self.lora is None, "the bias left out with LoRA"
+        # the compute dtype: x's (a device's weights may be stored in 2 bytes)
+        dtype = x.dtype
+        bits = _reads_bits(self.w.value, x, self.lora)
         if self.sequence_parallel:
             x = self.prec.keep(x)  # the slice
-            xu = _gather_kept(self.prec, x, self.comm, self.w.value.dtype)
+            if bits:  # the gathered bits are the GEMM's operand
+                return linear_forward(_gather_bits(x, self.comm), self.w.value, b, self.prec), x
+            xu = _gather_kept(self.prec, x, self.comm, dtype)
             return linear_forward(xu, self.w.value, b, self.prec), x
-        x, xu = self.prec.keep_use(copy_to_tp_region(x, self.comm), self.w.value.dtype)
+        if bits:  # the kept bits are the GEMM's operand
+            x = self.prec.keep(copy_to_tp_region(x, self.comm))
+            return linear_forward(x, self.w.value, b, self.prec), x
+        x, xu = self.prec.keep_use(copy_to_tp_region(x, self.comm), dtype)
         y = linear_forward(xu, self.w.value, b, self.prec)
         if self.lora is None:
             return y, x
@@ -163,13 +172,14 @@ class ColumnParallelLinear:
     def backward_input(self, dy, cache, work: WeightWork):
         """B: the input gradient; the weight gradients go to `work` (W: dy and the kept input; LoRA's dh too)."""
         x, h = cache if self.lora is not None else (cache, None)
-        dy = self.prec.operand(dy)
+        dy, dy_w = _operands(self.prec, dy, self.w.value)
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
-            work.add(self._weight, dy, x)
-        dx = linear_backward_input(dy, self.w.value, self.prec)
+            # dy's bits for the GEMM: at once only (deferred, W narrows dy itself: nothing more is kept)
+            work.add(self._weight, dy, x, None if work.deferred or dy_w is dy else dy_w)
+        dx = linear_backward_input(dy_w, self.w.value, self.prec)
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region_backward(dx, self.comm)
         dx = copy_to_tp_region_backward(dx, self.comm)
@@ -186,15 +196,20 @@ class ColumnParallelLinear:
             dx += linear_backward_input(dh, A.value, self.prec)
         return dx
 
-    def _weight(self, dy, x, accumulate: bool) -> None:
+    def _weight(self, dy, x, dy_bits, accumulate: bool) -> None:
         """W: dw and db from the output gradient and the kept input (the slice, gathered again under sequence
         parallelism; a frozen weight needs no input)."""
         if self.w.grad is not None:
+            bits = _reads_bits(self.w.value, dy, self.lora) and stored_16_bit(x)
             if self.sequence_parallel:  # the forward's gather again
-                x = _gather_kept(self.prec, x, self.comm, dy.dtype)
-            else:
+                x = (
+                    _gather_bits(x, self.comm)
+                    if bits
+                    else _gather_kept(self.prec, x, self.comm, dy.dtype)
+                )
+            elif not bits:
                 x = _used(self.prec, x, dy.dtype)
-        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate, self.prec)
+        linear_backward_weight(dy, x, self.w.grad, self.b.grad, accumulate, self.prec, dy_bits)
 
     def _lora_weight(self, dy, x, grad, accumulate: bool) -> None:
         linear_backward_weight(dy, _used(self.prec, x, dy.dtype), grad, None, accumulate, self.prec)
@@ -241,7 +256,10 @@ class RowParallelLinear:
         """-> (y, cache): the cache is the input (as an operand, in the precision's format), and LoRA's h.
         bias=False: y without the bias (the caller adds it, in a fused kernel after; no LoRA)."""
         assert bias or self.lora is None, "the bias left out with LoRA"
-        x, xu = self.prec.keep_use(x, self.w.value.dtype)
+        if _reads_bits(self.w.value, x, self.lora):  # the kept bits are the GEMM's operand
+            x = xu = self.prec.keep(x)
+        else:
+            x, xu = self.prec.keep_use(x, x.dtype)
         y = self.reduce(linear_forward(xu, self.w.value, None, self.prec), self.comm)
         if bias and self.b.value is not None:
             y += self.b.value
@@ -262,32 +280,34 @@ class RowParallelLinear:
         kept input; LoRA's dh too). dy must stay as it is until W has run (WeightWork.keep)."""
         x, h = cache if self.lora is not None else (cache, None)
         if self.sequence_parallel:
-            dy = _gathered_operand(self.prec, dy, self.comm)
+            dy, dy_w = _gathered_operand(self.prec, dy, self.comm, self.w.value)
         else:
-            dy = self.prec.operand(self.reduce_backward(dy, self.comm))
+            dy, dy_w = _operands(self.prec, self.reduce_backward(dy, self.comm), self.w.value)
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
         if self.w.grad is not None or self.b.grad is not None:
-            work.add(self._weight, dy, x, self.w.grad, self.b.grad)
-        dx = linear_backward_input(dy, self.w.value, self.prec)
+            bits = None if work.deferred or dy_w is dy else dy_w  # as ColumnParallelLinear's
+            work.add(self._weight, dy, x, self.w.grad, self.b.grad, bits)
+        dx = linear_backward_input(dy_w, self.w.value, self.prec)
         if self.lora is not None:
             A, B, s = self.lora
             dys = self.prec.operand(dy * s) if s != 1 else dy
             if B.grad is not None:
-                work.add(self._weight, dys, h, B.grad, None)
+                work.add(self._weight, dys, h, B.grad, None, None)
             dh = linear_backward_input(dys, B.value, self.prec)
             # h's g: the identity
             dh = self.prec.operand(reduce_from_tp_region_backward(dh, self.comm))
             if A.grad is not None:
-                work.add(self._weight, dh, x, A.grad, None)
+                work.add(self._weight, dh, x, A.grad, None, None)
             dx += linear_backward_input(dh, A.value, self.prec)
         return dx
 
-    def _weight(self, dy, x, dw, db, accumulate: bool) -> None:
+    def _weight(self, dy, x, dw, db, dy_bits, accumulate: bool) -> None:
         """W: a weight's (and bias's) gradient from an output gradient and a kept input."""
-        x = _used(self.prec, x, dy.dtype) if dw is not None else x
-        linear_backward_weight(dy, x, dw, db, accumulate, self.prec)
+        if dw is not None and not (_reads_bits(self.w.value, dy, self.lora) and stored_16_bit(x)):
+            x = _used(self.prec, x, dy.dtype)
+        linear_backward_weight(dy, x, dw, db, accumulate, self.prec, dy_bits)
 
 
 def _used(prec: Precision, x, dtype):
@@ -300,16 +320,38 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
     format the kept bits travel (2 bytes an element whatever parallel.act_comm, no wire conversions: the values are
     the format's already) and the whole is widened once; elsewhere the slice is widened, then gathered."""
     if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
-        bits = gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain)
-        return prec.use(bits.view(kept.dtype), dtype)
+        return prec.use(_gather_bits(kept, comm), dtype)
     return gather_from_sequence_parallel_region(_used(prec, kept, dtype), comm)
 
 
-def _gathered_operand(prec: Precision, dy, comm: Comm):
+def _gather_bits(kept, comm: Comm):
+    """A kept 16-bit slice gathered whole as its bits (the values are the format's: no wire conversions)."""
+    return gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain).view(kept.dtype)
+
+
+def _reads_bits(w, x, lora) -> bool:
+    """Whether a linear layer's GEMMs take its input's kept 16-bit bits (forward's, and the weight gradient's): w
+    stored in 2 bytes (a device's compute copy, kernels/cuda/gemm16.py) and no LoRA (whose GEMMs read the float32
+    operand)."""
+    return lora is None and stored_16_bit(w) and x.dtype == np.float32
+
+
+def _operands(prec: Precision, dy, w):
+    """An output gradient as a matmul operand (float32, the format's values) and as the input-gradient GEMM's
+    operand: for w stored in 2 bytes its bits, from the same launch (keep_use); else the operand again."""
+    if prec.low is not None and stored_16_bit(w) and dy.dtype == np.float32:
+        bits, dy = prec.keep_use(dy, dy.dtype)
+        return dy, bits
+    dy = prec.operand(dy)
+    return dy, dy
+
+
+def _gathered_operand(prec: Precision, dy, comm: Comm, w):
     """Sequence parallelism: a row-parallel layer's output gradient gathered whole (its mapping's backward), as a
-    matmul operand. On a device with a 16-bit format each slice is rounded first and its bits travel, the whole
-    widened once (_gather_kept): the values of gathering then rounding, as rounding is elementwise, unless a wire of
-    another format or fp16's scaled one would round before (those gather, then round)."""
+    matmul operand, and the input-gradient GEMM's (for w stored in 2 bytes: the gathered bits). On a device with a
+    16-bit format each slice is rounded first and its bits travel, the whole widened once (_gather_kept): the values
+    of gathering then rounding, as rounding is elementwise, unless a wire of another format or fp16's scaled one
+    would round before (those gather, then round)."""
     same = comm.wire is None or comm.wire == prec.name == "bf16"
     if (
         prec.low is not None
@@ -317,8 +359,11 @@ def _gathered_operand(prec: Precision, dy, comm: Comm):
         and device.on_device(array_module(dy))
         and dy.dtype == np.float32
     ):
-        return _gather_kept(prec, prec.keep(dy), comm, dy.dtype)
-    return prec.operand(reduce_scatter_to_sequence_parallel_region_backward(dy, comm))
+        bits = _gather_bits(prec.keep(dy), comm)
+        used = prec.use(bits, dy.dtype)
+        return used, bits if stored_16_bit(w) else used
+    used = prec.operand(reduce_scatter_to_sequence_parallel_region_backward(dy, comm))
+    return used, used
 
 
 def _add_scaled(y, z, s: float) -> None:

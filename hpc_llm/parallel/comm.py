@@ -325,25 +325,23 @@ class Comm:
         wire view the message is buf's values rounded to the format, as 16-bit words (compression.write16: n words
         and the scale), in a buffer of their own: buf may change at once. synchronous: MPI_Issend, completing only
         once the receive is matched (the tests' worst case of a send)."""
-        host = _host(buf)
-        if self.wire is not None:
-            host = wire16.message_words(self.wire, host)
+        host = wire16.message_words(self.wire, buf) if self.wire is not None else _host(buf)
         send = self.mpi.Issend if synchronous else self.mpi.Isend
         return Handle(self, f"{self.name}.{kind}", send(host, dest=dest, tag=tag), host.nbytes)
 
     def irecv(self, buf, source: int, tag: int, kind: str) -> Handle:
         """Start receiving into buf from rank `source`; buf holds the message after the handle's wait(). On a wire
         view the 16-bit words land in a buffer of their own, widened into buf by the wait()."""
-        host = _host(buf)
         if self.wire is not None:
-            words, fmt = wire16.message_buffer(host.size), self.wire
+            words, fmt = wire16.message_buffer(buf.size), self.wire
             return Handle(
                 self,
                 f"{self.name}.{kind}",
                 self.mpi.Irecv(words, source=source, tag=tag),
                 words.nbytes,
-                lambda: wire16.widen_message(fmt, words, buf, host),
+                lambda: wire16.widen_message(fmt, words, buf),
             )
+        host = _host(buf)
         finish = _copy_back(buf, host)
         return Handle(
             self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module, low_dtype, to_host
+from hpc_llm.kernels.cuda import device, wire
 from hpc_llm.parallel.compression import SCALE_WORDS, Reduce16, read16, scale_of, sum16, write16
 
 
@@ -94,11 +95,17 @@ def allgather_along(comm, x, axis: int):
 # -- a pipeline message: its words in a buffer of their own (Comm.isend / irecv) ---------------------------------------
 
 
-def message_words(fmt: str, host: np.ndarray) -> np.ndarray:
-    """The words a send carries: host's values rounded to `fmt` (n words) and their scale, in a new buffer (the
-    sender's activation may change at once)."""
+def message_words(fmt: str, buf) -> np.ndarray:
+    """The words a send carries: buf's values rounded to `fmt` (n words) and their scale, in a new host buffer (the
+    sender's activation may change at once). On a device they are made there (one kernel, kernels/cuda/wire.py) and
+    the words, not the float32 values, are staged to the host."""
+    xp = array_module(buf)
+    s = scale_of(fmt, buf)
+    if device.on_device(xp) and buf.dtype == np.float32:
+        return to_host(wire.narrow_message(xp, xp.ascontiguousarray(buf), fmt, s))
+    host = to_host(buf)
     words = message_buffer(host.size)
-    write16(words, 0, host.reshape(-1), low_dtype(fmt), scale_of(fmt, host))
+    write16(words, 0, host.reshape(-1), low_dtype(fmt), s)
     return words
 
 
@@ -107,11 +114,15 @@ def message_buffer(n: int) -> np.ndarray:
     return np.empty(n + SCALE_WORDS, dtype=np.uint16)
 
 
-def widen_message(fmt: str, words: np.ndarray, buf, host: np.ndarray) -> None:
-    """A received message's words widened into buf (host: buf's host view or copy, whose size the message has)."""
-    low = low_dtype(fmt)
-    if host is buf and buf.dtype == np.float32 and buf.flags.c_contiguous:
-        read16(words, 0, host.size, low, buf.reshape(-1))  # straight into buf
+def widen_message(fmt: str, words: np.ndarray, buf) -> None:
+    """A received message's words widened into buf: on a device the words go there and one kernel widens them
+    (kernels/cuda/wire.py); on the host straight into buf where its layout allows."""
+    xp = array_module(buf)
+    contiguous = buf.dtype == np.float32 and buf.flags.c_contiguous
+    if device.on_device(xp) and contiguous:
+        wire.widen_message(xp, xp.asarray(words), buf, fmt)
+    elif isinstance(buf, np.ndarray) and contiguous:
+        read16(words, 0, buf.size, low_dtype(fmt), buf.reshape(-1))  # straight into buf
     else:
-        vals = read16(words, 0, host.size, low).reshape(buf.shape)
-        buf[...] = array_module(buf).asarray(vals)
+        vals = read16(words, 0, buf.size, low_dtype(fmt)).reshape(buf.shape)
+        buf[...] = xp.asarray(vals)

@@ -5,6 +5,7 @@ allocates on top of the caches while it runs (memory.py walks the schedule with 
 from __future__ import annotations
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.kernels.attention import MAX_HEAD_DIM
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
 
 INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
@@ -25,6 +26,7 @@ def block_cache_elems(
     dropout: bool,
     sp: bool = False,
     recompute: str = "none",
+    fused: bool = False,
 ) -> dict:
     """Block.forward's cache (ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gt, c_mproj, m_mask), in elements.
 
@@ -32,11 +34,13 @@ def block_cache_elems(
     masks, and each column-parallel linear's input, which keeps only its slice and gathers it again in backward) are
     on this rank's 1/tp of the sequence; attention's and the MLP's hidden terms are already 1/tp (local heads, local
     hidden units). recompute "selective": the probabilities, the attention dropout masks and GELU's tanh are not
-    kept (backward recomputes the attention core from q, k, v and the tanh from the GELU input)."""
+    kept (backward recomputes the attention core from q, k, v and the tanh from the GELU input). fused (a device's
+    fused attention, layers.attention_forward, whatever the recompute): no probabilities or masks; its FlashCache
+    keeps the output y and each row's logsumexp."""
     n, nl, h = b * T * C, b * T * C // tp, H // tp
     r, rows = (nl, b * T // tp) if sp else (n, b * T)  # replicated terms: the slice with sp
     selective = recompute == "selective"
-    att = 0 if selective else b * h * attention_scores(T)
+    att = 0 if selective or fused else b * h * attention_scores(T)
     return {
         "ln_1 xhat": r,
         "ln_1 rstd": rows,
@@ -45,6 +49,8 @@ def block_cache_elems(
         "attention probabilities": att,
         "attention dropout masks": att if dropout else 0,
         "attention output (proj input)": nl,
+        "fused attention output y": nl if fused else 0,
+        "fused attention logsumexp": b * h * T if fused else 0,
         "attention branch dropout mask": r if dropout else 0,
         "ln_2 xhat": r,
         "ln_2 rstd": rows,
@@ -58,10 +64,13 @@ def block_cache_elems(
 
 def term_bytes(name: str, act: int, compute: int) -> int:
     """Bytes per element of a block_cache_elems term: the dropout masks one (bool), LayerNorm's rstd the compute
-    dtype, the rest the format's (Precision.keep)."""
+    dtype, the rest the format's (Precision.keep); the fused attention's y kept in the format is a second array, in
+    the compute dtype the projection's input itself."""
     if "mask" in name:
         return MASK_BYTES
-    return compute if name.endswith("rstd") else act
+    if name == "fused attention output y":
+        return act if act != compute else 0
+    return compute if name.endswith(("rstd", "logsumexp")) else act
 
 
 def block_cache_bytes(
@@ -75,11 +84,16 @@ def block_cache_bytes(
     compute: int,
     sp: bool = False,
     recompute: str = "none",
+    fused: bool = False,
 ) -> int:
-    return sum(
-        elems * term_bytes(name, act, compute)
-        for name, elems in block_cache_elems(b, T, C, H, tp, dropout, sp, recompute).items()
-    )
+    elems = block_cache_elems(b, T, C, H, tp, dropout, sp, recompute, fused)
+    return sum(n * term_bytes(name, act, compute) for name, n in elems.items())
+
+
+def fused_attention(cfg: ModelConfig, device: bool) -> bool:
+    """Whether a block's attention runs fused (layers.attention_forward on a device; device._attention_fusable's
+    head size test)."""
+    return device and cfg.n_embd // cfg.n_head <= MAX_HEAD_DIM
 
 
 def attention_recompute_bytes(b: int, T: int, H: int, tp: int, dropout: bool, compute: int) -> int:
@@ -105,10 +119,12 @@ def chunk_cache_bytes(
     recompute: str = "none",
     compute: int | None = None,
     sp: bool = False,
+    device: bool = False,
 ) -> int:
     """Bytes of one micro-batch's cache for a chunk (Chunk.forward's (emb_cache, caches, head_cache, rng)).
     recompute "block": each block keeps only a copy of its input (b, T, C), or its slice (b, T/tp, C) with sequence
-    parallelism, and the cache is rebuilt in backward; "selective": block_cache_elems. sp: the embedding's dropout
+    parallelism, and the cache is rebuilt in backward; "selective": block_cache_elems. device: the device
+    path's (its fused attention). sp: the embedding's dropout
     mask, ln_f and the logits' operand kept on the slice (the head gathers it again in backward)."""
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
     compute = act if compute is None else compute
@@ -120,7 +136,10 @@ def chunk_cache_bytes(
     if recompute == "block":
         total += n_blocks * b * T * C // s * compute
     else:
-        total += n_blocks * block_cache_bytes(b, T, C, H, tp, drop, act, compute, sp, recompute)
+        fused = fused_attention(cfg, device)
+        total += n_blocks * block_cache_bytes(
+            b, T, C, H, tp, drop, act, compute, sp, recompute, fused
+        )
     if head:
         N, Vl = b * T, cfg.padded_vocab // tp
         # (lnf = (xhat, rstd), xf2 = ln_f's output, ce = (probabilities, local targets, mask), shape)

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from hpc_llm.checkpoint.format import VERIFY_BLOCK_BYTES, deal
 from hpc_llm.checkpoint.slabs import MESSAGE_ELEMS
 from hpc_llm.config import Config, ModelConfig, stage_layers
+from hpc_llm.model.gpt import wide_runs
 from hpc_llm.model.layout import StagePlan, param_specs
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.parallel import schedule as sched
@@ -39,7 +40,8 @@ class Bytes:
     """Bytes per element of each kind of array. fp32/fp64 (train.precision = "fp32"): everything in model.dtype.
     bf16/fp16 (model/precision.py): the flat buffers, moments and the compute dtype stay float32; the activations
     kept for backward are stored in the 2-byte format (act = 2), and GPT.compute is a second parameter-sized float32
-    buffer holding the rounded weights (master = 4)."""
+    buffer holding the rounded weights (master = 4); on a device it is stored in 2 bytes (master = 2) with the tensors
+    the fused kernels read in float32 kept beside it (master_wide = 4: model/gpt.compute_16_bit)."""
 
     param: int = 4
     grad: int = 4
@@ -48,6 +50,10 @@ class Bytes:
     master: int = 0  # GPT.compute, the rounded copy of the weights (0: none, the weights are used as they are)
     # the compute dtype: LayerNorm's rstd, the probabilities, the streams (dropout masks: 1 byte, bool)
     compute: int = 4
+    # GPT.compute_wide: embeddings, biases, LayerNorm weights again (model/gpt.wide_runs)
+    master_wide: int = 0
+    # the arrays as the device path makes them (the fused attention's cache: activations.py)
+    device: bool = False
 
     @staticmethod
     def of(dtype_bytes: int) -> Bytes:
@@ -320,7 +326,7 @@ def rank_memory(
     # ZeRO-2 keeps only its pieces' gradients between uses, ZeRO-3 its pieces' parameters too
     kept = owned if sync.stage >= 3 else n
     params, grads = kept * by.param, (owned if sync.stage >= 2 else n) * by.grad
-    master = kept * by.master
+    master = kept * by.master + sum(b - a for a, b in wide_runs(specs)) * by.master_wide
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
     # saves never build a full tensor (checkpoint/writers.py, parts.py): a writing rank (world rank 0 with the

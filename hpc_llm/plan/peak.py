@@ -22,6 +22,7 @@ from hpc_llm.plan.activations import (
     block_forward_work,
     chunk_cache_bytes,
     chunk_weight_bytes,
+    fused_attention,
     head_backward_work,
 )
 
@@ -82,7 +83,9 @@ def _chunk_sizes(
         if weight:
             sizes[c] = chunk_weight_bytes(*shape, by.compute, lay.sequence_parallel)
         else:
-            sizes[c] = chunk_cache_bytes(*shape, lay.recompute, by.compute, lay.sequence_parallel)
+            sizes[c] = chunk_cache_bytes(
+                *shape, lay.recompute, by.compute, lay.sequence_parallel, by.device
+            )
     return sizes
 
 
@@ -286,4 +289,5 @@ def act_block(cfg: ModelConfig, lay: Layout, b: int, by: Bytes) -> int:
         by.act,
         by.compute,
         lay.sequence_parallel,
+        fused=fused_attention(cfg, by.device),
     )

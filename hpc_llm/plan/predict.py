@@ -12,7 +12,7 @@ checkpoint.interval. The slowest stage sets the step. The search over every layo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hpc_llm.checkpoint.trainer_state import auto_writer
 from hpc_llm.config import ModelConfig
@@ -52,6 +52,17 @@ PRECISIONS = {
 }
 # the 2-byte format each converts to (train.precision, and parallel.act_comm's 16-bit transfers)
 LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
+
+
+def bytes_of(precision: str, cl: Cluster, lay: Layout) -> Bytes:
+    """PRECISIONS' bytes as the code allocates them on cl: on a device (CuPy) the device path's caches, and the 16-bit
+    formats' compute copy stored in 2 bytes (float32 only under ZeRO-3: model/gpt.compute_16_bit)."""
+    by = PRECISIONS[precision][1]
+    if cl.backend != "cupy":
+        return by
+    if by.master == 4 and by.param == 4 and lay.zero < 3:
+        return replace(by, master=2, master_wide=4, device=True)
+    return replace(by, device=True)
 
 
 def precision_of(dtype: str) -> str:
@@ -119,7 +130,7 @@ def memory_of(
     return max_rank_memory(
         cfg,
         lay,
-        PRECISIONS[precision][1],
+        bytes_of(precision, cl, lay),
         pp_layers=pp_layers,
         runtime=int(cl.runtime_bytes),
         writer=writer,

@@ -138,3 +138,78 @@ def test_narrow_and_widen_equal_the_rounded_float32_bitwise(fmt):
     kept2, back2 = prec.keep_use(cupy.asarray(x), np.float32)  # narrow_round: both in one pass
     assert np.array_equal(cupy.asnumpy(kept2), cupy.asnumpy(kept))
     assert np.array_equal(cupy.asnumpy(back2).view(np.uint32), want)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_16_bit_weight_gemm_and_refresh_equal_their_twins(fmt):
+    """GPT.refresh_compute's kernel stores the bits the twin stores (bitwise), and cublasGemmEx on the 2-byte
+    operands (kernels/cuda/gemm16) equals the exact product of the values within gamma_K |a| |b| (exact products
+    summed in float32 in some order), plus one rounding where it adds to a float32 gradient: a weight, its
+    transpose, and a transposed kept input."""
+    from hpc_llm.kernels.cuda import gemm16, twins
+    from hpc_llm.model.precision import Precision
+
+    prec = Precision(fmt)
+    master = RNG.standard_normal(70_000).astype(np.float32)
+    runs = [(5, 1000), (60_000, 60_123)]
+    table = device.WideRuns(cupy, runs)
+    bits = cupy.empty(master.size, dtype=device.storage_dtype(cupy, prec))
+    wide = cupy.empty(table.total, dtype=np.float32)
+    device.refresh_compute(cupy, cupy.asarray(master), bits, wide, table, prec)
+    want_bits, want_wide = np.empty(master.size, prec.low), np.empty(table.total, np.float32)
+    twins.refresh_compute(master, want_bits, want_wide, runs, prec.low)
+    assert np.array_equal(cupy.asnumpy(bits).view(np.uint16), want_bits.view(np.uint16))
+    assert np.array_equal(cupy.asnumpy(wide), want_wide)
+    M, K, N = 70, 300, 90
+    x_host = prec.operand(RNG.standard_normal((M, K)).astype(np.float32))
+    w_bits = prec.keep(cupy.asarray(RNG.standard_normal((K, N)).astype(np.float32)))
+    x_bits = prec.keep(cupy.asarray(x_host))
+    w_host = prec.use(w_bits, np.float32).get()
+    start = RNG.standard_normal((K, N)).astype(np.float32)
+
+    def bound(a, b, got, want):
+        k, u = a.shape[1], 2.0**-24
+        err = k * u / (1 - k * u) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+        return np.all(np.abs(got - want) <= err + 2**-24 * np.abs(want))
+
+    # forward (x @ w), input gradient (x' @ w^T: a transposed weight), weight gradient added (x^T @ dy into dw)
+    dy = x_host[:, :N]
+    for a, b, a_dev, b_dev, acc in (
+        (x_host, w_host, cupy.asarray(x_host), w_bits, False),
+        (
+            x_host[:, :N],
+            w_host.T,
+            cupy.asarray(np.ascontiguousarray(x_host[:, :N])),
+            w_bits.T,
+            False,
+        ),
+        (x_host.T, dy, x_bits.T, cupy.asarray(np.ascontiguousarray(dy)), True),
+    ):
+        out = cupy.asarray(start) if acc else None
+        got = cupy.asnumpy(gemm16.matmul16(a_dev, b_dev, prec, out, acc))
+        want = a.astype(np.float64) @ b.astype(np.float64) + (start if acc else 0)
+        assert bound(a, b, got, want)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_wire_message_kernels_equal_write16_and_read16_bitwise(fmt):
+    """A pipeline message's words made on the device (wire_narrow, with fp16's scale) and widened there
+    (wire_widen) are bitwise compression.write16's and read16's."""
+    from hpc_llm.backend import low_dtype
+    from hpc_llm.kernels.cuda import wire
+    from hpc_llm.parallel.compression import read16, scale_of, write16
+
+    x = (RNG.standard_normal(5000) * np.exp(RNG.uniform(-12, 3, 5000))).astype(np.float32)
+    x[:4] = [np.nan, np.inf, -0.0, 1e-40]
+    s = scale_of(fmt, x[4:])
+    want = np.empty(x.size + 2, dtype=np.uint16)
+    write16(want, 0, x, low_dtype(fmt), s)
+    words = wire.narrow_message(cupy, cupy.asarray(x), fmt, s)
+    assert np.array_equal(cupy.asnumpy(words), want)
+    out = cupy.empty(x.size, dtype=np.float32)
+    wire.widen_message(cupy, cupy.asarray(want), out, fmt)
+    assert np.array_equal(
+        cupy.asnumpy(out).view(np.uint32), read16(want, 0, x.size, low_dtype(fmt)).view(np.uint32)
+    )

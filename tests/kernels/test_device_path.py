@@ -118,12 +118,13 @@ def test_fused_attention_is_priced_from_its_bytes_and_tile_products():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_device_block_equals_the_cpu_block_bitwise(precision, monkeypatch):
+@pytest.mark.parametrize("precision, deferred", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_device_block_equals_the_cpu_block_bitwise(precision, deferred, monkeypatch):
     """The device branches (the biases folded into GELU's and dropout+residual's kernels, the fused passes), run by
     the stand-in for CuPy with values computed (not counting), give the CPU path's output and gradients bit for bit;
     and the forward launches the two fused kernels. The fused attention is off here: its online softmax and Philox
-    masks differ from the CPU loop's by design (tests/kernels/test_attention.py holds it to its bound)."""
+    masks differ from the CPU loop's by design (tests/kernels/test_attention.py holds it to its bound). deferred:
+    the weight gradients run after the input gradients (a zero-bubble schedule's W)."""
     from hpc_llm.config import ModelConfig
     from hpc_llm.model import layers
     from hpc_llm.model.gpt import GPT
@@ -141,7 +142,7 @@ def test_device_block_equals_the_cpu_block_bitwise(precision, monkeypatch):
         block = model.chunks[0].blocks[0]
         x = mod.asarray(rng.standard_normal((2, 16, 32)).astype(np.float32))
         y, cache = block.forward(x, DropoutRNG(0, 0, 0, range(2), mod))
-        work = WeightWork(False)
+        work = WeightWork(None if deferred else False)
         dx = block.backward_input(mod.ones_like(y), cache, work, DropoutRNG(0, 0, 0, range(2), mod))
         work.run(False)
         got[mod] = [np.asarray(a).copy() for a in (y, dx, model.grad_flat)]
@@ -195,3 +196,83 @@ def test_16_bit_tp_transfers_count_their_conversions_whatever_the_size():
         n = a.launches["wire_narrow"]
         assert a.launches["wire_widen"] == n and 0 < n <= a.launches["tp_collective"]
         assert a.total == p.total + 2 * n
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_2_byte_compute_copy_trains_as_the_float32_copy_bitwise(fmt, monkeypatch):
+    """On a device GPT.compute is stored in 2 bytes (the blocks' matrices, which kernels/cuda/gemm16 multiplies; the
+    other tensors rounded in float32 beside it): refresh_compute writes the bits the CPU's rounding gives (one launch),
+    a whole model's loss and gradients equal the float32 compute copy's bit for bit (the same values; the twin widens
+    them), and the planner counts exactly the bytes the model allocates for it."""
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model import layers
+    from hpc_llm.model.gpt import GPT, stored_16_bit
+    from hpc_llm.model.precision import Precision
+    from hpc_llm.plan.memory import Layout, rank_memory
+    from hpc_llm.plan.predict import bytes_of
+
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")
+    monkeypatch.setattr(layers, "FUSED_ATTENTION", False)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    rng = np.random.default_rng(1)
+    idx, tgt = (rng.integers(0, 64, (2, 16)) for _ in range(2))
+    ref = GPT(cfg, np, seed=None)
+    master = rng.standard_normal(ref.local_size).astype(np.float32) * 0.1
+    at = ref.spec["h.0.attn.c_attn.weight"].offset
+    master[at : at + 3] = [1 + 2**-8, 1 + 3 * 2**-8, 1e-40]  # ties, a subnormal
+    got = {}
+    for mod in (np, xp):
+        model = GPT(cfg, mod, seed=None, precision=fmt)
+        model.flat[...] = mod.asarray(master)
+        with counting() as ledger:
+            model.refresh_compute()
+        loss = model.forward(mod.asarray(idx), mod.asarray(tgt), keep_cache=True)
+        model.backward()
+        got[mod] = loss, np.asarray(model.grad_flat).copy(), model
+    (loss, grads, cpu), (dev_loss, dev_grads, dev) = got[np], got[xp]
+    assert ledger.total == 1 and dev.compute.itemsize == 2
+    assert loss == dev_loss and np.array_equal(grads, dev_grads)
+    low = Precision(fmt).low
+    for s in dev.specs:
+        want = cpu.params[s.name]
+        value = np.asarray(dev.params[s.name])
+        if stored_16_bit(s):
+            assert value.dtype == low and np.array_equal(value, want.astype(low)), s.name
+        else:
+            assert np.array_equal(value.view(np.uint32), want.view(np.uint32)), s.name
+    device = type("Device", (), {"backend": "cupy"})()
+    mem = rank_memory(cfg, Layout(), 0, bytes_of(fmt, device, Layout()))
+    assert mem.master == dev.compute.nbytes + dev.compute_wide.nbytes < 4 * dev.local_size
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "precision, recompute", [("fp32", "none"), ("bf16", "none"), ("bf16", "selective")]
+)
+def test_planned_device_activations_equal_what_the_device_path_keeps(precision, recompute):
+    """plan/activations.py's cache bytes for a device (fused attention: y and the logsumexp kept, no probabilities
+    or masks; 16-bit kept activations) are the bytes of the arrays a chunk's forward on the stand-in keeps, and
+    less than the host path's where the probabilities would be kept."""
+    from helpers import cache_bytes
+
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model.gpt import GPT
+    from hpc_llm.model.layers import DropoutRNG
+    from hpc_llm.plan.activations import chunk_cache_bytes
+    from hpc_llm.plan.predict import PRECISIONS
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64, dropout=0.1)
+    b = 2
+    model = GPT(cfg, xp, seed=0, recompute=recompute, precision=precision)
+    tokens = np.random.default_rng(0).integers(0, 64, (b, 64))
+    _, cache = model.chunks[0].forward(
+        xp.asarray(tokens), xp.asarray(tokens), DropoutRNG(0, 0, 0, range(b), xp)
+    )
+    by = PRECISIONS[precision][1]
+    planned = [
+        chunk_cache_bytes(cfg, 1, b, 2, True, True, by.act, recompute, by.compute, device=d)
+        for d in (True, False)
+    ]
+    assert cache_bytes(cache) == planned[0]
+    assert planned[0] < planned[1] if recompute == "none" else planned[0] > planned[1]

@@ -45,3 +45,47 @@ def test_device_sequence_parallel_block_equals_the_cpu_block_bitwise(monkeypatch
             if not np.array_equal(a, b):
                 bad.append(f"act_comm {act}: {what} differ by {np.abs(a - b).max()}")
     check(not bad, "\n".join(bad))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parallel(nprocs=2)
+def test_device_stage_transfers_cast_on_the_device_as_the_host_path():
+    """A pp2 pipeline's messages on the 16-bit wire (parallel.act_comm) with device arrays (the stand-in): the
+    sender's cast is one kernel (wire_narrow) and the receiver's widening one (wire_widen), and the activation
+    forward and the gradient back arrive bitwise as the host path's (bf16; fp16 with its scale, on values of wide
+    magnitudes)."""
+    from hpc_llm.kernels.cuda.launches import counting
+    from hpc_llm.parallel.comm import Comm
+    from hpc_llm.parallel.pipeline_comm import PipelineComm
+
+    plain = Comm(MPI.COMM_WORLD, name="pp")
+    r = plain.rank
+    rng = np.random.default_rng(7)
+    shape = (2, 8, 12)
+    act = (rng.standard_normal(shape) * np.exp(rng.uniform(-12, 3, shape))).astype(np.float32)
+    grad = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+    bad = []
+    for fmt in ("bf16", "fp16"):
+        got = {}
+        for mod in (np, xp):
+            pipe = PipelineComm(plain.with_wire(fmt), n_virtual=2)
+            buf = mod.zeros(shape, dtype=np.float32)
+            with counting() as ledger:
+                if r == 0:
+                    pipe.send_forward(mod.asarray(act), 0, 0)
+                    pipe.recv_backward(buf, 0, 0).wait()
+                else:
+                    pipe.recv_forward(buf, 0, 1).wait()
+                    pipe.send_backward(mod.asarray(grad), 0, 1)
+                pipe.wait_sends()
+            got[mod] = np.asarray(buf).copy()
+            if mod is xp and (ledger.launches["wire_narrow"], ledger.launches["wire_widen"]) != (
+                1,
+                1,
+            ):
+                bad.append(f"rank {r} {fmt}: casts {dict(ledger.launches)}")
+        if not np.array_equal(got[np].view(np.uint32), got[xp].view(np.uint32)):
+            bad.append(f"rank {r} {fmt}: the device message differs from the host path's")
+        if np.array_equal(got[np], act if r else grad):
+            bad.append(f"rank {r} {fmt}: nothing was rounded (the test would not see a cast)")
+    check(not bad, "\n".join(bad))

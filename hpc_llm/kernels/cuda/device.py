@@ -489,3 +489,34 @@ def narrow_round(xp, x, prec, twin):
         return bits, out
 
     return _run(xp, "narrow_round", 5 * x.size * 2, twin, (x,), launch)
+
+
+class WideRuns:
+    """The runs [a, b) of the flat buffer refresh_compute also keeps in float32 (packed in that order), and on CuPy
+    their starts and packed ends on the device once."""
+
+    def __init__(self, xp, runs):
+        self.runs = list(runs)
+        self.total = sum(b - a for a, b in self.runs)
+        self.cols = None
+        if xp.__name__ == "cupy" and self.runs:
+            ends = np.cumsum([b - a for a, b in self.runs], dtype=np.int64)
+            self.cols = (
+                xp.asarray(np.array([a for a, _ in self.runs], dtype=np.int64)),
+                xp.asarray(ends),
+            )
+
+
+def refresh_compute(xp, master, bits, wide, runs: WideRuns, prec) -> None:
+    """GPT.refresh_compute of a 2-byte compute copy: master (float32) stored in the format into bits, and runs of
+    it as rounded float32 into wide, in one launch (round.cu)."""
+    nbytes = master.nbytes + bits.nbytes + 2 * runs.total * master.itemsize
+    if xp.__name__ != "cupy":
+        with launches.record_kernel("refresh_compute", nbytes):
+            twins.refresh_compute(master, bits, wide, runs.runs, prec.low)
+        return
+    starts, ends = runs.cols if runs.cols is not None else (NULL, NULL)
+    fn = module("round").get_function("refresh_compute")
+    mode = np.int32(ROUNDING[prec.name])
+    args = (master, bits, np.int64(master.size), wide, starts, ends, np.int32(len(runs.runs)))
+    fn(_grid(master.size), (THREADS,), (*args, np.int64(runs.total), mode))

@@ -22,3 +22,15 @@ def sumsq(g, ranges) -> float:
     import numpy as np
 
     return float(sum(float(np.dot(x, x)) for x in (g[a:b].astype(np.float64) for a, b in ranges)))
+
+
+def refresh_compute(master, bits, wide, runs, low) -> None:
+    """round.cu's refresh_compute: master stored in the format into bits, and the runs [a, b) of it packed into
+    wide as the widened bits (the rounded float32 values)."""
+    from hpc_llm.kernels.rounding import from_low, to_low
+
+    bits[...] = to_low(master, low)
+    at = 0
+    for a, b in runs:
+        wide[at : at + b - a] = from_low(bits[a:b], wide.dtype)
+        at += b - a
