@@ -85,8 +85,8 @@ class Layout:
     sequence_parallel: bool = False  # parallel.sequence_parallel (tp > 1)
     # parallel.act_comm: "fp32" (the compute dtype) or 16-bit pipeline and TP transfers
     act_comm: str = "fp32"
-    # sends in flight per neighbour and direction: None the code's (schedule_timing.send_depth), 0 every send held until the
-    # step's end (the code before bounded sends), k > 0 at most k
+    # sends in flight per neighbour and direction: None the code's (schedule_timing.send_depth), 0 every send held
+    # until the step's end (the code before bounded sends), k > 0 at most k
     send_depth: int | None = None
     reshard_after_forward: bool = True  # ZeRO-3: a unit's forward gather freed after its forward
     grad_comm: str = (
