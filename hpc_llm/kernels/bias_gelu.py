@@ -15,7 +15,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 GELU_C = math.sqrt(2.0 / math.pi)
 # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
@@ -129,9 +129,9 @@ def gelu_backward(dout, x, t):
     return gelu_backward_numpy(dout, x, t)
 
 
-@kernel(auto=True)
+@kernel(auto=True, pool=True)
 def _gelu_backward(dout, x, t, d3, d, one, half):
-    for i in range(x.size):
+    for i in prange(x.size):
         xs, ts = x[i], t[i]
         inner = (xs * xs * d3 + d) * xs * (one - ts * ts)
         dout[i] *= ts * half + half + inner
