@@ -80,7 +80,7 @@ def cross_entropy_backward_(probs, local, mine, scale: float):
     return probs
 
 
-@kernel(pool=True)
+@kernel(auto="pool", pool=True)
 def _cross_entropy_backward(probs, local, mine, scale):
     N, V = probs.shape
     for r in prange(N):

@@ -56,13 +56,13 @@ def compiled(k: lazy_jit, x, *more) -> bool:
 
 
 def _auto(k: lazy_jit) -> bool:
-    """Whether kernel k runs under "auto": measured faster than its twin on one thread, or (k.pool) its parallel
-    variant with the shared pool on."""
-    if k.auto:
-        return True
+    """Whether kernel k runs under "auto": k.auto True (measured faster than its twin on one thread), or "pool"
+    (its parallel variant measured faster than the twin, with the shared pool on)."""
+    if k.auto != "pool":
+        return bool(k.auto)
     from hpc_llm.kernels.pool import pool_threads
 
-    return k.pool and pool_threads() > 0
+    return pool_threads() > 0
 
 
 class lazy_jit:
@@ -74,7 +74,7 @@ class lazy_jit:
     iterations (independent rows or elements, no sums across them) split over the pool's threads, each computed as
     the serial one computes it."""
 
-    def __init__(self, fn, auto: bool, pool: bool = False, **options):
+    def __init__(self, fn, auto: bool | str, pool: bool = False, **options):
         self.fn, self.auto, self.pool, self.options = fn, auto, pool, options
         self.jitted = self.parallel = None
 
@@ -116,11 +116,11 @@ class lazy_jit:
         return self.parallel
 
 
-def kernel(auto: bool = False, pool: bool = False, **options):
-    """Decorator: `@kernel(auto=True)` makes a lazy_jit of the function; auto: run under
-    HPC_LLM_KERNELS=auto (measured faster than the twin); pool: its outer loop is `prange`, split over the shared
-    pool's threads when that is on (and then run under "auto"). fastmath stays off: IEEE arithmetic, the bound each
-    test states."""
+def kernel(auto: bool | str = False, pool: bool = False, **options):
+    """Decorator: `@kernel(auto=True)` makes a lazy_jit of the function; auto: run under HPC_LLM_KERNELS=auto
+    (measured faster than the twin), "pool": only with the shared pool on (its parallel variant measured faster);
+    pool: its outer loop is `prange`, split over the shared pool's threads when that is on. fastmath stays off:
+    IEEE arithmetic, the bound each test states."""
     return lambda fn: lazy_jit(fn, auto, pool, **options)
 
 

@@ -51,7 +51,7 @@ def layernorm_forward_numpy(x, w, b):
     return out, (xhat, rstd)
 
 
-@kernel(pool=True)
+@kernel(auto="pool", pool=True)
 def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
     N, C = x.shape
     for r in prange(N):

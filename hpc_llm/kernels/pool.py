@@ -15,7 +15,6 @@ thread), or "off". HPC_LLM_KERNELS=numpy turns it off too (the twins everywhere)
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 from hpc_llm.errors import UserError
@@ -32,13 +31,14 @@ def pool_choice() -> str:
 
 
 def omp_threads() -> int:
-    """OpenMP's thread count for a parallel region (omp_get_max_threads); 1 where libgomp does not load."""
-    try:
-        fn = ctypes.CDLL("libgomp.so.1").omp_get_max_threads
-    except (OSError, AttributeError):
-        return 1
-    fn.restype = ctypes.c_int
-    return int(fn())
+    """OpenMP's thread count for a parallel region as GNU OpenMP reads it at load: OMP_NUM_THREADS's first entry,
+    else the CPUs this process may run on."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if first.isdigit() and int(first) > 0:
+        return int(first)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
 def _omp_layer(n: int) -> bool:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 from bench_gemm import MODELS, model_shapes
@@ -77,6 +78,8 @@ def gemm_rows(shapes, repeats):
             blas.set_openblas_threads(nthreads)
             t["openblas"].append(median_time(lambda: np.matmul(a, b, out=out), repeats))
             blas.set_openblas_threads(1)
+            # OpenBLAS's idle threads spin for 2^28 cycles after a call: let them sleep before oneDNN's run
+            time.sleep(0.3)
             t["onednn"].append(median_time(lambda: gemm.sgemm_matmul(a, b, out), repeats))
         row = {"shape": name, "M": M, "K": K, "N": N, "batch": list(batch)}
         for k, v in t.items():
@@ -142,6 +145,42 @@ def chain_rows(model, repeats, serial, parallel):
     return {k: round(1e3 * float(np.median(v)), 2) for k, v in t.items()}
 
 
+def kernel_rows(model, repeats):
+    """Each pool kernel under HPC_LLM_KERNELS=auto (its parallel variant, the pool on) against its NumPy twin, on
+    one block's tensors of the model, A B A B in one process."""
+    from hpc_llm.kernels import bias_gelu, cross_entropy, dropout_residual, layernorm, softmax
+
+    _, C, H, T, B, V = MODELS[model]
+    rng, M, q = np.random.default_rng(2), B * T, min(T, 128)
+    x = rng.standard_normal((M, C), np.float32)
+    w, h = np.ones(C, np.float32), rng.standard_normal((M, 4 * C), np.float32)
+    cache = layernorm.layernorm_forward(x, w, w)[1]
+    att = rng.standard_normal((B * H, q, T), np.float32)
+    p = softmax.causal_softmax_(att.copy())
+    probs, local = rng.random((M, V), np.float32), rng.integers(0, V, M)
+    mine, keep = local >= 0, rng.random(x.shape) >= 0.1
+    calls = {
+        "layernorm fwd": lambda: layernorm.layernorm_forward(x, w, w),
+        "layernorm bwd": lambda: layernorm.layernorm_backward_input(x, cache, w),
+        "gelu bwd": lambda: bias_gelu.gelu_backward(h.copy(), h, np.tanh(h)),
+        "dropout+residual": lambda: dropout_residual.dropout_residual_(x.copy(), x, keep, 1.1),
+        "causal softmax": lambda: softmax.causal_softmax_(att.copy()),
+        "softmax bwd": lambda: softmax.softmax_backward_(att.copy(), p),
+        "ce normalise": lambda: cross_entropy.normalize_rows_(probs.copy(), probs[:, 0]),
+        "ce bwd": lambda: cross_entropy.cross_entropy_backward_(probs.copy(), local, mine, 0.5),
+    }
+    rows = {}
+    for name, fn in calls.items():
+        t = {"auto": [], "numpy": []}
+        for _ in range(2):
+            for mode in t:
+                os.environ["HPC_LLM_KERNELS"] = mode
+                t[mode].append(median_time(fn, repeats, warmup=2))
+        rows[name] = {k: round(1e6 * float(np.median(v))) for k, v in t.items()}
+    os.environ["HPC_LLM_KERNELS"] = "auto"
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="small")
@@ -152,6 +191,7 @@ def main() -> None:
     if a.child:
         serial, parallel = ln_kernels()
         res = {"chain_ms": chain_rows(a.model, a.repeats, serial, parallel)}
+        res["kernels_us"] = kernel_rows(a.model, a.repeats)
         res["gemm_gflops"] = gemm_rows(model_shapes(a.model), a.repeats)
         print(json.dumps(res))
         return
@@ -174,6 +214,7 @@ def main() -> None:
         ]
         res = json.loads(subprocess.run(argv, env=env, check=True, capture_output=True).stdout)
         print(json.dumps({"model": a.model, "threads": n, **res["chain_ms"]}))
+        print(json.dumps({"threads": n, "kernels: auto (pool) / numpy us": res["kernels_us"]}))
         for row in res["gemm_gflops"]:
             print(json.dumps({"threads": n, **row}))
 

@@ -9,6 +9,7 @@ import pytest
 from hpc_llm.kernels import (
     bias_gelu,
     cross_entropy,
+    dispatch,
     dropout_residual,
     gemm,
     layernorm,
@@ -116,8 +117,9 @@ def test_sgemm_batched_into_a_strided_view():
 
 
 def test_pool_choice_and_matmul_dispatch(monkeypatch):
-    """A bad HPC_LLM_POOL is one line; "off" and HPC_LLM_KERNELS=numpy keep the pool off; with it on, float32
-    products of POOL_MIN_MACS or more go to oneDNN, smaller ones stay on BLAS, bitwise."""
+    """A bad HPC_LLM_POOL is one line; "off" and HPC_LLM_KERNELS=numpy keep the pool off; which kernels "auto"
+    runs with it on; with it on, float32 products of POOL_MIN_MACS or more go to oneDNN, smaller ones stay on BLAS,
+    bitwise."""
     monkeypatch.setenv("HPC_LLM_POOL", "threads")
     with pytest.raises(
         Exception, match="HPC_LLM_POOL: expected one of auto, on, off, got 'threads'"
@@ -129,9 +131,15 @@ def test_pool_choice_and_matmul_dispatch(monkeypatch):
         monkeypatch.setattr(pool, "_state", {})
         assert pool.pool_threads() == 0
         monkeypatch.delenv("HPC_LLM_KERNELS", raising=False)
+    # under "auto": a kernel measured faster in parallel runs only with the pool on; softmax's never
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
+    large = np.ones(dispatch.AUTO_MIN_ELEMENTS, np.float32)
+    for threads in (0, 2):
+        monkeypatch.setattr(pool, "_state", {"threads": threads})
+        assert dispatch.compiled(layernorm._layernorm_forward, large) == (threads > 0)
+        assert not dispatch.compiled(softmax._causal_softmax, large)
     calls = []
     monkeypatch.setattr(gemm, "sgemm_matmul", lambda *args: calls.append(1))
-    monkeypatch.setattr(pool, "_state", {"threads": 2})
     rng = np.random.default_rng(3)
     big = values(rng, (128, 128), False), values(rng, (128, 64), False)
     gemm.matmul(*big)
