@@ -15,6 +15,10 @@ and the product has at least MIN_MACS multiply-adds per matrix and MIN_SIDE rows
 matmul, as before.
 
 oneDNN takes its threads from OpenMP (OMP_NUM_THREADS); NumPy's OpenBLAS from OPENBLAS_NUM_THREADS.
+
+float32 products: with the shared thread pool on (kernels/pool.py: several OpenMP threads, HPC_LLM_POOL), those of
+POOL_MIN_MACS or more per matrix run on oneDNN's `dnnl_sgemm` (`sgemm_matmul`), whose threads are the pool's; the
+summation order inside a GEMM differs from OpenBLAS's, each entry within gamma_K of |a| |b| as any float32 GEMM's.
 """
 
 from __future__ import annotations
