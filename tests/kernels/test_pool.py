@@ -71,6 +71,18 @@ def test_parallel_kernels_bitwise_serial(pool_on):
     assert layernorm._layernorm_forward.parallel is not None, "the parallel variants ran"
 
 
+def test_gelu_forward_split_bitwise(pool_on, monkeypatch):
+    """GELU's forward twin split over the pool's threads (cut-over 0, an odd size): the one-thread bits."""
+    monkeypatch.setattr(pool, "SPLIT_MIN_ELEMENTS", 0)
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")  # the twin: the compiled forward is not in auto
+    calls, real = [], pool.run_split
+    monkeypatch.setattr(pool, "run_split", lambda *args: calls.append(1) or real(*args))
+    x = (np.random.default_rng(5).standard_normal((37, 96)) * 3).astype(np.float32)
+    (out, t), (ref, ref_t) = pool_on(bias_gelu.gelu_forward, x)
+    assert np.array_equal(out, ref) and np.array_equal(t, ref_t)
+    assert calls == [1], "split with the pool on only"
+
+
 def assert_within_gamma(got, a, b, c0=None):
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     exact, mag, K = a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[-1]
