@@ -43,8 +43,8 @@ MIN_MACS = 1 << 22
 # elements, would cost more than the M N K products save
 MIN_SIDE = 64
 # with the shared pool on, a float32 product of fewer multiply-adds per matrix than this stays on OpenBLAS's one
-# thread: shakespeare-char's per-head products (2^17-2^18, 48 a step) ran at 70-84 GFLOP/s as oneDNN calls against
-# 120-230 on OpenBLAS's batched loop; 6x384's (2^21) at 280-340 against 250-290 (scripts/bench/bench_pool.py)
+# thread: shakespeare-char's per-head products (2^17-2^18, 48 a step) ran at 69-88 GFLOP/s as oneDNN calls against
+# 123-235 on OpenBLAS's batched loop; 6x384's (2^21) at 278-336 against 252-297 (scripts/bench/bench_pool.py)
 POOL_MIN_MACS = 1 << 20
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _state: dict = {}
