@@ -14,8 +14,9 @@ import math
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels import pool
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 GELU_C = math.sqrt(2.0 / math.pi)
 # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
@@ -51,6 +52,15 @@ def bias_gelu_forward(x, b=None):
         return out, t
     if b is not None:
         x += b
+    if (
+        type(x) is np.ndarray
+        and _flat(x)
+        and x.size >= pool.SPLIT_MIN_ELEMENTS
+        and pool.pool_threads() > 1
+    ):
+        out, t = np.empty_like(x), np.empty_like(x)
+        pool.run_split(lambda a, b: _gelu_range(np, x, out, t, a, b), x.size)
+        return out, t
     return gelu_forward_numpy(x)
 
 
@@ -73,14 +83,20 @@ def bias_gelu_forward_numpy(x, b):
 def gelu_forward_numpy(x):
     xp = array_module(x)
     out, t = xp.empty_like(x), xp.empty_like(x)
+    _gelu_range(xp, x, out, t, 0, x.size)
+    return out, t
+
+
+def _gelu_range(xp, x, out, t, start: int, stop: int) -> None:
+    """The twin's passes over the flat elements [start, stop), chunk by chunk (elementwise: any split of the range
+    gives the same bits)."""
     xf, of, tf = x.reshape(-1), out.reshape(-1), t.reshape(-1)
-    for a, b in _chunks(x):
+    for a, b in _chunks(x, start, stop):
         xs, ts, os = xf[a:b], tf[a:b], of[a:b]
         _gelu_tanh(xp, xs, ts)
         xp.add(ts, 1.0, out=os)
         os *= xs
         os *= 0.5
-    return out, t
 
 
 @kernel()
@@ -129,9 +145,9 @@ def gelu_backward(dout, x, t):
     return gelu_backward_numpy(dout, x, t)
 
 
-@kernel(auto=True)
+@kernel(auto=True, pool=True)
 def _gelu_backward(dout, x, t, d3, d, one, half):
-    for i in range(x.size):
+    for i in prange(x.size):
         xs, ts = x[i], t[i]
         inner = (xs * xs * d3 + d) * xs * (one - ts * ts)
         dout[i] *= ts * half + half + inner
@@ -158,12 +174,12 @@ def gelu_backward_numpy(dout, x, t):
     return dout
 
 
-def _chunks(x):
-    """Flat [a, b) ranges for running a chain of elementwise passes chunk by chunk (NumPy: each pass then reads L2,
-    not memory); one range for a GPU array."""
-    n = x.size
-    step = ELEMENTWISE_CHUNK if array_module(x).__name__ == "numpy" else max(n, 1)
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
+def _chunks(x, start: int = 0, stop: int | None = None):
+    """Flat [a, b) ranges of [start, stop) (default: all of x) for running a chain of elementwise passes chunk by
+    chunk (NumPy: each pass then reads L2, not memory); one range for a GPU array."""
+    n = x.size if stop is None else stop
+    step = ELEMENTWISE_CHUNK if array_module(x).__name__ == "numpy" else max(n - start, 1)
+    return [(a, min(a + step, n)) for a in range(start, n, step)]
 
 
 def _gelu_tanh(xp, xs, ts) -> None:

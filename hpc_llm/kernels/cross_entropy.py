@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 
 def exp_shifted_(logits, row_max, local, mine):
@@ -59,10 +59,10 @@ def normalize_rows_(probs, s):
     return probs
 
 
-@kernel(auto=True)
+@kernel(auto=True, pool=True)
 def _scale_rows(x, s):
     N, V = x.shape
-    for r in range(N):
+    for r in prange(N):
         f = s[r]
         for j in range(V):
             x[r, j] *= f
@@ -80,10 +80,10 @@ def cross_entropy_backward_(probs, local, mine, scale: float):
     return probs
 
 
-@kernel()
+@kernel(auto="pool", pool=True)
 def _cross_entropy_backward(probs, local, mine, scale):
     N, V = probs.shape
-    for r in range(N):
+    for r in prange(N):
         if mine[r]:
             probs[r, local[r]] -= 1.0
         for j in range(V):

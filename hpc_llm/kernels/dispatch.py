@@ -11,6 +11,7 @@ machine (`cache=True`: later processes load the machine code from `__pycache__`)
 from __future__ import annotations
 
 import os
+import types
 
 import numpy as np
 
@@ -47,21 +48,42 @@ def compiled(k: lazy_jit, x, *more) -> bool:
     need). "numba": whenever numba is there and every array is a NumPy one; "auto": also only for a kernel measured
     faster than its twin (k.auto, docs/performance.md) and an x of AUTO_MIN_ELEMENTS or more; "numpy": never."""
     choice = kernels_choice()
-    if choice == "numpy" or (choice == "auto" and (not k.auto or x.size < AUTO_MIN_ELEMENTS)):
+    if choice == "numpy" or (choice == "auto" and (not _auto(k) or x.size < AUTO_MIN_ELEMENTS)):
         return False
     if not numba_available():
         return False
     return type(x) is np.ndarray and all(type(a) is np.ndarray for a in more if a is not None)
 
 
+def _auto(k: lazy_jit) -> bool:
+    """Whether kernel k runs under "auto": k.auto True (measured faster than its twin on one thread), or "pool"
+    (its parallel variant measured faster than the twin, with the shared pool on)."""
+    if k.auto != "pool":
+        return bool(k.auto)
+    from hpc_llm.kernels.pool import pool_threads
+
+    return pool_threads() > 0
+
+
 class lazy_jit:
     """A module-level function compiled by numba on its first call (with `cache=True` and the given options): the
-    source sits beside its NumPy twin, and importing the module imports no numba."""
+    source sits beside its NumPy twin, and importing the module imports no numba.
 
-    def __init__(self, fn, auto: bool, **options):
-        self.fn, self.auto, self.options, self.jitted = fn, auto, options, None
+    A pool kernel's outer loop is `prange` (this module's name for `range`): with the shared thread pool on
+    (kernels/pool.py) it runs a second compilation of the same source in which that loop is numba's `prange`, its
+    iterations (independent rows or elements, no sums across them) split over the pool's threads, each computed as
+    the serial one computes it."""
+
+    def __init__(self, fn, auto: bool | str, pool: bool = False, **options):
+        self.fn, self.auto, self.pool, self.options = fn, auto, pool, options
+        self.jitted = self.parallel = None
 
     def __call__(self, *args):
+        if self.pool:
+            from hpc_llm.kernels.pool import pool_threads
+
+            if pool_threads() > 0:
+                return self.compile_parallel()(*args)
         return self.compile()(*args)
 
     def compile(self):
@@ -77,9 +99,30 @@ class lazy_jit:
             self.jitted = numba.njit(cache=True, **self.options)(self.fn)
         return self.jitted
 
+    def compile_parallel(self):
+        """The parallel variant: the source compiled with `prange` bound to numba's (its own cache entry)."""
+        if self.parallel is None:
+            import numba
 
-def kernel(auto: bool = False, **options):
-    """Decorator: `@kernel(auto=True)` makes a lazy_jit of the function; auto: run under
-    HPC_LLM_KERNELS=auto (measured faster than the twin). fastmath stays off: IEEE arithmetic, the bound each test
-    states."""
-    return lambda fn: lazy_jit(fn, auto, **options)
+            self.compile()
+            fn = self.fn
+            scope = dict(fn.__globals__, prange=numba.prange)
+            twin = types.FunctionType(
+                fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__
+            )
+            twin.__qualname__ = fn.__qualname__ + "_pool"
+            twin.__module__ = fn.__module__
+            self.parallel = numba.njit(cache=True, parallel=True, **self.options)(twin)
+        return self.parallel
+
+
+def kernel(auto: bool | str = False, pool: bool = False, **options):
+    """Decorator: `@kernel(auto=True)` makes a lazy_jit of the function; auto: run under HPC_LLM_KERNELS=auto
+    (measured faster than the twin), "pool": only with the shared pool on (its parallel variant measured faster);
+    pool: its outer loop is `prange`, split over the shared pool's threads when that is on. fastmath stays off:
+    IEEE arithmetic, the bound each test states."""
+    return lambda fn: lazy_jit(fn, auto, pool, **options)
+
+
+# a pool kernel's outer loop: the builtin range when compiled serially, numba's prange in its parallel variant
+prange = range

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 
 def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
@@ -44,7 +44,7 @@ def dropout_residual_numpy(x, a, keep=None, scale: float = 1.0, bias=None):
     return x
 
 
-@kernel(auto=True)
+@kernel(auto=True, pool=True)
 def _dropout_residual(x, a, keep, scale):
-    for i in range(x.size):
+    for i in prange(x.size):
         x[i] += a[i] * keep[i] * scale

@@ -11,7 +11,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 LN_EPS = 1e-5
 
@@ -51,10 +51,10 @@ def layernorm_forward_numpy(x, w, b):
     return out, (xhat, rstd)
 
 
-@kernel()
+@kernel(auto="pool", pool=True)
 def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
     N, C = x.shape
-    for r in range(N):
+    for r in prange(N):
         s = 0.0
         for i in range(C):
             s += x[r, i]
@@ -105,10 +105,10 @@ def layernorm_backward_input_numpy(dout, cache, w):
     return dxhat
 
 
-@kernel(auto=True)
+@kernel(auto=True, pool=True)
 def _layernorm_backward_input(dout, xhat, rstd, w, dx):
     N, C = dout.shape
-    for r in range(N):
+    for r in prange(N):
         sd = 0.0
         sdx = 0.0
         for i in range(C):

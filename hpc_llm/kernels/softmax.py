@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 _MASKS: dict = {}
 
@@ -46,10 +46,10 @@ def causal_softmax_numpy_(att):
     return att
 
 
-@kernel()
+@kernel(pool=True)
 def _causal_softmax(att, offset):
     G, Tq, Tk = att.shape
-    for gi in range(G * Tq):
+    for gi in prange(G * Tq):
         g, i = gi // Tq, gi % Tq
         row = att[g, i]
         n = min(Tk, i + offset + 1)
@@ -96,10 +96,10 @@ def softmax_backward_numpy_(datt, att, keep=None, scale: float = 1.0):
     return datt
 
 
-@kernel()
+@kernel(pool=True)
 def _softmax_backward(datt, att, keep, masked, scale):
     N, K = datt.shape
-    for r in range(N):
+    for r in prange(N):
         if masked:
             for j in range(K):
                 datt[r, j] = datt[r, j] * keep[r, j] * scale

@@ -3,6 +3,7 @@
 
     python scripts/bench/bench_torch.py --torch-python PATH/TO/venv-with-torch/bin/python [--preset NAME] \
         [--precision bf16] [--rounds 5] [--steps 3] [--kinds ours,eager,compile,ours-dp2,ddp]
+        # ours-nopool: ours with HPC_LLM_POOL=off (OpenBLAS's threads, serial kernels: kernels/pool.py)
 
 Three worker processes hold one model each (ours: GPT + AdamW; PyTorch: the same GPT-2 architecture, nanoGPT's
 layout, torch.optim.AdamW), built once; the driver asks them in turn for `--steps` timed steps, `--rounds` times, so
@@ -159,7 +160,8 @@ def worker(kind: str, p: dict, precision: str, fifo: str) -> None:
         child = ddp_setup(rank)
         step = torch_worker(p, precision, kind)
     else:
-        step = ours_worker(p, precision) if kind == "ours" else torch_worker(p, precision, kind)
+        ours = kind in ("ours", "ours-nopool")
+        step = ours_worker(p, precision) if ours else torch_worker(p, precision, kind)
 
     def say(line: str) -> None:
         if out is not None:
@@ -222,6 +224,8 @@ def main() -> None:
             env = None
             if kind in ("ours-dp2", "ddp"):
                 env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+            if kind == "ours-nopool":
+                env = dict(os.environ, HPC_LLM_POOL="off")
             if kind == "ours-dp2":
                 launch = ["mpiexec", "-n", "2", "--bind-to", "none", exe]
             cmd = [

@@ -25,6 +25,8 @@ from bench_train import build, matmul_plan, run_plan
 
 from hpc_llm.backend import keep_freed_memory
 from hpc_llm.bench.timer import median_time
+from hpc_llm.kernels import gemm
+from hpc_llm.kernels.pool import pool_threads
 
 from common import PRESETS
 
@@ -37,7 +39,7 @@ def gemm_table(plan, steps: int) -> list[dict]:
     rows = []
     for (sa, sb, ca, cb), pairs in groups.items():
         a, b = pairs[0]
-        t = median_time(lambda: a @ b, steps, warmup=1)
+        t = median_time(lambda: gemm.matmul(a, b), steps, warmup=1)
         flops = 2.0 * np.prod(sa[:-1]) * sa[-1] * sb[-1]
         rows.append(
             dict(
@@ -65,6 +67,7 @@ def child(name: str, steps: int) -> dict:
         adamw_ms=1e3 * median_time(lambda: opt.step(1e-4), steps, warmup=1),
         overhead_ms_per_layer=1e3 * median_time(step_tiny, steps, warmup=2) / p["n_layer"],
         gemms=gemm_table(plan, steps),
+        pool_threads=pool_threads(),
     )
 
 
@@ -75,22 +78,26 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument(
+        "--pool", default="auto", help="HPC_LLM_POOL values to run side by side, e.g. auto,off"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps)))
         return
     for name in args.preset or list(PRESETS):
-        for t in args.threads.split(","):
-            env = dict(os.environ, OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t)
+        for t, pool in [(t, q) for t in args.threads.split(",") for q in args.pool.split(",")]:
+            env = dict(os.environ, OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t, HPC_LLM_POOL=pool)
             cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
             r = json.loads(
                 subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             )
             print(
-                f"{name}, {t} thread(s): step {r['step_ms']:.1f} ms, matmuls alone {r['matmul_ms']:.1f} ms "
-                f"({r['step_ms'] / r['matmul_ms']:.2f}x), AdamW {r['adamw_ms']:.1f} ms, per-layer overhead "
-                f"{r['overhead_ms_per_layer']:.2f} ms"
+                f"{name}, {t} thread(s), pool {pool}: step {r['step_ms']:.1f} ms, "
+                f"matmuls alone {r['matmul_ms']:.1f} ms ({r['step_ms'] / r['matmul_ms']:.2f}x), "
+                f"AdamW {r['adamw_ms']:.1f} ms, per-layer overhead "
+                f"{r['overhead_ms_per_layer']:.2f} ms, pool threads {r['pool_threads']}"
             )
             for g in r["gemms"][:8]:
                 print(

@@ -206,6 +206,22 @@ def test_bf16_on_onednn_within_the_same_bounds(monkeypatch, check, products):
     assert len(calls) == products
 
 
+def test_fp32_on_the_shared_pool_within_the_same_bound(monkeypatch):
+    """fp32 products on oneDNN's sgemm (the shared thread pool on, kernels/pool.py; its size cut-over set to 0):
+    only the order of the float32 sums differs from OpenBLAS's, so the linear layer's fp32 bound holds as it is."""
+    from hpc_llm.kernels import gemm, pool
+
+    if gemm.onednn_sgemm() is None or not pool._omp_layer(2):
+        pytest.skip("oneDNN (onednn-cpu-gomp) or numba's omp threading layer unavailable")
+    monkeypatch.setattr(pool, "_state", {"threads": 2})
+    monkeypatch.setattr(gemm, "POOL_MIN_MACS", 0)
+    calls = []
+    real = gemm.sgemm_matmul
+    monkeypatch.setattr(gemm, "sgemm_matmul", lambda *args: calls.append(1) or real(*args))
+    test_linear_forward_and_backward_within_the_rounding_bound("fp32")
+    assert len(calls) == 3
+
+
 def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     import sys
 

@@ -1,0 +1,90 @@
+"""One thread pool for a step's products and its elementwise kernels, when a process runs on several threads.
+
+NumPy's OpenBLAS keeps its own threads; after each product they spin, waiting for the next one, while the NumPy
+passes and compiled kernels between products run on one core. Two pools on the same cores is worse still: OpenBLAS's
+threads and an OpenMP team each spin while the other computes (a GEMM + parallel LayerNorm chain at 2 threads took
+27x longer than either alone, scripts/bench/bench_pool.py). So with the pool on, the float32 products run on
+oneDNN's `dnnl_sgemm` (kernels/gemm.py), whose threads are GNU OpenMP's; the row kernels run their parallel variant
+on numba's `omp` threading layer, which links the same libgomp, so both are one team of threads; and OpenBLAS keeps
+one thread (the products left to it are the small per-head ones).
+
+`HPC_LLM_POOL` chooses: "auto" (the default: on when OpenMP's thread count, OMP_NUM_THREADS else the cores, is 2 or
+more, oneDNN loads and numba has its omp layer), "on" (the same conditions, for a test or benchmark on one
+thread), or "off". HPC_LLM_KERNELS=numpy turns it off too (the twins everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from hpc_llm.errors import UserError
+
+CHOICES = ("auto", "on", "off")
+# a NumPy twin's elementwise passes split over the pool's threads (run_split) on arrays of at least this many
+# elements: GELU's forward at 6x384 (2048 x 1536) took 2.1 against 5.9 ms on 2 threads, at shakespeare-char
+# (768 x 512) the same as on one (scripts/bench/bench_pool.py)
+SPLIT_MIN_ELEMENTS = 1 << 20
+_state: dict = {}
+
+
+def pool_choice() -> str:
+    name = os.environ.get("HPC_LLM_POOL", "auto").strip().lower() or "auto"
+    if name not in CHOICES:
+        raise UserError(f"HPC_LLM_POOL: expected one of {', '.join(CHOICES)}, got {name!r}")
+    return name
+
+
+def omp_threads() -> int:
+    """OpenMP's thread count for a parallel region as GNU OpenMP reads it at load: OMP_NUM_THREADS's first entry,
+    else the CPUs this process may run on."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if first.isdigit() and int(first) > 0:
+        return int(first)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
+
+
+def _omp_layer(n: int) -> bool:
+    """numba's parallel loops on its omp layer with n threads; False where numba or the layer is missing, or
+    another layer was chosen."""
+    try:
+        import numba
+        import numba.np.ufunc.omppool  # noqa: F401 (the layer's library links libgomp)
+    except ImportError:
+        return False
+    layer = numba.config.THREADING_LAYER
+    if layer not in ("omp", "default"):
+        return False
+    numba.config.THREADING_LAYER = "omp"
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return True
+
+
+def pool_threads() -> int:
+    """The shared pool's thread count, or 0 when it is off (decided once per process)."""
+    if "threads" not in _state:
+        from hpc_llm.kernels.blas import set_openblas_threads
+        from hpc_llm.kernels.dispatch import kernels_choice
+        from hpc_llm.kernels.gemm import onednn_sgemm
+
+        _state["threads"] = 0
+        choice = pool_choice()
+        if choice != "off" and kernels_choice() != "numpy":
+            n = omp_threads()
+            if (n > 1 or choice == "on") and onednn_sgemm() is not None and _omp_layer(n):
+                _state["threads"] = n
+                set_openblas_threads(1)
+    return _state["threads"]
+
+
+def run_split(fn, n: int) -> None:
+    """fn(start, stop) over [0, n) cut into one contiguous range per pool thread, the ranges run at once on Python
+    threads (NumPy's passes release the GIL; the OpenMP team is idle between products); returns when all are done,
+    raising the first error."""
+    parts = max(1, pool_threads())
+    if "executor" not in _state:
+        _state["executor"] = ThreadPoolExecutor(parts, thread_name_prefix="pool")
+    cuts = [n * i // parts for i in range(parts + 1)]
+    list(_state["executor"].map(fn, cuts[:-1], cuts[1:]))

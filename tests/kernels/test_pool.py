@@ -1,0 +1,160 @@
+"""kernels/pool.py: the shared thread pool. Each pool kernel's parallel variant is bitwise its serial one (rows
+split over threads, each row computed as the serial loop computes it); oneDNN's float32 GEMM is within
+gamma_K = K u / (1 - K u), u = 2^-24, of sum |a_k| |b_k| of the float64 product (Higham, Accuracy and Stability,
+3.1: any summation order), gamma_{K+1} with |out| added when accumulating; and the dispatch."""
+
+import numpy as np
+import pytest
+
+from hpc_llm.kernels import (
+    bias_gelu,
+    cross_entropy,
+    dispatch,
+    dropout_residual,
+    gemm,
+    layernorm,
+    pool,
+    softmax,
+)
+
+pytest.importorskip("numba")
+needs_sgemm = pytest.mark.skipif(
+    gemm.onednn_sgemm() is None,
+    reason="oneDNN not installed (onednn-cpu-gomp; HPC_LLM_DNNL_LIB unset)",
+)
+
+
+@pytest.fixture
+def pool_on(monkeypatch):
+    """run(fn, *args) -> (pool on, pool off) results of fn under HPC_LLM_KERNELS=numba on copies of the arrays."""
+    if not pool._omp_layer(2):
+        pytest.skip("numba's omp threading layer unavailable")
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
+
+    def run(fn, *args):
+        res = []
+        for threads in (2, 0):
+            monkeypatch.setattr(pool, "_state", {"threads": threads})
+            res.append(fn(*[a.copy() if isinstance(a, np.ndarray) else a for a in args]))
+        return res
+
+    return run
+
+
+def test_parallel_kernels_bitwise_serial(pool_on):
+    """Every pool kernel, on row counts that split unevenly over the threads."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((37, 96)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    (out, cache), (ref, ref_cache) = pool_on(layernorm.layernorm_forward, x, w, b)
+    assert all(np.array_equal(p, q) for p, q in zip((out, *cache), (ref, *ref_cache)))
+    got, ref = pool_on(layernorm.layernorm_backward_input, x, cache, w)
+    assert np.array_equal(got, ref)
+    t = np.tanh(x)
+    got, ref = pool_on(bias_gelu.gelu_backward, w * x, x, t)
+    assert np.array_equal(got, ref)
+    keep = rng.random(x.shape) >= 0.2
+    got, ref = pool_on(dropout_residual.dropout_residual_, x, w * x, keep, 1 / 0.8)
+    assert np.array_equal(got, ref)
+    att = (rng.standard_normal((2, 3, 13, 21)) * 4).astype(np.float32)
+    got, ref = pool_on(softmax.causal_softmax_, att)
+    assert np.array_equal(got, ref)
+    keep_att = rng.random(att.shape) >= 0.3
+    got, ref = pool_on(softmax.softmax_backward_, att * 0.3, ref, keep_att, 1 / 0.7)
+    assert np.array_equal(got, ref)
+    probs, local = rng.random((37, 70)).astype(np.float32), rng.integers(-5, 70, 37)
+    mine = (local >= 0) & (local < 64)
+    got, ref = pool_on(cross_entropy.cross_entropy_backward_, probs, local, mine, 0.37)
+    assert np.array_equal(got, ref)
+    got, ref = pool_on(cross_entropy.normalize_rows_, probs, probs.sum(axis=1))
+    assert np.array_equal(got, ref)
+    assert layernorm._layernorm_forward.parallel is not None, "the parallel variants ran"
+
+
+def test_gelu_forward_split_bitwise(pool_on, monkeypatch):
+    """GELU's forward twin split over the pool's threads (cut-over 0, an odd size): the one-thread bits."""
+    monkeypatch.setattr(pool, "SPLIT_MIN_ELEMENTS", 0)
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")  # the twin: the compiled forward is not in auto
+    calls, real = [], pool.run_split
+    monkeypatch.setattr(pool, "run_split", lambda *args: calls.append(1) or real(*args))
+    x = (np.random.default_rng(5).standard_normal((37, 96)) * 3).astype(np.float32)
+    (out, t), (ref, ref_t) = pool_on(bias_gelu.gelu_forward, x)
+    assert np.array_equal(out, ref) and np.array_equal(t, ref_t)
+    assert calls == [1], "split with the pool on only"
+
+
+def assert_within_gamma(got, a, b, c0=None):
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    exact, mag, K = a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[-1]
+    if c0 is not None:
+        exact, mag, K = exact + c0, mag + np.abs(c0), K + 1
+    ratio = np.max(np.abs(got - exact) / (K * 2.0**-24 / (1 - K * 2.0**-24) * mag))
+    assert ratio <= 1, f"error {ratio:.3g} x gamma_K |a||b|"
+
+
+def values(rng, shape, transposed: bool):
+    """Float32 (..., R, C); transposed: a transposed view of a contiguous (..., C, R)."""
+    x = rng.standard_normal(shape[:-2] + (shape[-1], shape[-2]) if transposed else shape)
+    x = x.astype(np.float32)
+    return np.swapaxes(x, -1, -2) if transposed else x
+
+
+@needs_sgemm
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_sgemm_within_gamma_k(layout, accumulate):
+    """Odd sizes, each transposition (oneDNN's flag, no copy), overwrite and accumulate."""
+    rng = np.random.default_rng(1)
+    a, b = values(rng, (67, 131), layout[0] == "t"), values(rng, (131, 45), layout[1] == "t")
+    c0 = rng.standard_normal((67, 45)).astype(np.float32)
+    out = c0.copy()
+    assert gemm.sgemm_matmul(a, b, out, accumulate) is out
+    assert_within_gamma(out, a, b, c0.astype(np.float64) if accumulate else None)
+
+
+@needs_sgemm
+def test_sgemm_batched_into_a_strided_view():
+    """Attention's shapes: a batch by a slice of keys transposed, accumulated into a block of a larger array's
+    rows; and one matrix broadcast against a batch."""
+    rng = np.random.default_rng(2)
+    q, k = values(rng, (2, 3, 33, 16), False), values(rng, (2, 3, 40, 16), False)[:, :, :29]
+    dq = rng.standard_normal((2, 3, 50, 29)).astype(np.float32)
+    before = dq.copy()
+    gemm.sgemm_matmul(q, k.transpose(0, 1, 3, 2), dq[:, :, 7:40], True)
+    assert_within_gamma(dq[:, :, 7:40], q, k.transpose(0, 1, 3, 2), before[:, :, 7:40])
+    assert np.array_equal(dq[:, :, :7], before[:, :, :7])
+    assert np.array_equal(dq[:, :, 40:], before[:, :, 40:])
+    w = values(rng, (16, 21), True)
+    assert_within_gamma(gemm.sgemm_matmul(q, w), q, w)
+
+
+def test_pool_choice_and_matmul_dispatch(monkeypatch):
+    """A bad HPC_LLM_POOL is one line; "off" and HPC_LLM_KERNELS=numpy keep the pool off; which kernels "auto"
+    runs with it on; with it on, float32 products of POOL_MIN_MACS or more go to oneDNN, smaller ones stay on BLAS,
+    bitwise."""
+    monkeypatch.setenv("HPC_LLM_POOL", "threads")
+    with pytest.raises(
+        Exception, match="HPC_LLM_POOL: expected one of auto, on, off, got 'threads'"
+    ):
+        pool.pool_choice()
+    for env, value in (("HPC_LLM_POOL", "off"), ("HPC_LLM_KERNELS", "numpy")):
+        monkeypatch.setenv("HPC_LLM_POOL", "on")
+        monkeypatch.setenv(env, value)
+        monkeypatch.setattr(pool, "_state", {})
+        assert pool.pool_threads() == 0
+        monkeypatch.delenv("HPC_LLM_KERNELS", raising=False)
+    # under "auto": a kernel measured faster in parallel runs only with the pool on; softmax's never
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
+    large = np.ones(dispatch.AUTO_MIN_ELEMENTS, np.float32)
+    for threads in (0, 2):
+        monkeypatch.setattr(pool, "_state", {"threads": threads})
+        assert dispatch.compiled(layernorm._layernorm_forward, large) == (threads > 0)
+        assert not dispatch.compiled(softmax._causal_softmax, large)
+    calls = []
+    monkeypatch.setattr(gemm, "sgemm_matmul", lambda *args: calls.append(1))
+    rng = np.random.default_rng(3)
+    big = values(rng, (128, 128), False), values(rng, (128, 64), False)
+    gemm.matmul(*big)
+    assert calls == [1]
+    small = big[0][:, :32], big[1][:32]
+    assert np.array_equal(gemm.matmul(*small), small[0] @ small[1]) and calls == [1]
