@@ -8,11 +8,16 @@ float32 rate. The arithmetic is the same (exact products of bf16 values, float32
 inside a GEMM differs, so each entry stays within gamma_K = K u / (1 - K u) (u = 2^-24) of |a| |b| of the exact
 product, as the float32 GEMM's does (tests/kernels/test_gemm.py).
 
-`matmul(a, b, out, accumulate, prec)` takes oneDNN when all of these hold: prec is bf16, both operands and out are
-float32 NumPy arrays, HPC_LLM_KERNELS is not "numpy", the library loads (HPC_LLM_DNNL_LIB, else the environment's
-lib/libdnnl.so.3 from the onednn-cpu-gomp wheel, else the system's libdnnl), the CPU reports avx512_bf16 or amx_bf16,
-and the product has at least MIN_MACS multiply-adds per matrix and MIN_SIDE rows and columns. Otherwise NumPy's
-matmul, as before.
+`matmul(a, b, out, accumulate, prec)` takes oneDNN when all of these hold: prec is bf16, both operands are NumPy
+arrays of float32 (values already bf16) or bfloat16 (ml_dtypes), HPC_LLM_KERNELS is not "numpy", the library
+loads (HPC_LLM_DNNL_LIB, else the environment's lib/libdnnl.so.3 from the onednn-cpu-gomp wheel, else the system's
+libdnnl), the CPU reports avx512_bf16 or amx_bf16, and the product has at least MIN_MACS multiply-adds per matrix
+and MIN_SIDE rows and columns. Otherwise NumPy's matmul, as before, a bfloat16 operand widened to float32 first
+(exact).
+
+Where oneDNN runs, a value can reach it as bf16 bits with no conversion: a bfloat16 array is passed as it is (its
+bit patterns, any row stride), and a float32 array whose bf16 bits its owner keeps beside it (`share_bf16_bits`:
+the model's weights, GPT.refresh_compute) reads those; any other float32 operand is converted for the call.
 
 oneDNN takes its threads from OpenMP (OMP_NUM_THREADS); NumPy's OpenBLAS from OPENBLAS_NUM_THREADS.
 """
@@ -23,13 +28,15 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import weakref
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.blas import cpu_flags, set_openblas_threads
-from hpc_llm.kernels.dispatch import kernels_choice, numba_available
-from hpc_llm.kernels.rounding import _to_bf16, to_low
+from hpc_llm.kernels.dispatch import kernels_choice
+from hpc_llm.kernels.rounding import bf16_bits, from_low
 
 # a product of fewer multiply-adds per matrix than this stays on BLAS: below it the per-call overhead (the ctypes
 # call, the operands' bf16 copies) outweighs the faster arithmetic (measured: scripts/bench/bench_gemm.py)
@@ -39,6 +46,8 @@ MIN_MACS = 1 << 22
 MIN_SIDE = 64
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _state: dict = {}
+# id(a float32 array) -> (a weak reference to it, its bf16 bit patterns: uint16 of its shape, C-contiguous)
+_shared_bits: dict = {}
 
 
 def _load_gemm():
@@ -76,11 +85,19 @@ def onednn_gemm():
     return _state["gemm"]
 
 
+def reads_bf16(prec) -> bool:
+    """Whether prec's products on NumPy arrays take bf16 operands as they are (oneDNN runs them): then a value made
+    for a product is best made in bfloat16 (model/precision.py), else in float32."""
+    return prec.name == "bf16" and kernels_choice() != "numpy" and onednn_gemm() is not None
+
+
 def uses_onednn(a, b, prec) -> bool:
     """Whether matmul(a, b, ..., prec) runs on oneDNN's bf16 GEMM (the conditions in the module's docstring)."""
     if prec.name != "bf16" or not (type(a) is np.ndarray and type(b) is np.ndarray):
         return False
-    if a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2:
+    if a.dtype not in (np.float32, prec.low) or b.dtype not in (np.float32, prec.low):
+        return False
+    if a.ndim < 2 or b.ndim < 2:
         return False
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     if min(M, N) < MIN_SIDE or M * K * N < MIN_MACS or kernels_choice() == "numpy":
@@ -92,6 +109,7 @@ def matmul(a, b, out=None, accumulate: bool = False, prec=None):
     """out = a @ b, or out += a @ b (accumulate); a new array when out is None. Returns out."""
     if prec is not None and uses_onednn(a, b, prec):
         return bf16_matmul(a, b, out, accumulate)
+    a, b = as_float32(a), as_float32(b)
     if out is None:
         return a @ b
     if accumulate:
@@ -101,25 +119,61 @@ def matmul(a, b, out=None, accumulate: bool = False, prec=None):
     return out
 
 
+def _is_bf16(x) -> bool:
+    return type(x) is np.ndarray and x.dtype.itemsize == 2 and x.dtype.name == "bfloat16"
+
+
+def as_float32(x):
+    """x itself, or a bfloat16 array widened to float32 (exact): what BLAS multiplies."""
+    return from_low(np.ascontiguousarray(x), np.float32) if _is_bf16(x) else x
+
+
+def share_bf16_bits(values, bits) -> None:
+    """Declare `bits` (uint16, C-contiguous, values' shape) the bf16 bit patterns of the float32 array `values`
+    (C-contiguous, holding bf16 values), kept equal to them by their owner for as long as `values` lives: a product
+    with an operand that is a view of `values` then reads the view's bits, no conversion."""
+    key = id(values)
+    _shared_bits[key] = (weakref.ref(values, lambda _: _shared_bits.pop(key, None)), bits)
+
+
+def _shared_view(x):
+    """x's bits as a uint16 view of the bits shared for the array x is a view of (share_bf16_bits), else None."""
+    base = x
+    while _shared_bits and isinstance(base, np.ndarray):
+        entry = _shared_bits.get(id(base))
+        if entry is not None and entry[0]() is base:
+            offset = _address(x) - _address(base)
+            if offset % 4 or any(s % 4 or s < 0 for s in x.strides):
+                return None
+            flat = entry[1].reshape(-1)[offset // 4 :]
+            return as_strided(flat, x.shape, tuple(s // 2 for s in x.strides), writeable=False)
+        base = base.base
+    return None
+
+
 def _bf16_operand(x):
-    """x (..., R, C), float32 values already bf16 (or rounded to it here), as bf16 bit patterns in a layout
-    oneDNN reads: (bits, trans) with bits (..., R, C) row-major (trans "N") or (..., C, R) row-major of x's
-    transpose (trans "T", no copy of the transposition)."""
-    item = x.itemsize
-    if x.strides[-2] == item and x.strides[-1] != item and x.shape[-1] > 1:
-        return _bits(np.swapaxes(x, -1, -2)), b"T"
-    return _bits(x), b"N"
+    """x (..., R, C), float32 values already bf16 (or rounded to it here) or bfloat16, as bf16 bit patterns in a
+    layout oneDNN reads: (bits, trans, ld), bits (..., R, C) with rows ld elements apart (trans "N") or (..., C, R)
+    the same for x's transpose (trans "T", no copy of the transposition); leading axes of any strides."""
+    bits = x.view(np.uint16) if _is_bf16(x) else _shared_view(x)
+    if bits is None:
+        t = x.strides[-2] == x.itemsize and x.strides[-1] != x.itemsize and x.shape[-1] > 1
+        bits = _bits(np.swapaxes(x, -1, -2) if t else x)
+        return bits, (b"T" if t else b"N"), bits.shape[-1]
+    R, C = bits.shape[-2:]
+    (sr, sc), big = bits.strides[-2:], min(bits.strides[:-2], default=0) >= 0
+    if big and sc == 2 and (R == 1 or sr >= 2 * C):
+        return bits, b"N", max(sr // 2, C, 1)
+    if big and sr == 2 and C > 1 and sc >= 2 * R:
+        return np.swapaxes(bits, -1, -2), b"T", max(sc // 2, R, 1)
+    bits = np.ascontiguousarray(bits)
+    return bits, b"N", max(C, 1)
 
 
 def _bits(x):
     """x's bf16 values (round to nearest even: exact on values already bf16) as a C-contiguous uint16 array; the
     compiled conversion whenever numba is there (a bf16 run has loaded it already), on arrays of any size."""
-    if not numba_available():
-        return np.ascontiguousarray(to_low(x, low_dtype("bf16"))).view(np.uint16)
-    x = np.ascontiguousarray(x)
-    out = np.empty(x.shape, dtype=np.uint16)
-    _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
-    return out
+    return bf16_bits(np.ascontiguousarray(x), low_dtype("bf16"))
 
 
 def bf16_matmul(a, b, out=None, accumulate: bool = False):
@@ -130,7 +184,7 @@ def bf16_matmul(a, b, out=None, accumulate: bool = False):
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     assert b.shape[-2] == K, f"matmul: {a.shape} @ {b.shape}"
     lead = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    (abits, ta), (bbits, tb) = _bf16_operand(a), _bf16_operand(b)
+    (abits, ta, lda), (bbits, tb, ldb) = _bf16_operand(a), _bf16_operand(b)
     if out is None:
         out, accumulate = np.empty(lead + (M, N), dtype=np.float32), False
     target = out
@@ -139,7 +193,7 @@ def bf16_matmul(a, b, out=None, accumulate: bool = False):
         if accumulate:
             target[...] = out
     beta = 1.0 if accumulate else 0.0
-    lda, ldb, ldc = abits.shape[-1], bbits.shape[-1], target.strides[-2] // 4
+    ldc = target.strides[-2] // 4
     pa, pb, pc = (_address(x) for x in (abits, bbits, target))
     for oa, ob, oc in zip(*(_offsets(x, lead) for x in (abits, bbits, target))):
         status = gemm(ta, tb, M, N, K, 1.0, pa + oa, lda, pb + ob, ldb, beta, pc + oc, ldc)

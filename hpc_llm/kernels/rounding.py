@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, numba_available
 
 PIECE = 1 << 18  # the twin rounds a piece at a time: no temporaries the size of x
 
@@ -55,6 +55,19 @@ def from_low(kept, dtype):
         _from_bf16(kept.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
         return out
     return kept.astype(dtype)
+
+
+def bf16_bits(x, low, out=None):
+    """x's bf16 bit patterns (float32 x, C-contiguous, rounded to nearest even: exact on values already bf16) as a
+    uint16 array of x's shape, into out (C-contiguous) when given. `low` is bfloat16's dtype. Compiled whenever
+    numba is there, on arrays of any size: a oneDNN product's operands (kernels/gemm.py), in a run that has loaded
+    the compiled rounding already."""
+    out = np.empty(x.shape, dtype=np.uint16) if out is None else out
+    if numba_available():
+        _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
+    else:
+        out[...] = x.astype(low).view(np.uint16)
+    return out
 
 
 @kernel(auto=True)

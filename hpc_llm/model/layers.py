@@ -34,7 +34,7 @@ from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     gelu_tanh,
 )
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.gemm import matmul
+from hpc_llm.kernels.gemm import as_float32, matmul
 from hpc_llm.kernels.layernorm import (  # noqa: F401
     LN_EPS,
     layernorm_backward_input,
@@ -121,6 +121,10 @@ def linear_forward(x, w, b, prec: Precision = FP32):
     any object `@` accepts (an int8 quantize.QuantizedWeight). A float32 product of few rows by a large weight is
     taken over column panels (_matmul_panels). prec: the operands' format (kernels/gemm.py)."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= SMALL_ROWS:
+        x2 = as_float32(
+            x2
+        )  # a bf16 operand (Precision.gemm_use) of few rows: BLAS's product, by panels
     if (
         type(w) is np.ndarray
         and 2 <= x2.shape[0] <= SMALL_ROWS
@@ -160,7 +164,7 @@ def linear_backward_weight(dout, x, dw, db, accumulate: bool, prec: Precision = 
     if dw is not None:
         matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate, prec)
     if db is not None:
-        _sum_rows_into(d2, db, accumulate)
+        _sum_rows_into(as_float32(d2), db, accumulate)
 
 
 def linear_backward_input(dout, w, prec: Precision = FP32):

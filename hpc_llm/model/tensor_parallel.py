@@ -163,7 +163,8 @@ class ColumnParallelLinear:
     def backward_input(self, dy, cache, work: WeightWork):
         """B: the input gradient; the weight gradients go to `work` (W: dy and the kept input; LoRA's dh too)."""
         x, h = cache if self.lora is not None else (cache, None)
-        dy = self.prec.operand(dy)
+        # LoRA scales dy in float32: its operands stay float32
+        dy = self.prec.operand(dy) if self.lora is not None else self.prec.gemm_operand(dy)
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
@@ -264,7 +265,8 @@ class RowParallelLinear:
         if self.sequence_parallel:
             dy = _gathered_operand(self.prec, dy, self.comm)
         else:
-            dy = self.prec.operand(self.reduce_backward(dy, self.comm))
+            dy = self.reduce_backward(dy, self.comm)
+            dy = self.prec.operand(dy) if self.lora is not None else self.prec.gemm_operand(dy)
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
@@ -291,8 +293,9 @@ class RowParallelLinear:
 
 
 def _used(prec: Precision, x, dtype):
-    """A kept input in the compute dtype: converted from the format unless B already did."""
-    return x if x.dtype == dtype else prec.use(x, dtype)
+    """A kept input as a product's operand: converted from the format unless B already did (or the products
+    take the format as it is: Precision.gemm_use)."""
+    return x if x.dtype == dtype else prec.gemm_use(x, dtype)
 
 
 def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
@@ -302,7 +305,11 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
     if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
         bits = gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain)
         return prec.use(bits.view(kept.dtype), dtype)
-    return gather_from_sequence_parallel_region(_used(prec, kept, dtype), comm)
+    # a bf16 operand's dtype asked for (Precision.gemm_operand): the gather's is float32
+    wide = np.float32 if dtype == prec.low else dtype
+    return gather_from_sequence_parallel_region(
+        kept if kept.dtype == wide else prec.use(kept, wide), comm
+    )
 
 
 def _gathered_operand(prec: Precision, dy, comm: Comm):
