@@ -12,8 +12,8 @@ product, as the float32 GEMM's does (tests/kernels/test_gemm.py).
 arrays of float32 (values already bf16) or bfloat16 (ml_dtypes), HPC_LLM_KERNELS is not "numpy", the library
 loads (HPC_LLM_DNNL_LIB, else the environment's lib/libdnnl.so.3 from the onednn-cpu-gomp wheel, else the system's
 libdnnl), the CPU reports avx512_bf16 or amx_bf16, and the product has at least MIN_MACS multiply-adds per matrix
-and MIN_SIDE rows and columns. Otherwise NumPy's matmul, as before, a bfloat16 operand widened to float32 first
-(exact).
+(MIN_MACS_HELD when both operands are bfloat16 arrays: no copies to pay for) and MIN_SIDE rows and columns.
+Otherwise NumPy's matmul, as before, a bfloat16 operand widened to float32 first (exact).
 
 Where oneDNN runs, a value can reach it as bf16 bits with no conversion: a bfloat16 array is passed as it is (its
 bit patterns, any row stride), and a float32 array whose bf16 bits its owner keeps beside it (`share_bf16_bits`:
@@ -44,6 +44,10 @@ MIN_MACS = 1 << 22
 # ... nor one with fewer rows or columns than this (decoding's few rows): the bf16 copies of the operands, (M + N) K
 # elements, would cost more than the M N K products save
 MIN_SIDE = 64
+# ... and with both operands bfloat16 arrays already, from this many: attention's per-head products (6 x 384's, a
+# batch of 48 matrices of 2^20-2^21) run 2.0-2.4x NumPy's float32 batched matmul, at 2^17 (shakespeare-char's)
+# 0.4x (scripts/bench/bench_gemm.py's bf16in column; docs/performance.md)
+MIN_MACS_HELD = 1 << 20
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _state: dict = {}
 # id(a float32 array) -> (a weak reference to it, its bf16 bit patterns: uint16 of its shape, C-contiguous)
@@ -100,9 +104,16 @@ def uses_onednn(a, b, prec) -> bool:
     if a.ndim < 2 or b.ndim < 2:
         return False
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    if min(M, N) < MIN_SIDE or M * K * N < MIN_MACS or kernels_choice() == "numpy":
+    cut = min(MIN_MACS, MIN_MACS_HELD) if a.dtype == b.dtype == prec.low else MIN_MACS
+    if min(M, N) < MIN_SIDE or M * K * N < cut or kernels_choice() == "numpy":
         return False
     return onednn_gemm() is not None
+
+
+def takes_held(prec, macs: int, side: int) -> bool:
+    """Whether products of bfloat16 arrays with at least `macs` multiply-adds per matrix and no side below `side`
+    run on oneDNN: a caller that makes their operands makes them in bfloat16 then (attention's, model/layers.py)."""
+    return side >= MIN_SIDE and macs >= min(MIN_MACS, MIN_MACS_HELD) and reads_bf16(prec)
 
 
 def matmul(a, b, out=None, accumulate: bool = False, prec=None):
@@ -132,6 +143,7 @@ def share_bf16_bits(values, bits) -> None:
     """Declare `bits` (uint16, C-contiguous, values' shape) the bf16 bit patterns of the float32 array `values`
     (C-contiguous, holding bf16 values), kept equal to them by their owner for as long as `values` lives: a product
     with an operand that is a view of `values` then reads the view's bits, no conversion."""
+    assert values.dtype == np.float32 and bits.dtype == np.uint16 and bits.size == values.size
     key = id(values)
     _shared_bits[key] = (weakref.ref(values, lambda _: _shared_bits.pop(key, None)), bits)
 

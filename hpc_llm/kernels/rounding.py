@@ -63,6 +63,7 @@ def bf16_bits(x, low, out=None):
     numba is there, on arrays of any size: a oneDNN product's operands (kernels/gemm.py), in a run that has loaded
     the compiled rounding already."""
     out = np.empty(x.shape, dtype=np.uint16) if out is None else out
+    assert x.dtype == np.float32 and out.size == x.size and out.flags.c_contiguous
     if numba_available():
         _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
     else:

@@ -127,7 +127,12 @@ class GPT:
         # written with it by refresh_compute, so no product converts a weight again; not under ZeRO-3, whose
         # compute copy is gathered a unit at a time
         self.compute_bits = None
-        if xp is np and "params" not in self.releasable and gemm.reads_bf16(self.prec):
+        if (
+            xp is np
+            and self.dtype == np.float32
+            and "params" not in self.releasable
+            and gemm.reads_bf16(self.prec)
+        ):
             self.compute_bits = np.zeros(n, dtype=np.uint16)
             gemm.share_bf16_bits(self.compute, self.compute_bits)
         self.params = {
