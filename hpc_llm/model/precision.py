@@ -55,6 +55,14 @@ class Precision:
             return to_low(x, self.low)
         return self.operand(x)
 
+    def gemm_round_(self, x):
+        """x (contiguous, ours) rounded to the format as the host's products read it: into a new bfloat16 array where
+        they take bf16 as it is (x's float32 bytes then free to go), else round_(x) in place. Only for a value that
+        goes to matmuls alone."""
+        if self._reads_low(x) and x.dtype == np.float32:
+            return to_low(x, self.low)
+        return self.round_(x)
+
     def _reads_low(self, x) -> bool:
         return self.low is not None and type(x) is np.ndarray and gemm.reads_bf16(self)
 
