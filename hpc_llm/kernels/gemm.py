@@ -173,10 +173,10 @@ def _bf16_operand(x):
         bits = _bits(np.swapaxes(x, -1, -2) if t else x)
         return bits, (b"T" if t else b"N"), bits.shape[-1]
     R, C = bits.shape[-2:]
-    (sr, sc), big = bits.strides[-2:], min(bits.strides[:-2], default=0) >= 0
-    if big and sc == 2 and (R == 1 or sr >= 2 * C):
+    (sr, sc), ahead = bits.strides[-2:], min(bits.strides[:-2], default=0) >= 0
+    if ahead and sc == 2 and (R == 1 or sr >= 2 * C):
         return bits, b"N", max(sr // 2, C, 1)
-    if big and sr == 2 and C > 1 and sc >= 2 * R:
+    if ahead and sr == 2 and C > 1 and sc >= 2 * R:
         return np.swapaxes(bits, -1, -2), b"T", max(sc // 2, R, 1)
     bits = np.ascontiguousarray(bits)
     return bits, b"N", max(C, 1)

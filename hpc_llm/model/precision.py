@@ -52,7 +52,7 @@ class Precision:
         (oneDNN, kernels/gemm.reads_bf16: one pass, no float32 copy), else operand(x). Only for a value that goes to
         matmuls alone (or is widened again first: gemm.as_float32)."""
         if self._reads_low(x) and x.dtype == np.float32:
-            return to_low(x, self.low)
+            return to_low(np.ascontiguousarray(x), self.low)
         return self.operand(x)
 
     def gemm_round_(self, x):
