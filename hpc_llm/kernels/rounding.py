@@ -71,6 +71,30 @@ def bf16_bits(x, low, out=None):
     return out
 
 
+def sum_rows_low(x, out):
+    """out (float32, C) = the sum of the rows of x (R, C), float32 or a bfloat16 array (a bf16 operand: the
+    layers' bias gradients), in float32: bitwise NumPy's x.astype(float32).sum(axis=0), whose order (from +0, row
+    after row) the compiled kernel keeps, without the float32 copy."""
+    if _bf16(x.dtype) and compiled(_sum_rows_bf16, x, out) and x.flags.c_contiguous:
+        _sum_rows_bf16(x.view(np.uint16), out)
+        return out
+    if x.dtype != np.float32:
+        x = from_low(np.ascontiguousarray(x), np.float32)
+    return x.sum(axis=0, out=out)
+
+
+@kernel(auto=True)
+def _sum_rows_bf16(bits, out):
+    row = np.empty(bits.shape[1], dtype=np.uint32)
+    wide = row.view(np.float32)
+    out[:] = 0.0
+    for i in range(bits.shape[0]):
+        for j in range(bits.shape[1]):
+            row[j] = np.uint32(bits[i, j]) << 16
+        for j in range(bits.shape[1]):
+            out[j] += wide[j]
+
+
 @kernel(auto=True)
 def _round_bf16(bits, out):
     for i in range(bits.size):

@@ -42,6 +42,7 @@ from hpc_llm.kernels.layernorm import (  # noqa: F401
     layernorm_backward_weight,
     layernorm_forward,
 )
+from hpc_llm.kernels.rounding import sum_rows_low
 from hpc_llm.kernels.softmax import causal_mask, causal_softmax_, softmax_backward_  # noqa: F401
 from hpc_llm.model.precision import FP32, Precision
 
@@ -63,7 +64,12 @@ def matmul_into(a, b, out, accumulate: bool, prec: Precision = FP32) -> None:
 
 
 def _sum_rows_into(x2d, out, accumulate: bool) -> None:
-    if accumulate:
+    """out (=|+=) the sum of x2d's rows; a bf16 x2d (an output gradient made for oneDNN) summed in float32."""
+    if x2d.dtype != out.dtype and type(x2d) is np.ndarray:
+        summed = sum_rows_low(x2d, out if not accumulate else np.empty_like(out))
+        if accumulate:
+            out += summed
+    elif accumulate:
         out += x2d.sum(axis=0)
     else:
         x2d.sum(axis=0, out=out)
@@ -165,7 +171,7 @@ def linear_backward_weight(dout, x, dw, db, accumulate: bool, prec: Precision = 
     if dw is not None:
         matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate, prec)
     if db is not None:
-        _sum_rows_into(as_float32(d2), db, accumulate)
+        _sum_rows_into(d2, db, accumulate)
 
 
 def linear_backward_input(dout, w, prec: Precision = FP32):
