@@ -161,6 +161,7 @@ def quantize_model(model, mode: str = "int8") -> None:
             held[name] = obj
     model.params, model.grads = held, {}
     model.flat = model.grad_flat = model.compute = None  # the float32 buffers go
+    model.compute_bits = None
     model.quantized = mode
 
 

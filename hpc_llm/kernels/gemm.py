@@ -8,11 +8,16 @@ float32 rate. The arithmetic is the same (exact products of bf16 values, float32
 inside a GEMM differs, so each entry stays within gamma_K = K u / (1 - K u) (u = 2^-24) of |a| |b| of the exact
 product, as the float32 GEMM's does (tests/kernels/test_gemm.py).
 
-`matmul(a, b, out, accumulate, prec)` takes oneDNN when all of these hold: prec is bf16, both operands and out are
-float32 NumPy arrays, HPC_LLM_KERNELS is not "numpy", the library loads (HPC_LLM_DNNL_LIB, else the environment's
-lib/libdnnl.so.3 from the onednn-cpu-gomp wheel, else the system's libdnnl), the CPU reports avx512_bf16 or amx_bf16,
-and the product has at least MIN_MACS multiply-adds per matrix and MIN_SIDE rows and columns. Otherwise NumPy's
-matmul, as before.
+`matmul(a, b, out, accumulate, prec)` takes oneDNN when all of these hold: prec is bf16, both operands are NumPy
+arrays of float32 (values already bf16) or bfloat16 (ml_dtypes), HPC_LLM_KERNELS is not "numpy", the library
+loads (HPC_LLM_DNNL_LIB, else the environment's lib/libdnnl.so.3 from the onednn-cpu-gomp wheel, else the system's
+libdnnl), the CPU reports avx512_bf16 or amx_bf16, and the product has at least MIN_MACS multiply-adds per matrix
+(MIN_MACS_HELD when both operands are bfloat16 arrays: no copies to pay for) and MIN_SIDE rows and columns.
+Otherwise NumPy's matmul, as before, a bfloat16 operand widened to float32 first (exact).
+
+Where oneDNN runs, a value can reach it as bf16 bits with no conversion: a bfloat16 array is passed as it is (its
+bit patterns, any row stride), and a float32 array whose bf16 bits its owner keeps beside it (`share_bf16_bits`:
+the model's weights, GPT.refresh_compute) reads those; any other float32 operand is converted for the call.
 
 oneDNN takes its threads from OpenMP (OMP_NUM_THREADS); NumPy's OpenBLAS from OPENBLAS_NUM_THREADS.
 
@@ -27,15 +32,17 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import weakref
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.blas import cpu_flags, set_openblas_threads
 from hpc_llm.kernels.cuda import gemm16
-from hpc_llm.kernels.dispatch import kernels_choice, numba_available
+from hpc_llm.kernels.dispatch import kernels_choice
 from hpc_llm.kernels.pool import pool_threads
-from hpc_llm.kernels.rounding import _to_bf16, to_low
+from hpc_llm.kernels.rounding import bf16_bits, from_low
 
 # a product of fewer multiply-adds per matrix than this stays on BLAS: below it the per-call overhead (the ctypes
 # call, the operands' bf16 copies) outweighs the faster arithmetic (measured: scripts/bench/bench_gemm.py)
@@ -47,8 +54,14 @@ MIN_SIDE = 64
 # thread: shakespeare-char's per-head products (2^17-2^18, 48 a step) ran at 69-88 GFLOP/s as oneDNN calls against
 # 123-235 on OpenBLAS's batched loop; 6x384's (2^21) at 278-336 against 252-297 (scripts/bench/bench_pool.py)
 POOL_MIN_MACS = 1 << 20
+# a bf16 product with both operands bfloat16 arrays already takes oneDNN from this many: attention's per-head
+# products (6x384's, a batch of 48 matrices of 2^20-2^21) run 2.0-2.4x NumPy's float32 batched matmul, at 2^17
+# (shakespeare-char's) 0.4x (scripts/bench/bench_gemm.py's bf16in column; docs/performance.md)
+MIN_MACS_HELD = 1 << 20
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _state: dict = {}
+# id(a float32 array) -> (a weak reference to it, its bf16 bit patterns: uint16 of its shape, C-contiguous)
+_shared_bits: dict = {}
 
 
 def _load_gemm(name: str = "dnnl_gemm_bf16bf16f32"):
@@ -87,16 +100,31 @@ def onednn_gemm():
     return _state["gemm"]
 
 
+def reads_bf16(prec) -> bool:
+    """Whether prec's products on NumPy arrays take bf16 operands as they are (oneDNN runs them): then a value made
+    for a product is best made in bfloat16 (model/precision.py), else in float32."""
+    return prec.name == "bf16" and kernels_choice() != "numpy" and onednn_gemm() is not None
+
+
 def uses_onednn(a, b, prec) -> bool:
     """Whether matmul(a, b, ..., prec) runs on oneDNN's bf16 GEMM (the conditions in the module's docstring)."""
     if prec.name != "bf16" or not (type(a) is np.ndarray and type(b) is np.ndarray):
         return False
-    if a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or b.ndim < 2:
+    if a.dtype not in (np.float32, prec.low) or b.dtype not in (np.float32, prec.low):
+        return False
+    if a.ndim < 2 or b.ndim < 2:
         return False
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    if min(M, N) < MIN_SIDE or M * K * N < MIN_MACS or kernels_choice() == "numpy":
+    cut = min(MIN_MACS, MIN_MACS_HELD) if a.dtype == b.dtype == prec.low else MIN_MACS
+    if min(M, N) < MIN_SIDE or M * K * N < cut or kernels_choice() == "numpy":
         return False
     return onednn_gemm() is not None
+
+
+def takes_held(prec, macs: int, side: int) -> bool:
+    """Whether products of bfloat16 arrays with at least `macs` multiply-adds per matrix and no side below `side`
+    run on oneDNN: a caller that makes their operands makes them in bfloat16 then (attention's, model/layers.py)."""
+    return side >= MIN_SIDE and macs >= min(MIN_MACS, MIN_MACS_HELD) and reads_bf16(prec)
 
 
 def matmul(a, b, out=None, accumulate: bool = False, prec=None):
@@ -106,6 +134,7 @@ def matmul(a, b, out=None, accumulate: bool = False, prec=None):
         return gemm16.matmul16(a, b, prec, out, accumulate)
     if prec is not None and uses_onednn(a, b, prec):
         return bf16_matmul(a, b, out, accumulate)
+    a, b = as_float32(a), as_float32(b)
     if (out is None or out.dtype == np.float32) and uses_sgemm(a, b):
         return sgemm_matmul(a, b, out, accumulate)
     if out is None:
@@ -117,25 +146,62 @@ def matmul(a, b, out=None, accumulate: bool = False, prec=None):
     return out
 
 
+def _is_bf16(x) -> bool:
+    return type(x) is np.ndarray and x.dtype.itemsize == 2 and x.dtype.name == "bfloat16"
+
+
+def as_float32(x):
+    """x itself, or a bfloat16 array widened to float32 (exact): what BLAS multiplies."""
+    return from_low(np.ascontiguousarray(x), np.float32) if _is_bf16(x) else x
+
+
+def share_bf16_bits(values, bits) -> None:
+    """Declare `bits` (uint16, C-contiguous, values' shape) the bf16 bit patterns of the float32 array `values`
+    (C-contiguous, holding bf16 values), kept equal to them by their owner for as long as `values` lives: a product
+    with an operand that is a view of `values` then reads the view's bits, no conversion."""
+    assert values.dtype == np.float32 and bits.dtype == np.uint16 and bits.size == values.size
+    key = id(values)
+    _shared_bits[key] = (weakref.ref(values, lambda _: _shared_bits.pop(key, None)), bits)
+
+
+def _shared_view(x):
+    """x's bits as a uint16 view of the bits shared for the array x is a view of (share_bf16_bits), else None."""
+    base = x
+    while _shared_bits and isinstance(base, np.ndarray):
+        entry = _shared_bits.get(id(base))
+        if entry is not None and entry[0]() is base:
+            offset = _address(x) - _address(base)
+            if offset % 4 or any(s % 4 or s < 0 for s in x.strides):
+                return None
+            flat = entry[1].reshape(-1)[offset // 4 :]
+            return as_strided(flat, x.shape, tuple(s // 2 for s in x.strides), writeable=False)
+        base = base.base
+    return None
+
+
 def _bf16_operand(x):
-    """x (..., R, C), float32 values already bf16 (or rounded to it here), as bf16 bit patterns in a layout
-    oneDNN reads: (bits, trans) with bits (..., R, C) row-major (trans "N") or (..., C, R) row-major of x's
-    transpose (trans "T", no copy of the transposition)."""
-    item = x.itemsize
-    if x.strides[-2] == item and x.strides[-1] != item and x.shape[-1] > 1:
-        return _bits(np.swapaxes(x, -1, -2)), b"T"
-    return _bits(x), b"N"
+    """x (..., R, C), float32 values already bf16 (or rounded to it here) or bfloat16, as bf16 bit patterns in a
+    layout oneDNN reads: (bits, trans, ld), bits (..., R, C) with rows ld elements apart (trans "N") or (..., C, R)
+    the same for x's transpose (trans "T", no copy of the transposition); leading axes of any strides."""
+    bits = x.view(np.uint16) if _is_bf16(x) else _shared_view(x)
+    if bits is None:
+        t = x.strides[-2] == x.itemsize and x.strides[-1] != x.itemsize and x.shape[-1] > 1
+        bits = _bits(np.swapaxes(x, -1, -2) if t else x)
+        return bits, (b"T" if t else b"N"), bits.shape[-1]
+    R, C = bits.shape[-2:]
+    (sr, sc), ahead = bits.strides[-2:], min(bits.strides[:-2], default=0) >= 0
+    if ahead and sc == 2 and (R == 1 or sr >= 2 * C):
+        return bits, b"N", max(sr // 2, C, 1)
+    if ahead and sr == 2 and C > 1 and sc >= 2 * R:
+        return np.swapaxes(bits, -1, -2), b"T", max(sc // 2, R, 1)
+    bits = np.ascontiguousarray(bits)
+    return bits, b"N", max(C, 1)
 
 
 def _bits(x):
     """x's bf16 values (round to nearest even: exact on values already bf16) as a C-contiguous uint16 array; the
     compiled conversion whenever numba is there (a bf16 run has loaded it already), on arrays of any size."""
-    if not numba_available():
-        return np.ascontiguousarray(to_low(x, low_dtype("bf16"))).view(np.uint16)
-    x = np.ascontiguousarray(x)
-    out = np.empty(x.shape, dtype=np.uint16)
-    _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
-    return out
+    return bf16_bits(np.ascontiguousarray(x), low_dtype("bf16"))
 
 
 def bf16_matmul(a, b, out=None, accumulate: bool = False):
@@ -146,7 +212,7 @@ def bf16_matmul(a, b, out=None, accumulate: bool = False):
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     assert b.shape[-2] == K, f"matmul: {a.shape} @ {b.shape}"
     lead = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    (abits, ta), (bbits, tb) = _bf16_operand(a), _bf16_operand(b)
+    (abits, ta, lda), (bbits, tb, ldb) = _bf16_operand(a), _bf16_operand(b)
     if out is None:
         out, accumulate = np.empty(lead + (M, N), dtype=np.float32), False
     target = out
@@ -155,7 +221,7 @@ def bf16_matmul(a, b, out=None, accumulate: bool = False):
         if accumulate:
             target[...] = out
     beta = 1.0 if accumulate else 0.0
-    lda, ldb, ldc = abits.shape[-1], bbits.shape[-1], target.strides[-2] // 4
+    ldc = target.strides[-2] // 4
     pa, pb, pc = (_address(x) for x in (abits, bbits, target))
     for oa, ob, oc in zip(*(_offsets(x, lead) for x in (abits, bbits, target))):
         status = gemm(ta, tb, M, N, K, 1.0, pa + oa, lda, pb + ob, ldb, beta, pc + oc, ldc)

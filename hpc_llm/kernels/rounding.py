@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpc_llm.kernels.dispatch import compiled, kernel
+from hpc_llm.kernels.dispatch import compiled, kernel, numba_available
 
 PIECE = 1 << 18  # the twin rounds a piece at a time: no temporaries the size of x
 
@@ -55,6 +55,44 @@ def from_low(kept, dtype):
         _from_bf16(kept.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
         return out
     return kept.astype(dtype)
+
+
+def bf16_bits(x, low, out=None):
+    """x's bf16 bit patterns (float32 x, C-contiguous, rounded to nearest even: exact on values already bf16) as a
+    uint16 array of x's shape, into out (C-contiguous) when given. `low` is bfloat16's dtype. Compiled whenever
+    numba is there, on arrays of any size: a oneDNN product's operands (kernels/gemm.py), in a run that has loaded
+    the compiled rounding already."""
+    out = np.empty(x.shape, dtype=np.uint16) if out is None else out
+    assert x.dtype == np.float32 and out.size == x.size and out.flags.c_contiguous
+    if numba_available():
+        _to_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
+    else:
+        out[...] = x.astype(low).view(np.uint16)
+    return out
+
+
+def sum_rows_low(x, out):
+    """out (float32, C) = the sum of the rows of x (R, C), float32 or a bfloat16 array (a bf16 operand: the
+    layers' bias gradients), in float32: bitwise NumPy's x.astype(float32).sum(axis=0), whose order (from +0, row
+    after row) the compiled kernel keeps, without the float32 copy."""
+    if _bf16(x.dtype) and compiled(_sum_rows_bf16, x, out) and x.flags.c_contiguous:
+        _sum_rows_bf16(x.view(np.uint16), out)
+        return out
+    if x.dtype != np.float32:
+        x = from_low(np.ascontiguousarray(x), np.float32)
+    return x.sum(axis=0, out=out)
+
+
+@kernel(auto=True)
+def _sum_rows_bf16(bits, out):
+    row = np.empty(bits.shape[1], dtype=np.uint32)
+    wide = row.view(np.float32)
+    out[:] = 0.0
+    for i in range(bits.shape[0]):
+        for j in range(bits.shape[1]):
+            row[j] = np.uint32(bits[i, j]) << 16
+        for j in range(bits.shape[1]):
+            out[j] += wide[j]
 
 
 @kernel(auto=True)

@@ -16,7 +16,9 @@ import numpy as np
 from hpc_llm.backend import releasable_zeros, release, to_device
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
+from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.rounding import bf16_bits
 from hpc_llm.model.chunk import Chunk
 from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.model.layers import NO_PARAM, Param
@@ -150,6 +152,18 @@ class GPT:
             self.compute_wide = xp.zeros(self.wide_runs.total, dtype=self.dtype)
         else:
             self.compute = zeros("params")
+        # bf16 products on oneDNN (kernels/gemm.py): the compute copy's bf16 bits beside it (2 bytes a parameter),
+        # written with it by refresh_compute, so no product converts a weight again; not under ZeRO-3, whose
+        # compute copy is gathered a unit at a time
+        self.compute_bits = None
+        if (
+            xp is np
+            and self.dtype == np.float32
+            and "params" not in self.releasable
+            and gemm.reads_bf16(self.prec)
+        ):
+            self.compute_bits = np.zeros(n, dtype=np.uint16)
+            gemm.share_bf16_bits(self.compute, self.compute_bits)
         self.params = {s.name: self._compute_view(s) for s in self.specs}
         self.grads = {
             s.name: self.grad_flat[s.offset : s.offset + s.size].reshape(s.local_shape)
@@ -262,6 +276,8 @@ class GPT:
                 for a in range(lo, hi, piece):
                     b = min(a + piece, hi)
                     self.prec.operand(self.flat[a:b], self.compute[a:b])
+                    if self.compute_bits is not None:
+                        bf16_bits(self.compute[a:b], self.prec.low, self.compute_bits[a:b])
 
     def clear_grads(self) -> None:
         """Zero the gradient buffer (ZeRO-2/3: its pages given back)."""

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hpc_llm.backend import array_module
+from hpc_llm.kernels import gemm
 from hpc_llm.kernels.attention import attention_dropout
 from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     ELEMENTWISE_CHUNK,
@@ -34,13 +35,14 @@ from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     gelu_tanh,
 )
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.gemm import matmul
+from hpc_llm.kernels.gemm import as_float32, matmul
 from hpc_llm.kernels.layernorm import (  # noqa: F401
     LN_EPS,
     layernorm_backward_input,
     layernorm_backward_weight,
     layernorm_forward,
 )
+from hpc_llm.kernels.rounding import sum_rows_low
 from hpc_llm.kernels.softmax import causal_mask, causal_softmax_, softmax_backward_  # noqa: F401
 from hpc_llm.model.precision import FP32, Precision
 
@@ -62,7 +64,12 @@ def matmul_into(a, b, out, accumulate: bool, prec: Precision = FP32) -> None:
 
 
 def _sum_rows_into(x2d, out, accumulate: bool) -> None:
-    if accumulate:
+    """out (=|+=) the sum of x2d's rows; a bf16 x2d (an output gradient made for oneDNN) summed in float32."""
+    if x2d.dtype != out.dtype and type(x2d) is np.ndarray:
+        summed = sum_rows_low(x2d, out if not accumulate else np.empty_like(out))
+        if accumulate:
+            out += summed
+    elif accumulate:
         out += x2d.sum(axis=0)
     else:
         x2d.sum(axis=0, out=out)
@@ -121,6 +128,10 @@ def linear_forward(x, w, b, prec: Precision = FP32):
     any object `@` accepts (an int8 quantize.QuantizedWeight). A float32 product of few rows by a large weight is
     taken over column panels (_matmul_panels). prec: the operands' format (kernels/gemm.py)."""
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= SMALL_ROWS:
+        x2 = as_float32(
+            x2
+        )  # a bf16 operand (Precision.gemm_use) of few rows: BLAS's product, by panels
     if (
         type(w) is np.ndarray
         and 2 <= x2.shape[0] <= SMALL_ROWS
@@ -372,29 +383,42 @@ def attention_forward(
         )
     qkvh = split_heads(qkv, n_head)
     qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
-    prec.round_(qkvh)  # split_heads made it: ours
+    held = _reads_low(prec, qkvh)
+    if held:  # rounded once, into the kept bf16 copy the products read
+        qkvh = prec.keep(qkvh)
+    else:
+        prec.round_(qkvh)  # split_heads made it: ours
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
-    yh = xp.empty_like(q)
+    yh = xp.empty(q.shape, dtype=qkv.dtype)
     atts, masks = [], []
     for q0, q1 in query_blocks(q.shape[2]):
-        att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec)
-        used = att if mask is None else mask.scaled(att)
-        matmul(prec.round_(used), v[:, :, :q1], yh[:, :, q0:q1], False, prec)
+        att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec, held)
+        used = att if mask is None else prec.round_(mask.scaled(att))
+        matmul(used, v[:, :, :q1], yh[:, :, q0:q1], False, prec)
         if keep_probs:
-            atts.append(prec.keep(att))
+            atts.append(att if att.dtype == prec.low else prec.keep(att))
             masks.append(mask)
     del att, mask, used
     if not keep_probs:
         atts = masks = None
-    return xp.ascontiguousarray(merge_heads(yh)), (prec.keep(qkvh), atts, masks)
+    return xp.ascontiguousarray(merge_heads(yh)), (qkvh if held else prec.keep(qkvh), atts, masks)
 
 
-def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision):
-    """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so) and its
-    dropout mask (None without dropout): forward's, and selective recompute's again in backward."""
-    att = rounded_softmax_(
-        matmul(q[:, :, q0:q1], k[:, :, :q1].transpose(0, 1, 3, 2), prec=prec), prec
-    )
+def _reads_low(prec: Precision, qkvh) -> bool:
+    """Whether attention's products on these heads all take bf16 operands as they are (oneDNN; the smallest, the
+    first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are then made in bf16, once."""
+    b, hd = query_blocks(qkvh.shape[3])[-1][1], qkvh.shape[4]
+    return type(qkvh) is np.ndarray and gemm.takes_held(prec, b * b * hd, min(b, hd))
+
+
+def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision, held=False):
+    """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so; held and
+    without dropout: a bf16 array) and its dropout mask (None without dropout): forward's, and selective
+    recompute's again in backward."""
+    scores = matmul(q[:, :, q0:q1], k[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
+    if held and dropout == 0.0:
+        return prec.keep(causal_softmax_(scores)), None
+    att = rounded_softmax_(scores, prec)
     mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
     return att, mask
 
@@ -412,10 +436,10 @@ def _rounded_softmax_(att, prec: Precision):
     return prec.round_(causal_softmax_(att))
 
 
-def rounded_softmax_backward_(datt, att, mask, prec: Precision):
+def rounded_softmax_backward_(datt, att, mask, prec: Precision, held: bool = False):
     """datt = p * (datt - sum(datt * p)) per row with the dropout mask (None: none) applied to datt first, rounded
-    to prec's format, in place; masked entries have p = 0 and stay 0. On a device: the mask's pass, then one fused
-    kernel with the rounding folded in."""
+    to prec's format, in place (held: into a new bf16 array, attention's products reading it as it is); masked
+    entries have p = 0 and stay 0. On a device: the mask's pass, then one fused kernel with the rounding folded in."""
     xp = array_module(datt)
     if device.on_device(xp):
         if mask is not None:
@@ -425,7 +449,7 @@ def rounded_softmax_backward_(datt, att, mask, prec: Precision):
         softmax_backward_(datt, att)
     else:
         softmax_backward_(datt, att, mask.keep, mask.scale)
-    return prec.round_(datt)
+    return prec.keep(datt) if held else prec.round_(datt)
 
 
 def _rounded_softmax_backward_(datt, att, prec: Precision):
@@ -474,27 +498,37 @@ def attention_backward(
     if isinstance(cache[2], device.FlashCache):
         return device.flash_attention_backward(xp, dy, cache, n_head, prec)
     qkvh, atts, masks = cache
-    qkvh = prec.use(qkvh, dy.dtype)
+    held = _reads_low(prec, qkvh)
+    qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
-    dyh = prec.round_(xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)))
-    dqkvh = xp.empty_like(qkvh)
+    dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
+    dyh = prec.keep(dyh) if held else prec.round_(dyh)
+    dqkvh = xp.empty(qkvh.shape, dtype=dy.dtype)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     blocks = query_blocks(T)
     if atts is None:
         # selective recompute: each block's probabilities and mask again, in forward's order
-        kept = ((_probabilities(q, k, q0, q1, dropout, rng, prec)) for q0, q1 in blocks)
+        kept = ((_probabilities(q, k, q0, q1, dropout, rng, prec, held)) for q0, q1 in blocks)
     else:
-        kept = ((prec.use(att, dy.dtype), mask) for att, mask in zip(atts, masks))
+        kept = zip(atts, masks)
     for first, ((q0, q1), (att, mask)) in enumerate(zip(blocks, kept)):
         # the first block sees every key: it writes dk and dv whole, later blocks add
         first = first == 0
-        used = att if mask is None else prec.round_(mask.scaled(att))  # att: kept rounded
+        # att: rounded (held without dropout: bf16, as the products read it); in float32 for the softmax's backward
+        low = att if held and mask is None else None
+        if atts is not None or low is not None:
+            att = prec.use(att, dy.dtype)
+        used = att if mask is None else prec.round_(mask.scaled(att))
+        used = used if low is None else low
         dyb = dyh[:, :, q0:q1]
         matmul_into(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], not first, prec)
         datt = matmul(dyb, v[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
-        rounded_softmax_backward_(datt, att, mask, prec)
+        if held:
+            datt = rounded_softmax_backward_(datt, att, mask, prec, held=True)
+        else:
+            rounded_softmax_backward_(datt, att, mask, prec)
         matmul(datt, k[:, :, :q1], dq[:, :, q0:q1], False, prec)
         matmul_into(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], not first, prec)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right

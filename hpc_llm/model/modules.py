@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dropout_residual import dropout_residual_
@@ -410,7 +412,8 @@ class Head:
             kept = self.prec.keep(xf)  # the slice, for backward
             xf = gather_from_sequence_parallel_region(self.prec.use(kept, xf.dtype), self.tp)
         B, T, C = xf.shape
-        xf2 = self.prec.operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
+        # bf16 where the products read it so (Precision.gemm_operand): then it is the kept copy too
+        xf2 = self.prec.gemm_operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
         if targets is None:
             # few rows (decoding): by panels
             logits = linear_forward(xf2, self.wte.value.T, None, self.prec)
@@ -430,7 +433,7 @@ class Head:
                 logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
             )
         if not self.sequence_parallel:
-            kept = self.prec.keep(xf2)
+            kept = xf2 if xf2.dtype == self.prec.low else self.prec.keep(xf2)
         return loss, (lnf, kept, ce, (B, T, C))
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
@@ -444,7 +447,7 @@ class Head:
             if isinstance(ce, DistillCache)
             else vocab_parallel_cross_entropy_backward
         )
-        dlogits = self.prec.round_(loss_backward(ce, loss_scale))
+        dlogits = self.prec.gemm_round_(loss_backward(ce, loss_scale))
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
             work.add(self._wte_weight, dlogits, xf2, shape[-1])
@@ -460,7 +463,10 @@ class Head:
         return dx
 
     def _wte_weight(self, dlogits, xf2, C: int, accumulate: bool) -> None:
-        xf2 = self.prec.use(xf2, dlogits.dtype)
+        dtype = np.float32 if dlogits.dtype == self.prec.low else dlogits.dtype
         if self.sequence_parallel:  # the forward's gather again
+            xf2 = self.prec.use(xf2, dtype)
             xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, C)
+        else:
+            xf2 = self.prec.gemm_use(xf2, dtype)
         matmul_into(dlogits.T, xf2, self.wte.grad, accumulate, self.prec)

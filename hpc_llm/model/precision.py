@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module, low_dtype
+from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.rounding import from_low, round_low_, to_low
 
@@ -45,6 +46,25 @@ class Precision:
 
     def _operand(self, x):
         return round_low_(x.copy(), self.low)
+
+    def gemm_operand(self, x):
+        """x rounded to the format as the host's products read it: a bfloat16 array where they take bf16 as it is
+        (oneDNN, kernels/gemm.reads_bf16: one pass, no float32 copy), else operand(x). Only for a value that goes to
+        matmuls alone (or is widened again first: gemm.as_float32)."""
+        if self._reads_low(x) and x.dtype == np.float32:
+            return to_low(np.ascontiguousarray(x), self.low)
+        return self.operand(x)
+
+    def gemm_round_(self, x):
+        """x (contiguous, ours) rounded to the format as the host's products read it: into a new bfloat16 array where
+        they take bf16 as it is (x's float32 bytes then free to go), else round_(x) in place. Only for a value that
+        goes to matmuls alone."""
+        if self._reads_low(x) and x.dtype == np.float32:
+            return to_low(x, self.low)
+        return self.round_(x)
+
+    def _reads_low(self, x) -> bool:
+        return self.low is not None and type(x) is np.ndarray and gemm.reads_bf16(self)
 
     def round_(self, x):
         """x (contiguous, ours to overwrite) rounded to the format in place, a piece at a time: no temporaries the
@@ -79,7 +99,7 @@ class Precision:
         if device.on_device(xp) and x.dtype == np.float32 and np.dtype(dtype) == np.float32:
             return device.narrow_round(xp, xp.ascontiguousarray(x), self, self._keep_use)
         kept = self.keep(x)
-        return kept, self.use(kept, dtype)
+        return kept, self.gemm_use(kept, dtype)
 
     def _keep_use(self, x):
         kept = to_low(x, self.low)
@@ -93,6 +113,13 @@ class Precision:
         if device.on_device(xp):
             return device.widen(xp, kept, self, dtype, from_low)
         return from_low(kept, dtype)
+
+    def gemm_use(self, kept, dtype):
+        """A kept activation as the host's products read it: itself where they take bf16 (gemm.reads_bf16), else
+        use(kept, dtype). Only for a value that goes to matmuls alone."""
+        if self._reads_low(kept) and kept.dtype == self.low and dtype in (np.float32, self.low):
+            return kept
+        return self.use(kept, dtype)
 
 
 FP32 = Precision("fp32")

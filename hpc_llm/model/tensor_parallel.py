@@ -172,7 +172,7 @@ class ColumnParallelLinear:
     def backward_input(self, dy, cache, work: WeightWork):
         """B: the input gradient; the weight gradients go to `work` (W: dy and the kept input; LoRA's dh too)."""
         x, h = cache if self.lora is not None else (cache, None)
-        dy, dy_w = _operands(self.prec, dy, self.w.value)
+        dy, dy_w = _operands(self.prec, dy, self.w.value, self.lora)
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
@@ -282,7 +282,8 @@ class RowParallelLinear:
         if self.sequence_parallel:
             dy, dy_w = _gathered_operand(self.prec, dy, self.comm, self.w.value)
         else:
-            dy, dy_w = _operands(self.prec, self.reduce_backward(dy, self.comm), self.w.value)
+            dy = self.reduce_backward(dy, self.comm)
+            dy, dy_w = _operands(self.prec, dy, self.w.value, self.lora)
         if self.lora is not None and not work.deferred:
             # used twice at once (w's and A's gradients): converted once
             x = self.prec.use(x, dy.dtype)
@@ -311,8 +312,9 @@ class RowParallelLinear:
 
 
 def _used(prec: Precision, x, dtype):
-    """A kept input in the compute dtype: converted from the format unless B already did."""
-    return x if x.dtype == dtype else prec.use(x, dtype)
+    """A kept input as a product's operand: converted from the format unless B already did (or the products
+    take the format as it is: Precision.gemm_use)."""
+    return x if x.dtype == dtype else prec.gemm_use(x, dtype)
 
 
 def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
@@ -321,7 +323,11 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
     the format's already) and the whole is widened once; elsewhere the slice is widened, then gathered."""
     if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
         return prec.use(_gather_bits(kept, comm), dtype)
-    return gather_from_sequence_parallel_region(_used(prec, kept, dtype), comm)
+    # a bf16 operand's dtype asked for (Precision.gemm_operand): the gather's is float32
+    wide = np.float32 if dtype == prec.low else dtype
+    return gather_from_sequence_parallel_region(
+        kept if kept.dtype == wide else prec.use(kept, wide), comm
+    )
 
 
 def _gather_bits(kept, comm: Comm):
@@ -336,13 +342,15 @@ def _reads_bits(w, x, lora) -> bool:
     return lora is None and stored_16_bit(w) and x.dtype == np.float32
 
 
-def _operands(prec: Precision, dy, w):
-    """An output gradient as a matmul operand (float32, the format's values) and as the input-gradient GEMM's
-    operand: for w stored in 2 bytes its bits, from the same launch (keep_use); else the operand again."""
+def _operands(prec: Precision, dy, w, lora):
+    """An output gradient as a matmul operand (the format's values) and as the input-gradient GEMM's operand: for w
+    stored in 2 bytes on a device, float32 and its bits, from the same launch (keep_use); else the operand twice,
+    in float32 with LoRA (which scales dy in float32), else as the products read it (Precision.gemm_operand: bf16
+    on oneDNN)."""
     if prec.low is not None and stored_16_bit(w) and dy.dtype == np.float32:
         bits, dy = prec.keep_use(dy, dy.dtype)
         return dy, bits
-    dy = prec.operand(dy)
+    dy = prec.operand(dy) if lora is not None else prec.gemm_operand(dy)
     return dy, dy
 
 

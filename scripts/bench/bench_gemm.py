@@ -6,7 +6,8 @@ load), with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset so OpenBLAS runs the CP
     python scripts/bench/bench_gemm.py --sweep              # square products: kernels/gemm.MIN_MACS's cut-over
 
 The bf16 side includes what the model pays per call: the operands' bf16 copies and the per-matrix calls of a batched
-product. Threads: OPENBLAS_NUM_THREADS and OMP_NUM_THREADS are both set to the count; OMP_WAIT_POLICY passes through
+product; "bf16in" is the same product with its operands held as bfloat16 already (no copies). Threads:
+OPENBLAS_NUM_THREADS and OMP_NUM_THREADS are both set to the count; OMP_WAIT_POLICY passes through
 (`OMP_WAIT_POLICY=passive python ...`: GNU OpenMP's threads sleep after a call, not spin) and is printed."""
 
 from __future__ import annotations
@@ -66,14 +67,18 @@ def measure(shapes, repeats: int) -> list[dict]:
         a, b = operands(batch, M, K, N, layout, rng)
         out = np.empty(batch + (M, N), dtype=np.float32)
         flops = 2 * M * K * N * int(np.prod(batch))
-        times = {"fp32": [], "bf16": []}
+        # the same operands held as bfloat16 (the model's kept activations, Precision.gemm_operand): no copies
+        a16, b16 = (x.astype(gemm.low_dtype("bf16"), order="K") for x in (a, b))
+        times = {"fp32": [], "bf16": [], "bf16in": []}
         for _ in range(2):  # A B A B
             times["fp32"].append(median_time(lambda: np.matmul(a, b, out=out), repeats))
             times["bf16"].append(median_time(lambda: gemm.bf16_matmul(a, b, out), repeats))
+            times["bf16in"].append(median_time(lambda: gemm.bf16_matmul(a16, b16, out), repeats))
         row = {"shape": name, "batch": list(batch), "M": M, "K": K, "N": N}
         for k, v in times.items():
             row[f"{k}_gflops"] = round(flops / float(np.median(v)) / 1e9, 1)
         row["bf16_over_fp32"] = round(row["bf16_gflops"] / row["fp32_gflops"], 2)
+        row["bf16in_over_fp32"] = round(row["bf16in_gflops"] / row["fp32_gflops"], 2)
         rows.append(row)
     return rows
 

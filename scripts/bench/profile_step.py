@@ -2,20 +2,24 @@
 """Where a training step's time goes: each matmul shape's GFLOP/s at 1 and 2 BLAS threads, the matmuls against
 the whole step, AdamW, and the Python overhead per layer.
 
-    python scripts/bench/profile_step.py [--preset NAME] [--steps 5]
+    python scripts/bench/profile_step.py [--preset NAME] [--steps 5] [--precision bf16] [--cprofile 15]
 
 Per thread count a child process (OpenBLAS reads OPENBLAS_NUM_THREADS at load) times, for each preset: every
 distinct matmul of the step (bench_train.matmul_plan: shapes and transposed layouts as the model has them; attention
 matmuls are batched over batch x heads), the whole step, its matmuls replayed alone, AdamW alone, and the step of a
 model with the same layers but tiny tensors (n_embd 16, T 8, B 1: what is left is per-call overhead), per layer.
-Medians of --steps. Never a test: record the figures in docs/performance.md.
+Medians of --steps. --precision: the model's train.precision (the matmul table and the replay stay float32 BLAS
+products). --cprofile N: also the step's N functions of most own time under cProfile (ms per step, over --steps
+steps; cProfile's own cost included). Never a test: record the figures in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 from collections import defaultdict
@@ -54,15 +58,28 @@ def gemm_table(plan, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
-def child(name: str, steps: int) -> dict:
+def profile_rows(step, steps: int, top: int) -> list[dict]:
+    """The step's `top` functions by own time under cProfile: ms per step, calls per step."""
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [step() for _ in range(steps)])
+    stats = pstats.Stats(prof).stats
+    rows = [
+        dict(fn=f"{path.rsplit('/', 1)[-1]}:{line}({fn})", ms=1e3 * tt / steps, calls=nc / steps)
+        for (path, line, fn), (_, nc, tt, _, _) in stats.items()
+    ]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
+def child(name: str, steps: int, precision: str = "fp32", top: int = 0) -> dict:
     keep_freed_memory()
     p = PRESETS[name]
-    cfg, model, opt, step = build(p)
+    cfg, model, opt, step = build(p, precision)
     plan = matmul_plan(cfg, p["batch"])
     tiny = dict(p, n_embd=16, n_head=2, block_size=8, batch=1, vocab_size=64)
-    step_tiny = build(tiny)[3]
+    step_tiny = build(tiny, precision)[3]
     return dict(
         step_ms=1e3 * median_time(step, steps, warmup=2),
+        profile=profile_rows(step, steps, top) if top else [],
         matmul_ms=1e3 * median_time(lambda: run_plan(plan), steps, warmup=1),
         adamw_ms=1e3 * median_time(lambda: opt.step(1e-4), steps, warmup=1),
         overhead_ms_per_layer=1e3 * median_time(step_tiny, steps, warmup=2) / p["n_layer"],
@@ -81,15 +98,18 @@ def main() -> None:
     ap.add_argument(
         "--pool", default="auto", help="HPC_LLM_POOL values to run side by side, e.g. auto,off"
     )
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps)))
+        print(json.dumps(child(args.child, args.steps, args.precision, args.cprofile)))
         return
     for name in args.preset or list(PRESETS):
         for t, pool in [(t, q) for t in args.threads.split(",") for q in args.pool.split(",")]:
             env = dict(os.environ, OPENBLAS_NUM_THREADS=t, OMP_NUM_THREADS=t, HPC_LLM_POOL=pool)
             cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+            cmd += ["--precision", args.precision, "--cprofile", str(args.cprofile)]
             r = json.loads(
                 subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             )
@@ -104,6 +124,8 @@ def main() -> None:
                     f"    {g['a']} @ {g['b']} {g['layout']} x{g['count']}: {g['gflops']:.0f} GFLOP/s, "
                     f"{g['ms_per_step']:.1f} ms/step"
                 )
+            for f in r["profile"]:
+                print(f"    {f['ms']:7.1f} ms/step  {f['calls']:6.0f} calls  {f['fn']}")
 
 
 if __name__ == "__main__":

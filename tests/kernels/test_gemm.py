@@ -132,3 +132,46 @@ def test_dispatch_without_the_library_or_the_instructions(monkeypatch, tmp_path)
     out = np.ones((128, 128), np.float32)
     gemm.matmul(a, b, out, True, BF16)
     assert np.array_equal(out, 1 + a @ b)
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_bf16_operands_pass_through_bitwise(layout, monkeypatch):
+    """bfloat16 arrays (kept activations: Precision.gemm_use / gemm_operand) give bitwise the product of the same
+    values held in float32, on oneDNN (any row stride, batched into a strided view) and on BLAS (small: widened)."""
+    monkeypatch.setattr(gemm, "MIN_MACS", 1 << 16)
+    monkeypatch.setattr(gemm, "MIN_MACS_HELD", 1 << 16)
+    rng = np.random.default_rng(4)
+    a, b = bf16_values(rng, (2, 96, 80), layout[0]), bf16_values(rng, (80, 72), layout[1])
+    low = BF16.low
+    a16, b16 = (x.astype(low, order="K") for x in (a, b))
+    assert gemm.uses_onednn(a16[0], b16, BF16)
+    for x, y in [(a16[0], b16), (a[0], b16), (a16[0][::2], b16), (a16[0], b16[:, 1:70])]:
+        want = gemm.matmul(x.astype(np.float32), y.astype(np.float32), prec=BF16)
+        assert np.array_equal(gemm.matmul(x, y, prec=BF16), want)
+    out = np.zeros((2, 100, 72), np.float32)
+    gemm.matmul(a16, b16, out[:, 3:99], False, BF16)
+    assert np.array_equal(out[:, 3:99], gemm.matmul(a, b, prec=BF16))
+    small = a16[0][:8], b16
+    assert not gemm.uses_onednn(*small, BF16)
+    assert np.array_equal(gemm.matmul(*small, prec=BF16), a[0][:8] @ b)
+
+
+@needs_onednn
+def test_shared_bits_are_read_for_views_of_their_values(monkeypatch):
+    """A float32 array whose bits are shared (share_bf16_bits: the weights' compute copy) is multiplied from those
+    bits, through any view (a slice, a transposed reshape), with no conversion; a stale entry is never read."""
+    monkeypatch.setattr(gemm, "MIN_MACS", 1 << 16)
+    rng = np.random.default_rng(5)
+    values = BF16.operand(rng.standard_normal(4 * 96 * 80).astype(np.float32))
+    bits = values.astype(BF16.low).view(np.uint16)
+    gemm.share_bf16_bits(values, bits)
+    w = values[96 * 80 : 2 * 96 * 80].reshape(80, 96)
+    x = BF16.operand(rng.standard_normal((128, 96)).astype(np.float32))
+    want = gemm.matmul(x[:, :80], w.copy(), prec=BF16), gemm.matmul(x, w.T.copy(), prec=BF16)
+    monkeypatch.setattr(gemm, "_bits", lambda x: pytest.fail("a shared operand converted"))
+    assert np.array_equal(gemm.matmul(x[:, :80].astype(BF16.low), w, prec=BF16), want[0])
+    assert np.array_equal(gemm.matmul(x.astype(BF16.low), w.T, prec=BF16), want[1])
+    key = id(values)
+    del values, w
+    assert key not in gemm._shared_bits

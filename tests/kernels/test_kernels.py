@@ -205,3 +205,17 @@ def test_bf16_rounding_every_class(kernels):
         assert np.array_equal(kept.view(np.uint16), kept_ref.view(np.uint16))
     back, back_ref = both(kernels, rounding.from_low, kept_ref, np.float32)
     assert np.array_equal(back.view(np.uint32), back_ref.view(np.uint32))
+
+
+def test_bf16_row_sums(kernels):
+    """The rows of a bf16 array summed in float32 (the bias gradients of bf16 output gradients): bitwise NumPy's
+    sum of the widened values, signed zeros included."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 130)) * rng.uniform(0, 1e4, (300, 1))
+    x = x.astype(np.float32).astype(ml_dtypes.bfloat16)
+    x[:, 0] = -0.0
+    want = x.astype(np.float32).sum(axis=0)
+    for mode in ("numba", "numpy"):
+        got = kernels(mode, rounding.sum_rows_low, x, np.full(130, np.nan, np.float32))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode

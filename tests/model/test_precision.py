@@ -222,6 +222,40 @@ def test_fp32_on_the_shared_pool_within_the_same_bound(monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("recompute, dropout", [("none", 0.0), ("none", 0.1), ("selective", 0.1)])
+def test_bf16_operands_carried_to_onednn_bitwise(monkeypatch, recompute, dropout):
+    """bf16 values carried to oneDNN's GEMM as bf16 arrays (kept inputs, output gradients, attention's q k v and
+    probabilities: Precision.gemm_use / gemm_operand, gemm.takes_held) and the weights' bits kept beside the compute
+    copy give bitwise what converting float32-held operands for each product gives (every product on oneDNN both
+    ways: the same sums); the weights' bits are the master weights rounded, again after a refresh."""
+    from hpc_llm.kernels import gemm
+    from hpc_llm.model.layers import DropoutRNG
+
+    if gemm.onednn_gemm() is None:
+        pytest.skip("oneDNN's bf16 GEMM unavailable (onednn-cpu-gomp, avx512_bf16 or amx_bf16)")
+    for cut in ("MIN_MACS", "MIN_SIDE", "MIN_MACS_HELD"):
+        monkeypatch.setattr(gemm, cut, 0)
+    T = 130  # two query blocks
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=T, vocab_size=30, dropout=dropout)
+    x, y = np.random.default_rng(0).integers(0, 30, (2, 2, T))
+
+    def step(carried: bool):
+        monkeypatch.setattr(gemm, "reads_bf16", lambda prec: carried and prec.name == "bf16")
+        model = GPT(cfg, seed=4, precision="bf16", recompute=recompute)
+        assert (model.compute_bits is not None) == carried
+        loss = model.forward(x, y, rng=DropoutRNG(7, 0, 0, range(2)), keep_cache=True)
+        model.backward()
+        return model, loss
+
+    (model, loss), (old, old_loss) = step(True), step(False)
+    assert loss == old_loss and np.array_equal(model.grad_flat, old.grad_flat)
+    for flat in (model.flat, model.flat * 1.37):
+        model.flat[:] = flat
+        model.refresh_compute()
+        want = model.flat.astype(Precision("bf16").low).view(np.uint16)
+        assert np.array_equal(model.compute_bits, want)
+
+
 def test_bf16_without_ml_dtypes_is_one_line(monkeypatch):
     import sys
 

@@ -28,9 +28,10 @@ INPUT_TYPE = {"bf16": CUDA_R_16BF, "fp16": CUDA_R_16F}
 
 
 def stored_16_bit(w) -> bool:
-    """Whether w is held in 2 bytes (the device's compute copy, a kept activation), which matmul16 multiplies."""
+    """Whether w is a device array (CuPy's, or the counting stand-in's) held in 2 bytes (the device's compute copy,
+    a kept activation), which matmul16 multiplies; a NumPy bfloat16 array is the CPU's (kernels/gemm.py: oneDNN)."""
     dtype = getattr(w, "dtype", None)
-    return dtype is not None and dtype.itemsize == 2
+    return type(w) is not np.ndarray and dtype is not None and dtype.itemsize == 2
 
 
 def matmul16(a, b, prec, out=None, accumulate: bool = False):
