@@ -150,10 +150,11 @@ def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
         return nbytes / (time.perf_counter() - t0)
 
 
-# message bytes -> timed repeats of each collective, each after a barrier: the median is what a step meets (a shaped
-# link's rate for one size is bimodal, and a busy neighbour is kept off by the quiet machine a calibration needs);
-# the largest size is the `bw` / `nb_bw` of files without the tables
-LINK_SIZES = {1 << 16: 9, 1 << 18: 7, 1 << 20: 5, 1 << 22: 5, 1 << 24: 3}
+# message bytes -> timed repeats of each collective: each a train of calls back to back (TRAIN_BYTES of buffers at
+# least) between two barriers, the median one call's share; the largest size is the `bw` / `nb_bw` of files without
+# the tables
+LINK_SIZES = {1 << 16: 5, 1 << 18: 5, 1 << 20: 5, 1 << 22: 5, 1 << 24: 3}
+TRAIN_BYTES = 2 << 20
 
 
 def collective_calls(comm, nbytes: int) -> dict:
@@ -188,16 +189,22 @@ def collective_calls(comm, nbytes: int) -> dict:
     }
 
 
-def _median_seconds(comm, fn, repeats: int) -> float:
-    """The median of `repeats` calls of fn, each started after a barrier (as a step's collectives start together,
-    after compute: back to back, a 2-rank allreduce on a shaped link runs at half the rate), after one untimed."""
+def _median_seconds(comm, fn, repeats: int, calls: int) -> float:
+    """One call's seconds: the median over `repeats` trains of `calls` calls of fn back to back, each train started
+    after a barrier and ended by one (after one untimed call). A step's collectives come in trains (tp's 2 per
+    layer and pass, ZeRO-3's gathers, the pipeline's messages), each starting behind the bytes its predecessor left
+    on the link: a lone small one measured on an idle link, as its own sender's buffers and the shaper's burst
+    carry it, would be priced up to twice too fast; the closing barrier waits for the last call's bytes. A shaped
+    link's rate for one size also varies from call to call, so the median, not the best."""
     fn()
     times = []
     for _ in range(repeats):
         comm.barrier()
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            fn()
+        comm.barrier()
+        times.append((time.perf_counter() - t0) / calls)
     return float(np.median(times))
 
 
@@ -213,9 +220,10 @@ def _bandwidth(kind: str, nbytes: int, n: int, latency: float, t: float) -> floa
     return share * nbytes / max(t - steps * latency, 1e-9)
 
 
-def link_figures(comm, sizes: dict | None = None) -> dict:
+def link_figures(comm, sizes: dict | None = None, train_bytes: int = TRAIN_BYTES) -> dict:
     """Between the ranks of `comm`: ping-pong latency (half a round trip of 8 bytes, ranks 0 and 1); each collective
-    kind's bandwidth by message size (`sizes`: {bytes: repeats}, the median of them; default LINK_SIZES), from its
+    kind's bandwidth by message size (`sizes`: {bytes: repeats}, default LINK_SIZES; each a train of calls moving
+    train_bytes at least: _median_seconds), from its
     cost formula: the blocking allreduce's as bw_by_size, the nonblocking one's as nb_bw_by_size, the others' in
     `collectives` (a slow link's rate depends on the size, TCP's window against the shaper's queue, and on the
     collective, the bytes its algorithm moves); bw and nb_bw the largest size's; and how much of a nonblocking
@@ -242,7 +250,8 @@ def link_figures(comm, sizes: dict | None = None) -> dict:
     t_nb = 0.0
     for nbytes, repeats in sorted(sizes.items()):
         for kind, call in collective_calls(comm, nbytes).items():
-            t = _median_seconds(comm, call, repeats) / (2 if kind == "p2p" else 1)
+            calls = max(1, train_bytes // nbytes)
+            t = _median_seconds(comm, call, repeats, calls) / (2 if kind == "p2p" else 1)
             tables[kind][str(nbytes)] = _bandwidth(kind, nbytes, n, latency, t)
             t_nb = t if kind == "iallreduce" else t_nb  # the largest size's, last
     tables["p2p"] = comm.bcast_object(tables["p2p"])

@@ -41,17 +41,17 @@ def test_link_figures_write_tables_the_planner_reads():
 
     from hpc_llm.parallel.comm import world_comm
 
-    sizes = {1 << 16: 2, 1 << 18: 2}
-    fig = link_figures(world_comm(), sizes)
+    sizes = {1 << 12: 1, 1 << 14: 1}
+    fig = link_figures(world_comm(), sizes, train_bytes=1 << 15)
     ok = (
-        set(fig["bw_by_size"]) == set(fig["nb_bw_by_size"]) == {"65536", "262144"}
+        set(fig["bw_by_size"]) == set(fig["nb_bw_by_size"]) == {"4096", "16384"}
         # bw and nb_bw: the largest size's, as the one size measured before the tables
-        and fig["bw"] == fig["bw_by_size"]["262144"]
-        and fig["nb_bw"] == fig["nb_bw_by_size"]["262144"]
+        and fig["bw"] == fig["bw_by_size"]["16384"]
+        and fig["nb_bw"] == fig["nb_bw_by_size"]["16384"]
         and all(v > 0 for t in ("bw_by_size", "nb_bw_by_size") for v in fig[t].values())
         # every other kind the planner prices, at the same sizes
         and set(fig["collectives"]) == set(MEASURED)
-        and all(set(t) == {"65536", "262144"} for t in fig["collectives"].values())
+        and all(set(t) == {"4096", "16384"} for t in fig["collectives"].values())
         and all(v > 0 for t in fig["collectives"].values() for v in t.values())
         and 0 <= fig["overlap"] <= 1
         and fig["latency_s"] > 0
@@ -72,9 +72,9 @@ def test_link_figures_write_tables_the_planner_reads():
     }
     link = cluster_from_dict(tomllib.loads(to_toml(d))).link("intra")
     parallel_assert(
-        link.bw_at(65536) == pytest.approx(fig["bw_by_size"]["65536"], rel=1e-5)
+        link.bw_at(4096) == pytest.approx(fig["bw_by_size"]["4096"], rel=1e-5)
         and link.nb_bw_at(1 << 30) == pytest.approx(fig["nb_bw"], rel=1e-5)
         and dict(link.collectives)["p2p"][0][1]
-        == pytest.approx(fig["collectives"]["p2p"]["65536"], rel=1e-5),
+        == pytest.approx(fig["collectives"]["p2p"]["4096"], rel=1e-5),
         f"read back: {link}",
     )
