@@ -160,7 +160,7 @@ TRAIN_BYTES = 2 << 20
 def collective_calls(comm, nbytes: int) -> dict:
     """{kind: a call of it on a buffer of nbytes}: each collective the planner prices (plan/cluster.py COLLECTIVES),
     made by the parallel/comm.py call a step makes, on nbytes as the planner counts them (the whole buffer; p2p:
-    one message, timed as half a round trip between ranks 0 and 1)."""
+    one message from rank 0 to rank 1, as a pipeline's activations stream one way)."""
     n = comm.size
     buf = np.ones(nbytes // 4 // n * n, np.float32)
     counts = split_counts(buf.size, n)
@@ -168,13 +168,11 @@ def collective_calls(comm, nbytes: int) -> dict:
     word_counts = split_counts(words.size, n)
     piece = buf[: buf.size // n].reshape(1, -1)  # allgather_along: the whole is nbytes
 
-    def pingpong():
+    def message():
         if comm.rank == 0:
             comm.isend(buf, 1, 0, "calibrate").wait()
-            comm.irecv(buf, 1, 0, "calibrate").wait()
         elif comm.rank == 1:
             comm.irecv(buf, 0, 0, "calibrate").wait()
-            comm.isend(buf, 0, 0, "calibrate").wait()
 
     return {
         "allreduce": lambda: comm.allreduce_(buf),
@@ -185,7 +183,7 @@ def collective_calls(comm, nbytes: int) -> dict:
         "reduce_scatter_along": lambda: comm.reduce_scatter_along(buf.reshape(n, -1), 0),
         "allgather_along": lambda: comm.allgather_along(piece, 0),
         "ialltoallv": lambda: comm.ialltoallv_(words, word_counts, recv, word_counts).wait(),
-        "p2p": pingpong,
+        "p2p": message,
     }
 
 
@@ -244,14 +242,14 @@ def link_figures(comm, sizes: dict | None = None, train_bytes: int = TRAIN_BYTES
                 comm.isend(small, 0, i, "calib").wait()
 
     comm.barrier()
-    # only ranks 0 and 1 ping-pong: theirs are the group's (latency, p2p)
+    # only ranks 0 and 1 ping-pong, and send the p2p messages: theirs are the group's
     latency = comm.bcast_object(best_time(pingpong, 5) / (2 * iters))
     tables: dict = {kind: {} for kind in collective_calls(comm, 64)}
     t_nb = 0.0
     for nbytes, repeats in sorted(sizes.items()):
         for kind, call in collective_calls(comm, nbytes).items():
             calls = max(1, train_bytes // nbytes)
-            t = _median_seconds(comm, call, repeats, calls) / (2 if kind == "p2p" else 1)
+            t = _median_seconds(comm, call, repeats, calls)
             tables[kind][str(nbytes)] = _bandwidth(kind, nbytes, n, latency, t)
             t_nb = t if kind == "iallreduce" else t_nb  # the largest size's, last
     tables["p2p"] = comm.bcast_object(tables["p2p"])
