@@ -219,23 +219,20 @@ def p2p(S: float, a: float, b: float) -> float:
 COLLECTIVES = {
     # Comm.allreduce_: TP's f/g, the cross-entropy's sums, buckets final only at backward's end, the tied embedding
     "allreduce": (allreduce, False),
-    "iallreduce": (
-        allreduce,
-        True,
-    ),  # Comm.iallreduce_: data-parallel buckets in flight, PowerSGD's factors
-    "ireduce_scatter": (reduce_scatter, True),  # Comm.ireduce_scatter_: ZeRO's buckets and units
-    "allgather": (allgather, False),  # Comm.allgather_: ZeRO-1/2's parameters after the step
-    "iallgatherv": (
-        allgather,
-        True,
-    ),  # Comm.iallgatherv_: ZeRO-3's units, the 16-bit reductions' gathers
-    "reduce_scatter_along": (reduce_scatter, False),  # sequence parallelism in fp32
+    # Comm.iallreduce_: data-parallel buckets in flight, PowerSGD's factors
+    "iallreduce": (allreduce, True),
+    # Comm.ireduce_scatter_: ZeRO's buckets and units; Comm.allgather_: ZeRO-1/2's parameters after the step
+    "ireduce_scatter": (reduce_scatter, True),
+    "allgather": (allgather, False),
+    # Comm.iallgatherv_: ZeRO-3's units, the 16-bit reductions' gathers
+    "iallgatherv": (allgather, True),
+    # sequence parallelism in fp32
+    "reduce_scatter_along": (reduce_scatter, False),
     "allgather_along": (allgather, False),
-    "ialltoallv": (
-        reduce_scatter,
-        True,
-    ),  # Comm.ialltoallv_: the 16-bit reduce-scatter (a reduce-scatter's bytes)
-    "p2p": (lambda S, n, a, b: p2p(S, a, b), False),  # Comm.isend / irecv: pipeline messages
+    # Comm.ialltoallv_: the 16-bit reduce-scatter (a reduce-scatter's bytes)
+    "ialltoallv": (reduce_scatter, True),
+    # Comm.isend / irecv: pipeline messages
+    "p2p": (lambda S, n, a, b: p2p(S, a, b), False),
     # the 16-bit allreduce (wire16.allreduce_, compression.Reduce16 without ZeRO-1): PHASES' two collectives
     "allreduce16": (allreduce, True),
 }
