@@ -220,13 +220,12 @@ def _bandwidth(kind: str, nbytes: int, n: int, latency: float, t: float) -> floa
 
 def link_figures(comm, sizes: dict | None = None, train_bytes: int = TRAIN_BYTES) -> dict:
     """Between the ranks of `comm`: ping-pong latency (half a round trip of 8 bytes, ranks 0 and 1); each collective
-    kind's bandwidth by message size (`sizes`: {bytes: repeats}, default LINK_SIZES; each a train of calls moving
-    train_bytes at least: _median_seconds), from its
-    cost formula: the blocking allreduce's as bw_by_size, the nonblocking one's as nb_bw_by_size, the others' in
-    `collectives` (a slow link's rate depends on the size, TCP's window against the shaper's queue, and on the
-    collective, the bytes its algorithm moves); bw and nb_bw the largest size's; and how much of a nonblocking
-    allreduce of the largest size proceeds while the rank computes (testing it between matmuls, as the trainer does
-    between blocks)."""
+    kind's bandwidth by message size (`sizes`: {bytes: repeats}, default LINK_SIZES; each repeat a train of calls
+    moving train_bytes at least: _median_seconds), from its cost formula: the blocking allreduce's as bw_by_size,
+    the nonblocking one's as nb_bw_by_size, the others' in `collectives` (a slow link's rate depends on the size,
+    TCP's window against the shaper's queue, and on the collective, the bytes its algorithm moves); bw and nb_bw the
+    largest size's; and how much of a nonblocking allreduce of the largest size proceeds while the rank computes
+    (testing it between matmuls, as the trainer does between blocks)."""
     sizes = sizes or LINK_SIZES
     n = comm.size
     small = np.zeros(1, np.float64)
