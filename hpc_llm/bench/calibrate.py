@@ -18,6 +18,7 @@ from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
 from hpc_llm.kernels.rounding import from_low, to_low
 from hpc_llm.parallel.comm import Comm, world_comm
+from hpc_llm.parallel.data_parallel import split_counts
 
 # What a training rank has loaded besides hpc_llm's own small modules: imported before the baseline memory figure
 # is read, so that it is a rank's resident size before its first tensor
@@ -149,19 +150,82 @@ def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
         return nbytes / (time.perf_counter() - t0)
 
 
-# message bytes -> timed repeats: about 150 MiB of allreduce each, blocking and nonblocking, as the one 16 MiB size's
-# 9 repeats were (the calibration takes as long on a slow link); the largest is the `bw` / `nb_bw` of files without
+# message bytes -> timed repeats of each collective: each a train of calls back to back (TRAIN_BYTES of buffers at
+# least) between two barriers, the median one call's share; the largest size is the `bw` / `nb_bw` of files without
 # the tables
-LINK_SIZES = {1 << 16: 31, 1 << 18: 21, 1 << 20: 15, 1 << 22: 9, 1 << 24: 5}
+LINK_SIZES = {1 << 16: 5, 1 << 18: 5, 1 << 20: 5, 1 << 22: 5, 1 << 24: 3}
+TRAIN_BYTES = 2 << 20
 
 
-def link_figures(comm, sizes: dict | None = None) -> dict:
-    """Between the ranks of `comm` (all on this node): ping-pong latency (half a round trip of 8 bytes, ranks 0 and
-    1), allreduce bandwidth from the ring formula at each message size of `sizes` ({bytes: repeats}, the best of
-    them; default LINK_SIZES), the nonblocking allreduce's, and how much of a nonblocking allreduce of the largest
-    size proceeds while the rank computes (testing it between matmuls, as the trainer does between blocks). A slow
-    link's bandwidth depends on the size (TCP's window against the shaper's queue): bw_by_size and nb_bw_by_size,
-    keyed by bytes; bw and nb_bw are the largest size's."""
+def collective_calls(comm, nbytes: int) -> dict:
+    """{kind: a call of it on a buffer of nbytes}: each collective the planner prices (plan/cluster.py COLLECTIVES),
+    made by the parallel/comm.py call a step makes, on nbytes as the planner counts them (the whole buffer; p2p:
+    one message from rank 0 to rank 1, as a pipeline's activations stream one way)."""
+    n = comm.size
+    buf = np.ones(nbytes // 4 // n * n, np.float32)
+    counts = split_counts(buf.size, n)
+    words, recv = np.zeros(nbytes // 2, np.uint16), np.empty(nbytes // 2, np.uint16)
+    word_counts = split_counts(words.size, n)
+    piece = buf[: buf.size // n].reshape(1, -1)  # allgather_along: the whole is nbytes
+
+    def message():
+        if comm.rank == 0:
+            comm.isend(buf, 1, 0, "calibrate").wait()
+        elif comm.rank == 1:
+            comm.irecv(buf, 0, 0, "calibrate").wait()
+
+    return {
+        "allreduce": lambda: comm.allreduce_(buf),
+        "iallreduce": lambda: comm.iallreduce_(buf).wait(),
+        "ireduce_scatter": lambda: comm.ireduce_scatter_(buf, counts).wait(),
+        "allgather": lambda: comm.allgather_(buf, counts),
+        "iallgatherv": lambda: comm.iallgatherv_(buf, counts).wait(),
+        "reduce_scatter_along": lambda: comm.reduce_scatter_along(buf.reshape(n, -1), 0),
+        "allgather_along": lambda: comm.allgather_along(piece, 0),
+        "ialltoallv": lambda: comm.ialltoallv_(words, word_counts, recv, word_counts).wait(),
+        "p2p": message,
+    }
+
+
+def _median_seconds(comm, fn, repeats: int, calls: int) -> float:
+    """One call's seconds: the median over `repeats` trains of `calls` calls of fn back to back, each train started
+    after a barrier and ended by one (after one untimed call). A step's collectives come in trains (tp's 2 per
+    layer and pass, ZeRO-3's gathers, the pipeline's messages), each starting behind the bytes its predecessor left
+    on the link: a lone small one measured on an idle link, as its own sender's buffers and the shaper's burst
+    carry it, would be priced up to twice too fast; the closing barrier waits for the last call's bytes. A shaped
+    link's rate for one size also varies from call to call, so the median, not the best."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        comm.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        comm.barrier()
+        times.append((time.perf_counter() - t0) / calls)
+    return float(np.median(times))
+
+
+def _bandwidth(kind: str, nbytes: int, n: int, latency: float, t: float) -> float:
+    """The bandwidth at which the planner's cost formula of the kind (plan/cluster.py COLLECTIVES: the ring's)
+    gives t seconds for nbytes among n ranks: an allreduce moves 2 (n-1)/n of the buffer in 2 (n-1) steps, a
+    reduce-scatter, an allgather or an alltoallv (n-1)/n in n-1, a message all of it in one."""
+    if kind == "p2p":
+        share, steps = 1.0, 1
+    else:
+        steps = (2 if kind in ("allreduce", "iallreduce") else 1) * (n - 1)
+        share = steps / n
+    return share * nbytes / max(t - steps * latency, 1e-9)
+
+
+def link_figures(comm, sizes: dict | None = None, train_bytes: int = TRAIN_BYTES) -> dict:
+    """Between the ranks of `comm`: ping-pong latency (half a round trip of 8 bytes, ranks 0 and 1); each collective
+    kind's bandwidth by message size (`sizes`: {bytes: repeats}, default LINK_SIZES; each repeat a train of calls
+    moving train_bytes at least: _median_seconds), from its cost formula: the blocking allreduce's as bw_by_size,
+    the nonblocking one's as nb_bw_by_size, the others' in `collectives` (a slow link's rate depends on the size,
+    TCP's window against the shaper's queue, and on the collective, the bytes its algorithm moves); bw and nb_bw the
+    largest size's; and how much of a nonblocking allreduce of the largest size proceeds while the rank computes
+    (testing it between matmuls, as the trainer does between blocks)."""
     sizes = sizes or LINK_SIZES
     n = comm.size
     small = np.zeros(1, np.float64)
@@ -177,23 +241,24 @@ def link_figures(comm, sizes: dict | None = None) -> dict:
                 comm.isend(small, 0, i, "calib").wait()
 
     comm.barrier()
-    latency = best_time(pingpong, 5) / (2 * iters)
-
-    def timed(fn, repeats: int = 9):
-        comm.barrier()
-        return best_time(fn, repeats)
-
-    def rate(nbytes: int, t: float) -> float:
-        return 2 * (n - 1) / n * nbytes / max(t - 2 * (n - 1) * latency, 1e-9)
-
-    bw, nb_bw = {}, {}
-    # smallest first: the overlap below uses the last (the largest) buffer and its nonblocking time
+    # only ranks 0 and 1 ping-pong, and send the p2p messages: theirs are the group's
+    latency = comm.bcast_object(best_time(pingpong, 5) / (2 * iters))
+    tables: dict = {kind: {} for kind in collective_calls(comm, 64)}
+    t_nb = 0.0
     for nbytes, repeats in sorted(sizes.items()):
-        buf = np.ones(nbytes // 4, np.float32)
-        t_ar = timed(lambda buf=buf: comm.allreduce_(buf), repeats)
-        t_nb = timed(lambda buf=buf: comm.iallreduce_(buf).wait(), repeats)
-        bw[str(nbytes)], nb_bw[str(nbytes)] = rate(nbytes, t_ar), rate(nbytes, t_nb)
+        for kind, call in collective_calls(comm, nbytes).items():
+            calls = max(1, train_bytes // nbytes)
+            t = _median_seconds(comm, call, repeats, calls)
+            tables[kind][str(nbytes)] = _bandwidth(kind, nbytes, n, latency, t)
+            t_nb = t if kind == "iallreduce" else t_nb  # the largest size's, last
+    tables["p2p"] = comm.bcast_object(tables["p2p"])
+    buf = np.ones(max(sizes) // 4, np.float32)
     a = np.ones((256, 256), np.float32)
+
+    def timed(fn):
+        comm.barrier()
+        return best_time(fn, 3)
+
     comp = timed(lambda: [a @ a for _ in range(40)])
 
     def overlapped():
@@ -206,22 +271,24 @@ def link_figures(comm, sizes: dict | None = None) -> dict:
 
     both = timed(overlapped)
     overlap = min(1.0, max(0.0, (comp + t_nb - both) / t_nb))
+    bw, nb_bw = tables.pop("allreduce"), tables.pop("iallreduce")
     return {
         "latency_s": latency,
-        "bw": bw[str(nbytes)],
-        "nb_bw": nb_bw[str(nbytes)],
+        "bw": bw[str(max(sizes))],
+        "nb_bw": nb_bw[str(max(sizes))],
         "overlap": overlap,
         "bw_by_size": bw,
         "nb_bw_by_size": nb_bw,
+        "collectives": tables,
     }
 
 
 def _median_figures(every: list[dict]) -> dict:
-    """Each figure's median over the groups' link_figures, a table's size by size."""
+    """Each figure's median over the groups' link_figures, a table's size by size (tables of tables too)."""
     out = {}
     for k, v in every[0].items():
         if isinstance(v, dict):
-            out[k] = {s: float(np.median([f[k][s] for f in every])) for s in v}
+            out[k] = _median_figures([f[k] for f in every])
         else:
             out[k] = float(np.median([f[k] for f in every]))
     return out

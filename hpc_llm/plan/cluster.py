@@ -21,6 +21,9 @@ while every device of the node is busy, since that is how training runs:
                optional bw_by_size, nb_bw_by_size = {message bytes = B/s}: the same by the collective's buffer
                size (integers), interpolated in log(size), clamped at the ends; they replace bw / nb_bw for every
                message (nb_bw_by_size missing: bw_by_size where nb_bw is missing too, else nb_bw)
+               optional [link.<level>.collectives]: {kind = {message bytes = B/s}} for the other collectives a
+               step issues, each by its own call (COLLECTIVES below; a kind without a table: bw_by_size or
+               nb_bw_by_size, as before)
                optional backend = "numpy" (default) | "cupy": NumPy runs a stacked matmul as one BLAS call per matrix
                and GELU's passes by L2-sized chunks; CuPy makes one batched cuBLAS call and one pass per array
     [storage]  write_bw (B/s of one checkpoint writer, fsync included)
@@ -57,6 +60,8 @@ class Link:
     # reaches a different share of at each size (TCP's window against the shaper's queue); empty: bw at every size
     bw_by_size: tuple = ()
     nb_bw_by_size: tuple = ()
+    # optional ((kind, ((message bytes, B/s), ...)), ...): the other collectives' own tables (COLLECTIVES)
+    collectives: tuple = ()
 
     def bw_at(self, nbytes: float) -> float:
         """The blocking bandwidth for a message of nbytes: interpolated in log(size), clamped at the ends."""
@@ -65,6 +70,24 @@ class Link:
     def nb_bw_at(self, nbytes: float) -> float:
         """The nonblocking bandwidth for a message of nbytes, as bw_at."""
         return _interp_log(self.nb_bw_by_size, nbytes) if self.nb_bw_by_size else self.nb_bw
+
+    def seconds(self, kind: str, nbytes: float, n: int, nonblocking: bool | None = None) -> float:
+        """One collective of `kind` (COLLECTIVES) on a buffer of nbytes among n ranks: its algorithm's formula at
+        its own table's bandwidth for that size. A kind without a table is priced as before the tables by kind:
+        at nb_bw_at (nonblocking; by default the kinds whose call is MPI's nonblocking one) or bw_at. A 16-bit
+        reduction (PHASES) is its phases' sum where both have tables, else its formula as one collective."""
+        tables = dict(self.collectives)
+        phases = PHASES.get(kind, ())
+        if phases and all(p in tables for p in phases):
+            return sum(self.seconds(p, nbytes, n) for p in phases)
+        formula, own_nb = COLLECTIVES[kind]
+        if kind in tables:
+            b = _interp_log(tables[kind], nbytes)
+        elif own_nb if nonblocking is None else nonblocking:
+            b = self.nb_bw_at(nbytes)
+        else:
+            b = self.bw_at(nbytes)
+        return formula(nbytes, n, self.latency_s, b)
 
     def slowed(self, share: float) -> Link:
         """The link when `share` ranks share it: every latency `share` times, every bandwidth 1/share."""
@@ -79,6 +102,7 @@ class Link:
             self.overlap,
             scaled(self.bw_by_size),
             scaled(self.nb_bw_by_size),
+            tuple((kind, scaled(t)) for kind, t in self.collectives),
         )
 
 
@@ -187,6 +211,34 @@ allgather = reduce_scatter  # the same ring, run the other way
 
 def p2p(S: float, a: float, b: float) -> float:
     return a + S / b
+
+
+# Each collective a step issues, by the parallel/comm.py call that makes it -> (its cost formula, whether MPI's call
+# is nonblocking). "allreduce" and "iallreduce" are priced by bw_by_size and nb_bw_by_size; the others by their own
+# table in [link.<level>.collectives] where it has one.
+COLLECTIVES = {
+    # Comm.allreduce_: TP's f/g, the cross-entropy's sums, buckets final only at backward's end, the tied embedding
+    "allreduce": (allreduce, False),
+    # Comm.iallreduce_: data-parallel buckets in flight, PowerSGD's factors
+    "iallreduce": (allreduce, True),
+    # Comm.ireduce_scatter_: ZeRO's buckets and units; Comm.allgather_: ZeRO-1/2's parameters after the step
+    "ireduce_scatter": (reduce_scatter, True),
+    "allgather": (allgather, False),
+    # Comm.iallgatherv_: ZeRO-3's units, the 16-bit reductions' gathers
+    "iallgatherv": (allgather, True),
+    # sequence parallelism in fp32
+    "reduce_scatter_along": (reduce_scatter, False),
+    "allgather_along": (allgather, False),
+    # Comm.ialltoallv_: the 16-bit reduce-scatter (a reduce-scatter's bytes)
+    "ialltoallv": (reduce_scatter, True),
+    # Comm.isend / irecv: pipeline messages
+    "p2p": (lambda S, n, a, b: p2p(S, a, b), False),
+    # the 16-bit allreduce (wire16.allreduce_, compression.Reduce16 without ZeRO-1): PHASES' two collectives
+    "allreduce16": (allreduce, True),
+}
+PHASES = {"allreduce16": ("ialltoallv", "iallgatherv")}
+# the kinds a [link.<level>.collectives] table may hold
+MEASURED = tuple(k for k in COLLECTIVES if k not in ("allreduce", "iallreduce", *PHASES))
 
 
 # -- reading and writing cluster files -----------------------------------------------------------------------------
@@ -300,6 +352,14 @@ class _Figures:
             where_l = f"link.{level}"
             sec = self.section(where_l)
             lat, bw = self.need(where_l, "latency_s"), self.need(where_l, "bw")
+            kinds = sec.get("collectives", {})
+            if not isinstance(kinds, dict):
+                raise self.fail(f"[{where_l}.collectives] must be a table, got {_shown(kinds)}")
+            for k in kinds:
+                if k not in MEASURED:
+                    raise self.fail(
+                        f"{where_l}.collectives.{k}: expected one of {', '.join(MEASURED)}"
+                    )
             by_size = sec.get("bw_by_size")
             nb_by_size = sec.get("nb_bw_by_size", None if "nb_bw" in sec else by_size)
             links[level] = Link(
@@ -309,6 +369,9 @@ class _Figures:
                 self.fraction(where_l, "overlap", sec.get("overlap", 1.0)),
                 () if by_size is None else self.size_table(where_l, "bw_by_size", by_size),
                 () if nb_by_size is None else self.size_table(where_l, "nb_bw_by_size", nb_by_size),
+                tuple(
+                    (k, self.size_table(f"{where_l}.collectives", k, t)) for k, t in kinds.items()
+                ),
             )
         return links
 
@@ -393,7 +456,9 @@ def to_toml(d: dict, header: str = "") -> str:
         # tables of numbers by size inside a section: {"65536" = 2e11, ...}
         def inline(k, v) -> bool:
             return bool(prefix) and (
-                k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size") or prefix == "compute.gemm"
+                k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size")
+                or prefix == "compute.gemm"
+                or prefix.endswith(".collectives")
             )
 
         scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or inline(k, v)}

@@ -21,7 +21,7 @@ from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan import fused_attention
-from hpc_llm.plan.cluster import Cluster, allgather, allreduce, reduce_scatter
+from hpc_llm.plan.cluster import Cluster
 from hpc_llm.plan.launches import HEADS, block_counts, optimizer_counts
 
 
@@ -126,7 +126,11 @@ class Pricer:
         """A TP allreduce of nbytes as they are (the cross-entropy's row statistics)."""
         if self.tp == 1:
             return Cost()
-        return Cost(0.0, allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes)))
+        return Cost(0.0, self.link.seconds("allreduce", nbytes, self.tp))
+
+    def _kind(self, plain: str, wire: str) -> str:
+        """The collective an activation's transfer makes: the fp32 call, or on the 16-bit wire wire16.py's."""
+        return wire if self.comm_low else plain
 
     def _comm_casts(self, to_elems: float, back_elems: float) -> Cost:
         """16-bit transfers: the elements rounded to the format before sending, and those received widened."""
@@ -146,19 +150,22 @@ class Pricer:
         if self.tp == 1:
             return Cost()
         nbytes = elems * self.comm_it
-        t = allreduce(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes))
+        kind = self._kind("allreduce", "allreduce16")
+        t = self.link.seconds(kind, nbytes, self.tp, nonblocking=False)
         return Cost(0.0, t) + self._comm_casts(elems, elems)
 
     def allgather(self, elems: int) -> Cost:
         """Sequence parallel: the (b, T, C) whole of elems elements from each rank's slice."""
         nbytes = elems * self.comm_it
-        t = allgather(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes))
+        kind = self._kind("allgather_along", "iallgatherv")
+        t = self.link.seconds(kind, nbytes, self.tp, nonblocking=False)
         return Cost(0.0, t) + self._comm_casts(elems // self.tp, elems)
 
     def reduce_scatter(self, elems: int) -> Cost:
         """Sequence parallel: the (b, T, C) partials of elems elements summed, each rank keeping its slice."""
         nbytes = elems * self.comm_it
-        t = reduce_scatter(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes))
+        kind = self._kind("reduce_scatter_along", "ialltoallv")
+        t = self.link.seconds(kind, nbytes, self.tp, nonblocking=False)
         return Cost(0.0, t) + self._comm_casts(elems, elems // self.tp)
 
     def kept_allgather(self, elems: int) -> Cost:
@@ -166,8 +173,7 @@ class Pricer:
         element, no wire conversions: tensor_parallel._gather_kept); elsewhere as allgather."""
         if self.low is None or self.cl.backend != "cupy":
             return self.allgather(elems)
-        nbytes = elems * 2
-        return Cost(0.0, allgather(nbytes, self.tp, self.link.latency_s, self.link.bw_at(nbytes)))
+        return Cost(0.0, self.link.seconds("allgather_along", elems * 2, self.tp))
 
     def gathered_operand(self, elems: int) -> Cost:
         """A row-parallel layer's output gradient as an operand: rounded, after (sp) its gather; on a device with a

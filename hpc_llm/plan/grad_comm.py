@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from hpc_llm.plan.cluster import Link, allreduce
+from hpc_llm.plan.cluster import Link
 
 SIXTEEN = ("bf16", "fp16")
 MIN_COMPRESSION_RATE = 2  # compression.py's (PyTorch's)
@@ -57,8 +57,9 @@ def powersgd_seconds(specs, rank: int, dp: int, link: Link, pr, grad_bytes: int)
         t += cl.pass_time(5 * rows * cols, grad_bytes, rows * cols, calls=4)
     p_bytes = sum(rows * r for rows, _, r in mats) * grad_bytes
     q_bytes = sum(cols * r for _, cols, r in mats) * grad_bytes
+    # Comm.iallreduce_, each waited for at once: priced, without its table, at the blocking rate
     comm = sum(
-        allreduce(b, dp, link.latency_s, link.bw_at(b))
+        link.seconds("iallreduce", b, dp, nonblocking=False)
         for b in (p_bytes, q_bytes, plain * grad_bytes)
         if b
     )

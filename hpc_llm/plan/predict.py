@@ -19,7 +19,7 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.model.layout import flops_per_token
 from hpc_llm.parallel.schedule import SPLIT, V_SHAPED, Phase, virtual_stage
 from hpc_llm.parallel.schedule_timing import Timing
-from hpc_llm.plan.cluster import Cluster, Link, allgather, allreduce, p2p, reduce_scatter
+from hpc_llm.plan.cluster import Cluster, Link
 from hpc_llm.plan.compute import (
     Pricer,
     chunk_costs,
@@ -268,7 +268,7 @@ def _transfer_time(
         return 0.0
     elems = message_elems(cfg, lay)
     nbytes = message_bytes(cfg, lay, by)
-    t = p2p(nbytes, link.latency_s, link.bw_at(nbytes))
+    t = link.seconds("p2p", nbytes, 2)
     if lay.comm16:
         fmt = LOW[lay.act_comm]
         t += share * (cl.cast_time(fmt, True, elems) + cl.cast_time(fmt, False, elems))
@@ -348,8 +348,7 @@ def predict(
     crit = max(range(lay.pp), key=lambda s: tails[s]["sync_at"])
     scalars = 0.0
     if lay.ranks > 1:  # the loss and the norm: world / model-parallel scalar allreduces
-        world = links["world"]
-        scalars = 2 * allreduce(8, lay.ranks, world.latency_s, world.bw_at(8))
+        scalars = 2 * links["world"].seconds("allreduce", 8, lay.ranks)
     post = max(t["optimizer"] + t["zero_gather"] for t in tails)
     ckpt = _checkpoint_time(
         cfg, lay, cl, by, links["world"], checkpoint_interval or max_iters, writer, async_save
@@ -417,19 +416,23 @@ def _dp_reduction(
     """(exposed, hidden) seconds of the data-parallel reduction: buckets launched as their gradients become final
     run behind the backwards still to come; the others, and what outlasts the stage's end, are exposed."""
     bg_end, exposed_nb, blocking, hidden = 0.0, 0.0, 0.0, 0.0
-    coll = reduce_scatter if sync.zero else allreduce
+    # data_parallel.GradientSync's calls: in flight, and (final_kind) for the buckets final only at the end
+    if lay.grad_comm in SIXTEEN:
+        kind = final_kind = "ialltoallv" if sync.zero else "allreduce16"
+    else:
+        kind = "ireduce_scatter" if sync.zero else "iallreduce"
+        final_kind = "ireduce_scatter" if sync.zero else "allreduce"
     for a, b_ in sync.buckets:
         nbytes = (b_ - a) * wire_bytes(lay.grad_comm, by.grad)
         ready = [t for t, off in reports if off <= a]
         if ready:
-            d = coll(nbytes, lay.dp, link.latency_s, link.nb_bw_at(nbytes))
+            d = link.seconds(kind, nbytes, lay.dp, nonblocking=True)
             start = max(min(ready), bg_end)
             bg_end = start + link.overlap * d
             exposed_nb += (1 - link.overlap) * d
             hidden += link.overlap * d
         else:
-            bw = link.nb_bw_at(nbytes) if sync.zero else link.bw_at(nbytes)
-            blocking += coll(nbytes, lay.dp, link.latency_s, bw)
+            blocking += link.seconds(final_kind, nbytes, lay.dp, nonblocking=sync.zero)
     late = max(0.0, bg_end - end)
     return late + exposed_nb + blocking, hidden - late
 
@@ -446,7 +449,7 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
     emb = 0.0
     if lay.pp > 1 and (s == 0 or s == lay.pp - 1) and lay.schedule not in V_SHAPED:
         wte = cfg.padded_vocab // lay.tp * cfg.n_embd * by.grad
-        emb = allreduce(wte, 2, links["pp"].latency_s, links["pp"].bw_at(wte))
+        emb = links["pp"].seconds("allreduce", wte, 2)
     dp_exposed = dp_hidden = 0.0
     if lay.dp > 1 and lay.zero < 2:  # ZeRO-2/3 reduce in each pass (plan/sharding.py)
         if lay.grad_comm == "powersgd":
@@ -460,10 +463,8 @@ def _stage_tail(cfg, lay, pr, by, s, plan, costs, events, links) -> dict:
             dp_exposed += sixteen_bit_casts(pr, lay.grad_comm, n, lay.zero)
     zero_gather = 0.0
     if lay.zero in (1, 2) and lay.dp > 1:  # ZeRO-3 gathers each unit when it is used
-        link = links["dp"]
         zero_gather = sum(
-            allgather((b_ - a) * by.param, lay.dp, link.latency_s, link.bw_at((b_ - a) * by.param))
-            for a, b_ in sync.buckets
+            links["dp"].seconds("allgather", (b_ - a) * by.param, lay.dp) for a, b_ in sync.buckets
         )
     # ZeRO-3 refreshes only its pieces' compute copy
     kept = owned if lay.zero >= 3 and lay.dp > 1 else n

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from hpc_llm.parallel.schedule import Phase, schedule
 from hpc_llm.parallel.zero import part_finishes, part_reads, unit_ranges
-from hpc_llm.plan.cluster import Link, allgather, reduce_scatter
+from hpc_llm.plan.cluster import Link
 from hpc_llm.plan.memory import Bytes, Layout
 from hpc_llm.plan.peak import chunk_parts
 
 
-def _collective(coll, nbytes: float, n: int, link: Link) -> float:
-    """A nonblocking ZeRO-2/3 gather or reduce of one unit's nbytes among n ranks."""
-    return coll(nbytes, n, link.latency_s, link.nb_bw_at(nbytes))
+def _collective(kind: str, nbytes: float, n: int, link: Link) -> float:
+    """A nonblocking ZeRO-2/3 gather or reduce (Comm.iallgatherv_, ireduce_scatter_) of one unit's nbytes."""
+    return link.seconds(kind, nbytes, n)
 
 
 def _part_cost(costs: dict, part, backward: bool, later: bool) -> float:
@@ -75,7 +75,7 @@ def zero_pass_seconds(
 
         def gather(part) -> float:
             return sum(
-                _collective(allgather, (b - a) * pbytes, lay.dp, link)
+                _collective("iallgatherv", (b - a) * pbytes, lay.dp, link)
                 for u, (a, b) in units.items()
                 if u in part_reads(part, backward)
             )
@@ -86,7 +86,7 @@ def zero_pass_seconds(
 
         def reduce(part) -> float:
             return sum(
-                _collective(reduce_scatter, (b - a) * by.grad, lay.dp, link)
+                _collective("ireduce_scatter", (b - a) * by.grad, lay.dp, link)
                 for u, (a, b) in units.items()
                 if u in part_finishes(part, tied_head)
             )

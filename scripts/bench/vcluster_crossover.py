@@ -46,10 +46,15 @@ def predicted(cl, model, batch: int, bw: float | None) -> dict:
     cl = dataclasses.replace(cl, devices=1, links=dict(cl.links))
     if bw is not None:
         link = cl.links["inter"]
-        # a table by message size keeps its shape, scaled to the new rate
-        table = tuple((size, b * bw / link.bw) for size, b in link.bw_by_size)
+
+        # a table by message size (and each collective kind's) keeps its shape, scaled to the new rate
+        def scaled(table: tuple) -> tuple:
+            return tuple((size, b * bw / link.bw) for size, b in table)
+
+        table = scaled(link.bw_by_size)
+        kinds = tuple((kind, scaled(t)) for kind, t in link.collectives)
         cl.links["inter"] = dataclasses.replace(
-            link, bw=bw, nb_bw=bw, bw_by_size=table, nb_bw_by_size=table
+            link, bw=bw, nb_bw=bw, bw_by_size=table, nb_bw_by_size=table, collectives=kinds
         )
     return {
         name: predict(model, Layout(1, 2, 1, batch_size=batch, grad_comm=gc), cl, "fp32").time[

@@ -2,8 +2,9 @@
 # The planner's predicted step time against the measured one on the virtual cluster (docs/planning.md, "Across
 # nodes: the planner against shaped links"): 2 nodes x 1 rank (each rank a core of its own: with more ranks than
 # cores, Open MPI's busy-polling ranks take the cores from the computing ones and a step is the scheduler's), at each
-# link rate a calibration (`hpc-llm bench calibrate` across the nodes) and seven layouts through
-# scripts/bench/validate_plan.py, one JSON line each; then the tables. Needs root; takes ~15 min on 2 cores.
+# link rate a calibration (`hpc-llm bench calibrate` across the nodes: each collective kind's table by size, ~1 min
+# at 100mbit) and seven layouts through scripts/bench/validate_plan.py, one JSON line each; then the tables. Needs
+# root; takes ~5 min on 2 cores. A cluster-RATE.toml already there is used as it is: delete it to calibrate again.
 #
 #   scripts/bench/vcluster_validate.sh DATA [OUT]     # DATA: a prepared char-level corpus (vocab 65)
 #   OUT (default docs/planning_data/vcluster): cluster-RATE.toml, validation-RATE.jsonl

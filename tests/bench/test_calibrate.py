@@ -7,17 +7,31 @@ import tomllib
 
 import pytest
 
-from hpc_llm.bench.calibrate import _median_figures, link_figures
-from hpc_llm.plan.cluster import cluster_from_dict, to_toml
+from hpc_llm.bench.calibrate import _bandwidth, _median_figures, link_figures
+from hpc_llm.plan.cluster import MEASURED, cluster_from_dict, to_toml
 
 
 def test_median_figures_take_tables_size_by_size():
     groups = [
-        {"bw": 1.0, "bw_by_size": {"64": 1.0, "128": 6.0}},
-        {"bw": 3.0, "bw_by_size": {"64": 2.0, "128": 4.0}},
-        {"bw": 2.0, "bw_by_size": {"64": 9.0, "128": 5.0}},
+        {"bw": 1.0, "bw_by_size": {"64": 1.0, "128": 6.0}, "collectives": {"p2p": {"64": 1.0}}},
+        {"bw": 3.0, "bw_by_size": {"64": 2.0, "128": 4.0}, "collectives": {"p2p": {"64": 7.0}}},
+        {"bw": 2.0, "bw_by_size": {"64": 9.0, "128": 5.0}, "collectives": {"p2p": {"64": 3.0}}},
     ]
-    assert _median_figures(groups) == {"bw": 2.0, "bw_by_size": {"64": 2.0, "128": 5.0}}
+    assert _median_figures(groups) == {
+        "bw": 2.0,
+        "bw_by_size": {"64": 2.0, "128": 5.0},
+        "collectives": {"p2p": {"64": 3.0}},
+    }
+
+
+@pytest.mark.parametrize("kind", ["allreduce", "ireduce_scatter", "allgather_along", "p2p"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_bandwidth_inverts_the_planners_formula(kind, n):
+    from hpc_llm.plan.cluster import COLLECTIVES
+
+    # 16 MiB at 1 GB/s, 10 us: each kind's seconds from the planner's formula give that bandwidth back
+    t = COLLECTIVES[kind][0](1 << 24, n, 1e-5, 1e9)
+    assert _bandwidth(kind, 1 << 24, n, 1e-5, t) == pytest.approx(1e9, rel=1e-12)
 
 
 @pytest.mark.timeout(60)
@@ -27,14 +41,18 @@ def test_link_figures_write_tables_the_planner_reads():
 
     from hpc_llm.parallel.comm import world_comm
 
-    sizes = {1 << 16: 2, 1 << 18: 2}
-    fig = link_figures(world_comm(), sizes)
+    sizes = {1 << 12: 1, 1 << 14: 1}
+    fig = link_figures(world_comm(), sizes, train_bytes=1 << 15)
     ok = (
-        set(fig["bw_by_size"]) == set(fig["nb_bw_by_size"]) == {"65536", "262144"}
+        set(fig["bw_by_size"]) == set(fig["nb_bw_by_size"]) == {"4096", "16384"}
         # bw and nb_bw: the largest size's, as the one size measured before the tables
-        and fig["bw"] == fig["bw_by_size"]["262144"]
-        and fig["nb_bw"] == fig["nb_bw_by_size"]["262144"]
+        and fig["bw"] == fig["bw_by_size"]["16384"]
+        and fig["nb_bw"] == fig["nb_bw_by_size"]["16384"]
         and all(v > 0 for t in ("bw_by_size", "nb_bw_by_size") for v in fig[t].values())
+        # every other kind the planner prices, at the same sizes
+        and set(fig["collectives"]) == set(MEASURED)
+        and all(set(t) == {"4096", "16384"} for t in fig["collectives"].values())
+        and all(v > 0 for t in fig["collectives"].values() for v in t.values())
         and 0 <= fig["overlap"] <= 1
         and fig["latency_s"] > 0
     )
@@ -54,7 +72,9 @@ def test_link_figures_write_tables_the_planner_reads():
     }
     link = cluster_from_dict(tomllib.loads(to_toml(d))).link("intra")
     parallel_assert(
-        link.bw_at(65536) == pytest.approx(fig["bw_by_size"]["65536"], rel=1e-5)
-        and link.nb_bw_at(1 << 30) == pytest.approx(fig["nb_bw"], rel=1e-5),
+        link.bw_at(4096) == pytest.approx(fig["bw_by_size"]["4096"], rel=1e-5)
+        and link.nb_bw_at(1 << 30) == pytest.approx(fig["nb_bw"], rel=1e-5)
+        and dict(link.collectives)["p2p"][0][1]
+        == pytest.approx(fig["collectives"]["p2p"]["4096"], rel=1e-5),
         f"read back: {link}",
     )

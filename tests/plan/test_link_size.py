@@ -132,3 +132,83 @@ def _shapes():
     from hpc_llm.plan.memory import specs_of, stage_plan
 
     return [s.shape for s in specs_of(MODEL, 1, stage_plan(MODEL, Layout(), 0))]
+
+
+# -- each collective kind priced by its own table (link.*.collectives) ------------------------------------------------
+
+KIND_LAYOUTS = {
+    "dp": Layout(dp=2, batch_size=8, bucket_mb=0.05),
+    "dp bf16": Layout(dp=2, batch_size=8, bucket_mb=0.05, grad_comm="bf16"),
+    "zero1": Layout(dp=2, zero=1, batch_size=8),
+    "zero1 bf16": Layout(dp=2, zero=1, batch_size=8, grad_comm="bf16"),
+    "zero3": Layout(dp=2, zero=3, batch_size=8),
+    "tp": Layout(tp=2, batch_size=8),
+    "tp sp": Layout(tp=2, batch_size=8, sequence_parallel=True),
+    "tp bf16": Layout(tp=2, batch_size=8, act_comm="bf16"),
+    "tp sp bf16": Layout(tp=2, batch_size=8, sequence_parallel=True, act_comm="bf16"),
+    "pp": Layout(pp=2, micro_batches=4, batch_size=8),
+}
+
+
+@pytest.mark.parametrize(
+    "kinds, slower",
+    [
+        (("ireduce_scatter",), {"zero1", "zero3"}),
+        (("allgather",), {"zero1", "zero1 bf16"}),
+        (("iallgatherv",), {"zero3", "tp sp bf16"}),
+        (("reduce_scatter_along", "allgather_along"), {"tp sp"}),
+        # one phase of the 16-bit allreduce alone: that allreduce as before; ZeRO-1's is the alltoallv alone
+        (("ialltoallv",), {"zero1 bf16", "tp sp bf16"}),
+        (
+            ("ialltoallv", "iallgatherv"),
+            {"dp bf16", "zero1 bf16", "zero3", "tp bf16", "tp sp bf16"},
+        ),
+        (("p2p",), {"pp"}),
+    ],
+)
+def test_each_kind_table_reaches_the_layouts_that_make_that_call(kinds, slower):
+    """A table 100x below bw for some kinds slows exactly the layouts whose step makes those calls (and no others);
+    a table at bw itself changes no layout's step (the tables replace the fallback rate, not the formula)."""
+    slow = cluster(collectives={k: {"64": 5e7} for k in kinds})
+    same = cluster(collectives={k: {"64": 5e9} for k in kinds})
+    plain = cluster()
+    for name, lay in KIND_LAYOUTS.items():
+        before = predict(MODEL, lay, plain, "fp32").time["step"]
+        assert (predict(MODEL, lay, slow, "fp32").time["step"] > before) == (name in slower), name
+        if not any(k.startswith("i") for k in kinds):  # a blocking kind: its fallback is bw itself
+            assert predict(MODEL, lay, same, "fp32").time["step"] == pytest.approx(before), name
+
+
+def test_a_sixteen_bit_allreduce_is_its_two_phases():
+    link = K.Link(
+        1e-6,
+        1e9,
+        1e9,
+        1.0,
+        collectives=(("ialltoallv", ((64.0, 2e8),)), ("iallgatherv", ((64.0, 4e8),))),
+    )
+    S = 1e6
+    assert link.seconds("allreduce16", S, 4) == pytest.approx(
+        K.reduce_scatter(S, 4, 1e-6, 2e8) + K.allgather(S, 4, 1e-6, 4e8)
+    )
+    # without both tables: an allreduce of the words at the rate the caller priced it at before
+    half = K.Link(1e-6, 1e9, 5e8, 1.0, collectives=(("ialltoallv", ((64.0, 2e8),)),))
+    assert half.seconds("allreduce16", S, 4) == K.allreduce(S, 4, 1e-6, 5e8)
+    assert half.seconds("allreduce16", S, 4, nonblocking=False) == K.allreduce(S, 4, 1e-6, 1e9)
+
+
+@pytest.mark.parametrize(
+    "value, expect",
+    [
+        (5, r"\[link\.intra\.collectives\] must be a table, got 5"),
+        (
+            {"allreduce": {"64": 1e9}},
+            r"link\.intra\.collectives\.allreduce: expected one of ireduce_scatter, ",
+        ),
+        ({"p2p": {"x": 1e9}}, r"link\.intra\.collectives\.p2p: key 'x' is not a positive integer"),
+        ({"p2p": {"64": 0}}, r"link\.intra\.collectives\.p2p\.64 must be a finite positive number"),
+    ],
+)
+def test_bad_kind_tables_are_one_line_naming_the_field(value, expect):
+    with pytest.raises(UserError, match="^cluster file cluster: " + expect):
+        cluster(collectives=value)
