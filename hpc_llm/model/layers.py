@@ -34,7 +34,7 @@ from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     gelu_forward,
     gelu_tanh,
 )
-from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.cuda import device, fused_attention
 from hpc_llm.kernels.gemm import as_float32, matmul
 from hpc_llm.kernels.layernorm import (  # noqa: F401
     LN_EPS,
@@ -378,7 +378,7 @@ def attention_forward(
     is then (qkv kept, None, FlashCache), and the dropout masks are its hash's, not the host's."""
     xp = array_module(qkv)
     if FUSED_ATTENTION and device.on_device(xp) and (dropout == 0.0 or isinstance(rng, DropoutRNG)):
-        return device.flash_attention_forward(
+        return fused_attention.flash_attention_forward(
             xp, qkv, n_head, prec, attention_dropout(rng, dropout)
         )
     qkvh = split_heads(qkv, n_head)
@@ -495,8 +495,8 @@ def attention_backward(
     """The input gradient of attention_forward. A cache without probabilities (keep_probs=False) has them
     recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks)."""
     xp = array_module(dy)
-    if isinstance(cache[2], device.FlashCache):
-        return device.flash_attention_backward(xp, dy, cache, n_head, prec)
+    if isinstance(cache[2], fused_attention.FlashCache):
+        return fused_attention.flash_attention_backward(xp, dy, cache, n_head, prec)
     qkvh, atts, masks = cache
     held = _reads_low(prec, qkvh)
     qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)

@@ -91,8 +91,8 @@ def block_cache_bytes(
 
 
 def fused_attention(cfg: ModelConfig, device: bool) -> bool:
-    """Whether a block's attention runs fused (layers.attention_forward on a device; device._attention_fusable's
-    head size test)."""
+    """Whether a block's attention runs fused (layers.attention_forward on a device; kernels/cuda/fused_attention's
+    head size test, `fusable`)."""
     return device and cfg.n_embd // cfg.n_head <= MAX_HEAD_DIM
 
 

@@ -15,7 +15,7 @@ import pytest
 from helpers import probe_gpu
 
 from hpc_llm.kernels import attention as flash
-from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.cuda import fused_attention
 from hpc_llm.kernels.cuda.launches import xp as counted
 from hpc_llm.model import layers
 from hpc_llm.model.precision import FP32, Precision
@@ -139,7 +139,7 @@ def test_the_device_path_takes_the_fused_kernels_and_the_hash_masks():
     qkv, dy = _inputs(np.float32, 1)
     rng = layers.DropoutRNG(7, 3, 1, range(B)).site(2)
     y, cache = layers.attention_forward(counted.asarray(qkv), H, 0.2, rng, Precision("bf16"))
-    assert isinstance(cache[2], device.FlashCache)
+    assert isinstance(cache[2], fused_attention.FlashCache)
     dqkv = layers.attention_backward(counted.asarray(dy), cache, H, Precision("bf16"))
     drop = flash.attention_dropout(rng, 0.2)
     want_y, lse = flash.flash_forward(qkv, H, Precision("bf16"), drop)
@@ -177,8 +177,8 @@ def test_kernels_equal_the_twin_on_a_gpu(precision, p):
     """HD 16: bf16 and fp16 multiply their tiles on tensor cores, fp32 in scalar loops."""
     qkv, dy = _inputs(np.float32, 3)
     prec, drop = Precision(precision), _drop(p)
-    y, cache = device.flash_attention_forward(cupy, cupy.asarray(qkv), H, prec, drop)
-    dqkv = device.flash_attention_backward(cupy, cupy.asarray(dy), cache, H, prec)
+    y, cache = fused_attention.flash_attention_forward(cupy, cupy.asarray(qkv), H, prec, drop)
+    dqkv = fused_attention.flash_attention_backward(cupy, cupy.asarray(dy), cache, H, prec)
     want_y, lse = flash.flash_forward(qkv, H, prec, drop)
     kept, kept_y = (prec.use(prec.keep(x), np.float32) for x in (qkv, want_y))
     want = flash.flash_backward(dy, kept, kept_y, lse, H, prec, drop)

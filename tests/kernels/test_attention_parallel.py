@@ -10,7 +10,7 @@ from helpers import F64_RTOL, check, mismatch
 from mpi4py import MPI
 
 from hpc_llm.config import ModelConfig
-from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.cuda import fused_attention
 from hpc_llm.kernels.cuda.launches import xp
 from hpc_llm.model import layers as L
 from hpc_llm.model.gpt import GPT
@@ -42,7 +42,7 @@ def test_fused_attention_block_tp_and_sp_equal_one_process():
         y, c = blk.forward(xp.asarray(x[:, pos].copy()), drop)
         dx = blk.backward(xp.asarray(dout[:, pos].copy()), c, accumulate=False)
         w = f"tp {tp} sp {sp}"
-        if not isinstance(c.attn[2], device.FlashCache):
+        if not isinstance(c.attn[2], fused_attention.FlashCache):
             bad.append(f"{w}: attention took the unfused path")
         bad += mismatch(np.asarray(y), np.asarray(y_ref)[:, pos], f"{w} output", rtol=F64_RTOL)
         bad += mismatch(np.asarray(dx), np.asarray(dx_ref)[:, pos], f"{w} dx", rtol=F64_RTOL)

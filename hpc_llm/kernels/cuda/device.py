@@ -10,11 +10,9 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from hpc_llm.kernels import attention as flash
 from hpc_llm.kernels.cuda import launches, twins
 
 HERE = Path(__file__).parent
@@ -145,7 +143,7 @@ def _fusable(xp, *arrays) -> bool:
     return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
 
 
-def _run(xp, name: str, nbytes: int, twin, args, launch):
+def run_kernel(xp, name: str, nbytes: int, twin, args, launch):
     """The kernel `name` (one launch moving nbytes): launched on CuPy, counted with its twin computing elsewhere,
     the twin alone on CuPy for what the kernel does not take."""
     if xp.__name__ != "cupy":
@@ -156,7 +154,7 @@ def _run(xp, name: str, nbytes: int, twin, args, launch):
     return launch()
 
 
-def _grid(n: int) -> tuple:
+def grid_1d(n: int) -> tuple:
     return (max(1, min(-(-n // THREADS), 4096)),)
 
 
@@ -169,13 +167,13 @@ def gelu_forward(xp, x, twin, bias=None):
         fn = module("bias_gelu").get_function("bias_gelu_forward")
         n, width = np.int64(x.size), np.int32(x.shape[-1])
         b, x_out = (NULL, NULL) if bias is None else (bias, x)
-        fn(_grid(x.size), (THREADS,), (x, b, x_out, out, NULL, t, n, width, np.int32(0)))
+        fn(grid_1d(x.size), (THREADS,), (x, b, x_out, out, NULL, t, n, width, np.int32(0)))
         return out, t
 
     if bias is None:
-        return _run(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
+        return run_kernel(xp, "bias_gelu_forward", 3 * x.nbytes, twin, (x,), launch)
     nbytes = 4 * x.nbytes + bias.nbytes
-    return _run(xp, "bias_gelu_forward", nbytes, twin, (x, bias), launch)
+    return run_kernel(xp, "bias_gelu_forward", nbytes, twin, (x, bias), launch)
 
 
 def gelu_backward(xp, dout, x, t, twin):
@@ -183,10 +181,10 @@ def gelu_backward(xp, dout, x, t, twin):
 
     def launch():
         fn = module("bias_gelu").get_function("bias_gelu_backward")
-        fn(_grid(x.size), (THREADS,), (dout, x, t, np.int64(x.size), np.int32(0)))
+        fn(grid_1d(x.size), (THREADS,), (dout, x, t, np.int64(x.size), np.int32(0)))
         return dout
 
-    return _run(xp, "bias_gelu_backward", 4 * x.nbytes, twin, (dout, x, t), launch)
+    return run_kernel(xp, "bias_gelu_backward", 4 * x.nbytes, twin, (dout, x, t), launch)
 
 
 def layernorm_forward(xp, x, w, b, twin):
@@ -201,7 +199,7 @@ def layernorm_forward(xp, x, w, b, twin):
         fn((x.size // C,), (THREADS,), args, shared_mem=THREADS * 4)
         return out, (xhat, rstd)
 
-    return _run(xp, "layernorm_forward", 3 * x.nbytes, twin, (x, w, b), launch)
+    return run_kernel(xp, "layernorm_forward", 3 * x.nbytes, twin, (x, w, b), launch)
 
 
 def layernorm_backward_input(xp, dout, cache, w, twin):
@@ -217,7 +215,7 @@ def layernorm_backward_input(xp, dout, cache, w, twin):
         return dx
 
     nbytes = 3 * dout.nbytes
-    return _run(
+    return run_kernel(
         xp,
         "layernorm_backward",
         nbytes,
@@ -242,7 +240,7 @@ def causal_softmax_(xp, att, prec, twin):
     def twin_(a):
         return twin(a, prec)
 
-    return _run(xp, "masked_softmax_forward", 2 * att.nbytes, twin_, (att,), launch)
+    return run_kernel(xp, "masked_softmax_forward", 2 * att.nbytes, twin_, (att,), launch)
 
 
 def softmax_backward_(xp, datt, att, prec, twin):
@@ -259,7 +257,7 @@ def softmax_backward_(xp, datt, att, prec, twin):
     def twin_(d, a):
         return twin(d, a, prec)
 
-    return _run(xp, "masked_softmax_backward", 3 * datt.nbytes, twin_, (datt, att), launch)
+    return run_kernel(xp, "masked_softmax_backward", 3 * datt.nbytes, twin_, (datt, att), launch)
 
 
 def round_(xp, x, prec, twin, out=None):
@@ -268,13 +266,13 @@ def round_(xp, x, prec, twin, out=None):
 
     def launch():
         fn = module("round").get_function("round_format")
-        fn(_grid(x.size), (THREADS,), (x, res, np.int64(x.size), np.int32(ROUNDING[prec.name])))
+        fn(grid_1d(x.size), (THREADS,), (x, res, np.int64(x.size), np.int32(ROUNDING[prec.name])))
         return res
 
     def twin_(x_):
         return twin(x_) if out is None else _into(out, twin(x_))
 
-    return _run(xp, "round_format", 2 * x.nbytes, twin_, (x,), launch)
+    return run_kernel(xp, "round_format", 2 * x.nbytes, twin_, (x,), launch)
 
 
 def _into(out, x):
@@ -288,137 +286,13 @@ def dropout_scale(xp, x, keep, scale: float, twin, out=None):
 
     def launch():
         fn = module("dropout_residual").get_function("dropout_scale")
-        fn(_grid(x.size), (THREADS,), (x, keep, np.float32(scale), res, np.int64(x.size)))
+        fn(grid_1d(x.size), (THREADS,), (x, keep, np.float32(scale), res, np.int64(x.size)))
         return res
 
     def twin_(x_):
         return twin(x_) if out is None else _into(out, twin(x_))
 
-    return _run(xp, "dropout_scale", 2 * x.nbytes + keep.nbytes, twin_, (x,), launch)
-
-
-# -- fused attention (attention.cu; its twin kernels/attention.py) --------------------------------------------------
-
-
-class FlashCache(NamedTuple):
-    """What the fused attention's backward needs beside qkv: forward's output kept in the format (with fp32 the
-    array the projection keeps too, no copy), each row's logsumexp (B, heads, T), and the dropout
-    (kernels/attention.AttnDropout, None: none)."""
-
-    y: object
-    lse: object
-    drop: object
-
-
-def _attention_args(xp, n_head: int, hd: int, prec, drop) -> tuple:
-    """attention.cu's trailing arguments: scale, rounding mode, dropout (rows, head0, key, threshold, scale)."""
-    rows = NULL if drop is None else xp.asarray(np.asarray(drop.rows, dtype=np.uint32))
-    d = (0, (0, 0), 0, 1.0) if drop is None else (drop.head0, drop.key, drop.threshold, drop.scale)
-    return (
-        np.float32(1.0 / math.sqrt(hd)),
-        np.int32(ROUNDING[prec.name]),
-        rows,
-        np.int32(d[0]),
-        *(np.uint32(k) for k in d[1]),
-        np.uint32(d[2]),
-        np.float32(d[3]),
-    )
-
-
-@functools.cache
-def _attention_kernel(name: str, hd: int, tiles: int, tensor_cores: bool):
-    """attention.cu's kernel `name` and the shared memory (bytes) its tiles of head size hd need, which it is
-    allowed (beyond the default 48 kB from hd 79 backward, 158 forward); on tensor cores also its two TILE x CH
-    product buffers."""
-    from cupy.cuda import driver
-
-    tile = flash.TILE
-    nbytes = 4 * (tiles * tile * hd + 2 * tile * (tile + 1) + 3 * tile)
-    nbytes += 4 * 2 * tile * flash.PRODUCT_CHUNK if tensor_cores else 0
-    fn = module("attention").get_function(name)
-    attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
-    driver.funcSetAttribute(fn.ptr, attr, nbytes)
-    return fn, nbytes
-
-
-def _attention_fusable(qkv, n_head: int) -> bool:
-    return qkv.shape[2] // 3 // n_head <= flash.MAX_HEAD_DIM
-
-
-def flash_attention_forward(xp, qkv, n_head: int, prec, drop):
-    """layers.attention_forward on a device: (y, (qkv kept, None, FlashCache)), one launch (attention_forward)."""
-    B, T, C3 = qkv.shape
-    hd = C3 // 3 // n_head
-
-    def launch():
-        y = xp.empty((B, T, C3 // 3), dtype=qkv.dtype)
-        lse = xp.empty((B, n_head, T), dtype=qkv.dtype)
-        fn, smem = _attention_kernel(
-            "attention_forward", hd, 2, flash.tensor_core_products(prec.name, hd)
-        )
-        args = (qkv, y, lse, np.int32(T), np.int32(n_head), np.int32(hd))
-        grid = (-(-T // flash.TILE), n_head, B)
-        fn(grid, (THREADS,), (*args, *_attention_args(xp, n_head, hd, prec, drop)), shared_mem=smem)
-        return y, lse
-
-    def twin(qkv_):
-        return flash.flash_forward(qkv_, n_head, prec, drop)
-
-    if xp.__name__ == "cupy" and not _attention_fusable(qkv, n_head):
-        y, lse = twin(qkv)
-    else:
-        # q, k, v read once (their tiles' re-reads by later query tiles: L2), y and lse written once
-        nbytes = qkv.nbytes * 4 // 3 + B * n_head * T * qkv.itemsize
-        y, lse = _run(xp, "attention_forward", nbytes, twin, (qkv,), launch)
-    return y, (prec.keep(qkv), None, FlashCache(prec.keep(y), lse, drop))
-
-
-def flash_attention_backward(xp, dy, cache, n_head: int, prec):
-    """layers.attention_backward of a FlashCache: dqkv (B, T, 3C) in three launches (the rows' D, then dk and dv,
-    then dq)."""
-    kept, _, fc = cache
-    qkv, y = prec.use(kept, dy.dtype), prec.use(fc.y, dy.dtype)
-    B, T, C = dy.shape
-    hd = C // n_head
-    rows = B * n_head * T * dy.itemsize  # lse or D
-    fuse = xp.__name__ != "cupy" or _attention_fusable(qkv, n_head)
-
-    def dot_launch():
-        D = xp.empty((B, n_head, T), dtype=dy.dtype)
-        fn = module("attention").get_function("attention_backward_dot")
-        args = (dy, y, D, np.int32(T), np.int32(n_head), np.int32(hd))
-        fn(_grid(B * n_head * T), (THREADS,), (*args, np.int32(ROUNDING[prec.name]), np.int32(B)))
-        return D
-
-    def dot_twin(dy_, y_):
-        return flash.flash_backward_dot(dy_, y_, n_head, prec)
-
-    if fuse:
-        D = _run(xp, "attention_backward_dot", 2 * dy.nbytes + rows, dot_twin, (dy, y), dot_launch)
-    else:
-        D = dot_twin(dy, y)
-    dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
-    for name, twin, part in (
-        ("attention_backward_kv", flash.flash_backward_kv, 2),
-        ("attention_backward_q", flash.flash_backward_q, 1),
-    ):
-
-        def launch(name=name, part=part):
-            fn, smem = _attention_kernel(name, hd, 4, flash.tensor_core_products(prec.name, hd))
-            args = (qkv, dy, fc.lse, D, dqkv, np.int32(T), np.int32(n_head), np.int32(hd))
-            tail = _attention_args(xp, n_head, hd, prec, fc.drop)
-            fn((-(-T // flash.TILE), n_head, B), (THREADS,), (*args, *tail), shared_mem=smem)
-
-        def run_twin(qkv_, dy_, lse_, D_, twin=twin):
-            twin(dy_, qkv_, lse_, D_, n_head, prec, fc.drop, dqkv)
-
-        # qkv, dy, lse and D read once (re-reads of tiles: L2), this kernel's part of dqkv written once
-        nbytes = qkv.nbytes + dy.nbytes + 2 * rows + part * dy.nbytes
-        if fuse:
-            _run(xp, name, nbytes, run_twin, (qkv, dy, fc.lse, D), launch)
-        else:
-            run_twin(qkv, dy, fc.lse, D)
-    return dqkv
+    return run_kernel(xp, "dropout_scale", 2 * x.nbytes + keep.nbytes, twin_, (x,), launch)
 
 
 def dropout_residual_(xp, x, a, keep, scale: float, twin, bias=None):
@@ -429,14 +303,14 @@ def dropout_residual_(xp, x, a, keep, scale: float, twin, bias=None):
         fn = module("dropout_residual").get_function("dropout_residual_forward")
         k, b = (NULL if v is None else v for v in (keep, bias))
         n, width = np.int64(x.size), np.int32(x.shape[-1])
-        fn(_grid(x.size), (THREADS,), (x, a, b, k, np.float32(scale), n, width))
+        fn(grid_1d(x.size), (THREADS,), (x, a, b, k, np.float32(scale), n, width))
         return x
 
     def twin_(x_, a_):
         return twin(x_, a_, keep, scale, bias)
 
     nbytes = 3 * x.nbytes + sum(0 if v is None else v.nbytes for v in (keep, bias))
-    return _run(xp, "dropout_residual_forward", nbytes, twin_, (x, a), launch)
+    return run_kernel(xp, "dropout_residual_forward", nbytes, twin_, (x, a), launch)
 
 
 # -- the 16-bit formats stored natively (Precision.keep / use on a device) -----------------------------------------
@@ -456,10 +330,12 @@ def narrow(xp, x, prec, twin):
     def launch():
         out = xp.empty(x.shape, dtype=storage_dtype(xp, prec))
         fn = module("round").get_function("narrow_format")
-        fn(_grid(x.size), (THREADS,), (x, out, np.int64(x.size), np.int32(ROUNDING[prec.name])))
+        fn(grid_1d(x.size), (THREADS,), (x, out, np.int64(x.size), np.int32(ROUNDING[prec.name])))
         return out
 
-    return _run(xp, "narrow_format", 3 * x.size * 2, lambda x_: twin(x_, prec.low), (x,), launch)
+    return run_kernel(
+        xp, "narrow_format", 3 * x.size * 2, lambda x_: twin(x_, prec.low), (x,), launch
+    )
 
 
 def widen(xp, kept, prec, dtype, twin):
@@ -472,7 +348,11 @@ def widen(xp, kept, prec, dtype, twin):
     out = xp.empty(kept.shape, dtype=np.float32)
     fn = module("round").get_function("widen_format")
     src = xp.ascontiguousarray(kept)
-    fn(_grid(kept.size), (THREADS,), (src, out, np.int64(kept.size), np.int32(ROUNDING[prec.name])))
+    fn(
+        grid_1d(kept.size),
+        (THREADS,),
+        (src, out, np.int64(kept.size), np.int32(ROUNDING[prec.name])),
+    )
     return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
 
@@ -485,10 +365,10 @@ def narrow_round(xp, x, prec, twin):
         out = xp.empty_like(x)
         fn = module("round").get_function("narrow_round")
         mode = np.int32(ROUNDING[prec.name])
-        fn(_grid(x.size), (THREADS,), (x, bits, out, np.int64(x.size), mode))
+        fn(grid_1d(x.size), (THREADS,), (x, bits, out, np.int64(x.size), mode))
         return bits, out
 
-    return _run(xp, "narrow_round", 5 * x.size * 2, twin, (x,), launch)
+    return run_kernel(xp, "narrow_round", 5 * x.size * 2, twin, (x,), launch)
 
 
 class WideRuns:
@@ -519,4 +399,4 @@ def refresh_compute(xp, master, bits, wide, runs: WideRuns, prec) -> None:
     fn = module("round").get_function("refresh_compute")
     mode = np.int32(ROUNDING[prec.name])
     args = (master, bits, np.int64(master.size), wide, starts, ends, np.int32(len(runs.runs)))
-    fn(_grid(master.size), (THREADS,), (*args, np.int64(runs.total), mode))
+    fn(grid_1d(master.size), (THREADS,), (*args, np.int64(runs.total), mode))

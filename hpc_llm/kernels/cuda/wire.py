@@ -22,7 +22,7 @@ def narrow_message(xp, x, fmt: str, s: float):
         return words
     fn = device.module("round").get_function("wire_narrow")
     mode = np.int32(device.ROUNDING[fmt])
-    fn(device._grid(x.size), (device.THREADS,), (x, words, np.int64(x.size), np.float32(s), mode))
+    fn(device.grid_1d(x.size), (device.THREADS,), (x, words, np.int64(x.size), np.float32(s), mode))
     return words
 
 
@@ -34,4 +34,4 @@ def widen_message(xp, words, out, fmt: str) -> None:
         return
     fn = device.module("round").get_function("wire_widen")
     mode = np.int32(device.ROUNDING[fmt])
-    fn(device._grid(out.size), (device.THREADS,), (words, out, np.int64(out.size), mode))
+    fn(device.grid_1d(out.size), (device.THREADS,), (words, out, np.int64(out.size), mode))
