@@ -127,6 +127,12 @@ class Cluster:
 
     # -- compute -------------------------------------------------------------------------------------------------
 
+    @property
+    def reads_bf16(self) -> bool:
+        """Whether the nodes run bf16 products on oneDNN's bf16 GEMM (kernels/gemm.reads_bf16): a CPU cluster with a
+        compute.gemm.bfloat16 figure, which `bench calibrate` writes only where that GEMM loads."""
+        return self.backend == "numpy" and "bfloat16" in self.gemm
+
     def gemm_rate(self, dtype: str, m: int, n: int, k: int) -> float:
         if dtype not in self.gemm:
             raise UserError(
