@@ -12,11 +12,14 @@ import time
 
 import numpy as np
 
+from hpc_llm.backend import low_dtype
 from hpc_llm.bench.timer import best_time
 from hpc_llm.errors import UserError
+from hpc_llm.kernels import gemm
 from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
 from hpc_llm.kernels.rounding import from_low, to_low
+from hpc_llm.model.precision import Precision
 from hpc_llm.parallel.comm import Comm, world_comm
 from hpc_llm.parallel.data_parallel import split_counts
 
@@ -50,9 +53,12 @@ def matmul_peak_flops(xp=np, dtype=np.float32, n: int = 2048, repeats: int = 3) 
 GEMM_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def gemm_rates(dtype, other: int = 768, repeats: int = 9) -> dict:
+def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
     """{min dimension: FLOP/s}: for each class d, the mean rate of (other x d) @ (d x other), (d x other) @
-    (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n."""
+    (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n. product(a, b, out): the
+    call timed (default NumPy's matmul); out float32 for a 2-byte dtype."""
+    product = product or (lambda a, b, o: np.matmul(a, b, out=o))
+    wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     rng = np.random.default_rng(0)
     out = {}
     # twice round, the better of the two: a burst of load hits one class, not all
@@ -63,10 +69,19 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9) -> dict:
                 rng.standard_normal((m, k)).astype(dtype),
                 rng.standard_normal((k, n)).astype(dtype),
             )
-            o = np.empty((m, n), dtype)
-            rates.append(2.0 * m * n * k / best_time(lambda: np.matmul(a, b, out=o), repeats))
+            o = np.empty((m, n), wide)
+            rates.append(2.0 * m * n * k / best_time(lambda: product(a, b, o), repeats))
         out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
     return out
+
+
+def bf16_gemm_rates(other: int = 768, repeats: int = 5) -> dict | None:
+    """gemm_rates of oneDNN's bf16 GEMM (kernels/gemm.bf16_matmul: bfloat16 operands as the products hold them,
+    float32 out), where bf16 training runs its products on it (gemm.reads_bf16), else None: the planner reads the
+    figure's presence as that (plan/cluster.Cluster.reads_bf16)."""
+    if not gemm.reads_bf16(Precision("bf16")):
+        return None
+    return gemm_rates(low_dtype("bf16"), other, repeats, gemm.bf16_matmul)
 
 
 ROW = 256  # elements per row of the pass mix: a layer's rows are n_embd (or a score row) long
@@ -344,6 +359,9 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
         **elementwise_figures(),
         "cast": cast_rates(),
     }
+    bf16 = bf16_gemm_rates()
+    if bf16 is not None:
+        fig["gemm"]["bfloat16"] = bf16
     every = comm.allgather_objects(fig)
 
     def med(get):

@@ -115,16 +115,23 @@ def uses_onednn(a, b, prec) -> bool:
     if a.ndim < 2 or b.ndim < 2:
         return False
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    cut = min(MIN_MACS, MIN_MACS_HELD) if a.dtype == b.dtype == prec.low else MIN_MACS
-    if min(M, N) < MIN_SIDE or M * K * N < cut or kernels_choice() == "numpy":
+    held = a.dtype == b.dtype == prec.low
+    if not onednn_size(M * K * N, min(M, N), held) or kernels_choice() == "numpy":
         return False
     return onednn_gemm() is not None
+
+
+def onednn_size(macs: int, side: int, held: bool = False) -> bool:
+    """Whether a bf16 product of `macs` multiply-adds per matrix, no side (rows, columns) below `side`, is large
+    enough for oneDNN on a CPU where it runs (held: both operands bfloat16 arrays). The one rule: the planner
+    prices bf16 products by it too (plan/compute.py)."""
+    return side >= MIN_SIDE and macs >= (min(MIN_MACS, MIN_MACS_HELD) if held else MIN_MACS)
 
 
 def takes_held(prec, macs: int, side: int) -> bool:
     """Whether products of bfloat16 arrays with at least `macs` multiply-adds per matrix and no side below `side`
     run on oneDNN: a caller that makes their operands makes them in bfloat16 then (attention's, model/layers.py)."""
-    return side >= MIN_SIDE and macs >= min(MIN_MACS, MIN_MACS_HELD) and reads_bf16(prec)
+    return onednn_size(macs, side, True) and reads_bf16(prec)
 
 
 def matmul(a, b, out=None, accumulate: bool = False, prec=None):

@@ -407,8 +407,16 @@ def attention_forward(
 def _reads_low(prec: Precision, qkvh) -> bool:
     """Whether attention's products on these heads all take bf16 operands as they are (oneDNN; the smallest, the
     first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are then made in bf16, once."""
-    b, hd = query_blocks(qkvh.shape[3])[-1][1], qkvh.shape[4]
-    return type(qkvh) is np.ndarray and gemm.takes_held(prec, b * b * hd, min(b, hd))
+    return type(qkvh) is np.ndarray and gemm.takes_held(
+        prec, *held_size(qkvh.shape[3], qkvh.shape[4])
+    )
+
+
+def held_size(T: int, hd: int) -> tuple[int, int]:
+    """(multiply-adds, smallest side) of attention's smallest per-head product at T positions and head size hd:
+    the first query block's (what gemm.takes_held decides by; the planner too, plan/compute.py)."""
+    b = query_blocks(T)[-1][1]
+    return b * b * hd, min(b, hd)
 
 
 def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision, held=False):

@@ -157,14 +157,17 @@ def chunk_weight_bytes(
     act: int = 4,
     compute: int | None = None,
     sp: bool = False,
+    dy: int = 0,
 ) -> int:
     """Bytes one micro-batch's B leaves for its W (zero-bubble schedules: Chunk.backward_input's WeightWork): each
     weighted layer's kept input (in the format: the cache's own arrays, the rest of the cache freed) and output
-    gradient (compute dtype). A block: the LayerNorms' xhat and output gradients, the four linears' inputs and
-    output gradients (a row-parallel one's gathered whole with sp); the embedding: its input gradient, token ids and
+    gradient (compute dtype; a linear's in `dy` bytes where nonzero: Bytes.weight_dy). A block: the LayerNorms' xhat
+    and output gradients, the four linears' inputs and output gradients (a row-parallel one's gathered whole with
+    sp, in the compute dtype: tensor_parallel._gathered_operand); the embedding: its input gradient, token ids and
     dropout mask; the head nothing (its W runs with its B: Chunk.backward_input)."""
     T, C = cfg.block_size, cfg.n_embd
     compute = act if compute is None else compute
+    dy = dy or compute
     n, nl = b * T * C, b * T * C // tp
     r = nl if sp else n
     total = 0
@@ -172,8 +175,8 @@ def chunk_weight_bytes(
         # ln_1 and ln_2: xhat, output; attn_proj's and mlp_proj's inputs
         kept = 2 * r + 2 * r + nl + 4 * nl
         # the output gradients: the two projections', fc's, qkv's, the LayerNorms'
-        grads = 2 * n + 4 * nl + 3 * nl + 2 * r
-        total += n_blocks * (kept * act + grads * compute)
+        rows = 2 * n * (compute if sp else dy)
+        total += n_blocks * (kept * act + rows + (4 * nl + 3 * nl) * dy + 2 * r * compute)
     if embedding:
         total += r * compute + b * T * INDEX_BYTES + (r * MASK_BYTES if cfg.dropout > 0 else 0)
     return total

@@ -9,7 +9,8 @@ while every device of the node is busy, since that is how training runs:
                elementwise_bw = {array bytes = B/s} (bytes read + written by one pass, by the array's size: a pass
                over an array that stays in cache runs faster than one that streams from memory)
     [compute.gemm.<dtype>]  {min dimension = FLOP/s}: matmul throughput by shape class, the class being the smallest
-               of (m, n, k) (a thin matmul runs below the machine's peak); interpolated in log(dimension)
+               of (m, n, k) (a thin matmul runs below the machine's peak); interpolated in log(dimension). On a
+               CPU (backend numpy) a bfloat16 table also says the nodes run bf16 products on oneDNN (reads_bf16)
     [compute.cast]  optional: to_bfloat16, from_bfloat16, to_float16, from_float16: elements/s of a conversion
                between float32 and the 2-byte format (bf16/fp16 training: Precision.keep, use, operand, round_).
                On NumPy a conversion is compute-bound (ml_dtypes' bfloat16 cast runs ~10x slower per element than
@@ -126,6 +127,12 @@ class Cluster:
     sources: dict = field(default_factory=dict)
 
     # -- compute -------------------------------------------------------------------------------------------------
+
+    @property
+    def reads_bf16(self) -> bool:
+        """Whether the nodes run bf16 products on oneDNN's bf16 GEMM (kernels/gemm.reads_bf16): a CPU cluster with a
+        compute.gemm.bfloat16 figure, which `bench calibrate` writes only where that GEMM loads."""
+        return self.backend == "numpy" and "bfloat16" in self.gemm
 
     def gemm_rate(self, dtype: str, m: int, n: int, k: int) -> float:
         if dtype not in self.gemm:

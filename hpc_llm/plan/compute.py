@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.kernels.gemm import onednn_size
 from hpc_llm.kernels.rounding import PIECE as ROUND_PIECE
-from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK, held_size, query_blocks
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan import fused_attention
@@ -64,15 +65,36 @@ class Pricer:
         self.cl, self.dtype, self.it = cl, dtype, itemsize
         self.tp, self.link, self.share = tp, tp_link, share
         self.low, self.sp, self.comm_low = low, sp, comm_low
+        # bf16 on a CPU whose products run on oneDNN's bf16 GEMM (kernels/gemm.py): the large ones at its rate
+        self.onednn = cl.reads_bf16 and dtype == "float32" and low == "bfloat16"
 
     @property
     def comm_it(self) -> int:
         """Bytes per element of an activation collective."""
         return 2 if self.comm_low else self.it
 
-    def gemm(self, m: int, n: int, k: int, batch: int = 1) -> Cost:
-        t = self.share * self.cl.gemm_time(self.dtype, m, n, k, batch)
+    def gemm(self, m: int, n: int, k: int, batch: int = 1, held: bool = False) -> Cost:
+        """`batch` products (m x k) @ (k x n) at the matmul dtype's rate; where the products run on oneDNN
+        (self.onednn) those large enough for it (kernels/gemm.onednn_size; held: both operands bfloat16 arrays) at
+        the bfloat16 rate, as gemm.matmul decides."""
+        dtype = self.dtype
+        if self.onednn and onednn_size(m * n * k, min(m, n), held):
+            dtype = "bfloat16"
+        t = self.share * self.cl.gemm_time(dtype, m, n, k, batch)
         return Cost(t, 0.0, t)
+
+    def linear(self, m: int, n: int, k: int) -> Cost:
+        """A block's linear layer's product: on a device with a 16-bit format at the format's rate (gemm16 reads the
+        2-byte compute copy and kept inputs: kernels/cuda/gemm16.py), else gemm. The head's stays gemm."""
+        if self.cl.backend == "cupy" and self.low is not None:
+            t = self.share * self.cl.gemm_time(self.low, m, n, k)
+            return Cost(t, 0.0, t)
+        return self.gemm(m, n, k)
+
+    def held(self, T: int, hd: int) -> bool:
+        """Whether attention's per-head products at T positions and head size hd take both operands as bfloat16
+        arrays (model/layers._reads_low: gemm.takes_held)."""
+        return self.onednn and onednn_size(*held_size(T, hd), True)
 
     # Precision's conversions (model/precision.py), nothing without a 2-byte format
     def _cast(self, elems: float, to_low: bool, calls: float = 1.0) -> Cost:
@@ -222,22 +244,24 @@ def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
     return p.ew(3 * elems, elems) if acc else Cost()
 
 
-def _probabilities(p: Pricer, b: int, h: int, hd: int, q0: int, q1: int) -> Cost:
+def _probabilities(p: Pricer, b: int, h: int, hd: int, q0: int, q1: int, held: bool) -> Cost:
     """layers._probabilities: one query block's q k^T, its causal softmax, rounded in place (forward's, and
-    selective recompute's again in backward)."""
+    selective recompute's again in backward); held: Pricer.held."""
     s = b * h * (q1 - q0) * q1
     # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
-    return p.gemm(q1 - q0, q1, hd, b * h) + p.ew(9 * s, s, 6) + p.exp(s) + p.round_(s)
+    return p.gemm(q1 - q0, q1, hd, b * h, held) + p.ew(9 * s, s, 6) + p.exp(s) + p.round_(s)
 
 
 def attention_core_forward(p: Pricer, b: int, T: int, h: int, hd: int, keep: bool = True) -> Cost:
-    """attention_forward's loop over query blocks: the probabilities, rounded again as the operand of the product
-    with v, and kept (keep False, recompute "selective": not kept)."""
-    c = Cost()
+    """attention_forward's loop over query blocks: the probabilities, the operand of the product with v as they
+    are, and kept (keep False, recompute "selective": not kept)."""
+    c, held = Cost(), p.held(T, hd)
     for q0, q1 in query_blocks(T):
         s = b * h * (q1 - q0) * q1
-        c += _probabilities(p, b, h, hd, q0, q1) + p.gemm(q1 - q0, hd, q1, b * h)
-        c += p.round_(s) + (p.keep(s) if keep else Cost())  # round_(used), keep(att)
+        c += _probabilities(p, b, h, hd, q0, q1, held) + p.gemm(q1 - q0, hd, q1, b * h, held)
+        # keep(att); the operand is att itself (rounded by the softmax: dropout's scaled copy, rounded again, is
+        # not modelled)
+        c += p.keep(s) if keep else Cost()
     return c
 
 
@@ -256,7 +280,7 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = F
     r = nl if p.sp else n  # LayerNorm, dropout, the residual stream: the slice with sp
     c = _layernorm_fwd(p, r) + p.keep(r)  # ln_1 (its xhat kept in the format)
     c += _column_input(p, n)  # ColumnParallelLinear: the input kept, then used
-    c += p.gemm(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
+    c += p.linear(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
     # split_heads copy, q *= scale, round_
     c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
     c += attention_core_forward(p, b, T, h, hd, keep=not selective)
@@ -264,15 +288,15 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = F
     c += p.ew(2 * nl, nl)  # merge_heads copy
     c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
     # proj, bias, residual
-    c += p.gemm(N, C, C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
+    c += p.linear(N, C, C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
     c += _layernorm_fwd(p, r) + p.keep(r)
     c += _column_input(p, n)
-    c += p.gemm(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
+    c += p.linear(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
     # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2)
     c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.exp(4 * nl)
     c += Cost() if selective else p.keep(4 * nl)  # GELU's tanh kept in the format
     c += p.keep(4 * nl) + p.use(4 * nl)  # mlp_proj's input
-    c += p.gemm(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
+    c += p.linear(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
     return c + p.keep(4 * nl)  # the cache keeps f in the format
 
 
@@ -316,25 +340,26 @@ def block_backward_input(
     r = nl if p.sp else n
     c = p.ew(4 * r, r, 2) if deferred else Cost()
     # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand; the input gradient
-    c += p.gathered_operand(n) + p.gemm(N, 4 * C // tp, C)
+    c += p.gathered_operand(n) + p.linear(N, 4 * C // tp, C)
     # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
     c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
     c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
-    c += p.operand(4 * nl) + p.gemm(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
+    c += p.operand(4 * nl) + p.linear(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
     c += p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
-    c += p.gathered_operand(n) + p.gemm(N, C // tp, C)  # attn_proj
+    c += p.gathered_operand(n) + p.linear(N, C // tp, C)  # attn_proj
     c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
+    held = p.held(T, hd)
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
         # the probabilities: rebuilt (selective) or the kept ones used
-        c += _probabilities(p, b, h, hd, q0, q1) if selective else p.use(s)
-        c += p.gemm(q1, hd, qb, b * h) + p.gemm(qb, q1, hd, b * h)  # dv, datt
+        c += _probabilities(p, b, h, hd, q0, q1, held) if selective else p.use(s)
+        c += p.gemm(q1, hd, qb, b * h, held) + p.gemm(qb, q1, hd, b * h, held)  # dv, datt
         c += p.ew(7 * s, s, 4) + p.round_(s)  # rowdot einsum (2), -= (2), *= att (3); round_(datt)
-        c += p.gemm(qb, hd, q1, b * h) + p.gemm(q1, hd, qb, b * h)  # dq, dk
+        c += p.gemm(qb, hd, q1, b * h, held) + p.gemm(q1, hd, qb, b * h, held)  # dq, dk
         if i > 0:  # later blocks add into dv and dk
             c += p.ew(6 * kv, kv, 2)
     c += p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl)  # dq *= scale, transposed copy
-    c += p.operand(3 * nl) + p.gemm(N, C, 3 * C // tp) + p.column_input_grad(n)  # qkv
+    c += p.operand(3 * nl) + p.linear(N, C, 3 * C // tp) + p.column_input_grad(n)  # qkv
     return c + p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_1, dx +=
 
 
@@ -348,14 +373,22 @@ def block_weight(
     N, n = b * T, b * T * C
     nl = n // tp
     r = nl if p.sp else n
-    c = p.use(4 * nl) + p.gemm(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C)
+    c = p.use(4 * nl) + p.linear(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C)
     c += p.ew(n, n)  # mlp_proj
-    c += _column_input_back(p, n) + p.gemm(C, 4 * C // tp, N) + _accumulate(p, acc, C * 4 * C // tp)
+    c += (
+        _column_input_back(p, n)
+        + p.linear(C, 4 * C // tp, N)
+        + _accumulate(p, acc, C * 4 * C // tp)
+    )
     c += p.ew(4 * nl, 4 * nl)  # fc
     c += (
-        p.use(nl) + p.gemm(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n)
+        p.use(nl) + p.linear(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n)
     )  # attn_proj
-    c += _column_input_back(p, n) + p.gemm(C, 3 * C // tp, N) + _accumulate(p, acc, C * 3 * C // tp)
+    c += (
+        _column_input_back(p, n)
+        + p.linear(C, 3 * C // tp, N)
+        + _accumulate(p, acc, C * 3 * C // tp)
+    )
     c += p.ew(3 * nl, 3 * nl)  # qkv
     for _ in range(2):  # ln_2, ln_1
         c += _layernorm_weight(p, r)

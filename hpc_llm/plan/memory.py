@@ -54,6 +54,11 @@ class Bytes:
     master_wide: int = 0
     # the arrays as the device path makes them (the fused attention's cache: activations.py)
     device: bool = False
+    # bf16 on oneDNN (Cluster.reads_bf16): GPT.compute_bits, the compute copy's bf16 bits beside it (2; not ZeRO-3)
+    master_bits: int = 0
+    # ... and the linears' output gradients kept for a zero-bubble W as the products read them (2: bfloat16
+    # arrays, Precision.gemm_operand; 0: the compute dtype)
+    weight_dy: int = 0
 
     @staticmethod
     def of(dtype_bytes: int) -> Bytes:
@@ -326,7 +331,10 @@ def rank_memory(
     # ZeRO-2 keeps only its pieces' gradients between uses, ZeRO-3 its pieces' parameters too
     kept = owned if sync.stage >= 3 else n
     params, grads = kept * by.param, (owned if sync.stage >= 2 else n) * by.grad
-    master = kept * by.master + sum(b - a for a, b in wide_runs(specs)) * by.master_wide
+    master = (
+        kept * (by.master + by.master_bits)
+        + sum(b - a for a, b in wide_runs(specs)) * by.master_wide
+    )
     moments = 2 * owned * by.moment
     temps = optimizer_threads * 2 * max(1, min(ADAM_CHUNK, n)) * by.param
     # saves never build a full tensor (checkpoint/writers.py, parts.py): a writing rank (world rank 0 with the

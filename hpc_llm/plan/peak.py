@@ -81,7 +81,7 @@ def _chunk_sizes(
             by.act,
         )
         if weight:
-            sizes[c] = chunk_weight_bytes(*shape, by.compute, lay.sequence_parallel)
+            sizes[c] = chunk_weight_bytes(*shape, by.compute, lay.sequence_parallel, by.weight_dy)
         else:
             sizes[c] = chunk_cache_bytes(
                 *shape, lay.recompute, by.compute, lay.sequence_parallel, by.device

@@ -40,9 +40,12 @@ from hpc_llm.plan.peak import message_bytes, message_elems
 from hpc_llm.plan.sharding import zero_pass_seconds
 from hpc_llm.plan.simulate import simulate_costs
 
-# precision -> (the matmuls' dtype, bytes). bf16/fp16 as model/precision.py does them: operands rounded to the format
-# but stored and multiplied as float32 (NumPy has no bf16 GEMM), activations kept in 2 bytes, a float32 compute copy
-# of the weights. "bf16-tc" is what the same scheme would give with tensor-core GEMMs (planned, not in the code).
+# precision -> (the matmuls' dtype, bytes). bf16/fp16 as model/precision.py does them: operands rounded to the format,
+# activations kept in 2 bytes, a float32 compute copy of the weights, products in float32 where no 16-bit GEMM runs
+# them; where one does, Pricer.gemm / linear price them at the format's rate (bf16's large products on a CPU with
+# oneDNN's bf16 GEMM, the blocks' linears on a device: gemm16) and bytes_of counts what that path keeps. "bf16-tc":
+# every GEMM at the bfloat16 rate (planned, not in the code); on a device it differs from "bf16" only by the head's
+# and the unfused attention's products, which bf16 runs in float32.
 PRECISIONS = {
     "fp32": ("float32", Bytes.of(4)),
     "fp64": ("float64", Bytes.of(8)),
@@ -56,9 +59,13 @@ LOW = {"bf16": "bfloat16", "fp16": "float16", "bf16-tc": "bfloat16"}
 
 def bytes_of(precision: str, cl: Cluster, lay: Layout) -> Bytes:
     """PRECISIONS' bytes as the code allocates them on cl: on a device (CuPy) the device path's caches, and the 16-bit
-    formats' compute copy stored in 2 bytes (float32 only under ZeRO-3: model/gpt.compute_16_bit)."""
+    formats' compute copy stored in 2 bytes (float32 only under ZeRO-3: model/gpt.compute_16_bit); with bf16 on a CPU
+    whose products run on oneDNN (Cluster.reads_bf16) the compute copy's bf16 bits beside it (not under ZeRO-3:
+    model/gpt.py's compute_bits) and the output gradients W keeps in bf16 (tensor_parallel._operands)."""
     by = PRECISIONS[precision][1]
     if cl.backend != "cupy":
+        if precision == "bf16" and cl.reads_bf16:
+            return replace(by, master_bits=2 if lay.zero < 3 else 0, weight_dy=2)
         return by
     if by.master == 4 and by.param == 4 and lay.zero < 3:
         return replace(by, master=2, master_wide=4, device=True)

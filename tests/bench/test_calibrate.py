@@ -6,8 +6,15 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from helpers import plan_cluster_dict
 
-from hpc_llm.bench.calibrate import _bandwidth, _median_figures, link_figures
+from hpc_llm.bench.calibrate import (
+    GEMM_CLASSES,
+    _bandwidth,
+    _median_figures,
+    bf16_gemm_rates,
+    link_figures,
+)
 from hpc_llm.plan.cluster import MEASURED, cluster_from_dict, to_toml
 
 
@@ -78,3 +85,22 @@ def test_link_figures_write_tables_the_planner_reads():
         == pytest.approx(fig["collectives"]["p2p"]["4096"], rel=1e-5),
         f"read back: {link}",
     )
+
+
+def test_bf16_gemm_figure_written_exactly_where_onednn_runs_bf16(monkeypatch):
+    """compute.gemm.bfloat16 (oneDNN's bf16 GEMM by shape class) is measured where bf16 training's products run on
+    it (gemm.reads_bf16), and the planner reads the figure as that (Cluster.reads_bf16); elsewhere none. Small
+    shapes, one timing each: the fields, not the rates."""
+    from hpc_llm.kernels import gemm
+    from hpc_llm.model.precision import Precision
+
+    rates = bf16_gemm_rates(other=64, repeats=1)
+    if gemm.reads_bf16(Precision("bf16")):
+        assert set(rates) == {str(d) for d in GEMM_CLASSES} and min(rates.values()) > 0
+        d = plan_cluster_dict()
+        d["compute"]["gemm"]["bfloat16"] = rates
+        assert cluster_from_dict(d).reads_bf16
+    else:
+        assert rates is None
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")
+    assert bf16_gemm_rates(other=64, repeats=1) is None

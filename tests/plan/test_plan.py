@@ -16,8 +16,10 @@ from hpc_llm import cli
 from hpc_llm.checkpoint.format import deal
 from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
+from hpc_llm.kernels import gemm
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import ELEMENTWISE_CHUNK, DropoutRNG, query_blocks
+from hpc_llm.model.precision import Precision
 from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S
 from hpc_llm.parallel import schedule_timing as T
@@ -26,7 +28,7 @@ from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan.activations import chunk_cache_bytes, chunk_weight_bytes
 from hpc_llm.plan.memory import Bytes, Layout, rank_memory, specs_of, stage_plan, stage_sync
-from hpc_llm.plan.predict import PRECISIONS, _checkpoint_time, predict, save_terms
+from hpc_llm.plan.predict import PRECISIONS, _checkpoint_time, bytes_of, predict, save_terms
 from hpc_llm.plan.search import search
 from hpc_llm.plan.simulate import simulate_costs
 
@@ -52,6 +54,25 @@ class FakeComm(Comm):
 
 
 CL = K.cluster_from_dict(plan_cluster_dict())
+# CL with a bf16 GEMM figure: a CPU cluster whose nodes run bf16 products on oneDNN (Cluster.reads_bf16)
+CL_BF16 = K.cluster_from_dict(
+    {
+        **plan_cluster_dict(),
+        "compute": {
+            **plan_cluster_dict()["compute"],
+            "gemm": {
+                **plan_cluster_dict()["compute"]["gemm"],
+                "bfloat16": {"32": 1e11, "1024": 2e11},
+            },
+        },
+    }
+)
+
+
+def this_cpu(precision: str, lay: Layout):
+    """The planner's bytes for a model built on this machine: the cluster this CPU is (gemm.reads_bf16)."""
+    reads = precision in ("bf16", "fp16") and gemm.reads_bf16(Precision(precision))
+    return bytes_of(precision, CL_BF16 if reads else CL, lay)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -94,12 +115,12 @@ def test_persistent_memory_equals_the_trainers_buffers(
     sync = GradientSync(model.grad_flat, FakeComm(dp, dp_rank), bucket, zero == 1)
     assert len(sync.buckets) > 2  # several buckets: ZeRO pieces of each, not one split
     opt = AdamW(model.flat, model.grad_flat, model.decay_ranges(), TrainConfig(), owned=sync.owned)
-    mem = rank_memory(
-        cfg, lay, stage, PRECISIONS[precision][1], dp_rank=dp_rank, optimizer_threads=opt.threads
-    )
+    by = this_cpu(precision, lay)
+    mem = rank_memory(cfg, lay, stage, by, dp_rank=dp_rank, optimizer_threads=opt.threads)
     assert mem.params == model.flat.nbytes
     assert mem.grads == model.grad_flat.nbytes
-    assert mem.master == (model.compute.nbytes if model.compute is not model.flat else 0)
+    bits = model.compute_bits.nbytes if model.compute_bits is not None else 0
+    assert mem.master == (model.compute.nbytes if model.compute is not model.flat else 0) + bits
     assert mem.moments == opt.m.nbytes + opt.v.nbytes
     assert mem.optimizer_temps == sum(a.nbytes + b.nbytes for a, b in opt._temps)
     if zero and dp > 1:
@@ -112,11 +133,12 @@ def test_persistent_memory_of_a_real_trainer(make_cfg):
     cfg = make_cfg(**{"train.precision": "bf16"})
     tr = Trainer(cfg)
     lay = Layout(batch_size=cfg.train.batch_size, micro_batches=cfg.train.grad_accum)
-    mem = rank_memory(tr.cfg.model, lay, 0, PRECISIONS["bf16"][1], optimizer_threads=tr.opt.threads)
+    mem = rank_memory(tr.cfg.model, lay, 0, this_cpu("bf16", lay), optimizer_threads=tr.opt.threads)
+    bits = tr.model.compute_bits.nbytes if tr.model.compute_bits is not None else 0
     assert (mem.params, mem.grads, mem.master) == (
         tr.model.flat.nbytes,
         tr.model.grad_flat.nbytes,
-        tr.model.compute.nbytes,
+        tr.model.compute.nbytes + bits,
     )
     assert mem.moments == tr.opt.m.nbytes + tr.opt.v.nbytes
 
@@ -215,6 +237,7 @@ def test_activation_term_equals_the_cache_a_forward_keeps(
         (dict(block_size=140), 2, 2, 1, 0.0, "selective", "fp16", False),
         (dict(), 2, 2, 0, 0.1, "block", "bf16", True),
         (dict(), 2, 2, 1, 0.0, "none", "fp32", True),
+        (dict(), 2, 1, 0, 0.0, "none", "bf16", False),
     ],
 )
 def test_weight_term_equals_what_b_leaves_for_w(
@@ -244,10 +267,10 @@ def test_weight_term_equals_what_b_leaves_for_w(
     dout = None if chunk.head else rng.standard_normal(shape_in).astype(model.dtype)
     _, weights = chunk.backward_input(dout, cache, head_accumulate=False)
     kept = cache_bytes([work.todo for _, work in weights]) - model.grad_flat.nbytes
-    by = PRECISIONS[precision][1]
+    by = this_cpu(precision, lay)
     first, last = chunk.embedding is not None, chunk.head is not None
     n = len(chunk.blocks)
-    expect = chunk_weight_bytes(cfg, tp, b, n, first, last, by.act, by.compute, sp)
+    expect = chunk_weight_bytes(cfg, tp, b, n, first, last, by.act, by.compute, sp, by.weight_dy)
     assert kept == expect
 
 
