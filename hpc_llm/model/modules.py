@@ -23,6 +23,7 @@ from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dropout_residual import dropout_residual_
 from hpc_llm.kernels.gemm import matmul
+from hpc_llm.model.attention import attention_backward, attention_forward, cached_attention_forward
 from hpc_llm.model.distill import (
     Distill,
     DistillCache,
@@ -34,9 +35,6 @@ from hpc_llm.model.layers import (
     DropoutRNG,
     Param,
     WeightWork,
-    attention_backward,
-    attention_forward,
-    cached_attention_forward,
     dropout_backward,
     dropout_forward,
     dropout_mask,
@@ -48,7 +46,6 @@ from hpc_llm.model.layers import (
     layernorm_backward_weight,
     layernorm_forward,
     linear_forward,
-    matmul_into,
     position_embedding_backward,
 )
 from hpc_llm.model.precision import FP32, Precision
@@ -469,4 +466,4 @@ class Head:
             xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, C)
         else:
             xf2 = self.prec.gemm_use(xf2, dtype)
-        matmul_into(dlogits.T, xf2, self.wte.grad, accumulate, self.prec)
+        matmul(dlogits.T, xf2, self.wte.grad, accumulate, self.prec)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.kernels.attention import MAX_HEAD_DIM
-from hpc_llm.model.layers import ELEMENTWISE_CHUNK, query_blocks
+from hpc_llm.model.attention import query_blocks
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK
 
 INDEX_BYTES = 8  # token ids and targets: int64 (data.get_batch)
 MASK_BYTES = 1  # a dropout mask's kept flags (layers.DropoutMask.keep: bool)
@@ -35,7 +36,7 @@ def block_cache_elems(
     on this rank's 1/tp of the sequence; attention's and the MLP's hidden terms are already 1/tp (local heads, local
     hidden units). recompute "selective": the probabilities, the attention dropout masks and GELU's tanh are not
     kept (backward recomputes the attention core from q, k, v and the tanh from the GELU input). fused (a device's
-    fused attention, layers.attention_forward, whatever the recompute): no probabilities or masks; its FlashCache
+    fused attention, attention.attention_forward, whatever the recompute): no probabilities or masks; its FlashCache
     keeps the output y and each row's logsumexp."""
     n, nl, h = b * T * C, b * T * C // tp, H // tp
     r, rows = (nl, b * T // tp) if sp else (n, b * T)  # replicated terms: the slice with sp
@@ -91,7 +92,7 @@ def block_cache_bytes(
 
 
 def fused_attention(cfg: ModelConfig, device: bool) -> bool:
-    """Whether a block's attention runs fused (layers.attention_forward on a device; kernels/cuda/fused_attention's
+    """Whether a block's attention runs fused (attention.attention_forward on a device; kernels/cuda/fused_attention's
     head size test, `fusable`)."""
     return device and cfg.n_embd // cfg.n_head <= MAX_HEAD_DIM
 

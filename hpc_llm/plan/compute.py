@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from hpc_llm.config import ModelConfig
 from hpc_llm.kernels.gemm import onednn_size
 from hpc_llm.kernels.rounding import PIECE as ROUND_PIECE
-from hpc_llm.model.layers import ELEMENTWISE_CHUNK, held_size, query_blocks
+from hpc_llm.model.attention import held_size, query_blocks
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK
 from hpc_llm.optim import CHUNK as ADAM_CHUNK
 from hpc_llm.optim import NORM_CHUNK
 from hpc_llm.plan import fused_attention
@@ -93,7 +94,7 @@ class Pricer:
 
     def held(self, T: int, hd: int) -> bool:
         """Whether attention's per-head products at T positions and head size hd take both operands as bfloat16
-        arrays (model/layers._reads_low: gemm.takes_held)."""
+        arrays (model/attention._reads_low: gemm.takes_held)."""
         return self.onednn and onednn_size(*held_size(T, hd), True)
 
     # Precision's conversions (model/precision.py), nothing without a 2-byte format
@@ -245,7 +246,7 @@ def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
 
 
 def _probabilities(p: Pricer, b: int, h: int, hd: int, q0: int, q1: int, held: bool) -> Cost:
-    """layers._probabilities: one query block's q k^T, its causal softmax, rounded in place (forward's, and
+    """attention._probabilities: one query block's q k^T, its causal softmax, rounded in place (forward's, and
     selective recompute's again in backward); held: Pricer.held."""
     s = b * h * (q1 - q0) * q1
     # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)

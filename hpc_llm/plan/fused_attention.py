@@ -15,7 +15,7 @@ float32's (scalar FMA loops on CUDA cores)."""
 from __future__ import annotations
 
 from hpc_llm.kernels.attention import TILE, tensor_core_products
-from hpc_llm.model.layers import query_blocks
+from hpc_llm.model.attention import query_blocks
 
 PRODUCTS = {False: 2, True: 7}  # the fused forward's, backward's
 FORMATS = {"bfloat16": "bf16", "float16": "fp16"}  # Pricer.low -> the compute format

@@ -1,4 +1,4 @@
-"""The CPU's unfused attention (layers.attention_forward/backward) against the fused attention's NumPy twin
+"""The CPU's unfused attention (SA.attention_forward/backward) against the fused attention's NumPy twin
 (kernels/attention.py) on the same inputs: forward and backward, the median of several runs each, alternated.
 
     OPENBLAS_NUM_THREADS=1 python scripts/bench/bench_attention.py --batch 1 --seq 1024 --heads 6 --head-dim 64
@@ -14,7 +14,7 @@ import numpy as np
 
 from hpc_llm.bench.timer import median_time
 from hpc_llm.kernels import attention as flash
-from hpc_llm.model import layers
+from hpc_llm.model import attention as SA
 from hpc_llm.model.precision import FP32
 
 
@@ -32,8 +32,8 @@ def main() -> None:
     dy = rng.standard_normal((a.batch, a.seq, C)).astype(np.float32)
 
     def unfused():
-        _, cache = layers.attention_forward(qkv.copy(), a.heads)
-        layers.attention_backward(dy.copy(), cache, a.heads)
+        _, cache = SA.attention_forward(qkv.copy(), a.heads)
+        SA.attention_backward(dy.copy(), cache, a.heads)
 
     def twin():
         y, lse = flash.flash_forward(qkv, a.heads, FP32)

@@ -27,6 +27,7 @@ from hpc_llm.bench.calibrate import matmul_peak_flops
 from hpc_llm.bench.timer import median_time
 from hpc_llm.config import ModelConfig, TrainConfig
 from hpc_llm.kernels import gemm
+from hpc_llm.model import attention as SA
 from hpc_llm.model import layers
 from hpc_llm.model.gpt import GPT
 from hpc_llm.optim import AdamW
@@ -47,7 +48,7 @@ def matmul_plan(cfg: ModelConfig, B: int):
             x, w, d = arr(N, i), arr(i, o), arr(N, o)
             plan += [(x, w), (x.T, d), (d, w.T)]  # forward, weight gradient, input gradient
         q, k, v, dy = arr(B, H, T, hd), arr(B, H, T, hd), arr(B, H, T, hd), arr(B, H, T, hd)
-        for q0, q1 in layers.query_blocks(T):
+        for q0, q1 in SA.query_blocks(T):
             att = arr(B, H, q1 - q0, q1)
             kt = k[:, :, :q1].transpose(0, 1, 3, 2)
             plan += [
@@ -78,7 +79,7 @@ def activation_bytes(cfg: ModelConfig, B: int) -> int:
     """What the forward keeps for backward (see GPT.forward's cache), in float32."""
     T, C, H = cfg.block_size, cfg.n_embd, cfg.n_head
     N = B * T
-    att = B * H * sum((q1 - q0) * q1 for q0, q1 in layers.query_blocks(T))
+    att = B * H * sum((q1 - q0) * q1 for q0, q1 in SA.query_blocks(T))
     per_layer = (
         N * C  # ln_1 normalised input
         + N * C  # ln_1 output (c_attn input)
@@ -199,7 +200,7 @@ def ab_compare(name: str, what: str, steps: int, precision: str = "fp32") -> dic
                 times[key].append(time.perf_counter() - t0)
     on_s, off_s = float(np.median(times["on"])), float(np.median(times["off"]))
     keep_freed_memory(True)
-    layers.ATTN_BLOCK = 128
+    SA.ATTN_BLOCK = 128
     os.environ.pop("HPC_LLM_KERNELS", None)
     return {
         "preset": name,
@@ -249,7 +250,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.attn_block:
-        layers.ATTN_BLOCK = args.attn_block
+        SA.ATTN_BLOCK = args.attn_block
     if not args.default_malloc:
         keep_freed_memory()
     if args.rss_child:

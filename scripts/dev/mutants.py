@@ -142,8 +142,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "linear-dw-ignores-accumulate",
         "linear_backward_weight",
-        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, accumulate, prec)",
-        "matmul_into(x.reshape(-1, x.shape[-1]).T, d2, dw, False, prec)",
+        "matmul(x.reshape(-1, x.shape[-1]).T, b, dw, accumulate, prec)",
+        "matmul(x.reshape(-1, x.shape[-1]).T, b, dw, False, prec)",
         "linear backward always overwrites the weight gradient (gradient accumulation keeps the last micro-batch)",
         (T_GRAD,),
     ),

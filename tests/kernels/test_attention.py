@@ -1,5 +1,5 @@
 """The fused attention (kernels/attention.py, cuda/attention.cu): its Philox hash against Random123's known answers,
-its twin against the unfused attention (layers.attention_forward/backward) within a derived bound in float64 and
+its twin against the unfused attention (SA.attention_forward/backward) within a derived bound in float64 and
 float32, with and without dropout (the unfused ops fed the twin's masks), its masks the same whatever the heads' and
 rows' split, and on a GPU (marked `gpu`) the kernels against the twin.
 
@@ -17,6 +17,7 @@ from helpers import probe_gpu
 from hpc_llm.kernels import attention as flash
 from hpc_llm.kernels.cuda import fused_attention
 from hpc_llm.kernels.cuda.launches import xp as counted
+from hpc_llm.model import attention as SA
 from hpc_llm.model import layers
 from hpc_llm.model.precision import FP32, Precision
 
@@ -65,8 +66,8 @@ def _inputs(dtype, seed=0):
 
 def _unfused(qkv, dy, p, drop):
     rng = HashMasks(drop) if p else None
-    y, cache = layers.attention_forward(qkv.copy(), H, p, rng)
-    return y, layers.attention_backward(dy.copy(), cache, H)
+    y, cache = SA.attention_forward(qkv.copy(), H, p, rng)
+    return y, SA.attention_backward(dy.copy(), cache, H)
 
 
 def _magnitudes(qkv, dy, drop):
@@ -138,9 +139,9 @@ def test_the_device_path_takes_the_fused_kernels_and_the_hash_masks():
     """attention_forward/backward on the device stand-in run the twin (bitwise), with a DropoutRNG's hash."""
     qkv, dy = _inputs(np.float32, 1)
     rng = layers.DropoutRNG(7, 3, 1, range(B)).site(2)
-    y, cache = layers.attention_forward(counted.asarray(qkv), H, 0.2, rng, Precision("bf16"))
+    y, cache = SA.attention_forward(counted.asarray(qkv), H, 0.2, rng, Precision("bf16"))
     assert isinstance(cache[2], fused_attention.FlashCache)
-    dqkv = layers.attention_backward(counted.asarray(dy), cache, H, Precision("bf16"))
+    dqkv = SA.attention_backward(counted.asarray(dy), cache, H, Precision("bf16"))
     drop = flash.attention_dropout(rng, 0.2)
     want_y, lse = flash.flash_forward(qkv, H, Precision("bf16"), drop)
     bf16 = Precision("bf16")

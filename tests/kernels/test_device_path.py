@@ -126,12 +126,12 @@ def test_device_block_equals_the_cpu_block_bitwise(precision, deferred, monkeypa
     masks differ from the CPU loop's by design (tests/kernels/test_attention.py holds it to its bound). deferred:
     the weight gradients run after the input gradients (a zero-bubble schedule's W)."""
     from hpc_llm.config import ModelConfig
-    from hpc_llm.model import layers
+    from hpc_llm.model import attention as SA
     from hpc_llm.model.gpt import GPT
     from hpc_llm.model.layers import DropoutRNG, WeightWork
 
     monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")  # the CPU path's twins (numba's tanh differs)
-    monkeypatch.setattr(layers, "FUSED_ATTENTION", False)
+    monkeypatch.setattr(SA, "FUSED_ATTENTION", False)
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1)
     got = {}
     for mod in (np, xp):
@@ -206,14 +206,14 @@ def test_2_byte_compute_copy_trains_as_the_float32_copy_bitwise(fmt, monkeypatch
     a whole model's loss and gradients equal the float32 compute copy's bit for bit (the same values; the twin widens
     them), and the planner counts exactly the bytes the model allocates for it."""
     from hpc_llm.config import ModelConfig
-    from hpc_llm.model import layers
+    from hpc_llm.model import attention as SA
     from hpc_llm.model.gpt import GPT, stored_16_bit
     from hpc_llm.model.precision import Precision
     from hpc_llm.plan.memory import Layout, rank_memory
     from hpc_llm.plan.predict import bytes_of
 
     monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")
-    monkeypatch.setattr(layers, "FUSED_ATTENTION", False)
+    monkeypatch.setattr(SA, "FUSED_ATTENTION", False)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
     rng = np.random.default_rng(1)
     idx, tgt = (rng.integers(0, 64, (2, 16)) for _ in range(2))

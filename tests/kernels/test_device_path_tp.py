@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from hpc_llm.config import ModelConfig
 from hpc_llm.kernels.cuda.launches import xp
-from hpc_llm.model import layers
+from hpc_llm.model import attention as SA
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.layers import DropoutRNG, WeightWork
 from hpc_llm.parallel.grid import make_grid
@@ -20,7 +20,7 @@ from hpc_llm.parallel.grid import make_grid
 @pytest.mark.parallel(nprocs=2)
 def test_device_sequence_parallel_block_equals_the_cpu_block_bitwise(monkeypatch):
     monkeypatch.setenv("HPC_LLM_KERNELS", "numpy")  # the CPU path's twins (numba's tanh differs)
-    monkeypatch.setattr(layers, "FUSED_ATTENTION", False)
+    monkeypatch.setattr(SA, "FUSED_ATTENTION", False)
     grid = make_grid(MPI.COMM_WORLD, 2)
     cfg = ModelConfig(n_layer=1, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.1)
     pos = slice(8 * grid.tp_rank, 8 * grid.tp_rank + 8)

@@ -48,6 +48,7 @@ import numpy as np
 import pytest
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.model import attention as SA
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.distill import (
@@ -217,7 +218,9 @@ def attention_scale(qkv, R, H, dropout, seed):
     qkv_abs = qkv.copy()
     qkv_abs[..., 2 * C :] = np.abs(qkv_abs[..., 2 * C :])
     return float(
-        (np.abs(R) * L.attention_forward(qkv_abs, H, dropout, np.random.default_rng(seed))[0]).sum()
+        (
+            np.abs(R) * SA.attention_forward(qkv_abs, H, dropout, np.random.default_rng(seed))[0]
+        ).sum()
     )
 
 
@@ -231,10 +234,10 @@ def test_attention(seed, dropout):
     R = rng.standard_normal((B, T, C))
 
     def f():
-        return float((L.attention_forward(qkv, H, dropout, np.random.default_rng(9))[0] * R).sum())
+        return float((SA.attention_forward(qkv, H, dropout, np.random.default_rng(9))[0] * R).sum())
 
-    y, cache = L.attention_forward(qkv, H, dropout, np.random.default_rng(9))
-    dqkv = L.attention_backward(R.copy(), cache, H)
+    y, cache = SA.attention_forward(qkv, H, dropout, np.random.default_rng(9))
+    dqkv = SA.attention_backward(R.copy(), cache, H)
     check(dqkv, f, qkv, attention_scale(qkv, R, H, dropout, 9), "dqkv")
     if dropout == 0.0:
         # against a plain per-head reference with an explicit mask
@@ -480,19 +483,22 @@ def test_attention_query_blocks(monkeypatch, block, dropout):
     B, T, H, hd = 2, 7, 2, 3
     qkv = rng.standard_normal((B, T, 3 * H * hd))
     R = rng.standard_normal((B, T, H * hd))
-    y_one, cache_one = L.attention_forward(qkv, H)
-    d_one = L.attention_backward(R.copy(), cache_one, H)
-    monkeypatch.setattr(L, "ATTN_BLOCK", block)
-    assert len(L.query_blocks(T)) > 1
-    y, cache = L.attention_forward(qkv, H)
+    y_one, cache_one = SA.attention_forward(qkv, H)
+    d_one = SA.attention_backward(R.copy(), cache_one, H)
+    monkeypatch.setattr(SA, "ATTN_BLOCK", block)
+    assert len(SA.query_blocks(T)) > 1
+    y, cache = SA.attention_forward(qkv, H)
     np.testing.assert_allclose(y, y_one, rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(
-        L.attention_backward(R.copy(), cache, H), d_one, rtol=1e-12, atol=1e-14
+        SA.attention_backward(R.copy(), cache, H), d_one, rtol=1e-12, atol=1e-14
     )
-    f = lambda: float((L.attention_forward(qkv, H, dropout, np.random.default_rng(4))[0] * R).sum())  # noqa: E731
-    _, cache = L.attention_forward(qkv, H, dropout, np.random.default_rng(4))
+
+    def f():
+        return float((SA.attention_forward(qkv, H, dropout, np.random.default_rng(4))[0] * R).sum())
+
+    _, cache = SA.attention_forward(qkv, H, dropout, np.random.default_rng(4))
     check(
-        L.attention_backward(R.copy(), cache, H),
+        SA.attention_backward(R.copy(), cache, H),
         f,
         qkv,
         attention_scale(qkv, R, H, dropout, 4),

@@ -24,6 +24,7 @@ from helpers import check, crc, run_config, train
 from mpi4py import MPI
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.model import attention as SA
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.gpt import GPT
@@ -124,18 +125,18 @@ def test_attention_within_a_first_order_bound(name):
     B, T, H, hd = 2, 9, 2, 4
     qkv64, dy64 = rng_arrays(2, (B, T, 3 * H * hd), (B, T, H * hd))
     qkv64 *= 0.7
-    y, cache = L.attention_forward(qkv64.astype(np.float32), H, prec=prec)
-    dqkv = L.attention_backward(dy64.astype(np.float32), cache, H, prec)
-    y64, cache64 = L.attention_forward(qkv64, H)
-    dqkv64 = L.attention_backward(dy64.copy(), cache64, H)
-    q, k, v = L.split_heads(qkv64, H)
+    y, cache = SA.attention_forward(qkv64.astype(np.float32), H, prec=prec)
+    dqkv = SA.attention_backward(dy64.astype(np.float32), cache, H, prec)
+    y64, cache64 = SA.attention_forward(qkv64, H)
+    dqkv64 = SA.attention_backward(dy64.copy(), cache64, H)
+    q, k, v = SA.split_heads(qkv64, H)
     scale = 1 / np.sqrt(hd)
     S = (np.abs(q) * scale) @ np.abs(k).transpose(0, 1, 3, 2)
     S_row = S.max(-1)  # (B, H, T)
     assert len(cache64[1]) == 1  # T < ATTN_BLOCK: one query block, whose probabilities are all of p
     p = cache64[1][0]
-    pv = L.merge_heads(p @ np.abs(v))
-    bound_y = (4 * L.merge_heads(np.repeat(S_row[..., None], hd, -1)) + 2) * u * pv + 1e-6 * u
+    pv = SA.merge_heads(p @ np.abs(v))
+    bound_y = (4 * SA.merge_heads(np.repeat(S_row[..., None], hd, -1)) + 2) * u * pv + 1e-6 * u
     assert np.max(np.abs(y - y64) / bound_y) <= 1
     s_max = float(S.max())
     err = np.linalg.norm(dqkv - dqkv64) / np.linalg.norm(dqkv64)

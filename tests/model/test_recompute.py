@@ -27,7 +27,7 @@ from hpc_llm.parallel.grid import make_grid
         ("block", "float64", 12),
         ("selective", "float32", 12),
         ("selective", "float64", 12),
-        # 3 query blocks (layers.ATTN_BLOCK = 128): each block's mask is drawn again in forward's order
+        # 3 query blocks (SA.ATTN_BLOCK = 128): each block's mask is drawn again in forward's order
         ("selective", "float64", 300),
     ],
 )

@@ -30,6 +30,7 @@ from helpers import F64_RTOL, TP_RTOL, check, crc, mismatch
 from mpi4py import MPI
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.model import attention as SA
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
 from hpc_llm.model.distill import (
@@ -188,11 +189,11 @@ def test_attention_block():
 
         # the full sub-block
         qkv = L.linear_forward(x, W, b)
-        y, att = L.attention_forward(qkv, H)
+        y, att = SA.attention_forward(qkv, H)
         out = L.linear_forward(y, Wp, bp)
         dW, db, dWp, dbp = np.zeros_like(W), np.zeros_like(b), np.zeros_like(Wp), np.zeros_like(bp)
         dy = L.linear_backward(dout, y, Wp, dWp, dbp, False)
-        dqkv = L.attention_backward(dy, att, H)
+        dqkv = SA.attention_backward(dy, att, H)
         dx = L.linear_backward(dqkv, x, W, dW, db, False)
 
         # tensor-parallel, as GPT.forward/backward do it
@@ -205,7 +206,7 @@ def test_attention_block():
         grid.world.ledger.reset()
         h = TP.copy_to_tp_region(x, comm)
         qkv_l = L.linear_forward(h, Wl, bl)
-        y_l, att_l = L.attention_forward(qkv_l, H // tp)
+        y_l, att_l = SA.attention_forward(qkv_l, H // tp)
         a = TP.reduce_from_tp_region(L.linear_forward(y_l, Wpl, None), comm)
         a += bp
         dWl, dbl, dWpl = np.zeros_like(Wl), np.zeros_like(bl), np.zeros_like(Wpl)
@@ -213,7 +214,7 @@ def test_attention_block():
         # the bias after g is replicated: its gradient needs no collective
         dbp_tp = da.reshape(-1, C).sum(axis=0)
         dy_l = L.linear_backward(da, y_l, Wpl, dWpl, None, False)
-        dqkv_l = L.attention_backward(dy_l, att_l, H // tp)
+        dqkv_l = SA.attention_backward(dy_l, att_l, H // tp)
         dx_tp = TP.copy_to_tp_region_backward(
             L.linear_backward(dqkv_l, h, Wl, dWl, dbl, False), comm
         )

@@ -17,8 +17,9 @@ from hpc_llm.checkpoint.format import deal
 from hpc_llm.config import ModelConfig, TrainConfig, load_config
 from hpc_llm.errors import UserError
 from hpc_llm.kernels import gemm
+from hpc_llm.model.attention import query_blocks
 from hpc_llm.model.gpt import GPT
-from hpc_llm.model.layers import ELEMENTWISE_CHUNK, DropoutRNG, query_blocks
+from hpc_llm.model.layers import ELEMENTWISE_CHUNK, DropoutRNG
 from hpc_llm.model.precision import Precision
 from hpc_llm.optim import AdamW
 from hpc_llm.parallel import schedule as S

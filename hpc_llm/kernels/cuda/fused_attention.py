@@ -1,6 +1,6 @@
 """The fused (flash-style) attention on a device: attention.cu's forward kernel and its three backward kernels
 (the rows' D, then dk and dv per key tile, then dq per query tile), launched on CuPy, or counted on the
-launch-counting stand-in while their NumPy twin (kernels/attention.py) computes. layers.attention_forward /
+launch-counting stand-in while their NumPy twin (kernels/attention.py) computes. attention.attention_forward /
 attention_backward call these on a device."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def fusable(qkv, n_head: int) -> bool:
 
 
 def flash_attention_forward(xp, qkv, n_head: int, prec, drop):
-    """layers.attention_forward on a device: (y, (qkv kept, None, FlashCache)), one launch (attention_forward)."""
+    """attention.attention_forward on a device: (y, (qkv kept, None, FlashCache)), one launch (attention_forward)."""
     B, T, C3 = qkv.shape
     hd = C3 // 3 // n_head
 
@@ -89,7 +89,7 @@ def flash_attention_forward(xp, qkv, n_head: int, prec, drop):
 
 
 def flash_attention_backward(xp, dy, cache, n_head: int, prec):
-    """layers.attention_backward of a FlashCache: dqkv (B, T, 3C) in three launches (the rows' D, then dk and dv,
+    """attention.attention_backward of a FlashCache: dqkv (B, T, 3C) in three launches (the rows' D, then dk and dv,
     then dq)."""
     kept, _, fc = cache
     qkv, y = prec.use(kept, dy.dtype), prec.use(fc.y, dy.dtype)

@@ -1,0 +1,228 @@
+"""Causal self-attention on a fused qkv projection, as a forward/backward pair (llm.c style; model/layers.py's
+conventions): on a CPU by query blocks (each block's scores only for the keys its queries can see), on a device the
+fused (flash-style) kernels (kernels/cuda/fused_attention.py); and the cached attention decoding uses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hpc_llm.backend import array_module
+from hpc_llm.kernels import gemm
+from hpc_llm.kernels.attention import attention_dropout
+from hpc_llm.kernels.cuda import device, fused_attention
+from hpc_llm.kernels.gemm import matmul
+from hpc_llm.kernels.softmax import causal_softmax_, softmax_backward_
+from hpc_llm.model.layers import DropoutRNG, dropout_mask
+from hpc_llm.model.precision import FP32, Precision
+
+
+def split_heads(qkv, n_head: int):
+    """(B, T, 3C) -> one contiguous (3, B, H, T, hd) copy: q, k, v per head, ready for batched matmul."""
+    xp = array_module(qkv)
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    return xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4))
+
+
+def merge_heads(y):
+    """(B, H, T, hd) -> (B, T, H*hd)."""
+    B, H, T, hd = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+
+
+ATTN_BLOCK = 128  # query rows per block: blocks skip the keys their queries cannot see
+
+
+# the device path's fused attention; False: the query-block loop on a device too (the CPU's arithmetic and masks)
+FUSED_ATTENTION = True
+
+
+def query_blocks(T: int) -> list[tuple[int, int]]:
+    """Query ranges [q0, q1) of about ATTN_BLOCK rows, the last (which sees all keys) first. Block [q0, q1) needs keys
+    [0, q1) only, so with n blocks the score matrices hold (n+1)/2n of the T*T entries a dense causal mask would."""
+    n = max(1, -(-T // ATTN_BLOCK))
+    edges = [round(i * T / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in reversed(range(n))]
+
+
+def attention_forward(
+    qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Precision = FP32, keep_probs=True
+):
+    """softmax(q k^T / sqrt(hd) + mask) v per head, by query blocks. Cache: the head-split qkv (q pre-scaled), the
+    probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores.
+    prec: q, k, v and the probabilities are matmul operands in its format, the softmax is computed in qkv's dtype,
+    and the cache is kept in the format.
+
+    keep_probs=False (selective recompute): the cache keeps q, k, v only, (qkvh, None, None); attention_backward
+    recomputes each query block's probabilities and dropout mask from them as it reaches the block (given the same
+    dropout rng again, freshly made: the masks are drawn in the same order).
+
+    On a device (with no dropout or a DropoutRNG) the fused kernels of kernels/attention.py run instead: the cache
+    is then (qkv kept, None, FlashCache), and the dropout masks are its hash's, not the host's."""
+    xp = array_module(qkv)
+    if FUSED_ATTENTION and device.on_device(xp) and (dropout == 0.0 or isinstance(rng, DropoutRNG)):
+        return fused_attention.flash_attention_forward(
+            xp, qkv, n_head, prec, attention_dropout(rng, dropout)
+        )
+    qkvh = split_heads(qkv, n_head)
+    qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
+    held = _reads_low(prec, qkvh)
+    if held:  # rounded once, into the kept bf16 copy the products read
+        qkvh = prec.keep(qkvh)
+    else:
+        prec.round_(qkvh)  # split_heads made it: ours
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]
+    yh = xp.empty(q.shape, dtype=qkv.dtype)
+    atts, masks = [], []
+    for q0, q1 in query_blocks(q.shape[2]):
+        att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec, held)
+        used = att if mask is None else prec.round_(mask.scaled(att))
+        matmul(used, v[:, :, :q1], yh[:, :, q0:q1], False, prec)
+        if keep_probs:
+            atts.append(att if att.dtype == prec.low else prec.keep(att))
+            masks.append(mask)
+    del att, mask, used
+    if not keep_probs:
+        atts = masks = None
+    return xp.ascontiguousarray(merge_heads(yh)), (qkvh if held else prec.keep(qkvh), atts, masks)
+
+
+def _reads_low(prec: Precision, qkvh) -> bool:
+    """Whether attention's products on these heads all take bf16 operands as they are (oneDNN; the smallest, the
+    first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are then made in bf16, once."""
+    return type(qkvh) is np.ndarray and gemm.takes_held(
+        prec, *held_size(qkvh.shape[3], qkvh.shape[4])
+    )
+
+
+def held_size(T: int, hd: int) -> tuple[int, int]:
+    """(multiply-adds, smallest side) of attention's smallest per-head product at T positions and head size hd:
+    the first query block's (what gemm.takes_held decides by; the planner too, plan/compute.py)."""
+    b = query_blocks(T)[-1][1]
+    return b * b * hd, min(b, hd)
+
+
+def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision, held=False):
+    """Query block [q0, q1)'s attention probabilities (rounded to the format: an operand, and kept so; held and
+    without dropout: a bf16 array) and its dropout mask (None without dropout): forward's, and selective
+    recompute's again in backward."""
+    scores = matmul(q[:, :, q0:q1], k[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
+    if held and dropout == 0.0:
+        return prec.keep(causal_softmax_(scores)), None
+    att = rounded_softmax_(scores, prec)
+    mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
+    return att, mask
+
+
+def rounded_softmax_(att, prec: Precision):
+    """causal_softmax_ of a query block's scores, in place, rounded to prec's format; on a device one fused kernel
+    (cuda/softmax.cu), the rounding folded in."""
+    xp = array_module(att)
+    if device.on_device(xp):
+        return device.causal_softmax_(xp, att, prec, _rounded_softmax_)
+    return _rounded_softmax_(att, prec)
+
+
+def _rounded_softmax_(att, prec: Precision):
+    return prec.round_(causal_softmax_(att))
+
+
+def rounded_softmax_backward_(datt, att, mask, prec: Precision, held: bool = False):
+    """datt = p * (datt - sum(datt * p)) per row with the dropout mask (None: none) applied to datt first, rounded
+    to prec's format, in place (held: into a new bf16 array, attention's products reading it as it is); masked
+    entries have p = 0 and stay 0. On a device: the mask's pass, then one fused kernel with the rounding folded in."""
+    xp = array_module(datt)
+    if device.on_device(xp):
+        if mask is not None:
+            mask.apply_(datt)
+        return device.softmax_backward_(xp, datt, att, prec, _rounded_softmax_backward_)
+    if mask is None:
+        softmax_backward_(datt, att)
+    else:
+        softmax_backward_(datt, att, mask.keep, mask.scale)
+    return prec.keep(datt) if held else prec.round_(datt)
+
+
+def _rounded_softmax_backward_(datt, att, prec: Precision):
+    return prec.round_(softmax_backward_(datt, att))
+
+
+def cached_attention_forward(qkv, n_head: int, kv, pos0):
+    """Attention of new tokens (qkv of positions pos0..) over every position so far, for decoding: their keys and
+    values are written into the cache kv (2, B, H, block_size, hd) first. Forward only.
+
+    pos0: an int (every row at the same position), or per row (B,) ints: row b's new tokens are at pos0[b].., and
+    each query sees the keys up to its own position only, so what a row's cache holds beyond its length (padding
+    written by an earlier call) is never read before this call's writes replace it."""
+    xp = array_module(qkv)
+    qkvh = split_heads(qkv, n_head)
+    Tn = qkv.shape[1]
+    q = qkvh[0] * (1.0 / math.sqrt(qkvh.shape[-1]))
+    if isinstance(pos0, (int, np.integer)):
+        end = pos0 + Tn
+        kv[0, :, :, pos0:end] = qkvh[1]
+        kv[1, :, :, pos0:end] = qkvh[2]
+        att = causal_softmax_(q @ kv[0, :, :, :end].transpose(0, 1, 3, 2))
+        return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
+    pos = [int(p) for p in pos0]
+    for b, p in enumerate(pos):  # each row's keys and values at its own positions
+        kv[0, b, :, p : p + Tn] = qkvh[1, b]
+        kv[1, b, :, p : p + Tn] = qkvh[2, b]
+    end = max(pos) + Tn
+    att = q @ kv[0, :, :, :end].transpose(0, 1, 3, 2)
+    # (B, Tn) absolute positions of the queries
+    qpos = xp.asarray(pos)[:, None] + xp.arange(Tn)[None, :]
+    hidden = xp.arange(end)[None, None, :] > qpos[:, :, None]  # (B, Tn, end): keys after the query
+    att[xp.broadcast_to(hidden[:, None], att.shape)] = -xp.inf
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    return xp.ascontiguousarray(merge_heads(att @ kv[1, :, :, :end]))
+
+
+def attention_backward(
+    dy, cache, n_head: int, prec: Precision = FP32, dropout: float = 0.0, rng=None
+):
+    """The input gradient of attention_forward. A cache without probabilities (keep_probs=False) has them
+    recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks)."""
+    xp = array_module(dy)
+    if isinstance(cache[2], fused_attention.FlashCache):
+        return fused_attention.flash_attention_backward(xp, dy, cache, n_head, prec)
+    qkvh, atts, masks = cache
+    held = _reads_low(prec, qkvh)
+    qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]
+    B, T, C = dy.shape
+    hd = C // n_head
+    dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
+    dyh = prec.keep(dyh) if held else prec.round_(dyh)
+    dqkvh = xp.empty(qkvh.shape, dtype=dy.dtype)
+    dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
+    blocks = query_blocks(T)
+    if atts is None:
+        # selective recompute: each block's probabilities and mask again, in forward's order
+        kept = ((_probabilities(q, k, q0, q1, dropout, rng, prec, held)) for q0, q1 in blocks)
+    else:
+        kept = zip(atts, masks)
+    for first, ((q0, q1), (att, mask)) in enumerate(zip(blocks, kept)):
+        # the first block sees every key: it writes dk and dv whole, later blocks add
+        first = first == 0
+        # att: rounded (held without dropout: bf16, as the products read it); in float32 for the softmax's backward
+        low = att if held and mask is None else None
+        if atts is not None or low is not None:
+            att = prec.use(att, dy.dtype)
+        used = att if mask is None else prec.round_(mask.scaled(att))
+        used = used if low is None else low
+        dyb = dyh[:, :, q0:q1]
+        matmul(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], not first, prec)
+        datt = matmul(dyb, v[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
+        if held:
+            datt = rounded_softmax_backward_(datt, att, mask, prec, held=True)
+        else:
+            rounded_softmax_backward_(datt, att, mask, prec)
+        matmul(datt, k[:, :, :q1], dq[:, :, q0:q1], False, prec)
+        matmul(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], not first, prec)
+    dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
+    return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
