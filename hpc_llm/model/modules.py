@@ -58,6 +58,8 @@ from hpc_llm.model.tensor_parallel import (
     gather_from_sequence_parallel_region_backward,
     gather_from_tp_region,
     reduce_scatter_to_sequence_parallel_region_backward,
+)
+from hpc_llm.model.vocab_parallel import (
     vocab_parallel_cross_entropy_backward,
     vocab_parallel_cross_entropy_forward,
     vocab_parallel_embedding_backward,

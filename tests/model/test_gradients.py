@@ -50,7 +50,7 @@ import pytest
 from hpc_llm.config import ModelConfig
 from hpc_llm.model import attention as SA
 from hpc_llm.model import layers as L
-from hpc_llm.model import tensor_parallel as TP
+from hpc_llm.model import vocab_parallel as VP
 from hpc_llm.model.distill import (
     Distill,
     vocab_parallel_distill_backward,
@@ -260,12 +260,12 @@ def test_cross_entropy(seed):
     pad = rng.integers(0, 4)
     logits = rng.standard_normal((N, V + pad))
     targets = rng.integers(0, V, N)
-    ce = lambda z: TP.vocab_parallel_cross_entropy_forward(z, targets, V, 0, Comm(None))  # noqa: E731
+    ce = lambda z: VP.vocab_parallel_cross_entropy_forward(z, targets, V, 0, Comm(None))  # noqa: E731
     f = lambda: ce(logits.copy())[0]  # noqa: E731
     loss, cache = ce(logits.copy())
     ref = np.mean(np.log(np.exp(logits[:, :V]).sum(1)) - logits[np.arange(N), targets])
     assert abs(loss - ref) < 1e-12
-    d = TP.vocab_parallel_cross_entropy_backward(cache, scale=0.7)
+    d = VP.vocab_parallel_cross_entropy_backward(cache, scale=0.7)
     # S: the loss is a mean of log(sum exp(z - max)) >= 0 and max - z_target >= 0, so the sum of its terms' magnitudes
     # is the loss itself; + 1 for the absolute rounding of log(s) near s = 1 and of the shifts z - max
     numeric, trunc = richardson(f, logits)
@@ -325,10 +325,10 @@ def test_distill_alpha_zero_is_cross_entropy():
     targets = rng.integers(0, 11, 6)
     d = Distill(targets, teacher, 0.0, 2.0)
     loss, cache = vocab_parallel_distill_forward(logits.copy(), d, 11, 0, Comm(None))
-    want, ce = TP.vocab_parallel_cross_entropy_forward(logits.copy(), targets, 11, 0, Comm(None))
+    want, ce = VP.vocab_parallel_cross_entropy_forward(logits.copy(), targets, 11, 0, Comm(None))
     assert loss == want
     got = vocab_parallel_distill_backward(cache, 0.3)
-    assert np.array_equal(got, TP.vocab_parallel_cross_entropy_backward(ce, 0.3))
+    assert np.array_equal(got, VP.vocab_parallel_cross_entropy_backward(ce, 0.3))
 
 
 def tiny_config(rng, dropout=0.0, bias=True):

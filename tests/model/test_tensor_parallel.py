@@ -33,6 +33,7 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.model import attention as SA
 from hpc_llm.model import layers as L
 from hpc_llm.model import tensor_parallel as TP
+from hpc_llm.model import vocab_parallel as VP
 from hpc_llm.model.distill import (
     Distill,
     vocab_parallel_distill_backward,
@@ -335,7 +336,7 @@ def test_vocab_parallel_embedding():
             w = f"tp {tp} vocab {vocab} embedding"
             for pos0 in (0, 4):
                 want = L.embedding_forward(wte, wpe, idx, pos0)
-                got = TP.vocab_parallel_embedding_forward(wte_l, wpe, idx, v0, comm, pos0)
+                got = VP.vocab_parallel_embedding_forward(wte_l, wpe, idx, v0, comm, pos0)
                 bad += mismatch(got, want, f"{w} forward pos0={pos0}")
             dx = _randn(rng, B, T, C)
             for accumulate in (False, True):
@@ -345,7 +346,7 @@ def test_vocab_parallel_embedding():
                 dwte, dwpe = head.copy(), dwpe0.copy()
                 L.embedding_backward(dx, idx, dwte, dwpe, accumulate)
                 dwte_l, dwpe_l = TP.shard(head, s, tp, r).copy(), dwpe0.copy()
-                TP.vocab_parallel_embedding_backward(dx, idx, v0, dwte_l, dwpe_l, accumulate, comm)
+                VP.vocab_parallel_embedding_backward(dx, idx, v0, dwte_l, dwpe_l, accumulate, comm)
                 bad += grad_mismatch(
                     dwte_l, TP.shard(dwte, s, tp, r), f"{w} d wte (accumulate={accumulate})"
                 )
@@ -413,10 +414,10 @@ def test_vocab_parallel_cross_entropy():
             want_loss, want_grad = _full_cross_entropy(logits, targets, vocab, scale)
 
             grid.world.ledger.reset()
-            loss, cache = TP.vocab_parallel_cross_entropy_forward(
+            loss, cache = VP.vocab_parallel_cross_entropy_forward(
                 logits[:, v0 : v0 + Vl].copy(), targets, vocab, v0, comm
             )
-            grad = TP.vocab_parallel_cross_entropy_backward(cache, scale)
+            grad = VP.vocab_parallel_cross_entropy_backward(cache, scale)
             calls = grid.world.ledger.calls.get("tp.allreduce", 0)
 
             w = f"tp {tp} vocab {vocab} cross-entropy (rank {r}: columns [{v0}, {v0 + Vl})" + (
