@@ -8,9 +8,10 @@ timed train_step() calls (each the max over ranks, between barriers; the median 
 slowest rank's CPU time, which a busy neighbour on a shared machine inflates less), then one more step
 under tracemalloc: its peak (every NumPy array the step allocates, the caches included) plus the bytes of the
 arrays the trainer held before it (flat buffers, Adam moments and temporaries) is the measured peak per rank, the
-largest over ranks. RSS (VmHWM) is printed too; it includes the interpreter and libraries. The prediction uses the
-same layout on the cluster file, with ranks-per-device = ranks / cores when oversubscribed. One JSON line is
-appended to --out (rank 0).
+largest over ranks. RSS (VmHWM) is printed too; it includes the interpreter and libraries. Each rank's comm ledger
+(parallel/comm.py: bytes, seconds and calls per collective) over the timed steps only is `comm_per_rank`, rank 0's
+`comm`. The prediction uses the same layout on the cluster file, with ranks-per-device = ranks / cores when
+oversubscribed. One JSON line is appended to --out (rank 0).
 """
 
 from __future__ import annotations
@@ -114,13 +115,17 @@ def make_trainer(args, world) -> Trainer:
     return Trainer(load_config(None, sets), grid=make_grid(world, args.tp, args.pp))
 
 
-def measure(args, world, trainer: Trainer) -> tuple[list, list, int]:
-    """(step wall times, step CPU times: each the max over ranks; this rank's peak bytes in one more step, what
-    tracemalloc sees plus the buffers held across steps)."""
+def measure(args, world, trainer: Trainer) -> tuple[list, list, dict, int]:
+    """(step wall times, step CPU times: each the max over ranks; this rank's collectives in the timed steps, the
+    comm ledger's summary; this rank's peak bytes in one more step, what tracemalloc sees plus the buffers held
+    across steps)."""
     from mpi4py import MPI  # here: `--table` runs without MPI
 
     for _ in range(args.warmup):
         trainer.train_step()
+    ledger = trainer.grid.world.ledger
+    # the timed steps' collectives only: the warmup's first calls open the connections, tracemalloc slows the last
+    ledger.reset()
     times, cpu = [], []
     for _ in range(args.steps):
         world.Barrier()
@@ -128,6 +133,7 @@ def measure(args, world, trainer: Trainer) -> tuple[list, list, int]:
         trainer.train_step()
         times.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         cpu.append(world.allreduce(time.process_time() - c0, op=MPI.MAX))
+    comm = ledger.summary()
     m, o = trainer.model, trainer.opt
     buffers = list({id(b): b for b in (m.flat, m.grad_flat, m.compute)}.values())
     # ZeRO-2/3's buffers hold only some pages at a time: their resident bytes, sampled around each part
@@ -152,7 +158,7 @@ def measure(args, world, trainer: Trainer) -> tuple[list, list, int]:
     trainer.train_step()
     sample()
     tracemalloc.stop()
-    return times, cpu, peak[0] + held
+    return times, cpu, comm, peak[0] + held
 
 
 def sampled(hooks, sample) -> None:
@@ -166,7 +172,7 @@ def sampled(hooks, sample) -> None:
         setattr(hooks, name, lambda *a, _f=original: (sample(), _f(*a)))
 
 
-def validation_row(args, world, trainer: Trainer, times, cpu, peaks, rss) -> dict:
+def validation_row(args, world, trainer: Trainer, times, cpu, peaks, rss, comms) -> dict:
     """The measurements beside the planner's prediction for the same model, layout and cluster."""
     cfg = trainer.cfg
     cl = load_cluster(args.cluster)
@@ -197,7 +203,8 @@ def validation_row(args, world, trainer: Trainer, times, cpu, peaks, rss) -> dic
         "memory_error": max(mems) / max(peaks) - 1,
         "vmhwm_bytes": max(rss),
         "load": os.getloadavg()[0],
-        "comm": trainer.grid.world.ledger.summary(),
+        "comm": comms[0],
+        "comm_per_rank": comms,
     }
 
 
@@ -210,15 +217,20 @@ def main() -> None:
 
     world = MPI.COMM_WORLD
     trainer = make_trainer(args, world)
-    times, cpu, peak = measure(args, world, trainer)
+    times, cpu, comm, peak = measure(args, world, trainer)
     peaks = world.gather(peak, root=0)
     rss = world.gather(vm_hwm(), root=0)
+    comms = world.gather(comm, root=0)
     if world.rank != 0:
         return
-    row = validation_row(args, world, trainer, times, cpu, peaks, rss)
+    row = validation_row(args, world, trainer, times, cpu, peaks, rss, comms)
     print(
         json.dumps(
-            {k: v for k, v in row.items() if k not in ("predicted_parts", "comm", "step_times")}
+            {
+                k: v
+                for k, v in row.items()
+                if k not in ("predicted_parts", "comm", "comm_per_rank", "step_times")
+            }
         )
     )
     with open(args.out, "a") as f:
