@@ -32,6 +32,15 @@ def kernels_choice() -> str:
     return name
 
 
+def check_environment() -> None:
+    """The kernel layer's environment variables (HPC_LLM_KERNELS, HPC_LLM_POOL) read at start: a bad value is a
+    UserError on every rank before any compute, not at a first product inside a step."""
+    from hpc_llm.kernels.pool import pool_choice
+
+    kernels_choice()
+    pool_choice()
+
+
 def numba_available() -> bool:
     if "numba" not in _state:
         try:
@@ -104,6 +113,8 @@ class lazy_jit:
         if self.parallel is None:
             import numba
 
+            # the kernels this one calls, compiled into the module's namespace first (compile() puts them there);
+            # its own serial dispatcher compiles lazily, only if it is ever called
             self.compile()
             fn = self.fn
             scope = dict(fn.__globals__, prange=numba.prange)

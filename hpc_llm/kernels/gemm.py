@@ -130,7 +130,7 @@ def onednn_size(macs: int, side: int, held: bool = False) -> bool:
 
 def takes_held(prec, macs: int, side: int) -> bool:
     """Whether products of bfloat16 arrays with at least `macs` multiply-adds per matrix and no side below `side`
-    run on oneDNN: a caller that makes their operands makes them in bfloat16 then (attention's, model/layers.py)."""
+    run on oneDNN: a caller that makes their operands makes them in bfloat16 then (attention's, model/attention.py)."""
     return onednn_size(macs, side, True) and reads_bf16(prec)
 
 

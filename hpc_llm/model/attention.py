@@ -78,7 +78,7 @@ def attention_forward(
     atts, masks = [], []
     for q0, q1 in query_blocks(q.shape[2]):
         att, mask = _probabilities(q, k, q0, q1, dropout, rng, prec, held)
-        used = att if mask is None else prec.round_(mask.scaled(att))
+        used = att if mask is None else _dropped(att, mask, prec, held)
         matmul(used, v[:, :, :q1], yh[:, :, q0:q1], False, prec)
         if keep_probs:
             atts.append(att if att.dtype == prec.low else prec.keep(att))
@@ -87,6 +87,13 @@ def attention_forward(
     if not keep_probs:
         atts = masks = None
     return xp.ascontiguousarray(merge_heads(yh)), (qkvh if held else prec.keep(qkvh), atts, masks)
+
+
+def _dropped(att, mask, prec: Precision, held: bool):
+    """The probabilities after dropout, rounded to the format: an operand of attention's products (held: a bf16
+    array, which they read as it is; the same values)."""
+    dropped = mask.scaled(att)
+    return prec.keep(dropped) if held else prec.round_(dropped)
 
 
 def _reads_low(prec: Precision, qkvh) -> bool:
@@ -213,7 +220,7 @@ def attention_backward(
         low = att if held and mask is None else None
         if atts is not None or low is not None:
             att = prec.use(att, dy.dtype)
-        used = att if mask is None else prec.round_(mask.scaled(att))
+        used = att if mask is None else _dropped(att, mask, prec, held)
         used = used if low is None else low
         dyb = dyh[:, :, q0:q1]
         matmul(used.transpose(0, 1, 3, 2), dyb, dv[:, :, :q1], not first, prec)

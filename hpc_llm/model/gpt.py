@@ -18,6 +18,7 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.dispatch import check_environment
 from hpc_llm.kernels.rounding import bf16_bits
 from hpc_llm.model.chunk import Chunk
 from hpc_llm.model.kv_cache import KVCache
@@ -97,6 +98,7 @@ class GPT:
         self.recompute = recompute
         self.sequence_parallel = sequence_parallel
         self.prec = Precision(precision)
+        check_environment()  # HPC_LLM_KERNELS, HPC_LLM_POOL: a bad value stops here, before any compute
         self.dtype = np.dtype(cfg.dtype)
         # the whole model's tensors, whatever we hold
         self.logical = {s.name: s.shape for s in param_specs(cfg)}

@@ -120,9 +120,8 @@ def linear_forward(x, w, b, prec: Precision = FP32):
     taken over column panels (_matmul_panels). prec: the operands' format (kernels/gemm.py)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] <= SMALL_ROWS:
-        x2 = as_float32(
-            x2
-        )  # a bf16 operand (Precision.gemm_use) of few rows: BLAS's product, by panels
+        # a bf16 operand (Precision.gemm_use) of few rows: BLAS's product, by panels
+        x2 = as_float32(x2)
     if (
         type(w) is np.ndarray
         and 2 <= x2.shape[0] <= SMALL_ROWS

@@ -12,7 +12,7 @@ class PipelineComm:
 
     Everything is nonblocking. A receive is posted as soon as the schedule knows it comes next (paired with the send
     of the op before it) and waited for when its op starts, so a rank waits only for data its schedule needs next,
-    which a deadlock-free op order (schedule.simulate checks them) guarantees is on its way, at any P. A send is
+    which a deadlock-free op order (schedule_timing.simulate checks them) guarantees is on its way, at any P. A send is
     posted and kept until it completes; `settle()`, at each op boundary once the op's send and the next op's receive
     are posted, completes the sends already delivered (MPI_Test) and then, while more than `depth` sends in one
     direction are incomplete, waits for the oldest. So at most `depth` sends per direction live across an op (one

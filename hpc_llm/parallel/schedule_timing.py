@@ -55,10 +55,6 @@ class Timing:
         """The fraction of all ranks' time spent idle."""
         return sum(self.idle) / (len(self.idle) * self.makespan) if self.makespan else 0.0
 
-    def rank_end(self, r: int) -> float:
-        """When rank r's last op ends."""
-        return max((e.end for e in self.events if e.rank == r), default=0.0)
-
 
 def _inputs(kind: Phase, micro: int, s: int, last: int) -> list[tuple[Phase, int, int]]:
     """The ops (kind, micro, virtual stage) whose outputs op (kind, micro) of virtual stage s needs; `last` is the

@@ -1,10 +1,10 @@
 """The pipeline step timed with per-op costs: schedule_timing.simulate_lists (its dependency rules, its deadlock check)
 with each (kind, virtual stage, first-or-later backward or W) priced separately.
 
-schedule.simulate prices every forward t_f / v and every backward t_b / v; a real stage differs from its neighbours
-(the first holds the embedding, the last the head, which for GPT-2's 50k vocabulary costs several blocks) and a
-chunk's first backward of a step overwrites its gradients while later ones add to them. tests/plan/test_plan.py checks
-that with uniform costs this equals schedule.simulate.
+schedule_timing.simulate prices every forward t_f / v and every backward t_b / v; a real stage differs from its
+neighbours (the first holds the embedding, the last the head, which for GPT-2's 50k vocabulary costs several blocks)
+and a chunk's first backward of a step overwrites its gradients while later ones add to them.
+tests/plan/test_plan.py checks that with uniform costs this equals schedule_timing.simulate.
 """
 
 from __future__ import annotations

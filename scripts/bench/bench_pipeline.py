@@ -20,8 +20,8 @@ the chunks' methods) and the time of the whole schedule (run_schedule).
   run_schedule: the bubble as the formula counts it, including the last stage's drain, which it spends after its
   schedule, waiting in the tied-embedding allreduce, not in pp.*); 1 - compute / step time (the optimizer, norm and
   embedding allreduce too). Beside them (p-1)/(m+p-1) (interleaved: (p-1)/(v m+p-1); zb-h1: (p-1)/(3m+p-1), its B and
-  W each half a backward as long as a forward), schedule.simulate's bubble, and the same event simulation fed with
-  each stage's measured median forward/backward (B and W) time per chunk (what the imbalance between stages alone
+  W each half a backward as long as a forward), schedule_timing.simulate's bubble, and the same event simulation fed
+  with each stage's measured median forward/backward (B and W) time per chunk (what the imbalance between stages alone
   explains). scripts/bench/bench_zero_bubble.py sets zb-h1 beside 1F1B in time per stage. Medians over --steps after
   --warmup steps; the JSON also has the last step's timeline (every op's start and end on rank 0's clock) and the
   waits by kind.
@@ -215,7 +215,7 @@ def prefix_sums(summary: dict, what: str) -> dict:
 
 
 def simulate_measured(lists, v: int, t_f, t_b, t_w=None):
-    """schedule.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] (a whole backward, or B where
+    """schedule_timing.simulate_lists with a cost per (rank, chunk): t_f[r][c], t_b[r][c] (a whole backward, or B where
     the lists have W ops), t_w[r][c] seconds; no transfer time. -> (makespan, busy per rank)."""
     from hpc_llm.parallel.schedule import Phase
     from hpc_llm.parallel.schedule_timing import simulate_lists

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ZB-H1 and ZBV beside 1F1B: the bubble per stage in milliseconds, the measured T_F, T_B, T_W and Qi et al.'s
 bubbles (p-1)(T_F + T_B + T_W), (p-1)(T_F + T_B - T_W) and (p-1)(T_F + T_B - 2 T_W) from them, the step time beside
-the planner's schedule model (schedule.simulate with those T's), and each stage's activation memory.
+the planner's schedule model (schedule_timing.simulate with those T's), and each stage's activation memory.
 
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
     mpiexec -n 2 python scripts/bench/bench_zero_bubble.py --ms 4,8,16 --json zb_pp2.json
@@ -14,7 +14,7 @@ ranks, their steps in turns (so a slow spell of the shared machine hits all), me
 Per stage: idle = the pipeline phase's makespan (barrier to the last rank's end of run_schedule) - the stage's op
 compute; T_F, T_B, T_W = the stage's median forward, B (Chunk.backward_input) and W (Chunk.backward_weight) of the
 ZB-H1 run, and 1F1B's whole backward; the formulas use the mean over stages, and so does the prediction:
-schedule.simulate of each schedule with those T's (ZBV's chunks at half of them), the planner's model of the
+schedule_timing.simulate of each schedule with those T's (ZBV's chunks at half of them), the planner's model of the
 pipeline phase. Memory, after the timed steps: one more
 step of each under tracemalloc, its peak above what existed before it (activations, temporaries, messages), with
 schedule.in_flight's micro-batches. Rank 0 prints Markdown tables; nothing is asserted.
@@ -104,7 +104,7 @@ def run_m(args, world, tmp, model, m: int) -> dict:
 def row_of(p: int, m: int, stages: list[dict]) -> dict:
     """One (p, m): per stage every schedule's figures, the formulas and the simulated steps from the mean measured op
     times."""
-    from hpc_llm.parallel.schedule import simulate
+    from hpc_llm.parallel.schedule_timing import simulate
 
     zb = [s["zb-h1"] for s in stages]
     t_f, t_b, t_w = (sum(s[k] for s in zb) / p for k in ("t_f", "t_b", "t_w"))

@@ -6,8 +6,8 @@ over), dropout on, float64: losses, grad norms, evals and every parameter after 
 the tied embedding's two copies stay bitwise identical; DP replicas too. A pp2 x dp2 x tp2 ZeRO-1 checkpoint resumes at
 pp1, pp4, tp4 and as a V (zbv: other layers on each stage) on the uninterrupted curve, each rank reading only its
 stage's hyperslabs, and at the same layout bitwise; the API loads it, and the V's own checkpoint, as one model. The
-send depth (PipelineComm's bound on the sends in flight, schedule.send_depth): at pp2 and pp4 with each schedule, a
-bounded run equals the unbounded one bitwise, with every send synchronous too (MPI_Issend: complete only once matched,
+send depth (PipelineComm's bound on the sends in flight, schedule_timing.send_depth): at pp2 and pp4 with each schedule,
+a bounded run equals the unbounded one bitwise, with every send synchronous too (MPI_Issend: complete only once matched,
 the worst case the depth was chosen for), and never holds more than the depth per direction across an op; settle()'s
 rule itself on stand-in handles. The schedules' shapes are tests/parallel/test_schedule.py's; wrong layouts are
 tests/parallel/test_parallel.py's table.

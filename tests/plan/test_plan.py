@@ -1,6 +1,6 @@
 """The planner (hpc_llm/plan): its memory model equals what the code allocates, its collective costs equal the stated
-formulas, its pipeline simulator agrees with schedule.simulate and the ideal bubble, and `hpc-llm plan` answers bad
-input with one line. No timing assertions: the time model's accuracy is measured in docs/planning.md."""
+formulas, its pipeline simulator agrees with schedule_timing.simulate and the ideal bubble, and `hpc-llm plan` answers
+bad input with one line. No timing assertions: the time model's accuracy is measured in docs/planning.md."""
 
 from __future__ import annotations
 
@@ -382,8 +382,8 @@ def test_a_heavier_last_stage_lengthens_the_step():
 
 def test_zero_bubble_prices_b_and_w_apart():
     """The backward's price is its B's and W's (the regrouping changes nothing); zb-h1 priced op by op with uniform
-    costs is schedule.simulate's; predicted at pp 4, its W's fill 1F1B's bubble: the same compute, less waiting, a
-    shorter step; zbv (priced per virtual stage on its V) shorter still, with no embedding allreduce; zb-h1's last
+    costs is schedule_timing.simulate's; predicted at pp 4, its W's fill 1F1B's bubble: the same compute, less waiting,
+    a shorter step; zbv (priced per virtual stage on its V) shorter still, with no embedding allreduce; zb-h1's last
     stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
     from hpc_llm.plan import compute as PC
     from hpc_llm.plan.peak import _chunk_sizes
@@ -935,9 +935,9 @@ def test_sends_in_flight_are_capped_at_the_depth_per_direction(name, p, stage, m
 
 
 def test_pipeline_buffers_follow_the_codes_send_depth(monkeypatch):
-    """The pipeline term holds at most D messages per direction, D = schedule.send_depth(name, p, m, v) (a stand-in
-    here where the code does not have it yet), every send of the step where the code has none (send_depth=0 asks
-    for that); a message is (b, T, C) in the compute dtype, (b, T/tp, C) with sequence parallelism, and with 16-bit
+    """The pipeline term holds at most D messages per direction, D = schedule_timing.send_depth(name, p, m, v) (a
+    stand-in here where the code does not have it yet), every send of the step where the code has none (send_depth=0
+    asks for that); a message is (b, T, C) in the compute dtype, (b, T/tp, C) with sequence parallelism, and with 16-bit
     transfers n + SCALE_WORDS uint16 words."""
     from hpc_llm.parallel.compression import SCALE_WORDS
     from hpc_llm.plan.peak import message_bytes
@@ -980,7 +980,7 @@ PUBLISHED = {  # inputs/megatron_<row>.toml: the layout of Korthikanti et al. 20
     "530b": "pp=35,tp=8,dp=1,schedule=interleaved,virtual=3,micro=280,mbs=1",
     "1t": "pp=64,tp=8,dp=1,schedule=1f1b,virtual=1,micro=512,mbs=1",
 }
-MODES = {  # cumulative, bf16 precision; send_depth=1 is schedule.send_depth's D at these four layouts
+MODES = {  # cumulative, bf16 precision; send_depth=1 is schedule_timing.send_depth's D at these four layouts
     "today": "recompute=block,sp=0,act_comm=fp32,send_depth=all",
     "bounded": "recompute=block,sp=0,act_comm=fp32,send_depth=1",
     "16-bit": "recompute=block,sp=0,act_comm=bf16,send_depth=1",

@@ -1,7 +1,7 @@
 """The fused (flash-style) attention on a device: attention.cu's forward kernel and its three backward kernels
 (the rows' D, then dk and dv per key tile, then dq per query tile), launched on CuPy, or counted on the
-launch-counting stand-in while their NumPy twin (kernels/attention.py) computes. attention.attention_forward /
-attention_backward call these on a device."""
+launch-counting stand-in while their NumPy twin (kernels/attention.py) computes. model/attention.py's
+attention_forward / attention_backward call these on a device."""
 
 from __future__ import annotations
 
