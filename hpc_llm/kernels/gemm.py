@@ -215,11 +215,18 @@ def bf16_matmul(a, b, out=None, accumulate: bool = False):
     """out (=|+=) a @ b on oneDNN's bf16 GEMM with float32 accumulation; a (..., M, K), b (..., K, N), leading axes
     broadcast, a product per matrix. out (float32) may be a view whose rows are strided; any other layout is
     computed into a new array first."""
-    gemm = onednn_gemm()
+    return _onednn_products(
+        onednn_gemm(), "dnnl_gemm_bf16bf16f32", _bf16_operand, a, b, out, accumulate
+    )
+
+
+def _onednn_products(gemm, name: str, operand, a, b, out, accumulate: bool):
+    """out (=|+=) a @ b through oneDNN's GEMM `gemm` (a call per matrix; its operands as `operand` lays them out:
+    (array, trans, ld)); out as bf16_matmul's."""
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     assert b.shape[-2] == K, f"matmul: {a.shape} @ {b.shape}"
     lead = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    (abits, ta, lda), (bbits, tb, ldb) = _bf16_operand(a), _bf16_operand(b)
+    (a, ta, lda), (b, tb, ldb) = operand(a), operand(b)
     if out is None:
         out, accumulate = np.empty(lead + (M, N), dtype=np.float32), False
     target = out
@@ -227,13 +234,12 @@ def bf16_matmul(a, b, out=None, accumulate: bool = False):
         target = np.empty(lead + (M, N), dtype=np.float32)
         if accumulate:
             target[...] = out
-    beta = 1.0 if accumulate else 0.0
-    ldc = target.strides[-2] // 4
-    pa, pb, pc = (_address(x) for x in (abits, bbits, target))
-    for oa, ob, oc in zip(*(_offsets(x, lead) for x in (abits, bbits, target))):
+    beta, ldc = (1.0 if accumulate else 0.0), target.strides[-2] // 4
+    pa, pb, pc = (_address(x) for x in (a, b, target))
+    for oa, ob, oc in zip(*(_offsets(x, lead) for x in (a, b, target))):
         status = gemm(ta, tb, M, N, K, 1.0, pa + oa, lda, pb + ob, ldb, beta, pc + oc, ldc)
         if status != 0:
-            raise RuntimeError(f"dnnl_gemm_bf16bf16f32 returned status {status}")
+            raise RuntimeError(f"{name} returned status {status}")
     if target is not out:
         out[...] = target
     return out
@@ -289,24 +295,4 @@ def sgemm_matmul(a, b, out=None, accumulate: bool = False):
     """out (=|+=) a @ b on oneDNN's float32 GEMM; a (..., M, K), b (..., K, N) float32, leading axes broadcast, a
     call per matrix. out (float32) may be a view whose rows are strided; any other layout is computed into a new
     array first."""
-    gemm = onednn_sgemm()
-    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    assert b.shape[-2] == K, f"matmul: {a.shape} @ {b.shape}"
-    lead = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    (a, ta, lda), (b, tb, ldb) = _f32_operand(a), _f32_operand(b)
-    if out is None:
-        out, accumulate = np.empty(lead + (M, N), dtype=np.float32), False
-    target = out
-    if out.strides[-1] != 4 or out.strides[-2] < 4 * N or out.shape != lead + (M, N):
-        target = np.empty(lead + (M, N), dtype=np.float32)
-        if accumulate:
-            target[...] = out
-    beta, ldc = (1.0 if accumulate else 0.0), target.strides[-2] // 4
-    pa, pb, pc = (_address(x) for x in (a, b, target))
-    for oa, ob, oc in zip(*(_offsets(x, lead) for x in (a, b, target))):
-        status = gemm(ta, tb, M, N, K, 1.0, pa + oa, lda, pb + ob, ldb, beta, pc + oc, ldc)
-        if status != 0:
-            raise RuntimeError(f"dnnl_sgemm returned status {status}")
-    if target is not out:
-        out[...] = target
-    return out
+    return _onednn_products(onednn_sgemm(), "dnnl_sgemm", _f32_operand, a, b, out, accumulate)
