@@ -23,7 +23,7 @@ from hpc_llm.model.layout import param_specs
 from hpc_llm.parallel.comm import world_comm
 from hpc_llm.parallel.grid import world_grid
 from hpc_llm.plan.auto import auto_layout
-from hpc_llm.plan.cluster import cluster_from_dict, to_toml
+from hpc_llm.plan.cluster_file import cluster_from_dict, to_toml
 from hpc_llm.runtime.faults import WATCHDOG, inject, launcher_rank, phase
 from hpc_llm.runtime.fsio import atomic_write_bytes, check_output
 from hpc_llm.runtime.records import records_beside

@@ -12,7 +12,7 @@ from hpc_llm.cli.commands import check_positive
 from hpc_llm.config import load_config
 from hpc_llm.data.tokens import TokenData
 from hpc_llm.errors import UserError
-from hpc_llm.plan.cluster import load_cluster
+from hpc_llm.plan.cluster_file import load_cluster
 from hpc_llm.plan.compare import compare, format_compare
 from hpc_llm.plan.given import format_given, given_layout, own_split
 from hpc_llm.plan.predict import plan_saves, predict

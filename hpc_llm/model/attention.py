@@ -81,7 +81,7 @@ def attention_forward(
         used = att if mask is None else _dropped(att, mask, prec, held)
         matmul(used, v[:, :, :q1], yh[:, :, q0:q1], False, prec)
         if keep_probs:
-            atts.append(att if att.dtype == prec.low else prec.keep(att))
+            atts.append(att if prec.is_low(att.dtype) else prec.keep(att))
             masks.append(mask)
     del att, mask, used
     if not keep_probs:

@@ -432,7 +432,7 @@ class Head:
                 logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
             )
         if not self.sequence_parallel:
-            kept = xf2 if xf2.dtype == self.prec.low else self.prec.keep(xf2)
+            kept = xf2 if self.prec.is_low(xf2.dtype) else self.prec.keep(xf2)
         return loss, (lnf, kept, ce, (B, T, C))
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
@@ -462,7 +462,7 @@ class Head:
         return dx
 
     def _wte_weight(self, dlogits, xf2, C: int, accumulate: bool) -> None:
-        dtype = np.float32 if dlogits.dtype == self.prec.low else dlogits.dtype
+        dtype = np.float32 if self.prec.is_low(dlogits.dtype) else dlogits.dtype
         if self.sequence_parallel:  # the forward's gather again
             xf2 = self.prec.use(xf2, dtype)
             xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, C)

@@ -105,6 +105,10 @@ class Precision:
         kept = to_low(x, self.low)
         return kept, from_low(kept, x.dtype)
 
+    def is_low(self, dtype) -> bool:
+        """Whether dtype is the format's own (a value held in 2 bytes); never in fp32 (np.dtype(None) is float64)."""
+        return self.low is not None and np.dtype(dtype) == self.low
+
     def use(self, kept, dtype):
         """A kept activation back in the compute dtype (the rounded value: an operand as it is)."""
         if self.low is None:

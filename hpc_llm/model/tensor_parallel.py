@@ -320,7 +320,7 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
     if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
         return prec.use(_gather_bits(kept, comm), dtype)
     # a bf16 operand's dtype asked for (Precision.gemm_operand): the gather's is float32
-    wide = np.float32 if dtype == prec.low else dtype
+    wide = np.float32 if prec.is_low(dtype) else dtype
     return gather_from_sequence_parallel_region(
         kept if kept.dtype == wide else prec.use(kept, wide), comm
     )

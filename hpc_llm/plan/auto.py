@@ -16,7 +16,7 @@ import dataclasses
 
 from hpc_llm.config import Config, validated
 from hpc_llm.errors import UserError
-from hpc_llm.plan.cluster import load_cluster
+from hpc_llm.plan.cluster_file import load_cluster
 from hpc_llm.plan.memory import RECOMPUTES, Layout
 from hpc_llm.plan.predict import precision_of
 from hpc_llm.plan.search import describe, search

@@ -16,7 +16,7 @@ import argparse
 import json
 
 from hpc_llm.config import load_config
-from hpc_llm.plan.cluster import load_cluster
+from hpc_llm.plan.cluster_file import load_cluster
 from hpc_llm.plan.given import given_layout
 from hpc_llm.plan.memory import specs_of, stage_plan, stage_sync, staging_bytes
 from hpc_llm.plan.predict import PRECISIONS, resolve_precision, save_terms

@@ -26,7 +26,7 @@ import tracemalloc
 from hpc_llm.backend import is_releasable
 from hpc_llm.config import load_config
 from hpc_llm.parallel.grid import make_grid
-from hpc_llm.plan.cluster import load_cluster
+from hpc_llm.plan.cluster_file import load_cluster
 from hpc_llm.plan.compare import run_layout
 from hpc_llm.plan.memory import rank_memory
 from hpc_llm.plan.predict import PRECISIONS, predict

@@ -64,7 +64,7 @@ def main() -> None:
         "--stored", action="store_true", help="also show the prediction recorded at the run"
     )
     args = ap.parse_args()
-    from hpc_llm.plan.cluster import load_cluster
+    from hpc_llm.plan.cluster_file import load_cluster
 
     cl = load_cluster(args.cluster)
     rows = [json.loads(line) for line in open(args.jsonl) if line.strip()]

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hpc_llm.config import Config  # noqa: E402
-from hpc_llm.plan.cluster import load_cluster  # noqa: E402
+from hpc_llm.plan.cluster_file import load_cluster  # noqa: E402
 from hpc_llm.plan.memory import Layout  # noqa: E402
 from hpc_llm.plan.predict import predict  # noqa: E402
 

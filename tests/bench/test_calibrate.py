@@ -15,7 +15,8 @@ from hpc_llm.bench.calibrate import (
     bf16_gemm_rates,
     link_figures,
 )
-from hpc_llm.plan.cluster import MEASURED, cluster_from_dict, to_toml
+from hpc_llm.plan.cluster import MEASURED
+from hpc_llm.plan.cluster_file import cluster_from_dict, to_toml
 
 
 def test_median_figures_take_tables_size_by_size():

@@ -13,7 +13,7 @@ from helpers import REPO, hpc_llm_cli, tiny_config, write_toml
 from hpc_llm.config import read_toml
 from hpc_llm.errors import UserError
 from hpc_llm.plan.auto import auto_layout
-from hpc_llm.plan.cluster import to_toml
+from hpc_llm.plan.cluster_file import to_toml
 
 MACHINE = (
     REPO / "docs" / "planning_data" / "this_machine.toml"
@@ -82,7 +82,7 @@ def test_train_refuses_auto_without_a_cluster_and_a_cluster_without_auto(data_di
 def test_the_planner_prices_compressed_gradient_reductions(data_dir, tmp_path):
     """parallel.grad_comm (plan/grad_comm.py) at dp 2 across nodes on a slow link, where the reduction is the step:
     16-bit halves its bytes, PowerSGD sends (rows + cols) r per compressible matrix."""
-    from hpc_llm.plan.cluster import load_cluster
+    from hpc_llm.plan.cluster_file import load_cluster
     from hpc_llm.plan.memory import Layout
     from hpc_llm.plan.predict import predict
 

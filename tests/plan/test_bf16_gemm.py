@@ -12,6 +12,7 @@ from helpers import plan_cluster_dict
 from hpc_llm.config import ModelConfig
 from hpc_llm.kernels.gemm import MIN_MACS, MIN_MACS_HELD, MIN_SIDE
 from hpc_llm.plan import cluster as K
+from hpc_llm.plan import cluster_file as KF
 from hpc_llm.plan.compute import Pricer, chunk_costs, head_forward
 from hpc_llm.plan.memory import Layout, specs_of, stage_plan
 from hpc_llm.plan.predict import PRECISIONS, bytes_of, predict
@@ -32,7 +33,7 @@ def cluster(bf16: dict | None = None, backend: str = "numpy", call_s: float = 1e
     if bf16 is not None:
         gemm["bfloat16"] = gemm["float16"] = bf16
     d["compute"] = {**d["compute"], "gemm": gemm, "backend": backend, "gemm_call_s": call_s}
-    return K.cluster_from_dict(d)
+    return KF.cluster_from_dict(d)
 
 
 def test_without_the_figure_or_at_float32s_rate_predictions_are_as_before():

@@ -11,6 +11,7 @@ from helpers import plan_cluster_dict
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.plan import cluster as K
+from hpc_llm.plan import cluster_file as KF
 from hpc_llm.plan.memory import Layout
 from hpc_llm.plan.predict import predict
 
@@ -21,7 +22,7 @@ BASE = (
 
 def cluster(**intra) -> K.Cluster:
     d = {**BASE, "link": {**BASE["link"], "intra": {**BASE["link"]["intra"], **intra}}}
-    return K.cluster_from_dict(d)
+    return KF.cluster_from_dict(d)
 
 
 def test_bandwidth_interpolates_in_log_size_and_clamps():
@@ -47,8 +48,8 @@ def test_tables_read_from_the_file_and_written_back(tmp_path):
     assert cluster(bw_by_size=table, nb_bw=3e9).link("intra").nb_bw_at(65536) == 3e9
     path = tmp_path / "c.toml"
     d = {**BASE, "link": {"intra": {**BASE["link"]["intra"], "nb_bw_by_size": table}}}
-    path.write_text(K.to_toml(d))
-    back = K.load_cluster(path).link("intra")
+    path.write_text(KF.to_toml(d))
+    back = KF.load_cluster(path).link("intra")
     assert back.nb_bw_by_size == link.bw_by_size and back.bw_by_size == ()
     assert 'nb_bw_by_size = { "65536" = 1e+08, "16777216" = 4e+09 }' in path.read_text()
 

@@ -27,6 +27,7 @@ from hpc_llm.parallel import schedule_timing as T
 from hpc_llm.parallel.comm import Comm
 from hpc_llm.parallel.data_parallel import GradientSync
 from hpc_llm.plan import cluster as K
+from hpc_llm.plan import cluster_file as KF
 from hpc_llm.plan.activations import chunk_cache_bytes, chunk_weight_bytes
 from hpc_llm.plan.memory import Bytes, Layout, rank_memory, specs_of, stage_plan, stage_sync
 from hpc_llm.plan.predict import PRECISIONS, _checkpoint_time, bytes_of, predict, save_terms
@@ -54,9 +55,9 @@ class FakeComm(Comm):
         return np.take(x, range(self.rank * n, (self.rank + 1) * n), axis=axis)
 
 
-CL = K.cluster_from_dict(plan_cluster_dict())
+CL = KF.cluster_from_dict(plan_cluster_dict())
 # CL with a bf16 GEMM figure: a CPU cluster whose nodes run bf16 products on oneDNN (Cluster.reads_bf16)
-CL_BF16 = K.cluster_from_dict(
+CL_BF16 = KF.cluster_from_dict(
     {
         **plan_cluster_dict(),
         "compute": {
@@ -604,7 +605,7 @@ def test_cast_figures_price_bf16_conversions():
     """With [compute.cast] a conversion costs elements / rate + a call; without it, a pass of 6 bytes per element."""
     d = plan_cluster_dict()
     d["compute"]["cast"] = {"to_bfloat16": 1e9, "from_bfloat16": 2e9}
-    cl = K.cluster_from_dict(d)
+    cl = KF.cluster_from_dict(d)
     assert cl.cast_time("bfloat16", True, 1e6) == pytest.approx(1e-3 + 1e-6)
     assert cl.cast_time("bfloat16", False, 1e6, calls=4) == pytest.approx(5e-4 + 4e-6)
     assert CL.cast_time("bfloat16", True, 1e6) == pytest.approx(CL.pass_time(1.5e6, 4, 1e6))
@@ -618,7 +619,7 @@ def test_cast_figures_price_bf16_conversions():
     )
     d["compute"]["cast"] = {"to_bf16": 1e9}
     with pytest.raises(UserError, match="compute.cast.to_bf16: expected one of to_bfloat16"):
-        K.cluster_from_dict(d)
+        KF.cluster_from_dict(d)
 
 
 def test_oversubscribed_ranks_share_their_link():
@@ -632,8 +633,8 @@ def test_oversubscribed_ranks_share_their_link():
 
 def test_cluster_toml_round_trip(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text(K.to_toml(plan_cluster_dict(), "header"))
-    cl = K.load_cluster(path)
+    path.write_text(KF.to_toml(plan_cluster_dict(), "header"))
+    cl = KF.load_cluster(path)
     assert cl.gemm["float32"] == [(32.0, 5e10), (1024.0, 1e11)]
     assert cl.link("inter").bw == 1e9 and cl.devices == 4
 
@@ -647,7 +648,7 @@ def write_cluster(tmp_path, **kw) -> str:
         section, key = k.split("__")
         d[section][key] = v
     path = tmp_path / "cluster.toml"
-    path.write_text(K.to_toml(d))
+    path.write_text(KF.to_toml(d))
     return str(path)
 
 
@@ -821,7 +822,7 @@ def test_plan_layout_prices_one_layout(tmp_path, capsys, config_tail, text, lay,
     args = (
         tiny(),
         lay,
-        K.load_cluster(cl),
+        KF.load_cluster(cl),
         "fp32",
         1.0,
         cfg.checkpoint.interval,
@@ -1005,7 +1006,7 @@ def test_published_rows_fit_80gb_as_the_doc_claims():
     from hpc_llm.plan.predict import memory_of
 
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
-    cl = K.load_cluster(root / "inputs/clusters/a100_dgx_ib200.toml")
+    cl = KF.load_cluster(root / "inputs/clusters/a100_dgx_ib200.toml")
     assert cl.memory_bytes == 80e9
     for row, layout in PUBLISHED.items():
         cfg = load_config(str(root / f"inputs/megatron_{row}.toml"))
@@ -1135,7 +1136,7 @@ def test_the_save_terms_of_each_writer(tmp_path):
     at one writer's bandwidth after moving 7/8 of it to rank 0; parts writes each node's share at that bandwidth (2
     nodes: half the file's time) and moves nothing; in the background only the staging copy (a memory pass over a
     rank's eighth) is the stall; amortised over the interval."""
-    cl = K.load_cluster(write_cluster(tmp_path))
+    cl = KF.load_cluster(write_cluster(tmp_path))
     lay = Layout(dp=8)
     n = sum(math.prod(s.shape) for s in specs_of(tiny(), 1, stage_plan(tiny(), Layout(), 0)))
     file_bytes = 12 * n
@@ -1197,7 +1198,7 @@ def test_plan_prices_the_configs_writer_and_background_saves(tmp_path, capsys, l
     lay = Layout(**runs["async"]["layout"])
     want = {
         k: _checkpoint_time(
-            tiny(), lay, K.load_cluster(cl), PRECISIONS["fp32"][1], CL.link("intra"), 10, w, a
+            tiny(), lay, KF.load_cluster(cl), PRECISIONS["fp32"][1], CL.link("intra"), 10, w, a
         )
         for k, w, a in (
             ("gather", "gather", False),
