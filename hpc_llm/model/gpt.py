@@ -45,6 +45,13 @@ def stored_16_bit(spec: ParamSpec) -> bool:
     return spec.name.startswith("h.") and len(spec.local_shape) == 2
 
 
+def gemm_16_bit(spec: ParamSpec) -> bool:
+    """The tensors whose 2-byte bits a device's GEMMs read: the blocks' matrices and wte, the tied head's weight. wte
+    is served both ways (its slot in the 2-byte buffer exists, as every tensor's): the head multiplies its bits, the
+    embedding gathers its rows in float32 from compute_wide."""
+    return stored_16_bit(spec) or spec.name == "wte.weight"
+
+
 def wide_runs(specs) -> list[tuple[int, int]]:
     """The flat buffer's runs of the other tensors, which the device keeps in float32 too."""
     return merge_ranges((s.offset, s.offset + s.size) for s in specs if not stored_16_bit(s))
@@ -167,6 +174,12 @@ class GPT:
             self.compute_bits = np.zeros(n, dtype=np.uint16)
             gemm.share_bf16_bits(self.compute, self.compute_bits)
         self.params = {s.name: self._compute_view(s) for s in self.specs}
+        # the 16-bit views the GEMMs read of the tensors served both ways (gemm_16_bit; none off a device)
+        self.params_16_bit = {
+            s.name: self.compute[s.offset : s.offset + s.size].reshape(s.local_shape)
+            for s in self.specs
+            if self.wide_runs is not None and gemm_16_bit(s) and not stored_16_bit(s)
+        }
         self.grads = {
             s.name: self.grad_flat[s.offset : s.offset + s.size].reshape(s.local_shape)
             for s in self.specs
@@ -187,6 +200,14 @@ class GPT:
     def _param(self, name: str) -> Param:
         return Param(self.params[name], self.grads[name])
 
+    def _wte(self, gemm: bool) -> Param:
+        """wte for the embedding (float32 rows), or for the tied head's GEMMs (gemm: its 16-bit view on a device).
+        Frozen, it gets no gradient (grad None, like Block's frozen linears): under LoRA the head's dW would be a
+        full V x C GEMM per micro-batch; its gradient buffer stays zero, which nothing reads as trained."""
+        name = "wte.weight"
+        value = self.params_16_bit.get(name, self.params[name]) if gemm else self.params[name]
+        return Param(value, None if name in self.frozen else self.grads[name])
+
     def _chunk(self, vstage: int) -> Chunk:
         cfg, tp = self.cfg, self.tp_act
         first, last = vstage == 0, vstage == self.plan.n_virtual - 1
@@ -194,10 +215,9 @@ class GPT:
         # a frozen token embedding gets no gradient (grad None, like Block's frozen linears): under LoRA the tied
         # head's dW would be a full V x C GEMM per micro-batch; its gradient buffer stays zero, which nothing reads
         # as trained (out of the optimizer's ranges and the norm). wpe's (a cheap sum) is computed, and ignored.
-        wte = Param(self.params["wte.weight"], None) if "wte.weight" in self.frozen else None
         if first:
             embedding = Embedding(
-                wte or self._param("wte.weight"),
+                self._wte(gemm=False),
                 self._param("wpe.weight"),
                 self.v0,
                 tp,
@@ -230,7 +250,7 @@ class GPT:
             head = Head(
                 self._param("ln_f.weight"),
                 ln_f_bias,
-                wte or self._param("wte.weight"),
+                self._wte(gemm=True),
                 self.v0,
                 cfg.vocab_size,
                 tp,

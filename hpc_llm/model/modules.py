@@ -21,6 +21,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
+from hpc_llm.kernels.cuda.gemm16 import stored_16_bit
 from hpc_llm.kernels.dropout_residual import dropout_residual_
 from hpc_llm.kernels.gemm import matmul
 from hpc_llm.model.attention import attention_backward, attention_forward, cached_attention_forward
@@ -54,6 +55,7 @@ from hpc_llm.model.tensor_parallel import (
     RowParallelLinear,
     copy_to_tp_region,
     copy_to_tp_region_backward,
+    gather_bits,
     gather_from_sequence_parallel_region,
     gather_from_sequence_parallel_region_backward,
     gather_from_tp_region,
@@ -407,12 +409,20 @@ class Head:
         rank's vocabulary slice of the logits, (B, T, padded_vocab / tp) from column self.v0, not gathered; the
         padding columns (>= vocab_size) are -inf there (sampling over the shards, generate.py)."""
         xf, lnf = self.ln_f.forward(x)
+        bits = self._reads_bits(xf)
         if self.sequence_parallel:
             kept = self.prec.keep(xf)  # the slice, for backward
-            xf = gather_from_sequence_parallel_region(self.prec.use(kept, xf.dtype), self.tp)
+            xf = (
+                gather_bits(kept, self.tp)
+                if bits
+                else gather_from_sequence_parallel_region(self.prec.use(kept, xf.dtype), self.tp)
+            )
         B, T, C = xf.shape
-        # bf16 where the products read it so (Precision.gemm_operand): then it is the kept copy too
-        xf2 = self.prec.gemm_operand(copy_to_tp_region(xf.reshape(B * T, C), self.tp))
+        xf2 = copy_to_tp_region(xf.reshape(B * T, C), self.tp)
+        # in 16 bits for 16-bit GEMMs (one launch), else bf16 where the products read it so (Precision.gemm_operand):
+        # then it is the kept copy too
+        if not (bits and self.sequence_parallel):
+            xf2 = self.prec.keep(xf2) if bits else self.prec.gemm_operand(xf2)
         if targets is None:
             # few rows (decoding): by panels
             logits = linear_forward(xf2, self.wte.value.T, None, self.prec)
@@ -432,8 +442,13 @@ class Head:
                 logits, targets.reshape(-1), self.vocab_size, self.v0, self.tp.plain
             )
         if not self.sequence_parallel:
-            kept = xf2 if self.prec.is_low(xf2.dtype) else self.prec.keep(xf2)
+            kept = xf2 if bits or self.prec.is_low(xf2.dtype) else self.prec.keep(xf2)
         return loss, (lnf, kept, ce, (B, T, C))
+
+    def _reads_bits(self, x) -> bool:
+        """Whether the GEMMs take 16-bit operands, x's bits (the kept input's, dlogits'): wte held in 2 bytes (a
+        device's compute copy, kernels/cuda/gemm16.py), as the blocks' weights."""
+        return stored_16_bit(self.wte.value) and x.dtype == np.float32
 
     def backward(self, cache, loss_scale: float, accumulate: bool):
         return self.backward_input(cache, loss_scale, WeightWork(accumulate))
@@ -446,7 +461,10 @@ class Head:
             if isinstance(ce, DistillCache)
             else vocab_parallel_cross_entropy_backward
         )
-        dlogits = self.prec.gemm_round_(loss_backward(ce, loss_scale))
+        dlogits = loss_backward(ce, loss_scale)
+        # in 16 bits for 16-bit GEMMs (one launch; nothing else reads it in float32), else as the products read it
+        bits = self._reads_bits(dlogits)
+        dlogits = self.prec.keep(dlogits) if bits else self.prec.gemm_round_(dlogits)
         # tied: wte's gradient gets the head's share; None: wte frozen (LoRA, train.freeze), its V x C GEMM skipped
         if self.wte.grad is not None:
             work.add(self._wte_weight, dlogits, xf2, shape[-1])
@@ -463,7 +481,11 @@ class Head:
 
     def _wte_weight(self, dlogits, xf2, C: int, accumulate: bool) -> None:
         dtype = np.float32 if self.prec.is_low(dlogits.dtype) else dlogits.dtype
-        if self.sequence_parallel:  # the forward's gather again
+        if stored_16_bit(dlogits):
+            # both operands' bits (_reads_bits): the kept input's, gathered again with sp
+            if self.sequence_parallel:
+                xf2 = gather_bits(xf2, self.tp).reshape(-1, C)
+        elif self.sequence_parallel:  # the forward's gather again
             xf2 = self.prec.use(xf2, dtype)
             xf2 = gather_from_sequence_parallel_region(xf2, self.tp).reshape(-1, C)
         else:

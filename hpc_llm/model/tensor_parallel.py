@@ -145,7 +145,7 @@ class ColumnParallelLinear:
         if self.sequence_parallel:
             x = self.prec.keep(x)  # the slice
             if bits:  # the gathered bits are the GEMM's operand
-                return linear_forward(_gather_bits(x, self.comm), self.w.value, b, self.prec), x
+                return linear_forward(gather_bits(x, self.comm), self.w.value, b, self.prec), x
             xu = _gather_kept(self.prec, x, self.comm, dtype)
             return linear_forward(xu, self.w.value, b, self.prec), x
         if bits:  # the kept bits are the GEMM's operand
@@ -199,7 +199,7 @@ class ColumnParallelLinear:
             bits = _reads_bits(self.w.value, dy, self.lora) and stored_16_bit(x)
             if self.sequence_parallel:  # the forward's gather again
                 x = (
-                    _gather_bits(x, self.comm)
+                    gather_bits(x, self.comm)
                     if bits
                     else _gather_kept(self.prec, x, self.comm, dy.dtype)
                 )
@@ -318,7 +318,7 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
     format the kept bits travel (2 bytes an element whatever parallel.act_comm, no wire conversions: the values are
     the format's already) and the whole is widened once; elsewhere the slice is widened, then gathered."""
     if prec.low is not None and device.on_device(array_module(kept)) and kept.dtype.itemsize == 2:
-        return prec.use(_gather_bits(kept, comm), dtype)
+        return prec.use(gather_bits(kept, comm), dtype)
     # a bf16 operand's dtype asked for (Precision.gemm_operand): the gather's is float32
     wide = np.float32 if prec.is_low(dtype) else dtype
     return gather_from_sequence_parallel_region(
@@ -326,7 +326,7 @@ def _gather_kept(prec: Precision, kept, comm: Comm, dtype):
     )
 
 
-def _gather_bits(kept, comm: Comm):
+def gather_bits(kept, comm: Comm):
     """A kept 16-bit slice gathered whole as its bits (the values are the format's: no wire conversions)."""
     return gather_from_sequence_parallel_region(kept.view(np.uint16), comm.plain).view(kept.dtype)
 
@@ -363,7 +363,7 @@ def _gathered_operand(prec: Precision, dy, comm: Comm, w):
         and device.on_device(array_module(dy))
         and dy.dtype == np.float32
     ):
-        bits = _gather_bits(prec.keep(dy), comm)
+        bits = gather_bits(prec.keep(dy), comm)
         used = prec.use(bits, dy.dtype)
         return used, bits if stored_16_bit(w) else used
     used = prec.operand(reduce_scatter_to_sequence_parallel_region_backward(dy, comm))

@@ -84,10 +84,15 @@ class Pricer:
         t = self.share * self.cl.gemm_time(dtype, m, n, k, batch)
         return Cost(t, 0.0, t)
 
+    @property
+    def gemm16(self) -> bool:
+        """Whether the linear layers' and the tied head's products take 16-bit operands (a device with a 16-bit
+        format: gemm16 reads the 2-byte compute copy and kept inputs, kernels/cuda/gemm16.py)."""
+        return self.cl.backend == "cupy" and self.low is not None
+
     def linear(self, m: int, n: int, k: int) -> Cost:
-        """A block's linear layer's product: on a device with a 16-bit format at the format's rate (gemm16 reads the
-        2-byte compute copy and kept inputs: kernels/cuda/gemm16.py), else gemm. The head's stays gemm."""
-        if self.cl.backend == "cupy" and self.low is not None:
+        """A linear layer's or the head's product: with gemm16 at the format's rate, else gemm."""
+        if self.gemm16:
             t = self.share * self.cl.gemm_time(self.low, m, n, k)
             return Cost(t, 0.0, t)
         return self.gemm(m, n, k)
@@ -401,13 +406,19 @@ def block_weight(
 def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
     # ln_f's xhat; xf2 as operand, then kept; sp: ln_f on the slice, which is kept, used and all-gathered, then the
-    # whole as the operand
+    # whole as the operand. gemm16: xf2 kept in 16 bits, the operand (sp: the kept slice's bits gathered)
     if p.sp:
         r = n // p.tp
-        c = _layernorm_fwd(p, r) + p.keep(r) + p.keep(r) + p.use(r) + p.allgather(n) + p.operand(n)
+        c = _layernorm_fwd(p, r) + p.keep(r) + p.keep(r)
+        if p.gemm16:
+            c += p.kept_allgather(n)
+        else:
+            c = c + p.use(r) + p.allgather(n) + p.operand(n)
+    elif p.gemm16:
+        c = _layernorm_fwd(p, n) + p.keep(n) + p.keep(n)
     else:
         c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
-    c += p.gemm(N, Vl, C)
+    c += p.linear(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
     for _ in range(3):  # max, target logit, sum of exp: N values each
@@ -420,20 +431,25 @@ def head_backward(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_param
 
 
 def head_backward_input(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
-    """B: the probabilities *= scale / N and rounded, the input gradient (sp: reduce-scattered), ln_f's."""
+    """B: the probabilities *= scale / N and rounded (gemm16: kept in 16 bits, for both GEMMs), the input gradient
+    (sp: reduce-scattered), ln_f's."""
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
-    c = p.ew(2 * N * Vl, N * Vl) + p.round_(N * Vl)
-    c += p.gemm(N, C, Vl) + p.column_input_grad(n)
+    c = p.ew(2 * N * Vl, N * Vl) + (p.keep(N * Vl) if p.gemm16 else p.round_(N * Vl))
+    c += p.linear(N, C, Vl) + p.column_input_grad(n)
     return c + p.use(r) + _layernorm_input(p, r)
 
 
 def head_weight(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params: int = 0) -> Cost:
-    """W: wte's gradient (xf2 used; sp: the kept slice gathered again), ln_f's, and with sp ln_f's partial
-    gradients (ln_params elements) summed over the TP group (run with the head's B, never deferred)."""
+    """W: wte's gradient (xf2 used; sp: the kept slice gathered again; gemm16: the kept bits, and cuBLAS adds into
+    the gradient), ln_f's, and with sp ln_f's partial gradients (ln_params elements) summed over the TP group (run
+    with the head's B, never deferred)."""
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
-    c = _column_input_back(p, n) + p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C)
+    if p.gemm16:
+        c = (p.kept_allgather(n) if p.sp else Cost()) + p.linear(Vl, C, N)
+    else:
+        c = _column_input_back(p, n) + p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C)
     c += _layernorm_weight(p, r)
     if p.sp:
         c += p.allreduce(ln_params * p.it)

@@ -43,9 +43,9 @@ from hpc_llm.plan.simulate import simulate_costs
 # precision -> (the matmuls' dtype, bytes). bf16/fp16 as model/precision.py does them: operands rounded to the format,
 # activations kept in 2 bytes, a float32 compute copy of the weights, products in float32 where no 16-bit GEMM runs
 # them; where one does, Pricer.gemm / linear price them at the format's rate (bf16's large products on a CPU with
-# oneDNN's bf16 GEMM, the blocks' linears on a device: gemm16) and bytes_of counts what that path keeps. "bf16-tc":
-# every GEMM at the bfloat16 rate (planned, not in the code); on a device it differs from "bf16" only by the head's
-# and the unfused attention's products, which bf16 runs in float32.
+# oneDNN's bf16 GEMM, the blocks' linears and the tied head on a device: gemm16) and bytes_of counts what that path
+# keeps. "bf16-tc": every GEMM at the bfloat16 rate (planned, not in the code); on a device it differs from "bf16"
+# only by the unfused attention's products, which bf16 runs in float32.
 PRECISIONS = {
     "fp32": ("float32", Bytes.of(4)),
     "fp64": ("float64", Bytes.of(8)),

@@ -201,10 +201,11 @@ def test_16_bit_tp_transfers_count_their_conversions_whatever_the_size():
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
 def test_2_byte_compute_copy_trains_as_the_float32_copy_bitwise(fmt, monkeypatch):
-    """On a device GPT.compute is stored in 2 bytes (the blocks' matrices, which kernels/cuda/gemm16 multiplies; the
-    other tensors rounded in float32 beside it): refresh_compute writes the bits the CPU's rounding gives (one launch),
-    a whole model's loss and gradients equal the float32 compute copy's bit for bit (the same values; the twin widens
-    them), and the planner counts exactly the bytes the model allocates for it."""
+    """On a device GPT.compute is stored in 2 bytes (the blocks' matrices and wte, which kernels/cuda/gemm16
+    multiplies; the other tensors, and wte again for the embedding, rounded in float32 beside it): refresh_compute
+    writes the bits the CPU's rounding gives (one launch), a whole model's loss and gradients, the tied head's 16-bit
+    GEMMs included, equal the float32 compute copy's bit for bit (the same values; the twin widens them), and the
+    planner counts exactly the bytes the model allocates for it."""
     from hpc_llm.config import ModelConfig
     from hpc_llm.model import attention as SA
     from hpc_llm.model.gpt import GPT, stored_16_bit
@@ -241,9 +242,59 @@ def test_2_byte_compute_copy_trains_as_the_float32_copy_bitwise(fmt, monkeypatch
             assert value.dtype == low and np.array_equal(value, want.astype(low)), s.name
         else:
             assert np.array_equal(value.view(np.uint32), want.view(np.uint32)), s.name
+    # wte served both ways: the head's GEMMs read its bits, the embedding gathers its float32 rows
+    wte = cpu.params["wte.weight"]
+    head, embedding = dev.chunks[-1].head, dev.chunks[0].embedding
+    assert head.wte.value.dtype == low and np.array_equal(head.wte.value, wte.astype(low))
+    assert embedding.wte.value is dev.params["wte.weight"] and cpu.chunks[-1].head.wte.value is wte
     device = type("Device", (), {"backend": "cupy"})()
     mem = rank_memory(cfg, Layout(), 0, bytes_of(fmt, device, Layout()))
     assert mem.master == dev.compute.nbytes + dev.compute_wide.nbytes < 4 * dev.local_size
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_head_launches_are_what_the_planner_prices(fmt):
+    """The tied head on a device (plan/compute.head_forward, head_backward_input, head_weight on a CuPy cluster):
+    its three GEMMs at the format's rate (Pricer.linear), each on 16-bit operands, and the conversions priced are the
+    narrowing and widening launches it runs (the input kept once, dlogits narrowed once for both backward GEMMs)."""
+    from helpers import plan_cluster_dict
+
+    from hpc_llm.config import ModelConfig
+    from hpc_llm.model.gpt import GPT
+    from hpc_llm.plan import cluster as K
+    from hpc_llm.plan import compute as C
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    head = GPT(cfg, xp, seed=0, precision=fmt).chunks[-1].head
+    rng = np.random.default_rng(2)
+    x = xp.asarray(rng.standard_normal((2, 16, 32)).astype(np.float32))
+    with counting() as fwd:
+        _, cache = head.forward(x, xp.asarray(rng.integers(0, 64, (2, 16))))
+    with counting() as bwd:
+        head.backward(cache, 1.0, False)
+    d = plan_cluster_dict()
+    d["compute"] = {**d["compute"], "backend": "cupy"}
+
+    class Tally(C.Pricer):
+        def _cast(self, elems, to_low, calls=1.0):
+            planned["narrow_format" if to_low else "widen_format"] += 1
+            return C.Cost()
+
+        def linear(self, m, n, k):
+            planned["matmul"] += 1
+            assert self.gemm16
+            return C.Cost()
+
+    low = {"bf16": "bfloat16", "fp16": "float16"}[fmt]
+    p = Tally(K.cluster_from_dict(d), "float32", 4, 1, None, low=low)
+    for ledger, priced in (
+        (fwd, lambda: C.head_forward(p, 2, 16, 32, 64)),
+        (bwd, lambda: C.head_backward(p, 2, 16, 32, 64, False)),
+    ):
+        planned = dict.fromkeys(("narrow_format", "widen_format", "matmul"), 0)
+        priced()
+        assert planned == {k: ledger.launches.get(k, 0) for k in planned}
 
 
 @pytest.mark.timeout(30)

@@ -1,7 +1,8 @@
 """The device path's sequence-parallel gathers on a real TP group (the launch-counting stand-in for CuPy, values
-computed): a kept 16-bit input slice travels as its bits, whatever parallel.act_comm, and the block gives bitwise what
-the CPU path's block gives (which gathers the widened float32 values, or 16-bit wire words). The fused attention is
-off: its online softmax and Philox masks differ from the CPU loop's by design (tests/kernels/test_attention.py)."""
+computed): a kept 16-bit input slice travels as its bits, whatever parallel.act_comm, and the block and the tied head
+(16-bit GEMMs on a device) give bitwise what the CPU path's give (which gathers the widened float32 values, or 16-bit
+wire words). The fused attention is off: its online softmax and Philox masks differ from the CPU loop's by design
+(tests/kernels/test_attention.py)."""
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def test_device_sequence_parallel_block_equals_the_cpu_block_bitwise(monkeypatch
     cfg = ModelConfig(n_layer=1, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.1)
     pos = slice(8 * grid.tp_rank, 8 * grid.tp_rank + 8)
     data = np.random.default_rng(5).standard_normal((2, 2, 16, 32)).astype(np.float32)
+    targets = np.random.default_rng(6).integers(0, 64, (2, 16))
     bad = []
     for act in ("fp32", "bf16"):
         got = {}
@@ -40,8 +42,12 @@ def test_device_sequence_parallel_block_equals_the_cpu_block_bitwise(monkeypatch
             work = WeightWork(False)
             dx = block.backward_input(dy, cache, work, DropoutRNG(0, 0, 0, range(2), mod))
             work.run(False)
-            got[mod] = [np.asarray(a).copy() for a in (y, dx, model.grad_flat)]
-        for what, a, b in zip(("output", "input gradient", "gradients"), got[np], got[xp]):
+            # the tied head on the block's output slice: on the device its GEMMs read the gathered kept bits
+            loss, hcache = model.chunks[0].head.forward(y, mod.asarray(targets))
+            dh = model.chunks[0].head.backward(hcache, 1.0, False)
+            got[mod] = [np.asarray(a).copy() for a in (y, dx, loss, dh, model.grad_flat)]
+        names = ("output", "input gradient", "loss", "head's input gradient", "gradients")
+        for what, a, b in zip(names, got[np], got[xp]):
             if not np.array_equal(a, b):
                 bad.append(f"act_comm {act}: {what} differ by {np.abs(a - b).max()}")
     check(not bad, "\n".join(bad))

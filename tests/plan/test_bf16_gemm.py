@@ -13,7 +13,13 @@ from hpc_llm.config import ModelConfig
 from hpc_llm.kernels.gemm import MIN_MACS, MIN_MACS_HELD, MIN_SIDE
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan import cluster_file as KF
-from hpc_llm.plan.compute import Pricer, chunk_costs, head_forward
+from hpc_llm.plan.compute import (
+    Pricer,
+    chunk_costs,
+    head_backward_input,
+    head_forward,
+    head_weight,
+)
 from hpc_llm.plan.memory import Layout, specs_of, stage_plan
 from hpc_llm.plan.predict import PRECISIONS, bytes_of, predict
 
@@ -92,15 +98,24 @@ def test_bf16_gemm_time_falls_by_the_rate_ratio(T, C, faster):
         )
 
 
-def test_device_block_linears_at_the_formats_rate_the_head_at_float32s():
-    """A CuPy cluster: bf16/fp16 blocks' linears read 16-bit operands (gemm16), at the format's rate; the head's
-    GEMM stays float32."""
+def test_device_linears_and_head_at_the_formats_rate():
+    """A CuPy cluster: bf16/fp16 blocks' linears and the tied head's three GEMMs read 16-bit operands (gemm16), at
+    the format's rate; a CPU cluster's head stays at float32's."""
     cl = cluster(TWICE, backend="cupy", call_s=0.0)
     assert not cl.reads_bf16
     f32 = Pricer(cl, "float32", 4, 1, None)
     for low in ("bfloat16", "float16"):
         p = Pricer(cl, "float32", 4, 1, None, low=low)
         assert p.linear(256, 768, 256).gemm == f32.linear(256, 768, 256).gemm / 2
-        assert head_forward(p, 2, 128, 64, 128).gemm == head_forward(f32, 2, 128, 64, 128).gemm
+        for head in (head_forward, head_backward_input, head_weight):
+            args = (2, 128, 64, 128) + ((True,) if head is head_weight else ())
+            assert head(p, *args).gemm == head(f32, *args).gemm / 2, head.__name__
+    host = cluster(TWICE, call_s=0.0)
+    args = (2, 128, 64, 128)
+    host_p = Pricer(host, "float32", 4, 1, None, low="float16")
+    assert (
+        head_forward(host_p, *args).gemm
+        == head_forward(Pricer(host, "float32", 4, 1, None), *args).gemm
+    )
     lay = Layout(batch_size=2)
     assert dataclasses.replace(bytes_of("bf16", cl, lay), device=False).master == 2
