@@ -262,7 +262,7 @@ def test_head_launches_are_what_the_planner_prices(fmt):
 
     from hpc_llm.config import ModelConfig
     from hpc_llm.model.gpt import GPT
-    from hpc_llm.plan import cluster as K
+    from hpc_llm.plan import cluster_file as K
     from hpc_llm.plan import compute as C
 
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
