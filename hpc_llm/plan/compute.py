@@ -62,10 +62,11 @@ class Pricer:
         low: str | None = None,
         sp: bool = False,
         comm_low: str | None = None,
+        zero3: bool = False,
     ):
         self.cl, self.dtype, self.it = cl, dtype, itemsize
         self.tp, self.link, self.share = tp, tp_link, share
-        self.low, self.sp, self.comm_low = low, sp, comm_low
+        self.low, self.sp, self.comm_low, self.zero3 = low, sp, comm_low, zero3
         # bf16 on a CPU whose products run on oneDNN's bf16 GEMM (kernels/gemm.py): the large ones at its rate
         self.onednn = cl.reads_bf16 and dtype == "float32" and low == "bfloat16"
 
@@ -87,8 +88,9 @@ class Pricer:
     @property
     def gemm16(self) -> bool:
         """Whether the linear layers' and the tied head's products take 16-bit operands (a device with a 16-bit
-        format: gemm16 reads the 2-byte compute copy and kept inputs, kernels/cuda/gemm16.py)."""
-        return self.cl.backend == "cupy" and self.low is not None
+        format: gemm16 reads the 2-byte compute copy and kept inputs, kernels/cuda/gemm16.py; not under ZeRO-3,
+        whose compute copy stays float32: model/gpt.compute_16_bit)."""
+        return self.cl.backend == "cupy" and self.low is not None and not self.zero3
 
     def linear(self, m: int, n: int, k: int) -> Cost:
         """A linear layer's or the head's product: with gemm16 at the format's rate, else gemm."""
@@ -96,6 +98,15 @@ class Pricer:
             t = self.share * self.cl.gemm_time(self.low, m, n, k)
             return Cost(t, 0.0, t)
         return self.gemm(m, n, k)
+
+    def weight_linear(self, m: int, n: int, k: int) -> Cost:
+        """A weight gradient's product (W): on oneDNN without sequence parallelism both operands are bfloat16
+        arrays (the kept input and the output gradient as the code holds them: Precision.gemm_use,
+        gemm_operand), so the lower cut-over for held operands applies; with sp one of them is gathered in
+        float32. Elsewhere linear."""
+        if self.onednn and not self.sp:
+            return self.gemm(m, n, k, held=True)
+        return self.linear(m, n, k)
 
     def held(self, T: int, hd: int) -> bool:
         """Whether attention's per-head products at T positions and head size hd take both operands as bfloat16
@@ -379,20 +390,20 @@ def block_weight(
     N, n = b * T, b * T * C
     nl = n // tp
     r = nl if p.sp else n
-    c = p.use(4 * nl) + p.linear(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C)
+    c = p.use(4 * nl) + p.weight_linear(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C)
     c += p.ew(n, n)  # mlp_proj
     c += (
         _column_input_back(p, n)
-        + p.linear(C, 4 * C // tp, N)
+        + p.weight_linear(C, 4 * C // tp, N)
         + _accumulate(p, acc, C * 4 * C // tp)
     )
     c += p.ew(4 * nl, 4 * nl)  # fc
     c += (
-        p.use(nl) + p.linear(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n)
+        p.use(nl) + p.weight_linear(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n)
     )  # attn_proj
     c += (
         _column_input_back(p, n)
-        + p.linear(C, 3 * C // tp, N)
+        + p.weight_linear(C, 3 * C // tp, N)
         + _accumulate(p, acc, C * 3 * C // tp)
     )
     c += p.ew(3 * nl, 3 * nl)  # qkv
@@ -418,7 +429,7 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
         c = _layernorm_fwd(p, n) + p.keep(n) + p.keep(n)
     else:
         c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
-    c += p.linear(N, Vl, C)
+    c += p.weight_linear(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
     c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
     for _ in range(3):  # max, target logit, sum of exp: N values each
@@ -436,7 +447,7 @@ def head_backward_input(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
     c = p.ew(2 * N * Vl, N * Vl) + (p.keep(N * Vl) if p.gemm16 else p.round_(N * Vl))
-    c += p.linear(N, C, Vl) + p.column_input_grad(n)
+    c += p.weight_linear(N, C, Vl) + p.column_input_grad(n)
     return c + p.use(r) + _layernorm_input(p, r)
 
 
@@ -449,7 +460,7 @@ def head_weight(p: Pricer, b: int, T: int, C: int, V: int, acc: bool, ln_params:
     if p.gemm16:
         c = (p.kept_allgather(n) if p.sp else Cost()) + p.linear(Vl, C, N)
     else:
-        c = _column_input_back(p, n) + p.gemm(Vl, C, N) + _accumulate(p, acc, Vl * C)
+        c = _column_input_back(p, n) + p.weight_linear(Vl, C, N) + _accumulate(p, acc, Vl * C)
     c += _layernorm_weight(p, r)
     if p.sp:
         c += p.allreduce(ln_params * p.it)

@@ -315,6 +315,7 @@ def predict(
         low=LOW.get(precision),
         sp=lay.sequence_parallel,
         comm_low=LOW.get(lay.act_comm),
+        zero3=lay.zero >= 3,
     )
     T = cfg.block_size
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
