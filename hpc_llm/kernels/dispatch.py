@@ -24,12 +24,18 @@ AUTO_MIN_ELEMENTS = 1 << 15
 _state: dict = {}
 
 
+def env_choice(var: str, choices: tuple) -> str:
+    """Environment variable `var`, one of `choices` (case and spaces ignored; unset or empty: the first); a bad
+    value is a UserError."""
+    name = os.environ.get(var, choices[0]).strip().lower() or choices[0]
+    if name not in choices:
+        raise UserError(f"{var}: expected one of {', '.join(choices)}, got {name!r}")
+    return name
+
+
 def kernels_choice() -> str:
     """The configured implementation, from HPC_LLM_KERNELS; a bad value is a UserError."""
-    name = os.environ.get("HPC_LLM_KERNELS", "auto").strip().lower() or "auto"
-    if name not in CHOICES:
-        raise UserError(f"HPC_LLM_KERNELS: expected one of {', '.join(CHOICES)}, got {name!r}")
-    return name
+    return env_choice("HPC_LLM_KERNELS", CHOICES)
 
 
 def check_environment() -> None:

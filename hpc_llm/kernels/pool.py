@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from hpc_llm.errors import UserError
+from hpc_llm.kernels.dispatch import env_choice, kernels_choice
 
 CHOICES = ("auto", "on", "off")
 # a NumPy twin's elementwise passes split over the pool's threads (run_split) on arrays of at least this many
@@ -29,10 +29,8 @@ _state: dict = {}
 
 
 def pool_choice() -> str:
-    name = os.environ.get("HPC_LLM_POOL", "auto").strip().lower() or "auto"
-    if name not in CHOICES:
-        raise UserError(f"HPC_LLM_POOL: expected one of {', '.join(CHOICES)}, got {name!r}")
-    return name
+    """The shared pool's setting, from HPC_LLM_POOL; a bad value is a UserError."""
+    return env_choice("HPC_LLM_POOL", CHOICES)
 
 
 def omp_threads() -> int:
@@ -66,7 +64,6 @@ def pool_threads() -> int:
     """The shared pool's thread count, or 0 when it is off (decided once per process)."""
     if "threads" not in _state:
         from hpc_llm.kernels.blas import set_openblas_threads
-        from hpc_llm.kernels.dispatch import kernels_choice
         from hpc_llm.kernels.gemm import onednn_sgemm
 
         _state["threads"] = 0

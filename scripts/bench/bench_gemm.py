@@ -100,18 +100,23 @@ def main() -> None:
         print(json.dumps(measure(shapes, a.repeats)))
         return
     for n in a.threads:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-        }
-        env.update(OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+        env = own_kernel_env(n)
         argv = [sys.executable, __file__, "--child", str(n), "--repeats", str(a.repeats)]
         argv += ["--sweep"] if a.sweep else ["--model", a.model]
         rows = json.loads(subprocess.run(argv, env=env, check=True, capture_output=True).stdout)
         for row in rows:
             policy = os.environ.get("OMP_WAIT_POLICY", "default")
             print(json.dumps({"threads": n, "omp_wait_policy": policy, **row}))
+
+
+def own_kernel_env(threads: int) -> dict:
+    """This environment for a child process on `threads` threads (OpenBLAS and OpenMP), with OPENBLAS_CORETYPE and
+    OPENBLAS_L2_SIZE unset so OpenBLAS runs the CPU's own kernel."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    }
+    env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    return env
 
 
 if __name__ == "__main__":

@@ -17,42 +17,29 @@ import sys
 import time
 
 import numpy as np
-from bench_gemm import MODELS, model_shapes
+from bench_gemm import MODELS, model_shapes, own_kernel_env
 
 from hpc_llm.bench.timer import median_time
 
 
 def ln_kernels():
-    """(serial, parallel) LayerNorm forward: rows split over the pool's threads in the parallel one."""
-    import numba
+    """(serial, parallel) LayerNorm forward, each called as ln(x, w, b, out): the model's own kernel
+    (kernels/layernorm.py), compiled as it is and as its parallel variant (rows split over the pool's threads)."""
+    from hpc_llm.kernels.layernorm import _layernorm_forward
 
-    def body(x, w, b, out, r):
-        C = x.shape[1]
-        s = 0.0
-        for i in range(C):
-            s += x[r, i]
-        mean = s / C
-        ss = 0.0
-        for i in range(C):
-            d = x[r, i] - mean
-            ss += d * d
-        rs = 1.0 / np.sqrt(ss / C + 1e-5)
-        for i in range(C):
-            out[r, i] = (x[r, i] - mean) * rs * w[i] + b[i]
+    def with_cache(fn):
+        cache = {}  # by shape: the xhat and rstd the kernel writes too
 
-    row = numba.njit(inline="always")(body)
+        def ln(x, w, b, out):
+            if x.shape not in cache:
+                cache[x.shape] = np.empty_like(x), np.empty((x.shape[0], 1), x.dtype)
+            fn(x, w, b, True, out, *cache[x.shape])
 
-    @numba.njit
-    def serial(x, w, b, out):
-        for r in range(x.shape[0]):
-            row(x, w, b, out, r)
+        return ln
 
-    @numba.njit(parallel=True)
-    def parallel(x, w, b, out):
-        for r in numba.prange(x.shape[0]):
-            row(x, w, b, out, r)
-
-    return serial, parallel
+    return with_cache(_layernorm_forward.compile()), with_cache(
+        _layernorm_forward.compile_parallel()
+    )
 
 
 def operands(batch, M, K, N, layout, rng):
@@ -199,13 +186,8 @@ def main() -> None:
         print(json.dumps(res))
         return
     for n in a.threads:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-        }
-        env.update(OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n), NUMBA_NUM_THREADS=str(n))
-        env.update(NUMBA_THREADING_LAYER="omp")
+        env = own_kernel_env(n)
+        env.update(NUMBA_NUM_THREADS=str(n), NUMBA_THREADING_LAYER="omp")
         argv = [
             sys.executable,
             __file__,
