@@ -13,6 +13,7 @@ from hpc_llm.bench.calibrate import (
     _bandwidth,
     _median_figures,
     bf16_gemm_rates,
+    collective_calls,
     link_figures,
 )
 from hpc_llm.plan.cluster import MEASURED
@@ -86,6 +87,22 @@ def test_link_figures_write_tables_the_planner_reads():
         == pytest.approx(fig["collectives"]["p2p"]["4096"], rel=1e-5),
         f"read back: {link}",
     )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parallel(nprocs=2)
+def test_p2p_is_timed_both_ways_as_a_pipeline_exchanges():
+    """The pipeline's combined steps send an activation forward while a gradient comes back: calibrate's p2p makes
+    that exchange, one message each way (a one-way message would price the step's trains at twice their rate)."""
+    from pytest_mpi.parallel_assert import parallel_assert
+
+    from hpc_llm.parallel.comm import world_comm
+
+    comm = world_comm()
+    comm.ledger.reset()
+    collective_calls(comm, 1 << 12)["p2p"]()
+    sent, got = comm.ledger.bytes["world.p2p_send"], comm.ledger.bytes["world.p2p_recv"]
+    parallel_assert(sent == got == 1 << 12, f"rank {comm.rank}: sent {sent} B, received {got} B")
 
 
 def test_bf16_gemm_figure_written_exactly_where_onednn_runs_bf16(monkeypatch):
