@@ -95,12 +95,11 @@ shape() {
         return
     fi
     bps=$(rate_bps "$rate")
-    # tbf's bucket: 100 us of traffic, at least 16000 B (ten full-size frames); tbf cuts a bigger GSO packet into
-    # frames that fit. A link of a rate never sends faster than it; a bucket refilled during a pause lets the next
-    # message's first bucketful leave at the veth's speed: with a 1 ms bucket (64 KiB at least) a 0.34 MB tp
-    # allreduce a millisecond of compute after the last took 1.9 ms at 1gbit where a train of them took 3.6 (the
-    # rate allows 2.7), so no calibration by trains could price it; with 16000 B both take 4.0-4.5. Below ~16 KB
-    # tbf's timer fires every frame or two and the link falls short of its rate (4000 B: 55% at 1gbit).
+    # tbf's bucket: 100 us of traffic, at least 16000 B (ten full-size frames; tbf cuts a bigger GSO packet into
+    # frames that fit). A link never sends faster than its rate, but a bucket refills while the link is idle and
+    # lets the next message's first bucketful leave at the veth's speed: a larger one (1 ms, 64 KiB) sent a 0.34 MB
+    # allreduce made after a pause twice as fast as the same calls back to back. Much below 16 KB tbf's timer fires
+    # every frame or two and the link falls short of its rate (docs/vcluster.md, "Why the bucket is small").
     burst=$((bps / 8 / 10000))
     [ "$burst" -lt 16000 ] && burst=16000
     try "shape $dev${ns:+ in $ns} to $rate" \
