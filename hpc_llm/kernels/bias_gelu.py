@@ -14,7 +14,6 @@ import math
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels import pool
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
@@ -60,14 +59,12 @@ def bias_gelu_forward(x, b=None):
 def _gelu_pool(x):
     """The twin's passes with the shared pool on: those before and after the tanh fused into one parallel kernel
     each (the same float32 operations in the same order: bitwise the twin's), NumPy's vectorised tanh between
-    them, split over the pool's threads on large arrays (pool.run_split)."""
+    them on this thread (split over Python threads it waited for the pool's OpenMP thread, which spins on the
+    other core after each parallel region)."""
     out, t = np.empty_like(x), np.empty_like(x)
     xf, tf, c3, c, _, _, one, half = x.reshape(-1), t.reshape(-1), *_consts(x.dtype)
     _gelu_inner(xf, tf, c3, c)
-    if x.size >= pool.SPLIT_MIN_ELEMENTS:
-        pool.run_split(lambda a, b: np.tanh(tf[a:b], out=tf[a:b]), x.size)
-    else:
-        np.tanh(tf, out=tf)
+    np.tanh(tf, out=tf)
     _gelu_outer(xf, tf, out.reshape(-1), one, half)
     return out, t
 

@@ -1,22 +1,20 @@
-"""NumPy's own passes over a layer's rows as pool kernels: a bias added to every row, sums over the rows (a bias's
-gradient, LayerNorm's weight gradients), the embedding's scatter-add into token rows; and the float64 row sum with 8
-accumulators the row kernels share.
+"""NumPy's own passes over a layer's rows as pool kernels: a bias added to every row, the embedding's scatter-add
+into token rows; and the float64 row sums over 8 running sums the row kernels share.
 
-NumPy runs these on one core while the shared pool's other threads wait (kernels/pool.py). The compiled kernels do
-NumPy's arithmetic in NumPy's order, so they are bitwise its passes: a row add is one addition per element; NumPy sums
-a C-contiguous (N, C) array over axis 0 (and einsum "ni,ni->i") row after row into each column, and `add.at` adds
-its rows in index order, which the kernels keep, splitting the columns over the threads. With the pool off they
-are not used (`auto="pool"`): serial, they measured no faster than NumPy's passes.
+NumPy runs these passes on one core while the shared pool's other threads wait (kernels/pool.py). The compiled
+kernels do NumPy's arithmetic in NumPy's order, so they are bitwise its passes: a row add is one addition per
+element, and `add.at` adds its rows in index order, which the kernel keeps, splitting the columns over the threads.
+With the pool off they are not used (`auto="pool"`). (Sums over rows, a bias's gradient, stay NumPy's: as a pool
+kernel, NumPy's order kept, they ran no faster on 2 threads at 6x384's shapes, bound by memory.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
-# columns per parallel iteration of a sum over rows: a block's running sums stay in L1 while the rows stream by
+# columns per parallel iteration of the scatter-add: a block of a table row stays in L1 while the rows stream by
 COLUMN_BLOCK = 64
 
 
@@ -104,50 +102,6 @@ def _add_rows(x, b):
     for r in prange(N):
         for j in range(C):
             x[r, j] += b[j]
-
-
-def column_sums_into(x2, out, accumulate: bool, y2=None) -> None:
-    """out (=|+=) the sum of x2's rows (N, C) -> (C,), or with y2 of x2 * y2's (einsum "ni,ni->i"); bitwise NumPy's."""
-    dot = y2 is not None
-    same = out.dtype == x2.dtype and (not dot or y2.dtype == x2.dtype)
-    if x2.ndim == 2 and same and _pool_2d(_column_sums, x2, out, y2 if dot else x2):
-        s = np.empty_like(out) if accumulate else out
-        _column_sums(x2, y2 if dot else x2, dot, s)
-        if accumulate:
-            out += s
-        return
-    if dot:
-        xp = array_module(x2)
-        s = xp.einsum("ni,ni->i", x2, y2)
-        if accumulate:
-            out += s
-        else:
-            out[...] = s
-    elif accumulate:
-        out += x2.sum(axis=0)
-    else:
-        x2.sum(axis=0, out=out)
-
-
-@kernel(auto="pool", pool=True)
-def _column_sums(x, y, dot, out):
-    N, C = x.shape
-    nb = (C + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-    for blk in prange(nb):
-        a = blk * COLUMN_BLOCK
-        b = min(a + COLUMN_BLOCK, C)
-        if dot:
-            for j in range(a, b):
-                out[j] = 0.0
-            for r in range(N):
-                for j in range(a, b):
-                    out[j] += x[r, j] * y[r, j]
-        else:
-            for j in range(a, b):
-                out[j] = x[0, j]
-            for r in range(1, N):
-                for j in range(a, b):
-                    out[j] += x[r, j]
 
 
 def scatter_add_rows_(table, idx, rows) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels import pool
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 from hpc_llm.kernels.rows import dot_lanes, sum_lanes
 
@@ -41,15 +40,12 @@ def causal_softmax_(att):
 
 def _causal_softmax_pool(att):
     """With the shared pool on: the mask and the row maxima in one parallel pass, NumPy's vectorised exp (the
-    twin's, on the same arguments: the same values; split over the pool's threads on large arrays), then the row
+    twin's, on the same arguments: the same values), then the row
     sums (float64, as the compiled kernel's) and the scaling in a second parallel pass."""
     Tq, Tk = att.shape[-2], att.shape[-1]
-    a3, flat = att.reshape(-1, Tq, Tk), att.reshape(-1)
+    a3 = att.reshape(-1, Tq, Tk)
     _shift_rows(a3, Tk - Tq)
-    if att.size >= pool.SPLIT_MIN_ELEMENTS:
-        pool.run_split(lambda a, b: np.exp(flat[a:b], out=flat[a:b]), att.size)
-    else:
-        np.exp(att, out=att)
+    np.exp(att, out=att)
     _scale_rows(a3, Tk - Tq)
     return att
 

@@ -72,20 +72,15 @@ def test_parallel_kernels_bitwise_serial(pool_on):
     assert layernorm._layernorm_forward.parallel is not None, "the parallel variants ran"
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_pool_passes_bitwise_numpy(pool_on, monkeypatch, split):
-    """The pool kernels that replace NumPy's own passes (GELU's around its tanh, split or not; the residual add,
-    bias add, sums over rows, the embedding's scatter-add): with the pool on, bitwise NumPy's results with it off,
-    on sizes past "auto"'s cut-over that split unevenly."""
-    monkeypatch.setattr(pool, "SPLIT_MIN_ELEMENTS", 0 if split else 1 << 30)
+def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
+    """The pool kernels that replace NumPy's own passes (GELU's around its tanh, the residual add, the bias add,
+    the embedding's scatter-add): with the pool on, bitwise NumPy's results with it off, on sizes past "auto"'s
+    cut-over that split unevenly."""
     monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
-    calls, real = [], pool.run_split
-    monkeypatch.setattr(pool, "run_split", lambda *args: calls.append(1) or real(*args))
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((37, 1001)) * 3).astype(np.float32)
     (out, t), (ref, ref_t) = pool_on(bias_gelu.gelu_forward, x)
     assert np.array_equal(out, ref) and np.array_equal(t, ref_t)
-    assert calls == ([1] if split else []), "split with the pool on only"
     got, ref = pool_on(bias_gelu.gelu_tanh, x)
     assert np.array_equal(got, t) and np.array_equal(ref, t), "recompute: bitwise forward's"
     a, b = rng.standard_normal(x.shape).astype(np.float32), x[0].copy()
@@ -93,17 +88,13 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch, split):
     assert np.array_equal(got, ref) and np.array_equal(ref, x + a)
     got, ref = pool_on(rows.add_rows_, x, b)
     assert np.array_equal(got, ref) and np.array_equal(ref, x + b)
-    for y, acc in ((None, False), (a, False), (a, True)):
-        got, ref = pool_on(lambda o: rows.column_sums_into(x, o, acc, y) or o, b)
-        want = b + (x * a).sum(axis=0) if acc else (x.sum(axis=0) if y is None else None)
-        assert np.array_equal(got, ref) and (want is None or np.array_equal(ref, want))
     idx = rng.integers(0, 40, x.shape[0])
     table = rng.standard_normal((40, x.shape[1])).astype(np.float32)
     got, ref = pool_on(lambda tab: rows.scatter_add_rows_(tab, idx, x) or tab, table)
     want = table.copy()
     np.add.at(want, idx, x)
     assert np.array_equal(got, ref) and np.array_equal(ref, want)
-    assert rows._column_sums.parallel is not None, "the parallel variants ran"
+    assert rows._scatter_add_rows.parallel is not None, "the parallel variants ran"
 
 
 def test_causal_softmax_pool_within_bound(pool_on):
