@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hpc_llm.kernels import (
+    adamw,
     bias_gelu,
     cross_entropy,
     dispatch,
@@ -69,6 +70,16 @@ def test_parallel_kernels_bitwise_serial(pool_on):
     assert np.array_equal(got, ref)
     got, ref = pool_on(cross_entropy.normalize_rows_, probs, probs.sum(axis=1))
     assert np.array_equal(got, ref)
+    p, g, m = (rng.standard_normal(3000).astype(np.float32) for _ in range(3))
+    segments = [(0, 1000, 0, True), (1000, 1700, 1000, False), (2000, 3000, 1700, True)]
+    coef = dict(keep=0.999, g1=0.07, g2=0.0005, eps=3e-10, step=3e-3)
+
+    def adam(p, g, m, v):
+        adamw.adamw_update(p, g, m, v, segments, coef, 0.9, 0.999)
+        return p, m, v
+
+    got, ref = pool_on(adam, p, g, m, rng.random(3000).astype(np.float32))
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref))
     assert layernorm._layernorm_forward.parallel is not None, "the parallel variants ran"
 
 
