@@ -1,9 +1,11 @@
 """NumPy's own passes over a layer's rows as pool kernels: a bias added to every row, the embedding's scatter-add
-into token rows; and the float64 row sums over 8 running sums the row kernels share.
+into token rows, attention's copies between positions and heads; and the float64 row sums over 8 running sums the row
+kernels share.
 
 NumPy runs these passes on one core while the shared pool's other threads wait (kernels/pool.py). The compiled
 kernels do NumPy's arithmetic in NumPy's order, so they are bitwise its passes: a row add is one addition per
-element, and `add.at` adds its rows in index order, which the kernel keeps, splitting the columns over the threads.
+element, `add.at` adds its rows in index order, which the kernel keeps, splitting the columns over the threads, and
+a copy is a copy (the scaling of q folded into it is the same one multiplication).
 With the pool off they are not used (`auto="pool"`). (Sums over rows, a bias's gradient, stay NumPy's: as a pool
 kernel, NumPy's order kept, they ran no faster on 2 threads at 6x384's shapes, bound by memory.)
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 # columns per parallel iteration of the scatter-add: a block of a table row stays in L1 while the rows stream by
@@ -129,3 +132,63 @@ def _scatter_add_rows(table, idx, rows):
             t = idx[i]
             for j in range(a, b):
                 table[t, j] += rows[i, j]
+
+
+def to_heads(x, n_head: int, parts: int, scale0: float = 1.0):
+    """(B, T, parts * n_head * hd) -> one contiguous (parts, B, n_head, T, hd) copy, part 0 multiplied by scale0 (1:
+    a plain copy; else NumPy's `part *= scale0` after the copy, bitwise)."""
+    xp = array_module(x)
+    B, T, width = x.shape
+    src = x.reshape(B, T, parts, n_head, width // parts // n_head)
+    if compiled(_to_heads, x) and x.dtype.kind == "f" and x.dtype.itemsize >= 4:
+        out = np.empty((parts, B, n_head, T, src.shape[-1]), x.dtype)
+        _to_heads(src, out, _part_scales(parts, scale0, x.dtype))
+        return out
+    out = xp.ascontiguousarray(src.transpose(2, 0, 3, 1, 4))
+    if scale0 != 1.0:
+        out[0] *= scale0
+    return out
+
+
+def from_heads(xh, scale0: float = 1.0):
+    """(parts, B, n_head, T, hd) -> one contiguous (B, T, parts * n_head * hd) copy, part 0 multiplied by scale0 as
+    to_heads does."""
+    xp = array_module(xh)
+    P, B, H, T, hd = xh.shape
+    if compiled(_from_heads, xh) and xh.dtype.kind == "f" and xh.dtype.itemsize >= 4:
+        out = np.empty((B, T, P, H, hd), xh.dtype)
+        _from_heads(xh, out, _part_scales(P, scale0, xh.dtype))
+        return out.reshape(B, T, P * H * hd)
+    if scale0 != 1.0:
+        xh[0] *= scale0
+    return xp.ascontiguousarray(xh.transpose(1, 3, 0, 2, 4)).reshape(B, T, P * H * hd)
+
+
+def _part_scales(parts: int, scale0: float, dtype):
+    s = np.ones(parts, dtype)
+    s[0] = scale0
+    return s
+
+
+@kernel(auto="pool", pool=True)
+def _to_heads(src, out, scale):
+    B, T, P, H, hd = src.shape
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for p in range(P):
+            s = scale[p]
+            for h in range(H):
+                for e in range(hd):
+                    out[p, b, h, t, e] = src[b, t, p, h, e] * s
+
+
+@kernel(auto="pool", pool=True)
+def _from_heads(src, out, scale):
+    B, T, P, H, hd = out.shape
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for p in range(P):
+            s = scale[p]
+            for h in range(H):
+                for e in range(hd):
+                    out[b, t, p, h, e] = src[p, b, h, t, e] * s

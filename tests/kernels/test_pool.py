@@ -105,7 +105,21 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
     want = table.copy()
     np.add.at(want, idx, x)
     assert np.array_equal(got, ref) and np.array_equal(ref, want)
+    qkv = rng.standard_normal((3, 50, 3 * 4 * 24)).astype(np.float32)
+    got, ref = pool_on(rows.to_heads, qkv, 4, 3, 0.3)
+    assert np.array_equal(got, ref) and got.flags.c_contiguous and got.shape == (3, 3, 4, 50, 24)
+    assert np.array_equal(
+        pool_on(rows.from_heads, got, 0.7)[0], pool_on(rows.from_heads, got, 0.7)[1]
+    )
+    assert np.array_equal(pool_on(rows.from_heads, got)[0], qkv[:, :, :] * ref_scale(qkv, 0.3))
     assert rows._scatter_add_rows.parallel is not None, "the parallel variants ran"
+
+
+def ref_scale(qkv, s):
+    """The factor to_heads applies to each column of a (B, T, 3C) array: s on q's columns, 1 elsewhere."""
+    f = np.ones(qkv.shape[-1], np.float32)
+    f[: qkv.shape[-1] // 3] = s
+    return f
 
 
 def test_causal_softmax_pool_within_bound(pool_on):
