@@ -173,13 +173,13 @@ def _part_scales(parts: int, scale0: float, dtype):
 @kernel(auto="pool", pool=True)
 def _to_heads(src, out, scale):
     B, T, P, H, hd = src.shape
-    for bt in prange(B * T):
-        b, t = bt // T, bt % T
-        for p in range(P):
-            s = scale[p]
-            for h in range(H):
-                for e in range(hd):
-                    out[p, b, h, t, e] = src[b, t, p, h, e] * s
+    # each iteration writes one head's (T, hd) block, contiguous
+    for pbh in prange(P * B * H):
+        p, b, h = pbh // (B * H), pbh // H % B, pbh % H
+        s = scale[p]
+        for t in range(T):
+            for e in range(hd):
+                out[p, b, h, t, e] = src[b, t, p, h, e] * s
 
 
 @kernel(auto="pool", pool=True)
