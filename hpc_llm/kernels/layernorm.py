@@ -2,8 +2,8 @@
 
 The compiled forward and B take a row at a time and accumulate a row's sums in float64 over several running sums
 (the twin sums pairwise in the input's dtype): both are within a few units of the input dtype's roundoff of the exact
-row statistics, the bound tests/kernels states. W (sums over rows) stays NumPy's (BLAS-like reductions, fast as they
-are).
+row statistics, the bound tests/kernels states. W (sums over rows): NumPy's, or with the shared pool NumPy's order on
+its threads (kernels/rows.py, bitwise).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
-from hpc_llm.kernels.rows import sum_lanes, sumsq_lanes
+from hpc_llm.kernels.rows import column_sums_into, sum_lanes, sumsq_lanes
 
 LN_EPS = 1e-5
 
@@ -133,15 +133,8 @@ def _layernorm_backward_input(dout, xhat, rstd, w, dx):
 
 def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
     """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias)."""
-    xp = array_module(dout)
     C = dout.shape[-1]
     d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
-    if accumulate:
-        dw += xp.einsum("ni,ni->i", d2, x2)
-    else:
-        dw[...] = xp.einsum("ni,ni->i", d2, x2)
+    column_sums_into(d2, dw, accumulate, x2)
     if db is not None:
-        if accumulate:
-            db += d2.sum(axis=0)
-        else:
-            d2.sum(axis=0, out=db)
+        column_sums_into(d2, db, accumulate)

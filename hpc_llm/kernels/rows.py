@@ -1,13 +1,14 @@
-"""NumPy's own passes over a layer's rows as pool kernels: a bias added to every row, the embedding's scatter-add
-into token rows, attention's copies between positions and heads; and the float64 row sums over 8 running sums the row
+"""NumPy's own passes over a layer's rows as pool kernels: a bias added to every row, sums over the rows (a bias's
+gradient, LayerNorm's weight gradients), the embedding's scatter-add into token rows, attention's copies between
+positions and heads; and the float64 row sums over 8 running sums the row
 kernels share.
 
 NumPy runs these passes on one core while the shared pool's other threads wait (kernels/pool.py). The compiled
 kernels do NumPy's arithmetic in NumPy's order, so they are bitwise its passes: a row add is one addition per
-element, `add.at` adds its rows in index order, which the kernel keeps, splitting the columns over the threads, and
-a copy is a copy (the scaling of q folded into it is the same one multiplication).
-With the pool off they are not used (`auto="pool"`). (Sums over rows, a bias's gradient, stay NumPy's: as a pool
-kernel, NumPy's order kept, they ran no faster on 2 threads at 6x384's shapes, bound by memory.)
+element; NumPy sums a C-contiguous (N, C) array over axis 0 (and einsum "ni,ni->i") row after row into each column,
+and `add.at` adds its rows in index order, which the kernels keep, splitting the columns over the threads; and a
+copy is a copy (the scaling of q folded into it is the same one multiplication).
+With the pool off they are not used (`auto="pool"`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
-# columns per parallel iteration of the scatter-add: a block of a table row stays in L1 while the rows stream by
+# columns per parallel iteration of a sum over rows or the scatter-add: a block's sums stay in L1 as the rows stream by
 COLUMN_BLOCK = 64
 
 
@@ -105,6 +106,51 @@ def _add_rows(x, b):
     for r in prange(N):
         for j in range(C):
             x[r, j] += b[j]
+
+
+def column_sums_into(x2, out, accumulate: bool, y2=None) -> None:
+    """out (=|+=) the sum of x2's rows (N, C) -> (C,), or with y2 that of x2 * y2 (einsum "ni,ni->i"); bitwise
+    NumPy's."""
+    dot = y2 is not None
+    same = out.dtype == x2.dtype and (not dot or y2.dtype == x2.dtype)
+    if x2.ndim == 2 and same and _pool_2d(_column_sums, x2, out, y2 if dot else x2):
+        s = np.empty_like(out) if accumulate else out
+        _column_sums(x2, y2 if dot else x2, dot, s)
+        if accumulate:
+            out += s
+    elif dot:
+        s = array_module(x2).einsum("ni,ni->i", x2, y2)
+        if accumulate:
+            out += s
+        else:
+            out[...] = s
+    elif accumulate:
+        out += x2.sum(axis=0)
+    else:
+        x2.sum(axis=0, out=out)
+
+
+@kernel(auto="pool", pool=True)
+def _column_sums(x, y, dot, out):
+    N, C = x.shape
+    for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        a = blk * COLUMN_BLOCK
+        b = min(a + COLUMN_BLOCK, C)
+        # the block's running sums in a local array (into `out` itself, each add would wait on the last store);
+        # NumPy's order: the first row, then each next one added (einsum: from zero)
+        if dot:
+            acc = np.zeros(b - a, out.dtype)
+            for r in range(N):
+                xr, yr = x[r, a:b], y[r, a:b]
+                for j in range(b - a):
+                    acc[j] += xr[j] * yr[j]
+        else:
+            acc = x[0, a:b].copy()
+            for r in range(1, N):
+                xr = x[r, a:b]
+                for j in range(b - a):
+                    acc[j] += xr[j]
+        out[a:b] = acc
 
 
 def scatter_add_rows_(table, idx, rows) -> None:

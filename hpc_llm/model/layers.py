@@ -40,7 +40,7 @@ from hpc_llm.kernels.layernorm import (  # noqa: F401
     layernorm_forward,
 )
 from hpc_llm.kernels.rounding import sum_rows_low
-from hpc_llm.kernels.rows import add_rows_, scatter_add_rows_
+from hpc_llm.kernels.rows import add_rows_, column_sums_into, scatter_add_rows_
 from hpc_llm.kernels.softmax import causal_mask, causal_softmax_, softmax_backward_  # noqa: F401
 from hpc_llm.model.precision import FP32, Precision
 
@@ -61,10 +61,8 @@ def _sum_rows_into(x2d, out, accumulate: bool) -> None:
         summed = sum_rows_low(x2d, out if not accumulate else np.empty_like(out))
         if accumulate:
             out += summed
-    elif accumulate:
-        out += x2d.sum(axis=0)
     else:
-        x2d.sum(axis=0, out=out)
+        column_sums_into(x2d, out, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

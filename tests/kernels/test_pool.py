@@ -85,8 +85,8 @@ def test_parallel_kernels_bitwise_serial(pool_on):
 
 def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
     """The pool kernels that replace NumPy's own passes (GELU's around its tanh, the residual add, the bias add,
-    the embedding's scatter-add): with the pool on, bitwise NumPy's results with it off, on sizes past "auto"'s
-    cut-over that split unevenly."""
+    sums over rows, the embedding's scatter-add): with the pool on, bitwise NumPy's results with it off, on sizes
+    past "auto"'s cut-over that split unevenly."""
     monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((37, 1001)) * 3).astype(np.float32)
@@ -99,6 +99,10 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
     assert np.array_equal(got, ref) and np.array_equal(ref, x + a)
     got, ref = pool_on(rows.add_rows_, x, b)
     assert np.array_equal(got, ref) and np.array_equal(ref, x + b)
+    for y, acc in ((None, False), (a, False), (a, True)):
+        got, ref = pool_on(lambda o: rows.column_sums_into(x, o, acc, y) or o, b)
+        assert np.array_equal(got, ref)
+    assert np.array_equal(ref, b + np.einsum("ni,ni->i", x, a))
     idx = rng.integers(0, 40, x.shape[0])
     table = rng.standard_normal((40, x.shape[1])).astype(np.float32)
     got, ref = pool_on(lambda tab: rows.scatter_add_rows_(tab, idx, x) or tab, table)
