@@ -1,7 +1,6 @@
 """NumPy's own passes over a layer's rows as pool kernels: a bias added to every row, sums over the rows (a bias's
 gradient, LayerNorm's weight gradients), the embedding's scatter-add into token rows, attention's copies between
-positions and heads; and the float64 row sums over 8 running sums the row
-kernels share.
+positions and heads; and the float64 row sums over 8 running sums the row kernels share.
 
 NumPy runs these passes on one core while the shared pool's other threads wait (kernels/pool.py). The compiled
 kernels do NumPy's arithmetic in NumPy's order, so they are bitwise its passes: a row add is one addition per
