@@ -14,7 +14,6 @@ import math
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels import pool
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
@@ -52,16 +51,35 @@ def bias_gelu_forward(x, b=None):
         return out, t
     if b is not None:
         x += b
-    if (
-        type(x) is np.ndarray
-        and _flat(x)
-        and x.size >= pool.SPLIT_MIN_ELEMENTS
-        and pool.pool_threads() > 1
-    ):
-        out, t = np.empty_like(x), np.empty_like(x)
-        pool.run_split(lambda a, b: _gelu_range(np, x, out, t, a, b), x.size)
-        return out, t
+    if compiled(_gelu_inner, x) and _flat(x):
+        return _gelu_pool(x)
     return gelu_forward_numpy(x)
+
+
+def _gelu_pool(x):
+    """The twin's passes with the shared pool on: those before and after the tanh fused into one parallel kernel
+    each (the same float32 operations in the same order: bitwise the twin's), NumPy's vectorised tanh between
+    them on this thread (split over Python threads it waited for the pool's OpenMP thread, which spins on the
+    other core after each parallel region)."""
+    out, t = np.empty_like(x), np.empty_like(x)
+    xf, tf, c3, c, _, _, one, half = x.reshape(-1), t.reshape(-1), *_consts(x.dtype)
+    _gelu_inner(xf, tf, c3, c)
+    np.tanh(tf, out=tf)
+    _gelu_outer(xf, tf, out.reshape(-1), one, half)
+    return out, t
+
+
+@kernel(auto="pool", pool=True)
+def _gelu_inner(x, t, c3, c):
+    for i in prange(x.size):
+        xs = x[i]
+        t[i] = (xs * xs * c3 + c) * xs
+
+
+@kernel(auto="pool", pool=True)
+def _gelu_outer(x, t, out, one, half):
+    for i in prange(x.size):
+        out[i] = (t[i] + one) * x[i] * half
 
 
 def gelu_forward(x, b=None):

@@ -1,7 +1,7 @@
 """A branch's dropout and the residual add after it: x += a * keep * scale, in one pass.
 
 Compiled: the twin's arithmetic element by element in the same order (a * keep is exact, then the scale, then the
-add), so the two are bitwise equal.
+add), so the two are bitwise equal; without dropout the plain add, on the shared pool's threads (kernels/pool.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
     ):
         _dropout_residual(x.reshape(-1), a.reshape(-1), keep.reshape(-1), x.dtype.type(scale))
         return x
+    if keep is None and flat and a.dtype == x.dtype and compiled(_residual_add, x, a):
+        _residual_add(x.reshape(-1), a.reshape(-1))
+        return x
     return dropout_residual_numpy(x, a, keep, scale)
 
 
@@ -48,3 +51,9 @@ def dropout_residual_numpy(x, a, keep=None, scale: float = 1.0, bias=None):
 def _dropout_residual(x, a, keep, scale):
     for i in prange(x.size):
         x[i] += a[i] * keep[i] * scale
+
+
+@kernel(auto="pool", pool=True)
+def _residual_add(x, a):
+    for i in prange(x.size):
+        x[i] += a[i]

@@ -1,8 +1,9 @@
 """LayerNorm over the last axis: forward, and backward's input part (B) and weight part (W).
 
-The compiled forward and B take a row at a time and accumulate a row's sums in float64 (the twin sums pairwise in
-the input's dtype): both are within a few units of the input dtype's roundoff of the exact row statistics, the bound
-tests/kernels states. W (sums over rows) stays NumPy's (BLAS-like reductions, fast as they are).
+The compiled forward and B take a row at a time and accumulate a row's sums in float64 over several running sums
+(the twin sums pairwise in the input's dtype): both are within a few units of the input dtype's roundoff of the exact
+row statistics, the bound tests/kernels states. W (sums over rows): NumPy's, or with the shared pool NumPy's order on
+its threads (kernels/rows.py, bitwise).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rows import column_sums_into, sum_lanes, sumsq_lanes
 
 LN_EPS = 1e-5
 
@@ -55,15 +57,8 @@ def layernorm_forward_numpy(x, w, b):
 def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
     N, C = x.shape
     for r in prange(N):
-        s = 0.0
-        for i in range(C):
-            s += x[r, i]
-        mean = s / C
-        ss = 0.0
-        for i in range(C):
-            d = x[r, i] - mean
-            ss += d * d
-        rs = 1.0 / np.sqrt(ss / C + LN_EPS)
+        mean = sum_lanes(x[r], C) / C
+        rs = 1.0 / np.sqrt(sumsq_lanes(x[r], C, mean) / C + LN_EPS)
         rstd[r, 0] = rs
         for i in range(C):
             h = (x[r, i] - mean) * rs
@@ -109,9 +104,22 @@ def layernorm_backward_input_numpy(dout, cache, w):
 def _layernorm_backward_input(dout, xhat, rstd, w, dx):
     N, C = dout.shape
     for r in prange(N):
-        sd = 0.0
-        sdx = 0.0
-        for i in range(C):
+        # the row's sums over 4 running sums each (a single one waits on the add's latency)
+        sd0 = sd1 = sd2 = sd3 = sx0 = sx1 = sx2 = sx3 = 0.0
+        m = C - C % 4
+        for i in range(0, m, 4):
+            d0, d1 = dout[r, i] * w[i], dout[r, i + 1] * w[i + 1]
+            d2, d3 = dout[r, i + 2] * w[i + 2], dout[r, i + 3] * w[i + 3]
+            sd0 += d0
+            sd1 += d1
+            sd2 += d2
+            sd3 += d3
+            sx0 += d0 * xhat[r, i]
+            sx1 += d1 * xhat[r, i + 1]
+            sx2 += d2 * xhat[r, i + 2]
+            sx3 += d3 * xhat[r, i + 3]
+        sd, sdx = (sd0 + sd1) + (sd2 + sd3), (sx0 + sx1) + (sx2 + sx3)
+        for i in range(m, C):
             d = dout[r, i] * w[i]
             sd += d
             sdx += d * xhat[r, i]
@@ -125,15 +133,8 @@ def _layernorm_backward_input(dout, xhat, rstd, w, dx):
 
 def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
     """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias)."""
-    xp = array_module(dout)
     C = dout.shape[-1]
     d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
-    if accumulate:
-        dw += xp.einsum("ni,ni->i", d2, x2)
-    else:
-        dw[...] = xp.einsum("ni,ni->i", d2, x2)
+    column_sums_into(d2, dw, accumulate, x2)
     if db is not None:
-        if accumulate:
-            db += d2.sum(axis=0)
-        else:
-            d2.sum(axis=0, out=db)
+        column_sums_into(d2, db, accumulate)

@@ -16,15 +16,10 @@ thread), or "off". HPC_LLM_KERNELS=numpy turns it off too (the twins everywhere)
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from hpc_llm.kernels.dispatch import env_choice, kernels_choice
 
 CHOICES = ("auto", "on", "off")
-# a NumPy twin's elementwise passes split over the pool's threads (run_split) on arrays of at least this many
-# elements: GELU's forward at 6x384 (2048 x 1536) took 2.1 against 5.9 ms on 2 threads, at shakespeare-char
-# (768 x 512) the same as on one (scripts/bench/bench_pool.py)
-SPLIT_MIN_ELEMENTS = 1 << 20
 _state: dict = {}
 
 
@@ -74,14 +69,3 @@ def pool_threads() -> int:
                 _state["threads"] = n
                 set_openblas_threads(1)
     return _state["threads"]
-
-
-def run_split(fn, n: int) -> None:
-    """fn(start, stop) over [0, n) cut into one contiguous range per pool thread, the ranges run at once on Python
-    threads (NumPy's passes release the GIL; the OpenMP team is idle between products); returns when all are done,
-    raising the first error."""
-    parts = max(1, pool_threads())
-    if "executor" not in _state:
-        _state["executor"] = ThreadPoolExecutor(parts, thread_name_prefix="pool")
-    cuts = [n * i // parts for i in range(parts + 1)]
-    list(_state["executor"].map(fn, cuts[:-1], cuts[1:]))

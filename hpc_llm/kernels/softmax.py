@@ -12,6 +12,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rows import dot_lanes, sum_lanes
 
 _MASKS: dict = {}
 
@@ -32,7 +33,47 @@ def causal_softmax_(att):
         Tq, Tk = att.shape[-2], att.shape[-1]
         _causal_softmax(att.reshape(-1, Tq, Tk), Tk - Tq)
         return att
+    if compiled(_shift_rows, att) and att.flags.c_contiguous:
+        return _causal_softmax_pool(att)
     return causal_softmax_numpy_(att)
+
+
+def _causal_softmax_pool(att):
+    """With the shared pool on: the mask and the row maxima in one parallel pass, NumPy's vectorised exp (the
+    twin's, on the same arguments: the same values), then the row
+    sums (float64, as the compiled kernel's) and the scaling in a second parallel pass."""
+    Tq, Tk = att.shape[-2], att.shape[-1]
+    a3 = att.reshape(-1, Tq, Tk)
+    _shift_rows(a3, Tk - Tq)
+    np.exp(att, out=att)
+    _scale_rows(a3, Tk - Tq)
+    return att
+
+
+@kernel(auto="pool", pool=True)
+def _shift_rows(att, offset):
+    G, Tq, Tk = att.shape
+    for gi in prange(G * Tq):
+        g, i = gi // Tq, gi % Tq
+        n = min(Tk, i + offset + 1)
+        mx = att[g, i, 0]
+        for j in range(1, n):
+            mx = max(mx, att[g, i, j])
+        for j in range(n):
+            att[g, i, j] -= mx
+        for j in range(n, Tk):
+            att[g, i, j] = -np.inf
+
+
+@kernel(auto="pool", pool=True)
+def _scale_rows(att, offset):
+    G, Tq, Tk = att.shape
+    for gi in prange(G * Tq):
+        g, i = gi // Tq, gi % Tq
+        n = min(Tk, i + offset + 1)
+        inv = 1.0 / sum_lanes(att[g, i], n)
+        for j in range(n):
+            att[g, i, j] = att[g, i, j] * inv
 
 
 def causal_softmax_numpy_(att):
@@ -96,15 +137,13 @@ def softmax_backward_numpy_(datt, att, keep=None, scale: float = 1.0):
     return datt
 
 
-@kernel(pool=True)
+@kernel(auto="pool", pool=True)
 def _softmax_backward(datt, att, keep, masked, scale):
     N, K = datt.shape
     for r in prange(N):
         if masked:
             for j in range(K):
                 datt[r, j] = datt[r, j] * keep[r, j] * scale
-        s = 0.0
-        for j in range(K):
-            s += datt[r, j] * att[r, j]
+        s = dot_lanes(datt[r], att[r], K)
         for j in range(K):
             datt[r, j] = (datt[r, j] - s) * att[r, j]

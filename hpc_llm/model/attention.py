@@ -13,17 +13,16 @@ from hpc_llm.kernels import gemm
 from hpc_llm.kernels.attention import attention_dropout
 from hpc_llm.kernels.cuda import device, fused_attention
 from hpc_llm.kernels.gemm import matmul
+from hpc_llm.kernels.rows import from_heads, to_heads
 from hpc_llm.kernels.softmax import causal_softmax_, softmax_backward_
 from hpc_llm.model.layers import DropoutRNG, dropout_mask
 from hpc_llm.model.precision import FP32, Precision
 
 
-def split_heads(qkv, n_head: int):
-    """(B, T, 3C) -> one contiguous (3, B, H, T, hd) copy: q, k, v per head, ready for batched matmul."""
-    xp = array_module(qkv)
-    B, T, C3 = qkv.shape
-    hd = C3 // 3 // n_head
-    return xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4))
+def split_heads(qkv, n_head: int, q_scale: float = 1.0):
+    """(B, T, 3C) -> one contiguous (3, B, H, T, hd) copy: q, k, v per head, ready for batched matmul; q multiplied
+    by q_scale."""
+    return to_heads(qkv, n_head, 3, q_scale)
 
 
 def merge_heads(y):
@@ -66,8 +65,7 @@ def attention_forward(
         return fused_attention.flash_attention_forward(
             xp, qkv, n_head, prec, attention_dropout(rng, dropout)
         )
-    qkvh = split_heads(qkv, n_head)
-    qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
+    qkvh = split_heads(qkv, n_head, 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head))
     held = _reads_low(prec, qkvh)
     if held:  # rounded once, into the kept bf16 copy the products read
         qkvh = prec.keep(qkvh)
@@ -86,7 +84,7 @@ def attention_forward(
     del att, mask, used
     if not keep_probs:
         atts = masks = None
-    return xp.ascontiguousarray(merge_heads(yh)), (qkvh if held else prec.keep(qkvh), atts, masks)
+    return from_heads(yh[None]), (qkvh if held else prec.keep(qkvh), atts, masks)
 
 
 def _dropped(att, mask, prec: Precision, held: bool):
@@ -203,7 +201,7 @@ def attention_backward(
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
-    dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
+    dyh = to_heads(dy, n_head, 1)[0]
     dyh = prec.keep(dyh) if held else prec.round_(dyh)
     dqkvh = xp.empty(qkvh.shape, dtype=dy.dtype)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
@@ -231,5 +229,5 @@ def attention_backward(
             rounded_softmax_backward_(datt, att, mask, prec)
         matmul(datt, k[:, :, :q1], dq[:, :, q0:q1], False, prec)
         matmul(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], not first, prec)
-    dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
-    return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
+    # q was pre-scaled in forward (dq scaled the same way as it is copied); dk used the scaled q, which is right
+    return from_heads(dqkvh, 1.0 / math.sqrt(hd))

@@ -40,6 +40,7 @@ from hpc_llm.kernels.layernorm import (  # noqa: F401
     layernorm_forward,
 )
 from hpc_llm.kernels.rounding import sum_rows_low
+from hpc_llm.kernels.rows import add_rows_, column_sums_into, scatter_add_rows_
 from hpc_llm.kernels.softmax import causal_mask, causal_softmax_, softmax_backward_  # noqa: F401
 from hpc_llm.model.precision import FP32, Precision
 
@@ -60,10 +61,8 @@ def _sum_rows_into(x2d, out, accumulate: bool) -> None:
         summed = sum_rows_low(x2d, out if not accumulate else np.empty_like(out))
         if accumulate:
             out += summed
-    elif accumulate:
-        out += x2d.sum(axis=0)
     else:
-        x2d.sum(axis=0, out=out)
+        column_sums_into(x2d, out, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,7 +92,10 @@ def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bo
     position_embedding_backward(dx, dwpe, accumulate)
     if not accumulate_wte:
         dwte[...] = 0
-    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    if xp is np:
+        scatter_add_rows_(dwte, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    else:
+        xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def linear_forward(x, w, b, prec: Precision = FP32):
     else:
         out = matmul(x2, w, prec=prec)
     if b is not None:
-        out += b
+        add_rows_(out, b)
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 

@@ -360,7 +360,7 @@ class Block:
         df = gelu_backward(dg, f, gt)  # consumes gt
         del f, gt
         dh2 = self.fc.backward_input(df, c.fc, work)
-        dx += self.ln_2.backward_input(dh2, c.ln_2, work)
+        _dropout_residual(dx, self.ln_2.backward_input(dh2, c.ln_2, work), None)
         da = work.keep(dx) if c.attn_mask is None else c.attn_mask.scaled(dx)
         dy = self.attn_proj.backward_input(da, c.attn_proj, work)
         drop, heads_rng = 0.0, None
@@ -370,7 +370,7 @@ class Block:
             heads_rng = dropout_site(rng, self.layer + 1).for_heads(*self.head_range)
         dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng)
         dh1 = self.qkv.backward_input(dqkv, c.qkv, work)
-        dx += self.ln_1.backward_input(dh1, c.ln_1, work)
+        _dropout_residual(dx, self.ln_1.backward_input(dh1, c.ln_1, work), None)
         if self.partials is not None:
             work.add(self.partials.reduce)
         return dx

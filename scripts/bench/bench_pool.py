@@ -135,7 +135,7 @@ def chain_rows(model, repeats, serial, parallel):
 def kernel_rows(model, repeats):
     """Each pool kernel under HPC_LLM_KERNELS=auto (its parallel variant, the pool on) against its NumPy twin, on
     one block's tensors of the model, A B A B in one process."""
-    from hpc_llm.kernels import bias_gelu, cross_entropy, dropout_residual, layernorm, pool, softmax
+    from hpc_llm.kernels import bias_gelu, cross_entropy, dropout_residual, layernorm, softmax
 
     _, C, H, T, B, V = MODELS[model]
     rng, M, q = np.random.default_rng(2), B * T, min(T, 128)
@@ -149,7 +149,7 @@ def kernel_rows(model, repeats):
     calls = {
         "layernorm fwd": lambda: layernorm.layernorm_forward(x, w, w),
         "layernorm bwd": lambda: layernorm.layernorm_backward_input(x, cache, w),
-        "gelu fwd (twin split)": lambda: bias_gelu.gelu_forward(h),
+        "gelu fwd": lambda: bias_gelu.gelu_forward(h),
         "gelu bwd (+ a copy)": lambda: bias_gelu.gelu_backward(h.copy(), h, th.copy()),
         "dropout+residual": lambda: dropout_residual.dropout_residual_(x.copy(), x, keep, 1.1),
         "causal softmax": lambda: softmax.causal_softmax_(att.copy()),
@@ -157,17 +157,15 @@ def kernel_rows(model, repeats):
         "ce normalise": lambda: cross_entropy.normalize_rows_(probs.copy(), probs[:, 0]),
         "ce bwd": lambda: cross_entropy.cross_entropy_backward_(probs.copy(), local, mine, 0.5),
     }
-    rows, split = {}, pool.SPLIT_MIN_ELEMENTS
+    rows = {}
     for name, fn in calls.items():
         t = {"auto": [], "numpy": []}
         for _ in range(2):
             for mode in t:
                 os.environ["HPC_LLM_KERNELS"] = mode
-                # the twins' split over the pool's threads (kernels/pool.run_split) only on the auto side
-                pool.SPLIT_MIN_ELEMENTS = split if mode == "auto" else 1 << 62
                 t[mode].append(median_time(fn, repeats, warmup=2))
         rows[name] = {k: round(1e6 * float(np.median(v))) for k, v in t.items()}
-    os.environ["HPC_LLM_KERNELS"], pool.SPLIT_MIN_ELEMENTS = "auto", split
+    os.environ["HPC_LLM_KERNELS"] = "auto"
     return rows
 
 

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 
@@ -197,6 +198,28 @@ def worker(kind: str, p: dict, precision: str, fifo: str) -> None:
         child.wait()
 
 
+def connect(proc, fifo: str, kind: str):
+    """The worker's two FIFOs, opened once it has said "ready". A worker that exits first (mpiexec refusing to
+    start, an import error) ends the run with one line, not with the driver blocked on its FIFO for ever (holding
+    the cores' lock)."""
+    link: list = []
+
+    def open_and_wait() -> None:
+        link.extend((open(fifo + ".out"), open(fifo + ".cmd", "w")))  # noqa: SIM115 (the worker's life)
+        link.append(link[0].readline().strip())
+
+    waiter = threading.Thread(target=open_and_wait, daemon=True)
+    waiter.start()
+    while waiter.is_alive():
+        waiter.join(0.5)
+        if waiter.is_alive() and proc.poll() is not None:
+            sys.exit(
+                f"bench_torch: the {kind} worker exited (status {proc.returncode}) before it was ready"
+            )
+    assert len(link) == 3 and link[2] == "ready", kind
+    return link[0], link[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torch-python", required=True, help="an interpreter with torch installed")
@@ -245,10 +268,8 @@ def main() -> None:
                 os.mkfifo(fifo + end)
             cmd += ["--fifo", fifo]
             proc = subprocess.Popen(cmd, env=env)
-            link = (open(fifo + ".out"), open(fifo + ".cmd", "w"))  # noqa: SIM115 (the worker's life)
             # one at a time: builds don't overlap
-            assert link[0].readline().strip() == "ready", kind
-            procs[kind] = (proc, *link)
+            procs[kind] = (proc, *connect(proc, fifo, kind))
         times = {k: [] for k in procs}
         for _ in range(args.rounds):
             for kind, (_, answers, asks) in procs.items():

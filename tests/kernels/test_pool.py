@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hpc_llm.kernels import (
+    adamw,
     bias_gelu,
     cross_entropy,
     dispatch,
@@ -14,6 +15,7 @@ from hpc_llm.kernels import (
     gemm,
     layernorm,
     pool,
+    rows,
     softmax,
 )
 
@@ -68,19 +70,72 @@ def test_parallel_kernels_bitwise_serial(pool_on):
     assert np.array_equal(got, ref)
     got, ref = pool_on(cross_entropy.normalize_rows_, probs, probs.sum(axis=1))
     assert np.array_equal(got, ref)
+    p, g, m = (rng.standard_normal(3000).astype(np.float32) for _ in range(3))
+    segments = [(0, 1000, 0, True), (1000, 1700, 1000, False), (2000, 3000, 1700, True)]
+    coef = dict(keep=0.999, g1=0.07, g2=0.0005, eps=3e-10, step=3e-3)
+
+    def adam(p, g, m, v):
+        adamw.adamw_update(p, g, m, v, segments, coef, 0.9, 0.999)
+        return p, m, v
+
+    got, ref = pool_on(adam, p, g, m, rng.random(3000).astype(np.float32))
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref))
     assert layernorm._layernorm_forward.parallel is not None, "the parallel variants ran"
 
 
-def test_gelu_forward_split_bitwise(pool_on, monkeypatch):
-    """GELU's forward twin split over the pool's threads (cut-over 0, an odd size): the one-thread bits."""
-    monkeypatch.setattr(pool, "SPLIT_MIN_ELEMENTS", 0)
-    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")  # the twin: the compiled forward is not in auto
-    calls, real = [], pool.run_split
-    monkeypatch.setattr(pool, "run_split", lambda *args: calls.append(1) or real(*args))
-    x = (np.random.default_rng(5).standard_normal((37, 96)) * 3).astype(np.float32)
+def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
+    """The pool kernels that replace NumPy's own passes (GELU's around its tanh, the residual add, the bias add,
+    sums over rows, the embedding's scatter-add): with the pool on, bitwise NumPy's results with it off, on sizes
+    past "auto"'s cut-over that split unevenly."""
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((37, 1001)) * 3).astype(np.float32)
     (out, t), (ref, ref_t) = pool_on(bias_gelu.gelu_forward, x)
     assert np.array_equal(out, ref) and np.array_equal(t, ref_t)
-    assert calls == [1], "split with the pool on only"
+    got, ref = pool_on(bias_gelu.gelu_tanh, x)
+    assert np.array_equal(got, t) and np.array_equal(ref, t), "recompute: bitwise forward's"
+    a, b = rng.standard_normal(x.shape).astype(np.float32), x[0].copy()
+    got, ref = pool_on(dropout_residual.dropout_residual_, x, a)
+    assert np.array_equal(got, ref) and np.array_equal(ref, x + a)
+    got, ref = pool_on(rows.add_rows_, x, b)
+    assert np.array_equal(got, ref) and np.array_equal(ref, x + b)
+    for y, acc in ((None, False), (a, False), (a, True)):
+        got, ref = pool_on(lambda o: rows.column_sums_into(x, o, acc, y) or o, b)
+        assert np.array_equal(got, ref)
+    assert np.array_equal(ref, b + np.einsum("ni,ni->i", x, a))
+    idx = rng.integers(0, 40, x.shape[0])
+    table = rng.standard_normal((40, x.shape[1])).astype(np.float32)
+    got, ref = pool_on(lambda tab: rows.scatter_add_rows_(tab, idx, x) or tab, table)
+    want = table.copy()
+    np.add.at(want, idx, x)
+    assert np.array_equal(got, ref) and np.array_equal(ref, want)
+    qkv = rng.standard_normal((3, 50, 3 * 4 * 24)).astype(np.float32)
+    got, ref = pool_on(rows.to_heads, qkv, 4, 3, 0.3)
+    assert np.array_equal(got, ref) and got.flags.c_contiguous and got.shape == (3, 3, 4, 50, 24)
+    assert np.array_equal(
+        pool_on(rows.from_heads, got, 0.7)[0], pool_on(rows.from_heads, got, 0.7)[1]
+    )
+    assert np.array_equal(pool_on(rows.from_heads, got)[0], qkv[:, :, :] * ref_scale(qkv, 0.3))
+    assert rows._scatter_add_rows.parallel is not None, "the parallel variants ran"
+
+
+def ref_scale(qkv, s):
+    """The factor to_heads applies to each column of a (B, T, 3C) array: s on q's columns, 1 elsewhere."""
+    f = np.ones(qkv.shape[-1], np.float32)
+    f[: qkv.shape[-1] // 3] = s
+    return f
+
+
+def test_causal_softmax_pool_within_bound(pool_on):
+    """The pool's softmax (its passes around NumPy's exp): bitwise on 1 and 2 threads, within the compiled
+    kernel's bound of float64 (tests/kernels/test_kernels.py), masked entries exactly 0."""
+    rng = np.random.default_rng(6)
+    att = (rng.standard_normal((2, 3, 13, 21)) * 4).astype(np.float32)
+    got, ref = pool_on(softmax._causal_softmax_pool, att)
+    assert np.array_equal(got, ref)
+    p64 = softmax.causal_softmax_numpy_(att.astype(np.float64))
+    assert np.all(np.abs(got - p64) <= (21 + 8 + 16) * 2.0**-24)
+    assert np.all(got[p64 == 0] == 0)
 
 
 def assert_within_gamma(got, a, b, c0=None):
