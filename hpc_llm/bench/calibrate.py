@@ -167,13 +167,8 @@ def tiny_block_s(calls: int = 200) -> float:
     one call repeated in a hot loop). The median of 5 trains of `calls`, the better of two rounds; the two copies
     that restore the input and the output gradient (2 of its ~120 calls) included."""
     t = TINY_BLOCK
-    cfg = ModelConfig(
-        n_layer=1,
-        n_head=t["n_head"],
-        n_embd=t["n_embd"],
-        block_size=t["block_size"],
-        vocab_size=64,
-    )
+    shape = {k: t[k] for k in ("n_head", "n_embd", "block_size")}
+    cfg = ModelConfig(n_layer=1, vocab_size=64, **shape)
     block = GPT(cfg, seed=0).chunks[0].blocks[0]
     x0 = np.random.default_rng(0).standard_normal((t["batch"], t["block_size"], t["n_embd"]))
     x0 = x0.astype(np.float32)
