@@ -13,12 +13,14 @@ import time
 import numpy as np
 
 from hpc_llm.backend import low_dtype
-from hpc_llm.bench.timer import best_time
+from hpc_llm.bench.timer import best_time, median_time
+from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
 from hpc_llm.kernels.rounding import from_low, to_low
+from hpc_llm.model.gpt import GPT
 from hpc_llm.model.precision import Precision
 from hpc_llm.parallel.comm import Comm, world_comm
 from hpc_llm.parallel.data_parallel import split_counts
@@ -124,8 +126,8 @@ def cast_rates(n: int = 1 << 20) -> dict:
 
 
 def elementwise_figures() -> dict:
-    """Per-call costs, exp and scatter rates, and elementwise bandwidth (bytes read + written per second of the
-    pass mix above) by array size."""
+    """Per-call costs (one call in a hot loop, and a tiny Block's whole forward and backward), exp and scatter rates,
+    and elementwise bandwidth (bytes read + written per second of the pass mix above) by array size."""
     small = np.ones(16, np.float32)
     a4, b4 = np.ones((4, 4), np.float32), np.ones((4, 4), np.float32)
     calls = 2000
@@ -151,7 +153,36 @@ def elementwise_figures() -> dict:
         "transcendental_rate": trans,
         "scatter_rate": scatter,
         "elementwise_bw": bw,
+        "tiny_block_s": tiny_block_s(),
     }
+
+
+# the Block tiny_block_s times: its compute a few microseconds of its ~200, the rest its Python and NumPy calls
+TINY_BLOCK = {"batch": 1, "block_size": 8, "n_embd": 16, "n_head": 2}
+
+
+def tiny_block_s(calls: int = 200) -> float:
+    """Seconds of one forward and backward of the model's own Block (fp32, no dropout) at TINY_BLOCK: what a
+    layer's Python and its NumPy calls cost as a step makes them (~1.5 us a call here, against call_s's 0.5 from
+    one call repeated in a hot loop). The median of 5 trains of `calls`, the better of two rounds; the two copies
+    that restore the input and the output gradient (2 of its ~120 calls) included."""
+    t = TINY_BLOCK
+    shape = {k: t[k] for k in ("n_head", "n_embd", "block_size")}
+    cfg = ModelConfig(n_layer=1, vocab_size=64, **shape)
+    block = GPT(cfg, seed=0).chunks[0].blocks[0]
+    x0 = np.random.default_rng(0).standard_normal((t["batch"], t["block_size"], t["n_embd"]))
+    x0 = x0.astype(np.float32)
+    dy0 = np.ones_like(x0)
+
+    def step():
+        y, cache = block.forward(x0.copy())
+        block.backward(dy0.copy(), cache, False)
+
+    def train():
+        for _ in range(calls):
+            step()
+
+    return min(median_time(train, 5, warmup=1) for _ in range(2)) / calls
 
 
 def write_bandwidth(directory, nbytes: int = 64 << 20) -> float:
@@ -373,7 +404,7 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
 
     compute = {
         k: med(lambda f, k=k: f[k])
-        for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate")
+        for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate", "tiny_block_s")
     }
     compute["elementwise_bw"] = {
         s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]

@@ -11,6 +11,9 @@ while every device of the node is busy, since that is how training runs:
     [compute.gemm.<dtype>]  {min dimension = FLOP/s}: matmul throughput by shape class, the class being the smallest
                of (m, n, k) (a thin matmul runs below the machine's peak); interpolated in log(dimension). On a
                CPU (backend numpy) a bfloat16 table also says the nodes run bf16 products on oneDNN (reads_bf16)
+    [compute]  optional tiny_block_s: seconds of the model's own Block forward and backward at a tiny shape
+               (bench/calibrate.TINY_BLOCK), nearly all of it its Python and NumPy calls: the layers' calls are
+               priced at what it implies per call (plan/layer_calls.py) instead of call_s and gemm_call_s
     [compute.cast]  optional: to_bfloat16, from_bfloat16, to_float16, from_float16: elements/s of a conversion
                between float32 and the 2-byte format (bf16/fp16 training: Precision.keep, use, operand, round_).
                On NumPy a conversion is compute-bound (ml_dtypes' bfloat16 cast runs ~10x slower per element than
@@ -122,6 +125,9 @@ class Cluster:
     backend: str = "numpy"
     path: str = ""
     cast: dict = field(default_factory=dict)  # "to_bfloat16" | "from_bfloat16" | ... -> elements/s
+    # seconds of the model's Block forward + backward at bench/calibrate.TINY_BLOCK (plan/layer_calls.py); None: the
+    # layers' calls at call_s and gemm_call_s
+    tiny_block_s: float | None = None
     sources: dict = field(default_factory=dict)
 
     # -- compute -------------------------------------------------------------------------------------------------

@@ -66,6 +66,11 @@ class _Figures:
             raise self.fail(f"{section}.{key} must be a finite {kind} number, got {_shown(value)}")
         return float(value)
 
+    def optional(self, section: str, key: str) -> float | None:
+        """A positive figure the file may leave out (None)."""
+        value = self.section(section).get(key)
+        return None if value is None else self.number(section, key, value)
+
     def integer(self, section: str, key: str, value) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self.fail(f"{section}.{key} must be a positive integer, got {_shown(value)}")
@@ -201,6 +206,7 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         backend=backend,
         path=where,
         cast=cast,
+        tiny_block_s=f.optional("compute", "tiny_block_s"),
         sources=f.sources(),
     )
 

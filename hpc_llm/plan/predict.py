@@ -28,6 +28,7 @@ from hpc_llm.plan.compute import (
     refresh_time,
 )
 from hpc_llm.plan.grad_comm import SIXTEEN, powersgd_seconds, sixteen_bit_casts, wire_bytes
+from hpc_llm.plan.layer_calls import in_layers
 from hpc_llm.plan.memory import (
     Bytes,
     Layout,
@@ -319,9 +320,11 @@ def predict(
     )
     T = cfg.block_size
     plans = [stage_plan(cfg, lay, s, pp_layers) for s in range(lay.pp)]
-    costs = _virtual_costs(cfg, lay, pr, plans[0].layers)
+    # the layers' calls at what a Block pays for them (plan/layer_calls.py); the optimizer's at call_s
+    layers_pr = in_layers(pr)
+    costs = _virtual_costs(cfg, lay, layers_pr, plans[0].layers)
     if teacher is not None:
-        taught = chunk_costs(teacher, pr, lay.rows, teacher.n_layer, True, True)["F"]
+        taught = chunk_costs(teacher, layers_pr, lay.rows, teacher.n_layer, True, True)["F"]
         costs[-1] = {**costs[-1], "F": costs[-1]["F"] + taught}
     t_comm = _transfer_time(cfg, lay, cl, by, links["pp"], share)
 
