@@ -119,3 +119,21 @@ def _to_bf16(bits, out):
 def _from_bf16(half, out):
     for i in range(half.size):
         out[i] = np.uint32(half[i]) << 16
+
+
+@kernel()
+def bf16_widen(h):
+    """A bf16 bit pattern (uint16) as the float32 value it is: for compiled kernels that read bf16."""
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+@kernel()
+def bf16_round(x):
+    """float32 x's bf16 bit pattern (uint16), rounded to nearest even, a NaN to the quiet NaN of its sign: _to_bf16's
+    for one value, for compiled kernels that write bf16."""
+    u = np.float32(x).view(np.uint32)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(((u & np.uint32(0x80000000)) >> np.uint32(16)) | np.uint32(0x7FC0))
+    return np.uint16(
+        (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    )

@@ -40,9 +40,8 @@ from hpc_llm.model.layers import (
     dropout_forward,
     dropout_mask,
     dropout_site,
-    gelu_backward,
-    gelu_forward,
-    gelu_tanh,
+    gelu_backward_kept,
+    gelu_forward_kept,
     layernorm_backward_input,
     layernorm_backward_weight,
     layernorm_forward,
@@ -329,18 +328,15 @@ class Block:
         h2, ln2 = self.ln_2.forward(x)
         bias = _folded_bias(self.fc, x)
         f, c_fc = self.fc.forward(h2, bias=bias is None)
-        g, gt = gelu_forward(f, bias)
         # selective recompute: GELU's tanh again in backward (one elementwise pass), not kept
-        gelu_t = None if self.selective else self.prec.keep(gt)
-        del gt
+        g, f, gelu_t = gelu_forward_kept(f, bias, self.prec, keep_t=not self.selective)
         bias = _folded_bias(self.mlp_proj, x)
         m, c_mproj = self.mlp_proj.forward(g, bias=bias is None)
         del g
         m_mask = dropout_mask(m.shape, m.dtype, drop, branch_rng) if drop > 0 else None
         _dropout_residual(x, m, m_mask, bias)
-        keep = self.prec.keep
         return x, BlockCache(
-            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), gelu_t, c_mproj, m_mask
+            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gelu_t, c_mproj, m_mask
         )
 
     def backward(self, dx, cache: BlockCache, accumulate: bool, rng=None):
@@ -351,14 +347,13 @@ class Block:
     def backward_input(self, dx, cache: BlockCache, work: WeightWork, rng=None):
         """B of backward (the same dx in and out); each linear's and LayerNorm's W goes to `work`, then the sum of
         the LayerNorms' partial gradients (sequence parallelism: SlicePartials)."""
-        c, use = cache, self.prec.use
+        c = cache
         # the branch's output gradient: the row-parallel W reads it after dx has been updated in place
         dm = work.keep(dx) if c.mlp_mask is None else c.mlp_mask.scaled(dx)
         dg = self.mlp_proj.backward_input(dm, c.mlp_proj, work)
-        f = use(c.fc_out, dg.dtype)
-        gt = gelu_tanh(f) if c.gelu_t is None else use(c.gelu_t, dg.dtype)
-        df = gelu_backward(dg, f, gt)  # consumes gt
-        del f, gt
+        # in bf16 where fc's products read it so (no LoRA: it scales its operand in float32)
+        narrow = self.fc.lora is None and self.prec.reads_low(dg)
+        df = gelu_backward_kept(dg, c.fc_out, c.gelu_t, self.prec, narrow)
         dh2 = self.fc.backward_input(df, c.fc, work)
         dx += self.ln_2.backward_input(dh2, c.ln_2, work)
         da = work.keep(dx) if c.attn_mask is None else c.attn_mask.scaled(dx)

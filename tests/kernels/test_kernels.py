@@ -219,3 +219,30 @@ def test_bf16_row_sums(kernels):
     for mode in ("numba", "numpy"):
         got = kernels(mode, rounding.sum_rows_low, x, np.full(130, np.nan, np.float32))
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode
+
+
+@pytest.mark.parametrize("mode", ["numba", "auto"])
+def test_bf16_gelu_rounded_in_the_pass(kernels, mode):
+    """GELU writing its kept input and tanh term and its output as bf16 (and its backward reading them as they are,
+    its gradient rounded or not): bitwise the float32 kernels of the same mode followed by rounding, NaN and
+    infinities included ("auto": the twin's tanh, the rest compiled)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((130, 256)) * 3).astype(np.float32)
+    x[0, :3] = np.nan, np.inf, -np.inf
+    b, dout = rng.standard_normal(256).astype(np.float32), rng.standard_normal(x.shape)
+    dout = dout.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        out, t = kernels(mode, bias_gelu.gelu_forward, x, b)
+        f, g, tk = kernels(mode, bias_gelu.bias_gelu_forward_bf16, x, b, bf16)
+        for got, want in ((f, x + b), (g, out), (tk, t)):
+            assert np.array_equal(got.view(np.uint16), want.astype(bf16).view(np.uint16))
+        ref = kernels(mode, bias_gelu.gelu_backward, dout, *(a.astype(np.float32) for a in (f, tk)))
+        wide = kernels(mode, bias_gelu.gelu_backward_bf16, dout, f, tk, False)
+        assert np.array_equal(wide.view(np.uint32), ref.view(np.uint32))
+        narrow = kernels(mode, bias_gelu.gelu_backward_bf16, dout, f, tk, True)
+        assert np.array_equal(narrow.view(np.uint16), ref.astype(bf16).view(np.uint16))
+        f2, g2, none = kernels(mode, bias_gelu.bias_gelu_forward_bf16, x, None, bf16, False)
+        want = kernels(mode, bias_gelu.gelu_forward, x)[0].astype(bf16)
+    assert none is None and np.array_equal(g2.view(np.uint16), want.view(np.uint16))
