@@ -25,8 +25,7 @@ def round_low_(x, low):
     if low is None:
         return x
     if _bf16(low) and x.dtype == np.float32 and compiled(_round_bf16, x) and x.flags.c_contiguous:
-        u = x.reshape(-1).view(np.uint32)
-        _round_bf16(u, u)
+        _round_bf16(x.reshape(-1).view(np.uint32))
         return x
     flat = x.reshape(-1)
     for a in range(0, flat.size, PIECE):
@@ -96,13 +95,14 @@ def _sum_rows_bf16(bits, out):
 
 
 @kernel(auto=True)
-def _round_bf16(bits, out):
+def _round_bf16(bits):
+    # in place, one array: a second argument aliasing it kept the loop from vectorising (5x slower)
     for i in range(bits.size):
         u = bits[i]
         if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN: quiet, sign kept
-            out[i] = (u & 0x80000000) | 0x7FC00000
+            bits[i] = (u & 0x80000000) | 0x7FC00000
         else:
-            out[i] = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            bits[i] = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
 
 
 @kernel(auto=True)
