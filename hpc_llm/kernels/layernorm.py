@@ -12,6 +12,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rounding import bf16_round
 
 LN_EPS = 1e-5
 
@@ -137,3 +138,50 @@ def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
             db += d2.sum(axis=0)
         else:
             d2.sum(axis=0, out=db)
+
+
+def layernorm_forward_bf16(x, w, b, low, narrow_out: bool):
+    """layernorm_forward with xhat (the kept copy) and, narrow_out, out (a product's operand) in bfloat16 `low`,
+    rounded where the compiled forward makes them: bitwise its float32 values then rounding.to_low. None where the
+    compiled forward does not run (the caller takes the float32 path)."""
+    if not (compiled(_layernorm_forward, x, w, b) and x.dtype == w.dtype == np.float32):
+        return None
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    out = np.empty(x.shape, dtype=low if narrow_out else x.dtype)
+    xhat = np.empty(x.shape, dtype=low)
+    rstd = np.empty((*x.shape[:-1], 1), dtype=x.dtype)
+    if narrow_out:
+        wide, bits = np.empty((1, 1), np.float32), out.reshape(-1, C).view(np.uint16)
+    else:
+        wide, bits = out.reshape(-1, C), np.empty((1, 1), np.uint16)
+    xbits, bias = xhat.reshape(-1, C).view(np.uint16), w if b is None else b
+    _layernorm_forward_bf16(
+        x2, w, bias, b is not None, narrow_out, wide, bits, xbits, rstd.reshape(-1, 1)
+    )
+    return out, (xhat, rstd)
+
+
+@kernel(pool=True)
+def _layernorm_forward_bf16(x, w, b, has_bias, narrow, out, out_bits, xhat, rstd):
+    N, C = x.shape
+    for r in prange(N):
+        s = 0.0
+        for i in range(C):
+            s += x[r, i]
+        mean = s / C
+        ss = 0.0
+        for i in range(C):
+            d = x[r, i] - mean
+            ss += d * d
+        rs = 1.0 / np.sqrt(ss / C + LN_EPS)
+        rstd[r, 0] = rs
+        for i in range(C):
+            h = np.float32((x[r, i] - mean) * rs)
+            xhat[r, i] = bf16_round(h)
+            o = h * w[i]
+            o = o + b[i] if has_bias else o
+            if narrow:
+                out_bits[r, i] = bf16_round(o)
+            else:
+                out[r, i] = o

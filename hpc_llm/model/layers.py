@@ -40,6 +40,7 @@ from hpc_llm.kernels.layernorm import (  # noqa: F401
     layernorm_backward_input,
     layernorm_backward_weight,
     layernorm_forward,
+    layernorm_forward_bf16,
 )
 from hpc_llm.kernels.rounding import sum_rows_low
 from hpc_llm.kernels.softmax import causal_mask, causal_softmax_, softmax_backward_  # noqa: F401
@@ -100,6 +101,17 @@ def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bo
 
 # ---------------------------------------------------------------------------------------------------------------------
 # LayerNorm over the last axis
+
+
+def layernorm_forward_kept(x, w, b, prec: Precision = FP32, narrow: bool = False):
+    """(out, (xhat kept in prec's format, rstd)). narrow: out in bf16 too where the host's kernel makes it so, the
+    rounding in its pass (a product's operand only: Precision.keep_use takes it as it is), else float32."""
+    if prec.name == "bf16":
+        got = layernorm_forward_bf16(x, w, b, prec.low, narrow)
+        if got is not None:
+            return got
+    out, (xhat, rstd) = layernorm_forward(x, w, b)
+    return out, (prec.keep(xhat), rstd)
 
 
 def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):

@@ -44,7 +44,7 @@ from hpc_llm.model.layers import (
     gelu_forward_kept,
     layernorm_backward_input,
     layernorm_backward_weight,
-    layernorm_forward,
+    layernorm_forward_kept,
     linear_forward,
     position_embedding_backward,
 )
@@ -76,9 +76,9 @@ class LayerNorm:
     def __init__(self, w: Param, b: Param, prec: Precision = FP32, partial: bool = False):
         self.w, self.b, self.prec, self.partial = w, b, prec, partial
 
-    def forward(self, x):
-        out, (xhat, rstd) = layernorm_forward(x, self.w.value, self.b.value)
-        return out, (self.prec.keep(xhat), rstd)
+    def forward(self, x, narrow: bool = False):
+        """narrow: out made in the format where the host's kernel can (only for a linear layer's input)."""
+        return layernorm_forward_kept(x, self.w.value, self.b.value, self.prec, narrow)
 
     def backward(self, dout, cache, accumulate: bool):
         return self.backward_input(dout, cache, WeightWork(accumulate))
@@ -309,7 +309,7 @@ class Block:
         rng = dropout_site(rng, self.layer + 1) if drop > 0 else None
         # the branch dropouts' masks: at this rank's positions under sequence parallelism
         branch_rng = slice_rng(rng, x, self.tp) if self.sequence_parallel else rng
-        h1, ln1 = self.ln_1.forward(x)
+        h1, ln1 = self.ln_1.forward(x, narrow=True)
         qkv, c_qkv = self.qkv.forward(h1)
         if kv is None:
             heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, DropoutRNG) else rng
@@ -325,7 +325,7 @@ class Block:
         a_mask = dropout_mask(a.shape, a.dtype, drop, branch_rng) if drop > 0 else None
         # the residual input is not needed again: LayerNorm's cache holds its normalised copy
         _dropout_residual(x, a, a_mask, bias)
-        h2, ln2 = self.ln_2.forward(x)
+        h2, ln2 = self.ln_2.forward(x, narrow=True)
         bias = _folded_bias(self.fc, x)
         f, c_fc = self.fc.forward(h2, bias=bias is None)
         # selective recompute: GELU's tanh again in backward (one elementwise pass), not kept

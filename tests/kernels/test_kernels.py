@@ -246,3 +246,23 @@ def test_bf16_gelu_rounded_in_the_pass(kernels, mode):
         f2, g2, none = kernels(mode, bias_gelu.bias_gelu_forward_bf16, x, None, bf16, False)
         want = kernels(mode, bias_gelu.gelu_forward, x)[0].astype(bf16)
     assert none is None and np.array_equal(g2.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_layernorm_rounded_in_the_pass(kernels, bias):
+    """LayerNorm writing its kept xhat (and its output, narrow) as bf16: bitwise the compiled float32 forward then
+    rounding; rstd and the float32 output (not narrow) bitwise its own."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((4, 70, 96)) * 3 + 1).astype(np.float32)
+    w, b = (rng.standard_normal(96).astype(np.float32) for _ in range(2))
+    b = b if bias else None
+    out, (xhat, rstd) = kernels("numba", layernorm.layernorm_forward, x, w, b)
+    for narrow in (True, False):
+        got = kernels("numba", layernorm.layernorm_forward_bf16, x, w, b, bf16, narrow)
+        o, (xh, rs) = got
+        assert np.array_equal(xh.view(np.uint16), xhat.astype(bf16).view(np.uint16))
+        assert np.array_equal(rs, rstd) and rs.shape == rstd.shape
+        want = out.astype(bf16) if narrow else out
+        assert o.dtype == want.dtype and np.array_equal(o.view(np.uint8), want.view(np.uint8))
