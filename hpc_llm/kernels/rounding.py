@@ -137,3 +137,56 @@ def bf16_round(x):
     return np.uint16(
         (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     )
+
+
+def heads_rounded(x, low, wide: bool = False, scale_first=None, merge: bool = False):
+    """Attention's head layout and bfloat16 `low` rounding in one compiled pass: x (B, T, G, H, hd) C-contiguous
+    float32 to (G, B, H, T, hd) (merge: the reverse, x (G, B, H, T, hd) to (B, T, G, H, hd)), C-contiguous, as a
+    bfloat16 array or (wide) float32 holding the rounded values; scale_first (not with merge): the g = 0 slice
+    multiplied by it first, in float32. Bitwise the transposed copy, the scaling, then to_low / round_low_. None
+    where the compiled pass does not run (the caller takes those steps)."""
+    if not (_bf16(low) and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 5):
+        return None
+    if not compiled(_to_bf16, x) or (merge and scale_first is not None):
+        return None
+    a, b, c, d, e = x.shape
+    shape = (b, d, a, c, e) if merge else (c, a, d, b, e)
+    out = np.empty(shape, dtype=np.float32 if wide else low)
+    bits = out.view(np.uint32 if wide else np.uint16)
+    scale = np.float32(1.0 if scale_first is None else scale_first)
+    (_heads_merge if merge else _heads_split)(x, bits, scale, wide)
+    return out
+
+
+@kernel(nogil=True)
+def _heads_split(x, out, scale, wide):
+    # out[g, b, h, t] = x[b, t, g, h] (rows of hd), g = 0 scaled; times 1 is exact for rounding (NaNs: quiet either way)
+    B, T, G, H, E = x.shape
+    one = np.float32(1.0)
+    for g in range(G):
+        s = scale if g == 0 else one
+        for b in range(B):
+            for h in range(H):
+                for t in range(T):
+                    for e in range(E):
+                        r = bf16_round(x[b, t, g, h, e] * s)
+                        if wide:
+                            out[g, b, h, t, e] = np.uint32(r) << np.uint32(16)
+                        else:
+                            out[g, b, h, t, e] = r
+
+
+@kernel(nogil=True)
+def _heads_merge(x, out, scale, wide):
+    # out[b, t, g, h] = x[g, b, h, t] (rows of hd)
+    G, B, H, T, E = x.shape
+    for b in range(B):
+        for t in range(T):
+            for g in range(G):
+                for h in range(H):
+                    for e in range(E):
+                        r = bf16_round(x[g, b, h, t, e])
+                        if wide:
+                            out[b, t, g, h, e] = np.uint32(r) << np.uint32(16)
+                        else:
+                            out[b, t, g, h, e] = r

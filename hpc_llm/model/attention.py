@@ -13,6 +13,7 @@ from hpc_llm.kernels import gemm
 from hpc_llm.kernels.attention import attention_dropout
 from hpc_llm.kernels.cuda import device, fused_attention
 from hpc_llm.kernels.gemm import matmul
+from hpc_llm.kernels.rounding import heads_rounded
 from hpc_llm.kernels.softmax import causal_softmax_, softmax_backward_
 from hpc_llm.model.layers import DropoutRNG, dropout_mask
 from hpc_llm.model.precision import FP32, Precision
@@ -66,13 +67,10 @@ def attention_forward(
         return fused_attention.flash_attention_forward(
             xp, qkv, n_head, prec, attention_dropout(rng, dropout)
         )
-    qkvh = split_heads(qkv, n_head)
-    qkvh[0] *= 1.0 / math.sqrt(qkvh.shape[-1])
-    held = _reads_low(prec, qkvh)
-    if held:  # rounded once, into the kept bf16 copy the products read
-        qkvh = prec.keep(qkvh)
-    else:
-        prec.round_(qkvh)  # split_heads made it: ours
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    held = _reads_low(prec, qkv, T, hd)
+    qkvh = _rounded_heads(qkv.reshape(B, T, 3, n_head, hd), prec, held, 1.0 / math.sqrt(hd))
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     yh = xp.empty(q.shape, dtype=qkv.dtype)
     atts, masks = [], []
@@ -96,12 +94,26 @@ def _dropped(att, mask, prec: Precision, held: bool):
     return prec.keep(dropped) if held else prec.round_(dropped)
 
 
-def _reads_low(prec: Precision, qkvh) -> bool:
-    """Whether attention's products on these heads all take bf16 operands as they are (oneDNN; the smallest, the
-    first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are then made in bf16, once."""
-    return type(qkvh) is np.ndarray and gemm.takes_held(
-        prec, *held_size(qkvh.shape[3], qkvh.shape[4])
-    )
+def _reads_low(prec: Precision, x, T: int, hd: int) -> bool:
+    """Whether attention's products on x's heads (T positions, head size hd) all take bf16 operands as they are
+    (oneDNN; the smallest, the first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are
+    then made in bf16, once."""
+    return type(x) is np.ndarray and gemm.takes_held(prec, *held_size(T, hd))
+
+
+def _rounded_heads(x5, prec: Precision, held: bool, scale=None):
+    """x5 (B, T, G, H, hd) in attention's head layout (G, B, H, T, hd), the g = 0 slice times scale (None: 1),
+    rounded to prec's format: held, into a bf16 array (the products read it as it is), else in float32. On the
+    host in bf16 one compiled pass (rounding.heads_rounded), bitwise these steps."""
+    xp = array_module(x5)
+    if prec.name == "bf16" and xp is np:
+        got = heads_rounded(np.ascontiguousarray(x5), prec.low, not held, scale)
+        if got is not None:
+            return got
+    out = xp.ascontiguousarray(x5.transpose(2, 0, 3, 1, 4))
+    if scale is not None:
+        out[0] *= scale
+    return prec.keep(out) if held else prec.round_(out)  # ours to round
 
 
 def held_size(T: int, hd: int) -> tuple[int, int]:
@@ -190,21 +202,22 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0):
 
 
 def attention_backward(
-    dy, cache, n_head: int, prec: Precision = FP32, dropout: float = 0.0, rng=None
+    dy, cache, n_head: int, prec: Precision = FP32, dropout: float = 0.0, rng=None, narrow=False
 ):
     """The input gradient of attention_forward. A cache without probabilities (keep_probs=False) has them
-    recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks)."""
+    recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks). narrow
+    (only where the next products read bf16 arrays: Precision.reads_low): it may come back in bf16, rounded in the
+    pass that lays it out."""
     xp = array_module(dy)
     if isinstance(cache[2], fused_attention.FlashCache):
         return fused_attention.flash_attention_backward(xp, dy, cache, n_head, prec)
     qkvh, atts, masks = cache
-    held = _reads_low(prec, qkvh)
-    qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)
-    q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
-    dyh = xp.ascontiguousarray(dy.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3))
-    dyh = prec.keep(dyh) if held else prec.round_(dyh)
+    held = _reads_low(prec, qkvh, T, hd)
+    qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]
+    dyh = _rounded_heads(dy.reshape(B, T, 1, n_head, hd), prec, held)[0]
     dqkvh = xp.empty(qkvh.shape, dtype=dy.dtype)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     blocks = query_blocks(T)
@@ -232,4 +245,7 @@ def attention_backward(
         matmul(datt, k[:, :, :q1], dq[:, :, q0:q1], False, prec)
         matmul(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], not first, prec)
     dq *= 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
+    got = heads_rounded(dqkvh, prec.low, merge=True) if narrow and prec.low is not None else None
+    if got is not None:
+        return got.reshape(B, T, 3 * C)
     return xp.ascontiguousarray(dqkvh.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)

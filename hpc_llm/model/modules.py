@@ -363,7 +363,8 @@ class Block:
             # selective: a fresh site, same masks
             drop = self.dropout
             heads_rng = dropout_site(rng, self.layer + 1).for_heads(*self.head_range)
-        dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng)
+        narrow = self.qkv.lora is None and self.prec.reads_low(dy)  # as GELU's
+        dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng, narrow)
         dh1 = self.qkv.backward_input(dqkv, c.qkv, work)
         dx += self.ln_1.backward_input(dh1, c.ln_1, work)
         if self.partials is not None:

@@ -266,3 +266,22 @@ def test_bf16_layernorm_rounded_in_the_pass(kernels, bias):
         assert np.array_equal(rs, rstd) and rs.shape == rstd.shape
         want = out.astype(bf16) if narrow else out
         assert o.dtype == want.dtype and np.array_equal(o.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_bf16_heads_rounded_in_the_pass(kernels, wide):
+    """Attention's head layout, q's scale and the bf16 rounding in one pass (and the layout back): bitwise the
+    transposed copy, the scaling, then rounding, NaN and infinities included."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = np.random.default_rng(6).standard_normal((3, 70, 3, 4, 40)).astype(np.float32)
+    x[0, 0, :, 0, :2] = np.nan, -np.inf
+    s = 1 / np.sqrt(40)
+    want = np.ascontiguousarray(x.transpose(2, 0, 3, 1, 4))
+    want[0] *= s
+    back = np.ascontiguousarray(want.transpose(1, 3, 0, 2, 4))
+    got = kernels("numba", rounding.heads_rounded, x, bf16, wide, s)
+    merged = kernels("numba", rounding.heads_rounded, want, bf16, wide, None, True)
+    for g, w in ((got, want), (merged, back)):
+        w = kernels("numba", rounding.round_low_, w, bf16) if wide else w.astype(bf16)
+        assert g.dtype == w.dtype and np.array_equal(g.view(np.uint8), w.view(np.uint8))
