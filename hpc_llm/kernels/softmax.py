@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel, kernels_choice, numba_available, prange
+from hpc_llm.kernels.rounding import bf16_round
 
 _MASKS: dict = {}
 
@@ -108,3 +109,66 @@ def _softmax_backward(datt, att, keep, masked, scale):
             s += datt[r, j] * att[r, j]
         for j in range(K):
             datt[r, j] = (datt[r, j] - s) * att[r, j]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16: the probabilities and their gradient written as bf16 by the pass that makes them (attention's held operands,
+# model/attention.py): the same float32 values rounded to nearest even, bitwise the float32 kernels then to_low
+
+
+def _twin_bf16(x, *more) -> bool:
+    """Whether the twin runs on x (C-contiguous float32 NumPy) with its last pass compiled with the rounding."""
+    arrays = (x, *(a for a in more if a is not None))
+    if not all(type(a) is np.ndarray and a.flags.c_contiguous for a in arrays):
+        return False
+    return x.dtype == np.float32 and kernels_choice() != "numpy" and numba_available()
+
+
+def causal_softmax_bf16(att, low):
+    """causal_softmax_(att) as a new bfloat16 (`low`) array where its twin runs (att, C-contiguous float32, used as
+    scratch): the twin's passes, its last (the scaling by the sums' reciprocals) compiled with the rounding. None
+    elsewhere (the caller rounds causal_softmax_'s result)."""
+    if not _twin_bf16(att) or compiled(_causal_softmax, att):
+        return None
+    Tq, Tk = att.shape[-2], att.shape[-1]
+    out = np.empty(att.shape, dtype=low)
+    att += causal_mask(np, Tq, Tk, att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    s = att.sum(axis=-1, keepdims=True)
+    np.reciprocal(s, out=s)
+    _scale_rows_bf16(att.reshape(-1, Tk), s.reshape(-1), out.reshape(-1, Tk).view(np.uint16))
+    return out
+
+
+@kernel(pool=True)
+def _scale_rows_bf16(x, s, out):
+    N, K = x.shape
+    for r in prange(N):
+        for j in range(K):
+            out[r, j] = bf16_round(x[r, j] * s[r])
+
+
+def softmax_backward_bf16(datt, att, low, keep=None, scale: float = 1.0):
+    """softmax_backward_(datt, att, keep, scale) as a new bfloat16 (`low`) array where its twin runs (datt and
+    att C-contiguous float32, datt used as scratch): the twin's passes, its last two (less the row's dot product,
+    times p) compiled with the rounding. None elsewhere."""
+    if not _twin_bf16(datt, att) or compiled(_softmax_backward, datt, att, keep):
+        return None
+    K = datt.shape[-1]
+    out = np.empty(datt.shape, dtype=low)
+    if keep is not None:
+        datt *= keep
+        datt *= scale
+    rowdot = np.einsum("...j,...j->...", datt, att)
+    bits = out.reshape(-1, K).view(np.uint16)
+    _sub_mul_bf16(datt.reshape(-1, K), rowdot.reshape(-1), att.reshape(-1, K), bits)
+    return out
+
+
+@kernel(pool=True)
+def _sub_mul_bf16(d, rowdot, p, out):
+    N, K = d.shape
+    for r in prange(N):
+        for j in range(K):
+            out[r, j] = bf16_round((d[r, j] - rowdot[r]) * p[r, j])

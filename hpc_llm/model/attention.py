@@ -14,7 +14,12 @@ from hpc_llm.kernels.attention import attention_dropout
 from hpc_llm.kernels.cuda import device, fused_attention
 from hpc_llm.kernels.gemm import matmul
 from hpc_llm.kernels.rounding import heads_rounded
-from hpc_llm.kernels.softmax import causal_softmax_, softmax_backward_
+from hpc_llm.kernels.softmax import (
+    causal_softmax_,
+    causal_softmax_bf16,
+    softmax_backward_,
+    softmax_backward_bf16,
+)
 from hpc_llm.model.layers import DropoutRNG, dropout_mask
 from hpc_llm.model.precision import FP32, Precision
 
@@ -129,7 +134,8 @@ def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision,
     recompute's again in backward."""
     scores = matmul(q[:, :, q0:q1], k[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
     if held and dropout == 0.0:
-        return prec.keep(causal_softmax_(scores)), None
+        got = causal_softmax_bf16(scores, prec.low) if prec.name == "bf16" else None
+        return (prec.keep(causal_softmax_(scores)) if got is None else got), None
     att = rounded_softmax_(scores, prec)
     mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
     return att, mask
@@ -157,10 +163,12 @@ def rounded_softmax_backward_(datt, att, mask, prec: Precision, held: bool = Fal
         if mask is not None:
             mask.apply_(datt)
         return device.softmax_backward_(xp, datt, att, prec, _rounded_softmax_backward_)
-    if mask is None:
-        softmax_backward_(datt, att)
-    else:
-        softmax_backward_(datt, att, mask.keep, mask.scale)
+    keep, scale = (None, 1.0) if mask is None else (mask.keep, mask.scale)
+    if held and prec.name == "bf16":  # the rounding in the last pass, into bf16
+        got = softmax_backward_bf16(datt, att, prec.low, keep, scale)
+        if got is not None:
+            return got
+    softmax_backward_(datt, att, keep, scale)
     return prec.keep(datt) if held else prec.round_(datt)
 
 

@@ -285,3 +285,21 @@ def test_bf16_heads_rounded_in_the_pass(kernels, wide):
     for g, w in ((got, want), (merged, back)):
         w = kernels("numba", rounding.round_low_, w, bf16) if wide else w.astype(bf16)
         assert g.dtype == w.dtype and np.array_equal(g.view(np.uint8), w.view(np.uint8))
+
+
+def test_bf16_softmax_rounded_in_the_pass(kernels):
+    """The causal softmax and its backward (with and without the dropout mask) written as bf16 by the twin's last
+    pass: bitwise the twin's float32 result then rounding."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(7)
+    att = (rng.standard_normal((2, 3, 9, 16)) * 4).astype(np.float32)
+    datt = rng.standard_normal(att.shape).astype(np.float32)
+    keep = rng.uniform(size=att.shape) >= 0.2
+    p = kernels("numpy", softmax.causal_softmax_, att)
+    got = kernels("auto", softmax.causal_softmax_bf16, att, bf16)
+    assert np.array_equal(got.view(np.uint16), p.astype(bf16).view(np.uint16))
+    for mask in ((), (keep, 1.25)):
+        want = kernels("numpy", softmax.softmax_backward_, datt, p, *mask).astype(bf16)
+        got = kernels("auto", softmax.softmax_backward_bf16, datt, p, bf16, *mask)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
