@@ -54,7 +54,13 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
 
 
 def attention_forward(
-    qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Precision = FP32, keep_probs=True
+    qkv,
+    n_head: int,
+    dropout: float = 0.0,
+    rng=None,
+    prec: Precision = FP32,
+    keep_probs=True,
+    narrow=False,
 ):
     """softmax(q k^T / sqrt(hd) + mask) v per head, by query blocks. Cache: the head-split qkv (q pre-scaled), the
     probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores.
@@ -64,6 +70,9 @@ def attention_forward(
     keep_probs=False (selective recompute): the cache keeps q, k, v only, (qkvh, None, None); attention_backward
     recomputes each query block's probabilities and dropout mask from them as it reaches the block (given the same
     dropout rng again, freshly made: the masks are drawn in the same order).
+
+    narrow (for a linear layer's input only): on the host in bf16 the output may come back as a bf16 array, rounded
+    in the pass that merges the heads (Precision.keep_use takes it as it is).
 
     On a device (with no dropout or a DropoutRNG) the fused kernels of kernels/attention.py run instead: the cache
     is then (qkv kept, None, FlashCache), and the dropout masks are its hash's, not the host's."""
@@ -89,7 +98,12 @@ def attention_forward(
     del att, mask, used
     if not keep_probs:
         atts = masks = None
-    return xp.ascontiguousarray(merge_heads(yh)), (qkvh if held else prec.keep(qkvh), atts, masks)
+    cache = (qkvh if held else prec.keep(qkvh), atts, masks)
+    # narrow: the output in bf16, rounded in the pass that merges the heads (a linear layer's input only)
+    got = heads_rounded(yh[None], prec.low, merge=True) if narrow and prec.low is not None else None
+    if got is not None:
+        return got.reshape(qkv.shape[0], qkv.shape[1], -1), cache
+    return xp.ascontiguousarray(merge_heads(yh)), cache
 
 
 def _dropped(att, mask, prec: Precision, held: bool):

@@ -314,7 +314,7 @@ class Block:
         if kv is None:
             heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, DropoutRNG) else rng
             y, att = attention_forward(
-                qkv, self.heads, drop, heads_rng, self.prec, keep_probs=not self.selective
+                qkv, self.heads, drop, heads_rng, self.prec, not self.selective, narrow=True
             )
         else:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None

@@ -10,7 +10,8 @@ every conversion between float32 and the format the code makes: keep (to the for
 round_ (there and back), each priced at the cluster's cast rates (a NumPy cast to bfloat16 is compute-bound, ~10x an
 add per element); on the host in bf16, GELU's and attention's head layout's are made in the compiled passes
 (Pricer.fused), not after them (LayerNorm's, the held softmax's and oneDNN's carried operands' the same way are not
-modelled: they depend on the pool and on oneDNN). Dropout's mask generation is not modelled (the validation runs have dropout 0).
+modelled: they depend on the pool and on oneDNN). Dropout's mask generation is not modelled (the validation runs
+have dropout 0).
 """
 
 from __future__ import annotations
