@@ -227,18 +227,20 @@ def bias_gelu_forward_bf16(x, b, low, keep_t: bool = True):
 
 def _gelu_rows_bf16(x2, b, bits, keep_t: bool, r0: int, r1: int) -> None:
     """Rows [r0, r1) of bias_gelu_forward_bf16 with the twin's arithmetic (NumPy's tanh), a chunk of rows at a time
-    (in L2): the bias and the tanh term by NumPy's passes, the rest and the rounding in one compiled pass."""
+    (in L2): the bias and tanh's argument in one compiled pass (the twin's operations), NumPy's tanh, then the rest
+    and the rounding in one compiled pass."""
     C = x2.shape[1]
     rows = max(1, ELEMENTWISE_CHUNK // C)
     scratch = np.empty(min(rows, r1 - r0) * C, x2.dtype)
     fb, gb, tb = bits
+    c3, c = _consts(x2.dtype)[:2]
+    bias = np.zeros(1, x2.dtype) if b is None else b
     for a in range(r0, r1, rows):
         z = min(a + rows, r1)
         xs = x2[a:z]
-        if b is not None:
-            xs += b
         xf, ts = xs.reshape(-1), scratch[: (z - a) * C]
-        _gelu_tanh(np, xf, ts)
+        _bias_gelu_arg(xs, bias, b is not None, ts.reshape(xs.shape), c3, c)
+        np.tanh(ts, out=ts)
         _gelu_finish_bf16(xf, ts, fb[a * C : z * C], gb[a * C : z * C], tb[a * C : z * C], keep_t)
 
 
@@ -254,6 +256,17 @@ def _bias_gelu_forward_bf16(x, b, fbits, gbits, tbits, keep_t, c3, c, one, half)
             gbits[r, i] = bf16_round((ts + one) * xs * half)
             if keep_t:
                 tbits[r, i] = bf16_round(ts)
+
+
+@kernel(nogil=True)
+def _bias_gelu_arg(x, b, has_bias, t, c3, c):
+    # the twin's x += b, then t = x * x, *= c3, += c, *= x (in float32)
+    N, C = x.shape
+    for r in range(N):
+        for i in range(C):
+            xs = x[r, i] + b[i] if has_bias else x[r, i]
+            x[r, i] = xs
+            t[r, i] = (xs * xs * c3 + c) * xs
 
 
 @kernel(nogil=True)
