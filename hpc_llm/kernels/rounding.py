@@ -70,6 +70,36 @@ def bf16_bits(x, low, out=None):
     return out
 
 
+def round_into(x, out, low, bits=None):
+    """out[...] = x rounded to the format `low` (float32 holding the rounded values) and, given, bits = their bf16
+    bit patterns: one compiled pass for bf16 on C-contiguous float32 (bitwise round_low_ of a copy, then bf16_bits),
+    else those steps."""
+    arrays = (x, out) if bits is None else (x, out, bits)
+    flat = all(type(a) is np.ndarray and a.flags.c_contiguous for a in arrays)
+    if _bf16(low) and x.dtype == out.dtype == np.float32 and flat and compiled(_to_bf16, x):
+        keep = bits is not None
+        b = bits.reshape(-1) if keep else np.empty(1, np.uint16)
+        _round_into(x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint32), b, keep)
+        return out
+    out[...] = round_low_(x.copy(), low)
+    if bits is not None:
+        bf16_bits(out, low, bits)
+    return out
+
+
+@kernel(auto=True)
+def _round_into(x, out, bits, keep):
+    for i in range(x.size):
+        u = x[i]
+        if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN: quiet, sign kept
+            h = ((u & 0x80000000) >> 16) | 0x7FC0
+        else:
+            h = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+        out[i] = h << 16
+        if keep:
+            bits[i] = h
+
+
 def sum_rows_low(x, out):
     """out (float32, C) = the sum of the rows of x (R, C), float32 or a bfloat16 array (a bf16 operand: the
     layers' bias gradients), in float32: bitwise NumPy's x.astype(float32).sum(axis=0), whose order (from +0, row

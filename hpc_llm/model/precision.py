@@ -19,7 +19,7 @@ import numpy as np
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.rounding import from_low, round_low_, to_low
+from hpc_llm.kernels.rounding import from_low, round_into, round_low_, to_low
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
@@ -30,19 +30,19 @@ class Precision:
         self.low = low_dtype(name)
         self.u = UNIT_ROUNDOFF[name]
 
-    def operand(self, x, out=None):
+    def operand(self, x, out=None, bits=None):
         """x rounded to the format, in x's own dtype: a matmul operand (on a device one pass, round.cu); into out
-        when given."""
+        when given, and on the host its bf16 bit patterns into bits when given (one pass: rounding.round_into)."""
         if self.low is None:
             return x
         xp = array_module(x)
         if device.on_device(xp) and x.flags.c_contiguous:
+            assert bits is None
             out = xp.empty_like(x) if out is None else out
             return device.round_(xp, x, self, self._operand, out=out)
         if out is None:
             return self._operand(x)
-        out[...] = self._operand(x)
-        return out
+        return round_into(x, out, self.low, bits)
 
     def _operand(self, x):
         return round_low_(x.copy(), self.low)

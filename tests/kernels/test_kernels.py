@@ -303,3 +303,22 @@ def test_bf16_softmax_rounded_in_the_pass(kernels):
         want = kernels("numpy", softmax.softmax_backward_, datt, p, *mask).astype(bf16)
         got = kernels("auto", softmax.softmax_backward_bf16, datt, p, bf16, *mask)
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_bf16_round_into_with_bits(monkeypatch):
+    """The compute copy's refresh (rounded float32 and its bf16 bits in one pass): bitwise round_low_ and the bits
+    of every class (ties, NaNs, infinities, subnormals)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    x = np.concatenate([hi | 0x8000, hi | 0x7FFF, hi | 0x8001, hi]).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = x.astype(bf16)
+        for mode in ("numba", "numpy"):
+            monkeypatch.setenv("HPC_LLM_KERNELS", mode)
+            out, bits = np.empty_like(x), np.empty(x.size, np.uint16)
+            rounding.round_into(x, out, bf16, bits)
+            assert np.array_equal(bits, want.view(np.uint16)), mode
+            assert np.array_equal(out.view(np.uint32), want.astype(np.float32).view(np.uint32)), (
+                mode
+            )
