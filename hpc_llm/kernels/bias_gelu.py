@@ -207,7 +207,11 @@ def bias_gelu_forward_bf16(x, b, low, keep_t: bool = True):
 
     if not (type(x) is np.ndarray and x.dtype == np.float32 and _flat(x) and numba_available()):
         return None
-    if kernels_choice() == "numpy" or (b is not None and b.dtype != x.dtype):
+    if (
+        kernels_choice() == "numpy"
+        or (b is not None and b.dtype != x.dtype)
+        or low.name != "bfloat16"
+    ):
         return None
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
@@ -289,7 +293,7 @@ def gelu_backward_bf16(dout, f, t, narrow: bool):
     arrays = (dout, f, t)
     if not (compiled(_gelu_backward, dout, f, t) and all(_flat(a) for a in arrays)):
         return None
-    if dout.dtype != np.float32 or f.dtype != t.dtype or f.dtype.itemsize != 2:
+    if dout.dtype != np.float32 or f.dtype != t.dtype or f.dtype.name != "bfloat16":
         return None
     d3, d, one, half = _consts(np.float32)[2:]
     fb, tb = f.reshape(-1).view(np.uint16), t.reshape(-1).view(np.uint16)

@@ -116,10 +116,13 @@ def _softmax_backward(datt, att, keep, masked, scale):
 # model/attention.py): the same float32 values rounded to nearest even, bitwise the float32 kernels then to_low
 
 
-def _twin_bf16(x, *more) -> bool:
-    """Whether the twin runs on x (C-contiguous float32 NumPy) with its last pass compiled with the rounding."""
+def _twin_bf16(x, low, *more) -> bool:
+    """Whether the twin runs on x (C-contiguous float32 NumPy) with its last pass compiled with the rounding to
+    `low` (bfloat16 only)."""
     arrays = (x, *(a for a in more if a is not None))
-    if not all(type(a) is np.ndarray and a.flags.c_contiguous for a in arrays):
+    if low.name != "bfloat16" or not all(
+        type(a) is np.ndarray and a.flags.c_contiguous for a in arrays
+    ):
         return False
     return x.dtype == np.float32 and kernels_choice() != "numpy" and numba_available()
 
@@ -128,7 +131,7 @@ def causal_softmax_bf16(att, low):
     """causal_softmax_(att) as a new bfloat16 (`low`) array where its twin runs (att, C-contiguous float32, used as
     scratch): the twin's passes, its last (the scaling by the sums' reciprocals) compiled with the rounding. None
     elsewhere (the caller rounds causal_softmax_'s result)."""
-    if not _twin_bf16(att) or compiled(_causal_softmax, att):
+    if not _twin_bf16(att, low) or compiled(_causal_softmax, att):
         return None
     Tq, Tk = att.shape[-2], att.shape[-1]
     out = np.empty(att.shape, dtype=low)
@@ -153,7 +156,7 @@ def softmax_backward_bf16(datt, att, low, keep=None, scale: float = 1.0):
     """softmax_backward_(datt, att, keep, scale) as a new bfloat16 (`low`) array where its twin runs (datt and
     att C-contiguous float32, datt used as scratch): the twin's passes, its last two (less the row's dot product,
     times p) compiled with the rounding. None elsewhere."""
-    if not _twin_bf16(datt, att) or compiled(_softmax_backward, datt, att, keep):
+    if not _twin_bf16(datt, low, att) or compiled(_softmax_backward, datt, att, keep):
         return None
     K = datt.shape[-1]
     out = np.empty(datt.shape, dtype=low)

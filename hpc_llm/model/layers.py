@@ -141,7 +141,7 @@ def gelu_backward_kept(dg, f, t, prec: Precision = FP32, narrow: bool = False):
     gradient dg (overwritten; float32). narrow (only where the next products read bf16 arrays: Precision.reads_low):
     it may come back in bf16 already, rounded where it is made; bf16 values kept on the host are read as they
     are."""
-    if t is not None and prec.is_low(f.dtype) and prec.is_low(t.dtype):
+    if t is not None and prec.name == "bf16" and prec.is_low(f.dtype) and prec.is_low(t.dtype):
         got = gelu_backward_bf16(dg, f, t, narrow)
         if got is not None:
             return got

@@ -322,3 +322,22 @@ def test_bf16_round_into_with_bits(monkeypatch):
             assert np.array_equal(out.view(np.uint32), want.astype(np.float32).view(np.uint32)), (
                 mode
             )
+
+
+def test_bf16_kernels_leave_fp16_alone(monkeypatch):
+    """fp16's kept values (2 bytes too) never reach the bf16 kernels: GELU's backward from float16 kept values is
+    the float32 kernel's on the widened values, and the bf16 passes decline float16."""
+    from hpc_llm.model.layers import gelu_backward_kept
+    from hpc_llm.model.precision import Precision
+
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
+    rng = np.random.default_rng(8)
+    f, t, dg = (rng.standard_normal((130, 256)).astype(np.float32) for _ in range(3))
+    f16, t16 = f.astype(np.float16), np.tanh(t).astype(np.float16)
+    want = bias_gelu.gelu_backward(dg.copy(), f16.astype(np.float32), t16.astype(np.float32))
+    got = gelu_backward_kept(dg.copy(), f16, t16, Precision("fp16"))
+    assert np.array_equal(got, want)
+    fp16 = np.dtype(np.float16)
+    assert bias_gelu.bias_gelu_forward_bf16(f.copy(), None, fp16) is None
+    assert layernorm.layernorm_forward_bf16(f, f[0], None, fp16, True) is None
+    assert softmax.causal_softmax_bf16(f.reshape(2, 65, 256)[:, :, :65].copy(), fp16) is None
