@@ -16,6 +16,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rounding import bf16_round, bf16_widen
 
 GELU_C = math.sqrt(2.0 / math.pi)
 # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
@@ -207,3 +208,133 @@ def _gelu_tanh(xp, xs, ts) -> None:
     ts += GELU_C
     ts *= xs
     xp.tanh(ts, out=ts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16: GELU's kept values (its input and tanh term) and its output, the next product's operand, written as bf16 by
+# the pass that makes them; backward reads them as they are. The same float32 values rounded to nearest even
+# (rounding._to_bf16), so bitwise what gelu_forward / gelu_backward then rounding.to_low give.
+
+
+def bias_gelu_forward_bf16(x, b, low, keep_t: bool = True):
+    """x (..., C) float32 += b (None: no bias), then (x, gelu(x), t) in bfloat16 (`low`; t None unless keep_t): the
+    values bias_gelu_forward and rounding.to_low of each give, bitwise, without the float32 output and tanh arrays
+    or the conversion passes. None where this does not run (no numba, HPC_LLM_KERNELS=numpy, not a C-contiguous
+    float32 NumPy array): the caller takes the float32 path. x is left holding x + b."""
+    from hpc_llm.kernels.dispatch import kernels_choice, numba_available
+
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and _flat(x) and numba_available()):
+        return None
+    if (
+        kernels_choice() == "numpy"
+        or (b is not None and b.dtype != x.dtype)
+        or low.name != "bfloat16"
+    ):
+        return None
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    outs = [np.empty(x.shape, dtype=low) for _ in range(3)]
+    bits = [o.reshape(-1).view(np.uint16) for o in outs]
+    if compiled(_bias_gelu_forward, x, b):  # the compiled forward's arithmetic (its tanh)
+        bias = np.zeros(C, x.dtype) if b is None else b
+        c3, c, _d3, _d, one, half = _consts(x.dtype)
+        fb, gb, tb = (q.reshape(-1, C) for q in bits)
+        _bias_gelu_forward_bf16(x2, bias, fb, gb, tb, keep_t, c3, c, one, half)
+    elif compiled(_gelu_inner, x):  # the pool's passes (_gelu_pool), the last one rounding
+        if b is not None:
+            x2 += b
+        xf = x2.reshape(-1)
+        t = np.empty_like(xf)
+        c3, c = _consts(x.dtype)[:2]
+        _gelu_inner(xf, t, c3, c)
+        np.tanh(t, out=t)
+        _gelu_finish_bf16(xf, t, *bits, keep_t)
+    else:
+        _gelu_rows_bf16(x2, b, bits, keep_t)
+    return outs[0], outs[1], outs[2] if keep_t else None
+
+
+def _gelu_rows_bf16(x2, b, bits, keep_t: bool) -> None:
+    """bias_gelu_forward_bf16 with the twin's arithmetic (NumPy's tanh), a chunk of rows at a time
+    (in L2): the bias and tanh's argument in one compiled pass (the twin's operations), NumPy's tanh, then the rest
+    and the rounding in one compiled pass."""
+    C = x2.shape[1]
+    N, rows = x2.shape[0], max(1, ELEMENTWISE_CHUNK // C)
+    scratch = np.empty(min(rows, N) * C, x2.dtype)
+    fb, gb, tb = bits
+    c3, c = _consts(x2.dtype)[:2]
+    bias = np.zeros(1, x2.dtype) if b is None else b
+    for a in range(0, N, rows):
+        z = min(a + rows, N)
+        xs = x2[a:z]
+        xf, ts = xs.reshape(-1), scratch[: (z - a) * C]
+        _bias_gelu_arg(xs, bias, b is not None, ts.reshape(xs.shape), c3, c)
+        np.tanh(ts, out=ts)
+        _gelu_finish_bf16(xf, ts, fb[a * C : z * C], gb[a * C : z * C], tb[a * C : z * C], keep_t)
+
+
+@kernel(nogil=True)
+def _bias_gelu_forward_bf16(x, b, fbits, gbits, tbits, keep_t, c3, c, one, half):
+    N, C = x.shape
+    for r in range(N):
+        for i in range(C):
+            xs = x[r, i] + b[i]
+            x[r, i] = xs
+            ts = np.tanh((xs * xs * c3 + c) * xs)
+            fbits[r, i] = bf16_round(xs)
+            gbits[r, i] = bf16_round((ts + one) * xs * half)
+            if keep_t:
+                tbits[r, i] = bf16_round(ts)
+
+
+@kernel(nogil=True)
+def _bias_gelu_arg(x, b, has_bias, t, c3, c):
+    # the twin's x += b, then t = x * x, *= c3, += c, *= x (in float32)
+    N, C = x.shape
+    for r in range(N):
+        for i in range(C):
+            xs = x[r, i] + b[i] if has_bias else x[r, i]
+            x[r, i] = xs
+            t[r, i] = (xs * xs * c3 + c) * xs
+
+
+@kernel(pool=True)
+def _gelu_finish_bf16(x, t, fbits, gbits, tbits, keep_t):
+    # the twin's out = (t + 1) * x * 0.5, in float32
+    one, half = np.float32(1.0), np.float32(0.5)
+    for i in prange(x.size):
+        xs, ts = x[i], t[i]
+        fbits[i] = bf16_round(xs)
+        gbits[i] = bf16_round((ts + one) * xs * half)
+        if keep_t:
+            tbits[i] = bf16_round(ts)
+
+
+def gelu_backward_bf16(dout, f, t, narrow: bool):
+    """gelu_backward from GELU's input f and tanh term t kept in bfloat16 (read as they are, not widened first):
+    narrow, the input gradient in bfloat16 (a new array of f's dtype: bitwise rounding.to_low of gelu_backward's),
+    else written over dout (float32) as gelu_backward writes it. None where the compiled kernel does not run (the
+    caller widens f and t and takes gelu_backward)."""
+    arrays = (dout, f, t)
+    if not (compiled(_gelu_backward, dout, f, t) and all(_flat(a) for a in arrays)):
+        return None
+    if dout.dtype != np.float32 or f.dtype != t.dtype or f.dtype.name != "bfloat16":
+        return None
+    d3, d, one, half = _consts(np.float32)[2:]
+    fb, tb = f.reshape(-1).view(np.uint16), t.reshape(-1).view(np.uint16)
+    out = np.empty(dout.shape if narrow else 1, dtype=f.dtype)
+    _gelu_backward_bf16(
+        dout.reshape(-1), fb, tb, out.reshape(-1).view(np.uint16), narrow, d3, d, one, half
+    )
+    return out if narrow else dout
+
+
+@kernel(pool=True)
+def _gelu_backward_bf16(dout, fbits, tbits, out, narrow, d3, d, one, half):
+    for i in prange(dout.size):
+        xs, ts = bf16_widen(fbits[i]), bf16_widen(tbits[i])
+        inner = (xs * xs * d3 + d) * xs * (one - ts * ts)
+        if narrow:
+            out[i] = bf16_round(dout[i] * (ts * half + half + inner))
+        else:
+            dout[i] *= ts * half + half + inner

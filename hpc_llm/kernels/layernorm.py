@@ -13,6 +13,7 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rounding import bf16_round
 from hpc_llm.kernels.rows import column_sums_into, sum_lanes, sumsq_lanes
 
 LN_EPS = 1e-5
@@ -138,3 +139,45 @@ def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
     column_sums_into(d2, dw, accumulate, x2)
     if db is not None:
         column_sums_into(d2, db, accumulate)
+
+
+def layernorm_forward_bf16(x, w, b, low, narrow_out: bool):
+    """layernorm_forward with xhat (the kept copy) and, narrow_out, out (a product's operand) in bfloat16 `low`,
+    rounded where the compiled forward makes them: bitwise its float32 values then rounding.to_low. None where the
+    compiled forward does not run (the caller takes the float32 path)."""
+    if not (compiled(_layernorm_forward, x, w, b) and x.dtype == w.dtype == np.float32):
+        return None
+    if low.name != "bfloat16":
+        return None
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    out = np.empty(x.shape, dtype=low if narrow_out else x.dtype)
+    xhat = np.empty(x.shape, dtype=low)
+    rstd = np.empty((*x.shape[:-1], 1), dtype=x.dtype)
+    if narrow_out:
+        wide, bits = np.empty((1, 1), np.float32), out.reshape(-1, C).view(np.uint16)
+    else:
+        wide, bits = out.reshape(-1, C), np.empty((1, 1), np.uint16)
+    xbits, bias = xhat.reshape(-1, C).view(np.uint16), w if b is None else b
+    _layernorm_forward_bf16(
+        x2, w, bias, b is not None, narrow_out, wide, bits, xbits, rstd.reshape(-1, 1)
+    )
+    return out, (xhat, rstd)
+
+
+@kernel(pool=True)
+def _layernorm_forward_bf16(x, w, b, has_bias, narrow, out, out_bits, xhat, rstd):
+    N, C = x.shape
+    for r in prange(N):
+        mean = sum_lanes(x[r], C) / C
+        rs = 1.0 / np.sqrt(sumsq_lanes(x[r], C, mean) / C + LN_EPS)
+        rstd[r, 0] = rs
+        for i in range(C):
+            h = np.float32((x[r, i] - mean) * rs)
+            xhat[r, i] = bf16_round(h)
+            o = h * w[i]
+            o = o + b[i] if has_bias else o
+            if narrow:
+                out_bits[r, i] = bf16_round(o)
+            else:
+                out[r, i] = o

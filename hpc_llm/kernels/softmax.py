@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from hpc_llm.backend import array_module
-from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.dispatch import compiled, kernel, kernels_choice, numba_available, prange
+from hpc_llm.kernels.rounding import bf16_round
 from hpc_llm.kernels.rows import dot_lanes, sum_lanes
 
 _MASKS: dict = {}
@@ -147,3 +148,110 @@ def _softmax_backward(datt, att, keep, masked, scale):
         s = dot_lanes(datt[r], att[r], K)
         for j in range(K):
             datt[r, j] = (datt[r, j] - s) * att[r, j]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16: the probabilities and their gradient written as bf16 by the pass that makes them (attention's held operands,
+# model/attention.py): the same float32 values rounded to nearest even, bitwise the float32 kernels then to_low
+
+
+def _twin_bf16(x, low, *more) -> bool:
+    """Whether the twin runs on x (C-contiguous float32 NumPy) with its last pass compiled with the rounding to
+    `low` (bfloat16 only)."""
+    arrays = (x, *(a for a in more if a is not None))
+    if low.name != "bfloat16" or not all(
+        type(a) is np.ndarray and a.flags.c_contiguous for a in arrays
+    ):
+        return False
+    return x.dtype == np.float32 and kernels_choice() != "numpy" and numba_available()
+
+
+def causal_softmax_bf16(att, low):
+    """causal_softmax_(att) as a new bfloat16 (`low`) array where its twin runs (att, C-contiguous float32, used as
+    scratch): the twin's passes, its last (the scaling by the sums' reciprocals) compiled with the rounding. None
+    elsewhere (the caller rounds causal_softmax_'s result)."""
+    if not _twin_bf16(att, low) or compiled(_causal_softmax, att):
+        return None
+    Tq, Tk = att.shape[-2], att.shape[-1]
+    out = np.empty(att.shape, dtype=low)
+    if compiled(
+        _shift_rows, att
+    ):  # the pool's passes (_causal_softmax_pool), the last one rounding
+        a3 = att.reshape(-1, Tq, Tk)
+        _shift_rows(a3, Tk - Tq)
+        np.exp(att, out=att)
+        _scale_rows_pool_bf16(a3, Tk - Tq, out.reshape(-1, Tq, Tk).view(np.uint16))
+        return out
+    att += causal_mask(np, Tq, Tk, att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    s = att.sum(axis=-1, keepdims=True)
+    np.reciprocal(s, out=s)
+    _scale_rows_bf16(att.reshape(-1, Tk), s.reshape(-1), out.reshape(-1, Tk).view(np.uint16))
+    return out
+
+
+@kernel(pool=True)
+def _scale_rows_pool_bf16(att, offset, out):
+    G, Tq, Tk = att.shape
+    for gi in prange(G * Tq):
+        g, i = gi // Tq, gi % Tq
+        inv = 1.0 / sum_lanes(att[g, i], min(Tk, i + offset + 1))
+        for j in range(Tk):  # past the row's keys exp(-inf) = 0, as _scale_rows leaves them
+            out[g, i, j] = bf16_round(np.float32(att[g, i, j] * inv))
+
+
+@kernel(pool=True)
+def _scale_rows_bf16(x, s, out):
+    N, K = x.shape
+    for r in prange(N):
+        for j in range(K):
+            out[r, j] = bf16_round(x[r, j] * s[r])
+
+
+def softmax_backward_bf16(datt, att, low, keep=None, scale: float = 1.0):
+    """softmax_backward_(datt, att, keep, scale) as a new bfloat16 (`low`) array where its twin runs (datt and
+    att C-contiguous float32, datt used as scratch): the twin's passes, its last two (less the row's dot product,
+    times p) compiled with the rounding. None elsewhere."""
+    if not _twin_bf16(datt, low, att):
+        return None
+    K = datt.shape[-1]
+    out = np.empty(datt.shape, dtype=low)
+    if compiled(_softmax_backward, datt, att, keep):  # its pass, rounding as it writes
+        mask = np.ones((1, 1), np.bool_) if keep is None else keep.reshape(-1, K)
+        _softmax_backward_bf16(
+            datt.reshape(-1, K),
+            att.reshape(-1, K),
+            mask,
+            keep is not None,
+            datt.dtype.type(scale),
+            out.reshape(-1, K).view(np.uint16),
+        )
+        return out
+    if keep is not None:
+        datt *= keep
+        datt *= scale
+    rowdot = np.einsum("...j,...j->...", datt, att)
+    bits = out.reshape(-1, K).view(np.uint16)
+    _sub_mul_bf16(datt.reshape(-1, K), rowdot.reshape(-1), att.reshape(-1, K), bits)
+    return out
+
+
+@kernel(pool=True)
+def _sub_mul_bf16(d, rowdot, p, out):
+    N, K = d.shape
+    for r in prange(N):
+        for j in range(K):
+            out[r, j] = bf16_round((d[r, j] - rowdot[r]) * p[r, j])
+
+
+@kernel(pool=True)
+def _softmax_backward_bf16(datt, att, keep, masked, scale, out):
+    N, K = datt.shape
+    for r in prange(N):
+        if masked:
+            for j in range(K):
+                datt[r, j] = datt[r, j] * keep[r, j] * scale
+        s = dot_lanes(datt[r], att[r], K)
+        for j in range(K):
+            out[r, j] = bf16_round(np.float32((datt[r, j] - s) * att[r, j]))

@@ -13,8 +13,14 @@ from hpc_llm.kernels import gemm
 from hpc_llm.kernels.attention import attention_dropout
 from hpc_llm.kernels.cuda import device, fused_attention
 from hpc_llm.kernels.gemm import matmul
+from hpc_llm.kernels.rounding import heads_rounded
 from hpc_llm.kernels.rows import from_heads, to_heads
-from hpc_llm.kernels.softmax import causal_softmax_, softmax_backward_
+from hpc_llm.kernels.softmax import (
+    causal_softmax_,
+    causal_softmax_bf16,
+    softmax_backward_,
+    softmax_backward_bf16,
+)
 from hpc_llm.model.layers import DropoutRNG, dropout_mask
 from hpc_llm.model.precision import FP32, Precision
 
@@ -47,7 +53,13 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
 
 
 def attention_forward(
-    qkv, n_head: int, dropout: float = 0.0, rng=None, prec: Precision = FP32, keep_probs=True
+    qkv,
+    n_head: int,
+    dropout: float = 0.0,
+    rng=None,
+    prec: Precision = FP32,
+    keep_probs=True,
+    narrow=False,
 ):
     """softmax(q k^T / sqrt(hd) + mask) v per head, by query blocks. Cache: the head-split qkv (q pre-scaled), the
     probabilities and dropout masks per block. The scale is applied to q (T*hd elements), not to the scores.
@@ -58,6 +70,9 @@ def attention_forward(
     recomputes each query block's probabilities and dropout mask from them as it reaches the block (given the same
     dropout rng again, freshly made: the masks are drawn in the same order).
 
+    narrow (for a linear layer's input only): on the host in bf16 the output may come back as a bf16 array, rounded
+    in the pass that merges the heads (Precision.keep_use takes it as it is).
+
     On a device (with no dropout or a DropoutRNG) the fused kernels of kernels/attention.py run instead: the cache
     is then (qkv kept, None, FlashCache), and the dropout masks are its hash's, not the host's."""
     xp = array_module(qkv)
@@ -65,12 +80,10 @@ def attention_forward(
         return fused_attention.flash_attention_forward(
             xp, qkv, n_head, prec, attention_dropout(rng, dropout)
         )
-    qkvh = split_heads(qkv, n_head, 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head))
-    held = _reads_low(prec, qkvh)
-    if held:  # rounded once, into the kept bf16 copy the products read
-        qkvh = prec.keep(qkvh)
-    else:
-        prec.round_(qkvh)  # split_heads made it: ours
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    held = _reads_low(prec, qkv, T, hd)
+    qkvh = _rounded_heads(qkv.reshape(B, T, 3, n_head, hd), prec, held, 1.0 / math.sqrt(hd))
     q, k, v = qkvh[0], qkvh[1], qkvh[2]
     yh = xp.empty(q.shape, dtype=qkv.dtype)
     atts, masks = [], []
@@ -84,7 +97,12 @@ def attention_forward(
     del att, mask, used
     if not keep_probs:
         atts = masks = None
-    return from_heads(yh[None]), (qkvh if held else prec.keep(qkvh), atts, masks)
+    cache = (qkvh if held else prec.keep(qkvh), atts, masks)
+    # narrow: the output in bf16, rounded in the pass that merges the heads (a linear layer's input only)
+    got = heads_rounded(yh[None], prec.low, merge=True) if narrow and prec.low is not None else None
+    if got is not None:
+        return got.reshape(qkv.shape[0], qkv.shape[1], -1), cache
+    return from_heads(yh[None]), cache
 
 
 def _dropped(att, mask, prec: Precision, held: bool):
@@ -94,12 +112,25 @@ def _dropped(att, mask, prec: Precision, held: bool):
     return prec.keep(dropped) if held else prec.round_(dropped)
 
 
-def _reads_low(prec: Precision, qkvh) -> bool:
-    """Whether attention's products on these heads all take bf16 operands as they are (oneDNN; the smallest, the
-    first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are then made in bf16, once."""
-    return type(qkvh) is np.ndarray and gemm.takes_held(
-        prec, *held_size(qkvh.shape[3], qkvh.shape[4])
-    )
+def _reads_low(prec: Precision, x, T: int, hd: int) -> bool:
+    """Whether attention's products on x's heads (T positions, head size hd) all take bf16 operands as they are
+    (oneDNN; the smallest, the first query block's, past gemm.MIN_MACS_HELD): q, k, v and the probabilities are
+    then made in bf16, once."""
+    return type(x) is np.ndarray and gemm.takes_held(prec, *held_size(T, hd))
+
+
+def _rounded_heads(x5, prec: Precision, held: bool, scale=None):
+    """x5 (B, T, G, H, hd) in attention's head layout (G, B, H, T, hd), the g = 0 slice times scale (None: 1),
+    rounded to prec's format: held, into a bf16 array (the products read it as it is), else in float32. On the
+    host in bf16 one compiled pass (rounding.heads_rounded), bitwise these steps."""
+    xp = array_module(x5)
+    if prec.name == "bf16" and xp is np:
+        got = heads_rounded(np.ascontiguousarray(x5), prec.low, not held, scale)
+        if got is not None:
+            return got
+    B, T, G, H, hd = x5.shape
+    out = to_heads(x5.reshape(B, T, G * H * hd), H, G, 1.0 if scale is None else scale)
+    return prec.keep(out) if held else prec.round_(out)  # ours to round
 
 
 def held_size(T: int, hd: int) -> tuple[int, int]:
@@ -115,7 +146,8 @@ def _probabilities(q, k, q0: int, q1: int, dropout: float, rng, prec: Precision,
     recompute's again in backward."""
     scores = matmul(q[:, :, q0:q1], k[:, :, :q1].transpose(0, 1, 3, 2), prec=prec)
     if held and dropout == 0.0:
-        return prec.keep(causal_softmax_(scores)), None
+        got = causal_softmax_bf16(scores, prec.low) if prec.name == "bf16" else None
+        return (prec.keep(causal_softmax_(scores)) if got is None else got), None
     att = rounded_softmax_(scores, prec)
     mask = None if dropout == 0.0 else dropout_mask(att.shape, att.dtype, dropout, rng)
     return att, mask
@@ -143,10 +175,12 @@ def rounded_softmax_backward_(datt, att, mask, prec: Precision, held: bool = Fal
         if mask is not None:
             mask.apply_(datt)
         return device.softmax_backward_(xp, datt, att, prec, _rounded_softmax_backward_)
-    if mask is None:
-        softmax_backward_(datt, att)
-    else:
-        softmax_backward_(datt, att, mask.keep, mask.scale)
+    keep, scale = (None, 1.0) if mask is None else (mask.keep, mask.scale)
+    if held and prec.name == "bf16":  # the rounding in the last pass, into bf16
+        got = softmax_backward_bf16(datt, att, prec.low, keep, scale)
+        if got is not None:
+            return got
+    softmax_backward_(datt, att, keep, scale)
     return prec.keep(datt) if held else prec.round_(datt)
 
 
@@ -188,21 +222,22 @@ def cached_attention_forward(qkv, n_head: int, kv, pos0):
 
 
 def attention_backward(
-    dy, cache, n_head: int, prec: Precision = FP32, dropout: float = 0.0, rng=None
+    dy, cache, n_head: int, prec: Precision = FP32, dropout: float = 0.0, rng=None, narrow=False
 ):
     """The input gradient of attention_forward. A cache without probabilities (keep_probs=False) has them
-    recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks)."""
+    recomputed block by block: dropout and rng as forward's (rng made afresh, to draw the same masks). narrow
+    (only where the next products read bf16 arrays: Precision.reads_low): it may come back in bf16, rounded in the
+    pass that lays it out."""
     xp = array_module(dy)
     if isinstance(cache[2], fused_attention.FlashCache):
         return fused_attention.flash_attention_backward(xp, dy, cache, n_head, prec)
     qkvh, atts, masks = cache
-    held = _reads_low(prec, qkvh)
-    qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)
-    q, k, v = qkvh[0], qkvh[1], qkvh[2]
     B, T, C = dy.shape
     hd = C // n_head
-    dyh = to_heads(dy, n_head, 1)[0]
-    dyh = prec.keep(dyh) if held else prec.round_(dyh)
+    held = _reads_low(prec, qkvh, T, hd)
+    qkvh = prec.gemm_use(qkvh, dy.dtype) if held else prec.use(qkvh, dy.dtype)
+    q, k, v = qkvh[0], qkvh[1], qkvh[2]
+    dyh = _rounded_heads(dy.reshape(B, T, 1, n_head, hd), prec, held)[0]
     dqkvh = xp.empty(qkvh.shape, dtype=dy.dtype)
     dq, dk, dv = dqkvh[0], dqkvh[1], dqkvh[2]
     blocks = query_blocks(T)
@@ -229,5 +264,11 @@ def attention_backward(
             rounded_softmax_backward_(datt, att, mask, prec)
         matmul(datt, k[:, :, :q1], dq[:, :, q0:q1], False, prec)
         matmul(datt.transpose(0, 1, 3, 2), q[:, :, q0:q1], dk[:, :, :q1], not first, prec)
-    # q was pre-scaled in forward (dq scaled the same way as it is copied); dk used the scaled q, which is right
-    return from_heads(dqkvh, 1.0 / math.sqrt(hd))
+    scale = 1.0 / math.sqrt(hd)  # q was pre-scaled in forward; dk used the scaled q, which is right
+    if narrow and prec.low is not None:
+        dq *= scale
+        got = heads_rounded(dqkvh, prec.low, merge=True)
+        if got is not None:
+            return got.reshape(B, T, 3 * C)
+        scale = 1.0
+    return from_heads(dqkvh, scale)  # dq scaled as it is copied

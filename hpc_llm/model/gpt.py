@@ -19,7 +19,6 @@ from hpc_llm.errors import UserError
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import check_environment
-from hpc_llm.kernels.rounding import bf16_bits
 from hpc_llm.model.chunk import Chunk
 from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.model.layers import NO_PARAM, Param
@@ -297,9 +296,8 @@ class GPT:
             for lo, hi in self.kept_ranges():
                 for a in range(lo, hi, piece):
                     b = min(a + piece, hi)
-                    self.prec.operand(self.flat[a:b], self.compute[a:b])
-                    if self.compute_bits is not None:
-                        bf16_bits(self.compute[a:b], self.prec.low, self.compute_bits[a:b])
+                    bits = None if self.compute_bits is None else self.compute_bits[a:b]
+                    self.prec.operand(self.flat[a:b], self.compute[a:b], bits)
 
     def clear_grads(self) -> None:
         """Zero the gradient buffer (ZeRO-2/3: its pages given back)."""

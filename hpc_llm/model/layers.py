@@ -27,7 +27,9 @@ from hpc_llm.backend import array_module
 from hpc_llm.kernels.bias_gelu import (  # noqa: F401  (the layers' names)
     ELEMENTWISE_CHUNK,
     GELU_C,
+    bias_gelu_forward_bf16,
     gelu_backward,
+    gelu_backward_bf16,
     gelu_forward,
     gelu_tanh,
 )
@@ -38,6 +40,7 @@ from hpc_llm.kernels.layernorm import (  # noqa: F401
     layernorm_backward_input,
     layernorm_backward_weight,
     layernorm_forward,
+    layernorm_forward_bf16,
 )
 from hpc_llm.kernels.rounding import sum_rows_low
 from hpc_llm.kernels.rows import add_rows_, column_sums_into, scatter_add_rows_
@@ -102,9 +105,51 @@ def embedding_backward(dx, idx, dwte, dwpe, accumulate: bool, accumulate_wte: bo
 # LayerNorm over the last axis
 
 
+def layernorm_forward_kept(x, w, b, prec: Precision = FP32, narrow: bool = False):
+    """(out, (xhat kept in prec's format, rstd)). narrow: out in bf16 too where the host's kernel makes it so, the
+    rounding in its pass (a product's operand only: Precision.keep_use takes it as it is), else float32."""
+    if prec.name == "bf16":
+        got = layernorm_forward_bf16(x, w, b, prec.low, narrow)
+        if got is not None:
+            return got
+    out, (xhat, rstd) = layernorm_forward(x, w, b)
+    return out, (prec.keep(xhat), rstd)
+
+
 def layernorm_backward(dout, cache, w, dw, db, accumulate: bool):
     layernorm_backward_weight(dout, cache[0], dw, db, accumulate)
     return layernorm_backward_input(dout, cache, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GELU with its kept values in the precision's format
+
+
+def gelu_forward_kept(f, b, prec: Precision = FP32, keep_t: bool = True):
+    """(gelu(f + b), f + b kept, GELU's tanh term kept, or None unless keep_t): kept in prec's format (its values
+    rounded, Precision.keep); in bf16 on the host the output too (the next product's operand, its rounded value),
+    each written as bf16 by the pass that makes it (kernels/bias_gelu.py), bitwise the float32 pass then keep. f
+    (b None: no bias) is left holding f + b."""
+    if prec.name == "bf16":
+        got = bias_gelu_forward_bf16(f, b, prec.low, keep_t)
+        if got is not None:
+            return got[1], got[0], got[2]
+    g, t = gelu_forward(f, b)
+    return g, prec.keep(f), prec.keep(t) if keep_t else None
+
+
+def gelu_backward_kept(dg, f, t, prec: Precision = FP32, narrow: bool = False):
+    """GELU's input gradient from its kept input f and tanh term t (None: recomputed from f) and the output
+    gradient dg (overwritten; float32). narrow (only where the next products read bf16 arrays: Precision.reads_low):
+    it may come back in bf16 already, rounded where it is made; bf16 values kept on the host are read as they
+    are."""
+    if t is not None and prec.name == "bf16" and prec.is_low(f.dtype) and prec.is_low(t.dtype):
+        got = gelu_backward_bf16(dg, f, t, narrow)
+        if got is not None:
+            return got
+    f = prec.use(f, dg.dtype)
+    t = gelu_tanh(f) if t is None else prec.use(t, dg.dtype)
+    return gelu_backward(dg, f, t)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -40,12 +40,11 @@ from hpc_llm.model.layers import (
     dropout_forward,
     dropout_mask,
     dropout_site,
-    gelu_backward,
-    gelu_forward,
-    gelu_tanh,
+    gelu_backward_kept,
+    gelu_forward_kept,
     layernorm_backward_input,
     layernorm_backward_weight,
-    layernorm_forward,
+    layernorm_forward_kept,
     linear_forward,
     position_embedding_backward,
 )
@@ -77,9 +76,9 @@ class LayerNorm:
     def __init__(self, w: Param, b: Param, prec: Precision = FP32, partial: bool = False):
         self.w, self.b, self.prec, self.partial = w, b, prec, partial
 
-    def forward(self, x):
-        out, (xhat, rstd) = layernorm_forward(x, self.w.value, self.b.value)
-        return out, (self.prec.keep(xhat), rstd)
+    def forward(self, x, narrow: bool = False):
+        """narrow: out made in the format where the host's kernel can (only for a linear layer's input)."""
+        return layernorm_forward_kept(x, self.w.value, self.b.value, self.prec, narrow)
 
     def backward(self, dout, cache, accumulate: bool):
         return self.backward_input(dout, cache, WeightWork(accumulate))
@@ -310,12 +309,12 @@ class Block:
         rng = dropout_site(rng, self.layer + 1) if drop > 0 else None
         # the branch dropouts' masks: at this rank's positions under sequence parallelism
         branch_rng = slice_rng(rng, x, self.tp) if self.sequence_parallel else rng
-        h1, ln1 = self.ln_1.forward(x)
+        h1, ln1 = self.ln_1.forward(x, narrow=True)
         qkv, c_qkv = self.qkv.forward(h1)
         if kv is None:
             heads_rng = rng.for_heads(*self.head_range) if isinstance(rng, DropoutRNG) else rng
             y, att = attention_forward(
-                qkv, self.heads, drop, heads_rng, self.prec, keep_probs=not self.selective
+                qkv, self.heads, drop, heads_rng, self.prec, not self.selective, narrow=True
             )
         else:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
@@ -326,21 +325,18 @@ class Block:
         a_mask = dropout_mask(a.shape, a.dtype, drop, branch_rng) if drop > 0 else None
         # the residual input is not needed again: LayerNorm's cache holds its normalised copy
         _dropout_residual(x, a, a_mask, bias)
-        h2, ln2 = self.ln_2.forward(x)
+        h2, ln2 = self.ln_2.forward(x, narrow=True)
         bias = _folded_bias(self.fc, x)
         f, c_fc = self.fc.forward(h2, bias=bias is None)
-        g, gt = gelu_forward(f, bias)
         # selective recompute: GELU's tanh again in backward (one elementwise pass), not kept
-        gelu_t = None if self.selective else self.prec.keep(gt)
-        del gt
+        g, f, gelu_t = gelu_forward_kept(f, bias, self.prec, keep_t=not self.selective)
         bias = _folded_bias(self.mlp_proj, x)
         m, c_mproj = self.mlp_proj.forward(g, bias=bias is None)
         del g
         m_mask = dropout_mask(m.shape, m.dtype, drop, branch_rng) if drop > 0 else None
         _dropout_residual(x, m, m_mask, bias)
-        keep = self.prec.keep
         return x, BlockCache(
-            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, keep(f), gelu_t, c_mproj, m_mask
+            ln1, c_qkv, att, c_aproj, a_mask, ln2, c_fc, f, gelu_t, c_mproj, m_mask
         )
 
     def backward(self, dx, cache: BlockCache, accumulate: bool, rng=None):
@@ -351,14 +347,13 @@ class Block:
     def backward_input(self, dx, cache: BlockCache, work: WeightWork, rng=None):
         """B of backward (the same dx in and out); each linear's and LayerNorm's W goes to `work`, then the sum of
         the LayerNorms' partial gradients (sequence parallelism: SlicePartials)."""
-        c, use = cache, self.prec.use
+        c = cache
         # the branch's output gradient: the row-parallel W reads it after dx has been updated in place
         dm = work.keep(dx) if c.mlp_mask is None else c.mlp_mask.scaled(dx)
         dg = self.mlp_proj.backward_input(dm, c.mlp_proj, work)
-        f = use(c.fc_out, dg.dtype)
-        gt = gelu_tanh(f) if c.gelu_t is None else use(c.gelu_t, dg.dtype)
-        df = gelu_backward(dg, f, gt)  # consumes gt
-        del f, gt
+        # in bf16 where fc's products read it so (no LoRA: it scales its operand in float32)
+        narrow = self.fc.lora is None and self.prec.reads_low(dg)
+        df = gelu_backward_kept(dg, c.fc_out, c.gelu_t, self.prec, narrow)
         dh2 = self.fc.backward_input(df, c.fc, work)
         _dropout_residual(dx, self.ln_2.backward_input(dh2, c.ln_2, work), None)
         da = work.keep(dx) if c.attn_mask is None else c.attn_mask.scaled(dx)
@@ -368,7 +363,8 @@ class Block:
             # selective: a fresh site, same masks
             drop = self.dropout
             heads_rng = dropout_site(rng, self.layer + 1).for_heads(*self.head_range)
-        dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng)
+        narrow = self.qkv.lora is None and self.prec.reads_low(dy)  # as GELU's
+        dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng, narrow)
         dh1 = self.qkv.backward_input(dqkv, c.qkv, work)
         _dropout_residual(dx, self.ln_1.backward_input(dh1, c.ln_1, work), None)
         if self.partials is not None:

@@ -19,7 +19,7 @@ import numpy as np
 from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
-from hpc_llm.kernels.rounding import from_low, round_low_, to_low
+from hpc_llm.kernels.rounding import from_low, round_into, round_low_, to_low
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
@@ -30,19 +30,19 @@ class Precision:
         self.low = low_dtype(name)
         self.u = UNIT_ROUNDOFF[name]
 
-    def operand(self, x, out=None):
+    def operand(self, x, out=None, bits=None):
         """x rounded to the format, in x's own dtype: a matmul operand (on a device one pass, round.cu); into out
-        when given."""
+        when given, and on the host its bf16 bit patterns into bits when given (one pass: rounding.round_into)."""
         if self.low is None:
             return x
         xp = array_module(x)
         if device.on_device(xp) and x.flags.c_contiguous:
+            assert bits is None
             out = xp.empty_like(x) if out is None else out
             return device.round_(xp, x, self, self._operand, out=out)
         if out is None:
             return self._operand(x)
-        out[...] = self._operand(x)
-        return out
+        return round_into(x, out, self.low, bits)
 
     def _operand(self, x):
         return round_low_(x.copy(), self.low)
@@ -51,19 +51,22 @@ class Precision:
         """x rounded to the format as the host's products read it: a bfloat16 array where they take bf16 as it is
         (oneDNN, kernels/gemm.reads_bf16: one pass, no float32 copy), else operand(x). Only for a value that goes to
         matmuls alone (or is widened again first: gemm.as_float32)."""
-        if self._reads_low(x) and x.dtype == np.float32:
+        if self.reads_low(x) and x.dtype == np.float32:
             return to_low(np.ascontiguousarray(x), self.low)
+        if self.is_low(x.dtype) and self.reads_low(x):  # made in the format already
+            return x
         return self.operand(x)
 
     def gemm_round_(self, x):
         """x (contiguous, ours) rounded to the format as the host's products read it: into a new bfloat16 array where
         they take bf16 as it is (x's float32 bytes then free to go), else round_(x) in place. Only for a value that
         goes to matmuls alone."""
-        if self._reads_low(x) and x.dtype == np.float32:
+        if self.reads_low(x) and x.dtype == np.float32:
             return to_low(x, self.low)
         return self.round_(x)
 
-    def _reads_low(self, x) -> bool:
+    def reads_low(self, x) -> bool:
+        """Whether the host's products take x's format as it is (bf16 arrays on oneDNN: kernels/gemm.reads_bf16)."""
         return self.low is not None and type(x) is np.ndarray and gemm.reads_bf16(self)
 
     def round_(self, x):
@@ -83,7 +86,7 @@ class Precision:
     def keep(self, x):
         """An activation kept for backward: stored in the format (its rounded value, in half the bytes); on a
         device one pass (round.cu; CuPy holds bfloat16 as uint16 bit patterns: device.storage_dtype)."""
-        if self.low is None:
+        if self.low is None or x.dtype == self.low:  # x.dtype == low: made in the format already
             return x
         xp = array_module(x)
         if device.on_device(xp) and x.dtype == np.float32:
@@ -99,7 +102,8 @@ class Precision:
         if device.on_device(xp) and x.dtype == np.float32 and np.dtype(dtype) == np.float32:
             return device.narrow_round(xp, xp.ascontiguousarray(x), self, self._keep_use)
         kept = self.keep(x)
-        return kept, self.gemm_use(kept, dtype)
+        # an x made in the format already: its operand in float32 where the products widen it
+        return kept, self.gemm_use(kept, np.float32 if self.is_low(dtype) else dtype)
 
     def _keep_use(self, x):
         kept = to_low(x, self.low)
@@ -121,7 +125,7 @@ class Precision:
     def gemm_use(self, kept, dtype):
         """A kept activation as the host's products read it: itself where they take bf16 (gemm.reads_bf16), else
         use(kept, dtype). Only for a value that goes to matmuls alone."""
-        if self._reads_low(kept) and kept.dtype == self.low and dtype in (np.float32, self.low):
+        if self.reads_low(kept) and kept.dtype == self.low and dtype in (np.float32, self.low):
             return kept
         return self.use(kept, dtype)
 

@@ -8,7 +8,10 @@ allreduces (blocking, so on the critical path). The counts follow the code line 
 L2-sized chunk (GELU, AdamW, the gradient norm) the array size is the chunk's. bf16/fp16 (model/precision.py) add
 every conversion between float32 and the format the code makes: keep (to the format), use (back), operand and
 round_ (there and back), each priced at the cluster's cast rates (a NumPy cast to bfloat16 is compute-bound, ~10x an
-add per element). Dropout's mask generation is not modelled (the validation runs have dropout 0).
+add per element); on the host in bf16, GELU's and attention's head layout's are made in the compiled passes
+(Pricer.fused), not after them (LayerNorm's, the held softmax's and oneDNN's carried operands' the same way are not
+modelled: they depend on the pool and on oneDNN). Dropout's mask generation is not modelled (the validation runs
+have dropout 0).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpc_llm.config import ModelConfig
+from hpc_llm.kernels.dispatch import AUTO_MIN_ELEMENTS
 from hpc_llm.kernels.gemm import onednn_size
 from hpc_llm.kernels.rounding import PIECE as ROUND_PIECE
 from hpc_llm.model.attention import held_size, query_blocks
@@ -136,6 +140,12 @@ class Pricer:
         # on a device in one piece (Precision.round_)
         pieces = 1 if self.cl.backend == "cupy" else max(1, -(-int(elems) // ROUND_PIECE))
         return self._cast(elems, True, pieces) + self._cast(elems, False, pieces)
+
+    def fused(self, elems: int) -> bool:
+        """Whether bf16's compiled kernels on the host write and read the format in their own passes on arrays of
+        elems (GELU's, attention's head layout: kernels/bias_gelu.py, rounding.heads_rounded; from
+        dispatch.AUTO_MIN_ELEMENTS), instead of the conversions after and before them."""
+        return self.low == "bfloat16" and self.cl.backend != "cupy" and elems >= AUTO_MIN_ELEMENTS
 
     def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
         return Cost(self.share * self.cl.pass_time(accesses, self.it, elems, calls))
@@ -298,8 +308,9 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = F
     c = _layernorm_fwd(p, r) + p.keep(r)  # ln_1 (its xhat kept in the format)
     c += _column_input(p, n)  # ColumnParallelLinear: the input kept, then used
     c += p.linear(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
-    # split_heads copy, q *= scale, round_
-    c += p.ew(6 * nl, 3 * nl) + p.ew(2 * nl, nl) + p.round_(3 * nl)
+    # split_heads copy, q *= scale, round_ (fused: the copy's pass does all three)
+    fused = p.fused(3 * nl)
+    c += p.ew(6 * nl, 3 * nl) + (Cost() if fused else p.ew(2 * nl, nl) + p.round_(3 * nl))
     c += attention_core_forward(p, b, T, h, hd, keep=not selective)
     c += p.keep(3 * nl)  # the head-split qkv kept
     c += p.ew(2 * nl, nl)  # merge_heads copy
@@ -309,12 +320,16 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = F
     c += _layernorm_fwd(p, r) + p.keep(r)
     c += _column_input(p, n)
     c += p.linear(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
-    # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2)
-    c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.exp(4 * nl)
-    c += Cost() if selective else p.keep(4 * nl)  # GELU's tanh kept in the format
-    c += p.keep(4 * nl) + p.use(4 * nl)  # mlp_proj's input
-    c += p.linear(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
-    return c + p.keep(4 * nl)  # the cache keeps f in the format
+    # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2), then its tanh
+    # (not with selective), its output and its input kept; fused: after the tanh one compiled pass (x and t read,
+    # bf16 written)
+    if p.fused(4 * nl):
+        c += p.chunked(12 if selective else 12.5, 4 * nl, 6, ELEMENTWISE_CHUNK, True)
+    else:
+        c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.keep(4 * nl) + p.keep(4 * nl)
+        c += Cost() if selective else p.keep(4 * nl)
+    c += p.exp(4 * nl) + p.use(4 * nl)  # mlp_proj's input used
+    return c + p.linear(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
 
 
 def gelu_tanh(p: Pricer, elems: int) -> Cost:
@@ -358,13 +373,18 @@ def block_backward_input(
     c = p.ew(4 * r, r, 2) if deferred else Cost()
     # mlp_proj: its gradient (sp: all-gathered from the slice) as an operand; the input gradient
     c += p.gathered_operand(n) + p.linear(N, 4 * C // tp, C)
-    # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used)
-    c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
-    c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
+    # GELU backward by chunks: 11 passes, 26 accesses per element (f and the tanh used); fused (the tanh kept):
+    # one compiled pass reading f and t as bf16 (dout read and written, f and t: 3 accesses)
+    if p.fused(4 * nl) and not selective:
+        c += p.ew(3 * 4 * nl, 4 * nl)
+    else:
+        c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
+        c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
     c += p.operand(4 * nl) + p.linear(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
     c += p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
     c += p.gathered_operand(n) + p.linear(N, C // tp, C)  # attn_proj
-    c += p.use(3 * nl) + p.ew(2 * nl, nl) + p.round_(nl)  # qkvh used, dyh copy rounded
+    # qkvh used, dyh copy rounded (fused: in the copy's pass)
+    c += p.use(3 * nl) + p.ew(2 * nl, nl) + (Cost() if p.fused(nl) else p.round_(nl))
     held = p.held(T, hd)
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd

@@ -219,3 +219,125 @@ def test_bf16_row_sums(kernels):
     for mode in ("numba", "numpy"):
         got = kernels(mode, rounding.sum_rows_low, x, np.full(130, np.nan, np.float32))
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode
+
+
+@pytest.mark.parametrize("mode", ["numba", "auto"])
+def test_bf16_gelu_rounded_in_the_pass(kernels, mode):
+    """GELU writing its kept input and tanh term and its output as bf16 (and its backward reading them as they are,
+    its gradient rounded or not): bitwise the float32 kernels of the same mode followed by rounding, NaN and
+    infinities included ("auto": the twin's tanh, the rest compiled)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((130, 256)) * 3).astype(np.float32)
+    x[0, :3] = np.nan, np.inf, -np.inf
+    b, dout = rng.standard_normal(256).astype(np.float32), rng.standard_normal(x.shape)
+    dout = dout.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        out, t = kernels(mode, bias_gelu.gelu_forward, x, b)
+        f, g, tk = kernels(mode, bias_gelu.bias_gelu_forward_bf16, x, b, bf16)
+        for got, want in ((f, x + b), (g, out), (tk, t)):
+            assert np.array_equal(got.view(np.uint16), want.astype(bf16).view(np.uint16))
+        ref = kernels(mode, bias_gelu.gelu_backward, dout, *(a.astype(np.float32) for a in (f, tk)))
+        wide = kernels(mode, bias_gelu.gelu_backward_bf16, dout, f, tk, False)
+        assert np.array_equal(wide.view(np.uint32), ref.view(np.uint32))
+        narrow = kernels(mode, bias_gelu.gelu_backward_bf16, dout, f, tk, True)
+        assert np.array_equal(narrow.view(np.uint16), ref.astype(bf16).view(np.uint16))
+        f2, g2, none = kernels(mode, bias_gelu.bias_gelu_forward_bf16, x, None, bf16, False)
+        want = kernels(mode, bias_gelu.gelu_forward, x)[0].astype(bf16)
+    assert none is None and np.array_equal(g2.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_layernorm_rounded_in_the_pass(kernels, bias):
+    """LayerNorm writing its kept xhat (and its output, narrow) as bf16: bitwise the compiled float32 forward then
+    rounding; rstd and the float32 output (not narrow) bitwise its own."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((4, 70, 96)) * 3 + 1).astype(np.float32)
+    w, b = (rng.standard_normal(96).astype(np.float32) for _ in range(2))
+    b = b if bias else None
+    out, (xhat, rstd) = kernels("numba", layernorm.layernorm_forward, x, w, b)
+    for narrow in (True, False):
+        got = kernels("numba", layernorm.layernorm_forward_bf16, x, w, b, bf16, narrow)
+        o, (xh, rs) = got
+        assert np.array_equal(xh.view(np.uint16), xhat.astype(bf16).view(np.uint16))
+        assert np.array_equal(rs, rstd) and rs.shape == rstd.shape
+        want = out.astype(bf16) if narrow else out
+        assert o.dtype == want.dtype and np.array_equal(o.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_bf16_heads_rounded_in_the_pass(kernels, wide):
+    """Attention's head layout, q's scale and the bf16 rounding in one pass (and the layout back): bitwise the
+    transposed copy, the scaling, then rounding, NaN and infinities included."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = np.random.default_rng(6).standard_normal((3, 70, 3, 4, 40)).astype(np.float32)
+    x[0, 0, :, 0, :2] = np.nan, -np.inf
+    s = 1 / np.sqrt(40)
+    want = np.ascontiguousarray(x.transpose(2, 0, 3, 1, 4))
+    want[0] *= s
+    back = np.ascontiguousarray(want.transpose(1, 3, 0, 2, 4))
+    got = kernels("numba", rounding.heads_rounded, x, bf16, wide, s)
+    merged = kernels("numba", rounding.heads_rounded, want, bf16, wide, None, True)
+    for g, w in ((got, want), (merged, back)):
+        w = kernels("numba", rounding.round_low_, w, bf16) if wide else w.astype(bf16)
+        assert g.dtype == w.dtype and np.array_equal(g.view(np.uint8), w.view(np.uint8))
+
+
+def test_bf16_softmax_rounded_in_the_pass(kernels):
+    """The causal softmax and its backward (with and without the dropout mask) written as bf16 by the twin's last
+    pass: bitwise the twin's float32 result then rounding."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(7)
+    att = (rng.standard_normal((2, 3, 9, 16)) * 4).astype(np.float32)
+    datt = rng.standard_normal(att.shape).astype(np.float32)
+    keep = rng.uniform(size=att.shape) >= 0.2
+    p = kernels("numpy", softmax.causal_softmax_, att)
+    got = kernels("auto", softmax.causal_softmax_bf16, att, bf16)
+    assert np.array_equal(got.view(np.uint16), p.astype(bf16).view(np.uint16))
+    for mask in ((), (keep, 1.25)):
+        want = kernels("numpy", softmax.softmax_backward_, datt, p, *mask).astype(bf16)
+        got = kernels("auto", softmax.softmax_backward_bf16, datt, p, bf16, *mask)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_bf16_round_into_with_bits(monkeypatch):
+    """The compute copy's refresh (rounded float32 and its bf16 bits in one pass): bitwise round_low_ and the bits
+    of every class (ties, NaNs, infinities, subnormals)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    x = np.concatenate([hi | 0x8000, hi | 0x7FFF, hi | 0x8001, hi]).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = x.astype(bf16)
+        for mode in ("numba", "numpy"):
+            monkeypatch.setenv("HPC_LLM_KERNELS", mode)
+            out, bits = np.empty_like(x), np.empty(x.size, np.uint16)
+            rounding.round_into(x, out, bf16, bits)
+            assert np.array_equal(bits, want.view(np.uint16)), mode
+            assert np.array_equal(out.view(np.uint32), want.astype(np.float32).view(np.uint32)), (
+                mode
+            )
+
+
+def test_bf16_kernels_leave_fp16_alone(monkeypatch):
+    """fp16's kept values (2 bytes too) never reach the bf16 kernels: GELU's backward from float16 kept values is
+    the float32 kernel's on the widened values, and the bf16 passes decline float16."""
+    from hpc_llm.model.layers import gelu_backward_kept
+    from hpc_llm.model.precision import Precision
+
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
+    rng = np.random.default_rng(8)
+    f, t, dg = (rng.standard_normal((130, 256)).astype(np.float32) for _ in range(3))
+    f16, t16 = f.astype(np.float16), np.tanh(t).astype(np.float16)
+    want = bias_gelu.gelu_backward(dg.copy(), f16.astype(np.float32), t16.astype(np.float32))
+    got = gelu_backward_kept(dg.copy(), f16, t16, Precision("fp16"))
+    assert np.array_equal(got, want)
+    fp16 = np.dtype(np.float16)
+    assert bias_gelu.bias_gelu_forward_bf16(f.copy(), None, fp16) is None
+    assert layernorm.layernorm_forward_bf16(f, f[0], None, fp16, True) is None
+    assert softmax.causal_softmax_bf16(f.reshape(2, 65, 256)[:, :, :65].copy(), fp16) is None

@@ -138,6 +138,38 @@ def test_causal_softmax_pool_within_bound(pool_on):
     assert np.all(got[p64 == 0] == 0)
 
 
+def test_bf16_kernels_on_the_pool_round_the_pools_values(monkeypatch):
+    """With the pool on (auto), the bf16 softmax and its backward, GELU and LayerNorm run the pool's passes,
+    rounding as they write: bitwise the pool's float32 results then rounding."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    if not pool._omp_layer(2):
+        pytest.skip("numba's omp threading layer unavailable")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
+    monkeypatch.setattr(pool, "_state", {"threads": 2})
+    rng = np.random.default_rng(8)
+    att = (rng.standard_normal((2, 3, 13, 21)) * 4).astype(np.float32)
+    datt = rng.standard_normal(att.shape).astype(np.float32)
+    keep = rng.uniform(size=att.shape) >= 0.2
+    p = softmax.causal_softmax_(att.copy())
+    got = softmax.causal_softmax_bf16(att.copy(), bf16)
+    assert np.array_equal(got.view(np.uint16), p.astype(bf16).view(np.uint16))
+    for mask in ((), (keep, 1.25)):
+        want = softmax.softmax_backward_(datt.copy(), p, *mask).astype(bf16)
+        got = softmax.softmax_backward_bf16(datt.copy(), p, bf16, *mask)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    x = (rng.standard_normal((130, 256)) * 3).astype(np.float32)
+    b = rng.standard_normal(256).astype(np.float32)
+    out, t = bias_gelu.gelu_forward(x.copy(), b)
+    f, g, tk = bias_gelu.bias_gelu_forward_bf16(x.copy(), b, bf16)
+    for got, want in ((f, x + b), (g, out), (tk, t)):
+        assert np.array_equal(got.view(np.uint16), want.astype(bf16).view(np.uint16))
+    y, (xhat, _) = layernorm.layernorm_forward(x, b, x[0])
+    y16, (xhat16, _) = layernorm.layernorm_forward_bf16(x, b, x[0], bf16, True)
+    for got, want in ((y16, y), (xhat16, xhat)):
+        assert np.array_equal(got.view(np.uint16), want.astype(bf16).view(np.uint16))
+
+
 def assert_within_gamma(got, a, b, c0=None):
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     exact, mag, K = a64 @ b64, np.abs(a64) @ np.abs(b64), a.shape[-1]

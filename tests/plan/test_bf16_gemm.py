@@ -122,3 +122,29 @@ def test_device_linears_and_head_at_the_formats_rate():
     )
     lay = Layout(batch_size=2)
     assert dataclasses.replace(bytes_of("bf16", cl, lay), device=False).master == 2
+
+
+def test_bf16_host_conversions_fused_from_the_kernels_threshold(monkeypatch):
+    """bf16 on a host: GELU's kept values and attention's head layout are written in the format by the compiled
+    passes that make them (Pricer.fused, from dispatch.AUTO_MIN_ELEMENTS), so a block whose arrays pass the
+    threshold is priced faster than with those conversions after the passes; below it (the twins), the same. fp16
+    and a device never."""
+    from hpc_llm.plan.compute import block_backward_input, block_forward
+
+    def costs(low, backend="numpy"):
+        p = Pricer(cluster(TWICE, backend=backend), "float32", 4, 1, None, low=low)
+        return [
+            f(p, *shape).compute
+            for shape in ((8, 256, 384, 6), (1, 8, 16, 2))
+            for f in (block_forward, block_backward_input)
+        ]
+
+    fused = {
+        (low, be): costs(low, be) for low in ("bfloat16", "float16") for be in ("numpy", "cupy")
+    }
+    monkeypatch.setattr(Pricer, "fused", lambda self, elems: False)
+    for (low, be), got in fused.items():
+        want = costs(low, be)
+        faster = low == "bfloat16" and be == "numpy"
+        assert [g < w for g, w in zip(got, want)] == [faster, faster, False, False], (low, be)
+        assert all(g <= w for g, w in zip(got, want))
