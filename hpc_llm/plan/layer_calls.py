@@ -17,7 +17,8 @@ from dataclasses import replace
 
 from hpc_llm.bench.calibrate import TINY_BLOCK
 from hpc_llm.plan.cluster import Cluster
-from hpc_llm.plan.compute import Pricer, block_backward, block_forward
+from hpc_llm.plan.compute import block_backward, block_forward
+from hpc_llm.plan.pricer import Pricer
 
 
 def _tiny_block(cl: Cluster) -> float:

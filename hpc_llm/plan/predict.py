@@ -21,7 +21,6 @@ from hpc_llm.parallel.schedule import SPLIT, V_SHAPED, Phase, virtual_stage
 from hpc_llm.parallel.schedule_timing import Timing
 from hpc_llm.plan.cluster import Cluster, Link
 from hpc_llm.plan.compute import (
-    Pricer,
     chunk_costs,
     norm_time,
     optimizer_time,
@@ -38,6 +37,7 @@ from hpc_llm.plan.memory import (
     stage_sync,
 )
 from hpc_llm.plan.peak import message_bytes, message_elems
+from hpc_llm.plan.pricer import Pricer
 from hpc_llm.plan.sharding import zero_pass_seconds
 from hpc_llm.plan.simulate import simulate_costs
 

@@ -264,6 +264,7 @@ def test_head_launches_are_what_the_planner_prices(fmt):
     from hpc_llm.model.gpt import GPT
     from hpc_llm.plan import cluster_file as K
     from hpc_llm.plan import compute as C
+    from hpc_llm.plan import pricer
 
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
     head = GPT(cfg, xp, seed=0, precision=fmt).chunks[-1].head
@@ -276,15 +277,15 @@ def test_head_launches_are_what_the_planner_prices(fmt):
     d = plan_cluster_dict()
     d["compute"] = {**d["compute"], "backend": "cupy"}
 
-    class Tally(C.Pricer):
+    class Tally(pricer.Pricer):
         def _cast(self, elems, to_low, calls=1.0):
             planned["narrow_format" if to_low else "widen_format"] += 1
-            return C.Cost()
+            return pricer.Cost()
 
         def linear(self, m, n, k):
             planned["matmul"] += 1
             assert self.gemm16
-            return C.Cost()
+            return pricer.Cost()
 
     low = {"bf16": "bfloat16", "fp16": "float16"}[fmt]
     p = Tally(K.cluster_from_dict(d), "float32", 4, 1, None, low=low)

@@ -14,7 +14,6 @@ from hpc_llm.kernels.gemm import MIN_MACS, MIN_MACS_HELD, MIN_SIDE
 from hpc_llm.plan import cluster as K
 from hpc_llm.plan import cluster_file as KF
 from hpc_llm.plan.compute import (
-    Pricer,
     chunk_costs,
     head_backward_input,
     head_forward,
@@ -22,6 +21,7 @@ from hpc_llm.plan.compute import (
 )
 from hpc_llm.plan.memory import Layout, specs_of, stage_plan
 from hpc_llm.plan.predict import PRECISIONS, bytes_of, predict
+from hpc_llm.plan.pricer import Pricer
 
 F32 = {"32": 5e10, "1024": 1e11}
 TWICE = {k: 2 * v for k, v in F32.items()}

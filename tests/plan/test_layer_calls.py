@@ -12,10 +12,10 @@ from hpc_llm.bench.calibrate import tiny_block_s
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.plan.cluster_file import cluster_from_dict, load_cluster, to_toml
-from hpc_llm.plan.compute import Pricer
 from hpc_llm.plan.layer_calls import _tiny_block, in_layers, layer_call_s
 from hpc_llm.plan.memory import Layout
 from hpc_llm.plan.predict import predict
+from hpc_llm.plan.pricer import Pricer
 
 MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=100)
 LAYOUTS = [Layout(batch_size=8), Layout(tp=2, batch_size=8), Layout(pp=2, micro_batches=4)]

@@ -387,10 +387,11 @@ def test_zero_bubble_prices_b_and_w_apart():
     a shorter step; zbv (priced per virtual stage on its V) shorter still, with no embedding allreduce; zb-h1's last
     stage keeps p - 1 micro-batches' W parts beside one cache where 1F1B keeps one cache."""
     from hpc_llm.plan import compute as PC
+    from hpc_llm.plan import pricer
     from hpc_llm.plan.peak import _chunk_sizes
 
     cfg = tiny(n_layer=4, n_embd=64, block_size=64)
-    pr = PC.Pricer(CL, "float32", 4, 2, K.Link(1e-5, 1e9, 1e9), sp=True)
+    pr = pricer.Pricer(CL, "float32", 4, 2, K.Link(1e-5, 1e9, 1e9), sp=True)
     for acc in (False, True):
         whole = PC.block_backward(pr, 2, 64, 64, 4, acc, False, 128)
         parts = PC.block_backward_input(pr, 2, 64, 64, 4) + PC.block_weight(
@@ -548,6 +549,7 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
     operand, round_) are those a real forward and backward convert (Precision's methods, counted)."""
     from hpc_llm.model import precision as P
     from hpc_llm.plan import compute as C
+    from hpc_llm.plan import pricer
 
     code = {True: 0, False: 0}  # to the format, back
     real = {k: getattr(P.Precision, k) for k in ("keep", "use", "operand", "round_")}
@@ -564,10 +566,10 @@ def test_conversions_priced_are_those_the_code_makes(monkeypatch, tp, block_size
     for name, to, back in (("keep", 1, 0), ("use", 0, 1), ("operand", 1, 1), ("round_", 1, 1)):
         monkeypatch.setattr(P.Precision, name, counting(name, to, back))
 
-    class Tally(C.Pricer):
+    class Tally(pricer.Pricer):
         def _cast(self, elems, to_low, calls=1.0):
             planned[to_low] += elems
-            return C.Cost()
+            return pricer.Cost()
 
     cfg = tiny(block_size=block_size, n_layer=2)
     b = 3
@@ -1062,23 +1064,24 @@ def test_tensor_parallel_collectives_per_block(act_comm):
     reduce-scatters backward (S = the whole buffer), plus the LayerNorms' partial gradients (4C) allreduced; 16-bit
     transfers: the activations' S in 2 bytes (the gradients' allreduce stays 4)."""
     from hpc_llm.plan import compute as P
+    from hpc_llm.plan.pricer import Pricer
 
     b, T, C, H, tp = 2, 64, 32, 4, 4
     link = CL.link("intra")
     n, it = b * T * C, 2 if act_comm else 4
     a, bw = link.latency_s, link.bw
 
-    def pricer(sp):
-        return P.Pricer(CL, "float32", 4, tp, link, sp=sp, comm_low=act_comm)
+    def priced(sp):
+        return Pricer(CL, "float32", 4, tp, link, sp=sp, comm_low=act_comm)
 
     ar, ag, rs = (f(n * it, tp, a, bw) for f in (K.allreduce, K.allgather, K.reduce_scatter))
-    assert P.block_forward(pricer(False), b, T, C, H).tp == pytest.approx(2 * ar)
-    assert P.block_backward(pricer(False), b, T, C, H, False, ln_params=2 * C).tp == pytest.approx(
+    assert P.block_forward(priced(False), b, T, C, H).tp == pytest.approx(2 * ar)
+    assert P.block_backward(priced(False), b, T, C, H, False, ln_params=2 * C).tp == pytest.approx(
         2 * ar
     )
-    assert P.block_forward(pricer(True), b, T, C, H).tp == pytest.approx(2 * ag + 2 * rs)
+    assert P.block_forward(priced(True), b, T, C, H).tp == pytest.approx(2 * ag + 2 * rs)
     partials = K.allreduce(4 * C * 4, tp, a, bw)
-    back = P.block_backward(pricer(True), b, T, C, H, False, ln_params=2 * C).tp
+    back = P.block_backward(priced(True), b, T, C, H, False, ln_params=2 * C).tp
     assert back == pytest.approx(4 * ag + 2 * rs + partials)
 
 
@@ -1089,10 +1092,11 @@ def test_selective_recompute_prices_each_query_blocks_probabilities_again():
     5 passes (9 accesses per element) over each L2 chunk of the 4bTC GELU input and its tanhs; the step is longer,
     by less than "block"'s."""
     from hpc_llm.plan import compute as P
+    from hpc_llm.plan import pricer
 
     b, T, C, H = 2, 300, 64, 4  # 3 query blocks
-    p = P.Pricer(CL, "float32", 4, 1, None)
-    extra = P.Cost()
+    p = pricer.Pricer(CL, "float32", 4, 1, None)
+    extra = pricer.Cost()
     for q0, q1 in query_blocks(T):
         s = b * H * (q1 - q0) * q1
         extra += p.gemm(q1 - q0, q1, C // H, b * H) + p.ew(9 * s, s, 6) + p.exp(s)
