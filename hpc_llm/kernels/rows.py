@@ -174,11 +174,14 @@ def _column_dot_bf16(x, y, out):
     for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
-        acc = np.zeros(b - a, out.dtype)
+        acc, yw = np.zeros(b - a, out.dtype), np.empty(b - a, np.float32)
         for r in range(N):
             xr, yr = x[r, a:b], y[r, a:b]
+            # the row's block widened first: the sums' loop as the float32 kernel's
             for j in range(b - a):
-                acc[j] += xr[j] * bf16_widen(yr[j])
+                yw[j] = bf16_widen(yr[j])
+            for j in range(b - a):
+                acc[j] += xr[j] * yw[j]
         out[a:b] = acc
 
 
