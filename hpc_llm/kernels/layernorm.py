@@ -13,8 +13,8 @@ import numpy as np
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
-from hpc_llm.kernels.rounding import bf16_round
-from hpc_llm.kernels.rows import column_sums_into, sum_lanes, sumsq_lanes
+from hpc_llm.kernels.rounding import bf16_round, bf16_widen, from_low
+from hpc_llm.kernels.rows import column_dot_bf16_into, column_sums_into, sum_lanes, sumsq_lanes
 
 LN_EPS = 1e-5
 
@@ -69,21 +69,40 @@ def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
 
 
 def layernorm_backward_input(dout, cache, w):
-    """B: the input gradient; dout is left as it is (W reads it). On a device one fused kernel."""
+    """B: the input gradient; dout is left as it is (W reads it). xhat on the host may be the kept bf16 copy: read
+    as it is where the compiled kernel runs, else widened. On a device one fused kernel."""
     xp = array_module(dout)
     if device.on_device(xp):
         return device.layernorm_backward_input(xp, dout, cache, w, layernorm_backward_input_numpy)
     xhat, rstd = cache
+    kept = _bf16_kept(dout, xhat)
+    xhat = xhat if kept or xhat.dtype == dout.dtype else from_low(xhat, dout.dtype)
     if (
         compiled(_layernorm_backward_input, dout, xhat, rstd, w)
-        and dout.dtype == xhat.dtype == w.dtype == rstd.dtype
+        and dout.dtype == w.dtype == rstd.dtype
     ):
         C = dout.shape[-1]
         d2 = np.ascontiguousarray(dout).reshape(-1, C)
         dx = np.empty_like(d2)
-        _layernorm_backward_input(d2, xhat.reshape(-1, C), rstd.reshape(-1, 1), w, dx)
+        x2, r2 = xhat.reshape(-1, C), rstd.reshape(-1, 1)
+        if kept:
+            _layernorm_backward_input_bf16(d2, x2.view(np.uint16), r2, w, dx)
+        else:
+            _layernorm_backward_input(d2, x2, r2, w, dx)
         return dx.reshape(dout.shape)
-    return layernorm_backward_input_numpy(dout, cache, w)
+    if kept:
+        xhat = from_low(xhat, dout.dtype)
+    return layernorm_backward_input_numpy(dout, (xhat, rstd), w)
+
+
+def _bf16_kept(dout, xhat) -> bool:
+    """Whether xhat is a kept bf16 copy (C-contiguous) of float32 dout's LayerNorm, for the kernels to read."""
+    return (
+        xhat.dtype.name == "bfloat16"
+        and dout.dtype == np.float32
+        and type(xhat) is np.ndarray
+        and xhat.flags.c_contiguous
+    )
 
 
 def layernorm_backward_input_numpy(dout, cache, w):
@@ -105,38 +124,58 @@ def layernorm_backward_input_numpy(dout, cache, w):
 def _layernorm_backward_input(dout, xhat, rstd, w, dx):
     N, C = dout.shape
     for r in prange(N):
-        # the row's sums over 4 running sums each (a single one waits on the add's latency)
-        sd0 = sd1 = sd2 = sd3 = sx0 = sx1 = sx2 = sx3 = 0.0
-        m = C - C % 4
-        for i in range(0, m, 4):
-            d0, d1 = dout[r, i] * w[i], dout[r, i + 1] * w[i + 1]
-            d2, d3 = dout[r, i + 2] * w[i + 2], dout[r, i + 3] * w[i + 3]
-            sd0 += d0
-            sd1 += d1
-            sd2 += d2
-            sd3 += d3
-            sx0 += d0 * xhat[r, i]
-            sx1 += d1 * xhat[r, i + 1]
-            sx2 += d2 * xhat[r, i + 2]
-            sx3 += d3 * xhat[r, i + 3]
-        sd, sdx = (sd0 + sd1) + (sd2 + sd3), (sx0 + sx1) + (sx2 + sx3)
-        for i in range(m, C):
-            d = dout[r, i] * w[i]
-            sd += d
-            sdx += d * xhat[r, i]
-        mean_d = sd / C
-        mean_dx = sdx / C
-        rs = rstd[r, 0]
+        _backward_input_row(dout[r], xhat[r], rstd[r, 0], w, dx[r], C)
+
+
+@kernel(pool=True)
+def _layernorm_backward_input_bf16(dout, xhat, rstd, w, dx):
+    """_layernorm_backward_input on xhat's bf16 bits (uint16), each row widened first (exact): bitwise it on the
+    widened xhat."""
+    N, C = dout.shape
+    for r in prange(N):
+        row = np.empty(C, np.float32)
         for i in range(C):
-            d = dout[r, i] * w[i]
-            dx[r, i] = (d - mean_d - xhat[r, i] * mean_dx) * rs
+            row[i] = bf16_widen(xhat[r, i])
+        _backward_input_row(dout[r], row, rstd[r, 0], w, dx[r], C)
+
+
+@kernel(inline="always")
+def _backward_input_row(dout, xhat, rs, w, dx, C):
+    # the row's sums over 4 running sums each (a single one waits on the add's latency)
+    sd0 = sd1 = sd2 = sd3 = sx0 = sx1 = sx2 = sx3 = 0.0
+    m = C - C % 4
+    for i in range(0, m, 4):
+        d0, d1 = dout[i] * w[i], dout[i + 1] * w[i + 1]
+        d2, d3 = dout[i + 2] * w[i + 2], dout[i + 3] * w[i + 3]
+        sd0 += d0
+        sd1 += d1
+        sd2 += d2
+        sd3 += d3
+        sx0 += d0 * xhat[i]
+        sx1 += d1 * xhat[i + 1]
+        sx2 += d2 * xhat[i + 2]
+        sx3 += d3 * xhat[i + 3]
+    sd, sdx = (sd0 + sd1) + (sd2 + sd3), (sx0 + sx1) + (sx2 + sx3)
+    for i in range(m, C):
+        d = dout[i] * w[i]
+        sd += d
+        sdx += d * xhat[i]
+    mean_d = sd / C
+    mean_dx = sdx / C
+    for i in range(C):
+        d = dout[i] * w[i]
+        dx[i] = (d - mean_d - xhat[i] * mean_dx) * rs
 
 
 def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
-    """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias)."""
+    """W: dw = sum of dout * xhat over the rows, db = sum of dout (None: no bias). xhat on the host may be the kept
+    bf16 copy (read as it is by the pool's sums, else widened)."""
     C = dout.shape[-1]
     d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
-    column_sums_into(d2, dw, accumulate, x2)
+    if xhat.dtype != dout.dtype and not column_dot_bf16_into(d2, dw, accumulate, x2):
+        column_sums_into(d2, dw, accumulate, from_low(x2, dout.dtype))
+    elif xhat.dtype == dout.dtype:
+        column_sums_into(d2, dw, accumulate, x2)
     if db is not None:
         column_sums_into(d2, db, accumulate)
 

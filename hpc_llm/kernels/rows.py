@@ -16,6 +16,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rounding import bf16_widen
 
 # columns per parallel iteration of a sum over rows or the scatter-add: a block's sums stay in L1 as the rows stream by
 COLUMN_BLOCK = 64
@@ -149,6 +150,38 @@ def _column_sums(x, y, dot, out):
                 xr = x[r, a:b]
                 for j in range(b - a):
                     acc[j] += xr[j]
+        out[a:b] = acc
+
+
+def column_dot_bf16_into(x2, out, accumulate: bool, y2) -> bool:
+    """column_sums_into(x2, out, accumulate, y2) for float32 x2 and out and a bfloat16 y2 read as it is (each value
+    widened as it is read: bitwise the sums of the widened y2) where the pool's kernel runs; False elsewhere."""
+    if not (y2.dtype.name == "bfloat16" and x2.dtype == out.dtype == np.float32 and x2.ndim == 2):
+        return False
+    bits = y2.view(np.uint16) if y2.flags.c_contiguous else None
+    if bits is None or not _pool_2d(_column_sums, x2, out, bits):
+        return False
+    s = np.empty_like(out) if accumulate else out
+    _column_dot_bf16(x2, bits, s)
+    if accumulate:
+        out += s
+    return True
+
+
+@kernel(pool=True)
+def _column_dot_bf16(x, y, out):
+    N, C = x.shape
+    for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        a = blk * COLUMN_BLOCK
+        b = min(a + COLUMN_BLOCK, C)
+        acc, yw = np.zeros(b - a, out.dtype), np.empty(b - a, np.float32)
+        for r in range(N):
+            xr, yr = x[r, a:b], y[r, a:b]
+            # the row's block widened first: the sums' loop as the float32 kernel's
+            for j in range(b - a):
+                yw[j] = bf16_widen(yr[j])
+            for j in range(b - a):
+                acc[j] += xr[j] * yw[j]
         out[a:b] = acc
 
 

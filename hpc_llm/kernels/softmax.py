@@ -12,7 +12,7 @@ import numpy as np
 
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.dispatch import compiled, kernel, kernels_choice, numba_available, prange
-from hpc_llm.kernels.rounding import bf16_round
+from hpc_llm.kernels.rounding import bf16_round, bf16_widen, from_low
 from hpc_llm.kernels.rows import dot_lanes, sum_lanes
 
 _MASKS: dict = {}
@@ -211,23 +211,22 @@ def _scale_rows_bf16(x, s, out):
 
 def softmax_backward_bf16(datt, att, low, keep=None, scale: float = 1.0):
     """softmax_backward_(datt, att, keep, scale) as a new bfloat16 (`low`) array where its twin runs (datt and
-    att C-contiguous float32, datt used as scratch): the twin's passes, its last two (less the row's dot product,
-    times p) compiled with the rounding. None elsewhere."""
-    if not _twin_bf16(datt, low, att):
+    att C-contiguous, datt float32 and used as scratch, att float32 or the held bf16 probabilities, read as they are
+    by the compiled pass): the twin's passes, its last two (less the row's dot product, times p) compiled with the
+    rounding. None elsewhere."""
+    held = att.dtype == low
+    if not _twin_bf16(datt, low, None if held else att) or not att.flags.c_contiguous:
         return None
     K = datt.shape[-1]
     out = np.empty(datt.shape, dtype=low)
     if compiled(_softmax_backward, datt, att, keep):  # its pass, rounding as it writes
         mask = np.ones((1, 1), np.bool_) if keep is None else keep.reshape(-1, K)
-        _softmax_backward_bf16(
-            datt.reshape(-1, K),
-            att.reshape(-1, K),
-            mask,
-            keep is not None,
-            datt.dtype.type(scale),
-            out.reshape(-1, K).view(np.uint16),
-        )
+        p = att.reshape(-1, K).view(np.uint16) if held else att.reshape(-1, K)
+        args = (datt.reshape(-1, K), p, mask, keep is not None, datt.dtype.type(scale))
+        bits = out.reshape(-1, K).view(np.uint16)
+        (_softmax_backward_held_bf16 if held else _softmax_backward_bf16)(*args, bits)
         return out
+    att = from_low(att, datt.dtype) if held else att
     if keep is not None:
         datt *= keep
         datt *= scale
@@ -249,9 +248,28 @@ def _sub_mul_bf16(d, rowdot, p, out):
 def _softmax_backward_bf16(datt, att, keep, masked, scale, out):
     N, K = datt.shape
     for r in prange(N):
-        if masked:
-            for j in range(K):
-                datt[r, j] = datt[r, j] * keep[r, j] * scale
-        s = dot_lanes(datt[r], att[r], K)
+        _backward_row_bf16(
+            datt[r], att[r], keep[r] if masked else keep[0], masked, scale, out[r], K
+        )
+
+
+@kernel(pool=True)
+def _softmax_backward_held_bf16(datt, att, keep, masked, scale, out):
+    """_softmax_backward_bf16 on the probabilities' bf16 bits (uint16), each row widened first (exact): bitwise it
+    on the widened probabilities."""
+    N, K = datt.shape
+    for r in prange(N):
+        p = np.empty(K, np.float32)
         for j in range(K):
-            out[r, j] = bf16_round(np.float32((datt[r, j] - s) * att[r, j]))
+            p[j] = bf16_widen(att[r, j])
+        _backward_row_bf16(datt[r], p, keep[r] if masked else keep[0], masked, scale, out[r], K)
+
+
+@kernel(inline="always")
+def _backward_row_bf16(d, p, keep, masked, scale, out, K):
+    if masked:
+        for j in range(K):
+            d[j] = d[j] * keep[j] * scale
+    s = dot_lanes(d, p, K)
+    for j in range(K):
+        out[j] = bf16_round(np.float32((d[j] - s) * p[j]))

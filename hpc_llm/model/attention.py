@@ -176,10 +176,11 @@ def rounded_softmax_backward_(datt, att, mask, prec: Precision, held: bool = Fal
             mask.apply_(datt)
         return device.softmax_backward_(xp, datt, att, prec, _rounded_softmax_backward_)
     keep, scale = (None, 1.0) if mask is None else (mask.keep, mask.scale)
-    if held and prec.name == "bf16":  # the rounding in the last pass, into bf16
+    if held and prec.name == "bf16":  # the rounding in the last pass, into bf16 (att as it is held)
         got = softmax_backward_bf16(datt, att, prec.low, keep, scale)
         if got is not None:
             return got
+    att = att if att.dtype == datt.dtype else prec.use(att, datt.dtype)
     softmax_backward_(datt, att, keep, scale)
     return prec.keep(datt) if held else prec.round_(datt)
 
@@ -249,9 +250,10 @@ def attention_backward(
     for first, ((q0, q1), (att, mask)) in enumerate(zip(blocks, kept)):
         # the first block sees every key: it writes dk and dv whole, later blocks add
         first = first == 0
-        # att: rounded (held without dropout: bf16, as the products read it); in float32 for the softmax's backward
+        # att: rounded (held without dropout: bf16, as the products and the softmax's backward read it), else in
+        # float32 for the softmax's backward
         low = att if held and mask is None else None
-        if atts is not None or low is not None:
+        if atts is not None and low is None:
             att = prec.use(att, dy.dtype)
         used = att if mask is None else _dropped(att, mask, prec, held)
         used = used if low is None else low

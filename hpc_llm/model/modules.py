@@ -84,15 +84,15 @@ class LayerNorm:
         return self.backward_input(dout, cache, WeightWork(accumulate))
 
     def backward_input(self, dout, cache, work: WeightWork):
-        """B: the input gradient; W (dout and the kept xhat) to `work`."""
+        """B: the input gradient; W (dout and the kept xhat) to `work`; the host's kernels read the kept copy."""
         kept, rstd = cache
-        xhat = self.prec.use(kept, dout.dtype)
-        # deferred: the kept copy (in the format: half the bytes), converted when W runs
+        xhat = kept if isinstance(kept, np.ndarray) else self.prec.use(kept, dout.dtype)
         work.add(self._weight, dout, kept if work.deferred else xhat)
         return layernorm_backward_input(dout, (xhat, rstd), self.w.value)
 
     def _weight(self, dout, xhat, accumulate: bool) -> None:
-        xhat = xhat if xhat.dtype == dout.dtype else self.prec.use(xhat, dout.dtype)
+        host = isinstance(xhat, np.ndarray)
+        xhat = xhat if host or xhat.dtype == dout.dtype else self.prec.use(xhat, dout.dtype)
         layernorm_backward_weight(
             dout, xhat, self.w.grad, self.b.grad, accumulate and not self.partial
         )

@@ -268,6 +268,33 @@ def test_bf16_layernorm_rounded_in_the_pass(kernels, bias):
         assert o.dtype == want.dtype and np.array_equal(o.view(np.uint8), want.view(np.uint8))
 
 
+@pytest.mark.parametrize("mode", ["numba", "numpy"])
+def test_bf16_layernorm_backward_reads_kept_xhat(kernels, mode):
+    """LayerNorm's backward given the kept bf16 xhat (B, and W's sums into and onto dw): bitwise the float32
+    backward on the widened xhat."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(9)
+    dout = rng.standard_normal((4, 70, 96)).astype(np.float32)
+    xhat = rng.standard_normal(dout.shape).astype(bf16)
+    w, rstd = (
+        rng.standard_normal(96).astype(np.float32),
+        rng.uniform(0.5, 2, (4, 70, 1)).astype(np.float32),
+    )
+
+    def backward(x):
+        dx = kernels(mode, layernorm.layernorm_backward_input, dout, (x, rstd), w)
+        dw, db, dw0 = np.ones(96, np.float32), np.ones(96, np.float32), np.empty(96, np.float32)
+        layernorm.layernorm_backward_weight(
+            dout, x, dw, db, True
+        )  # the mode set by kernels() above
+        layernorm.layernorm_backward_weight(dout, x, dw0, None, False)
+        return dx, dw, db, dw0
+
+    for got, want in zip(backward(xhat), backward(xhat.astype(np.float32))):
+        assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_bf16_heads_rounded_in_the_pass(kernels, wide):
     """Attention's head layout, q's scale and the bf16 rounding in one pass (and the layout back): bitwise the
@@ -299,10 +326,17 @@ def test_bf16_softmax_rounded_in_the_pass(kernels):
     p = kernels("numpy", softmax.causal_softmax_, att)
     got = kernels("auto", softmax.causal_softmax_bf16, att, bf16)
     assert np.array_equal(got.view(np.uint16), p.astype(bf16).view(np.uint16))
+    p16 = p.astype(bf16)  # the held probabilities: the backward reads them as they are
     for mask in ((), (keep, 1.25)):
         want = kernels("numpy", softmax.softmax_backward_, datt, p, *mask).astype(bf16)
         got = kernels("auto", softmax.softmax_backward_bf16, datt, p, bf16, *mask)
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+        for mode in ("auto", "numba"):
+            want = kernels(
+                mode, softmax.softmax_backward_bf16, datt, p16.astype(np.float32), bf16, *mask
+            )
+            got = kernels(mode, softmax.softmax_backward_bf16, datt, p16, bf16, *mask)
+            assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def test_bf16_round_into_with_bits(monkeypatch):

@@ -168,6 +168,22 @@ def test_bf16_kernels_on_the_pool_round_the_pools_values(monkeypatch):
     y16, (xhat16, _) = layernorm.layernorm_forward_bf16(x, b, x[0], bf16, True)
     for got, want in ((y16, y), (xhat16, xhat)):
         assert np.array_equal(got.view(np.uint16), want.astype(bf16).view(np.uint16))
+    # its backward reading the kept xhat (B; W's sums): bitwise on the widened copy
+    rstd = rng.uniform(0.5, 2, (130, 1)).astype(np.float32)
+    for xh in (xhat16.astype(np.float32), xhat16):
+        dx = layernorm.layernorm_backward_input(x, (xh, rstd), b)
+        dw = np.ones(256, np.float32)
+        layernorm.layernorm_backward_weight(x, xh, dw, None, True)
+        if xh.dtype == np.float32:
+            want_dx, want_dw = dx, dw
+    assert np.array_equal(dx, want_dx) and np.array_equal(dw, want_dw)
+    # the softmax backward reading the held bf16 probabilities (compiled at this small size too)
+    monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
+    p16 = p.astype(bf16)
+    for mask in ((), (keep, 1.25)):
+        want = softmax.softmax_backward_(datt.copy(), p16.astype(np.float32), *mask).astype(bf16)
+        got = softmax.softmax_backward_bf16(datt.copy(), p16, bf16, *mask)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def assert_within_gamma(got, a, b, c0=None):
