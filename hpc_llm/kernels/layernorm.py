@@ -172,10 +172,10 @@ def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
     bf16 copy (read as it is by the pool's sums, else widened)."""
     C = dout.shape[-1]
     d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
-    if xhat.dtype != dout.dtype and not column_dot_bf16_into(d2, dw, accumulate, x2):
-        column_sums_into(d2, dw, accumulate, from_low(x2, dout.dtype))
-    elif xhat.dtype == dout.dtype:
+    if xhat.dtype == dout.dtype:
         column_sums_into(d2, dw, accumulate, x2)
+    elif not column_dot_bf16_into(d2, dw, accumulate, x2):
+        column_sums_into(d2, dw, accumulate, from_low(x2, dout.dtype))
     if db is not None:
         column_sums_into(d2, db, accumulate)
 

@@ -69,6 +69,11 @@ from hpc_llm.model.vocab_parallel import (
 from hpc_llm.parallel.comm import Comm
 
 
+def _read_as_kept(xhat) -> bool:
+    """A host bf16 xhat goes to the LayerNorm kernels as it is (they read it, or widen it where they do not run)."""
+    return xhat.dtype.name == "bfloat16" and not device.on_device(array_module(xhat))
+
+
 class LayerNorm:
     """Statistics in the compute dtype; the normalised input kept in the precision's format. partial: its gradients
     are a SlicePartials buffer's views, overwritten by each backward (the buffer's reduce accumulates)."""
@@ -86,13 +91,13 @@ class LayerNorm:
     def backward_input(self, dout, cache, work: WeightWork):
         """B: the input gradient; W (dout and the kept xhat) to `work`; the host's kernels read the kept copy."""
         kept, rstd = cache
-        xhat = kept if isinstance(kept, np.ndarray) else self.prec.use(kept, dout.dtype)
+        xhat = kept if _read_as_kept(kept) else self.prec.use(kept, dout.dtype)
         work.add(self._weight, dout, kept if work.deferred else xhat)
         return layernorm_backward_input(dout, (xhat, rstd), self.w.value)
 
     def _weight(self, dout, xhat, accumulate: bool) -> None:
-        host = isinstance(xhat, np.ndarray)
-        xhat = xhat if host or xhat.dtype == dout.dtype else self.prec.use(xhat, dout.dtype)
+        keep = _read_as_kept(xhat) or xhat.dtype == dout.dtype
+        xhat = xhat if keep else self.prec.use(xhat, dout.dtype)
         layernorm_backward_weight(
             dout, xhat, self.w.grad, self.b.grad, accumulate and not self.partial
         )
