@@ -50,21 +50,29 @@ def bias_gelu_forward(x, b=None):
             x.reshape(-1, C), bias, out.reshape(-1, C), t.reshape(-1, C), *_consts(x.dtype)
         )
         return out, t
+    if compiled(_gelu_inner, x) and _flat(x) and (b is None or _row_bias(x, b)):
+        return _gelu_pool(x, b)
     if b is not None:
         x += b
-    if compiled(_gelu_inner, x) and _flat(x):
-        return _gelu_pool(x)
     return gelu_forward_numpy(x)
 
 
-def _gelu_pool(x):
+def _row_bias(x, b) -> bool:
+    return b.dtype == x.dtype and b.shape == x.shape[-1:] and x.ndim >= 2
+
+
+def _gelu_pool(x, b=None):
     """The twin's passes with the shared pool on: those before and after the tanh fused into one parallel kernel
-    each (the same float32 operations in the same order: bitwise the twin's), NumPy's vectorised tanh between
-    them on this thread (split over Python threads it waited for the pool's OpenMP thread, which spins on the
-    other core after each parallel region)."""
+    each (the same float32 operations in the same order, the bias add included: bitwise the twin's), NumPy's
+    vectorised tanh between them on this thread (split over Python threads it waited for the pool's OpenMP thread,
+    which spins on the other core after each parallel region)."""
     out, t = np.empty_like(x), np.empty_like(x)
     xf, tf, c3, c, _, _, one, half = x.reshape(-1), t.reshape(-1), *_consts(x.dtype)
-    _gelu_inner(xf, tf, c3, c)
+    if b is None:
+        _gelu_inner(xf, tf, c3, c)
+    else:
+        C = x.shape[-1]
+        _bias_gelu_inner(x.reshape(-1, C), b, t.reshape(-1, C), c3, c)
     np.tanh(tf, out=tf)
     _gelu_outer(xf, tf, out.reshape(-1), one, half)
     return out, t
@@ -75,6 +83,17 @@ def _gelu_inner(x, t, c3, c):
     for i in prange(x.size):
         xs = x[i]
         t[i] = (xs * xs * c3 + c) * xs
+
+
+@kernel(auto="pool", pool=True)
+def _bias_gelu_inner(x, b, t, c3, c):
+    # the twin's x += b, then _gelu_inner's operations
+    N, C = x.shape
+    for r in prange(N):
+        for j in range(C):
+            xs = x[r, j] + b[j]
+            x[r, j] = xs
+            t[r, j] = (xs * xs * c3 + c) * xs
 
 
 @kernel(auto="pool", pool=True)

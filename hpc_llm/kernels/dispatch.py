@@ -22,14 +22,23 @@ CHOICES = ("auto", "numba", "numpy")
 # are not worth a process's first-call cost (importing numba and loading the cached kernels, about a second)
 AUTO_MIN_ELEMENTS = 1 << 15
 _state: dict = {}
+# (variable, its raw value) -> the checked choice: every kernel call asks, and a changed value is a new key (so a
+# variable set later, as tests do, is seen at once); a bad value is never cached
+_choices: dict = {}
+# pool.pool_threads, bound on first use (pool.py imports this module)
+_pool_threads = None
 
 
 def env_choice(var: str, choices: tuple) -> str:
     """Environment variable `var`, one of `choices` (case and spaces ignored; unset or empty: the first); a bad
     value is a UserError."""
-    name = os.environ.get(var, choices[0]).strip().lower() or choices[0]
-    if name not in choices:
-        raise UserError(f"{var}: expected one of {', '.join(choices)}, got {name!r}")
+    key = (var, os.environ.get(var))
+    name = _choices.get(key)
+    if name is None:
+        name = (key[1] or "").strip().lower() or choices[0]
+        if name not in choices:
+            raise UserError(f"{var}: expected one of {', '.join(choices)}, got {name!r}")
+        _choices[key] = name
     return name
 
 
@@ -63,11 +72,24 @@ def compiled(k: lazy_jit, x, *more) -> bool:
     need). "numba": whenever numba is there and every array is a NumPy one; "auto": also only for a kernel measured
     faster than its twin (k.auto, docs/performance.md) and an x of AUTO_MIN_ELEMENTS or more; "numpy": never."""
     choice = kernels_choice()
-    if choice == "numpy" or (choice == "auto" and (not _auto(k) or x.size < AUTO_MIN_ELEMENTS)):
+    if choice == "numpy" or (choice == "auto" and (x.size < AUTO_MIN_ELEMENTS or not _auto(k))):
         return False
-    if not numba_available():
+    if type(x) is not np.ndarray or not numba_available():
         return False
-    return type(x) is np.ndarray and all(type(a) is np.ndarray for a in more if a is not None)
+    for a in more:
+        if a is not None and type(a) is not np.ndarray:
+            return False
+    return True
+
+
+def pool_threads() -> int:
+    """kernels/pool.py's pool_threads (imported on first use: that module imports this one)."""
+    global _pool_threads
+    if _pool_threads is None:
+        from hpc_llm.kernels.pool import pool_threads as threads
+
+        _pool_threads = threads
+    return _pool_threads()
 
 
 def _auto(k: lazy_jit) -> bool:
@@ -75,8 +97,6 @@ def _auto(k: lazy_jit) -> bool:
     (its parallel variant measured faster than the twin, with the shared pool on)."""
     if k.auto != "pool":
         return bool(k.auto)
-    from hpc_llm.kernels.pool import pool_threads
-
     return pool_threads() > 0
 
 
@@ -94,12 +114,9 @@ class lazy_jit:
         self.jitted = self.parallel = None
 
     def __call__(self, *args):
-        if self.pool:
-            from hpc_llm.kernels.pool import pool_threads
-
-            if pool_threads() > 0:
-                return self.compile_parallel()(*args)
-        return self.compile()(*args)
+        if self.pool and pool_threads() > 0:
+            return (self.parallel or self.compile_parallel())(*args)
+        return (self.jitted or self.compile())(*args)
 
     def compile(self):
         """The numba dispatcher; the kernels this one calls (lazy_jit globals) are compiled first and put in its

@@ -1,7 +1,8 @@
 """A branch's dropout and the residual add after it: x += a * keep * scale, in one pass.
 
 Compiled: the twin's arithmetic element by element in the same order (a * keep is exact, then the scale, then the
-add), so the two are bitwise equal; without dropout the plain add, on the shared pool's threads (kernels/pool.py).
+add), so the two are bitwise equal; without dropout the plain add (with the branch layer's bias, a + bias first), on
+the shared pool's threads (kernels/pool.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from hpc_llm.kernels.dispatch import compiled, kernel, prange
 
 def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
     """x += a * keep * scale (keep: the dropout's kept flags, None: no dropout), in place; returns x. On a device
-    one kernel (cuda/dropout_residual.cu). bias: a += bias first (device only: the branch layer's bias folded in)."""
+    one kernel (cuda/dropout_residual.cu). bias: a += bias first (the branch layer's bias folded in); on the host
+    without dropout one pass x += (a + bias), which leaves a as it was."""
     flat = x.flags.c_contiguous and a.flags.c_contiguous and a.shape == x.shape
     xp = array_module(x)
     if device.on_device(xp) and flat and (keep is None or keep.flags.c_contiguous):
         return device.dropout_residual_(xp, x, a, keep, scale, dropout_residual_numpy, bias)
+    if bias is not None and keep is None and flat and _fused_bias(x, a, bias):
+        C = x.shape[-1]
+        _residual_add_bias(x.reshape(-1, C), a.reshape(-1, C), bias)
+        return x
     if bias is not None:
         a += bias
     if (
@@ -32,6 +38,12 @@ def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
         _residual_add(x.reshape(-1), a.reshape(-1))
         return x
     return dropout_residual_numpy(x, a, keep, scale)
+
+
+def _fused_bias(x, a, bias) -> bool:
+    """Whether the host's pass x += (a + bias) runs: a bias over x's last axis, one dtype, the pool's kernel."""
+    same = a.dtype == x.dtype == bias.dtype and bias.shape == x.shape[-1:]
+    return same and x.ndim >= 2 and compiled(_residual_add_bias, x, a, bias)
 
 
 def dropout_residual_numpy(x, a, keep=None, scale: float = 1.0, bias=None):
@@ -57,3 +69,12 @@ def _dropout_residual(x, a, keep, scale):
 def _residual_add(x, a):
     for i in prange(x.size):
         x[i] += a[i]
+
+
+@kernel(auto="pool", pool=True)
+def _residual_add_bias(x, a, b):
+    # the twin's a += b, then x += a: the same two float32 additions per element
+    N, C = x.shape
+    for r in prange(N):
+        for j in range(C):
+            x[r, j] += a[r, j] + b[j]

@@ -137,11 +137,14 @@ def takes_held(prec, macs: int, side: int) -> bool:
 def matmul(a, b, out=None, accumulate: bool = False, prec=None):
     """out = a @ b, or out += a @ b (accumulate); a new array when out is None. Returns out. An operand held in 2
     bytes (a device's: GPT.compute, a kept input): kernels/cuda/gemm16.py."""
-    if gemm16.stored_16_bit(a) or gemm16.stored_16_bit(b):
-        return gemm16.matmul16(a, b, prec, out, accumulate)
-    if prec is not None and uses_onednn(a, b, prec):
-        return bf16_matmul(a, b, out, accumulate)
-    a, b = as_float32(a), as_float32(b)
+    # the host's float32 products (most of a step's calls) skip the checks that cannot hold for them
+    host32 = type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype == np.float32
+    if not host32 or (prec is not None and prec.name == "bf16"):
+        if gemm16.stored_16_bit(a) or gemm16.stored_16_bit(b):
+            return gemm16.matmul16(a, b, prec, out, accumulate)
+        if prec is not None and uses_onednn(a, b, prec):
+            return bf16_matmul(a, b, out, accumulate)
+        a, b = as_float32(a), as_float32(b)
     if (out is None or out.dtype == np.float32) and uses_sgemm(a, b):
         return sgemm_matmul(a, b, out, accumulate)
     if out is None:
@@ -235,8 +238,9 @@ def _onednn_products(gemm, name: str, operand, a, b, out, accumulate: bool):
         if accumulate:
             target[...] = out
     beta, ldc = (1.0 if accumulate else 0.0), target.strides[-2] // 4
-    pa, pb, pc = (_address(x) for x in (a, b, target))
-    for oa, ob, oc in zip(*(_offsets(x, lead) for x in (a, b, target))):
+    pa, pb, pc = _address(a), _address(b), _address(target)
+    offsets = ((0, 0, 0),) if not lead else zip(*(_offsets(x, lead) for x in (a, b, target)))
+    for oa, ob, oc in offsets:
         status = gemm(ta, tb, M, N, K, 1.0, pa + oa, lda, pb + ob, ldb, beta, pc + oc, ldc)
         if status != 0:
             raise RuntimeError(f"{name} returned status {status}")

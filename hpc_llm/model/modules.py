@@ -219,9 +219,10 @@ def _dropout_residual(x, a, mask, bias=None) -> None:
     dropout_residual_(x, a, keep, scale, bias)
 
 
-def _folded_bias(layer, x):
-    """On a device, the layer's bias, which the fused kernel after it adds (the layer then adds none); else None."""
-    return layer.b.value if device.on_device(array_module(x)) and not layer.lora else None
+def _folded_bias(layer):
+    """The layer's bias, which the fused pass after it (GELU's, the residual add's) adds, so the layer adds none;
+    None with LoRA (it adds to the layer's output)."""
+    return None if layer.lora else layer.b.value
 
 
 class BlockCache(NamedTuple):
@@ -324,18 +325,18 @@ class Block:
         else:
             y, att = cached_attention_forward(qkv, self.heads, kv, pos0), None
         del qkv
-        # on a device each bias is added by the fused kernel after its linear (a pass fewer each)
-        bias = _folded_bias(self.attn_proj, x)
+        # each bias is added by the fused pass after its linear (a pass fewer each)
+        bias = _folded_bias(self.attn_proj)
         a, c_aproj = self.attn_proj.forward(y, bias=bias is None)
         a_mask = dropout_mask(a.shape, a.dtype, drop, branch_rng) if drop > 0 else None
         # the residual input is not needed again: LayerNorm's cache holds its normalised copy
         _dropout_residual(x, a, a_mask, bias)
         h2, ln2 = self.ln_2.forward(x, narrow=True)
-        bias = _folded_bias(self.fc, x)
+        bias = _folded_bias(self.fc)
         f, c_fc = self.fc.forward(h2, bias=bias is None)
         # selective recompute: GELU's tanh again in backward (one elementwise pass), not kept
         g, f, gelu_t = gelu_forward_kept(f, bias, self.prec, keep_t=not self.selective)
-        bias = _folded_bias(self.mlp_proj, x)
+        bias = _folded_bias(self.mlp_proj)
         m, c_mproj = self.mlp_proj.forward(g, bias=bias is None)
         del g
         m_mask = dropout_mask(m.shape, m.dtype, drop, branch_rng) if drop > 0 else None

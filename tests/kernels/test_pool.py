@@ -84,9 +84,9 @@ def test_parallel_kernels_bitwise_serial(pool_on):
 
 
 def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
-    """The pool kernels that replace NumPy's own passes (GELU's around its tanh, the residual add, the bias add,
-    sums over rows, the embedding's scatter-add): with the pool on, bitwise NumPy's results with it off, on sizes
-    past "auto"'s cut-over that split unevenly."""
+    """The pool kernels that replace NumPy's own passes (GELU's around its tanh, with a bias, the residual add,
+    with a bias, the bias add, sums over rows, the embedding's scatter-add): with the pool on, bitwise NumPy's
+    results with it off, on sizes past "auto"'s cut-over that split unevenly."""
     monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((37, 1001)) * 3).astype(np.float32)
@@ -95,8 +95,14 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
     got, ref = pool_on(bias_gelu.gelu_tanh, x)
     assert np.array_equal(got, t) and np.array_equal(ref, t), "recompute: bitwise forward's"
     a, b = rng.standard_normal(x.shape).astype(np.float32), x[0].copy()
+    # the linear layer's bias folded into GELU's first pass: x left holding x + b, as the twin leaves it
+    got, ref = pool_on(lambda f: (*bias_gelu.gelu_forward(f, b), f), x)
+    assert all(np.array_equal(p, q) for p, q in zip(got, ref)) and np.array_equal(got[2], x + b)
     got, ref = pool_on(dropout_residual.dropout_residual_, x, a)
     assert np.array_equal(got, ref) and np.array_equal(ref, x + a)
+    # ... and the projections' into the residual add: x += (a + b)
+    got, ref = pool_on(lambda y: dropout_residual.dropout_residual_(y, a.copy(), None, 1.0, b), x)
+    assert np.array_equal(got, ref) and np.array_equal(ref, x + (a + b))
     got, ref = pool_on(rows.add_rows_, x, b)
     assert np.array_equal(got, ref) and np.array_equal(ref, x + b)
     for y, acc in ((None, False), (a, False), (a, True)):
@@ -117,6 +123,8 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
     )
     assert np.array_equal(pool_on(rows.from_heads, got)[0], qkv[:, :, :] * ref_scale(qkv, 0.3))
     assert rows._scatter_add_rows.parallel is not None, "the parallel variants ran"
+    assert bias_gelu._bias_gelu_inner.parallel is not None
+    assert dropout_residual._residual_add_bias.parallel is not None
 
 
 def ref_scale(qkv, s):
