@@ -14,7 +14,13 @@ from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 from hpc_llm.kernels.rounding import bf16_round, bf16_widen, from_low
-from hpc_llm.kernels.rows import column_dot_bf16_into, column_sums_into, sum_lanes, sumsq_lanes
+from hpc_llm.kernels.rows import (
+    column_dot_and_sums_into,
+    column_dot_bf16_into,
+    column_sums_into,
+    sum_lanes,
+    sumsq_lanes,
+)
 
 LN_EPS = 1e-5
 
@@ -68,9 +74,12 @@ def _layernorm_forward(x, w, b, has_bias, out, xhat, rstd):
             out[r, i] = o + b[i] if has_bias else o
 
 
-def layernorm_backward_input(dout, cache, w):
+def layernorm_backward_input(dout, cache, w, add_to=None):
     """B: the input gradient; dout is left as it is (W reads it). xhat on the host may be the kept bf16 copy: read
-    as it is where the compiled kernel runs, else widened. On a device one fused kernel."""
+    as it is where the compiled kernel runs, else widened. On a device one fused kernel. add_to (the residual
+    stream's gradient): where the compiled kernel runs, the gradient is added to it in the kernel's pass (each
+    value rounded to the dtype first, so bitwise the addition after) and add_to is returned; elsewhere the new
+    gradient is returned, for the caller to add."""
     xp = array_module(dout)
     if device.on_device(xp):
         return device.layernorm_backward_input(xp, dout, cache, w, layernorm_backward_input_numpy)
@@ -83,16 +92,26 @@ def layernorm_backward_input(dout, cache, w):
     ):
         C = dout.shape[-1]
         d2 = np.ascontiguousarray(dout).reshape(-1, C)
-        dx = np.empty_like(d2)
+        add = _adds_into(add_to, dout)
+        dx = add_to.reshape(-1, C) if add else np.empty_like(d2)
         x2, r2 = xhat.reshape(-1, C), rstd.reshape(-1, 1)
         if kept:
-            _layernorm_backward_input_bf16(d2, x2.view(np.uint16), r2, w, dx)
+            _layernorm_backward_input_bf16(d2, x2.view(np.uint16), r2, w, dx, add)
         else:
-            _layernorm_backward_input(d2, x2, r2, w, dx)
-        return dx.reshape(dout.shape)
+            _layernorm_backward_input(d2, x2, r2, w, dx, add)
+        return add_to if add else dx.reshape(dout.shape)
     if kept:
         xhat = from_low(xhat, dout.dtype)
     return layernorm_backward_input_numpy(dout, (xhat, rstd), w)
+
+
+def _adds_into(add_to, dout) -> bool:
+    return (
+        type(add_to) is np.ndarray
+        and add_to.shape == dout.shape
+        and add_to.dtype == dout.dtype
+        and add_to.flags.c_contiguous
+    )
 
 
 def _bf16_kept(dout, xhat) -> bool:
@@ -121,14 +140,14 @@ def layernorm_backward_input_numpy(dout, cache, w):
 
 
 @kernel(auto=True, pool=True)
-def _layernorm_backward_input(dout, xhat, rstd, w, dx):
+def _layernorm_backward_input(dout, xhat, rstd, w, dx, add):
     N, C = dout.shape
     for r in prange(N):
-        _backward_input_row(dout[r], xhat[r], rstd[r, 0], w, dx[r], C)
+        _backward_input_row(dout[r], xhat[r], rstd[r, 0], w, dx[r], C, add)
 
 
 @kernel(pool=True)
-def _layernorm_backward_input_bf16(dout, xhat, rstd, w, dx):
+def _layernorm_backward_input_bf16(dout, xhat, rstd, w, dx, add):
     """_layernorm_backward_input on xhat's bf16 bits (uint16), each row widened first (exact): bitwise it on the
     widened xhat."""
     N, C = dout.shape
@@ -136,11 +155,12 @@ def _layernorm_backward_input_bf16(dout, xhat, rstd, w, dx):
         row = np.empty(C, np.float32)
         for i in range(C):
             row[i] = bf16_widen(xhat[r, i])
-        _backward_input_row(dout[r], row, rstd[r, 0], w, dx[r], C)
+        _backward_input_row(dout[r], row, rstd[r, 0], w, dx[r], C, add)
 
 
 @kernel(inline="always")
-def _backward_input_row(dout, xhat, rs, w, dx, C):
+def _backward_input_row(dout, xhat, rs, w, dx, C, add):
+    # add: dx += the row's gradient, each value rounded to dx's dtype first (the store's rounding), else dx = it
     # the row's sums over 4 running sums each (a single one waits on the add's latency)
     sd0 = sd1 = sd2 = sd3 = sx0 = sx1 = sx2 = sx3 = 0.0
     m = C - C % 4
@@ -164,7 +184,11 @@ def _backward_input_row(dout, xhat, rs, w, dx, C):
     mean_dx = sdx / C
     for i in range(C):
         d = dout[i] * w[i]
-        dx[i] = (d - mean_d - xhat[i] * mean_dx) * rs
+        v = (d - mean_d - xhat[i] * mean_dx) * rs
+        if add:
+            dx[i] += dx.dtype.type(v)
+        else:
+            dx[i] = v
 
 
 def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
@@ -173,6 +197,8 @@ def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
     C = dout.shape[-1]
     d2, x2 = dout.reshape(-1, C), xhat.reshape(-1, C)
     if xhat.dtype == dout.dtype:
+        if db is not None and column_dot_and_sums_into(d2, x2, dw, db, accumulate):
+            return
         column_sums_into(d2, dw, accumulate, x2)
     elif not column_dot_bf16_into(d2, dw, accumulate, x2):
         column_sums_into(d2, dw, accumulate, from_low(x2, dout.dtype))

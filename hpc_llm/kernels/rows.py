@@ -153,6 +153,40 @@ def _column_sums(x, y, dot, out):
         out[a:b] = acc
 
 
+def column_dot_and_sums_into(x2, y2, dots, sums, accumulate: bool) -> bool:
+    """column_sums_into(x2, dots, accumulate, y2) and column_sums_into(x2, sums, accumulate) in one pass over x2
+    (LayerNorm's two weight gradients from its output gradient) where the pool's kernel runs, bitwise the two; False
+    elsewhere, nothing done."""
+    same = x2.ndim == 2 and x2.dtype == y2.dtype == dots.dtype == sums.dtype
+    if not (same and x2.shape == y2.shape and _pool_2d(_column_dot_sums, x2, y2, dots, sums)):
+        return False
+    d, s = (np.empty_like(dots), np.empty_like(sums)) if accumulate else (dots, sums)
+    _column_dot_sums(x2, y2, d, s)
+    if accumulate:
+        dots += d
+        sums += s
+    return True
+
+
+@kernel(auto="pool", pool=True)
+def _column_dot_sums(x, y, dots, sums):
+    N, C = x.shape
+    for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        a = blk * COLUMN_BLOCK
+        b = min(a + COLUMN_BLOCK, C)
+        # _column_sums' two orders: the products' sums from zero, the plain sums from the first row
+        acc, tot = np.zeros(b - a, dots.dtype), x[0, a:b].copy()
+        for j in range(b - a):
+            acc[j] += x[0, a + j] * y[0, a + j]
+        for r in range(1, N):
+            xr, yr = x[r, a:b], y[r, a:b]
+            for j in range(b - a):
+                acc[j] += xr[j] * yr[j]
+                tot[j] += xr[j]
+        dots[a:b] = acc
+        sums[a:b] = tot
+
+
 def column_dot_bf16_into(x2, out, accumulate: bool, y2) -> bool:
     """column_sums_into(x2, out, accumulate, y2) for float32 x2 and out and a bfloat16 y2 read as it is (each value
     widened as it is read: bitwise the sums of the widened y2) where the pool's kernel runs; False elsewhere."""

@@ -88,12 +88,18 @@ class LayerNorm:
     def backward(self, dout, cache, accumulate: bool):
         return self.backward_input(dout, cache, WeightWork(accumulate))
 
-    def backward_input(self, dout, cache, work: WeightWork):
-        """B: the input gradient; W (dout and the kept xhat) to `work`; the host's kernels read the kept copy."""
+    def backward_input(self, dout, cache, work: WeightWork, residual=None):
+        """B: the input gradient; W (dout and the kept xhat) to `work`; the host's kernels read the kept copy.
+        residual: the residual stream's gradient, to which the input gradient is added (in the host kernel's own
+        pass where it runs) and which is returned."""
         kept, rstd = cache
         xhat = kept if _read_as_kept(kept) else self.prec.use(kept, dout.dtype)
         work.add(self._weight, dout, kept if work.deferred else xhat)
-        return layernorm_backward_input(dout, (xhat, rstd), self.w.value)
+        dx = layernorm_backward_input(dout, (xhat, rstd), self.w.value, residual)
+        if residual is None or dx is residual:
+            return dx
+        _dropout_residual(residual, dx, None)
+        return residual
 
     def _weight(self, dout, xhat, accumulate: bool) -> None:
         keep = _read_as_kept(xhat) or xhat.dtype == dout.dtype
@@ -361,7 +367,7 @@ class Block:
         narrow = self.fc.lora is None and self.prec.reads_low(dg)
         df = gelu_backward_kept(dg, c.fc_out, c.gelu_t, self.prec, narrow)
         dh2 = self.fc.backward_input(df, c.fc, work)
-        _dropout_residual(dx, self.ln_2.backward_input(dh2, c.ln_2, work), None)
+        self.ln_2.backward_input(dh2, c.ln_2, work, residual=dx)
         da = work.keep(dx) if c.attn_mask is None else c.attn_mask.scaled(dx)
         dy = self.attn_proj.backward_input(da, c.attn_proj, work)
         drop, heads_rng = 0.0, None
@@ -372,7 +378,7 @@ class Block:
         narrow = self.qkv.lora is None and self.prec.reads_low(dy)  # as GELU's
         dqkv = attention_backward(dy, c.attn, self.heads, self.prec, drop, heads_rng, narrow)
         dh1 = self.qkv.backward_input(dqkv, c.qkv, work)
-        _dropout_residual(dx, self.ln_1.backward_input(dh1, c.ln_1, work), None)
+        self.ln_1.backward_input(dh1, c.ln_1, work, residual=dx)
         if self.partials is not None:
             work.add(self.partials.reduce)
         return dx

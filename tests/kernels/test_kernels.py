@@ -295,6 +295,32 @@ def test_bf16_layernorm_backward_reads_kept_xhat(kernels, mode):
         assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("mode", ["numba", "numpy"])
+@pytest.mark.parametrize("kept", ["float32", "bfloat16"])
+def test_layernorm_backward_adds_into_the_residual(kernels, mode, kept):
+    """LayerNorm's B given the residual's gradient adds its input gradient to it (in the kernel's pass where it
+    runs): bitwise B's gradient then the addition, float32 and the kept bf16 xhat."""
+    dtype = (
+        np.dtype(pytest.importorskip("ml_dtypes").bfloat16) if kept == "bfloat16" else np.float32
+    )
+    rng = np.random.default_rng(10)
+    dout, res = (rng.standard_normal((4, 70, 96)).astype(np.float32) for _ in range(2))
+    xhat = rng.standard_normal(dout.shape).astype(dtype)
+    w, rstd = rng.standard_normal(96).astype(np.float32), rng.uniform(0.5, 2, (4, 70, 1))
+    cache = (xhat, rstd.astype(np.float32))
+    dx = kernels(mode, layernorm.layernorm_backward_input, dout, cache, w)
+    target = res.copy()
+    got = layernorm.layernorm_backward_input(dout, cache, w, target)  # the mode set above
+    if mode == "numba":
+        assert got is target, "the sum made in the kernel's pass"
+    else:
+        assert np.array_equal(got, dx) and np.array_equal(target, res), (
+            "returned, for the caller to add"
+        )
+        got = target + got
+    assert np.array_equal(got, res + dx)
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_bf16_heads_rounded_in_the_pass(kernels, wide):
     """Attention's head layout, q's scale and the bf16 rounding in one pass (and the layout back): bitwise the

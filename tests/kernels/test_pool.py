@@ -52,6 +52,8 @@ def test_parallel_kernels_bitwise_serial(pool_on):
     assert all(np.array_equal(p, q) for p, q in zip((out, *cache), (ref, *ref_cache)))
     got, ref = pool_on(layernorm.layernorm_backward_input, x, cache, w)
     assert np.array_equal(got, ref)
+    got, ref = pool_on(layernorm.layernorm_backward_input, x, cache, w, x * 0.5)
+    assert np.array_equal(got, ref)
     t = np.tanh(x)
     got, ref = pool_on(bias_gelu.gelu_backward, w * x, x, t)
     assert np.array_equal(got, ref)
@@ -109,6 +111,14 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
         got, ref = pool_on(lambda o: rows.column_sums_into(x, o, acc, y) or o, b)
         assert np.array_equal(got, ref)
     assert np.array_equal(ref, b + np.einsum("ni,ni->i", x, a))
+    for acc in (False, True):  # LayerNorm's dw and db in one pass: bitwise the two sums
+        got, ref = pool_on(
+            lambda dw, db: layernorm.layernorm_backward_weight(x, a, dw, db, acc) or (dw, db),
+            b,
+            a[1],
+        )
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    assert rows._column_dot_sums.parallel is not None
     idx = rng.integers(0, 40, x.shape[0])
     table = rng.standard_normal((40, x.shape[1])).astype(np.float32)
     got, ref = pool_on(lambda tab: rows.scatter_add_rows_(tab, idx, x) or tab, table)
