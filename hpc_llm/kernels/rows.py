@@ -8,6 +8,9 @@ element; NumPy sums a C-contiguous (N, C) array over axis 0 (and einsum "ni,ni->
 and `add.at` adds its rows in index order, which the kernels keep, splitting the columns over the threads; and a
 copy is a copy (the scaling of q folded into it is the same one multiplication).
 With the pool off they are not used (`auto="pool"`).
+
+Their inner loops count in unsigned integers (np.uint64): numba then emits no wraparound for negative indices there,
+and LLVM vectorizes the loop (the sums over rows 2.5-3x faster at 768 rows; the same operations, bitwise).
 """
 
 from __future__ import annotations
@@ -104,8 +107,9 @@ def add_rows_(x2, b):
 def _add_rows(x, b):
     N, C = x.shape
     for r in prange(N):
-        for j in range(C):
-            x[r, j] += b[j]
+        xr = x[r]
+        for j in range(np.uint64(C)):
+            xr[j] += b[j]
 
 
 def column_sums_into(x2, out, accumulate: bool, y2=None) -> None:
@@ -138,17 +142,18 @@ def _column_sums(x, y, dot, out):
         b = min(a + COLUMN_BLOCK, C)
         # the block's running sums in a local array (into `out` itself, each add would wait on the last store);
         # NumPy's order: the first row, then each next one added (einsum: from zero)
+        w = np.uint64(b - a)
         if dot:
             acc = np.zeros(b - a, out.dtype)
             for r in range(N):
                 xr, yr = x[r, a:b], y[r, a:b]
-                for j in range(b - a):
+                for j in range(w):
                     acc[j] += xr[j] * yr[j]
         else:
             acc = x[0, a:b].copy()
             for r in range(1, N):
                 xr = x[r, a:b]
-                for j in range(b - a):
+                for j in range(w):
                     acc[j] += xr[j]
         out[a:b] = acc
 
@@ -175,12 +180,13 @@ def _column_dot_sums(x, y, dots, sums):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
         # _column_sums' two orders: the products' sums from zero, the plain sums from the first row
-        acc, tot = np.zeros(b - a, dots.dtype), x[0, a:b].copy()
-        for j in range(b - a):
-            acc[j] += x[0, a + j] * y[0, a + j]
+        acc, tot, w = np.zeros(b - a, dots.dtype), x[0, a:b].copy(), np.uint64(b - a)
+        x0, y0 = x[0, a:b], y[0, a:b]
+        for j in range(w):
+            acc[j] += x0[j] * y0[j]
         for r in range(1, N):
             xr, yr = x[r, a:b], y[r, a:b]
-            for j in range(b - a):
+            for j in range(w):
                 acc[j] += xr[j] * yr[j]
                 tot[j] += xr[j]
         dots[a:b] = acc
@@ -208,13 +214,13 @@ def _column_dot_bf16(x, y, out):
     for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
-        acc, yw = np.zeros(b - a, out.dtype), np.empty(b - a, np.float32)
+        acc, yw, w = np.zeros(b - a, out.dtype), np.empty(b - a, np.float32), np.uint64(b - a)
         for r in range(N):
             xr, yr = x[r, a:b], y[r, a:b]
             # the row's block widened first: the sums' loop as the float32 kernel's
-            for j in range(b - a):
+            for j in range(w):
                 yw[j] = bf16_widen(yr[j])
-            for j in range(b - a):
+            for j in range(w):
                 acc[j] += xr[j] * yw[j]
         out[a:b] = acc
 
@@ -240,10 +246,11 @@ def _scatter_add_rows(table, idx, rows):
     for blk in prange(nb):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
+        w = np.uint64(b - a)
         for i in range(N):
-            t = idx[i]
-            for j in range(a, b):
-                table[t, j] += rows[i, j]
+            tr, rr = table[idx[i], a:b], rows[i, a:b]
+            for j in range(w):
+                tr[j] += rr[j]
 
 
 def to_heads(x, n_head: int, parts: int, scale0: float = 1.0):
