@@ -9,8 +9,9 @@ and `add.at` adds its rows in index order, which the kernels keep, splitting the
 copy is a copy (the scaling of q folded into it is the same one multiplication).
 With the pool off they are not used (`auto="pool"`).
 
-Their inner loops count in unsigned integers (np.uint64): numba then emits no wraparound for negative indices there,
-and LLVM vectorizes the loop (the sums over rows 2.5-3x faster at 768 rows; the same operations, bitwise).
+Their inner loops index whole rows with unsigned integers (np.uint64): numba then emits no wraparound for negative
+indices there, and LLVM vectorizes the loop (a row's slice made per row cost as much as the 64 columns' sums: the
+sums over rows 2.5-3x faster at 768 rows; the same operations, bitwise).
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def column_sums_into(x2, out, accumulate: bool, y2=None) -> None:
     same = out.dtype == x2.dtype and (not dot or y2.dtype == x2.dtype)
     if x2.ndim == 2 and same and _pool_2d(_column_sums, x2, out, y2 if dot else x2):
         s = np.empty_like(out) if accumulate else out
-        _column_sums(x2, y2 if dot else x2, dot, s)
+        if dot:
+            _column_dots(x2, y2, s)
+        else:
+            _column_sums(x2, s)
         if accumulate:
             out += s
     elif dot:
@@ -135,26 +139,33 @@ def column_sums_into(x2, out, accumulate: bool, y2=None) -> None:
 
 
 @kernel(auto="pool", pool=True)
-def _column_sums(x, y, dot, out):
+def _column_sums(x, out):
     N, C = x.shape
     for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
         # the block's running sums in a local array (into `out` itself, each add would wait on the last store);
-        # NumPy's order: the first row, then each next one added (einsum: from zero)
-        w = np.uint64(b - a)
-        if dot:
-            acc = np.zeros(b - a, out.dtype)
-            for r in range(N):
-                xr, yr = x[r, a:b], y[r, a:b]
-                for j in range(w):
-                    acc[j] += xr[j] * yr[j]
-        else:
-            acc = x[0, a:b].copy()
-            for r in range(1, N):
-                xr = x[r, a:b]
-                for j in range(w):
-                    acc[j] += xr[j]
+        # NumPy's order: the first row, then each next one added
+        acc, ua, w = x[0, a:b].copy(), np.uint64(a), np.uint64(b - a)
+        for r in range(1, N):
+            xr = x[r]
+            for j in range(w):
+                acc[j] += xr[ua + j]
+        out[a:b] = acc
+
+
+@kernel(auto="pool", pool=True)
+def _column_dots(x, y, out):
+    # einsum's order: from zero, each row's products added
+    N, C = x.shape
+    for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        a = blk * COLUMN_BLOCK
+        b = min(a + COLUMN_BLOCK, C)
+        acc, ua, w = np.zeros(b - a, out.dtype), np.uint64(a), np.uint64(b - a)
+        for r in range(N):
+            xr, yr = x[r], y[r]
+            for j in range(w):
+                acc[j] += xr[ua + j] * yr[ua + j]
         out[a:b] = acc
 
 
@@ -179,16 +190,17 @@ def _column_dot_sums(x, y, dots, sums):
     for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
-        # _column_sums' two orders: the products' sums from zero, the plain sums from the first row
-        acc, tot, w = np.zeros(b - a, dots.dtype), x[0, a:b].copy(), np.uint64(b - a)
-        x0, y0 = x[0, a:b], y[0, a:b]
+        # _column_dots' and _column_sums' orders: the products' sums from zero, the plain sums from the first row
+        acc, tot = np.zeros(b - a, dots.dtype), x[0, a:b].copy()
+        ua, w = np.uint64(a), np.uint64(b - a)
+        x0, y0 = x[0], y[0]
         for j in range(w):
-            acc[j] += x0[j] * y0[j]
+            acc[j] += x0[ua + j] * y0[ua + j]
         for r in range(1, N):
-            xr, yr = x[r, a:b], y[r, a:b]
+            xr, yr = x[r], y[r]
             for j in range(w):
-                acc[j] += xr[j] * yr[j]
-                tot[j] += xr[j]
+                acc[j] += xr[ua + j] * yr[ua + j]
+                tot[j] += xr[ua + j]
         dots[a:b] = acc
         sums[a:b] = tot
 
@@ -214,14 +226,15 @@ def _column_dot_bf16(x, y, out):
     for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
-        acc, yw, w = np.zeros(b - a, out.dtype), np.empty(b - a, np.float32), np.uint64(b - a)
+        acc, yw = np.zeros(b - a, out.dtype), np.empty(b - a, np.float32)
+        ua, w = np.uint64(a), np.uint64(b - a)
         for r in range(N):
-            xr, yr = x[r, a:b], y[r, a:b]
+            xr, yr = x[r], y[r]
             # the row's block widened first: the sums' loop as the float32 kernel's
             for j in range(w):
-                yw[j] = bf16_widen(yr[j])
+                yw[j] = bf16_widen(yr[ua + j])
             for j in range(w):
-                acc[j] += xr[j] * yw[j]
+                acc[j] += xr[ua + j] * yw[j]
         out[a:b] = acc
 
 
@@ -246,11 +259,11 @@ def _scatter_add_rows(table, idx, rows):
     for blk in prange(nb):
         a = blk * COLUMN_BLOCK
         b = min(a + COLUMN_BLOCK, C)
-        w = np.uint64(b - a)
+        ua, w = np.uint64(a), np.uint64(b - a)
         for i in range(N):
-            tr, rr = table[idx[i], a:b], rows[i, a:b]
+            tr, rr = table[idx[i]], rows[i]
             for j in range(w):
-                tr[j] += rr[j]
+                tr[ua + j] += rr[ua + j]
 
 
 def to_heads(x, n_head: int, parts: int, scale0: float = 1.0):
