@@ -57,13 +57,15 @@ def _shift_rows(att, offset):
     for gi in prange(G * Tq):
         g, i = gi // Tq, gi % Tq
         n = min(Tk, i + offset + 1)
-        mx = att[g, i, 0]
+        row = att[g, i]
+        mx = row[0]
         for j in range(1, n):
-            mx = max(mx, att[g, i, j])
-        for j in range(n):
-            att[g, i, j] -= mx
-        for j in range(n, Tk):
-            att[g, i, j] = -np.inf
+            mx = max(mx, row[j])
+        # unsigned indices: the loops vectorize (rows.py)
+        for j in range(np.uint64(n)):
+            row[j] -= mx
+        for j in range(np.uint64(n), np.uint64(Tk)):
+            row[j] = -np.inf
 
 
 @kernel(auto="pool", pool=True)
@@ -72,9 +74,10 @@ def _scale_rows(att, offset):
     for gi in prange(G * Tq):
         g, i = gi // Tq, gi % Tq
         n = min(Tk, i + offset + 1)
-        inv = 1.0 / sum_lanes(att[g, i], n)
-        for j in range(n):
-            att[g, i, j] = att[g, i, j] * inv
+        row = att[g, i]
+        inv = 1.0 / sum_lanes(row, n)
+        for j in range(np.uint64(n)):
+            row[j] = row[j] * inv
 
 
 def causal_softmax_numpy_(att):
@@ -145,9 +148,10 @@ def _softmax_backward(datt, att, keep, masked, scale):
         if masked:
             for j in range(K):
                 datt[r, j] = datt[r, j] * keep[r, j] * scale
-        s = dot_lanes(datt[r], att[r], K)
-        for j in range(K):
-            datt[r, j] = (datt[r, j] - s) * att[r, j]
+        d, p = datt[r], att[r]
+        s = dot_lanes(d, p, K)
+        for j in range(np.uint64(K)):
+            d[j] = (d[j] - s) * p[j]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
