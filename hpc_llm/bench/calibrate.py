@@ -13,12 +13,14 @@ import time
 import numpy as np
 
 from hpc_llm.backend import low_dtype
+from hpc_llm.bench.kernel_rates import kernel_rates
 from hpc_llm.bench.timer import best_time, median_time
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
+from hpc_llm.kernels.pool import pool_threads
 from hpc_llm.kernels.rounding import from_low, to_low
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.precision import Precision
@@ -56,21 +58,27 @@ GEMM_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 
 def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
-    """{min dimension: FLOP/s}: for each class d, the mean rate of (other x d) @ (d x other), (d x other) @
-    (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n. product(a, b, out): the
-    call timed (default NumPy's matmul); out float32 for a 2-byte dtype."""
-    product = product or (lambda a, b, o: np.matmul(a, b, out=o))
+    """{min dimension: FLOP/s}: for each class d, the mean rate of the three products a linear layer makes, in the
+    layouts it makes them: forward (other x d) @ (d x other), its weight gradient (other x d)^T @ (other x other)
+    and its input gradient (other x other) @ (d x other)^T: the thin dimension as k, m and n, the transposed operands
+    as views (BLAS reads them transposed: 5-10% slower than the plain layout here). product(a, b, out): the call
+    timed (default the step's own, kernels/gemm.matmul: NumPy's BLAS, or oneDNN's sgemm with the shared pool on);
+    out float32 for a 2-byte dtype."""
+    product = product or (lambda a, b, o: gemm.matmul(a, b, o))
     wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     rng = np.random.default_rng(0)
     out = {}
     # twice round, the better of the two: a burst of load hits one class, not all
     for d in GEMM_CLASSES * 2:
         rates = []
-        for m, k, n in ((other, d, other), (d, other, other), (other, other, d)):
-            a, b = (
-                rng.standard_normal((m, k)).astype(dtype),
-                rng.standard_normal((k, n)).astype(dtype),
-            )
+        for m, k, n, ta, tb in (
+            (other, d, other, False, False),
+            (d, other, other, True, False),
+            (other, other, d, False, True),
+        ):
+            a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+            b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+            a, b = (a.T if ta else a), (b.T if tb else b)
             o = np.empty((m, n), wide)
             rates.append(2.0 * m * n * k / best_time(lambda: product(a, b, o), repeats))
         out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
@@ -393,6 +401,7 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
         "gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)},
         **elementwise_figures(),
         "cast": cast_rates(),
+        "kernels": kernel_rates(),
     }
     bf16 = bf16_gemm_rates()
     if bf16 is not None:
@@ -415,7 +424,13 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     }
     if fig["cast"]:
         compute["cast"] = {k: med(lambda f, k=k: f["cast"][k]) for k in fig["cast"]}
-    devices = os.cpu_count() or 1
+    compute["kernels"] = {
+        k: {s: med(lambda f, k=k, s=s: f["kernels"][k][s]) for s in t}
+        for k, t in fig["kernels"].items()
+    }
+    # a device: the cores one rank computes on, its shared pool's threads (one core without the pool)
+    threads = pool_threads() or 1
+    devices = max(1, (os.cpu_count() or 1) // threads)
     with open("/proc/meminfo") as f:
         mem_total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     write_bw = write_bandwidth(out_dir) if comm.rank == 0 else 0.0
@@ -426,8 +441,10 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
         "storage": {"write_bw": write_bw},
     }
     notes = (
-        f"measured on {comm.size} rank(s) at once; one device = one core running one rank "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+        f"measured on {comm.size} rank(s) at once; one device = {threads} core(s) running one rank "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); the kernel layer as "
+        f"HPC_LLM_KERNELS={kernels_choice()} runs it, the shared pool "
+        + (f"on ({pool_threads()} threads)" if pool_threads() else "off")
     )
     links, per_node = node_links(comm)
     if per_node:

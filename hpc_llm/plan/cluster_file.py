@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hpc_llm.config import read_toml
 from hpc_llm.errors import UserError
-from hpc_llm.plan.cluster import MEASURED, Cluster, Link
+from hpc_llm.plan.cluster import KERNELS, MEASURED, Cluster, Link
 
 REQUIRED = {
     "node": ("devices", "memory_bytes"),
@@ -154,6 +154,13 @@ class _Figures:
                 raise self.fail(f"compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}")
         return {k: self.number("compute.cast", k, v) for k, v in cast_sec.items()}
 
+    def kernels(self) -> dict:
+        sec = self.section("compute.kernels")
+        for k in sec:
+            if k not in KERNELS:
+                raise self.fail(f"compute.kernels.{k}: expected one of {', '.join(KERNELS)}")
+        return {k: self.table("compute.kernels", k, t) for k, t in sec.items()}
+
     def backend(self) -> str:
         backend = self.section("compute").get("backend", "numpy")
         if backend not in ("numpy", "cupy"):
@@ -207,6 +214,7 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         path=where,
         cast=cast,
         tiny_block_s=f.optional("compute", "tiny_block_s"),
+        kernels=f.kernels(),
         sources=f.sources(),
     )
 
@@ -230,7 +238,7 @@ def to_toml(d: dict, header: str = "") -> str:
         def inline(k, v) -> bool:
             return bool(prefix) and (
                 k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size")
-                or prefix == "compute.gemm"
+                or prefix in ("compute.gemm", "compute.kernels")
                 or prefix.endswith(".collectives")
             )
 
