@@ -85,6 +85,30 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
     return out
 
 
+# the stacked products gemm_batched_rates times, by multiply-adds per matrix: (r x r/2) @ (r/2 x r), 16 matrices;
+# attention's per-head products are 2^17 (shakespeare-char) to 2^23 (GPT-2 small's last query block)
+BATCHED_SIDES = (32, 64, 128, 256, 512)
+
+
+def gemm_batched_rates(dtype=np.float32, repeats: int = 9, sides=BATCHED_SIDES) -> dict:
+    """{multiply-adds per matrix: FLOP/s} of stacked products through kernels/gemm.matmul (a call per matrix: BLAS,
+    or oneDNN's sgemm from gemm.POOL_MIN_MACS with the shared pool on), as attention makes them: for each side r, the
+    mean rate of the scores' (r x r/2) @ (r/2 x r) and the output's (r x r) @ (r x r/2) of 16 matrices, the better
+    of two rounds."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for r in tuple(sides) * 2:
+        h = r // 2
+        rates = []
+        for m, k, n in ((r, h, r), (r, r, h)):
+            a = rng.standard_normal((16, m, k)).astype(dtype)
+            b = rng.standard_normal((16, k, n)).astype(dtype)
+            rates.append(2.0 * 16 * m * n * k / best_time(lambda: gemm.matmul(a, b), repeats))
+        key = str(r * r * h)
+        out[key] = max(out.get(key, 0.0), float(np.mean(rates)))
+    return out
+
+
 def bf16_gemm_rates(other: int = 768, repeats: int = 5) -> dict | None:
     """gemm_rates of oneDNN's bf16 GEMM (kernels/gemm.bf16_matmul: bfloat16 operands as the products hold them,
     float32 out), where bf16 training runs its products on it (gemm.reads_bf16), else None: the planner reads the
@@ -399,6 +423,7 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     comm.barrier()
     fig = {
         "gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)},
+        "gemm_batched": {"float32": gemm_batched_rates()},
         **elementwise_figures(),
         "cast": cast_rates(),
         "kernels": kernel_rates(),
@@ -418,10 +443,11 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     compute["elementwise_bw"] = {
         s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]
     }
-    compute["gemm"] = {
-        dt: {d: med(lambda f, dt=dt, d=d: f["gemm"][dt][d]) for d in fig["gemm"][dt]}
-        for dt in fig["gemm"]
-    }
+    for table in ("gemm", "gemm_batched"):
+        compute[table] = {
+            dt: {d: med(lambda f, t=table, dt=dt, d=d: f[t][dt][d]) for d in fig[table][dt]}
+            for dt in fig[table]
+        }
     if fig["cast"]:
         compute["cast"] = {k: med(lambda f, k=k: f["cast"][k]) for k in fig["cast"]}
     compute["kernels"] = {

@@ -14,6 +14,10 @@ while every device of the node is busy, since that is how training runs:
     [compute]  optional tiny_block_s: seconds of the model's own Block forward and backward at a tiny shape
                (bench/calibrate.TINY_BLOCK), nearly all of it its Python and NumPy calls: the layers' calls are
                priced at what it implies per call (plan/layer_calls.py) instead of call_s and gemm_call_s
+    [compute.gemm_batched.<dtype>]  optional: {multiply-adds per matrix = FLOP/s}: a stacked matmul's rate
+               (attention's per-head products, one call per matrix on NumPy), by its matrices' size (small ones run
+               far below the table above, and with the shared pool those below gemm.POOL_MIN_MACS on one thread);
+               interpolated in log(size); missing, the products are priced by compute.gemm
     [compute.kernels]  optional: {kernel = {array elements = elements/s}} for the kernel layer's calls (KERNELS),
                each timed through the function the step calls, as HPC_LLM_KERNELS and HPC_LLM_POOL ran them in the
                calibrating process (bench/kernel_rates.py); a float32 step prices those calls by them (Pricer.kernel)
@@ -155,6 +159,9 @@ class Cluster:
     # kernel (KERNELS) -> sorted [(array elements, elements/s)]: the kernel layer's calls as the calibrating process
     # ran them; a float32 step's elementwise calls priced by them (Pricer.kernel)
     kernels: dict = field(default_factory=dict)
+    # dtype -> sorted [(multiply-adds per matrix, FLOP/s)]: stacked matmuls (batch > 1) as the calibrating rank ran
+    # them; missing: priced by gemm
+    gemm_batched: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
 
     # -- compute -------------------------------------------------------------------------------------------------
@@ -179,7 +186,11 @@ class Cluster:
         if m * n * k == 0:
             return 0.0
         calls = 1 if self.backend == "cupy" else batch
-        return calls * self.gemm_call_s + batch * 2.0 * m * n * k / self.gemm_rate(dtype, m, n, k)
+        if batch > 1 and dtype in self.gemm_batched:
+            rate = _interp_log(self.gemm_batched[dtype], m * n * k)
+        else:
+            rate = self.gemm_rate(dtype, m, n, k)
+        return calls * self.gemm_call_s + batch * 2.0 * m * n * k / rate
 
     def pass_time(
         self, accesses: float, itemsize: int, array_elems: float, calls: float = 1.0

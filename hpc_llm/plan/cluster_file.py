@@ -115,6 +115,10 @@ class _Figures:
             raise self.fail("missing figure compute.gemm.float32 (matmul FLOP/s by shape class)")
         return {dt: self.table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
 
+    def gemm_batched(self) -> dict:
+        sec = self.section("compute.gemm_batched")
+        return {dt: self.table("compute.gemm_batched", dt, t) for dt, t in sec.items()}
+
     def links(self) -> dict:
         links = {}
         for level in ("intra", "inter"):
@@ -215,6 +219,7 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         cast=cast,
         tiny_block_s=f.optional("compute", "tiny_block_s"),
         kernels=f.kernels(),
+        gemm_batched=f.gemm_batched(),
         sources=f.sources(),
     )
 
@@ -238,7 +243,7 @@ def to_toml(d: dict, header: str = "") -> str:
         def inline(k, v) -> bool:
             return bool(prefix) and (
                 k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size")
-                or prefix in ("compute.gemm", "compute.kernels")
+                or prefix in ("compute.gemm", "compute.gemm_batched", "compute.kernels")
                 or prefix.endswith(".collectives")
             )
 

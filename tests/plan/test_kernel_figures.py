@@ -8,6 +8,7 @@ import tomllib
 import pytest
 from helpers import plan_cluster_dict
 
+from hpc_llm.bench.calibrate import gemm_batched_rates
 from hpc_llm.bench.kernel_rates import KERNEL_CALLS, kernel_rates
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
@@ -50,11 +51,39 @@ def test_calibrate_times_every_kernel_the_planner_reads_and_the_file_keeps_them(
         assert size == float(next(iter(t))) and rate == pytest.approx(t[next(iter(t))], rel=1e-5)
 
 
+def test_stacked_products_priced_by_their_own_table():
+    """compute.gemm_batched (calibrate's stacked products by multiply-adds per matrix): a batch > 1 product at its
+    rate, a single product by compute.gemm; written and read back."""
+    rates = gemm_batched_rates(repeats=1, sides=(8, 16))
+    assert set(rates) == {"256", "2048"} and min(rates.values()) > 0
+    d = plan_cluster_dict()
+    d["compute"]["gemm_batched"] = {"float32": rates}
+    back = cluster_from_dict(tomllib.loads(to_toml(d)))
+    assert [s for s, _ in back.gemm_batched["float32"]] == [256.0, 2048.0]
+    plain = cluster()
+    slow = cluster(gemm_batched={"float32": {"1024": 1e9, "1048576": 1e9}})
+    p, q = Pricer(plain, "float32", 4, 1, None), Pricer(slow, "float32", 4, 1, None)
+    m, n, k = 128, 256, 64
+    assert q.gemm(m, n, k, 48).compute == pytest.approx(
+        48 * (1e-6 + 2 * m * n * k / 1e9), rel=1e-12
+    )
+    assert q.gemm(m, n, k).compute == p.gemm(m, n, k).compute
+    assert q.gemm(m, n, k, 48, held=True).compute > p.gemm(m, n, k, 48).compute
+    for lay in LAYOUTS:  # attention's products slower, nothing else
+        before, after = (predict(MODEL, lay, c, "fp32").time for c in (plain, slow))
+        assert after["step"] > before["step"] and after["optimizer"] == before["optimizer"]
+    with pytest.raises(
+        UserError, match=r"compute\.gemm_batched\.float32\.1024 must be a finite positive"
+    ):
+        cluster(gemm_batched={"float32": {"1024": 0}})
+
+
 def test_without_figures_the_calls_are_priced_by_their_passes():
     """The committed cluster files have none (the Megatron rows do not move); a missing kernel falls back to its
     passes while the others take their figures."""
     for path in ("a100_dgx_ib200", "cpu_epyc_2x64", "h100_nvlink_ib400", "this_machine"):
-        assert load_cluster(f"inputs/clusters/{path}.toml").kernels == {}
+        cl = load_cluster(f"inputs/clusters/{path}.toml")
+        assert cl.kernels == {} and cl.gemm_batched == {}
     plain, n = cluster(), 8 * 64 * 64
     passes = Pricer(plain, "float32", 4, 1, None).ew(10 * n, n, 9)
     without = every(1e9)
