@@ -85,25 +85,27 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
     return out
 
 
-# the stacked products gemm_batched_rates times, by multiply-adds per matrix: (r x r/2) @ (r/2 x r), 16 matrices;
-# attention's per-head products are 2^17 (shakespeare-char) to 2^23 (GPT-2 small's last query block)
+# the stacked products gemm_batched_rates times, by multiply-adds per matrix: r x r x r/2, HEADS matrices (rows x
+# heads of a step: their operands past the L2 cache, as a step's are); attention's per-head products are 2^17
+# (shakespeare-char) to 2^23 (GPT-2 small's last query block)
 BATCHED_SIDES = (32, 64, 128, 256, 512)
+HEADS = 48
 
 
 def gemm_batched_rates(dtype=np.float32, repeats: int = 9, sides=BATCHED_SIDES) -> dict:
     """{multiply-adds per matrix: FLOP/s} of stacked products through kernels/gemm.matmul (a call per matrix: BLAS,
-    or oneDNN's sgemm from gemm.POOL_MIN_MACS with the shared pool on), as attention makes them: for each side r, the
-    mean rate of the scores' (r x r/2) @ (r/2 x r) and the output's (r x r) @ (r x r/2) of 16 matrices, the better
-    of two rounds."""
+    or oneDNN's sgemm from gemm.POOL_MIN_MACS with the shared pool on), as attention makes them: for each side r,
+    HEADS heads of r positions and r/2 dimensions, the mean rate of the scores' q @ k^T (k's transpose a view) and the
+    output's att @ v, the better of two rounds."""
     rng = np.random.default_rng(0)
     out = {}
     for r in tuple(sides) * 2:
         h = r // 2
+        q, k, v = (rng.standard_normal((HEADS, r, h)).astype(dtype) for _ in range(3))
+        att = rng.standard_normal((HEADS, r, r)).astype(dtype)
         rates = []
-        for m, k, n in ((r, h, r), (r, r, h)):
-            a = rng.standard_normal((16, m, k)).astype(dtype)
-            b = rng.standard_normal((16, k, n)).astype(dtype)
-            rates.append(2.0 * 16 * m * n * k / best_time(lambda: gemm.matmul(a, b), repeats))
+        for a, b in ((q, k.transpose(0, 2, 1)), (att, v)):
+            rates.append(2.0 * HEADS * r * r * h / best_time(lambda: gemm.matmul(a, b), repeats))
         key = str(r * r * h)
         out[key] = max(out.get(key, 0.0), float(np.mean(rates)))
     return out
