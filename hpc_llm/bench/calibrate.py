@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from hpc_llm.backend import low_dtype
-from hpc_llm.bench.kernel_rates import kernel_rates
+from hpc_llm.bench.kernel_rates import gemm_batched_rates, kernel_rates
 from hpc_llm.bench.timer import best_time, median_time
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
@@ -82,32 +82,6 @@ def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
             o = np.empty((m, n), wide)
             rates.append(2.0 * m * n * k / best_time(lambda: product(a, b, o), repeats))
         out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
-    return out
-
-
-# the stacked products gemm_batched_rates times, by multiply-adds per matrix: r x r x r/2, HEADS matrices (rows x
-# heads of a step: their operands past the L2 cache, as a step's are); attention's per-head products are 2^17
-# (shakespeare-char) to 2^23 (GPT-2 small's last query block)
-BATCHED_SIDES = (32, 64, 128, 256, 512)
-HEADS = 48
-
-
-def gemm_batched_rates(dtype=np.float32, repeats: int = 9, sides=BATCHED_SIDES) -> dict:
-    """{multiply-adds per matrix: FLOP/s} of stacked products through kernels/gemm.matmul (a call per matrix: BLAS,
-    or oneDNN's sgemm from gemm.POOL_MIN_MACS with the shared pool on), as attention makes them: for each side r,
-    HEADS heads of r positions and r/2 dimensions, the mean rate of the scores' q @ k^T (k's transpose a view) and the
-    output's att @ v, the better of two rounds."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for r in tuple(sides) * 2:
-        h = r // 2
-        q, k, v = (rng.standard_normal((HEADS, r, h)).astype(dtype) for _ in range(3))
-        att = rng.standard_normal((HEADS, r, r)).astype(dtype)
-        rates = []
-        for a, b in ((q, k.transpose(0, 2, 1)), (att, v)):
-            rates.append(2.0 * HEADS * r * r * h / best_time(lambda: gemm.matmul(a, b), repeats))
-        key = str(r * r * h)
-        out[key] = max(out.get(key, 0.0), float(np.mean(rates)))
     return out
 
 
@@ -434,28 +408,9 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     if bf16 is not None:
         fig["gemm"]["bfloat16"] = bf16
     every = comm.allgather_objects(fig)
-
-    def med(get):
-        return float(np.median([get(f) for f in every]))
-
-    compute = {
-        k: med(lambda f, k=k: f[k])
-        for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate", "tiny_block_s")
-    }
-    compute["elementwise_bw"] = {
-        s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]
-    }
-    for table in ("gemm", "gemm_batched"):
-        compute[table] = {
-            dt: {d: med(lambda f, t=table, dt=dt, d=d: f[t][dt][d]) for d in fig[table][dt]}
-            for dt in fig[table]
-        }
-    if fig["cast"]:
-        compute["cast"] = {k: med(lambda f, k=k: f["cast"][k]) for k in fig["cast"]}
-    compute["kernels"] = {
-        k: {s: med(lambda f, k=k, s=s: f["kernels"][k][s]) for s in t}
-        for k, t in fig["kernels"].items()
-    }
+    compute = _median_figures(every)
+    if not compute["cast"]:
+        del compute["cast"]
     # a device: the cores one rank computes on, its shared pool's threads (one core without the pool)
     threads = pool_threads() or 1
     devices = max(1, (os.cpu_count() or 1) // threads)

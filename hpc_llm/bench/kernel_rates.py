@@ -1,7 +1,8 @@
-"""The kernel layer's rates as a rank runs it (`hpc-llm bench calibrate`'s [compute.kernels]): each elementwise call of
-the layers that plan/compute.py prices by a kernel figure (plan/cluster.KERNELS), made through the function the step
-calls, so the compiled kernel or its NumPy twin and the pool's parallel variant run as HPC_LLM_KERNELS and
-HPC_LLM_POOL choose in this process, at the layers' array sizes."""
+"""The kernel layer's rates as a rank runs it (`hpc-llm bench calibrate`'s [compute.kernels] and
+[compute.gemm_batched]): each elementwise call of the layers that plan/compute.py prices by a kernel figure
+(plan/cluster.KERNELS), made through the function the step calls, so the compiled kernel or its NumPy twin and the
+pool's parallel variant run as HPC_LLM_KERNELS and HPC_LLM_POOL choose in this process, at the layers' array sizes;
+and attention's stacked products through kernels/gemm.matmul."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from hpc_llm.bench.timer import best_time
 from hpc_llm.config import TrainConfig
+from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cross_entropy import cross_entropy_backward_
 from hpc_llm.kernels.dropout_residual import dropout_residual_
 from hpc_llm.kernels.layernorm import layernorm_backward_input, layernorm_backward_weight
@@ -217,4 +219,30 @@ def kernel_rates(sizes=KERNEL_SIZES, repeats: int = 5, names=None) -> dict:
                 t -= min(best_time(restore, repeats) for _ in range(2))
             elems = _elements(name, n)
             table[str(elems)] = elems / max(t, 1e-9)
+    return out
+
+
+# the stacked products gemm_batched_rates times, by multiply-adds per matrix: r x r x r/2, HEADS matrices (rows x
+# heads of a step: their operands past the L2 cache, as a step's are); attention's per-head products are 2^17
+# (shakespeare-char) to 2^23 (GPT-2 small's last query block)
+BATCHED_SIDES = (32, 64, 128, 256, 512)
+HEADS = 48
+
+
+def gemm_batched_rates(dtype=np.float32, repeats: int = 9, sides=BATCHED_SIDES) -> dict:
+    """{multiply-adds per matrix: FLOP/s} of stacked products through kernels/gemm.matmul (a call per matrix: BLAS,
+    or oneDNN's sgemm from gemm.POOL_MIN_MACS with the shared pool on), as attention makes them: for each side r,
+    HEADS heads of r positions and r/2 dimensions, the mean rate of the scores' q @ k^T (k's transpose a view) and the
+    output's att @ v, the better of two rounds."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for r in tuple(sides) * 2:
+        h = r // 2
+        q, k, v = (rng.standard_normal((HEADS, r, h)).astype(dtype) for _ in range(3))
+        att = rng.standard_normal((HEADS, r, r)).astype(dtype)
+        rates = []
+        for a, b in ((q, k.transpose(0, 2, 1)), (att, v)):
+            rates.append(2.0 * HEADS * r * r * h / best_time(lambda: gemm.matmul(a, b), repeats))
+        key = str(r * r * h)
+        out[key] = max(out.get(key, 0.0), float(np.mean(rates)))
     return out

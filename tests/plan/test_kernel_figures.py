@@ -8,8 +8,7 @@ import tomllib
 import pytest
 from helpers import plan_cluster_dict
 
-from hpc_llm.bench.calibrate import gemm_batched_rates
-from hpc_llm.bench.kernel_rates import KERNEL_CALLS, kernel_rates
+from hpc_llm.bench.kernel_rates import KERNEL_CALLS, gemm_batched_rates, kernel_rates
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.plan.cluster import KERNELS
