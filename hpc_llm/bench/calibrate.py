@@ -26,6 +26,7 @@ from hpc_llm.model.gpt import GPT
 from hpc_llm.model.precision import Precision
 from hpc_llm.parallel.comm import Comm, world_comm
 from hpc_llm.parallel.data_parallel import split_counts
+from hpc_llm.plan.cluster import GEMM_OTHER, GEMM_WIDE
 
 # What a training rank has loaded besides hpc_llm's own small modules: imported before the baseline memory figure
 # is read, so that it is a rank's resident size before its first tensor
@@ -57,7 +58,7 @@ def matmul_peak_flops(xp=np, dtype=np.float32, n: int = 2048, repeats: int = 3) 
 GEMM_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
+def gemm_rates(dtype, other: int = GEMM_OTHER, repeats: int = 9, product=None) -> dict:
     """{min dimension: FLOP/s}: for each class d, the mean rate of the three products a linear layer makes, in the
     layouts it makes them: forward (other x d) @ (d x other), its weight gradient (other x d)^T @ (other x other)
     and its input gradient (other x other) @ (d x other)^T: the thin dimension as k, m and n, the transposed operands
@@ -399,6 +400,7 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     comm.barrier()
     fig = {
         "gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)},
+        "gemm_wide": {"float32": gemm_rates(np.float32, GEMM_WIDE)},
         "gemm_batched": {"float32": gemm_batched_rates()},
         **elementwise_figures(),
         "cast": cast_rates(),

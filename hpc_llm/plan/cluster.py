@@ -14,6 +14,10 @@ while every device of the node is busy, since that is how training runs:
     [compute]  optional tiny_block_s: seconds of the model's own Block forward and backward at a tiny shape
                (bench/calibrate.TINY_BLOCK), nearly all of it its Python and NumPy calls: the layers' calls are
                priced at what it implies per call (plan/layer_calls.py) instead of call_s and gemm_call_s
+    [compute.gemm_wide.<dtype>]  optional: the same table from products whose other two dimensions are GEMM_WIDE
+               (compute.gemm's are GEMM_OTHER): a product is priced between the two by the geometric mean of its
+               other two dimensions, in log, clamped (larger products run below the 768-wide ones here: 9% at 2
+               threads); missing, by compute.gemm alone
     [compute.gemm_batched.<dtype>]  optional: {multiply-adds per matrix = FLOP/s}: a stacked matmul's rate
                (attention's per-head products, one call per matrix on NumPy), by its matrices' size (small ones run
                far below the table above, and with the shared pool those below gemm.POOL_MIN_MACS on one thread);
@@ -58,6 +62,8 @@ from dataclasses import dataclass, field
 from hpc_llm.errors import UserError
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+# the other two dimensions of compute.gemm's products and of compute.gemm_wide's (bench/calibrate.gemm_rates)
+GEMM_OTHER, GEMM_WIDE = 768, 2048
 # the kernel layer's calls a cluster file may give rates for ([compute.kernels]; bench/kernel_rates.KERNEL_CALLS
 # times each): the elements each covers, as plan/compute.py counts them
 KERNELS = (
@@ -162,6 +168,8 @@ class Cluster:
     # dtype -> sorted [(multiply-adds per matrix, FLOP/s)]: stacked matmuls (batch > 1) as the calibrating rank ran
     # them; missing: priced by gemm
     gemm_batched: dict = field(default_factory=dict)
+    # dtype -> sorted [(min dimension, FLOP/s)] of products whose other dimensions are GEMM_WIDE (gemm's: GEMM_OTHER)
+    gemm_wide: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
 
     # -- compute -------------------------------------------------------------------------------------------------
@@ -178,7 +186,14 @@ class Cluster:
                 f"cluster {self.path or self.name}: missing figure compute.gemm.{dtype} (matmul FLOP/s "
                 f"by shape class for {dtype})"
             )
-        return _interp_log(self.gemm[dtype], min(m, n, k))
+        rate = _interp_log(self.gemm[dtype], min(m, n, k))
+        if dtype not in self.gemm_wide:
+            return rate
+        # between the two tables by the other two dimensions' geometric mean, in log, clamped at their widths
+        other = math.sqrt(m * n * k / min(m, n, k))
+        w = (math.log(other) - math.log(GEMM_OTHER)) / (math.log(GEMM_WIDE) - math.log(GEMM_OTHER))
+        wide = _interp_log(self.gemm_wide[dtype], min(m, n, k))
+        return rate + min(1.0, max(0.0, w)) * (wide - rate)
 
     def gemm_time(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
         """`batch` matmuls (m x k) @ (k x n): NumPy runs a stacked matmul as one BLAS call per matrix, CuPy as one

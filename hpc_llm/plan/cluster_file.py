@@ -115,9 +115,9 @@ class _Figures:
             raise self.fail("missing figure compute.gemm.float32 (matmul FLOP/s by shape class)")
         return {dt: self.table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
 
-    def gemm_batched(self) -> dict:
-        sec = self.section("compute.gemm_batched")
-        return {dt: self.table("compute.gemm_batched", dt, t) for dt, t in sec.items()}
+    def tables_by_dtype(self, section: str) -> dict:
+        """An optional [compute.gemm_batched] or [compute.gemm_wide]: {dtype: table}."""
+        return {dt: self.table(section, dt, t) for dt, t in self.section(section).items()}
 
     def links(self) -> dict:
         links = {}
@@ -219,7 +219,8 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         cast=cast,
         tiny_block_s=f.optional("compute", "tiny_block_s"),
         kernels=f.kernels(),
-        gemm_batched=f.gemm_batched(),
+        gemm_batched=f.tables_by_dtype("compute.gemm_batched"),
+        gemm_wide=f.tables_by_dtype("compute.gemm_wide"),
         sources=f.sources(),
     )
 
@@ -243,7 +244,8 @@ def to_toml(d: dict, header: str = "") -> str:
         def inline(k, v) -> bool:
             return bool(prefix) and (
                 k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size")
-                or prefix in ("compute.gemm", "compute.gemm_batched", "compute.kernels")
+                or prefix in ("compute.gemm", "compute.gemm_batched", "compute.gemm_wide")
+                or prefix == "compute.kernels"
                 or prefix.endswith(".collectives")
             )
 

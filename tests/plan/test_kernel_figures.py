@@ -3,6 +3,7 @@ back, priced in place of the layers' NumPy passes in a float32 step, a file with
 
 from __future__ import annotations
 
+import math
 import tomllib
 
 import pytest
@@ -77,12 +78,46 @@ def test_stacked_products_priced_by_their_own_table():
         cluster(gemm_batched={"float32": {"1024": 0}})
 
 
+def test_wide_products_priced_between_the_two_tables():
+    """compute.gemm_wide (the same classes from 2048-wide products): a product whose other two dimensions are 768
+    (or less) at compute.gemm's rate, 2048 (or more) at gemm_wide's, between them in log; written and read back."""
+    wide = cluster(gemm_wide={"float32": {"32": 2.5e10, "1024": 5e10}})
+    plain = cluster()
+    back = cluster_from_dict(
+        tomllib.loads(
+            to_toml(
+                {
+                    **plan_cluster_dict(),
+                    "compute": {
+                        **plan_cluster_dict()["compute"],
+                        "gemm_wide": {"float32": {"32": 2.5e10, "1024": 5e10}},
+                    },
+                }
+            )
+        )
+    )
+    assert back.gemm_wide == wide.gemm_wide
+    for m, n, k in ((768, 768, 32), (512, 32, 300)):
+        assert wide.gemm_rate("float32", m, n, k) == plain.gemm_rate("float32", m, n, k)
+    assert wide.gemm_rate("float32", 4096, 2048, 1024) == pytest.approx(5e10, rel=1e-12)
+    # other dimensions 1254 (their geometric mean): half-way in log from 768 to 2048, at min dimension 32
+    mid = round(math.sqrt(768 * 2048))
+    assert wide.gemm_rate("float32", mid, 32, mid) == pytest.approx(
+        5e10 + 0.5 * (2.5e10 - 5e10), rel=1e-3
+    )
+    assert wide.gemm_rate("float64", 4096, 2048, 1024) == plain.gemm_rate(
+        "float64", 4096, 2048, 1024
+    )
+    with pytest.raises(UserError, match=r"compute\.gemm_wide\.float32 must be a table"):
+        cluster(gemm_wide={"float32": 3})
+
+
 def test_without_figures_the_calls_are_priced_by_their_passes():
     """The committed cluster files have none (the Megatron rows do not move); a missing kernel falls back to its
     passes while the others take their figures."""
     for path in ("a100_dgx_ib200", "cpu_epyc_2x64", "h100_nvlink_ib400", "this_machine"):
         cl = load_cluster(f"inputs/clusters/{path}.toml")
-        assert cl.kernels == {} and cl.gemm_batched == {}
+        assert cl.kernels == cl.gemm_batched == cl.gemm_wide == {}
     plain, n = cluster(), 8 * 64 * 64
     passes = Pricer(plain, "float32", 4, 1, None).ew(10 * n, n, 9)
     without = every(1e9)
