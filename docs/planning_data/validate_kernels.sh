@@ -6,7 +6,7 @@
 #       --cluster docs/planning_data/kernels/rN/{before,after}_tT.toml
 # DATA: tinyshakespeare prepared with `hpc-llm prepare --tokenizer char`. Run from the repository root.
 BASE=${BASE:?a checkout of the code before}; DATA=${DATA:?a prepared data directory}; LOCK=${LOCK:-/tmp/quiet.lock}
-for round in r4 r5 r6; do
+for round in r8 r9 r10; do  # r4-r6: the same before [compute.gemm_wide]
   for th in 1 2; do
     D=docs/planning_data/kernels/$round; mkdir -p $D
     export OMP_NUM_THREADS=$th OPENBLAS_NUM_THREADS=$th
