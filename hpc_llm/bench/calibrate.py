@@ -13,17 +13,20 @@ import time
 import numpy as np
 
 from hpc_llm.backend import low_dtype
+from hpc_llm.bench.kernel_rates import gemm_batched_rates, kernel_rates
 from hpc_llm.bench.timer import best_time, median_time
 from hpc_llm.config import ModelConfig
 from hpc_llm.errors import UserError
 from hpc_llm.kernels import gemm
 from hpc_llm.kernels.blas import blas_lines, openblas_kernel
 from hpc_llm.kernels.dispatch import kernels_choice, numba_available
+from hpc_llm.kernels.pool import pool_threads
 from hpc_llm.kernels.rounding import from_low, to_low
 from hpc_llm.model.gpt import GPT
 from hpc_llm.model.precision import Precision
 from hpc_llm.parallel.comm import Comm, world_comm
 from hpc_llm.parallel.data_parallel import split_counts
+from hpc_llm.plan.cluster import GEMM_OTHER, GEMM_WIDE
 
 # What a training rank has loaded besides hpc_llm's own small modules: imported before the baseline memory figure
 # is read, so that it is a rank's resident size before its first tensor
@@ -55,22 +58,28 @@ def matmul_peak_flops(xp=np, dtype=np.float32, n: int = 2048, repeats: int = 3) 
 GEMM_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def gemm_rates(dtype, other: int = 768, repeats: int = 9, product=None) -> dict:
-    """{min dimension: FLOP/s}: for each class d, the mean rate of (other x d) @ (d x other), (d x other) @
-    (other x other) and (other x other) @ (other x d): the thin dimension as k, m and n. product(a, b, out): the
-    call timed (default NumPy's matmul); out float32 for a 2-byte dtype."""
-    product = product or (lambda a, b, o: np.matmul(a, b, out=o))
+def gemm_rates(dtype, other: int = GEMM_OTHER, repeats: int = 9, product=None) -> dict:
+    """{min dimension: FLOP/s}: for each class d, the mean rate of the three products a linear layer makes, in the
+    layouts it makes them: forward (other x d) @ (d x other), its weight gradient (other x d)^T @ (other x other)
+    and its input gradient (other x other) @ (d x other)^T: the thin dimension as k, m and n, the transposed operands
+    as views (BLAS reads them transposed: 5-10% slower than the plain layout here). product(a, b, out): the call
+    timed (default the step's own, kernels/gemm.matmul: NumPy's BLAS, or oneDNN's sgemm with the shared pool on);
+    out float32 for a 2-byte dtype."""
+    product = product or (lambda a, b, o: gemm.matmul(a, b, o))
     wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     rng = np.random.default_rng(0)
     out = {}
     # twice round, the better of the two: a burst of load hits one class, not all
     for d in GEMM_CLASSES * 2:
         rates = []
-        for m, k, n in ((other, d, other), (d, other, other), (other, other, d)):
-            a, b = (
-                rng.standard_normal((m, k)).astype(dtype),
-                rng.standard_normal((k, n)).astype(dtype),
-            )
+        for m, k, n, ta, tb in (
+            (other, d, other, False, False),
+            (d, other, other, True, False),
+            (other, other, d, False, True),
+        ):
+            a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+            b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+            a, b = (a.T if ta else a), (b.T if tb else b)
             o = np.empty((m, n), wide)
             rates.append(2.0 * m * n * k / best_time(lambda: product(a, b, o), repeats))
         out[str(d)] = max(out.get(str(d), 0.0), float(np.mean(rates)))
@@ -391,31 +400,22 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
     comm.barrier()
     fig = {
         "gemm": {"float32": gemm_rates(np.float32), "float64": gemm_rates(np.float64)},
+        "gemm_wide": {"float32": gemm_rates(np.float32, GEMM_WIDE)},
+        "gemm_batched": {"float32": gemm_batched_rates()},
         **elementwise_figures(),
         "cast": cast_rates(),
+        "kernels": kernel_rates(),
     }
     bf16 = bf16_gemm_rates()
     if bf16 is not None:
         fig["gemm"]["bfloat16"] = bf16
     every = comm.allgather_objects(fig)
-
-    def med(get):
-        return float(np.median([get(f) for f in every]))
-
-    compute = {
-        k: med(lambda f, k=k: f[k])
-        for k in ("gemm_call_s", "call_s", "transcendental_rate", "scatter_rate", "tiny_block_s")
-    }
-    compute["elementwise_bw"] = {
-        s: med(lambda f, s=s: f["elementwise_bw"][s]) for s in fig["elementwise_bw"]
-    }
-    compute["gemm"] = {
-        dt: {d: med(lambda f, dt=dt, d=d: f["gemm"][dt][d]) for d in fig["gemm"][dt]}
-        for dt in fig["gemm"]
-    }
-    if fig["cast"]:
-        compute["cast"] = {k: med(lambda f, k=k: f["cast"][k]) for k in fig["cast"]}
-    devices = os.cpu_count() or 1
+    compute = _median_figures(every)
+    if not compute["cast"]:
+        del compute["cast"]
+    # a device: the cores one rank computes on, its shared pool's threads (one core without the pool)
+    threads = pool_threads() or 1
+    devices = max(1, (os.cpu_count() or 1) // threads)
     with open("/proc/meminfo") as f:
         mem_total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     write_bw = write_bandwidth(out_dir) if comm.rank == 0 else 0.0
@@ -426,8 +426,10 @@ def calibrate(out_dir=".") -> tuple[dict, str]:
         "storage": {"write_bw": write_bw},
     }
     notes = (
-        f"measured on {comm.size} rank(s) at once; one device = one core running one rank "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+        f"measured on {comm.size} rank(s) at once; one device = {threads} core(s) running one rank "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); the kernel layer as "
+        f"HPC_LLM_KERNELS={kernels_choice()} runs it, the shared pool "
+        + (f"on ({pool_threads()} threads)" if pool_threads() else "off")
     )
     links, per_node = node_links(comm)
     if per_node:

@@ -45,19 +45,25 @@ def layernorm_forward(x, w, b):
 
 def layernorm_forward_numpy(x, w, b):
     """The twin: xhat replaces x's copy in memory, so the cache costs one activation."""
-    xp = array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xhat = x - mean
-    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None]
-    var *= 1.0 / x.shape[-1]
-    var += LN_EPS
-    rstd = xp.sqrt(var, out=var)
-    xp.reciprocal(rstd, out=rstd)
+    xhat, rstd = _twin_statistics(x)
     xhat *= rstd
     out = xhat * w
     if b is not None:
         out += b
     return out, (xhat, rstd)
+
+
+def _twin_statistics(x):
+    """The twin's (x - mean, rstd): NumPy's row sums."""
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = xp.einsum("...i,...i->...", xc, xc)[..., None]
+    var *= 1.0 / x.shape[-1]
+    var += LN_EPS
+    rstd = xp.sqrt(var, out=var)
+    xp.reciprocal(rstd, out=rstd)
+    return xc, rstd
 
 
 @kernel(auto="pool", pool=True)
@@ -210,12 +216,13 @@ def layernorm_backward_weight(dout, xhat, dw, db, accumulate: bool) -> None:
 
 def layernorm_forward_bf16(x, w, b, low, narrow_out: bool):
     """layernorm_forward with xhat (the kept copy) and, narrow_out, out (a product's operand) in bfloat16 `low`,
-    rounded where the compiled forward makes them: bitwise its float32 values then rounding.to_low. None where the
-    compiled forward does not run (the caller takes the float32 path)."""
-    if not (compiled(_layernorm_forward, x, w, b) and x.dtype == w.dtype == np.float32):
+    rounded where the compiled forward makes them: bitwise its float32 values then rounding.to_low. Where the twin
+    runs (one thread), its statistics and then its last passes compiled with the roundings (`_finish_bf16`):
+    bitwise the twin's values then rounding. None where neither is compiled (the caller takes the float32 path)."""
+    if x.dtype != np.float32 or w.dtype != np.float32 or low.name != "bfloat16":
         return None
-    if low.name != "bfloat16":
-        return None
+    if not compiled(_layernorm_forward, x, w, b):
+        return _twin_bf16(x, w, b, low, narrow_out)
     C = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)
     out = np.empty(x.shape, dtype=low if narrow_out else x.dtype)
@@ -241,6 +248,42 @@ def _layernorm_forward_bf16(x, w, b, has_bias, narrow, out, out_bits, xhat, rstd
         rstd[r, 0] = rs
         for i in range(C):
             h = np.float32((x[r, i] - mean) * rs)
+            xhat[r, i] = bf16_round(h)
+            o = h * w[i]
+            o = o + b[i] if has_bias else o
+            if narrow:
+                out_bits[r, i] = bf16_round(o)
+            else:
+                out[r, i] = o
+
+
+def _twin_bf16(x, w, b, low, narrow_out: bool):
+    """layernorm_forward_bf16 on the twin's statistics (None where the compiled pass does not run)."""
+    if not compiled(_finish_bf16, x, w, b) or (b is not None and b.dtype != np.float32):
+        return None
+    C = x.shape[-1]
+    xc, rstd = _twin_statistics(x)
+    out = np.empty(x.shape, dtype=low if narrow_out else x.dtype)
+    xhat = np.empty(x.shape, dtype=low)
+    if narrow_out:
+        wide, bits = np.empty((1, 1), np.float32), out.reshape(-1, C).view(np.uint16)
+    else:
+        wide, bits = out.reshape(-1, C), np.empty((1, 1), np.uint16)
+    bias = w if b is None else b
+    args = (xc.reshape(-1, C), rstd.reshape(-1, 1), w, bias, b is not None, narrow_out)
+    _finish_bf16(*args, wide, bits, xhat.reshape(-1, C).view(np.uint16))
+    return out, (xhat, rstd)
+
+
+@kernel(auto=True)
+def _finish_bf16(xc, rstd, w, b, has_bias, narrow, out, out_bits, xhat):
+    """The twin's xhat *= rstd, out = xhat * w (+ b), the same float32 operations, each value rounded to bf16 as it
+    is written (xhat always, out when narrow)."""
+    N, C = xc.shape
+    for r in range(N):
+        rs = rstd[r, 0]
+        for i in range(C):
+            h = xc[r, i] * rs
             xhat[r, i] = bf16_round(h)
             o = h * w[i]
             o = o + b[i] if has_bias else o

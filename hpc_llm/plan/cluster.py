@@ -14,6 +14,18 @@ while every device of the node is busy, since that is how training runs:
     [compute]  optional tiny_block_s: seconds of the model's own Block forward and backward at a tiny shape
                (bench/calibrate.TINY_BLOCK), nearly all of it its Python and NumPy calls: the layers' calls are
                priced at what it implies per call (plan/layer_calls.py) instead of call_s and gemm_call_s
+    [compute.gemm_wide.<dtype>]  optional: the same table from products whose other two dimensions are GEMM_WIDE
+               (compute.gemm's are GEMM_OTHER): a product is priced between the two by the geometric mean of its
+               other two dimensions, in log, clamped (larger products run below the 768-wide ones here: 9% at 2
+               threads); missing, by compute.gemm alone
+    [compute.gemm_batched.<dtype>]  optional: {multiply-adds per matrix = FLOP/s}: a stacked matmul's rate
+               (attention's per-head products, one call per matrix on NumPy), by its matrices' size (small ones run
+               far below the table above, and with the shared pool those below gemm.POOL_MIN_MACS on one thread);
+               interpolated in log(size); missing, the products are priced by compute.gemm
+    [compute.kernels]  optional: {kernel = {array elements = elements/s}} for the kernel layer's calls (KERNELS),
+               each timed through the function the step calls, as HPC_LLM_KERNELS and HPC_LLM_POOL ran them in the
+               calibrating process (bench/kernel_rates.py); a float32 step prices those calls by them (Pricer.kernel)
+               instead of their NumPy passes; a kernel missing is priced by its passes
     [compute.cast]  optional: to_bfloat16, from_bfloat16, to_float16, from_float16: elements/s of a conversion
                between float32 and the 2-byte format (bf16/fp16 training: Precision.keep, use, operand, round_).
                On NumPy a conversion is compute-bound (ml_dtypes' bfloat16 cast runs ~10x slower per element than
@@ -50,6 +62,28 @@ from dataclasses import dataclass, field
 from hpc_llm.errors import UserError
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+# the other two dimensions of compute.gemm's products and of compute.gemm_wide's (bench/calibrate.gemm_rates)
+GEMM_OTHER, GEMM_WIDE = 768, 2048
+# the kernel layer's calls a cluster file may give rates for ([compute.kernels]; bench/kernel_rates.KERNEL_CALLS
+# times each): the elements each covers, as plan/compute.py counts them
+KERNELS = (
+    "layernorm_forward",  # LayerNorm's output, xhat and rstd from x (N, C): per element of x
+    "layernorm_backward_input",  # LayerNorm's B: the input gradient
+    "layernorm_backward_weight",  # LayerNorm's W: its weight and bias gradients
+    "bias_add",  # a linear layer's bias added to its output
+    "residual_add",  # a branch added to the residual stream (no dropout)
+    "column_sums",  # a bias gradient: the sum of an output gradient's rows
+    "to_heads",  # (B, T, parts x C) into attention's head layout, q scaled: per element copied
+    "from_heads",  # the head layout back, (dq's) scale
+    "softmax_forward",  # a query block's causal softmax: per score
+    "softmax_backward",  # its backward: per score
+    "gelu_forward",  # GELU and its kept tanh: per element of its input
+    "gelu_backward",  # GELU's input gradient
+    "cross_entropy",  # the loss's max, exp, sums and normalisation: per logit
+    "cross_entropy_backward",  # the logits' gradient: per logit
+    "scatter_add",  # the embedding's gradient rows added into wte: per element
+    "adamw",  # the optimizer step: per parameter owned
+)
 
 
 @dataclass(frozen=True)
@@ -128,6 +162,14 @@ class Cluster:
     # seconds of the model's Block forward + backward at bench/calibrate.TINY_BLOCK (plan/layer_calls.py); None: the
     # layers' calls at call_s and gemm_call_s
     tiny_block_s: float | None = None
+    # kernel (KERNELS) -> sorted [(array elements, elements/s)]: the kernel layer's calls as the calibrating process
+    # ran them; a float32 step's elementwise calls priced by them (Pricer.kernel)
+    kernels: dict = field(default_factory=dict)
+    # dtype -> sorted [(multiply-adds per matrix, FLOP/s)]: stacked matmuls (batch > 1) as the calibrating rank ran
+    # them; missing: priced by gemm
+    gemm_batched: dict = field(default_factory=dict)
+    # dtype -> sorted [(min dimension, FLOP/s)] of products whose other dimensions are GEMM_WIDE (gemm's: GEMM_OTHER)
+    gemm_wide: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
 
     # -- compute -------------------------------------------------------------------------------------------------
@@ -144,7 +186,14 @@ class Cluster:
                 f"cluster {self.path or self.name}: missing figure compute.gemm.{dtype} (matmul FLOP/s "
                 f"by shape class for {dtype})"
             )
-        return _interp_log(self.gemm[dtype], min(m, n, k))
+        rate = _interp_log(self.gemm[dtype], min(m, n, k))
+        if dtype not in self.gemm_wide:
+            return rate
+        # between the two tables by the other two dimensions' geometric mean, in log, clamped at their widths
+        other = math.sqrt(m * n * k / min(m, n, k))
+        w = (math.log(other) - math.log(GEMM_OTHER)) / (math.log(GEMM_WIDE) - math.log(GEMM_OTHER))
+        wide = _interp_log(self.gemm_wide[dtype], min(m, n, k))
+        return rate + min(1.0, max(0.0, w)) * (wide - rate)
 
     def gemm_time(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
         """`batch` matmuls (m x k) @ (k x n): NumPy runs a stacked matmul as one BLAS call per matrix, CuPy as one
@@ -152,7 +201,11 @@ class Cluster:
         if m * n * k == 0:
             return 0.0
         calls = 1 if self.backend == "cupy" else batch
-        return calls * self.gemm_call_s + batch * 2.0 * m * n * k / self.gemm_rate(dtype, m, n, k)
+        if batch > 1 and dtype in self.gemm_batched:
+            rate = _interp_log(self.gemm_batched[dtype], m * n * k)
+        else:
+            rate = self.gemm_rate(dtype, m, n, k)
+        return calls * self.gemm_call_s + batch * 2.0 * m * n * k / rate
 
     def pass_time(
         self, accesses: float, itemsize: int, array_elems: float, calls: float = 1.0
@@ -160,6 +213,12 @@ class Cluster:
         """Elementwise work: `accesses` element reads + writes over arrays of about `array_elems` elements each."""
         bw = _interp_log(self.elementwise_bw, max(1.0, array_elems * itemsize))
         return accesses * itemsize / bw + calls * self.call_s
+
+    def kernel_time(self, name: str, elems: float, calls: float = 1.0) -> float:
+        """`calls` calls of kernel `name` (KERNELS, a figure of this file) over `elems` elements in all: at its
+        rate for a call's array size (interpolated in log, clamped at the ends), plus call_s a call."""
+        size = max(1.0, elems / max(calls, 1.0))
+        return elems / _interp_log(self.kernels[name], size) + calls * self.call_s
 
     def cast_time(self, fmt: str, to_low: bool, elems: float, calls: float = 1.0) -> float:
         """`calls` conversions of `elems` elements in all between float32 and the 2-byte format `fmt`

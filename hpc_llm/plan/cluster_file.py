@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hpc_llm.config import read_toml
 from hpc_llm.errors import UserError
-from hpc_llm.plan.cluster import MEASURED, Cluster, Link
+from hpc_llm.plan.cluster import KERNELS, MEASURED, Cluster, Link
 
 REQUIRED = {
     "node": ("devices", "memory_bytes"),
@@ -115,6 +115,10 @@ class _Figures:
             raise self.fail("missing figure compute.gemm.float32 (matmul FLOP/s by shape class)")
         return {dt: self.table("compute.gemm", dt, t) for dt, t in gemm_sec.items()}
 
+    def tables_by_dtype(self, section: str) -> dict:
+        """An optional [compute.gemm_batched] or [compute.gemm_wide]: {dtype: table}."""
+        return {dt: self.table(section, dt, t) for dt, t in self.section(section).items()}
+
     def links(self) -> dict:
         links = {}
         for level in ("intra", "inter"):
@@ -153,6 +157,13 @@ class _Figures:
             if k not in CAST_KEYS:
                 raise self.fail(f"compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}")
         return {k: self.number("compute.cast", k, v) for k, v in cast_sec.items()}
+
+    def kernels(self) -> dict:
+        sec = self.section("compute.kernels")
+        for k in sec:
+            if k not in KERNELS:
+                raise self.fail(f"compute.kernels.{k}: expected one of {', '.join(KERNELS)}")
+        return {k: self.table("compute.kernels", k, t) for k, t in sec.items()}
 
     def backend(self) -> str:
         backend = self.section("compute").get("backend", "numpy")
@@ -207,6 +218,9 @@ def cluster_from_dict(d: dict, where: str = "cluster") -> Cluster:
         path=where,
         cast=cast,
         tiny_block_s=f.optional("compute", "tiny_block_s"),
+        kernels=f.kernels(),
+        gemm_batched=f.tables_by_dtype("compute.gemm_batched"),
+        gemm_wide=f.tables_by_dtype("compute.gemm_wide"),
         sources=f.sources(),
     )
 
@@ -230,7 +244,8 @@ def to_toml(d: dict, header: str = "") -> str:
         def inline(k, v) -> bool:
             return bool(prefix) and (
                 k in ("elementwise_bw", "bw_by_size", "nb_bw_by_size")
-                or prefix == "compute.gemm"
+                or prefix in ("compute.gemm", "compute.gemm_batched", "compute.gemm_wide")
+                or prefix == "compute.kernels"
                 or prefix.endswith(".collectives")
             )
 

@@ -28,7 +28,7 @@ from hpc_llm.plan.pricer import Cost, Pricer
 
 def _layernorm_fwd(p: Pricer, n: int) -> Cost:
     # mean (1), x - mean (2), einsum xhat.xhat (1), xhat *= rstd (2), out = xhat * w (2), out += b (2)
-    return p.ew(10 * n, n, 9)
+    return p.kernel("layernorm_forward", n, p.ew(10 * n, n, 9))
 
 
 def _layernorm_bwd(p: Pricer, n: int) -> Cost:
@@ -37,12 +37,27 @@ def _layernorm_bwd(p: Pricer, n: int) -> Cost:
 
 def _layernorm_weight(p: Pricer, n: int) -> Cost:
     # W: dw einsum (2), db sum (1)
-    return p.ew(3 * n, n, 2)
+    return p.kernel("layernorm_backward_weight", n, p.ew(3 * n, n, 2))
 
 
 def _layernorm_input(p: Pricer, n: int) -> Cost:
     # B: dout * w (2), mean (1), einsum (2), -= mean (2), xhat * mean (2), -= (3), *= rstd (2)
-    return p.ew(14 * n, n, 12)
+    return p.kernel("layernorm_backward_input", n, p.ew(14 * n, n, 12))
+
+
+def _bias(p: Pricer, n: int) -> Cost:
+    """A linear layer's bias added to its n output elements (read, write)."""
+    return p.kernel("bias_add", n, p.ew(2 * n, n))
+
+
+def _residual(p: Pricer, n: int) -> Cost:
+    """x += a over n elements (forward's residual adds, backward's dx +=)."""
+    return p.kernel("residual_add", n, p.ew(3 * n, n))
+
+
+def _bias_grad(p: Pricer, n: int) -> Cost:
+    """A bias gradient: the sum of an output gradient's rows (n elements read)."""
+    return p.kernel("column_sums", n, p.ew(n, n))
 
 
 def _accumulate(p: Pricer, acc: bool, elems: int) -> Cost:
@@ -55,7 +70,8 @@ def _probabilities(p: Pricer, b: int, h: int, hd: int, q0: int, q1: int, held: b
     selective recompute's again in backward); held: Pricer.held."""
     s = b * h * (q1 - q0) * q1
     # softmax: += mask (3), max (1), -= max (2), exp, sum (1), *= 1/sum (2)
-    return p.gemm(q1 - q0, q1, hd, b * h, held) + p.ew(9 * s, s, 6) + p.exp(s) + p.round_(s)
+    softmax = p.kernel("softmax_forward", s, p.ew(9 * s, s, 6) + p.exp(s))
+    return p.gemm(q1 - q0, q1, hd, b * h, held) + softmax + p.round_(s)
 
 
 def attention_core_forward(p: Pricer, b: int, T: int, h: int, hd: int, keep: bool = True) -> Cost:
@@ -86,29 +102,31 @@ def block_forward(p: Pricer, b: int, T: int, C: int, H: int, selective: bool = F
     r = nl if p.sp else n  # LayerNorm, dropout, the residual stream: the slice with sp
     c = _layernorm_fwd(p, r) + p.keep(r)  # ln_1 (its xhat kept in the format)
     c += _column_input(p, n)  # ColumnParallelLinear: the input kept, then used
-    c += p.linear(N, 3 * C // tp, C) + p.ew(6 * nl, 3 * nl)  # qkv and its bias
+    c += p.linear(N, 3 * C // tp, C) + _bias(p, 3 * nl)  # qkv and its bias
     # split_heads copy, q *= scale, round_ (fused: the copy's pass does all three)
     fused = p.fused(3 * nl)
-    c += p.ew(6 * nl, 3 * nl) + (Cost() if fused else p.ew(2 * nl, nl) + p.round_(3 * nl))
+    split = p.ew(6 * nl, 3 * nl) + (Cost() if fused else p.ew(2 * nl, nl) + p.round_(3 * nl))
+    c += p.kernel("to_heads", 3 * nl, split)
     c += attention_core_forward(p, b, T, h, hd, keep=not selective)
     c += p.keep(3 * nl)  # the head-split qkv kept
-    c += p.ew(2 * nl, nl)  # merge_heads copy
+    c += p.kernel("from_heads", nl, p.ew(2 * nl, nl))  # merge_heads copy
     c += p.keep(nl) + p.use(nl)  # RowParallelLinear's input
     # proj, bias, residual
-    c += p.linear(N, C, C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
+    c += p.linear(N, C, C // tp) + p.leave_row(n) + _bias(p, r) + _residual(p, r)
     c += _layernorm_fwd(p, r) + p.keep(r)
     c += _column_input(p, n)
-    c += p.linear(N, 4 * C // tp, C) + p.ew(8 * nl, 4 * nl)  # fc, bias
+    c += p.linear(N, 4 * C // tp, C) + _bias(p, 4 * nl)  # fc, bias
     # GELU by L2 chunks: x*x (2), *= (2), += (2), *= x (3), tanh, + 1 (2), *= x (3), *= 0.5 (2), then its tanh
     # (not with selective), its output and its input kept; fused: after the tanh one compiled pass (x and t read,
     # bf16 written)
     if p.fused(4 * nl):
-        c += p.chunked(12 if selective else 12.5, 4 * nl, 6, ELEMENTWISE_CHUNK, True)
+        gelu = p.chunked(12 if selective else 12.5, 4 * nl, 6, ELEMENTWISE_CHUNK, True)
     else:
-        c += p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True) + p.keep(4 * nl) + p.keep(4 * nl)
-        c += Cost() if selective else p.keep(4 * nl)
-    c += p.exp(4 * nl) + p.use(4 * nl)  # mlp_proj's input used
-    return c + p.linear(N, C, 4 * C // tp) + p.leave_row(n) + p.ew(2 * r, r) + p.ew(3 * r, r)
+        gelu = p.chunked(16, 4 * nl, 8, ELEMENTWISE_CHUNK, True)
+        c += p.keep(4 * nl) + p.keep(4 * nl) + (Cost() if selective else p.keep(4 * nl))
+    c += p.kernel("gelu_forward", 4 * nl, gelu + p.exp(4 * nl))
+    c += p.use(4 * nl)  # mlp_proj's input used
+    return c + p.linear(N, C, 4 * C // tp) + p.leave_row(n) + _bias(p, r) + _residual(p, r)
 
 
 def gelu_tanh(p: Pricer, elems: int) -> Cost:
@@ -158,25 +176,28 @@ def block_backward_input(
         c += p.ew(3 * 4 * nl, 4 * nl)
     else:
         c += p.use(4 * nl) + (gelu_tanh(p, 4 * nl) if selective else p.use(4 * nl))
-        c += p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True)
+        c += p.kernel("gelu_backward", 4 * nl, p.chunked(26, 4 * nl, 11, ELEMENTWISE_CHUNK, True))
     c += p.operand(4 * nl) + p.linear(N, C, 4 * C // tp) + p.column_input_grad(n)  # fc
-    c += p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_2, dx +=
+    c += p.use(r) + _layernorm_input(p, r) + _residual(p, r)  # ln_2, dx +=
     c += p.gathered_operand(n) + p.linear(N, C // tp, C)  # attn_proj
     # qkvh used, dyh copy rounded (fused: in the copy's pass)
-    c += p.use(3 * nl) + p.ew(2 * nl, nl) + (Cost() if p.fused(nl) else p.round_(nl))
+    split = p.ew(2 * nl, nl) + (Cost() if p.fused(nl) else p.round_(nl))
+    c += p.use(3 * nl) + p.kernel("to_heads", nl, split)
     held = p.held(T, hd)
     for i, (q0, q1) in enumerate(query_blocks(T)):
         qb, s, kv = q1 - q0, b * h * (q1 - q0) * q1, b * h * q1 * hd
         # the probabilities: rebuilt (selective) or the kept ones used
         c += _probabilities(p, b, h, hd, q0, q1, held) if selective else p.use(s)
         c += p.gemm(q1, hd, qb, b * h, held) + p.gemm(qb, q1, hd, b * h, held)  # dv, datt
-        c += p.ew(7 * s, s, 4) + p.round_(s)  # rowdot einsum (2), -= (2), *= att (3); round_(datt)
+        # rowdot einsum (2), -= (2), *= att (3); round_(datt)
+        c += p.kernel("softmax_backward", s, p.ew(7 * s, s, 4)) + p.round_(s)
         c += p.gemm(qb, hd, q1, b * h, held) + p.gemm(q1, hd, qb, b * h, held)  # dq, dk
         if i > 0:  # later blocks add into dv and dk
             c += p.ew(6 * kv, kv, 2)
-    c += p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl)  # dq *= scale, transposed copy
+    # dq *= scale, transposed copy
+    c += p.kernel("from_heads", 3 * nl, p.ew(2 * nl, nl) + p.ew(6 * nl, 3 * nl))
     c += p.operand(3 * nl) + p.linear(N, C, 3 * C // tp) + p.column_input_grad(n)  # qkv
-    return c + p.use(r) + _layernorm_input(p, r) + p.ew(3 * r, r)  # ln_1, dx +=
+    return c + p.use(r) + _layernorm_input(p, r) + _residual(p, r)  # ln_1, dx +=
 
 
 def block_weight(
@@ -190,22 +211,25 @@ def block_weight(
     nl = n // tp
     r = nl if p.sp else n
     c = p.use(4 * nl) + p.weight_linear(4 * C // tp, C, N) + _accumulate(p, acc, 4 * C // tp * C)
-    c += p.ew(n, n)  # mlp_proj
+    c += _bias_grad(p, n)  # mlp_proj
     c += (
         _column_input_back(p, n)
         + p.weight_linear(C, 4 * C // tp, N)
         + _accumulate(p, acc, C * 4 * C // tp)
     )
-    c += p.ew(4 * nl, 4 * nl)  # fc
+    c += _bias_grad(p, 4 * nl)  # fc
     c += (
-        p.use(nl) + p.weight_linear(C // tp, C, N) + _accumulate(p, acc, C // tp * C) + p.ew(n, n)
+        p.use(nl)
+        + p.weight_linear(C // tp, C, N)
+        + _accumulate(p, acc, C // tp * C)
+        + _bias_grad(p, n)
     )  # attn_proj
     c += (
         _column_input_back(p, n)
         + p.weight_linear(C, 3 * C // tp, N)
         + _accumulate(p, acc, C * 3 * C // tp)
     )
-    c += p.ew(3 * nl, 3 * nl)  # qkv
+    c += _bias_grad(p, 3 * nl)  # qkv
     for _ in range(2):  # ln_2, ln_1
         c += _layernorm_weight(p, r)
     if p.sp:
@@ -230,7 +254,7 @@ def head_forward(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
         c = _layernorm_fwd(p, n) + p.keep(n) + p.operand(n) + p.keep(n)
     c += p.weight_linear(N, Vl, C)
     # cross-entropy in place: max (1), -= (2), exp, sum (1), *= 1/sum (2); pad columns masked
-    c += p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl)
+    c += p.kernel("cross_entropy", N * Vl, p.ew(6 * N * Vl, N * Vl, 10) + p.exp(N * Vl))
     for _ in range(3):  # max, target logit, sum of exp: N values each
         c += p.allreduce(N * p.it)
     return c
@@ -245,7 +269,8 @@ def head_backward_input(p: Pricer, b: int, T: int, C: int, V: int) -> Cost:
     (sp: reduce-scattered), ln_f's."""
     N, n, Vl = b * T, b * T * C, V // p.tp
     r = n // p.tp if p.sp else n
-    c = p.ew(2 * N * Vl, N * Vl) + (p.keep(N * Vl) if p.gemm16 else p.round_(N * Vl))
+    c = p.kernel("cross_entropy_backward", N * Vl, p.ew(2 * N * Vl, N * Vl))
+    c += p.keep(N * Vl) if p.gemm16 else p.round_(N * Vl)
     c += p.weight_linear(N, C, Vl) + p.column_input_grad(n)
     return c + p.use(r) + _layernorm_input(p, r)
 
@@ -280,7 +305,7 @@ def embedding_forward(p: Pricer, b: int, T: int, C: int) -> Cost:
 def embedding_backward(p: Pricer, b: int, T: int, C: int) -> Cost:
     """sp: the slice's gradient all-gathered first; position rows summed; np.add.at into wte's rows."""
     n = b * T * C
-    return p.enter_column(n) + p.ew(n, n) + p.scatter(n)
+    return p.enter_column(n) + _bias_grad(p, n) + p.kernel("scatter_add", n, p.scatter(n))
 
 
 def chunk_costs(
@@ -390,7 +415,8 @@ def optimizer_time(p: Pricer, owned: int) -> float:
         return 0.0
     if p.cl.backend == "cupy":
         return _counted(p, ("adamw",), owned)
-    return p.ew(7 * owned, owned, 0).compute + p.chunked(31, owned, 13, ADAM_CHUNK).compute
+    passes = p.ew(7 * owned, owned, 0) + p.chunked(31, owned, 13, ADAM_CHUNK)
+    return p.kernel("adamw", owned, passes).compute
 
 
 def refresh_time(p: Pricer, elems: int) -> float:

@@ -129,6 +129,15 @@ class Pricer:
         dispatch.AUTO_MIN_ELEMENTS), instead of the conversions after and before them."""
         return self.low == "bfloat16" and self.cl.backend != "cupy" and elems >= AUTO_MIN_ELEMENTS
 
+    def kernel(self, name: str, elems: float, passes: Cost) -> Cost:
+        """A call of the kernel layer (plan/cluster.KERNELS) over elems elements: at the cluster's measured rate for
+        it where the file has one and the step is float32 on the host (the figures are float32 calls), else
+        `passes`, its NumPy passes as the inventory counts them (bf16's conversions, fused or not, stay there)."""
+        cl = self.cl
+        if name not in cl.kernels or self.low is not None or self.it != 4 or cl.backend == "cupy":
+            return passes
+        return Cost(self.share * cl.kernel_time(name, elems))
+
     def ew(self, accesses: float, elems: float, calls: float = 1.0) -> Cost:
         return Cost(self.share * self.cl.pass_time(accesses, self.it, elems, calls))
 

@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
     # -- layers: layernorm, gelu, attention / softmax / causal mask, linear, embedding backward, dropout -------------
     Mutant(
         "ln-unbiased-var",
-        "layernorm_forward_numpy",
+        "_twin_statistics",
         "var *= 1.0 / x.shape[-1]",
         "var *= 1.0 / (x.shape[-1] - 1)",
         "LayerNorm forward normalises by the unbiased variance (divides by C-1, torch.var's default)",

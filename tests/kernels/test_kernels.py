@@ -18,6 +18,7 @@ from hpc_llm.kernels import (
     dispatch,
     dropout_residual,
     layernorm,
+    pool,
     rounding,
     softmax,
 )
@@ -268,18 +269,41 @@ def test_bf16_layernorm_rounded_in_the_pass(kernels, bias):
         assert o.dtype == want.dtype and np.array_equal(o.view(np.uint8), want.view(np.uint8))
 
 
-@pytest.mark.parametrize("mode", ["numba", "numpy"])
-def test_bf16_layernorm_backward_reads_kept_xhat(kernels, mode):
-    """LayerNorm's backward given the kept bf16 xhat (B, and W's sums into and onto dw): bitwise the float32
-    backward on the widened xhat."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_layernorm_twin_rounded_in_its_last_pass(kernels, monkeypatch, bias):
+    """Where the twin runs ("auto" on one thread: the pool off), LayerNorm's kept xhat and narrow output written as
+    bf16 by its last passes compiled: bitwise the twin's float32 values then rounding, rstd the twin's."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     bf16 = np.dtype(ml_dtypes.bfloat16)
+    monkeypatch.setattr(pool, "_state", {"threads": 0})
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((4, 90, 96)) * 3 + 1).astype(np.float32)  # past auto's cut-over
+    w, b = (rng.standard_normal(96).astype(np.float32) for _ in range(2))
+    b = b if bias else None
+    out, (xhat, rstd) = kernels("numpy", layernorm.layernorm_forward, x, w, b)
+    for narrow in (True, False):
+        o, (xh, rs) = kernels("auto", layernorm.layernorm_forward_bf16, x, w, b, bf16, narrow)
+        assert np.array_equal(xh.view(np.uint16), xhat.astype(bf16).view(np.uint16))
+        assert np.array_equal(rs, rstd) and rs.shape == rstd.shape
+        want = out.astype(bf16) if narrow else out
+        assert o.dtype == want.dtype and np.array_equal(o.view(np.uint8), want.view(np.uint8))
+    assert layernorm._finish_bf16.jitted is not None, "the compiled pass ran"
+    assert kernels("numpy", layernorm.layernorm_forward_bf16, x, w, b, bf16, True) is None
+
+
+@pytest.mark.parametrize("mode", ["numba", "numpy", "auto"])
+def test_bf16_layernorm_backward_reads_kept_xhat(kernels, monkeypatch, mode):
+    """LayerNorm's backward given the kept bf16 xhat (B, and W's sums into and onto dw): bitwise the float32
+    backward on the widened xhat ("auto" on one thread: the compiled sums against NumPy's einsum)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    monkeypatch.setattr(pool, "_state", {"threads": 0})
     rng = np.random.default_rng(9)
-    dout = rng.standard_normal((4, 70, 96)).astype(np.float32)
+    dout = rng.standard_normal((4, 90, 96)).astype(np.float32)  # past auto's cut-over
     xhat = rng.standard_normal(dout.shape).astype(bf16)
     w, rstd = (
         rng.standard_normal(96).astype(np.float32),
-        rng.uniform(0.5, 2, (4, 70, 1)).astype(np.float32),
+        rng.uniform(0.5, 2, (4, 90, 1)).astype(np.float32),
     )
 
     def backward(x):
