@@ -17,6 +17,7 @@ from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 from hpc_llm.kernels.rounding import bf16_round, bf16_widen
+from hpc_llm.kernels.rows import add_rows_
 
 GELU_C = math.sqrt(2.0 / math.pi)
 # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
@@ -52,7 +53,9 @@ def bias_gelu_forward(x, b=None):
         return out, t
     if compiled(_gelu_inner, x) and _flat(x) and (b is None or _row_bias(x, b)):
         return _gelu_pool(x, b)
-    if b is not None:
+    if b is not None and _row_bias(x, b) and _flat(x):
+        add_rows_(x.reshape(-1, x.shape[-1]), b)  # NumPy's x += b (compiled where it pays)
+    elif b is not None:
         x += b
     return gelu_forward_numpy(x)
 
