@@ -185,7 +185,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "ln2-bwd-residual-dropped",
         "Block.backward_input",
-        "_dropout_residual(dx, self.ln_2.backward_input(dh2, c.ln_2, work), None)",
+        "self.ln_2.backward_input(dh2, c.ln_2, work, residual=dx)",
         "dx[...] = self.ln_2.backward_input(dh2, c.ln_2, work)",
         "block backward: the MLP branch's gradient replaces the residual stream's instead of adding to it",
         (T_GRAD, HF_GRADS),
