@@ -1,14 +1,15 @@
-"""A pipeline stage assembled from modules.py's parts: Chunk ([embedding] + blocks + [head]), its forward and its
-backward in one piece or as B and W (zero-bubble schedules), recompute, and the hooks run around each part
-(PartHooks: ZeRO's gathers and reduce-scatters, parallel/zero.py).
+"""A pipeline stage assembled from modules.py's and ends.py's parts: Chunk ([embedding] + blocks + [head]), its
+forward and its backward in one piece or as B and W (zero-bubble schedules), recompute, and the hooks run around
+each part (PartHooks: ZeRO's gathers and reduce-scatters, parallel/zero.py).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from hpc_llm.model.ends import Embedding, Head
 from hpc_llm.model.layers import DropoutRNG, WeightWork
-from hpc_llm.model.modules import Block, Embedding, Head
+from hpc_llm.model.modules import Block
 
 
 class PartHooks:

@@ -20,6 +20,7 @@ from hpc_llm.kernels import gemm
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import check_environment
 from hpc_llm.model.chunk import Chunk
+from hpc_llm.model.ends import Embedding, Head
 from hpc_llm.model.kv_cache import KVCache
 from hpc_llm.model.layers import NO_PARAM, Param
 from hpc_llm.model.layout import (
@@ -33,7 +34,7 @@ from hpc_llm.model.layout import (
     param_specs,
     whole_model,
 )
-from hpc_llm.model.modules import Block, Embedding, Head
+from hpc_llm.model.modules import Block
 from hpc_llm.model.precision import Precision
 from hpc_llm.model.shard_io import ShardIO
 from hpc_llm.parallel.comm import Comm

@@ -24,7 +24,7 @@ def vocab_parallel_embedding_forward(
     pos0: the first position, an int or per row (B,) ints (decoding rows of different lengths). wte_local may be an
     int8 quantize.QuantizedWeight: indexing it dequantizes the rows looked up. sequence_parallel: the sum is
     reduce-scattered along T instead (this rank's slice of positions, (B, T/tp, C)), its positions added to it;
-    its backward's all-gather is the caller's (modules.Embedding)."""
+    its backward's all-gather is the caller's (ends.Embedding)."""
     if isinstance(pos0, (int, np.integer)):
         if comm.size == 1 and isinstance(wte_local, np.ndarray):
             return embedding_forward(wte_local, wpe, idx, pos0)
