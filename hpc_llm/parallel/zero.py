@@ -69,7 +69,7 @@ def part_finishes(part, tied_head: bool) -> tuple:
 
 
 class ZeroHooks:
-    """The hooks of one rank's chunks under ZeRO-2 or 3 (sync.stage), over `sync`'s unit buckets: model/modules.py's
+    """The hooks of one rank's chunks under ZeRO-2 or 3 (sync.stage), over `sync`'s unit buckets: model/chunk.py's
     PartHooks methods (this floor sits below the model's, so it does not import the class)."""
 
     def __init__(self, model, sync: GradientSync, comm: Comm, reshard_after_forward: bool = True):
