@@ -152,18 +152,20 @@ class _Figures:
         return links
 
     def cast(self) -> dict:
-        cast_sec = self.section("compute.cast")
-        for k in cast_sec:
-            if k not in CAST_KEYS:
-                raise self.fail(f"compute.cast.{k}: expected one of {', '.join(CAST_KEYS)}")
-        return {k: self.number("compute.cast", k, v) for k, v in cast_sec.items()}
+        sec = self.named_section("compute.cast", CAST_KEYS)
+        return {k: self.number("compute.cast", k, v) for k, v in sec.items()}
 
     def kernels(self) -> dict:
-        sec = self.section("compute.kernels")
-        for k in sec:
-            if k not in KERNELS:
-                raise self.fail(f"compute.kernels.{k}: expected one of {', '.join(KERNELS)}")
+        sec = self.named_section("compute.kernels", KERNELS)
         return {k: self.table("compute.kernels", k, t) for k, t in sec.items()}
+
+    def named_section(self, where: str, names) -> dict:
+        """Section `where`, every key one of `names` (an unknown one is a UserError naming it)."""
+        sec = self.section(where)
+        for k in sec:
+            if k not in names:
+                raise self.fail(f"{where}.{k}: expected one of {', '.join(names)}")
+        return sec
 
     def backend(self) -> str:
         backend = self.section("compute").get("backend", "numpy")
