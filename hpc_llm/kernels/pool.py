@@ -15,6 +15,7 @@ thread), or "off". HPC_LLM_KERNELS=numpy turns it off too (the twins everywhere)
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 from hpc_llm.kernels.dispatch import env_choice, kernels_choice
@@ -52,7 +53,20 @@ def _omp_layer(n: int) -> bool:
         return False
     numba.config.THREADING_LAYER = "omp"
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    # starting the layer set OpenMP's default team to NUMBA_NUM_THREADS (the node's cores): oneDNN's products would
+    # run that many threads in every rank of a node, oversubscribing its cores; back to the process's own count
+    gomp = _libgomp()
+    if gomp is not None:
+        gomp.omp_set_num_threads(n)
     return True
+
+
+def _libgomp():
+    """The GNU OpenMP runtime this process has loaded (numba's omp layer and oneDNN share it), or None."""
+    try:
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return None
 
 
 def pool_threads() -> int:

@@ -3,6 +3,10 @@ split over threads, each row computed as the serial loop computes it); oneDNN's 
 gamma_K = K u / (1 - K u), u = 2^-24, of sum |a_k| |b_k| of the float64 product (Higham, Accuracy and Stability,
 3.1: any summation order), gamma_{K+1} with |out| added when accumulating; and the dispatch."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -247,6 +251,31 @@ def test_sgemm_batched_into_a_strided_view():
     assert np.array_equal(dq[:, :, 40:], before[:, :, 40:])
     w = values(rng, (16, 21), True)
     assert_within_gamma(gemm.sgemm_matmul(q, w), q, w)
+
+
+@needs_sgemm
+@pytest.mark.timeout(120)
+def test_pool_keeps_the_process_thread_count():
+    """Starting numba's omp layer (its threads: NUMBA_NUM_THREADS, by default every core of the node) leaves
+    OpenMP's default team at the process's own OMP_NUM_THREADS: oneDNN's products in a rank given one thread run on
+    one, not on the node's cores (it set the team to 2 here, so the "1-thread" products ran on both cores)."""
+    code = (
+        "import ctypes, numpy as np\n"
+        "from hpc_llm.kernels import gemm, pool\n"
+        "threads = pool.pool_threads()\n"
+        "a = np.ones((256, 256), np.float32)\n"
+        "gemm.matmul(a, a)\n"
+        "print(threads, ctypes.CDLL('libgomp.so.1').omp_get_max_threads())\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", HPC_LLM_POOL="on", NUMBA_NUM_THREADS="2")
+    env.pop("HPC_LLM_KERNELS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    threads, team = out.stdout.split()
+    if threads == "0":
+        pytest.skip("numba's omp threading layer unavailable")
+    assert (threads, team) == ("1", "1")
 
 
 def test_pool_choice_and_matmul_dispatch(monkeypatch):
