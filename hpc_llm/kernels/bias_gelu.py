@@ -17,7 +17,7 @@ from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
 from hpc_llm.kernels.rounding import bf16_round, bf16_widen
-from hpc_llm.kernels.rows import add_rows_
+from hpc_llm.kernels.rows import add_rows_, row_bias
 
 GELU_C = math.sqrt(2.0 / math.pi)
 # elements: a chunk of each operand stays in L2 across a chain of NumPy passes
@@ -51,17 +51,13 @@ def bias_gelu_forward(x, b=None):
             x.reshape(-1, C), bias, out.reshape(-1, C), t.reshape(-1, C), *_consts(x.dtype)
         )
         return out, t
-    if compiled(_gelu_inner, x) and _flat(x) and (b is None or _row_bias(x, b)):
+    if compiled(_gelu_inner, x) and _flat(x) and (b is None or row_bias(x, b)):
         return _gelu_pool(x, b)
-    if b is not None and _row_bias(x, b) and _flat(x):
+    if b is not None and row_bias(x, b) and _flat(x):
         add_rows_(x.reshape(-1, x.shape[-1]), b)  # NumPy's x += b (compiled where it pays)
     elif b is not None:
         x += b
     return gelu_forward_numpy(x)
-
-
-def _row_bias(x, b) -> bool:
-    return b.dtype == x.dtype and b.shape == x.shape[-1:] and x.ndim >= 2
 
 
 def _gelu_pool(x, b=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from hpc_llm.backend import array_module
 from hpc_llm.kernels.cuda import device
 from hpc_llm.kernels.dispatch import compiled, kernel, prange
+from hpc_llm.kernels.rows import row_bias
 
 
 def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
@@ -42,8 +43,7 @@ def dropout_residual_(x, a, keep=None, scale: float = 1.0, bias=None):
 
 def _fused_bias(x, a, bias) -> bool:
     """Whether the host's pass x += (a + bias) runs: a bias over x's last axis, one dtype, the pool's kernel."""
-    same = a.dtype == x.dtype == bias.dtype and bias.shape == x.shape[-1:]
-    return same and x.ndim >= 2 and compiled(_residual_add_bias, x, a, bias)
+    return a.dtype == x.dtype and row_bias(x, bias) and compiled(_residual_add_bias, x, a, bias)
 
 
 def dropout_residual_numpy(x, a, keep=None, scale: float = 1.0, bias=None):

@@ -97,6 +97,12 @@ def _pool_2d(k, *arrays) -> bool:
     return compiled(k, *arrays) and all(a.flags.c_contiguous for a in arrays)
 
 
+def row_bias(x, b) -> bool:
+    """Whether b is a bias over x's rows: x's dtype, over its last axis, x at least 2-D (what the fused bias passes
+    take)."""
+    return b.dtype == x.dtype and b.shape == x.shape[-1:] and x.ndim >= 2
+
+
 def add_rows_(x2, b):
     """x2 (N, C) += b (C,) per row, in place; returns x2."""
     if x2.ndim == 2 and b.dtype == x2.dtype and _pool_2d(_add_rows, x2, b):
