@@ -21,6 +21,23 @@ the model's weights, GPT.refresh_compute) reads those; any other float32 operand
 
 oneDNN takes its threads from OpenMP (OMP_NUM_THREADS); NumPy's OpenBLAS from OPENBLAS_NUM_THREADS.
 
+Two ways into oneDNN, chosen per product by a measured rule (`_primitive_first`): its GEMM API (the functions above,
+a call per matrix of a batch) and its matmul primitive (kernels/onednn_matmul.py: the AMX "brgemm" kernels on a CPU
+with AMX, a batch in one call, transposes as strides). Where the library lacks the primitive, or it refuses a
+layout (a negative stride, one only its reference loops take), the GEMM API runs. scripts/bench/
+bench_matmul_primitive.py, 6x384's products, the primitive's GFLOP/s over the GEMM API's at 2 threads (1 thread),
+two runs:
+- bf16, a row-major (NN, NT): 1.0-1.6x (0.91-1.8x; below 1 only with K >= 1152 on one thread) -> primitive;
+- bf16, a a transposed view (TN, the weight gradients): 0.68-1.0x, 1.1-1.2x once (0.55-0.86x) -> GEMM API;
+- float32 TN: 1.07-1.25x (0.96-1.18x) with M N >= 2^19 (fc's and fc_proj's) -> primitive; smaller ones
+  0.89-1.03x (0.92-1.03x) and float32 NN, NT 0.77-1.07x (0.76-1.04x) -> GEMM API;
+- batches (attention's per-head products, any layout): bf16 1.9-5.0x (1.5-2.9x), float32 1.35-1.8x (1.1-1.4x)
+  -> primitive.
+The primitive's results are within gamma_K of |a| |b| as the GEMM API's; they do not depend on the thread count at
+1 and 2 threads on the model's shapes (checked bitwise; oneDNN could split K at other shapes or counts), but may on
+the operands' strides (a transposed view's leading dimension), so a float32 operand converted to bf16 keeps its
+orientation.
+
 float32 products: with the shared thread pool on (kernels/pool.py: several OpenMP threads, HPC_LLM_POOL), those of
 POOL_MIN_MACS or more per matrix run on oneDNN's `dnnl_sgemm` (`sgemm_matmul`), whose threads are the pool's; the
 summation order inside a GEMM differs from OpenBLAS's, each entry within gamma_K of |a| |b| as any float32 GEMM's.
@@ -41,6 +58,7 @@ from hpc_llm.backend import array_module, low_dtype
 from hpc_llm.kernels.blas import cpu_flags, set_openblas_threads
 from hpc_llm.kernels.cuda import gemm16
 from hpc_llm.kernels.dispatch import kernels_choice
+from hpc_llm.kernels.onednn_matmul import Primitives
 from hpc_llm.kernels.pool import pool_threads
 from hpc_llm.kernels.rounding import bf16_bits, from_low
 
@@ -58,29 +76,53 @@ POOL_MIN_MACS = 1 << 20
 # products (6x384's, a batch of 48 matrices of 2^20-2^21) run 2.0-2.4x NumPy's float32 batched matmul, at 2^17
 # (shakespeare-char's) 0.4x (scripts/bench/bench_gemm.py's bf16in column; docs/performance.md)
 MIN_MACS_HELD = 1 << 20
+# a single float32 product a^T @ b takes the matmul primitive from this many entries out (M N): 6x384's fc weight
+# gradients (2^19.2) ran 1.07-1.25x the GEMM API's, the smaller ones 0.89-1.03x (module docstring)
+PRIMITIVE_F32_MIN_MN = 1 << 19
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _state: dict = {}
 # id(a float32 array) -> (a weak reference to it, its bf16 bit patterns: uint16 of its shape, C-contiguous)
 _shared_bits: dict = {}
 
 
-def _load_gemm(name: str = "dnnl_gemm_bf16bf16f32"):
-    """oneDNN's GEMM `name` (dnnl_gemm_bf16bf16f32, dnnl_sgemm: the same arguments) from the first oneDNN library
-    that loads, or None."""
+def _load_library():
+    """The first oneDNN library that loads (a ctypes.CDLL with its GEMM API), or None."""
     paths = [os.environ.get("HPC_LLM_DNNL_LIB"), os.path.join(sys.prefix, "lib", "libdnnl.so.3")]
     paths.append(ctypes.util.find_library("dnnl"))
     for path in paths:
         if not path:
             continue
         try:
-            fn = getattr(ctypes.CDLL(path), name)
-        except (OSError, AttributeError):
+            lib = ctypes.CDLL(path)
+        except OSError:
             continue
-        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-        fn.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, f32, ptr, i64, ptr, i64]
-        fn.argtypes += [f32, ptr, i64]
-        return fn
+        if hasattr(lib, "dnnl_sgemm"):
+            return lib
     return None
+
+
+def _load_gemm(name: str = "dnnl_gemm_bf16bf16f32"):
+    """oneDNN's GEMM `name` (dnnl_gemm_bf16bf16f32, dnnl_sgemm: the same arguments) from the first oneDNN library
+    that loads, or None."""
+    lib = _load_library()
+    fn = getattr(lib, name, None)
+    if fn is None:
+        return None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, f32, ptr, i64, ptr, i64]
+    fn.argtypes += [f32, ptr, i64]
+    return fn
+
+
+def onednn_primitives():
+    """oneDNN's matmul primitives (kernels/onednn_matmul.py) when the library loads and has them, else None
+    (cached)."""
+    if "primitives" not in _state:
+        lib = _load_library()
+        _state["primitives"] = None
+        if lib is not None and hasattr(lib, "dnnl_matmul_primitive_desc_create"):
+            _state["primitives"] = Primitives(lib)
+    return _state["primitives"]
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
@@ -170,6 +212,11 @@ def as_float32(x):
     return from_low(x, np.float32) if x.flags.c_contiguous else x.astype(np.float32)
 
 
+def _transposed(x) -> bool:
+    """Whether x's matrices are laid out column by column (a transposed view), not row by row."""
+    return x.strides[-2] == x.itemsize and x.strides[-1] != x.itemsize and x.shape[-1] > 1
+
+
 def share_bf16_bits(values, bits) -> None:
     """Declare `bits` (uint16, C-contiguous, values' shape) the bf16 bit patterns of the float32 array `values`
     (C-contiguous, holding bf16 values), kept equal to them by their owner for as long as `values` lives: a product
@@ -194,15 +241,21 @@ def _shared_view(x):
     return None
 
 
-def _bf16_operand(x):
-    """x (..., R, C), float32 values already bf16 (or rounded to it here) or bfloat16, as bf16 bit patterns in a
-    layout oneDNN reads: (bits, trans, ld), bits (..., R, C) with rows ld elements apart (trans "N") or (..., C, R)
-    the same for x's transpose (trans "T", no copy of the transposition); leading axes of any strides."""
+def _bf16_view(x):
+    """x (..., R, C), float32 values already bf16 (or rounded to it here) or bfloat16, as bf16 bit patterns: uint16
+    of x's shape, a view of a bfloat16 array's or of shared bits (any strides), else a converted copy laid out as x
+    is (a transposed view stays a transposed view)."""
     bits = x.view(np.uint16) if _is_bf16(x) else _shared_view(x)
     if bits is None:
-        t = x.strides[-2] == x.itemsize and x.strides[-1] != x.itemsize and x.shape[-1] > 1
-        bits = _bits(np.swapaxes(x, -1, -2) if t else x)
-        return bits, (b"T" if t else b"N"), bits.shape[-1]
+        t = _transposed(x)
+        bits = np.swapaxes(_bits(np.swapaxes(x, -1, -2)), -1, -2) if t else _bits(x)
+    return bits
+
+
+def _bf16_operand(bits):
+    """bf16 bit patterns (..., R, C) (_bf16_view) in a layout oneDNN's GEMM reads: (bits, trans, ld), bits
+    (..., R, C) with rows ld elements apart (trans "N") or (..., C, R) the same for the transpose (trans "T", no copy
+    of the transposition); leading axes of any strides."""
     R, C = bits.shape[-2:]
     (sr, sc), ahead = bits.strides[-2:], min(bits.strides[:-2], default=0) >= 0
     if ahead and sc == 2 and (R == 1 or sr >= 2 * C):
@@ -220,17 +273,53 @@ def _bits(x):
 
 
 def bf16_matmul(a, b, out=None, accumulate: bool = False):
-    """out (=|+=) a @ b on oneDNN's bf16 GEMM with float32 accumulation; a (..., M, K), b (..., K, N), leading axes
-    broadcast, a product per matrix. out (float32) may be a view whose rows are strided; any other layout is
+    """out (=|+=) a @ b on oneDNN with bf16 inputs and float32 accumulation; a (..., M, K), b (..., K, N), leading
+    axes broadcast, a product per matrix. out (float32) may be a view whose rows are strided; any other layout is
     computed into a new array first."""
-    return _onednn_products(
+    a, b = _bf16_view(a), _bf16_view(b)
+    if _primitive_first(a, b, bf16=True):
+        done = _primitive_products(a, b, out, accumulate)
+        if done is not None:
+            return done
+    return _gemm_products(
         onednn_gemm(), "dnnl_gemm_bf16bf16f32", _bf16_operand, a, b, out, accumulate
     )
 
 
-def _onednn_products(gemm, name: str, operand, a, b, out, accumulate: bool):
-    """out (=|+=) a @ b through oneDNN's GEMM `gemm` (a call per matrix; its operands as `operand` lays them out:
-    (array, trans, ld)); out as bf16_matmul's."""
+def _primitive_first(a, b, bf16: bool) -> bool:
+    """Whether a @ b is tried on the matmul primitive before the GEMM API (the module docstring's rule): batched
+    products always, a single one in bf16 unless a is a transposed view, in float32 only then and with at least
+    PRIMITIVE_F32_MIN_MN entries out."""
+    if onednn_primitives() is None:
+        return False
+    if a.ndim > 2 or b.ndim > 2:
+        return True
+    if bf16:
+        return not _transposed(a)
+    return _transposed(a) and a.shape[-2] * b.shape[-1] >= PRIMITIVE_F32_MIN_MN
+
+
+def _primitive_products(a, b, out, accumulate: bool):
+    """out (=|+=) a @ b on oneDNN's matmul primitive (operands of any strides: bf16 bit patterns or float32), out as
+    bf16_matmul's; None where the primitive does not take these layouts (nothing written then)."""
+    lead = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    shape = lead + (a.shape[-2], b.shape[-1])
+    fresh = out is None or out.shape != shape or out.dtype != np.float32
+    target = np.empty(shape, dtype=np.float32) if fresh else out
+    if fresh and accumulate and out is not None:
+        target[...] = out
+    if not onednn_primitives().run(a, b, target, accumulate and out is not None):
+        return None
+    if out is None:
+        return target
+    if target is not out:
+        out[...] = target
+    return out
+
+
+def _gemm_products(gemm, name: str, operand, a, b, out, accumulate: bool):
+    """out (=|+=) a @ b through oneDNN's GEMM API `gemm` (a call per matrix; its operands as `operand` lays them
+    out: (array, trans, ld)); out as bf16_matmul's."""
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     assert b.shape[-2] == K, f"matmul: {a.shape} @ {b.shape}"
     lead = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
@@ -301,7 +390,11 @@ def _f32_operand(x):
 
 
 def sgemm_matmul(a, b, out=None, accumulate: bool = False):
-    """out (=|+=) a @ b on oneDNN's float32 GEMM; a (..., M, K), b (..., K, N) float32, leading axes broadcast, a
-    call per matrix. out (float32) may be a view whose rows are strided; any other layout is computed into a new
+    """out (=|+=) a @ b on oneDNN in float32; a (..., M, K), b (..., K, N) float32, leading axes broadcast, a
+    product per matrix. out (float32) may be a view whose rows are strided; any other layout is computed into a new
     array first."""
-    return _onednn_products(onednn_sgemm(), "dnnl_sgemm", _f32_operand, a, b, out, accumulate)
+    if _primitive_first(a, b, bf16=False):
+        done = _primitive_products(a, b, out, accumulate)
+        if done is not None:
+            return done
+    return _gemm_products(onednn_sgemm(), "dnnl_sgemm", _f32_operand, a, b, out, accumulate)

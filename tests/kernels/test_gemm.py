@@ -1,4 +1,5 @@
-"""kernels/gemm.py: oneDNN's bf16 GEMM against float64 products of the same bf16 operands, and when it is used.
+"""kernels/gemm.py: oneDNN's bf16 GEMM and matmul primitive against float64 products of the same bf16 operands, and
+when each is used.
 
 The bound: the products of bf16 values are exact in float32 (8 + 8 significant bits), so the only error is the
 float32 summation's; K terms summed in any order (oneDNN's blocking, the instruction's pairs) are within
@@ -20,6 +21,21 @@ needs_onednn = pytest.mark.skipif(
     reason="oneDNN's bf16 GEMM unavailable: onednn-cpu-gomp not installed (HPC_LLM_DNNL_LIB unset) or the CPU "
     "reports neither avx512_bf16 nor amx_bf16",
 )
+
+
+@pytest.fixture(params=["primitive", "gemm"])
+def path(request, monkeypatch):
+    """Every oneDNN product on the matmul primitive (checked: it took each), then on the GEMM API, whatever
+    _primitive_first's rule would choose."""
+    on_primitive = request.param == "primitive"
+    if on_primitive:
+        prims = gemm.onednn_primitives()
+        if prims is None:
+            pytest.skip("oneDNN's matmul primitive unavailable")
+        real = prims.run
+        monkeypatch.setattr(prims, "run", lambda *args: real(*args) or pytest.fail("refused"))
+    monkeypatch.setattr(gemm, "_primitive_first", lambda a, b, bf16: on_primitive)
+    return request.param
 
 
 def gamma(k: int) -> float:
@@ -48,8 +64,8 @@ def assert_within_gamma(got, a, b, c0=None):
 @needs_onednn
 @pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_bf16_matmul_within_gamma_k(layout, accumulate):
-    """Odd sizes, each transposition (passed to oneDNN as its flag, no copy), overwrite and accumulate."""
+def test_bf16_matmul_within_gamma_k(layout, accumulate, path):
+    """Odd sizes, each transposition (passed to oneDNN as its flag or strides, no copy), overwrite and accumulate."""
     rng = np.random.default_rng(0)
     M, K, N = 67, 131, 45
     a, b = bf16_values(rng, (M, K), layout[0]), bf16_values(rng, (K, N), layout[1])
@@ -62,7 +78,7 @@ def test_bf16_matmul_within_gamma_k(layout, accumulate):
 
 @needs_onednn
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_bf16_matmul_batched_into_a_strided_view(accumulate):
+def test_bf16_matmul_batched_into_a_strided_view(accumulate, path):
     """Attention's shapes: (B, H, q, hd) by a slice of keys transposed, into a block of rows of a larger array."""
     rng = np.random.default_rng(1)
     q = bf16_values(rng, (2, 3, 33, 16), "n")
@@ -78,6 +94,66 @@ def test_bf16_matmul_batched_into_a_strided_view(accumulate):
     # leading axes broadcast: one matrix by a batch
     w = bf16_values(rng, (16, 21), "n")
     assert_within_gamma(gemm.bf16_matmul(q, w), q, w)
+
+
+@pytest.mark.skipif(gemm.onednn_sgemm() is None, reason="oneDNN unavailable")
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
+def test_float32_products_within_gamma_k(layout, path):
+    """sgemm_matmul on either path: odd sizes, each transposition, a batch of transposed views accumulated into a
+    strided block, one matrix broadcast against a batch."""
+    rng = np.random.default_rng(6)
+
+    def f32(shape, t):
+        x = rng.standard_normal(shape[:-2] + (shape[-1], shape[-2]) if t else shape)
+        return np.swapaxes(x.astype(np.float32), -1, -2) if t else x.astype(np.float32)
+
+    a, b = f32((67, 131), layout[0] == "t"), f32((131, 45), layout[1] == "t")
+    assert_within_gamma(gemm.sgemm_matmul(a, b), a, b)
+    a, b = f32((2, 3, 33, 16), layout[0] == "t"), f32((2, 3, 16, 29), layout[1] == "t")
+    dq = rng.standard_normal((2, 3, 50, 29)).astype(np.float32)
+    before = dq.copy()
+    assert gemm.sgemm_matmul(a, b, dq[:, :, 7:40], True).base is dq
+    assert_within_gamma(dq[:, :, 7:40], a, b, before[:, :, 7:40].astype(np.float64))
+    assert np.array_equal(dq[:, :, :7], before[:, :, :7]) and np.array_equal(
+        dq[:, :, 40:], before[:, :, 40:]
+    )
+    w = f32((16, 21), layout[1] == "t")
+    assert_within_gamma(gemm.sgemm_matmul(a, w), a, w)
+
+
+@needs_onednn
+def test_primitive_rule_refusals_and_cache(monkeypatch):
+    """The measured rule (module docstring): batched products on the primitive, single ones in bf16 unless a is a
+    transposed view, in float32 only then and large enough. A layout the primitive refuses (a negative stride)
+    leaves out untouched and the product runs on the GEMM API; a created primitive is reused for the same layout;
+    without the primitive everything runs on the GEMM API."""
+    prims = gemm.onednn_primitives()
+    if prims is None:
+        pytest.skip("oneDNN's matmul primitive unavailable")
+    x, t, batch = np.ones((8, 8)), np.ones((8, 8)).T, np.ones((2, 8, 8))
+    assert gemm._primitive_first(x, t, True) and not gemm._primitive_first(t, x, True)
+    assert not gemm._primitive_first(x, t, False) and not gemm._primitive_first(t, x, False)
+    side = 1 << 10  # M N = 2^20, past PRIMITIVE_F32_MIN_MN
+    wide = np.ones((side, side), np.float32)
+    assert gemm._primitive_first(wide.T, wide, False) and not gemm._primitive_first(
+        wide, wide, False
+    )
+    assert gemm._primitive_first(batch, t, True) and gemm._primitive_first(batch, x, False)
+    rng = np.random.default_rng(7)
+    a, b = bf16_values(rng, (96, 80), "n"), bf16_values(rng, (80, 72), "n")
+    bits = [x.astype(BF16.low).view(np.uint16) for x in (a, b)]
+    out = np.full((96, 72), 3.0, np.float32)
+    assert not prims.run(bits[0][::-1], bits[1], out) and np.all(out == 3)
+    assert_within_gamma(gemm.bf16_matmul(a[::-1], b), a[::-1], b)
+    size = len(prims.cache)
+    assert prims.run(*bits, out, True) and len(prims.cache) == size + 1
+    assert_within_gamma(out, a, b, np.full((96, 72), 3.0))
+    again = out.copy()
+    assert prims.run(*bits, again, True) and len(prims.cache) == size + 1
+    monkeypatch.setattr(gemm, "_state", {**gemm._state, "primitives": None})
+    monkeypatch.setattr(prims, "run", lambda *args: pytest.fail("the primitive ran"))
+    assert_within_gamma(gemm.bf16_matmul(a, b), a, b)
+    assert_within_gamma(gemm.sgemm_matmul(b.T, a.T), b.T, a.T)
 
 
 @needs_onednn
