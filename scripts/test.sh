@@ -23,7 +23,8 @@ fi
 # tests/checkpoint/test_checkpoint_mpio.py and test_checkpoint_kill_mpio.py need h5py built with MPI:
 # scripts/test_mpio.sh runs them below, in its own environment
 # (here they would only skip, and under CI=true a skip is a failure).
-"$VENV/bin/python" -m pytest -q --ignore=tests/checkpoint/test_checkpoint_mpio.py \
+# --durations: the slowest tests, named in the log, where CI time is to be won back
+"$VENV/bin/python" -m pytest -q --durations=25 --ignore=tests/checkpoint/test_checkpoint_mpio.py \
     --ignore=tests/checkpoint/test_checkpoint_kill_mpio.py
 # The whole suite also runs the parallel-HDF5 tests (checkpoint.writer=mpio) in their own environment: Debian's
 # MPI-enabled h5py and Open MPI, never mixed with the wheels above (SKIPPED with the reason where apt is unavailable).
