@@ -206,10 +206,8 @@ def as_float32(x):
     """x itself, or a bfloat16 array widened to float32 (exact): what BLAS multiplies. Widened in x's memory order
     (a transpose view stays one): BLAS's summation order can depend on the layout (OpenBLAS's SkylakeX kernels on
     an Intel CPU sum a transposed operand's products in another order), so the product is bitwise the one of the
-    same values held in float32."""
-    if not _is_bf16(x):
-        return x
-    return from_low(x, np.float32) if x.flags.c_contiguous else x.astype(np.float32)
+    same values held in float32 (from_low widens a non-contiguous array by astype, in its order)."""
+    return from_low(x, np.float32) if _is_bf16(x) else x
 
 
 def _transposed(x) -> bool:
