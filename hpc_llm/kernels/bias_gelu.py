@@ -258,15 +258,16 @@ def bias_gelu_forward_bf16(x, b, low, keep_t: bool = True):
         c3, c, _d3, _d, one, half = _consts(x.dtype)
         fb, gb, tb = (q.reshape(-1, C) for q in bits)
         _bias_gelu_forward_bf16(x2, bias, fb, gb, tb, keep_t, c3, c, one, half)
-    elif compiled(_gelu_inner, x):  # the pool's passes (_gelu_pool), the last one rounding
-        if b is not None:
-            x2 += b
-        xf = x2.reshape(-1)
-        t = np.empty_like(xf)
+    elif compiled(_gelu_inner, x) and (b is None or row_bias(x, b)):
+        # the pool's passes (_gelu_pool: the bias added in the first), the last one rounding
+        t = np.empty_like(x2)
         c3, c = _consts(x.dtype)[:2]
-        _gelu_inner(xf, t, c3, c)
+        if b is None:
+            _gelu_inner(x2.reshape(-1), t.reshape(-1), c3, c)
+        else:
+            _bias_gelu_inner(x2, b, t, c3, c)
         np.tanh(t, out=t)
-        _gelu_finish_bf16(xf, t, *bits, keep_t)
+        _gelu_finish_bf16(x2.reshape(-1), t.reshape(-1), *bits, keep_t)
     else:
         _gelu_rows_bf16(x2, b, bits, keep_t)
     return outs[0], outs[1], outs[2] if keep_t else None

@@ -19,6 +19,7 @@ from hpc_llm.kernels import (
     gemm,
     layernorm,
     pool,
+    rounding,
     rows,
     softmax,
 )
@@ -139,6 +140,40 @@ def test_pool_passes_bitwise_numpy(pool_on, monkeypatch):
     assert rows._scatter_add_rows.parallel is not None, "the parallel variants ran"
     assert bias_gelu._bias_gelu_inner.parallel is not None
     assert dropout_residual._residual_add_bias.parallel is not None
+
+
+def test_bf16_rounding_passes_bitwise_serial(pool_on):
+    """The bf16 rounding passes (kernels/rounding.py) on the pool: bitwise their serial runs and ml_dtypes'
+    rounding, on sizes that split unevenly (NaN and infinities kept)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((37, 3, 2, 5, 24)) * 3).astype(np.float32)
+    x.reshape(-1)[:3] = (np.nan, np.inf, -np.inf)
+    want = x.astype(bf16)
+    for fn in (rounding.to_low, lambda y, low: rounding.round_low_(y, low).astype(low)):
+        got, ref = pool_on(fn, x, bf16)
+        assert np.array_equal(got.view(np.uint16), ref.view(np.uint16))
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    got, ref = pool_on(rounding.from_low, want, np.float32)
+    wide = want.astype(np.float32).view(np.uint32)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)) and np.array_equal(
+        got.view(np.uint32), wide
+    )
+
+    def rounded(y):
+        out, bits = np.empty_like(y), np.empty(y.shape, np.uint16)
+        rounding.round_into(y, out, bf16, bits)
+        return out, bits
+
+    got, ref = pool_on(rounded, x)
+    assert all(np.array_equal(g.view(np.uint32), r.view(np.uint32)) for g, r in zip(got, ref))
+    assert np.array_equal(got[1], want.view(np.uint16))
+    for merge, scale in ((False, 0.3), (True, None)):
+        for wide in (False, True):
+            got, ref = pool_on(rounding.heads_rounded, x, bf16, wide, scale, merge)
+            assert np.array_equal(got.view(np.uint16), ref.view(np.uint16))
+    assert rounding._heads_split.parallel is not None, "the parallel variants ran"
 
 
 def ref_scale(qkv, s):
