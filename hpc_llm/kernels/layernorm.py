@@ -248,7 +248,13 @@ def _layernorm_forward_bf16(x, w, b, has_bias, narrow, out, out_bits, xhat, rstd
         rstd[r, 0] = rs
         for i in range(C):
             h = np.float32((x[r, i] - mean) * rs)
-            _write_bf16(h, r, i, w, b, has_bias, narrow, out, out_bits, xhat)
+            xhat[r, i] = bf16_round(h)
+            o = h * w[i]
+            o = o + b[i] if has_bias else o
+            if narrow:
+                out_bits[r, i] = bf16_round(o)
+            else:
+                out[r, i] = o
 
 
 def _twin_bf16(x, w, b, low, narrow_out: bool):
@@ -276,18 +282,14 @@ def _finish_bf16(xc, rstd, w, b, has_bias, narrow, out, out_bits, xhat):
     N, C = xc.shape
     for r in range(N):
         rs = rstd[r, 0]
+        # _layernorm_forward_bf16's element, written out again: a helper taking the arrays, inlined, put reference
+        # counting of each array in this loop (serial: 17 ms instead of 0.6 for 2048 x 384, measured)
         for i in range(C):
-            _write_bf16(xc[r, i] * rs, r, i, w, b, has_bias, narrow, out, out_bits, xhat)
-
-
-@kernel(inline="always")
-def _write_bf16(h, r, i, w, b, has_bias, narrow, out, out_bits, xhat):
-    """Element (r, i) of the bf16 forward from its float32 xhat h: xhat rounded to bf16, out = h * w (+ b) in
-    float32, rounded to bf16 when narrow."""
-    xhat[r, i] = bf16_round(h)
-    o = h * w[i]
-    o = o + b[i] if has_bias else o
-    if narrow:
-        out_bits[r, i] = bf16_round(o)
-    else:
-        out[r, i] = o
+            h = xc[r, i] * rs
+            xhat[r, i] = bf16_round(h)
+            o = h * w[i]
+            o = o + b[i] if has_bias else o
+            if narrow:
+                out_bits[r, i] = bf16_round(o)
+            else:
+                out[r, i] = o
