@@ -370,7 +370,8 @@ def uses_sgemm(a, b) -> bool:
         return False
     if a.dtype != np.float32 or b.dtype != np.float32:
         return False
-    return a.shape[-2] * a.shape[-1] * b.shape[-1] >= POOL_MIN_MACS and pool_threads() > 0
+    big = a.shape[-2] * a.shape[-1] * b.shape[-1] >= POOL_MIN_MACS
+    return big and pool_threads() > 0 and onednn_sgemm() is not None
 
 
 def _f32_operand(x):

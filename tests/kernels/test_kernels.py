@@ -61,15 +61,19 @@ def test_bad_choice_is_one_line(monkeypatch):
 
 
 def test_auto_runs_measured_kernels_on_large_arrays_only(monkeypatch):
+    from hpc_llm.kernels import pool
+
     monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
+    monkeypatch.setattr(pool, "_state", {"threads": 0})  # the shared pool off
     small, large = np.ones(8, np.float32), np.ones(dispatch.AUTO_MIN_ELEMENTS, np.float32)
     assert not dispatch.compiled(layernorm._layernorm_backward_input, small)
     assert (
         dispatch.compiled(layernorm._layernorm_backward_input, large) == dispatch.numba_available()
     )
-    assert not dispatch.compiled(
-        layernorm._layernorm_forward, large
-    )  # slower than its twin: numba only
+    # slower than its twin on one thread without the pool: numba only; its parallel variant with the pool on
+    assert not dispatch.compiled(layernorm._layernorm_forward, large)
+    monkeypatch.setattr(pool, "_state", {"threads": 1})
+    assert dispatch.compiled(layernorm._layernorm_forward, large) == dispatch.numba_available()
     monkeypatch.setenv("HPC_LLM_KERNELS", "numba")
     assert dispatch.compiled(layernorm._layernorm_forward, small) == dispatch.numba_available()
 

@@ -314,10 +314,10 @@ def test_pool_keeps_the_process_thread_count():
 
 
 def test_pool_choice_and_matmul_dispatch(monkeypatch):
-    """A bad HPC_LLM_POOL is one line, raised when a model is built (before any compute); "on" turns the pool on
-    where oneDNN and numba's omp layer are there, "off" and HPC_LLM_KERNELS=numpy keep it off; which kernels "auto"
-    runs with it on; with it on, float32 products of POOL_MIN_MACS or more go to oneDNN, smaller ones stay on BLAS,
-    bitwise."""
+    """A bad HPC_LLM_POOL is one line, raised when a model is built (before any compute); "on" and "auto" turn
+    the pool on (one thread too) where oneDNN and numba's omp layer are there, "off" and HPC_LLM_KERNELS=numpy
+    keep it off; which kernels "auto" runs with it on; with it on, float32 products of POOL_MIN_MACS or more go to
+    oneDNN, smaller ones stay on BLAS, bitwise."""
     from hpc_llm.config import ModelConfig
     from hpc_llm.errors import UserError
     from hpc_llm.model.gpt import GPT
@@ -329,6 +329,7 @@ def test_pool_choice_and_matmul_dispatch(monkeypatch):
         GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=16), seed=0)
     available = gemm.onednn_sgemm() is not None and pool._omp_layer(1)
     for env, value in (
+        ("HPC_LLM_POOL", "auto"),  # on one thread too (this process's)
         ("HPC_LLM_POOL", "on"),
         ("HPC_LLM_POOL", "off"),
         ("HPC_LLM_KERNELS", "numpy"),
@@ -336,7 +337,7 @@ def test_pool_choice_and_matmul_dispatch(monkeypatch):
         monkeypatch.setenv("HPC_LLM_POOL", "on")
         monkeypatch.setenv(env, value)
         monkeypatch.setattr(pool, "_state", {})
-        assert (pool.pool_threads() > 0) == (available and value == "on")
+        assert (pool.pool_threads() > 0) == (available and value in ("auto", "on"))
         monkeypatch.delenv("HPC_LLM_KERNELS", raising=False)
     # under "auto": a kernel measured faster in parallel runs only with the pool on; softmax's never
     monkeypatch.setenv("HPC_LLM_KERNELS", "auto")
