@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class RankRecord:
         self.op: str | None = None  # the one this rank is in, None outside MPI
         self.last_op: str | None = None
         self.changed = time.time()  # when it entered or left the last one
+        # the watchdog's thread writes while the rank's own thread may stop: a write begun before stop() must not put
+        # the file back after stop() removed it (a record left behind, its folder with it)
+        self._lock = threading.Lock()
 
     def start(self, directory: Path, rank: int, size: int) -> None:
         """Write this rank's record into `directory` from now on (created by world rank 0 beforehand): the first
@@ -45,12 +49,11 @@ class RankRecord:
 
     def stop(self) -> None:
         """No more records; this rank's file removed (the run ended normally)."""
-        path, self.dir = self._path(self.rank), None
-        if path is not None:
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        with self._lock:
+            path, self.dir = self._path(self.rank), None
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def entered(self, op: str) -> None:
         self.seq += 1
@@ -66,28 +69,26 @@ class RankRecord:
 
     def write(self, phase: str) -> None:
         """The heartbeat: this rank's state now (the watchdog's thread, about once a second)."""
-        path = self._path(self.rank)
-        if path is None:
-            return
-        state = {
-            "rank": self.rank,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "seq": self.seq,
-            "op": self.op,
-            "last_op": self.last_op,
-            "changed": self.changed,
-            "phase": phase,
-            "beat": time.time(),
-        }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, path)
-        except (
-            OSError
-        ):  # a full or vanished directory must not kill the rank: the record is a diagnostic
-            pass
+        with self._lock:
+            path = self._path(self.rank)
+            if path is None:
+                return
+            state = {
+                "rank": self.rank,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "seq": self.seq,
+                "op": self.op,
+                "last_op": self.last_op,
+                "changed": self.changed,
+                "phase": phase,
+                "beat": time.time(),
+            }
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            # a full or vanished directory must not kill the rank: the record is a diagnostic
+            with contextlib.suppress(OSError):
+                tmp.write_text(json.dumps(state))
+                os.replace(tmp, path)
 
     def peers(self) -> list[dict]:
         out = []

@@ -652,3 +652,38 @@ def test_a_stuck_peer_ends_every_verb_that_talks_to_other_ranks(
     if culprit is not None:
         assert f"hpc-llm: rank 0: rank 1 is behind: {culprit}" in err, err[-3000:]
     assert seconds < BOUND_S + VERB_TIMEOUT_S, seconds
+
+
+@pytest.mark.timeout(60)
+def test_a_heartbeat_written_as_the_rank_stops_leaves_no_record(tmp_path, monkeypatch):
+    """The watchdog's thread writes a rank's record while the rank's own thread may be stopping it (a verb that
+    ends within a heartbeat): a write begun before stop() must not put the file back after stop() removed it (seen:
+    an eval at dp 2 left `.hpc-llm-ranks.eval.*` with both ranks' records in the current directory). Here the write
+    is held between reading the record's path and writing the file while stop() runs."""
+    import threading
+
+    from hpc_llm.runtime import records
+
+    record = records.RankRecord()
+    record.start(tmp_path, 0, 2)
+    assert (tmp_path / "rank0.json").exists()
+    in_write, release = threading.Event(), threading.Event()
+    dumps = records.json.dumps
+
+    def held(state):
+        in_write.set()
+        assert release.wait(30)
+        return dumps(state)
+
+    monkeypatch.setattr(records.json, "dumps", held)
+    writer = threading.Thread(target=record.write, args=("eval",))
+    writer.start()
+    assert in_write.wait(30)
+    stopper = threading.Thread(target=record.stop)
+    stopper.start()
+    stopper.join(0.5)  # unguarded, stop() is done by now; guarded, it waits for the write
+    release.set()
+    writer.join(30)
+    stopper.join(30)
+    assert not writer.is_alive() and not stopper.is_alive()
+    assert list(tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.iterdir())
