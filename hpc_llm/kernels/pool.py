@@ -1,4 +1,4 @@
-"""One thread pool for a step's products and its elementwise kernels, when a process runs on several threads.
+"""One thread pool for a step's products and its elementwise kernels, on one thread or several.
 
 NumPy's OpenBLAS keeps its own threads; after each product they spin, waiting for the next one, while the NumPy
 passes and compiled kernels between products run on one core. Two pools on the same cores is worse still: OpenBLAS's
