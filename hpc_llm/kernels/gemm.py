@@ -86,19 +86,23 @@ _shared_bits: dict = {}
 
 
 def _load_library():
-    """The first oneDNN library that loads (a ctypes.CDLL with its GEMM API), or None."""
-    paths = [os.environ.get("HPC_LLM_DNNL_LIB"), os.path.join(sys.prefix, "lib", "libdnnl.so.3")]
-    paths.append(ctypes.util.find_library("dnnl"))
-    for path in paths:
-        if not path:
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        if hasattr(lib, "dnnl_sgemm"):
-            return lib
-    return None
+    """The first oneDNN library that loads (a ctypes.CDLL with its GEMM API), or None (cached: the GEMM API, sgemm
+    and the primitives share it)."""
+    if "library" not in _state:
+        _state["library"] = None
+        paths = [
+            os.environ.get("HPC_LLM_DNNL_LIB"),
+            os.path.join(sys.prefix, "lib", "libdnnl.so.3"),
+        ]
+        for path in [*paths, ctypes.util.find_library("dnnl")]:
+            try:
+                lib = ctypes.CDLL(path) if path else None
+            except OSError:
+                continue
+            if lib is not None and hasattr(lib, "dnnl_sgemm"):
+                _state["library"] = lib
+                break
+    return _state["library"]
 
 
 def _load_gemm(name: str = "dnnl_gemm_bf16bf16f32"):
