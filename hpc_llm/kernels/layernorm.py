@@ -247,10 +247,7 @@ def _layernorm_forward_bf16(x, w, b, has_bias, narrow, out, out_bits, xhat, rstd
         rs = 1.0 / np.sqrt(sumsq_lanes(x[r], C, mean) / C + LN_EPS)
         rstd[r, 0] = rs
         for i in range(C):
-            h = np.float32((x[r, i] - mean) * rs)
-            xhat[r, i] = bf16_round(h)
-            o = h * w[i]
-            o = o + b[i] if has_bias else o
+            xhat[r, i], o = _xhat_out_bf16(np.float32((x[r, i] - mean) * rs), w[i], b[i], has_bias)
             if narrow:
                 out_bits[r, i] = bf16_round(o)
             else:
@@ -282,14 +279,18 @@ def _finish_bf16(xc, rstd, w, b, has_bias, narrow, out, out_bits, xhat):
     N, C = xc.shape
     for r in range(N):
         rs = rstd[r, 0]
-        # _layernorm_forward_bf16's element, written out again: a helper taking the arrays, inlined, put reference
-        # counting of each array in this loop (serial: 17 ms instead of 0.6 for 2048 x 384, measured)
         for i in range(C):
-            h = xc[r, i] * rs
-            xhat[r, i] = bf16_round(h)
-            o = h * w[i]
-            o = o + b[i] if has_bias else o
+            xhat[r, i], o = _xhat_out_bf16(xc[r, i] * rs, w[i], b[i], has_bias)
             if narrow:
                 out_bits[r, i] = bf16_round(o)
             else:
                 out[r, i] = o
+
+
+@kernel(inline="always")
+def _xhat_out_bf16(h, wi, bi, has_bias):
+    """An element of the bf16 forward from its float32 xhat h: (xhat's bf16 bits, out = h * w (+ b) in float32).
+    Scalars in, scalars out: a helper taking the arrays, inlined, put reference counting of each array in the
+    serial loop (17 ms instead of ~1 for 2048 x 384, measured)."""
+    o = h * wi
+    return bf16_round(h), (o + bi if has_bias else o)
