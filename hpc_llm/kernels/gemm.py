@@ -374,8 +374,7 @@ def uses_sgemm(a, b) -> bool:
         return False
     if a.dtype != np.float32 or b.dtype != np.float32:
         return False
-    big = a.shape[-2] * a.shape[-1] * b.shape[-1] >= POOL_MIN_MACS
-    return big and pool_threads() > 0 and onednn_sgemm() is not None
+    return a.shape[-2] * a.shape[-1] * b.shape[-1] >= POOL_MIN_MACS and pool_threads() > 0
 
 
 def _f32_operand(x):

@@ -11,7 +11,7 @@ from the subnormals oneDNN flushes to zero.
 import numpy as np
 import pytest
 
-from hpc_llm.kernels import gemm
+from hpc_llm.kernels import gemm, pool
 from hpc_llm.model.precision import FP32, Precision
 
 pytest.importorskip("ml_dtypes")  # bf16 (the test extras install it)
@@ -204,7 +204,10 @@ def test_dispatch_without_the_library_or_the_instructions(monkeypatch, tmp_path)
     monkeypatch.setenv("HPC_LLM_DNNL_LIB", str(tmp_path / "libdnnl.so.3"))
     monkeypatch.setattr(gemm.sys, "prefix", str(tmp_path))
     monkeypatch.setattr(gemm.ctypes.util, "find_library", lambda name: None)
+    # the shared pool decides again, as a process without the library would: off (no oneDNN sgemm to run on)
+    monkeypatch.setattr(pool, "_state", {})
     assert gemm.onednn_gemm() is None and not gemm.uses_onednn(a, b, BF16)
+    assert pool.pool_threads() == 0
     out = np.ones((128, 128), np.float32)
     gemm.matmul(a, b, out, True, BF16)
     assert np.array_equal(out, 1 + a @ b)
